@@ -1,0 +1,124 @@
+"""cli — the one console script, ``layerscope``.
+
+Owns argument parsing for ``serve`` and ``demo`` and hands ``train``, ``sync`` and
+``lab`` to the trainer's own command line (imported only then, so ``serve`` never
+imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from layerscope.server import __version__
+from layerscope.server.settings import DEFAULT_PORT, Settings, SettingsError
+
+TRAINER_COMMANDS = {
+    "train": "run a built-in experiment (see `layerscope train --help`)",
+    "sync": "upload a spool file recorded while no server was reachable",
+    "lab": "launch a training-lab comparison (e.g. `layerscope lab init`)",
+}
+
+
+def _add_server_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks one)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where runs are stored (default ./layerscope-data, env LAYERSCOPE_DATA_DIR)",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="viewer token for browsers and REST (env LAYERSCOPE_TOKEN); required off loopback",
+    )
+    p.add_argument(
+        "--trainer-token",
+        default=None,
+        help="token trainers present (env LAYERSCOPE_TRAINER_TOKEN); required off loopback",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        help="extra Origin allowed on websockets (repeatable)",
+    )
+    p.add_argument(
+        "--max-launched",
+        type=int,
+        default=None,
+        help="cap on concurrently launched built-in runs (default 4)",
+    )
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerscope",
+        description="A live, steerable microscope for neural-network training.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the dashboard server", description="Run the server.")
+    serve.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    _add_server_options(serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the server plus one built-in demo run; prints the dashboard URL",
+        description="Start the server and a built-in demo run in the background. Ctrl-C stops both.",
+    )
+    demo.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    _add_server_options(demo, demo=True)
+    demo.add_argument("--steps", type=int, default=20000, help="steps of the demo run")
+
+    for name, help_text in TRAINER_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        viewer_token=args.token,
+        trainer_token=args.trainer_token,
+        allowed_origins=tuple(args.allow_origin),
+        max_launched=args.max_launched,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        # Handed over whole, so `layerscope train --help` shows the trainer's options.
+        trainer_cli = importlib.import_module("layerscope.trainer.cli")
+        return int(trainer_cli.main(argv) or 0)
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        settings = _settings_from(args)
+    except SettingsError as exc:
+        print(f"layerscope: {exc}", file=sys.stderr)
+        return 2
+
+    from layerscope.server import serving
+
+    if args.command == "serve":
+        return serving.serve(settings)
+    if args.command == "demo":
+        return serving.demo(settings, steps=args.steps)
+    parser.error(f"unknown command {args.command}")
+    return 2

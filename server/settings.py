@@ -1,0 +1,85 @@
+"""settings — everything the server is configured with, in one frozen value.
+
+Built from CLI flags and ``LAYERSCOPE_*`` environment variables by the CLI, or
+directly by tests (``Settings(data_dir=tmp_path)``). Never read at import time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_PORT = 8765
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+class SettingsError(ValueError):
+    """A configuration the server refuses to start with."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=lambda: Path("layerscope-data"))
+    viewer_token: str | None = None
+    trainer_token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_launched: int = 4
+    heartbeat_timeout_s: float = 15.0  # a trainer silent this long is `lost`
+    reconnect_grace_s: float = 30.0  # after a restart, runs left "running" wait this long
+    commit_interval_s: float = 0.1  # group commit period of the store's writer
+    viewer_queue_frames: int = 512  # per-viewer bound before coalescing / dropping
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if not (0 <= self.port <= 65535):
+            raise SettingsError(f"port {self.port} is out of range 0-65535")
+        if self.max_launched < 0:
+            raise SettingsError("max_launched must be >= 0")
+        if not is_loopback(self.host) and not (self.viewer_token and self.trainer_token):
+            raise SettingsError(
+                f"refusing to bind {self.host}: a non-loopback address is a control plane "
+                "open to the network; set --token and --trainer-token "
+                "(LAYERSCOPE_TOKEN, LAYERSCOPE_TRAINER_TOKEN)"
+            )
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        data_dir: str | Path | None = None,
+        viewer_token: str | None = None,
+        trainer_token: str | None = None,
+        allowed_origins: tuple[str, ...] = (),
+        max_launched: int | None = None,
+        log_level: str = "warning",
+    ) -> Settings:
+        env = os.environ
+        return cls(
+            host=host,
+            port=port,
+            data_dir=Path(data_dir or env.get("LAYERSCOPE_DATA_DIR") or "layerscope-data"),
+            viewer_token=viewer_token or env.get("LAYERSCOPE_TOKEN") or None,
+            trainer_token=trainer_token or env.get("LAYERSCOPE_TRAINER_TOKEN") or None,
+            allowed_origins=allowed_origins,
+            max_launched=max_launched if max_launched is not None else 4,
+            log_level=log_level,
+        )
+
+    def with_port(self, port: int) -> Settings:
+        return replace(self, port=port)

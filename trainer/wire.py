@@ -1,0 +1,370 @@
+"""wire — the message types shared by trainer, server and browser (DESIGN §5).
+
+Owns: the schema version, the documented limits, the names of commands and
+statuses, strict JSON encoding (non-finite floats become ``null``) and the
+validation every receiver runs before it trusts a frame.
+
+Never: imports torch or anything outside the standard library; this module is
+the only code ``layerscope.server`` and ``layerscope.trainer`` share.
+
+Frames (JSON text, snake_case, every one has ``type`` and ``v``):
+
+trainer -> server
+  hello      {run_id, name, config, layers: [{name, kind, units}], last_acked_seq,
+              last_cmd_seq, device?, world_size?}
+  metrics    {seq, rows: [{step, time_s, values: {series: float|null}}]}
+  probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
+              dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
+              update_ratio, hist: {lo, hi, counts: [int]}}]}   (absent stats are null)
+  event      {seq, step, kind, data}   kind in EVENT_KINDS
+  heartbeat  {step, status}            (not stored, no seq)
+
+server -> trainer
+  ack        {seq}                      highest contiguous committed seq
+  command    {id, cmd_seq, name, args, source}
+  error      {message}
+
+browser <-> server
+  snapshot, live frames (metrics/probe/event/status), command_result  (server -> browser)
+  command    {id, name, args}           (browser -> server)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any
+
+VERSION = 1
+
+# ---- limits (enforced by every receiver; documented in the README) ----
+MAX_FRAME_BYTES = 2 * 1024 * 1024  # one websocket text frame
+MAX_BINS = 1024  # histogram bins per layer
+MAX_LAYERS = 2048  # layers per run / per probe frame
+MAX_NAME_LEN = 256  # layer, series and run names
+MAX_ROWS = 10_000  # metric rows per frame
+MAX_VALUES_PER_ROW = 256  # scalar series per metric row
+MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
+
+# ---- vocabularies ----
+TRAINER_TYPES = frozenset({"hello", "metrics", "probe", "event", "heartbeat"})
+EVENT_KINDS = frozenset({"alert", "command_result", "checkpoint", "status", "log"})
+COMMANDS = frozenset(
+    {
+        "pause",
+        "resume",
+        "step_once",
+        "set_lr_scale",
+        "set_weight_decay",
+        "set_frozen",
+        "checkpoint",
+        "stop",
+    }
+)
+RUN_STATUSES = ("starting", "running", "paused", "finished", "failed", "stopped", "lost")
+ENDED_STATUSES = frozenset({"finished", "failed", "stopped", "lost"})
+COMMAND_SOURCES = frozenset({"user", "api", "rule"})
+PROBE_STATS = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "zero_frac",
+    "nonfinite",
+    "dead_ratio",
+    "saturated_frac",
+    "saturated_ratio",
+    "grad_norm",
+    "weight_norm",
+    "update_ratio",
+)
+
+# Websocket close codes (RFC 6455).
+CLOSE_UNSUPPORTED = 1003  # binary frame where text is expected
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008  # auth, origin, protocol misuse
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013  # slow viewer dropped; reconnect and catch up
+
+
+class WireError(ValueError):
+    """A frame that breaks the protocol. ``close_code`` says how to close, if at all."""
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+# ---- encoding ----
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def encode(message: dict[str, Any]) -> str:
+    """JSON text with NaN/Inf as null, so plain ``JSON.parse`` accepts every frame."""
+    message = {"v": VERSION, **message}
+    try:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_clean(message), separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"non-standard JSON constant {name}", CLOSE_INVALID_DATA)
+
+
+def decode(text: str | bytes) -> dict[str, Any]:
+    """Parse one frame; raises WireError naming the problem."""
+    if isinstance(text, (bytes, bytearray)):
+        raise WireError("binary frames are not accepted; send JSON text", CLOSE_UNSUPPORTED)
+    if len(text) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(text)} bytes exceeds {MAX_FRAME_BYTES}", CLOSE_TOO_BIG)
+    try:
+        message = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise WireError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(message, dict):
+        raise WireError("a frame must be a JSON object")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise WireError("frame has no string 'type'")
+    v = message.get("v", VERSION)
+    if v != VERSION:
+        raise WireError(f"unsupported schema version {v!r}; this server speaks v{VERSION}")
+    return message
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ---- validation helpers ----
+
+
+def _int(msg: dict[str, Any], key: str, *, minimum: int = 0) -> int:
+    value = msg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireError(f"'{key}' must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise WireError(f"'{key}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _num(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WireError(f"{where} must be a number or null, got {type(value).__name__}")
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise WireError(f"{where} must be a non-empty string")
+    if len(value) > MAX_NAME_LEN:
+        raise WireError(f"{where} is {len(value)} characters; the limit is {MAX_NAME_LEN}")
+    return value
+
+
+def _obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = msg.get(key)
+    if not isinstance(value, dict):
+        raise WireError(f"'{key}' must be an object")
+    return value
+
+
+def _list(msg: dict[str, Any], key: str, limit: int) -> list[Any]:
+    value = msg.get(key)
+    if not isinstance(value, list):
+        raise WireError(f"'{key}' must be a list")
+    if len(value) > limit:
+        raise WireError(f"'{key}' has {len(value)} entries; the limit is {limit}")
+    return value
+
+
+# ---- per-type validation (returns a normalised copy) ----
+
+
+def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
+    run_id = _name(msg.get("run_id"), "'run_id'")
+    name = _name(msg.get("name", run_id), "'name'")
+    config = msg.get("config", {})
+    if not isinstance(config, dict):
+        raise WireError("'config' must be an object")
+    if len(json.dumps(config, default=str)) > MAX_CONFIG_BYTES:
+        raise WireError(f"'config' exceeds {MAX_CONFIG_BYTES} bytes")
+    layers = []
+    for i, layer in enumerate(_list(msg, "layers", MAX_LAYERS) if "layers" in msg else []):
+        if not isinstance(layer, dict):
+            raise WireError(f"layers[{i}] must be an object")
+        units = layer.get("units")
+        if units is not None and (isinstance(units, bool) or not isinstance(units, int)):
+            raise WireError(f"layers[{i}].units must be an integer or null")
+        layers.append(
+            {
+                "name": _name(layer.get("name"), f"layers[{i}].name"),
+                "kind": _name(layer.get("kind", "module"), f"layers[{i}].kind"),
+                "units": units,
+            }
+        )
+    return {
+        "type": "hello",
+        "run_id": run_id,
+        "name": name,
+        "config": config,
+        "layers": layers,
+        "last_acked_seq": _int(msg, "last_acked_seq") if "last_acked_seq" in msg else 0,
+        "last_cmd_seq": _int(msg, "last_cmd_seq") if "last_cmd_seq" in msg else 0,
+        "device": str(msg.get("device", ""))[:MAX_NAME_LEN],
+        "world_size": _int(msg, "world_size", minimum=1) if "world_size" in msg else 1,
+    }
+
+
+def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
+    seq = _int(msg, "seq", minimum=1)
+    rows = []
+    for i, row in enumerate(_list(msg, "rows", MAX_ROWS)):
+        if not isinstance(row, dict):
+            raise WireError(f"rows[{i}] must be an object")
+        step = _int(row, "step")
+        values = row.get("values")
+        if not isinstance(values, dict):
+            raise WireError(f"rows[{i}].values must be an object")
+        if len(values) > MAX_VALUES_PER_ROW:
+            raise WireError(f"rows[{i}].values has {len(values)} series; limit {MAX_VALUES_PER_ROW}")
+        clean = {
+            _name(k, f"rows[{i}] series name"): _num(v, f"rows[{i}].values[{k!r}]")
+            for k, v in values.items()
+        }
+        rows.append({"step": step, "time_s": _num(row.get("time_s"), "time_s"), "values": clean})
+    return {"type": "metrics", "seq": seq, "rows": rows}
+
+
+def validate_probe(msg: dict[str, Any]) -> dict[str, Any]:
+    seq = _int(msg, "seq", minimum=1)
+    step = _int(msg, "step")
+    layers = []
+    for i, layer in enumerate(_list(msg, "layers", MAX_LAYERS)):
+        if not isinstance(layer, dict):
+            raise WireError(f"layers[{i}] must be an object")
+        out: dict[str, Any] = {"name": _name(layer.get("name"), f"layers[{i}].name")}
+        for stat in PROBE_STATS:
+            out[stat] = _num(layer.get(stat), f"layers[{i}].{stat}")
+        hist = layer.get("hist")
+        if hist is not None:
+            if not isinstance(hist, dict):
+                raise WireError(f"layers[{i}].hist must be an object or null")
+            counts = hist.get("counts")
+            if not isinstance(counts, list):
+                raise WireError(f"layers[{i}].hist.counts must be a list")
+            if len(counts) > MAX_BINS:
+                raise WireError(
+                    f"layers[{i}].hist has {len(counts)} bins; the limit is {MAX_BINS}",
+                )
+            for c in counts:
+                if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                    raise WireError(f"layers[{i}].hist.counts must be non-negative integers")
+            hist = {
+                "lo": _num(hist.get("lo"), f"layers[{i}].hist.lo"),
+                "hi": _num(hist.get("hi"), f"layers[{i}].hist.hi"),
+                "counts": counts,
+            }
+        out["hist"] = hist
+        layers.append(out)
+    return {"type": "probe", "seq": seq, "step": step, "layers": layers}
+
+
+def validate_event(msg: dict[str, Any]) -> dict[str, Any]:
+    seq = _int(msg, "seq", minimum=1)
+    step = _int(msg, "step")
+    kind = msg.get("kind")
+    if kind not in EVENT_KINDS:
+        raise WireError(f"unknown event kind {kind!r}; expected one of {sorted(EVENT_KINDS)}")
+    data = msg.get("data", {})
+    if not isinstance(data, dict):
+        raise WireError("'data' must be an object")
+    if len(json.dumps(data, default=str)) > MAX_CONFIG_BYTES:
+        raise WireError(f"event data exceeds {MAX_CONFIG_BYTES} bytes")
+    return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": _clean(data)}
+
+
+def validate_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
+    status = msg.get("status", "running")
+    if status not in RUN_STATUSES:
+        raise WireError(f"unknown status {status!r}")
+    return {"type": "heartbeat", "step": _int(msg, "step"), "status": status}
+
+
+_VALIDATORS = {
+    "hello": validate_hello,
+    "metrics": validate_metrics,
+    "probe": validate_probe,
+    "event": validate_event,
+    "heartbeat": validate_heartbeat,
+}
+
+
+def parse_trainer_frame(text: str | bytes) -> dict[str, Any]:
+    """Decode and validate one trainer -> server frame."""
+    msg = decode(text)
+    validator = _VALIDATORS.get(msg["type"])
+    if validator is None:
+        raise WireError(f"unknown frame type {msg['type']!r}; expected one of {sorted(TRAINER_TYPES)}")
+    return validator(msg)
+
+
+def validate_command(msg: dict[str, Any]) -> dict[str, Any]:
+    """A command from a browser or script: {id?, name, args}. Returns it normalised."""
+    name = msg.get("name")
+    if name not in COMMANDS:
+        raise WireError(f"unknown command {name!r}; expected one of {sorted(COMMANDS)}")
+    cmd_id = msg.get("id") or new_id()
+    if not isinstance(cmd_id, str) or len(cmd_id) > 64:
+        raise WireError("'id' must be a string of at most 64 characters")
+    args = msg.get("args") or {}
+    if not isinstance(args, dict):
+        raise WireError("'args' must be an object")
+    clean: dict[str, Any] = {}
+    if name == "set_lr_scale":
+        value = _num(args.get("value"), "args.value")
+        if value is None or not (0.0 <= value <= 1e6):
+            raise WireError("set_lr_scale needs args.value, a finite number in [0, 1e6]")
+        clean["value"] = value
+    elif name == "set_weight_decay":
+        enabled = args.get("enabled")
+        if not isinstance(enabled, bool):
+            raise WireError("set_weight_decay needs args.enabled, true or false")
+        clean["enabled"] = enabled
+    elif name == "set_frozen":
+        layers = args.get("layers")
+        frozen = args.get("frozen")
+        if not isinstance(layers, list) or not layers or len(layers) > MAX_LAYERS:
+            raise WireError("set_frozen needs args.layers, a non-empty list of layer names")
+        if not isinstance(frozen, bool):
+            raise WireError("set_frozen needs args.frozen, true or false")
+        clean["layers"] = [_name(x, "args.layers[]") for x in layers]
+        clean["frozen"] = frozen
+    source = msg.get("source", "user")
+    if source not in COMMAND_SOURCES:
+        raise WireError(f"unknown command source {source!r}")
+    out = {"id": cmd_id, "name": name, "args": clean, "source": source}
+    if "reason" in msg:
+        out["reason"] = str(msg["reason"])[:1000]
+    return out
+
+
+def validate_command_frame(msg: dict[str, Any]) -> dict[str, Any]:
+    """server -> trainer command frame as the trainer receives it."""
+    cmd = validate_command(msg)
+    cmd["cmd_seq"] = _int(msg, "cmd_seq", minimum=1)
+    return cmd

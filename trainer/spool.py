@@ -1,0 +1,149 @@
+"""spool — the trainer's local append-only record of a run (DESIGN §6).
+
+Owns: the on-disk framing of frames (``[4-byte length][4-byte CRC32][UTF-8 JSON]``,
+big-endian), appending records, reading one record back by offset, and
+recovering every intact record from a damaged file.
+
+Never: interprets the frames it stores (that is the link's job), holds the
+file's contents in memory, or fsyncs per record (one fsync at close; a
+per-record fsync would cost a disk round trip per frame).
+
+With no server at all the spool is the whole run: its first record is the
+``hello``, then every ``metrics``/``probe``/``event`` frame in seq order, and
+``layerscope sync`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">II")  # payload length, CRC32 of the payload
+# A record longer than this is a corrupt length field, not a frame: the wire caps a
+# frame at 2 MiB, so 64 MiB leaves room for any future frame without trusting garbage.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
+class SpoolError(OSError):
+    """A record that cannot be read back at the offset the writer reported."""
+
+
+class SpoolWriter:
+    """Appends records to ``path`` (created with its parent folder if missing)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+        self._read_file = open(self.path, "rb")  # noqa: SIM115 - re-reads spilled frames
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def append(self, frame_text: str) -> int:
+        """Append one record; returns its offset for :meth:`read_at`."""
+        payload = frame_text.encode("utf-8")
+        if len(payload) > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
+        offset = self._file.tell()
+        self._file.write(HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        # Flush to the OS on every record so a crashed process keeps everything it wrote.
+        self._file.flush()
+        return offset
+
+    def read_at(self, offset: int) -> str:
+        """The record written at ``offset``; raises SpoolError if it no longer checks out."""
+        self._read_file.seek(offset)
+        header = self._read_file.read(HEADER.size)
+        if len(header) != HEADER.size:
+            raise SpoolError(f"{self.path}: no record header at offset {offset}")
+        length, crc = HEADER.unpack(header)
+        payload = self._read_file.read(length)
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            raise SpoolError(f"{self.path}: record at offset {offset} is damaged")
+        return payload.decode("utf-8")
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.flush()
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            log.warning("spool %s: fsync failed at close: %s", self.path, exc)
+        self._file.close()
+        self._read_file.close()
+
+
+def _valid_at(buf: mmap.mmap, pos: int, size: int) -> int | None:
+    """Length of the record at ``pos`` if its header and CRC check out, else None."""
+    if pos + HEADER.size > size:
+        return None
+    length, crc = HEADER.unpack_from(buf, pos)
+    end = pos + HEADER.size + length
+    if length == 0 or length > MAX_RECORD_BYTES or end > size:
+        return None
+    # Cheap pre-check before the CRC: every frame is a JSON object.
+    if buf[pos + HEADER.size] != ord("{"):
+        return None
+    if zlib.crc32(buf[pos + HEADER.size : end]) != crc:
+        return None
+    return length
+
+
+def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """Yield ``(offset, text)`` for every intact record, skipping damage with a warning."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos = 0
+            while pos < size:
+                length = _valid_at(buf, pos, size)
+                if length is not None:
+                    start = pos + HEADER.size
+                    try:
+                        text = buf[start : start + length].decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = None
+                    if text is not None:
+                        yield pos, text
+                        pos = start + length
+                        continue
+                # Damaged or torn: scan forward byte by byte for the next record that checks
+                # out. Costs O(damaged bytes); intact files never enter this branch.
+                bad_at = pos
+                pos += 1
+                while pos < size and _valid_at(buf, pos, size) is None:
+                    pos += 1
+                if pos >= size:
+                    log.warning(
+                        "spool %s: skipped a torn or damaged tail of %d bytes at offset %d",
+                        path,
+                        size - bad_at,
+                        bad_at,
+                    )
+                else:
+                    log.warning(
+                        "spool %s: skipped %d damaged bytes at offset %d; resumed at %d",
+                        path,
+                        pos - bad_at,
+                        bad_at,
+                        pos,
+                    )
+
+
+def read_spool(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Every intact record's text in order; torn tails and corrupt records are skipped."""
+    for _, text in iter_records(path):
+        yield text

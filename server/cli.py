@@ -49,6 +49,13 @@ def _add_server_options(p: argparse.ArgumentParser, *, demo: bool = False) -> No
         help="extra Origin allowed on websockets (repeatable)",
     )
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="extra Host name accepted, e.g. a compose service name (repeatable; "
+        "env LAYERSCOPE_ALLOWED_HOSTS, comma-separated)",
+    )
+    p.add_argument(
         "--max-launched",
         type=int,
         default=None,
@@ -91,6 +98,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         viewer_token=args.token,
         trainer_token=args.trainer_token,
         allowed_origins=tuple(args.allow_origin),
+        allowed_hosts=tuple(args.allow_host),
         max_launched=args.max_launched,
         log_level=args.log_level,
     )

@@ -36,6 +36,9 @@ class Settings:
     viewer_token: str | None = None
     trainer_token: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    # Extra Host header names accepted besides the bound host and loopback names
+    # (e.g. "server" for a docker-compose service name).
+    allowed_hosts: tuple[str, ...] = ()
     max_launched: int = 4
     heartbeat_timeout_s: float = 15.0  # a trainer silent this long is `lost`
     reconnect_grace_s: float = 30.0  # after a restart, runs left "running" wait this long
@@ -66,6 +69,7 @@ class Settings:
         viewer_token: str | None = None,
         trainer_token: str | None = None,
         allowed_origins: tuple[str, ...] = (),
+        allowed_hosts: tuple[str, ...] = (),
         max_launched: int | None = None,
         log_level: str = "warning",
     ) -> Settings:
@@ -77,6 +81,8 @@ class Settings:
             viewer_token=viewer_token or env.get("LAYERSCOPE_TOKEN") or None,
             trainer_token=trainer_token or env.get("LAYERSCOPE_TRAINER_TOKEN") or None,
             allowed_origins=allowed_origins,
+            allowed_hosts=allowed_hosts
+            or tuple(h for h in env.get("LAYERSCOPE_ALLOWED_HOSTS", "").split(",") if h),
             max_launched=max_launched if max_launched is not None else 4,
             log_level=log_level,
         )

@@ -1,0 +1,336 @@
+"""data — the built-in experiments' data: loading, splitting, preprocessing, batching.
+
+Owns: digits (``sklearn.datasets.load_digits``, shipped inside scikit-learn, no
+download), generated spirals and Gaussian blobs (seeded), a user's local ``.npz``
+(arrays ``x`` or ``X`` plus ``y``), an image folder (one subfolder per class;
+``.npy`` and ``.pgm`` always, PNG/JPEG/BMP/GIF only when Pillow is installed),
+the seeded train/val split, mean subtraction with means from the training split
+only, training-only input noise, and the batch iterator (batch size 1 = pure SGD,
+0 or the full set = full-batch GD).
+
+Never: downloads anything, adds a dependency, or lets validation data leak into
+the statistics used to preprocess training data.
+
+Shapes: images are ``(N, C, H, W)`` float32 (digits ``(1797, 1, 8, 8)``, values
+scaled to [0, 1]); point data ``(N, D)``; labels ``(N,)`` int64 in ``0..K-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPIRAL_ARMS = 3
+SPIRAL_POINTS_PER_ARM = 300
+SPIRAL_NOISE = 0.2  # radians of angular jitter; arms still separable
+BLOB_CENTRES = 4
+BLOB_POINTS_PER_CENTRE = 250
+BLOB_STD = 1.0
+BLOB_BOX = 5.0  # centres drawn uniformly in [-BOX, BOX]^2
+IMAGE_SUFFIXES_PIL = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".npy", ".pgm"}) | IMAGE_SUFFIXES_PIL
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message names the file, key or shape."""
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int
+    name: str
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same data on ``device`` (small data sets live there whole: no per-step copy)."""
+        return Dataset(
+            self.x_train.to(device),
+            self.y_train.to(device),
+            self.x_val.to(device),
+            self.y_val.to(device),
+            self.num_classes,
+            self.name,
+            self.classes,
+        )
+
+
+# ---- sources ----
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """1797 8x8 grey digits as ``(N, 1, 8, 8)`` in [0, 1], labels 0..9."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+def make_spirals(
+    seed: int, arms: int = SPIRAL_ARMS, points_per_arm: int = SPIRAL_POINTS_PER_ARM
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``arms`` interleaved 2-D spiral arms (class = arm), jittered by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    radius = torch.linspace(0.0, 1.0, points_per_arm)
+    for arm in range(arms):
+        start = arm * 2 * math.pi / arms
+        theta = start + radius * 4.0 + SPIRAL_NOISE * torch.randn(points_per_arm, generator=gen)
+        xs.append(torch.stack([radius * torch.sin(theta), radius * torch.cos(theta)], dim=1))
+        ys.append(torch.full((points_per_arm,), arm, dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def make_blobs(
+    seed: int, centres: int = BLOB_CENTRES, points_per_centre: int = BLOB_POINTS_PER_CENTRE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Isotropic 2-D Gaussian clusters (std ``BLOB_STD``) around seeded centres."""
+    gen = torch.Generator().manual_seed(seed)
+    means = (torch.rand(centres, 2, generator=gen) * 2 - 1) * BLOB_BOX
+    x = means.repeat_interleave(points_per_centre, dim=0)
+    x = x + BLOB_STD * torch.randn(x.shape, generator=gen)
+    y = torch.arange(centres).repeat_interleave(points_per_centre)
+    return x, y
+
+
+def _as_samples(x: np.ndarray, where: str) -> torch.Tensor:
+    """(N, D) stays, (N, H, W) gains a channel, (N, C, H, W) stays; anything else is an error."""
+    if x.ndim not in (2, 3, 4):
+        raise DataError(
+            f"{where} has shape {x.shape}; expected (N, features), (N, H, W) or (N, C, H, W)"
+        )
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{where} has dtype {x.dtype}; expected real numbers")
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        raise DataError(f"{where} contains NaN or Inf values")
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _as_labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
+    if y.ndim != 1:
+        raise DataError(f"{where} has shape {y.shape}; expected (N,) class labels")
+    if len(y) != n:
+        raise DataError(f"{where} has {len(y)} labels but x has {n} samples")
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where} has dtype {y.dtype}; expected integer class labels")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{where} has negative labels; expected 0..K-1")
+    return torch.as_tensor(y.astype(np.int64))
+
+
+def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (or ``X``) and ``y`` from a local .npz; clear errors for missing keys or bad shapes."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    with archive:
+        keys = list(archive.files)
+        x_key = "x" if "x" in keys else "X" if "X" in keys else None
+        if x_key is None:
+            raise DataError(f"{path} has no array 'x' (or 'X'); found keys: {keys}")
+        if "y" not in keys:
+            raise DataError(f"{path} has no array 'y' (class labels); found keys: {keys}")
+        x = _as_samples(archive[x_key], f"{path}['{x_key}']")
+        y = _as_labels(archive["y"], len(x), f"{path}['y']")
+    if len(x) == 0:
+        raise DataError(f"{path} holds no samples")
+    return x, y
+
+
+def _read_pgm(path: Path) -> np.ndarray:
+    """Netpbm greyscale (P2 ascii, P5 binary), scaled to [0, 1]."""
+    data = path.read_bytes()
+    tokens: list[bytes] = []
+    pos = 0
+    while len(tokens) < 4:
+        while pos < len(data) and data[pos : pos + 1].isspace():
+            pos += 1
+        if data[pos : pos + 1] == b"#":
+            pos = data.find(b"\n", pos) + 1 or len(data)
+            continue
+        end = pos
+        while end < len(data) and not data[end : end + 1].isspace():
+            end += 1
+        if end == pos:
+            raise DataError(f"{path}: truncated PGM header")
+        tokens.append(data[pos:end])
+        pos = end
+    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    if magic == b"P5":
+        dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
+        raw = np.frombuffer(data, dtype=dtype, count=width * height, offset=pos + 1)
+    elif magic == b"P2":
+        raw = np.array(data[pos:].split()[: width * height], dtype=np.float64)
+    else:
+        raise DataError(f"{path}: not a greyscale PGM (magic {magic!r}; expected P2 or P5)")
+    if raw.size != width * height:
+        raise DataError(f"{path}: PGM holds {raw.size} pixels, header says {width}x{height}")
+    return raw.reshape(height, width).astype(np.float32) / maxval
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image as (H, W) or (C, H, W) float32."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim not in (2, 3):
+            raise DataError(f"{path} has shape {arr.shape}; expected (H, W) or (C, H, W)")
+        return arr.astype(np.float32)
+    if suffix == ".pgm":
+        return _read_pgm(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(
+            f"{path}: reading {suffix} images needs Pillow, which is not installed; "
+            "use .npy or .pgm files, or install pillow"
+        ) from None
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P", "I") else "RGB"))
+    arr = arr.astype(np.float32) / 255.0
+    return arr if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_folder(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images under ``path/<class>/``; classes sorted by name. All images must share one shape."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    shape: tuple[int, ...] | None = None
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            arr = _read_image(file)
+            if shape is None:
+                shape = arr.shape
+            elif arr.shape != shape:
+                raise DataError(f"{file} has shape {arr.shape}; the first image had {shape}")
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        supported = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DataError(f"{root}: no images found in class subfolders (supported: {supported})")
+    x = _as_samples(np.stack(images), f"{root}")
+    return x, torch.tensor(labels, dtype=torch.int64), classes
+
+
+# ---- split, preprocessing, noise ----
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) index tensors; at least one training example is always kept."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(round(n * val_fraction), n - 1) if val_fraction > 0 else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def feature_means(x: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """Means to subtract: per pixel (one per input position) or per channel.
+
+    Point data ``(N, D)`` has no spatial axes, so each feature is its own channel.
+    """
+    if mode == "none":
+        return None
+    if mode == "per_pixel" or x.dim() == 2:
+        return x.mean(dim=0, keepdim=True)
+    if mode == "per_channel":
+        dims = [0, *range(2, x.dim())]
+        return x.mean(dim=dims, keepdim=True)
+    raise ValueError(f"unknown preprocess {mode!r}; expected none, per_pixel or per_channel")
+
+
+def add_input_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """Training inputs plus N(0, std^2) noise, drawn on x's device from the seeded global RNG."""
+    return x if std <= 0 else x + std * torch.randn_like(x)
+
+
+def load_dataset(data_cfg: dict, seed: int) -> Dataset:
+    """The data a validated ``data`` config section describes, split and preprocessed."""
+    name = data_cfg["dataset"]
+    classes: list[str] = []
+    if name == "digits":
+        x, y = load_digits()
+    elif name == "spirals":
+        x, y = make_spirals(seed)
+    elif name == "blobs":
+        x, y = make_blobs(seed)
+    elif name == "npz":
+        x, y = load_npz(data_cfg["path"])
+    elif name == "folder":
+        x, y, classes = load_folder(data_cfg["path"])
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    if len(x) < 2:
+        raise DataError(f"{name} has {len(x)} sample(s); need at least 2")
+    train_idx, val_idx = split_indices(len(x), data_cfg["val_fraction"], seed)
+    if data_cfg.get("subset") is not None:
+        train_idx = train_idx[: data_cfg["subset"]]
+    x_train, y_train = x[train_idx], y[train_idx]
+    x_val, y_val = x[val_idx], y[val_idx]
+    means = feature_means(x_train, data_cfg["preprocess"])
+    if means is not None:
+        x_train, x_val = x_train - means, x_val - means
+    num_classes = max(int(y.max()) + 1, len(classes))
+    return Dataset(x_train, y_train, x_val, y_val, num_classes, name, classes)
+
+
+# ---- batching ----
+
+
+class Batches:
+    """Endless seeded mini-batch index stream over ``n`` examples, reshuffled each epoch.
+
+    ``batch_size`` 0 or >= n gives full-batch GD (the same indices every step).
+    A trailing batch of one is dropped when the batch size is larger, because
+    batch norm cannot train on a single example.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+        if n < 1:
+            raise ValueError("no training examples")
+        self.n = n
+        self.size = n if batch_size <= 0 or batch_size >= n else batch_size
+        self.device = torch.device(device)
+        self._gen = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        full, rest = divmod(n, self.size)
+        self.steps_per_epoch = full + (1 if rest > 1 else 0)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.size == self.n:
+            everything = torch.arange(self.n, device=self.device)
+            while True:
+                self.epoch += 1
+                yield everything
+        while True:
+            self.epoch += 1
+            # One host->device copy per epoch, not per step.
+            perm = torch.randperm(self.n, generator=self._gen).to(self.device)
+            for i in range(self.steps_per_epoch):
+                yield perm[i * self.size : (i + 1) * self.size]

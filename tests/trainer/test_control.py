@@ -1,0 +1,247 @@
+"""Commands steer the optimizer exactly as the user asked, once, whatever the user's loop does."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from layerscope.trainer import wire
+from layerscope.trainer.control import Control
+from torch import nn
+
+_seq = iter(range(1, 10_000))
+
+
+def cmd(
+    name: str, cmd_seq: int | None = None, cmd_id: str | None = None, **args: Any
+) -> dict[str, Any]:
+    frame = {"name": name, "args": args, "cmd_seq": cmd_seq or next(_seq)}
+    if cmd_id:
+        frame["id"] = cmd_id
+    return wire.validate_command_frame(frame)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+
+    def results(self) -> list[dict[str, Any]]:
+        return [d for k, d in self.events if k == "command_result"]
+
+
+def sgd_step(w: nn.Parameter, opt: torch.optim.Optimizer) -> float:
+    """One plain-SGD step with gradient 1: the parameter moves by exactly the lr used."""
+    before = w.detach().clone()
+    opt.zero_grad()
+    w.sum().backward()
+    opt.step()
+    return float((before - w.detach())[0])
+
+
+def test_duplicate_delivery_applies_once_and_halving_twice_quarters_lr() -> None:
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    rec = Recorder()
+    control = Control(None, opt, emit=rec)
+    half = cmd("set_lr_scale", cmd_id="a" * 32, value=0.5)
+    control.submit(half)
+    control.submit(half)  # the same command delivered twice (e.g. resent after a reconnect)
+    control.submit(dict(half, cmd_seq=half["cmd_seq"] + 1000))  # same id, new seq: still a repeat
+    control.at_step_boundary(step=1)
+    assert len(rec.results()) == 1
+    assert sgd_step(w, opt) == pytest.approx(0.05)
+    control.submit(cmd("set_lr_scale", value=0.25))  # "halve" again sends the target 0.25
+    control.at_step_boundary(step=2)
+    assert sgd_step(w, opt) == pytest.approx(0.025)
+    assert opt.param_groups[0]["lr"] == 0.1  # the user's value is untouched between steps
+    assert control.used_lr == [pytest.approx(0.025)]
+    results = rec.results()
+    assert [r["ok"] for r in results] == [True, True]
+    assert results[1]["state"]["lr_scale"] == 0.25
+    assert results[1]["applied_at_step"] == 2
+
+
+def _scheduled(kind: str, opt: torch.optim.Optimizer) -> Any:
+    if kind == "lambda":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.5, total_steps=30, cycle_momentum=False
+    )
+
+
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "assign"])
+def test_lr_scale_survives_schedulers_and_per_iteration_assignment(kind: str) -> None:
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.2)
+    ref_w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    ref_opt = torch.optim.SGD([ref_w], lr=0.2)  # the same schedule, never steered
+    sched = ref_sched = None
+    if kind != "assign":
+        sched, ref_sched = _scheduled(kind, opt), _scheduled(kind, ref_opt)
+    control = Control(None, opt)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    control.at_step_boundary(step=0)
+    for t in range(20):
+        if kind == "assign":
+            for o in (opt, ref_opt):
+                o.param_groups[0]["lr"] = 0.3 / (t + 1)
+        user_lr = ref_opt.param_groups[0]["lr"]
+        assert opt.param_groups[0]["lr"] == pytest.approx(user_lr)  # schedule not disturbed
+        assert sgd_step(w, opt) == pytest.approx(0.5 * user_lr)
+        assert sgd_step(ref_w, ref_opt) == pytest.approx(user_lr)
+        if sched is not None and ref_sched is not None:
+            sched.step()
+            ref_sched.step()
+
+
+def test_weight_decay_off_and_on_keeps_zero_groups_at_zero() -> None:
+    a = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    b = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = torch.optim.SGD(
+        [{"params": [a], "weight_decay": 0.5}, {"params": [b], "weight_decay": 0.0}], lr=0.1
+    )
+    control = Control(None, opt)
+
+    def step() -> tuple[float, float]:
+        before = (float(a.detach()), float(b.detach()))
+        opt.zero_grad()
+        ((a + b).sum() * 0).backward()  # gradient 0: any movement is weight decay
+        opt.step()
+        return before[0] - float(a.detach()), before[1] - float(b.detach())
+
+    da, db = step()
+    assert da == pytest.approx(0.1 * 0.5 * 1.0) and db == 0.0
+    control.submit(cmd("set_weight_decay", enabled=False))
+    control.at_step_boundary(step=1)
+    assert step() == (0.0, 0.0)
+    assert control.used_weight_decay == [0.0, 0.0]
+    assert opt.param_groups[0]["weight_decay"] == 0.5
+    control.submit(cmd("set_weight_decay", enabled=True))
+    control.at_step_boundary(step=2)
+    da, db = step()
+    assert da > 0.0 and db == 0.0
+    assert control.used_weight_decay == [0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    ],
+    ids=["adam", "adamw", "sgd-momentum"],
+)
+def test_frozen_layers_stay_bit_identical(make_opt: Any) -> None:
+    torch.manual_seed(0)
+    first, head = nn.Linear(4, 8), nn.Linear(8, 1)
+    model = nn.Sequential(nn.Sequential(first, nn.ReLU()), head)
+    opt = make_opt(model.parameters())
+    rec = Recorder()
+    control = Control(model, opt, emit=rec)
+    x = torch.randn(16, 4)
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    train(3)  # momentum and Adam moments are non-zero before the freeze
+    control.submit(cmd("set_frozen", layers=["0"], frozen=True))
+    control.at_step_boundary(step=3)
+    frozen_before = [p.detach().clone() for p in first.parameters()]
+    head_before = head.weight.detach().clone()
+    train(4)
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, first.parameters(), strict=True))
+    assert not torch.equal(head_before, head.weight)
+    assert len(opt.param_groups[0]["params"]) == 4  # the group is whole again between steps
+    control.submit(cmd("set_frozen", layers=["0"], frozen=False))
+    control.at_step_boundary(step=7)
+    train(1)
+    assert not torch.equal(frozen_before[0], first.weight)
+    assert [r["state"]["frozen"] for r in rec.results()] == [["0"], []]
+
+
+def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
+    model = nn.Linear(2, 2)
+    rec = Recorder()
+    control = Control(model, torch.optim.SGD(model.parameters(), lr=0.1), emit=rec)
+    control.submit(cmd("set_frozen", layers=["encoder"], frozen=True))
+    control.at_step_boundary(step=5)
+    (result,) = rec.results()
+    assert result["ok"] is False and "encoder" in result["error"]
+    assert result["state"]["frozen"] == []
+
+
+def _boundary_in_thread(control: Control, step: int) -> threading.Thread:
+    t = threading.Thread(target=control.at_step_boundary, args=(step,), daemon=True)
+    t.start()
+    return t
+
+
+def test_pause_blocks_until_resume_and_step_once_lets_one_step_through() -> None:
+    rec = Recorder()
+    control = Control(None, None, emit=rec)
+    control.submit(cmd("pause"))
+    t = _boundary_in_thread(control, 1)
+    t.join(0.5)
+    assert t.is_alive() and control.paused
+    control.submit(cmd("step_once"))
+    t.join(5)
+    assert not t.is_alive()  # one step let through ...
+    t = _boundary_in_thread(control, 2)
+    t.join(0.5)
+    assert t.is_alive()  # ... and the next boundary blocks again
+    control.submit(cmd("resume"))
+    t.join(5)
+    assert not t.is_alive() and not control.paused
+    statuses = [d["status"] for k, d in rec.events if k == "status"]
+    assert statuses == ["paused", "running"]
+
+
+def test_stop_unblocks_a_paused_loop() -> None:
+    control = Control(None, None)
+    control.submit(cmd("pause"))
+    t = _boundary_in_thread(control, 1)
+    t.join(0.3)
+    assert t.is_alive()
+    control.submit(cmd("stop"))
+    t.join(5)
+    assert not t.is_alive() and control.stopping and control.state()["stopping"]
+
+
+def test_checkpoint_holds_model_optimizer_step_and_control(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    rec = Recorder()
+    control = Control(model, opt, checkpoint_dir=tmp_path, emit=rec)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    control.submit(cmd("checkpoint"))
+    control.at_step_boundary(step=12)
+    path = tmp_path / "checkpoint-12.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 12
+    assert saved["control"]["lr_scale"] == 0.5
+    assert torch.equal(saved["model"]["weight"], model.weight)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.01
+    assert 0 in saved["optimizer"]["state"]
+    assert ("checkpoint", {"path": str(path), "step": 12}) in rec.events
+
+
+def test_close_removes_the_hooks() -> None:
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    control = Control(None, opt)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    control.at_step_boundary(step=1)
+    control.close()
+    assert sgd_step(w, opt) == pytest.approx(0.1)

@@ -1,0 +1,286 @@
+"""control — steering a running optimizer from outside (DESIGN §4).
+
+Owns: the run's control state (paused, lr scale, weight decay on/off, frozen
+layers, stopping), applying each relayed command exactly once at a step
+boundary, the optimizer step pre/post hooks that make the state take effect,
+blocking while paused, and checkpoints on demand.
+
+Never: touches the network (commands arrive on a thread-safe queue the link
+fills; results leave through the ``emit`` callback), applies a command off the
+training thread, or changes what the user's code sees in ``param_groups``
+between steps: every change is made in the step pre-hook and undone in the
+post-hook, so a scheduler or a loop assigning ``group["lr"]`` cannot undo it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# How long one wait for a command lasts while paused; bounds how late a paused loop
+# notices that the watch was closed from another thread.
+PAUSED_POLL_S = 0.25
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def _host_float(value: Any) -> float | None:
+    """A group's lr/weight_decay as a float without a device sync (None for device tensors)."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.device.type == "cpu" and value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class Control:
+    """Target state for one run plus the hooks that apply it to ``optimizer``."""
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        emit: Emit | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.emit: Emit = emit or (lambda kind, data: None)
+        self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+        self.paused = False
+        self.lr_scale = 1.0
+        self.weight_decay_enabled = True
+        self.frozen: set[str] = set()
+        self.stopping = False
+        self.closed = False
+
+        self._frozen_params: set[int] = set()
+        self._applied_seqs: set[int] = set()
+        self._applied_ids: set[str] = set()
+        self._release_one = False
+        # What the last optimizer step actually used, per param group: read by the metrics.
+        self.used_lr: list[float | None] = []
+        self.used_weight_decay: list[float | None] = []
+        self._saved: list[tuple[Any, Any, list[Any] | None]] = []
+        self._handles: list[Any] = []
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self.used_lr = [_host_float(g.get("lr")) for g in optimizer.param_groups]
+            self.used_weight_decay = [
+                _host_float(g.get("weight_decay")) for g in optimizer.param_groups
+            ]
+
+    # ---- state ----
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "paused": self.paused,
+            "lr_scale": self.lr_scale,
+            "weight_decay_enabled": self.weight_decay_enabled,
+            "frozen": sorted(self.frozen),
+            "stopping": self.stopping,
+        }
+
+    @property
+    def status(self) -> str:
+        return "paused" if self.paused else "running"
+
+    # ---- optimizer hooks (run inside optimizer.step on the training thread) ----
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._saved = []
+        self.used_lr = []
+        self.used_weight_decay = []
+        for group in optimizer.param_groups:
+            lr, wd = group.get("lr"), group.get("weight_decay")
+            params: list[Any] | None = None
+            if lr is not None and self.lr_scale != 1.0:
+                group["lr"] = lr * self.lr_scale
+            if wd is not None and not self.weight_decay_enabled:
+                group["weight_decay"] = 0.0
+            if self._frozen_params:
+                params = group["params"]
+                kept = []
+                for p in params:
+                    if id(p) in self._frozen_params:
+                        p.grad = None
+                    else:
+                        kept.append(p)
+                # Taking the params out of the group for this one step also stops momentum,
+                # Adam's moments and decoupled weight decay from moving them.
+                group["params"] = kept
+            self._saved.append((lr, wd, params))
+            self.used_lr.append(_host_float(group.get("lr")))
+            self.used_weight_decay.append(_host_float(group.get("weight_decay")))
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, (lr, wd, params) in zip(optimizer.param_groups, self._saved, strict=False):
+            if lr is not None:
+                group["lr"] = lr
+            if wd is not None:
+                group["weight_decay"] = wd
+            if params is not None:
+                group["params"] = params
+        self._saved = []
+
+    # ---- commands ----
+
+    def submit(self, command: dict[str, Any]) -> None:
+        """Queue a validated command frame (any thread); applied at the next step boundary."""
+        self.commands.put(command)
+
+    def at_step_boundary(self, step: int, before_block: Callable[[], None] | None = None) -> None:
+        """Apply queued commands; while paused, block here until resume, step_once or stop."""
+        self._drain(step)
+        blocked = False
+        while self.paused and not self.stopping and not self.closed:
+            if self._release_one:
+                self._release_one = False
+                return
+            if not blocked and before_block is not None:
+                before_block()
+            blocked = True
+            try:
+                command = self.commands.get(timeout=PAUSED_POLL_S)
+            except queue.Empty:
+                continue
+            self.apply(command, step)
+
+    def _drain(self, step: int) -> None:
+        # SimpleQueue.empty() is a lock-free check: the common no-command step costs one call.
+        while not self.commands.empty():
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            self.apply(command, step)
+
+    def apply(self, command: dict[str, Any], step: int) -> dict[str, Any] | None:
+        """Apply one command at ``step``; emits and returns its result, None for a repeat."""
+        cmd_seq = command.get("cmd_seq")
+        cmd_id = command.get("id")
+        if cmd_seq in self._applied_seqs or cmd_id in self._applied_ids:
+            log.debug("command %s (cmd_seq %s) already applied; ignored", cmd_id, cmd_seq)
+            return None
+        if isinstance(cmd_seq, int):
+            self._applied_seqs.add(cmd_seq)
+        if isinstance(cmd_id, str):
+            self._applied_ids.add(cmd_id)
+        name = command.get("name")
+        args = command.get("args") or {}
+        error: str | None = None
+        try:
+            self._apply_named(str(name), args, step)
+        except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+            error = str(exc) or type(exc).__name__
+            log.warning("command %s failed: %s", name, error)
+        result: dict[str, Any] = {
+            "id": cmd_id,
+            "cmd_seq": cmd_seq,
+            "name": name,
+            "ok": error is None,
+            "applied_at_step": step,
+            "state": self.state(),
+        }
+        if error is not None:
+            result["error"] = error
+        self.emit("command_result", result)
+        return result
+
+    def _apply_named(self, name: str, args: dict[str, Any], step: int) -> None:
+        if name == "pause":
+            if not self.paused:
+                self.paused = True
+                self.emit("status", {"status": "paused"})
+        elif name == "resume":
+            self._release_one = False
+            if self.paused:
+                self.paused = False
+                self.emit("status", {"status": "running"})
+        elif name == "step_once":
+            if self.paused:
+                self._release_one = True
+        elif name == "set_lr_scale":
+            self._need_optimizer(name)
+            value = float(args["value"])
+            if not value >= 0.0:
+                raise ValueError(f"lr scale must be a number >= 0, got {value}")
+            self.lr_scale = value
+        elif name == "set_weight_decay":
+            self._need_optimizer(name)
+            enabled = args["enabled"]
+            if not isinstance(enabled, bool):
+                raise TypeError("set_weight_decay needs enabled: true or false")
+            self.weight_decay_enabled = enabled
+        elif name == "set_frozen":
+            self._need_optimizer(name)
+            self._set_frozen(list(args["layers"]), bool(args["frozen"]))
+        elif name == "checkpoint":
+            self.checkpoint(step)
+        elif name == "stop":
+            self.stopping = True
+        else:
+            raise ValueError(f"unknown command {name!r}")
+
+    def _need_optimizer(self, name: str) -> None:
+        if self.optimizer is None:
+            raise ValueError(f"{name} needs an optimizer; none was given to watch()")
+
+    def _set_frozen(self, layers: list[str], frozen: bool) -> None:
+        if self.model is None:
+            raise ValueError("set_frozen needs the model; none was given to watch()")
+        known = {name for name, _ in self.model.named_modules() if name}
+        unknown = [name for name in layers if name not in known]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; layers are module names like 'fc1'")
+        target = self.frozen | set(layers) if frozen else self.frozen - set(layers)
+        self.frozen = target
+        # A layer freezes its own parameters and every child's (prefix match on the name).
+        self._frozen_params = {
+            id(p)
+            for pname, p in self.model.named_parameters()
+            if any(pname.startswith(layer + ".") for layer in target)
+        }
+
+    # ---- checkpoints ----
+
+    def checkpoint(self, step: int) -> Path:
+        """Write model, optimizer, step and control state to ``checkpoint-<step>.pt``."""
+        if self.checkpoint_dir is None:
+            raise ValueError("no run directory to write checkpoints to")
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"checkpoint-{step}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(
+            {
+                "model": self.model.state_dict() if self.model is not None else None,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "step": step,
+                "control": self.state(),
+            },
+            tmp,
+        )
+        # Rename last, so a crash mid-write never leaves a truncated checkpoint-<step>.pt.
+        os.replace(tmp, path)
+        self.emit("checkpoint", {"path": str(path), "step": step})
+        return path
+
+    def close(self) -> None:
+        """Remove the hooks; the optimizer is left exactly as the user's code set it."""
+        self.closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,284 @@
+"""cli — the trainer's command line: ``layerscope train`` and ``layerscope sync``.
+
+Owns: the ``train`` flags, generated from ``wire.EXPERIMENT_SCHEMA`` so they cannot
+drift from what the server and the New-run form accept; merging preset < config
+file < flags; printing every invalid field as ``solver.lr: must be >= 0`` (exit
+2); and ``sync``, which uploads a spool recorded while no server was reachable.
+
+Never: imports ``layerscope.server``, or torch before a command needs it (so
+``--help`` is quick). ``main(argv)`` takes the sub-command name first; the
+``layerscope`` console script hands ``train``/``sync`` here whole.
+
+Exit codes: 0 done, 1 an ``--overfit`` check failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from typing import Any
+
+from layerscope.trainer import wire
+
+COMMANDS = {
+    "train": "run a built-in experiment (MLP or small CNN on digits, spirals, blobs, npz, folder)",
+    "sync": "upload a spool file recorded while no server was reachable",
+}
+PRESETS: dict[str, dict[str, Any]] = {"demo": wire.DEMO_EXPERIMENT}
+# Field names that would be ambiguous or unclear as bare flags.
+FLAG_NAMES = {("data", "path"): "data-path"}
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
+_DEST_PREFIX = "cfg:"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("layerscope")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def schema_fields() -> Iterator[tuple[str | None, str, dict[str, Any]]]:
+    """(section or None for top level, field name, spec) for every field of the schema."""
+    for key, spec in wire.EXPERIMENT_SCHEMA.items():
+        if spec["type"] == "section":
+            for sub_key, sub_spec in spec["fields"].items():
+                yield key, sub_key, sub_spec
+        else:
+            yield None, key, spec
+
+
+def flag_for(section: str | None, key: str) -> str:
+    return "--" + FLAG_NAMES.get((section or "", key), key.replace("_", "-"))
+
+
+def _value_parser(spec: dict[str, Any]) -> Any:
+    """Parse a flag's text as the field's type; range checks are left to validate_experiment."""
+    kind = spec["type"]
+    aliases = spec.get("aliases", {})
+
+    def parse(text: str) -> Any:
+        if spec.get("nullable") and text.lower() in ("none", "null"):
+            return None
+        if text in aliases:
+            return text
+        try:
+            return {"int": int, "float": float}.get(kind, str)(text)
+        except ValueError:
+            words = [*aliases, *(["none"] if spec.get("nullable") else [])]
+            extra = f" or {' or '.join(words)}" if words else ""
+            raise argparse.ArgumentTypeError(f"expected {kind}{extra}, got {text!r}") from None
+
+    return parse
+
+
+def _help_text(spec: dict[str, Any]) -> str:
+    default = spec.get("default")
+    shown = (
+        "none" if default is None else str(default).lower() if spec["type"] == "bool" else default
+    )
+    # argparse %-formats help strings.
+    return f"{spec['help']} (default: {shown})".replace("%", "%%")
+
+
+def _add_schema_flags(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str | None, Any] = {None: parser.add_argument_group("experiment")}
+    for section, key, spec in schema_fields():
+        if section not in groups:
+            label = wire.EXPERIMENT_SCHEMA[section]["label"].lower()
+            groups[section] = parser.add_argument_group(label)
+        dest = f"{_DEST_PREFIX}{section or ''}.{key}"
+        common: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
+        flag = flag_for(section, key)
+        if spec["type"] == "bool":
+            groups[section].add_argument(
+                flag, action=argparse.BooleanOptionalAction, help=_help_text(spec), **common
+            )
+        elif spec["type"] == "choice":
+            groups[section].add_argument(
+                flag, choices=spec["choices"], help=_help_text(spec), **common
+            )
+        else:
+            metavar = "PATH" if key == "path" else _METAVARS[spec["type"]]
+            groups[section].add_argument(
+                flag, type=_value_parser(spec), metavar=metavar, help=_help_text(spec), **common
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerscope",
+        description="layerscope trainer commands: built-in experiments and spool upload.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerscope {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sync}")
+
+    train = sub.add_parser(
+        "train",
+        help=COMMANDS["train"],
+        description="Train a built-in experiment under watch(). Values come from --preset, "
+        "then --config, then flags (later wins); the result is validated against the same "
+        "schema the dashboard's New-run form uses. Without --server the run is recorded to "
+        "the local spool only (upload it later with `layerscope sync`). The trainer token is "
+        "read from LAYERSCOPE_TRAINER_TOKEN.",
+    )
+    train.add_argument("--version", action="version", version=f"layerscope {_version()}")
+    train.add_argument("--config", metavar="FILE.json", help="experiment config (JSON object)")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named config")
+    train.add_argument(
+        "--server",
+        metavar="URL",
+        help="server to stream to: ws://HOST:PORT or the full .../ws/trainer URL "
+        "(env LAYERSCOPE_SERVER; default: none, spool only)",
+    )
+    train.add_argument("--run-id", metavar="ID", help="run id (default: a new one)")
+    train.add_argument(
+        "--run-dir", metavar="DIR", help="where the spool goes (default ./layerscope-runs/<id>)"
+    )
+    train.add_argument(
+        "--no-progress", action="store_true", help="no terminal progress line (for launchers)"
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the validated config as JSON and exit without training",
+    )
+    _add_schema_flags(train)
+
+    sync = sub.add_parser(
+        "sync",
+        help=COMMANDS["sync"],
+        description="Upload a spool (recorded with no server reachable) to a server. Frames the "
+        "server already has are skipped. The trainer token is read from LAYERSCOPE_TRAINER_TOKEN.",
+    )
+    sync.add_argument("--version", action="version", version=f"layerscope {_version()}")
+    sync.add_argument("spool", metavar="SPOOL", help="spool file (or the run's directory)")
+    sync.add_argument(
+        "--server",
+        metavar="URL",
+        help="ws://HOST:PORT or full .../ws/trainer URL (env LAYERSCOPE_SERVER)",
+    )
+    return parser
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"config {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def merged_config(args: argparse.Namespace) -> dict[str, Any]:
+    """preset < config file < flags, before validation."""
+    cfg: dict[str, Any] = copy.deepcopy(PRESETS[args.preset]) if args.preset else {}
+    if args.config:
+        _deep_merge(cfg, _load_config(args.config))
+    flags: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(_DEST_PREFIX):
+            continue
+        section, key = dest[len(_DEST_PREFIX) :].split(".")
+        (flags.setdefault(section, {}) if section else flags)[key] = value
+    return _deep_merge(cfg, flags)
+
+
+def _error(command: str, message: str) -> int:
+    print(f"layerscope {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        cfg = wire.validate_experiment(merged_config(args))
+    except wire.ExperimentError as exc:
+        for err in exc.errors:
+            print(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}", file=sys.stderr
+            )
+        return 2
+    except ValueError as exc:
+        return _error("train", str(exc))
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+
+    from layerscope.trainer.data import DataError
+    from layerscope.trainer.experiment import (
+        ExperimentSetupError,
+        describe,
+        run_experiment,
+        trainer_socket_url,
+    )
+
+    server = args.server or os.environ.get("LAYERSCOPE_SERVER") or None
+    try:
+        url = trainer_socket_url(server) if server else None
+        summary = run_experiment(
+            cfg,
+            server=url,
+            run_id=args.run_id,
+            token=os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None,
+            run_dir=args.run_dir,
+            progress=not args.no_progress,
+        )
+    except (DataError, ExperimentSetupError, ValueError) as exc:
+        return _error("train", str(exc))
+    print(describe(summary), flush=True)
+    check = summary.get("overfit")
+    return 1 if check is not None and not check["passed"] else 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from layerscope.trainer.experiment import trainer_socket_url
+    from layerscope.trainer.link import sync_spool
+
+    server = args.server or os.environ.get("LAYERSCOPE_SERVER")
+    if not server:
+        return _error("sync", "--server URL is required (or set LAYERSCOPE_SERVER)")
+    if not os.path.exists(args.spool):
+        return _error("sync", f"{args.spool}: no such spool file or directory")
+    try:
+        url = trainer_socket_url(server)
+        acked = sync_spool(args.spool, url, os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None)
+    except (OSError, ValueError) as exc:
+        return _error("sync", str(exc))
+    print(f"synced {args.spool}: the server acknowledged {acked} frames", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        parser.print_usage(sys.stderr)
+        return _error(argv[0], f"unknown command; the trainer commands are: {', '.join(COMMANDS)}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _train(args) if args.command == "train" else _sync(args)

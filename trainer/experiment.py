@@ -1,0 +1,223 @@
+"""experiment — builds and runs one built-in experiment from a validated config.
+
+Owns: turning an experiment config (``wire.EXPERIMENT_SCHEMA``) into data, model,
+init, optimizer and device, the training loop instrumented with ``watch()``
+(cross-entropy, train accuracy, validation every ``eval_every`` steps in eval
+mode), the ``overfit`` sanity check's pass/fail, and the normalisation of a
+server URL to the trainer socket (``ws://host:port`` -> ``.../ws/trainer``).
+
+Never: syncs with the device inside the loop (loss and accuracy stay tensors;
+the only host reads are for the summary after training), talks to the server
+itself (``watch`` does), or imports ``layerscope.server``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+from layerscope.trainer import wire
+from layerscope.trainer.data import Batches, Dataset, add_input_noise, load_dataset
+from layerscope.trainer.inits import init_weights
+from layerscope.trainer.models import build_model
+from torch import nn
+
+TRAINER_SOCKET_PATH = "/ws/trainer"
+MOMENTUM = 0.9  # the "momentum" optimizer choice: SGD with classical momentum
+HISTOGRAM_BINS = 64
+EVAL_CHUNK = 4096  # validation batch; bounds memory on a large npz data set
+_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+class ExperimentSetupError(RuntimeError):
+    """The config is valid but this machine cannot run it (e.g. cuda without a GPU)."""
+
+
+def trainer_socket_url(server: str) -> str:
+    """A server base URL (``ws://host:port``, ``http://host:port``) or a full trainer
+    socket URL, as the full ``ws(s)://host:port/.../ws/trainer`` URL ``watch`` connects to."""
+    parts = urlsplit(server.strip())
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(
+            f"server URL {server!r} must look like ws://HOST:PORT (or http://, wss://, https://)"
+        )
+    path = parts.path.rstrip("/")
+    if not path.endswith(TRAINER_SOCKET_PATH):
+        path += TRAINER_SOCKET_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ExperimentSetupError("device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_optimizer(
+    name: str, params: Any, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over (x, y) in eval mode, as device tensors."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for i in range(0, len(x), EVAL_CHUNK):
+        logits = model(x[i : i + EVAL_CHUNK])
+        target = y[i : i + EVAL_CHUNK]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(dim=1) == target).sum()
+    model.train(was_training)
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
+
+
+def build(cfg: dict[str, Any]) -> tuple[Dataset, nn.Module, torch.optim.Optimizer, torch.device]:
+    """Seeded data, initialised model and optimizer, everything on the chosen device."""
+    model_cfg, solver = cfg["model"], cfg["solver"]
+    device = resolve_device(solver["device"])
+    torch.manual_seed(solver["seed"])
+    data = load_dataset(cfg["data"], solver["seed"]).to(device)
+    model = build_model(model_cfg, data.input_shape, data.num_classes)
+    init_weights(
+        model, model_cfg["init"], activation=model_cfg["activation"], std=model_cfg["init_std"]
+    )
+    model.to(device)
+    optimizer = build_optimizer(
+        solver["optimizer"], model.parameters(), solver["lr"], solver["weight_decay"]
+    )
+    return data, model, optimizer, device
+
+
+def run_experiment(
+    cfg: dict[str, Any],
+    *,
+    server: str | None,
+    run_id: str | None = None,
+    token: str | None = None,
+    run_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the experiment ``cfg`` describes under ``watch()``; returns a summary dict.
+
+    ``server`` None records to the local spool only. The summary holds the steps
+    done, final train/val loss and accuracy, whether it was stopped from the
+    dashboard, and for ``overfit`` runs ``{"n", "train_acc", "passed"}``.
+    """
+    from layerscope.trainer.watch import watch
+
+    cfg = wire.validate_experiment(cfg)
+    url = trainer_socket_url(server) if server else None
+    solver = cfg["solver"]
+    data, model, optimizer, device = build(cfg)
+    batches = Batches(len(data.x_train), solver["batch_size"], solver["seed"], device)
+    total_steps = solver["steps"] or solver["epochs"] * batches.steps_per_epoch
+    noise_std = cfg["data"]["input_noise"]
+    has_val = len(data.x_val) > 0
+    loss = acc = val_loss = val_acc = None
+    steps_done = 0
+    started = time.monotonic()
+    model.train()
+    with watch(
+        model,
+        optimizer,
+        run=cfg["name"],
+        server=url,
+        every=cfg["every"],
+        bins=HISTOGRAM_BINS,
+        config=cfg,
+        run_id=run_id,
+        token=token,
+        run_dir=run_dir,
+        batch_size=batches.size,
+        progress=progress,
+    ) as w:
+        stopped = False
+        for idx in batches:
+            x = add_input_noise(data.x_train[idx], noise_std)
+            target = data.y_train[idx]
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss = loss.detach()
+            acc = (logits.detach().argmax(dim=1) == target).float().mean()
+            steps_done += 1
+            w.step(loss=loss, acc=acc)
+            if has_val and (steps_done % solver["eval_every"] == 0 or steps_done == total_steps):
+                val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+                w.eval(val_loss=val_loss, val_acc=val_acc)
+            if w.should_stop:
+                stopped = True
+                break
+            if steps_done >= total_steps:
+                break
+        run_name = getattr(w, "run_id", run_id)
+    summary: dict[str, Any] = {
+        "run_id": run_name,
+        "name": cfg["name"],
+        "device": str(device),
+        "steps": steps_done,
+        "epochs": round(steps_done / batches.steps_per_epoch, 3),
+        "train_examples": len(data.x_train),
+        "stopped": stopped,
+        # Host reads happen here, once, after training.
+        "train_loss": None if loss is None else float(loss),
+        "train_acc": None if acc is None else float(acc),
+        "val_loss": None if val_loss is None else float(val_loss),
+        "val_acc": None if val_acc is None else float(val_acc),
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "overfit": None,
+    }
+    if cfg["overfit"] is not None:
+        _, fit_acc = evaluate(model, data.x_train, data.y_train)
+        correct = round(float(fit_acc) * len(data.x_train))
+        summary["overfit"] = {
+            "n": len(data.x_train),
+            "train_acc": float(fit_acc),
+            "passed": correct == len(data.x_train),
+        }
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The lines ``layerscope train`` prints when a run ends."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"run {summary['run_id']} ({summary['name']}) on {summary['device']}: "
+        f"{summary['steps']} steps{' (stopped)' if summary['stopped'] else ''}",
+        f"  train loss {fmt(summary['train_loss'])}  acc {fmt(summary['train_acc'])}"
+        f"  |  val loss {fmt(summary['val_loss'])}  acc {fmt(summary['val_acc'])}",
+    ]
+    check = summary.get("overfit")
+    if check is not None:
+        verdict = "PASS" if check["passed"] else "FAIL"
+        lines.append(
+            f"  overfit check: {verdict} — train accuracy {check['train_acc']:.2%} on "
+            f"{check['n']} examples (must be 100% with regularisation off)"
+        )
+    return "\n".join(lines)

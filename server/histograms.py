@@ -1,0 +1,95 @@
+"""histograms — compact storage of probe histograms and their resampling onto one grid.
+
+Owns: the blob format of a histogram's counts (a one-byte type tag, then the
+little-endian unsigned counts, zlib-compressed) and the mass-conserving resampling
+of many histograms, each over its own [lo, hi], onto common edges for a
+"histogram over time" heatmap.
+
+Never: touches SQLite or HTTP; pure functions over plain lists.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from array import array
+from collections.abc import Sequence
+
+_U32 = b"I"
+_U64 = b"Q"
+
+
+def pack_counts(counts: Sequence[int]) -> bytes:
+    """Counts -> blob. 32-bit cells unless a count needs 64 (a huge conv batch can)."""
+    tag = _U32 if not counts or max(counts) < 2**32 else _U64
+    cells = array(tag.decode(), counts)
+    if sys.byteorder == "big":
+        cells.byteswap()
+    # level 1: most cells of a 64-bin histogram are small or zero; the faster
+    # level compresses them nearly as well and keeps the writer thread quick.
+    return tag + zlib.compress(cells.tobytes(), 1)
+
+
+def unpack_counts(blob: bytes) -> list[int]:
+    tag, body = blob[:1], blob[1:]
+    if tag not in (_U32, _U64):
+        raise ValueError(f"unknown histogram blob tag {tag!r}")
+    cells = array(tag.decode())
+    cells.frombytes(zlib.decompress(body))
+    if sys.byteorder == "big":
+        cells.byteswap()
+    return cells.tolist()
+
+
+Hist = tuple[float, float, list[int]]
+
+
+def common_edges(hists: Sequence[Hist | None], bins: int) -> list[float]:
+    """bins+1 evenly spaced edges from the lowest lo to the highest hi.
+
+    A zero-width range (every value equal) is widened by 0.5 on each side so the
+    mass still lands in a visible bin; no histogram at all gives [0, 1].
+    """
+    present = [h for h in hists if h is not None]
+    lo = min((h[0] for h in present), default=0.0)
+    hi = max((h[1] for h in present), default=1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    width = (hi - lo) / bins
+    return [lo + i * width for i in range(bins)] + [hi]
+
+
+def resample(hist: Hist, edges: Sequence[float]) -> list[float]:
+    """Spread each source bin's count over the target bins it overlaps, in proportion
+    to the overlap (the values are assumed uniform inside a source bin). The total
+    is conserved up to float rounding."""
+    lo, hi, counts = hist
+    bins = len(edges) - 1
+    glo, ghi = edges[0], edges[-1]
+    width = (ghi - glo) / bins
+    row = [0.0] * bins
+
+    def target(x: float) -> int:
+        return min(bins - 1, max(0, int((x - glo) / width)))
+
+    n = len(counts)
+    if n == 0:
+        return row
+    if hi <= lo:
+        row[target(lo)] += float(sum(counts))
+        return row
+    source_width = (hi - lo) / n
+    for i, count in enumerate(counts):
+        if count == 0:
+            continue
+        a = lo + i * source_width
+        b = a + source_width
+        ta, tb = target(a), target(b)
+        if ta == tb:
+            row[ta] += count
+            continue
+        for t in range(ta, tb + 1):
+            overlap = min(b, edges[t + 1]) - max(a, edges[t])
+            if overlap > 0:
+                row[t] += count * overlap / source_width
+    return row

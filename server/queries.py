@@ -1,0 +1,446 @@
+"""queries — the SQL of every read of layerscope.db, shaped as http_api.md's JSON bodies.
+
+Owns: run list/detail rows, series reads downsampled inside SQLite (min/max per
+step bucket, see downsample.py for the rule), probe reads, heatmap matrices,
+histograms over time, events, commands and stored frames.
+
+Never: writes (read connections are query_only), never returns NaN/Inf (non-finite
+values are stored as NULL and come back as None), never loads a whole long series
+into Python when a chart asked for 1,500 points of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from typing import Any
+
+from layerscope.server.downsample import bucket_count, minmax_rows, pick_even
+from layerscope.server.histograms import Hist, common_edges, resample, unpack_counts
+from layerscope.server.schema import PROBE_COLUMNS
+from layerscope.server.writes import LAST_KEYS, RunNotFound, command_row
+
+NO_START = -1
+NO_END = 2**62
+SPARKLINE_POINTS = 50
+_STAT_SQL = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
+
+_RUN_COLUMNS = (
+    "rk, id, name, config, status, status_reason, launched, device, world_size, control,"
+    " created_at, updated_at, first_step, last_step, acked_seq, max_seq, last_values"
+)
+
+
+def _bounds(start: int | None, end: int | None) -> tuple[int, int]:
+    return (NO_START if start is None else start, NO_END if end is None else end)
+
+
+def run_key(conn: sqlite3.Connection, run_id: str) -> int:
+    row = conn.execute("SELECT rk FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise RunNotFound(run_id)
+    return int(row[0])
+
+
+# ---- runs ----
+
+
+def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, Any]:
+    (
+        _rk,
+        run_id,
+        name,
+        config,
+        status,
+        reason,
+        launched,
+        device,
+        world_size,
+        _control,
+        created_at,
+        updated_at,
+        first_step,
+        last_step,
+        acked,
+        max_seq,
+        last_values,
+    ) = row
+    last = json.loads(last_values)
+    return {
+        "id": run_id,
+        "name": name,
+        "status": status,
+        "status_reason": reason,
+        "config": json.loads(config),
+        "launched": bool(launched),
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "first_step": first_step,
+        "last_step": last_step,
+        "last": {k: last[k][1] if k in last else None for k in LAST_KEYS},
+        "sparkline": sparkline,
+    }
+
+
+def sparkline(conn: sqlite3.Connection, rk: int) -> list[float | None]:
+    """Mean loss per bucket, at most SPARKLINE_POINTS of them (a mean, not min/max:
+    a 50-pixel line shows the trend, and per-step noise would hide it)."""
+    sid = conn.execute("SELECT sid FROM series WHERE rk = ? AND name = 'loss'", (rk,)).fetchone()
+    if sid is None:
+        return []
+    lo, hi = conn.execute("SELECT MIN(step), MAX(step) FROM scalars WHERE sid = ?", sid).fetchone()
+    if lo is None:
+        return []
+    span = hi - lo + 1
+    rows = conn.execute(
+        "SELECT (step - ?) * ? / ? AS b, AVG(value) FROM scalars WHERE sid = ? GROUP BY b ORDER BY b",
+        (lo, SPARKLINE_POINTS, span, sid[0]),
+    ).fetchall()
+    return [v for _b, v in rows]
+
+
+def run_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created_at DESC, rk DESC"
+    ).fetchall()
+
+
+def run_summary(row: tuple[Any, ...], spark: list[float | None]) -> dict[str, Any]:
+    return _summary(row, spark)
+
+
+def run_detail(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    rk = row[0]
+    out = _summary(row, sparkline(conn, rk))
+    out["layers"] = [
+        {"name": n, "kind": k, "units": u}
+        for n, k, u in conn.execute(
+            "SELECT name, kind, units FROM layers WHERE rk = ? ORDER BY ord, lid", (rk,)
+        )
+    ]
+    out["control"] = None if row[9] is None else json.loads(row[9])
+    out["series_names"] = [
+        n for (n,) in conn.execute("SELECT name FROM series WHERE rk = ? ORDER BY sid", (rk,))
+    ]
+    out["device"] = row[7]
+    out["world_size"] = row[8]
+    out["acked_seq"] = row[14]
+    out["last_seq"] = row[15]
+    return out
+
+
+def runs_with_status(conn: sqlite3.Connection, statuses: set[str]) -> list[str]:
+    if not statuses:
+        return []
+    marks = ", ".join("?" * len(statuses))
+    return [
+        r
+        for (r,) in conn.execute(
+            f"SELECT id FROM runs WHERE status IN ({marks}) ORDER BY rk", sorted(statuses)
+        )
+    ]
+
+
+def acked_seq(conn: sqlite3.Connection, run_id: str) -> int:
+    row = conn.execute("SELECT acked_seq FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# ---- commands, events, frames ----
+
+
+def commands(conn: sqlite3.Connection, run_id: str, after_cmd_seq: int) -> list[dict[str, Any]]:
+    rk = run_key(conn, run_id)
+    return [
+        command_row(r)
+        for r in conn.execute(
+            "SELECT * FROM commands WHERE rk = ? AND cmd_seq > ? ORDER BY cmd_seq",
+            (rk, after_cmd_seq),
+        )
+    ]
+
+
+def events(
+    conn: sqlite3.Connection, run_id: str, kind: str | None, limit: int | None
+) -> list[dict[str, Any]]:
+    """The run's events in the order they were stored; with limit, the newest `limit` of them."""
+    rk = run_key(conn, run_id)
+    where = "rk = ?"
+    params: list[Any] = [rk]
+    if kind is not None:
+        where += " AND kind = ?"
+        params.append(kind)
+    rows = conn.execute(
+        f"SELECT seq, step, kind, origin, data, created_at FROM events WHERE {where}"
+        f" ORDER BY eid DESC LIMIT ?",
+        (*params, -1 if limit is None else limit),
+    ).fetchall()
+    rows.reverse()
+    return [
+        {"seq": s, "step": st, "kind": k, "origin": o, "data": json.loads(d), "created_at": t}
+        for s, st, k, o, d, t in rows
+    ]
+
+
+def decode_frame(body: bytes) -> dict[str, Any]:
+    frame: dict[str, Any] = json.loads(zlib.decompress(body))
+    return frame
+
+
+def frames_after(
+    conn: sqlite3.Connection, run_id: str, seq: int, limit: int | None
+) -> list[dict[str, Any]]:
+    rk = run_key(conn, run_id)
+    return [
+        decode_frame(b)
+        for (b,) in conn.execute(
+            "SELECT body FROM frames WHERE rk = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (rk, seq, -1 if limit is None else limit),
+        )
+    ]
+
+
+def last_probe_frame(conn: sqlite3.Connection, rk: int) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT f.body FROM probe_steps p JOIN frames f ON f.rk = p.rk AND f.seq = p.seq"
+        " WHERE p.rk = ? ORDER BY p.step DESC LIMIT 1",
+        (rk,),
+    ).fetchone()
+    return None if row is None else decode_frame(row[0])
+
+
+# ---- scalar series ----
+
+
+def scalar_points(
+    conn: sqlite3.Connection, sid: int, start: int | None, end: int | None, max_points: int
+) -> tuple[list[int], list[float | None]]:
+    """One series over [start, end], min/max downsampled by SQLite itself.
+
+    Cost: three passes over the range's index entries (count, min, max), no rows
+    materialised in Python beyond the ~max_points kept.
+    """
+    lo_b, hi_b = _bounds(start, end)
+    where = "sid = ? AND step BETWEEN ? AND ?"
+    n, lo, hi = conn.execute(
+        f"SELECT COUNT(*), MIN(step), MAX(step) FROM scalars WHERE {where}", (sid, lo_b, hi_b)
+    ).fetchone()
+    if n <= max_points:
+        rows = conn.execute(
+            f"SELECT step, value FROM scalars WHERE {where} ORDER BY step", (sid, lo_b, hi_b)
+        ).fetchall()
+        return [s for s, _ in rows], [v for _, v in rows]
+    buckets = bucket_count(max_points)
+    span = hi - lo + 1
+    kept: dict[int, float | None] = {}
+    first = conn.execute(
+        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step LIMIT 1", (sid, lo_b, hi_b)
+    ).fetchone()
+    last = conn.execute(
+        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step DESC LIMIT 1",
+        (sid, lo_b, hi_b),
+    ).fetchone()
+    kept[first[0]] = first[1]
+    kept[last[0]] = last[1]
+    empty_buckets: list[int] = []
+    # SQLite takes a bare column (step) from the row holding the single MIN()/MAX().
+    for agg in ("MIN", "MAX"):
+        for b, step, value in conn.execute(
+            f"SELECT (step - ?) * ? / ? AS b, step, {agg}(value) FROM scalars WHERE {where} GROUP BY b",
+            (lo, buckets, span, sid, lo_b, hi_b),
+        ):
+            if value is not None:
+                kept[step] = value
+            elif agg == "MIN":
+                empty_buckets.append(b)
+    for b in empty_buckets:
+        first_in_bucket = lo + (b * span + buckets - 1) // buckets
+        row = conn.execute(
+            "SELECT step, value FROM scalars WHERE sid = ? AND step >= ? ORDER BY step LIMIT 1",
+            (sid, first_in_bucket),
+        ).fetchone()
+        kept[row[0]] = row[1]
+    steps = sorted(kept)
+    return steps, [kept[s] for s in steps]
+
+
+def series(
+    conn: sqlite3.Connection,
+    run_id: str,
+    names: list[str] | None,
+    start: int | None,
+    end: int | None,
+    max_points: int,
+) -> dict[str, dict[str, list[Any]]]:
+    rk = run_key(conn, run_id)
+    sids = dict(
+        conn.execute("SELECT name, sid FROM series WHERE rk = ? ORDER BY sid", (rk,)).fetchall()
+    )
+    out: dict[str, dict[str, list[Any]]] = {}
+    for name in sids if names is None else names:
+        if name not in sids:
+            out[name] = {"steps": [], "values": []}
+            continue
+        steps, values = scalar_points(conn, sids[name], start, end, max_points)
+        out[name] = {"steps": steps, "values": values}
+    return out
+
+
+# ---- probes ----
+
+
+def _layer_id(conn: sqlite3.Connection, rk: int, layer: str) -> int | None:
+    row = conn.execute("SELECT lid FROM layers WHERE rk = ? AND name = ?", (rk, layer)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def probe_steps(
+    conn: sqlite3.Connection, run_id: str, start: int | None = None, end: int | None = None
+) -> list[int]:
+    rk = run_key(conn, run_id)
+    lo, hi = _bounds(start, end)
+    return [
+        s
+        for (s,) in conn.execute(
+            "SELECT step FROM probe_steps WHERE rk = ? AND step BETWEEN ? AND ? ORDER BY step",
+            (rk, lo, hi),
+        )
+    ]
+
+
+def probe_series(
+    conn: sqlite3.Connection,
+    run_id: str,
+    layer: str,
+    stats: list[str],
+    start: int | None,
+    end: int | None,
+    max_points: int,
+) -> dict[str, Any]:
+    """Stats of one layer over steps; rows kept by the union of every stat's extremes.
+
+    Rows are read into Python (a probe every 10 steps makes 10,000 of them for a
+    100k-step run, a few milliseconds) so the extremes of all stats share one step axis.
+    """
+    rk = run_key(conn, run_id)
+    for s in stats:
+        if s not in PROBE_COLUMNS:
+            raise ValueError(f"unknown probe stat {s!r}; expected one of {list(PROBE_COLUMNS)}")
+    out: dict[str, Any] = {"layer": layer, "steps": []}
+    for s in stats:
+        out[s] = []
+    lid = _layer_id(conn, rk, layer)
+    if lid is None:
+        return out
+    lo, hi = _bounds(start, end)
+    cols = ", ".join(f'"{s}"' for s in stats)
+    rows = conn.execute(
+        f"SELECT step, {cols} FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
+        (lid, lo, hi),
+    ).fetchall()
+    steps = [r[0] for r in rows]
+    columns = [[r[i + 1] for r in rows] for i in range(len(stats))]
+    keep = minmax_rows(steps, columns, max_points)
+    out["steps"] = [steps[i] for i in keep]
+    for s, column in zip(stats, columns, strict=True):
+        out[s] = [column[i] for i in keep]
+    return out
+
+
+def probe_matrix(
+    conn: sqlite3.Connection,
+    run_id: str,
+    stat: str,
+    start: int | None,
+    end: int | None,
+    max_steps: int,
+) -> dict[str, Any]:
+    """z[layer][step] of one stat over at most max_steps evenly chosen probe steps."""
+    if stat not in PROBE_COLUMNS:
+        raise ValueError(f"unknown probe stat {stat!r}; expected one of {list(PROBE_COLUMNS)}")
+    rk = run_key(conn, run_id)
+    steps = pick_even(probe_steps(conn, run_id, start, end), max_steps)
+    layers = conn.execute(
+        "SELECT lid, name FROM layers WHERE rk = ? ORDER BY ord, lid", (rk,)
+    ).fetchall()
+    column = {s: i for i, s in enumerate(steps)}
+    z: list[list[float | None]] = [[None] * len(steps) for _ in layers]
+    row_of = {lid: i for i, (lid, _n) in enumerate(layers)}
+    if steps:
+        # One index walk per layer over the run's probe rows in [first, last] chosen
+        # step; rows at steps not chosen are skipped in Python (cheap next to a
+        # query per cell).
+        for lid, _name in layers:
+            zrow = z[row_of[lid]]
+            for step, value in conn.execute(
+                f'SELECT step, "{stat}" FROM probes WHERE lid = ? AND step BETWEEN ? AND ?',
+                (lid, steps[0], steps[-1]),
+            ):
+                j = column.get(step)
+                if j is not None:
+                    zrow[j] = value
+    return {"stat": stat, "layers": [n for _l, n in layers], "steps": steps, "z": z}
+
+
+def histograms(
+    conn: sqlite3.Connection,
+    run_id: str,
+    layer: str,
+    start: int | None,
+    end: int | None,
+    max_steps: int,
+    bins: int,
+) -> dict[str, Any]:
+    """One layer's histograms at <= max_steps probe steps, resampled onto shared edges."""
+    rk = run_key(conn, run_id)
+    lid = _layer_id(conn, rk, layer)
+    lo, hi = _bounds(start, end)
+    rows = (
+        []
+        if lid is None
+        else conn.execute(
+            "SELECT step, hist_lo, hist_hi, hist FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
+            (lid, lo, hi),
+        ).fetchall()
+    )
+    rows = pick_even(rows, max_steps)
+    hists: list[Hist | None] = [
+        None if blob is None or h_lo is None or h_hi is None else (h_lo, h_hi, unpack_counts(blob))
+        for _s, h_lo, h_hi, blob in rows
+    ]
+    edges = common_edges(hists, bins)
+    z = [None if h is None else resample(h, edges) for h in hists]
+    return {"layer": layer, "steps": [r[0] for r in rows], "edges": edges, "z": z}
+
+
+def histogram_at(conn: sqlite3.Connection, run_id: str, step: int) -> dict[str, Any] | None:
+    """Every layer at the nearest stored probe step <= step (else the first one);
+    None when the run has no probe records."""
+    rk = run_key(conn, run_id)
+    row = conn.execute(
+        "SELECT MAX(step) FROM probe_steps WHERE rk = ? AND step <= ?", (rk, step)
+    ).fetchone()
+    at = row[0]
+    if at is None:
+        at = conn.execute("SELECT MIN(step) FROM probe_steps WHERE rk = ?", (rk,)).fetchone()[0]
+    if at is None:
+        return None
+    layers = []
+    for name, h_lo, h_hi, blob, *stats in conn.execute(
+        f"SELECT l.name, p.hist_lo, p.hist_hi, p.hist, {', '.join('p.' + c for c in _STAT_SQL.split(', '))}"
+        " FROM probes p JOIN layers l ON l.lid = p.lid WHERE p.rk = ? AND p.step = ? ORDER BY l.ord, l.lid",
+        (rk, at),
+    ):
+        entry: dict[str, Any] = {
+            "name": name,
+            "lo": h_lo,
+            "hi": h_hi,
+            "counts": [] if blob is None else unpack_counts(blob),
+        }
+        entry.update(zip(PROBE_COLUMNS, stats, strict=True))
+        layers.append(entry)
+    return {"step": at, "layers": layers}

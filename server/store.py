@@ -1,0 +1,373 @@
+"""store — layerscope's record of every run: one SQLite database (WAL) under data_dir.
+
+Owns: the database's lifecycle, the single writer thread with its group commit,
+and the public Store API the rest of the server calls (contract: /tmp/store_api.md,
+shapes: http_api.md). Writes are coroutines that resolve only after the commit that
+holds them, so an ack sent on their result is never ahead of the disk. Reads run on
+per-thread read connections, each in its own read transaction (a consistent WAL
+snapshot) and never wait for the writer.
+
+Never: blocks the event loop on a write (the SQL runs on the writer thread), never
+loses a committed row to one bad operation (each runs in a savepoint), never keeps
+a NaN/Inf (stored as NULL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from layerscope.server import queries
+from layerscope.server.schema import DB_NAME, connect, create_or_check
+from layerscope.server.writes import RunNotFound, StoreError, Writer, dumps
+
+__all__ = ["RunNotFound", "Store", "StoreError"]
+
+T = TypeVar("T")
+EXPORT_PAGE_FRAMES = 500
+SNAPSHOT_EVENTS = 200
+
+_Op = tuple[Callable[[Writer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_STOP = object()
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the awaiting coroutine was cancelled; the write still happened
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class Store:
+    """One SQLite database (WAL) under data_dir: layerscope.db. One writer thread with its
+    own connection does group commits about every commit_interval_s; each write coroutine
+    resolves only after the commit that contains it. Reads use separate connections and
+    never block the writer."""
+
+    def __init__(self, data_dir: Path, *, commit_interval_s: float = 0.1) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_NAME
+        self.commit_interval_s = commit_interval_s
+        self._queue: queue.Queue[_Op | object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
+        self.commits = 0  # how many group commits so far (the benchmark reports it)
+
+    # ---- lifecycle ----
+
+    async def open(self) -> None:
+        """Create data_dir and the schema (or check its version), start the writer."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conn = await asyncio.to_thread(self._open_writer)
+        self._thread = threading.Thread(
+            target=self._writer_loop, args=(conn,), name="layerscope-store-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = connect(self.path, readonly=False)
+        try:
+            create_or_check(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # ---- the writer thread ----
+
+    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+        writer = Writer(conn)
+        last_commit = 0.0
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            # Commits are rate-limited, not delayed: after a quiet spell the first
+            # write commits at once; under load, writes arriving within
+            # commit_interval_s of the last commit share the next one.
+            deadline = max(time.monotonic(), last_commit + self.commit_interval_s)
+            conn.execute("BEGIN IMMEDIATE")
+            done: list[tuple[_Op, Any, BaseException | None]] = []
+            while True:
+                assert isinstance(item, tuple)
+                done.append((item, *self._apply(writer, item)))
+                timeout = deadline - time.monotonic()
+                try:
+                    item = (
+                        self._queue.get(timeout=timeout)
+                        if timeout > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+            try:
+                conn.execute("COMMIT")
+                self.commits += 1
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                writer.forget()
+                failure = StoreError(f"commit failed, nothing of this batch was stored: {exc}")
+                done = [(op, None, err or failure) for op, _r, err in done]
+            last_commit = time.monotonic()
+            for (_fn, loop, fut), result, error in done:
+                with contextlib.suppress(RuntimeError):  # that event loop has closed
+                    loop.call_soon_threadsafe(_settle, fut, result, error)
+        conn.close()
+
+    @staticmethod
+    def _apply(writer: Writer, op: _Op) -> tuple[Any, BaseException | None]:
+        fn = op[0]
+        conn = writer.conn
+        conn.execute("SAVEPOINT op")
+        try:
+            result = fn(writer)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            writer.forget()
+            if isinstance(exc, (StoreError, RunNotFound)):
+                return None, exc
+            return None, StoreError(
+                f"write failed, nothing of it was stored: {type(exc).__name__}: {exc}"
+            )
+        conn.execute("RELEASE op")
+        return result, None
+
+    async def _submit(self, fn: Callable[[Writer], T]) -> T:
+        if self._closed or self._thread is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, loop, fut))
+        return await fut
+
+    # ---- writes (resolve after commit) ----
+
+    async def create_run(
+        self,
+        run_id: str,
+        name: str,
+        config: dict[str, Any],
+        *,
+        status: str = "starting",
+        launched: bool = False,
+    ) -> None:
+        await self._submit(lambda w: w.create_run(run_id, name, config, status, launched))
+
+    async def hello(self, hello: dict[str, Any]) -> int:
+        """Create or resume the run of a validated hello; returns its acked seq."""
+        return await self._submit(lambda w: w.hello(hello))
+
+    async def append(self, run_id: str, frames: list[dict[str, Any]]) -> int:
+        """Store validated metrics/probe/event frames; returns the highest contiguous
+        committed seq. A stored (run_id, seq) is a no-op."""
+        return await self._submit(lambda w: w.append(run_id, frames))
+
+    async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
+        await self._submit(lambda w: w.set_status(run_id, status, reason))
+
+    async def add_command(
+        self, run_id: str, cmd: dict[str, Any], *, origin: str
+    ) -> tuple[dict[str, Any], bool]:
+        """(row, duplicate): the same id again returns the stored row and True."""
+        return await self._submit(lambda w: w.add_command(run_id, cmd, origin))
+
+    async def delete_run(self, run_id: str) -> bool:
+        return await self._submit(lambda w: w.delete_run(run_id))
+
+    # ---- reads ----
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("the store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn inside one read transaction: every query sees the same committed state."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    def acked_seq(self, run_id: str) -> int:
+        """Highest contiguous committed seq; 0 for a run not stored yet."""
+        return self._read(lambda c: queries.acked_seq(c, run_id))
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        return self._read(lambda c: queries.run_detail(c, run_id))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run, newest first, each with a loss sparkline (cached per run until it changes)."""
+
+        def read(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            out = []
+            for row in queries.run_rows(c):
+                rk, updated_at = row[0], row[11]
+                cached = self._sparklines.get(rk)
+                if cached is None or cached[0] != updated_at:
+                    cached = (updated_at, queries.sparkline(c, rk))
+                    self._sparklines[rk] = cached
+                out.append(queries.run_summary(row, cached[1]))
+            return out
+
+        return self._read(read)
+
+    def runs_with_status(self, statuses: set[str]) -> list[str]:
+        return self._read(lambda c: queries.runs_with_status(c, statuses))
+
+    def commands(self, run_id: str, *, after_cmd_seq: int = 0) -> list[dict[str, Any]]:
+        return self._read(lambda c: queries.commands(c, run_id, after_cmd_seq))
+
+    def frames_after(self, run_id: str, seq: int, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored frames with seq > seq, in seq order, as the dicts that were appended."""
+        return self._read(lambda c: queries.frames_after(c, run_id, seq, limit))
+
+    def series(
+        self,
+        run_id: str,
+        names: list[str] | None,
+        start: int | None = None,
+        end: int | None = None,
+        max_points: int = 1500,
+    ) -> dict[str, dict[str, list[Any]]]:
+        return self._read(lambda c: queries.series(c, run_id, names, start, end, max_points))
+
+    def probe_series(
+        self,
+        run_id: str,
+        layer: str,
+        stats: list[str],
+        start: int | None = None,
+        end: int | None = None,
+        max_points: int = 1500,
+    ) -> dict[str, Any]:
+        return self._read(
+            lambda c: queries.probe_series(c, run_id, layer, stats, start, end, max_points)
+        )
+
+    def probe_matrix(
+        self,
+        run_id: str,
+        stat: str,
+        start: int | None = None,
+        end: int | None = None,
+        max_steps: int = 300,
+    ) -> dict[str, Any]:
+        return self._read(lambda c: queries.probe_matrix(c, run_id, stat, start, end, max_steps))
+
+    def histograms(
+        self,
+        run_id: str,
+        layer: str,
+        start: int | None = None,
+        end: int | None = None,
+        max_steps: int = 200,
+        bins: int = 64,
+    ) -> dict[str, Any]:
+        return self._read(
+            lambda c: queries.histograms(c, run_id, layer, start, end, max_steps, bins)
+        )
+
+    def histogram_at(self, run_id: str, step: int) -> dict[str, Any] | None:
+        return self._read(lambda c: queries.histogram_at(c, run_id, step))
+
+    def probe_steps(self, run_id: str) -> list[int]:
+        return self._read(lambda c: queries.probe_steps(c, run_id))
+
+    def events(
+        self, run_id: str, kind: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        return self._read(lambda c: queries.events(c, run_id, kind, limit))
+
+    def export_lines(self, run_id: str) -> Iterator[str]:
+        """JSON Lines, each ending in a newline: a hello-like header carrying the run
+        detail, then every stored frame in seq order. Raises RunNotFound before the
+        first line; reads in pages, so a long run streams without loading it whole."""
+        detail = self.run(run_id)
+        if detail is None:
+            raise RunNotFound(run_id)
+        return self._export(detail)
+
+    def _export(self, detail: dict[str, Any]) -> Iterator[str]:
+        header = {
+            "type": "hello",
+            "v": 1,
+            "run_id": detail["id"],
+            "name": detail["name"],
+            "config": detail["config"],
+            "layers": detail["layers"],
+            "run": detail,
+        }
+        yield dumps(header) + "\n"
+        seq = 0
+        while True:
+            page = self.frames_after(detail["id"], seq, EXPORT_PAGE_FRAMES)
+            for frame in page:
+                yield dumps({"v": 1, **frame}) + "\n"
+            if len(page) < EXPORT_PAGE_FRAMES:
+                return
+            seq = page[-1]["seq"]
+
+    def snapshot(self, run_id: str, *, max_points: int = 500) -> dict[str, Any]:
+        """The viewer's snapshot body (http_api.md) minus trainer_connected: the run, every
+        series downsampled to max_points, the last probe frame, the newest events, all
+        commands, the acknowledged control state, and last_seq = the acked seq (a viewer
+        that reconnects with after_seq=last_seq misses nothing)."""
+
+        def read(c: sqlite3.Connection) -> dict[str, Any]:
+            detail = queries.run_detail(c, run_id)
+            if detail is None:
+                raise RunNotFound(run_id)
+            rk = queries.run_key(c, run_id)
+            probe = queries.last_probe_frame(c, rk)
+            return {
+                "type": "snapshot",
+                "run": detail,
+                "series": queries.series(c, run_id, None, None, None, max_points),
+                "probes": [] if probe is None else [probe],
+                "events": queries.events(c, run_id, None, SNAPSHOT_EVENTS),
+                "commands": queries.commands(c, run_id, 0),
+                "control": detail["control"],
+                "last_seq": detail["acked_seq"],
+            }
+
+        return self._read(read)

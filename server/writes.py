@@ -1,0 +1,493 @@
+"""writes — the SQL of every change to layerscope.db, run on the store's writer thread.
+
+Owns: turning validated frames, hellos, commands and status changes into rows, the
+side effects of events (a ``status`` event sets the run status, a
+``command_result`` event settles the command row and the run's acknowledged
+control state), and the highest-contiguous-seq bookkeeping behind acks.
+
+Never: commits (the writer thread groups many operations into one commit and wraps
+each in a savepoint), never runs on the event loop, never trusts a frame's shape
+without checking it (a bad one raises StoreError and its whole operation rolls back).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+import zlib
+from typing import Any
+
+from layerscope.server.histograms import pack_counts
+from layerscope.server.schema import PROBE_COLUMNS
+from layerscope.trainer import wire
+
+LAST_KEYS = ("loss", "val_loss", "acc", "val_acc")
+FRAME_TYPES = frozenset({"metrics", "probe", "event"})
+_KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
+
+
+class StoreError(ValueError):
+    """A write the store refuses (bad frame, duplicate run, bad status); nothing of it is kept."""
+
+
+class RunNotFound(LookupError):
+    """The run id names no stored run."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run '{run_id}' not found")
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON (no NaN/Inf) for anything stored as text."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(wire._clean(value), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StoreError(f"{where} must be a number or null, got {type(value).__name__}")
+    return float(value) if math.isfinite(value) else None
+
+
+def _seq(frame: Any) -> int:
+    if not isinstance(frame, dict):
+        raise StoreError(f"a frame must be a dict, got {type(frame).__name__}")
+    seq = frame.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise StoreError(f"frame has no integer seq >= 1 (got {seq!r})")
+    if frame.get("type") not in FRAME_TYPES:
+        raise StoreError(
+            f"frame seq {seq}: type {frame.get('type')!r} is not stored; expected one of {sorted(FRAME_TYPES)}"
+        )
+    return seq
+
+
+def _step(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{where} must be an integer >= 0, got {value!r}")
+    return value
+
+
+class Writer:
+    """Holds the writer connection and id caches (run key, series id, layer id)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._rk: dict[str, int] = {}
+        self._sid: dict[tuple[int, str], int] = {}
+        self._lid: dict[tuple[int, str], int] = {}
+
+    def forget(self) -> None:
+        """Drop the caches: called after a rollback, which may have undone new ids."""
+        self._rk.clear()
+        self._sid.clear()
+        self._lid.clear()
+
+    # ---- ids ----
+
+    def rk(self, run_id: str) -> int:
+        rk = self._rk.get(run_id)
+        if rk is None:
+            row = self.conn.execute("SELECT rk FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id)
+            rk = self._rk[run_id] = row[0]
+        return rk
+
+    def sid(self, rk: int, name: str) -> int:
+        sid = self._sid.get((rk, name))
+        if sid is None:
+            if not isinstance(name, str) or not name or len(name) > wire.MAX_NAME_LEN:
+                raise StoreError(
+                    f"series name {name!r} must be a string of 1-{wire.MAX_NAME_LEN} characters"
+                )
+            self.conn.execute("INSERT OR IGNORE INTO series (rk, name) VALUES (?, ?)", (rk, name))
+            sid = self.conn.execute(
+                "SELECT sid FROM series WHERE rk = ? AND name = ?", (rk, name)
+            ).fetchone()[0]
+            self._sid[(rk, name)] = sid
+        return sid
+
+    def lid(
+        self,
+        rk: int,
+        name: str,
+        kind: str | None = None,
+        units: int | None = None,
+        ord_: int | None = None,
+    ) -> int:
+        lid = self._lid.get((rk, name))
+        if lid is None or kind is not None:
+            if not isinstance(name, str) or not name or len(name) > wire.MAX_NAME_LEN:
+                raise StoreError(
+                    f"layer name {name!r} must be a string of 1-{wire.MAX_NAME_LEN} characters"
+                )
+            row = self.conn.execute(
+                "SELECT lid FROM layers WHERE rk = ? AND name = ?", (rk, name)
+            ).fetchone()
+            if row is None:
+                if ord_ is None:
+                    ord_ = self.conn.execute(
+                        "SELECT COALESCE(MAX(ord) + 1, 0) FROM layers WHERE rk = ?", (rk,)
+                    ).fetchone()[0]
+                cur = self.conn.execute(
+                    "INSERT INTO layers (rk, name, kind, units, ord) VALUES (?, ?, ?, ?, ?)",
+                    (rk, name, kind or "module", units, ord_),
+                )
+                lid = int(cur.lastrowid or 0)
+            else:
+                lid = row[0]
+                if kind is not None:
+                    self.conn.execute(
+                        "UPDATE layers SET kind = ?, units = ?, ord = COALESCE(?, ord) WHERE lid = ?",
+                        (kind, units, ord_, lid),
+                    )
+            self._lid[(rk, name)] = lid
+        return lid
+
+    # ---- runs ----
+
+    def create_run(
+        self, run_id: str, name: str, config: dict[str, Any], status: str, launched: bool
+    ) -> None:
+        if status not in wire.RUN_STATUSES:
+            raise StoreError(
+                f"unknown status {status!r}; expected one of {list(wire.RUN_STATUSES)}"
+            )
+        if not isinstance(run_id, str) or not run_id or len(run_id) > wire.MAX_NAME_LEN:
+            raise StoreError(
+                f"run id {run_id!r} must be a string of 1-{wire.MAX_NAME_LEN} characters"
+            )
+        if not isinstance(config, dict):
+            raise StoreError("config must be a dict")
+        if self.conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+            raise StoreError(f"run '{run_id}' already exists")
+        now = time.time()
+        self.conn.execute(
+            "INSERT INTO runs (id, name, config, status, launched, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, name, dumps(config), status, int(launched), now, now),
+        )
+
+    def hello(self, hello: dict[str, Any]) -> int:
+        run_id = hello["run_id"]
+        now = time.time()
+        row = self.conn.execute(
+            "SELECT rk, status, acked_seq FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        config = dumps(hello.get("config") or {})
+        device = str(hello.get("device") or "")
+        world_size = int(hello.get("world_size") or 1)
+        if row is None:
+            cur = self.conn.execute(
+                "INSERT INTO runs (id, name, config, status, device, world_size, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, hello.get("name") or run_id, config, device, world_size, now, now),
+            )
+            rk, acked = int(cur.lastrowid or 0), 0
+            self._rk[run_id] = rk
+        else:
+            rk, status, acked = row
+            new_status = status if status in _KEEP_STATUS_ON_HELLO else "running"
+            reason_sql = "status_reason" if new_status == status else "NULL"
+            self.conn.execute(
+                f"UPDATE runs SET name = ?, config = ?, status = ?, status_reason = {reason_sql},"
+                " device = ?, world_size = ?, updated_at = ? WHERE rk = ?",
+                (hello.get("name") or run_id, config, new_status, device, world_size, now, rk),
+            )
+        for i, layer in enumerate(hello.get("layers") or []):
+            self.lid(rk, layer["name"], str(layer.get("kind") or "module"), layer.get("units"), i)
+        return int(acked)
+
+    def set_status(self, run_id: str, status: str, reason: str | None) -> None:
+        if status not in wire.RUN_STATUSES:
+            raise StoreError(
+                f"unknown status {status!r}; expected one of {list(wire.RUN_STATUSES)}"
+            )
+        rk = self.rk(run_id)
+        now = time.time()
+        self.conn.execute(
+            "UPDATE runs SET status = ?, status_reason = ?, updated_at = ? WHERE rk = ?",
+            (status, reason, now, rk),
+        )
+        data: dict[str, Any] = {"status": status}
+        if reason is not None:
+            data["reason"] = reason
+        self._server_event(rk, "status", data, now)
+
+    def _server_event(self, rk: int, kind: str, data: dict[str, Any], now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO events (rk, seq, step, kind, origin, data, created_at)"
+            " SELECT ?, NULL, last_step, ?, 'server', ?, ? FROM runs WHERE rk = ?",
+            (rk, kind, dumps(data), now, rk),
+        )
+
+    def delete_run(self, run_id: str) -> bool:
+        try:
+            rk = self.rk(run_id)
+        except RunNotFound:
+            return False
+        c = self.conn
+        c.execute("DELETE FROM scalars WHERE sid IN (SELECT sid FROM series WHERE rk = ?)", (rk,))
+        for table in (
+            "series",
+            "probes",
+            "layers",
+            "probe_steps",
+            "frames",
+            "events",
+            "commands",
+            "runs",
+        ):
+            c.execute(f"DELETE FROM {table} WHERE rk = ?", (rk,))
+        self.forget()
+        return True
+
+    # ---- commands ----
+
+    def add_command(
+        self, run_id: str, cmd: dict[str, Any], origin: str
+    ) -> tuple[dict[str, Any], bool]:
+        rk = self.rk(run_id)
+        cmd_id = cmd.get("id")
+        if not isinstance(cmd_id, str) or not cmd_id:
+            raise StoreError("a command needs a string id")
+        if cmd.get("name") not in wire.COMMANDS:
+            raise StoreError(f"unknown command {cmd.get('name')!r}")
+        existing = self.conn.execute(
+            "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
+        ).fetchone()
+        if existing is not None:
+            return command_row(existing), True
+        cmd_seq = self.conn.execute(
+            "UPDATE runs SET cmd_seq = cmd_seq + 1 WHERE rk = ? RETURNING cmd_seq", (rk,)
+        ).fetchone()[0]
+        now = time.time()
+        args = cmd.get("args") or {}
+        source = str(cmd.get("source") or "user")
+        reason = cmd.get("reason")
+        self.conn.execute(
+            "INSERT INTO commands (rk, id, cmd_seq, name, args, source, origin, reason, created_at, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+            (rk, cmd_id, cmd_seq, cmd["name"], dumps(args), source, origin, reason, now),
+        )
+        data = {
+            "id": cmd_id,
+            "cmd_seq": cmd_seq,
+            "name": cmd["name"],
+            "args": args,
+            "source": source,
+            "origin": origin,
+        }
+        if reason is not None:
+            data["reason"] = reason
+        self._server_event(rk, "command", data, now)
+        row = self.conn.execute(
+            "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
+        ).fetchone()
+        return command_row(row), False
+
+    # ---- frames ----
+
+    def append(self, run_id: str, frames: list[dict[str, Any]]) -> int:
+        rk = self.rk(run_id)
+        c = self.conn
+        first_step, last_step, acked, max_seq, last_json = c.execute(
+            "SELECT first_step, last_step, acked_seq, max_seq, last_values FROM runs WHERE rk = ?",
+            (rk,),
+        ).fetchone()
+        last: dict[str, list[Any]] = json.loads(last_json)
+        steps: list[int] = []
+        inserted: list[int] = []
+        for frame in frames:
+            seq = _seq(frame)
+            body = zlib.compress(dumps(frame).encode(), 1)
+            if (
+                c.execute(
+                    "INSERT OR IGNORE INTO frames (rk, seq, type, body) VALUES (?, ?, ?, ?)",
+                    (rk, seq, frame["type"], body),
+                ).rowcount
+                == 0
+            ):
+                continue  # a resend of a stored frame: acked again, stored once
+            inserted.append(seq)
+            kind = frame["type"]
+            if kind == "metrics":
+                self._metrics(rk, frame, steps, last)
+            elif kind == "probe":
+                self._probe(rk, seq, frame, steps)
+            else:
+                self._event(rk, seq, frame, steps)
+        if not inserted:
+            return int(acked)
+        if min(inserted) <= acked + 1:
+            for (seq,) in c.execute(
+                "SELECT seq FROM frames WHERE rk = ? AND seq > ? ORDER BY seq", (rk, acked)
+            ):
+                if seq != acked + 1:
+                    break
+                acked = seq
+        if steps:
+            lo, hi = min(steps), max(steps)
+            first_step = lo if first_step is None else min(first_step, lo)
+            last_step = hi if last_step is None else max(last_step, hi)
+        c.execute(
+            "UPDATE runs SET first_step = ?, last_step = ?, acked_seq = ?, max_seq = ?,"
+            " last_values = ?, updated_at = ? WHERE rk = ?",
+            (
+                first_step,
+                last_step,
+                acked,
+                max(max_seq, max(inserted)),
+                dumps(last),
+                time.time(),
+                rk,
+            ),
+        )
+        return int(acked)
+
+    def _metrics(
+        self, rk: int, frame: dict[str, Any], steps: list[int], last: dict[str, list[Any]]
+    ) -> None:
+        rows = frame.get("rows")
+        if not isinstance(rows, list):
+            raise StoreError(f"metrics frame seq {frame['seq']}: 'rows' must be a list")
+        params = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get("values"), dict):
+                raise StoreError(
+                    f"metrics frame seq {frame['seq']}: rows[{i}] needs a 'values' object"
+                )
+            step = _step(row.get("step"), f"metrics frame seq {frame['seq']} rows[{i}].step")
+            time_s = _finite(row.get("time_s"), "time_s")
+            steps.append(step)
+            for name, raw in row["values"].items():
+                value = _finite(raw, f"rows[{i}].values[{name!r}]")
+                params.append((self.sid(rk, name), step, value, time_s))
+                if name in LAST_KEYS and (name not in last or step >= last[name][0]):
+                    last[name] = [step, value]
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO scalars (sid, step, value, time_s) VALUES (?, ?, ?, ?)", params
+        )
+
+    def _probe(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
+        step = _step(frame.get("step"), f"probe frame seq {seq}: step")
+        layers = frame.get("layers")
+        if not isinstance(layers, list):
+            raise StoreError(f"probe frame seq {seq}: 'layers' must be a list")
+        steps.append(step)
+        params = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
+            stats = [_finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
+            hist = layer.get("hist")
+            lo = hi = blob = None
+            if hist is not None:
+                counts = hist.get("counts") if isinstance(hist, dict) else None
+                if not isinstance(counts, list) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+                ):
+                    raise StoreError(
+                        f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"
+                    )
+                lo = _finite(hist.get("lo"), f"layers[{i}].hist.lo")
+                hi = _finite(hist.get("hi"), f"layers[{i}].hist.hi")
+                blob = pack_counts(counts)
+            params.append(
+                (self.lid(rk, str(layer.get("name") or "")), rk, step, *stats, lo, hi, blob)
+            )
+        marks = ", ".join("?" * (len(PROBE_COLUMNS) + 6))
+        cols = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
+        self.conn.executemany(
+            f"INSERT OR REPLACE INTO probes (lid, rk, step, {cols}, hist_lo, hist_hi, hist) VALUES ({marks})",
+            params,
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO probe_steps (rk, step, seq) VALUES (?, ?, ?)", (rk, step, seq)
+        )
+
+    def _event(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
+        step = _step(frame.get("step"), f"event frame seq {seq}: step")
+        kind = frame.get("kind")
+        data = frame.get("data") or {}
+        if not isinstance(kind, str) or not isinstance(data, dict):
+            raise StoreError(f"event frame seq {seq}: needs a string 'kind' and an object 'data'")
+        steps.append(step)
+        now = time.time()
+        self.conn.execute(
+            "INSERT INTO events (rk, seq, step, kind, origin, data, created_at)"
+            " VALUES (?, ?, ?, ?, 'trainer', ?, ?)",
+            (rk, seq, step, kind, dumps(data), now),
+        )
+        if kind == "status" and data.get("status") in wire.RUN_STATUSES:
+            self.conn.execute(
+                "UPDATE runs SET status = ?, status_reason = ? WHERE rk = ?",
+                (data["status"], data.get("reason"), rk),
+            )
+        elif kind == "command_result":
+            self._command_result(rk, data)
+
+    def _command_result(self, rk: int, data: dict[str, Any]) -> None:
+        state = data.get("state")
+        applied = data.get("applied_at_step")
+        error = data.get("error")
+        self.conn.execute(
+            "UPDATE commands SET status = ?, applied_at_step = ?, state = ?, error = ?"
+            " WHERE rk = ? AND (id = ? OR (? IS NULL AND cmd_seq = ?))",
+            (
+                "applied" if data.get("ok") else "failed",
+                applied if isinstance(applied, int) and not isinstance(applied, bool) else None,
+                dumps(state) if isinstance(state, dict) else None,
+                None if error is None else str(error),
+                rk,
+                data.get("id"),
+                data.get("id"),
+                data.get("cmd_seq"),
+            ),
+        )
+        if isinstance(state, dict):
+            self.conn.execute("UPDATE runs SET control = ? WHERE rk = ?", (dumps(state), rk))
+
+
+def command_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    """A commands row (SELECT *) as the API's command object."""
+    (
+        _rk,
+        cmd_id,
+        cmd_seq,
+        name,
+        args,
+        source,
+        origin,
+        reason,
+        created_at,
+        status,
+        applied_at_step,
+        state,
+        error,
+    ) = tuple(row)
+    return {
+        "id": cmd_id,
+        "cmd_seq": cmd_seq,
+        "name": name,
+        "args": json.loads(args),
+        "source": source,
+        "origin": origin,
+        "reason": reason,
+        "created_at": created_at,
+        "status": status,
+        "applied_at_step": applied_at_step,
+        "state": None if state is None else json.loads(state),
+        "error": error,
+    }

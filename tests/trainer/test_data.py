@@ -71,11 +71,10 @@ def test_npz_roundtrip_with_lower_or_upper_x(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 3, 4, 4)).astype(np.float32)
     y = rng.integers(0, 3, size=30)
-    np.savez(tmp_path / "x.npz", x=x, y=y)
-    np.savez(tmp_path / "X.npz", X=x, y=y)
-    for key in ("x", "X"):
-        path = tmp_path / f"{key}.npz"
-        lx, ly = load_npz(path)
+    np.savez(tmp_path / "lower.npz", x=x, y=y)
+    np.savez(tmp_path / "upper.npz", X=x, y=y)
+    for name in ("lower", "upper"):
+        lx, ly = load_npz(tmp_path / f"{name}.npz")
         assert np.allclose(lx.numpy(), x) and np.array_equal(ly.numpy(), y)
     np.savez(tmp_path / "hw.npz", x=x[:, 0], y=y)
     data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "hw.npz")), seed=0)

@@ -1,0 +1,140 @@
+"""`layerscope train` / `sync` as a user and the server's launcher run them: flags generated
+from the schema, preset < config file < flags, every bad field printed with its loc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from layerscope.trainer import cli, wire
+
+
+def _config(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert cli.main(["train", "--print-config", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_schema_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for section, key, spec in cli.schema_fields():
+        flag = cli.flag_for(section, key)
+        assert flag in text, flag
+        if spec["type"] == "bool":
+            assert f"--no-{flag[2:]}" in text
+    for flag in ("--config", "--preset", "--server", "--run-id", "--run-dir", "--no-progress"):
+        assert flag in text
+    assert "--data-path" in text and "--init-std" in text and "--overfit" in text
+
+
+def test_flags_override_the_config_file_which_overrides_the_preset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps({"model": {"depth": 3, "width": 32}, "solver": {"lr": 0.5}}))
+    cfg = _config(capsys, "--preset", "demo", "--config", str(path), "--lr", "0.25",
+                  "--batch-norm", "--batch-size", "full", "--epochs", "2", "--name", "x")  # fmt: skip
+    assert cfg["model"]["depth"] == 3 and cfg["model"]["width"] == 32  # file over preset
+    assert cfg["model"]["activation"] == "tanh"  # preset kept where nothing overrides
+    assert cfg["solver"]["lr"] == 0.25 and cfg["model"]["batch_norm"] is True  # flags win
+    assert cfg["solver"]["batch_size"] == 0 and cfg["name"] == "x"
+    assert cfg["solver"]["steps"] == wire.DEMO_EXPERIMENT["solver"]["steps"]  # steps wins
+    off = _config(capsys, "--config", str(path), "--no-batch-norm", "--subset", "none")
+    assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
+
+
+def test_overfit_flag_sets_subset_and_turns_regularisation_off(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = _config(capsys, "--overfit", "100", "--dropout", "0.5", "--weight-decay", "0.1")
+    assert cfg["data"]["subset"] == 100 and cfg["overfit"] == 100
+    assert cfg["model"]["dropout"] == 0.0 and cfg["solver"]["weight_decay"] == 0.0
+
+
+def test_bad_fields_are_all_printed_with_their_loc_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli.main(["train", "--lr", "-1", "--depth", "100", "--dataset", "npz"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "solver.lr: must be >= 0.0, got -1.0" in err
+    assert "model.depth: must be <= 64" in err and "data.path: required when dataset is npz" in err
+
+
+def test_bad_config_files_and_flag_types_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cli.main(["train", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1]")
+    assert cli.main(["train", "--config", str(tmp_path / "list.json")]) == 2
+    assert "must hold a JSON object" in capsys.readouterr().err
+    (tmp_path / "unknown.json").write_text('{"solver": {"learning_rate": 1}}')
+    assert cli.main(["train", "--config", str(tmp_path / "unknown.json")]) == 2
+    assert "solver.learning_rate: unknown field" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+    assert cli.main(["train", "--depth", "two"]) == 2
+    assert "--depth: expected int, got 'two'" in capsys.readouterr().err
+
+
+def test_only_train_and_sync_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["lab", "init"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command" in err and "train, sync" in err
+    assert cli.main(["--version"]) == 0
+    assert cli.main(["sync", "--version"]) == 0
+    assert "layerscope " in capsys.readouterr().out
+
+
+def test_sync_needs_a_server_and_an_existing_spool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAYERSCOPE_SERVER", raising=False)
+    assert cli.main(["sync", str(tmp_path)]) == 2
+    assert "--server URL is required" in capsys.readouterr().err
+    assert cli.main(["sync", str(tmp_path / "nope"), "--server", "ws://127.0.0.1:9"]) == 2
+    assert "no such spool" in capsys.readouterr().err
+
+
+def test_train_runs_and_a_failed_overfit_check_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--device", "cpu", "--run-dir", str(tmp_path), "--no-progress", "--every", "50"]
+    assert cli.main(["train", "--steps", "5", "--dataset", "blobs", *common]) == 0
+    assert "5 steps" in capsys.readouterr().out
+    code = cli.main(["train", "--overfit", "20", "--lr", "0", "--steps", "5", *common])
+    out = capsys.readouterr().out
+    assert code == 1 and "overfit check: FAIL" in out
+
+
+def test_module_entry_point_help_exits_0() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "layerscope.trainer", "train", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0 and "usage: layerscope train" in out.stdout
+
+
+@pytest.mark.slow
+def test_launcher_command_line_trains_and_spools_with_no_server_listening(tmp_path: Path) -> None:
+    """Exactly the launcher's invocation; the server is unreachable, so training must
+    still finish and leave the run in the spool under ./layerscope-runs/<id>."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"solver": {"steps": 20, "device": "cpu"}, "every": 5}))
+    env = {**os.environ, "LAYERSCOPE_TRAINER_TOKEN": "secret"}
+    env.pop("LAYERSCOPE_SERVER", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "layerscope.trainer", "train", "--config", str(config),
+         "--run-id", "launched1", "--server", "ws://127.0.0.1:9/ws/trainer", "--no-progress"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "20 steps" in out.stdout
+    run_dir = tmp_path / "layerscope-runs" / "launched1"
+    assert any(p.stat().st_size > 0 for p in run_dir.rglob("*") if p.is_file())

@@ -35,6 +35,29 @@ class SpoolError(OSError):
     """A record that cannot be read back at the offset the writer reported."""
 
 
+class SpoolReader:
+    """Reads single records back by the offsets the writer reported."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - held open for repeated reads
+
+    def read_at(self, offset: int) -> str:
+        """The record at ``offset``; raises SpoolError if it no longer checks out."""
+        self._file.seek(offset)
+        header = self._file.read(HEADER.size)
+        if len(header) != HEADER.size:
+            raise SpoolError(f"{self.path}: no record header at offset {offset}")
+        length, crc = HEADER.unpack(header)
+        payload = self._file.read(length)
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            raise SpoolError(f"{self.path}: record at offset {offset} is damaged")
+        return payload.decode("utf-8")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class SpoolWriter:
     """Appends records to ``path`` (created with its parent folder if missing)."""
 
@@ -42,7 +65,7 @@ class SpoolWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the run
-        self._read_file = open(self.path, "rb")  # noqa: SIM115 - re-reads spilled frames
+        self._reader = SpoolReader(self.path)
 
     @property
     def closed(self) -> bool:
@@ -60,16 +83,8 @@ class SpoolWriter:
         return offset
 
     def read_at(self, offset: int) -> str:
-        """The record written at ``offset``; raises SpoolError if it no longer checks out."""
-        self._read_file.seek(offset)
-        header = self._read_file.read(HEADER.size)
-        if len(header) != HEADER.size:
-            raise SpoolError(f"{self.path}: no record header at offset {offset}")
-        length, crc = HEADER.unpack(header)
-        payload = self._read_file.read(length)
-        if len(payload) != length or zlib.crc32(payload) != crc:
-            raise SpoolError(f"{self.path}: record at offset {offset} is damaged")
-        return payload.decode("utf-8")
+        """The record written at ``offset`` (the file is flushed after every append)."""
+        return self._reader.read_at(offset)
 
     def close(self) -> None:
         if self._file.closed:
@@ -80,7 +95,7 @@ class SpoolWriter:
         except OSError as exc:
             log.warning("spool %s: fsync failed at close: %s", self.path, exc)
         self._file.close()
-        self._read_file.close()
+        self._reader.close()
 
 
 def _valid_at(buf: mmap.mmap, pos: int, size: int) -> int | None:

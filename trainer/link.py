@@ -1,0 +1,539 @@
+"""link — the trainer's one connection to the server, on its own thread (DESIGN §5, §6).
+
+Owns: the background thread and its asyncio loop, turning flushed batches and
+events into numbered frames (seq 1, 2, 3, ...), appending every frame to the
+spool before it is sent, the websocket session (hello, welcome, resend,
+stream, acks, commands, heartbeats), reconnecting with backoff, and
+``sync_spool`` for uploading a spool later.
+
+Never: raises into the training thread, blocks it (the training thread only
+hands items over with ``call_soon_threadsafe``), or keeps more than a bounded
+number of unacknowledged frames in memory: past the bound they are re-read
+from the spool when a resend needs them, so a stalled server never grows RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from layerscope.trainer import wire
+from layerscope.trainer.spool import SpoolError, SpoolReader, SpoolWriter, iter_records
+from websockets.asyncio.client import ClientConnection, connect
+
+log = logging.getLogger(__name__)
+
+MAX_FRAMES_IN_MEMORY = 2_000
+MAX_BYTES_IN_MEMORY = 32 * 1024 * 1024
+HEARTBEAT_S = 1.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
+OPEN_TIMEOUT_S = 5.0
+WELCOME_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0  # how long close() waits for the server to ack the last frames
+TRAINER_PATH = "/ws/trainer"
+
+
+class LinkError(RuntimeError):
+    """The server answered, but not with what the protocol promises."""
+
+
+class Batch(Protocol):
+    """A flush handed over by the training thread; turned into frame bodies off the loop."""
+
+    def materialize(self) -> list[dict[str, Any]]: ...
+
+
+class _Close:
+    pass
+
+
+_CLOSE = _Close()
+
+
+def trainer_url(server: str) -> str:
+    """``ws://host:port`` (or http://) -> the trainer socket URL; an explicit path is kept."""
+    parts = urlsplit(server if "://" in server else f"ws://{server}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"server must be a ws:// or http:// URL, got {server!r}")
+    path = parts.path if parts.path not in ("", "/") else TRAINER_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class Link:
+    """Numbers, spools and streams one run's frames; owns the socket on a daemon thread."""
+
+    def __init__(
+        self,
+        hello: dict[str, Any],
+        *,
+        spool_path: str | Path,
+        server: str | None = None,
+        token: str | None = None,
+        on_command: Callable[[dict[str, Any]], None] | None = None,
+        max_frames_in_memory: int = MAX_FRAMES_IN_MEMORY,
+        max_bytes_in_memory: int = MAX_BYTES_IN_MEMORY,
+        heartbeat_s: float = HEARTBEAT_S,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+    ) -> None:
+        self.hello = wire.validate_hello(dict(hello, type="hello"))
+        self.url = trainer_url(server) if server else None
+        self.token = token
+        self.on_command = on_command or (lambda command: None)
+        self.max_frames_in_memory = max(1, max_frames_in_memory)
+        self.max_bytes_in_memory = max_bytes_in_memory
+        self.heartbeat_s = heartbeat_s
+        self.close_timeout_s = close_timeout_s
+
+        # Read by the heartbeat; written by the training thread (plain attribute stores).
+        self.step = 0
+        self.status = "starting"
+
+        self.last_seq = 0
+        self.acked_seq = 0
+        self.max_cmd_seq = 0
+        self.connected = False
+        self.ever_connected = False
+        self.max_frames_in_memory_seen = 0
+        self._sent = 0
+        self._failures = 0
+        self._outage_warned = False
+        self._spool_warned = False
+        self._submit_warned = False
+        self._pending: OrderedDict[int, str] = OrderedDict()
+        self._pending_bytes = 0
+        self._offsets = array("q")  # spool offset of seq k at index k-1; -1 if the write failed
+        self._backoff_s = BACKOFF_FIRST_S
+
+        self.spool = SpoolWriter(spool_path)
+        self.spool.append(wire.encode(self.hello))
+        self._loop = asyncio.new_event_loop()
+        self._inbox: asyncio.Queue[dict[str, Any] | Batch | _Close] = asyncio.Queue()
+        self._new_frame = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="layerscope-link", daemon=True)
+        self._closing = False
+
+    # ---- training-thread side ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def frames_in_memory(self) -> int:
+        return len(self._pending)
+
+    def submit(self, item: dict[str, Any] | Batch) -> None:
+        """Hand a frame body (``{"type": ..., ...}`` without seq) or a Batch to the link."""
+        self._put(item)
+
+    def _put(self, item: dict[str, Any] | Batch | _Close) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
+        except RuntimeError:
+            if not self._submit_warned:
+                self._submit_warned = True
+                log.warning("layerscope: the link thread has stopped; later frames are lost")
+
+    def close(self) -> None:
+        """Send what is pending, wait up to close_timeout_s for acks, stop the thread."""
+        if self._closing:
+            return
+        self._closing = True
+        if not self._thread.is_alive():
+            self.spool.close()
+            return
+        self._put(_CLOSE)
+        self._thread.join(self.close_timeout_s + 10.0)
+        if self._thread.is_alive():
+            log.warning("layerscope: the link thread did not stop in time; the spool has the run")
+
+    # ---- link thread ----
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        except Exception:
+            log.exception("layerscope: the link thread failed; the spool keeps what it wrote")
+        finally:
+            self.spool.close()
+            self._loop.close()
+
+    async def _main(self) -> None:
+        connection = asyncio.create_task(self._connection()) if self.url else None
+        try:
+            await self._pump()
+            await self._wait_for_acks()
+        finally:
+            if connection is not None:
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connection
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self._inbox.get()
+            if isinstance(item, _Close):
+                return
+            if isinstance(item, dict):
+                self._add_frame(item)
+                continue
+            try:
+                # Waiting on the device event and decoding run off the loop, so acks,
+                # commands and heartbeats keep flowing meanwhile.
+                bodies = await loop.run_in_executor(None, item.materialize)
+            except Exception:
+                log.exception("layerscope: could not decode a flush; its rows are lost")
+                continue
+            for body in bodies:
+                self._add_frame(body)
+
+    def _add_frame(self, body: dict[str, Any]) -> None:
+        seq = self.last_seq + 1
+        text = wire.encode({**body, "seq": seq})
+        if len(text) > wire.MAX_FRAME_BYTES:
+            log.warning(
+                "layerscope: a %s frame of %d bytes exceeds the %d-byte limit and was dropped",
+                body.get("type"),
+                len(text),
+                wire.MAX_FRAME_BYTES,
+            )
+            return
+        self.last_seq = seq
+        try:
+            offset = self.spool.append(text)
+        except (OSError, ValueError) as exc:
+            offset = -1
+            if not self._spool_warned:
+                self._spool_warned = True
+                log.warning("layerscope: spool write failed (%s); frames are kept in memory", exc)
+        self._offsets.append(offset)
+        if self.url is None:
+            return
+        self._pending[seq] = text
+        self._pending_bytes += len(text)
+        while len(self._pending) > 1 and (
+            len(self._pending) > self.max_frames_in_memory
+            or self._pending_bytes > self.max_bytes_in_memory
+        ):
+            # The oldest unacked frame leaves memory; a resend re-reads it from the spool.
+            _, old = self._pending.popitem(last=False)
+            self._pending_bytes -= len(old)
+        self.max_frames_in_memory_seen = max(self.max_frames_in_memory_seen, len(self._pending))
+        self._new_frame.set()
+
+    def _frame_text(self, seq: int) -> str | None:
+        text = self._pending.get(seq)
+        if text is not None:
+            return text
+        offset = self._offsets[seq - 1]
+        if offset < 0:
+            return None
+        try:
+            return self.spool.read_at(offset)
+        except SpoolError as exc:
+            log.warning("layerscope: cannot resend frame %d: %s", seq, exc)
+            return None
+
+    def _on_ack(self, seq: int) -> None:
+        seq = min(seq, self.last_seq)
+        if seq <= self.acked_seq:
+            return
+        self.acked_seq = seq
+        while self._pending:
+            first = next(iter(self._pending))
+            if first > seq:
+                break
+            self._pending_bytes -= len(self._pending.pop(first))
+        self._acked.set()
+
+    async def _wait_for_acks(self) -> None:
+        if self.url is None:
+            return
+        deadline = time.monotonic() + self.close_timeout_s
+        while self.acked_seq < self.last_seq:
+            if not self.ever_connected and self._failures:
+                return  # never reached the server: nobody to wait for, the spool has the run
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "layerscope: server acked %d of %d frames before close; run "
+                    "`layerscope sync %s` to upload the rest",
+                    self.acked_seq,
+                    self.last_seq,
+                    self.spool.path,
+                )
+                return
+            self._acked.clear()
+            # Short waits so a first connection attempt that fails ends the wait early.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), min(left, 0.1))
+
+    # ---- the websocket session ----
+
+    async def _connection(self) -> None:
+        assert self.url is not None
+        while True:
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers=_headers(self.token),
+                    open_timeout=OPEN_TIMEOUT_S,
+                    close_timeout=1.0,
+                    max_size=wire.MAX_FRAME_BYTES,
+                ) as ws:
+                    await self._session(ws)
+                reason: str = "the server closed the connection"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            self.connected = False
+            self._failures += 1
+            if not self._outage_warned:
+                self._outage_warned = True
+                log.warning(
+                    "layerscope: no connection to %s (%s); training continues, frames are "
+                    "spooled to %s and resent on reconnect",
+                    self.url,
+                    reason,
+                    self.spool.path,
+                )
+            else:
+                log.debug("layerscope: reconnect to %s failed: %s", self.url, reason)
+            # Full jitter keeps many trainers from reconnecting in lockstep after a restart.
+            await asyncio.sleep(random.uniform(0.5, 1.0) * self._backoff_s)
+            self._backoff_s = min(BACKOFF_CAP_S, self._backoff_s * 2)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        hello = dict(self.hello, last_acked_seq=self.acked_seq, last_cmd_seq=self.max_cmd_seq)
+        await ws.send(wire.encode(hello))
+        welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
+        if welcome["type"] == "error":
+            raise LinkError(f"server refused the run: {welcome.get('message')}")
+        if welcome["type"] != "welcome":
+            raise LinkError(f"expected welcome, got {welcome['type']!r}")
+        acked = welcome.get("acked_seq", 0)
+        if isinstance(acked, bool) or not isinstance(acked, int) or acked < 0:
+            raise LinkError(f"welcome has a bad acked_seq {acked!r}")
+        if acked > self.last_seq:
+            log.warning(
+                "layerscope: the server already holds %d frames for run %s; this process's "
+                "frames repeat those seqs and will be ignored. Use a new run_id.",
+                acked,
+                self.hello["run_id"],
+            )
+        self._on_ack(acked)
+        self._sent = min(acked, self.last_seq)
+        self.connected = self.ever_connected = True
+        self._backoff_s = BACKOFF_FIRST_S
+        if self._outage_warned:
+            self._outage_warned = False
+            log.warning("layerscope: connected to %s; resending from seq %d", self.url, acked + 1)
+        tasks = [
+            asyncio.create_task(self._send_frames(ws)),
+            asyncio.create_task(self._receive(ws)),
+            asyncio.create_task(self._heartbeat(ws)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def _send_frames(self, ws: ClientConnection) -> None:
+        while True:
+            while self._sent < self.last_seq:
+                seq = self._sent + 1
+                text = self._frame_text(seq)
+                if text is not None:
+                    await ws.send(text)
+                self._sent = seq
+            self._new_frame.clear()
+            await self._new_frame.wait()
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                msg = wire.decode(raw)
+                kind = msg["type"]
+                if kind == "ack":
+                    seq = msg.get("seq")
+                    if isinstance(seq, int) and not isinstance(seq, bool):
+                        self._on_ack(seq)
+                elif kind == "command":
+                    command = wire.validate_command_frame(msg)
+                    self.max_cmd_seq = max(self.max_cmd_seq, command["cmd_seq"])
+                    self.on_command(command)
+                elif kind == "error":
+                    log.warning("layerscope: server says: %s", msg.get("message"))
+            except wire.WireError as exc:
+                log.warning("layerscope: ignored a bad frame from the server: %s", exc)
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        while True:
+            await ws.send(
+                wire.encode({"type": "heartbeat", "step": self.step, "status": self.status})
+            )
+            await asyncio.sleep(self.heartbeat_s)
+
+
+# ---- uploading a spool after the fact ----
+
+
+def _index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order."""
+    hello: dict[str, Any] | None = None
+    seen: dict[int, int] = {}
+    for offset, text in iter_records(path):
+        try:
+            frame = json.loads(text)
+        except json.JSONDecodeError:
+            log.warning("spool %s: record at offset %d is not JSON; skipped", path, offset)
+            continue
+        if not isinstance(frame, dict):
+            continue
+        if frame.get("type") == "hello":
+            hello = hello or frame
+            continue
+        seq = frame.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
+            seen.setdefault(seq, offset)
+    if hello is None:
+        raise ValueError(f"{path} has no hello record; it is not a layerscope spool")
+    return wire.validate_hello(hello), sorted(seen.items())
+
+
+def sync_spool(
+    path: str | Path, server: str, token: str | None = None, timeout_s: float = 60
+) -> int:
+    """Upload a spool to ``server``; returns how many of its frames the server acked.
+
+    Resume-safe: the server's welcome says what it already holds and only the rest is
+    sent; it dedupes by (run_id, seq) anyway. Raises ConnectionError if the server
+    cannot be reached at all and TimeoutError if it stops acking before ``timeout_s``.
+    """
+    path = Path(path)
+    hello, frames = _index_spool(path)
+    if not frames:
+        return 0
+    # The server acks the highest contiguous seq, so a seq lost to spool damage caps
+    # what it can confirm: wait for acks up to just before the first gap.
+    target = 0
+    for seq, _ in frames:
+        if seq != target + 1:
+            log.warning(
+                "spool %s: frame %d is missing; frames after it are sent but cannot be confirmed",
+                path,
+                target + 1,
+            )
+            break
+        target = seq
+    return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
+
+
+async def _upload(
+    path: Path,
+    hello: dict[str, Any],
+    frames: list[tuple[int, int]],
+    target: int,
+    url: str,
+    token: str | None,
+    timeout_s: float,
+) -> int:
+    deadline = time.monotonic() + timeout_s
+    acked = 0
+    connected_once = False
+    backoff = BACKOFF_FIRST_S
+    last_error = ""
+    reader = SpoolReader(path)
+
+    async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
+        # Read acks while sending: a client that only sends stops draining the socket,
+        # and a server blocked on sending acks may stop reading frames.
+        nonlocal acked
+        async for raw in ws:
+            msg = wire.decode(raw)
+            seq = msg.get("seq")
+            if msg["type"] == "ack" and isinstance(seq, int) and not isinstance(seq, bool):
+                acked = max(acked, seq)
+                if acked >= target:
+                    done.set()
+                    return
+            elif msg["type"] == "error":
+                log.warning("server says: %s", msg.get("message"))
+
+    try:
+        while acked < target and time.monotonic() < deadline:
+            try:
+                async with connect(
+                    url,
+                    additional_headers=_headers(token),
+                    open_timeout=OPEN_TIMEOUT_S,
+                    close_timeout=2.0,
+                    max_size=wire.MAX_FRAME_BYTES,
+                ) as ws:
+                    await ws.send(wire.encode(dict(hello, last_acked_seq=acked)))
+                    welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
+                    if welcome["type"] != "welcome":
+                        raise LinkError(f"server refused the upload: {welcome.get('message')}")
+                    connected_once = True
+                    acked = max(acked, int(welcome.get("acked_seq", 0)))
+                    if acked >= target:
+                        break
+                    done = asyncio.Event()
+                    receiver = asyncio.create_task(receive_acks(ws, done))
+                    try:
+                        for seq, offset in frames:
+                            if seq > acked:
+                                await ws.send(reader.read_at(offset))
+                        waiter = asyncio.create_task(done.wait())
+                        await asyncio.wait(
+                            [receiver, waiter],
+                            timeout=max(0.0, deadline - time.monotonic()),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        waiter.cancel()
+                    finally:
+                        receiver.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await receiver
+            except Exception as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                if not connected_once:
+                    raise ConnectionError(f"cannot upload to {url}: {last_error}") from exc
+            if acked < target:
+                await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
+                backoff = min(BACKOFF_CAP_S, backoff * 2)
+    finally:
+        reader.close()
+    if acked < target:
+        raise TimeoutError(
+            f"server acked {acked} of {target} frames within {timeout_s:g} s"
+            + (f" (last error: {last_error})" if last_error else "")
+        )
+    return sum(1 for seq, _ in frames if seq <= acked)

@@ -1,0 +1,81 @@
+"""app — ``create_app(settings)``: the FastAPI application and the lifespan that owns its parts.
+
+Owns: building the app from one Settings value; the lifespan that opens the
+Store, creates the Hub, Launcher and Ingest, puts them on ``app.state``
+(``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
+reverse order; the security middleware around everything; ``GET /healthz``.
+
+Never: reads settings or creates state at import time (tests build as many apps
+as they like, each on its own ``tmp_path``), or imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from layerscope.server import __version__, commands, hub, ingest, launcher
+from layerscope.server.security import SecurityMiddleware
+from layerscope.server.settings import Settings
+from layerscope.server.store import Store
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.data_dir, commit_interval_s=settings.commit_interval_s)
+        await store.open()
+        the_hub = hub.Hub(queue_frames=settings.viewer_queue_frames)
+        the_launcher = launcher.Launcher(settings, store, the_hub)
+        the_ingest = ingest.Ingest(settings, store, the_hub, exit_code=the_launcher.exit_code)
+        app.state.settings = settings
+        app.state.store = store
+        app.state.hub = the_hub
+        app.state.launcher = the_launcher
+        app.state.ingest = the_ingest
+        await the_ingest.start()
+        try:
+            yield
+        finally:
+            await the_launcher.close()
+            await the_ingest.close()
+            await the_hub.close()
+            await store.close()
+
+    app = FastAPI(
+        title="layerscope",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.settings = settings
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__}
+
+    app.include_router(ingest.router)
+    app.include_router(hub.router)
+    app.include_router(commands.router)
+    app.include_router(launcher.router)
+    for name in ("api", "pages"):
+        router = _router_of(f"layerscope.server.{name}")
+        if router is not None:
+            app.include_router(router)
+    app.add_middleware(SecurityMiddleware, settings=settings)
+    return app
+
+
+def _router_of(module: str) -> APIRouter | None:
+    """The read API and pages are built alongside; until a module exists, it is left out."""
+    try:
+        return importlib.import_module(module).router  # type: ignore[no-any-return]
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None

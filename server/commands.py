@@ -1,0 +1,122 @@
+"""commands — the control relay: a viewer's or script's command to the run's trainer (DESIGN §4).
+
+Owns: validating a command, refusing it when it cannot take effect (unknown run,
+run ended, no trainer connected), storing it with its origin (which gives it its
+``cmd_seq`` and puts it in the run's event log) and relaying it to the trainer
+socket; the viewer socket and ``POST /api/runs/{id}/commands`` share this path.
+
+Never: relays a command it has not stored first (a trainer that reconnects gets
+every stored command it has not applied, so storage is the source of truth),
+assigns a second ``cmd_seq`` to a repeated id, or reports a command as applied:
+the trainer's ``command_result`` event does that.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Request
+from layerscope.server.hub import Hub
+from layerscope.trainer import wire
+from starlette.requests import HTTPConnection
+
+RUN_FINISHED = "run finished"
+NO_TRAINER = "no trainer connected"
+
+
+class CommandRefused(Exception):
+    """A command that cannot be relayed; ``status`` is the HTTP status the API answers."""
+
+    def __init__(self, status: int, reason: str, cmd_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.cmd_id = cmd_id
+
+
+def command_frame(row: dict[str, Any]) -> dict[str, Any]:
+    """The server -> trainer ``command`` frame for a stored command row."""
+    return {
+        "type": "command",
+        "id": row["id"],
+        "cmd_seq": row["cmd_seq"],
+        "name": row["name"],
+        "args": row.get("args") or {},
+        "source": row.get("source", "user"),
+    }
+
+
+def origin_of(conn: HTTPConnection, channel: str) -> str:
+    """Who sent a command, as written to the event log: channel and client address."""
+    client = conn.client
+    where = f"{client.host}:{client.port}" if client else "unknown"
+    return f"{channel} {where}"
+
+
+async def relay_command(
+    store: Any, hub: Hub, run_id: str, body: dict[str, Any], *, origin: str
+) -> tuple[dict[str, Any], bool]:
+    """Validate, store and relay one command; returns (stored row, was it a repeat)."""
+    raw_id = body.get("id") if isinstance(body, dict) else None
+    cmd_id = raw_id if isinstance(raw_id, str) else None
+    run = store.run(run_id)
+    if run is None:
+        raise CommandRefused(404, f"run {run_id!r} not found", cmd_id)
+    try:
+        cmd = wire.validate_command(body)
+    except wire.WireError as exc:
+        raise CommandRefused(422, str(exc), cmd_id) from None
+    if run["status"] in wire.ENDED_STATUSES:
+        raise CommandRefused(409, RUN_FINISHED, cmd["id"])
+    if not hub.is_connected(run_id):
+        raise CommandRefused(409, NO_TRAINER, cmd["id"])
+    row, duplicate = await store.add_command(run_id, cmd, origin=origin)
+    # A repeated id is only reported: the first copy was relayed, and a trainer that
+    # reconnects before applying it gets it again in the welcome step.
+    if not duplicate:
+        hub.send_to_trainer(run_id, command_frame(row))
+    return row, duplicate
+
+
+async def relay_viewer_message(ws: HTTPConnection, run_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A viewer socket's message -> the reply for that viewer (never raises on bad input)."""
+    if data.get("type") != "command":
+        return {
+            "type": "error",
+            "message": f"unknown message type {data.get('type')!r}; a viewer sends only 'command'",
+        }
+    state = ws.app.state
+    try:
+        row, duplicate = await relay_command(
+            state.store, state.hub, run_id, data, origin=origin_of(ws, "viewer")
+        )
+    except CommandRefused as exc:
+        return {"type": "command_result", "id": exc.cmd_id, "ok": False, "reason": exc.reason}
+    return {
+        "type": "command_result",
+        "id": row["id"],
+        "cmd_seq": row["cmd_seq"],
+        "ok": True,
+        "pending": row.get("status") == "pending",
+        "duplicate": duplicate,
+        "status": row.get("status"),
+    }
+
+
+router = APIRouter()
+
+
+@router.post("/api/runs/{run_id}/commands", status_code=202)
+async def post_command(
+    request: Request, run_id: str, body: Annotated[dict[str, Any], Body()]
+) -> dict[str, Any]:
+    """Same path as the viewer socket: 202 relayed, 409 cannot take effect, 422 bad command."""
+    state = request.app.state
+    body = {**body, "source": body.get("source", "api")}
+    try:
+        row, duplicate = await relay_command(
+            state.store, state.hub, run_id, body, origin=origin_of(request, "api")
+        )
+    except CommandRefused as exc:
+        raise HTTPException(exc.status, exc.reason) from None
+    return {"id": row["id"], "cmd_seq": row["cmd_seq"], "duplicate": duplicate}

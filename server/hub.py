@@ -1,0 +1,383 @@
+"""hub — who is connected, and the fan-out of live frames to viewers (DESIGN §1, STYLE item 6).
+
+Owns: the registry of trainer connections (one per run; ``is_connected``), the
+per-run record of which seqs were already broadcast (a frame resent after a
+reconnect is not shown twice), a short per-run window of recent frames (covering
+the ones received but not yet committed when a viewer joins), and one bounded
+queue plus one sender task per viewer, including the ``/ws/runs/{run_id}`` socket.
+
+Never: awaits a viewer while broadcasting (``publish`` only appends), lets one
+slow viewer delay the trainer or another viewer, or silently drops a metrics or
+event frame: probe frames coalesce (newest wins) for a viewer that is behind; a
+viewer whose queue still overflows is closed with 1013 and reconnects with
+``?after_seq=N`` to get every stored frame it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any, Protocol
+
+from fastapi import APIRouter, WebSocket
+from layerscope.trainer import wire
+from starlette.concurrency import run_in_threadpool
+
+log = logging.getLogger("layerscope.hub")
+
+COALESCE_AFTER = 16  # a viewer this many frames behind keeps only the newest probe frame
+RECENT_FRAMES = 512  # per run: covers frames received but not yet committed when a viewer joins
+CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
+SLOW_VIEWER_REASON = "viewer too slow; reconnect with after_seq"
+
+
+def close_reason(text: str) -> str:
+    """A websocket close reason is at most 123 bytes of UTF-8."""
+    return text.encode()[:120].decode(errors="ignore")
+
+
+class TrainerPeer(Protocol):
+    """What the hub needs of a trainer connection (ingest.TrainerLink implements it)."""
+
+    def send(self, message: dict[str, Any]) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class _Item:
+    """One outbound frame, encoded at most once however many viewers get it."""
+
+    __slots__ = ("seq", "kind", "_message", "_text")
+
+    def __init__(self, seq: int | None, kind: str, message: dict[str, Any]) -> None:
+        self.seq = seq
+        self.kind = kind
+        self._message = message
+        self._text: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = wire.encode(self._message)
+        return self._text
+
+
+class _SeqSet:
+    """Seqs seen for one run: a contiguous floor plus the few above it."""
+
+    __slots__ = ("floor", "above")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.above: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        if seq <= self.floor or seq in self.above:
+            return False
+        self.above.add(seq)
+        while self.floor + 1 in self.above:
+            self.floor += 1
+            self.above.discard(self.floor)
+        return True
+
+    def raise_floor(self, seq: int) -> None:
+        if seq > self.floor:
+            self.floor = seq
+            self.above = {s for s in self.above if s > seq}
+            while self.floor + 1 in self.above:
+                self.floor += 1
+                self.above.discard(self.floor)
+
+
+class Viewer:
+    """One browser socket: a bounded queue drained by its own sender task."""
+
+    def __init__(self, hub: Hub, ws: WebSocket, run_id: str, bound: int) -> None:
+        self.hub = hub
+        self.ws = ws
+        self.run_id = run_id
+        self.bound = max(bound, COALESCE_AFTER + 1)
+        self.queue: deque[_Item] = deque()
+        self.wake = asyncio.Event()
+        self.done = asyncio.Event()
+        self.pending_probe: _Item | None = None
+        self.closing = False
+        self.floor = 0
+        self.skip: frozenset[int] = frozenset()
+        self.backlog: list[_Item] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def offer(self, item: _Item) -> None:
+        """Never blocks. Coalesces probes when behind; overflows -> close 1013."""
+        if self.closing:
+            return
+        if (
+            item.kind == "probe"
+            and self.pending_probe is not None
+            and len(self.queue) >= COALESCE_AFTER
+        ):
+            with contextlib.suppress(ValueError):  # O(queue), and the queue is bounded
+                self.queue.remove(self.pending_probe)
+            self.pending_probe = None
+        elif len(self.queue) >= self.bound:
+            self.drop(wire.CLOSE_TRY_AGAIN, SLOW_VIEWER_REASON)
+            return
+        self.queue.append(item)
+        if item.kind == "probe":
+            self.pending_probe = item
+        self.wake.set()
+
+    def send_direct(self, message: dict[str, Any]) -> None:
+        """A reply to this viewer alone (command_result, error), in order with the live frames."""
+        self.offer(_Item(None, "direct", message))
+
+    def start(self, first: dict[str, Any], *, floor: int, skip: frozenset[int]) -> None:
+        """Send ``first`` (snapshot or catchup), then the frames it does not already hold."""
+        self.floor = floor
+        self.skip = skip
+        head = [_Item(None, "direct", first)]
+        head += [i for i in self.backlog if not self._covered(i)]
+        self.backlog = []
+        self.queue.extendleft(reversed(head))
+        self.wake.set()
+        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    def _covered(self, item: _Item) -> bool:
+        return item.seq is not None and (item.seq <= self.floor or item.seq in self.skip)
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                if not self.queue:
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                item = self.queue.popleft()
+                if item is self.pending_probe:
+                    self.pending_probe = None
+                if self._covered(item):
+                    continue
+                await self.ws.send_text(item.text)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket went away under us: the handler sees the disconnect
+            self.closing = True
+            self.done.set()
+
+    def drop(self, code: int, reason: str) -> None:
+        """Stop sending and close; safe to call from a broadcast (schedules, never awaits)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.queue.clear()
+        self.pending_probe = None
+        self.hub.remove_viewer(self)
+        self.hub.spawn(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sender
+        # Already closed, or the peer reads nothing: the handler returns either way.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code, close_reason(reason)), CLOSE_TIMEOUT_S)
+        self.done.set()
+
+    async def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sender
+
+
+class Hub:
+    def __init__(self, *, queue_frames: int = 512) -> None:
+        self.queue_frames = queue_frames
+        self.trainers: dict[str, TrainerPeer] = {}
+        self._viewers: dict[str, set[Viewer]] = {}
+        self._seen: dict[str, _SeqSet] = {}
+        self._recent: dict[str, deque[_Item]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- trainers ----
+
+    def is_connected(self, run_id: str) -> bool:
+        return run_id in self.trainers
+
+    def attach_trainer(self, run_id: str, peer: TrainerPeer) -> TrainerPeer | None:
+        """Register ``peer`` as the run's trainer; returns the one it replaces."""
+        old = self.trainers.get(run_id)
+        self.trainers[run_id] = peer
+        return old
+
+    def detach_trainer(self, run_id: str, peer: TrainerPeer) -> bool:
+        if self.trainers.get(run_id) is peer:
+            del self.trainers[run_id]
+            return True
+        return False
+
+    def send_to_trainer(self, run_id: str, message: dict[str, Any]) -> bool:
+        peer = self.trainers.get(run_id)
+        if peer is None:
+            return False
+        peer.send(message)
+        return True
+
+    # ---- frames ----
+
+    def mark_stored(self, run_id: str, seq: int) -> None:
+        """Seqs up to ``seq`` are stored (and were shown when they arrived): never rebroadcast."""
+        self._seen.setdefault(run_id, _SeqSet()).raise_floor(seq)
+
+    def publish(self, run_id: str, frame: dict[str, Any]) -> bool:
+        """Fan a trainer frame (with seq) out to the run's viewers; False if already shown."""
+        seq = int(frame["seq"])
+        if not self._seen.setdefault(run_id, _SeqSet()).add(seq):
+            return False
+        item = _Item(seq, str(frame["type"]), {**frame, "run_id": run_id})
+        recent = self._recent.get(run_id)
+        if recent is None:
+            recent = self._recent[run_id] = deque(maxlen=RECENT_FRAMES)
+        recent.append(item)
+        for viewer in list(self._viewers.get(run_id, ())):
+            viewer.offer(item)
+        return True
+
+    def publish_status(self, run_id: str, status: str, **extra: Any) -> None:
+        message = {
+            "type": "status",
+            "run_id": run_id,
+            "status": status,
+            "trainer_connected": self.is_connected(run_id),
+            **extra,
+        }
+        item = _Item(None, "status", message)
+        for viewer in list(self._viewers.get(run_id, ())):
+            viewer.offer(item)
+
+    def forget_recent(self, run_id: str) -> None:
+        """Called once a run's trainer is gone and its frames are committed."""
+        self._recent.pop(run_id, None)
+
+    # ---- viewers ----
+
+    def add_viewer(self, run_id: str, ws: WebSocket) -> Viewer:
+        """Registers before the snapshot is read, so no frame falls between the two."""
+        viewer = Viewer(self, ws, run_id, self.queue_frames)
+        viewer.backlog = list(self._recent.get(run_id, ()))
+        self._viewers.setdefault(run_id, set()).add(viewer)
+        return viewer
+
+    def remove_viewer(self, viewer: Viewer) -> None:
+        viewers = self._viewers.get(viewer.run_id)
+        if viewers is not None:
+            viewers.discard(viewer)
+            if not viewers:
+                del self._viewers[viewer.run_id]
+
+    def viewer_count(self, run_id: str | None = None) -> int:
+        if run_id is not None:
+            return len(self._viewers.get(run_id, ()))
+        return sum(len(v) for v in self._viewers.values())
+
+    async def close(self) -> None:
+        for viewers in list(self._viewers.values()):
+            for viewer in list(viewers):
+                viewer.drop(1001, "server shutting down")
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S + 1)
+        for task in tasks:
+            task.cancel()
+
+
+# ---- the viewer socket ----
+
+router = APIRouter()
+
+
+def _after_seq(ws: WebSocket) -> int | None:
+    raw = ws.query_params.get("after_seq")
+    if raw is None or raw == "":
+        return None
+    value = int(raw)  # ValueError is reported by the caller
+    if value < 0:
+        raise ValueError(raw)
+    return value
+
+
+@router.websocket("/ws/runs/{run_id}")
+async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
+    """Snapshot (or catch-up), then live frames; the viewer may send commands."""
+    from layerscope.server.commands import relay_viewer_message
+
+    state = websocket.app.state
+    hub: Hub = state.hub
+    store = state.store
+    await websocket.accept()
+    try:
+        after_seq = _after_seq(websocket)
+    except ValueError:
+        await websocket.close(wire.CLOSE_POLICY, "after_seq must be a non-negative integer")
+        return
+    run = store.run(run_id)
+    if run is None:
+        await websocket.close(wire.CLOSE_POLICY, close_reason(f"run {run_id!r} not found"))
+        return
+    viewer = hub.add_viewer(run_id, websocket)
+    try:
+        if after_seq is None:
+            snap = await run_in_threadpool(store.snapshot, run_id)
+            connected = hub.is_connected(run_id)
+            if isinstance(snap.get("run"), dict):
+                snap["run"]["trainer_connected"] = connected
+            first = {**snap, "type": "snapshot", "run_id": run_id, "trainer_connected": connected}
+            viewer.start(first, floor=int(snap.get("last_seq") or 0), skip=frozenset())
+        else:
+            frames = await run_in_threadpool(store.frames_after, run_id, after_seq)
+            first = {
+                "type": "catchup",
+                "run_id": run_id,
+                "frames": [{**f, "run_id": run_id} for f in frames],
+            }
+            seqs = frozenset(int(f["seq"]) for f in frames)
+            viewer.start(first, floor=after_seq, skip=seqs)
+        reader = asyncio.create_task(_read_viewer(websocket, viewer, relay_viewer_message))
+        dropped = asyncio.create_task(viewer.done.wait())
+        await asyncio.wait({reader, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reader, dropped):
+            task.cancel()
+        await asyncio.gather(reader, dropped, return_exceptions=True)
+    finally:
+        hub.remove_viewer(viewer)
+        await viewer.stop()
+
+
+async def _read_viewer(ws: WebSocket, viewer: Viewer, relay: Any) -> None:
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is None:
+            viewer.drop(wire.CLOSE_UNSUPPORTED, "binary frames are not accepted; send JSON text")
+            return
+        try:
+            data = wire.decode(text)
+        except wire.WireError as exc:
+            if exc.close_code is not None:
+                viewer.drop(exc.close_code, str(exc))
+                return
+            viewer.send_direct({"type": "error", "message": str(exc)})
+            continue
+        viewer.send_direct(await relay(ws, viewer.run_id, data))

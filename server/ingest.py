@@ -1,0 +1,296 @@
+"""ingest — the trainer socket ``/ws/trainer`` and run liveness (DESIGN §5, http_api.md).
+
+Owns: the hello/welcome handshake (with the resend of stored commands the
+trainer has not seen), validating every frame, batching frames into the store
+while the socket keeps being read, acking the highest contiguous committed seq
+after each commit, handing new frames to the hub as they arrive, one trainer
+connection per run (a newer one replaces the older), and deciding that a run
+whose trainer went silent is ``lost`` (or ``failed``, when its launched process
+exited non-zero).
+
+Never: acks a frame before the commit that holds it, awaits one commit per
+frame, crashes on a bad frame (it answers an error or closes with the frame's
+close code), or stores a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from layerscope.server.commands import command_frame
+from layerscope.server.hub import Hub, close_reason
+from layerscope.server.settings import Settings
+from layerscope.trainer import wire
+
+log = logging.getLogger("layerscope.ingest")
+
+MAX_UNCOMMITTED = 4096  # frames read but not yet committed; past this the socket is not read
+CLOSE_SERVER_ERROR = 1011
+LIVE_STATUSES = frozenset({"starting", "running", "paused"})
+
+
+class TrainerLink:
+    """One trainer connection: outbound messages go through a queue and one writer task."""
+
+    def __init__(self, ws: WebSocket, run_id: str, client: str) -> None:
+        self.ws = ws
+        self.run_id = run_id
+        self.client = client
+        self.last_seen = asyncio.get_running_loop().time()
+        self.closed = False
+        self._out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self._out.put_nowait(message)
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                message = await self._out.get()
+                await self.ws.send_text(wire.encode(message))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the socket is gone; the reader sees the disconnect
+            self.closed = True
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):  # already closing from the other side
+            await self.ws.close(code, close_reason(reason))
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+
+class _Committer:
+    """Frames read from one connection, committed in batches while reading goes on."""
+
+    def __init__(self, store: Any, run_id: str, link: TrainerLink) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.link = link
+        self.pending: list[dict[str, Any]] = []
+        self.wake = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.finishing = False
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    def add(self, frame: dict[str, Any]) -> None:
+        self.pending.append(frame)
+        if len(self.pending) >= MAX_UNCOMMITTED:
+            self.room.clear()
+        self.wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if not self.pending:
+                if self.finishing:
+                    return
+                continue
+            batch, self.pending = self.pending, []
+            self.room.set()
+            try:
+                acked = await self.store.append(self.run_id, batch)
+            except Exception:
+                log.exception("storing frames for run %s failed", self.run_id)
+                self.room.set()
+                # Nothing in the batch was acked, so the trainer resends it after reconnecting.
+                await self.link.close(CLOSE_SERVER_ERROR, "server could not store frames; reconnect")
+                return
+            self.link.send({"type": "ack", "seq": acked})
+            self.wake.set()
+
+    async def finish(self) -> None:
+        """Commit what was read (the trainer may be gone, but its frames are kept)."""
+        self.finishing = True
+        self.wake.set()
+        await self.task
+
+
+class Ingest:
+    """The trainer side of the server; one per app, on ``app.state.ingest``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Any,
+        hub: Hub,
+        exit_code: Callable[[str], int | None] = lambda run_id: None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.exit_code = exit_code
+        self._deadlines: dict[str, float] = {}  # run -> when it is lost without a trainer
+        self._watch: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Runs left live by a previous server get ``reconnect_grace_s`` to come back."""
+        now = asyncio.get_running_loop().time()
+        for run_id in self.store.runs_with_status(set(LIVE_STATUSES)):
+            self._deadlines[run_id] = now + self.settings.reconnect_grace_s
+        self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    def expect_reconnect(self, run_id: str, within_s: float) -> None:
+        self._deadlines[run_id] = asyncio.get_running_loop().time() + within_s
+
+    # ---- liveness ----
+
+    async def _watch_loop(self) -> None:
+        timeout = self.settings.heartbeat_timeout_s
+        period = min(0.5, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._check_liveness(timeout)
+            except Exception:  # a failed check must not end the watchdog
+                log.exception("liveness check failed")
+
+    async def _check_liveness(self, timeout: float) -> None:
+        now = asyncio.get_running_loop().time()
+        for run_id, peer in list(self.hub.trainers.items()):
+            if isinstance(peer, TrainerLink) and now - peer.last_seen > timeout:
+                await self.mark_gone(run_id, f"trainer silent for {timeout:g} s")
+                await peer.close(CLOSE_SERVER_ERROR, "no heartbeat; reconnect")
+        for run_id, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                del self._deadlines[run_id]
+                if not self.hub.is_connected(run_id):
+                    await self.mark_gone(run_id, f"no trainer connection for {timeout:g} s")
+
+    async def mark_gone(self, run_id: str, why: str) -> None:
+        """lost, or failed when the launched trainer process exited non-zero."""
+        run = self.store.run(run_id)
+        if run is None or run["status"] in wire.ENDED_STATUSES:
+            return
+        code = self.exit_code(run_id)
+        if code not in (None, 0):
+            status, why = "failed", f"trainer process exited with code {code}"
+        else:
+            status = "lost"
+        await self.store.set_status(run_id, status, reason=why)
+        self.hub.publish_status(run_id, status, reason=why)
+
+    # ---- the socket ----
+
+    async def serve(self, ws: WebSocket) -> None:
+        client = f"{ws.client.host}:{ws.client.port}" if ws.client else "unknown"
+        await ws.accept()
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            hello = wire.parse_trainer_frame(_payload(message))
+        except wire.WireError as exc:
+            await ws.close(exc.close_code or wire.CLOSE_POLICY, close_reason(f"bad hello: {exc}"))
+            return
+        if hello["type"] != "hello":
+            reason = f"send hello first; got {hello['type']!r}"
+            await ws.close(wire.CLOSE_POLICY, reason)
+            return
+        run_id = hello["run_id"]
+        try:
+            acked = await self.store.hello(hello)
+        except Exception:
+            log.exception("hello for run %s failed", run_id)
+            await ws.close(CLOSE_SERVER_ERROR, "server could not record hello; reconnect")
+            return
+        link = TrainerLink(ws, run_id, client)
+        # From here to start() nothing awaits: a command stored meanwhile is relayed to this
+        # link after the resend below (possibly twice; the trainer applies a cmd_seq once).
+        old = self.hub.attach_trainer(run_id, link)
+        self._deadlines.pop(run_id, None)
+        self.hub.mark_stored(run_id, acked)
+        run = self.store.run(run_id) or {}
+        status = str(run.get("status", "running"))
+        link.send({"type": "welcome", "run_id": run_id, "acked_seq": acked, "status": status})
+        for row in self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"]):
+            link.send(command_frame(row))
+        link.start()
+        if old is not None:
+            self.hub.spawn(old.close(wire.CLOSE_POLICY, "replaced by a newer connection for this run"))
+        self.hub.publish_status(run_id, status)
+        committer = _Committer(self.store, run_id, link)
+        try:
+            await self._read_frames(link, committer)
+        finally:
+            await committer.finish()
+            await link.stop()
+            if self.hub.detach_trainer(run_id, link):
+                self.hub.forget_recent(run_id)
+                run = self.store.run(run_id) or {}
+                status = str(run.get("status", "lost"))
+                if status not in wire.ENDED_STATUSES:
+                    self.expect_reconnect(run_id, self.settings.heartbeat_timeout_s)
+                self.hub.publish_status(run_id, status)
+
+    async def _read_frames(self, link: TrainerLink, committer: _Committer) -> None:
+        ws, run_id = link.ws, link.run_id
+        loop = asyncio.get_running_loop()
+        while not link.closed:
+            await committer.room.wait()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            link.last_seen = loop.time()
+            try:
+                frame = wire.parse_trainer_frame(_payload(message))
+            except wire.WireError as exc:
+                if exc.close_code is not None:
+                    await link.close(exc.close_code, str(exc))
+                    return
+                link.send({"type": "error", "message": str(exc)})
+                continue
+            kind = frame["type"]
+            if kind == "heartbeat":
+                continue
+            if kind == "hello":
+                link.send({"type": "error", "message": "hello already received on this connection"})
+                continue
+            committer.add(frame)
+            if self.hub.publish(run_id, frame) and kind == "event" and frame["kind"] == "status":
+                status = frame["data"].get("status")
+                if status in wire.RUN_STATUSES:
+                    self.hub.publish_status(run_id, status)
+
+
+def _payload(message: MutableMapping[str, Any]) -> str | bytes:
+    text = message.get("text")
+    if text is not None:
+        return str(text)
+    return bytes(message.get("bytes") or b"")
+
+
+router = APIRouter()
+
+
+@router.websocket("/ws/trainer")
+async def trainer_socket(websocket: WebSocket) -> None:
+    await websocket.app.state.ingest.serve(websocket)

@@ -1,0 +1,252 @@
+"""launcher — built-in runs started from the dashboard, as child processes (DESIGN §1).
+
+Owns: ``POST /api/runs`` (validate an experiment config, cap concurrent launches,
+create the run, spawn ``python -m layerscope.trainer train`` with the trainer
+token and its output in ``runs/<id>/trainer.log``), ``POST /api/runs/{id}/stop``
+(the ``stop`` command, then SIGTERM, then SIGKILL), reaping every child (a
+non-zero exit of a run that has not ended marks it ``failed`` with the log
+tail), and terminating children when the server shuts down.
+
+Never: imports torch or trainer code beyond ``wire`` (the child does the
+training), blocks the event loop on a child, or leaves a child unreaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Request
+from layerscope.server.commands import CommandRefused, origin_of, relay_command
+from layerscope.server.hub import Hub
+from layerscope.server.settings import Settings
+from layerscope.trainer import wire
+
+log = logging.getLogger("layerscope.launcher")
+
+STOP_GRACE_S = 10.0  # after `stop`, the trainer gets this long to finish its step and exit
+TERM_GRACE_S = 5.0  # after SIGTERM, this long before SIGKILL
+LOG_TAIL_LINES = 20
+
+
+class LaunchRefused(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class Child:
+    run_id: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    stopping: bool = False
+    reaper: asyncio.Task[None] | None = None
+    stopper: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def run_id_for(name: str | None) -> str:
+    """``'demo: digits mlp'`` -> ``'demo-digits-mlp-3fa2c1'``: readable, unique, URL-safe."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (name or "run").lower()).strip("-")[:40] or "run"
+    return f"{slug}-{wire.new_id()[:6]}"
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("r", errors="replace") as f:
+            return "".join(deque(f, maxlen=lines)).strip()
+    except OSError:
+        return ""
+
+
+class Launcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Any,
+        hub: Hub,
+        *,
+        stop_grace_s: float = STOP_GRACE_S,
+        term_grace_s: float = TERM_GRACE_S,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.stop_grace_s = stop_grace_s
+        self.term_grace_s = term_grace_s
+        self.port = settings.port  # the bound port; serving sets it before the first launch
+        self.children: dict[str, Child] = {}
+        self.exit_codes: dict[str, int] = {}
+
+    def exit_code(self, run_id: str) -> int | None:
+        return self.exit_codes.get(run_id)
+
+    def command_line(self, config_path: Path, run_id: str, run_dir: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "layerscope.trainer",
+            "train",
+            "--config",
+            str(config_path),
+            "--run-id",
+            run_id,
+            "--server",
+            f"ws://127.0.0.1:{self.port}/ws/trainer",
+            "--no-progress",
+            "--run-dir",
+            str(run_dir),
+        ]
+
+    async def launch(self, body: Any) -> str:
+        try:
+            config = wire.validate_experiment(body)
+        except wire.ExperimentError as exc:
+            raise LaunchRefused(422, exc.errors) from None
+        running = sum(1 for c in self.children.values() if c.process.returncode is None)
+        if running >= self.settings.max_launched:
+            raise LaunchRefused(
+                429,
+                f"{running} launched runs are already running (limit {self.settings.max_launched}); "
+                "stop one first",
+            )
+        run_id = run_id_for(config.get("name"))
+        run_dir = self.settings.data_dir / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        name = str(config.get("name") or run_id)
+        await self.store.create_run(run_id, name, config, status="starting", launched=True)
+        env = dict(os.environ)
+        env.pop("LAYERSCOPE_TRAINER_TOKEN", None)
+        if self.settings.trainer_token:
+            env["LAYERSCOPE_TRAINER_TOKEN"] = self.settings.trainer_token
+        log_path = run_dir / "trainer.log"
+        with log_path.open("ab") as out:
+            process = await asyncio.create_subprocess_exec(
+                *self.command_line(config_path, run_id, run_dir),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=str(run_dir),
+                start_new_session=True,  # a Ctrl-C in the server's terminal is the server's to handle
+            )
+        child = Child(run_id, process, log_path)
+        child.reaper = asyncio.get_running_loop().create_task(self._reap(child))
+        self.children[run_id] = child
+        self.hub.publish_status(run_id, "starting")
+        return run_id
+
+    async def _reap(self, child: Child) -> None:
+        code = await child.process.wait()
+        self.exit_codes[child.run_id] = code
+        self.children.pop(child.run_id, None)
+        run = self.store.run(child.run_id)
+        if run is None or run["status"] in wire.ENDED_STATUSES:
+            return
+        if child.stopping:
+            status, reason = "stopped", "stopped from the dashboard"
+        elif code != 0:
+            tail = log_tail(child.log_path)
+            status, reason = "failed", f"trainer exited with code {code}\n{tail}".strip()
+        else:
+            return  # a clean exit without a final status: liveness marks it lost if it stays away
+        try:
+            await self.store.set_status(child.run_id, status, reason=reason)
+        except Exception:
+            log.exception("could not record the end of run %s", child.run_id)
+            return
+        self.hub.publish_status(child.run_id, status, reason=reason)
+
+    async def stop(self, run_id: str, *, origin: str) -> str:
+        """Ask the trainer to stop; a launched child is terminated if it does not."""
+        run = self.store.run(run_id)
+        if run is None:
+            raise LaunchRefused(404, f"run {run_id!r} not found")
+        child = self.children.get(run_id)
+        if run["status"] in wire.ENDED_STATUSES and child is None:
+            raise LaunchRefused(409, f"run {run_id!r} has already ended ({run['status']})")
+        if child is None and not self.hub.is_connected(run_id):
+            raise LaunchRefused(409, f"run {run_id!r} has no trainer connected to stop")
+        if self.hub.is_connected(run_id):
+            try:
+                await relay_command(
+                    self.store, self.hub, run_id, {"name": "stop", "source": "api"}, origin=origin
+                )
+            except CommandRefused as exc:
+                if child is None:
+                    raise LaunchRefused(exc.status, exc.reason) from None
+        if child is not None and child.stopper is None:
+            child.stopping = True
+            child.stopper = asyncio.get_running_loop().create_task(self._terminate(child))
+        return "stopping"
+
+    async def _terminate(self, child: Child, grace_s: float | None = None) -> None:
+        """Wait for a clean exit, then SIGTERM, then SIGKILL; the reaper records the end."""
+        process = child.process
+        for sig, wait_s in (
+            (None, self.stop_grace_s if grace_s is None else grace_s),
+            (signal.SIGTERM, self.term_grace_s),
+            (signal.SIGKILL, None),
+        ):
+            if process.returncode is not None:
+                break
+            if sig is not None:
+                try:
+                    process.send_signal(sig)
+                except ProcessLookupError:
+                    break
+            if wait_s is None:
+                await process.wait()
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), wait_s)
+                break
+            except TimeoutError:
+                continue
+        if child.reaper is not None:
+            await child.reaper
+
+    async def close(self) -> None:
+        """Server shutdown: every child is terminated and reaped."""
+        children = list(self.children.values())
+        for child in children:
+            child.stopping = True
+        await asyncio.gather(
+            *(self._terminate(c, grace_s=0.0) for c in children), return_exceptions=True
+        )
+
+
+router = APIRouter()
+
+
+@router.post("/api/runs", status_code=201)
+async def launch_run(request: Request, body: Annotated[Any, Body()]) -> dict[str, Any]:
+    """Launch a built-in experiment; 422 lists every bad field as {loc, msg}."""
+    launcher: Launcher = request.app.state.launcher
+    try:
+        run_id = await launcher.launch(body)
+    except LaunchRefused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    return {"id": run_id, "status": "starting"}
+
+
+@router.post("/api/runs/{run_id}/stop", status_code=202)
+async def stop_run(request: Request, run_id: str) -> dict[str, Any]:
+    launcher: Launcher = request.app.state.launcher
+    try:
+        status = await launcher.stop(run_id, origin=origin_of(request, "api"))
+    except LaunchRefused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
+    return {"id": run_id, "status": status}

@@ -1,0 +1,217 @@
+"""security — the checks every request and websocket passes before any route sees it (DESIGN §7).
+
+Owns: the ``Host`` check on every HTTP request and websocket (DNS-rebinding
+defence), the ``Origin`` check on every websocket before it is accepted (and on
+state-changing HTTP requests), and the two tokens: the trainer token opens only
+``/ws/trainer``, the viewer token opens everything else. A ``?token=`` page load
+sets the viewer cookie so the browser's later requests and websockets carry it.
+
+Never: accepts a websocket before the checks pass, compares tokens with ``==``
+(timing), or lets one token stand in for the other.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs, urlsplit
+
+from layerscope.server.settings import Settings
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+COOKIE_NAME = "layerscope_token"
+TRAINER_PATH = "/ws/trainer"
+OPEN_PATHS = frozenset({"/healthz"})  # the compose health probe carries no token
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Denied(Exception):
+    """A request the checks refuse; the message tells the client what to fix."""
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def allowed_host_names(settings: Settings) -> frozenset[str]:
+    """Host names (lower case, IPv6 bracketed) a request may address this server by."""
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    if settings.host not in WILDCARD_HOSTS:
+        names.add(_bracket(settings.host.lower()))
+    return frozenset(names)
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """``'[::1]:8765'`` -> ``('[::1]', 8765)``; a missing or bad port -> ``None``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value.partition("]")
+        name += "]"
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port_text = value.partition(":")
+    try:
+        port = int(port_text) if port_text else None
+    except ValueError:
+        port = None
+    return name, port
+
+
+def token_matches(presented: str | None, expected: str) -> bool:
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class Guard:
+    """The checks, pure functions of the settings and the request's headers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host_names = allowed_host_names(settings)
+        self.any_host = settings.host in WILDCARD_HOSTS
+        self.extra_origins = frozenset(o.rstrip("/").lower() for o in settings.allowed_origins)
+
+    def check_host(self, host_header: str | None) -> str:
+        """The validated Host value; raises Denied otherwise."""
+        if not host_header:
+            raise Denied("missing Host header")
+        name, port = split_host(host_header)
+        expected_port = self.settings.port
+        port_ok = port == expected_port or (port is None and expected_port == 80)
+        # A wildcard bind is reached by addresses we cannot list; the tokens it requires guard it.
+        if not port_ok or (not self.any_host and name not in self.host_names):
+            raise Denied(
+                f"Host {host_header!r} is not this server; use http://127.0.0.1:{expected_port}/"
+            )
+        return host_header.strip().lower()
+
+    def check_origin(self, origin: str | None, host: str) -> None:
+        """An absent Origin is a non-browser client (a trainer, a script) and is allowed."""
+        if origin is None:
+            return
+        normal = origin.strip().rstrip("/").lower()
+        if normal in self.extra_origins:
+            return
+        parts = urlsplit(normal)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            name, port = split_host(parts.netloc)
+            if port is None:
+                port = 443 if parts.scheme == "https" else 80
+            if port == self.settings.port and (
+                name in self.host_names or f"{name}:{port}" == host or name == split_host(host)[0]
+            ):
+                return
+        raise Denied(
+            f"Origin {origin!r} may not use this server; start it with --allow-origin {origin}"
+        )
+
+    def check_token(self, path: str, presented: Iterable[str | None]) -> None:
+        if path in OPEN_PATHS:
+            return
+        trainer = path == TRAINER_PATH
+        expected = self.settings.trainer_token if trainer else self.settings.viewer_token
+        if not expected:
+            return
+        if any(token_matches(p, expected) for p in presented):
+            return
+        if trainer:
+            raise Denied("trainer token missing or wrong; set LAYERSCOPE_TRAINER_TOKEN")
+        raise Denied("viewer token missing or wrong; open the dashboard with ?token=<token>")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    # Last value wins, as in Starlette; the raw list keeps duplicates we do not need.
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def presented_tokens(headers: dict[str, str], query: dict[str, list[str]]) -> list[str | None]:
+    tokens: list[str | None] = list(query.get("token", []))
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        tokens.append(auth[7:].strip())
+    if "cookie" in headers:
+        cookie: SimpleCookie = SimpleCookie()
+        try:
+            cookie.load(headers["cookie"])
+        except Exception:  # a malformed Cookie header is the client's problem, not a 500
+            cookie = SimpleCookie()
+        if COOKIE_NAME in cookie:
+            tokens.append(cookie[COOKIE_NAME].value)
+    return tokens
+
+
+class SecurityMiddleware:
+    """Pure ASGI middleware (BaseHTTPMiddleware cannot see websockets)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.guard = Guard(settings)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        path: str = scope.get("path", "")
+        try:
+            host = self.guard.check_host(headers.get("host"))
+            if kind == "websocket" or scope.get("method", "GET") not in SAFE_METHODS:
+                self.guard.check_origin(headers.get("origin"), host)
+            self.guard.check_token(path, presented_tokens(headers, query))
+        except Denied as exc:
+            if kind == "websocket":
+                await _deny_websocket(scope, send, str(exc))
+            else:
+                await _deny_http(send, str(exc))
+            return
+        viewer_token = self.guard.settings.viewer_token
+        if kind == "http" and viewer_token and path != TRAINER_PATH and query.get("token"):
+            await self.app(scope, receive, _with_cookie(send, viewer_token))
+            return
+        await self.app(scope, receive, send)
+
+
+def _with_cookie(send: Send, token: str) -> Send:
+    cookie = f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/"
+
+    async def send_with_cookie(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+        await send(message)
+
+    return send_with_cookie
+
+
+async def _deny_http(send: Send, reason: str) -> None:
+    body = json.dumps({"detail": reason}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _deny_websocket(scope: Scope, send: Send, reason: str) -> None:
+    """Refuse before accept: an HTTP 403 with the reason in the body where the server
+    supports it (uvicorn does), else a plain close, which uvicorn also turns into 403."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps({"detail": reason}).encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 403,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})

@@ -1,0 +1,180 @@
+"""serving — run the app under uvicorn: ``layerscope serve`` and ``layerscope demo``.
+
+Owns: binding the listening socket before the app is built (so ``--port 0``
+yields the real port everywhere: the Host check, the launcher's trainer URL, the
+printed dashboard URL), the uvicorn configuration (websocket frame limit,
+keepalive pings, graceful shutdown), Ctrl-C/SIGTERM handling, and the demo:
+server plus one built-in run, both stopped together.
+
+Never: leaves a launched trainer running after a clean shutdown, or prints a
+URL before the server accepts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from contextlib import contextmanager
+from urllib.parse import quote
+
+import uvicorn
+from fastapi import FastAPI
+from layerscope.server.app import create_app
+from layerscope.server.settings import Settings
+from layerscope.trainer import wire
+
+WS_PING_INTERVAL_S = 10.0  # a viewer that stops answering pings is dropped after interval + timeout
+WS_PING_TIMEOUT_S = 10.0
+GRACEFUL_SHUTDOWN_S = 5
+# uvicorn refuses bigger frames itself (close 1009); between the two, wire.decode names the limit.
+WS_MAX_SIZE = 4 * wire.MAX_FRAME_BYTES
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen on host:port (port 0 picks a free one) before the app needs to know it."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bare, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with signal handling that ends in a clean return, not a re-raised signal."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+                pass
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, FastAPI]:
+    """The uvicorn server, its bound socket, settings with the real port, and the app."""
+    sock = bind_socket(settings.host, settings.port)
+    settings = settings.with_port(sock.getsockname()[1])
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        ws_max_size=WS_MAX_SIZE,
+        ws_ping_interval=WS_PING_INTERVAL_S,
+        ws_ping_timeout=WS_PING_TIMEOUT_S,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        proxy_headers=False,
+        server_header=False,
+        lifespan="on",
+    )
+    return Server(config), sock, settings, app
+
+
+def base_url(settings: Settings) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def _token_query(settings: Settings) -> str:
+    return f"?token={quote(settings.viewer_token)}" if settings.viewer_token else ""
+
+
+def serve(settings: Settings) -> int:
+    try:
+        server, sock, settings, app = make_server(settings)
+    except OSError as exc:
+        print(f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        if await _started(server, task):
+            print(
+                f"layerscope: serving {base_url(settings)}/{_token_query(settings)} "
+                f"(data in {settings.data_dir})",
+                flush=True,
+            )
+        await task
+
+    asyncio.run(main())
+    return 0 if server.started else 1
+
+
+async def _started(server: Server, task: asyncio.Task[None]) -> bool:
+    while not server.started:
+        if task.done():
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def demo(settings: Settings, steps: int) -> int:
+    """The server plus one built-in run; Ctrl-C or SIGTERM stops both."""
+    config = copy.deepcopy(wire.DEMO_EXPERIMENT)
+    config.setdefault("solver", {})["steps"] = steps
+    try:
+        wire.validate_experiment(config)
+    except wire.ExperimentError as exc:
+        print(f"layerscope demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server, sock, settings, app = make_server(settings)
+    except OSError as exc:
+        print(f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    failed = False
+
+    async def main() -> None:
+        nonlocal failed
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        if not await _started(server, task):
+            failed = True
+            await task
+            return
+        launcher = app.state.launcher
+        try:
+            run_id = await launcher.launch(config)
+        except Exception as exc:
+            print(f"layerscope demo: could not launch the demo run: {exc}", file=sys.stderr)
+            failed = True
+            server.should_exit = True
+            await task
+            return
+        url = base_url(settings)
+        query = _token_query(settings)
+        print(f"layerscope demo: dashboard at {url}/runs/{run_id}{query}", flush=True)
+        print(f"layerscope demo: all runs at {url}/{query}", flush=True)
+        print("layerscope demo: Ctrl-C stops the server and the run", flush=True)
+        await task
+
+    asyncio.run(main())
+    return 1 if failed or not server.started else 0
+

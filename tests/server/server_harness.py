@@ -1,0 +1,280 @@
+"""server_harness — a real server and real wire peers for tests (imported by tests/server/conftest.py).
+
+* ``running_server(settings)`` — ``create_app(settings)`` served by uvicorn on 127.0.0.1 in a
+  background thread; yields a ``LiveServer``, which *is* the base URL (a str) and also
+  carries ``.settings``, ``.app``, ``.server`` and ``.data_dir``.
+  ``make_settings(data_dir, **overrides)`` builds test settings (port 0, short timeouts).
+* ``FakeTrainer`` — a ``websockets`` client that speaks the trainer side of the protocol
+  (hello, frames, acks, commands); a real peer, not a mock of the server.
+* ``open_viewer`` / ``recv_until`` — the browser side of ``/ws/runs/{id}``.
+* ``exported`` / ``run_detail`` / ``wait_status`` — what the server stored, through its REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from layerscope.server.serving import Server, make_server
+from layerscope.server.settings import Settings
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+START_TIMEOUT_S = 15.0
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: port 0, quick commits, short liveness timeouts."""
+    values: dict[str, Any] = {
+        "data_dir": Path(data_dir),
+        "port": 0,
+        "commit_interval_s": 0.02,
+        "heartbeat_timeout_s": 3.0,
+        "reconnect_grace_s": 3.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class LiveServer(str):
+    """The base URL of a running server (``http://127.0.0.1:PORT``) plus its parts."""
+
+    settings: Settings
+    app: FastAPI
+    server: Server
+
+    def __new__(cls, url: str, settings: Settings, app: FastAPI, server: Server) -> LiveServer:
+        self = super().__new__(cls, url)
+        self.settings = settings
+        self.app = app
+        self.server = server
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    def url(self, path: str) -> str:
+        return f"{self}{path}"
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[LiveServer]:
+    server, sock, settings, app = make_server(settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{settings.port}", settings, app, server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+# ---- wire frames ----
+
+
+def metrics_frame(seq: int, step: int, **values: float | None) -> dict[str, Any]:
+    values = values or {"loss": 1.0 / (step + 1)}
+    return {"type": "metrics", "seq": seq, "rows": [{"step": step, "time_s": 0.01 * step, "values": values}]}
+
+
+def probe_frame(seq: int, step: int, layers: int = 3, bins: int = 8) -> dict[str, Any]:
+    return {
+        "type": "probe",
+        "seq": seq,
+        "step": step,
+        "layers": [
+            {
+                "name": f"layer{i}",
+                "mean": 0.1 * i,
+                "std": 1.0,
+                "min": -1.0,
+                "max": 1.0,
+                "zero_frac": 0.0,
+                "nonfinite": 0,
+                "dead_ratio": 0.25,
+                "hist": {"lo": -1.0, "hi": 1.0, "counts": [step % 7 + j for j in range(bins)]},
+            }
+            for i in range(layers)
+        ],
+    }
+
+
+def event_frame(seq: int, step: int, kind: str, **data: Any) -> dict[str, Any]:
+    return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": data}
+
+
+def strict_loads(text: str | bytes) -> Any:
+    """``JSON.parse`` semantics: NaN/Infinity literals are an error."""
+
+    def reject(name: str) -> Any:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+# ---- clients ----
+
+
+class FakeTrainer:
+    """The trainer side of /ws/trainer over a real websocket; records acks and commands."""
+
+    def __init__(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self.acked = 0
+        self.commands: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        server: LiveServer,
+        run_id: str,
+        *,
+        last_acked_seq: int = 0,
+        last_cmd_seq: int = 0,
+        headers: dict[str, str] | None = None,
+        name: str | None = None,
+        layers: int = 3,
+    ) -> FakeTrainer:
+        ws = await connect(server.ws("/ws/trainer"), additional_headers=headers, max_size=None)
+        hello = {
+            "type": "hello",
+            "v": 1,
+            "run_id": run_id,
+            "name": name or run_id,
+            "config": {"lr": 0.1},
+            "layers": [{"name": f"layer{i}", "kind": "Linear", "units": 8} for i in range(layers)],
+            "last_acked_seq": last_acked_seq,
+            "last_cmd_seq": last_cmd_seq,
+        }
+        await ws.send(json.dumps(hello))
+        welcome = strict_loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome", welcome
+        return cls(ws, welcome)
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        """A dict is sent as a JSON text frame; str and bytes go out exactly as given."""
+        if isinstance(frame, dict):
+            frame = json.dumps({"v": 1, **frame})
+        await self.ws.send(frame)
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        message = strict_loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        if message["type"] == "ack":
+            self.acked = max(self.acked, message["seq"])
+        elif message["type"] == "command":
+            self.commands.append(message)
+        elif message["type"] == "error":
+            self.errors.append(message["message"])
+        return message
+
+    async def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError("no matching message from the server")
+            message = await self.recv(left)
+            if match(message):
+                return message
+
+    async def wait_acked(self, seq: int, timeout: float = 10.0) -> None:
+        if self.acked < seq:
+            await self.wait_for(lambda m: m["type"] == "ack" and m["seq"] >= seq, timeout)
+
+    async def error(self, timeout: float = 10.0) -> str:
+        message = await self.wait_for(lambda m: m["type"] == "error", timeout)
+        return str(message["message"])
+
+    async def closed(self, timeout: float = 10.0) -> tuple[int | None, str]:
+        """Read until the server closes; returns (close code, reason)."""
+        try:
+            while True:
+                await self.recv(timeout)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return (rcvd.code if rcvd else None), (rcvd.reason if rcvd else "")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def open_viewer(
+    server: LiveServer, run_id: str, *, after_seq: int | None = None, **kwargs: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """A viewer socket and its first message (snapshot, or catchup with ``after_seq``)."""
+    query = f"?after_seq={after_seq}" if after_seq is not None else ""
+    ws = await connect(server.ws(f"/ws/runs/{run_id}{query}"), max_size=None, **kwargs)
+    first = strict_loads(await asyncio.wait_for(ws.recv(), 10))
+    return ws, first
+
+
+async def recv_until(
+    ws: ClientConnection, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """Every message up to and including the first that matches."""
+    seen: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError(f"no matching message; got {[m.get('type') for m in seen]}")
+        message = strict_loads(await asyncio.wait_for(ws.recv(), left))
+        seen.append(message)
+        if match(message):
+            return seen
+
+
+def exported(server: str, run_id: str) -> list[dict[str, Any]]:
+    """Every stored frame of a run, through the export endpoint (header line dropped)."""
+    response = httpx.get(f"{server}/api/runs/{run_id}/export", timeout=10)
+    response.raise_for_status()
+    lines = [strict_loads(line) for line in response.text.splitlines() if line.strip()]
+    return [line for line in lines if "seq" in line and line.get("type") != "hello"]
+
+
+def run_detail(server: str, run_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{server}/api/runs/{run_id}", timeout=10)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def wait_status(server: str, run_id: str, status: str, timeout: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            response = await client.get(f"{server}/api/runs/{run_id}")
+            if response.status_code == 200 and response.json()["status"] == status:
+                body: dict[str, Any] = response.json()
+                return body
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} is {response.json().get('status')}, not {status}")
+            await asyncio.sleep(0.05)

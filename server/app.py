@@ -74,7 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
 def _router_of(module: str) -> APIRouter | None:
     """The read API and pages are built alongside; until a module exists, it is left out."""
     try:
-        return importlib.import_module(module).router  # type: ignore[no-any-return]
+        router: APIRouter = importlib.import_module(module).router
+        return router
     except ModuleNotFoundError as exc:
         if exc.name != module:
             raise

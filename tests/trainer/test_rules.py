@@ -1,0 +1,358 @@
+"""The diagnostic rules fire on the condition they name, once per onset, and never on a
+healthy run; automatic actions become ordinary, attributed commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import pytest
+from layerscope.trainer import wire
+from layerscope.trainer.rules import PLATEAU, RULE_NAMES, Finding, Rules, threshold_names
+
+# A small ReLU MLP as the probes see it, in depth order: Linear outputs carry the
+# pre-activation dead_ratio, the ReLU modules their own.
+KINDS = {
+    "fc0": "Linear",
+    "act0": "ReLU",
+    "fc1": "Linear",
+    "act1": "ReLU",
+    "fc2": "Linear",
+    "act2": "Tanh",
+    "out": "Linear",
+}
+PARAMS = {"fc0": 64 * 65, "fc1": 64 * 65, "fc2": 64 * 65, "out": 10 * 65}
+
+
+def healthy_layers(**overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Realistic values for a network that trains: ~10% dead, ~5% saturated, std ~1."""
+    layers = []
+    for name, kind in KINDS.items():
+        pre = kind == "Linear"
+        entry: dict[str, Any] = {
+            "name": name,
+            "mean": 0.0 if pre else 0.4,
+            "std": 1.0 if pre else 0.6,
+            "min": -3.0,
+            "max": 3.0,
+            "zero_frac": 0.0 if pre or kind == "Tanh" else 0.5,
+            "nonfinite": 0,
+            "dead_ratio": 0.1 if kind in ("Linear", "ReLU") and name != "out" else None,
+            "saturated_frac": 0.05 if kind == "Tanh" else None,
+            "saturated_ratio": 0.05 if kind == "Tanh" else None,
+            "grad_norm": 0.05 if pre else None,
+            "weight_norm": 8.0 if pre else None,
+            "update_ratio": 1e-3 if pre else None,
+            "hist": None,
+        }
+        entry.update(overrides.get(name, {}))
+        layers.append(entry)
+    return layers
+
+
+def rules(**kwargs: Any) -> Rules:
+    return Rules(kinds=KINDS, params=PARAMS, **kwargs)
+
+
+def healthy_loss(step: int, rng: random.Random) -> float:
+    return 2.0 * math.exp(-step / 2000) + 0.1 + rng.uniform(-0.02, 0.02)
+
+
+def test_a_healthy_run_raises_nothing_with_every_rule_and_both_autos_on() -> None:
+    r = rules(auto_halve_lr=True, auto_weight_decay=True)
+    rng = random.Random(0)
+    findings: list[Finding] = []
+    for step in range(2001):
+        loss = healthy_loss(step, rng)
+        findings += r.on_loss(step, loss)
+        if step % 10 == 0:
+            findings += r.on_probe(step, healthy_layers(), {"grad_norm": 0.4, "loss": loss})
+        if step % 100 == 0 and step:
+            train = 2.0 * math.exp(-step / 2000) + 0.1
+            findings += r.on_eval(step, train * 1.05, train)
+    assert findings == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "layer", "stat", "value"),
+    [("DeadUnits", "act1", "dead_ratio", 0.62), ("Saturation", "act2", "saturated_ratio", 0.8)],
+)
+def test_a_layer_past_half_its_units_is_named_with_value_threshold_and_a_hint(
+    rule: str, layer: str, stat: str, value: float
+) -> None:
+    r = rules()
+    found = r.on_probe(40, healthy_layers(**{layer: {stat: value}}), {})
+    assert [(f.rule, f.layer, f.step, f.value, f.threshold) for f in found] == [
+        (rule, layer, 40, value, 0.5)
+    ]
+    message = found[0].message
+    assert layer in message and f"{round(value * 100)}%" in message and "50%" in message
+    assert "step 40" in message and ("He init" in message or "Xavier" in message)
+
+
+def test_a_linear_feeding_a_relu_module_reports_dead_units_once_through_the_relu() -> None:
+    dead = {"fc1": {"dead_ratio": 0.7}, "act1": {"dead_ratio": 0.7}}
+    assert [f.layer for f in rules().on_probe(1, healthy_layers(**dead), {})] == ["act1"]
+    # F.relu(self.fc(x)): nothing follows the Linear that measures the same units.
+    functional = [e for e in healthy_layers(**dead) if not e["name"].startswith("act")]
+    assert [f.layer for f in rules().on_probe(1, functional, {})] == ["fc1"]
+
+
+def test_a_persisting_condition_fires_on_onset_only_and_again_after_it_clears() -> None:
+    r = rules()
+    sick = healthy_layers(act0={"dead_ratio": 0.6})
+    fired = [len(r.on_probe(s, sick, {})) for s in range(0, 50, 10)]
+    assert fired == [1, 0, 0, 0, 0]
+    assert r.on_probe(50, healthy_layers(), {}) == []
+    again = r.on_probe(60, sick, {})
+    assert [(f.rule, f.layer, f.step) for f in again] == [("DeadUnits", "act0", 60)]
+
+
+def test_vanishing_gradient_uses_the_rms_when_the_parameter_count_is_known() -> None:
+    tiny = {"fc0": {"grad_norm": 1e-6}}  # rms = 1e-6 / sqrt(4160) ~ 1.6e-8 < 1e-7
+    found = rules().on_probe(5, healthy_layers(**tiny), {})
+    assert [(f.rule, f.layer) for f in found] == [("VanishingGradient", "fc0")]
+    assert found[0].value == pytest.approx(1e-6 / math.sqrt(64 * 65))
+    # Without the count only the norm itself is compared: 1e-6 is not below 1e-7.
+    assert Rules(kinds=KINDS).on_probe(5, healthy_layers(**tiny), {}) == []
+    gone = Rules(kinds=KINDS).on_probe(5, healthy_layers(fc0={"grad_norm": 0.0}), {})
+    assert [(f.rule, f.layer, f.value) for f in gone] == [("VanishingGradient", "fc0", 0.0)]
+
+
+def test_a_frozen_layer_is_not_reported_as_vanishing() -> None:
+    r = rules()
+    r.set_frozen(["fc0"], True)
+    assert r.on_probe(5, healthy_layers(fc0={"grad_norm": 0.0}), {}) == []
+    r.set_frozen(["fc0"], False)
+    assert [f.layer for f in r.on_probe(6, healthy_layers(fc0={"grad_norm": 0.0}), {})] == ["fc0"]
+
+
+def test_a_nan_loss_pauses_the_run_through_an_attributed_command() -> None:
+    r = rules()
+    assert r.on_loss(9, 2.3) == []
+    (found,) = r.on_loss(10, float("nan"))
+    assert (found.rule, found.step, found.threshold) == ("ExplodingTensor", 10, 0.0)
+    assert found.action is not None and found.action["name"] == "pause"
+    assert "checkpoint" in found.action["reason"]
+    cmd = found.to_command()
+    assert cmd is not None
+    assert (cmd["name"], cmd["args"], cmd["source"]) == ("pause", {}, "rule")
+    assert "NaN/Inf" in cmd["reason"] and cmd["id"]
+    assert wire.validate_command(cmd) == cmd
+    # The same explosion seen by the probes is the same episode: no second pause.
+    nan_acts = healthy_layers(fc1={"nonfinite": 12}, act1={"nonfinite": 12})
+    assert r.on_probe(10, nan_acts, {"grad_norm": float("nan")}) == []
+    assert r.on_loss(11, float("inf")) == []
+
+
+def test_nonfinite_activations_name_the_first_layer_in_depth_order() -> None:
+    r = rules()
+    nan_acts = healthy_layers(fc2={"nonfinite": 3}, act2={"nonfinite": 640}, out={"nonfinite": 1})
+    (found,) = r.on_probe(20, nan_acts, {})
+    assert (found.rule, found.layer) == ("ExplodingTensor", "fc2")
+    assert "3 layers" in found.message
+    assert found.action is not None and found.action["name"] == "pause"
+    # Once everything is finite again, the next explosion is a new episode.
+    assert r.on_probe(30, healthy_layers(), {}) == []
+    (grad,) = r.on_probe(40, healthy_layers(), {"grad_norm": float("inf")})
+    assert grad.rule == "ExplodingTensor" and "grad_norm" in grad.message
+
+
+def test_loss_not_decreasing_fires_once_per_stall_despite_mini_batch_noise() -> None:
+    r = rules()  # 100-step windows
+    rng = random.Random(1)
+
+    def feed(steps: range, level: Any, noise: float = 0.02) -> list[Finding]:
+        return [f for s in steps for f in r.on_loss(s, level(s) + rng.uniform(-noise, noise))]
+
+    assert feed(range(0, 600), lambda s: 2.0 - 0.0015 * s) == []  # falling to 1.1
+    # Flat: the window 600-699 still beats 500-599; 700-799 does not, and the noisy windows
+    # after it are the same stall.
+    found = feed(range(600, 1200), lambda s: 1.1)
+    assert [(f.rule, f.step, f.threshold) for f in found] == [("LossNotDecreasing", 800, 0.1)]
+    assert found[0].value is not None and found[0].value < 0.1
+    assert "1.1" in found[0].message
+    found += feed(range(1200, 1400), lambda s: 1.1 - 0.001 * (s - 1200))  # moving again ...
+    found += feed(range(1400, 1800), lambda s: 0.9, noise=0.0)  # ... so the next stall counts
+    assert [f.step for f in found] == [800, 1600]
+
+
+def test_overfit_needs_patience_and_switches_weight_decay_on_once() -> None:
+    r = rules(auto_weight_decay=True, patience=3)
+    gaps = [0.05, 0.2, 0.2, 0.05, 0.2, 0.2, 0.2, 0.2, 0.2]  # (val - train) / train
+    found = [f for i, gap in enumerate(gaps) for f in r.on_eval(100 * i, 0.5 * (1 + gap), 0.5)]
+    # The streak broken at the 4th evaluation restarts; the 7th is the 3rd in a row.
+    assert [(f.rule, f.step) for f in found] == [("Overfit", 600)]
+    assert found[0].value == pytest.approx(0.2) and found[0].threshold == 0.1
+    assert found[0].action is not None
+    cmd = found[0].to_command()
+    assert cmd is not None
+    assert (cmd["name"], cmd["args"], cmd["source"]) == (
+        "set_weight_decay",
+        {"enabled": True},
+        "rule",
+    )
+    assert "Overfit" in cmd["reason"]
+    # Cleared, then back: a second alert, but weight decay is not pushed on again.
+    r.on_eval(1000, 0.5, 0.5)
+    later = [f for s in (1100, 1200, 1300) for f in r.on_eval(s, 0.7, 0.5)]
+    assert [(f.rule, f.step, f.action) for f in later] == [("Overfit", 1300, None)]
+    # Switching the auto action off and on again from the UI re-arms it.
+    r.set_auto(weight_decay=False)
+    r.set_auto(weight_decay=True)
+    r.on_eval(1400, 0.5, 0.5)
+    again = [f for s in (1500, 1600, 1700) for f in r.on_eval(s, 0.7, 0.5)]
+    assert [f.action is not None for f in again] == [True]
+
+
+def test_overfit_without_auto_weight_decay_only_alerts() -> None:
+    r = rules(patience=1)
+    (found,) = r.on_eval(100, 0.8, 0.5)
+    assert found.rule == "Overfit" and found.action is None and found.to_command() is None
+
+
+def test_all_zero_flags_the_layer_whose_input_is_all_zeros() -> None:
+    r = rules()
+    zeros = {"fc1": {"zero_frac": 1.0, "std": 0.0}, "act1": {"zero_frac": 1.0, "std": 0.0}}
+    found = [f for f in r.on_probe(7, healthy_layers(**zeros), {}) if f.rule == "AllZero"]
+    assert [(f.layer, f.value, f.threshold) for f in found] == [
+        ("act1", 1.0, 1.0),
+        ("fc2", 1.0, 1.0),
+    ]
+    assert "fc1's output" in found[0].message
+    # The first layer has no probed input; a zero model output is nobody's input.
+    edge = healthy_layers(out={"zero_frac": 1.0})
+    assert [f for f in rules().on_probe(7, edge, {}) if f.rule == "AllZero"] == []
+    assert [f for f in rules().on_probe(7, healthy_layers(act1={"zero_frac": 0.99}), {})] == []
+
+
+def test_poor_initialization_fires_on_vanishing_std_only_in_the_first_probe_steps() -> None:
+    shrinking = healthy_layers(fc1={"std": 0.1}, fc2={"std": 0.01}, out={"std": 0.001})
+    (found,) = rules().on_probe(0, shrinking, {})
+    assert (found.rule, found.layer, found.threshold) == ("PoorInitialization", "out", 10.0)
+    assert found.value == pytest.approx(0.001)
+    assert "shrinks 1e+03x" in found.message and "fc0" in found.message
+    growing = healthy_layers(out={"std": 25.0})
+    assert [f.rule for f in rules().on_probe(0, growing, {})] == ["PoorInitialization"]
+    late = rules()
+    for step in (0, 10, 20):
+        assert late.on_probe(step, healthy_layers(), {}) == []
+    assert late.on_probe(30, shrinking, {}) == []
+
+
+def test_poor_initialization_compares_pre_activations_and_ignores_activation_std() -> None:
+    # A tanh output squeezed to 0.05 is not a depth trend when the Linear outputs hold ~1.
+    assert rules().on_probe(0, healthy_layers(act2={"std": 0.05}), {}) == []
+    # With no kinds known every layer counts.
+    no_kinds = healthy_layers(out={"std": 0.05})
+    assert [f.rule for f in Rules().on_probe(0, no_kinds, {})] == ["PoorInitialization"]
+
+
+def test_silenced_rules_produce_nothing_and_unsilencing_reports_what_still_holds() -> None:
+    r = rules(silenced=["DeadUnits", "ExplodingTensor"])
+    sick = healthy_layers(act0={"dead_ratio": 0.9}, fc1={"nonfinite": 1})
+    assert r.on_probe(10, sick, {}) == []
+    assert r.on_loss(10, float("nan")) == []  # silenced: no pause either
+    r.set_silenced("DeadUnits", False)
+    assert [(f.rule, f.layer) for f in r.on_probe(20, sick, {})] == [("DeadUnits", "act0")]
+    r.set_silenced("DeadUnits", True)
+    assert r.on_probe(30, healthy_layers(act0={"dead_ratio": 0.9}), {}) == []
+    assert r.state() == {
+        "enabled": list(RULE_NAMES),
+        "silenced": ["DeadUnits", "ExplodingTensor"],
+        "auto_halve_lr": False,
+        "auto_weight_decay": False,
+    }
+
+
+def test_disabled_rules_are_not_evaluated() -> None:
+    r = rules(enabled=["Overfit"])
+    sick = healthy_layers(act0={"dead_ratio": 0.9}, fc1={"nonfinite": 1}, out={"std": 1e-4})
+    assert r.on_probe(0, sick, {}) == []
+    assert r.on_loss(1, float("nan")) == []
+    assert r.state()["enabled"] == ["Overfit"]
+
+
+def test_unknown_names_and_bad_thresholds_are_refused_with_the_valid_choices() -> None:
+    with pytest.raises(ValueError, match="DeadUnits"):
+        Rules(silenced=["DeadRelu"])
+    with pytest.raises(ValueError, match="unknown rule"):
+        Rules(enabled=["Nope"])
+    with pytest.raises(ValueError, match="overfit_ratio_threshold"):
+        Rules(overfit_ratio=0.2)
+    with pytest.raises(ValueError, match="finite number"):
+        Rules(overfit_ratio_threshold=float("nan"))
+    with pytest.raises(ValueError, match="integer >= 1"):
+        Rules(patience=0)
+    with pytest.raises(ValueError, match="true or false"):
+        Rules(exploding_tensor_pause="yes")
+    r = Rules()
+    with pytest.raises(ValueError, match="Saturation"):
+        r.set_silenced("saturation", True)
+    assert threshold_names()["dead_units_threshold_layer"] == 0.5
+
+
+def test_thresholds_are_configurable_per_run() -> None:
+    sick = healthy_layers(act0={"dead_ratio": 0.6})
+    assert rules(dead_units_threshold_layer=0.7).on_probe(0, sick, {}) == []
+    (found,) = rules(exploding_tensor_pause=False).on_loss(3, float("nan"))
+    assert found.action is None and "pausing" not in found.message
+
+
+def plateau_vals() -> list[float]:
+    """Validation losses: falling, a 4-evaluation plateau, falling again, a 5-evaluation one
+    (shorter than two patience windows, so each plateau acts once)."""
+    return [1.0, 0.8, 0.7, 0.71, 0.72, 0.70, 0.705, 0.6, 0.5, 0.45, 0.46, 0.455, 0.47, 0.46, 0.451]
+
+
+def test_auto_halving_acts_once_per_plateau_not_every_evaluation() -> None:
+    r = rules(auto_halve_lr=True, patience=3)
+    found = [f for i, v in enumerate(plateau_vals()) for f in r.on_eval(100 * i, v, None)]
+    assert [(f.rule, f.step) for f in found] == [(PLATEAU, 500), (PLATEAU, 1200)]
+    for f in found:
+        assert f.action is not None and f.action["args"] == {"relative": 0.5}
+        assert f.action["source"] == "rule" and "not improved" in f.action["reason"]
+    # Relative to the acknowledged scale, as the UI's own "Halve LR" does.
+    first, second = (f.to_command(lr_scale) for f, lr_scale in zip(found, (1.0, 0.5), strict=True))
+    assert first is not None and second is not None
+    assert (first["name"], first["args"], first["source"]) == (
+        "set_lr_scale",
+        {"value": 0.5},
+        "rule",
+    )
+    assert second["args"] == {"value": 0.25}
+
+
+def test_a_long_plateau_halves_once_per_patience_window() -> None:
+    r = rules(auto_halve_lr=True, patience=3)
+    found = [f for i, v in enumerate([0.5] + [0.6] * 9) for f in r.on_eval(i, v, None)]
+    assert [f.step for f in found] == [3, 6, 9]
+
+
+def test_auto_halving_is_off_by_default_and_can_be_switched_on_mid_plateau() -> None:
+    r = rules(patience=3)
+    assert [f for i, v in enumerate(plateau_vals()[:6]) for f in r.on_eval(i, v, None)] == []
+    r.set_auto(halve_lr=True)
+    assert r.state()["auto_halve_lr"] is True
+    (found,) = r.on_eval(6, 0.705, None)
+    assert found.rule == PLATEAU and found.action is not None
+
+
+def test_an_alert_is_a_valid_event_frame_and_plain_json() -> None:
+    r = rules(auto_weight_decay=True, patience=1)
+    findings = r.on_eval(5, 0.9, 0.5) + r.on_loss(6, float("nan"))
+    assert {f.rule for f in findings} == {"Overfit", "ExplodingTensor"}
+    for i, f in enumerate(findings, start=1):
+        frame = {
+            "type": "event",
+            "seq": i,
+            "step": f.step,
+            "kind": "alert",
+            "data": f.to_event_data(),
+        }
+        parsed = wire.parse_trainer_frame(wire.encode(frame))
+        assert parsed["data"]["rule"] == f.rule and parsed["data"]["message"] == f.message
+        assert parsed["data"]["action"]["source"] == "rule"
+        json.loads(wire.encode(frame))

@@ -1,0 +1,700 @@
+"""rules — the diagnostic rules, evaluated on the trainer from decoded probe values.
+
+Owns: the eight named rules (DeadUnits, Saturation, VanishingGradient,
+ExplodingTensor, LossNotDecreasing, Overfit, AllZero, PoorInitialization), their
+thresholds (defaults taken from SageMaker Debugger's built-in rules, each a named
+constant below), onset-only firing, per-run enabling and silencing, and the opt-in
+trigger-based adjustments: halve the learning rate on a validation plateau, switch
+weight decay on when Overfit fires. Each finding says what is wrong, where, when,
+against which threshold, and what to try (the hints follow PRACTICES.md).
+
+Never: imports torch, touches hooks, modules or the optimizer, or talks to the
+network. It sees host numbers (probe-frame layer entries, losses) and returns
+``Finding`` objects; an automatic action is only a proposal (``Finding.action``)
+that the caller turns into an ordinary command (``Finding.to_command``) with
+``source: rule`` and the finding's reason.
+
+Firing: a rule fires on the *onset* of a condition (per rule and per layer) and
+stays quiet while the condition persists; it fires again only after the condition
+cleared and came back. Silenced rules are still evaluated (so their history, such
+as a loss window or an overfit streak, stays current) but produce nothing, their
+actions included; un-silencing forgets the onsets, so a condition that still holds
+is reported at the next evaluation. Disabled rules are not evaluated at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerscope.trainer import wire
+
+RULE_NAMES = (
+    "DeadUnits",
+    "Saturation",
+    "VanishingGradient",
+    "ExplodingTensor",
+    "LossNotDecreasing",
+    "Overfit",
+    "AllZero",
+    "PoorInitialization",
+)
+# Not a rule that can be silenced: it exists only while auto-halving is switched on.
+PLATEAU = "ValidationPlateau"
+
+# ---- defaults (SageMaker Debugger built-in rules, "List of Debugger built-in rules") ----
+
+# DeadRelu: threshold_inactivity 1.0 % (applied by the probes' dead_ratio, DESIGN §3) and
+# threshold_layer 50.0 %: a layer is flagged when more than half of its units are dead.
+DEAD_UNITS_THRESHOLD_LAYER = 0.5
+# SaturatedActivation: threshold_layer 50.0 %. The per-unit bar is DESIGN §3's
+# saturated_ratio (saturated on a majority of values), computed by the probes.
+SATURATION_THRESHOLD_LAYER = 0.5
+# VanishingGradient: threshold 0.0000001 on the mean absolute gradient.
+VANISHING_GRADIENT_THRESHOLD = 1e-7
+# ExplodingTensor: only_nan False (NaN and Inf both count); any non-finite value fires.
+# SageMaker only reports; the issue asks for an automatic pause.
+EXPLODING_TENSOR_PAUSE = True
+# LossNotDecreasing: num_steps 10, diff_percent 0.1 %. SageMaker compares single saved
+# losses, and saves them every 500 steps by default; one mini-batch loss is far too noisy
+# for a 10-step comparison, so we compare the means of consecutive 100-step windows.
+LOSS_WINDOW_STEPS = 100
+LOSS_DIFF_PERCENT = 0.1
+# Ours: once stalled, the loss counts as moving again only after a drop of 2 standard errors.
+LOSS_NOISE_Z = 2.0
+# Overfit: ratio_threshold 0.1 on (val - train) / train, start_step 0, patience 1. Our
+# default patience is the run's (3 evaluations): one noisy validation pass is not a trend.
+OVERFIT_RATIO_THRESHOLD = 0.1
+OVERFIT_START_STEP = 0
+PATIENCE = 3
+# AllZero: threshold 100 (%) of the values are zero.
+ALL_ZERO_THRESHOLD = 1.0
+# PoorWeightInitialization: threshold 10.0 on the ratio of per-layer variances, over the
+# first `steps` (10) steps. We compare activation std of the last and the first layer
+# over the first 3 probe steps (with probes every ~10 steps, the first ~30 steps).
+POOR_INIT_THRESHOLD = 10.0
+POOR_INIT_PROBE_STEPS = 3
+# Plateau (no SageMaker counterpart; PyTorch's ReduceLROnPlateau defaults): an evaluation
+# improves on the best only if it is lower by more than 1e-4 relative.
+PLATEAU_MIN_DELTA_REL = 1e-4
+LR_HALVE_FACTOR = 0.5
+
+# Modules whose output is a pre-activation (DESIGN §3 probes them besides activations).
+_PRE_ACTIVATION_KINDS = frozenset({"Linear", "Bilinear"})
+
+
+@dataclass(frozen=True)
+class DeadUnitsConfig:
+    threshold_layer: float = DEAD_UNITS_THRESHOLD_LAYER
+
+
+@dataclass(frozen=True)
+class SaturationConfig:
+    threshold_layer: float = SATURATION_THRESHOLD_LAYER
+
+
+@dataclass(frozen=True)
+class VanishingGradientConfig:
+    threshold: float = VANISHING_GRADIENT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class ExplodingTensorConfig:
+    pause: bool = EXPLODING_TENSOR_PAUSE
+
+
+@dataclass(frozen=True)
+class LossNotDecreasingConfig:
+    num_steps: int = LOSS_WINDOW_STEPS
+    diff_percent: float = LOSS_DIFF_PERCENT
+
+
+@dataclass(frozen=True)
+class OverfitConfig:
+    ratio_threshold: float = OVERFIT_RATIO_THRESHOLD
+    patience: int = PATIENCE
+    start_step: int = OVERFIT_START_STEP
+
+
+@dataclass(frozen=True)
+class AllZeroConfig:
+    threshold: float = ALL_ZERO_THRESHOLD
+
+
+@dataclass(frozen=True)
+class PoorInitializationConfig:
+    threshold: float = POOR_INIT_THRESHOLD
+    probe_steps: int = POOR_INIT_PROBE_STEPS
+
+
+@dataclass(frozen=True)
+class PlateauConfig:
+    patience: int = PATIENCE
+    min_delta_rel: float = PLATEAU_MIN_DELTA_REL
+    factor: float = LR_HALVE_FACTOR
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Every rule's thresholds. ``Rules(**thresholds)`` takes them flat: ``<section>_<field>``
+    (``dead_units_threshold_layer=0.6``, ``overfit_patience=5``); see ``threshold_names()``."""
+
+    dead_units: DeadUnitsConfig = field(default_factory=DeadUnitsConfig)
+    saturation: SaturationConfig = field(default_factory=SaturationConfig)
+    vanishing_gradient: VanishingGradientConfig = field(default_factory=VanishingGradientConfig)
+    exploding_tensor: ExplodingTensorConfig = field(default_factory=ExplodingTensorConfig)
+    loss_not_decreasing: LossNotDecreasingConfig = field(default_factory=LossNotDecreasingConfig)
+    overfit: OverfitConfig = field(default_factory=OverfitConfig)
+    all_zero: AllZeroConfig = field(default_factory=AllZeroConfig)
+    poor_initialization: PoorInitializationConfig = field(default_factory=PoorInitializationConfig)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+
+
+def _flat_fields() -> dict[str, tuple[str, str, Any]]:
+    """``<section>_<field>`` -> (section, field, default) for every threshold."""
+    out: dict[str, tuple[str, str, Any]] = {}
+    defaults = RuleConfig()
+    for section in dataclasses.fields(RuleConfig):
+        sub = getattr(defaults, section.name)
+        for f in dataclasses.fields(sub):
+            out[f"{section.name}_{f.name}"] = (section.name, f.name, getattr(sub, f.name))
+    return out
+
+
+def threshold_names() -> dict[str, Any]:
+    """Every flat threshold name ``Rules`` accepts, with its default (for CLI help)."""
+    return {key: default for key, (_, _, default) in _flat_fields().items()}
+
+
+def _check_threshold(key: str, default: Any, value: Any) -> None:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"rule threshold {key} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rule threshold {key} must be an integer >= 1, got {value!r}")
+    elif (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"rule threshold {key} must be a finite number >= 0, got {value!r}")
+
+
+def _build_config(patience: int, thresholds: Mapping[str, Any]) -> RuleConfig:
+    flat = _flat_fields()
+    unknown = sorted(set(thresholds) - set(flat))
+    if unknown:
+        raise ValueError(f"unknown rule threshold(s) {unknown}; expected one of {sorted(flat)}")
+    values: dict[str, Any] = {"overfit_patience": patience, "plateau_patience": patience}
+    values.update(thresholds)
+    changes: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name, default = flat[key]
+        _check_threshold(key, default, value)
+        changes.setdefault(section, {})[name] = value
+    defaults = RuleConfig()
+    return RuleConfig(
+        **{s: dataclasses.replace(getattr(defaults, s), **fields) for s, fields in changes.items()}
+    )
+
+
+@dataclass
+class Finding:
+    """One alert: what fired, where, when, against which threshold, and what to try."""
+
+    rule: str
+    step: int
+    layer: str | None
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+    # A proposed command: {"name", "args", "source": "rule", "reason"}. set_lr_scale carries
+    # args {"relative": f}: the rule does not know the acknowledged scale; to_command does.
+    action: dict[str, Any] | None = None
+
+    def to_event_data(self) -> dict[str, Any]:
+        """The ``data`` of an event frame of kind ``alert``."""
+        data: dict[str, Any] = {
+            "rule": self.rule,
+            "layer": self.layer,
+            "message": self.message,
+            "value": self.value,
+            "threshold": self.threshold,
+        }
+        if self.action is not None:
+            data["action"] = self.action
+        return data
+
+    def to_command(self, lr_scale: float = 1.0) -> dict[str, Any] | None:
+        """The action as an ordinary command (validated by ``wire.validate_command``, with a
+        fresh id), or None. ``lr_scale``: the acknowledged scale a relative change applies to."""
+        if self.action is None:
+            return None
+        args = dict(self.action.get("args", {}))
+        if self.action["name"] == "set_lr_scale" and "relative" in args:
+            args = {"value": lr_scale * float(args.pop("relative"))}
+        return wire.validate_command(
+            {
+                "name": self.action["name"],
+                "args": args,
+                "source": "rule",
+                "reason": self.action.get("reason", self.message),
+            }
+        )
+
+
+def _num(entry: Mapping[str, Any], key: str) -> float | None:
+    """A numeric stat as a float (NaN/Inf kept), None when absent or not a number."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+class Rules:
+    """The rule state of one run. Thread-safe: live switches may come from the link thread."""
+
+    def __init__(
+        self,
+        enabled: Iterable[str] | None = None,
+        silenced: Iterable[str] = (),
+        auto_halve_lr: bool = False,
+        auto_weight_decay: bool = False,
+        patience: int = PATIENCE,
+        *,
+        kinds: Mapping[str, str] | None = None,
+        params: Mapping[str, int] | None = None,
+        **thresholds: Any,
+    ) -> None:
+        self.enabled = self._names(RULE_NAMES if enabled is None else enabled, "enabled")
+        self.silenced = self._names(silenced, "silenced")
+        self.auto_halve_lr = bool(auto_halve_lr)
+        self.auto_weight_decay = bool(auto_weight_decay)
+        self.config = _build_config(patience, thresholds)
+        # From the hello layer table: module kind per layer name, parameter count per layer.
+        self.kinds: dict[str, str] = dict(kinds or {})
+        self.params: dict[str, int] = dict(params or {})
+        self.frozen: set[str] = set()
+        self._lock = threading.Lock()
+        self._active: set[tuple[str, str]] = set()  # (rule, layer or subject) with a live onset
+        self._nonfinite: set[str] = set()  # where NaN/Inf is present right now
+        self._probe_steps = 0
+        self._loss_block: int | None = None
+        self._loss_sum = 0.0
+        self._loss_sq = 0.0
+        self._loss_n = 0
+        self._best_window_mean: float | None = None
+        self._best_window_se2 = 0.0
+        self._overfit_streak = 0
+        self._weight_decay_sent = False
+        self._best_val: float | None = None
+        self._evals_since_best = 0
+
+    @staticmethod
+    def _names(names: Iterable[str], what: str) -> set[str]:
+        out = set(names) if not isinstance(names, str) else {names}
+        unknown = out - set(RULE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown rule(s) {sorted(unknown)} in {what}; expected {RULE_NAMES}")
+        return out
+
+    # ---- live switches ----
+
+    def set_silenced(self, name: str, silenced: bool) -> None:
+        self._names([name], "set_silenced")
+        with self._lock:
+            if silenced:
+                self.silenced.add(name)
+            else:
+                self.silenced.discard(name)
+                self._active = {key for key in self._active if key[0] != name}
+
+    def set_auto(self, *, halve_lr: bool | None = None, weight_decay: bool | None = None) -> None:
+        with self._lock:
+            if halve_lr is not None:
+                self.auto_halve_lr = bool(halve_lr)
+            if weight_decay is not None:
+                if weight_decay and not self.auto_weight_decay:
+                    self._weight_decay_sent = False  # switched on again: it may act once more
+                self.auto_weight_decay = bool(weight_decay)
+
+    def set_frozen(self, layers: Iterable[str], frozen: bool) -> None:
+        """Frozen layers get no gradient on purpose; VanishingGradient skips them."""
+        with self._lock:
+            if frozen:
+                self.frozen.update(layers)
+            else:
+                self.frozen.difference_update(layers)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "enabled": [n for n in RULE_NAMES if n in self.enabled],
+                "silenced": [n for n in RULE_NAMES if n in self.silenced],
+                "auto_halve_lr": self.auto_halve_lr,
+                "auto_weight_decay": self.auto_weight_decay,
+            }
+
+    # ---- shared mechanics ----
+
+    def _onset(self, rule: str, subject: str, condition: bool) -> bool:
+        key = (rule, subject)
+        if not condition:
+            self._active.discard(key)
+            return False
+        if key in self._active:
+            return False
+        self._active.add(key)
+        return True
+
+    def _audible(self, rule: str) -> bool:
+        return rule not in self.silenced
+
+    def _kind(self, entry: Mapping[str, Any]) -> str | None:
+        kind = entry.get("kind")
+        return kind if isinstance(kind, str) else self.kinds.get(entry["name"])
+
+    @staticmethod
+    def _is_pre_activation(kind: str) -> bool:
+        kind = kind.removeprefix("Lazy")
+        return kind in _PRE_ACTIVATION_KINDS or kind.startswith("Conv")
+
+    def _same_units_as_next(self, entries: Sequence[Mapping[str, Any]], i: int, stat: str) -> bool:
+        """A Linear/Conv output followed by an activation module that reports ``stat`` itself
+        describes the same units twice; the activation's entry speaks for both."""
+        if i + 1 >= len(entries):
+            return False
+        kind, next_kind = self._kind(entries[i]), self._kind(entries[i + 1])
+        return (
+            kind is not None
+            and next_kind is not None
+            and self._is_pre_activation(kind)
+            and not self._is_pre_activation(next_kind)
+            and _num(entries[i + 1], stat) is not None
+        )
+
+    def _explosion(
+        self, step: int, where: str, bad: bool, detail: str, layer: str | None = None
+    ) -> list[Finding]:
+        """One ExplodingTensor alert per episode, whichever source saw NaN/Inf first; the
+        episode ends when every source (activations, losses, grad norm) is finite again."""
+        if bad:
+            self._nonfinite.add(where)
+        else:
+            self._nonfinite.discard(where)
+        if not self._nonfinite:
+            self._active.discard(("ExplodingTensor", "run"))
+        if not bad or not self._onset("ExplodingTensor", "run", True):
+            return []
+        if not self._audible("ExplodingTensor"):
+            return []
+        reason = (
+            f"NaN/Inf in {detail} at step {step}: paused so the last checkpoint taken before "
+            "it stays the last good one"
+        )
+        action = (
+            {"name": "pause", "args": {}, "source": "rule", "reason": reason}
+            if self.config.exploding_tensor.pause
+            else None
+        )
+        message = (
+            f"NaN/Inf in {detail} at step {step}"
+            + ("; pausing the run, the last good checkpoint is kept" if action else "")
+            + ". Lower the learning rate, clip gradients, or check the data for NaNs."
+        )
+        return [Finding("ExplodingTensor", step, layer, message, None, 0.0, action)]
+
+    # ---- probe steps ----
+
+    def on_probe(
+        self, step: int, layers: Sequence[Mapping[str, Any]], scalars: Mapping[str, Any]
+    ) -> list[Finding]:
+        """Evaluate the per-layer rules on one decoded probe flush. ``layers``: probe-frame
+        layer entries in model (depth) order; ``scalars``: e.g. ``{"grad_norm": g}``, raw
+        floats (NaN stays NaN). Returns the findings that fired now."""
+        entries = [e for e in layers if isinstance(e, Mapping) and isinstance(e.get("name"), str)]
+        with self._lock:
+            self._probe_steps += 1
+            out: list[Finding] = []
+            if "DeadUnits" in self.enabled:
+                out += self._ratio_rule(
+                    step, entries, "DeadUnits", "dead_ratio",
+                    self.config.dead_units.threshold_layer,
+                    "of units are dead (active on at most 1% of their values)",
+                    "Dead ReLUs pass no gradient and do not recover: try He init, a lower "
+                    "learning rate, batch norm or LeakyReLU.",
+                )  # fmt: skip
+            if "Saturation" in self.enabled:
+                out += self._ratio_rule(
+                    step, entries, "Saturation", "saturated_ratio",
+                    self.config.saturation.threshold_layer,
+                    "of units are saturated (pinned at their bounds on most values)",
+                    "Saturated tanh/sigmoid units pass almost no gradient: try Xavier init, "
+                    "batch norm, or ReLU in hidden layers.",
+                )  # fmt: skip
+            if "VanishingGradient" in self.enabled:
+                out += self._vanishing(step, entries)
+            if "AllZero" in self.enabled:
+                out += self._all_zero(step, entries)
+            if "PoorInitialization" in self.enabled:
+                out += self._poor_init(step, entries)
+            if "ExplodingTensor" in self.enabled:
+                out += self._probe_explosion(step, entries, scalars)
+            return out
+
+    def _ratio_rule(
+        self,
+        step: int,
+        entries: Sequence[Mapping[str, Any]],
+        rule: str,
+        stat: str,
+        threshold: float,
+        what: str,
+        hint: str,
+    ) -> list[Finding]:
+        out = []
+        for i, entry in enumerate(entries):
+            name = entry["name"]
+            ratio = _finite(_num(entry, stat))
+            duplicate = self._same_units_as_next(entries, i, stat)
+            fired = self._onset(
+                rule, name, ratio is not None and ratio > threshold and not duplicate
+            )
+            if fired and ratio is not None and self._audible(rule):
+                message = (
+                    f"{name}: {_pct(ratio)} {what} at step {step}, above the "
+                    f"{_pct(threshold)} threshold. {hint}"
+                )
+                out.append(Finding(rule, step, name, message, ratio, threshold))
+        return out
+
+    def _vanishing(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
+        # mean |g| <= rms(g) = ||g|| / sqrt(n): with the parameter count n we compare the RMS,
+        # without it the norm itself; both can only under-report, never raise a false alarm.
+        threshold = self.config.vanishing_gradient.threshold
+        out = []
+        for entry in entries:
+            name = entry["name"]
+            grad_norm = _finite(_num(entry, "grad_norm"))
+            n = _num(entry, "params") or self.params.get(name)
+            value = grad_norm / math.sqrt(n) if grad_norm is not None and n else grad_norm
+            condition = value is not None and value < threshold and name not in self.frozen
+            if self._onset("VanishingGradient", name, condition) and value is not None:
+                if not self._audible("VanishingGradient"):
+                    continue
+                what = "mean |grad| is at most" if n else "gradient norm is"
+                message = (
+                    f"{name}: {what} {value:.2e} at step {step}, below {threshold:.0e}; this "
+                    "layer has stopped learning. Try Xavier/He init, batch norm, or ReLU "
+                    "instead of sigmoid/tanh."
+                )
+                out.append(Finding("VanishingGradient", step, name, message, value, threshold))
+        return out
+
+    def _all_zero(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
+        # The probes see outputs; a layer's input is the previous probed layer's output.
+        threshold = self.config.all_zero.threshold
+        out = []
+        for prev, entry in zip(entries, entries[1:], strict=False):
+            name = entry["name"]
+            zero_frac = _finite(_num(prev, "zero_frac"))
+            condition = zero_frac is not None and zero_frac >= threshold
+            if self._onset("AllZero", name, condition) and self._audible("AllZero"):
+                message = (
+                    f"{name}: its input ({prev['name']}'s output) is {_pct(zero_frac or 0.0)} "
+                    f"zeros at step {step} (threshold {_pct(threshold)}). Zero init never breaks "
+                    "symmetry and a too-small init shrinks activations to zero layer by layer: "
+                    "try Xavier/He init or batch norm."
+                )
+                out.append(Finding("AllZero", step, name, message, zero_frac, threshold))
+        return out
+
+    def _poor_init(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
+        cfg = self.config.poor_initialization
+        if self._probe_steps > cfg.probe_steps:
+            return []
+        kinds = [self._kind(e) for e in entries]
+        if any(k is not None and self._is_pre_activation(k) for k in kinds):
+            chosen = [
+                e for e, k in zip(entries, kinds, strict=True) if k and self._is_pre_activation(k)
+            ]
+        else:
+            chosen = list(entries)
+        stds = [(e["name"], s) for e in chosen if (s := _finite(_num(e, "std"))) is not None]
+        if len(stds) < 2 or (stds[0][1] == 0.0 and stds[-1][1] == 0.0):
+            return []
+        (first, s0), (last, s1) = stds[0], stds[-1]
+        ratio = s1 / s0 if s0 > 0 else math.inf
+        condition = ratio > cfg.threshold or ratio < 1.0 / cfg.threshold
+        if not self._onset("PoorInitialization", "run", condition):
+            return []
+        if not self._audible("PoorInitialization"):
+            return []
+        factor = ratio if ratio >= 1.0 else (1.0 / ratio if ratio > 0 else math.inf)
+        message = (
+            f"activation std {'grows' if ratio >= 1.0 else 'shrinks'} {factor:.3g}x across "
+            f"the network at step {step}, from {s0:.3g} ({first}) to {s1:.3g} ({last}), beyond "
+            f"the {cfg.threshold:g}x threshold. Scale the init to the fan-in (Xavier for tanh, "
+            "He for ReLU) or add batch norm."
+        )
+        value = ratio if math.isfinite(ratio) else None
+        return [Finding("PoorInitialization", step, last, message, value, cfg.threshold)]
+
+    def _probe_explosion(
+        self, step: int, entries: Sequence[Mapping[str, Any]], scalars: Mapping[str, Any]
+    ) -> list[Finding]:
+        bad = [e["name"] for e in entries if (_num(e, "nonfinite") or 0.0) > 0]
+        if len(bad) > 1:
+            detail = f"the activations of {bad[0]} (first of {len(bad)} layers)"
+        else:
+            detail = f"the activations of {bad[0]}" if bad else "the activations"
+        out = self._explosion(step, "activations", bool(bad), detail, bad[0] if bad else None)
+        for key in ("grad_norm", "loss"):
+            value = _num(scalars, key)
+            if value is not None:
+                out += self._explosion(step, key, not math.isfinite(value), f"the {key}")
+        return out
+
+    # ---- flushed losses ----
+
+    def on_loss(self, step: int, loss: float | None) -> list[Finding]:
+        """Feed every flushed training loss (raw float; None when unknown)."""
+        with self._lock:
+            out: list[Finding] = []
+            if loss is None:
+                return out
+            finite = math.isfinite(loss)
+            if "ExplodingTensor" in self.enabled:
+                out += self._explosion(step, "loss", not finite, "the training loss")
+            if "LossNotDecreasing" in self.enabled:
+                out += self._loss_window(step, loss if finite else None)
+            return out
+
+    def _loss_window(self, step: int, loss: float | None) -> list[Finding]:
+        # Each completed window's mean is compared with the best earlier window, not just the
+        # previous one: on a noisy plateau consecutive means wobble both ways. Leaving a stall
+        # also takes a drop beyond the noise (LOSS_NOISE_Z standard errors of the two means),
+        # so a plateau's wobble does not clear and re-fire the alert.
+        cfg = self.config.loss_not_decreasing
+        block = step // cfg.num_steps
+        out: list[Finding] = []
+        if self._loss_block is not None and block != self._loss_block and self._loss_n:
+            n = self._loss_n
+            mean = self._loss_sum / n
+            se2 = max(self._loss_sq / n - mean * mean, 0.0) / n  # squared standard error
+            best = self._best_window_mean
+            if best is not None and best != 0.0:
+                decrease = 100.0 * (best - mean) / abs(best)
+                stalled = decrease < cfg.diff_percent
+                if not stalled and ("LossNotDecreasing", "run") in self._active:
+                    stalled = best - mean < LOSS_NOISE_Z * math.sqrt(se2 + self._best_window_se2)
+                fired = self._onset("LossNotDecreasing", "run", stalled)
+                if fired and self._audible("LossNotDecreasing"):
+                    message = (
+                        f"training loss has not decreased by {cfg.diff_percent:g}% at step "
+                        f"{step}: the mean over the last {cfg.num_steps} steps is {mean:.4g}, "
+                        f"the best earlier window {best:.4g} ({decrease:+.2f}%). Check the "
+                        "learning rate (too high oscillates, too low stalls); a network that "
+                        "cannot fit ~100 examples (--overfit 100) is broken."
+                    )
+                    finding = Finding(
+                        "LossNotDecreasing", step, None, message, decrease, cfg.diff_percent
+                    )
+                    out.append(finding)
+            if best is None or mean < best:
+                self._best_window_mean, self._best_window_se2 = mean, se2
+            self._loss_sum, self._loss_sq, self._loss_n = 0.0, 0.0, 0
+        self._loss_block = block
+        if loss is not None:
+            self._loss_sum += loss
+            self._loss_sq += loss * loss
+            self._loss_n += 1
+        return out
+
+    # ---- evaluations ----
+
+    def on_eval(self, step: int, val_loss: float | None, train_loss: float | None) -> list[Finding]:
+        """Feed each validation pass: its loss and the training loss to compare it with."""
+        with self._lock:
+            out: list[Finding] = []
+            if val_loss is None:
+                return out
+            if "ExplodingTensor" in self.enabled:
+                out += self._explosion(
+                    step, "val_loss", not math.isfinite(val_loss), "the validation loss"
+                )
+            if not math.isfinite(val_loss):
+                return out
+            if "Overfit" in self.enabled:
+                out += self._overfit(step, val_loss, train_loss)
+            out += self._plateau(step, val_loss)
+            return out
+
+    def _overfit(self, step: int, val: float, train: float | None) -> list[Finding]:
+        cfg = self.config.overfit
+        train = _finite(train)
+        if train is None or train <= 0 or step < cfg.start_step:
+            return []
+        ratio = (val - train) / train
+        self._overfit_streak = self._overfit_streak + 1 if ratio > cfg.ratio_threshold else 0
+        if not self._onset("Overfit", "run", self._overfit_streak >= cfg.patience):
+            return []
+        if not self._audible("Overfit"):
+            return []
+        message = (
+            f"validation loss {val:.4g} is {_pct(ratio)} above training loss {train:.4g} at "
+            f"step {step}, over the {_pct(cfg.ratio_threshold)} threshold for {cfg.patience} "
+            "evaluations: the model is over-fitting. Add weight decay, dropout or more data."
+        )
+        action = None
+        if self.auto_weight_decay and not self._weight_decay_sent:
+            self._weight_decay_sent = True
+            reason = f"Overfit at step {step}: val/train loss gap {_pct(ratio)} > {_pct(cfg.ratio_threshold)}"
+            action = {
+                "name": "set_weight_decay",
+                "args": {"enabled": True},
+                "source": "rule",
+                "reason": reason,
+            }
+            message += " Switching weight decay on (auto weight decay)."
+        return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
+
+    def _plateau(self, step: int, val: float) -> list[Finding]:
+        # ReduceLROnPlateau's bookkeeping: count evaluations since the best; after acting,
+        # count from zero again, so a plateau acts once and a new one must develop.
+        cfg = self.config.plateau
+        if self._best_val is None or val < self._best_val * (1.0 - cfg.min_delta_rel):
+            self._best_val = val
+            self._evals_since_best = 0
+            return []
+        self._evals_since_best += 1
+        if not self.auto_halve_lr or self._evals_since_best < cfg.patience:
+            return []
+        self._evals_since_best = 0
+        best = self._best_val
+        reason = (
+            f"validation loss has not improved on {best:.4g} for {cfg.patience} evaluations "
+            f"(step {step})"
+        )
+        message = f"{reason}; halving the learning rate (auto-halve on plateau)."
+        action = {
+            "name": "set_lr_scale",
+            "args": {"relative": cfg.factor},
+            "source": "rule",
+            "reason": reason,
+        }
+        return [Finding(PLATEAU, step, None, message, val, best, action)]

@@ -38,7 +38,8 @@ class ExperimentSetupError(RuntimeError):
 def trainer_socket_url(server: str) -> str:
     """A server base URL (``ws://host:port``, ``http://host:port``) or a full trainer
     socket URL, as the full ``ws(s)://host:port/.../ws/trainer`` URL ``watch`` connects to."""
-    parts = urlsplit(server.strip())
+    server = server.strip()
+    parts = urlsplit(server if "://" in server else f"ws://{server}")
     scheme = _SCHEMES.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
         raise ValueError(
@@ -173,9 +174,9 @@ def run_experiment(
                 break
             if steps_done >= total_steps:
                 break
-        run_name = getattr(w, "run_id", run_id)
     summary: dict[str, Any] = {
-        "run_id": run_name,
+        "run_id": w.run_id,
+        "run_dir": str(w.run_dir),
         "name": cfg["name"],
         "device": str(device),
         "steps": steps_done,

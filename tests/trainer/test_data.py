@@ -34,6 +34,11 @@ def test_digits_are_1797_images_of_64_pixels_in_10_classes() -> None:
     assert x.shape == (1797, 1, 8, 8) and x.flatten(1).shape == (1797, 64)
     assert x.min() >= 0.0 and x.max() <= 1.0
     assert sorted(y.unique().tolist()) == list(range(10))
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()  # the file read directly is exactly scikit-learn's data set
+    assert np.array_equal(x.flatten(1).numpy() * 16, bunch.data)
+    assert np.array_equal(y.numpy(), bunch.target)
     data = load_dataset(_cfg(), seed=0)
     assert data.num_classes == 10 and data.input_shape == (1, 8, 8)
     assert len(data.x_train) + len(data.x_val) == 1797

@@ -124,8 +124,9 @@ def test_server_urls_normalise_to_the_trainer_socket() -> None:
     assert trainer_socket_url("ws://h:1/ws/trainer") == "ws://h:1/ws/trainer"
     assert trainer_socket_url("http://h:1/") == "ws://h:1/ws/trainer"
     assert trainer_socket_url("https://h/proxy") == "wss://h/proxy/ws/trainer"
+    assert trainer_socket_url("127.0.0.1:8765") == "ws://127.0.0.1:8765/ws/trainer"
     with pytest.raises(ValueError, match="must look like"):
-        trainer_socket_url("127.0.0.1:8765")
+        trainer_socket_url("ftp://h:1")
 
 
 # ---- real runs (spool only) ----
@@ -152,7 +153,7 @@ def test_epochs_decide_length_when_steps_are_left_out(tmp_path: Path) -> None:
     cfg = {"data": {"dataset": "blobs", "val_fraction": 0.0},
            "solver": {"epochs": 2, "batch_size": 200, "device": "cpu"}}  # fmt: skip
     summary = run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
-    assert summary["steps"] == 2 * 4  # 800 training points / 200
+    assert summary["steps"] == 2 * 5  # 1000 training points / 200
     assert summary["val_loss"] is None
 
 

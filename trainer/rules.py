@@ -61,7 +61,7 @@ VANISHING_GRADIENT_THRESHOLD = 1e-7
 EXPLODING_TENSOR_PAUSE = True
 # LossNotDecreasing: num_steps 10, diff_percent 0.1 %. SageMaker compares single saved
 # losses, and saves them every 500 steps by default; one mini-batch loss is far too noisy
-# for a 10-step comparison, so we compare the means of consecutive 100-step windows.
+# for a 10-step comparison, so we compare means over 100-step windows.
 LOSS_WINDOW_STEPS = 100
 LOSS_DIFF_PERCENT = 0.1
 # Ours: once stalled, the loss counts as moving again only after a drop of 2 standard errors.
@@ -175,8 +175,9 @@ def _check_threshold(key: str, default: Any, value: Any) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"rule threshold {key} must be true or false, got {value!r}")
     elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"rule threshold {key} must be an integer >= 1, got {value!r}")
+        least = 0 if key.endswith("start_step") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"rule threshold {key} must be an integer >= {least}, got {value!r}")
     elif (
         isinstance(value, bool)
         or not isinstance(value, (int, float))

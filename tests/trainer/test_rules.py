@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -297,6 +299,9 @@ def test_unknown_names_and_bad_thresholds_are_refused_with_the_valid_choices() -
 def test_thresholds_are_configurable_per_run() -> None:
     sick = healthy_layers(act0={"dead_ratio": 0.6})
     assert rules(dead_units_threshold_layer=0.7).on_probe(0, sick, {}) == []
+    late = rules(overfit_start_step=0, overfit_patience=1, overfit_ratio_threshold=0.5)
+    assert late.on_eval(0, 0.7, 0.5) == []  # a 40% gap is under the 50% set for this run
+    assert [f.rule for f in late.on_eval(1, 0.8, 0.5)] == ["Overfit"]
     (found,) = rules(exploding_tensor_pause=False).on_loss(3, float("nan"))
     assert found.action is None and "pausing" not in found.message
 
@@ -356,3 +361,8 @@ def test_an_alert_is_a_valid_event_frame_and_plain_json() -> None:
         assert parsed["data"]["rule"] == f.rule and parsed["data"]["message"] == f.message
         assert parsed["data"]["action"]["source"] == "rule"
         json.loads(wire.encode(frame))
+
+
+def test_the_rules_run_on_host_numbers_without_importing_torch() -> None:
+    code = "import sys, layerscope.trainer.rules; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,0 +1,130 @@
+"""pages — the dashboard's HTML shells, its static files and the experiment schema.
+
+Owns: ``router`` (included by ``create_app``): ``/`` (runs list), ``/runs/{id}``
+(live and replay view), ``/compare?ids=a,b``, ``/static/plotly.min.js`` (served from
+the installed ``plotly`` package, so the dashboard works offline), ``/static/...``
+(``layerscope.web``'s files) and ``/api/experiment_schema`` (the New-run form is
+generated from it).
+
+Never: renders data into the pages (the browser fetches it through the REST and
+websocket contract in ``http_api.md``), loads anything from a CDN, or serves a
+file outside the static directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.templating import Jinja2Templates
+from layerscope.server import __version__
+from layerscope.trainer import wire
+from layerscope.web import STATIC_DIR, TEMPLATES_DIR
+
+router = APIRouter()
+templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+
+# Plotly's bundle never changes for an installed version, and its URL carries that
+# version, so browsers may keep it for a long time. Our own files change with the
+# code, so they are revalidated on every load (a 304 costs one round trip).
+PLOTLY_CACHE = "public, max-age=31536000, immutable"
+STATIC_CACHE = "no-cache"
+MEDIA_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+
+
+@lru_cache(maxsize=1)
+def plotly_js_path() -> Path:
+    """Where the installed ``plotly`` package keeps plotly.min.js.
+
+    Found without importing plotly (its import costs ~80 ms and the server never
+    needs its Python side).
+    """
+    spec = importlib.util.find_spec("plotly")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(folders[0] if folders else ".") / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise RuntimeError(f"plotly.min.js not found at {path}; reinstall the plotly package")
+    return path
+
+
+@lru_cache(maxsize=1)
+def plotly_version() -> str:
+    return importlib.metadata.version("plotly")
+
+
+def _context(request: Request, **extra: Any) -> dict[str, Any]:
+    return {
+        "request": request,
+        "version": __version__,
+        "plotly_version": plotly_version(),
+        **extra,
+    }
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def runs_page(request: Request) -> Response:
+    return templates.TemplateResponse(request, "runs.html", _context(request, page="runs"))
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
+def run_page(request: Request, run_id: str) -> Response:
+    if not run_id or len(run_id) > wire.MAX_NAME_LEN:
+        raise HTTPException(404, f"run {run_id[:64]!r} not found")
+    return templates.TemplateResponse(
+        request, "run.html", _context(request, page="run", run_id=run_id)
+    )
+
+
+@router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
+def compare_page(request: Request, ids: str = "") -> Response:
+    run_ids = [x for x in (part.strip() for part in ids.split(",")) if x]
+    return templates.TemplateResponse(
+        request, "compare.html", _context(request, page="compare", run_ids=run_ids)
+    )
+
+
+@router.get("/api/experiment_schema")
+def experiment_schema() -> Any:
+    """The built-in experiments' knobs, as the trainer declares them."""
+    return wire.EXPERIMENT_SCHEMA
+
+
+def _etag(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.blake2s(f"{path}:{st.st_mtime_ns}:{st.st_size}".encode(), digest_size=8)
+    return f'"{digest.hexdigest()}"'
+
+
+def _file(request: Request, path: Path, cache_control: str) -> Response:
+    etag = _etag(path)
+    headers = {"Cache-Control": cache_control, "ETag": etag}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    media_type = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+    return FileResponse(path, media_type=media_type, headers=headers)
+
+
+@router.get("/static/plotly.min.js", include_in_schema=False)
+def plotly_js(request: Request) -> Response:
+    return _file(request, plotly_js_path(), PLOTLY_CACHE)
+
+
+@router.get("/static/{file_path:path}", include_in_schema=False)
+def static_file(request: Request, file_path: str) -> Response:
+    root = STATIC_DIR.resolve()
+    path = (root / file_path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise HTTPException(404, f"no static file {file_path[:200]!r}")
+    return _file(request, path, STATIC_CACHE)

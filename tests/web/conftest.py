@@ -1,0 +1,252 @@
+"""Fixtures for the browser tests: one real server and a few real runs per session.
+
+* ``server`` — ``create_app`` served by uvicorn on 127.0.0.1 (port 0) in a thread, data in a
+  session tmp dir (the same approach as tests/server's harness, copied so the folders stay
+  independent).
+* ``browser`` — headless Debian Chromium driven by playwright; ``page`` is a fresh page that
+  records console errors, uncaught page errors and every request, and fails the test if any
+  error was logged or any request left localhost.
+* ``finished_run`` / ``live_run`` — built-in digits MLP runs started through POST /api/runs:
+  a short one that has finished, and a long one (stopped at teardown) to steer.
+
+Everything here is real: no mocked server, trainer or browser.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from layerscope.server.serving import make_server
+from layerscope.server.settings import Settings
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+START_TIMEOUT_S = 20.0
+
+# A digits MLP small enough to train hundreds of steps a second on one CPU core.
+FAST_CONFIG: dict[str, Any] = {
+    "every": 5,
+    "model": {"arch": "mlp", "depth": 3, "width": 32, "activation": "tanh", "init": "xavier"},
+    "data": {"dataset": "digits", "val_fraction": 0.2},
+    "solver": {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "weight_decay": 0.001,
+        "batch_size": 32,
+        "eval_every": 20,
+        "seed": 0,
+        "device": "cpu",
+    },
+}
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class LiveServer:
+    """A running server: its base URL, settings and an httpx client for its REST API."""
+
+    url: str
+    settings: Settings
+    client: httpx.Client
+    started_runs: list[str] = field(default_factory=list)
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.request(method, f"{self.url}{path}", **kwargs)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        response = self.api("GET", f"/api/runs/{run_id}")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def launch(self, config: dict[str, Any]) -> str:
+        response = self.api("POST", "/api/runs", json=config)
+        assert response.status_code == 201, response.text
+        run_id = str(response.json()["id"])
+        self.started_runs.append(run_id)
+        return run_id
+
+    def wait_step(self, run_id: str, step: int, timeout_s: float = 60.0) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            detail = self.run(run_id)
+            if detail["status"] == "failed":
+                raise AssertionError(f"run {run_id} failed: {detail}")
+            return detail if (detail.get("last_step") or 0) >= step else None
+
+        return dict(wait_for(reached, timeout_s, f"run {run_id} to reach step {step}"))
+
+
+def serve(settings: Settings) -> Iterator[LiveServer]:
+    """create_app(settings) under uvicorn on a thread; stops launched runs, then the server."""
+    server, sock, settings, _app = make_server(settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), START_TIMEOUT_S, "server start")
+    assert server.started, "test server did not start"
+    headers = {"Authorization": f"Bearer {settings.viewer_token}"} if settings.viewer_token else {}
+    client = httpx.Client(timeout=30.0, headers=headers)
+    live = LiveServer(f"http://127.0.0.1:{settings.port}", settings, client)
+    try:
+        yield live
+    finally:
+        for run_id in live.started_runs:
+            live.api("POST", f"/api/runs/{run_id}/stop")
+        client.close()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def server_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "port": 0,
+        "commit_interval_s": 0.02,
+        "heartbeat_timeout_s": 5.0,
+        "reconnect_grace_s": 3.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    yield from serve(server_settings(tmp_path_factory.mktemp("web") / "data"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(server: LiveServer) -> dict[str, Any]:
+    """A short built-in run that has finished: the replay subject."""
+    config = {
+        **FAST_CONFIG,
+        "name": "replay digits",
+        "solver": {**FAST_CONFIG["solver"], "steps": 300},
+    }
+    run_id = server.launch(config)
+
+    def finished() -> dict[str, Any] | None:
+        detail = server.run(run_id)
+        assert detail["status"] not in ("failed", "lost"), detail
+        return detail if detail["status"] == "finished" else None
+
+    return dict(wait_for(finished, 90, f"run {run_id} to finish"))
+
+
+@pytest.fixture(scope="session")
+def live_run(server: LiveServer, finished_run: dict[str, Any]) -> dict[str, Any]:
+    """A long built-in run to watch and steer; stopped when the session ends.
+
+    Starts after ``finished_run`` so the two trainers never compete for the CPU.
+    """
+    config = {
+        **FAST_CONFIG,
+        "name": "live digits",
+        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000},
+    }
+    run_id = server.launch(config)
+    return server.wait_step(run_id, 20)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class PageGuard:
+    """What a page did that a test must not allow: console errors, page errors, remote requests."""
+
+    errors: list[str] = field(default_factory=list)
+    remote: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    def console(self, msg: ConsoleMessage) -> None:
+        if msg.type == "error":
+            self.errors.append(f"console: {msg.text} ({msg.location.get('url', '')})")
+
+    def request(self, request: Request) -> None:
+        self.url(request.url)
+
+    def url(self, url: str) -> None:
+        self.requests.append(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("data", "blob", "about") and parts.hostname not in LOCAL_HOSTS:
+            self.remote.append(url)
+
+
+def guarded_page(browser: Browser) -> tuple[Page, PageGuard]:
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    guard = PageGuard()
+    page.on("console", guard.console)
+    page.on("pageerror", lambda exc: guard.errors.append(f"pageerror: {exc}"))
+    page.on("request", guard.request)
+    page.on("websocket", lambda ws: guard.url(ws.url))
+    return page, guard
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page; the test fails if it logged an error or asked anything of a non-local host."""
+    page, guard = guarded_page(browser)
+    page.guard = guard  # type: ignore[attr-defined]
+    yield page
+    page.context.close()
+    assert not guard.errors, "the page logged errors:\n" + "\n".join(guard.errors)
+    assert not guard.remote, f"requests left localhost: {guard.remote}"
+    assert guard.requests, "the page made no requests at all"
+
+
+def screenshot(page: Page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def chart_points(page: Page, div_id: str) -> list[int]:
+    """Points in each trace of the Plotly chart in #div_id, read from the live graph div."""
+    return list(
+        page.evaluate(
+            "id => (document.getElementById(id).data || []).map(t => (t.x || []).length)", div_id
+        )
+    )
+
+
+def chart_trace(page: Page, div_id: str, index: int = 0) -> dict[str, list[Any]]:
+    return dict(
+        page.evaluate(
+            "([id, i]) => { const t = document.getElementById(id).data[i]; return {x: Array.from(t.x), y: Array.from(t.y)}; }",
+            [div_id, index],
+        )
+    )

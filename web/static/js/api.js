@@ -1,0 +1,49 @@
+/**
+ * api.js — the REST side of http_api.md, as the pages call it.
+ *
+ * Owns: same-origin JSON requests (the viewer-token cookie goes along), turning a
+ * non-2xx answer into an ApiError that carries the server's `detail`.
+ * Never: retries silently or hides a failed request from the caller.
+ */
+
+export class ApiError extends Error {
+  constructor(status, detail) {
+    super(typeof detail === "string" ? detail : `HTTP ${status}`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+async function request(method, url, body) {
+  const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(url, init);
+  if (res.status === 204) return null;
+  const text = await res.text();
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = text;
+    }
+  }
+  if (!res.ok) throw new ApiError(res.status, data && data.detail !== undefined ? data.detail : data);
+  return data;
+}
+
+export const getJSON = (url) => request("GET", url);
+export const postJSON = (url, body) => request("POST", url, body);
+export const del = (url) => request("DELETE", url);
+
+/** Builds `/api/runs/{id}/{path}?k=v` with only the defined parameters. */
+export function runUrl(runId, path = "", params = {}) {
+  let url = `/api/runs/${encodeURIComponent(runId)}${path ? "/" + path : ""}`;
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") q.set(k, v);
+  const s = q.toString();
+  return s ? `${url}?${s}` : url;
+}

@@ -1,0 +1,280 @@
+/**
+ * charts.js — the redraw scheduler, the shared Plotly theme and line charts.
+ *
+ * Owns: one requestAnimationFrame loop that redraws dirty charts at most ~10
+ * times a second however fast frames arrive; LineChart, which keeps its own
+ * bounded copy of every trace (decimated past maxPoints, the last point always
+ * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
+ * the replay cursor and command markers drawn on every time axis.
+ * Never: fetches data, or hands Plotly an array it also mutates itself.
+ */
+
+export const REDRAW_INTERVAL_MS = 100;
+export const MAX_POINTS = 4000;
+export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
+  "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
+
+const Plotly = () => window.Plotly;
+
+/** Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS. */
+class Scheduler {
+  constructor() {
+    this.dirty = new Set();
+    this.lastDraw = 0;
+    this.frame = null;
+  }
+
+  mark(chart) {
+    this.dirty.add(chart);
+    if (this.frame === null) this.frame = requestAnimationFrame((t) => this.tick(t));
+  }
+
+  tick(now) {
+    this.frame = null;
+    if (now - this.lastDraw < REDRAW_INTERVAL_MS) {
+      this.frame = requestAnimationFrame((t) => this.tick(t));
+      return;
+    }
+    this.lastDraw = now;
+    this.flush();
+  }
+
+  /** Draws everything dirty now; resolves when Plotly has rendered it. */
+  flush() {
+    const charts = [...this.dirty];
+    this.dirty.clear();
+    return Promise.all(charts.map((c) => c.draw()));
+  }
+}
+
+export const scheduler = new Scheduler();
+
+export function baseLayout(extra = {}) {
+  return {
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "rgba(0,0,0,0)",
+    font: { color: "#c5cdd8", size: 11, family: "system-ui, sans-serif" },
+    margin: { l: 52, r: 12, t: 8, b: 32 },
+    showlegend: true,
+    legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", bgcolor: "rgba(0,0,0,0)" },
+    xaxis: { gridcolor: "#232b35", zerolinecolor: "#2a323d", title: { text: "" } },
+    yaxis: { gridcolor: "#232b35", zerolinecolor: "#2a323d", exponentformat: "e" },
+    hovermode: "x",
+    hoverlabel: { bgcolor: "#1c232c", bordercolor: "#2a323d", font: { color: "#d7dde5" } },
+    uirevision: "keep",
+    ...extra,
+  };
+}
+
+export const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+
+export function formatNumber(v) {
+  if (v === null || v === undefined || Number.isNaN(v)) return "—";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+  return Number(v.toPrecision(4)).toString();
+}
+
+/** Exponential moving average that carries over null (non-finite) points. */
+export function smooth(values, alpha) {
+  if (!alpha) return values;
+  const out = new Array(values.length);
+  let acc = null;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (v === null || v === undefined) { out[i] = null; continue; }
+    acc = acc === null ? v : alpha * acc + (1 - alpha) * v;
+    out[i] = acc;
+  }
+  return out;
+}
+
+/** Halves a trace: min and max of every 4 points, in step order; the last point kept. */
+export function decimate(xs, ys) {
+  const nx = [];
+  const ny = [];
+  const last = xs.length - 1;
+  for (let i = 0; i < last; i += 4) {
+    const end = Math.min(i + 4, last);
+    let lo = i;
+    let hi = i;
+    for (let j = i; j < end; j++) {
+      if (ys[j] === null) continue;
+      if (ys[lo] === null || ys[j] < ys[lo]) lo = j;
+      if (ys[hi] === null || ys[j] > ys[hi]) hi = j;
+    }
+    for (const k of lo <= hi ? [lo, hi] : [hi, lo]) {
+      if (nx.length && nx[nx.length - 1] === xs[k]) continue;
+      nx.push(xs[k]);
+      ny.push(ys[k]);
+    }
+  }
+  nx.push(xs[last]);
+  ny.push(ys[last]);
+  return [nx, ny];
+}
+
+/** Vertical lines: the replay cursor plus dotted command markers. */
+export function stepShapes(cursor, markerSteps = []) {
+  const shapes = markerSteps.map((s) => ({
+    type: "line", xref: "x", yref: "paper", x0: s, x1: s, y0: 0, y1: 1,
+    line: { color: "#e3a52b", width: 1, dash: "dot" },
+  }));
+  if (cursor !== null && cursor !== undefined) {
+    shapes.push({ type: "line", xref: "x", yref: "paper", x0: cursor, x1: cursor, y0: 0, y1: 1,
+      line: { color: "#ffffff", width: 1.2 } });
+  }
+  return shapes;
+}
+
+/**
+ * A line chart over steps. Traces are [{name, color?, dash?}]; markers (command
+ * markers) are a separate hover-able trace placed on trace 0.
+ */
+export class LineChart {
+  constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true } = {}) {
+    this.div = div;
+    this.maxPoints = maxPoints;
+    this.logY = logY;
+    this.yTitle = yTitle;
+    this.showLegend = showLegend;
+    this.smoothing = 0;
+    this.cursor = null;
+    this.markers = [];
+    this.revision = 0;
+    this.drawn = false;
+    this.setTraces(traces);
+  }
+
+  setTraces(traces) {
+    this.traces = traces;
+    this.model = traces.map(() => ({ x: [], y: [] }));
+    this.pending = traces.map(() => ({ x: [], y: [] }));
+    this.full = true;
+    scheduler.mark(this);
+  }
+
+  /** Adds a trace (e.g. a param group's lr first seen live); returns its index. */
+  addTrace(trace) {
+    this.traces.push(trace);
+    this.model.push({ x: [], y: [] });
+    this.pending.push({ x: [], y: [] });
+    this.full = true;
+    scheduler.mark(this);
+    return this.traces.length - 1;
+  }
+
+  /** Replaces one trace's points (steps ascending). */
+  setSeries(i, steps, values) {
+    const m = this.model[i];
+    m.x = steps.slice();
+    m.y = values.map((v) => (v === undefined ? null : v));
+    while (m.x.length > this.maxPoints) [m.x, m.y] = decimate(m.x, m.y);
+    this.full = true;
+    scheduler.mark(this);
+  }
+
+  /** Appends one point; ignored unless its step is past the trace's last step. */
+  append(i, step, value) {
+    const m = this.model[i];
+    if (m.x.length && step <= m.x[m.x.length - 1]) return;
+    m.x.push(step);
+    m.y.push(value ?? null);
+    if (m.x.length > this.maxPoints) {
+      [m.x, m.y] = decimate(m.x, m.y);
+      this.full = true;
+    } else {
+      this.pending[i].x.push(step);
+      this.pending[i].y.push(value ?? null);
+    }
+    scheduler.mark(this);
+  }
+
+  lastStep(i) {
+    const x = this.model[i].x;
+    return x.length ? x[x.length - 1] : -Infinity;
+  }
+
+  /** y of trace i at the last point with step <= s (for placing markers). */
+  valueAt(i, s) {
+    const { x, y } = this.model[i];
+    let lo = 0;
+    let hi = x.length - 1;
+    let best = null;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (x[mid] <= s) { best = y[mid]; lo = mid + 1; } else hi = mid - 1;
+    }
+    return best ?? (y.length ? y[0] : null);
+  }
+
+  setLogY(on) { this.logY = on; this.full = true; scheduler.mark(this); }
+  setSmoothing(alpha) { this.smoothing = alpha; this.full = true; scheduler.mark(this); }
+  setCursor(step) { this.cursor = step; this.cursorDirty = true; scheduler.mark(this); }
+
+  /** markers: [{step, label}] — drawn as dotted lines plus hover points on trace 0. */
+  setMarkers(markers) { this.markers = markers; this.full = true; scheduler.mark(this); }
+
+  plotData() {
+    const data = [];
+    this.traces.forEach((t, i) => {
+      const m = this.model[i];
+      const line = { color: t.color || COLORS[i % COLORS.length], width: 1.5, dash: t.dash || "solid" };
+      const smoothed = this.smoothing > 0 && t.smoothable !== false;
+      data.push({ type: "scatter", mode: "lines", name: t.name,
+        x: m.x.slice(), y: smoothed ? smooth(m.y, this.smoothing) : m.y.slice(), line,
+        connectgaps: false, showlegend: this.showLegend,
+        hovertemplate: `${t.name}: %{y:.4g}<extra>step %{x}</extra>` });
+    });
+    if (this.markers.length) {
+      data.push({ type: "scatter", mode: "markers", name: "commands", showlegend: false,
+        x: this.markers.map((k) => k.step), y: this.markers.map((k) => this.valueAt(0, k.step)),
+        text: this.markers.map((k) => k.label),
+        marker: { symbol: "diamond", size: 9, color: "#e3a52b", line: { color: "#0f1216", width: 1 } },
+        hovertemplate: "%{text}<extra></extra>" });
+    }
+    return data;
+  }
+
+  layout() {
+    return baseLayout({
+      datarevision: ++this.revision,
+      showlegend: this.showLegend && this.traces.length > 1,
+      xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
+      yaxis: { ...baseLayout().yaxis, type: this.logY ? "log" : "linear", title: { text: this.yTitle } },
+      shapes: stepShapes(this.cursor, this.markers.map((k) => k.step)),
+    });
+  }
+
+  draw() {
+    const P = Plotly();
+    if (!P) return Promise.resolve();
+    const pendingAny = this.pending.some((p) => p.x.length);
+    const extendable = this.drawn && !this.full && pendingAny && !(this.smoothing > 0);
+    let work;
+    if (!this.drawn || this.full || (pendingAny && !extendable)) {
+      work = P.react(this.div, this.plotData(), this.layout(), PLOT_CONFIG);
+    } else if (extendable) {
+      const idx = [];
+      const xs = [];
+      const ys = [];
+      this.pending.forEach((p, i) => {
+        if (!p.x.length) return;
+        idx.push(i);
+        xs.push(p.x);
+        ys.push(p.y);
+      });
+      work = P.extendTraces(this.div, { x: xs, y: ys }, idx, this.maxPoints);
+      if (this.cursorDirty) work = work.then(() => P.relayout(this.div, { shapes: this.layout().shapes }));
+    } else if (this.cursorDirty) {
+      work = P.relayout(this.div, { shapes: this.layout().shapes });
+    } else {
+      work = Promise.resolve();
+    }
+    this.pending = this.traces.map(() => ({ x: [], y: [] }));
+    this.full = false;
+    this.cursorDirty = false;
+    this.drawn = true;
+    return work;
+  }
+}

@@ -1,0 +1,103 @@
+/**
+ * compare.js — the comparison page (/compare?ids=a,b): loss and validation loss of
+ * every run overlaid, and the dead and saturated ratio of one chosen layer across
+ * the runs. Re-fetched every few seconds while any of them is still running.
+ * Never: changes a run; this page only reads.
+ */
+
+import { getJSON, runUrl } from "./api.js";
+import { COLORS, LineChart, scheduler } from "./charts.js";
+import { setCondition } from "./notify.js";
+
+const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
+const REFRESH_MS = 5000;
+const $ = (id) => document.getElementById(id);
+const ids = (document.body.dataset.runIds || "").split(",").filter(Boolean);
+
+let details = [];
+let loss;
+let dead;
+let sat;
+
+async function loadDetails() {
+  const answers = await Promise.allSettled(ids.map((id) => getJSON(runUrl(id))));
+  const missing = ids.filter((_, i) => answers[i].status === "rejected");
+  setCondition("missing", missing.length ? `Not found: ${missing.join(", ")}` : null, "warn");
+  details = answers.filter((a) => a.status === "fulfilled").map((a) => a.value);
+}
+
+function buildCharts() {
+  const traces = details.flatMap((d, i) => [
+    { name: `${d.name || d.id} train`, color: COLORS[i % COLORS.length] },
+    { name: `${d.name || d.id} val`, color: COLORS[i % COLORS.length], dash: "dash" },
+  ]);
+  loss = new LineChart($("chart-loss"), traces, { logY: $("loss-log").checked, yTitle: "loss" });
+  const perRun = details.map((d, i) => ({ name: d.name || d.id, color: COLORS[i % COLORS.length] }));
+  dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio" });
+  sat = new LineChart($("chart-sat"), perRun.map((t) => ({ ...t })), { yTitle: "saturated ratio" });
+  $("legend").replaceChildren(...details.map((d, i) => {
+    const li = document.createElement("li");
+    const sw = document.createElement("span");
+    const a = document.createElement("a");
+    sw.className = "swatch";
+    sw.style.background = COLORS[i % COLORS.length];
+    a.href = `/runs/${encodeURIComponent(d.id)}`;
+    a.textContent = `${d.name || d.id} (${d.status})`;
+    li.append(sw, a);
+    return li;
+  }));
+  const names = [];
+  for (const d of details) for (const l of d.layers || []) if (!names.includes(l.name)) names.push(l.name);
+  const select = $("layer");
+  select.replaceChildren(...names.map((n) => new Option(n, n)));
+  const act = details.flatMap((d) => d.layers || []).find((l) => /relu|tanh|sigmoid|gelu|elu/i.test(l.kind));
+  if (act) select.value = act.name;
+}
+
+async function loadLoss() {
+  const all = await Promise.all(details.map((d) => getJSON(runUrl(d.id, "series", { names: "loss,val_loss", max_points: 1500 }))));
+  all.forEach((s, i) => {
+    if (s.loss) loss.setSeries(2 * i, s.loss.steps, s.loss.values);
+    if (s.val_loss) loss.setSeries(2 * i + 1, s.val_loss.steps, s.val_loss.values);
+  });
+}
+
+async function loadLayer() {
+  const layer = $("layer").value;
+  if (!layer) return;
+  const all = await Promise.all(details.map((d) =>
+    (d.layers || []).some((l) => l.name === layer)
+      ? getJSON(runUrl(d.id, "probes", { layer, stats: "dead_ratio,saturated_ratio", max_points: 1500 }))
+      : Promise.resolve(null)));
+  all.forEach((p, i) => {
+    dead.setSeries(i, p ? p.steps : [], p ? p.dead_ratio : []);
+    sat.setSeries(i, p ? p.steps : [], p ? p.saturated_ratio : []);
+  });
+}
+
+async function refresh() {
+  await Promise.all([loadLoss(), loadLayer()]);
+  await scheduler.flush();
+}
+
+async function main() {
+  if (!ids.length) return;
+  await loadDetails();
+  if (!details.length) return;
+  buildCharts();
+  $("loss-log").addEventListener("change", (ev) => loss.setLogY(ev.target.checked));
+  $("layer").addEventListener("change", () => loadLayer());
+  await refresh();
+  document.body.dataset.ready = "1";
+  const timer = setInterval(async () => {
+    if (document.hidden) return;
+    await loadDetails();
+    if (details.every((d) => ENDED.has(d.status))) clearInterval(timer);
+    await refresh();
+  }, REFRESH_MS);
+}
+
+main().catch((e) => {
+  setCondition("load", `The comparison failed to load: ${e.message}`);
+  document.body.dataset.ready = "error";
+});

@@ -1,0 +1,208 @@
+/**
+ * controls.js — the run page's control bar (DESIGN §4).
+ *
+ * Owns: turning a click (or Space) into one command over the viewer socket with a
+ * fresh id, showing that button as pending until the trainer's acknowledgement
+ * (event kind "command_result" with the same id) arrives, and then showing the
+ * acknowledged state and the step it was applied at. Commands carry target state:
+ * "Halve LR" sends set_lr_scale(acked lr_scale * 0.5).
+ * Never: shows a state the trainer has not acknowledged, or sends while no trainer
+ * is connected or the run has ended (the buttons say why they are disabled).
+ */
+
+import { formatNumber } from "./charts.js";
+import { toast } from "./notify.js";
+
+const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
+const DEFAULT_STATE = { paused: false, lr_scale: 1, weight_decay_enabled: true, frozen: [], stopping: false };
+
+function newCommandId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+export class Controls {
+  /**
+   * @param {HTMLElement} root  the #controls section
+   * @param {{send: (msg) => boolean}} opts
+   */
+  constructor(root, { send }) {
+    this.root = root;
+    this.send = send;
+    this.state = null;          // last acknowledged control state, or null before any
+    this.since = {};            // state key -> step it was last applied at
+    this.pending = new Map();   // command id -> button key
+    this.lastApplied = null;    // {name, step} of the last acknowledged command
+    this.sent = new Map();      // command id -> {name, args} sent from this page
+    this.spaceFallback = null;  // what Space does once the run has ended (replay play/pause)
+    this.status = "starting";
+    this.trainerConnected = false;
+    this.socketOpen = false;
+    this.buttons = new Map([...root.querySelectorAll("button[data-cmd]")].map((b) => [b.dataset.cmd, b]));
+    this.labels = new Map([...this.buttons].map(([k, b]) => [k, b.textContent]));
+    this.reason = root.querySelector("#control-reason");
+    this.acked = root.querySelector("#acked");
+    this.lrInput = root.querySelector("#lr-scale");
+    this.freezeSelect = root.querySelector("#freeze-layers");
+    for (const [key, button] of this.buttons) button.addEventListener("click", () => this.click(key));
+    document.addEventListener("keydown", (ev) => this.key(ev));
+    this.render();
+  }
+
+  setLayers(layers) {
+    this.freezeSelect.replaceChildren(...layers.map((l) => {
+      const o = document.createElement("option");
+      o.value = l.name;
+      o.textContent = `${l.name} (${l.kind})`;
+      return o;
+    }));
+    this.freezeSelect.size = 1;
+  }
+
+  setRun({ status, trainerConnected, socketOpen }) {
+    if (status !== undefined) this.status = status;
+    if (trainerConnected !== undefined) this.trainerConnected = trainerConnected;
+    if (socketOpen !== undefined) this.socketOpen = socketOpen;
+    if (ENDED.has(this.status)) this.pending.clear();
+    this.render();
+  }
+
+  /** The acknowledged control state (snapshot, run detail, or a command_result). */
+  setState(state, step = null, name = null) {
+    if (!state) return;
+    const before = this.state;
+    this.state = { ...DEFAULT_STATE, ...state };
+    if (step !== null) {
+      for (const key of ["paused", "lr_scale", "weight_decay_enabled", "frozen"]) {
+        if (!before || JSON.stringify(before[key]) !== JSON.stringify(this.state[key])) this.since[key] = step;
+      }
+      if (name) this.lastApplied = { name, step };
+    }
+    if (document.activeElement !== this.lrInput) this.lrInput.value = String(this.state.lr_scale);
+    this.render();
+  }
+
+  /** The server's immediate answer to a command sent on the socket. */
+  serverResult(msg) {
+    if (!this.pending.has(msg.id)) return;
+    if (msg.ok === false) {
+      this.pending.delete(msg.id);
+      toast(`Command refused: ${msg.reason || "unknown reason"}`, "error");
+      this.render();
+    }
+  }
+
+  /** An event frame of kind "command_result" (the trainer's acknowledgement). */
+  acknowledged(event) {
+    const d = event.data || {};
+    const wasMine = this.pending.delete(d.id);
+    if (d.ok === false) {
+      if (wasMine) toast(`${d.name} failed: ${d.error || "no reason given"}`, "error");
+    } else if (d.state) {
+      this.setState(d.state, d.applied_at_step ?? event.step, d.name);
+    }
+    this.render();
+  }
+
+  ackedScale() {
+    return (this.state || DEFAULT_STATE).lr_scale;
+  }
+
+  disabledReason() {
+    if (ENDED.has(this.status)) return `The run has ended (${this.status}); controls are off. Scrub the replay below.`;
+    if (!this.socketOpen) return "Not connected to the server; reconnecting…";
+    if (!this.trainerConnected) return "No trainer is connected; commands would have nothing to act on.";
+    return "";
+  }
+
+  click(key) {
+    if (this.disabledReason() || this.buttonPending(key)) return;
+    const s = this.state || DEFAULT_STATE;
+    let name;
+    let args = {};
+    switch (key) {
+      case "pause-toggle": name = s.paused ? "resume" : "pause"; break;
+      case "step_once": name = "step_once"; break;
+      case "halve_lr": name = "set_lr_scale"; args = { value: s.lr_scale * 0.5 }; break;
+      case "set_lr_scale": {
+        const value = Number(this.lrInput.value);
+        if (!(this.lrInput.value.trim() !== "" && Number.isFinite(value) && value >= 0)) {
+          toast("LR scale must be a number ≥ 0", "error");
+          return;
+        }
+        name = "set_lr_scale"; args = { value }; break;
+      }
+      case "wd-toggle": name = "set_weight_decay"; args = { enabled: !s.weight_decay_enabled }; break;
+      case "freeze": case "unfreeze": {
+        const layers = [...this.freezeSelect.selectedOptions].map((o) => o.value);
+        if (!layers.length) { toast("Pick one or more layers first", "error"); return; }
+        name = "set_frozen"; args = { layers, frozen: key === "freeze" }; break;
+      }
+      case "checkpoint": name = "checkpoint"; break;
+      case "stop":
+        if (!confirm("Stop this run? The trainer finishes its current step and exits.")) return;
+        name = "stop"; break;
+      default: return;
+    }
+    const id = newCommandId();
+    if (!this.send({ type: "command", id, name, args })) {
+      toast("Not connected; the command was not sent", "error");
+      return;
+    }
+    this.pending.set(id, key);
+    this.sent.set(id, { name, args });
+    this.render();
+  }
+
+  key(ev) {
+    if (ev.code !== "Space" || ev.repeat) return;
+    const t = ev.target;
+    if (t instanceof HTMLElement && t.closest("input, select, textarea, button, [contenteditable]")) return;
+    ev.preventDefault();
+    if (ENDED.has(this.status) && this.spaceFallback) this.spaceFallback();
+    else this.click("pause-toggle");
+  }
+
+  buttonPending(key) {
+    return [...this.pending.values()].includes(key);
+  }
+
+  render() {
+    const s = this.state || DEFAULT_STATE;
+    const reason = this.disabledReason();
+    this.reason.hidden = !reason;
+    this.reason.textContent = reason;
+    this.root.dataset.acked = JSON.stringify(this.state);
+    for (const [key, b] of this.buttons) {
+      const pending = this.buttonPending(key);
+      let label = this.labels.get(key);
+      if (key === "pause-toggle") label = s.paused ? "Resume" : "Pause";
+      if (key === "wd-toggle") label = `Weight decay: ${s.weight_decay_enabled ? "on" : "off"}`;
+      b.textContent = pending ? `${label} …` : label;
+      b.classList.toggle("pending", pending);
+      b.classList.toggle("on", key === "wd-toggle" && s.weight_decay_enabled);
+      b.disabled = !!reason || pending || (key === "step_once" && !s.paused) || (key === "stop" && s.stopping);
+      b.title = reason || (pending ? "Waiting for the trainer to acknowledge" : "");
+    }
+    this.acked.textContent = this.describe();
+  }
+
+  describe() {
+    if (!this.state) return "No acknowledged control state yet.";
+    const s = this.state;
+    const at = (k) => (k in this.since ? ` (step ${this.since[k]})` : "");
+    const parts = [
+      `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
+      `LR ×${formatNumber(s.lr_scale)}${at("lr_scale")}`,
+      `weight decay ${s.weight_decay_enabled ? "on" : "off"}${at("weight_decay_enabled")}`,
+      `frozen: ${s.frozen.length ? s.frozen.join(", ") : "none"}${s.frozen.length ? at("frozen") : ""}`,
+    ];
+    if (s.stopping) parts.push("stopping");
+    if (this.lastApplied) parts.push(`last: ${this.lastApplied.name} at step ${this.lastApplied.step}`);
+    return parts.join(" · ");
+  }
+}

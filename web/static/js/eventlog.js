@@ -1,0 +1,111 @@
+/**
+ * eventlog.js — the run page's event log, alerts list and command markers.
+ *
+ * Owns: one line of text per event (status changes, acknowledged commands with the
+ * step they were applied at, alerts naming their layer, checkpoints), de-duplicated
+ * by seq so a catchup that overlaps what is shown adds nothing twice, and the
+ * marker list (who, what, at which step) the time charts draw.
+ * Never: decides control state (controls.js) or fetches anything.
+ */
+
+const MAX_LINES = 500;
+
+function argsText(name, args, state) {
+  if (args && Object.keys(args).length) {
+    if (name === "set_lr_scale") return `×${args.value}`;
+    if (name === "set_weight_decay") return args.enabled ? "on" : "off";
+    if (name === "set_frozen") return `${args.frozen ? "freeze" : "unfreeze"} ${args.layers.join(", ")}`;
+    return JSON.stringify(args);
+  }
+  if (state && name === "set_lr_scale") return `×${state.lr_scale}`;
+  if (state && name === "set_weight_decay") return state.weight_decay_enabled ? "on" : "off";
+  return "";
+}
+
+export function describeEvent(ev) {
+  const d = ev.data || {};
+  switch (ev.kind) {
+    case "status": return `status → ${d.status}${d.reason ? ` (${d.reason})` : ""}${d.error ? `: ${d.error}` : ""}`;
+    case "command_result": {
+      const what = `${d.name} ${argsText(d.name, d.args, d.state)}`.trim();
+      return d.ok === false ? `${what} failed: ${d.error || "?"}` : `${what} applied at step ${d.applied_at_step ?? ev.step}`;
+    }
+    case "alert": return `${d.layer ? `[${d.layer}] ` : ""}${d.message || d.rule || JSON.stringify(d)}`;
+    case "checkpoint": return `checkpoint ${d.path || ""}`.trim();
+    default: return d.message || JSON.stringify(d);
+  }
+}
+
+export class EventLog {
+  constructor(list, alerts) {
+    this.list = list;
+    this.alerts = alerts;
+    this.seen = new Set();
+    this.alertCount = 0;
+  }
+
+  /** Adds events (oldest first); returns how many were new. */
+  add(events) {
+    let added = 0;
+    for (const ev of events) {
+      const key = ev.seq ?? `${ev.kind}:${ev.step}:${JSON.stringify(ev.data)}`;
+      if (this.seen.has(key)) continue;
+      this.seen.add(key);
+      added++;
+      this.list.prepend(this.line(ev));
+      if (ev.kind === "alert") {
+        if (!this.alertCount) this.alerts.replaceChildren();
+        this.alertCount++;
+        const li = this.line(ev);
+        li.classList.add("alert");
+        this.alerts.prepend(li);
+      }
+    }
+    while (this.list.children.length > MAX_LINES) this.list.lastElementChild.remove();
+    while (this.alerts.children.length > MAX_LINES) this.alerts.lastElementChild.remove();
+    return added;
+  }
+
+  line(ev) {
+    const li = document.createElement("li");
+    li.dataset.kind = ev.kind;
+    const step = document.createElement("span");
+    step.className = "step";
+    step.textContent = `step ${ev.step ?? "—"}`;
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    kind.textContent = ev.kind;
+    li.append(step, kind, document.createTextNode(describeEvent(ev)));
+    return li;
+  }
+}
+
+/** Command markers, keyed by command id: from /commands and from live acknowledgements. */
+export class Markers {
+  constructor() {
+    this.byId = new Map();
+  }
+
+  /** A row of GET /api/runs/{id}/commands. */
+  fromCommand(c) {
+    if (c.status !== "applied" || c.applied_at_step === null || c.applied_at_step === undefined) return;
+    const who = [c.source, c.origin].filter(Boolean).join(" · ") || "unknown";
+    this.byId.set(c.id, { step: c.applied_at_step,
+      label: `${c.name} ${argsText(c.name, c.args, c.state)} · by ${who} · applied at step ${c.applied_at_step}` });
+  }
+
+  /** A live command_result event; `sent` holds {args, source} of commands sent from this page. */
+  fromEvent(ev, sent) {
+    const d = ev.data || {};
+    if (d.ok === false || !d.id || this.byId.has(d.id)) return;
+    const step = d.applied_at_step ?? ev.step;
+    const mine = sent.get(d.id);
+    const who = mine ? "you (this page)" : d.source || "another client";
+    this.byId.set(d.id, { step,
+      label: `${d.name} ${argsText(d.name, mine?.args, d.state)} · by ${who} · applied at step ${step}` });
+  }
+
+  list() {
+    return [...this.byId.values()].sort((a, b) => a.step - b.step);
+  }
+}

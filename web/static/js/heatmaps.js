@@ -1,0 +1,277 @@
+/**
+ * heatmaps.js — the per-layer views: layers × steps heatmaps (dead and saturated
+ * ratios), one layer's activation histogram over time (steps × bins on a common
+ * grid), and every layer's histogram at one step as small multiples.
+ *
+ * Owns: bounded column/row buffers that grow with live probe frames, resampling a
+ * live histogram (its own lo..hi) onto the common grid, and drawing the small
+ * multiples on canvases (thirty Plotly subplots would cost more than the frame
+ * budget during replay).
+ * Never: fetches data; the run page decides what to load.
+ */
+
+import { baseLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
+
+export const MAX_COLUMNS = 600;
+const Plotly = () => window.Plotly;
+const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
+
+/** Layers × steps heatmap of one probe statistic in [0, 1]. */
+export class LayerHeatmap {
+  constructor(div, { title = "", zmax = 1 } = {}) {
+    this.div = div;
+    this.title = title;
+    this.zmax = zmax;
+    this.layers = [];
+    this.steps = [];
+    this.z = [];
+    this.cursor = null;
+    this.markers = [];
+    scheduler.mark(this);
+  }
+
+  /** z is [per layer [per step]], as /probes/matrix answers. */
+  set(layers, steps, z) {
+    this.layers = layers.slice();
+    this.steps = steps.slice();
+    this.z = z.map((row) => row.slice());
+    this.shrink();
+    scheduler.mark(this);
+  }
+
+  /** values: Map layer name -> value (null when the layer lacks the stat). */
+  appendColumn(step, values) {
+    if (this.steps.length && step <= this.steps[this.steps.length - 1]) return;
+    for (const name of values.keys()) {
+      if (!this.layers.includes(name)) {
+        this.layers.push(name);
+        this.z.push(new Array(this.steps.length).fill(null));
+      }
+    }
+    this.steps.push(step);
+    this.layers.forEach((name, i) => this.z[i].push(values.get(name) ?? null));
+    this.shrink();
+    scheduler.mark(this);
+  }
+
+  /** Past MAX_COLUMNS, merge neighbouring columns keeping the worse (larger) value. */
+  shrink() {
+    while (this.steps.length > MAX_COLUMNS) {
+      const keep = [];
+      for (let j = 1; j < this.steps.length; j += 2) keep.push(j);
+      if (this.steps.length % 2 === 1) keep.push(this.steps.length - 1);
+      this.z = this.z.map((row) => keep.map((j) => {
+        const a = row[j - 1] ?? null;
+        const b = row[j] ?? null;
+        return a === null ? b : b === null ? a : Math.max(a, b);
+      }));
+      this.steps = keep.map((j) => this.steps[j]);
+    }
+  }
+
+  setCursor(step) { this.cursor = step; scheduler.mark(this); }
+  setMarkers(steps) { this.markers = steps; scheduler.mark(this); }
+
+  draw() {
+    const P = Plotly();
+    if (!P) return Promise.resolve();
+    const data = [{
+      type: "heatmap", x: this.steps.slice(), y: this.layers.slice(), z: this.z.map((r) => r.slice()),
+      zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 1,
+      colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
+      hovertemplate: "%{y}<br>step %{x}<br>" + this.title + " %{z:.3f}<extra></extra>",
+    }];
+    const layout = baseLayout({
+      showlegend: false,
+      margin: { l: 110, r: 8, t: 6, b: 32 },
+      xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
+      yaxis: { ...baseLayout().yaxis, autorange: "reversed", tickfont: { size: 9 }, automargin: true },
+      shapes: stepShapes(this.cursor, this.markers),
+    });
+    return P.react(this.div, data, layout, PLOT_CONFIG);
+  }
+}
+
+/**
+ * Spreads one histogram (counts over equal bins from lo to hi) onto the grid
+ * `edges` by overlap; returns [grid counts, count that fell outside the grid].
+ */
+export function resample(lo, hi, counts, edges) {
+  const n = edges.length - 1;
+  const out = new Array(n).fill(0);
+  let outside = 0;
+  if (lo === null || hi === null || n < 1) return [out, counts.reduce((a, b) => a + b, 0)];
+  const g0 = edges[0];
+  const gw = (edges[n] - g0) / n;
+  const w = (hi - lo) / counts.length;
+  counts.forEach((c, k) => {
+    if (!c) return;
+    const a = lo + k * w;
+    const b = a + w;
+    if (w <= 0 || gw <= 0) {
+      const j = Math.floor((a - g0) / (gw || 1));
+      if (j >= 0 && j < n) out[j] += c; else outside += c;
+      return;
+    }
+    let placed = 0;
+    const j0 = Math.max(0, Math.floor((a - g0) / gw));
+    const j1 = Math.min(n - 1, Math.floor((b - g0) / gw));
+    for (let j = j0; j <= j1; j++) {
+      const overlap = Math.min(b, g0 + (j + 1) * gw) - Math.max(a, g0 + j * gw);
+      if (overlap > 0) { const part = (c * overlap) / w; out[j] += part; placed += part; }
+    }
+    outside += c - placed;
+  });
+  return [out, outside];
+}
+
+function fractions(row) {
+  const total = row.reduce((a, b) => a + (b || 0), 0);
+  return total > 0 ? row.map((v) => (v || 0) / total) : row.map(() => 0);
+}
+
+/** One layer's activation histogram over time: steps on x, value on y, share of values as colour. */
+export class HistogramOverTime {
+  constructor(div, { onRegrid = () => {} } = {}) {
+    this.div = div;
+    this.onRegrid = onRegrid;
+    this.clear("");
+  }
+
+  clear(layer) {
+    this.layer = layer;
+    this.steps = [];
+    this.edges = [];
+    this.rows = [];
+    this.cursor = null;
+    this.outsideShare = 0;
+    scheduler.mark(this);
+  }
+
+  /** From /histograms: z is [per step [per bin]] on `edges`. */
+  set(layer, steps, edges, z) {
+    this.layer = layer;
+    this.steps = steps.slice();
+    this.edges = edges.slice();
+    this.rows = z.map(fractions);
+    this.outsideShare = 0;
+    this.shrink();
+    scheduler.mark(this);
+  }
+
+  /** A live probe's histogram for this layer. */
+  append(step, hist) {
+    if (!hist || (this.steps.length && step <= this.steps[this.steps.length - 1])) return;
+    const total = hist.counts.reduce((a, b) => a + b, 0);
+    if (!this.edges.length) {
+      const pad = (hist.hi - hist.lo) * 0.25 || 1;
+      const n = hist.counts.length;
+      const lo = hist.lo - pad;
+      const width = (hist.hi - hist.lo + 2 * pad) / n;
+      this.edges = Array.from({ length: n + 1 }, (_, i) => lo + i * width);
+    }
+    const [row, outside] = resample(hist.lo, hist.hi, hist.counts, this.edges);
+    this.steps.push(step);
+    this.rows.push(fractions(row));
+    this.outsideShare = 0.8 * this.outsideShare + 0.2 * (total ? outside / total : 0);
+    if (this.outsideShare > 0.05) { this.outsideShare = 0; this.onRegrid(this.layer); }
+    this.shrink();
+    scheduler.mark(this);
+  }
+
+  shrink() {
+    while (this.steps.length > MAX_COLUMNS) {
+      this.steps = this.steps.filter((_, i) => i % 2 === 1 || i === this.steps.length - 1);
+      this.rows = this.rows.filter((_, i) => i % 2 === 1 || i === this.rows.length - 1);
+    }
+  }
+
+  setCursor(step) { this.cursor = step; scheduler.mark(this); }
+
+  draw() {
+    const P = Plotly();
+    if (!P) return Promise.resolve();
+    const centers = this.edges.slice(1).map((e, i) => (e + this.edges[i]) / 2);
+    const data = [{
+      type: "heatmap", transpose: true, x: this.steps.slice(), y: centers, z: this.rows.map((r) => r.slice()),
+      colorscale: "Viridis", zmin: 0, colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
+      hovertemplate: "step %{x}<br>value %{y:.3g}<br>share %{z:.3f}<extra></extra>",
+    }];
+    const layout = baseLayout({
+      showlegend: false,
+      xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
+      yaxis: { ...baseLayout().yaxis, title: { text: this.layer } },
+      shapes: stepShapes(this.cursor),
+    });
+    return P.react(this.div, data, layout, PLOT_CONFIG);
+  }
+}
+
+/** Every layer's histogram at one step, drawn on small canvases. */
+export class SmallMultiples {
+  constructor(container, stepLabel) {
+    this.container = container;
+    this.stepLabel = stepLabel;
+    this.cells = new Map();
+    this.layers = [];
+    this.step = null;
+  }
+
+  /** layers: [{name, lo, hi, counts, mean, std, dead_ratio, saturated_ratio, ...}] */
+  show(step, layers) {
+    this.step = step;
+    this.layers = layers;
+    scheduler.mark(this);
+  }
+
+  cell(name) {
+    let cell = this.cells.get(name);
+    if (!cell) {
+      const el = document.createElement("div");
+      el.className = "multiple";
+      el.dataset.layer = name;
+      el.innerHTML = '<div class="name"></div><canvas></canvas><div class="range"><span></span><span></span></div>';
+      el.querySelector(".name").textContent = name;
+      this.container.append(el);
+      cell = { el, canvas: el.querySelector("canvas"), spans: el.querySelectorAll(".range span") };
+      this.cells.set(name, cell);
+    }
+    return cell;
+  }
+
+  draw() {
+    this.stepLabel.textContent = this.step === null ? "—" : String(this.step);
+    for (const layer of this.layers) {
+      const cell = this.cell(layer.name);
+      const counts = layer.counts || layer.hist?.counts || [];
+      const lo = layer.lo ?? layer.hist?.lo ?? null;
+      const hi = layer.hi ?? layer.hist?.hi ?? null;
+      cell.el.dataset.step = String(this.step);
+      cell.el.dataset.counts = JSON.stringify(counts);
+      cell.el.title = [`${layer.name} at step ${this.step}`, `mean ${formatNumber(layer.mean)}`,
+        `std ${formatNumber(layer.std)}`, `zero ${formatNumber(layer.zero_frac)}`,
+        `dead ${formatNumber(layer.dead_ratio)}`, `saturated ${formatNumber(layer.saturated_ratio)}`].join("\n");
+      cell.spans[0].textContent = formatNumber(lo);
+      cell.spans[1].textContent = formatNumber(hi);
+      drawBars(cell.canvas, counts);
+    }
+    return Promise.resolve();
+  }
+}
+
+function drawBars(canvas, counts) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(1, Math.round(canvas.clientWidth * dpr));
+  const h = Math.max(1, Math.round(canvas.clientHeight * dpr));
+  if (canvas.width !== w) canvas.width = w;
+  if (canvas.height !== h) canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  const max = Math.max(1, ...counts);
+  const bw = w / Math.max(1, counts.length);
+  ctx.fillStyle = "#4aa3ff";
+  counts.forEach((c, i) => {
+    const bh = (c / max) * (h - 1);
+    ctx.fillRect(i * bw, h - bh, Math.max(1, bw - 0.5), bh);
+  });
+}

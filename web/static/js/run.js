@@ -1,0 +1,321 @@
+/**
+ * run.js — the run page (/runs/{id}), live and replay.
+ *
+ * Owns: the order of loading (viewer socket first, so no frame between the REST
+ * history and the live stream is missed; then the history over REST; then the
+ * buffered live frames, de-duplicated by step), routing each frame to the charts,
+ * the connection / trainer banners, and switching to replay when the run ends.
+ * Sets document.body.dataset.ready = "1" once every chart has rendered.
+ * Never: draws directly (charts.js / heatmaps.js do) or sends a command itself.
+ */
+
+import { getJSON, runUrl, ApiError } from "./api.js";
+import { COLORS, LineChart, scheduler, formatNumber } from "./charts.js";
+import { Controls } from "./controls.js";
+import { EventLog, Markers } from "./eventlog.js";
+import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
+import { setCondition, toast } from "./notify.js";
+import { Replay, stepFromUrl } from "./replay.js";
+import { RunSocket } from "./socket.js";
+import { Snapshots } from "./snapshots.js";
+
+const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
+const SERIES_POINTS = 1500;
+const MATRIX_STEPS = 300;
+const HIST_STEPS = 200;
+const REGRID_MIN_MS = 5000;
+const $ = (id) => document.getElementById(id);
+const runId = document.body.dataset.runId;
+
+const isLr = (n) => n === "lr" || (/^lr[/.:[_]/.test(n) && n !== "lr_scale");
+const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
+
+const page = {
+  status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
+  buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
+};
+
+const charts = {
+  loss: new LineChart($("chart-loss"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "loss" }),
+  acc: new LineChart($("chart-acc"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "accuracy" }),
+  lr: new LineChart($("chart-lr"), [], { yTitle: "lr" }),
+  wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay" }),
+  dead: new LayerHeatmap($("chart-dead"), { title: "dead ratio" }),
+  sat: new LayerHeatmap($("chart-sat"), { title: "saturated ratio" }),
+  hist: new HistogramOverTime($("chart-hist"), { onRegrid: (layer) => regrid(layer) }),
+  grad: new LineChart($("chart-grad"), [], { logY: true, yTitle: "grad norm", showLegend: false }),
+  update: new LineChart($("chart-update"), [], { logY: true, yTitle: "‖Δw‖/‖w‖", showLegend: false }),
+};
+const multiples = new SmallMultiples($("multiples"), $("multiples-step"));
+const snapshots = new Snapshots(runId, (step, layers) => multiples.show(step, layers));
+const events = new EventLog($("events"), $("alerts"));
+const markers = new Markers();
+const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection });
+const controls = new Controls($("controls"), { send: (msg) => socket.send(msg) });
+const replay = new Replay($("replay"), { onCursor: moveCursor });
+controls.spaceFallback = () => replay.toggle();
+
+/** series name -> [chart, trace index] */
+const routes = new Map([["loss", [charts.loss, 0]], ["val_loss", [charts.loss, 1]],
+  ["acc", [charts.acc, 0]], ["val_acc", [charts.acc, 1]]]);
+
+function route(name) {
+  if (routes.has(name)) return routes.get(name);
+  const chart = isLr(name) ? charts.lr : isWd(name) ? charts.wd : null;
+  if (!chart) return null;
+  const label = name.replace(/^(lr|weight_decay)[/.:[_]?/, "") || "all";
+  const entry = [chart, chart.addTrace({ name: `group ${label}`.replace("group all", name), smoothable: false })];
+  routes.set(name, entry);
+  return entry;
+}
+
+function layerTrace(chart, name) {
+  const i = chart.traces.findIndex((t) => t.name === name);
+  return i >= 0 ? i : chart.addTrace({ name, color: COLORS[chart.traces.length % COLORS.length] });
+}
+
+// ---- run state ----
+
+function setStatus(status, trainerConnected) {
+  if (status) page.status = status;
+  if (trainerConnected !== undefined) page.trainerConnected = trainerConnected;
+  const pill = $("status");
+  pill.textContent = page.status;
+  pill.className = `pill ${page.status}`;
+  $("trainer").textContent = ENDED.has(page.status) ? "" : page.trainerConnected ? "trainer connected" : "no trainer";
+  controls.setRun({ status: page.status, trainerConnected: page.trainerConnected, socketOpen: page.socketOpen });
+  const ended = ENDED.has(page.status);
+  if (page.status === "lost") setCondition("trainer", "The trainer was lost (no heartbeat). The run is shown as recorded.");
+  else if (!ended && page.historyLoaded && !page.trainerConnected) {
+    setCondition("trainer", "The trainer is not connected: no new data arrives and controls are off until it reconnects.", "warn");
+  } else setCondition("trainer", null);
+  if (ended && page.historyLoaded && !page.replaying) startReplay();
+}
+
+function setStep(step) {
+  if (step === null || step === undefined || (page.lastStep !== null && step <= page.lastStep)) return;
+  page.lastStep = step;
+  $("step").textContent = String(step);
+  document.body.dataset.lastStep = String(step);
+}
+
+function applyDetail(d) {
+  $("run-name").textContent = d.name || d.id;
+  document.title = `${d.name || d.id} · layerscope`;
+  page.layers = d.layers || [];
+  page.firstStep = d.first_step ?? 0;
+  controls.setLayers(page.layers);
+  controls.setState(d.control);
+  const select = $("hist-layer");
+  select.replaceChildren(...page.layers.map((l) => new Option(`${l.name} (${l.kind})`, l.name)));
+  const act = page.layers.find((l) => /relu|tanh|sigmoid|gelu|silu|elu|mish|softplus|hard|softsign/i.test(l.kind));
+  page.histLayer = (act || page.layers[0] || {}).name ?? null;
+  if (page.histLayer) select.value = page.histLayer;
+  const config = $("config");
+  config.replaceChildren(...Object.entries(d.config || {})
+    .filter(([, v]) => typeof v !== "object" || v === null)
+    .map(([k, v]) => {
+      const span = document.createElement("span");
+      const b = document.createElement("b");
+      span.className = "kv";
+      b.textContent = String(v);
+      span.append(`${k} `, b);
+      return span;
+    }));
+  for (const name of d.series_names || []) route(name);
+  setLast(d.last || {});
+  setStep(d.last_step);
+  setStatus(d.status, d.trainer_connected);
+}
+
+function setLast(last) {
+  if ("loss" in last) $("last-loss").textContent = formatNumber(last.loss);
+  if ("val_loss" in last) $("last-val-loss").textContent = formatNumber(last.val_loss);
+}
+
+// ---- history over REST ----
+
+async function loadHistory(detail) {
+  const names = [...routes.keys()].join(",");
+  const matrix = (stat) => getJSON(runUrl(runId, "probes/matrix", { stat, max_steps: MATRIX_STEPS }));
+  const [series, dead, sat, grad, update, steps, evs, cmds] = await Promise.all([
+    getJSON(runUrl(runId, "series", { names, max_points: SERIES_POINTS })),
+    matrix("dead_ratio"), matrix("saturated_ratio"), matrix("grad_norm"), matrix("update_ratio"),
+    getJSON(runUrl(runId, "probe_steps")),
+    getJSON(runUrl(runId, "events", { limit: 500 })),
+    getJSON(runUrl(runId, "commands")),
+    loadHistogramOverTime(page.histLayer),
+  ]);
+  for (const [name, s] of Object.entries(series)) {
+    const r = route(name);
+    if (r) r[0].setSeries(r[1], s.steps, s.values);
+  }
+  charts.dead.set(dead.layers, dead.steps, dead.z);
+  charts.sat.set(sat.layers, sat.steps, sat.z);
+  for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
+    m.layers.forEach((name, i) => chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]));
+  }
+  snapshots.setSteps(steps.steps);
+  events.add(evs.slice().sort((a, b) => (a.seq ?? 0) - (b.seq ?? 0)));
+  for (const c of cmds) markers.fromCommand(c);
+  drawMarkers();
+  const ended = ENDED.has(page.status);
+  const at = ended ? stepFromUrl() ?? detail.last_step : detail.last_step;
+  await snapshots.request(at ?? 0);
+}
+
+async function loadHistogramOverTime(layer) {
+  if (!layer) return;
+  const h = await getJSON(runUrl(runId, "histograms", { layer, max_steps: HIST_STEPS }));
+  if (layer === page.histLayer) charts.hist.set(layer, h.steps, h.edges, h.z);
+}
+
+function regrid(layer) {
+  const now = performance.now();
+  if (now - page.lastRegrid < REGRID_MIN_MS) return;
+  page.lastRegrid = now;
+  loadHistogramOverTime(layer).catch((e) => toast(`Histogram reload failed: ${e.message}`, "error"));
+}
+
+function drawMarkers() {
+  const list = markers.list();
+  for (const c of [charts.loss, charts.lr, charts.wd]) c.setMarkers(list);
+  const steps = list.map((m) => m.step);
+  charts.dead.setMarkers(steps);
+  charts.sat.setMarkers(steps);
+}
+
+// ---- live frames ----
+
+function onSnapshot(msg) {
+  if (msg.control) controls.setState(msg.control);
+  if (msg.run) {
+    setLast(msg.run.last || {});
+    setStep(msg.run.last_step);
+  }
+  setStatus(msg.run?.status, msg.trainer_connected);
+  if (!page.historyLoaded && msg.probes?.length) page.buffer.push(...msg.probes.map((p) => ({ type: "probe", ...p })));
+}
+
+function onFrame(frame) {
+  if (!page.historyLoaded && frame.seq !== undefined) { page.buffer.push(frame); return; }
+  apply(frame);
+}
+
+function apply(frame) {
+  switch (frame.type) {
+    case "metrics": return applyMetrics(frame);
+    case "probe": return applyProbe(frame);
+    case "event": return applyEvent(frame);
+    case "status": return setStatus(frame.status, frame.trainer_connected);
+    case "heartbeat": setStep(frame.step); return setStatus(frame.status);
+    case "command_result": return controls.serverResult(frame);
+    case "error": return toast(`Server: ${frame.message}`, "error");
+    default: return undefined;
+  }
+}
+
+function applyMetrics(frame) {
+  for (const row of frame.rows || []) {
+    for (const [name, value] of Object.entries(row.values || {})) {
+      const r = route(name);
+      if (r) r[0].append(r[1], row.step, value);
+    }
+    setLast(row.values || {});
+    setStep(row.step);
+  }
+}
+
+function applyProbe(frame) {
+  const dead = new Map();
+  const sat = new Map();
+  for (const layer of frame.layers || []) {
+    dead.set(layer.name, layer.dead_ratio);
+    sat.set(layer.name, layer.saturated_ratio);
+    charts.grad.append(layerTrace(charts.grad, layer.name), frame.step, layer.grad_norm);
+    charts.update.append(layerTrace(charts.update, layer.name), frame.step, layer.update_ratio);
+    if (layer.name === page.histLayer) charts.hist.append(frame.step, layer.hist);
+  }
+  charts.dead.appendColumn(frame.step, dead);
+  charts.sat.appendColumn(frame.step, sat);
+  snapshots.live(frame);
+  setStep(frame.step);
+}
+
+function applyEvent(frame) {
+  events.add([frame]);
+  if (frame.kind === "command_result") {
+    controls.acknowledged(frame);
+    markers.fromEvent(frame, controls.sent);
+    drawMarkers();
+  } else if (frame.kind === "status") {
+    setStatus(frame.data?.status);
+  }
+}
+
+function onConnection(state, detail) {
+  page.socketOpen = state === "open";
+  setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);
+  controls.setRun({ socketOpen: page.socketOpen });
+}
+
+// ---- replay ----
+
+function startReplay() {
+  page.replaying = true;
+  const last = Math.max(page.lastStep ?? 0, page.firstStep);
+  replay.show(page.firstStep, last, recordedPace(last));
+  snapshots.following = false;
+  const wanted = stepFromUrl();
+  replay.seek(wanted ?? last, { updateUrl: false });
+}
+
+function recordedPace(last) {
+  const t = (v) => (typeof v === "number" ? v * (v < 1e11 ? 1000 : 1) : Date.parse(v));
+  const d = page.detail;
+  const seconds = d ? (t(d.updated_at) - t(d.created_at)) / 1000 : NaN;
+  return Number.isFinite(seconds) && seconds > 0 ? (last - page.firstStep) / seconds : 0;
+}
+
+function moveCursor(step) {
+  for (const c of Object.values(charts)) c.setCursor(step);
+  snapshots.request(step).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
+}
+
+// ---- page wiring ----
+
+$("loss-log").addEventListener("change", (ev) => charts.loss.setLogY(ev.target.checked));
+$("loss-smooth").addEventListener("input", (ev) => charts.loss.setSmoothing(Number(ev.target.value)));
+$("hist-layer").addEventListener("change", (ev) => {
+  page.histLayer = ev.target.value;
+  charts.hist.clear(page.histLayer);
+  loadHistogramOverTime(page.histLayer).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
+});
+
+async function main() {
+  let detail;
+  try {
+    detail = await getJSON(runUrl(runId));
+  } catch (e) {
+    const msg = e instanceof ApiError && e.status === 404 ? `Run “${runId}” not found.` : `Could not load the run: ${e.message}`;
+    setCondition("run", msg);
+    document.body.dataset.ready = "error";
+    return;
+  }
+  page.detail = detail;
+  applyDetail(detail);
+  socket.start();
+  snapshots.following = !ENDED.has(page.status);
+  await loadHistory(detail);
+  page.historyLoaded = true;
+  for (const frame of page.buffer.splice(0)) apply(frame);
+  setStatus();
+  await scheduler.flush();
+  document.body.dataset.ready = "1";
+}
+
+main().catch((e) => {
+  setCondition("run", `The page failed to load: ${e.message}`);
+  document.body.dataset.ready = "error";
+  throw e;
+});

@@ -1,0 +1,231 @@
+/**
+ * runs.js — the runs list (/): status, name, key config, last loss, sparkline;
+ * filter; select runs to compare; delete with confirmation; the New-run form.
+ *
+ * Owns: polling GET /api/runs (rows are updated in place, so selections survive a
+ * refresh), the inline-SVG sparklines, and the New-run dialog's submit cycle
+ * (POST /api/runs; 422 errors shown on the fields).
+ * Never: deletes without a confirmation, or hides the server's reason for a refusal.
+ */
+
+import { ApiError, del, getJSON, postJSON } from "./api.js";
+import { formatNumber } from "./charts.js";
+import { ExperimentForm } from "./experiment_form.js";
+import { toast } from "./notify.js";
+
+const POLL_MS = 2000;
+const KEY_CONFIG = ["model.arch", "model.depth", "model.width", "model.activation", "model.init",
+  "model.batch_norm", "data.dataset", "solver.optimizer", "solver.lr", "solver.batch_size"];
+const $ = (id) => document.getElementById(id);
+
+const rows = new Map(); // run id -> {tr, run}
+const selected = new Set();
+let runs = [];
+let highlight = null;
+const form = new ExperimentForm($("new-run-fields"), $("new-run-error"));
+let schemaLoaded = false;
+
+function flatten(config, prefix = "", out = {}) {
+  for (const [k, v] of Object.entries(config || {})) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (v && typeof v === "object" && !Array.isArray(v)) flatten(v, key, out);
+    else out[key] = v;
+  }
+  return out;
+}
+
+function keyConfig(config) {
+  const flat = flatten(config);
+  let keys = KEY_CONFIG.filter((k) => k in flat);
+  if (!keys.length) keys = Object.keys(flat).filter((k) => flat[k] !== null && typeof flat[k] !== "object").slice(0, 6);
+  return keys.map((k) => {
+    const span = document.createElement("span");
+    const b = document.createElement("b");
+    span.className = "kv";
+    b.textContent = String(flat[k]);
+    span.append(`${k.split(".").pop()} `, b);
+    return span;
+  });
+}
+
+function sparkline(values) {
+  const pts = (values || []).map((v, i) => [i, v]).filter(([, v]) => v !== null && Number.isFinite(v));
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", "120");
+  svg.setAttribute("height", "26");
+  if (pts.length < 2) return svg;
+  const ys = pts.map(([, v]) => v);
+  const lo = Math.min(...ys);
+  const span = Math.max(...ys) - lo || 1;
+  const n = (values.length - 1) || 1;
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", pts.map(([i, v]) => `${((i / n) * 118 + 1).toFixed(1)},${(24 - ((v - lo) / span) * 22).toFixed(1)}`).join(" "));
+  svg.append(line);
+  return svg;
+}
+
+function when(t) {
+  const ms = typeof t === "number" ? t * (t < 1e11 ? 1000 : 1) : Date.parse(t);
+  if (!Number.isFinite(ms)) return "";
+  const s = (Date.now() - ms) / 1000;
+  if (s < 60) return "just now";
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return new Date(ms).toLocaleDateString();
+}
+
+function cell(tr, i) {
+  return tr.children[i];
+}
+
+function makeRow(run) {
+  const tr = document.createElement("tr");
+  tr.dataset.runId = run.id;
+  tr.innerHTML = '<td class="select"><input type="checkbox"></td><td><span class="pill"></span></td>'
+    + '<td><a></a></td><td class="config"></td><td class="num"></td><td class="num"></td><td class="num"></td>'
+    + '<td class="spark"></td><td class="muted"></td><td><button type="button" class="danger">Delete</button></td>';
+  const box = tr.querySelector("input");
+  box.setAttribute("aria-label", `Select ${run.name || run.id}`);
+  box.addEventListener("change", () => {
+    if (box.checked) selected.add(run.id); else selected.delete(run.id);
+    updateCompare();
+  });
+  tr.querySelector("a").href = `/runs/${encodeURIComponent(run.id)}`;
+  tr.querySelector("button").addEventListener("click", () => confirmDelete(rows.get(run.id).run));
+  return tr;
+}
+
+function fillRow(tr, run) {
+  const pill = cell(tr, 1).firstChild;
+  pill.textContent = run.status;
+  pill.className = `pill ${run.status}`;
+  tr.querySelector("a").textContent = run.name || run.id;
+  cell(tr, 3).replaceChildren(...keyConfig(run.config));
+  cell(tr, 4).textContent = run.last_step ?? "—";
+  cell(tr, 5).textContent = formatNumber(run.last?.loss);
+  cell(tr, 6).textContent = formatNumber(run.last?.val_loss);
+  cell(tr, 7).replaceChildren(sparkline(run.sparkline));
+  cell(tr, 8).textContent = when(run.created_at);
+  const del = tr.querySelector("button");
+  del.disabled = !!run.trainer_connected;
+  del.title = run.trainer_connected ? "Stop the run first: a trainer is connected" : "Delete this run and its data";
+}
+
+function matches(run, q) {
+  if (!q) return true;
+  const hay = `${run.name} ${run.id} ${run.status} ${JSON.stringify(run.config)}`.toLowerCase();
+  return q.toLowerCase().split(/\s+/).every((w) => hay.includes(w));
+}
+
+function render() {
+  const body = document.querySelector("#runs tbody");
+  const q = $("filter").value.trim();
+  const seen = new Set();
+  const ordered = [];
+  for (const run of runs) {
+    seen.add(run.id);
+    let entry = rows.get(run.id);
+    if (!entry) {
+      entry = { tr: makeRow(run), run };
+      rows.set(run.id, entry);
+    }
+    entry.run = run;
+    fillRow(entry.tr, run);
+    entry.tr.hidden = !matches(run, q);
+    entry.tr.classList.toggle("new", run.id === highlight);
+    ordered.push(entry.tr);
+  }
+  for (const [id, entry] of rows) {
+    if (!seen.has(id)) { entry.tr.remove(); rows.delete(id); selected.delete(id); }
+  }
+  ordered.forEach((tr, i) => { if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null); });
+  $("empty").hidden = runs.length > 0;
+  updateCompare();
+}
+
+function updateCompare() {
+  const button = $("compare");
+  button.disabled = selected.size < 2;
+  button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
+  $("select-all").checked = runs.length > 0 && selected.size === runs.length;
+}
+
+async function refresh() {
+  try {
+    runs = await getJSON("/api/runs");
+    render();
+    document.body.dataset.ready = "1";
+  } catch (e) {
+    toast(`Could not load runs: ${e.message}`, "error");
+  }
+}
+
+function confirmDelete(run) {
+  const dialog = $("confirm-dialog");
+  $("confirm-text").textContent = `Delete run “${run.name || run.id}” and everything recorded for it? This cannot be undone.`;
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "ok") return;
+    try {
+      await del(`/api/runs/${encodeURIComponent(run.id)}`);
+      toast(`Deleted ${run.name || run.id}`);
+    } catch (e) {
+      toast(`Not deleted: ${typeof e.detail === "string" ? e.detail : e.message}`, "error");
+    }
+    refresh();
+  };
+  dialog.showModal();
+}
+
+async function openNewRun() {
+  if (!schemaLoaded) {
+    try {
+      form.build(await getJSON("/api/experiment_schema"));
+      schemaLoaded = true;
+    } catch (e) {
+      toast(`Could not load the experiment schema: ${e.message}`, "error");
+      return;
+    }
+  }
+  form.clearErrors();
+  $("new-run-dialog").showModal();
+}
+
+async function submitNewRun(ev) {
+  ev.preventDefault();
+  const submit = $("new-run-submit");
+  submit.disabled = true;
+  submit.textContent = "Starting…";
+  try {
+    const created = await postJSON("/api/runs", form.value());
+    $("new-run-dialog").close();
+    highlight = created.id;
+    toast(`Started run ${created.id}`);
+    await refresh();
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 422) form.showErrors(e.detail);
+    else form.showErrors([{ loc: [], msg: e.message }]);
+  } finally {
+    submit.disabled = false;
+    submit.textContent = "Start run";
+  }
+}
+
+$("filter").addEventListener("input", render);
+$("compare").addEventListener("click", () => {
+  location.href = `/compare?ids=${[...selected].map(encodeURIComponent).join(",")}`;
+});
+$("select-all").addEventListener("change", (ev) => {
+  for (const run of runs) {
+    const box = rows.get(run.id).tr.querySelector("input");
+    box.checked = ev.target.checked && !rows.get(run.id).tr.hidden;
+    if (box.checked) selected.add(run.id); else selected.delete(run.id);
+  }
+  updateCompare();
+});
+$("new-run").addEventListener("click", openNewRun);
+$("new-run-cancel").addEventListener("click", () => $("new-run-dialog").close());
+$("new-run-form").addEventListener("submit", submitNewRun);
+
+refresh();
+setInterval(() => { if (!document.hidden) refresh(); }, POLL_MS);

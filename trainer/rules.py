@@ -300,6 +300,8 @@ class Rules:
         self._loss_n = 0
         self._best_window_mean: float | None = None
         self._best_window_se2 = 0.0
+        self._train_sum = 0.0  # finite training losses since the last evaluation
+        self._train_n = 0
         self._overfit_streak = 0
         self._weight_decay_sent = False
         self._best_val: float | None = None
@@ -583,6 +585,9 @@ class Rules:
                 out += self._explosion(step, "loss", not finite, "the training loss")
             if "LossNotDecreasing" in self.enabled:
                 out += self._loss_window(step, loss if finite else None)
+            if finite:
+                self._train_sum += loss
+                self._train_n += 1
             return out
 
     def _loss_window(self, step: int, loss: float | None) -> list[Finding]:
@@ -628,9 +633,15 @@ class Rules:
 
     # ---- evaluations ----
 
-    def on_eval(self, step: int, val_loss: float | None, train_loss: float | None) -> list[Finding]:
-        """Feed each validation pass: its loss and the training loss to compare it with."""
+    def on_eval(
+        self, step: int, val_loss: float | None, train_loss: float | None = None
+    ) -> list[Finding]:
+        """Feed each validation pass: its loss and the training loss to compare it with
+        (None: the mean of the training losses fed to ``on_loss`` since the last evaluation)."""
         with self._lock:
+            if train_loss is None and self._train_n:
+                train_loss = self._train_sum / self._train_n
+            self._train_sum, self._train_n = 0.0, 0
             out: list[Finding] = []
             if val_loss is None:
                 return out

@@ -209,6 +209,21 @@ def test_overfit_needs_patience_and_switches_weight_decay_on_once() -> None:
     assert [f.action is not None for f in again] == [True]
 
 
+def test_overfit_compares_with_the_training_losses_since_the_last_evaluation() -> None:
+    r = rules(patience=1)
+    for step in range(50):
+        r.on_loss(step, 0.2)
+    assert r.on_eval(50, 0.21) == []
+    for step in range(50, 100):
+        r.on_loss(step, 0.5)
+    assert r.on_eval(100, 0.52) == []  # against 0.5: the older, lower losses do not count ...
+    for step in range(100, 200):
+        r.on_loss(step, 0.5 if step % 2 else float("nan"))  # ... nor a NaN one
+    (found,) = r.on_eval(200, 0.6)
+    assert found.rule == "Overfit" and found.value == pytest.approx(0.2)
+    assert r.on_eval(300, 0.9) == []  # no training loss since: nothing to compare with
+
+
 def test_overfit_without_auto_weight_decay_only_alerts() -> None:
     r = rules(patience=1)
     (found,) = r.on_eval(100, 0.8, 0.5)

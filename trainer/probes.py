@@ -14,8 +14,9 @@ that is not armed (a disarmed hook is one flag check). The arithmetic lives in
 
 Choices worth knowing:
 * A module called several times in one step (shared module, RNN cell) is one
-  layer: moments, counts and min/max are merged exactly across calls; its units
-  are merged by index when every call has the same unit count, else concatenated.
+  layer: moments, counts and min/max are merged exactly across calls; calls with
+  the same unit count are the same units (merged by index), calls of another
+  width add their units (a shared nn.ReLU used at two widths).
   The histogram re-bins the union of every call's sampled values over the merged
   [min, max], so nothing is clipped to the first call's range.
 * ``sample_values`` caps the values histogrammed per layer per call (a fixed
@@ -630,19 +631,24 @@ class Probes:
 
 
 def _merge_units(calls: list[tuple[Tensor, int]]) -> Tensor | None:
-    """One layer's per-unit fractions over all its calls this step: averaged by index
-    (weighted by values per unit) when the unit counts agree, else concatenated."""
+    """One layer's per-unit fractions over all its calls this step. Calls with the same
+    unit count are the same units (a shared Linear, an RNN cell): averaged by index,
+    weighted by values per unit. Calls of another width are other units: concatenated."""
     if not calls:
         return None
     if len(calls) == 1:
         return calls[0][0]
-    if all(f.shape == calls[0][0].shape for f, _ in calls):
-        total = sum(n for _, n in calls)
-        merged = calls[0][0] * (calls[0][1] / total)
-        for f, n in calls[1:]:
-            merged = merged + f * (n / total)
-        return merged
-    return torch.cat([f for f, _ in calls])
+    groups: dict[int, list[tuple[Tensor, int]]] = {}
+    for fraction, per_unit in calls:
+        groups.setdefault(int(fraction.shape[0]), []).append((fraction, per_unit))
+    merged = []
+    for same in groups.values():
+        total = sum(n for _, n in same)
+        acc = same[0][0] * (same[0][1] / total)
+        for fraction, per_unit in same[1:]:
+            acc = acc + fraction * (per_unit / total)
+        merged.append(acc)
+    return merged[0] if len(merged) == 1 else torch.cat(merged)
 
 
 def _static_units(module: nn.Module) -> int | None:

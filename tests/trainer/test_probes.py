@@ -1,0 +1,527 @@
+"""Probes on real modules: every statistic against a hand-built answer, the unit axis
+of each layer shape, the awkward cases (in-place ReLU, bf16, shared modules, RNN
+tuples), gradient/weight/update norms, filters, cleanup, and the no-sync rule."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from layerscope.trainer import wire
+from layerscope.trainer.probes import UPDATE_SAMPLE, Probes
+from torch import nn
+
+Layers = dict[str, dict[str, Any]]
+
+
+def probe_step(
+    model: nn.Module,
+    probes: Probes,
+    x: torch.Tensor | nn.utils.rnn.PackedSequence,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[Layers, dict[str, float | None]]:
+    """One probe step the way watch() runs it: arm, forward/backward/step, collect, one copy."""
+    probes.arm()
+    out = model(x)
+    if optimizer is not None:
+        out = out[0] if isinstance(out, tuple) else out
+        loss = out.float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pending = probes.collect()
+    assert pending is not None
+    layers, scalars = pending.decode(pending.tensor.cpu())
+    return {layer["name"]: layer for layer in layers}, scalars
+
+
+def forcing_linear(n_in: int, n_out: int, dead: int) -> nn.Linear:
+    """A Linear whose first ``dead`` outputs are negative and the rest positive for
+    every input in [-1, 1]: small weights, bias -/+ 10."""
+    lin = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        lin.weight.uniform_(-0.1, 0.1)
+        lin.bias.fill_(10.0)
+        lin.bias[:dead] = -10.0
+    return lin
+
+
+def uniform(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_dead_ratio_is_exact_on_the_pre_activation_and_on_the_relu() -> None:
+    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.ReLU())
+    layers, _ = probe_step(model, Probes(model), uniform(64, 5))
+    assert layers["0"]["dead_ratio"] == 3 / 8
+    assert layers["1"]["dead_ratio"] == 3 / 8
+    assert layers["1"]["zero_frac"] == 3 / 8
+    assert layers["0"]["saturated_frac"] is None and layers["0"]["saturated_ratio"] is None
+
+
+def test_tanh_saturation_matches_a_hand_computation() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 16)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 1.0)
+    model = nn.Sequential(lin, nn.Tanh())
+    x = torch.randn(64, 20)
+    layers, _ = probe_step(model, Probes(model), x)
+    with torch.no_grad():
+        pinned = torch.tanh(lin(x)).abs() >= 0.99
+    frac = pinned.float().mean().item()
+    ratio = (pinned.float().mean(dim=0) > 0.5).float().mean().item()
+    assert 0.0 < ratio < 1.0 and 0.0 < frac < 1.0  # the case is not degenerate
+    assert layers["1"]["saturated_frac"] == pytest.approx(frac, rel=1e-6)
+    assert layers["1"]["saturated_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert layers["1"]["dead_ratio"] is None
+
+
+def test_named_functional_activation_measures_that_function_on_the_linear() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(20, 16)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 1.0)
+    model = nn.Sequential(lin)
+    x = torch.randn(64, 20)
+    layers, _ = probe_step(model, Probes(model, activations={"0": "tanh"}), x)
+    with torch.no_grad():
+        pinned = torch.tanh(lin(x)).abs() >= 0.99
+    assert layers["0"]["saturated_frac"] == pytest.approx(pinned.float().mean().item(), rel=1e-6)
+    ratio = (pinned.float().mean(dim=0) > 0.5).float().mean().item()
+    assert layers["0"]["saturated_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert layers["0"]["dead_ratio"] is None  # tanh has no dead region
+
+
+def test_sigmoid_module_saturation() -> None:
+    y_in = torch.tensor([[-10.0, 0.0], [10.0, 0.0], [-10.0, 4.7], [-10.0, 0.1]])
+    model = nn.Sequential(nn.Sigmoid())
+    layers, _ = probe_step(model, Probes(model), y_in)
+    # sigmoid(+-10) is pinned, sigmoid(4.7) = 0.9910 is pinned, sigmoid(0) and (0.1) are not
+    assert layers["0"]["saturated_frac"] == 5 / 8
+    assert layers["0"]["saturated_ratio"] == 1 / 2
+
+
+def test_histogram_counts_every_value_and_matches_numpy() -> None:
+    model = nn.Sequential(nn.Linear(10, 32))
+    x = torch.randn(100, 10, generator=torch.Generator().manual_seed(2))
+    layers, _ = probe_step(model, Probes(model, sample_values=None), x)
+    hist = layers["0"]["hist"]
+    with torch.no_grad():
+        y = model(x).numpy()
+    assert sum(hist["counts"]) == y.size
+    assert (hist["lo"], hist["hi"]) == (pytest.approx(y.min()), pytest.approx(y.max()))
+    ref, _ = np.histogram(y, bins=64, range=(hist["lo"], hist["hi"]))
+    assert np.abs(np.array(hist["counts"]) - ref).sum() <= 4  # ulp-edge ties only
+
+
+def test_histogram_samples_large_outputs_but_every_other_stat_is_exact() -> None:
+    model = nn.Sequential(nn.ReLU())
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(3))
+    layers, _ = probe_step(model, Probes(model, sample_values=1000, bins=16), x)
+    relu = layers["0"]
+    y = x.clamp_min(0)
+    assert sum(relu["hist"]["counts"]) == 1000 and len(relu["hist"]["counts"]) == 16
+    assert relu["max"] == y.max().item() and relu["min"] == 0.0
+    assert relu["zero_frac"] == pytest.approx((y == 0).float().mean().item(), rel=1e-6)
+    assert relu["mean"] == pytest.approx(y.mean().item(), rel=1e-5)
+
+
+def test_nonfinite_values_are_counted_and_the_rest_stays_correct() -> None:
+    x = torch.tensor([[1.0, -2.0, 0.0, float("nan")], [3.0, float("inf"), float("-inf"), 0.5]])
+    model = nn.Sequential(nn.ReLU())
+    layers, scalars = probe_step(model, Probes(model), x)
+    relu = layers["0"]
+    finite = [1.0, 0.0, 0.0, 3.0, 0.0, 0.5]  # relu of the finite inputs and of -inf
+    assert relu["nonfinite"] == 2  # NaN and +Inf survive a ReLU
+    assert relu["zero_frac"] == 3 / 8
+    assert relu["mean"] == pytest.approx(np.mean(finite))
+    assert relu["std"] == pytest.approx(np.std(finite))
+    assert (relu["min"], relu["max"]) == (0.0, 3.0)
+    assert sum(relu["hist"]["counts"]) == 6
+    assert scalars == {"grad_norm": None}  # no parameters, no gradients
+    frame = {"type": "probe", "seq": 1, "step": 0, "layers": list(layers.values())}
+    assert wire.validate_probe(json.loads(wire.encode(frame)))["layers"][0]["nonfinite"] == 2
+
+
+def test_no_finite_values_decode_to_none() -> None:
+    model = nn.Sequential(nn.Tanh())
+    layers, _ = probe_step(model, Probes(model), torch.full((2, 3), float("nan")))
+    tanh = layers["0"]
+    assert tanh["mean"] is None and tanh["std"] is None and tanh["min"] is None
+    assert tanh["hist"] is None and tanh["nonfinite"] == 6
+
+
+def test_three_d_outputs_use_the_last_dim_as_units() -> None:
+    model = nn.Sequential(forcing_linear(5, 8, dead=2), nn.ReLU())
+    probes = Probes(model)
+    layers, _ = probe_step(model, probes, uniform(4, 7, 5))  # (batch, seq, features)
+    assert layers["0"]["dead_ratio"] == 2 / 8 and layers["1"]["dead_ratio"] == 2 / 8
+    assert [row["units"] for row in probes.layer_table()] == [8, 8]
+
+
+def test_four_d_conv_outputs_use_channels() -> None:
+    conv = nn.Conv2d(2, 4, kernel_size=3, padding=1)
+    assert conv.bias is not None
+    with torch.no_grad():
+        conv.weight.uniform_(-0.01, 0.01)
+        conv.bias.copy_(torch.tensor([-5.0, 5.0, 5.0, 5.0]))
+    model = nn.Sequential(conv, nn.ReLU())
+    probes = Probes(model)
+    layers, _ = probe_step(model, probes, uniform(3, 2, 6, 6))
+    assert layers["0"]["dead_ratio"] == 1 / 4 and layers["1"]["dead_ratio"] == 1 / 4
+    assert probes.layer_table()[1]["units"] == 4
+
+
+def _conv1d_forcing(channels: int, dead: int) -> nn.Conv1d:
+    conv = nn.Conv1d(2, channels, kernel_size=1)
+    assert conv.bias is not None
+    with torch.no_grad():
+        conv.weight.uniform_(-0.01, 0.01)
+        conv.bias.fill_(5.0)
+        conv.bias[:dead] = -5.0
+    return conv
+
+
+def test_conv1d_outputs_and_the_activation_after_them_use_the_channel_axis() -> None:
+    model = nn.Sequential(_conv1d_forcing(4, dead=1), nn.BatchNorm1d(4).eval(), nn.ReLU())
+    probes = Probes(model)
+    layers, _ = probe_step(model, probes, uniform(3, 2, 7))  # (batch, channels, length)
+    # With the length axis as units no position would be dead; with channels one of four is.
+    assert layers["0"]["dead_ratio"] == 1 / 4 and layers["2"]["dead_ratio"] == 1 / 4
+    assert [row["units"] for row in probes.layer_table()] == [4, 4]
+
+
+class _FunctionalConv1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _conv1d_forcing(4, dead=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_activation_applied_straight_to_a_conv1d_output_inherits_channels() -> None:
+    model = _FunctionalConv1d()
+    layers, _ = probe_step(model, Probes(model), uniform(3, 2, 7))
+    assert layers["act"]["dead_ratio"] == 1 / 4
+
+
+class _ZeroAfter(nn.Module):
+    """Linear -> in-place ReLU -> an in-place op that wipes what the ReLU returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 10)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x)).mul_(0.0)
+
+
+def test_inplace_relu_is_measured_before_later_inplace_ops() -> None:
+    torch.manual_seed(4)
+    model = _ZeroAfter()
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        layers, _ = probe_step(model, Probes(model, sample_values=None), x)
+        y = F.relu(model.fc(x))
+    assert layers["act"]["mean"] == pytest.approx(y.mean().item(), rel=1e-5)
+    assert layers["act"]["zero_frac"] == pytest.approx((y == 0).float().mean().item())
+    assert layers["act"]["max"] == pytest.approx(y.max().item())
+    assert sum(layers["act"]["hist"]["counts"][1:]) > 0  # not all in the zero bin
+    assert layers["fc"]["min"] < 0  # the Linear's own output, before the in-place ReLU
+
+
+def test_bf16_activations_are_widened_first() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU()).to(torch.bfloat16)
+    x = torch.randn(32, 8, dtype=torch.bfloat16)
+    layers, _ = probe_step(model, Probes(model, sample_values=None), x)
+    with torch.no_grad():
+        y = model(x).float()
+    assert layers["1"]["mean"] == pytest.approx(y.mean().item(), rel=1e-4)
+    assert layers["1"]["max"] == y.max().item()
+    assert sum(layers["1"]["hist"]["counts"]) == y.numel()
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = forcing_linear(4, 4, dead=1)
+        self.act = nn.ReLU()
+        self.wide = forcing_linear(4, 6, dead=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        h = self.fc(h)  # the same Linear again: one layer, both calls
+        return self.act(self.wide(self.act(h)))  # the same ReLU at widths 4 and 6
+
+
+def test_a_module_called_twice_is_one_layer_over_all_its_calls() -> None:
+    model = _Shared()
+    x = uniform(16, 4)
+    probes = Probes(model, sample_values=None)
+    layers, _ = probe_step(model, probes, x)
+    assert [row["name"] for row in probes.layer_table()] == ["fc", "act", "wide"]
+    with torch.no_grad():
+        first = model.fc(x)
+        second = model.fc(F.relu(first))
+        fc_all = torch.cat([first, second])
+    fc = layers["fc"]
+    assert fc["mean"] == pytest.approx(fc_all.mean().item(), rel=1e-5)
+    assert fc["std"] == pytest.approx(fc_all.std(correction=0).item(), rel=1e-5)
+    assert (fc["min"], fc["max"]) == (fc_all.min().item(), fc_all.max().item())
+    assert sum(fc["hist"]["counts"]) == fc_all.numel()
+    assert fc["dead_ratio"] == 1 / 4  # same units both calls: merged by index
+    # ReLU at widths 4, 4 (merged by index) and 6: units 4 + 6, dead 1 + 2
+    assert layers["act"]["dead_ratio"] == pytest.approx(3 / 10)  # float32 on the wire
+    assert sum(layers["act"]["hist"]["counts"]) == 16 * (4 + 4 + 6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_rnn_tuple_outputs_use_the_output_sequence(
+    cell: type[nn.Module], batch_first: bool
+) -> None:
+    torch.manual_seed(7)
+    rnn = cell(input_size=3, hidden_size=5, batch_first=batch_first)
+    model = nn.Sequential(rnn)
+    probes = Probes(model, types=(nn.LSTM, nn.GRU), sample_values=None)
+    x = torch.randn(2, 9, 3) if batch_first else torch.randn(9, 2, 3)
+    layers, _ = probe_step(model, probes, x)
+    with torch.no_grad():
+        out = rnn(x)[0]
+    assert probes.layer_table() == [{"name": "0", "kind": cell.__name__, "units": 5}]
+    assert layers["0"]["mean"] == pytest.approx(out.mean().item(), rel=1e-5)
+    assert sum(layers["0"]["hist"]["counts"]) == out.numel()
+
+
+def test_packed_sequence_output_is_measured_on_its_data() -> None:
+    rnn = nn.GRU(3, 4, batch_first=True)
+    model = nn.Sequential(rnn)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 5, 3), [5, 3], batch_first=True)
+    layers, _ = probe_step(model, Probes(model, types=(nn.GRU,), sample_values=None), packed)
+    assert sum(layers["0"]["hist"]["counts"]) == 8 * 4
+
+
+def _two_layer() -> nn.Sequential:
+    torch.manual_seed(8)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_grad_weight_and_update_norms_match_an_sgd_step() -> None:
+    model = _two_layer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    x = torch.randn(8, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads: dict[str, torch.Tensor] = {}
+    opt.register_step_pre_hook(
+        lambda *_: grads.update(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
+    )
+    layers, scalars = probe_step(model, Probes(model, opt), x, opt)
+    for name in ("0", "2"):
+        keys = [f"{name}.weight", f"{name}.bias"]
+        g = torch.cat([grads[k].flatten() for k in keys]).norm().item()
+        w = torch.cat([before[k].flatten() for k in keys]).norm().item()
+        now = dict(model.named_parameters())
+        d = torch.cat([(now[k].detach() - before[k]).flatten() for k in keys]).norm().item()
+        assert layers[name]["grad_norm"] == pytest.approx(g, rel=1e-5)
+        assert layers[name]["weight_norm"] == pytest.approx(w, rel=1e-5)
+        assert layers[name]["update_ratio"] == pytest.approx(d / w, rel=1e-4)
+    assert layers["1"]["grad_norm"] is None and layers["1"]["weight_norm"] is None
+    total = torch.cat([g.flatten() for g in grads.values()]).norm().item()
+    assert scalars["grad_norm"] == pytest.approx(total, rel=1e-5)
+
+
+def test_without_an_optimizer_grads_are_read_at_collect() -> None:
+    model = _two_layer()
+    probes = Probes(model)
+    probes.arm()
+    model(torch.randn(8, 3)).square().mean().backward()
+    pending = probes.collect()
+    assert pending is not None
+    layers = {row["name"]: row for row in pending.decode(pending.tensor)[0]}
+    expected = torch.cat([p.grad.flatten() for p in model[0].parameters() if p.grad is not None])
+    assert expected.numel() == 3 * 4 + 4
+    expected = expected.norm()
+    assert layers["0"]["grad_norm"] == pytest.approx(expected.item(), rel=1e-5)
+    assert layers["0"]["update_ratio"] is None
+
+
+def test_update_ratio_of_a_large_parameter_is_estimated_from_a_sample() -> None:
+    torch.manual_seed(9)
+    lin = nn.Linear(256, 128)
+    assert lin.weight.numel() > UPDATE_SAMPLE  # so the weight is sampled, the bias copied
+    model = nn.Sequential(lin)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    layers, _ = probe_step(model, Probes(model, opt), torch.randn(32, 256), opt)
+    after = list(model.parameters())
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(after, before, strict=True)])
+    exact = (delta.norm() / torch.cat([b.flatten() for b in before]).norm()).item()
+    assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=0.05)
+
+
+def test_probing_does_not_advance_the_users_rng() -> None:
+    model = nn.Sequential(nn.ReLU())
+    state = torch.get_rng_state()
+    probe_step(model, Probes(model, sample_values=10), torch.ones(8, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, ["enc.0", "enc.1", "enc.2", "enc.3", "head"]),
+        ({"types": (nn.ReLU, nn.Tanh)}, ["enc.1", "enc.3"]),
+        ({"names": r"^enc\.[02]$"}, ["enc.0", "enc.2"]),
+        ({"names": ["head", "enc.1"]}, ["enc.1", "head"]),
+        ({"exclude": "enc"}, ["head"]),
+        ({"types": (nn.Linear,), "exclude": ["head"]}, ["enc.0", "enc.2"]),
+    ],
+)
+def test_filters(kwargs: dict[str, Any], expected: list[str]) -> None:
+    probes = Probes(_Net(), **kwargs)
+    assert [spec.name for spec in probes.layers] == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"names": ["enc.9"]}, "no module named"),
+        ({"exclude": "("}, "not a valid regular expression"),
+        ({"activations": {"head": "swoosh"}}, "unknown function"),
+        ({"activations": {"enc.1": "tanh"}}, "itself an activation"),
+        ({"activations": {"nope": "tanh"}}, "not probed layers"),
+        ({"bins": 0}, "bins"),
+        ({"sample_values": 0}, "sample_values"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Probes(_Net(), **kwargs)
+
+
+def test_close_removes_every_hook() -> None:
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    assert any(m._forward_hooks for m in model.modules())
+    probes.close()
+    assert not any(m._forward_hooks for m in model.modules())
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not any(m.__dict__.keys() - nn.Linear(1, 1).__dict__.keys() for m in model.modules()
+                   if isinstance(m, nn.Linear))  # fmt: skip
+    probes.arm()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert probes.collect() is None
+
+
+def test_a_disarmed_step_records_nothing() -> None:
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 4)).sum().backward()
+        opt.step()
+        assert probes.collect() is None
+    probe_step(model, probes, torch.randn(4, 4), opt)
+    assert not probes.armed  # collect disarms
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    assert probes.collect() is None
+
+
+def test_eval_mode_under_no_grad() -> None:
+    model = _Net().eval()
+    probes = Probes(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with torch.no_grad():
+        layers, scalars = probe_step(model, probes, torch.randn(4, 4))
+    assert set(layers) == {"enc.0", "enc.1", "enc.2", "enc.3", "head"}
+    assert layers["head"]["grad_norm"] is None and layers["head"]["weight_norm"] is not None
+
+
+def test_decode_rejects_a_copy_of_the_wrong_length() -> None:
+    model = nn.Sequential(nn.ReLU())
+    probes = Probes(model)
+    probes.arm()
+    model(torch.ones(2, 2))
+    pending = probes.collect()
+    assert pending is not None
+    with pytest.raises(ValueError, match="expected"):
+        pending.decode(pending.tensor[:-1])
+
+
+def _forbid(name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"host read Tensor.{name} during a probe step")
+
+    return refuse
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 6 * 6, 16)
+        self.tanh = nn.Tanh()
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv(x)).flatten(1)
+        h = self.tanh(self.fc(h))
+        return self.out(self.tanh(h))  # tanh twice: the merge path too
+
+
+def test_a_probe_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(10)
+    model = _Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probes = Probes(model, opt, activations={"fc": "sigmoid"}, sample_values=50)
+    x, target = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    pendings = []
+    with monkeypatch.context() as patch:
+        for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, _forbid(name))
+        for _ in range(2):  # the first step also builds the cached index tensors
+            probes.arm()
+            loss = F.cross_entropy(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pendings.append(probes.collect())
+    for pending in pendings:
+        assert pending is not None and pending.tensor.dim() == 1
+        assert pending.tensor.dtype == torch.float32
+        layers, scalars = pending.decode(pending.tensor)
+        assert [row["name"] for row in layers] == ["conv", "act", "fc", "tanh", "out"]
+        assert scalars["grad_norm"] is not None and scalars["grad_norm"] > 0
+        for row in layers:
+            for key, value in row.items():
+                assert value is None or not isinstance(value, float) or math.isfinite(value), key
+            expected = {"tanh": 2 * 50, "out": 8 * 3}.get(row["name"], 50)  # capped per call
+            assert sum(row["hist"]["counts"]) == expected
+            assert row["update_ratio"] is None or row["update_ratio"] > 0

@@ -173,7 +173,7 @@ def test_cnn_on_digits_runs(tmp_path: Path) -> None:
 
 
 def test_overfit_100_passes_for_the_default_mlp_and_fails_with_lr_0(tmp_path: Path) -> None:
-    base = {"overfit": 100, "every": 100, "solver": {"steps": 300, "device": "cpu"}}
+    base: dict[str, Any] = {"overfit": 100, "every": 100, "solver": {"steps": 300, "device": "cpu"}}
     passed = run_experiment(base, server=None, run_dir=str(tmp_path / "ok"), progress=False)
     assert passed["overfit"] == {"n": 100, "train_acc": 1.0, "passed": True}
     frozen = {**base, "solver": {**base["solver"], "lr": 0.0}}

@@ -12,11 +12,19 @@ into Python when a chart asked for 1,500 points of it.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import zlib
 from typing import Any
 
-from layerscope.server.downsample import bucket_count, minmax_rows, pick_even
+from layerscope.server.downsample import (
+    BLOCK_LEVELS,
+    Extremes,
+    bucket_count,
+    choose_level,
+    minmax_rows,
+    pick_even,
+)
 from layerscope.server.histograms import Hist, common_edges, resample, unpack_counts
 from layerscope.server.schema import PROBE_COLUMNS
 from layerscope.server.writes import LAST_KEYS, RunNotFound, command_row
@@ -84,20 +92,45 @@ def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, A
 
 
 def sparkline(conn: sqlite3.Connection, rk: int) -> list[float | None]:
-    """Mean loss per bucket, at most SPARKLINE_POINTS of them (a mean, not min/max:
-    a 50-pixel line shows the trend, and per-step noise would hide it)."""
+    """Mean loss per bucket, at most SPARKLINE_POINTS of them, from block summaries
+    (a mean, not min/max: a 50-pixel line shows the trend; per-step noise would hide it)."""
     sid = conn.execute("SELECT sid FROM series WHERE rk = ? AND name = 'loss'", (rk,)).fetchone()
     if sid is None:
         return []
-    lo, hi = conn.execute("SELECT MIN(step), MAX(step) FROM scalars WHERE sid = ?", sid).fetchone()
-    if lo is None:
+    size = 0
+    for level in BLOCK_LEVELS:
+        count = conn.execute(
+            "SELECT COUNT(*) FROM scalar_blocks WHERE sid = ? AND level = ?", (sid[0], level)
+        ).fetchone()[0]
+        if count >= SPARKLINE_POINTS:
+            size = level
+    if size == 0:  # a short series (< ~800 steps): its raw rows, one bucket per step
+        rows = conn.execute(
+            "SELECT step, (value IS NOT NULL), COALESCE(value, 0.0) FROM scalars WHERE sid = ?"
+            " ORDER BY step",
+            sid,
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT block, finite, total FROM scalar_blocks WHERE sid = ? AND level = ?"
+            " ORDER BY block",
+            (sid[0], size),
+        ).fetchall()
+    if not rows:
         return []
-    span = hi - lo + 1
-    rows = conn.execute(
-        "SELECT (step - ?) * ? / ? AS b, AVG(value) FROM scalars WHERE sid = ? GROUP BY b ORDER BY b",
-        (lo, SPARKLINE_POINTS, span, sid[0]),
-    ).fetchall()
-    return [v for _b, v in rows]
+    b0 = rows[0][0]
+    per_bucket = -(-(rows[-1][0] - b0 + 1) // SPARKLINE_POINTS)
+    sums: dict[int, list[float]] = {}
+    for block, finite, total in rows:
+        acc = sums.setdefault((block - b0) // per_bucket, [0.0, 0.0])
+        acc[0] += finite
+        acc[1] += total
+    out: list[float | None] = []
+    for bucket in sorted(sums):
+        finite, total = sums[bucket]
+        mean = total / finite if finite else None
+        out.append(mean if mean is not None and math.isfinite(mean) else None)
+    return out
 
 
 def run_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -219,53 +252,83 @@ def last_probe_frame(conn: sqlite3.Connection, rk: int) -> dict[str, Any] | None
 def scalar_points(
     conn: sqlite3.Connection, sid: int, start: int | None, end: int | None, max_points: int
 ) -> tuple[list[int], list[float | None]]:
-    """One series over [start, end], min/max downsampled by SQLite itself.
+    """One series over [start, end], at most max_points points (downsample.py's rule).
 
-    Cost: three passes over the range's index entries (count, min, max), no rows
-    materialised in Python beyond the ~max_points kept.
+    Cost: a long range reads the block summaries of the coarsest level that still
+    gives each bucket a block (at most ~4 rows per bucket), plus raw rows only for
+    the two edge blocks a start/end cuts through; a short range reads raw rows.
     """
     lo_b, hi_b = _bounds(start, end)
     where = "sid = ? AND step BETWEEN ? AND ?"
-    n, lo, hi = conn.execute(
-        f"SELECT COUNT(*), MIN(step), MAX(step) FROM scalars WHERE {where}", (sid, lo_b, hi_b)
-    ).fetchone()
-    if n <= max_points:
-        rows = conn.execute(
-            f"SELECT step, value FROM scalars WHERE {where} ORDER BY step", (sid, lo_b, hi_b)
-        ).fetchall()
-        return [s for s, _ in rows], [v for _, v in rows]
-    buckets = bucket_count(max_points)
-    span = hi - lo + 1
-    kept: dict[int, float | None] = {}
+    params = (sid, lo_b, hi_b)
     first = conn.execute(
-        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step LIMIT 1", (sid, lo_b, hi_b)
+        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step LIMIT 1", params
     ).fetchone()
+    if first is None:
+        return [], []
     last = conn.execute(
-        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step DESC LIMIT 1",
-        (sid, lo_b, hi_b),
+        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step DESC LIMIT 1", params
     ).fetchone()
-    kept[first[0]] = first[1]
-    kept[last[0]] = last[1]
-    empty_buckets: list[int] = []
-    # SQLite takes a bare column (step) from the row holding the single MIN()/MAX().
-    for agg in ("MIN", "MAX"):
-        for b, step, value in conn.execute(
-            f"SELECT (step - ?) * ? / ? AS b, step, {agg}(value) FROM scalars WHERE {where} GROUP BY b",
-            (lo, buckets, span, sid, lo_b, hi_b),
+    buckets = bucket_count(max_points)
+    if buckets == 0:
+        return sorted({first[0], last[0]}), [first[1]] if first[0] == last[0] else [
+            first[1],
+            last[1],
+        ]
+    size = choose_level(first[0], last[0], buckets)
+    if size is not None:
+        blocks = conn.execute(
+            "SELECT block, n, first_step, last_step, min_step, min_value, max_step, max_value,"
+            " null_step, finite, total FROM scalar_blocks"
+            " WHERE sid = ? AND level = ? AND block BETWEEN ? AND ? ORDER BY block",
+            (sid, size, first[0] // size, last[0] // size),
+        ).fetchall()
+        if sum(r[1] for r in blocks) > max_points:
+            kept = _from_blocks(conn, sid, blocks, size, first[0], last[0], buckets)
+            kept[first[0]] = first[1]
+            kept[last[0]] = last[1]
+            steps = sorted(kept)
+            return steps, [kept[s] for s in steps]
+    rows = conn.execute(f"SELECT step, value FROM scalars WHERE {where} ORDER BY step", params)
+    steps, values = [], []
+    for step, value in rows:
+        steps.append(step)
+        values.append(value)
+    keep = minmax_rows(steps, [values], max_points)
+    if len(keep) == len(steps):
+        return steps, values
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+def _from_blocks(
+    conn: sqlite3.Connection,
+    sid: int,
+    blocks: list[tuple[Any, ...]],
+    size: int,
+    lo: int,
+    hi: int,
+    buckets: int,
+) -> dict[int, float | None]:
+    """Blocks spread over the buckets as evenly as whole blocks allow (choose_level
+    guarantees at least one block per bucket); an edge block that reaches outside
+    [lo, hi] is summarised from its raw rows inside the range."""
+    b0 = lo // size
+    nblocks = hi // size - b0 + 1
+    summaries: dict[int, Extremes] = {}
+    for block, *row in blocks:
+        summary = summaries.setdefault((block - b0) * buckets // nblocks, Extremes())
+        if row[1] >= lo and row[2] <= hi:
+            summary.merge(tuple(row))
+            continue
+        for step, value in conn.execute(
+            "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ?",
+            (sid, max(lo, block * size), min(hi, block * size + size - 1)),
         ):
-            if value is not None:
-                kept[step] = value
-            elif agg == "MIN":
-                empty_buckets.append(b)
-    for b in empty_buckets:
-        first_in_bucket = lo + (b * span + buckets - 1) // buckets
-        row = conn.execute(
-            "SELECT step, value FROM scalars WHERE sid = ? AND step >= ? ORDER BY step LIMIT 1",
-            (sid, first_in_bucket),
-        ).fetchone()
-        kept[row[0]] = row[1]
-    steps = sorted(kept)
-    return steps, [kept[s] for s in steps]
+            summary.add(step, value)
+    kept: dict[int, float | None] = {}
+    for summary in summaries.values():
+        kept.update(summary.points())
+    return kept
 
 
 def series(
@@ -368,21 +431,15 @@ def probe_matrix(
         "SELECT lid, name FROM layers WHERE rk = ? ORDER BY ord, lid", (rk,)
     ).fetchall()
     column = {s: i for i, s in enumerate(steps)}
-    z: list[list[float | None]] = [[None] * len(steps) for _ in layers]
     row_of = {lid: i for i, (lid, _n) in enumerate(layers)}
+    z: list[list[float | None]] = [[None] * len(steps) for _ in layers]
     if steps:
-        # One index walk per layer over the run's probe rows in [first, last] chosen
-        # step; rows at steps not chosen are skipped in Python (cheap next to a
-        # query per cell).
-        for lid, _name in layers:
-            zrow = z[row_of[lid]]
-            for step, value in conn.execute(
-                f'SELECT step, "{stat}" FROM probes WHERE lid = ? AND step BETWEEN ? AND ?',
-                (lid, steps[0], steps[-1]),
-            ):
-                j = column.get(step)
-                if j is not None:
-                    zrow[j] = value
+        marks = ", ".join("?" * len(steps))
+        for lid, step, value in conn.execute(
+            f'SELECT lid, step, "{stat}" FROM probes WHERE rk = ? AND step IN ({marks})',
+            (rk, *steps),
+        ):
+            z[row_of[lid]][column[step]] = value
     return {"stat": stat, "layers": [n for _l, n in layers], "steps": steps, "z": z}
 
 
@@ -399,15 +456,24 @@ def histograms(
     rk = run_key(conn, run_id)
     lid = _layer_id(conn, rk, layer)
     lo, hi = _bounds(start, end)
-    rows = (
-        []
-        if lid is None
-        else conn.execute(
-            "SELECT step, hist_lo, hist_hi, hist FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
-            (lid, lo, hi),
+    rows: list[tuple[Any, ...]] = []
+    if lid is not None:
+        steps = pick_even(
+            [
+                st
+                for (st,) in conn.execute(
+                    "SELECT step FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
+                    (lid, lo, hi),
+                )
+            ],
+            max_steps,
+        )
+        marks = ", ".join("?" * len(steps))
+        rows = conn.execute(
+            f"SELECT step, hist_lo, hist_hi, hist FROM probes WHERE lid = ? AND step IN ({marks})"
+            " ORDER BY step",
+            (lid, *steps),
         ).fetchall()
-    )
-    rows = pick_even(rows, max_steps)
     hists: list[Hist | None] = [
         None if blob is None or h_lo is None or h_hi is None else (h_lo, h_hi, unpack_counts(blob))
         for _s, h_lo, h_hi, blob in rows

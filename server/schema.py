@@ -54,6 +54,24 @@ CREATE TABLE IF NOT EXISTS scalars (
     time_s REAL,
     PRIMARY KEY (sid, step)
 ) WITHOUT ROWID;
+-- Min/max summaries of aligned blocks of `level` steps (downsample.BLOCK_LEVELS),
+-- kept by the writer, so a chart of a long series reads ~B rows, not every step.
+CREATE TABLE IF NOT EXISTS scalar_blocks (
+    sid INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    block INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    first_step INTEGER NOT NULL,
+    last_step INTEGER NOT NULL,
+    min_step INTEGER,
+    min_value REAL,
+    max_step INTEGER,
+    max_value REAL,
+    null_step INTEGER,
+    finite INTEGER NOT NULL,
+    total REAL NOT NULL,
+    PRIMARY KEY (sid, level, block)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS layers (
     lid INTEGER PRIMARY KEY,
     rk INTEGER NOT NULL,

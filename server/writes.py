@@ -13,12 +13,13 @@ without checking it (a bad one raises StoreError and its whole operation rolls b
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 import zlib
+from math import isfinite
 from typing import Any
 
+from layerscope.server.downsample import BLOCK_LEVELS, block_summaries
 from layerscope.server.histograms import pack_counts
 from layerscope.server.schema import PROBE_COLUMNS
 from layerscope.trainer import wire
@@ -26,6 +27,28 @@ from layerscope.trainer import wire
 LAST_KEYS = ("loss", "val_loss", "acc", "val_acc")
 FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
+
+# Merge a new block summary into a stored one; every right-hand side reads the old row.
+_UPSERT_BLOCK = """
+INSERT INTO scalar_blocks (sid, level, block, n, first_step, last_step, min_step, min_value,
+                           max_step, max_value, null_step, finite, total)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (sid, level, block) DO UPDATE SET
+    n = n + excluded.n,
+    first_step = MIN(first_step, excluded.first_step),
+    last_step = MAX(last_step, excluded.last_step),
+    min_step = CASE WHEN excluded.min_value < min_value OR min_value IS NULL
+                    THEN excluded.min_step ELSE min_step END,
+    min_value = CASE WHEN excluded.min_value < min_value OR min_value IS NULL
+                     THEN excluded.min_value ELSE min_value END,
+    max_step = CASE WHEN excluded.max_value > max_value OR max_value IS NULL
+                    THEN excluded.max_step ELSE max_step END,
+    max_value = CASE WHEN excluded.max_value > max_value OR max_value IS NULL
+                     THEN excluded.max_value ELSE max_value END,
+    null_step = COALESCE(MIN(null_step, excluded.null_step), null_step, excluded.null_step),
+    finite = finite + excluded.finite,
+    total = total + excluded.total
+"""
 
 
 class StoreError(ValueError):
@@ -56,7 +79,7 @@ def _finite(value: Any, where: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise StoreError(f"{where} must be a number or null, got {type(value).__name__}")
-    return float(value) if math.isfinite(value) else None
+    return float(value) if isfinite(value) else None
 
 
 def _seq(frame: Any) -> int:
@@ -86,12 +109,14 @@ class Writer:
         self._rk: dict[str, int] = {}
         self._sid: dict[tuple[int, str], int] = {}
         self._lid: dict[tuple[int, str], int] = {}
+        self._max_step: dict[int, int] = {}
 
     def forget(self) -> None:
         """Drop the caches: called after a rollback, which may have undone new ids."""
         self._rk.clear()
         self._sid.clear()
         self._lid.clear()
+        self._max_step.clear()
 
     # ---- ids ----
 
@@ -239,6 +264,9 @@ class Writer:
             return False
         c = self.conn
         c.execute("DELETE FROM scalars WHERE sid IN (SELECT sid FROM series WHERE rk = ?)", (rk,))
+        c.execute(
+            "DELETE FROM scalar_blocks WHERE sid IN (SELECT sid FROM series WHERE rk = ?)", (rk,)
+        )
         for table in (
             "series",
             "probes",
@@ -363,21 +391,96 @@ class Writer:
         if not isinstance(rows, list):
             raise StoreError(f"metrics frame seq {frame['seq']}: 'rows' must be a list")
         params = []
+        # Points past a series' newest step extend its block summaries; a step at or
+        # before it (a re-logged step after a resume) rewrites a point, so its
+        # blocks are rebuilt from the raw rows instead.
+        fresh: dict[int, list[tuple[int, float | None]]] = {}
+        rewritten: set[tuple[int, int]] = set()
+        sids: dict[str, int] = {}
+        newest: dict[int, int] = {}
+        step_lo, step_hi = -1, -1
+        # The hot loop of ingest (every scalar of every step): type checks are
+        # inlined, the common case (a finite float) costs one isfinite call.
         for i, row in enumerate(rows):
-            if not isinstance(row, dict) or not isinstance(row.get("values"), dict):
+            values = row.get("values") if type(row) is dict else None
+            if type(values) is not dict:
                 raise StoreError(
                     f"metrics frame seq {frame['seq']}: rows[{i}] needs a 'values' object"
                 )
-            step = _step(row.get("step"), f"metrics frame seq {frame['seq']} rows[{i}].step")
-            time_s = _finite(row.get("time_s"), "time_s")
-            steps.append(step)
-            for name, raw in row["values"].items():
-                value = _finite(raw, f"rows[{i}].values[{name!r}]")
-                params.append((self.sid(rk, name), step, value, time_s))
-                if name in LAST_KEYS and (name not in last or step >= last[name][0]):
-                    last[name] = [step, value]
+            step = row.get("step")
+            if type(step) is not int or step < 0:
+                _step(step, f"metrics frame seq {frame['seq']} rows[{i}].step")
+            time_s = row.get("time_s")
+            if type(time_s) is float:
+                if not isfinite(time_s):
+                    time_s = None
+            elif time_s is not None:
+                time_s = _finite(time_s, f"rows[{i}].time_s")
+            if step_lo < 0 or step < step_lo:
+                step_lo = step
+            step_hi = max(step_hi, step)
+            for name, value in values.items():
+                if type(value) is float:
+                    if not isfinite(value):
+                        value = None
+                elif value is not None:
+                    value = _finite(value, f"rows[{i}].values[{name!r}]")
+                sid = sids.get(name)
+                if sid is None:
+                    sid = sids[name] = self.sid(rk, name)
+                    newest[sid] = self._newest(sid)
+                params.append((sid, step, value, time_s))
+                if step > newest[sid]:
+                    newest[sid] = step
+                    fresh.setdefault(sid, []).append((step, value))
+                else:
+                    rewritten.add((sid, step))
+        for name, sid in sids.items():
+            self._max_step[sid] = newest[sid]
+            if name not in LAST_KEYS:
+                continue
+            if sid in fresh:  # ascending, so its last point is the series' newest
+                last[name] = list(fresh[sid][-1])
+            elif name in last:  # only re-logged steps: the newest may have been rewritten
+                for p_sid, p_step, p_value, _t in params:
+                    if p_sid == sid and p_step == last[name][0]:
+                        last[name] = [p_step, p_value]
+        if step_lo >= 0:
+            steps.extend((step_lo, step_hi))
         self.conn.executemany(
             "INSERT OR REPLACE INTO scalars (sid, step, value, time_s) VALUES (?, ?, ?, ?)", params
+        )
+        blocks = [
+            (sid, size, block, *summary)
+            for sid, points in fresh.items()
+            for size in BLOCK_LEVELS
+            for block, summary in block_summaries(points, size)
+        ]
+        self.conn.executemany(_UPSERT_BLOCK, blocks)
+        for sid, size, block in {(s, z, st // z) for s, st in rewritten for z in BLOCK_LEVELS}:
+            self._rebuild_block(sid, size, block)
+
+    def _newest(self, sid: int) -> int:
+        newest = self._max_step.get(sid)
+        if newest is None:
+            row = self.conn.execute(
+                "SELECT MAX(step) FROM scalars WHERE sid = ?", (sid,)
+            ).fetchone()
+            newest = self._max_step[sid] = -1 if row[0] is None else row[0]
+        return newest
+
+    def _rebuild_block(self, sid: int, size: int, block: int) -> None:
+        points = self.conn.execute(
+            "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ? ORDER BY step",
+            (sid, block * size, block * size + size - 1),
+        ).fetchall()
+        self.conn.execute(
+            "DELETE FROM scalar_blocks WHERE sid = ? AND level = ? AND block = ?",
+            (sid, size, block),
+        )
+        self.conn.executemany(
+            _UPSERT_BLOCK,
+            [(sid, size, b, *summary) for b, summary in block_summaries(points, size)],
         )
 
     def _probe(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:

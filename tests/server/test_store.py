@@ -1,0 +1,521 @@
+"""Store: real SQLite files in tmp_path, written through the writer thread, read back
+through the read connections and, where it matters, through a fresh sqlite3 connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from layerscope.server.schema import DB_NAME, SchemaError
+from layerscope.server.store import RunNotFound, Store, StoreError
+from layerscope.trainer import wire
+
+pytestmark = pytest.mark.anyio
+
+LAYERS = [
+    {"name": "fc1", "kind": "Linear", "units": 4},
+    {"name": "act1", "kind": "ReLU", "units": 4},
+]
+
+
+def hello(run_id: str = "r1", **extra: Any) -> dict[str, Any]:
+    msg = {
+        "type": "hello",
+        "run_id": run_id,
+        "name": f"{run_id} name",
+        "config": {"lr": 0.1},
+        "layers": LAYERS,
+        **extra,
+    }
+    return wire.validate_hello(msg)
+
+
+def metrics(seq: int, rows: list[tuple[int, dict[str, float | None]]]) -> dict[str, Any]:
+    return wire.validate_metrics(
+        {"seq": seq, "rows": [{"step": s, "time_s": s * 0.5, "values": v} for s, v in rows]}
+    )
+
+
+def probe(seq: int, step: int, scale: float = 1.0) -> dict[str, Any]:
+    return wire.validate_probe(
+        {
+            "seq": seq,
+            "step": step,
+            "layers": [
+                {
+                    "name": "fc1",
+                    "mean": 0.1 * scale,
+                    "std": 1.0,
+                    "dead_ratio": 0.25,
+                    "hist": {"lo": -2.0, "hi": 2.0, "counts": [1, 2, 3, 4]},
+                },
+                {
+                    "name": "act1",
+                    "mean": 0.5 * scale,
+                    "dead_ratio": 0.5 * scale,
+                    "nonfinite": 0,
+                    "hist": {"lo": 0.0, "hi": 4.0, "counts": [8, 0, 0, 2]},
+                },
+            ],
+        }
+    )
+
+
+def event(seq: int, step: int, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    return wire.validate_event({"seq": seq, "step": step, "kind": kind, "data": data})
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "data", commit_interval_s=0.005)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def fresh(tmp_path: Path) -> sqlite3.Connection:
+    """A connection that shares nothing with the store: sees only what was committed."""
+    return sqlite3.connect(tmp_path / "data" / DB_NAME)
+
+
+async def test_round_trip_of_metrics_probes_and_events(store: Store) -> None:
+    assert await store.hello(hello()) == 0
+    rows = [(s, {"loss": 1.0 / (s + 1), "lr": 0.1}) for s in range(10)]
+    assert await store.append("r1", [metrics(1, rows)]) == 1
+    assert await store.append("r1", [probe(2, 0), probe(3, 10, scale=2.0)]) == 3
+    assert await store.append("r1", [event(4, 10, "alert", {"msg": "dead"})]) == 4
+
+    series = store.series("r1", ["loss", "lr", "missing"])
+    assert series["loss"] == {
+        "steps": list(range(10)),
+        "values": [1.0 / (s + 1) for s in range(10)],
+    }
+    assert series["lr"]["values"] == [0.1] * 10
+    assert series["missing"] == {"steps": [], "values": []}
+    assert store.series("r1", ["loss"], start=3, end=5)["loss"]["steps"] == [3, 4, 5]
+
+    assert store.probe_series("r1", "act1", ["mean", "dead_ratio"]) == {
+        "layer": "act1",
+        "steps": [0, 10],
+        "mean": [0.5, 1.0],
+        "dead_ratio": [0.5, 1.0],
+    }
+    assert store.probe_matrix("r1", "dead_ratio") == {
+        "stat": "dead_ratio",
+        "layers": ["fc1", "act1"],
+        "steps": [0, 10],
+        "z": [[0.25, 0.25], [0.5, 1.0]],
+    }
+    at = store.histogram_at("r1", 7)
+    assert at is not None and at["step"] == 0
+    fc1 = at["layers"][0]
+    assert (fc1["name"], fc1["lo"], fc1["hi"], fc1["counts"]) == ("fc1", -2.0, 2.0, [1, 2, 3, 4])
+    assert fc1["mean"] == 0.1 and fc1["std"] == 1.0 and fc1["grad_norm"] is None
+    assert store.histogram_at("r1", 10)["step"] == 10  # type: ignore[index]
+    assert store.histogram_at("r1", 99999)["step"] == 10  # type: ignore[index]
+    assert store.probe_steps("r1") == [0, 10]
+
+    # act1: [0,4] in 4 bins -> onto 2 bins over [0,4]: [8+0, 0+2]
+    hist = store.histograms("r1", "act1", bins=2)
+    assert hist == {
+        "layer": "act1",
+        "steps": [0, 10],
+        "edges": [0.0, 2.0, 4.0],
+        "z": [[8.0, 2.0], [8.0, 2.0]],
+    }
+    (alert,) = store.events("r1", kind="alert")
+    assert (alert["seq"], alert["step"], alert["data"]) == (4, 10, {"msg": "dead"})
+
+    run = store.run("r1")
+    assert run is not None
+    assert run["last_step"] == 10 and run["first_step"] == 0
+    assert run["last"] == {"loss": 0.1, "val_loss": None, "acc": None, "val_acc": None}
+    assert run["layers"] == LAYERS
+    assert run["series_names"] == ["loss", "lr"]
+    assert run["status"] == "running" and run["config"] == {"lr": 0.1}
+    assert [f["seq"] for f in store.frames_after("r1", 1)] == [2, 3, 4]
+    assert store.frames_after("r1", 0, limit=1) == [metrics(1, rows)]
+
+
+async def test_duplicate_seq_is_a_no_op(store: Store) -> None:
+    await store.hello(hello())
+    await store.append("r1", [metrics(1, [(0, {"loss": 1.0})])])
+    # A resend with different content must not overwrite what was acked.
+    assert await store.append("r1", [metrics(1, [(0, {"loss": 9.0})])]) == 1
+    assert await store.append("r1", [event(2, 0, "log", {}), event(2, 0, "log", {})]) == 2
+    assert store.series("r1", ["loss"])["loss"]["values"] == [1.0]
+    assert len(store.events("r1", kind="log")) == 1
+    assert len(store.frames_after("r1", 0)) == 2
+
+
+async def test_acked_seq_is_highest_contiguous(store: Store) -> None:
+    await store.hello(hello())
+    assert await store.append("r1", [event(1, 0, "log", {}), event(2, 0, "log", {})]) == 2
+    assert await store.append("r1", [event(4, 0, "log", {})]) == 2
+    assert store.acked_seq("r1") == 2
+    assert await store.append("r1", [event(3, 0, "log", {})]) == 4
+    assert store.acked_seq("r1") == 4
+    assert store.acked_seq("never-seen") == 0
+
+
+async def test_append_resolves_only_after_commit(store: Store, tmp_path: Path) -> None:
+    await store.hello(hello())
+    results = await asyncio.gather(
+        *(store.append("r1", [metrics(seq, [(seq, {"loss": float(seq)})])]) for seq in range(1, 51))
+    )
+    assert max(results) == 50
+    with fresh(tmp_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 50
+        assert conn.execute("SELECT acked_seq FROM runs").fetchone()[0] == 50
+    for seq in (51, 52):
+        acked = await store.append("r1", [metrics(seq, [(seq, {"loss": 1.0})])])
+        with fresh(tmp_path) as conn:
+            stored = conn.execute("SELECT MAX(seq) FROM frames").fetchone()[0]
+        assert acked == seq == stored
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", commit_interval_s=0.2)
+    await store.open()
+    try:
+        await store.hello(hello())
+        before = store.commits
+        await asyncio.gather(*(store.append("r1", [event(s, 0, "log", {})]) for s in range(1, 101)))
+        assert store.acked_seq("r1") == 100
+        assert store.commits - before <= 3
+    finally:
+        await store.close()
+
+
+async def test_reopen_keeps_everything(tmp_path: Path) -> None:
+    first = Store(tmp_path / "data", commit_interval_s=0.005)
+    await first.open()
+    await first.hello(hello())
+    await first.append("r1", [metrics(1, [(0, {"loss": 2.0}), (1, {"loss": 1.0})]), probe(2, 1)])
+    await first.append("r1", [event(4, 1, "log", {})])
+    row, _ = await first.add_command(
+        "r1", {"id": "c1", "name": "pause", "args": {}, "source": "user"}, origin="api 127.0.0.1"
+    )
+    await first.close()
+
+    second = Store(tmp_path / "data", commit_interval_s=0.005)
+    await second.open()
+    try:
+        assert second.acked_seq("r1") == 2
+        assert second.series("r1", ["loss"])["loss"] == {"steps": [0, 1], "values": [2.0, 1.0]}
+        assert second.probe_steps("r1") == [1]
+        assert second.commands("r1") == [row]
+        # A trainer resuming after the restart: hello returns the preserved ack, the
+        # gap-filling frame then advances it past the frame stored before the restart.
+        assert await second.hello(hello()) == 2
+        assert await second.append("r1", [event(3, 1, "log", {})]) == 4
+        row2, dup = await second.add_command(
+            "r1", {"id": "c2", "name": "resume", "args": {}, "source": "user"}, origin="api"
+        )
+        assert (row2["cmd_seq"], dup) == (2, False)
+    finally:
+        await second.close()
+
+
+async def test_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.close()
+    with fresh(tmp_path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(SchemaError, match="version 99"):
+        await Store(tmp_path / "data").open()
+
+
+async def test_long_series_is_downsampled_keeping_spike_first_and_last(store: Store) -> None:
+    await store.hello(hello())
+    n = 30_000
+    values: list[float | None] = [1.0 + (s % 7) * 0.01 for s in range(n)]
+    values[14_321] = 1e6
+    values[27_777] = -1e6
+    for seq, lo in enumerate(range(0, n, wire.MAX_ROWS), start=1):
+        await store.append(
+            "r1", [metrics(seq, [(s, {"loss": values[s]}) for s in range(lo, lo + wire.MAX_ROWS)])]
+        )
+    for max_points in (2, 3, 10, 100, 1500, 5000):
+        got = store.series("r1", ["loss"], max_points=max_points)["loss"]
+        assert len(got["steps"]) <= max_points
+        assert got["steps"] == sorted(set(got["steps"]))
+        assert got["steps"][0] == 0 and got["steps"][-1] == n - 1
+        assert got["values"] == [values[s] for s in got["steps"]]
+        if max_points >= 10:
+            assert 14_321 in got["steps"] and 27_777 in got["steps"]
+    assert len(store.series("r1", ["loss"])["loss"]["steps"]) > 1400
+    # A zoomed window cuts through blocks: still first/last of the window and the spike.
+    got = store.series("r1", ["loss"], start=10_003, end=20_001, max_points=100)["loss"]
+    assert got["steps"][0] == 10_003 and got["steps"][-1] == 20_001 and 14_321 in got["steps"]
+    assert len(got["steps"]) <= 100
+
+
+async def test_relogged_steps_replace_values_and_their_extremes(store: Store) -> None:
+    await store.hello(hello())
+    await store.append(
+        "r1", [metrics(1, [(s, {"loss": 5.0 if s == 3000 else 1.0}) for s in range(6000)])]
+    )
+    # The trainer resumed from a checkpoint at step 2000 and logs steps 2000.. again.
+    await store.append("r1", [metrics(2, [(s, {"loss": 2.0}) for s in range(2000, 4000)])])
+    got = store.series("r1", ["loss"], max_points=100)["loss"]
+    assert 5.0 not in got["values"] and max(v for v in got["values"] if v is not None) == 2.0
+    assert store.run("r1")["last"]["loss"] == 1.0  # type: ignore[index]
+
+
+async def test_nonfinite_values_are_stored_as_null(store: Store, tmp_path: Path) -> None:
+    await store.hello(hello())
+    frame = {
+        "type": "metrics",
+        "seq": 1,
+        "rows": [
+            {"step": 0, "time_s": 0.0, "values": {"loss": float("nan")}},
+            {"step": 1, "time_s": float("inf"), "values": {"loss": float("inf")}},
+            {"step": 2, "time_s": 0.0, "values": {"loss": 0.5}},
+        ],
+    }
+    await store.append("r1", [frame])
+    assert store.series("r1", ["loss"])["loss"]["values"] == [None, None, 0.5]
+    with fresh(tmp_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM scalars WHERE value IS NULL").fetchone()[0] == 2
+    lines = list(store.export_lines("r1"))
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+
+
+async def test_a_run_gone_nan_downsamples_to_nulls_not_to_nothing(store: Store) -> None:
+    await store.hello(hello())
+    rows = [(s, {"loss": 1.0 if s < 20_000 else None}) for s in range(40_000)]
+    await store.append("r1", [metrics(1, rows[:10_000]), metrics(2, rows[10_000:20_000])])
+    await store.append("r1", [metrics(3, rows[20_000:30_000]), metrics(4, rows[30_000:])])
+    got = store.series("r1", ["loss"], max_points=200)["loss"]
+    assert len(got["steps"]) <= 200
+    tail = [v for s, v in zip(got["steps"], got["values"], strict=True) if s >= 20_000]
+    assert len(tail) >= 45 and set(tail) == {None}  # one per all-NaN bucket, ~half of 99
+
+
+async def test_command_idempotency_and_cmd_seq(store: Store) -> None:
+    await store.hello(hello())
+    await store.hello(hello("r2"))
+    cmd = wire.validate_command({"id": "abc", "name": "set_lr_scale", "args": {"value": 0.5}})
+    row, dup = await store.add_command("r1", cmd, origin="viewer 127.0.0.1:5555")
+    assert dup is False
+    assert row["cmd_seq"] == 1 and row["status"] == "pending" and row["args"] == {"value": 0.5}
+    again, dup = await store.add_command("r1", cmd, origin="api")
+    assert dup is True and again == row
+    second, _ = await store.add_command(
+        "r1", wire.validate_command({"name": "pause"}), origin="rule"
+    )
+    other, _ = await store.add_command(
+        "r2", wire.validate_command({"name": "pause"}), origin="rule"
+    )
+    assert (second["cmd_seq"], other["cmd_seq"]) == (2, 1)
+    assert [c["id"] for c in store.commands("r1")] == ["abc", second["id"]]
+    assert [c["id"] for c in store.commands("r1", after_cmd_seq=1)] == [second["id"]]
+    logged = store.events("r1", kind="command")
+    assert [e["data"]["id"] for e in logged] == ["abc", second["id"]]
+    assert logged[0]["origin"] == "server" and logged[0]["seq"] is None
+
+
+async def test_command_result_event_settles_command_and_control(store: Store) -> None:
+    await store.hello(hello())
+    row, _ = await store.add_command(
+        "r1", {"id": "c1", "name": "pause", "args": {}, "source": "user"}, origin="api"
+    )
+    state = {
+        "paused": True,
+        "lr_scale": 1.0,
+        "weight_decay_enabled": True,
+        "frozen": [],
+        "stopping": False,
+    }
+    await store.append(
+        "r1",
+        [
+            event(
+                1,
+                42,
+                "command_result",
+                {
+                    "id": "c1",
+                    "cmd_seq": 1,
+                    "name": "pause",
+                    "ok": True,
+                    "applied_at_step": 42,
+                    "state": state,
+                },
+            )
+        ],
+    )
+    (cmd,) = store.commands("r1")
+    assert (cmd["status"], cmd["applied_at_step"], cmd["state"]) == ("applied", 42, state)
+    assert store.run("r1")["control"] == state  # type: ignore[index]
+    await store.add_command(
+        "r1", {"id": "c2", "name": "set_frozen", "args": {}, "source": "user"}, origin="api"
+    )
+    await store.append(
+        "r1",
+        [
+            event(
+                2,
+                43,
+                "command_result",
+                {
+                    "id": "c2",
+                    "cmd_seq": 2,
+                    "name": "set_frozen",
+                    "ok": False,
+                    "applied_at_step": None,
+                    "state": state,
+                    "error": "no layer x",
+                },
+            )
+        ],
+    )
+    failed = store.commands("r1")[1]
+    assert (failed["status"], failed["error"]) == ("failed", "no layer x")
+
+
+async def test_status_events_and_set_status(store: Store) -> None:
+    await store.hello(hello())
+    await store.append("r1", [event(1, 5, "status", {"status": "paused"})])
+    assert store.run("r1")["status"] == "paused"  # type: ignore[index]
+    assert store.runs_with_status({"paused"}) == ["r1"]
+    await store.set_status("r1", "lost", reason="trainer silent for 15 s")
+    run = store.run("r1")
+    assert run is not None and (run["status"], run["status_reason"]) == (
+        "lost",
+        "trainer silent for 15 s",
+    )
+    last = store.events("r1", limit=1)[0]
+    assert (last["kind"], last["origin"], last["data"]["status"]) == ("status", "server", "lost")
+    # A trainer reconnecting after being marked lost resumes the run ...
+    await store.hello(hello())
+    assert store.run("r1")["status"] == "running"  # type: ignore[index]
+    # ... but a finished run stays finished.
+    await store.append("r1", [event(2, 6, "status", {"status": "finished"})])
+    await store.hello(hello())
+    assert store.run("r1")["status"] == "finished"  # type: ignore[index]
+    with pytest.raises(StoreError, match="unknown status 'weird'"):
+        await store.set_status("r1", "weird")
+
+
+async def test_create_run_then_hello_and_the_run_list(store: Store) -> None:
+    await store.create_run("launched", "mlp", {"model": "mlp"}, launched=True)
+    run = store.run("launched")
+    assert run is not None and (run["status"], run["launched"]) == ("starting", True)
+    with pytest.raises(StoreError, match="already exists"):
+        await store.create_run("launched", "again", {})
+    assert await store.hello(hello("launched")) == 0
+    await store.hello(hello("newer"))
+    await store.append("newer", [metrics(1, [(s, {"loss": 10.0 - s}) for s in range(10)])])
+    listed = store.runs()
+    assert [r["id"] for r in listed] == ["newer", "launched"]
+    assert listed[0]["sparkline"] == [10.0 - s for s in range(10)]
+    assert listed[1]["status"] == "running" and listed[1]["sparkline"] == []
+    assert len(store.runs()[0]["sparkline"]) <= 50
+
+
+async def test_bad_input_raises_clearly_and_loses_nothing(store: Store) -> None:
+    await store.hello(hello())
+    await store.append("r1", [metrics(1, [(0, {"loss": 1.0})])])
+    with pytest.raises(RunNotFound, match="run 'ghost' not found"):
+        await store.append("ghost", [metrics(2, [(0, {"loss": 1.0})])])
+    # One bad frame in a batch: the batch is refused whole, concurrent writes still land.
+    bad = [metrics(2, [(1, {"loss": 2.0})]), {"type": "probe", "seq": 3, "step": 1, "layers": "x"}]
+    results = await asyncio.gather(
+        store.append("r1", bad),
+        store.append("r1", [event(2, 1, "log", {})]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StoreError) and "'layers' must be a list" in str(results[0])
+    assert results[1] == 2
+    assert store.series("r1", ["loss"])["loss"]["values"] == [1.0]
+    with pytest.raises(StoreError, match="seq"):
+        await store.append("r1", [{"type": "metrics", "rows": []}])
+    with pytest.raises(StoreError, match="heartbeat"):
+        await store.append("r1", [{"type": "heartbeat", "seq": 9, "step": 1}])
+    with pytest.raises(RunNotFound):
+        store.series("ghost", None)
+    with pytest.raises(RunNotFound):
+        await store.add_command("ghost", wire.validate_command({"name": "pause"}), origin="api")
+    assert store.acked_seq("r1") == 2
+    assert await store.append("r1", [event(3, 1, "log", {})]) == 3
+
+
+async def test_delete_run_removes_only_that_run(store: Store, tmp_path: Path) -> None:
+    await store.hello(hello("gone"))
+    await store.hello(hello("kept"))
+    for run_id in ("gone", "kept"):
+        await store.append(run_id, [metrics(1, [(0, {"loss": 1.0})]), probe(2, 0)])
+    assert await store.delete_run("gone") is True
+    assert await store.delete_run("gone") is False
+    assert store.run("gone") is None and [r["id"] for r in store.runs()] == ["kept"]
+    assert store.series("kept", ["loss"])["loss"]["values"] == [1.0]
+    with fresh(tmp_path) as conn:
+        for table in ("scalars", "scalar_blocks", "probes", "frames", "series", "layers"):
+            assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > 0
+        assert conn.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 2
+    # The id can be used again from scratch.
+    assert await store.hello(hello("gone")) == 0
+
+
+async def test_export_lines_and_snapshot(store: Store) -> None:
+    await store.hello(hello())
+    frames = [metrics(1, [(0, {"loss": 1.0})]), probe(2, 0), event(3, 0, "log", {"m": "hi"})]
+    await store.append("r1", frames)
+    lines = list(store.export_lines("r1"))
+    assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
+    header, *body = [json.loads(line, parse_constant=pytest.fail) for line in lines]
+    assert header["type"] == "hello" and header["run_id"] == "r1" and header["layers"] == LAYERS
+    assert header["run"]["status"] == "running"
+    assert body == [{"v": 1, **f} for f in frames]
+    with pytest.raises(RunNotFound):
+        store.export_lines("ghost")
+
+    snap = store.snapshot("r1")
+    assert snap["type"] == "snapshot" and snap["last_seq"] == 3
+    assert snap["series"] == {"loss": {"steps": [0], "values": [1.0]}}
+    assert snap["probes"] == [frames[1]]
+    assert [e["kind"] for e in snap["events"]] == ["log"]
+    assert snap["run"]["id"] == "r1" and snap["commands"] == [] and snap["control"] is None
+
+
+async def test_reads_stay_consistent_while_writing(store: Store) -> None:
+    await store.hello(hello())
+
+    async def writer() -> None:
+        for seq in range(1, 41):
+            await store.append(
+                "r1",
+                [
+                    metrics(
+                        seq,
+                        [(s, {"loss": 1.0, "lr": 0.1}) for s in range(seq * 100, seq * 100 + 100)],
+                    )
+                ],
+            )
+
+    async def reader() -> None:
+        for _ in range(40):
+            got = await asyncio.to_thread(store.series, "r1", ["loss", "lr"])
+            # Both series come from one read transaction: always the same steps.
+            assert got["loss"]["steps"] == got["lr"]["steps"]
+            await asyncio.sleep(0)
+
+    await asyncio.gather(writer(), reader())
+    assert store.acked_seq("r1") == 40
+
+
+async def test_writes_after_close_are_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.hello(hello())

@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {"demo": wire.DEMO_EXPERIMENT}
 FLAG_NAMES = {("data", "path"): "data-path"}
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 _DEST_PREFIX = "cfg:"
+RUN_DIR_SPOOL = "spool.bin"  # the file watch() writes inside a run directory
 
 
 def _version() -> str:
@@ -257,14 +258,17 @@ def _sync(args: argparse.Namespace) -> int:
     server = args.server or os.environ.get("LAYERSCOPE_SERVER")
     if not server:
         return _error("sync", "--server URL is required (or set LAYERSCOPE_SERVER)")
-    if not os.path.exists(args.spool):
-        return _error("sync", f"{args.spool}: no such spool file or directory")
+    spool = args.spool
+    if os.path.isdir(spool):
+        spool = os.path.join(spool, RUN_DIR_SPOOL)
+    if not os.path.isfile(spool):
+        return _error("sync", f"{spool}: no such spool file")
     try:
         url = trainer_socket_url(server)
-        acked = sync_spool(args.spool, url, os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None)
+        acked = sync_spool(spool, url, os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None)
     except (OSError, ValueError) as exc:
         return _error("sync", str(exc))
-    print(f"synced {args.spool}: the server acknowledged {acked} frames", flush=True)
+    print(f"synced {spool}: the server acknowledged {acked} frames", flush=True)
     return 0
 
 

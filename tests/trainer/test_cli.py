@@ -100,6 +100,8 @@ def test_sync_needs_a_server_and_an_existing_spool(
     assert "--server URL is required" in capsys.readouterr().err
     assert cli.main(["sync", str(tmp_path / "nope"), "--server", "ws://127.0.0.1:9"]) == 2
     assert "no such spool" in capsys.readouterr().err
+    assert cli.main(["sync", str(tmp_path), "--server", "ws://127.0.0.1:9"]) == 2
+    assert f"{tmp_path / 'spool.bin'}: no such spool file" in capsys.readouterr().err
 
 
 def test_train_runs_and_a_failed_overfit_check_exits_1(
@@ -138,3 +140,48 @@ def test_launcher_command_line_trains_and_spools_with_no_server_listening(tmp_pa
     assert "20 steps" in out.stdout
     run_dir = tmp_path / "layerscope-runs" / "launched1"
     assert any(p.stat().st_size > 0 for p in run_dir.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_a_spooled_run_syncs_to_a_real_server_with_a_trainer_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train with no server, then `layerscope sync RUN_DIR --server http://...`: every frame
+    is acknowledged and the server holds the run with its validated config."""
+    import threading
+    import time
+    import urllib.request
+
+    from layerscope.server.serving import make_server
+    from layerscope.server.settings import Settings
+
+    monkeypatch.delenv("LAYERSCOPE_SERVER", raising=False)
+    run_dir = tmp_path / "run"
+    args = ["train", "--steps", "12", "--every", "4", "--dataset", "spirals", "--device", "cpu",
+            "--run-id", "offline1", "--run-dir", str(run_dir), "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    capsys.readouterr()
+
+    settings = Settings(data_dir=tmp_path / "data", port=0, trainer_token="t0ken")
+    server, sock, settings, _app = make_server(settings)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        base = f"http://127.0.0.1:{settings.port}"
+        assert cli.main(["sync", str(run_dir), "--server", base]) == 2  # no token: refused
+        assert "layerscope sync:" in capsys.readouterr().err
+        monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", "t0ken")
+        assert cli.main(["sync", str(run_dir), "--server", base]) == 0
+        out = capsys.readouterr().out
+        acked = int(out.split("acknowledged ")[1].split()[0])
+        assert acked >= 3  # metrics, probes and status events of a 12-step run
+        with urllib.request.urlopen(f"{base}/api/runs/offline1", timeout=5) as resp:
+            run = json.loads(resp.read())
+        assert run["config"]["data"]["dataset"] == "spirals" and run["last_step"] == 12
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

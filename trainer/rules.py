@@ -83,8 +83,15 @@ POOR_INIT_PROBE_STEPS = 3
 PLATEAU_MIN_DELTA_REL = 1e-4
 LR_HALVE_FACTOR = 0.5
 
-# Modules whose output is a pre-activation (DESIGN §3 probes them besides activations).
+# Modules whose output is a pre-activation (DESIGN §3 probes them besides activations), and
+# the activation modules DESIGN §3 probes by default.
 _PRE_ACTIVATION_KINDS = frozenset({"Linear", "Bilinear"})
+_ACTIVATION_KINDS = frozenset(
+    {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
+     "Softplus", "Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softsign"}
+)  # fmt: skip
+# One alert names at most this many further layers (a zero-init net flags every layer).
+MAX_LAYERS_NAMED = 6
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,8 @@ class Finding:
     # A proposed command: {"name", "args", "source": "rule", "reason"}. set_lr_scale carries
     # args {"relative": f}: the rule does not know the acknowledged scale; to_command does.
     action: dict[str, Any] | None = None
+    # Every layer where the rule's onset happened at this step, ``layer`` first.
+    layers: list[str] = field(default_factory=list)
 
     def to_event_data(self) -> dict[str, Any]:
         """The ``data`` of an event frame of kind ``alert``."""
@@ -228,6 +237,8 @@ class Finding:
             "value": self.value,
             "threshold": self.threshold,
         }
+        if self.layers:
+            data["layers"] = self.layers
         if self.action is not None:
             data["action"] = self.action
         return data
@@ -376,22 +387,39 @@ class Rules:
         kind = kind.removeprefix("Lazy")
         return kind in _PRE_ACTIVATION_KINDS or kind.startswith("Conv")
 
-    def _same_units_as_next(self, entries: Sequence[Mapping[str, Any]], i: int, stat: str) -> bool:
-        """A Linear/Conv output followed by an activation module that reports ``stat`` itself
-        describes the same units twice; the activation's entry speaks for both."""
+    def _feeds_probed_activation(self, entries: Sequence[Mapping[str, Any]], i: int) -> bool:
+        """A Linear/Conv output followed by a probed activation module: the activation's own
+        entry says what that nonlinearity does (a Linear's dead_ratio assumes a ReLU)."""
         if i + 1 >= len(entries):
             return False
         kind, next_kind = self._kind(entries[i]), self._kind(entries[i + 1])
         return (
             kind is not None
-            and next_kind is not None
             and self._is_pre_activation(kind)
-            and not self._is_pre_activation(next_kind)
-            and _num(entries[i + 1], stat) is not None
+            and next_kind is not None
+            and next_kind.removeprefix("Lazy") in _ACTIVATION_KINDS
         )
 
+    def _per_layer(
+        self, rule: str, step: int, fired: list[tuple[str, float, str]], threshold: float, hint: str
+    ) -> list[Finding]:
+        """One finding per rule and probe step, named after the first layer in depth order
+        (where the trouble starts); ``fired``: (layer, value, what) whose onset is now."""
+        if not fired or not self._audible(rule):
+            return []
+        layer, value, what = fired[0]
+        message = f"layer {layer}: {what} at step {step}."
+        rest = [name for name, _, _ in fired[1:]]
+        if rest:
+            named = ", ".join(rest[:MAX_LAYERS_NAMED]) + (
+                ", ..." if len(rest) > MAX_LAYERS_NAMED else ""
+            )
+            message += f" Also in {len(rest)} later layer{'s' * (len(rest) > 1)}: {named}."
+        layers = [layer, *rest]
+        return [Finding(rule, step, layer, f"{message} {hint}", value, threshold, None, layers)]
+
     def _explosion(
-        self, step: int, where: str, bad: bool, detail: str, layer: str | None = None
+        self, step: int, where: str, bad: bool, detail: str, layers: Sequence[str] = ()
     ) -> list[Finding]:
         """One ExplodingTensor alert per episode, whichever source saw NaN/Inf first; the
         episode ends when every source (activations, losses, grad norm) is finite again."""
@@ -419,7 +447,8 @@ class Rules:
             + ("; pausing the run, the last good checkpoint is kept" if action else "")
             + ". Lower the learning rate, clip gradients, or check the data for NaNs."
         )
-        return [Finding("ExplodingTensor", step, layer, message, None, 0.0, action)]
+        layer = layers[0] if layers else None
+        return [Finding("ExplodingTensor", step, layer, message, None, 0.0, action, list(layers))]
 
     # ---- probe steps ----
 
@@ -428,7 +457,7 @@ class Rules:
     ) -> list[Finding]:
         """Evaluate the per-layer rules on one decoded probe flush. ``layers``: probe-frame
         layer entries in model (depth) order; ``scalars``: e.g. ``{"grad_norm": g}``, raw
-        floats (NaN stays NaN). Returns the findings that fired now."""
+        floats (NaN stays NaN). Returns the findings that fired now, one per rule at most."""
         entries = [e for e in layers if isinstance(e, Mapping) and isinstance(e.get("name"), str)]
         with self._lock:
             self._probe_steps += 1
@@ -469,62 +498,58 @@ class Rules:
         what: str,
         hint: str,
     ) -> list[Finding]:
-        out = []
+        fired = []
+        last_kind = self._kind(entries[-1]) if entries else None
+        # The last probed layer is the model's output: a Linear there feeds the loss, not the
+        # ReLU its dead_ratio assumes.
+        output = len(entries) - 1 if last_kind and self._is_pre_activation(last_kind) else -1
         for i, entry in enumerate(entries):
-            name = entry["name"]
             ratio = _finite(_num(entry, stat))
-            duplicate = self._same_units_as_next(entries, i, stat)
-            fired = self._onset(
-                rule, name, ratio is not None and ratio > threshold and not duplicate
-            )
-            if fired and ratio is not None and self._audible(rule):
-                message = (
-                    f"{name}: {_pct(ratio)} {what} at step {step}, above the "
-                    f"{_pct(threshold)} threshold. {hint}"
-                )
-                out.append(Finding(rule, step, name, message, ratio, threshold))
-        return out
+            if i == output or self._feeds_probed_activation(entries, i):
+                ratio = None
+            if self._onset(rule, entry["name"], ratio is not None and ratio > threshold):
+                assert ratio is not None
+                text = f"{_pct(ratio)} {what}, above the {_pct(threshold)} threshold"
+                fired.append((entry["name"], ratio, text))
+        return self._per_layer(rule, step, fired, threshold, hint)
 
     def _vanishing(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         # mean |g| <= rms(g) = ||g|| / sqrt(n): with the parameter count n we compare the RMS,
         # without it the norm itself; both can only under-report, never raise a false alarm.
         threshold = self.config.vanishing_gradient.threshold
-        out = []
+        fired = []
         for entry in entries:
             name = entry["name"]
             grad_norm = _finite(_num(entry, "grad_norm"))
             n = _num(entry, "params") or self.params.get(name)
             value = grad_norm / math.sqrt(n) if grad_norm is not None and n else grad_norm
             condition = value is not None and value < threshold and name not in self.frozen
-            if self._onset("VanishingGradient", name, condition) and value is not None:
-                if not self._audible("VanishingGradient"):
-                    continue
+            if self._onset("VanishingGradient", name, condition):
+                assert value is not None
                 what = "mean |grad| is at most" if n else "gradient norm is"
-                message = (
-                    f"{name}: {what} {value:.2e} at step {step}, below {threshold:.0e}; this "
-                    "layer has stopped learning. Try Xavier/He init, batch norm, or ReLU "
-                    "instead of sigmoid/tanh."
-                )
-                out.append(Finding("VanishingGradient", step, name, message, value, threshold))
-        return out
+                fired.append((name, value, f"{what} {value:.2g}, below {threshold:.0e}"))
+        hint = (
+            "These layers have stopped learning: try Xavier/He init, batch norm, or ReLU "
+            "instead of sigmoid/tanh."
+        )
+        return self._per_layer("VanishingGradient", step, fired, threshold, hint)
 
     def _all_zero(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         # The probes see outputs; a layer's input is the previous probed layer's output.
         threshold = self.config.all_zero.threshold
-        out = []
+        fired = []
         for prev, entry in zip(entries, entries[1:], strict=False):
-            name = entry["name"]
             zero_frac = _finite(_num(prev, "zero_frac"))
             condition = zero_frac is not None and zero_frac >= threshold
-            if self._onset("AllZero", name, condition) and self._audible("AllZero"):
-                message = (
-                    f"{name}: its input ({prev['name']}'s output) is {_pct(zero_frac or 0.0)} "
-                    f"zeros at step {step} (threshold {_pct(threshold)}). Zero init never breaks "
-                    "symmetry and a too-small init shrinks activations to zero layer by layer: "
-                    "try Xavier/He init or batch norm."
-                )
-                out.append(Finding("AllZero", step, name, message, zero_frac, threshold))
-        return out
+            if self._onset("AllZero", entry["name"], condition):
+                assert zero_frac is not None
+                text = f"its input (the output of layer {prev['name']}) is {_pct(zero_frac)} zeros"
+                fired.append((entry["name"], zero_frac, text))
+        hint = (
+            "Zero init never breaks symmetry, and a too-small init shrinks activations to zero "
+            "layer by layer: try Xavier/He init or batch norm."
+        )
+        return self._per_layer("AllZero", step, fired, threshold, hint)
 
     def _poor_init(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         cfg = self.config.poor_initialization
@@ -538,10 +563,11 @@ class Rules:
         else:
             chosen = list(entries)
         stds = [(e["name"], s) for e in chosen if (s := _finite(_num(e, "std"))) is not None]
-        if len(stds) < 2 or (stds[0][1] == 0.0 and stds[-1][1] == 0.0):
+        # A first layer with no spread at all is AllZero's and DeadUnits' case, not a ratio.
+        if len(stds) < 2 or stds[0][1] <= 0.0:
             return []
         (first, s0), (last, s1) = stds[0], stds[-1]
-        ratio = s1 / s0 if s0 > 0 else math.inf
+        ratio = s1 / s0
         condition = ratio > cfg.threshold or ratio < 1.0 / cfg.threshold
         if not self._onset("PoorInitialization", "run", condition):
             return []
@@ -549,13 +575,12 @@ class Rules:
             return []
         factor = ratio if ratio >= 1.0 else (1.0 / ratio if ratio > 0 else math.inf)
         message = (
-            f"activation std {'grows' if ratio >= 1.0 else 'shrinks'} {factor:.3g}x across "
-            f"the network at step {step}, from {s0:.3g} ({first}) to {s1:.3g} ({last}), beyond "
-            f"the {cfg.threshold:g}x threshold. Scale the init to the fan-in (Xavier for tanh, "
-            "He for ReLU) or add batch norm."
+            f"layer {last}: activation std {'grows' if ratio >= 1.0 else 'shrinks'} "
+            f"{factor:.3g}x across the network at step {step}, from {s0:.3g} at layer {first} "
+            f"to {s1:.3g} at layer {last}, beyond the {cfg.threshold:g}x threshold. Scale the "
+            "init to the fan-in (Xavier for tanh, He for ReLU) or add batch norm."
         )
-        value = ratio if math.isfinite(ratio) else None
-        return [Finding("PoorInitialization", step, last, message, value, cfg.threshold)]
+        return [Finding("PoorInitialization", step, last, message, ratio, cfg.threshold)]
 
     def _probe_explosion(
         self, step: int, entries: Sequence[Mapping[str, Any]], scalars: Mapping[str, Any]
@@ -565,11 +590,12 @@ class Rules:
             detail = f"the activations of {bad[0]} (first of {len(bad)} layers)"
         else:
             detail = f"the activations of {bad[0]}" if bad else "the activations"
-        out = self._explosion(step, "activations", bool(bad), detail, bad[0] if bad else None)
-        for key in ("grad_norm", "loss"):
+        out = self._explosion(step, "activations", bool(bad), detail, bad)
+        # Raw floats only: a decoder that turned NaN into None has hidden the explosion.
+        for key, words in (("grad_norm", "the gradients (global norm)"), ("loss", "the loss")):
             value = _num(scalars, key)
             if value is not None:
-                out += self._explosion(step, key, not math.isfinite(value), f"the {key}")
+                out += self._explosion(step, key, not math.isfinite(value), words)
         return out
 
     # ---- flushed losses ----

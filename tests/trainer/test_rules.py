@@ -102,6 +102,37 @@ def test_a_linear_feeding_a_relu_module_reports_dead_units_once_through_the_relu
     assert [f.layer for f in rules().on_probe(1, functional, {})] == ["fc1"]
 
 
+def test_a_linear_feeding_a_tanh_module_or_the_loss_is_not_called_dead() -> None:
+    # The Linear's dead_ratio assumes a ReLU follows; the probed Tanh says what really does,
+    # and the last Linear's output is the model's output.
+    layers = healthy_layers(fc2={"dead_ratio": 0.7}, out={"dead_ratio": 0.6})
+    assert rules().on_probe(1, layers, {}) == []
+
+
+def test_one_cause_in_many_layers_is_one_alert_per_rule_naming_where_it_starts() -> None:
+    # A zero-initialised ReLU net: every unit dead, every layer's input zero, no gradients.
+    zero = {
+        name: {"zero_frac": 1.0, "std": 0.0, "dead_ratio": 1.0 if kind == "ReLU" else 0.0}
+        | ({"grad_norm": 0.0} if kind == "Linear" else {})
+        for name, kind in KINDS.items()
+    }
+    r = rules()
+    found = {f.rule: f for f in r.on_probe(0, healthy_layers(**zero), {})}
+    assert sorted(found) == ["AllZero", "DeadUnits", "VanishingGradient"]
+    assert found["DeadUnits"].layers == ["act0", "act1"]
+    assert found["AllZero"].layers == ["act0", "fc1", "act1", "fc2", "act2", "out"]
+    assert found["AllZero"].message.startswith("layer act0: its input (the output of layer fc0)")
+    assert "Also in 5 later layers: fc1, act1, fc2, act2, out." in found["AllZero"].message
+    assert found["VanishingGradient"].layers == ["fc0", "fc1", "fc2", "out"]
+    assert found["VanishingGradient"].to_event_data()["layers"] == ["fc0", "fc1", "fc2", "out"]
+    # A layer that goes bad later is a new onset of its own.
+    r = rules()
+    first = r.on_probe(0, healthy_layers(act0={"dead_ratio": 0.9}), {})
+    assert [(f.rule, f.layers) for f in first] == [("DeadUnits", ["act0"])]
+    both = healthy_layers(act0={"dead_ratio": 0.9}, act1={"dead_ratio": 0.8})
+    assert [(f.rule, f.layers) for f in r.on_probe(10, both, {})] == [("DeadUnits", ["act1"])]
+
+
 def test_a_persisting_condition_fires_on_onset_only_and_again_after_it_clears() -> None:
     r = rules()
     sick = healthy_layers(act0={"dead_ratio": 0.6})
@@ -159,7 +190,7 @@ def test_nonfinite_activations_name_the_first_layer_in_depth_order() -> None:
     # Once everything is finite again, the next explosion is a new episode.
     assert r.on_probe(30, healthy_layers(), {}) == []
     (grad,) = r.on_probe(40, healthy_layers(), {"grad_norm": float("inf")})
-    assert grad.rule == "ExplodingTensor" and "grad_norm" in grad.message
+    assert grad.rule == "ExplodingTensor" and "gradients" in grad.message
 
 
 def test_loss_not_decreasing_fires_once_per_stall_despite_mini_batch_noise() -> None:
@@ -233,12 +264,14 @@ def test_overfit_without_auto_weight_decay_only_alerts() -> None:
 def test_all_zero_flags_the_layer_whose_input_is_all_zeros() -> None:
     r = rules()
     zeros = {"fc1": {"zero_frac": 1.0, "std": 0.0}, "act1": {"zero_frac": 1.0, "std": 0.0}}
-    found = [f for f in r.on_probe(7, healthy_layers(**zeros), {}) if f.rule == "AllZero"]
-    assert [(f.layer, f.value, f.threshold) for f in found] == [
-        ("act1", 1.0, 1.0),
-        ("fc2", 1.0, 1.0),
-    ]
-    assert "fc1's output" in found[0].message
+    (found,) = [f for f in r.on_probe(7, healthy_layers(**zeros), {}) if f.rule == "AllZero"]
+    assert (found.layer, found.layers, found.value, found.threshold) == (
+        "act1",
+        ["act1", "fc2"],
+        1.0,
+        1.0,
+    )
+    assert "output of layer fc1" in found.message and "Also in 1 later layer: fc2" in found.message
     # The first layer has no probed input; a zero model output is nobody's input.
     edge = healthy_layers(out={"zero_frac": 1.0})
     assert [f for f in rules().on_probe(7, edge, {}) if f.rule == "AllZero"] == []
@@ -250,7 +283,7 @@ def test_poor_initialization_fires_on_vanishing_std_only_in_the_first_probe_step
     (found,) = rules().on_probe(0, shrinking, {})
     assert (found.rule, found.layer, found.threshold) == ("PoorInitialization", "out", 10.0)
     assert found.value == pytest.approx(0.001)
-    assert "shrinks 1e+03x" in found.message and "fc0" in found.message
+    assert "shrinks 1e+03x" in found.message and "from 1 at layer fc0" in found.message
     growing = healthy_layers(out={"std": 25.0})
     assert [f.rule for f in rules().on_probe(0, growing, {})] == ["PoorInitialization"]
     late = rules()

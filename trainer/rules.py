@@ -16,10 +16,16 @@ that the caller turns into an ordinary command (``Finding.to_command``) with
 
 Firing: a rule fires on the *onset* of a condition (per rule and per layer) and
 stays quiet while the condition persists; it fires again only after the condition
-cleared and came back. Silenced rules are still evaluated (so their history, such
-as a loss window or an overfit streak, stays current) but produce nothing, their
-actions included; un-silencing forgets the onsets, so a condition that still holds
-is reported at the next evaluation. Disabled rules are not evaluated at all.
+cleared and came back. The layers whose onset falls on the same probe step make one
+finding per rule, named after the first in depth order (where the trouble starts)
+and listing the rest: a zero-initialised net is three alerts, not one per layer.
+Layer order matters: ``on_probe`` takes entries in forward (depth) order, and a
+layer's input is taken to be the previous probed layer's output.
+
+Silenced rules are still evaluated (so their history, such as a loss window or an
+overfit streak, stays current) but produce nothing, their actions included;
+un-silencing forgets the onsets, so a condition that still holds is reported at the
+next evaluation. Disabled rules are not evaluated at all.
 """
 
 from __future__ import annotations

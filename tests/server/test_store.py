@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from layerscope.server.downsample import choose_level
 from layerscope.server.schema import DB_NAME, SchemaError
 from layerscope.server.store import RunNotFound, Store, StoreError
 from layerscope.trainer import wire
@@ -35,7 +37,7 @@ def hello(run_id: str = "r1", **extra: Any) -> dict[str, Any]:
     return wire.validate_hello(msg)
 
 
-def metrics(seq: int, rows: list[tuple[int, dict[str, float | None]]]) -> dict[str, Any]:
+def metrics(seq: int, rows: Sequence[tuple[int, Mapping[str, float | None]]]) -> dict[str, Any]:
     return wire.validate_metrics(
         {"seq": seq, "rows": [{"step": s, "time_s": s * 0.5, "values": v} for s, v in rows]}
     )
@@ -116,8 +118,8 @@ async def test_round_trip_of_metrics_probes_and_events(store: Store) -> None:
     fc1 = at["layers"][0]
     assert (fc1["name"], fc1["lo"], fc1["hi"], fc1["counts"]) == ("fc1", -2.0, 2.0, [1, 2, 3, 4])
     assert fc1["mean"] == 0.1 and fc1["std"] == 1.0 and fc1["grad_norm"] is None
-    assert store.histogram_at("r1", 10)["step"] == 10  # type: ignore[index]
-    assert store.histogram_at("r1", 99999)["step"] == 10  # type: ignore[index]
+    assert store.histogram_at("r1", 10)["step"] == 10
+    assert store.histogram_at("r1", 99999)["step"] == 10
     assert store.probe_steps("r1") == [0, 10]
 
     # act1: [0,4] in 4 bins -> onto 2 bins over [0,4]: [8+0, 0+2]
@@ -266,7 +268,7 @@ async def test_relogged_steps_replace_values_and_their_extremes(store: Store) ->
     await store.append("r1", [metrics(2, [(s, {"loss": 2.0}) for s in range(2000, 4000)])])
     got = store.series("r1", ["loss"], max_points=100)["loss"]
     assert 5.0 not in got["values"] and max(v for v in got["values"] if v is not None) == 2.0
-    assert store.run("r1")["last"]["loss"] == 1.0  # type: ignore[index]
+    assert store.run("r1")["last"]["loss"] == 1.0
 
 
 async def test_nonfinite_values_are_stored_as_null(store: Store, tmp_path: Path) -> None:
@@ -355,7 +357,7 @@ async def test_command_result_event_settles_command_and_control(store: Store) ->
     )
     (cmd,) = store.commands("r1")
     assert (cmd["status"], cmd["applied_at_step"], cmd["state"]) == ("applied", 42, state)
-    assert store.run("r1")["control"] == state  # type: ignore[index]
+    assert store.run("r1")["control"] == state
     await store.add_command(
         "r1", {"id": "c2", "name": "set_frozen", "args": {}, "source": "user"}, origin="api"
     )
@@ -385,7 +387,7 @@ async def test_command_result_event_settles_command_and_control(store: Store) ->
 async def test_status_events_and_set_status(store: Store) -> None:
     await store.hello(hello())
     await store.append("r1", [event(1, 5, "status", {"status": "paused"})])
-    assert store.run("r1")["status"] == "paused"  # type: ignore[index]
+    assert store.run("r1")["status"] == "paused"
     assert store.runs_with_status({"paused"}) == ["r1"]
     await store.set_status("r1", "lost", reason="trainer silent for 15 s")
     run = store.run("r1")
@@ -397,11 +399,11 @@ async def test_status_events_and_set_status(store: Store) -> None:
     assert (last["kind"], last["origin"], last["data"]["status"]) == ("status", "server", "lost")
     # A trainer reconnecting after being marked lost resumes the run ...
     await store.hello(hello())
-    assert store.run("r1")["status"] == "running"  # type: ignore[index]
+    assert store.run("r1")["status"] == "running"
     # ... but a finished run stays finished.
     await store.append("r1", [event(2, 6, "status", {"status": "finished"})])
     await store.hello(hello())
-    assert store.run("r1")["status"] == "finished"  # type: ignore[index]
+    assert store.run("r1")["status"] == "finished"
     with pytest.raises(StoreError, match="unknown status 'weird'"):
         await store.set_status("r1", "weird")
 
@@ -519,3 +521,47 @@ async def test_writes_after_close_are_refused(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(StoreError, match="not open"):
         await store.hello(hello())
+
+
+def block_rule_oracle(
+    points: dict[int, float | None], lo_b: int, hi_b: int, max_points: int
+) -> dict[int, float | None]:
+    """downsample's rule over blocks, from the raw points, the slow obvious way."""
+    inside = {s: v for s, v in points.items() if lo_b <= s <= hi_b}
+    lo, hi = min(inside), max(inside)
+    buckets = (max_points - 2) // 2
+    size = choose_level(lo, hi, buckets)
+    assert size is not None
+    nblocks = hi // size - lo // size + 1
+    by_bucket: dict[int, list[int]] = {}
+    for s in sorted(inside):
+        by_bucket.setdefault((s // size - lo // size) * buckets // nblocks, []).append(s)
+    kept = {lo: inside[lo], hi: inside[hi]}
+    for steps in by_bucket.values():
+        finite = [s for s in steps if inside[s] is not None]
+        if not finite:
+            kept[steps[0]] = None
+            continue
+        low = min(finite, key=lambda s: (inside[s], s))
+        high = min(finite, key=lambda s: (-inside[s], s))  # type: ignore[operator]
+        kept[low], kept[high] = inside[low], inside[high]
+    return kept
+
+
+async def test_long_series_reads_match_the_block_rule_oracle(store: Store) -> None:
+    await store.hello(hello())
+    rng = random.Random(5)
+    steps = sorted(rng.sample(range(60_000), 20_000))
+    points: dict[int, float | None] = {
+        s: None if rng.random() < 0.03 else round(rng.gauss(0, 1), 1) for s in steps
+    }
+    batch = [(s, {"x": points[s]}) for s in steps]
+    await store.append("r1", [metrics(i + 1, batch[i * 5000 : (i + 1) * 5000]) for i in range(4)])
+    # re-log a stretch, as a trainer resumed from a checkpoint would
+    for s in steps[7000:7400]:
+        points[s] = 3.0 if s % 2 else -3.0
+    await store.append("r1", [metrics(5, [(s, {"x": points[s]}) for s in steps[7000:7400]])])
+    for lo_b, hi_b, max_points in [(0, 10**9, 1500), (0, 10**9, 60), (1234, 55_555, 300)]:
+        got = store.series("r1", ["x"], lo_b, hi_b, max_points)["x"]
+        want = block_rule_oracle(points, lo_b, hi_b, max_points)
+        assert got == {"steps": sorted(want), "values": [want[s] for s in sorted(want)]}

@@ -1,0 +1,424 @@
+"""api — the read side of the REST API (http_api.md): runs, series, probes, histograms,
+events, commands, export, and DELETE of a run.
+
+Owns: the routes, their query-parameter limits, and the response models that keep
+the OpenAPI document accurate. Each route is a thin call into Store; routes are
+plain ``def`` so FastAPI runs them on its thread pool, off the event loop.
+
+Never: writes anything but DELETE (commands, stop and run launches are POST routes in
+app.py's other routers), never imports torch, never returns NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from layerscope.server.store import RunNotFound, Store
+from layerscope.trainer import wire
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+MAX_POINTS = 20_000
+MAX_STEPS = 2_000
+STATS_PATTERN = "^({0})(,({0}))*$".format("|".join(wire.PROBE_STATS))
+STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
+
+
+class Hub(Protocol):
+    def is_connected(self, run_id: str) -> bool: ...
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def get_hub(request: Request) -> Hub | None:
+    """The app's hub, or None in an app that runs no trainer socket (nothing is connected)."""
+    return getattr(request.app.state, "hub", None)
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+HubDep = Annotated["Hub | None", Depends(get_hub)]
+RunId = Annotated[str, Path(description="the run id", max_length=wire.MAX_NAME_LEN)]
+Start = Annotated[int | None, Query(ge=0, description="first step, inclusive")]
+End = Annotated[int | None, Query(ge=0, description="last step, inclusive")]
+
+# ---- response models (documentation of the JSON bodies; http_api.md is the contract) ----
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class Last(BaseModel):
+    loss: float | None
+    val_loss: float | None
+    acc: float | None
+    val_acc: float | None
+
+
+class RunSummary(BaseModel):
+    id: str
+    name: str
+    status: str = Field(description="starting/running/paused/finished/failed/stopped/lost")
+    status_reason: str | None
+    config: dict[str, Any]
+    launched: bool = Field(description="started by this server's launcher")
+    created_at: float = Field(description="Unix time, seconds")
+    updated_at: float = Field(description="Unix time, seconds")
+    first_step: int | None
+    last_step: int | None
+    last: Last = Field(description="latest value of each series by step; null if non-finite")
+    sparkline: list[float | None] = Field(description="mean loss per bucket, at most 50")
+    trainer_connected: bool
+
+
+class Layer(BaseModel):
+    name: str
+    kind: str
+    units: int | None
+
+
+class RunDetail(RunSummary):
+    layers: list[Layer]
+    control: dict[str, Any] | None = Field(
+        description="last control state the trainer acknowledged"
+    )
+    series_names: list[str]
+    device: str
+    world_size: int
+    acked_seq: int = Field(description="highest contiguous stored frame seq")
+    last_seq: int = Field(description="highest stored frame seq")
+
+
+class Series(BaseModel):
+    steps: list[int]
+    values: list[float | None]
+
+
+class ProbeSeries(BaseModel):
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"description": "plus one list per requested stat, aligned with steps"},
+    )
+    layer: str
+    steps: list[int]
+
+
+class Matrix(BaseModel):
+    stat: str
+    layers: list[str]
+    steps: list[int]
+    z: list[list[float | None]] = Field(description="z[layer][step]")
+
+
+class HistogramsOverTime(BaseModel):
+    layer: str
+    steps: list[int]
+    edges: list[float] = Field(description="bins + 1 common edges")
+    z: list[list[float] | None] = Field(description="z[step][bin]; null where no histogram")
+
+
+class LayerHistogram(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"description": "plus every probe stat (null when absent)"},
+        extra="allow",
+    )
+    name: str
+    lo: float | None
+    hi: float | None
+    counts: list[int]
+
+
+class HistogramAt(BaseModel):
+    step: int | None = Field(description="the probe step shown; null when the run has none")
+    layers: list[LayerHistogram]
+
+
+class ProbeSteps(BaseModel):
+    steps: list[int]
+
+
+class Event(BaseModel):
+    seq: int | None = Field(description="the trainer frame's seq; null for server events")
+    step: int | None
+    kind: str
+    origin: str = Field(description="trainer or server")
+    data: dict[str, Any]
+    created_at: float
+
+
+class Command(BaseModel):
+    id: str
+    cmd_seq: int
+    name: str
+    args: dict[str, Any]
+    source: str
+    origin: str
+    reason: str | None
+    created_at: float
+    status: str = Field(description="pending, applied or failed")
+    applied_at_step: int | None
+    state: dict[str, Any] | None
+    error: str | None
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no such run"}
+}
+
+router = APIRouter(prefix="/api", tags=["runs"])
+
+
+def _missing(run_id: str) -> HTTPException:
+    return HTTPException(404, detail=f"run '{run_id}' not found")
+
+
+def _connected(hub: Hub | None, run_id: str) -> bool:
+    return hub is not None and hub.is_connected(run_id)
+
+
+@router.get("/runs", response_model=list[RunSummary], summary="Every run, newest first")
+def list_runs(store: StoreDep, hub: HubDep) -> list[dict[str, Any]]:
+    runs = store.runs()
+    for run in runs:
+        run["trainer_connected"] = _connected(hub, run["id"])
+    return runs
+
+
+@router.get(
+    "/runs/{run_id}", response_model=RunDetail, responses=NOT_FOUND, summary="One run's detail"
+)
+def get_run(run_id: RunId, store: StoreDep, hub: HubDep) -> dict[str, Any]:
+    run = store.run(run_id)
+    if run is None:
+        raise _missing(run_id)
+    run["trainer_connected"] = _connected(hub, run_id)
+    return run
+
+
+@router.delete(
+    "/runs/{run_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorBody, "description": "a trainer is connected; stop the run first"},
+    },
+    summary="Delete a run and everything stored for it",
+)
+async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep) -> Response:
+    if _connected(hub, run_id):
+        raise HTTPException(409, detail=f"run '{run_id}' has a trainer connected; stop it first")
+    if not await store.delete_run(run_id):
+        raise _missing(run_id)
+    return Response(status_code=204)
+
+
+def _filename(run_id: str) -> str:
+    """The run id made safe for a header: anything but [A-Za-z0-9._-] becomes _."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+
+
+def _names(raw: str | None) -> list[str] | None:
+    if raw is None:
+        return None
+    names = [n for n in (part.strip() for part in raw.split(",")) if n]
+    return names or None
+
+
+def _check_range(start: int | None, end: int | None) -> None:
+    if start is not None and end is not None and start > end:
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "loc": ["query", "start"],
+                    "msg": f"start {start} is after end {end}",
+                    "type": "value_error",
+                }
+            ],
+        )
+
+
+@router.get(
+    "/runs/{run_id}/series",
+    response_model=dict[str, Series],
+    responses=NOT_FOUND,
+    summary="Scalar series, min/max downsampled",
+    description="Each bucket keeps its min and max point; the first and last points are "
+    "always kept; at most max_points points per series. A name with no data gets empty lists.",
+)
+def get_series(
+    run_id: RunId,
+    store: StoreDep,
+    names: Annotated[
+        str | None, Query(description="comma-separated; all series when absent")
+    ] = None,
+    start: Start = None,
+    end: End = None,
+    max_points: Annotated[int, Query(ge=2, le=MAX_POINTS)] = 1500,
+) -> Any:
+    _check_range(start, end)
+    try:
+        return store.series(run_id, _names(names), start, end, max_points)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/probes",
+    response_model=ProbeSeries,
+    responses=NOT_FOUND,
+    summary="One layer's probe stats over steps, min/max downsampled",
+)
+def get_probes(
+    run_id: RunId,
+    store: StoreDep,
+    layer: Annotated[str, Query(min_length=1, max_length=wire.MAX_NAME_LEN)],
+    stats: Annotated[
+        str, Query(pattern=STATS_PATTERN, description="comma-separated probe stats")
+    ] = "dead_ratio",
+    start: Start = None,
+    end: End = None,
+    max_points: Annotated[int, Query(ge=2, le=MAX_POINTS)] = 1500,
+) -> Any:
+    _check_range(start, end)
+    try:
+        return store.probe_series(run_id, layer, stats.split(","), start, end, max_points)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/probes/matrix",
+    response_model=Matrix,
+    responses=NOT_FOUND,
+    summary="One stat for every layer at evenly chosen probe steps (heatmap)",
+)
+def get_matrix(
+    run_id: RunId,
+    store: StoreDep,
+    stat: Annotated[str, Query(pattern=STAT_PATTERN)] = "dead_ratio",
+    start: Start = None,
+    end: End = None,
+    max_steps: Annotated[int, Query(ge=1, le=MAX_STEPS)] = 300,
+) -> Any:
+    _check_range(start, end)
+    try:
+        return store.probe_matrix(run_id, stat, start, end, max_steps)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/histograms",
+    response_model=HistogramsOverTime,
+    responses=NOT_FOUND,
+    summary="One layer's histograms over time on a common grid",
+    description="Each stored histogram (own lo/hi) is resampled, mass-conserving, onto bins "
+    "equal bins spanning the lowest lo to the highest hi of the chosen steps.",
+)
+def get_histograms(
+    run_id: RunId,
+    store: StoreDep,
+    layer: Annotated[str, Query(min_length=1, max_length=wire.MAX_NAME_LEN)],
+    start: Start = None,
+    end: End = None,
+    max_steps: Annotated[int, Query(ge=1, le=MAX_STEPS)] = 200,
+    bins: Annotated[int, Query(ge=1, le=wire.MAX_BINS)] = 64,
+) -> Any:
+    _check_range(start, end)
+    try:
+        return store.histograms(run_id, layer, start, end, max_steps, bins)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/histogram",
+    response_model=HistogramAt,
+    responses=NOT_FOUND,
+    summary="Every layer's histogram and stats at one probe step",
+    description="The nearest stored probe step <= step, else the first one.",
+)
+def get_histogram(run_id: RunId, store: StoreDep, step: Annotated[int, Query(ge=0)]) -> Any:
+    try:
+        found = store.histogram_at(run_id, step)
+    except RunNotFound:
+        raise _missing(run_id) from None
+    return found if found is not None else {"step": None, "layers": []}
+
+
+@router.get(
+    "/runs/{run_id}/probe_steps",
+    response_model=ProbeSteps,
+    responses=NOT_FOUND,
+    summary="Every step with a stored probe record",
+)
+def get_probe_steps(run_id: RunId, store: StoreDep) -> Any:
+    try:
+        return {"steps": store.probe_steps(run_id)}
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response_model=list[Event],
+    responses=NOT_FOUND,
+    summary="The run's event log (alerts, commands, results, status changes)",
+)
+def get_events(
+    run_id: RunId,
+    store: StoreDep,
+    kind: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int | None, Query(ge=1, le=100_000, description="the newest N")] = None,
+) -> Any:
+    try:
+        return store.events(run_id, kind, limit)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/commands",
+    response_model=list[Command],
+    responses=NOT_FOUND,
+    summary="Every command sent to the run, in cmd_seq order",
+)
+def get_commands(run_id: RunId, store: StoreDep) -> Any:
+    try:
+        return store.commands(run_id)
+    except RunNotFound:
+        raise _missing(run_id) from None
+
+
+@router.get(
+    "/runs/{run_id}/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": "JSON Lines: a hello-like header with the run detail, then every "
+            "stored frame in seq order",
+        },
+        **NOT_FOUND,
+    },
+    summary="Export the whole run as JSON Lines",
+)
+async def export_run(run_id: RunId, store: StoreDep) -> StreamingResponse:
+    try:
+        lines: Iterator[str] = await run_in_threadpool(store.export_lines, run_id)
+    except RunNotFound:
+        raise _missing(run_id) from None
+    return StreamingResponse(
+        lines,
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{_filename(run_id)}.jsonl"'},
+    )

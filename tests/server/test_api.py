@@ -1,0 +1,332 @@
+"""api: the read routes over a real Store on a real SQLite file, through a tiny app built
+inline (api.router + app.state.store + a hub that knows which runs have a trainer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from layerscope.server import api
+from layerscope.server.store import Store
+from layerscope.trainer import wire
+from pydantic import TypeAdapter
+
+pytestmark = pytest.mark.anyio
+
+
+class ConnectedRuns:
+    """The one hub method the read routes use, over a plain set of run ids."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def is_connected(self, run_id: str) -> bool:
+        return run_id in self.ids
+
+
+async def populate(data_dir: Path) -> None:
+    store = Store(data_dir, commit_interval_s=0.005)
+    await store.open()
+    await store.hello(
+        wire.validate_hello(
+            {
+                "run_id": "r1",
+                "name": "first",
+                "config": {"lr": 0.1},
+                "layers": [
+                    {"name": "fc1", "kind": "Linear", "units": 8},
+                    {"name": "act", "kind": "ReLU"},
+                ],
+            }
+        )
+    )
+    loss = [2.0 - s / 1000 for s in range(3000)]
+    loss[1234] = float("nan")
+    loss[2222] = 50.0
+    rows = [
+        {"step": s, "time_s": s * 0.1, "values": {"loss": loss[s], "lr": 0.1}} for s in range(3000)
+    ]
+    probes = [
+        wire.validate_probe(
+            {
+                "seq": 2 + i,
+                "step": step,
+                "layers": [
+                    {
+                        "name": "fc1",
+                        "mean": 0.1,
+                        "dead_ratio": 0.0,
+                        "hist": {"lo": -1.0, "hi": 1.0, "counts": [1, 3]},
+                    },
+                    {
+                        "name": "act",
+                        "mean": 0.2,
+                        "dead_ratio": step / 3000,
+                        "hist": {"lo": 0.0, "hi": 2.0, "counts": [4, 0]},
+                    },
+                ],
+            }
+        )
+        for i, step in enumerate(range(0, 3000, 100))
+    ]
+    await store.append("r1", [wire.validate_metrics({"seq": 1, "rows": rows}), *probes])
+    await store.append(
+        "r1",
+        [
+            wire.validate_event(
+                {"seq": 32, "step": 2999, "kind": "alert", "data": {"message": "act is dying"}}
+            )
+        ],
+    )
+    await store.add_command(
+        "r1", wire.validate_command({"id": "c1", "name": "pause"}), origin="api"
+    )
+    await store.close()
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One stored run, written once per module; each test works on its own copy."""
+    data_dir = tmp_path_factory.mktemp("api") / "data"
+    asyncio.run(populate(data_dir))
+    return data_dir
+
+
+@pytest.fixture
+async def setup(
+    populated: Path, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, Store, ConnectedRuns]]:
+    shutil.copytree(populated, tmp_path / "data")
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    await store.open()
+    hub = ConnectedRuns()
+    app = FastAPI()
+    app.include_router(api.router)
+    app.state.store = store
+    app.state.hub = hub
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client, store, hub
+    await store.close()
+
+
+def strict(text: str) -> Any:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+def check(model: Any, body: Any) -> None:
+    """The body matches the route's documented response model."""
+    TypeAdapter(model).validate_python(body)
+
+
+async def test_run_list_and_detail(setup: tuple[httpx.AsyncClient, Store, ConnectedRuns]) -> None:
+    client, _store, hub = setup
+    hub.ids.add("r1")
+    r = await client.get("/api/runs")
+    assert r.status_code == 200
+    (run,) = strict(r.text)
+    check(list[api.RunSummary], [run])
+    assert (run["id"], run["name"], run["status"], run["trainer_connected"]) == (
+        "r1",
+        "first",
+        "running",
+        True,
+    )
+    assert run["last_step"] == 2999 and run["last"]["loss"] == pytest.approx(2.0 - 2.999)
+    assert 0 < len(run["sparkline"]) <= 50
+    r = await client.get("/api/runs/r1")
+    detail = strict(r.text)
+    check(api.RunDetail, detail)
+    assert detail["layers"] == [
+        {"name": "fc1", "kind": "Linear", "units": 8},
+        {"name": "act", "kind": "ReLU", "units": None},
+    ]
+    assert detail["series_names"] == ["loss", "lr"] and detail["first_step"] == 0
+    hub.ids.clear()
+    assert (await client.get("/api/runs/r1")).json()["trainer_connected"] is False
+
+
+async def test_unknown_run_is_404_everywhere(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, _store, _hub = setup
+    for path in (
+        "",
+        "/series",
+        "/probes?layer=fc1",
+        "/probes/matrix",
+        "/histograms?layer=fc1",
+        "/histogram?step=1",
+        "/probe_steps",
+        "/events",
+        "/commands",
+        "/export",
+    ):
+        r = await client.get(f"/api/runs/ghost{path}")
+        assert r.status_code == 404, path
+        assert r.json() == {"detail": "run 'ghost' not found"}
+    r = await client.delete("/api/runs/ghost")
+    assert r.status_code == 404 and r.json() == {"detail": "run 'ghost' not found"}
+
+
+async def test_series_are_downsampled_with_nan_as_null(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, _store, _hub = setup
+    r = await client.get("/api/runs/r1/series", params={"names": "loss,lr", "max_points": 100})
+    body = strict(r.text)
+    check(dict[str, api.Series], body)
+    loss = body["loss"]
+    assert len(loss["steps"]) <= 100 and loss["steps"][0] == 0 and loss["steps"][-1] == 2999
+    assert 2222 in loss["steps"] and 50.0 in loss["values"]
+    full = strict((await client.get("/api/runs/r1/series?names=loss&start=1230&end=1240")).text)
+    assert full["loss"]["steps"] == list(range(1230, 1241))
+    assert full["loss"]["values"][4] is None  # step 1234 was NaN
+    everything = strict((await client.get("/api/runs/r1/series")).text)
+    assert set(everything) == {"loss", "lr"} and len(everything["lr"]["steps"]) <= 1500
+
+
+async def test_probe_routes(setup: tuple[httpx.AsyncClient, Store, ConnectedRuns]) -> None:
+    client, _store, _hub = setup
+    r = await client.get("/api/runs/r1/probes", params={"layer": "act", "stats": "dead_ratio,mean"})
+    body = strict(r.text)
+    check(api.ProbeSeries, body)
+    assert body["steps"] == list(range(0, 3000, 100))
+    assert body["dead_ratio"][-1] == pytest.approx(2900 / 3000) and body["mean"] == [0.2] * 30
+
+    matrix = strict(
+        (await client.get("/api/runs/r1/probes/matrix?stat=dead_ratio&max_steps=4")).text
+    )
+    check(api.Matrix, matrix)
+    assert matrix["layers"] == ["fc1", "act"] and matrix["steps"] == [0, 1000, 1900, 2900]
+    assert matrix["z"][0] == [0.0] * 4 and matrix["z"][1][1] == pytest.approx(1000 / 3000)
+
+    hists = strict((await client.get("/api/runs/r1/histograms?layer=fc1&bins=4&max_steps=3")).text)
+    check(api.HistogramsOverTime, hists)
+    assert hists["steps"] == [0, 1400, 2900] and hists["edges"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert hists["z"] == [[0.5, 0.5, 1.5, 1.5]] * 3
+
+    at = strict((await client.get("/api/runs/r1/histogram?step=150")).text)
+    check(api.HistogramAt, at)
+    assert at["step"] == 100 and [x["name"] for x in at["layers"]] == ["fc1", "act"]
+    assert at["layers"][1]["counts"] == [4, 0] and at["layers"][1]["dead_ratio"] == pytest.approx(
+        100 / 3000
+    )
+
+    steps = strict((await client.get("/api/runs/r1/probe_steps")).text)
+    assert steps == {"steps": list(range(0, 3000, 100))}
+    nothing = strict((await client.get("/api/runs/r1/probes?layer=nope&stats=std")).text)
+    assert nothing == {"layer": "nope", "steps": [], "std": []}
+
+
+async def test_events_and_commands(setup: tuple[httpx.AsyncClient, Store, ConnectedRuns]) -> None:
+    client, _store, _hub = setup
+    events = strict((await client.get("/api/runs/r1/events")).text)
+    check(list[api.Event], events)
+    assert [e["kind"] for e in events] == ["alert", "command"]
+    assert strict((await client.get("/api/runs/r1/events?kind=alert")).text)[0]["data"] == {
+        "message": "act is dying"
+    }
+    assert [e["kind"] for e in strict((await client.get("/api/runs/r1/events?limit=1")).text)] == [
+        "command"
+    ]
+    commands = strict((await client.get("/api/runs/r1/commands")).text)
+    check(list[api.Command], commands)
+    assert [(c["id"], c["cmd_seq"], c["status"]) for c in commands] == [("c1", 1, "pending")]
+
+
+@pytest.mark.parametrize(
+    ("query", "where"),
+    [
+        ("/series?max_points=1", "max_points"),
+        ("/series?max_points=20001", "max_points"),
+        ("/series?start=10&end=5", "start"),
+        ("/series?start=-1", "start"),
+        ("/probes?layer=fc1&stats=mean,bogus", "stats"),
+        ("/probes?stats=mean", "layer"),
+        ("/probes/matrix?stat=bogus", "stat"),
+        ("/probes/matrix?max_steps=0", "max_steps"),
+        ("/probes/matrix?max_steps=2001", "max_steps"),
+        ("/histograms?layer=fc1&bins=0", "bins"),
+        ("/histograms?layer=fc1&bins=1025", "bins"),
+        ("/histogram", "step"),
+        ("/histogram?step=abc", "step"),
+        ("/events?limit=0", "limit"),
+    ],
+)
+async def test_bad_query_parameters_are_422_naming_the_parameter(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns], query: str, where: str
+) -> None:
+    client, _store, _hub = setup
+    r = await client.get(f"/api/runs/r1{query}")
+    assert r.status_code == 422
+    (problem,) = r.json()["detail"]
+    assert problem["loc"] == ["query", where] and problem["msg"]
+
+
+async def test_export_streams_strict_json_lines(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, store, _hub = setup
+    r = await client.get("/api/runs/r1/export")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    header, *frames = [strict(line) for line in r.text.splitlines()]
+    assert (
+        header["type"] == "hello" and header["run_id"] == "r1" and header["run"]["name"] == "first"
+    )
+    assert [f["seq"] for f in frames] == list(range(1, 33))
+    assert frames[0]["rows"][1234]["values"]["loss"] is None
+    assert frames == [{"v": 1, **f} for f in store.frames_after("r1", 0)]
+
+
+async def test_delete_refuses_a_connected_run_then_deletes(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, store, hub = setup
+    hub.ids.add("r1")
+    r = await client.delete("/api/runs/r1")
+    assert r.status_code == 409 and "stop it first" in r.json()["detail"]
+    assert store.run("r1") is not None
+    hub.ids.clear()
+    r = await client.delete("/api/runs/r1")
+    assert r.status_code == 204 and r.content == b""
+    assert (await client.get("/api/runs/r1")).status_code == 404
+    assert (await client.get("/api/runs")).json() == []
+
+
+async def test_openapi_documents_every_route(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, _store, _hub = setup
+    schema = (await client.get("/openapi.json")).json()
+    paths = schema["paths"]
+    for path in (
+        "/api/runs",
+        "/api/runs/{run_id}",
+        "/api/runs/{run_id}/series",
+        "/api/runs/{run_id}/probes",
+        "/api/runs/{run_id}/probes/matrix",
+        "/api/runs/{run_id}/histograms",
+        "/api/runs/{run_id}/histogram",
+        "/api/runs/{run_id}/probe_steps",
+        "/api/runs/{run_id}/events",
+        "/api/runs/{run_id}/commands",
+        "/api/runs/{run_id}/export",
+    ):
+        op = paths[path]["get"]
+        assert op["summary"] and "200" in op["responses"], path
+    assert set(paths["/api/runs/{run_id}"]) == {"get", "delete"}
+    assert "409" in paths["/api/runs/{run_id}"]["delete"]["responses"]
+    bins = next(
+        p
+        for p in paths["/api/runs/{run_id}/histograms"]["get"]["parameters"]
+        if p["name"] == "bins"
+    )
+    assert bins["schema"]["maximum"] == wire.MAX_BINS

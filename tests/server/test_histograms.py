@@ -1,0 +1,65 @@
+"""histograms: the counts blob round-trips exactly; resampling onto common edges conserves
+mass and puts it where the values were."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from layerscope.server.histograms import common_edges, pack_counts, resample, unpack_counts
+
+
+@pytest.mark.parametrize(
+    "counts", [[], [0] * 64, [1, 2, 3, 4], [2**32 + 5, 0, 7], list(range(1024))]
+)
+def test_counts_round_trip_through_the_blob(counts: list[int]) -> None:
+    assert unpack_counts(pack_counts(counts)) == counts
+
+
+def test_blob_is_compact_for_sparse_histograms() -> None:
+    assert len(pack_counts([0] * 60 + [5, 9, 1, 3])) < 40
+
+
+def test_unknown_blob_tag_is_refused() -> None:
+    with pytest.raises(ValueError, match="tag"):
+        unpack_counts(b"Zxxx")
+
+
+def test_exact_resampling_onto_a_wider_grid() -> None:
+    a = (0.0, 4.0, [1, 2, 3, 4])
+    b = (2.0, 6.0, [4, 0, 0, 4])
+    edges = common_edges([a, b], 3)
+    assert edges == [0.0, 2.0, 4.0, 6.0]
+    assert resample(a, edges) == [3.0, 7.0, 0.0]
+    assert resample(b, edges) == [0.0, 4.0, 4.0]
+
+
+def test_a_source_bin_split_across_targets_in_proportion() -> None:
+    # one bin over [0, 3) holding 6 values onto [0,1),[1,2),[2,3): 2 each
+    assert resample((0.0, 3.0, [6]), [0.0, 1.0, 2.0, 3.0]) == pytest.approx([2.0, 2.0, 2.0])
+    # [0, 2) holding 4 onto edges 0, 0.5, 3: a quarter of the bin in the first target
+    assert resample((0.0, 2.0, [4]), [0.0, 0.5, 3.0]) == pytest.approx([1.0, 3.0])
+
+
+def test_mass_is_conserved_for_random_histograms() -> None:
+    rng = random.Random(11)
+    hists = []
+    for _ in range(40):
+        lo = rng.uniform(-5, 5)
+        hi = lo + rng.choice([0.0, rng.uniform(0.01, 10)])
+        hists.append((lo, hi, [rng.randint(0, 1000) for _ in range(rng.randint(1, 128))]))
+    for bins in (1, 7, 64, 1024):
+        edges = common_edges(hists, bins)
+        assert len(edges) == bins + 1
+        for h in hists:
+            row = resample(h, edges)
+            assert len(row) == bins and min(row) >= 0
+            assert sum(row) == pytest.approx(sum(h[2]), rel=1e-9)
+
+
+def test_degenerate_ranges() -> None:
+    # every value equal: lo == hi, all mass in the bin holding it
+    edges = common_edges([(1.0, 1.0, [0, 5, 0])], 4)
+    assert edges[0] == 0.5 and edges[-1] == 1.5
+    assert resample((1.0, 1.0, [0, 5, 0]), edges) == [0.0, 0.0, 5.0, 0.0]
+    assert common_edges([None], 2) == [0.0, 0.5, 1.0]

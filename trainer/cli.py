@@ -15,10 +15,13 @@ Exit codes: 0 done, 1 an ``--overfit`` check failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from typing import Any
@@ -210,6 +213,24 @@ def _error(command: str, message: str) -> int:
     return 2
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_stops_run() -> Iterator[None]:
+    """SIGTERM (a launcher stopping its child, ``docker stop``) ends the run like Ctrl-C, so
+    watch() closes it as "stopped" with its spool flushed instead of leaving it "lost"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train(args: argparse.Namespace) -> int:
     try:
         cfg = wire.validate_experiment(merged_config(args))
@@ -236,16 +257,21 @@ def _train(args: argparse.Namespace) -> int:
     server = args.server or os.environ.get("LAYERSCOPE_SERVER") or None
     try:
         url = trainer_socket_url(server) if server else None
-        summary = run_experiment(
-            cfg,
-            server=url,
-            run_id=args.run_id,
-            token=os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None,
-            run_dir=args.run_dir,
-            progress=not args.no_progress,
-        )
+        with _sigterm_stops_run():
+            summary = run_experiment(
+                cfg,
+                server=url,
+                run_id=args.run_id,
+                token=os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None,
+                run_dir=args.run_dir,
+                progress=not args.no_progress,
+            )
     except (DataError, ExperimentSetupError, ValueError) as exc:
         return _error("train", str(exc))
+    except KeyboardInterrupt:
+        # watch() has already closed the run as "stopped" and flushed its spool.
+        print("layerscope train: interrupted; the run was recorded as stopped", file=sys.stderr)
+        return 130
     print(describe(summary), flush=True)
     check = summary.get("overfit")
     return 1 if check is not None and not check["passed"] else 0

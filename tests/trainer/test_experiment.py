@@ -176,6 +176,6 @@ def test_overfit_100_passes_for_the_default_mlp_and_fails_with_lr_0(tmp_path: Pa
     base: dict[str, Any] = {"overfit": 100, "every": 100, "solver": {"steps": 300, "device": "cpu"}}
     passed = run_experiment(base, server=None, run_dir=str(tmp_path / "ok"), progress=False)
     assert passed["overfit"] == {"n": 100, "train_acc": 1.0, "passed": True}
-    frozen = {**base, "solver": {**base["solver"], "lr": 0.0}}
+    frozen = {**base, "solver": {"steps": 20, "device": "cpu", "lr": 0.0}}
     failed = run_experiment(frozen, server=None, run_dir=str(tmp_path / "lr0"), progress=False)
     assert failed["overfit"]["passed"] is False and failed["overfit"]["train_acc"] < 0.5

@@ -16,5 +16,8 @@ def __getattr__(name: str) -> Any:
     if name == "watch":
         from layerscope.trainer.watch import watch
 
+        # Importing the submodule binds the package attribute ``watch`` to the module;
+        # rebind it to the function so ``from layerscope.trainer import watch`` gets it.
+        globals()["watch"] = watch
         return watch
     raise AttributeError(f"module 'layerscope.trainer' has no attribute {name!r}")

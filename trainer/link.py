@@ -127,6 +127,7 @@ class Link:
         self._inbox: asyncio.Queue[dict[str, Any] | Batch | _Close] = asyncio.Queue()
         self._new_frame = asyncio.Event()
         self._acked = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="layerscope-link", daemon=True)
         self._closing = False
 
@@ -184,7 +185,12 @@ class Link:
             await self._wait_for_acks()
         finally:
             if connection is not None:
-                connection.cancel()
+                # Ask the session to end with a normal close (1000); cancelling it inside
+                # ``async with connect`` would close with 1011 "internal error".
+                self._stopping.set()
+                done, _ = await asyncio.wait([connection], timeout=2.0)
+                if not done:
+                    connection.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await connection
 
@@ -292,7 +298,7 @@ class Link:
 
     async def _connection(self) -> None:
         assert self.url is not None
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with connect(
                     self.url,
@@ -308,6 +314,8 @@ class Link:
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             self.connected = False
+            if self._stopping.is_set():
+                return
             self._failures += 1
             if not self._outage_warned:
                 self._outage_warned = True
@@ -320,8 +328,11 @@ class Link:
                 )
             else:
                 log.debug("layerscope: reconnect to %s failed: %s", self.url, reason)
-            # Full jitter keeps many trainers from reconnecting in lockstep after a restart.
-            await asyncio.sleep(random.uniform(0.5, 1.0) * self._backoff_s)
+            # Jitter keeps many trainers from reconnecting in lockstep after a restart.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), random.uniform(0.5, 1.0) * self._backoff_s
+                )
             self._backoff_s = min(BACKOFF_CAP_S, self._backoff_s * 2)
 
     async def _session(self, ws: ClientConnection) -> None:
@@ -353,6 +364,7 @@ class Link:
             asyncio.create_task(self._send_frames(ws)),
             asyncio.create_task(self._receive(ws)),
             asyncio.create_task(self._heartbeat(ws)),
+            asyncio.create_task(self._stopping.wait()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

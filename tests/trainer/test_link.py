@@ -8,6 +8,7 @@ resent after cmd_seq), storing frames by seq the way the real store dedupes them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ from layerscope.trainer import wire
 from layerscope.trainer.link import Link, sync_spool
 from layerscope.trainer.spool import read_spool
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -63,6 +65,11 @@ class TrainerServer:
         return n
 
     async def _handler(self, ws: ServerConnection) -> None:
+        # A trainer that drops the connection mid-session is what these tests do on purpose.
+        with contextlib.suppress(ConnectionClosed):
+            await self._session(ws)
+
+    async def _session(self, ws: ServerConnection) -> None:
         if self.token is not None:
             auth = ws.request.headers.get("Authorization") if ws.request else None
             if auth != f"Bearer {self.token}":
@@ -323,3 +330,68 @@ def test_sync_to_nowhere_says_so(tmp_path: Path) -> None:
     dead.close()
     with pytest.raises(ConnectionError, match="cannot upload"):
         sync_spool(spool, url, timeout_s=5)
+
+
+def test_watch_applies_server_commands_and_heartbeats_while_paused(
+    server: TrainerServer, tmp_path: Path
+) -> None:
+    import torch
+    from layerscope.trainer import link as link_module
+    from layerscope.trainer.watch import watch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+
+    def train_step() -> torch.Tensor:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    assert link_module.HEARTBEAT_S <= 1.0
+    with watch(model, opt, run="steered", server=server.url, every=10, run_dir=tmp_path) as w:
+        assert w.link is not None
+        for _ in range(3):
+            w.step(loss=train_step())
+        wait_until(lambda: w.link is not None and w.link.connected)
+        half = server.send_command("set_lr_scale", value=0.5)
+        # Applied at the next step boundary, on the training thread.
+        wait_until(lambda: not w.control.commands.empty())
+        w.step(loss=train_step())
+        assert w.control_state["lr_scale"] == 0.5
+        w.step(loss=train_step())
+
+        server.send_command("pause")
+        stepper = threading.Thread(target=lambda: w.step(loss=train_step()), daemon=True)
+        stepper.start()
+        wait_until(lambda: w.control_state["paused"])
+        assert stepper.is_alive()  # blocked in w.step()
+        seen = len(server.heartbeats)
+        wait_until(lambda: sum(h["status"] == "paused" for h in server.heartbeats[seen:]) >= 2)
+        assert stepper.is_alive()
+        server.send_command("resume")
+        stepper.join(10)
+        assert not stepper.is_alive()
+        server.send_command("stop")
+        wait_until(lambda: not w.control.commands.empty())
+        w.step(loss=train_step())
+        assert w.should_stop
+    results = server.events("command_result")
+    assert [r["data"]["name"] for r in results] == ["set_lr_scale", "pause", "resume", "stop"]
+    assert results[0]["data"]["id"] == half["id"] and results[0]["data"]["ok"] is True
+    assert results[0]["data"]["applied_at_step"] == 4  # after step 4; step 5 is the first scaled
+    assert [r["data"]["cmd_seq"] for r in results] == [1, 2, 3, 4]
+    assert results[-1]["data"]["state"]["stopping"] is True
+    rows = [
+        row for _, f in sorted(server.frames.items()) if f["type"] == "metrics" for row in f["rows"]
+    ]
+    lr_by_step = {row["step"]: row["values"]["lr"] for row in rows}
+    assert lr_by_step[4] == 0.1 and lr_by_step[5] == 0.05  # the lr the optimizer actually used
+    statuses = [e["data"]["status"] for e in server.events("status")]
+    assert statuses == ["running", "paused", "running", "stopped"]
+    assert sorted(server.frames) == list(range(1, len(server.frames) + 1))
+    assert [p["step"] for _, p in sorted(server.frames.items()) if p["type"] == "probe"] == [1]

@@ -1,0 +1,503 @@
+"""watch — the three lines a training script adds (STYLE "The user's three lines").
+
+Owns: ``watch(...)`` and the ``Watch`` it returns: numbering steps, keeping
+per-step scalars on the device until a flush, the flush itself (one
+concatenation, one non-blocking host copy, one event), deciding which steps
+are probe steps, and wiring probes, control and the link together.
+
+Never: syncs with the device per step (no ``.item()``, ``float(tensor)`` or
+``.cpu()`` on the training thread: the link thread reads the host copy after
+the event), touches the network or raises because a server is missing, or
+leaves hooks behind after ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import types as pytypes
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from layerscope.trainer import wire
+from layerscope.trainer.control import Control
+from layerscope.trainer.link import Link
+from layerscope.trainer.probes import PendingStats, Probes
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVERY = 50  # probe cadence in steps; see benchmarks/overhead.py
+FLUSH_INTERVAL_S = 0.5  # host wall time between flushes of buffered step values
+MAX_ROWS_PER_FLUSH = 2_000  # bounds one metrics frame well under wire.MAX_FRAME_BYTES
+
+Scalar = float | int | torch.Tensor
+
+
+def is_primary_rank() -> bool:
+    """The one place that decides which process talks to the server: rank 0 (DESIGN §4)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@dataclass
+class _Row:
+    step: int
+    time_s: float
+    values: dict[str, float | None]
+    on_device: list[tuple[str, int]] = field(default_factory=list)  # (series, index in flat)
+
+
+class _Flush:
+    """One flush: the host copy of every buffered device value, decoded on the link thread."""
+
+    def __init__(
+        self,
+        rows: list[_Row],
+        host: torch.Tensor | None,
+        event: Any,
+        probe: tuple[int, PendingStats, int, int] | None,
+        progress: Any,
+    ) -> None:
+        self.rows = rows
+        self.host = host
+        self.event = event
+        self.probe = probe  # (step, stats, offset, length) into host
+        self.progress = progress
+
+    def materialize(self) -> list[dict[str, Any]]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.host.tolist() if self.host is not None else []
+        probe_frame: dict[str, Any] | None = None
+        run_values: dict[str, float | None] = {}
+        probe_step = -1
+        if self.probe is not None:
+            probe_step, stats, offset, length = self.probe
+            assert self.host is not None
+            layers, run_values = stats.decode(self.host[offset : offset + length])
+            probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
+        rows = []
+        for row in self.rows:
+            values = dict(row.values)
+            for name, index in row.on_device:
+                values[name] = flat[index]
+            if row.step == probe_step and run_values:
+                for name, value in run_values.items():
+                    values.setdefault(name, value)
+                run_values = {}
+            rows.append({"step": row.step, "time_s": row.time_s, "values": values})
+        frames: list[dict[str, Any]] = []
+        if rows:
+            frames.append({"type": "metrics", "rows": rows})
+        if probe_frame is not None:
+            frames.append(probe_frame)
+        if self.progress is not None and rows:
+            self.progress(rows[-1])
+        return frames
+
+
+class Watch:
+    """An instrumented training run; create it with :func:`watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        run: str | None,
+        server: str | None,
+        every: int,
+        bins: int,
+        layers: str | Iterable[str] | None,
+        exclude: str | Iterable[str] | None,
+        types: Iterable[type[nn.Module]] | None,
+        activations: dict[str, str] | None,
+        config: dict[str, Any] | None,
+        run_id: str | None,
+        token: str | None,
+        run_dir: str | os.PathLike[str] | None,
+        batch_size: int | None,
+        progress: bool,
+    ) -> None:
+        if every < 0:
+            raise ValueError(f"every must be >= 0 (0 turns probes off), got {every}")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.run_id = run_id or uuid.uuid4().hex
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.batch_size = batch_size
+        self.step_count = 0
+        self.run_dir = (
+            Path(run_dir) if run_dir is not None else Path("layerscope-runs") / self.run_id
+        )
+        self._closed = False
+        self._rows: list[_Row] = []
+        self._device_values: list[torch.Tensor] = []
+        self._known_names: set[str] = set()
+        self._device = _model_device(model)
+        self._progress_enabled = progress
+        self._progress_at = 0.0
+
+        server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
+        token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
+        primary = is_primary_rank()
+
+        # Control's step hooks are registered first, so the probes' hooks see the step as
+        # applied: frozen layers without gradients, the scaled lr's update.
+        self.control = Control(model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit)
+        self.probes: Probes | None = None
+        if model is not None and every > 0:
+            try:
+                self.probes = Probes(
+                    model,
+                    optimizer,
+                    bins=bins,
+                    types=tuple(types) if types is not None else None,
+                    names=layers if isinstance(layers, str) or layers is None else list(layers),
+                    exclude=exclude
+                    if isinstance(exclude, str) or exclude is None
+                    else list(exclude),
+                    activations=activations,
+                )
+            except BaseException:
+                self.control.close()
+                raise
+        hello = {
+            "type": "hello",
+            "run_id": self.run_id,
+            "name": run or _default_name(),
+            "config": _run_config(config, model, optimizer, batch_size, every),
+            "layers": self.probes.layer_table() if self.probes is not None else [],
+            "last_acked_seq": 0,
+            "last_cmd_seq": 0,
+            "device": _describe_device(self._device),
+        }
+        try:
+            wire.validate_hello(hello)
+        except wire.WireError as exc:
+            self._close_parts()
+            raise ValueError(f"watch(): {exc}") from None
+        self.link: Link | None = None
+        if primary:
+            self.link = Link(
+                hello,
+                spool_path=self.run_dir / "spool.bin",
+                server=server or None,
+                token=token or None,
+                on_command=self.control.submit,
+            )
+            self.link.start()
+        self._t0 = self._last_step_t = self._last_flush_t = time.perf_counter()
+        self._emit("status", {"status": "running"})
+        if self.probes is not None:
+            self.probes.arm()  # step 1 is always a probe step: the network as initialised
+
+    # ---- the public surface ----
+
+    @property
+    def should_stop(self) -> bool:
+        return self.control.stopping
+
+    @property
+    def control_state(self) -> dict[str, Any]:
+        return self.control.state()
+
+    def step(self, loss: Scalar | None = None, **scalars: Scalar) -> None:
+        """Call once per optimizer step, after ``optimizer.step()``."""
+        if self._closed:
+            raise RuntimeError("this watch is closed; step() after close() records nothing")
+        step = self.step_count + 1
+        now = time.perf_counter()
+        row = _Row(step=step, time_s=now - self._t0, values={})
+        self._put_all(row, {"loss": loss, **scalars} if loss is not None else scalars)
+        self.step_count = step
+        step_time_s = now - self._last_step_t
+        self._last_step_t = now
+        self._add_run_values(row, step_time_s)
+        self._rows.append(row)
+
+        pending = None
+        if self.probes is not None and self._is_probe_step(step):
+            pending = self.probes.collect()
+        if (
+            pending is not None
+            or now - self._last_flush_t >= FLUSH_INTERVAL_S
+            or len(self._rows) >= MAX_ROWS_PER_FLUSH
+        ):
+            self._flush(pending, step)
+        if self.link is not None:
+            self.link.step = step
+        self.control.at_step_boundary(step, before_block=self._flush)
+        if self.probes is not None and self._is_probe_step(step + 1) and not self.probes.armed:
+            self.probes.arm()
+
+    def eval(self, **scalars: Scalar) -> None:
+        """Log validation results (``val_loss=``, ``val_acc=``, ...) at the current step."""
+        if self._closed:
+            raise RuntimeError("this watch is closed; eval() after close() records nothing")
+        if not scalars:
+            return
+        row = _Row(step=self.step_count, time_s=time.perf_counter() - self._t0, values={})
+        self._put_all(row, scalars)
+        self._rows.append(row)
+        self._flush()
+
+    def close(self, status: str = "finished") -> None:
+        """Flush, report the final status, wait briefly for acks, remove every hook."""
+        if self._closed:
+            return
+        self._closed = True
+        if status == "finished" and self.control.stopping:
+            status = "stopped"
+        if status not in wire.ENDED_STATUSES:
+            raise ValueError(f"status must be one of {sorted(wire.ENDED_STATUSES)}, got {status!r}")
+        try:
+            self._flush()
+            self._emit("status", {"status": status})
+            if self.link is not None:
+                self.link.status = status
+        finally:
+            self._close_parts()
+            if self.link is not None:
+                self.link.close()
+            if self._progress_enabled:
+                sys.stderr.write("\n")
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: pytypes.TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close("finished")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("stopped")
+        else:
+            self.close("failed")
+
+    # ---- internals ----
+
+    def _is_probe_step(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0
+
+    def _put_all(self, row: _Row, scalars: dict[str, Scalar]) -> None:
+        """Add every scalar to ``row``, or none of them: a bad one raises and leaves no trace."""
+        mark = len(self._device_values)
+        try:
+            for name, value in scalars.items():
+                self._put(row, name, value)
+        except (TypeError, ValueError):
+            del self._device_values[mark:]
+            raise
+
+    def _put(self, row: _Row, name: str, value: Scalar) -> None:
+        if name not in self._known_names:
+            if not isinstance(name, str) or not name or len(name) > wire.MAX_NAME_LEN:
+                raise ValueError(f"series name {name!r} must be 1..{wire.MAX_NAME_LEN} characters")
+            if len(self._known_names) >= wire.MAX_VALUES_PER_ROW - 16:
+                raise ValueError(f"too many series; the limit is {wire.MAX_VALUES_PER_ROW - 16}")
+            self._known_names.add(name)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
+            # Kept on the device; read on the link thread after the flush's one host copy.
+            row.on_device.append((name, len(self._device_values)))
+            self._device_values.append(value.detach().reshape(1))
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            or hasattr(value, "__float__")
+        ):
+            row.values[name] = float(value)
+        else:
+            raise TypeError(
+                f"{name} must be a number or a scalar tensor, got {type(value).__name__}"
+            )
+
+    def _add_run_values(self, row: _Row, step_time_s: float) -> None:
+        values = row.values
+        for i, (lr, wd) in enumerate(
+            zip(self.control.used_lr, self.control.used_weight_decay, strict=False)
+        ):
+            suffix = "" if i == 0 else f"/{i}"
+            if lr is not None:
+                values.setdefault(f"lr{suffix}", lr)
+            if wd is not None:
+                values.setdefault(f"weight_decay{suffix}", wd)
+        values.setdefault("step_time_s", step_time_s)
+        if self.batch_size is not None and step_time_s > 0:
+            values.setdefault("samples_per_s", self.batch_size / step_time_s)
+        if self._device.type == "cuda":
+            # A host-side counter in the caching allocator: no device sync.
+            values.setdefault(
+                "cuda_mem_alloc_bytes", float(torch.cuda.memory_allocated(self._device))
+            )
+
+    def _flush(self, pending: PendingStats | None = None, probe_step: int = 0) -> None:
+        """Hand every buffered row to the link with one device-to-host copy."""
+        self._last_flush_t = time.perf_counter()
+        if not self._rows and pending is None:
+            return
+        rows, self._rows = self._rows, []
+        values, self._device_values = self._device_values, []
+        if self.link is None:
+            return
+        parts = [v if v.dtype == torch.float32 else v.float() for v in values]
+        probe: tuple[int, PendingStats, int, int] | None = None
+        if pending is not None:
+            probe = (probe_step, pending, len(parts), pending.tensor.numel())
+            parts.append(pending.tensor.reshape(-1).float())
+        host, event = _to_host(parts)
+        self.link.submit(
+            _Flush(
+                rows, host, event, probe, self._print_progress if self._progress_enabled else None
+            )
+        )
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.link is None:
+            return
+        if kind == "status":
+            self.link.status = data["status"]
+        self.link.submit({"type": "event", "step": self.step_count, "kind": kind, "data": data})
+
+    def _print_progress(self, row: dict[str, Any]) -> None:
+        # Runs on the link thread, from values already on the host.
+        values = row["values"]
+        parts = [f"step {row['step']}"]
+        for name in ("loss", "lr"):
+            value = values.get(name)
+            if isinstance(value, float) and math.isfinite(value):
+                parts.append(f"{name} {value:.4g}")
+        parts.append(self.control.status if not self.control.stopping else "stopping")
+        sys.stderr.write("\r[layerscope] " + "  ".join(parts) + "   ")
+        sys.stderr.flush()
+
+    def _close_parts(self) -> None:
+        self.control.close()
+        if self.probes is not None:
+            self.probes.close()
+
+
+def _to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
+    """One concatenation per device and one host copy; on CUDA a pinned non-blocking copy + event."""
+    if not parts:
+        return None, None
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(parts):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) > 1:
+        # Values on several devices (rare: model parallel): bring them to the first one.
+        first = parts[0].device
+        parts = [t.to(first, non_blocking=True) for t in parts]
+    flat = torch.cat(parts)
+    if flat.device.type != "cuda":
+        return flat, None
+    host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flat.device))
+    return host, event
+
+
+def _model_device(model: nn.Module | None) -> torch.device:
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _default_name() -> str:
+    script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    return script if script and script not in ("-c", "python") else "run"
+
+
+def _run_config(
+    config: dict[str, Any] | None,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    batch_size: int | None,
+    every: int,
+) -> dict[str, Any]:
+    """The user's config made JSON-safe, plus what watch can tell about the run."""
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    out: dict[str, Any] = json.loads(json.dumps(config or {}, default=str))
+    if model is not None:
+        out.setdefault("model", type(model).__name__)
+        out.setdefault("params", sum(p.numel() for p in model.parameters()))
+    if optimizer is not None:
+        out.setdefault("optimizer", type(optimizer).__name__)
+        lr = optimizer.param_groups[0].get("lr")
+        if isinstance(lr, (int, float)):
+            out.setdefault("lr", lr)
+    if batch_size is not None:
+        out.setdefault("batch_size", batch_size)
+    out.setdefault("every", every)
+    return out
+
+
+def watch(
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    run: str | None = None,
+    server: str | None = None,
+    every: int = DEFAULT_EVERY,
+    bins: int = 64,
+    layers: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    types: Iterable[type[nn.Module]] | None = None,
+    activations: dict[str, str] | None = None,
+    config: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    token: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Watch:
+    """Instrument a training loop; use as ``with watch(model, optimizer, run=...) as w:``.
+
+    ``server`` defaults to ``$LAYERSCOPE_SERVER``; with neither (or ``server=""``) the
+    run is recorded to the spool in ``run_dir`` only (``layerscope sync`` uploads it).
+    ``every`` is the probe cadence in steps (0 turns probes off; step 1 is always probed).
+    """
+    return Watch(
+        model,
+        optimizer,
+        run=run,
+        server=server,
+        every=every,
+        bins=bins,
+        layers=layers,
+        exclude=exclude,
+        types=types,
+        activations=activations,
+        config=config,
+        run_id=run_id,
+        token=token,
+        run_dir=run_dir,
+        batch_size=batch_size,
+        progress=progress,
+    )

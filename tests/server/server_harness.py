@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,6 +149,7 @@ class FakeTrainer:
         self.acked = 0
         self.commands: list[dict[str, Any]] = []
         self.errors: list[str] = []
+        self._beat: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -180,7 +182,7 @@ class FakeTrainer:
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         """A dict is sent as a JSON text frame; str and bytes go out exactly as given."""
         if isinstance(frame, dict):
-            frame = json.dumps({"v": 1, **frame})
+            frame = json.dumps({"v": 1, **frame}, separators=(",", ":"))
         await self.ws.send(frame)
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -222,7 +224,21 @@ class FakeTrainer:
             rcvd = exc.rcvd
             return (rcvd.code if rcvd else None), (rcvd.reason if rcvd else "")
 
+    def heartbeat(self, period_s: float = 0.2) -> None:
+        """Heartbeat in the background, as a live trainer's link thread does."""
+
+        async def beat() -> None:
+            step = 0
+            while True:
+                await self.ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": step}))
+                step += 1
+                await asyncio.sleep(period_s)
+
+        self._beat = asyncio.create_task(beat())
+
     async def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         await self.ws.close()
 
 
@@ -234,6 +250,19 @@ async def open_viewer(
     ws = await connect(server.ws(f"/ws/runs/{run_id}{query}"), max_size=None, **kwargs)
     first = strict_loads(await asyncio.wait_for(ws.recv(), 10))
     return ws, first
+
+
+async def open_slow_viewer(server: LiveServer, run_id: str) -> ClientConnection:
+    """A viewer that reads nothing until told to: a tiny receive buffer and a one-message
+    client queue and no compression, so the server meets back-pressure after a few frames,
+    not megabytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    return await connect(
+        server.ws(f"/ws/runs/{run_id}"), sock=sock, max_size=None, max_queue=1, compression=None
+    )
 
 
 async def recv_until(

@@ -1,0 +1,213 @@
+"""The viewer socket as a browser sees it: snapshot then live frames, catch-up with after_seq
+and no gaps, one slow viewer never holding up the others, and bad input from a viewer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from layerscope.trainer import wire
+from server_harness import (
+    FakeTrainer,
+    LiveServer,
+    event_frame,
+    make_settings,
+    metrics_frame,
+    open_slow_viewer,
+    open_viewer,
+    probe_frame,
+    recv_until,
+    running_server,
+    strict_loads,
+)
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_viewer_gets_a_snapshot_then_live_frames(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    for seq in range(1, 4):
+        await trainer.send(metrics_frame(seq, seq, loss=float(seq)))
+    await trainer.send(probe_frame(4, 3))
+    await trainer.wait_acked(4)
+    viewer, snapshot = await open_viewer(live_server, "r1")
+    assert snapshot["type"] == "snapshot"
+    assert snapshot["last_seq"] == 4
+    assert snapshot["trainer_connected"] is True
+    assert snapshot["run"]["id"] == "r1" and snapshot["run"]["status"] == "running"
+    assert snapshot["series"]["loss"]["steps"] == [1, 2, 3]
+    assert snapshot["series"]["loss"]["values"] == [1.0, 2.0, 3.0]
+    await trainer.send(metrics_frame(5, 4, loss=4.0))
+    await trainer.send(event_frame(6, 4, "alert", message="layer1 is 80% dead"))
+    live = await recv_until(viewer, lambda m: m.get("seq") == 6)
+    frames = [m for m in live if "seq" in m]
+    assert [(m["type"], m["seq"], m["run_id"]) for m in frames] == [
+        ("metrics", 5, "r1"),
+        ("event", 6, "r1"),
+    ]
+    assert frames[0]["rows"][0]["values"] == {"loss": 4.0}
+    await viewer.close()
+    await trainer.close()
+
+
+async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    sent = 0
+
+    async def send_all() -> None:
+        nonlocal sent
+        for seq in range(1, 301):
+            await trainer.send(metrics_frame(seq, seq))
+            sent = seq
+            if seq % 10 == 0:
+                await asyncio.sleep(0.005)
+
+    sender = asyncio.create_task(send_all())
+    while sent < 50:
+        await asyncio.sleep(0.005)
+    viewer, snapshot = await open_viewer(live_server, "r1")
+    await sender
+    live = await recv_until(viewer, lambda m: m.get("seq") == 300)
+    seen = set(snapshot["series"]["loss"]["steps"]) | {m["seq"] for m in live if "seq" in m}
+    assert seen == set(range(1, 301))
+    await viewer.close()
+    await trainer.close()
+
+
+async def test_after_seq_catches_up_with_every_missed_frame(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    viewer, _ = await open_viewer(live_server, "r1")
+    for seq in range(1, 6):
+        await trainer.send(metrics_frame(seq, seq))
+    got = await recv_until(viewer, lambda m: m.get("seq") == 5)
+    last_seen = max(m["seq"] for m in got if "seq" in m)
+    await viewer.close()
+    for seq in range(6, 12):  # missed while the tab was away
+        await trainer.send(probe_frame(seq, seq) if seq % 2 else metrics_frame(seq, seq))
+    await trainer.wait_acked(11)
+    viewer, catchup = await open_viewer(live_server, "r1", after_seq=last_seen)
+    assert catchup["type"] == "catchup"
+    assert [f["seq"] for f in catchup["frames"]] == list(range(6, 12))
+    assert {f["type"] for f in catchup["frames"]} == {"metrics", "probe"}
+    await trainer.send(metrics_frame(12, 12))
+    live = await recv_until(viewer, lambda m: m.get("seq") == 12)
+    assert [m["seq"] for m in live if "seq" in m] == [12]
+    await viewer.close()
+    await trainer.close()
+
+
+async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(tmp_path: Path) -> None:
+    # A small queue and a viewer with a small receive buffer: the socket fills, then the queue.
+    with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        slow = await open_slow_viewer(server, "r1")
+        fast, _ = await open_viewer(server, "r1")
+        total = 150  # 60 kB event frames: events are never coalesced or skipped
+        big_frame = {"type": "event", "step": 1, "kind": "log", "data": {"text": "x" * 60_000}}
+        fast_seen: list[int] = []
+
+        async def read_fast() -> None:
+            while not fast_seen or fast_seen[-1] < total:
+                message = strict_loads(await fast.recv())
+                if "seq" in message:
+                    fast_seen.append(message["seq"])
+
+        reader = asyncio.create_task(read_fast())
+        for seq in range(1, total + 1):
+            await trainer.send({**big_frame, "seq": seq})
+            while seq - (fast_seen[-1] if fast_seen else 0) > 5:  # the fast viewer keeps up
+                await asyncio.sleep(0.002)
+                assert not reader.done(), reader
+        await asyncio.wait_for(reader, 60)
+        assert fast_seen == list(range(1, total + 1))  # the slow one held nobody up
+
+        slow_seen: list[int] = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = strict_loads(await asyncio.wait_for(slow.recv(), 20))
+                if "seq" in message:
+                    slow_seen.append(message["seq"])
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == wire.CLOSE_TRY_AGAIN
+        assert "after_seq" in closed.value.rcvd.reason
+        assert slow_seen == list(range(1, len(slow_seen) + 1))  # what did arrive has no holes
+        assert len(slow_seen) < total
+
+        again, catchup = await open_viewer(server, "r1", after_seq=max(slow_seen, default=0))
+        missed = [f["seq"] for f in catchup["frames"]]
+        assert slow_seen + missed == list(range(1, total + 1))
+        for ws in (again, fast):
+            await ws.close()
+        await trainer.close()
+
+
+async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        slow = await open_slow_viewer(server, "r1")
+        total = 200
+        for seq in range(1, total + 1):
+            await trainer.send(probe_frame(seq, seq, layers=20, bins=64))
+        await trainer.wait_acked(total)
+        await trainer.send(metrics_frame(total + 1, total + 1))
+        seen: list[int] = []
+        while not seen or seen[-1] != total + 1:
+            message = strict_loads(await asyncio.wait_for(slow.recv(), 20))
+            if "seq" in message:
+                seen.append(message["seq"])
+        # Behind, it kept only the newest probes, but it was not dropped and saw the latest.
+        assert total in seen and len(seen) < total + 1
+        assert seen == sorted(seen)
+        await slow.close()
+        await trainer.close()
+
+
+async def test_an_unknown_run_is_refused_with_a_reason(live_server: LiveServer) -> None:
+    async with connect(live_server.ws("/ws/runs/nope")) as ws:
+        await ws.wait_closed()
+        assert ws.close_code == wire.CLOSE_POLICY
+        assert "not found" in (ws.close_reason or "")
+
+
+async def test_a_bad_after_seq_is_refused(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    async with connect(live_server.ws("/ws/runs/r1?after_seq=-3")) as ws:
+        await ws.wait_closed()
+        assert ws.close_code == wire.CLOSE_POLICY and "after_seq" in (ws.close_reason or "")
+    await trainer.close()
+
+
+async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    viewer, _ = await open_viewer(live_server, "r1")
+    await viewer.send("{not json")
+    got = await recv_until(viewer, lambda m: m["type"] == "error")
+    assert "malformed JSON" in got[-1]["message"]
+    await viewer.send(json.dumps({"type": "subscribe"}))
+    got = await recv_until(viewer, lambda m: m["type"] == "error")
+    assert "only 'command'" in got[-1]["message"]
+    await trainer.send(metrics_frame(1, 1))
+    await recv_until(viewer, lambda m: m.get("seq") == 1)
+    await viewer.send(b"\x00")
+    with pytest.raises(ConnectionClosed) as closed:
+        await recv_until(viewer, lambda m: False)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == wire.CLOSE_UNSUPPORTED
+    await trainer.close()
+
+
+async def test_viewers_see_the_trainer_come_and_go(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    viewer, snapshot = await open_viewer(live_server, "r1")
+    assert snapshot["trainer_connected"] is True
+    await trainer.close()
+    got = await recv_until(viewer, lambda m: m["type"] == "status")
+    assert got[-1]["trainer_connected"] is False and got[-1]["status"] == "running"
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    got = await recv_until(viewer, lambda m: m["type"] == "status")
+    assert got[-1]["trainer_connected"] is True
+    await viewer.close()
+    await trainer.close()

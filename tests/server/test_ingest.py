@@ -1,0 +1,338 @@
+"""The trainer socket as a trainer sees it: hello/welcome, acks after commit, resume after a
+reconnect, one connection per run, liveness, and every kind of bad input answered without
+losing what was stored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from layerscope.trainer import wire
+from server_harness import (
+    FakeTrainer,
+    LiveServer,
+    event_frame,
+    exported,
+    make_settings,
+    metrics_frame,
+    open_viewer,
+    probe_frame,
+    recv_until,
+    run_detail,
+    running_server,
+    strict_loads,
+    wait_status,
+)
+from websockets.asyncio.client import connect
+
+pytestmark = pytest.mark.anyio
+
+
+def seqs_of(server: str, run_id: str) -> list[int]:
+    return [f["seq"] for f in exported(server, run_id)]
+
+
+async def stored_run(trainer: FakeTrainer, n: int) -> None:
+    for seq in range(1, n + 1):
+        await trainer.send(metrics_frame(seq, seq))
+    await trainer.wait_acked(n)
+
+
+def assert_still_serving(server: str, run_id: str, seqs: list[int]) -> None:
+    """After bad input: the server answers and nothing stored before is lost."""
+    assert httpx.get(f"{server}/healthz").json()["ok"] is True
+    assert seqs_of(server, run_id) == seqs
+
+
+async def test_hello_gets_welcome_and_frames_are_acked_after_commit(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    assert trainer.welcome == {"v": 1, "type": "welcome", "run_id": "r1", "acked_seq": 0, "status": "running"}
+    await trainer.send(metrics_frame(1, 0, loss=2.5))
+    await trainer.send(probe_frame(2, 0))
+    await trainer.send(event_frame(3, 0, "alert", message="dead layer"))
+    await trainer.wait_acked(3)
+    # An ack means committed: the frames are readable the moment the trainer sees it.
+    frames = exported(live_server, "r1")
+    assert [(f["seq"], f["type"]) for f in frames] == [(1, "metrics"), (2, "probe"), (3, "event")]
+    assert frames[0]["rows"][0]["values"] == {"loss": 2.5}
+    assert run_detail(live_server, "r1")["trainer_connected"] is True
+    await trainer.close()
+
+
+async def test_ack_is_the_highest_contiguous_seq_and_duplicates_are_no_ops(
+    live_server: LiveServer,
+) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await trainer.send(metrics_frame(1, 1))
+    await trainer.wait_acked(1)
+    await trainer.send(metrics_frame(3, 3))  # 2 is missing: the ack must not pass it
+    ack = await trainer.wait_for(lambda m: m["type"] == "ack")
+    assert ack["seq"] == 1
+    await trainer.send(metrics_frame(2, 2))
+    await trainer.wait_acked(3)
+    await trainer.send(metrics_frame(2, 2, loss=99.0))  # a resend of a stored seq
+    ack = await trainer.wait_for(lambda m: m["type"] == "ack")
+    assert ack["seq"] == 3
+    frames = exported(live_server, "r1")
+    assert [f["seq"] for f in frames] == [1, 2, 3]
+    assert frames[1]["rows"][0]["values"] != {"loss": 99.0}
+    await trainer.close()
+
+
+async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(live_server: LiveServer) -> None:
+    first = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(first, 5)
+    await first.close()
+    # The trainer only knows 3 was acked (the last acks were lost with the connection).
+    second = await FakeTrainer.connect(live_server, "r1", last_acked_seq=3)
+    assert second.welcome["acked_seq"] == 5
+    for seq in range(4, 9):  # resends 4 and 5, then new frames
+        await second.send(metrics_frame(seq, seq))
+    await second.wait_acked(8)
+    assert seqs_of(live_server, "r1") == list(range(1, 9))
+    await second.close()
+
+
+async def test_resent_frames_are_not_shown_twice_to_viewers(live_server: LiveServer) -> None:
+    first = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(first, 3)
+    await first.close()
+    viewer, snapshot = await open_viewer(live_server, "r1")
+    assert snapshot["last_seq"] == 3
+    second = await FakeTrainer.connect(live_server, "r1")
+    for seq in (2, 3, 4):
+        await second.send(metrics_frame(seq, seq))
+    got = await recv_until(viewer, lambda m: m.get("seq") == 4)
+    assert [m["seq"] for m in got if "seq" in m] == [4]
+    await viewer.close()
+    await second.close()
+
+
+async def test_a_second_trainer_connection_replaces_the_first(live_server: LiveServer) -> None:
+    old = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(old, 2)
+    new = await FakeTrainer.connect(live_server, "r1", last_acked_seq=2)
+    code, reason = await old.closed()
+    assert code == wire.CLOSE_POLICY and "replaced" in reason
+    await new.send(metrics_frame(3, 3))
+    await new.wait_acked(3)
+    assert run_detail(live_server, "r1")["trainer_connected"] is True
+    await new.close()
+
+
+async def test_a_frame_before_hello_closes_with_1008(live_server: LiveServer) -> None:
+    async with connect(live_server.ws("/ws/trainer")) as ws:
+        await ws.send(json.dumps({"v": 1, **metrics_frame(1, 1)}))
+        await ws.wait_closed()
+        assert ws.close_code == wire.CLOSE_POLICY
+        assert "hello" in (ws.close_reason or "")
+
+
+async def test_a_bad_hello_closes_with_a_reason(live_server: LiveServer) -> None:
+    async with connect(live_server.ws("/ws/trainer")) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": "x" * 10_000}))
+        await ws.wait_closed()
+        assert ws.close_code == wire.CLOSE_POLICY
+        assert "256" in (ws.close_reason or "")
+    assert httpx.get(f"{live_server}/api/runs").json() == []
+
+
+async def test_a_status_event_ends_the_run_and_viewers_see_it(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    viewer, _ = await open_viewer(live_server, "r1")
+    await trainer.send(event_frame(1, 10, "status", status="finished"))
+    got = await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] == "finished")
+    assert any(m["type"] == "event" and m["seq"] == 1 for m in got)
+    await trainer.wait_acked(1)
+    await trainer.close()
+    await wait_status(live_server, "r1", "finished")
+    await viewer.close()
+
+
+async def test_heartbeats_keep_a_quiet_run_alive_and_are_not_stored(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await stored_run(trainer, 1)
+        for step in range(12):  # 2.4 s, more than twice the timeout
+            await trainer.send({"type": "heartbeat", "step": step, "status": "running"})
+            await asyncio.sleep(0.2)
+        detail = run_detail(server, "r1")
+        assert detail["status"] == "running" and detail["trainer_connected"] is True
+        assert seqs_of(server, "r1") == [1]
+        await trainer.close()
+
+
+async def test_a_silent_trainer_is_lost_and_what_it_sent_is_kept(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await stored_run(trainer, 3)
+        # The connection stays open, but nothing arrives: a hung process.
+        await wait_status(server, "r1", "lost", timeout=10)
+        assert seqs_of(server, "r1") == [1, 2, 3]
+        await trainer.ws.close()
+
+
+async def test_a_trainer_that_disconnects_is_lost_unless_it_comes_back(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+        back = await FakeTrainer.connect(server, "back")
+        gone = await FakeTrainer.connect(server, "gone")
+        await stored_run(back, 2)
+        await stored_run(gone, 2)
+        await back.close()
+        await gone.close()
+        back = await FakeTrainer.connect(server, "back", last_acked_seq=2)
+        back.heartbeat()
+        await wait_status(server, "gone", "lost", timeout=10)
+        assert run_detail(server, "back")["status"] == "running"
+        assert seqs_of(server, "gone") == [1, 2]
+        await back.close()
+
+
+async def test_a_lost_run_resumes_when_its_trainer_returns(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await stored_run(trainer, 2)
+        await trainer.close()
+        await wait_status(server, "r1", "lost", timeout=10)
+        trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=2)
+        await trainer.send(metrics_frame(3, 3))
+        await trainer.wait_acked(3)
+        assert run_detail(server, "r1")["status"] == "running"
+        await trainer.close()
+
+
+# ---- bad input: each answered with an error or the documented close, nothing lost ----
+
+
+async def test_malformed_json_gets_an_error_and_the_connection_goes_on(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send('{"type": "metrics", "seq": 3, ')
+    assert "malformed JSON" in await trainer.error()
+    await trainer.send(metrics_frame(3, 3))
+    await trainer.wait_acked(3)
+    assert_still_serving(live_server, "r1", [1, 2, 3])
+    await trainer.close()
+
+
+async def test_a_binary_frame_closes_with_1003(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send(b'{"type": "metrics"}')
+    code, reason = await trainer.closed()
+    assert code == wire.CLOSE_UNSUPPORTED and "binary" in reason
+    assert_still_serving(live_server, "r1", [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("frame", "named"),
+    [
+        ({"type": "metrics", "seq": "3", "rows": []}, "'seq' must be an integer"),
+        ({"type": "metrics", "seq": 3, "rows": {"step": 1}}, "'rows' must be a list"),
+        ({"type": "metrics", "seq": 3, "rows": [{"step": 1, "values": {"loss": "low"}}]}, "number"),
+        ({"type": "probe", "seq": 3, "step": -1, "layers": []}, "'step' must be >= 0"),
+        ({"type": "event", "seq": 3, "step": 1, "kind": "gossip"}, "unknown event kind"),
+        ({"type": "weights", "seq": 3}, "unknown frame type"),
+        ({"type": "metrics", "v": 99, "seq": 3, "rows": []}, "schema version"),
+        ([1, 2, 3], "JSON object"),
+    ],
+)
+async def test_wrong_types_get_an_error_naming_the_field(
+    live_server: LiveServer, frame: object, named: str
+) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send(json.dumps(frame) if isinstance(frame, list) else frame)  # type: ignore[arg-type]
+    assert named in await trainer.error()
+    assert_still_serving(live_server, "r1", [1, 2])
+    await trainer.close()
+
+
+async def test_an_oversize_frame_closes_with_1009(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send(json.dumps({"type": "log", "pad": "x" * (wire.MAX_FRAME_BYTES + 10)}))
+    code, reason = await trainer.closed()
+    assert code == wire.CLOSE_TOO_BIG and str(wire.MAX_FRAME_BYTES) in reason
+    assert_still_serving(live_server, "r1", [1, 2])
+
+
+async def test_a_nan_literal_is_rejected_with_1007(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send('{"type":"metrics","v":1,"seq":3,"rows":[{"step":3,"values":{"loss":NaN}}]}')
+    code, reason = await trainer.closed()
+    assert code == wire.CLOSE_INVALID_DATA and "NaN" in reason
+    assert_still_serving(live_server, "r1", [1, 2])
+
+
+async def test_non_finite_values_are_stored_as_null_and_every_frame_out_is_strict_json(
+    live_server: LiveServer,
+) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    viewer, _ = await open_viewer(live_server, "r1")
+    # 1e999 is valid JSON that parses to inf; a null is a non-finite value the trainer cleaned.
+    await trainer.send('{"type":"metrics","v":1,"seq":1,"rows":[{"step":1,"values":{"loss":1e999,"acc":null,"lr":0.5}}]}')
+    await trainer.wait_acked(1)
+    raw = await asyncio.wait_for(viewer.recv(), 10)
+    live = strict_loads(raw)  # raises on NaN/Infinity
+    assert live["rows"][0]["values"] == {"loss": None, "acc": None, "lr": 0.5}
+    export = httpx.get(f"{live_server}/api/runs/r1/export").text
+    for line in export.splitlines():
+        strict_loads(line)
+    assert exported(live_server, "r1")[0]["rows"][0]["values"]["loss"] is None
+    await viewer.close()
+    await trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("make_frame", "limit"),
+    [
+        (
+            lambda: {
+                "type": "probe",
+                "seq": 3,
+                "step": 3,
+                "layers": [{"name": "a", "hist": {"lo": 0, "hi": 1, "counts": [0] * 1_000_000}}],
+            },
+            f"the limit is {wire.MAX_BINS}",
+        ),
+        (
+            lambda: {"type": "probe", "seq": 3, "step": 3, "layers": [{"name": "a"}] * 100_000},
+            f"the limit is {wire.MAX_LAYERS}",
+        ),
+        (
+            lambda: {"type": "probe", "seq": 3, "step": 3, "layers": [{"name": "n" * 10_000}]},
+            f"the limit is {wire.MAX_NAME_LEN}",
+        ),
+        (
+            lambda: {"type": "metrics", "seq": 3, "rows": [{"step": 1, "values": {"l" * 10_000: 1.0}}]},
+            f"the limit is {wire.MAX_NAME_LEN}",
+        ),
+    ],
+    ids=["1e6-bins", "1e5-layers", "10kB-layer-name", "10kB-series-name"],
+)
+async def test_frames_past_the_documented_limits_are_rejected(
+    live_server: LiveServer, make_frame: object, limit: str
+) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 2)
+    await trainer.send(make_frame())  # type: ignore[operator]
+    assert limit in await trainer.error()
+    await trainer.send(metrics_frame(3, 3))
+    await trainer.wait_acked(3)
+    assert_still_serving(live_server, "r1", [1, 2, 3])
+    await trainer.close()
+
+
+async def test_a_second_hello_on_one_connection_is_an_error(live_server: LiveServer) -> None:
+    trainer = await FakeTrainer.connect(live_server, "r1")
+    await stored_run(trainer, 1)
+    await trainer.send({"type": "hello", "run_id": "other"})
+    assert "hello already received" in await trainer.error()
+    assert_still_serving(live_server, "r1", [1])
+    assert [r["id"] for r in httpx.get(f"{live_server}/api/runs").json()] == ["r1"]
+    await trainer.close()

@@ -334,7 +334,9 @@ class Batches:
         self.n = n
         self.size = n if batch_size <= 0 or batch_size >= n else batch_size
         self.device = torch.device(device)
-        self._gen = torch.Generator().manual_seed(seed)
+        # The shuffle runs where the data lives: a CPU permutation copied to a GPU would be
+        # a pageable host->device copy, which waits for the queued training work once an epoch.
+        self._gen = torch.Generator(device=self.device).manual_seed(seed)
         self.epoch = 0
         full, rest = divmod(n, self.size)
         self.steps_per_epoch = full + (1 if rest > 1 else 0)
@@ -347,7 +349,6 @@ class Batches:
                 yield everything
         while True:
             self.epoch += 1
-            # One host->device copy per epoch, not per step.
-            perm = torch.randperm(self.n, generator=self._gen).to(self.device)
+            perm = torch.randperm(self.n, generator=self._gen, device=self.device)
             for i in range(self.steps_per_epoch):
                 yield perm[i * self.size : (i + 1) * self.size]

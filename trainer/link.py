@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import threading
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
-from layerscope.trainer.spool import SpoolError, SpoolReader, SpoolWriter, iter_records
+from layerscope.trainer.spool import SpoolError, SpoolReader, SpoolWriter, index_spool
 from websockets.asyncio.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
@@ -417,29 +416,6 @@ class Link:
 # ---- uploading a spool after the fact ----
 
 
-def _index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order."""
-    hello: dict[str, Any] | None = None
-    seen: dict[int, int] = {}
-    for offset, text in iter_records(path):
-        try:
-            frame = json.loads(text)
-        except json.JSONDecodeError:
-            log.warning("spool %s: record at offset %d is not JSON; skipped", path, offset)
-            continue
-        if not isinstance(frame, dict):
-            continue
-        if frame.get("type") == "hello":
-            hello = hello or frame
-            continue
-        seq = frame.get("seq")
-        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
-            seen.setdefault(seq, offset)
-    if hello is None:
-        raise ValueError(f"{path} has no hello record; it is not a layerscope spool")
-    return wire.validate_hello(hello), sorted(seen.items())
-
-
 def sync_spool(
     path: str | Path, server: str, token: str | None = None, timeout_s: float = 60
 ) -> int:
@@ -450,7 +426,7 @@ def sync_spool(
     cannot be reached at all and TimeoutError if it stops acking before ``timeout_s``.
     """
     path = Path(path)
-    hello, frames = _index_spool(path)
+    hello, frames = index_spool(path)
     if not frames:
         return 0
     # The server acks the highest contiguous seq, so a seq lost to spool damage caps

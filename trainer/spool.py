@@ -15,6 +15,7 @@ With no server at all the spool is the whole run: its first record is the
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -22,6 +23,9 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from layerscope.trainer import wire
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +166,26 @@ def read_spool(path: str | os.PathLike[str]) -> Iterator[str]:
     """Every intact record's text in order; torn tails and corrupt records are skipped."""
     for _, text in iter_records(path):
         yield text
+
+
+def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order."""
+    hello: dict[str, Any] | None = None
+    seen: dict[int, int] = {}
+    for offset, text in iter_records(path):
+        try:
+            frame = json.loads(text)
+        except json.JSONDecodeError:
+            log.warning("spool %s: record at offset %d is not JSON; skipped", path, offset)
+            continue
+        if not isinstance(frame, dict):
+            continue
+        if frame.get("type") == "hello":
+            hello = hello or frame
+            continue
+        seq = frame.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
+            seen.setdefault(seq, offset)
+    if hello is None:
+        raise ValueError(f"{path} has no hello record; it is not a layerscope spool")
+    return wire.validate_hello(hello), sorted(seen.items())

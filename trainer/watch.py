@@ -85,7 +85,7 @@ class _Flush:
             assert self.host is not None
             layers, run_values = stats.decode(self.host[offset : offset + length])
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for row in self.rows:
             values = dict(row.values)
             for name, index in row.on_device:
@@ -100,8 +100,9 @@ class _Flush:
             frames.append({"type": "metrics", "rows": rows})
         if probe_frame is not None:
             frames.append(probe_frame)
-        if self.progress is not None and rows:
-            self.progress(rows[-1])
+        trained = [row for row in rows if "loss" in row["values"]]
+        if self.progress is not None and trained:
+            self.progress(trained[-1])
         return frames
 
 
@@ -190,13 +191,17 @@ class Watch:
             raise ValueError(f"watch(): {exc}") from None
         self.link: Link | None = None
         if primary:
-            self.link = Link(
-                hello,
-                spool_path=self.run_dir / "spool.bin",
-                server=server or None,
-                token=token or None,
-                on_command=self.control.submit,
-            )
+            try:
+                self.link = Link(
+                    hello,
+                    spool_path=self.run_dir / "spool.bin",
+                    server=server or None,
+                    token=token or None,
+                    on_command=self.control.submit,
+                )
+            except BaseException:
+                self._close_parts()  # e.g. an unwritable run_dir: leave no hooks behind
+                raise
             self.link.start()
         self._t0 = self._last_step_t = self._last_flush_t = time.perf_counter()
         self._emit("status", {"status": "running"})
@@ -255,13 +260,13 @@ class Watch:
 
     def close(self, status: str = "finished") -> None:
         """Flush, report the final status, wait briefly for acks, remove every hook."""
+        if status not in wire.ENDED_STATUSES:
+            raise ValueError(f"status must be one of {sorted(wire.ENDED_STATUSES)}, got {status!r}")
         if self._closed:
             return
         self._closed = True
         if status == "finished" and self.control.stopping:
             status = "stopped"
-        if status not in wire.ENDED_STATUSES:
-            raise ValueError(f"status must be one of {sorted(wire.ENDED_STATUSES)}, got {status!r}")
         try:
             self._flush()
             self._emit("status", {"status": status})

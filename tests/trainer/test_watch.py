@@ -16,6 +16,7 @@ from layerscope.trainer import wire
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import Watch, watch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -220,3 +221,42 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         assert w.step_count == 0  # a refused step is not counted
         w.step(loss=torch.tensor(2.0))
     assert [r["values"]["loss"] for r in rows(frames(tmp_path / "ok"))] == [2.0]
+
+
+class NoHostReads(TorchFunctionMode):
+    """Fails on any read of a tensor's value on the host (a device sync on CUDA)."""
+
+    BANNED = frozenset(
+        {
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.cpu,
+            torch.Tensor.numpy,
+            torch.Tensor.__float__,
+            torch.Tensor.__int__,
+            torch.Tensor.__bool__,
+        }
+    )
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        if func in self.BANNED:
+            raise AssertionError(f"host read {func} on the training thread")
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_thread_never_reads_values_on_the_host(tmp_path: Path) -> None:
+    model, opt, x, y = make_model()
+    with watch(model, opt, every=2, run_dir=tmp_path) as w:
+        for _ in range(6):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            with NoHostReads():
+                opt.step()  # runs the control and probe step hooks
+                w.step(loss=loss, acc=torch.tensor(0.5))
+        with NoHostReads():
+            w.eval(val_loss=torch.tensor(1.0))
+    # The values were read, once per flush, on the link thread.
+    assert len([r for r in rows(frames(tmp_path)) if "loss" in r["values"]]) == 6

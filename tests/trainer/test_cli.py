@@ -162,11 +162,11 @@ def test_launcher_command_line_trains_unreachable_server_and_sigterm_stops_clean
 
 
 @pytest.mark.slow
-def test_a_spooled_run_syncs_to_a_real_server_with_a_trainer_token(
+def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Train with no server, then `layerscope sync RUN_DIR --server http://...`: every frame
-    is acknowledged and the server holds the run with its validated config."""
+    """Train with no server, then `layerscope sync RUN_DIR --server http://...`: the server
+    holds the run with its validated config. Then train live against ws://HOST:PORT."""
     import threading
     import urllib.request
 
@@ -199,6 +199,21 @@ def test_a_spooled_run_syncs_to_a_real_server_with_a_trainer_token(
         with urllib.request.urlopen(f"{base}/api/runs/offline1", timeout=5) as resp:
             run = json.loads(resp.read())
         assert run["config"]["data"]["dataset"] == "spirals" and run["last_step"] == 12
+
+        # Live: a bare base URL is completed to the trainer socket.
+        live = ["train", "--steps", "8", "--dataset", "blobs", "--device", "cpu", "--run-id",
+                "live1", "--run-dir", str(tmp_path / "live"), "--no-progress", "--server",
+                f"ws://127.0.0.1:{settings.port}"]  # fmt: skip
+        assert cli.main(live) == 0
+        deadline = time.monotonic() + 10  # acked frames are committed; the status may trail
+        while True:
+            with urllib.request.urlopen(f"{base}/api/runs/live1", timeout=5) as resp:
+                run = json.loads(resp.read())
+            if run["status"] == "finished" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert run["status"] == "finished" and run["last_step"] == 8
+        assert run["config"]["data"]["dataset"] == "blobs"
     finally:
         server.should_exit = True
         thread.join(30)

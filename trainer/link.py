@@ -42,6 +42,7 @@ OPEN_TIMEOUT_S = 5.0
 WELCOME_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # how long close() waits for the server to ack the last frames
 TRAINER_PATH = "/ws/trainer"
+GAP_QUIET_S = 0.5  # sync past a damaged record: how long the server must be quiet before closing
 
 
 class LinkError(RuntimeError):
@@ -458,20 +459,22 @@ async def _upload(
     connected_once = False
     backoff = BACKOFF_FIRST_S
     last_error = ""
+    last_heard = time.monotonic()
+    gap = target < frames[-1][0]
     reader = SpoolReader(path)
 
     async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
         # Read acks while sending: a client that only sends stops draining the socket,
         # and a server blocked on sending acks may stop reading frames.
-        nonlocal acked
+        nonlocal acked, last_heard
         async for raw in ws:
+            last_heard = time.monotonic()
             msg = wire.decode(raw)
             seq = msg.get("seq")
             if msg["type"] == "ack" and isinstance(seq, int) and not isinstance(seq, bool):
                 acked = max(acked, seq)
                 if acked >= target:
                     done.set()
-                    return
             elif msg["type"] == "error":
                 log.warning("server says: %s", msg.get("message"))
 
@@ -491,7 +494,7 @@ async def _upload(
                         raise LinkError(f"server refused the upload: {welcome.get('message')}")
                     connected_once = True
                     acked = max(acked, int(welcome.get("acked_seq", 0)))
-                    if acked >= target:
+                    if acked >= target and not gap:
                         break
                     done = asyncio.Event()
                     receiver = asyncio.create_task(receive_acks(ws, done))
@@ -506,6 +509,12 @@ async def _upload(
                             return_when=asyncio.FIRST_COMPLETED,
                         )
                         waiter.cancel()
+                        # Past a gap no ack can confirm the frames, so leave only once the
+                        # server has gone quiet: it has read and committed what it got.
+                        while gap and acked >= target and time.monotonic() < deadline:
+                            if time.monotonic() - last_heard >= GAP_QUIET_S:
+                                break
+                            await asyncio.sleep(0.05)
                     finally:
                         receiver.cancel()
                         with contextlib.suppress(asyncio.CancelledError):

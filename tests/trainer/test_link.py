@@ -395,3 +395,21 @@ def test_watch_applies_server_commands_and_heartbeats_while_paused(
     assert statuses == ["running", "paused", "running", "stopped"]
     assert sorted(server.frames) == list(range(1, len(server.frames) + 1))
     assert [p["step"] for _, p in sorted(server.frames.items()) if p["type"] == "probe"] == [1]
+
+
+def test_sync_of_a_damaged_spool_uploads_what_survived(
+    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("damaged"), spool_path=spool)
+    link.start()
+    for step in range(1, 21):
+        link.submit(metrics(step))
+    link.close()
+    data = bytearray(spool.read_bytes())
+    at = data.index(b'"seq":10}')
+    data[at + 3] ^= 0x20  # corrupt frame 10's payload: its CRC no longer matches
+    spool.write_bytes(bytes(data))
+    assert sync_spool(spool, server.url, timeout_s=20) == 9  # confirmed: the frames before the gap
+    assert sorted(server.frames) == [*range(1, 10), *range(11, 21)]  # the rest still sent
+    assert "frame 10 is missing" in caplog.text

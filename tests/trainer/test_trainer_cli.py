@@ -1,5 +1,6 @@
-"""`layerscope train` / `sync` as a user and the server's launcher run them: flags generated
-from the schema, preset < config file < flags, every bad field printed with its loc."""
+"""trainer/cli.py as a user and the server's launcher run it: `layerscope train` flags
+generated from the schema, preset < config file < flags, every bad field printed with its
+loc, `sync`. (Named apart from tests/server/test_cli.py: pytest needs unique basenames.)"""
 
 from __future__ import annotations
 

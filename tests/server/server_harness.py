@@ -141,7 +141,9 @@ def strict_loads(text: str | bytes) -> Any:
 
 
 class FakeTrainer:
-    """The trainer side of /ws/trainer over a real websocket; records acks and commands."""
+    """The trainer side of /ws/trainer over a real websocket. Like a real link thread it
+    reads everything the server sends as it arrives (recording acks, commands and errors);
+    ``recv``/``wait_for`` then consume those messages in order."""
 
     def __init__(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
         self.ws = ws
@@ -149,6 +151,8 @@ class FakeTrainer:
         self.acked = 0
         self.commands: list[dict[str, Any]] = []
         self.errors: list[str] = []
+        self._inbox: asyncio.Queue[dict[str, Any] | ConnectionClosed] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
         self._beat: asyncio.Task[None] | None = None
 
     @classmethod
@@ -179,6 +183,21 @@ class FakeTrainer:
         assert welcome["type"] == "welcome", welcome
         return cls(ws, welcome)
 
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                message = strict_loads(raw)
+                if message["type"] == "ack":
+                    self.acked = max(self.acked, message["seq"])
+                elif message["type"] == "command":
+                    self.commands.append(message)
+                elif message["type"] == "error":
+                    self.errors.append(message["message"])
+                self._inbox.put_nowait(message)
+            await self.ws.recv()  # raises the ConnectionClosed that ended the iteration
+        except ConnectionClosed as exc:
+            self._inbox.put_nowait(exc)
+
     async def send(self, frame: dict[str, Any] | str | bytes) -> None:
         """A dict is sent as a JSON text frame; str and bytes go out exactly as given."""
         if isinstance(frame, dict):
@@ -186,14 +205,22 @@ class FakeTrainer:
         await self.ws.send(frame)
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        message = strict_loads(await asyncio.wait_for(self.ws.recv(), timeout))
-        if message["type"] == "ack":
-            self.acked = max(self.acked, message["seq"])
-        elif message["type"] == "command":
-            self.commands.append(message)
-        elif message["type"] == "error":
-            self.errors.append(message["message"])
+        message = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(message, ConnectionClosed):
+            self._inbox.put_nowait(message)  # every later recv sees the close too
+            raise message
         return message
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Discard (and return) what has arrived but was not consumed yet."""
+        drained = []
+        while not self._inbox.empty():
+            message = self._inbox.get_nowait()
+            if isinstance(message, ConnectionClosed):
+                self._inbox.put_nowait(message)
+                break
+            drained.append(message)
+        return drained
 
     async def wait_for(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
@@ -208,6 +235,7 @@ class FakeTrainer:
                 return message
 
     async def wait_acked(self, seq: int, timeout: float = 10.0) -> None:
+        """Consume messages up to the ack that covers ``seq`` (at once if one already did)."""
         if self.acked < seq:
             await self.wait_for(lambda m: m["type"] == "ack" and m["seq"] >= seq, timeout)
 
@@ -240,6 +268,7 @@ class FakeTrainer:
         if self._beat is not None:
             self._beat.cancel()
         await self.ws.close()
+        await self._reader
 
 
 async def open_viewer(

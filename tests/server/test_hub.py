@@ -28,17 +28,17 @@ from websockets.exceptions import ConnectionClosed
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_viewer_gets_a_snapshot_then_live_frames(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_a_viewer_gets_a_snapshot_then_live_frames(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     for seq in range(1, 4):
         await trainer.send(metrics_frame(seq, seq, loss=float(seq)))
     await trainer.send(probe_frame(4, 3))
     await trainer.wait_acked(4)
-    viewer, snapshot = await open_viewer(live_server, "r1")
+    viewer, snapshot = await open_viewer(shared_server, run_id)
     assert snapshot["type"] == "snapshot"
     assert snapshot["last_seq"] == 4
     assert snapshot["trainer_connected"] is True
-    assert snapshot["run"]["id"] == "r1" and snapshot["run"]["status"] == "running"
+    assert snapshot["run"]["id"] == run_id and snapshot["run"]["status"] == "running"
     assert snapshot["series"]["loss"]["steps"] == [1, 2, 3]
     assert snapshot["series"]["loss"]["values"] == [1.0, 2.0, 3.0]
     await trainer.send(metrics_frame(5, 4, loss=4.0))
@@ -46,16 +46,16 @@ async def test_a_viewer_gets_a_snapshot_then_live_frames(live_server: LiveServer
     live = await recv_until(viewer, lambda m: m.get("seq") == 6)
     frames = [m for m in live if "seq" in m]
     assert [(m["type"], m["seq"], m["run_id"]) for m in frames] == [
-        ("metrics", 5, "r1"),
-        ("event", 6, "r1"),
+        ("metrics", 5, run_id),
+        ("event", 6, run_id),
     ]
     assert frames[0]["rows"][0]["values"] == {"loss": 4.0}
     await viewer.close()
     await trainer.close()
 
 
-async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     sent = 0
 
     async def send_all() -> None:
@@ -69,7 +69,7 @@ async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(live_server: L
     sender = asyncio.create_task(send_all())
     while sent < 50:
         await asyncio.sleep(0.005)
-    viewer, snapshot = await open_viewer(live_server, "r1")
+    viewer, snapshot = await open_viewer(shared_server, run_id)
     await sender
     live = await recv_until(viewer, lambda m: m.get("seq") == 300)
     seen = set(snapshot["series"]["loss"]["steps"]) | {m["seq"] for m in live if "seq" in m}
@@ -78,9 +78,9 @@ async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(live_server: L
     await trainer.close()
 
 
-async def test_after_seq_catches_up_with_every_missed_frame(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    viewer, _ = await open_viewer(live_server, "r1")
+async def test_after_seq_catches_up_with_every_missed_frame(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
     for seq in range(1, 6):
         await trainer.send(metrics_frame(seq, seq))
     got = await recv_until(viewer, lambda m: m.get("seq") == 5)
@@ -89,7 +89,7 @@ async def test_after_seq_catches_up_with_every_missed_frame(live_server: LiveSer
     for seq in range(6, 12):  # missed while the tab was away
         await trainer.send(probe_frame(seq, seq) if seq % 2 else metrics_frame(seq, seq))
     await trainer.wait_acked(11)
-    viewer, catchup = await open_viewer(live_server, "r1", after_seq=last_seen)
+    viewer, catchup = await open_viewer(shared_server, run_id, after_seq=last_seen)
     assert catchup["type"] == "catchup"
     assert [f["seq"] for f in catchup["frames"]] == list(range(6, 12))
     assert {f["type"] for f in catchup["frames"]} == {"metrics", "probe"}
@@ -166,24 +166,24 @@ async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path)
         await trainer.close()
 
 
-async def test_an_unknown_run_is_refused_with_a_reason(live_server: LiveServer) -> None:
-    async with connect(live_server.ws("/ws/runs/nope")) as ws:
+async def test_an_unknown_run_is_refused_with_a_reason(shared_server: LiveServer, run_id: str) -> None:
+    async with connect(shared_server.ws("/ws/runs/nope")) as ws:
         await ws.wait_closed()
         assert ws.close_code == wire.CLOSE_POLICY
         assert "not found" in (ws.close_reason or "")
 
 
-async def test_a_bad_after_seq_is_refused(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    async with connect(live_server.ws("/ws/runs/r1?after_seq=-3")) as ws:
+async def test_a_bad_after_seq_is_refused(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    async with connect(shared_server.ws("/ws/runs/r1?after_seq=-3")) as ws:
         await ws.wait_closed()
         assert ws.close_code == wire.CLOSE_POLICY and "after_seq" in (ws.close_reason or "")
     await trainer.close()
 
 
-async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    viewer, _ = await open_viewer(live_server, "r1")
+async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
     await viewer.send("{not json")
     got = await recv_until(viewer, lambda m: m["type"] == "error")
     assert "malformed JSON" in got[-1]["message"]
@@ -199,14 +199,14 @@ async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(live_ser
     await trainer.close()
 
 
-async def test_viewers_see_the_trainer_come_and_go(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    viewer, snapshot = await open_viewer(live_server, "r1")
+async def test_viewers_see_the_trainer_come_and_go(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, snapshot = await open_viewer(shared_server, run_id)
     assert snapshot["trainer_connected"] is True
     await trainer.close()
     got = await recv_until(viewer, lambda m: m["type"] == "status")
     assert got[-1]["trainer_connected"] is False and got[-1]["status"] == "running"
-    trainer = await FakeTrainer.connect(live_server, "r1")
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     got = await recv_until(viewer, lambda m: m["type"] == "status")
     assert got[-1]["trainer_connected"] is True
     await viewer.close()

@@ -47,62 +47,64 @@ def assert_still_serving(server: str, run_id: str, seqs: list[int]) -> None:
     assert seqs_of(server, run_id) == seqs
 
 
-async def test_hello_gets_welcome_and_frames_are_acked_after_commit(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    assert trainer.welcome == {"v": 1, "type": "welcome", "run_id": "r1", "acked_seq": 0, "status": "running"}
+async def test_hello_gets_welcome_and_frames_are_acked_after_commit(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    assert trainer.welcome == {"v": 1, "type": "welcome", "run_id": run_id, "acked_seq": 0, "status": "running"}
     await trainer.send(metrics_frame(1, 0, loss=2.5))
     await trainer.send(probe_frame(2, 0))
     await trainer.send(event_frame(3, 0, "alert", message="dead layer"))
     await trainer.wait_acked(3)
     # An ack means committed: the frames are readable the moment the trainer sees it.
-    frames = exported(live_server, "r1")
+    frames = exported(shared_server, run_id)
     assert [(f["seq"], f["type"]) for f in frames] == [(1, "metrics"), (2, "probe"), (3, "event")]
     assert frames[0]["rows"][0]["values"] == {"loss": 2.5}
-    assert run_detail(live_server, "r1")["trainer_connected"] is True
+    assert run_detail(shared_server, run_id)["trainer_connected"] is True
     await trainer.close()
 
 
 async def test_ack_is_the_highest_contiguous_seq_and_duplicates_are_no_ops(
-    live_server: LiveServer,
+    shared_server: LiveServer, run_id: str,
 ) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(metrics_frame(1, 1))
     await trainer.wait_acked(1)
+    trainer.drain()
     await trainer.send(metrics_frame(3, 3))  # 2 is missing: the ack must not pass it
     ack = await trainer.wait_for(lambda m: m["type"] == "ack")
     assert ack["seq"] == 1
     await trainer.send(metrics_frame(2, 2))
     await trainer.wait_acked(3)
+    trainer.drain()
     await trainer.send(metrics_frame(2, 2, loss=99.0))  # a resend of a stored seq
     ack = await trainer.wait_for(lambda m: m["type"] == "ack")
     assert ack["seq"] == 3
-    frames = exported(live_server, "r1")
+    frames = exported(shared_server, run_id)
     assert [f["seq"] for f in frames] == [1, 2, 3]
     assert frames[1]["rows"][0]["values"] != {"loss": 99.0}
     await trainer.close()
 
 
-async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(live_server: LiveServer) -> None:
-    first = await FakeTrainer.connect(live_server, "r1")
+async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(shared_server: LiveServer, run_id: str) -> None:
+    first = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(first, 5)
     await first.close()
     # The trainer only knows 3 was acked (the last acks were lost with the connection).
-    second = await FakeTrainer.connect(live_server, "r1", last_acked_seq=3)
+    second = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=3)
     assert second.welcome["acked_seq"] == 5
     for seq in range(4, 9):  # resends 4 and 5, then new frames
         await second.send(metrics_frame(seq, seq))
     await second.wait_acked(8)
-    assert seqs_of(live_server, "r1") == list(range(1, 9))
+    assert seqs_of(shared_server, run_id) == list(range(1, 9))
     await second.close()
 
 
-async def test_resent_frames_are_not_shown_twice_to_viewers(live_server: LiveServer) -> None:
-    first = await FakeTrainer.connect(live_server, "r1")
+async def test_resent_frames_are_not_shown_twice_to_viewers(shared_server: LiveServer, run_id: str) -> None:
+    first = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(first, 3)
     await first.close()
-    viewer, snapshot = await open_viewer(live_server, "r1")
+    viewer, snapshot = await open_viewer(shared_server, run_id)
     assert snapshot["last_seq"] == 3
-    second = await FakeTrainer.connect(live_server, "r1")
+    second = await FakeTrainer.connect(shared_server, run_id)
     for seq in (2, 3, 4):
         await second.send(metrics_frame(seq, seq))
     got = await recv_until(viewer, lambda m: m.get("seq") == 4)
@@ -111,44 +113,45 @@ async def test_resent_frames_are_not_shown_twice_to_viewers(live_server: LiveSer
     await second.close()
 
 
-async def test_a_second_trainer_connection_replaces_the_first(live_server: LiveServer) -> None:
-    old = await FakeTrainer.connect(live_server, "r1")
+async def test_a_second_trainer_connection_replaces_the_first(shared_server: LiveServer, run_id: str) -> None:
+    old = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(old, 2)
-    new = await FakeTrainer.connect(live_server, "r1", last_acked_seq=2)
+    new = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=2)
     code, reason = await old.closed()
     assert code == wire.CLOSE_POLICY and "replaced" in reason
     await new.send(metrics_frame(3, 3))
     await new.wait_acked(3)
-    assert run_detail(live_server, "r1")["trainer_connected"] is True
+    assert run_detail(shared_server, run_id)["trainer_connected"] is True
     await new.close()
 
 
-async def test_a_frame_before_hello_closes_with_1008(live_server: LiveServer) -> None:
-    async with connect(live_server.ws("/ws/trainer")) as ws:
+async def test_a_frame_before_hello_closes_with_1008(shared_server: LiveServer, run_id: str) -> None:
+    async with connect(shared_server.ws("/ws/trainer")) as ws:
         await ws.send(json.dumps({"v": 1, **metrics_frame(1, 1)}))
         await ws.wait_closed()
         assert ws.close_code == wire.CLOSE_POLICY
         assert "hello" in (ws.close_reason or "")
 
 
-async def test_a_bad_hello_closes_with_a_reason(live_server: LiveServer) -> None:
-    async with connect(live_server.ws("/ws/trainer")) as ws:
-        await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": "x" * 10_000}))
+async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_id: str) -> None:
+    before = httpx.get(f"{shared_server}/api/runs").json()
+    async with connect(shared_server.ws("/ws/trainer")) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": run_id, "name": "x" * 10_000}))
         await ws.wait_closed()
         assert ws.close_code == wire.CLOSE_POLICY
-        assert "256" in (ws.close_reason or "")
-    assert httpx.get(f"{live_server}/api/runs").json() == []
+        assert str(wire.MAX_NAME_LEN) in (ws.close_reason or "")
+    assert httpx.get(f"{shared_server}/api/runs").json() == before
 
 
-async def test_a_status_event_ends_the_run_and_viewers_see_it(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    viewer, _ = await open_viewer(live_server, "r1")
+async def test_a_status_event_ends_the_run_and_viewers_see_it(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
     await trainer.send(event_frame(1, 10, "status", status="finished"))
     got = await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] == "finished")
     assert any(m["type"] == "event" and m["seq"] == 1 for m in got)
     await trainer.wait_acked(1)
     await trainer.close()
-    await wait_status(live_server, "r1", "finished")
+    await wait_status(shared_server, run_id, "finished")
     await viewer.close()
 
 
@@ -207,24 +210,24 @@ async def test_a_lost_run_resumes_when_its_trainer_returns(tmp_path: Path) -> No
 # ---- bad input: each answered with an error or the documented close, nothing lost ----
 
 
-async def test_malformed_json_gets_an_error_and_the_connection_goes_on(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_malformed_json_gets_an_error_and_the_connection_goes_on(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send('{"type": "metrics", "seq": 3, ')
     assert "malformed JSON" in await trainer.error()
     await trainer.send(metrics_frame(3, 3))
     await trainer.wait_acked(3)
-    assert_still_serving(live_server, "r1", [1, 2, 3])
+    assert_still_serving(shared_server, run_id, [1, 2, 3])
     await trainer.close()
 
 
-async def test_a_binary_frame_closes_with_1003(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send(b'{"type": "metrics"}')
     code, reason = await trainer.closed()
     assert code == wire.CLOSE_UNSUPPORTED and "binary" in reason
-    assert_still_serving(live_server, "r1", [1, 2])
+    assert_still_serving(shared_server, run_id, [1, 2])
 
 
 @pytest.mark.parametrize(
@@ -241,49 +244,49 @@ async def test_a_binary_frame_closes_with_1003(live_server: LiveServer) -> None:
     ],
 )
 async def test_wrong_types_get_an_error_naming_the_field(
-    live_server: LiveServer, frame: object, named: str
+    shared_server: LiveServer, run_id: str, frame: object, named: str
 ) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send(json.dumps(frame) if isinstance(frame, list) else frame)  # type: ignore[arg-type]
     assert named in await trainer.error()
-    assert_still_serving(live_server, "r1", [1, 2])
+    assert_still_serving(shared_server, run_id, [1, 2])
     await trainer.close()
 
 
-async def test_an_oversize_frame_closes_with_1009(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_an_oversize_frame_closes_with_1009(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send(json.dumps({"type": "log", "pad": "x" * (wire.MAX_FRAME_BYTES + 10)}))
     code, reason = await trainer.closed()
     assert code == wire.CLOSE_TOO_BIG and str(wire.MAX_FRAME_BYTES) in reason
-    assert_still_serving(live_server, "r1", [1, 2])
+    assert_still_serving(shared_server, run_id, [1, 2])
 
 
-async def test_a_nan_literal_is_rejected_with_1007(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_a_nan_literal_is_rejected_with_1007(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send('{"type":"metrics","v":1,"seq":3,"rows":[{"step":3,"values":{"loss":NaN}}]}')
     code, reason = await trainer.closed()
     assert code == wire.CLOSE_INVALID_DATA and "NaN" in reason
-    assert_still_serving(live_server, "r1", [1, 2])
+    assert_still_serving(shared_server, run_id, [1, 2])
 
 
 async def test_non_finite_values_are_stored_as_null_and_every_frame_out_is_strict_json(
-    live_server: LiveServer,
+    shared_server: LiveServer, run_id: str,
 ) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
-    viewer, _ = await open_viewer(live_server, "r1")
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
     # 1e999 is valid JSON that parses to inf; a null is a non-finite value the trainer cleaned.
     await trainer.send('{"type":"metrics","v":1,"seq":1,"rows":[{"step":1,"values":{"loss":1e999,"acc":null,"lr":0.5}}]}')
     await trainer.wait_acked(1)
     raw = await asyncio.wait_for(viewer.recv(), 10)
     live = strict_loads(raw)  # raises on NaN/Infinity
     assert live["rows"][0]["values"] == {"loss": None, "acc": None, "lr": 0.5}
-    export = httpx.get(f"{live_server}/api/runs/r1/export").text
+    export = httpx.get(f"{shared_server}/api/runs/{run_id}/export").text
     for line in export.splitlines():
         strict_loads(line)
-    assert exported(live_server, "r1")[0]["rows"][0]["values"]["loss"] is None
+    assert exported(shared_server, run_id)[0]["rows"][0]["values"]["loss"] is None
     await viewer.close()
     await trainer.close()
 
@@ -316,23 +319,23 @@ async def test_non_finite_values_are_stored_as_null_and_every_frame_out_is_stric
     ids=["1e6-bins", "1e5-layers", "10kB-layer-name", "10kB-series-name"],
 )
 async def test_frames_past_the_documented_limits_are_rejected(
-    live_server: LiveServer, make_frame: object, limit: str
+    shared_server: LiveServer, run_id: str, make_frame: object, limit: str
 ) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send(make_frame())  # type: ignore[operator]
     assert limit in await trainer.error()
     await trainer.send(metrics_frame(3, 3))
     await trainer.wait_acked(3)
-    assert_still_serving(live_server, "r1", [1, 2, 3])
+    assert_still_serving(shared_server, run_id, [1, 2, 3])
     await trainer.close()
 
 
-async def test_a_second_hello_on_one_connection_is_an_error(live_server: LiveServer) -> None:
-    trainer = await FakeTrainer.connect(live_server, "r1")
+async def test_a_second_hello_on_one_connection_is_an_error(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 1)
     await trainer.send({"type": "hello", "run_id": "other"})
     assert "hello already received" in await trainer.error()
-    assert_still_serving(live_server, "r1", [1])
-    assert [r["id"] for r in httpx.get(f"{live_server}/api/runs").json()] == ["r1"]
+    assert_still_serving(shared_server, run_id, [1])
+    assert "other" not in [r["id"] for r in httpx.get(f"{shared_server}/api/runs").json()]
     await trainer.close()

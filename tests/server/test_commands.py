@@ -1,0 +1,167 @@
+"""The control relay end to end: a viewer's (or script's) command reaches the trainer once,
+with one cmd_seq, is logged with its origin, is refused with a reason when it cannot take
+effect, and its result comes back to every viewer."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from server_harness import (
+    FakeTrainer,
+    LiveServer,
+    event_frame,
+    open_viewer,
+    recv_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def commands_of(server: str, run_id: str) -> list[dict[str, object]]:
+    response = httpx.get(f"{server}/api/runs/{run_id}/commands")
+    response.raise_for_status()
+    rows: list[dict[str, object]] = response.json()
+    return rows
+
+
+async def test_a_viewer_command_reaches_the_trainer_once_and_its_result_reaches_every_viewer(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    other, _ = await open_viewer(shared_server, run_id)
+    command = {"type": "command", "id": "c-1", "name": "set_lr_scale", "args": {"value": 0.5}}
+    await viewer.send(json.dumps(command))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is True and reply["pending"] is True
+    assert reply["id"] == "c-1" and reply["cmd_seq"] == 1
+    await viewer.send(json.dumps(command))  # the same id again: a retry after a flaky network
+    again = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert again["ok"] is True and again["cmd_seq"] == 1 and again["duplicate"] is True
+
+    relayed = await trainer.wait_for(lambda m: m["type"] == "command")
+    assert relayed == {
+        "v": 1,
+        "type": "command",
+        "id": "c-1",
+        "cmd_seq": 1,
+        "name": "set_lr_scale",
+        "args": {"value": 0.5},
+        "source": "user",
+    }
+    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
+    result = {"id": "c-1", "cmd_seq": 1, "name": "set_lr_scale", "ok": True, "applied_at_step": 7, "state": state}
+    await trainer.send(event_frame(1, 7, "command_result", **result))
+    await trainer.wait_acked(1)
+    for ws in (viewer, other):
+        got = await recv_until(ws, lambda m: m["type"] == "event" and m["kind"] == "command_result")
+        assert got[-1]["data"] == result
+    assert [m["id"] for m in trainer.commands] == ["c-1"]  # one command frame, one cmd_seq
+
+    rows = commands_of(shared_server, run_id)
+    assert len(rows) == 1
+    assert rows[0]["status"] == "applied" and rows[0]["applied_at_step"] == 7
+    assert str(rows[0]["origin"]).startswith("viewer 127.0.0.1:")
+    await viewer.close()
+    await other.close()
+    await trainer.close()
+
+
+async def test_the_rest_endpoint_relays_with_the_same_rules(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    url = f"{shared_server}/api/runs/{run_id}/commands"
+    first = httpx.post(url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}})
+    assert first.status_code == 202
+    assert first.json() == {"id": "c-9", "cmd_seq": 1, "duplicate": False}
+    repeat = httpx.post(url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}})
+    assert repeat.status_code == 202 and repeat.json()["duplicate"] is True
+    second = httpx.post(url, json={"name": "pause"})
+    assert second.status_code == 202 and second.json()["cmd_seq"] == 2
+    await trainer.wait_for(lambda m: m["type"] == "command" and m["cmd_seq"] == 2)
+    assert [(m["cmd_seq"], m["name"], m["source"]) for m in trainer.commands] == [
+        (1, "set_weight_decay", "api"),
+        (2, "pause", "api"),
+    ]
+    rows = commands_of(shared_server, run_id)
+    assert all(str(r["origin"]).startswith("api 127.0.0.1") for r in rows)
+    # Every command is in the run's event log too.
+    events = httpx.get(f"{shared_server}/api/runs/{run_id}/events").json()
+    assert sum(1 for e in events if e["kind"] == "command") == 2
+    await trainer.close()
+
+
+async def test_commands_are_refused_without_a_trainer(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.close()
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "command", "id": "c-2", "name": "pause"}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply == {"v": 1, "type": "command_result", "id": "c-2", "ok": False, "reason": "no trainer connected"}
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json={"name": "pause"})
+    assert response.status_code == 409 and response.json()["detail"] == "no trainer connected"
+    assert commands_of(shared_server, run_id) == []
+    await viewer.close()
+
+
+async def test_commands_are_refused_once_the_run_has_finished(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(event_frame(1, 100, "status", status="finished"))
+    await trainer.wait_acked(1)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "command", "name": "resume"}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is False and reply["reason"] == "run finished"
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json={"name": "resume"})
+    assert response.status_code == 409 and response.json()["detail"] == "run finished"
+    assert trainer.commands == []
+    await viewer.close()
+    await trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        ({"name": "self_destruct"}, "unknown command 'self_destruct'"),
+        ({"name": "set_lr_scale", "args": {"value": -1}}, "set_lr_scale needs args.value"),
+        ({"name": "set_lr_scale", "args": {"value": "half"}}, "must be a number"),
+        ({"name": "set_frozen", "args": {"layers": [], "frozen": True}}, "non-empty list"),
+        ({"name": "pause", "id": "x" * 100}, "at most 64 characters"),
+    ],
+)
+async def test_bad_commands_are_refused_with_the_reason(
+    shared_server: LiveServer, run_id: str, command: dict[str, object], named: str
+) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "command", **command}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is False and named in reply["reason"]
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=command)
+    assert response.status_code == 422 and named in response.json()["detail"]
+    assert trainer.commands == [] and commands_of(shared_server, run_id) == []
+    await viewer.close()
+    await trainer.close()
+
+
+async def test_a_command_for_an_unknown_run_is_404(shared_server: LiveServer) -> None:
+    response = httpx.post(f"{shared_server}/api/runs/no-such-run/commands", json={"name": "pause"})
+    assert response.status_code == 404
+    assert response.json()["detail"] == "run 'no-such-run' not found"
+
+
+async def test_commands_not_yet_seen_are_resent_when_the_trainer_reconnects(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    url = f"{shared_server}/api/runs/{run_id}/commands"
+    for name in ("pause", "step_once", "resume"):
+        assert httpx.post(url, json={"name": name}).status_code == 202
+    await trainer.wait_for(lambda m: m["type"] == "command" and m["cmd_seq"] == 3)
+    await trainer.close()
+    # The trainer applied cmd_seq 1 before the connection dropped; 2 and 3 come again.
+    trainer = await FakeTrainer.connect(shared_server, run_id, last_cmd_seq=1)
+    await trainer.wait_for(lambda m: m["type"] == "command" and m["cmd_seq"] == 3)
+    assert [(m["cmd_seq"], m["name"]) for m in trainer.commands] == [(2, "step_once"), (3, "resume")]
+    await trainer.close()

@@ -1,0 +1,156 @@
+"""DESIGN §7 as an attacker and a user meet it: Host and Origin checks, the viewer token
+(cookie, header, query), the trainer token, and no token needed on plain loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from layerscope.server.settings import Settings, SettingsError
+from server_harness import FakeTrainer, LiveServer, make_settings, running_server
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+pytestmark = pytest.mark.anyio
+
+VIEWER = "viewer-secret"
+TRAINER = "trainer-secret"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("guarded"),
+        viewer_token=VIEWER,
+        trainer_token=TRAINER,
+        allowed_origins=("https://lab.example.org",),
+    )
+    with running_server(settings) as server:
+        yield server
+
+
+async def refused(url: str, **kwargs: object) -> tuple[int, str]:
+    """A websocket refused before accept: (HTTP status, reason body)."""
+    with pytest.raises(InvalidStatus) as exc:
+        async with connect(url, **kwargs):  # type: ignore[arg-type]
+            pass
+    response = exc.value.response
+    return response.status_code, response.body.decode(errors="replace")
+
+
+def test_a_wrong_host_header_is_refused(shared_server: LiveServer) -> None:
+    # DNS rebinding: a page on evil.example resolves its name to 127.0.0.1.
+    response = httpx.get(f"{shared_server}/api/runs", headers={"Host": f"evil.example:{shared_server.port}"})
+    assert response.status_code == 403
+    assert "Host" in response.json()["detail"]
+    wrong_port = httpx.get(f"{shared_server}/api/runs", headers={"Host": "127.0.0.1:1"})
+    assert wrong_port.status_code == 403
+    for host in (f"localhost:{shared_server.port}", f"127.0.0.1:{shared_server.port}"):
+        assert httpx.get(f"{shared_server}/healthz", headers={"Host": host}).status_code == 200
+
+
+def test_a_wrong_host_is_refused_on_websockets_too(shared_server: LiveServer) -> None:
+    # By hand: a websocket handshake whose only Host header is the attacker's name.
+    handshake = (
+        "GET /ws/trainer HTTP/1.1\r\n"
+        f"Host: evil.example:{shared_server.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as sock:
+        sock.sendall(handshake.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 403")
+
+
+async def test_a_foreign_origin_is_refused_before_accept(shared_server: LiveServer, run_id: str) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    status, body = await refused(shared_server.ws(f"/ws/runs/{run_id}"), origin="https://evil.example")
+    assert status == 403 and "Origin" in body
+    status, _ = await refused(shared_server.ws("/ws/trainer"), origin="http://evil.example")
+    assert status == 403
+    # The dashboard's own origin and a non-browser client (no Origin) are fine.
+    own = f"http://localhost:{shared_server.port}"
+    async with connect(shared_server.ws(f"/ws/runs/{run_id}"), origin=own) as ws:  # type: ignore[arg-type]
+        assert json.loads(await ws.recv())["type"] == "snapshot"
+    await trainer.close()
+
+
+def test_a_cross_origin_post_is_refused(shared_server: LiveServer) -> None:
+    response = httpx.post(
+        f"{shared_server}/api/runs", json={}, headers={"Origin": "https://evil.example"}
+    )
+    assert response.status_code == 403 and "Origin" in response.json()["detail"]
+
+
+def test_the_viewer_token_is_required_and_accepted_three_ways(guarded: LiveServer) -> None:
+    assert httpx.get(f"{guarded}/api/runs").status_code == 403
+    assert httpx.get(f"{guarded}/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert httpx.get(f"{guarded}/api/runs", headers={"Authorization": f"Bearer {VIEWER}"}).status_code == 200
+    assert httpx.get(f"{guarded}/api/runs?token={VIEWER}").status_code == 200
+    # The trainer token is not a viewer token.
+    assert httpx.get(f"{guarded}/api/runs?token={TRAINER}").status_code == 403
+    # The health probe carries no token.
+    assert httpx.get(f"{guarded}/healthz").json()["ok"] is True
+
+
+def test_a_token_page_load_sets_the_cookie_the_browser_then_uses(guarded: LiveServer) -> None:
+    with httpx.Client() as browser:
+        first = browser.get(f"{guarded}/api/runs?token={VIEWER}")
+        assert first.status_code == 200
+        cookie = first.headers["set-cookie"]
+        assert cookie.startswith(f"layerscope_token={VIEWER}") and "HttpOnly" in cookie
+        assert browser.get(f"{guarded}/api/runs").status_code == 200  # the cookie alone
+
+
+async def test_trainer_and_viewer_tokens_do_not_open_each_others_sockets(guarded: LiveServer) -> None:
+    status, body = await refused(guarded.ws("/ws/trainer"))
+    assert status == 403 and "trainer token" in body
+    status, _ = await refused(
+        guarded.ws("/ws/trainer"), additional_headers={"Authorization": f"Bearer {VIEWER}"}
+    )
+    assert status == 403
+    trainer = await FakeTrainer.connect(
+        guarded, "guarded-run", headers={"Authorization": f"Bearer {TRAINER}"}
+    )
+    status, body = await refused(guarded.ws(f"/ws/runs/guarded-run?token={TRAINER}"))
+    assert status == 403 and "viewer token" in body
+    async with connect(guarded.ws(f"/ws/runs/guarded-run?token={VIEWER}")) as ws:
+        assert json.loads(await ws.recv())["type"] == "snapshot"
+    async with connect(
+        guarded.ws("/ws/runs/guarded-run"), additional_headers={"Cookie": f"layerscope_token={VIEWER}"}
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "snapshot"
+    await trainer.close()
+
+
+async def test_the_trainer_token_works_as_a_query_parameter(guarded: LiveServer) -> None:
+    async with connect(guarded.ws(f"/ws/trainer?token={TRAINER}")) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": "by-query"}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+
+
+async def test_an_allowed_extra_origin_may_connect(guarded: LiveServer) -> None:
+    async with connect(
+        guarded.ws(f"/ws/runs/guarded-run?token={VIEWER}"),
+        origin="https://lab.example.org",  # type: ignore[arg-type]
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] in ("snapshot",)
+
+
+def test_a_non_loopback_bind_without_tokens_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="--token"):
+        Settings(host="0.0.0.0", data_dir=tmp_path)
+    with pytest.raises(SettingsError):
+        Settings(host="192.168.1.20", data_dir=tmp_path, viewer_token=VIEWER)
+    Settings(host="0.0.0.0", data_dir=tmp_path, viewer_token=VIEWER, trainer_token=TRAINER)
+    Settings(host="::1", data_dir=tmp_path)  # loopback: no token needed

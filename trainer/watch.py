@@ -148,7 +148,6 @@ class Watch:
         self._known_names: set[str] = set()
         self._device = _model_device(model)
         self._progress_enabled = progress
-        self._progress_at = 0.0
 
         server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
         token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
@@ -156,10 +155,11 @@ class Watch:
 
         # Control's step hooks are registered first, so the probes' hooks see the step as
         # applied: frozen layers without gradients, the scaled lr's update.
-        self.control = Control(model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit)
         self.probes: Probes | None = None
-        if model is not None and every > 0:
-            try:
+        self.link: Link | None = None
+        self.control = Control(model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit)
+        try:
+            if model is not None and every > 0:
                 self.probes = Probes(
                     model,
                     optimizer,
@@ -171,27 +171,21 @@ class Watch:
                     else list(exclude),
                     activations=activations,
                 )
-            except BaseException:
-                self.control.close()
-                raise
-        hello = {
-            "type": "hello",
-            "run_id": self.run_id,
-            "name": run or _default_name(),
-            "config": _run_config(config, model, optimizer, batch_size, every),
-            "layers": self.probes.layer_table() if self.probes is not None else [],
-            "last_acked_seq": 0,
-            "last_cmd_seq": 0,
-            "device": _describe_device(self._device),
-        }
-        try:
-            wire.validate_hello(hello)
-        except wire.WireError as exc:
-            self._close_parts()
-            raise ValueError(f"watch(): {exc}") from None
-        self.link: Link | None = None
-        if primary:
+            hello = {
+                "type": "hello",
+                "run_id": self.run_id,
+                "name": run or _default_name(),
+                "config": _run_config(config, model, optimizer, batch_size, every),
+                "layers": self.probes.layer_table() if self.probes is not None else [],
+                "last_acked_seq": 0,
+                "last_cmd_seq": 0,
+                "device": _describe_device(self._device),
+            }
             try:
+                wire.validate_hello(hello)
+            except wire.WireError as exc:
+                raise ValueError(f"watch(): {exc}") from None
+            if primary:
                 self.link = Link(
                     hello,
                     spool_path=self.run_dir / "spool.bin",
@@ -199,9 +193,10 @@ class Watch:
                     token=token or None,
                     on_command=self.control.submit,
                 )
-            except BaseException:
-                self._close_parts()  # e.g. an unwritable run_dir: leave no hooks behind
-                raise
+        except BaseException:
+            self._close_parts()  # a refused watch (bad argument, unwritable run_dir) leaves no hooks
+            raise
+        if self.link is not None:
             self.link.start()
         self._t0 = self._last_step_t = self._last_flush_t = time.perf_counter()
         self._emit("status", {"status": "running"})

@@ -211,7 +211,13 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     model, opt, _, _ = make_model()
     with pytest.raises(ValueError, match="config"):
         watch(model, opt, config={"blob": "x" * (wire.MAX_CONFIG_BYTES + 1)}, run_dir=tmp_path)
-    assert not opt._optimizer_step_pre_hooks  # a refused watch leaves nothing behind
+    with pytest.raises(ValueError, match="ws://"):
+        watch(model, opt, server="ftp://127.0.0.1:1", run_dir=tmp_path)
+    with pytest.raises(TypeError, match="config must be a dict"):
+        watch(model, opt, config=[1, 2], run_dir=tmp_path)
+    # A refused watch leaves nothing behind.
+    assert not opt._optimizer_step_pre_hooks
+    assert all(not m._forward_hooks for m in model.modules())
     w: Watch
     with watch(model, opt, every=0, run_dir=tmp_path / "ok") as w:
         with pytest.raises(ValueError, match="scalar tensor"):
@@ -238,9 +244,7 @@ class NoHostReads(TorchFunctionMode):
         }
     )
 
-    def __torch_function__(
-        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in self.BANNED:
             raise AssertionError(f"host read {func} on the training thread")
         return func(*args, **(kwargs or {}))

@@ -738,10 +738,10 @@ def _check_section(
 def validate_experiment(cfg: Any) -> dict[str, Any]:
     """The full config with defaults filled; raises ExperimentError listing every bad field.
 
-    Beyond per-field checks: npz/folder need an existing ``data.path``; a cnn needs
-    image data; batch norm needs batches of at least 2; ``overfit=N`` sets
-    ``data.subset=N`` and turns dropout, weight decay and input noise off; with
-    ``epochs`` given and ``steps`` left out, epochs decide.
+    Beyond per-field checks: npz/folder need an existing ``data.path`` (made
+    absolute); a cnn needs image data; batch norm needs batches of at least 2;
+    ``overfit=N`` sets ``data.subset=N`` and turns dropout, weight decay and input
+    noise off; with ``epochs`` given and ``steps`` left out, epochs decide.
     """
     import os.path  # local: the path check is the only filesystem use in this module
 
@@ -767,6 +767,9 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
             errors.append({"loc": ["data", "path"], "msg": f"no such directory: {path}"})
         elif not want_dir and not os.path.isfile(path):
             errors.append({"loc": ["data", "path"], "msg": f"no such file: {path}"})
+        else:
+            # Absolute, so a launched child with another working directory finds it too.
+            data["path"] = os.path.abspath(path)
     if model["arch"] == "cnn" and data["dataset"] not in IMAGE_DATASETS:
         errors.append(
             {

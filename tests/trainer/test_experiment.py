@@ -91,6 +91,18 @@ def test_unknown_keys_and_non_objects_are_rejected() -> None:
     assert _errors([1, 2]) == {"": "config must be an object, got list"}
 
 
+def test_data_path_must_exist_and_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "d.npz").write_bytes(b"")
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = wire.validate_experiment({"data": {"dataset": "npz", "path": "d.npz"}})
+    assert cfg["data"]["path"] == str(tmp_path / "d.npz")
+    assert "no such directory" in _errors({"data": {"dataset": "folder", "path": "d.npz"}})["data.path"]
+    assert "no such file" in _errors({"data": {"dataset": "npz", "path": "imgs"}})["data.path"]
+
+
 def test_cross_field_rules() -> None:
     assert "data.path" in _errors({"data": {"dataset": "npz"}})
     assert "no such file" in _errors({"data": {"dataset": "npz", "path": "/nope.npz"}})["data.path"]

@@ -87,6 +87,9 @@ def test_demo_prints_a_url_that_serves_a_running_demo_within_10_s(tmp_path: Path
         finally:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait(timeout=10)
+            assert proc.stdout is not None
+            proc.stdout.close()
     assert proc.returncode in (0, -signal.SIGINT, 130), proc.returncode
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], (

@@ -1,10 +1,11 @@
 """spool — the trainer's local append-only record of a run (DESIGN §6).
 
 Owns: the on-disk framing of frames (``[4-byte length][4-byte CRC32][UTF-8 JSON]``,
-big-endian), appending records, reading one record back by offset, and
-recovering every intact record from a damaged file.
+big-endian), appending records, reading one record back by offset, recovering
+every intact record from a damaged file, and indexing a spool (its hello, and
+where each seq lies) for an upload.
 
-Never: interprets the frames it stores (that is the link's job), holds the
+Never: numbers, sends or rewrites frames (that is the link's job), holds the
 file's contents in memory, or fsyncs per record (one fsync at close; a
 per-record fsync would cost a disk round trip per frame).
 

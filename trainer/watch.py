@@ -479,9 +479,21 @@ def watch(
 ) -> Watch:
     """Instrument a training loop; use as ``with watch(model, optimizer, run=...) as w:``.
 
+    Call ``w.step(loss=loss, **scalars)`` once per optimizer step, after
+    ``optimizer.step()``; ``w.eval(val_loss=..., val_acc=...)`` after validation;
+    break when ``w.should_stop``. Steps count from 1 (the n-th ``w.step()`` is step n).
+
     ``server`` defaults to ``$LAYERSCOPE_SERVER``; with neither (or ``server=""``) the
     run is recorded to the spool in ``run_dir`` only (``layerscope sync`` uploads it).
-    ``every`` is the probe cadence in steps (0 turns probes off; step 1 is always probed).
+    ``token`` defaults to ``$LAYERSCOPE_TRAINER_TOKEN``. ``every`` is the probe cadence
+    in steps (0 turns probes off; step 1 is always probed). ``layers``/``exclude`` are
+    regex or name-list filters on module names, ``types`` module classes to probe.
+
+    Each step's metrics row holds ``loss`` and the given scalars, ``lr`` and
+    ``weight_decay`` as the optimizer actually used them (``lr/1``... for further
+    param groups), ``step_time_s``, ``samples_per_s`` (with ``batch_size``),
+    ``cuda_mem_alloc_bytes`` on a GPU, and ``grad_norm`` on probe steps; ``time_s`` is
+    seconds since ``watch()`` began.
     """
     return Watch(
         model,

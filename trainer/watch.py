@@ -148,6 +148,7 @@ class Watch:
         self._known_names: set[str] = set()
         self._device = _model_device(model)
         self._progress_enabled = progress
+        self._progress_row: dict[str, Any] = {"step": 0, "values": {}}
 
         server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
         token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
@@ -374,10 +375,13 @@ class Watch:
             return
         if kind == "status":
             self.link.status = data["status"]
+            if self._progress_enabled and data["status"] in ("paused", "running"):
+                self._print_progress(self._progress_row)  # show a pause without waiting for a row
         self.link.submit({"type": "event", "step": self.step_count, "kind": kind, "data": data})
 
     def _print_progress(self, row: dict[str, Any]) -> None:
-        # Runs on the link thread, from values already on the host.
+        # Mostly runs on the link thread, from values already on the host.
+        self._progress_row = row
         values = row["values"]
         parts = [f"step {row['step']}"]
         for name in ("loss", "lr"):

@@ -121,9 +121,9 @@ def test_close_leaves_no_hooks(tmp_path: Path) -> None:
         w.step(loss=1.0)
 
 
-def test_pause_blocks_step_until_resume(tmp_path: Path) -> None:
+def test_pause_blocks_step_until_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, opt, x, y = make_model()
-    with watch(model, opt, every=0, run_dir=tmp_path) as w:
+    with watch(model, opt, every=0, run_dir=tmp_path, progress=True) as w:
         w.step(loss=train_step(model, opt, x, y))
         w.control.submit(cmd("pause", 1))
         t = threading.Thread(target=w.step, kwargs={"loss": 1.0}, daemon=True)
@@ -133,6 +133,7 @@ def test_pause_blocks_step_until_resume(tmp_path: Path) -> None:
         w.control.submit(cmd("resume", 2))
         t.join(5)
         assert not t.is_alive() and not w.control_state["paused"]
+    assert "paused" in capsys.readouterr().err  # the progress line shows the pause
     fs = frames(tmp_path)
     assert statuses(fs) == ["running", "paused", "running", "finished"]
     results = [f["data"] for f in fs if f["type"] == "event" and f["kind"] == "command_result"]

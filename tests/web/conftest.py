@@ -14,6 +14,7 @@ Everything here is real: no mocked server, trainer or browser.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import pytest
 from layerscope.server.serving import make_server
 from layerscope.server.settings import Settings
@@ -105,7 +107,7 @@ class LiveServer:
 
 def serve(settings: Settings) -> Iterator[LiveServer]:
     """create_app(settings) under uvicorn on a thread; stops launched runs, then the server."""
-    server, sock, settings, _app = make_server(settings)
+    server, sock, settings, app = make_server(settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_for(lambda: server.started or not thread.is_alive(), START_TIMEOUT_S, "server start")
@@ -119,9 +121,13 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
         for run_id in live.started_runs:
             live.api("POST", f"/api/runs/{run_id}/stop")
         client.close()
+        launched = [child.process.pid for child in app.state.launcher.children.values()]
         server.should_exit = True
         thread.join(30)
         sock.close()
+        for pid in launched:  # the server reaps its children; never leave one behind regardless
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
 
 
 def server_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -142,36 +148,39 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="session")
-def finished_run(server: LiveServer) -> dict[str, Any]:
-    """A short built-in run that has finished: the replay subject."""
-    config = {
+def launched(server: LiveServer) -> dict[str, str]:
+    """Two built-in runs started together (their start-up, mostly importing torch, overlaps):
+    a short one that will finish, and a long one to watch and steer, stopped at teardown."""
+    short = {
         **FAST_CONFIG,
         "name": "replay digits",
-        "solver": {**FAST_CONFIG["solver"], "steps": 300},
+        "solver": {**FAST_CONFIG["solver"], "steps": 150},
     }
-    run_id = server.launch(config)
+    long = {
+        **FAST_CONFIG,
+        "name": "live digits",
+        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000},
+    }
+    return {"finished": server.launch(short), "live": server.launch(long)}
+
+
+@pytest.fixture(scope="session")
+def finished_run(server: LiveServer, launched: dict[str, str]) -> dict[str, Any]:
+    """The short run, once it has finished: the replay subject."""
+    run_id = launched["finished"]
 
     def finished() -> dict[str, Any] | None:
         detail = server.run(run_id)
         assert detail["status"] not in ("failed", "lost"), detail
         return detail if detail["status"] == "finished" else None
 
-    return dict(wait_for(finished, 90, f"run {run_id} to finish"))
+    return dict(wait_for(finished, 120, f"run {run_id} to finish"))
 
 
 @pytest.fixture(scope="session")
-def live_run(server: LiveServer, finished_run: dict[str, Any]) -> dict[str, Any]:
-    """A long built-in run to watch and steer; stopped when the session ends.
-
-    Starts after ``finished_run`` so the two trainers never compete for the CPU.
-    """
-    config = {
-        **FAST_CONFIG,
-        "name": "live digits",
-        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000},
-    }
-    run_id = server.launch(config)
-    return server.wait_step(run_id, 20)
+def live_run(server: LiveServer, launched: dict[str, str]) -> dict[str, Any]:
+    """The long run, once it has recorded a few probe steps."""
+    return server.wait_step(launched["live"], 20, 120)
 
 
 @pytest.fixture(scope="session")
@@ -250,3 +259,10 @@ def chart_trace(page: Page, div_id: str, index: int = 0) -> dict[str, list[Any]]
             [div_id, index],
         )
     )
+
+
+def open_ready(page: Page, url: str, timeout_s: float = 30.0) -> None:
+    """Loads url and waits until the page says every chart has rendered."""
+    page.goto(url)
+    page.wait_for_function("document.body.dataset.ready !== undefined", timeout=timeout_s * 1000)
+    assert page.evaluate("document.body.dataset.ready") == "1", page.inner_text("#banner")

@@ -10,18 +10,24 @@
  */
 
 export const REDRAW_INTERVAL_MS = 100;
+const MAX_REDRAW_INTERVAL_MS = 1000;
 export const MAX_POINTS = 4000;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
 
 const Plotly = () => window.Plotly;
 
-/** Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS. */
+/**
+ * Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS;
+ * a chart with a `due(now)` method (heatmaps: a summary of many steps, repainted
+ * as an image, so once a second is plenty) waits until it says so.
+ */
 class Scheduler {
   constructor() {
     this.dirty = new Set();
     this.lastDraw = 0;
     this.frame = null;
+    this.interval = REDRAW_INTERVAL_MS;
   }
 
   mark(chart) {
@@ -31,19 +37,30 @@ class Scheduler {
 
   tick(now) {
     this.frame = null;
-    if (now - this.lastDraw < REDRAW_INTERVAL_MS) {
-      this.frame = requestAnimationFrame((t) => this.tick(t));
-      return;
+    if (now - this.lastDraw >= this.interval) {
+      this.lastDraw = now;
+      this.flush(now);
     }
-    this.lastDraw = now;
-    this.flush();
+    if (this.dirty.size) this.frame = requestAnimationFrame((t) => this.tick(t));
   }
 
-  /** Draws everything dirty now; resolves when Plotly has rendered it. */
-  flush() {
-    const charts = [...this.dirty];
-    this.dirty.clear();
-    return Promise.all(charts.map((c) => c.draw()));
+  /**
+   * Draws the dirty charts that are due (all of them when `now` is omitted);
+   * resolves once Plotly has rendered them and the browser has painted. The next
+   * flush waits at least REDRAW_INTERVAL_MS, longer when drawing was slow: a slow
+   * machine gets fewer frames, not later ones, and drawing stays under about a
+   * quarter of the main thread so input and the socket stay responsive.
+   */
+  flush(now) {
+    const charts = [...this.dirty].filter((c) => now === undefined || !c.due || c.due(now));
+    for (const c of charts) this.dirty.delete(c);
+    const started = performance.now();
+    return Promise.all(charts.map((c) => c.draw()))
+      .then(() => new Promise((resolve) => requestAnimationFrame(() => resolve())))
+      .then(() => {
+        const spent = performance.now() - started;
+        this.interval = Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent));
+      });
   }
 }
 
@@ -132,8 +149,14 @@ export function stepShapes(cursor, markerSteps = []) {
  * markers) are a separate hover-able trace placed on trace 0.
  */
 export class LineChart {
-  constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true } = {}) {
+  /**
+   * zeroBased: the y axis runs from 0 to just above the largest value (lr, weight
+   * decay: a flat line must not float in an arbitrary range, and 0 must show).
+   * The range is recomputed (a full redraw) only when new data leaves it.
+   */
+  constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true, zeroBased = false } = {}) {
     this.div = div;
+    this.zeroBased = zeroBased;
     this.maxPoints = maxPoints;
     this.logY = logY;
     this.yTitle = yTitle;
@@ -236,12 +259,28 @@ export class LineChart {
     return data;
   }
 
+  yRange() {
+    let max = 0;
+    for (const m of this.model) for (const v of m.y) if (v !== null && v > max) max = v;
+    return [0, max > 0 ? max * 1.15 : 1];
+  }
+
+  /** False when a zero-based chart's pending points fall outside its drawn range. */
+  inRange() {
+    if (!this.zeroBased || !this.range) return true;
+    const [, top] = this.range;
+    const max = Math.max(0, ...this.pending.flatMap((p) => p.y.filter((v) => v !== null)));
+    return max <= top;
+  }
+
   layout() {
+    if (this.zeroBased) this.range = this.yRange();
+    const zero = this.zeroBased && !this.logY ? { range: this.range, autorange: false } : {};
     return baseLayout({
       datarevision: ++this.revision,
       showlegend: this.showLegend && this.traces.length > 1,
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
-      yaxis: { ...baseLayout().yaxis, type: this.logY ? "log" : "linear", title: { text: this.yTitle } },
+      yaxis: { ...baseLayout().yaxis, type: this.logY ? "log" : "linear", title: { text: this.yTitle }, ...zero },
       shapes: stepShapes(this.cursor, this.markers.map((k) => k.step)),
     });
   }
@@ -250,7 +289,7 @@ export class LineChart {
     const P = Plotly();
     if (!P) return Promise.resolve();
     const pendingAny = this.pending.some((p) => p.x.length);
-    const extendable = this.drawn && !this.full && pendingAny && !(this.smoothing > 0);
+    const extendable = this.drawn && !this.full && pendingAny && !(this.smoothing > 0) && this.inRange();
     let work;
     if (!this.drawn || this.full || (pendingAny && !extendable)) {
       work = P.react(this.div, this.plotData(), this.layout(), PLOT_CONFIG);

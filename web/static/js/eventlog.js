@@ -30,6 +30,10 @@ export function describeEvent(ev) {
       const what = `${d.name} ${argsText(d.name, d.args, d.state)}`.trim();
       return d.ok === false ? `${what} failed: ${d.error || "?"}` : `${what} applied at step ${d.applied_at_step ?? ev.step}`;
     }
+    case "command": {
+      const who = [d.source, d.origin].filter(Boolean).join(", ");
+      return `${d.name} ${argsText(d.name, d.args)} sent${who ? ` by ${who}` : ""}${d.reason ? `: ${d.reason}` : ""}`;
+    }
     case "alert": return `${d.layer ? `[${d.layer}] ` : ""}${d.message || d.rule || JSON.stringify(d)}`;
     case "checkpoint": return `checkpoint ${d.path || ""}`.trim();
     default: return d.message || JSON.stringify(d);

@@ -13,6 +13,7 @@
 import { baseLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
+const HEATMAP_INTERVAL_MS = 1000;
 const Plotly = () => window.Plotly;
 const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
 
@@ -27,7 +28,14 @@ export class LayerHeatmap {
     this.z = [];
     this.cursor = null;
     this.markers = [];
+    this.dataDirty = true;
+    this.drawnAt = -Infinity;
     scheduler.mark(this);
+  }
+
+  /** New data waits for HEATMAP_INTERVAL_MS since the last repaint; a cursor move does not. */
+  due(now) {
+    return !this.dataDirty || now - this.drawnAt >= HEATMAP_INTERVAL_MS;
   }
 
   /** z is [per layer [per step]], as /probes/matrix answers. */
@@ -36,6 +44,7 @@ export class LayerHeatmap {
     this.steps = steps.slice();
     this.z = z.map((row) => row.slice());
     this.shrink();
+    this.dataDirty = true;
     scheduler.mark(this);
   }
 
@@ -51,6 +60,7 @@ export class LayerHeatmap {
     this.steps.push(step);
     this.layers.forEach((name, i) => this.z[i].push(values.get(name) ?? null));
     this.shrink();
+    this.dataDirty = true;
     scheduler.mark(this);
   }
 
@@ -75,6 +85,10 @@ export class LayerHeatmap {
   draw() {
     const P = Plotly();
     if (!P) return Promise.resolve();
+    const shapes = stepShapes(this.cursor, this.markers);
+    if (!this.dataDirty && this.div.data) return P.relayout(this.div, { shapes });
+    this.dataDirty = false;
+    this.drawnAt = performance.now();
     const data = [{
       type: "heatmap", x: this.steps.slice(), y: this.layers.slice(), z: this.z.map((r) => r.slice()),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 1,
@@ -86,7 +100,7 @@ export class LayerHeatmap {
       margin: { l: 110, r: 8, t: 6, b: 32 },
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
       yaxis: { ...baseLayout().yaxis, autorange: "reversed", tickfont: { size: 9 }, automargin: true },
-      shapes: stepShapes(this.cursor, this.markers),
+      shapes,
     });
     return P.react(this.div, data, layout, PLOT_CONFIG);
   }
@@ -135,7 +149,12 @@ export class HistogramOverTime {
   constructor(div, { onRegrid = () => {} } = {}) {
     this.div = div;
     this.onRegrid = onRegrid;
+    this.drawnAt = -Infinity;
     this.clear("");
+  }
+
+  due(now) {
+    return !this.dataDirty || now - this.drawnAt >= HEATMAP_INTERVAL_MS;
   }
 
   clear(layer) {
@@ -145,6 +164,7 @@ export class HistogramOverTime {
     this.rows = [];
     this.cursor = null;
     this.outsideShare = 0;
+    this.dataDirty = true;
     scheduler.mark(this);
   }
 
@@ -156,6 +176,7 @@ export class HistogramOverTime {
     this.rows = z.map(fractions);
     this.outsideShare = 0;
     this.shrink();
+    this.dataDirty = true;
     scheduler.mark(this);
   }
 
@@ -176,6 +197,7 @@ export class HistogramOverTime {
     this.outsideShare = 0.8 * this.outsideShare + 0.2 * (total ? outside / total : 0);
     if (this.outsideShare > 0.05) { this.outsideShare = 0; this.onRegrid(this.layer); }
     this.shrink();
+    this.dataDirty = true;
     scheduler.mark(this);
   }
 
@@ -191,6 +213,9 @@ export class HistogramOverTime {
   draw() {
     const P = Plotly();
     if (!P) return Promise.resolve();
+    if (!this.dataDirty && this.div.data) return P.relayout(this.div, { shapes: stepShapes(this.cursor) });
+    this.dataDirty = false;
+    this.drawnAt = performance.now();
     const centers = this.edges.slice(1).map((e, i) => (e + this.edges[i]) / 2);
     const data = [{
       type: "heatmap", transpose: true, x: this.steps.slice(), y: centers, z: this.rows.map((r) => r.slice()),

@@ -38,8 +38,8 @@ const page = {
 const charts = {
   loss: new LineChart($("chart-loss"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "loss" }),
   acc: new LineChart($("chart-acc"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "accuracy" }),
-  lr: new LineChart($("chart-lr"), [], { yTitle: "lr" }),
-  wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay" }),
+  lr: new LineChart($("chart-lr"), [], { yTitle: "lr", zeroBased: true }),
+  wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay", zeroBased: true }),
   dead: new LayerHeatmap($("chart-dead"), { title: "dead ratio" }),
   sat: new LayerHeatmap($("chart-sat"), { title: "saturated ratio" }),
   hist: new HistogramOverTime($("chart-hist"), { onRegrid: (layer) => regrid(layer) }),
@@ -153,7 +153,9 @@ async function loadHistory(detail) {
   charts.dead.set(dead.layers, dead.steps, dead.z);
   charts.sat.set(sat.layers, sat.steps, sat.z);
   for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
-    m.layers.forEach((name, i) => chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]));
+    m.layers.forEach((name, i) => {
+      if (m.z[i].some((v) => v !== null)) chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]);
+    });
   }
   snapshots.setSteps(steps.steps);
   events.add(evs.slice().sort((a, b) => (a.seq ?? 0) - (b.seq ?? 0)));
@@ -232,8 +234,12 @@ function applyProbe(frame) {
   for (const layer of frame.layers || []) {
     dead.set(layer.name, layer.dead_ratio);
     sat.set(layer.name, layer.saturated_ratio);
-    charts.grad.append(layerTrace(charts.grad, layer.name), frame.step, layer.grad_norm);
-    charts.update.append(layerTrace(charts.update, layer.name), frame.step, layer.update_ratio);
+    for (const [chart, value] of [[charts.grad, layer.grad_norm], [charts.update, layer.update_ratio]]) {
+      // Layers without parameters (activations) have no gradient: no line at all.
+      if (value !== null || chart.traces.some((t) => t.name === layer.name)) {
+        chart.append(layerTrace(chart, layer.name), frame.step, value);
+      }
+    }
     if (layer.name === page.histLayer) charts.hist.append(frame.step, layer.hist);
   }
   charts.dead.appendColumn(frame.step, dead);

@@ -1,0 +1,166 @@
+"""The live run page in headless Chromium against a real server and a real training run.
+
+Covers run.js, charts.js, heatmaps.js, controls.js, socket.js and eventlog.js as a person
+uses them: the curves grow, and the controls pause, step, halve the LR and switch weight
+decay off, each shown only once the trainer has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from conftest import (
+    FAST_CONFIG,
+    LiveServer,
+    chart_points,
+    chart_trace,
+    open_ready,
+    screenshot,
+    wait_for,
+)
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+
+def last_command(server: LiveServer, run_id: str, name: str) -> dict[str, Any]:
+    """The most recent applied command of this name, as the server recorded it."""
+
+    def applied() -> dict[str, Any] | None:
+        rows = server.api("GET", f"/api/runs/{run_id}/commands").json()
+        mine = [r for r in rows if r["name"] == name]
+        return mine[-1] if mine and mine[-1]["status"] == "applied" else None
+
+    return dict(wait_for(applied, 30, f"{name} to be applied"))
+
+
+def record_pending(page: Page, cmd: str) -> None:
+    """Remembers (window.sawPending) whether the button ever showed itself pending."""
+    page.evaluate(
+        """cmd => {
+            window.sawPending = false;
+            const b = document.querySelector(`button[data-cmd='${cmd}']`);
+            new MutationObserver(() => {
+                if (b.classList.contains('pending') && b.textContent.endsWith('…')) window.sawPending = true;
+            }).observe(b, {attributes: true, childList: true, characterData: true, subtree: true});
+        }""",
+        cmd,
+    )
+
+
+def test_page_loads_and_the_loss_curve_grows(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    open_ready(page, f"{server.url}/runs/{live_run['id']}")
+    expect(page.locator("#status")).to_have_text("running")
+    before = chart_points(page, "chart-loss")[0]
+    assert before > 0
+    page.wait_for_function(
+        "n => document.getElementById('chart-loss').data[0].x.length > n + 20",
+        arg=before,
+        timeout=30_000,
+    )
+    for chart in (
+        "chart-acc",
+        "chart-lr",
+        "chart-wd",
+        "chart-dead",
+        "chart-sat",
+        "chart-hist",
+        "chart-grad",
+    ):
+        assert max(chart_points(page, chart)) > 0, f"{chart} is empty"
+    names = page.eval_on_selector_all(".multiple", "els => els.map(e => e.dataset.layer)")
+    assert names == [layer["name"] for layer in live_run["layers"]]
+    screenshot(page, "run-live")
+
+
+def test_pause_stops_the_trainer_and_step_once_advances_one_step(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    run_id = live_run["id"]
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    pause = page.locator("button[data-cmd='pause-toggle']")
+    expect(pause).to_have_text("Pause")
+    pause.click()
+    expect(pause).to_have_text("Resume", timeout=20_000)  # only after the trainer's acknowledgement
+    expect(page.locator("#status")).to_have_text("paused", timeout=20_000)
+    applied_at = last_command(server, run_id, "pause")["applied_at_step"]
+    time.sleep(1.0)  # let frames already produced reach the server
+    paused_step = server.run(run_id)["last_step"]
+    assert paused_step <= applied_at + 1
+    time.sleep(1.5)
+    assert server.run(run_id)["last_step"] == paused_step, "the trainer kept stepping while paused"
+
+    step_once = page.locator("button[data-cmd='step_once']")
+    expect(step_once).to_be_enabled()
+    step_once.click()
+    wait_for(lambda: server.run(run_id)["last_step"] == paused_step + 1, 20, "one more step")
+    time.sleep(1.0)
+    assert server.run(run_id)["last_step"] == paused_step + 1
+
+    page.locator("body").press("Space")  # Space toggles pause: resume
+    expect(pause).to_have_text("Pause", timeout=20_000)
+    expect(page.locator("#status")).to_have_text("running", timeout=20_000)
+    wait_for(lambda: server.run(run_id)["last_step"] > paused_step + 5, 20, "training to resume")
+
+
+def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    run_id = live_run["id"]
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    base_lr = FAST_CONFIG["solver"]["lr"]
+    scale = float(
+        page.eval_on_selector("#controls", "el => JSON.parse(el.dataset.acked)?.lr_scale ?? 1")
+    )
+    halve = page.locator("button[data-cmd='halve_lr']")
+    record_pending(page, "halve_lr")
+    halve.click()
+    expect(page.locator("#acked")).to_contain_text(f"LR ×{scale * 0.5:g}", timeout=20_000)
+    expect(halve).to_have_text("Halve LR")
+    assert page.evaluate("window.sawPending"), "the button never showed the command as pending"
+    cmd = last_command(server, run_id, "set_lr_scale")
+    assert cmd["args"] == {"value": scale * 0.5}
+    at = cmd["applied_at_step"]
+    page.wait_for_function(
+        "s => document.getElementById('chart-lr').data[0].x.some(x => x > s + 5)",
+        arg=at,
+        timeout=30_000,
+    )
+    lr = chart_trace(page, "chart-lr")
+    before = [y for x, y in zip(lr["x"], lr["y"], strict=True) if x < at]
+    after = [y for x, y in zip(lr["x"], lr["y"], strict=True) if x > at]
+    assert before and after
+    assert all(y == pytest.approx(base_lr * scale) for y in before)
+    assert all(y == pytest.approx(base_lr * scale * 0.5) for y in after)
+    markers = page.evaluate(
+        "document.getElementById('chart-lr').data.find(t => t.name === 'commands')"
+    )
+    assert at in markers["x"]
+    assert any("set_lr_scale" in text and f"step {at}" in text for text in markers["text"])
+
+
+def test_weight_decay_off_reads_zero(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    run_id = live_run["id"]
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    toggle = page.locator("button[data-cmd='wd-toggle']")
+    expect(toggle).to_have_text("Weight decay: on")
+    toggle.click()
+    expect(toggle).to_have_text("Weight decay: off", timeout=20_000)
+    at = last_command(server, run_id, "set_weight_decay")["applied_at_step"]
+    page.wait_for_function(
+        "s => document.getElementById('chart-wd').data[0].x.some(x => x > s + 5)",
+        arg=at,
+        timeout=30_000,
+    )
+    wd = chart_trace(page, "chart-wd")
+    assert all(y == 0 for x, y in zip(wd["x"], wd["y"], strict=True) if x > at)
+    assert any(y and y > 0 for x, y in zip(wd["x"], wd["y"], strict=True) if x < at)
+    toggle.click()
+    expect(toggle).to_have_text("Weight decay: on", timeout=20_000)
+    screenshot(page, "run-controls")

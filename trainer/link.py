@@ -200,18 +200,17 @@ class Link:
             item = await self._inbox.get()
             if isinstance(item, _Close):
                 return
-            if isinstance(item, dict):
-                self._add_frame(item)
-                continue
             try:
-                # Waiting on the device event and decoding run off the loop, so acks,
-                # commands and heartbeats keep flowing meanwhile.
-                bodies = await loop.run_in_executor(None, item.materialize)
+                if isinstance(item, dict):
+                    bodies = [item]
+                else:
+                    # Waiting on the device event and decoding run off the loop, so acks,
+                    # commands and heartbeats keep flowing meanwhile.
+                    bodies = await loop.run_in_executor(None, item.materialize)
+                for body in bodies:
+                    self._add_frame(body)
             except Exception:
-                log.exception("layerscope: could not decode a flush; its rows are lost")
-                continue
-            for body in bodies:
-                self._add_frame(body)
+                log.exception("layerscope: could not record a flush or event; it is lost")
 
     def _add_frame(self, body: dict[str, Any]) -> None:
         seq = self.last_seq + 1
@@ -231,7 +230,11 @@ class Link:
             offset = -1
             if not self._spool_warned:
                 self._spool_warned = True
-                log.warning("layerscope: spool write failed (%s); frames are kept in memory", exc)
+                log.warning(
+                    "layerscope: spool write failed (%s); unacked frames past the in-memory "
+                    "bound cannot be resent",
+                    exc,
+                )
         self._offsets.append(offset)
         if self.url is None:
             return

@@ -1,8 +1,8 @@
 """downsample — which points of a long series a chart gets.
 
 Owns: the min/max-per-bucket rule every series read uses, the per-block summaries
-(Extremes) the store keeps so a long series is read without touching its raw rows,
-and the even choice of steps for heatmaps.
+the store keeps so a long series is read without touching its raw rows, and the
+even choice of steps for heatmaps.
 
 The rule: split the steps into at most B buckets, B = (max_points - 2) // (2 * columns);
 each bucket keeps, per column, the point holding its smallest and its largest finite
@@ -44,100 +44,6 @@ SummaryRow = tuple[
 # 4x the last, so a read touches at most ~4 * B block rows whatever the range; the
 # cost is five summaries per stored point on the writer thread.
 BLOCK_LEVELS = (16, 64, 256, 1024, 4096)
-
-
-class Extremes:
-    """Summary of a run of (step, value) points: count, step span, the min and max
-    finite points, the first null point. Points are added in any order."""
-
-    __slots__ = (
-        "n",
-        "first_step",
-        "last_step",
-        "min_step",
-        "min_value",
-        "max_step",
-        "max_value",
-        "null_step",
-        "finite",
-        "total",
-    )
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.first_step: int | None = None
-        self.last_step: int | None = None
-        self.min_step: int | None = None
-        self.min_value: float | None = None
-        self.max_step: int | None = None
-        self.max_value: float | None = None
-        self.null_step: int | None = None
-        self.finite = 0
-        self.total = 0.0
-
-    def add(self, step: int, value: float | None) -> None:
-        finite = value is not None
-        self.merge(
-            (
-                1,
-                step,
-                step,
-                step,
-                value,
-                step,
-                value,
-                None if finite else step,
-                int(finite),
-                value or 0.0,
-            )
-        )
-
-    def merge(self, row: SummaryRow) -> None:
-        """Fold in another summary (a stored block row, or one point via add)."""
-        n, first, last, min_step, min_value, max_step, max_value, null_step, finite, total = row
-        self.n += n
-        self.finite += finite
-        self.total += total
-        if self.first_step is None or (first is not None and first < self.first_step):
-            self.first_step = first
-        if self.last_step is None or (last is not None and last > self.last_step):
-            self.last_step = last
-        if null_step is not None and (self.null_step is None or null_step < self.null_step):
-            self.null_step = null_step
-        if min_value is not None and (
-            self.min_value is None
-            or min_value < self.min_value
-            or (min_value == self.min_value and min_step < self.min_step)  # type: ignore[operator]
-        ):
-            self.min_step, self.min_value = min_step, min_value
-        if max_value is not None and (
-            self.max_value is None
-            or max_value > self.max_value
-            or (max_value == self.max_value and max_step < self.max_step)  # type: ignore[operator]
-        ):
-            self.max_step, self.max_value = max_step, max_value
-
-    def row(self) -> SummaryRow:
-        return (
-            self.n,
-            self.first_step,
-            self.last_step,
-            self.min_step,
-            self.min_value,
-            self.max_step,
-            self.max_value,
-            self.null_step,
-            self.finite,
-            self.total,
-        )
-
-    def points(self) -> list[tuple[int, float | None]]:
-        """What a bucket with this summary contributes to a chart."""
-        if self.min_step is not None and self.max_step is not None:
-            return [(self.min_step, self.min_value), (self.max_step, self.max_value)]
-        if self.first_step is not None:
-            return [(self.first_step, None)]
-        return []
 
 
 def block_summaries(
@@ -216,37 +122,45 @@ def bucket_of(step: int, lo: int, hi: int, buckets: int) -> int:
 def minmax_rows(
     steps: Sequence[int], columns: Sequence[Sequence[float | None]], max_points: int
 ) -> list[int]:
-    """Indices (ascending) of the rows to keep; every row when they already fit."""
+    """Indices (ascending) of the rows to keep; every row when they already fit.
+    steps must be ascending. One flat pass per column (this runs on every probe read)."""
     n = len(steps)
     if n <= max_points:
         return list(range(n))
-    lo, hi = steps[0], steps[-1]
+    lo, span = steps[0], steps[-1] - steps[0] + 1
     buckets = bucket_count(max_points, len(columns))
     keep = {0, n - 1}
     if buckets == 0:
         return sorted(keep)
-    bucket_rows: dict[int, list[int]] = {}
-    for i, step in enumerate(steps):
-        bucket_rows.setdefault(bucket_of(step, lo, hi, buckets), []).append(i)
-    for rows in bucket_rows.values():
-        any_finite = False
-        for column in columns:
-            best_min: int | None = None
-            best_max: int | None = None
-            for i in rows:
-                v = column[i]
-                if v is None:
-                    continue
-                if best_min is None or v < column[best_min]:  # type: ignore[operator]
-                    best_min = i
-                if best_max is None or v > column[best_max]:  # type: ignore[operator]
-                    best_max = i
-            if best_min is not None and best_max is not None:
-                any_finite = True
-                keep.add(best_min)
-                keep.add(best_max)
-        if not any_finite:
-            keep.add(rows[0])
+    bucket = [(s - lo) * buckets // span for s in steps]
+    with_finite: set[int] = set()
+    for column in columns:
+        current, low, high = -1, -1, -1
+        low_v = high_v = 0.0
+        for i, v in enumerate(column):
+            b = bucket[i]
+            if b != current:
+                if low >= 0:
+                    keep.update((low, high))
+                    with_finite.add(current)
+                current, low, high = b, -1, -1
+            if v is None:
+                continue
+            if low < 0:
+                low = high = i
+                low_v = high_v = v
+                continue
+            if v < low_v:
+                low, low_v = i, v
+            if v > high_v:
+                high, high_v = i, v
+        if low >= 0:
+            keep.update((low, high))
+            with_finite.add(current)
+    first_row: dict[int, int] = {}
+    for i, b in enumerate(bucket):
+        first_row.setdefault(b, i)
+    keep.update(i for b, i in first_row.items() if b not in with_finite)
     return sorted(keep)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from layerscope.server.downsample import (
     BLOCK_LEVELS,
-    Extremes,
+    block_summaries,
     bucket_count,
     choose_level,
     minmax_rows,
@@ -311,23 +311,45 @@ def _from_blocks(
 ) -> dict[int, float | None]:
     """Blocks spread over the buckets as evenly as whole blocks allow (choose_level
     guarantees at least one block per bucket); an edge block that reaches outside
-    [lo, hi] is summarised from its raw rows inside the range."""
+    [lo, hi] is summarised from its raw rows inside the range. One flat pass: this
+    is the loop behind every long chart."""
     b0 = lo // size
     nblocks = hi // size - b0 + 1
-    summaries: dict[int, Extremes] = {}
-    for block, *row in blocks:
-        summary = summaries.setdefault((block - b0) * buckets // nblocks, Extremes())
-        if row[1] >= lo and row[2] <= hi:
-            summary.merge(tuple(row))
-            continue
-        for step, value in conn.execute(
-            "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ?",
-            (sid, max(lo, block * size), min(hi, block * size + size - 1)),
-        ):
-            summary.add(step, value)
     kept: dict[int, float | None] = {}
-    for summary in summaries.values():
-        kept.update(summary.points())
+    current = -1
+    low_s = high_s = null_s = -1
+    low_v = high_v = 0.0
+
+    def flush() -> None:
+        if low_s >= 0:
+            kept[low_s] = low_v
+            kept[high_s] = high_v
+        elif null_s >= 0:
+            kept[null_s] = None
+
+    for row in blocks:
+        block, _n, first, last, min_step, min_value, max_step, max_value, null_step = row[:9]
+        if first < lo or last > hi:
+            points = conn.execute(
+                "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ?"
+                " ORDER BY step",
+                (sid, max(lo, block * size), min(hi, block * size + size - 1)),
+            ).fetchall()
+            ((_b, part),) = block_summaries(points, size)
+            _n, first, last, min_step, min_value, max_step, max_value, null_step = part[:8]
+        b = (block - b0) * buckets // nblocks
+        if b != current:
+            flush()
+            current, low_s, high_s, null_s = b, -1, -1, -1
+        if null_step is not None and (null_s < 0 or null_step < null_s):
+            null_s = null_step
+        if min_value is None:
+            continue
+        if low_s < 0 or min_value < low_v or (min_value == low_v and min_step < low_s):
+            low_s, low_v = min_step, min_value
+        if high_s < 0 or max_value > high_v or (max_value == high_v and max_step < high_s):
+            high_s, high_v = max_step, max_value
+    flush()
     return kept
 
 
@@ -433,11 +455,13 @@ def probe_matrix(
     column = {s: i for i, s in enumerate(steps)}
     row_of = {lid: i for i, (lid, _n) in enumerate(layers)}
     z: list[list[float | None]] = [[None] * len(steps) for _ in layers]
-    if steps:
+    if steps and layers:
+        # lid IN x step IN: SQLite walks the primary key once per (layer, step) pair.
+        lids = ", ".join("?" * len(layers))
         marks = ", ".join("?" * len(steps))
         for lid, step, value in conn.execute(
-            f'SELECT lid, step, "{stat}" FROM probes WHERE rk = ? AND step IN ({marks})',
-            (rk, *steps),
+            f'SELECT lid, step, "{stat}" FROM probes WHERE lid IN ({lids}) AND step IN ({marks})',
+            (*row_of, *steps),
         ):
             z[row_of[lid]][column[step]] = value
     return {"stat": stat, "layers": [n for _l, n in layers], "steps": steps, "z": z}
@@ -462,7 +486,8 @@ def histograms(
             [
                 st
                 for (st,) in conn.execute(
-                    "SELECT step FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
+                    "SELECT step FROM probe_hists WHERE lid = ? AND step BETWEEN ? AND ?"
+                    " ORDER BY step",
                     (lid, lo, hi),
                 )
             ],
@@ -470,7 +495,7 @@ def histograms(
         )
         marks = ", ".join("?" * len(steps))
         rows = conn.execute(
-            f"SELECT step, hist_lo, hist_hi, hist FROM probes WHERE lid = ? AND step IN ({marks})"
+            f"SELECT step, lo, hi, counts FROM probe_hists WHERE lid = ? AND step IN ({marks})"
             " ORDER BY step",
             (lid, *steps),
         ).fetchall()
@@ -479,7 +504,9 @@ def histograms(
         for _s, h_lo, h_hi, blob in rows
     ]
     edges = common_edges(hists, bins)
-    z = [None if h is None else resample(h, edges) for h in hists]
+    # 3 decimals: the split of a bin is display-grade, and full float reprs would
+    # double the body of a 200 x 64 heatmap.
+    z = [None if h is None else [round(v, 3) for v in resample(h, edges)] for h in hists]
     return {"layer": layer, "steps": [r[0] for r in rows], "edges": edges, "z": z}
 
 
@@ -497,9 +524,11 @@ def histogram_at(conn: sqlite3.Connection, run_id: str, step: int) -> dict[str, 
         return None
     layers = []
     for name, h_lo, h_hi, blob, *stats in conn.execute(
-        f"SELECT l.name, p.hist_lo, p.hist_hi, p.hist, {', '.join('p.' + c for c in _STAT_SQL.split(', '))}"
-        " FROM probes p JOIN layers l ON l.lid = p.lid WHERE p.rk = ? AND p.step = ? ORDER BY l.ord, l.lid",
-        (rk, at),
+        f"SELECT l.name, h.lo, h.hi, h.counts, {', '.join('p.' + c for c in _STAT_SQL.split(', '))}"
+        " FROM layers l JOIN probes p ON p.lid = l.lid AND p.step = ?"
+        " LEFT JOIN probe_hists h ON h.lid = l.lid AND h.step = ?"
+        " WHERE l.rk = ? ORDER BY l.ord, l.lid",
+        (at, at, rk),
     ):
         entry: dict[str, Any] = {
             "name": name,

@@ -81,19 +81,24 @@ CREATE TABLE IF NOT EXISTS layers (
     ord INTEGER NOT NULL,
     UNIQUE (rk, name)
 );
+-- Stats clustered by (layer, step): one layer's stats over time are one contiguous
+-- range. Histograms live apart, so a stats read never pages through blobs.
 CREATE TABLE IF NOT EXISTS probes (
     lid INTEGER NOT NULL,
-    rk INTEGER NOT NULL,
     step INTEGER NOT NULL,
     "mean" REAL, "std" REAL, "min" REAL, "max" REAL, "zero_frac" REAL, "nonfinite" REAL,
     "dead_ratio" REAL, "saturated_frac" REAL, "saturated_ratio" REAL, "grad_norm" REAL,
     "weight_norm" REAL, "update_ratio" REAL,
-    hist_lo REAL,
-    hist_hi REAL,
-    hist BLOB
+    PRIMARY KEY (lid, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS probe_hists (
+    lid INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    lo REAL,
+    hi REAL,
+    counts BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS probes_by_layer ON probes (lid, step);
-CREATE INDEX IF NOT EXISTS probes_by_step ON probes (rk, step);
+CREATE UNIQUE INDEX IF NOT EXISTS probe_hists_by_layer ON probe_hists (lid, step);
 CREATE TABLE IF NOT EXISTS probe_steps (
     rk INTEGER NOT NULL,
     step INTEGER NOT NULL,

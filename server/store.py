@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -31,6 +32,7 @@ from layerscope.server.writes import RunNotFound, StoreError, Writer, dumps
 __all__ = ["RunNotFound", "Store", "StoreError"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 EXPORT_PAGE_FRAMES = 500
 SNAPSHOT_EVENTS = 200
 
@@ -64,7 +66,8 @@ class Store:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
-        self.commits = 0  # how many group commits so far (the benchmark reports it)
+        self.commits = 0  # how many group commits so far (tests and benchmarks read it)
+        self._last_commit = 0.0
 
     # ---- lifecycle ----
 
@@ -103,47 +106,72 @@ class Store:
 
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
         writer = Writer(conn)
-        last_commit = 0.0
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            # Commits are rate-limited, not delayed: after a quiet spell the first
-            # write commits at once; under load, writes arriving within
-            # commit_interval_s of the last commit share the next one.
-            deadline = max(time.monotonic(), last_commit + self.commit_interval_s)
-            conn.execute("BEGIN IMMEDIATE")
-            done: list[tuple[_Op, Any, BaseException | None]] = []
+        try:
             while True:
-                assert isinstance(item, tuple)
-                done.append((item, *self._apply(writer, item)))
-                timeout = deadline - time.monotonic()
-                try:
-                    item = (
-                        self._queue.get(timeout=timeout)
-                        if timeout > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
+                item = self._queue.get()
+                if item is _STOP or self._commit_batch(writer, item):
                     break
-                if item is _STOP:
-                    stopping = True
-                    break
+        except BaseException as exc:  # never leave a coroutine awaiting a dead thread
+            log.exception("the store writer stopped")
+            self._closed = True
+            self._fail_queued(StoreError(f"the store's writer stopped: {exc}"))
+        finally:
+            conn.close()
+
+    def _commit_batch(self, writer: Writer, item: _Op | object) -> bool:
+        """Apply item and whatever else arrives before the deadline, commit once, then
+        settle every future. Returns True when a stop request arrived meanwhile."""
+        conn = writer.conn
+        # Commits are rate-limited, not delayed: after a quiet spell the first write
+        # commits at once; under load, writes arriving within commit_interval_s of
+        # the last commit share the next one.
+        deadline = max(time.monotonic(), self._last_commit + self.commit_interval_s)
+        done: list[tuple[_Op, Any, BaseException | None]] = []
+        stopping = False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            assert isinstance(item, tuple)
+            self._settle_all([(item, None, StoreError(f"could not start a write: {exc}"))])
+            return False
+        while True:
+            assert isinstance(item, tuple)
+            done.append((item, *self._apply(writer, item)))
+            timeout = deadline - time.monotonic()
             try:
-                conn.execute("COMMIT")
-                self.commits += 1
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                writer.forget()
-                failure = StoreError(f"commit failed, nothing of this batch was stored: {exc}")
-                done = [(op, None, err or failure) for op, _r, err in done]
-            last_commit = time.monotonic()
-            for (_fn, loop, fut), result, error in done:
-                with contextlib.suppress(RuntimeError):  # that event loop has closed
-                    loop.call_soon_threadsafe(_settle, fut, result, error)
-        conn.close()
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stopping = True
+                break
+        try:
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            writer.forget()
+            failure = StoreError(f"commit failed, nothing of this batch was stored: {exc}")
+            done = [(op, None, err or failure) for op, _r, err in done]
+        self._last_commit = time.monotonic()
+        self._settle_all(done)
+        return stopping
+
+    @staticmethod
+    def _settle_all(done: list[tuple[_Op, Any, BaseException | None]]) -> None:
+        for (_fn, loop, fut), result, error in done:
+            with contextlib.suppress(RuntimeError):  # that event loop has closed
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _fail_queued(self, error: StoreError) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple):
+                self._settle_all([(item, None, error)])
 
     @staticmethod
     def _apply(writer: Writer, op: _Op) -> tuple[Any, BaseException | None]:

@@ -267,9 +267,12 @@ class Writer:
         c.execute(
             "DELETE FROM scalar_blocks WHERE sid IN (SELECT sid FROM series WHERE rk = ?)", (rk,)
         )
+        for table in ("probes", "probe_hists"):
+            c.execute(
+                f"DELETE FROM {table} WHERE lid IN (SELECT lid FROM layers WHERE rk = ?)", (rk,)
+            )
         for table in (
             "series",
-            "probes",
             "layers",
             "probe_steps",
             "frames",
@@ -489,32 +492,35 @@ class Writer:
         if not isinstance(layers, list):
             raise StoreError(f"probe frame seq {seq}: 'layers' must be a list")
         steps.append(step)
-        params = []
+        stats_rows = []
+        hist_rows = []
         for i, layer in enumerate(layers):
             if not isinstance(layer, dict):
                 raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
+            lid = self.lid(rk, str(layer.get("name") or ""))
             stats = [_finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
+            stats_rows.append((lid, step, *stats))
             hist = layer.get("hist")
-            lo = hi = blob = None
-            if hist is not None:
-                counts = hist.get("counts") if isinstance(hist, dict) else None
-                if not isinstance(counts, list) or not all(
-                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
-                ):
-                    raise StoreError(
-                        f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"
-                    )
-                lo = _finite(hist.get("lo"), f"layers[{i}].hist.lo")
-                hi = _finite(hist.get("hi"), f"layers[{i}].hist.hi")
-                blob = pack_counts(counts)
-            params.append(
-                (self.lid(rk, str(layer.get("name") or "")), rk, step, *stats, lo, hi, blob)
-            )
-        marks = ", ".join("?" * (len(PROBE_COLUMNS) + 6))
+            if hist is None:
+                continue
+            counts = hist.get("counts") if isinstance(hist, dict) else None
+            if not isinstance(counts, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+            ):
+                raise StoreError(
+                    f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"
+                )
+            lo = _finite(hist.get("lo"), f"layers[{i}].hist.lo")
+            hi = _finite(hist.get("hi"), f"layers[{i}].hist.hi")
+            hist_rows.append((lid, step, lo, hi, pack_counts(counts)))
+        marks = ", ".join("?" * (len(PROBE_COLUMNS) + 2))
         cols = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
         self.conn.executemany(
-            f"INSERT OR REPLACE INTO probes (lid, rk, step, {cols}, hist_lo, hist_hi, hist) VALUES ({marks})",
-            params,
+            f"INSERT OR REPLACE INTO probes (lid, step, {cols}) VALUES ({marks})", stats_rows
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO probe_hists (lid, step, lo, hi, counts) VALUES (?, ?, ?, ?, ?)",
+            hist_rows,
         )
         self.conn.execute(
             "INSERT OR REPLACE INTO probe_steps (rk, step, seq) VALUES (?, ?, ?)", (rk, step, seq)

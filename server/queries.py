@@ -1,8 +1,7 @@
 """queries — the SQL of every read of layerscope.db, shaped as http_api.md's JSON bodies.
 
-Owns: run list/detail rows, series reads downsampled inside SQLite (min/max per
-step bucket, see downsample.py for the rule), probe reads, heatmap matrices,
-histograms over time, events, commands and stored frames.
+Owns: run list/detail rows, series (their downsampling is scalars.py's), probe
+reads, heatmap matrices, histograms over time, events, commands and stored frames.
 
 Never: writes (read connections are query_only), never returns NaN/Inf (non-finite
 values are stored as NULL and come back as None), never loads a whole long series
@@ -12,36 +11,26 @@ into Python when a chart asked for 1,500 points of it.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import zlib
 from typing import Any
 
+from layerscope.server.checks import RunNotFound
 from layerscope.server.downsample import (
-    BLOCK_LEVELS,
-    block_summaries,
-    bucket_count,
-    choose_level,
     minmax_rows,
     pick_even,
 )
 from layerscope.server.histograms import Hist, common_edges, resample, unpack_counts
+from layerscope.server.scalars import LAST_KEYS, bounds, scalar_points, sparkline
 from layerscope.server.schema import PROBE_COLUMNS
-from layerscope.server.writes import LAST_KEYS, RunNotFound, command_row
+from layerscope.server.writes import command_row
 
-NO_START = -1
-NO_END = 2**62
-SPARKLINE_POINTS = 50
 _STAT_SQL = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
 
 _RUN_COLUMNS = (
     "rk, id, name, config, status, status_reason, launched, device, world_size, control,"
     " created_at, updated_at, first_step, last_step, acked_seq, max_seq, last_values"
 )
-
-
-def _bounds(start: int | None, end: int | None) -> tuple[int, int]:
-    return (NO_START if start is None else start, NO_END if end is None else end)
 
 
 def run_key(conn: sqlite3.Connection, run_id: str) -> int:
@@ -89,48 +78,6 @@ def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, A
         "last": {k: last[k][1] if k in last else None for k in LAST_KEYS},
         "sparkline": sparkline,
     }
-
-
-def sparkline(conn: sqlite3.Connection, rk: int) -> list[float | None]:
-    """Mean loss per bucket, at most SPARKLINE_POINTS of them, from block summaries
-    (a mean, not min/max: a 50-pixel line shows the trend; per-step noise would hide it)."""
-    sid = conn.execute("SELECT sid FROM series WHERE rk = ? AND name = 'loss'", (rk,)).fetchone()
-    if sid is None:
-        return []
-    size = 0
-    for level in BLOCK_LEVELS:
-        count = conn.execute(
-            "SELECT COUNT(*) FROM scalar_blocks WHERE sid = ? AND level = ?", (sid[0], level)
-        ).fetchone()[0]
-        if count >= SPARKLINE_POINTS:
-            size = level
-    if size == 0:  # a short series (< ~800 steps): its raw rows, one bucket per step
-        rows = conn.execute(
-            "SELECT step, (value IS NOT NULL), COALESCE(value, 0.0) FROM scalars WHERE sid = ?"
-            " ORDER BY step",
-            sid,
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            "SELECT block, finite, total FROM scalar_blocks WHERE sid = ? AND level = ?"
-            " ORDER BY block",
-            (sid[0], size),
-        ).fetchall()
-    if not rows:
-        return []
-    b0 = rows[0][0]
-    per_bucket = -(-(rows[-1][0] - b0 + 1) // SPARKLINE_POINTS)
-    sums: dict[int, list[float]] = {}
-    for block, finite, total in rows:
-        acc = sums.setdefault((block - b0) // per_bucket, [0.0, 0.0])
-        acc[0] += finite
-        acc[1] += total
-    out: list[float | None] = []
-    for bucket in sorted(sums):
-        finite, total = sums[bucket]
-        mean = total / finite if finite else None
-        out.append(mean if mean is not None and math.isfinite(mean) else None)
-    return out
 
 
 def run_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -249,110 +196,6 @@ def last_probe_frame(conn: sqlite3.Connection, rk: int) -> dict[str, Any] | None
 # ---- scalar series ----
 
 
-def scalar_points(
-    conn: sqlite3.Connection, sid: int, start: int | None, end: int | None, max_points: int
-) -> tuple[list[int], list[float | None]]:
-    """One series over [start, end], at most max_points points (downsample.py's rule).
-
-    Cost: a long range reads the block summaries of the coarsest level that still
-    gives each bucket a block (at most ~4 rows per bucket), plus raw rows only for
-    the two edge blocks a start/end cuts through; a short range reads raw rows.
-    """
-    lo_b, hi_b = _bounds(start, end)
-    where = "sid = ? AND step BETWEEN ? AND ?"
-    params = (sid, lo_b, hi_b)
-    first = conn.execute(
-        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step LIMIT 1", params
-    ).fetchone()
-    if first is None:
-        return [], []
-    last = conn.execute(
-        f"SELECT step, value FROM scalars WHERE {where} ORDER BY step DESC LIMIT 1", params
-    ).fetchone()
-    buckets = bucket_count(max_points)
-    if buckets == 0:
-        return sorted({first[0], last[0]}), [first[1]] if first[0] == last[0] else [
-            first[1],
-            last[1],
-        ]
-    size = choose_level(first[0], last[0], buckets)
-    if size is not None:
-        blocks = conn.execute(
-            "SELECT block, n, first_step, last_step, min_step, min_value, max_step, max_value,"
-            " null_step, finite, total FROM scalar_blocks"
-            " WHERE sid = ? AND level = ? AND block BETWEEN ? AND ? ORDER BY block",
-            (sid, size, first[0] // size, last[0] // size),
-        ).fetchall()
-        if sum(r[1] for r in blocks) > max_points:
-            kept = _from_blocks(conn, sid, blocks, size, first[0], last[0], buckets)
-            kept[first[0]] = first[1]
-            kept[last[0]] = last[1]
-            steps = sorted(kept)
-            return steps, [kept[s] for s in steps]
-    rows = conn.execute(f"SELECT step, value FROM scalars WHERE {where} ORDER BY step", params)
-    steps, values = [], []
-    for step, value in rows:
-        steps.append(step)
-        values.append(value)
-    keep = minmax_rows(steps, [values], max_points)
-    if len(keep) == len(steps):
-        return steps, values
-    return [steps[i] for i in keep], [values[i] for i in keep]
-
-
-def _from_blocks(
-    conn: sqlite3.Connection,
-    sid: int,
-    blocks: list[tuple[Any, ...]],
-    size: int,
-    lo: int,
-    hi: int,
-    buckets: int,
-) -> dict[int, float | None]:
-    """Blocks spread over the buckets as evenly as whole blocks allow (choose_level
-    guarantees at least one block per bucket); an edge block that reaches outside
-    [lo, hi] is summarised from its raw rows inside the range. One flat pass: this
-    is the loop behind every long chart."""
-    b0 = lo // size
-    nblocks = hi // size - b0 + 1
-    kept: dict[int, float | None] = {}
-    current = -1
-    low_s = high_s = null_s = -1
-    low_v = high_v = 0.0
-
-    def flush() -> None:
-        if low_s >= 0:
-            kept[low_s] = low_v
-            kept[high_s] = high_v
-        elif null_s >= 0:
-            kept[null_s] = None
-
-    for row in blocks:
-        block, _n, first, last, min_step, min_value, max_step, max_value, null_step = row[:9]
-        if first < lo or last > hi:
-            points = conn.execute(
-                "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ?"
-                " ORDER BY step",
-                (sid, max(lo, block * size), min(hi, block * size + size - 1)),
-            ).fetchall()
-            ((_b, part),) = block_summaries(points, size)
-            _n, first, last, min_step, min_value, max_step, max_value, null_step = part[:8]
-        b = (block - b0) * buckets // nblocks
-        if b != current:
-            flush()
-            current, low_s, high_s, null_s = b, -1, -1, -1
-        if null_step is not None and (null_s < 0 or null_step < null_s):
-            null_s = null_step
-        if min_value is None:
-            continue
-        if low_s < 0 or min_value < low_v or (min_value == low_v and min_step < low_s):
-            low_s, low_v = min_step, min_value
-        if high_s < 0 or max_value > high_v or (max_value == high_v and max_step < high_s):
-            high_s, high_v = max_step, max_value
-    flush()
-    return kept
-
-
 def series(
     conn: sqlite3.Connection,
     run_id: str,
@@ -387,7 +230,7 @@ def probe_steps(
     conn: sqlite3.Connection, run_id: str, start: int | None = None, end: int | None = None
 ) -> list[int]:
     rk = run_key(conn, run_id)
-    lo, hi = _bounds(start, end)
+    lo, hi = bounds(start, end)
     return [
         s
         for (s,) in conn.execute(
@@ -421,7 +264,7 @@ def probe_series(
     lid = _layer_id(conn, rk, layer)
     if lid is None:
         return out
-    lo, hi = _bounds(start, end)
+    lo, hi = bounds(start, end)
     cols = ", ".join(f'"{s}"' for s in stats)
     rows = conn.execute(
         f"SELECT step, {cols} FROM probes WHERE lid = ? AND step BETWEEN ? AND ? ORDER BY step",
@@ -479,7 +322,7 @@ def histograms(
     """One layer's histograms at <= max_steps probe steps, resampled onto shared edges."""
     rk = run_key(conn, run_id)
     lid = _layer_id(conn, rk, layer)
-    lo, hi = _bounds(start, end)
+    lo, hi = bounds(start, end)
     rows: list[tuple[Any, ...]] = []
     if lid is not None:
         steps = pick_even(

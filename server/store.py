@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from layerscope.server import queries
+from layerscope.server.checks import RunNotFound, StoreError, dumps
 from layerscope.server.schema import DB_NAME, connect, create_or_check
-from layerscope.server.writes import RunNotFound, StoreError, Writer, dumps
+from layerscope.server.writes import Writer
 
 __all__ = ["RunNotFound", "Store", "StoreError"]
 

@@ -1,6 +1,7 @@
 """writes — the SQL of every change to layerscope.db, run on the store's writer thread.
 
-Owns: turning validated frames, hellos, commands and status changes into rows, the
+Owns: turning validated frames, hellos, commands and status changes into rows (a
+metrics frame's values go through scalars.py), the
 side effects of events (a ``status`` event sets the run status, a
 ``command_result`` event settles the command row and the run's acknowledged
 control state), and the highest-contiguous-seq bookkeeping behind acks.
@@ -16,70 +17,17 @@ import json
 import sqlite3
 import time
 import zlib
-from math import isfinite
 from typing import Any
 
-from layerscope.server.downsample import BLOCK_LEVELS, block_summaries
+from layerscope.server.checks import RunNotFound, StoreError, dumps, finite
+from layerscope.server.checks import step as check_step
 from layerscope.server.histograms import pack_counts
+from layerscope.server.scalars import ScalarWriter
 from layerscope.server.schema import PROBE_COLUMNS
 from layerscope.trainer import wire
 
-LAST_KEYS = ("loss", "val_loss", "acc", "val_acc")
 FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
-
-# Merge a new block summary into a stored one; every right-hand side reads the old row.
-_UPSERT_BLOCK = """
-INSERT INTO scalar_blocks (sid, level, block, n, first_step, last_step, min_step, min_value,
-                           max_step, max_value, null_step, finite, total)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (sid, level, block) DO UPDATE SET
-    n = n + excluded.n,
-    first_step = MIN(first_step, excluded.first_step),
-    last_step = MAX(last_step, excluded.last_step),
-    min_step = CASE WHEN excluded.min_value < min_value OR min_value IS NULL
-                    THEN excluded.min_step ELSE min_step END,
-    min_value = CASE WHEN excluded.min_value < min_value OR min_value IS NULL
-                     THEN excluded.min_value ELSE min_value END,
-    max_step = CASE WHEN excluded.max_value > max_value OR max_value IS NULL
-                    THEN excluded.max_step ELSE max_step END,
-    max_value = CASE WHEN excluded.max_value > max_value OR max_value IS NULL
-                     THEN excluded.max_value ELSE max_value END,
-    null_step = COALESCE(MIN(null_step, excluded.null_step), null_step, excluded.null_step),
-    finite = finite + excluded.finite,
-    total = total + excluded.total
-"""
-
-
-class StoreError(ValueError):
-    """A write the store refuses (bad frame, duplicate run, bad status); nothing of it is kept."""
-
-
-class RunNotFound(LookupError):
-    """The run id names no stored run."""
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"run '{run_id}' not found")
-        self.run_id = run_id
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def dumps(value: Any) -> str:
-    """Strict JSON (no NaN/Inf) for anything stored as text."""
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        return json.dumps(wire._clean(value), separators=(",", ":"), allow_nan=False)
-
-
-def _finite(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise StoreError(f"{where} must be a number or null, got {type(value).__name__}")
-    return float(value) if isfinite(value) else None
 
 
 def _seq(frame: Any) -> int:
@@ -90,15 +38,10 @@ def _seq(frame: Any) -> int:
         raise StoreError(f"frame has no integer seq >= 1 (got {seq!r})")
     if frame.get("type") not in FRAME_TYPES:
         raise StoreError(
-            f"frame seq {seq}: type {frame.get('type')!r} is not stored; expected one of {sorted(FRAME_TYPES)}"
+            f"frame seq {seq}: type {frame.get('type')!r} is not stored;"
+            f" expected one of {sorted(FRAME_TYPES)}"
         )
     return seq
-
-
-def _step(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{where} must be an integer >= 0, got {value!r}")
-    return value
 
 
 class Writer:
@@ -109,14 +52,14 @@ class Writer:
         self._rk: dict[str, int] = {}
         self._sid: dict[tuple[int, str], int] = {}
         self._lid: dict[tuple[int, str], int] = {}
-        self._max_step: dict[int, int] = {}
+        self.scalars = ScalarWriter(conn)
 
     def forget(self) -> None:
         """Drop the caches: called after a rollback, which may have undone new ids."""
         self._rk.clear()
         self._sid.clear()
         self._lid.clear()
-        self._max_step.clear()
+        self.scalars.forget()
 
     # ---- ids ----
 
@@ -354,7 +297,7 @@ class Writer:
             inserted.append(seq)
             kind = frame["type"]
             if kind == "metrics":
-                self._metrics(rk, frame, steps, last)
+                self.scalars.store(rk, frame, steps, last, self.sid)
             elif kind == "probe":
                 self._probe(rk, seq, frame, steps)
             else:
@@ -387,107 +330,8 @@ class Writer:
         )
         return int(acked)
 
-    def _metrics(
-        self, rk: int, frame: dict[str, Any], steps: list[int], last: dict[str, list[Any]]
-    ) -> None:
-        rows = frame.get("rows")
-        if not isinstance(rows, list):
-            raise StoreError(f"metrics frame seq {frame['seq']}: 'rows' must be a list")
-        params = []
-        # Points past a series' newest step extend its block summaries; a step at or
-        # before it (a re-logged step after a resume) rewrites a point, so its
-        # blocks are rebuilt from the raw rows instead.
-        fresh: dict[int, list[tuple[int, float | None]]] = {}
-        rewritten: set[tuple[int, int]] = set()
-        sids: dict[str, int] = {}
-        newest: dict[int, int] = {}
-        step_lo, step_hi = -1, -1
-        # The hot loop of ingest (every scalar of every step): type checks are
-        # inlined, the common case (a finite float) costs one isfinite call.
-        for i, row in enumerate(rows):
-            values = row.get("values") if type(row) is dict else None
-            if type(values) is not dict:
-                raise StoreError(
-                    f"metrics frame seq {frame['seq']}: rows[{i}] needs a 'values' object"
-                )
-            step = row.get("step")
-            if type(step) is not int or step < 0:
-                _step(step, f"metrics frame seq {frame['seq']} rows[{i}].step")
-            time_s = row.get("time_s")
-            if type(time_s) is float:
-                if not isfinite(time_s):
-                    time_s = None
-            elif time_s is not None:
-                time_s = _finite(time_s, f"rows[{i}].time_s")
-            if step_lo < 0 or step < step_lo:
-                step_lo = step
-            step_hi = max(step_hi, step)
-            for name, value in values.items():
-                if type(value) is float:
-                    if not isfinite(value):
-                        value = None
-                elif value is not None:
-                    value = _finite(value, f"rows[{i}].values[{name!r}]")
-                sid = sids.get(name)
-                if sid is None:
-                    sid = sids[name] = self.sid(rk, name)
-                    newest[sid] = self._newest(sid)
-                params.append((sid, step, value, time_s))
-                if step > newest[sid]:
-                    newest[sid] = step
-                    fresh.setdefault(sid, []).append((step, value))
-                else:
-                    rewritten.add((sid, step))
-        for name, sid in sids.items():
-            self._max_step[sid] = newest[sid]
-            if name not in LAST_KEYS:
-                continue
-            if sid in fresh:  # ascending, so its last point is the series' newest
-                last[name] = list(fresh[sid][-1])
-            elif name in last:  # only re-logged steps: the newest may have been rewritten
-                for p_sid, p_step, p_value, _t in params:
-                    if p_sid == sid and p_step == last[name][0]:
-                        last[name] = [p_step, p_value]
-        if step_lo >= 0:
-            steps.extend((step_lo, step_hi))
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO scalars (sid, step, value, time_s) VALUES (?, ?, ?, ?)", params
-        )
-        blocks = [
-            (sid, size, block, *summary)
-            for sid, points in fresh.items()
-            for size in BLOCK_LEVELS
-            for block, summary in block_summaries(points, size)
-        ]
-        self.conn.executemany(_UPSERT_BLOCK, blocks)
-        for sid, size, block in {(s, z, st // z) for s, st in rewritten for z in BLOCK_LEVELS}:
-            self._rebuild_block(sid, size, block)
-
-    def _newest(self, sid: int) -> int:
-        newest = self._max_step.get(sid)
-        if newest is None:
-            row = self.conn.execute(
-                "SELECT MAX(step) FROM scalars WHERE sid = ?", (sid,)
-            ).fetchone()
-            newest = self._max_step[sid] = -1 if row[0] is None else row[0]
-        return newest
-
-    def _rebuild_block(self, sid: int, size: int, block: int) -> None:
-        points = self.conn.execute(
-            "SELECT step, value FROM scalars WHERE sid = ? AND step BETWEEN ? AND ? ORDER BY step",
-            (sid, block * size, block * size + size - 1),
-        ).fetchall()
-        self.conn.execute(
-            "DELETE FROM scalar_blocks WHERE sid = ? AND level = ? AND block = ?",
-            (sid, size, block),
-        )
-        self.conn.executemany(
-            _UPSERT_BLOCK,
-            [(sid, size, b, *summary) for b, summary in block_summaries(points, size)],
-        )
-
     def _probe(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
-        step = _step(frame.get("step"), f"probe frame seq {seq}: step")
+        step = check_step(frame.get("step"), f"probe frame seq {seq}: step")
         layers = frame.get("layers")
         if not isinstance(layers, list):
             raise StoreError(f"probe frame seq {seq}: 'layers' must be a list")
@@ -498,7 +342,7 @@ class Writer:
             if not isinstance(layer, dict):
                 raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
             lid = self.lid(rk, str(layer.get("name") or ""))
-            stats = [_finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
+            stats = [finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
             stats_rows.append((lid, step, *stats))
             hist = layer.get("hist")
             if hist is None:
@@ -510,8 +354,8 @@ class Writer:
                 raise StoreError(
                     f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"
                 )
-            lo = _finite(hist.get("lo"), f"layers[{i}].hist.lo")
-            hi = _finite(hist.get("hi"), f"layers[{i}].hist.hi")
+            lo = finite(hist.get("lo"), f"layers[{i}].hist.lo")
+            hi = finite(hist.get("hi"), f"layers[{i}].hist.hi")
             hist_rows.append((lid, step, lo, hi, pack_counts(counts)))
         marks = ", ".join("?" * (len(PROBE_COLUMNS) + 2))
         cols = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
@@ -527,7 +371,7 @@ class Writer:
         )
 
     def _event(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
-        step = _step(frame.get("step"), f"event frame seq {seq}: step")
+        step = check_step(frame.get("step"), f"event frame seq {seq}: step")
         kind = frame.get("kind")
         data = frame.get("data") or {}
         if not isinstance(kind, str) or not isinstance(data, dict):

@@ -1,0 +1,52 @@
+"""checks — what the store refuses and how it says so.
+
+Owns: StoreError and RunNotFound (the two exceptions Store raises), the field checks
+every write runs (a finite number or null, a step), and strict JSON for stored text.
+
+Never: touches SQLite; never lets NaN/Inf through (they become None).
+"""
+
+from __future__ import annotations
+
+import json
+from math import isfinite
+from typing import Any
+
+from layerscope.trainer import wire
+
+
+class StoreError(ValueError):
+    """A write the store refuses (bad frame, duplicate run, bad status); nothing of it is kept."""
+
+
+class RunNotFound(LookupError):
+    """The run id names no stored run."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run '{run_id}' not found")
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON (no NaN/Inf) for anything stored as text."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(wire._clean(value), separators=(",", ":"), allow_nan=False)
+
+
+def finite(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StoreError(f"{where} must be a number or null, got {type(value).__name__}")
+    return float(value) if isfinite(value) else None
+
+
+def step(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{where} must be an integer >= 0, got {value!r}")
+    return value

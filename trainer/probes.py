@@ -49,7 +49,7 @@ from layerscope.trainer.stats import (
 )
 from layerscope.trainer.wire import MAX_BINS
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_sequence
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
@@ -66,8 +66,8 @@ __all__ = [
 ]
 
 DEFAULT_BINS = 64
-DEFAULT_SAMPLE_VALUES = 8192  # histogram values per layer per call; 128 per bin on average
-UPDATE_SAMPLE = 16384  # pre-step entries kept per parameter for update_ratio
+DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin on average
+UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -86,12 +86,11 @@ _KEEPS_CHANNELS = ACTIVATION_TYPES + (
     nn.MaxPool1d, nn.AvgPool1d, nn.Identity,
 )  # fmt: skip
 
-# Columns of one layer's block in the activation section of PendingStats.tensor.
-ACT_COLUMNS = (
-    "mean", "std", "min", "max", "zero_frac", "nonfinite", "saturated_frac",
-    "dead_ratio", "saturated_ratio",
+# Keys of a probe-frame layer entry (wire.PROBE_STATS plus the histogram).
+ENTRY_KEYS = (
+    "mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_frac",
+    "saturated_ratio", "grad_norm", "weight_norm", "update_ratio", "hist",
 )  # fmt: skip
-PARAM_COLUMNS = ("grad_norm", "weight_norm", "update_ratio")
 
 
 @dataclass
@@ -103,23 +102,37 @@ class LayerSpec:
 
 @dataclass
 class PendingStats:
-    """One probe step's statistics: a single flat float32 tensor on the model's device.
+    """One probe step's statistics: a single flat float32 tensor on the model's device,
+    plus the host-side layout ``decode`` needs. NaN marks a value that does not apply.
 
-    Layout: activation section (``len(act_layers)`` blocks of ``len(ACT_COLUMNS) + bins``),
-    parameter section (``len(param_layers)`` blocks of ``len(PARAM_COLUMNS)``), then the
-    global gradient norm. NaN marks a statistic that does not apply.
+    Layout of ``tensor`` (C calls recorded over L activation layers):
+      C x 6   raw value rows (stats.value_row), C non-finite counts,
+      L x 3   dead_ratio, saturated_ratio, saturated value count,
+      L x bins histogram counts,
+      G       norms of the gradients present (``grad_present`` marks which params),
+      W       pre-step norms of each probed layer's parameters (``weight_slots``),
+      W       norms of their (sampled) updates; the update section is NaN without an
+              optimizer step.
+    The arithmetic that turns these into statistics (moments, merging a module's calls,
+    per-layer norms) runs in ``decode`` on the host, off the training thread's device.
     """
 
     tensor: Tensor
-    act_layers: list[str] = field(default_factory=list)
-    param_layers: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
+    act_layers: list[str] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)  # per act layer: calls this step
+    totals: list[int] = field(default_factory=list)  # per call: values
     bins: int = DEFAULT_BINS
+    grad_present: list[bool] = field(default_factory=list)  # per model parameter
+    # per parameterised layer: (name, indices into model params, [(slot, scale)])
+    param_layers: list[tuple[str, list[int], list[tuple[int, float]]]] = field(default_factory=list)
+    weight_slots: int = 0
 
     @property
     def size(self) -> int:
-        act = len(self.act_layers) * (len(ACT_COLUMNS) + self.bins)
-        return act + len(self.param_layers) * len(PARAM_COLUMNS) + 1
+        calls, layers = len(self.totals), len(self.act_layers)
+        params = sum(self.grad_present) + 2 * self.weight_slots if self.param_layers else 0
+        return calls * (stats.RAW_WIDTH + 1) + layers * (3 + self.bins) + params
 
     def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
         """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
@@ -129,36 +142,68 @@ class PendingStats:
         if len(values) != self.size:
             raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")
         entries: dict[str, dict[str, Any]] = {}
-        width = len(ACT_COLUMNS) + self.bins
+        width, n_calls = stats.RAW_WIDTH, len(self.totals)
+        nonfinite_at, units_at = n_calls * width, n_calls * (width + 1)
+        hist_at = units_at + 3 * len(self.act_layers)
+        call = 0
         for i, name in enumerate(self.act_layers):
-            block = values[i * width : (i + 1) * width]
-            entry: dict[str, Any] = {
-                k: _finite(v) for k, v in zip(ACT_COLUMNS, block, strict=False)
-            }
-            lo, hi = entry["min"], entry["max"]
-            counts = [int(round(c)) for c in block[len(ACT_COLUMNS) :]]
+            summary = stats.Summary()
+            for _ in range(self.calls[i]):
+                raw = values[call * width : (call + 1) * width]
+                summary.add(raw, values[nonfinite_at + call], self.totals[call])
+                call += 1
+            entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
+            dead, saturated_ratio, saturated = values[units_at + 3 * i : units_at + 3 * i + 3]
+            entry["dead_ratio"] = _finite(dead)
+            entry["saturated_ratio"] = _finite(saturated_ratio)
+            entry["saturated_frac"] = (
+                _finite(saturated / summary.total) if entry["saturated_ratio"] is not None else None
+            )
+            counts = values[hist_at + i * self.bins : hist_at + (i + 1) * self.bins]
             entry["hist"] = (
-                None if lo is None or hi is None else {"lo": lo, "hi": hi, "counts": counts}
+                None
+                if entry["min"] is None
+                else {
+                    "lo": entry["min"],
+                    "hi": entry["max"],
+                    "counts": [int(round(c)) for c in counts],
+                }
             )
             entries[name] = entry
-        base = len(self.act_layers) * width
-        for i, name in enumerate(self.param_layers):
-            block = values[base + i * 3 : base + i * 3 + 3]
-            entry = entries.setdefault(name, {})
-            entry.update({k: _finite(v) for k, v in zip(PARAM_COLUMNS, block, strict=True)})
+        scalars: dict[str, float | None] = {"grad_norm": None}
+        if self.param_layers:
+            at = hist_at + len(self.act_layers) * self.bins
+            present = sum(self.grad_present)
+            grads, at = values[at : at + present], at + present
+            weights, at = values[at : at + self.weight_slots], at + self.weight_slots
+            updates = values[at : at + self.weight_slots]
+            position, k = {}, 0
+            for index, has in enumerate(self.grad_present):
+                if has:
+                    position[index] = k
+                    k += 1
+            if grads:
+                scalars["grad_norm"] = _finite(math.sqrt(sum(g * g for g in grads)))
+            for name, indices, slots in self.param_layers:
+                mine = [grads[position[i]] for i in indices if i in position]
+                weight = math.sqrt(sum(weights[slot] ** 2 for slot, _ in slots))
+                update = math.sqrt(sum(scale * updates[slot] ** 2 for slot, scale in slots))
+                entry = entries.setdefault(name, {})
+                entry["grad_norm"] = _finite(math.sqrt(sum(g * g for g in mine))) if mine else None
+                entry["weight_norm"] = _finite(weight)
+                entry["update_ratio"] = _finite(update / weight) if weight > 0 else None
         layers = []
         for name in self.order:
             if name in entries:
                 row: dict[str, Any] = {"name": name}
-                row.update({k: entries[name].get(k) for k in ACT_COLUMNS[:6]})
-                for k in ("dead_ratio", "saturated_frac", "saturated_ratio", *PARAM_COLUMNS):
-                    row[k] = entries[name].get(k)
-                row["hist"] = entries[name].get("hist")
+                row.update({k: entries[name].get(k) for k in ENTRY_KEYS})
                 layers.append(row)
-        return layers, {"grad_norm": _finite(values[-1])}
+        return layers, scalars
 
 
-def _finite(value: float) -> float | None:
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
     value = float(value)
     return value if math.isfinite(value) else None
 
@@ -170,15 +215,19 @@ class _Layer:
     rule: Rule
     channel_first: bool
     params: list[nn.Parameter]
-    rows: list[Tensor] = field(default_factory=list)
-    # (per-unit fraction, values per unit) for each call this step
-    live: list[tuple[Tensor, int]] = field(default_factory=list)
-    saturated: list[tuple[Tensor, int]] = field(default_factory=list)
+    # One entry per call this step: raw value row, value count, sample, and per-unit
+    # (count, values per unit) of live values / values inside the saturation bounds.
+    rows: list[list[Tensor]] = field(default_factory=list)
+    nonfinite: list[Tensor] = field(default_factory=list)
+    totals: list[int] = field(default_factory=list)
     samples: list[Tensor] = field(default_factory=list)
+    live: list[tuple[Tensor, int]] = field(default_factory=list)
+    inside: list[tuple[Tensor, int]] = field(default_factory=list)
     sample_index: tuple[int, Tensor] | None = None  # (numel it was drawn for, indices)
 
     def reset(self) -> None:
-        self.rows, self.live, self.saturated, self.samples = [], [], [], []
+        self.rows, self.nonfinite, self.totals = [], [], []
+        self.samples, self.live, self.inside = [], [], []
 
 
 def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], bool] | None:
@@ -227,9 +276,9 @@ class Probes:
         self._handles: list[RemovableHandle] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cache: dict[Any, Any] = {}  # fixed by the model's structure
-        self._shape_cache: dict[Any, Tensor] = {}  # keyed by this step's shapes
+        self._shape_cache: dict[Any, Any] = {}  # keyed by this step's shapes
         self._channel_first_out: list[weakref.ref[Tensor]] = []
-        self._param_result: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._old_weights: Tensor | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
@@ -240,6 +289,9 @@ class Probes:
         self._layers = [layer for layer, _ in chosen]
         self.layers = [layer.spec for layer in self._layers]
         self._param_layers = [layer for layer in self._layers if layer.params]
+        self._weight_lengths = [
+            min(p.numel(), UPDATE_SAMPLE) for layer in self._param_layers for p in layer.params
+        ]
         for layer, module in chosen:
             self._handles.append(module.register_forward_hook(self._hook_for(layer)))
         if optimizer is not None:
@@ -370,28 +422,24 @@ class Probes:
         rule = layer.rule
         with torch.no_grad():
             yf = y.float()  # no copy for float32; bf16/fp16 are widened before any arithmetic
+            clean = stats.clean_values(yf)
+            signs = clean.sign()
             axis = stats.unit_axis(yf.dim(), channel_first)
-            if axis is not None and layer.spec.units is None:
-                layer.spec.units = yf.shape[axis]
-            per_unit = yf.numel() // yf.shape[axis] if axis is not None else 1
-            if axis is not None and rule.live_above is not None:
-                layer.live.append((stats.unit_fraction(yf > rule.live_above, axis), per_unit))
-            if rule.saturates:
-                mask = stats.saturated_mask(yf, rule)
-                saturated = mask.sum(dtype=torch.float64)
-                if axis is not None:
-                    layer.saturated.append((stats.unit_fraction(mask, axis), per_unit))
-            else:
-                saturated = self._zero(yf.device)
-            layer.rows.append(stats.value_row(yf, saturated))
+            if axis is not None:
+                if layer.spec.units is None:
+                    layer.spec.units = yf.shape[axis]
+                per_unit = yf.numel() // yf.shape[axis]
+                if rule.live_above is not None:
+                    live = stats.live_counts(clean, axis, rule.live_above, signs)
+                    layer.live.append((live, per_unit))
+                if rule.saturates:
+                    inside = stats.inside_counts(yf, clean, axis, rule)
+                    layer.inside.append((inside, per_unit))
+            floats, nonfinite = stats.value_row(yf, clean.reshape(-1), signs.reshape(-1))
+            layer.rows.append(floats)
+            layer.nonfinite.append(nonfinite)
+            layer.totals.append(yf.numel())
             layer.samples.append(self._sample(layer, yf))
-
-    def _zero(self, device: torch.device) -> Tensor:
-        key = ("zero", device)
-        if key not in self._cache:
-            self._cache[key] = torch.zeros((), dtype=torch.float64, device=device)
-        zero: Tensor = self._cache[key]
-        return zero
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # Our own generator: sampling must not advance the user's RNG streams.
@@ -410,7 +458,7 @@ class Probes:
                 flat.numel(), (cap,), generator=self._generator(flat.device), device=flat.device
             )
             drawn = layer.sample_index = (flat.numel(), index)
-        return flat[drawn[1]]
+        return flat.index_select(0, drawn[1])
 
     # ---- gradients, weights, updates ----
 
@@ -425,93 +473,31 @@ class Probes:
             return
         with torch.no_grad():
             delta = self._gather_weights() - self._old_weights
-            lengths, scales, owners = self._weight_plan()
-            parts = torch._foreach_norm(list(delta.split(lengths)))
-            part_sq = torch.stack(parts).square() * scales
-            n = len(self._param_layers)
-            update_sq = torch.zeros(n, dtype=torch.float32, device=self._device).index_add_(
-                0, owners, part_sq
-            )
-            grad, weight, _, total = self._param_result
-            self._param_result = (grad, weight, update_sq.sqrt() / weight, total)
+            parts = torch._foreach_norm(list(delta.split(self._weight_lengths)))
+            present, norms, _ = self._param_result
+            self._param_result = (present, norms, torch.stack(parts))
         self._old_weights = None
 
-    def _read_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(grad_norm, weight_norm, update_ratio=NaN) per parameterised layer, global grad norm."""
+    def _read_params(self) -> tuple[list[bool], Tensor, Tensor]:
+        """(which params have grads, norms of those grads then of every probed layer's
+        parameters, update norms = NaN until the post-step hook fills them)."""
         with torch.no_grad():
-            present = tuple(p.grad is not None for p in self._all_params)
+            present = [p.grad is not None for p in self._all_params]
             grads = [p.grad for p in self._all_params if p.grad is not None]
-            grad_norms = stats.norms(grads, self._device)
-            grad_sq = grad_norms.square()
-            total = grad_sq.sum().sqrt().reshape(1)
-            if not grads:
-                total = torch.full((1,), math.nan, dtype=torch.float32, device=self._device)
-            pair_param, pair_layer, has_grad = self._grad_plan(present)
-            n = len(self._param_layers)
-            layer_grad = torch.zeros(n, dtype=torch.float32, device=self._device)
-            if grads and pair_param.numel():
-                layer_grad.index_add_(0, pair_layer, grad_sq[pair_param])
-            layer_grad = layer_grad.sqrt() * has_grad
-            weights = [p for layer in self._param_layers for p in layer.params]
-            weight_sq = stats.norms([p.detach() for p in weights], self._device).square()
-            _, _, owners = self._weight_plan()
-            layer_weight = torch.zeros(n, dtype=torch.float32, device=self._device)
-            layer_weight = layer_weight.index_add_(0, owners, weight_sq).sqrt()
-            nan = torch.full((n,), math.nan, dtype=torch.float32, device=self._device)
-            return layer_grad, layer_weight, nan, total
+            weights = [p.detach() for layer in self._param_layers for p in layer.params]
+            norms = stats.norms(grads + weights, self._device)  # one fused call
+            return present, norms, self._nan(len(weights))
 
-    def _grad_plan(self, present: tuple[bool, ...]) -> tuple[Tensor, Tensor, Tensor]:
-        key = ("grads", present)
+    def _nan(self, n: int) -> Tensor:
+        key = ("nan", n, self._device)
         if key not in self._cache:
-            position: dict[int, int] = {}
-            for p, has in zip(self._all_params, present, strict=True):
-                if has:
-                    position[id(p)] = len(position)
-            pairs = [
-                (position[id(p)], li)
-                for li, layer in enumerate(self._param_layers)
-                for p in layer.params
-                if id(p) in position
-            ]
-            layers_with = {li for _, li in pairs}
-            dev = self._device
-            self._cache[key] = (
-                stats.device_vector([a for a, _ in pairs], dev, torch.long),
-                stats.device_vector([b for _, b in pairs], dev, torch.long),
-                stats.device_vector(
-                    [
-                        1.0 if li in layers_with else math.nan
-                        for li in range(len(self._param_layers))
-                    ],
-                    dev,
-                    torch.float32,
-                ),
-            )
-        plan: tuple[Tensor, Tensor, Tensor] = self._cache[key]
-        return plan
-
-    def _weight_plan(self) -> tuple[list[int], Tensor, Tensor]:
-        """Per parameter (in layer order): entries kept, the factor that scales a sampled
-        squared norm to the whole parameter, and the owning layer's index."""
-        key = "weights"
-        if key not in self._cache:
-            lengths, scales, owners = [], [], []
-            for li, layer in enumerate(self._param_layers):
-                for p in layer.params:
-                    kept = min(p.numel(), UPDATE_SAMPLE)
-                    lengths.append(kept)
-                    scales.append(p.numel() / kept)
-                    owners.append(li)
-            self._cache[key] = (
-                lengths,
-                stats.device_vector(scales, self._device, torch.float32),
-                stats.device_vector(owners, self._device, torch.long),
-            )
-        plan: tuple[list[int], Tensor, Tensor] = self._cache[key]
-        return plan
+            self._cache[key] = torch.full((n,), math.nan, device=self._device)
+        nan: Tensor = self._cache[key]
+        return nan
 
     def _gather_weights(self) -> Tensor:
-        """The kept entries of every probed layer's parameters, as one float32 copy."""
+        """The kept entries of every probed layer's parameters, as one float32 copy:
+        whole parameters up to UPDATE_SAMPLE entries, a fixed random subset above."""
         parts = []
         with torch.no_grad():
             for layer in self._param_layers:
@@ -524,8 +510,10 @@ class Probes:
                                 flat.numel(), (UPDATE_SAMPLE,),
                                 generator=self._generator(flat.device), device=flat.device,
                             )  # fmt: skip
-                        flat = flat[self._cache[key]]
-                    parts.append(flat.to(self._device, non_blocking=True))
+                        flat = flat.index_select(0, self._cache[key])
+                    if flat.device != self._device:
+                        flat = flat.to(self._device, non_blocking=True)
+                    parts.append(flat)
             if not parts:
                 return torch.zeros(0, dtype=torch.float32, device=self._device)
             return torch.cat(parts).to(torch.float32)
@@ -547,80 +535,91 @@ class Probes:
         with torch.no_grad():
             sections: list[Tensor] = []
             if act:
-                sections.append(self._activation_block(act).reshape(-1))
-            if params is not None:
-                grad, weight, update, total = params
-                sections.append(torch.stack([grad, weight, update], dim=1).reshape(-1))
-            else:
-                total = torch.full((1,), math.nan, device=sections[0].device)
-            sections.append(total)
-            flat = torch.cat([s.to(torch.float32) for s in sections])
+                sections += self._activation_sections(act)
+            if params is not None and self._param_layers:
+                sections += [params[1], params[2]]
+            flat = torch.cat(sections) if len(sections) > 1 else sections[0]
+        position = {id(p): i for i, p in enumerate(self._all_params)}
+        param_layers, slot = [], 0
+        for layer in self._param_layers:
+            slots = []
+            for p in layer.params:
+                slots.append((slot, p.numel() / min(p.numel(), UPDATE_SAMPLE)))
+                slot += 1
+            param_layers.append((layer.spec.name, [position[id(p)] for p in layer.params], slots))
         pending = PendingStats(
             tensor=flat,
-            act_layers=[layer.spec.name for layer in act],
-            param_layers=[layer.spec.name for layer in self._param_layers]
-            if params is not None
-            else [],
             order=[layer.spec.name for layer in self._layers],
+            act_layers=[layer.spec.name for layer in act],
+            calls=[len(layer.rows) for layer in act],
+            totals=[n for layer in act for n in layer.totals],
             bins=self.bins,
+            grad_present=params[0] if params is not None and self._param_layers else [],
+            param_layers=param_layers if params is not None else [],
+            weight_slots=slot,
         )
         for layer in act:
             layer.reset()
         return pending
 
-    def _activation_block(self, act: list[_Layer]) -> Tensor:
-        device = act[0].rows[0].device
-        rows = stats.canonical(torch.stack([row for layer in act for row in layer.rows]))
-        if len(rows) != len(act):  # a module ran more than once: merge its calls exactly
-            merged, start = [], 0
+    def _activation_sections(self, act: list[_Layer]) -> list[Tensor]:
+        device = act[0].rows[0][0].device
+        raw = torch.stack([v for layer in act for row in layer.rows for v in row])
+        nonfinite = torch.stack([k for layer in act for k in layer.nonfinite])
+        rows = raw.view(-1, stats.RAW_WIDTH)
+        if len(rows) == len(act):
+            lo, hi = rows[:, stats.LO], rows[:, stats.HI]
+        else:  # a module ran more than once: its histogram spans every call
+            bounds, start = [], 0
             for layer in act:
-                row = rows[start]
-                for j in range(start + 1, start + len(layer.rows)):
-                    row = stats.combine(row, rows[j])
-                merged.append(row)
+                mine = rows[start : start + len(layer.rows)]
+                bounds.append(torch.stack([mine[:, stats.LO].amin(), mine[:, stats.HI].amax()]))
                 start += len(layer.rows)
-            rows = torch.stack(merged)
-        saturates = self._vector(
-            ("saturates", tuple(layer.rule.saturates for layer in act)),
-            [1.0 if layer.rule.saturates else math.nan for layer in act],
-            device,
+            lo, hi = torch.stack(bounds).unbind(1)
+        dead, _ = self._unit_stats([layer.live for layer in act], device, dead=True)
+        saturated, saturated_values = self._unit_stats(
+            [layer.inside for layer in act], device, dead=False
         )
-        values = stats.finish_values(rows, saturates)
-        dead = self._unit_ratio([layer.live for layer in act], device, dead=True)
-        saturated = self._unit_ratio([layer.saturated for layer in act], device, dead=False)
         samples = [
             torch.cat(layer.samples) if len(layer.samples) > 1 else layer.samples[0]
             for layer in act
         ]
-        lengths = tuple(int(s.shape[0]) for s in samples)
-        segments = self._segments(("hist", lengths), lengths, device)
-        hist = stats.histograms(
-            torch.cat(samples), segments, rows[:, stats.LO], rows[:, stats.HI], self.bins
-        )
-        return torch.cat([values.to(torch.float32), dead[:, None], saturated[:, None], hist], dim=1)
+        padded = pad_sequence(samples, batch_first=True, padding_value=math.nan)
+        hist = stats.histograms(padded, lo, hi, self.bins)
+        units = torch.stack([dead, saturated, saturated_values], dim=1).to(torch.float32)
+        return [raw, nonfinite.to(torch.float32), units.view(-1), hist.view(-1)]
 
-    def _unit_ratio(
+    def _unit_stats(
         self, records: list[list[tuple[Tensor, int]]], device: torch.device, *, dead: bool
-    ) -> Tensor:
-        fractions = [_merge_units(calls) for calls in records]
-        lengths = tuple(0 if f is None else int(f.shape[0]) for f in fractions)
-        if not any(lengths):
-            return torch.full((len(records),), math.nan, dtype=torch.float32, device=device)
-        segments = self._segments(("units", lengths), lengths, device)
-        units = self._vector(("unit_counts", lengths), [float(n) for n in lengths], device)
-        flat = torch.cat([f for f in fractions if f is not None])
-        return stats.unit_ratio(flat, segments, units, dead=dead).to(torch.float32)
-
-    def _segments(self, key: Any, lengths: Sequence[int], device: torch.device) -> Tensor:
-        key = (key, device)
+    ) -> tuple[Tensor, Tensor]:
+        """Per layer (ratio of dead/saturated units, count of saturated values) from the
+        per-unit counts of every call (see ``_unit_groups``)."""
+        groups = [
+            (li, counts, n) for li, calls in enumerate(records) for counts, n in _unit_groups(calls)
+        ]
+        if not groups:
+            nan = torch.full((len(records),), math.nan, dtype=torch.float64, device=device)
+            return nan, torch.zeros_like(nan)
+        shape = tuple((li, int(c.shape[0]), n) for li, c, n in groups)
+        key = ("units", shape, device)
         if key not in self._shape_cache:
             if len(self._shape_cache) > 64:  # shapes keep changing: don't grow without bound
                 self._shape_cache.clear()
-            self._shape_cache[key] = stats.segment_ids(lengths, device)
-        segments: Tensor = self._shape_cache[key]
-        return segments
+            units = [0.0] * len(records)
+            for li, width, _ in shape:
+                units[li] += width
+            self._shape_cache[key] = (
+                torch.cat([torch.full((w,), float(n), device=device) for _, w, n in shape]),
+                torch.cat(
+                    [torch.full((w,), li, dtype=torch.long, device=device) for li, w, _ in shape]
+                ),
+                stats.device_vector(units, device),
+            )
+        values_per_unit, segments, unit_count = self._shape_cache[key]
+        counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
+        return stats.unit_ratio(counts, values_per_unit, segments, unit_count, dead=dead)
 
-    def _vector(self, key: Any, values: list[float], device: torch.device) -> Tensor:
+    def _vector(self, key: Any, values: Sequence[float], device: torch.device) -> Tensor:
         key = (key, device)
         if key not in self._shape_cache:
             if len(self._shape_cache) > 64:
@@ -630,25 +629,21 @@ class Probes:
         return vector
 
 
-def _merge_units(calls: list[tuple[Tensor, int]]) -> Tensor | None:
-    """One layer's per-unit fractions over all its calls this step. Calls with the same
-    unit count are the same units (a shared Linear, an RNN cell): averaged by index,
-    weighted by values per unit. Calls of another width are other units: concatenated."""
-    if not calls:
-        return None
-    if len(calls) == 1:
-        return calls[0][0]
-    groups: dict[int, list[tuple[Tensor, int]]] = {}
-    for fraction, per_unit in calls:
-        groups.setdefault(int(fraction.shape[0]), []).append((fraction, per_unit))
-    merged = []
-    for same in groups.values():
-        total = sum(n for _, n in same)
-        acc = same[0][0] * (same[0][1] / total)
-        for fraction, per_unit in same[1:]:
-            acc = acc + fraction * (per_unit / total)
-        merged.append(acc)
-    return merged[0] if len(merged) == 1 else torch.cat(merged)
+def _unit_groups(calls: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
+    """One layer's per-unit counts over all its calls this step, as (counts, values per
+    unit) groups. Calls with the same unit count are the same units (a shared Linear,
+    an RNN cell): their counts add. Calls of another width are other units."""
+    if len(calls) <= 1:
+        return calls
+    groups: dict[int, tuple[Tensor, int]] = {}
+    for counts, n in calls:
+        width = int(counts.shape[0])
+        if width in groups:
+            previous, m = groups[width]
+            groups[width] = (previous + counts, m + n)
+        else:
+            groups[width] = (counts, n)
+    return list(groups.values())
 
 
 def _static_units(module: nn.Module) -> int | None:

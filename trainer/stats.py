@@ -28,9 +28,9 @@ SATURATION_LEVEL = 0.99  # tanh/softsign |y| >= 0.99, sigmoid y <= 0.01 or >= 0.
 SATURATED_UNIT_MAJORITY = 0.5  # a unit saturated on > 50% of its values is saturated
 _SIGMOID_LOW = round(1.0 - SATURATION_LEVEL, 12)
 
-# Per-call row layout (float64): counts stay exact, moments are finite-only after `canonical`.
-N_FINITE, NONFINITE, ZEROS, MEAN, M2, LO, HI, SATURATED = range(8)
-ROW_WIDTH = 8
+# One call's raw row (see value_row); the non-finite count travels separately (int64).
+SHIFT, S1, S2, NONZERO, LO, HI = range(6)
+RAW_WIDTH = 6
 
 
 @dataclass(frozen=True)
@@ -122,100 +122,123 @@ def unit_axis(ndim: int, channel_first: bool) -> int | None:
     return 1
 
 
-def unit_fraction(mask: Tensor, axis: int) -> Tensor:
-    """Per unit, the fraction of its values (all samples and positions) where mask holds."""
-    if mask.dim() == 1:
-        return mask.to(torch.float32)
-    dims = tuple(d for d in range(mask.dim()) if d != axis)
-    per_unit = mask.shape[axis]
-    return mask.sum(dim=dims, dtype=torch.float32).div_(mask.numel() // per_unit)
+def clean_values(y: Tensor) -> Tensor:
+    """y with NaN and +-Inf replaced by 0: the input of every sum and unit count, so a
+    non-finite value counts as neither live nor saturated."""
+    return torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def saturated_mask(y: Tensor, rule: Rule) -> Tensor:
+def per_unit(values: Tensor, axis: int) -> Tensor:
+    """Sum over every axis but the unit axis (all samples and positions)."""
+    if values.dim() == 1:
+        return values
+    return values.sum(dim=tuple(d for d in range(values.dim()) if d != axis))
+
+
+# Cost note: indicator arithmetic (relu(.).sign()) instead of comparisons and
+# torch.where: bool masks, where and var_mean run several times slower on CPU, and
+# sign(a - b) is exact in IEEE arithmetic, so ``relu(y - t).sign() == (y > t)``.
+
+
+def live_counts(clean: Tensor, axis: int, threshold: float, signs: Tensor | None = None) -> Tensor:
+    """Per unit, how many of its values are > threshold (live). ``signs`` (``clean.sign()``)
+    saves a kernel when the threshold is 0."""
+    if threshold == 0.0 and signs is not None:
+        return per_unit(torch.relu(signs), axis)
+    shifted = clean - threshold if threshold else clean
+    return per_unit(torch.relu(shifted).sign_(), axis)
+
+
+def inside_counts(y: Tensor, clean: Tensor, axis: int, rule: Rule) -> Tensor:
+    """Per unit, how many of its values are strictly inside (sat_lo, sat_hi), i.e. not
+    saturated. Non-finite values count as inside."""
     assert rule.sat_lo is not None and rule.sat_hi is not None
-    source = rule.transform(y) if rule.transform is not None else y
-    return (source <= rule.sat_lo) | (source >= rule.sat_hi)
+    lo, hi = rule.sat_lo, rule.sat_hi
+    if rule.transform is not None:
+        source = rule.transform(clean)  # every function here maps 0 strictly inside
+    elif lo == -hi:
+        source = clean
+    else:
+        mid = (lo + hi) / 2
+        source = torch.nan_to_num(y, nan=mid, posinf=mid, neginf=mid)
+    if lo == -hi:
+        inside = torch.relu(hi - source.abs()).sign_()
+    else:
+        inside = torch.relu(source - lo).sign_().mul_(torch.relu(hi - source).sign_())
+    return per_unit(inside, axis)
 
 
-def value_row(y: Tensor, saturated: Tensor) -> Tensor:
-    """One call's partial statistics of a float tensor, as a float64 row (see ROW layout).
+def value_row(y: Tensor, flat: Tensor, signs: Tensor) -> tuple[list[Tensor], Tensor]:
+    """One call's raw statistics, reduced on the device: six 0-d float32 tensors
+    [shift, s1, s2, nonzero, lo, hi] and the int64 count of non-finite values.
 
-    ``MEAN``/``M2`` here are over all values with non-finite ones replaced by 0;
-    ``canonical`` turns them into finite-only moments. ``saturated`` is a 0-d count.
-    Cost: ~12 elementwise/reduction kernels, no host reads.
+    ``flat`` is ``clean_values(y)`` flattened, ``signs`` its ``sign()``. s1/s2 are the
+    sum and sum of squares of ``flat - shift``, shift being the first value, so the
+    variance survives |mean| >> std. lo/hi are the min/max of the finite values.
+    The arithmetic that turns these into statistics runs on the host (``summarize``).
+    Cost: ~12 kernels, no host reads.
     """
-    finite = torch.isfinite(y)
-    n_finite = finite.sum(dtype=torch.float64)
-    nonfinite = y.numel() - n_finite
-    clean = torch.where(finite, y, 0.0)
-    var0, mean0 = torch.var_mean(clean, correction=0)
-    zeros = (y == 0).sum(dtype=torch.float64)
-    lo = torch.where(finite, y, math.inf).amin()
-    hi = torch.where(finite, y, -math.inf).amax()
-    return torch.stack([n_finite, nonfinite, zeros, mean0, var0 * y.numel(), lo, hi, saturated])
+    shift = flat.narrow(0, 0, 1)
+    d = flat - shift
+    floats = [
+        shift.reshape(()),
+        d.sum(),
+        torch.dot(d, d),
+        torch.dot(signs, signs),  # exact count of nonzero finite values below 2**24
+        torch.nan_to_num(y, nan=math.inf, posinf=math.inf, neginf=math.inf).amin(),
+        torch.nan_to_num(y, nan=-math.inf, posinf=-math.inf, neginf=-math.inf).amax(),
+    ]
+    return floats, torch.count_nonzero(y * 0.0)  # inf*0 and NaN*0 are NaN, finite*0 is 0
 
 
-def canonical(rows: Tensor) -> Tensor:
-    """Rows from ``value_row`` -> rows whose MEAN/M2 are over finite values only.
+@dataclass
+class Summary:
+    """Finite-value moments of one layer over every call of a step (host-side floats)."""
 
-    The zero-filled set is the finite values (n, mean, M2) plus k zeros, so by the
-    parallel-variance identity M2_all = M2 + mean^2 * n * k / (n + k).
-    """
-    n = rows[:, N_FINITE]
-    k = rows[:, NONFINITE]
-    total = n + k
-    mean = rows[:, MEAN] * total / n  # n == 0 gives NaN: no finite values, no mean
-    m2 = (rows[:, M2] - mean.square() * n * k / total).clamp_min(0.0)
-    out = rows.clone()
-    out[:, MEAN] = mean
-    out[:, M2] = m2
-    return out
+    finite: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+    zeros: float = 0.0
+    nonfinite: float = 0.0
+    total: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
 
+    def add(self, raw: Sequence[float], nonfinite: float, total: int) -> None:
+        """Fold in one call's raw row. The device sums ran over ``clean`` (non-finite
+        -> 0), so each of the k non-finite values added -shift to s1 and shift^2 to
+        s2; that is taken back out, then the call is merged (Chan et al.)."""
+        k = nonfinite
+        n = total - k
+        shift = raw[SHIFT]
+        s1 = raw[S1] + k * shift
+        s2 = raw[S2] - k * shift * shift
+        if n > 0:
+            mean = shift + s1 / n
+            m2 = max(s2 - s1 * s1 / n, 0.0)
+            merged = self.finite + n
+            delta = mean - self.mean
+            self.mean += delta * n / merged
+            self.m2 += m2 + delta * delta * self.finite * n / merged
+            self.finite = merged
+        self.zeros += total - k - raw[NONZERO]
+        self.nonfinite += k
+        self.total += total
+        self.lo = min(self.lo, raw[LO])
+        self.hi = max(self.hi, raw[HI])
 
-def combine(a: Tensor, b: Tensor) -> Tensor:
-    """Merge two canonical rows of the same layer (Chan et al. parallel moments)."""
-    na, nb = a[N_FINITE], b[N_FINITE]
-    n = na + nb
-    safe_n = n.clamp_min(1.0)
-    ma = torch.nan_to_num(a[MEAN])
-    mb = torch.nan_to_num(b[MEAN])
-    delta = mb - ma
-    mean = torch.where(n > 0, ma + delta * nb / safe_n, math.nan)
-    m2 = a[M2] + b[M2] + delta.square() * na * nb / safe_n
-    summed = a + b
-    return torch.stack(
-        [
-            n,
-            summed[NONFINITE],
-            summed[ZEROS],
-            mean,
-            m2,
-            torch.minimum(a[LO], b[LO]),
-            torch.maximum(a[HI], b[HI]),
-            summed[SATURATED],
-        ]
-    )
-
-
-def finish_values(rows: Tensor, saturates: Tensor) -> Tensor:
-    """Canonical rows [n, 8] -> [n, 7]: mean, std, min, max, zero_frac, nonfinite,
-    saturated_frac. ``saturates`` is 1 where the layer has a saturation rule, NaN elsewhere.
-    std is the population std (numpy's default) of the finite values."""
-    n = rows[:, N_FINITE]
-    total = n + rows[:, NONFINITE]
-    std = (rows[:, M2] / n).sqrt()
-    return torch.stack(
-        [
-            rows[:, MEAN],
-            std,
-            rows[:, LO],
-            rows[:, HI],
-            rows[:, ZEROS] / total,
-            rows[:, NONFINITE],
-            rows[:, SATURATED] / total * saturates,
-        ],
-        dim=1,
-    )
+    def values(self) -> dict[str, float | None]:
+        """mean, std (population, numpy's default), min, max of the finite values;
+        zero_frac of all values; the non-finite count. None where there is no value."""
+        some = self.finite > 0
+        return {
+            "mean": self.mean if some else None,
+            "std": math.sqrt(self.m2 / self.finite) if some else None,
+            "min": self.lo if some else None,
+            "max": self.hi if some else None,
+            "zero_frac": self.zeros / self.total if self.total else None,
+            "nonfinite": self.nonfinite,
+        }
 
 
 def segment_ids(lengths: Sequence[int], device: torch.device) -> Tensor:
@@ -236,32 +259,48 @@ def device_vector(
     return torch.cat([torch.full((1,), v, dtype=dtype, device=device) for v in values])
 
 
-def unit_ratio(fractions: Tensor, segments: Tensor, units: Tensor, *, dead: bool) -> Tensor:
-    """Per layer, the fraction of units that are dead (activity <= DEAD_ACTIVITY_MAX) or
-    saturated (saturated on more than SATURATED_UNIT_MAJORITY of their values).
-    ``units`` holds each layer's unit count, 0 where the statistic does not apply (-> NaN)."""
-    flags = fractions <= DEAD_ACTIVITY_MAX if dead else fractions > SATURATED_UNIT_MAJORITY
-    counts = torch.zeros_like(units).index_add_(0, segments, flags.to(units.dtype))
-    return counts / units
+def unit_ratio(
+    counts: Tensor, values_per_unit: Tensor, segments: Tensor, units: Tensor, *, dead: bool
+) -> tuple[Tensor, Tensor]:
+    """Per layer: (ratio of flagged units, count of flagged values).
+
+    dead=True: ``counts`` are live values; a unit is dead when live/values <=
+    DEAD_ACTIVITY_MAX; the value count returned is live values (unused).
+    dead=False: ``counts`` are values inside the bounds; a unit is saturated when more
+    than SATURATED_UNIT_MAJORITY of its values are outside; the value count is the
+    number of saturated values. ``units`` is each layer's unit count, 0 where the
+    statistic does not apply (ratio NaN).
+    """
+    if dead:
+        flags = counts / values_per_unit <= DEAD_ACTIVITY_MAX
+        flagged_values = counts
+    else:
+        flagged_values = values_per_unit - counts
+        flags = flagged_values / values_per_unit > SATURATED_UNIT_MAJORITY
+    ratio = torch.zeros_like(units).index_add_(0, segments, flags.to(units.dtype)) / units
+    values = torch.zeros_like(units).index_add_(0, segments, flagged_values.to(units.dtype))
+    return ratio, values
 
 
-def histograms(samples: Tensor, segments: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
-    """Counts [n_layers, bins] of each layer's samples over its own [lo, hi].
+def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """Counts [n_layers, bins] of each row of ``samples`` [n_layers, L] over its own
+    [lo, hi]; NaN/Inf entries (including padding) are left out.
 
     Bucketed with tensor ops (``floor((x - lo) / w)``, clamp, ``index_add_``) because
     ``torch.histc`` wants Python-scalar bounds, a sync. Bins are numpy's: half-open
     except the last, which includes ``hi``. lo == hi puts every value in bin 0.
-    Non-finite samples are left out. Counts are exact up to 2**24 per bin (float32).
+    Counts are exact up to 2**24 per bin (float32).
     """
-    n_layers = lo.shape[0]
-    lo32, hi32 = lo.to(torch.float32), hi.to(torch.float32)
+    n_layers = samples.shape[0]
+    lo32, hi32 = lo.to(torch.float32)[:, None], hi.to(torch.float32)[:, None]
     width = (hi32 - lo32) / bins
-    width = torch.where(width > 0, width, 1.0)  # lo == hi, or no finite values at all
-    bucket = ((samples - lo32[segments]) / width[segments]).floor_().clamp_(0, bins - 1)
-    flat = segments * bins + bucket.to(torch.long)
-    flat = torch.where(torch.isfinite(samples), flat, n_layers * bins)  # spill slot for NaN/Inf
+    width = width + (width <= 0)  # lo == hi (or no finite values): width 1, all in bin 0
+    finite = samples + samples * 0.0  # Inf -> NaN, so clamp below cannot keep it
+    bucket = ((finite - lo32) / width).floor_().clamp_(0, bins - 1)
+    base = torch.arange(0, n_layers * bins, bins, device=samples.device, dtype=torch.float32)
+    flat = torch.nan_to_num(bucket + base[:, None], nan=n_layers * bins).to(torch.long)
     counts = torch.zeros(n_layers * bins + 1, dtype=torch.float32, device=samples.device)
-    counts.index_add_(0, flat, torch.ones_like(samples))
+    counts.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), device=samples.device))
     return counts[:-1].view(n_layers, bins)
 
 
@@ -273,8 +312,10 @@ def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
-    out: list[Tensor] = [tensors[0]] * len(tensors)
-    for (_, _), idx in groups.items():
+    if len(groups) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors))).to(device, torch.float32)
+    out: list[Tensor] = list(tensors)
+    for idx in groups.values():
         for i, value in zip(idx, torch._foreach_norm([tensors[i] for i in idx]), strict=True):
             out[i] = value.to(device=device, dtype=torch.float32, non_blocking=True)
     return torch.stack(out)

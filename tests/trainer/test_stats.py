@@ -12,25 +12,25 @@ from layerscope.trainer import stats
 from torch import nn
 
 
-def _row_stats(*chunks: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros((), dtype=torch.float64)
-    rows = stats.canonical(torch.stack([stats.value_row(c, zero) for c in chunks]))
-    merged = rows[0]
-    for i in range(1, len(chunks)):
-        merged = stats.combine(merged, rows[i])
-    return stats.finish_values(merged[None], torch.full((1,), math.nan, dtype=torch.float64))[0]
+def _summary(*chunks: torch.Tensor) -> dict[str, float | None]:
+    """The device reduction of each chunk (one call each), folded on the host."""
+    summary = stats.Summary()
+    for chunk in chunks:
+        clean = stats.clean_values(chunk)
+        floats, nonfinite = stats.value_row(chunk, clean.reshape(-1), clean.sign().reshape(-1))
+        summary.add([f.item() for f in floats], nonfinite.item(), chunk.numel())
+    return summary.values()
 
 
 def test_moments_min_max_zero_frac_are_those_of_the_finite_values() -> None:
     x = torch.tensor([1.0, 0.0, -3.0, float("nan"), 5.0, float("inf"), 0.0, float("-inf")])
     finite = np.array([1.0, 0.0, -3.0, 5.0, 0.0])
-    mean, std, lo, hi, zero_frac, nonfinite, saturated = _row_stats(x).tolist()
-    assert mean == pytest.approx(finite.mean())
-    assert std == pytest.approx(finite.std())  # population std, numpy's default
-    assert (lo, hi) == (-3.0, 5.0)
-    assert zero_frac == 2 / 8  # a fraction of all values; NaN is not zero
-    assert nonfinite == 3
-    assert math.isnan(saturated)  # this layer has no saturation rule
+    got = _summary(x)
+    assert got["mean"] == pytest.approx(finite.mean())
+    assert got["std"] == pytest.approx(finite.std())  # population std, numpy's default
+    assert (got["min"], got["max"]) == (-3.0, 5.0)
+    assert got["zero_frac"] == 2 / 8  # a fraction of all values; NaN is not zero
+    assert got["nonfinite"] == 3
 
 
 def test_moments_survive_a_large_offset() -> None:
@@ -38,17 +38,16 @@ def test_moments_survive_a_large_offset() -> None:
     x = 1000.0 + torch.randn(4096, generator=gen)
     x[7] = float("nan")
     ref = x.double()[torch.isfinite(x)].numpy()
-    mean, std = _row_stats(x).tolist()[:2]
-    assert mean == pytest.approx(ref.mean(), rel=1e-6)
-    assert std == pytest.approx(ref.std(), rel=1e-3)
+    got = _summary(x)
+    assert got["mean"] == pytest.approx(ref.mean(), rel=1e-6)
+    assert got["std"] == pytest.approx(ref.std(), rel=1e-3)
 
 
 def test_all_nonfinite_gives_no_moments() -> None:
     x = torch.tensor([float("nan"), float("inf")])
-    mean, std, lo, hi, zero_frac, nonfinite, _ = _row_stats(x).tolist()
-    assert math.isnan(mean) and math.isnan(std)
-    assert math.isinf(lo) and math.isinf(hi)  # decode turns these into None
-    assert (zero_frac, nonfinite) == (0.0, 2.0)
+    got = _summary(x)
+    assert got["mean"] is None and got["std"] is None and got["min"] is None
+    assert (got["zero_frac"], got["nonfinite"]) == (0.0, 2.0)
 
 
 def test_merging_calls_equals_the_statistics_of_all_values_together() -> None:
@@ -57,16 +56,17 @@ def test_merging_calls_equals_the_statistics_of_all_values_together() -> None:
     b = torch.randn(50, generator=gen) - 4
     b[3] = float("inf")
     c = torch.zeros(10)
-    merged = _row_stats(a, b, c)
-    together = _row_stats(torch.cat([a, b, c]))
-    assert torch.allclose(merged, together, rtol=1e-6, equal_nan=True)
+    merged, together = _summary(a, b, c), _summary(torch.cat([a, b, c]))
+    assert merged.keys() == together.keys()
+    for key, value in merged.items():
+        assert value == pytest.approx(together[key], rel=1e-5), key
 
 
 def test_histogram_counts_match_numpy_on_the_same_edges() -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5000, generator=gen)
     lo, hi = x.min().double(), x.max().double()
-    counts = stats.histograms(x, torch.zeros(5000, dtype=torch.long), lo[None], hi[None], 64)[0]
+    counts = stats.histograms(x[None], lo[None], hi[None], 64)[0]
     ref, _ = np.histogram(x.numpy(), bins=64, range=(lo.item(), hi.item()))
     assert counts.sum().item() == 5000
     assert counts.shape == (64,)
@@ -83,31 +83,42 @@ def test_histogram_of_bin_centres_is_exact_and_includes_hi() -> None:
     expected = torch.bincount(which, minlength=bins).float()
     expected[0] += 1  # lo itself
     expected[-1] += 2  # hi lands in the last, closed bin
-    got = stats.histograms(
-        x, torch.zeros(len(x), dtype=torch.long), torch.tensor([lo]), torch.tensor([hi]), bins
-    )[0]
+    got = stats.histograms(x[None], torch.tensor([lo]), torch.tensor([hi]), bins)[0]
     assert torch.equal(got, expected)
     ref, _ = np.histogram(x.numpy(), bins=bins, range=(lo, hi))
     assert got.tolist() == ref.tolist()
 
 
 def test_histograms_of_several_layers_and_degenerate_ranges() -> None:
-    values = torch.tensor([3.0, 3.0, 3.0, 0.0, 1.0, float("nan"), 2.0])
-    segments = torch.tensor([0, 0, 0, 1, 1, 1, 1])
-    counts = stats.histograms(
-        values, segments, torch.tensor([3.0, 0.0]), torch.tensor([3.0, 2.0]), 4
-    )
+    nan, inf = float("nan"), float("inf")
+    samples = torch.tensor([[3.0, 3.0, 3.0, nan], [0.0, 1.0, inf, 2.0]])  # NaN pads row 0
+    counts = stats.histograms(samples, torch.tensor([3.0, 0.0]), torch.tensor([3.0, 2.0]), 4)
     assert counts[0].tolist() == [3.0, 0.0, 0.0, 0.0]  # lo == hi: everything in bin 0
-    assert counts[1].tolist() == [1.0, 0.0, 1.0, 1.0]  # the NaN is left out
+    assert counts[1].tolist() == [1.0, 0.0, 1.0, 1.0]  # the Inf is left out
 
 
-def test_unit_fraction_reduces_every_axis_but_the_unit_axis() -> None:
-    mask = torch.zeros(4, 3, 5, dtype=torch.bool)
-    mask[:, 1, :2] = True
-    assert torch.allclose(stats.unit_fraction(mask, 1), torch.tensor([0.0, 0.4, 0.0]))
-    last = stats.unit_fraction(mask, 2)
-    assert torch.allclose(last, torch.tensor([1 / 3, 1 / 3, 0, 0, 0]))
-    assert stats.unit_fraction(torch.tensor([True, False]), 0).tolist() == [1.0, 0.0]
+def test_live_and_inside_counts_per_unit() -> None:
+    y = torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.5, float("nan")]])
+    clean = stats.clean_values(y)
+    assert stats.live_counts(clean, 1, 0.0).tolist() == [2.0, 1.0, 0.0]
+    assert stats.live_counts(clean, 1, 0.0, clean.sign()).tolist() == [2.0, 1.0, 0.0]
+    assert stats.live_counts(clean, 1, 0.75).tolist() == [2.0, 0.0, 0.0]
+    assert stats.live_counts(clean, 0, 0.0).tolist() == [1.0, 2.0]  # the other axis
+    tanh = stats.module_rule(nn.Tanh())
+    t = torch.tensor([[0.99, -0.995, 0.5], [0.98, 1.0, float("nan")]])
+    assert stats.inside_counts(t, stats.clean_values(t), 1, tanh).tolist() == [1.0, 0.0, 2.0]
+    sigmoid = stats.module_rule(nn.Sigmoid())
+    s = torch.tensor([[0.0, 0.01, 0.011], [0.99, 0.989, float("nan")]])
+    inside = stats.inside_counts(s, stats.clean_values(s), 1, sigmoid)
+    assert inside.tolist() == [0.0, 1.0, 2.0]  # 0 and 0.01 and 0.99 are pinned; NaN is not
+
+
+def test_per_unit_reduces_every_axis_but_the_unit_axis() -> None:
+    ind = torch.zeros(4, 3, 5)
+    ind[:, 1, :2] = 1.0
+    assert stats.per_unit(ind, 1).tolist() == [0.0, 8.0, 0.0]
+    assert stats.per_unit(ind, 2).tolist() == [4.0, 4.0, 0.0, 0.0, 0.0]
+    assert stats.per_unit(torch.tensor([1.0, 0.0]), 0).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -120,13 +131,17 @@ def test_unit_axis(ndim: int, channel_first: bool, axis: int | None) -> None:
 
 
 def test_unit_ratio_thresholds_are_the_named_constants() -> None:
-    activity = torch.tensor([0.0, stats.DEAD_ACTIVITY_MAX, 0.02, 1.0, 0.5, 0.51])
+    per_unit = torch.full((6,), 100.0)
     segments = torch.tensor([0, 0, 0, 0, 1, 1])
     units = torch.tensor([4.0, 2.0, 0.0], dtype=torch.float64)
-    dead = stats.unit_ratio(activity, segments, units, dead=True)
+    live = torch.tensor([0.0, 100 * stats.DEAD_ACTIVITY_MAX, 2.0, 100.0, 50.0, 49.0])
+    dead, _ = stats.unit_ratio(live, per_unit, segments, units, dead=True)
     assert dead[:2].tolist() == [0.5, 0.0] and math.isnan(dead[2].item())
-    saturated = stats.unit_ratio(activity, segments, units, dead=False)
-    assert saturated[:2].tolist() == [0.25, 0.5]  # a majority (> 0.5) is needed
+    # inside counts: 50 of 100 outside is not a majority, 51 is
+    inside = torch.tensor([100.0, 100.0, 0.0, 49.0, 50.0, 49.0])
+    saturated, values = stats.unit_ratio(inside, per_unit, segments, units, dead=False)
+    assert saturated[:2].tolist() == [0.5, 0.5]
+    assert values[:2].tolist() == [100.0 + 51.0, 50.0 + 51.0]
 
 
 @pytest.mark.parametrize(
@@ -152,16 +167,11 @@ def test_module_rules(
     assert (rule.live_above, rule.sat_lo, rule.sat_hi) == (live, lo, hi)
 
 
-def test_sigmoid_saturation_counts_both_tails() -> None:
-    y = torch.tensor([0.0, 0.01, 0.011, 0.5, 0.989, 0.99, 1.0])
-    mask = stats.saturated_mask(y, stats.module_rule(nn.Sigmoid()))
-    assert mask.tolist() == [True, True, False, False, False, True, True]
-
-
 def test_function_rule_applies_the_function_before_testing_saturation() -> None:
-    pre = torch.tensor([-5.0, -1.0, 0.0, 2.0, 3.0])
-    mask = stats.saturated_mask(pre, stats.FUNCTION_RULES["tanh"])
-    assert mask.tolist() == (torch.tanh(pre).abs() >= 0.99).tolist()
+    pre = torch.tensor([[-5.0, -1.0, 0.0, 2.0, 3.0]])
+    rule = stats.FUNCTION_RULES["tanh"]
+    inside = stats.inside_counts(pre, pre, 1, rule)  # five units of one value
+    assert inside.tolist() == (torch.tanh(pre).abs() < 0.99).float()[0].tolist()
 
 
 def test_norms_handles_mixed_dtypes_in_order() -> None:

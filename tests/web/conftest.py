@@ -14,7 +14,9 @@ Everything here is real: no mocked server, trainer or browser.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,8 @@ import psutil
 import pytest
 from layerscope.server.serving import make_server
 from layerscope.server.settings import Settings
+from layerscope.server.store import Store
+from layerscope.trainer import wire
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,6 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+HTTP_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 START_TIMEOUT_S = 20.0
@@ -86,7 +91,12 @@ class LiveServer:
     def run(self, run_id: str) -> dict[str, Any]:
         response = self.api("GET", f"/api/runs/{run_id}")
         response.raise_for_status()
-        return dict(response.json())
+        detail = dict(response.json())
+        if detail["status"] == "failed":
+            log = self.settings.data_dir / "runs" / run_id / "trainer.log"
+            tail = log.read_text()[-3000:] if log.exists() else "(no trainer log)"
+            raise AssertionError(f"run {run_id} failed ({detail.get('status_reason')}):\n{tail}")
+        return detail
 
     def launch(self, config: dict[str, Any]) -> str:
         response = self.api("POST", "/api/runs", json=config)
@@ -98,11 +108,85 @@ class LiveServer:
     def wait_step(self, run_id: str, step: int, timeout_s: float = 60.0) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             detail = self.run(run_id)
-            if detail["status"] == "failed":
-                raise AssertionError(f"run {run_id} failed: {detail}")
             return detail if (detail.get("last_step") or 0) >= step else None
 
         return dict(wait_for(reached, timeout_s, f"run {run_id} to reach step {step}"))
+
+
+def write_recorded_run(data_dir: Path, run_id: str, *, steps: int, layers: int, every: int) -> None:
+    """A finished run written straight through the real Store (no trainer), frames validated
+    by wire exactly as ingest would: loss every step, a probe frame every `every` steps."""
+
+    def frames() -> Iterator[dict[str, Any]]:
+        seq = 0
+        for start in range(0, steps, 500):
+            rows = [
+                {"step": s, "time_s": 0.01 * s, "values": {"loss": 2.3 / (1 + s / 50), "lr": 0.01}}
+                for s in range(start, min(steps, start + 500))
+            ]
+            seq += 1
+            yield wire.validate_metrics({"type": "metrics", "seq": seq, "rows": rows})
+        for step in range(0, steps, every):
+            seq += 1
+            probe = [
+                {
+                    "name": f"layer{i}",
+                    "mean": 0.0,
+                    "std": 1.0 / (1 + i),
+                    "dead_ratio": (step / steps) * i / layers,
+                    "saturated_ratio": 0.0,
+                    "grad_norm": 0.1 / (1 + i),
+                    "hist": {
+                        "lo": -1.0,
+                        "hi": 1.0,
+                        "counts": [(b * (i + 1) + step) % 7 for b in range(16)],
+                    },
+                }
+                for i in range(layers)
+            ]
+            yield wire.validate_probe({"type": "probe", "seq": seq, "step": step, "layers": probe})
+        yield wire.validate_event(
+            {
+                "type": "event",
+                "seq": seq + 1,
+                "step": steps - 1,
+                "kind": "status",
+                "data": {"status": "finished"},
+            }
+        )
+
+    async def write() -> None:
+        store = Store(data_dir, commit_interval_s=0.01)
+        await store.open()
+        try:
+            hello = {
+                "type": "hello",
+                "run_id": run_id,
+                "name": run_id,
+                "config": {"source": "recorded"},
+                "layers": [
+                    {"name": f"layer{i}", "kind": "ReLU", "units": 8} for i in range(layers)
+                ],
+            }
+            await store.hello(wire.validate_hello(hello))
+            await store.append(run_id, list(frames()))
+        finally:
+            await store.close()
+
+    # On its own thread: playwright's sync API keeps an event loop running on this one.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(write())
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join()
+    if errors:
+        raise errors[0]
 
 
 def serve(settings: Settings) -> Iterator[LiveServer]:
@@ -198,10 +282,19 @@ class PageGuard:
     errors: list[str] = field(default_factory=list)
     remote: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    expected_statuses: set[int] = field(default_factory=set)
 
     def console(self, msg: ConsoleMessage) -> None:
-        if msg.type == "error":
-            self.errors.append(f"console: {msg.text} ({msg.location.get('url', '')})")
+        if msg.type != "error":
+            return
+        # Chromium logs every 4xx answer to fetch(); a test that provokes one on purpose says so.
+        refused = HTTP_ERROR.match(msg.text)
+        if refused and int(refused.group(1)) in self.expected_statuses:
+            return
+        self.errors.append(f"console: {msg.text} ({msg.location.get('url', '')})")
+
+    def expect_status(self, status: int) -> None:
+        self.expected_statuses.add(status)
 
     def request(self, request: Request) -> None:
         self.url(request.url)
@@ -213,10 +306,10 @@ class PageGuard:
             self.remote.append(url)
 
 
-def guarded_page(browser: Browser) -> tuple[Page, PageGuard]:
+def guarded_page(browser: Browser, guard: PageGuard | None = None) -> tuple[Page, PageGuard]:
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
-    guard = PageGuard()
+    guard = guard or PageGuard()
     page.on("console", guard.console)
     page.on("pageerror", lambda exc: guard.errors.append(f"pageerror: {exc}"))
     page.on("request", guard.request)
@@ -225,10 +318,14 @@ def guarded_page(browser: Browser) -> tuple[Page, PageGuard]:
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
+def guard() -> PageGuard:
+    return PageGuard()
+
+
+@pytest.fixture
+def page(browser: Browser, guard: PageGuard) -> Iterator[Page]:
     """A fresh page; the test fails if it logged an error or asked anything of a non-local host."""
-    page, guard = guarded_page(browser)
-    page.guard = guard  # type: ignore[attr-defined]
+    page, _ = guarded_page(browser, guard)
     yield page
     page.context.close()
     assert not guard.errors, "the page logged errors:\n" + "\n".join(guard.errors)

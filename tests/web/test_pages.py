@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from conftest import LiveServer
+import httpx
+import pytest
+from conftest import (
+    LiveServer,
+    chart_points,
+    guarded_page,
+    open_ready,
+    serve,
+    server_settings,
+    write_recorded_run,
+)
 from layerscope.server import pages
 from layerscope.trainer import wire
 from layerscope.web import STATIC_DIR, TEMPLATES_DIR
+from playwright.sync_api import Browser, expect
 
 
 def test_plotly_is_served_from_the_installed_package_with_long_cache(server: LiveServer) -> None:
@@ -68,3 +80,28 @@ def test_no_page_or_script_names_a_remote_host() -> None:
         assert not remote.search(text), f"{path} links a remote resource"
         assert not imports.search(text), f"{path} imports a remote module"
         assert "url(http" not in text, f"{path} loads a remote asset"
+
+
+@pytest.mark.browser
+def test_dashboard_works_with_a_viewer_token(browser: Browser, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_recorded_run(data_dir, "recorded", steps=400, layers=4, every=20)
+    for server in serve(server_settings(data_dir, viewer_token="s3cret-token")):
+        anonymous = httpx.get(f"{server.url}/api/runs")
+        assert anonymous.status_code == 403
+
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/?token=s3cret-token")
+            expect(page.locator("#runs tr[data-run-id='recorded'] .pill")).to_have_text("finished")
+            page.click("#runs tr[data-run-id='recorded'] a")
+            page.wait_for_function("document.body.dataset.ready !== undefined")
+            assert page.evaluate("document.body.dataset.ready") == "1"
+            page.wait_for_function("document.body.dataset.socket === 'open'")
+            assert chart_points(page, "chart-loss")[0] == 400
+            expect(page.locator("#multiples .multiple")).to_have_count(4)
+            expect(page.locator("#banner")).to_be_hidden()
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

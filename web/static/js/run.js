@@ -261,6 +261,7 @@ function applyEvent(frame) {
 
 function onConnection(state, detail) {
   page.socketOpen = state === "open";
+  document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);
   controls.setRun({ socketOpen: page.socketOpen });
 }

@@ -1,0 +1,101 @@
+"""Replaying a finished run in headless Chromium: the scrubber, ?step=N deep links, play/pause,
+and every chart following the cursor (replay.js, snapshots.js, run.js)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import LiveServer, open_ready, screenshot
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+
+def shown_histograms(page: Page) -> dict[str, list[int]]:
+    pairs = page.eval_on_selector_all(
+        ".multiple", "els => els.map(e => [e.dataset.layer, JSON.parse(e.dataset.counts)])"
+    )
+    return {name: counts for name, counts in pairs}
+
+
+def stored_histograms(
+    server: LiveServer, run_id: str, step: int
+) -> tuple[int, dict[str, list[int]]]:
+    answer = server.api("GET", f"/api/runs/{run_id}/histogram", params={"step": step}).json()
+    return answer["step"], {layer["name"]: layer["counts"] for layer in answer["layers"]}
+
+
+def scrub(page: Page, step: int) -> None:
+    """Moves the scrubber as a drag does: set its value, fire `input`."""
+    page.eval_on_selector(
+        "#scrubber",
+        "(el, s) => { el.value = String(s); el.dispatchEvent(new Event('input')); }",
+        step,
+    )
+
+
+def cursor_lines(page: Page, chart: str) -> list[float]:
+    """x of the solid (cursor) lines drawn on a chart."""
+    return list(
+        page.evaluate(
+            "id => (document.getElementById(id).layout.shapes || [])"
+            ".filter(s => s.line.dash !== 'dot').map(s => s.x0)",
+            chart,
+        )
+    )
+
+
+def test_deep_link_and_scrubbing_show_the_histograms_stored_for_that_step(
+    page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    run_id = finished_run["id"]
+    open_ready(page, f"{server.url}/runs/{run_id}?step=62")
+    expect(page.locator("#replay")).to_be_visible()
+    assert page.eval_on_selector("#scrubber", "el => el.value") == "62"
+    step, stored = stored_histograms(server, run_id, 62)
+    assert step <= 62
+    expect(page.locator("#multiples-step")).to_have_text(str(step))
+    assert shown_histograms(page) == stored
+
+    scrub(page, 121)
+    step, stored = stored_histograms(server, run_id, 121)
+    expect(page.locator("#multiples-step")).to_have_text(str(step))
+    assert shown_histograms(page) == stored
+    page.wait_for_function("new URLSearchParams(location.search).get('step') === '121'")
+    for chart in ("chart-loss", "chart-lr", "chart-dead", "chart-sat", "chart-hist", "chart-grad"):
+        page.wait_for_function(
+            "id => (document.getElementById(id).layout.shapes || []).some(s => s.x0 === 121)",
+            arg=chart,
+        )
+        assert cursor_lines(page, chart) == [121], chart
+
+    expect(page.locator("#control-reason")).to_contain_text("ended")
+    expect(page.locator("button[data-cmd='pause-toggle']")).to_be_disabled()
+    screenshot(page, "run-replay")
+
+
+def test_play_moves_the_cursor_and_pause_holds_it(
+    page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    run_id = finished_run["id"]
+    last = finished_run["last_step"]
+    open_ready(page, f"{server.url}/runs/{run_id}?step=0")
+    page.select_option("#speed", "1")
+    page.click("#play")
+    page.wait_for_function("Number(document.getElementById('replay').dataset.cursor) >= 3")
+    page.click("#play")
+    held = page.eval_on_selector("#replay", "el => Number(el.dataset.cursor)")
+    page.wait_for_timeout(600)
+    assert page.eval_on_selector("#replay", "el => Number(el.dataset.cursor)") == held
+    assert held < last
+
+    page.select_option("#speed", "100")
+    page.locator("body").press("Space")  # Space plays a replay
+    page.wait_for_function(
+        "last => Number(document.getElementById('replay').dataset.cursor) === last", arg=last
+    )
+    expect(page.locator("#play")).to_have_text("▶")
+    step, stored = stored_histograms(server, run_id, last)
+    expect(page.locator("#multiples-step")).to_have_text(str(step))
+    assert shown_histograms(page) == stored

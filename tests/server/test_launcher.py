@@ -1,0 +1,143 @@
+"""Built-in runs launched from the dashboard: real child processes running
+``python -m layerscope.trainer train`` against a real server. One server and three launches,
+started together so the slow part (each child importing torch) overlaps:
+
+* ``tiny``  — a few steps: starting -> running -> finished, the child reaped;
+* ``broken`` — passes validation, fails at run time: failed, with the log tail;
+* ``long``  — holds the cap of 3 and is stopped through the API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from layerscope.trainer import wire
+from server_harness import LiveServer, make_settings, running_server
+
+CHILD_TIMEOUT_S = 120.0  # a loaded 2-core machine takes a while to import torch three times
+TINY = {
+    "name": "tiny",
+    "every": 2,
+    "model": {"arch": "mlp", "depth": 1, "width": 8},
+    "data": {"dataset": "blobs"},
+    "solver": {"steps": 20, "eval_every": 10, "batch_size": 32},
+}
+
+
+def wait_for(predicate: Any, timeout: float = CHILD_TIMEOUT_S, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def status_of(server: str, run_id: str) -> str:
+    return str(httpx.get(f"{server}/api/runs/{run_id}").json()["status"])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
+    data = tmp_path_factory.mktemp("launcher")
+    garbage = data / "not-an-archive.npz"
+    garbage.write_bytes(b"this is not a numpy archive")
+    settings = make_settings(data / "data", max_launched=3)
+    with running_server(settings) as server:
+        launches: dict[str, Any] = {}
+        broken = {**TINY, "name": "broken", "data": {"dataset": "npz", "path": str(garbage)}}
+        long = {**TINY, "name": "long", "solver": {"steps": 1_000_000}}
+        for key, config in (("tiny", TINY), ("broken", broken), ("long", long)):
+            response = httpx.post(f"{server}/api/runs", json=config, timeout=30)
+            assert response.status_code == 201, response.text
+            launches[key] = response.json()
+        # Every child is still importing torch: the cap of 3 is reached.
+        launches["over_cap"] = httpx.post(f"{server}/api/runs", json=TINY, timeout=30)
+        yield server, launches
+    assert not psutil.Process().children(), "shutting the server down must end every child"
+
+
+def test_a_bad_config_is_refused_with_every_bad_field(live_server: LiveServer) -> None:
+    bad = {"model": {"arch": "transformer", "depth": 0}, "solver": {"lr": "fast"}}
+    response = httpx.post(f"{live_server}/api/runs", json=bad)
+    assert response.status_code == 422
+    locs = {tuple(e["loc"]) for e in response.json()["detail"]}
+    assert {("model", "arch"), ("model", "depth"), ("solver", "lr")} <= locs
+    assert all(e["msg"] for e in response.json()["detail"])
+    assert httpx.get(f"{live_server}/api/runs").json() == []
+    not_json = httpx.post(f"{live_server}/api/runs", content=b"steps=10", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
+
+
+def test_a_launch_answers_201_starting_and_writes_its_config(launched: tuple[LiveServer, dict[str, Any]]) -> None:
+    server, launches = launched
+    tiny = launches["tiny"]
+    assert tiny["status"] == "starting" and tiny["id"].startswith("tiny-")
+    run_dir = server.data_dir / "runs" / tiny["id"]
+    assert (run_dir / "config.json").is_file()
+    detail = httpx.get(f"{server}/api/runs/{tiny['id']}").json()
+    assert detail["name"] == "tiny"
+    assert detail["config"] == wire.validate_experiment(TINY)
+
+
+def test_the_launch_cap_is_enforced(launched: tuple[LiveServer, dict[str, Any]]) -> None:
+    _, launches = launched
+    over = launches["over_cap"]
+    assert over.status_code == 429
+    assert "limit 3" in over.json()["detail"]
+
+
+def test_a_launched_run_trains_to_finished_and_its_child_is_reaped(
+    launched: tuple[LiveServer, dict[str, Any]],
+) -> None:
+    server, launches = launched
+    run_id = launches["tiny"]["id"]
+    wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the tiny run to end")
+    log = (server.data_dir / "runs" / run_id / "trainer.log").read_text()
+    assert status_of(server, run_id) == "finished", log
+    events = httpx.get(f"{server}/api/runs/{run_id}/events?kind=status").json()
+    assert [e["data"]["status"] for e in events] == ["running", "finished"]
+    exported = httpx.get(f"{server}/api/runs/{run_id}/export").text
+    assert exported.count('"type":"metrics"') >= 1
+    launcher = server.app.state.launcher
+    wait_for(lambda: run_id in launcher.exit_codes, what="the child to be reaped")
+    assert launcher.exit_codes[run_id] == 0
+
+
+def test_a_child_that_crashes_marks_its_run_failed_with_the_log_tail(
+    launched: tuple[LiveServer, dict[str, Any]],
+) -> None:
+    server, launches = launched
+    run_id = launches["broken"]["id"]
+    wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the broken run to end")
+    detail = httpx.get(f"{server}/api/runs/{run_id}").json()
+    assert detail["status"] == "failed"
+    events = httpx.get(f"{server}/api/runs/{run_id}/events?kind=status").json()
+    reasons = " ".join(str(e["data"]) for e in events)
+    assert "exited with code" in reasons or "failed" in reasons
+
+
+def test_stop_ends_a_launched_run(launched: tuple[LiveServer, dict[str, Any]]) -> None:
+    server, launches = launched
+    run_id = launches["long"]["id"]
+    wait_for(lambda: status_of(server, run_id) == "running", what="the long run to start")
+    response = httpx.post(f"{server}/api/runs/{run_id}/stop")
+    assert response.status_code == 202 and response.json() == {"id": run_id, "status": "stopping"}
+    wait_for(lambda: status_of(server, run_id) == "stopped", timeout=60, what="the run to stop")
+    launcher = server.app.state.launcher
+    wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to exit")
+    commands = httpx.get(f"{server}/api/runs/{run_id}/commands").json()
+    assert [c["name"] for c in commands] == ["stop"]
+    again = httpx.post(f"{server}/api/runs/{run_id}/stop")
+    assert again.status_code == 409
+
+
+def test_stop_of_an_unknown_run_is_404(live_server: LiveServer) -> None:
+    assert httpx.post(f"{live_server}/api/runs/nope/stop").status_code == 404
+

@@ -421,7 +421,8 @@ class Probes:
             self._channel_first_out.append(weakref.ref(y))
         rule = layer.rule
         with torch.no_grad():
-            yf = y.float()  # no copy for float32; bf16/fp16 are widened before any arithmetic
+            # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
+            yf = y if y.dtype == torch.float32 else y.float()
             clean = stats.clean_values(yf)
             signs = clean.sign()
             axis = stats.unit_axis(yf.dim(), channel_first)
@@ -484,8 +485,8 @@ class Probes:
         with torch.no_grad():
             present = [p.grad is not None for p in self._all_params]
             grads = [p.grad for p in self._all_params if p.grad is not None]
-            weights = [p.detach() for layer in self._param_layers for p in layer.params]
-            norms = stats.norms(grads + weights, self._device)  # one fused call
+            weights = [p for layer in self._param_layers for p in layer.params]  # under no_grad
+            norms = stats.norms(grads + weights, self._device)
             return present, norms, self._nan(len(weights))
 
     def _nan(self, n: int) -> Tensor:
@@ -502,7 +503,7 @@ class Probes:
         with torch.no_grad():
             for layer in self._param_layers:
                 for p in layer.params:
-                    flat = p.detach().reshape(-1)
+                    flat = p.reshape(-1)  # under no_grad: a plain view
                     if flat.numel() > UPDATE_SAMPLE:
                         key = ("update_index", id(p))
                         if key not in self._cache:
@@ -516,7 +517,8 @@ class Probes:
                     parts.append(flat)
             if not parts:
                 return torch.zeros(0, dtype=torch.float32, device=self._device)
-            return torch.cat(parts).to(torch.float32)
+            flat = torch.cat(parts)
+            return flat if flat.dtype == torch.float32 else flat.to(torch.float32)
 
     # ---- collect ----
 

@@ -8,11 +8,13 @@ Three phases, all against real parts:
    every step) by calling Store.append directly, the way ingest batches frames
    (a metrics frame per 100 steps, a probe frame per probe step, a few appends in
    flight), and reports how long it took.
-2. open: starts the real server (`layerscope serve`, a child process) on that data
-   directory and times what the run page fetches, through HTTP: series, probe
-   matrix, histograms over time for one layer, histogram at a step, run detail. Median
-   of 5 (after one warm-up) and the response size, side by side for both runs, with
-   the ratio. Targets: <= 300 ms and <= 1 MB per chart.
+2. open: times what the run page fetches (run detail, series, one layer's probe
+   stats, probe matrix, histograms over time for one layer, histogram at a step),
+   first as the Store call in this process, then as the HTTP GET to the real server
+   (`layerscope serve`, a child process) on that data directory. Median of 5 after
+   one warm-up, the response size, both runs side by side with the ratio. Targets:
+   <= 300 ms and <= 1 MB per chart. GET /healthz on the same connection is printed
+   as the HTTP floor (what any request costs before the store is asked anything).
 3. memory: a fresh Store in this process ingests 1M scalar points and 50,000 probe
    frames; RSS growth (psutil) must stay <= 100 MB.
 
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,28 +198,50 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the server did not start within 60 s")
 
 
-def charts(run_id: str, steps: int) -> list[tuple[str, str]]:
-    mid_layer = layer_names(LAYERS)[LAYERS // 2]
+def charts(run_id: str, steps: int) -> list[tuple[str, str, Callable[[Store], Any]]]:
+    """(name, URL the run page fetches, the Store call behind it)."""
+    layer = layer_names(LAYERS)[LAYERS // 2]
+    at = steps // 2 + 3
+    series = ["loss", "val_loss", "lr", "weight_decay"]
     return [
-        ("run detail", f"/api/runs/{run_id}"),
+        ("run detail", f"/api/runs/{run_id}", lambda s: s.run(run_id)),
         (
             "series loss,val_loss,lr,wd",
-            f"/api/runs/{run_id}/series?names=loss,val_loss,lr,weight_decay&max_points=1500",
+            f"/api/runs/{run_id}/series?names={','.join(series)}&max_points=1500",
+            lambda s: s.series(run_id, series, None, None, 1500),
         ),
         (
-            "probes dead_ratio (1 layer)",
-            f"/api/runs/{run_id}/probes?layer={mid_layer}&stats=dead_ratio,std",
+            "probes dead_ratio,std 1 layer",
+            f"/api/runs/{run_id}/probes?layer={layer}&stats=dead_ratio,std",
+            lambda s: s.probe_series(run_id, layer, ["dead_ratio", "std"]),
         ),
         (
             "probe matrix dead_ratio",
             f"/api/runs/{run_id}/probes/matrix?stat=dead_ratio&max_steps=300",
+            lambda s: s.probe_matrix(run_id, "dead_ratio", None, None, 300),
         ),
         (
-            "histograms (1 layer)",
-            f"/api/runs/{run_id}/histograms?layer={mid_layer}&max_steps=200&bins=64",
+            "histograms 1 layer",
+            f"/api/runs/{run_id}/histograms?layer={layer}&max_steps=200&bins=64",
+            lambda s: s.histograms(run_id, layer, None, None, 200, 64),
         ),
-        ("histogram at step", f"/api/runs/{run_id}/histogram?step={steps // 2 + 3}"),
+        (
+            "histogram at step",
+            f"/api/runs/{run_id}/histogram?step={at}",
+            lambda s: s.histogram_at(run_id, at),
+        ),
     ]
+
+
+def time_call(call: Callable[[], Any]) -> float:
+    """Median ms of REPEATS calls after one warm-up."""
+    call()
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
 
 
 def time_get(client: httpx.Client, url: str) -> tuple[float, int]:
@@ -276,14 +300,20 @@ def main() -> int:
         f"data dir: {data_dir}   cpu: {os.cpu_count()} cores   layers: {LAYERS}, probe every {PROBE_EVERY} steps"
     )
 
+    store_ms: dict[tuple[int, str], float] = {}
+
     async def build() -> dict[str, tuple[float, int, int]]:
         store = Store(data_dir)
         await store.open()
         try:
-            return {
+            built = {
                 f"run-{small}": await ingest(store, f"run-{small}", small, LAYERS),
                 f"run-{big}": await ingest(store, f"run-{big}", big, LAYERS),
             }
+            for steps in (small, big):
+                for name, _url, call in charts(f"run-{steps}", steps):
+                    store_ms[(steps, name)] = time_call(lambda call=call: call(store))  # type: ignore[misc]
+            return built
         finally:
             await store.close()
 
@@ -305,27 +335,34 @@ def main() -> int:
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
             small_rows = {
-                name: time_get(client, url) for name, url in charts(f"run-{small}", small)
+                name: time_get(client, url) for name, url, _c in charts(f"run-{small}", small)
             }
-            big_rows = {name: time_get(client, url) for name, url in charts(f"run-{big}", big)}
+            big_rows = {name: time_get(client, url) for name, url, _c in charts(f"run-{big}", big)}
+            floor_ms, _size = time_get(client, "/healthz")
         server_rss = psutil.Process(proc.pid).memory_info().rss / 2**20
     finally:
         proc.terminate()
         proc.wait(30)
 
     print(
-        f"\nopen a run over HTTP (median of {REPEATS} after a warm-up; server: `layerscope serve`)"
+        f"\nopen a run (median of {REPEATS} after a warm-up): the Store call in this process,"
+        " and the HTTP GET to `layerscope serve`"
     )
-    header = f"  {'chart':<28} {f'{small} steps':>12} {f'{big} steps':>12} {'ratio':>7} {'bytes ' + str(big):>14}  ok"
-    print(header)
+    print(
+        f"  {'chart':<30} {'store ' + str(small):>11} {'store ' + str(big):>12} {'ratio':>6}"
+        f" {'HTTP ' + str(small):>11} {'HTTP ' + str(big):>11} {'ratio':>6} {'bytes ' + str(big):>13}  ok"
+    )
     for name, (ms_small, _b_small) in small_rows.items():
         ms_big, b_big = big_rows[name]
+        st_small, st_big = store_ms[(small, name)], store_ms[(big, name)]
         ok = ms_big <= TARGET_MS and b_big <= TARGET_BYTES
         failures += not ok
         print(
-            f"  {name:<28} {ms_small:9.1f} ms {ms_big:9.1f} ms {ms_big / ms_small:6.1f}x {b_big:>14,}  "
-            f"{'yes' if ok else 'NO'}"
+            f"  {name:<30} {st_small:8.1f} ms {st_big:9.1f} ms {st_big / st_small:5.1f}x"
+            f" {ms_small:8.1f} ms {ms_big:8.1f} ms {ms_big / ms_small:5.1f}x {b_big:>13,}"
+            f"  {'yes' if ok else 'NO'}"
         )
+    print(f"  HTTP floor: GET /healthz takes {floor_ms:.1f} ms on the same keep-alive connection")
     print(f"  server RSS after serving both runs: {server_rss:.0f} MB")
 
     seconds, before, after = rss_phase(mem_points, mem_probes, LAYERS)

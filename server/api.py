@@ -43,7 +43,7 @@ def get_hub(request: Request) -> Hub | None:
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
-HubDep = Annotated["Hub | None", Depends(get_hub)]
+HubDep = Annotated[Hub | None, Depends(get_hub)]
 RunId = Annotated[str, Path(description="the run id", max_length=wire.MAX_NAME_LEN)]
 Start = Annotated[int | None, Query(ge=0, description="first step, inclusive")]
 End = Annotated[int | None, Query(ge=0, description="last step, inclusive")]

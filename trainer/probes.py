@@ -2,8 +2,8 @@
 
 Owns: which modules are layers (types, name filters), the forward hooks on them,
 the optimizer step hooks that read gradients, weights and updates, the per-step
-accumulators, and the layout of the one flat tensor a probe step produces
-(``PendingStats``) together with its decoding into wire probe-frame entries.
+accumulators, and ``collect()``, which turns them into the one flat tensor of a
+probe step (``PendingStats``, defined in ``stats`` with its decoding).
 
 Never: reads a tensor value on the host while hooks run or in ``collect()`` (no
 ``.item()``/``.cpu()``/``.tolist()``/``float(t)``/``bool(t)``; the only host read is
@@ -11,6 +11,10 @@ the caller's single copy of ``PendingStats.tensor``), tags user modules with
 attributes, uses global hooks, touches the user's RNG, or does work on a step
 that is not armed (a disarmed hook is one flag check). The arithmetic lives in
 ``stats``; this module wires it to modules and optimizers.
+
+Cost: each probed call runs ~15 small kernels (reductions of its output); collect
+adds ~30 for all layers together; the parameter hooks ~10 fused ones. On a GPU
+these are launch-bound microseconds; see benchmarks/overhead.py for CPU numbers.
 
 Choices worth knowing:
 * A module called several times in one step (shared module, RNN cell) is one
@@ -43,8 +47,11 @@ import torch
 from layerscope.trainer import stats
 from layerscope.trainer.stats import (
     DEAD_ACTIVITY_MAX,
+    DEFAULT_BINS,
     SATURATED_UNIT_MAJORITY,
     SATURATION_LEVEL,
+    UPDATE_SAMPLE,
+    PendingStats,
     Rule,
 )
 from layerscope.trainer.wire import MAX_BINS
@@ -65,9 +72,7 @@ __all__ = [
     "Probes",
 ]
 
-DEFAULT_BINS = 64
 DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin on average
-UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -86,126 +91,12 @@ _KEEPS_CHANNELS = ACTIVATION_TYPES + (
     nn.MaxPool1d, nn.AvgPool1d, nn.Identity,
 )  # fmt: skip
 
-# Keys of a probe-frame layer entry (wire.PROBE_STATS plus the histogram).
-ENTRY_KEYS = (
-    "mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_frac",
-    "saturated_ratio", "grad_norm", "weight_norm", "update_ratio", "hist",
-)  # fmt: skip
-
 
 @dataclass
 class LayerSpec:
     name: str
     kind: str  # module class name, e.g. "ReLU", "Linear"
     units: int | None
-
-
-@dataclass
-class PendingStats:
-    """One probe step's statistics: a single flat float32 tensor on the model's device,
-    plus the host-side layout ``decode`` needs. NaN marks a value that does not apply.
-
-    Layout of ``tensor`` (C calls recorded over L activation layers):
-      C x 6   raw value rows (stats.value_row), C non-finite counts,
-      L x 3   dead_ratio, saturated_ratio, saturated value count,
-      L x bins histogram counts,
-      G       norms of the gradients present (``grad_present`` marks which params),
-      W       pre-step norms of each probed layer's parameters (``weight_slots``),
-      W       norms of their (sampled) updates; the update section is NaN without an
-              optimizer step.
-    The arithmetic that turns these into statistics (moments, merging a module's calls,
-    per-layer norms) runs in ``decode`` on the host, off the training thread's device.
-    """
-
-    tensor: Tensor
-    order: list[str] = field(default_factory=list)
-    act_layers: list[str] = field(default_factory=list)
-    calls: list[int] = field(default_factory=list)  # per act layer: calls this step
-    totals: list[int] = field(default_factory=list)  # per call: values
-    bins: int = DEFAULT_BINS
-    grad_present: list[bool] = field(default_factory=list)  # per model parameter
-    # per parameterised layer: (name, indices into model params, [(slot, scale)])
-    param_layers: list[tuple[str, list[int], list[tuple[int, float]]]] = field(default_factory=list)
-    weight_slots: int = 0
-
-    @property
-    def size(self) -> int:
-        calls, layers = len(self.totals), len(self.act_layers)
-        params = sum(self.grad_present) + 2 * self.weight_slots if self.param_layers else 0
-        return calls * (stats.RAW_WIDTH + 1) + layers * (3 + self.bins) + params
-
-    def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
-        """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
-        tensor, numpy array or sequence of floats). Returns (probe-frame layer entries,
-        run-level scalars). Non-finite and not-applicable values become None."""
-        values = host.tolist() if hasattr(host, "tolist") else list(host)
-        if len(values) != self.size:
-            raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")
-        entries: dict[str, dict[str, Any]] = {}
-        width, n_calls = stats.RAW_WIDTH, len(self.totals)
-        nonfinite_at, units_at = n_calls * width, n_calls * (width + 1)
-        hist_at = units_at + 3 * len(self.act_layers)
-        call = 0
-        for i, name in enumerate(self.act_layers):
-            summary = stats.Summary()
-            for _ in range(self.calls[i]):
-                raw = values[call * width : (call + 1) * width]
-                summary.add(raw, values[nonfinite_at + call], self.totals[call])
-                call += 1
-            entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
-            dead, saturated_ratio, saturated = values[units_at + 3 * i : units_at + 3 * i + 3]
-            entry["dead_ratio"] = _finite(dead)
-            entry["saturated_ratio"] = _finite(saturated_ratio)
-            entry["saturated_frac"] = (
-                _finite(saturated / summary.total) if entry["saturated_ratio"] is not None else None
-            )
-            counts = values[hist_at + i * self.bins : hist_at + (i + 1) * self.bins]
-            entry["hist"] = (
-                None
-                if entry["min"] is None
-                else {
-                    "lo": entry["min"],
-                    "hi": entry["max"],
-                    "counts": [int(round(c)) for c in counts],
-                }
-            )
-            entries[name] = entry
-        scalars: dict[str, float | None] = {"grad_norm": None}
-        if self.param_layers:
-            at = hist_at + len(self.act_layers) * self.bins
-            present = sum(self.grad_present)
-            grads, at = values[at : at + present], at + present
-            weights, at = values[at : at + self.weight_slots], at + self.weight_slots
-            updates = values[at : at + self.weight_slots]
-            position, k = {}, 0
-            for index, has in enumerate(self.grad_present):
-                if has:
-                    position[index] = k
-                    k += 1
-            if grads:
-                scalars["grad_norm"] = _finite(math.sqrt(sum(g * g for g in grads)))
-            for name, indices, slots in self.param_layers:
-                mine = [grads[position[i]] for i in indices if i in position]
-                weight = math.sqrt(sum(weights[slot] ** 2 for slot, _ in slots))
-                update = math.sqrt(sum(scale * updates[slot] ** 2 for slot, scale in slots))
-                entry = entries.setdefault(name, {})
-                entry["grad_norm"] = _finite(math.sqrt(sum(g * g for g in mine))) if mine else None
-                entry["weight_norm"] = _finite(weight)
-                entry["update_ratio"] = _finite(update / weight) if weight > 0 else None
-        layers = []
-        for name in self.order:
-            if name in entries:
-                row: dict[str, Any] = {"name": name}
-                row.update({k: entries[name].get(k) for k in ENTRY_KEYS})
-                layers.append(row)
-        return layers, scalars
-
-
-def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 @dataclass(eq=False)
@@ -588,8 +479,8 @@ class Probes:
         ]
         padded = pad_sequence(samples, batch_first=True, padding_value=math.nan)
         hist = stats.histograms(padded, lo, hi, self.bins)
-        units = torch.stack([dead, saturated, saturated_values], dim=1).to(torch.float32)
-        return [raw, nonfinite.to(torch.float32), units.view(-1), hist.view(-1)]
+        units = torch.stack([dead, saturated, saturated_values]).t().to(torch.float32)
+        return [raw, nonfinite.to(torch.float32), units.reshape(-1), hist.view(-1)]
 
     def _unit_stats(
         self, records: list[list[tuple[Tensor, int]]], device: torch.device, *, dead: bool

@@ -1,22 +1,28 @@
-"""stats — the tensor arithmetic behind the per-layer probes (DESIGN §3).
+"""stats — the arithmetic behind the per-layer probes (DESIGN §3).
 
 Owns: the exact definitions of every activation statistic (which values count as
 live or saturated for each activation, the unit axis, finite-only moments,
-histograms bucketed with tensor ops) and the vectorised reductions that turn
-per-call partial results into per-layer numbers.
+histograms bucketed with tensor ops), the device-side reductions a probe step
+runs, and ``PendingStats``: the layout of the one flat tensor a probe step
+produces and its host-side decoding (moments, merging a module's calls, per-layer
+norms) into wire probe-frame entries. ``probes`` re-exports ``PendingStats``.
 
-Never: reads a tensor's value on the host (no ``.item()``, ``.cpu()``,
-``.tolist()``, ``float(t)``, ``bool(t)``, no ``torch.histc``), touches hooks,
-modules or optimizers, or builds a device tensor from a Python list (that is a
-host-to-device copy, a sync on CUDA). Every function here is a plain function of
-tensors and Python numbers taken from shapes, so the same code runs on CPU and GPU.
+Never: reads a tensor's value on the host in a device function (no ``.item()``,
+``.cpu()``, ``.tolist()``, ``float(t)``, ``bool(t)``, no ``torch.histc``), touches
+hooks, modules or optimizers, or builds a device tensor from a Python list (that
+is a host-to-device copy, a sync on CUDA). Only ``PendingStats.decode`` and
+``Summary`` work on host numbers, after the caller's single copy.
+
+Non-finite values: moments, min/max and histograms are of the finite values; a
+NaN/Inf counts in ``nonfinite`` and as neither zero, live nor saturated.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,8 @@ DEAD_ACTIVITY_MAX = 0.01  # a unit live on <= 1% of its values is dead
 SATURATION_LEVEL = 0.99  # tanh/softsign |y| >= 0.99, sigmoid y <= 0.01 or >= 0.99
 SATURATED_UNIT_MAJORITY = 0.5  # a unit saturated on > 50% of its values is saturated
 _SIGMOID_LOW = round(1.0 - SATURATION_LEVEL, 12)
+DEFAULT_BINS = 64
+UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 
 # One call's raw row (see value_row); the non-finite count travels separately (int64).
 SHIFT, S1, S2, NONZERO, LO, HI = range(6)
@@ -319,3 +327,118 @@ def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
         for i, value in zip(idx, torch._foreach_norm([tensors[i] for i in idx]), strict=True):
             out[i] = value.to(device=device, dtype=torch.float32, non_blocking=True)
     return torch.stack(out)
+
+
+# Keys of a probe-frame layer entry (wire.PROBE_STATS plus the histogram).
+ENTRY_KEYS = (
+    "mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_frac",
+    "saturated_ratio", "grad_norm", "weight_norm", "update_ratio", "hist",
+)  # fmt: skip
+
+
+@dataclass
+class PendingStats:
+    """One probe step's statistics: a single flat float32 tensor on the model's device,
+    plus the host-side layout ``decode`` needs. NaN marks a value that does not apply.
+
+    Layout of ``tensor`` (C calls recorded over L activation layers):
+      C x 6   raw value rows (value_row), C non-finite counts,
+      L x 3   dead_ratio, saturated_ratio, saturated value count,
+      L x bins histogram counts,
+      G       norms of the gradients present (``grad_present`` marks which params),
+      W       pre-step norms of each probed layer's parameters (``weight_slots``),
+      W       norms of their (sampled) updates; the update section is NaN without an
+              optimizer step.
+    The arithmetic that turns these into statistics (moments, merging a module's calls,
+    per-layer norms) runs in ``decode`` on the host, off the training thread's device.
+    """
+
+    tensor: Tensor
+    order: list[str] = field(default_factory=list)
+    act_layers: list[str] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)  # per act layer: calls this step
+    totals: list[int] = field(default_factory=list)  # per call: values
+    bins: int = DEFAULT_BINS
+    grad_present: list[bool] = field(default_factory=list)  # per model parameter
+    # per parameterised layer: (name, indices into model params, [(slot, scale)])
+    param_layers: list[tuple[str, list[int], list[tuple[int, float]]]] = field(default_factory=list)
+    weight_slots: int = 0
+
+    @property
+    def size(self) -> int:
+        calls, layers = len(self.totals), len(self.act_layers)
+        params = sum(self.grad_present) + 2 * self.weight_slots if self.param_layers else 0
+        return calls * (RAW_WIDTH + 1) + layers * (3 + self.bins) + params
+
+    def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+        """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
+        tensor, numpy array or sequence of floats). Returns (probe-frame layer entries,
+        run-level scalars). Non-finite and not-applicable values become None."""
+        values = host.tolist() if hasattr(host, "tolist") else list(host)
+        if len(values) != self.size:
+            raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")
+        entries: dict[str, dict[str, Any]] = {}
+        width, n_calls = RAW_WIDTH, len(self.totals)
+        nonfinite_at, units_at = n_calls * width, n_calls * (width + 1)
+        hist_at = units_at + 3 * len(self.act_layers)
+        call = 0
+        for i, name in enumerate(self.act_layers):
+            summary = Summary()
+            for _ in range(self.calls[i]):
+                raw = values[call * width : (call + 1) * width]
+                summary.add(raw, values[nonfinite_at + call], self.totals[call])
+                call += 1
+            entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
+            dead, saturated_ratio, saturated = values[units_at + 3 * i : units_at + 3 * i + 3]
+            entry["dead_ratio"] = _finite(dead)
+            entry["saturated_ratio"] = _finite(saturated_ratio)
+            entry["saturated_frac"] = (
+                _finite(saturated / summary.total) if entry["saturated_ratio"] is not None else None
+            )
+            counts = values[hist_at + i * self.bins : hist_at + (i + 1) * self.bins]
+            entry["hist"] = (
+                None
+                if entry["min"] is None
+                else {
+                    "lo": entry["min"],
+                    "hi": entry["max"],
+                    "counts": [int(round(c)) for c in counts],
+                }
+            )
+            entries[name] = entry
+        scalars: dict[str, float | None] = {"grad_norm": None}
+        if self.param_layers:
+            at = hist_at + len(self.act_layers) * self.bins
+            present = sum(self.grad_present)
+            grads, at = values[at : at + present], at + present
+            weights, at = values[at : at + self.weight_slots], at + self.weight_slots
+            updates = values[at : at + self.weight_slots]
+            position, k = {}, 0
+            for index, has in enumerate(self.grad_present):
+                if has:
+                    position[index] = k
+                    k += 1
+            if grads:
+                scalars["grad_norm"] = _finite(math.sqrt(sum(g * g for g in grads)))
+            for name, indices, slots in self.param_layers:
+                mine = [grads[position[i]] for i in indices if i in position]
+                weight = math.sqrt(sum(weights[slot] ** 2 for slot, _ in slots))
+                update = math.sqrt(sum(scale * updates[slot] ** 2 for slot, scale in slots))
+                entry = entries.setdefault(name, {})
+                entry["grad_norm"] = _finite(math.sqrt(sum(g * g for g in mine))) if mine else None
+                entry["weight_norm"] = _finite(weight)
+                entry["update_ratio"] = _finite(update / weight) if weight > 0 else None
+        layers = []
+        for name in self.order:
+            if name in entries:
+                row: dict[str, Any] = {"name": name}
+                row.update({k: entries[name].get(k) for k in ENTRY_KEYS})
+                layers.append(row)
+        return layers, scalars
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

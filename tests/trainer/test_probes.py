@@ -525,3 +525,36 @@ def test_a_probe_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.Monke
             expected = {"tanh": 2 * 50, "out": 8 * 3}.get(row["name"], 50)  # capped per call
             assert sum(row["hist"]["counts"]) == expected
             assert row["update_ratio"] is None or row["update_ratio"] > 0
+
+
+def test_entries_carry_exactly_the_wire_probe_stats() -> None:
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    layers, _ = probe_step(model, Probes(model, opt), torch.randn(4, 4), opt)
+    for row in layers.values():
+        assert set(row) == {"name", "hist", *wire.PROBE_STATS}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_probe_step_does_not_synchronize() -> None:
+    model = _Mixed().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probes = Probes(model, opt, activations={"fc": "sigmoid"})
+    x = torch.randn(8, 1, 8, 8, device="cuda")
+    target = torch.randint(0, 3, (8,), device="cuda")
+    pendings = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            probes.arm()
+            loss = F.cross_entropy(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pendings.append(probes.collect())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for pending in pendings:
+        assert pending is not None and pending.tensor.is_cuda
+        layers, scalars = pending.decode(pending.tensor.cpu())
+        assert len(layers) == 5 and scalars["grad_norm"] is not None

@@ -2,9 +2,10 @@
 
 Owns: the registry of trainer connections (one per run; ``is_connected``), the
 per-run record of which seqs were already broadcast (a frame resent after a
-reconnect is not shown twice), a short per-run window of recent frames (covering
-the ones received but not yet committed when a viewer joins), and one bounded
-queue plus one sender task per viewer, including the ``/ws/runs/{run_id}`` socket.
+reconnect is not shown twice), the per-run window of frames received but not yet
+committed (a joining viewer reads everything older from the store), and one
+queue, bounded in frames and in bytes, plus one sender task per viewer,
+including the ``/ws/runs/{run_id}`` socket.
 
 Never: awaits a viewer while broadcasting (``publish`` only appends), lets one
 slow viewer delay the trainer or another viewer, or silently drops a metrics or
@@ -28,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 log = logging.getLogger("layerscope.hub")
 
 COALESCE_AFTER = 16  # a viewer this many frames behind keeps only the newest probe frame
-RECENT_FRAMES = 512  # per run: covers frames received but not yet committed when a viewer joins
+RECENT_FRAMES = 512  # per run, at most: frames received but not yet committed (one commit's worth)
+VIEWER_QUEUE_BYTES = 8 * 1024 * 1024  # per viewer; a tab this far behind reloads faster than it reads
 CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
 SLOW_VIEWER_REASON = "viewer too slow; reconnect with after_seq"
 
@@ -47,20 +49,22 @@ class TrainerPeer(Protocol):
 
 
 class _Item:
-    """One outbound frame, encoded at most once however many viewers get it."""
+    """One outbound frame, encoded at most once however many viewers get it (and only if
+    some viewer does); once encoded, only the text is kept."""
 
     __slots__ = ("seq", "kind", "_message", "_text")
 
     def __init__(self, seq: int | None, kind: str, message: dict[str, Any]) -> None:
         self.seq = seq
         self.kind = kind
-        self._message = message
+        self._message: dict[str, Any] | None = message
         self._text: str | None = None
 
     @property
     def text(self) -> str:
         if self._text is None:
-            self._text = wire.encode(self._message)
+            self._text = wire.encode(self._message or {})
+            self._message = None
         return self._text
 
 
@@ -94,12 +98,16 @@ class _SeqSet:
 class Viewer:
     """One browser socket: a bounded queue drained by its own sender task."""
 
-    def __init__(self, hub: Hub, ws: WebSocket, run_id: str, bound: int) -> None:
+    def __init__(
+        self, hub: Hub, ws: WebSocket, run_id: str, bound: int, bound_bytes: int = VIEWER_QUEUE_BYTES
+    ) -> None:
         self.hub = hub
         self.ws = ws
         self.run_id = run_id
         self.bound = max(bound, COALESCE_AFTER + 1)
+        self.bound_bytes = bound_bytes
         self.queue: deque[_Item] = deque()
+        self.queued_bytes = 0  # of the live frames in the queue (not the snapshot ahead of them)
         self.wake = asyncio.Event()
         self.done = asyncio.Event()
         self.pending_probe: _Item | None = None
@@ -113,6 +121,7 @@ class Viewer:
         """Never blocks. Coalesces probes when behind; overflows -> close 1013."""
         if self.closing:
             return
+        size = len(item.text)
         if (
             item.kind == "probe"
             and self.pending_probe is not None
@@ -120,11 +129,13 @@ class Viewer:
         ):
             with contextlib.suppress(ValueError):  # O(queue), and the queue is bounded
                 self.queue.remove(self.pending_probe)
+                self.queued_bytes -= len(self.pending_probe.text)
             self.pending_probe = None
-        elif len(self.queue) >= self.bound:
+        if len(self.queue) >= self.bound or self.queued_bytes + size > self.bound_bytes:
             self.drop(wire.CLOSE_TRY_AGAIN, SLOW_VIEWER_REASON)
             return
         self.queue.append(item)
+        self.queued_bytes += size
         if item.kind == "probe":
             self.pending_probe = item
         self.wake.set()
@@ -137,10 +148,12 @@ class Viewer:
         """Send ``first`` (snapshot or catchup), then the frames it does not already hold."""
         self.floor = floor
         self.skip = skip
-        head = [_Item(None, "direct", first)]
-        head += [i for i in self.backlog if not self._covered(i)]
+        self.queue.appendleft(_Item(None, "head", first))
+        for item in reversed(self.backlog):
+            if not self._covered(item):
+                self.queue.insert(1, item)
+                self.queued_bytes += len(item.text)
         self.backlog = []
-        self.queue.extendleft(reversed(head))
         self.wake.set()
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
 
@@ -155,6 +168,8 @@ class Viewer:
                     await self.wake.wait()
                     continue
                 item = self.queue.popleft()
+                if item.kind != "head":
+                    self.queued_bytes -= len(item.text)
                 if item is self.pending_probe:
                     self.pending_probe = None
                 if self._covered(item):
@@ -172,6 +187,7 @@ class Viewer:
             return
         self.closing = True
         self.queue.clear()
+        self.queued_bytes = 0
         self.pending_probe = None
         self.hub.remove_viewer(self)
         self.hub.spawn(self._close(code, reason))
@@ -264,6 +280,13 @@ class Hub:
         item = _Item(None, "status", message)
         for viewer in list(self._viewers.get(run_id, ())):
             viewer.offer(item)
+
+    def mark_committed(self, run_id: str, acked_seq: int) -> None:
+        """Frames up to ``acked_seq`` are in the store, so a joining viewer reads them there;
+        the recent window keeps only what is not (it holds big frames: keep it short)."""
+        recent = self._recent.get(run_id)
+        while recent and recent[0].seq is not None and recent[0].seq <= acked_seq:
+            recent.popleft()
 
     def forget_recent(self, run_id: str) -> None:
         """Called once a run's trainer is gone and its frames are committed."""

@@ -81,8 +81,9 @@ class TrainerLink:
 class _Committer:
     """Frames read from one connection, committed in batches while reading goes on."""
 
-    def __init__(self, store: Any, run_id: str, link: TrainerLink) -> None:
+    def __init__(self, store: Any, hub: Hub, run_id: str, link: TrainerLink) -> None:
         self.store = store
+        self.hub = hub
         self.run_id = run_id
         self.link = link
         self.pending: list[dict[str, Any]] = []
@@ -117,6 +118,7 @@ class _Committer:
                 await self.link.close(CLOSE_SERVER_ERROR, "server could not store frames; reconnect")
                 return
             self.link.send({"type": "ack", "seq": acked})
+            self.hub.mark_committed(self.run_id, acked)
             self.wake.set()
 
     async def finish(self) -> None:
@@ -237,7 +239,7 @@ class Ingest:
         if old is not None:
             self.hub.spawn(old.close(wire.CLOSE_POLICY, "replaced by a newer connection for this run"))
         self.hub.publish_status(run_id, status)
-        committer = _Committer(self.store, run_id, link)
+        committer = _Committer(self.store, self.hub, run_id, link)
         try:
             await self._read_frames(link, committer)
         finally:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from fastapi import FastAPI
@@ -45,15 +45,33 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-class LiveServer(str):
-    """The base URL of a running server (``http://127.0.0.1:PORT``) plus its parts."""
+class Endpoint(str):
+    """Where a server listens: the base URL (a str) plus its port and websocket URLs.
+    A server started as a separate process is reached through one of these."""
+
+    port: int
+
+    def __new__(cls, port: int) -> Self:
+        self = super().__new__(cls, f"http://127.0.0.1:{port}")
+        self.port = port
+        return self
+
+    def url(self, path: str) -> str:
+        return f"{self}{path}"
+
+    def ws(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+class LiveServer(Endpoint):
+    """A server running in this process: the Endpoint plus its settings, app and uvicorn server."""
 
     settings: Settings
     app: FastAPI
     server: Server
 
-    def __new__(cls, url: str, settings: Settings, app: FastAPI, server: Server) -> LiveServer:
-        self = super().__new__(cls, url)
+    def __new__(cls, port: int, settings: Settings, app: FastAPI, server: Server) -> Self:
+        self = super().__new__(cls, port)
         self.settings = settings
         self.app = app
         self.server = server
@@ -62,16 +80,6 @@ class LiveServer(str):
     @property
     def data_dir(self) -> Path:
         return self.settings.data_dir
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-    def url(self, path: str) -> str:
-        return f"{self}{path}"
-
-    def ws(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
 
 
 @contextmanager
@@ -87,7 +95,7 @@ def running_server(settings: Settings) -> Iterator[LiveServer]:
             raise RuntimeError("test server did not start")
         time.sleep(0.01)
     try:
-        yield LiveServer(f"http://127.0.0.1:{settings.port}", settings, app, server)
+        yield LiveServer(settings.port, settings, app, server)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -158,7 +166,7 @@ class FakeTrainer:
     @classmethod
     async def connect(
         cls,
-        server: LiveServer,
+        server: Endpoint,
         run_id: str,
         *,
         last_acked_seq: int = 0,
@@ -272,7 +280,7 @@ class FakeTrainer:
 
 
 async def open_viewer(
-    server: LiveServer, run_id: str, *, after_seq: int | None = None, **kwargs: Any
+    server: Endpoint, run_id: str, *, after_seq: int | None = None, **kwargs: Any
 ) -> tuple[ClientConnection, dict[str, Any]]:
     """A viewer socket and its first message (snapshot, or catchup with ``after_seq``)."""
     query = f"?after_seq={after_seq}" if after_seq is not None else ""
@@ -281,7 +289,7 @@ async def open_viewer(
     return ws, first
 
 
-async def open_slow_viewer(server: LiveServer, run_id: str) -> ClientConnection:
+async def open_slow_viewer(server: Endpoint, run_id: str) -> ClientConnection:
     """A viewer that reads nothing until told to: a tiny receive buffer and a one-message
     client queue and no compression, so the server meets back-pressure after a few frames,
     not megabytes."""

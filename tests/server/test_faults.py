@@ -1,0 +1,243 @@
+"""Faults with real processes: the server killed with SIGKILL mid-run and restarted, a viewer
+that never reads, and a trainer killed with SIGKILL. Nothing acknowledged is ever lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from layerscope.server.hub import VIEWER_QUEUE_BYTES
+from layerscope.trainer import wire
+from server_harness import (
+    Endpoint,
+    FakeTrainer,
+    exported,
+    make_settings,
+    open_slow_viewer,
+    open_viewer,
+    probe_frame,
+    running_server,
+    strict_loads,
+    wait_status,
+)
+from websockets.exceptions import ConnectionClosed
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+HERE = Path(__file__).parent
+
+WATCHED_TRAINER = """
+import sys, time
+import torch
+from layerscope.trainer import watch
+
+server, run_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(64, 4), torch.randn(64, 1)
+with watch(model, optimizer, run="fault", run_id="fault-run", server=server, run_dir=run_dir, every=50) as w:
+    for _ in range(steps):
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        w.step(loss=loss)
+        time.sleep(0.002)
+"""
+
+# The wire-speaking trainer in its own process, so it can be killed: it writes every ack
+# it receives to a file, flushed, which is what "acknowledged" means to a real trainer.
+ACK_WRITING_TRAINER = """
+import asyncio, sys
+sys.path.insert(0, {harness!r})
+from server_harness import Endpoint, FakeTrainer, metrics_frame
+
+async def main():
+    trainer = await FakeTrainer.connect(Endpoint(int(sys.argv[1])), "killed-run")
+    trainer.heartbeat(0.1)
+    with open(sys.argv[2], "a") as acks:
+        seq = 0
+        while True:
+            seq += 1
+            await trainer.send(metrics_frame(seq, seq))
+            while not trainer._inbox.empty():
+                message = trainer._inbox.get_nowait()
+                if message["type"] == "ack":
+                    acks.write(f"{{message['seq']}}\\n")
+                    acks.flush()
+            await asyncio.sleep(0.002)
+
+asyncio.run(main())
+"""
+
+
+def start_server(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    """``layerscope serve`` as its own process; returns it and the port it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerscope.server", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line}{proc.stdout.read()}")
+    return proc, int(match.group(1))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def last_step(base: str, run_id: str) -> int:
+    try:
+        response = httpx.get(f"{base}/api/runs/{run_id}", timeout=2)
+    except httpx.TransportError:
+        return -1
+    return int(response.json().get("last_step") or 0) if response.status_code == 200 else 0
+
+
+def test_server_killed_mid_run_and_restarted_keeps_every_step_exactly_once(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    data_dir = tmp_path / "data"
+    server, port = start_server(data_dir)
+    processes.append(server)
+    base = f"http://127.0.0.1:{port}"
+    script = tmp_path / "trainer.py"
+    script.write_text(WATCHED_TRAINER)
+    steps = 2000
+    trainer = subprocess.Popen(
+        [sys.executable, str(script), f"ws://127.0.0.1:{port}", str(tmp_path / "spool"), str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    processes.append(trainer)
+    deadline = time.monotonic() + 120
+    while last_step(base, "fault-run") < 500:
+        assert trainer.poll() is None, trainer.communicate()[0]
+        assert time.monotonic() < deadline, "the trainer never reached step 500"
+        time.sleep(0.02)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    killed_at = last_step(base, "fault-run")
+    assert killed_at == -1  # really gone
+
+    server, _ = start_server(data_dir, port)  # same port, same data: the trainer reconnects
+    processes.append(server)
+    output, _ = trainer.communicate(timeout=120)
+    assert trainer.returncode == 0, output
+    status = httpx.get(f"{base}/api/runs/fault-run").json()["status"]
+    assert status == "finished"
+    per_step = Counter(
+        row["step"] for frame in exported(base, "fault-run") if frame["type"] == "metrics" for row in frame["rows"]
+    )
+    assert sorted(per_step) == list(range(1, steps + 1))
+    assert set(per_step.values()) == {1}
+
+
+async def test_a_viewer_that_never_reads_costs_bounded_memory(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    proc, port = start_server(tmp_path / "data")
+    processes.append(proc)
+    server_process = psutil.Process(proc.pid)
+    server = Endpoint(port)
+    trainer = await FakeTrainer.connect(server, "flood")
+    stuck = await open_slow_viewer(server, "flood")
+    reader, _ = await open_viewer(server, "flood")
+    got: list[int] = []
+
+    async def read() -> None:
+        while True:
+            message = strict_loads(await reader.recv())
+            if "seq" in message:
+                got.append(message["seq"])
+
+    reading = asyncio.create_task(read())
+    rss: list[int] = []
+    sent_bytes = 0
+    log_text = "y" * 50_000
+    seq = 0
+    for _ in range(16):
+        for _ in range(50):
+            seq += 1
+            frame = probe_frame(seq, seq, layers=20, bins=64) if seq % 2 else {
+                "type": "event", "seq": seq, "step": seq, "kind": "log", "data": {"text": log_text}
+            }
+            text = json.dumps({"v": 1, **frame})
+            sent_bytes += len(text)
+            await trainer.send(text)
+        await trainer.wait_acked(seq, timeout=60)
+        rss.append(server_process.memory_info().rss)
+    while not got or got[-1] < seq:
+        assert not reading.done(), reading
+        await asyncio.sleep(0.01)
+    # ~24 MB went through. The stuck viewer's queue may hold up to VIEWER_QUEUE_BYTES before
+    # it is dropped; after that the server's memory is flat however much more flows.
+    assert sent_bytes > 20_000_000
+    baseline = rss[1]  # every cache is warm by now
+    assert max(rss) - baseline < VIEWER_QUEUE_BYTES + 8_000_000, [r // 1_000_000 for r in rss]
+    assert max(rss[-5:]) - min(rss[-5:]) < 3_000_000, [r // 1_000_000 for r in rss]
+    # The reading viewer got every event frame (probe frames may coalesce when it lags).
+    assert set(range(2, seq + 1, 2)) <= set(got)
+    # The stuck viewer, once it reads, finds it was dropped and told to catch up.
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(stuck.recv(), 30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == wire.CLOSE_TRY_AGAIN
+    reading.cancel()
+    await reader.close()
+    await trainer.close()
+
+
+async def test_a_trainer_killed_with_sigkill_is_lost_and_every_acked_frame_is_kept(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+        acks = tmp_path / "acks.txt"
+        script = tmp_path / "killed_trainer.py"
+        script.write_text(ACK_WRITING_TRAINER.format(harness=str(HERE)))
+        trainer = subprocess.Popen([sys.executable, str(script), str(server.port), str(acks)])
+        try:
+            deadline = time.monotonic() + 60
+            while not acks.exists() or len(acks.read_text().split()) < 20:
+                assert trainer.poll() is None and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            trainer.send_signal(signal.SIGKILL)
+            trainer.wait(10)
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait(10)
+        acked = max(int(line) for line in acks.read_text().split())
+        await wait_status(server, "killed-run", "lost", timeout=10)
+        stored = [f["seq"] for f in exported(server, "killed-run")]
+        assert stored[:acked] == list(range(1, acked + 1))
+        events = httpx.get(f"{server}/api/runs/killed-run/events?kind=status").json()
+        assert any("no trainer connection" in str(e["data"]) for e in events)
+

@@ -11,13 +11,12 @@ as they like, each on its own ``tmp_path``), or imports torch.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
-from layerscope.server import __version__, commands, hub, ingest, launcher
+from fastapi import FastAPI
+from layerscope.server import __version__, api, commands, hub, ingest, launcher, pages
 from layerscope.server.security import SecurityMiddleware
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
@@ -63,20 +62,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(hub.router)
     app.include_router(commands.router)
     app.include_router(launcher.router)
-    for name in ("api", "pages"):
-        router = _router_of(f"layerscope.server.{name}")
-        if router is not None:
-            app.include_router(router)
+    app.include_router(api.router)
+    app.include_router(pages.router)
     app.add_middleware(SecurityMiddleware, settings=settings)
     return app
 
-
-def _router_of(module: str) -> APIRouter | None:
-    """The read API and pages are built alongside; until a module exists, it is left out."""
-    try:
-        router: APIRouter = importlib.import_module(module).router
-        return router
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None

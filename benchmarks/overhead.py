@@ -12,8 +12,9 @@ Never: downloads anything, talks to a server, or calls ``.item()`` in a timed lo
 How it measures: variants are run in interleaved blocks of BLOCK steps (variant A
 block 1, B block 1, ..., A block 2, ...) so that machine noise hits every variant
 alike. A block's time per step includes its probe steps; the table shows the
-median over blocks of that mean, and the ratio to the baseline's. A probe step's
-own cost is (every-step time - baseline time). Memory: on CUDA, the peak of
+median over blocks of that mean, and the median over rounds of the ratio to the
+baseline's block in the same round. A probe step's own cost is (every-step ratio
+- 1) training steps. Memory: on CUDA, the peak of
 ``torch.cuda.max_memory_allocated`` over a block, probes every step vs baseline;
 on CPU torch has no allocator peak (tracemalloc does not see torch's allocations),
 so each variant runs in a fresh subprocess whose resident set size is sampled after
@@ -262,11 +263,14 @@ def time_workload(
                 per_block[v.name].append((time.perf_counter() - t0) / BLOCK)
         for v in variants:
             v.close()
-    base = statistics.median(per_block["baseline"])
+    # Ratio: the median over rounds of (this variant's block / the baseline's block in
+    # the same round), so load that drifts between rounds cancels.
+    base = per_block["baseline"]
     rows = []
     for v in variants:
+        ratios = [t / b for t, b in zip(per_block[v.name], base, strict=True)]
         med = statistics.median(per_block[v.name])
-        rows.append((name, v.name, med * 1e3, med / base))
+        rows.append((name, v.name, med * 1e3, statistics.median(ratios)))
     return rows
 
 
@@ -350,11 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     for workload, variant, ms, ratio in rows:
         print(f"{workload:<22} {variant:<22} {ms:>9.3f} {ratio:>11.3f}")
     print()
-    print("probe step's own cost (every-step time - baseline time):")
+    print("probe step's own cost (every-step ratio - 1):")
     for workload in workloads():
-        by = {v: ms for w, v, ms, _ in rows if w == workload}
-        extra = by["probes every step"] - by["baseline"]
-        print(f"  {workload:<22} {extra:7.3f} ms = {extra / by['baseline']:.2f} of a training step")
+        by = {v: (ms, ratio) for w, v, ms, ratio in rows if w == workload}
+        extra = by["probes every step"][1] - 1.0
+        ms = extra * by["baseline"][0]
+        print(f"  {workload:<22} {ms:7.3f} ms = {extra:.2f} of a training step")
     print()
     mem_steps = 20 if args.quick else 50
     print(f"peak memory, probes every step vs baseline ({mem_steps} steps; "

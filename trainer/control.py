@@ -1,9 +1,10 @@
 """control — steering a running optimizer from outside (DESIGN §4).
 
 Owns: the run's control state (paused, lr scale, weight decay on/off, frozen
-layers, stopping), applying each relayed command exactly once at a step
-boundary, the optimizer step pre/post hooks that make the state take effect,
-blocking while paused, and checkpoints on demand.
+layers, stopping, the rules' live switches), applying each relayed command exactly
+once at a step boundary, the optimizer step pre/post hooks that make the state take
+effect, blocking while paused, checkpoints on demand, and the checkpoint file format
+(also used for the last good checkpoint and read back by fine-tuning).
 
 Never: touches the network (commands arrive on a thread-safe queue the link
 fills; results leave through the ``emit`` callback), applies a command off the
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from layerscope.trainer.rules import RULE_NAMES, Rules
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,10 @@ class Control:
         *,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         emit: Emit | None = None,
+        rules: Rules | None = None,
     ) -> None:
         self.model = model
+        self.rules = rules
         self.optimizer = optimizer
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.emit: Emit = emit or (lambda kind, data: None)
@@ -86,13 +90,16 @@ class Control:
     # ---- state ----
 
     def state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "paused": self.paused,
             "lr_scale": self.lr_scale,
             "weight_decay_enabled": self.weight_decay_enabled,
             "frozen": sorted(self.frozen),
             "stopping": self.stopping,
         }
+        if self.rules is not None:
+            state["rules"] = self.rules.state()
+        return state
 
     @property
     def status(self) -> str:
@@ -194,7 +201,11 @@ class Control:
             "ok": error is None,
             "applied_at_step": step,
             "state": self.state(),
+            # Who asked and why, so charts and the event log can mark rule-made changes.
+            "source": command.get("source", "user"),
         }
+        if "reason" in command:
+            result["reason"] = command["reason"]
         if error is not None:
             result["error"] = error
         self.emit("command_result", result)
@@ -228,6 +239,8 @@ class Control:
         elif name == "set_frozen":
             self._need_optimizer(name)
             self._set_frozen(list(args["layers"]), bool(args["frozen"]))
+        elif name == "set_rules":
+            self._set_rules(args)
         elif name == "checkpoint":
             self.checkpoint(step)
         elif name == "stop":
@@ -248,6 +261,8 @@ class Control:
             raise ValueError(f"unknown layer(s) {unknown}; layers are module names like 'fc1'")
         target = self.frozen | set(layers) if frozen else self.frozen - set(layers)
         self.frozen = target
+        if self.rules is not None:
+            self.rules.set_frozen(layers, frozen)
         # A layer freezes its own parameters and every child's (prefix match on the name).
         self._frozen_params = {
             id(p)
@@ -255,28 +270,42 @@ class Control:
             if any(pname.startswith(layer + ".") for layer in target)
         }
 
+    def _set_rules(self, args: dict[str, Any]) -> None:
+        if self.rules is None:
+            raise ValueError("set_rules needs the rules; this run has none")
+        if "silenced" in args:
+            silenced = set(args["silenced"])
+            # Only changes: un-silencing forgets a rule's onsets, so a no-op must not.
+            for rule in RULE_NAMES:
+                if (rule in silenced) != (rule in self.rules.silenced):
+                    self.rules.set_silenced(rule, rule in silenced)
+        self.rules.set_auto(
+            halve_lr=args.get("auto_halve_lr"), weight_decay=args.get("auto_weight_decay")
+        )
+
     # ---- checkpoints ----
 
     def checkpoint(self, step: int) -> Path:
         """Write model, optimizer, step and control state to ``checkpoint-<step>.pt``."""
         if self.checkpoint_dir is None:
             raise ValueError("no run directory to write checkpoints to")
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"checkpoint-{step}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(
-            {
-                "model": self.model.state_dict() if self.model is not None else None,
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "step": step,
-                "control": self.state(),
-            },
-            tmp,
-        )
-        # Rename last, so a crash mid-write never leaves a truncated checkpoint-<step>.pt.
-        os.replace(tmp, path)
+        write_checkpoint(self.snapshot(step, copy=False), path)
         self.emit("checkpoint", {"path": str(path), "step": step})
         return path
+
+    def snapshot(self, step: int, *, copy: bool = True) -> dict[str, Any]:
+        """The checkpoint contents at ``step``. ``copy``: clone every tensor (on its device,
+        no sync) so the file can be written later from another thread; costs one more copy
+        of the model and the optimizer state in device memory while it is held."""
+        content = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict() if self.model is not None else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "step": step,
+            "control": self.state(),
+        }
+        return _clone_tensors(content) if copy else content
 
     def close(self) -> None:
         """Remove the hooks; the optimizer is left exactly as the user's code set it."""
@@ -284,3 +313,25 @@ class Control:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+CHECKPOINT_FORMAT = "layerscope-checkpoint-1"
+
+
+def write_checkpoint(content: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file renamed last, so a crash mid-write never leaves a
+    truncated checkpoint under ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(content, tmp)
+    os.replace(tmp, path)
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value

@@ -14,6 +14,8 @@ network. It sees host numbers (probe-frame layer entries, losses) and returns
 that the caller turns into an ordinary command (``Finding.to_command``) with
 ``source: rule`` and the finding's reason.
 
+The names, thresholds and their parsing live in ``rule_config``.
+
 Firing: a rule fires on the *onset* of a condition (per rule and per layer) and
 stays quiet while the condition persists; it fires again only after the condition
 cleared and came back. The layers whose onset falls on the same probe step make one
@@ -30,7 +32,6 @@ next evaluation. Disabled rules are not evaluated at all.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,185 +39,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerscope.trainer import wire
-
-RULE_NAMES = (
-    "DeadUnits",
-    "Saturation",
-    "VanishingGradient",
-    "ExplodingTensor",
-    "LossNotDecreasing",
-    "Overfit",
-    "AllZero",
-    "PoorInitialization",
+from layerscope.trainer.rule_config import (
+    ACTIVATION_KINDS,
+    LOSS_NOISE_Z,
+    MAX_LAYERS_NAMED,
+    PATIENCE,
+    PLATEAU,
+    PRE_ACTIVATION_KINDS,
+    RULE_NAMES,
+    RuleConfig,
+    build_config,
+    threshold_names,
 )
-# Not a rule that can be silenced: it exists only while auto-halving is switched on.
-PLATEAU = "ValidationPlateau"
 
-# ---- defaults (SageMaker Debugger built-in rules, "List of Debugger built-in rules") ----
-
-# DeadRelu: threshold_inactivity 1.0 % (applied by the probes' dead_ratio, DESIGN §3) and
-# threshold_layer 50.0 %: a layer is flagged when more than half of its units are dead.
-DEAD_UNITS_THRESHOLD_LAYER = 0.5
-# SaturatedActivation: threshold_layer 50.0 %. The per-unit bar is DESIGN §3's
-# saturated_ratio (saturated on a majority of values), computed by the probes.
-SATURATION_THRESHOLD_LAYER = 0.5
-# VanishingGradient: threshold 0.0000001 on the mean absolute gradient.
-VANISHING_GRADIENT_THRESHOLD = 1e-7
-# ExplodingTensor: only_nan False (NaN and Inf both count); any non-finite value fires.
-# SageMaker only reports; the issue asks for an automatic pause.
-EXPLODING_TENSOR_PAUSE = True
-# LossNotDecreasing: num_steps 10, diff_percent 0.1 %. SageMaker compares single saved
-# losses, and saves them every 500 steps by default; one mini-batch loss is far too noisy
-# for a 10-step comparison, so we compare means over 100-step windows.
-LOSS_WINDOW_STEPS = 100
-LOSS_DIFF_PERCENT = 0.1
-# Ours: once stalled, the loss counts as moving again only after a drop of 2 standard errors.
-LOSS_NOISE_Z = 2.0
-# Overfit: ratio_threshold 0.1 on (val - train) / train, start_step 0, patience 1. Our
-# default patience is the run's (3 evaluations): one noisy validation pass is not a trend.
-OVERFIT_RATIO_THRESHOLD = 0.1
-OVERFIT_START_STEP = 0
-PATIENCE = 3
-# AllZero: threshold 100 (%) of the values are zero.
-ALL_ZERO_THRESHOLD = 1.0
-# PoorWeightInitialization: threshold 10.0 on the ratio of per-layer variances, over the
-# first `steps` (10) steps. We compare activation std of the last and the first layer
-# over the first 3 probe steps (with probes every ~10 steps, the first ~30 steps).
-POOR_INIT_THRESHOLD = 10.0
-POOR_INIT_PROBE_STEPS = 3
-# Plateau (no SageMaker counterpart; PyTorch's ReduceLROnPlateau defaults): an evaluation
-# improves on the best only if it is lower by more than 1e-4 relative.
-PLATEAU_MIN_DELTA_REL = 1e-4
-LR_HALVE_FACTOR = 0.5
-
-# Modules whose output is a pre-activation (DESIGN §3 probes them besides activations), and
-# the activation modules DESIGN §3 probes by default.
-_PRE_ACTIVATION_KINDS = frozenset({"Linear", "Bilinear"})
-_ACTIVATION_KINDS = frozenset(
-    {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
-     "Softplus", "Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softsign"}
-)  # fmt: skip
-# One alert names at most this many further layers (a zero-init net flags every layer).
-MAX_LAYERS_NAMED = 6
-
-
-@dataclass(frozen=True)
-class DeadUnitsConfig:
-    threshold_layer: float = DEAD_UNITS_THRESHOLD_LAYER
-
-
-@dataclass(frozen=True)
-class SaturationConfig:
-    threshold_layer: float = SATURATION_THRESHOLD_LAYER
-
-
-@dataclass(frozen=True)
-class VanishingGradientConfig:
-    threshold: float = VANISHING_GRADIENT_THRESHOLD
-
-
-@dataclass(frozen=True)
-class ExplodingTensorConfig:
-    pause: bool = EXPLODING_TENSOR_PAUSE
-
-
-@dataclass(frozen=True)
-class LossNotDecreasingConfig:
-    num_steps: int = LOSS_WINDOW_STEPS
-    diff_percent: float = LOSS_DIFF_PERCENT
-
-
-@dataclass(frozen=True)
-class OverfitConfig:
-    ratio_threshold: float = OVERFIT_RATIO_THRESHOLD
-    patience: int = PATIENCE
-    start_step: int = OVERFIT_START_STEP
-
-
-@dataclass(frozen=True)
-class AllZeroConfig:
-    threshold: float = ALL_ZERO_THRESHOLD
-
-
-@dataclass(frozen=True)
-class PoorInitializationConfig:
-    threshold: float = POOR_INIT_THRESHOLD
-    probe_steps: int = POOR_INIT_PROBE_STEPS
-
-
-@dataclass(frozen=True)
-class PlateauConfig:
-    patience: int = PATIENCE
-    min_delta_rel: float = PLATEAU_MIN_DELTA_REL
-    factor: float = LR_HALVE_FACTOR
-
-
-@dataclass(frozen=True)
-class RuleConfig:
-    """Every rule's thresholds. ``Rules(**thresholds)`` takes them flat: ``<section>_<field>``
-    (``dead_units_threshold_layer=0.6``, ``overfit_patience=5``); see ``threshold_names()``."""
-
-    dead_units: DeadUnitsConfig = field(default_factory=DeadUnitsConfig)
-    saturation: SaturationConfig = field(default_factory=SaturationConfig)
-    vanishing_gradient: VanishingGradientConfig = field(default_factory=VanishingGradientConfig)
-    exploding_tensor: ExplodingTensorConfig = field(default_factory=ExplodingTensorConfig)
-    loss_not_decreasing: LossNotDecreasingConfig = field(default_factory=LossNotDecreasingConfig)
-    overfit: OverfitConfig = field(default_factory=OverfitConfig)
-    all_zero: AllZeroConfig = field(default_factory=AllZeroConfig)
-    poor_initialization: PoorInitializationConfig = field(default_factory=PoorInitializationConfig)
-    plateau: PlateauConfig = field(default_factory=PlateauConfig)
-
-
-def _flat_fields() -> dict[str, tuple[str, str, Any]]:
-    """``<section>_<field>`` -> (section, field, default) for every threshold."""
-    out: dict[str, tuple[str, str, Any]] = {}
-    defaults = RuleConfig()
-    for section in dataclasses.fields(RuleConfig):
-        sub = getattr(defaults, section.name)
-        for f in dataclasses.fields(sub):
-            out[f"{section.name}_{f.name}"] = (section.name, f.name, getattr(sub, f.name))
-    return out
-
-
-def threshold_names() -> dict[str, Any]:
-    """Every flat threshold name ``Rules`` accepts, with its default (for CLI help)."""
-    return {key: default for key, (_, _, default) in _flat_fields().items()}
-
-
-def _check_threshold(key: str, default: Any, value: Any) -> None:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"rule threshold {key} must be true or false, got {value!r}")
-    elif isinstance(default, int):
-        least = 0 if key.endswith("start_step") else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"rule threshold {key} must be an integer >= {least}, got {value!r}")
-    elif (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"rule threshold {key} must be a finite number >= 0, got {value!r}")
-
-
-def _build_config(patience: int, thresholds: Mapping[str, Any]) -> RuleConfig:
-    flat = _flat_fields()
-    unknown = sorted(set(thresholds) - set(flat))
-    if unknown:
-        raise ValueError(f"unknown rule threshold(s) {unknown}; expected one of {sorted(flat)}")
-    values: dict[str, Any] = {"overfit_patience": patience, "plateau_patience": patience}
-    values.update(thresholds)
-    changes: dict[str, dict[str, Any]] = {}
-    for key, value in values.items():
-        section, name, default = flat[key]
-        _check_threshold(key, default, value)
-        changes.setdefault(section, {})[name] = value
-    defaults = RuleConfig()
-    return RuleConfig(
-        **{s: dataclasses.replace(getattr(defaults, s), **fields) for s, fields in changes.items()}
-    )
-
+__all__ = ["PLATEAU", "RULE_NAMES", "Finding", "RuleConfig", "Rules", "threshold_names"]
 
 @dataclass
 class Finding:
@@ -302,7 +138,7 @@ class Rules:
         self.silenced = self._names(silenced, "silenced")
         self.auto_halve_lr = bool(auto_halve_lr)
         self.auto_weight_decay = bool(auto_weight_decay)
-        self.config = _build_config(patience, thresholds)
+        self.config = build_config(patience, thresholds)
         # From the hello layer table: module kind per layer name, parameter count per layer.
         self.kinds: dict[str, str] = dict(kinds or {})
         self.params: dict[str, int] = dict(params or {})
@@ -391,7 +227,7 @@ class Rules:
     @staticmethod
     def _is_pre_activation(kind: str) -> bool:
         kind = kind.removeprefix("Lazy")
-        return kind in _PRE_ACTIVATION_KINDS or kind.startswith("Conv")
+        return kind in PRE_ACTIVATION_KINDS or kind.startswith("Conv")
 
     def _feeds_probed_activation(self, entries: Sequence[Mapping[str, Any]], i: int) -> bool:
         """A Linear/Conv output followed by a probed activation module: the activation's own
@@ -403,7 +239,7 @@ class Rules:
             kind is not None
             and self._is_pre_activation(kind)
             and next_kind is not None
-            and next_kind.removeprefix("Lazy") in _ACTIVATION_KINDS
+            and next_kind.removeprefix("Lazy") in ACTIVATION_KINDS
         )
 
     def _per_layer(

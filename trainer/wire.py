@@ -49,7 +49,9 @@ MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
 
 # ---- vocabularies ----
 TRAINER_TYPES = frozenset({"hello", "metrics", "probe", "event", "heartbeat"})
-EVENT_KINDS = frozenset({"alert", "command_result", "checkpoint", "status", "log"})
+EVENT_KINDS = frozenset(
+    {"alert", "command_result", "checkpoint", "status", "log", "sanity"}
+)
 COMMANDS = frozenset(
     {
         "pause",
@@ -60,7 +62,19 @@ COMMANDS = frozenset(
         "set_frozen",
         "checkpoint",
         "stop",
+        "set_rules",
     }
+)
+# The diagnostic rules (trainer/rules.py evaluates them); here so set_rules validates stdlib-only.
+RULE_NAMES = (
+    "DeadUnits",
+    "Saturation",
+    "VanishingGradient",
+    "ExplodingTensor",
+    "LossNotDecreasing",
+    "Overfit",
+    "AllZero",
+    "PoorInitialization",
 )
 RUN_STATUSES = ("starting", "running", "paused", "finished", "failed", "stopped", "lost")
 ENDED_STATUSES = frozenset({"finished", "failed", "stopped", "lost"})
@@ -354,6 +368,8 @@ def validate_command(msg: dict[str, Any]) -> dict[str, Any]:
             raise WireError("set_frozen needs args.frozen, true or false")
         clean["layers"] = [_name(x, "args.layers[]") for x in layers]
         clean["frozen"] = frozen
+    elif name == "set_rules":
+        clean = _set_rules_args(args)
     source = msg.get("source", "user")
     if source not in COMMAND_SOURCES:
         raise WireError(f"unknown command source {source!r}")
@@ -361,6 +377,28 @@ def validate_command(msg: dict[str, Any]) -> dict[str, Any]:
     if "reason" in msg:
         out["reason"] = str(msg["reason"])[:1000]
     return out
+
+
+def _set_rules_args(args: dict[str, Any]) -> dict[str, Any]:
+    """set_rules is a partial target state: absent keys stay as they are."""
+    known = ("silenced", "auto_halve_lr", "auto_weight_decay")
+    unknown = sorted(set(args) - set(known))
+    if unknown or not args:
+        raise WireError(f"set_rules needs one or more of args.{', args.'.join(known)}")
+    clean: dict[str, Any] = {}
+    if "silenced" in args:
+        silenced = args["silenced"]
+        if not isinstance(silenced, list) or any(n not in RULE_NAMES for n in silenced):
+            raise WireError(
+                f"set_rules args.silenced must be a list of rule names from {list(RULE_NAMES)}"
+            )
+        clean["silenced"] = [n for n in RULE_NAMES if n in silenced]
+    for key in known[1:]:
+        if key in args:
+            if not isinstance(args[key], bool):
+                raise WireError(f"set_rules args.{key} must be true or false")
+            clean[key] = args[key]
+    return clean
 
 
 def validate_command_frame(msg: dict[str, Any]) -> dict[str, Any]:
@@ -651,6 +689,86 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
             },
         },
     },
+    "rules": {
+        "type": "section",
+        "label": "Diagnostic rules",
+        "help": "Rules evaluated on probe steps (dead units, saturation, vanishing gradients, "
+        "NaN/Inf, a stalled loss, over-fitting, all-zero inputs, poor init); each alert names "
+        "the layer and step. Rules can be silenced live from the dashboard.",
+        "fields": {
+            "enabled": {
+                "type": "str",
+                "default": "all",
+                "max_length": 1024,
+                "label": "Rules to evaluate",
+                "help": "Comma-separated rule names, all, or none: "
+                + ", ".join(RULE_NAMES)
+                + ". An ExplodingTensor (NaN/Inf) alert pauses the run and keeps the last "
+                "good checkpoint.",
+            },
+            "silence": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 1024,
+                "label": "Silenced rules",
+                "help": "Comma-separated rule names that are evaluated but raise no alert and "
+                "take no action (empty: none).",
+            },
+            "auto_halve_lr": {
+                "type": "bool",
+                "default": False,
+                "label": "Auto-halve LR on plateau",
+                "help": "When validation loss stops falling while training loss still falls, "
+                "halve the learning rate: once per plateau of `patience` evaluations without "
+                "improvement, sent as a command attributed to the rule.",
+            },
+            "auto_weight_decay": {
+                "type": "bool",
+                "default": False,
+                "label": "Auto weight decay on over-fit",
+                "help": "Start without weight decay (the model under-fits), add it once it "
+                "starts to over-fit: the run starts with weight decay off and the Overfit "
+                "rule switches solver.weight_decay on. Needs solver.weight_decay > 0.",
+            },
+            "patience": {
+                "type": "int",
+                "default": 3,
+                "min": 1,
+                "max": 10_000,
+                "label": "Patience (evaluations)",
+                "help": "Evaluations without validation improvement before the LR is halved, "
+                "and evaluations over the gap before Overfit fires.",
+            },
+        },
+    },
+    "finetune": {
+        "type": "section",
+        "label": "Fine-tuning",
+        "help": "Fine-tune from a pretrained model by freezing early layers (learning rate 0) "
+        "and training the rest; layers can be frozen and unfrozen live.",
+        "fields": {
+            "from_checkpoint": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 4096,
+                "label": "From checkpoint",
+                "help": "A .pt file written by the dashboard's Checkpoint command; the model's "
+                "weights are loaded (the optimizer starts fresh). The model settings must "
+                "match the checkpoint's.",
+            },
+            "freeze": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 4096,
+                "label": "Frozen layers",
+                "help": "Comma-separated module names (e.g. net.0,net.1) whose parameters get "
+                "no update; a layer freezes its children too.",
+            },
+        },
+    },
 }
 
 DEMO_EXPERIMENT: dict[str, Any] = {
@@ -735,6 +853,54 @@ def _check_section(
     return out
 
 
+def _name_list(text: str | None) -> list[str]:
+    """A comma-separated field as its names (spaces and empty items dropped)."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def experiment_rule_names(text: str | None) -> list[str]:
+    """``rules.enabled``/``rules.silence`` as rule names: all, none, or a comma list."""
+    words = _name_list(text)
+    if [w.lower() for w in words] == ["all"]:
+        return list(RULE_NAMES)
+    if [w.lower() for w in words] == ["none"]:
+        return []
+    return words
+
+
+def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+    import os.path
+
+    rules, finetune = out["rules"], out["finetune"]
+    for key in ("enabled", "silence"):
+        if not isinstance(rules[key], str):
+            continue
+        names = experiment_rule_names(rules[key])
+        unknown = [n for n in names if n not in RULE_NAMES]
+        if unknown:
+            msg = f"unknown rule(s) {', '.join(unknown)}; expected all, none or {', '.join(RULE_NAMES)}"
+            errors.append({"loc": ["rules", key], "msg": msg})
+        elif key == "silence":
+            rules[key] = ",".join(names) or None
+    solver = out["solver"]
+    wd = solver["weight_decay"]
+    if rules["auto_weight_decay"] is True and out["overfit"] is None and wd == 0.0:
+        errors.append(
+            {
+                "loc": ["rules", "auto_weight_decay"],
+                "msg": "needs solver.weight_decay > 0: the value switched on when Overfit fires",
+            }
+        )
+    path = finetune["from_checkpoint"]
+    if isinstance(path, str):
+        if not os.path.isfile(path):
+            errors.append({"loc": ["finetune", "from_checkpoint"], "msg": f"no such file: {path}"})
+        else:
+            finetune["from_checkpoint"] = os.path.abspath(path)
+    if isinstance(finetune["freeze"], str):
+        finetune["freeze"] = ",".join(_name_list(finetune["freeze"])) or None
+
+
 def validate_experiment(cfg: Any) -> dict[str, Any]:
     """The full config with defaults filled; raises ExperimentError listing every bad field.
 
@@ -781,7 +947,9 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
         errors.append(
             {"loc": ["solver", "batch_size"], "msg": "batch norm needs batches of at least 2"}
         )
+    _check_rules_and_finetune(out, errors)
     if out["overfit"] is not None:
+        out["rules"]["auto_weight_decay"] = False
         data["subset"] = out["overfit"]
         data["input_noise"] = 0.0
         model["dropout"] = 0.0

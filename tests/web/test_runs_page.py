@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 from conftest import LiveServer, PageGuard, chart_points, open_ready, screenshot, wait_for
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 pytestmark = pytest.mark.browser
 
 
-def row(page: Page, run_id: str):  # type: ignore[no-untyped-def]
+def row(page: Page, run_id: str) -> Locator:
     return page.locator(f"#runs tr[data-run-id='{run_id}']")
 
 

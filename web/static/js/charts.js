@@ -18,6 +18,20 @@ export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#
 const Plotly = () => window.Plotly;
 
 /**
+ * Resolves once Plotly is loaded. Pages load their module before the Plotly bundle,
+ * so their requests run while the browser parses it; nothing draws before this.
+ */
+export function plotlyReady() {
+  if (window.Plotly) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const script = document.querySelector("script[src*='plotly.min.js']");
+    if (!script) { reject(new Error("the page has no Plotly script")); return; }
+    script.addEventListener("load", () => resolve(), { once: true });
+    script.addEventListener("error", () => reject(new Error("Plotly failed to load")), { once: true });
+  });
+}
+
+/**
  * Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS;
  * a chart with a `due(now)` method (heatmaps: a summary of many steps, repainted
  * as an image, so once a second is plenty) waits until it says so.
@@ -37,7 +51,7 @@ class Scheduler {
 
   tick(now) {
     this.frame = null;
-    if (now - this.lastDraw >= this.interval) {
+    if (window.Plotly && now - this.lastDraw >= this.interval) {
       this.lastDraw = now;
       this.flush(now);
     }

@@ -6,7 +6,7 @@
  */
 
 import { getJSON, runUrl } from "./api.js";
-import { COLORS, LineChart, scheduler } from "./charts.js";
+import { COLORS, LineChart, plotlyReady, scheduler } from "./charts.js";
 import { setCondition } from "./notify.js";
 
 const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
@@ -77,7 +77,6 @@ async function loadLayer() {
 
 async function refresh() {
   await Promise.all([loadLoss(), loadLayer()]);
-  await scheduler.flush();
 }
 
 async function main() {
@@ -87,7 +86,8 @@ async function main() {
   buildCharts();
   $("loss-log").addEventListener("change", (ev) => loss.setLogY(ev.target.checked));
   $("layer").addEventListener("change", () => loadLayer());
-  await refresh();
+  await Promise.all([refresh(), plotlyReady()]);
+  await scheduler.flush();
   document.body.dataset.ready = "1";
   const timer = setInterval(async () => {
     if (document.hidden) return;

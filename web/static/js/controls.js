@@ -47,20 +47,36 @@ export class Controls {
     this.reason = root.querySelector("#control-reason");
     this.acked = root.querySelector("#acked");
     this.lrInput = root.querySelector("#lr-scale");
-    this.freezeSelect = root.querySelector("#freeze-layers");
+    this.freezeList = root.querySelector("#freeze-layers");
+    this.freezeCount = root.querySelector("#freeze-count");
+    this.freezeList.addEventListener("change", () => this.renderFreeze());
     for (const [key, button] of this.buttons) button.addEventListener("click", () => this.click(key));
     document.addEventListener("keydown", (ev) => this.key(ev));
     this.render();
   }
 
   setLayers(layers) {
-    this.freezeSelect.replaceChildren(...layers.map((l) => {
-      const o = document.createElement("option");
-      o.value = l.name;
-      o.textContent = `${l.name} (${l.kind})`;
-      return o;
+    this.freezeList.replaceChildren(...layers.map((l) => {
+      const label = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.value = l.name;
+      label.dataset.layer = l.name;
+      label.append(box, `${l.name} (${l.kind})`);
+      return label;
     }));
-    this.freezeSelect.size = 1;
+    this.renderFreeze();
+  }
+
+  pickedLayers() {
+    return [...this.freezeList.querySelectorAll("input:checked")].map((b) => b.value);
+  }
+
+  renderFreeze() {
+    const frozen = new Set((this.state || DEFAULT_STATE).frozen);
+    for (const label of this.freezeList.children) label.classList.toggle("frozen", frozen.has(label.dataset.layer));
+    const n = this.pickedLayers().length;
+    this.freezeCount.textContent = n ? `${n} picked` : "none picked";
   }
 
   setRun({ status, trainerConnected, socketOpen }) {
@@ -138,7 +154,7 @@ export class Controls {
       }
       case "wd-toggle": name = "set_weight_decay"; args = { enabled: !s.weight_decay_enabled }; break;
       case "freeze": case "unfreeze": {
-        const layers = [...this.freezeSelect.selectedOptions].map((o) => o.value);
+        const layers = this.pickedLayers();
         if (!layers.length) { toast("Pick one or more layers first", "error"); return; }
         name = "set_frozen"; args = { layers, frozen: key === "freeze" }; break;
       }
@@ -189,10 +205,11 @@ export class Controls {
       b.title = reason || (pending ? "Waiting for the trainer to acknowledge" : "");
     }
     this.acked.textContent = this.describe();
+    this.renderFreeze();
   }
 
   describe() {
-    if (!this.state) return "No acknowledged control state yet.";
+    if (!this.state) return "No command acknowledged yet: the trainer runs as started (LR ×1, weight decay as configured, nothing frozen).";
     const s = this.state;
     const at = (k) => (k in this.since ? ` (step ${this.since[k]})` : "");
     const parts = [

@@ -10,7 +10,7 @@
  */
 
 import { getJSON, runUrl, ApiError } from "./api.js";
-import { COLORS, LineChart, scheduler, formatNumber } from "./charts.js";
+import { COLORS, LineChart, plotlyReady, scheduler, formatNumber } from "./charts.js";
 import { Controls } from "./controls.js";
 import { EventLog, Markers } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
@@ -138,12 +138,16 @@ function setLast(last) {
 async function loadHistory(detail) {
   const names = [...routes.keys()].join(",");
   const matrix = (stat) => getJSON(runUrl(runId, "probes/matrix", { stat, max_steps: MATRIX_STEPS }));
-  const [series, dead, sat, grad, update, steps, evs, cmds] = await Promise.all([
+  const ended = ENDED.has(page.status);
+  const at = (ended ? stepFromUrl() : null) ?? detail.last_step ?? 0;
+  // Every request at once, the small multiples' step included (the server snaps it).
+  const [series, dead, sat, grad, update, steps, evs, cmds, shown] = await Promise.all([
     getJSON(runUrl(runId, "series", { names, max_points: SERIES_POINTS })),
     matrix("dead_ratio"), matrix("saturated_ratio"), matrix("grad_norm"), matrix("update_ratio"),
     getJSON(runUrl(runId, "probe_steps")),
     getJSON(runUrl(runId, "events", { limit: 500 })),
     getJSON(runUrl(runId, "commands")),
+    getJSON(runUrl(runId, "histogram", { step: at })).catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e))),
     loadHistogramOverTime(page.histLayer),
   ]);
   for (const [name, s] of Object.entries(series)) {
@@ -158,12 +162,10 @@ async function loadHistory(detail) {
     });
   }
   snapshots.setSteps(steps.steps);
-  events.add(evs.slice().sort((a, b) => (a.seq ?? 0) - (b.seq ?? 0)));
+  if (shown && steps.steps.length) snapshots.prime(at, shown);
+  events.add(evs); // oldest first, as stored
   for (const c of cmds) markers.fromCommand(c);
   drawMarkers();
-  const ended = ENDED.has(page.status);
-  const at = ended ? stepFromUrl() ?? detail.last_step : detail.last_step;
-  await snapshots.request(at ?? 0);
 }
 
 async function loadHistogramOverTime(layer) {
@@ -313,11 +315,13 @@ async function main() {
   applyDetail(detail);
   socket.start();
   snapshots.following = !ENDED.has(page.status);
-  await loadHistory(detail);
+  await Promise.all([loadHistory(detail).then(() => performance.mark("layerscope:history")), plotlyReady()]);
   page.historyLoaded = true;
   for (const frame of page.buffer.splice(0)) apply(frame);
   setStatus();
   await scheduler.flush();
+  performance.mark("layerscope:drawn");
+  document.body.dataset.readyMs = String(Math.round(performance.now()));
   document.body.dataset.ready = "1";
 }
 

@@ -57,6 +57,16 @@ export class Snapshots {
     if (this.cache.size > CACHE_SIZE) this.cache.delete(this.cache.keys().next().value);
   }
 
+  /** Shows an answer of /histogram?step=`step` fetched by the caller. */
+  prime(step, answer) {
+    const entry = { step: answer.step, layers: answer.layers };
+    const key = this.snap(step);
+    this.remember(key, entry);
+    this.shown = key;
+    this.wanted = key;
+    this.show(entry.step, entry.layers);
+  }
+
   /** Shows the stored histograms for the cursor; resolves once shown (or superseded). */
   request(step) {
     if (!this.steps.length) return Promise.resolve();

@@ -1,0 +1,105 @@
+"""socket.js in headless Chromium: the viewer socket survives a server restart, says so while
+it is down, and resumes from the last seq it saw, so the loss curve has no gap.
+
+The trainer is a real `python -m layerscope.trainer train` process started by the test (not
+by the server, so it outlives the restart); its link spools and resends while the server is
+away. The second server binds the same port on the same data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    FAST_CONFIG,
+    LiveServer,
+    PageGuard,
+    chart_trace,
+    open_ready,
+    serve,
+    server_settings,
+    wait_for,
+)
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def trainer_config(tmp_path: Path) -> Path:
+    config = {
+        **FAST_CONFIG,
+        "name": "restart digits",
+        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def trainer(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
+def start_trainer(server: LiveServer, config: Path, run_dir: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "layerscope.trainer", "train",
+        "--config", str(config), "--run-id", "restart", "--run-dir", str(run_dir), "--no-progress",
+        "--server", f"ws://127.0.0.1:{server.settings.port}/ws/trainer",
+    ]  # fmt: skip
+    with (run_dir / "trainer.log").open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
+
+
+def test_a_server_restart_leaves_no_gap_in_the_curves(
+    page: Page, guard: PageGuard, tmp_path: Path, trainer_config: Path, trainer: list[Any]
+) -> None:
+    guard.expect_refused_websocket()
+    data_dir = tmp_path / "data"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = serve(server_settings(data_dir))
+    server = next(first)
+    port = server.settings.port
+    trainer.append(start_trainer(server, trainer_config, run_dir))
+    server.wait_step("restart", 30, 120)
+    open_ready(page, f"{server.url}/runs/restart")
+    page.wait_for_function("document.body.dataset.socket === 'open'")
+
+    for _ in first:  # stop the first server; the trainer keeps training into its spool
+        pass
+    expect(page.locator("#banner")).to_contain_text("Connection to the server lost", timeout=15_000)
+    expect(page.locator("button[data-cmd='pause-toggle']")).to_be_disabled()
+    down_at = int(page.evaluate("document.body.dataset.lastStep"))
+
+    second = serve(server_settings(data_dir, port=port))
+    server = next(second)
+    try:
+        page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
+        page.wait_for_function(
+            "s => document.getElementById('chart-loss').data[0].x.some(x => x > s + 60)",
+            arg=down_at,
+            timeout=60_000,
+        )
+        expect(page.locator("#banner")).to_be_hidden(timeout=15_000)
+        steps = chart_trace(page, "chart-loss")["x"]
+        gaps = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b != a + 1]
+        assert not gaps, f"the loss curve skips steps: {gaps[:5]}"
+        assert steps[0] <= 1  # from the run's first step (0 or 1, as the trainer counts)
+        assert wait_for(
+            lambda: server.run("restart")["trainer_connected"], 30, "the trainer to reconnect"
+        )
+    finally:
+        for _ in second:
+            pass

@@ -118,6 +118,8 @@ class _Committer:
                 await self.link.close(CLOSE_SERVER_ERROR, "server could not store frames; reconnect")
                 return
             self.link.send({"type": "ack", "seq": acked})
+            # A trainer waiting on our commit is not silent: its silence counts from the ack.
+            self.link.last_seen = asyncio.get_running_loop().time()
             self.hub.mark_committed(self.run_id, acked)
             self.wake.set()
 
@@ -257,7 +259,9 @@ class Ingest:
         ws, run_id = link.ws, link.run_id
         loop = asyncio.get_running_loop()
         while not link.closed:
-            await committer.room.wait()
+            if not committer.room.is_set():
+                await committer.room.wait()
+                link.last_seen = loop.time()  # we were not reading; it was not silent
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return

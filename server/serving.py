@@ -86,6 +86,9 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
         ws_max_size=WS_MAX_SIZE,
         ws_ping_interval=WS_PING_INTERVAL_S,
         ws_ping_timeout=WS_PING_TIMEOUT_S,
+        # Off: a per-viewer zlib context costs CPU per frame per viewer (and broke the 50-viewer
+        # latency budget in benchmarks/latency.py); live frames are small and mostly local.
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=False,
         server_header=False,

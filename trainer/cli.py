@@ -34,7 +34,20 @@ COMMANDS = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"demo": wire.DEMO_EXPERIMENT}
 # Field names that would be ambiguous or unclear as bare flags.
-FLAG_NAMES = {("data", "path"): "data-path"}
+FLAG_NAMES = {
+    ("data", "path"): "data-path",
+    ("rules", "enabled"): "rules",
+    ("rules", "silence"): "silence",
+    ("finetune", "from_checkpoint"): "from",
+    ("finetune", "freeze"): "freeze",
+}
+_FLAG_METAVARS = {
+    ("data", "path"): "PATH",
+    ("rules", "enabled"): "NAMES",
+    ("rules", "silence"): "NAMES",
+    ("finetune", "from_checkpoint"): "CHECKPOINT",
+    ("finetune", "freeze"): "LAYERS",
+}
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 _DEST_PREFIX = "cfg:"
 RUN_DIR_SPOOL = "spool.bin"  # the file watch() writes inside a run directory
@@ -108,7 +121,7 @@ def _add_schema_flags(parser: argparse.ArgumentParser) -> None:
                 flag, choices=spec["choices"], help=_help_text(spec), **common
             )
         else:
-            metavar = "PATH" if key == "path" else _METAVARS[spec["type"]]
+            metavar = _FLAG_METAVARS.get((section or "", key), _METAVARS[spec["type"]])
             groups[section].add_argument(
                 flag, type=_value_parser(spec), metavar=metavar, help=_help_text(spec), **common
             )
@@ -153,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the validated config as JSON and exit without training",
     )
     _add_schema_flags(train)
+    train.add_argument(
+        "--no-rules",
+        dest=f"{_DEST_PREFIX}rules.enabled",
+        action="store_const",
+        const="none",
+        default=argparse.SUPPRESS,
+        help="evaluate no diagnostic rules (same as --rules none)",
+    )
 
     sync = sub.add_parser(
         "sync",

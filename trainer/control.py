@@ -198,6 +198,7 @@ class Control:
             "id": cmd_id,
             "cmd_seq": cmd_seq,
             "name": name,
+            "args": args,
             "ok": error is None,
             "applied_at_step": step,
             "state": self.state(),
@@ -316,6 +317,50 @@ class Control:
 
 
 CHECKPOINT_FORMAT = "layerscope-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, not a layerscope checkpoint, or for another model."""
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load the model weights of a checkpoint written by ``Control.checkpoint`` into
+    ``model`` (the optimizer state is not loaded). Returns {path, step, tensors}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        content = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickling-policy errors all mean "not ours"
+        raise CheckpointError(
+            f"checkpoint {path}: not a layerscope checkpoint ({type(exc).__name__})"
+        ) from None
+    if (
+        not isinstance(content, dict)
+        or not isinstance(content.get("model"), dict)
+        or not isinstance(content.get("step"), int)
+    ):
+        raise CheckpointError(
+            f"checkpoint {path}: not a layerscope checkpoint (expected model, optimizer, step)"
+        )
+    saved: dict[str, Any] = content["model"]
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {path}: has no tensor {name}; is it this model?")
+        other = saved[name]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {name} has shape {shape}, the model needs "
+                f"{tuple(tensor.shape)}"
+            )
+    extra = sorted(set(saved) - set(own))
+    if extra:
+        raise CheckpointError(f"checkpoint {path}: tensor {extra[0]} is not in this model")
+    model.load_state_dict(saved)
+    return {"path": str(path), "step": content["step"], "tensors": len(own)}
 
 
 def write_checkpoint(content: dict[str, Any], path: Path) -> None:

@@ -3,8 +3,10 @@
 Owns: turning an experiment config (``wire.EXPERIMENT_SCHEMA``) into data, model,
 init, optimizer and device, the training loop instrumented with ``watch()``
 (cross-entropy, train accuracy, validation every ``eval_every`` steps in eval
-mode), the ``overfit`` sanity check's pass/fail, and the normalisation of a
-server URL to the trainer socket (``ws://host:port`` -> ``.../ws/trainer``).
+mode), the config's diagnostic-rule settings, fine-tuning (weights loaded from a
+checkpoint, layers frozen before the first step), the ``overfit`` sanity check's
+pass/fail (a ``sanity`` event), and the normalisation of a server URL to the
+trainer socket (``ws://host:port`` -> ``.../ws/trainer``).
 
 Never: syncs with the device inside the loop (loss and accuracy stay tensors;
 the only host reads are for the summary after training), talks to the server
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from layerscope.trainer import wire
+from layerscope.trainer.control import CheckpointError, load_model_weights
 from layerscope.trainer.data import Batches, Dataset, add_input_noise, load_dataset
 from layerscope.trainer.inits import init_weights
 from layerscope.trainer.models import build_model
@@ -124,6 +127,14 @@ def run_experiment(
     ``server`` None records to the local spool only. The summary holds the steps
     done, final train/val loss and accuracy, whether it was stopped from the
     dashboard, and for ``overfit`` runs ``{"n", "train_acc", "passed"}``.
+
+    The overfit check always runs the whole step budget (deciding earlier would need a
+    host read inside the loop) and then measures accuracy on the whole training subset
+    in eval mode; the verdict is also recorded as a ``sanity`` event. With
+    ``finetune.from_checkpoint`` the model's weights come from a checkpoint file (the
+    optimizer starts fresh: its state belongs to the old lr and the old frozen set);
+    ``finetune.freeze`` is applied as a ``set_frozen`` command before the first step, so
+    the acknowledged state shows the layers frozen and they can be unfrozen live.
     """
     from layerscope.trainer.watch import watch
 
@@ -131,6 +142,13 @@ def run_experiment(
     url = trainer_socket_url(server) if server else None
     solver = cfg["solver"]
     data, model, optimizer, device = build(cfg)
+    finetune, rules = cfg["finetune"], cfg["rules"]
+    loaded = None
+    if finetune["from_checkpoint"] is not None:
+        try:
+            loaded = load_model_weights(model, finetune["from_checkpoint"])
+        except CheckpointError as exc:
+            raise ExperimentSetupError(str(exc)) from None
     batches = Batches(len(data.x_train), solver["batch_size"], solver["seed"], device)
     total_steps = solver["steps"] or solver["epochs"] * batches.steps_per_epoch
     noise_std = cfg["data"]["input_noise"]
@@ -152,7 +170,13 @@ def run_experiment(
         run_dir=run_dir,
         batch_size=batches.size,
         progress=progress,
+        rules=wire.experiment_rule_names(rules["enabled"]),
+        silence=wire.experiment_rule_names(rules["silence"]),
+        auto_halve_lr=rules["auto_halve_lr"],
+        auto_weight_decay=rules["auto_weight_decay"],
+        patience=rules["patience"],
     ) as w:
+        _start(w, finetune, loaded, rules["auto_weight_decay"])
         stopped = False
         for idx in batches:
             x = add_input_noise(data.x_train[idx], noise_std)
@@ -174,6 +198,9 @@ def run_experiment(
                 break
             if steps_done >= total_steps:
                 break
+        check = None
+        if cfg["overfit"] is not None:
+            check = _sanity_check(w, model, data, steps_done, total_steps)
     summary: dict[str, Any] = {
         "run_id": w.run_id,
         "run_dir": str(w.run_dir),
@@ -189,17 +216,55 @@ def run_experiment(
         "val_loss": None if val_loss is None else float(val_loss),
         "val_acc": None if val_acc is None else float(val_acc),
         "elapsed_s": round(time.monotonic() - started, 3),
-        "overfit": None,
+        "overfit": check,
     }
-    if cfg["overfit"] is not None:
-        _, fit_acc = evaluate(model, data.x_train, data.y_train)
-        correct = round(float(fit_acc) * len(data.x_train))
-        summary["overfit"] = {
-            "n": len(data.x_train),
-            "train_acc": float(fit_acc),
-            "passed": correct == len(data.x_train),
-        }
     return summary
+
+
+def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto_wd: bool) -> None:
+    """Before the first step: say what was loaded, freeze, and start weight decay off."""
+    freeze = [n for n in (finetune["freeze"] or "").split(",") if n]
+    if freeze:
+        result = w.command("set_frozen", {"layers": freeze, "frozen": True}, reason="--freeze")
+        if not result["ok"]:
+            raise ExperimentSetupError(f"finetune.freeze: {result['error']}")
+    if loaded is not None or freeze:
+        parts = []
+        if loaded is not None:
+            parts.append(
+                f"loaded {loaded['tensors']} model tensors from {loaded['path']} (saved at "
+                f"step {loaded['step']}); the optimizer starts fresh"
+            )
+        if freeze:
+            parts.append(f"frozen: {', '.join(freeze)}")
+        data = {"message": "; ".join(parts), "from_checkpoint": finetune["from_checkpoint"]}
+        w.event("log", {**data, "frozen": freeze})
+    if auto_wd:
+        reason = "auto weight decay: start without it, switch it on when Overfit fires"
+        w.command("set_weight_decay", {"enabled": False}, reason=reason)
+
+
+def _sanity_check(
+    w: Any, model: nn.Module, data: Dataset, steps: int, budget: int
+) -> dict[str, Any]:
+    """The overfit check's verdict (100% on the training subset), also sent as an event."""
+    _, fit_acc = evaluate(model, data.x_train, data.y_train)
+    n = len(data.x_train)
+    train_acc = float(fit_acc)  # the one host read, after training
+    passed = round(train_acc * n) == n
+    if passed:
+        message = f"PASS: 100% training accuracy on {n} examples within {steps} steps"
+    else:
+        message = (
+            f"FAIL: {train_acc:.2%} training accuracy on {n} examples after {steps} of "
+            f"{budget} steps; with regularisation off a working network reaches 100%. Check "
+            "the learning rate, the init and the code."
+        )
+    w.event(
+        "sanity",
+        {"passed": passed, "train_acc": train_acc, "steps": steps, "examples": n, "message": message},
+    )
+    return {"n": n, "train_acc": train_acc, "passed": passed}
 
 
 def describe(summary: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 Owns: ``watch(...)`` and the ``Watch`` it returns: numbering steps, keeping
 per-step scalars on the device until a flush, the flush itself (one
 concatenation, one non-blocking host copy, one event), deciding which steps
-are probe steps, and wiring probes, control and the link together.
+are probe steps, and wiring probes, control, the diagnostic rules (evaluated
+by ``alerts`` on the link thread) and the link together.
 
 Never: syncs with the device per step (no ``.item()``, ``float(tensor)`` or
 ``.cpu()`` on the training thread: the link thread reads the host copy after
@@ -28,9 +29,11 @@ from typing import Any
 
 import torch
 from layerscope.trainer import wire
+from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, Alerts
 from layerscope.trainer.control import Control
 from layerscope.trainer.link import Link
 from layerscope.trainer.probes import PendingStats, Probes
+from layerscope.trainer.rules import PATIENCE, Rules
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -66,12 +69,16 @@ class _Flush:
         event: Any,
         probe: tuple[int, PendingStats, int, int] | None,
         progress: Any,
+        alerts: Alerts | None = None,
+        snapshot: dict[str, Any] | None = None,
     ) -> None:
         self.rows = rows
         self.host = host
         self.event = event
         self.probe = probe  # (step, stats, offset, length) into host
         self.progress = progress
+        self.alerts = alerts
+        self.snapshot = snapshot  # checkpoint contents copied at the probe step
 
     def materialize(self) -> list[dict[str, Any]]:
         if self.event is not None:
@@ -80,11 +87,13 @@ class _Flush:
         probe_frame: dict[str, Any] | None = None
         run_values: dict[str, float | None] = {}
         probe_step = -1
+        decoded = None
         if self.probe is not None:
             probe_step, stats, offset, length = self.probe
             assert self.host is not None
             layers, run_values = stats.decode(self.host[offset : offset + length])
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
+            decoded = (probe_step, layers, dict(run_values))
         rows: list[dict[str, Any]] = []
         for row in self.rows:
             values = dict(row.values)
@@ -100,6 +109,10 @@ class _Flush:
             frames.append({"type": "metrics", "rows": rows})
         if probe_frame is not None:
             frames.append(probe_frame)
+        if self.alerts is not None:
+            # Raw floats: wire.encode turns NaN into null later, after the rules saw it.
+            frames += self.alerts.evaluate(rows, decoded, self.snapshot)
+        self.snapshot = None
         trained = [row for row in rows if "loss" in row["values"]]
         if self.progress is not None and trained:
             self.progress(trained[-1])
@@ -128,7 +141,16 @@ class Watch:
         run_dir: str | os.PathLike[str] | None,
         batch_size: int | None,
         progress: bool,
+        rules: bool | Iterable[str] = True,
+        silence: Iterable[str] = (),
+        auto_halve_lr: bool = False,
+        auto_weight_decay: bool = False,
+        patience: int = PATIENCE,
+        rule_thresholds: dict[str, Any] | None = None,
+        good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
     ) -> None:
+        if good_checkpoint_every < 0:
+            raise ValueError(f"good_checkpoint_every must be >= 0, got {good_checkpoint_every}")
         if every < 0:
             raise ValueError(f"every must be >= 0 (0 turns probes off), got {every}")
         if batch_size is not None and batch_size <= 0:
@@ -149,6 +171,21 @@ class Watch:
         self._device = _model_device(model)
         self._progress_enabled = progress
         self._progress_row: dict[str, Any] = {"step": 0, "values": {}}
+        self._good_every = good_checkpoint_every
+        self._probe_count = 0
+        self.alerts: Alerts | None = None
+        try:
+            enabled = None if rules is True else [] if rules is False else list(rules)
+            self.rules = Rules(
+                enabled,
+                silence,
+                auto_halve_lr,
+                auto_weight_decay,
+                patience,
+                **(rule_thresholds or {}),
+            )
+        except ValueError as exc:
+            raise ValueError(f"watch(): {exc}") from None
 
         server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
         token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
@@ -158,7 +195,9 @@ class Watch:
         # applied: frozen layers without gradients, the scaled lr's update.
         self.probes: Probes | None = None
         self.link: Link | None = None
-        self.control = Control(model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit)
+        self.control = Control(
+            model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit, rules=self.rules
+        )
         try:
             if model is not None and every > 0:
                 self.probes = Probes(
@@ -186,7 +225,10 @@ class Watch:
                 wire.validate_hello(hello)
             except wire.WireError as exc:
                 raise ValueError(f"watch(): {exc}") from None
+            if self.probes is not None:
+                self._tell_rules_about_layers(model, self.probes)
             if primary:
+                self.alerts = Alerts(self.rules, self.control, self.run_dir, self.rules.params)
                 self.link = Link(
                     hello,
                     spool_path=self.run_dir / "spool.bin",
@@ -214,6 +256,25 @@ class Watch:
     def control_state(self) -> dict[str, Any]:
         return self.control.state()
 
+    def command(
+        self, name: str, args: dict[str, Any] | None = None, *, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Apply a command now, on the calling (training) thread, as an ordinary command
+        with ``source: api``; e.g. freezing layers before the first step. Returns its
+        result (``ok``, ``error``, the acknowledged ``state``), also sent as an event."""
+        msg: dict[str, Any] = {"name": name, "args": args or {}, "source": "api"}
+        if reason is not None:
+            msg["reason"] = reason
+        result = self.control.apply(wire.validate_command(msg), self.step_count)
+        assert result is not None  # a fresh id is never a repeat
+        return result
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        """Record an event (``log``, ``sanity``, ...) at the current step."""
+        if kind not in wire.EVENT_KINDS:
+            raise ValueError(f"event kind must be one of {sorted(wire.EVENT_KINDS)}, got {kind!r}")
+        self._emit(kind, data)
+
     def step(self, loss: Scalar | None = None, **scalars: Scalar) -> None:
         """Call once per optimizer step, after ``optimizer.step()``."""
         if self._closed:
@@ -229,14 +290,20 @@ class Watch:
         self._rows.append(row)
 
         pending = None
+        snapshot = None
         if self.probes is not None and self._is_probe_step(step):
             pending = self.probes.collect()
+            if self._good_every and self._probe_count % self._good_every == 0:
+                # Copied now (device clones, no sync); written by the link thread only if
+                # this step's numbers turn out all finite.
+                snapshot = self.control.snapshot(step)
+            self._probe_count += 1
         if (
             pending is not None
             or now - self._last_flush_t >= FLUSH_INTERVAL_S
             or len(self._rows) >= MAX_ROWS_PER_FLUSH
         ):
-            self._flush(pending, step)
+            self._flush(pending, step, snapshot)
         if self.link is not None:
             self.link.step = step
         self.control.at_step_boundary(step, before_block=self._flush)
@@ -349,7 +416,20 @@ class Watch:
                 "cuda_mem_alloc_bytes", float(torch.cuda.memory_allocated(self._device))
             )
 
-    def _flush(self, pending: PendingStats | None = None, probe_step: int = 0) -> None:
+    def _tell_rules_about_layers(self, model: nn.Module | None, probes: Probes) -> None:
+        modules = dict(model.named_modules()) if model is not None else {}
+        for layer in probes.layer_table():
+            self.rules.kinds[layer["name"]] = layer["kind"]
+            module = modules.get(layer["name"])
+            if module is not None:
+                self.rules.params[layer["name"]] = sum(p.numel() for p in module.parameters())
+
+    def _flush(
+        self,
+        pending: PendingStats | None = None,
+        probe_step: int = 0,
+        snapshot: dict[str, Any] | None = None,
+    ) -> None:
         """Hand every buffered row to the link with one device-to-host copy."""
         self._last_flush_t = time.perf_counter()
         if not self._rows and pending is None:
@@ -364,11 +444,8 @@ class Watch:
             probe = (probe_step, pending, len(parts), pending.tensor.numel())
             parts.append(pending.tensor.reshape(-1).float())
         host, event = _to_host(parts)
-        self.link.submit(
-            _Flush(
-                rows, host, event, probe, self._print_progress if self._progress_enabled else None
-            )
-        )
+        progress = self._print_progress if self._progress_enabled else None
+        self.link.submit(_Flush(rows, host, event, probe, progress, self.alerts, snapshot))
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.link is None:
@@ -480,6 +557,13 @@ def watch(
     run_dir: str | os.PathLike[str] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    rules: bool | Iterable[str] = True,
+    silence: Iterable[str] = (),
+    auto_halve_lr: bool = False,
+    auto_weight_decay: bool = False,
+    patience: int = PATIENCE,
+    rule_thresholds: dict[str, Any] | None = None,
+    good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
 ) -> Watch:
     """Instrument a training loop; use as ``with watch(model, optimizer, run=...) as w:``.
 
@@ -498,6 +582,18 @@ def watch(
     param groups), ``step_time_s``, ``samples_per_s`` (with ``batch_size``),
     ``cuda_mem_alloc_bytes`` on a GPU, and ``grad_norm`` on probe steps; ``time_s`` is
     seconds since ``watch()`` began.
+
+    Diagnostic rules (``rules.RULE_NAMES``) run on the link thread as flushes arrive;
+    each finding becomes an ``alert`` event. ``rules``: True (all), False (none) or the
+    names to evaluate; ``silence``: names evaluated but quiet; ``rule_thresholds``: flat
+    ``<rule>_<field>`` overrides (``rules.threshold_names()``). ``auto_halve_lr`` halves
+    the lr scale once per validation plateau of ``patience`` evaluations (needs
+    ``w.eval(val_loss=...)``); ``auto_weight_decay`` switches weight decay on when
+    Overfit fires. Each is sent as a command with ``source: rule`` and its reason, and
+    can be switched live with the ``set_rules`` command. ExplodingTensor (NaN/Inf)
+    pauses the run; every ``good_checkpoint_every``-th probe step whose numbers are all
+    finite is kept as ``run_dir/last-good.pt`` (0: never; each costs one device copy
+    of the model and optimizer state until it is written).
     """
     return Watch(
         model,
@@ -516,4 +612,11 @@ def watch(
         run_dir=run_dir,
         batch_size=batch_size,
         progress=progress,
+        rules=rules,
+        silence=silence,
+        auto_halve_lr=auto_halve_lr,
+        auto_weight_decay=auto_weight_decay,
+        patience=patience,
+        rule_thresholds=rule_thresholds,
+        good_checkpoint_every=good_checkpoint_every,
     )

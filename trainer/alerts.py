@@ -1,0 +1,121 @@
+"""alerts — runs the diagnostic rules on each flush's host values (the link thread).
+
+Owns: feeding a flush's decoded numbers to ``rules.Rules`` in the order the
+rules expect (every training loss as the raw float, validation rows, then the
+probe step's layer entries in depth order), turning each finding into an
+``alert`` event frame, submitting a finding's action to ``Control`` as an
+ordinary command (``source: rule``, with its reason), and keeping the last good
+checkpoint: a snapshot taken on the training thread at a probe step is written
+to ``run_dir/last-good.pt`` once that step's numbers proved all finite.
+
+Never: runs on the training thread or touches the model or optimizer (commands
+are applied by ``Control`` at the next ``w.step()``; snapshots arrive already
+copied), syncs with the device (it only sees host numbers), or talks to the
+network (frames go back to the link that called it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from layerscope.trainer.control import Control, write_checkpoint
+from layerscope.trainer.rules import Finding, Rules
+
+log = logging.getLogger(__name__)
+
+LAST_GOOD_NAME = "last-good.pt"
+# Every N-th probe step (counting step 1's) snapshots the model for the last good checkpoint.
+DEFAULT_GOOD_CHECKPOINT_EVERY = 10
+
+
+class Alerts:
+    """The rule evaluation of one run; called by the link thread, one flush at a time."""
+
+    def __init__(
+        self, rules: Rules, control: Control, run_dir: Path, params: Mapping[str, int]
+    ) -> None:
+        self.rules = rules
+        self.control = control
+        self.last_good_path = run_dir / LAST_GOOD_NAME
+        self.last_good_step: int | None = None
+        self.params = dict(params)  # parameter count per probed layer
+
+    def evaluate(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        probe: tuple[int, list[dict[str, Any]], Mapping[str, Any]] | None,
+        snapshot: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """Findings for one flush as event frames. ``rows``: metrics rows with raw floats
+        (NaN not yet turned into null); ``probe``: (step, decoded layer entries, decoded
+        run scalars); ``snapshot``: the probe step's checkpoint contents, if one was taken."""
+        findings: list[Finding] = []
+        losses: dict[int, float] = {}
+        for row in rows:
+            values = row["values"]
+            loss = _raw(values.get("loss"))
+            if loss is not None:
+                losses[row["step"]] = loss
+                findings += self.rules.on_loss(row["step"], loss)
+            if "val_loss" in values:
+                findings += self.rules.on_eval(row["step"], _raw(values["val_loss"]))
+        if probe is not None:
+            step, layers, scalars = probe
+            nonfinite_weights = self._nonfinite_weights(layers)
+            grad_norm = _raw(scalars.get("grad_norm"))
+            if grad_norm is None and nonfinite_weights:
+                # Decode turns a NaN grad norm into None; weights that went non-finite are
+                # the trace an exploding update leaves, so report it as the gradients'.
+                grad_norm = math.nan
+            raw_scalars = {} if grad_norm is None else {"grad_norm": grad_norm}
+            findings += self.rules.on_probe(step, layers, raw_scalars)
+            loss = losses.get(step)
+            finite = (
+                not nonfinite_weights
+                and not any((_raw(e.get("nonfinite")) or 0.0) > 0 for e in layers)
+                and (grad_norm is None or math.isfinite(grad_norm))
+                and (loss is None or math.isfinite(loss))
+            )
+            if snapshot is not None and finite:
+                self._keep_good(snapshot, step)
+        frames = []
+        for finding in findings:
+            frames.append(self._frame(finding))
+            command = finding.to_command(self.control.lr_scale)
+            if command is not None:
+                self.control.submit(command)
+        return frames
+
+    def _nonfinite_weights(self, layers: Sequence[Mapping[str, Any]]) -> list[str]:
+        # A parameterised layer's weight_norm is None only when it is NaN/Inf.
+        return [
+            e["name"]
+            for e in layers
+            if self.params.get(e["name"], 0) > 0 and "weight_norm" in e and e["weight_norm"] is None
+        ]
+
+    def _keep_good(self, snapshot: dict[str, Any], step: int) -> None:
+        try:
+            write_checkpoint(snapshot, self.last_good_path)
+        except (OSError, RuntimeError) as exc:
+            log.warning("layerscope: could not write the last good checkpoint: %s", exc)
+            return
+        self.last_good_step = step
+
+    def _frame(self, finding: Finding) -> dict[str, Any]:
+        data = finding.to_event_data()
+        if finding.rule == "ExplodingTensor":
+            good = self.last_good_step is not None
+            data["last_good_checkpoint"] = str(self.last_good_path) if good else None
+            data["last_good_step"] = self.last_good_step
+        return {"type": "event", "step": finding.step, "kind": "alert", "data": data}
+
+
+def _raw(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)

@@ -26,6 +26,9 @@ Choices worth knowing:
 * ``sample_values`` caps the values histogrammed per layer per call (a fixed
   random subset drawn with the probes' own generator); min/max/moments/zero and
   non-finite counts and the dead/saturated unit counts always use every value.
+* An output above ``CHUNK_VALUES`` values is reduced in slices along dim 0 (merged
+  exactly, like repeated calls), so the hook's temporaries stay bounded; otherwise
+  they are about four float32 copies of the output, freed before the next layer.
 * ``update_ratio`` needs the pre-step weights. Copying every weight would add a
   full model's worth of memory, so parameters above ``UPDATE_SAMPLE`` entries
   keep a fixed random subset of that many entries and ||Δw|| is estimated from it
@@ -73,6 +76,9 @@ __all__ = [
 ]
 
 DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin on average
+# Outputs above this many values are reduced in slices, so the hook's float32
+# temporaries (about four slice-sized tensors) stay under 64 MiB whatever the layer.
+CHUNK_VALUES = 1 << 22
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -114,7 +120,7 @@ class _Layer:
     samples: list[Tensor] = field(default_factory=list)
     live: list[tuple[Tensor, int]] = field(default_factory=list)
     inside: list[tuple[Tensor, int]] = field(default_factory=list)
-    sample_index: tuple[int, Tensor] | None = None  # (numel it was drawn for, indices)
+    sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
     def reset(self) -> None:
         self.rows, self.nonfinite, self.totals = [], [], []
@@ -310,28 +316,38 @@ class Probes:
             # Identity, not shape: an activation applied straight to this output (even
             # in place, which returns the same tensor) inherits the channel axis.
             self._channel_first_out.append(weakref.ref(y))
-        rule = layer.rule
+        axis = stats.unit_axis(y.dim(), channel_first)
+        if axis is not None and layer.spec.units is None:
+            layer.spec.units = y.shape[axis]
+        parts = [y]
+        if y.numel() > CHUNK_VALUES and y.dim() >= 2 and axis != 0:
+            # Bounded temporaries: a large output is reduced in slices along dim 0 (never
+            # the unit axis); the slices merge exactly like a module's repeated calls.
+            parts = list(y.split(max(1, CHUNK_VALUES // (y.numel() // y.shape[0])), dim=0))
         with torch.no_grad():
-            # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
-            yf = y if y.dtype == torch.float32 else y.float()
-            clean = stats.clean_values(yf)
-            signs = clean.sign()
-            axis = stats.unit_axis(yf.dim(), channel_first)
-            if axis is not None:
-                if layer.spec.units is None:
-                    layer.spec.units = yf.shape[axis]
-                per_unit = yf.numel() // yf.shape[axis]
-                if rule.live_above is not None:
-                    live = stats.live_counts(clean, axis, rule.live_above, signs)
-                    layer.live.append((live, per_unit))
-                if rule.saturates:
-                    inside = stats.inside_counts(yf, clean, axis, rule)
-                    layer.inside.append((inside, per_unit))
-            floats, nonfinite = stats.value_row(yf, clean.reshape(-1), signs.reshape(-1))
-            layer.rows.append(floats)
-            layer.nonfinite.append(nonfinite)
-            layer.totals.append(yf.numel())
-            layer.samples.append(self._sample(layer, yf))
+            for part in parts:
+                self._reduce(layer, part, axis)
+
+    def _reduce(self, layer: _Layer, y: Tensor, axis: int | None) -> None:
+        """One call's (or slice's) statistics, reduced on the device (~15 kernels)."""
+        rule = layer.rule
+        # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
+        yf = y if y.dtype == torch.float32 else y.float()
+        clean = stats.clean_values(yf)
+        signs = clean.sign()
+        if axis is not None:
+            per_unit = yf.numel() // yf.shape[axis]
+            if rule.live_above is not None:
+                live = stats.live_counts(clean, axis, rule.live_above, signs)
+                layer.live.append((live, per_unit))
+            if rule.saturates:
+                inside = stats.inside_counts(yf, clean, axis, rule)
+                layer.inside.append((inside, per_unit))
+        floats, nonfinite = stats.value_row(yf, clean.reshape(-1), signs.reshape(-1))
+        layer.rows.append(floats)
+        layer.nonfinite.append(nonfinite)
+        layer.totals.append(yf.numel())
+        layer.samples.append(self._sample(layer, yf))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # Our own generator: sampling must not advance the user's RNG streams.
@@ -344,13 +360,15 @@ class Probes:
         cap = self.sample_values
         if cap is None or flat.numel() <= cap:
             return flat.clone()  # a copy: a later in-place op must not change what we saw
-        drawn = layer.sample_index
-        if drawn is None or drawn[0] != flat.numel() or drawn[1].device != flat.device:
+        index = layer.sample_index.get(flat.numel())
+        if index is None or index.device != flat.device:
+            if len(layer.sample_index) > 8:  # batch sizes keep changing
+                layer.sample_index.clear()
             index = torch.randint(
                 flat.numel(), (cap,), generator=self._generator(flat.device), device=flat.device
             )
-            drawn = layer.sample_index = (flat.numel(), index)
-        return flat.index_select(0, drawn[1])
+            layer.sample_index[flat.numel()] = index
+        return flat.index_select(0, index)
 
     # ---- gradients, weights, updates ----
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from layerscope.trainer import probes as probes_module
 from layerscope.trainer import wire
 from layerscope.trainer.probes import UPDATE_SAMPLE, Probes
 from torch import nn
@@ -558,3 +559,24 @@ def test_a_cuda_probe_step_does_not_synchronize() -> None:
         assert pending is not None and pending.tensor.is_cuda
         layers, scalars = pending.decode(pending.tensor.cpu())
         assert len(layers) == 5 and scalars["grad_norm"] is not None
+
+
+def test_a_large_output_reduced_in_slices_gives_the_same_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.Tanh())
+    x = uniform(50, 5) * 0.1
+    whole, _ = probe_step(model, Probes(model, sample_values=None), x)
+    monkeypatch.setattr(probes_module, "CHUNK_VALUES", 3 * 8)  # slices of 3 rows, last of 2
+    sliced, _ = probe_step(model, Probes(model, sample_values=None), x)
+    for name in ("0", "1"):
+        for key in ("mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio",
+                    "saturated_frac", "saturated_ratio"):  # fmt: skip
+            expected = whole[name][key]
+            if expected is None:
+                assert sliced[name][key] is None, (name, key)
+            else:
+                assert sliced[name][key] == pytest.approx(expected, rel=1e-5), (name, key)
+        assert sum(sliced[name]["hist"]["counts"]) == 50 * 8
+    assert whole["0"]["dead_ratio"] == 3 / 8 and whole["1"]["saturated_ratio"] == 1.0

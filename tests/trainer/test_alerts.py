@@ -1,0 +1,209 @@
+"""The diagnostic rules run through watch(): alert events in the spool, rule-made commands
+applied like any other, the pause and last good checkpoint on NaN, live switches."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from layerscope.trainer import wire
+from layerscope.trainer.alerts import LAST_GOOD_NAME
+from layerscope.trainer.control import load_model_weights
+from layerscope.trainer.experiment import run_experiment
+from layerscope.trainer.spool import read_spool
+from layerscope.trainer.watch import Watch, watch
+from torch import nn
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for text in list(read_spool(run_dir / "spool.bin"))[1:]:
+        frame = wire.parse_trainer_frame(text)  # every frame as the server would accept it
+        if frame["type"] == "event" and (kind is None or frame["kind"] == kind):
+            out.append(frame)
+    return out
+
+
+def alerts(run_dir: Path) -> list[tuple[int, str, str | None]]:
+    return [(e["step"], e["data"]["rule"], e["data"]["layer"]) for e in events(run_dir, "alert")]
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(128, 16), torch.randint(0, 4, (128,))
+
+
+def train(w: Watch, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    x, y = data()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.step(loss=loss.detach())
+        if w.should_stop:
+            return
+
+
+def mlp(act: type[nn.Module], width: int = 32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 4)
+    )
+
+
+def test_zero_init_relu_net_raises_dead_units_and_all_zero_naming_the_first_layer(
+    tmp_path: Path,
+) -> None:
+    model = mlp(nn.ReLU)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, every=5, run_dir=tmp_path) as w:
+        train(w, model, opt, 10)
+    found = alerts(tmp_path)
+    assert (1, "DeadUnits", "1") in found  # the first ReLU, at the first probe step
+    assert (1, "AllZero", "1") in found  # the ReLU sees the zero-init Linear's zeros
+    # Onset only: the condition persists at steps 5 and 10 but is reported once.
+    assert len([a for a in found if a[1] == "DeadUnits"]) == 1
+    alert = next(e for e in events(tmp_path, "alert") if e["data"]["rule"] == "DeadUnits")
+    assert alert["data"]["value"] == 1.0 and alert["data"]["threshold"] == 0.5
+    assert "step 1" in alert["data"]["message"] and "He init" in alert["data"]["message"]
+
+
+def test_large_normal_init_saturates_tanh(tmp_path: Path) -> None:
+    model = mlp(nn.Tanh, width=256)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, every=5, run_dir=tmp_path) as w:
+        train(w, model, opt, 5)
+    rules = {rule: layer for _, rule, layer in alerts(tmp_path)}
+    assert rules.get("Saturation") in ("1", "3")
+
+
+def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)
+    w = watch(model, opt, every=2, run_dir=tmp_path)
+    t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
+    t.start()
+    wait_until(lambda: w.control.paused)
+    paused_at = w.step_count
+    time.sleep(0.3)
+    assert t.is_alive() and w.step_count == paused_at, "a paused run blocks in w.step()"
+    w.control.submit(wire.validate_command({"name": "stop"}))
+    t.join(10)
+    w.close()
+    assert not t.is_alive() and paused_at < 10_000
+    alert = next(e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor")
+    good = tmp_path / LAST_GOOD_NAME
+    assert alert["data"]["last_good_checkpoint"] == str(good)
+    assert alert["data"]["action"]["name"] == "pause"
+    # The kept checkpoint is the network before it blew up, loadable for fine-tuning.
+    fresh = mlp(nn.ReLU)
+    info = load_model_weights(fresh, good)
+    assert info["step"] == alert["data"]["last_good_step"] < alert["step"]
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+    pause = [e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "pause"]
+    assert pause and pause[0]["source"] == "rule" and "NaN/Inf" in pause[0]["reason"]
+    assert pause[0]["state"]["paused"] is True
+
+
+def test_a_healthy_digits_run_raises_no_alert(tmp_path: Path) -> None:
+    cfg = {"every": 10, "solver": {"steps": 300, "device": "cpu"}}
+    summary = run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
+    assert summary["val_acc"] > 0.9
+    assert alerts(tmp_path) == []
+
+
+def _lr_used(run_dir: Path) -> list[float]:
+    out: list[float] = []
+    for text in list(read_spool(run_dir / "spool.bin"))[1:]:
+        frame = json.loads(text)
+        for row in frame.get("rows", []) if frame["type"] == "metrics" else []:
+            lr = row["values"].get("lr")
+            if lr is not None and (not out or out[-1] != lr):
+                out.append(lr)
+    return out
+
+
+def test_auto_halve_acts_once_per_plateau_and_the_used_lr_follows(tmp_path: Path) -> None:
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # best 0.9, then 3 evaluations without improvement (halve), 2 more (no second halving),
+    # a new best, and a second plateau of 3 (halve again).
+    plateau_1 = [1.0, 0.9, 0.95, 0.95, 0.95]
+    more = [0.95, 0.95]
+    plateau_2 = [0.5, 0.6, 0.6, 0.6]
+    with watch(model, opt, every=0, run_dir=tmp_path, auto_halve_lr=True, patience=3) as w:
+        for series, halvings in ((plateau_1, 1), (more, 1), (plateau_2, 2)):
+            for val in series:
+                train(w, model, opt, 2)
+                w.eval(val_loss=val)
+            expected = 0.5**halvings
+            # The rule acts on the link thread; the command applies at a later w.step().
+            while w.control.lr_scale != expected:
+                train(w, model, opt, 1)
+                time.sleep(0.01)
+        train(w, model, opt, 2)
+    assert _lr_used(tmp_path) == [0.1, 0.05, 0.025]
+    plateaus = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ValidationPlateau"]
+    assert len(plateaus) == 2
+    halvings = [
+        e["data"]
+        for e in events(tmp_path, "command_result")
+        if e["data"]["name"] == "set_lr_scale"
+    ]
+    assert [h["args"]["value"] for h in halvings] == [0.5, 0.25]
+    assert all(h["source"] == "rule" and "has not improved" in h["reason"] for h in halvings)
+
+
+def test_set_rules_silences_and_unsilences_live(tmp_path: Path) -> None:
+    model = mlp(nn.ReLU)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, every=5, run_dir=tmp_path) as w:
+        result = w.command("set_rules", {"silenced": ["DeadUnits", "AllZero"]})
+        assert result["state"]["rules"]["silenced"] == ["DeadUnits", "AllZero"]
+        train(w, model, opt, 10)
+        # Un-silenced while the units are still dead: reported at a later probe step.
+        result = w.command("set_rules", {"silenced": [], "auto_halve_lr": True})
+        assert result["state"]["rules"]["silenced"] == []
+        assert result["state"]["rules"]["auto_halve_lr"] is True
+        train(w, model, opt, 10)
+    found = alerts(tmp_path)
+    assert (1, "VanishingGradient", "0") in found  # not silenced: reported at once
+    dead = [step for step, rule, _ in found if rule == "DeadUnits"]
+    assert len(dead) == 1 and dead[0] > 1
+
+
+def test_rules_off_and_bad_rule_names(tmp_path: Path) -> None:
+    model = mlp(nn.ReLU)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, every=5, run_dir=tmp_path / "off", rules=False) as w:
+        train(w, model, opt, 5)
+    assert alerts(tmp_path / "off") == []
+    try:
+        watch(model, opt, run_dir=tmp_path / "bad", silence=["DeadRelu"])
+    except ValueError as exc:
+        assert "DeadRelu" in str(exc)
+    else:
+        raise AssertionError("an unknown rule name must be refused")

@@ -51,6 +51,7 @@ class Child:
     process: asyncio.subprocess.Process
     log_path: Path
     stopping: bool = False
+    stop_reason: str = "stopped from the dashboard"
     reaper: asyncio.Task[None] | None = None
     stopper: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -156,7 +157,7 @@ class Launcher:
         if run is None or run["status"] in wire.ENDED_STATUSES:
             return
         if child.stopping:
-            status, reason = "stopped", "stopped from the dashboard"
+            status, reason = "stopped", child.stop_reason
         elif code != 0:
             tail = log_tail(child.log_path)
             status, reason = "failed", f"trainer exited with code {code}\n{tail}".strip()
@@ -223,6 +224,7 @@ class Launcher:
         children = list(self.children.values())
         for child in children:
             child.stopping = True
+            child.stop_reason = "the server shut down"
         await asyncio.gather(
             *(self._terminate(c, grace_s=0.0) for c in children), return_exceptions=True
         )

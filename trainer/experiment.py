@@ -262,7 +262,13 @@ def _sanity_check(
         )
     w.event(
         "sanity",
-        {"passed": passed, "train_acc": train_acc, "steps": steps, "examples": n, "message": message},
+        {
+            "passed": passed,
+            "train_acc": train_acc,
+            "steps": steps,
+            "examples": n,
+            "message": message,
+        },
     )
     return {"n": n, "train_acc": train_acc, "passed": passed}
 

@@ -54,6 +54,7 @@ from layerscope.trainer.rule_config import (
 
 __all__ = ["PLATEAU", "RULE_NAMES", "Finding", "RuleConfig", "Rules", "threshold_names"]
 
+
 @dataclass
 class Finding:
     """One alert: what fired, where, when, against which threshold, and what to try."""

@@ -49,9 +49,7 @@ MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
 
 # ---- vocabularies ----
 TRAINER_TYPES = frozenset({"hello", "metrics", "probe", "event", "heartbeat"})
-EVENT_KINDS = frozenset(
-    {"alert", "command_result", "checkpoint", "status", "log", "sanity"}
-)
+EVENT_KINDS = frozenset({"alert", "command_result", "checkpoint", "status", "log", "sanity"})
 COMMANDS = frozenset(
     {
         "pause",

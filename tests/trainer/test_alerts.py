@@ -165,9 +165,7 @@ def test_auto_halve_acts_once_per_plateau_and_the_used_lr_follows(tmp_path: Path
     plateaus = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ValidationPlateau"]
     assert len(plateaus) == 2
     halvings = [
-        e["data"]
-        for e in events(tmp_path, "command_result")
-        if e["data"]["name"] == "set_lr_scale"
+        e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "set_lr_scale"
     ]
     assert [h["args"]["value"] for h in halvings] == [0.5, 0.25]
     assert all(h["source"] == "rule" and "has not improved" in h["reason"] for h in halvings)

@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from layerscope.trainer import wire
-from layerscope.trainer.experiment import run_experiment, trainer_socket_url
+from layerscope.trainer.control import Control
+from layerscope.trainer.experiment import (
+    ExperimentSetupError,
+    build,
+    run_experiment,
+    trainer_socket_url,
+)
+from layerscope.trainer.spool import read_spool
 
 
 def _errors(cfg: Any) -> dict[str, str]:
@@ -191,3 +199,136 @@ def test_overfit_100_passes_for_the_default_mlp_and_fails_with_lr_0(tmp_path: Pa
     frozen = {**base, "solver": {"steps": 20, "device": "cpu", "lr": 0.0}}
     failed = run_experiment(frozen, server=None, run_dir=str(tmp_path / "lr0"), progress=False)
     assert failed["overfit"]["passed"] is False and failed["overfit"]["train_acc"] < 0.5
+    # The verdict is an event too: the dashboard's pass/fail badge and the event log.
+    ok = _events(tmp_path / "ok", "sanity")
+    assert [(e["step"], e["data"]["passed"], e["data"]["examples"]) for e in ok] == [(300, True, 100)]
+    assert ok[0]["data"]["train_acc"] == 1.0 and ok[0]["data"]["message"].startswith("PASS")
+    bad = _events(tmp_path / "lr0", "sanity")
+    assert len(bad) == 1 and bad[0]["data"]["passed"] is False
+    assert bad[0]["data"]["steps"] == 20 and bad[0]["data"]["message"].startswith("FAIL")
+
+
+def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    frames = [wire.parse_trainer_frame(t) for t in list(read_spool(run_dir / "spool.bin"))[1:]]
+    return [f for f in frames if f["type"] == "event" and f["kind"] == kind]
+
+
+def _probes(run_dir: Path, layer: str) -> list[dict[str, Any]]:
+    frames = [wire.parse_trainer_frame(t) for t in list(read_spool(run_dir / "spool.bin"))[1:]]
+    return [e for f in frames if f["type"] == "probe" for e in f["layers"] if e["name"] == layer]
+
+
+# ---- rules and fine-tuning ----
+
+
+def test_rule_and_finetune_fields_are_checked_and_normalised(tmp_path: Path) -> None:
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    cfg = wire.validate_experiment(
+        {"rules": {"silence": " AllZero, DeadUnits ", "enabled": "none"},
+         "finetune": {"from_checkpoint": str(ckpt), "freeze": "net.0, net.1,"}}
+    )  # fmt: skip
+    assert cfg["rules"]["silence"] == "AllZero,DeadUnits" and cfg["rules"]["enabled"] == "none"
+    assert cfg["finetune"] == {"from_checkpoint": str(ckpt.resolve()), "freeze": "net.0,net.1"}
+    assert wire.validate_experiment(cfg) == cfg  # a stored config re-validates unchanged
+    errors = _errors(
+        {"rules": {"enabled": "DeadRelu", "auto_weight_decay": True, "patience": 0},
+         "finetune": {"from_checkpoint": str(tmp_path / "missing.pt")}}
+    )  # fmt: skip
+    assert "DeadRelu" in errors["rules.enabled"]
+    assert "weight_decay > 0" in errors["rules.auto_weight_decay"]
+    assert errors["rules.patience"] == "must be >= 1, got 0"
+    assert errors["finetune.from_checkpoint"].startswith("no such file")
+
+
+def _checkpoint(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    """Train a few steps and write a checkpoint the way the Checkpoint command does."""
+    _, model, optimizer, _ = build(wire.validate_experiment(cfg))
+    control = Control(model, optimizer, checkpoint_dir=tmp_path / "source")
+    return control.checkpoint(7)
+
+
+def test_finetune_loads_the_checkpoint_and_keeps_frozen_layers_bit_identical(
+    tmp_path: Path,
+) -> None:
+    base: dict[str, Any] = {"every": 5, "solver": {"steps": 20, "device": "cpu", "lr": 0.01}}
+    ckpt = _checkpoint(tmp_path, base)
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    cfg = {**base, "finetune": {"from_checkpoint": str(ckpt), "freeze": "net.0"}}
+    run_experiment(cfg, server=None, run_dir=str(tmp_path / "ft"), progress=False)
+    (log,) = _events(tmp_path / "ft", "log")
+    assert log["step"] == 0 and log["data"]["frozen"] == ["net.0"]
+    assert str(ckpt) in log["data"]["message"] and "step 7" in log["data"]["message"]
+    (frozen,) = [e for e in _events(tmp_path / "ft", "command_result") if e["data"]["name"] == "set_frozen"]
+    assert frozen["data"]["applied_at_step"] == 0 and frozen["data"]["state"]["frozen"] == ["net.0"]
+    # Loaded: the first probe (step 1, after one update) starts from the checkpoint's weights.
+    first = _probes(tmp_path / "ft", "net.0")
+    expected = float(torch.sqrt(sum((t.double() ** 2).sum() for k, t in saved.items() if k.startswith("net.0."))))
+    assert all(abs(p["weight_norm"] - expected) < 1e-4 * expected for p in first)
+    assert {p["update_ratio"] for p in first} == {0.0}
+    later = [p["update_ratio"] for p in _probes(tmp_path / "ft", "net.2")]
+    assert all(r > 0 for r in later)
+
+
+def test_finetune_refuses_foreign_files_and_other_shapes(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path, {"model": {"width": 32}})
+    other = {"model": {"width": 16}, "solver": {"steps": 2, "device": "cpu"},
+             "finetune": {"from_checkpoint": str(ckpt)}}  # fmt: skip
+    with pytest.raises(ExperimentSetupError, match=r"net\.0\.weight has shape \(32, 64\)"):
+        run_experiment(other, server=None, run_dir=str(tmp_path / "a"), progress=False)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    cfg = {**other, "model": {"width": 32}, "finetune": {"from_checkpoint": str(junk)}}
+    with pytest.raises(ExperimentSetupError, match="not a layerscope checkpoint"):
+        run_experiment(cfg, server=None, run_dir=str(tmp_path / "b"), progress=False)
+    cfg = {**other, "model": {"width": 32},
+           "finetune": {"from_checkpoint": str(ckpt), "freeze": "net.9"}}  # fmt: skip
+    with pytest.raises(ExperimentSetupError, match=r"finetune.freeze: unknown layer"):
+        run_experiment(cfg, server=None, run_dir=str(tmp_path / "c"), progress=False)
+
+
+def test_auto_weight_decay_starts_with_decay_off(tmp_path: Path) -> None:
+    cfg = {"every": 50, "rules": {"auto_weight_decay": True},
+           "solver": {"steps": 3, "device": "cpu", "weight_decay": 0.01}}  # fmt: skip
+    run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
+    (result,) = _events(tmp_path, "command_result")
+    assert result["data"]["name"] == "set_weight_decay" and result["data"]["args"] == {"enabled": False}
+    assert result["data"]["state"]["rules"]["auto_weight_decay"] is True
+
+
+def test_checkpoint_command_then_finetune_with_a_frozen_layer_then_unfreeze_live(
+    tmp_path: Path,
+) -> None:
+    from layerscope.trainer.control import load_model_weights
+    from layerscope.trainer.watch import watch
+
+    def train(w: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(data.x_train[:64]), data.y_train[:64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss.detach())
+
+    cfg = wire.validate_experiment({"solver": {"device": "cpu", "lr": 0.01}})
+    data, model, opt, _ = build(cfg)
+    with watch(model, opt, every=0, run_dir=tmp_path / "a") as w:
+        train(w, model, opt, 5)
+        assert w.command("checkpoint")["ok"]
+    ckpt = tmp_path / "a" / "checkpoint-5.pt"
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    _, tuned, opt, _ = build({**cfg, "solver": {**cfg["solver"], "seed": 1}})
+    assert not torch.equal(tuned.state_dict()["net.0.weight"], saved["net.0.weight"])
+    assert load_model_weights(tuned, ckpt) == {"path": str(ckpt), "step": 5, "tensors": 6}
+    with watch(tuned, opt, every=0, run_dir=tmp_path / "b") as w:
+        assert w.command("set_frozen", {"layers": ["net.0"], "frozen": True})["ok"]
+        train(w, tuned, opt, 5)
+        now = tuned.state_dict()
+        assert torch.equal(now["net.0.weight"], saved["net.0.weight"])
+        assert torch.equal(now["net.0.bias"], saved["net.0.bias"])
+        assert not torch.equal(now["net.2.weight"], saved["net.2.weight"])
+        result = w.command("set_frozen", {"layers": ["net.0"], "frozen": False})
+        assert result["state"]["frozen"] == []
+        train(w, tuned, opt, 2)
+        assert not torch.equal(tuned.state_dict()["net.0.weight"], saved["net.0.weight"])

@@ -246,3 +246,41 @@ def test_close_removes_the_hooks() -> None:
     control.at_step_boundary(step=1)
     control.close()
     assert sgd_step(w, opt) == pytest.approx(0.1)
+
+
+# ---- rule switches ----
+
+
+def test_set_rules_is_a_partial_target_state_validated_on_the_wire() -> None:
+    from layerscope.trainer.rules import Rules
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder()
+    control = Control(model, opt, emit=rec, rules=Rules(silenced=["AllZero"]))
+    control.apply(cmd("set_rules", silenced=["DeadUnits", "Overfit"]), 1)
+    control.apply(cmd("set_rules", auto_halve_lr=True), 2)  # silenced is left as it was
+    state = rec.results()[-1]["state"]["rules"]
+    assert state["silenced"] == ["DeadUnits", "Overfit"] and state["auto_halve_lr"] is True
+    assert state["auto_weight_decay"] is False
+    control.apply(cmd("set_frozen", layers=["0"], frozen=True), 3)
+    assert control.rules is not None and control.rules.frozen == {"0"}
+    for bad in ({}, {"silenced": ["DeadRelu"]}, {"auto_halve_lr": "yes"}, {"patience": 2}):
+        with pytest.raises(wire.WireError, match="set_rules"):
+            wire.validate_command({"name": "set_rules", "args": bad})
+
+
+def test_command_results_carry_source_and_reason() -> None:
+    w = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    rec = Recorder()
+    control = Control(None, opt, emit=rec)
+    rule = wire.validate_command(
+        {"name": "set_lr_scale", "args": {"value": 0.5}, "source": "rule", "reason": "plateau"}
+    )
+    control.apply(rule, 4)
+    control.apply(cmd("pause"), 5)
+    by_rule, by_user = rec.results()
+    assert (by_rule["source"], by_rule["reason"], by_rule["args"]) == ("rule", "plateau", {"value": 0.5})
+    assert by_user["source"] == "user" and "reason" not in by_user
+    assert "rules" not in by_user["state"]  # a Control without rules has no rule state

@@ -219,3 +219,22 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def test_rule_and_finetune_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_text("not a checkpoint")
+    cfg = _config(
+        capsys, "--silence", "DeadUnits,AllZero", "--auto-halve-lr", "--auto-weight-decay",
+        "--weight-decay", "0.01", "--patience", "5", "--from", str(ckpt), "--freeze", "net.0",
+    )  # fmt: skip
+    assert cfg["rules"] == {"enabled": "all", "silence": "DeadUnits,AllZero",
+                            "auto_halve_lr": True, "auto_weight_decay": True, "patience": 5}  # fmt: skip
+    assert cfg["finetune"] == {"from_checkpoint": str(ckpt), "freeze": "net.0"}
+    assert _config(capsys, "--no-rules")["rules"]["enabled"] == "none"
+    assert _config(capsys, "--rules", "Overfit")["rules"]["enabled"] == "Overfit"
+    assert cli.main(["train", "--print-config", "--silence", "DeadRelu"]) == 2
+    assert "rules.silence: unknown rule(s) DeadRelu" in capsys.readouterr().err
+    common = ["--device", "cpu", "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    assert cli.main(["train", "--steps", "2", "--from", str(ckpt), *common]) == 2
+    assert "not a layerscope checkpoint" in capsys.readouterr().err

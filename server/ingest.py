@@ -30,6 +30,7 @@ from layerscope.trainer import wire
 log = logging.getLogger("layerscope.ingest")
 
 MAX_UNCOMMITTED = 4096  # frames read but not yet committed; past this the socket is not read
+MAX_BATCH = 256  # frames per store.append: a backlog is committed (and acked) in steps
 CLOSE_SERVER_ERROR = 1011
 LIVE_STATUSES = frozenset({"starting", "running", "paused"})
 
@@ -107,8 +108,9 @@ class _Committer:
                 if self.finishing:
                     return
                 continue
-            batch, self.pending = self.pending, []
-            self.room.set()
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            if len(self.pending) < MAX_UNCOMMITTED:
+                self.room.set()
             try:
                 acked = await self.store.append(self.run_id, batch)
             except Exception:

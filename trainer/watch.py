@@ -1,10 +1,11 @@
 """watch — the three lines a training script adds (STYLE "The user's three lines").
 
 Owns: ``watch(...)`` and the ``Watch`` it returns: numbering steps, keeping
-per-step scalars on the device until a flush, the flush itself (one
-concatenation, one non-blocking host copy, one event), deciding which steps
-are probe steps, and wiring probes, control, the diagnostic rules (evaluated
-by ``alerts`` on the link thread) and the link together.
+per-step scalars on the device until a flush (``flush`` does the one host
+copy and its decoding), deciding which steps are probe steps and which of them
+snapshot the model for the last good checkpoint, and wiring probes, control,
+the diagnostic rules (evaluated by ``alerts`` on the link thread) and the link
+together.
 
 Never: syncs with the device per step (no ``.item()``, ``float(tensor)`` or
 ``.cpu()`` on the training thread: the link thread reads the host copy after
@@ -23,7 +24,6 @@ import time
 import types as pytypes
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, Alerts
 from layerscope.trainer.control import Control
+from layerscope.trainer.flush import Flush, Row, to_host
 from layerscope.trainer.link import Link
 from layerscope.trainer.probes import PendingStats, Probes
 from layerscope.trainer.rules import PATIENCE, Rules
@@ -49,74 +50,6 @@ def is_primary_rank() -> bool:
     """The one place that decides which process talks to the server: rank 0 (DESIGN §4)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-@dataclass
-class _Row:
-    step: int
-    time_s: float
-    values: dict[str, float | None]
-    on_device: list[tuple[str, int]] = field(default_factory=list)  # (series, index in flat)
-
-
-class _Flush:
-    """One flush: the host copy of every buffered device value, decoded on the link thread."""
-
-    def __init__(
-        self,
-        rows: list[_Row],
-        host: torch.Tensor | None,
-        event: Any,
-        probe: tuple[int, PendingStats, int, int] | None,
-        progress: Any,
-        alerts: Alerts | None = None,
-        snapshot: dict[str, Any] | None = None,
-    ) -> None:
-        self.rows = rows
-        self.host = host
-        self.event = event
-        self.probe = probe  # (step, stats, offset, length) into host
-        self.progress = progress
-        self.alerts = alerts
-        self.snapshot = snapshot  # checkpoint contents copied at the probe step
-
-    def materialize(self) -> list[dict[str, Any]]:
-        if self.event is not None:
-            self.event.synchronize()
-        flat = self.host.tolist() if self.host is not None else []
-        probe_frame: dict[str, Any] | None = None
-        run_values: dict[str, float | None] = {}
-        probe_step = -1
-        decoded = None
-        if self.probe is not None:
-            probe_step, stats, offset, length = self.probe
-            assert self.host is not None
-            layers, run_values = stats.decode(self.host[offset : offset + length])
-            probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
-            decoded = (probe_step, layers, dict(run_values))
-        rows: list[dict[str, Any]] = []
-        for row in self.rows:
-            values = dict(row.values)
-            for name, index in row.on_device:
-                values[name] = flat[index]
-            if row.step == probe_step and run_values:
-                for name, value in run_values.items():
-                    values.setdefault(name, value)
-                run_values = {}
-            rows.append({"step": row.step, "time_s": row.time_s, "values": values})
-        frames: list[dict[str, Any]] = []
-        if rows:
-            frames.append({"type": "metrics", "rows": rows})
-        if probe_frame is not None:
-            frames.append(probe_frame)
-        if self.alerts is not None:
-            # Raw floats: wire.encode turns NaN into null later, after the rules saw it.
-            frames += self.alerts.evaluate(rows, decoded, self.snapshot)
-        self.snapshot = None
-        trained = [row for row in rows if "loss" in row["values"]]
-        if self.progress is not None and trained:
-            self.progress(trained[-1])
-        return frames
 
 
 class Watch:
@@ -165,7 +98,7 @@ class Watch:
             Path(run_dir) if run_dir is not None else Path("layerscope-runs") / self.run_id
         )
         self._closed = False
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._device_values: list[torch.Tensor] = []
         self._known_names: set[str] = set()
         self._device = _model_device(model)
@@ -281,7 +214,7 @@ class Watch:
             raise RuntimeError("this watch is closed; step() after close() records nothing")
         step = self.step_count + 1
         now = time.perf_counter()
-        row = _Row(step=step, time_s=now - self._t0, values={})
+        row = Row(step=step, time_s=now - self._t0, values={})
         self._put_all(row, {"loss": loss, **scalars} if loss is not None else scalars)
         self.step_count = step
         step_time_s = now - self._last_step_t
@@ -316,7 +249,7 @@ class Watch:
             raise RuntimeError("this watch is closed; eval() after close() records nothing")
         if not scalars:
             return
-        row = _Row(step=self.step_count, time_s=time.perf_counter() - self._t0, values={})
+        row = Row(step=self.step_count, time_s=time.perf_counter() - self._t0, values={})
         self._put_all(row, scalars)
         self._rows.append(row)
         self._flush()
@@ -363,7 +296,7 @@ class Watch:
     def _is_probe_step(self, step: int) -> bool:
         return step == 1 or step % self.every == 0
 
-    def _put_all(self, row: _Row, scalars: dict[str, Scalar]) -> None:
+    def _put_all(self, row: Row, scalars: dict[str, Scalar]) -> None:
         """Add every scalar to ``row``, or none of them: a bad one raises and leaves no trace."""
         mark = len(self._device_values)
         try:
@@ -373,7 +306,7 @@ class Watch:
             del self._device_values[mark:]
             raise
 
-    def _put(self, row: _Row, name: str, value: Scalar) -> None:
+    def _put(self, row: Row, name: str, value: Scalar) -> None:
         if name not in self._known_names:
             if not isinstance(name, str) or not name or len(name) > wire.MAX_NAME_LEN:
                 raise ValueError(f"series name {name!r} must be 1..{wire.MAX_NAME_LEN} characters")
@@ -397,7 +330,7 @@ class Watch:
                 f"{name} must be a number or a scalar tensor, got {type(value).__name__}"
             )
 
-    def _add_run_values(self, row: _Row, step_time_s: float) -> None:
+    def _add_run_values(self, row: Row, step_time_s: float) -> None:
         values = row.values
         for i, (lr, wd) in enumerate(
             zip(self.control.used_lr, self.control.used_weight_decay, strict=False)
@@ -443,9 +376,9 @@ class Watch:
         if pending is not None:
             probe = (probe_step, pending, len(parts), pending.tensor.numel())
             parts.append(pending.tensor.reshape(-1).float())
-        host, event = _to_host(parts)
+        host, event = to_host(parts)
         progress = self._print_progress if self._progress_enabled else None
-        self.link.submit(_Flush(rows, host, event, probe, progress, self.alerts, snapshot))
+        self.link.submit(Flush(rows, host, event, probe, progress, self.alerts, snapshot))
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.link is None:
@@ -473,27 +406,6 @@ class Watch:
         self.control.close()
         if self.probes is not None:
             self.probes.close()
-
-
-def _to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
-    """One concatenation per device and one host copy; on CUDA a pinned non-blocking copy + event."""
-    if not parts:
-        return None, None
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(parts):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) > 1:
-        # Values on several devices (rare: model parallel): bring them to the first one.
-        first = parts[0].device
-        parts = [t.to(first, non_blocking=True) for t in parts]
-    flat = torch.cat(parts)
-    if flat.device.type != "cuda":
-        return flat, None
-    host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(flat.device))
-    return host, event
 
 
 def _model_device(model: nn.Module | None) -> torch.device:

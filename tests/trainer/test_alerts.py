@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from layerscope.trainer import wire
+from layerscope.trainer import watch, wire  # watch first, so the package binds the function
 from layerscope.trainer.alerts import LAST_GOOD_NAME
 from layerscope.trainer.control import load_model_weights
 from layerscope.trainer.experiment import run_experiment
 from layerscope.trainer.spool import read_spool
-from layerscope.trainer.watch import Watch, watch
+from layerscope.trainer.watch import Watch
 from torch import nn
 
 

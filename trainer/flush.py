@@ -1,0 +1,109 @@
+"""flush — one batch of buffered step values on its way from the device to the link.
+
+Owns: the buffered metric ``Row``, ``to_host`` (one concatenation and one
+non-blocking host copy per flush, with an event on CUDA), and ``Flush``, which
+the link thread materialises into metrics, probe and alert frames once the copy
+is done.
+
+Never: runs ``materialize`` on the training thread (it waits on the device
+event and reads host values), or changes a value's meaning: NaN reaches the
+rules as NaN; ``wire.encode`` turns it into null afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from layerscope.trainer.alerts import Alerts
+from layerscope.trainer.probes import PendingStats
+
+
+@dataclass
+class Row:
+    step: int
+    time_s: float
+    values: dict[str, float | None]
+    on_device: list[tuple[str, int]] = field(default_factory=list)  # (series, index in flat)
+
+
+class Flush:
+    """One flush: the host copy of every buffered device value, decoded on the link thread."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        host: torch.Tensor | None,
+        event: Any,
+        probe: tuple[int, PendingStats, int, int] | None,
+        progress: Any,
+        alerts: Alerts | None = None,
+        snapshot: dict[str, Any] | None = None,
+    ) -> None:
+        self.rows = rows
+        self.host = host
+        self.event = event
+        self.probe = probe  # (step, stats, offset, length) into host
+        self.progress = progress
+        self.alerts = alerts
+        self.snapshot = snapshot  # checkpoint contents copied at the probe step
+
+    def materialize(self) -> list[dict[str, Any]]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.host.tolist() if self.host is not None else []
+        probe_frame: dict[str, Any] | None = None
+        run_values: dict[str, float | None] = {}
+        probe_step = -1
+        decoded = None
+        if self.probe is not None:
+            probe_step, stats, offset, length = self.probe
+            assert self.host is not None
+            layers, run_values = stats.decode(self.host[offset : offset + length])
+            probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
+            decoded = (probe_step, layers, dict(run_values))
+        rows: list[dict[str, Any]] = []
+        for row in self.rows:
+            values = dict(row.values)
+            for name, index in row.on_device:
+                values[name] = flat[index]
+            if row.step == probe_step and run_values:
+                for name, value in run_values.items():
+                    values.setdefault(name, value)
+                run_values = {}
+            rows.append({"step": row.step, "time_s": row.time_s, "values": values})
+        frames: list[dict[str, Any]] = []
+        if rows:
+            frames.append({"type": "metrics", "rows": rows})
+        if probe_frame is not None:
+            frames.append(probe_frame)
+        if self.alerts is not None:
+            # Raw floats: wire.encode turns NaN into null later, after the rules saw it.
+            frames += self.alerts.evaluate(rows, decoded, self.snapshot)
+        self.snapshot = None
+        trained = [row for row in rows if "loss" in row["values"]]
+        if self.progress is not None and trained:
+            self.progress(trained[-1])
+        return frames
+
+
+def to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
+    """One concatenation per device and one host copy; on CUDA a pinned non-blocking copy + event."""
+    if not parts:
+        return None, None
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(parts):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) > 1:
+        # Values on several devices (rare: model parallel): bring them to the first one.
+        first = parts[0].device
+        parts = [t.to(first, non_blocking=True) for t in parts]
+    flat = torch.cat(parts)
+    if flat.device.type != "cuda":
+        return flat, None
+    host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flat.device))
+    return host, event

@@ -267,7 +267,8 @@ def drawn_step(page: Page) -> int:
 def live_phase(browser: Browser, base: str, minutes: float) -> dict[str, Any]:
     state = TrainerState()
     ws_url = base.replace("http://", "ws://") + "/ws/trainer"
-    thread = threading.Thread(target=run_trainer, args=(ws_url, "live-bench", state), daemon=True)
+    run_id = f"live-bench-{wire.new_id()[:8]}"  # a fresh run even when --data-dir is reused
+    thread = threading.Thread(target=run_trainer, args=(ws_url, run_id, state), daemon=True)
     thread.start()
     while state.step < 20:
         if state.error:
@@ -275,7 +276,7 @@ def live_phase(browser: Browser, base: str, minutes: float) -> dict[str, Any]:
         time.sleep(0.1)
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
-    page.goto(f"{base}/runs/live-bench")
+    page.goto(f"{base}/runs/{run_id}")
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
     cdp = context.new_cdp_session(page)
     samples: list[tuple[float, float, float]] = []  # (t, lag_s, heap_mb)

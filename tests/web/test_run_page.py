@@ -8,6 +8,7 @@ decay off, each shown only once the trainer has acknowledged it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +17,26 @@ from conftest import (
     LiveServer,
     chart_points,
     chart_trace,
+    guarded_page,
     open_ready,
     screenshot,
     wait_for,
 )
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def run_page(browser: Browser, server: LiveServer, live_run: dict[str, Any]) -> Iterator[Page]:
+    """One page on the live run for the whole module, the way a person keeps the tab open:
+    each test drives it further. It must never log an error or ask a non-local host."""
+    page, guard = guarded_page(browser)
+    open_ready(page, f"{server.url}/runs/{live_run['id']}")
+    yield page
+    page.context.close()
+    assert not guard.errors, "the page logged errors:\n" + "\n".join(guard.errors)
+    assert not guard.remote, f"requests left localhost: {guard.remote}"
 
 
 def last_command(server: LiveServer, run_id: str, name: str) -> dict[str, Any]:
@@ -50,10 +64,8 @@ def record_pending(page: Page, cmd: str) -> None:
     )
 
 
-def test_page_loads_and_the_loss_curve_grows(
-    page: Page, server: LiveServer, live_run: dict[str, Any]
-) -> None:
-    open_ready(page, f"{server.url}/runs/{live_run['id']}")
+def test_page_loads_and_the_loss_curve_grows(run_page: Page, live_run: dict[str, Any]) -> None:
+    page = run_page
     expect(page.locator("#status")).to_have_text("running")
     before = chart_points(page, "chart-loss")[0]
     assert before > 0
@@ -78,10 +90,9 @@ def test_page_loads_and_the_loss_curve_grows(
 
 
 def test_pause_stops_the_trainer_and_step_once_advances_one_step(
-    page: Page, server: LiveServer, live_run: dict[str, Any]
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:
-    run_id = live_run["id"]
-    open_ready(page, f"{server.url}/runs/{run_id}")
+    page, run_id = run_page, live_run["id"]
     pause = page.locator("button[data-cmd='pause-toggle']")
     expect(pause).to_have_text("Pause")
     pause.click()
@@ -108,10 +119,9 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
 
 
 def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
-    page: Page, server: LiveServer, live_run: dict[str, Any]
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:
-    run_id = live_run["id"]
-    open_ready(page, f"{server.url}/runs/{run_id}")
+    page, run_id = run_page, live_run["id"]
     base_lr = FAST_CONFIG["solver"]["lr"]
     scale = float(
         page.eval_on_selector("#controls", "el => JSON.parse(el.dataset.acked)?.lr_scale ?? 1")
@@ -144,10 +154,14 @@ def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
 
 
 def test_weight_decay_off_reads_zero(
-    page: Page, server: LiveServer, live_run: dict[str, Any]
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:
-    run_id = live_run["id"]
+    """After a reload: the page starts from the acknowledged state the server holds."""
+    page, run_id = run_page, live_run["id"]
     open_ready(page, f"{server.url}/runs/{run_id}")
+    control = server.run(run_id)["control"]
+    if control is not None:
+        expect(page.locator("#acked")).to_contain_text(f"LR ×{control['lr_scale']:g}")
     toggle = page.locator("button[data-cmd='wd-toggle']")
     expect(toggle).to_have_text("Weight decay: on")
     toggle.click()

@@ -73,7 +73,7 @@ def test_a_server_restart_leaves_no_gap_in_the_curves(
     server = next(first)
     port = server.settings.port
     trainer.append(start_trainer(server, trainer_config, run_dir))
-    server.wait_step("restart", 30, 120)
+    server.wait_step("restart", 10, 120)
     open_ready(page, f"{server.url}/runs/restart")
     page.wait_for_function("document.body.dataset.socket === 'open'")
 
@@ -88,7 +88,7 @@ def test_a_server_restart_leaves_no_gap_in_the_curves(
     try:
         page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
         page.wait_for_function(
-            "s => document.getElementById('chart-loss').data[0].x.some(x => x > s + 60)",
+            "s => document.getElementById('chart-loss').data[0].x.some(x => x > s + 30)",
             arg=down_at,
             timeout=60_000,
         )

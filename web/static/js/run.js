@@ -33,6 +33,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
+  refreshingLayers: false, detail: null,
 };
 
 const charts = {
@@ -63,8 +64,9 @@ function route(name) {
   if (routes.has(name)) return routes.get(name);
   const chart = isLr(name) ? charts.lr : isWd(name) ? charts.wd : null;
   if (!chart) return null;
-  const label = name.replace(/^(lr|weight_decay)[/.:[_]?/, "") || "all";
-  const entry = [chart, chart.addTrace({ name: `group ${label}`.replace("group all", name), smoothable: false })];
+  // "lr" is the only group's; "lr/1" (or lr.1, lr_1) is group 1's.
+  const group = name.replace(/^(lr|weight_decay)[/.:[_]?/, "");
+  const entry = [chart, chart.addTrace({ name: group ? `group ${group}` : name, smoothable: false })];
   routes.set(name, entry);
   return entry;
 }
@@ -99,21 +101,48 @@ function setStep(step) {
   document.body.dataset.lastStep = String(step);
 }
 
+function setLayers(layers) {
+  page.layers = layers;
+  controls.setLayers(layers);
+  const select = $("hist-layer");
+  select.replaceChildren(...layers.map((l) => new Option(`${l.name} (${l.kind})`, l.name)));
+  const act = layers.find((l) => /relu|tanh|sigmoid|gelu|silu|elu|mish|softplus|hard|softsign/i.test(l.kind));
+  page.histLayer = (act || layers[0] || {}).name ?? null;
+  if (page.histLayer) select.value = page.histLayer;
+}
+
+/** A run opened before its trainer said hello learns its layers from the first probe frame. */
+async function refreshLayers() {
+  page.refreshingLayers = true;
+  try {
+    const d = await getJSON(runUrl(runId));
+    if (!page.layers.length && d.layers?.length) {
+      setLayers(d.layers);
+      charts.hist.clear(page.histLayer);
+      await loadHistogramOverTime(page.histLayer);
+    }
+  } finally {
+    page.refreshingLayers = false;
+  }
+}
+
+function flatConfig(config, prefix = "", out = []) {
+  for (const [k, v] of Object.entries(config || {})) {
+    if (v && typeof v === "object" && !Array.isArray(v)) flatConfig(v, `${prefix}${k}.`, out);
+    else out.push([prefix + k, v]);
+  }
+  return out;
+}
+
 function applyDetail(d) {
   $("run-name").textContent = d.name || d.id;
   document.title = `${d.name || d.id} · layerscope`;
-  page.layers = d.layers || [];
   page.firstStep = d.first_step ?? 0;
-  controls.setLayers(page.layers);
+  setLayers(d.layers || []);
   controls.setState(d.control);
-  const select = $("hist-layer");
-  select.replaceChildren(...page.layers.map((l) => new Option(`${l.name} (${l.kind})`, l.name)));
-  const act = page.layers.find((l) => /relu|tanh|sigmoid|gelu|silu|elu|mish|softplus|hard|softsign/i.test(l.kind));
-  page.histLayer = (act || page.layers[0] || {}).name ?? null;
-  if (page.histLayer) select.value = page.histLayer;
   const config = $("config");
-  config.replaceChildren(...Object.entries(d.config || {})
-    .filter(([, v]) => typeof v !== "object" || v === null)
+  config.replaceChildren(...flatConfig(d.config)
+    .filter(([, v]) => v !== null && typeof v !== "object")
     .map(([k, v]) => {
       const span = document.createElement("span");
       const b = document.createElement("b");
@@ -231,6 +260,9 @@ function applyMetrics(frame) {
 }
 
 function applyProbe(frame) {
+  if (!page.layers.length && !page.refreshingLayers) {
+    refreshLayers().catch((e) => toast(`Could not load the run's layers: ${e.message}`, "error"));
+  }
   const dead = new Map();
   const sat = new Map();
   for (const layer of frame.layers || []) {

@@ -205,3 +205,36 @@ def test_rules_off_and_bad_rule_names(tmp_path: Path) -> None:
         assert "DeadRelu" in str(exc)
     else:
         raise AssertionError("an unknown rule name must be refused")
+
+
+def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
+    tmp_path: Path,
+) -> None:
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.01)
+    with watch(model, opt, every=0, run_dir=tmp_path, auto_weight_decay=True, patience=2) as w:
+        w.command("set_weight_decay", {"enabled": False})  # start without it
+        for _ in range(4):  # validation loss far above the training loss (~1.4), twice and more
+            train(w, model, opt, 3)
+            w.eval(val_loss=5.0)
+        while not w.control.weight_decay_enabled:
+            train(w, model, opt, 1)
+            time.sleep(0.01)
+        train(w, model, opt, 2)
+    used = []
+    for text in list(read_spool(tmp_path / "spool.bin"))[1:]:
+        frame = json.loads(text)
+        for row in frame.get("rows", []) if frame["type"] == "metrics" else []:
+            wd = row["values"].get("weight_decay")
+            if wd is not None and (not used or used[-1] != wd):
+                used.append(wd)
+    assert used == [0.0, 0.01]  # off from the first step, on once Overfit fired
+    overfit = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "Overfit"]
+    assert len(overfit) == 1 and overfit[0]["data"]["action"]["name"] == "set_weight_decay"
+    switched = [
+        e["data"]
+        for e in events(tmp_path, "command_result")
+        if e["data"]["name"] == "set_weight_decay" and e["data"]["source"] == "rule"
+    ]
+    assert len(switched) == 1 and switched[0]["args"] == {"enabled": True}
+    assert "Overfit" in switched[0]["reason"]

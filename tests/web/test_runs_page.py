@@ -61,6 +61,7 @@ def test_runs_list_filters_and_opens_a_comparison(
     assert layer in [x["name"] for x in finished_run["layers"]]
     assert len(chart_points(page, "chart-dead")) == 2
     assert max(chart_points(page, "chart-sat")) > 0
+    screenshot(page, "compare")
 
 
 def test_new_run_form_shows_inline_errors_then_starts_a_run(

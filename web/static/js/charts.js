@@ -89,7 +89,7 @@ export function baseLayout(extra = {}) {
     showlegend: true,
     legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", bgcolor: "rgba(0,0,0,0)" },
     xaxis: { gridcolor: "#232b35", zerolinecolor: "#2a323d", title: { text: "" } },
-    yaxis: { gridcolor: "#232b35", zerolinecolor: "#2a323d", exponentformat: "e" },
+    yaxis: { gridcolor: "#232b35", zerolinecolor: "#2a323d", exponentformat: "e", automargin: true },
     hovermode: "x",
     hoverlabel: { bgcolor: "#1c232c", bordercolor: "#2a323d", font: { color: "#d7dde5" } },
     uirevision: "keep",

@@ -30,6 +30,9 @@ FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _seq(frame: Any) -> int:
     if not isinstance(frame, dict):
         raise StoreError(f"a frame must be a dict, got {type(frame).__name__}")
@@ -348,8 +351,10 @@ class Writer:
             if hist is None:
                 continue
             counts = hist.get("counts") if isinstance(hist, dict) else None
-            if not isinstance(counts, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
+            # set(map(type, ...)) walks the list in C: a per-count Python check was
+            # the writer's largest cost at 50 layers x 64 bins per frame.
+            if not isinstance(counts, list) or (
+                counts and (not set(map(type, counts)) <= _INT_ONLY or min(counts) < 0)
             ):
                 raise StoreError(
                     f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"

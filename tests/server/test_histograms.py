@@ -16,8 +16,10 @@ def test_counts_round_trip_through_the_blob(counts: list[int]) -> None:
     assert unpack_counts(pack_counts(counts)) == counts
 
 
-def test_blob_is_compact_for_sparse_histograms() -> None:
-    assert len(pack_counts([0] * 60 + [5, 9, 1, 3])) < 40
+def test_blob_uses_two_bytes_a_bin_when_counts_fit() -> None:
+    # 64 bins of a typical batch (counts < 65536): 1 tag byte + 128 bytes
+    assert len(pack_counts([0] * 60 + [5, 9, 1, 65535])) == 1 + 2 * 64
+    assert len(pack_counts([0] * 63 + [65536])) == 1 + 4 * 64
 
 
 def test_unknown_blob_tag_is_refused() -> None:

@@ -44,6 +44,8 @@ LOSS_DIFF_PERCENT = 0.1
 LOSS_NOISE_Z = 2.0
 # Overfit: ratio_threshold 0.1 on (val - train) / train, start_step 0, patience 1. Our
 # default patience is the run's (3 evaluations): one noisy validation pass is not a trend.
+# Ours: an evaluation that sets a new validation best (PLATEAU_MIN_DELTA_REL) does not
+# count, since validation loss that still falls is not over-fitting (PRACTICES.md).
 OVERFIT_RATIO_THRESHOLD = 0.1
 OVERFIT_START_STEP = 0
 PATIENCE = 3

@@ -414,3 +414,13 @@ def test_an_alert_is_a_valid_event_frame_and_plain_json() -> None:
 def test_the_rules_run_on_host_numbers_without_importing_torch() -> None:
     code = "import sys, layerscope.trainer.rules; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_overfit_waits_while_validation_loss_still_reaches_new_lows() -> None:
+    # Near zero training loss the relative gap is large on every well-fitted run; it only
+    # counts once validation loss stops improving.
+    r = rules(patience=3)
+    falling = [f for i, v in enumerate([0.2, 0.15, 0.12, 0.10, 0.09]) for f in r.on_eval(i, v, 0.02)]
+    assert falling == []
+    stalled = [f for i, v in enumerate([0.095, 0.092, 0.093], start=5) for f in r.on_eval(i, v, 0.02)]
+    assert [(f.rule, f.step) for f in stalled] == [("Overfit", 7)]

@@ -149,6 +149,7 @@ class Rules:
         self._nonfinite: set[str] = set()  # where NaN/Inf is present right now
         self._probe_steps = 0
         self._loss_block: int | None = None
+        self._stalled_windows = 0  # windows in a row without a decrease
         self._loss_sum = 0.0
         self._loss_sq = 0.0
         self._loss_n = 0
@@ -477,7 +478,10 @@ class Rules:
                 stalled = decrease < cfg.diff_percent
                 if not stalled and ("LossNotDecreasing", "run") in self._active:
                     stalled = best - mean < LOSS_NOISE_Z * math.sqrt(se2 + self._best_window_se2)
-                fired = self._onset("LossNotDecreasing", "run", stalled)
+                self._stalled_windows = self._stalled_windows + 1 if stalled else 0
+                fired = self._onset(
+                    "LossNotDecreasing", "run", self._stalled_windows >= cfg.windows
+                )
                 if fired and self._audible("LossNotDecreasing"):
                     message = (
                         f"training loss has not decreased by {cfg.diff_percent:g}% at step "

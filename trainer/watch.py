@@ -31,6 +31,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, Alerts
 from layerscope.trainer.control import Control
+from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, to_host
 from layerscope.trainer.link import Link
 from layerscope.trainer.probes import PendingStats, Probes
@@ -122,7 +123,8 @@ class Watch:
 
         server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
         token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
-        primary = is_primary_rank()
+        self.dist = Distributed.detect()  # a no-op without a torch.distributed process group
+        primary = self.dist.is_primary
 
         # Control's step hooks are registered first, so the probes' hooks see the step as
         # applied: frozen layers without gradients, the scaled lr's update.
@@ -160,6 +162,7 @@ class Watch:
                 raise ValueError(f"watch(): {exc}") from None
             if self.probes is not None:
                 self._tell_rules_about_layers(model, self.probes)
+            self.dist.attach(self.control, self.probes)
             if primary:
                 self.alerts = Alerts(self.rules, self.control, self.run_dir, self.rules.params)
                 self.link = Link(
@@ -175,7 +178,9 @@ class Watch:
         if self.link is not None:
             self.link.start()
         self._t0 = self._last_step_t = self._last_flush_t = time.perf_counter()
-        self._emit("status", {"status": "running"})
+        # The initial control state (rules enabled/silenced/auto switches) for the UI to show
+        # before any command has been acknowledged.
+        self._emit("status", {"status": "running", "control": self.control.state()})
         if self.probes is not None:
             self.probes.arm()  # step 1 is always a probe step: the network as initialised
 
@@ -220,6 +225,7 @@ class Watch:
         step_time_s = now - self._last_step_t
         self._last_step_t = now
         self._add_run_values(row, step_time_s)
+        self.dist.exchange(row.values, step_time_s, self.batch_size)
         self._rows.append(row)
 
         pending = None
@@ -239,7 +245,7 @@ class Watch:
             self._flush(pending, step, snapshot)
         if self.link is not None:
             self.link.step = step
-        self.control.at_step_boundary(step, before_block=self._flush)
+        self.dist.at_step_boundary(self.control, step, before_block=self._flush)
         if self.probes is not None and self._is_probe_step(step + 1) and not self.probes.armed:
             self.probes.arm()
 

@@ -185,6 +185,10 @@ def test_set_rules_silences_and_unsilences_live(tmp_path: Path) -> None:
         assert result["state"]["rules"]["silenced"] == []
         assert result["state"]["rules"]["auto_halve_lr"] is True
         train(w, model, opt, 10)
+    # The run's first status event carries the initial control state, rules included.
+    first = events(tmp_path, "status")[0]["data"]
+    assert first["status"] == "running" and first["control"]["rules"]["silenced"] == []
+    assert first["control"]["rules"]["enabled"] == list(wire.RULE_NAMES)
     found = alerts(tmp_path)
     assert (1, "VanishingGradient", "0") in found  # not silenced: reported at once
     dead = [step for step, rule, _ in found if rule == "DeadUnits"]

@@ -166,6 +166,12 @@ class Control:
                 continue
             self.apply(command, step)
 
+    def take_release_one(self) -> bool:
+        """True once after a ``step_once`` while paused: the paused wait lets one step run.
+        (``distributed`` runs its own paused wait, shared by every rank.)"""
+        release, self._release_one = self._release_one, False
+        return release
+
     def _drain(self, step: int) -> None:
         # SimpleQueue.empty() is a lock-free check: the common no-command step costs one call.
         while not self.commands.empty():

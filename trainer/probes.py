@@ -42,9 +42,10 @@ from __future__ import annotations
 import math
 import re
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from layerscope.trainer import stats
@@ -73,6 +74,7 @@ __all__ = [
     "LayerSpec",
     "PendingStats",
     "Probes",
+    "Reducer",
 ]
 
 DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin on average
@@ -96,6 +98,28 @@ _KEEPS_CHANNELS = ACTIVATION_TYPES + (
     nn.BatchNorm1d, nn.InstanceNorm1d, nn.Dropout, nn.Dropout1d, nn.AlphaDropout,
     nn.MaxPool1d, nn.AvgPool1d, nn.Identity,
 )  # fmt: skip
+
+
+class Reducer(Protocol):
+    """A process group the probe statistics are reduced over (``distributed``), so they
+    describe the global batch. Both methods are collectives: every rank calls them in the
+    same order with tensors of the same shape, and they return without a host read."""
+
+    def agreed(self) -> bool:
+        """True when every rank recorded the same layout this step (``Probes.layout_key``)."""
+        ...
+
+    def all_max(self, tensor: Tensor) -> Tensor: ...
+
+    def all_sum(self, tensor: Tensor) -> Tensor: ...
+
+
+@dataclass
+class _UnitInputs:
+    counts: Tensor  # per unit: live (or inside-the-bounds) values
+    values_per_unit: Tensor
+    segments: Tensor  # per unit: its layer
+    unit_count: Tensor  # per layer: units
 
 
 @dataclass
@@ -170,6 +194,8 @@ class Probes:
         self.bins = bins
         self.sample_values = sample_values
         self.armed = False
+        # Set by ``distributed`` under a process group: collect() reduces across ranks.
+        self.reducer: Reducer | None = None
         self._handles: list[RemovableHandle] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cache: dict[Any, Any] = {}  # fixed by the model's structure
@@ -445,8 +471,10 @@ class Probes:
             params = self._read_params()  # no optimizer hook fired: grads as they are now
         with torch.no_grad():
             sections: list[Tensor] = []
+            reduced = False
             if act:
-                sections += self._activation_sections(act)
+                activation, reduced = self._activation_sections(act)
+                sections += activation
             if params is not None and self._param_layers:
                 sections += [params[1], params[2]]
             flat = torch.cat(sections) if len(sections) > 1 else sections[0]
@@ -468,49 +496,129 @@ class Probes:
             grad_present=params[0] if params is not None and self._param_layers else [],
             param_layers=param_layers if params is not None else [],
             weight_slots=slot,
+            reduced=reduced,
         )
         for layer in act:
             layer.reset()
         return pending
 
-    def _activation_sections(self, act: list[_Layer]) -> list[Tensor]:
+    def _activation_sections(self, act: list[_Layer]) -> tuple[list[Tensor], bool]:
+        """The activation part of the flat tensor, and whether it was reduced over the
+        reducer's process group (see ``Reducer``)."""
         device = act[0].rows[0][0].device
         raw = torch.stack([v for layer in act for row in layer.rows for v in row])
         nonfinite = torch.stack([k for layer in act for k in layer.nonfinite])
         rows = raw.view(-1, stats.RAW_WIDTH)
+        reducer = self.reducer if self.reducer is not None and self.reducer.agreed() else None
+        call_lo, call_hi = rows[:, stats.LO], rows[:, stats.HI]
+        if reducer is not None:
+            # Collective 1: one MAX over every call's [-lo, hi] gives the global range,
+            # which the histograms need before any value is bucketed.
+            extremes = reducer.all_max(torch.cat([-call_lo, call_hi]))
+            call_lo, call_hi = -extremes[: len(rows)], extremes[len(rows) :]
         if len(rows) == len(act):
-            lo, hi = rows[:, stats.LO], rows[:, stats.HI]
+            lo, hi = call_lo, call_hi
         else:  # a module ran more than once: its histogram spans every call
             bounds, start = [], 0
             for layer in act:
-                mine = rows[start : start + len(layer.rows)]
-                bounds.append(torch.stack([mine[:, stats.LO].amin(), mine[:, stats.HI].amax()]))
-                start += len(layer.rows)
+                end = start + len(layer.rows)
+                bounds.append(torch.stack([call_lo[start:end].amin(), call_hi[start:end].amax()]))
+                start = end
             lo, hi = torch.stack(bounds).unbind(1)
-        dead, _ = self._unit_stats([layer.live for layer in act], device, dead=True)
-        saturated, saturated_values = self._unit_stats(
-            [layer.inside for layer in act], device, dead=False
-        )
+        live = self._unit_inputs([layer.live for layer in act], device)
+        inside = self._unit_inputs([layer.inside for layer in act], device)
         samples = [
             torch.cat(layer.samples) if len(layer.samples) > 1 else layer.samples[0]
             for layer in act
         ]
         padded = pad_sequence(samples, batch_first=True, padding_value=math.nan)
-        hist = stats.histograms(padded, lo, hi, self.bins)
+        hist = stats.histograms(padded, lo, hi, self.bins).view(-1)
+        totals: Tensor | None = None
+        if reducer is not None:
+            rows, nonfinite, totals, hist, live, inside = self._reduce_sections(
+                reducer, act, rows, nonfinite, call_lo, call_hi, hist, live, inside, device
+            )
+        dead, _ = self._unit_ratio(live, len(act), device, dead=True)
+        saturated, saturated_values = self._unit_ratio(inside, len(act), device, dead=False)
         units = torch.stack([dead, saturated, saturated_values]).t().to(torch.float32)
-        return [raw, nonfinite.to(torch.float32), units.reshape(-1), hist.view(-1)]
+        sections = [rows.reshape(-1), nonfinite.to(torch.float32)]
+        if totals is not None:
+            sections.append(totals.to(torch.float32))
+        return sections + [units.reshape(-1), hist.to(torch.float32)], reducer is not None
 
-    def _unit_stats(
-        self, records: list[list[tuple[Tensor, int]]], device: torch.device, *, dead: bool
-    ) -> tuple[Tensor, Tensor]:
-        """Per layer (ratio of dead/saturated units, count of saturated values) from the
-        per-unit counts of every call (see ``_unit_groups``)."""
+    def _reduce_sections(
+        self,
+        reducer: Reducer,
+        act: list[_Layer],
+        rows: Tensor,
+        nonfinite: Tensor,
+        call_lo: Tensor,
+        call_hi: Tensor,
+        hist: Tensor,
+        live: _UnitInputs | None,
+        inside: _UnitInputs | None,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, _UnitInputs | None, _UnitInputs | None]:
+        """Collective 2: one SUM (float64) over every additive part of every rank's
+        sections: moments re-centred on a shared shift, nonzero, non-finite and value
+        counts, histogram bins (already on the global range), per-unit counts and values
+        per unit. Returns the global rows, counts, totals, histogram and unit inputs."""
+        totals_host = [float(n) for layer in act for n in layer.totals]
+        totals = self._vector(("totals", tuple(totals_host)), totals_host, device)
+        wide = rows.to(torch.float64)
+        center = torch.nan_to_num(
+            (call_lo.to(torch.float64) + call_hi.to(torch.float64)) / 2,
+            nan=0.0, posinf=0.0, neginf=0.0,
+        )  # fmt: skip
+        s1, s2 = stats.reshift(wide, totals, center)
+        parts = [s1, s2, wide[:, stats.NONZERO], nonfinite.to(torch.float64), totals, hist]
+        for unit in (live, inside):
+            if unit is not None:
+                parts += [unit.counts, unit.values_per_unit]
+        sizes = [part.numel() for part in parts]
+        summed = reducer.all_sum(torch.cat([part.to(torch.float64) for part in parts]))
+        pieces = list(summed.split(sizes))
+        s1, s2, nonzero, nonfinite, totals, hist = pieces[:6]
+        rest = pieces[6:]
+        out_units: list[_UnitInputs | None] = []
+        for unit in (live, inside):
+            if unit is None:
+                out_units.append(None)
+            else:
+                counts, per_unit = rest[0], rest[1]
+                rest = rest[2:]
+                out_units.append(_UnitInputs(counts, per_unit, unit.segments, unit.unit_count))
+        rows = torch.stack(
+            [center, s1, s2, nonzero, call_lo.to(torch.float64), call_hi.to(torch.float64)], dim=1
+        ).to(torch.float32)
+        return rows, nonfinite, totals, hist, out_units[0], out_units[1]
+
+    def layout_key(self) -> int:
+        """A fingerprint of what this step recorded (layers, calls, unit widths, bins): the
+        shape of the reduced sections. Ranks reduce only when their keys agree, since a
+        collective over differently shaped tensors would fail or hang. 0: nothing recorded."""
+        shape = tuple(
+            (
+                layer.index,
+                len(layer.rows),
+                tuple(int(c.shape[0]) for c, _ in layer.live),
+                tuple(int(c.shape[0]) for c, _ in layer.inside),
+            )
+            for layer in self._layers
+            if layer.rows
+        )
+        return zlib.crc32(repr((self.bins, shape)).encode()) + 1 if shape else 0
+
+    def _unit_inputs(
+        self, records: list[list[tuple[Tensor, int]]], device: torch.device
+    ) -> _UnitInputs | None:
+        """Every layer's per-unit counts over all its calls (see ``_unit_groups``), values
+        per unit, each unit's layer and each layer's unit count; None if no layer has any."""
         groups = [
             (li, counts, n) for li, calls in enumerate(records) for counts, n in _unit_groups(calls)
         ]
         if not groups:
-            nan = torch.full((len(records),), math.nan, dtype=torch.float64, device=device)
-            return nan, torch.zeros_like(nan)
+            return None
         shape = tuple((li, int(c.shape[0]), n) for li, c, n in groups)
         key = ("units", shape, device)
         if key not in self._shape_cache:
@@ -528,7 +636,19 @@ class Probes:
             )
         values_per_unit, segments, unit_count = self._shape_cache[key]
         counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
-        return stats.unit_ratio(counts, values_per_unit, segments, unit_count, dead=dead)
+        return _UnitInputs(counts, values_per_unit, segments, unit_count)
+
+    @staticmethod
+    def _unit_ratio(
+        unit: _UnitInputs | None, n_layers: int, device: torch.device, *, dead: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Per layer (ratio of dead/saturated units, count of saturated values)."""
+        if unit is None:
+            nan = torch.full((n_layers,), math.nan, dtype=torch.float64, device=device)
+            return nan, torch.zeros_like(nan)
+        return stats.unit_ratio(
+            unit.counts, unit.values_per_unit, unit.segments, unit.unit_count, dead=dead
+        )
 
     def _vector(self, key: Any, values: Sequence[float], device: torch.device) -> Tensor:
         key = (key, device)

@@ -312,6 +312,19 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     return counts[:-1].view(n_layers, bins)
 
 
+def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+    """s1 and s2 of raw rows ``rows`` [C, RAW_WIDTH] re-centred on ``center`` [C], so rows
+    from several processes (each about its own first value) can simply be added.
+
+    Exact algebra: with d = shift - center, sum(x - center) = s1 + n d and
+    sum((x - center)^2) = s2 + 2 d s1 + n d^2, n being the call's value count ``totals``
+    (every value, as the device sums ran over the cleaned values). Run it in float64.
+    """
+    d = rows[:, SHIFT] - center
+    s1 = rows[:, S1]
+    return s1 + totals * d, rows[:, S2] + 2.0 * d * s1 + totals * d * d
+
+
 def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """L2 norm of each tensor as one float32 vector on ``device``, via fused
     ``_foreach_norm`` per (device, dtype) group (one kernel per group on CUDA)."""
@@ -343,6 +356,8 @@ class PendingStats:
 
     Layout of ``tensor`` (C calls recorded over L activation layers):
       C x 6   raw value rows (value_row), C non-finite counts,
+      C       value counts, only when ``reduced`` (summed over every rank of a process
+              group, so the host cannot know them; else ``totals`` holds them),
       L x 3   dead_ratio, saturated_ratio, saturated value count,
       L x bins histogram counts,
       G       norms of the gradients present (``grad_present`` marks which params),
@@ -351,6 +366,9 @@ class PendingStats:
               optimizer step.
     The arithmetic that turns these into statistics (moments, merging a module's calls,
     per-layer norms) runs in ``decode`` on the host, off the training thread's device.
+    ``reduced``: the activation sections describe every rank's batch (see
+    ``probes.Reducer``): rows centred on a shared shift with global lo/hi, counts and
+    histogram bins summed; value counts above 2**24 are rounded by the float32 tensor.
     """
 
     tensor: Tensor
@@ -363,12 +381,14 @@ class PendingStats:
     # per parameterised layer: (name, indices into model params, [(slot, scale)])
     param_layers: list[tuple[str, list[int], list[tuple[int, float]]]] = field(default_factory=list)
     weight_slots: int = 0
+    reduced: bool = False
 
     @property
     def size(self) -> int:
         calls, layers = len(self.totals), len(self.act_layers)
         params = sum(self.grad_present) + 2 * self.weight_slots if self.param_layers else 0
-        return calls * (RAW_WIDTH + 1) + layers * (3 + self.bins) + params
+        per_call = RAW_WIDTH + (2 if self.reduced else 1)
+        return calls * per_call + layers * (3 + self.bins) + params
 
     def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
         """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
@@ -379,14 +399,19 @@ class PendingStats:
             raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")
         entries: dict[str, dict[str, Any]] = {}
         width, n_calls = RAW_WIDTH, len(self.totals)
-        nonfinite_at, units_at = n_calls * width, n_calls * (width + 1)
+        nonfinite_at = n_calls * width
+        totals = self.totals
+        if self.reduced:
+            counted = values[nonfinite_at + n_calls : nonfinite_at + 2 * n_calls]
+            totals = [int(round(v)) for v in counted]
+        units_at = nonfinite_at + n_calls * (2 if self.reduced else 1)
         hist_at = units_at + 3 * len(self.act_layers)
         call = 0
         for i, name in enumerate(self.act_layers):
             summary = Summary()
             for _ in range(self.calls[i]):
                 raw = values[call * width : (call + 1) * width]
-                summary.add(raw, values[nonfinite_at + call], self.totals[call])
+                summary.add(raw, values[nonfinite_at + call], totals[call])
                 call += 1
             entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
             dead, saturated_ratio, saturated = values[units_at + 3 * i : units_at + 3 * i + 3]

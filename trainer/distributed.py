@@ -1,0 +1,294 @@
+"""distributed — one run across the ranks of a torch.distributed process group (DESIGN §4).
+
+Owns: detecting an initialised process group (``Distributed.detect()``; without one a
+no-op ``Distributed`` that calls no collective), which rank talks to the server (rank
+0), the per-step exchange (rank 0's pending commands, every rank's step time and
+samples/s, every rank's probe layout), applying the same commands at the same step
+on every rank, holding every rank while paused without tripping the process group's
+timeout, and the two collectives behind ``probes.Reducer`` (MAX and SUM).
+
+Never: talks to the server or reads the user's data, applies a command on one rank
+only (a checkpoint is the exception: rank 0 writes it, once), or issues a collective
+that the other ranks do not issue in the same order with tensors of the same shape.
+
+Cost: one small all_reduce per step on a gloo group of CPU tensors (about 8 KiB; a
+host-level barrier, never a device sync: with NCCL as the default backend a separate
+gloo group carries it), plus, on probe steps, two all_reduces of the probe sections on
+the default group, on the model's device (no host read). While paused every rank
+calls the exchange every ``keepalive_s`` (at most 1 s, a quarter of the timeout).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from layerscope.trainer.control import Control
+from layerscope.trainer.probes import Probes
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+COMMAND_BYTES = 1024  # commands that fit ride in the per-step tensor; more costs a 2nd broadcast
+KEEPALIVE_MAX_S = 1.0
+MAX_RANK_SERIES = 8  # per-rank series up to this world size (a row holds 256 values)
+_DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default process group timeout
+# The exchange tensor: [command byte count, leave-pause flag, COMMAND_BYTES bytes,
+# world step times, world samples/s, world probe layouts]; summed, so each rank fills
+# only its own slots (rank 0 the command part) and leaves the rest 0.
+_HEAD = 2
+
+
+class Distributed:
+    """A single process: rank 0 of 1, no collective. ``detect()`` returns this when no
+    process group is initialised, so ``watch()`` behaves exactly as without this module."""
+
+    rank = 0
+    world_size = 1
+    active = False
+
+    @staticmethod
+    def detect() -> Distributed:
+        """The run's process group: ``ProcessGroupRun`` when torch.distributed is
+        initialised with more than one rank, else a no-op ``Distributed``."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return ProcessGroupRun()
+        return Distributed()
+
+    @property
+    def is_primary(self) -> bool:
+        """The one rank that talks to the server, writes checkpoints and acknowledges."""
+        return self.rank == 0
+
+    def attach(self, control: Control, probes: Probes | None) -> None:
+        """Take rank 0's commands from ``control``'s queue (the link fills it) and reduce
+        ``probes``' statistics across ranks (no-op here)."""
+
+    def exchange(
+        self, values: dict[str, float | None], step_time_s: float, batch_size: int | None
+    ) -> None:
+        """At each ``w.step()``, before the flush: share commands, step times and the
+        probe layout; rank 0 adds every rank's step time to ``values`` (no-op here)."""
+
+    def at_step_boundary(
+        self, control: Control, step: int, before_block: Callable[[], None] | None = None
+    ) -> None:
+        """Apply this step's commands; while paused, block here (every rank)."""
+        control.at_step_boundary(step, before_block=before_block)
+
+
+class ProcessGroupRun(Distributed):
+    """The ranks of the default process group; see the module docstring."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        backend = str(dist.get_backend())
+        self.timeout = _group_timeout(backend)
+        self.keepalive_s = min(KEEPALIVE_MAX_S, self.timeout.total_seconds() / 4)
+        # Commands and step times are host values: exchanging them as CPU tensors on a
+        # gloo group costs no device sync. Creating the group is itself a collective,
+        # so every rank does it here, in watch(), at the same point.
+        self.group: Any = None if backend == "gloo" else _gloo_group(self.timeout)
+        if backend != "gloo" and self.group is None:
+            log.warning(
+                "layerscope: no gloo group beside %s; the per-step exchange uses the default "
+                "group on the GPU and reads it back (one device sync per step)",
+                backend,
+            )
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.group is None and backend == "nccl"
+            else torch.device("cpu")
+        )
+        self.probes: Probes | None = None
+        self.queue: queue.SimpleQueue[dict[str, Any]] | None = None
+        self.commands: list[dict[str, Any]] = []
+        self._agreed = False
+        self._warned_layout = False
+
+    # ---- probes.Reducer ----
+
+    def attach(self, control: Control, probes: Probes | None) -> None:
+        self.queue = control.commands
+        self.probes = probes
+        if probes is not None:
+            probes.reducer = self
+
+    def agreed(self) -> bool:
+        return self._agreed
+
+    def all_max(self, tensor: Tensor) -> Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    def all_sum(self, tensor: Tensor) -> Tensor:
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    # ---- the per-step exchange ----
+
+    def exchange(
+        self, values: dict[str, float | None], step_time_s: float, batch_size: int | None
+    ) -> None:
+        layout = 0
+        if self.probes is not None and self.probes.armed:
+            layout = self.probes.layout_key()
+        samples = batch_size / step_time_s if batch_size is not None and step_time_s > 0 else 0.0
+        commands = self._take_commands(None) if self.is_primary else []
+        received, _, shared = self._exchange(commands, False, (step_time_s, samples, layout))
+        self.commands = received
+        layouts = shared[2]
+        self._agreed = layout != 0 and all(key == layouts[0] for key in layouts)
+        if layout != 0 and not self._agreed and not self._warned_layout:
+            self._warned_layout = True
+            log.warning(
+                "layerscope: the ranks recorded different layers or calls at a probe step; "
+                "its statistics are rank 0's own batch, not the global one"
+            )
+        if self.is_primary:
+            _add_rank_series(values, shared[0], shared[1] if batch_size is not None else None)
+
+    def at_step_boundary(
+        self, control: Control, step: int, before_block: Callable[[], None] | None = None
+    ) -> None:
+        self._apply(control, self.commands, step)
+        self.commands = []
+        blocked = False
+        while control.paused and not control.stopping:
+            if control.take_release_one():
+                return
+            if not blocked and before_block is not None:
+                before_block()
+            blocked = True
+            # Rank 0 waits up to keepalive_s for a command; every rank then meets in the
+            # exchange, which keeps the process group's timeout from firing.
+            commands = self._take_commands(self.keepalive_s) if self.is_primary else []
+            leave = self.is_primary and control.closed
+            received, left, _ = self._exchange(commands, leave, (0.0, 0.0, 0))
+            self._apply(control, received, step)
+            if left:
+                return
+
+    def _take_commands(self, wait_s: float | None) -> list[dict[str, Any]]:
+        """Rank 0: every command queued by the link (waiting up to ``wait_s`` for one)."""
+        return _drain(self.queue, wait_s) if self.queue is not None else []
+
+    def _apply(self, control: Control, commands: list[dict[str, Any]], step: int) -> None:
+        for command in commands:
+            name = command.get("name")
+            if name == "checkpoint" and not self.is_primary:
+                log.info(
+                    "layerscope rank %d: checkpoint (cmd_seq %s) at step %d is rank 0's",
+                    self.rank,
+                    command.get("cmd_seq"),
+                    step,
+                )
+                continue
+            result = control.apply(command, step)
+            if result is not None:
+                log.info(
+                    "layerscope rank %d: applied %s (cmd_seq %s) at step %d",
+                    self.rank,
+                    name,
+                    command.get("cmd_seq"),
+                    step,
+                )
+
+    def _exchange(
+        self, commands: list[dict[str, Any]], leave: bool, mine: tuple[float, float, int]
+    ) -> tuple[list[dict[str, Any]], bool, list[list[float]]]:
+        """One SUM all_reduce of the exchange tensor (plus a broadcast of the overflow when
+        rank 0's commands exceed COMMAND_BYTES). Returns (rank 0's commands, rank 0's
+        leave flag, [step times, samples/s, layouts] of every rank)."""
+        world = self.world_size
+        payload = json.dumps(commands, separators=(",", ":")).encode() if commands else b""
+        buffer = torch.zeros(_HEAD + COMMAND_BYTES + 3 * world, dtype=torch.float64)
+        if self.is_primary:
+            buffer[0] = len(payload)
+            buffer[1] = 1.0 if leave else 0.0
+            head = payload[:COMMAND_BYTES]
+            if head:
+                buffer[_HEAD : _HEAD + len(head)] = torch.frombuffer(
+                    bytearray(head), dtype=torch.uint8
+                ).to(torch.float64)
+        at = _HEAD + COMMAND_BYTES
+        for k, value in enumerate(mine):
+            buffer[at + k * world + self.rank] = float(value)
+        buffer = buffer.to(self.device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        host = buffer.cpu()  # a no-op for the gloo group's CPU tensor
+        length, left = int(host[0]), bool(host[1] > 0)
+        data = bytes(host[_HEAD : _HEAD + min(length, COMMAND_BYTES)].to(torch.uint8).tolist())
+        if length > COMMAND_BYTES:
+            rest = torch.zeros(length - COMMAND_BYTES, dtype=torch.uint8, device=self.device)
+            if self.is_primary:
+                rest.copy_(torch.frombuffer(bytearray(payload[COMMAND_BYTES:]), dtype=torch.uint8))
+            dist.broadcast(rest, src=0, group=self.group)
+            data += bytes(rest.cpu().tolist())
+        received: list[dict[str, Any]] = json.loads(data) if data else []
+        shared = host[at:].view(3, world).tolist()
+        return received, left, shared
+
+
+def _drain(
+    commands: queue.SimpleQueue[dict[str, Any]], wait_s: float | None
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if wait_s is not None:
+        try:
+            out.append(commands.get(timeout=wait_s))
+        except queue.Empty:
+            return out
+    while not commands.empty():
+        try:
+            out.append(commands.get_nowait())
+        except queue.Empty:
+            break
+    return out
+
+
+def _add_rank_series(
+    values: dict[str, float | None], times: list[float], samples: list[float] | None
+) -> None:
+    """Every rank's step time (and samples/s) on rank 0's row, so a straggler shows;
+    past MAX_RANK_SERIES ranks only the slowest rank and its time."""
+    slowest = max(range(len(times)), key=times.__getitem__)
+    values["step_time_s/max"] = times[slowest]
+    values["slowest_rank"] = float(slowest)
+    if len(times) > MAX_RANK_SERIES:
+        return
+    for rank, seconds in enumerate(times):
+        values[f"step_time_s/rank{rank}"] = seconds
+        if samples is not None:
+            rate = samples[rank]
+            values[f"samples_per_s/rank{rank}"] = rate if math.isfinite(rate) and rate > 0 else None
+
+
+def _group_timeout(backend: str) -> datetime.timedelta:
+    """The default group's collective timeout (how long a rank may wait in a collective)."""
+    pg = dist.group.WORLD
+    device = torch.device("cuda" if backend == "nccl" else "cpu")
+    try:
+        timeout = pg._get_backend(device).options._timeout  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return _DEFAULT_TIMEOUT
+    return timeout if isinstance(timeout, datetime.timedelta) else _DEFAULT_TIMEOUT
+
+
+def _gloo_group(timeout: datetime.timedelta) -> Any:
+    try:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    except (RuntimeError, ValueError):
+        return None

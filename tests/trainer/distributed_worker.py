@@ -1,0 +1,165 @@
+"""One rank of a real multi-process run for tests/trainer/test_distributed.py.
+
+``python distributed_worker.py SCENARIO OUT_DIR [SERVER]`` with RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT and LS_PG_TIMEOUT_S (the process group's timeout) in the
+environment. Initialises gloo, trains a small DDP model under watch() (rank 0 alone
+gets the server and the run directory) and writes OUT_DIR/rank{R}.json with what
+this rank saw; the distributed module's log goes to OUT_DIR/rank{R}.log.
+
+Scenarios:
+* ``commands`` — rank 0 gets set_lr_scale, set_weight_decay, checkpoint, pause (held
+  for 3x the timeout, with a step_once inside) and stop from a thread, through the
+  same queue the link fills.
+* ``hist`` — one probe step on a fixed exact-arithmetic batch, sharded by rank.
+* ``forever`` — trains until killed (the test kills the other rank).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from layerscope.trainer import watch, wire  # watch first, so the package binds the function
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+HIST_BATCH = 15
+
+
+def exact_model() -> nn.Sequential:
+    """Weights on a 1/8 grid and inputs on a 1/4 grid: every product and sum is exact
+    in float32, so a shard's activations equal the full batch's bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    first = nn.Linear(4, 6)
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(6, 3), nn.Tanh())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-8, 9, p.shape, generator=gen).float() / 8)
+        first.bias[0] = -100.0
+        first.weight[1] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        first.bias[1] = -2.875
+    return model
+
+
+def exact_batch() -> torch.Tensor:
+    """HIST_BATCH rows (odd, so two shards differ in size). fc unit 0 never fires; unit 1
+    fires only on the last row (x0 == 3), which is in the last shard: dead on rank 0's
+    batch alone, alive on the global batch."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(-12, 12, (HIST_BATCH, 4), generator=gen).float() / 4
+    x[-1, 0] = 3.0
+    return x
+
+
+def command(name: str, cmd_seq: int, **args: Any) -> dict[str, Any]:
+    return wire.validate_command_frame({"name": name, "args": args, "cmd_seq": cmd_seq})
+
+
+def wait_for(cond: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("worker: condition not met")
+        time.sleep(0.01)
+
+
+def steer(w: Any, pause_s: float, record: dict[str, Any]) -> None:
+    """Rank 0's 'dashboard': commands at known steps through the link's queue."""
+    wait_for(lambda: w.step_count >= 2)
+    w.control.submit(command("set_lr_scale", 1, value=0.5))
+    wait_for(lambda: w.step_count >= 4)
+    w.control.submit(command("set_weight_decay", 2, enabled=False))
+    w.control.submit(command("checkpoint", 3))
+    wait_for(lambda: w.step_count >= 6)
+    w.control.submit(command("pause", 4))
+    wait_for(lambda: w.control.paused)
+    paused_at = time.monotonic()
+    steps = w.step_count
+    w.control.submit(command("step_once", 5))
+    wait_for(lambda: w.step_count == steps + 1 and w.control.paused)
+    left = pause_s - (time.monotonic() - paused_at)
+    time.sleep(max(0.0, left))
+    record["paused_s"] = time.monotonic() - paused_at
+    w.control.submit(command("resume", 6))
+    wait_for(lambda: w.step_count >= steps + 4)
+    w.control.submit(command("stop", 7))
+
+
+def main() -> int:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    server = sys.argv[3] if len(sys.argv) > 3 else ""
+    timeout = datetime.timedelta(seconds=float(os.environ["LS_PG_TIMEOUT_S"]))
+    dist.init_process_group("gloo", timeout=timeout)
+    rank = dist.get_rank()
+    logging.basicConfig(
+        filename=out / f"rank{rank}.log", level=logging.INFO, format="%(name)s %(message)s"
+    )
+    record: dict[str, Any] = {"rank": rank, "steps": []}
+    try:
+        if scenario == "hist":
+            run_hist(rank, out, record)
+        else:
+            run_training(scenario, rank, out, server, timeout.total_seconds(), record)
+    finally:
+        (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+    return 0
+
+
+def run_hist(rank: int, out: Path, record: dict[str, Any]) -> None:
+    model = exact_model()
+    x = exact_batch().tensor_split(dist.get_world_size())[rank]
+    with watch(model, every=1, server="", run_dir=out / f"run{rank}", rules=False) as w:
+        with torch.no_grad():
+            model(x)
+        w.step()
+    record["run_dir"] = str(w.run_dir)
+
+
+def run_training(
+    scenario: str, rank: int, out: Path, server: str, timeout_s: float, record: dict[str, Any]
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
+    run_dir = out / "run" if rank == 0 else out / f"run{rank}"
+    w = watch(
+        model, opt, run="dist-test", run_id=os.environ.get("LS_RUN_ID"), server=server,
+        every=3, batch_size=8, run_dir=run_dir, rules=False,
+    )  # fmt: skip
+    with w:
+        steering = None
+        if scenario == "commands" and rank == 0:
+            steering = threading.Thread(target=steer, args=(w, 3 * timeout_s, record), daemon=True)
+            steering.start()
+        for _ in range(10_000 if scenario == "forever" else 400):
+            x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss.detach())
+            record["steps"].append(
+                [w.step_count, w.control.used_lr[0], w.control.used_weight_decay[0]]
+            )
+            time.sleep(0.02)  # commands and kills land mid-run, not after it
+            if w.should_stop:
+                break
+    record["state"] = w.control_state
+    record["params"] = [p.detach().tolist() for p in model.parameters()]
+    record["run_dir"] = str(w.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

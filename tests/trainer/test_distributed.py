@@ -1,0 +1,235 @@
+"""Multi-rank runs (trainer/distributed.py): real processes, gloo, 2 ranks.
+
+Each test starts ``distributed_worker.py`` once per rank with the env:// rendezvous
+variables torchrun would set; the workers write what they saw to json and log files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from layerscope.trainer import watch, wire
+from layerscope.trainer.distributed import Distributed
+from layerscope.trainer.probes import Probes
+from layerscope.trainer.spool import read_spool
+
+HERE = Path(__file__).parent
+WORKER = HERE / "distributed_worker.py"
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "server"))
+
+from distributed_worker import exact_batch, exact_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def launch(
+    scenario: str, out: Path, *, timeout_s: float, server: str = "", run_id: str = ""
+) -> list[subprocess.Popen[bytes]]:
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            LS_PG_TIMEOUT_S=str(timeout_s),
+            LS_RUN_ID=run_id,
+        )
+        args = [sys.executable, str(WORKER), scenario, str(out)] + ([server] if server else [])
+        with open(out / f"rank{rank}.err", "wb") as log:  # the child keeps its own copy
+            procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=log))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen[bytes]], out: Path, timeout_s: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return codes
+
+
+def errors(out: Path) -> str:
+    return "\n".join(
+        f"--- rank {r}\n" + (out / f"rank{r}.err").read_text()[-3000:] for r in range(WORLD)
+    )
+
+
+def applied(out: Path, rank: int) -> list[tuple[str, str, int]]:
+    """(command, cmd_seq, step) from the rank's log lines."""
+    text = (out / f"rank{rank}.log").read_text()
+    found = re.findall(r"rank \d+: (?:applied )?(\w+) \(cmd_seq (\d+)\) at step (\d+)", text)
+    return [(name, seq, int(step)) for name, seq, step in found]
+
+
+def test_every_rank_applies_every_command_at_the_same_step_and_a_long_pause_holds(
+    tmp_path: Path,
+) -> None:
+    """set_lr_scale, set_weight_decay, checkpoint, pause (3x the process group's 2 s
+    timeout, with a step_once inside), resume, stop: same step on both ranks, the same
+    lr and weight decay afterwards, identical weights, one checkpoint, no timeout."""
+    out = tmp_path / "out"
+    procs = launch("commands", out, timeout_s=2.0)
+    assert finish(procs, out) == [0, 0], errors(out)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    zero, one = applied(out, 0), applied(out, 1)
+    names = [name for name, _, _ in zero]
+    assert names == [
+        "set_lr_scale", "set_weight_decay", "checkpoint", "pause", "step_once", "resume", "stop",
+    ]  # fmt: skip
+    assert one == zero
+    assert records[0]["paused_s"] >= 6.0  # 3x the timeout, and nobody timed out
+    assert records[0]["steps"] == records[1]["steps"]  # (step, lr used, weight decay used)
+    last_step, lr, weight_decay = records[0]["steps"][-1]
+    assert (lr, weight_decay) == (pytest.approx(0.05), 0.0)
+    assert last_step == dict((n, s) for n, _, s in zero)["stop"]
+    assert records[0]["params"] == records[1]["params"]
+    assert records[0]["state"] == records[1]["state"]
+    run0 = Path(records[0]["run_dir"])
+    assert [p.name for p in run0.glob("checkpoint-*.pt")] == [
+        f"checkpoint-{dict((n, s) for n, _, s in zero)['checkpoint']}.pt"
+    ]
+    assert not list(Path(records[1]["run_dir"]).glob("checkpoint-*.pt"))
+    assert not (Path(records[1]["run_dir"]) / "spool.bin").exists()  # rank 0 alone records
+
+    frames = [json.loads(r) for r in read_spool(run0 / "spool.bin")][1:]
+    results = [f["data"] for f in frames if f["type"] == "event" and f["kind"] == "command_result"]
+    assert [(r["name"], r["applied_at_step"]) for r in results] == [(n, s) for n, _, s in zero]
+    rows = [row for f in frames if f["type"] == "metrics" for row in f["rows"]]
+    trained = [row["values"] for row in rows if "loss" in row["values"]]
+    assert all(
+        v["step_time_s/rank0"] >= 0 and v["step_time_s/rank1"] >= 0 and v["samples_per_s/rank1"]
+        for v in trained
+    )
+    statuses = [
+        f["data"]["status"] for f in frames if f["type"] == "event" and f["kind"] == "status"
+    ]
+    assert statuses == ["running", "paused", "running", "stopped"]
+
+
+def test_histogram_reduced_over_two_ranks_equals_the_single_process_histogram(
+    tmp_path: Path,
+) -> None:
+    """Shards of 8 and 7 rows. fc unit 1 fires only in rank 1's shard, so rank 0 alone
+    would call it dead: the reduced dead_ratio is the global batch's."""
+    out = tmp_path / "out"
+    assert finish(launch("hist", out, timeout_s=10.0), out) == [0, 0], errors(out)
+    run0 = Path(json.loads((out / "rank0.json").read_text())["run_dir"])
+    probe = next(f for f in map(json.loads, read_spool(run0 / "spool.bin")) if f["type"] == "probe")
+
+    model = exact_model()
+    probes = Probes(model)
+    probes.arm()
+    with torch.no_grad():
+        model(exact_batch())
+    pending = probes.collect()
+    assert pending is not None
+    single, _ = pending.decode(pending.tensor)
+    probes.close()
+
+    assert [layer["name"] for layer in probe["layers"]] == [layer["name"] for layer in single]
+    for got, want in zip(probe["layers"], single, strict=True):
+        assert got["hist"] == want["hist"], got["name"]
+        for key in ("min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_ratio"):
+            assert got[key] == want[key], (got["name"], key)
+        for key in ("mean", "std", "saturated_frac"):
+            if want[key] is None:
+                assert got[key] is None, (got["name"], key)
+            else:
+                assert got[key] == pytest.approx(want[key], rel=1e-6), (got["name"], key)
+    assert single[0]["dead_ratio"] == pytest.approx(1 / 6)  # unit 0 only; unit 1 lives on rank 1
+
+
+def test_killing_one_rank_turns_the_run_failed_on_the_dashboard(tmp_path: Path) -> None:
+    from server_harness import exported, make_settings, running_server, wait_status
+
+    run_id = "dist-kill"
+    with running_server(make_settings(tmp_path / "data")) as server:
+        out = tmp_path / "out"
+        procs = launch(
+            "forever", out, timeout_s=3.0, server=server.ws("/ws/trainer"), run_id=run_id
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(f["type"] == "probe" for f in _exported_or_empty(server, run_id)):
+                assert time.monotonic() < deadline, errors(out)
+                assert procs[0].poll() is None and procs[1].poll() is None, errors(out)
+                time.sleep(0.1)
+            procs[1].send_signal(signal.SIGKILL)
+            assert procs[0].wait(30) != 0  # rank 0 ends instead of hanging
+        finally:
+            codes = finish(procs, out, timeout_s=5)
+        assert codes[1] == -signal.SIGKILL
+        asyncio.run(wait_status(server, run_id, "failed", timeout=15))
+        frames = exported(server, run_id)
+        assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+        events = [f for f in frames if f["type"] == "event" and f["kind"] == "status"]
+        assert [f["data"]["status"] for f in events] == ["running", "failed"]
+
+
+def _exported_or_empty(server: str, run_id: str) -> list[dict[str, Any]]:
+    from server_harness import exported
+
+    try:
+        return exported(server, run_id)
+    except Exception:  # the run is not there yet (404) while rank 0 starts
+        return []
+
+
+def test_without_a_process_group_watch_issues_no_collective(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+
+    called: list[str] = []
+    for name in ("all_reduce", "broadcast", "all_gather", "new_group", "barrier"):
+        monkeypatch.setattr(dist, name, lambda *a, _n=name, **k: called.append(_n))
+    assert not dist.is_initialized()
+    assert type(Distributed.detect()) is Distributed and Distributed.detect().is_primary
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, every=1, server="", run_dir=tmp_path, batch_size=2) as w:
+        for _ in range(3):
+            loss = model(torch.randn(2, 4)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss.detach())
+        assert w.probes is not None and w.probes.reducer is None
+    assert called == []
+    frames = [wire.parse_trainer_frame(r) for r in list(read_spool(tmp_path / "spool.bin"))[1:]]
+    values = [row["values"] for f in frames if f["type"] == "metrics" for row in f["rows"]]
+    assert values and not any(
+        k.endswith("/rank0") or k == "slowest_rank" for v in values for k in v
+    )

@@ -153,6 +153,35 @@ def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
     assert any("set_lr_scale" in text and f"step {at}" in text for text in markers["text"])
 
 
+def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    page, run_id = run_page, live_run["id"]
+    layer = live_run["layers"][0]["name"]  # the first Linear: it has parameters
+    page.click("#freeze-picker summary")
+    page.check(f"#freeze-layers label[data-layer='{layer}'] input")
+    page.click("button[data-cmd='freeze']")
+    expect(page.locator("#acked")).to_contain_text(f"frozen: {layer}", timeout=20_000)
+    at = last_command(server, run_id, "set_frozen")["applied_at_step"]
+    index = page.evaluate(
+        "name => document.getElementById('chart-update').data.findIndex(t => t.name === name)",
+        layer,
+    )
+    assert index >= 0, f"no update-ratio line for {layer}"
+    page.wait_for_function(
+        "([s, i]) => document.getElementById('chart-update').data[i].x.some(x => x > s + 15)",
+        arg=[at, index],
+        timeout=30_000,
+    )
+    update = chart_trace(page, "chart-update", index)
+    after = [y for x, y in zip(update["x"], update["y"], strict=True) if x > at + 5]
+    assert after and all(not y for y in after), f"{layer} kept changing while frozen: {after[:5]}"
+    assert any(y for x, y in zip(update["x"], update["y"], strict=True) if x < at)
+
+    page.click("button[data-cmd='unfreeze']")
+    expect(page.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)
+
+
 def test_weight_decay_off_reads_zero(
     run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:

@@ -5,7 +5,9 @@ no-op ``Distributed`` that calls no collective), which rank talks to the server 
 0), the per-step exchange (rank 0's pending commands, every rank's step time and
 samples/s, every rank's probe layout), applying the same commands at the same step
 on every rank, holding every rank while paused without tripping the process group's
-timeout, and the two collectives behind ``probes.Reducer`` (MAX and SUM).
+timeout, the two collectives behind ``probes.Reducer`` (MAX and SUM), and what a
+built-in experiment needs under torchrun: the process group from the environment,
+DistributedDataParallel, and each rank's shard of a batch.
 
 Never: talks to the server or reads the user's data, applies a command on one rank
 only (a checkpoint is the exception: rank 0 writes it, once), or issues a collective
@@ -20,10 +22,12 @@ calls the exchange every ``keepalive_s`` (at most 1 s, a quarter of the timeout)
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
 import math
+import os
 import queue
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +36,8 @@ import torch
 import torch.distributed as dist
 from layerscope.trainer.control import Control
 from layerscope.trainer.probes import Probes
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +279,59 @@ def _add_rank_series(
         if samples is not None:
             rate = samples[rank]
             values[f"samples_per_s/rank{rank}"] = rate if math.isfinite(rate) and rate > 0 else None
+
+
+# ---- built-in experiments under torchrun (``layerscope train --nproc N``) ----
+
+
+def start_process_group(device: str) -> tuple[int, int]:
+    """(rank, world size). Launched as one of several ranks (torchrun's WORLD_SIZE > 1),
+    initialise the default group from the environment, nccl when the run uses CUDA
+    (pinning this rank's GPU, LOCAL_RANK) and gloo on CPU, destroyed at exit. (0, 1)
+    for a single process. ``device`` is the experiment's ``solver.device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_end_process_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under a process group (gradients
+    averaged over the ranks in backward); ``model`` itself otherwise. ``watch()`` gets the
+    unwrapped model, so layer names and checkpoints are the same as a single process's."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_size(batch_size: int, rank: int, world: int) -> int:
+    """This rank's part of a global batch of ``batch_size`` (``shard``'s split)."""
+    if batch_size < world:
+        raise ValueError(
+            f"a batch of {batch_size} examples cannot be split over {world} ranks; "
+            "use --batch-size of at least --nproc"
+        )
+    return batch_size // world + (1 if rank < batch_size % world else 0)
+
+
+def shard(indices: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's slice of one global batch: every rank draws the same seeded batch and
+    keeps its own contiguous part, so the ranks together train on exactly the batches a
+    single process would."""
+    return indices.tensor_split(world)[rank] if world > 1 else indices
 
 
 def _group_timeout(backend: str) -> datetime.timedelta:

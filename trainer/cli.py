@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no terminal progress line (for launchers)"
     )
     train.add_argument(
+        "--nproc",
+        type=_rank_count,
+        metavar="N",
+        help="train on N local processes (torch.distributed, gloo on CPU, nccl on CUDA) "
+        "through torchrun; each takes its share of every batch, rank 0 streams the run. "
+        "Ignored inside torchrun (for several machines, run torchrun yourself)",
+    )
+    train.add_argument(
         "--print-config",
         action="store_true",
         help="print the validated config as JSON and exit without training",
@@ -266,6 +275,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg, indent=2))
         return 0
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        return _launch_ranks(args.nproc, args.argv)
 
     from layerscope.trainer.data import DataError
     from layerscope.trainer.experiment import (
@@ -293,9 +304,60 @@ def _train(args: argparse.Namespace) -> int:
         # watch() has already closed the run as "stopped" and flushed its spool.
         print("layerscope train: interrupted; the run was recorded as stopped", file=sys.stderr)
         return 130
-    print(describe(summary), flush=True)
+    if summary.get("rank", 0) == 0:
+        print(describe(summary), flush=True)
     check = summary.get("overfit")
     return 1 if check is not None and not check["passed"] else 0
+
+
+def _rank_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a process count >= 1, got {text!r}")
+    return value
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less ``--nproc N`` / ``--nproc=N`` (or an abbreviation argparse accepted):
+    torchrun would read it as its own ambiguous option."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if len(flag) > 3 and "--nproc".startswith(flag):
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def _launch_ranks(nproc: int, argv: list[str]) -> int:
+    """``train --nproc N``: the same command line on N local ranks via
+    ``python -m torch.distributed.run --standalone`` (the ranks see LOCAL_RANK and train).
+    SIGTERM is passed on to torchrun, which stops every rank; its exit code is ours."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "layerscope.trainer", *_without_nproc(argv),
+    ]  # fmt: skip
+    proc = subprocess.Popen(command)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate()) if in_main else None
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                return code if code >= 0 else 128 - code  # killed by a signal: 128 + N
+            except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks as well
+                continue
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -327,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(argv[0], f"unknown command; the trainer commands are: {', '.join(COMMANDS)}")
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     if args.command is None:

@@ -23,6 +23,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.control import CheckpointError, load_model_weights
 from layerscope.trainer.data import Batches, Dataset, add_input_noise, load_dataset
+from layerscope.trainer.distributed import data_parallel, shard, shard_size, start_process_group
 from layerscope.trainer.inits import init_weights
 from layerscope.trainer.models import build_model
 from torch import nn
@@ -141,6 +142,9 @@ def run_experiment(
     cfg = wire.validate_experiment(cfg)
     url = trainer_socket_url(server) if server else None
     solver = cfg["solver"]
+    # Under torchrun: every rank builds the same seeded model and data, trains on its
+    # shard of each batch through DDP; rank 0 alone streams (watch decides).
+    rank, world = start_process_group(solver["device"])
     data, model, optimizer, device = build(cfg)
     finetune, rules = cfg["finetune"], cfg["rules"]
     loaded = None
@@ -150,6 +154,8 @@ def run_experiment(
         except CheckpointError as exc:
             raise ExperimentSetupError(str(exc)) from None
     batches = Batches(len(data.x_train), solver["batch_size"], solver["seed"], device)
+    rank_batch = shard_size(batches.size, rank, world)
+    trained = data_parallel(model)
     total_steps = solver["steps"] or solver["epochs"] * batches.steps_per_epoch
     noise_std = cfg["data"]["input_noise"]
     has_val = len(data.x_val) > 0
@@ -164,11 +170,11 @@ def run_experiment(
         server=url,
         every=cfg["every"],
         bins=HISTOGRAM_BINS,
-        config=cfg,
+        config=cfg if world == 1 else {**cfg, "world_size": world},
         run_id=run_id,
         token=token,
         run_dir=run_dir,
-        batch_size=batches.size,
+        batch_size=rank_batch,
         progress=progress,
         rules=wire.experiment_rule_names(rules["enabled"]),
         silence=wire.experiment_rule_names(rules["silence"]),
@@ -178,10 +184,11 @@ def run_experiment(
     ) as w:
         _start(w, finetune, loaded, rules["auto_weight_decay"])
         stopped = False
-        for idx in batches:
+        for batch in batches:
+            idx = shard(batch, rank, world)
             x = add_input_noise(data.x_train[idx], noise_std)
             target = data.y_train[idx]
-            logits = model(x)
+            logits = trained(x)
             loss = nn.functional.cross_entropy(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -209,6 +216,8 @@ def run_experiment(
         "steps": steps_done,
         "epochs": round(steps_done / batches.steps_per_epoch, 3),
         "train_examples": len(data.x_train),
+        "rank": rank,
+        "world_size": world,
         "stopped": stopped,
         # Host reads happen here, once, after training.
         "train_loss": None if loss is None else float(loss),

@@ -233,3 +233,23 @@ def test_without_a_process_group_watch_issues_no_collective(
     assert values and not any(
         k.endswith("/rank0") or k == "slowest_rank" for v in values for k in v
     )
+
+
+def test_train_nproc_runs_a_built_in_experiment_on_two_ranks(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`layerscope train --nproc 2` goes through torch.distributed.run: rank 0 records the
+    run with both ranks' step times, each rank trains on half of every batch, and the
+    summary is printed once."""
+    from layerscope.trainer import cli
+
+    args = ["train", "--nproc", "2", "--steps", "6", "--every", "3", "--dataset", "blobs",
+            "--batch-size", "16", "--device", "cpu", "--run-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert capfd.readouterr().out.count(": 6 steps") == 1
+    frames = [json.loads(r) for r in read_spool(tmp_path / "spool.bin")]
+    assert frames[0]["config"]["world_size"] == 2 and frames[0]["config"]["batch_size"] == 8
+    rows = [row["values"] for f in frames if f["type"] == "metrics" for row in f["rows"]]
+    trained = [v for v in rows if "loss" in v]
+    assert len(trained) == 6 and all("step_time_s/rank1" in v for v in trained)
+    assert [f["step"] for f in frames if f["type"] == "probe"] == [1, 3, 6]

@@ -269,12 +269,34 @@ def validate_probe(msg: dict[str, Any]) -> dict[str, Any]:
     seq = _int(msg, "seq", minimum=1)
     step = _int(msg, "step")
     layers = []
+    # The server runs this on every probe frame (50 layers x 12 stats): a layer whose
+    # stats are all floats/ints/nulls is checked by a few C-level walks (type set, one
+    # sum that any inf or nan poisons); anything else takes the per-stat path, which
+    # names the bad field.
+    float_or_none = frozenset({float, type(None)})
+    number_or_none = frozenset({float, int, type(None)})
+    keys = ("name", *PROBE_STATS)
     for i, layer in enumerate(_list(msg, "layers", MAX_LAYERS)):
         if not isinstance(layer, dict):
             raise WireError(f"layers[{i}] must be an object")
-        out: dict[str, Any] = {"name": _name(layer.get("name"), f"layers[{i}].name")}
-        for stat in PROBE_STATS:
-            out[stat] = _num(layer.get(stat), f"layers[{i}].{stat}")
+        name = layer.get("name")
+        stats = [layer.get(stat) for stat in PROBE_STATS]
+        kinds = set(map(type, stats))
+        if int in kinds and kinds <= number_or_none:
+            stats = [v if v is None else float(v) for v in stats]
+            kinds = set(map(type, stats))
+        out: dict[str, Any]
+        if (
+            type(name) is str
+            and 0 < len(name) <= MAX_NAME_LEN
+            and kinds <= float_or_none
+            and math.isfinite(sum(filter(None, stats)))
+        ):
+            out = dict(zip(keys, (name, *stats), strict=True))
+        else:
+            out = {"name": _name(name, f"layers[{i}].name")}
+            for stat in PROBE_STATS:
+                out[stat] = _num(layer.get(stat), f"layers[{i}].{stat}")
         hist = layer.get("hist")
         if hist is not None:
             if not isinstance(hist, dict):

@@ -237,6 +237,10 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
         ({"type": "metrics", "seq": 3, "rows": {"step": 1}}, "'rows' must be a list"),
         ({"type": "metrics", "seq": 3, "rows": [{"step": 1, "values": {"loss": "low"}}]}, "number"),
         ({"type": "probe", "seq": 3, "step": -1, "layers": []}, "'step' must be >= 0"),
+        (
+            {"type": "probe", "seq": 3, "step": 1, "layers": [{"name": "a", "mean": 0.5, "std": True}]},
+            "layers[0].std must be a number",
+        ),
         ({"type": "event", "seq": 3, "step": 1, "kind": "gossip"}, "unknown event kind"),
         ({"type": "weights", "seq": 3}, "unknown frame type"),
         ({"type": "metrics", "v": 99, "seq": 3, "rows": []}, "schema version"),

@@ -1,7 +1,8 @@
 """checks — what the store refuses and how it says so.
 
 Owns: StoreError and RunNotFound (the two exceptions Store raises), the field checks
-every write runs (a finite number or null, a step), and strict JSON for stored text.
+every write runs (a finite number or null, a step), strict JSON for stored text, and
+the tag of a frame body stored as its wire text.
 
 Never: touches SQLite; never lets NaN/Inf through (they become None).
 """
@@ -13,6 +14,10 @@ from math import isfinite
 from typing import Any
 
 from layerscope.trainer import wire
+
+# A frames.body is zlib of the frame's canonical JSON, or WIRE_BODY then zlib of the wire
+# text the frame was validated from (ingest's path: the writer does not re-encode it).
+WIRE_BODY = b"W"
 
 
 class StoreError(ValueError):

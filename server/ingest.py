@@ -88,14 +88,16 @@ class _Committer:
         self.run_id = run_id
         self.link = link
         self.pending: list[dict[str, Any]] = []
+        self.pending_raw: list[str] = []  # each pending frame's wire text, stored as is
         self.wake = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
         self.finishing = False
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    def add(self, frame: dict[str, Any]) -> None:
+    def add(self, frame: dict[str, Any], raw: str) -> None:
         self.pending.append(frame)
+        self.pending_raw.append(raw)
         if len(self.pending) >= MAX_UNCOMMITTED:
             self.room.clear()
         self.wake.set()
@@ -109,10 +111,11 @@ class _Committer:
                     return
                 continue
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            raw, self.pending_raw = self.pending_raw[:MAX_BATCH], self.pending_raw[MAX_BATCH:]
             if len(self.pending) < MAX_UNCOMMITTED:
                 self.room.set()
             try:
-                acked = await self.store.append(self.run_id, batch)
+                acked = await self.store.append(self.run_id, batch, raw)
             except Exception:
                 log.exception("storing frames for run %s failed", self.run_id)
                 self.room.set()
@@ -268,8 +271,9 @@ class Ingest:
             if message["type"] == "websocket.disconnect":
                 return
             link.last_seen = loop.time()
+            payload = _payload(message)
             try:
-                frame = wire.parse_trainer_frame(_payload(message))
+                frame = wire.parse_trainer_frame(payload)
             except wire.WireError as exc:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))
@@ -282,7 +286,8 @@ class Ingest:
             if kind == "hello":
                 link.send({"type": "error", "message": "hello already received on this connection"})
                 continue
-            committer.add(frame)
+            assert isinstance(payload, str)  # parse_trainer_frame refuses bytes
+            committer.add(frame, payload)
             if self.hub.publish(run_id, frame) and kind == "event" and frame["kind"] == "status":
                 status = frame["data"].get("status")
                 if status in wire.RUN_STATUSES:

@@ -15,7 +15,7 @@ import sqlite3
 import zlib
 from typing import Any
 
-from layerscope.server.checks import RunNotFound
+from layerscope.server.checks import WIRE_BODY, RunNotFound
 from layerscope.server.downsample import (
     minmax_rows,
     pick_even,
@@ -24,6 +24,7 @@ from layerscope.server.histograms import Hist, common_edges, resample, unpack_co
 from layerscope.server.scalars import LAST_KEYS, bounds, scalar_points, sparkline
 from layerscope.server.schema import PROBE_COLUMNS
 from layerscope.server.writes import command_row
+from layerscope.trainer import wire
 
 _STAT_SQL = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
 
@@ -167,6 +168,10 @@ def events(
 
 
 def decode_frame(body: bytes) -> dict[str, Any]:
+    if body[:1] == WIRE_BODY:
+        # Validating again is what turned the wire text into the stored frame (ints to
+        # floats, inf to null, unknown keys dropped); it costs about a json.loads more.
+        return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode())
     frame: dict[str, Any] = json.loads(zlib.decompress(body))
     return frame
 

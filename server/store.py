@@ -218,10 +218,14 @@ class Store:
         """Create or resume the run of a validated hello; returns its acked seq."""
         return await self._submit(lambda w: w.hello(hello))
 
-    async def append(self, run_id: str, frames: list[dict[str, Any]]) -> int:
+    async def append(
+        self, run_id: str, frames: list[dict[str, Any]], raw: list[str] | None = None
+    ) -> int:
         """Store validated metrics/probe/event frames; returns the highest contiguous
-        committed seq. A stored (run_id, seq) is a no-op."""
-        return await self._submit(lambda w: w.append(run_id, frames))
+        committed seq. A stored (run_id, seq) is a no-op. raw, when given, is each
+        frame's wire text, with frames[i] == wire.parse_trainer_frame(raw[i]): the
+        text is stored as it came instead of encoding the frame again."""
+        return await self._submit(lambda w: w.append(run_id, frames, raw))
 
     async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
         await self._submit(lambda w: w.set_status(run_id, status, reason))

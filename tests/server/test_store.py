@@ -489,6 +489,36 @@ async def test_export_lines_and_snapshot(store: Store) -> None:
     assert snap["run"]["id"] == "r1" and snap["commands"] == [] and snap["control"] is None
 
 
+async def test_frames_stored_as_their_wire_text_read_back_as_validated(store: Store) -> None:
+    """Ingest hands the store each frame's wire text to keep instead of re-encoding the
+    frame: every read still gives the validated frame (ints as floats, 1e999 as null,
+    unknown keys gone), and export stays strict JSON."""
+    await store.hello(hello())
+    texts = [
+        '{"type":"probe","v":1,"seq":1,"step":4,"extra":1,"layers":[{"name":"fc1","mean":1,'
+        '"std":1e999,"nonfinite":0,"hist":{"lo":-1,"hi":1,"counts":[1,2]}},'
+        '{"name":"act1","hist":null,"note":"x"}]}',
+        '{"type":"metrics","v":1,"seq":2,"rows":[{"step":5,"values":{"loss":2,"acc":1e999}}]}',
+        '{"type":"event","v":1,"seq":3,"step":5,"kind":"log","data":{"m":1e999}}',
+    ]
+    frames = [wire.parse_trainer_frame(t) for t in texts]
+    assert await store.append("r1", frames, texts) == 3
+    back = store.frames_after("r1", 0)
+    assert back == frames
+    layer = back[0]["layers"][0]
+    assert type(layer["mean"]) is float and layer["std"] is None and "extra" not in back[0]
+    assert back[1]["rows"][0]["values"] == {"loss": 2.0, "acc": None}
+    assert back[2]["data"] == {"m": None}
+    lines = list(store.export_lines("r1"))[1:]
+    assert [json.loads(line, parse_constant=pytest.fail) for line in lines] == [
+        {"v": 1, **f} for f in frames
+    ]
+    assert store.snapshot("r1")["probes"] == [frames[0]]
+    assert store.probe_series("r1", "fc1", ["mean", "std"])["mean"] == [1.0]
+    with pytest.raises(StoreError, match="raw texts"):
+        await store.append("r1", frames, texts[:1])
+
+
 async def test_reads_stay_consistent_while_writing(store: Store) -> None:
     await store.hello(hello())
 

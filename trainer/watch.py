@@ -4,8 +4,8 @@ Owns: ``watch(...)`` and the ``Watch`` it returns: numbering steps, keeping
 per-step scalars on the device until a flush (``flush`` does the one host
 copy and its decoding), deciding which steps are probe steps and which of them
 snapshot the model for the last good checkpoint, and wiring probes, control,
-the diagnostic rules (evaluated by ``alerts`` on the link thread) and the link
-together.
+the diagnostic rules (evaluated by ``alerts`` on the link thread), the link and,
+under torch.distributed, the process group (``distributed``) together.
 
 Never: syncs with the device per step (no ``.item()``, ``float(tensor)`` or
 ``.cpu()`` on the training thread: the link thread reads the host copy after
@@ -45,12 +45,6 @@ FLUSH_INTERVAL_S = 0.5  # host wall time between flushes of buffered step values
 MAX_ROWS_PER_FLUSH = 2_000  # bounds one metrics frame well under wire.MAX_FRAME_BYTES
 
 Scalar = float | int | torch.Tensor
-
-
-def is_primary_rank() -> bool:
-    """The one place that decides which process talks to the server: rank 0 (DESIGN §4)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Watch:
@@ -232,7 +226,8 @@ class Watch:
         snapshot = None
         if self.probes is not None and self._is_probe_step(step):
             pending = self.probes.collect()
-            if self._good_every and self._probe_count % self._good_every == 0:
+            good = self._good_every and self._probe_count % self._good_every == 0
+            if good and self.alerts is not None:  # rank 0 alone keeps the last good one
                 # Copied now (device clones, no sync); written by the link thread only if
                 # this step's numbers turn out all finite.
                 snapshot = self.control.snapshot(step)
@@ -512,6 +507,12 @@ def watch(
     pauses the run; every ``good_checkpoint_every``-th probe step whose numbers are all
     finite is kept as ``run_dir/last-good.pt`` (0: never; each costs one device copy
     of the model and optimizer state until it is written).
+
+    Under an initialised torch.distributed process group, call ``watch()`` and
+    ``w.step()`` on every rank (the same number of times): rank 0 alone streams and
+    spools the run and writes checkpoints; probe statistics describe the global batch;
+    every command is applied on every rank at the same step; rows carry
+    ``step_time_s/rankN`` and ``samples_per_s/rankN`` (see ``distributed``).
     """
     return Watch(
         model,

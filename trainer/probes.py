@@ -29,6 +29,12 @@ Choices worth knowing:
 * An output above ``CHUNK_VALUES`` values is reduced in slices along dim 0 (merged
   exactly, like repeated calls), so the hook's temporaries stay bounded; otherwise
   they are about four float32 copies of the output, freed before the next layer.
+* Under a process group (``reducer`` set by ``distributed``) the activation statistics
+  describe the global batch: collect() runs one MAX all_reduce for every call's global
+  min/max (the shared histogram range, before bucketing), then one float64 SUM of the
+  moments re-centred on a shared shift, the value/zero/non-finite counts, the bins
+  and the per-unit counts. Gradient, weight and update norms are rank 0's: under DDP
+  they are the same on every rank.
 * ``update_ratio`` needs the pre-step weights. Copying every weight would add a
   full model's worth of memory, so parameters above ``UPDATE_SAMPLE`` entries
   keep a fixed random subset of that many entries and ||Δw|| is estimated from it

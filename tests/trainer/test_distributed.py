@@ -32,7 +32,6 @@ sys.path.insert(0, str(HERE.parent / "server"))
 
 from distributed_worker import exact_batch, exact_model  # noqa: E402
 
-pytestmark = pytest.mark.slow
 WORLD = 2
 
 
@@ -93,6 +92,7 @@ def applied(out: Path, rank: int) -> list[tuple[str, str, int]]:
     return [(name, seq, int(step)) for name, seq, step in found]
 
 
+@pytest.mark.slow
 def test_every_rank_applies_every_command_at_the_same_step_and_a_long_pause_holds(
     tmp_path: Path,
 ) -> None:
@@ -138,6 +138,7 @@ def test_every_rank_applies_every_command_at_the_same_step_and_a_long_pause_hold
     assert statuses == ["running", "paused", "running", "stopped"]
 
 
+@pytest.mark.slow
 def test_histogram_reduced_over_two_ranks_equals_the_single_process_histogram(
     tmp_path: Path,
 ) -> None:
@@ -171,6 +172,7 @@ def test_histogram_reduced_over_two_ranks_equals_the_single_process_histogram(
     assert single[0]["dead_ratio"] == pytest.approx(1 / 6)  # unit 0 only; unit 1 lives on rank 1
 
 
+@pytest.mark.slow
 def test_killing_one_rank_turns_the_run_failed_on_the_dashboard(tmp_path: Path) -> None:
     from server_harness import exported, make_settings, running_server, wait_status
 
@@ -235,6 +237,7 @@ def test_without_a_process_group_watch_issues_no_collective(
     )
 
 
+@pytest.mark.slow
 def test_train_nproc_runs_a_built_in_experiment_on_two_ranks(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -253,3 +256,19 @@ def test_train_nproc_runs_a_built_in_experiment_on_two_ranks(
     trained = [v for v in rows if "loss" in v]
     assert len(trained) == 6 and all("step_time_s/rank1" in v for v in trained)
     assert [f["step"] for f in frames if f["type"] == "probe"] == [1, 3, 6]
+
+
+def test_rank_shards_cover_each_batch_once_and_bad_counts_are_clear_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from layerscope.trainer import cli
+    from layerscope.trainer.distributed import shard, shard_size
+
+    batch = torch.arange(15)
+    parts = [shard(batch, rank, 4) for rank in range(4)]
+    assert torch.equal(torch.cat(parts), batch)
+    assert [len(p) for p in parts] == [shard_size(15, rank, 4) for rank in range(4)] == [4, 4, 4, 3]
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        shard_size(3, 0, 4)
+    assert cli.main(["train", "--nproc", "0", "--print-config"]) == 2
+    assert "expected a process count >= 1" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def run_training(
         if scenario == "commands" and rank == 0:
             steering = threading.Thread(target=steer, args=(w, 3 * timeout_s, record), daemon=True)
             steering.start()
-        for _ in range(10_000 if scenario == "forever" else 400):
+        for _ in range(10_000 if scenario == "forever" else 2_000):  # "stop" ends it
             x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
             loss = nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from layerscope.server import __version__, api, commands, hub, ingest, launcher, pages
+from layerscope.server import __version__, api, commands, hub, ingest, labs, launcher, pages
 from layerscope.server.security import SecurityMiddleware
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(hub.router)
     app.include_router(commands.router)
     app.include_router(launcher.router)
+    app.include_router(labs.router)
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(SecurityMiddleware, settings=settings)

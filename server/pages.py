@@ -1,7 +1,7 @@
 """pages — the dashboard's HTML shells, its static files and the experiment schema.
 
 Owns: ``router`` (included by ``create_app``): ``/`` (runs list), ``/runs/{id}``
-(live and replay view), ``/compare?ids=a,b``, ``/static/plotly.min.js`` (served from
+(live and replay view), ``/compare?ids=a,b``, ``/labs/{id}`` (the init lab's comparison), ``/static/plotly.min.js`` (served from
 the installed ``plotly`` package, so the dashboard works offline), ``/static/...``
 (``layerscope.web``'s files) and ``/api/experiment_schema`` (the New-run form is
 generated from it).
@@ -92,6 +92,15 @@ def compare_page(request: Request, ids: str = "") -> Response:
     run_ids = [x for x in (part.strip() for part in ids.split(",")) if x]
     return templates.TemplateResponse(
         request, "compare.html", _context(request, page="compare", run_ids=run_ids)
+    )
+
+
+@router.get("/labs/{lab_id}", response_class=HTMLResponse, include_in_schema=False)
+def lab_page(request: Request, lab_id: str) -> Response:
+    if not lab_id or len(lab_id) > 64:
+        raise HTTPException(404, f"lab {lab_id[:64]!r} not found")
+    return templates.TemplateResponse(
+        request, "lab.html", _context(request, page="lab", lab_id=lab_id)
     )
 
 

@@ -1,0 +1,114 @@
+"""The init lab (server/labs.py): one POST launches five real runs of the same network, data
+and seed that differ only in their initialisation, grouped under a lab id; bad bodies and a
+launch cap too small for five are refused before anything is launched."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import LiveServer, make_settings, running_server
+
+# Small enough that five children start quickly; the server stops them at teardown.
+LAB = {
+    "activation": "relu",
+    "batch_norm": True,
+    "depth": 2,
+    "width": 8,
+    "steps": 2000,
+    "dataset": "blobs",
+}
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(tmp_path_factory.mktemp("labs") / "data", max_launched=6)
+    with running_server(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lab(lab_server: LiveServer) -> dict[str, Any]:
+    response = httpx.post(f"{lab_server}/api/labs/init", json=LAB, timeout=60)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def config_of(server: str, run_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{server}/api/runs/{run_id}")
+    response.raise_for_status()
+    return dict(response.json()["config"])
+
+
+def test_the_lab_launches_five_runs_that_differ_only_in_init(
+    lab_server: LiveServer, lab: dict[str, Any]
+) -> None:
+    assert lab["url"] == f"/labs/{lab['lab_id']}"
+    schemes = [r["scheme"] for r in lab["runs"]]
+    assert schemes == ["zero", "small_normal", "large_normal", "xavier", "he"]
+    configs = [config_of(lab_server, r["id"]) for r in lab["runs"]]
+    assert [(c["model"]["init"], c["model"]["init_std"]) for c in configs] == [
+        ("zero", 0.01),
+        ("normal", 0.01),
+        ("normal", 1.0),
+        ("xavier", 0.01),
+        ("he", 0.01),
+    ]
+    stripped = []
+    for config in configs:
+        rest = copy.deepcopy(config)
+        del rest["model"]["init"], rest["model"]["init_std"], rest["name"]
+        stripped.append(rest)
+    assert all(rest == stripped[0] for rest in stripped)  # same network, data, solver and seed
+    base = stripped[0]
+    assert base["model"]["activation"] == "relu" and base["model"]["batch_norm"] is True
+    assert base["model"]["depth"] == 2 and base["data"]["dataset"] == "blobs"
+    assert base["solver"]["seed"] == 0 and base["solver"]["steps"] == 2000
+    assert all(lab["lab_id"] in c["name"] for c in configs)
+
+
+def test_get_lab_lists_its_runs_and_schemes(lab_server: LiveServer, lab: dict[str, Any]) -> None:
+    got = httpx.get(f"{lab_server}/api/labs/{lab['lab_id']}").json()
+    assert [(r["id"], r["scheme"]) for r in got["runs"]] == [
+        (r["id"], r["scheme"]) for r in lab["runs"]
+    ]
+    assert all(r["status"] in ("starting", "running", "finished") for r in got["runs"])
+    assert got["params"]["activation"] == "relu" and got["params"]["seed"] == 0
+    listed = httpx.get(f"{lab_server}/api/labs").json()
+    assert [x["id"] for x in listed] == [lab["lab_id"]]
+    assert httpx.get(f"{lab_server}/api/labs/nosuchlab").status_code == 404
+    assert httpx.get(f"{lab_server}/api/labs/..%2F..%2Fetc").status_code == 404
+    page = httpx.get(f"{lab_server}/labs/{lab['lab_id']}")
+    assert page.status_code == 200 and "/static/js/lab.js" in page.text
+
+
+def test_a_bad_body_is_refused_naming_each_field_and_launches_nothing(
+    lab_server: LiveServer, lab: dict[str, Any]
+) -> None:
+    before = len(httpx.get(f"{lab_server}/api/runs").json())
+    for body, loc in (
+        ({"activation": "swish"}, ["model", "activation"]),
+        ({"depth": "deep"}, ["depth"]),
+        ({"batch_norm": 1}, ["batch_norm"]),
+        ({"colour": "red"}, ["colour"]),
+        ({"steps": 0}, ["solver", "steps"]),
+        ([1, 2], []),
+    ):
+        response = httpx.post(f"{lab_server}/api/labs/init", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert loc in [e["loc"] for e in response.json()["detail"]], response.json()
+    assert len(httpx.get(f"{lab_server}/api/runs").json()) == before
+    # The five lab runs are still running: a second lab does not fit under the cap of 6.
+    full = httpx.post(f"{lab_server}/api/labs/init", json=LAB)
+    assert full.status_code == 429 and "lab needs 5" in full.json()["detail"]
+
+
+def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(live_server: LiveServer) -> None:
+    assert live_server.settings.max_launched < 5
+    response = httpx.post(f"{live_server}/api/labs/init", json={})
+    assert response.status_code == 429
+    assert "--max-launched 5" in response.json()["detail"]
+    assert httpx.get(f"{live_server}/api/runs").json() == []

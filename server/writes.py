@@ -421,22 +421,59 @@ class Writer:
         state = data.get("state")
         applied = data.get("applied_at_step")
         error = data.get("error")
-        self.conn.execute(
+        status = "applied" if data.get("ok") else "failed"
+        applied = applied if isinstance(applied, int) and not isinstance(applied, bool) else None
+        state_json = dumps(state) if isinstance(state, dict) else None
+        error_text = None if error is None else str(error)
+        updated = self.conn.execute(
             "UPDATE commands SET status = ?, applied_at_step = ?, state = ?, error = ?"
             " WHERE rk = ? AND (id = ? OR (? IS NULL AND cmd_seq = ?))",
             (
-                "applied" if data.get("ok") else "failed",
-                applied if isinstance(applied, int) and not isinstance(applied, bool) else None,
-                dumps(state) if isinstance(state, dict) else None,
-                None if error is None else str(error),
+                status,
+                applied,
+                state_json,
+                error_text,
                 rk,
                 data.get("id"),
                 data.get("id"),
                 data.get("cmd_seq"),
             ),
-        )
+        ).rowcount
+        cmd_id, name = data.get("id"), data.get("name")
+        if not updated and isinstance(cmd_id, str) and cmd_id and name in wire.COMMANDS:
+            self._trainer_command(rk, data, (status, applied, state_json, error_text))
         if isinstance(state, dict):
             self.conn.execute("UPDATE runs SET control = ? WHERE rk = ?", (dumps(state), rk))
+
+
+    def _trainer_command(
+        self, rk: int, data: dict[str, Any], result: tuple[str, int | None, str | None, str | None]
+    ) -> None:
+        """A command the trainer made itself (a rule's action, ``w.command``) gets a commands
+        row (origin 'trainer') so GET /commands lists it. Its cmd_seq comes from the run's
+        counter like any other; were it resent after a reconnect, the trainer skips the id."""
+        args = data.get("args")
+        source = data.get("source") if data.get("source") in wire.COMMAND_SOURCES else "api"
+        reason = data.get("reason")
+        cmd_seq = self.conn.execute(
+            "UPDATE runs SET cmd_seq = cmd_seq + 1 WHERE rk = ? RETURNING cmd_seq", (rk,)
+        ).fetchone()[0]
+        self.conn.execute(
+            "INSERT OR IGNORE INTO commands (rk, id, cmd_seq, name, args, source, origin, reason,"
+            " created_at, status, applied_at_step, state, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'trainer', ?, ?, ?, ?, ?, ?)",
+            (
+                rk,
+                data["id"],
+                cmd_seq,
+                data["name"],
+                dumps(args if isinstance(args, dict) else {}),
+                source,
+                None if reason is None else str(reason)[:1000],
+                time.time(),
+                *result,
+            ),
+        )
 
 
 def command_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:

@@ -165,3 +165,21 @@ async def test_commands_not_yet_seen_are_resent_when_the_trainer_reconnects(
     await trainer.wait_for(lambda m: m["type"] == "command" and m["cmd_seq"] == 3)
     assert [(m["cmd_seq"], m["name"]) for m in trainer.commands] == [(2, "step_once"), (3, "resume")]
     await trainer.close()
+
+
+async def test_a_rule_made_command_is_listed_with_origin_trainer(live_server: LiveServer) -> None:
+    """command_result events for commands the trainer made itself get a commands row."""
+    trainer = await FakeTrainer.connect(live_server, "rule-run")
+    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
+    result = {"id": "r-1", "cmd_seq": None, "name": "set_lr_scale", "args": {"value": 0.5}, "ok": True,
+              "applied_at_step": 40, "state": state, "source": "rule", "reason": "val loss plateau"}
+    await trainer.send(event_frame(1, 40, "command_result", **result))
+    await trainer.send(event_frame(2, 40, "command_result", **result))  # a repeat adds nothing
+    await trainer.wait_acked(2)
+    rows = httpx.get(f"{live_server}/api/runs/rule-run/commands").json()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["id"], row["name"], row["source"], row["origin"]) == ("r-1", "set_lr_scale", "rule", "trainer")
+    assert (row["status"], row["applied_at_step"], row["reason"]) == ("applied", 40, "val loss plateau")
+    assert row["args"] == {"value": 0.5} and row["state"] == state
+    await trainer.close()

@@ -1,9 +1,10 @@
-"""cli — the trainer's command line: ``layerscope train`` and ``layerscope sync``.
+"""cli — the trainer's command line: ``layerscope train``, ``sync`` and ``lab init``.
 
 Owns: the ``train`` flags, generated from ``wire.EXPERIMENT_SCHEMA`` so they cannot
 drift from what the server and the New-run form accept; merging preset < config
 file < flags; printing every invalid field as ``solver.lr: must be >= 0`` (exit
-2); and ``sync``, which uploads a spool recorded while no server was reachable.
+2); ``sync``, which uploads a spool recorded while no server was reachable; and
+``lab init``, which asks a running server (plain HTTP, stdlib) to launch the init lab.
 
 Never: imports ``layerscope.server``, or torch before a command needs it (so
 ``--help`` is quick). ``main(argv)`` takes the sub-command name first; the
@@ -32,6 +33,7 @@ from layerscope.trainer import wire
 COMMANDS = {
     "train": "run a built-in experiment (MLP or small CNN on digits, spirals, blobs, npz, folder)",
     "sync": "upload a spool file recorded while no server was reachable",
+    "lab": "launch a training lab on a running server (`layerscope lab init`)",
 }
 PRESETS: dict[str, dict[str, Any]] = {"demo": wire.DEMO_EXPERIMENT}
 # Field names that would be ambiguous or unclear as bare flags.
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="layerscope trainer commands: built-in experiments and spool upload.",
     )
     parser.add_argument("--version", action="version", version=f"layerscope {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sync}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sync,lab}")
 
     train = sub.add_parser(
         "train",
@@ -197,7 +199,62 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="ws://HOST:PORT or full .../ws/trainer URL (env LAYERSCOPE_SERVER)",
     )
+    _add_lab_parser(sub)
     return parser
+
+
+def _add_lab_parser(sub: Any) -> None:
+    lab = sub.add_parser("lab", help=COMMANDS["lab"], description=COMMANDS["lab"])
+    kinds = lab.add_subparsers(dest="lab_kind", metavar="{init}", required=True)
+    init = kinds.add_parser(
+        "init",
+        help="the same network, data and seed under zero, normal 0.01, normal 1.0, Xavier and "
+        "He init; prints the comparison view's URL",
+    )
+    init.add_argument("--activation", choices=wire.ACTIVATIONS, default="tanh")
+    init.add_argument("--batch-norm", action="store_true", help="batch norm after each layer")
+    for flag in ("steps", "depth", "width", "seed", "every"):
+        init.add_argument(f"--{flag}", type=int, metavar="N", help="(default: the server's)")
+    init.add_argument("--dataset", choices=wire.DATASETS[:3], help="(default: digits)")
+    init.add_argument("--server", metavar="URL", default="http://127.0.0.1:8765")
+    init.add_argument("--token", metavar="T", help="viewer token (env LAYERSCOPE_TOKEN)")
+
+
+def _lab(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    body = {"activation": args.activation, "batch_norm": args.batch_norm}
+    for key in ("steps", "depth", "width", "seed", "every", "dataset"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    base = args.server.rstrip("/")
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    token = args.token or os.environ.get("LAYERSCOPE_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(
+        f"{base}/api/labs/init", json.dumps(body).encode(), headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+        if isinstance(detail, list):
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in detail)
+        return _error("lab", f"the server refused ({exc.code}): {detail}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return _error(
+            "lab",
+            f"no layerscope server reachable at {base} ({reason}); "
+            "start one with `layerscope serve` or pass --server URL",
+        )
+    for run in answer["runs"]:
+        print(f"  {run['label']:<12} {base}/runs/{run['id']}")
+    print(f"init lab {answer['lab_id']}: {base}{answer['url']}", flush=True)
+    return 0
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -395,4 +452,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "lab":
+        return _lab(args)
     return _train(args) if args.command == "train" else _sync(args)

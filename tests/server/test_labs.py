@@ -4,15 +4,19 @@ launch cap too small for five are refused before anything is launched."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from layerscope.trainer import cli
 from server_harness import LiveServer, make_settings, running_server
 
 # Small enough that five children start quickly; the server stops them at teardown.
+# (The `lab` fixture asks for the same lab through the CLI.)
 LAB = {
     "activation": "relu",
     "batch_norm": True,
@@ -32,9 +36,18 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
 
 @pytest.fixture(scope="module")
 def lab(lab_server: LiveServer) -> dict[str, Any]:
-    response = httpx.post(f"{lab_server}/api/labs/init", json=LAB, timeout=60)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
+    """Launched the way a user does from a terminal: `layerscope lab init ...`."""
+    out = io.StringIO()
+    argv = ["lab", "init", "--activation", "relu", "--batch-norm", "--depth", "2", "--width", "8"]
+    argv += ["--steps", "2000", "--dataset", "blobs", "--server", str(lab_server)]
+    with contextlib.redirect_stdout(out):
+        assert cli.main(argv) == 0
+    url = out.getvalue().strip().splitlines()[-1].split()[-1]
+    lab_id = url.rsplit("/", 1)[-1]
+    assert url == f"{lab_server}/labs/{lab_id}"
+    got = httpx.get(f"{lab_server}/api/labs/{lab_id}").json()
+    assert all(f"/runs/{r['id']}" in out.getvalue() for r in got["runs"])
+    return {"lab_id": lab_id, "url": got["url"], "runs": got["runs"]}
 
 
 def config_of(server: str, run_id: str) -> dict[str, Any]:
@@ -112,3 +125,12 @@ def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(live_server: Live
     assert response.status_code == 429
     assert "--max-launched 5" in response.json()["detail"]
     assert httpx.get(f"{live_server}/api/runs").json() == []
+
+
+def test_the_cli_says_when_no_server_is_reachable_or_the_server_refuses(
+    lab_server: LiveServer, lab: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["lab", "init", "--server", "http://127.0.0.1:9"]) == 2
+    assert "no layerscope server reachable at http://127.0.0.1:9" in capsys.readouterr().err
+    assert cli.main(["lab", "init", "--steps", "0", "--server", str(lab_server)]) == 2
+    assert "refused (422): solver.steps: must be >= 1" in capsys.readouterr().err

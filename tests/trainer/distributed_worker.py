@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -53,10 +54,11 @@ def exact_model() -> nn.Sequential:
 def exact_batch() -> torch.Tensor:
     """HIST_BATCH rows (odd, so two shards differ in size). fc unit 0 never fires; unit 1
     fires only on the last row (x0 == 3), which is in the last shard: dead on rank 0's
-    batch alone, alive on the global batch."""
+    batch alone, alive on the global batch. Row 2 holds an Inf."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randint(-12, 12, (HIST_BATCH, 4), generator=gen).float() / 4
     x[-1, 0] = 3.0
+    x[2, 3] = math.inf  # non-finite values on rank 0 only: left out of moments and bins
     return x
 
 

@@ -248,20 +248,39 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
 def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
     seq = _int(msg, "seq", minimum=1)
     rows = []
+    # Every scalar of every step passes here: a row whose names are sane strings and
+    # whose values are floats/nulls is checked by C-level walks (type sets, name
+    # lengths, one sum any inf or nan poisons); anything else takes the per-value
+    # path, which converts ints and names the bad field.
+    float_or_none = frozenset({float, type(None)})
+    str_only = frozenset({str})
     for i, row in enumerate(_list(msg, "rows", MAX_ROWS)):
         if not isinstance(row, dict):
             raise WireError(f"rows[{i}] must be an object")
-        step = _int(row, "step")
+        step = row.get("step")
+        if type(step) is not int or step < 0:
+            step = _int(row, "step")
         values = row.get("values")
         if not isinstance(values, dict):
             raise WireError(f"rows[{i}].values must be an object")
         if len(values) > MAX_VALUES_PER_ROW:
             raise WireError(f"rows[{i}].values has {len(values)} series; limit {MAX_VALUES_PER_ROW}")
-        clean = {
-            _name(k, f"rows[{i}] series name"): _num(v, f"rows[{i}].values[{k!r}]")
-            for k, v in values.items()
-        }
-        rows.append({"step": step, "time_s": _num(row.get("time_s"), "time_s"), "values": clean})
+        if (
+            set(map(type, values)) <= str_only
+            and set(map(type, values.values())) <= float_or_none
+            and (not values or min(map(len, values)) > 0 and max(map(len, values)) <= MAX_NAME_LEN)
+            and math.isfinite(sum(filter(None, values.values())))
+        ):
+            clean = dict(values)
+        else:
+            clean = {
+                _name(k, f"rows[{i}] series name"): _num(v, f"rows[{i}].values[{k!r}]")
+                for k, v in values.items()
+            }
+        time_s = row.get("time_s")
+        if type(time_s) is not float or not math.isfinite(time_s):
+            time_s = _num(time_s, "time_s")
+        rows.append({"step": step, "time_s": time_s, "values": clean})
     return {"type": "metrics", "seq": seq, "rows": rows}
 
 
@@ -312,11 +331,12 @@ def validate_probe(msg: dict[str, Any]) -> dict[str, Any]:
             # check cost more than the rest of the frame's validation together.
             if counts and (not set(map(type, counts)) <= _INT_ONLY or min(counts) < 0):
                 raise WireError(f"layers[{i}].hist.counts must be non-negative integers")
-            hist = {
-                "lo": _num(hist.get("lo"), f"layers[{i}].hist.lo"),
-                "hi": _num(hist.get("hi"), f"layers[{i}].hist.hi"),
-                "counts": counts,
-            }
+            lo, hi = hist.get("lo"), hist.get("hi")
+            if type(lo) is not float or not math.isfinite(lo):
+                lo = _num(lo, f"layers[{i}].hist.lo")
+            if type(hi) is not float or not math.isfinite(hi):
+                hi = _num(hi, f"layers[{i}].hist.hi")
+            hist = {"lo": lo, "hi": hi, "counts": counts}
         out["hist"] = hist
         layers.append(out)
     return {"type": "probe", "seq": seq, "step": step, "layers": layers}

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
 LAYERS, BINS = 50, 64
@@ -140,14 +141,27 @@ class PhaseResult:
     lag_max: int
     sent_per_s: float
     drain_s: float
+    cpu_ms_per_frame: float
+
+
+def cpu_s(server: psutil.Process) -> float:
+    times = server.cpu_times()
+    return float(times.user + times.system)
 
 
 async def run_phase(
-    name: str, trainers: list[Trainer], seconds: float, probe_rate: float, metrics_rate: float
+    name: str,
+    trainers: list[Trainer],
+    seconds: float,
+    probe_rate: float,
+    metrics_rate: float,
+    server: psutil.Process,
 ) -> PhaseResult:
     """Open loop at the given total rates (frames/s); 0 and 0 means as fast as allowed."""
     probe = probe_template(1)
     before = [(t.acked_probes, t.acked_points) for t in trainers]
+    acked_before = sum(t.acked for t in trainers)
+    cpu_before = cpu_s(server)
     sent_before = sum(t.sent for t in trainers)
     lags: list[int] = []
     start = time.monotonic()
@@ -189,6 +203,10 @@ async def run_phase(
     while any(t.sent > t.acked for t in trainers) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     drain_s = time.monotonic() - drain_start
+    # The server's CPU time per frame it committed (drain included): unlike the rates,
+    # this does not depend on how much of the shared machine the server was given.
+    acked_frames = sum(t.acked for t in trainers) - acked_before
+    cpu_ms = 1000 * (cpu_s(server) - cpu_before) / max(1, acked_frames)
     target = []
     if probe_rate:
         target.append(f"{probe_rate:.0f} probe/s")
@@ -205,6 +223,7 @@ async def run_phase(
         max(lags, default=0),
         sent_frames / elapsed,
         drain_s,
+        cpu_ms,
     )
 
 
@@ -230,11 +249,14 @@ async def main(args: argparse.Namespace) -> None:
             opened = [await open_trainer(port, f"bench-{i}") for i in range(args.trainers)]
             trainers = [t for t, _ in opened]
             metrics_rate = args.points_rate / (ROWS * SERIES)
+            proc = psutil.Process(server.pid)
             results = [
-                await run_phase("probe", trainers, args.seconds, args.probe_rate, 0),
-                await run_phase("metrics", trainers, args.seconds, 0, metrics_rate),
-                await run_phase("mixed", trainers, args.seconds, args.probe_rate, metrics_rate),
-                await run_phase("max", trainers, args.seconds, 0, 0),
+                await run_phase("probe", trainers, args.seconds, args.probe_rate, 0, proc),
+                await run_phase("metrics", trainers, args.seconds, 0, metrics_rate, proc),
+                await run_phase(
+                    "mixed", trainers, args.seconds, args.probe_rate, metrics_rate, proc
+                ),
+                await run_phase("max", trainers, args.seconds, 0, 0, proc),
             ]
             for trainer, reader in opened:
                 await trainer.ws.close()
@@ -246,7 +268,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"probe frame = {LAYERS} layers x {BINS} bins; metrics frame = {ROWS} rows x {SERIES} series\n")
     header = (
         f"{'phase':<8} {'offered':<28} {'sent frames/s':>14} {'acked probe/s':>14} {'acked points/s':>15} "
-        f"{'lag start':>10} {'lag end':>8} {'drain s':>8}"
+        f"{'lag start':>10} {'lag end':>8} {'drain s':>8} {'server CPU ms/frame':>20}"
     )
     print(header)
     print("-" * len(header))
@@ -254,6 +276,7 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{r.name:<8} {r.target:<28} {r.sent_per_s:>14,.0f} {r.probes_per_s:>14,.0f} "
             f"{r.points_per_s:>15,.0f} {r.lag_start:>10} {r.lag_end:>8} {r.drain_s:>8.1f}"
+            f" {r.cpu_ms_per_frame:>20.2f}"
         )
     probe_ok = results[0].probes_per_s >= 0.95 * args.probe_rate and results[0].lag_end <= max(8, 2 * results[0].lag_start)
     points_ok = results[1].points_per_s >= 0.95 * args.points_rate and results[1].lag_end <= max(8, 2 * results[1].lag_start)
@@ -261,6 +284,12 @@ async def main(args: argparse.Namespace) -> None:
         f"\nprobe target {args.probe_rate:.0f}/s: {'met' if probe_ok else 'NOT met'}; "
         f"scalar target {args.points_rate:,.0f}/s: {'met' if points_ok else 'NOT met'} "
         "(met = at least 95% of the offered rate acked, lag not growing)"
+    )
+    probe_cpu, metrics_cpu = results[0].cpu_ms_per_frame, results[1].cpu_ms_per_frame
+    print(
+        f"server CPU per frame: probe {probe_cpu:.2f} ms (one free core: ~{1000 / probe_cpu:,.0f}"
+        f" probe frames/s), metrics {metrics_cpu:.2f} ms (~{1000 / metrics_cpu * ROWS * SERIES:,.0f}"
+        " points/s); the rates above depend on what else the machine runs"
     )
 
 

@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from layerscope.trainer import wire
 from layerscope.trainer.probes import Probes
+from layerscope.trainer.watch import DEFAULT_EVERY
 from sklearn.datasets import load_digits
 from torch import nn
 
-BLOCK = 50  # steps per block: one probe step per block at the default cadence
 BATCH = 64
-DEFAULT_EVERY = 50
+BLOCK = DEFAULT_EVERY  # steps per block: one probe step per block at the default cadence
 
 
 def workloads() -> dict[str, Callable[[], nn.Module]]:

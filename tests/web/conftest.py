@@ -229,7 +229,8 @@ def server_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    yield from serve(server_settings(tmp_path_factory.mktemp("web") / "data"))
+    # Room for the two shared runs, the init lab's five and a New-run form launch.
+    yield from serve(server_settings(tmp_path_factory.mktemp("web") / "data", max_launched=10))
 
 
 @pytest.fixture(scope="session")

@@ -284,7 +284,7 @@ export class SmallMultiples {
   }
 }
 
-function drawBars(canvas, counts) {
+export function drawBars(canvas, counts) {
   const dpr = window.devicePixelRatio || 1;
   const w = Math.max(1, Math.round(canvas.clientWidth * dpr));
   const h = Math.max(1, Math.round(canvas.clientHeight * dpr));

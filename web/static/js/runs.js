@@ -1,6 +1,8 @@
 /**
  * runs.js — the runs list (/): status, name, key config, last loss, sparkline;
- * filter; select runs to compare; delete with confirmation; the New-run form.
+ * filter; select runs to compare; delete with confirmation; the New-run form; the
+ * Init-lab form (POST /api/labs/init, then the lab's comparison view); the overfit
+ * sanity check's PASS/FAIL badge next to a run's name.
  *
  * Owns: polling GET /api/runs (rows are updated in place, so selections survive a
  * refresh), the inline-SVG sparklines, and the New-run dialog's submit cycle
@@ -95,11 +97,36 @@ function makeRow(run) {
   return tr;
 }
 
+/** run id -> sanity event data, for runs with an overfit check (fetched until it arrives). */
+const sanity = new Map();
+
+async function loadSanity(run) {
+  if (run.config?.overfit == null || sanity.has(run.id)) return;
+  const events = await getJSON(`/api/runs/${encodeURIComponent(run.id)}/events?kind=sanity&limit=1`).catch(() => []);
+  if (!events.length) return;
+  sanity.set(run.id, events[events.length - 1].data);
+  const entry = rows.get(run.id);
+  if (entry) fillRow(entry.tr, entry.run);
+}
+
+function sanityBadge(run) {
+  const d = sanity.get(run.id);
+  if (!d) return null;
+  const b = document.createElement("span");
+  b.className = `badge ${d.passed ? "pass" : "fail"} sanity`;
+  b.textContent = d.passed ? "PASS" : "FAIL";
+  b.title = d.message || "overfit sanity check";
+  return b;
+}
+
 function fillRow(tr, run) {
   const pill = cell(tr, 1).firstChild;
   pill.textContent = run.status;
   pill.className = `pill ${run.status}`;
-  tr.querySelector("a").textContent = run.name || run.id;
+  const link = tr.querySelector("a");
+  link.textContent = run.name || run.id;
+  const badge = sanityBadge(run);
+  link.parentElement.replaceChildren(link, ...(badge ? [" ", badge] : []));
   cell(tr, 3).replaceChildren(...keyConfig(run.config));
   cell(tr, 4).textContent = run.last_step ?? "—";
   cell(tr, 5).textContent = formatNumber(run.last?.loss);
@@ -154,6 +181,7 @@ async function refresh() {
   try {
     runs = await getJSON("/api/runs");
     render();
+    for (const run of runs) loadSanity(run);
     document.body.dataset.ready = "1";
   } catch (e) {
     toast(`Could not load runs: ${e.message}`, "error");
@@ -211,6 +239,31 @@ async function submitNewRun(ev) {
   }
 }
 
+async function submitLab(ev) {
+  ev.preventDefault();
+  const submit = $("lab-submit");
+  const error = $("lab-error");
+  submit.disabled = true;
+  error.hidden = true;
+  try {
+    const lab = await postJSON("/api/labs/init", {
+      activation: $("lab-activation").value,
+      batch_norm: $("lab-batch-norm").checked,
+      steps: Number($("lab-steps").value),
+    });
+    location.href = lab.url;
+  } catch (e) {
+    const d = e instanceof ApiError ? e.detail : e.message;
+    error.textContent = Array.isArray(d) ? d.map((x) => `${x.loc.join(".")}: ${x.msg}`).join("; ") : String(d);
+    error.hidden = false;
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+$("init-lab").addEventListener("click", () => { $("lab-error").hidden = true; $("lab-dialog").showModal(); });
+$("lab-cancel").addEventListener("click", () => $("lab-dialog").close());
+$("lab-form").addEventListener("submit", submitLab);
 $("filter").addEventListener("input", render);
 $("compare").addEventListener("click", () => {
   location.href = `/compare?ids=${[...selected].map(encodeURIComponent).join(",")}`;

@@ -1,0 +1,110 @@
+"""The init lab in headless Chromium against a real server (runs.js's Init-lab form, lab.js,
+and the run page's alerts panel): the button launches five real runs that differ only in
+their initialisation, the comparison view draws every chart from their stored probes, and
+an alert a rule raised in one of them shows on its run page with its rule, layer and step."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import LiveServer, chart_points, guarded_page, open_ready, screenshot, wait_for
+from playwright.sync_api import Browser, Page, expect
+
+pytestmark = pytest.mark.browser
+
+SCHEMES = ["zero", "small_normal", "large_normal", "xavier", "he"]
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def lab(browser: Browser, server: LiveServer) -> Iterator[dict[str, Any]]:
+    """A lab launched the way a person does: the runs page's Init lab button and its form."""
+    page, guard = guarded_page(browser)
+    open_ready(page, f"{server.url}/")
+    page.click("#init-lab")
+    page.select_option("#lab-activation", "tanh")
+    page.fill("#lab-steps", str(STEPS))
+    page.click("#lab-submit")
+    page.wait_for_url("**/labs/*", timeout=60_000)
+    lab_id = page.url.rsplit("/", 1)[-1]
+    page.context.close()
+    assert not guard.errors, "the runs page logged errors:\n" + "\n".join(guard.errors)
+    assert not guard.remote, f"requests left localhost: {guard.remote}"
+    detail = server.api("GET", f"/api/labs/{lab_id}").json()
+    server.started_runs.extend(r["id"] for r in detail["runs"])
+    yield detail
+
+
+@pytest.fixture(scope="module")
+def finished_lab(server: LiveServer, lab: dict[str, Any]) -> dict[str, Any]:
+    def done() -> bool:
+        return all(server.run(r["id"])["status"] == "finished" for r in lab["runs"])
+
+    wait_for(done, 180, "the five lab runs to finish")
+    return lab
+
+
+def test_the_init_lab_button_launches_five_runs_differing_only_in_init(
+    server: LiveServer, lab: dict[str, Any]
+) -> None:
+    assert [r["scheme"] for r in lab["runs"]] == SCHEMES
+    configs = [server.run(r["id"])["config"] for r in lab["runs"]]
+    assert [c["model"]["init"] for c in configs] == ["zero", "normal", "normal", "xavier", "he"]
+    assert [c["model"]["init_std"] for c in configs][1:3] == [0.01, 1.0]
+    rest = []
+    for config in configs:
+        c = copy.deepcopy(config)
+        del c["model"]["init"], c["model"]["init_std"], c["name"]
+        rest.append(c)
+    assert all(c == rest[0] for c in rest)  # same network, data, solver, seed
+    assert rest[0]["model"]["activation"] == "tanh" and rest[0]["solver"]["steps"] == STEPS
+
+
+def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
+    page: Page, server: LiveServer, finished_lab: dict[str, Any]
+) -> None:
+    open_ready(page, f"{server.url}/labs/{finished_lab['id']}", timeout_s=60)
+    page.wait_for_function(f"document.body.dataset.step === '{STEPS}'", timeout=30_000)
+    expect(page.locator("#legend li")).to_have_count(5)
+    layers = server.run(finished_lab["runs"][0]["id"])["layers"]
+    for chart in ("chart-mean", "chart-dead", "chart-sat", "chart-sym"):
+        assert chart_points(page, chart) == [len(layers)] * 5, chart
+    # Zero init: every hidden output is exactly 0, so the symmetry proxy reads "identical".
+    sym_zero = page.evaluate("Array.from(document.getElementById('chart-sym').data[0].y)")
+    sym_he = page.evaluate("Array.from(document.getElementById('chart-sym').data[4].y)")
+    assert sym_zero[0] == 0 and all(v > 0 for v in sym_he)
+    # std against depth: small normal shrinks layer by layer, Xavier does not collapse.
+    page.uncheck("#std-log")
+    std = page.evaluate("document.getElementById('chart-std').data.map(t => Array.from(t.y))")
+    small, xavier = std[1], std[3]
+    assert small[-2] < small[0] and xavier[-2] > 10 * small[-2]
+    cells = page.locator("#lab-grid .multiple")
+    expect(cells).to_have_count(5 * len(layers))
+    assert sum(page.evaluate("JSON.parse(document.querySelector('#lab-grid .multiple[data-run]:last-child').dataset.counts)")) > 0
+    screenshot(page, "lab")
+    # An earlier common step redraws every chart for that step.
+    first = server.api("GET", f"/api/runs/{finished_lab['runs'][0]['id']}/probe_steps").json()
+    page.eval_on_selector("#lab-step", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    page.wait_for_function(f"document.body.dataset.step === '{first['steps'][0]}'", timeout=10_000)
+    assert chart_points(page, "chart-mean") == [len(layers)] * 5
+
+
+def test_an_alert_shows_in_the_alerts_panel_with_rule_layer_and_step(
+    page: Page, server: LiveServer, finished_lab: dict[str, Any]
+) -> None:
+    alerts = {
+        r["id"]: server.api("GET", f"/api/runs/{r['id']}/events", params={"kind": "alert"}).json()
+        for r in finished_lab["runs"]
+    }
+    run_id, events = next((k, v) for k, v in alerts.items() if v)  # a poor init raised one
+    first = events[0]
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    shown = page.locator("#alerts li.alert")
+    expect(shown).to_have_count(min(len(events), 500))
+    text = page.locator("#alerts").inner_text()
+    assert first["data"]["rule"] in text and f"step {first['step']}" in text
+    if first["data"].get("layer"):
+        assert first["data"]["layer"] in text

@@ -1,0 +1,210 @@
+/**
+ * lab.js — the init lab's comparison view (/labs/{id}): five runs that differ only
+ * in their initialisation, compared layer by layer at one probe step.
+ *
+ * Owns: the step slider over the probe steps every run has (default: the latest
+ * common one, following new steps while the runs train), and at that step: activation
+ * mean and std against depth, dead and saturated ratios per layer, the symmetry proxy
+ * (range of a layer's outputs) and a layers x schemes grid of histograms.
+ * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
+ * Never: changes a run (read-only), or draws a step that some run lacks.
+ */
+
+import { getJSON, runUrl } from "./api.js";
+import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, plotlyReady } from "./charts.js";
+import { drawBars } from "./heatmaps.js";
+import { setCondition } from "./notify.js";
+
+const ENDED = new Set(["finished", "failed", "stopped", "lost", "deleted"]);
+const REFRESH_MS = 3000;
+const $ = (id) => document.getElementById(id);
+const labId = document.body.dataset.labId;
+
+const state = { lab: null, layers: [], steps: [], step: null, following: true, at: new Map(), loading: 0 };
+
+function intersect(lists) {
+  if (!lists.length) return [];
+  let common = new Set(lists[0]);
+  for (const l of lists.slice(1)) common = new Set(l.filter((s) => common.has(s)));
+  return [...common].sort((a, b) => a - b);
+}
+
+async function loadLab() {
+  state.lab = await getJSON(`/api/labs/${encodeURIComponent(labId)}`);
+  const p = state.lab.params || {};
+  $("lab-params").textContent = `${p.activation}${p.batch_norm ? " + batch norm" : ""} · depth ${p.depth} · width ${p.width} · ${p.dataset} · seed ${p.seed} · ${p.steps} steps`;
+  $("legend").replaceChildren(...state.lab.runs.map((r, i) => {
+    const li = document.createElement("li");
+    const sw = document.createElement("span");
+    const a = document.createElement("a");
+    sw.className = "swatch";
+    sw.style.background = COLORS[i % COLORS.length];
+    a.href = `/runs/${encodeURIComponent(r.id)}`;
+    a.textContent = `${r.label} (${r.status})`;
+    li.append(sw, a);
+    return li;
+  }));
+}
+
+async function loadSteps() {
+  const runs = state.lab.runs.filter((r) => r.status !== "deleted");
+  if (!state.layers.length) {
+    for (const r of runs) {
+      const d = await getJSON(runUrl(r.id)).catch(() => null);
+      if (d?.layers?.length) { state.layers = d.layers.map((l) => l.name); break; }
+    }
+  }
+  const all = await Promise.all(runs.map((r) => getJSON(runUrl(r.id, "probe_steps")).then((s) => s.steps).catch(() => [])));
+  const steps = intersect(all);
+  const slider = $("lab-step");
+  const grew = steps.length !== state.steps.length;
+  state.steps = steps;
+  slider.max = String(Math.max(0, steps.length - 1));
+  $("lab-steps-note").textContent = steps.length
+    ? `${steps.length} probe steps shared by all ${runs.length} runs`
+    : "waiting for every run's first probe step…";
+  if (steps.length && (state.following || state.step === null) && grew) {
+    slider.value = String(steps.length - 1);
+    await showStep(steps[steps.length - 1]);
+  }
+}
+
+async function showStep(step) {
+  state.step = step;
+  $("lab-step-value").textContent = String(step);
+  const ticket = ++state.loading;
+  const answers = await Promise.all(state.lab.runs.map((r) =>
+    getJSON(runUrl(r.id, "histogram", { step })).catch(() => ({ step: null, layers: [] }))));
+  if (ticket !== state.loading) return; // a later slider move wins
+  state.at = new Map(state.lab.runs.map((r, i) => [r.id, answers[i]]));
+  await draw();
+}
+
+/** Layer order: the run's declared order, restricted to layers that have stats. */
+function layerOrder() {
+  const seen = new Set();
+  for (const a of state.at.values()) for (const l of a.layers) seen.add(l.name);
+  const order = state.layers.filter((n) => seen.has(n));
+  for (const n of seen) if (!order.includes(n)) order.push(n);
+  return order;
+}
+
+function statOf(runId, layer, stat) {
+  const l = state.at.get(runId)?.layers.find((x) => x.name === layer);
+  return l ? l[stat] ?? null : null;
+}
+
+function lineData(order, stat, transform = (v) => v) {
+  return state.lab.runs.map((r, i) => ({
+    type: "scatter", mode: "lines+markers", name: r.label, x: order,
+    y: order.map((n) => transform(statOf(r.id, n, stat))),
+    line: { color: COLORS[i % COLORS.length], width: 1.5 }, marker: { size: 5 },
+    hovertemplate: `${r.label}: %{y:.4g}<extra>%{x}</extra>`,
+  }));
+}
+
+function layout(yTitle, extra = {}) {
+  return baseLayout({
+    hovermode: "closest",
+    xaxis: { ...baseLayout().xaxis, type: "category", title: { text: "layer (input → output)" }, tickangle: -30 },
+    yaxis: { ...baseLayout().yaxis, title: { text: yTitle }, ...extra },
+    margin: { l: 56, r: 12, t: 8, b: 70 },
+  });
+}
+
+function drawGrid(order) {
+  const grid = $("lab-grid");
+  const runs = state.lab.runs;
+  grid.style.gridTemplateColumns = `minmax(90px, 140px) repeat(${runs.length}, minmax(110px, 1fr))`;
+  const cells = [document.createElement("div")];
+  runs.forEach((r, i) => {
+    const h = document.createElement("div");
+    h.className = "colhead";
+    h.style.color = COLORS[i % COLORS.length];
+    h.textContent = r.label;
+    cells.push(h);
+  });
+  const canvases = [];
+  for (const name of order) {
+    const head = document.createElement("div");
+    head.className = "rowhead";
+    head.textContent = name;
+    head.title = name;
+    cells.push(head);
+    for (const r of runs) {
+      const l = state.at.get(r.id)?.layers.find((x) => x.name === name);
+      const el = document.createElement("div");
+      el.className = "multiple";
+      el.dataset.layer = name;
+      el.dataset.run = r.id;
+      el.innerHTML = '<canvas></canvas><div class="range"><span></span><span></span></div>';
+      const spans = el.querySelectorAll(".range span");
+      spans[0].textContent = formatNumber(l?.lo ?? null);
+      spans[1].textContent = formatNumber(l?.hi ?? null);
+      const counts = l?.counts || [];
+      el.dataset.counts = JSON.stringify(counts);
+      el.title = `${r.label} · ${name} at step ${state.step}\nmean ${formatNumber(l?.mean)}\nstd ${formatNumber(l?.std)}\nzero ${formatNumber(l?.zero_frac)}`;
+      canvases.push([el.querySelector("canvas"), counts]);
+      cells.push(el);
+    }
+  }
+  grid.replaceChildren(...cells);
+  $("grid-step").textContent = String(state.step);
+  for (const [canvas, counts] of canvases) drawBars(canvas, counts);
+}
+
+async function draw() {
+  await plotlyReady();
+  const P = window.Plotly;
+  const order = layerOrder();
+  const logStd = $("std-log").checked;
+  const range = (r) => (n) => {
+    const lo = statOf(r.id, n, "min");
+    const hi = statOf(r.id, n, "max");
+    return lo === null || hi === null ? null : hi - lo;
+  };
+  const sym = state.lab.runs.map((r, i) => {
+    const y = order.map(range(r));
+    return { type: "bar", name: r.label, x: order, y, marker: { color: COLORS[i % COLORS.length] },
+      text: y.map((v) => (v === 0 ? "identical" : "")), textposition: "outside",
+      hovertemplate: `${r.label}: range %{y:.4g}<extra>%{x}</extra>` };
+  });
+  await Promise.all([
+    P.react($("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
+    P.react($("chart-std"), lineData(order, "std", (v) => (logStd && v === 0 ? null : v)),
+      layout("std", { type: logStd ? "log" : "linear" }), PLOT_CONFIG),
+    P.react($("chart-dead"), lineData(order, "dead_ratio"), layout("dead ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
+    P.react($("chart-sat"), lineData(order, "saturated_ratio"), layout("saturated ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
+    P.react($("chart-sym"), sym, { ...layout("max − min of outputs"), barmode: "group" }, PLOT_CONFIG),
+  ]);
+  drawGrid(order);
+  if (order.length) document.body.dataset.ready = "1";
+  document.body.dataset.step = String(state.step);
+}
+
+async function main() {
+  await loadLab();
+  const slider = $("lab-step");
+  slider.addEventListener("input", () => {
+    const i = Number(slider.value);
+    state.following = i === state.steps.length - 1;
+    if (state.steps[i] !== undefined) showStep(state.steps[i]);
+  });
+  $("std-log").addEventListener("change", () => { if (state.step !== null) draw(); });
+  await loadSteps();
+  const timer = setInterval(async () => {
+    if (document.hidden) return;
+    try {
+      await loadLab();
+      await loadSteps();
+      if (state.lab.runs.every((r) => ENDED.has(r.status))) clearInterval(timer);
+    } catch (e) {
+      setCondition("refresh", `Refreshing the lab failed: ${e.message}`, "warn");
+    }
+  }, REFRESH_MS);
+}
+
+main().catch((e) => {
+  setCondition("load", `The init lab failed to load: ${e.message}`);
+  document.body.dataset.ready = "error";
+});

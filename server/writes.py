@@ -359,7 +359,7 @@ class Writer:
             if not isinstance(layer, dict):
                 raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
             lid = self.lid(rk, str(layer.get("name") or ""))
-            stats = [layer.get(s) for s in PROBE_COLUMNS]
+            stats = list(map(layer.get, PROBE_COLUMNS))
             # Validated frames hold finite floats or None: one C-level type walk and a
             # sum any inf/nan poisons stand in for a finite() call per stat.
             if not (set(map(type, stats)) <= _FLOAT_OR_NONE and isfinite(sum(filter(None, stats)))):
@@ -414,6 +414,12 @@ class Writer:
                 "UPDATE runs SET status = ?, status_reason = ? WHERE rk = ?",
                 (data["status"], data.get("reason"), rk),
             )
+            if isinstance(data.get("control"), dict):
+                # A trainer's first status carries its initial control state (the rules'
+                # switches), acknowledged before any command: the UI shows it from the start.
+                self.conn.execute(
+                    "UPDATE runs SET control = ? WHERE rk = ?", (dumps(data["control"]), rk)
+                )
         elif kind == "command_result":
             self._command_result(rk, data)
 

@@ -207,3 +207,41 @@ def test_weight_decay_off_reads_zero(
     toggle.click()
     expect(toggle).to_have_text("Weight decay: on", timeout=20_000)
     screenshot(page, "run-controls")
+
+
+def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    page, run_id = run_page, live_run["id"]
+    auto = page.locator("#rules button[data-rule-auto='auto_halve_lr']")
+    # The trainer's first status carried its rules state: the switch is known before any command.
+    expect(auto).to_have_text("Auto-halve LR: off")
+    page.evaluate(
+        """() => {
+            window.sawRulePending = false;
+            const b = document.querySelector("#rules button[data-rule-auto='auto_halve_lr']");
+            new MutationObserver(() => { if (b.textContent.endsWith('…')) window.sawRulePending = true; })
+                .observe(b, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    auto.click()
+    expect(auto).to_have_text("Auto-halve LR: on", timeout=20_000)
+    assert page.evaluate("window.sawRulePending")  # shown pending until the trainer acknowledged
+    row = last_command(server, run_id, "set_rules")
+    assert row["args"] == {"auto_halve_lr": True} and row["state"]["rules"]["auto_halve_lr"] is True
+
+    page.click("#rules-picker summary")
+    box = page.locator("#rules-silence label[data-rule='DeadUnits'] input")
+    box.click()  # the box stays as acknowledged (unticked) until the trainer applies it
+    expect(page.locator("#rules-silenced-count")).to_have_text("1 silenced", timeout=20_000)
+    expect(box).to_be_checked()
+    row = last_command(server, run_id, "set_rules")
+    assert row["args"] == {"silenced": ["DeadUnits"]}
+    assert row["state"]["rules"]["silenced"] == ["DeadUnits"]
+    expect(page.locator("#events")).to_contain_text("set_rules silenced=DeadUnits applied at step")
+
+    # Back as they were, so the run keeps training unattended.
+    box.click()
+    expect(page.locator("#rules-silenced-count")).to_have_text("none silenced", timeout=20_000)
+    auto.click()
+    expect(auto).to_have_text("Auto-halve LR: off", timeout=20_000)

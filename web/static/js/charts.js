@@ -16,6 +16,8 @@ export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
 
 const Plotly = () => window.Plotly;
+const USER_MARKER_COLOR = "#e3a52b";
+const RULE_MARKER_COLOR = "#e0609a";
 
 /**
  * Resolves once Plotly is loaded. Pages load their module before the Plotly bundle,
@@ -267,7 +269,10 @@ export class LineChart {
       data.push({ type: "scatter", mode: "markers", name: "commands", showlegend: false,
         x: this.markers.map((k) => k.step), y: this.markers.map((k) => this.valueAt(0, k.step)),
         text: this.markers.map((k) => k.label),
-        marker: { symbol: "diamond", size: 9, color: "#e3a52b", line: { color: "#0f1216", width: 1 } },
+        // A rule's automatic action is drawn apart from a person's command.
+        marker: { symbol: this.markers.map((k) => (k.rule ? "triangle-up" : "diamond")), size: 9,
+          color: this.markers.map((k) => (k.rule ? RULE_MARKER_COLOR : USER_MARKER_COLOR)),
+          line: { color: "#0f1216", width: 1 } },
         hovertemplate: "%{text}<extra></extra>" });
     }
     return data;

@@ -39,6 +39,7 @@ export class Controls {
     this.lastApplied = null;    // {name, step} of the last acknowledged command
     this.sent = new Map();      // command id -> {name, args} sent from this page
     this.spaceFallback = null;  // what Space does once the run has ended (replay play/pause)
+    this.onRender = null;       // called after every render (the Rules group follows this bar)
     this.status = "starting";
     this.trainerConnected = false;
     this.socketOpen = false;
@@ -206,6 +207,7 @@ export class Controls {
     }
     this.acked.textContent = this.describe();
     this.renderFreeze();
+    if (this.onRender) this.onRender();
   }
 
   describe() {

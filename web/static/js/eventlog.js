@@ -15,6 +15,7 @@ function argsText(name, args, state) {
     if (name === "set_lr_scale") return `×${args.value}`;
     if (name === "set_weight_decay") return args.enabled ? "on" : "off";
     if (name === "set_frozen") return `${args.frozen ? "freeze" : "unfreeze"} ${args.layers.join(", ")}`;
+    if (name === "set_rules") return Object.entries(args).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(",") || "none" : v}`).join(" ");
     return JSON.stringify(args);
   }
   if (state && name === "set_lr_scale") return `×${state.lr_scale}`;
@@ -28,13 +29,15 @@ export function describeEvent(ev) {
     case "status": return `status → ${d.status}${d.reason ? ` (${d.reason})` : ""}${d.error ? `: ${d.error}` : ""}`;
     case "command_result": {
       const what = `${d.name} ${argsText(d.name, d.args, d.state)}`.trim();
-      return d.ok === false ? `${what} failed: ${d.error || "?"}` : `${what} applied at step ${d.applied_at_step ?? ev.step}`;
+      const rule = d.source === "rule" ? ` · rule: ${d.reason || "no reason given"}` : "";
+      return d.ok === false ? `${what} failed: ${d.error || "?"}${rule}` : `${what} applied at step ${d.applied_at_step ?? ev.step}${rule}`;
     }
     case "command": {
       const who = [d.source, d.origin].filter(Boolean).join(", ");
       return `${d.name} ${argsText(d.name, d.args)} sent${who ? ` by ${who}` : ""}${d.reason ? `: ${d.reason}` : ""}`;
     }
-    case "alert": return `${d.layer ? `[${d.layer}] ` : ""}${d.message || d.rule || JSON.stringify(d)}`;
+    case "alert": return `${d.rule ? `${d.rule} ` : ""}${d.layer ? `[${d.layer}] ` : ""}${d.message || JSON.stringify(d)}${d.action ? ` → ${d.action}` : ""}`;
+    case "sanity": return d.message || (d.passed ? "sanity check PASS" : "sanity check FAIL");
     case "checkpoint": return `checkpoint ${d.path || ""}`.trim();
     default: return d.message || JSON.stringify(d);
   }
@@ -73,6 +76,7 @@ export class EventLog {
   line(ev) {
     const li = document.createElement("li");
     li.dataset.kind = ev.kind;
+    if (ev.data?.source === "rule") li.classList.add("rule");
     const step = document.createElement("span");
     step.className = "step";
     step.textContent = `step ${ev.step ?? "—"}`;
@@ -93,9 +97,15 @@ export class Markers {
   /** A row of GET /api/runs/{id}/commands. */
   fromCommand(c) {
     if (c.status !== "applied" || c.applied_at_step === null || c.applied_at_step === undefined) return;
+    const what = `${c.name} ${argsText(c.name, c.args, c.state)}`;
+    if (c.source === "rule") {
+      this.byId.set(c.id, { step: c.applied_at_step, rule: true,
+        label: `rule: ${c.reason || "no reason given"} · ${what} · applied at step ${c.applied_at_step}` });
+      return;
+    }
     const who = [c.source, c.origin].filter(Boolean).join(" · ") || "unknown";
     this.byId.set(c.id, { step: c.applied_at_step,
-      label: `${c.name} ${argsText(c.name, c.args, c.state)} · by ${who} · applied at step ${c.applied_at_step}` });
+      label: `${what} · by ${who} · applied at step ${c.applied_at_step}` });
   }
 
   /** A live command_result event; `sent` holds {args, source} of commands sent from this page. */
@@ -104,6 +114,11 @@ export class Markers {
     if (d.ok === false || !d.id || this.byId.has(d.id)) return;
     const step = d.applied_at_step ?? ev.step;
     const mine = sent.get(d.id);
+    if (d.source === "rule") {
+      this.byId.set(d.id, { step, rule: true,
+        label: `rule: ${d.reason || "no reason given"} · ${d.name} ${argsText(d.name, d.args, d.state)} · applied at step ${step}` });
+      return;
+    }
     const who = mine ? "you (this page)" : d.source || "another client";
     this.byId.set(d.id, { step,
       label: `${d.name} ${argsText(d.name, mine?.args, d.state)} · by ${who} · applied at step ${step}` });

@@ -16,6 +16,7 @@ import { EventLog, Markers } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
 import { Replay, stepFromUrl } from "./replay.js";
+import { RulesPanel } from "./rules.js";
 import { RunSocket } from "./socket.js";
 import { Snapshots } from "./snapshots.js";
 
@@ -55,6 +56,8 @@ const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection });
 const controls = new Controls($("controls"), { send: (msg) => socket.send(msg) });
 const replay = new Replay($("replay"), { onCursor: moveCursor });
 controls.spaceFallback = () => replay.toggle();
+const rules = new RulesPanel($("rules"), controls);
+controls.onRender = () => rules.render();
 
 /** series name -> [chart, trace index] */
 const routes = new Map([["loss", [charts.loss, 0]], ["val_loss", [charts.loss, 1]],
@@ -193,6 +196,7 @@ async function loadHistory(detail) {
   snapshots.setSteps(steps.steps);
   if (shown && steps.steps.length) snapshots.prime(at, shown);
   events.add(evs); // oldest first, as stored
+  for (const ev of evs) if (ev.kind === "sanity") setSanity(ev);
   for (const c of cmds) markers.fromCommand(c);
   drawMarkers();
 }
@@ -242,7 +246,7 @@ function apply(frame) {
     case "event": return applyEvent(frame);
     case "status": return setStatus(frame.status, frame.trainer_connected);
     case "heartbeat": setStep(frame.step); return setStatus(frame.status);
-    case "command_result": return controls.serverResult(frame);
+    case "command_result": controls.serverResult(frame); return rules.serverResult(frame);
     case "error": return toast(`Server: ${frame.message}`, "error");
     default: return undefined;
   }
@@ -282,10 +286,23 @@ function applyProbe(frame) {
   setStep(frame.step);
 }
 
+/** The overfit sanity check's verdict as a PASS/FAIL badge next to the status. */
+function setSanity(ev) {
+  const d = ev.data || {};
+  const badge = $("sanity");
+  badge.hidden = false;
+  badge.className = `badge ${d.passed ? "pass" : "fail"}`;
+  badge.textContent = `sanity ${d.passed ? "PASS" : "FAIL"}`;
+  badge.title = d.message || "";
+}
+
 function applyEvent(frame) {
   events.add([frame]);
+  if (frame.kind === "sanity") setSanity(frame);
+  if (frame.kind === "status" && frame.data?.control) controls.setState(frame.data.control);
   if (frame.kind === "command_result") {
     controls.acknowledged(frame);
+    rules.acknowledged(frame);
     markers.fromEvent(frame, controls.sent);
     drawMarkers();
   } else if (frame.kind === "status") {

@@ -1,0 +1,121 @@
+/**
+ * rules.js — the run page's "Rules" control group: silence each diagnostic rule and
+ * switch the rules' automatic actions (halve LR on a plateau, weight decay on
+ * over-fit) while the run trains.
+ *
+ * Owns: one `set_rules` command per change (a partial target state: {silenced} or
+ * {auto_halve_lr} or {auto_weight_decay}), sent through the Controls' socket, each
+ * switch pending until the trainer acknowledges it; what it shows is the
+ * acknowledged `state.rules` only ({enabled, silenced, auto_halve_lr, auto_weight_decay}).
+ * Never: shows a switch as changed before the trainer says so, or sends while the
+ * controls are off (same reasons as the rest of the control bar).
+ */
+
+import { toast } from "./notify.js";
+
+export class RulesPanel {
+  /** @param {HTMLElement} root the #rules group; @param controls the page's Controls */
+  constructor(root, controls) {
+    this.root = root;
+    this.controls = controls;
+    this.pending = new Map(); // command id -> switch key ("auto_halve_lr", "auto_weight_decay", "silence:<rule>")
+    this.list = root.querySelector("#rules-silence");
+    this.count = root.querySelector("#rules-silenced-count");
+    this.note = root.querySelector("#rules-note");
+    this.buttons = [...root.querySelectorAll("button[data-rule-auto]")];
+    for (const b of this.buttons) b.addEventListener("click", () => this.toggleAuto(b.dataset.ruleAuto));
+    this.list.addEventListener("change", (ev) => {
+      const box = ev.target;
+      if (box instanceof HTMLInputElement) this.toggleSilence(box.value, box.checked);
+    });
+    this.render();
+  }
+
+  rules() {
+    return this.controls.state?.rules || null;
+  }
+
+  send(key, args) {
+    const reason = this.controls.disabledReason();
+    if (reason || [...this.pending.values()].includes(key)) { this.render(); return; }
+    const id = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
+    if (!this.controls.send({ type: "command", id, name: "set_rules", args })) {
+      toast("Not connected; the command was not sent", "error");
+      this.render();
+      return;
+    }
+    this.pending.set(id, key);
+    this.controls.sent.set(id, { name: "set_rules", args });
+    this.render();
+  }
+
+  toggleAuto(key) {
+    const r = this.rules();
+    if (r) this.send(key, { [key]: !r[key] });
+  }
+
+  toggleSilence(rule, silenced) {
+    const r = this.rules();
+    if (!r) return;
+    const set = new Set(r.silenced);
+    if (silenced) set.add(rule); else set.delete(rule);
+    this.send(`silence:${rule}`, { silenced: [...set] });
+  }
+
+  /** The server's immediate answer to a command sent on the socket. */
+  serverResult(msg) {
+    if (!this.pending.has(msg.id)) return;
+    if (msg.ok === false) {
+      this.pending.delete(msg.id);
+      toast(`Rules change refused: ${msg.reason || "unknown reason"}`, "error");
+    }
+    this.render();
+  }
+
+  /** A command_result event: a switch of ours is no longer pending (Controls took the state). */
+  acknowledged(event) {
+    const d = event.data || {};
+    if (!this.pending.delete(d.id)) return;
+    if (d.ok === false) toast(`set_rules failed: ${d.error || "no reason given"}`, "error");
+    this.render();
+  }
+
+  render() {
+    const r = this.rules();
+    const reason = this.controls.disabledReason();
+    const pendingKeys = new Set(this.pending.values());
+    this.root.dataset.acked = JSON.stringify(r);
+    this.note.textContent = r ? "" : "No rules state acknowledged by this trainer yet.";
+    for (const b of this.buttons) {
+      const key = b.dataset.ruleAuto;
+      const on = !!r?.[key];
+      const pending = pendingKeys.has(key);
+      b.textContent = `${b.dataset.label}: ${r ? (on ? "on" : "off") : "—"}${pending ? " …" : ""}`;
+      b.classList.toggle("on", on);
+      b.classList.toggle("pending", pending);
+      b.disabled = !r || !!reason || pending;
+      b.title = reason || (pending ? "Waiting for the trainer to acknowledge" : "");
+    }
+    const enabled = r?.enabled || [];
+    const silenced = new Set(r?.silenced || []);
+    if (this.list.children.length !== enabled.length || [...this.list.children].some((l, i) => l.dataset.rule !== enabled[i])) {
+      this.list.replaceChildren(...enabled.map((name) => {
+        const label = document.createElement("label");
+        const box = document.createElement("input");
+        box.type = "checkbox";
+        box.value = name;
+        label.dataset.rule = name;
+        label.append(box, ` silence ${name}`);
+        return label;
+      }));
+    }
+    for (const label of this.list.children) {
+      const box = label.querySelector("input");
+      const pending = pendingKeys.has(`silence:${label.dataset.rule}`);
+      box.checked = silenced.has(label.dataset.rule); // acknowledged state only
+      box.disabled = !!reason || pending;
+      label.classList.toggle("pending", pending);
+    }
+    this.count.textContent = silenced.size ? `${silenced.size} silenced` : "none silenced";
+  }
+}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from layerscope.server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -164,11 +164,11 @@ def test_auto_halve_acts_once_per_plateau_and_the_used_lr_follows(tmp_path: Path
     assert _lr_used(tmp_path) == [0.1, 0.05, 0.025]
     plateaus = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ValidationPlateau"]
     assert len(plateaus) == 2
-    halvings = [
+    results = [
         e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "set_lr_scale"
     ]
-    assert [h["args"]["value"] for h in halvings] == [0.5, 0.25]
-    assert all(h["source"] == "rule" and "has not improved" in h["reason"] for h in halvings)
+    assert [h["args"]["value"] for h in results] == [0.5, 0.25]
+    assert all(h["source"] == "rule" and "has not improved" in h["reason"] for h in results)
 
 
 def test_set_rules_silences_and_unsilences_live(tmp_path: Path) -> None:
@@ -225,7 +225,7 @@ def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
             train(w, model, opt, 1)
             time.sleep(0.01)
         train(w, model, opt, 2)
-    used = []
+    used: list[float | None] = []
     for text in list(read_spool(tmp_path / "spool.bin"))[1:]:
         frame = json.loads(text)
         for row in frame.get("rows", []) if frame["type"] == "metrics" else []:

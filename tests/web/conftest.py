@@ -19,7 +19,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,19 @@ class LiveServer:
         return dict(wait_for(reached, timeout_s, f"run {run_id} to reach step {step}"))
 
 
-def write_recorded_run(data_dir: Path, run_id: str, *, steps: int, layers: int, every: int) -> None:
+def write_recorded_run(
+    data_dir: Path,
+    run_id: str,
+    *,
+    steps: int,
+    layers: int,
+    every: int,
+    config: dict[str, Any] | None = None,
+    events: Sequence[tuple[int, str, dict[str, Any]]] = (),
+) -> None:
     """A finished run written straight through the real Store (no trainer), frames validated
-    by wire exactly as ingest would: loss every step, a probe frame every `every` steps."""
+    by wire exactly as ingest would: loss every step, a probe frame every `every` steps, then
+    each of `events` (step, kind, data) as the trainer would send it."""
 
     def frames() -> Iterator[dict[str, Any]]:
         seq = 0
@@ -146,6 +156,11 @@ def write_recorded_run(data_dir: Path, run_id: str, *, steps: int, layers: int, 
                 for i in range(layers)
             ]
             yield wire.validate_probe({"type": "probe", "seq": seq, "step": step, "layers": probe})
+        for step, kind, data in events:
+            seq += 1
+            yield wire.validate_event(
+                {"type": "event", "seq": seq, "step": step, "kind": kind, "data": data}
+            )
         yield wire.validate_event(
             {
                 "type": "event",
@@ -164,7 +179,7 @@ def write_recorded_run(data_dir: Path, run_id: str, *, steps: int, layers: int, 
                 "type": "hello",
                 "run_id": run_id,
                 "name": run_id,
-                "config": {"source": "recorded"},
+                "config": config or {"source": "recorded"},
                 "layers": [
                     {"name": f"layer{i}", "kind": "ReLU", "units": 8} for i in range(layers)
                 ],

@@ -3,11 +3,20 @@ and every chart following the cursor (replay.js, snapshots.js, run.js)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer, open_ready, screenshot
-from playwright.sync_api import Page, expect
+from conftest import (
+    LiveServer,
+    guarded_page,
+    open_ready,
+    screenshot,
+    serve,
+    server_settings,
+    write_recorded_run,
+)
+from playwright.sync_api import Browser, Page, expect
 
 pytestmark = pytest.mark.browser
 
@@ -99,3 +108,79 @@ def test_play_moves_the_cursor_and_pause_holds_it(
     step, stored = stored_histograms(server, run_id, last)
     expect(page.locator("#multiples-step")).to_have_text(str(step))
     assert shown_histograms(page) == stored
+
+
+def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """What the rules left in a run's record: the alert in the alerts panel, the rule's
+    command as a 'rule: reason' marker apart from user markers and in the event log, and
+    the overfit check's FAIL badge on the run page and in the runs list."""
+    data_dir = tmp_path / "data"
+    state = {
+        "paused": False,
+        "lr_scale": 0.5,
+        "weight_decay_enabled": True,
+        "frozen": [],
+        "stopping": False,
+    }
+    alert = {
+        "rule": "Saturation",
+        "layer": "layer2",
+        "message": "layer2: 80% of units saturated",
+        "value": 0.8,
+        "threshold": 0.5,
+    }
+    halve = {
+        "id": "rule-1",
+        "cmd_seq": None,
+        "name": "set_lr_scale",
+        "args": {"value": 0.5},
+        "ok": True,
+        "applied_at_step": 250,
+        "state": state,
+        "source": "rule",
+        "reason": "validation loss plateau",
+    }
+    sanity = {
+        "passed": False,
+        "train_acc": 0.62,
+        "steps": 300,
+        "examples": 100,
+        "message": "FAIL: 62.00% training accuracy on 100 examples",
+    }
+    write_recorded_run(
+        data_dir,
+        "ruled",
+        steps=300,
+        layers=3,
+        every=20,
+        config={"overfit": 100},
+        events=[(120, "alert", alert), (250, "command_result", halve), (299, "sanity", sanity)],
+    )
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/ruled")
+            expect(page.locator("#sanity")).to_have_text("sanity FAIL")
+            alerts = page.locator("#alerts li.alert")
+            expect(alerts).to_have_count(1)
+            expect(alerts).to_contain_text("Saturation [layer2] layer2: 80% of units saturated")
+            expect(alerts).to_contain_text("step 120")
+            rule_line = page.locator("#events li.rule")
+            expect(rule_line).to_contain_text("rule: validation loss plateau")
+            markers = page.evaluate(
+                "() => { const t = document.getElementById('chart-lr').data.find(d => d.name === 'commands');"
+                " return {x: Array.from(t.x), text: Array.from(t.text), symbol: t.marker.symbol}; }"
+            )
+            assert markers["x"] == [250] and markers["symbol"] == ["triangle-up"]
+            assert markers["text"][0].startswith("rule: validation loss plateau")
+            listed = server.api("GET", "/api/runs/ruled/commands").json()
+            assert [(c["origin"], c["source"]) for c in listed] == [("trainer", "rule")]
+
+            open_ready(page, f"{server.url}/")
+            expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -236,6 +236,7 @@ export class LineChart {
 
   /** y of trace i at the last point with step <= s (for placing markers). */
   valueAt(i, s) {
+    if (!this.model[i]) return null; // a chart with no series yet (e.g. no weight decay logged)
     const { x, y } = this.model[i];
     let lo = 0;
     let hi = x.length - 1;

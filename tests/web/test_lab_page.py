@@ -69,6 +69,7 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     open_ready(page, f"{server.url}/labs/{finished_lab['id']}", timeout_s=60)
     page.wait_for_function(f"document.body.dataset.step === '{STEPS}'", timeout=30_000)
     expect(page.locator("#legend li")).to_have_count(5)
+    expect(page.locator("#lab-bn")).to_have_text("Same lab, batch norm on")
     layers = server.run(finished_lab["runs"][0]["id"])["layers"]
     for chart in ("chart-mean", "chart-dead", "chart-sat", "chart-sym"):
         assert chart_points(page, chart) == [len(layers)] * 5, chart
@@ -83,11 +84,20 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     assert small[-2] < small[0] and xavier[-2] > 10 * small[-2]
     cells = page.locator("#lab-grid .multiple")
     expect(cells).to_have_count(5 * len(layers))
-    assert sum(page.evaluate("JSON.parse(document.querySelector('#lab-grid .multiple[data-run]:last-child').dataset.counts)")) > 0
+    assert (
+        sum(
+            page.evaluate(
+                "JSON.parse(document.querySelector('#lab-grid .multiple[data-run]:last-child').dataset.counts)"
+            )
+        )
+        > 0
+    )
     screenshot(page, "lab")
     # An earlier common step redraws every chart for that step.
     first = server.api("GET", f"/api/runs/{finished_lab['runs'][0]['id']}/probe_steps").json()
-    page.eval_on_selector("#lab-step", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+    page.eval_on_selector(
+        "#lab-step", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }"
+    )
     page.wait_for_function(f"document.body.dataset.step === '{first['steps'][0]}'", timeout=10_000)
     assert chart_points(page, "chart-mean") == [len(layers)] * 5
 

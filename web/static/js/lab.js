@@ -6,14 +6,16 @@
  * common one, following new steps while the runs train), and at that step: activation
  * mean and std against depth, dead and saturated ratios per layer, the symmetry proxy
  * (range of a layer's outputs) and a layers x schemes grid of histograms.
+ * A button launches the same lab with batch norm switched the other way (BN lowers the
+ * dependence on initialisation: compare the two views).
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
  * Never: changes a run (read-only), or draws a step that some run lacks.
  */
 
-import { getJSON, runUrl } from "./api.js";
+import { ApiError, getJSON, postJSON, runUrl } from "./api.js";
 import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, plotlyReady } from "./charts.js";
 import { drawBars } from "./heatmaps.js";
-import { setCondition } from "./notify.js";
+import { setCondition, toast } from "./notify.js";
 
 const ENDED = new Set(["finished", "failed", "stopped", "lost", "deleted"]);
 const REFRESH_MS = 3000;
@@ -32,6 +34,7 @@ function intersect(lists) {
 async function loadLab() {
   state.lab = await getJSON(`/api/labs/${encodeURIComponent(labId)}`);
   const p = state.lab.params || {};
+  $("lab-bn").textContent = `Same lab, batch norm ${p.batch_norm ? "off" : "on"}`;
   $("lab-params").textContent = `${p.activation}${p.batch_norm ? " + batch norm" : ""} · depth ${p.depth} · width ${p.width} · ${p.dataset} · seed ${p.seed} · ${p.steps} steps`;
   $("legend").replaceChildren(...state.lab.runs.map((r, i) => {
     const li = document.createElement("li");
@@ -182,8 +185,22 @@ async function draw() {
   document.body.dataset.step = String(state.step);
 }
 
+async function launchTwin() {
+  const button = $("lab-bn");
+  button.disabled = true;
+  try {
+    const twin = await postJSON("/api/labs/init", { ...state.lab.params, batch_norm: !state.lab.params.batch_norm });
+    location.href = twin.url;
+  } catch (e) {
+    const d = e instanceof ApiError ? e.detail : e.message;
+    toast(`Not launched: ${Array.isArray(d) ? d.map((x) => `${x.loc.join(".")}: ${x.msg}`).join("; ") : d}`, "error");
+    button.disabled = false;
+  }
+}
+
 async function main() {
   await loadLab();
+  $("lab-bn").addEventListener("click", launchTwin);
   const slider = $("lab-step");
   slider.addEventListener("input", () => {
     const i = Number(slider.value);

@@ -299,7 +299,7 @@ def validate_probe(msg: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(layer, dict):
             raise WireError(f"layers[{i}] must be an object")
         name = layer.get("name")
-        stats = [layer.get(stat) for stat in PROBE_STATS]
+        stats = list(map(layer.get, PROBE_STATS))
         kinds = set(map(type, stats))
         if int in kinds and kinds <= number_or_none:
             stats = [v if v is None else float(v) for v in stats]

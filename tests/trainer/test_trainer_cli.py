@@ -87,10 +87,12 @@ def test_bad_config_files_and_flag_types_exit_2(
     assert "--depth: expected int, got 'two'" in capsys.readouterr().err
 
 
-def test_only_train_and_sync_exist(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["lab", "init"]) == 2
+def test_an_unknown_command_is_refused_naming_the_known_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["labs", "init"]) == 2
     err = capsys.readouterr().err
-    assert "unknown command" in err and "train, sync" in err
+    assert "unknown command" in err and "train, sync, lab" in err
     assert cli.main(["--version"]) == 0
     assert cli.main(["sync", "--version"]) == 0
     assert "layerscope " in capsys.readouterr().out

@@ -169,10 +169,7 @@ async def launch_init_lab(launcher: Launcher, body: Any) -> dict[str, Any]:
             f"{running} launched runs are running and the lab needs {LAB_RUNS} more "
             f"(limit {cap}); stop {running + LAB_RUNS - cap} first",
         )
-    runs = []
-    for scheme, label, config in configs:
-        run_id = await launcher.launch(config)
-        runs.append({"id": run_id, "scheme": scheme, "label": label})
+    runs: list[dict[str, Any]] = []
     record = {
         "id": lab_id,
         "kind": "init",
@@ -180,7 +177,15 @@ async def launch_init_lab(launcher: Launcher, body: Any) -> dict[str, Any]:
         "params": params,
         "runs": runs,
     }
-    Labs(launcher.settings.data_dir).save(record)
+    try:
+        for scheme, label, config in configs:
+            run_id = await launcher.launch(config)
+            runs.append({"id": run_id, "scheme": scheme, "label": label})
+    finally:
+        # Even if a launch fails half-way (the OS refused a process), the runs that did
+        # start stay findable as one lab.
+        if runs:
+            Labs(launcher.settings.data_dir).save(record)
     return record
 
 

@@ -48,8 +48,12 @@ def finished_lab(server: LiveServer, lab: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_init_lab_button_launches_five_runs_differing_only_in_init(
-    server: LiveServer, lab: dict[str, Any]
+    page: Page, server: LiveServer, lab: dict[str, Any]
 ) -> None:
+    open_ready(page, f"{server.url}/")
+    for run in lab["runs"]:  # each run of the lab links back to the comparison view
+        link = page.locator(f"#runs tr[data-run-id='{run['id']}'] a.lab-link")
+        expect(link).to_have_attribute("href", f"/labs/{lab['id']}")
     assert [r["scheme"] for r in lab["runs"]] == SCHEMES
     configs = [server.run(r["id"])["config"] for r in lab["runs"]]
     assert [c["model"]["init"] for c in configs] == ["zero", "normal", "normal", "xavier", "he"]

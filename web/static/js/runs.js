@@ -97,6 +97,14 @@ function makeRow(run) {
   return tr;
 }
 
+/** run id -> lab id, for runs launched by an init lab (a link to its comparison view). */
+let labOf = new Map();
+
+async function loadLabs() {
+  const labs = await getJSON("/api/labs").catch(() => []);
+  labOf = new Map(labs.flatMap((lab) => lab.runs.map((r) => [r.id, lab.id])));
+}
+
 /** run id -> sanity event data, for runs with an overfit check (fetched until it arrives). */
 const sanity = new Map();
 
@@ -126,7 +134,15 @@ function fillRow(tr, run) {
   const link = tr.querySelector("a");
   link.textContent = run.name || run.id;
   const badge = sanityBadge(run);
-  link.parentElement.replaceChildren(link, ...(badge ? [" ", badge] : []));
+  const extra = badge ? [" ", badge] : [];
+  if (labOf.has(run.id)) {
+    const lab = document.createElement("a");
+    lab.className = "lab-link muted";
+    lab.href = `/labs/${encodeURIComponent(labOf.get(run.id))}`;
+    lab.textContent = "lab view";
+    extra.push(" ", lab);
+  }
+  link.parentElement.replaceChildren(link, ...extra);
   cell(tr, 3).replaceChildren(...keyConfig(run.config));
   cell(tr, 4).textContent = run.last_step ?? "—";
   cell(tr, 5).textContent = formatNumber(run.last?.loss);
@@ -179,7 +195,7 @@ function updateCompare() {
 
 async function refresh() {
   try {
-    runs = await getJSON("/api/runs");
+    [runs] = await Promise.all([getJSON("/api/runs"), loadLabs()]);
     render();
     for (const run of runs) loadSanity(run);
     document.body.dataset.ready = "1";

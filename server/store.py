@@ -61,6 +61,7 @@ class Store:
         self.path = self.data_dir / DB_NAME
         self.commit_interval_s = commit_interval_s
         self._queue: queue.Queue[_Op | object] = queue.Queue()
+        self._urgent: set[int] = set()  # id() of futures whose op commits without waiting
         self._thread: threading.Thread | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -138,6 +139,11 @@ class Store:
         while True:
             assert isinstance(item, tuple)
             done.append((item, *self._apply(writer, item)))
+            if id(item[2]) in self._urgent:
+                # A command is relayed to the trainer only once stored: commit it now
+                # rather than at the group-commit deadline (up to 100 ms later).
+                self._urgent.discard(id(item[2]))
+                break
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
@@ -193,11 +199,13 @@ class Store:
         conn.execute("RELEASE op")
         return result, None
 
-    async def _submit(self, fn: Callable[[Writer], T]) -> T:
+    async def _submit(self, fn: Callable[[Writer], T], *, urgent: bool = False) -> T:
         if self._closed or self._thread is None:
             raise StoreError("the store is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        if urgent:
+            self._urgent.add(id(fut))
         self._queue.put((fn, loop, fut))
         return await fut
 
@@ -234,7 +242,7 @@ class Store:
         self, run_id: str, cmd: dict[str, Any], *, origin: str
     ) -> tuple[dict[str, Any], bool]:
         """(row, duplicate): the same id again returns the stored row and True."""
-        return await self._submit(lambda w: w.add_command(run_id, cmd, origin))
+        return await self._submit(lambda w: w.add_command(run_id, cmd, origin), urgent=True)
 
     async def delete_run(self, run_id: str) -> bool:
         return await self._submit(lambda w: w.delete_run(run_id))

@@ -370,7 +370,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {workload:<22} baseline {base / 2**20:8.2f} MiB  probes {probed / 2**20:8.2f} MiB"
               f"  added {(probed - base) / 2**20:+7.2f} MiB ({(probed / base - 1) * 100:+.1f}%)")  # fmt: skip
     print()
-    print("targets: every 50 <= 1.03x, every 10 <= 1.08x, probe step well under one training step")
+    print(
+        f"targets: every {DEFAULT_EVERY} (the default) <= 1.03x, every 10 <= 1.08x, "
+        "probe step well under one training step"
+    )
 
 
 if __name__ == "__main__":

@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from server_process import start_server
 from websockets.asyncio.client import ClientConnection, connect
 
 LAYERS, BINS = 50, 64
@@ -225,21 +222,6 @@ async def run_phase(
         drain_s,
         cpu_ms,
     )
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "layerscope.server", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
-    if match is None:
-        proc.kill()
-        raise SystemExit("server did not start")
-    return proc, int(match.group(1))
 
 
 async def main(args: argparse.Namespace) -> None:

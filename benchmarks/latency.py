@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from server_process import start_server
 from websockets.asyncio.client import ClientConnection, connect
 
 SEQ = re.compile(r'"seq":(\d+)')
@@ -57,21 +55,6 @@ def metrics_text(seq: int, step: int) -> str:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "layerscope.server", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
-    if match is None:
-        proc.kill()
-        raise SystemExit("server did not start")
-    return proc, int(match.group(1))
 
 
 async def main(args: argparse.Namespace) -> None:

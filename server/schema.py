@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from layerscope.trainer import wire
+
 SCHEMA_VERSION = 1
 DB_NAME = "layerscope.db"
 
@@ -142,20 +144,7 @@ CREATE TABLE IF NOT EXISTS commands (
 CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (rk, cmd_seq);
 """
 
-PROBE_COLUMNS = (
-    "mean",
-    "std",
-    "min",
-    "max",
-    "zero_frac",
-    "nonfinite",
-    "dead_ratio",
-    "saturated_frac",
-    "saturated_ratio",
-    "grad_norm",
-    "weight_norm",
-    "update_ratio",
-)
+PROBE_COLUMNS = wire.PROBE_STATS  # one REAL column per probe statistic, in wire order
 
 
 class SchemaError(RuntimeError):

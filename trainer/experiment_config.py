@@ -1,0 +1,569 @@
+"""experiment_config — the schema of a built-in experiment and its validation.
+
+Owns: EXPERIMENT_SCHEMA (one dict-of-dicts the server validates ``POST /api/runs``
+with and the dashboard walks to build its New-run form; the trainer's CLI builds
+its flags from it), ``validate_experiment``, ``DEMO_EXPERIMENT``.
+
+Never: imports torch or anything outside the standard library and ``wire``; the
+server reaches these names through ``layerscope.trainer.wire`` (which loads this
+module on first use), so wire stays the one module trainer and server share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from layerscope.trainer.wire import MAX_NAME_LEN, RULE_NAMES, WireError
+
+# ---- experiment config (built-in runs; POST /api/runs; the New-run form) ----
+#
+# One dict-of-dicts the server validates with and the dashboard walks to build its
+# form: top-level fields plus sections, each field with type, default, bounds or
+# choices and help text. Types: "int", "float", "bool", "str", "choice".
+# "nullable" fields accept null; "aliases" maps accepted words to stored values;
+# "when" says which other field's values make this one matter (a form may hide it).
+
+
+class ExperimentError(WireError):
+    """An experiment config with bad fields; ``errors`` lists every one as {loc, msg}."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        text = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        super().__init__(f"invalid experiment config: {text}")
+
+
+ARCHS = ("mlp", "cnn")
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "tanh", "sigmoid")
+INITS = ("default", "zero", "normal", "xavier", "he")
+DATASETS = ("digits", "spirals", "blobs", "npz", "folder")
+IMAGE_DATASETS = frozenset({"digits", "npz", "folder"})
+PREPROCESS = ("none", "per_pixel", "per_channel")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_STEPS = 1000  # used when neither steps nor epochs is given
+
+EXPERIMENT_SCHEMA: dict[str, Any] = {
+    "name": {
+        "type": "str",
+        "default": None,
+        "nullable": True,
+        "max_length": MAX_NAME_LEN,
+        "label": "Run name",
+        "help": "Shown in the runs list; default is built from arch, activation, init and dataset.",
+    },
+    "every": {
+        "type": "int",
+        "default": 10,
+        "min": 1,
+        "max": 100_000,
+        "label": "Probe every N steps",
+        "help": "Per-layer statistics (histograms, dead and saturated ratios) are taken every "
+        "N steps; other steps only record loss. Watch hidden layers while training: the loss "
+        "curve alone does not say which layer died.",
+    },
+    "overfit": {
+        "type": "int",
+        "default": None,
+        "nullable": True,
+        "min": 1,
+        "max": 100_000,
+        "label": "Overfit sanity check (N examples)",
+        "help": "Before a long run, a network must reach 100% on ~100 examples with "
+        "regularisation off; if it cannot, the network or the code is broken. Sets subset=N "
+        "and turns dropout, weight decay and input noise off; the run reports pass/fail.",
+    },
+    "model": {
+        "type": "section",
+        "label": "Model",
+        "help": "A built-in network: an MLP or a small CNN for 1xHxW images.",
+        "fields": {
+            "arch": {
+                "type": "choice",
+                "choices": list(ARCHS),
+                "default": "mlp",
+                "label": "Architecture",
+                "help": "mlp: fully connected hidden layers; cnn: conv/activation/pool blocks "
+                "plus a linear head (image data only: digits, npz images, folder).",
+            },
+            "depth": {
+                "type": "int",
+                "default": 2,
+                "min": 1,
+                "max": 64,
+                "label": "Hidden layers",
+                "help": "Number of hidden layers (conv blocks for cnn). In deep nets a poor "
+                "init shrinks or saturates activations layer by layer.",
+            },
+            "width": {
+                "type": "int",
+                "default": 64,
+                "min": 1,
+                "max": 4096,
+                "label": "Width",
+                "help": "Units per hidden layer (channels per conv block for cnn).",
+            },
+            "activation": {
+                "type": "choice",
+                "choices": list(ACTIVATIONS),
+                "default": "relu",
+                "label": "Activation",
+                "help": "Prefer ReLU over sigmoid in hidden layers: sigmoid saturates and is "
+                "not zero-centred.",
+            },
+            "init": {
+                "type": "choice",
+                "choices": list(INITS),
+                "default": "he",
+                "label": "Weight init",
+                "help": "Xavier for tanh-like layers, He (√2 larger) for ReLU, so each layer's "
+                "output variance matches its input's. zero: every unit stays identical (no "
+                "symmetry breaking); small normal: deep layers see all-zero inputs; large "
+                "normal: tanh/sigmoid saturate. default: the framework's own init.",
+            },
+            "init_std": {
+                "type": "float",
+                "default": 0.01,
+                "min": 0.0,
+                "max": 100.0,
+                "when": {"init": ["normal"]},
+                "label": "Normal init std",
+                "help": "Standard deviation for the normal init: 0.01 is fine for shallow nets "
+                "but vanishes in deep ones; 1 saturates tanh/sigmoid.",
+            },
+            "batch_norm": {
+                "type": "bool",
+                "default": False,
+                "label": "Batch norm",
+                "help": "Batch normalisation lowers the dependence on initialisation: inputs "
+                "to a layer no longer drift to all-zero or to saturation.",
+            },
+            "dropout": {
+                "type": "float",
+                "default": 0.0,
+                "min": 0.0,
+                "max": 0.95,
+                "label": "Dropout",
+                "help": "Probability of dropping a hidden unit while training (inverted "
+                "dropout, scaled by 1/(1-p), so prediction needs no change; off in validation).",
+            },
+        },
+    },
+    "data": {
+        "type": "section",
+        "label": "Data",
+        "help": "Built-in data sets need no download; npz and folder read local files.",
+        "fields": {
+            "dataset": {
+                "type": "choice",
+                "choices": list(DATASETS),
+                "default": "digits",
+                "label": "Dataset",
+                "help": "digits: 1797 8x8 handwritten digits (ships with scikit-learn); "
+                "spirals: 2-D interleaved spiral arms; blobs: 2-D Gaussian clusters; npz: a "
+                "local .npz with arrays x (or X) and y; folder: one subfolder per class of "
+                ".npy or .pgm images (PNG/JPEG when Pillow is installed).",
+            },
+            "path": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 4096,
+                "when": {"dataset": ["npz", "folder"]},
+                "label": "Path",
+                "help": "Local file (npz) or directory (folder) on the machine that trains.",
+            },
+            "preprocess": {
+                "type": "choice",
+                "choices": list(PREPROCESS),
+                "default": "none",
+                "label": "Mean subtraction",
+                "help": "Subtract the training split's mean per pixel (every input position "
+                "its own mean) or per channel (one mean per image channel).",
+            },
+            "input_noise": {
+                "type": "float",
+                "default": 0.0,
+                "min": 0.0,
+                "max": 100.0,
+                "label": "Input noise std",
+                "help": "Gaussian noise added to training inputs (never to validation); "
+                "adding input noise makes a model more robust.",
+            },
+            "val_fraction": {
+                "type": "float",
+                "default": 0.2,
+                "min": 0.0,
+                "max": 0.9,
+                "label": "Validation fraction",
+                "help": "Share of examples held out for validation (split by the seed). When "
+                "validation loss stops falling while training loss still falls, halve the LR.",
+            },
+            "subset": {
+                "type": "int",
+                "default": None,
+                "nullable": True,
+                "min": 1,
+                "max": 100_000_000,
+                "label": "Training subset",
+                "help": "Use only the first N training examples (empty: all).",
+            },
+        },
+    },
+    "solver": {
+        "type": "section",
+        "label": "Solver",
+        "help": "Cross-entropy loss, optimiser and schedule.",
+        "fields": {
+            "optimizer": {
+                "type": "choice",
+                "choices": list(OPTIMIZERS),
+                "default": "adam",
+                "label": "Optimizer",
+                "help": "sgd: plain SGD; momentum: SGD with momentum 0.9; adam; adamw "
+                "(decoupled weight decay).",
+            },
+            "lr": {
+                "type": "float",
+                "default": 0.001,
+                "min": 0.0,
+                "max": 100.0,
+                "label": "Learning rate",
+                "help": "Step size. Halve it when validation loss plateaus (the dashboard "
+                "has a Halve LR button). 0 trains nothing: a control run.",
+            },
+            "weight_decay": {
+                "type": "float",
+                "default": 0.0,
+                "min": 0.0,
+                "max": 10.0,
+                "label": "Weight decay",
+                "help": "Start without weight decay (the model under-fits), add it once it "
+                "starts to over-fit; it can be toggled live.",
+            },
+            "batch_size": {
+                "type": "int",
+                "default": 64,
+                "min": 0,
+                "max": 1_000_000,
+                "aliases": {"full": 0},
+                "label": "Batch size",
+                "help": '1 = single-sample SGD (noisy, escapes), the full set (0 or "full") '
+                "= full-batch GD (smooth, can stall); mini-batches balance the two.",
+            },
+            "steps": {
+                "type": "int",
+                "default": DEFAULT_STEPS,
+                "nullable": True,
+                "min": 1,
+                "max": 100_000_000,
+                "label": "Steps",
+                "help": "Optimizer steps to train. Wins over epochs when both are set; "
+                f"left out with epochs given, epochs decide (default {DEFAULT_STEPS}).",
+            },
+            "epochs": {
+                "type": "int",
+                "default": None,
+                "nullable": True,
+                "min": 1,
+                "max": 1_000_000,
+                "label": "Epochs",
+                "help": "Passes over the training set; used when steps is not set.",
+            },
+            "seed": {
+                "type": "int",
+                "default": 0,
+                "min": 0,
+                "max": 2**31 - 1,
+                "label": "Seed",
+                "help": "Seeds the split, the init, the batch order and the noise: the same "
+                "seed gives the same run.",
+            },
+            "eval_every": {
+                "type": "int",
+                "default": 50,
+                "min": 1,
+                "max": 100_000_000,
+                "label": "Validate every N steps",
+                "help": "Validation loss and accuracy (eval mode, no dropout) every N steps.",
+            },
+            "device": {
+                "type": "choice",
+                "choices": list(DEVICES),
+                "default": "auto",
+                "label": "Device",
+                "help": "auto: CUDA when available, else CPU.",
+            },
+        },
+    },
+    "rules": {
+        "type": "section",
+        "label": "Diagnostic rules",
+        "help": "Rules evaluated on probe steps (dead units, saturation, vanishing gradients, "
+        "NaN/Inf, a stalled loss, over-fitting, all-zero inputs, poor init); each alert names "
+        "the layer and step. Rules can be silenced live from the dashboard.",
+        "fields": {
+            "enabled": {
+                "type": "str",
+                "default": "all",
+                "max_length": 1024,
+                "label": "Rules to evaluate",
+                "help": "Comma-separated rule names, all, or none: "
+                + ", ".join(RULE_NAMES)
+                + ". An ExplodingTensor (NaN/Inf) alert pauses the run and keeps the last "
+                "good checkpoint.",
+            },
+            "silence": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 1024,
+                "label": "Silenced rules",
+                "help": "Comma-separated rule names that are evaluated but raise no alert and "
+                "take no action (empty: none).",
+            },
+            "auto_halve_lr": {
+                "type": "bool",
+                "default": False,
+                "label": "Auto-halve LR on plateau",
+                "help": "When validation loss stops falling while training loss still falls, "
+                "halve the learning rate: once per plateau of `patience` evaluations without "
+                "improvement, sent as a command attributed to the rule.",
+            },
+            "auto_weight_decay": {
+                "type": "bool",
+                "default": False,
+                "label": "Auto weight decay on over-fit",
+                "help": "Start without weight decay (the model under-fits), add it once it "
+                "starts to over-fit: the run starts with weight decay off and the Overfit "
+                "rule switches solver.weight_decay on. Needs solver.weight_decay > 0.",
+            },
+            "patience": {
+                "type": "int",
+                "default": 3,
+                "min": 1,
+                "max": 10_000,
+                "label": "Patience (evaluations)",
+                "help": "Evaluations without validation improvement before the LR is halved, "
+                "and evaluations over the gap before Overfit fires.",
+            },
+        },
+    },
+    "finetune": {
+        "type": "section",
+        "label": "Fine-tuning",
+        "help": "Fine-tune from a pretrained model by freezing early layers (learning rate 0) "
+        "and training the rest; layers can be frozen and unfrozen live.",
+        "fields": {
+            "from_checkpoint": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 4096,
+                "label": "From checkpoint",
+                "help": "A .pt file written by the dashboard's Checkpoint command; the model's "
+                "weights are loaded (the optimizer starts fresh). The model settings must "
+                "match the checkpoint's.",
+            },
+            "freeze": {
+                "type": "str",
+                "default": None,
+                "nullable": True,
+                "max_length": 4096,
+                "label": "Frozen layers",
+                "help": "Comma-separated module names (e.g. net.0,net.1) whose parameters get "
+                "no update; a layer freezes its children too.",
+            },
+        },
+    },
+}
+
+DEMO_EXPERIMENT: dict[str, Any] = {
+    "name": "demo: digits mlp tanh xavier",
+    "every": 10,
+    "model": {"arch": "mlp", "depth": 4, "width": 64, "activation": "tanh", "init": "xavier"},
+    "data": {"dataset": "digits", "preprocess": "per_pixel", "val_fraction": 0.2},
+    "solver": {
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "batch_size": 32,
+        "steps": 20_000,
+        "eval_every": 100,
+        "seed": 0,
+    },
+}
+
+
+def _check_field(spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
+    """Return (normalised value, None) or (None, message) for one field."""
+    if value is None:
+        return (None, None) if spec.get("nullable") else (None, "must not be null")
+    aliases = spec.get("aliases", {})
+    if isinstance(value, str) and value in aliases:
+        return aliases[value], None
+    kind = spec["type"]
+    if kind == "choice":
+        if value not in spec["choices"]:
+            return None, f"must be one of {', '.join(spec['choices'])}; got {value!r}"
+        return value, None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return None, f"must be true or false, got {type(value).__name__}"
+        return value, None
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            return None, "must be a non-empty string"
+        if len(value) > spec.get("max_length", MAX_NAME_LEN):
+            return None, f"is {len(value)} characters; the limit is {spec['max_length']}"
+        return value, None
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            extra = f" or {' or '.join(repr(a) for a in aliases)}" if aliases else ""
+            return None, f"must be an integer{extra}, got {type(value).__name__} {value!r}"
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"must be a number, got {type(value).__name__} {value!r}"
+        value = float(value)
+        if not math.isfinite(value):
+            return None, "must be a finite number"
+    if "min" in spec and value < spec["min"]:
+        return None, f"must be >= {spec['min']}, got {value}"
+    if "max" in spec and value > spec["max"]:
+        return None, f"must be <= {spec['max']}, got {value}"
+    return value, None
+
+
+def _check_section(
+    fields: dict[str, Any], given: Any, loc: list[str], errors: list[dict[str, Any]]
+) -> dict[str, Any]:
+    if not isinstance(given, dict):
+        errors.append({"loc": loc, "msg": f"must be an object, got {type(given).__name__}"})
+        given = {}
+    out: dict[str, Any] = {}
+    for key in given:
+        if key not in fields:
+            expected = ", ".join(fields)
+            errors.append({"loc": [*loc, str(key)], "msg": f"unknown field; expected {expected}"})
+    for key, spec in fields.items():
+        if spec["type"] == "section":
+            out[key] = _check_section(spec["fields"], given.get(key, {}), [*loc, key], errors)
+            continue
+        if key not in given:
+            out[key] = spec["default"]
+            continue
+        value, msg = _check_field(spec, given[key])
+        if msg is not None:
+            errors.append({"loc": [*loc, key], "msg": msg})
+        out[key] = value
+    return out
+
+
+def _name_list(text: str | None) -> list[str]:
+    """A comma-separated field as its names (spaces and empty items dropped)."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def experiment_rule_names(text: str | None) -> list[str]:
+    """``rules.enabled``/``rules.silence`` as rule names: all, none, or a comma list."""
+    words = _name_list(text)
+    if [w.lower() for w in words] == ["all"]:
+        return list(RULE_NAMES)
+    if [w.lower() for w in words] == ["none"]:
+        return []
+    return words
+
+
+def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+    import os.path
+
+    rules, finetune = out["rules"], out["finetune"]
+    for key in ("enabled", "silence"):
+        if not isinstance(rules[key], str):
+            continue
+        names = experiment_rule_names(rules[key])
+        unknown = [n for n in names if n not in RULE_NAMES]
+        if unknown:
+            msg = f"unknown rule(s) {', '.join(unknown)}; expected all, none or {', '.join(RULE_NAMES)}"
+            errors.append({"loc": ["rules", key], "msg": msg})
+        elif key == "silence":
+            rules[key] = ",".join(names) or None
+    solver = out["solver"]
+    wd = solver["weight_decay"]
+    if rules["auto_weight_decay"] is True and out["overfit"] is None and wd == 0.0:
+        errors.append(
+            {
+                "loc": ["rules", "auto_weight_decay"],
+                "msg": "needs solver.weight_decay > 0: the value switched on when Overfit fires",
+            }
+        )
+    path = finetune["from_checkpoint"]
+    if isinstance(path, str):
+        if not os.path.isfile(path):
+            errors.append({"loc": ["finetune", "from_checkpoint"], "msg": f"no such file: {path}"})
+        else:
+            finetune["from_checkpoint"] = os.path.abspath(path)
+    if isinstance(finetune["freeze"], str):
+        finetune["freeze"] = ",".join(_name_list(finetune["freeze"])) or None
+
+
+def validate_experiment(cfg: Any) -> dict[str, Any]:
+    """The full config with defaults filled; raises ExperimentError listing every bad field.
+
+    Beyond per-field checks: npz/folder need an existing ``data.path`` (made
+    absolute); a cnn needs image data; batch norm needs batches of at least 2;
+    ``overfit=N`` sets ``data.subset=N`` and turns dropout, weight decay and input
+    noise off; with ``epochs`` given and ``steps`` left out, epochs decide.
+    """
+    import os.path  # local: the path check is the only filesystem use in this module
+
+    errors: list[dict[str, Any]] = []
+    given = cfg if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        errors.append({"loc": [], "msg": f"config must be an object, got {type(cfg).__name__}"})
+    out = _check_section(EXPERIMENT_SCHEMA, given, [], errors)
+    model, data, solver = out["model"], out["data"], out["solver"]
+    solver_given: dict[str, Any] = given["solver"] if isinstance(given.get("solver"), dict) else {}
+    if solver_given.get("epochs") is not None and "steps" not in solver_given:
+        solver["steps"] = None
+    bad_schedule = any(e["loc"][:2] in (["solver", "steps"], ["solver", "epochs"]) for e in errors)
+    if solver["steps"] is None and solver["epochs"] is None and not bad_schedule:
+        errors.append({"loc": ["solver", "steps"], "msg": "set steps or epochs"})
+    if data["dataset"] in ("npz", "folder"):
+        path = data["path"]
+        want_dir = data["dataset"] == "folder"
+        if path is None:
+            msg = f"required when dataset is {data['dataset']}"
+            errors.append({"loc": ["data", "path"], "msg": msg})
+        elif want_dir and not os.path.isdir(path):
+            errors.append({"loc": ["data", "path"], "msg": f"no such directory: {path}"})
+        elif not want_dir and not os.path.isfile(path):
+            errors.append({"loc": ["data", "path"], "msg": f"no such file: {path}"})
+        else:
+            # Absolute, so a launched child with another working directory finds it too.
+            data["path"] = os.path.abspath(path)
+    if model["arch"] == "cnn" and data["dataset"] not in IMAGE_DATASETS:
+        errors.append(
+            {
+                "loc": ["model", "arch"],
+                "msg": f"cnn needs image data (digits, npz, folder); {data['dataset']} are 2-D points",
+            }
+        )
+    if model["batch_norm"] and solver["batch_size"] == 1:
+        errors.append(
+            {"loc": ["solver", "batch_size"], "msg": "batch norm needs batches of at least 2"}
+        )
+    _check_rules_and_finetune(out, errors)
+    if out["overfit"] is not None:
+        out["rules"]["auto_weight_decay"] = False
+        data["subset"] = out["overfit"]
+        data["input_noise"] = 0.0
+        model["dropout"] = 0.0
+        solver["weight_decay"] = 0.0
+    if errors:
+        raise ExperimentError(errors)
+    if out["name"] is None:
+        out["name"] = f"{model['arch']}-{model['activation']}-{model['init']}-{data['dataset']}"
+    return out

@@ -302,9 +302,11 @@ class Control:
         return path
 
     def snapshot(self, step: int, *, copy: bool = True) -> dict[str, Any]:
-        """The checkpoint contents at ``step``. ``copy``: clone every tensor (on its device,
-        no sync) so the file can be written later from another thread; costs one more copy
-        of the model and the optimizer state in device memory while it is held."""
+        """The checkpoint contents at ``step``. ``copy``: copy every tensor to host memory
+        so the file can be written later from another thread. From a GPU the copy goes
+        into pinned memory, non-blocking (no sync: the flush's event, recorded after it,
+        is what the writer waits on), so device memory gains nothing; host memory holds
+        one copy of the model and the optimizer state until it is written."""
         content = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict() if self.model is not None else None,
@@ -380,7 +382,10 @@ def write_checkpoint(content: dict[str, Any], path: Path) -> None:
 
 def _clone_tensors(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        if value.device.type == "cpu":
+            return value.detach().clone()
+        host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+        return host.copy_(value.detach(), non_blocking=True)
     if isinstance(value, dict):
         return {k: _clone_tensors(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from layerscope.trainer import wire
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: probes.unit_spread
 DB_NAME = "layerscope.db"
 
 DDL = """
@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS probes (
     step INTEGER NOT NULL,
     "mean" REAL, "std" REAL, "min" REAL, "max" REAL, "zero_frac" REAL, "nonfinite" REAL,
     "dead_ratio" REAL, "saturated_frac" REAL, "saturated_ratio" REAL, "grad_norm" REAL,
-    "weight_norm" REAL, "update_ratio" REAL,
+    "weight_norm" REAL, "update_ratio" REAL, "unit_spread" REAL,
     PRIMARY KEY (lid, step)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS probe_hists (

@@ -12,7 +12,7 @@ attributes, uses global hooks, touches the user's RNG, or does work on a step
 that is not armed (a disarmed hook is one flag check). The arithmetic lives in
 ``stats``; this module wires it to modules and optimizers.
 
-Cost: each probed call runs ~15 small kernels (reductions of its output); collect
+Cost: each probed call runs ~16 small kernels (reductions of its output); collect
 adds ~30 for all layers together; the parameter hooks ~10 fused ones. On a GPU
 these are launch-bound microseconds; see benchmarks/overhead.py for CPU numbers.
 
@@ -33,7 +33,7 @@ Choices worth knowing:
   describe the global batch: collect() runs one MAX all_reduce for every call's global
   min/max (the shared histogram range, before bucketing), then one float64 SUM of the
   moments re-centred on a shared shift, the value/zero/non-finite counts, the bins
-  and the per-unit counts. Gradient, weight and update norms are rank 0's: under DDP
+  and the per-unit counts and sums. Gradient, weight and update norms are rank 0's: under DDP
   they are the same on every rank.
 * ``update_ratio`` needs the pre-step weights. Copying every weight would add a
   full model's worth of memory, so parameters above ``UPDATE_SAMPLE`` entries
@@ -122,10 +122,11 @@ class Reducer(Protocol):
 
 @dataclass
 class _UnitInputs:
-    counts: Tensor  # per unit: live (or inside-the-bounds) values
+    counts: Tensor  # per unit: live (or inside-the-bounds) values, or the sum of its values
     values_per_unit: Tensor
     segments: Tensor  # per unit: its layer
     unit_count: Tensor  # per layer: units
+    firsts: Tensor  # per layer: index of its first unit (0 for a layer without units)
 
 
 @dataclass
@@ -143,18 +144,20 @@ class _Layer:
     channel_first: bool
     params: list[nn.Parameter]
     # One entry per call this step: raw value row, value count, sample, and per-unit
-    # (count, values per unit) of live values / values inside the saturation bounds.
+    # (count, values per unit) of live values / values inside the saturation bounds,
+    # and (sum of values, values per unit) for unit_spread.
     rows: list[list[Tensor]] = field(default_factory=list)
     nonfinite: list[Tensor] = field(default_factory=list)
     totals: list[int] = field(default_factory=list)
     samples: list[Tensor] = field(default_factory=list)
     live: list[tuple[Tensor, int]] = field(default_factory=list)
     inside: list[tuple[Tensor, int]] = field(default_factory=list)
+    sums: list[tuple[Tensor, int]] = field(default_factory=list)
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
     def reset(self) -> None:
         self.rows, self.nonfinite, self.totals = [], [], []
-        self.samples, self.live, self.inside = [], [], []
+        self.samples, self.live, self.inside, self.sums = [], [], [], []
 
 
 def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], bool] | None:
@@ -369,6 +372,7 @@ class Probes:
         signs = clean.sign()
         if axis is not None:
             per_unit = yf.numel() // yf.shape[axis]
+            layer.sums.append((stats.per_unit(clean, axis), per_unit))
             if rule.live_above is not None:
                 live = stats.live_counts(clean, axis, rule.live_above, signs)
                 layer.live.append((live, per_unit))
@@ -533,6 +537,7 @@ class Probes:
             lo, hi = torch.stack(bounds).unbind(1)
         live = self._unit_inputs([layer.live for layer in act], device)
         inside = self._unit_inputs([layer.inside for layer in act], device)
+        sums = self._unit_inputs([layer.sums for layer in act], device)
         samples = [
             torch.cat(layer.samples) if len(layer.samples) > 1 else layer.samples[0]
             for layer in act
@@ -541,12 +546,18 @@ class Probes:
         hist = stats.histograms(padded, lo, hi, self.bins).view(-1)
         totals: Tensor | None = None
         if reducer is not None:
-            rows, nonfinite, totals, hist, live, inside = self._reduce_sections(
-                reducer, act, rows, nonfinite, call_lo, call_hi, hist, live, inside, device
+            rows, nonfinite, totals, hist, (live, inside, sums) = self._reduce_sections(
+                reducer, act, rows, nonfinite, call_lo, call_hi, hist, (live, inside, sums), device
             )
         dead, _ = self._unit_ratio(live, len(act), device, dead=True)
         saturated, saturated_values = self._unit_ratio(inside, len(act), device, dead=False)
-        units = torch.stack([dead, saturated, saturated_values]).t().to(torch.float32)
+        if sums is None:
+            spread = torch.full((len(act),), math.nan, dtype=torch.float64, device=device)
+        else:
+            spread = stats.unit_spread_var(
+                sums.counts, sums.values_per_unit, sums.segments, sums.unit_count, sums.firsts
+            )
+        units = torch.stack([dead, saturated, saturated_values, spread]).t().to(torch.float32)
         sections = [rows.reshape(-1), nonfinite.to(torch.float32)]
         if totals is not None:
             sections.append(totals.to(torch.float32))
@@ -561,14 +572,14 @@ class Probes:
         call_lo: Tensor,
         call_hi: Tensor,
         hist: Tensor,
-        live: _UnitInputs | None,
-        inside: _UnitInputs | None,
+        units: tuple[_UnitInputs | None, ...],
         device: torch.device,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, _UnitInputs | None, _UnitInputs | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[_UnitInputs | None, ...]]:
         """Collective 2: one SUM (float64) over every additive part of every rank's
         sections: moments re-centred on a shared shift, nonzero, non-finite and value
-        counts, histogram bins (already on the global range), per-unit counts and values
-        per unit. Returns the global rows, counts, totals, histogram and unit inputs."""
+        counts, histogram bins (already on the global range), per-unit counts, per-unit
+        sums of values (so unit_spread is of the global per-unit means) and values per
+        unit. Returns the global rows, counts, totals, histogram and unit inputs."""
         totals_host = [float(n) for layer in act for n in layer.totals]
         totals = self._vector(("totals", tuple(totals_host)), totals_host, device)
         wide = rows.to(torch.float64)
@@ -578,7 +589,7 @@ class Probes:
         )  # fmt: skip
         s1, s2 = stats.reshift(wide, totals, center)
         parts = [s1, s2, wide[:, stats.NONZERO], nonfinite.to(torch.float64), totals, hist]
-        for unit in (live, inside):
+        for unit in units:
             if unit is not None:
                 parts += [unit.counts, unit.values_per_unit]
         sizes = [part.numel() for part in parts]
@@ -587,17 +598,19 @@ class Probes:
         s1, s2, nonzero, nonfinite, totals, hist = pieces[:6]
         rest = pieces[6:]
         out_units: list[_UnitInputs | None] = []
-        for unit in (live, inside):
+        for unit in units:
             if unit is None:
                 out_units.append(None)
             else:
                 counts, per_unit = rest[0], rest[1]
                 rest = rest[2:]
-                out_units.append(_UnitInputs(counts, per_unit, unit.segments, unit.unit_count))
+                out_units.append(
+                    _UnitInputs(counts, per_unit, unit.segments, unit.unit_count, unit.firsts)
+                )
         rows = torch.stack(
             [center, s1, s2, nonzero, call_lo.to(torch.float64), call_hi.to(torch.float64)], dim=1
         ).to(torch.float32)
-        return rows, nonfinite, totals, hist, out_units[0], out_units[1]
+        return rows, nonfinite, totals, hist, tuple(out_units)
 
     def layout_key(self) -> int:
         """A fingerprint of what this step recorded (layers, calls, unit widths, bins): the
@@ -609,6 +622,7 @@ class Probes:
                 len(layer.rows),
                 tuple(int(c.shape[0]) for c, _ in layer.live),
                 tuple(int(c.shape[0]) for c, _ in layer.inside),
+                tuple(int(c.shape[0]) for c, _ in layer.sums),
             )
             for layer in self._layers
             if layer.rows
@@ -631,18 +645,24 @@ class Probes:
             if len(self._shape_cache) > 64:  # shapes keep changing: don't grow without bound
                 self._shape_cache.clear()
             units = [0.0] * len(records)
+            firsts = [0] * len(records)
+            start = 0
             for li, width, _ in shape:
+                if not units[li]:
+                    firsts[li] = start
                 units[li] += width
+                start += width
             self._shape_cache[key] = (
                 torch.cat([torch.full((w,), float(n), device=device) for _, w, n in shape]),
                 torch.cat(
                     [torch.full((w,), li, dtype=torch.long, device=device) for li, w, _ in shape]
                 ),
                 stats.device_vector(units, device),
+                stats.device_vector(firsts, device, torch.long),
             )
-        values_per_unit, segments, unit_count = self._shape_cache[key]
+        values_per_unit, segments, unit_count, firsts_t = self._shape_cache[key]
         counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
-        return _UnitInputs(counts, values_per_unit, segments, unit_count)
+        return _UnitInputs(counts, values_per_unit, segments, unit_count, firsts_t)
 
     @staticmethod
     def _unit_ratio(

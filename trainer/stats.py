@@ -1,8 +1,8 @@
 """stats — the arithmetic behind the per-layer probes (DESIGN §3).
 
 Owns: the exact definitions of every activation statistic (which values count as
-live or saturated for each activation, the unit axis, finite-only moments,
-histograms bucketed with tensor ops), the device-side reductions a probe step
+live or saturated for each activation, the unit axis, finite-only moments, the
+spread across units of their mean outputs (``unit_spread``), histograms bucketed with tensor ops), the device-side reductions a probe step
 runs, and ``PendingStats``: the layout of the one flat tensor a probe step
 produces and its host-side decoding (moments, merging a module's calls, per-layer
 norms) into wire probe-frame entries. ``probes`` re-exports ``PendingStats``.
@@ -39,6 +39,7 @@ UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 # One call's raw row (see value_row); the non-finite count travels separately (int64).
 SHIFT, S1, S2, NONZERO, LO, HI = range(6)
 RAW_WIDTH = 6
+UNIT_WIDTH = 4  # per layer: dead_ratio, saturated_ratio, saturated values, unit variance
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,26 @@ def unit_ratio(
     return ratio, values
 
 
+def unit_spread_var(
+    sums: Tensor, values_per_unit: Tensor, segments: Tensor, units: Tensor, firsts: Tensor
+) -> Tensor:
+    """Per layer: the population variance over its units of each unit's mean output
+    (``sums / values_per_unit``, non-finite values counted as 0), float64. ``firsts``
+    holds each layer's first unit; ``units`` is 0 for a layer without units (NaN).
+
+    Each unit's mean is taken relative to its layer's first unit, then two passes
+    (mean, squared deviations): when every unit has the same mean every difference is
+    exactly 0, so the variance is exactly 0, never a rounding residue.
+    Cost: ~8 small kernels for all layers together, no host reads.
+    """
+    means = sums.to(torch.float64) / values_per_unit.to(torch.float64)
+    d = means - means.index_select(0, firsts).index_select(0, segments)
+    zeros = torch.zeros_like(units)
+    centre = zeros.index_add(0, segments, d) / units
+    e = d - centre.index_select(0, segments)
+    return zeros.index_add(0, segments, e * e) / units
+
+
 def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     """Counts [n_layers, bins] of each row of ``samples`` [n_layers, L] over its own
     [lo, hi]; NaN/Inf entries (including padding) are left out.
@@ -345,7 +366,7 @@ def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 # Keys of a probe-frame layer entry (wire.PROBE_STATS plus the histogram).
 ENTRY_KEYS = (
     "mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_frac",
-    "saturated_ratio", "grad_norm", "weight_norm", "update_ratio", "hist",
+    "saturated_ratio", "grad_norm", "weight_norm", "update_ratio", "unit_spread", "hist",
 )  # fmt: skip
 
 
@@ -358,7 +379,8 @@ class PendingStats:
       C x 6   raw value rows (value_row), C non-finite counts,
       C       value counts, only when ``reduced`` (summed over every rank of a process
               group, so the host cannot know them; else ``totals`` holds them),
-      L x 3   dead_ratio, saturated_ratio, saturated value count,
+      L x 4   dead_ratio, saturated_ratio, saturated value count, unit variance
+              (``unit_spread_var``; decode takes its square root),
       L x bins histogram counts,
       G       norms of the gradients present (``grad_present`` marks which params),
       W       pre-step norms of each probed layer's parameters (``weight_slots``),
@@ -388,7 +410,7 @@ class PendingStats:
         calls, layers = len(self.totals), len(self.act_layers)
         params = sum(self.grad_present) + 2 * self.weight_slots if self.param_layers else 0
         per_call = RAW_WIDTH + (2 if self.reduced else 1)
-        return calls * per_call + layers * (3 + self.bins) + params
+        return calls * per_call + layers * (UNIT_WIDTH + self.bins) + params
 
     def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
         """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
@@ -405,7 +427,7 @@ class PendingStats:
             counted = values[nonfinite_at + n_calls : nonfinite_at + 2 * n_calls]
             totals = [int(round(v)) for v in counted]
         units_at = nonfinite_at + n_calls * (2 if self.reduced else 1)
-        hist_at = units_at + 3 * len(self.act_layers)
+        hist_at = units_at + UNIT_WIDTH * len(self.act_layers)
         call = 0
         for i, name in enumerate(self.act_layers):
             summary = Summary()
@@ -414,12 +436,15 @@ class PendingStats:
                 summary.add(raw, values[nonfinite_at + call], totals[call])
                 call += 1
             entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
-            dead, saturated_ratio, saturated = values[units_at + 3 * i : units_at + 3 * i + 3]
+            at = units_at + UNIT_WIDTH * i
+            dead, saturated_ratio, saturated, spread_var = values[at : at + UNIT_WIDTH]
             entry["dead_ratio"] = _finite(dead)
             entry["saturated_ratio"] = _finite(saturated_ratio)
             entry["saturated_frac"] = (
                 _finite(saturated / summary.total) if entry["saturated_ratio"] is not None else None
             )
+            variance = _finite(spread_var)
+            entry["unit_spread"] = math.sqrt(max(variance, 0.0)) if variance is not None else None
             counts = values[hist_at + i * self.bins : hist_at + (i + 1) * self.bins]
             entry["hist"] = (
                 None

@@ -15,7 +15,8 @@ trainer -> server
   metrics    {seq, rows: [{step, time_s, values: {series: float|null}}]}
   probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
               dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
-              update_ratio, hist: {lo, hi, counts: [int]}}]}   (absent stats are null)
+              update_ratio, unit_spread, hist: {lo, hi, counts: [int]}}]}
+                                       (absent stats are null)
   event      {seq, step, kind, data}   kind in EVENT_KINDS
   heartbeat  {step, status}            (not stored, no seq)
 
@@ -90,6 +91,7 @@ PROBE_STATS = (
     "grad_norm",
     "weight_norm",
     "update_ratio",
+    "unit_spread",
 )
 
 # Websocket close codes (RFC 6455).

@@ -164,7 +164,7 @@ def test_histogram_reduced_over_two_ranks_equals_the_single_process_histogram(
         assert got["hist"] == want["hist"], got["name"]
         for key in ("min", "max", "zero_frac", "nonfinite", "dead_ratio", "saturated_ratio"):
             assert got[key] == want[key], (got["name"], key)
-        for key in ("mean", "std", "saturated_frac"):
+        for key in ("mean", "std", "saturated_frac", "unit_spread"):
             if want[key] is None:
                 assert got[key] is None, (got["name"], key)
             else:

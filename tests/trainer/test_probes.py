@@ -580,3 +580,109 @@ def test_a_large_output_reduced_in_slices_gives_the_same_statistics(
                 assert sliced[name][key] == pytest.approx(expected, rel=1e-5), (name, key)
         assert sum(sliced[name]["hist"]["counts"]) == 50 * 8
     assert whole["0"]["dead_ratio"] == 3 / 8 and whole["1"]["saturated_ratio"] == 1.0
+
+
+# ---- unit_spread: the spread across units of each unit's mean output ----
+
+
+def unit_means(y: torch.Tensor, axis: int) -> np.ndarray:
+    """Each unit's mean over every sample and position, in float64 (numpy's answer)."""
+    values = np.moveaxis(y.detach().double().numpy(), axis, -1)
+    means: np.ndarray = values.reshape(-1, values.shape[-1]).mean(axis=0)
+    return means
+
+
+def test_identical_units_have_a_unit_spread_of_exactly_zero() -> None:
+    lin = nn.Linear(7, 12)
+    with torch.no_grad():
+        lin.weight.copy_(uniform(1, 7, seed=3).expand(12, 7))  # every row the same
+        lin.bias.fill_(0.1)  # not exactly representable: rounding must not leak in
+    model = nn.Sequential(lin, nn.Tanh())
+    layers, _ = probe_step(model, Probes(model), uniform(64, 7))
+    assert layers["0"]["unit_spread"] == 0.0 and layers["1"]["unit_spread"] == 0.0
+    assert layers["0"]["std"] is not None and layers["0"]["std"] > 0  # the outputs do vary
+
+
+def test_unit_spread_is_the_std_of_the_per_unit_means() -> None:
+    lin = nn.Linear(6, 10)
+    with torch.no_grad():
+        lin.bias.copy_(torch.linspace(-2.0, 3.0, 10))  # distinct per-unit means
+    model = nn.Sequential(lin, nn.ReLU())
+    x = uniform(50, 6, seed=1)
+    layers, _ = probe_step(model, Probes(model), x)
+    with torch.no_grad():
+        y = lin(x)
+    assert layers["0"]["unit_spread"] == pytest.approx(np.std(unit_means(y, 1)), rel=1e-5)
+    assert layers["1"]["unit_spread"] == pytest.approx(
+        np.std(unit_means(torch.relu(y), 1)), rel=1e-5
+    )
+
+
+def test_unit_spread_uses_the_unit_axis_of_conv_and_sequence_outputs() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 5, 3)
+    seq = nn.Linear(4, 6)
+    x4, x3 = torch.randn(4, 3, 8, 8), torch.randn(3, 9, 4)
+    conv_layers, _ = probe_step(conv, Probes(conv), x4)
+    seq_layers, _ = probe_step(seq, Probes(seq), x3)
+    with torch.no_grad():
+        want_conv = np.std(unit_means(conv(x4), 1))
+        want_seq = np.std(unit_means(seq(x3), 2))
+    assert conv_layers["model"]["unit_spread"] == pytest.approx(want_conv, rel=1e-5)
+    assert seq_layers["model"]["unit_spread"] == pytest.approx(want_seq, rel=1e-5)
+
+
+def test_a_module_called_twice_spreads_the_means_over_all_its_units() -> None:
+    model = _Shared()
+    x = uniform(16, 4, seed=4)
+    layers, _ = probe_step(model, Probes(model), x)
+    with torch.no_grad():
+        first = model.fc(x)
+        second = model.fc(F.relu(first))
+        wide = model.wide(F.relu(second))
+    # fc: the same 4 units in both calls; act: those 4 units (both calls) plus 6 others
+    fc_means = unit_means(torch.cat([first, second]), 1)
+    act_means = np.concatenate(
+        [unit_means(F.relu(torch.cat([first, second])), 1), unit_means(F.relu(wide), 1)]
+    )
+    assert layers["fc"]["unit_spread"] == pytest.approx(np.std(fc_means), rel=1e-5)
+    assert layers["act"]["unit_spread"] == pytest.approx(np.std(act_means), rel=1e-5)
+    assert layers["wide"]["unit_spread"] == pytest.approx(np.std(unit_means(wide, 1)), rel=1e-5)
+
+
+def test_zero_init_mlp_reads_zero_spread_in_every_layer_and_default_init_does_not() -> None:
+    def mlp() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+        )
+
+    zero = mlp()
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    x = uniform(32, 10, seed=5)
+    optimizer = torch.optim.SGD(zero.parameters(), lr=0.1)
+    layers, _ = probe_step(zero, Probes(zero, optimizer), x, optimizer)
+    assert [layers[str(i)]["unit_spread"] for i in range(5)] == [0.0] * 5
+    default = mlp()
+    layers, _ = probe_step(default, Probes(default), x)
+    assert all(layers[str(i)]["unit_spread"] > 0 for i in range(5))
+
+
+def test_a_single_unit_layer_has_zero_spread_and_a_unitless_output_has_none() -> None:
+    lin = nn.Linear(5, 1)
+    layers, _ = probe_step(lin, Probes(lin), uniform(16, 5))
+    assert layers["model"]["unit_spread"] == 0.0
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.Tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x.sum())
+
+    scalar = Scalar()
+    layers, _ = probe_step(scalar, Probes(scalar), uniform(4, 3))
+    assert layers["act"]["unit_spread"] is None

@@ -77,7 +77,8 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     layers = server.run(finished_lab["runs"][0]["id"])["layers"]
     for chart in ("chart-mean", "chart-dead", "chart-sat", "chart-sym"):
         assert chart_points(page, chart) == [len(layers)] * 5, chart
-    # Zero init: every hidden output is exactly 0, so the symmetry proxy reads "identical".
+    # Zero init: every unit of the first layer is identical, so its unit_spread is exactly 0
+    # ("identical"); He init breaks symmetry in every layer.
     sym_zero = page.evaluate("Array.from(document.getElementById('chart-sym').data[0].y)")
     sym_he = page.evaluate("Array.from(document.getElementById('chart-sym').data[4].y)")
     assert sym_zero[0] == 0 and all(v > 0 for v in sym_he)

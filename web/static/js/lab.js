@@ -4,8 +4,9 @@
  *
  * Owns: the step slider over the probe steps every run has (default: the latest
  * common one, following new steps while the runs train), and at that step: activation
- * mean and std against depth, dead and saturated ratios per layer, the symmetry proxy
- * (range of a layer's outputs) and a layers x schemes grid of histograms.
+ * mean and std against depth, dead and saturated ratios per layer, symmetry (each
+ * layer's unit_spread: the spread across units of their mean outputs) and a layers x
+ * schemes grid of histograms.
  * A button launches the same lab with batch norm switched the other way (BN lowers the
  * dependence on initialisation: compare the two views).
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
@@ -161,16 +162,11 @@ async function draw() {
   const P = window.Plotly;
   const order = layerOrder();
   const logStd = $("std-log").checked;
-  const range = (r) => (n) => {
-    const lo = statOf(r.id, n, "min");
-    const hi = statOf(r.id, n, "max");
-    return lo === null || hi === null ? null : hi - lo;
-  };
   const sym = state.lab.runs.map((r, i) => {
-    const y = order.map(range(r));
+    const y = order.map((n) => statOf(r.id, n, "unit_spread"));
     return { type: "bar", name: r.label, x: order, y, marker: { color: COLORS[i % COLORS.length] },
       text: y.map((v) => (v === 0 ? "identical" : "")), textposition: "outside",
-      hovertemplate: `${r.label}: range %{y:.4g}<extra>%{x}</extra>` };
+      hovertemplate: `${r.label}: unit spread %{y:.4g}<extra>%{x}</extra>` };
   });
   await Promise.all([
     P.react($("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
@@ -178,7 +174,7 @@ async function draw() {
       layout("std", { type: logStd ? "log" : "linear" }), PLOT_CONFIG),
     P.react($("chart-dead"), lineData(order, "dead_ratio"), layout("dead ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
     P.react($("chart-sat"), lineData(order, "saturated_ratio"), layout("saturated ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
-    P.react($("chart-sym"), sym, { ...layout("max − min of outputs"), barmode: "group" }, PLOT_CONFIG),
+    P.react($("chart-sym"), sym, { ...layout("spread across units of mean output"), barmode: "group" }, PLOT_CONFIG),
   ]);
   drawGrid(order);
   if (order.length) document.body.dataset.ready = "1";

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from layerscope.trainer import wire
@@ -203,6 +204,48 @@ class TensorBoardVariant(Variant):
         self.writer.close()
 
 
+class WandbVariant(Variant):
+    """Peer: wandb.watch(log="all", log_freq=10) plus activation histograms every 10 steps,
+    offline (no login, nothing leaves the machine)."""
+
+    def __init__(self, name: str, model: nn.Module, data: Any, log_dir: str) -> None:
+        import wandb
+
+        super().__init__(name, model, data)
+        self.wandb = wandb
+        self.wb_run = wandb.init(mode="offline", dir=log_dir, project="layerscope-bench")
+        wandb.watch(model, log="all", log_freq=10)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [
+            m.register_forward_hook(self._keep(n))
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear | nn.Conv2d | nn.ReLU | nn.Tanh)
+        ]
+
+    def _keep(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            if self.step % 10 == 0:
+                self.outputs[name] = out.detach()
+
+        return hook
+
+    def after(self, step: int, loss: torch.Tensor) -> None:
+        if step % 10:
+            return
+        hists = {
+            f"act/{n}": self.wandb.Histogram(np_histogram=np.histogram(o.cpu().numpy(), bins=64))
+            for n, o in self.outputs.items()
+        }
+        self.wandb.log(hists)
+        self.outputs.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.wandb.unwatch(self.model)
+        self.wb_run.finish()
+
+
 def make_variants(
     build: Callable[[], nn.Module], data: Any, device: torch.device, tmp: str, peers: bool
 ) -> list[Variant]:
@@ -223,6 +266,8 @@ def make_variants(
     if peers:
         with contextlib.suppress(ImportError):  # reported once by report_peers()
             out.append(TensorBoardVariant("tensorboard every 10", fresh(), data, f"{tmp}/tb"))
+        with contextlib.suppress(ImportError):
+            out.append(WandbVariant("wandb every 10", fresh(), data, f"{tmp}/wandb"))
     return out
 
 
@@ -234,7 +279,7 @@ def report_peers() -> None:
     ):
         try:
             __import__(module)
-            wired = peer == "tensorboard"
+            wired = peer in ("tensorboard", "wandb")
             print(f"{peer}: installed{'' if wired else ', but not wired into this benchmark'}")
         except ImportError:
             print(f"{peer}: not installed")

@@ -166,14 +166,14 @@ class WatchVariant(Variant):
         self.w.close()
 
 
-class TensorBoardVariant(Variant):
-    """Peer: SummaryWriter.add_histogram of every activation and gradient every 10 steps."""
+PEER_EVERY = 10  # the peers log at the cadence the target compares against
 
-    def __init__(self, name: str, model: nn.Module, data: Any, log_dir: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
 
+class PeerVariant(Variant):
+    """A peer tool: keeps each layer's output on every PEER_EVERY-th step for logging."""
+
+    def __init__(self, name: str, model: nn.Module, data: Any) -> None:
         super().__init__(name, model, data)
-        self.writer = SummaryWriter(log_dir)
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [
             m.register_forward_hook(self._keep(n))
@@ -183,13 +183,27 @@ class TensorBoardVariant(Variant):
 
     def _keep(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
-            if self.step % 10 == 0:
+            if self.step % PEER_EVERY == 0:
                 self.outputs[name] = out.detach()
 
         return hook
 
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class TensorBoardVariant(PeerVariant):
+    """Peer: SummaryWriter.add_histogram of every activation and gradient every 10 steps."""
+
+    def __init__(self, name: str, model: nn.Module, data: Any, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        super().__init__(name, model, data)
+        self.writer = SummaryWriter(log_dir)
+
     def after(self, step: int, loss: torch.Tensor) -> None:
-        if step % 10:
+        if step % PEER_EVERY:
             return
         for name, out in self.outputs.items():
             self.writer.add_histogram(f"act/{name}", out, step)
@@ -199,12 +213,11 @@ class TensorBoardVariant(Variant):
         self.outputs.clear()
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        super().close()
         self.writer.close()
 
 
-class WandbVariant(Variant):
+class WandbVariant(PeerVariant):
     """Peer: wandb.watch(log="all", log_freq=10) plus activation histograms every 10 steps,
     offline (no login, nothing leaves the machine)."""
 
@@ -214,23 +227,10 @@ class WandbVariant(Variant):
         super().__init__(name, model, data)
         self.wandb = wandb
         self.wb_run = wandb.init(mode="offline", dir=log_dir, project="layerscope-bench")
-        wandb.watch(model, log="all", log_freq=10)
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [
-            m.register_forward_hook(self._keep(n))
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear | nn.Conv2d | nn.ReLU | nn.Tanh)
-        ]
-
-    def _keep(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
-            if self.step % 10 == 0:
-                self.outputs[name] = out.detach()
-
-        return hook
+        wandb.watch(model, log="all", log_freq=PEER_EVERY)
 
     def after(self, step: int, loss: torch.Tensor) -> None:
-        if step % 10:
+        if step % PEER_EVERY:
             return
         hists = {
             f"act/{n}": self.wandb.Histogram(np_histogram=np.histogram(o.cpu().numpy(), bins=64))
@@ -240,8 +240,7 @@ class WandbVariant(Variant):
         self.outputs.clear()
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        super().close()
         self.wandb.unwatch(self.model)
         self.wb_run.finish()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import json
 import logging
 import math
@@ -284,24 +285,40 @@ def _add_rank_series(
 # ---- built-in experiments under torchrun (``layerscope train --nproc N``) ----
 
 
-def start_process_group(device: str) -> tuple[int, int]:
-    """(rank, world size). Launched as one of several ranks (torchrun's WORLD_SIZE > 1),
-    initialise the default group from the environment, nccl when the run uses CUDA
-    (pinning this rank's GPU, LOCAL_RANK) and gloo on CPU, destroyed at exit. (0, 1)
+def start_process_group(device: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call initialised the group). Launched as one of
+    several ranks (torchrun's WORLD_SIZE > 1), initialise the default group from the
+    environment, nccl when the run uses CUDA (pinning this rank's GPU, LOCAL_RANK) and
+    gloo on CPU; ``end_process_group`` ends it (and, as a fallback, exit). (0, 1, False)
     for a single process. ``device`` is the experiment's ``solver.device``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(_end_process_group)
-    return dist.get_rank(), dist.get_world_size()
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(_destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), True
 
 
-def _end_process_group() -> None:
+def end_process_group(owned: bool, finished: bool) -> None:
+    """End the group ``start_process_group`` initialised (``owned``), while every object
+    that used it is gone and the interpreter is fully alive: a group left to interpreter
+    shutdown can abort the process (gloo's worker threads are torn down with it). After
+    a ``finished`` run the ranks first meet in a barrier, so no rank tears its end down
+    while another is still in a collective; after a failure they do not wait."""
+    if not (owned and dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # DDP's reducer and any cycle holding the group
+    if finished:
+        dist.barrier()
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 

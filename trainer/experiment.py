@@ -23,7 +23,13 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.control import CheckpointError, load_model_weights
 from layerscope.trainer.data import Batches, Dataset, add_input_noise, load_dataset
-from layerscope.trainer.distributed import data_parallel, shard, shard_size, start_process_group
+from layerscope.trainer.distributed import (
+    data_parallel,
+    end_process_group,
+    shard,
+    shard_size,
+    start_process_group,
+)
 from layerscope.trainer.inits import init_weights
 from layerscope.trainer.models import build_model
 from torch import nn
@@ -137,14 +143,34 @@ def run_experiment(
     ``finetune.freeze`` is applied as a ``set_frozen`` command before the first step, so
     the acknowledged state shows the layers frozen and they can be unfrozen live.
     """
-    from layerscope.trainer.watch import watch
-
     cfg = wire.validate_experiment(cfg)
     url = trainer_socket_url(server) if server else None
-    solver = cfg["solver"]
     # Under torchrun: every rank builds the same seeded model and data, trains on its
     # shard of each batch through DDP; rank 0 alone streams (watch decides).
-    rank, world = start_process_group(solver["device"])
+    rank, world, owned = start_process_group(cfg["solver"]["device"])
+    finished = False
+    try:
+        summary = _train(cfg, url, rank, world, run_id, token, run_dir, progress)
+        finished = True
+    finally:
+        # _train has returned, so its DDP wrapper (which holds the group) is gone.
+        end_process_group(owned, finished)
+    return summary
+
+
+def _train(
+    cfg: dict[str, Any],
+    url: str | None,
+    rank: int,
+    world: int,
+    run_id: str | None,
+    token: str | None,
+    run_dir: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from layerscope.trainer.watch import watch
+
+    solver = cfg["solver"]
     data, model, optimizer, device = build(cfg)
     finetune, rules = cfg["finetune"], cfg["rules"]
     loaded = None

@@ -266,7 +266,9 @@ def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(values, dict):
             raise WireError(f"rows[{i}].values must be an object")
         if len(values) > MAX_VALUES_PER_ROW:
-            raise WireError(f"rows[{i}].values has {len(values)} series; limit {MAX_VALUES_PER_ROW}")
+            raise WireError(
+                f"rows[{i}].values has {len(values)} series; limit {MAX_VALUES_PER_ROW}"
+            )
         if (
             set(map(type, values)) <= str_only
             and set(map(type, values.values())) <= float_or_none
@@ -379,7 +381,9 @@ def parse_trainer_frame(text: str | bytes) -> dict[str, Any]:
     msg = decode(text)
     validator = _VALIDATORS.get(msg["type"])
     if validator is None:
-        raise WireError(f"unknown frame type {msg['type']!r}; expected one of {sorted(TRAINER_TYPES)}")
+        raise WireError(
+            f"unknown frame type {msg['type']!r}; expected one of {sorted(TRAINER_TYPES)}"
+        )
     return validator(msg)
 
 

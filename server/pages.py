@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,35 @@ def plotly_version() -> str:
     return importlib.metadata.version("plotly")
 
 
+STATIC_IMPORT = re.compile(
+    r"""^\s*(?:import|export)\b[^;]*?\bfrom\s*["']\./([\w.-]+\.js)["']""", re.M
+)
+
+
+@lru_cache(maxsize=64)
+def _imports(path: Path, mtime_ns: int) -> tuple[str, ...]:
+    return tuple(STATIC_IMPORT.findall(path.read_text(encoding="utf-8")))
+
+
+def module_graph(entry: str) -> list[str]:
+    """Every module under static/js that `entry` imports, directly or not (for
+    modulepreload links: the browser then fetches them all at once instead of one
+    import level after another)."""
+    root = STATIC_DIR / "js"
+    seen: list[str] = []
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        path = root / name
+        if not path.is_file():
+            continue
+        for child in _imports(path, path.stat().st_mtime_ns):
+            if child not in seen and child != entry:
+                seen.append(child)
+                todo.append(child)
+    return sorted(seen)
+
+
 def _context(request: Request, **extra: Any) -> dict[str, Any]:
     return {
         "request": request,
@@ -83,7 +113,9 @@ def run_page(request: Request, run_id: str) -> Response:
     if not run_id or len(run_id) > wire.MAX_NAME_LEN:
         raise HTTPException(404, f"run {run_id[:64]!r} not found")
     return templates.TemplateResponse(
-        request, "run.html", _context(request, page="run", run_id=run_id)
+        request,
+        "run.html",
+        _context(request, page="run", run_id=run_id, run_modules=module_graph("run.js")),
     )
 
 

@@ -22,21 +22,40 @@ const RULE_MARKER_COLOR = "#e0609a";
 /**
  * Resolves once Plotly is loaded. Pages load their module before the Plotly bundle,
  * so their requests run while the browser parses it; nothing draws before this.
+ * A page that only preloads the bundle (`<link rel="preload" as="script">`) has it
+ * run here, on the first call: the run page calls this after issuing its requests,
+ * because running Plotly takes the main thread for a second or more (4.7 MB), and
+ * a request's continuation queued behind it would start only after it.
  */
 export function plotlyReady() {
   if (window.Plotly) return Promise.resolve();
+  let script = document.querySelector("script[src*='plotly.min.js']");
+  if (!script) {
+    const preload = document.querySelector("link[rel='preload'][href*='plotly.min.js']");
+    if (preload) {
+      script = document.createElement("script");
+      script.src = preload.href;
+      document.head.append(script);
+    }
+  }
   return new Promise((resolve, reject) => {
-    const script = document.querySelector("script[src*='plotly.min.js']");
     if (!script) { reject(new Error("the page has no Plotly script")); return; }
-    script.addEventListener("load", () => resolve(), { once: true });
+    script.addEventListener("load", () => { performance.mark("layerscope:plotly"); resolve(); }, { once: true });
     script.addEventListener("error", () => reject(new Error("Plotly failed to load")), { once: true });
   });
+}
+
+/** Resolves after the browser has painted the frame that follows the current task. */
+export function afterPaint() {
+  return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
 }
 
 /**
  * Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS;
  * a chart with a `due(now)` method (heatmaps: a summary of many steps, repainted
- * as an image, so once a second is plenty) waits until it says so.
+ * as an image, so once a second is plenty) waits until it says so. While held
+ * (a page loading its history) nothing draws on its own: drawing empty charts
+ * first and again once the data arrive would cost the first paint a second here.
  */
 class Scheduler {
   constructor() {
@@ -44,15 +63,24 @@ class Scheduler {
     this.lastDraw = 0;
     this.frame = null;
     this.interval = REDRAW_INTERVAL_MS;
+    this.held = false;
   }
 
   mark(chart) {
     this.dirty.add(chart);
-    if (this.frame === null) this.frame = requestAnimationFrame((t) => this.tick(t));
+    if (this.frame === null && !this.held) this.frame = requestAnimationFrame((t) => this.tick(t));
+  }
+
+  hold() { this.held = true; }
+
+  release() {
+    this.held = false;
+    if (this.dirty.size && this.frame === null) this.frame = requestAnimationFrame((t) => this.tick(t));
   }
 
   tick(now) {
     this.frame = null;
+    if (this.held) return;
     if (window.Plotly && now - this.lastDraw >= this.interval) {
       this.lastDraw = now;
       this.flush(now);
@@ -61,23 +89,30 @@ class Scheduler {
   }
 
   /**
-   * Draws the dirty charts that are due (all of them when `now` is omitted);
-   * resolves once Plotly has rendered them and the browser has painted. The next
-   * flush waits at least REDRAW_INTERVAL_MS, longer when drawing was slow: a slow
-   * machine gets fewer frames, not later ones, and drawing stays under about a
-   * quarter of the main thread so input and the socket stay responsive.
+   * Draws the dirty charts that are due (all of them when `now` is omitted) and,
+   * given `only`, those it accepts; resolves once Plotly has rendered them and the
+   * browser has painted. The next flush waits at least REDRAW_INTERVAL_MS, longer
+   * when drawing was slow: a slow machine gets fewer frames, not later ones, and
+   * drawing stays under about a quarter of the main thread so input and the socket
+   * stay responsive.
    */
-  flush(now) {
-    const charts = [...this.dirty].filter((c) => now === undefined || !c.due || c.due(now));
+  flush(now, only = () => true) {
+    const charts = [...this.dirty].filter((c) => (now === undefined || !c.due || c.due(now)) && only(c));
     for (const c of charts) this.dirty.delete(c);
     const started = performance.now();
     return Promise.all(charts.map((c) => c.draw()))
-      .then(() => new Promise((resolve) => requestAnimationFrame(() => resolve())))
+      .then(afterPaint)
       .then(() => {
         const spent = performance.now() - started;
         this.interval = Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent));
       });
   }
+}
+
+/** True when any part of `el` is inside the window's visible area. */
+export function inViewport(el) {
+  const r = el.getBoundingClientRect();
+  return r.bottom > 0 && r.right > 0 && r.top < window.innerHeight && r.left < window.innerWidth && r.width > 0;
 }
 
 export const scheduler = new Scheduler();

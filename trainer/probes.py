@@ -9,7 +9,8 @@ Never: reads a tensor value on the host while hooks run or in ``collect()`` (no
 ``.item()``/``.cpu()``/``.tolist()``/``float(t)``/``bool(t)``; the only host read is
 the caller's single copy of ``PendingStats.tensor``), tags user modules with
 attributes, uses global hooks, touches the user's RNG, or does work on a step
-that is not armed (a disarmed hook is one flag check). The arithmetic lives in
+that is not armed (forward hooks exist only while armed; the optimizer hooks are
+one flag check). The arithmetic lives in
 ``stats``; this module wires it to modules and optimizers.
 
 Cost: each probed call runs ~16 small kernels (reductions of its output); collect
@@ -202,10 +203,12 @@ class Probes:
             )
         self.bins = bins
         self.sample_values = sample_values
-        self.armed = False
+        self._armed = False
+        self._closed = False
         # Set by ``distributed`` under a process group: collect() reduces across ranks.
         self.reducer: Reducer | None = None
         self._handles: list[RemovableHandle] = []
+        self._forward_handles: list[RemovableHandle] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cache: dict[Any, Any] = {}  # fixed by the model's structure
         self._shape_cache: dict[Any, Any] = {}  # keyed by this step's shapes
@@ -224,8 +227,7 @@ class Probes:
         self._weight_lengths = [
             min(p.numel(), UPDATE_SAMPLE) for layer in self._param_layers for p in layer.params
         ]
-        for layer, module in chosen:
-            self._handles.append(module.register_forward_hook(self._hook_for(layer)))
+        self._hooks = [(module, self._hook_for(layer)) for layer, module in chosen]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -312,14 +314,30 @@ class Probes:
     def layer_table(self) -> list[dict[str, Any]]:
         return [{"name": s.name, "kind": s.kind, "units": s.units} for s in self.layers]
 
+    @property
+    def armed(self) -> bool:
+        """True from ``arm()`` until ``collect()``/``disarm()``: the next forward is recorded."""
+        return self._armed
+
     def arm(self) -> None:
-        self.armed = True
+        """Record the next forward pass. The forward hooks exist only while armed: a
+        module with no hooks takes PyTorch's fast call path, so a step that is not a
+        probe step costs nothing at all (a hook, even an idle one, costs microseconds
+        per module per step)."""
+        if self._armed or self._closed:
+            return
+        self._armed = True
+        self._forward_handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def disarm(self) -> None:
-        self.armed = False
+        self._armed = False
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles = []
 
     def close(self) -> None:
-        self.armed = False
+        self.disarm()
+        self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -332,7 +350,7 @@ class Probes:
 
     def _hook_for(self, layer: _Layer) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.armed:
+            if self._armed:
                 self._record(layer, args, output)
 
         return hook
@@ -364,26 +382,36 @@ class Probes:
                 self._reduce(layer, part, axis)
 
     def _reduce(self, layer: _Layer, y: Tensor, axis: int | None) -> None:
-        """One call's (or slice's) statistics, reduced on the device (~15 kernels)."""
-        rule = layer.rule
+        """One call's (or slice's) statistics, reduced on the device (``stats.reduce_call``)."""
         # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
         yf = y if y.dtype == torch.float32 else y.float()
-        clean = stats.clean_values(yf)
-        signs = clean.sign()
+        if torch.is_autocast_enabled(yf.device.type):
+            # The per-unit sums are matrix-vector products, which autocast would run in 16 bits.
+            with torch.autocast(yf.device.type, enabled=False):
+                call = stats.reduce_call(yf, axis, layer.rule, self._ones)
+        else:
+            call = stats.reduce_call(yf, axis, layer.rule, self._ones)
         if axis is not None:
             per_unit = yf.numel() // yf.shape[axis]
-            layer.sums.append((stats.per_unit(clean, axis), per_unit))
-            if rule.live_above is not None:
-                live = stats.live_counts(clean, axis, rule.live_above, signs)
-                layer.live.append((live, per_unit))
-            if rule.saturates:
-                inside = stats.inside_counts(yf, clean, axis, rule)
-                layer.inside.append((inside, per_unit))
-        floats, nonfinite = stats.value_row(yf, clean.reshape(-1), signs.reshape(-1))
-        layer.rows.append(floats)
-        layer.nonfinite.append(nonfinite)
+            assert call.sums is not None
+            layer.sums.append((call.sums, per_unit))
+            if call.live is not None:
+                layer.live.append((call.live, per_unit))
+            if call.inside is not None:
+                layer.inside.append((call.inside, per_unit))
+        layer.rows.append(call.floats)
+        layer.nonfinite.append(call.nonfinite)
         layer.totals.append(yf.numel())
         layer.samples.append(self._sample(layer, yf))
+
+    def _ones(self, n: int, device: torch.device) -> Tensor:
+        key = ("ones", n, device)
+        ones: Tensor | None = self._shape_cache.get(key)
+        if ones is None:
+            if len(self._shape_cache) > 64:  # shapes keep changing: don't grow without bound
+                self._shape_cache.clear()
+            ones = self._shape_cache[key] = torch.ones(n, device=device)
+        return ones
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # Our own generator: sampling must not advance the user's RNG streams.
@@ -409,13 +437,13 @@ class Probes:
     # ---- gradients, weights, updates ----
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.armed:
+        if not self._armed:
             return
         self._param_result = self._read_params()
         self._old_weights = self._gather_weights()
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.armed or self._old_weights is None or self._param_result is None:
+        if not self._armed or self._old_weights is None or self._param_result is None:
             return
         with torch.no_grad():
             delta = self._gather_weights() - self._old_weights
@@ -470,7 +498,7 @@ class Probes:
     def collect(self) -> PendingStats | None:
         """Build the flat statistics tensor of this probe step (no host reads), reset the
         accumulators and disarm. None when no armed forward pass was recorded."""
-        self.armed = False
+        self.disarm()
         self._channel_first_out.clear()
         act = [layer for layer in self._layers if layer.rows]
         params = self._param_result

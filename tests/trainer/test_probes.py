@@ -427,6 +427,7 @@ def test_close_removes_every_hook() -> None:
     model = _Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probes = Probes(model, opt)
+    probes.arm()
     assert any(m._forward_hooks for m in model.modules())
     probes.close()
     assert not any(m._forward_hooks for m in model.modules())
@@ -450,6 +451,8 @@ def test_a_disarmed_step_records_nothing() -> None:
         assert probes.collect() is None
     probe_step(model, probes, torch.randn(4, 4), opt)
     assert not probes.armed  # collect disarms
+    # and removes the forward hooks: a module with none takes PyTorch's fast call path
+    assert not any(m._forward_hooks for m in model.modules())
     model(torch.randn(4, 4)).sum().backward()
     opt.step()
     assert probes.collect() is None

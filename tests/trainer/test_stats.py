@@ -12,13 +12,16 @@ from layerscope.trainer import stats
 from torch import nn
 
 
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, device=device)
+
+
 def _summary(*chunks: torch.Tensor) -> dict[str, float | None]:
     """The device reduction of each chunk (one call each), folded on the host."""
     summary = stats.Summary()
     for chunk in chunks:
-        clean = stats.clean_values(chunk)
-        floats, nonfinite = stats.value_row(chunk, clean.reshape(-1), clean.sign().reshape(-1))
-        summary.add([f.item() for f in floats], nonfinite.item(), chunk.numel())
+        call = stats.reduce_call(chunk, None, stats.NO_RULE, _ones)
+        summary.add([f.item() for f in call.floats], call.nonfinite.item(), chunk.numel())
     return summary.values()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import signal
 import socket
 import sys
@@ -32,6 +33,8 @@ WS_PING_TIMEOUT_S = 10.0
 GRACEFUL_SHUTDOWN_S = 5
 # uvicorn refuses bigger frames itself (close 1009); between the two, wire.decode names the limit.
 WS_MAX_SIZE = 4 * wire.MAX_FRAME_BYTES
+# Container allocations between young collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -101,6 +104,20 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
     return Server(config), sock, settings, app
 
 
+def tune_gc() -> None:
+    """For a serving process, once its app is built. A 50-layer probe frame is a few
+    hundred dicts and lists that live until their commit (100 ms or more); with the
+    default thresholds the cyclic collector walked each of them several times, and every
+    full collection walked every frame not yet committed, so it cost more the further
+    ingest fell behind: about 0.6 ms per probe frame, a fifth of the server's CPU.
+    Freezing moves the framework's objects (about 60,000) out of every later
+    collection; a young generation of 50,000 allocations lets most frames be freed by
+    their reference counts before any collection sees them."""
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def base_url(settings: Settings) -> str:
     host = settings.host
     if host in ("0.0.0.0", "::", ""):
@@ -124,6 +141,7 @@ def serve(settings: Settings) -> int:
     async def main() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         if await _started(server, task):
+            tune_gc()
             print(
                 f"layerscope: serving {base_url(settings)}/{_token_query(settings)} "
                 f"(data in {settings.data_dir})",
@@ -166,6 +184,7 @@ def demo(settings: Settings, steps: int) -> int:
             failed = True
             await task
             return
+        tune_gc()
         launcher = app.state.launcher
         try:
             run_id = await launcher.launch(config)

@@ -17,22 +17,16 @@ import json
 import sqlite3
 import time
 import zlib
-from math import isfinite
 from typing import Any
 
-from layerscope.server.checks import WIRE_BODY, RunNotFound, StoreError, dumps, finite
+from layerscope.server.checks import WIRE_BODY, RunNotFound, StoreError, dumps
 from layerscope.server.checks import step as check_step
-from layerscope.server.histograms import pack_counts
+from layerscope.server.probe_rows import ProbeRows, insert_many
 from layerscope.server.scalars import ScalarWriter
-from layerscope.server.schema import PROBE_COLUMNS
 from layerscope.trainer import wire
 
 FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
-
-
-_INT_ONLY = frozenset({int})
-_FLOAT_OR_NONE = frozenset({float, type(None)})
 
 
 def _seq(frame: Any) -> int:
@@ -294,8 +288,16 @@ class Writer:
         last: dict[str, list[Any]] = json.loads(last_json)
         steps: list[int] = []
         inserted: list[int] = []
+        new: set[int] = set()
+        # Frame and probe rows are written together after the loop (probe_rows.py says
+        # why); a seq above max_seq cannot be stored yet, so only a resend costs a lookup.
+        bodies: list[tuple[int, int, str, bytes]] = []
+        probes = ProbeRows()
         for n, frame in enumerate(frames):
             seq = _seq(frame)
+            if seq in new or (seq <= max_seq and self._stored(rk, seq)):
+                continue  # a resend of a stored frame: acked again, stored once
+            new.add(seq)
             # Re-encoding a 50-layer probe frame cost more than the rest of storing it;
             # the wire text it was validated from is kept instead (and validated again
             # when read, which gives back this very dict).
@@ -303,25 +305,26 @@ class Writer:
                 body = zlib.compress(dumps(frame).encode(), 1)
             else:
                 body = WIRE_BODY + zlib.compress(raw[n].encode(), 1)
-            if (
-                c.execute(
-                    "INSERT OR IGNORE INTO frames (rk, seq, type, body) VALUES (?, ?, ?, ?)",
-                    (rk, seq, frame["type"], body),
-                ).rowcount
-                == 0
-            ):
-                continue  # a resend of a stored frame: acked again, stored once
-            inserted.append(seq)
             kind = frame["type"]
+            bodies.append((rk, seq, kind, body))
+            inserted.append(seq)
             if kind == "metrics":
                 self.scalars.store(rk, frame, steps, last, self.sid)
             elif kind == "probe":
-                self._probe(rk, seq, frame, steps, validated=raw is not None)
+                probes.add(rk, seq, frame, self.lid, steps, validated=raw is not None)
             else:
                 self._event(rk, seq, frame, steps)
         if not inserted:
             return int(acked)
-        if min(inserted) <= acked + 1:
+        insert_many(c, "INSERT INTO frames (rk, seq, type, body)", 4, bodies)
+        probes.flush(c)
+        if max_seq <= acked:
+            # Nothing was stored past the acked seq: the new seqs alone can extend it.
+            for seq in sorted(inserted):
+                if seq != acked + 1:
+                    break
+                acked = seq
+        elif min(inserted) <= acked + 1:
             for (seq,) in c.execute(
                 "SELECT seq FROM frames WHERE rk = ? AND seq > ? ORDER BY seq", (rk, acked)
             ):
@@ -347,64 +350,9 @@ class Writer:
         )
         return int(acked)
 
-    def _probe(
-        self, rk: int, seq: int, frame: dict[str, Any], steps: list[int], validated: bool = False
-    ) -> None:
-        """validated: the frame is wire.validate_probe's output (it came with its wire text,
-        Store.append's contract), so its stats are finite floats or None and its counts
-        non-negative ints; checking them again cost a fifth of the writer's probe time."""
-        step = check_step(frame.get("step"), f"probe frame seq {seq}: step")
-        layers = frame.get("layers")
-        if not isinstance(layers, list):
-            raise StoreError(f"probe frame seq {seq}: 'layers' must be a list")
-        steps.append(step)
-        stats_rows = []
-        hist_rows = []
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, dict):
-                raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
-            lid = self.lid(rk, str(layer.get("name") or ""))
-            stats = list(map(layer.get, PROBE_COLUMNS))
-            # Validated frames hold finite floats or None: one C-level type walk and a
-            # sum any inf/nan poisons stand in for a finite() call per stat.
-            if not validated and not (
-                set(map(type, stats)) <= _FLOAT_OR_NONE and isfinite(sum(filter(None, stats)))
-            ):
-                stats = [finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
-            stats_rows.append((lid, step, *stats))
-            hist = layer.get("hist")
-            if hist is None:
-                continue
-            if validated:
-                hist_rows.append((lid, step, hist["lo"], hist["hi"], pack_counts(hist["counts"])))
-                continue
-            counts = hist.get("counts") if isinstance(hist, dict) else None
-            # set(map(type, ...)) walks the list in C: a per-count Python check was
-            # the writer's largest cost at 50 layers x 64 bins per frame.
-            if not isinstance(counts, list) or (
-                counts and (not set(map(type, counts)) <= _INT_ONLY or min(counts) < 0)
-            ):
-                raise StoreError(
-                    f"probe frame seq {seq}: layers[{i}].hist.counts must be non-negative integers"
-                )
-            lo, hi = hist.get("lo"), hist.get("hi")
-            if type(lo) is not float or not isfinite(lo):
-                lo = finite(lo, f"layers[{i}].hist.lo")
-            if type(hi) is not float or not isfinite(hi):
-                hi = finite(hi, f"layers[{i}].hist.hi")
-            hist_rows.append((lid, step, lo, hi, pack_counts(counts)))
-        marks = ", ".join("?" * (len(PROBE_COLUMNS) + 2))
-        cols = ", ".join(f'"{s}"' for s in PROBE_COLUMNS)
-        self.conn.executemany(
-            f"INSERT OR REPLACE INTO probes (lid, step, {cols}) VALUES ({marks})", stats_rows
-        )
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO probe_hists (lid, step, lo, hi, counts) VALUES (?, ?, ?, ?, ?)",
-            hist_rows,
-        )
-        self.conn.execute(
-            "INSERT OR REPLACE INTO probe_steps (rk, step, seq) VALUES (?, ?, ?)", (rk, step, seq)
-        )
+    def _stored(self, rk: int, seq: int) -> bool:
+        row = self.conn.execute("SELECT 1 FROM frames WHERE rk = ? AND seq = ?", (rk, seq))
+        return row.fetchone() is not None
 
     def _event(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
         step = check_step(frame.get("step"), f"event frame seq {seq}: step")

@@ -194,6 +194,81 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
         await store.close()
 
 
+def wide_probe(seq: int, step: int, layers: int, shift: float) -> tuple[dict[str, Any], str]:
+    """A validated probe frame of many layers and its wire text."""
+    text = json.dumps(
+        {
+            "type": "probe",
+            "v": 1,
+            "seq": seq,
+            "step": step,
+            "layers": [
+                {
+                    "name": f"l{i}",
+                    **{s: shift + i + k / 16 for k, s in enumerate(wire.PROBE_STATS)},
+                    "hist": None
+                    if i % 5 == 0
+                    else {
+                        "lo": -1.0 - i,
+                        "hi": shift,
+                        "counts": [i, seq, 2**16 + step][: 1 + i % 3],
+                    },
+                }
+                for i in range(layers)
+            ],
+        }
+    )
+    return wire.parse_trainer_frame(text), text
+
+
+async def test_one_big_batch_stores_what_frames_one_at_a_time_store(tmp_path: Path) -> None:
+    """The writer inserts a batch's rows many per statement: a batch of more rows than one
+    statement holds, with a resend of a stored frame, a seq twice in the batch and a
+    step probed again, reads back exactly as the same frames appended one by one."""
+    early = [wide_probe(1, 0, 70, 0.0), wide_probe(2, 10, 70, 0.5)]
+    batch = [
+        early[1],  # stored already: acked again, stored once
+        *(wide_probe(seq, 10 * seq, 70, seq / 4) for seq in range(3, 9)),
+        wide_probe(9, 30, 70, 9.0),  # step 30 again (seq 3 had it): the later frame wins
+        wide_probe(4, 999, 70, 4.0),  # seq 4 twice in one batch: the first one counts
+    ]
+    stores = []
+    for name in ("batched", "single"):
+        store = Store(tmp_path / name, commit_interval_s=0.005)
+        await store.open()
+        stores.append(store)
+        await store.hello(hello())
+        assert await store.append("r1", [f for f, _ in early], [t for _, t in early]) == 2
+    batched, single = stores
+    try:
+        assert await batched.append("r1", [f for f, _ in batch], [t for _, t in batch]) == 9
+        for frame, text in batch:
+            await single.append("r1", [frame], [text])
+        assert single.acked_seq("r1") == 9
+        for store in stores:
+            assert store.probe_steps("r1") == [0, 10, 30, 40, 50, 60, 70, 80]
+            assert [f["seq"] for f in store.frames_after("r1", 0)] == list(range(1, 10))
+        assert batched.frames_after("r1", 0) == single.frames_after("r1", 0)
+        for layer in ("l0", "l1", "l2", "l69"):
+            stats = list(wire.PROBE_STATS)
+            assert batched.probe_series("r1", layer, stats) == single.probe_series(
+                "r1", layer, stats
+            )
+            assert batched.histograms("r1", layer) == single.histograms("r1", layer)
+        for step in (0, 30, 80):
+            assert batched.histogram_at("r1", step) == single.histogram_at("r1", step)
+        at_30 = batched.histogram_at("r1", 30)
+        assert at_30 is not None
+        layers = {layer["name"]: layer for layer in at_30["layers"]}
+        assert layers["l1"]["mean"] == 9.0 + 1 and layers["l2"]["counts"] == [2, 9, 2**16 + 30]
+        assert batched.probe_matrix("r1", "std", None, None, 300) == single.probe_matrix(
+            "r1", "std", None, None, 300
+        )
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_reopen_keeps_everything(tmp_path: Path) -> None:
     first = Store(tmp_path / "data", commit_interval_s=0.005)
     await first.open()

@@ -55,6 +55,27 @@ def test_pages_render_their_shells(server: LiveServer) -> None:
     assert compare.status_code == 200 and 'data-run-ids="a,b"' in compare.text
 
 
+def test_run_page_preloads_its_whole_module_graph_and_runs_plotly_itself(
+    server: LiveServer,
+) -> None:
+    html = server.api("GET", "/runs/some-run").text
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="/static/js/([\w.-]+)"', html))
+    wanted: set[str] = set()
+    todo = ["run.js"]
+    while todo:
+        source = (STATIC_DIR / "js" / todo.pop()).read_text()
+        for name in re.findall(r"""from\s+["']\./([\w.-]+)["']""", source):
+            if name not in wanted:
+                wanted.add(name)
+                todo.append(name)
+    assert "heatmaps.js" in wanted and preloaded == wanted
+    for name in preloaded:
+        assert server.api("GET", f"/static/js/{name}").status_code == 200
+    # Plotly is fetched at once but run by run.js, after the run's requests have gone out.
+    assert re.search(r'<link rel="preload" as="script" href="/static/plotly\.min\.js\?v=', html)
+    assert not re.search(r"<script[^>]*plotly\.min\.js", html)
+
+
 def test_run_ids_are_escaped_in_the_page(server: LiveServer) -> None:
     response = server.api("GET", '/runs/"><img src=x onerror=alert(1)>')
     assert response.status_code == 200

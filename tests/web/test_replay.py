@@ -184,3 +184,48 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+# Records every Plotly.react call (chart id, traces' point counts) before the page runs.
+RECORD_DRAWS_JS = """
+window.__draws = [];
+let plotly;
+Object.defineProperty(window, 'Plotly', { configurable: true, get: () => plotly, set(p) {
+  plotly = p;
+  const react = p.react;
+  p.react = function (div, data, ...rest) {
+    window.__draws.push([div.id, data.map((t) => (t.x || t.z || []).length)]);
+    return react.call(this, div, data, ...rest);
+  };
+}});
+"""
+
+
+def test_opening_a_run_paints_the_charts_in_the_window_first_each_once_with_its_data(
+    page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    page.add_init_script(RECORD_DRAWS_JS)
+    open_ready(page, f"{server.url}/runs/{finished_run['id']}")
+    in_window = page.eval_on_selector_all(
+        ".chart, #multiples",
+        "els => els.filter(e => { const r = e.getBoundingClientRect();"
+        " return r.width > 0 && r.bottom > 0 && r.top < innerHeight; }).map(e => e.id)",
+    )
+    painted = page.evaluate("document.body.dataset.paintedCharts").split()
+    assert "chart-loss" in painted and "chart-update" not in painted
+    assert sorted(painted) == sorted(in_window)
+    painted_ms, ready_ms = page.evaluate(
+        "[document.body.dataset.paintedMs, document.body.dataset.readyMs].map(Number)"
+    )
+    assert 0 < painted_ms <= ready_ms
+    draws: list[tuple[str, list[int]]] = page.evaluate("window.__draws")
+    first: dict[str, list[int]] = {}
+    for chart, points in draws:
+        first.setdefault(chart, points)
+    # No chart was drawn empty first and again once its history arrived.
+    assert first["chart-loss"][0] > 1 and first["chart-lr"][0] > 1 and first["chart-dead"][0] > 0
+    order = [chart for chart, _ in draws]
+    below = [c for c in first if c not in painted]
+    assert below and max(order.index(c) for c in painted if c in first) < min(
+        order.index(c) for c in below
+    )

@@ -45,11 +45,6 @@ export function plotlyReady() {
   });
 }
 
-/** Resolves after the browser has painted the frame that follows the current task. */
-export function afterPaint() {
-  return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
-}
-
 /**
  * Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS;
  * a chart with a `due(now)` method (heatmaps: a summary of many steps, repainted
@@ -90,18 +85,18 @@ class Scheduler {
 
   /**
    * Draws the dirty charts that are due (all of them when `now` is omitted) and,
-   * given `only`, those it accepts; resolves once Plotly has rendered them and the
-   * browser has painted. The next flush waits at least REDRAW_INTERVAL_MS, longer
-   * when drawing was slow: a slow machine gets fewer frames, not later ones, and
-   * drawing stays under about a quarter of the main thread so input and the socket
-   * stay responsive.
+   * given `only`, those it accepts; resolves in the animation frame that paints
+   * them (a task queued from there runs after the paint). The next flush waits at
+   * least REDRAW_INTERVAL_MS, longer when drawing was slow: a slow machine gets
+   * fewer frames, not later ones, and drawing stays under about a quarter of the
+   * main thread so input and the socket stay responsive.
    */
   flush(now, only = () => true) {
     const charts = [...this.dirty].filter((c) => (now === undefined || !c.due || c.due(now)) && only(c));
     for (const c of charts) this.dirty.delete(c);
     const started = performance.now();
     return Promise.all(charts.map((c) => c.draw()))
-      .then(afterPaint)
+      .then(() => new Promise((resolve) => requestAnimationFrame(() => resolve())))
       .then(() => {
         const spent = performance.now() - started;
         this.interval = Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent));

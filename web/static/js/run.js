@@ -10,7 +10,7 @@
  */
 
 import { getJSON, runUrl, ApiError } from "./api.js";
-import { COLORS, LineChart, afterPaint, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
+import { COLORS, LineChart, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
 import { Controls } from "./controls.js";
 import { EventLog, Markers } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
@@ -362,13 +362,14 @@ const element = (chart) => chart.div || chart.container;
 async function paint() {
   const shown = drawables.filter((c) => inViewport(element(c)));
   await scheduler.flush(undefined, (c) => shown.includes(c));
+  await new Promise((resolve) => setTimeout(resolve, 0)); // after that frame's paint
   performance.mark("layerscope:painted");
   document.body.dataset.paintedMs = String(Math.round(performance.now()));
   document.body.dataset.paintedCharts = shown.map((c) => element(c).id).join(" ");
   await new Promise((resolve) => setTimeout(resolve, 0)); // input and scrolling go first
   await scheduler.flush();
   scheduler.release();
-  await afterPaint();
+  await new Promise((resolve) => setTimeout(resolve, 0));
   performance.mark("layerscope:drawn");
 }
 

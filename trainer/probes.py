@@ -37,9 +37,12 @@ Choices worth knowing:
   and the per-unit counts and sums. Gradient, weight and update norms are rank 0's: under DDP
   they are the same on every rank.
 * ``update_ratio`` needs the pre-step weights. Copying every weight would add a
-  full model's worth of memory, so parameters above ``UPDATE_SAMPLE`` entries
-  keep a fixed random subset of that many entries and ||Δw|| is estimated from it
-  (unbiased for ||Δw||², relative error about 1/sqrt(UPDATE_SAMPLE)); smaller
+  full model's worth of memory, so a parameter above ``UPDATE_SAMPLE`` entries
+  keeps every k-th entry (k = ceil(numel / UPDATE_SAMPLE)) from a fixed random start,
+  and ||Δw|| is estimated from them (k times their ||Δw||²: unbiased over the start,
+  relative error about 1/sqrt(UPDATE_SAMPLE) unless the update repeats with period k;
+  strided views gathered by one ``cat``, where an index per parameter costs a
+  kernel each); smaller
   parameters are copied whole and the ratio is exact. ``weight_norm`` is the
   exact norm of the weights that produced this step's activations and gradients.
 """
@@ -47,6 +50,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import math
+import random
 import re
 import weakref
 import zlib
@@ -55,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from layerscope.trainer import stats
+from layerscope.trainer import reduce, stats
 from layerscope.trainer.stats import (
     DEAD_ACTIVITY_MAX,
     DEFAULT_BINS,
@@ -88,6 +92,11 @@ DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin 
 # Outputs above this many values are reduced in slices, so the hook's float32
 # temporaries (about four slice-sized tensors) stay under 64 MiB whatever the layer.
 CHUNK_VALUES = 1 << 22
+# Outputs up to STAGE_CALL_VALUES values are copied aside and reduced at collect(), stacked
+# with the other calls of their shape, while the copies of one step total at most
+# STAGE_VALUES (4 MiB of float32); larger ones, and any beyond that, are reduced in the hook.
+STAGE_CALL_VALUES = 1 << 16
+STAGE_VALUES = 1 << 20
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -144,15 +153,16 @@ class _Layer:
     rule: Rule
     channel_first: bool
     params: list[nn.Parameter]
-    # One entry per call this step: raw value row, value count, sample, and per-unit
+    # One entry per call this step: raw value row, minus the non-finite count (see
+    # stats.CallStats), value count, sample, and per-unit
     # (count, values per unit) of live values / values inside the saturation bounds,
     # and (sum of values, values per unit) for unit_spread.
-    rows: list[list[Tensor]] = field(default_factory=list)
+    rows: list[Tensor] = field(default_factory=list)
     nonfinite: list[Tensor] = field(default_factory=list)
     totals: list[int] = field(default_factory=list)
     samples: list[Tensor] = field(default_factory=list)
     live: list[tuple[Tensor, int]] = field(default_factory=list)
-    inside: list[tuple[Tensor, int]] = field(default_factory=list)
+    inside: list[tuple[Tensor, int]] = field(default_factory=list)  # negated, see CallStats
     sums: list[tuple[Tensor, int]] = field(default_factory=list)
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
@@ -212,6 +222,9 @@ class Probes:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._cache: dict[Any, Any] = {}  # fixed by the model's structure
         self._shape_cache: dict[Any, Any] = {}  # keyed by this step's shapes
+        # Small outputs of this step, copied aside until collect() (see _reduce)
+        self._staged: dict[tuple[Any, ...], list[tuple[_Layer, Tensor]]] = {}
+        self._staged_values = 0
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._old_weights: Tensor | None = None
@@ -224,9 +237,25 @@ class Probes:
         self._layers = [layer for layer, _ in chosen]
         self.layers = [layer.spec for layer in self._layers]
         self._param_layers = [layer for layer in self._layers if layer.params]
-        self._weight_lengths = [
-            min(p.numel(), UPDATE_SAMPLE) for layer in self._param_layers for p in layer.params
-        ]
+        # update_ratio's sample of each parameter: every stride-th entry from a fixed
+        # random start (strided views, gathered by one cat; see the module docstring)
+        starts = random.Random(0x1A7E5)
+        self._weight_samples: list[tuple[nn.Parameter, int, int]] = []
+        for layer in self._param_layers:
+            for p in layer.params:
+                stride = max(1, -(-p.numel() // UPDATE_SAMPLE))
+                self._weight_samples.append((p, starts.randrange(stride), stride))
+        self._weight_lengths = [len(range(s, p.numel(), k)) for p, s, k in self._weight_samples]
+        position = {id(p): i for i, p in enumerate(self._all_params)}
+        self._param_layout: list[tuple[str, list[int], list[tuple[int, float]]]] = []
+        slot = 0
+        for layer in self._param_layers:
+            slots = []
+            for _ in layer.params:
+                slots.append((slot, float(self._weight_samples[slot][2])))
+                slot += 1
+            indices = [position[id(p)] for p in layer.params]
+            self._param_layout.append((layer.spec.name, indices, slots))
         self._hooks = [(module, self._hook_for(layer)) for layer, module in chosen]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
@@ -338,6 +367,7 @@ class Probes:
     def close(self) -> None:
         self.disarm()
         self._closed = True
+        self._staged, self._staged_values = {}, 0
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -382,36 +412,80 @@ class Probes:
                 self._reduce(layer, part, axis)
 
     def _reduce(self, layer: _Layer, y: Tensor, axis: int | None) -> None:
-        """One call's (or slice's) statistics, reduced on the device (``stats.reduce_call``)."""
+        """One call's (or slice's) statistics: a small output is copied aside and reduced
+        at collect() together with every other call of its shape and rule (a stack of
+        them costs the kernels of one); a large one is reduced here, so that what a
+        probe step keeps alive stays bounded (``STAGE_VALUES``)."""
         # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
         yf = y if y.dtype == torch.float32 else y.float()
-        if torch.is_autocast_enabled(yf.device.type):
-            # The per-unit sums are matrix-vector products, which autocast would run in 16 bits.
-            with torch.autocast(yf.device.type, enabled=False):
-                call = stats.reduce_call(yf, axis, layer.rule, self._ones)
-        else:
-            call = stats.reduce_call(yf, axis, layer.rule, self._ones)
-        if axis is not None:
-            per_unit = yf.numel() // yf.shape[axis]
-            assert call.sums is not None
-            layer.sums.append((call.sums, per_unit))
-            if call.live is not None:
-                layer.live.append((call.live, per_unit))
-            if call.inside is not None:
-                layer.inside.append((call.inside, per_unit))
-        layer.rows.append(call.floats)
-        layer.nonfinite.append(call.nonfinite)
-        layer.totals.append(yf.numel())
-        layer.samples.append(self._sample(layer, yf))
+        n = yf.numel()
+        if n <= STAGE_CALL_VALUES and self._staged_values + n <= STAGE_VALUES:
+            # A copy now: a later in-place op (ReLU(inplace=True)) must not change what we saw.
+            copy = yf.clone(memory_format=torch.contiguous_format) if yf is y else yf.contiguous()
+            key = (tuple(yf.shape), axis, layer.rule, yf.device)
+            self._staged.setdefault(key, []).append((layer, copy))
+            self._staged_values += n
+            return
+        x = yf.contiguous().view(1, n)
+        layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
+        call = reduce.reduce_calls(x, layout, layer.rule)
+        self._store([layer], call, n, [self._sample(layer, yf)])
 
-    def _ones(self, n: int, device: torch.device) -> Tensor:
-        key = ("ones", n, device)
-        ones: Tensor | None = self._shape_cache.get(key)
-        if ones is None:
-            if len(self._shape_cache) > 64:  # shapes keep changing: don't grow without bound
+    @staticmethod
+    def _store(
+        layers: list[_Layer], call: reduce.CallStats, n: int, samples: Sequence[Tensor]
+    ) -> None:
+        """Append call i of ``call`` (n values each) to ``layers[i]``'s accumulators."""
+        rows, nonfinite = call.rows.unbind(0), call.minus_nonfinite.unbind(0)
+        units = call.sums.shape[1] if call.sums is not None else 0
+        per_unit = n // units if units else 0
+        sums = call.sums.unbind(0) if call.sums is not None else None
+        live = call.live.unbind(0) if call.live is not None else None
+        inside = call.minus_inside.unbind(0) if call.minus_inside is not None else None
+        for i, layer in enumerate(layers):
+            layer.rows.append(rows[i])
+            layer.nonfinite.append(nonfinite[i])
+            layer.totals.append(n)
+            layer.samples.append(samples[i])
+            if sums is not None:
+                layer.sums.append((sums[i], per_unit))
+            if live is not None:
+                layer.live.append((live[i], per_unit))
+            if inside is not None:
+                layer.inside.append((inside[i], per_unit))
+
+    def _reduce_staged(self) -> None:
+        """Reduce every staged call, one stack per (shape, unit axis, rule, device)."""
+        if not self._staged:
+            return
+        staged, self._staged, self._staged_values = self._staged, {}, 0
+        with torch.no_grad():
+            for (shape, axis, rule, _), items in staged.items():
+                calls = [copy for _, copy in items]
+                n = calls[0].numel()
+                x = (
+                    torch.stack([c.view(n) for c in calls])
+                    if len(calls) > 1
+                    else calls[0].view(1, n)
+                )
+                layout = reduce.unit_layout(shape, axis) if axis is not None else None
+                call = reduce.reduce_calls(x, layout, rule)
+                self._store([layer for layer, _ in items], call, n, self._sample_rows(x))
+
+    def _sample_rows(self, x: Tensor) -> Sequence[Tensor]:
+        """Each row's histogram values: the row itself up to ``sample_values``, else a
+        fixed random subset (the same positions in every row). ``x`` is ours: no copy."""
+        n, cap = x.shape[1], self.sample_values
+        if cap is None or n <= cap:
+            return x.unbind(0)
+        key = ("sample", n, x.device)
+        index = self._shape_cache.get(key)
+        if index is None:
+            if len(self._shape_cache) > 64:
                 self._shape_cache.clear()
-            ones = self._shape_cache[key] = torch.ones(n, device=device)
-        return ones
+            index = torch.randint(n, (cap,), generator=self._generator(x.device), device=x.device)
+            self._shape_cache[key] = index
+        return x.index_select(1, index).unbind(0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # Our own generator: sampling must not advance the user's RNG streams.
@@ -471,25 +545,12 @@ class Probes:
 
     def _gather_weights(self) -> Tensor:
         """The kept entries of every probed layer's parameters, as one float32 copy:
-        whole parameters up to UPDATE_SAMPLE entries, a fixed random subset above."""
-        parts = []
+        whole parameters up to UPDATE_SAMPLE entries, every stride-th entry above."""
         with torch.no_grad():
-            for layer in self._param_layers:
-                for p in layer.params:
-                    flat = p.reshape(-1)  # under no_grad: a plain view
-                    if flat.numel() > UPDATE_SAMPLE:
-                        key = ("update_index", id(p))
-                        if key not in self._cache:
-                            self._cache[key] = torch.randint(
-                                flat.numel(), (UPDATE_SAMPLE,),
-                                generator=self._generator(flat.device), device=flat.device,
-                            )  # fmt: skip
-                        flat = flat.index_select(0, self._cache[key])
-                    if flat.device != self._device:
-                        flat = flat.to(self._device, non_blocking=True)
-                    parts.append(flat)
+            parts = [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
             if not parts:
                 return torch.zeros(0, dtype=torch.float32, device=self._device)
+            parts = [t if t.device == self._device else t.to(self._device) for t in parts]
             flat = torch.cat(parts)
             return flat if flat.dtype == torch.float32 else flat.to(torch.float32)
 
@@ -498,6 +559,7 @@ class Probes:
     def collect(self) -> PendingStats | None:
         """Build the flat statistics tensor of this probe step (no host reads), reset the
         accumulators and disarm. None when no armed forward pass was recorded."""
+        self._reduce_staged()
         self.disarm()
         self._channel_first_out.clear()
         act = [layer for layer in self._layers if layer.rows]
@@ -516,14 +578,6 @@ class Probes:
             if params is not None and self._param_layers:
                 sections += [params[1], params[2]]
             flat = torch.cat(sections) if len(sections) > 1 else sections[0]
-        position = {id(p): i for i, p in enumerate(self._all_params)}
-        param_layers, slot = [], 0
-        for layer in self._param_layers:
-            slots = []
-            for p in layer.params:
-                slots.append((slot, p.numel() / min(p.numel(), UPDATE_SAMPLE)))
-                slot += 1
-            param_layers.append((layer.spec.name, [position[id(p)] for p in layer.params], slots))
         pending = PendingStats(
             tensor=flat,
             order=[layer.spec.name for layer in self._layers],
@@ -532,8 +586,8 @@ class Probes:
             totals=[n for layer in act for n in layer.totals],
             bins=self.bins,
             grad_present=params[0] if params is not None and self._param_layers else [],
-            param_layers=param_layers if params is not None else [],
-            weight_slots=slot,
+            param_layers=self._param_layout if params is not None else [],
+            weight_slots=len(self._weight_samples),
             reduced=reduced,
         )
         for layer in act:
@@ -544,8 +598,8 @@ class Probes:
         """The activation part of the flat tensor, and whether it was reduced over the
         reducer's process group (see ``Reducer``)."""
         device = act[0].rows[0][0].device
-        raw = torch.stack([v for layer in act for row in layer.rows for v in row])
-        nonfinite = torch.stack([k for layer in act for k in layer.nonfinite])
+        raw = torch.stack([row for layer in act for row in layer.rows])
+        nonfinite = torch.stack([k for layer in act for k in layer.nonfinite]).neg_()
         rows = raw.view(-1, stats.RAW_WIDTH)
         reducer = self.reducer if self.reducer is not None and self.reducer.agreed() else None
         call_lo, call_hi = rows[:, stats.LO], rows[:, stats.HI]
@@ -565,6 +619,8 @@ class Probes:
             lo, hi = torch.stack(bounds).unbind(1)
         live = self._unit_inputs([layer.live for layer in act], device)
         inside = self._unit_inputs([layer.inside for layer in act], device)
+        if inside is not None:
+            inside.counts = inside.counts.neg()  # reduce_call keeps them negated
         sums = self._unit_inputs([layer.sums for layer in act], device)
         samples = [
             torch.cat(layer.samples) if len(layer.samples) > 1 else layer.samples[0]
@@ -644,6 +700,7 @@ class Probes:
         """A fingerprint of what this step recorded (layers, calls, unit widths, bins): the
         shape of the reduced sections. Ranks reduce only when their keys agree, since a
         collective over differently shaped tensors would fail or hang. 0: nothing recorded."""
+        self._reduce_staged()
         shape = tuple(
             (
                 layer.index,

@@ -36,7 +36,7 @@ _SIGMOID_LOW = round(1.0 - SATURATION_LEVEL, 12)
 DEFAULT_BINS = 64
 UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 
-# One call's raw row (see reduce_call); the non-finite count travels separately.
+# One call's raw row (see reduce.reduce_calls); the non-finite count travels separately.
 SHIFT, S1, S2, NONZERO, LO, HI = range(6)
 RAW_WIDTH = 6
 UNIT_WIDTH = 4  # per layer: dead_ratio, saturated_ratio, saturated values, unit variance
@@ -151,23 +151,6 @@ def per_unit(values: Tensor, axis: int) -> Tensor:
     return values.sum(dim=tuple(d for d in range(values.dim()) if d != axis))
 
 
-def unit_sums(x: Tensor, axis: int, ones: Callable[[int, torch.device], Tensor]) -> Tensor:
-    """``per_unit`` of a contiguous ``x`` as a matrix-vector product with ``ones(n, device)`` (a
-    cached vector of n ones on x's device): one pass over x at the speed of a contiguous
-    reduction, where a sum over the leading and trailing axes is strided. Returns a new
-    tensor (never a view of x, which callers go on to modify in place). Callers turn
-    autocast off around it: under autocast an mv would run in 16 bits."""
-    if x.dim() == 1:
-        return x.clone()
-    units = x.shape[axis]
-    lead = math.prod(x.shape[:axis])
-    rest = x.numel() // (lead * units) if units and lead else 0
-    if lead == 1:
-        return x.reshape(units, rest).sum(1)
-    out = torch.mv(x.view(lead, units * rest).t(), ones(lead, x.device))
-    return out.view(units, rest).sum(1) if rest > 1 else out
-
-
 # Cost note: indicator arithmetic (relu(.).sign()) instead of comparisons and
 # torch.where: bool masks, where and var_mean run several times slower on CPU, and
 # sign(a - b) is exact in IEEE arithmetic, so ``relu(y - t).sign() == (y > t)``.
@@ -183,10 +166,9 @@ def live_counts(clean: Tensor, axis: int, threshold: float, signs: Tensor | None
 
 
 def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
-    """A new tensor shaped like y: 1 where a value is strictly inside (sat_lo, sat_hi),
-    i.e. not saturated, else 0 (non-finite values count as inside); -1 instead of 1 when
-    the bounds are symmetric (one kernel fewer: the caller negates the per-unit sum, see
-    ``inside_sign``)."""
+    """A new tensor shaped like y: -1 where a value is strictly inside (sat_lo, sat_hi),
+    i.e. not saturated, else 0 (negative: one kernel fewer in the common symmetric
+    case). Non-finite values count as inside."""
     assert rule.sat_lo is not None and rule.sat_hi is not None
     lo, hi = rule.sat_lo, rule.sat_hi
     if rule.transform is not None:
@@ -199,76 +181,13 @@ def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
     if lo == -hi:
         # |x| - hi < 0 exactly when inside: clamp to <= 0 and take the sign (-1 or 0)
         return source.abs().sub_(hi).clamp_(max=0.0).sign_()
-    return torch.relu(source - lo).sign_().mul_(torch.relu(hi - source).sign_())
-
-
-def inside_sign(rule: Rule) -> float:
-    """The value ``inside_indicator`` gives an inside value under ``rule``."""
-    return -1.0 if rule.sat_lo == -(rule.sat_hi or 0.0) else 1.0
+    return torch.relu(source - lo).sign_().mul_(torch.relu(hi - source).sign_().neg_())
 
 
 def inside_counts(y: Tensor, clean: Tensor, axis: int, rule: Rule) -> Tensor:
     """Per unit, how many of its values are strictly inside (sat_lo, sat_hi), i.e. not
     saturated. Non-finite values count as inside."""
-    return per_unit(inside_indicator(y, clean, rule), axis) * inside_sign(rule)
-
-
-@dataclass
-class CallStats:
-    """One call's statistics, reduced on the device (``reduce_call``)."""
-
-    floats: list[Tensor]  # six 0-d float32: [shift, s1, s2, nonzero, lo, hi]
-    nonfinite: Tensor  # 0-d float32 count of NaN/Inf values
-    sums: Tensor | None  # per unit: sum of its (cleaned) values, for unit_spread
-    live: Tensor | None  # per unit: live values (rule.live_above)
-    inside: Tensor | None  # per unit: values inside the saturation bounds
-
-
-def reduce_call(
-    y: Tensor, axis: int | None, rule: Rule, ones: Callable[[int, torch.device], Tensor]
-) -> CallStats:
-    """Every statistic of one call's float32 output ``y``, reduced on the device with no
-    host read. s1/s2 are the sum and sum of squares of ``clean - shift``, shift being the
-    first cleaned value, so the variance survives |mean| >> std; lo/hi are the min/max of
-    the finite values. The host arithmetic is ``Summary.add``.
-
-    Cost: about 12 kernels for a ReLU, 15 for a Linear or tanh, 3-4 of them writing a
-    tensor the size of y (reused in place), the rest fast reductions; no comparison
-    kernels (bool outputs are several times slower on CPU) and no count_nonzero.
-    """
-    y = y.contiguous()
-    flat = y.view(-1)
-    inf = math.inf
-    lo_src = torch.nan_to_num(flat, nan=inf, posinf=inf, neginf=inf)
-    hi_src = torch.nan_to_num(flat, nan=-inf, posinf=-inf, neginf=-inf)
-    lo, hi = lo_src.amin(), hi_src.amax()
-    # hi_src - lo_src is y - y = 0 for a finite value and -inf exactly where y is not finite
-    nonfinite = hi_src.sub_(lo_src).sign_().sum().neg_()
-    clean = lo_src.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # +inf where y was not finite
-    signs = torch.sign(clean, out=hi_src)
-    nonzero = torch.dot(signs, signs)  # exact count of nonzero finite values below 2**24
-    sums = live = inside = None
-    if axis is not None:
-        shaped = clean.view(y.shape)
-        sums = unit_sums(shaped, axis, ones)
-        threshold = rule.live_above
-        if threshold is not None:
-            if threshold != 0.0:
-                indicator = (clean - threshold).relu_().sign_()
-            elif rule.nonnegative:
-                indicator = signs  # sign of a value that is never negative: 1 exactly when live
-            else:
-                indicator = signs.relu_()  # in place: nonzero above is already computed
-            live = unit_sums(indicator.view(y.shape), axis, ones)
-        if rule.saturates:
-            indicator = inside_indicator(y, shaped, rule)
-            inside = unit_sums(indicator, axis, ones)
-            if inside_sign(rule) < 0:
-                inside = inside.neg_()
-    shift = clean[:1].clone()
-    d = clean.sub_(shift)
-    floats = [shift.view(()), d.sum(), torch.dot(d, d), nonzero, lo, hi]
-    return CallStats(floats, nonfinite, sums, live, inside)
+    return per_unit(inside_indicator(y, clean, rule), axis).neg_()
 
 
 @dataclass
@@ -309,15 +228,16 @@ class Summary:
 
     def values(self) -> dict[str, float | None]:
         """mean, std (population, numpy's default), min, max of the finite values;
-        zero_frac of all values; the non-finite count. None where there is no value."""
+        zero_frac of all values; the non-finite count. None where there is no value
+        (or where the arithmetic overflowed)."""
         some = self.finite > 0
         return {
-            "mean": self.mean if some else None,
-            "std": math.sqrt(self.m2 / self.finite) if some else None,
-            "min": self.lo if some else None,
-            "max": self.hi if some else None,
-            "zero_frac": self.zeros / self.total if self.total else None,
-            "nonfinite": self.nonfinite,
+            "mean": _finite(self.mean) if some else None,
+            "std": _finite(math.sqrt(self.m2 / self.finite)) if some else None,
+            "min": _finite(self.lo) if some else None,
+            "max": _finite(self.hi) if some else None,
+            "zero_frac": _finite(self.zeros / self.total) if self.total else None,
+            "nonfinite": _finite(self.nonfinite),
         }
 
 
@@ -447,7 +367,7 @@ class PendingStats:
     plus the host-side layout ``decode`` needs. NaN marks a value that does not apply.
 
     Layout of ``tensor`` (C calls recorded over L activation layers):
-      C x 6   raw value rows (reduce_call), C non-finite counts,
+      C x 6   raw value rows (reduce.reduce_calls), C non-finite counts,
       C       value counts, only when ``reduced`` (summed over every rank of a process
               group, so the host cannot know them; else ``totals`` holds them),
       L x 4   dead_ratio, saturated_ratio, saturated value count, unit variance
@@ -500,13 +420,17 @@ class PendingStats:
         units_at = nonfinite_at + n_calls * (2 if self.reduced else 1)
         hist_at = units_at + UNIT_WIDTH * len(self.act_layers)
         call = 0
+        bins = self.bins
         for i, name in enumerate(self.act_layers):
             summary = Summary()
             for _ in range(self.calls[i]):
-                raw = values[call * width : (call + 1) * width]
-                summary.add(raw, values[nonfinite_at + call], totals[call])
+                summary.add(
+                    values[call * width : (call + 1) * width],
+                    values[nonfinite_at + call],
+                    totals[call],
+                )
                 call += 1
-            entry: dict[str, Any] = {k: _finite(v) for k, v in summary.values().items()}
+            entry: dict[str, Any] = summary.values()
             at = units_at + UNIT_WIDTH * i
             dead, saturated_ratio, saturated, spread_var = values[at : at + UNIT_WIDTH]
             entry["dead_ratio"] = _finite(dead)
@@ -516,16 +440,16 @@ class PendingStats:
             )
             variance = _finite(spread_var)
             entry["unit_spread"] = math.sqrt(max(variance, 0.0)) if variance is not None else None
-            counts = values[hist_at + i * self.bins : hist_at + (i + 1) * self.bins]
-            entry["hist"] = (
-                None
-                if entry["min"] is None
-                else {
+            if entry["min"] is None:
+                entry["hist"] = None
+            else:
+                counts = values[hist_at + i * bins : hist_at + (i + 1) * bins]
+                # exact integers in float32; round() of a float is an int
+                entry["hist"] = {
                     "lo": entry["min"],
                     "hi": entry["max"],
-                    "counts": [int(round(c)) for c in counts],
+                    "counts": list(map(round, counts)),
                 }
-            )
             entries[name] = entry
         scalars: dict[str, float | None] = {"grad_norm": None}
         if self.param_layers:
@@ -562,4 +486,4 @@ def _finite(value: float | None) -> float | None:
     if value is None:
         return None
     value = float(value)
-    return value if math.isfinite(value) else None
+    return value if -math.inf < value < math.inf else None  # NaN fails both comparisons

@@ -689,3 +689,50 @@ def test_a_single_unit_layer_has_zero_spread_and_a_unitless_output_has_none() ->
     scalar = Scalar()
     layers, _ = probe_step(scalar, Probes(scalar), uniform(4, 3))
     assert layers["act"]["unit_spread"] is None
+
+
+# ---- small outputs staged and reduced together at collect() ----
+
+
+class _Mixed(nn.Module):
+    """In-place ReLU, tanh, a shared Linear called twice, a conv feeding a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act = nn.Linear(6, 10), nn.ReLU(inplace=True)
+        self.b, self.t = nn.Linear(10, 10), nn.Tanh()
+        self.shared = nn.Linear(10, 10)
+        self.conv, self.sig = nn.Conv2d(1, 3, 3, padding=1), nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.t(self.b(self.act(self.a(x))) * 3)
+        h = self.shared(self.shared(h))
+        img = self.sig(self.conv(h[:, :9].reshape(-1, 1, 3, 3)))
+        return h.sum() + img.sum()
+
+
+@pytest.mark.parametrize("budget", [0, 200, None])  # every call in its hook, some, none
+def test_staged_calls_give_the_statistics_of_calls_reduced_in_their_hook(
+    monkeypatch: pytest.MonkeyPatch, budget: int | None
+) -> None:
+    torch.manual_seed(12)
+    model = _Mixed()
+    x = uniform(16, 6, seed=3) * 2
+    x[0, 0], x[1, 1] = float("nan"), float("inf")  # two rows of every output are non-finite
+    monkeypatch.setattr(probes_module, "STAGE_CALL_VALUES", 0)
+    in_hook, _ = probe_step(model, Probes(model, sample_values=None), x)
+    monkeypatch.undo()
+    if budget is not None:
+        monkeypatch.setattr(probes_module, "STAGE_VALUES", budget)
+    staged, _ = probe_step(model, Probes(model, sample_values=None), x)
+    assert set(staged) == set(in_hook) == {"a", "act", "b", "t", "shared", "conv", "sig"}
+    for name, expected in in_hook.items():
+        got = staged[name]
+        assert got["hist"] == expected["hist"], name
+        for key in ("mean", "std", "min", "max", "zero_frac", "nonfinite", "dead_ratio",
+                    "saturated_frac", "saturated_ratio", "unit_spread"):  # fmt: skip
+            if expected[key] is None:
+                assert got[key] is None, (name, key)
+            else:
+                assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (name, key)
+    assert in_hook["a"]["nonfinite"] == 2 * 10 and in_hook["shared"]["nonfinite"] == 2 * 2 * 10

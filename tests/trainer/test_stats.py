@@ -8,20 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from layerscope.trainer import stats
+from layerscope.trainer import reduce, stats
 from torch import nn
-
-
-def _ones(n: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(n, device=device)
 
 
 def _summary(*chunks: torch.Tensor) -> dict[str, float | None]:
     """The device reduction of each chunk (one call each), folded on the host."""
     summary = stats.Summary()
     for chunk in chunks:
-        call = stats.reduce_call(chunk, None, stats.NO_RULE, _ones)
-        summary.add([f.item() for f in call.floats], call.nonfinite.item(), chunk.numel())
+        call = reduce.reduce_calls(chunk.reshape(1, -1), None, stats.NO_RULE)
+        summary.add(call.rows[0].tolist(), -call.minus_nonfinite.item(), chunk.numel())
     return summary.values()
 
 

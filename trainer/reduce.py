@@ -1,0 +1,117 @@
+"""reduce — one or many calls' outputs reduced on the device to the raw probe statistics.
+
+Owns: ``reduce_calls``, which turns a stack of C same-shaped layer outputs (one call
+in a forward hook, or every staged small call of one shape and rule at ``collect``)
+into per-call value rows (``stats.RAW_WIDTH``), non-finite counts and per-unit vectors
+(sums, live counts, inside counts) in a fixed number of kernels whatever C is; and
+``CallStats``, its result. The statistic definitions are ``stats``'; this module is
+their cost-conscious implementation.
+
+Never: reads a value on the host (no ``.item()``/``.cpu()``/``.tolist()``, no Python
+branch on a tensor), modifies its input (the caller's sample is taken from it
+afterwards), or uses comparison kernels, ``where`` or ``count_nonzero``: on CPU a bool
+output runs several times slower than float arithmetic, and ``sign(relu(a - b))`` is
+exact in IEEE arithmetic. No matrix products either: under the user's autocast they
+would run in 16 bits and lose exact counts.
+
+Cost: about 15-19 kernels per stack (3-5 of them write a tensor the size of the
+stack, reused in place; the rest are reductions), so a probe step's kernel count
+grows with the number of distinct (shape, rule) groups, not with the number of layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from layerscope.trainer.stats import RAW_WIDTH, Rule, inside_indicator
+from torch import Tensor
+
+
+@dataclass
+class CallStats:
+    """C calls' statistics. Two counts are kept negated (flipping each call's sign would
+    cost a kernel per stack; the caller negates every call's at once)."""
+
+    rows: Tensor  # (C, RAW_WIDTH) float32: shift, s1, s2, nonzero, lo, hi
+    minus_nonfinite: Tensor  # (C,) float32: minus the count of NaN/Inf values
+    sums: Tensor | None  # (C, units): each unit's sum of (cleaned) values, for unit_spread
+    live: Tensor | None  # (C, units): each unit's live values (rule.live_above)
+    minus_inside: Tensor | None  # (C, units): minus each unit's values inside the bounds
+
+
+def unit_layout(shape: Sequence[int], axis: int) -> tuple[int, int, int]:
+    """(values before the unit axis, units, values after it) of one output's shape."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def unit_sums(x: Tensor, layout: tuple[int, int, int]) -> Tensor:
+    """(C, units): per call, the sum of each unit's values, where each row of ``x``
+    (C, n) is a contiguous output of shape (lead, units, rest). Summing the middle axis
+    of (C, lead, units * rest) runs along contiguous rows (vectorised), then the short
+    trailing axis. Always a new tensor, never a view of ``x``."""
+    calls = x.shape[0]
+    lead, units, rest = layout
+    out = x.view(calls, lead, units * rest).sum(1)
+    return out.view(calls, units, rest).sum(2) if rest > 1 else out
+
+
+def _abs_sums(x: Tensor) -> Tensor:
+    """(C,): each row's sum of absolute values (one fused pass)."""
+    return torch.linalg.vector_norm(x, ord=1, dim=1)
+
+
+def _squares(x: Tensor) -> Tensor:
+    """(C,): each row's sum of squares: a dot product for one row, else the squared
+    norm (one fused pass, where a multiply and a sum are two)."""
+    if x.shape[0] == 1:
+        return torch.dot(x.view(-1), x.view(-1)).view(1)
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> CallStats:
+    """Every statistic of C same-shaped float32 outputs, ``x`` being (C, n) contiguous.
+
+    Per call: s1/s2 are the sum and sum of squares of ``clean - shift`` (clean: NaN/Inf
+    -> 0; shift: the call's first cleaned value, so the variance survives |mean| >>
+    std); nonzero counts the nonzero finite values; lo/hi are the min/max of the finite
+    values (+inf/-inf when there is none). ``layout``: (lead, units, rest) of one
+    output, or None for an output without units. The host arithmetic is
+    ``stats.Summary.add``.
+    """
+    calls = x.shape[0]
+    inf = math.inf
+    lo_src = torch.nan_to_num(x, nan=inf, posinf=inf, neginf=inf)
+    hi_src = torch.nan_to_num(x, nan=-inf, posinf=-inf, neginf=-inf)
+    lo, hi = lo_src.amin(1), hi_src.amax(1)
+    # hi_src - lo_src is x - x = 0 for a finite value and -inf exactly where x is not finite
+    minus_nonfinite = hi_src.sub_(lo_src).sign_().sum(1)
+    clean = lo_src.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # +inf where x was not finite
+    signs = torch.sign(clean, out=hi_src)
+    nonzero: Tensor | None = None  # the count of nonzero finite values (exact below 2**24)
+    sums = live = minus_inside = None
+    if layout is not None:
+        sums = unit_sums(clean, layout)
+        threshold = rule.live_above
+        if threshold is not None:
+            if threshold != 0.0:
+                live = unit_sums((clean - threshold).relu_().sign_(), layout)
+            elif rule.nonnegative:
+                # the sign of a value that is never negative is 1 exactly when it is live,
+                # and its nonzero values are its live ones
+                live = unit_sums(signs, layout)
+                nonzero = live.sum(1)
+            else:
+                nonzero = _abs_sums(signs)
+                live = unit_sums(signs.relu_(), layout)  # in place: nonzero is counted
+        if rule.saturates:
+            minus_inside = unit_sums(inside_indicator(x, clean, rule), layout)
+    if nonzero is None:
+        nonzero = _abs_sums(signs)
+    shift = clean[:, :1].clone()
+    d = clean.sub_(shift)
+    rows = torch.stack([shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi], dim=1)
+    assert rows.shape[1] == RAW_WIDTH
+    return CallStats(rows, minus_nonfinite, sums, live, minus_inside)

@@ -71,7 +71,7 @@ from layerscope.trainer.stats import (
 )
 from layerscope.trainer.wire import MAX_BINS
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_sequence
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
@@ -622,11 +622,8 @@ class Probes:
         if inside is not None:
             inside.counts = inside.counts.neg()  # reduce_call keeps them negated
         sums = self._unit_inputs([layer.sums for layer in act], device)
-        samples = [
-            torch.cat(layer.samples) if len(layer.samples) > 1 else layer.samples[0]
-            for layer in act
-        ]
-        padded = pad_sequence(samples, batch_first=True, padding_value=math.nan)
+        lengths = tuple(sum(int(s.shape[0]) for s in layer.samples) for layer in act)
+        padded = self._padded([s for layer in act for s in layer.samples], lengths, device)
         hist = stats.histograms(padded, lo, hi, self.bins).view(-1)
         totals: Tensor | None = None
         if reducer is not None:
@@ -646,6 +643,31 @@ class Probes:
         if totals is not None:
             sections.append(totals.to(torch.float32))
         return sections + [units.reshape(-1), hist.to(torch.float32)], reducer is not None
+
+    def _padded(
+        self, parts: list[Tensor], lengths: tuple[int, ...], device: torch.device
+    ) -> Tensor:
+        """Every layer's sample values as the rows of one tensor, NaN-padded to the widest
+        (the histograms leave NaN out): one cat and, unless every row is as wide, one
+        index_copy into cached positions (``pad_sequence`` costs ~10x more on CPU)."""
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        widest = max(lengths)
+        if all(n == widest for n in lengths):
+            return flat.view(len(lengths), widest)
+        key = ("pad", lengths, device)
+        positions = self._shape_cache.get(key)
+        if positions is None:
+            if len(self._shape_cache) > 64:
+                self._shape_cache.clear()
+            positions = torch.cat(
+                [
+                    torch.arange(i * widest, i * widest + n, device=device)
+                    for i, n in enumerate(lengths)
+                ]
+            )
+            self._shape_cache[key] = positions
+        padded = torch.full((len(lengths) * widest,), math.nan, device=device)
+        return padded.index_copy_(0, positions, flat).view(len(lengths), widest)
 
     def _reduce_sections(
         self,

@@ -58,9 +58,12 @@ def unit_sums(x: Tensor, layout: tuple[int, int, int]) -> Tensor:
     return out.view(calls, units, rest).sum(2) if rest > 1 else out
 
 
-def _abs_sums(x: Tensor) -> Tensor:
-    """(C,): each row's sum of absolute values (one fused pass)."""
-    return torch.linalg.vector_norm(x, ord=1, dim=1)
+def _nonzero_signs(signs: Tensor) -> Tensor:
+    """(C,): how many entries of each row of a sign tensor (-1, 0, 1) are nonzero: the
+    row's dot product with itself. (The 1-norm says the same but runs ~5x slower on CPU.)"""
+    if signs.shape[0] == 1:
+        return torch.dot(signs.view(-1), signs.view(-1)).view(1)
+    return torch.linalg.vecdot(signs, signs)
 
 
 def _squares(x: Tensor) -> Tensor:
@@ -104,12 +107,12 @@ def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> 
                 live = unit_sums(signs, layout)
                 nonzero = live.sum(1)
             else:
-                nonzero = _abs_sums(signs)
+                nonzero = _nonzero_signs(signs)
                 live = unit_sums(signs.relu_(), layout)  # in place: nonzero is counted
         if rule.saturates:
             minus_inside = unit_sums(inside_indicator(x, clean, rule), layout)
     if nonzero is None:
-        nonzero = _abs_sums(signs)
+        nonzero = _nonzero_signs(signs)
     shift = clean[:, :1].clone()
     d = clean.sub_(shift)
     rows = torch.stack([shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi], dim=1)

@@ -320,7 +320,8 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     base = torch.arange(0, n_layers * bins, bins, device=samples.device, dtype=torch.float32)
     flat = torch.nan_to_num(bucket + base[:, None], nan=n_layers * bins).to(torch.long)
     counts = torch.zeros(n_layers * bins + 1, dtype=torch.float32, device=samples.device)
-    counts.index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), device=samples.device))
+    one = torch.ones((), device=samples.device).expand(flat.numel())  # no n-sized allocation
+    counts.index_add_(0, flat.reshape(-1), one)
     return counts[:-1].view(n_layers, bins)
 
 

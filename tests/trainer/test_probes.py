@@ -694,7 +694,7 @@ def test_a_single_unit_layer_has_zero_spread_and_a_unitless_output_has_none() ->
 # ---- small outputs staged and reduced together at collect() ----
 
 
-class _Mixed(nn.Module):
+class _Staged(nn.Module):
     """In-place ReLU, tanh, a shared Linear called twice, a conv feeding a sigmoid."""
 
     def __init__(self) -> None:
@@ -716,7 +716,7 @@ def test_staged_calls_give_the_statistics_of_calls_reduced_in_their_hook(
     monkeypatch: pytest.MonkeyPatch, budget: int | None
 ) -> None:
     torch.manual_seed(12)
-    model = _Mixed()
+    model = _Staged()
     x = uniform(16, 6, seed=3) * 2
     x[0, 0], x[1, 1] = float("nan"), float("inf")  # two rows of every output are non-finite
     monkeypatch.setattr(probes_module, "STAGE_CALL_VALUES", 0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ WINDOW = 512  # unacked frames a trainer allows itself (the link keeps more, spo
 
 
 def probe_template(step: int) -> tuple[str, str]:
-    """A probe frame's JSON split around its seq, so sending costs no encoding."""
+    """A probe frame's JSON split around its seq, so sending costs no encoding. Its layers
+    are shaped like the trainer's (trainer/stats.py decode): every stat a float or null,
+    unit_spread included, and a 64-bin histogram over [min, max]."""
     layers = [
         {
             "name": f"blocks.{i}.mlp.act",
@@ -45,10 +48,11 @@ def probe_template(step: int) -> tuple[str, str]:
             "min": -3.2,
             "max": 3.3,
             "zero_frac": 0.12,
-            "nonfinite": 0,
+            "nonfinite": 0.0,
             "dead_ratio": 0.05,
             "saturated_frac": None,
             "saturated_ratio": None,
+            "unit_spread": 0.02 + 0.0001 * i,
             "grad_norm": 0.4,
             "weight_norm": 12.5,
             "update_ratio": 0.001,
@@ -83,6 +87,7 @@ class Trainer:
     acked_points: int = 0
     kinds: dict[int, tuple[str, int]] = field(default_factory=dict)  # seq -> (kind, points)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    beat: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
         async for raw in self.ws:
@@ -123,7 +128,7 @@ async def open_trainer(port: int, run_id: str) -> tuple[Trainer, asyncio.Task[No
     await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": run_id, "name": run_id}))
     json.loads(await ws.recv())
     trainer = Trainer(ws, run_id)
-    asyncio.create_task(trainer.heartbeat())
+    trainer.beat = asyncio.create_task(trainer.heartbeat())
     return trainer, asyncio.create_task(trainer.read())
 
 
@@ -139,11 +144,16 @@ class PhaseResult:
     sent_per_s: float
     drain_s: float
     cpu_ms_per_frame: float
+    thread_ms_per_frame: list[float]  # the two busiest server threads (event loop, store writer)
 
 
 def cpu_s(server: psutil.Process) -> float:
     times = server.cpu_times()
     return float(times.user + times.system)
+
+
+def thread_cpu_s(server: psutil.Process) -> dict[int, float]:
+    return {t.id: t.user_time + t.system_time for t in server.threads()}
 
 
 async def run_phase(
@@ -159,6 +169,7 @@ async def run_phase(
     before = [(t.acked_probes, t.acked_points) for t in trainers]
     acked_before = sum(t.acked for t in trainers)
     cpu_before = cpu_s(server)
+    threads_before = thread_cpu_s(server)
     sent_before = sum(t.sent for t in trainers)
     lags: list[int] = []
     start = time.monotonic()
@@ -204,6 +215,10 @@ async def run_phase(
     # this does not depend on how much of the shared machine the server was given.
     acked_frames = sum(t.acked for t in trainers) - acked_before
     cpu_ms = 1000 * (cpu_s(server) - cpu_before) / max(1, acked_frames)
+    spent = sorted(
+        (t - threads_before.get(tid, 0.0) for tid, t in thread_cpu_s(server).items()), reverse=True
+    )
+    thread_ms = [1000 * t / max(1, acked_frames) for t in spent[:2]]
     target = []
     if probe_rate:
         target.append(f"{probe_rate:.0f} probe/s")
@@ -221,10 +236,12 @@ async def run_phase(
         sent_frames / elapsed,
         drain_s,
         cpu_ms,
+        thread_ms,
     )
 
 
 async def main(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         server, port = start_server(Path(tmp))
         try:
@@ -241,16 +258,19 @@ async def main(args: argparse.Namespace) -> None:
                 await run_phase("max", trainers, args.seconds, 0, 0, proc),
             ]
             for trainer, reader in opened:
+                if trainer.beat is not None:
+                    trainer.beat.cancel()
                 await trainer.ws.close()
                 reader.cancel()
         finally:
             server.terminate()
             server.wait(30)
     print(f"\ningest: {args.trainers} trainers, {args.seconds:g} s per phase, server in its own process")
+    print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"probe frame = {LAYERS} layers x {BINS} bins; metrics frame = {ROWS} rows x {SERIES} series\n")
     header = (
         f"{'phase':<8} {'offered':<28} {'sent frames/s':>14} {'acked probe/s':>14} {'acked points/s':>15} "
-        f"{'lag start':>10} {'lag end':>8} {'drain s':>8} {'server CPU ms/frame':>20}"
+        f"{'lag start':>10} {'lag end':>8} {'drain s':>8} {'server CPU ms/frame':>20} {'busiest threads':>16}"
     )
     print(header)
     print("-" * len(header))
@@ -258,7 +278,7 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{r.name:<8} {r.target:<28} {r.sent_per_s:>14,.0f} {r.probes_per_s:>14,.0f} "
             f"{r.points_per_s:>15,.0f} {r.lag_start:>10} {r.lag_end:>8} {r.drain_s:>8.1f}"
-            f" {r.cpu_ms_per_frame:>20.2f}"
+            f" {r.cpu_ms_per_frame:>20.2f} {' + '.join(f'{t:.2f}' for t in r.thread_ms_per_frame):>16}"
         )
     probe_ok = results[0].probes_per_s >= 0.95 * args.probe_rate and results[0].lag_end <= max(8, 2 * results[0].lag_start)
     points_ok = results[1].points_per_s >= 0.95 * args.points_rate and results[1].lag_end <= max(8, 2 * results[1].lag_start)
@@ -268,10 +288,13 @@ async def main(args: argparse.Namespace) -> None:
         "(met = at least 95% of the offered rate acked, lag not growing)"
     )
     probe_cpu, metrics_cpu = results[0].cpu_ms_per_frame, results[1].cpu_ms_per_frame
+    loop_ms = results[0].thread_ms_per_frame[0] if results[0].thread_ms_per_frame else probe_cpu
     print(
-        f"server CPU per frame: probe {probe_cpu:.2f} ms (one free core: ~{1000 / probe_cpu:,.0f}"
-        f" probe frames/s), metrics {metrics_cpu:.2f} ms (~{1000 / metrics_cpu * ROWS * SERIES:,.0f}"
-        " points/s); the rates above depend on what else the machine runs"
+        f"server CPU per frame: probe {probe_cpu:.2f} ms, metrics {metrics_cpu:.2f} ms"
+        f" (~{1000 / metrics_cpu * ROWS * SERIES:,.0f} points/s per core). The busiest thread"
+        f" (the event loop, which decodes and validates) spends {loop_ms:.2f} ms per probe frame:"
+        f" with a core of its own that caps ingest near {1000 / loop_ms:,.0f} probe frames/s."
+        " The rates above depend on what else the machine runs (see the load average)."
     )
 
 

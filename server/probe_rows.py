@@ -20,8 +20,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, repeat
 from math import isfinite
+from operator import itemgetter
 from typing import Any
 
 from layerscope.server.checks import StoreError, finite
@@ -34,6 +35,9 @@ from layerscope.server.schema import PROBE_COLUMNS
 # 256 rows x 15 columns stays far below SQLite's 32,766 bound parameters.
 INSERT_SIZES = (256, 64, 16, 4, 1)
 
+_NAME = itemgetter("name")
+_HIST = itemgetter("hist")
+_STAT_GETTERS = [itemgetter(s) for s in PROBE_COLUMNS]
 _INT_ONLY = frozenset({int})
 _FLOAT_OR_NONE = frozenset({float, type(None)})
 _STATS_INSERT = "INSERT OR REPLACE INTO probes (lid, step, {})".format(
@@ -88,24 +92,22 @@ class ProbeRows:
         if not isinstance(layers, list):
             raise StoreError(f"probe frame seq {seq}: 'layers' must be a list")
         steps.append(step)
+        if validated:
+            self._add_validated(rk, seq, step, layers, lid_of)
+            return
         stats_rows, hist_rows = self.stats, self.hists
         for i, layer in enumerate(layers):
             if not isinstance(layer, dict):
                 raise StoreError(f"probe frame seq {seq}: layers[{i}] must be an object")
             lid = lid_of(rk, str(layer.get("name") or ""))
             stats = list(map(layer.get, PROBE_COLUMNS))
-            # Validated frames hold finite floats or None: one C-level type walk and a
-            # sum any inf/nan poisons stand in for a finite() call per stat.
-            if not validated and not (
-                set(map(type, stats)) <= _FLOAT_OR_NONE and isfinite(sum(filter(None, stats)))
-            ):
+            # One C-level type walk and a sum any inf/nan poisons stand in for a
+            # finite() call per stat.
+            if not (set(map(type, stats)) <= _FLOAT_OR_NONE and isfinite(sum(filter(None, stats)))):
                 stats = [finite(layer.get(s), f"layers[{i}].{s}") for s in PROBE_COLUMNS]
             stats_rows.append((lid, step, *stats))
             hist = layer.get("hist")
             if hist is None:
-                continue
-            if validated:
-                hist_rows.append((lid, step, hist["lo"], hist["hi"], pack_counts(hist["counts"])))
                 continue
             counts = hist.get("counts") if isinstance(hist, dict) else None
             # set(map(type, ...)) walks the list in C: a per-count Python check was
@@ -122,6 +124,26 @@ class ProbeRows:
             if type(hi) is not float or not isfinite(hi):
                 hi = finite(hi, f"layers[{i}].hist.hi")
             hist_rows.append((lid, step, lo, hi, pack_counts(counts)))
+        self.steps.append((rk, step, seq))
+
+    def _add_validated(
+        self,
+        rk: int,
+        seq: int,
+        step: int,
+        layers: list[dict[str, Any]],
+        lid_of: Callable[[int, str], int],
+    ) -> None:
+        """Every layer of validate_probe's output holds every key: its rows are built a
+        column at a time by C-level maps rather than a layer at a time."""
+        lids = [lid_of(rk, name) for name in map(_NAME, layers)]
+        columns = [map(getter, layers) for getter in _STAT_GETTERS]
+        self.stats.extend(zip(lids, repeat(step, len(lids)), *columns, strict=True))
+        self.hists.extend(
+            (lid, step, hist["lo"], hist["hi"], pack_counts(hist["counts"]))
+            for lid, hist in zip(lids, map(_HIST, layers), strict=True)
+            if hist is not None
+        )
         self.steps.append((rk, step, seq))
 
     def flush(self, conn: sqlite3.Connection) -> None:

@@ -1,0 +1,275 @@
+"""sections — the activation part of a probe step's flat tensor, built across layers.
+
+Owns: ``Accumulated`` (one layer's per-call results of a probe step, appended by
+``probes``), ``Sections.build``, which turns every layer's accumulators into the
+activation sections of ``stats.PendingStats`` (value rows, non-finite counts, value
+counts when reduced, per-layer unit ratios and unit spread, histograms), merging a
+module's calls, and under a process group the two collectives that make them describe
+the global batch (``Reducer``); and the index tensors those need, cached by layout.
+
+Never: reads a tensor value on the host, calls a collective that not every rank calls
+in the same order with the same shapes (``Reducer.agreed`` guards it), or keeps a
+cache that grows without bound (it is cleared past 64 layouts).
+
+Cost: about 40 small kernels for all layers together, whatever their number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from layerscope.trainer import stats
+from torch import Tensor
+
+
+class Reducer(Protocol):
+    """A process group the probe statistics are reduced over (``distributed``), so they
+    describe the global batch. Both methods are collectives: every rank calls them in the
+    same order with tensors of the same shape, and they return without a host read."""
+
+    def agreed(self) -> bool:
+        """True when every rank recorded the same layout this step (``Probes.layout_key``)."""
+        ...
+
+    def all_max(self, tensor: Tensor) -> Tensor: ...
+
+    def all_sum(self, tensor: Tensor) -> Tensor: ...
+
+
+@dataclass
+class _UnitInputs:
+    counts: Tensor  # per unit: live (or inside-the-bounds) values, or the sum of its values
+    values_per_unit: Tensor
+    segments: Tensor  # per unit: its layer
+    unit_count: Tensor  # per layer: units
+    firsts: Tensor  # per layer: index of its first unit (0 for a layer without units)
+
+
+@dataclass(eq=False)
+class Accumulated:
+    """One layer's results this step, one entry per call: raw value row, minus the
+    non-finite count (see ``reduce.CallStats``), value count, histogram sample, and
+    per unit (count, values per unit) of live values, of values inside the saturation
+    bounds (negated), and (sum of values, values per unit) for unit_spread."""
+
+    rows: list[Tensor] = field(default_factory=list)
+    nonfinite: list[Tensor] = field(default_factory=list)
+    totals: list[int] = field(default_factory=list)
+    samples: list[Tensor] = field(default_factory=list)
+    live: list[tuple[Tensor, int]] = field(default_factory=list)
+    inside: list[tuple[Tensor, int]] = field(default_factory=list)
+    sums: list[tuple[Tensor, int]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.rows, self.nonfinite, self.totals = [], [], []
+        self.samples, self.live, self.inside, self.sums = [], [], [], []
+
+
+class Sections:
+    """Builds the activation sections; holds the index tensors cached by layout."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Any, Any] = {}
+
+    def build(
+        self, act: Sequence[Accumulated], bins: int, reducer: Reducer | None
+    ) -> tuple[list[Tensor], bool]:
+        """The activation part of the flat tensor, and whether it was reduced over the
+        reducer's process group (see ``Reducer``)."""
+        device = act[0].rows[0].device
+        raw = torch.stack([row for layer in act for row in layer.rows])
+        nonfinite = torch.stack([k for layer in act for k in layer.nonfinite]).neg_()
+        rows = raw.view(-1, stats.RAW_WIDTH)
+        reducer = reducer if reducer is not None and reducer.agreed() else None
+        call_lo, call_hi = rows[:, stats.LO], rows[:, stats.HI]
+        if reducer is not None:
+            # Collective 1: one MAX over every call's [-lo, hi] gives the global range,
+            # which the histograms need before any value is bucketed.
+            extremes = reducer.all_max(torch.cat([-call_lo, call_hi]))
+            call_lo, call_hi = -extremes[: len(rows)], extremes[len(rows) :]
+        if len(rows) == len(act):
+            lo, hi = call_lo, call_hi
+        else:  # a module ran more than once: its histogram spans every call
+            bounds, start = [], 0
+            for layer in act:
+                end = start + len(layer.rows)
+                bounds.append(torch.stack([call_lo[start:end].amin(), call_hi[start:end].amax()]))
+                start = end
+            lo, hi = torch.stack(bounds).unbind(1)
+        live = self._unit_inputs([layer.live for layer in act], device)
+        inside = self._unit_inputs([layer.inside for layer in act], device)
+        if inside is not None:
+            inside.counts = inside.counts.neg()  # reduce_call keeps them negated
+        sums = self._unit_inputs([layer.sums for layer in act], device)
+        lengths = tuple(sum(int(s.shape[0]) for s in layer.samples) for layer in act)
+        padded = self._padded([s for layer in act for s in layer.samples], lengths, device)
+        hist = stats.histograms(padded, lo, hi, bins).view(-1)
+        totals: Tensor | None = None
+        if reducer is not None:
+            rows, nonfinite, totals, hist, (live, inside, sums) = self._reduce_sections(
+                reducer, act, rows, nonfinite, call_lo, call_hi, hist, (live, inside, sums), device
+            )
+        dead, _ = self._unit_ratio(live, len(act), device, dead=True)
+        saturated, saturated_values = self._unit_ratio(inside, len(act), device, dead=False)
+        if sums is None:
+            spread = torch.full((len(act),), math.nan, dtype=torch.float64, device=device)
+        else:
+            spread = stats.unit_spread_var(
+                sums.counts, sums.values_per_unit, sums.segments, sums.unit_count, sums.firsts
+            )
+        units = torch.stack([dead, saturated, saturated_values, spread]).t().to(torch.float32)
+        sections = [rows.reshape(-1), nonfinite.to(torch.float32)]
+        if totals is not None:
+            sections.append(totals.to(torch.float32))
+        return sections + [units.reshape(-1), hist.to(torch.float32)], reducer is not None
+
+    def _padded(
+        self, parts: list[Tensor], lengths: tuple[int, ...], device: torch.device
+    ) -> Tensor:
+        """Every layer's sample values as the rows of one tensor, NaN-padded to the widest
+        (the histograms leave NaN out): one cat and, unless every row is as wide, one
+        index_copy into cached positions (``pad_sequence`` costs ~10x more on CPU)."""
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        widest = max(lengths)
+        if all(n == widest for n in lengths):
+            return flat.view(len(lengths), widest)
+        key = ("pad", lengths, device)
+        positions = self._cache.get(key)
+        if positions is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            positions = torch.cat(
+                [
+                    torch.arange(i * widest, i * widest + n, device=device)
+                    for i, n in enumerate(lengths)
+                ]
+            )
+            self._cache[key] = positions
+        padded = torch.full((len(lengths) * widest,), math.nan, device=device)
+        return padded.index_copy_(0, positions, flat).view(len(lengths), widest)
+
+    def _reduce_sections(
+        self,
+        reducer: Reducer,
+        act: Sequence[Accumulated],
+        rows: Tensor,
+        nonfinite: Tensor,
+        call_lo: Tensor,
+        call_hi: Tensor,
+        hist: Tensor,
+        units: tuple[_UnitInputs | None, ...],
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[_UnitInputs | None, ...]]:
+        """Collective 2: one SUM (float64) over every additive part of every rank's
+        sections: moments re-centred on a shared shift, nonzero, non-finite and value
+        counts, histogram bins (already on the global range), per-unit counts, per-unit
+        sums of values (so unit_spread is of the global per-unit means) and values per
+        unit. Returns the global rows, counts, totals, histogram and unit inputs."""
+        totals_host = [float(n) for layer in act for n in layer.totals]
+        totals = self._vector(("totals", tuple(totals_host)), totals_host, device)
+        wide = rows.to(torch.float64)
+        center = torch.nan_to_num(
+            (call_lo.to(torch.float64) + call_hi.to(torch.float64)) / 2,
+            nan=0.0, posinf=0.0, neginf=0.0,
+        )  # fmt: skip
+        s1, s2 = stats.reshift(wide, totals, center)
+        parts = [s1, s2, wide[:, stats.NONZERO], nonfinite.to(torch.float64), totals, hist]
+        for unit in units:
+            if unit is not None:
+                parts += [unit.counts, unit.values_per_unit]
+        sizes = [part.numel() for part in parts]
+        summed = reducer.all_sum(torch.cat([part.to(torch.float64) for part in parts]))
+        pieces = list(summed.split(sizes))
+        s1, s2, nonzero, nonfinite, totals, hist = pieces[:6]
+        rest = pieces[6:]
+        out_units: list[_UnitInputs | None] = []
+        for unit in units:
+            if unit is None:
+                out_units.append(None)
+            else:
+                counts, per_unit = rest[0], rest[1]
+                rest = rest[2:]
+                out_units.append(
+                    _UnitInputs(counts, per_unit, unit.segments, unit.unit_count, unit.firsts)
+                )
+        rows = torch.stack(
+            [center, s1, s2, nonzero, call_lo.to(torch.float64), call_hi.to(torch.float64)], dim=1
+        ).to(torch.float32)
+        return rows, nonfinite, totals, hist, tuple(out_units)
+
+    def _unit_inputs(
+        self, records: list[list[tuple[Tensor, int]]], device: torch.device
+    ) -> _UnitInputs | None:
+        """Every layer's per-unit counts over all its calls (see ``_unit_groups``), values
+        per unit, each unit's layer and each layer's unit count; None if no layer has any."""
+        groups = [
+            (li, counts, n) for li, calls in enumerate(records) for counts, n in _unit_groups(calls)
+        ]
+        if not groups:
+            return None
+        shape = tuple((li, int(c.shape[0]), n) for li, c, n in groups)
+        key = ("units", shape, device)
+        if key not in self._cache:
+            if len(self._cache) > 64:  # shapes keep changing: don't grow without bound
+                self._cache.clear()
+            units = [0.0] * len(records)
+            firsts = [0] * len(records)
+            start = 0
+            for li, width, _ in shape:
+                if not units[li]:
+                    firsts[li] = start
+                units[li] += width
+                start += width
+            self._cache[key] = (
+                torch.cat([torch.full((w,), float(n), device=device) for _, w, n in shape]),
+                torch.cat(
+                    [torch.full((w,), li, dtype=torch.long, device=device) for li, w, _ in shape]
+                ),
+                stats.device_vector(units, device),
+                stats.device_vector(firsts, device, torch.long),
+            )
+        values_per_unit, segments, unit_count, firsts_t = self._cache[key]
+        counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
+        return _UnitInputs(counts, values_per_unit, segments, unit_count, firsts_t)
+
+    @staticmethod
+    def _unit_ratio(
+        unit: _UnitInputs | None, n_layers: int, device: torch.device, *, dead: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Per layer (ratio of dead/saturated units, count of saturated values)."""
+        if unit is None:
+            nan = torch.full((n_layers,), math.nan, dtype=torch.float64, device=device)
+            return nan, torch.zeros_like(nan)
+        return stats.unit_ratio(
+            unit.counts, unit.values_per_unit, unit.segments, unit.unit_count, dead=dead
+        )
+
+    def _vector(self, key: Any, values: Sequence[float], device: torch.device) -> Tensor:
+        key = (key, device)
+        if key not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = stats.device_vector(values, device)
+        vector: Tensor = self._cache[key]
+        return vector
+
+
+def _unit_groups(calls: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
+    """One layer's per-unit counts over all its calls this step, as (counts, values per
+    unit) groups. Calls with the same unit count are the same units (a shared Linear,
+    an RNN cell): their counts add. Calls of another width are other units."""
+    if len(calls) <= 1:
+        return calls
+    groups: dict[int, tuple[Tensor, int]] = {}
+    for counts, n in calls:
+        width = int(counts.shape[0])
+        if width in groups:
+            previous, m = groups[width]
+            groups[width] = (previous + counts, m + n)
+        else:
+            groups[width] = (counts, n)
+    return list(groups.values())

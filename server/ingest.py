@@ -110,8 +110,10 @@ class _Committer:
                 if self.finishing:
                     return
                 continue
-            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-            raw, self.pending_raw = self.pending_raw[:MAX_BATCH], self.pending_raw[MAX_BATCH:]
+            # Taken from the front in place: slicing off the rest copied the whole backlog
+            # (thousands of frames when behind) once per batch.
+            batch, raw = self.pending[:MAX_BATCH], self.pending_raw[:MAX_BATCH]
+            del self.pending[:MAX_BATCH], self.pending_raw[:MAX_BATCH]
             if len(self.pending) < MAX_UNCOMMITTED:
                 self.room.set()
             try:

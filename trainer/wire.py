@@ -36,7 +36,10 @@ import json
 import math
 import struct
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
 from itertools import chain, repeat
+from operator import itemgetter
 from typing import Any
 
 VERSION = 1
@@ -306,37 +309,45 @@ def _validate_probe(msg: dict[str, Any], *, maybe_bools: bool) -> dict[str, Any]
     return {"type": "probe", "seq": seq, "step": step, "layers": layers}
 
 
-_PROBE_LAYER_KEYS = ("name", *PROBE_STATS, "hist")
-_HIST_KEYS = ("lo", "hi", "counts")
+_PROBE_LAYER = dict.fromkeys(("name", *PROBE_STATS, "hist"))  # a clean layer's keys, in order
+_PROBE_HIST = dict.fromkeys(("lo", "hi", "counts"))
+_STATS_OF = itemgetter(*PROBE_STATS)
 _DICT_ONLY = frozenset({dict})
 _LIST_ONLY = frozenset({list})
 _STR_ONLY = frozenset({str})
 _FLOAT_ONLY = frozenset({float})
 _FLOAT_OR_NONE = frozenset({float, type(None)})
 _NUMBER_OR_NONE = frozenset({float, int, type(None)})
+_consume: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend  # runs a map for its effects
 
 
 def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, Any]] | None:
     """Every layer of a well-formed probe frame at once, or None when anything is off
-    (then the per-layer path names the problem, or normalises what this one does not).
+    (then the per-layer path names the problem, or normalises what this one does not,
+    such as keys a layer should not have).
 
     The server runs this on every probe frame (50 layers x 13 stats x 64 bins): each
-    check is one C-level walk over a whole column (all names, all stats, all counts),
-    since a Python loop per layer cost more than decoding the frame. It accepts a
-    subset of what _probe_layer accepts and returns exactly what it would.
+    step is one C-level walk over a whole column (all names, all stats, all counts),
+    since a Python loop per layer cost more than decoding the frame. Each output layer
+    is a copy of a template holding every key, updated from the input, so absent
+    stats are null and the key order is fixed. It accepts a subset of what
+    _probe_layer accepts and returns exactly what it would.
     """
     if not layers:
         return []
     if set(map(type, layers)) != _DICT_ONLY:
         return None
-    names: list[Any] = list(map(dict.get, layers, repeat("name")))
+    out = list(map(dict.copy, repeat(_PROBE_LAYER, len(layers))))
+    _consume(map(dict.update, out, layers))
+    if set(map(len, out)) != {len(_PROBE_LAYER)}:  # a key the template does not have
+        return None
+    names: list[Any] = list(map(itemgetter("name"), out))
     if set(map(type, names)) != _STR_ONLY:
         return None
     lengths = list(map(len, names))
     if min(lengths) == 0 or max(lengths) > MAX_NAME_LEN:
         return None
-    getters = map(getattr, layers, repeat("get"))
-    stats = list(chain.from_iterable(map(map, getters, repeat(PROBE_STATS))))
+    stats = list(chain.from_iterable(map(_STATS_OF, out)))
     kinds = set(map(type, stats))
     if not kinds <= _NUMBER_OR_NONE:  # bool is its own type: not a number here
         return None
@@ -345,20 +356,24 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
             stats = [v if v is None else float(v) for v in stats]
         except OverflowError:  # an int too big for a float: _probe_layer's to report
             return None
+        # zip over one iterator repeated: each row takes the next len(PROBE_STATS) stats.
+        rows = zip(*[iter(stats)] * len(PROBE_STATS), strict=True)
+        _consume(map(dict.update, out, map(zip, repeat(PROBE_STATS), rows)))
     if not math.isfinite(sum(filter(None, stats))):  # any inf or nan poisons the sum
         return None
-    hists = list(map(dict.get, layers, repeat("hist")))
-    present = [h for h in hists if h is not None]
-    if present:
-        if set(map(type, present)) != _DICT_ONLY:
+    with_hist = [layer for layer in out if layer["hist"] is not None]
+    if with_hist:
+        given = list(map(itemgetter("hist"), with_hist))
+        if set(map(type, given)) != _DICT_ONLY:
             return None
-        counts: list[Any] = list(map(dict.get, present, repeat("counts")))
+        hists = list(map(dict.copy, repeat(_PROBE_HIST, len(given))))
+        _consume(map(dict.update, hists, given))
+        if set(map(len, hists)) != {len(_PROBE_HIST)}:
+            return None
+        counts: list[Any] = list(map(itemgetter("counts"), hists))
         if set(map(type, counts)) != _LIST_ONLY or max(map(len, counts)) > MAX_BINS:
             return None
-        bounds: list[Any] = [
-            *map(dict.get, present, repeat("lo")),
-            *map(dict.get, present, repeat("hi")),
-        ]
+        bounds = [*map(itemgetter("lo"), hists), *map(itemgetter("hi"), hists)]
         if set(map(type, bounds)) != _FLOAT_ONLY or not math.isfinite(sum(bounds)):
             return None
         cells = list(chain.from_iterable(counts))
@@ -369,15 +384,8 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
                 struct.pack(f"<{len(cells)}Q", *cells)
             except struct.error:
                 return None
-        n = len(present)
-        made = map(
-            dict, map(zip, repeat(_HIST_KEYS), zip(bounds[:n], bounds[n:], counts, strict=True))
-        )
-        hists = [h if h is None else next(made) for h in hists]
-    # zip over one iterator repeated: each row takes the next len(PROBE_STATS) stats.
-    column = iter(stats)
-    rows = zip(names, *[column] * len(PROBE_STATS), hists, strict=True)
-    return list(map(dict, map(zip, repeat(_PROBE_LAYER_KEYS), rows)))
+        _consume(map(dict.__setitem__, with_hist, repeat("hist"), hists))
+    return out
 
 
 def _probe_layer(i: int, layer: Any) -> dict[str, Any]:

@@ -22,7 +22,11 @@ def probe(layers: int = 3) -> dict[str, Any]:
                 "name": f"blocks.{i}.act",
                 **{stat: 0.25 * (i + 1) for stat in wire.PROBE_STATS},
                 "saturated_frac": None,
-                "hist": {"lo": -2.0, "hi": 2.5, "counts": [(i * 7 + b * 13) % 97 for b in range(16)]},
+                "hist": {
+                    "lo": -2.0,
+                    "hi": 2.5,
+                    "counts": [(i * 7 + b * 13) % 97 for b in range(16)],
+                },
             }
             for i in range(layers)
         ],
@@ -45,18 +49,49 @@ def outcome(fn: Any, arg: Any) -> tuple[str, Any]:
 def test_a_clean_frame_comes_back_normalised_and_typed() -> None:
     msg = probe()
     msg["layers"][0]["nonfinite"] = 2  # an int stat becomes a float
-    msg["layers"][1]["junk"] = "dropped"
     del msg["layers"][2]["grad_norm"]  # an absent stat becomes null
-    frame = wire.parse_trainer_frame(json.dumps(msg))
-    assert frame == field_by_field(msg) == wire.validate_probe(msg)
-    first, second, third = frame["layers"]
-    assert type(first["nonfinite"]) is float and first["nonfinite"] == 2.0
-    assert "junk" not in second and third["grad_norm"] is None
-    assert list(first) == ["name", *wire.PROBE_STATS, "hist"]
-    assert first["hist"] == {"lo": -2.0, "hi": 2.5, "counts": msg["layers"][0]["hist"]["counts"]}
+    for extra in (False, True):
+        if extra:
+            msg["layers"][1]["junk"] = "dropped"
+        frame = wire.parse_trainer_frame(json.dumps(msg))
+        assert frame == field_by_field(msg) == wire.validate_probe(msg)
+        first, second, third = frame["layers"]
+        assert type(first["nonfinite"]) is float and first["nonfinite"] == 2.0
+        assert "junk" not in second and third["grad_norm"] is None
+        assert list(first) == list(third) == ["name", *wire.PROBE_STATS, "hist"]
+        assert first["hist"] == {
+            "lo": -2.0,
+            "hi": 2.5,
+            "counts": msg["layers"][0]["hist"]["counts"],
+        }
+        assert list(first["hist"]) == ["lo", "hi", "counts"]
 
 
-BAD_VALUES: list[Any] = [None, True, 0, -1, 2**70, 1.5, float("inf"), float("nan"), "x", "", [], {}, "n" * 300]
+def test_the_output_shares_no_dict_with_the_input() -> None:
+    msg = probe()
+    frame = wire.validate_probe(msg)
+    for given, made in zip(msg["layers"], frame["layers"], strict=True):
+        assert made is not given and made["hist"] is not given["hist"]
+    msg["layers"][0]["mean"] = 99.0
+    msg["layers"][0]["hist"]["lo"] = -99.0
+    assert frame["layers"][0]["mean"] == 0.25 and frame["layers"][0]["hist"]["lo"] == -2.0
+
+
+BAD_VALUES: list[Any] = [
+    None,
+    True,
+    0,
+    -1,
+    2**70,
+    1.5,
+    float("inf"),
+    float("nan"),
+    "x",
+    "",
+    [],
+    {},
+    "n" * 300,
+]
 PATHS: list[tuple[Any, ...]] = [
     ("name",),
     ("mean",),

@@ -405,15 +405,13 @@ class Probes:
         layers: list[_Layer], call: reduce.CallStats, n: int, samples: Sequence[Tensor]
     ) -> None:
         """Append call i of ``call`` (n values each) to ``layers[i]``'s accumulators."""
-        rows, nonfinite = call.rows.unbind(0), call.minus_nonfinite.unbind(0)
         units = call.sums.shape[1] if call.sums is not None else 0
         per_unit = n // units if units else 0
         sums = call.sums.unbind(0) if call.sums is not None else None
         live = call.live.unbind(0) if call.live is not None else None
         inside = call.minus_inside.unbind(0) if call.minus_inside is not None else None
         for i, layer in enumerate(layers):
-            layer.rows.append(rows[i])
-            layer.nonfinite.append(nonfinite[i])
+            layer.rows.append((call.rows, i))
             layer.totals.append(n)
             layer.samples.append(samples[i])
             if sums is not None:

@@ -35,11 +35,17 @@ class CallStats:
     """C calls' statistics. Two counts are kept negated (flipping each call's sign would
     cost a kernel per stack; the caller negates every call's at once)."""
 
-    rows: Tensor  # (C, RAW_WIDTH) float32: shift, s1, s2, nonzero, lo, hi
-    minus_nonfinite: Tensor  # (C,) float32: minus the count of NaN/Inf values
+    # (C, RAW_WIDTH + 1) float32: shift, s1, s2, nonzero, lo, hi, then minus the count of
+    # NaN/Inf values (one tensor, so a probe step gathers every call's with one index)
+    rows: Tensor
     sums: Tensor | None  # (C, units): each unit's sum of (cleaned) values, for unit_spread
     live: Tensor | None  # (C, units): each unit's live values (rule.live_above)
     minus_inside: Tensor | None  # (C, units): minus each unit's values inside the bounds
+
+    @property
+    def minus_nonfinite(self) -> Tensor:
+        """(C,): minus each call's count of NaN/Inf values."""
+        return self.rows[:, RAW_WIDTH]
 
 
 def unit_layout(shape: Sequence[int], axis: int) -> tuple[int, int, int]:
@@ -115,6 +121,8 @@ def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> 
         nonzero = _nonzero_signs(signs)
     shift = clean[:, :1].clone()
     d = clean.sub_(shift)
-    rows = torch.stack([shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi], dim=1)
-    assert rows.shape[1] == RAW_WIDTH
-    return CallStats(rows, minus_nonfinite, sums, live, minus_inside)
+    rows = torch.stack(
+        [shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi, minus_nonfinite], dim=1
+    )
+    assert rows.shape[1] == RAW_WIDTH + 1
+    return CallStats(rows, sums, live, minus_inside)

@@ -7,7 +7,7 @@ frame gets, and ``insert_many``, the multi-row INSERT the writer uses for every 
 Why many rows per statement: Python's sqlite3 releases the GIL around each step and
 takes it back after. An ``executemany`` steps once per row, about 100 times per
 50-layer probe frame, and while the event loop's thread decodes frames each retake
-waits for it to yield (up to the 5 ms switch interval): the writer fell behind the
+waits for it to yield (up to the switch interval, see serving.py): the writer fell behind the
 socket. One statement of n rows is one step, in which SQLite does all n inserts
 without the GIL, in parallel with the event loop.
 

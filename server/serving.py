@@ -35,6 +35,7 @@ GRACEFUL_SHUTDOWN_S = 5
 WS_MAX_SIZE = 4 * wire.MAX_FRAME_BYTES
 # Container allocations between young collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
+SWITCH_INTERVAL_S = 0.0005  # how long a thread waiting for the GIL waits (default 5 ms)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -104,18 +105,26 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
     return Server(config), sock, settings, app
 
 
-def tune_gc() -> None:
-    """For a serving process, once its app is built. A 50-layer probe frame is a few
-    hundred dicts and lists that live until their commit (100 ms or more); with the
-    default thresholds the cyclic collector walked each of them several times, and every
-    full collection walked every frame not yet committed, so it cost more the further
-    ingest fell behind: about 0.6 ms per probe frame, a fifth of the server's CPU.
-    Freezing moves the framework's objects (about 60,000) out of every later
-    collection; a young generation of 50,000 allocations lets most frames be freed by
-    their reference counts before any collection sees them."""
+def tune_runtime() -> None:
+    """For a serving process, once its app is built: the interpreter settings ingest needs.
+
+    GC: a 50-layer probe frame is a few hundred dicts and lists that live until their
+    commit (100 ms or more); with the default thresholds the cyclic collector walked each
+    of them several times, and every full collection walked every frame not yet
+    committed, so it cost more the further ingest fell behind: about 0.6 ms per probe
+    frame, a fifth of the server's CPU. Freezing moves the framework's objects (about
+    60,000) out of every later collection; a young generation of 50,000 allocations
+    lets most frames be freed by their reference counts before any collection sees them.
+
+    Switch interval: the store writer gives up the GIL in every SQLite step and zlib
+    call and then waits for the event loop, which decodes frames without yielding it,
+    for up to this interval (5 ms by default) each time. At 0.5 ms the probe phase of
+    benchmarks/ingest.py acked 2-3x as many frames while sending (3 rounds alternated,
+    load 5-7), for the same CPU per frame."""
     gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def base_url(settings: Settings) -> str:
@@ -141,7 +150,7 @@ def serve(settings: Settings) -> int:
     async def main() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         if await _started(server, task):
-            tune_gc()
+            tune_runtime()
             print(
                 f"layerscope: serving {base_url(settings)}/{_token_query(settings)} "
                 f"(data in {settings.data_dir})",
@@ -184,7 +193,7 @@ def demo(settings: Settings, steps: int) -> int:
             failed = True
             await task
             return
-        tune_gc()
+        tune_runtime()
         launcher = app.state.launcher
         try:
             run_id = await launcher.launch(config)

@@ -1,11 +1,13 @@
 /**
  * run.js — the run page (/runs/{id}), live and replay.
  *
- * Owns: the order of loading (viewer socket first, so no frame between the REST
- * history and the live stream is missed; then the history over REST; then the
- * buffered live frames, de-duplicated by step), routing each frame to the charts,
- * the connection / trainer banners, and switching to replay when the run ends.
- * Sets document.body.dataset.ready = "1" once every chart has rendered.
+ * Owns: the order of loading (viewer socket first, and for a live run the history
+ * over REST only once its snapshot shows the server has subscribed it, so no frame
+ * between the REST history and the live stream is missed; then the buffered live
+ * frames, de-duplicated by step), routing each frame to the charts, the connection /
+ * trainer banners, and switching to replay when the run ends. Sets
+ * document.body.dataset.paintedMs once the charts in the window are drawn and
+ * document.body.dataset.ready = "1" once every chart has rendered.
  * Never: draws directly (charts.js / heatmaps.js do) or sends a command itself.
  */
 
@@ -224,7 +226,13 @@ function drawMarkers() {
 
 // ---- live frames ----
 
+/** Resolves once the viewer socket is subscribed (its snapshot came) or has failed. */
+let socketSettled;
+const subscribed = new Promise((resolve) => { socketSettled = resolve; });
+const SUBSCRIBE_WAIT_MS = 5000;
+
 function onSnapshot(msg) {
+  socketSettled();
   if (msg.control) controls.setState(msg.control);
   if (msg.run) {
     setLast(msg.run.last || {});
@@ -311,6 +319,7 @@ function applyEvent(frame) {
 }
 
 function onConnection(state, detail) {
+  if (state === "lost") socketSettled();
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);
@@ -388,6 +397,11 @@ async function main() {
   applyDetail(detail);
   socket.start();
   snapshots.following = !ENDED.has(page.status);
+  // A live run's frames from before the subscription are in the history only if it is
+  // read after it (a round trip; Plotly's download takes longer). An ended run has none.
+  if (!ENDED.has(page.status)) {
+    await Promise.race([subscribed, new Promise((resolve) => setTimeout(resolve, SUBSCRIBE_WAIT_MS))]);
+  }
   // The requests go out before Plotly runs: it holds the main thread for seconds here.
   const history = loadHistory(detail).then(() => performance.mark("layerscope:history"));
   await Promise.all([history, plotlyReady()]);

@@ -1,7 +1,8 @@
 """writes — the SQL of every change to layerscope.db, run on the store's writer thread.
 
 Owns: turning validated frames, hellos, commands and status changes into rows (a
-metrics frame's values go through scalars.py), the
+metrics frame's values go through scalars.py, a probe frame's through probe_rows.py,
+and a batch's frame rows in a few multi-row INSERTs), the
 side effects of events (a ``status`` event sets the run status, a
 ``command_result`` event settles the command row and the run's acknowledged
 control state), and the highest-contiguous-seq bookkeeping behind acks.

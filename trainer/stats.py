@@ -2,8 +2,9 @@
 
 Owns: the exact definitions of every activation statistic (which values count as
 live or saturated for each activation, the unit axis, finite-only moments, the
-spread across units of their mean outputs (``unit_spread``), histograms bucketed with tensor ops), the device-side reductions a probe step
-runs, and ``PendingStats``: the layout of the one flat tensor a probe step
+spread across units of their mean outputs (``unit_spread``), histograms bucketed
+with tensor ops), the device-side reductions a probe step runs across layers (one
+call's are in ``reduce``), and ``PendingStats``: the layout of the one flat tensor a probe step
 produces and its host-side decoding (moments, merging a module's calls, per-layer
 norms) into wire probe-frame entries. ``probes`` re-exports ``PendingStats``.
 
@@ -138,33 +139,6 @@ def unit_axis(ndim: int, channel_first: bool) -> int | None:
     return 1
 
 
-def clean_values(y: Tensor) -> Tensor:
-    """y with NaN and +-Inf replaced by 0: the input of every sum and unit count, so a
-    non-finite value counts as neither live nor saturated."""
-    return torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def per_unit(values: Tensor, axis: int) -> Tensor:
-    """Sum over every axis but the unit axis (all samples and positions)."""
-    if values.dim() == 1:
-        return values
-    return values.sum(dim=tuple(d for d in range(values.dim()) if d != axis))
-
-
-# Cost note: indicator arithmetic (relu(.).sign()) instead of comparisons and
-# torch.where: bool masks, where and var_mean run several times slower on CPU, and
-# sign(a - b) is exact in IEEE arithmetic, so ``relu(y - t).sign() == (y > t)``.
-
-
-def live_counts(clean: Tensor, axis: int, threshold: float, signs: Tensor | None = None) -> Tensor:
-    """Per unit, how many of its values are > threshold (live). ``signs`` (``clean.sign()``)
-    saves a kernel when the threshold is 0."""
-    if threshold == 0.0 and signs is not None:
-        return per_unit(torch.relu(signs), axis)
-    shifted = clean - threshold if threshold else clean
-    return per_unit(torch.relu(shifted).sign_(), axis)
-
-
 def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
     """A new tensor shaped like y: -1 where a value is strictly inside (sat_lo, sat_hi),
     i.e. not saturated, else 0 (negative: one kernel fewer in the common symmetric
@@ -182,12 +156,6 @@ def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
         # |x| - hi < 0 exactly when inside: clamp to <= 0 and take the sign (-1 or 0)
         return source.abs().sub_(hi).clamp_(max=0.0).sign_()
     return torch.relu(source - lo).sign_().mul_(torch.relu(hi - source).sign_().neg_())
-
-
-def inside_counts(y: Tensor, clean: Tensor, axis: int, rule: Rule) -> Tensor:
-    """Per unit, how many of its values are strictly inside (sat_lo, sat_hi), i.e. not
-    saturated. Non-finite values count as inside."""
-    return per_unit(inside_indicator(y, clean, rule), axis).neg_()
 
 
 @dataclass

@@ -64,3 +64,45 @@ def test_a_call_without_units_and_a_call_with_no_finite_value() -> None:
     assert got.sums is None and got.live is None and got.minus_inside is None
     assert got.minus_nonfinite.tolist() == [-3.0]
     assert got.rows[0, stats.LO].item() == math.inf and got.rows[0, stats.HI].item() == -math.inf
+
+
+def _one(y: torch.Tensor, axis: int, rule: stats.Rule) -> reduce.CallStats:
+    return reduce.reduce_calls(y.reshape(1, -1), reduce.unit_layout(y.shape, axis), rule)
+
+
+def test_live_and_inside_counts_per_unit() -> None:
+    y = torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.5, float("nan")]])
+    relu_input = stats.FUNCTION_RULES["relu"]
+    live = _one(y, 1, relu_input).live
+    assert live is not None and live[0].tolist() == [2.0, 1.0, 0.0]
+    relu = _one(torch.relu(y), 1, stats.module_rule(nn.ReLU())).live
+    assert relu is not None and relu[0].tolist() == [2.0, 1.0, 0.0]
+    above = _one(y, 1, stats.Rule(live_above=0.75)).live
+    assert above is not None and above[0].tolist() == [2.0, 0.0, 0.0]
+    other_axis = _one(y, 0, relu_input).live
+    assert other_axis is not None and other_axis[0].tolist() == [1.0, 2.0]
+    t = torch.tensor([[0.99, -0.995, 0.5], [0.98, 1.0, float("nan")]])
+    tanh = _one(t, 1, stats.module_rule(nn.Tanh())).minus_inside
+    assert tanh is not None and (-tanh[0]).tolist() == [1.0, 0.0, 2.0]
+    s = torch.tensor([[0.0, 0.01, 0.011], [0.99, 0.989, float("nan")]])
+    sigmoid = _one(s, 1, stats.module_rule(nn.Sigmoid())).minus_inside
+    # 0 and 0.01 and 0.99 are pinned; NaN is not
+    assert sigmoid is not None and (-sigmoid[0]).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_unit_sums_reduce_every_axis_but_the_unit_axis() -> None:
+    ind = torch.zeros(4, 3, 5)
+    ind[:, 1, :2] = 1.0
+    flat = ind.reshape(1, -1)
+    assert reduce.unit_sums(flat, reduce.unit_layout(ind.shape, 1))[0].tolist() == [0.0, 8.0, 0.0]
+    by_last = reduce.unit_sums(flat, reduce.unit_layout(ind.shape, 2))[0].tolist()
+    assert by_last == [4.0, 4.0, 0.0, 0.0, 0.0]
+    one_d = torch.tensor([[1.0, 0.0]])
+    assert reduce.unit_sums(one_d, reduce.unit_layout((2,), 0))[0].tolist() == [1.0, 0.0]
+
+
+def test_function_rule_applies_the_function_before_testing_saturation() -> None:
+    pre = torch.tensor([[-5.0, -1.0, 0.0, 2.0, 3.0]])  # five units of one value
+    inside = _one(pre, 1, stats.FUNCTION_RULES["tanh"]).minus_inside
+    assert inside is not None
+    assert (-inside[0]).tolist() == (torch.tanh(pre).abs() < 0.99).float()[0].tolist()

@@ -96,30 +96,6 @@ def test_histograms_of_several_layers_and_degenerate_ranges() -> None:
     assert counts[1].tolist() == [1.0, 0.0, 1.0, 1.0]  # the Inf is left out
 
 
-def test_live_and_inside_counts_per_unit() -> None:
-    y = torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.5, float("nan")]])
-    clean = stats.clean_values(y)
-    assert stats.live_counts(clean, 1, 0.0).tolist() == [2.0, 1.0, 0.0]
-    assert stats.live_counts(clean, 1, 0.0, clean.sign()).tolist() == [2.0, 1.0, 0.0]
-    assert stats.live_counts(clean, 1, 0.75).tolist() == [2.0, 0.0, 0.0]
-    assert stats.live_counts(clean, 0, 0.0).tolist() == [1.0, 2.0]  # the other axis
-    tanh = stats.module_rule(nn.Tanh())
-    t = torch.tensor([[0.99, -0.995, 0.5], [0.98, 1.0, float("nan")]])
-    assert stats.inside_counts(t, stats.clean_values(t), 1, tanh).tolist() == [1.0, 0.0, 2.0]
-    sigmoid = stats.module_rule(nn.Sigmoid())
-    s = torch.tensor([[0.0, 0.01, 0.011], [0.99, 0.989, float("nan")]])
-    inside = stats.inside_counts(s, stats.clean_values(s), 1, sigmoid)
-    assert inside.tolist() == [0.0, 1.0, 2.0]  # 0 and 0.01 and 0.99 are pinned; NaN is not
-
-
-def test_per_unit_reduces_every_axis_but_the_unit_axis() -> None:
-    ind = torch.zeros(4, 3, 5)
-    ind[:, 1, :2] = 1.0
-    assert stats.per_unit(ind, 1).tolist() == [0.0, 8.0, 0.0]
-    assert stats.per_unit(ind, 2).tolist() == [4.0, 4.0, 0.0, 0.0, 0.0]
-    assert stats.per_unit(torch.tensor([1.0, 0.0]), 0).tolist() == [1.0, 0.0]
-
-
 @pytest.mark.parametrize(
     ("ndim", "channel_first", "axis"),
     [(0, False, None), (1, False, 0), (2, False, 1), (3, False, 2), (3, True, 1), (4, False, 1),
@@ -164,13 +140,6 @@ def test_module_rules(
 ) -> None:
     rule = stats.module_rule(module)
     assert (rule.live_above, rule.sat_lo, rule.sat_hi) == (live, lo, hi)
-
-
-def test_function_rule_applies_the_function_before_testing_saturation() -> None:
-    pre = torch.tensor([[-5.0, -1.0, 0.0, 2.0, 3.0]])
-    rule = stats.FUNCTION_RULES["tanh"]
-    inside = stats.inside_counts(pre, pre, 1, rule)  # five units of one value
-    assert inside.tolist() == (torch.tanh(pre).abs() < 0.99).float()[0].tolist()
 
 
 def test_norms_handles_mixed_dtypes_in_order() -> None:

@@ -3,8 +3,9 @@
 Owns: ``router`` (included by ``create_app``): ``/`` (runs list), ``/runs/{id}``
 (live and replay view), ``/compare?ids=a,b``, ``/labs/{id}`` (the init lab's comparison), ``/static/plotly.min.js`` (served from
 the installed ``plotly`` package, so the dashboard works offline), ``/static/...``
-(``layerscope.web``'s files) and ``/api/experiment_schema`` (the New-run form is
-generated from it).
+(``layerscope.web``'s files), ``/api/experiment_schema`` (the New-run form is
+generated from it) and the run page's preload list (its ES module graph, read from the
+modules' static imports).
 
 Never: renders data into the pages (the browser fetches it through the REST and
 websocket contract in ``http_api.md``), loads anything from a CDN, or serves a

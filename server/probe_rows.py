@@ -48,21 +48,28 @@ _STEPS_INSERT = "INSERT OR REPLACE INTO probe_steps (rk, step, seq)"
 
 
 @lru_cache(maxsize=64)
-def _values_sql(head: str, width: int, rows: int) -> str:
+def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
     row = "(" + ", ".join("?" * width) + ")"
-    return f"{head} VALUES {', '.join([row] * rows)}"
+    return f"{head} VALUES {', '.join([row] * rows)} {tail}"
 
 
 def insert_many(
-    conn: sqlite3.Connection, head: str, width: int, rows: Sequence[tuple[Any, ...]]
+    conn: sqlite3.Connection,
+    head: str,
+    width: int,
+    rows: Sequence[tuple[Any, ...]],
+    tail: str = "",
 ) -> None:
     """``head`` (``INSERT ... INTO t (cols)``) for every row, in order, a few statements
-    in all. Rows later in the list win a conflict, as they would one row at a time."""
+    in all; ``tail`` follows the VALUES (an ``ON CONFLICT ... DO UPDATE`` clause, which
+    SQLite applies row by row, so a later row sees an earlier one's effect). Rows later
+    in the list win a conflict, as they would one row at a time."""
     at, total = 0, len(rows)
     for size in INSERT_SIZES:
         while total - at >= size:
             conn.execute(
-                _values_sql(head, width, size), list(chain.from_iterable(rows[at : at + size]))
+                _values_sql(head, width, size, tail),
+                list(chain.from_iterable(rows[at : at + size])),
             )
             at += size
 

@@ -27,17 +27,22 @@ from layerscope.server.downsample import (
     choose_level,
     minmax_rows,
 )
+from layerscope.server.probe_rows import insert_many
 
 LAST_KEYS = ("loss", "val_loss", "acc", "val_acc")
 SPARKLINE_POINTS = 50
 NO_START = -1
 NO_END = 2**62
+_SCALARS_INSERT = "INSERT OR REPLACE INTO scalars (sid, step, value, time_s)"
 
 # Merge a new block summary into a stored one; every right-hand side reads the old row.
-_UPSERT_BLOCK = """
+# Written as head + VALUES + tail so that a batch's blocks go in as multi-row
+# statements (probe_rows.insert_many: one SQLite step, one GIL round trip, per statement).
+_BLOCK_HEAD = """
 INSERT INTO scalar_blocks (sid, level, block, n, first_step, last_step, min_step, min_value,
-                           max_step, max_value, null_step, finite, total)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           max_step, max_value, null_step, finite, total)"""
+_BLOCK_WIDTH = 13
+_UPSERT_TAIL = """
 ON CONFLICT (sid, level, block) DO UPDATE SET
     n = n + excluded.n,
     first_step = MIN(first_step, excluded.first_step),
@@ -183,16 +188,16 @@ class ScalarWriter:
                         last[name] = [p_step, p_value]
         if step_lo >= 0:
             steps.extend((step_lo, step_hi))
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO scalars (sid, step, value, time_s) VALUES (?, ?, ?, ?)", params
-        )
+        # One statement per up to 256 rows, not one SQLite step (and GIL round trip) per
+        # point: the event loop decoding frames holds the GIL between steps.
+        insert_many(self.conn, _SCALARS_INSERT, 4, params)
         blocks = [
             (sid, size, block, *summary)
             for sid, points in fresh.items()
             for size, level in _levels(points)
             for block, summary in level
         ]
-        self.conn.executemany(_UPSERT_BLOCK, blocks)
+        insert_many(self.conn, _BLOCK_HEAD, _BLOCK_WIDTH, blocks, _UPSERT_TAIL)
         for sid, size, block in {(s, z, st // z) for s, st in rewritten for z in BLOCK_LEVELS}:
             self._rebuild_block(sid, size, block)
 
@@ -214,9 +219,12 @@ class ScalarWriter:
             "DELETE FROM scalar_blocks WHERE sid = ? AND level = ? AND block = ?",
             (sid, size, block),
         )
-        self.conn.executemany(
-            _UPSERT_BLOCK,
+        insert_many(
+            self.conn,
+            _BLOCK_HEAD,
+            _BLOCK_WIDTH,
             [(sid, size, b, *summary) for b, summary in block_summaries(points, size)],
+            _UPSERT_TAIL,
         )
 
 

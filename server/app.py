@@ -67,4 +67,3 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     app.add_middleware(SecurityMiddleware, settings=settings)
     return app
-

@@ -78,7 +78,9 @@ async def relay_command(
     return row, duplicate
 
 
-async def relay_viewer_message(ws: HTTPConnection, run_id: str, data: dict[str, Any]) -> dict[str, Any]:
+async def relay_viewer_message(
+    ws: HTTPConnection, run_id: str, data: dict[str, Any]
+) -> dict[str, Any]:
     """A viewer socket's message -> the reply for that viewer (never raises on bad input)."""
     if data.get("type") != "command":
         return {

@@ -30,7 +30,8 @@ log = logging.getLogger("layerscope.hub")
 
 COALESCE_AFTER = 16  # a viewer this many frames behind keeps only the newest probe frame
 RECENT_FRAMES = 512  # per run, at most: frames received but not yet committed (one commit's worth)
-VIEWER_QUEUE_BYTES = 8 * 1024 * 1024  # per viewer; a tab this far behind reloads faster than it reads
+# Per viewer; a tab this far behind reloads faster than it reads.
+VIEWER_QUEUE_BYTES = 8 * 1024 * 1024
 CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
 SLOW_VIEWER_REASON = "viewer too slow; reconnect with after_seq"
 
@@ -99,7 +100,12 @@ class Viewer:
     """One browser socket: a bounded queue drained by its own sender task."""
 
     def __init__(
-        self, hub: Hub, ws: WebSocket, run_id: str, bound: int, bound_bytes: int = VIEWER_QUEUE_BYTES
+        self,
+        hub: Hub,
+        ws: WebSocket,
+        run_id: str,
+        bound: int,
+        bound_bytes: int = VIEWER_QUEUE_BYTES,
     ) -> None:
         self.hub = hub
         self.ws = ws

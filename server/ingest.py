@@ -122,7 +122,9 @@ class _Committer:
                 log.exception("storing frames for run %s failed", self.run_id)
                 self.room.set()
                 # Nothing in the batch was acked, so the trainer resends it after reconnecting.
-                await self.link.close(CLOSE_SERVER_ERROR, "server could not store frames; reconnect")
+                await self.link.close(
+                    CLOSE_SERVER_ERROR, "server could not store frames; reconnect"
+                )
                 return
             self.link.send({"type": "ack", "seq": acked})
             # A trainer waiting on our commit is not silent: its silence counts from the ack.
@@ -246,7 +248,9 @@ class Ingest:
             link.send(command_frame(row))
         link.start()
         if old is not None:
-            self.hub.spawn(old.close(wire.CLOSE_POLICY, "replaced by a newer connection for this run"))
+            self.hub.spawn(
+                old.close(wire.CLOSE_POLICY, "replaced by a newer connection for this run")
+            )
         self.hub.publish_status(run_id, status)
         committer = _Committer(self.store, self.hub, run_id, link)
         try:

@@ -102,7 +102,9 @@ class Guard:
             if port is None:
                 port = 443 if parts.scheme == "https" else 80
             # Same origin: the host the request addressed (already checked) or a loopback name.
-            if port == self.settings.port and (name in self.host_names or name == split_host(host)[0]):
+            if port == self.settings.port and (
+                name in self.host_names or name == split_host(host)[0]
+            ):
                 return
         raise Denied(
             f"Origin {origin!r} may not use this server; start it with --allow-origin {origin}"
@@ -181,7 +183,10 @@ def _with_cookie(send: Send, token: str) -> Send:
 
     async def send_with_cookie(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())],
+            }
         await send(message)
 
     return send_with_cookie
@@ -193,7 +198,10 @@ async def _deny_http(send: Send, reason: str) -> None:
         {
             "type": "http.response.start",
             "status": 403,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -144,7 +144,9 @@ def serve(settings: Settings) -> int:
     try:
         server, sock, settings, app = make_server(settings)
     except OSError as exc:
-        print(f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        print(
+            f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
         return 1
 
     async def main() -> None:
@@ -182,7 +184,9 @@ def demo(settings: Settings, steps: int) -> int:
     try:
         server, sock, settings, app = make_server(settings)
     except OSError as exc:
-        print(f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        print(
+            f"layerscope: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
         return 1
     failed = False
 
@@ -212,4 +216,3 @@ def demo(settings: Settings, steps: int) -> int:
 
     asyncio.run(main())
     return 1 if failed or not server.started else 0
-

@@ -410,7 +410,6 @@ class Writer:
         if isinstance(state, dict):
             self.conn.execute("UPDATE runs SET control = ? WHERE rk = ?", (dumps(state), rk))
 
-
     def _trainer_command(
         self, rk: int, data: dict[str, Any], result: tuple[str, int | None, str | None, str | None]
     ) -> None:

@@ -249,6 +249,44 @@ class WandbVariant(PeerVariant):
         self.wb_run.finish()
 
 
+class AimVariant(PeerVariant):
+    """Peer: Aim's ``Distribution`` of every activation and gradient every 10 steps, into a
+    local repo (system-metric tracking and terminal capture off, nothing leaves the machine)."""
+
+    def __init__(self, name: str, model: nn.Module, data: Any, repo: str) -> None:
+        from aim import Distribution, Run
+
+        super().__init__(name, model, data)
+        self.distribution = Distribution
+        self.aim_run = Run(
+            repo=repo,
+            experiment="layerscope-bench",
+            system_tracking_interval=None,
+            log_system_params=False,
+            capture_terminal_logs=False,
+        )
+
+    def after(self, step: int, loss: torch.Tensor) -> None:
+        if step % PEER_EVERY:
+            return
+        for name, out in self.outputs.items():
+            values = out.float().cpu().numpy().ravel()
+            self.aim_run.track(
+                self.distribution(values, bin_count=64), name=f"act/{name}", step=step
+            )
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                values = p.grad.float().cpu().numpy().ravel()
+                self.aim_run.track(
+                    self.distribution(values, bin_count=64), name=f"grad/{name}", step=step
+                )
+        self.outputs.clear()
+
+    def close(self) -> None:
+        super().close()
+        self.aim_run.close()
+
+
 def make_variants(
     build: Callable[[], nn.Module], data: Any, device: torch.device, tmp: str, peers: bool
 ) -> list[Variant]:
@@ -271,6 +309,8 @@ def make_variants(
             out.append(TensorBoardVariant("tensorboard every 10", fresh(), data, f"{tmp}/tb"))
         with contextlib.suppress(ImportError):
             out.append(WandbVariant("wandb every 10", fresh(), data, f"{tmp}/wandb"))
+        with contextlib.suppress(ImportError):
+            out.append(AimVariant("aim every 10", fresh(), data, f"{tmp}/aim"))
     return out
 
 
@@ -282,8 +322,7 @@ def report_peers() -> None:
     ):
         try:
             __import__(module)
-            wired = peer in ("tensorboard", "wandb")
-            print(f"{peer}: installed{'' if wired else ', but not wired into this benchmark'}")
+            print(f"{peer}: installed")
         except ImportError:
             print(f"{peer}: not installed")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import statistics
@@ -258,7 +259,7 @@ class AimVariant(PeerVariant):
 
         super().__init__(name, model, data)
         self.distribution = Distribution
-        self.aim_run = Run(
+        self.aim_run: Any = Run(
             repo=repo,
             experiment="layerscope-bench",
             system_tracking_interval=None,
@@ -285,6 +286,9 @@ class AimVariant(PeerVariant):
     def close(self) -> None:
         super().close()
         self.aim_run.close()
+        # Aim's storage flushes in finalizers: let them run now, while the repo exists.
+        self.aim_run = None
+        gc.collect()
 
 
 def make_variants(

@@ -186,7 +186,10 @@ def _num(value: Any, where: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise WireError(f"{where} must be a number or null, got {type(value).__name__}")
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float's range is as non-finite as inf
+        return None
     return f if math.isfinite(f) else None
 
 
@@ -395,12 +398,17 @@ def _probe_layer(i: int, layer: Any) -> dict[str, Any]:
     name = layer.get("name")
     stats = list(map(layer.get, PROBE_STATS))
     kinds = set(map(type, stats))
+    fast = True
     if int in kinds and kinds <= _NUMBER_OR_NONE:
-        stats = [v if v is None else float(v) for v in stats]
+        try:
+            stats = [v if v is None else float(v) for v in stats]
+        except OverflowError:  # an int beyond float's range: the field-by-field path
+            fast = False
         kinds = set(map(type, stats))
     out: dict[str, Any]
     if (
-        type(name) is str
+        fast
+        and type(name) is str
         and 0 < len(name) <= MAX_NAME_LEN
         and kinds <= _FLOAT_OR_NONE
         and math.isfinite(sum(filter(None, stats)))

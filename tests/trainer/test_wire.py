@@ -173,3 +173,15 @@ def test_a_name_containing_true_still_takes_the_checked_path() -> None:
         wire.parse_trainer_frame(text)
     msg["layers"][1]["hist"]["counts"][0] = 1
     assert wire.parse_trainer_frame(json.dumps(msg)) == field_by_field(msg)
+
+
+def test_an_integer_beyond_float_range_is_stored_as_null_like_inf() -> None:
+    """JSON allows integers of any size; one too big for a float is as non-finite as inf:
+    null, not an OverflowError that would cost the trainer its connection."""
+    msg = probe()
+    msg["layers"][1]["std"] = 10**400
+    msg["layers"][2]["hist"]["lo"] = -(10**400)
+    frame = wire.parse_trainer_frame(json.dumps(msg))
+    assert frame == field_by_field(msg)
+    assert frame["layers"][1]["std"] is None and frame["layers"][2]["hist"]["lo"] is None
+    assert frame["layers"][1]["mean"] == 0.5

@@ -52,6 +52,8 @@ MAX_NAME_LEN = 256  # layer, series and run names
 MAX_ROWS = 10_000  # metric rows per frame
 MAX_VALUES_PER_ROW = 256  # scalar series per metric row
 MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
+MAX_INT = 2**62 - 1  # seq, step and other counters: SQLite's 64-bit integers, with room
+MAX_COUNT = 2**64 - 1  # one histogram bin's count (stored as up to 64 unsigned bits)
 
 # ---- vocabularies ----
 TRAINER_TYPES = frozenset({"hello", "metrics", "probe", "event", "heartbeat"})
@@ -178,6 +180,8 @@ def _int(msg: dict[str, Any], key: str, *, minimum: int = 0) -> int:
         raise WireError(f"'{key}' must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise WireError(f"'{key}' must be >= {minimum}, got {value}")
+    if value > MAX_INT:
+        raise WireError(f"'{key}' must be <= {MAX_INT} (2**62 - 1)")
     return value
 
 
@@ -268,7 +272,7 @@ def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(row, dict):
             raise WireError(f"rows[{i}] must be an object")
         step = row.get("step")
-        if type(step) is not int or step < 0:
+        if type(step) is not int or step < 0 or step > MAX_INT:
             step = _int(row, "step")
         values = row.get("values")
         if not isinstance(values, dict):
@@ -429,8 +433,12 @@ def _probe_layer(i: int, layer: Any) -> dict[str, Any]:
             raise WireError(
                 f"layers[{i}].hist has {len(counts)} bins; the limit is {MAX_BINS}",
             )
-        if counts and (not set(map(type, counts)) <= _INT_ONLY or min(counts) < 0):
-            raise WireError(f"layers[{i}].hist.counts must be non-negative integers")
+        if counts and (
+            not set(map(type, counts)) <= _INT_ONLY or min(counts) < 0 or max(counts) > MAX_COUNT
+        ):
+            raise WireError(
+                f"layers[{i}].hist.counts must be integers from 0 to {MAX_COUNT} (2**64 - 1)"
+            )
         lo, hi = hist.get("lo"), hist.get("hi")
         if type(lo) is not float or not math.isfinite(lo):
             lo = _num(lo, f"layers[{i}].hist.lo")

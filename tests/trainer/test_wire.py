@@ -125,9 +125,10 @@ def test_every_bad_field_gets_the_field_by_field_answer(path: tuple[Any, ...]) -
 
 def test_refusals_name_the_layer_and_the_field() -> None:
     cases = [
-        (("hist", "counts", 3), True, "layers[1].hist.counts must be non-negative integers"),
-        (("hist", "counts", 3), -4, "layers[1].hist.counts must be non-negative integers"),
-        (("hist", "counts", 3), 2.0, "layers[1].hist.counts must be non-negative integers"),
+        (("hist", "counts", 3), True, "layers[1].hist.counts must be integers from 0 to"),
+        (("hist", "counts", 3), -4, "layers[1].hist.counts must be integers from 0 to"),
+        (("hist", "counts", 3), 2.0, "layers[1].hist.counts must be integers from 0 to"),
+        (("hist", "counts", 3), 2**64, "layers[1].hist.counts must be integers from 0 to"),
         (("std",), "wide", "layers[1].std must be a number or null, got str"),
         (("name",), "", "layers[1].name must be a non-empty string"),
         (("hist",), [1, 2], "layers[1].hist must be an object or null"),
@@ -185,3 +186,19 @@ def test_an_integer_beyond_float_range_is_stored_as_null_like_inf() -> None:
     assert frame == field_by_field(msg)
     assert frame["layers"][1]["std"] is None and frame["layers"][2]["hist"]["lo"] is None
     assert frame["layers"][1]["mean"] == 0.5
+
+
+def test_counters_past_the_stored_integer_range_are_refused_by_name() -> None:
+    """A seq, step or bin count SQLite cannot hold is a clear refusal at the socket, not a
+    failure in the store's writer that would drop the batch and the connection."""
+    big = wire.MAX_INT + 1
+    cases = [
+        ({"type": "heartbeat", "v": 1, "step": big}, "'step' must be <="),
+        ({**probe(), "seq": big}, "'seq' must be <="),
+        ({"type": "metrics", "v": 1, "seq": 1, "rows": [{"step": big, "values": {}}]}, "'step'"),
+    ]
+    for msg, message in cases:
+        with pytest.raises(wire.WireError, match=message):
+            wire.parse_trainer_frame(json.dumps(msg))
+    ok = {"type": "metrics", "v": 1, "seq": 1, "rows": [{"step": wire.MAX_INT, "values": {}}]}
+    assert wire.parse_trainer_frame(json.dumps(ok))["rows"][0]["step"] == wire.MAX_INT

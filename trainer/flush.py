@@ -59,8 +59,7 @@ class Flush:
         decoded = None
         if self.probe is not None:
             probe_step, stats, offset, length = self.probe
-            assert self.host is not None
-            layers, run_values = stats.decode(self.host[offset : offset + length])
+            layers, run_values = stats.decode(flat[offset : offset + length])
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
             decoded = (probe_step, layers, dict(run_values))
         rows: list[dict[str, Any]] = []

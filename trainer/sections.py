@@ -17,7 +17,7 @@ Cost: about 40 small kernels for all layers together, whatever their number.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,12 +92,10 @@ class Sections:
         if len(rows) == len(act):
             lo, hi = call_lo, call_hi
         else:  # a module ran more than once: its histogram spans every call
-            bounds, start = [], 0
-            for layer in act:
-                end = start + len(layer.rows)
-                bounds.append(torch.stack([call_lo[start:end].amin(), call_hi[start:end].amax()]))
-                start = end
-            lo, hi = torch.stack(bounds).unbind(1)
+            calls = tuple(len(layer.rows) for layer in act)
+            seg = self._cached(("calls", calls, device), lambda: stats.segment_ids(calls, device))
+            lo = call_lo.new_full((len(act),), math.inf).scatter_reduce_(0, seg, call_lo, "amin")
+            hi = call_hi.new_full((len(act),), -math.inf).scatter_reduce_(0, seg, call_hi, "amax")
         live = self._unit_inputs([layer.live for layer in act], device)
         inside = self._unit_inputs([layer.inside for layer in act], device)
         if inside is not None:
@@ -113,6 +111,7 @@ class Sections:
             )
         dead, _ = self._unit_ratio(live, len(act), device, dead=True)
         saturated, saturated_values = self._unit_ratio(inside, len(act), device, dead=False)
+        assert saturated_values is not None  # dead=False always counts them
         if sums is None:
             spread = torch.full((len(act),), math.nan, dtype=torch.float64, device=device)
         else:
@@ -142,14 +141,10 @@ class Sections:
         flat = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         if positions == list(range(flat.shape[0])):
             return flat
-        key = ("rows", tuple(positions), device)
-        index = self._cache.get(key)
-        if index is None:
-            if len(self._cache) > 64:
-                self._cache.clear()
-            index = self._cache[key] = torch.cat(
-                [torch.full((1,), p, dtype=torch.long, device=device) for p in positions]
-            )
+        index = self._cached(
+            ("rows", tuple(positions), device),
+            lambda: stats.device_vector(positions, device, torch.long),
+        )
         return flat.index_select(0, index)
 
     def _padded(
@@ -162,18 +157,15 @@ class Sections:
         widest = max(lengths)
         if all(n == widest for n in lengths):
             return flat.view(len(lengths), widest)
-        key = ("pad", lengths, device)
-        positions = self._cache.get(key)
-        if positions is None:
-            if len(self._cache) > 64:
-                self._cache.clear()
-            positions = torch.cat(
+        positions = self._cached(
+            ("pad", lengths, device),
+            lambda: torch.cat(
                 [
                     torch.arange(i * widest, i * widest + n, device=device)
                     for i, n in enumerate(lengths)
                 ]
-            )
-            self._cache[key] = positions
+            ),
+        )
         padded = torch.full((len(lengths) * widest,), math.nan, device=device)
         return padded.index_copy_(0, positions, flat).view(len(lengths), widest)
 
@@ -237,10 +229,8 @@ class Sections:
         if not groups:
             return None
         shape = tuple((li, int(c.shape[0]), n) for li, c, n in groups)
-        key = ("units", shape, device)
-        if key not in self._cache:
-            if len(self._cache) > 64:  # shapes keep changing: don't grow without bound
-                self._cache.clear()
+
+        def make() -> tuple[Tensor, Tensor, Tensor, Tensor]:
             units = [0.0] * len(records)
             firsts = [0] * len(records)
             start = 0
@@ -249,7 +239,7 @@ class Sections:
                     firsts[li] = start
                 units[li] += width
                 start += width
-            self._cache[key] = (
+            return (
                 torch.cat([torch.full((w,), float(n), device=device) for _, w, n in shape]),
                 torch.cat(
                     [torch.full((w,), li, dtype=torch.long, device=device) for li, w, _ in shape]
@@ -257,30 +247,39 @@ class Sections:
                 stats.device_vector(units, device),
                 stats.device_vector(firsts, device, torch.long),
             )
-        values_per_unit, segments, unit_count, firsts_t = self._cache[key]
+
+        values_per_unit, segments, unit_count, firsts_t = self._cached(
+            ("units", shape, device), make
+        )
         counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
         return _UnitInputs(counts, values_per_unit, segments, unit_count, firsts_t)
 
     @staticmethod
     def _unit_ratio(
         unit: _UnitInputs | None, n_layers: int, device: torch.device, *, dead: bool
-    ) -> tuple[Tensor, Tensor]:
-        """Per layer (ratio of dead/saturated units, count of saturated values)."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per layer (ratio of dead/saturated units, count of saturated values; None for
+        dead units, which need no value count)."""
         if unit is None:
             nan = torch.full((n_layers,), math.nan, dtype=torch.float64, device=device)
-            return nan, torch.zeros_like(nan)
+            return nan, None if dead else torch.zeros_like(nan)
         return stats.unit_ratio(
             unit.counts, unit.values_per_unit, unit.segments, unit.unit_count, dead=dead
         )
 
     def _vector(self, key: Any, values: Sequence[float], device: torch.device) -> Tensor:
-        key = (key, device)
-        if key not in self._cache:
+        vector: Tensor = self._cached((key, device), lambda: stats.device_vector(values, device))
+        return vector
+
+    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The device tensors cached under ``key`` (a layout), made once by ``make``. Past
+        64 layouts the cache starts over: shapes that keep changing must not grow it."""
+        value = self._cache.get(key)
+        if value is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            self._cache[key] = stats.device_vector(values, device)
-        vector: Tensor = self._cache[key]
-        return vector
+            value = self._cache[key] = make()
+        return value
 
 
 def _unit_groups(calls: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:

@@ -229,11 +229,11 @@ def device_vector(
 
 def unit_ratio(
     counts: Tensor, values_per_unit: Tensor, segments: Tensor, units: Tensor, *, dead: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Per layer: (ratio of flagged units, count of flagged values).
 
     dead=True: ``counts`` are live values; a unit is dead when live/values <=
-    DEAD_ACTIVITY_MAX; the value count returned is live values (unused).
+    DEAD_ACTIVITY_MAX; no value count is needed (None).
     dead=False: ``counts`` are values inside the bounds; a unit is saturated when more
     than SATURATED_UNIT_MAJORITY of its values are outside; the value count is the
     number of saturated values. ``units`` is each layer's unit count, 0 where the
@@ -241,10 +241,9 @@ def unit_ratio(
     """
     if dead:
         flags = counts / values_per_unit <= DEAD_ACTIVITY_MAX
-        flagged_values = counts
-    else:
-        flagged_values = values_per_unit - counts
-        flags = flagged_values / values_per_unit > SATURATED_UNIT_MAJORITY
+        return torch.zeros_like(units).index_add_(0, segments, flags.to(units.dtype)) / units, None
+    flagged_values = values_per_unit - counts
+    flags = flagged_values / values_per_unit > SATURATED_UNIT_MAJORITY
     ratio = torch.zeros_like(units).index_add_(0, segments, flags.to(units.dtype)) / units
     values = torch.zeros_like(units).index_add_(0, segments, flagged_values.to(units.dtype))
     return ratio, values

@@ -10,7 +10,8 @@ value (the earliest on a tie); a bucket with no finite value keeps its first poi
 so a run that went NaN shows the gap; the first and the last point are always kept.
 So at most max_points points come back and no spike is ever averaged away.
 
-Buckets over raw rows split [lo, hi] evenly (bucket_of). Over block summaries
+Buckets over raw rows split [lo, hi] evenly: step s goes to bucket
+(s - lo) * B // (hi - lo + 1) (minmax_rows). Over block summaries
 (aligned blocks of one of BLOCK_LEVELS steps, at least B of them in the range),
 block j of the range goes to bucket j * B // blocks: the same rule with bucket
 edges rounded to block edges.
@@ -113,10 +114,6 @@ def choose_level(lo: int, hi: int, buckets: int) -> int | None:
 def bucket_count(max_points: int, columns: int = 1) -> int:
     """0 when max_points leaves room for only the first and last points."""
     return max(0, (max_points - 2) // (2 * max(1, columns)))
-
-
-def bucket_of(step: int, lo: int, hi: int, buckets: int) -> int:
-    return (step - lo) * buckets // (hi - lo + 1)
 
 
 def minmax_rows(

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 EXPORT_PAGE_FRAMES = 500
 SNAPSHOT_EVENTS = 200
 
-_Op = tuple[Callable[[Writer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+# (write, the caller's loop, its future, urgent: commit at once instead of at the deadline)
+_Op = tuple[Callable[[Writer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool]
 _STOP = object()
 
 
@@ -61,7 +62,6 @@ class Store:
         self.path = self.data_dir / DB_NAME
         self.commit_interval_s = commit_interval_s
         self._queue: queue.Queue[_Op | object] = queue.Queue()
-        self._urgent: set[int] = set()  # id() of futures whose op commits without waiting
         self._thread: threading.Thread | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -139,10 +139,9 @@ class Store:
         while True:
             assert isinstance(item, tuple)
             done.append((item, *self._apply(writer, item)))
-            if id(item[2]) in self._urgent:
+            if item[3]:
                 # A command is relayed to the trainer only once stored: commit it now
                 # rather than at the group-commit deadline (up to 100 ms later).
-                self._urgent.discard(id(item[2]))
                 break
             timeout = deadline - time.monotonic()
             try:
@@ -167,7 +166,7 @@ class Store:
 
     @staticmethod
     def _settle_all(done: list[tuple[_Op, Any, BaseException | None]]) -> None:
-        for (_fn, loop, fut), result, error in done:
+        for (_fn, loop, fut, _urgent), result, error in done:
             with contextlib.suppress(RuntimeError):  # that event loop has closed
                 loop.call_soon_threadsafe(_settle, fut, result, error)
 
@@ -204,9 +203,7 @@ class Store:
             raise StoreError("the store is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        if urgent:
-            self._urgent.add(id(fut))
-        self._queue.put((fn, loop, fut))
+        self._queue.put((fn, loop, fut, urgent))
         return await fut
 
     # ---- writes (resolve after commit) ----

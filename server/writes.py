@@ -288,7 +288,6 @@ class Writer:
         ).fetchone()
         last: dict[str, list[Any]] = json.loads(last_json)
         steps: list[int] = []
-        inserted: list[int] = []
         new: set[int] = set()
         # Frame and probe rows are written together after the loop (probe_rows.py says
         # why); a seq above max_seq cannot be stored yet, so only a resend costs a lookup.
@@ -308,24 +307,23 @@ class Writer:
                 body = WIRE_BODY + zlib.compress(raw[n].encode(), 1)
             kind = frame["type"]
             bodies.append((rk, seq, kind, body))
-            inserted.append(seq)
             if kind == "metrics":
                 self.scalars.store(rk, frame, steps, last, self.sid)
             elif kind == "probe":
                 probes.add(rk, seq, frame, self.lid, steps, validated=raw is not None)
             else:
                 self._event(rk, seq, frame, steps)
-        if not inserted:
+        if not new:
             return int(acked)
         insert_many(c, "INSERT INTO frames (rk, seq, type, body)", 4, bodies)
         probes.flush(c)
         if max_seq <= acked:
             # Nothing was stored past the acked seq: the new seqs alone can extend it.
-            for seq in sorted(inserted):
+            for seq in sorted(new):
                 if seq != acked + 1:
                     break
                 acked = seq
-        elif min(inserted) <= acked + 1:
+        elif min(new) <= acked + 1:
             for (seq,) in c.execute(
                 "SELECT seq FROM frames WHERE rk = ? AND seq > ? ORDER BY seq", (rk, acked)
             ):
@@ -343,7 +341,7 @@ class Writer:
                 first_step,
                 last_step,
                 acked,
-                max(max_seq, max(inserted)),
+                max(max_seq, max(new)),
                 dumps(last),
                 time.time(),
                 rk,

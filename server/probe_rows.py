@@ -1,15 +1,8 @@
-"""probe_rows — a batch of frames' rows and how they reach SQLite: many rows per INSERT.
+"""probe_rows — a batch of probe frames' rows, written many rows per INSERT (inserts.py).
 
 Owns: turning probe frames into rows (per-layer stats in ``probes``, histogram blobs in
-``probe_hists``, the step's frame in ``probe_steps``), the checks an unvalidated probe
-frame gets, and ``insert_many``, the multi-row INSERT the writer uses for every batch.
-
-Why many rows per statement: Python's sqlite3 releases the GIL around each step and
-takes it back after. An ``executemany`` steps once per row, about 100 times per
-50-layer probe frame, and while the event loop's thread decodes frames each retake
-waits for it to yield (up to the switch interval, see serving.py): the writer fell behind the
-socket. One statement of n rows is one step, in which SQLite does all n inserts
-without the GIL, in parallel with the event loop.
+``probe_hists``, the step's frame in ``probe_steps``) and the checks an unvalidated probe
+frame gets.
 
 Never: commits (the writer thread does), never runs on the event loop, never trusts
 an unvalidated frame's shape (a bad one raises StoreError and its operation rolls back).
@@ -18,9 +11,8 @@ an unvalidated frame's shape (a bad one raises StoreError and its operation roll
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
-from functools import lru_cache
-from itertools import chain, repeat
+from collections.abc import Callable
+from itertools import repeat
 from math import isfinite
 from operator import itemgetter
 from typing import Any
@@ -28,12 +20,8 @@ from typing import Any
 from layerscope.server.checks import StoreError, finite
 from layerscope.server.checks import step as check_step
 from layerscope.server.histograms import pack_counts
+from layerscope.server.inserts import insert_many
 from layerscope.server.schema import PROBE_COLUMNS
-
-# Rows per statement, largest first: n rows take at most a few statements of each size,
-# so each table needs only these few compiled statements (sqlite3 caches them by text).
-# 256 rows x 15 columns stays far below SQLite's 32,766 bound parameters.
-INSERT_SIZES = (256, 64, 16, 4, 1)
 
 _NAME = itemgetter("name")
 _HIST = itemgetter("hist")
@@ -45,33 +33,6 @@ _STATS_INSERT = "INSERT OR REPLACE INTO probes (lid, step, {})".format(
 )
 _HISTS_INSERT = "INSERT OR REPLACE INTO probe_hists (lid, step, lo, hi, counts)"
 _STEPS_INSERT = "INSERT OR REPLACE INTO probe_steps (rk, step, seq)"
-
-
-@lru_cache(maxsize=64)
-def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
-    row = "(" + ", ".join("?" * width) + ")"
-    return f"{head} VALUES {', '.join([row] * rows)} {tail}"
-
-
-def insert_many(
-    conn: sqlite3.Connection,
-    head: str,
-    width: int,
-    rows: Sequence[tuple[Any, ...]],
-    tail: str = "",
-) -> None:
-    """``head`` (``INSERT ... INTO t (cols)``) for every row, in order, a few statements
-    in all; ``tail`` follows the VALUES (an ``ON CONFLICT ... DO UPDATE`` clause, which
-    SQLite applies row by row, so a later row sees an earlier one's effect). Rows later
-    in the list win a conflict, as they would one row at a time."""
-    at, total = 0, len(rows)
-    for size in INSERT_SIZES:
-        while total - at >= size:
-            conn.execute(
-                _values_sql(head, width, size, tail),
-                list(chain.from_iterable(rows[at : at + size])),
-            )
-            at += size
 
 
 class ProbeRows:

@@ -27,7 +27,7 @@ from layerscope.server.downsample import (
     choose_level,
     minmax_rows,
 )
-from layerscope.server.probe_rows import insert_many
+from layerscope.server.inserts import insert_many
 
 LAST_KEYS = ("loss", "val_loss", "acc", "val_acc")
 SPARKLINE_POINTS = 50
@@ -37,7 +37,7 @@ _SCALARS_INSERT = "INSERT OR REPLACE INTO scalars (sid, step, value, time_s)"
 
 # Merge a new block summary into a stored one; every right-hand side reads the old row.
 # Written as head + VALUES + tail so that a batch's blocks go in as multi-row
-# statements (probe_rows.insert_many: one SQLite step, one GIL round trip, per statement).
+# statements (inserts.insert_many: one SQLite step, one GIL round trip, per statement).
 _BLOCK_HEAD = """
 INSERT INTO scalar_blocks (sid, level, block, n, first_step, last_step, min_step, min_value,
                            max_step, max_value, null_step, finite, total)"""

@@ -22,7 +22,8 @@ from typing import Any
 
 from layerscope.server.checks import WIRE_BODY, RunNotFound, StoreError, dumps
 from layerscope.server.checks import step as check_step
-from layerscope.server.probe_rows import ProbeRows, insert_many
+from layerscope.server.inserts import insert_many
+from layerscope.server.probe_rows import ProbeRows
 from layerscope.server.scalars import ScalarWriter
 from layerscope.trainer import wire
 
@@ -289,7 +290,7 @@ class Writer:
         last: dict[str, list[Any]] = json.loads(last_json)
         steps: list[int] = []
         new: set[int] = set()
-        # Frame and probe rows are written together after the loop (probe_rows.py says
+        # Frame and probe rows are written together after the loop (inserts.py says
         # why); a seq above max_seq cannot be stored yet, so only a resend costs a lookup.
         bodies: list[tuple[int, int, str, bytes]] = []
         probes = ProbeRows()

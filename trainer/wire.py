@@ -266,8 +266,6 @@ def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
     # whose values are floats/nulls is checked by C-level walks (type sets, name
     # lengths, one sum any inf or nan poisons); anything else takes the per-value
     # path, which converts ints and names the bad field.
-    float_or_none = frozenset({float, type(None)})
-    str_only = frozenset({str})
     for i, row in enumerate(_list(msg, "rows", MAX_ROWS)):
         if not isinstance(row, dict):
             raise WireError(f"rows[{i}] must be an object")
@@ -282,8 +280,8 @@ def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:
                 f"rows[{i}].values has {len(values)} series; limit {MAX_VALUES_PER_ROW}"
             )
         if (
-            set(map(type, values)) <= str_only
-            and set(map(type, values.values())) <= float_or_none
+            set(map(type, values)) <= _STR_ONLY
+            and set(map(type, values.values())) <= _FLOAT_OR_NONE
             and (not values or min(map(len, values)) > 0 and max(map(len, values)) <= MAX_NAME_LEN)
             and math.isfinite(sum(filter(None, values.values())))
         ):
@@ -399,29 +397,9 @@ def _probe_layer(i: int, layer: Any) -> dict[str, Any]:
     """One layer, checked field by field: names the first bad field."""
     if not isinstance(layer, dict):
         raise WireError(f"layers[{i}] must be an object")
-    name = layer.get("name")
-    stats = list(map(layer.get, PROBE_STATS))
-    kinds = set(map(type, stats))
-    fast = True
-    if int in kinds and kinds <= _NUMBER_OR_NONE:
-        try:
-            stats = [v if v is None else float(v) for v in stats]
-        except OverflowError:  # an int beyond float's range: the field-by-field path
-            fast = False
-        kinds = set(map(type, stats))
-    out: dict[str, Any]
-    if (
-        fast
-        and type(name) is str
-        and 0 < len(name) <= MAX_NAME_LEN
-        and kinds <= _FLOAT_OR_NONE
-        and math.isfinite(sum(filter(None, stats)))
-    ):
-        out = dict(zip(("name", *PROBE_STATS), (name, *stats), strict=True))
-    else:
-        out = {"name": _name(name, f"layers[{i}].name")}
-        for stat in PROBE_STATS:
-            out[stat] = _num(layer.get(stat), f"layers[{i}].{stat}")
+    out: dict[str, Any] = {"name": _name(layer.get("name"), f"layers[{i}].name")}
+    for stat in PROBE_STATS:
+        out[stat] = _num(layer.get(stat), f"layers[{i}].{stat}")
     hist = layer.get("hist")
     if hist is not None:
         if not isinstance(hist, dict):

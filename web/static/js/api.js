@@ -2,7 +2,8 @@
  * api.js — the REST side of http_api.md, as the pages call it.
  *
  * Owns: same-origin JSON requests (the viewer-token cookie goes along), turning a
- * non-2xx answer into an ApiError that carries the server's `detail`.
+ * non-2xx answer into an ApiError that carries the server's `detail`, and reading a
+ * run's nested `config` as dotted keys.
  * Never: retries silently or hides a failed request from the caller.
  */
 
@@ -46,4 +47,14 @@ export function runUrl(runId, path = "", params = {}) {
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") q.set(k, v);
   const s = q.toString();
   return s ? `${url}?${s}` : url;
+}
+
+/** A run's nested config as {"model.depth": 4, ...}; arrays and scalars are leaves. */
+export function flatConfig(config, prefix = "", out = {}) {
+  for (const [k, v] of Object.entries(config || {})) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (v && typeof v === "object" && !Array.isArray(v)) flatConfig(v, key, out);
+    else out[key] = v;
+  }
+  return out;
 }

@@ -331,8 +331,13 @@ export class LineChart {
       showlegend: this.showLegend && this.traces.length > 1,
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
       yaxis: { ...baseLayout().yaxis, type: this.logY ? "log" : "linear", title: { text: this.yTitle }, ...zero },
-      shapes: stepShapes(this.cursor, this.markers.map((k) => k.step)),
+      shapes: this.shapes(),
     });
+  }
+
+  /** The cursor line and command markers: all a cursor-only redraw changes. */
+  shapes() {
+    return stepShapes(this.cursor, this.markers.map((k) => k.step));
   }
 
   draw() {
@@ -354,9 +359,9 @@ export class LineChart {
         ys.push(p.y);
       });
       work = P.extendTraces(this.div, { x: xs, y: ys }, idx, this.maxPoints);
-      if (this.cursorDirty) work = work.then(() => P.relayout(this.div, { shapes: this.layout().shapes }));
+      if (this.cursorDirty) work = work.then(() => P.relayout(this.div, { shapes: this.shapes() }));
     } else if (this.cursorDirty) {
-      work = P.relayout(this.div, { shapes: this.layout().shapes });
+      work = P.relayout(this.div, { shapes: this.shapes() });
     } else {
       work = Promise.resolve();
     }

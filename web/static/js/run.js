@@ -11,7 +11,7 @@
  * Never: draws directly (charts.js / heatmaps.js do) or sends a command itself.
  */
 
-import { getJSON, runUrl, ApiError } from "./api.js";
+import { getJSON, runUrl, ApiError, flatConfig } from "./api.js";
 import { COLORS, LineChart, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
 import { Controls } from "./controls.js";
 import { EventLog, Markers } from "./eventlog.js";
@@ -131,14 +131,6 @@ async function refreshLayers() {
   }
 }
 
-function flatConfig(config, prefix = "", out = []) {
-  for (const [k, v] of Object.entries(config || {})) {
-    if (v && typeof v === "object" && !Array.isArray(v)) flatConfig(v, `${prefix}${k}.`, out);
-    else out.push([prefix + k, v]);
-  }
-  return out;
-}
-
 function applyDetail(d) {
   $("run-name").textContent = d.name || d.id;
   document.title = `${d.name || d.id} · layerscope`;
@@ -146,7 +138,7 @@ function applyDetail(d) {
   setLayers(d.layers || []);
   controls.setState(d.control);
   const config = $("config");
-  config.replaceChildren(...flatConfig(d.config)
+  config.replaceChildren(...Object.entries(flatConfig(d.config))
     .filter(([, v]) => v !== null && typeof v !== "object")
     .map(([k, v]) => {
       const span = document.createElement("span");

@@ -10,7 +10,7 @@
  * Never: deletes without a confirmation, or hides the server's reason for a refusal.
  */
 
-import { ApiError, del, getJSON, postJSON } from "./api.js";
+import { ApiError, del, flatConfig, getJSON, postJSON } from "./api.js";
 import { formatNumber } from "./charts.js";
 import { ExperimentForm } from "./experiment_form.js";
 import { toast } from "./notify.js";
@@ -27,17 +27,8 @@ let highlight = null;
 const form = new ExperimentForm($("new-run-fields"), $("new-run-error"));
 let schemaLoaded = false;
 
-function flatten(config, prefix = "", out = {}) {
-  for (const [k, v] of Object.entries(config || {})) {
-    const key = prefix ? `${prefix}.${k}` : k;
-    if (v && typeof v === "object" && !Array.isArray(v)) flatten(v, key, out);
-    else out[key] = v;
-  }
-  return out;
-}
-
 function keyConfig(config) {
-  const flat = flatten(config);
+  const flat = flatConfig(config);
   let keys = KEY_CONFIG.filter((k) => k in flat);
   if (!keys.length) keys = Object.keys(flat).filter((k) => flat[k] !== null && typeof flat[k] !== "object").slice(0, 6);
   return keys.map((k) => {

@@ -366,6 +366,8 @@ def test_watch_applies_server_commands_and_heartbeats_while_paused(
         w.step(loss=train_step())
 
         server.send_command("pause")
+        # The step must find the pause queued, or it finishes unpaused and nothing blocks.
+        wait_until(lambda: not w.control.commands.empty())
         stepper = threading.Thread(target=lambda: w.step(loss=train_step()), daemon=True)
         stepper.start()
         wait_until(lambda: w.control_state["paused"])

@@ -5,7 +5,8 @@
  * times a second however fast frames arrive; LineChart, which keeps its own
  * bounded copy of every trace (decimated past maxPoints, the last point always
  * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
- * the replay cursor and command markers drawn on every time axis.
+ * the replay cursor and command markers drawn on every time axis; removing a
+ * chart's canvas preview (preview.js) when Plotly first draws it.
  * Never: fetches data, or hands Plotly an array it also mutates itself.
  */
 
@@ -346,6 +347,9 @@ export class LineChart {
     const pendingAny = this.pending.some((p) => p.x.length);
     const extendable = this.drawn && !this.full && pendingAny && !(this.smoothing > 0) && this.inRange();
     let work;
+    // preview.js's canvas (PREVIEW_CLASS; not imported: preview.js imports this module)
+    // stood in for this chart until Plotly ran.
+    if (!this.drawn) this.div.querySelector(":scope > canvas.chart-preview")?.remove();
     if (!this.drawn || this.full || (pendingAny && !extendable)) {
       work = P.react(this.div, this.plotData(), this.layout(), PLOT_CONFIG);
     } else if (extendable) {

@@ -5,15 +5,18 @@
  * over REST only once its snapshot shows the server has subscribed it, so no frame
  * between the REST history and the live stream is missed; then the buffered live
  * frames, de-duplicated by step), routing each frame to the charts, the connection /
- * trainer banners, and switching to replay when the run ends. Sets
- * document.body.dataset.paintedMs once the charts in the window are drawn and
- * document.body.dataset.ready = "1" once every chart has rendered.
+ * trainer banners, and switching to replay when the run ends; the window's line
+ * charts drawn as canvas previews (preview.js) before Plotly has run. Sets
+ * document.body.dataset.paintedMs once the charts in the window are visible with their
+ * data (paintedBy: "preview" or "plotly"), plotlyPaintedMs once Plotly has drawn them,
+ * and document.body.dataset.ready = "1" once every chart has rendered.
  * Never: draws directly (charts.js / heatmaps.js do) or sends a command itself.
  */
 
 import { getJSON, runUrl, ApiError, flatConfig } from "./api.js";
 import { COLORS, LineChart, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
 import { Controls } from "./controls.js";
+import { drawPreview } from "./preview.js";
 import { EventLog, Markers } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
@@ -161,38 +164,46 @@ function setLast(last) {
 
 // ---- history over REST ----
 
-async function loadHistory(detail) {
+/**
+ * Sends every history request at once, the small multiples' step included (the server
+ * snaps it). Returns `lines`, resolved once the four line charts' series and the
+ * command markers are applied (all the preview needs), and `all`, once everything is.
+ */
+function loadHistory(detail) {
   const names = [...routes.keys()].join(",");
   const matrix = (stat) => getJSON(runUrl(runId, "probes/matrix", { stat, max_steps: MATRIX_STEPS }));
   const ended = ENDED.has(page.status);
   const at = (ended ? stepFromUrl() : null) ?? detail.last_step ?? 0;
-  // Every request at once, the small multiples' step included (the server snaps it).
-  const [series, dead, sat, grad, update, steps, evs, cmds, shown] = await Promise.all([
-    getJSON(runUrl(runId, "series", { names, max_points: SERIES_POINTS })),
-    matrix("dead_ratio"), matrix("saturated_ratio"), matrix("grad_norm"), matrix("update_ratio"),
+  const series = getJSON(runUrl(runId, "series", { names, max_points: SERIES_POINTS }));
+  const rest = [matrix("dead_ratio"), matrix("saturated_ratio"), matrix("grad_norm"), matrix("update_ratio"),
     getJSON(runUrl(runId, "probe_steps")),
-    getJSON(runUrl(runId, "events", { limit: 500 })),
-    getJSON(runUrl(runId, "commands")),
-    getJSON(runUrl(runId, "histogram", { step: at })).catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e))),
-    loadHistogramOverTime(page.histLayer),
-  ]);
-  for (const [name, s] of Object.entries(series)) {
-    const r = route(name);
-    if (r) r[0].setSeries(r[1], s.steps, s.values);
-  }
-  charts.dead.set(dead.layers, dead.steps, dead.z);
-  charts.sat.set(sat.layers, sat.steps, sat.z);
-  for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
-    m.layers.forEach((name, i) => {
-      if (m.z[i].some((v) => v !== null)) chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]);
-    });
-  }
-  snapshots.setSteps(steps.steps);
-  if (shown && steps.steps.length) snapshots.prime(at, shown);
-  events.add(evs); // oldest first, as stored
-  for (const ev of evs) if (ev.kind === "sanity") setSanity(ev);
-  for (const c of cmds) markers.fromCommand(c);
-  drawMarkers();
+    getJSON(runUrl(runId, "events", { limit: 500 }))];
+  const cmds = getJSON(runUrl(runId, "commands"));
+  const shownReq = getJSON(runUrl(runId, "histogram", { step: at }))
+    .catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)));
+  const hist = loadHistogramOverTime(page.histLayer);
+  const lines = Promise.all([series, cmds]).then(([s, c]) => {
+    for (const [name, points] of Object.entries(s)) {
+      const r = route(name);
+      if (r) r[0].setSeries(r[1], points.steps, points.values);
+    }
+    for (const command of c) markers.fromCommand(command);
+    drawMarkers();
+  });
+  const all = Promise.all([lines, ...rest, shownReq, hist]).then(([, dead, sat, grad, update, steps, evs, shown]) => {
+    charts.dead.set(dead.layers, dead.steps, dead.z);
+    charts.sat.set(sat.layers, sat.steps, sat.z);
+    for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
+      m.layers.forEach((name, i) => {
+        if (m.z[i].some((v) => v !== null)) chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]);
+      });
+    }
+    snapshots.setSteps(steps.steps);
+    if (shown && steps.steps.length) snapshots.prime(at, shown);
+    events.add(evs); // oldest first, as stored
+    for (const ev of evs) if (ev.kind === "sanity") setSanity(ev);
+  });
+  return { lines, all };
 }
 
 async function loadHistogramOverTime(layer) {
@@ -222,6 +233,8 @@ function drawMarkers() {
 let socketSettled;
 const subscribed = new Promise((resolve) => { socketSettled = resolve; });
 const SUBSCRIBE_WAIT_MS = 5000;
+/** The longest the preview's data is waited for before Plotly runs regardless. */
+const PREVIEW_WAIT_MS = 1000;
 
 function onSnapshot(msg) {
   socketSettled();
@@ -322,6 +335,7 @@ function onConnection(state, detail) {
 
 function startReplay() {
   page.replaying = true;
+  $("replay").style.visibility = "";
   const last = Math.max(page.lastStep ?? 0, page.firstStep);
   replay.show(page.firstStep, last, recordedPace(last));
   snapshots.following = false;
@@ -353,20 +367,61 @@ $("hist-layer").addEventListener("change", (ev) => {
 
 /** Every chart and the small multiples, as the scheduler knows them. */
 const drawables = [...Object.values(charts), multiples];
+/** The charts preview.js draws before Plotly has run (their data is the first to come). */
+const PREVIEWED = [charts.loss, charts.acc, charts.lr, charts.wd];
 const element = (chart) => chart.div || chart.container;
 
+const afterPaint = () => new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+
+/** The window's charts are visible with their data: body data-painted-ms, mark "layerscope:painted". */
+function markPainted(shown, by) {
+  performance.mark("layerscope:painted");
+  document.body.dataset.paintedMs = String(Math.round(performance.now()));
+  document.body.dataset.paintedBy = by;
+  document.body.dataset.paintedCharts = shown.map((c) => element(c).id).join(" ");
+}
+
 /**
- * The first paint: the charts in the window are drawn first (body data-painted-ms,
- * mark "layerscope:painted"), the ones below the fold right after (data-ready-ms,
- * "layerscope:drawn", data-ready="1").
+ * The line charts in the window drawn on canvas (preview.js) as soon as their series
+ * and commands are in, and painted, before Plotly runs: its bundle holds the main thread
+ * for seconds here. Returns whether that painted the window (every chart in it is one
+ * of those). No preview when the data takes longer than PREVIEW_WAIT_MS (Plotly is
+ * then run rather than kept waiting) or Plotly has already run.
  */
-async function paint() {
+async function preview(lines, ended) {
+  const wait = new Promise((resolve) => setTimeout(() => resolve(false), PREVIEW_WAIT_MS));
+  const arrived = await Promise.race([lines.then(() => true, () => false), wait]);
+  if (!arrived || window.Plotly) return false;
+  // The scrubber appears once the history is in; its room is kept now so that the
+  // charts do not move between the preview and Plotly's charts.
+  if (ended) {
+    $("replay").style.visibility = "hidden";
+    $("replay").hidden = false;
+  }
+  const shown = drawables.filter((c) => inViewport(element(c)));
+  const previewed = shown.filter((c) => PREVIEWED.includes(c));
+  const title = (c) => c.div.closest(".card")?.querySelector("h2")?.textContent ?? c.yTitle;
+  for (const c of previewed) drawPreview(c, title(c));
+  if (!previewed.length) return false;
+  await afterPaint();
+  if (previewed.length < shown.length) return false;
+  markPainted(shown, "preview");
+  return true;
+}
+
+/**
+ * Plotly's first paint: the charts in the window are drawn first (body
+ * data-plotly-painted-ms, mark "layerscope:plotly-painted"; also data-painted-ms and
+ * "layerscope:painted" unless the preview painted them), the ones below the fold right
+ * after (data-ready-ms, "layerscope:drawn", data-ready="1").
+ */
+async function paint(previewed) {
   const shown = drawables.filter((c) => inViewport(element(c)));
   await scheduler.flush(undefined, (c) => shown.includes(c));
   await new Promise((resolve) => setTimeout(resolve, 0)); // after that frame's paint
-  performance.mark("layerscope:painted");
-  document.body.dataset.paintedMs = String(Math.round(performance.now()));
-  document.body.dataset.paintedCharts = shown.map((c) => element(c).id).join(" ");
+  performance.mark("layerscope:plotly-painted");
+  document.body.dataset.plotlyPaintedMs = String(Math.round(performance.now()));
+  if (!previewed) markPainted(shown, "plotly");
   await new Promise((resolve) => setTimeout(resolve, 0)); // input and scrolling go first
   await scheduler.flush();
   scheduler.release();
@@ -394,13 +449,21 @@ async function main() {
   if (!ENDED.has(page.status)) {
     await Promise.race([subscribed, new Promise((resolve) => setTimeout(resolve, SUBSCRIBE_WAIT_MS))]);
   }
-  // The requests go out before Plotly runs: it holds the main thread for seconds here.
-  const history = loadHistory(detail).then(() => performance.mark("layerscope:history"));
+  // The requests go out before Plotly runs: it holds the main thread for seconds here,
+  // and runs only once the preview of the window's line charts is painted.
+  const { lines, all } = loadHistory(detail);
+  const history = all.then(() => performance.mark("layerscope:history"));
+  history.catch(() => {}); // a failure is thrown by the await below, not reported while the preview waits
+  // A failed preview leaves the page to Plotly (and says so: tests fail on console errors).
+  const previewed = await preview(lines, ENDED.has(page.status)).catch((e) => {
+    console.error("layerscope: the chart preview failed", e);
+    return false;
+  });
   await Promise.all([history, plotlyReady()]);
   page.historyLoaded = true;
   for (const frame of page.buffer.splice(0)) apply(frame);
   setStatus();
-  await paint();
+  await paint(previewed);
   document.body.dataset.readyMs = String(Math.round(performance.now()));
   document.body.dataset.ready = "1";
 }

@@ -34,7 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from layerscope.server.store import Store
 from layerscope.trainer import wire
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
-from replay import LAYERS, ingest, layer_names, start_server
+from replay import LAYERS, free_port, ingest, layer_names, start_server
 from websockets.asyncio.client import connect
 
 CHROMIUM = "/usr/bin/chromium"
@@ -86,21 +90,42 @@ def build_runs(data_dir: Path) -> None:
     asyncio.run(build())
 
 
-# Installed before the page's own scripts: the moment the page says its first viewport is
-# drawn (body data-painted-ms), this checks, independently of the page's own list, that every
-# chart intersecting the window then has its data drawn: a Plotly chart laid out with a line
-# path for every trace holding points and a heatmap image for every heatmap, and every layer's
-# small-multiple canvas. What it finds is read back after the page is ready.
+# Installed before the page's own scripts. The moment the page says the window is painted
+# (body data-painted-ms), this checks, independently of the page's own list, that every chart
+# intersecting the window then has its data drawn: a Plotly chart laid out with a line path for
+# every trace holding points and a heatmap image for every heatmap, every layer's small-multiple
+# canvas, or a canvas preview (preview.js, drawn before Plotly has run) whose pixels, read back,
+# hold each of its traces' colours along at least a quarter of its width (its legend's swatches
+# alone cannot pass). The moment the page says Plotly has drawn the window
+# (data-plotly-painted-ms), it checks again with Plotly's charts alone. Read back after the page
+# is ready; the readback costs the page a few ms before Plotly runs, counted against it.
 VERIFY_JS = """
 (() => {
   const visible = (el) => { const r = el.getBoundingClientRect();
     return r.width > 0 && r.bottom > 0 && r.right > 0 && r.top < innerHeight && r.left < innerWidth; };
-  const drawn = (el) => {
+  const rgb = (hex) => [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  const previewDrawn = (canvas) => {
+    const colors = (canvas.dataset.colors || '').split(' ').filter(Boolean).map(rgb);
+    const lines = Number(canvas.dataset.lines);
+    if (!(canvas.width > 1) || colors.length !== lines) return false;
+    const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    const hits = colors.map(() => 0);
+    for (let i = 0; i < px.length; i += 4) {
+      if (px[i + 3] < 96) continue;
+      colors.forEach(([r, g, b], k) => {
+        if (Math.abs(px[i] - r) + Math.abs(px[i + 1] - g) + Math.abs(px[i + 2] - b) < 60) hits[k]++;
+      });
+    }
+    return hits.every((h) => h >= canvas.width / 4);
+  };
+  const drawn = (el, previews) => {
     if (el.id === 'multiples') {
       const cells = el.querySelectorAll('.multiple canvas');
       return cells.length > 0 && [...cells].every((c) => c.width > 1);
     }
-    if (!el._fullLayout || !el.querySelector('.main-svg')) return false;
+    const preview = el.querySelector(':scope > canvas.chart-preview');
+    if (!el._fullLayout) return previews && preview !== null && previewDrawn(preview);
+    if (!el.querySelector('.main-svg')) return false;
     const data = el.data || [];
     const lines = data.filter((t) => t.type === 'scatter' && (t.x || []).length > 1).length;
     const maps = data.filter((t) => t.type === 'heatmap' && (t.z || []).length > 0).length;
@@ -108,29 +133,33 @@ VERIFY_JS = """
     const images = el.querySelectorAll('.heatmaplayer image').length;
     return paths >= lines && images >= maps;
   };
-  const check = () => {
+  const check = (previews) => {
     const charts = [...document.querySelectorAll('.chart, #multiples')];
     const shown = charts.filter(visible);
-    window.__paintCheck = {
+    return {
       at: performance.now(),
       visible: shown.map((el) => el.id),
-      undrawn: shown.filter((el) => !drawn(el)).map((el) => el.id),
-      drawnBelow: charts.filter((el) => !visible(el) && el.id !== 'multiples' && el._fullLayout).map((el) => el.id),
+      undrawn: shown.filter((el) => !drawn(el, previews)).map((el) => el.id),
+      previews: shown.filter((el) => !el._fullLayout && el.querySelector(':scope > canvas.chart-preview')).map((el) => el.id),
     };
   };
-  new MutationObserver((records, observer) => {
-    if (document.body.dataset.paintedMs !== undefined) { observer.disconnect(); check(); }
-  }).observe(document, { attributes: true, subtree: true, attributeFilter: ['data-painted-ms'] });
+  new MutationObserver(() => {
+    const body = document.body.dataset;
+    if (body.paintedMs !== undefined && !window.__paintCheck) window.__paintCheck = check(true);
+    if (body.plotlyPaintedMs !== undefined && !window.__plotlyCheck) window.__plotlyCheck = check(false);
+  }).observe(document, { attributes: true, subtree: true, attributeFilter: ['data-painted-ms', 'data-plotly-painted-ms'] });
 })();
 """
 
 
 @dataclass
 class Paint:
-    painted_s: float  # every chart in the window drawn with its data: the first complete paint
+    painted_s: float  # every chart in the window visible with its data: the first complete paint
+    plotly_painted_s: float  # the same charts drawn by Plotly (painted_s without a preview)
     ready_s: float  # every chart on the page drawn
     plotly_s: float  # the Plotly bundle has run
     history_s: float  # the REST history is in
+    by_preview: bool  # the first complete paint was the canvas preview's
     visible: list[str]
 
 
@@ -144,14 +173,24 @@ def time_paint(page: Page, url: str) -> Paint:
     check = page.evaluate("window.__paintCheck")
     if not check or check["undrawn"] or not check["visible"]:
         raise RuntimeError(f"{url}: the first paint was declared with charts undrawn: {check}")
+    # A page from before the preview has no Plotly mark of its own: its paint was Plotly's.
+    plotly_check = page.evaluate("window.__plotlyCheck") or check
+    if plotly_check["undrawn"] or plotly_check["previews"]:
+        raise RuntimeError(
+            f"{url}: Plotly's paint was declared with charts undrawn: {plotly_check}"
+        )
     marks = page.evaluate(
         "Object.fromEntries(performance.getEntriesByType('mark').map(m => [m.name, m.startTime]))"
     )
+    data = page.evaluate("({...document.body.dataset})")
+    painted = float(data["paintedMs"]) / 1000
     return Paint(
-        painted_s=float(page.evaluate("document.body.dataset.paintedMs")) / 1000,
-        ready_s=float(page.evaluate("document.body.dataset.readyMs")) / 1000,
+        painted_s=painted,
+        plotly_painted_s=float(data.get("plotlyPaintedMs", data["paintedMs"])) / 1000,
+        ready_s=float(data["readyMs"]) / 1000,
         plotly_s=marks.get("layerscope:plotly", float("nan")) / 1000,
         history_s=marks.get("layerscope:history", float("nan")) / 1000,
+        by_preview=bool(check["previews"]),
         visible=list(check["visible"]),
     )
 
@@ -189,6 +228,7 @@ def calibrate(browser: Browser, base: str) -> float:
 
 @dataclass
 class PaintRow:
+    site: str  # "" alone; "before" / "after" with --baseline
     run_id: str
     kind: str  # cold (fresh context) or warm (the same context again: Plotly cached)
     loads: list[Paint]
@@ -197,38 +237,87 @@ class PaintRow:
         return statistics.median(getattr(p, attr) for p in self.loads)
 
 
-def paint_phase(browser: Browser, base: str) -> tuple[list[PaintRow], list[float], list[float]]:
-    """Cold and warm loads of both runs and the Plotly-alone floor, interleaved round by
-    round so that the machine's load drifts over all of them alike."""
+def paint_phase(
+    browser: Browser, sites: dict[str, str], repeats: int = REPEATS
+) -> tuple[list[PaintRow], list[float], list[float]]:
+    """Cold and warm loads of both runs on every site (label -> base URL) and the Plotly-alone
+    floor, interleaved round by round (the sites' order alternating) so that the machine's
+    load drifts over all of them alike."""
+    base = list(sites.values())[-1]  # the page under test's server serves the floor
     plotly_src = ""
-    for run_id in ("run-1k", "run-100k"):
-        warmup = browser.new_context(viewport=VIEWPORT)
-        page = warmup.new_page()
-        time_paint(page, f"{base}/runs/{run_id}")  # server-side caches and the OS page cache
-        plotly_src = page.evaluate("document.querySelector('link[href*=\"plotly.min.js\"]').href")
-        warmup.close()
-    rows = {(r, k): PaintRow(r, k, []) for r in ("run-1k", "run-100k") for k in ("cold", "warm")}
+    for site_base in sites.values():
+        for run_id in ("run-1k", "run-100k"):
+            warmup = browser.new_context(viewport=VIEWPORT)
+            page = warmup.new_page()
+            time_paint(page, f"{site_base}/runs/{run_id}")  # server caches, OS page cache
+            plotly_src = page.evaluate(
+                "document.querySelector('link[href*=\"plotly.min.js\"]').href"
+            )
+            warmup.close()
+    rows = {
+        (site, r, k): PaintRow(site, r, k, [])
+        for site in sites
+        for r in ("run-1k", "run-100k")
+        for k in ("cold", "warm")
+    }
     floors: list[float] = []
     loops: list[float] = []
-    for _ in range(REPEATS):
-        for run_id in ("run-1k", "run-100k"):
-            context = browser.new_context(viewport=VIEWPORT)
-            rows[(run_id, "cold")].loads.append(
-                time_paint(context.new_page(), f"{base}/runs/{run_id}")
-            )
-            rows[(run_id, "warm")].loads.append(
-                time_paint(context.new_page(), f"{base}/runs/{run_id}")
-            )
-            context.close()
+    for round_no in range(repeats):
+        order = list(sites.items())
+        for site, site_base in order[round_no % 2 :] + order[: round_no % 2]:
+            for run_id in ("run-1k", "run-100k"):
+                context = browser.new_context(viewport=VIEWPORT)
+                url = f"{site_base}/runs/{run_id}"
+                rows[(site, run_id, "cold")].loads.append(time_paint(context.new_page(), url))
+                rows[(site, run_id, "warm")].loads.append(time_paint(context.new_page(), url))
+                context.close()
         floors.append(plotly_floor(browser, base, plotly_src))
         loops.append(calibrate(browser, base))
-        big = rows[("run-100k", "cold")].loads[-1]
-        print(
-            f"  round {len(floors)}: 100k cold painted {big.painted_s:.2f} s,"
-            f" all drawn {big.ready_s:.2f} s; Plotly alone {floors[-1]:.2f} s",
-            flush=True,
-        )
+        for site in sites:
+            big = rows[(site, "run-100k", "cold")].loads[-1]
+            print(
+                f"  round {len(floors)} {site}: 100k cold painted {big.painted_s:.2f} s"
+                f" ({'preview' if big.by_preview else 'Plotly'}), Plotly drawn"
+                f" {big.plotly_painted_s:.2f} s, all drawn {big.ready_s:.2f} s;"
+                f" Plotly alone {floors[-1]:.2f} s",
+                flush=True,
+            )
     return list(rows.values()), floors, loops
+
+
+# A server whose dashboard files (templates, JS, CSS) come from another checkout's web/
+# folder: the page before a change, served beside the page after it, for side-by-side timing.
+BASELINE_SERVER = """
+import sys
+from pathlib import Path
+import layerscope.web as web
+web.STATIC_DIR = Path(sys.argv[1]) / "static"
+web.TEMPLATES_DIR = Path(sys.argv[1]) / "templates"
+from layerscope.server.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def start_baseline_server(data_dir: Path, web_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`layerscope serve` on a copy of data_dir with web_dir's dashboard files."""
+    if not (web_dir / "static" / "js" / "run.js").is_file():
+        raise SystemExit(f"--baseline {web_dir}: no static/js/run.js there (give a web/ folder)")
+    copy = Path(tempfile.mkdtemp(prefix="layerscope-browser-baseline-")) / "data"
+    shutil.copytree(data_dir, copy)
+    port = free_port()
+    cmd = [sys.executable, "-c", BASELINE_SERVER, str(web_dir), "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(copy), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the baseline server did not start within 60 s")
 
 
 # ---- phase 2: a live run ----
@@ -408,32 +497,45 @@ def report_paint(paint: list[PaintRow], floors: list[float], loops: list[float])
         f" (median of {len(floors)}, min {min(floors):.2f} s)"
     )
     visible = " ".join(paint[0].loads[0].visible)
-    print(f"first complete paint = every chart in the {VIEWPORT['width']}x{VIEWPORT['height']}")
-    print(f"  window ({visible}) drawn with its data, checked in the page at that moment;")
-    print(f"  'all drawn' = every chart on the page, below the fold too (median of {REPEATS}):")
     print(
-        f"{'run':<10} {'load':<5} {'painted':>8} {'max':>7} {'all drawn':>10}"
-        f" {'Plotly ran':>11} {'REST in':>8} {'painted - floor':>16}"
+        f"first complete paint ('painted') = every chart in the {VIEWPORT['width']}x{VIEWPORT['height']}"
+    )
+    print(f"  window ({visible}) visible with its data, checked in the page at that moment")
+    print("  (Plotly's lines, or a canvas preview's pixels in every trace's colour; 'preview' =")
+    print("  loads painted by the preview); 'Plotly drawn' = those charts drawn by Plotly;")
+    print(f"  'all drawn' = every chart on the page, below the fold too (median of {len(floors)}):")
+    print(
+        f"{'site':<7} {'run':<9} {'load':<5} {'painted':>8} {'max':>7} {'preview':>8}"
+        f" {'Plotly drawn':>13} {'all drawn':>10} {'Plotly ran':>11} {'REST in':>8}"
+        f" {'painted - floor':>16}"
     )
     for row in paint:
         worst = max(p.painted_s for p in row.loads)
         painted = row.median("painted_s")
+        previews = f"{sum(p.by_preview for p in row.loads)}/{len(row.loads)}"
         print(
-            f"{row.run_id:<10} {row.kind:<5} {painted:>6.2f} s {worst:>5.2f} s"
+            f"{row.site or '-':<7} {row.run_id:<9} {row.kind:<5} {painted:>6.2f} s {worst:>5.2f} s"
+            f" {previews:>8} {row.median('plotly_painted_s'):>11.2f} s"
             f" {row.median('ready_s'):>8.2f} s {row.median('plotly_s'):>9.2f} s"
             f" {row.median('history_s'):>6.2f} s {painted - floor:>+14.2f} s"
         )
-    big = next(r for r in paint if r.run_id == "run-100k" and r.kind == "cold").median("painted_s")
-    small = next(r for r in paint if r.run_id == "run-1k" and r.kind == "cold").median("painted_s")
+    site = paint[-1].site  # the page under test: "after" beside a baseline
+    cold = {r.run_id: r for r in paint if r.site == site and r.kind == "cold"}
+    big, small = cold["run-100k"].median("painted_s"), cold["run-1k"].median("painted_s")
     ok = big <= TARGET_PAINT_S
     print(
         f"100k / 1k cold ratio {big / small:.2f};  target: cold 100k first complete paint"
         f" <= {TARGET_PAINT_S} s: {'ok' if ok else 'MISSED'}"
+        f" (Plotly drawn {cold['run-100k'].median('plotly_painted_s'):.2f} s)"
     )
-    if not ok and floor > TARGET_PAINT_S:
+    before = [r for r in paint if r.site == "before" and r.run_id == "run-100k"]
+    for row in before:
+        after = next(
+            r for r in paint if r.site == site and r.run_id == row.run_id and r.kind == row.kind
+        )
         print(
-            f"  (unreachable on this machine while the charts are Plotly's: the bundle alone"
-            f" takes {floor:.2f} s)"
+            f"  100k {row.kind}: painted {row.median('painted_s'):.2f} -> {after.median('painted_s'):.2f} s,"
+            f" Plotly drawn {row.median('plotly_painted_s'):.2f} -> {after.median('plotly_painted_s'):.2f} s"
         )
     return ok
 
@@ -478,6 +580,16 @@ def main() -> int:
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="reuse (or keep) the written runs here"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"rounds of page loads (default {REPEATS})"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout's web/ folder (e.g. from `git worktree add /tmp/old HEAD~1`):"
+        " its pages are timed beside this tree's, round by round, as 'before' and 'after'",
+    )
     args = parser.parse_args()
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="layerscope-browser-bench-"))
@@ -485,6 +597,8 @@ def main() -> int:
         print(f"writing runs into {data_dir} ...", flush=True)
         build_runs(data_dir)
     proc, base = start_server(data_dir)
+    baseline = start_baseline_server(data_dir, args.baseline) if args.baseline else None
+    sites = {"before": baseline[1], "after": base} if baseline else {"": base}
     paint: list[PaintRow] = []
     floors: list[float] = []
     loops: list[float] = []
@@ -493,7 +607,7 @@ def main() -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             if not args.skip_paint:
-                paint, floors, loops = paint_phase(browser, base)
+                paint, floors, loops = paint_phase(browser, sites, args.repeats)
             if not args.skip_live:
                 print(
                     f"live run: {LIVE_RATE} steps/s, {LAYERS} layers, {args.minutes:g} min",
@@ -502,8 +616,9 @@ def main() -> int:
                 live = live_phase(browser, base, args.minutes)
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for server in [proc] + ([baseline[0]] if baseline else []):
+            server.terminate()
+            server.wait(10)
     ok = True
     if paint:
         ok &= report_paint(paint, floors, loops)

@@ -166,8 +166,8 @@ function setLast(last) {
 
 /**
  * Sends every history request at once, the small multiples' step included (the server
- * snaps it). Returns `lines`, resolved once the four line charts' series and the
- * command markers are applied (all the preview needs), and `all`, once everything is.
+ * snaps it). Returns `lines`, resolved once the four line charts' series are applied
+ * (what the preview needs), and `all`, once everything is.
  */
 function loadHistory(detail) {
   const names = [...routes.keys()].join(",");
@@ -182,15 +182,19 @@ function loadHistory(detail) {
   const shownReq = getJSON(runUrl(runId, "histogram", { step: at }))
     .catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)));
   const hist = loadHistogramOverTime(page.histLayer);
-  const lines = Promise.all([series, cmds]).then(([s, c]) => {
+  // The preview waits for the series alone; the commands (a small answer, yet often
+  // queued behind the matrices) add their markers to it when they come first.
+  const marked = cmds.then((c) => {
+    for (const command of c) markers.fromCommand(command);
+    drawMarkers();
+  });
+  const lines = series.then((s) => {
     for (const [name, points] of Object.entries(s)) {
       const r = route(name);
       if (r) r[0].setSeries(r[1], points.steps, points.values);
     }
-    for (const command of c) markers.fromCommand(command);
-    drawMarkers();
   });
-  const all = Promise.all([lines, ...rest, shownReq, hist]).then(([, dead, sat, grad, update, steps, evs, shown]) => {
+  const all = Promise.all([lines, ...rest, marked, shownReq, hist]).then(([, dead, sat, grad, update, steps, evs, , shown]) => {
     charts.dead.set(dead.layers, dead.steps, dead.z);
     charts.sat.set(sat.layers, sat.steps, sat.z);
     for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {

@@ -165,8 +165,8 @@ function setLast(last) {
 // ---- history over REST ----
 
 /**
- * Sends every history request at once, the small multiples' step included (the server
- * snaps it). Returns `lines`, resolved once the four line charts' series are applied
+ * Sends every history request, the small multiples' step included (the server snaps
+ * it): the line charts' first. Returns `lines`, resolved once the four line charts' series are applied
  * (what the preview needs), and `all`, once everything is.
  */
 function loadHistory(detail) {
@@ -175,15 +175,21 @@ function loadHistory(detail) {
   const ended = ENDED.has(page.status);
   const at = (ended ? stepFromUrl() : null) ?? detail.last_step ?? 0;
   const series = getJSON(runUrl(runId, "series", { names, max_points: SERIES_POINTS }));
-  const rest = [matrix("dead_ratio"), matrix("saturated_ratio"), matrix("grad_norm"), matrix("update_ratio"),
-    getJSON(runUrl(runId, "probe_steps")),
-    getJSON(runUrl(runId, "events", { limit: 500 }))];
   const cmds = getJSON(runUrl(runId, "commands"));
-  const shownReq = getJSON(runUrl(runId, "histogram", { step: at }))
+  // The rest is asked for once the series is in (or after PREVIEW_WAIT_MS): answered at
+  // the same time on a busy server they delay it, and the preview and Plotly with it;
+  // Plotly's run (seconds) leaves them the time they need.
+  const gate = Promise.race([series.then(() => {}, () => {}), new Promise((resolve) => setTimeout(resolve, PREVIEW_WAIT_MS))]);
+  const later = (request) => gate.then(request);
+  const rest = [later(() => matrix("dead_ratio")), later(() => matrix("saturated_ratio")),
+    later(() => matrix("grad_norm")), later(() => matrix("update_ratio")),
+    later(() => getJSON(runUrl(runId, "probe_steps"))),
+    later(() => getJSON(runUrl(runId, "events", { limit: 500 })))];
+  const shownReq = later(() => getJSON(runUrl(runId, "histogram", { step: at })))
     .catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)));
-  const hist = loadHistogramOverTime(page.histLayer);
-  // The preview waits for the series alone; the commands (a small answer, yet often
-  // queued behind the matrices) add their markers to it when they come first.
+  const hist = later(() => loadHistogramOverTime(page.histLayer));
+  // The preview waits for the series alone; the commands add their markers to it when
+  // they come first.
   const marked = cmds.then((c) => {
     for (const command of c) markers.fromCommand(command);
     drawMarkers();

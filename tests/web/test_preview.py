@@ -1,0 +1,120 @@
+"""The run page's canvas preview (preview.js, wired in run.js) in headless Chromium against
+a real server and a real finished training run.
+
+Plotly's bundle takes seconds to run on a slow machine; until it has, the line charts in the
+window are drawn on canvases from the data the page fetched. Here the bundle's answer is
+held back until the test lets it go, so the preview is all there is to see: it must show the
+traces in Plotly's colours and count as the page's first paint, then give way to Plotly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import LiveServer, PageGuard
+from playwright.sync_api import Browser, Page, Route
+
+pytestmark = pytest.mark.browser
+
+WINDOW_CHARTS = ["chart-loss", "chart-acc", "chart-lr", "chart-wd"]
+TRAIN, VALIDATION = "#4aa3ff", "#f5a623"  # COLORS[0] and COLORS[1] in charts.js
+EXPECTED_COLORS = {
+    "chart-loss": [TRAIN, VALIDATION],
+    "chart-acc": [TRAIN, VALIDATION],
+    "chart-lr": [TRAIN],
+    "chart-wd": [TRAIN],
+}
+
+# Reads a preview canvas back: its size against its CSS size, its label, and for each colour
+# how many opaque pixels carry it (a line across the plot has hundreds; a legend swatch ~60).
+PREVIEW_PIXELS_JS = """
+([id, colors]) => {
+  const c = document.querySelector(`#${id} > canvas.chart-preview`);
+  if (!c) return null;
+  const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const rgb = colors.map((h) => [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16)));
+  const hits = rgb.map(() => 0);
+  for (let i = 0; i < px.length; i += 4) {
+    if (px[i + 3] < 96) continue;
+    rgb.forEach(([r, g, b], k) => {
+      if (Math.abs(px[i] - r) + Math.abs(px[i + 1] - g) + Math.abs(px[i + 2] - b) < 60) hits[k]++;
+    });
+  }
+  return { width: c.width, height: c.height, cssWidth: c.clientWidth, cssHeight: c.clientHeight,
+           label: c.getAttribute('aria-label'), hits };
+}
+"""
+
+
+@pytest.fixture
+def hidpi_page(browser: Browser, guard: PageGuard) -> Iterator[Page]:
+    """A fresh page at devicePixelRatio 2 (the canvases must be sized for it), guarded like
+    conftest's: no console or page errors, no request leaving localhost."""
+    context = browser.new_context(viewport={"width": 1440, "height": 1000}, device_scale_factor=2)
+    page = context.new_page()
+    page.on("console", guard.console)
+    page.on("pageerror", lambda exc: guard.errors.append(f"pageerror: {exc}"))
+    page.on("request", guard.request)
+    page.on("websocket", lambda ws: guard.url(ws.url))
+    yield page
+    context.close()
+    assert not guard.errors, "the page logged errors:\n" + "\n".join(guard.errors)
+    assert not guard.remote, f"requests left localhost: {guard.remote}"
+
+
+def test_the_window_is_previewed_on_canvas_until_plotly_has_run(
+    hidpi_page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    page = hidpi_page
+    held: list[Route] = []
+    holding = [True]
+
+    def hold_plotly(route: Route) -> None:
+        if holding[0]:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/static/plotly.min.js*", hold_plotly)
+    page.goto(f"{server.url}/runs/{finished_run['id']}", wait_until="domcontentloaded")
+    page.wait_for_function("document.body.dataset.paintedMs !== undefined", timeout=30_000)
+
+    assert held, "the Plotly bundle was never asked for"
+    assert page.evaluate("window.Plotly === undefined")
+    body = page.evaluate("({...document.body.dataset})")
+    assert body["paintedBy"] == "preview"
+    assert body["paintedCharts"].split() == WINDOW_CHARTS
+    assert "plotlyPaintedMs" not in body and "ready" not in body
+    assert page.evaluate("performance.getEntriesByName('layerscope:painted').length") == 1
+    for chart, colors in EXPECTED_COLORS.items():
+        preview = page.evaluate(PREVIEW_PIXELS_JS, [chart, colors])
+        assert preview is not None, f"{chart} has no preview canvas"
+        assert (preview["width"], preview["height"]) == (
+            2 * preview["cssWidth"],
+            2 * preview["cssHeight"],
+        ), f"{chart}'s canvas is not sized for devicePixelRatio 2: {preview}"
+        for color, hits in zip(colors, preview["hits"], strict=True):
+            assert hits >= preview["width"] / 4, f"{chart}: too few {color} pixels ({preview})"
+        assert "over steps" in preview["label"], preview["label"]
+    loss_label = page.get_attribute("#chart-loss > canvas.chart-preview", "aria-label") or ""
+    assert loss_label.startswith("Loss: train, validation")
+    # Nothing below the window was previewed: those charts are Plotly's alone.
+    assert page.locator("#chart-dead canvas, #chart-grad canvas").count() == 0
+
+    holding[0] = False
+    for route in held:
+        route.continue_()
+    page.wait_for_function("document.body.dataset.ready !== undefined", timeout=60_000)
+
+    assert page.evaluate("document.body.dataset.ready") == "1", page.inner_text("#banner")
+    assert page.locator("canvas.chart-preview").count() == 0
+    painted, plotted = page.evaluate(
+        "[document.body.dataset.paintedMs, document.body.dataset.plotlyPaintedMs].map(Number)"
+    )
+    assert 0 < painted < plotted
+    assert page.evaluate("performance.getEntriesByName('layerscope:plotly-painted').length") == 1
+    for chart, colors in EXPECTED_COLORS.items():
+        paths = page.locator(f"#{chart} .scatterlayer .trace path.js-line")
+        assert paths.count() >= len(colors), f"{chart}: Plotly drew {paths.count()} lines"

@@ -8,14 +8,20 @@ Two phases, against real parts (the server is `layerscope serve` in a child proc
    (benchmarks/replay.py's ingest), next to a 1,000-step run of the same shape. The run page
    is loaded REPEATS times per run in a 1440x1000 window, cold (a fresh browser context:
    nothing cached) and warm (the same context again: the Plotly bundle cached), and timed
-   from navigation start to its first complete paint: every chart inside the window drawn
-   with its data and painted (the page's ``data-painted-ms``; a check installed before the
-   page's scripts confirms at that moment, from the charts' DOM, that every chart in the
-   window has its lines or heatmap drawn). The time until every chart on the page is drawn,
-   below the fold too (``data-ready-ms``), is printed beside it. Target: cold median <= 1.5 s
-   for the 100k run. Interleaved with those loads, round by round: the floor, a page holding
+   from navigation start to its first complete paint: every chart inside the window visible
+   with its data (the page's ``data-painted-ms``). Since Plotly's bundle takes seconds to
+   run, the page first draws the window's line charts on canvas previews (preview.js) and
+   runs Plotly after that paint; a check installed before the page's scripts confirms at
+   that moment that every chart in the window is drawn: Plotly's lines or heatmap in the
+   DOM, or a preview canvas whose pixels, read back, carry each of its traces' colours. The
+   same check runs again when Plotly has drawn those charts (``data-plotly-painted-ms``,
+   the "Plotly drawn" column), and the time until every chart on the page is drawn, below
+   the fold too (``data-ready-ms``), is printed beside it. Target: cold median <= 1.5 s for
+   the 100k run. Interleaved with those loads, round by round: the floor, a page holding
    nothing but the Plotly bundle (parser-inserted, served by the same server), timed until
-   the bundle has run; no page that draws with Plotly can paint before it.
+   the bundle has run; no page can show Plotly's charts before it. ``--baseline DIR`` serves
+   another checkout's web/ folder (templates, JS, CSS) from a second server on a copy of the
+   data and times its pages in the same rounds ("before" beside "after").
 2. live: a synthetic trainer speaking the wire protocol over /ws/trainer (hello, metrics every
    100 ms, a probe frame every 10 steps with 30 layers x 64 bins, heartbeats, reading acks)
    at 50 steps/s, with the run page open for --minutes. Every 5 s: lag = (trainer's step -
@@ -27,6 +33,8 @@ Two phases, against real parts (the server is `layerscope serve` in a child proc
 Run:  .venv/bin/python benchmarks/browser.py                 (about 3-4 minutes on 2 cores)
       .venv/bin/python benchmarks/browser.py --minutes 5     (the full live target)
       .venv/bin/python benchmarks/browser.py --skip-paint    (live phase only)
+      git worktree add /tmp/old HEAD~1 && .venv/bin/python benchmarks/browser.py --skip-live \
+          --baseline /tmp/old/web                            (first paint, before and after)
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, WebSocket
 from layerscope.server.commands import command_frame
 from layerscope.server.hub import Hub, close_reason
@@ -220,7 +221,7 @@ class Ingest:
         if message["type"] == "websocket.disconnect":
             return
         try:
-            hello = wire.parse_trainer_frame(_payload(message))
+            hello = wire.parse_trainer_frame(_payload(message), orjson.loads)
         except wire.WireError as exc:
             await ws.close(exc.close_code or wire.CLOSE_POLICY, close_reason(f"bad hello: {exc}"))
             return
@@ -279,7 +280,7 @@ class Ingest:
             link.last_seen = loop.time()
             payload = _payload(message)
             try:
-                frame = wire.parse_trainer_frame(payload)
+                frame = wire.parse_trainer_frame(payload, orjson.loads)
             except wire.WireError as exc:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))

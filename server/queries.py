@@ -15,6 +15,7 @@ import sqlite3
 import zlib
 from typing import Any
 
+import orjson
 from layerscope.server.checks import WIRE_BODY, RunNotFound
 from layerscope.server.downsample import (
     minmax_rows,
@@ -171,7 +172,7 @@ def decode_frame(body: bytes) -> dict[str, Any]:
     if body[:1] == WIRE_BODY:
         # Validating again is what turned the wire text into the stored frame (ints to
         # floats, inf to null, unknown keys dropped); it costs about a json.loads more.
-        return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode())
+        return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode(), orjson.loads)
     frame: dict[str, Any] = json.loads(zlib.decompress(body))
     return frame
 

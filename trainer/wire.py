@@ -139,20 +139,40 @@ def encode(message: dict[str, Any]) -> str:
         return json.dumps(_clean(message), separators=(",", ":"), allow_nan=False)
 
 
+_UNPARSED = object()
+
+
 def _reject_constant(name: str) -> Any:
     raise WireError(f"non-standard JSON constant {name}", CLOSE_INVALID_DATA)
 
 
-def decode(text: str | bytes) -> dict[str, Any]:
-    """Parse one frame; raises WireError naming the problem."""
+def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Parse one frame; raises WireError naming the problem.
+
+    ``loads``: a faster strict RFC 8259 decoder the caller may pass (the server passes
+    ``orjson.loads``; this module stays stdlib-only). Whatever it refuses (NaN,
+    Infinity, lone surrogates, numbers beyond a double, deep nesting) goes through
+    ``json`` below, which accepts or names the problem exactly as without it. The one
+    difference: an integer literal beyond 64 bits may reach validation as a float, so
+    an integer field refuses it as "not an integer" rather than "too large".
+    """
     if isinstance(text, (bytes, bytearray)):
         raise WireError("binary frames are not accepted; send JSON text", CLOSE_UNSUPPORTED)
     if len(text) > MAX_FRAME_BYTES:
         raise WireError(f"frame of {len(text)} bytes exceeds {MAX_FRAME_BYTES}", CLOSE_TOO_BIG)
-    try:
-        message = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise WireError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+    message: Any = _UNPARSED
+    if loads is not None:
+        try:
+            message = loads(text)
+        except ValueError:  # orjson.JSONDecodeError is one; json names the problem below
+            message = _UNPARSED
+    if message is _UNPARSED:
+        try:
+            message = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise WireError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        except RecursionError:  # e.g. a megabyte of '[': refused, not a crashed handler
+            raise WireError("malformed JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise WireError("a frame must be a JSON object")
     kind = message.get("type")
@@ -457,9 +477,11 @@ _VALIDATORS = {
 }
 
 
-def parse_trainer_frame(text: str | bytes) -> dict[str, Any]:
-    """Decode and validate one trainer -> server frame."""
-    msg = decode(text)
+def parse_trainer_frame(
+    text: str | bytes, loads: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
+    """Decode (``loads`` as in ``decode``) and validate one trainer -> server frame."""
+    msg = decode(text, loads)
     if msg["type"] == "probe":
         # JSON makes a bool only of these words: text without them holds none.
         maybe_bools = not isinstance(text, str) or "true" in text or "false" in text

@@ -221,6 +221,19 @@ async def test_malformed_json_gets_an_error_and_the_connection_goes_on(shared_se
     await trainer.close()
 
 
+async def test_a_deeply_nested_frame_gets_an_error_and_the_connection_goes_on(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await stored_run(trainer, 2)
+    await trainer.send("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in await trainer.error()
+    await trainer.send(metrics_frame(3, 3))
+    await trainer.wait_acked(3)
+    assert_still_serving(shared_server, run_id, [1, 2, 3])
+    await trainer.close()
+
+
 async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)

@@ -202,3 +202,56 @@ def test_counters_past_the_stored_integer_range_are_refused_by_name() -> None:
             wire.parse_trainer_frame(json.dumps(msg))
     ok = {"type": "metrics", "v": 1, "seq": 1, "rows": [{"step": wire.MAX_INT, "values": {}}]}
     assert wire.parse_trainer_frame(json.dumps(ok))["rows"][0]["step"] == wire.MAX_INT
+
+
+def _outcome(text: str, loads: Any) -> tuple[str, Any]:
+    try:
+        return ("ok", wire.parse_trainer_frame(text, loads))
+    except wire.WireError as exc:
+        return ("refused", (str(exc), exc.close_code))
+
+
+def test_the_servers_fast_decoder_accepts_and_refuses_exactly_as_json_does() -> None:
+    """The server decodes frames with orjson (wire.decode's ``loads``); what it refuses is
+    handed to json, so every frame gets the same result or the same named error."""
+    orjson = pytest.importorskip("orjson")
+    metrics = '{"type":"metrics","v":1,"seq":1,"rows":[{"step":1,"values":{"loss":%s}}]}'
+    texts = [
+        json.dumps(probe(5)),
+        json.dumps({**probe(2), "seq": 2**62 - 1}),
+        metrics % "0.5",
+        metrics % "-0.0",
+        metrics % "5e-324",
+        metrics % "1.0000000000000002",
+        metrics % "1e400",  # a double's overflow: json makes it inf, orjson refuses
+        metrics % "NaN",
+        metrics % "-Infinity",
+        metrics % ("1" + "0" * 400),  # an integer beyond a double's range
+        '{"type":"metrics","v":1,"seq":1,"seq":2,"rows":[]}',  # duplicate key: last wins
+        '{"type":"event","v":1,"seq":1,"step":1,"kind":"alert","data":{"msg":"\\ud800"}}',
+        '{"type":"heartbeat","v":1,"step":3,"status":"running",}',
+        '{"type":"heartbeat","v":1,"step":3,"status":"running"} x',
+        "[" * 5000 + "]" * 5000,
+        '{"a":' * 5000 + "1" + "}" * 5000,
+        '"just a string"',
+        "{}",
+    ]
+    for text in texts:
+        assert _outcome(text, orjson.loads) == _outcome(text, None), text[:80]
+
+
+def test_the_one_documented_difference_an_integer_beyond_64_bits_is_refused_either_way() -> None:
+    """orjson reads an integer literal past 64 bits as a float: an integer field still
+    refuses it, naming the field, where json's path says it is too large."""
+    orjson = pytest.importorskip("orjson")
+    text = json.dumps({**probe(1), "seq": 2**64})
+    with pytest.raises(wire.WireError, match="'seq' must be <="):
+        wire.parse_trainer_frame(text)
+    with pytest.raises(wire.WireError, match="'seq'"):
+        wire.parse_trainer_frame(text, orjson.loads)
+
+
+def test_a_deeply_nested_frame_is_refused_by_name_not_a_recursion_error() -> None:
+    for text in ("[" * 100_000 + "]" * 100_000, '{"type":' * 50_000 + "1" + "}" * 50_000):
+        with pytest.raises(wire.WireError, match="nested too deeply"):
+            wire.parse_trainer_frame(text)

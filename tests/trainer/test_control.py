@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,14 @@ def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
     assert result["state"]["frozen"] == []
 
 
+def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
 def _boundary_in_thread(control: Control, step: int) -> threading.Thread:
     t = threading.Thread(target=control.at_step_boundary, args=(step,), daemon=True)
     t.start()
@@ -192,16 +202,18 @@ def test_pause_blocks_until_resume_and_step_once_lets_one_step_through() -> None
     control = Control(None, None, emit=rec)
     control.submit(cmd("pause"))
     t = _boundary_in_thread(control, 1)
+    # The thread applies the pause when it gets to run, which a loaded machine may delay.
+    wait_until(lambda: control.paused)
     t.join(0.5)
-    assert t.is_alive() and control.paused
+    assert t.is_alive()
     control.submit(cmd("step_once"))
-    t.join(5)
+    t.join(30)
     assert not t.is_alive()  # one step let through ...
     t = _boundary_in_thread(control, 2)
     t.join(0.5)
     assert t.is_alive()  # ... and the next boundary blocks again
     control.submit(cmd("resume"))
-    t.join(5)
+    t.join(30)
     assert not t.is_alive() and not control.paused
     statuses = [d["status"] for k, d in rec.events if k == "status"]
     assert statuses == ["paused", "running"]
@@ -211,10 +223,11 @@ def test_stop_unblocks_a_paused_loop() -> None:
     control = Control(None, None)
     control.submit(cmd("pause"))
     t = _boundary_in_thread(control, 1)
+    wait_until(lambda: control.paused)  # stop must find the loop blocked, not queued with pause
     t.join(0.3)
     assert t.is_alive()
     control.submit(cmd("stop"))
-    t.join(5)
+    t.join(30)
     assert not t.is_alive() and control.stopping and control.state()["stopping"]
 
 

@@ -37,6 +37,12 @@ def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def probe_steps(run_dir: Path) -> list[int]:
+    """Steps of the probe frames in the spool so far; a flush's alerts are spooled with it."""
+    frames = [json.loads(text) for text in list(read_spool(run_dir / "spool.bin"))[1:]]
+    return [f["step"] for f in frames if f["type"] == "probe"]
+
+
 def alerts(run_dir: Path) -> list[tuple[int, str, str | None]]:
     return [(e["step"], e["data"]["rule"], e["data"]["layer"]) for e in events(run_dir, "alert")]
 
@@ -180,6 +186,9 @@ def test_set_rules_silences_and_unsilences_live(tmp_path: Path) -> None:
         result = w.command("set_rules", {"silenced": ["DeadUnits", "AllZero"]})
         assert result["state"]["rules"]["silenced"] == ["DeadUnits", "AllZero"]
         train(w, model, opt, 10)
+        # The rules judge each flush on the link thread, which may lag the training thread:
+        # un-silencing before it has judged steps 1-10 would un-silence those steps too.
+        wait_until(lambda: 10 in probe_steps(tmp_path))
         # Un-silenced while the units are still dead: reported at a later probe step.
         result = w.command("set_rules", {"silenced": [], "auto_halve_lr": True})
         assert result["state"]["rules"]["silenced"] == []

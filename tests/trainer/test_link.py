@@ -46,6 +46,7 @@ class TrainerServer:
         self.commands: list[dict[str, Any]] = []
         self.port = 0
         self._conn: ServerConnection | None = None
+        self._next_cmd = 0  # commands[:_next_cmd] went to the current connection
         self._server: Server | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -88,9 +89,8 @@ class TrainerServer:
             )
         )
         self._conn = ws
-        for command in self.commands:
-            if command["cmd_seq"] > hello["last_cmd_seq"]:
-                await ws.send(json.dumps(command))
+        self._next_cmd = hello["last_cmd_seq"]
+        await self._send_commands(ws)
         async for text in ws:
             frame = wire.parse_trainer_frame(text)
             if frame["type"] == "heartbeat":
@@ -101,6 +101,15 @@ class TrainerServer:
             self.raw.setdefault(frame["seq"], str(text))
             if self.ack:
                 await ws.send(json.dumps({"type": "ack", "seq": self.contiguous()}))
+
+    async def _send_commands(self, ws: ServerConnection) -> None:
+        # The one place a connection is sent commands, each once: a command queued while
+        # a reconnecting trainer's hello is handled must not go out from both the resend
+        # after the welcome and send_command.
+        while self._next_cmd < len(self.commands):
+            command = self.commands[self._next_cmd]
+            self._next_cmd += 1
+            await ws.send(json.dumps(command))
 
     def start(self) -> TrainerServer:
         async def start() -> None:
@@ -132,7 +141,7 @@ class TrainerServer:
 
         async def send() -> None:
             if self._conn is not None:
-                await self._conn.send(json.dumps(command))
+                await self._send_commands(self._conn)
 
         self._call(send())
         return command

@@ -6,6 +6,11 @@ environment. Initialises gloo, trains a small DDP model under watch() (rank 0 al
 gets the server and the run directory) and writes OUT_DIR/rank{R}.json with what
 this rank saw; the distributed module's log goes to OUT_DIR/rank{R}.log.
 
+The ranks meet in store barriers (a long timeout, like torchrun's rendezvous) before the
+process group starts and again just before the first step: on a loaded machine one rank
+can start seconds after the other (importing torch), and a collective would time out on
+that skew alone instead of on what a test is about, the group's short timeout during training.
+
 Scenarios:
 * ``commands`` — rank 0 gets set_lr_scale, set_weight_decay, checkpoint, pause (held
   for 3x the timeout, with a step_once inside) and stop from a thread, through the
@@ -34,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 HIST_BATCH = 15
+STARTUP_TIMEOUT = datetime.timedelta(seconds=120)  # how far apart the ranks may start
 
 
 def exact_model() -> nn.Sequential:
@@ -96,31 +102,44 @@ def steer(w: Any, pause_s: float, record: dict[str, Any]) -> None:
     w.control.submit(command("stop", 7))
 
 
+def meet(store: dist.Store, name: str) -> None:
+    """Every rank gets here before any leaves: a store barrier with the startup timeout."""
+    world = int(os.environ["WORLD_SIZE"])
+    store.set(f"{name}/{os.environ['RANK']}", "1")
+    store.wait([f"{name}/{r}" for r in range(world)], STARTUP_TIMEOUT)
+
+
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     server = sys.argv[3] if len(sys.argv) > 3 else ""
     timeout = datetime.timedelta(seconds=float(os.environ["LS_PG_TIMEOUT_S"]))
-    dist.init_process_group("gloo", timeout=timeout)
-    rank = dist.get_rank()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=rank == 0, timeout=STARTUP_TIMEOUT,
+    )  # fmt: skip
+    meet(store, "init")
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     logging.basicConfig(
         filename=out / f"rank{rank}.log", level=logging.INFO, format="%(name)s %(message)s"
     )
     record: dict[str, Any] = {"rank": rank, "steps": []}
     try:
         if scenario == "hist":
-            run_hist(rank, out, record)
+            run_hist(rank, out, record, store)
         else:
-            run_training(scenario, rank, out, server, timeout.total_seconds(), record)
+            run_training(scenario, rank, out, server, timeout.total_seconds(), record, store)
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
     return 0
 
 
-def run_hist(rank: int, out: Path, record: dict[str, Any]) -> None:
+def run_hist(rank: int, out: Path, record: dict[str, Any], store: dist.Store) -> None:
     model = exact_model()
     x = exact_batch().tensor_split(dist.get_world_size())[rank]
     with watch(model, every=1, server="", run_dir=out / f"run{rank}", rules=False) as w:
+        meet(store, "steps")
         with torch.no_grad():
             model(x)
         w.step()
@@ -128,10 +147,17 @@ def run_hist(rank: int, out: Path, record: dict[str, Any]) -> None:
 
 
 def run_training(
-    scenario: str, rank: int, out: Path, server: str, timeout_s: float, record: dict[str, Any]
+    scenario: str,
+    rank: int,
+    out: Path,
+    server: str,
+    timeout_s: float,
+    record: dict[str, Any],
+    store: dist.Store,
 ) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    meet(store, "ddp")  # DDP's constructor is a collective
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
@@ -141,6 +167,7 @@ def run_training(
         every=3, batch_size=8, run_dir=run_dir, rules=False,
     )  # fmt: skip
     with w:
+        meet(store, "steps")  # rank 0's watch() also opened its link and spool
         steering = None
         if scenario == "commands" and rank == 0:
             steering = threading.Thread(target=steer, args=(w, 3 * timeout_s, record), daemon=True)

@@ -149,9 +149,12 @@ async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path)
     with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
         slow = await open_slow_viewer(server, "r1")
+        # ~9 MB, like the 1013 test's: the server's socket send buffer autotunes up to 4 MB
+        # (tcp_wmem), which on a slow run can hold a smaller stream whole, so the viewer never
+        # falls behind and nothing coalesces.
         total = 200
         for seq in range(1, total + 1):
-            await trainer.send(probe_frame(seq, seq, layers=20, bins=64))
+            await trainer.send(probe_frame(seq, seq, layers=64, bins=128))
         await trainer.wait_acked(total)
         await trainer.send(metrics_frame(total + 1, total + 1))
         seen: list[int] = []

@@ -7,7 +7,8 @@
 * ``FakeTrainer`` — a ``websockets`` client that speaks the trainer side of the protocol
   (hello, frames, acks, commands); a real peer, not a mock of the server.
 * ``open_viewer`` / ``recv_until`` — the browser side of ``/ws/runs/{id}``.
-* ``exported`` / ``run_detail`` / ``wait_status`` — what the server stored, through its REST API.
+* ``exported`` / ``run_detail`` / ``wait_status`` / ``wait_detached`` — what the server stored
+  and holds, through its REST API.
 """
 
 from __future__ import annotations
@@ -331,6 +332,20 @@ def run_detail(server: str, run_id: str) -> dict[str, Any]:
     response.raise_for_status()
     body: dict[str, Any] = response.json()
     return body
+
+
+async def wait_detached(server: str, run_id: str, timeout: float = 15.0) -> None:
+    """Until the server has let go of the run's trainer. A closed client socket is not
+    enough: the server answers the close handshake before its handler has run the detach."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            response = await client.get(f"{server}/api/runs/{run_id}")
+            if response.status_code == 200 and response.json()["trainer_connected"] is False:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server still holds run {run_id}'s trainer")
+            await asyncio.sleep(0.05)
 
 
 async def wait_status(server: str, run_id: str, status: str, timeout: float = 15.0) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from server_harness import (
     event_frame,
     open_viewer,
     recv_until,
+    wait_detached,
 )
 
 pytestmark = pytest.mark.anyio
@@ -95,6 +96,7 @@ async def test_the_rest_endpoint_relays_with_the_same_rules(shared_server: LiveS
 async def test_commands_are_refused_without_a_trainer(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.close()
+    await wait_detached(shared_server, run_id)  # else the command may reach the closing link
     viewer, _ = await open_viewer(shared_server, run_id)
     await viewer.send(json.dumps({"type": "command", "id": "c-2", "name": "pause"}))
     reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]

@@ -49,6 +49,10 @@ model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Li
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 x, y = torch.randn(64, 4), torch.randn(64, 1)
 with watch(model, optimizer, run="fault", run_id="fault-run", server=server, run_dir=run_dir, every=50) as w:
+    # The run may end before the restarted server is up and the link's backoff has let it
+    # reconnect (seconds on a loaded machine): close() waits for the acks as long as the test
+    # waits for this process, not the default 5 s.
+    w.link.close_timeout_s = 90
     for _ in range(steps):
         loss = ((model(x) - y) ** 2).mean()
         optimizer.zero_grad()

@@ -68,7 +68,9 @@ async def test_stored_runs_survive_a_restart(tmp_path: Path) -> None:
 
 
 async def test_after_a_restart_runs_whose_trainer_does_not_return_are_lost(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, reconnect_grace_s=1.0, heartbeat_timeout_s=30.0)
+    # The grace runs from the new server's start: long enough that a loaded machine still
+    # asks about "gone" and reconnects "returns" inside it.
+    settings = make_settings(tmp_path, reconnect_grace_s=4.0, heartbeat_timeout_s=30.0)
     with running_server(settings) as server:
         for run_id in ("returns", "gone"):
             trainer = await FakeTrainer.connect(server, run_id)

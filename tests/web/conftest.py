@@ -32,7 +32,7 @@ from layerscope.server.serving import make_server
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
 from layerscope.trainer import wire
-from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -46,6 +46,11 @@ CHROMIUM_ARGS = [
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 START_TIMEOUT_S = 20.0
+
+# expect()'s own default is 5 s. A page's next state often waits on the runs list's 2 s poll,
+# a trainer's acknowledgement or Plotly on a loaded 2-core machine running trainers beside
+# Chromium: every expectation gets as long as a page load does. A passing one costs nothing.
+expect.set_options(timeout=30_000)
 
 # A digits MLP small enough to train hundreds of steps a second on one CPU core.
 FAST_CONFIG: dict[str, Any] = {

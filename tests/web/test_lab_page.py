@@ -103,7 +103,7 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     page.eval_on_selector(
         "#lab-step", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }"
     )
-    page.wait_for_function(f"document.body.dataset.step === '{first['steps'][0]}'", timeout=10_000)
+    page.wait_for_function(f"document.body.dataset.step === '{first['steps'][0]}'", timeout=30_000)
     assert chart_points(page, "chart-mean") == [len(layers)] * 5
 
 

@@ -118,3 +118,59 @@ def test_the_window_is_previewed_on_canvas_until_plotly_has_run(
     for chart, colors in EXPECTED_COLORS.items():
         paths = page.locator(f"#{chart} .scatterlayer .trace path.js-line")
         assert paths.count() >= len(colors), f"{chart}: Plotly drew {paths.count()} lines"
+
+
+# Draws one LineChart's preview on a bare page of the server (no run, no Plotly), the way run.js
+# does, and reads back the row of the trace's colour (the middle of its pixels) in the columns at
+# a quarter, half and three quarters of the plot's width, and in the middle of the line's gap.
+BLANK_HTML = "<!doctype html><link rel=icon href='data:,'><body></body>"
+DRAW_ALONE_JS = """
+async ([logY]) => {
+  const { LineChart } = await import('/static/js/charts.js');
+  const { drawPreview } = await import('/static/js/preview.js');
+  const div = document.createElement('div');
+  div.style.cssText = 'width: 600px; height: 260px';
+  document.body.replaceChildren(div);
+  const chart = new LineChart(div, [{ name: 'grad' }], { logY, yTitle: 'grad norm', showLegend: false });
+  const steps = Array.from({ length: 401 }, (_, i) => i * 10);
+  // 1e-4 .. 1, tenfold every 1000 steps: a straight line on a log axis; no value at step 3500.
+  chart.setSeries(0, steps, steps.map((s) => (s === 3500 ? null : 10 ** (-4 + s / 1000))));
+  const canvas = drawPreview(chart, 'Gradient norm');
+  const ctx = canvas.getContext('2d');
+  const rowAt = (f) => {
+    const x = Math.round(52 + f * (canvas.width - 52 - 12));  // charts.js baseLayout's margins
+    const col = ctx.getImageData(x, 0, 1, canvas.height).data;
+    const rows = [];
+    for (let y = 0; y < canvas.height; y++) {
+      const [r, g, b, a] = col.slice(4 * y, 4 * y + 4);
+      if (a > 96 && Math.abs(r - 0x4a) + Math.abs(g - 0xa3) + Math.abs(b - 0xff) < 60) rows.push(y);
+    }
+    return rows.length ? rows[rows.length >> 1] : null;
+  };
+  return { label: canvas.getAttribute('aria-label'), rows: [0.25, 0.5, 0.75].map(rowAt), gap: rowAt(0.875) };
+}
+"""
+
+
+def test_a_log_scale_preview_puts_values_on_a_log_axis_and_breaks_lines_at_gaps(
+    page: Page, server: LiveServer
+) -> None:
+    # A blank page of the server's origin, so that the modules import from it.
+    page.route(
+        f"{server.url}/blank",
+        lambda route: route.fulfill(content_type="text/html", body=BLANK_HTML),
+    )
+    page.goto(f"{server.url}/blank")
+    log = page.evaluate(DRAW_ALONE_JS, [True])
+    assert log["label"].startswith("Gradient norm: grad over steps 0–4000, log scale"), log
+    q1, mid, q3 = log["rows"]
+    assert None not in log["rows"], log
+    # Tenfold growth every equal number of steps is a straight line on a log axis.
+    assert abs(mid - (q1 + q3) / 2) <= 3, log
+    assert log["gap"] is None, "the line was drawn across a missing value"
+    linear = page.evaluate(DRAW_ALONE_JS, [False])
+    assert "log scale" not in linear["label"]
+    l1, _, l3 = linear["rows"]
+    assert l1 is not None and l3 is not None, linear
+    # On a linear axis the same values hug the bottom until the last quarter.
+    assert abs(l1 - l3) < abs(q1 - q3) / 4, (log, linear)

@@ -30,6 +30,8 @@ const SERIES_POINTS = 1500;
 const MATRIX_STEPS = 300;
 const HIST_STEPS = 200;
 const REGRID_MIN_MS = 5000;
+/** The longest the preview's data is waited for before Plotly runs regardless. */
+const PREVIEW_WAIT_MS = 1000;
 const $ = (id) => document.getElementById(id);
 const runId = document.body.dataset.runId;
 
@@ -165,9 +167,9 @@ function setLast(last) {
 // ---- history over REST ----
 
 /**
- * Sends every history request, the small multiples' step included (the server snaps
- * it): the line charts' first. Returns `lines`, resolved once the four line charts' series are applied
- * (what the preview needs), and `all`, once everything is.
+ * Sends every history request, the line charts' first, the small multiples' step
+ * included (the server snaps it). Returns `lines`, resolved once the line charts'
+ * series are applied (what the preview needs), and `all`, once everything is.
  */
 function loadHistory(detail) {
   const names = [...routes.keys()].join(",");
@@ -179,7 +181,8 @@ function loadHistory(detail) {
   // The rest is asked for once the series is in (or after PREVIEW_WAIT_MS): answered at
   // the same time on a busy server they delay it, and the preview and Plotly with it;
   // Plotly's run (seconds) leaves them the time they need.
-  const gate = Promise.race([series.then(() => {}, () => {}), new Promise((resolve) => setTimeout(resolve, PREVIEW_WAIT_MS))]);
+  const gate = Promise.race([series.then(() => {}, () => {}),
+    new Promise((resolve) => setTimeout(resolve, PREVIEW_WAIT_MS))]);
   const later = (request) => gate.then(request);
   const rest = [later(() => matrix("dead_ratio")), later(() => matrix("saturated_ratio")),
     later(() => matrix("grad_norm")), later(() => matrix("update_ratio")),
@@ -200,7 +203,7 @@ function loadHistory(detail) {
       if (r) r[0].setSeries(r[1], points.steps, points.values);
     }
   });
-  const all = Promise.all([lines, ...rest, marked, shownReq, hist]).then(([, dead, sat, grad, update, steps, evs, , shown]) => {
+  const all = Promise.all([...rest, shownReq, lines, marked, hist]).then(([dead, sat, grad, update, steps, evs, shown]) => {
     charts.dead.set(dead.layers, dead.steps, dead.z);
     charts.sat.set(sat.layers, sat.steps, sat.z);
     for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
@@ -243,8 +246,6 @@ function drawMarkers() {
 let socketSettled;
 const subscribed = new Promise((resolve) => { socketSettled = resolve; });
 const SUBSCRIBE_WAIT_MS = 5000;
-/** The longest the preview's data is waited for before Plotly runs regardless. */
-const PREVIEW_WAIT_MS = 1000;
 
 function onSnapshot(msg) {
   socketSettled();

@@ -3,7 +3,7 @@
 * ``running_server(settings)`` — ``create_app(settings)`` served by uvicorn on 127.0.0.1 in a
   background thread; yields a ``LiveServer``, which *is* the base URL (a str) and also
   carries ``.settings``, ``.app``, ``.server`` and ``.data_dir``.
-  ``make_settings(data_dir, **overrides)`` builds test settings (port 0, short timeouts).
+  ``make_settings(data_dir, **overrides)`` builds test settings (port 0, quick commits).
 * ``FakeTrainer`` — a ``websockets`` client that speaks the trainer side of the protocol
   (hello, frames, acks, commands); a real peer, not a mock of the server.
 * ``open_viewer`` / ``recv_until`` — the browser side of ``/ws/runs/{id}``.
@@ -34,12 +34,16 @@ START_TIMEOUT_S = 15.0
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test server: port 0, quick commits, short liveness timeouts."""
+    """Settings for a test server: port 0, quick commits, a short reconnect grace. Tests of
+    liveness set ``heartbeat_timeout_s`` themselves; the default is long because a
+    ``FakeTrainer`` sends no heartbeats unless asked, and an async test that makes a few
+    blocking HTTP calls can keep its trainer silent for seconds on a loaded machine (the
+    server then dropped it mid-test: 409 'no trainer connected')."""
     values: dict[str, Any] = {
         "data_dir": Path(data_dir),
         "port": 0,
         "commit_interval_s": 0.02,
-        "heartbeat_timeout_s": 3.0,
+        "heartbeat_timeout_s": 60.0,
         "reconnect_grace_s": 3.0,
     }
     values.update(overrides)

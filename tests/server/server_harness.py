@@ -115,7 +115,10 @@ def metrics_frame(seq: int, step: int, **values: float | None) -> dict[str, Any]
     return {"type": "metrics", "seq": seq, "rows": [{"step": step, "time_s": 0.01 * step, "values": values}]}
 
 
-def probe_frame(seq: int, step: int, layers: int = 3, bins: int = 8) -> dict[str, Any]:
+def probe_frame(
+    seq: int, step: int, layers: int = 3, bins: int = 8, count_base: int = 0
+) -> dict[str, Any]:
+    """``count_base`` inflates every bin count: more bytes on the wire at the same parse cost."""
     return {
         "type": "probe",
         "seq": seq,
@@ -130,7 +133,11 @@ def probe_frame(seq: int, step: int, layers: int = 3, bins: int = 8) -> dict[str
                 "zero_frac": 0.0,
                 "nonfinite": 0,
                 "dead_ratio": 0.25,
-                "hist": {"lo": -1.0, "hi": 1.0, "counts": [step % 7 + j for j in range(bins)]},
+                "hist": {
+                    "lo": -1.0,
+                    "hi": 1.0,
+                    "counts": [count_base + step % 7 + j for j in range(bins)],
+                },
             }
             for i in range(layers)
         ],

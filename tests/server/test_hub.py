@@ -56,18 +56,17 @@ async def test_a_viewer_gets_a_snapshot_then_live_frames(shared_server: LiveServ
 
 async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
-    sent = 0
 
     async def send_all() -> None:
-        nonlocal sent
         for seq in range(1, 301):
             await trainer.send(metrics_frame(seq, seq))
-            sent = seq
             if seq % 10 == 0:
                 await asyncio.sleep(0.005)
 
     sender = asyncio.create_task(send_all())
-    while sent < 50:
+    # Joins once the server holds some frames (so the snapshot has a loss series) while the
+    # rest are still being sent; 50 merely written to the socket may not be stored yet.
+    while trainer.acked < 50:
         await asyncio.sleep(0.005)
     viewer, snapshot = await open_viewer(shared_server, run_id)
     await sender
@@ -150,11 +149,13 @@ async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path)
         trainer = await FakeTrainer.connect(server, "r1")
         slow = await open_slow_viewer(server, "r1")
         # ~9 MB, like the 1013 test's: the server's socket send buffer autotunes up to 4 MB
-        # (tcp_wmem), which on a slow run can hold a smaller stream whole, so the viewer never
-        # falls behind and nothing coalesces.
-        total = 200
+        # (tcp_wmem), which can hold a smaller stream whole, so the viewer never falls behind
+        # and nothing coalesces. Large bin counts make the bytes cheap to parse and store: the
+        # viewer reads nothing meanwhile, and the server drops a viewer that has not answered
+        # its pings for 20 s.
+        total = 120
         for seq in range(1, total + 1):
-            await trainer.send(probe_frame(seq, seq, layers=64, bins=128))
+            await trainer.send(probe_frame(seq, seq, layers=20, bins=256, count_base=10**12))
         await trainer.wait_acked(total)
         await trainer.send(metrics_frame(total + 1, total + 1))
         seen: list[int] = []

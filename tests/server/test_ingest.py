@@ -156,10 +156,12 @@ async def test_a_status_event_ends_the_run_and_viewers_see_it(shared_server: Liv
 
 
 async def test_heartbeats_keep_a_quiet_run_alive_and_are_not_stored(tmp_path: Path) -> None:
-    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+    # 0.2 s heartbeats against a 2.5 s timeout: a 1 s timeout was missed on a loaded machine
+    # (the server, in this process, did not read a heartbeat for a whole second).
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=2.5)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
         await stored_run(trainer, 1)
-        for step in range(12):  # 2.4 s, more than twice the timeout
+        for step in range(26):  # 5.2 s, more than twice the timeout
             await trainer.send({"type": "heartbeat", "step": step, "status": "running"})
             await asyncio.sleep(0.2)
         detail = run_detail(server, "r1")
@@ -179,7 +181,8 @@ async def test_a_silent_trainer_is_lost_and_what_it_sent_is_kept(tmp_path: Path)
 
 
 async def test_a_trainer_that_disconnects_is_lost_unless_it_comes_back(tmp_path: Path) -> None:
-    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+    # 2.5 s: with 1 s the returning trainer's 0.2 s heartbeats were missed under load.
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=2.5)) as server:
         back = await FakeTrainer.connect(server, "back")
         gone = await FakeTrainer.connect(server, "gone")
         await stored_run(back, 2)
@@ -195,15 +198,20 @@ async def test_a_trainer_that_disconnects_is_lost_unless_it_comes_back(tmp_path:
 
 
 async def test_a_lost_run_resumes_when_its_trainer_returns(tmp_path: Path) -> None:
-    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
         await stored_run(trainer, 2)
         await trainer.close()
         await wait_status(server, "r1", "lost", timeout=10)
         trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=2)
+        # Heartbeats, as a returning trainer's link sends them: a silent one is rightly lost
+        # again once the timeout passes, which a loaded machine reached before the check.
+        trainer.heartbeat(0.1)
         await trainer.send(metrics_frame(3, 3))
         await trainer.wait_acked(3)
-        assert run_detail(server, "r1")["status"] == "running"
+        async with httpx.AsyncClient(timeout=10) as client:  # the loop keeps heartbeating
+            detail = (await client.get(f"{server}/api/runs/r1")).json()
+        assert detail["status"] == "running"
         await trainer.close()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +17,16 @@ from layerscope.trainer import cli
 from server_harness import LiveServer, make_settings, running_server
 
 # Small enough that five children start quickly; the server stops them at teardown.
-# (The `lab` fixture asks for the same lab through the CLI.)
+# (The `lab` fixture asks for the same lab through the CLI.) The runs must outlive the
+# module, which counts on them still running: a 2000-step run of this net ended a few
+# seconds after torch was imported, before a loaded machine reached that check. Long runs,
+# paused once they train, so five trainers do not load the machine meanwhile.
 LAB = {
     "activation": "relu",
     "batch_norm": True,
     "depth": 2,
     "width": 8,
-    "steps": 2000,
+    "steps": 1_000_000,
     "dataset": "blobs",
 }
 
@@ -35,11 +39,11 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
 
 
 @pytest.fixture(scope="module")
-def lab(lab_server: LiveServer) -> dict[str, Any]:
+def lab(lab_server: LiveServer) -> Iterator[dict[str, Any]]:
     """Launched the way a user does from a terminal: `layerscope lab init ...`."""
     out = io.StringIO()
     argv = ["lab", "init", "--activation", "relu", "--batch-norm", "--depth", "2", "--width", "8"]
-    argv += ["--steps", "2000", "--dataset", "blobs", "--server", str(lab_server)]
+    argv += ["--steps", str(LAB["steps"]), "--dataset", "blobs", "--server", str(lab_server)]
     with contextlib.redirect_stdout(out):
         assert cli.main(argv) == 0
     url = out.getvalue().strip().splitlines()[-1].split()[-1]
@@ -47,7 +51,34 @@ def lab(lab_server: LiveServer) -> dict[str, Any]:
     assert url == f"{lab_server}/labs/{lab_id}"
     got = httpx.get(f"{lab_server}/api/labs/{lab_id}").json()
     assert all(f"/runs/{r['id']}" in out.getvalue() for r in got["runs"])
-    return {"lab_id": lab_id, "url": got["url"], "runs": got["runs"]}
+    for run in got["runs"]:
+        wait_running(lab_server, run["id"])
+        paused = httpx.post(
+            f"{lab_server}/api/runs/{run['id']}/commands", json={"name": "pause"}, timeout=30
+        )
+        assert paused.status_code == 202, paused.text
+    yield {"lab_id": lab_id, "url": got["url"], "runs": got["runs"]}
+    # Stopped through the API, which a paused trainer obeys at once, rather than signalled
+    # at the server's shutdown (a SIGTERM grace per child).
+    launcher = lab_server.app.state.launcher
+    for run in got["runs"]:
+        httpx.post(f"{lab_server}/api/runs/{run['id']}/stop", timeout=30)
+    deadline = time.monotonic() + 60
+    while any(r["id"] not in launcher.exit_codes for r in got["runs"]):
+        assert time.monotonic() < deadline, "the lab's runs did not stop"
+        time.sleep(0.1)
+
+
+def wait_running(server: str, run_id: str, timeout_s: float = 180.0) -> None:
+    """Until the run's trainer (a child importing torch, slow on a loaded machine) is connected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        detail = httpx.get(f"{server}/api/runs/{run_id}", timeout=30).json()
+        assert detail["status"] in ("starting", "running"), detail
+        if detail["status"] == "running" and detail["trainer_connected"]:
+            return
+        assert time.monotonic() < deadline, f"run {run_id} never started training"
+        time.sleep(0.1)
 
 
 def config_of(server: str, run_id: str) -> dict[str, Any]:
@@ -79,7 +110,7 @@ def test_the_lab_launches_five_runs_that_differ_only_in_init(
     base = stripped[0]
     assert base["model"]["activation"] == "relu" and base["model"]["batch_norm"] is True
     assert base["model"]["depth"] == 2 and base["data"]["dataset"] == "blobs"
-    assert base["solver"]["seed"] == 0 and base["solver"]["steps"] == 2000
+    assert base["solver"]["seed"] == 0 and base["solver"]["steps"] == LAB["steps"]
     assert all(lab["lab_id"] in c["name"] for c in configs)
 
 
@@ -88,7 +119,7 @@ def test_get_lab_lists_its_runs_and_schemes(lab_server: LiveServer, lab: dict[st
     assert [(r["id"], r["scheme"]) for r in got["runs"]] == [
         (r["id"], r["scheme"]) for r in lab["runs"]
     ]
-    assert all(r["status"] in ("starting", "running", "finished") for r in got["runs"])
+    assert all(r["status"] in ("running", "paused") for r in got["runs"])
     assert got["params"]["activation"] == "relu" and got["params"]["seed"] == 0
     listed = httpx.get(f"{lab_server}/api/labs").json()
     assert [x["id"] for x in listed] == [lab["lab_id"]]
@@ -114,7 +145,7 @@ def test_a_bad_body_is_refused_naming_each_field_and_launches_nothing(
         assert response.status_code == 422, (body, response.text)
         assert loc in [e["loc"] for e in response.json()["detail"]], response.json()
     assert len(httpx.get(f"{lab_server}/api/runs").json()) == before
-    # The five lab runs are still running: a second lab does not fit under the cap of 6.
+    # The five lab runs are still running (paused): a second lab does not fit under the cap of 6.
     full = httpx.post(f"{lab_server}/api/labs/init", json=LAB)
     assert full.status_code == 429 and "lab needs 5" in full.json()["detail"]
 

@@ -99,7 +99,11 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     expect(pause).to_have_text("Resume", timeout=20_000)  # only after the trainer's acknowledgement
     expect(page.locator("#status")).to_have_text("paused", timeout=20_000)
     applied_at = last_command(server, run_id, "pause")["applied_at_step"]
-    time.sleep(1.0)  # let frames already produced reach the server
+    # the steps before the pause reach the server (behind a backlog on a loaded machine)
+    wait_for(
+        lambda: server.run(run_id)["last_step"] >= applied_at, 30, "the steps before the pause"
+    )
+    time.sleep(0.5)
     paused_step = server.run(run_id)["last_step"]
     assert paused_step <= applied_at + 1
     time.sleep(1.5)

@@ -53,11 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from layerscope.server.store import Store
 from layerscope.trainer import wire
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
-from replay import LAYERS, free_port, ingest, layer_names, start_server
+from replay import LAYERS, free_port, ingest, layer_names, start_server, wait_healthy
 from websockets.asyncio.client import connect
 
 CHROMIUM = "/usr/bin/chromium"
@@ -316,16 +315,7 @@ def start_baseline_server(data_dir: Path, web_dir: Path) -> tuple[subprocess.Pop
     cmd = [sys.executable, "-c", BASELINE_SERVER, str(web_dir), "serve", "--port", str(port)]
     cmd += ["--data-dir", str(copy), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the baseline server did not start within 60 s")
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", "the baseline server")
 
 
 # ---- phase 2: a live run ----

@@ -186,16 +186,20 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "warning",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", "the server")
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], base: str, what: str) -> str:
+    """``base`` once its /healthz answers 200; kills ``proc`` if that takes over 60 s."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
+                return base
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("the server did not start within 60 s")
+    raise RuntimeError(f"{what} did not start within 60 s")
 
 
 def charts(run_id: str, steps: int) -> list[tuple[str, str, Callable[[Store], Any]]]:

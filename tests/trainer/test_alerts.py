@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,7 @@ from layerscope.trainer.experiment import run_experiment
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import Watch
 from torch import nn
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+from waiting import wait_until
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:

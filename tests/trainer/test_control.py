@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.control import Control
 from torch import nn
+from waiting import wait_until
 
 _seq = iter(range(1, 10_000))
 
@@ -183,14 +182,6 @@ def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
     assert result["state"]["frozen"] == []
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def _boundary_in_thread(control: Control, step: int) -> threading.Thread:
     t = threading.Thread(target=control.at_step_boundary, args=(step,), daemon=True)
     t.start()
@@ -294,6 +285,10 @@ def test_command_results_carry_source_and_reason() -> None:
     control.apply(rule, 4)
     control.apply(cmd("pause"), 5)
     by_rule, by_user = rec.results()
-    assert (by_rule["source"], by_rule["reason"], by_rule["args"]) == ("rule", "plateau", {"value": 0.5})
+    assert (by_rule["source"], by_rule["reason"], by_rule["args"]) == (
+        "rule",
+        "plateau",
+        {"value": 0.5},
+    )
     assert by_user["source"] == "user" and "reason" not in by_user
     assert "rules" not in by_user["state"]  # a Control without rules has no rule state

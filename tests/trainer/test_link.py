@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +18,9 @@ import pytest
 from layerscope.trainer import wire
 from layerscope.trainer.link import Link, sync_spool
 from layerscope.trainer.spool import read_spool
+from waiting import wait_until
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 class TrainerServer:

@@ -419,7 +419,7 @@ def _launch_ranks(nproc: int, argv: list[str]) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from layerscope.trainer.experiment import trainer_socket_url
-    from layerscope.trainer.link import sync_spool
+    from layerscope.trainer.sync import sync_spool
 
     server = args.server or os.environ.get("LAYERSCOPE_SERVER")
     if not server:

@@ -3,8 +3,8 @@
 Owns: the background thread and its asyncio loop, turning flushed batches and
 events into numbered frames (seq 1, 2, 3, ...), appending every frame to the
 spool before it is sent, the websocket session (hello, welcome, resend,
-stream, acks, commands, heartbeats), reconnecting with backoff, and
-``sync_spool`` for uploading a spool later.
+stream, acks, commands, heartbeats) and reconnecting with backoff. Uploading a
+spool later is ``sync``'s.
 
 Never: raises into the training thread, blocks it (the training thread only
 hands items over with ``call_soon_threadsafe``), or keeps more than a bounded
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
-from layerscope.trainer.spool import SpoolError, SpoolReader, SpoolWriter, index_spool
+from layerscope.trainer.spool import SpoolError, SpoolWriter
 from websockets.asyncio.client import ClientConnection, connect
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ OPEN_TIMEOUT_S = 5.0
 WELCOME_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # how long close() waits for the server to ack the last frames
 TRAINER_PATH = "/ws/trainer"
-GAP_QUIET_S = 0.5  # sync past a damaged record: how long the server must be quiet before closing
 
 
 class LinkError(RuntimeError):
@@ -72,7 +71,7 @@ def trainer_url(server: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-def _headers(token: str | None) -> dict[str, str]:
+def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -305,7 +304,7 @@ class Link:
             try:
                 async with connect(
                     self.url,
-                    additional_headers=_headers(self.token),
+                    additional_headers=auth_headers(self.token),
                     open_timeout=OPEN_TIMEOUT_S,
                     close_timeout=1.0,
                     max_size=wire.MAX_FRAME_BYTES,
@@ -415,125 +414,3 @@ class Link:
                 wire.encode({"type": "heartbeat", "step": self.step, "status": self.status})
             )
             await asyncio.sleep(self.heartbeat_s)
-
-
-# ---- uploading a spool after the fact ----
-
-
-def sync_spool(
-    path: str | Path, server: str, token: str | None = None, timeout_s: float = 60
-) -> int:
-    """Upload a spool to ``server``; returns how many of its frames the server acked.
-
-    Resume-safe: the server's welcome says what it already holds and only the rest is
-    sent; it dedupes by (run_id, seq) anyway. Raises ConnectionError if the server
-    cannot be reached at all and TimeoutError if it stops acking before ``timeout_s``.
-    """
-    path = Path(path)
-    hello, frames = index_spool(path)
-    if not frames:
-        return 0
-    # The server acks the highest contiguous seq, so a seq lost to spool damage caps
-    # what it can confirm: wait for acks up to just before the first gap.
-    target = 0
-    for seq, _ in frames:
-        if seq != target + 1:
-            log.warning(
-                "spool %s: frame %d is missing; frames after it are sent but cannot be confirmed",
-                path,
-                target + 1,
-            )
-            break
-        target = seq
-    return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
-
-
-async def _upload(
-    path: Path,
-    hello: dict[str, Any],
-    frames: list[tuple[int, int]],
-    target: int,
-    url: str,
-    token: str | None,
-    timeout_s: float,
-) -> int:
-    deadline = time.monotonic() + timeout_s
-    acked = 0
-    connected_once = False
-    backoff = BACKOFF_FIRST_S
-    last_error = ""
-    last_heard = time.monotonic()
-    gap = target < frames[-1][0]
-    reader = SpoolReader(path)
-
-    async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
-        # Read acks while sending: a client that only sends stops draining the socket,
-        # and a server blocked on sending acks may stop reading frames.
-        nonlocal acked, last_heard
-        async for raw in ws:
-            last_heard = time.monotonic()
-            msg = wire.decode(raw)
-            seq = msg.get("seq")
-            if msg["type"] == "ack" and isinstance(seq, int) and not isinstance(seq, bool):
-                acked = max(acked, seq)
-                if acked >= target:
-                    done.set()
-            elif msg["type"] == "error":
-                log.warning("server says: %s", msg.get("message"))
-
-    try:
-        while acked < target and time.monotonic() < deadline:
-            try:
-                async with connect(
-                    url,
-                    additional_headers=_headers(token),
-                    open_timeout=OPEN_TIMEOUT_S,
-                    close_timeout=2.0,
-                    max_size=wire.MAX_FRAME_BYTES,
-                ) as ws:
-                    await ws.send(wire.encode(dict(hello, last_acked_seq=acked)))
-                    welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
-                    if welcome["type"] != "welcome":
-                        raise LinkError(f"server refused the upload: {welcome.get('message')}")
-                    connected_once = True
-                    acked = max(acked, int(welcome.get("acked_seq", 0)))
-                    if acked >= target and not gap:
-                        break
-                    done = asyncio.Event()
-                    receiver = asyncio.create_task(receive_acks(ws, done))
-                    try:
-                        for seq, offset in frames:
-                            if seq > acked:
-                                await ws.send(reader.read_at(offset))
-                        waiter = asyncio.create_task(done.wait())
-                        await asyncio.wait(
-                            [receiver, waiter],
-                            timeout=max(0.0, deadline - time.monotonic()),
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                        waiter.cancel()
-                        # Past a gap no ack can confirm the frames, so leave only once the
-                        # server has gone quiet: it has read and committed what it got.
-                        while gap and acked >= target and time.monotonic() < deadline:
-                            if time.monotonic() - last_heard >= GAP_QUIET_S:
-                                break
-                            await asyncio.sleep(0.05)
-                    finally:
-                        receiver.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await receiver
-            except Exception as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-                if not connected_once:
-                    raise ConnectionError(f"cannot upload to {url}: {last_error}") from exc
-            if acked < target:
-                await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
-                backoff = min(BACKOFF_CAP_S, backoff * 2)
-    finally:
-        reader.close()
-    if acked < target:
-        raise TimeoutError(
-            f"server acked {acked} of {target} frames within {timeout_s:g} s"
-            + (f" (last error: {last_error})" if last_error else "")
-        )
-    return sum(1 for seq, _ in frames if seq <= acked)

@@ -1,0 +1,155 @@
+"""sync — uploading a spool after the fact (``layerscope sync SPOOL --server URL``).
+
+Owns: reading a spool's hello and frames, sending only what the server's welcome says
+it lacks, waiting for acks up to the first gap a damaged record left, and
+reconnecting with the link's backoff if the connection drops mid-upload.
+
+Never: rewrites the spool (it stays the run's record whatever the server acks), or
+claims frames past a gap as confirmed: the server acks the highest contiguous seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from layerscope.trainer import wire
+from layerscope.trainer.link import (
+    BACKOFF_CAP_S,
+    BACKOFF_FIRST_S,
+    OPEN_TIMEOUT_S,
+    WELCOME_TIMEOUT_S,
+    LinkError,
+    auth_headers,
+    trainer_url,
+)
+from layerscope.trainer.spool import SpoolReader, index_spool
+from websockets.asyncio.client import ClientConnection, connect
+
+log = logging.getLogger(__name__)
+
+GAP_QUIET_S = 0.5  # past a damaged record: how long the server must be quiet before closing
+
+
+def sync_spool(
+    path: str | Path, server: str, token: str | None = None, timeout_s: float = 60
+) -> int:
+    """Upload a spool to ``server``; returns how many of its frames the server acked.
+
+    Resume-safe: the server's welcome says what it already holds and only the rest is
+    sent; it dedupes by (run_id, seq) anyway. Raises ConnectionError if the server
+    cannot be reached at all and TimeoutError if it stops acking before ``timeout_s``.
+    """
+    path = Path(path)
+    hello, frames = index_spool(path)
+    if not frames:
+        return 0
+    # The server acks the highest contiguous seq, so a seq lost to spool damage caps
+    # what it can confirm: wait for acks up to just before the first gap.
+    target = 0
+    for seq, _ in frames:
+        if seq != target + 1:
+            log.warning(
+                "spool %s: frame %d is missing; frames after it are sent but cannot be confirmed",
+                path,
+                target + 1,
+            )
+            break
+        target = seq
+    return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
+
+
+async def _upload(
+    path: Path,
+    hello: dict[str, Any],
+    frames: list[tuple[int, int]],
+    target: int,
+    url: str,
+    token: str | None,
+    timeout_s: float,
+) -> int:
+    deadline = time.monotonic() + timeout_s
+    acked = 0
+    connected_once = False
+    backoff = BACKOFF_FIRST_S
+    last_error = ""
+    last_heard = time.monotonic()
+    gap = target < frames[-1][0]
+    reader = SpoolReader(path)
+
+    async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
+        # Read acks while sending: a client that only sends stops draining the socket,
+        # and a server blocked on sending acks may stop reading frames.
+        nonlocal acked, last_heard
+        async for raw in ws:
+            last_heard = time.monotonic()
+            msg = wire.decode(raw)
+            seq = msg.get("seq")
+            if msg["type"] == "ack" and isinstance(seq, int) and not isinstance(seq, bool):
+                acked = max(acked, seq)
+                if acked >= target:
+                    done.set()
+            elif msg["type"] == "error":
+                log.warning("server says: %s", msg.get("message"))
+
+    try:
+        while acked < target and time.monotonic() < deadline:
+            try:
+                async with connect(
+                    url,
+                    additional_headers=auth_headers(token),
+                    open_timeout=OPEN_TIMEOUT_S,
+                    close_timeout=2.0,
+                    max_size=wire.MAX_FRAME_BYTES,
+                ) as ws:
+                    await ws.send(wire.encode(dict(hello, last_acked_seq=acked)))
+                    welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
+                    if welcome["type"] != "welcome":
+                        raise LinkError(f"server refused the upload: {welcome.get('message')}")
+                    connected_once = True
+                    acked = max(acked, int(welcome.get("acked_seq", 0)))
+                    if acked >= target and not gap:
+                        break
+                    done = asyncio.Event()
+                    receiver = asyncio.create_task(receive_acks(ws, done))
+                    try:
+                        for seq, offset in frames:
+                            if seq > acked:
+                                await ws.send(reader.read_at(offset))
+                        waiter = asyncio.create_task(done.wait())
+                        await asyncio.wait(
+                            [receiver, waiter],
+                            timeout=max(0.0, deadline - time.monotonic()),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        waiter.cancel()
+                        # Past a gap no ack can confirm the frames, so leave only once the
+                        # server has gone quiet: it has read and committed what it got.
+                        while gap and acked >= target and time.monotonic() < deadline:
+                            if time.monotonic() - last_heard >= GAP_QUIET_S:
+                                break
+                            await asyncio.sleep(0.05)
+                    finally:
+                        receiver.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await receiver
+            except Exception as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                if not connected_once:
+                    raise ConnectionError(f"cannot upload to {url}: {last_error}") from exc
+            if acked < target:
+                await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
+                backoff = min(BACKOFF_CAP_S, backoff * 2)
+    finally:
+        reader.close()
+    if acked < target:
+        raise TimeoutError(
+            f"server acked {acked} of {target} frames within {timeout_s:g} s"
+            + (f" (last error: {last_error})" if last_error else "")
+        )
+    return sum(1 for seq, _ in frames if seq <= acked)

@@ -2,7 +2,7 @@
 
 Owns: StoreError and RunNotFound (the two exceptions Store raises), the field checks
 every write runs (a finite number or null, a step), strict JSON for stored text, and
-the tag of a frame body stored as its wire text.
+the tag of a frame body stored as its wire text (by earlier versions).
 
 Never: touches SQLite; never lets NaN/Inf through (they become None).
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 from layerscope.trainer import wire
 
-# A frames.body is zlib of the frame's canonical JSON, or WIRE_BODY then zlib of the wire
-# text the frame was validated from (ingest's path: the writer does not re-encode it).
+# A frames.body is zlib of the frame's JSON as stored. Databases written before the
+# writer became a process may also hold WIRE_BODY then zlib of the wire text the frame
+# was validated from; reads validate those again.
 WIRE_BODY = b"W"
 
 

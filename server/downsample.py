@@ -43,7 +43,7 @@ SummaryRow = tuple[
 
 # Steps per block summary, one table row per (series, level, block). Each level is
 # 4x the last, so a read touches at most ~4 * B block rows whatever the range; the
-# cost is five summaries per stored point on the writer thread.
+# cost is five summaries per stored point in the writer process.
 BLOCK_LEVELS = (16, 64, 256, 1024, 4096)
 
 

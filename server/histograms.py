@@ -28,7 +28,7 @@ def pack_counts(counts: Sequence[int]) -> bytes:
     """Counts -> blob: 16-bit cells when every count fits (the usual case), else 32 or 64.
 
     struct packs and range-checks in one C walk; max() then array() took five times
-    as long, on the writer thread, 50 times per probe frame. Raises OverflowError for a
+    as long, in the writer process, 50 times per probe frame. Raises OverflowError for a
     negative count or one of 2**64 or more."""
     n = len(counts)
     for tag in _TAGS:

@@ -89,16 +89,14 @@ class _Committer:
         self.run_id = run_id
         self.link = link
         self.pending: list[dict[str, Any]] = []
-        self.pending_raw: list[str] = []  # each pending frame's wire text, stored as is
         self.wake = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
         self.finishing = False
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    def add(self, frame: dict[str, Any], raw: str) -> None:
+    def add(self, frame: dict[str, Any]) -> None:
         self.pending.append(frame)
-        self.pending_raw.append(raw)
         if len(self.pending) >= MAX_UNCOMMITTED:
             self.room.clear()
         self.wake.set()
@@ -113,12 +111,12 @@ class _Committer:
                 continue
             # Taken from the front in place: slicing off the rest copied the whole backlog
             # (thousands of frames when behind) once per batch.
-            batch, raw = self.pending[:MAX_BATCH], self.pending_raw[:MAX_BATCH]
-            del self.pending[:MAX_BATCH], self.pending_raw[:MAX_BATCH]
+            batch = self.pending[:MAX_BATCH]
+            del self.pending[:MAX_BATCH]
             if len(self.pending) < MAX_UNCOMMITTED:
                 self.room.set()
             try:
-                acked = await self.store.append(self.run_id, batch, raw)
+                acked = await self.store.append(self.run_id, batch, validated=True)
             except Exception:
                 log.exception("storing frames for run %s failed", self.run_id)
                 self.room.set()
@@ -293,8 +291,7 @@ class Ingest:
             if kind == "hello":
                 link.send({"type": "error", "message": "hello already received on this connection"})
                 continue
-            assert isinstance(payload, str)  # parse_trainer_frame refuses bytes
-            committer.add(frame, payload)
+            committer.add(frame)
             if self.hub.publish(run_id, frame) and kind == "event" and frame["kind"] == "status":
                 status = frame["data"].get("status")
                 if status in wire.RUN_STATUSES:

@@ -8,9 +8,11 @@ takes it back after. An ``executemany`` steps once per row, about 100 times per
 50-layer probe frame, and while the event loop's thread decodes frames each retake
 waits for it to yield (up to the switch interval, see serving.py): the writer fell
 behind the socket. One statement of n rows is one step, in which SQLite does all n
-inserts without the GIL, in parallel with the event loop.
+inserts without the GIL, in parallel with the event loop. (Measured when the writer
+was a thread of the server's process; in its own process one step per statement still
+costs less Python per row.)
 
-Never: commits (the writer thread does), never builds SQL from values (only from the
+Never: commits (the writer process does), never builds SQL from values (only from the
 caller's fixed statement text and row counts; values are bound parameters).
 """
 

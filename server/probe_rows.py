@@ -4,7 +4,7 @@ Owns: turning probe frames into rows (per-layer stats in ``probes``, histogram b
 ``probe_hists``, the step's frame in ``probe_steps``) and the checks an unvalidated probe
 frame gets.
 
-Never: commits (the writer thread does), never runs on the event loop, never trusts
+Never: commits (the writer process does), never runs on the event loop, never trusts
 an unvalidated frame's shape (a bad one raises StoreError and its operation rolls back).
 """
 

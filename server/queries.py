@@ -173,7 +173,11 @@ def decode_frame(body: bytes) -> dict[str, Any]:
         # Validating again is what turned the wire text into the stored frame (ints to
         # floats, inf to null, unknown keys dropped); it costs about a json.loads more.
         return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode(), orjson.loads)
-    frame: dict[str, Any] = json.loads(zlib.decompress(body))
+    text = zlib.decompress(body)
+    try:
+        frame: dict[str, Any] = orjson.loads(text)
+    except orjson.JSONDecodeError:  # an integer past 64 bits, say: json reads it
+        frame = json.loads(text)
     return frame
 
 

@@ -6,7 +6,7 @@ min/max block summaries of every series current (extended as steps arrive, rebui
 from raw rows when a step is logged again), and reading a series over [start, end]
 as at most max_points points (downsample.py's rule), plus the runs list's sparkline.
 
-Never: commits (the writer thread does), never reads raw rows of a long range when
+Never: commits (the writer process does), never reads raw rows of a long range when
 block summaries cover it, never stores NaN/Inf (None).
 """
 
@@ -108,7 +108,7 @@ def _merge(a: SummaryRow, b: SummaryRow) -> SummaryRow:
 
 
 class ScalarWriter:
-    """The writer thread's side: keeps each series' newest step to tell new points
+    """The writer process's side: keeps each series' newest step to tell new points
     from re-logged ones."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:

@@ -26,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from layerscope.server.app import create_app
 from layerscope.server.settings import Settings
+from layerscope.server.store_writer import GC_YOUNG_THRESHOLD
 from layerscope.trainer import wire
 
 WS_PING_INTERVAL_S = 10.0  # a viewer that stops answering pings is dropped after interval + timeout
@@ -33,8 +34,6 @@ WS_PING_TIMEOUT_S = 10.0
 GRACEFUL_SHUTDOWN_S = 5
 # uvicorn refuses bigger frames itself (close 1009); between the two, wire.decode names the limit.
 WS_MAX_SIZE = 4 * wire.MAX_FRAME_BYTES
-# Container allocations between young collections (CPython's default is 700).
-GC_YOUNG_THRESHOLD = 50_000
 SWITCH_INTERVAL_S = 0.0005  # how long a thread waiting for the GIL waits (default 5 ms)
 
 
@@ -116,11 +115,12 @@ def tune_runtime() -> None:
     60,000) out of every later collection; a young generation of 50,000 allocations
     lets most frames be freed by their reference counts before any collection sees them.
 
-    Switch interval: the store writer gives up the GIL in every SQLite step and zlib
-    call and then waits for the event loop, which decodes frames without yielding it,
-    for up to this interval (5 ms by default) each time. At 0.5 ms the probe phase of
-    benchmarks/ingest.py acked 2-3x as many frames while sending (3 rounds alternated,
-    load 5-7), for the same CPU per frame."""
+    Switch interval: a thread beside the event loop (the store's feeder, which hands
+    writes to the writer process, and HTTP reads in the thread pool) that gives up the
+    GIL for I/O then waits for the loop, which decodes frames without yielding it, for up
+    to this interval (5 ms by default) each time. Measured when the store writer was still
+    a thread here: at 0.5 ms the probe phase of benchmarks/ingest.py acked 2-3x as many
+    frames while sending (3 rounds alternated, load 5-7), for the same CPU per frame."""
     gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)

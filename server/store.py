@@ -1,13 +1,13 @@
 """store — layerscope's record of every run: one SQLite database (WAL) under data_dir.
 
-Owns: the database's lifecycle, the single writer thread with its group commit,
-and the public Store API the rest of the server calls (contract: /tmp/store_api.md,
+Owns: the database's lifecycle, the single writer process (store_writer.py, which
+group-commits) and the two threads that feed it and settle its results, and the public Store API the rest of the server calls (contract: /tmp/store_api.md,
 shapes: http_api.md). Writes are coroutines that resolve only after the commit that
 holds them, so an ack sent on their result is never ahead of the disk. Reads run on
 per-thread read connections, each in its own read transaction (a consistent WAL
 snapshot) and never wait for the writer.
 
-Never: blocks the event loop on a write (the SQL runs on the writer thread), never
+Never: blocks the event loop on a write (the SQL runs in the writer process), never
 loses a committed row to one bad operation (each runs in a savepoint), never keeps
 a NaN/Inf (stored as NULL).
 """
@@ -17,18 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pickle
 import queue
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from layerscope.server import queries
 from layerscope.server.checks import RunNotFound, StoreError, dumps
-from layerscope.server.schema import DB_NAME, connect, create_or_check
-from layerscope.server.writes import Writer
+from layerscope.server.schema import DB_NAME, SchemaError, connect
+from layerscope.server.store_writer import raise_error
 
 __all__ = ["RunNotFound", "Store", "StoreError"]
 
@@ -37,9 +43,11 @@ log = logging.getLogger(__name__)
 EXPORT_PAGE_FRAMES = 500
 SNAPSHOT_EVENTS = 200
 
-# (write, the caller's loop, its future, urgent: commit at once instead of at the deadline)
-_Op = tuple[Callable[[Writer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool]
 _STOP = object()
+RESTART_AFTER_S = 5.0  # a replacement writer dying younger than this is not replaced again
+# An operation on its way to the writer process: (id, Writer method, args, urgent:
+# commit at once instead of at the group-commit deadline).
+_Op = tuple[int, str, tuple[Any, ...], bool]
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -51,159 +59,249 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_result(result)
 
 
+def _encode(frame: dict[str, Any]) -> bytes:
+    """A validated frame's JSON for the writer process: orjson (a twentieth of a
+    millisecond for a 50-layer probe frame, and the writer stores these very bytes),
+    json where orjson refuses (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(frame)
+    except (TypeError, orjson.JSONEncodeError):
+        return dumps(frame).encode()
+
+
+class _WriterProcess:
+    """One writer process, the queue of operations for it, and the two threads that feed
+    it and settle its results. A Store has one at a time; a new one replaces a writer
+    that died."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[_Op | object] = queue.Queue()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.threads: list[threading.Thread] = []
+        self.started = 0.0
+
+    def launch(self, path: Path, commit_interval_s: float) -> tuple[Connection, Connection]:
+        """Start the process and wait until its database is open; SchemaError or
+        StoreError when it cannot be."""
+        ops_r, ops_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "layerscope.server.store_writer",
+                    str(path),
+                    repr(commit_interval_s),
+                    str(ops_r),
+                    str(out_w),
+                ],
+                pass_fds=(ops_r, out_w),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(ops_w)
+            os.close(out_r)
+            raise
+        finally:
+            os.close(ops_r)
+            os.close(out_w)
+        to_child = Connection(ops_w, readable=False)
+        from_child = Connection(out_r, writable=False)
+        try:
+            first = from_child.recv()
+        except EOFError:
+            code = self.proc.wait()
+            first = ("failed", "store", f"the store's writer process exited with code {code}")
+        if first[0] != "ready":
+            to_child.close()
+            from_child.close()
+            self.proc.wait()
+            raise SchemaError(first[2]) if first[1] == "schema" else StoreError(first[2])
+        self.started = time.monotonic()
+        return to_child, from_child
+
+    def stop(self) -> None:
+        """Ask the process to commit what it has and exit; wait for it and its threads."""
+        self.queue.put(_STOP)
+        for thread in self.threads:
+            thread.join()
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            log.error("the store's writer process did not stop; killing it")
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Store:
-    """One SQLite database (WAL) under data_dir: layerscope.db. One writer thread with its
-    own connection does group commits about every commit_interval_s; each write coroutine
-    resolves only after the commit that contains it. Reads use separate connections and
-    never block the writer."""
+    """One SQLite database (WAL) under data_dir: layerscope.db. Writes go to one writer
+    process (store_writer.py) that group-commits about every commit_interval_s; each
+    write coroutine resolves only after the commit that contains it. Reads use
+    connections in this process and never block the writer."""
 
     def __init__(self, data_dir: Path, *, commit_interval_s: float = 0.1) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / DB_NAME
         self.commit_interval_s = commit_interval_s
-        self._queue: queue.Queue[_Op | object] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._writer: _WriterProcess | None = None
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self._pending_lock = threading.Lock()
+        self._next_op = 0
+        self._refusing: StoreError | None = None  # set when writes can no longer be taken
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
         self.commits = 0  # how many group commits so far (tests and benchmarks read it)
-        self._last_commit = 0.0
+        self.writer_restarts = 0
 
     # ---- lifecycle ----
 
     async def open(self) -> None:
-        """Create data_dir and the schema (or check its version), start the writer."""
+        """Create data_dir and start the writer process (which creates the schema or
+        checks its version: SchemaError when it is another's)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        conn = await asyncio.to_thread(self._open_writer)
-        self._thread = threading.Thread(
-            target=self._writer_loop, args=(conn,), name="layerscope-store-writer", daemon=True
-        )
-        self._thread.start()
+        writer = _WriterProcess()
+        await asyncio.to_thread(self._start, writer)
+        self._writer = writer
 
-    def _open_writer(self) -> sqlite3.Connection:
-        conn = connect(self.path, readonly=False)
-        try:
-            create_or_check(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _start(self, writer: _WriterProcess) -> None:
+        to_child, from_child = writer.launch(self.path, self.commit_interval_s)
+        writer.threads = [
+            threading.Thread(
+                target=self._feed, args=(writer, to_child), name="layerscope-store-feed"
+            ),
+            threading.Thread(
+                target=self._receive, args=(writer, from_child), name="layerscope-store-results"
+            ),
+        ]
+        for thread in writer.threads:
+            thread.daemon = True
+            thread.start()
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer, close every connection."""
+        """Commit what is queued, stop the writer process, close every connection."""
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
+        while self._writer is not None:
+            writer = self._writer
+            await asyncio.to_thread(writer.stop)
+            if self._writer is writer:  # not replaced meanwhile by a restart
+                break
+        with self._pending_lock:
+            self._refusing = self._refusing or StoreError("the store is closed")
+        self._fail_pending(self._refusing)
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
 
-    # ---- the writer thread ----
+    # ---- the writer process ----
 
-    def _writer_loop(self, conn: sqlite3.Connection) -> None:
-        writer = Writer(conn)
+    def _feed(self, writer: _WriterProcess, conn: Connection) -> None:
+        """Operations to the writer process in the order they were submitted."""
         try:
             while True:
-                item = self._queue.get()
-                if item is _STOP or self._commit_batch(writer, item):
-                    break
-        except BaseException as exc:  # never leave a coroutine awaiting a dead thread
-            log.exception("the store writer stopped")
-            self._closed = True
-            self._fail_queued(StoreError(f"the store's writer stopped: {exc}"))
+                item = writer.queue.get()
+                if item is _STOP:
+                    conn.send(("stop",))
+                    return
+                assert isinstance(item, tuple)
+                op_id, name, args, urgent = item
+                if name == "append_validated":
+                    run_id, frames = args
+                    args = (run_id, [_encode(f) for f in frames])
+                try:
+                    message = pickle.dumps(
+                        ("op", op_id, name, args, urgent), pickle.HIGHEST_PROTOCOL
+                    )
+                except Exception as exc:  # an argument pickle cannot carry
+                    self._settle(op_id, None, StoreError(f"cannot store {name}: {exc}"))
+                    continue
+                conn.send_bytes(message)
+        except OSError:  # the writer process is gone; _receive deals with it
+            pass
         finally:
             conn.close()
 
-    def _commit_batch(self, writer: Writer, item: _Op | object) -> bool:
-        """Apply item and whatever else arrives before the deadline, commit once, then
-        settle every future. Returns True when a stop request arrived meanwhile."""
-        conn = writer.conn
-        # Commits are rate-limited, not delayed: after a quiet spell the first write
-        # commits at once; under load, writes arriving within commit_interval_s of
-        # the last commit share the next one.
-        deadline = max(time.monotonic(), self._last_commit + self.commit_interval_s)
-        done: list[tuple[_Op, Any, BaseException | None]] = []
-        stopping = False
+    def _receive(self, writer: _WriterProcess, conn: Connection) -> None:
+        """Results from the writer process, each after the commit that holds it."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            assert isinstance(item, tuple)
-            self._settle_all([(item, None, StoreError(f"could not start a write: {exc}"))])
-            return False
-        while True:
-            assert isinstance(item, tuple)
-            done.append((item, *self._apply(writer, item)))
-            if item[3]:
-                # A command is relayed to the trainer only once stored: commit it now
-                # rather than at the group-commit deadline (up to 100 ms later).
-                break
-            timeout = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                stopping = True
-                break
+            while True:
+                message = pickle.loads(conn.recv_bytes())
+                if message[0] == "stopped":
+                    return
+                _done, self.commits, results = message
+                for op_id, result, error in results:
+                    self._settle(op_id, result, None if error is None else raise_error(error))
+        except (EOFError, OSError):
+            self._writer_died(writer)
+        finally:
+            conn.close()
+
+    def _writer_died(self, writer: _WriterProcess) -> None:
+        """Fail the writes it held (none of them was acknowledged, so callers resend) and
+        start another writer, unless the store is closing or the last one died young."""
+        assert writer.proc is not None
+        code = writer.proc.wait()
+        why = f"the store's writer process stopped (exit code {code})"
+        # A replacement that dies young would die again: stop replacing then.
+        young = self.writer_restarts > 0 and time.monotonic() - writer.started < RESTART_AFTER_S
+        replacement = None
+        with self._pending_lock:
+            first_new = self._next_op + 1
+            if self._closed or young:
+                self._refusing = StoreError(f"{why}; the store takes no more writes")
+            else:
+                replacement = _WriterProcess()
+                self._writer = replacement  # new writes queue for it while it starts
+        writer.queue.put(_STOP)  # ends the feeder; what it still held is failed below
+        log.error("%s%s", why, "; starting another" if replacement else "")
+        error = StoreError(f"{why}; this write was not stored, send it again")
+        self._fail_pending(error, below=first_new)
+        if replacement is None:
+            return
         try:
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            writer.forget()
-            failure = StoreError(f"commit failed, nothing of this batch was stored: {exc}")
-            done = [(op, None, err or failure) for op, _r, err in done]
-        self._last_commit = time.monotonic()
-        self._settle_all(done)
-        return stopping
-
-    @staticmethod
-    def _settle_all(done: list[tuple[_Op, Any, BaseException | None]]) -> None:
-        for (_fn, loop, fut, _urgent), result, error in done:
-            with contextlib.suppress(RuntimeError):  # that event loop has closed
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-
-    def _fail_queued(self, error: StoreError) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, tuple):
-                self._settle_all([(item, None, error)])
-
-    @staticmethod
-    def _apply(writer: Writer, op: _Op) -> tuple[Any, BaseException | None]:
-        fn = op[0]
-        conn = writer.conn
-        conn.execute("SAVEPOINT op")
-        try:
-            result = fn(writer)
+            self._start(replacement)
+            self.writer_restarts += 1
         except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            writer.forget()
-            if isinstance(exc, (StoreError, RunNotFound)):
-                return None, exc
-            return None, StoreError(
-                f"write failed, nothing of it was stored: {type(exc).__name__}: {exc}"
-            )
-        conn.execute("RELEASE op")
-        return result, None
+            log.exception("could not start another store writer")
+            with self._pending_lock:
+                self._refusing = StoreError(f"{why}; another could not start: {exc}")
+            self._fail_pending(self._refusing)
 
-    async def _submit(self, fn: Callable[[Writer], T], *, urgent: bool = False) -> T:
-        if self._closed or self._thread is None:
-            raise StoreError("the store is not open")
+    def _fail_pending(self, error: StoreError, below: int | None = None) -> None:
+        with self._pending_lock:
+            ids = [op_id for op_id in self._pending if below is None or op_id < below]
+        for op_id in ids:
+            self._settle(op_id, None, error)
+
+    def _settle(self, op_id: int, result: Any, error: BaseException | None) -> None:
+        with self._pending_lock:
+            pending = self._pending.pop(op_id, None)
+        if pending is None:
+            return
+        loop, fut = pending
+        with contextlib.suppress(RuntimeError):  # that event loop has closed
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    async def _submit(self, name: str, *args: Any, urgent: bool = False) -> Any:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, loop, fut, urgent))
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._pending_lock:
+            if self._closed or self._writer is None:
+                raise StoreError("the store is not open")
+            if self._refusing is not None:
+                raise self._refusing
+            self._next_op += 1
+            op_id = self._next_op
+            self._pending[op_id] = (loop, fut)
+            self._writer.queue.put((op_id, name, args, urgent))
         return await fut
 
     # ---- writes (resolve after commit) ----
@@ -217,32 +315,39 @@ class Store:
         status: str = "starting",
         launched: bool = False,
     ) -> None:
-        await self._submit(lambda w: w.create_run(run_id, name, config, status, launched))
+        await self._submit("create_run", run_id, name, config, status, launched)
 
     async def hello(self, hello: dict[str, Any]) -> int:
         """Create or resume the run of a validated hello; returns its acked seq."""
-        return await self._submit(lambda w: w.hello(hello))
+        acked: int = await self._submit("hello", hello)
+        return acked
 
     async def append(
-        self, run_id: str, frames: list[dict[str, Any]], raw: list[str] | None = None
+        self, run_id: str, frames: list[dict[str, Any]], *, validated: bool = False
     ) -> int:
-        """Store validated metrics/probe/event frames; returns the highest contiguous
-        committed seq. A stored (run_id, seq) is a no-op. raw, when given, is each
-        frame's wire text, with frames[i] == wire.parse_trainer_frame(raw[i]): the
-        text is stored as it came instead of encoding the frame again."""
-        return await self._submit(lambda w: w.append(run_id, frames, raw))
+        """Store metrics/probe/event frames; returns the highest contiguous committed seq.
+        A stored (run_id, seq) is a no-op. validated: every frame is
+        wire.parse_trainer_frame's output (ingest's case), so the writer stores its JSON
+        without checking it again; otherwise each frame is checked as it is stored."""
+        if validated:
+            acked: int = await self._submit("append_validated", run_id, frames)
+        else:
+            acked = await self._submit("append", run_id, frames)
+        return acked
 
     async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
-        await self._submit(lambda w: w.set_status(run_id, status, reason))
+        await self._submit("set_status", run_id, status, reason)
 
     async def add_command(
         self, run_id: str, cmd: dict[str, Any], *, origin: str
     ) -> tuple[dict[str, Any], bool]:
         """(row, duplicate): the same id again returns the stored row and True."""
-        return await self._submit(lambda w: w.add_command(run_id, cmd, origin), urgent=True)
+        row, duplicate = await self._submit("add_command", run_id, cmd, origin, urgent=True)
+        return row, duplicate
 
     async def delete_run(self, run_id: str) -> bool:
-        return await self._submit(lambda w: w.delete_run(run_id))
+        deleted: bool = await self._submit("delete_run", run_id)
+        return deleted
 
     # ---- reads ----
 

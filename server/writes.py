@@ -1,4 +1,4 @@
-"""writes — the SQL of every change to layerscope.db, run on the store's writer thread.
+"""writes — the SQL of every change to layerscope.db, run in the store's writer process (store_writer.py).
 
 Owns: turning validated frames, hellos, commands and status changes into rows (a
 metrics frame's values go through scalars.py, a probe frame's through probe_rows.py,
@@ -7,7 +7,7 @@ side effects of events (a ``status`` event sets the run status, a
 ``command_result`` event settles the command row and the run's acknowledged
 control state), and the highest-contiguous-seq bookkeeping behind acks.
 
-Never: commits (the writer thread groups many operations into one commit and wraps
+Never: commits (the writer process groups many operations into one commit and wraps
 each in a savepoint), never runs on the event loop, never trusts a frame's shape
 without checking it (a bad one raises StoreError and its whole operation rolls back).
 """
@@ -20,7 +20,7 @@ import time
 import zlib
 from typing import Any
 
-from layerscope.server.checks import WIRE_BODY, RunNotFound, StoreError, dumps
+from layerscope.server.checks import RunNotFound, StoreError, dumps
 from layerscope.server.checks import step as check_step
 from layerscope.server.inserts import insert_many
 from layerscope.server.probe_rows import ProbeRows
@@ -275,12 +275,13 @@ class Writer:
     # ---- frames ----
 
     def append(
-        self, run_id: str, frames: list[dict[str, Any]], raw: list[str] | None = None
+        self, run_id: str, frames: list[dict[str, Any]], encoded: list[bytes] | None = None
     ) -> int:
-        """raw, when given, holds each frame's wire text (frame == parse_trainer_frame(raw[i])):
-        it is stored as the frame's body instead of re-encoding the frame."""
-        if raw is not None and len(raw) != len(frames):
-            raise StoreError(f"{len(frames)} frames but {len(raw)} raw texts")
+        """encoded, when given, holds each frame's JSON as validated (wire.parse_trainer_frame's
+        output, encoded in the server process): it is stored as the frame's body as is, and
+        the frame's rows are built without checking again what validation checked."""
+        if encoded is not None and len(encoded) != len(frames):
+            raise StoreError(f"{len(frames)} frames but {len(encoded)} encoded bodies")
         rk = self.rk(run_id)
         c = self.conn
         first_step, last_step, acked, max_seq, last_json = c.execute(
@@ -299,19 +300,14 @@ class Writer:
             if seq in new or (seq <= max_seq and self._stored(rk, seq)):
                 continue  # a resend of a stored frame: acked again, stored once
             new.add(seq)
-            # Re-encoding a 50-layer probe frame cost more than the rest of storing it;
-            # the wire text it was validated from is kept instead (and validated again
-            # when read, which gives back this very dict).
-            if raw is None:
-                body = zlib.compress(dumps(frame).encode(), 1)
-            else:
-                body = WIRE_BODY + zlib.compress(raw[n].encode(), 1)
+            text = dumps(frame).encode() if encoded is None else encoded[n]
+            body = zlib.compress(text, 1)
             kind = frame["type"]
             bodies.append((rk, seq, kind, body))
             if kind == "metrics":
                 self.scalars.store(rk, frame, steps, last, self.sid)
             elif kind == "probe":
-                probes.add(rk, seq, frame, self.lid, steps, validated=raw is not None)
+                probes.add(rk, seq, frame, self.lid, steps, validated=encoded is not None)
             else:
                 self._event(rk, seq, frame, steps)
         if not new:

@@ -1,4 +1,4 @@
-"""Store: real SQLite files in tmp_path, written through the writer thread, read back
+"""Store: real SQLite files in tmp_path, written through the writer process, read back
 through the read connections and, where it matters, through a fresh sqlite3 connection."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import sqlite3
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,12 @@ async def test_one_big_batch_stores_what_frames_one_at_a_time_store(tmp_path: Pa
         await store.open()
         stores.append(store)
         await store.hello(hello())
-        assert await store.append("r1", [f for f, _ in early], [t for _, t in early]) == 2
+        assert await store.append("r1", [f for f, _ in early], validated=True) == 2
     batched, single = stores
     try:
-        assert await batched.append("r1", [f for f, _ in batch], [t for _, t in batch]) == 9
-        for frame, text in batch:
-            await single.append("r1", [frame], [text])
+        assert await batched.append("r1", [f for f, _ in batch], validated=True) == 9
+        for frame, _text in batch:
+            await single.append("r1", [frame])
         assert single.acked_seq("r1") == 9
         for store in stores:
             assert store.probe_steps("r1") == [0, 10, 30, 40, 50, 60, 70, 80]
@@ -564,34 +565,34 @@ async def test_export_lines_and_snapshot(store: Store) -> None:
     assert snap["run"]["id"] == "r1" and snap["commands"] == [] and snap["control"] is None
 
 
-async def test_frames_stored_as_their_wire_text_read_back_as_validated(store: Store) -> None:
-    """Ingest hands the store each frame's wire text to keep instead of re-encoding the
-    frame: every read still gives the validated frame (ints as floats, 1e999 as null,
-    unknown keys gone), and export stays strict JSON."""
+async def test_validated_frames_read_back_as_validated(store: Store) -> None:
+    """Ingest appends frames it validated (validated=True): the writer stores their JSON
+    without checking them again, and every read gives the validated frame (ints as
+    floats, 1e999 as null, unknown keys gone); export stays strict JSON."""
     await store.hello(hello())
     texts = [
         '{"type":"probe","v":1,"seq":1,"step":4,"extra":1,"layers":[{"name":"fc1","mean":1,'
         '"std":1e999,"nonfinite":0,"hist":{"lo":-1,"hi":1,"counts":[1,2]}},'
         '{"name":"act1","hist":null,"note":"x"}]}',
         '{"type":"metrics","v":1,"seq":2,"rows":[{"step":5,"values":{"loss":2,"acc":1e999}}]}',
-        '{"type":"event","v":1,"seq":3,"step":5,"kind":"log","data":{"m":1e999}}',
+        '{"type":"event","v":1,"seq":3,"step":5,"kind":"log","data":{"m":1e999,"big":'
+        + str(2**70)
+        + "}}",
     ]
     frames = [wire.parse_trainer_frame(t) for t in texts]
-    assert await store.append("r1", frames, texts) == 3
+    assert await store.append("r1", frames, validated=True) == 3
     back = store.frames_after("r1", 0)
     assert back == frames
     layer = back[0]["layers"][0]
     assert type(layer["mean"]) is float and layer["std"] is None and "extra" not in back[0]
     assert back[1]["rows"][0]["values"] == {"loss": 2.0, "acc": None}
-    assert back[2]["data"] == {"m": None}
+    assert back[2]["data"] == {"m": None, "big": 2**70}  # past orjson's 64 bits: json's path
     lines = list(store.export_lines("r1"))[1:]
     assert [json.loads(line, parse_constant=pytest.fail) for line in lines] == [
         {"v": 1, **f} for f in frames
     ]
     assert store.snapshot("r1")["probes"] == [frames[0]]
     assert store.probe_series("r1", "fc1", ["mean", "std"])["mean"] == [1.0]
-    with pytest.raises(StoreError, match="raw texts"):
-        await store.append("r1", frames, texts[:1])
 
 
 async def test_reads_stay_consistent_while_writing(store: Store) -> None:
@@ -670,3 +671,19 @@ async def test_long_series_reads_match_the_block_rule_oracle(store: Store) -> No
         got = store.series("r1", ["x"], lo_b, hi_b, max_points)["x"]
         want = block_rule_oracle(points, lo_b, hi_b, max_points)
         assert got == {"steps": sorted(want), "values": [want[s] for s in sorted(want)]}
+
+
+async def test_frames_an_earlier_version_stored_as_wire_text_still_read(
+    store: Store, tmp_path: Path
+) -> None:
+    """Before the writer became a process, ingest's frames were stored as b"W" + zlib of
+    their wire text and validated again when read: such databases still read back."""
+    await store.hello(hello())
+    text = '{"type":"event","v":1,"seq":1,"step":2,"kind":"log","data":{"m":1e999,"n":3}}'
+    frame = wire.parse_trainer_frame(text)
+    assert await store.append("r1", [frame], validated=True) == 1
+    with fresh(tmp_path) as conn:
+        conn.execute(
+            "UPDATE frames SET body = ? WHERE seq = 1", (b"W" + zlib.compress(text.encode()),)
+        )
+    assert store.frames_after("r1", 0) == [frame] and frame["data"] == {"m": None, "n": 3}

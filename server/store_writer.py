@@ -1,0 +1,216 @@
+"""store_writer — the store's writer process: every write to layerscope.db, group-committed.
+
+Owns: the one writer connection, the group commit (operations arriving within
+``commit_interval_s`` of the last commit share the next one; an urgent one commits at
+once), a savepoint per operation, and reporting each operation's result only after the
+commit that holds it. Store (store.py) starts it with ``python -m`` and speaks to it
+over two pipes: pickled ``("op", id, name, args, urgent)`` / ``("stop",)`` in, and
+``("ready",)`` or ``("failed", kind, message)`` once, then ``("done", commits,
+[(id, result, error)])`` per commit and ``("stopped",)`` out.
+
+Why a process: the server's event loop (socket, JSON decode, validation, fan-out) and
+the writer (rows, SQL) shared one GIL, which capped ingest near 400 probe frames/s on
+two cores; apart, each has a core.
+
+Never: outlives the server (the end of its input pipe ends it, after committing what
+it applied), dies of the terminal's Ctrl-C (the server stops it in order), or reports
+an operation before its commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import pickle
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+from layerscope.server.checks import RunNotFound, StoreError
+from layerscope.server.schema import SchemaError, connect, create_or_check
+from layerscope.server.writes import Writer
+
+# Container allocations between young collections (CPython's default is 700), here and
+# in the server process (serving.tune_runtime).
+GC_YOUNG_THRESHOLD = 50_000
+
+# What an operation reports: (id, result, error); error is None or (kind, message, run_id).
+Result = tuple[int, Any, tuple[str, str, str] | None]
+
+
+def loads(body: bytes) -> Any:
+    """A validated frame's JSON as the server encoded it (orjson; json for what orjson
+    refused to write, such as an integer past 64 bits)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def _append_validated(w: Writer, run_id: str, encoded: list[bytes]) -> int:
+    return w.append(run_id, [loads(b) for b in encoded], encoded)
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "create_run": Writer.create_run,
+    "hello": Writer.hello,
+    "set_status": Writer.set_status,
+    "add_command": Writer.add_command,
+    "delete_run": Writer.delete_run,
+    "append": Writer.append,
+    "append_validated": _append_validated,
+}
+
+
+def error_of(exc: BaseException, what: str = "write") -> tuple[str, str, str]:
+    if isinstance(exc, RunNotFound):
+        return ("not_found", str(exc), exc.run_id)
+    if isinstance(exc, StoreError):
+        return ("store", str(exc), "")
+    return ("store", f"{what} failed, nothing of it was stored: {type(exc).__name__}: {exc}", "")
+
+
+def raise_error(error: tuple[str, str, str]) -> BaseException:
+    """The exception an error tuple stands for, in the server process."""
+    kind, message, run_id = error
+    if kind == "not_found":
+        return RunNotFound(run_id)
+    return StoreError(message)
+
+
+class _Batcher:
+    def __init__(self, writer: Writer, ops: Connection, out: Connection, interval: float) -> None:
+        self.writer = writer
+        self.ops = ops
+        self.out = out
+        self.interval = interval
+        self.commits = 0
+        self.last_commit = 0.0
+
+    def receive(self, timeout: float | None) -> tuple[Any, ...] | None:
+        """The next message; None when none came in time; ("eof",) when the server is gone."""
+        try:
+            if timeout is not None and not self.ops.poll(max(0.0, timeout)):
+                return None
+            message: tuple[Any, ...] = pickle.loads(self.ops.recv_bytes())
+            return message
+        except (EOFError, OSError):
+            return ("eof",)
+
+    def run(self) -> None:
+        while True:
+            message = self.receive(None)
+            assert message is not None
+            if message[0] == "stop":
+                self.out.send(("stopped",))
+                return
+            if message[0] == "eof":
+                return
+            ending = self.batch(message)
+            if ending == "stop":
+                self.out.send(("stopped",))
+                return
+            if ending == "eof":
+                return
+
+    def batch(self, message: tuple[Any, ...]) -> str | None:
+        """Apply message and whatever else arrives before the deadline, commit once, then
+        report. Returns "stop" or "eof" when that arrived meanwhile."""
+        conn = self.writer.conn
+        # Commits are rate-limited, not delayed: after a quiet spell the first write
+        # commits at once; under load, writes within the interval share the next one.
+        deadline = max(time.monotonic(), self.last_commit + self.interval)
+        done: list[Result] = []
+        ending = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self.out.send(("done", self.commits, [(message[1], None, error_of(exc, "start"))]))
+            return None
+        while True:
+            _kind, op_id, name, args, urgent = message
+            done.append((op_id, *self.apply(name, args)))
+            if urgent:
+                # A command is relayed to the trainer only once stored: commit it now.
+                break
+            got = self.receive(deadline - time.monotonic())
+            if got is None:
+                break
+            if got[0] in ("stop", "eof"):
+                ending = got[0]
+                break
+            message = got
+        try:
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.writer.forget()
+            failure = ("store", f"commit failed, nothing of this batch was stored: {exc}", "")
+            done = [(op_id, None, err or failure) for op_id, _r, err in done]
+        self.last_commit = time.monotonic()
+        if ending != "eof":
+            self.out.send_bytes(pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL))
+        return ending
+
+    def apply(self, name: str, args: tuple[Any, ...]) -> tuple[Any, tuple[str, str, str] | None]:
+        conn = self.writer.conn
+        conn.execute("SAVEPOINT op")
+        try:
+            result = OPS[name](self.writer, *args)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            self.writer.forget()
+            return None, error_of(exc)
+        conn.execute("RELEASE op")
+        return result, None
+
+
+def serve(path: Path, interval: float, ops: Connection, out: Connection) -> None:
+    try:
+        conn = connect(path, readonly=False)
+        try:
+            create_or_check(conn)
+        except BaseException:
+            conn.close()
+            raise
+    except SchemaError as exc:
+        out.send(("failed", "schema", str(exc)))
+        return
+    except Exception as exc:
+        out.send(("failed", "store", f"could not open {path}: {type(exc).__name__}: {exc}"))
+        return
+    out.send(("ready",))
+    try:
+        _Batcher(Writer(conn), ops, out, interval).run()
+    finally:
+        conn.close()
+
+
+def main(argv: list[str]) -> None:
+    """argv: database path, commit interval (s), input fd, output fd."""
+    # Ctrl-C reaches the whole process group; the server stops this process in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A batch's frames (hundreds of dicts each) live until its commit: with the default
+    # young threshold the cyclic GC walked each several times (serving.tune_runtime).
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    path, interval, fd_in, fd_out = argv
+    ops = Connection(int(fd_in), writable=False)
+    out = Connection(int(fd_out), readable=False)
+    with contextlib.suppress(BrokenPipeError, EOFError):  # the server is gone
+        serve(Path(path), float(interval), ops, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,159 @@
+"""The store's writer process (store_writer.py): real processes, real SQLite files.
+
+What a user relies on: every write that was submitted before close is committed, a
+writer that dies fails the writes waiting on it with a clear error and keeps what was
+committed, Ctrl-C in the terminal does not take the writer down before the server has
+stopped it, and a server killed with -9 leaves no writer behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from layerscope.server.store import Store, StoreError
+from layerscope.trainer import wire
+
+pytestmark = pytest.mark.anyio
+
+
+def hello() -> dict[str, Any]:
+    return wire.validate_hello({"type": "hello", "v": 1, "run_id": "r1", "name": "r1"})
+
+
+def log_event(seq: int) -> dict[str, Any]:
+    return wire.validate_event({"seq": seq, "step": seq, "kind": "log", "data": {"n": seq}})
+
+
+def writer_pid(store: Store) -> int:
+    assert store._writer is not None and store._writer.proc is not None
+    return store._writer.proc.pid
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:\tZ") for line in f)
+    except FileNotFoundError:
+        return True
+
+
+async def test_writes_submitted_before_close_are_all_committed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", commit_interval_s=0.05)
+    await store.open()
+    await store.hello(hello())
+    writes = [asyncio.ensure_future(store.append("r1", [log_event(s)])) for s in range(1, 301)]
+    await asyncio.sleep(0)  # every append is submitted, none committed yet
+    await store.close()
+    assert max(await asyncio.gather(*writes)) == 300
+    assert gone(writer_pid(store))
+    again = Store(tmp_path / "data")
+    await again.open()
+    try:
+        assert again.acked_seq("r1") == 300
+        assert [e["data"]["n"] for e in again.events("r1")][-3:] == [298, 299, 300]
+    finally:
+        await again.close()
+
+
+async def test_a_killed_writer_is_replaced_and_what_was_committed_is_kept(
+    tmp_path: Path,
+) -> None:
+    """Killed (the OOM killer, say): the writes it held fail with a clear error (none was
+    acknowledged; a trainer resends), another writer takes the next ones. A replacement
+    that dies at once is not replaced again: writes are refused, reads go on."""
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    await store.open()
+    try:
+        await store.hello(hello())
+        assert await store.append("r1", [log_event(1), log_event(2)]) == 2
+        first = writer_pid(store)
+        os.kill(first, signal.SIGKILL)
+        failed = []
+        for seq in range(3, 10):
+            try:
+                await store.append("r1", [log_event(seq)])
+            except StoreError as exc:
+                failed.append(seq)
+                assert "writer process stopped (exit code -9)" in str(exc)
+                assert "was not stored, send it again" in str(exc)
+        for seq in failed:  # resent, as a trainer does after a failed commit
+            await store.append("r1", [log_event(seq)])
+        assert store.acked_seq("r1") == 9 and store.writer_restarts == 1
+        assert writer_pid(store) != first and gone(first)
+
+        os.kill(writer_pid(store), signal.SIGKILL)  # the replacement, at once
+        with pytest.raises(StoreError, match=r"exit code -9\)"):
+            for seq in range(10, 1000):
+                await store.append("r1", [log_event(seq)])
+        with pytest.raises(StoreError, match="takes no more writes"):
+            await store.append("r1", [log_event(5000)])
+        assert store.acked_seq("r1") >= 9  # reads never needed the writer
+    finally:
+        await store.close()
+    again = Store(tmp_path / "data")
+    await again.open()
+    try:
+        acked = again.acked_seq("r1")
+        assert acked >= 9
+        assert await again.append("r1", [log_event(acked + 1)]) == acked + 1
+    finally:
+        await again.close()
+
+
+async def test_ctrl_c_in_the_terminal_does_not_stop_the_writer(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    await store.open()
+    try:
+        await store.hello(hello())
+        os.kill(writer_pid(store), signal.SIGINT)
+        await asyncio.sleep(0.3)
+        assert not gone(writer_pid(store))
+        assert await store.append("r1", [log_event(1)]) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_server_killed_with_sigkill_leaves_no_writer_behind(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys, time\n"
+        "from layerscope.server.store import Store\n"
+        "async def main():\n"
+        f"    store = Store({str(tmp_path / 'data')!r})\n"
+        "    await store.open()\n"
+        "    print(store._writer.proc.pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        assert not gone(child)
+        server.kill()
+        server.wait(30)
+        deadline = time.monotonic() + 30
+        while not gone(child) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert gone(child), "the writer process outlived its server"
+    finally:
+        server.kill()
+        server.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+async def test_a_database_the_writer_cannot_open_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "data" / "layerscope.db").mkdir(parents=True)  # a folder where the file goes
+    store = Store(tmp_path / "data")
+    with pytest.raises(StoreError, match="could not open .*layerscope.db"):
+        await store.open()
+    with pytest.raises(StoreError, match="not open"):
+        await store.hello(hello())

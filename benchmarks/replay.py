@@ -260,15 +260,21 @@ def time_get(client: httpx.Client, url: str) -> tuple[float, int]:
     return statistics.median(times), size
 
 
+def tree_rss_mb(proc: psutil.Process) -> float:
+    """RSS of a process and its children (the store's writer process), in MB."""
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
 def rss_phase(scalar_points: int, probe_frames: int, layers: int) -> tuple[float, float, float]:
-    """(seconds, RSS before MB, RSS after MB) for a Store in this process."""
+    """(seconds, RSS before MB, RSS after MB) for a Store in this process, its writer
+    process included."""
     proc = psutil.Process()
 
     async def run(data_dir: Path) -> tuple[float, float, float]:
         store = Store(data_dir)
         await store.open()
         await store.hello(wire.validate_hello({"run_id": "mem", "layers": []}))
-        before = proc.memory_info().rss / 2**20
+        before = tree_rss_mb(proc)
         steps = scalar_points // 4
         every = max(1, steps // probe_frames)
         global PROBE_EVERY
@@ -279,7 +285,7 @@ def rss_phase(scalar_points: int, probe_frames: int, layers: int) -> tuple[float
             PROBE_EVERY = saved
         store.series("mem-run", None)  # reads allocate too
         store.probe_matrix("mem-run", "dead_ratio")
-        after = proc.memory_info().rss / 2**20
+        after = tree_rss_mb(proc)
         await store.close()
         return seconds, before, after
 
@@ -343,7 +349,7 @@ def main() -> int:
             }
             big_rows = {name: time_get(client, url) for name, url, _c in charts(f"run-{big}", big)}
             floor_ms, _size = time_get(client, "/healthz")
-        server_rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        server_rss = tree_rss_mb(psutil.Process(proc.pid))
     finally:
         proc.terminate()
         proc.wait(30)

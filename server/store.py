@@ -266,9 +266,9 @@ class Store:
         self._fail_pending(error, below=first_new)
         if replacement is None:
             return
+        self.writer_restarts += 1  # before it starts: its first results may come at once
         try:
             self._start(replacement)
-            self.writer_restarts += 1
         except Exception as exc:
             log.exception("could not start another store writer")
             with self._pending_lock:

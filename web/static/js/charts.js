@@ -11,7 +11,7 @@
  */
 
 export const REDRAW_INTERVAL_MS = 100;
-const MAX_REDRAW_INTERVAL_MS = 1000;
+const MAX_REDRAW_INTERVAL_MS = 500; // the live lag's bound; see Scheduler.flush
 export const MAX_POINTS = 4000;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
@@ -88,9 +88,11 @@ class Scheduler {
    * Draws the dirty charts that are due (all of them when `now` is omitted) and,
    * given `only`, those it accepts; resolves in the animation frame that paints
    * them (a task queued from there runs after the paint). The next flush waits at
-   * least REDRAW_INTERVAL_MS, longer when drawing was slow: a slow machine gets
-   * fewer frames, not later ones, and drawing stays under about a quarter of the
-   * main thread so input and the socket stay responsive.
+   * least REDRAW_INTERVAL_MS, longer when drawing was slow (4x the last draw), so a
+   * slow machine gets fewer frames and input and the socket stay responsive; but at
+   * most MAX_REDRAW_INTERVAL_MS, since the wait is lag a viewer sees: with a 1 s cap
+   * a loaded 2-core machine showed a live run up to 1.04 s late, with 0.5 s at most
+   * 0.52 s (benchmarks/browser.py --skip-paint --minutes 3, side by side).
    */
   flush(now, only = () => true) {
     const charts = [...this.dirty].filter((c) => (now === undefined || !c.due || c.due(now)) && only(c));

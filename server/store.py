@@ -1,8 +1,9 @@
 """store — layerscope's record of every run: one SQLite database (WAL) under data_dir.
 
 Owns: the database's lifecycle, the single writer process (store_writer.py, which
-group-commits) and the two threads that feed it and settle its results, and the public Store API the rest of the server calls (contract: /tmp/store_api.md,
-shapes: http_api.md). Writes are coroutines that resolve only after the commit that
+group-commits), the two threads that feed it and settle its results, replacing a writer
+that died, and the public Store API the rest of the server calls (shapes:
+http_api.md). Writes are coroutines that resolve only after the commit that
 holds them, so an ack sent on their result is never ahead of the disk. Reads run on
 per-thread read connections, each in its own read transaction (a consistent WAL
 snapshot) and never wait for the writer.

@@ -45,6 +45,7 @@ EXPORT_PAGE_FRAMES = 500
 SNAPSHOT_EVENTS = 200
 
 _STOP = object()
+STOP_TIMEOUT_S = 60.0  # a writer that has not committed and exited by then is killed
 RESTART_AFTER_S = 5.0  # a replacement writer dying younger than this is not replaced again
 # An operation on its way to the writer process: (id, Writer method, args, urgent:
 # commit at once instead of at the group-commit deadline).
@@ -90,6 +91,7 @@ class _WriterProcess:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
+                    "-P",  # not the server's working directory first on sys.path
                     "-m",
                     "layerscope.server.store_writer",
                     str(path),
@@ -99,6 +101,9 @@ class _WriterProcess:
                 ],
                 pass_fds=(ops_r, out_w),
                 stdin=subprocess.DEVNULL,
+                # Its own session: signals for the server's process group (Ctrl-C, a
+                # service manager's SIGTERM) do not reach it; the server stops it in order.
+                start_new_session=True,
             )
         except BaseException:
             os.close(ops_w)
@@ -111,9 +116,10 @@ class _WriterProcess:
         from_child = Connection(out_r, writable=False)
         try:
             first = from_child.recv()
-        except EOFError:
+        except Exception as exc:  # EOFError: it exited before it was ready
+            self.proc.kill()
             code = self.proc.wait()
-            first = ("failed", "store", f"the store's writer process exited with code {code}")
+            first = ("failed", "store", f"the store's writer process ended (code {code}): {exc!r}")
         if first[0] != "ready":
             to_child.close()
             from_child.close()
@@ -123,18 +129,18 @@ class _WriterProcess:
         return to_child, from_child
 
     def stop(self) -> None:
-        """Ask the process to commit what it has and exit; wait for it and its threads."""
+        """Ask the process to commit what it has and exit; wait for it (killing it after
+        STOP_TIMEOUT_S) and then for its threads, which end with it."""
         self.queue.put(_STOP)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("the store's writer process did not stop; killing it")
+                self.proc.kill()
+                self.proc.wait()
         for thread in self.threads:
             thread.join()
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            log.error("the store's writer process did not stop; killing it")
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Store:
@@ -148,6 +154,7 @@ class Store:
         self.path = self.data_dir / DB_NAME
         self.commit_interval_s = commit_interval_s
         self._writer: _WriterProcess | None = None
+        self._writers: list[_WriterProcess] = []  # every one started, replacements included
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._pending_lock = threading.Lock()
         self._next_op = 0
@@ -158,6 +165,7 @@ class Store:
         self._closed = False
         self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
         self.commits = 0  # how many group commits so far (tests and benchmarks read it)
+        self._commits_before = 0  # commits by writers that died
         self.writer_restarts = 0
 
     # ---- lifecycle ----
@@ -169,6 +177,7 @@ class Store:
         writer = _WriterProcess()
         await asyncio.to_thread(self._start, writer)
         self._writer = writer
+        self._writers.append(writer)
 
     def _start(self, writer: _WriterProcess) -> None:
         to_child, from_child = writer.launch(self.path, self.commit_interval_s)
@@ -186,17 +195,18 @@ class Store:
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer process, close every connection."""
-        if self._closed:
-            return
-        self._closed = True
-        while self._writer is not None:
-            writer = self._writer
+        with self._pending_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on no writer is replaced
+            writers = list(self._writers)
+        # In start order: stopping a writer that died joins the thread that may be starting
+        # its replacement, so that one has its process by the time it is stopped.
+        for writer in writers:
             await asyncio.to_thread(writer.stop)
-            if self._writer is writer:  # not replaced meanwhile by a restart
-                break
         with self._pending_lock:
             self._refusing = self._refusing or StoreError("the store is closed")
-        self._fail_pending(self._refusing)
+        self._fail_pending(str(self._refusing))
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -214,14 +224,14 @@ class Store:
                     return
                 assert isinstance(item, tuple)
                 op_id, name, args, urgent = item
-                if name == "append_validated":
-                    run_id, frames = args
-                    args = (run_id, [_encode(f) for f in frames])
                 try:
+                    if name == "append_validated":
+                        run_id, frames = args
+                        args = (run_id, [_encode(f) for f in frames])
                     message = pickle.dumps(
                         ("op", op_id, name, args, urgent), pickle.HIGHEST_PROTOCOL
                     )
-                except Exception as exc:  # an argument pickle cannot carry
+                except Exception as exc:  # an argument that cannot be carried
                     self._settle(op_id, None, StoreError(f"cannot store {name}: {exc}"))
                     continue
                 conn.send_bytes(message)
@@ -237,7 +247,8 @@ class Store:
                 message = pickle.loads(conn.recv_bytes())
                 if message[0] == "stopped":
                     return
-                _done, self.commits, results = message
+                _done, commits, results = message
+                self.commits = self._commits_before + commits
                 for op_id, result, error in results:
                     self._settle(op_id, result, None if error is None else raise_error(error))
         except (EOFError, OSError):
@@ -256,15 +267,20 @@ class Store:
         replacement = None
         with self._pending_lock:
             first_new = self._next_op + 1
+            self._commits_before = self.commits
             if self._closed or young:
                 self._refusing = StoreError(f"{why}; the store takes no more writes")
             else:
                 replacement = _WriterProcess()
                 self._writer = replacement  # new writes queue for it while it starts
+                self._writers.append(replacement)
         writer.queue.put(_STOP)  # ends the feeder; what it still held is failed below
         log.error("%s%s", why, "; starting another" if replacement else "")
-        error = StoreError(f"{why}; this write was not stored, send it again")
-        self._fail_pending(error, below=first_new)
+        # It may have died between a commit and its report: a resend is safe (a stored
+        # seq or command id is stored once).
+        self._fail_pending(
+            f"{why}; this write may not have been stored: send it again", below=first_new
+        )
         if replacement is None:
             return
         self.writer_restarts += 1  # before it starts: its first results may come at once
@@ -274,13 +290,15 @@ class Store:
             log.exception("could not start another store writer")
             with self._pending_lock:
                 self._refusing = StoreError(f"{why}; another could not start: {exc}")
-            self._fail_pending(self._refusing)
+            self._fail_pending(str(self._refusing))
 
-    def _fail_pending(self, error: StoreError, below: int | None = None) -> None:
+    def _fail_pending(self, message: str, below: int | None = None) -> None:
+        """Fail every pending write (those numbered below ``below``), each with its own
+        StoreError: one exception raised in many places would keep every traceback."""
         with self._pending_lock:
             ids = [op_id for op_id in self._pending if below is None or op_id < below]
         for op_id in ids:
-            self._settle(op_id, None, error)
+            self._settle(op_id, None, StoreError(message))
 
     def _settle(self, op_id: int, result: Any, error: BaseException | None) -> None:
         with self._pending_lock:
@@ -298,7 +316,7 @@ class Store:
             if self._closed or self._writer is None:
                 raise StoreError("the store is not open")
             if self._refusing is not None:
-                raise self._refusing
+                raise StoreError(str(self._refusing))  # a new one: see _fail_pending
             self._next_op += 1
             op_id = self._next_op
             self._pending[op_id] = (loop, fut)

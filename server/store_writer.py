@@ -13,8 +13,8 @@ the writer (rows, SQL) shared one GIL, which capped ingest near 400 probe frames
 two cores; apart, each has a core.
 
 Never: outlives the server (the end of its input pipe ends it, after committing what
-it applied), dies of the terminal's Ctrl-C (the server stops it in order), or reports
-an operation before its commit.
+it applied), takes signals meant for the server (it runs in its own session and ignores
+SIGINT; the server stops it in order), or reports an operation before its commit.
 """
 
 from __future__ import annotations
@@ -157,8 +157,12 @@ class _Batcher:
             failure = ("store", f"commit failed, nothing of this batch was stored: {exc}", "")
             done = [(op_id, None, err or failure) for op_id, _r, err in done]
         self.last_commit = time.monotonic()
+        report = pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL)
         if ending != "eof":
-            self.out.send_bytes(pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL))
+            self.out.send_bytes(report)
+        else:  # the server's feeder is gone; the server itself may still be reading
+            with contextlib.suppress(OSError):
+                self.out.send_bytes(report)
         return ending
 
     def apply(self, name: str, args: tuple[Any, ...]) -> tuple[Any, tuple[str, str, str] | None]:
@@ -198,7 +202,8 @@ def serve(path: Path, interval: float, ops: Connection, out: Connection) -> None
 
 def main(argv: list[str]) -> None:
     """argv: database path, commit interval (s), input fd, output fd."""
-    # Ctrl-C reaches the whole process group; the server stops this process in order.
+    # Started in its own session, so the terminal's Ctrl-C does not reach it; a SIGINT sent
+    # to it alone is ignored too: the server stops this process in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A batch's frames (hundreds of dicts each) live until its commit: with the default
     # young threshold the cyclic GC walked each several times (serving.tune_runtime).

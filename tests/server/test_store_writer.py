@@ -1,4 +1,4 @@
-"""The store's writer process (store_writer.py): real processes, real SQLite files.
+"""The store's writer process (store_writer.py) and the server's side of it (writer_link.py):
 
 What a user relies on: every write that was submitted before close is committed, a
 writer that dies fails the writes waiting on it with a clear error and keeps what was
@@ -33,8 +33,9 @@ def log_event(seq: int) -> dict[str, Any]:
 
 
 def writer_pid(store: Store) -> int:
-    assert store._writer is not None and store._writer.proc is not None
-    return store._writer.proc.pid
+    pid = store._writes.pid
+    assert pid is not None
+    return pid
 
 
 def gone(pid: int) -> bool:
@@ -135,7 +136,7 @@ async def test_a_server_killed_with_sigkill_leaves_no_writer_behind(tmp_path: Pa
         "async def main():\n"
         f"    store = Store({str(tmp_path / 'data')!r})\n"
         "    await store.open()\n"
-        "    print(store._writer.proc.pid, flush=True)\n"
+        "    print(store._writes.pid, flush=True)\n"
         "    await asyncio.sleep(600)\n"
         "asyncio.run(main())\n"
     )
@@ -175,12 +176,13 @@ async def test_close_while_a_replacement_writer_starts_stops_it_and_settles_ever
     store = Store(tmp_path / "data", commit_interval_s=0.005)
     await store.open()
     await store.hello(hello())
-    old = store._writer
+    link = store._writes
+    old = link._writer
     assert old is not None
     os.kill(writer_pid(store), signal.SIGKILL)
-    while store._writer is old:  # the results thread saw the death and swapped writers
+    while link._writer is old:  # the results thread saw the death and swapped writers
         await asyncio.sleep(0.001)
-    replacement = store._writer
+    replacement = link._writer
     assert replacement is not None
     write = asyncio.ensure_future(store.append("r1", [log_event(1)]))
     await asyncio.sleep(0)

@@ -1,0 +1,309 @@
+"""writer_link — the server's side of the store's writer process (store_writer.py).
+
+Owns: starting the writer process and waiting until its database is open, the queue of
+write operations and the feeder thread that pickles them down its pipe (validated
+frames as orjson bytes, which the writer also stores), the results thread that settles
+each operation's future after the commit that holds it, replacing a writer that died
+(the writes it held fail with a clear error; none was acknowledged), and stopping it in
+order (queued writes committed, then the process waited for, killed after
+``STOP_TIMEOUT_S``).
+
+Never: blocks the event loop (pipes are the threads' business), resolves a write before
+its commit, or raises one exception instance in many places (each failed write gets its
+own StoreError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+from layerscope.server.checks import StoreError, dumps
+from layerscope.server.schema import SchemaError
+from layerscope.server.store_writer import raise_error
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+STOP_TIMEOUT_S = 60.0  # a writer that has not committed and exited by then is killed
+RESTART_AFTER_S = 5.0  # a replacement writer dying younger than this is not replaced again
+# An operation on its way to the writer process: (id, Writer method, args, urgent:
+# commit at once instead of at the group-commit deadline).
+_Op = tuple[int, str, tuple[Any, ...], bool]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the awaiting coroutine was cancelled; the write still happened
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _encode(frame: dict[str, Any]) -> bytes:
+    """A validated frame's JSON for the writer process: orjson (a twentieth of a
+    millisecond for a 50-layer probe frame, and the writer stores these very bytes),
+    json where orjson refuses (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(frame)
+    except (TypeError, orjson.JSONEncodeError):
+        return dumps(frame).encode()
+
+
+class _WriterProcess:
+    """One writer process, the queue of operations for it, and the two threads that feed
+    it and settle its results. A Store has one at a time; a new one replaces a writer
+    that died."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[_Op | object] = queue.Queue()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.threads: list[threading.Thread] = []
+        self.started = 0.0
+
+    def launch(self, path: Path, commit_interval_s: float) -> tuple[Connection, Connection]:
+        """Start the process and wait until its database is open; SchemaError or
+        StoreError when it cannot be."""
+        ops_r, ops_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",  # not the server's working directory first on sys.path
+                    "-m",
+                    "layerscope.server.store_writer",
+                    str(path),
+                    repr(commit_interval_s),
+                    str(ops_r),
+                    str(out_w),
+                ],
+                pass_fds=(ops_r, out_w),
+                stdin=subprocess.DEVNULL,
+                # Its own session: signals for the server's process group (Ctrl-C, a
+                # service manager's SIGTERM) do not reach it; the server stops it in order.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(ops_w)
+            os.close(out_r)
+            raise
+        finally:
+            os.close(ops_r)
+            os.close(out_w)
+        to_child = Connection(ops_w, readable=False)
+        from_child = Connection(out_r, writable=False)
+        try:
+            first = from_child.recv()
+        except Exception as exc:  # EOFError: it exited before it was ready
+            self.proc.kill()
+            code = self.proc.wait()
+            first = ("failed", "store", f"the store's writer process ended (code {code}): {exc!r}")
+        if first[0] != "ready":
+            to_child.close()
+            from_child.close()
+            self.proc.wait()
+            raise SchemaError(first[2]) if first[1] == "schema" else StoreError(first[2])
+        self.started = time.monotonic()
+        return to_child, from_child
+
+    def stop(self) -> None:
+        """Ask the process to commit what it has and exit; wait for it (killing it after
+        STOP_TIMEOUT_S) and then for its threads, which end with it."""
+        self.queue.put(_STOP)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("the store's writer process did not stop; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        for thread in self.threads:
+            thread.join()
+
+
+class WriterLink:
+    """One writer process at a time (a replacement after one died), fed by one thread and
+    read by another; ``submit`` is the only way a write reaches the database."""
+
+    def __init__(self, path: Path, commit_interval_s: float) -> None:
+        self.path = path
+        self.commit_interval_s = commit_interval_s
+        self._writer: _WriterProcess | None = None
+        self._writers: list[_WriterProcess] = []  # every one started, replacements included
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self._pending_lock = threading.Lock()
+        self._next_op = 0
+        self._refusing: StoreError | None = None  # set when writes can no longer be taken
+        self._closed = False
+        self.commits = 0  # how many group commits so far (tests and benchmarks read it)
+        self._commits_before = 0  # commits by writers that died
+        self.writer_restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The current writer process's pid (None before open or while one starts)."""
+        writer = self._writer
+        return writer.proc.pid if writer is not None and writer.proc is not None else None
+
+    async def open(self) -> None:
+        """Start the writer process (which creates the schema or checks its version:
+        SchemaError when it is another's)."""
+        writer = _WriterProcess()
+        await asyncio.to_thread(self._start, writer)
+        self._writer = writer
+        self._writers.append(writer)
+
+    def _start(self, writer: _WriterProcess) -> None:
+        to_child, from_child = writer.launch(self.path, self.commit_interval_s)
+        writer.threads = [
+            threading.Thread(
+                target=self._feed, args=(writer, to_child), name="layerscope-store-feed"
+            ),
+            threading.Thread(
+                target=self._receive, args=(writer, from_child), name="layerscope-store-results"
+            ),
+        ]
+        for thread in writer.threads:
+            thread.daemon = True
+            thread.start()
+
+    async def close(self) -> None:
+        """Commit what is queued and stop the writer process; later writes are refused."""
+        with self._pending_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on no writer is replaced
+            writers = list(self._writers)
+        # In start order: stopping a writer that died joins the thread that may be starting
+        # its replacement, so that one has its process by the time it is stopped.
+        for writer in writers:
+            await asyncio.to_thread(writer.stop)
+        with self._pending_lock:
+            self._refusing = self._refusing or StoreError("the store is closed")
+        self._fail_pending(str(self._refusing))
+
+    # ---- feeding it, reading its results, replacing it ----
+
+    def _feed(self, writer: _WriterProcess, conn: Connection) -> None:
+        """Operations to the writer process in the order they were submitted."""
+        try:
+            while True:
+                item = writer.queue.get()
+                if item is _STOP:
+                    conn.send(("stop",))
+                    return
+                assert isinstance(item, tuple)
+                op_id, name, args, urgent = item
+                try:
+                    if name == "append_validated":
+                        run_id, frames = args
+                        args = (run_id, [_encode(f) for f in frames])
+                    message = pickle.dumps(
+                        ("op", op_id, name, args, urgent), pickle.HIGHEST_PROTOCOL
+                    )
+                except Exception as exc:  # an argument that cannot be carried
+                    self._settle(op_id, None, StoreError(f"cannot store {name}: {exc}"))
+                    continue
+                conn.send_bytes(message)
+        except OSError:  # the writer process is gone; _receive deals with it
+            pass
+        finally:
+            conn.close()
+
+    def _receive(self, writer: _WriterProcess, conn: Connection) -> None:
+        """Results from the writer process, each after the commit that holds it."""
+        try:
+            while True:
+                message = pickle.loads(conn.recv_bytes())
+                if message[0] == "stopped":
+                    return
+                _done, commits, results = message
+                self.commits = self._commits_before + commits
+                for op_id, result, error in results:
+                    self._settle(op_id, result, None if error is None else raise_error(error))
+        except (EOFError, OSError):
+            self._writer_died(writer)
+        finally:
+            conn.close()
+
+    def _writer_died(self, writer: _WriterProcess) -> None:
+        """Fail the writes it held (none of them was acknowledged, so callers resend) and
+        start another writer, unless the store is closing or the last one died young."""
+        assert writer.proc is not None
+        code = writer.proc.wait()
+        why = f"the store's writer process stopped (exit code {code})"
+        # A replacement that dies young would die again: stop replacing then.
+        young = self.writer_restarts > 0 and time.monotonic() - writer.started < RESTART_AFTER_S
+        replacement = None
+        with self._pending_lock:
+            first_new = self._next_op + 1
+            self._commits_before = self.commits
+            if self._closed or young:
+                self._refusing = StoreError(f"{why}; the store takes no more writes")
+            else:
+                replacement = _WriterProcess()
+                self._writer = replacement  # new writes queue for it while it starts
+                self._writers.append(replacement)
+        writer.queue.put(_STOP)  # ends the feeder; what it still held is failed below
+        log.error("%s%s", why, "; starting another" if replacement else "")
+        # It may have died between a commit and its report: a resend is safe (a stored
+        # seq or command id is stored once).
+        self._fail_pending(
+            f"{why}; this write may not have been stored: send it again", below=first_new
+        )
+        if replacement is None:
+            return
+        self.writer_restarts += 1  # before it starts: its first results may come at once
+        try:
+            self._start(replacement)
+        except Exception as exc:
+            log.exception("could not start another store writer")
+            with self._pending_lock:
+                self._refusing = StoreError(f"{why}; another could not start: {exc}")
+            self._fail_pending(str(self._refusing))
+
+    def _fail_pending(self, message: str, below: int | None = None) -> None:
+        """Fail every pending write (those numbered below ``below``), each with its own
+        StoreError: one exception raised in many places would keep every traceback."""
+        with self._pending_lock:
+            ids = [op_id for op_id in self._pending if below is None or op_id < below]
+        for op_id in ids:
+            self._settle(op_id, None, StoreError(message))
+
+    def _settle(self, op_id: int, result: Any, error: BaseException | None) -> None:
+        with self._pending_lock:
+            pending = self._pending.pop(op_id, None)
+        if pending is None:
+            return
+        loop, fut = pending
+        with contextlib.suppress(RuntimeError):  # that event loop has closed
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    async def submit(self, name: str, *args: Any, urgent: bool = False) -> Any:
+        """Run Writer.<name>(*args) in the writer process; resolves after its commit."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._pending_lock:
+            if self._closed or self._writer is None:
+                raise StoreError("the store is not open")
+            if self._refusing is not None:
+                raise StoreError(str(self._refusing))  # a new one: see _fail_pending
+            self._next_op += 1
+            op_id = self._next_op
+            self._pending[op_id] = (loop, fut)
+            self._writer.queue.put((op_id, name, args, urgent))
+        return await fut

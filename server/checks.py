@@ -1,7 +1,8 @@
 """checks — what the store refuses and how it says so.
 
 Owns: StoreError and RunNotFound (the two exceptions Store raises), the field checks
-every write runs (a finite number or null, a step), strict JSON for stored text, and
+every write runs (a finite number or null, a step), strict JSON for stored text (and
+its fast bytes form, with reading it back), and
 the tag of a frame body stored as its wire text (by earlier versions).
 
 Never: touches SQLite; never lets NaN/Inf through (they become None).
@@ -13,6 +14,7 @@ import json
 from math import isfinite
 from typing import Any
 
+import orjson
 from layerscope.trainer import wire
 
 # A frames.body is zlib of the frame's JSON as stored. Databases written before the
@@ -42,6 +44,24 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
     except ValueError:
         return json.dumps(wire._clean(value), separators=(",", ":"), allow_nan=False)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Strict JSON as bytes, fast: orjson, or ``dumps`` where orjson refuses (an integer
+    past 64 bits). For a validated frame (a 50-layer probe frame: ~0.06 ms)."""
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return dumps(value).encode()
+
+
+def json_value(text: bytes | str) -> Any:
+    """The value of JSON this server stored or encoded: orjson, or json for what orjson
+    refuses to read (an integer past 64 bits)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def finite(value: Any, where: str) -> float | None:

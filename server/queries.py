@@ -16,7 +16,7 @@ import zlib
 from typing import Any
 
 import orjson
-from layerscope.server.checks import WIRE_BODY, RunNotFound
+from layerscope.server.checks import WIRE_BODY, RunNotFound, json_value
 from layerscope.server.downsample import (
     minmax_rows,
     pick_even,
@@ -173,11 +173,7 @@ def decode_frame(body: bytes) -> dict[str, Any]:
         # Validating again is what turned the wire text into the stored frame (ints to
         # floats, inf to null, unknown keys dropped); it costs about a json.loads more.
         return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode(), orjson.loads)
-    text = zlib.decompress(body)
-    try:
-        frame: dict[str, Any] = orjson.loads(text)
-    except orjson.JSONDecodeError:  # an integer past 64 bits, say: json reads it
-        frame = json.loads(text)
+    frame: dict[str, Any] = json_value(zlib.decompress(body))
     return frame
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import pickle
 import signal
 import sqlite3
@@ -32,8 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import orjson
-from layerscope.server.checks import RunNotFound, StoreError
+from layerscope.server.checks import RunNotFound, StoreError, json_value
 from layerscope.server.schema import SchemaError, connect, create_or_check
 from layerscope.server.writes import Writer
 
@@ -45,17 +43,9 @@ GC_YOUNG_THRESHOLD = 50_000
 Result = tuple[int, Any, tuple[str, str, str] | None]
 
 
-def loads(body: bytes) -> Any:
-    """A validated frame's JSON as the server encoded it (orjson; json for what orjson
-    refused to write, such as an integer past 64 bits)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
-
-
 def _append_validated(w: Writer, run_id: str, encoded: list[bytes]) -> int:
-    return w.append(run_id, [loads(b) for b in encoded], encoded)
+    """Frames the server validated, as its checks.json_bytes encoded them."""
+    return w.append(run_id, [json_value(b) for b in encoded], encoded)
 
 
 OPS: dict[str, Callable[..., Any]] = {

@@ -29,8 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import orjson
-from layerscope.server.checks import StoreError, dumps
+from layerscope.server.checks import StoreError, json_bytes
 from layerscope.server.schema import SchemaError
 from layerscope.server.store_writer import raise_error
 
@@ -51,16 +50,6 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_exception(error)
     else:
         fut.set_result(result)
-
-
-def _encode(frame: dict[str, Any]) -> bytes:
-    """A validated frame's JSON for the writer process: orjson (a twentieth of a
-    millisecond for a 50-layer probe frame, and the writer stores these very bytes),
-    json where orjson refuses (an integer past 64 bits)."""
-    try:
-        return orjson.dumps(frame)
-    except (TypeError, orjson.JSONEncodeError):
-        return dumps(frame).encode()
 
 
 class _WriterProcess:
@@ -211,7 +200,8 @@ class WriterLink:
                 try:
                     if name == "append_validated":
                         run_id, frames = args
-                        args = (run_id, [_encode(f) for f in frames])
+                        # The writer stores these very bytes as the frames' bodies.
+                        args = (run_id, [json_bytes(f) for f in frames])
                     message = pickle.dumps(
                         ("op", op_id, name, args, urgent), pickle.HIGHEST_PROTOCOL
                     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import gc
 import signal
 import socket
 import sys
@@ -26,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI
 from layerscope.server.app import create_app
 from layerscope.server.settings import Settings
-from layerscope.server.store_writer import GC_YOUNG_THRESHOLD
+from layerscope.server.store_writer import tune_gc
 from layerscope.trainer import wire
 
 WS_PING_INTERVAL_S = 10.0  # a viewer that stops answering pings is dropped after interval + timeout
@@ -121,9 +120,7 @@ def tune_runtime() -> None:
     to this interval (5 ms by default) each time. Measured when the store writer was still
     a thread here: at 0.5 ms the probe phase of benchmarks/ingest.py acked 2-3x as many
     frames while sending (3 rounds alternated, load 5-7), for the same CPU per frame."""
-    gc.freeze()
-    _young, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    tune_gc()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 

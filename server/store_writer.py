@@ -39,6 +39,17 @@ from layerscope.server.writes import Writer
 # in the server process (serving.tune_runtime).
 GC_YOUNG_THRESHOLD = 50_000
 
+
+def tune_gc() -> None:
+    """For a process holding many decoded frames until their commit (the server's and
+    this one; serving.tune_runtime says why): the objects alive now (imports, framework)
+    leave every later collection, and the young generation waits for GC_YOUNG_THRESHOLD
+    allocations, so most frames are freed by reference counts before a collection."""
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 # What an operation reports: (id, result, error); error is None or (kind, message, run_id).
 Result = tuple[int, Any, tuple[str, str, str] | None]
 
@@ -67,7 +78,7 @@ def error_of(exc: BaseException, what: str = "write") -> tuple[str, str, str]:
     return ("store", f"{what} failed, nothing of it was stored: {type(exc).__name__}: {exc}", "")
 
 
-def raise_error(error: tuple[str, str, str]) -> BaseException:
+def exception_of(error: tuple[str, str, str]) -> BaseException:
     """The exception an error tuple stands for, in the server process."""
     kind, message, run_id = error
     if kind == "not_found":
@@ -95,30 +106,22 @@ class _Batcher:
             return ("eof",)
 
     def run(self) -> None:
-        while True:
-            message = self.receive(None)
-            assert message is not None
-            if message[0] == "stop":
-                self.out.send(("stopped",))
-                return
-            if message[0] == "eof":
-                return
-            ending = self.batch(message)
-            if ending == "stop":
-                self.out.send(("stopped",))
-                return
-            if ending == "eof":
-                return
+        message = self.receive(None)
+        while message is not None and message[0] == "op":
+            # A stop (or the end of input) that arrived during a batch ends the loop.
+            message = self.batch(message) or self.receive(None)
+        if message is not None and message[0] == "stop":
+            self.out.send(("stopped",))
 
-    def batch(self, message: tuple[Any, ...]) -> str | None:
+    def batch(self, message: tuple[Any, ...]) -> tuple[str] | None:
         """Apply message and whatever else arrives before the deadline, commit once, then
-        report. Returns "stop" or "eof" when that arrived meanwhile."""
+        report. Returns ("stop",) or ("eof",) when that arrived meanwhile."""
         conn = self.writer.conn
         # Commits are rate-limited, not delayed: after a quiet spell the first write
         # commits at once; under load, writes within the interval share the next one.
         deadline = max(time.monotonic(), self.last_commit + self.interval)
         done: list[Result] = []
-        ending = None
+        ending: tuple[str] | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -133,8 +136,8 @@ class _Batcher:
             got = self.receive(deadline - time.monotonic())
             if got is None:
                 break
-            if got[0] in ("stop", "eof"):
-                ending = got[0]
+            if got[0] != "op":
+                ending = got
                 break
             message = got
         try:
@@ -147,12 +150,10 @@ class _Batcher:
             failure = ("store", f"commit failed, nothing of this batch was stored: {exc}", "")
             done = [(op_id, None, err or failure) for op_id, _r, err in done]
         self.last_commit = time.monotonic()
-        report = pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL)
-        if ending != "eof":
-            self.out.send_bytes(report)
-        else:  # the server's feeder is gone; the server itself may still be reading
-            with contextlib.suppress(OSError):
-                self.out.send_bytes(report)
+        # After an EOF the server's feeder is gone, but the server may still be reading;
+        # if it is gone too, the next receive says so.
+        with contextlib.suppress(OSError):
+            self.out.send_bytes(pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL))
         return ending
 
     def apply(self, name: str, args: tuple[Any, ...]) -> tuple[Any, tuple[str, str, str] | None]:
@@ -195,11 +196,8 @@ def main(argv: list[str]) -> None:
     # Started in its own session, so the terminal's Ctrl-C does not reach it; a SIGINT sent
     # to it alone is ignored too: the server stops this process in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A batch's frames (hundreds of dicts each) live until its commit: with the default
-    # young threshold the cyclic GC walked each several times (serving.tune_runtime).
-    gc.freeze()
-    _young, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    # A batch's frames (hundreds of dicts each) live until its commit.
+    tune_gc()
     path, interval, fd_in, fd_out = argv
     ops = Connection(int(fd_in), writable=False)
     out = Connection(int(fd_out), readable=False)

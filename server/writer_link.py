@@ -31,7 +31,7 @@ from typing import Any
 
 from layerscope.server.checks import StoreError, json_bytes
 from layerscope.server.schema import SchemaError
-from layerscope.server.store_writer import raise_error
+from layerscope.server.store_writer import exception_of
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class WriterLink:
                 _done, commits, results = message
                 self.commits = self._commits_before + commits
                 for op_id, result, error in results:
-                    self._settle(op_id, result, None if error is None else raise_error(error))
+                    self._settle(op_id, result, None if error is None else exception_of(error))
         except (EOFError, OSError):
             self._writer_died(writer)
         finally:

@@ -136,7 +136,7 @@ class WriterLink:
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._pending_lock = threading.Lock()
         self._next_op = 0
-        self._refusing: StoreError | None = None  # set when writes can no longer be taken
+        self._refusing: str | None = None  # why writes can no longer be taken
         self._closed = False
         self.commits = 0  # how many group commits so far (tests and benchmarks read it)
         self._commits_before = 0  # commits by writers that died
@@ -182,8 +182,8 @@ class WriterLink:
         for writer in writers:
             await asyncio.to_thread(writer.stop)
         with self._pending_lock:
-            self._refusing = self._refusing or StoreError("the store is closed")
-        self._fail_pending(str(self._refusing))
+            self._refusing = self._refusing or "the store is closed"
+        self._fail_pending(self._refusing)
 
     # ---- feeding it, reading its results, replacing it ----
 
@@ -243,7 +243,7 @@ class WriterLink:
             first_new = self._next_op + 1
             self._commits_before = self.commits
             if self._closed or young:
-                self._refusing = StoreError(f"{why}; the store takes no more writes")
+                self._refusing = f"{why}; the store takes no more writes"
             else:
                 replacement = _WriterProcess()
                 self._writer = replacement  # new writes queue for it while it starts
@@ -263,8 +263,8 @@ class WriterLink:
         except Exception as exc:
             log.exception("could not start another store writer")
             with self._pending_lock:
-                self._refusing = StoreError(f"{why}; another could not start: {exc}")
-            self._fail_pending(str(self._refusing))
+                self._refusing = f"{why}; another could not start: {exc}"
+            self._fail_pending(self._refusing)
 
     def _fail_pending(self, message: str, below: int | None = None) -> None:
         """Fail every pending write (those numbered below ``below``), each with its own
@@ -291,7 +291,7 @@ class WriterLink:
             if self._closed or self._writer is None:
                 raise StoreError("the store is not open")
             if self._refusing is not None:
-                raise StoreError(str(self._refusing))  # a new one: see _fail_pending
+                raise StoreError(self._refusing)  # a new one each time: see _fail_pending
             self._next_op += 1
             op_id = self._next_op
             self._pending[op_id] = (loop, fut)

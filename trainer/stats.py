@@ -273,23 +273,29 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     """Counts [n_layers, bins] of each row of ``samples`` [n_layers, L] over its own
     [lo, hi]; NaN/Inf entries (including padding) are left out.
 
-    Bucketed with tensor ops (``floor((x - lo) / w)``, clamp, ``index_add_``) because
+    Bucketed with tensor ops (``(x - lo) / w`` truncated, ``scatter_add_``) because
     ``torch.histc`` wants Python-scalar bounds, a sync. Bins are numpy's: half-open
     except the last, which includes ``hi``. lo == hi puts every value in bin 0.
     Counts are exact up to 2**24 per bin (float32).
+
+    Every finite sample lies in its row's [lo, hi] (lo/hi are the min/max of the values
+    it was drawn from), so ``(x - lo) / w`` is in [0, bins]: truncation is the floor,
+    ``bins`` itself (``x == hi``, or a rounding of the last edge) has a column of its
+    own that is added to the last bin, and a NaN/Inf goes to a dump column: no clamp,
+    no mask, no per-row offset (the clamp below only keeps a bad caller's index in range).
     """
     n_layers = samples.shape[0]
     lo32, hi32 = lo.to(torch.float32)[:, None], hi.to(torch.float32)[:, None]
     width = (hi32 - lo32) / bins
     width = width + (width <= 0)  # lo == hi (or no finite values): width 1, all in bin 0
-    finite = samples + samples * 0.0  # Inf -> NaN, so clamp below cannot keep it
-    bucket = ((finite - lo32) / width).floor_().clamp_(0, bins - 1)
-    base = torch.arange(0, n_layers * bins, bins, device=samples.device, dtype=torch.float32)
-    flat = torch.nan_to_num(bucket + base[:, None], nan=n_layers * bins).to(torch.long)
-    counts = torch.zeros(n_layers * bins + 1, dtype=torch.float32, device=samples.device)
-    one = torch.ones((), device=samples.device).expand(flat.numel())  # no n-sized allocation
-    counts.index_add_(0, flat.reshape(-1), one)
-    return counts[:-1].view(n_layers, bins)
+    dump = bins + 1
+    position = torch.sub(samples, lo32).div_(width)
+    position.nan_to_num_(nan=dump, posinf=dump, neginf=dump).clamp_(0, dump)
+    counts = torch.zeros(n_layers, bins + 2, dtype=torch.float32, device=samples.device)
+    one = torch.ones((), device=samples.device).expand(samples.shape)  # no n-sized allocation
+    counts.scatter_add_(1, position.to(torch.long), one)
+    counts[:, bins - 1] += counts[:, bins]
+    return counts[:, :bins].contiguous()
 
 
 def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

@@ -196,7 +196,7 @@ class Probes:
         self._staged_values = 0
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
-        self._old_weights: Tensor | None = None
+        self._old_weights: list[Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
         self._device = first.device if first is not None else torch.device("cpu")
@@ -214,7 +214,12 @@ class Probes:
             for p in layer.params:
                 stride = max(1, -(-p.numel() // UPDATE_SAMPLE))
                 self._weight_samples.append((p, starts.randrange(stride), stride))
-        self._weight_lengths = [len(range(s, p.numel(), k)) for p, s, k in self._weight_samples]
+        self._probed_params = [p for layer in self._param_layers for p in layer.params]
+        # update_ratio's pre-step copy: float32 buffers reused across probe steps, filled
+        # from views of the parameters that stay valid while each keeps its storage
+        self._update_views: list[Tensor] = []
+        self._update_key: list[Any] = []
+        self._update_old: list[Tensor] = []
         position = {id(p): i for i, p in enumerate(self._all_params)}
         self._param_layout: list[tuple[str, list[int], list[tuple[int, float]]]] = []
         slot = 0
@@ -250,6 +255,7 @@ class Probes:
                     raise ValueError(f"{label}: no module named {unknown} in the model")
         channel_first = self._sequential_channel_first(model)
         chosen: list[tuple[_Layer, nn.Module]] = []
+        interned: dict[Rule, Rule] = {}
         for name, module in model.named_modules():
             name = name or "model"
             if not isinstance(module, types):
@@ -274,6 +280,8 @@ class Probes:
                         f"expected one of {sorted(stats.FUNCTION_RULES)}"
                     )
                 rule = stats.FUNCTION_RULES[fn]
+            # equal rules become one object: staged calls are grouped by the rule's identity
+            rule = interned.setdefault(rule, rule)
             conv1d_like = isinstance(module, _CONV1D_LIKE)
             spec = LayerSpec(name=name, kind=type(module).__name__, units=_static_units(module))
             layer = _Layer(
@@ -344,6 +352,7 @@ class Probes:
             layer.reset()
         self._old_weights = None
         self._param_result = None
+        self._update_views, self._update_key, self._update_old = [], [], []
 
     # ---- forward hooks ----
 
@@ -358,41 +367,52 @@ class Probes:
         y = output[0] if isinstance(output, tuple | list) else output
         if isinstance(y, PackedSequence):
             y = y.data
-        if not isinstance(y, Tensor) or not y.is_floating_point() or y.numel() == 0:
+        if not isinstance(y, Tensor) or not y.is_floating_point():
             return
-        channel_first = layer.channel_first
-        if y.dim() == 3 and not channel_first and self._channel_first_out and args:
-            x = args[0]
-            channel_first = any(ref() is x for ref in self._channel_first_out)
-        if y.dim() == 3 and channel_first:
-            # Identity, not shape: an activation applied straight to this output (even
-            # in place, which returns the same tensor) inherits the channel axis.
-            self._channel_first_out.append(weakref.ref(y))
-        axis = stats.unit_axis(y.dim(), channel_first)
+        n, ndim = y.numel(), y.dim()
+        if n == 0:
+            return
+        if ndim == 3:
+            channel_first = layer.channel_first
+            if not channel_first and self._channel_first_out and args:
+                x = args[0]
+                channel_first = any(ref() is x for ref in self._channel_first_out)
+            if channel_first:
+                # Identity, not shape: an activation applied straight to this output (even
+                # in place, which returns the same tensor) inherits the channel axis.
+                self._channel_first_out.append(weakref.ref(y))
+            axis = 1 if channel_first else 2
+        else:
+            axis = stats.unit_axis(ndim, False)
         if axis is not None and layer.spec.units is None:
             layer.spec.units = y.shape[axis]
-        parts = [y]
-        if y.numel() > CHUNK_VALUES and y.dim() >= 2 and axis != 0:
+        # detached: nothing below is recorded by autograd (cheaper than a no_grad block)
+        y = y.detach()
+        if n > CHUNK_VALUES and ndim >= 2 and axis != 0:
             # Bounded temporaries: a large output is reduced in slices along dim 0 (never
             # the unit axis); the slices merge exactly like a module's repeated calls.
-            parts = list(y.split(max(1, CHUNK_VALUES // (y.numel() // y.shape[0])), dim=0))
-        with torch.no_grad():
-            for part in parts:
+            for part in y.split(max(1, CHUNK_VALUES // (n // y.shape[0])), dim=0):
                 self._reduce(layer, part, axis)
+        else:
+            self._reduce(layer, y, axis)
 
     def _reduce(self, layer: _Layer, y: Tensor, axis: int | None) -> None:
         """One call's (or slice's) statistics: a small output is copied aside and reduced
         at collect() together with every other call of its shape and rule (a stack of
         them costs the kernels of one); a large one is reduced here, so that what a
-        probe step keeps alive stays bounded (``STAGE_VALUES``)."""
+        probe step keeps alive stays bounded (``STAGE_VALUES``). ``y`` is detached."""
         # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
         yf = y if y.dtype == torch.float32 else y.float()
         n = yf.numel()
         if n <= STAGE_CALL_VALUES and self._staged_values + n <= STAGE_VALUES:
             # A copy now: a later in-place op (ReLU(inplace=True)) must not change what we saw.
             copy = yf.clone(memory_format=torch.contiguous_format) if yf is y else yf.contiguous()
-            key = (tuple(yf.shape), axis, layer.rule, yf.device)
-            self._staged.setdefault(key, []).append((layer, copy))
+            key = (yf.shape, axis, yf.device)  # every rule together: see _reduce_staged
+            group = self._staged.get(key)
+            if group is None:
+                self._staged[key] = [(layer, copy)]
+            else:
+                group.append((layer, copy))
             self._staged_values += n
             return
         x = yf.contiguous().view(1, n)
@@ -422,22 +442,34 @@ class Probes:
                 layer.inside.append((inside[i], per_unit))
 
     def _reduce_staged(self) -> None:
-        """Reduce every staged call, one stack per (shape, unit axis, rule, device)."""
+        """Reduce every staged call, one stack per (shape, unit axis, device): the calls
+        of one rule are adjacent in it (``reduce.reduce_groups``), so a Linear's outputs
+        and its activation's cost the kernels of one stack, not two."""
         if not self._staged:
             return
         staged, self._staged, self._staged_values = self._staged, {}, 0
         with torch.no_grad():
-            for (shape, axis, rule, _), items in staged.items():
-                calls = [copy for _, copy in items]
-                n = calls[0].numel()
+            for (shape, axis, _), items in staged.items():
+                by_rule: dict[int, list[tuple[_Layer, Tensor]]] = {}
+                for item in items:
+                    by_rule.setdefault(id(item[0].rule), []).append(item)
+                ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
+                groups, start = [], 0
+                for group in by_rule.values():
+                    groups.append((group[0][0].rule, start, start + len(group)))
+                    start += len(group)
+                n = ordered[0][1].numel()
                 x = (
-                    torch.stack([c.view(n) for c in calls])
-                    if len(calls) > 1
-                    else calls[0].view(1, n)
+                    torch.stack([copy.view(n) for _, copy in ordered])
+                    if len(ordered) > 1
+                    else ordered[0][1].view(1, n)
                 )
                 layout = reduce.unit_layout(shape, axis) if axis is not None else None
-                call = reduce.reduce_calls(x, layout, rule)
-                self._store([layer for layer, _ in items], call, n, self._sample_rows(x))
+                samples = self._sample_rows(x)
+                results = reduce.reduce_groups(x, layout, groups)
+                for (_, begin, stop), call in zip(groups, results, strict=True):
+                    layers = [layer for layer, _ in ordered[begin:stop]]
+                    self._store(layers, call, n, samples[begin:stop])
 
     def _sample_rows(self, x: Tensor) -> Sequence[Tensor]:
         """Each row's histogram values: the row itself up to ``sample_values``, else a
@@ -481,17 +513,34 @@ class Probes:
         if not self._armed:
             return
         self._param_result = self._read_params()
-        self._old_weights = self._gather_weights()
+        with torch.no_grad():
+            views = self._sample_views()
+            old = self._update_old
+            if len(old) != len(views) or any(
+                b.shape != v.shape or b.device != v.device for b, v in zip(old, views, strict=True)
+            ):
+                old = self._update_old = [
+                    torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views
+                ]
+            if views:
+                torch._foreach_copy_(old, views)
+            self._old_weights = old
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._armed or self._old_weights is None or self._param_result is None:
             return
+        old, self._old_weights = self._old_weights, None
         with torch.no_grad():
-            delta = self._gather_weights() - self._old_weights
-            parts = torch._foreach_norm(list(delta.split(self._weight_lengths)))
+            views = self._sample_views()
+            if len(views) != len(old) or any(
+                b.shape != v.shape for b, v in zip(old, views, strict=True)
+            ):
+                return  # a parameter was replaced inside step(): no update to measure
+            if not views:
+                return
+            torch._foreach_sub_(old, views)  # old - new: the same norm as the update
             present, norms, _ = self._param_result
-            self._param_result = (present, norms, torch.stack(parts))
-        self._old_weights = None
+            self._param_result = (present, norms, stats.norms(old, self._device))
 
     def _read_params(self) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's
@@ -499,7 +548,7 @@ class Probes:
         with torch.no_grad():
             present = [p.grad is not None for p in self._all_params]
             grads = [p.grad for p in self._all_params if p.grad is not None]
-            weights = [p for layer in self._param_layers for p in layer.params]  # under no_grad
+            weights = self._probed_params  # under no_grad
             norms = stats.norms(grads + weights, self._device)
             return present, norms, self._nan(len(weights))
 
@@ -510,16 +559,18 @@ class Probes:
         nan: Tensor = self._cache[key]
         return nan
 
-    def _gather_weights(self) -> Tensor:
-        """The kept entries of every probed layer's parameters, as one float32 copy:
-        whole parameters up to UPDATE_SAMPLE entries, every stride-th entry above."""
-        with torch.no_grad():
-            parts = [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
-            if not parts:
-                return torch.zeros(0, dtype=torch.float32, device=self._device)
-            parts = [t if t.device == self._device else t.to(self._device) for t in parts]
-            flat = torch.cat(parts)
-            return flat if flat.dtype == torch.float32 else flat.to(torch.float32)
+    def _sample_views(self) -> list[Tensor]:
+        """update_ratio's kept entries of every probed parameter, as views: whole
+        parameters up to UPDATE_SAMPLE entries, every stride-th entry above. Cached while
+        every parameter keeps its storage and shape (``p.data = ...`` makes new views);
+        a non-contiguous parameter's entries are a copy, so it is never cached."""
+        key = [(p.data_ptr(), p.shape) for p, _, _ in self._weight_samples]
+        if key == self._update_key:
+            return self._update_views
+        views = [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
+        if all(p.is_contiguous() for p, _, _ in self._weight_samples):
+            self._update_key, self._update_views = key, views
+        return views
 
     # ---- collect ----
 

@@ -81,7 +81,18 @@ def _squares(x: Tensor) -> Tensor:
 
 
 def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> CallStats:
-    """Every statistic of C same-shaped float32 outputs, ``x`` being (C, n) contiguous.
+    """Every statistic of C same-shaped float32 outputs of one rule, ``x`` being (C, n)
+    contiguous: ``reduce_groups`` with a single group."""
+    return reduce_groups(x, layout, [(rule, 0, x.shape[0])])[0]
+
+
+def reduce_groups(
+    x: Tensor, layout: tuple[int, int, int] | None, groups: Sequence[tuple[Rule, int, int]]
+) -> list[CallStats]:
+    """Every statistic of C same-shaped float32 outputs, ``x`` being (C, n) contiguous,
+    whose rows ``start:end`` of each ``(rule, start, end)`` group follow that rule (a
+    Linear's outputs and its ReLU's share a stack: the passes every rule needs run once
+    over all rows, the rule's own passes over its rows). One ``CallStats`` per group.
 
     Per call: s1/s2 are the sum and sum of squares of ``clean - shift`` (clean: NaN/Inf
     -> 0; shift: the call's first cleaned value, so the variance survives |mean| >>
@@ -99,30 +110,43 @@ def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> 
     minus_nonfinite = hi_src.sub_(lo_src).sign_().sum(1)
     clean = lo_src.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # +inf where x was not finite
     signs = torch.sign(clean, out=hi_src)
-    nonzero: Tensor | None = None  # the count of nonzero finite values (exact below 2**24)
-    sums = live = minus_inside = None
-    if layout is not None:
-        sums = unit_sums(clean, layout)
-        threshold = rule.live_above
-        if threshold is not None:
-            if threshold != 0.0:
-                live = unit_sums((clean - threshold).relu_().sign_(), layout)
-            elif rule.nonnegative:
-                # the sign of a value that is never negative is 1 exactly when it is live,
-                # and its nonzero values are its live ones
-                live = unit_sums(signs, layout)
-                nonzero = live.sum(1)
-            else:
-                nonzero = _nonzero_signs(signs)
-                live = unit_sums(signs.relu_(), layout)  # in place: nonzero is counted
-        if rule.saturates:
-            minus_inside = unit_sums(inside_indicator(x, clean, rule), layout)
-    if nonzero is None:
-        nonzero = _nonzero_signs(signs)
+    # the count of nonzero finite values (exact below 2**24); a ReLU's comes from its live count
+    every_row_nonnegative = all(rule.nonnegative for rule, _, _ in groups)
+    nonzero = None if every_row_nonnegative and layout is not None else _nonzero_signs(signs)
+    sums = unit_sums(clean, layout) if layout is not None else None
+    per_group: list[tuple[Tensor | None, Tensor | None]] = []
+    for rule, start, end in groups:
+        live = minus_inside = None
+        if layout is not None:
+            threshold = rule.live_above
+            if threshold is not None:
+                if threshold != 0.0:
+                    live = unit_sums((clean[start:end] - threshold).relu_().sign_(), layout)
+                elif rule.nonnegative:
+                    # the sign of a value that is never negative is 1 exactly when it is live
+                    live = unit_sums(signs[start:end], layout)
+                else:  # in place: every row's nonzero count is taken
+                    live = unit_sums(signs[start:end].relu_(), layout)
+            if rule.saturates:
+                minus_inside = unit_sums(
+                    inside_indicator(x[start:end], clean[start:end], rule), layout
+                )
+        per_group.append((live, minus_inside))
+    if nonzero is None:  # every row is a ReLU's, whose nonzero values are its live ones
+        lives = [live for live, _ in per_group if live is not None]
+        nonzero = (torch.cat(lives) if len(lives) > 1 else lives[0]).sum(1)
     shift = clean[:, :1].clone()
     d = clean.sub_(shift)
     rows = torch.stack(
         [shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi, minus_nonfinite], dim=1
     )
     assert rows.shape[1] == RAW_WIDTH + 1
-    return CallStats(rows, sums, live, minus_inside)
+    return [
+        CallStats(
+            rows[start:end],
+            sums[start:end] if sums is not None else None,
+            live,
+            minus_inside,
+        )
+        for (_, start, end), (live, minus_inside) in zip(groups, per_group, strict=True)
+    ]

@@ -41,6 +41,39 @@ def test_a_stack_of_calls_reduces_like_each_call_alone(rule: stats.Rule) -> None
                 torch.testing.assert_close(b[i], a[0], equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [stats.FUNCTION_RULES["relu"], stats.module_rule(nn.ReLU())],  # a Linear and its ReLU
+        [stats.FUNCTION_RULES["relu"], stats.module_rule(nn.Tanh()), stats.NO_RULE],
+        [stats.module_rule(nn.ReLU()), stats.module_rule(nn.ReLU6())],  # every row nonnegative
+        [stats.module_rule(nn.Sigmoid()), stats.module_rule(nn.Softplus())],
+    ],
+)
+def test_one_stack_of_several_rules_reduces_like_each_rule_alone(rules: list[stats.Rule]) -> None:
+    """Rows of different rules share a stack: each group gets exactly the statistics of
+    a stack of its own rows (the shared passes must not leak one rule's work into another's)."""
+    per_rule = 2
+    x = torch.cat([_calls(10 + k)[:per_rule] for k in range(len(rules))])
+    for k, rule in enumerate(rules):
+        if rule.nonnegative:
+            x[k * per_rule : (k + 1) * per_rule].relu_()
+    layout = reduce.unit_layout(x.shape[1:], 1)
+    flat = x.reshape(len(x), -1)
+    before = flat.clone()
+    groups = [(rule, k * per_rule, (k + 1) * per_rule) for k, rule in enumerate(rules)]
+    together = reduce.reduce_groups(flat, layout, groups)
+    assert torch.equal(flat.isnan(), before.isnan())
+    assert torch.equal(flat.nan_to_num(), before.nan_to_num())  # the input is left alone
+    for (rule, start, end), got in zip(groups, together, strict=True):
+        alone = reduce.reduce_calls(flat[start:end].clone(), layout, rule)
+        for field in ("rows", "minus_nonfinite", "sums", "live", "minus_inside"):
+            a, b = getattr(alone, field), getattr(got, field)
+            assert (a is None) == (b is None), (rule, field)
+            if a is not None:
+                torch.testing.assert_close(b, a, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
 def test_counts_and_unit_vectors_match_a_hand_computation() -> None:
     x = _calls(2)
     layout = reduce.unit_layout(x.shape[1:], 1)

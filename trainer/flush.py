@@ -59,7 +59,8 @@ class Flush:
         decoded = None
         if self.probe is not None:
             probe_step, stats, offset, length = self.probe
-            layers, run_values = stats.decode(flat[offset : offset + length])
+            assert self.host is not None
+            layers, run_values = stats.decode(self.host[offset : offset + length])
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
             decoded = (probe_step, layers, dict(run_values))
         rows: list[dict[str, Any]] = []

@@ -218,8 +218,9 @@ class Probes:
         # update_ratio's pre-step copy: float32 buffers reused across probe steps, filled
         # from views of the parameters that stay valid while each keeps its storage
         self._update_views: list[Tensor] = []
-        self._update_key: list[Any] = []
+        self._update_key: list[int] = []
         self._update_old: list[Tensor] = []
+        self._update_old_for: list[Tensor] | None = None  # the views _update_old matches
         position = {id(p): i for i, p in enumerate(self._all_params)}
         self._param_layout: list[tuple[str, list[int], list[tuple[int, float]]]] = []
         slot = 0
@@ -353,6 +354,7 @@ class Probes:
         self._old_weights = None
         self._param_result = None
         self._update_views, self._update_key, self._update_old = [], [], []
+        self._update_old_for = None
 
     # ---- forward hooks ----
 
@@ -515,13 +517,12 @@ class Probes:
         self._param_result = self._read_params()
         with torch.no_grad():
             views = self._sample_views()
-            old = self._update_old
-            if len(old) != len(views) or any(
-                b.shape != v.shape or b.device != v.device for b, v in zip(old, views, strict=True)
-            ):
-                old = self._update_old = [
+            if views is not self._update_old_for:  # buffers shaped like these views
+                self._update_old_for = views
+                self._update_old = [
                     torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views
                 ]
+            old = self._update_old
             if views:
                 torch._foreach_copy_(old, views)
             self._old_weights = old
@@ -532,12 +533,8 @@ class Probes:
         old, self._old_weights = self._old_weights, None
         with torch.no_grad():
             views = self._sample_views()
-            if len(views) != len(old) or any(
-                b.shape != v.shape for b, v in zip(old, views, strict=True)
-            ):
+            if views is not self._update_old_for or not views:
                 return  # a parameter was replaced inside step(): no update to measure
-            if not views:
-                return
             torch._foreach_sub_(old, views)  # old - new: the same norm as the update
             present, norms, _ = self._param_result
             self._param_result = (present, norms, stats.norms(old, self._device))
@@ -546,8 +543,9 @@ class Probes:
         """(which params have grads, norms of those grads then of every probed layer's
         parameters, update norms = NaN until the post-step hook fills them)."""
         with torch.no_grad():
-            present = [p.grad is not None for p in self._all_params]
-            grads = [p.grad for p in self._all_params if p.grad is not None]
+            every = [p.grad for p in self._all_params]
+            present = [g is not None for g in every]
+            grads = [g for g in every if g is not None]
             weights = self._probed_params  # under no_grad
             norms = stats.norms(grads + weights, self._device)
             return present, norms, self._nan(len(weights))
@@ -562,9 +560,9 @@ class Probes:
     def _sample_views(self) -> list[Tensor]:
         """update_ratio's kept entries of every probed parameter, as views: whole
         parameters up to UPDATE_SAMPLE entries, every stride-th entry above. Cached while
-        every parameter keeps its storage and shape (``p.data = ...`` makes new views);
-        a non-contiguous parameter's entries are a copy, so it is never cached."""
-        key = [(p.data_ptr(), p.shape) for p, _, _ in self._weight_samples]
+        every parameter keeps its storage (``p.data = ...`` makes new views); a
+        non-contiguous parameter's entries are a copy, so it is never cached."""
+        key = [p.data_ptr() for p, _, _ in self._weight_samples]
         if key == self._update_key:
             return self._update_views
         views = [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]

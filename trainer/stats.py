@@ -312,20 +312,16 @@ def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tenso
 
 
 def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """L2 norm of each tensor as one float32 vector on ``device``, via fused
-    ``_foreach_norm`` per (device, dtype) group (one kernel per group on CUDA)."""
+    """L2 norm of each tensor as one float32 vector on ``device``, via one fused
+    ``_foreach_norm`` (one kernel per (device, dtype) group on CUDA)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    if len(groups) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors))).to(device, torch.float32)
-    out: list[Tensor] = list(tensors)
-    for idx in groups.values():
-        for i, value in zip(idx, torch._foreach_norm([tensors[i] for i in idx]), strict=True):
-            out[i] = value.to(device=device, dtype=torch.float32, non_blocking=True)
-    return torch.stack(out)
+    norms = torch._foreach_norm(list(tensors))
+    try:  # one device, the common case: no per-tensor device look-up
+        return torch.stack(norms).to(device, torch.float32)
+    except RuntimeError:  # several devices (model parallel): each moved first
+        moved = [n.to(device=device, dtype=torch.float32, non_blocking=True) for n in norms]
+        return torch.stack(moved)
 
 
 # Keys of a probe-frame layer entry (wire.PROBE_STATS plus the histogram).
@@ -380,7 +376,11 @@ class PendingStats:
     def decode(self, host: Any) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
         """``host``: the values of ``tensor`` after the one device-to-host copy (a CPU
         tensor, numpy array or sequence of floats). Returns (probe-frame layer entries,
-        run-level scalars). Non-finite and not-applicable values become None."""
+        run-level scalars). Non-finite and not-applicable values become None.
+
+        Runs on the link thread, where its Python competes with the training thread for
+        the GIL: a CPU tensor's histogram counts become ints in one conversion, and a
+        layer recorded by one call skips the merging arithmetic."""
         values = host.tolist() if hasattr(host, "tolist") else list(host)
         if len(values) != self.size:
             raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")
@@ -393,8 +393,14 @@ class PendingStats:
             totals = [int(round(v)) for v in counted]
         units_at = nonfinite_at + n_calls * (2 if self.reduced else 1)
         hist_at = units_at + UNIT_WIDTH * len(self.act_layers)
-        call = 0
         bins = self.bins
+        n_act = len(self.act_layers)
+        hist_rows: list[list[int]] | None = None
+        if isinstance(host, Tensor) and n_act:
+            # exact integers in float32: one conversion instead of a round() per bin
+            block = host[hist_at : hist_at + n_act * bins].round().to(torch.int64)
+            hist_rows = block.view(n_act, bins).tolist()
+        call = 0
         for i, name in enumerate(self.act_layers):
             summary = Summary()
             for _ in range(self.calls[i]):
@@ -417,13 +423,11 @@ class PendingStats:
             if entry["min"] is None:
                 entry["hist"] = None
             else:
-                counts = values[hist_at + i * bins : hist_at + (i + 1) * bins]
-                # exact integers in float32; round() of a float is an int
-                entry["hist"] = {
-                    "lo": entry["min"],
-                    "hi": entry["max"],
-                    "counts": list(map(round, counts)),
-                }
+                if hist_rows is not None:
+                    counts = hist_rows[i]
+                else:  # exact integers in float32; round() of a float is an int
+                    counts = list(map(round, values[hist_at + i * bins : hist_at + (i + 1) * bins]))
+                entry["hist"] = {"lo": entry["min"], "hi": entry["max"], "counts": counts}
             entries[name] = entry
         scalars: dict[str, float | None] = {"grad_norm": None}
         if self.param_layers:
@@ -449,9 +453,12 @@ class PendingStats:
                 entry["update_ratio"] = _finite(update / weight) if weight > 0 else None
         layers = []
         for name in self.order:
-            if name in entries:
+            found = entries.get(name)
+            if found is not None:
                 row: dict[str, Any] = {"name": name}
-                row.update({k: entries[name].get(k) for k in ENTRY_KEYS})
+                get = found.get
+                for key in ENTRY_KEYS:
+                    row[key] = get(key)
                 layers.append(row)
         return layers, scalars
 

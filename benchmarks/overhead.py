@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from layerscope.trainer import wire
+from layerscope.trainer.link import encode
 from layerscope.trainer.probes import Probes
 from layerscope.trainer.watch import DEFAULT_EVERY
 from sklearn.datasets import load_digits
@@ -150,7 +150,7 @@ class ProbesVariant(Variant):
         if flat.is_cuda:
             torch.cuda.current_stream().synchronize()  # watch waits on an event in its link thread
         layers, scalars = pending.decode(host[:-1])
-        wire.encode({"type": "probe", "seq": step, "step": step, "layers": layers})
+        encode({"type": "probe", "seq": step, "step": step, "layers": layers})
         self.frames += 1
 
     def close(self) -> None:

@@ -255,3 +255,23 @@ def test_a_deeply_nested_frame_is_refused_by_name_not_a_recursion_error() -> Non
     for text in ("[" * 100_000 + "]" * 100_000, '{"type":' * 50_000 + "1" + "}" * 50_000):
         with pytest.raises(wire.WireError, match="nested too deeply"):
             wire.parse_trainer_frame(text)
+
+
+def test_the_links_fast_encoder_writes_what_json_writes_and_falls_back() -> None:
+    """The link encodes with orjson; the text must parse to the same frame as the
+    stdlib encoder's (NaN/Inf as null), and what orjson refuses still goes out."""
+    from layerscope.trainer.link import encode
+
+    frame = {
+        "type": "probe",
+        "seq": 3,
+        "step": 30,
+        "layers": [
+            {"name": "fc.0", "mean": 0.25, "std": float("nan"), "max": float("inf"),
+             "hist": {"lo": -1e-5, "hi": 3.0, "counts": [1, 0, 2]}, "label": "é"},
+        ],
+    }  # fmt: skip
+    assert json.loads(encode(frame)) == json.loads(wire.encode(frame))
+    assert json.loads(encode(frame))["layers"][0]["std"] is None
+    odd = {"type": "event", "data": {"big": 2**70, "text": "\ud800"}}  # orjson refuses both
+    assert json.loads(encode(odd)) == json.loads(wire.encode(odd))

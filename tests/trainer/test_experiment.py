@@ -156,12 +156,14 @@ def _spool_files(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
 
 
-def test_short_run_without_server_finishes_with_finite_loss_and_a_spool(tmp_path: Path) -> None:
+def test_short_run_without_server_finishes_with_finite_loss_and_a_spool(
+    tmp_path: Path, device: str
+) -> None:
     cfg = {"name": "short", "every": 5, "model": {"depth": 2, "width": 16, "batch_norm": True,
            "dropout": 0.1}, "data": {"input_noise": 0.05, "preprocess": "per_pixel"},
-           "solver": {"steps": 30, "eval_every": 10, "batch_size": 32, "device": "cpu"}}  # fmt: skip
+           "solver": {"steps": 30, "eval_every": 10, "batch_size": 32, "device": device}}  # fmt: skip
     summary = run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
-    assert summary["steps"] == 30 and not summary["stopped"]
+    assert summary["steps"] == 30 and not summary["stopped"] and summary["device"] == device
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert summary[key] is not None and math.isfinite(summary[key]), key
     assert summary["val_loss"] < math.log(10) + 0.5  # learning, not diverging
@@ -185,9 +187,9 @@ def test_runs_are_deterministic_by_seed(tmp_path: Path) -> None:
     assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
 
 
-def test_cnn_on_digits_runs(tmp_path: Path) -> None:
+def test_cnn_on_digits_runs(tmp_path: Path, device: str) -> None:
     cfg = {"model": {"arch": "cnn", "depth": 2, "width": 4}, "every": 2,
-           "solver": {"steps": 4, "device": "cpu"}}  # fmt: skip
+           "solver": {"steps": 4, "device": device}}  # fmt: skip
     summary = run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
     assert summary["steps"] == 4 and math.isfinite(summary["train_loss"])
 

@@ -57,22 +57,22 @@ def uniform(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_dead_ratio_is_exact_on_the_pre_activation_and_on_the_relu() -> None:
-    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.ReLU())
-    layers, _ = probe_step(model, Probes(model), uniform(64, 5))
+def test_dead_ratio_is_exact_on_the_pre_activation_and_on_the_relu(device: str) -> None:
+    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.ReLU()).to(device)
+    layers, _ = probe_step(model, Probes(model), uniform(64, 5).to(device))
     assert layers["0"]["dead_ratio"] == 3 / 8
     assert layers["1"]["dead_ratio"] == 3 / 8
     assert layers["1"]["zero_frac"] == 3 / 8
     assert layers["0"]["saturated_frac"] is None and layers["0"]["saturated_ratio"] is None
 
 
-def test_tanh_saturation_matches_a_hand_computation() -> None:
+def test_tanh_saturation_matches_a_hand_computation(device: str) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(20, 16)
     with torch.no_grad():
         lin.weight.normal_(0.0, 1.0)
-    model = nn.Sequential(lin, nn.Tanh())
-    x = torch.randn(64, 20)
+    model = nn.Sequential(lin, nn.Tanh()).to(device)
+    x = torch.randn(64, 20).to(device)
     layers, _ = probe_step(model, Probes(model), x)
     with torch.no_grad():
         pinned = torch.tanh(lin(x)).abs() >= 0.99
@@ -109,13 +109,13 @@ def test_sigmoid_module_saturation() -> None:
     assert layers["0"]["saturated_ratio"] == 1 / 2
 
 
-def test_histogram_counts_every_value_and_matches_numpy() -> None:
-    model = nn.Sequential(nn.Linear(10, 32))
-    x = torch.randn(100, 10, generator=torch.Generator().manual_seed(2))
+def test_histogram_counts_every_value_and_matches_numpy(device: str) -> None:
+    model = nn.Sequential(nn.Linear(10, 32)).to(device)
+    x = torch.randn(100, 10, generator=torch.Generator().manual_seed(2)).to(device)
     layers, _ = probe_step(model, Probes(model, sample_values=None), x)
     hist = layers["0"]["hist"]
     with torch.no_grad():
-        y = model(x).numpy()
+        y = model(x).cpu().numpy()
     assert sum(hist["counts"]) == y.size
     assert (hist["lo"], hist["hi"]) == (pytest.approx(y.min()), pytest.approx(y.max()))
     ref, _ = np.histogram(y, bins=64, range=(hist["lo"], hist["hi"]))
@@ -134,8 +134,9 @@ def test_histogram_samples_large_outputs_but_every_other_stat_is_exact() -> None
     assert relu["mean"] == pytest.approx(y.mean().item(), rel=1e-5)
 
 
-def test_nonfinite_values_are_counted_and_the_rest_stays_correct() -> None:
+def test_nonfinite_values_are_counted_and_the_rest_stays_correct(device: str) -> None:
     x = torch.tensor([[1.0, -2.0, 0.0, float("nan")], [3.0, float("inf"), float("-inf"), 0.5]])
+    x = x.to(device)
     model = nn.Sequential(nn.ReLU())
     layers, scalars = probe_step(model, Probes(model), x)
     relu = layers["0"]
@@ -241,10 +242,10 @@ def test_inplace_relu_is_measured_before_later_inplace_ops() -> None:
     assert layers["fc"]["min"] < 0  # the Linear's own output, before the in-place ReLU
 
 
-def test_bf16_activations_are_widened_first() -> None:
+def test_bf16_activations_are_widened_first(device: str) -> None:
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU()).to(torch.bfloat16)
-    x = torch.randn(32, 8, dtype=torch.bfloat16)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU()).to(device, torch.bfloat16)
+    x = torch.randn(32, 8, dtype=torch.bfloat16).to(device)
     layers, _ = probe_step(model, Probes(model, sample_values=None), x)
     with torch.no_grad():
         y = model(x).float()
@@ -266,9 +267,9 @@ class _Shared(nn.Module):
         return self.act(self.wide(self.act(h)))  # the same ReLU at widths 4 and 6
 
 
-def test_a_module_called_twice_is_one_layer_over_all_its_calls() -> None:
-    model = _Shared()
-    x = uniform(16, 4)
+def test_a_module_called_twice_is_one_layer_over_all_its_calls(device: str) -> None:
+    model = _Shared().to(device)
+    x = uniform(16, 4).to(device)
     probes = Probes(model, sample_values=None)
     layers, _ = probe_step(model, probes, x)
     assert [row["name"] for row in probes.layer_table()] == ["fc", "act", "wide"]
@@ -318,10 +319,10 @@ def _two_layer() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
-def test_grad_weight_and_update_norms_match_an_sgd_step() -> None:
-    model = _two_layer()
+def test_grad_weight_and_update_norms_match_an_sgd_step(device: str) -> None:
+    model = _two_layer().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
-    x = torch.randn(8, 3)
+    x = torch.randn(8, 3).to(device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads: dict[str, torch.Tensor] = {}
     opt.register_step_pre_hook(
@@ -371,6 +372,25 @@ def test_update_ratio_of_a_large_parameter_is_estimated_from_a_sample() -> None:
     delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(after, before, strict=True)])
     exact = (delta.norm() / torch.cat([b.flatten() for b in before]).norm()).item()
     assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=0.05)
+
+
+def test_update_ratio_stays_exact_over_steps_and_after_a_parameter_is_replaced() -> None:
+    """The pre-step copy reuses its buffers and views between probe steps; each step's
+    ratio is still that step's own update, also once ``p.data`` gets new storage."""
+    model = _two_layer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    probes = Probes(model, opt)
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                model[0].weight.data = model[0].weight.data * 2.0  # new storage, same shape
+        before = [p.detach().clone() for p in model[0].parameters()]
+        layers, _ = probe_step(model, probes, torch.randn(8, 3), opt)
+        now = [p.detach() for p in model[0].parameters()]
+        d = torch.cat([(a - b).flatten() for a, b in zip(now, before, strict=True)]).norm()
+        w = torch.cat([b.flatten() for b in before]).norm()
+        assert layers["0"]["update_ratio"] == pytest.approx((d / w).item(), rel=1e-4)
+        assert layers["0"]["weight_norm"] == pytest.approx(w.item(), rel=1e-5)
 
 
 def test_probing_does_not_advance_the_users_rng() -> None:
@@ -565,11 +585,11 @@ def test_a_cuda_probe_step_does_not_synchronize() -> None:
 
 
 def test_a_large_output_reduced_in_slices_gives_the_same_statistics(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     torch.manual_seed(11)
-    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.Tanh())
-    x = uniform(50, 5) * 0.1
+    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.Tanh()).to(device)
+    x = (uniform(50, 5) * 0.1).to(device)
     whole, _ = probe_step(model, Probes(model, sample_values=None), x)
     monkeypatch.setattr(probes_module, "CHUNK_VALUES", 3 * 8)  # slices of 3 rows, last of 2
     sliced, _ = probe_step(model, Probes(model, sample_values=None), x)
@@ -713,12 +733,13 @@ class _Staged(nn.Module):
 
 @pytest.mark.parametrize("budget", [0, 200, None])  # every call in its hook, some, none
 def test_staged_calls_give_the_statistics_of_calls_reduced_in_their_hook(
-    monkeypatch: pytest.MonkeyPatch, budget: int | None
+    monkeypatch: pytest.MonkeyPatch, budget: int | None, device: str
 ) -> None:
     torch.manual_seed(12)
-    model = _Staged()
+    model = _Staged().to(device)
     x = uniform(16, 6, seed=3) * 2
     x[0, 0], x[1, 1] = float("nan"), float("inf")  # two rows of every output are non-finite
+    x = x.to(device)
     monkeypatch.setattr(probes_module, "STAGE_CALL_VALUES", 0)
     in_hook, _ = probe_step(model, Probes(model, sample_values=None), x)
     monkeypatch.undo()

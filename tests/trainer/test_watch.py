@@ -67,16 +67,18 @@ def test_exported_watch_is_the_function() -> None:
 
 
 def test_metrics_every_step_and_probes_every_n(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str
 ) -> None:
     model, opt, x, y = make_model()
+    model.to(device)  # in place: the optimizer keeps the same parameters
+    x, y = x.to(device), y.to(device)
     losses = []
     with watch(model, opt, run="mlp", every=5, run_dir=tmp_path, batch_size=32, progress=True) as w:
         for _ in range(23):
             loss = train_step(model, opt, x, y)
             losses.append(loss.item())
-            w.step(loss=loss, acc=torch.tensor(0.25), note=3)
-        w.eval(val_loss=torch.tensor(0.75), val_acc=0.5)
+            w.step(loss=loss, acc=torch.tensor(0.25, device=device), note=3)
+        w.eval(val_loss=torch.tensor(0.75, device=device), val_acc=0.5)
         assert w.step_count == 23
     fs = frames(tmp_path)
     hello = fs[0]

@@ -99,6 +99,11 @@ def test_metrics_every_step_and_probes_every_n(
     assert all(p["layers"][1]["dead_ratio"] is not None for p in probes)
     grad_rows = {r["step"] for r in train_rows if r["values"].get("grad_norm") is not None}
     assert grad_rows == {1, 5, 10, 15, 20}
+    memory = {r["step"] for r in train_rows if "cuda_mem_alloc_bytes" in r["values"]}
+    # on a GPU: read once per flush (every probe step flushes), never on a CPU run
+    assert memory >= ({1, 5, 10, 15, 20} if device == "cuda" else set()) and (
+        device == "cuda" or not memory
+    )
     (val,) = [r for r in rows(fs) if "val_loss" in r["values"]]
     assert val["step"] == 23 and val["values"] == {"val_loss": 0.75, "val_acc": 0.5}
     assert statuses(fs) == ["running", "finished"]

@@ -18,7 +18,8 @@
 #
 # Knobs (environment): PYTHON (python3), OUT (log folder; default /tmp/run_cuda_logs),
 # MAXFAIL (10; `-x` stops at the first failure and hides the rest of a one-shot run),
-# DEADLINE_S (420), TRAINER_CAP_S (240), BENCH_CAP_S (120), SERVER_TESTS (1; 0 skips).
+# DEADLINE_S (420), TRAINER_CAP_S (240), BENCH_CAP_S (120), SERVER_TESTS (1; 0 skips),
+# BENCH_STEPS (300), BENCH_ARGS (--no-peers; empty to include TensorBoard).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -153,10 +154,14 @@ pytest_run pytest "$(cap "${TRAINER_CAP_S:-240}")" tests/trainer tests/test_exam
 status=$?
 
 # ---- 5. overhead benchmark on CUDA ----
+BENCH_STEPS=${BENCH_STEPS:-300}
+BENCH_ARGS=${BENCH_ARGS---no-peers}  # set but empty: peers included
 BENCH_CAP=$(cap "${BENCH_CAP_S:-120}")
 if [ "$BENCH_CAP" -ge 20 ]; then
-  echo "== benchmarks/overhead.py --device cuda --steps 300 --no-peers (cap ${BENCH_CAP}s)" | log overhead.log
-  timeout -k 10 "$BENCH_CAP" "$PY" benchmarks/overhead.py --device cuda --steps 300 --no-peers \
+  # BENCH_ARGS: "--no-peers" skips TensorBoard (the only peer the GPU image has)
+  echo "== benchmarks/overhead.py --device cuda --steps $BENCH_STEPS $BENCH_ARGS (cap ${BENCH_CAP}s)" | log overhead.log
+  # shellcheck disable=SC2086
+  timeout -k 10 "$BENCH_CAP" "$PY" benchmarks/overhead.py --device cuda --steps "$BENCH_STEPS" $BENCH_ARGS \
     2>&1 | log overhead.log
   echo "== overhead exit ${PIPESTATUS[0]} (at ${SECONDS}s)" | log overhead.log
 else

@@ -420,13 +420,14 @@ class Probes:
         x = yf.contiguous().view(1, n)
         layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
         call = reduce.reduce_calls(x, layout, layer.rule)
-        self._store([layer], call, n, [self._sample(layer, yf)])
+        self._store([layer], call, n, self._sample(layer, yf).view(1, -1))
 
     @staticmethod
     def _store(
-        layers: list[_Layer], call: reduce.CallStats, n: int, samples: Sequence[Tensor]
+        layers: list[_Layer], call: reduce.CallStats, n: int, samples: Tensor, first: int = 0
     ) -> None:
-        """Append call i of ``call`` (n values each) to ``layers[i]``'s accumulators."""
+        """Append call i of ``call`` (n values each) to ``layers[i]``'s accumulators; its
+        histogram sample is row ``first + i`` of ``samples``."""
         units = call.sums.shape[1] if call.sums is not None else 0
         per_unit = n // units if units else 0
         sums = call.sums.unbind(0) if call.sums is not None else None
@@ -435,7 +436,7 @@ class Probes:
         for i, layer in enumerate(layers):
             layer.rows.append((call.rows, i))
             layer.totals.append(n)
-            layer.samples.append(samples[i])
+            layer.samples.append((samples, first + i))
             if sums is not None:
                 layer.sums.append((sums[i], per_unit))
             if live is not None:
@@ -467,18 +468,19 @@ class Probes:
                     else ordered[0][1].view(1, n)
                 )
                 layout = reduce.unit_layout(shape, axis) if axis is not None else None
-                samples = self._sample_rows(x)
+                samples = self._sample_rows(x)  # (calls, width): one row per call
                 results = reduce.reduce_groups(x, layout, groups)
                 for (_, begin, stop), call in zip(groups, results, strict=True):
                     layers = [layer for layer, _ in ordered[begin:stop]]
-                    self._store(layers, call, n, samples[begin:stop])
+                    self._store(layers, call, n, samples, begin)
 
-    def _sample_rows(self, x: Tensor) -> Sequence[Tensor]:
-        """Each row's histogram values: the row itself up to ``sample_values``, else a
-        fixed random subset (the same positions in every row). ``x`` is ours: no copy."""
+    def _sample_rows(self, x: Tensor) -> Tensor:
+        """Each row's histogram values, as the rows of one tensor: the row itself up to
+        ``sample_values``, else a fixed random subset (the same positions in every
+        row). ``x`` is ours: no copy."""
         n, cap = x.shape[1], self.sample_values
         if cap is None or n <= cap:
-            return x.unbind(0)
+            return x
         key = ("sample", n, x.device)
         index = self._shape_cache.get(key)
         if index is None:
@@ -486,7 +488,7 @@ class Probes:
                 self._shape_cache.clear()
             index = torch.randint(n, (cap,), generator=self._generator(x.device), device=x.device)
             self._shape_cache[key] = index
-        return x.index_select(1, index).unbind(0)
+        return x.index_select(1, index)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # Our own generator: sampling must not advance the user's RNG streams.

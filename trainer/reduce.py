@@ -110,13 +110,21 @@ def reduce_groups(
     minus_nonfinite = hi_src.sub_(lo_src).sign_().sum(1)
     clean = lo_src.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # +inf where x was not finite
     signs = torch.sign(clean, out=hi_src)
-    # the count of nonzero finite values (exact below 2**24); a ReLU's comes from its live count
-    every_row_nonnegative = all(rule.nonnegative for rule, _, _ in groups)
-    nonzero = None if every_row_nonnegative and layout is not None else _nonzero_signs(signs)
     sums = unit_sums(clean, layout) if layout is not None else None
+
+    # The count of nonzero finite values (exact below 2**24), per group: a ReLU's is its
+    # live count; a ReLU-family input's is 2 x positives - the sum of its signs (the live
+    # count is its positives), read before its signs are clipped; any other's is its signs'
+    # dot product with themselves (a product the size of its rows, so only where needed).
+    def relu_family_input(rule: Rule) -> bool:
+        return layout is not None and rule.live_above == 0.0 and not rule.nonnegative
+
+    signsum = signs.sum(1) if any(relu_family_input(r) for r, _, _ in groups) else None
     per_group: list[tuple[Tensor | None, Tensor | None]] = []
+    nonzero_parts: list[Tensor] = []
     for rule, start, end in groups:
         live = minus_inside = None
+        nonzero: Tensor | None = None
         if layout is not None:
             threshold = rule.live_above
             if threshold is not None:
@@ -125,16 +133,20 @@ def reduce_groups(
                 elif rule.nonnegative:
                     # the sign of a value that is never negative is 1 exactly when it is live
                     live = unit_sums(signs[start:end], layout)
-                else:  # in place: every row's nonzero count is taken
+                    nonzero = live.sum(1)
+                else:  # in place: these rows' signs are not read again
                     live = unit_sums(signs[start:end].relu_(), layout)
+                    assert signsum is not None
+                    nonzero = live.sum(1).mul_(2.0).sub_(signsum[start:end])
             if rule.saturates:
                 minus_inside = unit_sums(
                     inside_indicator(x[start:end], clean[start:end], rule), layout
                 )
+        if nonzero is None:  # no other group clips these rows' signs
+            nonzero = _nonzero_signs(signs[start:end])
+        nonzero_parts.append(nonzero)
         per_group.append((live, minus_inside))
-    if nonzero is None:  # every row is a ReLU's, whose nonzero values are its live ones
-        lives = [live for live, _ in per_group if live is not None]
-        nonzero = (torch.cat(lives) if len(lives) > 1 else lives[0]).sum(1)
+    nonzero = torch.cat(nonzero_parts) if len(nonzero_parts) > 1 else nonzero_parts[0]
     shift = clean[:, :1].clone()
     d = clean.sub_(shift)
     rows = torch.stack(

@@ -58,7 +58,7 @@ class Accumulated:
 
     rows: list[tuple[Tensor, int]] = field(default_factory=list)  # (CallStats.rows, index)
     totals: list[int] = field(default_factory=list)
-    samples: list[Tensor] = field(default_factory=list)
+    samples: list[tuple[Tensor, int]] = field(default_factory=list)  # (block, its row)
     live: list[tuple[Tensor, int]] = field(default_factory=list)
     inside: list[tuple[Tensor, int]] = field(default_factory=list)
     sums: list[tuple[Tensor, int]] = field(default_factory=list)
@@ -101,8 +101,7 @@ class Sections:
         if inside is not None:
             inside.counts = inside.counts.neg()  # reduce_call keeps them negated
         sums = self._unit_inputs([layer.sums for layer in act], device)
-        lengths = tuple(sum(int(s.shape[0]) for s in layer.samples) for layer in act)
-        padded = self._padded([s for layer in act for s in layer.samples], lengths, device)
+        padded = self._padded(act, device)
         hist = stats.histograms(padded, lo, hi, bins).view(-1)
         totals: Tensor | None = None
         if reducer is not None:
@@ -147,17 +146,49 @@ class Sections:
         )
         return flat.index_select(0, index)
 
-    def _padded(
-        self, parts: list[Tensor], lengths: tuple[int, ...], device: torch.device
-    ) -> Tensor:
-        """Every layer's sample values as the rows of one tensor, NaN-padded to the widest
-        (the histograms leave NaN out): one cat and, unless every row is as wide, one
-        index_copy into cached positions (``pad_sequence`` costs ~10x more on CPU)."""
+    def _padded(self, act: Sequence[Accumulated], device: torch.device) -> Tensor:
+        """Every layer's sample values (the union of its calls') as the rows of one
+        tensor, NaN-padded to the widest (the histograms leave NaN out).
+
+        Samples arrive as rows of blocks (one block per stack or hooked call). When every
+        layer has one call: each narrower block padded once, the blocks concatenated and
+        the layers' rows picked by one cached index (no per-row view). Otherwise every
+        layer's calls are concatenated and placed by one index_copy into cached
+        positions (``pad_sequence`` costs ~10x more on CPU)."""
+        if all(len(layer.samples) == 1 for layer in act):
+            widest = max(int(layer.samples[0][0].shape[1]) for layer in act)
+            blocks: list[Tensor] = []
+            first: dict[int, int] = {}  # id of a block -> its first row in the cat
+            positions = []
+            start = 0
+            for layer in act:
+                block, row = layer.samples[0]
+                at = first.get(id(block))
+                if at is None:
+                    at = first[id(block)] = start
+                    start += int(block.shape[0])
+                    width = int(block.shape[1])
+                    blocks.append(
+                        block
+                        if width == widest
+                        else torch.nn.functional.pad(block, (0, widest - width), value=math.nan)
+                    )
+                positions.append(at + row)
+            flat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+            if positions == list(range(flat.shape[0])):
+                return flat
+            index = self._cached(
+                ("sample rows", tuple(positions), device),
+                lambda: stats.device_vector(positions, device, torch.long),
+            )
+            return flat.index_select(0, index)
+        parts = [block[row] for layer in act for block, row in layer.samples]
+        lengths = tuple(sum(int(block.shape[1]) for block, _ in layer.samples) for layer in act)
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
         widest = max(lengths)
         if all(n == widest for n in lengths):
             return flat.view(len(lengths), widest)
-        positions = self._cached(
+        positions_t = self._cached(
             ("pad", lengths, device),
             lambda: torch.cat(
                 [
@@ -167,7 +198,7 @@ class Sections:
             ),
         )
         padded = torch.full((len(lengths) * widest,), math.nan, device=device)
-        return padded.index_copy_(0, positions, flat).view(len(lengths), widest)
+        return padded.index_copy_(0, positions_t, flat).view(len(lengths), widest)
 
     def _reduce_sections(
         self,

@@ -16,9 +16,12 @@ def test_calls_from_several_stacks_are_gathered_in_layer_order() -> None:
     second = reduce.reduce_calls(torch.tensor([[5.0, 6.0]]), None, stats.NO_RULE)
     a, b = Accumulated(), Accumulated()
     a.rows += [(first.rows, 1), (second.rows, 0)]  # a ran twice: 2nd row of one stack, then
-    a.samples += [torch.tensor([3.0, 4.0]), torch.tensor([5.0, 6.0])]  # the other stack
+    a.samples += [
+        (torch.tensor([[3.0, 4.0]]), 0),
+        (torch.tensor([[5.0, 6.0]]), 0),
+    ]  # the other stack
     b.rows += [(first.rows, 0)]
-    b.samples += [torch.tensor([1.0, 2.0])]
+    b.samples += [(torch.tensor([[1.0, 2.0]]), 0)]
     for layer in (a, b):
         layer.totals += [2] * len(layer.rows)
     for _ in range(2):  # the second build uses the cached index
@@ -42,7 +45,7 @@ def test_dead_ratio_per_layer_from_staged_unit_counts() -> None:
     layer = Accumulated()
     layer.rows.append((call.rows, 0))
     layer.totals.append(6)
-    layer.samples.append(x.reshape(-1))
+    layer.samples.append((x.reshape(1, -1), 0))
     assert call.live is not None and call.sums is not None
     layer.live.append((call.live[0], 2))
     layer.sums.append((call.sums[0], 2))
@@ -50,3 +53,23 @@ def test_dead_ratio_per_layer_from_staged_unit_counts() -> None:
     dead, saturated, _, spread_var = sections[2].tolist()
     assert dead == pytest.approx(1 / 3) and math.isnan(saturated)  # unit 0 never fires
     assert spread_var == pytest.approx(torch.tensor([0.0, 1.5, 1.5]).var(unbiased=False).item())
+
+
+def test_samples_of_one_call_per_layer_are_gathered_from_their_blocks_and_padded() -> None:
+    """Each layer's histogram sample is a row of a block (a stack's, or one hooked
+    call's); the rows come out in layer order, the narrower block NaN-padded."""
+    wide = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    narrow = torch.tensor([[7.0, 8.0]])
+    layers = [Accumulated(), Accumulated(), Accumulated()]
+    layers[0].samples.append((narrow, 0))
+    layers[1].samples.append((wide, 1))
+    layers[2].samples.append((wide, 0))
+    for _ in range(2):  # the second time through the cached index
+        padded = Sections()._padded(layers, torch.device("cpu"))
+        assert padded.tolist()[0][:2] == [7.0, 8.0] and math.isnan(padded[0, 2])
+        assert padded.tolist()[1:] == [[4.0, 5.0, 6.0], [1.0, 2.0, 3.0]]
+    layers[2].samples.append((narrow, 0))  # a second call: the layer's calls are joined
+    padded = Sections()._padded(layers, torch.device("cpu"))
+    assert padded.shape == (3, 5)
+    assert padded[2].tolist() == [1.0, 2.0, 3.0, 7.0, 8.0]
+    assert padded[1, :3].tolist() == [4.0, 5.0, 6.0] and padded[1, 3:].isnan().all()

@@ -16,10 +16,14 @@ them to modules and optimizers.
 
 Cost (benchmarks/overhead.py): on a probe step a small output (up to
 ``STAGE_CALL_VALUES``) costs its hook one copy; collect() reduces the copies in one
-stack per (shape, unit axis, rule), ~17 kernels each, then ~40 for every layer
-together; a larger output is reduced in its hook (~17 kernels). The parameter hooks
-run ~10 fused ones. So the kernel count grows with the number of distinct layer
-shapes, not layers. On other steps the model carries no forward hook at all.
+stack per (shape, unit axis), ~17 kernels each whatever the rules in it (a Linear's
+outputs and its activation's share one), then ~40 for every layer together; a larger
+output is reduced in its hook (~17 kernels). The parameter hooks run a handful of
+``_foreach`` calls (norms; the update sample copied into reused buffers and
+subtracted). So the kernel count grows with the number of distinct layer shapes, not
+layers. On other steps the model carries no forward hook at all. On these small CPU
+models most of a probe step is per-call overhead, not arithmetic: with a batch of one
+the tanh MLP's probe step costs ~60% of what it costs with 64.
 
 Choices worth knowing:
 * A module called several times in one step (shared module, RNN cell) is one

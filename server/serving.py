@@ -88,10 +88,10 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        # asyncio's own loop, the one every test and benchmark here runs on. With "auto"
-        # uvicorn takes uvloop wherever it happens to be installed; on a machine that had
-        # it, the suite's slow-viewer test closed the fast viewer too and loop shutdown
-        # left sockets open. uvloop is not a dependency.
+        # For Server.run() (the tests' harness): asyncio's own loop, the one serve() and
+        # demo() get from asyncio.run. With "auto" uvicorn takes uvloop wherever it is
+        # installed; on a GPU image that had it, the suite's slow-viewer test closed the
+        # fast viewer too and loop shutdown left sockets open. uvloop is not a dependency.
         loop="asyncio",
         log_level=settings.log_level,
         ws_max_size=WS_MAX_SIZE,

@@ -219,12 +219,10 @@ class Probes:
                 stride = max(1, -(-p.numel() // UPDATE_SAMPLE))
                 self._weight_samples.append((p, starts.randrange(stride), stride))
         self._probed_params = [p for layer in self._param_layers for p in layer.params]
-        # update_ratio's pre-step copy: float32 buffers reused across probe steps, filled
-        # from views of the parameters that stay valid while each keeps its storage
-        self._update_views: list[Tensor] = []
-        self._update_key: list[int] = []
+        # update_ratio's pre-step copy: buffers reused across probe steps while the
+        # samples keep their shapes
         self._update_old: list[Tensor] = []
-        self._update_old_for: list[Tensor] | None = None  # the views _update_old matches
+        self._update_shapes: list[Any] = []  # (shape, dtype, device) _update_old was made for
         position = {id(p): i for i, p in enumerate(self._all_params)}
         self._param_layout: list[tuple[str, list[int], list[tuple[int, float]]]] = []
         slot = 0
@@ -357,8 +355,7 @@ class Probes:
             layer.reset()
         self._old_weights = None
         self._param_result = None
-        self._update_views, self._update_key, self._update_old = [], [], []
-        self._update_old_for = None
+        self._update_old, self._update_shapes = [], []
 
     # ---- forward hooks ----
 
@@ -523,24 +520,30 @@ class Probes:
         self._param_result = self._read_params()
         with torch.no_grad():
             views = self._sample_views()
-            if views is not self._update_old_for:  # buffers shaped like these views
-                self._update_old_for = views
+            shapes = [(v.shape, v.dtype, v.device) for v in views]
+            if shapes != self._update_shapes:  # buffers reused while the samples keep shape
+                self._update_shapes = shapes
+                # float32, or wider for a float64 parameter: a small update stays exact
                 self._update_old = [
-                    torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views
+                    torch.empty(
+                        v.shape, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device
+                    )
+                    for v in views
                 ]
-            old = self._update_old
             if views:
-                torch._foreach_copy_(old, views)
-            self._old_weights = old
+                torch._foreach_copy_(self._update_old, views)
+            self._old_weights = self._update_old
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._armed or self._old_weights is None or self._param_result is None:
             return
         old, self._old_weights = self._old_weights, None
         with torch.no_grad():
+            # read again: step() may have given a parameter new storage (p.data = ...),
+            # and a non-contiguous parameter's "views" are copies
             views = self._sample_views()
-            if views is not self._update_old_for or not views:
-                return  # a parameter was replaced inside step(): no update to measure
+            if not views or [v.shape for v in views] != [b.shape for b in old]:
+                return  # a parameter changed shape inside step(): no update to measure
             torch._foreach_sub_(old, views)  # old - new: the same norm as the update
             present, norms, _ = self._param_result
             self._param_result = (present, norms, stats.norms(old, self._device))
@@ -564,17 +567,11 @@ class Probes:
         return nan
 
     def _sample_views(self) -> list[Tensor]:
-        """update_ratio's kept entries of every probed parameter, as views: whole
-        parameters up to UPDATE_SAMPLE entries, every stride-th entry above. Cached while
-        every parameter keeps its storage (``p.data = ...`` makes new views); a
-        non-contiguous parameter's entries are a copy, so it is never cached."""
-        key = [p.data_ptr() for p, _, _ in self._weight_samples]
-        if key == self._update_key:
-            return self._update_views
-        views = [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
-        if all(p.is_contiguous() for p, _, _ in self._weight_samples):
-            self._update_key, self._update_views = key, views
-        return views
+        """update_ratio's kept entries of every probed parameter: whole parameters up to
+        UPDATE_SAMPLE entries, every stride-th entry above; views of a contiguous
+        parameter, a copy of a non-contiguous one. Made afresh before and after each
+        step (nothing holds a replaced parameter's storage between probe steps)."""
+        return [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
 
     # ---- collect ----
 

@@ -312,8 +312,9 @@ def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tenso
 
 
 def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """L2 norm of each tensor as one float32 vector on ``device``, via one fused
-    ``_foreach_norm`` (one kernel per (device, dtype) group on CUDA)."""
+    """L2 norm of each tensor as one float32 vector on ``device``, via one
+    ``_foreach_norm`` (fused on CUDA when every tensor shares a device and dtype, as a
+    model's parameters and gradients usually do; else a kernel per tensor)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float32, device=device)
     norms = torch._foreach_norm(list(tensors))

@@ -394,6 +394,67 @@ def test_update_ratio_stays_exact_over_steps_and_after_a_parameter_is_replaced()
         assert layers["0"]["weight_norm"] == pytest.approx(w.item(), rel=1e-5)
 
 
+def _update_ratio_of(params: list[nn.Parameter], before: list[torch.Tensor]) -> float:
+    pairs = zip(params, before, strict=True)
+    d = torch.cat([(p.detach() - b).flatten().double() for p, b in pairs]).norm()
+    w = torch.cat([b.flatten().double() for b in before]).norm()
+    return (d / w).item()
+
+
+def test_update_ratio_of_a_channels_last_model_and_a_non_contiguous_weight() -> None:
+    """A non-contiguous parameter's sample is a copy, not a view: it is read again after
+    the step, and every layer keeps its ratio (channels_last convs, a transposed weight)."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).to(memory_format=torch.channels_last)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        mlp[2].weight.data = mlp[2].weight.data.t().contiguous().t()
+    assert not conv[0].weight.is_contiguous() and not mlp[2].weight.is_contiguous()
+    x_conv = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    for model, x in ((conv, x_conv), (mlp, torch.randn(8, 4))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probes = Probes(model, opt)
+        for _ in range(2):
+            before = [p.detach().clone() for p in model[0].parameters()]
+            layers, _ = probe_step(model, probes, x, opt)
+            exact = _update_ratio_of(list(model[0].parameters()), before)
+            assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=1e-4)
+
+
+class _RebindingSGD(torch.optim.Optimizer):
+    """A hand-written optimizer of the tutorial kind: each step rebinds ``p.data``."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = p.data - group["lr"] * p.grad
+
+
+def test_update_ratio_of_an_optimizer_that_rebinds_p_data_and_of_float64_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt: torch.optim.Optimizer = _RebindingSGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    for _ in range(2):
+        before = [p.detach().clone() for p in model[0].parameters()]
+        layers, _ = probe_step(model, probes, torch.randn(8, 4), opt)
+        exact = _update_ratio_of(list(model[0].parameters()), before)
+        assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=1e-4)
+    # float64 weights and an update far below float32's resolution of them
+    model = nn.Sequential(nn.Linear(4, 5)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-12)
+    before = [p.detach().clone() for p in model.parameters()]
+    layers, _ = probe_step(model, Probes(model, opt), torch.randn(8, 4, dtype=torch.float64), opt)
+    exact = _update_ratio_of(list(model.parameters()), before)
+    assert 0 < exact < 1e-9
+    assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=1e-3)
+
+
 def test_probing_does_not_advance_the_users_rng() -> None:
     model = nn.Sequential(nn.ReLU())
     state = torch.get_rng_state()
@@ -549,7 +610,8 @@ def test_a_probe_step_never_reads_a_tensor_on_the_host(monkeypatch: pytest.Monke
                 assert value is None or not isinstance(value, float) or math.isfinite(value), key
             expected = {"tanh": 2 * 50, "out": 8 * 3}.get(row["name"], 50)  # capped per call
             assert sum(row["hist"]["counts"]) == expected
-            assert row["update_ratio"] is None or row["update_ratio"] > 0
+            has_params = row["name"] in ("conv", "fc", "out")
+            assert (row["update_ratio"] is not None and row["update_ratio"] > 0) == has_params
 
 
 def test_entries_carry_exactly_the_wire_probe_stats() -> None:

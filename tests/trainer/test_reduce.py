@@ -48,6 +48,9 @@ def test_a_stack_of_calls_reduces_like_each_call_alone(rule: stats.Rule) -> None
         [stats.FUNCTION_RULES["relu"], stats.module_rule(nn.Tanh()), stats.NO_RULE],
         [stats.module_rule(nn.ReLU()), stats.module_rule(nn.ReLU6())],  # every row nonnegative
         [stats.module_rule(nn.Sigmoid()), stats.module_rule(nn.Softplus())],
+        # two ReLU-family inputs, relu6's bounded rule, a rule-less group first
+        [stats.NO_RULE, stats.FUNCTION_RULES["relu"], stats.FUNCTION_RULES["relu6"]],
+        [stats.FUNCTION_RULES["gelu"], stats.NO_RULE, stats.FUNCTION_RULES["relu"]],
     ],
 )
 def test_one_stack_of_several_rules_reduces_like_each_rule_alone(rules: list[stats.Rule]) -> None:
@@ -72,6 +75,17 @@ def test_one_stack_of_several_rules_reduces_like_each_rule_alone(rules: list[sta
             assert (a is None) == (b is None), (rule, field)
             if a is not None:
                 torch.testing.assert_close(b, a, equal_nan=True, rtol=1e-5, atol=1e-5)
+        for column in (stats.NONZERO, stats.LO, stats.HI):  # counts and extremes: exact
+            assert got.rows[:, column].tolist() == alone.rows[:, column].tolist()
+        assert got.minus_nonfinite.tolist() == alone.minus_nonfinite.tolist()
+        for field in ("live", "minus_inside"):
+            a, b = getattr(alone, field), getattr(got, field)
+            assert a is None or torch.equal(a, b)
+    unitless = reduce.reduce_groups(flat, None, groups)  # no unit axis: no unit vectors
+    for (rule, start, end), got in zip(groups, unitless, strict=True):
+        alone = reduce.reduce_calls(flat[start:end].clone(), None, rule)
+        assert got.live is None and got.minus_inside is None and got.sums is None
+        assert got.rows[:, stats.NONZERO].tolist() == alone.rows[:, stats.NONZERO].tolist()
 
 
 def test_counts_and_unit_vectors_match_a_hand_computation() -> None:

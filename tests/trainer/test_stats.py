@@ -152,3 +152,26 @@ def test_device_side_index_vectors() -> None:
     assert stats.segment_ids([2, 0, 3], cpu).tolist() == [0, 0, 2, 2, 2]
     assert stats.device_vector([1.5, 2], cpu).tolist() == [1.5, 2.0]
     assert stats.device_vector([], cpu).numel() == 0
+
+
+def test_decode_reads_a_host_tensor_and_its_list_alike() -> None:
+    """The link passes decode its slice of the host tensor (histogram counts become ints
+    in one conversion); a list of the same floats must decode to the same entries."""
+    from layerscope.trainer.probes import Probes
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt, bins=16)
+    probes.arm()
+    x = torch.randn(32, 6)
+    x[0, 0] = float("nan")  # a non-finite value flows through every layer's first row
+    model(x).nan_to_num().square().mean().backward()
+    opt.step()
+    pending = probes.collect()
+    assert pending is not None
+    from_tensor = pending.decode(pending.tensor)
+    from_list = pending.decode(pending.tensor.tolist())
+    assert from_tensor == from_list
+    counts = from_tensor[0][0]["hist"]["counts"]
+    assert all(type(c) is int for c in counts) and sum(counts) == 32 * 8 - 8

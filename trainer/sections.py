@@ -124,24 +124,39 @@ class Sections:
         return sections + [units.reshape(-1), hist.to(torch.float32)], reducer is not None
 
     def _gather_rows(self, act: Sequence[Accumulated], device: torch.device) -> Tensor:
-        """Every call's row (value row + minus its non-finite count), in layer order: the
-        stacks' rows concatenated and, unless already in order, picked by one cached
-        index (stacking each call's own view costs ~10 us per call on CPU)."""
-        tensors: list[Tensor] = []
-        first: dict[int, int] = {}  # id of a stack's rows -> its first row in the cat
+        """Every call's row (value row + minus its non-finite count), in layer order."""
+        return self._pick_rows([ref for layer in act for ref in layer.rows], "rows", device)
+
+    def _pick_rows(
+        self,
+        refs: Sequence[tuple[Tensor, int]],
+        name: str,
+        device: torch.device,
+        width: int | None = None,
+    ) -> Tensor:
+        """The rows that ``refs`` name ((block, row) pairs), in that order, as one
+        tensor: each distinct block once (NaN-padded to ``width`` when narrower), one cat
+        and, unless already in order, one index_select by a cached index (stacking each
+        row's own view costs ~10 us per row on CPU)."""
+        blocks: list[Tensor] = []
+        first: dict[int, int] = {}  # id of a block -> its first row in the cat
         positions = []
-        for layer in act:
-            for stack, i in layer.rows:
-                start = first.get(id(stack))
-                if start is None:
-                    start = first[id(stack)] = sum(int(t.shape[0]) for t in tensors)
-                    tensors.append(stack)
-                positions.append(start + i)
-        flat = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        start = 0
+        for block, row in refs:
+            at = first.get(id(block))
+            if at is None:
+                at = first[id(block)] = start
+                start += int(block.shape[0])
+                if width is not None and int(block.shape[1]) < width:
+                    pad = (0, width - int(block.shape[1]))
+                    block = torch.nn.functional.pad(block, pad, value=math.nan)
+                blocks.append(block)
+            positions.append(at + row)
+        flat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
         if positions == list(range(flat.shape[0])):
             return flat
         index = self._cached(
-            ("rows", tuple(positions), device),
+            (name, tuple(positions), device),
             lambda: stats.device_vector(positions, device, torch.long),
         )
         return flat.index_select(0, index)
@@ -151,37 +166,12 @@ class Sections:
         tensor, NaN-padded to the widest (the histograms leave NaN out).
 
         Samples arrive as rows of blocks (one block per stack or hooked call). When every
-        layer has one call: each narrower block padded once, the blocks concatenated and
-        the layers' rows picked by one cached index (no per-row view). Otherwise every
-        layer's calls are concatenated and placed by one index_copy into cached
-        positions (``pad_sequence`` costs ~10x more on CPU)."""
+        layer has one call, ``_pick_rows`` gathers them (each narrower block padded
+        once). Otherwise every layer's calls are concatenated and placed by one
+        index_copy into cached positions (``pad_sequence`` costs ~10x more on CPU)."""
         if all(len(layer.samples) == 1 for layer in act):
             widest = max(int(layer.samples[0][0].shape[1]) for layer in act)
-            blocks: list[Tensor] = []
-            first: dict[int, int] = {}  # id of a block -> its first row in the cat
-            positions = []
-            start = 0
-            for layer in act:
-                block, row = layer.samples[0]
-                at = first.get(id(block))
-                if at is None:
-                    at = first[id(block)] = start
-                    start += int(block.shape[0])
-                    width = int(block.shape[1])
-                    blocks.append(
-                        block
-                        if width == widest
-                        else torch.nn.functional.pad(block, (0, widest - width), value=math.nan)
-                    )
-                positions.append(at + row)
-            flat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
-            if positions == list(range(flat.shape[0])):
-                return flat
-            index = self._cached(
-                ("sample rows", tuple(positions), device),
-                lambda: stats.device_vector(positions, device, torch.long),
-            )
-            return flat.index_select(0, index)
+            return self._pick_rows([layer.samples[0] for layer in act], "samples", device, widest)
         parts = [block[row] for layer in act for block, row in layer.samples]
         lengths = tuple(sum(int(block.shape[1]) for block, _ in layer.samples) for layer in act)
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -33,10 +33,17 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture
 def trainer_config(tmp_path: Path) -> Path:
+    # Every step must be on the chart: the page draws at most 1,500 points of a run's
+    # history (run.js SERIES_POINTS) and decimates a trace past 4,000 (charts.js), so the
+    # run must stay short while the test runs. FAST_CONFIG's 32-wide MLP trained ~300 steps
+    # a second here, enough to cross those bounds when the page or the restart was slow
+    # (the curve came out decimated, every other step, from step 1); this one takes ~80 ms
+    # a step, so the whole test stays far below 1,500 steps.
     config = {
         **FAST_CONFIG,
         "name": "restart digits",
-        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000},
+        "model": {**FAST_CONFIG["model"], "depth": 4, "width": 512},
+        "solver": {**FAST_CONFIG["solver"], "steps": 10_000_000, "batch_size": 512},
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))

@@ -4,6 +4,13 @@
 # The machine: python3 with a CUDA torch preinstalled, no network, no chromium, runs as
 # root. Nothing is pip-installed from an index and the package itself is not installed:
 #   1. the wheels carried in .whl/ (the dependencies the image lacks) go to /tmp/site;
+#      on 2026-11-27 (an image with Python 3.12 and torch 2.11+cu130) that was fastapi,
+#      starlette, pydantic, pydantic-core, annotated-types, annotated-doc,
+#      typing-inspection, typing-extensions, opentelemetry-api, uvicorn, websockets,
+#      orjson, plotly and pytest-timeout, at the versions in the dev venv, fetched with
+#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#          --implementation cp --platform manylinux2014_x86_64 -d .whl NAME==VERSION
+#      (13 MB; .whl/ is git-ignored locally, so pass it in the device tool's carry);
 #   2. /tmp/pkg/layerscope/{trainer,server,web} are symlinks to this checkout, with a
 #      dist-info (so importlib.metadata knows layerscope's version) and a `layerscope`
 #      command on PATH; PYTHONPATH=/tmp/pkg:/tmp/site, inherited by every subprocess;

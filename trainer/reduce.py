@@ -114,12 +114,10 @@ def reduce_groups(
 
     # The count of nonzero finite values (exact below 2**24), per group: a ReLU's is its
     # live count; a ReLU-family input's is 2 x positives - the sum of its signs (the live
-    # count is its positives), read before its signs are clipped; any other's is its signs'
-    # dot product with themselves (a product the size of its rows, so only where needed).
-    def relu_family_input(rule: Rule) -> bool:
-        return layout is not None and rule.live_above == 0.0 and not rule.nonnegative
-
-    signsum = signs.sum(1) if any(relu_family_input(r) for r, _, _ in groups) else None
+    # count is its positives); any other's is its signs' dot product with themselves (a
+    # product the size of its rows, so only where needed). The signs' row sums are taken
+    # once, at the first ReLU-family input, before any group's signs are clipped.
+    signsum: Tensor | None = None
     per_group: list[tuple[Tensor | None, Tensor | None]] = []
     nonzero_parts: list[Tensor] = []
     for rule, start, end in groups:
@@ -135,8 +133,9 @@ def reduce_groups(
                     live = unit_sums(signs[start:end], layout)
                     nonzero = live.sum(1)
                 else:  # in place: these rows' signs are not read again
+                    if signsum is None:
+                        signsum = signs.sum(1)
                     live = unit_sums(signs[start:end].relu_(), layout)
-                    assert signsum is not None
                     nonzero = live.sum(1).mul_(2.0).sub_(signsum[start:end])
             if rule.saturates:
                 minus_inside = unit_sums(

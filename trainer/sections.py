@@ -178,7 +178,7 @@ class Sections:
         widest = max(lengths)
         if all(n == widest for n in lengths):
             return flat.view(len(lengths), widest)
-        positions_t = self._cached(
+        positions = self._cached(
             ("pad", lengths, device),
             lambda: torch.cat(
                 [
@@ -188,7 +188,7 @@ class Sections:
             ),
         )
         padded = torch.full((len(lengths) * widest,), math.nan, device=device)
-        return padded.index_copy_(0, positions_t, flat).view(len(lengths), widest)
+        return padded.index_copy_(0, positions, flat).view(len(lengths), widest)
 
     def _reduce_sections(
         self,

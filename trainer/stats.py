@@ -380,8 +380,7 @@ class PendingStats:
         run-level scalars). Non-finite and not-applicable values become None.
 
         Runs on the link thread, where its Python competes with the training thread for
-        the GIL: a CPU tensor's histogram counts become ints in one conversion, and a
-        layer recorded by one call skips the merging arithmetic."""
+        the GIL: a CPU tensor's histogram counts become ints in one conversion."""
         values = host.tolist() if hasattr(host, "tolist") else list(host)
         if len(values) != self.size:
             raise ValueError(f"expected {self.size} values for this probe step, got {len(values)}")

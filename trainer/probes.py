@@ -219,6 +219,11 @@ class Probes:
                 stride = max(1, -(-p.numel() // UPDATE_SAMPLE))
                 self._weight_samples.append((p, starts.randrange(stride), stride))
         self._probed_params = [p for layer in self._param_layers for p in layer.params]
+        self._whole: list[Tensor] = [p for p, _, _ in self._weight_samples]
+        self._strided = [i for i, (_, _, stride) in enumerate(self._weight_samples) if stride > 1]
+        # per strided sample: the data pointer its view was made on (0: a copy)
+        self._strided_on: dict[int, int] = {}
+        self._step_views: list[Tensor] = []
         # update_ratio's pre-step copy: buffers reused across probe steps while the
         # samples keep their shapes
         self._update_old: list[Tensor] = []
@@ -356,6 +361,7 @@ class Probes:
         self._old_weights = None
         self._param_result = None
         self._update_old, self._update_shapes = [], []
+        self._step_views = []
 
     # ---- forward hooks ----
 
@@ -533,15 +539,17 @@ class Probes:
             if views:
                 torch._foreach_copy_(self._update_old, views)
             self._old_weights = self._update_old
+            self._step_views = views
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._armed or self._old_weights is None or self._param_result is None:
             return
         old, self._old_weights = self._old_weights, None
+        views, self._step_views = self._step_views, []
         with torch.no_grad():
-            # read again: step() may have given a parameter new storage (p.data = ...),
-            # and a non-contiguous parameter's "views" are copies
-            views = self._sample_views()
+            # step() may have given a parameter new storage (p.data = ...), and a
+            # non-contiguous parameter's strided sample is a copy: those are read again
+            views = self._sample_views(views)
             if not views or [v.shape for v in views] != [b.shape for b in old]:
                 return  # a parameter changed shape inside step(): no update to measure
             torch._foreach_sub_(old, views)  # old - new: the same norm as the update
@@ -566,12 +574,31 @@ class Probes:
         nan: Tensor = self._cache[key]
         return nan
 
-    def _sample_views(self) -> list[Tensor]:
-        """update_ratio's kept entries of every probed parameter: whole parameters up to
-        UPDATE_SAMPLE entries, every stride-th entry above; views of a contiguous
-        parameter, a copy of a non-contiguous one. Made afresh before and after each
-        step (nothing holds a replaced parameter's storage between probe steps)."""
-        return [p.reshape(-1)[start::stride] for p, start, stride in self._weight_samples]
+    def _sample_views(self, before: list[Tensor] | None = None) -> list[Tensor]:
+        """update_ratio's kept entries of every probed parameter: the parameter itself up
+        to UPDATE_SAMPLE entries (whatever its layout; it reads the current storage even
+        after ``p.data = ...``), every stride-th entry above: a strided view of a
+        contiguous parameter, a copy of a non-contiguous one.
+
+        ``before``: this step's pre-step samples; a strided view is reused while its
+        parameter keeps the storage it was made on (the view keeps that storage alive,
+        so a new storage has another address), so the post-step read costs no call per
+        parameter. Nothing holds a parameter's storage between probe steps."""
+        views = list(self._whole) if before is None else before
+        for i in self._strided:
+            p, start, stride = self._weight_samples[i]
+            if before is not None:
+                made_on = self._strided_on[i]
+                if made_on and p.data_ptr() == made_on:
+                    continue  # the live view of the same storage
+            if p.is_contiguous():
+                count = (p.numel() - start + stride - 1) // stride
+                views[i] = p.as_strided((count,), (stride,), p.storage_offset() + start)
+                self._strided_on[i] = p.data_ptr()
+            else:
+                views[i] = p.reshape(-1)[start::stride]
+                self._strided_on[i] = 0
+        return views
 
     # ---- collect ----
 

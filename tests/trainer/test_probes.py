@@ -455,6 +455,30 @@ def test_update_ratio_of_an_optimizer_that_rebinds_p_data_and_of_float64_weights
     assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=1e-3)
 
 
+def test_update_ratio_of_sampled_parameters_rebound_or_non_contiguous() -> None:
+    """A parameter above UPDATE_SAMPLE entries is sampled through a strided view made
+    before the step and reused after it only while the parameter keeps that storage:
+    an optimizer that rebinds ``p.data`` gets the new values read (a stale view would
+    show no update at all), and a non-contiguous one's sample is read again."""
+    torch.manual_seed(3)
+    for make_opt, transpose in ((_RebindingSGD, False), (torch.optim.SGD, True)):
+        lin = nn.Linear(128, 64)
+        if transpose:
+            with torch.no_grad():
+                lin.weight.data = lin.weight.data.t().contiguous().t()
+            assert not lin.weight.is_contiguous()
+        assert lin.weight.numel() > UPDATE_SAMPLE
+        model = nn.Sequential(lin)
+        opt = make_opt(model.parameters(), lr=0.1)
+        probes = Probes(model, opt)
+        for _ in range(3):
+            before = [p.detach().clone() for p in model.parameters()]
+            layers, _ = probe_step(model, probes, torch.randn(16, 128), opt)
+            exact = _update_ratio_of(list(model.parameters()), before)
+            assert exact > 0
+            assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=0.1)
+
+
 def test_probing_does_not_advance_the_users_rng() -> None:
     model = nn.Sequential(nn.ReLU())
     state = torch.get_rng_state()

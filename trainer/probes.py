@@ -51,9 +51,9 @@ Choices worth knowing:
   keeps every k-th entry (k = ceil(numel / UPDATE_SAMPLE)) from a fixed random start,
   and ||Δw|| is estimated from them (k times their ||Δw||²: unbiased over the start,
   relative error about 1/sqrt(UPDATE_SAMPLE) unless the update repeats with period k;
-  strided views gathered by one ``cat``, where an index per parameter costs a
-  kernel each); smaller parameters are copied whole and the ratio is exact. ``weight_norm`` is the
-  exact norm of the weights that produced this step's activations and gradients.
+  one strided view per parameter, all copied by one ``_foreach_copy_``); smaller
+  parameters are copied whole and the ratio is exact. ``weight_norm`` is the exact norm
+  of the weights that produced this step's activations and gradients.
 """
 
 from __future__ import annotations

@@ -52,7 +52,11 @@ class Flush:
     def materialize(self) -> list[dict[str, Any]]:
         if self.event is not None:
             self.event.synchronize()
-        flat = self.host.tolist() if self.host is not None else []
+        # the step values only: the probe section (after them) is decoded on its own
+        scalars = self.host
+        if scalars is not None and self.probe is not None:
+            scalars = scalars[: self.probe[2]]
+        flat = scalars.tolist() if scalars is not None else []
         probe_frame: dict[str, Any] | None = None
         run_values: dict[str, float | None] = {}
         probe_step = -1

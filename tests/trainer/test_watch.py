@@ -231,6 +231,26 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert [r["values"]["loss"] for r in rows(frames(tmp_path / "ok"))] == [2.0]
 
 
+def test_scalar_tensors_of_any_single_value_shape_and_dtype_arrive_as_floats(
+    tmp_path: Path, device: str
+) -> None:
+    """Values kept on the device are stacked at the flush: a 0-d loss, a (1,) or (1, 1)
+    tensor, an integer count and a bf16 value all arrive as their float, in their rows;
+    on CUDA a value left on the CPU among them (two devices in one flush) as well."""
+    model, opt, _, _ = make_model()
+    given = [
+        {"loss": torch.tensor(0.5, device=device), "correct": torch.tensor(7)},
+        {"loss": torch.tensor([0.25]), "half": torch.tensor(1.5, dtype=torch.bfloat16)},
+        {"loss": torch.full((1, 1), 0.125, device=device), "correct": torch.tensor(9)},
+    ]
+    with watch(model, opt, every=0, run_dir=tmp_path) as w:
+        for scalars in given:
+            w.step(**scalars)
+    got = [{k: v for k, v in r["values"].items() if k in ("loss", "correct", "half")}
+           for r in rows(frames(tmp_path))]  # fmt: skip
+    assert got == [{k: float(v) for k, v in s.items()} for s in given]
+
+
 class NoHostReads(TorchFunctionMode):
     """Fails on any read of a tensor's value on the host (a device sync on CUDA)."""
 

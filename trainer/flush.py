@@ -100,9 +100,12 @@ def to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
     for i, t in enumerate(parts):
         by_device.setdefault(t.device, []).append(i)
     if len(by_device) > 1:
-        # Values on several devices (rare: model parallel): bring them to the first one.
-        first = parts[0].device
-        parts = [t.to(first, non_blocking=True) for t in parts]
+        # Values on several devices (rare: model parallel, or the probe section on the
+        # GPU beside step values on the CPU): bring them to the first accelerator, in its
+        # stream before the host copy and its event. (A non-blocking copy to the CPU could
+        # be read before it lands.)
+        target = next((d for d in by_device if d.type != "cpu"), parts[0].device)
+        parts = [t.to(target, non_blocking=True) for t in parts]
     flat = torch.cat(parts)
     if flat.device.type != "cuda":
         return flat, None

@@ -221,8 +221,9 @@ class Probes:
         self._probed_params = [p for layer in self._param_layers for p in layer.params]
         self._whole: list[Tensor] = [p for p, _, _ in self._weight_samples]
         self._strided = [i for i, (_, _, stride) in enumerate(self._weight_samples) if stride > 1]
-        # per strided sample: the data pointer its view was made on (0: a copy)
-        self._strided_on: dict[int, int] = {}
+        # per strided sample: (data pointer, shape) of the parameter its view was made on
+        # (pointer 0: the sample is a copy)
+        self._strided_on: dict[int, tuple[int, Any]] = {}
         self._step_views: list[Tensor] = []
         # update_ratio's pre-step copy: buffers reused across probe steps while the
         # samples keep their shapes
@@ -348,6 +349,9 @@ class Probes:
         for handle in self._forward_handles:
             handle.remove()
         self._forward_handles = []
+        # a step() that raised left the pre-step views: they would keep a replaced
+        # parameter's storage alive until the next probe step
+        self._step_views = []
 
     def close(self) -> None:
         self.disarm()
@@ -588,16 +592,16 @@ class Probes:
         for i in self._strided:
             p, start, stride = self._weight_samples[i]
             if before is not None:
-                made_on = self._strided_on[i]
-                if made_on and p.data_ptr() == made_on:
-                    continue  # the live view of the same storage
+                ptr, shape = self._strided_on[i]
+                if ptr and p.data_ptr() == ptr and p.shape == shape:
+                    continue  # the live view of the same storage and shape
             if p.is_contiguous():
                 count = (p.numel() - start + stride - 1) // stride
                 views[i] = p.as_strided((count,), (stride,), p.storage_offset() + start)
-                self._strided_on[i] = p.data_ptr()
+                self._strided_on[i] = (p.data_ptr(), p.shape)
             else:
                 views[i] = p.reshape(-1)[start::stride]
-                self._strided_on[i] = 0
+                self._strided_on[i] = (0, None)
         return views
 
     # ---- collect ----

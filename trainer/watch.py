@@ -324,11 +324,14 @@ class Watch:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
-            # Kept on the device; read on the link thread after the flush's one host copy.
-            # Only detached here: the flush stacks them (a reshape per value per step was
-            # a third of w.step()'s own time on the GPU).
+            # Kept on the device; read on the link thread after the flush's one host copy,
+            # stacked there (a reshape per value per step was a third of w.step()'s own
+            # time on the GPU). A value autograd did not make may be a tensor the loop
+            # keeps updating in place (a running count): copied, so the row keeps this
+            # step's value. A loss is a new tensor every step: kept as it is.
             row.on_device.append((name, len(self._device_values)))
-            self._device_values.append(value.detach())
+            kept = value.detach()
+            self._device_values.append(kept if value.grad_fn is not None else kept.clone())
         elif (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
@@ -548,12 +551,17 @@ def watch(
 
 def _scalars(values: list[torch.Tensor]) -> torch.Tensor:
     """One float32 vector of single-value tensors (0-d as a loss is, or any shape holding
-    one value): one stack, reshaping only the few that are not 0-d. Values on several
-    devices (model parallel) go to the first one's."""
+    one value): one stack, reshaping only the few that are not 0-d, each value widened
+    to float32 first unless all already are (a stack of an int64 count with a bf16 loss
+    would round the count to bf16). Values on several devices (model parallel, or a CPU
+    value beside CUDA ones) go to the first accelerator's: copies into its stream are
+    ordered before the flush's host copy and event, where a copy to the CPU could be
+    read before it lands."""
     flat = [v if v.dim() == 0 else v.reshape(()) for v in values]
-    try:
-        stacked = torch.stack(flat)
-    except RuntimeError:  # several devices: stack refuses them
-        first = flat[0].device
-        stacked = torch.stack([v.to(first, non_blocking=True) for v in flat])
-    return stacked.to(torch.float32)
+    first = flat[0].device
+    if any(v.device != first for v in flat):
+        target = next((v.device for v in flat if v.device.type != "cpu"), first)
+        flat = [v.to(target) for v in flat]
+    if any(v.dtype != torch.float32 for v in flat):
+        flat = [v.to(torch.float32) for v in flat]
+    return torch.stack(flat)

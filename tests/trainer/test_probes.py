@@ -479,6 +479,50 @@ def test_update_ratio_of_sampled_parameters_rebound_or_non_contiguous() -> None:
             assert layers["0"]["update_ratio"] == pytest.approx(exact, rel=0.1)
 
 
+class _ShrinkingSGD(torch.optim.Optimizer):
+    """An SGD step in place, then every parameter keeps its first 32 rows: a view of
+    the same storage at the same address, of another shape. (Its own step, not
+    ``super().step()`` of a torch optimizer, whose step hooks would fire twice.)"""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+        self.fail = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+                p.data = p.data[:32]
+        if self.fail:
+            raise RuntimeError("step failed")
+
+
+def test_update_ratio_is_none_when_a_sampled_parameter_changes_shape_in_place() -> None:
+    """The strided view is reused only for the same storage *and* shape: a parameter cut
+    to fewer rows inside step() has no update to measure (a stale view would report one
+    over rows that are no longer the parameter's). A step() that raises leaves no
+    pre-step view behind once the probe step is collected."""
+    torch.manual_seed(4)
+    lin = nn.Linear(128, 64, bias=False)  # the one parameter is the sampled weight
+    assert lin.weight.numel() > UPDATE_SAMPLE
+    model = nn.Sequential(lin)
+    opt = _ShrinkingSGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    layers, _ = probe_step(model, probes, torch.randn(8, 128), opt)
+    assert layers["0"]["update_ratio"] is None
+    assert layers["0"]["weight_norm"] is not None
+    opt.fail = True
+    opt.zero_grad()
+    probes.arm()
+    nn.functional.mse_loss(model(torch.randn(8, 128)), torch.zeros(8, 32)).backward()
+    with pytest.raises(RuntimeError, match="step failed"):
+        opt.step()
+    probes.collect()
+    assert probes._step_views == []
+
+
 def test_probing_does_not_advance_the_users_rng() -> None:
     model = nn.Sequential(nn.ReLU())
     state = torch.get_rng_state()

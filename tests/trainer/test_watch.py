@@ -243,12 +243,26 @@ def test_scalar_tensors_of_any_single_value_shape_and_dtype_arrive_as_floats(
         {"loss": torch.tensor([0.25]), "half": torch.tensor(1.5, dtype=torch.bfloat16)},
         {"loss": torch.full((1, 1), 0.125, device=device), "correct": torch.tensor(9)},
     ]
-    with watch(model, opt, every=0, run_dir=tmp_path) as w:
+    if device == "cuda":  # a CPU value first, then one the GPU is still computing
+        big = torch.ones(2048, 2048, device=device)
+        given.append({"correct": torch.tensor(3), "loss": (big @ big).mean() / 2048})
+    with watch(model, opt, every=0, run_dir=tmp_path / "a") as w:
         for scalars in given:
             w.step(**scalars)
     got = [{k: v for k, v in r["values"].items() if k in ("loss", "correct", "half")}
-           for r in rows(frames(tmp_path))]  # fmt: skip
+           for r in rows(frames(tmp_path / "a"))]  # fmt: skip
     assert got == [{k: float(v) for k, v in s.items()} for s in given]
+    # No float32 value in the flush: the count is widened on its own, not to bf16/fp16
+    # (which cannot hold 257 or 70001); a running count updated in place after each
+    # step keeps each step's value.
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    with watch(model, opt, every=0, run_dir=tmp_path / "b") as w:
+        for i, half in enumerate((torch.bfloat16, torch.float16)):
+            count += 257 if i == 0 else 70001 - 257
+            w.step(loss=torch.tensor(0.5, dtype=half, device=device), tokens=count)
+        count += 1
+    got = [(r["values"]["loss"], r["values"]["tokens"]) for r in rows(frames(tmp_path / "b"))]
+    assert got == [(0.5, 257.0), (0.5, 70001.0)]
 
 
 class NoHostReads(TorchFunctionMode):

@@ -208,7 +208,9 @@ async def test_a_viewer_that_never_reads_costs_bounded_memory(
     assert sent_bytes > 20_000_000
     baseline = rss[1]  # every cache is warm by now
     assert max(rss) - baseline < VIEWER_QUEUE_BYTES + 8_000_000, [r // 1_000_000 for r in rss]
-    assert max(rss[-5:]) - min(rss[-5:]) < 3_000_000, [r // 1_000_000 for r in rss]
+    # Flat: no growth over the last five samples (memory handed back is not growth: a
+    # clean-clone run on a loaded machine read [.., 70.6, 70.7, 70.6, 70.7, 67.2] MB).
+    assert max(rss[-5:]) - rss[-5] < 3_000_000, [r // 1_000_000 for r in rss]
     # The reading viewer got every event frame (probe frames may coalesce when it lags).
     assert set(range(2, seq + 1, 2)) <= set(got)
     # The stuck viewer, once it reads, finds it was dropped and told to catch up.

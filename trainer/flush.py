@@ -96,17 +96,7 @@ def to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
     """One concatenation per device and one host copy; on CUDA a pinned non-blocking copy + event."""
     if not parts:
         return None, None
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(parts):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) > 1:
-        # Values on several devices (rare: model parallel, or the probe section on the
-        # GPU beside step values on the CPU): bring them to the first accelerator, in its
-        # stream before the host copy and its event. (A non-blocking copy to the CPU could
-        # be read before it lands.)
-        target = next((d for d in by_device if d.type != "cpu"), parts[0].device)
-        parts = [t.to(target, non_blocking=True) for t in parts]
-    flat = torch.cat(parts)
+    flat = torch.cat(on_one_device(parts))
     if flat.device.type != "cuda":
         return flat, None
     host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)
@@ -114,3 +104,15 @@ def to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(flat.device))
     return host, event
+
+
+def on_one_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as they are when they share a device; else (rare: model parallel, or
+    a value on the CPU beside CUDA ones) each moved to the first accelerator's, where
+    the copies are ordered before the flush's host copy and its event. (A non-blocking
+    copy to the CPU could be read before it lands.)"""
+    first = tensors[0].device
+    if all(t.device == first for t in tensors):
+        return tensors
+    target = next((t.device for t in tensors if t.device.type != "cpu"), first)
+    return [t.to(target, non_blocking=True) for t in tensors]

@@ -585,9 +585,9 @@ class Probes:
         contiguous parameter, a copy of a non-contiguous one.
 
         ``before``: this step's pre-step samples; a strided view is reused while its
-        parameter keeps the storage it was made on (the view keeps that storage alive,
-        so a new storage has another address), so the post-step read costs no call per
-        parameter. Nothing holds a parameter's storage between probe steps."""
+        parameter keeps the storage and shape it was made on (the view keeps that
+        storage alive, so a new storage has another address), so the post-step read
+        costs no call per parameter. Nothing holds a parameter's storage between probe steps."""
         views = list(self._whole) if before is None else before
         for i in self._strided:
             p, start, stride = self._weight_samples[i]

@@ -32,7 +32,7 @@ from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, Alerts
 from layerscope.trainer.control import Control
 from layerscope.trainer.distributed import Distributed
-from layerscope.trainer.flush import Flush, Row, to_host
+from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
 from layerscope.trainer.link import Link
 from layerscope.trainer.probes import PendingStats, Probes
 from layerscope.trainer.rules import PATIENCE, Rules
@@ -553,15 +553,8 @@ def _scalars(values: list[torch.Tensor]) -> torch.Tensor:
     """One float32 vector of single-value tensors (0-d as a loss is, or any shape holding
     one value): one stack, reshaping only the few that are not 0-d, each value widened
     to float32 first unless all already are (a stack of an int64 count with a bf16 loss
-    would round the count to bf16). Values on several devices (model parallel, or a CPU
-    value beside CUDA ones) go to the first accelerator's: copies into its stream are
-    ordered before the flush's host copy and event, where a copy to the CPU could be
-    read before it lands."""
-    flat = [v if v.dim() == 0 else v.reshape(()) for v in values]
-    first = flat[0].device
-    if any(v.device != first for v in flat):
-        target = next((v.device for v in flat if v.device.type != "cpu"), first)
-        flat = [v.to(target) for v in flat]
+    would round the count to bf16); on several devices, see ``flush.on_one_device``."""
+    flat = on_one_device([v if v.dim() == 0 else v.reshape(()) for v in values])
     if any(v.dtype != torch.float32 for v in flat):
         flat = [v.to(torch.float32) for v in flat]
     return torch.stack(flat)

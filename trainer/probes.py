@@ -428,10 +428,11 @@ class Probes:
                 group.append((layer, copy))
             self._staged_values += n
             return
-        x = yf.contiguous().view(1, n)
         layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
-        call = reduce.reduce_calls(x, layout, layer.rule)
-        self._store([layer], call, n, self._sample(layer, yf).view(1, -1))
+        with torch.inference_mode():
+            call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, layer.rule)
+            sample = self._sample(layer, yf).view(1, -1)
+        self._store([layer], call, n, sample)
 
     @staticmethod
     def _store(
@@ -462,7 +463,7 @@ class Probes:
         if not self._staged:
             return
         staged, self._staged, self._staged_values = self._staged, {}, 0
-        with torch.no_grad():
+        with torch.inference_mode():
             for (shape, axis, _), items in staged.items():
                 by_rule: dict[int, list[tuple[_Layer, Tensor]]] = {}
                 for item in items:
@@ -528,7 +529,7 @@ class Probes:
         if not self._armed:
             return
         self._param_result = self._read_params()
-        with torch.no_grad():
+        with torch.inference_mode():
             views = self._sample_views()
             shapes = [(v.shape, v.dtype, v.device) for v in views]
             if shapes != self._update_shapes:  # buffers reused while the samples keep shape
@@ -550,7 +551,7 @@ class Probes:
             return
         old, self._old_weights = self._old_weights, None
         views, self._step_views = self._step_views, []
-        with torch.no_grad():
+        with torch.inference_mode():
             # step() may have given a parameter new storage (p.data = ...), and a
             # non-contiguous parameter's strided sample is a copy: those are read again
             views = self._sample_views(views)
@@ -563,11 +564,11 @@ class Probes:
     def _read_params(self) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's
         parameters, update norms = NaN until the post-step hook fills them)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             every = [p.grad for p in self._all_params]
             present = [g is not None for g in every]
             grads = [g for g in every if g is not None]
-            weights = self._probed_params  # under no_grad
+            weights = self._probed_params
             norms = stats.norms(grads + weights, self._device)
             return present, norms, self._nan(len(weights))
 
@@ -619,7 +620,7 @@ class Probes:
             return None
         if params is None and self._param_layers:
             params = self._read_params()  # no optimizer hook fired: grads as they are now
-        with torch.no_grad():
+        with torch.inference_mode():
             sections: list[Tensor] = []
             reduced = False
             if act:

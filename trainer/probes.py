@@ -21,9 +21,12 @@ outputs and its activation's share one), then ~40 for every layer together; a la
 output is reduced in its hook (~17 kernels). The parameter hooks run a handful of
 ``_foreach`` calls (norms; the update sample copied into reused buffers and
 subtracted). So the kernel count grows with the number of distinct layer shapes, not
-layers. On other steps the model carries no forward hook at all. On these small CPU
-models most of a probe step is per-call overhead, not arithmetic: with a batch of one
-the tanh MLP's probe step costs ~60% of what it costs with 64.
+layers. Each reduction's results stay one block until collect(), which gathers them
+block by block when every layer made one call (the usual step), call by call otherwise.
+The tensor work runs under ``torch.inference_mode`` (no autograd or version-counter
+bookkeeping per call). On other steps the model carries no forward hook at all. On these
+small CPU models most of a probe step is per-call overhead, not arithmetic: with a batch
+of one the tanh MLP's probe step costs ~60% of what it costs with 64.
 
 Choices worth knowing:
 * A module called several times in one step (shared module, RNN cell) is one
@@ -69,7 +72,7 @@ from typing import Any
 
 import torch
 from layerscope.trainer import reduce, stats
-from layerscope.trainer.sections import Accumulated, Reducer, Sections
+from layerscope.trainer.sections import Accumulated, Block, Reducer, Sections
 from layerscope.trainer.stats import (
     DEAD_ACTIVITY_MAX,
     DEFAULT_BINS,
@@ -198,6 +201,7 @@ class Probes:
         # Small outputs of this step, copied aside until collect() (see _reduce)
         self._staged: dict[tuple[Any, ...], list[tuple[_Layer, Tensor]]] = {}
         self._staged_values = 0
+        self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._old_weights: list[Tensor] | None = None
@@ -356,7 +360,7 @@ class Probes:
     def close(self) -> None:
         self.disarm()
         self._closed = True
-        self._staged, self._staged_values = {}, 0
+        self._staged, self._staged_values, self._blocks = {}, 0, []
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -432,7 +436,14 @@ class Probes:
         with torch.inference_mode():
             call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, layer.rule)
             sample = self._sample(layer, yf).view(1, -1)
-        self._store([layer], call, n, sample)
+        self._blocks.append(Block([layer], (layer.index,), call, n, sample))
+
+    def _accumulate(self) -> None:
+        """Move this step's blocks into the layers' accumulators, call by call (the
+        general path: ``Sections.build`` merges a layer's calls and reduces across ranks)."""
+        blocks, self._blocks = self._blocks, []
+        for block in blocks:
+            self._store(block.owners, block.stats, block.n, block.samples)
 
     @staticmethod
     def _store(
@@ -484,7 +495,9 @@ class Probes:
                 results = reduce.reduce_groups(x, layout, groups)
                 for (_, begin, stop), call in zip(groups, results, strict=True):
                     layers = [layer for layer, _ in ordered[begin:stop]]
-                    self._store(layers, call, n, samples, begin)
+                    rows = samples if stop - begin == len(ordered) else samples[begin:stop]
+                    indices = tuple(layer.index for layer in layers)
+                    self._blocks.append(Block(layers, indices, call, n, rows))
 
     def _sample_rows(self, x: Tensor) -> Tensor:
         """Each row's histogram values, as the rows of one tensor: the row itself up to
@@ -609,11 +622,22 @@ class Probes:
 
     def collect(self) -> PendingStats | None:
         """Build the flat statistics tensor of this probe step (no host reads), reset the
-        accumulators and disarm. None when no armed forward pass was recorded."""
+        accumulators and disarm. None when no armed forward pass was recorded.
+
+        When every layer made one call and there is no process group, the blocks are
+        gathered as they are (``Sections.build_blocks``, by a plan made once per layout);
+        otherwise they go call by call into the layers' accumulators (``Sections.build``)."""
         self._reduce_staged()
         self.disarm()
         self._channel_first_out.clear()
-        act = [layer for layer in self._layers if layer.rows]
+        blocks = self._blocks
+        plan = self._sections.block_plan(blocks) if blocks and self.reducer is None else None
+        if plan is None:
+            self._accumulate()
+            act = [layer for layer in self._layers if layer.rows]
+        else:
+            self._blocks = []
+            act = [self._layers[i] for i in plan.layers]
         params = self._param_result
         self._param_result, self._old_weights = None, None
         if not act and params is None:
@@ -623,7 +647,9 @@ class Probes:
         with torch.inference_mode():
             sections: list[Tensor] = []
             reduced = False
-            if act:
+            if plan is not None:
+                sections += self._sections.build_blocks(blocks, plan, self.bins)
+            elif act:
                 activation, reduced = self._sections.build(act, self.bins, self.reducer)
                 sections += activation
             if params is not None and self._param_layers:
@@ -633,16 +659,19 @@ class Probes:
             tensor=flat,
             order=[layer.spec.name for layer in self._layers],
             act_layers=[layer.spec.name for layer in act],
-            calls=[len(layer.rows) for layer in act],
-            totals=[n for layer in act for n in layer.totals],
+            calls=[len(layer.rows) for layer in act] if plan is None else [1] * len(act),
+            totals=[n for layer in act for n in layer.totals]
+            if plan is None
+            else list(plan.totals),
             bins=self.bins,
             grad_present=params[0] if params is not None and self._param_layers else [],
             param_layers=self._param_layout if params is not None else [],
             weight_slots=len(self._weight_samples),
             reduced=reduced,
         )
-        for layer in act:
-            layer.reset()
+        if plan is None:
+            for layer in act:
+                layer.reset()
         return pending
 
     def layout_key(self) -> int:
@@ -650,6 +679,7 @@ class Probes:
         shape of the reduced sections. Ranks reduce only when their keys agree, since a
         collective over differently shaped tensors would fail or hang. 0: nothing recorded."""
         self._reduce_staged()
+        self._accumulate()  # a process group takes the general path: see collect()
         shape = tuple(
             (
                 layer.index,

@@ -1,11 +1,14 @@
 """sections — the activation part of a probe step's flat tensor, built across layers.
 
-Owns: ``Accumulated`` (one layer's per-call results of a probe step, appended by
-``probes``), ``Sections.build``, which turns every layer's accumulators into the
-activation sections of ``stats.PendingStats`` (value rows, non-finite counts, value
-counts when reduced, per-layer unit ratios and unit spread, histograms), merging a
-module's calls, and under a process group the two collectives that make them describe
-the global batch (``Reducer``); and the index tensors those need, cached by layout.
+Owns: ``Block`` (one reduction's results, as ``probes`` keeps them until collect),
+``Accumulated`` (one layer's per-call results of a probe step), ``Sections.build``,
+which turns every layer's accumulators into the activation sections of
+``stats.PendingStats`` (value rows, non-finite counts, value counts when reduced,
+per-layer unit ratios and unit spread, histograms), merging a module's calls, and under
+a process group the two collectives that make them describe the global batch
+(``Reducer``); ``Sections.build_blocks``, the same sections straight from the blocks
+when every layer made one call (no per-call Python: a ``BlockPlan`` per layout); and
+the index tensors those need, cached by layout.
 
 Never: reads a tensor value on the host, calls a collective that not every rank calls
 in the same order with the same shapes (``Reducer.agreed`` guards it), or keeps a
@@ -23,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from layerscope.trainer import stats
+from layerscope.trainer.reduce import CallStats
 from torch import Tensor
 
 
@@ -68,6 +72,68 @@ class Accumulated:
         self.samples, self.live, self.inside, self.sums = [], [], [], []
 
 
+@dataclass(eq=False)
+class Block:
+    """One reduction's results (``reduce.CallStats`` of C calls of one shape and rule:
+    a group of a staged stack, or one output reduced in its hook), kept whole until
+    ``collect``: when every layer made one call they are gathered block by block
+    (``Sections.build_blocks``), otherwise appended call by call to each layer's
+    ``Accumulated``."""
+
+    owners: list[Any]  # each row's layer (its Accumulated)
+    indices: tuple[int, ...]  # each row's layer index, in model order
+    stats: CallStats
+    n: int  # values per call
+    samples: Tensor  # (C, width): each call's histogram values
+
+
+@dataclass(eq=False)
+class BlockPlan:
+    """What gathering one layout of blocks needs, made once per layout: the layers in
+    model order, each one's value count, and the device index tensors."""
+
+    layers: tuple[int, ...]  # layer indices in model order (one call each)
+    totals: list[int]  # per layer: its call's value count
+    order: Tensor | None  # rows in block order -> model order (None: already)
+    widest: int  # samples are NaN-padded to this width
+    live: _UnitInputs | None  # counts unset: segments etc. in block order
+    inside: _UnitInputs | None
+    sums: _UnitInputs | None
+
+
+def _unit_plan(
+    blocks: Sequence[tuple[tuple[int, ...], int, int]],
+    position: dict[int, int],
+    n_layers: int,
+    device: torch.device,
+) -> _UnitInputs | None:
+    """Segments, values per unit, unit counts and first units for one per-unit section
+    gathered block by block: ``blocks`` holds (layer index per row, units, values per
+    unit) of each block that has the section, in gathering order."""
+    if not blocks:
+        return None
+    units = [0.0] * n_layers
+    firsts = [0] * n_layers
+    segments: list[Tensor] = []
+    per_unit: list[Tensor] = []
+    start = 0
+    for indices, width, n in blocks:
+        for li in indices:
+            at = position[li]
+            units[at], firsts[at] = float(width), start
+            segments.append(torch.full((width,), at, dtype=torch.long, device=device))
+            per_unit.append(torch.full((width,), float(n), device=device))
+            start += width
+    empty = torch.zeros(0, device=device)
+    return _UnitInputs(
+        empty,
+        torch.cat(per_unit),
+        torch.cat(segments),
+        stats.device_vector(units, device),
+        stats.device_vector(firsts, device, torch.long),
+    )
+
+
 class Sections:
     """Builds the activation sections; holds the index tensors cached by layout."""
 
@@ -108,20 +174,133 @@ class Sections:
             rows, nonfinite, totals, hist, (live, inside, sums) = self._reduce_sections(
                 reducer, act, rows, nonfinite, call_lo, call_hi, hist, (live, inside, sums), device
             )
-        dead, _ = self._unit_ratio(live, len(act), device, dead=True)
-        saturated, saturated_values = self._unit_ratio(inside, len(act), device, dead=False)
+        sections = self._assemble(rows, nonfinite, totals, (live, inside, sums), hist, len(act))
+        return sections, reducer is not None
+
+    def build_blocks(self, blocks: Sequence[Block], plan: BlockPlan, bins: int) -> list[Tensor]:
+        """``build`` for one call per layer and no process group, from the blocks as
+        they came out of the reductions: one cat per section in block order (the unit
+        sections stay in it: their segments say which layer each unit is), one
+        index_select each for the rows and the samples into model order, no per-call work."""
+        first = blocks[0].stats
+        raw = torch.cat([b.stats.rows for b in blocks]) if len(blocks) > 1 else first.rows
+        samples = [
+            b.samples
+            if int(b.samples.shape[1]) == plan.widest
+            else torch.nn.functional.pad(
+                b.samples, (0, plan.widest - int(b.samples.shape[1])), value=math.nan
+            )
+            for b in blocks
+        ]
+        padded = torch.cat(samples) if len(samples) > 1 else samples[0]
+        if plan.order is not None:
+            raw, padded = raw.index_select(0, plan.order), padded.index_select(0, plan.order)
+        rows, nonfinite = raw[:, : stats.RAW_WIDTH], raw[:, stats.RAW_WIDTH].neg()
+        units: list[_UnitInputs | None] = []
+        for unit, part in (
+            (plan.live, [b.stats.live for b in blocks]),
+            (plan.inside, [b.stats.minus_inside for b in blocks]),
+            (plan.sums, [b.stats.sums for b in blocks]),
+        ):
+            if unit is None:
+                units.append(None)
+                continue
+            flat = [c.reshape(-1) for c in part if c is not None]
+            counts = torch.cat(flat) if len(flat) > 1 else flat[0]
+            units.append(
+                _UnitInputs(
+                    counts, unit.values_per_unit, unit.segments, unit.unit_count, unit.firsts
+                )
+            )
+        if units[1] is not None:
+            units[1].counts = units[1].counts.neg()  # reduce_call keeps them negated
+        hist = stats.histograms(padded, rows[:, stats.LO], rows[:, stats.HI], bins).view(-1)
+        return self._assemble(rows, nonfinite, None, tuple(units), hist, len(plan.layers))
+
+    def block_plan(self, blocks: Sequence[Block]) -> BlockPlan | None:
+        """The plan for gathering this layout of blocks (made once, cached), or None when
+        a layer made several calls (``build`` merges those)."""
+        key = tuple(
+            (
+                b.indices,
+                b.n,
+                int(b.samples.shape[1]),
+                None if b.stats.live is None else int(b.stats.live.shape[1]),
+                None if b.stats.minus_inside is None else int(b.stats.minus_inside.shape[1]),
+                None if b.stats.sums is None else int(b.stats.sums.shape[1]),
+            )
+            for b in blocks
+        )
+        device = blocks[0].stats.rows.device
+        plan: BlockPlan | None | bool = self._cached(
+            ("blocks", key, device), lambda: self._make_plan(key, device) or False
+        )
+        return plan or None
+
+    @staticmethod
+    def _make_plan(key: Any, device: torch.device) -> BlockPlan | None:
+        indices = [li for entry in key for li in entry[0]]
+        if len(set(indices)) != len(indices):
+            return None
+        layers = tuple(sorted(indices))
+        position = {li: at for at, li in enumerate(layers)}
+        totals_by = {li: entry[1] for entry in key for li in entry[0]}
+        # out[position[li]] = in[r]: the source row of each model-order row
+        source = [0] * len(indices)
+        for r, li in enumerate(indices):
+            source[position[li]] = r
+        order = (
+            None
+            if source == list(range(len(source)))
+            else stats.device_vector(source, device, torch.long)
+        )
+
+        def unit(at: int) -> _UnitInputs | None:
+            parts = []
+            for entry in key:
+                width = entry[at]
+                if width:
+                    n = entry[1] // width
+                    parts.append((entry[0], width, n))
+            return _unit_plan(parts, position, len(layers), device)
+
+        return BlockPlan(
+            layers=layers,
+            totals=[totals_by[li] for li in layers],
+            order=order,
+            widest=max(entry[2] for entry in key),
+            live=unit(3),
+            inside=unit(4),
+            sums=unit(5),
+        )
+
+    def _assemble(
+        self,
+        rows: Tensor,
+        nonfinite: Tensor,
+        totals: Tensor | None,
+        units: tuple[_UnitInputs | None, ...],
+        hist: Tensor,
+        n_layers: int,
+    ) -> list[Tensor]:
+        """The activation sections from the gathered rows, counts, per-unit inputs
+        (live, inside, sums) and histogram: unit ratios and spread per layer."""
+        live, inside, sums = units
+        device = rows.device
+        dead, _ = self._unit_ratio(live, n_layers, device, dead=True)
+        saturated, saturated_values = self._unit_ratio(inside, n_layers, device, dead=False)
         assert saturated_values is not None  # dead=False always counts them
         if sums is None:
-            spread = torch.full((len(act),), math.nan, dtype=torch.float64, device=device)
+            spread = torch.full((n_layers,), math.nan, dtype=torch.float64, device=device)
         else:
             spread = stats.unit_spread_var(
                 sums.counts, sums.values_per_unit, sums.segments, sums.unit_count, sums.firsts
             )
-        units = torch.stack([dead, saturated, saturated_values, spread]).t().to(torch.float32)
+        per_layer = torch.stack([dead, saturated, saturated_values, spread]).t().to(torch.float32)
         sections = [rows.reshape(-1), nonfinite.to(torch.float32)]
         if totals is not None:
             sections.append(totals.to(torch.float32))
-        return sections + [units.reshape(-1), hist.to(torch.float32)], reducer is not None
+        return sections + [per_layer.reshape(-1), hist.to(torch.float32)]
 
     def _gather_rows(self, act: Sequence[Accumulated], device: torch.device) -> Tensor:
         """Every call's row (value row + minus its non-finite count), in layer order."""

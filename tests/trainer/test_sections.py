@@ -73,3 +73,69 @@ def test_samples_of_one_call_per_layer_are_gathered_from_their_blocks_and_padded
     assert padded.shape == (3, 5)
     assert padded[2].tolist() == [1.0, 2.0, 3.0, 7.0, 8.0]
     assert padded[1, :3].tolist() == [4.0, 5.0, 6.0] and padded[1, 3:].isnan().all()
+
+
+class _Mixed(torch.nn.Module):
+    """Two stacks of two rules each (a Linear's outputs with its tanh's, of two widths),
+    a ReLU, and a conv output large enough to be reduced in its hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ta = torch.nn.Linear(6, 8), torch.nn.Tanh()
+        self.b, self.tb = torch.nn.Linear(8, 8), torch.nn.Tanh()
+        self.c, self.relu = torch.nn.Linear(8, 5), torch.nn.ReLU()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.c(self.tb(self.b(self.ta(self.a(x) * 3)))))
+        return h.sum() + self.conv(img).sum()
+
+
+def test_one_call_per_layer_is_gathered_block_by_block_as_the_general_path_does(
+    monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """When every layer made one call, collect() gathers the reductions' blocks as they
+    are (a plan per layout, reused); the flat tensor and its layout are what the general,
+    call-by-call path gives, for each batch size (each a layout of its own)."""
+    from layerscope.trainer import probes as probes_module
+    from layerscope.trainer.probes import Probes
+
+    monkeypatch.setattr(probes_module, "STAGE_CALL_VALUES", 200)  # the conv: in its hook
+    torch.manual_seed(3)
+    model = _Mixed().to(device)
+    fast, general = Probes(model, sample_values=16), Probes(model, sample_values=16)
+    monkeypatch.setattr(general._sections, "block_plan", lambda blocks: None)
+    gathered = []
+    real = fast._sections.build_blocks
+
+    def spy(*args: object) -> list[torch.Tensor]:
+        gathered.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fast._sections, "build_blocks", spy)
+    for batch in (16, 16, 7):
+        x = torch.rand(batch, 6, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+        x[0, 0] = float("nan")  # one row of the first stack is non-finite
+        img = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        results = []
+        for probes in (fast, general):
+            probes.arm()
+            model(x.to(device), img.to(device))
+            pending = probes.collect()
+            assert pending is not None
+            results.append(pending)
+        a, b = results
+        assert (a.act_layers, a.calls, a.totals) == (b.act_layers, b.calls, b.totals)
+        assert a.act_layers == ["a", "ta", "b", "tb", "c", "relu", "conv"]
+        assert a.totals == [batch * 8] * 4 + [batch * 5] * 2 + [batch * 4 * 64]
+        torch.testing.assert_close(a.tensor, b.tensor, rtol=1e-6, atol=0.0, equal_nan=True)
+        assert a.decode(a.tensor.cpu()) == b.decode(b.tensor.cpu())
+    assert len(gathered) == 3
+    plans = [plan for key, plan in fast._sections._cache.items() if key[0] == "blocks"]
+    assert len(plans) == 2  # batch 16's plan reused, then batch 7's
+    for plan in plans:
+        for unit in (plan.live, plan.inside, plan.sums):
+            assert unit is not None
+            has = unit.unit_count.cpu() > 0  # each layer's first unit is one of its own
+            mine = unit.segments.cpu()[unit.firsts.cpu()]
+            assert torch.equal(mine[has], torch.arange(len(plan.layers))[has])

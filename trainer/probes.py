@@ -12,7 +12,7 @@ attributes, uses global hooks, touches the user's RNG, or does work on a step
 that is not armed (forward hooks exist only while armed; the optimizer hooks are
 one flag check). The definitions live in ``stats``, the per-call reductions in
 ``reduce``, the assembly across layers and ranks in ``sections``; this module wires
-them to modules and optimizers.
+them to modules and optimizers; update_ratio's parameter samples are ``updates``'.
 
 Cost (benchmarks/overhead.py): on a probe step a small output (up to
 ``STAGE_CALL_VALUES``) costs its hook one copy; collect() reduces the copies in one
@@ -54,15 +54,14 @@ Choices worth knowing:
   keeps every k-th entry (k = ceil(numel / UPDATE_SAMPLE)) from a fixed random start,
   and ||Δw|| is estimated from them (k times their ||Δw||²: unbiased over the start,
   relative error about 1/sqrt(UPDATE_SAMPLE) unless the update repeats with period k;
-  one strided view per parameter, all copied by one ``_foreach_copy_``); smaller
-  parameters are copied whole and the ratio is exact. ``weight_norm`` is the exact norm
-  of the weights that produced this step's activations and gradients.
+  one strided view per parameter, all copied by one ``_foreach_copy_``: ``updates``);
+  smaller parameters are copied whole and the ratio is exact. ``weight_norm`` is the
+  exact norm of the weights that produced this step's activations and gradients.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import re
 import weakref
 import zlib
@@ -82,6 +81,7 @@ from layerscope.trainer.stats import (
     PendingStats,
     Rule,
 )
+from layerscope.trainer.updates import UpdateSample
 from layerscope.trainer.wire import MAX_BINS
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -204,7 +204,6 @@ class Probes:
         self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
-        self._old_weights: list[Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
         self._device = first.device if first is not None else torch.device("cpu")
@@ -214,32 +213,15 @@ class Probes:
         self._layers = [layer for layer, _ in chosen]
         self.layers = [layer.spec for layer in self._layers]
         self._param_layers = [layer for layer in self._layers if layer.params]
-        # update_ratio's sample of each parameter: every stride-th entry from a fixed
-        # random start (strided views, gathered by one cat; see the module docstring)
-        starts = random.Random(0x1A7E5)
-        self._weight_samples: list[tuple[nn.Parameter, int, int]] = []
-        for layer in self._param_layers:
-            for p in layer.params:
-                stride = max(1, -(-p.numel() // UPDATE_SAMPLE))
-                self._weight_samples.append((p, starts.randrange(stride), stride))
         self._probed_params = [p for layer in self._param_layers for p in layer.params]
-        self._whole: list[Tensor] = [p for p, _, _ in self._weight_samples]
-        self._strided = [i for i, (_, _, stride) in enumerate(self._weight_samples) if stride > 1]
-        # per strided sample: (data pointer, shape) of the parameter its view was made on
-        # (pointer 0: the sample is a copy)
-        self._strided_on: dict[int, tuple[int, Any]] = {}
-        self._step_views: list[Tensor] = []
-        # update_ratio's pre-step copy: buffers reused across probe steps while the
-        # samples keep their shapes
-        self._update_old: list[Tensor] = []
-        self._update_shapes: list[Any] = []  # (shape, dtype, device) _update_old was made for
+        self._updates = UpdateSample(self._probed_params)  # update_ratio's (see ``updates``)
         position = {id(p): i for i, p in enumerate(self._all_params)}
         self._param_layout: list[tuple[str, list[int], list[tuple[int, float]]]] = []
         slot = 0
         for layer in self._param_layers:
             slots = []
             for _ in layer.params:
-                slots.append((slot, float(self._weight_samples[slot][2])))
+                slots.append((slot, self._updates.scales[slot]))
                 slot += 1
             indices = [position[id(p)] for p in layer.params]
             self._param_layout.append((layer.spec.name, indices, slots))
@@ -353,9 +335,7 @@ class Probes:
         for handle in self._forward_handles:
             handle.remove()
         self._forward_handles = []
-        # a step() that raised left the pre-step views: they would keep a replaced
-        # parameter's storage alive until the next probe step
-        self._step_views = []
+        self._updates.drop_views()  # a step() that raised left them
 
     def close(self) -> None:
         self.disarm()
@@ -366,10 +346,8 @@ class Probes:
         self._handles.clear()
         for layer in self._layers:
             layer.reset()
-        self._old_weights = None
         self._param_result = None
-        self._update_old, self._update_shapes = [], []
-        self._step_views = []
+        self._updates.reset()
 
     # ---- forward hooks ----
 
@@ -542,37 +520,15 @@ class Probes:
         if not self._armed:
             return
         self._param_result = self._read_params()
-        with torch.inference_mode():
-            views = self._sample_views()
-            shapes = [(v.shape, v.dtype, v.device) for v in views]
-            if shapes != self._update_shapes:  # buffers reused while the samples keep shape
-                self._update_shapes = shapes
-                # float32, or wider for a float64 parameter: a small update stays exact
-                self._update_old = [
-                    torch.empty(
-                        v.shape, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device
-                    )
-                    for v in views
-                ]
-            if views:
-                torch._foreach_copy_(self._update_old, views)
-            self._old_weights = self._update_old
-            self._step_views = views
+        self._updates.before_step()
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._armed or self._old_weights is None or self._param_result is None:
+        if not self._armed or self._param_result is None:
             return
-        old, self._old_weights = self._old_weights, None
-        views, self._step_views = self._step_views, []
-        with torch.inference_mode():
-            # step() may have given a parameter new storage (p.data = ...), and a
-            # non-contiguous parameter's strided sample is a copy: those are read again
-            views = self._sample_views(views)
-            if not views or [v.shape for v in views] != [b.shape for b in old]:
-                return  # a parameter changed shape inside step(): no update to measure
-            torch._foreach_sub_(old, views)  # old - new: the same norm as the update
+        updates = self._updates.after_step(self._device)
+        if updates is not None:
             present, norms, _ = self._param_result
-            self._param_result = (present, norms, stats.norms(old, self._device))
+            self._param_result = (present, norms, updates)
 
     def _read_params(self) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's
@@ -591,32 +547,6 @@ class Probes:
             self._cache[key] = torch.full((n,), math.nan, device=self._device)
         nan: Tensor = self._cache[key]
         return nan
-
-    def _sample_views(self, before: list[Tensor] | None = None) -> list[Tensor]:
-        """update_ratio's kept entries of every probed parameter: the parameter itself up
-        to UPDATE_SAMPLE entries (whatever its layout; it reads the current storage even
-        after ``p.data = ...``), every stride-th entry above: a strided view of a
-        contiguous parameter, a copy of a non-contiguous one.
-
-        ``before``: this step's pre-step samples; a strided view is reused while its
-        parameter keeps the storage and shape it was made on (the view keeps that
-        storage alive, so a new storage has another address), so the post-step read
-        costs no call per parameter. Nothing holds a parameter's storage between probe steps."""
-        views = list(self._whole) if before is None else before
-        for i in self._strided:
-            p, start, stride = self._weight_samples[i]
-            if before is not None:
-                ptr, shape = self._strided_on[i]
-                if ptr and p.data_ptr() == ptr and p.shape == shape:
-                    continue  # the live view of the same storage and shape
-            if p.is_contiguous():
-                count = (p.numel() - start + stride - 1) // stride
-                views[i] = p.as_strided((count,), (stride,), p.storage_offset() + start)
-                self._strided_on[i] = (p.data_ptr(), p.shape)
-            else:
-                views[i] = p.reshape(-1)[start::stride]
-                self._strided_on[i] = (0, None)
-        return views
 
     # ---- collect ----
 
@@ -639,7 +569,8 @@ class Probes:
             self._blocks = []
             act = [self._layers[i] for i in plan.layers]
         params = self._param_result
-        self._param_result, self._old_weights = None, None
+        self._param_result = None
+        self._updates.forget()
         if not act and params is None:
             return None
         if params is None and self._param_layers:
@@ -666,7 +597,7 @@ class Probes:
             bins=self.bins,
             grad_present=params[0] if params is not None and self._param_layers else [],
             param_layers=self._param_layout if params is not None else [],
-            weight_slots=len(self._weight_samples),
+            weight_slots=len(self._updates),
             reduced=reduced,
         )
         if plan is None:

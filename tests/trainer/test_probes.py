@@ -520,7 +520,7 @@ def test_update_ratio_is_none_when_a_sampled_parameter_changes_shape_in_place() 
     with pytest.raises(RuntimeError, match="step failed"):
         opt.step()
     probes.collect()
-    assert probes._step_views == []
+    assert probes._updates._views == []
 
 
 def test_probing_does_not_advance_the_users_rng() -> None:

@@ -42,7 +42,10 @@ Choices worth knowing:
   exactly, like repeated calls), so the hook's temporaries stay bounded; otherwise
   they are about three float32 copies of the output, freed before the next layer.
   The staged copies of small outputs total at most ``STAGE_VALUES`` (4 MiB) per step;
-  past that, outputs are reduced in their hooks.
+  past that, outputs are reduced in their hooks. Each step's stacks of them are kept
+  until the next probe step, whose hooks copy into their rows when the layout repeats
+  (no fresh copy, no stack at collect()), so up to ``STAGE_VALUES`` stays allocated
+  between probe steps; a stack the next step does not fill is dropped.
 * Under a process group (``reducer`` set by ``distributed``) the activation statistics
   describe the global batch: collect() runs one MAX all_reduce for every call's global
   min/max (the shared histogram range, before bucketing), then one float64 SUM of the
@@ -146,6 +149,21 @@ class _Layer(Accumulated):
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
 
+@dataclass(eq=False)
+class _Slots:
+    """One (shape, unit axis, device) stack of the last probe step, kept for the next: its
+    layers in stacking order (rule groups adjacent), their rule groups, and the stack
+    itself, which the next step's hooks fill row by row (a copy into a view made once,
+    where a fresh copy and a stack at collect() would be two)."""
+
+    layers: list[_Layer]
+    groups: list[tuple[Rule, int, int]]
+    row_of: dict[int, int]  # layer index -> its row
+    buffer: Tensor  # (rows, values per call), float32
+    views: list[Tensor]  # each row viewed as the output's shape
+    written: list[int]  # per row: the probe step that last filled it
+
+
 def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], bool] | None:
     if pattern is None:
         return None
@@ -202,6 +220,9 @@ class Probes:
         self._staged: dict[tuple[Any, ...], list[tuple[_Layer, Tensor]]] = {}
         self._staged_values = 0
         self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
+        # the last probe step's stacks, filled in place by the next one (see _Slots)
+        self._slots: dict[tuple[Any, ...], _Slots] = {}
+        self._probe_id = 0  # counts arm()s: which probe step filled a slot
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
@@ -328,6 +349,7 @@ class Probes:
         if self._armed or self._closed:
             return
         self._armed = True
+        self._probe_id += 1
         self._forward_handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def disarm(self) -> None:
@@ -340,7 +362,7 @@ class Probes:
     def close(self) -> None:
         self.disarm()
         self._closed = True
-        self._staged, self._staged_values, self._blocks = {}, 0, []
+        self._staged, self._staged_values, self._blocks, self._slots = {}, 0, [], {}
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -396,13 +418,21 @@ class Probes:
         at collect() together with every other call of its shape and rule (a stack of
         them costs the kernels of one); a large one is reduced here, so that what a
         probe step keeps alive stays bounded (``STAGE_VALUES``). ``y`` is detached."""
-        # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
-        yf = y if y.dtype == torch.float32 else y.float()
-        n = yf.numel()
+        n = y.numel()
         if n <= STAGE_CALL_VALUES and self._staged_values + n <= STAGE_VALUES:
             # A copy now: a later in-place op (ReLU(inplace=True)) must not change what we saw.
+            key = (y.shape, axis, y.device)  # every rule together: see _reduce_staged
+            slots = self._slots.get(key)
+            if slots is not None:
+                row = slots.row_of.get(layer.index)
+                if row is not None and slots.written[row] != self._probe_id:
+                    slots.views[row].copy_(y)  # bf16/fp16 widened by the copy
+                    slots.written[row] = self._probe_id
+                    self._staged_values += n
+                    return
+            # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
+            yf = y if y.dtype == torch.float32 else y.float()
             copy = yf.clone(memory_format=torch.contiguous_format) if yf is y else yf.contiguous()
-            key = (yf.shape, axis, yf.device)  # every rule together: see _reduce_staged
             group = self._staged.get(key)
             if group is None:
                 self._staged[key] = [(layer, copy)]
@@ -410,6 +440,7 @@ class Probes:
                 group.append((layer, copy))
             self._staged_values += n
             return
+        yf = y if y.dtype == torch.float32 else y.float()
         layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
         with torch.inference_mode():
             call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, layer.rule)
@@ -448,34 +479,83 @@ class Probes:
     def _reduce_staged(self) -> None:
         """Reduce every staged call, one stack per (shape, unit axis, device): the calls
         of one rule are adjacent in it (``reduce.reduce_groups``), so a Linear's outputs
-        and its activation's cost the kernels of one stack, not two."""
-        if not self._staged:
+        and its activation's cost the kernels of one stack, not two. A stack whose rows
+        this step's hooks filled in place (``_Slots``) is reduced as it is; every stack
+        is kept for the next probe step when its layers are distinct (not a module called
+        twice), and a kept stack this step did not fill is dropped."""
+        filled = [
+            key
+            for key, slots in self._slots.items()
+            if any(w == self._probe_id for w in slots.written)
+        ]
+        if not self._staged and not filled:
+            self._slots = {}
             return
         staged, self._staged, self._staged_values = self._staged, {}, 0
-        with torch.inference_mode():
-            for (shape, axis, _), items in staged.items():
-                by_rule: dict[int, list[tuple[_Layer, Tensor]]] = {}
-                for item in items:
-                    by_rule.setdefault(id(item[0].rule), []).append(item)
-                ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
-                groups, start = [], 0
-                for group in by_rule.values():
-                    groups.append((group[0][0].rule, start, start + len(group)))
-                    start += len(group)
-                n = ordered[0][1].numel()
-                x = (
-                    torch.stack([copy.view(n) for _, copy in ordered])
-                    if len(ordered) > 1
-                    else ordered[0][1].view(1, n)
-                )
-                layout = reduce.unit_layout(shape, axis) if axis is not None else None
-                samples = self._sample_rows(x)  # (calls, width): one row per call
-                results = reduce.reduce_groups(x, layout, groups)
-                for (_, begin, stop), call in zip(groups, results, strict=True):
-                    layers = [layer for layer, _ in ordered[begin:stop]]
-                    rows = samples if stop - begin == len(ordered) else samples[begin:stop]
-                    indices = tuple(layer.index for layer in layers)
-                    self._blocks.append(Block(layers, indices, call, n, rows))
+        slots_now, self._slots = self._slots, {}
+        for key in [*filled, *(k for k in staged if k not in filled)]:
+            shape, axis, _ = key
+            items = staged.get(key, [])
+            slots = slots_now.get(key)
+            if slots is not None and not items and all(w == self._probe_id for w in slots.written):
+                layers, groups, x = slots.layers, slots.groups, slots.buffer
+                self._slots[key] = slots  # the same layout again next step
+            else:
+                if slots is not None:  # part filled: those rows join this step's copies
+                    items = [
+                        (layer, slots.views[row])
+                        for row, layer in enumerate(slots.layers)
+                        if slots.written[row] == self._probe_id
+                    ] + items
+                # stacked outside inference mode: the next step's hooks write into it
+                layers, groups, x = self._stack(key, items)
+            with torch.inference_mode():
+                self._reduce_stack(shape, axis, layers, groups, x)
+
+    def _stack(
+        self, key: tuple[Any, ...], items: list[tuple[_Layer, Tensor]]
+    ) -> tuple[list[_Layer], list[tuple[Rule, int, int]], Tensor]:
+        """One stack's layers in stacking order (rule groups adjacent), the groups, and the
+        stacked copies; kept as the next step's slots when its layers are distinct."""
+        by_rule: dict[int, list[tuple[_Layer, Tensor]]] = {}
+        for item in items:
+            by_rule.setdefault(id(item[0].rule), []).append(item)
+        ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
+        groups, start = [], 0
+        for group in by_rule.values():
+            groups.append((group[0][0].rule, start, start + len(group)))
+            start += len(group)
+        n = ordered[0][1].numel()
+        x = (
+            torch.stack([copy.reshape(n) for _, copy in ordered])
+            if len(ordered) > 1
+            else ordered[0][1].reshape(1, n)
+        )
+        layers = [layer for layer, _ in ordered]
+        row_of = {layer.index: row for row, layer in enumerate(layers)}
+        if len(row_of) == len(layers) and x.is_contiguous():
+            shape = key[0]
+            self._slots[key] = _Slots(
+                layers, groups, row_of, x, [row.view(shape) for row in x], [0] * len(layers)
+            )
+        return layers, groups, x
+
+    def _reduce_stack(
+        self,
+        shape: Any,
+        axis: int | None,
+        layers: list[_Layer],
+        groups: list[tuple[Rule, int, int]],
+        x: Tensor,
+    ) -> None:
+        n = x.shape[1]
+        layout = reduce.unit_layout(shape, axis) if axis is not None else None
+        samples = self._sample_rows(x)  # (calls, width): one row per call
+        results = reduce.reduce_groups(x, layout, groups)
+        for (_, begin, stop), call in zip(groups, results, strict=True):
+            mine = layers[begin:stop]
+            rows = samples if stop - begin == len(layers) else samples[begin:stop]
+            self._blocks.append(Block(mine, tuple(layer.index for layer in mine), call, n, rows))
 
     def _sample_rows(self, x: Tensor) -> Tensor:
         """Each row's histogram values, as the rows of one tensor: the row itself up to

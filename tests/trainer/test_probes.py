@@ -890,3 +890,54 @@ def test_staged_calls_give_the_statistics_of_calls_reduced_in_their_hook(
             else:
                 assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (name, key)
     assert in_hook["a"]["nonfinite"] == 2 * 10 and in_hook["shared"]["nonfinite"] == 2 * 2 * 10
+
+
+class _Branchy(nn.Module):
+    """Linear/tanh pairs of one shape, one taken only when asked, and an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.ta = nn.Linear(6, 8), nn.Tanh()
+        self.b, self.tb = nn.Linear(8, 8), nn.Tanh()
+        self.c, self.relu = nn.Linear(8, 8), nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, take_b: bool = True) -> torch.Tensor:
+        h = self.ta(self.a(x) * 3)
+        if take_b:
+            h = self.tb(self.b(h))
+        h = self.relu(self.c(h))
+        return h.add_(1.0)  # in place after the ReLU's hook
+
+
+def test_a_stack_kept_for_the_next_probe_step_gives_that_steps_own_statistics(
+    device: str,
+) -> None:
+    """Each stack of a probe step is kept and the next step's hooks write into it in place;
+    every step's statistics are still its own, as a fresh Probes measures them, when the
+    next step is the same, skips a layer, takes it again, changes batch size or runs in
+    bf16 (widened by the copy into the float32 stack)."""
+    torch.manual_seed(5)
+    model = _Branchy().to(device)
+    probes = Probes(model, sample_values=None)
+
+    def measure(p: Probes, x: torch.Tensor, take_b: bool) -> Layers:
+        p.arm()
+        model(x, take_b)
+        pending = p.collect()
+        assert pending is not None
+        layers, _ = pending.decode(pending.tensor.cpu())
+        return {layer["name"]: layer for layer in layers}
+
+    steps = [(16, True, torch.float32), (16, True, torch.float32), (16, False, torch.float32),
+             (16, True, torch.float32), (9, True, torch.float32), (9, True, torch.bfloat16)]  # fmt: skip
+    for i, (batch, take_b, dtype) in enumerate(steps):
+        model.to(dtype)
+        x = uniform(batch, 6, seed=i).to(device, dtype)
+        kept = {key: slots.buffer for key, slots in probes._slots.items()}
+        got = measure(probes, x, take_b)
+        assert got == measure(Probes(model, sample_values=None), x, take_b), i
+        assert (got["b"]["mean"] is not None) is take_b
+        now = {key: slots.buffer for key, slots in probes._slots.items()}
+        reused = bool(kept) and all(now.get(k) is b for k, b in kept.items())
+        assert reused is (i in (1, 5)), i  # the previous step's layout: written in place
+    assert [key[0] for key in probes._slots] == [torch.Size([9, 8])]  # the (16, 8) dropped

@@ -28,8 +28,11 @@ from layerscope.trainer.rules import Finding, Rules
 log = logging.getLogger(__name__)
 
 LAST_GOOD_NAME = "last-good.pt"
-# Every N-th probe step (counting step 1's) snapshots the model for the last good checkpoint.
+# Every N-th probe step (counting step 1's) snapshots the model for the last good checkpoint,
 DEFAULT_GOOD_CHECKPOINT_EVERY = 10
+# ... at most one per GOOD_CHECKPOINT_MIN_S of wall time: a fast loop would otherwise copy
+# and write the whole model and optimizer state several times a second.
+GOOD_CHECKPOINT_MIN_S = 30.0
 
 
 class Alerts:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from layerscope.trainer import wire
-from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, Alerts
+from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
 from layerscope.trainer.control import Control
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
@@ -101,6 +101,7 @@ class Watch:
         self._progress_enabled = progress
         self._progress_row: dict[str, Any] = {"step": 0, "values": {}}
         self._good_every = good_checkpoint_every
+        self._good_t = -math.inf  # when the last snapshot for it was taken
         self._probe_count = 0
         self.alerts: Alerts | None = None
         try:
@@ -228,10 +229,12 @@ class Watch:
         if self.probes is not None and self._is_probe_step(step):
             pending = self.probes.collect()
             good = self._good_every and self._probe_count % self._good_every == 0
-            if good and self.alerts is not None:  # rank 0 alone keeps the last good one
-                # Copied now (device clones, no sync); written by the link thread only if
-                # this step's numbers turn out all finite.
+            if good and self.alerts is not None and now - self._good_t >= GOOD_CHECKPOINT_MIN_S:
+                # rank 0 alone keeps the last good one. Copied now (device clones, no
+                # sync); written by the link thread only if this step's numbers turn out
+                # all finite.
                 snapshot = self.control.snapshot(step)
+                self._good_t = now
             self._probe_count += 1
         if (
             pending is not None
@@ -513,8 +516,9 @@ def watch(
     Overfit fires. Each is sent as a command with ``source: rule`` and its reason, and
     can be switched live with the ``set_rules`` command. ExplodingTensor (NaN/Inf)
     pauses the run; every ``good_checkpoint_every``-th probe step whose numbers are all
-    finite is kept as ``run_dir/last-good.pt`` (0: never; each costs one device copy
-    of the model and optimizer state until it is written).
+    finite is kept as ``run_dir/last-good.pt``, at most one per ``GOOD_CHECKPOINT_MIN_S``
+    (30 s) of wall time (0: never; each costs one device copy of the model and optimizer
+    state until it is written).
 
     Under an initialised torch.distributed process group, call ``watch()`` and
     ``w.step()`` on every rank (the same number of times): rank 0 alone streams and

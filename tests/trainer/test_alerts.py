@@ -3,6 +3,7 @@ applied like any other, the pause and last good checkpoint on NaN, live switches
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import time
@@ -243,3 +244,27 @@ def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
     ]
     assert len(switched) == 1 and switched[0]["args"] == {"enabled": True}
     assert "Overfit" in switched[0]["reason"]
+
+
+def test_the_last_good_snapshot_is_taken_at_most_once_per_min_interval(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Every good_checkpoint_every-th probe step is a candidate, but a fast loop copies
+    the model and optimizer state for it at most once per GOOD_CHECKPOINT_MIN_S."""
+    watch_module = importlib.import_module("layerscope.trainer.watch")  # the module, not watch()
+    for min_s, expected in ((30.0, [1]), (0.0, [1, 3, 5])):
+        monkeypatch.setattr(watch_module, "GOOD_CHECKPOINT_MIN_S", min_s)
+        model = mlp(nn.ReLU)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        w = watch(model, opt, every=1, run_dir=tmp_path / str(min_s), good_checkpoint_every=2)
+        taken: list[int] = []
+
+        def spy(step: int, taken: list[int] = taken, real: Any = w.control.snapshot) -> Any:
+            taken.append(step)
+            return real(step)
+
+        monkeypatch.setattr(w.control, "snapshot", spy)
+        train(w, model, opt, 6)
+        w.close()
+        assert taken == expected
+        assert (tmp_path / str(min_s) / LAST_GOOD_NAME).exists()

@@ -225,6 +225,7 @@ class Probes:
         # the last probe step's stacks, filled in place by the next one (see _Slots)
         self._slots: dict[tuple[Any, ...], _Slots] = {}
         self._probe_id = 0  # counts arm()s: which probe step filled a slot
+        self._reduced_id = 0  # the probe step whose stacks _reduce_staged last reduced
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
@@ -485,16 +486,23 @@ class Probes:
         this step's hooks filled in place (``_Slots``) is reduced as it is; every stack
         is kept for the next probe step when its layers are distinct (not a module called
         twice), and a kept stack this step did not fill is dropped."""
+        fresh = self._reduced_id != self._probe_id
+        if not fresh and not self._staged:
+            return  # this probe step's stacks are reduced (layout_key(), then collect())
+        self._reduced_id = self._probe_id
         filled = [
             key
             for key, slots in self._slots.items()
-            if any(w == self._probe_id for w in slots.written)
+            if fresh and any(w == self._probe_id for w in slots.written)
         ]
         if not self._staged and not filled:
             self._slots = {}
             return
         staged, self._staged, self._staged_values = self._staged, {}, 0
-        slots_now, self._slots = self._slots, {}
+        if fresh:
+            slots_now, self._slots = self._slots, {}
+        else:  # only new copies: the kept stacks stay as they are
+            slots_now = {}
         for key in [*filled, *(k for k in staged if k not in filled)]:
             shape, axis, _ = key
             items = staged.get(key, [])
@@ -531,11 +539,13 @@ class Probes:
         x = (
             torch.stack([copy.reshape(n) for _, copy in ordered])
             if len(ordered) > 1
-            else ordered[0][1].reshape(1, n)
+            else ordered[0][1].reshape(1, n).clone()  # never a view of an older stack
         )
         layers = [layer for layer, _ in ordered]
         row_of = {layer.index: row for row, layer in enumerate(layers)}
-        if len(row_of) == len(layers) and x.is_contiguous():
+        # kept only as a normal tensor: the next step's hooks write into it, and an
+        # inference tensor (a forward or collect() under inference_mode) refuses that
+        if len(row_of) == len(layers) and x.is_contiguous() and not x.is_inference():
             shape = key[0]
             self._slots[key] = _Slots(
                 layers, groups, row_of, x, [row.view(shape) for row in x], [0] * len(layers)

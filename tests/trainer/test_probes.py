@@ -941,3 +941,91 @@ def test_a_stack_kept_for_the_next_probe_step_gives_that_steps_own_statistics(
         reused = bool(kept) and all(now.get(k) is b for k, b in kept.items())
         assert reused is (i in (1, 5)), i  # the previous step's layout: written in place
     assert [key[0] for key in probes._slots] == [torch.Size([9, 8])]  # the (16, 8) dropped
+
+
+def test_kept_stacks_survive_an_inference_mode_forward_a_repeated_collect_and_layout_key(
+    device: str,
+) -> None:
+    """A probe step recorded under torch.inference_mode keeps no stack the next step's
+    hooks could not write into; collect() without a new arm() reports nothing (the last
+    step is not reported twice); layout_key() then collect() (a process group's order)
+    reduce once and keep the stacks."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)).to(device)
+    probes = Probes(model)
+    for batch, collect_too in ((5, False), (6, True)):  # a forward (and collect) so recorded
+        probes.arm()
+        with torch.inference_mode():
+            model(torch.randn(batch, 4, device=device))
+            pending = probes.collect() if collect_too else None
+        assert pending is not None or probes.collect() is not None
+        for _ in range(2):  # normal forwards of that batch now write into what was kept
+            x = torch.randn(batch, 4, device=device)
+            got, _ = probe_step(model, probes, x)
+            assert got == probe_step(model, Probes(model), x)[0]
+    assert probes.collect() is None  # no arm(), no forward: nothing new to report
+    probes.arm()
+    model(torch.randn(6, 4, device=device))  # the layout of the last step
+    kept = {key: slots.buffer for key, slots in probes._slots.items()}
+    assert probes.layout_key() != 0
+    assert probes.collect() is not None
+    now = {key: slots.buffer for key, slots in probes._slots.items()}
+    assert len(kept) == 2 and now.keys() == kept.keys()
+    assert all(now[key] is buffer for key, buffer in kept.items())
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, times: int) -> torch.Tensor:
+        h = self.inp(x)
+        for _ in range(times):
+            h = torch.tanh(self.shared(h))
+        return self.out(h)
+
+
+def test_a_shared_module_called_more_often_than_in_the_last_step_counts_every_call() -> None:
+    """A kept stack has one row per layer: a module's extra calls this step are copied
+    aside, not written over its row, and every call counts."""
+    torch.manual_seed(6)
+    model = _Shared()
+    probes = Probes(model, sample_values=None)
+    for i, times in enumerate((1, 3, 3, 1, 2)):
+        x = uniform(7, 3, seed=i)
+        got, expected = [], []
+        for p, out in ((probes, got), (Probes(model, sample_values=None), expected)):
+            p.arm()
+            model(x, times)
+            pending = p.collect()
+            assert pending is not None
+            out += [pending.calls, pending.decode(pending.tensor)[0]]
+        assert got == expected, (i, times)
+        assert got[0][pending.act_layers.index("shared")] == times
+
+
+class _TwoSame(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, rows_for_b: int) -> torch.Tensor:
+        return self.a(x).sum() + self.b(x[:rows_for_b]).sum()
+
+
+def test_a_kept_stack_rebuilt_from_one_row_of_an_older_one_does_not_hold_the_older() -> None:
+    """When one layer of a kept two-row stack changes shape, the other's row is copied
+    into a stack of its own: no view keeps the older stack's storage (STAGE_VALUES is
+    the bound on what is kept between probe steps)."""
+    model = _TwoSame()
+    probes = Probes(model, sample_values=None)
+    for step, rows_for_b in enumerate((5, 3, 3)):
+        x = uniform(5, 8, seed=step)
+        probes.arm()
+        model(x, rows_for_b)
+        pending = probes.collect()
+        assert pending is not None and pending.totals == [40, 8 * rows_for_b]
+        assert all(slots.buffer._base is None for slots in probes._slots.values())
+        kept = sum(slots.buffer.numel() for slots in probes._slots.values())
+        assert kept == 40 + 8 * rows_for_b

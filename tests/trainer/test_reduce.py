@@ -153,3 +153,13 @@ def test_function_rule_applies_the_function_before_testing_saturation() -> None:
     inside = _one(pre, 1, stats.FUNCTION_RULES["tanh"]).minus_inside
     assert inside is not None
     assert (-inside[0]).tolist() == (torch.tanh(pre).abs() < 0.99).float()[0].tolist()
+
+
+def test_nonzero_counts_of_several_long_rows_are_exact() -> None:
+    """Several rows' nonzero counts are a rounded squared norm up to 2**22 entries and a
+    dot product above (where the rounded square would miss: 4,196,353 -> 4,196,354)."""
+    for n in (1 << 22, 4_196_353):
+        signs = torch.ones(2, n)
+        signs[1, :5] = 0.0
+        signs[1, 5:9] = -1.0
+        assert reduce._nonzero_signs(signs).tolist() == [float(n), float(n - 5)]

@@ -974,7 +974,7 @@ def test_kept_stacks_survive_an_inference_mode_forward_a_repeated_collect_and_la
     assert all(now[key] is buffer for key, buffer in kept.items())
 
 
-class _Shared(nn.Module):
+class _Repeated(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp, self.shared, self.out = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 6)
@@ -990,7 +990,7 @@ def test_a_shared_module_called_more_often_than_in_the_last_step_counts_every_ca
     """A kept stack has one row per layer: a module's extra calls this step are copied
     aside, not written over its row, and every call counts."""
     torch.manual_seed(6)
-    model = _Shared()
+    model = _Repeated()
     probes = Probes(model, sample_values=None)
     for i, times in enumerate((1, 3, 3, 1, 2)):
         x = uniform(7, 3, seed=i)

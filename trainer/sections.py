@@ -232,10 +232,9 @@ class Sections:
             for b in blocks
         )
         device = blocks[0].stats.rows.device
-        plan: BlockPlan | None | bool = self._cached(
-            ("blocks", key, device), lambda: self._make_plan(key, device) or False
-        )
-        return plan or None
+        # False caches "no plan" (the cache takes None for "not made yet")
+        plan = self._cached(("blocks", key, device), lambda: self._make_plan(key, device) or False)
+        return plan if isinstance(plan, BlockPlan) else None
 
     @staticmethod
     def _make_plan(key: Any, device: torch.device) -> BlockPlan | None:

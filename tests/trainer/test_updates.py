@@ -1,0 +1,68 @@
+"""UpdateSample: the kept entries of each parameter around one optimizer step and the
+norm of their update, against hand-built parameters and updates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from layerscope.trainer.stats import UPDATE_SAMPLE
+from layerscope.trainer.updates import UpdateSample
+from torch import nn
+
+
+def test_a_small_parameter_is_kept_whole_and_its_update_norm_is_exact() -> None:
+    p = nn.Parameter(torch.arange(6.0))
+    sample = UpdateSample([p])
+    assert len(sample) == 1 and sample.scales == [1.0]
+    sample.before_step()
+    with torch.no_grad():
+        p.add_(torch.tensor([3.0, 0.0, 0.0, 4.0, 0.0, 0.0]))  # ||Δ|| = 5
+    norms = sample.after_step(torch.device("cpu"))
+    assert norms is not None and norms.tolist() == [5.0]
+
+
+def test_a_large_parameter_keeps_every_kth_entry_and_reports_their_update() -> None:
+    """Above UPDATE_SAMPLE entries a parameter keeps every k-th entry (k = ceil(numel /
+    UPDATE_SAMPLE)) from a fixed start; a uniform update of 1 per entry moves the kept
+    entries by sqrt(their count), which times k squared estimates ||Δ||² = numel."""
+    numel = 3 * UPDATE_SAMPLE + 5
+    p = nn.Parameter(torch.zeros(numel))
+    sample = UpdateSample([p])
+    k = math.ceil(numel / UPDATE_SAMPLE)
+    assert sample.scales == [float(k)]
+    sample.before_step()
+    with torch.no_grad():
+        p.add_(1.0)
+    norms = sample.after_step(torch.device("cpu"))
+    assert norms is not None
+    kept = round(norms.item() ** 2)  # the kept entries' count: each moved by 1
+    assert kept in (numel // k, numel // k + 1)
+    assert abs(k * kept - numel) <= k
+
+
+def test_no_update_without_a_pre_step_copy_or_after_a_change_of_shape() -> None:
+    p = nn.Parameter(torch.ones(4))
+    sample = UpdateSample([p])
+    assert sample.after_step(torch.device("cpu")) is None  # no before_step this step
+    sample.before_step()
+    sample.forget()  # the probe step ended (collect) before the post-step hook
+    assert sample.after_step(torch.device("cpu")) is None
+    sample.before_step()
+    p.data = torch.ones(5)  # the optimizer replaced the parameter with another shape
+    assert sample.after_step(torch.device("cpu")) is None
+
+
+def test_the_pre_step_views_are_dropped_and_the_buffers_reused() -> None:
+    """The pre-step copy goes into the same buffers each probe step while the samples keep
+    their shapes; drop_views() (a step that raised) lets go of the parameters' storage."""
+    p = nn.Parameter(torch.zeros(2 * UPDATE_SAMPLE + 1))
+    sample = UpdateSample([p])
+    sample.before_step()
+    buffers = list(sample._buffers)
+    assert sample.after_step(torch.device("cpu")) is not None
+    sample.before_step()
+    assert all(a is b for a, b in zip(sample._buffers, buffers, strict=True))
+    assert sample._views and sample._views[0].data_ptr() >= p.data_ptr()
+    sample.drop_views()
+    assert sample._views == [] and sample.after_step(torch.device("cpu")) is None

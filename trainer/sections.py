@@ -107,9 +107,10 @@ def _unit_plan(
     n_layers: int,
     device: torch.device,
 ) -> _UnitInputs | None:
-    """Segments, values per unit, unit counts and first units for one per-unit section
-    gathered block by block: ``blocks`` holds (layer index per row, units, values per
-    unit) of each block that has the section, in gathering order."""
+    """Segments, values per unit, unit counts and first units (counts left empty) of one
+    per-unit section gathered in ``blocks``' order: each holds (layer index per row,
+    units, values per unit); ``position`` maps a layer index to its place in the
+    sections. A layer with several groups of units (calls of other widths) has them all."""
     if not blocks:
         return None
     units = [0.0] * n_layers
@@ -120,7 +121,9 @@ def _unit_plan(
     for indices, width, n in blocks:
         for li in indices:
             at = position[li]
-            units[at], firsts[at] = float(width), start
+            if not units[at]:
+                firsts[at] = start
+            units[at] += width
             segments.append(torch.full((width,), at, dtype=torch.long, device=device))
             per_unit.append(torch.full((width,), float(n), device=device))
             start += width
@@ -427,31 +430,16 @@ class Sections:
         ]
         if not groups:
             return None
-        shape = tuple((li, int(c.shape[0]), n) for li, c, n in groups)
-
-        def make() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            units = [0.0] * len(records)
-            firsts = [0] * len(records)
-            start = 0
-            for li, width, _ in shape:
-                if not units[li]:
-                    firsts[li] = start
-                units[li] += width
-                start += width
-            return (
-                torch.cat([torch.full((w,), float(n), device=device) for _, w, n in shape]),
-                torch.cat(
-                    [torch.full((w,), li, dtype=torch.long, device=device) for li, w, _ in shape]
-                ),
-                stats.device_vector(units, device),
-                stats.device_vector(firsts, device, torch.long),
-            )
-
-        values_per_unit, segments, unit_count, firsts_t = self._cached(
-            ("units", shape, device), make
+        shape = tuple(((li,), int(c.shape[0]), n) for li, c, n in groups)
+        n_layers = len(records)
+        plan: _UnitInputs = self._cached(
+            ("units", shape, device),
+            lambda: _unit_plan(shape, {li: li for li in range(n_layers)}, n_layers, device),
         )
         counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]
-        return _UnitInputs(counts, values_per_unit, segments, unit_count, firsts_t)
+        return _UnitInputs(
+            counts, plan.values_per_unit, plan.segments, plan.unit_count, plan.firsts
+        )
 
     @staticmethod
     def _unit_ratio(

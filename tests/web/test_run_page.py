@@ -213,6 +213,43 @@ def test_weight_decay_off_reads_zero(
     screenshot(page, "run-controls")
 
 
+def test_a_command_lost_as_the_socket_drops_is_sent_again_once_on_reconnect(
+    run_page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """The server may close a viewer's socket (a restart, a slow viewer) just as a click
+    sends: the command it never read is sent again, same id, when the socket is back."""
+    page, run_id = run_page, live_run["id"]
+    toggle = page.locator("button[data-cmd='wd-toggle']")
+    expect(toggle).to_have_text("Weight decay: on")
+    # The fault: the next command never leaves the page, and its socket closes under it.
+    page.evaluate(
+        """() => {
+            const send = WebSocket.prototype.send;
+            window.lostCommand = null;
+            WebSocket.prototype.send = function (data) {
+                const msg = JSON.parse(data);
+                if (msg.type !== "command") return send.call(this, data);
+                WebSocket.prototype.send = send;
+                window.lostCommand = msg.id;
+                this.close(4000, "test: closed as a command was sent");
+            };
+        }"""
+    )
+    record_pending(page, "wd-toggle")
+    toggle.click()
+    page.wait_for_function("document.body.dataset.socket === 'lost'", timeout=10_000)
+    lost = page.evaluate("window.lostCommand")
+    assert lost
+    expect(toggle).to_have_text("Weight decay: off", timeout=30_000)
+    assert page.evaluate("window.sawPending")
+    rows = server.api("GET", f"/api/runs/{run_id}/commands").json()
+    mine = [r for r in rows if r["id"] == lost]
+    assert len(mine) == 1 and mine[0]["status"] == "applied", mine
+    assert mine[0]["args"] == {"enabled": False}
+    toggle.click()  # back as it was, over the reopened socket
+    expect(toggle).to_have_text("Weight decay: on", timeout=20_000)
+
+
 def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
     run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:

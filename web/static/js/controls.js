@@ -6,6 +6,10 @@
  * (event kind "command_result" with the same id) arrives, and then showing the
  * acknowledged state and the step it was applied at. Commands carry target state:
  * "Halve LR" sends set_lr_scale(acked lr_scale * 0.5).
+ * A command still pending when the socket drops is sent again, with the same id, once
+ * the socket is back (the server stores a command once per id, so a copy it already
+ * had is only answered, never applied twice): one sent as the socket closed would
+ * otherwise stay pending for good.
  * Never: shows a state the trainer has not acknowledged, or sends while no trainer
  * is connected or the run has ended (the buttons say why they are disabled).
  */
@@ -173,6 +177,19 @@ export class Controls {
     this.pending.set(id, key);
     this.sent.set(id, { name, args });
     this.render();
+  }
+
+  /**
+   * After a reconnect: sends every command still pending (this bar's and ``ids``, the
+   * Rules group's) again with its id. One the socket takes again stays pending until
+   * the trainer acknowledges it or the server refuses it; one it cannot wait for the
+   * next reconnect.
+   */
+  resendPending(ids = []) {
+    for (const id of new Set([...this.pending.keys(), ...ids])) {
+      const cmd = this.sent.get(id);
+      if (cmd) this.send({ type: "command", id, name: cmd.name, args: cmd.args });
+    }
   }
 
   key(ev) {

@@ -41,7 +41,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
-  refreshingLayers: false, detail: null,
+  refreshingLayers: false, detail: null, socketLost: false,
 };
 
 const charts = {
@@ -336,6 +336,13 @@ function applyEvent(frame) {
 
 function onConnection(state, detail) {
   if (state === "lost") socketSettled();
+  if (state === "lost") page.socketLost = true;
+  if (state === "open" && page.socketLost) {
+    page.socketLost = false;
+    // after the catch-up frames of this message (an acknowledgement among them ends a
+    // pending command), so only commands the server may never have had are sent again
+    queueMicrotask(() => controls.resendPending([...rules.pending.keys()]));
+  }
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);

@@ -12,10 +12,11 @@ attributes, uses global hooks, touches the user's RNG, or does work on a step
 that is not armed (forward hooks exist only while armed; the optimizer hooks are
 one flag check). The definitions live in ``stats``, the per-call reductions in
 ``reduce``, the assembly across layers and ranks in ``sections``; this module wires
-them to modules and optimizers; update_ratio's parameter samples are ``updates``'.
+them to modules and optimizers; the staged copies of small outputs and the stacks kept
+between probe steps are ``staging``'s, update_ratio's parameter samples ``updates``'.
 
 Cost (benchmarks/overhead.py): on a probe step a small output (up to
-``STAGE_CALL_VALUES``) costs its hook one copy; collect() reduces the copies in one
+``staging.STAGE_CALL_VALUES``) costs its hook one copy; collect() reduces the copies in one
 stack per (shape, unit axis), ~17 kernels each whatever the rules in it (a Linear's
 outputs and its activation's share one), then ~40 for every layer together; a larger
 output is reduced in its hook (~17 kernels). The parameter hooks run a handful of
@@ -41,7 +42,7 @@ Choices worth knowing:
 * An output above ``CHUNK_VALUES`` values is reduced in slices along dim 0 (merged
   exactly, like repeated calls), so the hook's temporaries stay bounded; otherwise
   they are about three float32 copies of the output, freed before the next layer.
-  The staged copies of small outputs total at most ``STAGE_VALUES`` (4 MiB) per step;
+  The staged copies of small outputs total at most ``staging.STAGE_VALUES`` (4 MiB) per step;
   past that, outputs are reduced in their hooks. Each step's stacks of them are kept
   until the next probe step, whose hooks copy into their rows when the layout repeats
   (no fresh copy, no stack at collect()), so up to ``STAGE_VALUES`` stays allocated
@@ -75,6 +76,7 @@ from typing import Any
 import torch
 from layerscope.trainer import reduce, stats
 from layerscope.trainer.sections import Accumulated, Block, Reducer, Sections
+from layerscope.trainer.staging import Staging
 from layerscope.trainer.stats import (
     DEAD_ACTIVITY_MAX,
     DEFAULT_BINS,
@@ -108,14 +110,6 @@ DEFAULT_SAMPLE_VALUES = 2048  # histogram values per layer per call; 32 per bin 
 # Outputs above this many values are reduced in slices, so the hook's float32
 # temporaries (about four slice-sized tensors) stay under 64 MiB whatever the layer.
 CHUNK_VALUES = 1 << 22
-# Outputs up to STAGE_CALL_VALUES values are copied aside and reduced at collect(), stacked
-# with the other calls of their shape, while the copies of one step total at most
-# STAGE_VALUES (4 MiB of float32); larger ones, and any beyond that, are reduced in the hook.
-# (1 << 17: the small CNN's two 131,072-value outputs share a stack; its probe step went
-# 0.81 -> 0.78 training steps once a staged output cost one copy into a kept stack.)
-STAGE_CALL_VALUES = 1 << 17
-STAGE_VALUES = 1 << 20
-
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
@@ -149,21 +143,6 @@ class _Layer(Accumulated):
     channel_first: bool
     params: list[nn.Parameter]
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
-
-
-@dataclass(eq=False)
-class _Slots:
-    """One (shape, unit axis, device) stack of the last probe step, kept for the next: its
-    layers in stacking order (rule groups adjacent), their rule groups, and the stack
-    itself, which the next step's hooks fill row by row (a copy into a view made once,
-    where a fresh copy and a stack at collect() would be two)."""
-
-    layers: list[_Layer]
-    groups: list[tuple[Rule, int, int]]
-    row_of: dict[int, int]  # layer index -> its row
-    buffer: Tensor  # (rows, values per call), float32
-    views: list[Tensor]  # each row viewed as the output's shape
-    written: list[int]  # per row: the probe step that last filled it
 
 
 def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], bool] | None:
@@ -218,14 +197,9 @@ class Probes:
         self._cache: dict[Any, Any] = {}  # fixed by the model's structure
         self._shape_cache: dict[Any, Any] = {}  # keyed by this step's shapes
         self._sections = Sections()
-        # Small outputs of this step, copied aside until collect() (see _reduce)
-        self._staged: dict[tuple[Any, ...], list[tuple[_Layer, Tensor]]] = {}
-        self._staged_values = 0
+        # Small outputs of this step, copied aside until collect() (see ``staging``)
+        self._staging = Staging(self._sample_rows)
         self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
-        # the last probe step's stacks, filled in place by the next one (see _Slots)
-        self._slots: dict[tuple[Any, ...], _Slots] = {}
-        self._probe_id = 0  # counts arm()s: which probe step filled a slot
-        self._reduced_id = 0  # the probe step whose stacks _reduce_staged last reduced
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
@@ -352,7 +326,7 @@ class Probes:
         if self._armed or self._closed:
             return
         self._armed = True
-        self._probe_id += 1
+        self._staging.new_step()
         self._forward_handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def disarm(self) -> None:
@@ -365,7 +339,8 @@ class Probes:
     def close(self) -> None:
         self.disarm()
         self._closed = True
-        self._staged, self._staged_values, self._blocks, self._slots = {}, 0, [], {}
+        self._staging.clear()
+        self._blocks = []
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -421,28 +396,9 @@ class Probes:
         at collect() together with every other call of its shape and rule (a stack of
         them costs the kernels of one); a large one is reduced here, so that what a
         probe step keeps alive stays bounded (``STAGE_VALUES``). ``y`` is detached."""
-        n = y.numel()
-        if n <= STAGE_CALL_VALUES and self._staged_values + n <= STAGE_VALUES:
-            # A copy now: a later in-place op (ReLU(inplace=True)) must not change what we saw.
-            key = (y.shape, axis, y.device)  # every rule together: see _reduce_staged
-            slots = self._slots.get(key)
-            if slots is not None:
-                row = slots.row_of.get(layer.index)
-                if row is not None and slots.written[row] != self._probe_id:
-                    slots.views[row].copy_(y)  # bf16/fp16 widened by the copy
-                    slots.written[row] = self._probe_id
-                    self._staged_values += n
-                    return
-            # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
-            yf = y if y.dtype == torch.float32 else y.float()
-            copy = yf.clone(memory_format=torch.contiguous_format) if yf is y else yf.contiguous()
-            group = self._staged.get(key)
-            if group is None:
-                self._staged[key] = [(layer, copy)]
-            else:
-                group.append((layer, copy))
-            self._staged_values += n
+        if self._staging.take(layer, y, axis):
             return
+        n = y.numel()
         yf = y if y.dtype == torch.float32 else y.float()
         layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
         with torch.inference_mode():
@@ -478,96 +434,6 @@ class Probes:
                 layer.live.append((live[i], per_unit))
             if inside is not None:
                 layer.inside.append((inside[i], per_unit))
-
-    def _reduce_staged(self) -> None:
-        """Reduce every staged call, one stack per (shape, unit axis, device): the calls
-        of one rule are adjacent in it (``reduce.reduce_groups``), so a Linear's outputs
-        and its activation's cost the kernels of one stack, not two. A stack whose rows
-        this step's hooks filled in place (``_Slots``) is reduced as it is; every stack
-        is kept for the next probe step when its layers are distinct (not a module called
-        twice), and a kept stack this step did not fill is dropped."""
-        fresh = self._reduced_id != self._probe_id
-        if not fresh and not self._staged:
-            return  # this probe step's stacks are reduced (layout_key(), then collect())
-        self._reduced_id = self._probe_id
-        filled = [
-            key
-            for key, slots in self._slots.items()
-            if fresh and any(w == self._probe_id for w in slots.written)
-        ]
-        if not self._staged and not filled:
-            self._slots = {}
-            return
-        staged, self._staged, self._staged_values = self._staged, {}, 0
-        if fresh:
-            slots_now, self._slots = self._slots, {}
-        else:  # only new copies: the kept stacks stay as they are
-            slots_now = {}
-        for key in [*filled, *(k for k in staged if k not in filled)]:
-            shape, axis, _ = key
-            items = staged.get(key, [])
-            slots = slots_now.get(key)
-            if slots is not None and not items and all(w == self._probe_id for w in slots.written):
-                layers, groups, x = slots.layers, slots.groups, slots.buffer
-                self._slots[key] = slots  # the same layout again next step
-            else:
-                if slots is not None:  # part filled: those rows join this step's copies
-                    items = [
-                        (layer, slots.views[row])
-                        for row, layer in enumerate(slots.layers)
-                        if slots.written[row] == self._probe_id
-                    ] + items
-                # stacked outside inference mode: the next step's hooks write into it
-                layers, groups, x = self._stack(key, items)
-            with torch.inference_mode():
-                self._reduce_stack(shape, axis, layers, groups, x)
-
-    def _stack(
-        self, key: tuple[Any, ...], items: list[tuple[_Layer, Tensor]]
-    ) -> tuple[list[_Layer], list[tuple[Rule, int, int]], Tensor]:
-        """One stack's layers in stacking order (rule groups adjacent), the groups, and the
-        stacked copies; kept as the next step's slots when its layers are distinct."""
-        by_rule: dict[int, list[tuple[_Layer, Tensor]]] = {}
-        for item in items:
-            by_rule.setdefault(id(item[0].rule), []).append(item)
-        ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
-        groups, start = [], 0
-        for group in by_rule.values():
-            groups.append((group[0][0].rule, start, start + len(group)))
-            start += len(group)
-        n = ordered[0][1].numel()
-        x = (
-            torch.stack([copy.reshape(n) for _, copy in ordered])
-            if len(ordered) > 1
-            else ordered[0][1].reshape(1, n).clone()  # never a view of an older stack
-        )
-        layers = [layer for layer, _ in ordered]
-        row_of = {layer.index: row for row, layer in enumerate(layers)}
-        # kept only as a normal tensor: the next step's hooks write into it, and an
-        # inference tensor (a forward or collect() under inference_mode) refuses that
-        if len(row_of) == len(layers) and x.is_contiguous() and not x.is_inference():
-            shape = key[0]
-            self._slots[key] = _Slots(
-                layers, groups, row_of, x, [row.view(shape) for row in x], [0] * len(layers)
-            )
-        return layers, groups, x
-
-    def _reduce_stack(
-        self,
-        shape: Any,
-        axis: int | None,
-        layers: list[_Layer],
-        groups: list[tuple[Rule, int, int]],
-        x: Tensor,
-    ) -> None:
-        n = x.shape[1]
-        layout = reduce.unit_layout(shape, axis) if axis is not None else None
-        samples = self._sample_rows(x)  # (calls, width): one row per call
-        results = reduce.reduce_groups(x, layout, groups)
-        for (_, begin, stop), call in zip(groups, results, strict=True):
-            mine = layers[begin:stop]
-            rows = samples if stop - begin == len(layers) else samples[begin:stop]
-            self._blocks.append(Block(mine, tuple(layer.index for layer in mine), call, n, rows))
 
     def _sample_rows(self, x: Tensor) -> Tensor:
         """Each row's histogram values, as the rows of one tensor: the row itself up to
@@ -649,7 +515,7 @@ class Probes:
         When every layer made one call and there is no process group, the blocks are
         gathered as they are (``Sections.build_blocks``, by a plan made once per layout);
         otherwise they go call by call into the layers' accumulators (``Sections.build``)."""
-        self._reduce_staged()
+        self._staging.reduce(self._blocks)
         self.disarm()
         self._channel_first_out.clear()
         blocks = self._blocks
@@ -701,7 +567,7 @@ class Probes:
         """A fingerprint of what this step recorded (layers, calls, unit widths, bins): the
         shape of the reduced sections. Ranks reduce only when their keys agree, since a
         collective over differently shaped tensors would fail or hang. 0: nothing recorded."""
-        self._reduce_staged()
+        self._staging.reduce(self._blocks)
         self._accumulate()  # a process group takes the general path: see collect()
         shape = tuple(
             (

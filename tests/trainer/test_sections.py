@@ -97,10 +97,10 @@ def test_one_call_per_layer_is_gathered_block_by_block_as_the_general_path_does(
     """When every layer made one call, collect() gathers the reductions' blocks as they
     are (a plan per layout, reused); the flat tensor and its layout are what the general,
     call-by-call path gives, for each batch size (each a layout of its own)."""
-    from layerscope.trainer import probes as probes_module
+    from layerscope.trainer import staging
     from layerscope.trainer.probes import Probes
 
-    monkeypatch.setattr(probes_module, "STAGE_CALL_VALUES", 200)  # the conv: in its hook
+    monkeypatch.setattr(staging, "STAGE_CALL_VALUES", 200)  # the conv: in its hook
     torch.manual_seed(3)
     model = _Mixed().to(device)
     fast, general = Probes(model, sample_values=16), Probes(model, sample_values=16)

@@ -410,14 +410,16 @@ class PendingStats:
                     totals[call],
                 )
                 call += 1
-            entry: dict[str, Any] = summary.values()
+            entry: dict[str, Any] = {"name": name, **summary.values()}
             at = units_at + UNIT_WIDTH * i
             dead, saturated_ratio, saturated, spread_var = values[at : at + UNIT_WIDTH]
             entry["dead_ratio"] = _finite(dead)
-            entry["saturated_ratio"] = _finite(saturated_ratio)
+            ratio = _finite(saturated_ratio)
             entry["saturated_frac"] = (
-                _finite(saturated / summary.total) if entry["saturated_ratio"] is not None else None
+                _finite(saturated / summary.total) if ratio is not None else None
             )
+            entry["saturated_ratio"] = ratio
+            entry["grad_norm"] = entry["weight_norm"] = entry["update_ratio"] = None
             variance = _finite(spread_var)
             entry["unit_spread"] = math.sqrt(max(variance, 0.0)) if variance is not None else None
             if entry["min"] is None:
@@ -428,7 +430,7 @@ class PendingStats:
                 else:  # exact integers in float32; round() of a float is an int
                     counts = list(map(round, values[hist_at + i * bins : hist_at + (i + 1) * bins]))
                 entry["hist"] = {"lo": entry["min"], "hi": entry["max"], "counts": counts}
-            entries[name] = entry
+            entries[name] = entry  # every key, in ENTRY_KEYS order
         scalars: dict[str, float | None] = {"grad_norm": None}
         if self.param_layers:
             at = hist_at + len(self.act_layers) * self.bins
@@ -447,20 +449,17 @@ class PendingStats:
                 mine = [grads[position[i]] for i in indices if i in position]
                 weight = math.sqrt(sum(weights[slot] ** 2 for slot, _ in slots))
                 update = math.sqrt(sum(scale * updates[slot] ** 2 for slot, scale in slots))
-                entry = entries.setdefault(name, {})
+                entry = entries.get(name) or entries.setdefault(name, _no_activations(name))
                 entry["grad_norm"] = _finite(math.sqrt(sum(g * g for g in mine))) if mine else None
                 entry["weight_norm"] = _finite(weight)
                 entry["update_ratio"] = _finite(update / weight) if weight > 0 else None
-        layers = []
-        for name in self.order:
-            found = entries.get(name)
-            if found is not None:
-                row: dict[str, Any] = {"name": name}
-                get = found.get
-                for key in ENTRY_KEYS:
-                    row[key] = get(key)
-                layers.append(row)
+        layers = [entries[name] for name in self.order if name in entries]
         return layers, scalars
+
+
+def _no_activations(name: str) -> dict[str, Any]:
+    """The entry of a layer with parameters but no recorded output this step."""
+    return {"name": name, **dict.fromkeys(ENTRY_KEYS)}
 
 
 def _finite(value: float | None) -> float | None:

@@ -175,3 +175,40 @@ def test_decode_reads_a_host_tensor_and_its_list_alike() -> None:
     assert from_tensor == from_list
     counts = from_tensor[0][0]["hist"]["counts"]
     assert all(type(c) is int for c in counts) and sum(counts) == 32 * 8 - 8
+
+
+class _Skips(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.skipped, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.a(x)))
+
+
+def test_every_decoded_entry_has_every_key_once_in_one_order() -> None:
+    """Each layer entry of a probe frame carries its name and every statistic key, None
+    where it does not apply, in ENTRY_KEYS order: also a layer whose output was not
+    recorded this step (only its weight norm is known)."""
+    from layerscope.trainer.probes import Probes
+
+    torch.manual_seed(2)
+    model = _Skips()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    probes.arm()
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    pending = probes.collect()
+    assert pending is not None
+    layers, _ = pending.decode(pending.tensor)
+    assert [layer["name"] for layer in layers] == ["a", "skipped", "out"]
+    for layer in layers:
+        assert list(layer) == ["name", *stats.ENTRY_KEYS], layer["name"]
+    skipped = layers[1]
+    assert skipped["weight_norm"] == pytest.approx(
+        torch.cat([p.detach().reshape(-1) for p in model.skipped.parameters()]).norm().item(),
+        rel=1e-5,
+    )
+    assert skipped["grad_norm"] is None and skipped["mean"] is None and skipped["hist"] is None
+    assert layers[0]["grad_norm"] is not None and layers[0]["mean"] is not None

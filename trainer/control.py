@@ -77,7 +77,9 @@ class Control:
         # What the last optimizer step actually used, per param group: read by the metrics.
         self.used_lr: list[float | None] = []
         self.used_weight_decay: list[float | None] = []
-        self._saved: list[tuple[Any, Any, list[Any] | None]] = []
+        # Per param group, what the pre-step hook replaced and what it put there (see
+        # _pre_step); empty between steps unless a step raised before its post-hook ran.
+        self._saved: list[tuple[Any, Any, list[Any] | None, Any, Any, Any]] = []
         self._handles: list[Any] = []
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -108,16 +110,17 @@ class Control:
     # ---- optimizer hooks (run inside optimizer.step on the training thread) ----
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._saved = []
+        self.restore_after_raise()
         self.used_lr = []
         self.used_weight_decay = []
         for group in optimizer.param_groups:
             lr, wd = group.get("lr"), group.get("weight_decay")
             params: list[Any] | None = None
+            lr_set = wd_set = kept = None
             if lr is not None and self.lr_scale != 1.0:
-                group["lr"] = lr * self.lr_scale
+                group["lr"] = lr_set = lr * self.lr_scale
             if wd is not None and not self.weight_decay_enabled:
-                group["weight_decay"] = 0.0
+                group["weight_decay"] = wd_set = _NO_DECAY
             if self._frozen_params:
                 params = group["params"]
                 kept = []
@@ -129,12 +132,12 @@ class Control:
                 # Taking the params out of the group for this one step also stops momentum,
                 # Adam's moments and decoupled weight decay from moving them.
                 group["params"] = kept
-            self._saved.append((lr, wd, params))
+            self._saved.append((lr, wd, params, lr_set, wd_set, kept))
             self.used_lr.append(_host_float(group.get("lr")))
             self.used_weight_decay.append(_host_float(group.get("weight_decay")))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group, (lr, wd, params) in zip(optimizer.param_groups, self._saved, strict=False):
+        for group, (lr, wd, params, *_) in zip(optimizer.param_groups, self._saved, strict=False):
             if lr is not None:
                 group["lr"] = lr
             if wd is not None:
@@ -142,6 +145,27 @@ class Control:
             if params is not None:
                 group["params"] = params
         self._saved = []
+
+    def restore_after_raise(self) -> None:
+        """Undo what the pre-step hook changed when ``optimizer.step()`` raised before its
+        post-hook (a caught CUDA out-of-memory, a bad batch, Ctrl-C): else the scaled lr,
+        the switched-off decay and the frozen layers' absence would stay in the groups,
+        and the next step would take them for the user's values (an lr scale compounding
+        step after step). A value the user's code set since (a scheduler, ``group["lr"] =
+        ...``) is the user's and stays. Called by the next pre-step hook, the next step
+        boundary and ``close()``; nothing to do after a step that returned."""
+        saved, self._saved = self._saved, []
+        if not saved or self.optimizer is None:
+            return
+        for group, (lr, wd, params, lr_set, wd_set, kept) in zip(
+            self.optimizer.param_groups, saved, strict=False
+        ):
+            if lr_set is not None and group.get("lr") is lr_set:
+                group["lr"] = lr
+            if wd_set is not None and group.get("weight_decay") is wd_set:
+                group["weight_decay"] = wd
+            if kept is not None and group.get("params") is kept:
+                group["params"] = params
 
     # ---- commands ----
 
@@ -151,6 +175,8 @@ class Control:
 
     def at_step_boundary(self, step: int, before_block: Callable[[], None] | None = None) -> None:
         """Apply queued commands; while paused, block here until resume, step_once or stop."""
+        if self._saved:
+            self.restore_after_raise()
         self._drain(step)
         blocked = False
         while self.paused and not self.stopping and not self.closed:
@@ -318,6 +344,7 @@ class Control:
 
     def close(self) -> None:
         """Remove the hooks; the optimizer is left exactly as the user's code set it."""
+        self.restore_after_raise()
         self.closed = True
         for handle in self._handles:
             handle.remove()
@@ -325,6 +352,9 @@ class Control:
 
 
 CHECKPOINT_FORMAT = "layerscope-checkpoint-1"
+# The weight decay a switched-off group steps with: one object, so that after a raising
+# step restore_after_raise tells it from a 0.0 the user's code assigned since.
+_NO_DECAY = float("0")
 
 
 class CheckpointError(ValueError):

@@ -171,6 +171,52 @@ def test_frozen_layers_stay_bit_identical(make_opt: Any) -> None:
     assert [r["state"]["frozen"] for r in rec.results()] == [["0"], []]
 
 
+def _raise() -> float:
+    raise RuntimeError("CUDA out of memory (simulated inside optimizer.step)")
+
+
+def test_a_step_that_raises_leaves_the_groups_as_the_user_set_them() -> None:
+    """optimizer.step() raising (a caught out-of-memory error) skips the post-hook: the
+    scaled lr, the switched-off decay and the frozen layer's absence are undone at the next
+    step boundary, so the next step uses lr x scale once (not compounded), unfreezing and
+    decay-on take effect, and close() leaves the user's values; a value the user's code
+    assigned after the raise is theirs and stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01)
+    control = Control(model, opt)
+    for command in (cmd("set_lr_scale", value=0.5), cmd("set_weight_decay", enabled=False),
+                    cmd("set_frozen", layers=["0"], frozen=True)):  # fmt: skip
+        control.submit(command)
+    control.at_step_boundary(step=1)
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(_raise)
+    assert len(opt.param_groups[0]["params"]) == 2  # inside the failed step's changes
+    control.at_step_boundary(step=2)
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.1 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
+
+    opt.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert control.used_lr == [pytest.approx(0.05)] and control.used_weight_decay == [0.0]
+    control.submit(cmd("set_frozen", layers=["0"], frozen=False))
+    control.submit(cmd("set_weight_decay", enabled=True))
+    control.at_step_boundary(step=3)
+    before = model[0].weight.detach().clone()
+    opt.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model[0].weight) and control.used_weight_decay == [0.01]
+
+    with pytest.raises(RuntimeError):  # raises again; the user then assigns an lr
+        opt.step(_raise)
+    group["lr"] = 0.2
+    control.close()
+    assert group["lr"] == 0.2 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
+
+
 def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
     model = nn.Linear(2, 2)
     rec = Recorder()

@@ -28,7 +28,9 @@ from layerscope.server.scalars import ScalarWriter
 from layerscope.trainer import wire
 
 FRAME_TYPES = frozenset({"metrics", "probe", "event"})
-_KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped"})
+# A hello does not revive a run that ended for good: a second `layerscope sync` of its
+# spool sends the same hello again. A "lost" run's trainer may reconnect: running again.
+_KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed"})
 
 
 def _seq(frame: Any) -> int:

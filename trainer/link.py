@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
-from layerscope.trainer.spool import SpoolError, SpoolWriter
+from layerscope.trainer.spool import SpoolError, SpoolWriter, set_aside_other_run
 from websockets.asyncio.client import ClientConnection, connect
 
 _fast_dumps: Callable[[Any], bytes] | None
@@ -133,6 +133,7 @@ class Link:
         self._offsets = array("q")  # spool offset of seq k at index k-1; -1 if the write failed
         self._backoff_s = BACKOFF_FIRST_S
 
+        set_aside_other_run(Path(spool_path), str(hello.get("run_id")))
         self.spool = SpoolWriter(spool_path)
         self.spool.append(encode(self.hello))
         self._loop = asyncio.new_event_loop()

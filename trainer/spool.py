@@ -169,9 +169,70 @@ def read_spool(path: str | os.PathLike[str]) -> Iterator[str]:
         yield text
 
 
+def first_hello(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The hello a spool starts with, read from its first record alone (no scan), or None
+    when the file is empty or does not start with an intact hello record."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER.size)
+        if len(header) != HEADER.size:
+            return None
+        length, crc = HEADER.unpack(header)
+        if length == 0 or length > MAX_RECORD_BYTES:
+            return None
+        payload = f.read(length)
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    try:
+        frame = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return frame if isinstance(frame, dict) and frame.get("type") == "hello" else None
+
+
+def set_aside_other_run(path: Path, run_id: str) -> Path | None:
+    """Before a run appends to ``path``: when the file holds something else (another run's
+    spool, as when a run directory is reused, or a file that is not a spool) it is renamed
+    to ``spool-<its run id>.bin`` beside it (numbered if taken) and the new name returned,
+    so no spool ever mixes two runs. A spool of ``run_id`` itself is appended to."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    hello = first_hello(path)
+    other = hello.get("run_id") if hello is not None else None
+    other = other if isinstance(other, str) else None
+    if other == run_id:
+        return None
+    label = "".join(c if c.isalnum() or c in "-_" else "_" for c in other)[:64] if other else ""
+    stem = f"{path.stem}-{label or 'unknown'}"
+    target = path.with_name(f"{stem}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{stem}-{n}{path.suffix}")
+    path.rename(target)
+    log.warning(
+        "spool %s holds %s; moved to %s so this run (%s) starts its own",
+        path,
+        f"run {other}" if other else "no layerscope run",
+        target,
+        run_id,
+    )
+    return target
+
+
 def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order."""
-    hello: dict[str, Any] | None = None
+    """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order.
+    A spool starts with its hello (checked first: a file that is not a spool is refused
+    without a scan) and holds one run (a spool two runs appended to is refused, naming
+    them: their seqs overlap, so no upload could keep them apart)."""
+    hello = first_hello(path)
+    if hello is None:
+        raise ValueError(
+            f"{path} does not start with a hello record; it is not a layerscope spool"
+            " (or its first record is damaged)"
+        )
     seen: dict[int, int] = {}
     for offset, text in iter_records(path):
         try:
@@ -182,11 +243,14 @@ def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         if not isinstance(frame, dict):
             continue
         if frame.get("type") == "hello":
-            hello = hello or frame
+            if frame.get("run_id") != hello.get("run_id"):
+                raise ValueError(
+                    f"{path} holds two runs ({hello.get('run_id')} and {frame.get('run_id')}),"
+                    " appended to one spool by an older layerscope that reused a run directory;"
+                    " it cannot be uploaded as one run"
+                )
             continue
         seq = frame.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
             seen.setdefault(seq, offset)
-    if hello is None:
-        raise ValueError(f"{path} has no hello record; it is not a layerscope spool")
     return wire.validate_hello(hello), sorted(seen.items())

@@ -97,8 +97,13 @@ async def _upload(
             elif msg["type"] == "error":
                 log.warning("server says: %s", msg.get("message"))
 
+    delivered = False  # past a gap: every frame sent once and the server gone quiet
+
+    def unfinished() -> bool:
+        return acked < target or (gap and not delivered)
+
     try:
-        while acked < target and time.monotonic() < deadline:
+        while unfinished() and time.monotonic() < deadline:
             try:
                 async with connect(
                     url,
@@ -116,11 +121,14 @@ async def _upload(
                     if acked >= target and not gap:
                         break
                     done = asyncio.Event()
+                    if acked >= target:  # a gap at seq 1: no ack can come, send and listen
+                        done.set()
                     receiver = asyncio.create_task(receive_acks(ws, done))
                     try:
                         for seq, offset in frames:
                             if seq > acked:
                                 await ws.send(reader.read_at(offset))
+                        last_heard = time.monotonic()  # quiet is counted from the last send
                         waiter = asyncio.create_task(done.wait())
                         await asyncio.wait(
                             [receiver, waiter],
@@ -132,6 +140,7 @@ async def _upload(
                         # server has gone quiet: it has read and committed what it got.
                         while gap and acked >= target and time.monotonic() < deadline:
                             if time.monotonic() - last_heard >= GAP_QUIET_S:
+                                delivered = True
                                 break
                             await asyncio.sleep(0.05)
                     finally:
@@ -142,12 +151,12 @@ async def _upload(
                 last_error = f"{type(exc).__name__}: {exc}"
                 if not connected_once:
                     raise ConnectionError(f"cannot upload to {url}: {last_error}") from exc
-            if acked < target:
+            if unfinished():
                 await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
                 backoff = min(BACKOFF_CAP_S, backoff * 2)
     finally:
         reader.close()
-    if acked < target:
+    if unfinished():
         raise TimeoutError(
             f"server acked {acked} of {target} frames within {timeout_s:g} s"
             + (f" (last error: {last_error})" if last_error else "")

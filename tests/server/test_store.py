@@ -480,6 +480,15 @@ async def test_status_events_and_set_status(store: Store) -> None:
     await store.append("r1", [event(2, 6, "status", {"status": "finished"})])
     await store.hello(hello())
     assert store.run("r1")["status"] == "finished"
+    # ... and so does a failed one (a second `layerscope sync` of its spool sends its hello
+    # again, and no trainer is there to mark it lost afterwards)
+    await store.set_status("r1", "failed", reason="trainer process exited with code 1")
+    await store.hello(hello())
+    run = store.run("r1")
+    assert run is not None and (run["status"], run["status_reason"]) == (
+        "failed",
+        "trainer process exited with code 1",
+    )
     with pytest.raises(StoreError, match="unknown status 'weird'"):
         await store.set_status("r1", "weird")
 

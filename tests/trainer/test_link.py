@@ -229,3 +229,30 @@ def test_watch_applies_server_commands_and_heartbeats_while_paused(
     assert statuses == ["running", "paused", "running", "stopped"]
     assert sorted(server.frames) == list(range(1, len(server.frames) + 1))
     assert [p["step"] for _, p in sorted(server.frames.items()) if p["type"] == "probe"] == [1]
+
+
+def test_a_reused_spool_path_gets_a_fresh_spool_per_run(tmp_path: Path) -> None:
+    """A run directory used twice (`--run-dir out` run again): the second run does not
+    append to the first's spool, whose frames it would be uploaded with; the first
+    run's spool is moved aside under its run id, and the same run reopening its spool
+    (a resumed run) appends to it."""
+    spool = tmp_path / "spool.bin"
+
+    def run(run_id: str, steps: int) -> None:
+        link = Link(make_hello(run_id), spool_path=spool)
+        link.start()
+        for step in range(1, steps + 1):
+            link.submit(metrics(step))
+        link.close()
+
+    run("first", 3)
+    run("first", 0)  # the same run again: appended
+    run("second", 5)
+    moved = tmp_path / "spool-first.bin"
+    assert [json.loads(r)["type"] for r in read_spool(moved)] == ["hello"] + ["metrics"] * 3 + [
+        "hello"
+    ]
+    records = [json.loads(r) for r in read_spool(spool)]
+    assert records[0]["run_id"] == "second" and [r["seq"] for r in records[1:]] == [1, 2, 3, 4, 5]
+    run("third", 1)  # moved beside the first, under its own id
+    assert (tmp_path / "spool-second.bin").is_file() and moved.is_file()

@@ -5,11 +5,15 @@ Against the real-websockets stand-in for /ws/trainer (trainer_server.py).
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from layerscope.trainer.link import Link
+from layerscope.trainer.spool import SpoolWriter
 from layerscope.trainer.sync import sync_spool
 from trainer_server import TrainerServer, make_hello, metrics
 
@@ -65,3 +69,51 @@ def test_sync_of_a_damaged_spool_uploads_what_survived(
     assert sync_spool(spool, server.url, timeout_s=20) == 9  # confirmed: the frames before the gap
     assert sorted(server.frames) == [*range(1, 10), *range(11, 21)]  # the rest still sent
     assert "frame 10 is missing" in caplog.text
+
+
+def test_a_spool_missing_its_first_frame_is_still_uploaded(
+    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frame 1 damaged: the server can confirm nothing (it acks contiguous seqs), but
+    every frame that survived is sent, once, and sync says how many were confirmed."""
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("gap-at-1"), spool_path=spool)
+    link.start()
+    for step in range(1, 8):
+        link.submit(metrics(step))
+    link.close()
+    data = bytearray(spool.read_bytes())
+    at = data.index(b'"seq":1}')
+    data[at + 3] ^= 0x20
+    spool.write_bytes(bytes(data))
+    assert sync_spool(spool, server.url, timeout_s=20) == 0
+    assert sorted(server.frames) == list(range(2, 8))
+    assert "frame 1 is missing" in caplog.text
+
+
+def test_sync_refuses_a_file_that_is_not_a_spool_at_once(tmp_path: Path) -> None:
+    """A checkpoint or any other file given by mistake is refused from its first bytes,
+    not scanned byte by byte for records (minutes for a large file)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(8 << 20))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="not a layerscope spool"):
+        sync_spool(path, "ws://127.0.0.1:9", timeout_s=5)
+    assert time.monotonic() - started < 2.0  # a scan of 8 MiB took ~8 s
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a layerscope spool"):
+        sync_spool(empty, "ws://127.0.0.1:9", timeout_s=5)
+
+
+def test_sync_refuses_a_spool_two_runs_appended_to(tmp_path: Path) -> None:
+    """An older layerscope appended a second run to a reused run directory's spool; their
+    seqs overlap, so it is refused with both run ids rather than uploaded as the first."""
+    spool = tmp_path / "spool.bin"
+    for run_id in ("one", "two"):
+        writer = SpoolWriter(spool)
+        writer.append(json.dumps({"type": "hello", **make_hello(run_id)}))
+        writer.append(json.dumps({**metrics(1), "seq": 1}))
+        writer.close()
+    with pytest.raises(ValueError, match="two runs \\(one and two\\)"):
+        sync_spool(spool, "ws://127.0.0.1:9", timeout_s=5)

@@ -294,7 +294,15 @@ class Link:
         deadline = time.monotonic() + self.close_timeout_s
         while self.acked_seq < self.last_seq:
             if not self.ever_connected and self._failures:
-                return  # never reached the server: nobody to wait for, the spool has the run
+                # never reached the server: nobody to wait for, the spool has the run
+                log.warning(
+                    "layerscope: the server at %s was never reached; the run is in %s:"
+                    " run `layerscope sync %s --server URL` to upload it",
+                    self.url,
+                    self.spool.path,
+                    self.spool.path,
+                )
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning(

@@ -65,7 +65,9 @@ def test_frames_survive_a_server_restart_exactly_once(
     assert steps == list(range(1, 251))
 
 
-def test_no_server_at_all_spools_hello_and_every_frame(tmp_path: Path) -> None:
+def test_no_server_at_all_spools_hello_and_every_frame(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A port nothing listens on: connection refused, training goes on, spool keeps the run.
     dead = TrainerServer().start()
     url = dead.url
@@ -76,6 +78,7 @@ def test_no_server_at_all_spools_hello_and_every_frame(tmp_path: Path) -> None:
         link.submit(metrics(step))
     link.close()
     assert link.acked_seq == 0
+    assert f"layerscope sync {tmp_path / 'spool.bin'}" in caplog.text  # how to upload it
     records = list(read_spool(tmp_path / "spool.bin"))
     assert json.loads(records[0])["run_id"] == "r1"
     assert [json.loads(r)["seq"] for r in records[1:]] == list(range(1, 41))

@@ -228,7 +228,17 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
             w.step(loss="high")
         assert w.step_count == 0  # a refused step is not counted
         w.step(loss=torch.tensor(2.0))
-    assert [r["values"]["loss"] for r in rows(frames(tmp_path / "ok"))] == [2.0]
+        # An event the server would refuse is refused here: never stored there, it would
+        # hold back the server's confirmation of every later frame.
+        with pytest.raises(ValueError, match="exceeds"):
+            w.event("log", {"text": "x" * (wire.MAX_CONFIG_BYTES + 1)})
+        with pytest.raises(ValueError, match="kind"):
+            w.event("gossip", {})
+        w.event("log", {"text": "kept"})
+    fs = frames(tmp_path / "ok")
+    assert [r["values"]["loss"] for r in rows(fs)] == [2.0]
+    logs = [f["data"] for f in fs if f["type"] == "event" and f["kind"] == "log"]
+    assert logs == [{"text": "kept"}]
 
 
 def test_scalar_tensors_of_any_single_value_shape_and_dtype_arrive_as_floats(

@@ -531,36 +531,38 @@ class Probes:
         self._updates.forget()
         if not act and params is None:
             return None
-        if params is None and self._param_layers:
-            params = self._read_params()  # no optimizer hook fired: grads as they are now
-        with torch.inference_mode():
-            sections: list[Tensor] = []
-            reduced = False
-            if plan is not None:
-                sections += self._sections.build_blocks(blocks, plan, self.bins)
-            elif act:
-                activation, reduced = self._sections.build(act, self.bins, self.reducer)
-                sections += activation
-            if params is not None and self._param_layers:
-                sections += [params[1], params[2]]
-            flat = torch.cat(sections) if len(sections) > 1 else sections[0]
-        pending = PendingStats(
-            tensor=flat,
-            order=[layer.spec.name for layer in self._layers],
-            act_layers=[layer.spec.name for layer in act],
-            calls=[len(layer.rows) for layer in act] if plan is None else [1] * len(act),
-            totals=[n for layer in act for n in layer.totals]
-            if plan is None
-            else list(plan.totals),
-            bins=self.bins,
-            grad_present=params[0] if params is not None and self._param_layers else [],
-            param_layers=self._param_layout if params is not None else [],
-            weight_slots=len(self._updates),
-            reduced=reduced,
-        )
-        if plan is None:
-            for layer in act:
-                layer.reset()
+        try:  # a raise below must not leave this step's calls for the next to merge
+            if params is None and self._param_layers:
+                params = self._read_params()  # no optimizer hook fired: grads as they are now
+            with torch.inference_mode():
+                sections: list[Tensor] = []
+                reduced = False
+                if plan is not None:
+                    sections += self._sections.build_blocks(blocks, plan, self.bins)
+                elif act:
+                    activation, reduced = self._sections.build(act, self.bins, self.reducer)
+                    sections += activation
+                if params is not None and self._param_layers:
+                    sections += [params[1], params[2]]
+                flat = torch.cat(sections) if len(sections) > 1 else sections[0]
+            pending = PendingStats(
+                tensor=flat,
+                order=[layer.spec.name for layer in self._layers],
+                act_layers=[layer.spec.name for layer in act],
+                calls=[len(layer.rows) for layer in act] if plan is None else [1] * len(act),
+                totals=[n for layer in act for n in layer.totals]
+                if plan is None
+                else list(plan.totals),
+                bins=self.bins,
+                grad_present=params[0] if params is not None and self._param_layers else [],
+                param_layers=self._param_layout if params is not None else [],
+                weight_slots=len(self._updates),
+                reduced=reduced,
+            )
+        finally:
+            if plan is None:
+                for layer in act:
+                    layer.reset()
         return pending
 
     def layout_key(self) -> int:

@@ -433,7 +433,7 @@ class Sections:
         shape = tuple(((li,), int(c.shape[0]), n) for li, c, n in groups)
         n_layers = len(records)
         plan: _UnitInputs = self._cached(
-            ("units", shape, device),
+            ("units", shape, n_layers, device),
             lambda: _unit_plan(shape, {li: li for li in range(n_layers)}, n_layers, device),
         )
         counts = torch.cat([c for _, c, _ in groups]) if len(groups) > 1 else groups[0][1]

@@ -816,3 +816,73 @@ def test_a_single_unit_layer_has_zero_spread_and_a_unitless_output_has_none() ->
     scalar = Scalar()
     layers, _ = probe_step(scalar, Probes(scalar), uniform(4, 3))
     assert layers["act"]["unit_spread"] is None
+
+
+class _SharedAndOptional(nn.Module):
+    """A ReLU called twice (the general, call-by-call path) and a head taken on some steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.head = (
+            nn.Linear(8, 8),
+            nn.ReLU(),
+            nn.Linear(8, 8),
+            nn.Tanh(),
+        )
+
+    def forward(self, x: torch.Tensor, use_head: bool) -> torch.Tensor:
+        h = self.act(self.fc2(self.act(self.fc1(x))))
+        return self.head(h) if use_head else h
+
+
+def test_a_layer_taken_on_some_steps_beside_a_shared_module_reports_each_step() -> None:
+    """The set of layers that ran changes between probe steps while one of them made two
+    calls: each step reports what a fresh Probes reports (the general path's per-unit
+    layout was cached by shape alone and the step without the head raised)."""
+    torch.manual_seed(8)
+    model = _SharedAndOptional()
+    probes = Probes(model, sample_values=None)
+    for i, use_head in enumerate((True, False, True, False, False)):
+        x = uniform(16, 8, seed=i)
+        got = []
+        for p in (probes, Probes(model, sample_values=None)):
+            p.arm()
+            model(x, use_head)
+            pending = p.collect()
+            assert pending is not None
+            got.append(pending.decode(pending.tensor)[0])
+        assert got[0] == got[1], i
+        assert [layer["name"] for layer in got[0]] == ["fc1", "act", "fc2"] + ["head"] * use_head
+
+
+def test_a_collect_that_raises_leaves_nothing_for_the_next_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails while collect() assembles a step, the next probe step reports its own
+    calls only, not those of the failed step as well."""
+    torch.manual_seed(9)
+    model = _SharedAndOptional()
+    probes = Probes(model, sample_values=None)
+    x = uniform(16, 8, seed=1)
+    real = probes._sections.build
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(probes._sections, "build", real)
+        raise RuntimeError("a fault while assembling")
+
+    monkeypatch.setattr(probes._sections, "build", fail_once)
+    probes.arm()
+    model(x, True)
+    with pytest.raises(RuntimeError, match="a fault"):
+        probes.collect()
+    probes.arm()
+    model(x, True)
+    pending = probes.collect()
+    assert pending is not None
+    fresh = Probes(model, sample_values=None)
+    fresh.arm()
+    model(x, True)
+    expected = fresh.collect()
+    assert expected is not None
+    assert pending.calls == expected.calls == [1, 2, 1, 1]
+    assert pending.decode(pending.tensor) == expected.decode(expected.tensor)

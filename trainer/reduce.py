@@ -80,7 +80,8 @@ def _nonzero_signs(signs: Tensor) -> Tensor:
 
 def _squares(x: Tensor) -> Tensor:
     """(C,): each row's sum of squares: a dot product for one row, else the squared
-    norm (one fused pass, where a multiply and a sum are two)."""
+    norm (one fused pass, where a multiply and a sum are two). float32: a row whose
+    spread about its mean passes ~1e19 overflows (its std is then unknown, None)."""
     if x.shape[0] == 1:
         return torch.dot(x.view(-1), x.view(-1)).view(1)
     return torch.linalg.vector_norm(x, dim=1).square_()
@@ -101,8 +102,8 @@ def reduce_groups(
     over all rows, the rule's own passes over its rows). One ``CallStats`` per group.
 
     Per call: s1/s2 are the sum and sum of squares of ``clean - shift`` (clean: NaN/Inf
-    -> 0; shift: the call's first cleaned value, so the variance survives |mean| >>
-    std); nonzero counts the nonzero finite values; lo/hi are the min/max of the finite
+    -> 0; shift: the mean of the cleaned values, so the variance survives |mean| >> std
+    and an outlier among the values); nonzero counts the nonzero finite values; lo/hi are the min/max of the finite
     values (+inf/-inf when there is none). ``layout``: (lead, units, rest) of one
     output, or None for an output without units. The host arithmetic is
     ``stats.Summary.add``.
@@ -150,7 +151,11 @@ def reduce_groups(
         nonzero_parts.append(nonzero)
         per_group.append((live, minus_inside))
     nonzero = torch.cat(nonzero_parts) if len(nonzero_parts) > 1 else nonzero_parts[0]
-    shift = clean[:, :1].clone()
+    # The shift is the row's mean (of its cleaned values; from the unit sums when there
+    # are units, so no pass over the row): about a shift far from the mean, such as a
+    # first value that is an outlier, s2 - s1^2/n cancels away the variance in float32.
+    total = sums.sum(1, keepdim=True) if sums is not None else clean.sum(1, keepdim=True)
+    shift = total.div_(x.shape[1])
     d = clean.sub_(shift)
     rows = torch.stack(
         [shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi, minus_nonfinite], dim=1

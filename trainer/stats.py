@@ -199,9 +199,12 @@ class Summary:
         zero_frac of all values; the non-finite count. None where there is no value
         (or where the arithmetic overflowed)."""
         some = self.finite > 0
+        mean, m2 = self.mean, self.m2
+        if self.lo == self.hi:  # every finite value the same: exactly that, no spread
+            mean, m2 = self.lo, 0.0
         return {
-            "mean": _finite(self.mean) if some else None,
-            "std": _finite(math.sqrt(self.m2 / self.finite)) if some else None,
+            "mean": _finite(mean) if some else None,
+            "std": _finite(math.sqrt(m2 / self.finite)) if some else None,
             "min": _finite(self.lo) if some else None,
             "max": _finite(self.hi) if some else None,
             "zero_frac": _finite(self.zeros / self.total) if self.total else None,
@@ -300,7 +303,7 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
 
 def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
     """s1 and s2 of raw rows ``rows`` [C, RAW_WIDTH] re-centred on ``center`` [C], so rows
-    from several processes (each about its own first value) can simply be added.
+    from several processes (each about its own mean) can simply be added.
 
     Exact algebra: with d = shift - center, sum(x - center) = s1 + n d and
     sum((x - center)^2) = s2 + 2 d s1 + n d^2, n being the call's value count ``totals``

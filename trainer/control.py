@@ -137,12 +137,15 @@ class Control:
             self.used_weight_decay.append(_host_float(group.get("weight_decay")))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group, (lr, wd, params, *_) in zip(optimizer.param_groups, self._saved, strict=False):
-            if lr is not None:
+        # Only what the pre-step hook changed: an optimizer that sets its own group["lr"]
+        # inside step() keeps that value whenever no scale was applied.
+        saved = zip(optimizer.param_groups, self._saved, strict=False)
+        for group, (lr, wd, params, lr_set, wd_set, kept) in saved:
+            if lr_set is not None:
                 group["lr"] = lr
-            if wd is not None:
+            if wd_set is not None:
                 group["weight_decay"] = wd
-            if params is not None:
+            if kept is not None:
                 group["params"] = params
         self._saved = []
 
@@ -278,6 +281,9 @@ class Control:
             self.checkpoint(step)
         elif name == "stop":
             self.stopping = True
+            if self.paused:  # a stopped run is not paused: the loop runs on to its should_stop
+                self.paused = False
+                self.emit("status", {"status": "running"})
         else:
             raise ValueError(f"unknown command {name!r}")
 

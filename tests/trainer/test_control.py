@@ -217,6 +217,21 @@ def test_a_step_that_raises_leaves_the_groups_as_the_user_set_them() -> None:
     assert group["lr"] == 0.2 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
 
 
+class _Subclassed(torch.optim.SGD):
+    def step(self, closure: Any = None) -> Any:  # torch wraps both steps: hooks run twice
+        return super().step(closure)
+
+
+def test_an_optimizer_subclass_whose_hooks_run_twice_is_scaled_once() -> None:
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = _Subclassed([w], lr=0.1)
+    control = Control(None, opt)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    control.at_step_boundary(step=1)
+    assert [sgd_step(w, opt) for _ in range(3)] == [pytest.approx(0.05)] * 3
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
 def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
     model = nn.Linear(2, 2)
     rec = Recorder()
@@ -257,7 +272,8 @@ def test_pause_blocks_until_resume_and_step_once_lets_one_step_through() -> None
 
 
 def test_stop_unblocks_a_paused_loop() -> None:
-    control = Control(None, None)
+    rec = Recorder()
+    control = Control(None, None, emit=rec)
     control.submit(cmd("pause"))
     t = _boundary_in_thread(control, 1)
     wait_until(lambda: control.paused)  # stop must find the loop blocked, not queued with pause
@@ -266,6 +282,37 @@ def test_stop_unblocks_a_paused_loop() -> None:
     control.submit(cmd("stop"))
     t.join(30)
     assert not t.is_alive() and control.stopping and control.state()["stopping"]
+    # The loop runs on until it reads should_stop: it is not shown as paused meanwhile.
+    assert not control.paused and control.status == "running"
+    statuses = [d["status"] for kind, d in rec.events if kind == "status"]
+    assert statuses == ["paused", "running"]
+    assert rec.results()[-1]["state"]["paused"] is False
+
+
+class _SelfTuning(torch.optim.Optimizer):
+    """Plain SGD that adapts its own lr inside step() (as line-search or learning-rate-free
+    optimizers do)."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+            group["lr"] = group["lr"] * 0.9
+        return None
+
+
+def test_an_optimizer_that_sets_its_own_lr_keeps_it_when_nothing_is_scaled() -> None:
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = _SelfTuning([w], lr=0.1)
+    Control(None, opt)
+    for expected in (0.1, 0.09, 0.081):
+        assert sgd_step(w, opt) == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0729)
 
 
 def test_checkpoint_holds_model_optimizer_step_and_control(tmp_path: Path) -> None:

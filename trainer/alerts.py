@@ -39,10 +39,19 @@ class Alerts:
     """The rule evaluation of one run; called by the link thread, one flush at a time."""
 
     def __init__(
-        self, rules: Rules, control: Control, run_dir: Path, params: Mapping[str, int]
+        self,
+        rules: Rules,
+        control: Control,
+        run_dir: Path,
+        params: Mapping[str, int],
+        *,
+        steerable: bool = True,
     ) -> None:
         self.rules = rules
         self.control = control
+        # False with no server: nothing can resume a pause, and no dashboard shows alerts
+        # (each is logged; a rule's pause becomes a stop, which the loop's should_stop sees).
+        self.steerable = steerable
         self.last_good_path = run_dir / LAST_GOOD_NAME
         self.last_good_step: int | None = None
         self.params = dict(params)  # parameter count per probed layer
@@ -89,9 +98,32 @@ class Alerts:
         for finding in findings:
             frames.append(self._frame(finding))
             command = finding.to_command(self.control.lr_scale)
+            if not self.steerable:
+                command = self._unattended(finding, command)
             if command is not None:
                 self.control.submit(command)
         return frames
+
+    def _unattended(
+        self, finding: Finding, command: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """With no server: the alert goes to the log (stderr), and a pause, which nothing
+        could resume, becomes a stop (a paused loop would wait forever)."""
+        stopping = command is not None and command["name"] == "pause"
+        log.warning(
+            "layerscope: [%s] %s%s",
+            finding.rule,
+            finding.message,
+            " No server is connected to resume a pause, so the run stops instead"
+            " (w.should_stop is now True)."
+            if stopping
+            else "",
+        )
+        if not stopping:
+            return command
+        assert command is not None
+        reason = f"{command.get('reason', finding.message)}; no server to resume it: stopped"
+        return {**command, "name": "stop", "args": {}, "reason": reason}
 
     def _nonfinite_weights(self, layers: Sequence[Mapping[str, Any]]) -> list[str]:
         # A parameterised layer's weight_norm is None only when it is NaN/Inf.

@@ -160,7 +160,13 @@ class Watch:
                 self._tell_rules_about_layers(model, self.probes)
             self.dist.attach(self.control, self.probes)
             if primary:
-                self.alerts = Alerts(self.rules, self.control, self.run_dir, self.rules.params)
+                self.alerts = Alerts(
+                    self.rules,
+                    self.control,
+                    self.run_dir,
+                    self.rules.params,
+                    steerable=bool(server),
+                )
                 self.link = Link(
                     hello,
                     spool_path=self.run_dir / "spool.bin",

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from layerscope.trainer import watch, wire  # watch first, so the package binds the function
 from layerscope.trainer.alerts import LAST_GOOD_NAME
@@ -98,7 +99,8 @@ def test_large_normal_init_saturates_tanh(tmp_path: Path) -> None:
 def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=1e6)
-    w = watch(model, opt, every=2, run_dir=tmp_path)
+    # A server is configured (down for now: it could come back and resume the pause).
+    w = watch(model, opt, every=2, run_dir=tmp_path, server="ws://127.0.0.1:9")
     t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
     t.start()
     wait_until(lambda: w.control.paused)
@@ -121,6 +123,26 @@ def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -
     pause = [e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "pause"]
     assert pause and pause[0]["source"] == "rule" and "NaN/Inf" in pause[0]["reason"]
     assert pause[0]["state"]["paused"] is True
+
+
+def test_with_no_server_nan_stops_the_run_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No server at all: nothing could resume a pause (the loop would wait in w.step()
+    forever, silently), so the rule's pause becomes a stop the loop's should_stop sees,
+    and the alert is logged for the terminal."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)
+    with watch(model, opt, every=2, run_dir=tmp_path) as w:
+        t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive() and w.should_stop and not w.control.paused
+        assert w.step_count < 10_000
+    assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stops instead" in caplog.text
+    stop = [e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "stop"]
+    assert stop and stop[0]["source"] == "rule" and "no server to resume it" in stop[0]["reason"]
+    assert (tmp_path / LAST_GOOD_NAME).is_file()
 
 
 def test_a_healthy_digits_run_raises_no_alert(tmp_path: Path) -> None:

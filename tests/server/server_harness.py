@@ -6,7 +6,8 @@
   ``make_settings(data_dir, **overrides)`` builds test settings (port 0, quick commits).
 * ``FakeTrainer`` — a ``websockets`` client that speaks the trainer side of the protocol
   (hello, frames, acks, commands); a real peer, not a mock of the server.
-* ``open_viewer`` / ``recv_until`` — the browser side of ``/ws/runs/{id}``.
+* ``open_viewer`` / ``recv_until`` — the browser side of ``/ws/runs/{id}``; ``stop_task`` for
+  a test's cleanup of a reader task.
 * ``exported`` / ``run_detail`` / ``wait_status`` / ``wait_detached`` — what the server stored
   and holds, through its REST API.
 """
@@ -312,6 +313,13 @@ async def open_slow_viewer(server: Endpoint, run_id: str) -> ClientConnection:
     return await connect(
         server.ws(f"/ws/runs/{run_id}"), sock=sock, max_size=None, max_queue=1, compression=None
     )
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, however it ends: for a test's cleanup,
+    which must not leave a reader running (or its socket open) into the next test."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def recv_until(

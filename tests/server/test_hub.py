@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,17 @@ from server_harness import (
     probe_frame,
     recv_until,
     running_server,
+    stop_task,
     strict_loads,
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.anyio
+
+# How long the fast viewer may take to get one 60 kB frame in the slow-viewer test: ~5 ms
+# unloaded; a hub that let the slow viewer hold it up would keep it waiting for good.
+KEEP_UP_S = 30.0
 
 
 async def test_a_viewer_gets_a_snapshot_then_live_frames(shared_server: LiveServer, run_id: str) -> None:
@@ -102,46 +108,61 @@ async def test_after_seq_catches_up_with_every_missed_frame(shared_server: LiveS
 async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(tmp_path: Path) -> None:
     # A small queue and a viewer with a small receive buffer: the socket fills, then the queue.
     with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:
-        trainer = await FakeTrainer.connect(server, "r1")
-        slow = await open_slow_viewer(server, "r1")
-        fast, _ = await open_viewer(server, "r1")
-        total = 150  # 60 kB event frames: events are never coalesced or skipped
-        big_frame = {"type": "event", "step": 1, "kind": "log", "data": {"text": "x" * 60_000}}
-        fast_seen: list[int] = []
+        # Everything this test opens is closed even when an assertion fails: a socket left
+        # open failed the next test too (an unraisable ResourceWarning at its garbage collection).
+        async with AsyncExitStack() as cleanup:
+            trainer = await FakeTrainer.connect(server, "r1")
+            cleanup.push_async_callback(trainer.close)
+            slow = await open_slow_viewer(server, "r1")
+            cleanup.push_async_callback(slow.close)
+            fast, _ = await open_viewer(server, "r1")
+            cleanup.push_async_callback(fast.close)
+            total = 150  # 60 kB event frames: events are never coalesced or skipped
+            big_frame = {"type": "event", "step": 1, "kind": "log", "data": {"text": "x" * 60_000}}
+            fast_seen: list[int] = []
 
-        async def read_fast() -> None:
-            while not fast_seen or fast_seen[-1] < total:
-                message = strict_loads(await fast.recv())
-                if "seq" in message:
-                    fast_seen.append(message["seq"])
+            def fast_last() -> int:
+                return fast_seen[-1] if fast_seen else 0
 
-        reader = asyncio.create_task(read_fast())
-        for seq in range(1, total + 1):
-            await trainer.send({**big_frame, "seq": seq})
-            while seq - (fast_seen[-1] if fast_seen else 0) > 5:  # the fast viewer keeps up
-                await asyncio.sleep(0.002)
-                assert not reader.done(), reader
-        await asyncio.wait_for(reader, 60)
-        assert fast_seen == list(range(1, total + 1))  # the slow one held nobody up
+            async def read_fast() -> None:
+                while fast_last() < total:
+                    message = strict_loads(await fast.recv())
+                    if "seq" in message:
+                        fast_seen.append(message["seq"])
 
-        slow_seen: list[int] = []
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                message = strict_loads(await asyncio.wait_for(slow.recv(), 20))
-                if "seq" in message:
-                    slow_seen.append(message["seq"])
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == wire.CLOSE_TRY_AGAIN
-        assert "after_seq" in closed.value.rcvd.reason
-        assert slow_seen == list(range(1, len(slow_seen) + 1))  # what did arrive has no holes
-        assert len(slow_seen) < total
+            reader = asyncio.create_task(read_fast())
+            cleanup.push_async_callback(stop_task, reader)
+            loop = asyncio.get_running_loop()
+            for seq in range(1, total + 1):
+                await trainer.send({**big_frame, "seq": seq})
+                # The fast viewer keeps up: the trainer stays at most 5 frames ahead of it. The
+                # condition is read afresh before the reader is checked: it ends (normally) on
+                # frame `total`, and under load it can read the last six in one sleep.
+                deadline = loop.time() + KEEP_UP_S
+                while seq - fast_last() > 5:
+                    assert not reader.done(), f"the fast viewer stopped at {fast_last()}: {reader.exception()!r}"
+                    assert loop.time() < deadline, f"the fast viewer is stuck at {fast_last()}, frame {seq} sent"
+                    await asyncio.sleep(0.002)
+            await asyncio.wait_for(reader, 60)
+            assert fast_seen == list(range(1, total + 1))  # the slow one held nobody up
+            await trainer.wait_acked(total, timeout=60)  # nor the trainer: all of it is stored
 
-        again, catchup = await open_viewer(server, "r1", after_seq=max(slow_seen, default=0))
-        missed = [f["seq"] for f in catchup["frames"]]
-        assert slow_seen + missed == list(range(1, total + 1))
-        for ws in (again, fast):
-            await ws.close()
-        await trainer.close()
+            slow_seen: list[int] = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    message = strict_loads(await asyncio.wait_for(slow.recv(), 20))
+                    if "seq" in message:
+                        slow_seen.append(message["seq"])
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == wire.CLOSE_TRY_AGAIN
+            assert "after_seq" in closed.value.rcvd.reason
+            assert slow_seen == list(range(1, len(slow_seen) + 1))  # what did arrive has no holes
+            assert len(slow_seen) < total
+
+            again, catchup = await open_viewer(server, "r1", after_seq=max(slow_seen, default=0))
+            cleanup.push_async_callback(again.close)
+            missed = [f["seq"] for f in catchup["frames"]]
+            assert slow_seen + missed == list(range(1, total + 1))
 
 
 async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path) -> None:

@@ -292,6 +292,11 @@ def merged_config(args: argparse.Namespace) -> dict[str, Any]:
             continue
         section, key = dest[len(_DEST_PREFIX) :].split(".")
         (flags.setdefault(section, {}) if section else flags)[key] = value
+    solver_flags = flags.get("solver", {})
+    if solver_flags.get("epochs") is not None and solver_flags.get("steps") is None:
+        # --epochs alone decides, as flags win: a preset's or config's steps would win
+        # over epochs in validation otherwise
+        cfg.get("solver", {}).pop("steps", None)
     return _deep_merge(cfg, flags)
 
 
@@ -357,6 +362,9 @@ def _train(args: argparse.Namespace) -> int:
             )
     except (DataError, ExperimentSetupError, ValueError) as exc:
         return _error("train", str(exc))
+    except OSError as exc:  # an unwritable --run-dir (a file, no permission), a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error("train", f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         # watch() has already closed the run as "stopped" and flushed its spool.
         print("layerscope train: interrupted; the run was recorded as stopped", file=sys.stderr)

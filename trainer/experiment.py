@@ -145,6 +145,7 @@ def run_experiment(
     """
     cfg = wire.validate_experiment(cfg)
     url = trainer_socket_url(server) if server else None
+    resolve_device(cfg["solver"]["device"])  # cuda without a GPU: one clear error, first
     # Under torchrun: every rank builds the same seeded model and data, trains on its
     # shard of each batch through DDP; rank 0 alone streams (watch decides).
     rank, world, owned = start_process_group(cfg["solver"]["device"])

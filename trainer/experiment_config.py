@@ -461,6 +461,33 @@ def _check_section(
     return out
 
 
+def _check_when(
+    fields: dict[str, Any], given: Any, out: dict[str, Any], loc: list[str], errors: list[Any]
+) -> None:
+    """A field given a value other than its default where its ``when`` condition does not
+    hold would be silently ignored (``--data-path`` with the digits set, ``--init-std``
+    with xavier): an error naming the field it depends on. The New-run form sends no
+    hidden field, so it never trips this."""
+    if not isinstance(given, dict):
+        return
+    for key, spec in fields.items():
+        if spec["type"] == "section":
+            _check_when(spec["fields"], given.get(key), out[key], [*loc, key], errors)
+            continue
+        when = spec.get("when")
+        if not when or key not in given or out[key] == spec["default"]:
+            continue
+        for sibling, values in when.items():
+            if out[sibling] not in values:
+                need = " or ".join(str(v) for v in values)
+                errors.append(
+                    {
+                        "loc": [*loc, key],
+                        "msg": f"only used when {sibling} is {need} ({sibling} is {out[sibling]})",
+                    }
+                )
+
+
 def _name_list(text: str | None) -> list[str]:
     """A comma-separated field as its names (spaces and empty items dropped)."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -555,6 +582,10 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
         errors.append(
             {"loc": ["solver", "batch_size"], "msg": "batch norm needs batches of at least 2"}
         )
+    elif model["batch_norm"] and 1 in (data["subset"], out["overfit"]):
+        where = ["overfit"] if out["overfit"] == 1 else ["data", "subset"]
+        errors.append({"loc": where, "msg": "batch norm needs at least 2 training examples"})
+    _check_when(EXPERIMENT_SCHEMA, given, out, [], errors)
     _check_rules_and_finetune(out, errors)
     if out["overfit"] is not None:
         out["rules"]["auto_weight_decay"] = False

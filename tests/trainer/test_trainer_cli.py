@@ -46,7 +46,13 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert cfg["model"]["activation"] == "tanh"  # preset kept where nothing overrides
     assert cfg["solver"]["lr"] == 0.25 and cfg["model"]["batch_norm"] is True  # flags win
     assert cfg["solver"]["batch_size"] == 0 and cfg["name"] == "x"
-    assert cfg["solver"]["steps"] == wire.DEMO_EXPERIMENT["solver"]["steps"]  # steps wins
+    # --epochs alone wins over the preset's steps, as every flag does; with --steps too,
+    # steps decide (as within one config)
+    assert cfg["solver"]["steps"] is None and cfg["solver"]["epochs"] == 2
+    both = _config(capsys, "--preset", "demo", "--epochs", "2", "--steps", "7")
+    assert both["solver"]["steps"] == 7
+    kept = _config(capsys, "--preset", "demo", "--lr", "0.2")
+    assert kept["solver"]["steps"] == wire.DEMO_EXPERIMENT["solver"]["steps"]
     off = _config(capsys, "--config", str(path), "--no-batch-norm", "--subset", "none")
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 
@@ -67,6 +73,36 @@ def test_bad_fields_are_all_printed_with_their_loc_and_exit_2(
     assert code == 2
     assert "solver.lr: must be >= 0.0, got -1.0" in err
     assert "model.depth: must be <= 64" in err and "data.path: required when dataset is npz" in err
+
+
+def test_settings_that_would_be_ignored_or_fail_late_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field whose `when` does not hold (--data-path with the digits set, --init-std
+    with xavier), batch norm over one training example, a run id that is a path, a run
+    directory that is a file: each a one-line error with exit 2, before any training."""
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"")
+    for args, words in (
+        (["--data-path", str(data)], "data.path: only used when dataset is npz or folder"),
+        (
+            ["--init", "xavier", "--init-std", "0.5"],
+            "model.init_std: only used when init is normal",
+        ),
+        (["--batch-norm", "--overfit", "1"], "overfit: batch norm needs at least 2 training"),
+        (["--batch-norm", "--subset", "1"], "data.subset: batch norm needs at least 2 training"),
+    ):
+        assert cli.main(["train", "--steps", "1", *args]) == 2, args
+        assert words in capsys.readouterr().err, args
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["train", "--steps", "1", "--no-progress", "--run-dir", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("layerscope train: ") and "Traceback" not in err and str(afile) in err
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")  # were it taken, ../../x would stay in tmp_path
+    assert cli.main(["train", "--steps", "1", "--no-progress", "--run-id", "../../x"]) == 2
+    assert "must be a plain name" in capsys.readouterr().err
 
 
 def test_bad_config_files_and_flag_types_exit_2(

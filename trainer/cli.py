@@ -266,6 +266,9 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+_CONFIG_FILE_FIELDS = (("data", "path"), ("finetune", "from_checkpoint"))
+
+
 def _load_config(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -278,6 +281,13 @@ def _load_config(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path} must hold a JSON object, got {type(cfg).__name__}")
+    # A relative file named in the config is beside the config, wherever it is run from.
+    here = os.path.dirname(os.path.abspath(path))
+    for section, key in _CONFIG_FILE_FIELDS:
+        part = cfg.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            part[key] = os.path.join(here, os.path.expanduser(value))
     return cfg
 
 

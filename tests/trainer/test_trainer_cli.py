@@ -57,6 +57,20 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 
 
+def test_a_config_files_relative_paths_are_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "d.npz").write_bytes(b"")
+    (folder / "exp.json").write_text(json.dumps({"data": {"dataset": "npz", "path": "d.npz"}}))
+    monkeypatch.chdir(tmp_path)  # run from elsewhere
+    cfg = _config(capsys, "--config", "exp/exp.json")
+    assert cfg["data"]["path"] == str(folder / "d.npz")
+    flag = _config(capsys, "--config", "exp/exp.json", "--data-path", "exp/d.npz")
+    assert flag["data"]["path"] == str(folder / "d.npz")  # a flag is the shell's: from cwd
+
+
 def test_overfit_flag_sets_subset_and_turns_regularisation_off(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

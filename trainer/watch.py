@@ -423,7 +423,7 @@ class Watch:
         parts = [f"step {row['step']}"]
         for name in ("loss", "lr"):
             value = values.get(name)
-            if isinstance(value, float) and math.isfinite(value):
+            if isinstance(value, float):  # a NaN loss shows as nan: the line must not hide it
                 parts.append(f"{name} {value:.4g}")
         parts.append(self.control.status if not self.control.stopping else "stopping")
         sys.stderr.write("\r[layerscope] " + "  ".join(parts) + "   ")

@@ -126,20 +126,21 @@ def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -
 
 
 def test_with_no_server_nan_stops_the_run_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No server at all: nothing could resume a pause (the loop would wait in w.step()
     forever, silently), so the rule's pause becomes a stop the loop's should_stop sees,
     and the alert is logged for the terminal."""
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=1e6)
-    with watch(model, opt, every=2, run_dir=tmp_path) as w:
+    with watch(model, opt, every=2, run_dir=tmp_path, progress=True) as w:
         t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
         t.start()
         t.join(60)
         assert not t.is_alive() and w.should_stop and not w.control.paused
         assert w.step_count < 10_000
     assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stops instead" in caplog.text
+    assert "loss nan" in capsys.readouterr().err  # the progress line shows it too
     stop = [e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "stop"]
     assert stop and stop[0]["source"] == "rule" and "no server to resume it" in stop[0]["reason"]
     assert (tmp_path / LAST_GOOD_NAME).is_file()

@@ -285,7 +285,9 @@ def _load_config(path: str) -> dict[str, Any]:
     here = os.path.dirname(os.path.abspath(path))
     for section, key in _CONFIG_FILE_FIELDS:
         part = cfg.get(section)
-        value = part.get(key) if isinstance(part, dict) else None
+        if not isinstance(part, dict):
+            continue
+        value = part.get(key)
         if isinstance(value, str) and value and not os.path.isabs(value):
             part[key] = os.path.join(here, os.path.expanduser(value))
     return cfg

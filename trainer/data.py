@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import struct
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,19 @@ BLOB_STD = 1.0
 BLOB_BOX = 5.0  # centres drawn uniformly in [-BOX, BOX]^2
 IMAGE_SUFFIXES_PIL = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"})
 IMAGE_SUFFIXES = frozenset({".npy", ".pgm"}) | IMAGE_SUFFIXES_PIL
+# The most classes user labels may imply (max label + 1): the output layer gets one
+# unit per class, so one stray huge label would otherwise size (and allocate) it.
+MAX_CLASSES = 10_000
+# What decoding a damaged or unexpected file raises (numpy, zipfile, zlib, Pillow).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+)
 
 
 class DataError(ValueError):
@@ -137,18 +153,54 @@ def _as_samples(x: np.ndarray, where: str) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _as_labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
+    """Class labels as int64, checked to lie in ``0..MAX_CLASSES-1`` (kept as given, never remapped).
+
+    The range is checked before any cast, so a float or uint64 label too big for
+    int64 is reported as too big rather than wrapping around.
+    """
     if y.ndim != 1:
         raise DataError(f"{where} has shape {y.shape}; expected (N,) class labels")
     if len(y) != n:
         raise DataError(f"{where} has {len(y)} labels but x has {n} samples")
-    if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
-        y = y.astype(np.int64)
-    if not np.issubdtype(y.dtype, np.integer):
+    whole_floats = np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
+    if not (whole_floats or np.issubdtype(y.dtype, np.integer)):
         raise DataError(f"{where} has dtype {y.dtype}; expected integer class labels")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{where} has negative labels; expected 0..K-1")
+    if len(y):
+        lowest, highest = int(y.min()), int(y.max())  # Python ints: no overflow
+        if lowest < 0:
+            raise DataError(f"{where} has negative labels (min {lowest}); expected 0..K-1")
+        if highest + 1 > MAX_CLASSES:
+            raise DataError(
+                f"{where} has max label {highest}, which would mean {highest + 1} classes; "
+                f"at most {MAX_CLASSES} are supported (labels must be 0..K-1)"
+            )
     return torch.as_tensor(y.astype(np.int64))
+
+
+def _check_class_count(y: torch.Tensor, where: str, names: list[str] | None = None) -> None:
+    """At least two distinct labels: with one class there is nothing to classify."""
+    present = torch.unique(y).tolist()
+    if len(present) == 1:
+        label = present[0]
+        which = f"only {names[label]!r} holds images" if names else f"every label is {label}"
+        raise DataError(f"{where} has 1 class; a classifier needs at least 2 ({which})")
+
+
+def _npz_member(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return archive[key]
+    except _READ_ERRORS as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(
+                f"{path}['{key}'] is an object array (Python objects, e.g. ragged lists or "
+                "strings), which is not loaded for safety; save a numeric array"
+            ) from None
+        raise DataError(f"{path}['{key}'] cannot be read ({_one_line(exc)})") from None
 
 
 def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +210,13 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy: one bare array
+        raise DataError(
+            f"{path} is a single .npy array; x and y must be arrays in a .npz archive "
+            "(np.savez(path, x=x, y=y))"
+        )
     with archive:
         keys = list(archive.files)
         x_key = "x" if "x" in keys else "X" if "X" in keys else None
@@ -167,10 +224,11 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             raise DataError(f"{path} has no array 'x' (or 'X'); found keys: {keys}")
         if "y" not in keys:
             raise DataError(f"{path} has no array 'y' (class labels); found keys: {keys}")
-        x = _as_samples(archive[x_key], f"{path}['{x_key}']")
-        y = _as_labels(archive["y"], len(x), f"{path}['y']")
+        x = _as_samples(_npz_member(archive, x_key, path), f"{path}['{x_key}']")
+        y = _as_labels(_npz_member(archive, "y", path), len(x), f"{path}['y']")
     if len(x) == 0:
         raise DataError(f"{path} holds no samples")
+    _check_class_count(y, f"{path}['y']")
     return x, y
 
 
@@ -192,26 +250,75 @@ def _read_pgm(path: Path) -> np.ndarray:
             raise DataError(f"{path}: truncated PGM header")
         tokens.append(data[pos:end])
         pos = end
-    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    magic = tokens[0]
+    if magic not in (b"P2", b"P5"):
+        raise DataError(f"{path}: not a greyscale PGM (magic {magic!r}; expected P2 or P5)")
+    try:
+        width, height, maxval = int(tokens[1]), int(tokens[2]), int(tokens[3])
+    except ValueError:
+        raise DataError(f"{path}: PGM header has a non-number in {tokens[1:]}") from None
+    if width < 1 or height < 1 or not 1 <= maxval <= 65535:
+        raise DataError(
+            f"{path}: PGM header says {width}x{height}, maxval {maxval}; "
+            "expected a positive size and maxval 1..65535"
+        )
     if magic == b"P5":
         dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
-        raw = np.frombuffer(data, dtype=dtype, count=width * height, offset=pos + 1)
-    elif magic == b"P2":
-        raw = np.array(data[pos:].split()[: width * height], dtype=np.float64)
+        body = data[pos + 1 : pos + 1 + width * height * dtype.itemsize]
+        raw = np.frombuffer(body[: len(body) - len(body) % dtype.itemsize], dtype=dtype)
     else:
-        raise DataError(f"{path}: not a greyscale PGM (magic {magic!r}; expected P2 or P5)")
+        raw = np.array(data[pos:].split()[: width * height], dtype=np.float64)
     if raw.size != width * height:
         raise DataError(f"{path}: PGM holds {raw.size} pixels, header says {width}x{height}")
     return raw.reshape(height, width).astype(np.float32) / maxval
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """One image as (H, W) or (C, H, W) float32."""
+    """One image as (H, W) or (C, H, W) float32; a file that cannot be read is a DataError.
+
+    Scaling: ``.npy`` values are kept as stored; PGM is divided by its maxval.
+    Through Pillow, 8-bit images (modes 1, L, P and, converted to RGB, everything
+    else) are divided by 255. Greyscale images with more than 8 bits stay one
+    channel, scaled by the mode's real range: I;16 (16-bit unsigned) by 65535,
+    and mode I (32-bit signed) by 65535 when the file is a PNG (older Pillow opens
+    16-bit PNGs as I; PNG holds at most 16 bits), otherwise kept as stored, like
+    mode F (32-bit float), whose values have no fixed range.
+    """
+    try:
+        return _decode_image(path)
+    except DataError:
+        raise
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an image file") from None
+    except _READ_ERRORS as exc:
+        if type(exc).__name__ == "UnidentifiedImageError":  # Pillow's; its message repeats the path
+            raise DataError(f"{path}: not a readable image (Pillow cannot identify it)") from None
+        raise DataError(f"{path}: {_one_line(exc)}") from None
+    except Exception as exc:  # Pillow's DecompressionBombError and other decoder failures
+        if type(exc).__module__.startswith("PIL"):
+            raise DataError(f"{path}: {_one_line(exc)}") from None
+        raise
+
+
+def _decode_image(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" in str(exc):  # numpy's message suggests allow_pickle, not ours to give
+                raise DataError(
+                    f"{path}: not a .npy array of numbers (pickled Python objects, or not a "
+                    ".npy file at all); pickled data is not loaded, for safety"
+                ) from None
+            raise DataError(f"{path}: not a readable .npy file ({_one_line(exc)})") from None
+        if not isinstance(arr, np.ndarray):  # a .npz archive saved under a .npy name
+            arr.close()
+            raise DataError(f"{path}: a .npz archive, not a single .npy array")
         if arr.ndim not in (2, 3):
             raise DataError(f"{path} has shape {arr.shape}; expected (H, W) or (C, H, W)")
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{path} has dtype {arr.dtype}; expected real numbers")
         return arr.astype(np.float32)
     if suffix == ".pgm":
         return _read_pgm(path)
@@ -223,7 +330,14 @@ def _read_image(path: Path) -> np.ndarray:
             "use .npy or .pgm files, or install pillow"
         ) from None
     with Image.open(path) as img:
-        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P", "I") else "RGB"))
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            return np.asarray(img).astype(np.float32) / 65535.0
+        if img.mode == "I":
+            arr = np.asarray(img).astype(np.float32)
+            return arr / 65535.0 if img.format == "PNG" else arr
+        if img.mode == "F":
+            return np.asarray(img).astype(np.float32)
+        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P") else "RGB"))
     arr = arr.astype(np.float32) / 255.0
     return arr if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -236,13 +350,21 @@ def load_folder(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>)")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(
+            f"{root} has {len(classes)} class subfolders; at most {MAX_CLASSES} are supported"
+        )
     images: list[np.ndarray] = []
     labels: list[int] = []
     shape: tuple[int, ...] | None = None
     for label, cls in enumerate(classes):
-        for file in sorted((root / cls).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+        try:
+            entries = sorted((root / cls).iterdir())
+        except OSError as exc:
+            raise DataError(f"{root / cls}: cannot list the folder ({_one_line(exc)})") from None
+        for file in entries:
+            if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
+                continue  # other files, and folders (or broken links) named like images
             arr = _read_image(file)
             if shape is None:
                 shape = arr.shape
@@ -254,7 +376,9 @@ def load_folder(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
         supported = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"{root}: no images found in class subfolders (supported: {supported})")
     x = _as_samples(np.stack(images), f"{root}")
-    return x, torch.tensor(labels, dtype=torch.int64), classes
+    y = torch.tensor(labels, dtype=torch.int64)
+    _check_class_count(y, f"{root}", classes)
+    return x, y, classes
 
 
 # ---- split, preprocessing, noise ----

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from layerscope.trainer.data import (
+    MAX_CLASSES,
     Batches,
     DataError,
     add_input_noise,
@@ -107,6 +108,59 @@ def test_npz_errors_name_the_missing_key_or_bad_shape(tmp_path: Path) -> None:
         load_npz(tmp_path / "junk.npz")
 
 
+def test_npz_path_holding_a_npy_array_or_object_arrays_is_an_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    np.save(tmp_path / "plain.npy", np.zeros((4, 2)))
+    with pytest.raises(DataError, match=r"plain\.npy .*x and y must be arrays in a \.npz archive"):
+        load_npz(tmp_path / "plain.npy")
+    ragged = np.array([np.zeros(2), np.zeros(3)], dtype=object)
+    np.savez(tmp_path / "obj.npz", x=ragged, y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"obj\.npz\['x'\] is an object array") as err:
+        load_npz(tmp_path / "obj.npz")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 1, 2**40], "max label 1099511627776"),
+        ([0, 1, MAX_CLASSES], f"max label {MAX_CLASSES}, which would mean {MAX_CLASSES + 1}"),
+        (np.array([0, 1, 2**63], dtype=np.uint64), f"max label {2**63}"),  # no int64 wrap
+        ([0.0, 1.0, 1e30], "max label 1000000000000000019884624838656"),
+        ([0, 1, -1], r"negative labels \(min -1\)"),
+    ],
+)
+def test_labels_implying_too_many_classes_or_negative_are_errors(
+    tmp_path: Path, labels: list, message: str
+) -> None:
+    np.savez(tmp_path / "y.npz", x=np.zeros((3, 2)), y=np.asarray(labels))
+    with pytest.raises(DataError, match=rf"y\.npz\['y'\] has {message}"):
+        load_npz(tmp_path / "y.npz")
+
+
+def test_the_largest_label_allowed_keeps_labels_as_given(tmp_path: Path) -> None:
+    y = np.array([0, 1, MAX_CLASSES - 1] * 2)
+    np.savez(tmp_path / "y.npz", x=np.zeros((6, 2)), y=y)
+    data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "y.npz")), seed=0)
+    assert data.num_classes == MAX_CLASSES  # not remapped to 3
+    assert sorted(torch.cat([data.y_train, data.y_val]).tolist()) == sorted(y.tolist())
+
+
+def test_single_class_data_is_an_error_for_npz_and_folder(tmp_path: Path) -> None:
+    np.savez(tmp_path / "one.npz", x=np.zeros((5, 2)), y=np.full(5, 3))
+    with pytest.raises(
+        DataError, match=r"one\.npz\['y'\] has 1 class; a classifier needs at least 2"
+    ):
+        load_dataset(_cfg(dataset="npz", path=str(tmp_path / "one.npz")), seed=0)
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "dog").mkdir()  # a class folder with no images
+    for i in range(3):
+        np.save(tmp_path / "imgs" / "cat" / f"{i}.npy", np.full((2, 2), i, np.float32))
+    with pytest.raises(DataError, match=r"imgs has 1 class; .*only 'cat' holds images"):
+        load_folder(tmp_path / "imgs")
+
+
 def _write_pgm(path: Path, pixels: np.ndarray, binary: bool) -> None:
     h, w = pixels.shape
     if binary:
@@ -134,7 +188,75 @@ def test_image_folder_reads_npy_and_pgm_with_class_per_subfolder(tmp_path: Path)
         load_folder(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("PIL") is not None, reason="Pillow is installed")
+_HAS_PIL = importlib.util.find_spec("PIL") is not None
+_BAD_IMAGES = {  # file name -> (bytes, what the error says)
+    "trunc.pgm": (b"P5\n8 8\n255\n" + bytes(10), "PGM holds 10 pixels, header says 8x8"),
+    "junk.npy": (b"junk\n", "not a .npy array of numbers"),
+    "corrupt.png": (b"\x89PNG\r\n\x1a\n not really", "not a readable image"),
+}
+
+
+def _two_class_folder(root: Path) -> Path:
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        np.save(root / cls / "0.npy", np.zeros((8, 8), np.float32))
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_IMAGES))
+def test_unreadable_image_files_are_errors_naming_the_file(tmp_path: Path, name: str) -> None:
+    if name.endswith(".png") and not _HAS_PIL:
+        pytest.skip("Pillow is not installed")
+    root = _two_class_folder(tmp_path)
+    content, reason = _BAD_IMAGES[name]
+    (root / "b" / name).write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_folder(root)
+    assert str(err.value).startswith(f"{root / 'b' / name}: {reason}")
+    assert "\n" not in str(err.value)
+
+
+def test_string_npy_is_an_error_and_a_folder_named_like_an_image_is_skipped(tmp_path: Path) -> None:
+    root = _two_class_folder(tmp_path)
+    (root / "a" / "extra.png").mkdir()  # not a file: skipped, not read
+    (root / "a" / "extra.png" / "inside.npy").write_bytes(b"never read")
+    x, y, _ = load_folder(root)
+    assert x.shape == (2, 1, 8, 8) and y.tolist() == [0, 1]
+    np.save(root / "b" / "text.npy", np.full((8, 8), "x"))
+    with pytest.raises(DataError, match=r"text\.npy has dtype <U1; expected real numbers"):
+        load_folder(root)
+
+
+@pytest.mark.skipif(not _HAS_PIL, reason="needs Pillow")
+def test_greyscale_images_deeper_than_8_bits_stay_one_channel_scaled_by_their_range(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "deep").mkdir(parents=True)
+    (root / "grey").mkdir()
+    values = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(root / "deep" / "a.png")
+    Image.frombytes("I;16B", (2, 2), values.astype(">u2").tobytes()).save(root / "deep" / "b.tif")
+    for name, mode in (("a.png", "I;16"), ("b.tif", "I;16B")):
+        with Image.open(root / "deep" / name) as img:
+            assert img.mode == mode
+    Image.fromarray(np.array([[0, 51], [102, 255]], dtype=np.uint8)).save(root / "grey" / "c.png")
+    x, y, _ = load_folder(root)
+    assert x.shape == (3, 1, 2, 2) and y.tolist() == [0, 0, 1]
+    assert np.allclose(x[0, 0].numpy(), values / 65535.0)  # all four levels survive
+    assert torch.equal(x[0], x[1])
+    assert np.allclose(x[2, 0].numpy(), [[0.0, 0.2], [0.4, 1.0]])  # 8-bit: / 255
+    # 32-bit int and float images (TIFF) keep their values: they have no fixed range
+    Image.fromarray(np.array([[0, 7], [70000, -3]], dtype=np.int32)).save(root / "deep" / "i.tif")
+    Image.fromarray(np.array([[0, 1.5], [3, -2]], dtype=np.float32)).save(root / "grey" / "f.tif")
+    x, _, _ = load_folder(root)
+    assert x[2, 0].tolist() == [[0, 7], [70000, -3]]
+    assert x[4, 0].tolist() == [[0, 1.5], [3, -2]]
+
+
+@pytest.mark.skipif(_HAS_PIL, reason="Pillow is installed")
 def test_image_folder_without_pillow_says_which_formats_work(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"\x89PNG")
@@ -148,8 +270,10 @@ def test_per_pixel_and_per_channel_means_come_from_the_training_split(tmp_path: 
     assert pixel.x_val.mean(dim=0).abs().max() > 1e-3  # val is shifted by train's means
     rng = np.random.default_rng(0)
     x = rng.normal(loc=[5.0, -3.0], size=(200, 4, 4, 2)).transpose(0, 3, 1, 2)
-    np.savez(tmp_path / "c.npz", x=x.astype(np.float32), y=np.zeros(200, int))
-    chan = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "c.npz"), preprocess="per_channel"), 0)
+    np.savez(tmp_path / "c.npz", x=x.astype(np.float32), y=np.arange(200) % 2)
+    chan = load_dataset(
+        _cfg(dataset="npz", path=str(tmp_path / "c.npz"), preprocess="per_channel"), 0
+    )
     per_channel = chan.x_train.mean(dim=(0, 2, 3))
     assert per_channel.abs().max() < 1e-5
     # one mean per channel, not per pixel: individual pixels keep their spread

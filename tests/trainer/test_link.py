@@ -5,8 +5,10 @@ The server here is trainer_server.py's real websockets stand-in for /ws/trainer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,51 @@ def test_a_reused_spool_path_gets_a_fresh_spool_per_run(tmp_path: Path) -> None:
     assert records[0]["run_id"] == "second" and [r["seq"] for r in records[1:]] == [1, 2, 3, 4, 5]
     run("third", 1)  # moved beside the first, under its own id
     assert (tmp_path / "spool-second.bin").is_file() and moved.is_file()
+
+
+def test_reconnects_back_off_doubling_with_jitter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts TCP and hangs up before the websocket handshake: the link
+    tries again after a wait that doubles from BACKOFF_FIRST_S, each drawn from half to all
+    of it (jitter: many trainers do not come back in lockstep after a restart)."""
+    from layerscope.trainer import link as link_module
+
+    attempts: list[float] = []
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def serve() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            attempts.append(time.monotonic())
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        async with server:
+            await asyncio.sleep(15.0)
+
+    drawn: list[tuple[float, float, float]] = []
+    uniform = link_module.random.uniform
+
+    def spy(a: float, b: float) -> float:
+        value = uniform(a, b)
+        drawn.append((a, b, value))
+        return value
+
+    monkeypatch.setattr(link_module.random, "uniform", spy)
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    link = Link(make_hello(), spool_path=tmp_path / "spool.bin", server=f"ws://127.0.0.1:{port[0]}")
+    link.start()
+    wait_until(lambda: len(attempts) >= 7, timeout_s=30)
+    link.close()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)][:6]
+    first = link_module.BACKOFF_FIRST_S
+    # each wait is a fresh draw from half to all of a backoff that doubles from the first
+    assert [(a, b) for a, b, _ in drawn[:6]] == [(0.5, 1.0)] * 6
+    for k, (gap, (_, _, factor)) in enumerate(zip(gaps, drawn, strict=False)):
+        assert gap >= factor * first * 2**k - 0.01, (k, gaps, drawn)
+    assert gaps[5] > 4 * gaps[0], gaps

@@ -281,8 +281,14 @@ def _load_config(path: str) -> dict[str, Any]:
         ) from None
     if not isinstance(cfg, dict):
         raise ValueError(f"config {path} must hold a JSON object, got {type(cfg).__name__}")
-    # A relative file named in the config is beside the config, wherever it is run from.
-    here = os.path.dirname(os.path.abspath(path))
+    for key, spec in wire.EXPERIMENT_SCHEMA.items():  # a flag would replace it silently
+        if spec["type"] == "section" and key in cfg and not isinstance(cfg[key], dict):
+            raise ValueError(
+                f"config {path}: {key}: must be an object, got {type(cfg[key]).__name__}"
+            )
+    # A relative file named in the config is beside the config, wherever it is run from
+    # (a config read from a pipe, `--config <(...)`, has no beside: the working directory).
+    here = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.getcwd()
     for section, key in _CONFIG_FILE_FIELDS:
         part = cfg.get(section)
         if not isinstance(part, dict):
@@ -305,10 +311,12 @@ def merged_config(args: argparse.Namespace) -> dict[str, Any]:
         section, key = dest[len(_DEST_PREFIX) :].split(".")
         (flags.setdefault(section, {}) if section else flags)[key] = value
     solver_flags = flags.get("solver", {})
-    if solver_flags.get("epochs") is not None and solver_flags.get("steps") is None:
+    solver = cfg.get("solver")
+    epochs_alone = solver_flags.get("epochs") is not None and solver_flags.get("steps") is None
+    if epochs_alone and isinstance(solver, dict):
         # --epochs alone decides, as flags win: a preset's or config's steps would win
         # over epochs in validation otherwise
-        cfg.get("solver", {}).pop("steps", None)
+        solver.pop("steps", None)
     return _deep_merge(cfg, flags)
 
 

@@ -169,6 +169,7 @@ class ProcessGroupRun(Distributed):
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
     ) -> None:
+        control.restore_after_raise()
         self._apply(control, self.commands, step)
         self.commands = []
         blocked = False

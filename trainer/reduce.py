@@ -154,8 +154,9 @@ def reduce_groups(
     # The shift is the row's mean (of its cleaned values; from the unit sums when there
     # are units, so no pass over the row): about a shift far from the mean, such as a
     # first value that is an outlier, s2 - s1^2/n cancels away the variance in float32.
-    total = sums.sum(1, keepdim=True) if sums is not None else clean.sum(1, keepdim=True)
-    shift = total.div_(x.shape[1])
+    # (the total in float64: in float32 it overflows once |mean| x n passes 3.4e38)
+    source = sums if sums is not None else clean
+    shift = source.sum(1, keepdim=True, dtype=torch.float64).div_(x.shape[1]).to(x.dtype)
     d = clean.sub_(shift)
     rows = torch.stack(
         [shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi, minus_nonfinite], dim=1

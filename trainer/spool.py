@@ -191,9 +191,10 @@ def first_hello(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def set_aside_other_run(path: Path, run_id: str) -> Path | None:
     """Before a run appends to ``path``: when the file holds something else (another run's
-    spool, as when a run directory is reused, or a file that is not a spool) it is renamed
-    to ``spool-<its run id>.bin`` beside it (numbered if taken) and the new name returned,
-    so no spool ever mixes two runs. A spool of ``run_id`` itself is appended to."""
+    spool, as when a run directory or a run id is used again, or a file that is not a
+    spool) it is renamed to ``spool-<its run id>.bin`` beside it (numbered if taken) and
+    the new name returned, so no spool ever mixes two runs. Even a spool of the same run
+    id: a new link numbers its frames from 1 again, and the seqs would clash."""
     try:
         if path.stat().st_size == 0:
             return None
@@ -202,8 +203,6 @@ def set_aside_other_run(path: Path, run_id: str) -> Path | None:
     hello = first_hello(path)
     other = hello.get("run_id") if hello is not None else None
     other = other if isinstance(other, str) else None
-    if other == run_id:
-        return None
     label = "".join(c if c.isalnum() or c in "-_" else "_" for c in other)[:64] if other else ""
     stem = f"{path.stem}-{label or 'unknown'}"
     target = path.with_name(f"{stem}{path.suffix}")
@@ -213,7 +212,8 @@ def set_aside_other_run(path: Path, run_id: str) -> Path | None:
         target = path.with_name(f"{stem}-{n}{path.suffix}")
     path.rename(target)
     log.warning(
-        "spool %s holds %s; moved to %s so this run (%s) starts its own",
+        "spool %s holds %s; moved to %s so this run (%s) starts its own"
+        " (upload that one with `layerscope sync` on the file)",
         path,
         f"run {other}" if other else "no layerscope run",
         target,
@@ -243,13 +243,13 @@ def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         if not isinstance(frame, dict):
             continue
         if frame.get("type") == "hello":
-            if frame.get("run_id") != hello.get("run_id"):
-                raise ValueError(
-                    f"{path} holds two runs ({hello.get('run_id')} and {frame.get('run_id')}),"
-                    " appended to one spool by an older layerscope that reused a run directory;"
-                    " it cannot be uploaded as one run"
-                )
-            continue
+            if offset == 0:
+                continue
+            raise ValueError(
+                f"{path} holds two runs ({hello.get('run_id')} and {frame.get('run_id')}),"
+                " appended to one spool by an older layerscope that reused a run directory"
+                " or run id; their frame numbers overlap, so it cannot be uploaded"
+            )
         seq = frame.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
             seen.setdefault(seq, offset)

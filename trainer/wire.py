@@ -466,9 +466,10 @@ def validate_event(msg: dict[str, Any]) -> dict[str, Any]:
     data = msg.get("data", {})
     if not isinstance(data, dict):
         raise WireError("'data' must be an object")
+    data = _clean(data)  # measured as sent: NaN/Inf become null
     if len(json.dumps(data, default=str)) > MAX_CONFIG_BYTES:
         raise WireError(f"event data exceeds {MAX_CONFIG_BYTES} bytes")
-    return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": _clean(data)}
+    return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": data}
 
 
 def validate_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:

@@ -237,10 +237,10 @@ def test_watch_applies_server_commands_and_heartbeats_while_paused(
 
 
 def test_a_reused_spool_path_gets_a_fresh_spool_per_run(tmp_path: Path) -> None:
-    """A run directory used twice (`--run-dir out` run again): the second run does not
-    append to the first's spool, whose frames it would be uploaded with; the first
-    run's spool is moved aside under its run id, and the same run reopening its spool
-    (a resumed run) appends to it."""
+    """A run directory used twice (`--run-dir out` run again), even by the same run id (a
+    new link numbers its frames from 1 again): the new run never appends to the old spool,
+    which sync would upload with it or drop as repeated seqs; the old one is moved aside
+    under its run id, numbered when that name is taken."""
     spool = tmp_path / "spool.bin"
 
     def run(run_id: str, steps: int) -> None:
@@ -250,17 +250,25 @@ def test_a_reused_spool_path_gets_a_fresh_spool_per_run(tmp_path: Path) -> None:
             link.submit(metrics(step))
         link.close()
 
+    def seqs(path: Path) -> list[tuple[str, Any]]:
+        return [
+            (f["type"], f.get("run_id", f.get("seq"))) for f in map(json.loads, read_spool(path))
+        ]
+
     run("first", 3)
-    run("first", 0)  # the same run again: appended
+    run("first", 2)  # the same run id again
     run("second", 5)
-    moved = tmp_path / "spool-first.bin"
-    assert [json.loads(r)["type"] for r in read_spool(moved)] == ["hello"] + ["metrics"] * 3 + [
-        "hello"
+    assert seqs(tmp_path / "spool-first.bin") == [("hello", "first")] + [
+        ("metrics", k) for k in (1, 2, 3)
     ]
-    records = [json.loads(r) for r in read_spool(spool)]
-    assert records[0]["run_id"] == "second" and [r["seq"] for r in records[1:]] == [1, 2, 3, 4, 5]
-    run("third", 1)  # moved beside the first, under its own id
-    assert (tmp_path / "spool-second.bin").is_file() and moved.is_file()
+    assert seqs(tmp_path / "spool-first-2.bin") == [
+        ("hello", "first"),
+        ("metrics", 1),
+        ("metrics", 2),
+    ]
+    assert seqs(spool) == [("hello", "second")] + [("metrics", k) for k in range(1, 6)]
+    run("third", 1)
+    assert seqs(tmp_path / "spool-second.bin")[0] == ("hello", "second")
 
 
 def test_reconnects_back_off_doubling_with_jitter(

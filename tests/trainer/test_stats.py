@@ -62,6 +62,14 @@ def test_moments_survive_an_outlier_first_value_and_large_magnitudes() -> None:
         assert got["mean"] == pytest.approx(ref.mean(), rel=1e-3, abs=scale * 1e-5), scale
 
 
+def test_the_mean_of_huge_values_is_kept_where_their_spread_overflows() -> None:
+    """Values near 1e35: their float32 sum overflows, so the mean shift is summed in
+    float64; the mean is reported (the std is not: its float32 sum of squares overflows)."""
+    x = (torch.rand(4096, generator=torch.Generator().manual_seed(4)) + 1) * 1e35
+    got = _summary(x)
+    assert got["mean"] == pytest.approx(x.double().mean().item(), rel=1e-5)
+
+
 def test_a_constant_output_has_exactly_its_value_as_mean_and_no_spread() -> None:
     for value in (0.1, -7.3, 3e30):
         got = _summary(torch.full((1000,), value), torch.full((37,), value))

@@ -110,10 +110,13 @@ def test_sync_refuses_a_spool_two_runs_appended_to(tmp_path: Path) -> None:
     """An older layerscope appended a second run to a reused run directory's spool; their
     seqs overlap, so it is refused with both run ids rather than uploaded as the first."""
     spool = tmp_path / "spool.bin"
-    for run_id in ("one", "two"):
-        writer = SpoolWriter(spool)
+    again = tmp_path / "again.bin"  # the same run id twice: seqs overlap just the same
+    for run_id, path in (("one", spool), ("two", spool), ("same", again), ("same", again)):
+        writer = SpoolWriter(path)
         writer.append(json.dumps({"type": "hello", **make_hello(run_id)}))
         writer.append(json.dumps({**metrics(1), "seq": 1}))
         writer.close()
     with pytest.raises(ValueError, match="two runs \\(one and two\\)"):
         sync_spool(spool, "ws://127.0.0.1:9", timeout_s=5)
+    with pytest.raises(ValueError, match="two runs \\(same and same\\)"):
+        sync_spool(again, "ws://127.0.0.1:9", timeout_s=5)

@@ -57,6 +57,15 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 
 
+def test_a_config_with_a_bad_solver_section_and_epochs_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"solver": [1]}))
+    assert cli.main(["train", "--config", str(path), "--epochs", "2", "--print-config"]) == 2
+    assert "solver: must be an object" in capsys.readouterr().err
+
+
 def test_a_config_files_relative_paths_are_beside_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -234,6 +235,12 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
             w.event("log", {"text": "x" * (wire.MAX_CONFIG_BYTES + 1)})
         with pytest.raises(ValueError, match="kind"):
             w.event("gossip", {})
+        # measured as sent: each NaN goes out as null, one character longer
+        nans: dict[str, Any] = {"v": [math.nan] * 1000, "pad": ""}
+        nans["pad"] = "x" * (wire.MAX_CONFIG_BYTES - 100 - len(json.dumps(nans)))
+        assert len(json.dumps(nans)) <= wire.MAX_CONFIG_BYTES < len(json.dumps(nans)) + 1000
+        with pytest.raises(ValueError, match="exceeds"):
+            w.event("log", nans)
         w.event("log", {"text": "kept"})
     fs = frames(tmp_path / "ok")
     assert [r["values"]["loss"] for r in rows(fs)] == [2.0]

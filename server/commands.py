@@ -66,6 +66,12 @@ async def relay_command(
         cmd = wire.validate_command(body)
     except wire.WireError as exc:
         raise CommandRefused(422, str(exc), cmd_id) from None
+    # A repeat of a stored command (a page resending after its socket dropped) is answered
+    # as what it is, even while no trainer is connected: the first copy is delivered when
+    # the trainer comes back, so refusing the repeat would tell the page a lie.
+    known = store.command(run_id, cmd["id"])
+    if known is not None:
+        return known, True
     if run["status"] in wire.ENDED_STATUSES:
         raise CommandRefused(409, RUN_FINISHED, cmd["id"])
     if not hub.is_connected(run_id):

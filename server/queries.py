@@ -146,6 +146,14 @@ def commands(conn: sqlite3.Connection, run_id: str, after_cmd_seq: int) -> list[
     ]
 
 
+def command(conn: sqlite3.Connection, run_id: str, cmd_id: str) -> dict[str, Any] | None:
+    """The stored command with this id, or None."""
+    row = conn.execute(
+        "SELECT * FROM commands WHERE rk = ? AND id = ?", (run_key(conn, run_id), cmd_id)
+    ).fetchone()
+    return command_row(row) if row is not None else None
+
+
 def events(
     conn: sqlite3.Connection, run_id: str, kind: str | None, limit: int | None
 ) -> list[dict[str, Any]]:

@@ -179,6 +179,9 @@ class Store:
     def commands(self, run_id: str, *, after_cmd_seq: int = 0) -> list[dict[str, Any]]:
         return self._read(lambda c: queries.commands(c, run_id, after_cmd_seq))
 
+    def command(self, run_id: str, cmd_id: str) -> dict[str, Any] | None:
+        return self._read(lambda c: queries.command(c, run_id, cmd_id))
+
     def frames_after(self, run_id: str, seq: int, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored frames with seq > seq, in seq order, as the dicts that were appended."""
         return self._read(lambda c: queries.frames_after(c, run_id, seq, limit))

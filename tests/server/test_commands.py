@@ -107,6 +107,32 @@ async def test_commands_are_refused_without_a_trainer(shared_server: LiveServer,
     await viewer.close()
 
 
+async def test_a_repeated_command_is_answered_as_stored_while_the_trainer_is_away(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A page resends its pending commands after its socket drops; a repeat of one the
+    server stored is answered as that command (a duplicate, still pending), not refused
+    for want of a trainer: the stored copy reaches the trainer when it comes back."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    cmd = {"type": "command", "id": "c-kept", "name": "set_weight_decay", "args": {"enabled": False}}
+    await viewer.send(json.dumps(cmd))
+    first = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert first["ok"] is True and first["duplicate"] is False
+    await viewer.close()
+    await trainer.close()
+    await wait_detached(shared_server, run_id)
+    again, _ = await open_viewer(shared_server, run_id)
+    await again.send(json.dumps(cmd))
+    reply = (await recv_until(again, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is True and reply["duplicate"] is True and reply["cmd_seq"] == first["cmd_seq"]
+    await again.send(json.dumps({**cmd, "id": "c-new"}))  # a new one is still refused
+    refused = (await recv_until(again, lambda m: m["type"] == "command_result"))[-1]
+    assert refused["ok"] is False and refused["reason"] == "no trainer connected"
+    assert [(r["id"], r["status"]) for r in commands_of(shared_server, run_id)] == [("c-kept", "pending")]
+    await again.close()
+
+
 async def test_commands_are_refused_once_the_run_has_finished(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(event_frame(1, 100, "status", status="finished"))

@@ -44,6 +44,8 @@ export class Controls {
     this.sent = new Map();      // command id -> {name, args} sent from this page
     this.spaceFallback = null;  // what Space does once the run has ended (replay play/pause)
     this.onRender = null;       // called after every render (the Rules group follows this bar)
+    this.extraPending = null;   // () => ids of the Rules group's pending commands
+    this.resendWanted = false;  // the socket dropped with commands pending: send them again
     this.status = "starting";
     this.trainerConnected = false;
     this.socketOpen = false;
@@ -90,6 +92,20 @@ export class Controls {
     if (socketOpen !== undefined) this.socketOpen = socketOpen;
     if (ENDED.has(this.status)) this.pending.clear();
     this.render();
+    this.maybeResend();
+  }
+
+  /** The viewer socket dropped: whatever is pending then is sent again once commands can go. */
+  socketLost() {
+    this.resendWanted = true;
+  }
+
+  maybeResend() {
+    if (!this.resendWanted || this.disabledReason()) return;
+    this.resendWanted = false;
+    // after the catch-up frames of the message that reopened the socket (an acknowledgement
+    // among them ends a pending command), so only commands the server may lack go again
+    queueMicrotask(() => this.resendPending(this.extraPending ? this.extraPending() : []));
   }
 
   /** The acknowledged control state (snapshot, run detail, or a command_result). */

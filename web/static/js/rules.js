@@ -83,6 +83,9 @@ export class RulesPanel {
   render() {
     const r = this.rules();
     const reason = this.controls.disabledReason();
+    if (reason && ["finished", "failed", "stopped", "lost"].includes(this.controls.status)) {
+      this.pending.clear(); // the run has ended: nothing will acknowledge them, nor resend them
+    }
     const pendingKeys = new Set(this.pending.values());
     this.root.dataset.acked = JSON.stringify(r);
     this.note.textContent = r ? "" : "No rules state acknowledged by this trainer yet.";

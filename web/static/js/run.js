@@ -41,7 +41,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
-  refreshingLayers: false, detail: null, socketLost: false,
+  refreshingLayers: false, detail: null,
 };
 
 const charts = {
@@ -65,6 +65,7 @@ const replay = new Replay($("replay"), { onCursor: moveCursor });
 controls.spaceFallback = () => replay.toggle();
 const rules = new RulesPanel($("rules"), controls);
 controls.onRender = () => rules.render();
+controls.extraPending = () => [...rules.pending.keys()];
 
 /** series name -> [chart, trace index] */
 const routes = new Map([["loss", [charts.loss, 0]], ["val_loss", [charts.loss, 1]],
@@ -336,13 +337,7 @@ function applyEvent(frame) {
 
 function onConnection(state, detail) {
   if (state === "lost") socketSettled();
-  if (state === "lost") page.socketLost = true;
-  if (state === "open" && page.socketLost) {
-    page.socketLost = false;
-    // after the catch-up frames of this message (an acknowledgement among them ends a
-    // pending command), so only commands the server may never have had are sent again
-    queueMicrotask(() => controls.resendPending([...rules.pending.keys()]));
-  }
+  if (state === "lost") controls.socketLost();
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);

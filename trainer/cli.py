@@ -317,7 +317,30 @@ def merged_config(args: argparse.Namespace) -> dict[str, Any]:
         # --epochs alone decides, as flags win: a preset's or config's steps would win
         # over epochs in validation otherwise
         solver.pop("steps", None)
-    return _deep_merge(cfg, flags)
+    merged = _deep_merge(cfg, flags)
+    _drop_stale(merged, flags)
+    return merged
+
+
+def _drop_stale(cfg: dict[str, Any], flags: dict[str, Any]) -> None:
+    """A preset's or config file's field that a flag made irrelevant goes (a full
+    ``--print-config`` file's init_std, once ``--init xavier`` is given): validation
+    refuses a field whose ``when`` does not hold, which is right for one the user set
+    with a flag, not for one a flag overrode the reason for."""
+    for section, spec in wire.EXPERIMENT_SCHEMA.items():
+        part = cfg.get(section)
+        if spec["type"] != "section" or not isinstance(part, dict):
+            continue
+        given = flags.get(section) or {}
+        for key, field_spec in spec["fields"].items():
+            when = field_spec.get("when")
+            if not when or key not in part or given.get(key) is not None:
+                continue
+            if any(
+                given.get(sibling) is not None and given[sibling] not in values
+                for sibling, values in when.items()
+            ):
+                del part[key]
 
 
 def _error(command: str, message: str) -> int:

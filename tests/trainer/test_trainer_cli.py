@@ -57,6 +57,19 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 
 
+def test_a_printed_config_can_be_retargeted_with_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full --print-config file (normal init with its std) run with --init xavier: the
+    file's init_std no longer applies and goes; the same std given as a flag is refused."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_config(capsys, "--init", "normal", "--init-std", "0.5")))
+    cfg = _config(capsys, "--config", str(path), "--init", "xavier")
+    assert cfg["model"]["init"] == "xavier" and cfg["model"]["init_std"] == 0.01
+    assert cli.main(["train", "--config", str(path), "--init", "xavier", "--init-std", "0.5"]) == 2
+    assert "init_std: only used when init is normal" in capsys.readouterr().err
+
+
 def test_a_config_with_a_bad_solver_section_and_epochs_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

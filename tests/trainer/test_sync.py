@@ -53,19 +53,25 @@ def test_sync_to_nowhere_says_so(tmp_path: Path) -> None:
         sync_spool(spool, url, timeout_s=5)
 
 
-def test_sync_of_a_damaged_spool_uploads_what_survived(
-    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _damaged_spool(tmp_path: Path, run_id: str, *, frames: int, damaged: int) -> Path:
+    """A spool of ``frames`` metrics frames whose frame ``damaged`` fails its CRC."""
     spool = tmp_path / "spool.bin"
-    link = Link(make_hello("damaged"), spool_path=spool)
+    link = Link(make_hello(run_id), spool_path=spool)
     link.start()
-    for step in range(1, 21):
+    for step in range(1, frames + 1):
         link.submit(metrics(step))
     link.close()
     data = bytearray(spool.read_bytes())
-    at = data.index(b'"seq":10}')
-    data[at + 3] ^= 0x20  # corrupt frame 10's payload: its CRC no longer matches
+    at = data.index(b'"seq":%d}' % damaged)
+    data[at + 3] ^= 0x20  # a flipped payload byte: the record's CRC no longer matches
     spool.write_bytes(bytes(data))
+    return spool
+
+
+def test_sync_of_a_damaged_spool_uploads_what_survived(
+    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = _damaged_spool(tmp_path, "damaged", frames=20, damaged=10)
     assert sync_spool(spool, server.url, timeout_s=20) == 9  # confirmed: the frames before the gap
     assert sorted(server.frames) == [*range(1, 10), *range(11, 21)]  # the rest still sent
     assert "frame 10 is missing" in caplog.text
@@ -76,16 +82,7 @@ def test_a_spool_missing_its_first_frame_is_still_uploaded(
 ) -> None:
     """Frame 1 damaged: the server can confirm nothing (it acks contiguous seqs), but
     every frame that survived is sent, once, and sync says how many were confirmed."""
-    spool = tmp_path / "spool.bin"
-    link = Link(make_hello("gap-at-1"), spool_path=spool)
-    link.start()
-    for step in range(1, 8):
-        link.submit(metrics(step))
-    link.close()
-    data = bytearray(spool.read_bytes())
-    at = data.index(b'"seq":1}')
-    data[at + 3] ^= 0x20
-    spool.write_bytes(bytes(data))
+    spool = _damaged_spool(tmp_path, "gap-at-1", frames=7, damaged=1)
     assert sync_spool(spool, server.url, timeout_s=20) == 0
     assert sorted(server.frames) == list(range(2, 8))
     assert "frame 1 is missing" in caplog.text

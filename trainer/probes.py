@@ -224,6 +224,7 @@ class Probes:
             indices = [position[id(p)] for p in layer.params]
             self._param_layout.append((layer.spec.name, indices, slots))
         self._hooks = [(module, self._hook_for(layer)) for layer, module in chosen]
+        self._hooks += self._channel_relays(model, {id(module) for _, module in chosen})
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -307,6 +308,33 @@ class Probes:
                 else:
                     after_conv1d = False
         return found
+
+    def _channel_relays(
+        self, model: nn.Module, probed: set[int]
+    ) -> list[tuple[nn.Module, Callable[[nn.Module, Any, Any], None]]]:
+        """With a Conv1d-like module in the model: a light hook (while armed, like the
+        others) on each channel-preserving module that is not probed (BatchNorm1d,
+        Dropout, pooling...), passing the channel axis from its input to its output, so an
+        activation after Conv1d -> BatchNorm1d in a custom forward still takes channels as
+        its units (an activation straight after the Conv1d already does)."""
+        if not any(isinstance(m, _CONV1D_LIKE) for m in model.modules()):
+            return []
+
+        def relay(module: nn.Module, args: Any, output: Any) -> None:
+            if (
+                self._armed
+                and args
+                and isinstance(output, Tensor)
+                and output.dim() == 3
+                and any(ref() is args[0] for ref in self._channel_first_out)
+            ):
+                self._channel_first_out.append(weakref.ref(output))
+
+        return [
+            (m, relay)
+            for m in model.modules()
+            if isinstance(m, _KEEPS_CHANNELS) and id(m) not in probed
+        ]
 
     # ---- public API ----
 

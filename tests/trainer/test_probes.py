@@ -191,6 +191,31 @@ def test_activation_applied_straight_to_a_conv1d_output_inherits_channels() -> N
     assert layers["act"]["dead_ratio"] == 1 / 4
 
 
+class _Conv1dNormAct(nn.Module):
+    """Conv1d -> BatchNorm1d -> Dropout -> ReLU in a custom forward (the usual audio or
+    time-series block), the norm and dropout not probed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _conv1d_forcing(4, dead=1)
+        self.norm, self.drop = nn.BatchNorm1d(4).eval(), nn.Dropout(0.0)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(self.conv(x))))
+
+
+def test_an_activation_after_conv1d_and_a_norm_in_a_custom_forward_uses_channels() -> None:
+    """The channel axis passes through the modules between (their own hooks, while armed):
+    the ReLU's units are the four channels, one dead, not the seven positions."""
+    model = _Conv1dNormAct()
+    probes = Probes(model)
+    layers, _ = probe_step(model, probes, uniform(3, 2, 7))
+    assert layers["act"]["dead_ratio"] == 1 / 4
+    assert [row["units"] for row in probes.layer_table()] == [4, 4]
+    assert all(not m._forward_hooks for m in model.modules())  # none left between probe steps
+
+
 class _ZeroAfter(nn.Module):
     """Linear -> in-place ReLU -> an in-place op that wipes what the ReLU returned."""
 

@@ -911,3 +911,34 @@ def test_a_collect_that_raises_leaves_nothing_for_the_next_step(
     assert expected is not None
     assert pending.calls == expected.calls == [1, 2, 1, 1]
     assert pending.decode(pending.tensor) == expected.decode(expected.tensor)
+
+
+class _SharedUnequal(nn.Module):
+    """One Tanh called on a large input in [-1, 0) and on a small one in (0.5, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.Tanh()
+
+    def forward(self, big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+        return self.act(big).sum() + self.act(small).sum()
+
+
+def test_a_shared_modules_small_call_weighs_in_its_histogram_as_its_values_do() -> None:
+    """10,000 values sampled down to 2,048 beside a call of 100 kept whole: the histogram
+    holds the small call at its 1% of the values, not at 100 / 2,148 (4.7%)."""
+    model = _SharedUnequal()
+    probes = Probes(model, bins=8)
+    big = -torch.rand(100, 100) * 0.99 - 0.01  # tanh in (-0.77, 0)
+    small = torch.rand(1, 100) * 0.5 + 1.5  # tanh in (0.90, 0.96)
+    probes.arm()
+    model(big, small)
+    pending = probes.collect()
+    assert pending is not None
+    (layer,), _ = pending.decode(pending.tensor)
+    counts = layer["hist"]["counts"]
+    share = counts[-1] / sum(counts)  # the small call's values are all in the top bin
+    assert share == pytest.approx(100 / 10_100, rel=0.1), counts
+    assert layer["mean"] == pytest.approx(
+        torch.cat([big.tanh().flatten(), small.tanh().flatten()]).mean().item(), rel=1e-4
+    )

@@ -64,11 +64,14 @@ def test_samples_of_one_call_per_layer_are_gathered_from_their_blocks_and_padded
     layers[0].samples.append((narrow, 0))
     layers[1].samples.append((wide, 1))
     layers[2].samples.append((wide, 0))
+    for layer, n in zip(layers, (2, 3, 3), strict=True):
+        layer.totals.append(n)  # every value sampled: the calls' rates agree
     for _ in range(2):  # the second time through the cached index
         padded = Sections()._padded(layers, torch.device("cpu"))
         assert padded.tolist()[0][:2] == [7.0, 8.0] and math.isnan(padded[0, 2])
         assert padded.tolist()[1:] == [[4.0, 5.0, 6.0], [1.0, 2.0, 3.0]]
     layers[2].samples.append((narrow, 0))  # a second call: the layer's calls are joined
+    layers[2].totals.append(2)
     padded = Sections()._padded(layers, torch.device("cpu"))
     assert padded.shape == (3, 5)
     assert padded[2].tolist() == [1.0, 2.0, 3.0, 7.0, 8.0]

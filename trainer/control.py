@@ -139,15 +139,7 @@ class Control:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Only what the pre-step hook changed: an optimizer that sets its own group["lr"]
         # inside step() keeps that value whenever no scale was applied.
-        saved = zip(optimizer.param_groups, self._saved, strict=False)
-        for group, (lr, wd, params, lr_set, wd_set, kept) in saved:
-            if lr_set is not None:
-                group["lr"] = lr
-            if wd_set is not None:
-                group["weight_decay"] = wd
-            if kept is not None:
-                group["params"] = params
-        self._saved = []
+        self._restore(optimizer, only_unchanged=False)
 
     def restore_after_raise(self) -> None:
         """Undo what the pre-step hook changed when ``optimizer.step()`` raised before its
@@ -157,18 +149,24 @@ class Control:
         step after step). A value the user's code set since (a scheduler, ``group["lr"] =
         ...``) is the user's and stays. Called by the next pre-step hook, the next step
         boundary and ``close()``; nothing to do after a step that returned."""
+        if self._saved and self.optimizer is not None:
+            self._restore(self.optimizer, only_unchanged=True)
+        self._saved = []
+
+    def _restore(self, optimizer: torch.optim.Optimizer, *, only_unchanged: bool) -> None:
+        """Put back what the pre-step hook replaced in each group; ``only_unchanged``:
+        only where the group still holds what the hook put there."""
         saved, self._saved = self._saved, []
-        if not saved or self.optimizer is None:
-            return
         for group, (lr, wd, params, lr_set, wd_set, kept) in zip(
-            self.optimizer.param_groups, saved, strict=False
+            optimizer.param_groups, saved, strict=False
         ):
-            if lr_set is not None and group.get("lr") is lr_set:
-                group["lr"] = lr
-            if wd_set is not None and group.get("weight_decay") is wd_set:
-                group["weight_decay"] = wd
-            if kept is not None and group.get("params") is kept:
-                group["params"] = params
+            for key, old, new in (
+                ("lr", lr, lr_set),
+                ("weight_decay", wd, wd_set),
+                ("params", params, kept),
+            ):
+                if new is not None and (not only_unchanged or group.get(key) is new):
+                    group[key] = old
 
     # ---- commands ----
 

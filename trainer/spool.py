@@ -54,6 +54,8 @@ class SpoolReader:
         if len(header) != HEADER.size:
             raise SpoolError(f"{self.path}: no record header at offset {offset}")
         length, crc = HEADER.unpack(header)
+        if length > MAX_RECORD_BYTES:  # a corrupt length field: not read into memory
+            raise SpoolError(f"{self.path}: record at offset {offset} is damaged")
         payload = self._file.read(length)
         if len(payload) != length or zlib.crc32(payload) != crc:
             raise SpoolError(f"{self.path}: record at offset {offset} is damaged")
@@ -172,20 +174,13 @@ def read_spool(path: str | os.PathLike[str]) -> Iterator[str]:
 def first_hello(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The hello a spool starts with, read from its first record alone (no scan), or None
     when the file is empty or does not start with an intact hello record."""
-    with open(path, "rb") as f:
-        header = f.read(HEADER.size)
-        if len(header) != HEADER.size:
-            return None
-        length, crc = HEADER.unpack(header)
-        if length == 0 or length > MAX_RECORD_BYTES:
-            return None
-        payload = f.read(length)
-    if len(payload) != length or zlib.crc32(payload) != crc:
-        return None
+    reader = SpoolReader(path)
     try:
-        frame = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        frame = json.loads(reader.read_at(0))
+    except (SpoolError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    finally:
+        reader.close()
     return frame if isinstance(frame, dict) and frame.get("type") == "hello" else None
 
 

@@ -103,10 +103,10 @@ def reduce_groups(
 
     Per call: s1/s2 are the sum and sum of squares of ``clean - shift`` (clean: NaN/Inf
     -> 0; shift: the mean of the cleaned values, so the variance survives |mean| >> std
-    and an outlier among the values); nonzero counts the nonzero finite values; lo/hi are the min/max of the finite
-    values (+inf/-inf when there is none). ``layout``: (lead, units, rest) of one
-    output, or None for an output without units. The host arithmetic is
-    ``stats.Summary.add``.
+    and an outlier among the values); nonzero counts the nonzero finite values; lo/hi are
+    the min/max of the finite values (+inf/-inf when there is none). ``layout``: (lead,
+    units, rest) of one output, or None for an output without units. The host arithmetic
+    is ``stats.Summary.add``.
     """
     calls = x.shape[0]
     inf = math.inf
@@ -151,10 +151,10 @@ def reduce_groups(
         nonzero_parts.append(nonzero)
         per_group.append((live, minus_inside))
     nonzero = torch.cat(nonzero_parts) if len(nonzero_parts) > 1 else nonzero_parts[0]
-    # The shift is the row's mean (of its cleaned values; from the unit sums when there
-    # are units, so no pass over the row): about a shift far from the mean, such as a
-    # first value that is an outlier, s2 - s1^2/n cancels away the variance in float32.
-    # (the total in float64: in float32 it overflows once |mean| x n passes 3.4e38)
+    # The shift is the row's mean of its cleaned values (from the unit sums when there
+    # are units, so no pass over the row; totalled in float64, which does not overflow
+    # where |mean| x n passes 3.4e38): about a shift far from the mean, such as a first
+    # value that is an outlier, s2 - s1^2/n cancels away the variance in float32.
     source = sums if sums is not None else clean
     shift = source.sum(1, keepdim=True, dtype=torch.float64).div_(x.shape[1]).to(x.dtype)
     d = clean.sub_(shift)

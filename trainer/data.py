@@ -277,8 +277,9 @@ def _read_image(path: Path) -> np.ndarray:
     """One image as (H, W) or (C, H, W) float32; a file that cannot be read is a DataError.
 
     Scaling: ``.npy`` values are kept as stored; PGM is divided by its maxval.
-    Through Pillow, 8-bit images (modes 1, L, P and, converted to RGB, everything
-    else) are divided by 255. Greyscale images with more than 8 bits stay one
+    Through Pillow, 8-bit images (modes 1, L, LA and palette images whose colours
+    are all grey as one channel; converted to RGB, everything else) are divided by
+    255. Greyscale images with more than 8 bits stay one
     channel, scaled by the mode's real range: I;16 (16-bit unsigned) by 65535,
     and mode I (32-bit signed) by 65535 when the file is a PNG (older Pillow opens
     16-bit PNGs as I; PNG holds at most 16 bits), otherwise kept as stored, like
@@ -337,13 +338,19 @@ def _decode_image(path: Path) -> np.ndarray:
             return arr / 65535.0 if img.format == "PNG" else arr
         if img.mode == "F":
             return np.asarray(img).astype(np.float32)
-        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P") else "RGB"))
+        if img.mode in ("1", "L", "LA"):
+            arr = np.asarray(img.convert("L"))  # alpha dropped, as for colour images
+        else:
+            arr = np.asarray(img.convert("RGB"))
+            if img.mode in ("P", "PA") and (arr == arr[..., :1]).all():
+                arr = arr[..., 0]  # a palette of greys: one channel, like mode L
     arr = arr.astype(np.float32) / 255.0
     return arr if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def load_folder(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Images under ``path/<class>/``; classes sorted by name. All images must share one shape."""
+    """Images under ``path/<class>/``; classes sorted by name. All images must share one
+    size; greyscale ones among colour ones get three equal channels."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory")
@@ -367,18 +374,38 @@ def load_folder(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
                 continue  # other files, and folders (or broken links) named like images
             arr = _read_image(file)
             if shape is None:
-                shape = arr.shape
+                first = shape = arr.shape
             elif arr.shape != shape:
-                raise DataError(f"{file} has shape {arr.shape}; the first image had {shape}")
+                merged = _colour_shape(shape, arr.shape)
+                if merged is None:
+                    raise DataError(f"{file} has shape {arr.shape}; the first image had {first}")
+                shape = merged
             images.append(arr)
             labels.append(label)
     if not images:
         supported = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"{root}: no images found in class subfolders (supported: {supported})")
+    if shape is not None and any(a.shape != shape for a in images):
+        # greyscale images among colour ones: each grey value in all three channels
+        images = [
+            a if a.shape == shape else np.broadcast_to(a.reshape(1, *shape[1:]), shape)
+            for a in images
+        ]
     x = _as_samples(np.stack(images), f"{root}")
     y = torch.tensor(labels, dtype=torch.int64)
     _check_class_count(y, f"{root}", classes)
     return x, y, classes
+
+
+def _colour_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The colour shape (3, H, W) when one of two image shapes is greyscale, (H, W) or
+    (1, H, W), and the other is colour of the same size: a folder may mix them (photos
+    often do), the greys becoming three equal channels. None for any other mismatch."""
+    for grey, colour in ((a, b), (b, a)):
+        size = grey if len(grey) == 2 else grey[1:] if len(grey) == 3 and grey[0] == 1 else None
+        if size is not None and len(colour) == 3 and colour[0] == 3 and colour[1:] == size:
+            return colour
+    return None
 
 
 # ---- split, preprocessing, noise ----

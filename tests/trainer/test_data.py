@@ -188,6 +188,26 @@ def test_image_folder_reads_npy_and_pgm_with_class_per_subfolder(tmp_path: Path)
         load_folder(tmp_path)
 
 
+def test_a_folder_mixing_greyscale_and_colour_images_gives_greys_three_equal_channels(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grey = np.arange(20, dtype=np.float32).reshape(4, 5) / 20
+    colour = np.stack([grey, 1 - grey, np.full((4, 5), 0.5, np.float32)])
+    np.save(tmp_path / "a" / "0.npy", grey)  # (H, W) first, colour after it
+    np.save(tmp_path / "b" / "1.npy", colour)
+    np.save(tmp_path / "b" / "2.npy", grey[None])  # (1, H, W) after the colour one
+    x, y, _ = load_folder(tmp_path)
+    assert x.shape == (3, 3, 4, 5) and y.tolist() == [0, 1, 1]
+    for i in (0, 2):
+        assert all(np.array_equal(x[i, c].numpy(), grey) for c in range(3))
+    assert np.array_equal(x[1].numpy(), colour)
+    np.save(tmp_path / "b" / "3.npy", np.zeros((3, 4, 4), np.float32))  # another size: refused
+    with pytest.raises(DataError, match=r"3\.npy has shape \(3, 4, 4\); the first image had \(4, 5\)"):
+        load_folder(tmp_path)
+
+
 _HAS_PIL = importlib.util.find_spec("PIL") is not None
 _BAD_IMAGES = {  # file name -> (bytes, what the error says)
     "trunc.pgm": (b"P5\n8 8\n255\n" + bytes(10), "PGM holds 10 pixels, header says 8x8"),
@@ -254,6 +274,37 @@ def test_greyscale_images_deeper_than_8_bits_stay_one_channel_scaled_by_their_ra
     x, _, _ = load_folder(root)
     assert x[2, 0].tolist() == [[0, 7], [70000, -3]]
     assert x[4, 0].tolist() == [[0, 1.5], [3, -2]]
+
+
+@pytest.mark.skipif(not _HAS_PIL, reason="needs Pillow")
+def test_palette_images_keep_their_colours_and_grey_palettes_stay_one_channel(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "colour").mkdir(parents=True)
+    (root / "grey").mkdir()
+    index = np.array([[0, 1], [1, 0]], dtype=np.uint8)
+    red_green = Image.fromarray(index, mode="P")
+    red_green.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    red_green.save(root / "colour" / "a.png")
+    greys = Image.fromarray(index, mode="P")
+    greys.putpalette([0, 0, 0, 51, 51, 51] + [0] * 762)
+    greys.save(root / "grey" / "b.png")
+    Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("LA").save(root / "grey" / "c.png")
+    with Image.open(root / "colour" / "a.png") as img:
+        assert img.mode == "P"
+    x, y, _ = load_folder(root)
+    assert x.shape == (3, 3, 2, 2) and y.tolist() == [0, 1, 1]
+    assert x[0].tolist() == [[[1, 0], [0, 1]], [[0, 1], [1, 0]], [[0, 0], [0, 0]]]  # red, green
+    assert all(np.allclose(x[1, c].numpy(), [[0, 0.2], [0.2, 0]]) for c in range(3))  # 51/255
+    assert all(x[2, c].tolist() == [[0, 1], [1, 0]] for c in range(3))  # LA: alpha dropped
+    # with no colour image in the folder, the grey palette and LA images stay one channel
+    (root / "colour" / "a.png").unlink()
+    (root / "colour" / "d.png").write_bytes((root / "grey" / "b.png").read_bytes())
+    x, _, _ = load_folder(root)
+    assert x.shape == (3, 1, 2, 2) and np.allclose(x[1, 0].numpy(), [[0, 0.2], [0.2, 0]])
 
 
 @pytest.mark.skipif(_HAS_PIL, reason="Pillow is installed")

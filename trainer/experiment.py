@@ -15,6 +15,7 @@ itself (``watch`` does), or imports ``layerscope.server``.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -210,6 +211,7 @@ def _train(
         patience=rules["patience"],
     ) as w:
         _start(w, finetune, loaded, rules["auto_weight_decay"])
+        _note_full_batch(w, solver["batch_size"], batches.size, rank)
         stopped = False
         for batch in batches:
             idx = shard(batch, rank, world)
@@ -278,6 +280,21 @@ def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto
     if auto_wd:
         reason = "auto weight decay: start without it, switch it on when Overfit fires"
         w.command("set_weight_decay", {"enabled": False}, reason=reason)
+
+
+def _note_full_batch(w: Any, asked: int, size: int, rank: int) -> None:
+    """A batch size above the training set's size trains full-batch on what there is:
+    said once (a ``log`` event on the dashboard, a line on rank 0's stderr), since the config
+    shown beside the run still holds the size that was asked for."""
+    if asked <= size:
+        return  # 0 (full batch by request) or a batch that fits
+    message = (
+        f"batch size {asked} is larger than the {size} training examples: every step "
+        f"trains on all {size} (full-batch gradient descent)"
+    )
+    w.event("log", {"message": message, "batch_size": asked, "train_examples": size})
+    if rank == 0:
+        print(f"layerscope train: {message}", file=sys.stderr)
 
 
 def _sanity_check(

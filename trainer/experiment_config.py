@@ -250,7 +250,8 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "aliases": {"full": 0},
                 "label": "Batch size",
                 "help": '1 = single-sample SGD (noisy, escapes), the full set (0 or "full") '
-                "= full-batch GD (smooth, can stall); mini-batches balance the two.",
+                "= full-batch GD (smooth, can stall; so is any size above the training set); "
+                "mini-batches balance the two.",
             },
             "steps": {
                 "type": "int",

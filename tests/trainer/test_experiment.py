@@ -334,3 +334,21 @@ def test_checkpoint_command_then_finetune_with_a_frozen_layer_then_unfreeze_live
         assert result["state"]["frozen"] == []
         train(w, tuned, opt, 2)
         assert not torch.equal(tuned.state_dict()["net.0.weight"], saved["net.0.weight"])
+
+
+def test_a_batch_larger_than_the_training_set_trains_full_batch_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # blobs: 1000 points, 800 after a 20% validation split; a batch of 1024 cannot be drawn
+    cfg = {"every": 50, "data": {"dataset": "blobs", "val_fraction": 0.2},
+           "solver": {"steps": 2, "batch_size": 1024, "device": "cpu"}}  # fmt: skip
+    summary = run_experiment(cfg, server=None, run_dir=str(tmp_path / "big"), progress=False)
+    assert summary["steps"] == 2
+    (note,) = [e for e in _events(tmp_path / "big", "log") if "batch_size" in e["data"]]
+    assert note["data"]["batch_size"] == 1024 and note["data"]["train_examples"] == 800
+    assert "full-batch" in note["data"]["message"]
+    assert "batch size 1024 is larger than the 800 training examples" in capsys.readouterr().err
+    cfg["solver"]["batch_size"] = 800  # exactly the set: nothing to say
+    run_experiment(cfg, server=None, run_dir=str(tmp_path / "fits"), progress=False)
+    assert not [e for e in _events(tmp_path / "fits", "log") if "batch_size" in e["data"]]
+    assert "larger than" not in capsys.readouterr().err

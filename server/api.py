@@ -31,6 +31,8 @@ STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
 class Hub(Protocol):
     def is_connected(self, run_id: str) -> bool: ...
 
+    def forget_run(self, run_id: str) -> None: ...
+
 
 def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
@@ -45,8 +47,8 @@ def get_hub(request: Request) -> Hub | None:
 StoreDep = Annotated[Store, Depends(get_store)]
 HubDep = Annotated[Hub | None, Depends(get_hub)]
 RunId = Annotated[str, Path(description="the run id", max_length=wire.MAX_NAME_LEN)]
-Start = Annotated[int | None, Query(ge=0, description="first step, inclusive")]
-End = Annotated[int | None, Query(ge=0, description="last step, inclusive")]
+Start = Annotated[int | None, Query(ge=0, le=wire.MAX_INT, description="first step, inclusive")]
+End = Annotated[int | None, Query(ge=0, le=wire.MAX_INT, description="last step, inclusive")]
 
 # ---- response models (documentation of the JSON bodies; http_api.md is the contract) ----
 
@@ -217,6 +219,8 @@ async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep) -> Response:
         raise HTTPException(409, detail=f"run '{run_id}' has a trainer connected; stop it first")
     if not await store.delete_run(run_id):
         raise _missing(run_id)
+    if hub is not None:
+        hub.forget_run(run_id)
     return Response(status_code=204)
 
 
@@ -347,7 +351,9 @@ def get_histograms(
     summary="Every layer's histogram and stats at one probe step",
     description="The nearest stored probe step <= step, else the first one.",
 )
-def get_histogram(run_id: RunId, store: StoreDep, step: Annotated[int, Query(ge=0)]) -> Any:
+def get_histogram(
+    run_id: RunId, store: StoreDep, step: Annotated[int, Query(ge=0, le=wire.MAX_INT)]
+) -> Any:
     try:
         found = store.histogram_at(run_id, step)
     except RunNotFound:

@@ -298,6 +298,12 @@ class Hub:
         """Called once a run's trainer is gone and its frames are committed."""
         self._recent.pop(run_id, None)
 
+    def forget_run(self, run_id: str) -> None:
+        """The run was deleted: a new run under its id starts from seq 1 again, and its
+        frames must reach viewers (the old run's shown seqs would hide them all)."""
+        self._seen.pop(run_id, None)
+        self._recent.pop(run_id, None)
+
     # ---- viewers ----
 
     def add_viewer(self, run_id: str, ws: WebSocket) -> Viewer:
@@ -340,7 +346,7 @@ def _after_seq(ws: WebSocket) -> int | None:
     if raw is None or raw == "":
         return None
     value = int(raw)  # ValueError is reported by the caller
-    if value < 0:
+    if not 0 <= value <= wire.MAX_INT:  # past SQLite's integers: refused, not an error
         raise ValueError(raw)
     return value
 

@@ -166,7 +166,11 @@ def plotly_js(request: Request) -> Response:
 @router.get("/static/{file_path:path}", include_in_schema=False)
 def static_file(request: Request, file_path: str) -> Response:
     root = STATIC_DIR.resolve()
-    path = (root / file_path).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:  # a NUL in the name, or a name past the file system's length limit
+        path = (root / file_path).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise HTTPException(404, f"no static file {file_path[:200]!r}")
     return _file(request, path, STATIC_CACHE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from math import isfinite
+from math import inf, isfinite
 from typing import Any
 
 from layerscope.server.checks import StoreError, finite
@@ -57,7 +57,7 @@ ON CONFLICT (sid, level, block) DO UPDATE SET
                      THEN excluded.max_value ELSE max_value END,
     null_step = COALESCE(MIN(null_step, excluded.null_step), null_step, excluded.null_step),
     finite = finite + excluded.finite,
-    total = total + excluded.total
+    total = COALESCE(total + excluded.total, 9e999)
 """
 
 
@@ -84,6 +84,15 @@ def _levels(
     return out
 
 
+def _add(a: float, b: float) -> float:
+    """Two blocks' totals added; +inf where they overflowed with opposite signs (the sum
+    would be NaN, which SQLite stores as NULL in a NOT NULL column, failing the whole
+    batch). The total only makes the sparkline's mean, which shows a non-finite one as a gap.
+    The upsert above does the same in SQL (SQLite turns a NaN result into NULL)."""
+    total = a + b
+    return total if total == total else inf
+
+
 def _merge(a: SummaryRow, b: SummaryRow) -> SummaryRow:
     """The summary of two adjacent runs of points, a before b: what block_summaries gives
     for them together (the earliest extreme on a tie, the first null)."""
@@ -103,7 +112,7 @@ def _merge(a: SummaryRow, b: SummaryRow) -> SummaryRow:
         max_value,
         null_step if null_step is not None else null_step2,
         count + count2,
-        total + total2,
+        _add(total, total2),
     )
 
 

@@ -368,7 +368,7 @@ class Writer:
         if kind == "status" and data.get("status") in wire.RUN_STATUSES:
             self.conn.execute(
                 "UPDATE runs SET status = ?, status_reason = ? WHERE rk = ?",
-                (data["status"], data.get("reason"), rk),
+                (data["status"], _text(data.get("reason")), rk),
             )
             if isinstance(data.get("control"), dict):
                 # A trainer's first status carries its initial control state (the rules'
@@ -384,9 +384,10 @@ class Writer:
         applied = data.get("applied_at_step")
         error = data.get("error")
         status = "applied" if data.get("ok") else "failed"
-        applied = applied if isinstance(applied, int) and not isinstance(applied, bool) else None
+        applied = _counter(applied)
         state_json = dumps(state) if isinstance(state, dict) else None
         error_text = None if error is None else str(error)
+        cmd_id, cmd_seq = _text(data.get("id")), _counter(data.get("cmd_seq"))
         updated = self.conn.execute(
             "UPDATE commands SET status = ?, applied_at_step = ?, state = ?, error = ?"
             " WHERE rk = ? AND (id = ? OR (? IS NULL AND cmd_seq = ?))",
@@ -396,12 +397,12 @@ class Writer:
                 state_json,
                 error_text,
                 rk,
-                data.get("id"),
-                data.get("id"),
-                data.get("cmd_seq"),
+                cmd_id,
+                cmd_id,
+                cmd_seq,
             ),
         ).rowcount
-        cmd_id, name = data.get("id"), data.get("name")
+        name = data.get("name")
         if not updated and isinstance(cmd_id, str) and cmd_id and name in wire.COMMANDS:
             self._trainer_command(rk, data, (status, applied, state_json, error_text))
         if isinstance(state, dict):
@@ -468,3 +469,15 @@ def command_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
         "state": None if state is None else json.loads(state),
         "error": error,
     }
+
+
+def _text(value: Any) -> str | None:
+    """A string field of a trainer's event as its column takes it (wire.validate_event
+    checks the types; a frame stored before that check, or a foreign one, is not made a
+    batch-wide failure by one field)."""
+    return value if isinstance(value, str) else None
+
+
+def _counter(value: Any) -> int | None:
+    """An integer field (a step, a cmd_seq) as SQLite's 64-bit column takes it, else None."""
+    return value if type(value) is int and 0 <= value <= wire.MAX_INT else None

@@ -84,7 +84,7 @@ class Watch:
             raise ValueError(f"every must be >= 0 (0 turns probes off), got {every}")
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if run_id and (run_id in (".", "..") or any(c in run_id for c in "/\\\0")):
+        if run_id and not wire.plain_run_id(run_id):
             # it names the run's folder (./layerscope-runs/<run_id>): never a path elsewhere
             raise ValueError(f"run_id {run_id!r} must be a plain name: no '/', '\\' or '..'")
         self.run_id = run_id or uuid.uuid4().hex

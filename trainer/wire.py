@@ -235,6 +235,13 @@ def _name(value: Any, where: str) -> str:
     return value
 
 
+def plain_run_id(run_id: str) -> bool:
+    """Whether a run id is a plain name: it names the run's folder on both sides
+    (``layerscope-runs/<id>``) and one URL path segment (``/api/runs/<id>``), so no
+    ``/``, ``\\`` or NUL, and not ``.`` or ``..``."""
+    return run_id not in (".", "..") and not any(c in run_id for c in "/\\\0")
+
+
 def _obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
     value = msg.get(key)
     if not isinstance(value, dict):
@@ -256,6 +263,8 @@ def _list(msg: dict[str, Any], key: str, limit: int) -> list[Any]:
 
 def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
     run_id = _name(msg.get("run_id"), "'run_id'")
+    if not plain_run_id(run_id):
+        raise WireError(f"'run_id' {run_id!r} must be a plain name: no '/', '\\' or '..'")
     name = _name(msg.get("name", run_id), "'name'")
     config = msg.get("config", {})
     if not isinstance(config, dict):
@@ -267,8 +276,8 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(layer, dict):
             raise WireError(f"layers[{i}] must be an object")
         units = layer.get("units")
-        if units is not None and (isinstance(units, bool) or not isinstance(units, int)):
-            raise WireError(f"layers[{i}].units must be an integer or null")
+        if units is not None and (type(units) is not int or not 0 <= units <= MAX_INT):
+            raise WireError(f"layers[{i}].units must be an integer from 0 to {MAX_INT}, or null")
         layers.append(
             {
                 "name": _name(layer.get("name"), f"layers[{i}].name"),
@@ -469,7 +478,27 @@ def validate_event(msg: dict[str, Any]) -> dict[str, Any]:
     data = _clean(data)  # measured as sent: NaN/Inf become null
     if len(json.dumps(data, default=str)) > MAX_CONFIG_BYTES:
         raise WireError(f"event data exceeds {MAX_CONFIG_BYTES} bytes")
+    for key, kinds in _EVENT_FIELDS.get(kind, {}).items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if type(value) not in kinds:
+            allowed = " or ".join(k.__name__ for k in kinds)
+            raise WireError(f"{kind} event: data.{key} must be {allowed} or null")
+        if type(value) is int and not 0 <= value <= MAX_INT:
+            raise WireError(f"{kind} event: data.{key} must be from 0 to {MAX_INT}")
     return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": data}
+
+
+# The fields of a status or command_result event that the server stores in columns of
+# their own (the run's status, a command's row), by the types those columns take.
+_EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "status": {"status": (str,), "reason": (str,), "control": (dict,)},
+    "command_result": {
+        "id": (str,), "cmd_seq": (int,), "name": (str,), "ok": (bool,), "error": (str,),
+        "applied_at_step": (int,), "state": (dict,),
+    },
+}  # fmt: skip
 
 
 def validate_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:

@@ -22,13 +22,16 @@ pytestmark = pytest.mark.anyio
 
 
 class ConnectedRuns:
-    """The one hub method the read routes use, over a plain set of run ids."""
+    """The hub methods the routes use, over a plain set of run ids."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
 
     def is_connected(self, run_id: str) -> bool:
         return run_id in self.ids
+
+    def forget_run(self, run_id: str) -> None:
+        self.ids.discard(run_id)
 
 
 async def populate(data_dir: Path) -> None:
@@ -259,6 +262,11 @@ async def test_events_and_commands(setup: tuple[httpx.AsyncClient, Store, Connec
         ("/histogram", "step"),
         ("/histogram?step=abc", "step"),
         ("/events?limit=0", "limit"),
+        # past SQLite's 64-bit integers: an OverflowError (500) before the bound
+        ("/series?end=9223372036854775808", "end"),
+        ("/histogram?step=9223372036854775808", "step"),
+        ("/histograms?layer=fc1&end=9223372036854775808", "end"),
+        ("/probes/matrix?start=9223372036854775808", "start"),
     ],
 )
 async def test_bad_query_parameters_are_422_naming_the_parameter(

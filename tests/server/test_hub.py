@@ -200,9 +200,11 @@ async def test_an_unknown_run_is_refused_with_a_reason(shared_server: LiveServer
 
 async def test_a_bad_after_seq_is_refused(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
-    async with connect(shared_server.ws("/ws/runs/r1?after_seq=-3")) as ws:
-        await ws.wait_closed()
-        assert ws.close_code == wire.CLOSE_POLICY and "after_seq" in (ws.close_reason or "")
+    # negative, and past SQLite's integers (that one closed the socket with no close frame)
+    for bad in ("-3", "99999999999999999999"):
+        async with connect(shared_server.ws(f"/ws/runs/{run_id}?after_seq={bad}")) as ws:
+            await ws.wait_closed()
+            assert ws.close_code == wire.CLOSE_POLICY and "after_seq" in (ws.close_reason or "")
     await trainer.close()
 
 
@@ -236,3 +238,34 @@ async def test_viewers_see_the_trainer_come_and_go(shared_server: LiveServer, ru
     assert got[-1]["trainer_connected"] is True
     await viewer.close()
     await trainer.close()
+
+
+async def test_a_new_run_under_a_deleted_runs_id_reaches_its_viewers(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """The hub remembered the deleted run's shown seqs, so every frame of a new run under
+    the same id (seqs from 1 again) was taken for a repeat and never broadcast."""
+    import httpx
+
+    old = await FakeTrainer.connect(shared_server, run_id)
+    for seq in range(1, 11):
+        await old.send(metrics_frame(seq, seq, loss=1.0))
+    await old.wait_acked(10)
+    await old.close()
+    async with httpx.AsyncClient(timeout=5) as client:
+        for _ in range(100):  # 409 until the server has seen the trainer go
+            deleted = await client.delete(f"{shared_server}/api/runs/{run_id}")
+            if deleted.status_code != 409:
+                break
+            await asyncio.sleep(0.05)
+    assert deleted.status_code == 204
+    new = await FakeTrainer.connect(shared_server, run_id)
+    assert new.welcome["acked_seq"] == 0
+    viewer, snapshot = await open_viewer(shared_server, run_id)
+    assert snapshot["last_seq"] == 0
+    for seq in range(1, 4):
+        await new.send(metrics_frame(seq, seq, loss=0.5))
+    live = await recv_until(viewer, lambda m: m.get("seq") == 3)
+    assert [m["seq"] for m in live if "seq" in m] == [1, 2, 3]
+    await viewer.close()
+    await new.close()

@@ -378,6 +378,49 @@ async def test_a_run_gone_nan_downsamples_to_nulls_not_to_nothing(store: Store) 
     assert len(tail) >= 45 and set(tail) == {None}  # one per all-NaN bucket, ~half of 99
 
 
+async def test_values_whose_block_totals_overflow_both_ways_are_stored(store: Store) -> None:
+    """1e308 twice then -1e308 twice: a block's running total is +inf, then -inf after
+    the next frame; their sum (NaN) must not fail the batch (SQLite stores NaN as NULL in
+    a NOT NULL column): every frame is stored."""
+    await store.hello(hello())
+    up = [(s, {"loss": 1e308}) for s in range(2)]
+    down = [(s, {"loss": -1e308}) for s in range(2, 4)]
+    assert await store.append("r1", [metrics(1, up)]) == 1
+    assert await store.append("r1", [metrics(2, down)]) == 2
+    assert store.series("r1", ["loss"])["loss"]["values"] == [1e308, 1e308, -1e308, -1e308]
+    assert await store.append("r1", [metrics(3, [(4, {"loss": 1.0})])]) == 3
+
+
+def test_status_and_command_result_fields_are_checked_for_the_columns_they_fill() -> None:
+    """A status reason or a command_result id/cmd_seq/applied_at_step of the wrong type
+    would be refused by the store's columns, failing every resend of its batch forever:
+    the wire refuses it first, with the field named."""
+    for kind, data, field in (
+        ("status", {"status": "paused", "reason": ["a"]}, "reason must be str or null"),
+        ("command_result", {"id": ["x"], "ok": True}, "id must be str or null"),
+        ("command_result", {"cmd_seq": {"a": 1}}, "cmd_seq must be int or null"),
+        ("command_result", {"applied_at_step": 2**63}, "applied_at_step must be from 0"),
+        ("command_result", {"ok": 1}, "ok must be bool or null"),
+    ):
+        with pytest.raises(wire.WireError, match=f"{kind} event: data.{field}"):
+            event(2, 1, kind, data)
+    ok = {"id": "c1", "cmd_seq": 3, "name": "pause", "ok": True, "applied_at_step": 7, "state": {}}
+    assert event(2, 1, "command_result", ok)["data"] == ok
+    assert event(2, 1, "status", {"status": "failed", "reason": None})["data"]["reason"] is None
+
+
+def test_a_hello_whose_run_id_is_not_one_url_segment_or_whose_units_overflow_is_refused() -> None:
+    """A run id with '/' was stored and listed but no /api/runs/<id> route reached it (it
+    could not be viewed, exported or deleted); units past SQLite's integers failed the
+    hello's write on every retry. The wire refuses both, as watch() does the run id."""
+    for run_id in ("team/exp1", "a\\b", "..", ".", "nul\0"):
+        with pytest.raises(wire.WireError, match="'run_id' .* must be a plain name"):
+            hello(run_id)
+    assert hello("team.exp-1")["run_id"] == "team.exp-1"
+    with pytest.raises(wire.WireError, match=r"layers\[0\]\.units must be an integer from 0"):
+        hello(layers=[{"name": "fc", "kind": "Linear", "units": 2**63}])
+
+
 async def test_command_idempotency_and_cmd_seq(store: Store) -> None:
     await store.hello(hello())
     await store.hello(hello("r2"))

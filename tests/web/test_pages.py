@@ -42,6 +42,9 @@ def test_static_files_revalidate_and_never_leave_the_static_folder(server: LiveS
     assert response.text == (STATIC_DIR / "js" / "run.js").read_text()
     for sneaky in ("/static/../__init__.py", "/static/%2e%2e/__init__.py", "/static/js/nope.js"):
         assert server.api("GET", sneaky).status_code == 404, sneaky
+    # a NUL, or a name past the file system's limit: 404 as well, not a 500
+    for odd in ("/static/%00", "/static/js/" + "x" * 300 + ".js"):
+        assert server.api("GET", odd).status_code == 404, odd
 
 
 def test_pages_render_their_shells(server: LiveServer) -> None:

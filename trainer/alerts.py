@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,13 @@ class Alerts:
         run_dir: Path,
         params: Mapping[str, int],
         *,
-        steerable: bool = True,
+        steerable: bool | Callable[[], bool] = True,
     ) -> None:
         self.rules = rules
         self.control = control
-        # False with no server: nothing can resume a pause, and no dashboard shows alerts
-        # (each is logged; a rule's pause becomes a stop, which the loop's should_stop sees).
+        # False with no server, or none reachable when a finding comes (asked then): nothing
+        # can resume a pause, and no dashboard shows alerts (each is logged; a rule's pause
+        # becomes a stop, which the loop's should_stop sees).
         self.steerable = steerable
         self.last_good_path = run_dir / LAST_GOOD_NAME
         self.last_good_step: int | None = None
@@ -98,7 +99,7 @@ class Alerts:
         for finding in findings:
             frames.append(self._frame(finding))
             command = finding.to_command(self.control.lr_scale)
-            if not self.steerable:
+            if not (self.steerable() if callable(self.steerable) else self.steerable):
                 command = self._unattended(finding, command)
             if command is not None:
                 self.control.submit(command)
@@ -107,14 +108,14 @@ class Alerts:
     def _unattended(
         self, finding: Finding, command: dict[str, Any] | None
     ) -> dict[str, Any] | None:
-        """With no server: the alert goes to the log (stderr), and a pause, which nothing
-        could resume, becomes a stop (a paused loop would wait forever)."""
+        """With no server reachable: the alert goes to the log (stderr), and a pause, which
+        nothing could resume, becomes a stop (a paused loop would wait forever)."""
         stopping = command is not None and command["name"] == "pause"
         log.warning(
             "layerscope: [%s] %s%s",
             finding.rule,
             finding.message,
-            " No server is connected to resume a pause, so the run stops instead"
+            " No server is reachable to resume a pause, so the run stops instead"
             " (w.should_stop is now True)."
             if stopping
             else "",

@@ -150,6 +150,14 @@ class Link:
         self._thread.start()
 
     @property
+    def steerable(self) -> bool:
+        """A server is configured and connected now, or the first connection is still being
+        tried (a run's first flush may come before its socket opens)."""
+        if self.url is None:
+            return False
+        return self.connected or (not self.ever_connected and not self._failures)
+
+    @property
     def frames_in_memory(self) -> int:
         return len(self._pending)
 

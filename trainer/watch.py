@@ -168,7 +168,7 @@ class Watch:
                     self.control,
                     self.run_dir,
                     self.rules.params,
-                    steerable=bool(server),
+                    steerable=self._steerable,
                 )
                 self.link = Link(
                     hello,
@@ -317,6 +317,13 @@ class Watch:
             self.close("failed")
 
     # ---- internals ----
+
+    def _steerable(self) -> bool:
+        """Whether a person could resume a rule's pause now (asked by the alerts when one
+        fires, on the link thread): a server is configured and connected, or still on its
+        first try. A server never reached (a wrong URL, a stale LAYERSCOPE_SERVER) or gone
+        when the finding comes cannot: the pause would hold the loop forever."""
+        return self.link is not None and self.link.steerable
 
     def _is_probe_step(self, step: int) -> bool:
         return step == 1 or step % self.every == 0

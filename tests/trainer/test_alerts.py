@@ -19,6 +19,7 @@ from layerscope.trainer.experiment import run_experiment
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import Watch
 from torch import nn
+from trainer_server import TrainerServer
 from waiting import wait_until
 
 
@@ -99,18 +100,14 @@ def test_large_normal_init_saturates_tanh(tmp_path: Path) -> None:
 def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=1e6)
-    # A server is configured (down for now: it could come back and resume the pause).
-    w = watch(model, opt, every=2, run_dir=tmp_path, server="ws://127.0.0.1:9")
-    t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
-    t.start()
-    wait_until(lambda: w.control.paused)
-    paused_at = w.step_count
-    time.sleep(0.3)
-    assert t.is_alive() and w.step_count == paused_at, "a paused run blocks in w.step()"
-    w.control.submit(wire.validate_command({"name": "stop"}))
-    t.join(10)
-    w.close()
-    assert not t.is_alive() and paused_at < 10_000
+    # A server is connected: a person there can look, then resume or stop the pause.
+    server = TrainerServer().start()
+    try:
+        w = watch(model, opt, every=2, run_dir=tmp_path, server=server.url)
+        wait_until(lambda: w.link is not None and w.link.connected)
+        _pause_then_stop(w, model, opt)
+    finally:
+        server.close()
     alert = next(e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor")
     good = tmp_path / LAST_GOOD_NAME
     assert alert["data"]["last_good_checkpoint"] == str(good)
@@ -125,15 +122,35 @@ def test_nan_pauses_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -
     assert pause[0]["state"]["paused"] is True
 
 
-def test_with_no_server_nan_stops_the_run_and_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+def _pause_then_stop(w: Watch, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
+    t.start()
+    wait_until(lambda: w.control.paused)
+    paused_at = w.step_count
+    time.sleep(0.3)
+    assert t.is_alive() and w.step_count == paused_at, "a paused run blocks in w.step()"
+    w.control.submit(wire.validate_command({"name": "stop"}))
+    t.join(10)
+    w.close()
+    assert not t.is_alive() and paused_at < 10_000
+
+
+@pytest.mark.parametrize("server", [None, "ws://127.0.0.1:9"], ids=["no server", "unreachable"])
+def test_with_no_server_reachable_nan_stops_the_run_and_says_so(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    server: str | None,
 ) -> None:
-    """No server at all: nothing could resume a pause (the loop would wait in w.step()
-    forever, silently), so the rule's pause becomes a stop the loop's should_stop sees,
-    and the alert is logged for the terminal."""
+    """No server, or one never reached (a wrong URL, a stale LAYERSCOPE_SERVER): nothing
+    could resume a pause (the loop would wait in w.step() forever, silently), so the rule's
+    pause becomes a stop the loop's should_stop sees, and the alert is logged for the
+    terminal."""
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=1e6)
-    with watch(model, opt, every=2, run_dir=tmp_path, progress=True) as w:
+    with watch(model, opt, every=2, run_dir=tmp_path, progress=True, server=server) as w:
+        if server is not None:  # the first try has failed before the NaN comes
+            wait_until(lambda: w.link is not None and not w.link.steerable)
         t = threading.Thread(target=train, args=(w, model, opt, 10_000), daemon=True)
         t.start()
         t.join(60)

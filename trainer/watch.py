@@ -78,6 +78,7 @@ class Watch:
         rule_thresholds: dict[str, Any] | None = None,
         good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
     ) -> None:
+        model = unwrapped(model) if model is not None else None
         if good_checkpoint_every < 0:
             raise ValueError(f"good_checkpoint_every must be >= 0, got {good_checkpoint_every}")
         if every < 0:
@@ -481,6 +482,21 @@ def _run_config(
         out.setdefault("batch_size", batch_size)
     out.setdefault("every", every)
     return out
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's own model inside ``torch.compile``'s and (Distributed)DataParallel's
+    wrappers: its layers keep the names the user knows (``0``, ``fc1``; not
+    ``_orig_mod.0`` or ``module.fc1``), in the probes, ``set_frozen`` and checkpoints
+    alike. The wrappers call it, so its hooks fire as usual."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def watch(

@@ -317,3 +317,31 @@ def test_training_thread_never_reads_values_on_the_host(tmp_path: Path) -> None:
             w.eval(val_loss=torch.tensor(1.0))
     # The values were read, once per flush, on the link thread.
     assert len([r for r in rows(frames(tmp_path)) if "loss" in r["values"]]) == 6
+
+
+def test_a_compiled_model_gets_full_statistics_on_every_probe_step(tmp_path: Path) -> None:
+    """Under torch.compile the forward hooks were traced into the graph, and their writes
+    to the probes' state replayed as the first trace's constants: from the third probe
+    step on, every layer's activation statistics were null, with no error."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    model = torch.compile(base, backend="eager")  # dynamo's tracing, no compiler needed
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    with watch(model, opt, run_dir=tmp_path, every=2, server="") as w:
+        for _ in range(12):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss)
+    probes = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    assert [p["step"] for p in probes] == [1, 2, 4, 6, 8, 10, 12]
+    for p in probes:
+        assert [e["name"] for e in p["layers"]] == ["0", "1", "2"], p["step"]
+        for e in p["layers"]:
+            assert e["mean"] is not None and sum(e["hist"]["counts"]) > 0, (p["step"], e["name"])
+    # the layers keep the user's names inside a DataParallel wrapper too (not "module.0")
+    with watch(nn.DataParallel(base), opt, run_dir=tmp_path / "dp", server="") as w:
+        assert w.probes is not None
+        assert [row["name"] for row in w.probes.layer_table()] == ["0", "1", "2"]

@@ -300,10 +300,12 @@ class Control:
         self.frozen = target
         if self.rules is not None:
             self.rules.set_frozen(layers, frozen)
-        # A layer freezes its own parameters and every child's (prefix match on the name).
+        # A layer freezes its own parameters and every child's (prefix match on the name),
+        # under every name a parameter has: a weight tied between two layers (an embedding
+        # and its output head) is listed once by named_parameters(), under the first.
         self._frozen_params = {
             id(p)
-            for pname, p in self.model.named_parameters()
+            for pname, p in self.model.named_parameters(remove_duplicate=False)
             if any(pname.startswith(layer + ".") for layer in target)
         }
 

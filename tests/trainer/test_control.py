@@ -171,6 +171,26 @@ def test_frozen_layers_stay_bit_identical(make_opt: Any) -> None:
     assert [r["state"]["frozen"] for r in rec.results()] == [["0"], []]
 
 
+def test_freezing_either_side_of_a_tied_weight_freezes_it() -> None:
+    """named_parameters() lists a weight shared by two layers once, under its first name,
+    so freezing the second layer (an output head tied to the embedding) was acknowledged
+    while the weight kept training."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    control = Control(model, opt, emit=Recorder())
+    control.submit(cmd("set_frozen", layers=["1"], frozen=True))
+    control.at_step_boundary(step=0)
+    before = embed.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.arange(10)).logsumexp(1).mean().backward()
+        opt.step()
+    assert torch.equal(before, embed.weight)
+
+
 def _raise() -> float:
     raise RuntimeError("CUDA out of memory (simulated inside optimizer.step)")
 

@@ -156,8 +156,10 @@ def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], 
                 f"{what}: {pattern!r} is not a valid regular expression: {exc}"
             ) from None
         return lambda name: regex.search(name) is not None
+    # a name is a module and everything inside it, as set_frozen reads it
     wanted = set(pattern)
-    return wanted.__contains__
+    prefixes = tuple(f"{name}." for name in wanted)
+    return lambda name: name in wanted or name.startswith(prefixes)
 
 
 class Probes:
@@ -225,6 +227,17 @@ class Probes:
             self._param_layout.append((layer.spec.name, indices, slots))
         self._hooks = [(module, self._hook_for(layer)) for layer, module in chosen]
         self._hooks += self._channel_relays(model, {id(module) for _, module in chosen})
+        # An evaluation pass (the model in eval mode, no gradients: the validation idiom)
+        # made while armed is not the probe step's when a training pass comes in the same
+        # step: one before it (a validation pass before the first step, or between steps)
+        # is dropped when the training forward starts, one after it is skipped. The
+        # model's own pre/post hooks tell them apart; a step of evaluation passes alone
+        # (probing a model for inspection) keeps them. A no_grad block inside a training
+        # forward (a frozen backbone) is recorded: the model is in training mode there.
+        self._model = model
+        self._skipping = False  # in an evaluation pass after this step's training pass
+        self._trained = False  # a training pass was recorded this probe step
+        self._eval_only = False  # what is recorded so far came from evaluation passes
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -289,6 +302,12 @@ class Probes:
         unknown = sorted(set(activations) - {layer.spec.name for layer, _ in chosen})
         if unknown:
             raise ValueError(f"activations: {unknown} are not probed layers of this model")
+        if names is not None and not chosen:
+            kinds = ", ".join(sorted(t.__name__ for t in types)[:8])
+            raise ValueError(
+                f"names: {names!r} selects no layer to probe (probed types: {kinds}, ...); "
+                "name the modules, or the containers holding them"
+            )
         return chosen
 
     @staticmethod
@@ -323,6 +342,7 @@ class Probes:
         def relay(module: nn.Module, args: Any, output: Any) -> None:
             if (
                 self._armed
+                and not self._skipping
                 and args
                 and isinstance(output, Tensor)
                 and output.dim() == 3
@@ -355,8 +375,13 @@ class Probes:
         if self._armed or self._closed:
             return
         self._armed = True
+        self._skipping = self._trained = self._eval_only = False
         self._staging.new_step()
-        self._forward_handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+        self._forward_handles = [
+            self._model.register_forward_pre_hook(_eager(self._model_pre_hook)),
+            self._model.register_forward_hook(_eager(self._model_post_hook), always_call=True),
+        ]
+        self._forward_handles += [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def disarm(self) -> None:
         self._armed = False
@@ -382,10 +407,26 @@ class Probes:
 
     def _hook_for(self, layer: _Layer) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._armed:
+            if self._armed and not self._skipping:
                 self._record(layer, args, output)
 
         return _eager(hook)
+
+    def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if not module.training and not torch.is_grad_enabled():  # an evaluation pass
+            self._skipping = self._trained
+            self._eval_only = not self._trained
+            return
+        if self._eval_only:  # recorded so far: evaluation passes, not this step's
+            self._staging.discard()
+            self._blocks = []
+            self._channel_first_out.clear()
+            self._eval_only = False
+        self._trained = True
+        self._skipping = False
+
+    def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._skipping = False
 
     def _record(self, layer: _Layer, args: Any, output: Any) -> None:
         y = output[0] if isinstance(output, tuple | list) else output
@@ -614,7 +655,7 @@ class Probes:
         return zlib.crc32(repr((self.bins, shape)).encode()) + 1 if shape else 0
 
 
-def _eager(hook: Callable[[nn.Module, Any, Any], None]) -> Callable[[nn.Module, Any, Any], None]:
+def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     """A forward hook that always runs as Python, also inside ``torch.compile(model)``: traced,
     its writes to the probes' state (a staged row filled, the step's value budget) would be
     replayed as the constants of the first trace, and later probe steps would find nothing

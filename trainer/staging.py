@@ -80,6 +80,12 @@ class Staging:
         """A probe step begins (``Probes.arm``)."""
         self._probe_id += 1
 
+    def discard(self) -> None:
+        """Forget what this probe step staged so far (evaluation passes before its training
+        pass); kept stacks stay, their rows unfilled until written again."""
+        self._probe_id += 1
+        self._staged, self._values = {}, 0
+
     def clear(self) -> None:
         """Drop what is staged and every kept stack (``Probes.close``)."""
         self._staged, self._values, self.slots = {}, 0, {}

@@ -548,6 +548,9 @@ class _Net(nn.Module):
         ({"names": ["head", "enc.1"]}, ["enc.1", "head"]),
         ({"exclude": "enc"}, ["head"]),
         ({"types": (nn.Linear,), "exclude": ["head"]}, ["enc.0", "enc.2"]),
+        # a container's name is everything in it (it probed nothing, silently)
+        ({"names": ["enc"]}, ["enc.0", "enc.1", "enc.2", "enc.3"]),
+        ({"exclude": ["enc"]}, ["head"]),
     ],
 )
 def test_filters(kwargs: dict[str, Any], expected: list[str]) -> None:
@@ -559,6 +562,8 @@ def test_filters(kwargs: dict[str, Any], expected: list[str]) -> None:
     ("kwargs", "message"),
     [
         ({"names": ["enc.9"]}, "no module named"),
+        ({"names": "^nothing"}, "selects no layer to probe"),
+        ({"names": ["enc.1"], "types": (nn.Linear,)}, "selects no layer to probe"),
         ({"exclude": "("}, "not a valid regular expression"),
         ({"activations": {"head": "swoosh"}}, "unknown function"),
         ({"activations": {"enc.1": "tanh"}}, "itself an activation"),

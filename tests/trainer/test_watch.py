@@ -345,3 +345,50 @@ def test_a_compiled_model_gets_full_statistics_on_every_probe_step(tmp_path: Pat
     with watch(nn.DataParallel(base), opt, run_dir=tmp_path / "dp", server="") as w:
         assert w.probes is not None
         assert [row["name"] for row in w.probes.layer_table()] == ["0", "1", "2"]
+
+
+def test_an_evaluation_pass_is_not_mixed_into_the_next_probe_step(tmp_path: Path) -> None:
+    """Probes are armed from watch() on (step 1 is the network as initialised), so a
+    validation pass before the first step (model.eval() under no_grad, on data of another
+    scale) was merged into step 1's statistics, as was one after the training pass; a
+    frozen part run under no_grad inside a training forward is still recorded (and
+    evaluation passes alone still make a probe step: test_probes' eval-mode test)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                x = self.frozen(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.0)
+    x_val, x = torch.randn(1000, 4) * 10 + 50, torch.randn(16, 4)
+    with watch(model, opt, run_dir=tmp_path, every=100, server="") as w:
+        model.eval()
+        with torch.no_grad():
+            w.eval(val_loss=model(x_val).pow(2).mean())
+        model.train()
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()  # and one after the training pass, before w.step(): skipped
+        with torch.no_grad():
+            w.eval(val_loss=model(x_val).pow(2).mean())
+        model.train()
+        w.step(loss=loss)
+    (probe,) = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    got = {e["name"]: e for e in probe["layers"]}
+    with torch.no_grad():
+        frozen_out = model.frozen(x)
+        head_out = model.head(frozen_out)
+    for name, want in (("frozen", frozen_out), ("head", head_out)):
+        assert got[name]["max"] == pytest.approx(float(want.max()), rel=1e-5), name
+        assert got[name]["mean"] == pytest.approx(float(want.mean()), rel=1e-4, abs=1e-6), name
+        assert sum(got[name]["hist"]["counts"]) == want.numel(), name

@@ -1,7 +1,7 @@
 """pages — the dashboard's HTML shells, its static files and the experiment schema.
 
 Owns: ``router`` (included by ``create_app``): ``/`` (runs list), ``/runs/{id}``
-(live and replay view), ``/compare?ids=a,b``, ``/labs/{id}`` (the init lab's comparison), ``/static/plotly.min.js`` (served from
+(live and replay view), ``/compare?ids=a&ids=b``, ``/labs/{id}`` (the init lab's comparison), ``/static/plotly.min.js`` (served from
 the installed ``plotly`` package, so the dashboard works offline), ``/static/...``
 (``layerscope.web``'s files), ``/api/experiment_schema`` (the New-run form is
 generated from it) and the run page's preload list (its ES module graph, read from the
@@ -20,9 +20,9 @@ import importlib.util
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from layerscope.server import __version__
@@ -121,8 +121,11 @@ def run_page(request: Request, run_id: str) -> Response:
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
-def compare_page(request: Request, ids: str = "") -> Response:
-    run_ids = [x for x in (part.strip() for part in ids.split(",")) if x]
+def compare_page(request: Request, ids: Annotated[list[str], Query()] = []) -> Response:  # noqa: B006
+    """``?ids=a&ids=b``: each value one run id, verbatim (an id may hold a comma); a single
+    ``?ids=a,b`` is split on commas (the older links' form)."""
+    parts = ids[0].split(",") if len(ids) == 1 else ids
+    run_ids = list(dict.fromkeys(x for x in (part.strip() for part in parts) if x))
     return templates.TemplateResponse(
         request, "compare.html", _context(request, page="compare", run_ids=run_ids)
     )

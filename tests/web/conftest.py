@@ -128,10 +128,14 @@ def write_recorded_run(
     every: int,
     config: dict[str, Any] | None = None,
     events: Sequence[tuple[int, str, dict[str, Any]]] = (),
+    layer_names: Sequence[str] | None = None,
 ) -> None:
     """A finished run written straight through the real Store (no trainer), frames validated
     by wire exactly as ingest would: loss every step, a probe frame every `every` steps, then
-    each of `events` (step, kind, data) as the trainer would send it."""
+    each of `events` (step, kind, data) as the trainer would send it. Layers are named
+    `layer0`, `layer1`, ... unless `layer_names` (one per layer) says otherwise."""
+    names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(layers)]
+    assert len(names) == layers
 
     def frames() -> Iterator[dict[str, Any]]:
         seq = 0
@@ -146,7 +150,7 @@ def write_recorded_run(
             seq += 1
             probe = [
                 {
-                    "name": f"layer{i}",
+                    "name": names[i],
                     "mean": 0.0,
                     "std": 1.0 / (1 + i),
                     "dead_ratio": (step / steps) * i / layers,
@@ -185,9 +189,7 @@ def write_recorded_run(
                 "run_id": run_id,
                 "name": run_id,
                 "config": config or {"source": "recorded"},
-                "layers": [
-                    {"name": f"layer{i}", "kind": "ReLU", "units": 8} for i in range(layers)
-                ],
+                "layers": [{"name": name, "kind": "ReLU", "units": 8} for name in names],
             }
             await store.hello(wire.validate_hello(hello))
             await store.append(run_id, list(frames()))

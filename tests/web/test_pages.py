@@ -54,8 +54,10 @@ def test_pages_render_their_shells(server: LiveServer) -> None:
     assert run.status_code == 200
     assert 'data-run-id="some-run"' in run.text
     assert "/static/plotly.min.js" in run.text
-    compare = server.api("GET", "/compare", params={"ids": "a,b"})
-    assert compare.status_code == 200 and 'data-run-ids="a,b"' in compare.text
+    compare = server.api("GET", "/compare", params={"ids": "a,b"})  # the older form: split
+    assert compare.status_code == 200 and 'data-run-ids="[&#34;a&#34;, &#34;b&#34;]"' in compare.text
+    compare = server.api("GET", "/compare", params=[("ids", "a,b"), ("ids", "c")])  # one id each
+    assert 'data-run-ids="[&#34;a,b&#34;, &#34;c&#34;]"' in compare.text
 
 
 def test_run_page_preloads_its_whole_module_graph_and_runs_plotly_itself(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from conftest import (
@@ -177,9 +178,49 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             assert markers["text"][0].startswith("rule: validation loss plateau")
             listed = server.api("GET", "/api/runs/ruled/commands").json()
             assert [(c["origin"], c["source"]) for c in listed] == [("trainer", "rule")]
+            # the acknowledged state says at which step each part took its value, after a
+            # (re)load too: the steps come from the stored commands
+            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (step 250)")
+            expect(page.locator("#acked")).to_contain_text("last: set_lr_scale at step 250")
 
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+def test_odd_run_ids_and_layer_names_step_0_and_space_on_a_dropdown(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A run id holding '#', '?', ',' and a space (watch() takes it) gets a working export
+    link; nn.Sequential's layer names ('0.1', '0.10', '1') are rows of their own in the
+    heatmaps, not numbers on a linear axis; a ?step=0 link draws the cursor at step 0; and
+    Space on a focused dropdown opens it instead of playing the replay (or pausing a run)."""
+    data_dir = tmp_path / "data"
+    run_id = "exp #1?lr=0.1,bs=32"
+    names = ["0.1", "0.10", "0.11", "1"]
+    write_recorded_run(data_dir, run_id, steps=200, layers=4, every=20, layer_names=names)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/{quote(run_id, safe='')}?step=0")
+            for chart in ("chart-loss", "chart-dead"):
+                assert cursor_lines(page, chart) == [0], chart
+            href = page.eval_on_selector("#export", "el => el.href")
+            assert server.client.get(href).status_code == 200, href
+            axis = page.evaluate(
+                "() => { const l = document.getElementById('chart-dead')._fullLayout.yaxis;"
+                " return {type: l.type, ticks: l._vals.map(v => v.text)}; }"
+            )
+            assert axis["type"] == "category" and sorted(axis["ticks"]) == sorted(names)
+
+            summary = page.locator("#freeze-picker summary")
+            summary.focus()
+            page.keyboard.press("Space")
+            expect(page.locator("#freeze-picker")).to_have_attribute("open", "")
+            assert page.locator("#play").inner_text() == "▶", "Space played the replay"
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

@@ -3,11 +3,25 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from conftest import LiveServer, PageGuard, chart_points, open_ready, screenshot, wait_for
-from playwright.sync_api import Locator, Page, expect
+from conftest import (
+    LiveServer,
+    PageGuard,
+    chart_points,
+    guarded_page,
+    open_ready,
+    screenshot,
+    serve,
+    server_settings,
+    wait_for,
+    write_recorded_run,
+)
+from playwright.sync_api import Browser, Locator, Page, expect
 
 pytestmark = pytest.mark.browser
 
@@ -110,3 +124,36 @@ def test_new_run_form_shows_inline_errors_then_starts_a_run(
     page.click("#confirm-ok")
     expect(new_row).to_have_count(0)
     assert server.api("GET", f"/api/runs/{run_id}").status_code == 404
+
+
+def test_comparison_keeps_each_runs_curve_under_its_name_with_commas_and_a_deleted_run(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Run ids may hold commas (one ids= per run; the older single ids=a,b is still split),
+    and a run that stops loading (deleted since) keeps its slot: the charts' traces are by
+    position, and dropping it moved every later run's curve under the run before it."""
+    data_dir = tmp_path / "data"
+    for run_id, steps in (("gone", 300), ("plain", 200), ("lr=0.1,bs=32", 100)):
+        write_recorded_run(data_dir, run_id, steps=steps, layers=2, every=50)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            ids = "&".join(f"ids={quote(i, safe='')}" for i in ("gone", "plain", "lr=0.1,bs=32"))
+            open_ready(page, f"{server.url}/compare?{ids}")
+            legend = page.locator("#legend li")
+            expect(legend).to_have_count(3)
+            expect(legend.nth(2)).to_have_text("lr=0.1,bs=32 (finished)")
+            assert chart_points(page, "chart-loss")[0::2] == [300, 200, 100]  # train losses
+            assert server.api("DELETE", "/api/runs/gone").status_code == 204
+            expect(page.locator("#banner")).to_contain_text("Not found: gone", timeout=20_000)
+            time.sleep(1.0)  # the refresh's series requests come after the details
+            assert chart_points(page, "chart-loss")[0::2] == [300, 200, 100]
+            names = page.evaluate("Array.from(document.getElementById('chart-loss').data, t => t.name)")
+            assert names[0::2] == ["gone train", "plain train", "lr=0.1,bs=32 train"]
+
+            open_ready(page, f"{server.url}/compare?ids=plain,{quote('lr=0.1', safe='')}")
+            expect(page.locator("#banner")).to_contain_text("Not found: lr=0.1")  # split: old form
+        finally:
+            page.context.close()
+        assert not [e for e in guard.errors if "404" not in e], guard.errors
+        assert not guard.remote, guard.remote

@@ -1,5 +1,5 @@
 /**
- * compare.js — the comparison page (/compare?ids=a,b): loss and validation loss of
+ * compare.js — the comparison page (/compare?ids=a&ids=b): loss and validation loss of
  * every run overlaid, and the dead and saturated ratio of one chosen layer across
  * the runs. Re-fetched every few seconds while any of them is still running.
  * Never: changes a run; this page only reads.
@@ -12,9 +12,10 @@ import { setCondition } from "./notify.js";
 const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
 const REFRESH_MS = 5000;
 const $ = (id) => document.getElementById(id);
-const ids = (document.body.dataset.runIds || "").split(",").filter(Boolean);
+const ids = JSON.parse(document.body.dataset.runIds || "[]"); // ids may hold commas
 
 let details = [];
+let charted = []; // the requested ids that loaded first, in chart order
 let loss;
 let dead;
 let sat;
@@ -23,7 +24,17 @@ async function loadDetails() {
   const answers = await Promise.allSettled(ids.map((id) => getJSON(runUrl(id))));
   const missing = ids.filter((_, i) => answers[i].status === "rejected");
   setCondition("missing", missing.length ? `Not found: ${missing.join(", ")}` : null, "warn");
-  details = answers.filter((a) => a.status === "fulfilled").map((a) => a.value);
+  const fresh = new Map();
+  answers.forEach((a, i) => { if (a.status === "fulfilled") fresh.set(ids[i], a.value); });
+  if (!charted.length) {
+    charted = ids.filter((id) => fresh.has(id));
+    details = charted.map((id) => fresh.get(id));
+    return;
+  }
+  // The charts' traces are by position: a charted run keeps its slot, with its last
+  // detail when a refresh cannot load it (deleted since, or a failed request); dropping
+  // it shifted every later run's data under the run before it.
+  details = charted.map((id, i) => fresh.get(id) || details[i]);
 }
 
 function buildCharts() {
@@ -55,8 +66,10 @@ function buildCharts() {
 }
 
 async function loadLoss() {
-  const all = await Promise.all(details.map((d) => getJSON(runUrl(d.id, "series", { names: "loss,val_loss", max_points: 1500 }))));
-  all.forEach((s, i) => {
+  const all = await Promise.allSettled(details.map((d) => getJSON(runUrl(d.id, "series", { names: "loss,val_loss", max_points: 1500 }))));
+  all.forEach((answer, i) => {
+    if (answer.status === "rejected") return; // keeps what it showed (see loadDetails)
+    const s = answer.value;
     if (s.loss) loss.setSeries(2 * i, s.loss.steps, s.loss.values);
     if (s.val_loss) loss.setSeries(2 * i + 1, s.val_loss.steps, s.val_loss.values);
   });
@@ -65,11 +78,13 @@ async function loadLoss() {
 async function loadLayer() {
   const layer = $("layer").value;
   if (!layer) return;
-  const all = await Promise.all(details.map((d) =>
+  const all = await Promise.allSettled(details.map((d) =>
     (d.layers || []).some((l) => l.name === layer)
       ? getJSON(runUrl(d.id, "probes", { layer, stats: "dead_ratio,saturated_ratio", max_points: 1500 }))
       : Promise.resolve(null)));
-  all.forEach((p, i) => {
+  all.forEach((answer, i) => {
+    if (answer.status === "rejected") return;
+    const p = answer.value;
     dead.setSeries(i, p ? p.steps : [], p ? p.dead_ratio : []);
     sat.setSeries(i, p ? p.steps : [], p ? p.saturated_ratio : []);
   });

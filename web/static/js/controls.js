@@ -123,6 +123,29 @@ export class Controls {
     this.render();
   }
 
+  /**
+   * The steps the acknowledged state took its values at, from the run's stored commands
+   * (GET /commands, oldest first): after a reload the state comes without them. A key a
+   * live acknowledgement has set already keeps its step.
+   */
+  historyFrom(commands) {
+    let before = DEFAULT_STATE;
+    let last = null;
+    const since = {};
+    for (const c of commands) {
+      if (c.status !== "applied" || !c.state || c.applied_at_step == null) continue;
+      const after = { ...DEFAULT_STATE, ...c.state };
+      for (const key of ["paused", "lr_scale", "weight_decay_enabled", "frozen"]) {
+        if (JSON.stringify(before[key]) !== JSON.stringify(after[key])) since[key] = c.applied_at_step;
+      }
+      before = after;
+      last = { name: c.name, step: c.applied_at_step };
+    }
+    this.since = { ...since, ...this.since };
+    if (!this.lastApplied && last) this.lastApplied = last;
+    this.render();
+  }
+
   /** The server's immediate answer to a command sent on the socket. */
   serverResult(msg) {
     if (!this.pending.has(msg.id)) return;
@@ -211,7 +234,10 @@ export class Controls {
   key(ev) {
     if (ev.code !== "Space" || ev.repeat) return;
     const t = ev.target;
-    if (t instanceof HTMLElement && t.closest("input, select, textarea, button, [contenteditable]")) return;
+    // Space belongs to whatever has focus and takes it: a field, a button, a link, a
+    // <summary> (the Layers and Alerts dropdowns, every "?" help), a focusable widget.
+    const own = "input, select, textarea, button, summary, a[href], [tabindex], [contenteditable]";
+    if (t instanceof HTMLElement && t !== document.body && t.closest(own)) return;
     ev.preventDefault();
     if (ENDED.has(this.status) && this.spaceFallback) this.spaceFallback();
     else this.click("pause-toggle");

@@ -99,7 +99,12 @@ export class LayerHeatmap {
       showlegend: false,
       margin: { l: 110, r: 8, t: 6, b: 32 },
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
-      yaxis: { ...baseLayout().yaxis, autorange: "reversed", tickfont: { size: 9 }, automargin: true },
+      // category: layer names like nn.Sequential's "0.1", "0.10", "1" are labels, not
+      // numbers (a linear axis drew "0.1" and "0.10" on one row)
+      yaxis: {
+        ...baseLayout().yaxis, type: "category", autorange: "reversed",
+        tickfont: { size: 9 }, automargin: true,
+      },
       shapes,
     });
     return P.react(this.div, data, layout, PLOT_CONFIG);

@@ -28,7 +28,7 @@ export class Replay {
     this.first = 0;
     this.last = 0;
     this.pace = 1;          // recorded steps per second at ×1
-    this.cursor = 0;
+    this.cursor = null;     // no step drawn yet: the first seek draws, even to step 0
     this.exact = 0;         // fractional cursor while playing
     this.playing = false;
     this.frame = null;

@@ -197,6 +197,7 @@ function loadHistory(detail) {
   const marked = cmds.then((c) => {
     for (const command of c) markers.fromCommand(command);
     drawMarkers();
+    controls.historyFrom(c);
   });
   const lines = series.then((s) => {
     for (const [name, points] of Object.entries(s)) {

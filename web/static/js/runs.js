@@ -273,7 +273,8 @@ $("lab-cancel").addEventListener("click", () => $("lab-dialog").close());
 $("lab-form").addEventListener("submit", submitLab);
 $("filter").addEventListener("input", render);
 $("compare").addEventListener("click", () => {
-  location.href = `/compare?ids=${[...selected].map(encodeURIComponent).join(",")}`;
+  // one ids= per run: an id may hold a comma
+  location.href = `/compare?${[...selected].map((id) => `ids=${encodeURIComponent(id)}`).join("&")}`;
 });
 $("select-all").addEventListener("change", (ev) => {
   for (const run of runs) {

@@ -56,15 +56,19 @@ Hist = tuple[float, float, list[int]]
 def common_edges(hists: Sequence[Hist | None], bins: int) -> list[float]:
     """bins+1 evenly spaced edges from the lowest lo to the highest hi.
 
-    A zero-width range (every value equal) is widened by 0.5 on each side so the
-    mass still lands in a visible bin; no histogram at all gives [0, 1].
+    A zero-width range (every value equal) is widened by 0.5 on each side (by a
+    billionth of the value past 5e8, where adding 0.5 would be lost to rounding) so the
+    mass still lands in a visible bin; no histogram at all gives [0, 1]. Ranges near
+    the ends of float64 (a diverging run's) keep finite edges: the width is taken as
+    hi/bins - lo/bins, which cannot overflow where hi - lo would.
     """
     present = [h for h in hists if h is not None]
     lo = min((h[0] for h in present), default=0.0)
     hi = max((h[1] for h in present), default=1.0)
     if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    width = (hi - lo) / bins
+        pad = max(0.5, abs(lo) * 1e-9)
+        lo, hi = max(lo - pad, -sys.float_info.max), min(hi + pad, sys.float_info.max)
+    width = hi / bins - lo / bins
     return [lo + i * width for i in range(bins)] + [hi]
 
 
@@ -82,16 +86,19 @@ def resample(hist: Hist, edges: Sequence[float]) -> list[float]:
     if n == 0:
         return [0.0] * bins
     total = float(sum(counts))
+    # Halved before subtracting: differences of values near +-1.8e308 would overflow.
     if hi <= lo:
         row = [0.0] * bins
-        width = (edges[-1] - edges[0]) / bins
-        row[min(bins - 1, max(0, int((lo - edges[0]) / width)))] = total
+        half_span = edges[-1] / 2 - edges[0] / 2
+        at = (lo / 2 - edges[0] / 2) / half_span * bins if half_span > 0 else 0.0
+        row[min(bins - 1, max(0, int(at)))] = total
         return row
     cumulative = [0, *accumulate(counts)]
-    scale = n / (hi - lo)
+    scale = n / (hi / 2 - lo / 2)
+    half_lo = lo / 2
     at_edge = []
     for x in edges:
-        p = (x - lo) * scale
+        p = (x / 2 - half_lo) * scale
         if p <= 0:
             at_edge.append(0.0)
         elif p >= n:

@@ -3,6 +3,7 @@ mass and puts it where the values were."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -65,3 +66,17 @@ def test_degenerate_ranges() -> None:
     assert edges[0] == 0.5 and edges[-1] == 1.5
     assert resample((1.0, 1.0, [0, 5, 0]), edges) == [0.0, 0.0, 5.0, 0.0]
     assert common_edges([None], 2) == [0.0, 0.5, 1.0]
+
+
+def test_huge_and_float_edge_ranges_keep_finite_edges_and_their_mass() -> None:
+    """A diverging run's histograms: every value 1e17 (adding 0.5 is lost to rounding, so
+    the width was 0 and resample divided by it), or values spanning -1e308..1e308 (hi - lo
+    overflows to inf, the edges became NaN): GET /histograms answered 500 for both."""
+    for hist in ((1e17, 1e17, [0, 5, 0]), (-1e308, 1e308, [3, 0, 4]), (1.7e308, 1.7e308, [2])):
+        edges = common_edges([hist], 8)
+        assert all(math.isfinite(e) for e in edges), hist
+        assert all(a < b for a, b in zip(edges, edges[1:], strict=False)), hist
+        row = resample(hist, edges)
+        assert sum(row) == pytest.approx(sum(hist[2])), hist
+    wide = resample((-1e308, 1e308, [3, 0, 4]), common_edges([(-1e308, 1e308, [3, 0, 4])], 3))
+    assert wide == pytest.approx([3.0, 0.0, 4.0])

@@ -11,7 +11,9 @@ app.py's other routers), never imports torch, never returns NaN/Inf.
 
 from __future__ import annotations
 
+import pathlib
 import re
+import shutil
 from collections.abc import Iterator
 from typing import Annotated, Any, Protocol
 
@@ -214,14 +216,31 @@ def get_run(run_id: RunId, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     },
     summary="Delete a run and everything stored for it",
 )
-async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep) -> Response:
+async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep, request: Request) -> Response:
     if _connected(hub, run_id):
         raise HTTPException(409, detail=f"run '{run_id}' has a trainer connected; stop it first")
+    launcher = getattr(request.app.state, "launcher", None)
+    if launcher is not None and launcher.running(run_id):
+        raise HTTPException(
+            409, detail=f"run '{run_id}' has a launched trainer still running; stop it first"
+        )
     if not await store.delete_run(run_id):
         raise _missing(run_id)
     if hub is not None:
         hub.forget_run(run_id)
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None:
+        await run_in_threadpool(_remove_run_folder, settings.data_dir, run_id)
     return Response(status_code=204)
+
+
+def _remove_run_folder(data_dir: pathlib.Path, run_id: str) -> None:
+    """A launched run's folder (data_dir/runs/<id>: its spool, checkpoints, trainer log)
+    goes with the run; only a folder directly under data_dir/runs, whatever the id says."""
+    root = (data_dir / "runs").resolve()
+    folder = (root / run_id).resolve()
+    if folder.parent == root and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _filename(run_id: str) -> str:

@@ -162,13 +162,17 @@ async def launch_init_lab(launcher: Launcher, body: Any) -> dict[str, Any]:
             f"the init lab launches {LAB_RUNS} runs but this server allows {cap} launched runs "
             f"at once; restart it with --max-launched {LAB_RUNS} or more",
         )
-    running = sum(1 for c in launcher.children.values() if c.process.returncode is None)
+    running = launcher.busy()
     if running + LAB_RUNS > cap:
         raise LaunchRefused(
             429,
             f"{running} launched runs are running and the lab needs {LAB_RUNS} more "
             f"(limit {cap}); stop {running + LAB_RUNS - cap} first",
         )
+    # Held at once, before any await: two labs (or a lab and single launches) at the same
+    # moment cannot both pass the check and start part of their runs each.
+    launcher.hold(LAB_RUNS)
+    tried = 0
     runs: list[dict[str, Any]] = []
     record = {
         "id": lab_id,
@@ -179,9 +183,11 @@ async def launch_init_lab(launcher: Launcher, body: Any) -> dict[str, Any]:
     }
     try:
         for scheme, label, config in configs:
-            run_id = await launcher.launch(config)
+            tried += 1
+            run_id = await launcher.launch(config, held=True)
             runs.append({"id": run_id, "scheme": scheme, "label": label})
     finally:
+        launcher.release(LAB_RUNS - tried)  # each launch tried let its own go
         # Even if a launch fails half-way (the OS refused a process), the runs that did
         # start stay findable as one lab.
         if runs:

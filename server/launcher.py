@@ -87,6 +87,9 @@ class Launcher:
         self.term_grace_s = term_grace_s
         self.port = settings.port  # the bound port; serving sets it before the first launch
         self.children: dict[str, Child] = {}
+        # Launches checked against the cap but not yet in ``children`` (a launch awaits the
+        # store and the process start): counted, so concurrent requests cannot all pass.
+        self._held = 0
         self.exit_codes: dict[str, int] = {}
 
     def exit_code(self, run_id: str) -> int | None:
@@ -109,18 +112,49 @@ class Launcher:
             str(run_dir),
         ]
 
-    async def launch(self, body: Any) -> str:
+    def running(self, run_id: str) -> bool:
+        """Whether a trainer this server launched for the run is still running."""
+        child = self.children.get(run_id)
+        return child is not None and child.process.returncode is None
+
+    def busy(self) -> int:
+        """Launched trainers running, plus launches under way (held, not yet started)."""
+        return self._held + sum(1 for c in self.children.values() if c.process.returncode is None)
+
+    def hold(self, n: int) -> None:
+        """Count n launches against the cap before awaiting anything (the caller checked
+        ``busy()`` in the same synchronous stretch); each ``launch(held=True)`` lets one go."""
+        self._held += n
+
+    def release(self, n: int) -> None:
+        self._held -= n
+
+    async def launch(self, body: Any, *, held: bool = False) -> str:
+        """Start a built-in run; ``held``: the caller has counted it (``hold``), and this
+        launch lets that share go whatever happens."""
+        if not held:
+            self.hold(1)
+        try:
+            config = self._checked(body, held)
+            return await self._start(config)
+        finally:
+            self.release(1)  # started (now in children), refused or failed
+
+    def _checked(self, body: Any, held: bool) -> dict[str, Any]:
         try:
             config = wire.validate_experiment(body)
         except wire.ExperimentError as exc:
             raise LaunchRefused(422, exc.errors) from None
-        running = sum(1 for c in self.children.values() if c.process.returncode is None)
-        if running >= self.settings.max_launched:
+        busy = self.busy() - 1  # the others: this launch is held already
+        if not held and busy >= self.settings.max_launched:
             raise LaunchRefused(
                 429,
-                f"{running} launched runs are already running (limit {self.settings.max_launched}); "
-                "stop one first",
+                f"{busy} launched runs are already running (limit "
+                f"{self.settings.max_launched}); stop one first",
             )
+        return config
+
+    async def _start(self, config: dict[str, Any]) -> str:
         run_id = run_id_for(config.get("name"))
         run_dir = self.settings.data_dir / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +195,13 @@ class Launcher:
         elif code != 0:
             tail = log_tail(child.log_path)
             status, reason = "failed", f"trainer exited with code {code}\n{tail}".strip()
+        elif self.hub.is_connected(child.run_id):
+            return  # still saying goodbye: its final status, or liveness, ends the run
         else:
-            return  # a clean exit without a final status: liveness marks it lost if it stays away
+            # A clean exit that never told the server how the run ended (it never reached
+            # it, say): nothing would end the run otherwise; liveness watches connections.
+            status = "lost"
+            reason = "the trainer exited (code 0) without reporting the run's end to the server"
         try:
             await self.store.set_status(child.run_id, status, reason=reason)
         except Exception:

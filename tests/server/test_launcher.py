@@ -9,8 +9,11 @@ started together so the slow part (each child importing torch) overlaps:
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -141,3 +144,71 @@ def test_stop_ends_a_launched_run(launched: tuple[LiveServer, dict[str, Any]]) -
 def test_stop_of_an_unknown_run_is_404(live_server: LiveServer) -> None:
     assert httpx.post(f"{live_server}/api/runs/nope/stop").status_code == 404
 
+
+
+def test_the_cap_holds_for_concurrent_launches_and_a_lab_starts_all_or_none(
+    tmp_path: Path,
+) -> None:
+    """The cap was checked before launch()'s awaits and a child counted only after them:
+    four POSTs at once with --max-launched 1 started four trainers, and two labs at once
+    each started part of their five runs. The child here sleeps (the race is the server's)."""
+    with running_server(make_settings(tmp_path / "data", max_launched=5)) as server:
+        launcher = server.app.state.launcher
+        launcher.command_line = lambda *_: [sys.executable, "-c", "import time; time.sleep(60)"]
+
+        async def post_all(path: str, bodies: list[Any]) -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answers = await asyncio.gather(*(client.post(f"{server}{path}", json=b) for b in bodies))
+            return [a.status_code for a in answers]
+
+        try:
+            lab = {"activation": "tanh"}
+            codes = asyncio.run(post_all("/api/labs/init", [lab, lab]))
+            assert sorted(codes) == [201, 429] and launcher.busy() == 5
+            codes = asyncio.run(post_all("/api/runs", [TINY] * 3))
+            assert codes == [429] * 3 and launcher.busy() == 5
+            # its trainer never connected (it sleeps), yet it runs: not deleted under it
+            some = next(iter(launcher.children))
+            refused = httpx.delete(f"{server}/api/runs/{some}")
+            assert refused.status_code == 409 and "still running" in refused.json()["detail"]
+        finally:
+            for child in list(launcher.children.values()):
+                child.process.kill()
+        wait_for(lambda: launcher.busy() == 0, timeout=30, what="the children to be reaped")
+        codes = asyncio.run(post_all("/api/runs", [TINY] * 3))
+        try:
+            assert launcher.busy() == 3 and codes == [201] * 3
+        finally:
+            for child in list(launcher.children.values()):
+                child.process.kill()
+
+
+def test_a_launched_trainer_that_exits_cleanly_without_connecting_ends_the_run_lost(
+    tmp_path: Path,
+) -> None:
+    """A clean exit with no final status (it never reached the server) left the run
+    'starting' for good: nothing else ends a run that never connected."""
+    with running_server(make_settings(tmp_path / "data")) as server:
+        launcher = server.app.state.launcher
+        launcher.command_line = lambda *_: [sys.executable, "-c", "pass"]
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        wait_for(lambda: status_of(server, run_id) == "lost", timeout=30, what="the run to end")
+        detail = httpx.get(f"{server}/api/runs/{run_id}").json()
+        assert "without reporting" in detail["status_reason"]
+
+
+def test_deleting_a_launched_run_removes_its_folder(
+    launched: tuple[LiveServer, dict[str, Any]],
+) -> None:
+    """The run folder (config, spool of every frame, checkpoints, trainer log) stayed on
+    disk after DELETE; a run whose launched trainer still runs is refused (409) first."""
+    server, launches = launched
+    run_id = launches["tiny"]["id"]
+    wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the tiny run to end")
+    launcher = server.app.state.launcher
+    wait_for(lambda: not launcher.running(run_id), what="the child to exit")
+    folder = server.data_dir / "runs" / run_id
+    assert (folder / "spool.bin").is_file()
+    assert httpx.delete(f"{server}/api/runs/{run_id}").status_code == 204
+    assert not folder.exists()
+    assert (server.data_dir / "runs").is_dir()  # the other runs' folders stay

@@ -296,6 +296,14 @@ class Control:
         unknown = [name for name in layers if name not in known]
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown}; layers are module names like 'fc1'")
+        if frozen and getattr(self.optimizer, "_params", None) is not None:
+            # LBFGS keeps the parameter list it was built with: taking parameters out of
+            # the group for a step would not stop it updating them.
+            raise ValueError(
+                f"{type(self.optimizer).__name__} keeps its own parameter list, so layers "
+                "cannot be frozen through its param groups; set requires_grad_(False) on "
+                "them in the training script instead"
+            )
         target = self.frozen | set(layers) if frozen else self.frozen - set(layers)
         self.frozen = target
         if self.rules is not None:

@@ -234,6 +234,7 @@ class Probes:
         # model's own pre/post hooks tell them apart; a step of evaluation passes alone
         # (probing a model for inspection) keeps them. A no_grad block inside a training
         # forward (a frozen backbone) is recorded: the model is in training mode there.
+        self._closure_step = False  # this step's optimizer.step() was given a closure
         self._model = model
         self._skipping = False  # in an evaluation pass after this step's training pass
         self._trained = False  # a training pass was recorded this probe step
@@ -547,12 +548,22 @@ class Probes:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._armed:
             return
+        # optimizer.step(closure) (LBFGS): the closure computes this step's gradients inside
+        # step(), so they are read after it; before it they are the last step's, or None.
+        # (the hook's args hold the optimizer itself first, then step()'s own)
+        self._closure_step = len(args) > 1 or kwargs.get("closure") is not None
         self._param_result = self._read_params()
         self._updates.before_step()
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._armed or self._param_result is None:
             return
+        if self._closure_step:  # the gradients as the closure left them, the weights before
+            before_present, before, nan = self._param_result
+            present, after, _ = self._read_params()
+            with torch.inference_mode():
+                norms = torch.cat([after[: sum(present)], before[sum(before_present) :]])
+            self._param_result = (present, norms, nan)
         updates = self._updates.after_step(self._device)
         if updates is not None:
             present, norms, _ = self._param_result

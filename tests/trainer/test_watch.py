@@ -392,3 +392,44 @@ def test_an_evaluation_pass_is_not_mixed_into_the_next_probe_step(tmp_path: Path
         assert got[name]["max"] == pytest.approx(float(want.max()), rel=1e-5), name
         assert got[name]["mean"] == pytest.approx(float(want.mean()), rel=1e-4, abs=1e-6), name
         assert sum(got[name]["hist"]["counts"]) == want.numel(), name
+
+
+def test_lbfgs_gets_this_steps_gradient_norms_and_freezing_it_is_refused(tmp_path: Path) -> None:
+    """optimizer.step(closure): the closure computes the gradients inside step(), so the
+    pre-step hook read the last step's (or none: step 1 had no grad_norm). And LBFGS keeps
+    its own parameter list: a freeze was acknowledged while the layer kept training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    expected = []
+    with watch(model, opt, run_dir=tmp_path, every=1, server="") as w:
+        for _ in range(3):
+            # with max_iter=1 the closure runs once, at the weights before the update
+            before = [p.detach().clone() for p in model.parameters()]
+            clone = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+            with torch.no_grad():
+                for p, b in zip(clone.parameters(), before, strict=True):
+                    p.copy_(b)
+            (clone(x) - y).pow(2).mean().backward()
+            expected.append(torch.cat([p.grad.reshape(-1) for p in clone.parameters()]).norm())
+            if not expected[1:]:
+                first_weights = before
+            loss = opt.step(closure)
+            w.step(loss=loss)
+        result = w.command("set_frozen", {"layers": ["0"], "frozen": True})
+    assert not result["ok"] and "own parameter list" in result["error"]
+    got = [row["values"].get("grad_norm") for row in rows(frames(tmp_path))]
+    assert got == pytest.approx([float(e) for e in expected], rel=1e-5)
+    # the weight norm is the weights' before the update, as for any other optimizer
+    (first,) = [f for f in frames(tmp_path) if f["type"] == "probe" and f["step"] == 1]
+    layer0 = next(e for e in first["layers"] if e["name"] == "0")
+    w0 = torch.cat([b.reshape(-1) for b in first_weights[:2]]).norm()
+    assert layer0["weight_norm"] == pytest.approx(float(w0), rel=1e-5)

@@ -12,6 +12,7 @@ Never: touches SQLite or HTTP; pure functions over plain lists.
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 from array import array
@@ -59,8 +60,8 @@ def common_edges(hists: Sequence[Hist | None], bins: int) -> list[float]:
     A zero-width range (every value equal) is widened by 0.5 on each side (by a
     billionth of the value past 5e8, where adding 0.5 would be lost to rounding) so the
     mass still lands in a visible bin; no histogram at all gives [0, 1]. Ranges near
-    the ends of float64 (a diverging run's) keep finite edges: the width is taken as
-    hi/bins - lo/bins, which cannot overflow where hi - lo would.
+    the ends of float64 (a diverging run's) keep finite edges: where hi - lo overflows,
+    the width is taken as hi/bins - lo/bins.
     """
     present = [h for h in hists if h is not None]
     lo = min((h[0] for h in present), default=0.0)
@@ -68,7 +69,8 @@ def common_edges(hists: Sequence[Hist | None], bins: int) -> list[float]:
     if hi <= lo:
         pad = max(0.5, abs(lo) * 1e-9)
         lo, hi = max(lo - pad, -sys.float_info.max), min(hi + pad, sys.float_info.max)
-    width = hi / bins - lo / bins
+    span = hi - lo
+    width = span / bins if span != math.inf else hi / bins - lo / bins
     return [lo + i * width for i in range(bins)] + [hi]
 
 
@@ -86,19 +88,22 @@ def resample(hist: Hist, edges: Sequence[float]) -> list[float]:
     if n == 0:
         return [0.0] * bins
     total = float(sum(counts))
-    # Halved before subtracting: differences of values near +-1.8e308 would overflow.
-    if hi <= lo:
+    # Differences of values near +-1.8e308 overflow: those ranges are taken halved (exact
+    # in binary, so only they differ), and a range too small to have a width is a point.
+    halve = edges[-1] - edges[0] == math.inf or hi - lo == math.inf
+    f = 0.5 if halve else 1.0
+    if hi * f - lo * f <= 0 or not math.isfinite(n / (hi * f - lo * f)):
         row = [0.0] * bins
-        half_span = edges[-1] / 2 - edges[0] / 2
-        at = (lo / 2 - edges[0] / 2) / half_span * bins if half_span > 0 else 0.0
+        span = edges[-1] * f - edges[0] * f
+        at = (lo * f - edges[0] * f) / span * bins if span > 0 else 0.0
         row[min(bins - 1, max(0, int(at)))] = total
         return row
     cumulative = [0, *accumulate(counts)]
-    scale = n / (hi / 2 - lo / 2)
-    half_lo = lo / 2
+    scale = n / (hi * f - lo * f)
+    lo_f = lo * f
     at_edge = []
     for x in edges:
-        p = (x / 2 - half_lo) * scale
+        p = (x * f - lo_f) * scale
         if p <= 0:
             at_edge.append(0.0)
         elif p >= n:

@@ -80,3 +80,16 @@ def test_huge_and_float_edge_ranges_keep_finite_edges_and_their_mass() -> None:
         assert sum(row) == pytest.approx(sum(hist[2])), hist
     wide = resample((-1e308, 1e308, [3, 0, 4]), common_edges([(-1e308, 1e308, [3, 0, 4])], 3))
     assert wide == pytest.approx([3.0, 0.0, 4.0])
+
+
+def test_ordinary_ranges_resample_exactly_as_before_and_a_subnormal_range_is_a_point() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        lo = rng.uniform(-100, 100)
+        hist = (lo, lo + rng.uniform(0.001, 50), [rng.randint(0, 9) for _ in range(7)])
+        edges = common_edges([hist], 13)
+        width = (hist[1] - lo) / 13
+        assert edges == [lo + i * width for i in range(13)] + [hist[1]]
+        assert sum(resample(hist, edges)) == pytest.approx(sum(hist[2]))
+    tiny = (0.0, 5e-324, [1, 2])
+    assert sum(resample(tiny, common_edges([tiny], 4))) == 3

@@ -220,10 +220,10 @@ async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep, request: Reque
     if _connected(hub, run_id):
         raise HTTPException(409, detail=f"run '{run_id}' has a trainer connected; stop it first")
     launcher = getattr(request.app.state, "launcher", None)
-    if launcher is not None and launcher.running(run_id):
-        raise HTTPException(
-            409, detail=f"run '{run_id}' has a launched trainer still running; stop it first"
-        )
+    if launcher is not None and store.run(run_id) is not None:
+        # a launched trainer not (or no longer) connected, still running: it ends first,
+        # so nothing writes the run's folder or records its end once the run is gone
+        await launcher.end(run_id)
     if not await store.delete_run(run_id):
         raise _missing(run_id)
     if hub is not None:

@@ -35,6 +35,7 @@ log = logging.getLogger("layerscope.launcher")
 
 STOP_GRACE_S = 10.0  # after `stop`, the trainer gets this long to finish its step and exit
 TERM_GRACE_S = 5.0  # after SIGTERM, this long before SIGKILL
+END_GRACE_S = 3.0  # a run being deleted: its trainer, off the server, gets this long to exit
 LOG_TAIL_LINES = 20
 
 
@@ -231,6 +232,23 @@ class Launcher:
             child.stopping = True
             child.stopper = asyncio.get_running_loop().create_task(self._terminate(child))
         return "stopping"
+
+    async def end(self, run_id: str) -> None:
+        """No launched trainer runs for the run once this returns (before its deletion):
+        one that has left the server is given END_GRACE_S to exit by itself, then
+        terminated; the reaper has recorded its exit."""
+        child = self.children.get(run_id)
+        if child is None:
+            return
+        if child.process.returncode is None and child.stopper is None:
+            child.stopping = True
+            child.stopper = asyncio.get_running_loop().create_task(
+                self._terminate(child, grace_s=END_GRACE_S)
+            )
+        if child.stopper is not None:
+            await child.stopper
+        elif child.reaper is not None:
+            await child.reaper
 
     async def _terminate(self, child: Child, grace_s: float | None = None) -> None:
         """Wait for a clean exit, then SIGTERM, then SIGKILL; the reaper records the end."""

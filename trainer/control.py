@@ -292,6 +292,7 @@ class Control:
     def _set_frozen(self, layers: list[str], frozen: bool) -> None:
         if self.model is None:
             raise ValueError("set_frozen needs the model; none was given to watch()")
+        layers = [plain_name(name) for name in layers]  # "module.fc1" as the model names it
         known = {name for name, _ in self.model.named_modules() if name}
         unknown = [name for name in layers if name not in known]
         if unknown:
@@ -375,9 +376,36 @@ class CheckpointError(ValueError):
     """A file that is missing, not a layerscope checkpoint, or for another model."""
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's own model inside ``torch.compile``'s and (Distributed)DataParallel's
+    wrappers: its layers keep the names the user knows (``0``, ``fc1``; not
+    ``_orig_mod.0`` or ``module.fc1``), in the probes, ``set_frozen`` and checkpoints
+    alike. The wrappers call it, so its hooks fire as usual."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def plain_name(name: str) -> str:
+    """A module or parameter name without the wrappers' leading ``_orig_mod.`` (torch.compile)
+    and ``module.`` ((Distributed)DataParallel) segments: as the unwrapped model names it."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the model weights of a checkpoint written by ``Control.checkpoint`` into
-    ``model`` (the optimizer state is not loaded). Returns {path, step, tensors}."""
+    ``model`` (the optimizer state is not loaded); a compiled or DataParallel model loads
+    into the model it wraps. Returns {path, step, tensors}."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -397,7 +425,12 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[s
             f"checkpoint {path}: not a layerscope checkpoint (expected model, optimizer, step)"
         )
     saved: dict[str, Any] = content["model"]
+    model = unwrapped(model)  # watch() saves the model inside compile / DataParallel wrappers
     own = model.state_dict()
+    if any(name not in saved for name in own):  # one saved from a wrapper (older checkpoints)
+        plain = {plain_name(name): tensor for name, tensor in saved.items()}
+        if len(plain) == len(saved):
+            saved = plain
     for name, tensor in own.items():
         if name not in saved:
             raise CheckpointError(f"checkpoint {path}: has no tensor {name}; is it this model?")

@@ -145,7 +145,9 @@ class _Layer(Accumulated):
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
 
-def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], bool] | None:
+def _matcher(
+    pattern: str | Sequence[str] | None, what: str, root: str = "model"
+) -> Callable[[str], bool] | None:
     if pattern is None:
         return None
     if isinstance(pattern, str):
@@ -156,8 +158,11 @@ def _matcher(pattern: str | Sequence[str] | None, what: str) -> Callable[[str], 
                 f"{what}: {pattern!r} is not a valid regular expression: {exc}"
             ) from None
         return lambda name: regex.search(name) is not None
-    # a name is a module and everything inside it, as set_frozen reads it
+    # a name is a module and everything inside it, as set_frozen reads it; the root's
+    # label ("model", unless a submodule has that name) is all of it
     wanted = set(pattern)
+    if root in wanted:
+        return lambda name: True
     prefixes = tuple(f"{name}." for name in wanted)
     return lambda name: name in wanted or name.startswith(prefixes)
 
@@ -227,13 +232,14 @@ class Probes:
             self._param_layout.append((layer.spec.name, indices, slots))
         self._hooks = [(module, self._hook_for(layer)) for layer, module in chosen]
         self._hooks += self._channel_relays(model, {id(module) for _, module in chosen})
-        # An evaluation pass (the model in eval mode, no gradients: the validation idiom)
-        # made while armed is not the probe step's when a training pass comes in the same
+        # An evaluation pass (a call of the model under no_grad or inference_mode: the
+        # validation idiom, model.eval() or not) made while armed is not the probe step's
+        # when a training pass comes in the same
         # step: one before it (a validation pass before the first step, or between steps)
         # is dropped when the training forward starts, one after it is skipped. The
         # model's own pre/post hooks tell them apart; a step of evaluation passes alone
         # (probing a model for inspection) keeps them. A no_grad block inside a training
-        # forward (a frozen backbone) is recorded: the model is in training mode there.
+        # forward (a frozen backbone) is recorded: the model's own call has grads on.
         self._closure_step = False  # this step's optimizer.step() was given a closure
         self._model = model
         self._skipping = False  # in an evaluation pass after this step's training pass
@@ -254,8 +260,11 @@ class Probes:
         exclude: str | Sequence[str] | None,
         activations: dict[str, str],
     ) -> list[tuple[_Layer, nn.Module]]:
-        include, skip = _matcher(names, "names"), _matcher(exclude, "exclude")
         all_names = {name or "model" for name, _ in model.named_modules()}
+        # the root is labelled "model"; a submodule of that name keeps it (the root is then
+        # not nameable in a list)
+        root = "" if any(name == "model" for name, _ in model.named_modules()) else "model"
+        include, skip = _matcher(names, "names", root), _matcher(exclude, "exclude", root)
         for label, given in (("names", names), ("exclude", exclude)):
             if given is not None and not isinstance(given, str):
                 unknown = sorted(set(given) - all_names)
@@ -414,7 +423,7 @@ class Probes:
         return _eager(hook)
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if not module.training and not torch.is_grad_enabled():  # an evaluation pass
+        if not torch.is_grad_enabled():  # an evaluation pass: no step trains without grads
             self._skipping = self._trained
             self._eval_only = not self._trained
             return

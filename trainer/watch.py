@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
-from layerscope.trainer.control import Control
+from layerscope.trainer.control import Control, plain_name, unwrapped
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
 from layerscope.trainer.link import Link
@@ -140,11 +140,13 @@ class Watch:
                     optimizer,
                     bins=bins,
                     types=tuple(types) if types is not None else None,
-                    names=layers if isinstance(layers, str) or layers is None else list(layers),
+                    names=layers if isinstance(layers, str) or layers is None else _plain(layers),
                     exclude=exclude
                     if isinstance(exclude, str) or exclude is None
-                    else list(exclude),
-                    activations=activations,
+                    else _plain(exclude),
+                    activations={plain_name(k): v for k, v in activations.items()}
+                    if activations
+                    else activations,
                 )
             hello = {
                 "type": "hello",
@@ -441,6 +443,11 @@ class Watch:
             self.probes.close()
 
 
+def _plain(names: Iterable[str]) -> list[str]:
+    """Listed layer names as the unwrapped model has them (``module.fc1`` -> ``fc1``)."""
+    return [plain_name(name) for name in names]
+
+
 def _model_device(model: nn.Module | None) -> torch.device:
     if model is not None:
         for p in model.parameters():
@@ -482,21 +489,6 @@ def _run_config(
         out.setdefault("batch_size", batch_size)
     out.setdefault("every", every)
     return out
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The user's own model inside ``torch.compile``'s and (Distributed)DataParallel's
-    wrappers: its layers keep the names the user knows (``0``, ``fc1``; not
-    ``_orig_mod.0`` or ``module.fc1``), in the probes, ``set_frozen`` and checkpoints
-    alike. The wrappers call it, so its hooks fire as usual."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def watch(

@@ -551,6 +551,7 @@ class _Net(nn.Module):
         # a container's name is everything in it (it probed nothing, silently)
         ({"names": ["enc"]}, ["enc.0", "enc.1", "enc.2", "enc.3"]),
         ({"exclude": ["enc"]}, ["head"]),
+        ({"names": ["model"]}, ["enc.0", "enc.1", "enc.2", "enc.3", "head"]),  # the root
     ],
 )
 def test_filters(kwargs: dict[str, Any], expected: list[str]) -> None:

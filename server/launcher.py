@@ -157,7 +157,7 @@ class Launcher:
 
     async def _start(self, config: dict[str, Any]) -> str:
         run_id = run_id_for(config.get("name"))
-        run_dir = self.settings.data_dir / "runs" / run_id
+        run_dir = (self.settings.data_dir / "runs" / run_id).absolute()  # the child's cwd
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(config, indent=2))

@@ -47,7 +47,9 @@ class Settings:
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        # Absolute from here on: launched trainers run in their run's folder, and a relative
+        # data dir (the default, layerscope-data) named paths they could not find.
+        object.__setattr__(self, "data_dir", Path(self.data_dir).absolute())
         if not (0 <= self.port <= 65535):
             raise SettingsError(f"port {self.port} is out of range 0-65535")
         if self.max_launched < 0:

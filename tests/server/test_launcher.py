@@ -214,3 +214,18 @@ def test_deleting_a_launched_run_removes_its_folder(
     assert httpx.delete(f"{server}/api/runs/{run_id}").status_code == 204
     assert not folder.exists()
     assert (server.data_dir / "runs").is_dir()  # the other runs' folders stay
+
+
+def test_a_launch_from_a_relative_data_dir_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default data dir is relative (layerscope-data); the trainer runs in its run's
+    folder, so the relative --config and --run-dir it was given named nothing there: the
+    README's first command printed a dashboard URL for a demo run that had already failed."""
+    monkeypatch.chdir(tmp_path)
+    with running_server(make_settings(Path("layerscope-data"))) as server:
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the run to end")
+        detail = httpx.get(f"{server}/api/runs/{run_id}").json()
+        assert detail["status"] == "finished", detail["status_reason"]
+        assert (tmp_path / "layerscope-data" / "runs" / run_id / "spool.bin").is_file()

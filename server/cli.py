@@ -59,7 +59,7 @@ def _add_server_options(p: argparse.ArgumentParser, *, demo: bool = False) -> No
         "--max-launched",
         type=int,
         default=None,
-        help="cap on concurrently launched built-in runs (default 4)",
+        help="cap on concurrently launched built-in runs (default 6: the init lab's five and one more)",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 

@@ -39,7 +39,7 @@ class Settings:
     # Extra Host header names accepted besides the bound host and loopback names
     # (e.g. "server" for a docker-compose service name).
     allowed_hosts: tuple[str, ...] = ()
-    max_launched: int = 4
+    max_launched: int = 6  # the init lab's five runs and one more (the demo's)
     heartbeat_timeout_s: float = 15.0  # a trainer silent this long is `lost`
     reconnect_grace_s: float = 30.0  # after a restart, runs left "running" wait this long
     commit_interval_s: float = 0.1  # group commit period of the store's writer
@@ -85,7 +85,7 @@ class Settings:
             allowed_origins=allowed_origins,
             allowed_hosts=allowed_hosts
             or tuple(h for h in env.get("LAYERSCOPE_ALLOWED_HOSTS", "").split(",") if h),
-            max_launched=max_launched if max_launched is not None else 4,
+            max_launched=max_launched if max_launched is not None else 6,
             log_level=log_level,
         )
 

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
 
@@ -205,18 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_lab_parser(sub: Any) -> None:
     lab = sub.add_parser("lab", help=COMMANDS["lab"], description=COMMANDS["lab"])
+    lab.add_argument("--version", action="version", version=f"layerscope {_version()}")
     kinds = lab.add_subparsers(dest="lab_kind", metavar="{init}", required=True)
     init = kinds.add_parser(
         "init",
         help="the same network, data and seed under zero, normal 0.01, normal 1.0, Xavier and "
         "He init; prints the comparison view's URL",
     )
+    init.add_argument("--version", action="version", version=f"layerscope {_version()}")
     init.add_argument("--activation", choices=wire.ACTIVATIONS, default="tanh")
     init.add_argument("--batch-norm", action="store_true", help="batch norm after each layer")
     for flag in ("steps", "depth", "width", "seed", "every"):
         init.add_argument(f"--{flag}", type=int, metavar="N", help="(default: the server's)")
     init.add_argument("--dataset", choices=wire.DATASETS[:3], help="(default: digits)")
-    init.add_argument("--server", metavar="URL", default="http://127.0.0.1:8765")
+    init.add_argument(
+        "--server",
+        metavar="URL",
+        help="the server, as for train: http://, ws:// or host:port (env LAYERSCOPE_SERVER; "
+        "default http://127.0.0.1:8765)",
+    )
     init.add_argument("--token", metavar="T", help="viewer token (env LAYERSCOPE_TOKEN)")
 
 
@@ -228,7 +236,7 @@ def _lab(args: argparse.Namespace) -> int:
     for key in ("steps", "depth", "width", "seed", "every", "dataset"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
-    base = args.server.rstrip("/")
+    base = _http_base(args.server or os.environ.get("LAYERSCOPE_SERVER") or DEFAULT_HTTP)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     token = args.token or os.environ.get("LAYERSCOPE_TOKEN")
     if token:
@@ -255,6 +263,19 @@ def _lab(args: argparse.Namespace) -> int:
         print(f"  {run['label']:<12} {base}/runs/{run['id']}")
     print(f"init lab {answer['lab_id']}: {base}{answer['url']}", flush=True)
     return 0
+
+
+DEFAULT_HTTP = "http://127.0.0.1:8765"
+
+
+def _http_base(server: str) -> str:
+    """The server's HTTP base URL from any form ``train`` and ``sync`` take: ``http(s)://``,
+    ``ws(s)://`` (with or without the trainer socket's path) or a bare ``host:port``."""
+    parts = urlsplit(server if "://" in server else f"http://{server}")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    path = path.removesuffix("/ws/trainer")
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,12 @@ import copy
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from layerscope.server.settings import Settings
 from layerscope.trainer import cli
 from server_harness import LiveServer, make_settings, running_server
 
@@ -44,7 +46,9 @@ def lab(lab_server: LiveServer) -> dict[str, Any]:
     """Launched the way a user does from a terminal: `layerscope lab init ...`."""
     out = io.StringIO()
     argv = ["lab", "init", "--activation", "relu", "--batch-norm", "--depth", "2", "--width", "8"]
-    argv += ["--steps", "2000", "--dataset", "blobs", "--server", str(lab_server)]
+    # the trainer's socket URL, as `train` and `sync` take it: lab init reaches the HTTP API
+    socket_url = str(lab_server).replace("http://", "ws://") + "/ws/trainer"
+    argv += ["--steps", "2000", "--dataset", "blobs", "--server", socket_url]
     with contextlib.redirect_stdout(out):
         assert cli.main(argv) == 0
     url = out.getvalue().strip().splitlines()[-1].split()[-1]
@@ -131,12 +135,18 @@ def test_a_bad_body_is_refused_naming_each_field_and_launches_nothing(
     assert full.status_code == 429 and "lab needs 5" in full.json()["detail"]
 
 
-def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(live_server: LiveServer) -> None:
-    assert live_server.settings.max_launched < 5
-    response = httpx.post(f"{live_server}/api/labs/init", json={}, timeout=HTTP_TIMEOUT_S)
-    assert response.status_code == 429
-    assert "--max-launched 5" in response.json()["detail"]
-    assert httpx.get(f"{live_server}/api/runs", timeout=HTTP_TIMEOUT_S).json() == []
+def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(tmp_path: Path) -> None:
+    with running_server(make_settings(tmp_path / "data", max_launched=4)) as server:
+        response = httpx.post(f"{server}/api/labs/init", json={}, timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 429
+        assert "--max-launched 5" in response.json()["detail"]
+        assert httpx.get(f"{server}/api/runs", timeout=HTTP_TIMEOUT_S).json() == []
+
+
+def test_the_default_cap_fits_the_lab_beside_a_demo_run() -> None:
+    """The README's `layerscope lab init` on a server with default options was refused (4
+    launched runs at once, the lab needs 5): the default leaves room for the lab and one more."""
+    assert Settings().max_launched >= 6
 
 
 def test_the_cli_says_when_no_server_is_reachable_or_the_server_refuses(

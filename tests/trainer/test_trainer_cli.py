@@ -165,9 +165,18 @@ def test_an_unknown_command_is_refused_naming_the_known_ones(
     assert cli.main(["labs", "init"]) == 2
     err = capsys.readouterr().err
     assert "unknown command" in err and "train, sync, lab" in err
-    assert cli.main(["--version"]) == 0
-    assert cli.main(["sync", "--version"]) == 0
-    assert "layerscope " in capsys.readouterr().out
+    for argv in (["--version"], ["sync", "--version"], ["lab", "--version"], ["lab", "init", "--version"]):
+        assert cli.main(argv) == 0, argv  # every level, as the README says
+        assert capsys.readouterr().out.startswith("layerscope "), argv
+
+
+def test_lab_init_takes_the_server_as_train_and_sync_do() -> None:
+    from layerscope.trainer.cli import _http_base
+
+    for given in ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765/ws/trainer", "127.0.0.1:8765",
+                  "http://127.0.0.1:8765/", "http://127.0.0.1:8765"):  # fmt: skip
+        assert _http_base(given) == "http://127.0.0.1:8765", given
+    assert _http_base("wss://lab.example/ls/ws/trainer") == "https://lab.example/ls"
 
 
 def test_sync_needs_a_server_and_an_existing_spool(

@@ -13,7 +13,10 @@ COPY server ./server
 COPY web ./web
 RUN pip install torch==2.13.0 && pip install .
 
-RUN useradd --create-home layerscope && mkdir -p /data && chown layerscope /data
+# /home/layerscope/runs: the compose trainers' volume mounts there; a named volume takes the
+# image folder's owner only when the folder exists in the image (else root owns it)
+RUN useradd --create-home layerscope && mkdir -p /data /home/layerscope/runs \
+    && chown layerscope /data /home/layerscope/runs
 USER layerscope
 VOLUME ["/data"]
 EXPOSE 8765

@@ -10,7 +10,7 @@
 #      orjson, plotly and pytest-timeout, at the versions in the dev venv, fetched with
 #        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #          --implementation cp --platform manylinux2014_x86_64 -d .whl NAME==VERSION
-#      (13 MB; .whl/ is git-ignored locally, so pass it in the device tool's carry);
+#      (13 MB; .whl/ is git-ignored, so pass it in the device tool's carry);
 #   2. /tmp/pkg/layerscope/{trainer,server,web} are symlinks to this checkout, with a
 #      dist-info (so importlib.metadata knows layerscope's version) and a `layerscope`
 #      command on PATH; PYTHONPATH=/tmp/pkg:/tmp/site, inherited by every subprocess;

@@ -91,3 +91,20 @@ def test_dockerfile_installs_like_the_readme() -> None:
     assert "pip install torch==2.13.0" in dockerfile and "pip install torch==2.13.0" in readme
     assert re.search(r"pip install \.\s*$", dockerfile, re.M)
     assert "EXPOSE 8765" in dockerfile
+
+
+def test_every_compose_volume_mount_exists_in_the_image_owned_by_its_user() -> None:
+    """A named volume mounted where the image has no folder is created owned by root, and
+    the compose trainers (user layerscope) could not write their run folder there."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    mounts = {
+        volume.split(":")[1]
+        for service in compose["services"].values()
+        for volume in service.get("volumes", [])
+        if isinstance(volume, str) and not volume.startswith((".", "/"))
+    }
+    assert mounts, "the compose file mounts named volumes"
+    chowned = " ".join(line for line in dockerfile.splitlines() if "chown" in line or "mkdir" in line)
+    for mount in mounts:
+        assert mount in dockerfile and mount in chowned, f"{mount} is not made in the image"

@@ -200,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="ws://HOST:PORT or full .../ws/trainer URL (env LAYERSCOPE_SERVER)",
     )
+    sync.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="upload as this run instead of the one the spool names (a spool set aside when "
+        "its run id was used again: the newer run has that id)",
+    )
+    sync.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=60.0,
+        help="give up when the server acknowledges nothing new for S seconds (default 60)",
+    )
     _add_lab_parser(sub)
     return parser
 
@@ -503,7 +516,13 @@ def _sync(args: argparse.Namespace) -> int:
         return _error("sync", f"{spool}: no such spool file")
     try:
         url = trainer_socket_url(server)
-        acked = sync_spool(spool, url, os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None)
+        acked = sync_spool(
+            spool,
+            url,
+            os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None,
+            timeout_s=args.timeout,
+            run_id=args.run_id,
+        )
     except (OSError, ValueError) as exc:
         return _error("sync", str(exc))
     print(f"synced {spool}: the server acknowledged {acked} frames", flush=True)

@@ -75,12 +75,16 @@ _CLOSE = _Close()
 
 
 def trainer_url(server: str) -> str:
-    """``ws://host:port`` (or http://) -> the trainer socket URL; an explicit path is kept."""
+    """``ws://host:port`` (or http://, a bare host:port, a path prefix behind a proxy) ->
+    the trainer socket URL ``.../ws/trainer``, as ``layerscope train`` and ``sync`` read the
+    same LAYERSCOPE_SERVER (a path that already ends in /ws/trainer is kept)."""
     parts = urlsplit(server if "://" in server else f"ws://{server}")
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss"):
         raise ValueError(f"server must be a ws:// or http:// URL, got {server!r}")
-    path = parts.path if parts.path not in ("", "/") else TRAINER_PATH
+    path = parts.path.rstrip("/")
+    if not path.endswith(TRAINER_PATH):
+        path += TRAINER_PATH
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 

@@ -206,13 +206,18 @@ def set_aside_other_run(path: Path, run_id: str) -> Path | None:
         n += 1
         target = path.with_name(f"{stem}-{n}{path.suffix}")
     path.rename(target)
+    how = (
+        f"`layerscope sync {target} --run-id NEW` (this run has its id)"
+        if other == run_id
+        else f"`layerscope sync {target}`"
+    )
     log.warning(
-        "spool %s holds %s; moved to %s so this run (%s) starts its own"
-        " (upload that one with `layerscope sync` on the file)",
+        "spool %s holds %s; moved to %s so this run (%s) starts its own (upload that one with %s)",
         path,
         f"run {other}" if other else "no layerscope run",
         target,
         run_id,
+        how,
     )
     return target
 

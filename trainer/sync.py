@@ -37,16 +37,27 @@ GAP_QUIET_S = 0.5  # past a damaged record: how long the server must be quiet be
 
 
 def sync_spool(
-    path: str | Path, server: str, token: str | None = None, timeout_s: float = 60
+    path: str | Path,
+    server: str,
+    token: str | None = None,
+    timeout_s: float = 60,
+    run_id: str | None = None,
 ) -> int:
     """Upload a spool to ``server``; returns how many of its frames the server acked.
 
     Resume-safe: the server's welcome says what it already holds and only the rest is
-    sent; it dedupes by (run_id, seq) anyway. Raises ConnectionError if the server
-    cannot be reached at all and TimeoutError if it stops acking before ``timeout_s``.
+    sent; it dedupes by (run_id, seq) anyway. ``run_id`` uploads it as that run instead
+    of the one its hello names (a spool set aside when its run id was used again holds
+    the same id as the newer run: under it, the server would take the two for one run).
+    Raises ConnectionError if the server cannot be reached at all and TimeoutError if it
+    acks nothing new for ``timeout_s`` (a long upload that keeps moving never times out).
     """
     path = Path(path)
     hello, frames = index_spool(path)
+    if run_id is not None:
+        if not wire.plain_run_id(run_id) or not run_id:
+            raise ValueError(f"run id {run_id!r} must be a plain name: no '/', '\\' or '..'")
+        hello = {**hello, "run_id": run_id}
     if not frames:
         return 0
     # The server acks the highest contiguous seq, so a seq lost to spool damage caps
@@ -85,12 +96,14 @@ async def _upload(
     async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
         # Read acks while sending: a client that only sends stops draining the socket,
         # and a server blocked on sending acks may stop reading frames.
-        nonlocal acked, last_heard
+        nonlocal acked, last_heard, deadline
         async for raw in ws:
             last_heard = time.monotonic()
             msg = wire.decode(raw)
             seq = msg.get("seq")
             if msg["type"] == "ack" and isinstance(seq, int) and not isinstance(seq, bool):
+                if seq > acked:  # progress: the upload is alive, whatever its length
+                    deadline = time.monotonic() + timeout_s
                 acked = max(acked, seq)
                 if acked >= target:
                     done.set()
@@ -158,7 +171,7 @@ async def _upload(
         reader.close()
     if unfinished():
         raise TimeoutError(
-            f"server acked {acked} of {target} frames within {timeout_s:g} s"
+            f"server acked {acked} of {target} frames, then nothing more for {timeout_s:g} s"
             + (f" (last error: {last_error})" if last_error else "")
         )
     return sum(1 for seq, _ in frames if seq <= acked)

@@ -157,6 +157,7 @@ class Watch:
                 "last_acked_seq": 0,
                 "last_cmd_seq": 0,
                 "device": _describe_device(self._device),
+                "world_size": self.dist.world_size,  # the run's ranks, on its page
             }
             try:
                 wire.validate_hello(hello)

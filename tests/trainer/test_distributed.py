@@ -259,6 +259,7 @@ def test_train_nproc_runs_a_built_in_experiment_on_two_ranks(
     assert capfd.readouterr().out.count(": 6 steps") == 1
     frames = [json.loads(r) for r in read_spool(tmp_path / "spool.bin")]
     assert frames[0]["config"]["world_size"] == 2 and frames[0]["config"]["batch_size"] == 8
+    assert frames[0]["world_size"] == 2  # the hello's own field: the run's page shows it
     rows = [row["values"] for f in frames if f["type"] == "metrics" for row in f["rows"]]
     trained = [v for v in rows if "loss" in v]
     assert len(trained) == 6 and all("step_time_s/rank1" in v for v in trained)

@@ -317,3 +317,16 @@ def test_reconnects_back_off_doubling_with_jitter(
     for k, (gap, (_, _, factor)) in enumerate(zip(gaps, drawn, strict=False)):
         assert gap >= factor * first * 2**k - 0.01, (k, gaps, drawn)
     assert gaps[5] > 4 * gaps[0], gaps
+
+
+def test_watch_and_the_cli_read_a_server_url_alike() -> None:
+    """watch() kept a URL's path as the socket's (behind a proxy at /layerscope it
+    connected to /layerscope), while train and sync appended /ws/trainer: one
+    LAYERSCOPE_SERVER reached two different endpoints."""
+    from layerscope.trainer.experiment import trainer_socket_url
+    from layerscope.trainer.link import trainer_url
+
+    for given in ("ws://h:1", "http://h:1/", "h:1", "https://h/layerscope", "ws://h:1/ws/trainer",
+                  "wss://h/layerscope/ws/trainer/"):  # fmt: skip
+        assert trainer_url(given) == trainer_socket_url(given), given
+    assert trainer_url("https://h/layerscope") == "wss://h/layerscope/ws/trainer"

@@ -117,3 +117,49 @@ def test_sync_refuses_a_spool_two_runs_appended_to(tmp_path: Path) -> None:
         sync_spool(spool, "ws://127.0.0.1:9", timeout_s=5)
     with pytest.raises(ValueError, match="two runs \\(same and same\\)"):
         sync_spool(again, "ws://127.0.0.1:9", timeout_s=5)
+
+
+def test_a_long_upload_that_keeps_moving_does_not_time_out(tmp_path: Path) -> None:
+    """The timeout was one deadline for the whole upload: a large offline run (~90k frames
+    here) failed its first sync while the server was still acking. It is now the time the
+    server may go without acknowledging anything new."""
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("long"), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 41):
+        link.submit(metrics(step))
+    link.close()
+    slow = TrainerServer(ack_delay_s=0.05).start()  # 40 acks: ~2 s in all, 0.05 s apart
+    try:
+        assert sync_spool(spool, slow.url, timeout_s=1.0) == 40
+    finally:
+        slow.close()
+    stalled = TrainerServer(ack=False).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="then nothing more for 0.5 s"):
+            sync_spool(spool, stalled.url, timeout_s=0.5)
+        assert time.monotonic() - started < 10
+    finally:
+        stalled.close()
+
+
+def test_a_spool_set_aside_under_the_same_run_id_is_uploaded_as_another_run(
+    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run id used again sets the old spool aside, but both hellos name the same run: the
+    server would splice the two (seqs 1.. of one, the rest of the other). The set-aside
+    message says to sync it with --run-id, which uploads it as that run."""
+    spool = tmp_path / "spool.bin"
+    for steps in (12, 5):
+        link = Link(make_hello("again"), spool_path=spool, server=None)
+        link.start()
+        for step in range(1, steps + 1):
+            link.submit(metrics(step))
+        link.close()
+    (aside,) = tmp_path.glob("spool-again*.bin")
+    assert f"layerscope sync {aside} --run-id NEW" in caplog.text
+    assert sync_spool(aside, server.url, timeout_s=20, run_id="again-earlier") == 12
+    assert server.hellos[-1]["run_id"] == "again-earlier"
+    with pytest.raises(ValueError, match="plain name"):
+        sync_spool(aside, server.url, run_id="a/b")

@@ -21,8 +21,11 @@ from websockets.exceptions import ConnectionClosed
 class TrainerServer:
     """A stand-in for /ws/trainer: dedupes by seq, acks contiguous seqs, relays commands."""
 
-    def __init__(self, *, ack: bool = True, token: str | None = None) -> None:
+    def __init__(
+        self, *, ack: bool = True, token: str | None = None, ack_delay_s: float = 0.0
+    ) -> None:
         self.ack = ack
+        self.ack_delay_s = ack_delay_s  # a slow server: each ack waits this long
         self.token = token
         self.frames: dict[int, dict[str, Any]] = {}
         self.raw: dict[int, str] = {}
@@ -86,6 +89,8 @@ class TrainerServer:
             self.frames.setdefault(frame["seq"], frame)
             self.raw.setdefault(frame["seq"], str(text))
             if self.ack:
+                if self.ack_delay_s:
+                    await asyncio.sleep(self.ack_delay_s)
                 await ws.send(json.dumps({"type": "ack", "seq": self.contiguous()}))
 
     async def _send_commands(self, ws: ServerConnection) -> None:

@@ -25,13 +25,18 @@ def server() -> Iterator[TrainerServer]:
     srv.close()
 
 
-def test_sync_uploads_a_spool_and_is_resume_safe(server: TrainerServer, tmp_path: Path) -> None:
-    spool = tmp_path / "spool.bin"
-    link = Link(make_hello("offline"), spool_path=spool, server=None)
+def offline_spool(spool: Path, run_id: str, steps: int) -> None:
+    """A run recorded with no server: a metrics frame for each of ``steps`` steps."""
+    link = Link(make_hello(run_id), spool_path=spool, server=None)
     link.start()
-    for step in range(1, 61):
+    for step in range(1, steps + 1):
         link.submit(metrics(step))
     link.close()
+
+
+def test_sync_uploads_a_spool_and_is_resume_safe(server: TrainerServer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.bin"
+    offline_spool(spool, "offline", 60)
     assert sync_spool(spool, server.url, timeout_s=20) == 60
     assert sorted(server.frames) == list(range(1, 61))
     assert server.hellos[0]["run_id"] == "offline"
@@ -121,14 +126,10 @@ def test_sync_refuses_a_spool_two_runs_appended_to(tmp_path: Path) -> None:
 
 def test_a_long_upload_that_keeps_moving_does_not_time_out(tmp_path: Path) -> None:
     """The timeout was one deadline for the whole upload: a large offline run (~90k frames
-    here) failed its first sync while the server was still acking. It is now the time the
-    server may go without acknowledging anything new."""
+    on this machine) failed its first sync while the server was still acking. It is now the
+    time the server may go without acknowledging anything new."""
     spool = tmp_path / "spool.bin"
-    link = Link(make_hello("long"), spool_path=spool, server=None)
-    link.start()
-    for step in range(1, 41):
-        link.submit(metrics(step))
-    link.close()
+    offline_spool(spool, "long", 40)
     slow = TrainerServer(ack_delay_s=0.05).start()  # 40 acks: ~2 s in all, 0.05 s apart
     try:
         assert sync_spool(spool, slow.url, timeout_s=1.0) == 40
@@ -152,11 +153,7 @@ def test_a_spool_set_aside_under_the_same_run_id_is_uploaded_as_another_run(
     message says to sync it with --run-id, which uploads it as that run."""
     spool = tmp_path / "spool.bin"
     for steps in (12, 5):
-        link = Link(make_hello("again"), spool_path=spool, server=None)
-        link.start()
-        for step in range(1, steps + 1):
-            link.submit(metrics(step))
-        link.close()
+        offline_spool(spool, "again", steps)
     (aside,) = tmp_path.glob("spool-again*.bin")
     assert f"layerscope sync {aside} --run-id NEW" in caplog.text
     assert sync_spool(aside, server.url, timeout_s=20, run_id="again-earlier") == 12

@@ -234,14 +234,15 @@ class Probes:
         self._hooks += self._channel_relays(model, {id(module) for _, module in chosen})
         # An evaluation pass (a call of the model under no_grad or inference_mode: the
         # validation idiom, model.eval() or not) made while armed is not the probe step's
-        # when a training pass comes in the same
-        # step: one before it (a validation pass before the first step, or between steps)
-        # is dropped when the training forward starts, one after it is skipped. The
-        # model's own pre/post hooks tell them apart; a step of evaluation passes alone
+        # when a training pass comes in the same step: one before it (a validation pass
+        # before the first step, or between steps) is dropped when the training forward
+        # starts, one after it is skipped. The model's own pre/post hooks (made once,
+        # registered while armed) tell them apart; a step of evaluation passes alone
         # (probing a model for inspection) keeps them. A no_grad block inside a training
         # forward (a frozen backbone) is recorded: the model's own call has grads on.
-        self._closure_step = False  # this step's optimizer.step() was given a closure
         self._model = model
+        self._model_hooks = (_eager(self._model_pre_hook), _eager(self._model_post_hook))
+        self._closure_step = False  # this step's optimizer.step() was given a closure
         self._skipping = False  # in an evaluation pass after this step's training pass
         self._trained = False  # a training pass was recorded this probe step
         self._eval_only = False  # what is recorded so far came from evaluation passes
@@ -387,9 +388,10 @@ class Probes:
         self._armed = True
         self._skipping = self._trained = self._eval_only = False
         self._staging.new_step()
+        pre, post = self._model_hooks
         self._forward_handles = [
-            self._model.register_forward_pre_hook(_eager(self._model_pre_hook)),
-            self._model.register_forward_hook(_eager(self._model_post_hook), always_call=True),
+            self._model.register_forward_pre_hook(pre),
+            self._model.register_forward_hook(post, always_call=True),
         ]
         self._forward_handles += [module.register_forward_hook(hook) for module, hook in self._hooks]
 

@@ -113,11 +113,6 @@ class Launcher:
             str(run_dir),
         ]
 
-    def running(self, run_id: str) -> bool:
-        """Whether a trainer this server launched for the run is still running."""
-        child = self.children.get(run_id)
-        return child is not None and child.process.returncode is None
-
     def busy(self) -> int:
         """Launched trainers running, plus launches under way (held, not yet started)."""
         return self._held + sum(1 for c in self.children.values() if c.process.returncode is None)

@@ -208,7 +208,7 @@ def test_deleting_a_launched_run_removes_its_folder(
     run_id = launches["tiny"]["id"]
     wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the tiny run to end")
     launcher = server.app.state.launcher
-    wait_for(lambda: not launcher.running(run_id), what="the child to exit")
+    wait_for(lambda: run_id in launcher.exit_codes, what="the child to be reaped")
     folder = server.data_dir / "runs" / run_id
     assert (folder / "spool.bin").is_file()
     assert httpx.delete(f"{server}/api/runs/{run_id}").status_code == 204

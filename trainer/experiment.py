@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from layerscope.trainer import wire
@@ -32,14 +31,13 @@ from layerscope.trainer.distributed import (
     start_process_group,
 )
 from layerscope.trainer.inits import init_weights
+from layerscope.trainer.link import trainer_url
 from layerscope.trainer.models import build_model
 from torch import nn
 
-TRAINER_SOCKET_PATH = "/ws/trainer"
 MOMENTUM = 0.9  # the "momentum" optimizer choice: SGD with classical momentum
 HISTOGRAM_BINS = 64
 EVAL_CHUNK = 4096  # validation batch; bounds memory on a large npz data set
-_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
 class ExperimentSetupError(RuntimeError):
@@ -48,18 +46,9 @@ class ExperimentSetupError(RuntimeError):
 
 def trainer_socket_url(server: str) -> str:
     """A server base URL (``ws://host:port``, ``http://host:port``) or a full trainer
-    socket URL, as the full ``ws(s)://host:port/.../ws/trainer`` URL ``watch`` connects to."""
-    server = server.strip()
-    parts = urlsplit(server if "://" in server else f"ws://{server}")
-    scheme = _SCHEMES.get(parts.scheme.lower())
-    if scheme is None or not parts.netloc:
-        raise ValueError(
-            f"server URL {server!r} must look like ws://HOST:PORT (or http://, wss://, https://)"
-        )
-    path = parts.path.rstrip("/")
-    if not path.endswith(TRAINER_SOCKET_PATH):
-        path += TRAINER_SOCKET_PATH
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    socket URL, as the full ``ws(s)://host:port/.../ws/trainer`` URL ``watch`` connects to:
+    ``link.trainer_url``, the one reading of a server URL."""
+    return trainer_url(server)
 
 
 def resolve_device(name: str) -> torch.device:

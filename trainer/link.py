@@ -55,6 +55,7 @@ OPEN_TIMEOUT_S = 5.0
 WELCOME_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # how long close() waits for the server to ack the last frames
 TRAINER_PATH = "/ws/trainer"
+_SOCKET_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
 class LinkError(RuntimeError):
@@ -78,10 +79,13 @@ def trainer_url(server: str) -> str:
     """``ws://host:port`` (or http://, a bare host:port, a path prefix behind a proxy) ->
     the trainer socket URL ``.../ws/trainer``, as ``layerscope train`` and ``sync`` read the
     same LAYERSCOPE_SERVER (a path that already ends in /ws/trainer is kept)."""
+    server = server.strip()
     parts = urlsplit(server if "://" in server else f"ws://{server}")
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise ValueError(f"server must be a ws:// or http:// URL, got {server!r}")
+    scheme = _SOCKET_SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(
+            f"server URL {server!r} must look like ws://HOST:PORT (or http://, wss://, https://)"
+        )
     path = parts.path.rstrip("/")
     if not path.endswith(TRAINER_PATH):
         path += TRAINER_PATH

@@ -242,8 +242,14 @@ def test_a_command_lost_as_the_socket_drops_is_sent_again_once_on_reconnect(
     assert lost
     expect(toggle).to_have_text("Weight decay: off", timeout=30_000)
     assert page.evaluate("window.sawPending")
-    rows = server.api("GET", f"/api/runs/{run_id}/commands").json()
-    mine = [r for r in rows if r["id"] == lost]
+
+    def stored() -> list[dict[str, Any]] | None:
+        # the page hears the acknowledgement live, before the store has committed it
+        rows = server.api("GET", f"/api/runs/{run_id}/commands").json()
+        mine = [r for r in rows if r["id"] == lost]
+        return mine if mine and mine[0]["status"] != "pending" else None
+
+    mine = wait_for(stored, 20, "the acknowledgement to be stored")
     assert len(mine) == 1 and mine[0]["status"] == "applied", mine
     assert mine[0]["args"] == {"enabled": False}
     toggle.click()  # back as it was, over the reopened socket

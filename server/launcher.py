@@ -28,7 +28,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from layerscope.server.commands import CommandRefused, origin_of, relay_command
 from layerscope.server.hub import Hub
-from layerscope.server.settings import Settings
+from layerscope.server.settings import Settings, local_host
 from layerscope.trainer import wire
 
 log = logging.getLogger("layerscope.launcher")
@@ -107,7 +107,9 @@ class Launcher:
             "--run-id",
             run_id,
             "--server",
-            f"ws://127.0.0.1:{self.port}/ws/trainer",
+            # An address the server listens on: 127.0.0.1 reached nothing when it was bound
+            # to ::1 or to one LAN address.
+            f"ws://{local_host(self.settings.host)}:{self.port}/ws/trainer",
             "--no-progress",
             "--run-dir",
             str(run_dir),

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import uvicorn
 from fastapi import FastAPI
 from layerscope.server.app import create_app
-from layerscope.server.settings import Settings
+from layerscope.server.settings import Settings, local_host
 from layerscope.server.store_writer import tune_gc
 from layerscope.trainer import wire
 
@@ -42,6 +42,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if bare == "::" and socket.has_dualstack_ipv6():
+        # IPv4 too, whatever the system's default: local_host() sends this machine's own
+        # clients (launched trainers, the printed URL) to 127.0.0.1.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     # Accepted sockets inherit it; asyncio sets it only on sockets created with
     # proto=IPPROTO_TCP, and without it every keep-alive response stalls ~40 ms
     # (Nagle against delayed ACK).
@@ -130,12 +134,7 @@ def tune_runtime() -> None:
 
 
 def base_url(settings: Settings) -> str:
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return f"http://{local_host(settings.host)}:{settings.port}"
 
 
 def _token_query(settings: Settings) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def local_host(host: str) -> str:
+    """The address a process on this machine reaches a server bound to ``host`` at, ready
+    for a URL (IPv6 bracketed): loopback for a wildcard bind (IPv4 when an IPv6 wildcard
+    also takes IPv4, as ``serving.bind_socket`` asks it to), else the bound address."""
+    bare = host.strip().strip("[]")
+    if bare in ("0.0.0.0", "") or bare.lower() == "localhost":
+        return "127.0.0.1"
+    if bare == "::":
+        return "127.0.0.1" if socket.has_dualstack_ipv6() else "[::1]"
+    return f"[{bare}]" if ":" in bare else bare
 
 
 @dataclass(frozen=True)

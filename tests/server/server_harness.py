@@ -1,7 +1,7 @@
 """server_harness — a real server and real wire peers for tests (imported by tests/server/conftest.py).
 
-* ``running_server(settings)`` — ``create_app(settings)`` served by uvicorn on 127.0.0.1 in a
-  background thread; yields a ``LiveServer``, which *is* the base URL (a str) and also
+* ``running_server(settings)`` — ``create_app(settings)`` served by uvicorn on its host
+  (127.0.0.1 unless the settings say otherwise) in a background thread; yields a ``LiveServer``, which *is* the base URL (a str) and also
   carries ``.settings``, ``.app``, ``.server`` and ``.data_dir``.
   ``make_settings(data_dir, **overrides)`` builds test settings (port 0, quick commits).
 * ``FakeTrainer`` — a ``websockets`` client that speaks the trainer side of the protocol
@@ -27,7 +27,7 @@ from typing import Any, Self
 import httpx
 from fastapi import FastAPI
 from layerscope.server.serving import Server, make_server
-from layerscope.server.settings import Settings
+from layerscope.server.settings import Settings, local_host
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -53,20 +53,23 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 class Endpoint(str):
     """Where a server listens: the base URL (a str) plus its port and websocket URLs.
-    A server started as a separate process is reached through one of these."""
+    A server started as a separate process is reached through one of these. ``host`` is
+    URL-ready (an IPv6 address bracketed)."""
 
     port: int
+    host: str
 
-    def __new__(cls, port: int) -> Self:
-        self = super().__new__(cls, f"http://127.0.0.1:{port}")
+    def __new__(cls, port: int, host: str = "127.0.0.1") -> Self:
+        self = super().__new__(cls, f"http://{host}:{port}")
         self.port = port
+        self.host = host
         return self
 
     def url(self, path: str) -> str:
         return f"{self}{path}"
 
     def ws(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
+        return f"ws://{self.host}:{self.port}{path}"
 
 
 class LiveServer(Endpoint):
@@ -77,7 +80,7 @@ class LiveServer(Endpoint):
     server: Server
 
     def __new__(cls, port: int, settings: Settings, app: FastAPI, server: Server) -> Self:
-        self = super().__new__(cls, port)
+        self = super().__new__(cls, port, local_host(settings.host))
         self.settings = settings
         self.app = app
         self.server = server

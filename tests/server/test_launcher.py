@@ -10,6 +10,7 @@ started together so the slow part (each child importing torch) overlaps:
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from layerscope.server.settings import local_host
 from layerscope.trainer import wire
 from server_harness import LiveServer, make_settings, running_server
 
@@ -229,3 +231,40 @@ def test_a_launch_from_a_relative_data_dir_trains(
         detail = httpx.get(f"{server}/api/runs/{run_id}").json()
         assert detail["status"] == "finished", detail["status_reason"]
         assert (tmp_path / "layerscope-data" / "runs" / run_id / "spool.bin").is_file()
+
+
+def _can_bind(host: str) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "::1"])
+def test_a_launched_run_reaches_a_server_bound_to_another_address(
+    tmp_path: Path, host: str
+) -> None:
+    """Launched trainers were always sent to ws://127.0.0.1:PORT: bound to ::1 (or to one
+    LAN address; 127.0.0.2 stands in for one here) the server never heard from its own
+    launches, and the New-run form, the lab and the demo made runs that ended 'lost'."""
+    if not _can_bind(host):
+        pytest.skip(f"this machine cannot bind {host}")
+    with running_server(make_settings(tmp_path / "data", host=host)) as server:
+        assert host in server  # the harness reaches it there, not at 127.0.0.1
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the run to end")
+        detail = httpx.get(f"{server}/api/runs/{run_id}").json()
+        log = (server.data_dir / "runs" / run_id / "trainer.log").read_text()
+        assert detail["status"] == "finished", (detail["status_reason"], log)
+        assert detail["last_step"] == 20
+
+
+def test_the_trainer_url_names_an_address_the_server_listens_on() -> None:
+    assert local_host("0.0.0.0") == "127.0.0.1"  # a wildcard: this machine's loopback
+    assert local_host("::") == ("127.0.0.1" if socket.has_dualstack_ipv6() else "[::1]")
+    assert local_host("::1") == "[::1]"
+    assert local_host("192.0.2.7") == "192.0.2.7"
+    assert local_host("fd00::7") == "[fd00::7]"

@@ -56,6 +56,15 @@ def _add_server_options(p: argparse.ArgumentParser, *, demo: bool = False) -> No
         "env LAYERSCOPE_ALLOWED_HOSTS, comma-separated)",
     )
     p.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose files the New-run form may name as data.path or "
+        "finetune.from_checkpoint (repeatable; default: the working directory; "
+        "env LAYERSCOPE_DATA_ROOTS, os.pathsep-separated)",
+    )
+    p.add_argument(
         "--max-launched",
         type=int,
         default=None,
@@ -99,6 +108,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         trainer_token=args.trainer_token,
         allowed_origins=tuple(args.allow_origin),
         allowed_hosts=tuple(args.allow_host),
+        data_roots=tuple(args.data_root),
         max_launched=args.max_launched,
         log_level=args.log_level,
     )

@@ -1,8 +1,9 @@
 """launcher — built-in runs started from the dashboard, as child processes (DESIGN §1).
 
-Owns: ``POST /api/runs`` (validate an experiment config, cap concurrent launches,
-create the run, spawn ``python -m layerscope.trainer train`` with the trainer
-token and its output in ``runs/<id>/trainer.log``), ``POST /api/runs/{id}/stop``
+Owns: ``POST /api/runs`` (validate an experiment config, keep the files it names
+inside the data roots, cap concurrent launches, create the run, spawn
+``python -m layerscope.trainer train`` with the trainer token and its output in
+``runs/<id>/trainer.log``), ``POST /api/runs/{id}/stop``
 (the ``stop`` command, then SIGTERM, then SIGKILL), reaping every child (a
 non-zero exit of a run that has not ended marks it ``failed`` with the log
 tail), and terminating children when the server shuts down.
@@ -63,6 +64,37 @@ def run_id_for(name: str | None) -> str:
     return f"{slug}-{wire.new_id()[:6]}"
 
 
+# The config fields that name a file or folder on the server's machine.
+PATH_FIELDS = (("data", "path"), ("finetune", "from_checkpoint"))
+
+
+def confine_paths(body: Any, roots: tuple[Path, ...]) -> tuple[Any, list[dict[str, Any]]]:
+    """``body`` with each path field resolved (symlinks too; a relative path against the
+    server's working directory, as ``validate_experiment`` makes it absolute for the child)
+    and one error per field outside ``roots``, that field set to None. The message does not
+    depend on whether the file exists: the New-run form is no oracle for the server's disk,
+    and a refused path never reaches the child (whose log tail the run's status shows)."""
+    if not isinstance(body, dict):
+        return body, []
+    body = dict(body)
+    errors: list[dict[str, Any]] = []
+    where = ", ".join(str(root) for root in roots)
+    for section, key in PATH_FIELDS:
+        fields = body.get(section)
+        if not isinstance(fields, dict) or not isinstance(fields.get(key), str):
+            continue
+        real = os.path.realpath(fields[key])
+        inside = any(os.path.commonpath([real, str(root)]) == str(root) for root in roots)
+        body[section] = {**fields, key: real if inside else None}
+        if not inside:
+            msg = (
+                f"{section}.{key} must be inside {where}; start the server with "
+                "--data-root DIR to allow another folder"
+            )
+            errors.append({"loc": [section, key], "msg": msg})
+    return body, errors
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with path.open("r", errors="replace") as f:
@@ -92,6 +124,10 @@ class Launcher:
         # store and the process start): counted, so concurrent requests cannot all pass.
         self._held = 0
         self.exit_codes: dict[str, int] = {}
+        # Where a launched config may name files: the data roots, and the launched runs'
+        # folders (the checkpoints the dashboard's Checkpoint command wrote, to fine-tune from).
+        runs = Path(os.path.realpath(settings.data_dir / "runs"))
+        self.path_roots = (*settings.data_roots, runs)
 
     def exit_code(self, run_id: str) -> int | None:
         return self.exit_codes.get(run_id)
@@ -139,10 +175,15 @@ class Launcher:
             self.release(1)  # started (now in children), refused or failed
 
     def _checked(self, body: Any, held: bool) -> dict[str, Any]:
+        body, outside = confine_paths(body, self.path_roots)
+        refused = [error["loc"] for error in outside]
         try:
             config = wire.validate_experiment(body)
         except wire.ExperimentError as exc:
-            raise LaunchRefused(422, exc.errors) from None
+            others = [error for error in exc.errors if error["loc"] not in refused]
+            raise LaunchRefused(422, outside + others) from None
+        if outside:
+            raise LaunchRefused(422, outside)
         busy = self.busy() - 1  # the others: this launch is held already
         if not held and busy >= self.settings.max_launched:
             raise LaunchRefused(

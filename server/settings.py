@@ -52,6 +52,9 @@ class Settings:
     # Extra Host header names accepted besides the bound host and loopback names
     # (e.g. "server" for a docker-compose service name).
     allowed_hosts: tuple[str, ...] = ()
+    # Folders a config sent over HTTP (the New-run form) may name files in (data.path,
+    # finetune.from_checkpoint); default: the working directory the server started in.
+    data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
     max_launched: int = 6  # the init lab's five runs and one more (the demo's)
     heartbeat_timeout_s: float = 15.0  # a trainer silent this long is `lost`
     reconnect_grace_s: float = 30.0  # after a restart, runs left "running" wait this long
@@ -63,6 +66,14 @@ class Settings:
         # Absolute from here on: launched trainers run in their run's folder, and a relative
         # data dir (the default, layerscope-data) named paths they could not find.
         object.__setattr__(self, "data_dir", Path(self.data_dir).absolute())
+        # Resolved once (symlinks too), as the paths checked against them will be.
+        roots = []
+        for given in self.data_roots or (Path.cwd(),):
+            root = Path(os.path.realpath(given))
+            if not root.is_dir():
+                raise SettingsError(f"--data-root {given}: no such directory")
+            roots.append(root)
+        object.__setattr__(self, "data_roots", tuple(roots))
         if not (0 <= self.port <= 65535):
             raise SettingsError(f"port {self.port} is out of range 0-65535")
         if self.max_launched < 0:
@@ -85,10 +96,14 @@ class Settings:
         trainer_token: str | None = None,
         allowed_origins: tuple[str, ...] = (),
         allowed_hosts: tuple[str, ...] = (),
+        data_roots: tuple[str, ...] = (),
         max_launched: int | None = None,
         log_level: str = "warning",
     ) -> Settings:
         env = os.environ
+        roots = data_roots or tuple(
+            r for r in env.get("LAYERSCOPE_DATA_ROOTS", "").split(os.pathsep) if r
+        )
         return cls(
             host=host,
             port=port,
@@ -98,6 +113,7 @@ class Settings:
             allowed_origins=allowed_origins,
             allowed_hosts=allowed_hosts
             or tuple(h for h in env.get("LAYERSCOPE_ALLOWED_HOSTS", "").split(",") if h),
+            data_roots=tuple(Path(r) for r in roots) or (Path.cwd(),),
             max_launched=max_launched if max_launched is not None else 6,
             log_level=log_level,
         )

@@ -10,6 +10,8 @@ started together so the slow part (each child importing torch) overlaps:
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import sys
 import time
@@ -20,7 +22,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from layerscope.server.settings import local_host
+from layerscope.server.settings import Settings, SettingsError, local_host
 from layerscope.trainer import wire
 from server_harness import LiveServer, make_settings, running_server
 
@@ -53,7 +55,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveSer
     data = tmp_path_factory.mktemp("launcher")
     garbage = data / "not-an-archive.npz"
     garbage.write_bytes(b"this is not a numpy archive")
-    settings = make_settings(data / "data", max_launched=3)
+    settings = make_settings(data / "data", max_launched=3, data_roots=(data,))
     with running_server(settings) as server:
         launches: dict[str, Any] = {}
         broken = {**TINY, "name": "broken", "data": {"dataset": "npz", "path": str(garbage)}}
@@ -268,3 +270,72 @@ def test_the_trainer_url_names_an_address_the_server_listens_on() -> None:
     assert local_host("::1") == "[::1]"
     assert local_host("192.0.2.7") == "192.0.2.7"
     assert local_host("fd00::7") == "[fd00::7]"
+
+
+def test_a_launch_may_name_files_only_inside_the_data_roots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The New-run form read any path on the server's machine: data.path /etc/shadow was
+    refused 'no such file' or launched (an oracle for what exists), and a folder's file
+    names came back in the failed run's log tail. Only the data roots (default: the
+    server's working directory) and the launched runs' folders are open to it now."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "sub").mkdir(parents=True)
+    outside.mkdir()
+    secret = outside / "secret.npz"
+    secret.write_bytes(b"private")
+    inside = allowed / "sub" / "data.npz"
+    inside.write_bytes(b"ours")
+    (allowed / "escape.npz").symlink_to(secret)
+    monkeypatch.chdir(allowed)  # the default root
+    with running_server(make_settings(tmp_path / "data")) as server:
+        server.app.state.launcher.command_line = lambda *_: [sys.executable, "-c", "pass"]
+
+        def launch(**sections: Any) -> httpx.Response:
+            return httpx.post(f"{server}/api/runs", json={**TINY, **sections}, timeout=30)
+
+        paths = [str(secret), str(outside / "missing.npz"), "escape.npz", "../outside/secret.npz"]
+        answers = [launch(data={"dataset": "npz", "path": p}) for p in [*paths, "/etc/passwd"]]
+        assert [a.status_code for a in answers] == [422] * 5
+        # One answer whether or not the file exists, and nothing of the file's name.
+        assert len({json.dumps(a.json()["detail"]) for a in answers}) == 1
+        [error] = answers[0].json()["detail"]
+        assert error["loc"] == ["data", "path"]
+        assert error["msg"].startswith(f"data.path must be inside {os.path.realpath(allowed)}")
+        assert "start the server with --data-root DIR" in error["msg"]
+        assert "secret" not in answers[0].text
+        folder = launch(data={"dataset": "folder", "path": str(outside)})
+        assert folder.status_code == 422
+        checkpoint = launch(finetune={"from_checkpoint": str(secret)})
+        assert checkpoint.status_code == 422
+        assert [e["loc"] for e in checkpoint.json()["detail"]] == [["finetune", "from_checkpoint"]]
+        both = launch(data={"dataset": "npz", "path": str(secret)}, solver={"lr": "fast"})
+        assert {tuple(e["loc"]) for e in both.json()["detail"]} == {("data", "path"), ("solver", "lr")}
+        assert httpx.get(f"{server}/api/runs").json() == []
+
+        # Inside: a relative path is read against the server's working directory, as
+        # before, and the child is given the resolved path that was checked.
+        ok = launch(data={"dataset": "npz", "path": "sub/data.npz"})
+        assert ok.status_code == 201, ok.text
+        config = httpx.get(f"{server}/api/runs/{ok.json()['id']}").json()["config"]
+        assert config["data"]["path"] == os.path.realpath(inside)
+        # A checkpoint a launched run wrote (its folder is under the data dir) may be
+        # fine-tuned from.
+        written = server.data_dir / "runs" / ok.json()["id"] / "checkpoint-5.pt"
+        written.write_bytes(b"weights")
+        assert launch(finetune={"from_checkpoint": str(written)}).status_code == 201
+
+
+def test_data_roots_come_from_flags_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env().data_roots == (Path(os.path.realpath(tmp_path)),)
+    monkeypatch.setenv("LAYERSCOPE_DATA_ROOTS", f"{one}{os.pathsep}{two}")
+    assert Settings.from_env().data_roots == tuple(Path(os.path.realpath(p)) for p in (one, two))
+    assert Settings.from_env(data_roots=("two",)).data_roots == (Path(os.path.realpath(two)),)
+    with pytest.raises(SettingsError, match="--data-root nowhere: no such directory"):
+        Settings.from_env(data_roots=("nowhere",))

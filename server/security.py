@@ -1,7 +1,8 @@
 """security — the checks every request and websocket passes before any route sees it (DESIGN §7).
 
 Owns: the ``Host`` check on every HTTP request and websocket (DNS-rebinding
-defence), the ``Origin`` check on every websocket before it is accepted (and on
+defence: loopback names, the bound address or, bound to every interface, this
+machine's name and addresses, and the ``--allow-host`` names), the ``Origin`` check on every websocket before it is accepted (and on
 state-changing HTTP requests), and the two tokens: the trainer token opens only
 ``/ws/trainer``, the viewer token opens everything else. A ``?token=`` page load
 sets the viewer cookie so the browser's later requests and websockets carry it.
@@ -13,12 +14,14 @@ Never: accepts a websocket before the checks pass, compares tokens with ``==``
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import socket
 from collections.abc import Iterable
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
-from layerscope.server.settings import Settings
+from layerscope.server.settings import Settings, is_loopback, local_host
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE_NAME = "layerscope_token"
@@ -36,11 +39,52 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def host_name(value: str) -> str:
+    """A configured host name or address as a Host header names it: lower case, IPv6
+    bracketed, any port dropped (``'FD00::1'`` -> ``'[fd00::1]'``, ``'server:8765'`` ->
+    ``'server'``)."""
+    value = value.strip().lower()
+    try:
+        return _bracket(str(ipaddress.ip_address(value.strip("[]").split("%")[0])))
+    except ValueError:
+        return split_host(value)[0]
+
+
+def own_host_names() -> set[str]:
+    """This machine's name, the addresses it resolves to, and the addresses its default
+    routes leave from (a hostname often resolves to 127.0.1.1 only): how a browser
+    elsewhere on the network may address a server bound to every interface."""
+    names: set[str] = set()
+    name = socket.gethostname()
+    if name:
+        names.add(host_name(name))
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        except OSError:  # a hostname that does not resolve: the name alone
+            infos = []
+        names.update(host_name(str(info[4][0])) for info in infos)
+    # A UDP connect sends nothing; it only picks the route (documentation addresses).
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((probe, 9))
+                names.add(host_name(str(sock.getsockname()[0])))
+        except OSError:  # no route of that family
+            continue
+    return names
+
+
 def allowed_host_names(settings: Settings) -> frozenset[str]:
-    """Host names (lower case, IPv6 bracketed) a request may address this server by."""
+    """Host names (lower case, IPv6 bracketed) a request may address this server by:
+    loopback names, the bound address (for a wildcard bind, this machine's name and
+    addresses), and the names given with ``--allow-host``. Never any name at all: a page
+    on a name its attacker points at 127.0.0.1 (DNS rebinding) is refused."""
     names = {"localhost", "127.0.0.1", "[::1]"}
-    if settings.host not in WILDCARD_HOSTS:
-        names.add(_bracket(settings.host.lower()))
+    names.update(host_name(h) for h in settings.allowed_hosts if h.strip())
+    if settings.host.strip("[]") in WILDCARD_HOSTS:
+        names.update(own_host_names())
+    else:
+        names.add(host_name(settings.host))
     return frozenset(names)
 
 
@@ -72,7 +116,6 @@ class Guard:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.host_names = allowed_host_names(settings)
-        self.any_host = settings.host in WILDCARD_HOSTS
         self.extra_origins = frozenset(o.rstrip("/").lower() for o in settings.allowed_origins)
 
     def check_host(self, host_header: str | None) -> str:
@@ -82,12 +125,20 @@ class Guard:
         name, port = split_host(host_header)
         expected_port = self.settings.port
         port_ok = port == expected_port or (port is None and expected_port == 80)
-        # A wildcard bind is reached by addresses we cannot list; the tokens it requires guard it.
-        if not port_ok or (not self.any_host and name not in self.host_names):
-            raise Denied(
-                f"Host {host_header!r} is not this server; use http://127.0.0.1:{expected_port}/"
-            )
+        if not port_ok or name not in self.host_names:
+            raise Denied(f"Host {host_header!r} is not this server; {self._where()}")
         return host_header.strip().lower()
+
+    def _where(self) -> str:
+        """How to address this server, for a refused Host: a LAN user is not sent to
+        127.0.0.1 (their own machine)."""
+        host, port = self.settings.host, self.settings.port
+        allow = "start the server with --allow-host NAME to accept another name"
+        if is_loopback(host):
+            return f"use http://{local_host(host)}:{port}/"
+        if host.strip("[]") in WILDCARD_HOSTS:
+            return f"use this machine's name or address with port {port}, or {allow}"
+        return f"use http://{local_host(host)}:{port}/, or {allow}"
 
     def check_origin(self, origin: str | None, host: str) -> None:
         """An absent Origin is a non-browser client (a trainer, a script) and is allowed."""

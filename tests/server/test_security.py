@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from layerscope.server.security import Denied, Guard
 from layerscope.server.settings import Settings, SettingsError
 from server_harness import FakeTrainer, LiveServer, make_settings, running_server
 from websockets.asyncio.client import connect
@@ -154,3 +155,92 @@ def test_a_non_loopback_bind_without_tokens_is_refused(tmp_path: Path) -> None:
         Settings(host="192.168.1.20", data_dir=tmp_path, viewer_token=VIEWER)
     Settings(host="0.0.0.0", data_dir=tmp_path, viewer_token=VIEWER, trainer_token=TRAINER)
     Settings(host="::1", data_dir=tmp_path)  # loopback: no token needed
+
+
+def _handshake_status(server: LiveServer, host: str, origin: str | None = None) -> bytes:
+    """A viewer-socket handshake written by hand, so its Host header is exactly ``host``."""
+    handshake = (
+        f"GET /ws/runs/none?token={VIEWER} HTTP/1.1\r\n"
+        f"Host: {host}\r\n"
+        + (f"Origin: {origin}\r\n" if origin else "")
+        + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(handshake.encode())
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0]
+
+
+def test_allowed_hosts_are_accepted_and_others_refused(tmp_path: Path) -> None:
+    """--allow-host (LAYERSCOPE_ALLOWED_HOSTS) was never read: the compose service name
+    was refused on a loopback bind, and any name at all was accepted on a wildcard one."""
+    settings = make_settings(tmp_path / "data", allowed_hosts=("Dash.Example",))
+    with running_server(settings) as server:
+        port = server.port
+        ok = httpx.get(f"{server}/api/runs", headers={"Host": f"dash.example:{port}"})
+        assert ok.status_code == 200
+        refused = httpx.get(f"{server}/api/runs", headers={"Host": f"evil.example:{port}"})
+        assert refused.status_code == 403
+        assert f"use http://127.0.0.1:{port}/" in refused.json()["detail"]  # loopback: say so
+        # Origins on an allowed name are this server's own pages.
+        origin = f"http://dash.example:{port}"
+        posted = httpx.post(
+            f"{server}/api/runs",
+            json={"model": {"depth": 0}},
+            headers={"Host": f"dash.example:{port}", "Origin": origin},
+        )
+        assert posted.status_code == 422  # past the checks, to the config's validation
+        assert b" 101 " in _handshake_status(server, f"dash.example:{port}", origin)
+        assert b" 403 " in _handshake_status(server, f"127.0.0.1:{port}", f"http://evil.example:{port}")
+
+
+def test_a_wildcard_bind_accepts_this_machines_names_not_any_name(tmp_path: Path) -> None:
+    """Bound to 0.0.0.0 the Host check compared only the port: a page on evil.example
+    that its owner pointed at this machine (DNS rebinding) passed everything but the token."""
+    settings = make_settings(
+        tmp_path / "data",
+        host="0.0.0.0",
+        viewer_token=VIEWER,
+        trainer_token=TRAINER,
+        allowed_hosts=("server",),
+    )
+    auth = {"Authorization": f"Bearer {VIEWER}"}
+    with running_server(settings) as server:
+        port = server.port
+        for name in ("evil.example", "attacker.rebind.example"):
+            response = httpx.get(f"{server}/api/runs", headers={**auth, "Host": f"{name}:{port}"})
+            assert response.status_code == 403, name
+            detail = response.json()["detail"]
+            assert "127.0.0.1" not in detail and "--allow-host" in detail
+            assert b" 403 " in _handshake_status(server, f"{name}:{port}", f"http://{name}:{port}")
+        for name in ("127.0.0.1", "localhost", "server", socket.gethostname()):
+            response = httpx.get(f"{server}/api/runs", headers={**auth, "Host": f"{name}:{port}"})
+            assert response.status_code == 200, name
+        assert b" 101 " in _handshake_status(server, f"server:{port}", f"http://server:{port}")
+
+
+def test_a_refused_host_on_a_lan_address_is_not_sent_to_127_0_0_1(tmp_path: Path) -> None:
+    guard = Guard(
+        Settings(host="192.0.2.7", data_dir=tmp_path, viewer_token=VIEWER, trainer_token=TRAINER)
+    )
+    assert guard.check_host("192.0.2.7:8765") == "192.0.2.7:8765"
+    with pytest.raises(Denied) as refused:
+        guard.check_host("evil.example:8765")
+    assert "use http://192.0.2.7:8765/" in str(refused.value)
+    assert "127.0.0.1" not in str(refused.value)
+
+
+def test_allowed_hosts_come_from_the_environment_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAYERSCOPE_ALLOWED_HOSTS", "vm,dash.example")
+    guard = Guard(Settings.from_env(data_dir=tmp_path))
+    assert guard.check_host("dash.example:8765") == "dash.example:8765"
+    with pytest.raises(Denied):
+        guard.check_host("evil.example:8765")

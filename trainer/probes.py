@@ -127,6 +127,12 @@ _KEEPS_CHANNELS = ACTIVATION_TYPES + (
     nn.MaxPool1d, nn.AvgPool1d, nn.Identity,
 )  # fmt: skip
 
+# Between a Linear/Conv and the activation it feeds: these do not decide what it feeds.
+_PASS_THROUGH = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+)  # fmt: skip
+
 
 @dataclass
 class LayerSpec:
@@ -272,6 +278,7 @@ class Probes:
                 if unknown:
                     raise ValueError(f"{label}: no module named {unknown} in the model")
         channel_first = self._sequential_channel_first(model)
+        no_relu_after = self._feeds_no_relu(model)
         chosen: list[tuple[_Layer, nn.Module]] = []
         interned: dict[Rule, Rule] = {}
         for name, module in model.named_modules():
@@ -283,8 +290,9 @@ class Probes:
             is_activation = isinstance(module, ACTIVATION_TYPES)
             rule = stats.module_rule(module, default=stats.NO_RULE)
             if not is_activation and isinstance(module, WEIGHT_TYPES):
-                # DESIGN §3: the units a following (functional) ReLU would leave dead
-                rule = stats.FUNCTION_RULES["relu"]
+                # DESIGN §3: the units a following (functional) ReLU would leave dead; none
+                # where the model shows the output feeds no ReLU (a Tanh module, the loss)
+                rule = stats.NO_RULE if id(module) in no_relu_after else stats.FUNCTION_RULES["relu"]
             if name in activations:
                 fn = activations[name]
                 if is_activation:
@@ -320,6 +328,27 @@ class Probes:
                 "name the modules, or the containers holding them"
             )
         return chosen
+
+    @staticmethod
+    def _feeds_no_relu(model: nn.Module) -> set[int]:
+        """ids of Linear/Conv modules whose output the model visibly feeds to something
+        other than a ReLU, so a ReLU-based dead_ratio on it would say nothing: the next
+        module in the model's order (past dropout, normalisation, identity) is an
+        activation module without a dead region (Tanh, Sigmoid, ...; that module's own
+        entry measures it), or there is no next module (the output layer: it feeds the
+        loss). A Linear followed by another Linear, as in a forward that applies
+        ``F.relu`` between them, keeps the ReLU reading (DESIGN §3)."""
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        found: set[int] = set()
+        for at, module in enumerate(leaves):
+            if not isinstance(module, WEIGHT_TYPES):
+                continue
+            after = next((m for m in leaves[at + 1 :] if not isinstance(m, _PASS_THROUGH)), None)
+            if after is None or (
+                isinstance(after, ACTIVATION_TYPES) and stats.module_rule(after).live_above is None
+            ):
+                found.add(id(module))
+        return found
 
     @staticmethod
     def _sequential_channel_first(model: nn.Module) -> set[int]:

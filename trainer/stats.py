@@ -50,7 +50,8 @@ class Rule:
     ``live_above``: a value is live when ``source > live_above`` (None: no dead_ratio).
     ``transform``: applied to the layer output before the saturation test (for a
     Linear/Conv output feeding a named function); None: the output itself.
-    ``sat_lo``/``sat_hi``: saturated when ``y <= sat_lo or y >= sat_hi`` (None: no saturation).
+    ``sat_lo``/``sat_hi``: saturated when ``y <= sat_lo or y >= sat_hi`` (None: no saturation;
+    ``sat_lo`` -inf: pinned only at the top, as ReLU6, whose 0 is "off", dead_ratio's case).
     ``nonnegative``: the module's output is never negative, which saves a kernel.
     """
 
@@ -92,7 +93,7 @@ FUNCTION_RULES: dict[str, Rule] = {
         ),
         _RELU_FAMILY,
     ),
-    "relu6": Rule(live_above=0.0, sat_lo=0.0, sat_hi=6.0),
+    "relu6": Rule(live_above=0.0, sat_lo=-math.inf, sat_hi=6.0),
     "tanh": Rule(transform=torch.tanh, sat_lo=-SATURATION_LEVEL, sat_hi=SATURATION_LEVEL),
     "sigmoid": Rule(transform=torch.sigmoid, sat_lo=_SIGMOID_LOW, sat_hi=SATURATION_LEVEL),
     "softsign": Rule(transform=F.softsign, sat_lo=-SATURATION_LEVEL, sat_hi=SATURATION_LEVEL),
@@ -109,8 +110,13 @@ def module_rule(module: torch.nn.Module, default: Rule = NO_RULE) -> Rule:
     kind = type(module).__name__
     if isinstance(module, torch.nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6): dead and pinned at 6
         lo, hi = float(module.min_val), float(module.max_val)
+        # A lower edge at 0 is a ReLU's "off" (dead_ratio's case; DESIGN §3: a ReLU off 60%
+        # of the time is normal), not saturation: only the top edge pins.
         return Rule(
-            live_above=0.0 if lo == 0.0 else None, sat_lo=lo, sat_hi=hi, nonnegative=lo >= 0
+            live_above=0.0 if lo == 0.0 else None,
+            sat_lo=-math.inf if lo == 0.0 else lo,
+            sat_hi=hi,
+            nonnegative=lo >= 0,
         )
     if isinstance(module, torch.nn.Softplus):  # softplus(x) > ln2/beta exactly when x > 0
         return Rule(live_above=math.log(2.0) / float(module.beta))
@@ -145,6 +151,11 @@ def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
     case). Non-finite values count as inside."""
     assert rule.sat_lo is not None and rule.sat_hi is not None
     lo, hi = rule.sat_lo, rule.sat_hi
+    if lo == -math.inf:  # pinned only at the top (ReLU6): inside is below sat_hi
+        # a non-finite value counts as inside: clean holds 0 there, below every such sat_hi
+        assert hi > 0.0
+        source = rule.transform(clean) if rule.transform is not None else clean
+        return torch.sub(source, hi).clamp_(max=0.0).sign_()
     if rule.transform is not None:
         source = rule.transform(clean)  # every function here maps 0 strictly inside
     elif lo == -hi:

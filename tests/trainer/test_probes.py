@@ -84,6 +84,36 @@ def test_sigmoid_module_saturation() -> None:
     assert layers["0"]["saturated_ratio"] == 1 / 2
 
 
+def test_relu6_is_saturated_only_where_pinned_at_6_and_dead_where_off() -> None:
+    # units: always 0 (off), always 6 (pinned), 0 or 6 half the time each, always 3
+    y_in = torch.tensor([[-1.0, 9.0, -1.0, 3.0], [-2.0, 7.0, 8.0, 3.0]] * 8)
+    model = nn.Sequential(nn.ReLU6())
+    layers, _ = probe_step(model, Probes(model), y_in)
+    assert layers["0"]["dead_ratio"] == 1 / 4  # the unit that is always off
+    assert layers["0"]["saturated_frac"] == 3 / 8  # values at 6 only: 16 + 8 of 64
+    assert layers["0"]["saturated_ratio"] == 1 / 4  # only the always-pinned unit (> half)
+
+
+def test_a_linear_feeding_no_relu_carries_no_dead_ratio() -> None:
+    """dead_ratio on a Linear/Conv reads what a following ReLU would leave dead: none where
+    the model shows it feeds a Tanh/Sigmoid module (even past dropout or a norm) or the loss;
+    kept where a ReLU-family module or another Linear (a functional F.relu) follows."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        forcing_linear(5, 8, dead=3), nn.ReLU(),  # 0: feeds a ReLU
+        forcing_linear(8, 8, dead=2), nn.Dropout(0.0), nn.Tanh(),  # 2: feeds a Tanh
+        forcing_linear(8, 8, dead=1), nn.LayerNorm(8), nn.Sigmoid(),  # 5
+        forcing_linear(8, 8, dead=4),  # 8: feeds the next Linear (a functional activation)
+        forcing_linear(8, 4, dead=1),  # 9: the output layer
+    )  # fmt: skip
+    layers, _ = probe_step(model, Probes(model), uniform(32, 5))
+    assert layers["0"]["dead_ratio"] == 3 / 8
+    assert layers["8"]["dead_ratio"] == 4 / 8
+    for name in ("2", "5", "9"):
+        assert layers[name]["dead_ratio"] is None, name
+        assert layers[name]["mean"] is not None  # still probed
+
+
 def test_histogram_counts_every_value_and_matches_numpy(device: str) -> None:
     model = nn.Sequential(nn.Linear(10, 32)).to(device)
     x = torch.randn(100, 10, generator=torch.Generator().manual_seed(2)).to(device)
@@ -726,7 +756,8 @@ def test_a_large_output_reduced_in_slices_gives_the_same_statistics(
     monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     torch.manual_seed(11)
-    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.Tanh()).to(device)
+    # ReLU6 of +-10: 3 units dead at 0, 5 pinned at 6 (dead_ratio and saturation both sliced)
+    model = nn.Sequential(forcing_linear(5, 8, dead=3), nn.ReLU6()).to(device)
     x = (uniform(50, 5) * 0.1).to(device)
     whole, _ = probe_step(model, Probes(model, sample_values=None), x)
     monkeypatch.setattr(probes_module, "CHUNK_VALUES", 3 * 8)  # slices of 3 rows, last of 2
@@ -740,7 +771,8 @@ def test_a_large_output_reduced_in_slices_gives_the_same_statistics(
             else:
                 assert sliced[name][key] == pytest.approx(expected, rel=1e-5), (name, key)
         assert sum(sliced[name]["hist"]["counts"]) == 50 * 8
-    assert whole["0"]["dead_ratio"] == 3 / 8 and whole["1"]["saturated_ratio"] == 1.0
+    assert whole["0"]["dead_ratio"] == 3 / 8 and whole["1"]["dead_ratio"] == 3 / 8
+    assert whole["1"]["saturated_ratio"] == 5 / 8 and whole["1"]["saturated_frac"] == 5 / 8
 
 
 # ---- unit_spread: the spread across units of each unit's mean output ----

@@ -164,7 +164,8 @@ def test_unit_ratio_thresholds_are_the_named_constants() -> None:
         (nn.Softsign(), None, -0.99, 0.99),
         (nn.Sigmoid(), None, 0.01, 0.99),
         (nn.Hardtanh(-2.0, 3.0), None, -2.0, 3.0),
-        (nn.ReLU6(), 0.0, 0.0, 6.0),
+        (nn.ReLU6(), 0.0, -math.inf, 6.0),  # off at 0 is dead_ratio's, not saturation
+        (nn.Hardtanh(0.0, 1.0), 0.0, -math.inf, 1.0),
         (nn.Hardsigmoid(), None, 0.0, 1.0),
         (nn.Linear(2, 2), None, None, None),
     ],

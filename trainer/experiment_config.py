@@ -117,10 +117,11 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "choices": list(INITS),
                 "default": "he",
                 "label": "Weight init",
-                "help": "Xavier for tanh-like layers, He (√2 larger) for ReLU, so each layer's "
-                "output variance matches its input's. zero: every unit stays identical (no "
-                "symmetry breaking); small normal: deep layers see all-zero inputs; large "
-                "normal: tanh/sigmoid saturate. default: the framework's own init.",
+                "help": "Xavier (variance 2/(fan-in + fan-out)) for tanh-like layers, He "
+                "(2/fan-in, √2 larger) for ReLU, so each layer's output variance matches its "
+                "input's. zero: every unit stays identical (no symmetry breaking); small "
+                "normal: deep layers' activations shrink towards zero; large normal: "
+                "tanh/sigmoid units pin at their bounds. default: the framework's own init.",
             },
             "init_std": {
                 "type": "float",
@@ -129,8 +130,8 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "max": 100.0,
                 "when": {"init": ["normal"]},
                 "label": "Normal init std",
-                "help": "Standard deviation for the normal init: 0.01 is fine for shallow nets "
-                "but vanishes in deep ones; 1 saturates tanh/sigmoid.",
+                "help": "Standard deviation for the normal init: 0.01 is fine for shallow nets, "
+                "but deep ones' activations shrink towards zero; 1 saturates tanh/sigmoid.",
             },
             "batch_norm": {
                 "type": "bool",
@@ -329,8 +330,9 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "default": False,
                 "label": "Auto-halve LR on plateau",
                 "help": "When validation loss stops falling while training loss still falls, "
-                "halve the learning rate: once per plateau of `patience` evaluations without "
-                "improvement, sent as a command attributed to the rule.",
+                "halve the learning rate: once per `patience` evaluations without a new "
+                "validation best, and only if training loss fell meanwhile; sent as a "
+                "command attributed to the rule.",
             },
             "auto_weight_decay": {
                 "type": "bool",

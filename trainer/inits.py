@@ -2,9 +2,11 @@
 
 Owns: applying ``default | zero | normal(std) | xavier | he`` to every Linear and
 Conv weight of a model; biases are zeroed for every scheme except ``default``.
-Xavier takes the gain of the layer's activation (``nn.init.calculate_gain``), He
-uses Kaiming with the matching nonlinearity (fan-in mode), so each layer's output
-variance matches its input's.
+Xavier is Glorot's: variance 2 / (fan_in + fan_out), the scale for tanh-like layers;
+He is Kaiming's for ReLU: variance 2 / fan_in (2 / (1 + slope^2) / fan_in for a
+leaky ReLU), √2 larger in std where fan-in and fan-out are equal, which makes up for
+the half of a ReLU's input it zeroes (PRACTICES.md). Neither depends on the
+activation otherwise, so the lab's five schemes are five different networks.
 
 Never: touches normalisation layers (BatchNorm keeps weight 1, bias 0) or
 anything other than parameter values.
@@ -13,7 +15,6 @@ anything other than parameter values.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
@@ -21,26 +22,16 @@ from torch import nn
 SCHEMES = ("default", "zero", "normal", "xavier", "he")
 LEAKY_RELU_SLOPE = 0.01  # nn.LeakyReLU's default negative slope
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-# Kaiming has no entry for gelu; it is initialised like ReLU, which it approximates
-# (both keep roughly half of a zero-mean input's second moment).
-_Nonlinearity = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
-_KAIMING_NONLINEARITY: dict[str, _Nonlinearity] = {
-    "relu": "relu",
-    "gelu": "relu",
-    "leaky_relu": "leaky_relu",
-    "tanh": "tanh",
-    "sigmoid": "sigmoid",
-}
+ACTIVATIONS = ("relu", "gelu", "leaky_relu", "tanh", "sigmoid")
 
 
-def activation_gain(activation: str) -> float:
-    """The recommended gain for ``activation`` (gelu counted as relu)."""
-    name = _KAIMING_NONLINEARITY.get(activation)
-    if name is None:
-        raise ValueError(f"no init gain known for activation {activation!r}")
-    param = LEAKY_RELU_SLOPE if name == "leaky_relu" else None
-    return float(nn.init.calculate_gain(name, param))
+def he_gain(activation: str) -> float:
+    """He's gain: √2 (ReLU's), or √(2 / (1 + slope²)) for a leaky ReLU."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"no init known for activation {activation!r}")
+    if activation == "leaky_relu":
+        return float(nn.init.calculate_gain("leaky_relu", LEAKY_RELU_SLOPE))
+    return math.sqrt(2.0)
 
 
 @torch.no_grad()
@@ -67,11 +58,16 @@ def init_weights(
         elif scheme == "normal":
             nn.init.normal_(weight, mean=0.0, std=std)
         elif scheme == "xavier":
-            nn.init.xavier_normal_(weight, gain=activation_gain(activation))
+            nn.init.xavier_normal_(weight, gain=1.0)
         else:
-            nonlinearity = _KAIMING_NONLINEARITY[activation]
-            slope = LEAKY_RELU_SLOPE if nonlinearity == "leaky_relu" else 0.0
-            nn.init.kaiming_normal_(weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
+            he_gain(activation)  # an unknown activation is an error, not ReLU's gain
+            leaky = activation == "leaky_relu"
+            nn.init.kaiming_normal_(
+                weight,
+                a=LEAKY_RELU_SLOPE if leaky else 0.0,
+                mode="fan_in",
+                nonlinearity="leaky_relu" if leaky else "relu",
+            )
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     return count
@@ -86,7 +82,7 @@ def expected_std(
     if scheme == "normal":
         return std
     if scheme == "xavier":
-        return activation_gain(activation) * math.sqrt(2.0 / (fan_in + fan_out))
+        return math.sqrt(2.0 / (fan_in + fan_out))
     if scheme == "he":
-        return activation_gain(activation) / math.sqrt(fan_in)
+        return he_gain(activation) / math.sqrt(fan_in)
     raise ValueError(f"scheme {scheme!r} has no single target std")

@@ -54,7 +54,7 @@ def test_schema_is_json_and_every_field_has_type_default_and_help() -> None:
         if spec["type"] == "choice":
             assert spec["default"] in spec["choices"], loc
     init_help = wire.EXPERIMENT_SCHEMA["model"]["fields"]["init"]["help"]
-    assert "Xavier for tanh-like layers, He (√2 larger) for ReLU" in init_help
+    assert "for tanh-like layers, He (2/fan-in, √2 larger) for ReLU" in init_help
 
 
 def test_empty_config_gets_every_default() -> None:

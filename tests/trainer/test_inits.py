@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from layerscope.trainer.inits import activation_gain, expected_std, init_weights
+from layerscope.trainer.inits import expected_std, he_gain, init_weights
 from layerscope.trainer.models import CNN, MLP
 from torch import nn
 
@@ -36,23 +36,43 @@ def test_normal_init_has_the_asked_std_and_zero_bias(std: float) -> None:
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
-def test_xavier_variance_is_gain_squared_times_2_over_fan_in_plus_fan_out(activation: str) -> None:
+def test_xavier_variance_is_2_over_fan_in_plus_fan_out_whatever_the_activation(
+    activation: str,
+) -> None:
     layer = _layer("xavier", activation)
-    gain = {"tanh": 5 / 3, "sigmoid": 1.0, "relu": math.sqrt(2)}[activation]
-    assert activation_gain(activation) == pytest.approx(gain)
-    want = gain**2 * 2 / (FAN_IN + FAN_OUT)
+    want = 2 / (FAN_IN + FAN_OUT)  # Glorot's, gain 1
     assert layer.weight.var().item() == pytest.approx(want, rel=0.03)
     assert expected_std("xavier", FAN_IN, FAN_OUT, activation) == pytest.approx(math.sqrt(want))
 
 
-def test_he_variance_is_2_over_fan_in_for_relu_and_root2_larger_than_unit_gain() -> None:
-    relu = _layer("he", "relu")
-    assert relu.weight.var().item() == pytest.approx(2 / FAN_IN, rel=0.03)
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "gelu"])
+def test_he_variance_is_2_over_fan_in_whatever_the_activation(activation: str) -> None:
+    layer = _layer("he", activation)
+    assert layer.weight.var().item() == pytest.approx(2 / FAN_IN, rel=0.03)
+    assert expected_std("he", FAN_IN, FAN_OUT, activation) == pytest.approx(math.sqrt(2 / FAN_IN))
     leaky = _layer("he", "leaky_relu")
     assert leaky.weight.var().item() == pytest.approx(2 / (1 + 0.01**2) / FAN_IN, rel=0.03)
-    sigmoid = _layer("he", "sigmoid")  # gain 1: He for ReLU is sqrt(2) larger
-    ratio = relu.weight.std().item() / sigmoid.weight.std().item()
-    assert ratio == pytest.approx(math.sqrt(2), rel=0.03)
+    assert he_gain("leaky_relu") == pytest.approx(math.sqrt(2 / (1 + 0.01**2)))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_he_is_root2_larger_than_xavier_where_fan_in_equals_fan_out(activation: str) -> None:
+    """The init lab's lesson (PRACTICES: He is √2 larger, for ReLU layers): with the lab's
+    equal widths the two schemes must be different networks, for every activation."""
+    torch.manual_seed(0)
+    xavier, he = (MLP(64, depth=4, width=64, out_dim=10) for _ in range(2))
+    init_weights(xavier, "xavier", activation=activation)
+    init_weights(he, "he", activation=activation)
+    for a, b in zip(xavier.net, he.net, strict=True):
+        if isinstance(a, nn.Linear) and a.in_features == a.out_features:
+            assert b.weight.std().item() / a.weight.std().item() == pytest.approx(
+                math.sqrt(2), rel=0.05
+            )
+
+
+def test_an_unknown_activation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="softmax"):
+        _layer("he", "softmax")
 
 
 def test_he_on_conv_uses_fan_in_of_kernel_and_channels() -> None:

@@ -16,6 +16,7 @@ network (frames go back to the link that called it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.trainer.control import Control, write_checkpoint
-from layerscope.trainer.rules import Finding, Rules
+from layerscope.trainer.rules import PAUSING, STOPPING, Finding, Rules
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +98,37 @@ class Alerts:
                 self._keep_good(snapshot, step)
         frames = []
         for finding in findings:
-            frames.append(self._frame(finding))
             command = finding.to_command(self.control.lr_scale)
             if not (self.steerable() if callable(self.steerable) else self.steerable):
-                command = self._unattended(finding, command)
+                finding, command = self._unattended(finding, command)
+            frames.append(self._frame(finding))
             if command is not None:
                 self.control.submit(command)
         return frames
 
     def _unattended(
         self, finding: Finding, command: dict[str, Any] | None
-    ) -> dict[str, Any] | None:
+    ) -> tuple[Finding, dict[str, Any] | None]:
         """With no server reachable: the alert goes to the log (stderr), and a pause, which
-        nothing could resume, becomes a stop (a paused loop would wait forever)."""
+        nothing could resume, becomes a stop (a paused loop would wait forever); the alert
+        as recorded says so (its message and action), not the pause it would have been."""
         stopping = command is not None and command["name"] == "pause"
+        if stopping:
+            assert command is not None
+            message = finding.message.replace(PAUSING, STOPPING)
+            if message == finding.message:
+                message += " " + STOPPING[2:].capitalize() + "."
+            reason = f"{command.get('reason', finding.message)}; no server to resume it: stopped"
+            command = {**command, "name": "stop", "args": {}, "reason": reason}
+            action = {"name": "stop", "args": {}, "source": "rule", "reason": reason}
+            finding = dataclasses.replace(finding, message=message, action=action)
         log.warning(
             "layerscope: [%s] %s%s",
             finding.rule,
             finding.message,
-            " No server is reachable to resume a pause, so the run stops instead"
-            " (w.should_stop is now True)."
-            if stopping
-            else "",
+            " (w.should_stop is now True)." if stopping else "",
         )
-        if not stopping:
-            return command
-        assert command is not None
-        reason = f"{command.get('reason', finding.message)}; no server to resume it: stopped"
-        return {**command, "name": "stop", "args": {}, "reason": reason}
+        return finding, command
 
     def _nonfinite_weights(self, layers: Sequence[Mapping[str, Any]]) -> list[str]:
         # A parameterised layer's weight_norm is None only when it is NaN/Inf.

@@ -32,6 +32,12 @@ DEAD_UNITS_THRESHOLD_LAYER = 0.5
 SATURATION_THRESHOLD_LAYER = 0.5
 # VanishingGradient: threshold 0.0000001 on the mean absolute gradient.
 VANISHING_GRADIENT_THRESHOLD = 1e-7
+# Ours (hysteresis): an alert's episode lasts until the value is clearly back, so a value
+# hovering at a threshold raises one alert, not one every other probe step (a small-init
+# run's layer near 1e-7 fired nine times): a vanishing gradient until it is 10x above the
+# threshold, a dead/saturated layer until its ratio falls below 0.8x the threshold.
+VANISHING_CLEAR_FACTOR = 10.0
+RATIO_CLEAR_FACTOR = 0.8
 # ExplodingTensor: only_nan False (NaN and Inf both count); any non-finite value fires.
 # SageMaker only reports; the issue asks for an automatic pause.
 EXPLODING_TENSOR_PAUSE = True

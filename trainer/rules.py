@@ -46,13 +46,22 @@ from layerscope.trainer.rule_config import (
     PATIENCE,
     PLATEAU,
     PRE_ACTIVATION_KINDS,
+    RATIO_CLEAR_FACTOR,
     RULE_NAMES,
+    VANISHING_CLEAR_FACTOR,
     RuleConfig,
     build_config,
     threshold_names,
 )
 
-__all__ = ["PLATEAU", "RULE_NAMES", "Finding", "RuleConfig", "Rules", "threshold_names"]
+__all__ = [
+    "PAUSING", "PLATEAU", "RULE_NAMES", "STOPPING", "Finding", "RuleConfig", "Rules",
+    "threshold_names",
+]  # fmt: skip
+# What an ExplodingTensor alert says it does; with no server to resume a pause, ``alerts``
+# records the stop it becomes instead.
+PAUSING = "; pausing the run"
+STOPPING = "; stopping the run (no server is reachable to resume a pause)"
 
 
 @dataclass
@@ -161,6 +170,7 @@ class Rules:
         self._weight_decay_sent = False
         self._best_val: float | None = None
         self._evals_since_best = 0
+        self._train_at_count: float | None = None  # training loss where that count began
 
     @staticmethod
     def _names(names: Iterable[str], what: str) -> set[str]:
@@ -209,8 +219,13 @@ class Rules:
 
     # ---- shared mechanics ----
 
-    def _onset(self, rule: str, subject: str, condition: bool) -> bool:
+    def _onset(self, rule: str, subject: str, condition: bool, holds: bool | None = None) -> bool:
+        """True when ``condition`` starts to hold for (rule, subject). ``holds``: the looser
+        condition that keeps an active onset alive (hysteresis: a value hovering at the
+        threshold is one episode, not an alert every other probe step)."""
         key = (rule, subject)
+        if holds is not None and key in self._active:
+            condition = holds
         if not condition:
             self._active.discard(key)
             return False
@@ -288,7 +303,7 @@ class Rules:
         )
         message = (
             f"NaN/Inf in {detail} at step {step}"
-            + ("; pausing the run, the last good checkpoint is kept" if action else "")
+            + (PAUSING + ", the last good checkpoint is kept" if action else "")
             + ". Lower the learning rate, clip gradients, or check the data for NaNs."
         )
         layer = layers[0] if layers else None
@@ -351,7 +366,14 @@ class Rules:
             ratio = _finite(_num(entry, stat))
             if i == output or self._feeds_probed_activation(entries, i):
                 ratio = None
-            if self._onset(rule, entry["name"], ratio is not None and ratio > threshold):
+            if (_num(entry, "nonfinite") or 0.0) > 0:
+                ratio = None  # NaN counts as neither live nor pinned: ExplodingTensor's case
+            if self._onset(
+                rule,
+                entry["name"],
+                ratio is not None and ratio > threshold,
+                ratio is not None and ratio > threshold * RATIO_CLEAR_FACTOR,
+            ):
                 assert ratio is not None
                 text = f"{_pct(ratio)} {what}, above the {_pct(threshold)} threshold"
                 fired.append((entry["name"], ratio, text))
@@ -368,7 +390,12 @@ class Rules:
             n = _num(entry, "params") or self.params.get(name)
             value = grad_norm / math.sqrt(n) if grad_norm is not None and n else grad_norm
             condition = value is not None and value < threshold and name not in self.frozen
-            if self._onset("VanishingGradient", name, condition):
+            holds = (
+                value is not None
+                and value < threshold * VANISHING_CLEAR_FACTOR
+                and name not in self.frozen
+            )
+            if self._onset("VanishingGradient", name, condition, holds):
                 assert value is not None
                 what = "mean |grad| is at most" if n else "gradient norm is"
                 fired.append((name, value, f"{what} {value:.2g}, below {threshold:.0e}"))
@@ -400,6 +427,10 @@ class Rules:
         if self._probe_steps > cfg.probe_steps:
             return []
         kinds = [self._kind(e) for e in entries]
+        if entries and kinds[-1] is not None and self._is_pre_activation(kinds[-1]):
+            # the output layer: its logits' scale is the loss's business, not the init's (a
+            # He-initialised ReLU net's head, or the only layer batch norm leaves unscaled)
+            entries, kinds = entries[:-1], kinds[:-1]
         if any(k is not None and self._is_pre_activation(k) for k in kinds):
             chosen = [
                 e for e, k in zip(entries, kinds, strict=True) if k and self._is_pre_activation(k)
@@ -526,7 +557,7 @@ class Rules:
                 return out
             if "Overfit" in self.enabled:
                 out += self._overfit(step, val_loss, train_loss)
-            out += self._plateau(step, val_loss)
+            out += self._plateau(step, val_loss, _finite(train_loss))
             return out
 
     def _overfit(self, step: int, val: float, train: float | None) -> list[Finding]:
@@ -564,22 +595,35 @@ class Rules:
             message += " Switching weight decay on (auto weight decay)."
         return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
 
-    def _plateau(self, step: int, val: float) -> list[Finding]:
+    def _plateau(self, step: int, val: float, train: float | None) -> list[Finding]:
         # ReduceLROnPlateau's bookkeeping: count evaluations since the best; after acting,
-        # count from zero again, so a plateau acts once and a new one must develop.
+        # count from zero again, so a plateau acts once and a new one must develop. PRACTICES:
+        # only while training loss still falls (below its value where the count began); with
+        # training loss flat too the run is stalled, not over-fitting a plateau, and halving
+        # again and again would only starve it. Unknown training loss: validation alone.
         cfg = self.config.plateau
         if self._best_val is None or val < self._best_val * (1.0 - cfg.min_delta_rel):
             self._best_val = val
             self._evals_since_best = 0
+            self._train_at_count = train
             return []
         self._evals_since_best += 1
         if not self.auto_halve_lr or self._evals_since_best < cfg.patience:
             return []
+        before = self._train_at_count
+        if train is not None and before is not None and not train < before * (1.0 - cfg.min_delta_rel):
+            return []  # training loss is not falling either: keep watching, do not act
         self._evals_since_best = 0
+        self._train_at_count = train
         best = self._best_val
+        falling = (
+            f" while training loss fell from {before:.4g} to {train:.4g}"
+            if train is not None and before is not None
+            else ""
+        )
         reason = (
-            f"validation loss has not improved on {best:.4g} for {cfg.patience} evaluations "
-            f"(step {step})"
+            f"validation loss has not improved on {best:.4g} for {cfg.patience} evaluations"
+            f"{falling} (step {step})"
         )
         message = f"{reason}; halving the learning rate (auto-halve on plateau)."
         action = {

@@ -156,7 +156,11 @@ def test_with_no_server_reachable_nan_stops_the_run_and_says_so(
         t.join(60)
         assert not t.is_alive() and w.should_stop and not w.control.paused
         assert w.step_count < 10_000
-    assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stops instead" in caplog.text
+    assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stopping the run" in caplog.text
+    # the recorded alert says what happened: a stop, not the pause it would have been
+    (alert,) = [e["data"] for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
+    assert "stopping the run (no server is reachable" in alert["message"]
+    assert "pausing" not in alert["message"] and alert["action"]["name"] == "stop"
     assert "loss nan" in capsys.readouterr().err  # the progress line shows it too
     stop = [e["data"] for e in events(tmp_path, "command_result") if e["data"]["name"] == "stop"]
     assert stop and stop[0]["source"] == "rule" and "no server to resume it" in stop[0]["reason"]

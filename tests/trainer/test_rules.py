@@ -278,14 +278,47 @@ def test_all_zero_flags_the_layer_whose_input_is_all_zeros() -> None:
     assert [f for f in rules().on_probe(7, healthy_layers(act1={"zero_frac": 0.99}), {})] == []
 
 
+def test_a_value_hovering_at_a_threshold_is_one_alert_until_it_clearly_recovers() -> None:
+    r = rules()
+    found: list[Finding] = []
+    for step, g in enumerate([0.9e-7, 1.1e-7, 0.9e-7, 5e-7, 0.8e-7]):  # times sqrt(n): RMS
+        layers = healthy_layers(fc1={"grad_norm": g * math.sqrt(PARAMS["fc1"])})
+        found += [f for f in r.on_probe(step, layers, {}) if f.rule == "VanishingGradient"]
+    assert [f.step for f in found] == [0]
+    layers = healthy_layers(fc1={"grad_norm": 2e-6 * math.sqrt(PARAMS["fc1"])})
+    assert r.on_probe(5, layers, {}) == []  # 20x the threshold: the episode is over
+    layers = healthy_layers(fc1={"grad_norm": 0.5e-7 * math.sqrt(PARAMS["fc1"])})
+    assert [f.step for f in r.on_probe(6, layers, {})] == [6]
+    dead = rules()
+    ratios = [0.55, 0.49, 0.56, 0.45, 0.52, 0.39, 0.51]
+    fired = [
+        s for s, ratio in enumerate(ratios)
+        for f in dead.on_probe(s, healthy_layers(act0={"dead_ratio": ratio}), {})
+        if f.rule == "DeadUnits"
+    ]  # fmt: skip
+    assert fired == [0, 6]  # clears below 0.4 (0.8 x 50%), at step 5
+
+
+def test_dead_and_saturated_ratios_of_a_layer_with_nan_raise_no_alert() -> None:
+    # NaN is neither live nor pinned: the ratios of a NaN layer read 100% dead, which is
+    # ExplodingTensor's news, not a dead layer's
+    sick = healthy_layers(act0={"dead_ratio": 1.0, "nonfinite": 64})
+    assert [f.rule for f in rules().on_probe(3, sick, {})] == ["ExplodingTensor"]
+
+
 def test_poor_initialization_fires_on_vanishing_std_only_in_the_first_probe_steps() -> None:
     shrinking = healthy_layers(fc1={"std": 0.1}, fc2={"std": 0.01}, out={"std": 0.001})
     (found,) = rules().on_probe(0, shrinking, {})
-    assert (found.rule, found.layer, found.threshold) == ("PoorInitialization", "out", 10.0)
-    assert found.value == pytest.approx(0.001)
-    assert "shrinks 1e+03x" in found.message and "from 1 at layer fc0" in found.message
-    growing = healthy_layers(out={"std": 25.0})
+    # the last hidden pre-activation against the first: the output layer is left out
+    assert (found.rule, found.layer, found.threshold) == ("PoorInitialization", "fc2", 10.0)
+    assert found.value == pytest.approx(0.01)
+    assert "shrinks 100x" in found.message and "from 1 at layer fc0" in found.message
+    growing = healthy_layers(fc2={"std": 25.0})
     assert [f.rule for f in rules().on_probe(0, growing, {})] == ["PoorInitialization"]
+    # logits alone larger or smaller (a He-initialised net's head, batch norm's unscaled
+    # output layer) are not an init problem
+    for head in (25.0, 0.01):
+        assert rules().on_probe(0, healthy_layers(out={"std": head}), {}) == []
     late = rules()
     for step in (0, 10, 20):
         assert late.on_probe(step, healthy_layers(), {}) == []
@@ -382,6 +415,24 @@ def test_a_long_plateau_halves_once_per_patience_window() -> None:
     r = rules(auto_halve_lr=True, patience=3)
     found = [f for i, v in enumerate([0.5] + [0.6] * 9) for f in r.on_eval(i, v, None)]
     assert [f.step for f in found] == [3, 6, 9]
+
+
+def test_auto_halving_waits_for_training_loss_to_fall_and_names_it() -> None:
+    """PRACTICES: halve when validation stops falling *while training loss still falls*. A
+    run whose training loss is flat too (lr 0, a stall) is never halved, however long."""
+    flat = rules(auto_halve_lr=True, patience=3)
+    found = [f for i in range(20) for f in flat.on_eval(i, 2.5351, 2.538 - 0.0001 * (i % 2))]
+    assert found == []
+    falling = rules(auto_halve_lr=True, patience=3)
+    trains = [1.0, 0.95, 0.9, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.7]
+    found = [
+        f for i, (v, t) in enumerate(zip([0.5] + [0.6] * 10, trains, strict=True))
+        for f in falling.on_eval(i, v, t)
+    ]  # fmt: skip
+    # every 3rd evaluation without a best while training loss fell since the last count
+    # began (1 -> 0.85, 0.85 -> 0.8); at step 9 it has stalled at 0.8, so not until step 10
+    assert [f.step for f in found] == [3, 6, 10]
+    assert "training loss fell from 1 to 0.85" in found[0].message
 
 
 def test_auto_halving_is_off_by_default_and_can_be_switched_on_mid_plateau() -> None:

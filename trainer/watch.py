@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import types as pytypes
 import uuid
@@ -104,6 +105,7 @@ class Watch:
         self._device = _model_device(model)
         self._progress_enabled = progress
         self._progress_row: dict[str, Any] = {"step": 0, "values": {}}
+        self._progress_line = ProgressLine() if progress else None
         self._good_every = good_checkpoint_every
         self._good_t = -math.inf  # when the last snapshot for it was taken
         self._probe_count = 0
@@ -301,8 +303,8 @@ class Watch:
             self._close_parts()
             if self.link is not None:
                 self.link.close()
-            if self._progress_enabled:
-                sys.stderr.write("\n")
+            if self._progress_line is not None:
+                self._progress_line.close()
 
     def __enter__(self) -> Watch:
         return self
@@ -435,8 +437,8 @@ class Watch:
             if isinstance(value, float):  # a NaN loss shows as nan: the line must not hide it
                 parts.append(f"{name} {value:.4g}")
         parts.append(self.control.status if not self.control.stopping else "stopping")
-        sys.stderr.write("\r[layerscope] " + "  ".join(parts) + "   ")
-        sys.stderr.flush()
+        if self._progress_line is not None:
+            self._progress_line.draw("[layerscope] " + "  ".join(parts) + "   ")
 
     def _close_parts(self) -> None:
         self.control.close()
@@ -447,6 +449,44 @@ class Watch:
 def _plain(names: Iterable[str]) -> list[str]:
     """Listed layer names as the unwrapped model has them (``module.fc1`` -> ``fc1``)."""
     return [plain_name(name) for name in names]
+
+
+class ProgressLine(logging.Filter):
+    """The terminal progress line, redrawn in place (``\\r``, no newline). A layerscope log
+    record (an alert with no server, a lost connection) would be written onto its end and
+    then overwritten by the next redraw: while the line is open, this filter (on the
+    trainer's loggers) ends it first; the next row draws a fresh one below the message."""
+
+    LOGGERS = ("alerts", "control", "distributed", "link", "spool", "sync", "watch")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = False
+        self._lock = threading.Lock()
+        for name in self.LOGGERS:
+            logging.getLogger(f"layerscope.trainer.{name}").addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            if self._open:
+                self._open = False
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+        return True
+
+    def draw(self, text: str) -> None:
+        with self._lock:
+            sys.stderr.write("\r" + text)
+            sys.stderr.flush()
+            self._open = True
+
+    def close(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(f"layerscope.trainer.{name}").removeFilter(self)
+        with self._lock:
+            self._open = False
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _model_device(model: nn.Module | None) -> torch.device:

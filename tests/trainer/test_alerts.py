@@ -167,6 +167,33 @@ def test_with_no_server_reachable_nan_stops_the_run_and_says_so(
     assert (tmp_path / LAST_GOOD_NAME).is_file()
 
 
+def test_an_alert_logged_with_the_progress_line_on_starts_a_line_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The progress line is redrawn in place with no newline; a logged alert used to land
+    on its end ("[layerscope] step 0  running   layerscope: [DeadUnits] ...") and the next
+    redraw wrote over it."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)  # pytest's capture; as a terminal would show it
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("layerscope.trainer")
+    logger.addHandler(handler)
+    try:
+        model = mlp(nn.ReLU)
+        opt = torch.optim.SGD(model.parameters(), lr=1e6)
+        with watch(model, opt, every=2, run_dir=tmp_path, progress=True, server=None) as w:
+            train(w, model, opt, 200)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").split("\n")
+    logged = [line for line in lines if "[ExplodingTensor]" in line]
+    assert logged and all(line.startswith("layerscope: [") for line in logged), err
+    assert "[layerscope] step" in err and err.endswith("\n")
+
+
 def test_a_healthy_digits_run_raises_no_alert(tmp_path: Path) -> None:
     cfg = {"every": 10, "solver": {"steps": 300, "device": "cpu"}}
     summary = run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)

@@ -167,6 +167,10 @@ class Guard:
         trainer = path == TRAINER_PATH
         expected = self.settings.trainer_token if trainer else self.settings.viewer_token
         if not expected:
+            if trainer and self.settings.viewer_token:
+                # Never open while the viewer side is closed: any local process could take
+                # a live run's trainer socket (the CLI refuses to start this way).
+                raise Denied("this server has no trainer token; start it with --trainer-token")
             return
         if any(token_matches(p, expected) for p in presented):
             return

@@ -84,6 +84,27 @@ class Settings:
                 "open to the network; set --token and --trainer-token "
                 "(LAYERSCOPE_TOKEN, LAYERSCOPE_TRAINER_TOKEN)"
             )
+        if self.viewer_token and self.viewer_token == self.trainer_token:
+            raise SettingsError(
+                "the viewer token (--token) and the trainer token (--trainer-token) are the "
+                "same; give them different values, or every browser could act as a trainer"
+            )
+
+    def require_token_pair(self) -> None:
+        """The server's own startup rule: with either token set, both. One alone left the
+        other side open to any local process (with only a viewer token, one could take a
+        live run's trainer socket and report it finished). Settings built by hand (tests) may
+        hold one; with only a viewer token the security middleware refuses every trainer."""
+        missing = None
+        if self.viewer_token and not self.trainer_token:
+            missing = "a trainer token: set --trainer-token (LAYERSCOPE_TRAINER_TOKEN)"
+        elif self.trainer_token and not self.viewer_token:
+            missing = "a viewer token: set --token (LAYERSCOPE_TOKEN)"
+        if missing:
+            raise SettingsError(
+                f"one token is set but not the other; the server needs {missing} too, "
+                "different from the first"
+            )
 
     @classmethod
     def from_env(
@@ -104,7 +125,7 @@ class Settings:
         roots = data_roots or tuple(
             r for r in env.get("LAYERSCOPE_DATA_ROOTS", "").split(os.pathsep) if r
         )
-        return cls(
+        settings = cls(
             host=host,
             port=port,
             data_dir=Path(data_dir or env.get("LAYERSCOPE_DATA_DIR") or "layerscope-data"),
@@ -117,6 +138,8 @@ class Settings:
             max_launched=max_launched if max_launched is not None else 6,
             log_level=log_level,
         )
+        settings.require_token_pair()
+        return settings
 
     def with_port(self, port: int) -> Settings:
         return replace(self, port=port)

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +247,51 @@ def test_allowed_hosts_come_from_the_environment_too(
     assert guard.check_host("dash.example:8765") == "dash.example:8765"
     with pytest.raises(Denied):
         guard.check_host("evil.example:8765")
+
+
+def test_one_token_alone_or_the_same_token_twice_is_refused_at_startup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With only --token set, /ws/trainer needed nothing: a local process could take a live
+    run's trainer socket and report it finished. Either token now needs the other."""
+    monkeypatch.delenv("LAYERSCOPE_TOKEN", raising=False)
+    monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
+    with pytest.raises(SettingsError, match=r"needs a trainer token: set --trainer-token"):
+        Settings.from_env(data_dir=tmp_path, viewer_token=VIEWER)
+    with pytest.raises(SettingsError, match=r"needs a viewer token: set --token"):
+        Settings.from_env(data_dir=tmp_path, trainer_token=TRAINER)
+    monkeypatch.setenv("LAYERSCOPE_TOKEN", VIEWER)
+    with pytest.raises(SettingsError, match="LAYERSCOPE_TRAINER_TOKEN"):
+        Settings.from_env(data_dir=tmp_path)
+    monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", VIEWER)
+    with pytest.raises(SettingsError, match="are the same"):
+        Settings.from_env(data_dir=tmp_path)
+    with pytest.raises(SettingsError, match="are the same"):
+        Settings(data_dir=tmp_path, viewer_token="same", trainer_token="same")
+    monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", TRAINER)
+    assert Settings.from_env(data_dir=tmp_path).trainer_token == TRAINER
+    monkeypatch.delenv("LAYERSCOPE_TOKEN")
+    monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN")
+    assert Settings.from_env(data_dir=tmp_path).viewer_token is None  # plain loopback
+
+
+def test_the_cli_names_the_missing_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERSCOPE_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "layerscope.server", "serve", "--port", "0", "--token", VIEWER,
+         "--data-dir", str(tmp_path / "data")],  # fmt: skip
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert out.returncode == 2
+    assert "--trainer-token" in out.stderr
+    assert not (tmp_path / "data").exists(), "nothing may be created when refusing to start"
+
+
+async def test_a_viewer_token_alone_never_leaves_the_trainer_socket_open(tmp_path: Path) -> None:
+    """Settings built by hand can still hold one token (the CLI refuses it): the trainer
+    socket is then closed to everyone, not open to anyone."""
+    with running_server(make_settings(tmp_path / "data", viewer_token=VIEWER)) as server:
+        status, body = await refused(server.ws("/ws/trainer"))
+        assert status == 403 and "--trainer-token" in body
+        status, _ = await refused(server.ws(f"/ws/trainer?token={VIEWER}"))
+        assert status == 403

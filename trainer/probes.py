@@ -679,6 +679,7 @@ class Probes:
                 param_layers=self._param_layout if params is not None else [],
                 weight_slots=len(self._updates),
                 reduced=reduced,
+                units=[layer.spec.units for layer in act],
             )
         finally:
             if plan is None:

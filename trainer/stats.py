@@ -31,6 +31,11 @@ from torch import Tensor
 
 # DESIGN §3 thresholds (SageMaker Debugger's DeadRelu defaults; 0.99 = pinned at +-1).
 DEAD_ACTIVITY_MAX = 0.01  # a unit live on <= 1% of its values is dead
+# Ours: a unit seen on fewer values has no activity to speak of (with a batch of 1, a
+# healthy ReLU unit is "dead" whenever its one value is negative: half the layer). From 8
+# values a unit live half the time reads dead with probability 2**-8, so a healthy layer
+# stays far below the 50% alert line; below it dead_ratio is None (unknown).
+MIN_ACTIVITY_VALUES = 8
 SATURATION_LEVEL = 0.99  # tanh/softsign |y| >= 0.99, sigmoid y <= 0.01 or >= 0.99
 SATURATED_UNIT_MAJORITY = 0.5  # a unit saturated on > 50% of its values is saturated
 _SIGMOID_LOW = round(1.0 - SATURATION_LEVEL, 12)
@@ -380,6 +385,7 @@ class PendingStats:
     param_layers: list[tuple[str, list[int], list[tuple[int, float]]]] = field(default_factory=list)
     weight_slots: int = 0
     reduced: bool = False
+    units: list[int | None] = field(default_factory=list)  # per act layer (empty: unknown)
 
     @property
     def size(self) -> int:
@@ -428,6 +434,8 @@ class PendingStats:
             at = units_at + UNIT_WIDTH * i
             dead, saturated_ratio, saturated, spread_var = values[at : at + UNIT_WIDTH]
             entry["dead_ratio"] = _finite(dead)
+            if self.units and self.units[i] and summary.total < MIN_ACTIVITY_VALUES * self.units[i]:
+                entry["dead_ratio"] = None  # too few values per unit to tell (see the constant)
             ratio = _finite(saturated_ratio)
             entry["saturated_frac"] = (
                 _finite(saturated / summary.total) if ratio is not None else None

@@ -94,6 +94,25 @@ def test_relu6_is_saturated_only_where_pinned_at_6_and_dead_where_off() -> None:
     assert layers["0"]["saturated_ratio"] == 1 / 4  # only the always-pinned unit (> half)
 
 
+def test_dead_ratio_needs_a_few_values_per_unit() -> None:
+    """Batch size 1 (pure SGD, an advertised setting): a healthy ReLU unit has one value
+    and read dead whenever it was negative, ~half the layer, raising DeadUnits alerts. A
+    unit seen on fewer than MIN_ACTIVITY_VALUES values gives no dead_ratio; a conv unit
+    (a channel) sees every position of even one image."""
+    from layerscope.trainer.stats import MIN_ACTIVITY_VALUES
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
+    for batch, known in ((1, False), (MIN_ACTIVITY_VALUES - 1, False), (MIN_ACTIVITY_VALUES, True)):
+        layers, _ = probe_step(model, Probes(model), uniform(batch, 6))
+        for name in ("0", "1"):
+            assert (layers[name]["dead_ratio"] is not None) is known, (batch, name)
+            assert layers[name]["mean"] is not None and layers[name]["zero_frac"] is not None
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    layers, _ = probe_step(conv, Probes(conv), uniform(1, 1, 4, 4))  # 16 values a channel
+    assert layers["1"]["dead_ratio"] is not None
+
+
 def test_a_linear_feeding_no_relu_carries_no_dead_ratio() -> None:
     """dead_ratio on a Linear/Conv reads what a following ReLU would leave dead: none where
     the model shows it feeds a Tanh/Sigmoid module (even past dropout or a norm) or the loss;

@@ -434,7 +434,8 @@ class PendingStats:
             at = units_at + UNIT_WIDTH * i
             dead, saturated_ratio, saturated, spread_var = values[at : at + UNIT_WIDTH]
             entry["dead_ratio"] = _finite(dead)
-            if self.units and self.units[i] and summary.total < MIN_ACTIVITY_VALUES * self.units[i]:
+            units = self.units[i] if self.units else None
+            if units and summary.total < MIN_ACTIVITY_VALUES * units:
                 entry["dead_ratio"] = None  # too few values per unit to tell (see the constant)
             ratio = _finite(saturated_ratio)
             entry["saturated_frac"] = (

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
+from layerscope.trainer.experiment_config import generated_name
 
 COMMANDS = {
     "train": "run a built-in experiment (MLP or small CNN on digits, spirals, blobs, npz, folder)",
@@ -175,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--print-config",
         action="store_true",
-        help="print the validated config as JSON and exit without training",
+        help="print the validated config as JSON and exit without training (name is null "
+        "unless given by --name or the config file: a name built from the settings, or a "
+        "preset's, is rebuilt when the file is run with other model or data settings)",
     )
     _add_schema_flags(train)
     train.add_argument(
@@ -333,17 +336,32 @@ def _load_config(path: str) -> dict[str, Any]:
     return cfg
 
 
-def merged_config(args: argparse.Namespace) -> dict[str, Any]:
-    """preset < config file < flags, before validation."""
+def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """preset < config file < flags, before validation; and whether the name is the
+    user's (``--name``, or a config file's own name) rather than a preset's or one built
+    from the settings. Such a name describes the model and data of the layer that set it
+    (``demo: digits mlp tanh xavier``, a printed ``mlp-relu-he-digits``): once a later
+    layer changes them it is left out, and the run's name is built from the final ones."""
     cfg: dict[str, Any] = copy.deepcopy(PRESETS[args.preset]) if args.preset else {}
+    # The settings of the layer the name came from, for a name that is not the user's.
+    named_by = copy.deepcopy(cfg) if cfg.get("name") is not None else None
+    user_named = False
     if args.config:
-        _deep_merge(cfg, _load_config(args.config))
+        loaded = _load_config(args.config)
+        if "name" in loaded and loaded["name"] is None:
+            del loaded["name"]  # null (as --print-config writes it): no name of its own
+        if loaded.get("name") is not None:
+            user_named = not _derived_name(loaded)
+            named_by = None if user_named else copy.deepcopy(loaded)
+        _deep_merge(cfg, loaded)
     flags: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if not dest.startswith(_DEST_PREFIX):
             continue
         section, key = dest[len(_DEST_PREFIX) :].split(".")
         (flags.setdefault(section, {}) if section else flags)[key] = value
+    if "name" in flags:  # --name none: no name, one is built
+        user_named, named_by = flags["name"] is not None, None
     solver_flags = flags.get("solver", {})
     solver = cfg.get("solver")
     epochs_alone = solver_flags.get("epochs") is not None and solver_flags.get("steps") is None
@@ -353,7 +371,30 @@ def merged_config(args: argparse.Namespace) -> dict[str, Any]:
         solver.pop("steps", None)
     merged = _deep_merge(cfg, flags)
     _drop_stale(merged, flags)
-    return merged
+    if named_by is not None and _model_and_data(merged) != _model_and_data(named_by):
+        merged.pop("name", None)
+    return merged, user_named
+
+
+def _model_and_data(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A (partial, unvalidated) config's model and data sections, defaults filled in."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in ("model", "data"):
+        given = cfg.get(section)
+        given = given if isinstance(given, dict) else {}
+        fields = wire.EXPERIMENT_SCHEMA[section]["fields"]
+        out[section] = {key: given.get(key, spec["default"]) for key, spec in fields.items()}
+    return out
+
+
+def _derived_name(cfg: dict[str, Any]) -> bool:
+    """A config file's name that is not the user's own: the one built from the file's
+    settings (a --print-config file of an unnamed run, before null was printed) or a
+    preset's."""
+    name = cfg.get("name")
+    return name == generated_name(_model_and_data(cfg)) or any(
+        name == preset.get("name") for preset in PRESETS.values()
+    )
 
 
 def _drop_stale(cfg: dict[str, Any], flags: dict[str, Any]) -> None:
@@ -402,7 +443,8 @@ def _sigterm_stops_run() -> Iterator[None]:
 
 def _train(args: argparse.Namespace) -> int:
     try:
-        cfg = wire.validate_experiment(merged_config(args))
+        merged, user_named = merged_config(args)
+        cfg = wire.validate_experiment(merged)
     except wire.ExperimentError as exc:
         for err in exc.errors:
             print(
@@ -412,7 +454,9 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error("train", str(exc))
     if args.print_config:
-        print(json.dumps(cfg, indent=2))
+        # Only a name of the user's own: one built from these settings or a preset's would
+        # outlive them in a file reused with other flags.
+        print(json.dumps({**cfg, "name": cfg["name"] if user_named else None}, indent=2))
         return 0
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(args.nproc, args.argv)

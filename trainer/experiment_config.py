@@ -545,7 +545,8 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
     Beyond per-field checks: npz/folder need an existing ``data.path`` (made
     absolute); a cnn needs image data; batch norm needs batches of at least 2;
     ``overfit=N`` sets ``data.subset=N`` and turns dropout, weight decay and input
-    noise off; with ``epochs`` given and ``steps`` left out, epochs decide.
+    noise off; with ``epochs`` given and ``steps`` left out, epochs decide; a run
+    given no name gets ``generated_name`` of its final settings.
     """
     import os.path  # local: the path check is the only filesystem use in this module
 
@@ -599,5 +600,12 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
     if errors:
         raise ExperimentError(errors)
     if out["name"] is None:
-        out["name"] = f"{model['arch']}-{model['activation']}-{model['init']}-{data['dataset']}"
+        out["name"] = generated_name(out)
     return out
+
+
+def generated_name(cfg: dict[str, Any]) -> str:
+    """The name of a run given none, built from its settings: ``mlp-relu-he-digits``
+    (arch, activation, init, dataset of a config whose model and data are filled in)."""
+    model, data = cfg["model"], cfg["data"]
+    return f"{model['arch']}-{model['activation']}-{model['init']}-{data['dataset']}"

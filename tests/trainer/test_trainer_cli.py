@@ -70,6 +70,44 @@ def test_a_printed_config_can_be_retargeted_with_flags(
     assert "init_std: only used when init is normal" in capsys.readouterr().err
 
 
+def test_a_name_built_from_the_settings_or_a_presets_follows_the_final_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A printed config leaves a generated name out, so the file run with other flags is
+    named after them; so is an older file holding its generated name, and a preset whose
+    model or data a flag changed. A name the user gave stays, and is printed."""
+
+    def run_name(*args: str) -> str:
+        common = ["--steps", "1", "--device", "cpu", "--no-progress", "--every", "50"]
+        assert cli.main(["train", *args, *common, "--run-dir", str(tmp_path / "r")]) == 0
+        return capsys.readouterr().out.split("(", 1)[1].split(")", 1)[0]
+
+    printed = _config(capsys)
+    assert printed["name"] is None
+    path = tmp_path / "printed.json"
+    path.write_text(json.dumps(printed))
+    retargeted = ["--activation", "tanh", "--init", "xavier", "--dataset", "spirals"]
+    assert run_name("--config", str(path), *retargeted) == "mlp-tanh-xavier-spirals"
+    old = tmp_path / "old.json"  # printed before: the generated name in the file
+    old.write_text(json.dumps({**printed, "name": "mlp-relu-he-digits"}))
+    assert run_name("--config", str(old), *retargeted) == "mlp-tanh-xavier-spirals"
+    assert run_name("--config", str(old)) == "mlp-relu-he-digits"
+
+    demo = wire.DEMO_EXPERIMENT["name"]
+    assert run_name("--preset", "demo", "--activation", "relu", "--init", "he") == "mlp-relu-he-digits"
+    assert run_name("--preset", "demo", "--lr", "0.02") == demo  # solver only: still the demo
+    assert _config(capsys, "--preset", "demo")["name"] is None
+    saved = tmp_path / "demo.json"
+    saved.write_text(json.dumps({**_config(capsys, "--preset", "demo"), "name": demo}))
+    assert run_name("--config", str(saved), "--batch-norm") == "mlp-tanh-xavier-digits"
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"name": "mine"}))
+    assert run_name("--config", str(mine), *retargeted) == "mine"
+    assert _config(capsys, "--config", str(mine), "--activation", "tanh")["name"] == "mine"
+    assert _config(capsys, "--preset", "demo", "--name", "x", "--depth", "3")["name"] == "x"
+
+
 def test_a_config_with_a_bad_solver_section_and_epochs_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -54,9 +54,17 @@ def origin_of(conn: HTTPConnection, channel: str) -> str:
 
 
 async def relay_command(
-    store: Any, hub: Hub, run_id: str, body: dict[str, Any], *, origin: str
+    store: Any,
+    hub: Hub,
+    run_id: str,
+    body: dict[str, Any],
+    *,
+    origin: str,
+    while_away: bool = False,
 ) -> tuple[dict[str, Any], bool]:
-    """Validate, store and relay one command; returns (stored row, was it a repeat)."""
+    """Validate, store and relay one command; returns (stored row, was it a repeat).
+    ``while_away``: store it even with no trainer connected (a launched run's trainer
+    that has not connected yet gets it in its welcome)."""
     raw_id = body.get("id") if isinstance(body, dict) else None
     cmd_id = raw_id if isinstance(raw_id, str) else None
     run = store.run(run_id)
@@ -74,11 +82,13 @@ async def relay_command(
         return known, True
     if run["status"] in wire.ENDED_STATUSES:
         raise CommandRefused(409, RUN_FINISHED, cmd["id"])
-    if not hub.is_connected(run_id):
+    if not hub.is_connected(run_id) and not while_away:
         raise CommandRefused(409, NO_TRAINER, cmd["id"])
     row, duplicate = await store.add_command(run_id, cmd, origin=origin)
     # A repeated id is only reported: the first copy was relayed, and a trainer that
-    # reconnects before applying it gets it again in the welcome step.
+    # reconnects before applying it gets it again in the welcome step. With no trainer
+    # connected (while_away) the welcome delivers it; one that connected while the
+    # command was being stored may get it twice and applies its cmd_seq once.
     if not duplicate:
         hub.send_to_trainer(run_id, command_frame(row))
     return row, duplicate

@@ -258,14 +258,20 @@ class Launcher:
             raise LaunchRefused(409, f"run {run_id!r} has already ended ({run['status']})")
         if child is None and not self.hub.is_connected(run_id):
             raise LaunchRefused(409, f"run {run_id!r} has no trainer connected to stop")
-        if self.hub.is_connected(run_id):
-            try:
-                await relay_command(
-                    self.store, self.hub, run_id, {"name": "stop", "source": "api"}, origin=origin
-                )
-            except CommandRefused as exc:
-                if child is None:
-                    raise LaunchRefused(exc.status, exc.reason) from None
+        # Stored and logged like any command, also before a launched trainer has connected
+        # (its welcome delivers it; it was dropped, and the trainer trained until SIGTERM).
+        try:
+            await relay_command(
+                self.store,
+                self.hub,
+                run_id,
+                {"name": "stop", "source": "api"},
+                origin=origin,
+                while_away=child is not None,
+            )
+        except CommandRefused as exc:
+            if child is None:
+                raise LaunchRefused(exc.status, exc.reason) from None
         if child is not None and child.stopper is None:
             child.stopping = True
             child.stopper = asyncio.get_running_loop().create_task(self._terminate(child))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ import psutil
 import pytest
 from layerscope.server.settings import Settings, SettingsError, local_host
 from layerscope.trainer import wire
-from server_harness import LiveServer, make_settings, running_server
+from server_harness import FakeTrainer, LiveServer, make_settings, running_server
 
 CHILD_TIMEOUT_S = 120.0  # a loaded 2-core machine takes a while to import torch three times
 TINY = {
@@ -339,3 +340,35 @@ def test_data_roots_come_from_flags_or_the_environment(
     assert Settings.from_env(data_roots=("two",)).data_roots == (Path(os.path.realpath(two)),)
     with pytest.raises(SettingsError, match="--data-root nowhere: no such directory"):
         Settings.from_env(data_roots=("nowhere",))
+
+
+def test_stop_before_the_trainer_connects_is_stored_logged_and_delivered(tmp_path: Path) -> None:
+    """Stop pressed while a launched trainer was still starting answered 202 but stored no
+    command and logged no event: the trainer connected, never heard of it, and trained on
+    until the grace's SIGTERM. Now it is stored, logged with its origin and delivered in
+    the welcome; a trainer that never connects still ends after the grace."""
+    with running_server(make_settings(tmp_path / "data")) as server:
+        launcher = server.app.state.launcher
+        launcher.stop_grace_s = 3.0
+        launcher.command_line = lambda *_: [sys.executable, "-c", "import time; time.sleep(60)"]
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        response = httpx.post(f"{server}/api/runs/{run_id}/stop")
+        assert response.status_code == 202 and response.json()["status"] == "stopping"
+        [command] = httpx.get(f"{server}/api/runs/{run_id}/commands").json()
+        assert (command["name"], command["source"], command["status"]) == ("stop", "api", "pending")
+        assert command["origin"].startswith("api 127.0.0.1:")
+        events = httpx.get(f"{server}/api/runs/{run_id}/events?kind=command").json()
+        assert [e["data"]["name"] for e in events] == ["stop"]
+
+        async def connect_late() -> list[dict[str, Any]]:
+            trainer = await FakeTrainer.connect(server, run_id)
+            await trainer.wait_for(lambda m: m["type"] == "command")
+            await trainer.close()
+            return trainer.commands
+
+        delivered = asyncio.run(connect_late())
+        assert [(c["name"], c["cmd_seq"]) for c in delivered] == [("stop", command["cmd_seq"])]
+        # The child (it sleeps, as a trainer that never got there would) ends after the grace.
+        wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to be ended")
+        assert launcher.exit_codes[run_id] == -signal.SIGTERM
+        assert status_of(server, run_id) == "stopped"

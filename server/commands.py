@@ -71,7 +71,7 @@ async def relay_command(
     if run is None:
         raise CommandRefused(404, f"run {run_id!r} not found", cmd_id)
     try:
-        cmd = wire.validate_command(body)
+        cmd = wire.validate_command(body, sources=wire.CLIENT_COMMAND_SOURCES)
     except wire.WireError as exc:
         raise CommandRefused(422, str(exc), cmd_id) from None
     # A repeat of a stored command (a page resending after its socket dropped) is answered

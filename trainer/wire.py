@@ -27,7 +27,7 @@ server -> trainer
 
 browser <-> server
   snapshot, live frames (metrics/probe/event/status), command_result  (server -> browser)
-  command    {id, name, args}           (browser -> server)
+  command    {id, name, args, source?}  (browser -> server; source user or api)
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ RULE_NAMES = (
 RUN_STATUSES = ("starting", "running", "paused", "finished", "failed", "stopped", "lost")
 ENDED_STATUSES = frozenset({"finished", "failed", "stopped", "lost"})
 COMMAND_SOURCES = frozenset({"user", "api", "rule"})
+# What a browser or script may send: "rule" is the trainer's own (a rule's action, which
+# reaches the server as a command_result event), never a client's.
+CLIENT_COMMAND_SOURCES = frozenset({"user", "api"})
 PROBE_STATS = (
     "mean",
     "std",
@@ -534,8 +537,12 @@ def parse_trainer_frame(
     return validator(msg)
 
 
-def validate_command(msg: dict[str, Any]) -> dict[str, Any]:
-    """A command from a browser or script: {id?, name, args}. Returns it normalised."""
+def validate_command(
+    msg: dict[str, Any], *, sources: frozenset[str] = COMMAND_SOURCES
+) -> dict[str, Any]:
+    """A command: {id?, name, args, source?}. Returns it normalised. ``sources``: the
+    sources the sender may claim (the server passes CLIENT_COMMAND_SOURCES for a
+    browser's or script's command; the trainer's own rules make ``rule`` ones)."""
     name = msg.get("name")
     if name not in COMMANDS:
         raise WireError(f"unknown command {name!r}; expected one of {sorted(COMMANDS)}")
@@ -568,7 +575,12 @@ def validate_command(msg: dict[str, Any]) -> dict[str, Any]:
     elif name == "set_rules":
         clean = _set_rules_args(args)
     source = msg.get("source", "user")
-    if source not in COMMAND_SOURCES:
+    if source not in sources:
+        if source in COMMAND_SOURCES:
+            raise WireError(
+                f"command source {source!r} is the trainer's own; "
+                f"a client sends {' or '.join(repr(s) for s in sorted(sources))}"
+            )
         raise WireError(f"unknown command source {source!r}")
     out = {"id": cmd_id, "name": name, "args": clean, "source": source}
     if "reason" in msg:

@@ -156,6 +156,9 @@ async def test_commands_are_refused_once_the_run_has_finished(shared_server: Liv
         ({"name": "set_lr_scale", "args": {"value": "half"}}, "must be a number"),
         ({"name": "set_frozen", "args": {"layers": [], "frozen": True}}, "non-empty list"),
         ({"name": "pause", "id": "x" * 100}, "at most 64 characters"),
+        # A client claiming to be a rule: the event log showed it as an automatic action.
+        ({"name": "set_weight_decay", "args": {"enabled": False}, "source": "rule",
+          "reason": "DeadUnits fired (not really)"}, "source 'rule' is the trainer's own"),  # fmt: skip
     ],
 )
 async def test_bad_commands_are_refused_with_the_reason(

@@ -275,3 +275,17 @@ def test_the_links_fast_encoder_writes_what_json_writes_and_falls_back() -> None
     assert json.loads(encode(frame))["layers"][0]["std"] is None
     odd = {"type": "event", "data": {"big": 2**70, "text": "\ud800"}}  # orjson refuses both
     assert json.loads(encode(odd)) == json.loads(wire.encode(odd))
+
+
+def test_a_client_command_may_not_claim_to_be_a_rules_action() -> None:
+    """A browser's command with source 'rule' was stored and shown as an automatic rule
+    action; the server checks clients' commands against CLIENT_COMMAND_SOURCES."""
+    spoofed = {"name": "pause", "source": "rule", "reason": "not really"}
+    with pytest.raises(wire.WireError, match="source 'rule' is the trainer's own"):
+        wire.validate_command(spoofed, sources=wire.CLIENT_COMMAND_SOURCES)
+    for source in ("user", "api"):
+        cmd = wire.validate_command({"name": "pause", "source": source}, sources=wire.CLIENT_COMMAND_SOURCES)
+        assert cmd["source"] == source
+    assert wire.validate_command(spoofed)["source"] == "rule"  # the trainer's rules make these
+    with pytest.raises(wire.WireError, match="unknown command source 'admin'"):
+        wire.validate_command({"name": "pause", "source": "admin"})

@@ -353,6 +353,7 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         if loaded.get("name") is not None:
             user_named = not _derived_name(loaded)
             named_by = None if user_named else copy.deepcopy(loaded)
+        _epochs_decide(cfg, loaded)
         _deep_merge(cfg, loaded)
     flags: dict[str, Any] = {}
     for dest, value in vars(args).items():
@@ -362,18 +363,24 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
         (flags.setdefault(section, {}) if section else flags)[key] = value
     if "name" in flags:  # --name none: no name, one is built
         user_named, named_by = flags["name"] is not None, None
-    solver_flags = flags.get("solver", {})
-    solver = cfg.get("solver")
-    epochs_alone = solver_flags.get("epochs") is not None and solver_flags.get("steps") is None
-    if epochs_alone and isinstance(solver, dict):
-        # --epochs alone decides, as flags win: a preset's or config's steps would win
-        # over epochs in validation otherwise
-        solver.pop("steps", None)
+    _epochs_decide(cfg, flags)
     merged = _deep_merge(cfg, flags)
     _drop_stale(merged, flags)
     if named_by is not None and _model_and_data(merged) != _model_and_data(named_by):
         merged.pop("name", None)
     return merged, user_named
+
+
+def _epochs_decide(below: dict[str, Any], layer: dict[str, Any]) -> None:
+    """A layer (config file, flags) that gives epochs without steps drops the steps of
+    the layers below it (preset, file): it decides the length, as a later layer wins,
+    where validation would let their steps win over its epochs (a preset's 20000 steps
+    over a file's ``{"solver": {"epochs": 2}}``). Steps and epochs in one layer: steps."""
+    solver, under = layer.get("solver"), below.get("solver")
+    if not isinstance(solver, dict) or not isinstance(under, dict):
+        return
+    if solver.get("epochs") is not None and solver.get("steps") is None:
+        under.pop("steps", None)
 
 
 def _model_and_data(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:

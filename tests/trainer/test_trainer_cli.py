@@ -57,6 +57,28 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 
 
+def test_a_config_files_epochs_without_steps_win_over_the_presets_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each layer's epochs-without-steps drops the steps below it, as --epochs does: the
+    demo preset's 20000 steps no longer outlive a file's epochs. Steps given in the same
+    layer, or in a later one, still decide."""
+    epochs = tmp_path / "epochs.json"
+    epochs.write_text(json.dumps({"solver": {"epochs": 2}}))
+    cfg = _config(capsys, "--preset", "demo", "--config", str(epochs))
+    assert cfg["solver"]["steps"] is None and cfg["solver"]["epochs"] == 2
+    flagged = _config(capsys, "--preset", "demo", "--config", str(epochs), "--steps", "7")
+    assert flagged["solver"]["steps"] == 7
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"solver": {"epochs": 2, "steps": 5}}))
+    assert _config(capsys, "--preset", "demo", "--config", str(both))["solver"]["steps"] == 5
+    # A real run: 2 epochs of 64 examples in batches of 32 are 4 steps, not 20000.
+    args = ["--preset", "demo", "--config", str(epochs), "--subset", "64", "--device", "cpu",
+            "--no-progress", "--run-dir", str(tmp_path / "r")]  # fmt: skip
+    assert cli.main(["train", *args]) == 0
+    assert ": 4 steps" in capsys.readouterr().out
+
+
 def test_a_printed_config_can_be_retargeted_with_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

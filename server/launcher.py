@@ -202,6 +202,9 @@ class Launcher:
         name = str(config.get("name") or run_id)
         await self.store.create_run(run_id, name, config, status="starting", launched=True)
         env = dict(os.environ)
+        # The child gets the trainer token only: the viewer token (in the server's
+        # environment when set there) would let it act as a browser.
+        env.pop("LAYERSCOPE_TOKEN", None)
         env.pop("LAYERSCOPE_TRAINER_TOKEN", None)
         if self.settings.trainer_token:
             env["LAYERSCOPE_TRAINER_TOKEN"] = self.settings.trainer_token

@@ -372,3 +372,25 @@ def test_stop_before_the_trainer_connects_is_stored_logged_and_delivered(tmp_pat
         wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to be ended")
         assert launcher.exit_codes[run_id] == -signal.SIGTERM
         assert status_of(server, run_id) == "stopped"
+
+
+def test_a_launched_trainer_gets_the_trainer_token_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launched trainer inherited LAYERSCOPE_TOKEN, the viewer token, from a server
+    configured through its environment: a child that needs only the trainer socket could
+    act as a browser."""
+    monkeypatch.setenv("LAYERSCOPE_TOKEN", "viewer-secret")
+    monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", "trainer-secret")
+    settings = make_settings(
+        tmp_path / "data", viewer_token="viewer-secret", trainer_token="trainer-secret"
+    )
+    show = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if 'TOKEN' in k}))"
+    with running_server(settings) as server:
+        launcher = server.app.state.launcher
+        launcher.command_line = lambda *_: [sys.executable, "-c", show]
+        auth = {"Authorization": "Bearer viewer-secret"}
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, headers=auth, timeout=30).json()["id"]
+        wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to exit")
+        log = (server.data_dir / "runs" / run_id / "trainer.log").read_text()
+    assert json.loads(log) == {"LAYERSCOPE_TRAINER_TOKEN": "trainer-secret"}

@@ -94,9 +94,16 @@ def evaluate(
 
 
 def build(cfg: dict[str, Any]) -> tuple[Dataset, nn.Module, torch.optim.Optimizer, torch.device]:
-    """Seeded data, initialised model and optimizer, everything on the chosen device."""
+    """Seeded data, initialised model and optimizer, everything on the chosen device.
+
+    cuDNN is set to deterministic algorithms with its benchmark (per-shape algorithm
+    search) off, so that the same seed gives the same CNN run on CUDA too: by default
+    it may pick nondeterministic algorithms. A built-in run owns its process, so the
+    global switch is ours to set."""
     model_cfg, solver = cfg["model"], cfg["solver"]
     device = resolve_device(solver["device"])
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     torch.manual_seed(solver["seed"])
     data = load_dataset(cfg["data"], solver["seed"]).to(device)
     model = build_model(model_cfg, data.input_shape, data.num_classes)

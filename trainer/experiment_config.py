@@ -280,7 +280,8 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "max": 2**31 - 1,
                 "label": "Seed",
                 "help": "Seeds the split, the init, the batch order and the noise: the same "
-                "seed gives the same run.",
+                "seed gives the same run on the same machine (cuDNN is held to "
+                "deterministic algorithms for it).",
             },
             "eval_every": {
                 "type": "int",

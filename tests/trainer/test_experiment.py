@@ -187,6 +187,18 @@ def test_runs_are_deterministic_by_seed(tmp_path: Path) -> None:
     assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
 
 
+def test_build_holds_cudnn_to_deterministic_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same seed, the same CNN run on CUDA too: cuDNN's default may pick
+    nondeterministic algorithms and benchmark them per shape. (A CPU machine can only see
+    the switches; monkeypatch puts the process's own values back.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    build(wire.validate_experiment({"model": {"arch": "cnn", "depth": 1, "width": 2},
+                                    "solver": {"device": "cpu"}}))  # fmt: skip
+    assert torch.backends.cudnn.deterministic is True
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_cnn_on_digits_runs(tmp_path: Path, device: str) -> None:
     cfg = {"model": {"arch": "cnn", "depth": 2, "width": 4}, "every": 2,
            "solver": {"steps": 4, "device": device}}  # fmt: skip

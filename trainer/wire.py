@@ -171,8 +171,13 @@ def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict
     """
     if isinstance(text, (bytes, bytearray)):
         raise WireError("binary frames are not accepted; send JSON text", CLOSE_UNSUPPORTED)
-    if len(text) > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {len(text)} bytes exceeds {MAX_FRAME_BYTES}", CLOSE_TOO_BIG)
+    # The limit counts UTF-8 bytes (1.9 million two-byte characters passed it when it
+    # counted characters). A character is at most 4 bytes: a text of up to a quarter of
+    # the limit is within it without being encoded to find out.
+    if len(text) > MAX_FRAME_BYTES // 4:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_FRAME_BYTES:
+            raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}", CLOSE_TOO_BIG)
     message: Any = _UNPARSED
     if loads is not None:
         try:

@@ -288,6 +288,19 @@ async def test_an_oversize_frame_closes_with_1009(shared_server: LiveServer, run
     assert_still_serving(shared_server, run_id, [1, 2])
 
 
+async def test_the_frame_limit_counts_bytes_not_characters(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """1.9 million two-byte characters (3.8 MB) passed a 2 MiB limit counted in characters."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await stored_run(trainer, 2)
+    pad = "\u00e9" * (wire.MAX_FRAME_BYTES // 2 + 10)  # fewer characters than the limit
+    await trainer.send(json.dumps({"type": "log", "pad": pad}, ensure_ascii=False))
+    code, reason = await trainer.closed()
+    assert code == wire.CLOSE_TOO_BIG and str(wire.MAX_FRAME_BYTES) in reason
+    assert_still_serving(shared_server, run_id, [1, 2])
+
+
 async def test_a_nan_literal_is_rejected_with_1007(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)

@@ -289,3 +289,22 @@ def test_a_client_command_may_not_claim_to_be_a_rules_action() -> None:
     assert wire.validate_command(spoofed)["source"] == "rule"  # the trainer's rules make these
     with pytest.raises(wire.WireError, match="unknown command source 'admin'"):
         wire.validate_command({"name": "pause", "source": "admin"})
+
+
+def test_the_frame_limit_counts_utf8_bytes() -> None:
+    """The limit counted characters: 1.9 million two-byte characters (3.8 MB) passed."""
+    def frame(pad: str) -> str:
+        return json.dumps({"type": "heartbeat", "v": 1, "step": 1, "pad": pad}, ensure_ascii=False)
+
+    overhead = len(frame("").encode())
+    fits = frame("\u00e9" * ((wire.MAX_FRAME_BYTES - overhead) // 2))
+    assert len(fits.encode()) <= wire.MAX_FRAME_BYTES
+    assert wire.decode(fits)["type"] == "heartbeat"
+    over = frame("\u00e9" * ((wire.MAX_FRAME_BYTES - overhead) // 2 + 1))
+    assert len(over) < wire.MAX_FRAME_BYTES < len(over.encode())
+    with pytest.raises(wire.WireError, match=f"frame of {len(over.encode())} bytes exceeds") as exc:
+        wire.decode(over)
+    assert exc.value.close_code == wire.CLOSE_TOO_BIG
+    four = frame("\U0001f600" * (wire.MAX_FRAME_BYTES // 4 + 1))
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.decode(four)

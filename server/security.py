@@ -5,7 +5,9 @@ defence: loopback names, the bound address or, bound to every interface, this
 machine's name and addresses, and the ``--allow-host`` names), the ``Origin`` check on every websocket before it is accepted (and on
 state-changing HTTP requests), and the two tokens: the trainer token opens only
 ``/ws/trainer``, the viewer token opens everything else. A ``?token=`` page load
-sets the viewer cookie so the browser's later requests and websockets carry it.
+sets the viewer cookie so the browser's later requests and websockets carry it, and
+is redirected to the same page without the token; ``TokenLogFilter`` masks token
+values in uvicorn's log lines.
 
 Never: accepts a websocket before the checks pass, compares tokens with ``==``
 (timing), or lets one token stand in for the other.
@@ -16,10 +18,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
+import re
 import socket
 from collections.abc import Iterable
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from layerscope.server.settings import Settings, is_loopback, local_host
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -228,19 +232,59 @@ class SecurityMiddleware:
             return
         viewer_token = self.guard.settings.viewer_token
         if kind == "http" and viewer_token and path != TRAINER_PATH and query.get("token"):
+            if scope.get("method") in ("GET", "HEAD") and not path.startswith("/api/"):
+                # A page load: the cookie now carries the token, so the address bar (and the
+                # history, and a link copied from it) need not.
+                await _redirect_without_token(scope, send, viewer_token)
+                return
             await self.app(scope, receive, _with_cookie(send, viewer_token))
             return
         await self.app(scope, receive, send)
 
 
+def _cookie(token: str) -> bytes:
+    return f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/".encode()
+
+
+def without_token(query_string: bytes) -> bytes:
+    """The query string less its ``token`` parameters, the rest byte for byte."""
+    kept = [
+        part
+        for part in query_string.split(b"&")
+        if part and unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != "token"
+    ]
+    return b"&".join(kept)
+
+
+async def _redirect_without_token(scope: Scope, send: Send, token: str) -> None:
+    """303 to the same page without ``?token=``, setting the viewer cookie."""
+    location = scope.get("raw_path") or scope["path"].encode()
+    query = without_token(scope.get("query_string", b""))
+    if query:
+        location += b"?" + query
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", location),
+                (b"set-cookie", _cookie(token)),
+                (b"cache-control", b"no-store"),
+                (b"content-length", b"0"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
 def _with_cookie(send: Send, token: str) -> Send:
-    cookie = f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/"
+    cookie = _cookie(token)
 
     async def send_with_cookie(message: Message) -> None:
         if message["type"] == "http.response.start":
             message = {
                 **message,
-                "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())],
+                "headers": [*message.get("headers", []), (b"set-cookie", cookie)],
             }
         await send(message)
 
@@ -277,3 +321,31 @@ async def _deny_websocket(scope: Scope, send: Send, reason: str) -> None:
         await send({"type": "websocket.http.response.body", "body": body})
         return
     await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+
+
+TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#\s\"']*", re.IGNORECASE)
+
+
+def mask_tokens(text: str) -> str:
+    """``'GET /?token=s3cret&x=1'`` -> ``'GET /?token=***&x=1'``."""
+    return TOKEN_IN_QUERY.sub(r"\1***", text)
+
+
+class TokenLogFilter(logging.Filter):
+    """Masks ``?token=`` values in uvicorn's access lines and its websocket lines (which
+    ``uvicorn.error`` writes), so a token never lands in a log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = mask_tokens(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(mask_tokens(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def mask_tokens_in_logs() -> None:
+    """Install TokenLogFilter on uvicorn's loggers (once; after uvicorn configured them)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TokenLogFilter) for f in logger.filters):
+            logger.addFilter(TokenLogFilter())

@@ -3,7 +3,7 @@
 Owns: binding the listening socket before the app is built (so ``--port 0``
 yields the real port everywhere: the Host check, the launcher's trainer URL, the
 printed dashboard URL), the uvicorn configuration (websocket frame limit,
-keepalive pings, graceful shutdown), Ctrl-C/SIGTERM handling, and the demo:
+keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-C/SIGTERM handling, and the demo:
 server plus one built-in run, both stopped together.
 
 Never: leaves a launched trainer running after a clean shutdown, or prints a
@@ -24,6 +24,7 @@ from urllib.parse import quote
 import uvicorn
 from fastapi import FastAPI
 from layerscope.server.app import create_app
+from layerscope.server.security import mask_tokens_in_logs
 from layerscope.server.settings import Settings, local_host
 from layerscope.server.store_writer import tune_gc
 from layerscope.trainer import wire
@@ -109,6 +110,7 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
         server_header=False,
         lifespan="on",
     )
+    mask_tokens_in_logs()  # after uvicorn.Config, which configures its loggers
     return Server(config), sock, settings, app
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -295,3 +296,58 @@ async def test_a_viewer_token_alone_never_leaves_the_trainer_socket_open(tmp_pat
         assert status == 403 and "--trainer-token" in body
         status, _ = await refused(server.ws(f"/ws/trainer?token={VIEWER}"))
         assert status == 403
+
+
+def test_a_token_page_load_is_redirected_to_the_page_without_the_token(guarded: LiveServer) -> None:
+    """The token stayed in the address bar (and the history, and any link copied from it)
+    after the cookie had taken over."""
+    answer = httpx.get(f"{guarded}/runs/some-run?after=3&token={VIEWER}&x=%2F")
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/runs/some-run?after=3&x=%2F"
+    assert answer.headers["set-cookie"].startswith(f"layerscope_token={VIEWER};")
+    assert httpx.get(f"{guarded}/?token={VIEWER}").headers["location"] == "/"
+    with httpx.Client(follow_redirects=True) as browser:
+        page = browser.get(f"{guarded}/?token={VIEWER}")
+        assert page.status_code == 200 and str(page.url) == f"{guarded}/"
+        assert "<html" in page.text.lower()
+    # REST clients keep their answer (a script need not follow a redirect).
+    assert httpx.get(f"{guarded}/api/runs?token={VIEWER}").status_code == 200
+    assert httpx.get(f"{guarded}/?token=wrong").status_code == 403
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_tokens_never_reach_the_server_log(tmp_path: Path) -> None:
+    """With --log-level info, uvicorn logged 'GET /?token=<viewer token>' and
+    'WebSocket /ws/trainer?token=<trainer token>' as they came."""
+    settings = make_settings(
+        tmp_path / "data", viewer_token=VIEWER, trainer_token=TRAINER, log_level="info"
+    )
+    lines = Lines()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.access", "uvicorn.error")]
+    try:
+        with running_server(settings) as server:
+            for logger in loggers:  # after uvicorn's logging setup, which drops handlers
+                logger.addHandler(lines)
+            async with httpx.AsyncClient() as client:
+                await client.get(f"{server}/?token={VIEWER}")
+                await client.get(f"{server}/api/runs?x=1&token={VIEWER}")
+                await client.get(f"{server}/api/runs?token=wrong-guess")
+            async with connect(server.ws(f"/ws/trainer?token={TRAINER}")) as ws:
+                await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": "logged"}))
+                assert json.loads(await ws.recv())["type"] == "welcome"
+            await refused(server.ws("/ws/trainer?token=wrong-guess"))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(lines)
+    text = "\n".join(lines.lines)
+    assert "/api/runs?x=1&token=***" in text and "/ws/trainer?token=***" in text, text
+    for secret in (VIEWER, TRAINER, "wrong-guess"):
+        assert secret not in text

@@ -10,7 +10,9 @@ Never: imports ``layerscope.server``, or torch before a command needs it (so
 ``--help`` is quick). ``main(argv)`` takes the sub-command name first; the
 ``layerscope`` console script hands ``train``/``sync`` here whole.
 
-Exit codes: 0 done, 1 an ``--overfit`` check failed, 2 bad input.
+Exit codes: 0 done (or stopped from the dashboard), 1 an ``--overfit`` check failed,
+2 bad input, 3 a rule stopped the run (NaN/Inf: ExplodingTensor, with no server to
+resume its pause), 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ _FLAG_METAVARS = {
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 _DEST_PREFIX = "cfg:"
 RUN_DIR_SPOOL = "spool.bin"  # the file watch() writes inside a run directory
+EXIT_OVERFIT_FAILED = 1
+EXIT_RULE_STOPPED = 3  # a rule stopped the run: NaN/Inf (ExplodingTensor)
 
 
 def _version() -> str:
@@ -499,8 +503,10 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if summary.get("rank", 0) == 0:
         print(describe(summary), flush=True)
+    if summary.get("stopped_by") == "rule":  # before the overfit verdict: it explains it
+        return EXIT_RULE_STOPPED
     check = summary.get("overfit")
-    return 1 if check is not None and not check["passed"] else 0
+    return EXIT_OVERFIT_FAILED if check is not None and not check["passed"] else 0
 
 
 def _rank_count(text: str) -> int:

@@ -15,6 +15,7 @@ itself (``watch`` does), or imports ``layerscope.server``.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -206,6 +207,7 @@ def _train(
         auto_weight_decay=rules["auto_weight_decay"],
         patience=rules["patience"],
     ) as w:
+        stops = _stop_results(w)
         _start(w, finetune, loaded, rules["auto_weight_decay"])
         _note_full_batch(w, solver["batch_size"], batches.size, rank)
         stopped = False
@@ -244,6 +246,10 @@ def _train(
         "rank": rank,
         "world_size": world,
         "stopped": stopped,
+        # Who stopped it: "user" (the dashboard's Stop), "rule" (the NaN rule with no server
+        # to resume its pause), "api"; and the stop command's reason.
+        "stopped_by": stops[0]["source"] if stopped and stops else None,
+        "stop_reason": stops[0].get("reason") if stopped and stops else None,
         # Host reads happen here, once, after training.
         "train_loss": None if loss is None else float(loss),
         "train_acc": None if acc is None else float(acc),
@@ -253,6 +259,22 @@ def _train(
         "overfit": check,
     }
     return summary
+
+
+def _stop_results(w: Any) -> list[dict[str, Any]]:
+    """The run's acknowledged ``stop`` commands, in order, as ``Control`` reports each
+    (``source``, ``reason``): filled while training, so the summary can tell a rule's
+    stop from the user's. Every rank applies the same commands, so each sees them."""
+    seen: list[dict[str, Any]] = []
+    emit = w.control.emit
+
+    def observe(kind: str, data: dict[str, Any]) -> None:
+        if kind == "command_result" and data.get("name") == "stop" and data.get("ok"):
+            seen.append(data)
+        emit(kind, data)
+
+    w.control.emit = observe
+    return seen
 
 
 def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto_wd: bool) -> None:
@@ -328,9 +350,16 @@ def describe(summary: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
+    stopped = ""
+    if summary["stopped"]:
+        by, reason = summary.get("stopped_by"), summary.get("stop_reason")
+        # the rule's reason starts with what it saw ("NaN/Inf in the training loss at step 4")
+        seen = re.match(r"[^:;]*? at step \d+", reason or "")
+        cause = f": {seen.group(0)}" if seen else ""
+        stopped = f" (stopped by a rule{cause})" if by == "rule" else " (stopped)"
     lines = [
         f"run {summary['run_id']} ({summary['name']}) on {summary['device']}: "
-        f"{summary['steps']} steps{' (stopped)' if summary['stopped'] else ''}",
+        f"{summary['steps']} steps{stopped}",
         f"  train loss {fmt(summary['train_loss'])}  acc {fmt(summary['train_acc'])}"
         f"  |  val loss {fmt(summary['val_loss'])}  acc {fmt(summary['val_acc'])}",
     ]

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -260,6 +261,39 @@ def test_train_runs_and_a_failed_overfit_check_exits_1(
     code = cli.main(["train", "--overfit", "20", "--lr", "0", "--steps", "5", *common])
     out = capsys.readouterr().out
     assert code == 1 and "overfit check: FAIL" in out
+
+
+def test_a_run_the_nan_rule_stopped_exits_3_and_one_the_user_stopped_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that blew up to NaN, stopped by ExplodingTensor (no server to resume its
+    pause), is not a finished run: exit 3, even in an overfit check it made fail. A run
+    stopped with the dashboard's Stop (a user's command through the server) exits 0."""
+    blow_up = ["--optimizer", "sgd", "--lr", "100", "--init", "normal", "--init-std", "10",
+               "--steps", "50", "--every", "1", "--rules", "ExplodingTensor", "--device", "cpu",
+               "--no-progress"]  # fmt: skip
+    assert cli.main(["train", *blow_up, "--run-dir", str(tmp_path / "nan")]) == 3
+    out = capsys.readouterr().out
+    assert "(stopped by a rule: NaN/Inf in " in out and "50 steps" not in out
+    assert cli.main(["train", *blow_up, "--overfit", "64", "--run-dir", str(tmp_path / "of")]) == 3
+
+    from trainer_server import TrainerServer
+    from waiting import wait_until
+
+    server = TrainerServer().start()
+    codes: list[int] = []
+    try:
+        args = ["train", "--steps", "1000000", "--dataset", "blobs", "--every", "5", "--device",
+                "cpu", "--no-progress", "--run-dir", str(tmp_path / "user"), "--server", server.url]  # fmt: skip
+        thread = threading.Thread(target=lambda: codes.append(cli.main(args)), daemon=True)
+        thread.start()
+        wait_until(lambda: bool(server.events("status")) and server.received > 3)
+        server.send_command("stop")
+        thread.join(60)
+    finally:
+        server.close()
+    assert codes == [0]
+    assert "steps (stopped)" in capsys.readouterr().out
 
 
 def test_module_entry_point_help_exits_0() -> None:

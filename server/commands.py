@@ -7,12 +7,14 @@ socket; the viewer socket and ``POST /api/runs/{id}/commands`` share this path.
 
 Never: relays a command it has not stored first (a trainer that reconnects gets
 every stored command it has not applied, so storage is the source of truth),
-assigns a second ``cmd_seq`` to a repeated id, or reports a command as applied:
+assigns a second ``cmd_seq`` to a repeated id (a repeat is answered as a duplicate;
+the id reused for another name or args is refused, 409), or reports a command as applied:
 the trainer's ``command_result`` event does that.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -53,6 +55,21 @@ def origin_of(conn: HTTPConnection, channel: str) -> str:
     return f"{channel} {where}"
 
 
+def same_command(stored: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` if ``cmd`` repeats it (same name and args: a harmless resend); a reused
+    id naming another command is refused, 409, not answered as a duplicate while the
+    new command was silently dropped."""
+    if stored["name"] != cmd["name"] or (stored.get("args") or {}) != cmd["args"]:
+        raise CommandRefused(
+            409,
+            f"command id {cmd['id']!r} is already used by another command "
+            f"({stored['name']} {json.dumps(stored.get('args') or {})}); "
+            "send a new id for a new command",
+            cmd["id"],
+        )
+    return stored
+
+
 async def relay_command(
     store: Any,
     hub: Hub,
@@ -79,12 +96,14 @@ async def relay_command(
     # the trainer comes back, so refusing the repeat would tell the page a lie.
     known = store.command(run_id, cmd["id"])
     if known is not None:
-        return known, True
+        return same_command(known, cmd), True
     if run["status"] in wire.ENDED_STATUSES:
         raise CommandRefused(409, RUN_FINISHED, cmd["id"])
     if not hub.is_connected(run_id) and not while_away:
         raise CommandRefused(409, NO_TRAINER, cmd["id"])
     row, duplicate = await store.add_command(run_id, cmd, origin=origin)
+    if duplicate:  # stored meanwhile by another request with the same id
+        same_command(row, cmd)
     # A repeated id is only reported: the first copy was relayed, and a trainer that
     # reconnects before applying it gets it again in the welcome step. With no trainer
     # connected (while_away) the welcome delivers it; one that connected while the

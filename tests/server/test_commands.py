@@ -133,6 +133,38 @@ async def test_a_repeated_command_is_answered_as_stored_while_the_trainer_is_awa
     await again.close()
 
 
+async def test_a_command_id_reused_for_another_command_is_refused(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """An id sent again with another name or args was answered ok+duplicate while the new
+    command was dropped: the page showed a command that would never be applied."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    url = f"{shared_server}/api/runs/{run_id}/commands"
+    first = httpx.post(url, json={"id": "c-used", "name": "set_lr_scale", "args": {"value": 0.5}})
+    assert first.status_code == 202
+    for other in ({"name": "pause"}, {"name": "set_lr_scale", "args": {"value": 0.25}}):
+        reused = httpx.post(url, json={"id": "c-used", **other})
+        assert reused.status_code == 409
+        assert "command id 'c-used' is already used by another command" in reused.json()["detail"]
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "command", "id": "c-used", "name": "resume"}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is False and reply["id"] == "c-used"
+    assert "already used by another command (set_lr_scale" in reply["reason"]
+    # The same command again stays a harmless duplicate, on either path.
+    again = {"id": "c-used", "name": "set_lr_scale", "args": {"value": 0.5}}
+    assert httpx.post(url, json=again).json()["duplicate"] is True
+    await viewer.send(json.dumps({"type": "command", **again}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is True and reply["duplicate"] is True
+    rows = commands_of(shared_server, run_id)
+    assert [(r["id"], r["name"], r["args"]) for r in rows] == [("c-used", "set_lr_scale", {"value": 0.5})]
+    await trainer.wait_for(lambda m: m["type"] == "command")
+    assert [m["id"] for m in trainer.commands] == ["c-used"]  # what arrived, in order
+    await viewer.close()
+    await trainer.close()
+
+
 async def test_commands_are_refused_once_the_run_has_finished(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(event_frame(1, 100, "status", status="finished"))

@@ -375,6 +375,16 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     return merged, user_named
 
 
+def _flag_locs(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The config locs (``("model", "init_std")``, ``("name",)``) given as flags."""
+    locs: list[tuple[str, ...]] = []
+    for dest in vars(args):
+        if dest.startswith(_DEST_PREFIX):
+            section, key = dest[len(_DEST_PREFIX) :].split(".")
+            locs.append((section, key) if section else (key,))
+    return locs
+
+
 def _epochs_decide(below: dict[str, Any], layer: dict[str, Any]) -> None:
     """A layer (config file, flags) that gives epochs without steps drops the steps of
     the layers below it (preset, file): it decides the length, as a later layer wins,
@@ -420,7 +430,7 @@ def _drop_stale(cfg: dict[str, Any], flags: dict[str, Any]) -> None:
         given = flags.get(section) or {}
         for key, field_spec in spec["fields"].items():
             when = field_spec.get("when")
-            if not when or key not in part or given.get(key) is not None:
+            if not when or key not in part or key in given:  # a flag's own: checked
                 continue
             if any(
                 given.get(sibling) is not None and given[sibling] not in values
@@ -455,7 +465,8 @@ def _sigterm_stops_run() -> Iterator[None]:
 def _train(args: argparse.Namespace) -> int:
     try:
         merged, user_named = merged_config(args)
-        cfg = wire.validate_experiment(merged)
+        # A flag names its field: one that would be ignored is refused, default value or not.
+        cfg = wire.validate_experiment(merged, explicit=_flag_locs(args))
     except wire.ExperimentError as exc:
         for err in exc.errors:
             print(

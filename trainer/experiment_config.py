@@ -12,6 +12,7 @@ module on first use), so wire stays the one module trainer and server share.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from layerscope.trainer.wire import MAX_NAME_LEN, RULE_NAMES, WireError
@@ -466,20 +467,28 @@ def _check_section(
 
 
 def _check_when(
-    fields: dict[str, Any], given: Any, out: dict[str, Any], loc: list[str], errors: list[Any]
+    fields: dict[str, Any],
+    given: Any,
+    out: dict[str, Any],
+    loc: list[str],
+    errors: list[Any],
+    explicit: frozenset[tuple[str, ...]],
 ) -> None:
     """A field given a value other than its default where its ``when`` condition does not
     hold would be silently ignored (``--data-path`` with the digits set, ``--init-std``
     with xavier): an error naming the field it depends on. The New-run form sends no
-    hidden field, so it never trips this."""
+    hidden field, so it never trips this. A field in ``explicit`` (one the user named, a
+    CLI flag) is refused whatever its value: the default given by hand is ignored too."""
     if not isinstance(given, dict):
         return
     for key, spec in fields.items():
         if spec["type"] == "section":
-            _check_when(spec["fields"], given.get(key), out[key], [*loc, key], errors)
+            _check_when(spec["fields"], given.get(key), out[key], [*loc, key], errors, explicit)
             continue
         when = spec.get("when")
-        if not when or key not in given or out[key] == spec["default"]:
+        if not when or key not in given:
+            continue
+        if out[key] == spec["default"] and (*loc, key) not in explicit:
             continue
         for sibling, values in when.items():
             if out[sibling] not in values:
@@ -540,8 +549,14 @@ def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]])
         finetune["freeze"] = ",".join(_name_list(finetune["freeze"])) or None
 
 
-def validate_experiment(cfg: Any) -> dict[str, Any]:
+def validate_experiment(
+    cfg: Any, *, explicit: Iterable[Sequence[str]] = ()
+) -> dict[str, Any]:
     """The full config with defaults filled; raises ExperimentError listing every bad field.
+
+    ``explicit``: the locs (``("model", "init_std")``) the user set by name, as the CLI's
+    flags: one whose ``when`` does not hold is refused even at its default value. (The
+    New-run form sends only the fields changed from their defaults, and none hidden.)
 
     Beyond per-field checks: npz/folder need an existing ``data.path`` (made
     absolute); a cnn needs image data; batch norm needs batches of at least 2;
@@ -590,7 +605,7 @@ def validate_experiment(cfg: Any) -> dict[str, Any]:
     elif model["batch_norm"] and 1 in (data["subset"], out["overfit"]):
         where = ["overfit"] if out["overfit"] == 1 else ["data", "subset"]
         errors.append({"loc": where, "msg": "batch norm needs at least 2 training examples"})
-    _check_when(EXPERIMENT_SCHEMA, given, out, [], errors)
+    _check_when(EXPERIMENT_SCHEMA, given, out, [], errors, frozenset(map(tuple, explicit)))
     _check_rules_and_finetune(out, errors)
     if out["overfit"] is not None:
         out["rules"]["auto_weight_decay"] = False

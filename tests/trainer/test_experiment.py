@@ -119,6 +119,19 @@ def test_cross_field_rules() -> None:
     assert "solver.steps" in _errors({"solver": {"steps": None}})
 
 
+def test_a_field_whose_when_does_not_hold_is_refused_off_its_default_or_when_named() -> None:
+    """The New-run form sends changed fields only: a hidden field at its default passes.
+    The CLI names its flags as explicit: one that would be ignored is refused at any value."""
+    xavier = {"model": {"init": "xavier", "init_std": 0.01}, "data": {"path": None}}
+    assert wire.validate_experiment(xavier)["model"]["init_std"] == 0.01
+    assert "model.init_std" in _errors({"model": {"init": "xavier", "init_std": 0.5}})
+    with pytest.raises(wire.ExperimentError) as info:
+        wire.validate_experiment(xavier, explicit=[("model", "init_std"), ("data", "path")])
+    assert [e["loc"] for e in info.value.errors] == [["model", "init_std"], ["data", "path"]]
+    normal = {"model": {"init": "normal", "init_std": 0.01}}
+    assert wire.validate_experiment(normal, explicit=[("model", "init_std")])["model"]["init"] == "normal"
+
+
 def test_batch_size_full_steps_vs_epochs_and_overfit_switches_regularisation_off() -> None:
     cfg = wire.validate_experiment({"solver": {"batch_size": "full", "epochs": 3}})
     assert cfg["solver"]["batch_size"] == 0

@@ -176,14 +176,24 @@ def test_settings_that_would_be_ignored_or_fail_late_are_refused_up_front(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A field whose `when` does not hold (--data-path with the digits set, --init-std
-    with xavier), batch norm over one training example, a run id that is a path, a run
-    directory that is a file: each a one-line error with exit 2, before any training."""
+    with xavier), even given its default value, batch norm over one training example, a
+    run id that is a path, a run directory that is a file: each a one-line error with
+    exit 2, before any training."""
     data = tmp_path / "d.npz"
     data.write_bytes(b"")
     for args, words in (
         (["--data-path", str(data)], "data.path: only used when dataset is npz or folder"),
+        (["--data-path", "none"], "data.path: only used when dataset is npz or folder"),
+        (
+            ["--dataset", "spirals", "--data-path", "none"],
+            "data.path: only used when dataset is npz or folder (dataset is spirals)",
+        ),
         (
             ["--init", "xavier", "--init-std", "0.5"],
+            "model.init_std: only used when init is normal",
+        ),
+        (
+            ["--init", "xavier", "--init-std", "0.01"],  # the default: still ignored
             "model.init_std: only used when init is normal",
         ),
         (["--batch-norm", "--overfit", "1"], "overfit: batch norm needs at least 2 training"),

@@ -549,9 +549,7 @@ def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]])
         finetune["freeze"] = ",".join(_name_list(finetune["freeze"])) or None
 
 
-def validate_experiment(
-    cfg: Any, *, explicit: Iterable[Sequence[str]] = ()
-) -> dict[str, Any]:
+def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> dict[str, Any]:
     """The full config with defaults filled; raises ExperimentError listing every bad field.
 
     ``explicit``: the locs (``("model", "init_std")``) the user set by name, as the CLI's

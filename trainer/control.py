@@ -296,7 +296,7 @@ class Control:
         known = {name for name, _ in self.model.named_modules() if name}
         unknown = [name for name in layers if name not in known]
         if unknown:
-            raise ValueError(f"unknown layer(s) {unknown}; layers are module names like 'fc1'")
+            raise ValueError(f"unknown layer(s) {unknown}; {layer_names_hint(self.model)}")
         if frozen and getattr(self.optimizer, "_params", None) is not None:
             # LBFGS keeps the parameter list it was built with: taking parameters out of
             # the group for a step would not stop it updating them.
@@ -364,6 +364,22 @@ class Control:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def layer_names_hint(model: nn.Module, most: int = 6) -> str:
+    """What a layer name may be, from ``model``'s own (for an unknown-layer message): its
+    modules holding parameters, ``net.0, net.2, net.4``, else any named module."""
+    model = unwrapped(model)
+    named = [
+        n
+        for n, m in model.named_modules()
+        if n and next(m.parameters(recurse=False), None) is not None
+    ]
+    names = named or [n for n, _ in model.named_modules() if n]
+    if not names:
+        return "this model has no named sub-modules, so no layer can be frozen by name"
+    shown = ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+    return f"this model's layers{' with parameters' if named else ''} are {shown}"
 
 
 CHECKPOINT_FORMAT = "layerscope-checkpoint-1"

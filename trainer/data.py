@@ -211,6 +211,12 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except _READ_ERRORS as exc:
+        if "pickle" in str(exc):  # numpy's message suggests allow_pickle, not ours to give
+            raise DataError(
+                f"{path}: not a readable .npz file (not a zip archive of arrays: pickled "
+                "Python objects, or not a .npz file at all); pickled data is not loaded, "
+                "for safety"
+            ) from None
         raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy: one bare array
         raise DataError(

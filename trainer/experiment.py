@@ -22,8 +22,13 @@ from typing import Any
 
 import torch
 from layerscope.trainer import wire
-from layerscope.trainer.control import CheckpointError, load_model_weights
-from layerscope.trainer.data import Batches, Dataset, add_input_noise, load_dataset
+from layerscope.trainer.control import (
+    CheckpointError,
+    layer_names_hint,
+    load_model_weights,
+    plain_name,
+)
+from layerscope.trainer.data import Batches, DataError, Dataset, add_input_noise, load_dataset
 from layerscope.trainer.distributed import (
     data_parallel,
     end_process_group,
@@ -107,6 +112,7 @@ def build(cfg: dict[str, Any]) -> tuple[Dataset, nn.Module, torch.optim.Optimize
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(solver["seed"])
     data = load_dataset(cfg["data"], solver["seed"]).to(device)
+    _check_batch_norm_examples(model_cfg, cfg["data"], data)
     model = build_model(model_cfg, data.input_shape, data.num_classes)
     init_weights(
         model, model_cfg["init"], activation=model_cfg["activation"], std=model_cfg["init_std"]
@@ -116,6 +122,23 @@ def build(cfg: dict[str, Any]) -> tuple[Dataset, nn.Module, torch.optim.Optimize
         solver["optimizer"], model.parameters(), solver["lr"], solver["weight_decay"]
     )
     return data, model, optimizer, device
+
+
+def _check_batch_norm_examples(
+    model_cfg: dict[str, Any], data_cfg: dict[str, Any], data: Dataset
+) -> None:
+    """Batch norm cannot train on one example (its batch variance is undefined): a set the
+    validation split leaves one training example of is refused before the run starts, as
+    validation refuses ``subset``/``overfit`` 1 (a file's size is only known once read)."""
+    n = len(data.x_train)
+    if model_cfg["batch_norm"] and n < 2:
+        total = n + len(data.x_val)
+        source = data_cfg.get("path") or data.name
+        raise DataError(
+            f"data.val_fraction: batch norm needs at least 2 training examples; holding "
+            f"out {data_cfg['val_fraction']} of the {total} samples in {source} for "
+            f"validation leaves {n} (lower val_fraction, add data or turn batch norm off)"
+        )
 
 
 def run_experiment(
@@ -178,6 +201,7 @@ def _train(
             loaded = load_model_weights(model, finetune["from_checkpoint"])
         except CheckpointError as exc:
             raise ExperimentSetupError(str(exc)) from None
+    _check_freeze(model, finetune["freeze"])
     batches = Batches(len(data.x_train), solver["batch_size"], solver["seed"], device)
     rank_batch = shard_size(batches.size, rank, world)
     trained = data_parallel(model)
@@ -275,6 +299,17 @@ def _stop_results(w: Any) -> list[dict[str, Any]]:
 
     w.control.emit = observe
     return seen
+
+
+def _check_freeze(model: nn.Module, freeze: str | None) -> None:
+    """``finetune.freeze`` names this model's layers: checked before the run is recorded,
+    one message naming the layers it has (not a failed command as well)."""
+    known = {plain_name(name) for name, _ in model.named_modules() if name}
+    unknown = [n for n in (freeze or "").split(",") if n and plain_name(n) not in known]
+    if unknown:
+        raise ExperimentSetupError(
+            f"finetune.freeze: unknown layer(s) {', '.join(unknown)}; {layer_names_hint(model)}"
+        )
 
 
 def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto_wd: bool) -> None:

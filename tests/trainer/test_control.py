@@ -253,13 +253,15 @@ def test_an_optimizer_subclass_whose_hooks_run_twice_is_scaled_once() -> None:
 
 
 def test_unknown_layer_is_a_failed_result_not_a_crash() -> None:
-    model = nn.Linear(2, 2)
+    """The error names the layers this model has (not another model's 'fc1')."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     rec = Recorder()
     control = Control(model, torch.optim.SGD(model.parameters(), lr=0.1), emit=rec)
     control.submit(cmd("set_frozen", layers=["encoder"], frozen=True))
     control.at_step_boundary(step=5)
     (result,) = rec.results()
     assert result["ok"] is False and "encoder" in result["error"]
+    assert result["error"].endswith("this model's layers with parameters are 0, 2")
     assert result["state"]["frozen"] == []
 
 

@@ -201,6 +201,17 @@ def test_settings_that_would_be_ignored_or_fail_late_are_refused_up_front(
     ):
         assert cli.main(["train", "--steps", "1", *args]) == 2, args
         assert words in capsys.readouterr().err, args
+    import numpy as np
+
+    np.savez(tmp_path / "two.npz", x=np.zeros((2, 3)), y=np.array([0, 1]))
+    two = ["--dataset", "npz", "--data-path", str(tmp_path / "two.npz"), "--val-fraction", "0.5"]
+    run_dir = tmp_path / "never"
+    quiet = ["--steps", "1", "--no-progress", "--run-dir", str(run_dir)]
+    assert cli.main(["train", *two, "--batch-norm", *quiet]) == 2  # one left to train on
+    err = capsys.readouterr().err
+    assert "data.val_fraction: batch norm needs at least 2 training examples" in err
+    assert "leaves 1" in err and "Expected more than 1 value" not in err
+    assert not run_dir.exists()  # refused before the run was recorded
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert cli.main(["train", "--steps", "1", "--no-progress", "--run-dir", str(afile)]) == 2
@@ -210,6 +221,21 @@ def test_settings_that_would_be_ignored_or_fail_late_are_refused_up_front(
     monkeypatch.chdir(tmp_path / "a" / "b")  # were it taken, ../../x would stay in tmp_path
     assert cli.main(["train", "--steps", "1", "--no-progress", "--run-id", "../../x"]) == 2
     assert "must be a plain name" in capsys.readouterr().err
+
+
+def test_freezing_a_layer_the_model_lacks_is_one_error_naming_its_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "never"
+    args = ["train", "--freeze", "net.0,net.9", "--steps", "1", "--no-progress", "--run-dir",
+            str(run_dir)]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "layerscope train: finetune.freeze: unknown layer(s) net.9; this model's layers "
+        "with parameters are net.0, net.2, net.4\n"
+    )
+    assert "set_frozen failed" not in caplog.text and not run_dir.exists()
 
 
 def test_bad_config_files_and_flag_types_exit_2(

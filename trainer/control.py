@@ -68,6 +68,8 @@ class Control:
         self.weight_decay_enabled = True
         self.frozen: set[str] = set()
         self.stopping = False
+        # the first applied stop: {"source": user|api|rule, "reason": ...} (who ended the run)
+        self.stopped_by: dict[str, Any] | None = None
         self.closed = False
 
         self._frozen_params: set[int] = set()
@@ -242,6 +244,8 @@ class Control:
             result["reason"] = command["reason"]
         if error is not None:
             result["error"] = error
+        elif name == "stop" and self.stopped_by is None:
+            self.stopped_by = {"source": result["source"], "reason": command.get("reason")}
         self.emit("command_result", result)
         return result
 

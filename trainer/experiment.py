@@ -231,7 +231,6 @@ def _train(
         auto_weight_decay=rules["auto_weight_decay"],
         patience=rules["patience"],
     ) as w:
-        stops = _stop_results(w)
         _start(w, finetune, loaded, rules["auto_weight_decay"])
         _note_full_batch(w, solver["batch_size"], batches.size, rank)
         stopped = False
@@ -272,8 +271,8 @@ def _train(
         "stopped": stopped,
         # Who stopped it: "user" (the dashboard's Stop), "rule" (the NaN rule with no server
         # to resume its pause), "api"; and the stop command's reason.
-        "stopped_by": stops[0]["source"] if stopped and stops else None,
-        "stop_reason": stops[0].get("reason") if stopped and stops else None,
+        "stopped_by": by["source"] if stopped and (by := w.control.stopped_by) else None,
+        "stop_reason": by["reason"] if stopped and (by := w.control.stopped_by) else None,
         # Host reads happen here, once, after training.
         "train_loss": None if loss is None else float(loss),
         "train_acc": None if acc is None else float(acc),
@@ -283,22 +282,6 @@ def _train(
         "overfit": check,
     }
     return summary
-
-
-def _stop_results(w: Any) -> list[dict[str, Any]]:
-    """The run's acknowledged ``stop`` commands, in order, as ``Control`` reports each
-    (``source``, ``reason``): filled while training, so the summary can tell a rule's
-    stop from the user's. Every rank applies the same commands, so each sees them."""
-    seen: list[dict[str, Any]] = []
-    emit = w.control.emit
-
-    def observe(kind: str, data: dict[str, Any]) -> None:
-        if kind == "command_result" and data.get("name") == "stop" and data.get("ok"):
-            seen.append(data)
-        emit(kind, data)
-
-    w.control.emit = observe
-    return seen
 
 
 def _check_freeze(model: nn.Module, freeze: str | None) -> None:

@@ -309,6 +309,15 @@ def test_stop_unblocks_a_paused_loop() -> None:
     statuses = [d["status"] for kind, d in rec.events if kind == "status"]
     assert statuses == ["paused", "running"]
     assert rec.results()[-1]["state"]["paused"] is False
+    assert control.stopped_by == {"source": "user", "reason": None}
+
+
+def test_stopped_by_names_the_first_stop_applied() -> None:
+    control = Control(None, None)
+    assert control.stopped_by is None
+    control.apply({**cmd("stop"), "source": "rule", "reason": "NaN/Inf in the loss at step 4"}, 4)
+    control.apply({**cmd("stop"), "source": "user"}, 5)  # a later stop does not rewrite it
+    assert control.stopped_by == {"source": "rule", "reason": "NaN/Inf in the loss at step 4"}
 
 
 class _SelfTuning(torch.optim.Optimizer):

@@ -615,7 +615,8 @@ class Probes:
         with torch.inference_mode():
             every = [p.grad for p in self._all_params]
             present = [g is not None for g in every]
-            grads = [g for g in every if g is not None]
+            # a sparse gradient (nn.Embedding(sparse=True)): the norm of its stored values
+            grads = [g.coalesce().values() if g.is_sparse else g for g in every if g is not None]
             weights = self._probed_params
             norms = stats.norms(grads + weights, self._device)
             return present, norms, self._nan(len(weights))

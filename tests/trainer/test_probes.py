@@ -394,6 +394,33 @@ def test_grad_weight_and_update_norms_match_an_sgd_step(device: str) -> None:
     assert scalars["grad_norm"] == pytest.approx(total, rel=1e-5)
 
 
+def test_a_sparse_gradient_counts_by_its_values_and_the_step_runs() -> None:
+    """nn.Embedding(sparse=True) (recommenders, word2vec): the norm of a sparse gradient
+    used to raise inside optimizer.step() (no sparse vector_norm), ending training."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 4, sparse=True), nn.Linear(4, 2)
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(i).mean(1))
+
+    torch.manual_seed(8)
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads: dict[str, torch.Tensor] = {}
+    opt.register_step_pre_hook(
+        lambda *_: grads.update({n: p.grad.to_dense() for n, p in model.named_parameters()})
+    )
+    probes = Probes(model, opt, types=(nn.Linear, nn.Embedding))
+    layers, scalars = probe_step(model, probes, torch.randint(0, 50, (8, 3)), opt)
+    assert grads["emb.weight"].count_nonzero() > 0
+    assert layers["emb"]["grad_norm"] == pytest.approx(grads["emb.weight"].norm().item(), rel=1e-5)
+    total = torch.cat([g.flatten() for g in grads.values()]).norm().item()
+    assert scalars["grad_norm"] == pytest.approx(total, rel=1e-5)
+
+
 def test_without_an_optimizer_grads_are_read_at_collect() -> None:
     model = _two_layer()
     probes = Probes(model)

@@ -221,6 +221,12 @@ class Probes:
 
         self.layers: list[LayerSpec] = []
         chosen = self._select(model, types or DEFAULT_TYPES, names, exclude, activations or {})
+        if not chosen and (types is not None or exclude is not None):
+            given = "types" if types is not None else "exclude"
+            raise ValueError(
+                f"{given}: {types if types is not None else exclude!r} leaves no layer of this "
+                "model to probe; widen the filter, or leave it out"
+            )
         self._layers = [layer for layer, _ in chosen]
         self.layers = [layer.spec for layer in self._layers]
         self._param_layers = [layer for layer in self._layers if layer.params]
@@ -651,8 +657,8 @@ class Probes:
         params = self._param_result
         self._param_result = None
         self._updates.forget()
-        if not act and params is None:
-            return None
+        if not act and (params is None or not self._param_layers):
+            return None  # nothing probed this step (a model with no probed layer at all)
         try:  # a raise below must not leave this step's calls for the next to merge
             if params is None and self._param_layers:
                 params = self._read_params()  # no optimizer hook fired: grads as they are now

@@ -647,11 +647,28 @@ def test_filters(kwargs: dict[str, Any], expected: list[str]) -> None:
         ({"activations": {"nope": "tanh"}}, "not probed layers"),
         ({"bins": 0}, "bins"),
         ({"sample_values": 0}, "sample_values"),
+        ({"types": (nn.Sigmoid,)}, "types: .* leaves no layer"),  # the model has no Sigmoid
+        ({"exclude": ".*"}, "exclude: .* leaves no layer"),
+        ({"exclude": ["model"]}, "exclude: .* leaves no layer"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Probes(_Net(), **kwargs)
+
+
+def test_a_model_with_no_probed_layer_trains_with_an_optimizer_hooked() -> None:
+    """An nn.Embedding-only model (matrix factorisation) has no layer of the default types:
+    its probe steps record nothing per layer, and the step must not raise (IndexError)."""
+    model = nn.Sequential(nn.Embedding(20, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    assert probes.layers == []
+    probes.arm()
+    loss = model(torch.randint(0, 20, (6,))).square().mean()
+    loss.backward()
+    opt.step()
+    assert probes.collect() is None
 
 
 def test_close_removes_every_hook() -> None:

@@ -309,6 +309,8 @@ class Control:
                 "cannot be frozen through its param groups; set requires_grad_(False) on "
                 "them in the training script instead"
             )
+        if frozen:
+            self._check_owned(layers)
         target = self.frozen | set(layers) if frozen else self.frozen - set(layers)
         self.frozen = target
         if self.rules is not None:
@@ -321,6 +323,34 @@ class Control:
             for pname, p in self.model.named_parameters(remove_duplicate=False)
             if any(pname.startswith(layer + ".") for layer in target)
         }
+
+    def _check_owned(self, layers: list[str]) -> None:
+        """Refuse to freeze a layer with a trained parameter the watched optimizer does not
+        hold (a GAN watched with its generator's optimizer: the discriminator's is another):
+        freezing works through this optimizer's param groups, so that parameter would keep
+        training while the state said frozen. A parameter without requires_grad that no
+        optimizer holds (the script froze it) does not train: nothing to refuse."""
+        assert self.model is not None and self.optimizer is not None
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        # a step that raised may have left this step's frozen parameters out of the groups
+        owned.update(id(p) for saved in self._saved if saved[2] is not None for p in saved[2])
+        outside = [
+            layer
+            for layer in layers
+            if any(
+                p.requires_grad and id(p) not in owned
+                for pname, p in self.model.named_parameters(remove_duplicate=False)
+                if pname.startswith(layer + ".")
+            )
+        ]
+        if outside:
+            raise ValueError(
+                f"layer(s) {outside} have parameters that are not in the watched optimizer "
+                f"({type(self.optimizer).__name__}), which freezes through its own param "
+                "groups: another optimizer would keep training them. Freeze them in the "
+                "training script instead (requires_grad_(False)), or watch the optimizer "
+                "that trains them"
+            )
 
     def _set_rules(self, args: dict[str, Any]) -> None:
         if self.rules is None:

@@ -80,6 +80,7 @@ class Watch:
         good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
     ) -> None:
         model = unwrapped(model) if model is not None else None
+        _check_optimizer(optimizer)
         if good_checkpoint_every < 0:
             raise ValueError(f"good_checkpoint_every must be >= 0, got {good_checkpoint_every}")
         if every < 0:
@@ -487,6 +488,24 @@ class ProgressLine(logging.Filter):
             self._open = False
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """One ``torch.optim.Optimizer`` (or None): its step hooks are where the dashboard's
+    commands take effect."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    if isinstance(optimizer, (list, tuple, set, dict)):
+        raise TypeError(
+            f"watch() takes one optimizer, got a {type(optimizer).__name__} of "
+            f"{len(optimizer)}; with several (a GAN's generator and discriminator), watch "
+            "the one whose lr the dashboard should steer: the others train as usual, "
+            "unsteered, and set_frozen refuses the layers they train"
+        )
+    if not hasattr(optimizer, "register_step_pre_hook"):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
 
 
 def _model_device(model: nn.Module | None) -> torch.device:

@@ -191,6 +191,36 @@ def test_freezing_either_side_of_a_tied_weight_freezes_it() -> None:
     assert torch.equal(before, embed.weight)
 
 
+def test_freezing_a_layer_another_optimizer_trains_is_refused() -> None:
+    """A GAN watched with its generator's optimizer: freezing the discriminator was
+    acknowledged (frozen: ['D']) while the discriminator's own optimizer kept training it.
+    A layer whose parameters the script froze and left out of the optimizer is accepted:
+    nothing trains it."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict(
+        {"G": nn.Linear(4, 2), "D": nn.Linear(2, 1), "E": nn.Linear(2, 2).requires_grad_(False)}
+    )
+    opt_g = torch.optim.Adam(gan["G"].parameters(), lr=1e-2)
+    opt_d = torch.optim.Adam(gan["D"].parameters(), lr=1e-2)
+    rec = Recorder()
+    control = Control(gan, opt_g, emit=rec)
+    control.submit(cmd("set_frozen", layers=["D"], frozen=True))
+    control.submit(cmd("set_frozen", layers=["E"], frozen=True))
+    control.submit(cmd("set_frozen", layers=["G"], frozen=True))
+    control.at_step_boundary(step=2)
+    d_result, e_result, g_result = rec.results()
+    assert d_result["ok"] is False
+    assert "['D'] have parameters that are not in the watched optimizer" in d_result["error"]
+    assert e_result["ok"] and g_result["ok"] and g_result["state"]["frozen"] == ["E", "G"]
+    before = {name: p.detach().clone() for name, p in gan.named_parameters()}
+    for opt in (opt_d, opt_g):
+        opt.zero_grad()
+        gan["D"](gan["G"](torch.randn(8, 4))).pow(2).mean().backward()
+        opt.step()
+    changed = {name for name, p in gan.named_parameters() if not torch.equal(before[name], p)}
+    assert changed == {"D.weight", "D.bias"}  # trained by its own optimizer, as refused
+
+
 def _raise() -> float:
     raise RuntimeError("CUDA out of memory (simulated inside optimizer.step)")
 

@@ -461,16 +461,25 @@ class Probes:
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():  # an evaluation pass: no step trains without grads
+            if self._eval_only:
+                # Only the last evaluation pass before a training one is kept (a step of
+                # evaluation passes alone probes that one): a validation loop run while armed
+                # (before the first step, or at an epoch's end before a probe step) kept
+                # every batch's outputs until training resumed, growing with the val set.
+                self._forget_recorded()
             self._skipping = self._trained
             self._eval_only = not self._trained
             return
         if self._eval_only:  # recorded so far: evaluation passes, not this step's
-            self._staging.discard()
-            self._blocks = []
-            self._channel_first_out.clear()
+            self._forget_recorded()
             self._eval_only = False
         self._trained = True
         self._skipping = False
+
+    def _forget_recorded(self) -> None:
+        self._staging.discard()
+        self._blocks = []
+        self._channel_first_out.clear()
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skipping = False

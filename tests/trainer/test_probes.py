@@ -715,6 +715,34 @@ def test_eval_mode_under_no_grad() -> None:
     assert layers["head"]["grad_norm"] is None and layers["head"]["weight_norm"] is not None
 
 
+def test_a_validation_loop_while_armed_keeps_only_its_last_pass() -> None:
+    """A validation loop run while armed (before the first step, or at an epoch's end before
+    a probe step) kept every batch's outputs until training resumed: memory grew with the
+    validation set. Only the last evaluation pass is kept; a step of evaluation passes alone
+    probes that one, and a training pass after them replaces it."""
+    model = nn.Sequential(nn.Linear(4, 300), nn.ReLU(), nn.Linear(300, 2))
+    probes = Probes(model, sample_values=None)
+    probes.arm()
+    with torch.no_grad():
+        for i in range(200):
+            model(torch.full((64, 4), float(i)))
+            staged = sum(len(v) for v in probes._staging._staged.values())
+            assert staged + len(probes._blocks) <= 3, i  # one pass's outputs, not i passes'
+    layers, _ = probe_step(model, probes, torch.randn(8, 4))
+    assert sum(layers["0"]["hist"]["counts"]) == 8 * 300  # the training pass only
+    probes.arm()
+    with torch.no_grad():
+        last = torch.full((64, 4), 7.0)
+        for x in (torch.zeros(64, 4), last):
+            model(x)
+    pending = probes.collect()  # a step of evaluation passes alone: the last one
+    assert pending is not None
+    eval_layers, _ = pending.decode(pending.tensor)
+    with torch.no_grad():
+        want = model[0](last)
+    assert eval_layers[0]["mean"] == pytest.approx(want.mean().item(), rel=1e-5)
+
+
 def test_decode_rejects_a_copy_of_the_wrong_length() -> None:
     model = nn.Sequential(nn.ReLU())
     probes = Probes(model)

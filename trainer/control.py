@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,12 @@ log = logging.getLogger(__name__)
 PAUSED_POLL_S = 0.25
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+# The optimizers an open Control steers, and its run directory: a second one's hooks would
+# each put back the lr the other scaled (the user's lr halving step after step, wrong after
+# both closed), so it is refused until the first closes.
+_steered: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
+_steered_lock = threading.Lock()
 
 
 def _host_float(value: Any) -> float | None:
@@ -83,13 +91,28 @@ class Control:
         # _pre_step); empty between steps unless a step raised before its post-hook ran.
         self._saved: list[tuple[Any, Any, list[Any] | None, Any, Any, Any]] = []
         self._handles: list[Any] = []
+        self._steers = False
         if optimizer is not None:
+            self._claim(optimizer)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
             self.used_lr = [_host_float(g.get("lr")) for g in optimizer.param_groups]
             self.used_weight_decay = [
                 _host_float(g.get("weight_decay")) for g in optimizer.param_groups
             ]
+
+    def _claim(self, optimizer: torch.optim.Optimizer) -> None:
+        with _steered_lock:
+            other = _steered.get(optimizer)
+            if other is not None:
+                raise ValueError(
+                    f"this {type(optimizer).__name__} is already steered by an open watch()"
+                    f"{other}: two would each put back the lr the other scaled. Close that "
+                    "one first (w.close(), or end its with block)"
+                )
+            where = self.checkpoint_dir
+            _steered[optimizer] = f" (run_dir {where})" if where is not None else ""
+            self._steers = True
 
     # ---- state ----
 
@@ -398,6 +421,10 @@ class Control:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._steers and self.optimizer is not None:
+            with _steered_lock:
+                _steered.pop(self.optimizer, None)
+            self._steers = False
 
 
 def layer_names_hint(model: nn.Module, most: int = 6) -> str:

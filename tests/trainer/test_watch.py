@@ -211,6 +211,31 @@ def test_checkpoint_and_lr_scale_through_watch(tmp_path: Path) -> None:
     assert saved["step"] == 2 and saved["control"]["lr_scale"] == 0.5
 
 
+def test_a_second_watch_on_a_steered_optimizer_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    """Two open watches on one optimizer (nested: a helper that watches inside the user's
+    watch) each put back the lr the other had scaled: with both at 0.5 the user's lr
+    halved step after step and stayed wrong after both closed. The second is refused;
+    once the first closes, the next watch steers it as usual."""
+    model, opt, x, y = make_model()
+    with watch(model, opt, every=0, run_dir=tmp_path / "a") as w:
+        with pytest.raises(ValueError, match="already steered by an open watch.*run_dir"):
+            watch(model, opt, every=0, run_dir=tmp_path / "b")
+        assert len(opt._optimizer_step_pre_hooks) == 1  # the refused one left no hooks
+        assert w.command("set_lr_scale", {"value": 0.5})["ok"]
+        for _ in range(3):
+            w.step(loss=train_step(model, opt, x, y))
+            assert [g["lr"] for g in opt.param_groups] == [0.1, 0.05]
+    with watch(model, opt, every=0, run_dir=tmp_path / "c") as w:
+        assert w.command("set_lr_scale", {"value": 0.5})["ok"]
+        w.step(loss=train_step(model, opt, x, y))
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.05]
+    got = [(r["values"]["lr"], r["values"]["lr/1"]) for r in rows(frames(tmp_path / "a"))]
+    assert got == [(0.05, 0.025)] * 3
+    assert [r["values"]["lr"] for r in rows(frames(tmp_path / "c"))] == [0.05]
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     model, opt, _, _ = make_model()
     with pytest.raises(ValueError, match="config"):

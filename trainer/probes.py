@@ -148,6 +148,9 @@ class _Layer(Accumulated):
     rule: Rule
     channel_first: bool
     params: list[nn.Parameter]
+    # a Linear: its units are the last dim whatever the rank (a channels-last (N, H, W, C)
+    # input, as in ConvNeXt blocks), not dim 1 as for a 4-D conv output
+    features_last: bool = False
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
 
@@ -214,6 +217,7 @@ class Probes:
         self._staging = Staging(self._sample_rows)
         self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
         self._channel_first_out: list[weakref.ref[Tensor]] = []
+        self._features_last_out: list[weakref.ref[Tensor]] = []  # likewise, for features_last
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
@@ -321,6 +325,7 @@ class Probes:
                 index=len(chosen),
                 rule=rule,
                 channel_first=conv1d_like or id(module) in channel_first,
+                features_last=isinstance(module, nn.Linear),
                 params=list(module.parameters()),
             )
             chosen.append((layer, module))
@@ -480,6 +485,7 @@ class Probes:
         self._staging.discard()
         self._blocks = []
         self._channel_first_out.clear()
+        self._features_last_out.clear()
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skipping = False
@@ -505,6 +511,14 @@ class Probes:
             axis = 1 if channel_first else 2
         else:
             axis = stats.unit_axis(ndim, False)
+            if ndim > 3:
+                last = layer.features_last
+                if not last and self._features_last_out and args:
+                    x = args[0]
+                    last = any(ref() is x for ref in self._features_last_out)
+                if last:  # an activation applied straight to it inherits the axis, as above
+                    self._features_last_out.append(weakref.ref(y))
+                    axis = ndim - 1
         if axis is not None and layer.spec.units is None:
             layer.spec.units = y.shape[axis]
         # detached: nothing below is recorded by autograd (cheaper than a no_grad block)
@@ -655,6 +669,7 @@ class Probes:
         self._staging.reduce(self._blocks)
         self.disarm()
         self._channel_first_out.clear()
+        self._features_last_out.clear()
         blocks = self._blocks
         plan = self._sections.block_plan(blocks) if blocks and self.reducer is None else None
         if plan is None:

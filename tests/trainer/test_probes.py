@@ -205,6 +205,30 @@ def test_four_d_conv_outputs_use_channels() -> None:
     assert probes.layer_table()[1]["units"] == 4
 
 
+def test_a_linear_on_channels_last_images_and_its_activation_use_the_last_dim() -> None:
+    """A Linear over (N, H, W, C) (ConvNeXt's pointwise layers): a unit is an output feature,
+    the last dim, and an activation applied straight to it inherits that; dim 1 (H) made
+    half-dead channels read 0% dead."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pw = forcing_linear(3, 8, dead=4)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.pw(x))
+
+    model = Block()
+    probes = Probes(model)
+    layers, _ = probe_step(model, probes, uniform(2, 5, 6, 3))  # (N, H, W, C)
+    assert layers["pw"]["dead_ratio"] == 4 / 8 and layers["act"]["dead_ratio"] == 4 / 8
+    assert [row["units"] for row in probes.layer_table()] == [8, 8]
+    with torch.no_grad():
+        means = model(uniform(2, 5, 6, 3)).mean(dim=(0, 1, 2))
+    assert layers["act"]["unit_spread"] == pytest.approx(means.std(unbiased=False).item(), rel=1e-4)
+
+
 def _conv1d_forcing(channels: int, dead: int) -> nn.Conv1d:
     conv = nn.Conv1d(2, channels, kernel_size=1)
     assert conv.bias is not None

@@ -81,6 +81,8 @@ class Watch:
     ) -> None:
         model = unwrapped(model) if model is not None else None
         _check_optimizer(optimizer)
+        if model is not None:
+            _check_initialized(model)
         if good_checkpoint_every < 0:
             raise ValueError(f"good_checkpoint_every must be >= 0, got {good_checkpoint_every}")
         if every < 0:
@@ -505,6 +507,25 @@ def _check_optimizer(optimizer: Any) -> None:
     if not hasattr(optimizer, "register_step_pre_hook"):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+
+
+def _check_initialized(model: nn.Module) -> None:
+    """No lazy module (``nn.LazyLinear``...) still without its parameters: they have no
+    shape until the first forward pass, so nothing could size or read them."""
+    lazy = [
+        name or "model"
+        for name, module in model.named_modules()
+        if any(
+            nn.parameter.is_lazy(t)
+            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        )
+    ]
+    if lazy:
+        shown = ", ".join(lazy[:6]) + (f", ... ({len(lazy)} in all)" if len(lazy) > 6 else "")
+        raise ValueError(
+            f"watch(): the model has lazy modules not initialized yet ({shown}): run one "
+            "forward pass (e.g. on a dummy batch) before watch(), so their parameters exist"
         )
 
 

@@ -236,6 +236,30 @@ def test_a_second_watch_on_a_steered_optimizer_is_refused_until_the_first_closes
     assert [r["values"]["lr"] for r in rows(frames(tmp_path / "c"))] == [0.05]
 
 
+def test_lazy_modules_are_refused_until_a_forward_pass_made_their_parameters(
+    tmp_path: Path,
+) -> None:
+    """nn.LazyLinear has no parameter shapes before its first forward: watch() crashed in
+    the probes with torch's 'Attempted to use an uninitialized parameter in numel'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # made before the forward, as usual
+    with pytest.raises(ValueError, match=r"lazy modules not initialized yet \(0, 2\): run one"):
+        watch(model, opt, every=0, run_dir=tmp_path / "lazy")
+    assert not opt._optimizer_step_pre_hooks
+    model(torch.zeros(1, 4))  # the dummy batch the message asks for
+    with watch(model, opt, every=2, run_dir=tmp_path / "ok") as w:
+        for _ in range(2):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss)
+    probes = [f for f in frames(tmp_path / "ok") if f["type"] == "probe"]
+    assert [p["step"] for p in probes] == [1, 2]
+    assert all(e["update_ratio"] > 0 for p in probes for e in p["layers"] if e["name"] != "1")
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     model, opt, _, _ = make_model()
     with pytest.raises(ValueError, match="config"):

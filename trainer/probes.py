@@ -291,9 +291,16 @@ class Probes:
         no_relu_after = self._feeds_no_relu(model)
         chosen: list[tuple[_Layer, nn.Module]] = []
         interned: dict[Rule, Rule] = {}
+        # MultiheadAttention holds out_proj for its weights but never calls it (its forward
+        # uses the weights directly): a default pick would be a layer with no output, ever
+        never_called = {
+            id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+        }
         for name, module in model.named_modules():
             name = name or "model"
             if not isinstance(module, types):
+                continue
+            if id(module) in never_called and names is None:
                 continue
             if (include and not include(name)) or (skip and skip(name)):
                 continue

@@ -695,6 +695,17 @@ def test_a_model_with_no_probed_layer_trains_with_an_optimizer_hooked() -> None:
     assert probes.collect() is None
 
 
+def test_multihead_attentions_uncalled_out_proj_is_not_a_default_layer() -> None:
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    probes = Probes(model)
+    names = [row["name"] for row in probes.layer_table()]
+    assert "self_attn.out_proj" not in names and "linear1" in names
+    layers, _ = probe_step(model, probes, torch.randn(3, 5, 8))
+    assert all(layers[name]["mean"] is not None for name in names if name in layers)
+    named = Probes(model, names=["self_attn"])  # named on purpose: still the user's to pick
+    assert [row["name"] for row in named.layer_table()] == ["self_attn.out_proj"]
+
+
 def test_close_removes_every_hook() -> None:
     model = _Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

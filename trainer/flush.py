@@ -40,9 +40,13 @@ class Flush:
         progress: Any,
         alerts: Alerts | None = None,
         snapshot: dict[str, Any] | None = None,
+        *,
+        wide: bool = False,
     ) -> None:
         self.rows = rows
         self.host = host
+        # the step values are float64, each as two float32 words of host (probe: float32)
+        self.wide = wide
         self.event = event
         self.probe = probe  # (step, stats, offset, length) into host
         self.progress = progress
@@ -56,6 +60,8 @@ class Flush:
         scalars = self.host
         if scalars is not None and self.probe is not None:
             scalars = scalars[: self.probe[2]]
+        if scalars is not None and self.wide:
+            scalars = scalars.view(torch.float64)
         flat = scalars.tolist() if scalars is not None else []
         probe_frame: dict[str, Any] | None = None
         run_values: dict[str, float | None] = {}

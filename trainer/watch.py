@@ -412,14 +412,24 @@ class Watch:
         values, self._device_values = self._device_values, []
         if self.link is None:
             return
-        parts = [_scalars(values)] if values else []
+        parts: list[torch.Tensor] = []
+        wide = False
+        if values:
+            scalars = _scalars(values)
+            # float64 values travel as pairs of float32 words, so the probe statistics
+            # after them stay float32 in the same single host copy (Flush views them back)
+            wide = scalars.dtype == torch.float64
+            parts.append(scalars.view(torch.float32) if wide else scalars)
         probe: tuple[int, PendingStats, int, int] | None = None
         if pending is not None:
-            probe = (probe_step, pending, len(values), pending.tensor.numel())
+            offset = parts[0].numel() if parts else 0
+            probe = (probe_step, pending, offset, pending.tensor.numel())
             parts.append(pending.tensor.reshape(-1).float())
         host, event = to_host(parts)
         progress = self._print_progress if self._progress_enabled else None
-        self.link.submit(Flush(rows, host, event, probe, progress, self.alerts, snapshot))
+        self.link.submit(
+            Flush(rows, host, event, probe, progress, self.alerts, snapshot, wide=wide)
+        )
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.link is None:
@@ -664,11 +674,24 @@ def watch(
 
 
 def _scalars(values: list[torch.Tensor]) -> torch.Tensor:
-    """One float32 vector of single-value tensors (0-d as a loss is, or any shape holding
-    one value): one stack, reshaping only the few that are not 0-d, each value widened
-    to float32 first unless all already are (a stack of an int64 count with a bf16 loss
-    would round the count to bf16); on several devices, see ``flush.on_one_device``."""
+    """One vector of single-value tensors (0-d as a loss is, or any shape holding one
+    value): one stack, reshaping only the few that are not 0-d, each value converted
+    first unless all already have the vector's dtype (a stack of an int64 count with a
+    bf16 loss would round the count to bf16); on several devices, see
+    ``flush.on_one_device``. float32, or float64 when any value is wider than float32
+    holds exactly (a float64 loss, an int64 or int32 running count past 2**24), so
+    those arrive as given; MPS has no float64: float32 there."""
     flat = on_one_device([v if v.dim() == 0 else v.reshape(()) for v in values])
-    if any(v.dtype != torch.float32 for v in flat):
-        flat = [v.to(torch.float32) for v in flat]
+    dtype = torch.float32
+    if flat[0].device.type != "mps" and any(_wide(v.dtype) for v in flat):
+        dtype = torch.float64
+    if any(v.dtype != dtype for v in flat):
+        flat = [v.to(dtype) for v in flat]
     return torch.stack(flat)
+
+
+def _wide(dtype: torch.dtype) -> bool:
+    """A dtype with values float32 cannot hold exactly: float64, integers of 32 bits and more."""
+    if dtype.is_floating_point:
+        return dtype == torch.float64
+    return not dtype.is_complex and dtype != torch.bool and dtype.itemsize >= 4

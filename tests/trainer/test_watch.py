@@ -336,6 +336,47 @@ def test_scalar_tensors_of_any_single_value_shape_and_dtype_arrive_as_floats(
     assert got == [(0.5, 257.0), (0.5, 70001.0)]
 
 
+def test_int64_counts_and_float64_values_arrive_exactly(tmp_path: Path, device: str) -> None:
+    """Every on-device value went through float32: a running count kept as an int64
+    tensor was recorded 40000000 for 40000001, a float64 loss 1 + 1e-9 as 1.0 (a Python
+    int was exact). A flush holding such a value carries them in float64; the probe
+    statistics after them, in the same one host copy, stay float32 and decode as before."""
+    model, opt, x, y = make_model()
+    model.to(device)
+    x, y = x.to(device), y.to(device)
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
+    losses, grad_norms = [], []
+    with watch(model, opt, every=2, run_dir=tmp_path) as w:
+        for step in range(1, 5):
+            loss = train_step(model, opt, x, y)
+            losses.append(loss.item())
+            grad_norms.append(
+                float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+            )
+            tokens += 40_000_001
+            w.step(
+                loss=loss,
+                tokens_seen=tokens,
+                precise=torch.tensor(1 + 1e-9 * step, dtype=torch.float64, device=device),
+                count32=torch.tensor(2**24 + step, dtype=torch.int32),
+            )
+    got = rows(frames(tmp_path))
+    assert [r["values"]["tokens_seen"] for r in got] == [40_000_001 * s for s in range(1, 5)]
+    assert [r["values"]["precise"] for r in got] == [1 + 1e-9 * s for s in range(1, 5)]
+    assert [r["values"]["count32"] for r in got] == [2**24 + s for s in range(1, 5)]
+    assert [r["values"]["loss"] for r in got] == losses  # a float32 loss: as it was
+    assert [r["values"].get("grad_norm") for r in got] == [
+        pytest.approx(g, rel=1e-5) if s in (1, 2, 4) else None
+        for s, g in zip(range(1, 5), grad_norms, strict=True)
+    ]
+    probes = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    assert [p["step"] for p in probes] == [1, 2, 4]
+    weight = float(model[2].weight.detach().norm())  # after the last step; probe: before it
+    layer2 = next(e for e in probes[-1]["layers"] if e["name"] == "2")
+    assert layer2["weight_norm"] == pytest.approx(weight, rel=0.05)
+    assert 0 < layer2["update_ratio"] < 1
+
+
 class NoHostReads(TorchFunctionMode):
     """Fails on any read of a tensor's value on the host (a device sync on CUDA)."""
 

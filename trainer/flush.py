@@ -26,6 +26,7 @@ class Row:
     time_s: float
     values: dict[str, float | None]
     on_device: list[tuple[str, int]] = field(default_factory=list)  # (series, index in flat)
+    evaluation: bool = False  # written by w.eval(), not w.step(): not the progress line's
 
 
 class Flush:
@@ -74,6 +75,7 @@ class Flush:
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
             decoded = (probe_step, layers, dict(run_values))
         rows: list[dict[str, Any]] = []
+        latest: dict[str, Any] | None = None  # the last w.step() row, loss or not
         for row in self.rows:
             values = dict(row.values)
             for name, index in row.on_device:
@@ -83,6 +85,8 @@ class Flush:
                     values.setdefault(name, value)
                 run_values = {}
             rows.append({"step": row.step, "time_s": row.time_s, "values": values})
+            if not row.evaluation:
+                latest = rows[-1]
         frames: list[dict[str, Any]] = []
         if rows:
             frames.append({"type": "metrics", "rows": rows})
@@ -92,9 +96,8 @@ class Flush:
             # Raw floats: wire.encode turns NaN into null later, after the rules saw it.
             frames += self.alerts.evaluate(rows, decoded, self.snapshot)
         self.snapshot = None
-        trained = [row for row in rows if "loss" in row["values"]]
-        if self.progress is not None and trained:
-            self.progress(trained[-1])
+        if self.progress is not None and latest is not None:
+            self.progress(latest)
         return frames
 
 

@@ -283,7 +283,12 @@ class Watch:
             raise RuntimeError("this watch is closed; eval() after close() records nothing")
         if not scalars:
             return
-        row = Row(step=self.step_count, time_s=time.perf_counter() - self._t0, values={})
+        row = Row(
+            step=self.step_count,
+            time_s=time.perf_counter() - self._t0,
+            values={},
+            evaluation=True,
+        )
         self._put_all(row, scalars)
         self._rows.append(row)
         self._flush()

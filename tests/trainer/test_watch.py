@@ -112,6 +112,22 @@ def test_metrics_every_step_and_probes_every_n(
     assert "[layerscope] step" in capsys.readouterr().err
 
 
+def test_the_progress_line_follows_steps_without_a_loss(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """progress=True drew only rows with a loss: a loop calling w.step() without one
+    showed 'step 0' for the whole run. The latest step's row is drawn, loss or not; a
+    validation row from w.eval() is not a step, so the line keeps the step's lr."""
+    model, opt, x, y = make_model()
+    with watch(model, opt, every=2, run_dir=tmp_path, progress=True) as w:
+        for _ in range(5):
+            train_step(model, opt, x, y)
+            w.step()
+        w.eval(val_loss=0.5)
+    draws = [d.strip() for d in capsys.readouterr().err.split("\r") if d.strip()]
+    assert draws[-1] == "[layerscope] step 5  lr 0.1  running"
+
+
 def test_close_leaves_no_hooks(tmp_path: Path) -> None:
     model, opt, x, y = make_model()
     with watch(model, opt, every=1, run_dir=tmp_path) as w:

@@ -1,10 +1,13 @@
 """schema — the SQLite layout of layerscope.db and how a connection to it is opened.
 
-Owns: the DDL, the schema version check, and the pragmas every connection uses
-(WAL, foreign keys off, busy timeout). Store is the only caller.
+Owns: the DDL, the schema version check, the forward migrations from each older
+version (``MIGRATIONS``), and the pragmas every connection uses (WAL, foreign keys
+off, busy timeout). Store is the only caller (its writer process runs ``open_schema``).
 
-Never: reads or writes rows; never migrates a database silently (a version it does
-not know is refused with a message naming both versions).
+Never: reads or writes rows; never migrates a database silently (an older one is first
+copied to ``<name>.bak-v<old>`` and the upgrade is reported for the log; the upgrade
+is one transaction, so a failed one leaves the database as it was); never opens a
+version newer than it knows (refused with a message naming both versions).
 
 Layout: runs carry an integer key ``rk`` so the big tables (scalars, probes) do not
 repeat a text run id per row; series and layers get integer ids the same way.
@@ -19,6 +22,11 @@ from layerscope.trainer import wire
 
 SCHEMA_VERSION = 2  # 2: probes.unit_spread
 DB_NAME = "layerscope.db"
+# MIGRATIONS[v]: the statements that take a version-v database to version v + 1. Each
+# only adds (a nullable column, a table, an index), so rows stored before read as they did.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ('ALTER TABLE probes ADD COLUMN "unit_spread" REAL',),
+}
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -169,14 +177,87 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
-def create_or_check(conn: sqlite3.Connection) -> None:
-    """Create the tables on a new database; refuse a database of another version."""
-    conn.executescript(DDL)
-    rows = conn.execute("SELECT version FROM schema_version").fetchall()
-    if not rows:
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif rows[0][0] != SCHEMA_VERSION:
+def stored_version(conn: sqlite3.Connection) -> int | None:
+    """The database's schema version; None for a new (empty) database."""
+    known = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if known is None:
+        return None
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return None if row is None else int(row[0])
+
+
+def open_schema(conn: sqlite3.Connection, path: Path) -> str | None:
+    """Create the tables on a new database, check an existing one's version and upgrade an
+    older one in place. Returns what was done worth a line in the server's log (an
+    upgrade: the version it was, where the copy is) or None; SchemaError for a database
+    this layerscope cannot use (newer, unknown, or an upgrade that failed)."""
+    version = stored_version(conn)
+    note = None
+    if version is None:
+        conn.executescript(DDL)
+        if stored_version(conn) is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        return None
+    if version > SCHEMA_VERSION:
         raise SchemaError(
-            f"database schema version {rows[0][0]} is not supported by this layerscope "
-            f"(it uses version {SCHEMA_VERSION}); use a new --data-dir or a matching layerscope"
+            f"database schema version {version} was written by a newer layerscope (this one "
+            f"knows versions up to {SCHEMA_VERSION}); use that layerscope or a new --data-dir"
         )
+    if version < SCHEMA_VERSION:
+        if any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+            raise SchemaError(
+                f"database schema version {version} is not supported by this layerscope "
+                f"(it uses version {SCHEMA_VERSION} and cannot upgrade from {version}); "
+                "use a new --data-dir or a matching layerscope"
+            )
+        copy = backup(conn, path, version)
+        migrate(conn, version, copy)
+        note = (
+            f"upgraded the database {path} from schema version {version} to {SCHEMA_VERSION};"
+            f" the version-{version} database was first copied to {copy}"
+        )
+    conn.executescript(DDL)  # what this version has that a migration does not add (none yet)
+    return note
+
+
+def backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
+    """A complete copy of the database (what its WAL holds too) beside it, named
+    ``<name>.bak-v<version>`` (``-2``, ``-3``, ... when that name is taken: an earlier
+    copy is never overwritten)."""
+    target = path.with_name(f"{path.name}.bak-v{version}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.bak-v{version}-{n}")
+    try:
+        dest = sqlite3.connect(target)
+        try:
+            conn.backup(dest)
+        finally:
+            dest.close()
+    except (sqlite3.Error, OSError) as exc:
+        target.unlink(missing_ok=True)
+        raise SchemaError(
+            f"database schema version {version} needs an upgrade to {SCHEMA_VERSION}, but it "
+            f"could not be copied to {target} first ({exc}); nothing was changed"
+        ) from None
+    return target
+
+
+def migrate(conn: sqlite3.Connection, version: int, copy: Path) -> None:
+    """Every step from ``version`` to SCHEMA_VERSION in one transaction: all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for v in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[v]:
+                conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.execute("ROLLBACK")
+        raise SchemaError(
+            f"upgrading the database from schema version {version} to {SCHEMA_VERSION} "
+            f"failed ({exc}); it is unchanged (a copy is at {copy})"
+        ) from None

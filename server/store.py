@@ -54,8 +54,8 @@ class Store:
     # ---- lifecycle ----
 
     async def open(self) -> None:
-        """Create data_dir and start the writer process (which creates the schema or
-        checks its version: SchemaError when it is another's)."""
+        """Create data_dir and start the writer process (which creates the schema, upgrades
+        an older one after copying it, or refuses a newer one: SchemaError)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._writes.open()
 

@@ -5,8 +5,9 @@ Owns: the one writer connection, the group commit (operations arriving within
 once), a savepoint per operation, and reporting each operation's result only after the
 commit that holds it. Store (store.py) starts it with ``python -m`` and speaks to it
 over two pipes: pickled ``("op", id, name, args, urgent)`` / ``("stop",)`` in, and
-``("ready",)`` or ``("failed", kind, message)`` once, then ``("done", commits,
-[(id, result, error)])`` per commit and ``("stopped",)`` out.
+``("ready", note)`` (note: a schema upgrade for the log, or None) or ``("failed", kind,
+message)`` once, then ``("done", commits, [(id, result, error)])`` per commit and
+``("stopped",)`` out.
 
 Why a process: the server's event loop (socket, JSON decode, validation, fan-out) and
 the writer (rows, SQL) shared one GIL, which capped ingest near 400 probe frames/s on
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.server.checks import RunNotFound, StoreError, json_value
-from layerscope.server.schema import SchemaError, connect, create_or_check
+from layerscope.server.schema import SchemaError, connect, open_schema
 from layerscope.server.writes import Writer
 
 # Container allocations between young collections (CPython's default is 700), here and
@@ -174,7 +175,7 @@ def serve(path: Path, interval: float, ops: Connection, out: Connection) -> None
     try:
         conn = connect(path, readonly=False)
         try:
-            create_or_check(conn)
+            note = open_schema(conn, path)
         except BaseException:
             conn.close()
             raise
@@ -184,7 +185,7 @@ def serve(path: Path, interval: float, ops: Connection, out: Connection) -> None
     except Exception as exc:
         out.send(("failed", "store", f"could not open {path}: {type(exc).__name__}: {exc}"))
         return
-    out.send(("ready",))
+    out.send(("ready", note))
     try:
         _Batcher(Writer(conn), ops, out, interval).run()
     finally:

@@ -106,6 +106,8 @@ class _WriterProcess:
             from_child.close()
             self.proc.wait()
             raise SchemaError(first[2]) if first[1] == "schema" else StoreError(first[2])
+        if first[1] is not None:  # it upgraded the database's schema: the log says so
+            log.warning("layerscope: %s", first[1])
         self.started = time.monotonic()
         return to_child, from_child
 
@@ -149,8 +151,8 @@ class WriterLink:
         return writer.proc.pid if writer is not None and writer.proc is not None else None
 
     async def open(self) -> None:
-        """Start the writer process (which creates the schema or checks its version:
-        SchemaError when it is another's)."""
+        """Start the writer process (which creates the schema, upgrades an older one after
+        copying it, or refuses a newer one: SchemaError)."""
         writer = _WriterProcess()
         await asyncio.to_thread(self._start, writer)
         self._writer = writer

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import sqlite3
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 from layerscope.server.downsample import choose_level
-from layerscope.server.schema import DB_NAME, SchemaError
+from layerscope.server.schema import DB_NAME, SCHEMA_VERSION, SchemaError
 from layerscope.server.store import RunNotFound, Store, StoreError
 from layerscope.trainer import wire
 
@@ -300,14 +302,106 @@ async def test_reopen_keeps_everything(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+async def test_database_of_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
     store = Store(tmp_path / "data")
     await store.open()
     await store.close()
     with fresh(tmp_path) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(SchemaError, match="version 99"):
+    with pytest.raises(SchemaError, match="version 99 was written by a newer layerscope"):
         await Store(tmp_path / "data").open()
+    with closing(fresh(tmp_path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(99,)]
+    assert not list((tmp_path / "data").glob("*.bak-v*"))
+
+
+# The columns each schema version added since version 1, oldest first: dropping them and
+# setting the version back gives the layout that version's layerscope wrote.
+ADDED_SINCE_V1 = [("probes", "unit_spread")]
+
+
+def as_version_1(db: Path, keep: int = 0) -> None:
+    """Turn a database this version wrote into a version-1 one (``keep``: leave the newest
+    ``keep`` added columns in place, a database whose upgrade will fail at that step)."""
+    with closing(sqlite3.connect(db)) as conn:
+        for table, column in ADDED_SINCE_V1[: len(ADDED_SINCE_V1) - keep]:
+            conn.execute(f'ALTER TABLE {table} DROP COLUMN "{column}"')
+        conn.execute("UPDATE schema_version SET version = 1")
+        conn.commit()
+
+
+def layout(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's columns (name, type, not null, default, primary key), in order."""
+    with closing(sqlite3.connect(db)) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: [r[1:] for r in conn.execute(f"PRAGMA table_info({t})")] for t in sorted(tables)}
+
+
+async def test_a_database_of_an_older_schema_is_copied_then_upgraded_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data dir of the release before unit_spread (schema 1) opens: the database is
+    copied to layerscope.db.bak-v1 (the log says so), then upgraded; what it held reads as
+    before and new frames store every field."""
+    first = Store(tmp_path / "data", commit_interval_s=0.005)
+    await first.open()
+    await first.hello(hello())
+    await first.append("r1", [metrics(1, [(0, {"loss": 2.0}), (1, {"loss": 1.0})]), probe(2, 1)])
+    await first.close()
+    db = tmp_path / "data" / DB_NAME
+    as_version_1(db)
+    new_layout = tmp_path / "new"
+    made = Store(new_layout)
+    await made.open()
+    await made.close()
+
+    with caplog.at_level(logging.WARNING):
+        second = Store(tmp_path / "data", commit_interval_s=0.005)
+        await second.open()
+    try:
+        copy = db.with_name(f"{DB_NAME}.bak-v1")
+        assert f"from schema version 1 to {SCHEMA_VERSION}" in caplog.text
+        assert f"first copied to {copy}" in caplog.text
+        with closing(sqlite3.connect(copy)) as conn:  # the database as it was
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert conn.execute("SELECT COUNT(*) FROM frames").fetchone() == (2,)
+            assert "unit_spread" not in [r[1] for r in conn.execute("PRAGMA table_info(probes)")]
+        assert layout(db) == layout(new_layout / DB_NAME)
+        assert second.acked_seq("r1") == 2
+        assert second.series("r1", ["loss"])["loss"] == {"steps": [0, 1], "values": [2.0, 1.0]}
+        spread = wire.validate_probe(
+            {"seq": 3, "step": 2, "layers": [{"name": "fc1", "mean": 0.5, "unit_spread": 0.25}]}
+        )
+        assert await second.append("r1", [spread]) == 3
+        got = second.probe_series("r1", "fc1", ["mean", "unit_spread"])
+        assert (got["steps"], got["mean"], got["unit_spread"]) == ([1, 2], [0.1, 0.5], [None, 0.25])
+    finally:
+        await second.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        third = Store(tmp_path / "data")
+        await third.open()  # already current: nothing to copy or upgrade
+        await third.close()
+    assert "upgraded" not in caplog.text
+    assert sorted(p.name for p in db.parent.glob("*.bak-*")) == [copy.name]
+
+
+async def test_an_upgrade_that_fails_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    """The upgrade is one transaction: a step that fails undoes the steps before it, and
+    the server refuses to start, naming the error and the copy."""
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.hello(hello())
+    await store.close()
+    db = tmp_path / "data" / DB_NAME
+    as_version_1(db, keep=1)  # says version 1 but holds the last step's column already
+    before = layout(db)
+    with pytest.raises(SchemaError, match=r"failed \(duplicate column name.*it is unchanged"):
+        await Store(tmp_path / "data").open()
+    assert layout(db) == before
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT id FROM runs").fetchall() == [("r1",)]
 
 
 async def test_long_series_is_downsampled_keeping_spike_first_and_last(store: Store) -> None:

@@ -134,6 +134,7 @@ class Link:
         self._sent = 0
         self._failures = 0
         self._outage_warned = False
+        self._refusal: str | None = None  # the server's reason when it refused the hello
         self._spool_warned = False
         self._submit_warned = False
         self._pending: OrderedDict[int, str] = OrderedDict()
@@ -357,7 +358,18 @@ class Link:
             if self._stopping.is_set():
                 return
             self._failures += 1
-            if not self._outage_warned:
+            if isinstance(refused := self._refusal, str):
+                if not self._outage_warned:
+                    self._outage_warned = True
+                    log.warning(
+                        "layerscope: %s refused run %s: %s. Training continues and the whole "
+                        "run stays in %s; retrying in the background",
+                        self.url,
+                        self.hello["run_id"],
+                        refused,
+                        self.spool.path,
+                    )
+            elif not self._outage_warned:
                 self._outage_warned = True
                 log.warning(
                     "layerscope: no connection to %s (%s); training continues, frames are "
@@ -380,7 +392,9 @@ class Link:
         await ws.send(encode(hello))
         welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
         if welcome["type"] == "error":
+            self._refusal = str(welcome.get("message"))
             raise LinkError(f"server refused the run: {welcome.get('message')}")
+        self._refusal = None
         if welcome["type"] != "welcome":
             raise LinkError(f"expected welcome, got {welcome['type']!r}")
         acked = welcome.get("acked_seq", 0)

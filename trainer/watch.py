@@ -163,6 +163,9 @@ class Watch:
                 "last_cmd_seq": 0,
                 "device": _describe_device(self._device),
                 "world_size": self.dist.world_size,  # the run's ranks, on its page
+                # this process's own id: a server holding the run id from another process
+                # refuses the hello instead of merging two trainings into one run
+                "instance": uuid.uuid4().hex,
             }
             try:
                 wire.validate_hello(hello)

@@ -169,6 +169,50 @@ def test_bad_token_is_refused_without_raising(tmp_path: Path) -> None:
         guarded.close()
 
 
+def test_a_refused_run_says_why_once_and_keeps_the_run_in_its_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server refusing the hello (its run id holds another process's run) is not an
+    outage: the warning names the server's reason, and the spool keeps everything."""
+    reason = "run id r1 already holds a run recorded by another trainer process"
+    refusing = TrainerServer(refuse=reason).start()
+    try:
+        link = Link(make_hello(), spool_path=tmp_path / "a.bin", server=refusing.url)
+        link.start()
+        for seq in (1, 2):
+            link.submit(metrics(seq))
+        wait_until(lambda: link._failures >= 2)
+        link.close()
+    finally:
+        refusing.close()
+    warned = [r.getMessage() for r in caplog.records if "refused run r1" in r.getMessage()]
+    assert len(warned) == 1 and reason in warned[0], caplog.text
+    assert "no connection" not in caplog.text
+    assert len(list(read_spool(tmp_path / "a.bin"))) == 3  # the hello and both frames
+
+
+def test_watch_hellos_carry_a_fresh_instance_per_watch(tmp_path: Path) -> None:
+    """The hello names the process's own instance (one per watch(), kept across its
+    reconnects and in its spool), so a server can tell a rerun under the same run id
+    from a reconnect."""
+    from layerscope.trainer.watch import watch
+    from torch import nn
+
+    model = nn.Linear(2, 2)
+    server = TrainerServer().start()
+    try:
+        instances = []
+        for i in range(2):
+            with watch(model, server=server.url, run_id="same", run_dir=tmp_path / str(i)) as w:
+                wait_until(lambda: w.link is not None and w.link.connected)
+            instances.append(server.hellos[-1]["instance"])
+            first = json.loads(next(iter(read_spool(tmp_path / str(i) / "spool.bin"))))
+            assert first["instance"] == instances[-1]
+        assert instances[0] != instances[1] and all(len(x) == 32 for x in instances)
+    finally:
+        server.close()
+
+
 def test_watch_applies_server_commands_and_heartbeats_while_paused(
     server: TrainerServer, tmp_path: Path
 ) -> None:

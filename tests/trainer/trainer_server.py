@@ -22,9 +22,15 @@ class TrainerServer:
     """A stand-in for /ws/trainer: dedupes by seq, acks contiguous seqs, relays commands."""
 
     def __init__(
-        self, *, ack: bool = True, token: str | None = None, ack_delay_s: float = 0.0
+        self,
+        *,
+        ack: bool = True,
+        token: str | None = None,
+        ack_delay_s: float = 0.0,
+        refuse: str | None = None,
     ) -> None:
         self.ack = ack
+        self.refuse = refuse  # answer every hello with this error, as a server refusing the run
         self.ack_delay_s = ack_delay_s  # a slow server: each ack waits this long
         self.token = token
         self.frames: dict[int, dict[str, Any]] = {}
@@ -65,8 +71,13 @@ class TrainerServer:
             if auth != f"Bearer {self.token}":
                 await ws.close(wire.CLOSE_POLICY, "bad token")
                 return
-        hello = wire.validate_hello(wire.decode(await ws.recv()))
+        hello = wire.decode(await ws.recv())
         self.hellos.append(hello)
+        hello = wire.validate_hello(hello)
+        if self.refuse is not None:
+            await ws.send(json.dumps({"type": "error", "message": self.refuse}))
+            await ws.close(wire.CLOSE_POLICY, "refused")
+            return
         await ws.send(
             json.dumps(
                 {

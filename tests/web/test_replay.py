@@ -131,6 +131,18 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
         "message": "layer2: 80% of units saturated",
         "value": 0.8,
         "threshold": 0.5,
+        # an alert whose rule acts carries its action as the trainer sends it
+        "action": {
+            "name": "set_lr_scale",
+            "args": {"value": 0.5},
+            "source": "rule",
+            "reason": "saturation",
+        },
+    }
+    nan = {
+        "rule": "NonFinite",
+        "message": "loss is nan",
+        "action": {"name": "pause", "args": {}, "source": "rule", "reason": "loss is nan"},
     }
     halve = {
         "id": "rule-1",
@@ -157,7 +169,12 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
         layers=3,
         every=20,
         config={"overfit": 100},
-        events=[(120, "alert", alert), (250, "command_result", halve), (299, "sanity", sanity)],
+        events=[
+            (120, "alert", alert),
+            (250, "command_result", halve),
+            (260, "alert", nan),
+            (299, "sanity", sanity),
+        ],
     )
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
@@ -165,9 +182,15 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             open_ready(page, f"{server.url}/runs/ruled")
             expect(page.locator("#sanity")).to_have_text("sanity FAIL")
             alerts = page.locator("#alerts li.alert")
-            expect(alerts).to_have_count(1)
-            expect(alerts).to_contain_text("Saturation [layer2] layer2: 80% of units saturated")
-            expect(alerts).to_contain_text("step 120")
+            expect(alerts).to_have_count(2)
+            # an action in words, not "→ [object Object]" (review F's nan2.py)
+            expect(alerts.nth(1)).to_contain_text(
+                "Saturation [layer2] layer2: 80% of units saturated → set_lr_scale ×0.5"
+            )
+            expect(alerts.nth(1)).to_contain_text("step 120")
+            expect(alerts.nth(0)).to_contain_text("NonFinite loss is nan → pause")
+            expect(page.locator("#events")).to_contain_text("loss is nan → pause")
+            expect(page.locator("#events")).not_to_contain_text("[object Object]")
             rule_line = page.locator("#events li.rule")
             expect(rule_line).to_contain_text("rule: validation loss plateau")
             markers = page.evaluate(

@@ -23,6 +23,13 @@ function argsText(name, args, state) {
   return "";
 }
 
+/** An alert's action ({name, args, source, reason}, or an older plain name) in words: "pause", "set_lr_scale ×0.5". */
+export function actionText(action) {
+  if (!action) return "";
+  if (typeof action !== "object") return String(action);
+  return `${action.name || "?"} ${argsText(action.name, action.args)}`.trim();
+}
+
 export function describeEvent(ev) {
   const d = ev.data || {};
   switch (ev.kind) {
@@ -36,7 +43,7 @@ export function describeEvent(ev) {
       const who = [d.source, d.origin].filter(Boolean).join(", ");
       return `${d.name} ${argsText(d.name, d.args)} sent${who ? ` by ${who}` : ""}${d.reason ? `: ${d.reason}` : ""}`;
     }
-    case "alert": return `${d.rule ? `${d.rule} ` : ""}${d.layer ? `[${d.layer}] ` : ""}${d.message || JSON.stringify(d)}${d.action ? ` → ${d.action}` : ""}`;
+    case "alert": return `${d.rule ? `${d.rule} ` : ""}${d.layer ? `[${d.layer}] ` : ""}${d.message || JSON.stringify(d)}${d.action ? ` → ${actionText(d.action)}` : ""}`;
     case "sanity": return d.message || (d.passed ? "sanity check PASS" : "sanity check FAIL");
     case "checkpoint": return `checkpoint ${d.path || ""}`.trim();
     default: return d.message || JSON.stringify(d);

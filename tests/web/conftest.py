@@ -129,13 +129,19 @@ def write_recorded_run(
     config: dict[str, Any] | None = None,
     events: Sequence[tuple[int, str, dict[str, Any]]] = (),
     layer_names: Sequence[str] | None = None,
+    layer_stats: dict[str, dict[str, Any]] | None = None,
+    layer_kinds: Sequence[str] | None = None,
 ) -> None:
     """A finished run written straight through the real Store (no trainer), frames validated
     by wire exactly as ingest would: loss every step, a probe frame every `every` steps, then
     each of `events` (step, kind, data) as the trainer would send it. Layers are named
-    `layer0`, `layer1`, ... unless `layer_names` (one per layer) says otherwise."""
+    `layer0`, `layer1`, ... unless `layer_names` (one per layer) says otherwise, all of kind
+    ReLU unless `layer_kinds` does; `layer_stats` overrides a layer's probe statistics at every
+    probe step (layer name -> {stat: value}, None for a statistic the layer lacks)."""
     names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(layers)]
     assert len(names) == layers
+    kinds = list(layer_kinds) if layer_kinds is not None else ["ReLU"] * layers
+    assert len(kinds) == layers
 
     def frames() -> Iterator[dict[str, Any]]:
         seq = 0
@@ -161,6 +167,7 @@ def write_recorded_run(
                         "hi": 1.0,
                         "counts": [(b * (i + 1) + step) % 7 for b in range(16)],
                     },
+                    **(layer_stats or {}).get(names[i], {}),
                 }
                 for i in range(layers)
             ]
@@ -189,7 +196,10 @@ def write_recorded_run(
                 "run_id": run_id,
                 "name": run_id,
                 "config": config or {"source": "recorded"},
-                "layers": [{"name": name, "kind": "ReLU", "units": 8} for name in names],
+                "layers": [
+                    {"name": name, "kind": kind, "units": 8}
+                    for name, kind in zip(names, kinds, strict=True)
+                ],
             }
             await store.hello(wire.validate_hello(hello))
             await store.append(run_id, list(frames()))

@@ -73,7 +73,8 @@ def test_deep_link_and_scrubbing_show_the_histograms_stored_for_that_step(
     expect(page.locator("#multiples-step")).to_have_text(str(step))
     assert shown_histograms(page) == stored
     page.wait_for_function("new URLSearchParams(location.search).get('step') === '121'")
-    for chart in ("chart-loss", "chart-lr", "chart-dead", "chart-sat", "chart-hist", "chart-grad"):
+    # (a tanh net: the dead heatmap shows its no-dead-region message, with no cursor)
+    for chart in ("chart-loss", "chart-lr", "chart-sat", "chart-hist", "chart-grad"):
         page.wait_for_function(
             "id => (document.getElementById(id).layout.shapes || []).some(s => s.x0 === 121)",
             arg=chart,
@@ -287,9 +288,56 @@ def test_opening_a_run_paints_the_charts_in_the_window_first_each_once_with_its_
     for chart, points in draws:
         first.setdefault(chart, points)
     # No chart was drawn empty first and again once its history arrived.
-    assert first["chart-loss"][0] > 1 and first["chart-lr"][0] > 1 and first["chart-dead"][0] > 0
+    # (the run is a tanh net: its dead heatmap has no rows, its saturated one has the tanh's)
+    assert first["chart-loss"][0] > 1 and first["chart-lr"][0] > 1 and first["chart-sat"][0] > 0
     order = [chart for chart, _ in draws]
     below = [c for c in first if c not in painted]
     assert below and max(order.index(c) for c in painted if c in first) < min(
         order.index(c) for c in below
     )
+
+
+def heatmap_rows(page: Page, chart: str) -> list[str]:
+    """The layers a layers x steps heatmap draws as rows (none when it shows its message)."""
+    return list(page.evaluate("id => (document.getElementById(id).data[0] || {}).y || []", chart))
+
+
+def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_it(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A tanh net has no dead region: every layer's dead ratio is null, so the dead heatmap
+    says so in words instead of drawing a blank grid with no layer names (review F's
+    replay_hist_cursor.py); the saturated heatmap leaves out the Linear layers (all-null
+    rows) and draws the tanh ones."""
+    data_dir = tmp_path / "data"
+    names = ["0", "1", "2", "3"]
+    kinds = ["Linear", "Tanh", "Linear", "Tanh"]
+    no_dead = {"dead_ratio": None}
+    stats = {
+        "0": {**no_dead, "saturated_ratio": None},
+        "1": no_dead,
+        "2": {**no_dead, "saturated_ratio": None},
+        "3": no_dead,
+    }
+    write_recorded_run(
+        data_dir, "tanh", steps=100, layers=4, every=10,
+        layer_names=names, layer_kinds=kinds, layer_stats=stats,
+    )  # fmt: skip
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/tanh?step=50")
+            assert heatmap_rows(page, "chart-sat") == ["1", "3"]
+            assert heatmap_rows(page, "chart-dead") == []
+            expect(page.locator("#chart-dead")).to_contain_text(
+                "no layer of this run has a dead-unit ratio: tanh/sigmoid have no dead region"
+            )
+            scrub(page, 70)  # the cursor moves on the other charts; the message stays
+            page.wait_for_function(
+                "(document.getElementById('chart-sat').layout.shapes || []).some(s => s.x0 === 70)"
+            )
+            expect(page.locator("#chart-dead")).to_contain_text("no layer of this run has")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -19,9 +19,10 @@ const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "
 
 /** Layers × steps heatmap of one probe statistic in [0, 1]. */
 export class LayerHeatmap {
-  constructor(div, { title = "", zmax = 1 } = {}) {
+  constructor(div, { title = "", zmax = 1, empty = "" } = {}) {
     this.div = div;
     this.title = title;
+    this.empty = empty || `no layer of this run has a ${title}`;
     this.zmax = zmax;
     this.layers = [];
     this.steps = [];
@@ -86,11 +87,27 @@ export class LayerHeatmap {
     const P = Plotly();
     if (!P) return Promise.resolve();
     const shapes = stepShapes(this.cursor, this.markers);
-    if (!this.dataDirty && this.div.data) return P.relayout(this.div, { shapes });
+    if (!this.dataDirty && this.div.data) {
+      return this.div.dataset.empty ? Promise.resolve() : P.relayout(this.div, { shapes });
+    }
     this.dataDirty = false;
     this.drawnAt = performance.now();
+    // A layer without this statistic (a tanh net's dead ratio, a Linear's saturation) is
+    // an all-null row: left out, so the rows drawn are the layers that have it.
+    const kept = this.layers.map((_, i) => i).filter((i) => this.z[i].some((v) => v !== null && v !== undefined));
+    this.div.dataset.rows = JSON.stringify(kept.map((i) => this.layers[i]));
+    if (!kept.length && this.steps.length) {
+      this.div.dataset.empty = "1";
+      const hidden = { visible: false };
+      return P.react(this.div, [], baseLayout({
+        showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [],
+        annotations: [{ text: this.empty, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
+          showarrow: false, font: { color: "#9aa4b2", size: 12 } }],
+      }), PLOT_CONFIG);
+    }
+    delete this.div.dataset.empty;
     const data = [{
-      type: "heatmap", x: this.steps.slice(), y: this.layers.slice(), z: this.z.map((r) => r.slice()),
+      type: "heatmap", x: this.steps.slice(), y: kept.map((i) => this.layers[i]), z: kept.map((i) => this.z[i].slice()),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 1,
       colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
       hovertemplate: "%{y}<br>step %{x}<br>" + this.title + " %{z:.3f}<extra></extra>",

@@ -110,3 +110,44 @@ def test_a_server_restart_leaves_no_gap_in_the_curves(
     finally:
         for _ in second:
             pass
+
+
+def test_a_trainer_gone_while_the_server_restarted_is_shown_gone_once_the_socket_is_back(
+    page: Page, guard: PageGuard, tmp_path: Path, trainer_config: Path, trainer: list[Any]
+) -> None:
+    """The trainer dies while the server is down: the reopened socket's catch-up carries
+    no trainer state, so the page asks for the run's detail and says 'no trainer' with the
+    controls off at once, not 'trainer connected' until the server gives the run up
+    (review F's restart3.py; the second server's grace is long, so only the page's own
+    refresh can tell)."""
+    guard.expect_refused_websocket()
+    data_dir = tmp_path / "data"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = serve(server_settings(data_dir))
+    server = next(first)
+    port = server.settings.port
+    trainer.append(start_trainer(server, trainer_config, run_dir))
+    server.wait_step("restart", 5, 120)
+    open_ready(page, f"{server.url}/runs/restart")
+    expect(page.locator("#trainer")).to_have_text("trainer connected")
+    pause = page.locator("button[data-cmd='pause-toggle']")
+    expect(pause).to_be_enabled()
+
+    for _ in first:
+        pass
+    expect(page.locator("#banner")).to_contain_text("Connection to the server lost", timeout=15_000)
+    trainer[0].kill()
+    trainer[0].wait(10)
+
+    second = serve(server_settings(data_dir, port=port, reconnect_grace_s=120.0))
+    server = next(second)
+    try:
+        page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
+        assert not server.run("restart")["trainer_connected"]
+        expect(page.locator("#trainer")).to_have_text("no trainer", timeout=5_000)
+        expect(pause).to_be_disabled()
+        expect(page.locator("#control-reason")).to_contain_text("No trainer is connected")
+    finally:
+        for _ in second:
+            pass

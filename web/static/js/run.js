@@ -41,7 +41,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
-  refreshingLayers: false, detail: null,
+  refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0,
 };
 
 const charts = {
@@ -272,7 +272,7 @@ function apply(frame) {
     case "metrics": return applyMetrics(frame);
     case "probe": return applyProbe(frame);
     case "event": return applyEvent(frame);
-    case "status": return setStatus(frame.status, frame.trainer_connected);
+    case "status": page.statusFrames++; return setStatus(frame.status, frame.trainer_connected);
     case "heartbeat": setStep(frame.step); return setStatus(frame.status);
     case "command_result": controls.serverResult(frame); return rules.serverResult(frame);
     case "error": return toast(`Server: ${frame.message}`, "error");
@@ -338,9 +338,26 @@ function applyEvent(frame) {
   }
 }
 
+/**
+ * After a reconnect the socket's catch-up (?after_seq) carries frames, not the trainer's
+ * state: the server may have restarted without it. The run's detail says whether a
+ * trainer is connected now; a live status frame that came while it was asked for is newer.
+ */
+async function refreshRunState() {
+  const seen = page.statusFrames;
+  const d = await getJSON(runUrl(runId));
+  if (page.statusFrames !== seen) return;
+  if (d.control) controls.setState(d.control);
+  setStatus(d.status, d.trainer_connected);
+}
+
 function onConnection(state, detail) {
   if (state === "lost") socketSettled();
   if (state === "lost") controls.socketLost();
+  if (state === "open" && !page.socketOpen && page.wasOpen) {
+    refreshRunState().catch((e) => toast(`Could not refresh the run's state: ${e.message}`, "error"));
+  }
+  if (state === "open") page.wasOpen = true;
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);

@@ -1,6 +1,6 @@
 """checks — what the store refuses and how it says so.
 
-Owns: StoreError and RunNotFound (the two exceptions Store raises), the field checks
+Owns: StoreError, RunIdTaken and RunNotFound (the exceptions Store raises), the field checks
 every write runs (a finite number or null, a step), strict JSON for stored text (and
 its fast bytes form, with reading it back), and
 the tag of a frame body stored as its wire text (by earlier versions).
@@ -25,6 +25,17 @@ WIRE_BODY = b"W"
 
 class StoreError(ValueError):
     """A write the store refuses (bad frame, duplicate run, bad status); nothing of it is kept."""
+
+
+class RunIdTaken(StoreError):
+    """A hello from another trainer process for a run id that already holds a run."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"run id {run_id} already holds a run recorded by another trainer process; choose"
+            " another run id (watch(run_id=...), --run-id) or delete that run"
+        )
+        self.run_id = run_id
 
 
 class RunNotFound(LookupError):

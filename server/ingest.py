@@ -1,7 +1,8 @@
 """ingest — the trainer socket ``/ws/trainer`` and run liveness (DESIGN §5, http_api.md).
 
 Owns: the hello/welcome handshake (with the resend of stored commands the
-trainer has not seen), validating every frame, batching frames into the store
+trainer has not seen; a hello from another trainer process under a stored run's id
+is refused), validating every frame, batching frames into the store
 while the socket keeps being read, acking the highest contiguous committed seq
 after each commit, handing new frames to the hub as they arrive, one trainer
 connection per run (a newer one replaces the older), and deciding that a run
@@ -23,6 +24,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
+from layerscope.server.checks import RunIdTaken
 from layerscope.server.commands import command_frame
 from layerscope.server.hub import Hub, close_reason
 from layerscope.server.settings import Settings
@@ -230,6 +232,14 @@ class Ingest:
         run_id = hello["run_id"]
         try:
             acked = await self.store.hello(hello)
+        except RunIdTaken as exc:
+            # Another process under a stored run's id: its frames would be spliced into
+            # that run (its seqs repeat the stored ones). Refused; nothing was stored.
+            log.warning("refused a trainer (%s): %s", client, exc)
+            with contextlib.suppress(Exception):
+                await ws.send_text(wire.encode({"type": "error", "message": str(exc)}))
+                await ws.close(wire.CLOSE_POLICY, close_reason(str(exc)))
+            return
         except Exception:
             log.exception("hello for run %s failed", run_id)
             await ws.close(CLOSE_SERVER_ERROR, "server could not record hello; reconnect")

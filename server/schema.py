@@ -20,12 +20,13 @@ from pathlib import Path
 
 from layerscope.trainer import wire
 
-SCHEMA_VERSION = 2  # 2: probes.unit_spread
+SCHEMA_VERSION = 3  # 2: probes.unit_spread; 3: runs.instance
 DB_NAME = "layerscope.db"
 # MIGRATIONS[v]: the statements that take a version-v database to version v + 1. Each
 # only adds (a nullable column, a table, an index), so rows stored before read as they did.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ('ALTER TABLE probes ADD COLUMN "unit_spread" REAL',),
+    2: ("ALTER TABLE runs ADD COLUMN instance TEXT",),
 }
 
 DDL = """
@@ -48,7 +49,10 @@ CREATE TABLE IF NOT EXISTS runs (
     acked_seq INTEGER NOT NULL DEFAULT 0,
     max_seq INTEGER NOT NULL DEFAULT 0,
     cmd_seq INTEGER NOT NULL DEFAULT 0,
-    last_values TEXT NOT NULL DEFAULT '{}'
+    last_values TEXT NOT NULL DEFAULT '{}',
+    -- The trainer process whose hello first carried an instance (wire.py): a hello for
+    -- this run from another process is refused.
+    instance TEXT
 );
 CREATE TABLE IF NOT EXISTS series (
     sid INTEGER PRIMARY KEY,

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from layerscope.server.checks import RunNotFound, StoreError, json_value
+from layerscope.server.checks import RunIdTaken, RunNotFound, StoreError, json_value
 from layerscope.server.schema import SchemaError, connect, open_schema
 from layerscope.server.writes import Writer
 
@@ -74,6 +74,8 @@ OPS: dict[str, Callable[..., Any]] = {
 def error_of(exc: BaseException, what: str = "write") -> tuple[str, str, str]:
     if isinstance(exc, RunNotFound):
         return ("not_found", str(exc), exc.run_id)
+    if isinstance(exc, RunIdTaken):
+        return ("run_id_taken", str(exc), exc.run_id)
     if isinstance(exc, StoreError):
         return ("store", str(exc), "")
     return ("store", f"{what} failed, nothing of it was stored: {type(exc).__name__}: {exc}", "")
@@ -84,6 +86,8 @@ def exception_of(error: tuple[str, str, str]) -> BaseException:
     kind, message, run_id = error
     if kind == "not_found":
         return RunNotFound(run_id)
+    if kind == "run_id_taken":
+        return RunIdTaken(run_id)
     return StoreError(message)
 
 

@@ -20,7 +20,7 @@ import time
 import zlib
 from typing import Any
 
-from layerscope.server.checks import RunNotFound, StoreError, dumps
+from layerscope.server.checks import RunIdTaken, RunNotFound, StoreError, dumps
 from layerscope.server.checks import step as check_step
 from layerscope.server.inserts import insert_many
 from layerscope.server.probe_rows import ProbeRows
@@ -151,30 +151,39 @@ class Writer:
         )
 
     def hello(self, hello: dict[str, Any]) -> int:
+        """Create or resume the run. A run keeps the first instance its hellos carry (the
+        trainer process's id): a hello carrying another is another process reusing the
+        run id, refused (RunIdTaken) rather than spliced into this run. A hello without
+        one (an older trainer or spool), or a run stored without one, is taken as before."""
         run_id = hello["run_id"]
+        instance = hello.get("instance")
         now = time.time()
         row = self.conn.execute(
-            "SELECT rk, status, acked_seq FROM runs WHERE id = ?", (run_id,)
+            "SELECT rk, status, acked_seq, instance FROM runs WHERE id = ?", (run_id,)
         ).fetchone()
+        name = hello.get("name") or run_id
         config = dumps(hello.get("config") or {})
         device = str(hello.get("device") or "")
         world_size = int(hello.get("world_size") or 1)
         if row is None:
             cur = self.conn.execute(
-                "INSERT INTO runs (id, name, config, status, device, world_size, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, hello.get("name") or run_id, config, device, world_size, now, now),
+                "INSERT INTO runs (id, name, config, status, device, world_size, created_at,"
+                " updated_at, instance) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run_id, name, config, device, world_size, now, now, instance),
             )
             rk, acked = int(cur.lastrowid or 0), 0
             self._rk[run_id] = rk
         else:
-            rk, status, acked = row
+            rk, status, acked, stored_instance = row
+            if None not in (instance, stored_instance) and instance != stored_instance:
+                raise RunIdTaken(run_id)
             new_status = status if status in _KEEP_STATUS_ON_HELLO else "running"
             reason_sql = "status_reason" if new_status == status else "NULL"
             self.conn.execute(
                 f"UPDATE runs SET name = ?, config = ?, status = ?, status_reason = {reason_sql},"
-                " device = ?, world_size = ?, updated_at = ? WHERE rk = ?",
-                (hello.get("name") or run_id, config, new_status, device, world_size, now, rk),
+                " device = ?, world_size = ?, updated_at = ?, instance = COALESCE(instance, ?)"
+                " WHERE rk = ?",
+                (name, config, new_status, device, world_size, now, instance, rk),
             )
         for i, layer in enumerate(hello.get("layers") or []):
             self.lid(rk, layer["name"], str(layer.get("kind") or "module"), layer.get("units"), i)

@@ -11,7 +11,13 @@ Frames (JSON text, snake_case, every one has ``type`` and ``v``):
 
 trainer -> server
   hello      {run_id, name, config, layers: [{name, kind, units}], last_acked_seq,
-              last_cmd_seq, device?, world_size?}
+              last_cmd_seq, device?, world_size?, instance?}
+             instance: the trainer process's own id (a short plain string, e.g. a uuid
+             hex; null or absent from older trainers and spools). The server keeps the
+             first one a run's hellos carry and refuses a hello for that run id with
+             another (an error frame, then close 1008): two processes that share a run
+             id are two runs, not one. The same process reconnecting, or ``layerscope
+             sync`` of its spool, sends the same instance.
   metrics    {seq, rows: [{step, time_s, values: {series: float|null}}]}
   probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
               dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import uuid
 from collections import deque
@@ -49,6 +56,8 @@ MAX_FRAME_BYTES = 2 * 1024 * 1024  # one websocket text frame
 MAX_BINS = 1024  # histogram bins per layer
 MAX_LAYERS = 2048  # layers per run / per probe frame
 MAX_NAME_LEN = 256  # layer, series and run names
+MAX_INSTANCE_LEN = 64  # a hello's instance: a uuid hex is 32
+_INSTANCE = re.compile(f"[A-Za-z0-9._-]{{1,{MAX_INSTANCE_LEN}}}")
 MAX_ROWS = 10_000  # metric rows per frame
 MAX_VALUES_PER_ROW = 256  # scalar series per metric row
 MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
@@ -303,7 +312,21 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
         "last_cmd_seq": _int(msg, "last_cmd_seq") if "last_cmd_seq" in msg else 0,
         "device": str(msg.get("device", ""))[:MAX_NAME_LEN],
         "world_size": _int(msg, "world_size", minimum=1) if "world_size" in msg else 1,
+        "instance": _instance(msg.get("instance")),
     }
+
+
+def _instance(value: Any) -> str | None:
+    """A hello's instance: None (absent or null), or 1-MAX_INSTANCE_LEN of ASCII letters,
+    digits, '-', '_' and '.'."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or _INSTANCE.fullmatch(value) is None:
+        raise WireError(
+            f"'instance' must be null or 1-{MAX_INSTANCE_LEN} ASCII letters, digits, '-', '_'"
+            f" or '.' (a uuid hex, say), got {value!r:.80}"
+        )
+    return value
 
 
 def validate_metrics(msg: dict[str, Any]) -> dict[str, Any]:

@@ -161,6 +161,27 @@ def strict_loads(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=reject)
 
 
+def hello_frame(
+    run_id: str,
+    last_acked_seq: int = 0,
+    last_cmd_seq: int = 0,
+    name: str | None = None,
+    layers: int = 3,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "type": "hello",
+        "v": 1,
+        "run_id": run_id,
+        "name": name or run_id,
+        "config": {"lr": 0.1},
+        "layers": [{"name": f"layer{i}", "kind": "Linear", "units": 8} for i in range(layers)],
+        "last_acked_seq": last_acked_seq,
+        "last_cmd_seq": last_cmd_seq,
+        **extra,
+    }
+
+
 # ---- clients ----
 
 
@@ -190,19 +211,11 @@ class FakeTrainer:
         headers: dict[str, str] | None = None,
         name: str | None = None,
         layers: int = 3,
+        **extra: Any,
     ) -> FakeTrainer:
+        """``extra``: more hello fields (``instance``, ``device``, ...)."""
         ws = await connect(server.ws("/ws/trainer"), additional_headers=headers, max_size=None)
-        hello = {
-            "type": "hello",
-            "v": 1,
-            "run_id": run_id,
-            "name": name or run_id,
-            "config": {"lr": 0.1},
-            "layers": [{"name": f"layer{i}", "kind": "Linear", "units": 8} for i in range(layers)],
-            "last_acked_seq": last_acked_seq,
-            "last_cmd_seq": last_cmd_seq,
-        }
-        await ws.send(json.dumps(hello))
+        await ws.send(json.dumps(hello_frame(run_id, last_acked_seq, last_cmd_seq, name, layers, **extra)))
         welcome = strict_loads(await asyncio.wait_for(ws.recv(), 10))
         assert welcome["type"] == "welcome", welcome
         return cls(ws, welcome)

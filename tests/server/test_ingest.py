@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from server_harness import (
     LiveServer,
     event_frame,
     exported,
+    hello_frame,
     make_settings,
     metrics_frame,
     open_viewer,
@@ -24,6 +27,7 @@ from server_harness import (
     run_detail,
     running_server,
     strict_loads,
+    wait_detached,
     wait_status,
 )
 from websockets.asyncio.client import connect
@@ -123,6 +127,52 @@ async def test_a_second_trainer_connection_replaces_the_first(shared_server: Liv
     await new.wait_acked(3)
     assert run_detail(shared_server, run_id)["trainer_connected"] is True
     await new.close()
+
+
+async def refused_hello(server: LiveServer, run_id: str, **extra: Any) -> tuple[dict[str, Any], int | None, str]:
+    """A hello the server answers with an error and a close: (the error, close code, reason)."""
+    async with connect(server.ws("/ws/trainer")) as ws:
+        await ws.send(json.dumps(hello_frame(run_id, **extra)))
+        error = strict_loads(await asyncio.wait_for(ws.recv(), 10))
+        await ws.wait_closed()
+    return error, ws.close_code, ws.close_reason or ""
+
+
+async def test_another_trainer_process_under_a_stored_run_id_is_refused(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A script run twice with one fixed run id (reviewer's /tmp/revE/t16_same_run_id.py):
+    the second process's hello is refused, naming the problem, before anything of it is
+    stored or it replaces the first's connection; the first process reconnecting (the same
+    instance) and a trainer that sends none (an older one) resume the run as before."""
+    first_id, second_id = uuid.uuid4().hex, uuid.uuid4().hex
+    first = await FakeTrainer.connect(shared_server, run_id, instance=first_id)
+    await stored_run(first, 5)
+    error, code, reason = await refused_hello(shared_server, run_id, instance=second_id)
+    taken = (
+        f"run id {run_id} already holds a run recorded by another trainer process; choose"
+        " another run id (watch(run_id=...), --run-id) or delete that run"
+    )
+    assert error == {"v": 1, "type": "error", "message": taken}
+    assert code == wire.CLOSE_POLICY and taken.startswith(reason) and len(reason) > 60
+    await first.send(metrics_frame(6, 6))  # the first process's connection goes on
+    await first.send(event_frame(7, 6, "status", status="finished"))
+    await first.wait_acked(7)
+    await first.close()
+    await wait_status(shared_server, run_id, "finished")
+    error, code, _ = await refused_hello(shared_server, run_id, instance=second_id, last_acked_seq=3)
+    assert error["message"] == taken and code == wire.CLOSE_POLICY
+    assert seqs_of(shared_server, run_id) == list(range(1, 8))
+    detail = run_detail(shared_server, run_id)
+    assert (detail["status"], detail["acked_seq"], detail["last_step"]) == ("finished", 7, 6)
+
+    again = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=7, instance=first_id)
+    assert (again.welcome["acked_seq"], again.welcome["status"]) == (7, "finished")
+    await again.close()
+    await wait_detached(shared_server, run_id)
+    older = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=7)
+    assert older.welcome["acked_seq"] == 7
+    await older.close()
 
 
 async def test_a_frame_before_hello_closes_with_1008(shared_server: LiveServer, run_id: str) -> None:

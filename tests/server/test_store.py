@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from layerscope.server.checks import RunIdTaken
 from layerscope.server.downsample import choose_level
 from layerscope.server.schema import DB_NAME, SCHEMA_VERSION, SchemaError
 from layerscope.server.store import RunNotFound, Store, StoreError
@@ -317,7 +318,7 @@ async def test_database_of_a_newer_schema_version_is_refused(tmp_path: Path) -> 
 
 # The columns each schema version added since version 1, oldest first: dropping them and
 # setting the version back gives the layout that version's layerscope wrote.
-ADDED_SINCE_V1 = [("probes", "unit_spread")]
+ADDED_SINCE_V1 = [("probes", "unit_spread"), ("runs", "instance")]
 
 
 def as_version_1(db: Path, keep: int = 0) -> None:
@@ -398,7 +399,8 @@ async def test_an_upgrade_that_fails_leaves_the_database_as_it_was(tmp_path: Pat
     before = layout(db)
     with pytest.raises(SchemaError, match=r"failed \(duplicate column name.*it is unchanged"):
         await Store(tmp_path / "data").open()
-    assert layout(db) == before
+    assert layout(db) == before  # the steps before the one that failed are undone too
+    assert "unit_spread" not in [column[0] for column in before["probes"]]
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
         assert conn.execute("SELECT id FROM runs").fetchall() == [("r1",)]
@@ -644,6 +646,32 @@ async def test_create_run_then_hello_and_the_run_list(store: Store) -> None:
     assert listed[0]["sparkline"] == [10.0 - s for s in range(10)]
     assert listed[1]["status"] == "running" and listed[1]["sparkline"] == []
     assert len(store.runs()[0]["sparkline"]) <= 50
+
+
+async def test_a_run_keeps_the_first_trainer_instance_and_refuses_another(
+    store: Store, tmp_path: Path
+) -> None:
+    """A hello's instance names the trainer process: another process under a stored run's
+    id is refused (RunIdTaken, nothing of its hello stored); the same one resumes; a hello
+    or a run without one (older trainers, spools and databases) is taken as before, and a
+    run gets the first instance a hello brings (a launched run's trainer, say)."""
+    await store.hello(hello("r1", instance="a1"))
+    await store.append("r1", [metrics(1, [(0, {"loss": 1.0})])])
+    with pytest.raises(RunIdTaken, match="run id r1 already holds a run recorded by another"):
+        await store.hello(hello("r1", instance="b2", name="second", config={"lr": 9.0}))
+    run = store.run("r1")
+    assert run is not None and (run["name"], run["config"]) == ("r1 name", {"lr": 0.1})
+    assert await store.hello(hello("r1", instance="a1")) == 1
+    assert await store.hello(hello("r1")) == 1  # an older trainer: no instance
+
+    await store.create_run("launched", "mlp", {"model": "mlp"}, launched=True)
+    assert await store.hello(hello("launched")) == 0  # no instance: adopts none
+    assert await store.hello(hello("launched", instance="c3")) == 0
+    with pytest.raises(RunIdTaken):
+        await store.hello(hello("launched", instance="d4"))
+    with closing(fresh(tmp_path)) as conn:
+        stored = dict(conn.execute("SELECT id, instance FROM runs").fetchall())
+    assert stored == {"r1": "a1", "launched": "c3"}
 
 
 async def test_bad_input_raises_clearly_and_loses_nothing(store: Store) -> None:

@@ -308,3 +308,17 @@ def test_the_frame_limit_counts_utf8_bytes() -> None:
     four = frame("\U0001f600" * (wire.MAX_FRAME_BYTES // 4 + 1))
     with pytest.raises(wire.WireError, match="exceeds"):
         wire.decode(four)
+
+
+def test_a_hello_may_name_its_trainer_process_with_a_short_plain_instance() -> None:
+    """``instance`` (optional: older trainers and spools have none) is what the server
+    tells two processes under one run id apart by; it is a short plain string."""
+    hello = {"type": "hello", "v": 1, "run_id": "r1"}
+    assert wire.validate_hello(hello)["instance"] is None
+    assert wire.validate_hello({**hello, "instance": None})["instance"] is None
+    for good in ("9f1c2e3d4b5a69788796a5b4c3d2e1f0", "host-1.pid_42", "x" * wire.MAX_INSTANCE_LEN):
+        assert wire.validate_hello({**hello, "instance": good})["instance"] == good
+        assert wire.parse_trainer_frame(json.dumps({**hello, "instance": good}))["instance"] == good
+    for bad in ("", "x" * (wire.MAX_INSTANCE_LEN + 1), "a b", "a/b", "é", "ab\n", 7, ["a"]):
+        with pytest.raises(wire.WireError, match="'instance' must be null or 1-64"):
+            wire.validate_hello({**hello, "instance": bad})

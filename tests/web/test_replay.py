@@ -341,3 +341,20 @@ def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_i
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_picking_another_layers_histogram_keeps_the_replay_cursor(
+    page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    """Review F's replay_hist_cursor.py: the histogram-over-time drew no cursor once
+    another layer was picked, while every other chart kept it at the replay step."""
+    open_ready(page, f"{server.url}/runs/{finished_run['id']}?step=62")
+    assert cursor_lines(page, "chart-hist") == [62]
+    shown = page.eval_on_selector("#hist-layer", "el => el.value")
+    other = next(layer["name"] for layer in finished_run["layers"] if layer["name"] != shown)
+    page.select_option("#hist-layer", other)
+    page.wait_for_function(
+        "name => document.getElementById('chart-hist').layout.yaxis.title.text === name",
+        arg=other,
+    )
+    assert cursor_lines(page, "chart-hist") == [62]

@@ -184,7 +184,7 @@ export class HistogramOverTime {
     this.steps = [];
     this.edges = [];
     this.rows = [];
-    this.cursor = null;
+    this.cursor ??= null; // another layer, same replay step: the cursor stays
     this.outsideShare = 0;
     this.dataDirty = true;
     scheduler.mark(this);

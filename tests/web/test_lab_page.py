@@ -10,8 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import LiveServer, chart_points, guarded_page, open_ready, screenshot, wait_for
-from playwright.sync_api import Browser, Page, expect
+from conftest import (
+    LiveServer,
+    PageGuard,
+    chart_points,
+    guarded_page,
+    open_ready,
+    screenshot,
+    wait_for,
+)
+from playwright.sync_api import Browser, Page, Route, expect
 
 pytestmark = pytest.mark.browser
 
@@ -123,3 +131,31 @@ def test_an_alert_shows_in_the_alerts_panel_with_rule_layer_and_step(
     assert first["data"]["rule"] in text and f"step {first['step']}" in text
     if first["data"].get("layer"):
         assert first["data"]["layer"] in text
+
+
+def test_the_refresh_failed_banner_clears_once_refreshing_works_again(
+    page: Page, guard: PageGuard, server: LiveServer, finished_lab: dict[str, Any]
+) -> None:
+    """Review F's restart3.py: 'Refreshing the lab failed' stayed up for good once the
+    server was back. The lab's answer is served as if its runs were still running (so the
+    page keeps refreshing), first failing, then working again."""
+    guard.expect_status(503)
+    lab_url = f"{server.url}/api/labs/{finished_lab['id']}"
+    failing = {"on": False}
+
+    def answer(route: Route) -> None:
+        if failing["on"]:
+            route.fulfill(status=503, body="down")
+            return
+        lab = route.fetch().json()
+        for run in lab["runs"]:
+            run["status"] = "running"
+        route.fulfill(json=lab)
+
+    page.route(lab_url, answer)
+    open_ready(page, f"{server.url}/labs/{finished_lab['id']}", timeout_s=60)
+    banner = page.locator("#banner")
+    failing["on"] = True
+    expect(banner).to_contain_text("Refreshing the lab failed", timeout=15_000)
+    failing["on"] = False
+    expect(banner).to_be_hidden(timeout=15_000)

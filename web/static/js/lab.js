@@ -210,6 +210,7 @@ async function main() {
     try {
       await loadLab();
       await loadSteps();
+      setCondition("refresh", null); // refreshing works (again): a failure before is over
       if (state.lab.runs.every((r) => ENDED.has(r.status))) clearInterval(timer);
     } catch (e) {
       setCondition("refresh", `Refreshing the lab failed: ${e.message}`, "warn");

@@ -131,13 +131,15 @@ def write_recorded_run(
     layer_names: Sequence[str] | None = None,
     layer_stats: dict[str, dict[str, Any]] | None = None,
     layer_kinds: Sequence[str] | None = None,
+    name: str | None = None,
 ) -> None:
     """A finished run written straight through the real Store (no trainer), frames validated
     by wire exactly as ingest would: loss every step, a probe frame every `every` steps, then
     each of `events` (step, kind, data) as the trainer would send it. Layers are named
     `layer0`, `layer1`, ... unless `layer_names` (one per layer) says otherwise, all of kind
     ReLU unless `layer_kinds` does; `layer_stats` overrides a layer's probe statistics at every
-    probe step (layer name -> {stat: value}, None for a statistic the layer lacks)."""
+    probe step (layer name -> {stat: value}, None for a statistic the layer lacks). The run
+    is named `name`, or its id."""
     names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(layers)]
     assert len(names) == layers
     kinds = list(layer_kinds) if layer_kinds is not None else ["ReLU"] * layers
@@ -194,11 +196,11 @@ def write_recorded_run(
             hello = {
                 "type": "hello",
                 "run_id": run_id,
-                "name": run_id,
+                "name": name or run_id,
                 "config": config or {"source": "recorded"},
                 "layers": [
-                    {"name": name, "kind": kind, "units": 8}
-                    for name, kind in zip(names, kinds, strict=True)
+                    {"name": layer, "kind": kind, "units": 8}
+                    for layer, kind in zip(names, kinds, strict=True)
                 ],
             }
             await store.hello(wire.validate_hello(hello))

@@ -21,7 +21,7 @@ from conftest import (
     wait_for,
     write_recorded_run,
 )
-from playwright.sync_api import Browser, Locator, Page, expect
+from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 pytestmark = pytest.mark.browser
 
@@ -156,4 +156,42 @@ def test_comparison_keeps_each_runs_curve_under_its_name_with_commas_and_a_delet
         finally:
             page.context.close()
         assert not [e for e in guard.errors if "404" not in e], guard.errors
+        assert not guard.remote, guard.remote
+
+
+def test_comparison_legend_follows_each_runs_status_and_tells_same_named_runs_apart(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F's compare1.py: the legend's statuses were built once ('(running)' after the
+    run had finished), and two runs of the same name had the same legend and trace names.
+    The first run's detail is answered as 'running' until the test lets the real one
+    (finished) through."""
+    data_dir = tmp_path / "data"
+    for run_id in ("seed-a1b2c3d4e5f6", "seed-f6e5d4c3b2a1"):
+        write_recorded_run(data_dir, run_id, steps=100, layers=2, every=50, name="digits")
+    running = {"on": True}
+
+    def answer(route: Route) -> None:
+        detail = route.fetch().json()
+        if running["on"]:
+            detail["status"] = "running"
+        route.fulfill(json=detail)
+
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            page.route(f"{server.url}/api/runs/seed-a1b2c3d4e5f6", answer)
+            open_ready(page, f"{server.url}/compare?ids=seed-a1b2c3d4e5f6&ids=seed-f6e5d4c3b2a1")
+            legend = page.locator("#legend li")
+            expect(legend.nth(0)).to_have_text("digits […c3d4e5f6] (running)")
+            expect(legend.nth(1)).to_have_text("digits […d4c3b2a1] (finished)")
+            names = page.evaluate(
+                "Array.from(document.getElementById('chart-loss').data, t => t.name)"
+            )
+            assert names[0::2] == ["digits […c3d4e5f6] train", "digits […d4c3b2a1] train"]
+            running["on"] = False
+            expect(legend.nth(0)).to_have_text("digits […c3d4e5f6] (finished)", timeout=20_000)
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote

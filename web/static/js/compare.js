@@ -37,15 +37,21 @@ async function loadDetails() {
   details = charted.map((id, i) => fresh.get(id) || details[i]);
 }
 
-function buildCharts() {
-  const traces = details.flatMap((d, i) => [
-    { name: `${d.name || d.id} train`, color: COLORS[i % COLORS.length] },
-    { name: `${d.name || d.id} val`, color: COLORS[i % COLORS.length], dash: "dash" },
-  ]);
-  loss = new LineChart($("chart-loss"), traces, { logY: $("loss-log").checked, yTitle: "loss" });
-  const perRun = details.map((d, i) => ({ name: d.name || d.id, color: COLORS[i % COLORS.length] }));
-  dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio" });
-  sat = new LineChart($("chart-sat"), perRun.map((t) => ({ ...t })), { yTitle: "saturated ratio" });
+/** A short form of a run id, enough to tell two runs of the same name apart. */
+function shortId(id) {
+  return id.length <= 12 ? id : `…${id.slice(-8)}`;
+}
+
+/** Each run's name in the charts and the legend; runs sharing a name get their short id too. */
+function labels() {
+  const names = details.map((d) => d.name || d.id);
+  return details.map((d, i) =>
+    names.filter((n) => n === names[i]).length > 1 && names[i] !== d.id ? `${names[i]} [${shortId(d.id)}]` : names[i]);
+}
+
+/** The legend, with each run's status as last loaded (it is rebuilt on every refresh). */
+function renderLegend() {
+  const named = labels();
   $("legend").replaceChildren(...details.map((d, i) => {
     const li = document.createElement("li");
     const sw = document.createElement("span");
@@ -53,10 +59,24 @@ function buildCharts() {
     sw.className = "swatch";
     sw.style.background = COLORS[i % COLORS.length];
     a.href = `/runs/${encodeURIComponent(d.id)}`;
-    a.textContent = `${d.name || d.id} (${d.status})`;
+    a.textContent = `${named[i]} (${d.status})`;
+    li.dataset.runId = d.id;
     li.append(sw, a);
     return li;
   }));
+}
+
+function buildCharts() {
+  const named = labels();
+  const traces = details.flatMap((d, i) => [
+    { name: `${named[i]} train`, color: COLORS[i % COLORS.length] },
+    { name: `${named[i]} val`, color: COLORS[i % COLORS.length], dash: "dash" },
+  ]);
+  loss = new LineChart($("chart-loss"), traces, { logY: $("loss-log").checked, yTitle: "loss" });
+  const perRun = details.map((d, i) => ({ name: named[i], color: COLORS[i % COLORS.length] }));
+  dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio" });
+  sat = new LineChart($("chart-sat"), perRun.map((t) => ({ ...t })), { yTitle: "saturated ratio" });
+  renderLegend();
   const names = [];
   for (const d of details) for (const l of d.layers || []) if (!names.includes(l.name)) names.push(l.name);
   const select = $("layer");
@@ -107,6 +127,7 @@ async function main() {
   const timer = setInterval(async () => {
     if (document.hidden) return;
     await loadDetails();
+    renderLegend();
     if (details.every((d) => ENDED.has(d.status))) clearInterval(timer);
     await refresh();
   }, REFRESH_MS);

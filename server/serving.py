@@ -6,8 +6,9 @@ printed dashboard URL), the uvicorn configuration (websocket frame limit,
 keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-C/SIGTERM handling, and the demo:
 server plus one built-in run, both stopped together.
 
-Never: leaves a launched trainer running after a clean shutdown, or prints a
-URL before the server accepts connections.
+Never: leaves a launched trainer running after a clean shutdown, prints a URL
+before the server accepts connections, or starts on a data directory another server
+holds (one line says so; data_lock.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from urllib.parse import quote
 import uvicorn
 from fastapi import FastAPI
 from layerscope.server.app import create_app
+from layerscope.server.data_lock import holder_message
 from layerscope.server.security import mask_tokens_in_logs
 from layerscope.server.settings import Settings, local_host
 from layerscope.server.store_writer import tune_gc
@@ -143,7 +145,18 @@ def _token_query(settings: Settings) -> str:
     return f"?token={quote(settings.viewer_token)}" if settings.viewer_token else ""
 
 
+def _data_dir_taken(settings: Settings) -> bool:
+    """Another server holds the data dir: say so in one line (the store's own lock, taken
+    as the app starts, is what keeps two servers apart; this is the message for it)."""
+    message = holder_message(settings.data_dir)
+    if message is not None:
+        print(f"layerscope: {message}", file=sys.stderr)
+    return message is not None
+
+
 def serve(settings: Settings) -> int:
+    if _data_dir_taken(settings):
+        return 1
     try:
         server, sock, settings, app = make_server(settings)
     except OSError as exc:
@@ -184,6 +197,8 @@ def demo(settings: Settings, steps: int) -> int:
     except wire.ExperimentError as exc:
         print(f"layerscope demo: {exc}", file=sys.stderr)
         return 2
+    if _data_dir_taken(settings):
+        return 1
     try:
         server, sock, settings, app = make_server(settings)
     except OSError as exc:

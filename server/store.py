@@ -1,6 +1,7 @@
 """store — layerscope's record of every run: one SQLite database (WAL) under data_dir.
 
-Owns: the database's lifecycle and the public Store API the rest of the server calls
+Owns: the database's lifecycle (with the data directory's lock, data_lock.py: one
+server per data directory) and the public Store API the rest of the server calls
 (shapes: http_api.md). Writes go through writer_link.py to the single writer process
 (store_writer.py, which group-commits); they are coroutines that resolve only after the
 commit that holds them, so an ack sent on their result is never ahead of the disk.
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 from layerscope.server import queries
 from layerscope.server.checks import RunNotFound, StoreError, dumps
+from layerscope.server.data_lock import DataDirLock
 from layerscope.server.schema import DB_NAME, connect
 from layerscope.server.writer_link import WriterLink
 
@@ -45,6 +47,7 @@ class Store:
         self.path = self.data_dir / DB_NAME
         self.commit_interval_s = commit_interval_s
         self._writes = WriterLink(self.path, commit_interval_s)
+        self._lock = DataDirLock(self.data_dir)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -54,10 +57,16 @@ class Store:
     # ---- lifecycle ----
 
     async def open(self) -> None:
-        """Create data_dir and start the writer process (which creates the schema, upgrades
-        an older one after copying it, or refuses a newer one: SchemaError)."""
+        """Create data_dir, take its lock (DataDirBusy while another server holds it; held
+        until close) and start the writer process (which creates the schema, upgrades an
+        older one after copying it, or refuses a newer one: SchemaError)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await self._writes.open()
+        self._lock.acquire()
+        try:
+            await self._writes.open()
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer process, close every connection."""
@@ -69,6 +78,7 @@ class Store:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+        self._lock.release()  # last: its writer has stopped and committed
 
     @property
     def commits(self) -> int:

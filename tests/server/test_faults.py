@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from subprocess import PIPE
 
 import httpx
 import psutil
@@ -26,6 +27,7 @@ from server_harness import (
     FakeTrainer,
     exported,
     make_settings,
+    metrics_frame,
     open_slow_viewer,
     open_viewer,
     probe_frame,
@@ -263,3 +265,55 @@ async def test_a_trainer_killed_with_sigkill_is_lost_and_every_acked_frame_is_ke
         events = httpx.get(f"{server}/api/runs/killed-run/events?kind=status").json()
         assert any("no trainer connection" in str(e["data"]) for e in events)
 
+
+async def test_a_second_server_on_a_data_dir_in_use_exits_and_leaves_the_first_alone(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    """Reviewer's /tmp/revE/t5_two_servers.py: a second server on the same data dir started,
+    marked the first's live run lost and could delete it under the first. Now it exits at
+    once with one line naming the data dir; the first's run goes on. The lock is the
+    server's alone: its writer process does not hold it, so a server killed with SIGKILL
+    frees the data dir at once."""
+    data_dir = tmp_path / "data"
+    first, port = start_server(data_dir)
+    processes.append(first)
+    server = Endpoint(port)
+    trainer = await FakeTrainer.connect(server, "live")
+    trainer.heartbeat(0.2)
+    try:
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        serve = ["serve", "--port", "0", "--data-dir", str(data_dir)]
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "layerscope.server", *serve, stdout=PIPE, stderr=PIPE
+        )
+        try:
+            out, err = await asyncio.wait_for(second.communicate(), 30)
+        except TimeoutError:
+            second.kill()
+            await second.wait()
+            pytest.fail("the second server kept running on the first's data dir")
+        assert second.returncode == 1 and out == b""
+        assert err.decode().splitlines() == [
+            f"layerscope: data dir {data_dir} is in use by another layerscope server "
+            f"(pid {first.pid}); stop that server or give this one another --data-dir"
+        ]
+        await trainer.send(metrics_frame(2, 2))
+        await trainer.wait_acked(2)
+        detail = httpx.get(f"{server}/api/runs/live").json()
+        assert (detail["status"], detail["trainer_connected"], detail["acked_seq"]) == ("running", True, 2)
+        statuses = httpx.get(f"{server}/api/runs/live/events?kind=status").json()
+        assert [e for e in statuses if e["data"]["status"] == "lost"] == []
+
+        lock = data_dir / "layerscope.lock"
+        writers = psutil.Process(first.pid).children()
+        assert writers and all(
+            lock.resolve() not in {Path(f.path).resolve() for f in w.open_files()} for w in writers
+        )
+        assert lock.resolve() in {Path(f.path).resolve() for f in psutil.Process(first.pid).open_files()}
+    finally:
+        await trainer.close()
+    first.kill()
+    first.wait(10)
+    third, _ = start_server(data_dir)  # the killed server's lock went with it
+    processes.append(third)

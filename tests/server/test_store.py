@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import sqlite3
 import zlib
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from layerscope.server.checks import RunIdTaken
+from layerscope.server.data_lock import DataDirBusy
 from layerscope.server.downsample import choose_level
 from layerscope.server.schema import DB_NAME, SCHEMA_VERSION, SchemaError
 from layerscope.server.store import RunNotFound, Store, StoreError
@@ -404,6 +406,38 @@ async def test_an_upgrade_that_fails_leaves_the_database_as_it_was(tmp_path: Pat
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
         assert conn.execute("SELECT id FROM runs").fetchall() == [("r1",)]
+
+
+async def test_a_data_dir_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
+    """The lock on the data dir is held from open to close (a second server on it is
+    refused, not let in to take the first's runs for a dead server's); a store that fails
+    to open lets go of it."""
+    first = Store(tmp_path / "data", commit_interval_s=0.005)
+    await first.open()
+    second = Store(tmp_path / "data")
+    try:
+        with pytest.raises(
+            DataDirBusy,
+            match=rf"data dir .*data is in use by another layerscope server \(pid {os.getpid()}\)",
+        ):
+            await second.open()
+        await first.hello(hello())  # the first goes on
+        assert await first.append("r1", [metrics(1, [(0, {"loss": 1.0})])]) == 1
+    finally:
+        await first.close()
+    await second.open()
+    await second.close()
+    with closing(fresh(tmp_path)) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.commit()
+    with pytest.raises(SchemaError):
+        await Store(tmp_path / "data").open()
+    with closing(fresh(tmp_path)) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.commit()
+    third = Store(tmp_path / "data")
+    await third.open()
+    await third.close()
 
 
 async def test_long_series_is_downsampled_keeping_spike_first_and_last(store: Store) -> None:

@@ -41,7 +41,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
-  refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0,
+  refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0, statusEvents: 0,
 };
 
 const charts = {
@@ -334,6 +334,7 @@ function applyEvent(frame) {
     markers.fromEvent(frame, controls.sent);
     drawMarkers();
   } else if (frame.kind === "status") {
+    page.statusEvents++;
     setStatus(frame.data?.status);
   }
 }
@@ -341,14 +342,16 @@ function applyEvent(frame) {
 /**
  * After a reconnect the socket's catch-up (?after_seq) carries frames, not the trainer's
  * state: the server may have restarted without it. The run's detail says whether a
- * trainer is connected now; a live status frame that came while it was asked for is newer.
+ * trainer is connected now; a status frame or event that came while it was asked for may be
+ * newer, and wins.
  */
 async function refreshRunState() {
-  const seen = page.statusFrames;
+  const frames = page.statusFrames;
+  const events = page.statusEvents;
   const d = await getJSON(runUrl(runId));
-  if (page.statusFrames !== seen) return;
-  if (d.control) controls.setState(d.control);
-  setStatus(d.status, d.trainer_connected);
+  // The control state is left to the acknowledgements: the detail's may predate one.
+  const quiet = page.statusFrames === frames;
+  setStatus(quiet && page.statusEvents === events ? d.status : undefined, quiet ? d.trainer_connected : undefined);
 }
 
 function onConnection(state, detail) {

@@ -187,6 +187,39 @@ def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
     expect(page.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)
 
 
+def test_another_tabs_freeze_is_marked_with_its_layers(
+    run_page: Page, browser: Browser, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """Review F's eventlog_live_vs_reload.py: a freeze sent from another tab was marked
+    'set_frozen · by user' here (its args were looked up among this page's own commands),
+    while a reload read 'set_frozen freeze <layer>'."""
+    page, run_id = run_page, live_run["id"]
+    layer = live_run["layers"][0]["name"]
+    other, guard = guarded_page(browser)
+    try:
+        open_ready(other, f"{server.url}/runs/{run_id}")
+        other.click("#freeze-picker summary")
+        other.check(f"#freeze-layers label[data-layer='{layer}'] input")
+        other.click("button[data-cmd='freeze']")
+        expect(other.locator("#acked")).to_contain_text(f"frozen: {layer}", timeout=20_000)
+        at = last_command(server, run_id, "set_frozen")["applied_at_step"]
+        page.wait_for_function(
+            "at => (document.getElementById('chart-lr').data.find(t => t.name === 'commands')"
+            " || {text: []}).text.some(t => t.includes(`applied at step ${at}`))",
+            arg=at,
+        )
+        texts = page.evaluate(
+            "document.getElementById('chart-lr').data.find(t => t.name === 'commands').text"
+        )
+        assert f"set_frozen freeze {layer} · by user · applied at step {at}" in texts, texts
+        expect(page.locator("#events")).to_contain_text(f"set_frozen freeze {layer} applied")
+        other.click("button[data-cmd='unfreeze']")  # back as it was
+        expect(other.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)
+    finally:
+        other.context.close()
+    assert not guard.errors, guard.errors
+
+
 def test_weight_decay_off_reads_zero(
     run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:

@@ -128,7 +128,8 @@ export class Markers {
     }
     const who = mine ? "you (this page)" : d.source || "another client";
     this.byId.set(d.id, { step,
-      label: `${d.name} ${argsText(d.name, mine?.args, d.state)} · by ${who} · applied at step ${step}` });
+      // the acknowledgement's own args: another tab's command is not in `sent`
+      label: `${d.name} ${argsText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });
   }
 
   list() {

@@ -5,13 +5,14 @@ trainer has not seen; a hello from another trainer process under a stored run's 
 is refused), validating every frame, batching frames into the store
 while the socket keeps being read, acking the highest contiguous committed seq
 after each commit, handing new frames to the hub as they arrive, one trainer
-connection per run (a newer one replaces the older), and deciding that a run
-whose trainer went silent is ``lost`` (or ``failed``, when its launched process
-exited non-zero).
+connection per run (a newer one replaces the older), taking the status (running or
+paused) a trainer's heartbeats report when it differs from the run's, and deciding
+that a run whose trainer went silent is ``lost`` (or ``failed``, when its launched
+process exited non-zero).
 
 Never: acks a frame before the commit that holds it, awaits one commit per
 frame, crashes on a bad frame (it answers an error or closes with the frame's
-close code), or stores a heartbeat.
+close code), or stores a heartbeat (only a change in the status it reports).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ MAX_UNCOMMITTED = 4096  # frames read but not yet committed; past this the socke
 MAX_BATCH = 256  # frames per store.append: a backlog is committed (and acked) in steps
 CLOSE_SERVER_ERROR = 1011
 LIVE_STATUSES = frozenset({"starting", "running", "paused"})
+# What a heartbeat's status may change a run to (it says "starting" before the trainer's
+# first status event; how a run ends is its status event's to say, in seq order).
+HEARTBEAT_STATUSES = frozenset({"running", "paused"})
+# A run with one of these is not changed by a heartbeat.
+_FINAL_STATUSES = frozenset({"finished", "stopped", "failed"})
 
 
 class TrainerLink:
@@ -47,6 +53,9 @@ class TrainerLink:
         self.client = client
         self.last_seen = asyncio.get_running_loop().time()
         self.closed = False
+        # The run's status as this connection last stored or read it (None: unknown, so
+        # the next heartbeat's is stored): a heartbeat that says otherwise is stored.
+        self.status: str | None = None
         self._out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
@@ -95,26 +104,50 @@ class _Committer:
         self.room = asyncio.Event()
         self.room.set()
         self.finishing = False
+        self.added = 0  # frames read so far
+        self.committed = 0  # of those, committed
+        # A status a heartbeat reported, and how many frames were read before it: it is
+        # stored once those are committed and before any read after it, so a status event
+        # read later (newer) is stored later too.
+        self.reported: tuple[str, int] | None = None
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
     def add(self, frame: dict[str, Any]) -> None:
         self.pending.append(frame)
+        self.added += 1
         if len(self.pending) >= MAX_UNCOMMITTED:
             self.room.clear()
         self.wake.set()
+
+    def report_status(self, status: str) -> None:
+        self.reported = (status, self.added)
+        self.wake.set()
+
+    async def _store_reported(self, status: str) -> None:
+        self.reported = None
+        try:
+            await self.store.set_status(self.run_id, status)
+        except Exception:
+            log.exception("storing run %s's status %s failed", self.run_id, status)
+            self.link.status = None  # the next heartbeat tries again
 
     async def _loop(self) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if self.reported is not None and self.reported[1] <= self.committed:
+                await self._store_reported(self.reported[0])
             if not self.pending:
                 if self.finishing:
                     return
                 continue
+            size = MAX_BATCH
+            if self.reported is not None:  # only frames read before it go ahead of it
+                size = min(size, self.reported[1] - self.committed)
             # Taken from the front in place: slicing off the rest copied the whole backlog
             # (thousands of frames when behind) once per batch.
-            batch = self.pending[:MAX_BATCH]
-            del self.pending[:MAX_BATCH]
+            batch = self.pending[:size]
+            del self.pending[:size]
             if len(self.pending) < MAX_UNCOMMITTED:
                 self.room.set()
             try:
@@ -127,6 +160,7 @@ class _Committer:
                     CLOSE_SERVER_ERROR, "server could not store frames; reconnect"
                 )
                 return
+            self.committed += len(batch)
             self.link.send({"type": "ack", "seq": acked})
             # A trainer waiting on our commit is not silent: its silence counts from the ack.
             self.link.last_seen = asyncio.get_running_loop().time()
@@ -252,6 +286,7 @@ class Ingest:
         self.hub.mark_stored(run_id, acked)
         run = self.store.run(run_id) or {}
         status = str(run.get("status", "running"))
+        link.status = status
         link.send({"type": "welcome", "run_id": run_id, "acked_seq": acked, "status": status})
         for row in self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"]):
             link.send(command_frame(row))
@@ -263,7 +298,7 @@ class Ingest:
         self.hub.publish_status(run_id, status)
         committer = _Committer(self.store, self.hub, run_id, link)
         try:
-            await self._read_frames(link, committer)
+            await self._read_frames(link, committer, acked)
         finally:
             await committer.finish()
             await link.stop()
@@ -275,7 +310,8 @@ class Ingest:
                     self.expect_reconnect(run_id, self.settings.heartbeat_timeout_s)
                 self.hub.publish_status(run_id, status)
 
-    async def _read_frames(self, link: TrainerLink, committer: _Committer) -> None:
+    async def _read_frames(self, link: TrainerLink, committer: _Committer, acked: int) -> None:
+        """``acked``: what the store held at the hello (a resent frame up to it is a no-op)."""
         ws, run_id = link.ws, link.run_id
         loop = asyncio.get_running_loop()
         while not link.closed:
@@ -297,15 +333,31 @@ class Ingest:
                 continue
             kind = frame["type"]
             if kind == "heartbeat":
+                # The trainer's own word on whether it runs: after a reconnect or a server
+                # restart a paused run is paused, whatever the server last stored. Stored
+                # (and shown) only when it differs, so a heartbeat costs nothing otherwise.
+                status = frame["status"]
+                if (
+                    status in HEARTBEAT_STATUSES
+                    and status != link.status
+                    and link.status not in _FINAL_STATUSES
+                ):
+                    link.status = status
+                    committer.report_status(status)
+                    self.hub.publish_status(run_id, status)
                 continue
             if kind == "hello":
                 link.send({"type": "error", "message": "hello already received on this connection"})
                 continue
             committer.add(frame)
-            if self.hub.publish(run_id, frame) and kind == "event" and frame["kind"] == "status":
+            shown = self.hub.publish(run_id, frame)
+            if kind == "event" and frame["kind"] == "status":
                 status = frame["data"].get("status")
                 if status in wire.RUN_STATUSES:
-                    self.hub.publish_status(run_id, status)
+                    if frame["seq"] > acked:  # stored by this commit, not a resent no-op
+                        link.status = status
+                    if shown:
+                        self.hub.publish_status(run_id, status)
 
 
 def _payload(message: MutableMapping[str, Any]) -> str | bytes:

@@ -29,8 +29,10 @@ from layerscope.trainer import wire
 
 FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 # A hello does not revive a run that ended for good: a second `layerscope sync` of its
-# spool sends the same hello again. A "lost" run's trainer may reconnect: running again.
-_KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed"})
+# spool sends the same hello again. Nor does it resume a paused one: the trainer reports
+# its resume (a status event, and the status its heartbeats carry). A "lost" run's
+# trainer may reconnect, and a launched one's first connects: running.
+_KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed", "paused"})
 
 
 def _seq(frame: Any) -> int:

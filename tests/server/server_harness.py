@@ -199,6 +199,7 @@ class FakeTrainer:
         self._inbox: asyncio.Queue[dict[str, Any] | ConnectionClosed] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
         self._beat: asyncio.Task[None] | None = None
+        self.status = "running"  # what heartbeat() says
 
     @classmethod
     async def connect(
@@ -289,13 +290,17 @@ class FakeTrainer:
             rcvd = exc.rcvd
             return (rcvd.code if rcvd else None), (rcvd.reason if rcvd else "")
 
-    def heartbeat(self, period_s: float = 0.2) -> None:
-        """Heartbeat in the background, as a live trainer's link thread does."""
+    def heartbeat(self, period_s: float = 0.2, status: str = "running") -> None:
+        """Heartbeat in the background, as a live trainer's link thread does; ``status``
+        is what each says (``self.status``, which a test may change meanwhile)."""
+        self.status = status
 
         async def beat() -> None:
             step = 0
             while True:
-                await self.ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": step}))
+                await self.ws.send(
+                    json.dumps({"type": "heartbeat", "v": 1, "step": step, "status": self.status})
+                )
                 step += 1
                 await asyncio.sleep(period_s)
 

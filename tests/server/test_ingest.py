@@ -265,6 +265,73 @@ async def test_a_lost_run_resumes_when_its_trainer_returns(tmp_path: Path) -> No
         await trainer.close()
 
 
+async def test_a_paused_run_is_still_paused_after_a_server_restart_and_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/revE/t4_paused_restart.py: a paused run showed 'running' once its
+    trainer reconnected (the hello set every live run running); its heartbeats, which said
+    paused, were ignored. A hello keeps it paused; the trainer's resume, as its heartbeats
+    report it, reaches the store and the viewers."""
+    settings = make_settings(tmp_path / "data")
+    with running_server(settings) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(event_frame(1, 0, "status", status="running"))
+        await trainer.send(metrics_frame(2, 1))
+        await trainer.send(event_frame(3, 1, "status", status="paused"))
+        await trainer.wait_acked(3)
+        await trainer.close()
+    with running_server(settings) as server:
+        trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=3)
+        assert trainer.welcome["status"] == "paused"
+        trainer.heartbeat(0.1, status="paused")
+        viewer, snapshot = await open_viewer(server, "r1")
+        assert snapshot["run"]["status"] == "paused"
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(timeout=10) as client:
+            listed = (await client.get(f"{server}/api/runs")).json()
+        assert [r["status"] for r in listed if r["id"] == "r1"] == ["paused"]
+        trainer.status = "running"  # resumed: its heartbeats say so before its event arrives
+        await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] == "running")
+        await wait_status(server, "r1", "running")
+        await viewer.close()
+        await trainer.close()
+
+
+async def test_a_heartbeats_status_is_stored_and_shown_when_it_differs_and_only_then(
+    tmp_path: Path,
+) -> None:
+    """A paused trainer that was lost and came back: its hello makes the run running, its
+    heartbeats say paused, and that is stored and shown once (not once per heartbeat). A
+    heartbeat never revives a run its status event ended."""
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(event_frame(1, 0, "status", status="paused"))
+        await trainer.wait_acked(1)
+        await trainer.close()
+        await wait_status(server, "r1", "lost", timeout=10)
+        trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=1)
+        assert trainer.welcome["status"] == "running"
+        viewer, _ = await open_viewer(server, "r1")
+        trainer.heartbeat(0.1, status="paused")
+        got = await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] != "running")
+        assert (got[-1]["status"], got[-1]["trainer_connected"]) == ("paused", True)
+        await wait_status(server, "r1", "paused")
+        await asyncio.sleep(1.0)  # ten more heartbeats saying paused
+        async with httpx.AsyncClient(timeout=10) as client:
+            events = (await client.get(f"{server}/api/runs/r1/events?kind=status")).json()
+        said = [(e["origin"], e["data"]["status"]) for e in events]
+        assert said == [("trainer", "paused"), ("server", "lost"), ("server", "paused")]
+
+        await trainer.send(event_frame(2, 5, "status", status="finished"))
+        await trainer.wait_acked(2)
+        await asyncio.sleep(0.5)  # heartbeats go on, now saying running: ignored
+        trainer.status = "running"
+        await asyncio.sleep(0.5)
+        assert run_detail(server, "r1")["status"] == "finished"
+        await viewer.close()
+        await trainer.close()
+
+
 # ---- bad input: each answered with an error or the documented close, nothing lost ----
 
 

@@ -7,6 +7,7 @@ decay off, each shown only once the trainer has acknowledged it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -326,3 +327,28 @@ def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
     expect(page.locator("#rules-silenced-count")).to_have_text("none silenced", timeout=20_000)
     auto.click()
     expect(auto).to_have_text("Auto-halve LR: off", timeout=20_000)
+
+
+def test_a_run_started_without_weight_decay_has_its_switch_off_and_says_why(
+    page: Page, server: LiveServer
+) -> None:
+    """Review F: 'Weight decay: on' showed for a run whose weight decay is 0, and toggling
+    it did nothing. The switch reads 0 and is disabled, its title says why, while the other
+    controls of the live run stay on."""
+    run_id = server.launch(
+        {
+            **FAST_CONFIG,
+            "name": "no weight decay",
+            "every": 20,
+            "solver": {**FAST_CONFIG["solver"], "weight_decay": 0.0, "steps": 10_000_000},
+        }
+    )
+    server.wait_step(run_id, 5, 120)
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    expect(page.locator("#trainer")).to_have_text("trainer connected")
+    expect(page.locator("button[data-cmd='pause-toggle']")).to_be_enabled()
+    toggle = page.locator("button[data-cmd='wd-toggle']")
+    expect(toggle).to_have_text("Weight decay: 0")
+    expect(toggle).to_be_disabled()
+    expect(toggle).to_have_attribute("title", re.compile("started with weight decay 0"))
+    server.api("POST", f"/api/runs/{run_id}/stop")

@@ -20,6 +20,26 @@ import { toast } from "./notify.js";
 const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
 const DEFAULT_STATE = { paused: false, lr_scale: 1, weight_decay_enabled: true, frozen: [], stopping: false };
 
+/**
+ * Whether the run's config says every parameter group was started with weight decay 0
+ * (then the switch has nothing to turn on or off): a built-in run's solver.weight_decay,
+ * or a watch() run's weight_decay / its optimizer's groups where its config lists them.
+ */
+export function startedWithoutWeightDecay(config) {
+  if (!config || typeof config !== "object") return false;
+  const wd = config.solver?.weight_decay ?? config.weight_decay;
+  if (typeof wd === "number") return wd === 0;
+  for (const key of ["param_groups", "optimizer_groups", "groups"]) {
+    const groups = config[key] ?? config.optimizer?.[key];
+    if (Array.isArray(groups) && groups.length && groups.every((g) => g && typeof g.weight_decay === "number")) {
+      return groups.every((g) => g.weight_decay === 0);
+    }
+  }
+  return false;
+}
+
+const NO_WEIGHT_DECAY = "This run was started with weight decay 0 (every parameter group): there is no weight decay to switch on or off.";
+
 function newCommandId() {
   if (crypto.randomUUID) return crypto.randomUUID();
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -49,6 +69,7 @@ export class Controls {
     this.status = "starting";
     this.trainerConnected = false;
     this.socketOpen = false;
+    this.noWeightDecay = false; // started with weight decay 0: the switch is off for good
     this.buttons = new Map([...root.querySelectorAll("button[data-cmd]")].map((b) => [b.dataset.cmd, b]));
     this.labels = new Map([...this.buttons].map(([k, b]) => [k, b.textContent]));
     this.reason = root.querySelector("#control-reason");
@@ -59,6 +80,12 @@ export class Controls {
     this.freezeList.addEventListener("change", () => this.renderFreeze());
     for (const [key, button] of this.buttons) button.addEventListener("click", () => this.click(key));
     document.addEventListener("keydown", (ev) => this.key(ev));
+    this.render();
+  }
+
+  /** The run's config (run detail): what the trainer was started with. */
+  setConfig(config) {
+    this.noWeightDecay = startedWithoutWeightDecay(config);
     this.render();
   }
 
@@ -196,7 +223,9 @@ export class Controls {
         }
         name = "set_lr_scale"; args = { value }; break;
       }
-      case "wd-toggle": name = "set_weight_decay"; args = { enabled: !s.weight_decay_enabled }; break;
+      case "wd-toggle":
+        if (this.noWeightDecay) return;
+        name = "set_weight_decay"; args = { enabled: !s.weight_decay_enabled }; break;
       case "freeze": case "unfreeze": {
         const layers = this.pickedLayers();
         if (!layers.length) { toast("Pick one or more layers first", "error"); return; }
@@ -257,12 +286,13 @@ export class Controls {
       const pending = this.buttonPending(key);
       let label = this.labels.get(key);
       if (key === "pause-toggle") label = s.paused ? "Resume" : "Pause";
-      if (key === "wd-toggle") label = `Weight decay: ${s.weight_decay_enabled ? "on" : "off"}`;
+      const noWd = key === "wd-toggle" && this.noWeightDecay;
+      if (key === "wd-toggle") label = noWd ? "Weight decay: 0" : `Weight decay: ${s.weight_decay_enabled ? "on" : "off"}`;
       b.textContent = pending ? `${label} …` : label;
       b.classList.toggle("pending", pending);
-      b.classList.toggle("on", key === "wd-toggle" && s.weight_decay_enabled);
-      b.disabled = !!reason || pending || (key === "step_once" && !s.paused) || (key === "stop" && s.stopping);
-      b.title = reason || (pending ? "Waiting for the trainer to acknowledge" : "");
+      b.classList.toggle("on", key === "wd-toggle" && !noWd && s.weight_decay_enabled);
+      b.disabled = !!reason || pending || noWd || (key === "step_once" && !s.paused) || (key === "stop" && s.stopping);
+      b.title = reason || (noWd ? NO_WEIGHT_DECAY : pending ? "Waiting for the trainer to acknowledge" : "");
     }
     this.acked.textContent = this.describe();
     this.renderFreeze();
@@ -276,7 +306,7 @@ export class Controls {
     const parts = [
       `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
       `LR ×${formatNumber(s.lr_scale)}${at("lr_scale")}`,
-      `weight decay ${s.weight_decay_enabled ? "on" : "off"}${at("weight_decay_enabled")}`,
+      this.noWeightDecay ? "weight decay 0 (as started)" : `weight decay ${s.weight_decay_enabled ? "on" : "off"}${at("weight_decay_enabled")}`,
       `frozen: ${s.frozen.length ? s.frozen.join(", ") : "none"}${s.frozen.length ? at("frozen") : ""}`,
     ];
     if (s.stopping) parts.push("stopping");

@@ -144,6 +144,7 @@ function applyDetail(d) {
   document.title = `${d.name || d.id} · layerscope`;
   page.firstStep = d.first_step ?? 0;
   setLayers(d.layers || []);
+  controls.setConfig(d.config);
   controls.setState(d.control);
   const config = $("config");
   config.replaceChildren(...Object.entries(flatConfig(d.config))

@@ -310,6 +310,16 @@ class Link:
             return
         deadline = time.monotonic() + self.close_timeout_s
         while self.acked_seq < self.last_seq:
+            if not self.ever_connected and self._failures and self._refusal is not None:
+                log.warning(
+                    "layerscope: %s refused run %s; the run is in %s: upload it under another"
+                    " run id with `layerscope sync %s --server URL --run-id NEW`",
+                    self.url,
+                    self.hello["run_id"],
+                    self.spool.path,
+                    self.spool.path,
+                )
+                return
             if not self.ever_connected and self._failures:
                 # never reached the server: nobody to wait for, the spool has the run
                 log.warning(

@@ -185,9 +185,10 @@ def test_a_refused_run_says_why_once_and_keeps_the_run_in_its_spool(
         link.close()
     finally:
         refusing.close()
-    warned = [r.getMessage() for r in caplog.records if "refused run r1" in r.getMessage()]
-    assert len(warned) == 1 and reason in warned[0], caplog.text
-    assert "no connection" not in caplog.text
+    warned = [r.getMessage() for r in caplog.records if reason in r.getMessage()]
+    assert len(warned) == 1 and "refused run r1" in warned[0], caplog.text  # once, with why
+    assert "no connection" not in caplog.text and "never reached" not in caplog.text
+    assert "--run-id NEW" in caplog.text  # at close: how to upload it after all
     assert len(list(read_spool(tmp_path / "a.bin"))) == 3  # the hello and both frames
 
 

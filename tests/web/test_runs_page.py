@@ -195,3 +195,38 @@ def test_comparison_legend_follows_each_runs_status_and_tells_same_named_runs_ap
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_select_all_acts_on_the_rows_the_filter_shows_and_reflects_them(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F's selectall_filter.py: with a filter on, 'Select all' selected the rows
+    shown and then unticked itself (it compared with every run), and a second click did
+    not clear them."""
+    data_dir = tmp_path / "data"
+    for run_id in ("alpha-1", "alpha-2", "beta"):
+        write_recorded_run(data_dir, run_id, steps=50, layers=1, every=25)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/")
+            expect(page.locator("#runs tbody tr")).to_have_count(3)
+            page.fill("#filter", "alpha")
+            select_all = page.locator("#select-all")
+            select_all.click()
+            expect(select_all).to_be_checked()
+            for run_id in ("alpha-1", "alpha-2"):
+                expect(row(page, run_id).locator("input")).to_be_checked()
+            expect(row(page, "beta").locator("input")).not_to_be_checked()
+            expect(page.locator("#compare")).to_have_text("Compare selected (2)")
+            time.sleep(2.5)  # a poll of the runs list (2 s) re-renders: still ticked
+            expect(select_all).to_be_checked()
+            select_all.click()
+            expect(select_all).not_to_be_checked()
+            for run_id in ("alpha-1", "alpha-2"):
+                expect(row(page, run_id).locator("input")).not_to_be_checked()
+            expect(page.locator("#compare")).to_have_text("Compare selected")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -181,7 +181,12 @@ function updateCompare() {
   const button = $("compare");
   button.disabled = selected.size < 2;
   button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
-  $("select-all").checked = runs.length > 0 && selected.size === runs.length;
+  // "Select all" is about the rows shown (the filter's): ticked when every one is selected
+  const shown = runs.filter((run) => !rows.get(run.id)?.tr.hidden);
+  const picked = shown.filter((run) => selected.has(run.id)).length;
+  const all = $("select-all");
+  all.checked = shown.length > 0 && picked === shown.length;
+  all.indeterminate = picked > 0 && picked < shown.length;
 }
 
 async function refresh() {
@@ -277,9 +282,12 @@ $("compare").addEventListener("click", () => {
   location.href = `/compare?${[...selected].map((id) => `ids=${encodeURIComponent(id)}`).join("&")}`;
 });
 $("select-all").addEventListener("change", (ev) => {
+  // Selects or clears the rows shown; rows the filter hides keep their selection.
   for (const run of runs) {
-    const box = rows.get(run.id).tr.querySelector("input");
-    box.checked = ev.target.checked && !rows.get(run.id).tr.hidden;
+    const tr = rows.get(run.id).tr;
+    if (tr.hidden) continue;
+    const box = tr.querySelector("input");
+    box.checked = ev.target.checked;
     if (box.checked) selected.add(run.id); else selected.delete(run.id);
   }
   updateCompare();

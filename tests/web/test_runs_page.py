@@ -230,3 +230,38 @@ def test_select_all_acts_on_the_rows_the_filter_shows_and_reflects_them(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_an_empty_required_number_is_an_inline_error_not_the_default(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F's form1.py: clearing 'every' in the New-run form started a run with the
+    default, and the Init lab with Steps empty said 'must be >= 1, got 0'."""
+    for server in serve(server_settings(tmp_path / "data")):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/")
+            page.click("#new-run")
+            dialog = page.locator("#new-run-dialog")
+            expect(dialog).to_be_visible()
+            page.fill("[name='every']", "")
+            page.click("#new-run-submit")
+            every = page.locator(".field-wrap", has=page.locator("[data-field='every']"))
+            expect(every.locator(".error")).to_contain_text("required")
+            expect(page.locator("[name='every']")).to_have_attribute("aria-invalid", "true")
+            expect(dialog).to_be_visible()
+            time.sleep(0.5)
+            assert server.api("GET", "/api/runs").json() == []
+            page.click("#new-run-cancel")
+
+            page.click("#init-lab")
+            page.fill("#lab-steps", "")
+            page.click("#lab-submit")
+            error = page.locator("#lab-error")
+            expect(error).to_contain_text("Steps: required")
+            expect(error).not_to_contain_text("got 0")
+            assert server.api("GET", "/api/runs").json() == []
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -122,6 +122,22 @@ export class ExperimentForm {
     return out;
   }
 
+  /**
+   * Fields left empty that take no empty value (not nullable, a default of their own): as
+   * [{loc, msg}] errors, the 422's shape. value() would leave them out, and the run would
+   * silently start with the default.
+   */
+  missing() {
+    const out = [];
+    for (const f of this.fields.values()) {
+      if (f.outer.hidden || f.spec.type === "bool" || f.spec.nullable) continue;
+      const raw = f.input.value.trim();
+      if (raw !== "" || raw === shown(f.spec.default)) continue;
+      out.push({ loc: f.path, msg: `required: give a value (the default is ${shown(f.spec.default)})` });
+    }
+    return out;
+  }
+
   clearErrors() {
     for (const f of this.fields.values()) {
       f.error.hidden = true;

@@ -233,6 +233,8 @@ async function openNewRun() {
 
 async function submitNewRun(ev) {
   ev.preventDefault();
+  const missing = form.missing();
+  if (missing.length) { form.showErrors(missing); return; }
   const submit = $("new-run-submit");
   submit.disabled = true;
   submit.textContent = "Starting…";
@@ -255,8 +257,14 @@ async function submitLab(ev) {
   ev.preventDefault();
   const submit = $("lab-submit");
   const error = $("lab-error");
-  submit.disabled = true;
   error.hidden = true;
+  if ($("lab-steps").value.trim() === "") {
+    // Number("") is 0: the server said "must be >= 1, got 0" of a field left empty
+    error.textContent = "Steps: required (a whole number of training steps, at least 1)";
+    error.hidden = false;
+    return;
+  }
+  submit.disabled = true;
   try {
     const lab = await postJSON("/api/labs/init", {
       activation: $("lab-activation").value,

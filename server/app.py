@@ -3,7 +3,8 @@
 Owns: building the app from one Settings value; the lifespan that opens the
 Store, creates the Hub, Launcher and Ingest, puts them on ``app.state``
 (``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
-reverse order; the security middleware around everything; ``GET /healthz``.
+reverse order; the security middleware around everything; ``GET /healthz`` (503 while
+the store cannot take writes).
 
 Never: reads settings or creates state at import time (tests build as many apps
 as they like, each on its own ``tmp_path``), or imports torch.
@@ -16,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from layerscope.server import __version__, api, commands, hub, ingest, labs, launcher, pages
 from layerscope.server.security import SecurityMiddleware
 from layerscope.server.settings import Settings
@@ -54,8 +56,17 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    @app.get("/healthz", response_model=None)
+    async def healthz() -> dict[str, Any] | JSONResponse:
+        """200 while the server can store what trainers send; 503 naming why while it
+        cannot (its writer process died and another has not started yet), so a
+        supervisor's health check sees it."""
+        store = getattr(app.state, "store", None)
+        problem = "the store is not open" if store is None else store.write_problem
+        if problem is not None:
+            return JSONResponse(
+                {"ok": False, "version": __version__, "store": problem}, status_code=503
+            )
         return {"ok": True, "version": __version__}
 
     app.include_router(ingest.router)

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from layerscope.server.checks import RunIdTaken
+from layerscope.server.checks import RunIdTaken, StoreError
 from layerscope.server.commands import command_frame
 from layerscope.server.hub import Hub, close_reason
 from layerscope.server.settings import Settings
@@ -152,8 +152,11 @@ class _Committer:
                 self.room.set()
             try:
                 acked = await self.store.append(self.run_id, batch, validated=True)
-            except Exception:
-                log.exception("storing frames for run %s failed", self.run_id)
+            except Exception as exc:
+                if isinstance(exc, StoreError):  # it says why; no traceback per batch
+                    log.error("storing frames for run %s failed: %s", self.run_id, exc)
+                else:
+                    log.exception("storing frames for run %s failed", self.run_id)
                 self.room.set()
                 # Nothing in the batch was acked, so the trainer resends it after reconnecting.
                 await self.link.close(
@@ -273,6 +276,10 @@ class Ingest:
             with contextlib.suppress(Exception):
                 await ws.send_text(wire.encode({"type": "error", "message": str(exc)}))
                 await ws.close(wire.CLOSE_POLICY, close_reason(str(exc)))
+            return
+        except StoreError as exc:  # the store refuses writes for now: no traceback each time
+            log.error("hello for run %s failed: %s", run_id, exc)
+            await ws.close(CLOSE_SERVER_ERROR, "server could not record hello; reconnect")
             return
         except Exception:
             log.exception("hello for run %s failed", run_id)

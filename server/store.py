@@ -86,6 +86,12 @@ class Store:
         return self._writes.commits
 
     @property
+    def write_problem(self) -> str | None:
+        """Why the store cannot take writes now (its writer process died and another has
+        not started yet, or it is not open), or None while it can."""
+        return self._writes.refusing
+
+    @property
     def writer_restarts(self) -> int:
         """How many times a writer process that died was replaced."""
         return self._writes.writer_restarts

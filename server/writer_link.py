@@ -4,9 +4,11 @@ Owns: starting the writer process and waiting until its database is open, the qu
 write operations and the feeder thread that pickles them down its pipe (validated
 frames as orjson bytes, which the writer also stores), the results thread that settles
 each operation's future after the commit that holds it, replacing a writer that died
-(the writes it held fail with a clear error; none was acknowledged), and stopping it in
-order (queued writes committed, then the process waited for, killed after
-``STOP_TIMEOUT_S``).
+(the writes it held fail with a clear error; none was acknowledged: at once after one
+that had lived, then after a backoff, 1 s doubling to ``RESTART_CAP_S``, while each
+replacement dies young or cannot start, refusing writes meanwhile: ``refusing`` says
+why, for ``/healthz``), and stopping it in order (queued writes committed, then the
+process waited for, killed after ``STOP_TIMEOUT_S``).
 
 Never: blocks the event loop (pipes are the threads' business), resolves a write before
 its commit, or raises one exception instance in many places (each failed write gets its
@@ -37,7 +39,12 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 STOP_TIMEOUT_S = 60.0  # a writer that has not committed and exited by then is killed
-RESTART_AFTER_S = 5.0  # a replacement writer dying younger than this is not replaced again
+# A writer that lived this long is replaced at once; a younger one (or one that could not
+# start) after RESTART_FIRST_S, doubling each time up to RESTART_CAP_S: one that dies at
+# once (a full disk, a database it cannot open) is retried without spinning.
+RESTART_AFTER_S = 5.0
+RESTART_FIRST_S = 1.0
+RESTART_CAP_S = 30.0
 # An operation on its way to the writer process: (id, Writer method, args, urgent:
 # commit at once instead of at the group-commit deadline).
 _Op = tuple[int, str, tuple[Any, ...], bool]
@@ -138,11 +145,22 @@ class WriterLink:
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._pending_lock = threading.Lock()
         self._next_op = 0
-        self._refusing: str | None = None  # why writes can no longer be taken
+        self._refusing: str | None = None  # why writes cannot be taken now
         self._closed = False
+        self._closing = threading.Event()  # wakes a replacement's backoff wait
+        self._backoff = 0.0  # before the next replacement starts (0: at once)
         self.commits = 0  # how many group commits so far (tests and benchmarks read it)
         self._commits_before = 0  # commits by writers that died
         self.writer_restarts = 0
+
+    @property
+    def refusing(self) -> str | None:
+        """Why writes are refused now (no writer: closed, or waiting to start another), or
+        None while they are taken."""
+        with self._pending_lock:
+            if self._refusing is None and self._writer is None:
+                return "the store is not open"
+            return self._refusing
 
     @property
     def pid(self) -> int | None:
@@ -179,6 +197,7 @@ class WriterLink:
                 return
             self._closed = True  # from here on no writer is replaced
             writers = list(self._writers)
+        self._closing.set()  # a replacement waiting out its backoff gives up now
         # In start order: stopping a writer that died joins the thread that may be starting
         # its replacement, so that one has its process by the time it is stopped.
         for writer in writers:
@@ -234,39 +253,78 @@ class WriterLink:
 
     def _writer_died(self, writer: _WriterProcess) -> None:
         """Fail the writes it held (none of them was acknowledged, so callers resend) and
-        start another writer, unless the store is closing or the last one died young."""
+        start another writer, unless the store is closing."""
         assert writer.proc is not None
         code = writer.proc.wait()
         why = f"the store's writer process stopped (exit code {code})"
-        # A replacement that dies young would die again: stop replacing then.
-        young = self.writer_restarts > 0 and time.monotonic() - writer.started < RESTART_AFTER_S
-        replacement = None
+        if time.monotonic() - writer.started >= RESTART_AFTER_S:
+            self._backoff = 0.0  # it had lived: its replacement starts at once
         with self._pending_lock:
             first_new = self._next_op + 1
             self._commits_before = self.commits
-            if self._closed or young:
-                self._refusing = f"{why}; the store takes no more writes"
-            else:
-                replacement = _WriterProcess()
-                self._writer = replacement  # new writes queue for it while it starts
-                self._writers.append(replacement)
+            # From here no write is queued for the dead writer: new ones wait for its
+            # replacement when that starts at once, and are refused until one starts else.
+            replacement = self._assign() if self._backoff == 0 else None
+            if replacement is None:
+                self._refusing = f"{why}; the store takes no writes until another starts"
         writer.queue.put(_STOP)  # ends the feeder; what it still held is failed below
-        log.error("%s%s", why, "; starting another" if replacement else "")
         # It may have died between a commit and its report: a resend is safe (a stored
         # seq or command id is stored once).
         self._fail_pending(
             f"{why}; this write may not have been stored: send it again", below=first_new
         )
-        if replacement is None:
-            return
-        self.writer_restarts += 1  # before it starts: its first results may come at once
-        try:
-            self._start(replacement)
-        except Exception as exc:
-            log.exception("could not start another store writer")
-            with self._pending_lock:
-                self._refusing = f"{why}; another could not start: {exc}"
-            self._fail_pending(self._refusing)
+        self._replace(why, replacement)
+
+    def _assign(self) -> _WriterProcess | None:
+        """(With _pending_lock held.) A new writer, which takes every write from now on
+        while it starts; None once the store is closing."""
+        if self._closed:
+            self._refusing = self._refusing or "the store is closed"
+            return None
+        replacement = _WriterProcess()
+        self._refusing = None
+        self._writer = replacement
+        self._writers.append(replacement)
+        return replacement
+
+    def _refuse(self, why: str) -> None:
+        with self._pending_lock:
+            self._refusing = why
+        self._fail_pending(why)
+
+    def _replace(self, why: str, replacement: _WriterProcess | None) -> None:
+        """Start writers until one runs or the store closes: ``replacement`` (assigned
+        already) at once, else after the backoff, which doubles while replacements die
+        young or cannot start. Meanwhile every write is refused at once (a trainer's link
+        reconnects and resends later) instead of waiting on a writer that may never come."""
+        died = why
+        while True:
+            delay = self._backoff
+            self._backoff = min(RESTART_CAP_S, max(RESTART_FIRST_S, 2 * delay))
+            if replacement is None:
+                if self._closed:
+                    break
+                log.error("%s; starting another in %g s", why, delay)
+                self._refuse(
+                    f"{why}; the store takes no writes until another starts (in {delay:g} s)"
+                )
+                self._closing.wait(delay)
+                with self._pending_lock:
+                    replacement = self._assign()
+                if replacement is None:
+                    break
+            else:
+                log.error("%s; starting another", why)
+            self.writer_restarts += 1  # before it starts: its first results may come at once
+            try:
+                self._start(replacement)
+                return
+            except Exception as exc:
+                log.error("could not start another store writer: %s", exc)
+                why = f"{died}; another could not start: {exc}"
+                self._refuse(why)
+                replacement = None
+        self._fail_pending("the store is closed")
 
     def _fail_pending(self, message: str, below: int | None = None) -> None:
         """Fail every pending write (those numbered below ``below``), each with its own

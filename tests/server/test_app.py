@@ -4,6 +4,11 @@ their trainer returns) and the health route."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -15,12 +20,14 @@ from layerscope.server.store import Store
 from server_harness import (
     FakeTrainer,
     LiveServer,
+    hello_frame,
     make_settings,
     metrics_frame,
     run_detail,
     running_server,
     wait_status,
 )
+from websockets.asyncio.client import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +36,51 @@ def test_healthz_answers_ok_with_the_version(live_server: LiveServer) -> None:
     response = httpx.get(f"{live_server}/healthz")
     assert response.status_code == 200
     assert response.json() == {"ok": True, "version": __version__}
+
+
+async def test_healthz_is_503_while_the_store_cannot_take_writes_and_ok_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/revE/t2_writer_dead.py: the writer process killed twice within 5 s
+    left a server that refused every write for good while /healthz said ok. Now another
+    writer is started after a backoff, and /healthz answers 503 with the store's state
+    meanwhile (a supervisor's health check sees it); a trainer is refused, then stores."""
+    with running_server(make_settings(tmp_path)) as server:
+        link = server.app.state.store._writes
+        first = link.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        while link.pid in (first, None):  # replaced at once the first time
+            await asyncio.sleep(0.01)
+        trainer = await FakeTrainer.connect(server, "before")  # through the replacement
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        await trainer.close()
+        replacement = link.pid
+        assert replacement is not None
+        os.kill(replacement, signal.SIGKILL)  # young: another after 1 s
+        async with httpx.AsyncClient(timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while (health := await client.get(f"{server}/healthz")).status_code == 200:
+                assert time.monotonic() < deadline, "healthz said ok with no writer"
+                await asyncio.sleep(0.01)
+            assert health.status_code == 503
+            body = health.json()
+            assert (body["ok"], body["version"]) == (False, __version__)
+            assert "writer process stopped (exit code -9)" in body["store"]
+            assert "takes no writes until another starts" in body["store"]
+            async with connect(server.ws("/ws/trainer")) as ws:
+                await ws.send(json.dumps(hello_frame("meanwhile")))
+                await ws.wait_closed()
+            assert ws.close_code == 1011 and "could not record hello" in (ws.close_reason or "")
+            while (health := await client.get(f"{server}/healthz")).status_code == 503:
+                assert time.monotonic() < deadline + 20, health.json()
+                await asyncio.sleep(0.05)
+            assert health.json() == {"ok": True, "version": __version__}
+        trainer = await FakeTrainer.connect(server, "after")
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        await trainer.close()
 
 
 def test_the_lifespan_puts_the_parts_on_app_state(live_server: LiveServer) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from layerscope.server.schema import SCHEMA_VERSION
 from layerscope.server.store import Store, StoreError
 from layerscope.trainer import wire
 
@@ -70,7 +73,9 @@ async def test_a_killed_writer_is_replaced_and_what_was_committed_is_kept(
 ) -> None:
     """Killed (the OOM killer, say): the writes it held fail with a clear error (none was
     acknowledged; a trainer resends), another writer takes the next ones. A replacement
-    that dies at once is not replaced again: writes are refused, reads go on."""
+    that dies at once is replaced after 1 s, the next after 2 s, ...: meanwhile writes are
+    refused, saying why and when (reviewer's /tmp/revE/t2_writer_dead.py: after two deaths
+    within 5 s the store refused every write for good), and reads go on."""
     store = Store(tmp_path / "data", commit_interval_s=0.005)
     await store.open()
     try:
@@ -91,15 +96,33 @@ async def test_a_killed_writer_is_replaced_and_what_was_committed_is_kept(
         assert store.acked_seq("r1") == 9 and store.writer_restarts == 1
         assert writer_pid(store) != first and gone(first)
 
-        os.kill(writer_pid(store), signal.SIGKILL)  # the replacement, at once
-        with pytest.raises(StoreError, match=r"exit code -9\)"):
-            for seq in range(10, 1000):
-                await store.append("r1", [log_event(seq)])
-        with pytest.raises(StoreError, match="takes no more writes"):
-            await store.append("r1", [log_event(5000)])
-        assert store.acked_seq("r1") >= 9  # reads never needed the writer
+        for backoff in (1, 2):
+            os.kill(writer_pid(store), signal.SIGKILL)  # the replacement, at once
+            killed = time.monotonic()
+            with pytest.raises(StoreError, match=r"exit code -9\)"):
+                for seq in range(10, 1000):
+                    await store.append("r1", [log_event(seq)])
+            while store.write_problem is None:
+                await asyncio.sleep(0.01)
+            waiting = f"the store takes no writes until another starts (in {backoff} s)"
+            assert waiting in str(store.write_problem)
+            with pytest.raises(StoreError, match=re.escape(waiting)):
+                await store.append("r1", [log_event(5000)])
+            assert store.acked_seq("r1") >= 9  # reads never needed the writer
+            while store.write_problem is not None:
+                assert time.monotonic() - killed < backoff + 20, store.write_problem
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - killed >= backoff
+            acked = store.acked_seq("r1")
+            assert await store.append("r1", [log_event(acked + 1)]) == acked + 1
+        assert store.writer_restarts == 3
+        os.kill(writer_pid(store), signal.SIGKILL)  # closing while it waits 4 s: at once
+        while "(in 4 s)" not in str(store.write_problem):
+            await asyncio.sleep(0.01)
+        closing = time.monotonic()
     finally:
         await store.close()
+    assert time.monotonic() - closing < 3
     again = Store(tmp_path / "data")
     await again.open()
     try:
@@ -108,6 +131,38 @@ async def test_a_killed_writer_is_replaced_and_what_was_committed_is_kept(
         assert await again.append("r1", [log_event(acked + 1)]) == acked + 1
     finally:
         await again.close()
+
+
+async def test_a_writer_that_cannot_start_is_tried_again_until_one_can(tmp_path: Path) -> None:
+    """The writer dies and its replacement cannot open the database (here: a newer
+    layerscope's schema version found there): writes are refused naming why, and another
+    is tried after 1 s, 2 s, ... until one starts."""
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    await store.open()
+    try:
+        await store.hello(hello())
+        assert await store.append("r1", [log_event(1)]) == 1
+        with closing(sqlite3.connect(tmp_path / "data" / "layerscope.db")) as conn:
+            conn.execute("UPDATE schema_version SET version = 99")
+            conn.commit()
+        os.kill(writer_pid(store), signal.SIGKILL)
+        while "could not start" not in str(store.write_problem):
+            await asyncio.sleep(0.01)
+        assert "version 99 was written by a newer layerscope" in str(store.write_problem)
+        with pytest.raises(StoreError, match="another could not start"):
+            await store.append("r1", [log_event(2)])
+        await asyncio.sleep(1.5)  # a second try, which fails too
+        assert store.writer_restarts >= 2 and store.write_problem is not None
+        with closing(sqlite3.connect(tmp_path / "data" / "layerscope.db")) as conn:
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            conn.commit()
+        deadline = time.monotonic() + 30
+        while store.write_problem is not None:
+            assert time.monotonic() < deadline, store.write_problem
+            await asyncio.sleep(0.05)
+        assert await store.append("r1", [log_event(2)]) == 2
+    finally:
+        await store.close()
 
 
 async def test_ctrl_c_in_the_terminal_does_not_stop_the_writer(tmp_path: Path) -> None:

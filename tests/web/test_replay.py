@@ -358,3 +358,31 @@ def test_picking_another_layers_histogram_keeps_the_replay_cursor(
         arg=other,
     )
     assert cursor_lines(page, "chart-hist") == [62]
+
+
+def test_the_freeze_picker_lists_only_layers_with_parameters(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F: the freeze picker offered ReLU and Tanh layers, which have nothing to
+    freeze. Layers the probes found no parameters on (no weight or gradient norm) are left
+    out, whatever their kind."""
+    data_dir = tmp_path / "data"
+    names = ["0", "1", "2", "3", "4"]
+    kinds = ["Linear", "Tanh", "Linear", "ReLU", "Custom"]
+    no_params = {"grad_norm": None, "weight_norm": None}
+    write_recorded_run(
+        data_dir, "mixed", steps=100, layers=5, every=10, layer_names=names,
+        layer_kinds=kinds, layer_stats={"1": no_params, "3": no_params, "4": no_params},
+    )  # fmt: skip
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/mixed")
+            listed = page.eval_on_selector_all(
+                "#freeze-layers label", "els => els.map(e => e.dataset.layer)"
+            )
+            assert listed == ["0", "2"]
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

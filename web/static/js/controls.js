@@ -38,6 +38,9 @@ export function startedWithoutWeightDecay(config) {
   return false;
 }
 
+/** Layer kinds without parameters of their own: activations, dropout, pooling, reshaping. */
+const PARAMLESS_KIND = /^(relu6?|leakyrelu|rrelu|elu|selu|celu|gelu|silu|mish|tanh|tanhshrink|sigmoid|logsigmoid|hardtanh|hardsigmoid|hardswish|hardshrink|softshrink|softplus|softsign|softmax|logsoftmax|threshold|glu|identity|flatten|unflatten|dropout\d?d?|alphadropout|(max|avg|adaptive(max|avg))pool\dd)$/i;
+
 const NO_WEIGHT_DECAY = "This run was started with weight decay 0 (every parameter group): there is no weight decay to switch on or off.";
 
 function newCommandId() {
@@ -70,6 +73,8 @@ export class Controls {
     this.trainerConnected = false;
     this.socketOpen = false;
     this.noWeightDecay = false; // started with weight decay 0: the switch is off for good
+    this.layers = [];           // the run's layer table
+    this.paramLayers = new Set(); // layers the probes found parameters on
     this.buttons = new Map([...root.querySelectorAll("button[data-cmd]")].map((b) => [b.dataset.cmd, b]));
     this.labels = new Map([...this.buttons].map(([k, b]) => [k, b.textContent]));
     this.reason = root.querySelector("#control-reason");
@@ -89,12 +94,36 @@ export class Controls {
     this.render();
   }
 
+  /** The run's layers (name, kind); the picker lists those with parameters (see frozenable). */
   setLayers(layers) {
-    this.freezeList.replaceChildren(...layers.map((l) => {
+    this.layers = layers;
+    this.renderLayers();
+  }
+
+  /**
+   * Names of layers the probes found parameters on (a weight_norm or grad_norm): once any
+   * is known, the picker lists exactly those. Only re-renders for a name new to it.
+   */
+  addParamLayers(names) {
+    const before = this.paramLayers.size;
+    for (const n of names) this.paramLayers.add(n);
+    if (this.paramLayers.size !== before) this.renderLayers();
+  }
+
+  /** Layers freezing can act on: those with parameters (an activation or dropout has none). */
+  frozenable() {
+    if (this.paramLayers.size) return this.layers.filter((l) => this.paramLayers.has(l.name));
+    return this.layers.filter((l) => !PARAMLESS_KIND.test(l.kind || ""));
+  }
+
+  renderLayers() {
+    const picked = new Set(this.pickedLayers());
+    this.freezeList.replaceChildren(...this.frozenable().map((l) => {
       const label = document.createElement("label");
       const box = document.createElement("input");
       box.type = "checkbox";
       box.value = l.name;
+      box.checked = picked.has(l.name);
       label.dataset.layer = l.name;
       label.append(box, `${l.name} (${l.kind})`);
       return label;

@@ -211,6 +211,8 @@ function loadHistory(detail) {
   const all = Promise.all([...rest, shownReq, lines, marked, hist]).then(([dead, sat, grad, update, steps, evs, shown]) => {
     charts.dead.set(dead.layers, dead.steps, dead.z);
     charts.sat.set(sat.layers, sat.steps, sat.z);
+    // a layer with a gradient has parameters: the freeze picker lists those
+    controls.addParamLayers(grad.layers.filter((_, i) => grad.z[i].some((v) => v !== null)));
     for (const [chart, m] of [[charts.grad, grad], [charts.update, update]]) {
       m.layers.forEach((name, i) => {
         if (m.z[i].some((v) => v !== null)) chart.setSeries(layerTrace(chart, name), m.steps, m.z[i]);
@@ -298,7 +300,9 @@ function applyProbe(frame) {
   }
   const dead = new Map();
   const sat = new Map();
+  const withParams = [];
   for (const layer of frame.layers || []) {
+    if ((layer.weight_norm ?? layer.grad_norm ?? null) !== null) withParams.push(layer.name);
     dead.set(layer.name, layer.dead_ratio);
     sat.set(layer.name, layer.saturated_ratio);
     for (const [chart, value] of [[charts.grad, layer.grad_norm], [charts.update, layer.update_ratio]]) {
@@ -309,6 +313,7 @@ function applyProbe(frame) {
     }
     if (layer.name === page.histLayer) charts.hist.append(frame.step, layer.hist);
   }
+  controls.addParamLayers(withParams);
   charts.dead.appendColumn(frame.step, dead);
   charts.sat.appendColumn(frame.step, sat);
   snapshots.live(frame);

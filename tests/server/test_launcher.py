@@ -385,7 +385,11 @@ def test_a_launched_trainer_gets_the_trainer_token_only(
     settings = make_settings(
         tmp_path / "data", viewer_token="viewer-secret", trainer_token="trainer-secret"
     )
-    show = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if 'TOKEN' in k}))"
+    # ours only: a machine's own variables (TIKTOKEN_CACHE_DIR on the GPU image) are not
+    show = (
+        "import json, os; print(json.dumps({k: v for k, v in os.environ.items()"
+        " if k.startswith('LAYERSCOPE_') and 'TOKEN' in k}))"
+    )
     with running_server(settings) as server:
         launcher = server.app.state.launcher
         launcher.command_line = lambda *_: [sys.executable, "-c", show]

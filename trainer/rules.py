@@ -45,6 +45,7 @@ from layerscope.trainer.rule_config import (
     MAX_LAYERS_NAMED,
     PATIENCE,
     PLATEAU,
+    POOR_INIT_MAX_STEP,
     PRE_ACTIVATION_KINDS,
     RATIO_CLEAR_FACTOR,
     RULE_NAMES,
@@ -424,7 +425,9 @@ class Rules:
 
     def _poor_init(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         cfg = self.config.poor_initialization
-        if self._probe_steps > cfg.probe_steps:
+        if self._probe_steps > cfg.probe_steps or (
+            self._probe_steps > 1 and step > POOR_INIT_MAX_STEP
+        ):
             return []
         kinds = [self._kind(e) for e in entries]
         if entries and kinds[-1] is not None and self._is_pre_activation(kinds[-1]):

@@ -323,6 +323,11 @@ def test_poor_initialization_fires_on_vanishing_std_only_in_the_first_probe_step
     for step in (0, 10, 20):
         assert late.on_probe(step, healthy_layers(), {}) == []
     assert late.on_probe(30, shrinking, {}) == []
+    # probing every 100: the first probe step counts, the next ones (training's scales) not
+    sparse = rules()
+    assert sparse.on_probe(1, healthy_layers(), {}) == []
+    assert sparse.on_probe(100, shrinking, {}) == []
+    assert [f.rule for f in rules().on_probe(1, shrinking, {})] == ["PoorInitialization"]
 
 
 def test_poor_initialization_compares_pre_activations_and_ignores_activation_std() -> None:

@@ -16,7 +16,7 @@ import zlib
 from typing import Any
 
 import orjson
-from layerscope.server.checks import WIRE_BODY, RunNotFound, json_value
+from layerscope.server.checks import WIRE_BODY, RunNotFound, json_bytes, json_value
 from layerscope.server.downsample import (
     minmax_rows,
     pick_even,
@@ -183,6 +183,46 @@ def decode_frame(body: bytes) -> dict[str, Any]:
         return wire.parse_trainer_frame(zlib.decompress(body[1:]).decode(), orjson.loads)
     frame: dict[str, Any] = json_value(zlib.decompress(body))
     return frame
+
+
+def frame_json(body: bytes) -> bytes:
+    """A stored frame as strict JSON text of one object, without decoding it where it was
+    stored so (a body of wire text is validated again, as decode_frame does)."""
+    if body[:1] == WIRE_BODY:
+        return json_bytes(decode_frame(body))
+    return zlib.decompress(body)
+
+
+def catchup_text(
+    conn: sqlite3.Connection, run_id: str, seq: int, max_frames: int, max_bytes: int
+) -> tuple[str, list[int]] | None:
+    """The viewer's catch-up message, ``{"v":1,"type":"catchup","run_id","frames":[...]}``
+    with every stored frame after ``seq`` (each with the run's id, as live frames carry
+    it), as JSON text built from the stored text (nothing decoded and encoded again), and
+    the seqs it holds; None when more than ``max_frames`` frames or ``max_bytes`` bytes of
+    them are stored: more than a catch-up should carry."""
+    rk = run_key(conn, run_id)
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM frames WHERE rk = ? AND seq > ?", (rk, seq)
+    ).fetchone()
+    if count > max_frames:
+        return None
+    tag = json_bytes({"run_id": run_id})[:-1] + b","  # '{"run_id":"...",'
+    parts: list[bytes] = []
+    seqs: list[int] = []
+    size = 0
+    for frame_seq, body in conn.execute(
+        "SELECT seq, body FROM frames WHERE rk = ? AND seq > ? ORDER BY seq", (rk, seq)
+    ):
+        text = frame_json(body)
+        size += len(text)
+        if size > max_bytes:
+            return None
+        # A stored frame is an object with a type and a seq: '{' then its members.
+        parts.append(tag + text[1:])
+        seqs.append(frame_seq)
+    head = json_bytes({"v": wire.VERSION, "type": "catchup", "run_id": run_id})[:-1]
+    return (head + b',"frames":[' + b",".join(parts) + b"]}").decode(), seqs
 
 
 def frames_after(

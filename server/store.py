@@ -198,6 +198,14 @@ class Store:
     def command(self, run_id: str, cmd_id: str) -> dict[str, Any] | None:
         return self._read(lambda c: queries.command(c, run_id, cmd_id))
 
+    def catchup_text(
+        self, run_id: str, seq: int, *, max_frames: int, max_bytes: int
+    ) -> tuple[str, list[int]] | None:
+        """The viewer's catch-up message after ``seq`` as JSON text and the seqs it holds;
+        None when it would carry more than max_frames frames or max_bytes bytes (the
+        viewer gets a snapshot instead). Builds the text from the stored frames' text."""
+        return self._read(lambda c: queries.catchup_text(c, run_id, seq, max_frames, max_bytes))
+
     def frames_after(self, run_id: str, seq: int, limit: int | None = None) -> list[dict[str, Any]]:
         """Stored frames with seq > seq, in seq order, as the dicts that were appended."""
         return self._read(lambda c: queries.frames_after(c, run_id, seq, limit))

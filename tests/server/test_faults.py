@@ -317,3 +317,51 @@ async def test_a_second_server_on_a_data_dir_in_use_exits_and_leaves_the_first_a
     first.wait(10)
     third, _ = start_server(data_dir)  # the killed server's lock went with it
     processes.append(third)
+
+
+async def test_a_viewer_far_behind_gets_a_snapshot_without_a_spike_or_a_stall(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    """Reviewer's /tmp/revE/t12_catchup_mem.py and t12b_catchup_stall.py: ?after_seq=0 on a
+    long run was one catch-up of every stored frame, decoded, re-encoded and sent from the
+    event loop (130 MB: the server went from 53 MB to 1.15 GB and /healthz stalled 5 s).
+    Past the catch-up limits the viewer gets the snapshot a new connection gets, read and
+    encoded off the event loop."""
+    proc, port = start_server(tmp_path / "data")
+    processes.append(proc)
+    server = Endpoint(port)
+    trainer = await FakeTrainer.connect(server, "long", layers=30)
+    try:
+        frames = 2500  # ~13 kB each: 32 MB, four times the catch-up's byte limit
+        for seq in range(1, frames + 1):
+            await trainer.send(probe_frame(seq, seq * 10, layers=30, bins=64, count_base=1000))
+            if seq % 250 == 0:
+                await trainer.wait_acked(seq, timeout=60)
+    finally:
+        await trainer.close()
+    rss = psutil.Process(proc.pid).memory_info().rss
+    stalls: list[float] = []
+
+    async def health() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                started = time.monotonic()
+                assert (await client.get(f"{server}/healthz")).status_code == 200
+                stalls.append(time.monotonic() - started)
+                await asyncio.sleep(0.02)
+
+    polling = asyncio.create_task(health())
+    try:
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        viewer, first = await open_viewer(server, "long", after_seq=0)
+        took = time.monotonic() - started
+        await viewer.close()
+        await asyncio.sleep(0.3)
+    finally:
+        await stop_task(polling)
+    grown = psutil.Process(proc.pid).memory_info().rss - rss
+    assert first["type"] == "snapshot" and first["last_seq"] == frames
+    assert [p["seq"] for p in first["probes"]] == [frames]
+    assert took < 10 and max(stalls) < 0.5, (took, max(stalls))
+    assert grown < 40_000_000, grown // 1_000_000

@@ -105,6 +105,44 @@ async def test_after_seq_catches_up_with_every_missed_frame(shared_server: LiveS
     await trainer.close()
 
 
+async def test_a_catch_up_past_its_limits_is_a_fresh_snapshot(tmp_path: Path) -> None:
+    """A viewer far behind (a tab back after hours; reviewer's /tmp/revE/t12_catchup_mem.py:
+    after_seq=0 on a 110k-frame run was one 130 MB message, built on the event loop) gets
+    the snapshot a new connection gets, then live frames from its last_seq; one within the
+    limits gets the frames as before."""
+    with running_server(make_settings(tmp_path)) as server:
+        hub = server.app.state.hub
+        hub.catchup_max_frames = 10  # the defaults, at a test's scale
+        trainer = await FakeTrainer.connect(server, "far")
+        for seq in range(1, 31):
+            await trainer.send(probe_frame(seq, seq) if seq % 3 == 0 else metrics_frame(seq, seq))
+        await trainer.wait_acked(30)
+        for after_seq, last in ((0, 30), (20, 31)):  # 30 and 11 frames behind
+            fresh, snapshot = await open_viewer(server, "far")
+            await fresh.close()
+            assert snapshot["type"] == "snapshot" and snapshot["last_seq"] == last
+            viewer, first = await open_viewer(server, "far", after_seq=after_seq)
+            assert first == snapshot
+            await trainer.send(metrics_frame(last + 1, last + 1))
+            live = await recv_until(viewer, lambda m: "seq" in m)
+            assert [m["seq"] for m in live if "seq" in m] == [last + 1]
+            await viewer.close()
+            await trainer.wait_acked(last + 1)
+        for seq in range(33, 51):
+            await trainer.send(metrics_frame(seq, seq))
+        await trainer.wait_acked(50)
+        viewer, catchup = await open_viewer(server, "far", after_seq=40)  # 10 behind: frames
+        assert catchup["type"] == "catchup" and catchup["run_id"] == "far"
+        assert [f["seq"] for f in catchup["frames"]] == list(range(41, 51))
+        assert {f["run_id"] for f in catchup["frames"]} == {"far"}
+        await viewer.close()
+        hub.catchup_max_bytes = 500  # and by size: ten frames are about 1 kB
+        viewer, first = await open_viewer(server, "far", after_seq=40)
+        assert first["type"] == "snapshot" and first["last_seq"] == 50
+        await viewer.close()
+        await trainer.close()
+
+
 async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(tmp_path: Path) -> None:
     # A small queue and a viewer with a small receive buffer: the socket fills, then the queue.
     with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:

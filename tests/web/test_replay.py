@@ -386,3 +386,32 @@ def test_the_freeze_picker_lists_only_layers_with_parameters(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_the_layers_and_alerts_dropdowns_close_on_escape_and_on_a_click_outside(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F's keys1.py: once open, the Layers and Alerts dropdowns stayed open over the
+    page until their own summary was clicked again."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(data_dir, "drops", steps=100, layers=2, every=10)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/drops")
+            for picker in ("#freeze-picker", "#rules-picker"):
+                dropdown = page.locator(picker)
+                page.click(f"{picker} summary")
+                expect(dropdown).to_have_attribute("open", "")
+                page.keyboard.press("Escape")
+                expect(dropdown).not_to_have_attribute("open", "")
+                page.click(f"{picker} summary")
+                if picker == "#freeze-picker":  # (the recorded run lists no rules to click)
+                    page.locator(f"{picker} .dropdown-list label").first.click()  # inside
+                    expect(dropdown).to_have_attribute("open", "")
+                page.click("#run-name")  # outside
+                expect(dropdown).not_to_have_attribute("open", "")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

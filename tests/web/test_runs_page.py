@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import (
+    FAST_CONFIG,
     LiveServer,
     PageGuard,
     chart_points,
@@ -261,6 +262,33 @@ def test_an_empty_required_number_is_an_inline_error_not_the_default(
             expect(error).to_contain_text("Steps: required")
             expect(error).not_to_contain_text("got 0")
             assert server.api("GET", "/api/runs").json() == []
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+def test_a_narrow_window_scrolls_the_runs_table_inside_its_panel(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F's narrow1.py: at 800 px the table's last column (Delete) ran past its panel."""
+    data_dir = tmp_path / "data"
+    config = {**FAST_CONFIG, "name": "mlp-tanh-xavier-digits"}  # a built-in run's config column
+    name = "init lab 7ccf3782: normal 1.0 (tanh)"  # as long as a lab run's
+    write_recorded_run(data_dir, "narrow", steps=50, layers=1, every=25, config=config, name=name)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            page.set_viewport_size({"width": 800, "height": 900})
+            open_ready(page, f"{server.url}/")
+            delete = row(page, "narrow").locator("button.danger")
+            delete.scroll_into_view_if_needed()
+            expect(delete).to_be_in_viewport()
+            box = delete.bounding_box()
+            panel = page.locator("section.panel").first.bounding_box()
+            assert box and panel
+            assert box["x"] + box["width"] <= panel["x"] + panel["width"], (box, panel)
+            assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

@@ -43,6 +43,16 @@ const PARAMLESS_KIND = /^(relu6?|leakyrelu|rrelu|elu|selu|celu|gelu|silu|mish|ta
 
 const NO_WEIGHT_DECAY = "This run was started with weight decay 0 (every parameter group): there is no weight decay to switch on or off.";
 
+/** Closes every open dropdown <details> not holding `target` (all of them for null). */
+export function closeDropdowns(target) {
+  for (const d of document.querySelectorAll("details.dropdown[open], details.help[open]")) {
+    if (target instanceof Node && d.contains(target)) continue;
+    const hadFocus = d.contains(document.activeElement);
+    d.open = false;
+    if (hadFocus) d.querySelector("summary")?.focus();
+  }
+}
+
 function newCommandId() {
   if (crypto.randomUUID) return crypto.randomUUID();
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -85,6 +95,9 @@ export class Controls {
     this.freezeList.addEventListener("change", () => this.renderFreeze());
     for (const [key, button] of this.buttons) button.addEventListener("click", () => this.click(key));
     document.addEventListener("keydown", (ev) => this.key(ev));
+    // The dropdowns (Layers, Alerts, the "?" helps) close on Escape and on a click outside.
+    document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeDropdowns(null); });
+    document.addEventListener("click", (ev) => closeDropdowns(ev.target));
     this.render();
   }
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 MAX_POINTS = 20_000
+MAX_RUNS_PAGE = 1000  # GET /api/runs?limit=
 MAX_STEPS = 2_000
 STATS_PATTERN = "^({0})(,({0}))*$".format("|".join(wire.PROBE_STATS))
 STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
@@ -187,9 +188,28 @@ def _connected(hub: Hub | None, run_id: str) -> bool:
     return hub is not None and hub.is_connected(run_id)
 
 
-@router.get("/runs", response_model=list[RunSummary], summary="Every run, newest first")
-def list_runs(store: StoreDep, hub: HubDep) -> list[dict[str, Any]]:
-    runs = store.runs()
+@router.get(
+    "/runs",
+    response_model=list[RunSummary],
+    summary="Runs, newest first",
+    description="Every run, or a page of them with limit and offset; the X-Total-Count "
+    "header says how many there are. Each config is what the runs page shows of it (its key "
+    "fields) unless full=true.",
+)
+def list_runs(
+    store: StoreDep,
+    hub: HubDep,
+    response: Response,
+    limit: Annotated[
+        int | None, Query(ge=1, le=MAX_RUNS_PAGE, description="at most this many runs")
+    ] = None,
+    offset: Annotated[
+        int, Query(ge=0, le=wire.MAX_INT, description="skip this many of the newest")
+    ] = 0,
+    full: Annotated[bool, Query(description="each run's whole config")] = False,
+) -> list[dict[str, Any]]:
+    runs = store.runs(limit, offset, full_config=full)
+    response.headers["X-Total-Count"] = str(store.run_count())
     for run in runs:
         run["trainer_connected"] = _connected(hub, run["id"])
     return runs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -45,12 +46,14 @@ def run_key(conn: sqlite3.Connection, run_id: str) -> int:
 # ---- runs ----
 
 
-def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, Any]:
+def _summary(
+    row: tuple[Any, ...], sparkline: list[float | None], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     (
         _rk,
         run_id,
         name,
-        config,
+        _config,
         status,
         reason,
         launched,
@@ -71,7 +74,7 @@ def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, A
         "name": name,
         "status": status,
         "status_reason": reason,
-        "config": json.loads(config),
+        "config": json.loads(row[3]) if config is None else config,
         "launched": bool(launched),
         "created_at": created_at,
         "updated_at": updated_at,
@@ -82,14 +85,77 @@ def _summary(row: tuple[Any, ...], sparkline: list[float | None]) -> dict[str, A
     }
 
 
-def run_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+def run_rows(
+    conn: sqlite3.Connection, limit: int | None = None, offset: int = 0
+) -> list[tuple[Any, ...]]:
+    """Runs, newest first: ``limit`` of them (all when None) after the first ``offset``."""
     return conn.execute(
-        f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created_at DESC, rk DESC"
+        f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created_at DESC, rk DESC LIMIT ? OFFSET ?",
+        (-1 if limit is None else limit, offset),
     ).fetchall()
 
 
-def run_summary(row: tuple[Any, ...], spark: list[float | None]) -> dict[str, Any]:
-    return _summary(row, spark)
+def run_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+
+def run_summary(
+    row: tuple[Any, ...], spark: list[float | None], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run list's row; ``config`` in place of the stored one (list_config's part)."""
+    return _summary(row, spark, config)
+
+
+# What the runs page (web/static/js/runs.js) shows of a run's config: these dotted
+# fields, or (a config with none of them: a watch() run's) its first few plain values,
+# and whether it runs the overfit sanity check. The two lists go together.
+LIST_CONFIG_KEYS = (
+    "model.arch",
+    "model.depth",
+    "model.width",
+    "model.activation",
+    "model.init",
+    "model.batch_norm",
+    "data.dataset",
+    "solver.optimizer",
+    "solver.lr",
+    "solver.batch_size",
+)
+LIST_CONFIG_FALLBACK = 6
+LIST_CONFIG_ALSO = ("overfit",)
+
+
+def _leaves(
+    config: dict[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every leaf, in order; a list is a leaf, as runs.js's flatConfig has it."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def list_config(config: Any) -> dict[str, Any]:
+    """The part of a run's config the runs page shows, nested as in the config."""
+    if not isinstance(config, dict):
+        return {}
+    leaves = list(_leaves(config))
+    wanted = {tuple(k.split(".")) for k in LIST_CONFIG_KEYS}
+    kept = [(path, value) for path, value in leaves if path in wanted]
+    if not kept:
+        plain = (str, int, float, bool)
+        kept = [(p, v) for p, v in leaves if isinstance(v, plain)][:LIST_CONFIG_FALLBACK]
+    out: dict[str, Any] = {}
+    for path, value in kept:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    for key in LIST_CONFIG_ALSO:
+        if key in config:
+            out[key] = config[key]
+    return out
 
 
 def run_detail(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ a NaN/Inf (stored as NULL).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -53,6 +54,8 @@ class Store:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
+        # Per run: its stored config text and the part of it the run list shows.
+        self._list_configs: dict[int, tuple[str, dict[str, Any]]] = {}
 
     # ---- lifecycle ----
 
@@ -173,21 +176,36 @@ class Store:
     def run(self, run_id: str) -> dict[str, Any] | None:
         return self._read(lambda c: queries.run_detail(c, run_id))
 
-    def runs(self) -> list[dict[str, Any]]:
-        """Every run, newest first, each with a loss sparkline (cached per run until it changes)."""
+    def runs(
+        self, limit: int | None = None, offset: int = 0, *, full_config: bool = True
+    ) -> list[dict[str, Any]]:
+        """Runs, newest first (``limit`` of them after the first ``offset``; all when limit
+        is None), each with a loss sparkline (cached per run until it changes). Without
+        full_config each config is what the runs page shows of it (queries.list_config)."""
 
         def read(c: sqlite3.Connection) -> list[dict[str, Any]]:
             out = []
-            for row in queries.run_rows(c):
+            for row in queries.run_rows(c, limit, offset):
                 rk, updated_at = row[0], row[11]
                 cached = self._sparklines.get(rk)
                 if cached is None or cached[0] != updated_at:
                     cached = (updated_at, queries.sparkline(c, rk))
                     self._sparklines[rk] = cached
-                out.append(queries.run_summary(row, cached[1]))
+                config = None
+                if not full_config:
+                    text = row[3]
+                    shown = self._list_configs.get(rk)
+                    if shown is None or shown[0] != text:
+                        shown = (text, queries.list_config(json.loads(text)))
+                        self._list_configs[rk] = shown
+                    config = shown[1]
+                out.append(queries.run_summary(row, cached[1], config))
             return out
 
         return self._read(read)
+
+    def run_count(self) -> int:
+        return self._read(queries.run_count)
 
     def runs_with_status(self, statuses: set[str]) -> list[str]:
         return self._read(lambda c: queries.runs_with_status(c, statuses))

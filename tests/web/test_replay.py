@@ -415,3 +415,29 @@ def test_the_layers_and_alerts_dropdowns_close_on_escape_and_on_a_click_outside(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the_inits_own(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review F: in replay the header's step and loss stayed at the last step wherever the
+    cursor was, and the config bar showed model.init_std for a He run (it is the normal
+    init's alone)."""
+    data_dir = tmp_path / "data"
+    config = {"model": {"arch": "mlp", "init": "he", "init_std": 0.02}}
+    write_recorded_run(data_dir, "he", steps=300, layers=2, every=10, config=config)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/he?step=50")
+            shown = page.eval_on_selector_all("#config .kv", "els => els.map(e => e.textContent)")
+            assert "model.init he" in shown and not any("init_std" in s for s in shown), shown
+            expect(page.locator("#step")).to_have_text("50 of 299")
+            expect(page.locator("#last-loss")).to_have_text("1.15")  # 2.3 / (1 + 50 / 50)
+            scrub(page, 100)
+            expect(page.locator("#step")).to_have_text("100 of 299")
+            expect(page.locator("#last-loss")).to_have_text("0.7667")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

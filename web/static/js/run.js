@@ -147,7 +147,10 @@ function applyDetail(d) {
   controls.setConfig(d.config);
   controls.setState(d.control);
   const config = $("config");
-  config.replaceChildren(...Object.entries(flatConfig(d.config))
+  const flat = flatConfig(d.config);
+  // init_std is the normal init's alone: He and Xavier take their scale from the layer
+  if ("model.init" in flat && flat["model.init"] !== "normal") delete flat["model.init_std"];
+  config.replaceChildren(...Object.entries(flat)
     .filter(([, v]) => v !== null && typeof v !== "object")
     .map(([k, v]) => {
       const span = document.createElement("span");
@@ -392,7 +395,30 @@ function recordedPace(last) {
   return Number.isFinite(seconds) && seconds > 0 ? (last - page.firstStep) / seconds : 0;
 }
 
+/** y of the loss chart's trace i at its last point at or before step s (null: none yet). */
+function lossAt(i, s) {
+  const { x, y } = charts.loss.model[i];
+  let lo = 0;
+  let hi = x.length - 1;
+  let best = null;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    if (x[mid] <= s) { best = y[mid]; lo = mid + 1; } else hi = mid - 1;
+  }
+  return best;
+}
+
+/** In replay the header's step and losses are the cursor's, with the last step beside them. */
+function showCursorFacts(step) {
+  $("step").textContent = `${step} of ${page.lastStep ?? step}`;
+  $("step").title = "the replay cursor's step, of the run's last";
+  $("last-loss").textContent = formatNumber(lossAt(0, step));
+  $("last-val-loss").textContent = formatNumber(lossAt(1, step));
+  document.body.dataset.factsStep = String(step);
+}
+
 function moveCursor(step) {
+  if (page.replaying) showCursorFacts(step);
   for (const c of Object.values(charts)) c.setCursor(step);
   snapshots.request(step).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
 }

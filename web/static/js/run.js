@@ -266,6 +266,12 @@ function onSnapshot(msg) {
   }
   setStatus(msg.run?.status, msg.trainer_connected);
   if (!page.historyLoaded && msg.probes?.length) page.buffer.push(...msg.probes.map((p) => ({ type: "probe", ...p })));
+  else if (page.historyLoaded) {
+    // A reconnect too far behind for a catch-up gets a snapshot instead of the frames it
+    // missed (the server's catch-up cap): read the history again, so the curves keep no gap.
+    const detail = { ...page.detail, last_step: msg.run?.last_step ?? page.detail.last_step };
+    loadHistory(detail).all.catch((e) => toast(`History reload failed: ${e.message}`, "error"));
+  }
 }
 
 function onFrame(frame) {

@@ -2,8 +2,9 @@
  * socket.js — the viewer websocket for one run (/ws/runs/{id}).
  *
  * Owns: connecting, resuming after any drop from the last seq it has seen
- * (?after_seq=N; the server answers with a catchup frame, so a server restart
- * leaves no gap), backing off between attempts, and dropping frames it has
+ * (?after_seq=N; the server answers with a catchup frame, or past its catch-up
+ * cap with a fresh snapshot, whose history the page reads again: either way a server
+ * restart leaves no gap), backing off between attempts, and dropping frames it has
  * already delivered (seq <= last seq) when a catchup overlaps live frames.
  * Never: touches the page, reorders frames, or swallows a frame silently.
  */

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from layerscope.trainer import wire
 from layerscope.trainer.spool import SpoolError, SpoolWriter, set_aside_other_run
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 _fast_dumps: Callable[[Any], bytes] | None
 try:
@@ -311,13 +312,17 @@ class Link:
         deadline = time.monotonic() + self.close_timeout_s
         while self.acked_seq < self.last_seq:
             if not self.ever_connected and self._failures and self._refusal is not None:
+                token = self._refusal.startswith("the trainer token")
                 log.warning(
-                    "layerscope: %s refused run %s; the run is in %s: upload it under another"
-                    " run id with `layerscope sync %s --server URL --run-id NEW`",
+                    "layerscope: %s refused run %s; the run is in %s: upload it %s",
                     self.url,
                     self.hello["run_id"],
                     self.spool.path,
-                    self.spool.path,
+                    f"with the right token: `layerscope sync {self.spool.path} --server URL"
+                    " --token T`"
+                    if token
+                    else f"under another run id with `layerscope sync {self.spool.path}"
+                    " --server URL --run-id NEW`",
                 )
                 return
             if not self.ever_connected and self._failures:
@@ -362,6 +367,14 @@ class Link:
                 reason: str = "the server closed the connection"
             except asyncio.CancelledError:
                 raise
+            except InvalidStatus as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if exc.response.status_code in (401, 403):  # reached, and told no
+                    self._refusal = (
+                        f"the trainer token was refused (HTTP {exc.response.status_code}): "
+                        "check --token / LAYERSCOPE_TRAINER_TOKEN against the server's "
+                        "--trainer-token"
+                    )
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             self.connected = False

@@ -145,7 +145,9 @@ def test_commands_reach_the_callback_once_and_heartbeats_flow(
     assert [c["name"] for c in got] == ["set_lr_scale", "resume"]
 
 
-def test_bad_token_is_refused_without_raising(tmp_path: Path) -> None:
+def test_bad_token_is_refused_without_raising(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     guarded = TrainerServer(token="secret").start()
     try:
         link = Link(make_hello(), spool_path=tmp_path / "a.bin", server=guarded.url, token="wrong")
@@ -154,6 +156,9 @@ def test_bad_token_is_refused_without_raising(tmp_path: Path) -> None:
         wait_until(lambda: link._failures >= 1)
         link.close()
         assert guarded.frames == {}
+        # reached and told no: said so, not 'never reached', and how to upload it after all
+        assert "the trainer token was refused" in caplog.text and "--token T" in caplog.text
+        assert "never reached" not in caplog.text
         good = Link(
             make_hello("r2"),
             spool_path=tmp_path / "b.bin",

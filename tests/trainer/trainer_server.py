@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
+from http import HTTPStatus
 from typing import Any
 
 from layerscope.trainer import wire
@@ -65,12 +66,13 @@ class TrainerServer:
         with contextlib.suppress(ConnectionClosed):
             await self._session(ws)
 
+    def _check_token(self, connection: ServerConnection, request: Any) -> Any:
+        # as the real server does: a bad token is an HTTP 403 before the upgrade
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return connection.respond(HTTPStatus.FORBIDDEN, "bad token\n")
+        return None
+
     async def _session(self, ws: ServerConnection) -> None:
-        if self.token is not None:
-            auth = ws.request.headers.get("Authorization") if ws.request else None
-            if auth != f"Bearer {self.token}":
-                await ws.close(wire.CLOSE_POLICY, "bad token")
-                return
         hello = wire.decode(await ws.recv())
         self.hellos.append(hello)
         hello = wire.validate_hello(hello)
@@ -115,7 +117,9 @@ class TrainerServer:
 
     def start(self) -> TrainerServer:
         async def start() -> None:
-            self._server = await serve(self._handler, "127.0.0.1", self.port)
+            self._server = await serve(
+                self._handler, "127.0.0.1", self.port, process_request=self._check_token
+            )
             self.port = self._server.sockets[0].getsockname()[1]
 
         self._call(start())

@@ -584,6 +584,14 @@ def _run_config(
         lr = optimizer.param_groups[0].get("lr")
         if isinstance(lr, (int, float)):
             out.setdefault("lr", lr)
+        # the weight decay each group starts with: the page's switch has nothing to turn
+        # on or off where every group's is 0
+        decays = [group.get("weight_decay", 0.0) for group in optimizer.param_groups]
+        if all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in decays):
+            if len(set(decays)) == 1:
+                out.setdefault("weight_decay", decays[0])
+            else:
+                out.setdefault("param_groups", [{"weight_decay": d} for d in decays])
     if batch_size is not None:
         out.setdefault("batch_size", batch_size)
     out.setdefault("every", every)

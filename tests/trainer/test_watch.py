@@ -87,6 +87,8 @@ def test_metrics_every_step_and_probes_every_n(
     assert hello["name"] == "mlp" and hello["run_id"] == w.run_id
     assert [layer["name"] for layer in hello["layers"]] == ["0", "1", "2"]
     assert hello["config"]["optimizer"] == "SGD" and hello["config"]["batch_size"] == 32
+    # each group's starting weight decay (the page's switch is off where all are 0)
+    assert hello["config"]["param_groups"] == [{"weight_decay": 1e-3}, {"weight_decay": 0.0}]
     train_rows = [r for r in rows(fs) if "loss" in r["values"]]
     assert [r["step"] for r in train_rows] == list(range(1, 24))
     assert [r["values"]["loss"] for r in train_rows] == pytest.approx(losses)

@@ -478,7 +478,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         # Only a name of the user's own: one built from these settings or a preset's would
         # outlive them in a file reused with other flags.
-        print(json.dumps({**cfg, "name": cfg["name"] if user_named else None}, indent=2))
+        text = json.dumps({**cfg, "name": cfg["name"] if user_named else None}, indent=2)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `--print-config | head`: the reader had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(args.nproc, args.argv)

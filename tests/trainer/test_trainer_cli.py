@@ -451,3 +451,20 @@ def test_rule_and_finetune_flags(tmp_path: Path, capsys: pytest.CaptureFixture[s
     common = ["--device", "cpu", "--run-dir", str(tmp_path / "r"), "--no-progress"]
     assert cli.main(["train", "--steps", "2", "--from", str(ckpt), *common]) == 2
     assert "not a layerscope checkpoint" in capsys.readouterr().err
+
+
+def test_print_config_into_a_closed_pipe_exits_quietly() -> None:
+    """`layerscope train --print-config | head`: a reader that stops early is not an error
+    (it printed a BrokenPipeError traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "layerscope.trainer", "train", "--print-config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()

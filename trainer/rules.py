@@ -576,7 +576,12 @@ class Rules:
         improving = best is not None and val < best * (1.0 - self.config.plateau.min_delta_rel)
         over = ratio > cfg.ratio_threshold and not improving
         self._overfit_streak = self._overfit_streak + 1 if over else 0
-        if not self._onset("Overfit", "run", self._overfit_streak >= cfg.patience):
+        # One episode while the gap stays above the threshold: a validation loss that sets a
+        # new best now and then breaks the streak but not the over-fitting (a long live run
+        # on digits raised Overfit every ~160 steps).
+        if not self._onset(
+            "Overfit", "run", self._overfit_streak >= cfg.patience, ratio > cfg.ratio_threshold
+        ):
             return []
         if not self._audible("Overfit"):
             return []

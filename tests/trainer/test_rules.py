@@ -472,6 +472,17 @@ def test_the_rules_run_on_host_numbers_without_importing_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_overfit_is_one_alert_while_the_gap_stays_open() -> None:
+    r = rules(patience=3)
+    vals = [0.30, 0.31, 0.31, 0.31, 0.29, 0.30, 0.30, 0.30, 0.28, 0.30, 0.30, 0.30]
+    found = [f for i, v in enumerate(vals) for f in r.on_eval(i, v, 0.1)]  # gap 180-210%
+    # new validation bests at 4 and 8 break the streak, not the episode: one alert
+    assert [(f.rule, f.step) for f in found] == [("Overfit", 2)]
+    r.on_eval(12, 0.105, 0.1)  # the gap closes (5%): the episode ends
+    again = [f for i in range(13, 16) for f in r.on_eval(i, 0.3, 0.1)]
+    assert [(f.rule, f.step) for f in again] == [("Overfit", 15)]
+
+
 def test_overfit_waits_while_validation_loss_still_reaches_new_lows() -> None:
     # Near zero training loss the relative gap is large on every well-fitted run; it only
     # counts once validation loss stops improving.

@@ -267,8 +267,8 @@ export class LineChart {
     return x.length ? x[x.length - 1] : -Infinity;
   }
 
-  /** y of trace i at the last point with step <= s (for placing markers). */
-  valueAt(i, s) {
+  /** y of trace i at the last point with step <= s, null before its first (or no trace). */
+  valueAtOrBefore(i, s) {
     if (!this.model[i]) return null; // a chart with no series yet (e.g. no weight decay logged)
     const { x, y } = this.model[i];
     let lo = 0;
@@ -278,7 +278,13 @@ export class LineChart {
       const mid = (lo + hi) >> 1;
       if (x[mid] <= s) { best = y[mid]; lo = mid + 1; } else hi = mid - 1;
     }
-    return best ?? (y.length ? y[0] : null);
+    return best;
+  }
+
+  /** y of trace i at the last point with step <= s, else its first (for placing markers). */
+  valueAt(i, s) {
+    const y = this.model[i]?.y;
+    return this.valueAtOrBefore(i, s) ?? (y?.length ? y[0] : null);
   }
 
   setLogY(on) { this.logY = on; this.full = true; scheduler.mark(this); }

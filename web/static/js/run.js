@@ -403,15 +403,7 @@ function recordedPace(last) {
 
 /** y of the loss chart's trace i at its last point at or before step s (null: none yet). */
 function lossAt(i, s) {
-  const { x, y } = charts.loss.model[i];
-  let lo = 0;
-  let hi = x.length - 1;
-  let best = null;
-  while (lo <= hi) {
-    const mid = (lo + hi) >> 1;
-    if (x[mid] <= s) { best = y[mid]; lo = mid + 1; } else hi = mid - 1;
-  }
-  return best;
+  return charts.loss.valueAtOrBefore(i, s);
 }
 
 /** In replay the header's step and losses are the cursor's, with the last step beside them. */

@@ -320,8 +320,7 @@ class Control:
         if self.model is None:
             raise ValueError("set_frozen needs the model; none was given to watch()")
         layers = [plain_name(name) for name in layers]  # "module.fc1" as the model names it
-        known = {name for name, _ in self.model.named_modules() if name}
-        unknown = [name for name in layers if name not in known]
+        unknown = unknown_layers(self.model, layers)
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown}; {layer_names_hint(self.model)}")
         if frozen and getattr(self.optimizer, "_params", None) is not None:
@@ -425,6 +424,13 @@ class Control:
             with _steered_lock:
                 _steered.pop(self.optimizer, None)
             self._steers = False
+
+
+def unknown_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """The names among ``names`` that are no module of ``model`` (wrapper prefixes such as
+    ``module.`` or ``_orig_mod.`` ignored on both sides)."""
+    known = {plain_name(name) for name, _ in model.named_modules() if name}
+    return [name for name in names if plain_name(name) not in known]
 
 
 def layer_names_hint(model: nn.Module, most: int = 6) -> str:

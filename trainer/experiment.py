@@ -26,7 +26,7 @@ from layerscope.trainer.control import (
     CheckpointError,
     layer_names_hint,
     load_model_weights,
-    plain_name,
+    unknown_layers,
 )
 from layerscope.trainer.data import Batches, DataError, Dataset, add_input_noise, load_dataset
 from layerscope.trainer.distributed import (
@@ -287,8 +287,7 @@ def _train(
 def _check_freeze(model: nn.Module, freeze: str | None) -> None:
     """``finetune.freeze`` names this model's layers: checked before the run is recorded,
     one message naming the layers it has (not a failed command as well)."""
-    known = {plain_name(name) for name, _ in model.named_modules() if name}
-    unknown = [n for n in (freeze or "").split(",") if n and plain_name(n) not in known]
+    unknown = unknown_layers(model, [n for n in (freeze or "").split(",") if n])
     if unknown:
         raise ExperimentSetupError(
             f"finetune.freeze: unknown layer(s) {', '.join(unknown)}; {layer_names_hint(model)}"

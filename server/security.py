@@ -173,7 +173,7 @@ class Guard:
         if not expected:
             if trainer and self.settings.viewer_token:
                 # Never open while the viewer side is closed: any local process could take
-                # a live run's trainer socket (the CLI refuses to start this way).
+                # a live run's trainer socket (Settings refuses one token alone).
                 raise Denied("this server has no trainer token; start it with --trainer-token")
             return
         if any(token_matches(p, expected) for p in presented):

@@ -41,6 +41,22 @@ def local_host(host: str) -> str:
     return f"[{bare}]" if ":" in bare else bare
 
 
+def require_token_pair(viewer_token: str | None, trainer_token: str | None) -> None:
+    """The CLI's message for one token without the other (flag and env names). One alone left
+    the other side open to any local process (with only a viewer token, one could take a live
+    run's trainer socket and report it finished); Settings itself refuses it too."""
+    missing = None
+    if viewer_token and not trainer_token:
+        missing = "a trainer token: set --trainer-token (LAYERSCOPE_TRAINER_TOKEN)"
+    elif trainer_token and not viewer_token:
+        missing = "a viewer token: set --token (LAYERSCOPE_TOKEN)"
+    if missing:
+        raise SettingsError(
+            f"one token is set but not the other; the server needs {missing} too, "
+            "different from the first"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -84,26 +100,22 @@ class Settings:
                 "open to the network; set --token and --trainer-token "
                 "(LAYERSCOPE_TOKEN, LAYERSCOPE_TRAINER_TOKEN)"
             )
+        if bool(self.viewer_token) != bool(self.trainer_token):
+            one, other = (
+                ("viewer_token", "trainer_token")
+                if self.viewer_token
+                else ("trainer_token", "viewer_token")
+            )
+            raise SettingsError(
+                f"{one} is set but {other} is not: the server needs both tokens or neither "
+                "(viewer_token: --token, LAYERSCOPE_TOKEN; trainer_token: --trainer-token, "
+                "LAYERSCOPE_TRAINER_TOKEN), different from each other; with one alone every "
+                "trainer would be refused"
+            )
         if self.viewer_token and self.viewer_token == self.trainer_token:
             raise SettingsError(
                 "the viewer token (--token) and the trainer token (--trainer-token) are the "
                 "same; give them different values, or every browser could act as a trainer"
-            )
-
-    def require_token_pair(self) -> None:
-        """The server's own startup rule: with either token set, both. One alone left the
-        other side open to any local process (with only a viewer token, one could take a
-        live run's trainer socket and report it finished). Settings built by hand (tests) may
-        hold one; with only a viewer token the security middleware refuses every trainer."""
-        missing = None
-        if self.viewer_token and not self.trainer_token:
-            missing = "a trainer token: set --trainer-token (LAYERSCOPE_TRAINER_TOKEN)"
-        elif self.trainer_token and not self.viewer_token:
-            missing = "a viewer token: set --token (LAYERSCOPE_TOKEN)"
-        if missing:
-            raise SettingsError(
-                f"one token is set but not the other; the server needs {missing} too, "
-                "different from the first"
             )
 
     @classmethod
@@ -125,12 +137,16 @@ class Settings:
         roots = data_roots or tuple(
             r for r in env.get("LAYERSCOPE_DATA_ROOTS", "").split(os.pathsep) if r
         )
-        settings = cls(
+        viewer_token = viewer_token or env.get("LAYERSCOPE_TOKEN") or None
+        trainer_token = trainer_token or env.get("LAYERSCOPE_TRAINER_TOKEN") or None
+        if is_loopback(host):  # off loopback, the bind refusal below names both tokens
+            require_token_pair(viewer_token, trainer_token)
+        return cls(
             host=host,
             port=port,
             data_dir=Path(data_dir or env.get("LAYERSCOPE_DATA_DIR") or "layerscope-data"),
-            viewer_token=viewer_token or env.get("LAYERSCOPE_TOKEN") or None,
-            trainer_token=trainer_token or env.get("LAYERSCOPE_TRAINER_TOKEN") or None,
+            viewer_token=viewer_token,
+            trainer_token=trainer_token,
             allowed_origins=allowed_origins,
             allowed_hosts=allowed_hosts
             or tuple(h for h in env.get("LAYERSCOPE_ALLOWED_HOSTS", "").split(",") if h),
@@ -138,8 +154,6 @@ class Settings:
             max_launched=max_launched if max_launched is not None else 6,
             log_level=log_level,
         )
-        settings.require_token_pair()
-        return settings
 
     def with_port(self, port: int) -> Settings:
         return replace(self, port=port)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -288,14 +289,22 @@ def test_the_cli_names_the_missing_token(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists(), "nothing may be created when refusing to start"
 
 
-async def test_a_viewer_token_alone_never_leaves_the_trainer_socket_open(tmp_path: Path) -> None:
-    """Settings built by hand can still hold one token (the CLI refuses it): the trainer
-    socket is then closed to everyone, not open to anyone."""
-    with running_server(make_settings(tmp_path / "data", viewer_token=VIEWER)) as server:
-        status, body = await refused(server.ws("/ws/trainer"))
-        assert status == 403 and "--trainer-token" in body
-        status, _ = await refused(server.ws(f"/ws/trainer?token={VIEWER}"))
-        assert status == 403
+def test_settings_built_by_a_program_refuse_one_token_alone(tmp_path: Path) -> None:
+    """create_app(Settings(viewer_token=...)) (tests, an embedding program) started a server
+    that refused every trainer and said why only to the trainer. Settings now refuses it
+    itself, naming both settings and their flags and env variables."""
+    for one in ({"viewer_token": VIEWER}, {"trainer_token": TRAINER}):
+        with pytest.raises(ValueError, match="both tokens or neither") as refused_settings:
+            Settings(data_dir=tmp_path, **one)  # type: ignore[arg-type]
+        message = str(refused_settings.value)
+        for name in ("viewer_token", "trainer_token", "--token", "--trainer-token",
+                     "LAYERSCOPE_TOKEN", "LAYERSCOPE_TRAINER_TOKEN"):  # fmt: skip
+            assert name in message
+    with pytest.raises(SettingsError, match="both tokens or neither"):
+        make_settings(tmp_path / "data", viewer_token=VIEWER)
+    both = Settings(data_dir=tmp_path, viewer_token=VIEWER, trainer_token=TRAINER)
+    with pytest.raises(SettingsError, match="both tokens or neither"):
+        dataclasses.replace(both, trainer_token=None)
 
 
 def test_a_token_page_load_is_redirected_to_the_page_without_the_token(guarded: LiveServer) -> None:

@@ -10,7 +10,10 @@ Never: touches the network (commands arrive on a thread-safe queue the link
 fills; results leave through the ``emit`` callback), applies a command off the
 training thread, or changes what the user's code sees in ``param_groups``
 between steps: every change is made in the step pre-hook and undone in the
-post-hook, so a scheduler or a loop assigning ``group["lr"]`` cannot undo it.
+post-hook, so a scheduler or a loop assigning ``group["lr"]`` cannot undo it. A
+step that raises skips the post-hook, so ``optimizer.step`` is wrapped (as torch's
+LR schedulers wrap it) to undo the changes as the exception leaves it, before the
+user's code (a chainable scheduler computing from ``group["lr"]``) can see them.
 """
 
 from __future__ import annotations
@@ -92,10 +95,15 @@ class Control:
         self._saved: list[tuple[Any, Any, list[Any] | None, Any, Any, Any]] = []
         self._handles: list[Any] = []
         self._steers = False
+        # The wrapper _guard_step puts on optimizer.step, and what it replaced there
+        # (None: the optimizer's class's own step).
+        self._step_guard: Any = None
+        self._step_before: Any = None
         if optimizer is not None:
             self._claim(optimizer)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._guard_step(optimizer)
             self.used_lr = [_host_float(g.get("lr")) for g in optimizer.param_groups]
             self.used_weight_decay = [
                 _host_float(g.get("weight_decay")) for g in optimizer.param_groups
@@ -113,6 +121,54 @@ class Control:
             where = self.checkpoint_dir
             _steered[optimizer] = f" (run_dir {where})" if where is not None else ""
             self._steers = True
+
+    def _guard_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap ``optimizer.step`` so that a step that raises is undone as the exception
+        leaves it (``restore_after_raise``), not only at the next step: a chainable
+        scheduler (ExponentialLR, StepLR, ReduceLROnPlateau) stepped in between would
+        compute the next lr from the scaled one, baking the scale into the schedule
+        (halved twice after a resume, halved still after set_lr_scale(1)).
+
+        Made as torch's LR schedulers make theirs, so the two chain either way round: an
+        instance attribute (the class's step, or a scheduler's wrapper, stays inside), a
+        bound method (a scheduler created later wraps it through ``__func__``), marked
+        ``_wrapped_by_lr_sched`` when what it wraps was (else such a scheduler would warn
+        that the step was overridden). It holds the Control weakly; ``close()`` puts back
+        what it replaced, or leaves it passing straight through when something wrapped
+        it since. The normal path costs one Python call."""
+        before = vars(optimizer).get("step")
+        control = weakref.ref(self)
+
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            try:
+                if before is None:
+                    return type(opt).step(opt, *args, **kwargs)
+                return before(*args, **kwargs)
+            except BaseException:
+                owner = control()
+                if owner is not None:
+                    owner.restore_after_raise()
+                raise
+
+        inner = before if before is not None else type(optimizer).step
+        for attr in ("__name__", "__qualname__", "__doc__"):
+            setattr(step, attr, getattr(inner, attr, None) or getattr(step, attr))
+        if getattr(inner, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self._step_before = before
+        self._step_guard = step.__get__(optimizer, type(optimizer))
+        vars(optimizer)["step"] = self._step_guard
+
+    def _unguard_step(self) -> None:
+        optimizer, guard = self.optimizer, self._step_guard
+        self._step_guard = None
+        if optimizer is None or guard is None or vars(optimizer).get("step") is not guard:
+            return  # wrapped since (a scheduler created later): ours stays, passing through
+        if self._step_before is None:
+            del vars(optimizer)["step"]
+        else:
+            vars(optimizer)["step"] = self._step_before
+        self._step_before = None
 
     # ---- state ----
 
@@ -171,9 +227,11 @@ class Control:
         post-hook (a caught CUDA out-of-memory, a bad batch, Ctrl-C): else the scaled lr,
         the switched-off decay and the frozen layers' absence would stay in the groups,
         and the next step would take them for the user's values (an lr scale compounding
-        step after step). A value the user's code set since (a scheduler, ``group["lr"] =
-        ...``) is the user's and stays. Called by the next pre-step hook, the next step
-        boundary and ``close()``; nothing to do after a step that returned."""
+        step after step). Called as the exception leaves ``optimizer.step`` (see
+        ``_guard_step``), and again by the next pre-step hook, the next step boundary and
+        ``close()`` (for a step called past that wrapper); nothing to do after a step that
+        returned. A value set since the hook ran (by the optimizer inside its step, or by
+        the user's code when the wrapper was bypassed) is not the hook's and stays."""
         if self._saved and self.optimizer is not None:
             self._restore(self.optimizer, only_unchanged=True)
         self._saved = []
@@ -420,6 +478,7 @@ class Control:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._unguard_step()
         if self._steers and self.optimizer is not None:
             with _steered_lock:
                 _steered.pop(self.optimizer, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -242,9 +243,9 @@ def test_a_step_that_raises_leaves_the_groups_as_the_user_set_them() -> None:
     model(torch.ones(1, 2)).sum().backward()
     with pytest.raises(RuntimeError, match="out of memory"):
         opt.step(_raise)
-    assert len(opt.param_groups[0]["params"]) == 2  # inside the failed step's changes
+    group = opt.param_groups[0]  # undone as the exception left optimizer.step()
+    assert group["lr"] == 0.1 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
     control.at_step_boundary(step=2)
-    group = opt.param_groups[0]
     assert group["lr"] == 0.1 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
 
     opt.zero_grad()
@@ -265,6 +266,67 @@ def test_a_step_that_raises_leaves_the_groups_as_the_user_set_them() -> None:
     group["lr"] = 0.2
     control.close()
     assert group["lr"] == 0.2 and group["weight_decay"] == 0.01 and len(group["params"]) == 4
+
+
+def _chainable(kind: str, opt: torch.optim.Optimizer) -> Any:
+    """A scheduler that computes each lr from the group's current one."""
+    if kind == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+
+
+def _refuse_nonfinite(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A user's NaN check, registered after watch(): it raises inside optimizer.step()."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise FloatingPointError("non-finite gradient; step skipped")
+
+
+@pytest.mark.parametrize("kind", ["exponential", "step"])
+@pytest.mark.parametrize("first", ["scheduler", "control"])
+def test_a_raising_step_does_not_bake_the_lr_scale_into_a_chainable_scheduler(
+    kind: str, first: str
+) -> None:
+    """Halve the lr, let one optimizer.step() raise (a NaN check), catch it, step the
+    scheduler and go on: the scheduler computes from the user's lr, not the halved one,
+    so afterwards the lr used is the schedule's x 0.5, and after set_lr_scale(1) exactly
+    the schedule's (an unsteered optimizer with the same scheduler is the reference).
+    Either creation order; no scheduler warning (warnings are errors here)."""
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.2)
+    ref_w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    ref_opt = torch.optim.SGD([ref_w], lr=0.2)
+    ref_sched = _chainable(kind, ref_opt)
+    sched = _chainable(kind, opt) if first == "scheduler" else None
+    control = Control(None, opt)
+    sched = sched or _chainable(kind, opt)
+    opt.register_step_pre_hook(_refuse_nonfinite)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    for t in range(1, 9):
+        control.at_step_boundary(step=t)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        (w.sum() * (math.nan if t == 3 else 1.0)).backward()
+        ref_w.sum().backward()
+        try:
+            opt.step()
+        except FloatingPointError:
+            assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+        else:
+            assert control.used_lr == [ref_opt.param_groups[0]["lr"] * 0.5]
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    assert sgd_step(w, opt) == pytest.approx(0.5 * ref_opt.param_groups[0]["lr"])
+    control.submit(cmd("set_lr_scale", value=1.0))
+    control.at_step_boundary(step=9)
+    assert sgd_step(w, opt) == pytest.approx(ref_opt.param_groups[0]["lr"])
+    assert control.used_lr == [ref_opt.param_groups[0]["lr"]]
+    control.close()
+    sched.step()  # the scheduler goes on working with the watch closed
+    opt.step()
 
 
 class _Subclassed(torch.optim.SGD):
@@ -404,6 +466,15 @@ def test_close_removes_the_hooks() -> None:
     control.at_step_boundary(step=1)
     control.close()
     assert sgd_step(w, opt) == pytest.approx(0.1)
+    assert "step" not in vars(opt)  # optimizer.step is the class's again
+
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    wrapped = vars(opt)["step"]  # the scheduler's wrapper, as torch puts it there
+    Control(None, opt).close()
+    assert vars(opt)["step"] is wrapped
+    sgd_step(w, opt)
+    sched.step()
 
 
 # ---- rule switches ----

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from layerscope.server import queries
 from layerscope.server.store import RunNotFound, Store
 from layerscope.trainer import wire
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 MAX_POINTS = 20_000
 MAX_RUNS_PAGE = 1000  # GET /api/runs?limit=
+SPARK_DIGITS = 4  # significant digits of the run list's sparkline values
 MAX_STEPS = 2_000
 STATS_PATTERN = "^({0})(,({0}))*$".format("|".join(wire.PROBE_STATS))
 STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
@@ -192,9 +194,9 @@ def _connected(hub: Hub | None, run_id: str) -> bool:
     "/runs",
     response_model=list[RunSummary],
     summary="Runs, newest first",
-    description="Every run, or a page of them with limit and offset; the X-Total-Count "
-    "header says how many there are. Each config is what the runs page shows of it (its key "
-    "fields) unless full=true.",
+    description="Every run, or a page of them with limit and offset; with q, only the runs "
+    "matching every word of q; the X-Total-Count header says how many there are (that "
+    "match). Each config is what the runs page shows of it (its key fields) unless full=true.",
 )
 def list_runs(
     store: StoreDep,
@@ -207,11 +209,36 @@ def list_runs(
         int, Query(ge=0, le=wire.MAX_INT, description="skip this many of the newest")
     ] = 0,
     full: Annotated[bool, Query(description="each run's whole config")] = False,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=queries.MAX_SEARCH_LEN,
+            description="only runs holding every word of q (case-insensitive substrings of "
+            "the id, name, status or whole stored config)",
+        ),
+    ] = None,
 ) -> list[dict[str, Any]]:
-    runs = store.runs(limit, offset, full_config=full)
-    response.headers["X-Total-Count"] = str(store.run_count())
+    try:
+        words = queries.search_words(q)
+    except queries.SearchError as exc:
+        raise HTTPException(
+            422, detail=[{"loc": ["query", "q"], "msg": str(exc), "type": "value_error"}]
+        ) from None
+    if words:
+        # One read for the page and its count. Store.runs has no search (store.py is not
+        # this module's); its sparkline and config caches serve the unsearched list.
+        runs, total = store._read(
+            lambda c: queries.find_runs(c, words, limit, offset, full_config=full)
+        )
+    else:
+        runs, total = store.runs(limit, offset, full_config=full), store.run_count()
+    response.headers["X-Total-Count"] = str(total)
     for run in runs:
         run["trainer_connected"] = _connected(hub, run["id"])
+        # a 120-pixel line: 4 significant digits, not 17 (half of a polled row's bytes)
+        run["sparkline"] = [
+            None if v is None else float(f"{v:.{SPARK_DIGITS}g}") for v in run["sparkline"]
+        ]
     return runs
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -86,17 +86,62 @@ def _summary(
 
 
 def run_rows(
-    conn: sqlite3.Connection, limit: int | None = None, offset: int = 0
+    conn: sqlite3.Connection,
+    limit: int | None = None,
+    offset: int = 0,
+    words: Sequence[str] = (),
 ) -> list[tuple[Any, ...]]:
-    """Runs, newest first: ``limit`` of them (all when None) after the first ``offset``."""
+    """Runs, newest first: ``limit`` of them (all when None) after the first ``offset``;
+    with ``words`` (search_words'), only the runs that match every one of them."""
+    where, params = _search_sql(words)
     return conn.execute(
-        f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created_at DESC, rk DESC LIMIT ? OFFSET ?",
-        (-1 if limit is None else limit, offset),
+        f"SELECT {_RUN_COLUMNS} FROM runs {where}"
+        " ORDER BY created_at DESC, rk DESC LIMIT ? OFFSET ?",
+        (*params, -1 if limit is None else limit, offset),
     ).fetchall()
 
 
-def run_count(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+def run_count(conn: sqlite3.Connection, words: Sequence[str] = ()) -> int:
+    """How many runs there are (with ``words``: how many match them)."""
+    where, params = _search_sql(words)
+    return int(conn.execute(f"SELECT COUNT(*) FROM runs {where}", params).fetchone()[0])
+
+
+# ---- run search (GET /api/runs?q=) ----
+
+MAX_SEARCH_LEN = 200  # characters of q
+MAX_SEARCH_WORDS = 16
+
+
+class SearchError(ValueError):
+    """A search the run list cannot run (too many words); the message says why."""
+
+
+def search_words(q: str | None) -> list[str]:
+    """q's whitespace-separated words, lowercased; none for an empty or blank q."""
+    words = (q or "").lower().split()
+    if len(words) > MAX_SEARCH_WORDS:
+        raise SearchError(f"at most {MAX_SEARCH_WORDS} words, got {len(words)}")
+    return words
+
+
+def _search_sql(words: Sequence[str]) -> tuple[str, list[str]]:
+    """A WHERE clause keeping the runs that hold every word: each one a substring
+    (ASCII letters matched case-insensitively) of the run's id, name or status, or of its
+    whole stored config as JSON text (its keys and values; the runs page's search read
+    the JSON of the trimmed config the list carries, found nothing trimmed from it). A
+    word is looked for in the config also as JSON writes it inside a string (the stored
+    text escapes quotes, backslashes and every non-ASCII character)."""
+    clauses: list[str] = []
+    params: list[str] = []
+    for word in words:
+        escaped = json.dumps(word)[1:-1]
+        clauses.append(
+            "(instr(lower(id), ?) OR instr(lower(name), ?) OR instr(lower(status), ?)"
+            " OR instr(lower(config), ?) OR instr(lower(config), ?))"
+        )
+        params += [word, word, word, word, escaped]
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def run_summary(
@@ -104,6 +149,23 @@ def run_summary(
 ) -> dict[str, Any]:
     """The run list's row; ``config`` in place of the stored one (list_config's part)."""
     return _summary(row, spark, config)
+
+
+def find_runs(
+    conn: sqlite3.Connection,
+    words: Sequence[str],
+    limit: int | None,
+    offset: int,
+    full_config: bool,
+) -> tuple[list[dict[str, Any]], int]:
+    """(the run list's rows of the runs matching every word, newest first: ``limit`` of
+    them after the first ``offset``; how many match), read in one transaction. Each
+    config is list_config's unless ``full_config``."""
+    out = []
+    for row in run_rows(conn, limit, offset, words):
+        config = None if full_config else list_config(json.loads(row[3]))
+        out.append(run_summary(row, sparkline(conn, row[0]), config))
+    return out, run_count(conn, words)
 
 
 # What the runs page (web/static/js/runs.js) shows of a run's config: these dotted

@@ -17,6 +17,7 @@ from layerscope.server import api
 from layerscope.server.store import Store
 from layerscope.trainer import wire
 from pydantic import TypeAdapter
+from server_harness import make_settings, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -144,6 +145,9 @@ async def test_run_list_and_detail(setup: tuple[httpx.AsyncClient, Store, Connec
     )
     assert run["last_step"] == 2999 and run["last"]["loss"] == pytest.approx(2.0 - 2.999)
     assert 0 < len(run["sparkline"]) <= 50
+    # the list's sparkline is for a 120-pixel line: 4 significant digits keep its bytes down
+    assert all(v is None or v == float(f"{v:.4g}") for v in run["sparkline"])
+    assert any(v is not None and v != round(v, 1) for v in run["sparkline"])
     r = await client.get("/api/runs/r1")
     detail = strict(r.text)
     check(api.RunDetail, detail)
@@ -394,3 +398,69 @@ async def test_openapi_documents_every_route(
         if p["name"] == "bins"
     )
     assert bins["schema"]["maximum"] == wire.MAX_BINS
+
+
+async def test_the_run_list_searches_every_runs_whole_config_on_the_server(
+    tmp_path: Path,
+) -> None:
+    """The runs page searched on the client over what the list carried: a config value the
+    list trims (or a run past the page it polls) was never found. ?q= matches every word
+    (case-insensitively) against each run's id, name, status and whole stored config, pages
+    and counts the matches, and refuses a search it cannot run (422 naming q). Over a real
+    server on loopback, its store filled first."""
+    data_dir = tmp_path / "data"
+    store = Store(data_dir, commit_interval_s=0.005)
+    await store.open()
+    deep = {
+        "model": {"arch": "mlp", "depth": 4, "activation": "relu"},
+        "solver": {"optimizer": "sgd", "lr": 0.1},
+        "notes": {"tag": "Needle-42", "why": 'said "hi"'},
+    }
+    await store.create_run("alpha-1", "first sweep", deep, status="finished")
+    await store.create_run("alpha-2", '<b>x</b> "quoted"', {"lr": 0.01, "where": "café"})
+    await store.create_run("beta", "other", {"model": {"activation": "tanh"}}, status="failed")
+    for i in range(60):
+        await store.create_run(f"filler-{i:02d}", f"filler {i}", {"lr": 0.5})
+    await store.close()
+
+    def ids(r: httpx.Response) -> list[str]:
+        assert r.status_code == 200, r.text
+        return [run["id"] for run in strict(r.text)]
+
+    with running_server(make_settings(data_dir)) as server:
+        async with httpx.AsyncClient(base_url=server) as client:
+            r = await client.get("/api/runs", params={"q": "needle-42", "limit": 50})
+            assert ids(r) == ["alpha-1"] and r.headers["x-total-count"] == "1"
+            check(list[api.RunSummary], r.json())
+            assert "notes" not in r.json()[0]["config"]  # found by it, yet trimmed from the row
+            full = await client.get("/api/runs", params={"q": "NEEDLE", "full": "true"})
+            assert full.json()[0]["config"] == deep
+            for q, expected in (
+                ("relu sgd", ["alpha-1"]),  # every word, anywhere in the run
+                ("relu tanh", []),
+                ("alpha", ["alpha-2", "alpha-1"]),  # the id, newest first
+                ("first", ["alpha-1"]),  # the name
+                ("<b>x</b>", ["alpha-2"]),
+                ('"quoted"', ["alpha-2"]),
+                ('"hi"', ["alpha-1"]),  # a quote inside a config string
+                ("CAFÉ".lower(), ["alpha-2"]),  # stored as \u00e9 in the JSON text
+                ("failed", ["beta"]),  # the status
+                ("zzz", []),
+            ):
+                assert ids(await client.get("/api/runs", params={"q": q})) == expected, q
+            r = await client.get("/api/runs", params={"q": "filler", "limit": 5, "offset": 2})
+            assert ids(r) == [f"filler-{i:02d}" for i in (57, 56, 55, 54, 53)]
+            assert r.headers["x-total-count"] == "60"
+            everything = await client.get("/api/runs", params={"q": "  ", "limit": 2})
+            assert len(ids(everything)) == 2 and everything.headers["x-total-count"] == "63"
+            for params in (
+                {"q": " ".join(["w"] * 17)},
+                {"q": "x" * 201},
+                {"q": "alpha", "limit": 0},
+            ):
+                r = await client.get("/api/runs", params=params)
+                assert r.status_code == 422, params
+                (problem,) = r.json()["detail"]
+                assert problem["loc"] == ["query", "limit" if "limit" in params else "q"]
+                assert problem["msg"]
+            assert (await client.get("/api/runs")).headers["x-total-count"] == "63"

@@ -12,7 +12,10 @@ Never: downloads anything, adds a dependency, or lets validation data leak into
 the statistics used to preprocess training data.
 
 Shapes: images are ``(N, C, H, W)`` float32 (digits ``(1797, 1, 8, 8)``, values
-scaled to [0, 1]); point data ``(N, D)``; labels ``(N,)`` int64 in ``0..K-1``.
+scaled to [0, 1]); point data ``(N, D)``; labels ``(N,)`` int64 in ``0..K-1``. A
+``.npz``'s labels are the class indices of its distinct labels in sorted order
+({0, 255} -> 0, 1), kept in ``Dataset.labels`` for the run's config; a folder's
+classes are its subfolders sorted by name.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ BLOB_STD = 1.0
 BLOB_BOX = 5.0  # centres drawn uniformly in [-BOX, BOX]^2
 IMAGE_SUFFIXES_PIL = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"})
 IMAGE_SUFFIXES = frozenset({".npy", ".pgm"}) | IMAGE_SUFFIXES_PIL
-# The most classes user labels may imply (max label + 1): the output layer gets one
-# unit per class, so one stray huge label would otherwise size (and allocate) it.
+# The most distinct labels (classes) a user's data may hold: the output layer gets one
+# unit per class.
 MAX_CLASSES = 10_000
 # What decoding a damaged or unexpected file raises (numpy, zipfile, zlib, Pillow).
 _READ_ERRORS: tuple[type[BaseException], ...] = (
@@ -66,6 +69,9 @@ class Dataset:
     num_classes: int
     name: str
     classes: list[str] = field(default_factory=list)
+    # A .npz's original label of each class index, when they were not already 0..K-1
+    # (labels {0, 255} train as classes 0, 1: [0, 255]); None otherwise.
+    labels: list[int] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -81,6 +87,7 @@ class Dataset:
             self.num_classes,
             self.name,
             self.classes,
+            self.labels,
         )
 
 
@@ -157,37 +164,52 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _as_labels(y: np.ndarray, n: int, where: str) -> torch.Tensor:
-    """Class labels as int64, checked to lie in ``0..MAX_CLASSES-1`` (kept as given, never remapped).
-
-    The range is checked before any cast, so a float or uint64 label too big for
-    int64 is reported as too big rather than wrapping around.
+def _as_labels(y: np.ndarray, n: int, where: str) -> tuple[torch.Tensor, list[int]]:
+    """Class indices ``0..K-1`` (int64) for the labels ``y``, and the distinct labels they
+    stand for (sorted: index i is the i-th smallest label). Labels must be whole numbers
+    >= 0, at most ``MAX_CLASSES`` distinct; they need not be 0..K-1 ({0, 255} or {3, 7}
+    are two classes, not 256 or 8). Checked before any cast, so a float or uint64 label
+    too big for int64 is a label like any other rather than wrapping around.
     """
     if y.ndim != 1:
         raise DataError(f"{where} has shape {y.shape}; expected (N,) class labels")
     if len(y) != n:
         raise DataError(f"{where} has {len(y)} labels but x has {n} samples")
-    whole_floats = np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
-    if not (whole_floats or np.issubdtype(y.dtype, np.integer)):
-        raise DataError(f"{where} has dtype {y.dtype}; expected integer class labels")
-    if len(y):
-        lowest, highest = int(y.min()), int(y.max())  # Python ints: no overflow
-        if lowest < 0:
-            raise DataError(f"{where} has negative labels (min {lowest}); expected 0..K-1")
-        if highest + 1 > MAX_CLASSES:
+    if np.issubdtype(y.dtype, np.floating):
+        fractional = ~np.isfinite(y) | (np.floor(y) != y)
+        if fractional.any():
+            bad = y[fractional][0]
             raise DataError(
-                f"{where} has max label {highest}, which would mean {highest + 1} classes; "
-                f"at most {MAX_CLASSES} are supported (labels must be 0..K-1)"
+                f"{where} has non-integer labels (e.g. {bad.item()}); expected whole-number "
+                "class labels"
             )
-    return torch.as_tensor(y.astype(np.int64))
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where} has dtype {y.dtype}; expected integer class labels")
+    distinct, index = np.unique(y, return_inverse=True)
+    if len(distinct) and distinct[0] < 0:
+        raise DataError(
+            f"{where} has negative labels (min {int(distinct[0])}); expected labels >= 0"
+        )
+    if len(distinct) > MAX_CLASSES:
+        raise DataError(
+            f"{where} has {len(distinct)} distinct labels; at most {MAX_CLASSES} classes "
+            "are supported"
+        )
+    return torch.as_tensor(index.reshape(-1).astype(np.int64)), [int(v) for v in distinct]
 
 
-def _check_class_count(y: torch.Tensor, where: str, names: list[str] | None = None) -> None:
-    """At least two distinct labels: with one class there is nothing to classify."""
+def _check_class_count(
+    y: torch.Tensor, where: str, names: list[str] | None = None, labels: list[int] | None = None
+) -> None:
+    """At least two distinct labels: with one class there is nothing to classify.
+    ``names``: a folder's class names; ``labels``: the label each class index stands for."""
     present = torch.unique(y).tolist()
     if len(present) == 1:
         label = present[0]
-        which = f"only {names[label]!r} holds images" if names else f"every label is {label}"
+        if names:
+            which = f"only {names[label]!r} holds images"
+        else:
+            which = f"every label is {labels[label] if labels else label}"
         raise DataError(f"{where} has 1 class; a classifier needs at least 2 ({which})")
 
 
@@ -203,8 +225,9 @@ def _npz_member(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarr
         raise DataError(f"{path}['{key}'] cannot be read ({_one_line(exc)})") from None
 
 
-def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (or ``X``) and ``y`` from a local .npz; clear errors for missing keys or bad shapes."""
+def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``x`` (or ``X``), ``y`` as class indices 0..K-1 and the label each index stands for
+    (sorted), from a local .npz; clear errors for missing keys, bad shapes or labels."""
     path = Path(path)
     try:
         archive = np.load(path, allow_pickle=False)
@@ -231,11 +254,11 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         if "y" not in keys:
             raise DataError(f"{path} has no array 'y' (class labels); found keys: {keys}")
         x = _as_samples(_npz_member(archive, x_key, path), f"{path}['{x_key}']")
-        y = _as_labels(_npz_member(archive, "y", path), len(x), f"{path}['y']")
+        y, labels = _as_labels(_npz_member(archive, "y", path), len(x), f"{path}['y']")
     if len(x) == 0:
         raise DataError(f"{path} holds no samples")
-    _check_class_count(y, f"{path}['y']")
-    return x, y
+    _check_class_count(y, f"{path}['y']", labels=labels)
+    return x, y, labels
 
 
 def _read_pgm(path: Path) -> np.ndarray:
@@ -448,6 +471,7 @@ def load_dataset(data_cfg: dict, seed: int) -> Dataset:
     """The data a validated ``data`` config section describes, split and preprocessed."""
     name = data_cfg["dataset"]
     classes: list[str] = []
+    labels: list[int] | None = None
     if name == "digits":
         x, y = load_digits()
     elif name == "spirals":
@@ -455,7 +479,9 @@ def load_dataset(data_cfg: dict, seed: int) -> Dataset:
     elif name == "blobs":
         x, y = make_blobs(seed)
     elif name == "npz":
-        x, y = load_npz(data_cfg["path"])
+        x, y, labels = load_npz(data_cfg["path"])
+        if labels == list(range(len(labels))):
+            labels = None  # already 0..K-1: nothing to record
     elif name == "folder":
         x, y, classes = load_folder(data_cfg["path"])
     else:
@@ -470,8 +496,10 @@ def load_dataset(data_cfg: dict, seed: int) -> Dataset:
     means = feature_means(x_train, data_cfg["preprocess"])
     if means is not None:
         x_train, x_val = x_train - means, x_val - means
+    # Labels were mapped to class indices over the whole file, before the split: a label
+    # found only in the validation split has its class (and its output unit) too.
     num_classes = max(int(y.max()) + 1, len(classes))
-    return Dataset(x_train, y_train, x_val, y_val, num_classes, name, classes)
+    return Dataset(x_train, y_train, x_val, y_val, num_classes, name, classes, labels)
 
 
 # ---- batching ----

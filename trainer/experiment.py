@@ -44,6 +44,9 @@ from torch import nn
 MOMENTUM = 0.9  # the "momentum" optimizer choice: SGD with classical momentum
 HISTOGRAM_BINS = 64
 EVAL_CHUNK = 4096  # validation batch; bounds memory on a large npz data set
+# The longest list of a .npz's labels the run's config shows (it travels in the hello,
+# at most wire.MAX_CONFIG_BYTES, and is one line on the run page).
+MAX_LABELS_CONFIG_CHARS = 500
 
 
 class ExperimentSetupError(RuntimeError):
@@ -219,7 +222,7 @@ def _train(
         server=url,
         every=cfg["every"],
         bins=HISTOGRAM_BINS,
-        config=cfg if world == 1 else {**cfg, "world_size": world},
+        config=_run_config(cfg, world, data),
         run_id=run_id,
         token=token,
         run_dir=run_dir,
@@ -282,6 +285,22 @@ def _train(
         "overfit": check,
     }
     return summary
+
+
+def _run_config(cfg: dict[str, Any], world: int, data: Dataset) -> dict[str, Any]:
+    """The config shown beside the run: the experiment's, plus the ranks under torchrun and,
+    for a .npz whose labels are not 0..K-1, ``data.labels``: the file's label of each class
+    index in order ({0, 255} trained as classes 0 and 1: ``"0, 255"``). A string, since
+    the run page shows scalar settings; a long list is cut to its first labels, the last
+    and the count."""
+    out = cfg if world == 1 else {**cfg, "world_size": world}
+    if data.labels is None:
+        return out
+    shown = ", ".join(str(v) for v in data.labels)
+    if len(shown) > MAX_LABELS_CONFIG_CHARS:
+        head = shown[:MAX_LABELS_CONFIG_CHARS].rsplit(", ", 1)[0]
+        shown = f"{head}, ..., {data.labels[-1]} ({len(data.labels)} labels)"
+    return {**out, "data": {**out["data"], "labels": shown}}
 
 
 def _check_freeze(model: nn.Module, freeze: str | None) -> None:

@@ -80,8 +80,9 @@ def test_npz_roundtrip_with_lower_or_upper_x(tmp_path: Path) -> None:
     np.savez(tmp_path / "lower.npz", x=x, y=y)
     np.savez(tmp_path / "upper.npz", X=x, y=y)
     for name in ("lower", "upper"):
-        lx, ly = load_npz(tmp_path / f"{name}.npz")
+        lx, ly, labels = load_npz(tmp_path / f"{name}.npz")
         assert np.allclose(lx.numpy(), x) and np.array_equal(ly.numpy(), y)
+        assert labels == [0, 1, 2]
     np.savez(tmp_path / "hw.npz", x=x[:, 0], y=y)
     data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "hw.npz")), seed=0)
     assert data.input_shape == (1, 4, 4) and data.num_classes == int(y.max()) + 1
@@ -101,7 +102,7 @@ def test_npz_errors_name_the_missing_key_or_bad_shape(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"shape \(4,\); expected"):
         load_npz(tmp_path / "flat.npz")
     np.savez(tmp_path / "soft.npz", x=np.zeros((4, 2)), y=np.full(4, 0.5))
-    with pytest.raises(DataError, match="integer class labels"):
+    with pytest.raises(DataError, match=r"soft\.npz\['y'\] has non-integer labels \(e\.g\. 0\.5\)"):
         load_npz(tmp_path / "soft.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(DataError, match="not a readable .npz") as err:
@@ -126,14 +127,15 @@ def test_npz_path_holding_a_npy_array_or_object_arrays_is_an_error_naming_the_fi
 @pytest.mark.parametrize(
     "labels, message",
     [
-        ([0, 1, 2**40], "max label 1099511627776"),
-        ([0, 1, MAX_CLASSES], f"max label {MAX_CLASSES}, which would mean {MAX_CLASSES + 1}"),
-        (np.array([0, 1, 2**63], dtype=np.uint64), f"max label {2**63}"),  # no int64 wrap
-        ([0.0, 1.0, 1e30], "max label 1000000000000000019884624838656"),
-        ([0, 1, -1], r"negative labels \(min -1\)"),
+        ([0, 1, -1], r"negative labels \(min -1\); expected labels >= 0"),
+        ([0.0, 1.0, -3.0], r"negative labels \(min -3\)"),
+        ([0.0, 1.0, 2.5], r"non-integer labels \(e\.g\. 2\.5\)"),
+        ([0.0, 1.0, np.nan], r"non-integer labels \(e\.g\. nan\)"),
+        ([0.0, 1.0, np.inf], r"non-integer labels \(e\.g\. inf\)"),
+        (["a", "b", "c"], "dtype <U1; expected integer class labels"),
     ],
 )
-def test_labels_implying_too_many_classes_or_negative_are_errors(
+def test_negative_or_non_integer_labels_are_errors_naming_the_file(
     tmp_path: Path, labels: list, message: str
 ) -> None:
     np.savez(tmp_path / "y.npz", x=np.zeros((3, 2)), y=np.asarray(labels))
@@ -141,12 +143,57 @@ def test_labels_implying_too_many_classes_or_negative_are_errors(
         load_npz(tmp_path / "y.npz")
 
 
-def test_the_largest_label_allowed_keeps_labels_as_given(tmp_path: Path) -> None:
-    y = np.array([0, 1, MAX_CLASSES - 1] * 2)
-    np.savez(tmp_path / "y.npz", x=np.zeros((6, 2)), y=y)
+@pytest.mark.parametrize(
+    "labels, original",
+    [
+        ([0, 255, 255, 0, 0, 255], [0, 255]),  # a mask's 0/255
+        ([7, 3, 3, 7, 7, 3], [3, 7]),
+        ([2**40, 1, 0, 1, 0, 2**40], [0, 1, 2**40]),
+        (np.array([2**63, 5, 5, 2**63], dtype=np.uint64), [5, 2**63]),  # no int64 wrap
+        ([1e30, 2.0, 2.0, 1e30], [2, int(1e30)]),
+    ],
+)
+def test_labels_are_mapped_to_class_indices_in_sorted_order(
+    tmp_path: Path, labels: list, original: list[int]
+) -> None:
+    """Labels need not be 0..K-1: {0, 255} are 2 classes (not a 256-way output layer),
+    class i is the i-th smallest label, and the labels are kept for the run's config."""
+    y = np.asarray(labels)
+    np.savez(tmp_path / "y.npz", x=np.arange(2 * len(y), dtype=np.float32).reshape(-1, 2), y=y)
+    _, classes, kept = load_npz(tmp_path / "y.npz")
+    assert kept == original
+    assert [original[i] for i in classes.tolist()] == [int(v) for v in y]
+    data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "y.npz"), val_fraction=0.5), 0)
+    assert data.num_classes == len(original) and data.labels == original
+    # train and validation use the one mapping, made over the whole file before the split
+    x = torch.cat([data.x_train, data.x_val])
+    mapped = torch.cat([data.y_train, data.y_val])
+    for row, cls in zip(x.tolist(), mapped.tolist(), strict=True):
+        assert original[cls] == int(y[int(row[0]) // 2])
+
+
+def test_a_label_found_only_in_the_validation_split_has_its_class(tmp_path: Path) -> None:
+    y = np.array([10] * 20 + [20] * 20 + [99])
+    np.savez(tmp_path / "y.npz", x=np.arange(len(y), dtype=np.float32)[:, None], y=y)
+    seed = next(s for s in range(100) if 40 in split_indices(len(y), 0.2, s)[1].tolist())
+    data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "y.npz")), seed=seed)
+    assert data.num_classes == 3 and data.labels == [10, 20, 99]
+    assert 2 in data.y_val.tolist() and 2 not in data.y_train.tolist()
+
+
+def test_labels_already_0_to_k_minus_1_are_not_recorded_as_a_mapping(tmp_path: Path) -> None:
+    np.savez(tmp_path / "y.npz", x=np.zeros((6, 2)), y=np.array([0, 1, 2] * 2))
     data = load_dataset(_cfg(dataset="npz", path=str(tmp_path / "y.npz")), seed=0)
-    assert data.num_classes == MAX_CLASSES  # not remapped to 3
-    assert sorted(torch.cat([data.y_train, data.y_val]).tolist()) == sorted(y.tolist())
+    assert data.num_classes == 3 and data.labels is None
+
+
+def test_more_distinct_labels_than_max_classes_is_an_error(tmp_path: Path) -> None:
+    y = np.arange(MAX_CLASSES + 1) * 3
+    np.savez(tmp_path / "y.npz", x=np.zeros((len(y), 1)), y=y)
+    with pytest.raises(DataError, match=rf"has {MAX_CLASSES + 1} distinct labels; at most"):
+        load_npz(tmp_path / "y.npz")
+    np.savez(tmp_path / "ok.npz", x=np.zeros((MAX_CLASSES, 1)), y=y[:-1])
+    assert load_npz(tmp_path / "ok.npz")[1].max() == MAX_CLASSES - 1
 
 
 def test_single_class_data_is_an_error_for_npz_and_folder(tmp_path: Path) -> None:

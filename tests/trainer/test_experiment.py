@@ -8,12 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from layerscope.trainer import wire
 from layerscope.trainer.control import Control
 from layerscope.trainer.experiment import (
+    MAX_LABELS_CONFIG_CHARS,
     ExperimentSetupError,
+    _run_config,
     build,
     run_experiment,
     trainer_socket_url,
@@ -377,3 +380,37 @@ def test_a_batch_larger_than_the_training_set_trains_full_batch_and_says_so(
     run_experiment(cfg, server=None, run_dir=str(tmp_path / "fits"), progress=False)
     assert not [e for e in _events(tmp_path / "fits", "log") if "batch_size" in e["data"]]
     assert "larger than" not in capsys.readouterr().err
+
+
+def test_npz_labels_that_are_not_0_to_k_minus_1_train_a_k_way_head_and_show_in_the_config(
+    tmp_path: Path,
+) -> None:
+    """A user's .npz labelled {3, 7} (a mask's {0, 255} alike) is a 2-class problem: the
+    output layer has 2 units, not max+1 = 8, validation scores against the same classes,
+    and the run's config says which label each class index stands for."""
+    rng = np.random.default_rng(0)
+    y = np.where(rng.random(300) < 0.5, 7, 3)
+    x = rng.normal(size=(300, 2)).astype(np.float32) + np.where(y == 7, 3.0, -3.0)[:, None]
+    np.savez(tmp_path / "two.npz", x=x, y=y)
+    cfg = {"every": 5, "data": {"dataset": "npz", "path": str(tmp_path / "two.npz")},
+           "solver": {"steps": 40, "eval_every": 20, "device": "cpu"}}  # fmt: skip
+    data, model, _, _ = build(wire.validate_experiment(cfg))
+    assert data.num_classes == 2 and data.labels == [3, 7]
+    summary = run_experiment(cfg, server=None, run_dir=str(tmp_path / "run"), progress=False)
+    assert summary["val_acc"] is not None and summary["val_acc"] > 0.95
+    hello = wire.parse_trainer_frame(next(iter(read_spool(tmp_path / "run" / "spool.bin"))))
+    assert hello["config"]["data"]["labels"] == "3, 7"
+    assert hello["layers"][-1]["units"] == 2  # the output layer: one unit per class
+
+
+def test_a_long_list_of_npz_labels_is_cut_in_the_config(tmp_path: Path) -> None:
+    y = np.arange(1000) * 3  # 1000 classes, labels 0, 3, ..., 2997
+    np.savez(tmp_path / "many.npz", x=np.zeros((1000, 1), np.float32), y=y)
+    cfg = wire.validate_experiment(
+        {"data": {"dataset": "npz", "path": str(tmp_path / "many.npz"), "val_fraction": 0.0}}
+    )
+    data = build(cfg)[0]
+    shown = _run_config(cfg, 1, data)["data"]["labels"]
+    assert shown.startswith("0, 3, 6, ") and shown.endswith(", ..., 2997 (1000 labels)")
+    assert len(shown) <= MAX_LABELS_CONFIG_CHARS + 40
+    assert "labels" not in cfg["data"]  # the validated config itself is left as it was

@@ -224,6 +224,67 @@ def write_recorded_run(
         raise errors[0]
 
 
+def write_many_runs(
+    data_dir: Path, count: int, *, steps: int = 100, config_of: Callable[[int], dict[str, Any]]
+) -> list[str]:
+    """``count`` small finished runs, ``run-0000`` (the oldest) to ``run-<count-1>``, named
+    ``sweep <i>`` with ``config_of(i)``: a loss every step and a status event, written through
+    the real Store in one session (write_recorded_run opens a Store per run: too slow for
+    hundreds). Returns their ids, oldest first."""
+    ids = [f"run-{i:04d}" for i in range(count)]
+
+    async def write() -> None:
+        store = Store(data_dir, commit_interval_s=0.01)
+        await store.open()
+        try:
+            for i, run_id in enumerate(ids):
+                hello = {
+                    "type": "hello",
+                    "run_id": run_id,
+                    "name": f"sweep {i}",
+                    "config": config_of(i),
+                    "layers": [{"name": "layer0", "kind": "ReLU", "units": 8}],
+                }
+                await store.hello(wire.validate_hello(hello))
+                rows = [
+                    {"step": s, "time_s": 0.01 * s, "values": {"loss": 2.3 / (1 + s / 50)}}
+                    for s in range(steps)
+                ]
+                status = {"status": "finished"}
+                await store.append(
+                    run_id,
+                    [
+                        wire.validate_metrics({"type": "metrics", "seq": 1, "rows": rows}),
+                        wire.validate_event(
+                            {
+                                "type": "event",
+                                "seq": 2,
+                                "step": steps - 1,
+                                "kind": "status",
+                                "data": status,
+                            }
+                        ),
+                    ],
+                )
+        finally:
+            await store.close()
+
+    errors: list[BaseException] = []
+
+    def run() -> None:  # on its own thread, as write_recorded_run's
+        try:
+            asyncio.run(write())
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join()
+    if errors:
+        raise errors[0]
+    return ids
+
+
 def serve(settings: Settings) -> Iterator[LiveServer]:
     """create_app(settings) under uvicorn on a thread; stops launched runs, then the server."""
     server, sock, settings, app = make_server(settings)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from conftest import (
     serve,
     server_settings,
     wait_for,
+    write_many_runs,
     write_recorded_run,
 )
-from playwright.sync_api import Browser, Locator, Page, Route, expect
+from playwright.sync_api import Browser, Locator, Page, Response, Route, expect
+from websockets.sync.client import connect
 
 pytestmark = pytest.mark.browser
 
@@ -213,12 +216,12 @@ def test_select_all_acts_on_the_rows_the_filter_shows_and_reflects_them(
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tbody tr")).to_have_count(3)
             page.fill("#filter", "alpha")
+            expect(page.locator("#runs tbody tr")).to_have_count(2)  # the server's search
             select_all = page.locator("#select-all")
             select_all.click()
             expect(select_all).to_be_checked()
             for run_id in ("alpha-1", "alpha-2"):
                 expect(row(page, run_id).locator("input")).to_be_checked()
-            expect(row(page, "beta").locator("input")).not_to_be_checked()
             expect(page.locator("#compare")).to_have_text("Compare selected (2)")
             time.sleep(2.5)  # a poll of the runs list (2 s) re-renders: still ticked
             expect(select_all).to_be_checked()
@@ -227,6 +230,12 @@ def test_select_all_acts_on_the_rows_the_filter_shows_and_reflects_them(
             for run_id in ("alpha-1", "alpha-2"):
                 expect(row(page, run_id).locator("input")).not_to_be_checked()
             expect(page.locator("#compare")).to_have_text("Compare selected")
+            select_all.click()
+            page.fill("#filter", "")  # every run again: beta was never selected
+            expect(page.locator("#runs tbody tr")).to_have_count(3)
+            expect(row(page, "beta").locator("input")).not_to_be_checked()
+            expect(select_all).to_have_js_property("indeterminate", True)
+            expect(page.locator("#compare")).to_have_text("Compare selected (2)")
         finally:
             page.context.close()
         assert not guard.errors, guard.errors
@@ -289,6 +298,110 @@ def test_a_narrow_window_scrolls_the_runs_table_inside_its_panel(
             assert box and panel
             assert box["x"] + box["width"] <= panel["x"] + panel["width"], (box, panel)
             assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+class ListPolls:
+    """The runs list's answers a page received: (path and query, body bytes)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.seen: list[tuple[str, int]] = []
+
+    def answered(self, response: Response) -> None:
+        path = response.url.removeprefix(self.base_url)
+        if path.startswith("/api/runs?") or path == "/api/runs":
+            self.seen.append((path, len(response.body())))
+
+
+def sweep_config(i: int) -> dict[str, Any]:
+    """A built-in run's config; run 7's notes hold a tag the runs list trims from its rows."""
+    return {
+        **FAST_CONFIG,
+        "name": f"sweep {i}",
+        "notes": {"tag": "needle-7" if i == 7 else "hay"},
+    }
+
+
+def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With 300 stored runs the page polled the whole list (GET /api/runs: 430 KB every 2 s),
+    and its search filtered what it had received: a config value the list trims from its
+    rows (notes.tag) or a run it did not hold was never found. It now polls the newest 50
+    (Show more: 50 more), new runs still arrive at the top and statuses still change while
+    it polls, and the search box's words are the server's q=."""
+    data_dir = tmp_path / "data"
+    write_many_runs(data_dir, 300, config_of=sweep_config)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        polls = ListPolls(server.url)
+        page.on("response", polls.answered)
+        try:
+            open_ready(page, f"{server.url}/")
+            listed = page.locator("#runs tbody tr")
+            expect(listed).to_have_count(50)
+            expect(listed.first).to_have_attribute("data-run-id", "run-0299")  # newest first
+            expect(page.locator("#runs-count")).to_have_text("The newest 50 of 300 runs")
+            deadline = time.monotonic() + 10
+            while len(polls.seen) < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(100)  # playwright delivers responses meanwhile; sleep would not
+            assert len(polls.seen) >= 2, polls.seen
+            for path, size in polls.seen:
+                assert path == "/api/runs?limit=50", path
+                assert size < 60_000, (path, size)  # the whole list was 430 KB
+
+            more = page.locator("#more")
+            expect(more).to_have_text("Show 50 more")
+            more.click()
+            expect(listed).to_have_count(100)
+            expect(page.locator("#runs-count")).to_have_text("The newest 100 of 300 runs")
+            row(page, "run-0299").locator("input").check()
+
+            # a trainer connects: its run arrives at the top, and its status follows it
+            with connect(f"ws://127.0.0.1:{server.settings.port}/ws/trainer") as trainer:
+                hello = {
+                    "v": 1,
+                    "type": "hello",
+                    "run_id": "fresh",
+                    "name": "fresh run",
+                    "config": {"lr": 0.1},
+                    "layers": [{"name": "layer0", "kind": "Linear", "units": 8}],
+                }
+                trainer.send(json.dumps(hello))
+                assert json.loads(trainer.recv(10))["type"] == "welcome"
+                expect(listed.first).to_have_attribute("data-run-id", "fresh")
+                fresh = row(page, "fresh")
+                expect(fresh.locator(".pill")).to_have_text("running")
+                expect(fresh.locator("button.danger")).to_be_disabled()
+                paused = {"status": "paused"}
+                event = {"v": 1, "type": "event", "seq": 1, "step": 0, "kind": "status", "data": paused}
+                trainer.send(json.dumps(event))
+                expect(fresh.locator(".pill")).to_have_text("paused")
+            expect(page.locator("#runs-count")).to_have_text("The newest 100 of 301 runs")
+
+            page.fill("#filter", "needle-7")  # run-0007: far past the page, its tag trimmed
+            expect(listed).to_have_count(1)
+            expect(listed.first).to_have_attribute("data-run-id", "run-0007")
+            expect(page.locator("#runs-count")).to_have_text("1 run matches “needle-7”")
+            expect(more).to_be_hidden()
+            assert any("q=needle-7" in path for path, _ in polls.seen)
+            row(page, "run-0007").locator("input").check()
+            expect(page.locator("#compare")).to_have_text("Compare selected (2)")  # both searches'
+
+            page.fill("#filter", "sweep 29")  # every word: sweep 29, 290-299, 129, 229
+            expect(page.locator("#runs-count")).to_have_text("13 runs match “sweep 29”")
+            page.fill("#filter", "no-such-thing")
+            expect(listed).to_have_count(0)
+            expect(page.locator("#runs-count")).to_contain_text("No run matches “no-such-thing”")
+            expect(page.locator("#empty")).to_be_hidden()  # not "No runs yet"
+            page.fill("#filter", "")
+            expect(listed).to_have_count(50)  # the newest page again
+            expect(row(page, "run-0299").locator("input")).to_be_checked()
+            expect(page.locator("#compare")).to_have_text("Compare selected (2)")
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

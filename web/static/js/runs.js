@@ -1,21 +1,28 @@
 /**
  * runs.js — the runs list (/): status, name, key config, last loss, sparkline;
- * filter; select runs to compare; delete with confirmation; the New-run form; the
+ * search; select runs to compare; delete with confirmation; the New-run form; the
  * Init-lab form (POST /api/labs/init, then the lab's comparison view); the overfit
  * sanity check's PASS/FAIL badge next to a run's name.
  *
- * Owns: polling GET /api/runs (rows are updated in place, so selections survive a
- * refresh), the inline-SVG sparklines, and the New-run dialog's submit cycle
- * (POST /api/runs; 422 errors shown on the fields).
- * Never: deletes without a confirmation, or hides the server's reason for a refusal.
+ * Owns: polling GET /api/runs for the newest PAGE_SIZE runs (more on "Show more"), or
+ * with the search box's words those matching them (the server's q=, over each run's
+ * whole stored config); rows are updated in place, and a selection outlives its row
+ * leaving the list (another search), so runs from two searches can be compared. Also
+ * the inline-SVG sparklines and the New-run dialog's submit cycle (POST /api/runs; 422
+ * errors shown on the fields).
+ * Never: polls the whole list (hundreds of runs made every poll a large answer), deletes
+ * without a confirmation, or hides the server's reason for a refusal.
  */
 
-import { ApiError, del, flatConfig, getJSON, postJSON } from "./api.js";
+import { ApiError, del, flatConfig, getJSON, getPage, postJSON } from "./api.js";
 import { formatNumber } from "./charts.js";
 import { ExperimentForm } from "./experiment_form.js";
 import { toast } from "./notify.js";
 
 const POLL_MS = 2000;
+const PAGE_SIZE = 50; // runs per poll, and per "Show more"
+const MAX_LISTED = 1000; // GET /api/runs's largest limit (api.MAX_RUNS_PAGE)
+const SEARCH_DELAY_MS = 250; // typing pauses this long before the search is sent
 const KEY_CONFIG = ["model.arch", "model.depth", "model.width", "model.activation", "model.init",
   "model.batch_norm", "data.dataset", "solver.optimizer", "solver.lr", "solver.batch_size"];
 const $ = (id) => document.getElementById(id);
@@ -24,6 +31,12 @@ const rows = new Map(); // run id -> {tr, run}
 const selected = new Set();
 let runs = [];
 let highlight = null;
+/** What the list asks for: the search's text (q=) and how many runs (limit=). */
+const wanted = { q: "", limit: PAGE_SIZE };
+let total = 0; // runs there are (that match wanted.q): X-Total-Count
+let sent = 0; // requests sent, and the latest one whose answer is shown
+let shown = 0;
+let searchTimer = null;
 const form = new ExperimentForm($("new-run-fields"), $("new-run-error"));
 let schemaLoaded = false;
 
@@ -79,6 +92,7 @@ function makeRow(run) {
     + '<td class="spark"></td><td class="muted"></td><td><button type="button" class="danger">Delete</button></td>';
   const box = tr.querySelector("input");
   box.setAttribute("aria-label", `Select ${run.name || run.id}`);
+  box.checked = selected.has(run.id); // back in the list (another search), still selected
   box.addEventListener("change", () => {
     if (box.checked) selected.add(run.id); else selected.delete(run.id);
     updateCompare();
@@ -145,15 +159,8 @@ function fillRow(tr, run) {
   del.title = run.trainer_connected ? "Stop the run first: a trainer is connected" : "Delete this run and its data";
 }
 
-function matches(run, q) {
-  if (!q) return true;
-  const hay = `${run.name} ${run.id} ${run.status} ${JSON.stringify(run.config)}`.toLowerCase();
-  return q.toLowerCase().split(/\s+/).every((w) => hay.includes(w));
-}
-
 function render() {
   const body = document.querySelector("#runs tbody");
-  const q = $("filter").value.trim();
   const seen = new Set();
   const ordered = [];
   for (const run of runs) {
@@ -165,39 +172,90 @@ function render() {
     }
     entry.run = run;
     fillRow(entry.tr, run);
-    entry.tr.hidden = !matches(run, q);
     entry.tr.classList.toggle("new", run.id === highlight);
     ordered.push(entry.tr);
   }
+  // A run off the list (another search, or past the page) keeps its selection; one the
+  // whole list lacks has been deleted.
   for (const [id, entry] of rows) {
-    if (!seen.has(id)) { entry.tr.remove(); rows.delete(id); selected.delete(id); }
+    if (!seen.has(id)) { entry.tr.remove(); rows.delete(id); }
   }
+  if (!wanted.q && runs.length === total) for (const id of selected) if (!seen.has(id)) selected.delete(id);
   ordered.forEach((tr, i) => { if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null); });
-  $("empty").hidden = runs.length > 0;
+  $("empty").hidden = total > 0 || !!wanted.q;
+  renderFooter();
   updateCompare();
+}
+
+function renderFooter() {
+  const count = $("runs-count");
+  const more = $("more");
+  const rest = Math.max(0, Math.min(total, MAX_LISTED) - runs.length);
+  if (wanted.q) {
+    count.textContent = total
+      ? `${runs.length < total ? `The newest ${runs.length} of ` : ""}${total} ${total === 1 ? "run matches" : "runs match"} “${wanted.q}”`
+      : `No run matches “${wanted.q}” (its name, id, status or config)`;
+  } else {
+    count.textContent = total ? `${runs.length < total ? `The newest ${runs.length} of ` : ""}${total} ${total === 1 ? "run" : "runs"}` : "";
+  }
+  count.hidden = !count.textContent;
+  more.hidden = rest === 0;
+  more.textContent = `Show ${Math.min(PAGE_SIZE, rest)} more`;
 }
 
 function updateCompare() {
   const button = $("compare");
   button.disabled = selected.size < 2;
   button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
-  // "Select all" is about the rows shown (the filter's): ticked when every one is selected
-  const shown = runs.filter((run) => !rows.get(run.id)?.tr.hidden);
-  const picked = shown.filter((run) => selected.has(run.id)).length;
+  // "Select all" is about the rows listed (the search's): ticked when every one is selected
+  const picked = runs.filter((run) => selected.has(run.id)).length;
   const all = $("select-all");
-  all.checked = shown.length > 0 && picked === shown.length;
-  all.indeterminate = picked > 0 && picked < shown.length;
+  all.checked = runs.length > 0 && picked === runs.length;
+  all.indeterminate = picked > 0 && picked < runs.length;
 }
 
 async function refresh() {
+  const ask = { ...wanted };
+  const ticket = ++sent;
+  const params = new URLSearchParams({ limit: String(ask.limit) });
+  if (ask.q) params.set("q", ask.q);
   try {
-    [runs] = await Promise.all([getJSON("/api/runs"), loadLabs()]);
+    const [page] = await Promise.all([getPage(`/api/runs?${params}`), loadLabs()]);
+    // An answer older than the one shown, or to a search since changed, is dropped.
+    if (ticket < shown || ask.q !== wanted.q || ask.limit !== wanted.limit) return;
+    shown = ticket;
+    runs = page.items;
+    total = page.total;
+    $("search-error").hidden = true;
     render();
     for (const run of runs) loadSanity(run);
     document.body.dataset.ready = "1";
   } catch (e) {
+    if (ask.q !== wanted.q) return;
+    if (e instanceof ApiError && e.status === 422 && ask.q) {
+      // the search itself is refused (too many words): said beside the box, not every poll
+      const d = e.detail;
+      $("search-error").textContent = `Search not run: ${Array.isArray(d) ? d.map((x) => x.msg).join("; ") : d}`;
+      $("search-error").hidden = false;
+      document.body.dataset.ready = "1";
+      return;
+    }
     toast(`Could not load runs: ${e.message}`, "error");
   }
+}
+
+/** The search box's words go to the server (q=) once typing pauses; the list starts
+ * again from its newest page. */
+function search(now = false) {
+  clearTimeout(searchTimer);
+  const go = () => {
+    const q = $("filter").value.trim();
+    if (q === wanted.q) return;
+    wanted.q = q;
+    wanted.limit = PAGE_SIZE;
+    refresh();
+  };
+  if (now) go(); else searchTimer = setTimeout(go, SEARCH_DELAY_MS);
 }
 
 function confirmDelete(run) {
@@ -208,6 +266,7 @@ function confirmDelete(run) {
     if (dialog.returnValue !== "ok") return;
     try {
       await del(`/api/runs/${encodeURIComponent(run.id)}`);
+      selected.delete(run.id);
       toast(`Deleted ${run.name || run.id}`);
     } catch (e) {
       toast(`Not deleted: ${typeof e.detail === "string" ? e.detail : e.message}`, "error");
@@ -284,17 +343,20 @@ async function submitLab(ev) {
 $("init-lab").addEventListener("click", () => { $("lab-error").hidden = true; $("lab-dialog").showModal(); });
 $("lab-cancel").addEventListener("click", () => $("lab-dialog").close());
 $("lab-form").addEventListener("submit", submitLab);
-$("filter").addEventListener("input", render);
+$("filter").addEventListener("input", () => search());
+$("filter").addEventListener("keydown", (ev) => { if (ev.key === "Enter") search(true); });
+$("more").addEventListener("click", () => {
+  wanted.limit = Math.min(wanted.limit + PAGE_SIZE, MAX_LISTED);
+  refresh();
+});
 $("compare").addEventListener("click", () => {
   // one ids= per run: an id may hold a comma
   location.href = `/compare?${[...selected].map((id) => `ids=${encodeURIComponent(id)}`).join("&")}`;
 });
 $("select-all").addEventListener("change", (ev) => {
-  // Selects or clears the rows shown; rows the filter hides keep their selection.
+  // Selects or clears the rows listed; runs off the list (another search) keep theirs.
   for (const run of runs) {
-    const tr = rows.get(run.id).tr;
-    if (tr.hidden) continue;
-    const box = tr.querySelector("input");
+    const box = rows.get(run.id).tr.querySelector("input");
     box.checked = ev.target.checked;
     if (box.checked) selected.add(run.id); else selected.delete(run.id);
   }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -99,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _host_problem(host: str) -> str | None:
+    """Why ``--host`` names no address to listen on (a typo, a name that does not resolve),
+    before the loopback guard answers it with advice about tokens."""
+    if not host:  # every interface, as "0.0.0.0" (the loopback guard still applies)
+        return None
+    try:
+        socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return f"--host {host}: not an address this machine can listen on ({reason})"
+    return None
+
+
 def _settings_from(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
         host=args.host,
@@ -126,17 +140,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    problem = _host_problem(args.host)
+    if problem is not None:
+        print(f"layerscope: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = _settings_from(args)
     except SettingsError as exc:
         print(f"layerscope: {exc}", file=sys.stderr)
         return 2
 
-    from layerscope.server import serving
+    from layerscope.server import data_lock, serving
 
-    if args.command == "serve":
-        return serving.serve(settings)
-    if args.command == "demo":
+    # Before anything starts: the data dir is usable and this process holds its lock (the
+    # store takes it over), so of two servers started together the loser says why in one
+    # line; a check made later, inside the app's startup, failed with uvicorn's traceback.
+    problem = data_lock.claim(settings.data_dir)
+    if problem is not None:
+        print(f"layerscope: {problem}", file=sys.stderr)
+        return 1
+    try:
+        if args.command == "serve":
+            return serving.serve(settings)
         return serving.demo(settings, steps=args.steps)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    finally:
+        data_lock.drop_claim(settings.data_dir)

@@ -100,6 +100,16 @@ class Settings:
                 "open to the network; set --token and --trainer-token "
                 "(LAYERSCOPE_TOKEN, LAYERSCOPE_TRAINER_TOKEN)"
             )
+        for name, flag, token in (
+            ("viewer token", "--token, LAYERSCOPE_TOKEN", self.viewer_token),
+            ("trainer token", "--trainer-token, LAYERSCOPE_TRAINER_TOKEN", self.trainer_token),
+        ):
+            if token and token != token.strip():
+                raise SettingsError(
+                    f"the {name} ({flag}) starts or ends with whitespace (a newline or a "
+                    "carriage return read from a file?); tokens are compared exactly, so no "
+                    "client would match it: remove it"
+                )
         if bool(self.viewer_token) != bool(self.trainer_token):
             one, other = (
                 ("viewer_token", "trainer_token")

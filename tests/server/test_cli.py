@@ -1,12 +1,18 @@
 """The `layerscope` command as a user runs it: help and version everywhere, the loopback
-guard, and `layerscope demo` serving a dashboard with a live demo run."""
+guard, `layerscope demo` serving a dashboard with a live demo run, bad input refused in
+one line (addresses, tokens, data dirs, databases), one server per data dir, and SIGTERM
+keeping everything acked."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from server_harness import Endpoint, FakeTrainer, metrics_frame
+from websockets.exceptions import ConnectionClosed
 
 LAYERSCOPE = [sys.executable, "-m", "layerscope.server"]
 
@@ -97,3 +105,209 @@ def test_demo_prints_a_url_that_serves_a_running_demo_within_10_s(tmp_path: Path
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], (
         "Ctrl-C must stop the demo trainer too"
     )
+
+
+# ---- bad input at startup: one line, a non-zero exit, nothing stored touched ----
+
+
+def _refused_in_one_line(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert len(lines) == 1 and lines[0].startswith("layerscope: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _sqlite_file(path: Path, *statements: str) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def test_a_data_dir_the_server_cannot_use_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A corrupt database and another program's SQLite file printed a page of uvicorn
+    traceback (the first) or were silently given layerscope's tables (the second)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    _refused_in_one_line(_run("serve", "--port", "0", "--data-dir", str(a_file)), 1, "not a directory")
+    under = _run("serve", "--port", "0", "--data-dir", str(a_file / "data"))
+    _refused_in_one_line(under, 1, "cannot create --data-dir")
+    assert a_file.read_text() == "not a folder\n"
+
+    corrupt = tmp_path / "corrupt" / "layerscope.db"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x13garbage" * 2048)
+    foreign = tmp_path / "foreign" / "layerscope.db"
+    foreign_bytes = _sqlite_file(foreign, "CREATE TABLE invoices (id INTEGER, total REAL)")
+    newer = tmp_path / "newer" / "layerscope.db"
+    newer_bytes = _sqlite_file(
+        newer, "CREATE TABLE schema_version (version INTEGER)", "INSERT INTO schema_version VALUES (99)"
+    )
+    for db, said in ((corrupt, "not a usable SQLite database"),
+                     (foreign, "not a layerscope one (its tables: invoices)"),
+                     (newer, "schema version 99")):  # fmt: skip
+        before = db.read_bytes()
+        line = _refused_in_one_line(_run("serve", "--port", "0", "--data-dir", str(db.parent)), 1, said)
+        assert "left it untouched" in line
+        assert db.read_bytes() == before
+        assert sorted(p.name for p in db.parent.iterdir()) == ["layerscope.db", "layerscope.lock"]
+    assert foreign.read_bytes() == foreign_bytes and newer.read_bytes() == newer_bytes
+
+
+def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for host in ("nosuch.invalid", "999.1.1.1"):
+        out = _run("serve", "--host", host, "--token", "v", "--trainer-token", "t", "--data-dir", str(data))
+        _refused_in_one_line(out, 2, f"--host {host}: not an address")
+        # Without tokens it was told to set tokens first, then that the name does not resolve.
+        _refused_in_one_line(_run("serve", "--host", host, "--data-dir", str(data)), 2, "not an address")
+    out = _run("serve", "--token", "viewer\r", "--trainer-token", "t", "--data-dir", str(data))
+    _refused_in_one_line(out, 2, "viewer token (--token, LAYERSCOPE_TOKEN) starts or ends with whitespace")
+    missing = tmp_path / "missing"
+    out = _run("serve", "--data-root", str(missing), "--data-dir", str(data))
+    _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory")
+    assert not data.exists(), "nothing may be created when refusing to start"
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = _run("serve", "--port", port, "--data-dir", str(data))
+        _refused_in_one_line(out, 1, f"cannot listen on 127.0.0.1:{port}", "in use")
+    # The data dir it claimed first is free again: a server starts on it at once.
+    server, _ = _start_server(data)
+    _stop(server)
+
+
+# ---- servers as processes: the data dir lock, SIGTERM ----
+
+# The real `layerscope` command, started at a given time.time() with its imports done: two of
+# them reach the data dir at the same instant (an import's few hundred ms of jitter otherwise
+# hid the race from a plain pair of launches).
+AT_ONCE = (
+    "import sys, time; import layerscope.server.serving, layerscope.server.cli as cli; "
+    "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); del sys.argv[1]; "
+    "raise SystemExit(cli.main())"
+)
+
+
+def _serve_args(data_dir: Path) -> list[str]:
+    return ["serve", "--port", "0", "--data-dir", str(data_dir)]
+
+
+def _popen(argv: list[str]) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERSCOPE_")}
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _serving_port(proc: subprocess.Popen[str]) -> int:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"serving http://127\.0\.0\.1:(\d+)/", line)
+    assert match, f"no serving line: {line!r}"
+    return int(match.group(1))
+
+
+def _start_server(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = _popen([*LAYERSCOPE, *_serve_args(data_dir)])
+    return proc, _serving_port(proc)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, as a service manager stops it: exit 0 and nothing on stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (proc.returncode, err)
+    return err
+
+
+async def _stream(port: int, run_id: str, seconds: float) -> tuple[FakeTrainer, int]:
+    """A trainer that sends metrics frames for ``seconds``; (it, the last seq sent)."""
+    trainer = await FakeTrainer.connect(Endpoint(port), run_id)
+    seq = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seq += 1
+        await trainer.send(metrics_frame(seq, seq))
+        await asyncio.sleep(0.002)
+    return trainer, seq
+
+
+def _last_step(port: int, run_id: str) -> int:
+    status, body = _get(f"http://127.0.0.1:{port}/api/runs/{run_id}")
+    assert status == 200
+    return int(json.loads(body)["last_step"])
+
+
+@pytest.mark.anyio
+async def test_of_two_servers_started_together_the_loser_says_why_in_one_line(tmp_path: Path) -> None:
+    """Both passed the 'is the data dir free' check and the loser died in uvicorn's startup
+    with ~70 lines of traceback (exit 3). Now it exits 1 with one line; the winner serves
+    and stores."""
+    data = tmp_path / "data"
+    (data).mkdir()
+    at = time.time() + 3
+    procs = [_popen([sys.executable, "-c", AT_ONCE, str(at), *_serve_args(data)]) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        losers = [p for p in procs if p.poll() is not None]
+        assert len(losers) == 1, "one of the two must give up at once"
+        (loser,) = losers
+        (winner,) = [p for p in procs if p is not loser]
+        _, err = loser.communicate(timeout=10)
+        lines = err.strip().splitlines()
+        assert loser.returncode == 1 and len(lines) == 1, err
+        assert lines[0].startswith(f"layerscope: data dir {data} is in use by another layerscope")
+        assert f"(pid {winner.pid})" in lines[0]
+
+        port = _serving_port(winner)
+        trainer, sent = await _stream(port, "winner-run", 0.5)
+        await trainer.wait_acked(sent)
+        await trainer.close()
+        assert _last_step(port, "winner-run") == sent
+        assert _stop(winner) == ""
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
+
+
+@pytest.mark.anyio
+async def test_sigterm_while_a_trainer_streams_keeps_every_acked_frame(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server, port = _start_server(data)
+    try:
+        trainer, sent = await _stream(port, "streaming", 1.5)
+        assert trainer.acked > 0
+        server.send_signal(signal.SIGTERM)  # mid-stream: the trainer keeps sending
+        more = sent
+        while server.poll() is None and more < sent + 2000:
+            more += 1
+            with contextlib.suppress(ConnectionClosed):
+                await trainer.send(metrics_frame(more, more))
+            await asyncio.sleep(0.002)
+        assert server.wait(60) == 0
+        acked = trainer.acked
+        with contextlib.suppress(ConnectionClosed):
+            await trainer.close()
+        assert server.stderr is not None and server.stderr.read() == ""
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=10)
+    again, port = _start_server(data)  # the data dir opens cleanly: its lock is free
+    try:
+        assert _last_step(port, "streaming") >= acked > 0
+    finally:
+        assert _stop(again) == ""

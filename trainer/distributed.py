@@ -78,10 +78,16 @@ class Distributed:
         ``probes``' statistics across ranks (no-op here)."""
 
     def exchange(
-        self, values: dict[str, float | None], step_time_s: float, batch_size: int | None
+        self,
+        values: dict[str, float | None],
+        step_time_s: float,
+        batch_size: int | None,
+        *,
+        probe_step: bool = False,
     ) -> None:
-        """At each ``w.step()``, before the flush: share commands, step times and the
-        probe layout; rank 0 adds every rank's step time to ``values`` (no-op here)."""
+        """At each ``w.step()``, before the flush: share commands, step times and, on a
+        probe step, the probe layout; rank 0 adds every rank's step time to ``values``
+        (no-op here)."""
 
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
@@ -146,10 +152,16 @@ class ProcessGroupRun(Distributed):
     # ---- the per-step exchange ----
 
     def exchange(
-        self, values: dict[str, float | None], step_time_s: float, batch_size: int | None
+        self,
+        values: dict[str, float | None],
+        step_time_s: float,
+        batch_size: int | None,
+        *,
+        probe_step: bool = False,
     ) -> None:
         layout = 0
-        if self.probes is not None and self.probes.armed:
+        if self.probes is not None and (probe_step or self.probes.armed):
+            # what the step recorded; the hooks may have come off already (MAX_PROBE_PASSES)
             layout = self.probes.layout_key()
         samples = batch_size / step_time_s if batch_size is not None and step_time_s > 0 else 0.0
         commands = self._take_commands(None) if self.is_primary else []

@@ -45,6 +45,13 @@ DEFAULT_EVERY = 100  # probe cadence in steps: the largest per-probe-step cost m
 # benchmarks/overhead.py (about 2.5 training steps, 10-layer tanh MLP on CPU) stays under 3%
 FLUSH_INTERVAL_S = 0.5  # host wall time between flushes of buffered step values
 MAX_ROWS_PER_FLUSH = 2_000  # bounds one metrics frame well under wire.MAX_FRAME_BYTES
+# The most training forward passes (grad enabled) one probe step records. Each pass
+# leaves its statistics on the device until the step's w.step(): a watch whose loop runs
+# forward passes and never steps (inference without no_grad, a loop that forgot
+# w.step()) grew by every pass, for as long as it ran. Past this many, the probes' forward
+# hooks come off until the next probe step; the step describes its first passes (e.g.
+# of a gradient accumulation over more micro-batches, then without update_ratio).
+MAX_PROBE_PASSES = 64
 
 Scalar = float | int | torch.Tensor
 
@@ -112,6 +119,10 @@ class Watch:
         self._good_every = good_checkpoint_every
         self._good_t = -math.inf  # when the last snapshot for it was taken
         self._probe_count = 0
+        # While the probes are armed: a forward hook on the model counting its training
+        # passes (see MAX_PROBE_PASSES), and the count.
+        self._pass_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._passes = 0
         self.alerts: Alerts | None = None
         try:
             enabled = None if rules is True else [] if rules is False else list(rules)
@@ -199,7 +210,7 @@ class Watch:
         # before any command has been acknowledged.
         self._emit("status", {"status": "running", "control": self.control.state()})
         if self.probes is not None:
-            self.probes.arm()  # step 1 is always a probe step: the network as initialised
+            self._arm()  # step 1 is always a probe step: the network as initialised
 
     # ---- the public surface ----
 
@@ -247,12 +258,14 @@ class Watch:
         step_time_s = now - self._last_step_t
         self._last_step_t = now
         self._add_run_values(row, step_time_s)
-        self.dist.exchange(row.values, step_time_s, self.batch_size)
+        probe_step = self.probes is not None and self._is_probe_step(step)
+        self.dist.exchange(row.values, step_time_s, self.batch_size, probe_step=probe_step)
         self._rows.append(row)
 
         pending = None
         snapshot = None
-        if self.probes is not None and self._is_probe_step(step):
+        if self.probes is not None and probe_step:
+            self._stop_counting()
             pending = self.probes.collect()
             good = self._good_every and self._probe_count % self._good_every == 0
             if good and self.alerts is not None and now - self._good_t >= GOOD_CHECKPOINT_MIN_S:
@@ -278,7 +291,7 @@ class Watch:
             self.link.step = step
         self.dist.at_step_boundary(self.control, step, before_block=self._flush)
         if self.probes is not None and self._is_probe_step(step + 1) and not self.probes.armed:
-            self.probes.arm()
+            self._arm()
 
     def eval(self, **scalars: Scalar) -> None:
         """Log validation results (``val_loss=``, ``val_acc=``, ...) at the current step."""
@@ -344,6 +357,34 @@ class Watch:
 
     def _is_probe_step(self, step: int) -> bool:
         return step == 1 or step % self.every == 0
+
+    def _arm(self) -> None:
+        """Arm the probes for the next step, counting its training passes."""
+        assert self.probes is not None and self.model is not None
+        self.probes.arm()
+        self._passes = 0
+        if self._pass_hook is None:
+            # Outside any torch.compile trace: traced, the count would be replayed as a
+            # constant. The wrapper's ~3 us is paid on probe steps only.
+            hook = torch.compiler.disable(self._count_pass)
+            self._pass_hook = self.model.register_forward_hook(hook)
+
+    def _count_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        """After each forward pass of the model while armed: past ``MAX_PROBE_PASSES``
+        training passes, the probes' forward hooks come off (what they recorded stays for
+        the step's collect()), and this hook too. Evaluation passes (no_grad) are not
+        counted: the probes keep only the last of those."""
+        if not torch.is_grad_enabled():
+            return
+        self._passes += 1
+        if self._passes >= MAX_PROBE_PASSES and self.probes is not None:
+            self.probes.disarm()
+            self._stop_counting()
+
+    def _stop_counting(self) -> None:
+        if self._pass_hook is not None:
+            self._pass_hook.remove()
+            self._pass_hook = None
 
     def _put_all(self, row: Row, scalars: dict[str, Scalar]) -> None:
         """Add every scalar to ``row``, or none of them: a bad one raises and leaves no trace."""
@@ -463,6 +504,7 @@ class Watch:
 
     def _close_parts(self) -> None:
         self.control.close()
+        self._stop_counting()
         if self.probes is not None:
             self.probes.close()
 

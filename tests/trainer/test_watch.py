@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from layerscope.trainer import watch as exported_watch
 from layerscope.trainer import wire
 from layerscope.trainer.control import load_model_weights
 from layerscope.trainer.spool import read_spool
-from layerscope.trainer.watch import Watch, watch
+from layerscope.trainer.watch import MAX_PROBE_PASSES, Watch, watch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from waiting import wait_until
@@ -561,3 +563,38 @@ def test_lbfgs_gets_this_steps_gradient_norms_and_freezing_it_is_refused(tmp_pat
     layer0 = next(e for e in first["layers"] if e["name"] == "0")
     w0 = torch.cat([b.reshape(-1) for b in first_weights[:2]]).norm()
     assert layer0["weight_norm"] == pytest.approx(float(w0), rel=1e-5)
+
+
+def test_forward_passes_without_a_step_keep_what_the_watch_holds_bounded(tmp_path: Path) -> None:
+    """An armed watch whose loop only runs forward passes (predictions without no_grad, a
+    loop that never calls w.step()) kept every pass's statistics until a w.step() that
+    never came: ~3 KiB of Python objects per pass (and their tensors), for as long as it
+    ran. Past MAX_PROBE_PASSES training passes the probes' hooks come off (the model takes
+    its plain call path again): 2,000 more passes retain nothing, and the step that comes
+    at last still gets its probe, from its first MAX_PROBE_PASSES passes."""
+    model, opt, x, y = make_model()
+    with watch(model, opt, every=10, run_dir=tmp_path, server="") as w:
+        for _ in range(MAX_PROBE_PASSES):
+            model(x)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(2000):
+                model(x)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 64 * 1024, f"{grown} bytes retained by 2000 forward passes"
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        w.step(loss=train_step(model, opt, x, y))
+        for _ in range(8):  # steps 2..9; the next probe step (10) records its passes as usual
+            w.step(loss=train_step(model, opt, x, y))
+        model(x)  # a second training pass in step 10 (as gradient accumulation makes)
+        w.step(loss=train_step(model, opt, x, y))
+    probes = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    assert [p["step"] for p in probes] == [1, 10]
+    first, tenth = ({e["name"]: e for e in p["layers"]} for p in probes)
+    assert sum(first["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 32 * 16
+    assert sum(tenth["0"]["hist"]["counts"]) == 2 * 32 * 16

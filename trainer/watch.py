@@ -122,6 +122,7 @@ class Watch:
         # While the probes are armed: a forward hook on the model counting its training
         # passes (see MAX_PROBE_PASSES), and the count.
         self._pass_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._count_hook: Any = None
         self._passes = 0
         self.alerts: Alerts | None = None
         try:
@@ -364,10 +365,11 @@ class Watch:
         self.probes.arm()
         self._passes = 0
         if self._pass_hook is None:
-            # Outside any torch.compile trace: traced, the count would be replayed as a
-            # constant. The wrapper's ~3 us is paid on probe steps only.
-            hook = torch.compiler.disable(self._count_pass)
-            self._pass_hook = self.model.register_forward_hook(hook)
+            if self._count_hook is None:
+                # Outside any torch.compile trace: traced, the count would be replayed as a
+                # constant. The wrapper's ~2 us a pass is paid on probe steps only.
+                self._count_hook = torch.compiler.disable(self._count_pass)
+            self._pass_hook = self.model.register_forward_hook(self._count_hook)
 
     def _count_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         """After each forward pass of the model while armed: past ``MAX_PROBE_PASSES``

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 import time
@@ -222,6 +223,53 @@ def write_recorded_run(
     writer.join()
     if errors:
         raise errors[0]
+
+
+def write_recorded_lab(data_dir: Path, lab_id: str, *, steps: int = 50) -> dict[str, Any]:
+    """An init lab as the server records one (<data_dir>/labs/<lab_id>.json) over five
+    recorded runs (write_recorded_run's, four layers, a probe every 10 steps), one per
+    scheme: the lab page without launching five trainers. Returns the lab record."""
+    schemes = [
+        ("zero", "zero"),
+        ("small_normal", "normal 0.01"),
+        ("large_normal", "normal 1.0"),
+        ("xavier", "xavier"),
+        ("he", "he"),
+    ]
+    runs = []
+    for scheme, label in schemes:
+        run_id = f"{lab_id}-{scheme.replace('_', '-')}"
+        write_recorded_run(
+            data_dir,
+            run_id,
+            steps=steps,
+            layers=4,
+            every=10,
+            name=f"init lab {lab_id}: {label} (tanh)",
+        )
+        runs.append({"id": run_id, "scheme": scheme, "label": label})
+    params = {
+        "activation": "tanh",
+        "batch_norm": False,
+        "depth": 4,
+        "width": 8,
+        "steps": steps,
+        "every": 10,
+        "dataset": "digits",
+        "seed": 0,
+        "lr": 0.01,
+        "device": "cpu",
+    }
+    record = {
+        "id": lab_id,
+        "kind": "init",
+        "created_at": time.time(),
+        "params": params,
+        "runs": runs,
+    }
+    (data_dir / "labs").mkdir(parents=True, exist_ok=True)
+    (data_dir / "labs" / f"{lab_id}.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def write_many_runs(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,10 @@ from conftest import (
     guarded_page,
     open_ready,
     screenshot,
+    serve,
+    server_settings,
     wait_for,
+    write_recorded_lab,
 )
 from playwright.sync_api import Browser, Page, Route, expect
 
@@ -159,3 +163,40 @@ def test_the_refresh_failed_banner_clears_once_refreshing_works_again(
     expect(banner).to_contain_text("Refreshing the lab failed", timeout=15_000)
     failing["on"] = False
     expect(banner).to_be_hidden(timeout=15_000)
+
+
+def test_the_help_popups_close_on_escape_and_on_a_click_outside(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The lab page's "?" helps stayed open on Escape and on a click elsewhere (the run
+    page's close on both); one open help covered the next chart's legend until clicked
+    again. A lab recorded over five recorded runs, its own server."""
+    data_dir = tmp_path / "data"
+    lab = write_recorded_lab(data_dir, "helplab1")
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/labs/{lab['id']}")
+            helps = page.locator("details.help")
+            first, second = helps.nth(1), helps.nth(2)
+            is_open = "d => d.open"
+            first.locator("summary").click()
+            expect(first.locator("p")).to_be_visible()
+            page.keyboard.press("Escape")
+            expect(first.locator("p")).to_be_hidden()
+            assert first.evaluate("d => d.contains(document.activeElement)")  # focus stays
+
+            page.keyboard.press("Enter")  # the keyboard opens it again from its summary
+            expect(first.locator("p")).to_be_visible()
+            second.locator("summary").click()  # another help: the first one closes
+            expect(second.locator("p")).to_be_visible()
+            assert first.evaluate(is_open) is False
+            second.locator("p").click()  # a click inside a help leaves it open
+            assert second.evaluate(is_open) is True
+            page.locator("h1").click()  # a click outside closes it
+            expect(second.locator("p")).to_be_hidden()
+            assert helps.evaluate_all("ds => ds.filter(d => d.open).length") == 0
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -8,13 +8,15 @@
  * layer's unit_spread: the spread across units of their mean outputs) and a layers x
  * schemes grid of histograms.
  * A button launches the same lab with batch norm switched the other way (BN lowers the
- * dependence on initialisation: compare the two views).
+ * dependence on initialisation: compare the two views). The "?" helps close on Escape
+ * and on a click outside them (controls.js's closeDropdowns, as on the run page).
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
  * Never: changes a run (read-only), or draws a step that some run lacks.
  */
 
 import { ApiError, getJSON, postJSON, runUrl } from "./api.js";
 import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, plotlyReady } from "./charts.js";
+import { closeDropdowns } from "./controls.js";
 import { drawBars } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
 
@@ -193,6 +195,10 @@ async function launchTwin() {
     button.disabled = false;
   }
 }
+
+// The "?" helps close on Escape and on a click outside them, as the run page's do.
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeDropdowns(null); });
+document.addEventListener("click", (ev) => closeDropdowns(ev.target));
 
 async function main() {
   await loadLab();

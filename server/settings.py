@@ -87,7 +87,11 @@ class Settings:
         for given in self.data_roots or (Path.cwd(),):
             root = Path(os.path.realpath(given))
             if not root.is_dir():
-                raise SettingsError(f"--data-root {given}: no such directory")
+                what = "not a directory" if root.exists() else "no such directory"
+                raise SettingsError(
+                    f"--data-root {given}: {what} (data roots come from --data-root and "
+                    "LAYERSCOPE_DATA_ROOTS)"
+                )
             roots.append(root)
         object.__setattr__(self, "data_roots", tuple(roots))
         if not (0 <= self.port <= 65535):

@@ -27,8 +27,10 @@ from websockets.exceptions import ConnectionClosed
 LAYERSCOPE = [sys.executable, "-m", "layerscope.server"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LAYERSCOPE, *args], capture_output=True, text=True, timeout=120)
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAYERSCOPE, *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 @pytest.mark.parametrize("cmd", [[], ["serve"], ["demo"], ["train"], ["sync"]])
@@ -171,6 +173,9 @@ def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path
     missing = tmp_path / "missing"
     out = _run("serve", "--data-root", str(missing), "--data-dir", str(data))
     _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory")
+    from_env = {**os.environ, "LAYERSCOPE_DATA_ROOTS": str(missing)}
+    out = _run("serve", "--data-dir", str(data), env=from_env)
+    _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory", "LAYERSCOPE_DATA_ROOTS")
     assert not data.exists(), "nothing may be created when refusing to start"
 
     with socket.socket() as taken:

@@ -5,8 +5,11 @@ inside the data roots, cap concurrent launches, create the run, spawn
 ``python -m layerscope.trainer train`` with the trainer token and its output in
 ``runs/<id>/trainer.log``), ``POST /api/runs/{id}/stop``
 (the ``stop`` command, then SIGTERM, then SIGKILL), reaping every child (a
-non-zero exit of a run that has not ended marks it ``failed`` with the log
-tail), and terminating children when the server shuts down.
+non-zero exit of a run that has not ended marks it ``failed``: the log's last
+line, then its tail; a child that cannot be spawned fails its run at once), and
+terminating children when the server shuts down (a server killed with SIGKILL
+cannot: its children, in their own sessions, train on and reconnect to the next
+server on the same address).
 
 Never: imports torch or trainer code beyond ``wire`` (the child does the
 training), blocks the event loop on a child, or leaves a child unreaped.
@@ -101,6 +104,17 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
             return "".join(deque(f, maxlen=lines)).strip()
     except OSError:
         return ""
+
+
+def failure_reason(code: int, tail: str) -> str:
+    """A failed child's reason: its exit code and its log's last line (the error a clean
+    exit prints, a traceback's exception) first, where the event log shows it at once,
+    then the tail before it."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if not lines:
+        return f"trainer exited with code {code}"
+    head = f"trainer exited with code {code}: {lines[-1]}"
+    return head if len(lines) == 1 else f"{head}\n{tail}"
 
 
 class Launcher:
@@ -209,16 +223,24 @@ class Launcher:
         if self.settings.trainer_token:
             env["LAYERSCOPE_TRAINER_TOKEN"] = self.settings.trainer_token
         log_path = run_dir / "trainer.log"
-        with log_path.open("ab") as out:
-            process = await asyncio.create_subprocess_exec(
-                *self.command_line(config_path, run_id, run_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=str(run_dir),
-                start_new_session=True,  # a Ctrl-C in the server's terminal is the server's to handle
-            )
+        try:
+            with log_path.open("ab") as out:
+                process = await asyncio.create_subprocess_exec(
+                    *self.command_line(config_path, run_id, run_dir),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    cwd=str(run_dir),
+                    start_new_session=True,  # a Ctrl-C in the server's terminal is the server's
+                )
+        except OSError as exc:
+            # Nothing would ever end the run (no child to reap, no trainer to connect): it
+            # stayed "starting" and the form got a bare 500.
+            reason = f"could not start the trainer process: {exc}"
+            await self.store.set_status(run_id, "failed", reason=reason)
+            self.hub.publish_status(run_id, "failed", reason=reason)
+            raise LaunchRefused(500, f"run {run_id}: {reason}") from None
         child = Child(run_id, process, log_path)
         child.reaper = asyncio.get_running_loop().create_task(self._reap(child))
         self.children[run_id] = child
@@ -235,8 +257,7 @@ class Launcher:
         if child.stopping:
             status, reason = "stopped", child.stop_reason
         elif code != 0:
-            tail = log_tail(child.log_path)
-            status, reason = "failed", f"trainer exited with code {code}\n{tail}".strip()
+            status, reason = "failed", failure_reason(code, log_tail(child.log_path))
         elif self.hub.is_connected(child.run_id):
             return  # still saying goodbye: its final status, or liveness, ends the run
         else:

@@ -126,9 +126,41 @@ def test_a_child_that_crashes_marks_its_run_failed_with_the_log_tail(
     wait_for(lambda: status_of(server, run_id) in wire.ENDED_STATUSES, what="the broken run to end")
     detail = httpx.get(f"{server}/api/runs/{run_id}").json()
     assert detail["status"] == "failed"
+    # The child's own error line comes first, where the event log shows it.
+    first = detail["status_reason"].splitlines()[0]
+    assert first.startswith("trainer exited with code 2: layerscope train: "), first
+    assert "not a readable .npz file" in first
     events = httpx.get(f"{server}/api/runs/{run_id}/events?kind=status").json()
-    reasons = " ".join(str(e["data"]) for e in events)
-    assert "exited with code" in reasons or "failed" in reasons
+    assert [e["data"]["reason"] for e in events if e["data"]["status"] == "failed"] == [
+        detail["status_reason"]
+    ]
+
+
+def test_a_child_that_dies_at_once_or_cannot_start_fails_its_run_saying_why(
+    tmp_path: Path,
+) -> None:
+    """A traceback's exception ended 20 lines into the reason; a trainer that could not be
+    spawned at all left its run 'starting' for good and the form a bare 500."""
+    with running_server(make_settings(tmp_path / "data")) as server:
+        launcher = server.app.state.launcher
+        crash = "print('loading data'); import sys; sys.stderr.write('warming up\\n'); 1 / 0"
+        launcher.command_line = lambda *_: [sys.executable, "-c", crash]
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        wait_for(lambda: status_of(server, run_id) == "failed", timeout=30, what="the run to fail")
+        reason = httpx.get(f"{server}/api/runs/{run_id}").json()["status_reason"]
+        head, *tail = reason.splitlines()
+        assert head == "trainer exited with code 1: ZeroDivisionError: division by zero"
+        assert "Traceback (most recent call last):" in tail and "loading data" in tail
+
+        launcher.command_line = lambda *_: [str(tmp_path / "no-such-python"), "-c", "pass"]
+        refused = httpx.post(f"{server}/api/runs", json=TINY, timeout=30)
+        assert refused.status_code == 500
+        assert "could not start the trainer process" in refused.json()["detail"]
+        (run,) = [r for r in httpx.get(f"{server}/api/runs").json() if r["id"] != run_id]
+        assert run["status"] == "failed" and run["id"] in refused.json()["detail"]
+        detail = httpx.get(f"{server}/api/runs/{run['id']}").json()
+        assert "no-such-python" in detail["status_reason"]
+        assert launcher.busy() == 0
 
 
 def test_stop_ends_a_launched_run(launched: tuple[LiveServer, dict[str, Any]]) -> None:

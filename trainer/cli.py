@@ -12,7 +12,9 @@ Never: imports ``layerscope.server``, or torch before a command needs it (so
 
 Exit codes: 0 done (or stopped from the dashboard), 1 an ``--overfit`` check failed,
 2 bad input, 3 a rule stopped the run (NaN/Inf: ExplodingTensor, with no server to
-resume its pause), 130 interrupted (Ctrl-C, SIGTERM).
+resume its pause), 130 interrupted (Ctrl-C, SIGTERM). Under ``--nproc`` the same: torchrun
+ends with 1 for any rank's non-zero exit, so each rank also writes its code to a file
+the launcher reads (rank 0's, the rank that prints the summary, decides).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,6 +64,14 @@ _DEST_PREFIX = "cfg:"
 RUN_DIR_SPOOL = "spool.bin"  # the file watch() writes inside a run directory
 EXIT_OVERFIT_FAILED = 1
 EXIT_RULE_STOPPED = 3  # a rule stopped the run: NaN/Inf (ExplodingTensor)
+# Set by ``train --nproc``'s launcher for the ranks: a folder where each writes its exit
+# code (``rank<N>``), since torchrun ends with 1 for any non-zero one.
+RANK_EXITS_ENV = "LAYERSCOPE_RANK_EXITS"
+# Outcomes every rank reaches together (the rule's stop is applied on every rank at the
+# same step; the overfit verdict is the same model's on the same data): a rank reports
+# them through the file and exits 0 to torchrun, which would otherwise print a failure
+# report and SIGTERM the ranks still closing their run.
+_SHARED_EXITS = frozenset({EXIT_OVERFIT_FAILED, EXIT_RULE_STOPPED})
 
 
 def _version() -> str:
@@ -554,24 +566,61 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _launch_ranks(nproc: int, argv: list[str]) -> int:
     """``train --nproc N``: the same command line on N local ranks via
     ``python -m torch.distributed.run --standalone`` (the ranks see LOCAL_RANK and train).
-    SIGTERM is passed on to torchrun, which stops every rank; its exit code is ours."""
+    SIGTERM is passed on to torchrun, which stops every rank. The exit code is the ranks'
+    (``_launch_exit``), not torchrun's 1 for any failure."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "layerscope.trainer", *_without_nproc(argv),
     ]  # fmt: skip
-    proc = subprocess.Popen(command)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate()) if in_main else None
+    with tempfile.TemporaryDirectory(prefix="layerscope-ranks-") as exits:
+        proc = subprocess.Popen(command, env={**os.environ, RANK_EXITS_ENV: exits})
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate()) if in_main else None
+        try:
+            while True:
+                try:
+                    code = proc.wait()
+                    break
+                except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks as well
+                    continue
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+        return _launch_exit(code if code >= 0 else 128 - code, Path(exits))  # signal: 128 + N
+
+
+def _launch_exit(torchrun: int, exits: Path) -> int:
+    """The launcher's exit code: rank 0's own when it reported a non-zero one (it printed
+    the summary: 3 stopped by the NaN rule, 1 a failed overfit check, 2 bad input, 130
+    interrupted), else torchrun's (a rank that crashed or was killed reports nothing), else
+    any rank's shared outcome."""
+    reported: dict[int, int] = {}
+    for path in exits.glob("rank*"):
+        try:
+            reported[int(path.name[4:])] = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+    if reported.get(0, 0) != 0:
+        return reported[0]
+    if torchrun != 0:
+        return torchrun
+    return next((reported[r] for r in sorted(reported) if reported[r] != 0), 0)
+
+
+def _rank_exit(code: int) -> int:
+    """A rank launched by ``train --nproc``: its code written for the launcher (see
+    ``_launch_exit``), and the code for torchrun (0 for an outcome every rank shares).
+    Elsewhere (one process, or a torchrun the user started): ``code`` as it is."""
+    exits, rank = os.environ.get(RANK_EXITS_ENV), os.environ.get("RANK")
+    if not exits or rank is None or "LOCAL_RANK" not in os.environ:
+        return code
+    path = Path(exits) / f"rank{rank}"
     try:
-        while True:
-            try:
-                code = proc.wait()
-                return code if code >= 0 else 128 - code  # killed by a signal: 128 + N
-            except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks as well
-                continue
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        path.with_suffix(".tmp").write_text(str(code))
+        path.with_suffix(".tmp").replace(path)
+    except OSError:
+        return code  # the launcher then goes by torchrun's code
+    return 0 if code in _SHARED_EXITS else code
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -617,4 +666,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "lab":
         return _lab(args)
-    return _train(args) if args.command == "train" else _sync(args)
+    return _rank_exit(_train(args)) if args.command == "train" else _sync(args)

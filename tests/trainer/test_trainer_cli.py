@@ -394,7 +394,10 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
     assert cli.main(args) == 0
     capsys.readouterr()
 
-    settings = Settings(data_dir=tmp_path / "data", port=0, trainer_token="t0ken")
+    # the two tokens go together (a4038e8); the REST reads below present the viewer's
+    settings = Settings(
+        data_dir=tmp_path / "data", port=0, trainer_token="t0ken", viewer_token="v1ewer"
+    )
     server, sock, settings, _app = make_server(settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -410,7 +413,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         out = capsys.readouterr().out
         acked = int(out.split("acknowledged ")[1].split()[0])
         assert acked >= 3  # metrics, probes and status events of a 12-step run
-        with urllib.request.urlopen(f"{base}/api/runs/offline1", timeout=5) as resp:
+        with urllib.request.urlopen(f"{base}/api/runs/offline1?token=v1ewer", timeout=5) as resp:
             run = json.loads(resp.read())
         assert run["config"]["data"]["dataset"] == "spirals" and run["last_step"] == 12
 
@@ -421,7 +424,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         assert cli.main(live) == 0
         deadline = time.monotonic() + 10  # acked frames are committed; the status may trail
         while True:
-            with urllib.request.urlopen(f"{base}/api/runs/live1", timeout=5) as resp:
+            with urllib.request.urlopen(f"{base}/api/runs/live1?token=v1ewer", timeout=5) as resp:
                 run = json.loads(resp.read())
             if run["status"] == "finished" or time.monotonic() > deadline:
                 break
@@ -468,3 +471,20 @@ def test_print_config_into_a_closed_pipe_exits_quietly() -> None:
     finally:
         os.close(write_end)
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
+
+
+@pytest.mark.slow
+def test_nproc_exits_as_the_ranks_do_3_for_a_run_the_nan_rule_stopped(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Under --nproc a rank's exit 3 (the NaN rule stopped the run) reached the shell as
+    torchrun's 1 for any failed rank, after a ChildFailedError report; the launcher now
+    exits with the ranks' code, and torchrun has no failure to report."""
+    blow_up = ["--nproc", "2", "--optimizer", "sgd", "--lr", "100", "--init", "normal",
+               "--init-std", "10", "--steps", "50", "--every", "1", "--rules", "ExplodingTensor",
+               "--dataset", "blobs", "--width", "8", "--depth", "2", "--device", "cpu",
+               "--no-progress", "--run-dir", str(tmp_path / "nan")]  # fmt: skip
+    assert cli.main(["train", *blow_up]) == 3
+    out, err = capfd.readouterr()  # the ranks' output too: they write to this process's fds
+    assert "(stopped by a rule: NaN/Inf in " in out
+    assert "ChildFailedError" not in err and "FAILED" not in err

@@ -3,7 +3,9 @@
 Owns: the registry of trainer connections (one per run; ``is_connected``), the
 per-run record of which seqs were already broadcast (a frame resent after a
 reconnect is not shown twice), the per-run window of frames received but not yet
-committed (a joining viewer reads everything older from the store), and one
+committed (a joining viewer reads everything older from the store), showing the
+server's own events (a command someone sent, a status the server set) to the run's
+viewers as the store commits them, and one
 queue, bounded in frames and in bytes, plus one sender task per viewer,
 including the ``/ws/runs/{run_id}`` socket.
 
@@ -235,6 +237,14 @@ class Hub:
         self._seen: dict[str, _SeqSet] = {}
         self._recent: dict[str, deque[_Item]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._store: Any = None  # the store whose server events this hub shows
+
+    def watch_store(self, store: Any) -> None:
+        """Show ``store``'s server events to the viewers (once; the first viewer does it:
+        before any viewer there is nobody to show them to)."""
+        if self._store is not store:
+            self._store = store
+            store.listen(self.publish_event)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
@@ -296,6 +306,15 @@ class Hub:
             **extra,
         }
         item = _Item(None, "status", message)
+        for viewer in list(self._viewers.get(run_id, ())):
+            viewer.offer(item)
+
+    def publish_event(self, run_id: str, event: dict[str, Any]) -> None:
+        """A server event (no seq: a command stored, a status the server set), as the store
+        recorded it, to the run's viewers; the same step, data and created_at as GET
+        /events gives, so a page that also reads it there shows it once. Not kept for a
+        joining viewer: the store has it already (its snapshot holds it)."""
+        item = _Item(None, "event", {"type": "event", "run_id": run_id, **event})
         for viewer in list(self._viewers.get(run_id, ())):
             viewer.offer(item)
 
@@ -381,6 +400,7 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
     if run is None:
         await websocket.close(wire.CLOSE_POLICY, close_reason(f"run {run_id!r} not found"))
         return
+    hub.watch_store(store)
     viewer = hub.add_viewer(run_id, websocket)
     try:
         catchup = None

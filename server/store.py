@@ -6,7 +6,9 @@ server per data directory) and the public Store API the rest of the server calls
 (store_writer.py, which group-commits); they are coroutines that resolve only after the
 commit that holds them, so an ack sent on their result is never ahead of the disk.
 Reads run on per-thread read connections, each in its own read transaction (a
-consistent WAL snapshot), and never wait for the writer.
+consistent WAL snapshot), and never wait for the writer. An event the server records of
+its own (a command stored, a status it set) is handed, once committed, to each
+listener (``listen``: the hub, which shows it to the run's viewers at once).
 
 Never: blocks the event loop on a write (the SQL runs in the writer process), never
 loses a committed row to one bad operation (each runs in a savepoint), never keeps
@@ -56,6 +58,7 @@ class Store:
         self._sparklines: dict[int, tuple[float, list[float | None]]] = {}
         # Per run: its stored config text and the part of it the run list shows.
         self._list_configs: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # ---- lifecycle ----
 
@@ -102,6 +105,22 @@ class Store:
     async def _submit(self, name: str, *args: Any, urgent: bool = False) -> Any:
         return await self._writes.submit(name, *args, urgent=urgent)
 
+    def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """``listener(run_id, event)`` for every server event once it is committed (the
+        event as GET /events lists it), called on the event loop; a listener that raises
+        is logged and the write still succeeds."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def _recorded(self, run_id: str, event: dict[str, Any] | None) -> None:
+        if event is None:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(run_id, event)
+            except Exception:
+                log.exception("a listener failed on run %s's %s event", run_id, event["kind"])
+
     # ---- writes (resolve after commit) ----
 
     async def create_run(
@@ -117,8 +136,9 @@ class Store:
 
     async def hello(self, hello: dict[str, Any]) -> int:
         """Create or resume the run of a validated hello; returns its acked seq."""
-        acked: int = await self._submit("hello", hello)
-        return acked
+        acked, event = await self._submit("hello", hello)
+        self._recorded(hello["run_id"], event)
+        return int(acked)
 
     async def append(
         self, run_id: str, frames: list[dict[str, Any]], *, validated: bool = False
@@ -134,13 +154,14 @@ class Store:
         return acked
 
     async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
-        await self._submit("set_status", run_id, status, reason)
+        self._recorded(run_id, await self._submit("set_status", run_id, status, reason))
 
     async def add_command(
         self, run_id: str, cmd: dict[str, Any], *, origin: str
     ) -> tuple[dict[str, Any], bool]:
         """(row, duplicate): the same id again returns the stored row and True."""
-        row, duplicate = await self._submit("add_command", run_id, cmd, origin, urgent=True)
+        row, duplicate, event = await self._submit("add_command", run_id, cmd, origin, urgent=True)
+        self._recorded(run_id, event)
         return row, duplicate
 
     async def delete_run(self, run_id: str) -> bool:

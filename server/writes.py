@@ -5,7 +5,9 @@ metrics frame's values go through scalars.py, a probe frame's through probe_rows
 and a batch's frame rows in a few multi-row INSERTs), the
 side effects of events (a ``status`` event sets the run status, a
 ``command_result`` event settles the command row and the run's acknowledged
-control state), and the highest-contiguous-seq bookkeeping behind acks.
+control state), the server's own events (a command stored, a status the server set),
+returned to the caller as stored so viewers can be shown them, and the
+highest-contiguous-seq bookkeeping behind acks.
 
 Never: commits (the writer process groups many operations into one commit and wraps
 each in a savepoint), never runs on the event loop, never trusts a frame's shape
@@ -31,8 +33,12 @@ FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 # A hello does not revive a run that ended for good: a second `layerscope sync` of its
 # spool sends the same hello again. Nor does it resume a paused one: the trainer reports
 # its resume (a status event, and the status its heartbeats carry). A "lost" run's
-# trainer may reconnect, and a launched one's first connects: running.
+# trainer may reconnect: it is as it was before it was lost (a paused trainer stays
+# paused while its link is down), running or paused. A launched one's first connects: running.
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed", "paused"})
+_TRAINER_STATUSES = ("running", "paused")  # what a reconnected trainer may be
+# How many of a lost run's latest status events are read for the status it had before.
+_STATUS_LOOKBACK = 50
 
 
 def _seq(frame: Any) -> int:
@@ -152,8 +158,10 @@ class Writer:
             (run_id, name, dumps(config), status, int(launched), now, now),
         )
 
-    def hello(self, hello: dict[str, Any]) -> int:
-        """Create or resume the run. A run keeps the first instance its hellos carry (the
+    def hello(self, hello: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Create or resume the run; returns its acked seq and the server event it
+        recorded (a lost run's trainer back: its status as before it was lost), or None.
+        A run keeps the first instance its hellos carry (the
         trainer process's id): a hello carrying another is another process reusing the
         run id, refused (RunIdTaken) rather than spliced into this run. A hello without
         one (an older trainer or spool), or a run stored without one, is taken as before."""
@@ -167,6 +175,7 @@ class Writer:
         config = dumps(hello.get("config") or {})
         device = str(hello.get("device") or "")
         world_size = int(hello.get("world_size") or 1)
+        event = None
         if row is None:
             cur = self.conn.execute(
                 "INSERT INTO runs (id, name, config, status, device, world_size, created_at,"
@@ -179,7 +188,12 @@ class Writer:
             rk, status, acked, stored_instance = row
             if None not in (instance, stored_instance) and instance != stored_instance:
                 raise RunIdTaken(run_id)
-            new_status = status if status in _KEEP_STATUS_ON_HELLO else "running"
+            if status in _KEEP_STATUS_ON_HELLO:
+                new_status = status
+            elif status == "lost":
+                new_status = self._status_before_lost(rk)
+            else:
+                new_status = "running"
             reason_sql = "status_reason" if new_status == status else "NULL"
             self.conn.execute(
                 f"UPDATE runs SET name = ?, config = ?, status = ?, status_reason = {reason_sql},"
@@ -187,11 +201,29 @@ class Writer:
                 " WHERE rk = ?",
                 (name, config, new_status, device, world_size, now, instance, rk),
             )
+            if status == "lost":  # the log says the run is back, and how
+                event = self._server_event(
+                    rk, "status", {"status": new_status, "reason": "trainer reconnected"}, now
+                )
         for i, layer in enumerate(hello.get("layers") or []):
             self.lid(rk, layer["name"], str(layer.get("kind") or "module"), layer.get("units"), i)
-        return int(acked)
+        return int(acked), event
 
-    def set_status(self, run_id: str, status: str, reason: str | None) -> None:
+    def _status_before_lost(self, rk: int) -> str:
+        """The status a lost run's trainer last had (its status events and the heartbeat
+        changes the server recorded, newest first): paused stays paused when it comes back."""
+        rows = self.conn.execute(
+            "SELECT data FROM events WHERE rk = ? AND kind = 'status' ORDER BY eid DESC LIMIT ?",
+            (rk, _STATUS_LOOKBACK),
+        )
+        for (data,) in rows:
+            status = json.loads(data).get("status")
+            if status in _TRAINER_STATUSES:
+                return str(status)
+        return "running"
+
+    def set_status(self, run_id: str, status: str, reason: str | None) -> dict[str, Any]:
+        """Returns the server event it recorded."""
         if status not in wire.RUN_STATUSES:
             raise StoreError(
                 f"unknown status {status!r}; expected one of {list(wire.RUN_STATUSES)}"
@@ -205,14 +237,28 @@ class Writer:
         data: dict[str, Any] = {"status": status}
         if reason is not None:
             data["reason"] = reason
-        self._server_event(rk, "status", data, now)
+        return self._server_event(rk, "status", data, now)
 
-    def _server_event(self, rk: int, kind: str, data: dict[str, Any], now: float) -> None:
-        self.conn.execute(
+    def _server_event(self, rk: int, kind: str, data: dict[str, Any], now: float) -> dict[str, Any]:
+        """Record an event of the server's own (no seq; the run's last step); returns it
+        as GET /events lists it, for the viewers to be shown it (the same step, data and
+        created_at, so a page that has it from both knows it is one event)."""
+        text = dumps(data)
+        step = self.conn.execute(
             "INSERT INTO events (rk, seq, step, kind, origin, data, created_at)"
-            " SELECT ?, NULL, last_step, ?, 'server', ?, ? FROM runs WHERE rk = ?",
-            (rk, kind, dumps(data), now, rk),
-        )
+            " SELECT ?, NULL, last_step, ?, 'server', ?, ? FROM runs WHERE rk = ?"
+            " RETURNING step",
+            (rk, kind, text, now, rk),
+        ).fetchone()[0]
+        return {
+            "seq": None,
+            "step": step,
+            "kind": kind,
+            "origin": "server",
+            "data": json.loads(text),
+            "created_at": now,
+        }
+
 
     def delete_run(self, run_id: str) -> bool:
         try:
@@ -245,7 +291,8 @@ class Writer:
 
     def add_command(
         self, run_id: str, cmd: dict[str, Any], origin: str
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[dict[str, Any], bool, dict[str, Any] | None]:
+        """(row, duplicate, the server event it recorded: None for a duplicate)."""
         rk = self.rk(run_id)
         cmd_id = cmd.get("id")
         if not isinstance(cmd_id, str) or not cmd_id:
@@ -256,7 +303,7 @@ class Writer:
             "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
         ).fetchone()
         if existing is not None:
-            return command_row(existing), True
+            return command_row(existing), True, None
         cmd_seq = self.conn.execute(
             "UPDATE runs SET cmd_seq = cmd_seq + 1 WHERE rk = ? RETURNING cmd_seq", (rk,)
         ).fetchone()[0]
@@ -279,11 +326,11 @@ class Writer:
         }
         if reason is not None:
             data["reason"] = reason
-        self._server_event(rk, "command", data, now)
+        event = self._server_event(rk, "command", data, now)
         row = self.conn.execute(
             "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
         ).fetchone()
-        return command_row(row), False
+        return command_row(row), False, event
 
     # ---- frames ----
 

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.anyio
 KEEP_UP_S = 30.0
 
 
-async def test_a_viewer_gets_a_snapshot_then_live_frames(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_viewer_gets_a_snapshot_then_live_frames(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     for seq in range(1, 4):
         await trainer.send(metrics_frame(seq, seq, loss=float(seq)))
@@ -60,7 +62,9 @@ async def test_a_viewer_gets_a_snapshot_then_live_frames(shared_server: LiveServ
     await trainer.close()
 
 
-async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(shared_server: LiveServer, run_id: str) -> None:
+async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
 
     async def send_all() -> None:
@@ -83,7 +87,9 @@ async def test_frames_in_flight_while_a_viewer_joins_are_not_lost(shared_server:
     await trainer.close()
 
 
-async def test_after_seq_catches_up_with_every_missed_frame(shared_server: LiveServer, run_id: str) -> None:
+async def test_after_seq_catches_up_with_every_missed_frame(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, _ = await open_viewer(shared_server, run_id)
     for seq in range(1, 6):
@@ -143,7 +149,9 @@ async def test_a_catch_up_past_its_limits_is_a_fresh_snapshot(tmp_path: Path) ->
         await trainer.close()
 
 
-async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(tmp_path: Path) -> None:
+async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(
+    tmp_path: Path,
+) -> None:
     # A small queue and a viewer with a small receive buffer: the socket fills, then the queue.
     with running_server(make_settings(tmp_path, viewer_queue_frames=20)) as server:
         # Everything this test opens is closed even when an assertion fails: a socket left
@@ -178,8 +186,12 @@ async def test_a_slow_viewer_is_closed_with_1013_and_catches_up_without_gaps(tmp
                 # frame `total`, and under load it can read the last six in one sleep.
                 deadline = loop.time() + KEEP_UP_S
                 while seq - fast_last() > 5:
-                    assert not reader.done(), f"the fast viewer stopped at {fast_last()}: {reader.exception()!r}"
-                    assert loop.time() < deadline, f"the fast viewer is stuck at {fast_last()}, frame {seq} sent"
+                    assert not reader.done(), (
+                        f"the fast viewer stopped at {fast_last()}: {reader.exception()!r}"
+                    )
+                    assert loop.time() < deadline, (
+                        f"the fast viewer is stuck at {fast_last()}, frame {seq} sent"
+                    )
                     await asyncio.sleep(0.002)
             await asyncio.wait_for(reader, 60)
             assert fast_seen == list(range(1, total + 1))  # the slow one held nobody up
@@ -229,7 +241,9 @@ async def test_probe_frames_coalesce_for_a_viewer_that_is_behind(tmp_path: Path)
         await trainer.close()
 
 
-async def test_an_unknown_run_is_refused_with_a_reason(shared_server: LiveServer, run_id: str) -> None:
+async def test_an_unknown_run_is_refused_with_a_reason(
+    shared_server: LiveServer, run_id: str
+) -> None:
     async with connect(shared_server.ws("/ws/runs/nope")) as ws:
         await ws.wait_closed()
         assert ws.close_code == wire.CLOSE_POLICY
@@ -246,7 +260,9 @@ async def test_a_bad_after_seq_is_refused(shared_server: LiveServer, run_id: str
     await trainer.close()
 
 
-async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(shared_server: LiveServer, run_id: str) -> None:
+async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, _ = await open_viewer(shared_server, run_id)
     await viewer.send("{not json")
@@ -307,3 +323,63 @@ async def test_a_new_run_under_a_deleted_runs_id_reaches_its_viewers(
     assert [m["seq"] for m in live if "seq" in m] == [1, 2, 3]
     await viewer.close()
     await new.close()
+
+
+async def test_a_command_one_viewer_sends_reaches_the_other_viewers_as_the_log_stores_it(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A command is written to the run's event log (who sent what); another tab learned of
+    it only on a reload. Now every viewer gets the event as it is stored: the same step,
+    data and created_at as GET /events lists, so a page that has both shows it once."""
+    import httpx
+
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 12))
+    await trainer.wait_acked(1)
+    sender, _ = await open_viewer(shared_server, run_id)
+    other, _ = await open_viewer(shared_server, run_id)
+    command = {"type": "command", "id": "c-live", "name": "set_lr_scale", "args": {"value": 0.5}}
+    await sender.send(json.dumps(command))
+    got = (await recv_until(other, lambda m: m["type"] == "event" and m["kind"] == "command"))[-1]
+    async with httpx.AsyncClient(timeout=5) as client:
+        logged = (await client.get(f"{shared_server}/api/runs/{run_id}/events?kind=command")).json()
+        # a script's command through the REST API reaches them the same way
+        posted = await client.post(
+            f"{shared_server}/api/runs/{run_id}/commands", json={"id": "c-api", "name": "pause"}
+        )
+    assert posted.status_code == 202
+    assert got == {"type": "event", "run_id": run_id, "v": 1, **logged[0]}
+    assert got["step"] == 12 and got["origin"] == "server" and got["seq"] is None
+    data = got["data"]
+    assert (data["id"], data["name"], data["args"], data["source"]) == (
+        "c-live",
+        "set_lr_scale",
+        {"value": 0.5},
+        "user",
+    )
+    assert data["origin"].startswith("viewer 127.0.0.1:")
+    for ws in (sender, other):
+        api = await recv_until(
+            ws, lambda m: m["type"] == "event" and m["data"].get("id") == "c-api"
+        )
+        assert (api[-1]["data"]["name"], api[-1]["data"]["source"]) == ("pause", "api")
+    await sender.close()
+    await other.close()
+    await trainer.close()
+
+
+async def test_a_status_the_server_sets_reaches_viewers_as_an_event(tmp_path: Path) -> None:
+    """The server's own status events (a trainer lost) reach the event log of an open page,
+    not only its status pill."""
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(metrics_frame(1, 3))
+        await trainer.wait_acked(1)
+        viewer, _ = await open_viewer(server, "r1")
+        # silent from here on: lost
+        got = await recv_until(viewer, lambda m: m["type"] == "event" and m["kind"] == "status")
+        event = got[-1]
+        assert (event["origin"], event["step"], event["data"]["status"]) == ("server", 3, "lost")
+        assert event["data"]["reason"].startswith("trainer silent")
+        await viewer.close()
+        await trainer.ws.close()

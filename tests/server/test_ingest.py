@@ -51,9 +51,17 @@ def assert_still_serving(server: str, run_id: str, seqs: list[int]) -> None:
     assert seqs_of(server, run_id) == seqs
 
 
-async def test_hello_gets_welcome_and_frames_are_acked_after_commit(shared_server: LiveServer, run_id: str) -> None:
+async def test_hello_gets_welcome_and_frames_are_acked_after_commit(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
-    assert trainer.welcome == {"v": 1, "type": "welcome", "run_id": run_id, "acked_seq": 0, "status": "running"}
+    assert trainer.welcome == {
+        "v": 1,
+        "type": "welcome",
+        "run_id": run_id,
+        "acked_seq": 0,
+        "status": "running",
+    }
     await trainer.send(metrics_frame(1, 0, loss=2.5))
     await trainer.send(probe_frame(2, 0))
     await trainer.send(event_frame(3, 0, "alert", message="dead layer"))
@@ -67,7 +75,8 @@ async def test_hello_gets_welcome_and_frames_are_acked_after_commit(shared_serve
 
 
 async def test_ack_is_the_highest_contiguous_seq_and_duplicates_are_no_ops(
-    shared_server: LiveServer, run_id: str,
+    shared_server: LiveServer,
+    run_id: str,
 ) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(metrics_frame(1, 1))
@@ -88,7 +97,9 @@ async def test_ack_is_the_highest_contiguous_seq_and_duplicates_are_no_ops(
     await trainer.close()
 
 
-async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(shared_server: LiveServer, run_id: str) -> None:
+async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(
+    shared_server: LiveServer, run_id: str
+) -> None:
     first = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(first, 5)
     await first.close()
@@ -102,7 +113,9 @@ async def test_reconnect_resumes_from_the_acked_seq_without_duplicates(shared_se
     await second.close()
 
 
-async def test_resent_frames_are_not_shown_twice_to_viewers(shared_server: LiveServer, run_id: str) -> None:
+async def test_resent_frames_are_not_shown_twice_to_viewers(
+    shared_server: LiveServer, run_id: str
+) -> None:
     first = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(first, 3)
     await first.close()
@@ -117,7 +130,9 @@ async def test_resent_frames_are_not_shown_twice_to_viewers(shared_server: LiveS
     await second.close()
 
 
-async def test_a_second_trainer_connection_replaces_the_first(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_second_trainer_connection_replaces_the_first(
+    shared_server: LiveServer, run_id: str
+) -> None:
     old = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(old, 2)
     new = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=2)
@@ -129,7 +144,9 @@ async def test_a_second_trainer_connection_replaces_the_first(shared_server: Liv
     await new.close()
 
 
-async def refused_hello(server: LiveServer, run_id: str, **extra: Any) -> tuple[dict[str, Any], int | None, str]:
+async def refused_hello(
+    server: LiveServer, run_id: str, **extra: Any
+) -> tuple[dict[str, Any], int | None, str]:
     """A hello the server answers with an error and a close: (the error, close code, reason)."""
     async with connect(server.ws("/ws/trainer")) as ws:
         await ws.send(json.dumps(hello_frame(run_id, **extra)))
@@ -160,7 +177,9 @@ async def test_another_trainer_process_under_a_stored_run_id_is_refused(
     await first.wait_acked(7)
     await first.close()
     await wait_status(shared_server, run_id, "finished")
-    error, code, _ = await refused_hello(shared_server, run_id, instance=second_id, last_acked_seq=3)
+    error, code, _ = await refused_hello(
+        shared_server, run_id, instance=second_id, last_acked_seq=3
+    )
     assert error["message"] == taken and code == wire.CLOSE_POLICY
     assert seqs_of(shared_server, run_id) == list(range(1, 8))
     detail = run_detail(shared_server, run_id)
@@ -175,7 +194,9 @@ async def test_another_trainer_process_under_a_stored_run_id_is_refused(
     await older.close()
 
 
-async def test_a_frame_before_hello_closes_with_1008(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_frame_before_hello_closes_with_1008(
+    shared_server: LiveServer, run_id: str
+) -> None:
     async with connect(shared_server.ws("/ws/trainer")) as ws:
         await ws.send(json.dumps({"v": 1, **metrics_frame(1, 1)}))
         await ws.wait_closed()
@@ -193,7 +214,9 @@ async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_i
     assert httpx.get(f"{shared_server}/api/runs").json() == before
 
 
-async def test_a_status_event_ends_the_run_and_viewers_see_it(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_status_event_ends_the_run_and_viewers_see_it(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, _ = await open_viewer(shared_server, run_id)
     await trainer.send(event_frame(1, 10, "status", status="finished"))
@@ -297,12 +320,41 @@ async def test_a_paused_run_is_still_paused_after_a_server_restart_and_a_reconne
         await trainer.close()
 
 
+async def test_a_paused_run_marked_lost_is_paused_at_once_when_its_trainer_returns(
+    tmp_path: Path,
+) -> None:
+    """A paused run whose trainer was marked lost showed 'running' from the returning
+    trainer's hello until its first heartbeat said paused (the hello made every lost run
+    running). It is paused from the hello on: the welcome, the run's detail and every
+    status its viewers get say so, and the event log says the trainer is back."""
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(event_frame(1, 4, "status", status="paused"))
+        await trainer.wait_acked(1)
+        await wait_status(server, "r1", "paused")
+        # the connection stays open but says nothing: a network outage, not an exit
+        await wait_status(server, "r1", "lost", timeout=10)
+        await trainer.ws.close()
+        viewer, snapshot = await open_viewer(server, "r1")
+        assert snapshot["run"]["status"] == "lost"
+        trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=1)
+        assert trainer.welcome["status"] == "paused"
+        assert run_detail(server, "r1")["status"] == "paused"
+        got = await recv_until(viewer, lambda m: m["type"] == "status" and m["trainer_connected"])
+        assert [m["status"] for m in got if m["type"] == "status"] == ["paused"]
+        # (a viewer that joined as "lost" was stored may get that event live too)
+        said = [m["data"] for m in got if m["type"] == "event" and m["data"]["status"] != "lost"]
+        assert said == [{"status": "paused", "reason": "trainer reconnected"}]
+        await viewer.close()
+        await trainer.close()
+
+
 async def test_a_heartbeats_status_is_stored_and_shown_when_it_differs_and_only_then(
     tmp_path: Path,
 ) -> None:
-    """A paused trainer that was lost and came back: its hello makes the run running, its
-    heartbeats say paused, and that is stored and shown once (not once per heartbeat). A
-    heartbeat never revives a run its status event ended."""
+    """A paused trainer that was lost comes back paused; its heartbeats saying paused store
+    nothing, and once they say running (it resumed) that is stored and shown once, not
+    once per heartbeat. A heartbeat never revives a run its status event ended."""
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
         await trainer.send(event_frame(1, 0, "status", status="paused"))
@@ -310,22 +362,29 @@ async def test_a_heartbeats_status_is_stored_and_shown_when_it_differs_and_only_
         await trainer.close()
         await wait_status(server, "r1", "lost", timeout=10)
         trainer = await FakeTrainer.connect(server, "r1", last_acked_seq=1)
-        assert trainer.welcome["status"] == "running"
+        assert trainer.welcome["status"] == "paused"
         viewer, _ = await open_viewer(server, "r1")
         trainer.heartbeat(0.1, status="paused")
-        got = await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] != "running")
-        assert (got[-1]["status"], got[-1]["trainer_connected"]) == ("paused", True)
-        await wait_status(server, "r1", "paused")
-        await asyncio.sleep(1.0)  # ten more heartbeats saying paused
+        await asyncio.sleep(0.5)  # five heartbeats saying paused: nothing to store
+        trainer.status = "running"
+        got = await recv_until(viewer, lambda m: m["type"] == "status" and m["status"] != "paused")
+        assert (got[-1]["status"], got[-1]["trainer_connected"]) == ("running", True)
+        await wait_status(server, "r1", "running")
+        await asyncio.sleep(1.0)  # ten more heartbeats saying running
         async with httpx.AsyncClient(timeout=10) as client:
             events = (await client.get(f"{server}/api/runs/r1/events?kind=status")).json()
         said = [(e["origin"], e["data"]["status"]) for e in events]
-        assert said == [("trainer", "paused"), ("server", "lost"), ("server", "paused")]
+        assert said == [
+            ("trainer", "paused"),
+            ("server", "lost"),
+            ("server", "paused"),
+            ("server", "running"),
+        ]
 
         await trainer.send(event_frame(2, 5, "status", status="finished"))
         await trainer.wait_acked(2)
-        await asyncio.sleep(0.5)  # heartbeats go on, now saying running: ignored
-        trainer.status = "running"
+        await asyncio.sleep(0.5)  # heartbeats go on, saying running: ignored
+        trainer.status = "paused"
         await asyncio.sleep(0.5)
         assert run_detail(server, "r1")["status"] == "finished"
         await viewer.close()
@@ -335,7 +394,9 @@ async def test_a_heartbeats_status_is_stored_and_shown_when_it_differs_and_only_
 # ---- bad input: each answered with an error or the documented close, nothing lost ----
 
 
-async def test_malformed_json_gets_an_error_and_the_connection_goes_on(shared_server: LiveServer, run_id: str) -> None:
+async def test_malformed_json_gets_an_error_and_the_connection_goes_on(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send('{"type": "metrics", "seq": 3, ')
@@ -376,7 +437,12 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
         ({"type": "metrics", "seq": 3, "rows": [{"step": 1, "values": {"loss": "low"}}]}, "number"),
         ({"type": "probe", "seq": 3, "step": -1, "layers": []}, "'step' must be >= 0"),
         (
-            {"type": "probe", "seq": 3, "step": 1, "layers": [{"name": "a", "mean": 0.5, "std": True}]},
+            {
+                "type": "probe",
+                "seq": 3,
+                "step": 1,
+                "layers": [{"name": "a", "mean": 0.5, "std": True}],
+            },
             "layers[0].std must be a number",
         ),
         ({"type": "event", "seq": 3, "step": 1, "kind": "gossip"}, "unknown event kind"),
@@ -428,12 +494,15 @@ async def test_a_nan_literal_is_rejected_with_1007(shared_server: LiveServer, ru
 
 
 async def test_non_finite_values_are_stored_as_null_and_every_frame_out_is_strict_json(
-    shared_server: LiveServer, run_id: str,
+    shared_server: LiveServer,
+    run_id: str,
 ) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, _ = await open_viewer(shared_server, run_id)
     # 1e999 is valid JSON that parses to inf; a null is a non-finite value the trainer cleaned.
-    await trainer.send('{"type":"metrics","v":1,"seq":1,"rows":[{"step":1,"values":{"loss":1e999,"acc":null,"lr":0.5}}]}')
+    await trainer.send(
+        '{"type":"metrics","v":1,"seq":1,"rows":[{"step":1,"values":{"loss":1e999,"acc":null,"lr":0.5}}]}'
+    )
     await trainer.wait_acked(1)
     raw = await asyncio.wait_for(viewer.recv(), 10)
     live = strict_loads(raw)  # raises on NaN/Infinity
@@ -467,7 +536,11 @@ async def test_non_finite_values_are_stored_as_null_and_every_frame_out_is_stric
             f"the limit is {wire.MAX_NAME_LEN}",
         ),
         (
-            lambda: {"type": "metrics", "seq": 3, "rows": [{"step": 1, "values": {"l" * 10_000: 1.0}}]},
+            lambda: {
+                "type": "metrics",
+                "seq": 3,
+                "rows": [{"step": 1, "values": {"l" * 10_000: 1.0}}],
+            },
             f"the limit is {wire.MAX_NAME_LEN}",
         ),
     ],
@@ -486,7 +559,9 @@ async def test_frames_past_the_documented_limits_are_rejected(
     await trainer.close()
 
 
-async def test_a_second_hello_on_one_connection_is_an_error(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_second_hello_on_one_connection_is_an_error(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 1)
     await trainer.send({"type": "hello", "run_id": "other"})

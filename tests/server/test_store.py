@@ -646,11 +646,21 @@ async def test_status_events_and_set_status(store: Store) -> None:
     )
     last = store.events("r1", limit=1)[0]
     assert (last["kind"], last["origin"], last["data"]["status"]) == ("status", "server", "lost")
-    # A trainer reconnecting after being marked lost resumes the run ...
+    # A trainer reconnecting after being marked lost is back as it was before: paused (a
+    # paused trainer stays paused while its link is down), said so in the log ...
     await store.hello(hello())
+    assert store.run("r1")["status"] == "paused"
+    last = store.events("r1", limit=1)[0]
+    assert (last["origin"], last["data"]) == (
+        "server",
+        {"status": "paused", "reason": "trainer reconnected"},
+    )
+    await store.append("r1", [event(2, 6, "status", {"status": "running"})])
+    await store.set_status("r1", "lost", reason="trainer silent for 15 s")
+    await store.hello(hello())  # ... or running, when it was running
     assert store.run("r1")["status"] == "running"
     # ... but a finished run stays finished.
-    await store.append("r1", [event(2, 6, "status", {"status": "finished"})])
+    await store.append("r1", [event(3, 6, "status", {"status": "finished"})])
     await store.hello(hello())
     assert store.run("r1")["status"] == "finished"
     # ... and so does a failed one (a second `layerscope sync` of its spool sends its hello

@@ -20,16 +20,24 @@ from pathlib import Path
 
 from layerscope.trainer import wire
 
-SCHEMA_VERSION = 3  # 2: probes.unit_spread; 3: runs.instance
+SCHEMA_VERSION = 4  # 2: probes.unit_spread; 3: runs.instance; 4: the deleting table
 DB_NAME = "layerscope.db"
+# A deleted run's rows not purged yet (writes.Purge): its runs row is gone, so nothing
+# reads or writes them; the writer deletes them in slices and a restart goes on with it.
+DELETING_DDL = (
+    "CREATE TABLE IF NOT EXISTS deleting ("
+    "rk INTEGER PRIMARY KEY, id TEXT NOT NULL, since REAL NOT NULL)"
+)
 # MIGRATIONS[v]: the statements that take a version-v database to version v + 1. Each
 # only adds (a nullable column, a table, an index), so rows stored before read as they did.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ('ALTER TABLE probes ADD COLUMN "unit_spread" REAL',),
     2: ("ALTER TABLE runs ADD COLUMN instance TEXT",),
+    3: (DELETING_DDL,),
 }
 
-DDL = """
+DDL = (
+    """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     rk INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -155,6 +163,9 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (rk, cmd_seq);
 """
+    + DELETING_DDL
+    + ";\n"
+)
 
 PROBE_COLUMNS = wire.PROBE_STATS  # one REAL column per probe statistic, in wire order
 

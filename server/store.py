@@ -165,6 +165,9 @@ class Store:
         return row, duplicate
 
     async def delete_run(self, run_id: str) -> bool:
+        """False when there is no such run. Once it resolves the run is gone for every
+        read and write (and its id free); its rows are purged in the writer's spare
+        time, a slice per commit (``deletions_pending`` counts the runs not purged yet)."""
         deleted: bool = await self._submit("delete_run", run_id)
         return deleted
 
@@ -224,6 +227,10 @@ class Store:
             return out
 
         return self._read(read)
+
+    def deletions_pending(self) -> int:
+        """Deleted runs whose rows are not all purged yet."""
+        return self._read(lambda c: int(c.execute("SELECT COUNT(*) FROM deleting").fetchone()[0]))
 
     def run_count(self) -> int:
         return self._read(queries.run_count)

@@ -9,6 +9,10 @@ over two pipes: pickled ``("op", id, name, args, urgent)`` / ``("stop",)`` in, a
 message)`` once, then ``("done", commits, [(id, result, error)])`` per commit and
 ``("stopped",)`` out.
 
+Between batches, and while no operation is waiting, it purges deleted runs' rows a
+slice at a time (writes.Purge), each slice its own commit: a big run's delete holds
+another run's commit back by one slice at most.
+
 Why a process: the server's event loop (socket, JSON decode, validation, fan-out) and
 the writer (rows, SQL) shared one GIL, which capped ingest near 400 probe frames/s on
 two cores; apart, each has a core.
@@ -50,6 +54,9 @@ def tune_gc() -> None:
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
+
+# After a purge slice fails (its rows stay, rolled back), the next is tried this much later.
+PURGE_RETRY_S = 5.0
 
 # What an operation reports: (id, result, error); error is None or (kind, message, run_id).
 Result = tuple[int, Any, tuple[str, str, str] | None]
@@ -99,6 +106,7 @@ class _Batcher:
         self.interval = interval
         self.commits = 0
         self.last_commit = 0.0
+        self.purge_after = 0.0  # no purge slice before this (monotonic), after one failed
 
     def receive(self, timeout: float | None) -> tuple[Any, ...] | None:
         """The next message; None when none came in time; ("eof",) when the server is gone."""
@@ -111,12 +119,48 @@ class _Batcher:
             return ("eof",)
 
     def run(self) -> None:
-        message = self.receive(None)
-        while message is not None and message[0] == "op":
+        while True:
+            message = self.receive(self.purge_wait())
+            if message is None:  # nothing to do but purge
+                self.purge()
+                continue
+            if message[0] != "op":
+                break
             # A stop (or the end of input) that arrived during a batch ends the loop.
-            message = self.batch(message) or self.receive(None)
-        if message is not None and message[0] == "stop":
+            ending = self.batch(message)
+            if ending is not None:
+                message = ending
+                break
+            if self.purge_wait() == 0.0:  # under load too, one slice between batches
+                self.purge()
+        if message[0] == "stop":
             self.out.send(("stopped",))
+
+    def purge_wait(self) -> float | None:
+        """How long to wait for an operation before the next purge slice (None: no purge)."""
+        if not self.writer.purge.pending:
+            return None
+        return max(0.0, self.purge_after - time.monotonic())
+
+    def purge(self) -> None:
+        """One slice of a deleted run's rows, committed on its own. Not a group commit:
+        the next batch's deadline does not move for it, and ``commits`` does not count it."""
+        conn = self.writer.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.writer.purge.slice()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.purge_after = time.monotonic() + PURGE_RETRY_S
+            print(
+                f"layerscope: purging a deleted run's rows failed ({exc});"
+                f" trying again in {PURGE_RETRY_S:g} s",
+                file=sys.stderr,
+            )
 
     def batch(self, message: tuple[Any, ...]) -> tuple[str] | None:
         """Apply message and whatever else arrives before the deadline, commit once, then

@@ -86,6 +86,14 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.close()
 
 
+async def purged(store: Store, timeout_s: float = 30.0) -> None:
+    """Until every deleted run's rows are gone (the writer purges them in its spare time)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while store.deletions_pending():
+        assert asyncio.get_running_loop().time() < deadline, "deleted rows still there"
+        await asyncio.sleep(0.02)
+
+
 def fresh(tmp_path: Path) -> sqlite3.Connection:
     """A connection that shares nothing with the store: sees only what was committed."""
     return sqlite3.connect(tmp_path / "data" / DB_NAME)
@@ -318,17 +326,23 @@ async def test_database_of_a_newer_schema_version_is_refused(tmp_path: Path) -> 
     assert not list((tmp_path / "data").glob("*.bak-v*"))
 
 
-# The columns each schema version added since version 1, oldest first: dropping them and
-# setting the version back gives the layout that version's layerscope wrote.
-ADDED_SINCE_V1 = [("probes", "unit_spread"), ("runs", "instance")]
+# What each schema version added since version 1, oldest first, as the statement that
+# takes it away: running them and setting the version back gives the layout that
+# version's layerscope wrote.
+ADDED_SINCE_V1 = [
+    'ALTER TABLE probes DROP COLUMN "unit_spread"',
+    'ALTER TABLE runs DROP COLUMN "instance"',
+    "DROP TABLE deleting",
+]
 
 
 def as_version_1(db: Path, keep: int = 0) -> None:
     """Turn a database this version wrote into a version-1 one (``keep``: leave the newest
-    ``keep`` added columns in place, a database whose upgrade will fail at that step)."""
+    ``keep`` additions in place; one that is a column makes a database whose upgrade fails
+    at that step)."""
     with closing(sqlite3.connect(db)) as conn:
-        for table, column in ADDED_SINCE_V1[: len(ADDED_SINCE_V1) - keep]:
-            conn.execute(f'ALTER TABLE {table} DROP COLUMN "{column}"')
+        for undo in ADDED_SINCE_V1[: len(ADDED_SINCE_V1) - keep]:
+            conn.execute(undo)
         conn.execute("UPDATE schema_version SET version = 1")
         conn.commit()
 
@@ -397,7 +411,7 @@ async def test_an_upgrade_that_fails_leaves_the_database_as_it_was(tmp_path: Pat
     await store.hello(hello())
     await store.close()
     db = tmp_path / "data" / DB_NAME
-    as_version_1(db, keep=1)  # says version 1 but holds the last step's column already
+    as_version_1(db, keep=2)  # says version 1 but holds runs.instance (step 2's) already
     before = layout(db)
     with pytest.raises(SchemaError, match=r"failed \(duplicate column name.*it is unchanged"):
         await Store(tmp_path / "data").open()
@@ -754,12 +768,96 @@ async def test_delete_run_removes_only_that_run(store: Store, tmp_path: Path) ->
     assert await store.delete_run("gone") is False
     assert store.run("gone") is None and [r["id"] for r in store.runs()] == ["kept"]
     assert store.series("kept", ["loss"])["loss"]["values"] == [1.0]
+    await purged(store)
     with fresh(tmp_path) as conn:
         for table in ("scalars", "scalar_blocks", "probes", "frames", "series", "layers"):
             assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > 0
         assert conn.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 2
     # The id can be used again from scratch.
     assert await store.hello(hello("gone")) == 0
+
+
+BIG_STEPS = 40_000  # x 3 series: 120k scalar rows, purged over many slices
+
+
+async def big_run(store: Store, run_id: str) -> None:
+    """A run with BIG_STEPS steps of three series and a probe frame every 100 steps."""
+    await store.hello(hello(run_id))
+    rows = [(s, {"loss": 1.0 / (s + 1), "acc": 0.5, "lr": 0.1}) for s in range(BIG_STEPS)]
+    frames = [
+        metrics(n + 1, rows[lo : lo + 10_000]) for n, lo in enumerate(range(0, BIG_STEPS, 10_000))
+    ]
+    frames += [probe(len(frames) + 1 + n, s) for n, s in enumerate(range(0, BIG_STEPS, 100))]
+    await store.append(run_id, frames)
+
+
+def rows_of(conn: sqlite3.Connection) -> dict[str, int]:
+    tables = ("scalars", "scalar_blocks", "probes", "probe_hists", "probe_steps", "frames")
+    tables += ("events", "commands", "series", "layers", "runs")
+    return {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+async def test_a_big_run_is_gone_at_once_and_purged_while_other_runs_commit(
+    store: Store, tmp_path: Path
+) -> None:
+    """Deleting a run hides it in one small commit (no read finds it, no write reaches it,
+    its id is free) and purges its rows in slices between other commits: another run's
+    write commits while the purge is still going, not after it (one transaction of 120k
+    rows held every other run's acks meanwhile)."""
+    await store.hello(hello("kept"))
+    await store.append("kept", [metrics(1, [(0, {"loss": 1.0})]), probe(2, 0)])
+    with closing(fresh(tmp_path)) as conn:
+        kept_only = rows_of(conn)
+    await big_run(store, "big")
+    await store.add_command("big", wire.validate_command({"name": "pause"}), origin="api")
+    assert await store.delete_run("big") is True
+    assert store.run("big") is None and [r["id"] for r in store.runs()] == ["kept"]
+    with pytest.raises(RunNotFound):
+        await store.append("big", [metrics(99, [(0, {"loss": 1.0})])])
+    with pytest.raises(RunNotFound):
+        await store.add_command("big", wire.validate_command({"name": "resume"}), origin="api")
+    assert await store.append("kept", [metrics(3, [(1, {"loss": 0.5})])]) == 3
+    assert store.deletions_pending() == 1, "the other run's write waited for the whole purge"
+    # A new run under the id starts empty, and the purge of the old one leaves it alone.
+    assert await store.hello(hello("big")) == 0
+    await store.append("big", [metrics(1, [(0, {"loss": 7.0})])])
+    await purged(store)
+    assert store.series("big", ["loss"])["loss"] == {"steps": [0], "values": [7.0]}
+    assert store.series("kept", ["loss"])["loss"] == {"steps": [0, 1], "values": [1.0, 0.5]}
+    assert store.probe_steps("kept") == [0]
+    with closing(fresh(tmp_path)) as conn:
+        left = rows_of(conn)
+    kept_and_new = {**kept_only, "scalars": 3, "scalar_blocks": left["scalar_blocks"]}
+    kept_and_new.update(frames=4, series=2, layers=kept_only["layers"] * 2, runs=2)
+    assert left == kept_and_new
+
+
+async def test_a_purge_cut_short_by_a_restart_goes_on_at_the_next_start(tmp_path: Path) -> None:
+    """A server stopped mid-purge leaves the deleted run hidden (never half there) and the
+    next server's writer finishes the purge."""
+    first = Store(tmp_path / "data", commit_interval_s=0.005)
+    await first.open()
+    await big_run(first, "big")
+    await first.hello(hello("kept"))
+    await first.append("kept", [metrics(1, [(0, {"loss": 1.0})])])
+    assert await first.delete_run("big") is True
+    await first.close()  # at once: most of its rows are still there
+    with closing(fresh(tmp_path)) as conn:
+        between = rows_of(conn)
+        assert conn.execute("SELECT id FROM deleting").fetchall() == [("big",)]
+    assert between["runs"] == 1 and between["scalars"] > 1
+    second = Store(tmp_path / "data", commit_interval_s=0.005)
+    await second.open()
+    try:
+        assert second.run("big") is None and [r["id"] for r in second.runs()] == ["kept"]
+        await purged(second)
+        with closing(fresh(tmp_path)) as conn:
+            after = rows_of(conn)
+        assert (after["scalars"], after["frames"], after["series"], after["runs"]) == (1, 1, 1, 1)
+        assert (after["probes"], after["probe_hists"], after["probe_steps"]) == (0, 0, 0)
+        assert second.series("kept", ["loss"])["loss"]["values"] == [1.0]
+    finally:
+        await second.close()
 
 
 async def test_export_lines_and_snapshot(store: Store) -> None:

@@ -1,10 +1,12 @@
 """app — ``create_app(settings)``: the FastAPI application and the lifespan that owns its parts.
 
-Owns: building the app from one Settings value; the lifespan that opens the
+Owns: building the app from one Settings value; the lifespan that claims the data
+directory (data_lock.claim: its lock, and a database there that is layerscope's), opens the
 Store, creates the Hub, Launcher and Ingest, puts them on ``app.state``
 (``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
-reverse order; the security middleware around everything; ``GET /healthz`` (503 while
-the store cannot take writes).
+reverse order; a startup the data directory refuses reported to the ASGI server in one
+line (``StartupMessage``), not as a traceback; the security middleware around
+everything; ``GET /healthz`` (503 while the store cannot take writes).
 
 Never: reads settings or creates state at import time (tests build as many apps
 as they like, each on its own ``tmp_path``), or imports torch.
@@ -18,17 +20,64 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from layerscope.server import __version__, api, commands, hub, ingest, labs, launcher, pages
+from layerscope.server import (
+    __version__,
+    api,
+    commands,
+    data_lock,
+    hub,
+    ingest,
+    labs,
+    launcher,
+    pages,
+)
+from layerscope.server.checks import StoreError
+from layerscope.server.schema import SchemaError
 from layerscope.server.security import SecurityMiddleware
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class StartupMessage:
+    """ASGI middleware: when the lifespan fails because the data directory refuses the
+    server (``app.state.startup_problem``), the ASGI server is told that one line, prefixed
+    ``layerscope:``, instead of the traceback Starlette sends (uvicorn logs it)."""
+
+    def __init__(self, app: ASGIApp, *, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def say(message: Message) -> None:
+            problem = getattr(self.state, "startup_problem", None)
+            if message["type"] == "lifespan.startup.failed" and problem:
+                message = {**message, "message": f"layerscope: {problem}"}
+            await send(message)
+
+        await self.app(scope, receive, say)
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Claimed first (a no-op check when `layerscope serve` has claimed it already): a
+        # program that builds the app itself gets the same refusals, and another program's
+        # SQLite file is never given layerscope's tables.
+        problem = data_lock.claim(settings.data_dir)
         store = Store(settings.data_dir, commit_interval_s=settings.commit_interval_s)
-        await store.open()
+        try:
+            if problem is not None:
+                raise StoreError(problem)
+            await store.open()  # takes over the claimed lock
+        except (StoreError, SchemaError, OSError) as exc:
+            data_lock.drop_claim(settings.data_dir)
+            app.state.startup_problem = str(exc)
+            raise
         the_hub = hub.Hub(queue_frames=settings.viewer_queue_frames)
         the_launcher = launcher.Launcher(settings, store, the_hub)
         the_ingest = ingest.Ingest(settings, store, the_hub, exit_code=the_launcher.exit_code)
@@ -77,4 +126,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(SecurityMiddleware, settings=settings)
+    app.add_middleware(StartupMessage, state=app.state)
     return app

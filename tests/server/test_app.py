@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 from layerscope.server import __version__
 from layerscope.server.hub import Hub
 from layerscope.server.launcher import Launcher
+from layerscope.server.serving import make_server
+from layerscope.server.settings import Settings
 from layerscope.server.store import Store
 from server_harness import (
     FakeTrainer,
@@ -137,3 +142,57 @@ async def test_after_a_restart_runs_whose_trainer_does_not_return_are_lost(tmp_p
         await wait_status(server, "gone", "lost", timeout=15)
         assert run_detail(server, "returns")["status"] == "running"
         await trainer.close()
+
+
+def _failed_startup(settings: Settings, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Start a real uvicorn server on ``settings`` that must fail its startup; what it
+    logged, one string per record."""
+    server, sock, _, _ = make_server(settings)
+    exit_codes: list[object] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except SystemExit as exc:  # uvicorn's answer to a failed startup
+            exit_codes.append(exc.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # propagates nothing: listen on it
+    uvicorn_log.addHandler(caplog.handler)
+    caplog.clear()
+    try:
+        thread.start()
+        thread.join(30)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+        sock.close()
+    assert not thread.is_alive() and not server.started and exit_codes == [3]
+    return [record.getMessage() for record in caplog.records if record.name == "uvicorn.error"]
+
+
+def test_an_app_the_data_dir_refuses_says_why_in_one_line(
+    live_server: LiveServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A program that builds the app itself (tests, an embedding) got a page of traceback
+    for a data dir another server holds, and a SQLite file of another program was given
+    layerscope's tables."""
+    logged = _failed_startup(make_settings(live_server.data_dir), caplog)
+    assert logged[0].startswith(f"layerscope: data dir {live_server.data_dir} is in use")
+    assert not any("Traceback" in line for line in logged), logged
+    assert httpx.get(f"{live_server}/healthz").json()["ok"] is True  # the holder serves on
+
+    foreign = tmp_path / "foreign" / "layerscope.db"
+    foreign.parent.mkdir()
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE invoices (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    logged = _failed_startup(make_settings(foreign.parent), caplog)
+    assert "is a SQLite database but not a layerscope one" in logged[0]
+    assert not any("Traceback" in line for line in logged), logged
+    assert foreign.read_bytes() == before
+    # Refused startups leave the data dir free: a server opens it at once.
+    foreign.unlink()
+    with running_server(make_settings(foreign.parent)) as server:
+        assert httpx.get(f"{server}/healthz").json()["ok"] is True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 DEFAULT_PORT = 8765
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 class SettingsError(ValueError):
@@ -97,7 +98,11 @@ class Settings:
         if not (0 <= self.port <= 65535):
             raise SettingsError(f"port {self.port} is out of range 0-65535")
         if self.max_launched < 0:
-            raise SettingsError("max_launched must be >= 0")
+            raise SettingsError(f"--max-launched must be >= 0, got {self.max_launched}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(
+                f"--log-level {self.log_level}: choose one of {', '.join(LOG_LEVELS)}"
+            )
         if not is_loopback(self.host) and not (self.viewer_token and self.trainer_token):
             raise SettingsError(
                 f"refusing to bind {self.host}: a non-loopback address is a control plane "

@@ -170,6 +170,10 @@ def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path
         _refused_in_one_line(_run("serve", "--host", host, "--data-dir", str(data)), 2, "not an address")
     out = _run("serve", "--token", "viewer\r", "--trainer-token", "t", "--data-dir", str(data))
     _refused_in_one_line(out, 2, "viewer token (--token, LAYERSCOPE_TOKEN) starts or ends with whitespace")
+    out = _run("serve", "--log-level", "nonsense", "--data-dir", str(data))
+    _refused_in_one_line(out, 2, "--log-level nonsense: choose one of critical, error, warning")
+    out = _run("serve", "--max-launched", "-1", "--data-dir", str(data))
+    _refused_in_one_line(out, 2, "--max-launched must be >= 0, got -1")
     missing = tmp_path / "missing"
     out = _run("serve", "--data-root", str(missing), "--data-dir", str(data))
     _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory")

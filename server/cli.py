@@ -8,6 +8,7 @@ imports torch).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import socket
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from layerscope.server import __version__
 from layerscope.server.settings import DEFAULT_PORT, Settings, SettingsError
+from layerscope.trainer import wire
 
 TRAINER_COMMANDS = {
     "train": "run a built-in experiment (see `layerscope train --help`)",
@@ -152,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from layerscope.server import data_lock, serving
 
+    if args.command == "demo":  # refused before the data dir is created
+        demo_config = copy.deepcopy(wire.DEMO_EXPERIMENT)
+        demo_config.setdefault("solver", {})["steps"] = args.steps
+        try:
+            wire.validate_experiment(demo_config)
+        except wire.ExperimentError as exc:
+            print(f"layerscope demo: {exc}", file=sys.stderr)
+            return 2
     # Before anything starts: the data dir is usable and this process holds its lock (the
     # store takes it over), so of two servers started together the loser says why in one
     # line; a check made later, inside the app's startup, failed with uvicorn's traceback.

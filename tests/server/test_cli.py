@@ -115,7 +115,7 @@ def test_demo_prints_a_url_that_serves_a_running_demo_within_10_s(tmp_path: Path
 def _refused_in_one_line(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
     lines = out.stderr.strip().splitlines()
     assert out.returncode == code, (out.returncode, out.stderr)
-    assert len(lines) == 1 and lines[0].startswith("layerscope: "), out.stderr
+    assert len(lines) == 1 and re.match(r"layerscope( demo)?: ", lines[0]), out.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -174,6 +174,8 @@ def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path
     _refused_in_one_line(out, 2, "--log-level nonsense: choose one of critical, error, warning")
     out = _run("serve", "--max-launched", "-1", "--data-dir", str(data))
     _refused_in_one_line(out, 2, "--max-launched must be >= 0, got -1")
+    out = _run("demo", "--steps", "0", "--data-dir", str(data))
+    _refused_in_one_line(out, 2, "solver.steps: must be >= 1, got 0")
     missing = tmp_path / "missing"
     out = _run("serve", "--data-root", str(missing), "--data-dir", str(data))
     _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory")

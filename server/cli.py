@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -102,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hangup_stops_the_server() -> None:
+    """A closed terminal (SIGHUP) stops the server as Ctrl-C and SIGTERM do: it is passed on
+    as SIGTERM, which serving handles. By default SIGHUP killed the server on the spot, and
+    its launched trainers (in sessions of their own) trained on with no server to stop
+    them. A server started with SIGHUP ignored (``nohup``) keeps ignoring it."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def _host_problem(host: str) -> str | None:
     """Why ``--host`` names no address to listen on (a typo, a name that does not resolve),
     before the loopback guard answers it with advice about tokens."""
@@ -169,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         print(f"layerscope: {problem}", file=sys.stderr)
         return 1
+    _hangup_stops_the_server()
     try:
         if args.command == "serve":
             return serving.serve(settings)

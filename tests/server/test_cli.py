@@ -322,3 +322,46 @@ async def test_sigterm_while_a_trainer_streams_keeps_every_acked_frame(tmp_path:
         assert _last_step(port, "streaming") >= acked > 0
     finally:
         assert _stop(again) == ""
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_server_and_its_launched_run(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) killed the server on the spot: its demo trainer, in a
+    session of its own, trained on with no server, and the run said 'running'. Now it stops
+    as SIGTERM does; under nohup, SIGHUP is still ignored."""
+    data = tmp_path / "data"
+    demo = _popen([*LAYERSCOPE, "demo", "--port", "0", "--data-dir", str(data), "--steps", "100000"])
+    try:
+        assert demo.stdout is not None
+        match = re.search(r"(http://127\.0\.0\.1:(\d+))/runs/([0-9a-zA-Z_-]+)", demo.stdout.readline())
+        assert match, "no dashboard URL"
+        base, run_id = match.group(1), match.group(3)
+        deadline = time.monotonic() + 120
+        while json.loads(_get(f"{base}/api/runs/{run_id}")[1])["status"] != "running":
+            assert time.monotonic() < deadline, "the demo run never started"
+            time.sleep(0.2)
+        trainers = psutil.Process(demo.pid).children()
+        demo.send_signal(signal.SIGHUP)
+        assert demo.wait(60) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        demo.communicate(timeout=10)
+    psutil.wait_procs(trainers, timeout=30)
+    assert not [t for t in trainers if t.is_running() and t.status() != psutil.STATUS_ZOMBIE]
+    server, port = _start_server(data)
+    try:
+        status, body = _get(f"http://127.0.0.1:{port}/api/runs/{run_id}")
+        run = json.loads(body)
+        assert (run["status"], run["status_reason"]) == ("stopped", "the server shut down")
+    finally:
+        _stop(server)
+
+    nohup = _popen(["nohup", *LAYERSCOPE, *_serve_args(data)])
+    try:
+        port = _serving_port(nohup)
+        nohup.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert nohup.poll() is None and _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    finally:
+        _stop(nohup)

@@ -29,6 +29,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from layerscope.server.checks import StoreError
@@ -57,12 +58,23 @@ class DataDirBusy(StoreError):
         )
 
 
+HOLDER_WAIT_S = 0.2  # a holder that has just taken the lock writes its pid right after
+
+
 def _holder(fd: int) -> str:
-    """The pid the holder wrote into the lock file ('' when unreadable)."""
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        text = os.pread(fd, 32, 0).decode().strip()
-        return text if text.isdigit() else ""
-    return ""
+    """The pid the holder wrote into the lock file ('' when unreadable). Read again for a
+    moment while empty: a server started at the same instant as this one may hold the lock
+    and not have written its pid yet."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        text = ""
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = os.pread(fd, 32, 0).decode().strip()
+        if text.isdigit():
+            return text
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(0.01)
 
 
 class DataDirLock:

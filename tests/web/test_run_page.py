@@ -7,8 +7,10 @@ decay off, each shown only once the trainer has acknowledged it.
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from conftest import (
     FAST_CONFIG,
     LiveServer,
+    PageGuard,
     chart_points,
     chart_trace,
     guarded_page,
@@ -352,3 +355,127 @@ def test_a_run_started_without_weight_decay_has_its_switch_off_and_says_why(
     expect(toggle).to_be_disabled()
     expect(toggle).to_have_attribute("title", re.compile("started with weight decay 0"))
     server.api("POST", f"/api/runs/{run_id}/stop")
+
+
+# Before the page's scripts run: every viewer socket it opens is kept in window.sockets,
+# and while window.blockSockets is set a new one goes to a closed port (refused), so the
+# page stays disconnected, retrying, until the test lets it back.
+BLOCKABLE_SOCKETS = """
+window.sockets = [];
+window.blockSockets = false;
+const RealWebSocket = window.WebSocket;
+window.WebSocket = class extends RealWebSocket {
+  constructor(url, protocols) {
+    super(window.blockSockets ? "ws://127.0.0.1:9/" : url, protocols);
+    window.sockets.push(this);
+  }
+};
+"""
+
+
+def blockable_page(browser: Browser, server: LiveServer, run_id: str) -> tuple[Page, PageGuard]:
+    page, guard = guarded_page(browser)
+    guard.expect_refused_websocket()
+    page.add_init_script(BLOCKABLE_SOCKETS)
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    return page, guard
+
+
+def drop_socket(page: Page) -> None:
+    """Close the page's viewer socket and keep it from reconnecting until let_back."""
+    page.evaluate("window.blockSockets = true; window.sockets.at(-1).close()")
+    page.wait_for_function("document.body.dataset.socket === 'lost'", timeout=10_000)
+
+
+def let_back(page: Page) -> None:
+    page.evaluate("window.blockSockets = false")
+    page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
+
+
+def api_command(
+    server: LiveServer, run_id: str, name: str, args: dict[str, Any], **extra: Any
+) -> str:
+    """A script's command through the REST API; returns its id."""
+    cmd_id = uuid.uuid4().hex
+    body = {"id": cmd_id, "name": name, "args": args, **extra}
+    response = server.api("POST", f"/api/runs/{run_id}/commands", json=body)
+    assert response.status_code == 202, response.text
+    return cmd_id
+
+
+def log_lines(page: Page, text: str) -> int:
+    return int(
+        page.evaluate(
+            "t => [...document.querySelectorAll('#events li')].filter(li => li.textContent.includes(t)).length",
+            text,
+        )
+    )
+
+
+def test_a_command_sent_elsewhere_is_in_the_log_at_once_and_once_after_a_reconnect_and_a_reload(
+    browser: Browser, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """Who sent which command is in the run's event log; an open page learned of a command
+    sent elsewhere (another tab, a script) only on a reload. It is shown live, one line for
+    it whether it came live, in the history, or both; one sent while the page's socket was
+    down is shown when it reconnects."""
+    run_id = live_run["id"]
+    page, guard = blockable_page(browser, server, run_id)
+    try:
+        control = server.run(run_id)["control"] or {}
+        wd_on = bool(control.get("weight_decay_enabled", True))
+        tag = f"tag-{uuid.uuid4().hex[:8]}"  # its reason: the one line that names it
+        # the run's state as it is (a command is a target state): harmless to the run
+        api_command(server, run_id, "set_weight_decay", {"enabled": wd_on}, reason=tag)
+        wanted = f"set_weight_decay {'on' if wd_on else 'off'} sent by api, api 127.0.0.1:"
+        expect(page.locator("#events li", has_text=tag)).to_contain_text(wanted)
+        assert log_lines(page, tag) == 1
+
+        drop_socket(page)
+        missed = f"tag-{uuid.uuid4().hex[:8]}"
+        scale = float(control.get("lr_scale", 1.0))
+        api_command(server, run_id, "set_lr_scale", {"value": scale}, reason=missed)
+        let_back(page)
+        expect(page.locator("#events li", has_text=missed)).to_contain_text("set_lr_scale")
+        time.sleep(1.0)  # the catch-up and the log's read both in
+        assert (log_lines(page, tag), log_lines(page, missed)) == (1, 1)
+
+        open_ready(page, f"{server.url}/runs/{run_id}")
+        expect(page.locator("#events li", has_text=missed)).to_have_count(1)
+        assert (log_lines(page, tag), log_lines(page, missed)) == (1, 1)
+    finally:
+        page.context.close()
+    assert not guard.errors, guard.errors
+
+
+def test_after_its_socket_reconnects_the_page_shows_a_pause_and_halved_lr_sent_meanwhile(
+    browser: Browser, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """The catch-up after a reconnect carries the trainer's acknowledgements, not a state:
+    a run paused and its LR halved (by a script) while the page's socket was down shows
+    paused and the halved LR once it is back, with no reload."""
+    run_id = live_run["id"]
+    page, guard = blockable_page(browser, server, run_id)
+    scale = float((server.run(run_id)["control"] or {}).get("lr_scale", 1.0))
+    try:
+        expect(page.locator("#status")).to_have_text("running")
+        drop_socket(page)
+        api_command(server, run_id, "pause", {})
+        api_command(server, run_id, "set_lr_scale", {"value": scale * 0.5})
+        last_command(server, run_id, "set_lr_scale")  # both applied by the trainer
+        wait_for(lambda: server.run(run_id)["status"] == "paused", 20, "the run to be paused")
+        let_back(page)
+        expect(page.locator("#status")).to_have_text("paused")
+        expect(page.locator("button[data-cmd='pause-toggle']")).to_have_text("Resume")
+        page.wait_for_function(
+            "s => JSON.parse(document.getElementById('controls').dataset.acked || '{}').lr_scale === s",
+            arg=scale * 0.5,
+        )
+        acked = json.loads(page.evaluate("document.getElementById('controls').dataset.acked"))
+        assert acked["paused"] is True and acked["lr_scale"] == scale * 0.5
+    finally:
+        api_command(server, run_id, "set_lr_scale", {"value": scale})  # back as it was
+        api_command(server, run_id, "resume", {})
+        wait_for(lambda: server.run(run_id)["status"] == "running", 20, "the run to resume")
+        page.context.close()
+    assert not guard.errors, guard.errors

@@ -1,10 +1,12 @@
 /**
  * eventlog.js — the run page's event log, alerts list and command markers.
  *
- * Owns: one line of text per event (status changes, acknowledged commands with the
- * step they were applied at, alerts naming their layer, checkpoints), de-duplicated
- * by seq so a catchup that overlaps what is shown adds nothing twice, and the
- * marker list (who, what, at which step) the time charts draw.
+ * Owns: one line of text per event (status changes, commands sent and who sent them,
+ * acknowledged commands with the step they were applied at, alerts naming their layer,
+ * checkpoints), de-duplicated so an event seen twice (a catchup that overlaps what is
+ * shown; a server event heard live and read again from /events) adds one line: a
+ * trainer's event by its seq, a server's (no seq) by kind, step, created_at and data,
+ * and the marker list (who, what, at which step) the time charts draw.
  * Never: decides control state (controls.js) or fetches anything.
  */
 
@@ -50,6 +52,11 @@ export function describeEvent(ev) {
   }
 }
 
+/** One event's identity: its seq (a trainer's), else what the server stored it with. */
+export function eventKey(ev) {
+  return ev.seq ?? `${ev.kind}:${ev.step}:${ev.created_at ?? ""}:${JSON.stringify(ev.data)}`;
+}
+
 export class EventLog {
   constructor(list, alerts) {
     this.list = list;
@@ -62,7 +69,7 @@ export class EventLog {
   add(events) {
     let added = 0;
     for (const ev of events) {
-      const key = ev.seq ?? `${ev.kind}:${ev.step}:${JSON.stringify(ev.data)}`;
+      const key = eventKey(ev);
       if (this.seen.has(key)) continue;
       this.seen.add(key);
       added++;

@@ -29,6 +29,8 @@ const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
 const SERIES_POINTS = 1500;
 const MATRIX_STEPS = 300;
 const HIST_STEPS = 200;
+/** The newest events the log reads over REST (the history's, and again after a reconnect). */
+const EVENTS_READ = 500;
 const REGRID_MIN_MS = 5000;
 /** The longest the preview's data is waited for before Plotly runs regardless. */
 const PREVIEW_WAIT_MS = 1000;
@@ -194,7 +196,7 @@ function loadHistory(detail) {
   const rest = [later(() => matrix("dead_ratio")), later(() => matrix("saturated_ratio")),
     later(() => matrix("grad_norm")), later(() => matrix("update_ratio")),
     later(() => getJSON(runUrl(runId, "probe_steps"))),
-    later(() => getJSON(runUrl(runId, "events", { limit: 500 })))];
+    later(() => getJSON(runUrl(runId, "events", { limit: EVENTS_READ })))];
   const shownReq = later(() => getJSON(runUrl(runId, "histogram", { step: at })))
     .catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)));
   const hist = later(() => loadHistogramOverTime(page.histLayer));
@@ -275,7 +277,12 @@ function onSnapshot(msg) {
 }
 
 function onFrame(frame) {
-  if (!page.historyLoaded && frame.seq !== undefined) { page.buffer.push(frame); return; }
+  // Frames and events wait for the history (a server event has no seq; the history's
+  // events hold it too and the log shows it once); status and replies apply at once.
+  if (!page.historyLoaded && (frame.seq !== undefined || frame.type === "event")) {
+    page.buffer.push(frame);
+    return;
+  }
   apply(frame);
 }
 
@@ -348,7 +355,9 @@ function applyEvent(frame) {
     rules.acknowledged(frame);
     markers.fromEvent(frame, controls.sent);
     drawMarkers();
-  } else if (frame.kind === "status") {
+  } else if (frame.kind === "status" && typeof frame.seq === "number") {
+    // The trainer's; a server's status event (no seq) is for the log: its status frame,
+    // sent with it, says the same, and a server event held until the history is in is older.
     page.statusEvents++;
     setStatus(frame.data?.status);
   }
@@ -358,15 +367,18 @@ function applyEvent(frame) {
  * After a reconnect the socket's catch-up (?after_seq) carries frames, not the trainer's
  * state: the server may have restarted without it. The run's detail says whether a
  * trainer is connected now; a status frame or event that came while it was asked for may be
- * newer, and wins.
+ * newer, and wins. Nor does it carry the server's own events (commands sent, statuses it
+ * set) from while the socket was down: the log reads them (what it has is not added twice).
  */
 async function refreshRunState() {
   const frames = page.statusFrames;
-  const events = page.statusEvents;
-  const d = await getJSON(runUrl(runId));
+  const statusEvents = page.statusEvents;
+  const [d, logged] = await Promise.all([getJSON(runUrl(runId)),
+    page.historyLoaded ? getJSON(runUrl(runId, "events", { limit: EVENTS_READ })) : []]);
   // The control state is left to the acknowledgements: the detail's may predate one.
   const quiet = page.statusFrames === frames;
-  setStatus(quiet && page.statusEvents === events ? d.status : undefined, quiet ? d.trainer_connected : undefined);
+  setStatus(quiet && page.statusEvents === statusEvents ? d.status : undefined, quiet ? d.trainer_connected : undefined);
+  events.add(logged.filter((ev) => ev.seq === null)); // the trainer's came in the catch-up
 }
 
 function onConnection(state, detail) {

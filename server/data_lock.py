@@ -157,8 +157,7 @@ def database_problem(data_dir: Path) -> str | None:
         return f"cannot open {path} ({exc}); {leave}"
     try:
         tables = {
-            row[0]
-            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
         if not tables:
             return None  # an empty database: the store creates the tables
@@ -176,8 +175,10 @@ def database_problem(data_dir: Path) -> str | None:
     version = None if row is None else row[0]
     if version is None:
         return None  # created, not yet stamped: the store finishes it
-    if not isinstance(version, int) or version > SCHEMA_VERSION or any(
-        v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)
+    if (
+        not isinstance(version, int)
+        or version > SCHEMA_VERSION
+        or any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION))
     ):
         return (
             f"{path} has schema version {version}, which this layerscope (version "

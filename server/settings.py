@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_PORT = 8765
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
@@ -95,6 +96,15 @@ class Settings:
                 )
             roots.append(root)
         object.__setattr__(self, "data_roots", tuple(roots))
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin.strip().rstrip("/"))
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                # A browser sends scheme://host[:port]; anything else never matched, and
+                # the pages it was meant for were refused with no hint at the cause.
+                raise SettingsError(
+                    f"--allow-origin {origin}: an origin is scheme://host[:port] as a browser "
+                    "sends it, e.g. https://lab.example.org or http://10.0.0.5:8080"
+                )
         if not (0 <= self.port <= 65535):
             raise SettingsError(f"port {self.port} is out of range 0-65535")
         if self.max_launched < 0:

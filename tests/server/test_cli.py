@@ -174,6 +174,9 @@ def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path
     _refused_in_one_line(out, 2, "--log-level nonsense: choose one of critical, error, warning")
     out = _run("serve", "--max-launched", "-1", "--data-dir", str(data))
     _refused_in_one_line(out, 2, "--max-launched must be >= 0, got -1")
+    for origin in ("lab.example.org", "https://lab.example.org/dashboard"):
+        out = _run("serve", "--allow-origin", origin, "--data-dir", str(data))
+        _refused_in_one_line(out, 2, f"--allow-origin {origin}: an origin is scheme://host[:port]")
     out = _run("demo", "--steps", "0", "--data-dir", str(data))
     _refused_in_one_line(out, 2, "solver.steps: must be >= 1, got 0")
     missing = tmp_path / "missing"

@@ -200,3 +200,42 @@ def test_the_help_popups_close_on_escape_and_on_a_click_outside(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_a_400px_window_holds_the_lab_page_and_its_keyboard_use(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """At 400 px the lab page scrolled sideways (its cards were at least 520 px wide, the
+    histogram grid 640 px) and a help popup opened 116 px past the window's left edge. The
+    step slider and the helps work from the keyboard."""
+    data_dir = tmp_path / "data"
+    lab = write_recorded_lab(data_dir, "narrowlab2")
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            page.set_viewport_size({"width": 400, "height": 800})
+            open_ready(page, f"{server.url}/labs/{lab['id']}")
+            assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+            grid = page.locator("#lab-grid")  # five schemes side by side: scrolls in its card
+            assert grid.evaluate("g => g.scrollWidth > g.clientWidth")
+            card = page.locator("article.card", has=grid).bounding_box()
+            assert card and card["x"] >= 0 and card["x"] + card["width"] <= 400, card
+            helps = page.locator("details.help")
+            for i in range(helps.count()):
+                helps.nth(i).locator("summary").click()
+                box = helps.nth(i).locator("p").bounding_box()
+                assert box and box["x"] >= 0 and box["x"] + box["width"] <= 400, (i, box)
+                page.keyboard.press("Escape")
+                expect(helps.nth(i).locator("p")).to_be_hidden()
+
+            slider = page.locator("#lab-step")
+            slider.focus()
+            page.keyboard.press("Home")  # the first probe step every run has
+            page.wait_for_function("document.body.dataset.step === '0'")
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function("document.body.dataset.step === '10'")
+            expect(page.locator("#grid-step")).to_have_text("10")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -24,7 +24,7 @@ from conftest import (
     write_many_runs,
     write_recorded_run,
 )
-from playwright.sync_api import Browser, Locator, Page, Response, Route, expect
+from playwright.sync_api import Browser, Dialog, Locator, Page, Response, Route, expect
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.browser
@@ -251,6 +251,9 @@ def test_an_empty_required_number_is_an_inline_error_not_the_default(
         page, guard = guarded_page(browser)
         try:
             open_ready(page, f"{server.url}/")
+            expect(page.locator("#empty")).to_be_visible()  # an empty data dir: how to start
+            expect(page.locator("#runs-count")).to_be_hidden()
+            expect(page.locator("#more")).to_be_hidden()
             page.click("#new-run")
             dialog = page.locator("#new-run-dialog")
             expect(dialog).to_be_visible()
@@ -404,5 +407,62 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
             expect(page.locator("#compare")).to_have_text("Compare selected (2)")
         finally:
             page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+class Dialogs:
+    """The alert/confirm dialogs a page opened (each dismissed)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def opened(self, dialog: Dialog) -> None:
+        self.seen.append(dialog.message)
+        dialog.dismiss()
+
+
+def test_a_400px_window_keyboard_use_and_a_run_named_with_html(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A new user's try at 400 px: the toolbar ran its buttons (New run among them) past
+    the panel and the page scrolled sideways. A run name holding HTML and quotes shows as
+    written (text, never markup) and is found by the search, driven from the keyboard."""
+    data_dir = tmp_path / "data"
+    odd = '<b>x</b> "quoted" & \'single\' <img src=x onerror=alert(1)>'
+    write_recorded_run(data_dir, "odd", steps=50, layers=1, every=25, name=odd)
+    write_recorded_run(data_dir, "plain", steps=50, layers=1, every=25)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        dialogs = Dialogs()
+        page.on("dialog", dialogs.opened)  # an alert() made of the name: never
+        try:
+            page.set_viewport_size({"width": 400, "height": 800})
+            open_ready(page, f"{server.url}/")
+            assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+            panel = page.locator("section.panel").first.bounding_box()
+            assert panel
+            for button in ("#new-run", "#init-lab", "#compare"):
+                box = page.locator(button).bounding_box()
+                assert box and box["x"] + box["width"] <= panel["x"] + panel["width"], button
+            link = row(page, "odd").locator("td a").first
+            expect(link).to_have_text(odd)
+            assert link.evaluate("a => a.children.length") == 0  # no <b> or <img> made of it
+
+            page.locator("#filter").focus()
+            page.keyboard.type('"quoted" <b>')
+            page.keyboard.press("Enter")
+            expect(page.locator("#runs tbody tr")).to_have_count(1)
+            expect(page.locator("#runs-count")).to_have_text('1 run matches “"quoted" <b>”')
+            page.keyboard.press("Tab")  # on to the toolbar's buttons, then the row
+            for _ in range(6):
+                if page.evaluate("document.activeElement.closest('tr')?.dataset.runId") == "odd":
+                    break
+                page.keyboard.press("Tab")
+            page.keyboard.press("Space")  # the row's checkbox
+            expect(row(page, "odd").locator("input")).to_be_checked()
+        finally:
+            page.context.close()
+        assert not dialogs.seen, dialogs.seen
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote

@@ -89,6 +89,8 @@ def test_new_run_form_shows_inline_errors_then_starts_a_run(
     schema = server.api("GET", "/api/experiment_schema").json()
     before = {r["id"] for r in server.api("GET", "/api/runs").json()}
     open_ready(page, f"{server.url}/")
+    page.fill("#filter", "no-such-run")  # a search on: the started run shows all the same
+    expect(page.locator("#runs-count")).to_contain_text("No run matches")
     page.click("#new-run")
     dialog = page.locator("#new-run-dialog")
     expect(dialog).to_be_visible()
@@ -115,6 +117,7 @@ def test_new_run_form_shows_inline_errors_then_starts_a_run(
     expect(dialog).to_be_hidden()
     new_row = page.locator("#runs tr", has=page.locator("a", has_text="form digits"))
     expect(new_row).to_be_visible()
+    expect(page.locator("#filter")).to_have_value("")
     run_id = new_row.get_attribute("data-run-id")
     assert run_id and run_id not in before
     config = server.run(run_id)["config"]

@@ -191,14 +191,17 @@ function renderFooter() {
   const count = $("runs-count");
   const more = $("more");
   const rest = Math.max(0, Math.min(total, MAX_LISTED) - runs.length);
+  let text;
   if (wanted.q) {
-    count.textContent = total
+    text = total
       ? `${runs.length < total ? `The newest ${runs.length} of ` : ""}${total} ${total === 1 ? "run matches" : "runs match"} “${wanted.q}”`
       : `No run matches “${wanted.q}” (its name, id, status or config)`;
   } else {
-    count.textContent = total ? `${runs.length < total ? `The newest ${runs.length} of ` : ""}${total} ${total === 1 ? "run" : "runs"}` : "";
+    text = total ? `${runs.length < total ? `The newest ${runs.length} of ` : ""}${total} ${total === 1 ? "run" : "runs"}` : "";
   }
-  count.hidden = !count.textContent;
+  // a status line: set only when it changes, so a screen reader hears it once, not every poll
+  if (count.textContent !== text) count.textContent = text;
+  count.hidden = !text;
   more.hidden = rest === 0;
   more.textContent = `Show ${Math.min(PAGE_SIZE, rest)} more`;
 }
@@ -302,6 +305,11 @@ async function submitNewRun(ev) {
     $("new-run-dialog").close();
     highlight = created.id;
     toast(`Started run ${created.id}`);
+    // the new run at the top of the list: a search on would hide it
+    clearTimeout(searchTimer);
+    $("filter").value = "";
+    wanted.q = "";
+    wanted.limit = PAGE_SIZE;
     await refresh();
   } catch (e) {
     if (e instanceof ApiError && e.status === 422) form.showErrors(e.detail);

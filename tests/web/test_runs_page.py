@@ -316,11 +316,14 @@ class ListPolls:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.seen: list[tuple[str, int]] = []
+        self.labs = 0  # GET /api/labs answers
 
     def answered(self, response: Response) -> None:
         path = response.url.removeprefix(self.base_url)
         if path.startswith("/api/runs?") or path == "/api/runs":
             self.seen.append((path, len(response.body())))
+        elif path == "/api/labs":
+            self.labs += 1
 
 
 def sweep_config(i: int) -> dict[str, Any]:
@@ -359,6 +362,8 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
             for path, size in polls.seen:
                 assert path == "/api/runs?limit=50", path
                 assert size < 60_000, (path, size)  # the whole list was 430 KB
+            # every lab and its runs' details: asked when the list shows a run not seen before
+            assert polls.labs == 1
 
             more = page.locator("#more")
             expect(more).to_have_text("Show 50 more")
@@ -388,6 +393,7 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
                 trainer.send(json.dumps(event))
                 expect(fresh.locator(".pill")).to_have_text("paused")
             expect(page.locator("#runs-count")).to_have_text("The newest 100 of 301 runs")
+            assert polls.labs >= 2  # the new run's lab, if any
 
             page.fill("#filter", "needle-7")  # run-0007: far past the page, its tag trimmed
             expect(listed).to_have_count(1)

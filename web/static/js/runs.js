@@ -104,10 +104,17 @@ function makeRow(run) {
 
 /** run id -> lab id, for runs launched by an init lab (a link to its comparison view). */
 let labOf = new Map();
+/** Runs whose lab (or none) labOf already says: GET /api/labs reads every lab and each of
+ * its runs' detail, so it is asked again only for a run not seen before, or one still
+ * starting (a lab's record is written once its five runs are launched). */
+const labKnown = new Set();
 
-async function loadLabs() {
-  const labs = await getJSON("/api/labs").catch(() => []);
+async function loadLabs(listed) {
+  if (listed.every((run) => labKnown.has(run.id))) return;
+  const labs = await getJSON("/api/labs").catch(() => null);
+  if (labs === null) return; // asked again at the next poll
   labOf = new Map(labs.flatMap((lab) => lab.runs.map((r) => [r.id, lab.id])));
+  for (const run of listed) if (run.status !== "starting") labKnown.add(run.id);
 }
 
 /** run id -> sanity event data, for runs with an overfit check (fetched until it arrives). */
@@ -223,7 +230,8 @@ async function refresh() {
   const params = new URLSearchParams({ limit: String(ask.limit) });
   if (ask.q) params.set("q", ask.q);
   try {
-    const [page] = await Promise.all([getPage(`/api/runs?${params}`), loadLabs()]);
+    const page = await getPage(`/api/runs?${params}`);
+    await loadLabs(page.items);
     // An answer older than the one shown, or to a search since changed, is dropped.
     if (ticket < shown || ask.q !== wanted.q || ask.limit !== wanted.limit) return;
     shown = ticket;

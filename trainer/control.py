@@ -99,6 +99,9 @@ class Control:
         # (None: the optimizer's class's own step).
         self._step_guard: Any = None
         self._step_before: Any = None
+        # optimizer.step() calls made through it: under torch.distributed, compared across
+        # the ranks at each w.step() (``distributed``)
+        self.optimizer_steps = 0
         if optimizer is not None:
             self._claim(optimizer)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
@@ -135,17 +138,19 @@ class Control:
         ``_wrapped_by_lr_sched`` when what it wraps was (else such a scheduler would warn
         that the step was overridden). It holds the Control weakly; ``close()`` puts back
         what it replaced, or leaves it passing straight through when something wrapped
-        it since. The normal path costs one Python call."""
+        it since. The normal path costs one Python call and a count (``optimizer_steps``)."""
         before = vars(optimizer).get("step")
         control = weakref.ref(self)
 
         def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            owner = control()
+            if owner is not None:
+                owner.optimizer_steps += 1
             try:
                 if before is None:
                     return type(opt).step(opt, *args, **kwargs)
                 return before(*args, **kwargs)
             except BaseException:
-                owner = control()
                 if owner is not None:
                     owner.restore_after_raise()
                 raise

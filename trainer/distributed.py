@@ -3,8 +3,9 @@
 Owns: detecting an initialised process group (``Distributed.detect()``; without one a
 no-op ``Distributed`` that calls no collective), which rank talks to the server (rank
 0), the per-step exchange (rank 0's pending commands, every rank's step time and
-samples/s, every rank's probe layout), applying the same commands at the same step
-on every rank, holding every rank while paused without tripping the process group's
+samples/s, every rank's probe layout and optimizer.step() count), applying the same
+commands at the same step on every rank, stopping every rank with one clear error when
+a rank's w.step() calls stop matching its training steps (``StepMismatch``), holding every rank while paused without tripping the process group's
 timeout, the two collectives behind ``probes.Reducer`` (MAX and SUM), and what a
 built-in experiment needs under torchrun: the process group from the environment,
 DistributedDataParallel, and each rank's shard of a batch.
@@ -47,9 +48,15 @@ KEEPALIVE_MAX_S = 1.0
 MAX_RANK_SERIES = 8  # per-rank series up to this world size (a row holds 256 values)
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default process group timeout
 # The exchange tensor: [command byte count, leave-pause flag, COMMAND_BYTES bytes,
-# world step times, world samples/s, world probe layouts]; summed, so each rank fills
-# only its own slots (rank 0 the command part) and leaves the rest 0.
+# world step times, world samples/s, world probe layouts, world optimizer.step() counts];
+# summed, so each rank fills only its own slots (rank 0 the command part), the rest 0.
 _HEAD = 2
+_SHARED = 4  # values each rank shares per exchange
+
+
+class StepMismatch(RuntimeError):
+    """A rank called w.step() without an optimizer step while the others made one: its
+    w.step() calls no longer pair with theirs. Raised on every rank at the same step."""
 
 
 class Distributed:
@@ -84,10 +91,11 @@ class Distributed:
         batch_size: int | None,
         *,
         probe_step: bool = False,
+        step: int = 0,
     ) -> None:
-        """At each ``w.step()``, before the flush: share commands, step times and, on a
-        probe step, the probe layout; rank 0 adds every rank's step time to ``values``
-        (no-op here)."""
+        """At each ``w.step()`` (``step``), before the flush: share commands, step times,
+        optimizer.step() counts and, on a probe step, the probe layout; rank 0 adds every
+        rank's step time to ``values`` (no-op here)."""
 
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
@@ -123,7 +131,10 @@ class ProcessGroupRun(Distributed):
             else torch.device("cpu")
         )
         self.probes: Probes | None = None
+        self.control: Control | None = None
         self.queue: queue.SimpleQueue[dict[str, Any]] | None = None
+        # every rank's optimizer.step() count at the last exchange of a w.step()
+        self._optimizer_steps: list[int] = [0] * self.world_size
         self.commands: list[dict[str, Any]] = []
         self._agreed = False
         self._warned_layout = False
@@ -132,6 +143,7 @@ class ProcessGroupRun(Distributed):
 
     def attach(self, control: Control, probes: Probes | None) -> None:
         self.queue = control.commands
+        self.control = control
         self.probes = probes
         if probes is not None:
             probes.reducer = self
@@ -158,6 +170,7 @@ class ProcessGroupRun(Distributed):
         batch_size: int | None,
         *,
         probe_step: bool = False,
+        step: int = 0,
     ) -> None:
         layout = 0
         if self.probes is not None and (probe_step or self.probes.armed):
@@ -165,7 +178,11 @@ class ProcessGroupRun(Distributed):
             layout = self.probes.layout_key()
         samples = batch_size / step_time_s if batch_size is not None and step_time_s > 0 else 0.0
         commands = self._take_commands(None) if self.is_primary else []
-        received, _, shared = self._exchange(commands, False, (step_time_s, samples, layout))
+        made = self.control.optimizer_steps if self.control is not None else 0
+        received, _, shared = self._exchange(
+            commands, False, (step_time_s, samples, layout, made), step
+        )
+        self._check_in_step([int(n) for n in shared[3]], step)
         self.commands = received
         layouts = shared[2]
         self._agreed = layout != 0 and all(key == layouts[0] for key in layouts)
@@ -177,6 +194,30 @@ class ProcessGroupRun(Distributed):
             )
         if self.is_primary:
             _add_rank_series(values, shared[0], shared[1] if batch_size is not None else None)
+
+    def _check_in_step(self, counts: list[int], step: int) -> None:
+        """Every rank's optimizer.step() calls since its previous w.step(): a rank with none
+        while another made one called w.step() once more (a loop calling it twice on one
+        rank, or after an early ``continue``). Its w.step() calls pair with the others'
+        w.step() of the next training step from here on, and the run would fail later in a
+        mismatched collective, or hang at its end, without saying why: every rank sees
+        the same counts, so every rank raises here, naming the rank and the step. Ranks
+        that all made none (a w.step() before the first optimizer step, a step every rank's
+        GradScaler skipped) are in step."""
+        made = [now - before for now, before in zip(counts, self._optimizer_steps, strict=True)]
+        self._optimizer_steps = counts
+        idle = [rank for rank, n in enumerate(made) if n == 0]
+        if not idle or len(idle) == len(made):
+            return
+        ranks = ", ".join(map(str, idle))
+        busy = next(rank for rank, n in enumerate(made) if n)
+        raise StepMismatch(
+            f"layerscope: at step {step}, rank{'s' if len(idle) > 1 else ''} {ranks} called "
+            f"w.step() without an optimizer.step() since its previous w.step(), while rank "
+            f"{busy} made {made[busy]}: the ranks' w.step() calls no longer match (one more "
+            "on some ranks). Call w.step() once per optimizer step on every rank, the same "
+            "number of times; every rank stops here"
+        )
 
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
@@ -195,7 +236,7 @@ class ProcessGroupRun(Distributed):
             # exchange, which keeps the process group's timeout from firing.
             commands = self._take_commands(self.keepalive_s) if self.is_primary else []
             leave = self.is_primary and control.closed
-            received, left, _ = self._exchange(commands, leave, (0.0, 0.0, 0))
+            received, left, _ = self._exchange(commands, leave, (0.0, 0.0, 0, 0), step)
             self._apply(control, received, step)
             if left:
                 return
@@ -226,14 +267,34 @@ class ProcessGroupRun(Distributed):
                 )
 
     def _exchange(
-        self, commands: list[dict[str, Any]], leave: bool, mine: tuple[float, float, int]
+        self,
+        commands: list[dict[str, Any]],
+        leave: bool,
+        mine: tuple[float, float, int, int],
+        step: int,
     ) -> tuple[list[dict[str, Any]], bool, list[list[float]]]:
         """One SUM all_reduce of the exchange tensor (plus a broadcast of the overflow when
         rank 0's commands exceed COMMAND_BYTES). Returns (rank 0's commands, rank 0's
-        leave flag, [step times, samples/s, layouts] of every rank)."""
+        leave flag, [step times, samples/s, layouts, optimizer.step() counts] of every
+        rank). A collective that fails (another rank died, or met this exchange with
+        another collective) raises a RuntimeError naming this rank and ``step``."""
+        try:
+            return self._all_reduce_exchange(commands, leave, mine)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"layerscope rank {self.rank}: the exchange of w.step() at step {step} "
+                f"failed: {' '.join(str(exc).split())[:500]}. Another rank has failed or "
+                "exited, or met this exchange with another collective: each rank must call "
+                "w.step() once per optimizer step, the same number of times (see the other "
+                "ranks' output)"
+            ) from exc
+
+    def _all_reduce_exchange(
+        self, commands: list[dict[str, Any]], leave: bool, mine: tuple[float, float, int, int]
+    ) -> tuple[list[dict[str, Any]], bool, list[list[float]]]:
         world = self.world_size
         payload = json.dumps(commands, separators=(",", ":")).encode() if commands else b""
-        buffer = torch.zeros(_HEAD + COMMAND_BYTES + 3 * world, dtype=torch.float64)
+        buffer = torch.zeros(_HEAD + COMMAND_BYTES + _SHARED * world, dtype=torch.float64)
         if self.is_primary:
             buffer[0] = len(payload)
             buffer[1] = 1.0 if leave else 0.0
@@ -257,7 +318,7 @@ class ProcessGroupRun(Distributed):
             dist.broadcast(rest, src=0, group=self.group)
             data += bytes(rest.cpu().tolist())
         received: list[dict[str, Any]] = json.loads(data) if data else []
-        shared = host[at:].view(3, world).tolist()
+        shared = host[at:].view(_SHARED, world).tolist()
         return received, left, shared
 
 

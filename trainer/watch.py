@@ -260,7 +260,9 @@ class Watch:
         self._last_step_t = now
         self._add_run_values(row, step_time_s)
         probe_step = self.probes is not None and self._is_probe_step(step)
-        self.dist.exchange(row.values, step_time_s, self.batch_size, probe_step=probe_step)
+        self.dist.exchange(
+            row.values, step_time_s, self.batch_size, probe_step=probe_step, step=step
+        )
         self._rows.append(row)
 
         pending = None

@@ -17,6 +17,7 @@ Scenarios:
   same queue the link fills.
 * ``hist`` — one probe step on a fixed exact-arithmetic batch, sharded by rank.
 * ``forever`` — trains until killed (the test kills the other rank).
+* ``extra_step`` — rank 1 calls w.step() twice at step ``EXTRA_STEP_AT`` (no DDP).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 HIST_BATCH = 15
+EXTRA_STEP_AT = 5  # "extra_step": rank 1 calls w.step() twice at this step
 STARTUP_TIMEOUT = datetime.timedelta(seconds=120)  # how far apart the ranks may start
 
 
@@ -158,7 +160,9 @@ def run_training(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     meet(store, "ddp")  # DDP's constructor is a collective
-    ddp = DistributedDataParallel(model)
+    # "extra_step" trains each rank's replica alone: DDP's collectives then never meet the
+    # per-step exchange, as under NCCL, where the exchange has a gloo group of its own
+    ddp = model if scenario == "extra_step" else DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
     run_dir = out / "run" if rank == 0 else out / f"run{rank}"
@@ -172,13 +176,16 @@ def run_training(
         if scenario == "commands" and rank == 0:
             steering = threading.Thread(target=steer, args=(w, 3 * timeout_s, record), daemon=True)
             steering.start()
-        for _ in range(10_000 if scenario == "forever" else 2_000):  # "stop" ends it
+        steps = {"forever": 10_000, "extra_step": 10}.get(scenario, 2_000)
+        for _ in range(steps):  # "stop" ends the "commands" run
             x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
             loss = nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             w.step(loss=loss.detach())
+            if scenario == "extra_step" and rank == 1 and w.step_count == EXTRA_STEP_AT:
+                w.step(loss=loss.detach())  # a loop bug: one more w.step() on this rank only
             record["steps"].append(
                 [w.step_count, w.control.used_lr[0], w.control.used_weight_decay[0]]
             )

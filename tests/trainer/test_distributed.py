@@ -207,6 +207,28 @@ def test_killing_one_rank_turns_the_run_failed_on_the_dashboard(tmp_path: Path) 
         assert [f["data"]["status"] for f in events] == ["running", "failed"]
 
 
+@pytest.mark.slow
+def test_one_extra_w_step_on_one_rank_stops_every_rank_naming_it_and_the_step(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 calls w.step() twice at step 5 (a loop bug). Its w.step() calls then paired
+    with rank 0's of the next training step: the run went on out of step and failed later
+    in a collective (or hung at its end) without naming the cause. The per-step exchange
+    carries each rank's optimizer.step() count, so both ranks stop at step 6 with one
+    message naming rank 1."""
+    from distributed_worker import EXTRA_STEP_AT
+
+    out = tmp_path / "out"
+    codes = finish(launch("extra_step", out, timeout_s=10.0), out, timeout_s=120)
+    assert codes == [1, 1], errors(out)
+    want = (
+        f"StepMismatch: layerscope: at step {EXTRA_STEP_AT + 1}, rank 1 called w.step() "
+        "without an optimizer.step() since its previous w.step(), while rank 0 made 1"
+    )
+    for rank in range(WORLD):
+        assert want in (out / f"rank{rank}.err").read_text(), errors(out)
+
+
 def _exported_or_empty(server: str, run_id: str) -> list[dict[str, Any]]:
     from server_harness import exported
 

@@ -55,7 +55,9 @@ def test_pages_render_their_shells(server: LiveServer) -> None:
     assert 'data-run-id="some-run"' in run.text
     assert "/static/plotly.min.js" in run.text
     compare = server.api("GET", "/compare", params={"ids": "a,b"})  # the older form: split
-    assert compare.status_code == 200 and 'data-run-ids="[&#34;a&#34;, &#34;b&#34;]"' in compare.text
+    assert (
+        compare.status_code == 200 and 'data-run-ids="[&#34;a&#34;, &#34;b&#34;]"' in compare.text
+    )
     compare = server.api("GET", "/compare", params=[("ids", "a,b"), ("ids", "c")])  # one id each
     assert 'data-run-ids="[&#34;a,b&#34;, &#34;c&#34;]"' in compare.text
 
@@ -112,7 +114,9 @@ def test_no_page_or_script_names_a_remote_host() -> None:
 def test_dashboard_works_with_a_viewer_token(browser: Browser, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     write_recorded_run(data_dir, "recorded", steps=400, layers=4, every=20)
-    for server in serve(server_settings(data_dir, viewer_token="s3cret-token")):
+    for server in serve(
+        server_settings(data_dir, viewer_token="s3cret-token", trainer_token="trainer-s3cret")
+    ):
         anonymous = httpx.get(f"{server.url}/api/runs")
         assert anonymous.status_code == 403
 

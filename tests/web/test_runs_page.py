@@ -475,3 +475,38 @@ def test_a_400px_window_keyboard_use_and_a_run_named_with_html(
         assert not dialogs.seen, dialogs.seen
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_a_run_that_ended_without_a_sanity_verdict_is_not_asked_for_one_every_poll(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Every 2 s poll asked each listed run whose config has an overfit check for its
+    sanity event until one came, for good when none ever would (the run ended first): up
+    to 50 requests a poll. A run that ended is asked once; one with a verdict shows it."""
+    data_dir = tmp_path / "data"
+    overfit = {"source": "recorded", "overfit": {"batches": 1}}
+    verdict = {"passed": True, "message": "overfit one batch"}
+    write_recorded_run(data_dir, "silent", steps=50, layers=1, every=25, config=overfit)
+    write_recorded_run(
+        data_dir, "checked", steps=50, layers=1, every=25, config=overfit,
+        events=[(10, "sanity", verdict)],
+    )  # fmt: skip
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/")
+            expect(row(page, "checked").locator(".badge.sanity")).to_have_text("PASS")
+            polls = ListPolls(server.url)
+            page.on("response", polls.answered)
+            deadline = time.monotonic() + 10
+            while len(polls.seen) < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(100)
+            assert len(polls.seen) >= 2, polls.seen
+            asked = [u for u in guard.requests if "/events?kind=sanity" in u]
+            assert len([u for u in asked if "/runs/silent/" in u]) == 1, asked
+            assert len([u for u in asked if "/runs/checked/" in u]) == 1, asked
+            expect(row(page, "silent").locator(".badge.sanity")).to_have_count(0)
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

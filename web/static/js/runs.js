@@ -119,11 +119,16 @@ async function loadLabs(listed) {
 
 /** run id -> sanity event data, for runs with an overfit check (fetched until it arrives). */
 const sanity = new Map();
+/** Runs that ended without one: not asked again at every poll. */
+const noSanity = new Set();
+const ENDED = new Set(["finished", "failed", "stopped"]); // not lost: its trainer may come back and resend
 
 async function loadSanity(run) {
-  if (run.config?.overfit == null || sanity.has(run.id)) return;
-  const events = await getJSON(`/api/runs/${encodeURIComponent(run.id)}/events?kind=sanity&limit=1`).catch(() => []);
-  if (!events.length) return;
+  if (run.config?.overfit == null || sanity.has(run.id) || noSanity.has(run.id)) return;
+  const ended = ENDED.has(run.status); // read before the events: a run ends after its check
+  const events = await getJSON(`/api/runs/${encodeURIComponent(run.id)}/events?kind=sanity&limit=1`).catch(() => null);
+  if (events === null) return;
+  if (!events.length) { if (ended) noSanity.add(run.id); return; }
   sanity.set(run.id, events[events.length - 1].data);
   const entry = rows.get(run.id);
   if (entry) fillRow(entry.tr, entry.run);

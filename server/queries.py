@@ -1,7 +1,9 @@
 """queries — the SQL of every read of layerscope.db, shaped as http_api.md's JSON bodies.
 
-Owns: run list/detail rows, series (their downsampling is scalars.py's), probe
-reads, heatmap matrices, histograms over time, events, commands and stored frames.
+Owns: run list/detail rows and the run list's search (GET /api/runs?q=: words matched
+in SQL against each run's id, name, status and stored config text), series (their
+downsampling is scalars.py's), probe reads, heatmap matrices, histograms over time,
+events, commands and stored frames.
 
 Never: writes (read connections are query_only), never returns NaN/Inf (non-finite
 values are stored as NULL and come back as None), never loads a whole long series

@@ -510,3 +510,28 @@ def test_a_run_that_ended_without_a_sanity_verdict_is_not_asked_for_one_every_po
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_the_last_show_more_from_the_keyboard_goes_on_at_the_first_run_it_added(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """'Show N more' hides itself once every run is listed; pressed from the keyboard, the
+    focus fell back to the page's start. It moves to the first run it added."""
+    data_dir = tmp_path / "data"
+    write_many_runs(data_dir, 60, config_of=sweep_config)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/")
+            more = page.locator("#more")
+            expect(more).to_have_text("Show 10 more")
+            more.focus()
+            page.keyboard.press("Enter")
+            expect(page.locator("#runs tbody tr")).to_have_count(60)
+            expect(more).to_be_hidden()
+            expect(page.locator("#runs-count")).to_have_text("60 runs")
+            expect(row(page, "run-0009").locator("input")).to_be_focused()  # the 51st, newest first
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -366,9 +366,14 @@ $("lab-cancel").addEventListener("click", () => $("lab-dialog").close());
 $("lab-form").addEventListener("submit", submitLab);
 $("filter").addEventListener("input", () => search());
 $("filter").addEventListener("keydown", (ev) => { if (ev.key === "Enter") search(true); });
-$("more").addEventListener("click", () => {
+$("more").addEventListener("click", async () => {
+  const before = runs.length;
   wanted.limit = Math.min(wanted.limit + PAGE_SIZE, MAX_LISTED);
-  refresh();
+  await refresh();
+  // The last "more" hides itself: the keyboard goes on at the first run it added.
+  if ($("more").hidden && document.activeElement === document.body) {
+    document.querySelectorAll("#runs tbody tr")[before]?.querySelector("input")?.focus();
+  }
 });
 $("compare").addEventListener("click", () => {
   // one ids= per run: an id may hold a comma

@@ -30,6 +30,7 @@ from layerscope.trainer.link import (
 )
 from layerscope.trainer.spool import SpoolReader, index_spool
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def sync_spool(
     acks nothing new for ``timeout_s`` (a long upload that keeps moving never times out).
     """
     path = Path(path)
+    if not timeout_s > 0:  # also NaN: 0 or less gave up at once, blaming the server
+        raise ValueError(f"timeout {timeout_s:g} s must be more than 0 seconds")
     hello, frames = index_spool(path)
     if run_id is not None:
         if not wire.plain_run_id(run_id) or not run_id:
@@ -73,6 +76,21 @@ def sync_spool(
             break
         target = seq
     return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
+
+
+def _refusal_hint(exc: Exception, token: str | None) -> str:
+    """What to do about a server that answered the upload's handshake with 401/403."""
+    if not isinstance(exc, InvalidStatus) or exc.response.status_code not in (401, 403):
+        return ""
+    if token is None:
+        return (
+            " (the server wants a trainer token: set LAYERSCOPE_TRAINER_TOKEN to its"
+            " --trainer-token)"
+        )
+    return (
+        " (the server refused the trainer token: LAYERSCOPE_TRAINER_TOKEN must be its"
+        " --trainer-token, not the viewer --token)"
+    )
 
 
 async def _upload(
@@ -163,7 +181,9 @@ async def _upload(
             except Exception as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 if not connected_once:
-                    raise ConnectionError(f"cannot upload to {url}: {last_error}") from exc
+                    raise ConnectionError(
+                        f"cannot upload to {url}: {last_error}{_refusal_hint(exc, token)}"
+                    ) from exc
             if unfinished():
                 await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
                 backoff = min(BACKOFF_CAP_S, backoff * 2)

@@ -160,3 +160,33 @@ def test_a_spool_set_aside_under_the_same_run_id_is_uploaded_as_another_run(
     assert server.hellos[-1]["run_id"] == "again-earlier"
     with pytest.raises(ValueError, match="plain name"):
         sync_spool(aside, server.url, run_id="a/b")
+
+
+def test_a_server_that_wants_a_trainer_token_is_named_as_the_reason(tmp_path: Path) -> None:
+    """Against a server run with --trainer-token, sync said only 'HTTP 403': the user
+    could not tell a missing token from a wrong one, or from the viewer token given by
+    mistake. It now says which token it wants, and stores nothing."""
+    spool = tmp_path / "spool.bin"
+    offline_spool(spool, "guarded", 3)
+    guarded = TrainerServer(token="t-secret").start()
+    try:
+        with pytest.raises(ConnectionError, match="wants a trainer token: set LAYERSCOPE_TRAINER"):
+            sync_spool(spool, guarded.url, timeout_s=5)
+        with pytest.raises(ConnectionError, match="refused the trainer token"):
+            sync_spool(spool, guarded.url, token="viewer-token", timeout_s=5)
+        assert not guarded.frames  # refused before the upgrade: nothing stored
+        assert sync_spool(spool, guarded.url, token="t-secret", timeout_s=20) == 3
+    finally:
+        guarded.close()
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -3.0, float("nan")])
+def test_a_timeout_of_zero_or_less_is_refused_before_connecting(
+    tmp_path: Path, timeout_s: float
+) -> None:
+    """`--timeout 0` (or negative) gave up at once and blamed the server ('server acked 0
+    of N frames, then nothing more for 0 s'); it is refused as the bad flag it is."""
+    spool = tmp_path / "spool.bin"
+    offline_spool(spool, "impatient", 2)
+    with pytest.raises(ValueError, match="must be more than 0 seconds"):
+        sync_spool(spool, "ws://127.0.0.1:9", timeout_s=timeout_s)

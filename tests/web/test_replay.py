@@ -441,3 +441,55 @@ def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_compare_says_which_runs_lack_the_chosen_layer_or_its_statistic(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Two offline runs synced later, one probing every layer every 10 steps, one probing
+    only fc1 every 25 (a `layers=` filter): on the compare page the second run's dead and
+    saturated lines silently vanished for fc2 and out, and out's (a Linear feeding no
+    activation) chart was a blank grid, so a missing layer read as a zero or a fault.
+    Options now name the runs that have the layer, and each chart says why a run has no line."""
+    data_dir = tmp_path / "data"
+    relu_free = {"dead_ratio": None, "saturated_ratio": None}
+    write_recorded_run(
+        data_dir, "every-layer", steps=300, layers=3, every=10,
+        layer_names=["fc1", "fc2", "out"], layer_kinds=["Linear", "Linear", "Linear"],
+        layer_stats={"fc1": {"saturated_ratio": None}, "fc2": {"saturated_ratio": None},
+                     "out": relu_free},
+    )  # fmt: skip
+    write_recorded_run(
+        data_dir, "fc1-only", steps=300, layers=1, every=25,
+        layer_names=["fc1"], layer_kinds=["Linear"], layer_stats={"fc1": {"saturated_ratio": None}},
+    )  # fmt: skip
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            page.goto(f"{server.url}/compare?ids=every-layer&ids=fc1-only")
+            page.wait_for_function("document.body.dataset.ready === '1'")
+            options = page.eval_on_selector_all("#layer option", "os => os.map(o => o.text)")
+            assert options == ["fc1", "fc2 (every-layer only)", "out (every-layer only)"]
+            expect(page.locator("#dead-note")).to_have_text("")  # both runs have fc1's
+            expect(page.locator("#sat-note")).to_contain_text(
+                "every-layer, fc1-only: fc1 has no saturated ratio"
+            )
+            page.select_option("#layer", "fc2")
+            expect(page.locator("#dead-note")).to_have_text(
+                "fc1-only: fc2 is not probed in this run."
+            )
+            page.select_option("#layer", "out")
+            expect(page.locator("#dead-note")).to_have_text(
+                "fc1-only: out is not probed in this run. every-layer: out has no dead ratio"
+                " (no ReLU-like activation follows it)."
+            )
+            page.select_option("#layer", "fc1")  # back: both lines, each at its own cadence
+            expect(page.locator("#dead-note")).to_have_text("")
+            page.wait_for_function(
+                "JSON.stringify(document.getElementById('chart-dead').data.map(t => t.x.length))"
+                " === '[30,12]'"
+            )
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

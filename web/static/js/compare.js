@@ -80,7 +80,12 @@ function buildCharts() {
   const names = [];
   for (const d of details) for (const l of d.layers || []) if (!names.includes(l.name)) names.push(l.name);
   const select = $("layer");
-  select.replaceChildren(...names.map((n) => new Option(n, n)));
+  // Runs probing different layers (a `layers=` filter on one of them): an option says
+  // which runs have it, rather than leaving a run's line silently missing.
+  select.replaceChildren(...names.map((n) => {
+    const having = details.map((d, i) => ((d.layers || []).some((l) => l.name === n) ? named[i] : null)).filter(Boolean);
+    return new Option(having.length === details.length ? n : `${n} (${having.join(", ")} only)`, n);
+  }));
   const act = details.flatMap((d) => d.layers || []).find((l) => /relu|tanh|sigmoid|gelu|elu/i.test(l.kind));
   if (act) select.value = act.name;
 }
@@ -108,6 +113,27 @@ async function loadLayer() {
     dead.setSeries(i, p ? p.steps : [], p ? p.dead_ratio : []);
     sat.setSeries(i, p ? p.steps : [], p ? p.saturated_ratio : []);
   });
+  const probed = all.map((a) => (a.status === "fulfilled" ? a.value : undefined));
+  $("dead-note").textContent = layerNote(layer, probed, "dead_ratio",
+    "has no dead ratio (no ReLU-like activation follows it)");
+  $("sat-note").textContent = layerNote(layer, probed, "saturated_ratio",
+    "has no saturated ratio (only bounded activations, tanh and sigmoid, saturate)");
+}
+
+/**
+ * Why a run has no line on a layer chart: it does not probe the layer, or the layer has
+ * no such statistic. Without it an empty chart, or a run missing from one, read as a
+ * fault (or as a run whose ratio was zero). `probed[i]`: the answer, null (not probed)
+ * or undefined (its request failed: it keeps its line).
+ */
+function layerNote(layer, probed, stat, none) {
+  const named = labels();
+  const missing = named.filter((_, i) => probed[i] === null);
+  const empty = named.filter((_, i) => probed[i] && !(probed[i][stat] || []).some((v) => v !== null));
+  const parts = [];
+  if (missing.length) parts.push(`${missing.join(", ")}: ${layer} is not probed in ${missing.length > 1 ? "these runs" : "this run"}.`);
+  if (empty.length) parts.push(`${empty.join(", ")}: ${layer} ${none}.`);
+  return parts.join(" ");
 }
 
 async function refresh() {

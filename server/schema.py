@@ -7,7 +7,9 @@ off, busy timeout). Store is the only caller (its writer process runs ``open_sch
 Never: reads or writes rows; never migrates a database silently (an older one is first
 copied to ``<name>.bak-v<old>`` and the upgrade is reported for the log; the upgrade
 is one transaction, so a failed one leaves the database as it was); never opens a
-version newer than it knows (refused with a message naming both versions).
+version newer than it knows (refused with a message naming both versions); never
+writes to a database with tables but no ``schema_version`` (another program's: refused
+before the connection switches it to WAL).
 
 Layout: runs carry an integer key ``rk`` so the big tables (scalars, probes) do not
 repeat a text run id per row; series and layers get integer ids the same way.
@@ -167,6 +169,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (rk, cmd_seq);
     + ";\n"
 )
 
+FOREIGN_TABLES_NAMED = 5  # how many of another program's tables a refusal names
 PROBE_COLUMNS = wire.PROBE_STATS  # one REAL column per probe statistic, in wire order
 
 
@@ -185,11 +188,31 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         conn.execute("PRAGMA query_only = ON")
     else:
+        try:
+            refuse_foreign(conn, path)  # before WAL, which rewrites the file's header
+        except BaseException:
+            conn.close()
+            raise
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk before its frames are acked, so a trainer may
         # drop them from its spool. Group commit keeps this to ~10 fsyncs a second.
         conn.execute("PRAGMA synchronous = FULL")
     return conn
+
+
+def refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
+    """SchemaError for a database with tables but no ``schema_version``: another program's
+    file named layerscope.db. Only read: it is left byte for byte as it was (its journal
+    mode too), also where a program opens a Store without ``data_lock.claim``'s check."""
+    tables = sorted(
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    )
+    if tables and "schema_version" not in tables:
+        raise SchemaError(
+            f"{path} is a SQLite database but not a layerscope one (its tables: "
+            f"{', '.join(tables[:FOREIGN_TABLES_NAMED])}); layerscope left it untouched; "
+            "move it away or give another --data-dir"
+        )
 
 
 def stored_version(conn: sqlite3.Connection) -> int | None:

@@ -326,6 +326,37 @@ async def test_database_of_a_newer_schema_version_is_refused(tmp_path: Path) -> 
     assert not list((tmp_path / "data").glob("*.bak-v*"))
 
 
+async def test_another_programs_database_is_refused_and_left_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    """A SQLite file named layerscope.db with tables but no schema_version (another
+    program's) is refused by a Store opened directly (without the CLI's check), naming its
+    tables, and not written to: no layerscope tables, no switch to WAL (which rewrites the
+    header). The store lets go of the data dir, and an empty database is still taken."""
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / DB_NAME
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.execute("INSERT INTO notes (body) VALUES ('mine')")
+        conn.commit()
+    before = db.read_bytes()
+    with pytest.raises(SchemaError, match=r"not a layerscope one \(its tables: notes\).*untouched"):
+        await Store(data).open()
+    assert db.read_bytes() == before
+    assert not db.with_name(f"{DB_NAME}-wal").exists()
+    db.unlink()
+    with closing(sqlite3.connect(db)):
+        pass  # an empty file: a new database
+    store = Store(data)
+    await store.open()  # the failed open released the data dir's lock
+    try:
+        await store.hello(hello())
+        assert store.run("r1") is not None
+    finally:
+        await store.close()
+
+
 # What each schema version added since version 1, oldest first, as the statement that
 # takes it away: running them and setting the version back gives the layout that
 # version's layerscope wrote.

@@ -4,7 +4,8 @@ Owns: binding the listening socket before the app is built (so ``--port 0``
 yields the real port everywhere: the Host check, the launcher's trainer URL, the
 printed dashboard URL), the uvicorn configuration (websocket frame limit,
 keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-C/SIGTERM handling, and the demo:
-server plus one built-in run, both stopped together.
+server plus one built-in run, both stopped together. A startup the app refuses ends
+in its one logged line and exit code 1 (uvicorn's sys.exit(3) is caught).
 
 Never: leaves a launched trainer running after a clean shutdown, prints a URL
 before the server accepts connections, or starts on a data directory another server
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import signal
 import socket
 import sys
@@ -63,6 +65,34 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+UVICORN_STARTUP_FAILED = "Application startup failed. Exiting."
+
+
+class StartupFailureSaid(logging.Filter):
+    """Drops uvicorn's "Application startup failed. Exiting." right after the one line
+    (``layerscope: <why>``, app.StartupMessage) that already said so; after a traceback
+    (an unexpected failure) it stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message == UVICORN_STARTUP_FAILED:
+            said, self.said = self.said, False
+            return not said
+        self.said = record.levelno >= logging.ERROR and message.startswith("layerscope: ")
+        return True
+
+
+def quiet_startup_failure() -> None:
+    """Install StartupFailureSaid on uvicorn's lifespan logger (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, StartupFailureSaid) for f in logger.filters):
+        logger.addFilter(StartupFailureSaid())
+
+
 class Server(uvicorn.Server):
     """uvicorn's server with signal handling that ends in a clean return, not a re-raised signal."""
 
@@ -81,6 +111,16 @@ class Server(uvicorn.Server):
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup, where a lifespan that refuses ends in a return: uvicorn
+        calls sys.exit(3) inside the server task, which escaped ``serve()`` and
+        ``demo()`` as "Task exception was never retrieved ... SystemExit: 3" and its
+        traceback, after the one line that says why (app.StartupMessage)."""
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            self.should_exit = True  # not started: serve() and demo() return 1
 
     def _on_signal(self, sig: int) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -113,6 +153,7 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
         lifespan="on",
     )
     mask_tokens_in_logs()  # after uvicorn.Config, which configures its loggers
+    quiet_startup_failure()
     return Server(config), sock, settings, app
 
 
@@ -176,7 +217,10 @@ def serve(settings: Settings) -> int:
             )
         await task
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()  # uvicorn closed it where it started; not where startup was refused
     return 0 if server.started else 1
 
 
@@ -232,5 +276,8 @@ def demo(settings: Settings, steps: int) -> int:
         print("layerscope demo: Ctrl-C stops the server and the run", flush=True)
         await task
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
     return 1 if failed or not server.started else 0

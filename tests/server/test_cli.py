@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import psutil
@@ -159,6 +160,31 @@ def test_a_data_dir_the_server_cannot_use_is_refused_and_left_as_it_was(tmp_path
         assert db.read_bytes() == before
         assert sorted(p.name for p in db.parent.iterdir()) == ["layerscope.db", "layerscope.lock"]
     assert foreign.read_bytes() == foreign_bytes and newer.read_bytes() == newer_bytes
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_startup_the_app_refuses_says_why_in_one_line_and_exits_1(
+    tmp_path: Path, command: str
+) -> None:
+    """A refusal that gets past the command line's checks to the app's startup (here: a
+    schema-1 database whose upgrade fails) was followed by "Task exception was never
+    retrieved ... SystemExit: 3" and uvicorn's traceback, and exit code 3."""
+    db = tmp_path / "data" / "layerscope.db"
+    _sqlite_file(
+        db,
+        "CREATE TABLE schema_version (version INTEGER)",
+        "INSERT INTO schema_version VALUES (1)",
+        # Says version 1 but has the column the first upgrade step adds: that step fails.
+        "CREATE TABLE probes (lid INTEGER, step INTEGER, unit_spread REAL)",
+    )
+    out = _run(command, "--port", "0", "--data-dir", str(db.parent))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, (out.returncode, out.stderr)
+    assert "layerscope: upgrading the database from schema version 1" in lines[0]
+    assert "it is unchanged" in lines[0]
+    assert "http://" not in out.stdout
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
 
 
 def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path) -> None:

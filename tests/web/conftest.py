@@ -225,10 +225,13 @@ def write_recorded_run(
         raise errors[0]
 
 
-def write_recorded_lab(data_dir: Path, lab_id: str, *, steps: int = 50) -> dict[str, Any]:
+def write_recorded_lab(
+    data_dir: Path, lab_id: str, *, steps: int = 50, failed: Sequence[str] = ()
+) -> dict[str, Any]:
     """An init lab as the server records one (<data_dir>/labs/<lab_id>.json) over five
     recorded runs (write_recorded_run's, four layers, a probe every 10 steps), one per
-    scheme: the lab page without launching five trainers. Returns the lab record."""
+    scheme: the lab page without launching five trainers. The run of each scheme in
+    `failed` failed at step 0 instead, before any probe. Returns the lab record."""
     schemes = [
         ("zero", "zero"),
         ("small_normal", "normal 0.01"),
@@ -239,6 +242,10 @@ def write_recorded_lab(data_dir: Path, lab_id: str, *, steps: int = 50) -> dict[
     runs = []
     for scheme, label in schemes:
         run_id = f"{lab_id}-{scheme.replace('_', '-')}"
+        if scheme in failed:
+            write_failed_run(data_dir, run_id, name=f"init lab {lab_id}: {label} (tanh)", layers=4)
+            runs.append({"id": run_id, "scheme": scheme, "label": label})
+            continue
         write_recorded_run(
             data_dir,
             run_id,
@@ -270,6 +277,38 @@ def write_recorded_lab(data_dir: Path, lab_id: str, *, steps: int = 50) -> dict[
     (data_dir / "labs").mkdir(parents=True, exist_ok=True)
     (data_dir / "labs" / f"{lab_id}.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def write_failed_run(data_dir: Path, run_id: str, *, name: str, layers: int) -> None:
+    """A run whose trainer said hello, then failed at step 0: no metrics, no probes."""
+
+    async def write() -> None:
+        store = Store(data_dir, commit_interval_s=0.01)
+        await store.open()
+        try:
+            layer_list = [{"name": f"layer{i}", "kind": "ReLU", "units": 8} for i in range(layers)]
+            hello = {"type": "hello", "run_id": run_id, "name": name, "layers": layer_list}
+            await store.hello(wire.validate_hello(hello))
+            status = {"type": "event", "seq": 1, "step": 0, "kind": "status"}
+            await store.append(
+                run_id, [wire.validate_event({**status, "data": {"status": "failed"}})]
+            )
+        finally:
+            await store.close()
+
+    errors: list[BaseException] = []
+
+    def run() -> None:  # on its own thread, as write_recorded_run's
+        try:
+            asyncio.run(write())
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join()
+    if errors:
+        raise errors[0]
 
 
 def write_many_runs(

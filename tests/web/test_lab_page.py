@@ -239,3 +239,27 @@ def test_a_400px_window_holds_the_lab_page_and_its_keyboard_use(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_a_run_that_ended_without_probe_data_leaves_the_other_four_compared(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A lab run that failed before its first probe step (its probe_steps empty) left the
+    five runs no step in common: the page said 'waiting for every run's first probe step'
+    for good and drew nothing. The other four are compared, and the note names it."""
+    data_dir = tmp_path / "data"
+    lab = write_recorded_lab(data_dir, "failedlab2", failed=("zero",))
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/labs/{lab['id']}")
+            expect(page.locator("#lab-steps-note")).to_have_text(
+                "5 probe steps shared by 4 runs · no probe data from zero (failed)"
+            )
+            expect(page.locator("#lab-step-value")).to_have_text("40")
+            means = page.evaluate("document.getElementById('chart-mean').data.map(t => t.y.length)")
+            assert means == [4] * 5
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote

@@ -61,14 +61,20 @@ async function loadSteps() {
     }
   }
   const all = await Promise.all(runs.map((r) => getJSON(runUrl(r.id, "probe_steps")).then((s) => s.steps).catch(() => [])));
-  const steps = intersect(all);
+  // A run that ended without a probe step will never have one: the others are compared
+  // without it (its empty list left nothing in common, and the page waited for good).
+  const none = runs.filter((r, i) => ENDED.has(r.status) && !all[i].length);
+  const compared = all.filter((_, i) => !none.includes(runs[i]));
+  const steps = intersect(compared);
   const slider = $("lab-step");
   const grew = steps.length !== state.steps.length;
   state.steps = steps;
   slider.max = String(Math.max(0, steps.length - 1));
+  const missing = none.length ? ` · no probe data from ${none.map((r) => `${r.label} (${r.status})`).join(", ")}` : "";
+  const by = compared.length === runs.length ? `all ${runs.length}` : String(compared.length);
   $("lab-steps-note").textContent = steps.length
-    ? `${steps.length} probe steps shared by all ${runs.length} runs`
-    : "waiting for every run's first probe step…";
+    ? `${steps.length} probe steps shared by ${by} runs${missing}`
+    : (compared.length ? "waiting for every run's first probe step…" : "no run recorded a probe step") + missing;
   if (steps.length && (state.following || state.step === null) && grew) {
     slider.value = String(steps.length - 1);
     await showStep(steps[steps.length - 1]);

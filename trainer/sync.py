@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -79,9 +80,15 @@ def sync_spool(
 
 
 def _refusal_hint(exc: Exception, token: str | None) -> str:
-    """What to do about a server that answered the upload's handshake with 401/403."""
+    """Why a server answered the upload's handshake with 401/403: the reason it gives in
+    its body (a wrong Host, as through a proxy, is refused with 403 too), else a guess at
+    the token, which is what a bare 401/403 most often means."""
     if not isinstance(exc, InvalidStatus) or exc.response.status_code not in (401, 403):
         return ""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        detail = json.loads(bytes(exc.response.body or b"")).get("detail")
+        if isinstance(detail, str) and detail.strip():
+            return f" (the server says: {detail.strip()[:300]})"
     if token is None:
         return (
             " (the server wants a trainer token: set LAYERSCOPE_TRAINER_TOKEN to its"

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from layerscope.trainer.link import Link
@@ -190,3 +191,46 @@ def test_a_timeout_of_zero_or_less_is_refused_before_connecting(
     offline_spool(spool, "impatient", 2)
     with pytest.raises(ValueError, match="must be more than 0 seconds"):
         sync_spool(spool, "ws://127.0.0.1:9", timeout_s=timeout_s)
+
+
+def test_a_refusal_names_the_servers_own_reason(tmp_path: Path) -> None:
+    """The real server puts why it refused in the 403's body ({"detail": ...}): a wrong
+    Host (sync through a proxy or an SSH tunnel on another port) is a 403 as a bad token
+    is, so sync passes on the server's reason rather than guessing at the token."""
+    import asyncio
+    import threading
+    from http import HTTPStatus
+
+    from websockets.asyncio.server import serve as ws_serve
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    spool = tmp_path / "spool.bin"
+    offline_spool(spool, "proxied", 2)
+    reason = "Host '127.0.0.1:1' is not this server; use http://127.0.0.1:2/"
+    ready = threading.Event()
+    port: list[int] = []
+    stop: list[asyncio.Event] = []
+
+    def refuse(connection: Any, request: Any) -> Response:
+        body = json.dumps({"detail": reason}).encode()
+        return Response(HTTPStatus.FORBIDDEN, "Forbidden", Headers(), body)
+
+    async def main() -> None:
+        stop.append(asyncio.Event())
+        async with ws_serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=refuse) as srv:
+            port.append(srv.sockets[0].getsockname()[1])
+            ready.set()
+            await stop[0].wait()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(ConnectionError, match="the server says: Host '127.0.0.1:1' is not"):
+            sync_spool(spool, f"ws://127.0.0.1:{port[0]}", timeout_s=5)
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        loop.close()

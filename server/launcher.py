@@ -7,7 +7,8 @@ inside the data roots, cap concurrent launches, create the run, spawn
 (the ``stop`` command, then SIGTERM, then SIGKILL), reaping every child (a
 non-zero exit of a run that has not ended marks it ``failed``: the log's last
 line, then its tail; a child that cannot be spawned fails its run at once), and
-terminating children when the server shuts down (a server killed with SIGKILL
+terminating children when the server shuts down, before their sockets close (serving.py;
+a server killed with SIGKILL
 cannot: its children, in their own sessions, train on and reconnect to the next
 server on the same address).
 
@@ -41,6 +42,7 @@ STOP_GRACE_S = 10.0  # after `stop`, the trainer gets this long to finish its st
 TERM_GRACE_S = 5.0  # after SIGTERM, this long before SIGKILL
 END_GRACE_S = 3.0  # a run being deleted: its trainer, off the server, gets this long to exit
 LOG_TAIL_LINES = 20
+SHUTDOWN_REASON = "the server shut down"
 
 
 class LaunchRefused(Exception):
@@ -138,6 +140,7 @@ class Launcher:
         # store and the process start): counted, so concurrent requests cannot all pass.
         self._held = 0
         self.exit_codes: dict[str, int] = {}
+        self.closing = False  # the server is shutting down: no more launches
         # Where a launched config may name files: the data roots, and the launched runs'
         # folders (the checkpoints the dashboard's Checkpoint command wrote, to fine-tune from).
         runs = Path(os.path.realpath(settings.data_dir / "runs"))
@@ -198,6 +201,8 @@ class Launcher:
             raise LaunchRefused(422, outside + others) from None
         if outside:
             raise LaunchRefused(422, outside)
+        if self.closing:
+            raise LaunchRefused(503, "the server is shutting down; launch the run after it restarts")
         busy = self.busy() - 1  # the others: this launch is held already
         if not held and busy >= self.settings.max_launched:
             raise LaunchRefused(
@@ -345,14 +350,28 @@ class Launcher:
             await child.reaper
 
     async def close(self) -> None:
-        """Server shutdown: every child is terminated and reaped."""
+        """Server shutdown, while trainers' sockets are still open (serving.Server): every
+        child gets SIGTERM at once (it closes its run as stopped, sending what it has and
+        waiting for the acks) and is reaped; no launch starts after this is called. A run
+        its trainer closed as stopped keeps its reason: the server shut down."""
+        self.closing = True
         children = list(self.children.values())
         for child in children:
             child.stopping = True
-            child.stop_reason = "the server shut down"
+            child.stop_reason = SHUTDOWN_REASON
         await asyncio.gather(
             *(self._terminate(c, grace_s=0.0) for c in children), return_exceptions=True
         )
+        for child in children:
+            run = self.store.run(child.run_id)
+            if run is None or run["status"] != "stopped" or run["status_reason"]:
+                continue  # the reaper recorded it (or the run ended otherwise)
+            try:
+                await self.store.set_status(child.run_id, "stopped", reason=SHUTDOWN_REASON)
+            except Exception:
+                log.exception("could not record why run %s stopped", child.run_id)
+                continue
+            self.hub.publish_status(child.run_id, "stopped", reason=SHUTDOWN_REASON)
 
 
 router = APIRouter()

@@ -7,7 +7,9 @@ keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-
 server plus one built-in run, both stopped together. A startup the app refuses ends
 in its one logged line and exit code 1 (uvicorn's sys.exit(3) is caught).
 
-Never: leaves a launched trainer running after a clean shutdown, prints a URL
+Never: leaves a launched trainer running after a clean shutdown, closes a launched
+trainer's websocket before that trainer has stopped (its last frames would stay in its
+spool), prints a URL
 before the server accepts connections, or starts on a data directory another server
 holds (one line says so; data_lock.py).
 """
@@ -38,6 +40,7 @@ WS_PING_TIMEOUT_S = 10.0
 GRACEFUL_SHUTDOWN_S = 5
 # uvicorn refuses bigger frames itself (close 1009); between the two, wire.decode names the limit.
 WS_MAX_SIZE = 4 * wire.MAX_FRAME_BYTES
+FORCE_EXIT_POLL_S = 0.1  # while the launched trainers stop, how often a second Ctrl-C is looked for
 SWITCH_INTERVAL_S = 0.0005  # how long a thread waiting for the GIL waits (default 5 ms)
 
 
@@ -94,7 +97,28 @@ def quiet_startup_failure() -> None:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server with signal handling that ends in a clean return, not a re-raised signal."""
+    """uvicorn's server with signal handling that ends in a clean return, not a re-raised
+    signal, and a shutdown that stops the launched trainers before it closes any socket."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI | None = None) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Launched trainers first (SIGTERM: each closes cleanly, sending what it has and
+        waiting for the acks, Launcher.close bounds it), then uvicorn's shutdown. uvicorn
+        closed every websocket first, so the frames a child sent between that and its
+        SIGTERM stayed in its spool folder and the run's tail never reached the server.
+        A second Ctrl-C stops waiting for them (the lifespan's Launcher.close is skipped
+        then too: the children have had their SIGTERM)."""
+        launcher = getattr(self.app.state, "launcher", None) if self.app is not None else None
+        if launcher is not None and not self.force_exit:
+            closing = asyncio.ensure_future(launcher.close())
+            while not closing.done() and not self.force_exit:
+                await asyncio.wait({closing}, timeout=FORCE_EXIT_POLL_S)
+            if closing.done():
+                closing.result()
+        await super().shutdown(sockets=sockets)
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -154,7 +178,7 @@ def make_server(settings: Settings) -> tuple[Server, socket.socket, Settings, Fa
     )
     mask_tokens_in_logs()  # after uvicorn.Config, which configures its loggers
     quiet_startup_failure()
-    return Server(config), sock, settings, app
+    return Server(config, app), sock, settings, app
 
 
 def tune_runtime() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from layerscope.trainer.spool import read_spool
 from server_harness import Endpoint, FakeTrainer, metrics_frame
 from websockets.exceptions import ConnectionClosed
 
@@ -351,6 +352,69 @@ async def test_sigterm_while_a_trainer_streams_keeps_every_acked_frame(tmp_path:
         assert _last_step(port, "streaming") >= acked > 0
     finally:
         assert _stop(again) == ""
+
+
+def _spool_tail(spool: Path) -> tuple[int, int]:
+    """The highest seq and the highest step among a spool's frames."""
+    seq = step = 0
+    for text in read_spool(spool):
+        frame = json.loads(text)
+        seq = max(seq, frame.get("seq", 0))
+        steps = [row["step"] for row in frame.get("rows", [])] + [frame.get("step") or 0]
+        step = max(step, *steps)
+    return seq, step
+
+
+@pytest.mark.slow
+def test_sigterm_stops_launched_runs_before_closing_their_sockets(tmp_path: Path) -> None:
+    """uvicorn closed every websocket before the launcher sent its children SIGTERM: what a
+    child sent in that gap stayed in its spool folder, so the stored run ended short of
+    what it had trained (220 stored steps against 230 spooled). Now the child stops first,
+    with its clean close, and the server stores the run's whole tail."""
+    data = tmp_path / "data"
+    server, port = _start_server(data)
+    config = {
+        "name": "tail",
+        "every": 1,
+        "model": {"arch": "mlp", "depth": 2, "width": 16},
+        "data": {"dataset": "blobs"},
+        "solver": {"steps": 1_000_000, "eval_every": 50, "batch_size": 32},
+    }
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/runs",
+            data=json.dumps(config).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            run_id = json.loads(resp.read())["id"]
+        deadline = time.monotonic() + 120
+        while True:
+            run = json.loads(_get(f"http://127.0.0.1:{port}/api/runs/{run_id}")[1])
+            if run["status"] == "running" and (run["last_step"] or 0) >= 50:
+                break
+            assert time.monotonic() < deadline, f"the run never got going: {run}"
+            time.sleep(0.2)
+        children = psutil.Process(server.pid).children()
+        assert _stop(server) == ""
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate(timeout=10)
+    psutil.wait_procs(children, timeout=30)
+    run_dir = data / "runs" / run_id
+    spooled_seq, spooled_step = _spool_tail(run_dir / "spool.bin")
+    again, port = _start_server(data)
+    try:
+        run = json.loads(_get(f"http://127.0.0.1:{port}/api/runs/{run_id}")[1])
+        assert (run["status"], run["status_reason"]) == ("stopped", "the server shut down")
+        assert run["last_step"] == spooled_step > 50
+        exported = _get(f"http://127.0.0.1:{port}/api/runs/{run_id}/export")[1].splitlines()
+        assert max(json.loads(line).get("seq", 0) for line in exported) == spooled_seq
+    finally:
+        assert _stop(again) == ""
+    # It closed itself (it was SIGKILLed while it waited for acks from a closed socket).
+    assert "interrupted; the run was recorded as stopped" in (run_dir / "trainer.log").read_text()
 
 
 @pytest.mark.slow

@@ -430,3 +430,34 @@ def test_a_launched_trainer_gets_the_trainer_token_only(
         wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to exit")
         log = (server.data_dir / "runs" / run_id / "trainer.log").read_text()
     assert json.loads(log) == {"LAYERSCOPE_TRAINER_TOKEN": "trainer-secret"}
+
+
+# A child that takes its time over SIGTERM, as a trainer waiting for its last acks does.
+SLOW_TO_STOP = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: None); "
+    "print('ready', flush=True); time.sleep(60)"
+)
+
+
+def test_a_server_shutting_down_stops_its_children_first_and_launches_no_more(
+    tmp_path: Path,
+) -> None:
+    """Shutdown stops the launched children while the server still answers (their sockets
+    open, so a trainer's last frames are stored; test_cli checks that with a real trainer),
+    and a launch asked for meanwhile is refused with 503, not started after the children
+    were counted."""
+    with running_server(make_settings(tmp_path / "data")) as server:
+        launcher = server.app.state.launcher
+        launcher.term_grace_s = 3.0
+        launcher.command_line = lambda *_: [sys.executable, "-c", SLOW_TO_STOP]
+        run_id = httpx.post(f"{server}/api/runs", json=TINY, timeout=30).json()["id"]
+        log = server.data_dir / "runs" / run_id / "trainer.log"
+        wait_for(lambda: log.exists() and "ready" in log.read_text(), timeout=30, what="child")
+        server.server.should_exit = True
+        wait_for(lambda: launcher.closing, timeout=10, what="the shutdown to begin")
+        late = httpx.post(f"{server}/api/runs", json=TINY, timeout=30)
+        assert late.status_code == 503 and "shutting down" in late.json()["detail"]
+        wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to end")
+        assert launcher.exit_codes[run_id] == -signal.SIGKILL
+    runs = [p.name for p in (tmp_path / "data" / "runs").iterdir()]
+    assert runs == [run_id]

@@ -21,12 +21,16 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from layerscope.trainer import wire
+
+if sys.platform != "win32":
+    import fcntl
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,14 @@ class SpoolWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+        # An advisory lock for as long as the run writes, released by the OS however the
+        # process ends (kill -9 too): `layerscope sync` tells a live run's spool from a
+        # crashed one's by it. Not taken (another writer holds it): the run goes on.
+        if sys.platform != "win32":
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.debug("spool %s: another process holds its lock", self.path)
         self._reader = SpoolReader(self.path)
 
     @property
@@ -103,6 +115,22 @@ class SpoolWriter:
             log.warning("spool %s: fsync failed at close: %s", self.path, exc)
         self._file.close()
         self._reader.close()
+
+
+def being_written(path: str | os.PathLike[str]) -> bool:
+    """Whether a running process has ``path`` open as its spool (holds the writer's lock).
+    False where advisory locks do not exist (Windows) and for a crashed run's spool."""
+    if sys.platform == "win32":
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to tell
+            return False
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def _valid_at(buf: mmap.mmap, pos: int, size: int) -> int | None:

@@ -29,7 +29,7 @@ from layerscope.trainer.link import (
     auth_headers,
     trainer_url,
 )
-from layerscope.trainer.spool import SpoolReader, index_spool
+from layerscope.trainer.spool import SpoolReader, being_written, index_spool
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -58,6 +58,18 @@ def sync_spool(
     if not timeout_s > 0:  # also NaN: 0 or less gave up at once, blaming the server
         raise ValueError(f"timeout {timeout_s:g} s must be more than 0 seconds")
     hello, frames = index_spool(path)
+    if being_written(path):
+        # Its trainer is still running: it sends its frames itself once it reaches a
+        # server, and one connected to this server loses its connection to this upload
+        # (the server keeps one per run) until it reconnects. What is uploaded is the run
+        # so far; "synced" would read as the whole run.
+        log.warning(
+            "spool %s is still being written by a running trainer: uploading the %d frames"
+            " it holds so far (the trainer sends the rest itself once it reaches the server;"
+            " run sync again after the run ends if it cannot)",
+            path,
+            len(frames),
+        )
     if run_id is not None:
         if not wire.plain_run_id(run_id) or not run_id:
             raise ValueError(f"run id {run_id!r} must be a plain name: no '/', '\\' or '..'")

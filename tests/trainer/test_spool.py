@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from layerscope.trainer.spool import HEADER, SpoolWriter, read_spool
+from layerscope.trainer.spool import HEADER, SpoolWriter, being_written, read_spool
 
 
 def _frames(n: int) -> list[str]:
@@ -83,3 +83,42 @@ def test_empty_spool_reads_nothing(tmp_path: Path) -> None:
     path = tmp_path / "spool.bin"
     path.write_bytes(b"")
     assert list(read_spool(path)) == []
+
+
+def test_a_spool_tells_a_running_writer_from_a_crashed_one(tmp_path: Path) -> None:
+    """`layerscope sync` of a run still training uploaded what was there and said 'synced',
+    as for a finished run. The writer holds an advisory lock while the run writes; the OS
+    drops it however the process ends, kill -9 included, so a crashed run's spool is not
+    taken for a live one."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "spool.bin"
+    writer = SpoolWriter(path)
+    writer.append('{"type":"hello"}')
+    assert being_written(path)
+    writer.close()
+    assert not being_written(path)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from layerscope.trainer.spool import SpoolWriter\n"
+            "w = SpoolWriter(sys.argv[1]); w.append('{}'); print('open', flush=True)\n"
+            "time.sleep(60)\n",
+            str(tmp_path / "crashed.bin"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+        assert being_written(tmp_path / "crashed.bin")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert not being_written(tmp_path / "crashed.bin")

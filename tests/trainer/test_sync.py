@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 from layerscope.trainer.link import Link
-from layerscope.trainer.spool import SpoolWriter
+from layerscope.trainer.spool import SpoolWriter, read_spool
 from layerscope.trainer.sync import sync_spool
 from trainer_server import TrainerServer, make_hello, metrics
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -234,3 +235,25 @@ def test_a_refusal_names_the_servers_own_reason(tmp_path: Path) -> None:
         loop.call_soon_threadsafe(stop[0].set)
         thread.join(10)
         loop.close()
+
+
+def test_sync_of_a_spool_its_trainer_still_writes_says_it_is_the_run_so_far(
+    server: TrainerServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user restarting a lost server and syncing at once, while the trainer still ran:
+    sync said 'synced' of the run's first frames as of a finished run. It now says the
+    trainer is still writing and this is the run so far; a crashed (closed) one is not."""
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("still-training"), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 6):
+        link.submit(metrics(step))
+    wait_until(lambda: len(list(read_spool(spool))) == 6)
+    try:
+        assert sync_spool(spool, server.url, timeout_s=20) == 5
+        assert "still being written by a running trainer: uploading the 5 frames" in caplog.text
+    finally:
+        link.close()
+    caplog.clear()
+    assert sync_spool(spool, server.url, timeout_s=20) == 5
+    assert "still being written" not in caplog.text

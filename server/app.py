@@ -2,7 +2,8 @@
 
 Owns: building the app from one Settings value; the lifespan that claims the data
 directory (data_lock.claim: its lock, and a database there that is layerscope's), opens the
-Store, creates the Hub, Launcher and Ingest, puts them on ``app.state``
+Store, creates the Hub (listening to the store's server events from the start),
+Launcher and Ingest, puts them on ``app.state``
 (``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
 reverse order; a startup the data directory refuses reported to the ASGI server in one
 line (``StartupMessage``), not as a traceback; the security middleware around
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.startup_problem = str(exc)
             raise
         the_hub = hub.Hub(queue_frames=settings.viewer_queue_frames)
+        store.listen(the_hub.publish_event)  # the server's own events reach live viewers
         the_launcher = launcher.Launcher(settings, store, the_hub)
         the_ingest = ingest.Ingest(settings, store, the_hub, exit_code=the_launcher.exit_code)
         app.state.settings = settings

@@ -237,14 +237,6 @@ class Hub:
         self._seen: dict[str, _SeqSet] = {}
         self._recent: dict[str, deque[_Item]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._store: Any = None  # the store whose server events this hub shows
-
-    def watch_store(self, store: Any) -> None:
-        """Show ``store``'s server events to the viewers (once; the first viewer does it:
-        before any viewer there is nobody to show them to)."""
-        if self._store is not store:
-            self._store = store
-            store.listen(self.publish_event)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
@@ -400,7 +392,6 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
     if run is None:
         await websocket.close(wire.CLOSE_POLICY, close_reason(f"run {run_id!r} not found"))
         return
-    hub.watch_store(store)
     viewer = hub.add_viewer(run_id, websocket)
     try:
         catchup = None

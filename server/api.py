@@ -224,14 +224,7 @@ def list_runs(
         raise HTTPException(
             422, detail=[{"loc": ["query", "q"], "msg": str(exc), "type": "value_error"}]
         ) from None
-    if words:
-        # One read for the page and its count. Store.runs has no search (store.py is not
-        # this module's); its sparkline and config caches serve the unsearched list.
-        runs, total = store._read(
-            lambda c: queries.find_runs(c, words, limit, offset, full_config=full)
-        )
-    else:
-        runs, total = store.runs(limit, offset, full_config=full), store.run_count()
+    runs, total = store.run_page(limit, offset, full_config=full, words=words)
     response.headers["X-Total-Count"] = str(total)
     for run in runs:
         run["trainer_connected"] = _connected(hub, run["id"])

@@ -153,23 +153,6 @@ def run_summary(
     return _summary(row, spark, config)
 
 
-def find_runs(
-    conn: sqlite3.Connection,
-    words: Sequence[str],
-    limit: int | None,
-    offset: int,
-    full_config: bool,
-) -> tuple[list[dict[str, Any]], int]:
-    """(the run list's rows of the runs matching every word, newest first: ``limit`` of
-    them after the first ``offset``; how many match), read in one transaction. Each
-    config is list_config's unless ``full_config``."""
-    out = []
-    for row in run_rows(conn, limit, offset, words):
-        config = None if full_config else list_config(json.loads(row[3]))
-        out.append(run_summary(row, sparkline(conn, row[0]), config))
-    return out, run_count(conn, words)
-
-
 # What the runs page (web/static/js/runs.js) shows of a run's config: these dotted
 # fields, or (a config with none of them: a watch() run's) its first few plain values,
 # and whether it runs the overfit sanity check. The two lists go together.

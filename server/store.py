@@ -21,7 +21,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,10 +206,22 @@ class Store:
         """Runs, newest first (``limit`` of them after the first ``offset``; all when limit
         is None), each with a loss sparkline (cached per run until it changes). Without
         full_config each config is what the runs page shows of it (queries.list_config)."""
+        return self.run_page(limit, offset, full_config=full_config)[0]
 
-        def read(c: sqlite3.Connection) -> list[dict[str, Any]]:
+    def run_page(
+        self,
+        limit: int | None = None,
+        offset: int = 0,
+        *,
+        full_config: bool = True,
+        words: Sequence[str] = (),
+    ) -> tuple[list[dict[str, Any]], int]:
+        """(``runs()``'s page of the runs matching every search word (queries.search_words';
+        none: every run), how many runs match), read in one transaction."""
+
+        def read(c: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
             out = []
-            for row in queries.run_rows(c, limit, offset):
+            for row in queries.run_rows(c, limit, offset, words):
                 rk, updated_at = row[0], row[11]
                 cached = self._sparklines.get(rk)
                 if cached is None or cached[0] != updated_at:
@@ -224,7 +236,7 @@ class Store:
                         self._list_configs[rk] = shown
                     config = shown[1]
                 out.append(queries.run_summary(row, cached[1], config))
-            return out
+            return out, queries.run_count(c, words)
 
         return self._read(read)
 

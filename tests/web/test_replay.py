@@ -15,6 +15,7 @@ from conftest import (
     screenshot,
     serve,
     server_settings,
+    wait_for,
     write_recorded_run,
 )
 from playwright.sync_api import Browser, Page, expect
@@ -489,6 +490,91 @@ def test_compare_says_which_runs_lack_the_chosen_layer_or_its_statistic(
                 "JSON.stringify(document.getElementById('chart-dead').data.map(t => t.x.length))"
                 " === '[30,12]'"
             )
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+def _offline_run(run_dir: Path, run_id: str, steps: int, every: int) -> Path:
+    """A real training loop under watch() with no server: the spool is the whole run."""
+    import torch
+    from layerscope.trainer import watch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    with watch(model, opt, run=run_id, run_id=run_id, every=every, run_dir=run_dir) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.step(loss=loss)
+    return run_dir / "spool.bin"
+
+
+def test_a_crashed_offline_run_synced_in_two_goes_replays_step_by_step(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The offline-then-replay path as a user meets it: a run trains with no server and its
+    process dies mid-write (a torn last record); part of it reached the server before (its
+    first records); `sync` uploads the rest, and again changes nothing. The run, lost, then
+    replays from the keyboard: each step shows the histograms stored at the probe step at
+    or before it."""
+    import concurrent.futures
+
+    from layerscope.trainer.spool import HEADER, iter_records
+    from layerscope.trainer.sync import sync_spool as sync_here
+
+    def sync_spool(path: Path, url: str, timeout_s: float) -> int:
+        # on its own thread: playwright's sync API keeps an event loop running on this one
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(sync_here, path, url, timeout_s=timeout_s).result()
+
+    spool = _offline_run(tmp_path / "run", "crashed", steps=60, every=10)
+    records = [offset for offset, _ in iter_records(spool)]
+    data = spool.read_bytes()
+    torn = data[: records[-1] + HEADER.size + 3]  # kill -9 while the last record was written
+    spool.write_bytes(torn)
+    first_part = tmp_path / "first-part.bin"
+    first_part.write_bytes(data[: records[len(records) // 2]])
+    for server in serve(server_settings(tmp_path / "data")):
+        url = server.url.replace("http://", "ws://")
+        early = sync_spool(first_part, url, timeout_s=20)
+        assert early == len(records) // 2 - 1  # every record but the hello is a frame
+        assert sync_spool(spool, url, timeout_s=20) == len(records) - 2  # less the torn one
+        acked = server.run("crashed")["acked_seq"]
+        assert sync_spool(spool, url, timeout_s=20) == len(records) - 2
+        assert server.run("crashed")["acked_seq"] == acked
+        wait_for(lambda s=server: s.run("crashed")["status"] == "lost", 30, "the run marked lost")
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/crashed?step=19")
+            expect(page.locator("#multiples-step")).to_have_text("10")
+            page.focus("#scrubber")
+            page.keyboard.press("ArrowRight")  # 19 -> 20, a probe step
+            expect(page.locator("#cursor-step")).to_have_text("20")
+            expect(page.locator("#multiples-step")).to_have_text("20")
+            step, stored = stored_histograms(server, "crashed", 20)
+            assert step == 20
+            page.wait_for_function(
+                "[...document.querySelectorAll('.multiple')].every(e => e.dataset.step === '20')"
+            )
+            assert shown_histograms(page) == stored
+            page.keyboard.press("ArrowRight")  # 21: between probe steps, still step 20's
+            expect(page.locator("#cursor-step")).to_have_text("21")
+            expect(page.locator("#multiples-step")).to_have_text("20")
+            page.keyboard.press("End")
+            last = server.run("crashed")["last_step"]
+            expect(page.locator("#cursor-step")).to_have_text(str(last))
+            page.keyboard.press("Home")
+            expect(page.locator("#cursor-step")).to_have_text(
+                str(server.run("crashed")["first_step"])
+            )
+            expect(page.locator("#multiples-step")).to_have_text("1")  # the first probe step
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

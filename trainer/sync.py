@@ -18,12 +18,14 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from layerscope.trainer import wire
 from layerscope.trainer.link import (
     BACKOFF_CAP_S,
     BACKOFF_FIRST_S,
     OPEN_TIMEOUT_S,
+    TRAINER_PATH,
     WELCOME_TIMEOUT_S,
     LinkError,
     auth_headers,
@@ -91,16 +93,27 @@ def sync_spool(
     return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
 
 
-def _refusal_hint(exc: Exception, token: str | None) -> str:
+def _refusal_hint(exc: Exception, token: str | None, url: str) -> str:
     """Why a server answered the upload's handshake with 401/403: the reason it gives in
-    its body (a wrong Host, as through a proxy, is refused with 403 too), else a guess at
-    the token, which is what a bare 401/403 most often means."""
+    its body (a wrong Host, as through a proxy, is refused with 403 too), else a guess:
+    a path that is not the trainer endpoint (a page's address given as --server is
+    refused with a bare 403), or the token."""
     if not isinstance(exc, InvalidStatus) or exc.response.status_code not in (401, 403):
         return ""
+    detail = None
     with contextlib.suppress(ValueError, AttributeError, TypeError):
-        detail = json.loads(bytes(exc.response.body or b"")).get("detail")
-        if isinstance(detail, str) and detail.strip():
-            return f" (the server says: {detail.strip()[:300]})"
+        said = json.loads(bytes(exc.response.body or b"")).get("detail")
+        detail = said.strip()[:300] if isinstance(said, str) and said.strip() else None
+    path = urlsplit(url).path
+    if path.rstrip("/") != TRAINER_PATH and (detail is None or "viewer token" in detail):
+        # A page's path: a bare 403, or under tokens one naming the viewer token (the
+        # server takes any other path for a browser's), neither any help to an upload.
+        return (
+            f" (the server has no trainer endpoint at {path}: --server takes its address,"
+            " ws://HOST:PORT)"
+        )
+    if detail is not None:
+        return f" (the server says: {detail})"
     if token is None:
         return (
             " (the server wants a trainer token: set LAYERSCOPE_TRAINER_TOKEN to its"
@@ -201,7 +214,7 @@ async def _upload(
                 last_error = f"{type(exc).__name__}: {exc}"
                 if not connected_once:
                     raise ConnectionError(
-                        f"cannot upload to {url}: {last_error}{_refusal_hint(exc, token)}"
+                        f"cannot upload to {url}: {last_error}{_refusal_hint(exc, token, url)}"
                     ) from exc
             if unfinished():
                 await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)

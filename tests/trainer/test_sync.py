@@ -197,7 +197,8 @@ def test_a_timeout_of_zero_or_less_is_refused_before_connecting(
 def test_a_refusal_names_the_servers_own_reason(tmp_path: Path) -> None:
     """The real server puts why it refused in the 403's body ({"detail": ...}): a wrong
     Host (sync through a proxy or an SSH tunnel on another port) is a 403 as a bad token
-    is, so sync passes on the server's reason rather than guessing at the token."""
+    is, so sync passes on the server's reason rather than guessing at the token; and a
+    run page's address as --server (a bare 403: no such socket) is named as such."""
     import asyncio
     import threading
     from http import HTTPStatus
@@ -214,7 +215,8 @@ def test_a_refusal_names_the_servers_own_reason(tmp_path: Path) -> None:
     stop: list[asyncio.Event] = []
 
     def refuse(connection: Any, request: Any) -> Response:
-        body = json.dumps({"detail": reason}).encode()
+        # as the real server: its reason on its trainer path, a bare 403 on a path it lacks
+        body = json.dumps({"detail": reason}).encode() if request.path == "/ws/trainer" else b""
         return Response(HTTPStatus.FORBIDDEN, "Forbidden", Headers(), body)
 
     async def main() -> None:
@@ -231,6 +233,10 @@ def test_a_refusal_names_the_servers_own_reason(tmp_path: Path) -> None:
         assert ready.wait(10)
         with pytest.raises(ConnectionError, match="the server says: Host '127.0.0.1:1' is not"):
             sync_spool(spool, f"ws://127.0.0.1:{port[0]}", timeout_s=5)
+        # a page's address given as --server: a bare 403 there, which read as a token
+        page = f"http://127.0.0.1:{port[0]}/runs/proxied"
+        with pytest.raises(ConnectionError, match="no trainer endpoint at /runs/proxied/ws/tr"):
+            sync_spool(spool, page, timeout_s=5)
     finally:
         loop.call_soon_threadsafe(stop[0].set)
         thread.join(10)

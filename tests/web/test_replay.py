@@ -69,6 +69,29 @@ def test_deep_link_and_scrubbing_show_the_histograms_stored_for_that_step(
     expect(page.locator("#multiples-step")).to_have_text(str(step))
     assert shown_histograms(page) == stored
 
+
+def test_space_on_the_scrubber_plays_and_pauses(
+    page: Page, server: LiveServer, finished_run: dict[str, Any]
+) -> None:
+    """After stepping with the arrow keys the focus is on the scrubber, where Space did
+    nothing (the page's Space leaves a focused field alone): it now plays and pauses."""
+    run_id = finished_run["id"]
+    last = finished_run["last_step"]
+    open_ready(page, f"{server.url}/runs/{run_id}?step=0")
+    page.select_option("#speed", "1")
+    page.focus("#scrubber")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#cursor-step")).to_have_text("1")
+    page.keyboard.press("Space")
+    page.wait_for_function("Number(document.getElementById('replay').dataset.cursor) >= 3")
+    page.keyboard.press("Space")
+    expect(page.locator("#play")).to_have_text("▶")
+    held = page.eval_on_selector("#replay", "el => Number(el.dataset.cursor)")
+    page.wait_for_timeout(600)
+    assert page.eval_on_selector("#replay", "el => Number(el.dataset.cursor)") == held
+    assert held < last
+    assert page.evaluate("document.activeElement.id") == "scrubber"
+
     scrub(page, 121)
     step, stored = stored_histograms(server, run_id, 121)
     expect(page.locator("#multiples-step")).to_have_text(str(step))

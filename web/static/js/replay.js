@@ -2,9 +2,10 @@
  * replay.js — the step cursor of a finished run: a scrubber, play/pause at ×1 to
  * ×100, and `?step=N` deep links.
  *
- * Owns: the cursor's value and its movement over time. ×1 replays at the pace the
- * run was recorded at (steps per wall-clock second); it reports every cursor move
- * through onCursor(step), and keeps `?step=N` in the address bar current.
+ * Owns: the cursor's value and its movement over time, and Space on the scrubber
+ * (play/pause). ×1 replays at the pace the run was recorded at (steps per wall-clock
+ * second); it reports every cursor move through onCursor(step), and keeps `?step=N`
+ * in the address bar current.
  * Never: draws charts or fetches data itself.
  */
 
@@ -35,6 +36,14 @@ export class Replay {
     this.urlTimer = null;
     this.scrubber.addEventListener("input", () => this.seek(Number(this.scrubber.value)));
     this.playButton.addEventListener("click", () => this.toggle());
+    // Space on the scrubber plays and pauses: a range input has no use for it, and the
+    // page's Space (controls.js) leaves a focused field alone, so after stepping with
+    // the arrow keys Space did nothing until the focus left the scrubber.
+    this.scrubber.addEventListener("keydown", (ev) => {
+      if (ev.code !== "Space") return;
+      ev.preventDefault();
+      if (!ev.repeat) this.toggle();
+    });
   }
 
   show(first, last, pace) {

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,10 @@ from conftest import (
     guarded_page,
     open_ready,
     screenshot,
+    serve,
+    server_settings,
     wait_for,
+    write_recorded_run,
 )
 from playwright.sync_api import Browser, Page, expect
 
@@ -104,6 +108,10 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     expect(pause).to_have_text("Resume", timeout=20_000)  # only after the trainer's acknowledgement
     expect(page.locator("#status")).to_have_text("paused", timeout=20_000)
     applied_at = last_command(server, run_id, "pause")["applied_at_step"]
+    # a command without arguments reads "pause sent by user, viewer ...", not "pause  sent"
+    expect(page.locator("#events li[data-kind='command']").first).to_contain_text(
+        re.compile(r"pause sent by user")
+    )
     # the steps before the pause reach the server (behind a backlog on a loaded machine)
     wait_for(
         lambda: server.run(run_id)["last_step"] >= applied_at, 30, "the steps before the pause"
@@ -171,6 +179,9 @@ def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
     page.check(f"#freeze-layers label[data-layer='{layer}'] input")
     page.click("button[data-cmd='freeze']")
     expect(page.locator("#acked")).to_contain_text(f"frozen: {layer}", timeout=20_000)
+    # the picker says which layers are frozen in words (it was a text colour alone)
+    picked = page.locator(f"#freeze-layers label[data-layer='{layer}']")
+    expect(picked).to_contain_text("· frozen")
     at = last_command(server, run_id, "set_frozen")["applied_at_step"]
     index = page.evaluate(
         "name => document.getElementById('chart-update').data.findIndex(t => t.name === name)",
@@ -189,6 +200,7 @@ def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
 
     page.click("button[data-cmd='unfreeze']")
     expect(page.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)
+    expect(picked).not_to_contain_text("frozen")
 
 
 def test_another_tabs_freeze_is_marked_with_its_layers(
@@ -479,3 +491,40 @@ def test_after_its_socket_reconnects_the_page_shows_a_pause_and_halved_lr_sent_m
         wait_for(lambda: server.run(run_id)["status"] == "running", 20, "the run to resume")
         page.context.close()
     assert not guard.errors, guard.errors
+
+
+def test_an_auto_halve_alert_names_its_relative_action(browser: Browser, tmp_path: Path) -> None:
+    """The auto-halve rule's alert carries its action as the trainer sends it, relative to
+    the acknowledged scale ({relative: 0.5}): the alerts list and the log read
+    'set_lr_scale ×0.5 of the current scale', where they read 'set_lr_scale ×undefined'."""
+    data_dir = tmp_path / "data"
+    plateau = {
+        "rule": "ValidationPlateau",
+        "layer": None,
+        "message": "validation loss has not improved on 2.307 for 2 evaluations; "
+        "halving the learning rate (auto-halve on plateau).",
+        "value": 2.31,
+        "threshold": 2.307,
+        "action": {
+            "name": "set_lr_scale",
+            "args": {"relative": 0.5},
+            "source": "rule",
+            "reason": "validation loss has not improved",
+        },
+    }
+    write_recorded_run(
+        data_dir, "plateau", steps=100, layers=2, every=10, events=[(60, "alert", plateau)]
+    )
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/plateau")
+            alert = page.locator("#alerts li.alert")
+            expect(alert).to_have_count(1)
+            expect(alert).to_contain_text("→ set_lr_scale ×0.5 of the current scale")
+            expect(page.locator("#events")).to_contain_text("×0.5 of the current scale")
+            expect(page.locator("#alerts")).not_to_contain_text("undefined")
+            expect(page.locator("#events")).not_to_contain_text("undefined")
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors

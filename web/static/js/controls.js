@@ -138,7 +138,9 @@ export class Controls {
       box.value = l.name;
       box.checked = picked.has(l.name);
       label.dataset.layer = l.name;
-      label.append(box, `${l.name} (${l.kind})`);
+      const mark = document.createElement("span");
+      mark.className = "frozen-mark";
+      label.append(box, `${l.name} (${l.kind})`, mark);
       return label;
     }));
     this.renderFreeze();
@@ -150,7 +152,13 @@ export class Controls {
 
   renderFreeze() {
     const frozen = new Set((this.state || DEFAULT_STATE).frozen);
-    for (const label of this.freezeList.children) label.classList.toggle("frozen", frozen.has(label.dataset.layer));
+    // in words, not by colour alone: which layers the trainer acknowledged as frozen
+    for (const label of this.freezeList.children) {
+      const isFrozen = frozen.has(label.dataset.layer);
+      label.classList.toggle("frozen", isFrozen);
+      const mark = label.querySelector(".frozen-mark");
+      if (mark) mark.textContent = isFrozen ? " · frozen" : "";
+    }
     const n = this.pickedLayers().length;
     this.freezeCount.textContent = n ? `${n} picked` : "none picked";
   }

@@ -14,6 +14,10 @@ const MAX_LINES = 500;
 
 function argsText(name, args, state) {
   if (args && Object.keys(args).length) {
+    // a rule's proposal is relative to the scale the trainer acknowledged: {relative: 0.5}
+    if (name === "set_lr_scale" && "relative" in args && !("value" in args)) {
+      return `×${args.relative} of the current scale`;
+    }
     if (name === "set_lr_scale") return `×${args.value}`;
     if (name === "set_weight_decay") return args.enabled ? "on" : "off";
     if (name === "set_frozen") return `${args.frozen ? "freeze" : "unfreeze"} ${args.layers.join(", ")}`;
@@ -25,11 +29,16 @@ function argsText(name, args, state) {
   return "";
 }
 
+/** A command's name and arguments in words, with no stray space when it has none: "pause", "set_lr_scale ×0.5". */
+function commandText(name, args, state) {
+  return `${name || "?"} ${argsText(name, args, state)}`.trim();
+}
+
 /** An alert's action ({name, args, source, reason}, or an older plain name) in words: "pause", "set_lr_scale ×0.5". */
 export function actionText(action) {
   if (!action) return "";
   if (typeof action !== "object") return String(action);
-  return `${action.name || "?"} ${argsText(action.name, action.args)}`.trim();
+  return commandText(action.name, action.args);
 }
 
 export function describeEvent(ev) {
@@ -37,13 +46,13 @@ export function describeEvent(ev) {
   switch (ev.kind) {
     case "status": return `status → ${d.status}${d.reason ? ` (${d.reason})` : ""}${d.error ? `: ${d.error}` : ""}`;
     case "command_result": {
-      const what = `${d.name} ${argsText(d.name, d.args, d.state)}`.trim();
+      const what = commandText(d.name, d.args, d.state);
       const rule = d.source === "rule" ? ` · rule: ${d.reason || "no reason given"}` : "";
       return d.ok === false ? `${what} failed: ${d.error || "?"}${rule}` : `${what} applied at step ${d.applied_at_step ?? ev.step}${rule}`;
     }
     case "command": {
       const who = [d.source, d.origin].filter(Boolean).join(", ");
-      return `${d.name} ${argsText(d.name, d.args)} sent${who ? ` by ${who}` : ""}${d.reason ? `: ${d.reason}` : ""}`;
+      return `${commandText(d.name, d.args)} sent${who ? ` by ${who}` : ""}${d.reason ? `: ${d.reason}` : ""}`;
     }
     case "alert": return `${d.rule ? `${d.rule} ` : ""}${d.layer ? `[${d.layer}] ` : ""}${d.message || JSON.stringify(d)}${d.action ? ` → ${actionText(d.action)}` : ""}`;
     case "sanity": return d.message || (d.passed ? "sanity check PASS" : "sanity check FAIL");
@@ -111,7 +120,7 @@ export class Markers {
   /** A row of GET /api/runs/{id}/commands. */
   fromCommand(c) {
     if (c.status !== "applied" || c.applied_at_step === null || c.applied_at_step === undefined) return;
-    const what = `${c.name} ${argsText(c.name, c.args, c.state)}`;
+    const what = commandText(c.name, c.args, c.state);
     if (c.source === "rule") {
       this.byId.set(c.id, { step: c.applied_at_step, rule: true,
         label: `rule: ${c.reason || "no reason given"} · ${what} · applied at step ${c.applied_at_step}` });
@@ -130,13 +139,13 @@ export class Markers {
     const mine = sent.get(d.id);
     if (d.source === "rule") {
       this.byId.set(d.id, { step, rule: true,
-        label: `rule: ${d.reason || "no reason given"} · ${d.name} ${argsText(d.name, d.args, d.state)} · applied at step ${step}` });
+        label: `rule: ${d.reason || "no reason given"} · ${commandText(d.name, d.args, d.state)} · applied at step ${step}` });
       return;
     }
     const who = mine ? "you (this page)" : d.source || "another client";
     this.byId.set(d.id, { step,
       // the acknowledgement's own args: another tab's command is not in `sent`
-      label: `${d.name} ${argsText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });
+      label: `${commandText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });
   }
 
   list() {

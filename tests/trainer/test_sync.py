@@ -132,9 +132,11 @@ def test_a_long_upload_that_keeps_moving_does_not_time_out(tmp_path: Path) -> No
     time the server may go without acknowledging anything new."""
     spool = tmp_path / "spool.bin"
     offline_spool(spool, "long", 40)
-    slow = TrainerServer(ack_delay_s=0.05).start()  # 40 acks: ~2 s in all, 0.05 s apart
+    # 40 acks 0.1 s apart: ~4 s in all, twice the timeout (a 1 s timeout flaked on a
+    # loaded two-core machine: a pause over 1 s between two acks)
+    slow = TrainerServer(ack_delay_s=0.1).start()
     try:
-        assert sync_spool(spool, slow.url, timeout_s=1.0) == 40
+        assert sync_spool(spool, slow.url, timeout_s=2.0) == 40
     finally:
         slow.close()
     stalled = TrainerServer(ack=False).start()

@@ -493,10 +493,13 @@ def test_after_its_socket_reconnects_the_page_shows_a_pause_and_halved_lr_sent_m
     assert not guard.errors, guard.errors
 
 
-def test_an_auto_halve_alert_names_its_relative_action(browser: Browser, tmp_path: Path) -> None:
+def test_an_auto_halve_alert_names_its_relative_action_and_an_ended_run_is_not_running(
+    browser: Browser, tmp_path: Path
+) -> None:
     """The auto-halve rule's alert carries its action as the trainer sends it, relative to
     the acknowledged scale ({relative: 0.5}): the alerts list and the log read
-    'set_lr_scale ×0.5 of the current scale', where they read 'set_lr_scale ×undefined'."""
+    'set_lr_scale ×0.5 of the current scale', where they read 'set_lr_scale ×undefined'.
+    A run stopped from the page read 'acknowledged: running ... stopping' for good."""
     data_dir = tmp_path / "data"
     plateau = {
         "rule": "ValidationPlateau",
@@ -512,9 +515,16 @@ def test_an_auto_halve_alert_names_its_relative_action(browser: Browser, tmp_pat
             "reason": "validation loss has not improved",
         },
     }
+    state = {"paused": False, "lr_scale": 2**-21, "weight_decay_enabled": True, "frozen": []}
+    halved = {"id": "rule-1", "cmd_seq": None, "name": "set_lr_scale", "args": {"value": 2**-21},
+              "ok": True, "applied_at_step": 61, "state": state, "source": "rule",
+              "reason": "validation loss has not improved"}  # fmt: skip
+    stop = {"id": "stop-1", "cmd_seq": 1, "name": "stop", "args": {}, "ok": True,
+            "applied_at_step": 99, "state": {**state, "stopping": True}}  # fmt: skip
     write_recorded_run(
-        data_dir, "plateau", steps=100, layers=2, every=10, events=[(60, "alert", plateau)]
-    )
+        data_dir, "plateau", steps=100, layers=2, every=10,
+        events=[(60, "alert", plateau), (61, "command_result", halved), (99, "command_result", stop)],
+    )  # fmt: skip
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
         try:
@@ -525,6 +535,14 @@ def test_an_auto_halve_alert_names_its_relative_action(browser: Browser, tmp_pat
             expect(page.locator("#events")).to_contain_text("×0.5 of the current scale")
             expect(page.locator("#alerts")).not_to_contain_text("undefined")
             expect(page.locator("#events")).not_to_contain_text("undefined")
+            # a scale halved 21 times reads as the control bar writes it, not ×4.76837158203125e-7
+            expect(page.locator("#events")).to_contain_text("set_lr_scale ×4.77e-7 applied")
+            # the run ended: the bar no longer says 'acknowledged: running ... stopping'
+            acked = page.locator("#acked")
+            expect(acked).to_contain_text("run finished; last acknowledged state:")
+            expect(acked).to_contain_text("LR ×4.77e-7 (step 61)")
+            expect(acked).not_to_contain_text("running")
+            expect(acked).not_to_contain_text("stopping")
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

@@ -350,16 +350,19 @@ export class Controls {
   }
 
   describe() {
+    if (!this.state && ENDED.has(this.status)) return `run ${this.status}; no command was acknowledged: it ran as started.`;
     if (!this.state) return "No command acknowledged yet: the trainer runs as started (LR ×1, weight decay as configured, nothing frozen).";
     const s = this.state;
     const at = (k) => (k in this.since ? ` (step ${this.since[k]})` : "");
+    // An ended run is neither running nor stopping any more, whatever its last state said.
+    const ended = ENDED.has(this.status);
     const parts = [
-      `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
+      ended ? `run ${this.status}; last acknowledged state:` : `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
       `LR ×${formatNumber(s.lr_scale)}${at("lr_scale")}`,
       this.noWeightDecay ? "weight decay 0 (as started)" : `weight decay ${s.weight_decay_enabled ? "on" : "off"}${at("weight_decay_enabled")}`,
       `frozen: ${s.frozen.length ? s.frozen.join(", ") : "none"}${s.frozen.length ? at("frozen") : ""}`,
     ];
-    if (s.stopping) parts.push("stopping");
+    if (s.stopping && !ended) parts.push("stopping");
     if (this.lastApplied) parts.push(`last: ${this.lastApplied.name} at step ${this.lastApplied.step}`);
     return parts.join(" · ");
   }

@@ -10,6 +10,8 @@
  * Never: decides control state (controls.js) or fetches anything.
  */
 
+import { formatNumber } from "./charts.js";
+
 const MAX_LINES = 500;
 
 function argsText(name, args, state) {
@@ -18,13 +20,13 @@ function argsText(name, args, state) {
     if (name === "set_lr_scale" && "relative" in args && !("value" in args)) {
       return `×${args.relative} of the current scale`;
     }
-    if (name === "set_lr_scale") return `×${args.value}`;
+    if (name === "set_lr_scale") return `×${formatNumber(args.value)}`;
     if (name === "set_weight_decay") return args.enabled ? "on" : "off";
     if (name === "set_frozen") return `${args.frozen ? "freeze" : "unfreeze"} ${args.layers.join(", ")}`;
     if (name === "set_rules") return Object.entries(args).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(",") || "none" : v}`).join(" ");
     return JSON.stringify(args);
   }
-  if (state && name === "set_lr_scale") return `×${state.lr_scale}`;
+  if (state && name === "set_lr_scale") return `×${formatNumber(state.lr_scale)}`;
   if (state && name === "set_weight_decay") return state.weight_decay_enabled ? "on" : "off";
   return "";
 }

@@ -318,31 +318,34 @@ class Link:
                     self.url,
                     self.hello["run_id"],
                     self.spool.path,
-                    f"with the right token: `layerscope sync {self.spool.path} --server URL"
-                    " --token T`"
+                    # sync reads the token from the environment only (not the process list)
+                    f"with the right token: `LAYERSCOPE_TRAINER_TOKEN=T layerscope sync "
+                    f"{self.spool.path} --server {self.url}`"
                     if token
                     else f"under another run id with `layerscope sync {self.spool.path}"
-                    " --server URL --run-id NEW`",
+                    f" --server {self.url} --run-id NEW`",
                 )
                 return
             if not self.ever_connected and self._failures:
                 # never reached the server: nobody to wait for, the spool has the run
                 log.warning(
                     "layerscope: the server at %s was never reached; the run is in %s:"
-                    " run `layerscope sync %s --server URL` to upload it",
+                    " run `layerscope sync %s --server %s` to upload it",
                     self.url,
                     self.spool.path,
                     self.spool.path,
+                    self.url,
                 )
                 return
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning(
                     "layerscope: server acked %d of %d frames before close; run "
-                    "`layerscope sync %s` to upload the rest",
+                    "`layerscope sync %s --server %s` to upload the rest",
                     self.acked_seq,
                     self.last_seq,
                     self.spool.path,
+                    self.url,
                 )
                 return
             self._acked.clear()

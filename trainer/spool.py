@@ -235,9 +235,9 @@ def set_aside_other_run(path: Path, run_id: str) -> Path | None:
         target = path.with_name(f"{stem}-{n}{path.suffix}")
     path.rename(target)
     how = (
-        f"`layerscope sync {target} --run-id NEW` (this run has its id)"
+        f"`layerscope sync {target} --run-id NEW --server URL` (this run has its id)"
         if other == run_id
-        else f"`layerscope sync {target}`"
+        else f"`layerscope sync {target} --server URL`"
     )
     log.warning(
         "spool %s holds %s; moved to %s so this run (%s) starts its own (upload that one with %s)",

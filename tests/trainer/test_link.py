@@ -157,7 +157,10 @@ def test_bad_token_is_refused_without_raising(
         link.close()
         assert guarded.frames == {}
         # reached and told no: said so, not 'never reached', and how to upload it after all
-        assert "the trainer token was refused" in caplog.text and "--token T" in caplog.text
+        assert (
+            "the trainer token was refused" in caplog.text
+            and "LAYERSCOPE_TRAINER_TOKEN=T layerscope sync" in caplog.text
+        )
         assert "never reached" not in caplog.text
         good = Link(
             make_hello("r2"),

@@ -366,6 +366,13 @@ def test_a_run_started_without_weight_decay_has_its_switch_off_and_says_why(
     expect(toggle).to_have_text("Weight decay: 0")
     expect(toggle).to_be_disabled()
     expect(toggle).to_have_attribute("title", re.compile("started with weight decay 0"))
+    # nor can Auto weight decay be switched on: the Overfit rule would have no decay to add
+    # (it was switchable, and then acknowledged 'on' for a run it could never act on)
+    expect(page.locator("button[data-rule-auto='auto_halve_lr']")).to_be_enabled()
+    auto = page.locator("button[data-rule-auto='auto_weight_decay']")
+    expect(auto).to_have_text("Auto weight decay: off")
+    expect(auto).to_be_disabled()
+    expect(auto).to_have_attribute("title", re.compile("started with weight decay 0"))
     server.api("POST", f"/api/runs/{run_id}/stop")
 
 

@@ -13,6 +13,10 @@
 
 import { toast } from "./notify.js";
 
+/** Why Auto weight decay cannot be switched on for a run started with weight decay 0. */
+const NO_WEIGHT_DECAY_TO_ADD = "This run was started with weight decay 0 (every parameter group): "
+  + "switching weight decay on would change nothing, so the Overfit rule has none to add.";
+
 export class RulesPanel {
   /** @param {HTMLElement} root the #rules group; @param controls the page's Controls */
   constructor(root, controls) {
@@ -51,7 +55,12 @@ export class RulesPanel {
 
   toggleAuto(key) {
     const r = this.rules();
-    if (r) this.send(key, { [key]: !r[key] });
+    if (r && !this.cannotSwitchOn(key, r)) this.send(key, { [key]: !r[key] });
+  }
+
+  /** Auto weight decay is off and the run has no weight decay for it to switch on. */
+  cannotSwitchOn(key, r) {
+    return key === "auto_weight_decay" && this.controls.noWeightDecay && !r?.[key];
   }
 
   toggleSilence(rule, silenced) {
@@ -96,8 +105,9 @@ export class RulesPanel {
       b.textContent = `${b.dataset.label}: ${r ? (on ? "on" : "off") : "—"}${pending ? " …" : ""}`;
       b.classList.toggle("on", on);
       b.classList.toggle("pending", pending);
-      b.disabled = !r || !!reason || pending;
-      b.title = reason || (pending ? "Waiting for the trainer to acknowledge" : "");
+      const pointless = this.cannotSwitchOn(key, r);
+      b.disabled = !r || !!reason || pending || pointless;
+      b.title = reason || (pointless ? NO_WEIGHT_DECAY_TO_ADD : pending ? "Waiting for the trainer to acknowledge" : "");
     }
     const enabled = r?.enabled || [];
     const silenced = new Set(r?.silenced || []);

@@ -108,7 +108,7 @@ async def relay_command(
     # reconnects before applying it gets it again in the welcome step. With no trainer
     # connected (while_away) the welcome delivers it; one that connected while the
     # command was being stored may get it twice and applies its cmd_seq once.
-    if not duplicate:
+    if not duplicate and row.get("status") == "pending":  # not settled: the run ended meanwhile
         hub.send_to_trainer(run_id, command_frame(row))
     return row, duplicate
 

@@ -29,6 +29,7 @@ from layerscope.server.checks import RunIdTaken, StoreError
 from layerscope.server.commands import command_frame
 from layerscope.server.hub import Hub, close_reason
 from layerscope.server.settings import Settings
+from layerscope.server.writes import NOT_APPLIED
 from layerscope.trainer import wire
 
 log = logging.getLogger("layerscope.ingest")
@@ -296,7 +297,8 @@ class Ingest:
         link.status = status
         link.send({"type": "welcome", "run_id": run_id, "acked_seq": acked, "status": status})
         for row in self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"]):
-            link.send(command_frame(row))
+            if not settled_unapplied(row):  # the page was told it never would be applied
+                link.send(command_frame(row))
         link.start()
         if old is not None:
             self.hub.spawn(
@@ -365,6 +367,12 @@ class Ingest:
                         link.status = status
                     if shown:
                         self.hub.publish_status(run_id, status)
+
+
+def settled_unapplied(row: dict[str, Any]) -> bool:
+    """A command the server settled as never applied when its run ended (a lost run's
+    trainer that reconnects is not sent it: it would apply a pause the user was told failed)."""
+    return row.get("status") == "failed" and row.get("error") == NOT_APPLIED
 
 
 def _payload(message: MutableMapping[str, Any]) -> str | bytes:

@@ -5,7 +5,9 @@ metrics frame's values go through scalars.py, a probe frame's through probe_rows
 and a batch's frame rows in a few multi-row INSERTs), the
 side effects of events (a ``status`` event sets the run status, a
 ``command_result`` event settles the command row and the run's acknowledged
-control state), the server's own events (a command stored, a status the server set),
+control state; a status that ends the run settles its pending commands as failed,
+never applied), the server's own events (a command stored, a status the server set, a
+command settled as not applied),
 returned to the caller as stored so viewers can be shown them, the
 highest-contiguous-seq bookkeeping behind acks, and deleting a run: hidden at once
 (its runs row goes, its id is free), its rows purged afterwards in bounded slices
@@ -41,6 +43,10 @@ _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed", "paused"})
 _TRAINER_STATUSES = ("running", "paused")  # what a reconnected trainer may be
 # How many of a lost run's latest status events are read for the status it had before.
 _STATUS_LOOKBACK = 50
+# A command still pending when its run ends (finished, stopped, failed, lost) will never be
+# applied: it is settled as failed with this error (and a server ``command_result`` event),
+# where it stayed "pending" forever. A lost run's trainer that comes back is not sent it again.
+NOT_APPLIED = "the run ended before its trainer applied it"
 
 
 def _seq(frame: Any) -> int:
@@ -240,7 +246,31 @@ class Writer:
         data: dict[str, Any] = {"status": status}
         if reason is not None:
             data["reason"] = reason
+        if status in wire.ENDED_STATUSES:
+            self._settle_pending(rk, now)
         return self._server_event(rk, "status", data, now)
+
+    def _settle_pending(self, rk: int, now: float) -> None:
+        """The run ended: each command still pending will never be applied (nothing is
+        left to apply it). Each is stored as failed with NOT_APPLIED, and logged as a
+        server ``command_result`` event, so GET /commands and the page's log say so."""
+        rows = self.conn.execute(
+            "UPDATE commands SET status = 'failed', error = ? WHERE rk = ? AND status = 'pending'"
+            " RETURNING id, cmd_seq, name, args, source",
+            (NOT_APPLIED, rk),
+        ).fetchall()
+        for cmd_id, cmd_seq, name, args, source in sorted(rows, key=lambda r: r[1]):
+            data = {
+                "id": cmd_id,
+                "cmd_seq": cmd_seq,
+                "name": name,
+                "args": json.loads(args),
+                "source": source,
+                "ok": False,
+                "applied_at_step": None,
+                "error": NOT_APPLIED,
+            }
+            self._server_event(rk, "command_result", data, now)
 
     def _server_event(self, rk: int, kind: str, data: dict[str, Any], now: float) -> dict[str, Any]:
         """Record an event of the server's own (no seq; the run's last step); returns it
@@ -320,6 +350,9 @@ class Writer:
         if reason is not None:
             data["reason"] = reason
         event = self._server_event(rk, "command", data, now)
+        status = self.conn.execute("SELECT status FROM runs WHERE rk = ?", (rk,)).fetchone()[0]
+        if status in wire.ENDED_STATUSES:  # stored for a run that ended meanwhile
+            self._settle_pending(rk, now)
         row = self.conn.execute(
             "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
         ).fetchone()
@@ -421,6 +454,8 @@ class Writer:
                 "UPDATE runs SET status = ?, status_reason = ? WHERE rk = ?",
                 (data["status"], _text(data.get("reason")), rk),
             )
+            if data["status"] in wire.ENDED_STATUSES:
+                self._settle_pending(rk, now)
             if isinstance(data.get("control"), dict):
                 # A trainer's first status carries its initial control state (the rules'
                 # switches), acknowledged before any command: the UI shows it from the start.

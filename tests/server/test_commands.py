@@ -5,6 +5,7 @@ effect, and its result comes back to every viewer."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,9 +13,12 @@ from server_harness import (
     FakeTrainer,
     LiveServer,
     event_frame,
+    make_settings,
     open_viewer,
     recv_until,
+    running_server,
     wait_detached,
+    wait_status,
 )
 
 pytestmark = pytest.mark.anyio
@@ -246,3 +250,55 @@ async def test_a_rule_made_command_is_listed_with_origin_trainer(live_server: Li
     assert (row["status"], row["applied_at_step"], row["reason"]) == ("applied", 40, "val loss plateau")
     assert row["args"] == {"value": 0.5} and row["state"] == state
     await trainer.close()
+
+
+async def test_a_command_pending_when_the_run_finishes_is_settled_as_never_applied(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A command relayed to a trainer that ended without applying it (a finished run, or a
+    `layerscope sync` upload that nothing applies commands on) stayed "pending" forever in
+    GET /commands; it is failed, with why, and the run's log says so."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    url = f"{shared_server}/api/runs/{run_id}/commands"
+    assert httpx.post(url, json={"id": "c-late", "name": "pause"}).status_code == 202
+    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
+    assert httpx.post(url, json={"id": "c-done", "name": "set_lr_scale", "args": {"value": 0.5}}).status_code == 202
+    await trainer.send(event_frame(1, 9, "command_result", id="c-done", cmd_seq=2, name="set_lr_scale",
+                                   ok=True, applied_at_step=9, state=state))
+    await trainer.send(event_frame(2, 10, "status", status="finished"))
+    await trainer.wait_acked(2)
+    rows = {r["id"]: r for r in commands_of(shared_server, run_id)}
+    assert (rows["c-late"]["status"], rows["c-late"]["error"]) == ("failed", "the run ended before its trainer applied it")
+    assert rows["c-late"]["applied_at_step"] is None
+    assert (rows["c-done"]["status"], rows["c-done"]["applied_at_step"]) == ("applied", 9)  # left as it was
+    events = httpx.get(f"{shared_server}/api/runs/{run_id}/events", params={"kind": "command_result"}).json()
+    settled = [e for e in events if e["origin"] == "server"]
+    assert [(e["data"]["id"], e["data"]["ok"], e["data"]["error"]) for e in settled] == [
+        ("c-late", False, "the run ended before its trainer applied it")
+    ]
+    await trainer.close()
+
+
+async def test_a_lost_runs_pending_command_is_settled_and_not_sent_when_its_trainer_returns(
+    tmp_path: Path,
+) -> None:
+    """A run lost with a command pending: the command is failed (never applied), and the
+    trainer that reconnects later is not sent it (a pause the page was told failed would
+    otherwise pause the run minutes later)."""
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        trainer = await FakeTrainer.connect(server, "r1", instance="proc1")
+        url = f"{server}/api/runs/r1/commands"
+        assert httpx.post(url, json={"id": "c-lost", "name": "pause"}).status_code == 202
+        await trainer.wait_for(lambda m: m["type"] == "command")
+        await wait_status(server, "r1", "lost", timeout=10)  # silent: no heartbeats
+        rows = commands_of(server, "r1")
+        assert [(r["id"], r["status"], r["error"]) for r in rows] == [
+            ("c-lost", "failed", "the run ended before its trainer applied it")
+        ]
+        await trainer.ws.close()
+        back = await FakeTrainer.connect(server, "r1", instance="proc1")
+        back.heartbeat()
+        assert httpx.post(url, json={"id": "c-next", "name": "resume"}).status_code == 202
+        await back.wait_for(lambda m: m["type"] == "command")
+        assert [m["id"] for m in back.commands] == ["c-next"]
+        await back.close()

@@ -104,6 +104,10 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     page, run_id = run_page, live_run["id"]
     pause = page.locator("button[data-cmd='pause-toggle']")
     expect(pause).to_have_text("Pause")
+    # greyed while the run runs, and its title says why (it said nothing)
+    step_once = page.locator("button[data-cmd='step_once']")
+    expect(step_once).to_be_disabled()
+    expect(step_once).to_have_attribute("title", re.compile("while it is paused: pause it first"))
     pause.click()
     expect(pause).to_have_text("Resume", timeout=20_000)  # only after the trainer's acknowledgement
     expect(page.locator("#status")).to_have_text("paused", timeout=20_000)
@@ -122,7 +126,6 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     time.sleep(1.5)
     assert server.run(run_id)["last_step"] == paused_step, "the trainer kept stepping while paused"
 
-    step_once = page.locator("button[data-cmd='step_once']")
     expect(step_once).to_be_enabled()
     step_once.click()
     wait_for(lambda: server.run(run_id)["last_step"] == paused_step + 1, 20, "one more step")

@@ -41,6 +41,8 @@ export function startedWithoutWeightDecay(config) {
 /** Layer kinds without parameters of their own: activations, dropout, pooling, reshaping. */
 const PARAMLESS_KIND = /^(relu6?|leakyrelu|rrelu|elu|selu|celu|gelu|silu|mish|tanh|tanhshrink|sigmoid|logsigmoid|hardtanh|hardsigmoid|hardswish|hardshrink|softshrink|softplus|softsign|softmax|logsoftmax|threshold|glu|identity|flatten|unflatten|dropout\d?d?|alphadropout|(max|avg|adaptive(max|avg))pool\dd)$/i;
 
+const STEP_NEEDS_PAUSE = "Step once advances the run by one step while it is paused: pause it first.";
+const STOPPING = "Stop was acknowledged: the trainer finishes its current step and exits.";
 const NO_WEIGHT_DECAY = "This run was started with weight decay 0 (every parameter group): there is no weight decay to switch on or off.";
 
 /** Closes every open dropdown <details> not holding `target` (all of them for null). */
@@ -341,8 +343,12 @@ export class Controls {
       b.textContent = pending ? `${label} …` : label;
       b.classList.toggle("pending", pending);
       b.classList.toggle("on", key === "wd-toggle" && !noWd && s.weight_decay_enabled);
-      b.disabled = !!reason || pending || noWd || (key === "step_once" && !s.paused) || (key === "stop" && s.stopping);
-      b.title = reason || (noWd ? NO_WEIGHT_DECAY : pending ? "Waiting for the trainer to acknowledge" : "");
+      const notPaused = key === "step_once" && !s.paused;
+      const stopping = key === "stop" && s.stopping;
+      b.disabled = !!reason || pending || noWd || notPaused || stopping;
+      // a greyed button says why, as the others do
+      b.title = reason || (noWd ? NO_WEIGHT_DECAY : pending ? "Waiting for the trainer to acknowledge"
+        : notPaused ? STEP_NEEDS_PAUSE : stopping ? STOPPING : "");
     }
     this.acked.textContent = this.describe();
     this.renderFreeze();

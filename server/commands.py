@@ -1,7 +1,7 @@
 """commands — the control relay: a viewer's or script's command to the run's trainer (DESIGN §4).
 
 Owns: validating a command, refusing it when it cannot take effect (unknown run,
-run ended, no trainer connected), storing it with its origin (which gives it its
+run ended, no trainer connected, the run's connection is a spool's upload), storing it with its origin (which gives it its
 ``cmd_seq`` and puts it in the run's event log) and relaying it to the trainer
 socket; the viewer socket and ``POST /api/runs/{id}/commands`` share this path.
 
@@ -24,6 +24,7 @@ from starlette.requests import HTTPConnection
 
 RUN_FINISHED = "run finished"
 NO_TRAINER = "no trainer connected"
+UPLOADING = "the run is being uploaded from its spool; nothing can apply commands"
 
 
 class CommandRefused(Exception):
@@ -99,6 +100,10 @@ async def relay_command(
         return same_command(known, cmd), True
     if run["status"] in wire.ENDED_STATUSES:
         raise CommandRefused(409, RUN_FINISHED, cmd["id"])
+    if hub.is_uploading(run_id) and not while_away:
+        # `layerscope sync` holds the run's connection: it would be stored and relayed,
+        # then stay pending until the run ended, never applied.
+        raise CommandRefused(409, UPLOADING, cmd["id"])
     if not hub.is_connected(run_id) and not while_away:
         raise CommandRefused(409, NO_TRAINER, cmd["id"])
     row, duplicate = await store.add_command(run_id, cmd, origin=origin)

@@ -1,6 +1,8 @@
 """hub — who is connected, and the fan-out of live frames to viewers (DESIGN §1, STYLE item 6).
 
-Owns: the registry of trainer connections (one per run; ``is_connected``), the
+Owns: the registry of trainer connections (one per run; ``is_attached``: any, a
+``layerscope sync`` upload included; ``is_connected``: a trainer that applies commands,
+not an upload), the
 per-run record of which seqs were already broadcast (a frame resent after a
 reconnect is not shown twice), the per-run window of frames received but not yet
 committed (a joining viewer reads everything older from the store), showing the
@@ -55,6 +57,8 @@ class TrainerPeer(Protocol):
     """What the hub needs of a trainer connection (ingest.TrainerLink implements it)."""
 
     def send(self, message: dict[str, Any]) -> None: ...
+
+    # (optional) upload: True for a `layerscope sync` connection; read with getattr
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -247,8 +251,19 @@ class Hub:
 
     # ---- trainers ----
 
-    def is_connected(self, run_id: str) -> bool:
+    def is_attached(self, run_id: str) -> bool:
+        """A connection sends the run's frames: its trainer, or a spool's upload."""
         return run_id in self.trainers
+
+    def is_uploading(self, run_id: str) -> bool:
+        """The run's connection is ``layerscope sync`` uploading its spool: nothing on it
+        applies commands."""
+        peer = self.trainers.get(run_id)
+        return peer is not None and bool(getattr(peer, "upload", False))
+
+    def is_connected(self, run_id: str) -> bool:
+        """The run's trainer is connected: something that applies commands (an upload is not)."""
+        return run_id in self.trainers and not self.is_uploading(run_id)
 
     def attach_trainer(self, run_id: str, peer: TrainerPeer) -> TrainerPeer | None:
         """Register ``peer`` as the run's trainer; returns the one it replaces."""
@@ -295,6 +310,7 @@ class Hub:
             "run_id": run_id,
             "status": status,
             "trainer_connected": self.is_connected(run_id),
+            "uploading": self.is_uploading(run_id),
             **extra,
         }
         item = _Item(None, "status", message)
@@ -416,7 +432,13 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
             connected = hub.is_connected(run_id)
             if isinstance(snap.get("run"), dict):
                 snap["run"]["trainer_connected"] = connected
-            first = {**snap, "type": "snapshot", "run_id": run_id, "trainer_connected": connected}
+            first = {
+                **snap,
+                "type": "snapshot",
+                "run_id": run_id,
+                "trainer_connected": connected,
+                "uploading": hub.is_uploading(run_id),
+            }
             text = await run_in_threadpool(wire.encode, first)  # not on the event loop either
             viewer.start(text, floor=int(snap.get("last_seq") or 0), skip=frozenset())
         reader = asyncio.create_task(_read_viewer(websocket, viewer, relay_viewer_message))

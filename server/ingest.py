@@ -48,10 +48,13 @@ _FINAL_STATUSES = frozenset({"finished", "stopped", "failed"})
 class TrainerLink:
     """One trainer connection: outbound messages go through a queue and one writer task."""
 
-    def __init__(self, ws: WebSocket, run_id: str, client: str) -> None:
+    def __init__(self, ws: WebSocket, run_id: str, client: str, upload: bool = False) -> None:
         self.ws = ws
         self.run_id = run_id
         self.client = client
+        # `layerscope sync` uploading a spool (its hello says so): it applies no commands,
+        # so none is relayed to it and the run is not shown as having a trainer.
+        self.upload = upload
         self.last_seen = asyncio.get_running_loop().time()
         self.closed = False
         # The run's status as this connection last stored or read it (None: unknown, so
@@ -234,7 +237,7 @@ class Ingest:
         for run_id, deadline in list(self._deadlines.items()):
             if now >= deadline:
                 del self._deadlines[run_id]
-                if not self.hub.is_connected(run_id):
+                if not self.hub.is_attached(run_id):
                     await self.mark_gone(run_id, f"no trainer connection for {timeout:g} s")
 
     async def mark_gone(self, run_id: str, why: str) -> None:
@@ -286,7 +289,7 @@ class Ingest:
             log.exception("hello for run %s failed", run_id)
             await ws.close(CLOSE_SERVER_ERROR, "server could not record hello; reconnect")
             return
-        link = TrainerLink(ws, run_id, client)
+        link = TrainerLink(ws, run_id, client, upload=bool(hello.get("upload")))
         # From here to start() nothing awaits: a command stored meanwhile is relayed to this
         # link after the resend below (possibly twice; the trainer applies a cmd_seq once).
         old = self.hub.attach_trainer(run_id, link)
@@ -296,7 +299,11 @@ class Ingest:
         status = str(run.get("status", "running"))
         link.status = status
         link.send({"type": "welcome", "run_id": run_id, "acked_seq": acked, "status": status})
-        for row in self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"]):
+        # An upload applies nothing: stored commands are for the trainer when it is back.
+        resend = (
+            [] if link.upload else self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"])
+        )
+        for row in resend:
             if not settled_unapplied(row):  # the page was told it never would be applied
                 link.send(command_frame(row))
         link.start()

@@ -1,6 +1,7 @@
 """sync — uploading a spool after the fact (``layerscope sync SPOOL --server URL``).
 
-Owns: reading a spool's hello and frames, sending only what the server's welcome says
+Owns: reading a spool's hello and frames, sending it as an upload (``upload: true``:
+the server refuses commands to the run meanwhile), sending only what the server's welcome says
 it lacks, waiting for acks up to the first gap a damaged record left, and
 reconnecting with the link's backoff if the connection drops mid-upload.
 
@@ -175,7 +176,9 @@ async def _upload(
                     close_timeout=2.0,
                     max_size=wire.MAX_FRAME_BYTES,
                 ) as ws:
-                    await ws.send(wire.encode(dict(hello, last_acked_seq=acked)))
+                    # upload: the server shows the run as uploading, not as having a
+                    # trainer, and refuses commands to it (nothing here applies them).
+                    await ws.send(wire.encode(dict(hello, last_acked_seq=acked, upload=True)))
                     welcome = wire.decode(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT_S))
                     if welcome["type"] != "welcome":
                         raise LinkError(f"server refused the upload: {welcome.get('message')}")

@@ -11,13 +11,17 @@ Frames (JSON text, snake_case, every one has ``type`` and ``v``):
 
 trainer -> server
   hello      {run_id, name, config, layers: [{name, kind, units}], last_acked_seq,
-              last_cmd_seq, device?, world_size?, instance?}
+              last_cmd_seq, device?, world_size?, instance?, upload?}
              instance: the trainer process's own id (a short plain string, e.g. a uuid
              hex; null or absent from older trainers and spools). The server keeps the
              first one a run's hellos carry and refuses a hello for that run id with
              another (an error frame, then close 1008): two processes that share a run
              id are two runs, not one. The same process reconnecting, or ``layerscope
              sync`` of its spool, sends the same instance.
+             upload: true when ``layerscope sync`` uploads a spool (absent or false:
+             a trainer). Nothing on such a connection applies commands: the server
+             refuses commands to the run while it is attached. A server that predates
+             the field ignores it (a hello's unknown fields are dropped).
   metrics    {seq, rows: [{step, time_s, values: {series: float|null}}]}
   probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
               dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
@@ -313,7 +317,18 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
         "device": str(msg.get("device", ""))[:MAX_NAME_LEN],
         "world_size": _int(msg, "world_size", minimum=1) if "world_size" in msg else 1,
         "instance": _instance(msg.get("instance")),
+        "upload": _flag(msg, "upload"),
     }
+
+
+def _flag(msg: dict[str, Any], key: str) -> bool:
+    """An optional boolean field: absent or null is False."""
+    value = msg.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise WireError(f"{key!r} must be true, false or null, got {value!r:.80}")
+    return value
 
 
 def _instance(value: Any) -> str | None:

@@ -569,3 +569,120 @@ async def test_a_second_hello_on_one_connection_is_an_error(
     assert_still_serving(shared_server, run_id, [1])
     assert "other" not in [r["id"] for r in httpx.get(f"{shared_server}/api/runs").json()]
     await trainer.close()
+
+
+def _offline_spool(run_dir: Path, run_id: str, steps: int) -> Path:
+    """A real training loop under watch() with no server: the spool is the whole run."""
+    import torch
+    from layerscope.trainer import watch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    with watch(model, opt, run=run_id, run_id=run_id, every=5, run_dir=run_dir, server="") as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            w.step(loss=loss)
+    return run_dir / "spool.bin"
+
+
+class _HoldingProxy:
+    """A TCP proxy in front of the server that, once the server's welcome has gone through
+    to the client, holds what either side sends until ``release``: an upload caught midway
+    (the server holds its connection; its frames have not arrived yet)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.released = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.own = b""
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.own = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}".encode()
+        return f"ws://{self.own.decode()}"
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+        welcomed = asyncio.Event()
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, from_server: bool) -> None:
+            while data := await r.read(65536):
+                if welcomed.is_set():
+                    await self.released.wait()
+                elif not from_server:  # the server checks Host: its own port, not ours
+                    data = data.replace(self.own, b"127.0.0.1:%d" % self.port)
+                w.write(data)
+                await w.drain()
+                if from_server and b'"welcome"' in data:
+                    welcomed.set()
+            w.close()
+
+        for task in (pump(client_r, server_w, False), pump(server_r, client_w, True)):
+            t = asyncio.create_task(task)
+            self.tasks.add(t)
+
+    async def close(self) -> None:
+        self.released.set()
+        if self.server is not None:
+            self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_commands_to_a_run_being_uploaded_by_sync_are_refused_and_viewers_see_an_upload(
+    tmp_path: Path,
+) -> None:
+    """While `layerscope sync` uploaded a spool the page showed 'trainer connected' with its
+    controls on, and a command was taken (202) that nothing would ever apply: it stayed
+    pending on the finished run. The upload's hello says it is one: the run shows no
+    trainer but an upload, and commands are refused (409, and on the viewer socket)."""
+    from layerscope.trainer.spool import iter_records
+    from layerscope.trainer.sync import sync_spool
+
+    spool = _offline_spool(tmp_path / "run", "synced", steps=30)
+    records = [offset for offset, _ in iter_records(spool)]
+    first_part = tmp_path / "first-part.bin"
+    first_part.write_bytes(spool.read_bytes()[: records[len(records) // 2]])
+    reason = "the run is being uploaded from its spool; nothing can apply commands"
+    with running_server(make_settings(tmp_path / "data")) as server:
+        url = server.replace("http://", "ws://")
+        # An earlier upload of part of it: the run exists and a viewer watches it.
+        early = await asyncio.to_thread(sync_spool, first_part, url, timeout_s=20)
+        await wait_detached(server, "synced")
+        viewer, snap = await open_viewer(server, "synced")
+        assert snap["trainer_connected"] is False and snap["uploading"] is False
+        proxy = _HoldingProxy(int(server.rsplit(":", 1)[1]))
+        try:
+            upload = asyncio.create_task(
+                asyncio.to_thread(sync_spool, spool, await proxy.start(), timeout_s=30)
+            )
+            status = (await recv_until(viewer, lambda m: m["type"] == "status"))[-1]
+            assert (status["trainer_connected"], status["uploading"]) == (False, True)
+            assert run_detail(server, "synced")["trainer_connected"] is False
+            late, snap = await open_viewer(server, "synced")
+            assert (snap["trainer_connected"], snap["uploading"]) == (False, True)
+            post = httpx.post(f"{server}/api/runs/synced/commands", json={"name": "pause"})
+            assert (post.status_code, post.json()["detail"]) == (409, reason)
+            await late.send(json.dumps({"type": "command", "id": "c-up", "name": "pause"}))
+            reply = (await recv_until(late, lambda m: m["type"] == "command_result"))[-1]
+            assert (reply["ok"], reply["reason"]) == (False, reason)
+            await late.close()
+            proxy.released.set()
+            assert await upload == len(records) - 1  # every record but the hello is a frame
+        finally:
+            await proxy.close()
+        assert early == len(records) // 2 - 1
+        status = (
+            await recv_until(viewer, lambda m: m["type"] == "status" and not m["uploading"])
+        )[-1]
+        assert (status["status"], status["trainer_connected"]) == ("finished", False)
+        assert httpx.get(f"{server}/api/runs/synced/commands").json() == []
+        await viewer.close()

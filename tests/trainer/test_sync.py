@@ -42,6 +42,7 @@ def test_sync_uploads_a_spool_and_is_resume_safe(server: TrainerServer, tmp_path
     assert sync_spool(spool, server.url, timeout_s=20) == 60
     assert sorted(server.frames) == list(range(1, 61))
     assert server.hellos[0]["run_id"] == "offline"
+    assert server.hellos[0]["upload"] is True  # the server refuses commands meanwhile
     received = server.received
     assert sync_spool(spool, server.url, timeout_s=20) == 60  # already there: nothing resent
     assert server.received == received

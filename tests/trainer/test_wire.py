@@ -322,3 +322,17 @@ def test_a_hello_may_name_its_trainer_process_with_a_short_plain_instance() -> N
     for bad in ("", "x" * (wire.MAX_INSTANCE_LEN + 1), "a b", "a/b", "é", "ab\n", 7, ["a"]):
         with pytest.raises(wire.WireError, match="'instance' must be null or 1-64"):
             wire.validate_hello({**hello, "instance": bad})
+
+
+def test_a_hello_may_say_it_is_a_spools_upload() -> None:
+    """``upload`` (optional): `layerscope sync` says its connection uploads a spool, so the
+    server refuses commands nothing on it would apply. A trainer's hello (absent, null,
+    false) is not one; anything but a boolean is refused, not read as one."""
+    hello = {"type": "hello", "v": 1, "run_id": "r1"}
+    assert wire.validate_hello(hello)["upload"] is False
+    assert wire.validate_hello({**hello, "upload": None})["upload"] is False
+    assert wire.validate_hello({**hello, "upload": False})["upload"] is False
+    assert wire.parse_trainer_frame(json.dumps({**hello, "upload": True}))["upload"] is True
+    for bad in (1, "true", [True], {}):
+        with pytest.raises(wire.WireError, match="'upload' must be true, false or null"):
+            wire.validate_hello({**hello, "upload": bad})

@@ -556,3 +556,34 @@ def test_an_auto_halve_alert_names_its_relative_action_and_an_ended_run_is_not_r
         finally:
             page.context.close()
         assert not guard.errors, guard.errors
+
+
+def test_a_nan_alert_offers_halve_lr_and_its_button_halves_the_acknowledged_lr(
+    page: Page, server: LiveServer
+) -> None:
+    """An alert's advice that a control carries out is a button on the alert: a NaN/Inf
+    ('Lower the learning rate'; the run pauses) offers Halve LR, which sends
+    set_lr_scale(acknowledged × 0.5) as the bar's own button does. The alerts had advice
+    in words only."""
+    run_id = server.launch(
+        {
+            **FAST_CONFIG,
+            "name": "exploding",
+            "model": {**FAST_CONFIG["model"], "depth": 4, "activation": "relu", "init": "he"},
+            "solver": {**FAST_CONFIG["solver"], "lr": 50.0, "batch_size": 64, "steps": 10_000_000},
+        }
+    )
+    wait_for(lambda: server.run(run_id)["status"] == "paused", 120, "the NaN alert's pause")
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    alert = page.locator("#alerts li.alert", has_text="ExplodingTensor")
+    expect(alert).to_have_count(1)
+    button = alert.locator("button[data-suggest='halve_lr']")
+    expect(button).to_have_text("Halve LR")
+    expect(button).to_be_enabled()
+    button.click()
+    expect(page.locator("#acked")).to_contain_text("LR ×0.5", timeout=20_000)
+    applied = last_command(server, run_id, "set_lr_scale")
+    assert applied["args"] == {"value": 0.5}
+    server.api("POST", f"/api/runs/{run_id}/stop")
+    expect(page.locator("#status")).to_have_text("stopped", timeout=30_000)
+    expect(button).to_be_disabled()  # the run ended: nothing to act on

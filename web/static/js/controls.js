@@ -289,6 +289,44 @@ export class Controls {
         name = "stop"; break;
       default: return;
     }
+    this.dispatch(key, name, args);
+  }
+
+  /**
+   * An alert's suggestion ("halve_lr" or "wd-on") sent as the bar's own button would send
+   * it, pending on that button; refused (false) while the controls are off or it is pending.
+   */
+  suggest(kind) {
+    const s = this.state || DEFAULT_STATE;
+    if (this.disabledReason()) return false;
+    if (kind === "halve_lr") {
+      if (this.buttonPending("halve_lr")) return false;
+      this.dispatch("halve_lr", "set_lr_scale", { value: s.lr_scale * 0.5 });
+      return true;
+    }
+    if (kind === "wd-on") {
+      if (this.noWeightDecay || s.weight_decay_enabled || this.buttonPending("wd-toggle")) return false;
+      this.dispatch("wd-toggle", "set_weight_decay", { enabled: true });
+      return true;
+    }
+    return false;
+  }
+
+  /** Why an alert's suggestion cannot be sent now ("" when it can). */
+  suggestionBlocked(kind) {
+    const reason = this.disabledReason();
+    if (reason) return reason;
+    const s = this.state || DEFAULT_STATE;
+    if (kind === "halve_lr" && this.buttonPending("halve_lr")) return "Waiting for the trainer to acknowledge";
+    if (kind === "wd-on") {
+      if (this.noWeightDecay) return NO_WEIGHT_DECAY;
+      if (s.weight_decay_enabled) return "Weight decay is on already (acknowledged).";
+      if (this.buttonPending("wd-toggle")) return "Waiting for the trainer to acknowledge";
+    }
+    return "";
+  }
+
+  dispatch(key, name, args) {
     const id = newCommandId();
     if (!this.send({ type: "command", id, name, args })) {
       toast("Not connected; the command was not sent", "error");

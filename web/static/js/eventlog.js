@@ -68,12 +68,42 @@ export function eventKey(ev) {
   return ev.seq ?? `${ev.kind}:${ev.step}:${ev.created_at ?? ""}:${JSON.stringify(ev.data)}`;
 }
 
+/**
+ * What an alert's own advice offers as a button, when a control does it: a NaN/Inf
+ * ("Lower the learning rate") or dead ReLUs ("a lower learning rate") -> Halve LR;
+ * Overfit ("Add weight decay") -> weight decay on. None when the rule acted itself.
+ */
+const SUGGESTIONS = {
+  ExplodingTensor: { kind: "halve_lr", label: "Halve LR" },
+  DeadUnits: { kind: "halve_lr", label: "Halve LR" },
+  Overfit: { kind: "wd-on", label: "Switch weight decay on" },
+};
+
+export function suggestionFor(ev) {
+  const d = ev.data || {};
+  if (ev.kind !== "alert") return null;
+  const s = SUGGESTIONS[d.rule];
+  if (!s || (d.action && s.kind === "wd-on" && d.action.name === "set_weight_decay")) return null;
+  return s;
+}
+
 export class EventLog {
   constructor(list, alerts) {
     this.list = list;
     this.alerts = alerts;
     this.seen = new Set();
     this.alertCount = 0;
+    this.suggestion = null; // {send(kind) -> bool, blocked(kind) -> reason}: the alerts' buttons
+  }
+
+  /** Enables or disables each alert's button from the control bar's current state. */
+  renderSuggestions() {
+    if (!this.suggestion) return;
+    for (const b of this.alerts.querySelectorAll("button[data-suggest]")) {
+      const why = this.suggestion.blocked(b.dataset.suggest);
+      b.disabled = !!why;
+      b.title = why || "Sends the command from the control bar; shown there once acknowledged.";
+    }
   }
 
   /** Adds events (oldest first); returns how many were new. */
@@ -90,11 +120,22 @@ export class EventLog {
         this.alertCount++;
         const li = this.line(ev);
         li.classList.add("alert");
+        const hint = suggestionFor(ev);
+        if (hint && this.suggestion) {
+          const b = document.createElement("button");
+          b.type = "button";
+          b.className = "suggest";
+          b.dataset.suggest = hint.kind;
+          b.textContent = hint.label;
+          b.addEventListener("click", () => { this.suggestion.send(hint.kind); this.renderSuggestions(); });
+          li.append(" ", b);
+        }
         this.alerts.prepend(li);
       }
     }
     while (this.list.children.length > MAX_LINES) this.list.lastElementChild.remove();
     while (this.alerts.children.length > MAX_LINES) this.alerts.lastElementChild.remove();
+    this.renderSuggestions();
     return added;
   }
 

@@ -68,7 +68,8 @@ const controls = new Controls($("controls"), { send: (msg) => socket.send(msg) }
 const replay = new Replay($("replay"), { onCursor: moveCursor });
 controls.spaceFallback = () => replay.toggle();
 const rules = new RulesPanel($("rules"), controls);
-controls.onRender = () => rules.render();
+events.suggestion = { send: (kind) => controls.suggest(kind), blocked: (kind) => controls.suggestionBlocked(kind) };
+controls.onRender = () => { rules.render(); events.renderSuggestions(); };
 controls.extraPending = () => [...rules.pending.keys()];
 
 /** series name -> [chart, trace index] */

@@ -36,6 +36,10 @@ STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
 class Hub(Protocol):
     def is_connected(self, run_id: str) -> bool: ...
 
+    def is_attached(self, run_id: str) -> bool: ...
+
+    def is_uploading(self, run_id: str) -> bool: ...
+
     def forget_run(self, run_id: str) -> None: ...
 
 
@@ -252,12 +256,22 @@ def get_run(run_id: RunId, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     response_class=Response,
     responses={
         **NOT_FOUND,
-        409: {"model": ErrorBody, "description": "a trainer is connected; stop the run first"},
+        409: {
+            "model": ErrorBody,
+            "description": "a trainer is connected (stop the run first) or `layerscope sync` "
+            "is uploading it",
+        },
     },
     summary="Delete a run and everything stored for it",
 )
 async def delete_run(run_id: RunId, store: StoreDep, hub: HubDep, request: Request) -> Response:
-    if _connected(hub, run_id):
+    if hub is not None and hub.is_attached(run_id):
+        # an upload (layerscope sync) too: deleted midway, its next reconnect would
+        # recreate the run from the rest of its spool
+        if hub.is_uploading(run_id):
+            raise HTTPException(
+                409, detail=f"run '{run_id}' is being uploaded by layerscope sync; wait for it"
+            )
         raise HTTPException(409, detail=f"run '{run_id}' has a trainer connected; stop it first")
     launcher = getattr(request.app.state, "launcher", None)
     if launcher is not None and store.run(run_id) is not None:

@@ -17,7 +17,7 @@ from layerscope.server import api
 from layerscope.server.store import Store
 from layerscope.trainer import wire
 from pydantic import TypeAdapter
-from server_harness import make_settings, running_server
+from server_harness import FakeTrainer, LiveServer, make_settings, metrics_frame, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -30,6 +30,12 @@ class ConnectedRuns:
 
     def is_connected(self, run_id: str) -> bool:
         return run_id in self.ids
+
+    def is_attached(self, run_id: str) -> bool:
+        return run_id in self.ids
+
+    def is_uploading(self, run_id: str) -> bool:
+        return False
 
     def forget_run(self, run_id: str) -> None:
         self.ids.discard(run_id)
@@ -177,7 +183,17 @@ async def test_the_run_list_pages_and_carries_the_config_the_runs_page_shows(
         "overfit": {"batches": 1},
         "rules": {"enabled": ["DeadUnits"], "silenced": []},
     }
-    watched = {"lr": 0.01, "groups": [0.1], "note": None, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}
+    watched = {
+        "lr": 0.01,
+        "groups": [0.1],
+        "note": None,
+        "a": 1,
+        "b": 2,
+        "c": 3,
+        "d": 4,
+        "e": 5,
+        "f": 6,
+    }
     for i, config in enumerate([built_in, watched, {"lr": 0.5}]):
         await store.create_run(f"n{i}", f"new {i}", config)
     r = await client.get("/api/runs")
@@ -367,6 +383,28 @@ async def test_delete_refuses_a_connected_run_then_deletes(
     assert r.status_code == 204 and r.content == b""
     assert (await client.get("/api/runs/r1")).status_code == 404
     assert (await client.get("/api/runs")).json() == []
+
+
+async def test_delete_waits_for_a_runs_upload_by_sync(live_server: LiveServer) -> None:
+    """A run that `layerscope sync` is uploading (its hello says upload) is not deleted
+    midway: its connection applies no commands, but its next reconnect would recreate
+    the run from the rest of the spool."""
+    upload = await FakeTrainer.connect(live_server, "up1", upload=True)
+    try:
+        await upload.send(metrics_frame(1, 1, loss=1.0))
+        await upload.wait_acked(1)
+        async with httpx.AsyncClient(base_url=live_server) as client:
+            r = await client.delete("/api/runs/up1")
+            assert r.status_code == 409 and "uploaded by layerscope sync" in r.json()["detail"]
+            assert (await client.get("/api/runs/up1")).status_code == 200
+    finally:
+        await upload.close()
+    async with httpx.AsyncClient(base_url=live_server) as client:
+        deadline = asyncio.get_running_loop().time() + 15
+        while (r := await client.delete("/api/runs/up1")).status_code == 409:
+            assert asyncio.get_running_loop().time() < deadline, r.text
+            await asyncio.sleep(0.05)
+        assert r.status_code == 204
 
 
 async def test_openapi_documents_every_route(

@@ -76,7 +76,16 @@ class Alerts:
                 losses[row["step"]] = loss
                 findings += self.rules.on_loss(row["step"], loss)
             if "val_loss" in values:
-                findings += self.rules.on_eval(row["step"], _raw(values["val_loss"]))
+                decays = [
+                    v
+                    for k, v in values.items()
+                    if k.split("/")[0] == "weight_decay" and v is not None
+                ]
+                findings += self.rules.on_eval(
+                    row["step"],
+                    _raw(values["val_loss"]),
+                    weight_decay_on=any(d > 0 for d in decays) if decays else None,
+                )
         if probe is not None:
             step, layers, scalars = probe
             nonfinite_weights = self._nonfinite_weights(layers)

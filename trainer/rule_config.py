@@ -74,6 +74,10 @@ POOR_INIT_MAX_STEP = 30
 # improves on the best only if it is lower by more than 1e-4 relative.
 PLATEAU_MIN_DELTA_REL = 1e-4
 LR_HALVE_FACTOR = 0.5
+# Ours: auto-halve acts at most this many times in a run (the lr scale goes no lower than
+# 1/32 by itself, ReduceLROnPlateau's min_lr in spirit): a net stuck at chance, whose
+# training loss creeps down by 1e-4 at a time, was halved 21 times (scale 2**-21).
+PLATEAU_MAX_HALVINGS = 5
 
 # Modules whose output is a pre-activation (DESIGN §3 probes them besides activations), and
 # the activation modules DESIGN §3 probes by default.
@@ -136,6 +140,7 @@ class PlateauConfig:
     patience: int = PATIENCE
     min_delta_rel: float = PLATEAU_MIN_DELTA_REL
     factor: float = LR_HALVE_FACTOR
+    max_halvings: int = PLATEAU_MAX_HALVINGS
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,8 @@ class Rules:
         self._best_val: float | None = None
         self._evals_since_best = 0
         self._train_at_count: float | None = None  # training loss where that count began
+        self._halvings = 0  # auto-halve actions sent (at most plateau.max_halvings)
+        self._weight_decay_on = False  # as the last evaluation's rows said (Overfit's advice)
 
     @staticmethod
     def _names(names: Iterable[str], what: str) -> set[str]:
@@ -195,6 +197,8 @@ class Rules:
     def set_auto(self, *, halve_lr: bool | None = None, weight_decay: bool | None = None) -> None:
         with self._lock:
             if halve_lr is not None:
+                if halve_lr and not self.auto_halve_lr:
+                    self._halvings = 0  # switched on again: a fresh allowance
                 self.auto_halve_lr = bool(halve_lr)
             if weight_decay is not None:
                 if weight_decay and not self.auto_weight_decay:
@@ -304,7 +308,11 @@ class Rules:
         )
         message = (
             f"NaN/Inf in {detail} at step {step}"
-            + (PAUSING + ", the last good checkpoint is kept" if action else "")
+            + (
+                PAUSING + ", so a last-good checkpoint taken before it stays the last good one"
+                if action
+                else ""
+            )
             + ". Lower the learning rate, clip gradients, or check the data for NaNs."
         )
         layer = layers[0] if layers else None
@@ -541,11 +549,20 @@ class Rules:
     # ---- evaluations ----
 
     def on_eval(
-        self, step: int, val_loss: float | None, train_loss: float | None = None
+        self,
+        step: int,
+        val_loss: float | None,
+        train_loss: float | None = None,
+        *,
+        weight_decay_on: bool | None = None,
     ) -> list[Finding]:
         """Feed each validation pass: its loss and the training loss to compare it with
-        (None: the mean of the training losses fed to ``on_loss`` since the last evaluation)."""
+        (None: the mean of the training losses fed to ``on_loss`` since the last evaluation).
+        ``weight_decay_on``: whether the optimizer used weight decay then (None: unknown, as
+        before); Overfit's advice says "raise it" rather than "add" when it is on."""
         with self._lock:
+            if weight_decay_on is not None:
+                self._weight_decay_on = weight_decay_on
             if train_loss is None and self._train_n:
                 train_loss = self._train_sum / self._train_n
             self._train_sum, self._train_n = 0.0, 0
@@ -588,7 +605,12 @@ class Rules:
         message = (
             f"validation loss {val:.4g} is {_pct(ratio)} above training loss {train:.4g} at "
             f"step {step}, over the {_pct(cfg.ratio_threshold)} threshold for {cfg.patience} "
-            "evaluations: the model is over-fitting. Add weight decay, dropout or more data."
+            "evaluations: the model is over-fitting. "
+            + (
+                "Add weight decay, dropout or more data."
+                if not self._weight_decay_on
+                else "Weight decay is on: raise it, or add dropout or more data."
+            )
         )
         action = None
         if self.auto_weight_decay and not self._weight_decay_sent:
@@ -619,7 +641,11 @@ class Rules:
         if not self.auto_halve_lr or self._evals_since_best < cfg.patience:
             return []
         before = self._train_at_count
-        if train is not None and before is not None and not train < before * (1.0 - cfg.min_delta_rel):
+        if (
+            train is not None
+            and before is not None
+            and not train < before * (1.0 - cfg.min_delta_rel)
+        ):
             return []  # training loss is not falling either: keep watching, do not act
         self._evals_since_best = 0
         self._train_at_count = train
@@ -633,6 +659,17 @@ class Rules:
             f"validation loss has not improved on {best:.4g} for {cfg.patience} evaluations"
             f"{falling} (step {step})"
         )
+        if self._halvings >= cfg.max_halvings:
+            if self._halvings > cfg.max_halvings:
+                return []  # said once below; quiet until auto-halve is switched on again
+            self._halvings += 1
+            message = (
+                f"{reason}; auto-halve has halved the learning rate {cfg.max_halvings} times "
+                "in this run and halves no further: the run may be stuck rather than on a "
+                "plateau (check the init, the data and the loss curve)."
+            )
+            return [Finding(PLATEAU, step, None, message, val, best, None)]
+        self._halvings += 1
         message = f"{reason}; halving the learning rate (auto-halve on plateau)."
         action = {
             "name": "set_lr_scale",

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from layerscope.trainer import wire
+from layerscope.trainer.rule_config import PLATEAU_MAX_HALVINGS
 from layerscope.trainer.rules import PLATEAU, RULE_NAMES, Finding, Rules, threshold_names
 
 # A small ReLU MLP as the probes see it, in depth order: Linear outputs carry the
@@ -440,6 +441,38 @@ def test_auto_halving_waits_for_training_loss_to_fall_and_names_it() -> None:
     assert "training loss fell from 1 to 0.85" in found[0].message
 
 
+def test_auto_halving_stops_after_its_allowance_and_says_so_once() -> None:
+    """A net stuck at chance: validation flat, training loss creeping down by 1e-3 relative
+    at a time. Auto-halve acted every patience window for ever (scale 2**-21 seen); it
+    now halves at most plateau.max_halvings times, then says once that it stops there,
+    and gets a fresh allowance when switched off and on again."""
+    r = rules(auto_halve_lr=True, patience=2)
+    trains = [2.3 * (1 - 1e-3) ** i for i in range(40)]
+    found = [f for i, t in enumerate(trains) for f in r.on_eval(i, 2.3026, t)]
+    acting = [f for f in found if f.action is not None]
+    assert len(acting) == PLATEAU_MAX_HALVINGS == 5
+    (last,) = [f for f in found if f.action is None]
+    assert last.rule == PLATEAU and last.step > acting[-1].step
+    assert (
+        "halved the learning rate 5 times" in last.message and "halves no further" in last.message
+    )
+    r.set_auto(halve_lr=False)
+    r.set_auto(halve_lr=True)
+    again = [f for i, t in enumerate(trains) for f in r.on_eval(40 + i, 2.3026, t * 0.9)]
+    assert again and again[0].action is not None
+
+
+def test_overfit_advice_knows_whether_weight_decay_is_on() -> None:
+    off = rules(patience=1)
+    (found,) = off.on_eval(100, 0.8, 0.5, weight_decay_on=False)
+    assert "Add weight decay" in found.message
+    on = rules(patience=1)
+    (found,) = on.on_eval(100, 0.8, 0.5, weight_decay_on=True)
+    assert (
+        "Add weight decay" not in found.message and "Weight decay is on: raise it" in found.message
+    )
+
+
 def test_auto_halving_is_off_by_default_and_can_be_switched_on_mid_plateau() -> None:
     r = rules(patience=3)
     assert [f for i, v in enumerate(plateau_vals()[:6]) for f in r.on_eval(i, v, None)] == []
@@ -487,9 +520,13 @@ def test_overfit_waits_while_validation_loss_still_reaches_new_lows() -> None:
     # Near zero training loss the relative gap is large on every well-fitted run; it only
     # counts once validation loss stops improving.
     r = rules(patience=3)
-    falling = [f for i, v in enumerate([0.2, 0.15, 0.12, 0.10, 0.09]) for f in r.on_eval(i, v, 0.02)]
+    falling = [
+        f for i, v in enumerate([0.2, 0.15, 0.12, 0.10, 0.09]) for f in r.on_eval(i, v, 0.02)
+    ]
     assert falling == []
-    stalled = [f for i, v in enumerate([0.095, 0.092, 0.093], start=5) for f in r.on_eval(i, v, 0.02)]
+    stalled = [
+        f for i, v in enumerate([0.095, 0.092, 0.093], start=5) for f in r.on_eval(i, v, 0.02)
+    ]
     assert [(f.rule, f.step) for f in stalled] == [("Overfit", 7)]
 
 

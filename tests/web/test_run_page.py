@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from conftest import (
     write_recorded_run,
 )
 from playwright.sync_api import Browser, Page, expect
+from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.browser
 
@@ -587,3 +589,53 @@ def test_a_nan_alert_offers_halve_lr_and_its_button_halves_the_acknowledged_lr(
     server.api("POST", f"/api/runs/{run_id}/stop")
     expect(page.locator("#status")).to_have_text("stopped", timeout=30_000)
     expect(button).to_be_disabled()  # the run ended: nothing to act on
+
+
+def test_a_run_being_uploaded_by_sync_says_so_and_its_controls_say_why_they_are_off(
+    browser: Browser, server: LiveServer
+) -> None:
+    """While `layerscope sync` holds a run (its hello says upload), the server reports no
+    trainer that can apply commands and refuses them; the page said only "no trainer" and
+    "No trainer is connected". It names the upload, in the header and on every control."""
+    run_id = f"upload-{uuid.uuid4().hex[:8]}"
+    ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
+    hello = {
+        "type": "hello",
+        "v": 1,
+        "run_id": run_id,
+        "name": run_id,
+        "config": {"lr": 0.1},
+        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
+        "last_acked_seq": 0,
+        "last_cmd_seq": 0,
+        "upload": True,
+    }
+    metrics = {
+        "type": "metrics",
+        "seq": 1,
+        "rows": [{"step": 1, "time_s": 0.0, "values": {"loss": 2.0}}],
+    }
+    with ws_connect(ws_url) as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        ws.send(json.dumps(metrics))
+        beating = threading.Event()
+
+        def beat() -> None:  # as sync's link does: else the run is marked lost after 5 s
+            while not beating.wait(0.3):
+                ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": 1, "status": "running"}))
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/{run_id}")
+            expect(page.locator("#trainer")).to_have_text("uploading from its spool")
+            pause = page.locator("button[data-cmd='pause-toggle']")
+            expect(pause).to_be_disabled()
+            expect(pause).to_have_attribute("title", re.compile("uploaded from its spool"))
+        finally:
+            beating.set()
+            beater.join()
+            page.context.close()
+    assert not guard.errors, guard.errors

@@ -83,6 +83,7 @@ export class Controls {
     this.resendWanted = false;  // the socket dropped with commands pending: send them again
     this.status = "starting";
     this.trainerConnected = false;
+    this.uploading = false;
     this.socketOpen = false;
     this.noWeightDecay = false; // started with weight decay 0: the switch is off for good
     this.layers = [];           // the run's layer table
@@ -165,9 +166,10 @@ export class Controls {
     this.freezeCount.textContent = n ? `${n} picked` : "none picked";
   }
 
-  setRun({ status, trainerConnected, socketOpen }) {
+  setRun({ status, trainerConnected, socketOpen, uploading }) {
     if (status !== undefined) this.status = status;
     if (trainerConnected !== undefined) this.trainerConnected = trainerConnected;
+    if (uploading !== undefined) this.uploading = uploading;
     if (socketOpen !== undefined) this.socketOpen = socketOpen;
     if (ENDED.has(this.status)) this.pending.clear();
     this.render();
@@ -254,6 +256,9 @@ export class Controls {
   disabledReason() {
     if (ENDED.has(this.status)) return `The run has ended (${this.status}); controls are off. Scrub the replay below.`;
     if (!this.socketOpen) return "Not connected to the server; reconnecting…";
+    if (!this.trainerConnected && this.uploading) {
+      return "The run is being uploaded from its spool (layerscope sync); nothing can apply commands.";
+    }
     if (!this.trainerConnected) return "No trainer is connected; commands would have nothing to act on.";
     return "";
   }

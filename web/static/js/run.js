@@ -41,7 +41,7 @@ const isLr = (n) => n === "lr" || (/^lr[/.:[_]/.test(n) && n !== "lr_scale");
 const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 
 const page = {
-  status: "starting", trainerConnected: false, socketOpen: false, historyLoaded: false,
+  status: "starting", trainerConnected: false, uploading: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
   refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0, statusEvents: 0,
 };
@@ -94,17 +94,33 @@ function layerTrace(chart, name) {
 
 // ---- run state ----
 
-function setStatus(status, trainerConnected) {
+function setStatus(status, trainerConnected, uploading) {
   if (status) page.status = status;
   if (trainerConnected !== undefined) page.trainerConnected = trainerConnected;
+  // layerscope sync holding the run (status frames and the snapshot say so): frames
+  // arrive, but nothing on that connection applies commands
+  if (uploading !== undefined) page.uploading = Boolean(uploading);
   const pill = $("status");
   pill.textContent = page.status;
   pill.className = `pill ${page.status}`;
-  $("trainer").textContent = ENDED.has(page.status) ? "" : page.trainerConnected ? "trainer connected" : "no trainer";
-  controls.setRun({ status: page.status, trainerConnected: page.trainerConnected, socketOpen: page.socketOpen });
+  $("trainer").textContent = ENDED.has(page.status)
+    ? ""
+    : page.trainerConnected
+      ? "trainer connected"
+      : page.uploading
+        ? "uploading from its spool"
+        : "no trainer";
+  controls.setRun({
+    status: page.status,
+    trainerConnected: page.trainerConnected,
+    socketOpen: page.socketOpen,
+    uploading: page.uploading,
+  });
   const ended = ENDED.has(page.status);
   if (page.status === "lost") setCondition("trainer", "The trainer was lost (no heartbeat). The run is shown as recorded.");
-  else if (!ended && page.historyLoaded && !page.trainerConnected) {
+  else if (!ended && page.uploading && !page.trainerConnected) {
+    setCondition("trainer", "layerscope sync is uploading this run from its spool: its data arrives, but nothing can apply commands.", "warn");
+  } else if (!ended && page.historyLoaded && !page.trainerConnected) {
     setCondition("trainer", "The trainer is not connected: no new data arrives and controls are off until it reconnects.", "warn");
   } else setCondition("trainer", null);
   if (ended && page.historyLoaded && !page.replaying) startReplay();
@@ -267,7 +283,7 @@ function onSnapshot(msg) {
     setLast(msg.run.last || {});
     setStep(msg.run.last_step);
   }
-  setStatus(msg.run?.status, msg.trainer_connected);
+  setStatus(msg.run?.status, msg.trainer_connected, msg.uploading);
   if (!page.historyLoaded && msg.probes?.length) page.buffer.push(...msg.probes.map((p) => ({ type: "probe", ...p })));
   else if (page.historyLoaded) {
     // A reconnect too far behind for a catch-up gets a snapshot instead of the frames it
@@ -292,7 +308,7 @@ function apply(frame) {
     case "metrics": return applyMetrics(frame);
     case "probe": return applyProbe(frame);
     case "event": return applyEvent(frame);
-    case "status": page.statusFrames++; return setStatus(frame.status, frame.trainer_connected);
+    case "status": page.statusFrames++; return setStatus(frame.status, frame.trainer_connected, frame.uploading);
     case "heartbeat": setStep(frame.step); return setStatus(frame.status);
     case "command_result": controls.serverResult(frame); return rules.serverResult(frame);
     case "error": return toast(`Server: ${frame.message}`, "error");

@@ -24,7 +24,7 @@ from layerscope.trainer import wire
 
 SCHEMA_VERSION = 4  # 2: probes.unit_spread; 3: runs.instance; 4: the deleting table
 DB_NAME = "layerscope.db"
-# A deleted run's rows not purged yet (writes.Purge): its runs row is gone, so nothing
+# A deleted run's rows not purged yet (purge.Purge): its runs row is gone, so nothing
 # reads or writes them; the writer deletes them in slices and a restart goes on with it.
 DELETING_DDL = (
     "CREATE TABLE IF NOT EXISTS deleting ("

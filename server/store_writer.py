@@ -10,7 +10,7 @@ message)`` once, then ``("done", commits, [(id, result, error)])`` per commit an
 ``("stopped",)`` out.
 
 Between batches, and while no operation is waiting, it purges deleted runs' rows a
-slice at a time (writes.Purge), each slice its own commit: a big run's delete holds
+slice at a time (purge.Purge), each slice its own commit: a big run's delete holds
 another run's commit back by one slice at most.
 
 Why a process: the server's event loop (socket, JSON decode, validation, fan-out) and

@@ -162,8 +162,28 @@ async def test_run_list_and_detail(setup: tuple[httpx.AsyncClient, Store, Connec
         {"name": "act", "kind": "ReLU", "units": None},
     ]
     assert detail["series_names"] == ["loss", "lr"] and detail["first_step"] == 0
+    # the trainer's own clock (its rows' time_s), which sets the replay's x1 pace: for a run
+    # uploaded by sync, created_at and updated_at time the upload, not the training
+    assert detail["clock"] == {
+        "first_step": 0,
+        "first_time_s": 0.0,
+        "last_step": 2999,
+        "last_time_s": pytest.approx(299.9),
+    }
     hub.ids.clear()
     assert (await client.get("/api/runs/r1")).json()["trainer_connected"] is False
+
+
+async def test_a_run_whose_rows_carry_no_time_has_no_clock(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, store, _hub = setup
+    await store.hello(wire.validate_hello({"run_id": "untimed", "layers": []}))
+    rows = [{"step": s, "values": {"acc": 0.5}} for s in range(5, 10)]
+    await store.append("untimed", [wire.validate_metrics({"seq": 1, "rows": rows})])
+    detail = (await client.get("/api/runs/untimed")).json()
+    check(api.RunDetail, detail)
+    assert detail["last_step"] == 9 and detail["clock"] is None
 
 
 async def test_the_run_list_pages_and_carries_the_config_the_runs_page_shows(

@@ -30,6 +30,7 @@ from layerscope.server.checks import RunNotFound, StoreError, dumps
 from layerscope.server.data_lock import DataDirLock
 from layerscope.server.schema import DB_NAME, connect
 from layerscope.server.writer_link import WriterLink
+from layerscope.server.writes import Acked
 
 __all__ = ["RunNotFound", "Store", "StoreError"]
 
@@ -107,19 +108,20 @@ class Store:
 
     def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
         """``listener(run_id, event)`` for every server event once it is committed (the
-        event as GET /events lists it), called on the event loop; a listener that raises
-        is logged and the write still succeeds."""
+        event as GET /events lists it), called on the event loop, once per event and in
+        the order stored (one write may record several: a run that ends settles each of
+        its pending commands); a listener that raises is logged and the write still
+        succeeds, and the events after it are still handed on."""
         if listener not in self._listeners:
             self._listeners.append(listener)
 
-    def _recorded(self, run_id: str, event: dict[str, Any] | None) -> None:
-        if event is None:
-            return
-        for listener in list(self._listeners):
-            try:
-                listener(run_id, event)
-            except Exception:
-                log.exception("a listener failed on run %s's %s event", run_id, event["kind"])
+    def _recorded(self, run_id: str, events: Sequence[dict[str, Any]]) -> None:
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(run_id, event)
+                except Exception:
+                    log.exception("a listener failed on run %s's %s event", run_id, event["kind"])
 
     # ---- writes (resolve after commit) ----
 
@@ -136,8 +138,8 @@ class Store:
 
     async def hello(self, hello: dict[str, Any]) -> int:
         """Create or resume the run of a validated hello; returns its acked seq."""
-        acked, event = await self._submit("hello", hello)
-        self._recorded(hello["run_id"], event)
+        acked, events = await self._submit("hello", hello)
+        self._recorded(hello["run_id"], events)
         return int(acked)
 
     async def append(
@@ -146,11 +148,16 @@ class Store:
         """Store metrics/probe/event frames; returns the highest contiguous committed seq.
         A stored (run_id, seq) is a no-op. validated: every frame is
         wire.parse_trainer_frame's output (ingest's case), so the writer stores its JSON
-        without checking it again; otherwise each frame is checked as it is stored."""
+        without checking it again; otherwise each frame is checked as it is stored. The
+        server events the frames caused (a status that ends the run settles its pending
+        commands) go to the listeners."""
         if validated:
             acked: int = await self._submit("append_validated", run_id, frames)
         else:
             acked = await self._submit("append", run_id, frames)
+        if isinstance(acked, Acked):
+            self._recorded(run_id, acked.events)
+            return int(acked)
         return acked
 
     async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
@@ -160,8 +167,8 @@ class Store:
         self, run_id: str, cmd: dict[str, Any], *, origin: str
     ) -> tuple[dict[str, Any], bool]:
         """(row, duplicate): the same id again returns the stored row and True."""
-        row, duplicate, event = await self._submit("add_command", run_id, cmd, origin, urgent=True)
-        self._recorded(run_id, event)
+        row, duplicate, events = await self._submit("add_command", run_id, cmd, origin, urgent=True)
+        self._recorded(run_id, events)
         return row, duplicate
 
     async def delete_run(self, run_id: str) -> bool:

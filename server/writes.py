@@ -50,6 +50,23 @@ _STATUS_LOOKBACK = 50
 NOT_APPLIED = "the run ended before its trainer applied it"
 
 
+class Acked(int):
+    """``append``'s result when the append recorded server events of its own (a status
+    frame that ended the run settles its pending commands): the acked seq, an int like
+    any other append result, that also carries those events, in the order they were
+    stored, for the store to show the run's viewers. A plain int otherwise."""
+
+    events: tuple[dict[str, Any], ...]
+
+    def __new__(cls, acked: int, events: tuple[dict[str, Any], ...] = ()) -> Acked:
+        self = super().__new__(cls, acked)
+        self.events = events
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # it crosses the writer's pipe (pickle)
+        return (Acked, (int(self), self.events))
+
+
 def _seq(frame: Any) -> int:
     if not isinstance(frame, dict):
         raise StoreError(f"a frame must be a dict, got {type(frame).__name__}")
@@ -168,9 +185,9 @@ class Writer:
             (run_id, name, dumps(config), status, int(launched), now, now),
         )
 
-    def hello(self, hello: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """Create or resume the run; returns its acked seq and the server event it
-        recorded (a lost run's trainer back: its status as before it was lost), or None.
+    def hello(self, hello: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+        """Create or resume the run; returns its acked seq and the server events it
+        recorded (a lost run's trainer back: its status as before it was lost), if any.
         A run keeps the first instance its hellos carry (the
         trainer process's id): a hello carrying another is another process reusing the
         run id, refused (RunIdTaken) rather than spliced into this run. A hello without
@@ -185,7 +202,7 @@ class Writer:
         config = dumps(hello.get("config") or {})
         device = str(hello.get("device") or "")
         world_size = int(hello.get("world_size") or 1)
-        event = None
+        events: list[dict[str, Any]] = []
         if row is None:
             cur = self.conn.execute(
                 "INSERT INTO runs (id, name, config, status, device, world_size, created_at,"
@@ -212,12 +229,14 @@ class Writer:
                 (name, config, new_status, device, world_size, now, instance, rk),
             )
             if status == "lost":  # the log says the run is back, and how
-                event = self._server_event(
-                    rk, "status", {"status": new_status, "reason": "trainer reconnected"}, now
+                events.append(
+                    self._server_event(
+                        rk, "status", {"status": new_status, "reason": "trainer reconnected"}, now
+                    )
                 )
         for i, layer in enumerate(hello.get("layers") or []):
             self.lid(rk, layer["name"], str(layer.get("kind") or "module"), layer.get("units"), i)
-        return int(acked), event
+        return int(acked), events
 
     def _status_before_lost(self, rk: int) -> str:
         """The status a lost run's trainer last had (its status events and the heartbeat
@@ -232,8 +251,9 @@ class Writer:
                 return str(status)
         return "running"
 
-    def set_status(self, run_id: str, status: str, reason: str | None) -> dict[str, Any]:
-        """Returns the server event it recorded."""
+    def set_status(self, run_id: str, status: str, reason: str | None) -> list[dict[str, Any]]:
+        """Returns the server events it recorded, in the order stored: the status, then
+        (a status that ends the run) each pending command settled as never applied."""
         if status not in wire.RUN_STATUSES:
             raise StoreError(
                 f"unknown status {status!r}; expected one of {list(wire.RUN_STATUSES)}"
@@ -247,19 +267,22 @@ class Writer:
         data: dict[str, Any] = {"status": status}
         if reason is not None:
             data["reason"] = reason
+        events = [self._server_event(rk, "status", data, now)]
         if status in wire.ENDED_STATUSES:
-            self._settle_pending(rk, now)
-        return self._server_event(rk, "status", data, now)
+            events += self._settle_pending(rk, now)
+        return events
 
-    def _settle_pending(self, rk: int, now: float) -> None:
+    def _settle_pending(self, rk: int, now: float) -> list[dict[str, Any]]:
         """The run ended: each command still pending will never be applied (nothing is
         left to apply it). Each is stored as failed with NOT_APPLIED, and logged as a
-        server ``command_result`` event, so GET /commands and the page's log say so."""
+        server ``command_result`` event, so GET /commands and the page's log say so.
+        Returns those events in cmd_seq order (the order stored)."""
         rows = self.conn.execute(
             "UPDATE commands SET status = 'failed', error = ? WHERE rk = ? AND status = 'pending'"
             " RETURNING id, cmd_seq, name, args, source",
             (NOT_APPLIED, rk),
         ).fetchall()
+        events = []
         for cmd_id, cmd_seq, name, args, source in sorted(rows, key=lambda r: r[1]):
             data = {
                 "id": cmd_id,
@@ -271,7 +294,8 @@ class Writer:
                 "applied_at_step": None,
                 "error": NOT_APPLIED,
             }
-            self._server_event(rk, "command_result", data, now)
+            events.append(self._server_event(rk, "command_result", data, now))
+        return events
 
     def _server_event(self, rk: int, kind: str, data: dict[str, Any], now: float) -> dict[str, Any]:
         """Record an event of the server's own (no seq; the run's last step); returns it
@@ -315,8 +339,10 @@ class Writer:
 
     def add_command(
         self, run_id: str, cmd: dict[str, Any], origin: str
-    ) -> tuple[dict[str, Any], bool, dict[str, Any] | None]:
-        """(row, duplicate, the server event it recorded: None for a duplicate)."""
+    ) -> tuple[dict[str, Any], bool, list[dict[str, Any]]]:
+        """(row, duplicate, the server events it recorded in the order stored: the command,
+        then, for a run that ended meanwhile, its result as never applied; none for a
+        duplicate)."""
         rk = self.rk(run_id)
         cmd_id = cmd.get("id")
         if not isinstance(cmd_id, str) or not cmd_id:
@@ -327,7 +353,7 @@ class Writer:
             "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
         ).fetchone()
         if existing is not None:
-            return command_row(existing), True, None
+            return command_row(existing), True, []
         cmd_seq = self.conn.execute(
             "UPDATE runs SET cmd_seq = cmd_seq + 1 WHERE rk = ? RETURNING cmd_seq", (rk,)
         ).fetchone()[0]
@@ -350,14 +376,14 @@ class Writer:
         }
         if reason is not None:
             data["reason"] = reason
-        event = self._server_event(rk, "command", data, now)
+        events = [self._server_event(rk, "command", data, now)]
         status = self.conn.execute("SELECT status FROM runs WHERE rk = ?", (rk,)).fetchone()[0]
         if status in wire.ENDED_STATUSES:  # stored for a run that ended meanwhile
-            self._settle_pending(rk, now)
+            events += self._settle_pending(rk, now)
         row = self.conn.execute(
             "SELECT * FROM commands WHERE rk = ? AND id = ?", (rk, cmd_id)
         ).fetchone()
-        return command_row(row), False, event
+        return command_row(row), False, events
 
     # ---- frames ----
 
@@ -366,7 +392,9 @@ class Writer:
     ) -> int:
         """encoded, when given, holds each frame's JSON as validated (wire.parse_trainer_frame's
         output, encoded in the server process): it is stored as the frame's body as is, and
-        the frame's rows are built without checking again what validation checked."""
+        the frame's rows are built without checking again what validation checked.
+        Returns the acked seq; an ``Acked`` carrying the server events the frames caused
+        (a status frame that ended the run settles its pending commands), if any."""
         if encoded is not None and len(encoded) != len(frames):
             raise StoreError(f"{len(frames)} frames but {len(encoded)} encoded bodies")
         rk = self.rk(run_id)
@@ -382,6 +410,7 @@ class Writer:
         # why); a seq above max_seq cannot be stored yet, so only a resend costs a lookup.
         bodies: list[tuple[int, int, str, bytes]] = []
         probes = ProbeRows()
+        recorded: list[dict[str, Any]] = []
         for n, frame in enumerate(frames):
             seq = _seq(frame)
             if seq in new or (seq <= max_seq and self._stored(rk, seq)):
@@ -396,7 +425,7 @@ class Writer:
             elif kind == "probe":
                 probes.add(rk, seq, frame, self.lid, steps, validated=encoded is not None)
             else:
-                self._event(rk, seq, frame, steps)
+                recorded += self._event(rk, seq, frame, steps)
         if not new:
             return int(acked)
         insert_many(c, "INSERT INTO frames (rk, seq, type, body)", 4, bodies)
@@ -431,13 +460,16 @@ class Writer:
                 rk,
             ),
         )
-        return int(acked)
+        return Acked(acked, tuple(recorded)) if recorded else int(acked)
 
     def _stored(self, rk: int, seq: int) -> bool:
         row = self.conn.execute("SELECT 1 FROM frames WHERE rk = ? AND seq = ?", (rk, seq))
         return row.fetchone() is not None
 
-    def _event(self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]) -> None:
+    def _event(
+        self, rk: int, seq: int, frame: dict[str, Any], steps: list[int]
+    ) -> list[dict[str, Any]]:
+        """Store a trainer's event frame; returns the server events it caused."""
         step = check_step(frame.get("step"), f"event frame seq {seq}: step")
         kind = frame.get("kind")
         data = frame.get("data") or {}
@@ -445,6 +477,7 @@ class Writer:
             raise StoreError(f"event frame seq {seq}: needs a string 'kind' and an object 'data'")
         steps.append(step)
         now = time.time()
+        recorded: list[dict[str, Any]] = []
         self.conn.execute(
             "INSERT INTO events (rk, seq, step, kind, origin, data, created_at)"
             " VALUES (?, ?, ?, ?, 'trainer', ?, ?)",
@@ -456,7 +489,7 @@ class Writer:
                 (data["status"], _text(data.get("reason")), rk),
             )
             if data["status"] in wire.ENDED_STATUSES:
-                self._settle_pending(rk, now)
+                recorded = self._settle_pending(rk, now)
             if isinstance(data.get("control"), dict):
                 # A trainer's first status carries its initial control state (the rules'
                 # switches), acknowledged before any command: the UI shows it from the start.
@@ -465,6 +498,7 @@ class Writer:
                 )
         elif kind == "command_result":
             self._command_result(rk, data)
+        return recorded
 
     def _command_result(self, rk: int, data: dict[str, Any]) -> None:
         state = data.get("state")

@@ -4,9 +4,11 @@ and no gaps, one slow viewer never holding up the others, and bad input from a v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from layerscope.trainer import wire
@@ -24,7 +26,7 @@ from server_harness import (
     stop_task,
     strict_loads,
 )
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.anyio
@@ -381,5 +383,92 @@ async def test_a_status_the_server_sets_reaches_viewers_as_an_event(tmp_path: Pa
         event = got[-1]
         assert (event["origin"], event["step"], event["data"]["status"]) == ("server", 3, "lost")
         assert event["data"]["reason"].startswith("trainer silent")
+        await viewer.close()
+        await trainer.ws.close()
+
+
+def _server_events(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The server events among a viewer's messages, as GET /events lists them."""
+    return [
+        {k: v for k, v in m.items() if k not in ("type", "run_id", "v")}
+        for m in messages
+        if m["type"] == "event" and m.get("origin") == "server"
+    ]
+
+
+async def _drain(ws: ClientConnection, quiet_s: float = 0.3) -> list[dict[str, Any]]:
+    """What else arrives until the socket has been quiet for quiet_s."""
+    got: list[dict[str, Any]] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            got.append(strict_loads(await asyncio.wait_for(ws.recv(), quiet_s)))
+    return got
+
+
+async def test_every_command_a_finished_run_settles_reaches_every_viewer_once_in_order(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A run that ends with commands pending settles each as never applied, one server
+    command_result event each, all in one write. The store handed its listeners one server
+    event per write, so open pages saw none of them (a trainer's 'finished' frame) or one
+    (a status the server set) until a reload. Now each viewer gets every one, once, in the
+    order GET /events lists them."""
+    import httpx
+
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 7))
+    await trainer.wait_acked(1)
+    url = f"{shared_server}/api/runs/{run_id}/commands"
+    async with httpx.AsyncClient(timeout=5) as client:
+        for n in range(3):
+            posted = await client.post(url, json={"id": f"c{n}", "name": "pause"})
+            assert posted.status_code == 202
+    viewers = [(await open_viewer(shared_server, run_id))[0] for _ in range(2)]
+    await trainer.send(event_frame(2, 7, "status", status="finished"))
+    await trainer.wait_acked(2)
+    async with httpx.AsyncClient(timeout=5) as client:
+        logged = (await client.get(f"{shared_server}/api/runs/{run_id}/events")).json()
+    settled = [e for e in logged if e["origin"] == "server" and e["kind"] == "command_result"]
+    assert [e["data"]["id"] for e in settled] == ["c0", "c1", "c2"]
+    for viewer in viewers:
+        got = await recv_until(
+            viewer, lambda m: m["type"] == "event" and m["data"].get("id") == "c2"
+        )
+        got += await _drain(viewer)
+        assert _server_events(got) == settled
+        await viewer.close()
+    await trainer.close()
+
+
+async def test_a_lost_runs_status_and_settled_commands_all_reach_its_viewers(
+    tmp_path: Path,
+) -> None:
+    """The status the server sets (lost) and each command it settles with it, in one write:
+    a viewer got the status alone."""
+    import httpx
+
+    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(metrics_frame(1, 3))
+        await trainer.wait_acked(1)
+        for n in range(2):
+            posted = httpx.post(
+                f"{server}/api/runs/r1/commands", json={"id": f"d{n}", "name": "pause"}
+            )
+            assert posted.status_code == 202
+        viewer, _ = await open_viewer(server, "r1")
+        # silent from here on: lost
+        got = await recv_until(
+            viewer, lambda m: m["type"] == "event" and m["data"].get("id") == "d1"
+        )
+        got += await _drain(viewer)
+        logged = httpx.get(f"{server}/api/runs/r1/events").json()
+        ended = [e for e in logged if e["origin"] == "server" and e["kind"] != "command"]
+        assert [(e["kind"], e["data"].get("status") or e["data"]["id"]) for e in ended] == [
+            ("status", "lost"),
+            ("command_result", "d0"),
+            ("command_result", "d1"),
+        ]
+        assert _server_events(got) == ended
         await viewer.close()
         await trainer.ws.close()

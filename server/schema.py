@@ -5,7 +5,8 @@ version (``MIGRATIONS``), and the pragmas every connection uses (WAL, foreign ke
 off, busy timeout). Store is the only caller (its writer process runs ``open_schema``).
 
 Never: reads or writes rows; never migrates a database silently (an older one is first
-copied to ``<name>.bak-v<old>`` and the upgrade is reported for the log; the upgrade
+copied to ``<name>.bak-v<old>``, one copy per version and content (a retry after a
+failed start reuses the identical copy), and the upgrade is reported for the log; the upgrade
 is one transaction, so a failed one leaves the database as it was); never opens a
 version newer than it knows (refused with a message naming both versions); never
 writes to a database with tables but no ``schema_version`` (another program's: refused
@@ -17,6 +18,7 @@ repeat a text run id per row; series and layers get integer ids the same way.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from layerscope.trainer import wire
 
 SCHEMA_VERSION = 4  # 2: probes.unit_spread; 3: runs.instance; 4: the deleting table
 DB_NAME = "layerscope.db"
+BACKUP_COMPARE_CHUNK = 1 << 20
 # A deleted run's rows not purged yet (purge.Purge): its runs row is gone, so nothing
 # reads or writes them; the writer deletes them in slices and a restart goes on with it.
 DELETING_DDL = (
@@ -263,25 +266,59 @@ def open_schema(conn: sqlite3.Connection, path: Path) -> str | None:
 def backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """A complete copy of the database (what its WAL holds too) beside it, named
     ``<name>.bak-v<version>`` (``-2``, ``-3``, ... when that name is taken: an earlier
-    copy is never overwritten)."""
-    target = path.with_name(f"{path.name}.bak-v{version}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.bak-v{version}-{n}")
+    copy is never overwritten). One copy per version and content: the copy is made under
+    a temporary name, and where an earlier copy of this version holds the same bytes (a
+    start that failed or was refused after copying, tried again on the same database)
+    that one is kept and returned instead; each failed start made another full copy."""
+    partial = path.with_name(f"{path.name}.bak-v{version}.partial")
     try:
-        dest = sqlite3.connect(target)
+        partial.unlink(missing_ok=True)  # what a start killed mid-copy left
+        dest = sqlite3.connect(partial)
         try:
             conn.backup(dest)
         finally:
             dest.close()
+        copies = _backups(path, version)
+        for earlier in copies:
+            if _same_bytes(partial, earlier):
+                partial.unlink()
+                return earlier
+        target = path.with_name(f"{path.name}.bak-v{version}")
+        n = 1
+        while target in copies or target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.bak-v{version}-{n}")
+        partial.rename(target)
     except (sqlite3.Error, OSError) as exc:
-        target.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise SchemaError(
             f"database schema version {version} needs an upgrade to {SCHEMA_VERSION}, but it "
-            f"could not be copied to {target} first ({exc}); nothing was changed"
+            f"could not be copied to {partial} first ({exc}); nothing was changed"
         ) from None
     return target
+
+
+def _backups(path: Path, version: int) -> list[Path]:
+    """The copies ``backup`` made of this database at ``version``, oldest name first."""
+    pattern = re.compile(rf"{re.escape(path.name)}\.bak-v{version}(?:-(\d+))?")
+    found = []
+    for candidate in path.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match is not None and candidate.is_file():
+            found.append((int(match[1] or 1), candidate))
+    return [candidate for _n, candidate in sorted(found)]
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            chunk = fa.read(BACKUP_COMPARE_CHUNK)
+            if chunk != fb.read(BACKUP_COMPARE_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 def migrate(conn: sqlite3.Connection, version: int, copy: Path) -> None:

@@ -453,6 +453,37 @@ async def test_an_upgrade_that_fails_leaves_the_database_as_it_was(tmp_path: Pat
         assert conn.execute("SELECT id FROM runs").fetchall() == [("r1",)]
 
 
+async def test_a_start_tried_again_after_a_failed_upgrade_makes_no_second_copy(
+    tmp_path: Path,
+) -> None:
+    """Each start on a database needing an upgrade copied it first, to a new name when
+    the old one was taken: every failed start (an upgrade that fails, a start refused
+    after the copy) left one more full copy until the disk filled. One copy per version
+    and content now: a retry on the same database keeps the copy it has; a database that
+    changed meanwhile (an older layerscope went on writing to it) gets a copy of its own."""
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.hello(hello())
+    await store.close()
+    db = tmp_path / "data" / DB_NAME
+    as_version_1(db, keep=2)  # an upgrade that fails
+    for _attempt in range(2):
+        with pytest.raises(SchemaError, match=r"failed .*a copy is at .*bak-v1\)"):
+            await Store(tmp_path / "data").open()
+    assert sorted(p.name for p in db.parent.glob("*.bak*")) == [f"{DB_NAME}.bak-v1"]
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("UPDATE runs SET name = 'renamed'")
+        conn.commit()
+    for _attempt in range(2):
+        with pytest.raises(SchemaError, match=r"a copy is at .*bak-v1-2\)"):
+            await Store(tmp_path / "data").open()
+    copies = sorted(p.name for p in db.parent.glob("*.bak*"))
+    assert copies == [f"{DB_NAME}.bak-v1", f"{DB_NAME}.bak-v1-2"]
+    for name, held in zip(copies, ["r1 name", "renamed"], strict=True):
+        with closing(sqlite3.connect(db.with_name(name))) as conn:
+            assert conn.execute("SELECT name FROM runs").fetchall() == [(held,)]
+
+
 async def test_a_data_dir_is_open_in_one_store_at_a_time(tmp_path: Path) -> None:
     """The lock on the data dir is held from open to close (a second server on it is
     refused, not let in to take the first's runs for a dead server's); a store that fails

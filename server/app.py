@@ -7,7 +7,11 @@ Launcher and Ingest, puts them on ``app.state``
 (``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
 reverse order; a startup the data directory refuses reported to the ASGI server in one
 line (``StartupMessage``), not as a traceback; the security middleware around
-everything; ``GET /healthz`` (503 while the store cannot take writes).
+everything; ``GET /healthz`` (503 while the store cannot take writes); a 404 on the
+dashboard's page paths (anything outside ``/api``, ``/ws``, ``/static`` and ``/healthz``:
+``/runs/...``, ``/labs/...``, ``/compare...``) answered as an HTML page (``404.html``:
+what was not found, escaped, and a link back to the runs page) where the API keeps its
+JSON ``{"detail": ...}``.
 
 Never: reads settings or creates state at import time (tests build as many apps
 as they like, each on its own ``tmp_path``), or imports torch.
@@ -19,8 +23,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from layerscope.server import (
     __version__,
     api,
@@ -37,7 +42,46 @@ from layerscope.server.schema import SchemaError
 from layerscope.server.security import SecurityMiddleware
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Paths that are not the dashboard's pages: their 404s stay JSON (what scripts and the
+# pages' own fetches read), and a missing static file is not a page either.
+NOT_PAGES = ("/api", "/ws", "/static", "/healthz")
+NOT_FOUND_PATH_SHOWN = 200  # characters of a missing page's path the 404 page repeats
+
+
+def is_page_path(path: str) -> bool:
+    """A path a browser opens as a page (``/runs/x``, ``/labs/x``, ``/compare``, a mistyped
+    one): not under the API, websocket, static or health paths."""
+    return not any(path == p or path.startswith(p + "/") for p in NOT_PAGES)
+
+
+async def not_found_page(request: Request, exc: Exception) -> Response:
+    """An HTTP error: a 404 on a page path is an HTML page saying what was not found (the
+    path and the route's reason, escaped by the template) with a link back to the runs;
+    anything else is FastAPI's JSON answer, as before."""
+    if not isinstance(exc, StarletteHTTPException):  # registered for HTTPException only
+        raise exc
+    if exc.status_code != 404 or request.method not in ("GET", "HEAD"):
+        return await http_exception_handler(request, exc)
+    if not is_page_path(request.url.path):
+        return await http_exception_handler(request, exc)
+    detail = str(exc.detail)
+    return pages.templates.TemplateResponse(
+        request,
+        "404.html",
+        {
+            "page": "not-found",
+            "version": __version__,
+            "message": "This page does not exist."
+            if detail == "Not Found"
+            else detail[:1].upper() + detail[1:] + ".",
+            "path": request.url.path[:NOT_FOUND_PATH_SHOWN],
+        },
+        status_code=404,
+        headers=exc.headers,
+    )
 
 
 class StartupMessage:
@@ -120,6 +164,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return {"ok": True, "version": __version__}
 
+    app.add_exception_handler(StarletteHTTPException, not_found_page)
     app.include_router(ingest.router)
     app.include_router(hub.router)
     app.include_router(commands.router)

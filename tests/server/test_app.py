@@ -197,3 +197,36 @@ def test_an_app_the_data_dir_refuses_says_why_in_one_line(
     foreign.unlink()
     with running_server(make_settings(foreign.parent)) as server:
         assert httpx.get(f"{server}/healthz").json()["ok"] is True
+
+
+def test_a_missing_page_is_an_html_404_and_the_api_keeps_json(live_server: LiveServer) -> None:
+    """A lab page URL with an unknown name (HTML in it: /labs/<b>x</b>) answered the
+    browser a bare JSON {"detail": "Not Found"}. A page path's 404 is now an HTML page that
+    says what was not found, with the name escaped and a link back to the runs; /api,
+    /static and the rest keep their JSON."""
+    for path, says in [
+        ("/labs/<b>x</b>", "This page does not exist."),
+        ("/labs/" + "<i>" * 30, "Lab &#39;&lt;i&gt;&lt;i&gt;"),
+        ("/runs/" + "r" * 300, "Run &#39;rrrr"),
+        ("/runs/a/b", "This page does not exist."),
+        ("/compare/x", "This page does not exist."),
+    ]:
+        response = httpx.get(f"{live_server}{path}")
+        assert response.status_code == 404, path
+        assert response.headers["content-type"].startswith("text/html"), path
+        page = response.text
+        assert page.startswith("<!doctype html>") and says in page, path
+        assert "<b>" not in page and "<i>" not in page, path  # escaped, never markup
+        assert '<a href="/">Back to the runs</a>' in page, path
+    assert (
+        "No page at <code>/labs/&lt;b&gt;x&lt;/b&gt;</code>"
+        in httpx.get(f"{live_server}/labs/<b>x</b>").text
+    )
+    for path, detail in [
+        ("/api/runs/ghost", "run 'ghost' not found"),
+        ("/api/nope", "Not Found"),
+        ("/static/nope.js", "no static file 'nope.js'"),
+    ]:
+        response = httpx.get(f"{live_server}{path}")
+        assert response.status_code == 404, path
+        assert response.json() == {"detail": detail}, path

@@ -51,7 +51,18 @@ def cursor_lines(page: Page, chart: str) -> list[float]:
     return list(
         page.evaluate(
             "id => (document.getElementById(id).layout.shapes || [])"
-            ".filter(s => s.line.dash !== 'dot').map(s => s.x0)",
+            ".filter(s => s.line.dash !== 'dot' && s.name !== 'alert').map(s => s.x0)",
+            chart,
+        )
+    )
+
+
+def alert_lines(page: Page, chart: str) -> list[float]:
+    """x of the alert markers drawn on a chart."""
+    return list(
+        page.evaluate(
+            "id => (document.getElementById(id).layout.shapes || [])"
+            ".filter(s => s.name === 'alert').map(s => s.x0)",
             chart,
         )
     )
@@ -78,10 +89,12 @@ def test_space_on_the_scrubber_plays_and_pauses(
     run_id = finished_run["id"]
     last = finished_run["last_step"]
     open_ready(page, f"{server.url}/runs/{run_id}?step=0")
+    # the scrubber starts at the first stored row (watch()'s step 1), not at 0
+    assert page.eval_on_selector("#scrubber", "el => [el.min, el.value]") == ["1", "1"]
     page.select_option("#speed", "1")
     page.focus("#scrubber")
     page.keyboard.press("ArrowRight")
-    expect(page.locator("#cursor-step")).to_have_text("1")
+    expect(page.locator("#cursor-step")).to_have_text("2")
     page.keyboard.press("Space")
     page.wait_for_function("Number(document.getElementById('replay').dataset.cursor) >= 3")
     page.keyboard.press("Space")
@@ -116,6 +129,14 @@ def test_play_moves_the_cursor_and_pause_holds_it(
     run_id = finished_run["id"]
     last = finished_run["last_step"]
     open_ready(page, f"{server.url}/runs/{run_id}?step=0")
+    # x1 is the pace the trainer's clock (its rows' time_s) says it trained at
+    clock = server.run(run_id)["clock"]
+    trained = (clock["last_step"] - clock["first_step"]) / (
+        clock["last_time_s"] - clock["first_time_s"]
+    )
+    assert float(page.eval_on_selector("#replay", "el => el.dataset.pace")) == pytest.approx(
+        trained
+    )
     page.select_option("#speed", "1")
     page.click("#play")
     page.wait_for_function("Number(document.getElementById('replay').dataset.cursor) >= 3")
@@ -141,7 +162,10 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
 ) -> None:
     """What the rules left in a run's record: the alert in the alerts panel, the rule's
     command as a 'rule: reason' marker apart from user markers and in the event log, and
-    the overfit check's FAIL badge on the run page and in the runs list."""
+    the overfit check's FAIL badge on the run page and in the runs list. Scrubbed back, the
+    page shows the run as it stood at the cursor: the alerts raised by then (it listed
+    every alert of the run) and the control state acknowledged by then (it showed the
+    run's last); the loss chart marks where each alert fired."""
     data_dir = tmp_path / "data"
     state = {
         "paused": False,
@@ -230,6 +254,33 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             # (re)load too: the steps come from the stored commands
             expect(page.locator("#acked")).to_contain_text("LR ×0.5 (step 250)")
             expect(page.locator("#acked")).to_contain_text("last: set_lr_scale at step 250")
+            assert alert_lines(page, "chart-loss") == [120, 260]
+            # x1 is the trainer's clock's pace: its rows' time_s is 0.01 s a step
+            pace = page.eval_on_selector("#replay", "el => Number(el.dataset.pace)")
+            assert pace == pytest.approx(100)
+
+            shown = page.locator("#alerts li.alert:visible")
+            scrub(page, 255)  # the saturation alert and the rule's halving, not the NaN yet
+            expect(shown).to_have_count(1)
+            expect(shown).to_contain_text("step 120")
+            expect(page.locator("#acked")).to_contain_text("as of step 255: running")
+            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (step 250)")
+            scrub(page, 200)  # before the halving
+            expect(page.locator("#acked")).to_have_text(
+                "run finished; no command acknowledged by step 200: it ran as started so far."
+            )
+            expect(shown).to_have_count(1)
+            scrub(page, 100)  # before any alert
+            expect(shown).to_have_count(0)
+            expect(page.locator("#alerts li:visible")).to_have_text("No alerts by step 100.")
+            page.wait_for_function(
+                "(document.getElementById('chart-loss').layout.shapes || []).some(s => s.x0 === 100)"
+            )
+            assert cursor_lines(page, "chart-loss") == [100]
+            assert alert_lines(page, "chart-loss") == [120, 260]  # a cursor move keeps them
+            scrub(page, 299)  # the end: the whole run's again
+            expect(page.locator("#alerts li.alert:visible")).to_have_count(2)
+            expect(page.locator("#acked")).to_contain_text("run finished; last acknowledged state:")
 
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")
@@ -519,8 +570,11 @@ def test_compare_says_which_runs_lack_the_chosen_layer_or_its_statistic(
         assert not guard.remote, guard.remote
 
 
-def _offline_run(run_dir: Path, run_id: str, steps: int, every: int) -> Path:
-    """A real training loop under watch() with no server: the spool is the whole run."""
+def _offline_run(run_dir: Path, run_id: str, steps: int, every: int, step_s: float = 0.0) -> Path:
+    """A real training loop under watch() with no server: the spool is the whole run. Each
+    step sleeps step_s more (a slower trainer)."""
+    import time
+
     import torch
     from layerscope.trainer import watch
     from torch import nn
@@ -535,6 +589,7 @@ def _offline_run(run_dir: Path, run_id: str, steps: int, every: int) -> Path:
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
+            time.sleep(step_s)
             w.step(loss=loss)
     return run_dir / "spool.bin"
 
@@ -546,8 +601,12 @@ def test_a_crashed_offline_run_synced_in_two_goes_replays_step_by_step(
     process dies mid-write (a torn last record); part of it reached the server before (its
     first records); `sync` uploads the rest, and again changes nothing. The run, lost, then
     replays from the keyboard: each step shows the histograms stored at the probe step at
-    or before it."""
+    or before it. Its replay starts at its first stored step (1: watch()'s "running" status
+    at step 0 made the run's first_step 0, where the scrubber started), and x1 plays at the
+    pace it trained at by the trainer's clock: it played at the pace of its upload (the
+    run's updated_at - created_at), many times faster."""
     import concurrent.futures
+    import json
 
     from layerscope.trainer.spool import HEADER, iter_records
     from layerscope.trainer.sync import sync_spool as sync_here
@@ -557,13 +616,22 @@ def test_a_crashed_offline_run_synced_in_two_goes_replays_step_by_step(
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(sync_here, path, url, timeout_s=timeout_s).result()
 
-    spool = _offline_run(tmp_path / "run", "crashed", steps=60, every=10)
+    spool = _offline_run(tmp_path / "run", "crashed", steps=60, every=10, step_s=0.005)
     records = [offset for offset, _ in iter_records(spool)]
     data = spool.read_bytes()
     torn = data[: records[-1] + HEADER.size + 3]  # kill -9 while the last record was written
     spool.write_bytes(torn)
     first_part = tmp_path / "first-part.bin"
     first_part.write_bytes(data[: records[len(records) // 2]])
+    rows = [
+        (row["step"], row["time_s"])
+        for _, text in iter_records(spool)
+        for frame in [json.loads(text)]
+        if frame.get("type") == "metrics"
+        for row in frame["rows"]
+    ]
+    (first_step, first_time), (last_step, last_time) = rows[0], rows[-1]
+    trained_pace = (last_step - first_step) / (last_time - first_time)  # steps/s, trainer's clock
     for server in serve(server_settings(tmp_path / "data")):
         url = server.url.replace("http://", "ws://")
         early = sync_spool(first_part, url, timeout_s=20)
@@ -576,6 +644,10 @@ def test_a_crashed_offline_run_synced_in_two_goes_replays_step_by_step(
         page, guard = guarded_page(browser)
         try:
             open_ready(page, f"{server.url}/runs/crashed?step=19")
+            assert server.run("crashed")["first_step"] == 0  # the "running" status event's
+            assert page.eval_on_selector("#scrubber", "el => el.min") == str(first_step) == "1"
+            pace = float(page.eval_on_selector("#replay", "el => el.dataset.pace"))
+            assert pace == pytest.approx(trained_pace, rel=1e-6)
             expect(page.locator("#multiples-step")).to_have_text("10")
             page.focus("#scrubber")
             page.keyboard.press("ArrowRight")  # 19 -> 20, a probe step
@@ -593,10 +665,8 @@ def test_a_crashed_offline_run_synced_in_two_goes_replays_step_by_step(
             page.keyboard.press("End")
             last = server.run("crashed")["last_step"]
             expect(page.locator("#cursor-step")).to_have_text(str(last))
-            page.keyboard.press("Home")
-            expect(page.locator("#cursor-step")).to_have_text(
-                str(server.run("crashed")["first_step"])
-            )
+            page.keyboard.press("Home")  # the first stored step
+            expect(page.locator("#cursor-step")).to_have_text("1")
             expect(page.locator("#multiples-step")).to_have_text("1")  # the first probe step
         finally:
             page.context.close()

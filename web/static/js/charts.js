@@ -180,12 +180,16 @@ export function decimate(xs, ys) {
   return [nx, ny];
 }
 
-/** Vertical lines: the replay cursor plus dotted command markers. */
-export function stepShapes(cursor, markerSteps = []) {
-  const shapes = markerSteps.map((s) => ({
+/** Vertical lines: the replay cursor, dotted command markers and faint dashed alert markers (named "alert"). */
+export function stepShapes(cursor, markerSteps = [], alertSteps = []) {
+  const shapes = alertSteps.map((s) => ({
+    type: "line", name: "alert", xref: "x", yref: "paper", x0: s, x1: s, y0: 0, y1: 1, layer: "below",
+    line: { color: "rgba(240, 110, 95, 0.45)", width: 1, dash: "dash" },
+  }));
+  shapes.push(...markerSteps.map((s) => ({
     type: "line", xref: "x", yref: "paper", x0: s, x1: s, y0: 0, y1: 1,
     line: { color: "#e3a52b", width: 1, dash: "dot" },
-  }));
+  })));
   if (cursor !== null && cursor !== undefined) {
     shapes.push({ type: "line", xref: "x", yref: "paper", x0: cursor, x1: cursor, y0: 0, y1: 1,
       line: { color: "#ffffff", width: 1.2 } });
@@ -213,6 +217,7 @@ export class LineChart {
     this.smoothing = 0;
     this.cursor = null;
     this.markers = [];
+    this.alertSteps = [];
     this.revision = 0;
     this.drawn = false;
     this.setTraces(traces);
@@ -294,6 +299,9 @@ export class LineChart {
   /** markers: [{step, label}] — drawn as dotted lines plus hover points on trace 0. */
   setMarkers(markers) { this.markers = markers; this.full = true; scheduler.mark(this); }
 
+  /** Steps alerts fired at, drawn as faint dashed lines (shapes only: a cursor-sized redraw). */
+  setAlertSteps(steps) { this.alertSteps = steps; this.cursorDirty = true; scheduler.mark(this); }
+
   plotData() {
     const data = [];
     this.traces.forEach((t, i) => {
@@ -344,9 +352,9 @@ export class LineChart {
     });
   }
 
-  /** The cursor line and command markers: all a cursor-only redraw changes. */
+  /** The cursor line, command and alert markers: all a cursor-only redraw changes. */
   shapes() {
-    return stepShapes(this.cursor, this.markers.map((k) => k.step));
+    return stepShapes(this.cursor, this.markers.map((k) => k.step), this.alertSteps);
   }
 
   draw() {

@@ -10,6 +10,8 @@
  * the socket is back (the server stores a command once per id, so a copy it already
  * had is only answered, never applied twice): one sent as the socket closed would
  * otherwise stay pending for good.
+ * In replay (showAt) the bar shows the state as acknowledged by the cursor's step: the
+ * last acknowledged command applied at or before it.
  * Never: shows a state the trainer has not acknowledged, or sends while no trainer
  * is connected or the run has ended (the buttons say why they are disabled).
  */
@@ -76,6 +78,8 @@ export class Controls {
     this.since = {};            // state key -> step it was last applied at
     this.pending = new Map();   // command id -> button key
     this.lastApplied = null;    // {name, step} of the last acknowledged command
+    this.applied = new Map();   // command id -> {name, step, state}: every acknowledged one (replay)
+    this.replayStep = null;     // replay: the state shown is the one acknowledged by this step
     this.sent = new Map();      // command id -> {name, args} sent from this page
     this.spaceFallback = null;  // what Space does once the run has ended (replay play/pause)
     this.onRender = null;       // called after every render (the Rules group follows this bar)
@@ -154,7 +158,7 @@ export class Controls {
   }
 
   renderFreeze() {
-    const frozen = new Set((this.state || DEFAULT_STATE).frozen);
+    const frozen = new Set((this.view().state || DEFAULT_STATE).frozen);
     // in words, not by colour alone: which layers the trainer acknowledged as frozen
     for (const label of this.freezeList.children) {
       const isFrozen = frozen.has(label.dataset.layer);
@@ -215,6 +219,7 @@ export class Controls {
     const since = {};
     for (const c of commands) {
       if (c.status !== "applied" || !c.state || c.applied_at_step == null) continue;
+      this.applied.set(c.id, { name: c.name, step: c.applied_at_step, state: c.state });
       const after = { ...DEFAULT_STATE, ...c.state };
       for (const key of ["paused", "lr_scale", "weight_decay_enabled", "frozen"]) {
         if (JSON.stringify(before[key]) !== JSON.stringify(after[key])) since[key] = c.applied_at_step;
@@ -244,9 +249,39 @@ export class Controls {
     if (d.ok === false) {
       if (wasMine) toast(`${d.name} failed: ${d.error || "no reason given"}`, "error");
     } else if (d.state) {
-      this.setState(d.state, d.applied_at_step ?? event.step, d.name);
+      const step = d.applied_at_step ?? event.step;
+      if (step !== null && step !== undefined) this.applied.set(d.id ?? `${d.name}@${step}`, { name: d.name, step, state: d.state });
+      this.setState(d.state, step, d.name);
     }
     this.render();
+  }
+
+  /**
+   * Replay: shows the control state as the trainer had acknowledged it by `step` (the last
+   * acknowledged command applied at or before it), or, for null, the run's last state.
+   */
+  showAt(step) {
+    if (step === this.replayStep) return;
+    this.replayStep = step;
+    this.render();
+  }
+
+  /** What the bar shows: {state, since, lastApplied}, at the replay step when there is one. */
+  view() {
+    if (this.replayStep === null) return { state: this.state, since: this.since, lastApplied: this.lastApplied };
+    const upTo = [...this.applied.values()].filter((c) => c.step <= this.replayStep).sort((a, b) => a.step - b.step);
+    let state = null;
+    let lastApplied = null;
+    const since = {};
+    for (const c of upTo) {
+      const before = state || DEFAULT_STATE;
+      state = { ...DEFAULT_STATE, ...c.state };
+      for (const key of ["paused", "lr_scale", "weight_decay_enabled", "frozen"]) {
+        if (JSON.stringify(before[key]) !== JSON.stringify(state[key])) since[key] = c.step;
+      }
+      lastApplied = { name: c.name, step: c.step };
+    }
+    return { state, since, lastApplied };
   }
 
   ackedScale() {
@@ -372,7 +407,7 @@ export class Controls {
   }
 
   render() {
-    const s = this.state || DEFAULT_STATE;
+    const s = this.view().state || DEFAULT_STATE;
     const reason = this.disabledReason();
     this.reason.hidden = !reason;
     this.reason.textContent = reason;
@@ -399,20 +434,24 @@ export class Controls {
   }
 
   describe() {
-    if (!this.state && ENDED.has(this.status)) return `run ${this.status}; no command was acknowledged: it ran as started.`;
-    if (!this.state) return "No command acknowledged yet: the trainer runs as started (LR ×1, weight decay as configured, nothing frozen).";
-    const s = this.state;
-    const at = (k) => (k in this.since ? ` (step ${this.since[k]})` : "");
-    // An ended run is neither running nor stopping any more, whatever its last state said.
-    const ended = ENDED.has(this.status);
+    const { state: s, since, lastApplied } = this.view();
+    const cursor = this.replayStep;
+    if (!s && cursor !== null) return `run ${this.status}; no command acknowledged by step ${cursor}: it ran as started so far.`;
+    if (!s && ENDED.has(this.status)) return `run ${this.status}; no command was acknowledged: it ran as started.`;
+    if (!s) return "No command acknowledged yet: the trainer runs as started (LR ×1, weight decay as configured, nothing frozen).";
+    const at = (k) => (k in since ? ` (step ${since[k]})` : "");
+    // An ended run is neither running nor stopping any more, whatever its last state said;
+    // at a replay step before its end it was one or the other.
+    const ended = ENDED.has(this.status) && cursor === null;
     const parts = [
-      ended ? `run ${this.status}; last acknowledged state:` : `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
+      cursor !== null ? `run ${this.status}; as of step ${cursor}: ${s.paused ? "paused" : "running"}${at("paused")}`
+        : ended ? `run ${this.status}; last acknowledged state:` : `acknowledged: ${s.paused ? "paused" : "running"}${at("paused")}`,
       `LR ×${formatNumber(s.lr_scale)}${at("lr_scale")}`,
       this.noWeightDecay ? "weight decay 0 (as started)" : `weight decay ${s.weight_decay_enabled ? "on" : "off"}${at("weight_decay_enabled")}`,
       `frozen: ${s.frozen.length ? s.frozen.join(", ") : "none"}${s.frozen.length ? at("frozen") : ""}`,
     ];
     if (s.stopping && !ended) parts.push("stopping");
-    if (this.lastApplied) parts.push(`last: ${this.lastApplied.name} at step ${this.lastApplied.step}`);
+    if (lastApplied) parts.push(`last: ${lastApplied.name} at step ${lastApplied.step}`);
     return parts.join(" · ");
   }
 }

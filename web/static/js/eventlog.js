@@ -6,7 +6,9 @@
  * checkpoints), de-duplicated so an event seen twice (a catchup that overlaps what is
  * shown; a server event heard live and read again from /events) adds one line: a
  * trainer's event by its seq, a server's (no seq) by kind, step, created_at and data,
- * and the marker list (who, what, at which step) the time charts draw.
+ * and the marker list (who, what, at which step) the time charts draw; in replay, the
+ * alerts list holds only the alerts raised by the cursor's step (alertsUpTo), and
+ * alertSteps the steps alerts fired at (the loss chart's alert markers).
  * Never: decides control state (controls.js) or fetches anything.
  */
 
@@ -93,6 +95,9 @@ export class EventLog {
     this.alerts = alerts;
     this.seen = new Set();
     this.alertCount = 0;
+    this.alertSteps = new Set(); // steps alerts fired at (the loss chart's alert markers)
+    this.cursor = null;          // replay: only the alerts at or before this step are listed
+    this.noneYet = null;         // the "no alert by step N" line
     this.suggestion = null; // {send(kind) -> bool, blocked(kind) -> reason}: the alerts' buttons
   }
 
@@ -120,6 +125,10 @@ export class EventLog {
         this.alertCount++;
         const li = this.line(ev);
         li.classList.add("alert");
+        if (typeof ev.step === "number") {
+          li.dataset.step = String(ev.step);
+          this.alertSteps.add(ev.step);
+        }
         const hint = suggestionFor(ev);
         if (hint && this.suggestion) {
           const b = document.createElement("button");
@@ -136,7 +145,31 @@ export class EventLog {
     while (this.list.children.length > MAX_LINES) this.list.lastElementChild.remove();
     while (this.alerts.children.length > MAX_LINES) this.alerts.lastElementChild.remove();
     this.renderSuggestions();
+    if (this.cursor !== null) this.alertsUpTo(this.cursor);
     return added;
+  }
+
+  /**
+   * Replay: lists only the alerts raised at or before `step` (null: every alert), as the
+   * run stood at the cursor; the event log keeps the whole run.
+   */
+  alertsUpTo(step) {
+    this.cursor = step;
+    let shown = 0;
+    for (const li of this.alerts.querySelectorAll("li.alert")) {
+      const later = step !== null && li.dataset.step !== undefined && Number(li.dataset.step) > step;
+      li.hidden = later;
+      if (!later) shown++;
+    }
+    const none = this.alertCount > 0 && shown === 0;
+    if (none && !this.noneYet) {
+      this.noneYet = document.createElement("li");
+      this.noneYet.className = "muted none-yet";
+    }
+    if (none) {
+      this.noneYet.textContent = `No alerts by step ${step}.`;
+      if (!this.noneYet.isConnected) this.alerts.append(this.noneYet);
+    } else this.noneYet?.remove();
   }
 
   line(ev) {

@@ -3,9 +3,9 @@
  * ×100, and `?step=N` deep links.
  *
  * Owns: the cursor's value and its movement over time, and Space on the scrubber
- * (play/pause). ×1 replays at the pace the run was recorded at (steps per wall-clock
- * second); it reports every cursor move through onCursor(step), and keeps `?step=N`
- * in the address bar current.
+ * (play/pause). ×1 replays at the pace the run trained at (steps per second of the
+ * trainer's clock, data-pace on the section); it reports every cursor move through
+ * onCursor(step), and keeps `?step=N` in the address bar current.
  * Never: draws charts or fetches data itself.
  */
 
@@ -49,10 +49,16 @@ export class Replay {
   show(first, last, pace) {
     this.first = first;
     this.last = Math.max(first, last);
-    this.pace = pace > 0 ? pace : Math.max(1, (this.last - this.first) / 60);
+    this.setPace(pace);
     this.scrubber.min = String(this.first);
     this.scrubber.max = String(this.last);
     this.section.hidden = false;
+  }
+
+  /** Steps per second at ×1; none known (0): the whole run in a minute. */
+  setPace(pace) {
+    this.pace = pace > 0 ? pace : Math.max(1, (this.last - this.first) / 60);
+    this.section.dataset.pace = String(this.pace);
   }
 
   seek(step, { updateUrl = true } = {}) {

@@ -32,6 +32,8 @@ const HIST_STEPS = 200;
 /** The newest events the log reads over REST (the history's, and again after a reconnect). */
 const EVENTS_READ = 500;
 const REGRID_MIN_MS = 5000;
+/** The most alert markers the loss chart draws (the latest steps'): each is a Plotly shape. */
+const MAX_ALERT_MARKS = 200;
 /** The longest the preview's data is waited for before Plotly runs regardless. */
 const PREVIEW_WAIT_MS = 1000;
 const $ = (id) => document.getElementById(id);
@@ -42,7 +44,7 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 
 const page = {
   status: "starting", trainerConnected: false, uploading: false, socketOpen: false, historyLoaded: false,
-  buffer: [], layers: [], lastStep: null, firstStep: 0, histLayer: null, lastRegrid: 0, replaying: false,
+  buffer: [], layers: [], lastStep: null, firstStep: 0, dataFirstStep: null, histLayer: null, lastRegrid: 0, replaying: false,
   refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0, statusEvents: 0,
 };
 
@@ -228,6 +230,7 @@ function loadHistory(detail) {
     for (const [name, points] of Object.entries(s)) {
       const r = route(name);
       if (r) r[0].setSeries(r[1], points.steps, points.values);
+      noteFirstStep(points.steps[0]);
     }
   });
   const all = Promise.all([...rest, shownReq, lines, marked, hist]).then(([dead, sat, grad, update, steps, evs, shown]) => {
@@ -241,11 +244,30 @@ function loadHistory(detail) {
       });
     }
     snapshots.setSteps(steps.steps);
+    noteFirstStep(steps.steps[0]);
     if (shown && steps.steps.length) snapshots.prime(at, shown);
-    events.add(evs); // oldest first, as stored
+    addEvents(evs); // oldest first, as stored
     for (const ev of evs) if (ev.kind === "sanity") setSanity(ev);
   });
   return { lines, all };
+}
+
+/**
+ * The run's first step with data (a scalar row or a probe): the replay starts there. The
+ * detail's first_step counts events too, and watch() records its "running" status at step 0
+ * while its first row is step 1 (a run uploaded by sync, too, started its scrubber at 0).
+ */
+function noteFirstStep(step) {
+  if (typeof step !== "number") return;
+  page.dataFirstStep = page.dataFirstStep === null ? step : Math.min(page.dataFirstStep, step);
+}
+
+/** Adds events to the log and alerts list; new alerts' steps become the loss chart's alert markers. */
+function addEvents(evs) {
+  const before = events.alertSteps.size;
+  events.add(evs);
+  if (events.alertSteps.size === before) return;
+  charts.loss.setAlertSteps([...events.alertSteps].sort((a, b) => a - b).slice(-MAX_ALERT_MARKS));
 }
 
 async function loadHistogramOverTime(layer) {
@@ -324,6 +346,7 @@ function applyMetrics(frame) {
     }
     setLast(row.values || {});
     setStep(row.step);
+    noteFirstStep(row.step);
   }
 }
 
@@ -351,6 +374,7 @@ function applyProbe(frame) {
   charts.sat.appendColumn(frame.step, sat);
   snapshots.live(frame);
   setStep(frame.step);
+  noteFirstStep(frame.step);
 }
 
 /** The overfit sanity check's verdict as a PASS/FAIL badge next to the status. */
@@ -364,7 +388,7 @@ function setSanity(ev) {
 }
 
 function applyEvent(frame) {
-  events.add([frame]);
+  addEvents([frame]);
   if (frame.kind === "sanity") setSanity(frame);
   if (frame.kind === "status" && frame.data?.control) controls.setState(frame.data.control);
   if (frame.kind === "command_result") {
@@ -395,7 +419,7 @@ async function refreshRunState() {
   // The control state is left to the acknowledgements: the detail's may predate one.
   const quiet = page.statusFrames === frames;
   setStatus(quiet && page.statusEvents === statusEvents ? d.status : undefined, quiet ? d.trainer_connected : undefined);
-  events.add(logged.filter((ev) => ev.seq === null)); // the trainer's came in the catch-up
+  addEvents(logged.filter((ev) => ev.seq === null)); // the trainer's came in the catch-up
 }
 
 function onConnection(state, detail) {
@@ -416,18 +440,35 @@ function onConnection(state, detail) {
 function startReplay() {
   page.replaying = true;
   $("replay").style.visibility = "";
-  const last = Math.max(page.lastStep ?? 0, page.firstStep);
-  replay.show(page.firstStep, last, recordedPace(last));
+  const first = page.dataFirstStep ?? page.firstStep;
+  const last = Math.max(page.lastStep ?? 0, first);
+  replay.show(first, last, recordedPace(page.detail, first, last));
   snapshots.following = false;
   const wanted = stepFromUrl();
   replay.seek(wanted ?? last, { updateUrl: false });
+  if (page.detail && !ENDED.has(page.detail.status)) {
+    // It ended while shown: the detail read at load time had its clock only that far.
+    getJSON(runUrl(runId)).then((d) => {
+      const pace = recordedPace(d, first, last);
+      if (pace > 0) replay.setPace(pace);
+    }).catch((e) => toast(`Could not read the run's pace: ${e.message}`, "error"));
+  }
 }
 
-function recordedPace(last) {
+/**
+ * Steps per second at ×1: the pace training went at, by the trainer's own clock (the
+ * detail's clock: its rows' time_s at the first and last step of a series). A run uploaded
+ * by layerscope sync was created and last updated during the upload, so updated_at -
+ * created_at (the fallback, for rows with no time_s) timed the upload, not the training.
+ */
+function recordedPace(d, first, last) {
+  const c = d?.clock;
+  if (c && c.last_step > c.first_step && c.last_time_s > c.first_time_s) {
+    return (c.last_step - c.first_step) / (c.last_time_s - c.first_time_s);
+  }
   const t = (v) => (typeof v === "number" ? v * (v < 1e11 ? 1000 : 1) : Date.parse(v));
-  const d = page.detail;
   const seconds = d ? (t(d.updated_at) - t(d.created_at)) / 1000 : NaN;
-  return Number.isFinite(seconds) && seconds > 0 ? (last - page.firstStep) / seconds : 0;
+  return Number.isFinite(seconds) && seconds > 0 ? (last - first) / seconds : 0;
 }
 
 /** y of the loss chart's trace i at its last point at or before step s (null: none yet). */
@@ -445,7 +486,12 @@ function showCursorFacts(step) {
 }
 
 function moveCursor(step) {
-  if (page.replaying) showCursorFacts(step);
+  if (page.replaying) {
+    showCursorFacts(step);
+    // the run as it stood at the cursor: the alerts raised by then, the control state acknowledged by then
+    events.alertsUpTo(step);
+    controls.showAt(step < (page.lastStep ?? step) ? step : null);
+  }
   for (const c of Object.values(charts)) c.setCursor(step);
   snapshots.request(step).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
 }

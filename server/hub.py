@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import deque
 from functools import partial
@@ -67,12 +68,20 @@ class _Item:
     """One outbound frame, encoded at most once however many viewers get it (and only if
     some viewer does); once encoded, only the text is kept."""
 
-    __slots__ = ("seq", "kind", "_message", "_text")
+    __slots__ = ("seq", "kind", "key", "_message", "_text")
 
-    def __init__(self, seq: int | None, kind: str, message: dict[str, Any] | str) -> None:
-        """``message``: a dict, encoded when first sent, or its JSON text already."""
+    def __init__(
+        self,
+        seq: int | None,
+        kind: str,
+        message: dict[str, Any] | str,
+        key: tuple[Any, ...] | None = None,
+    ) -> None:
+        """``message``: a dict, encoded when first sent, or its JSON text already. ``key``:
+        a server event's ``event_key`` (a viewer whose snapshot holds it skips it)."""
         self.seq = seq
         self.kind = kind
+        self.key = key
         self._message: dict[str, Any] | None = None if isinstance(message, str) else message
         self._text: str | None = message if isinstance(message, str) else None
 
@@ -82,6 +91,17 @@ class _Item:
             self._text = wire.encode(self._message or {})
             self._message = None
         return self._text
+
+
+def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells one server event (no seq) from another, as the store hands it on and
+    as a snapshot lists it: several settled in one write share kind, step and time."""
+    return (
+        event.get("kind"),
+        event.get("step"),
+        event.get("created_at"),
+        json.dumps(event.get("data"), sort_keys=True),
+    )
 
 
 class _SeqSet:
@@ -135,6 +155,7 @@ class Viewer:
         self.closing = False
         self.floor = 0
         self.skip: frozenset[int] = frozenset()
+        self.shown_events: frozenset[tuple[Any, ...]] = frozenset()
         self.backlog: list[_Item] = []
         self.sender: asyncio.Task[None] | None = None
 
@@ -165,11 +186,21 @@ class Viewer:
         """A reply to this viewer alone (command_result, error), in order with the live frames."""
         self.offer(_Item(None, "direct", message))
 
-    def start(self, first: dict[str, Any] | str, *, floor: int, skip: frozenset[int]) -> None:
+    def start(
+        self,
+        first: dict[str, Any] | str,
+        *,
+        floor: int,
+        skip: frozenset[int],
+        shown_events: frozenset[tuple[Any, ...]] = frozenset(),
+    ) -> None:
         """Send ``first`` (snapshot or catchup, as a dict or its JSON text), then the frames
-        it does not already hold."""
+        it does not already hold. ``shown_events``: the ``event_key`` of each server event
+        ``first`` holds; one published while it was read (the viewer was registered
+        before) is not sent again."""
         self.floor = floor
         self.skip = skip
+        self.shown_events = shown_events
         self.queue.appendleft(_Item(None, "head", first))
         for item in reversed(self.backlog):
             if not self._covered(item):
@@ -180,7 +211,9 @@ class Viewer:
         self.sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     def _covered(self, item: _Item) -> bool:
-        return item.seq is not None and (item.seq <= self.floor or item.seq in self.skip)
+        if item.seq is None:
+            return item.key is not None and item.key in self.shown_events
+        return item.seq <= self.floor or item.seq in self.skip
 
     async def _send_loop(self) -> None:
         try:
@@ -321,8 +354,11 @@ class Hub:
         """A server event (no seq: a command stored, a status the server set), as the store
         recorded it, to the run's viewers; the same step, data and created_at as GET
         /events gives, so a page that also reads it there shows it once. Not kept for a
-        joining viewer: the store has it already (its snapshot holds it)."""
-        item = _Item(None, "event", {"type": "event", "run_id": run_id, **event})
+        joining viewer: the store has it already (its snapshot holds it), and one published
+        while a joining viewer's snapshot was read is sent only if the snapshot lacks it."""
+        item = _Item(
+            None, "event", {"type": "event", "run_id": run_id, **event}, key=event_key(event)
+        )
         for viewer in list(self._viewers.get(run_id, ())):
             viewer.offer(item)
 
@@ -440,7 +476,12 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
                 "uploading": hub.is_uploading(run_id),
             }
             text = await run_in_threadpool(wire.encode, first)  # not on the event loop either
-            viewer.start(text, floor=int(snap.get("last_seq") or 0), skip=frozenset())
+            shown = frozenset(
+                event_key(e) for e in snap.get("events") or () if e.get("seq") is None
+            )
+            viewer.start(
+                text, floor=int(snap.get("last_seq") or 0), skip=frozenset(), shown_events=shown
+            )
         reader = asyncio.create_task(_read_viewer(websocket, viewer, relay_viewer_message))
         dropped = asyncio.create_task(viewer.done.wait())
         await asyncio.wait({reader, dropped}, return_when=asyncio.FIRST_COMPLETED)

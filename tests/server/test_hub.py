@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from layerscope.trainer import wire
 from server_harness import (
@@ -413,8 +415,6 @@ async def test_every_command_a_finished_run_settles_reaches_every_viewer_once_in
     event per write, so open pages saw none of them (a trainer's 'finished' frame) or one
     (a status the server set) until a reload. Now each viewer gets every one, once, in the
     order GET /events lists them."""
-    import httpx
-
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(metrics_frame(1, 7))
     await trainer.wait_acked(1)
@@ -445,8 +445,6 @@ async def test_a_lost_runs_status_and_settled_commands_all_reach_its_viewers(
 ) -> None:
     """The status the server sets (lost) and each command it settles with it, in one write:
     a viewer got the status alone."""
-    import httpx
-
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
         await trainer.send(metrics_frame(1, 3))
@@ -472,3 +470,46 @@ async def test_a_lost_runs_status_and_settled_commands_all_reach_its_viewers(
         assert _server_events(got) == ended
         await viewer.close()
         await trainer.ws.close()
+
+
+async def test_a_server_event_stored_while_a_viewer_joins_reaches_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer is registered before its snapshot is read, so a server event committed in
+    between was in its snapshot and then sent again live: twice. The join's snapshot read
+    is held here (the only stand-in: it makes that window wide enough to hit every time)
+    while a run ends and settles two commands."""
+    with running_server(make_settings(tmp_path)) as server:
+        store = server.app.state.store
+        trainer = await FakeTrainer.connect(server, "r1")
+        await trainer.send(metrics_frame(1, 5))
+        await trainer.wait_acked(1)
+        for n in range(2):
+            posted = httpx.post(
+                f"{server}/api/runs/r1/commands", json={"id": f"c{n}", "name": "pause"}
+            )
+            assert posted.status_code == 202
+        reading, release = threading.Event(), threading.Event()
+        read_snapshot = store.snapshot
+
+        def held_snapshot(run_id: str, **kwargs: Any) -> dict[str, Any]:
+            reading.set()
+            release.wait(10)
+            return read_snapshot(run_id, **kwargs)
+
+        monkeypatch.setattr(store, "snapshot", held_snapshot)
+        joining = asyncio.create_task(open_viewer(server, "r1"))
+        assert await asyncio.to_thread(reading.wait, 10)
+        await trainer.send(event_frame(2, 5, "status", status="finished"))
+        await trainer.wait_acked(2)  # committed, and handed to the registered viewer
+        release.set()
+        viewer, snapshot = await joining
+        settled = [
+            e
+            for e in snapshot["events"]
+            if e["origin"] == "server" and e["kind"] == "command_result"
+        ]
+        assert [e["data"]["id"] for e in settled] == ["c0", "c1"]
+        assert _server_events(await _drain(viewer)) == []
+        await viewer.close()
+        await trainer.close()

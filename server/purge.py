@@ -11,6 +11,7 @@ run that still has its runs row.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -18,6 +19,17 @@ import time
 # (frames and histograms hold blobs: fewer of them), and a slice runs statements until
 # PURGE_SLICE_S has passed; the writer commits after each slice, between its batches.
 PURGE_SLICE_S = 0.02
+
+
+def _slice_s() -> float:
+    """PURGE_SLICE_S, or LAYERSCOPE_PURGE_SLICE_S from the writer's environment (a
+    number >= 0; 0: one statement a slice, as the tests use to make a purge take many
+    slices on any machine). Anything else is ignored."""
+    try:
+        value = float(os.environ.get("LAYERSCOPE_PURGE_SLICE_S", PURGE_SLICE_S))
+    except ValueError:
+        return PURGE_SLICE_S
+    return value if 0.0 <= value < 60.0 else PURGE_SLICE_S
 _MAX_KEY = 2**63 - 1
 # (what the statement runs over: the run's "series", its "layers" or the "run" itself,
 # the DELETE taking that id as ?1 and the limit as ?2, the limit). The children of a
@@ -72,7 +84,7 @@ class Purge:
         self.conn = conn
         self.pending = conn.execute("SELECT 1 FROM deleting LIMIT 1").fetchone() is not None
 
-    def slice(self, budget_s: float = PURGE_SLICE_S) -> int:
+    def slice(self, budget_s: float | None = None) -> int:
         """Delete some of the oldest deletion's rows, for about ``budget_s``; returns how
         many. The caller commits. A run whose rows are all gone leaves ``deleting``."""
         row = self.conn.execute("SELECT rk FROM deleting ORDER BY rk LIMIT 1").fetchone()
@@ -84,7 +96,7 @@ class Purge:
             # Never purge a run that is there (a deleting row that outlived a rollback).
             self.conn.execute("DELETE FROM deleting WHERE rk = ?", (rk,))
             return 0
-        deadline = time.monotonic() + budget_s
+        deadline = time.monotonic() + (_slice_s() if budget_s is None else budget_s)
         ids = {
             "series": [r[0] for r in self.conn.execute("SELECT sid FROM series WHERE rk = ?", (rk,))],
             "layers": [r[0] for r in self.conn.execute("SELECT lid FROM layers WHERE rk = ?", (rk,))],
@@ -96,8 +108,11 @@ class Purge:
                 while True:
                     n = self.conn.execute(sql, (key, limit)).rowcount
                     deleted += n
-                    if time.monotonic() >= deadline:
-                        return deleted  # the next slice goes on from here
+                    if deleted and time.monotonic() >= deadline:
+                        # the next slice goes on from here; a slice that has deleted
+                        # nothing yet goes on past its deadline, or a slow statement that
+                        # finds no rows would be run again by every slice, for ever
+                        return deleted
                     if n < limit:
                         break  # none of these left
         self.conn.execute("DELETE FROM deleting WHERE rk = ?", (rk,))

@@ -842,6 +842,15 @@ async def test_delete_run_removes_only_that_run(store: Store, tmp_path: Path) ->
 BIG_STEPS = 40_000  # x 3 series: 120k scalar rows, purged over many slices
 
 
+@pytest.fixture
+def short_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Purge slices of one DELETE statement each (LAYERSCOPE_PURGE_SLICE_S=0, read by the
+    writer process): how many rows a 20 ms slice removes depends on the machine's speed (a
+    fast one purged the whole big run between the delete and the next write); a
+    statement's rows do not. Ask for it before the store, which starts the writer."""
+    monkeypatch.setenv("LAYERSCOPE_PURGE_SLICE_S", "0")
+
+
 async def big_run(store: Store, run_id: str) -> None:
     """A run with BIG_STEPS steps of three series and a probe frame every 100 steps."""
     await store.hello(hello(run_id))
@@ -860,7 +869,7 @@ def rows_of(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 async def test_a_big_run_is_gone_at_once_and_purged_while_other_runs_commit(
-    store: Store, tmp_path: Path
+    short_slices: None, store: Store, tmp_path: Path
 ) -> None:
     """Deleting a run hides it in one small commit (no read finds it, no write reaches it,
     its id is free) and purges its rows in slices between other commits: another run's
@@ -894,7 +903,9 @@ async def test_a_big_run_is_gone_at_once_and_purged_while_other_runs_commit(
     assert left == kept_and_new
 
 
-async def test_a_purge_cut_short_by_a_restart_goes_on_at_the_next_start(tmp_path: Path) -> None:
+async def test_a_purge_cut_short_by_a_restart_goes_on_at_the_next_start(
+    tmp_path: Path, short_slices: None
+) -> None:
     """A server stopped mid-purge leaves the deleted run hidden (never half there) and the
     next server's writer finishes the purge."""
     first = Store(tmp_path / "data", commit_interval_s=0.005)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import pathlib
 import re
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from typing import Annotated, Any, Protocol
 
@@ -262,38 +261,8 @@ def get_run(run_id: RunId, store: StoreDep, hub: HubDep) -> dict[str, Any]:
     if run is None:
         raise _missing(run_id)
     run["trainer_connected"] = _connected(hub, run_id)
-    run["clock"] = store._read(lambda c: _clock(c, run_id))
+    run["clock"] = store.clock(run_id)
     return run
-
-
-def _clock(c: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
-    """The trainer's time_s at the first and last step of one series that has it (see
-    RunDetail.clock): two walks of the scalars' (sid, step) key, each ending at its first
-    row with a time_s."""
-    found = c.execute(
-        "SELECT s.sid FROM series s JOIN runs r ON s.rk = r.rk WHERE r.id = ?"
-        " ORDER BY s.name != 'loss', s.sid LIMIT 1",
-        (run_id,),
-    ).fetchone()
-    if found is None:
-        return None
-    ends = [
-        c.execute(
-            "SELECT step, time_s FROM scalars WHERE sid = ? AND time_s IS NOT NULL"
-            f" ORDER BY step {order} LIMIT 1",
-            found,
-        ).fetchone()
-        for order in ("ASC", "DESC")
-    ]
-    if ends[0] is None or ends[1] is None:
-        return None
-    (first_step, first_time), (last_step, last_time) = ends
-    return {
-        "first_step": first_step,
-        "first_time_s": first_time,
-        "last_step": last_step,
-        "last_time_s": last_time,
-    }
 
 
 @router.delete(

@@ -228,6 +228,38 @@ def run_detail(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
     return out
 
 
+def clock(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
+    """The trainer's own clock (its rows' time_s: seconds since its watch started) at the
+    first and last stored step of the loss series (the run's first series if it has no
+    loss), as ``{first_step, first_time_s, last_step, last_time_s}``; None for an unknown
+    run, a run with no series, or one whose series' rows carry no time_s. Two walks of the
+    scalars' (sid, step) key, each ending at its first row with a time_s."""
+    found = conn.execute(
+        "SELECT s.sid FROM series s JOIN runs r ON s.rk = r.rk WHERE r.id = ?"
+        " ORDER BY s.name != 'loss', s.sid LIMIT 1",
+        (run_id,),
+    ).fetchone()
+    if found is None:
+        return None
+    ends = [
+        conn.execute(
+            "SELECT step, time_s FROM scalars WHERE sid = ? AND time_s IS NOT NULL"
+            f" ORDER BY step {order} LIMIT 1",
+            found,
+        ).fetchone()
+        for order in ("ASC", "DESC")
+    ]
+    if ends[0] is None or ends[1] is None:
+        return None
+    (first_step, first_time), (last_step, last_time) = ends
+    return {
+        "first_step": first_step,
+        "first_time_s": first_time,
+        "last_step": last_step,
+        "last_time_s": last_time,
+    }
+
+
 def runs_with_status(conn: sqlite3.Connection, statuses: set[str]) -> list[str]:
     if not statuses:
         return []
@@ -238,6 +270,10 @@ def runs_with_status(conn: sqlite3.Connection, statuses: set[str]) -> list[str]:
             f"SELECT id FROM runs WHERE status IN ({marks}) ORDER BY rk", sorted(statuses)
         )
     ]
+
+
+def has_run(conn: sqlite3.Connection, run_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
 
 
 def acked_seq(conn: sqlite3.Connection, run_id: str) -> int:

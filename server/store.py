@@ -207,6 +207,14 @@ class Store:
     def run(self, run_id: str) -> dict[str, Any] | None:
         return self._read(lambda c: queries.run_detail(c, run_id))
 
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run with this id is stored (a deleted one is not: its row is gone)."""
+        return self._read(lambda c: queries.has_run(c, run_id))
+
+    def clock(self, run_id: str) -> dict[str, Any] | None:
+        """The trainer's clock at the run's first and last step (queries.clock), or None."""
+        return self._read(lambda c: queries.clock(c, run_id))
+
     def runs(
         self, limit: int | None = None, offset: int = 0, *, full_config: bool = True
     ) -> list[dict[str, Any]]:

@@ -7,9 +7,14 @@ the installed ``plotly`` package, so the dashboard works offline), ``/static/...
 generated from it) and the run page's preload list (its ES module graph, read from the
 modules' static imports).
 
+A page for something that is not stored (a run id no run has, a deleted run's URL
+included; a lab with no record; a comparison none of whose runs exists) is a 404,
+which app.py renders as the HTML not-found page with a link back to the runs, rather
+than a shell whose script then fails to load it.
+
 Never: renders data into the pages (the browser fetches it through the REST and
-websocket contract in ``http_api.md``), loads anything from a CDN, or serves a
-file outside the static directory.
+websocket contract in ``http_api.md``; a page checks only that what it shows exists),
+loads anything from a CDN, or serves a file outside the static directory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from layerscope.server import __version__
+from layerscope.server.labs import Labs
+from layerscope.server.store import Store
 from layerscope.trainer import wire
 from layerscope.web import STATIC_DIR, TEMPLATES_DIR
 
@@ -109,10 +116,23 @@ def runs_page(request: Request) -> Response:
     return templates.TemplateResponse(request, "runs.html", _context(request, page="runs"))
 
 
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _stored(store: Store, run_id: str) -> bool:
+    return 0 < len(run_id) <= wire.MAX_NAME_LEN and store.has_run(run_id)
+
+
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
 def run_page(request: Request, run_id: str) -> Response:
-    if not run_id or len(run_id) > wire.MAX_NAME_LEN:
-        raise HTTPException(404, f"run {run_id[:64]!r} not found")
+    """404 for a run id no stored run has (a typo, or a deleted run's page: its URL goes
+    with it); a launched run is stored before its id is answered, so its page opens."""
+    if not _stored(_store(request), run_id):
+        raise HTTPException(
+            404, f"run {run_id[:64]!r} not found; it may have been deleted, or the id mistyped"
+        )
     return templates.TemplateResponse(
         request,
         "run.html",
@@ -126,6 +146,17 @@ def compare_page(request: Request, ids: Annotated[list[str], Query()] = []) -> R
     ``?ids=a,b`` is split on commas (the older links' form)."""
     parts = ids[0].split(",") if len(ids) == 1 else ids
     run_ids = list(dict.fromkeys(x for x in (part.strip() for part in parts) if x))
+    # The page says which of its runs it could not load; with none of them there is
+    # nothing to compare (no ids at all: the page says to pick some on the runs page).
+    store = _store(request)
+    if run_ids and not any(_stored(store, run_id) for run_id in run_ids):
+        named = ", ".join(repr(run_id[:64]) for run_id in run_ids[:5])
+        more = f" and {len(run_ids) - 5} more" if len(run_ids) > 5 else ""
+        raise HTTPException(
+            404,
+            f"none of the runs to compare was found ({named}{more}); they may have been "
+            "deleted, or the ids mistyped",
+        )
     return templates.TemplateResponse(
         request, "compare.html", _context(request, page="compare", run_ids=run_ids)
     )
@@ -133,7 +164,9 @@ def compare_page(request: Request, ids: Annotated[list[str], Query()] = []) -> R
 
 @router.get("/labs/{lab_id}", response_class=HTMLResponse, include_in_schema=False)
 def lab_page(request: Request, lab_id: str) -> Response:
-    if not lab_id or len(lab_id) > 64:
+    """404 for a lab with no record under ``data_dir/labs`` (a malformed name has none)."""
+    path = Labs(request.app.state.settings.data_dir).path(lab_id)
+    if path is None or not path.is_file():
         raise HTTPException(404, f"lab {lab_id[:64]!r} not found")
     return templates.TemplateResponse(
         request, "lab.html", _context(request, page="lab", lab_id=lab_id)

@@ -1,8 +1,12 @@
-"""pages.py over real HTTP: the shells, the offline Plotly bundle, static files, the schema."""
+"""pages.py over real HTTP: the shells, the offline Plotly bundle, static files, the schema,
+and a 404 page for a run, lab or comparison that is not stored."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,9 +21,35 @@ from conftest import (
     write_recorded_run,
 )
 from layerscope.server import pages
+from layerscope.server.labs import Labs
 from layerscope.trainer import wire
 from layerscope.web import STATIC_DIR, TEMPLATES_DIR
 from playwright.sync_api import Browser, expect
+from websockets.sync.client import connect as ws_connect
+
+HTML_ID = '"><img src=x onerror=alert(1)>'
+
+
+def say_hello(server: LiveServer, run_id: str) -> None:
+    """A run stored as a trainer's hello stores it; the trainer then goes away."""
+    hello = {"type": "hello", "v": 1, "run_id": run_id, "layers": [], "last_cmd_seq": 0}
+    with ws_connect(server.url.replace("http://", "ws://") + "/ws/trainer") as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server of its own holding the runs some-run, a, c and one with HTML in its id, and
+    the lab 'lab0001' (a page opens only for what is stored)."""
+    data_dir = tmp_path_factory.mktemp("pages") / "data"
+    Labs(data_dir).save(
+        {"id": "lab0001", "kind": "init", "created_at": 1.0, "params": {}, "runs": []}
+    )
+    for server in serve(server_settings(data_dir)):
+        for run_id in ("some-run", "a", "c", HTML_ID):
+            say_hello(server, run_id)
+        yield server
 
 
 def test_plotly_is_served_from_the_installed_package_with_long_cache(server: LiveServer) -> None:
@@ -47,7 +77,8 @@ def test_static_files_revalidate_and_never_leave_the_static_folder(server: LiveS
         assert server.api("GET", odd).status_code == 404, odd
 
 
-def test_pages_render_their_shells(server: LiveServer) -> None:
+def test_pages_render_their_shells(stored: LiveServer) -> None:
+    server = stored
     runs = server.api("GET", "/")
     assert runs.status_code == 200 and 'src="/static/js/runs.js"' in runs.text
     run = server.api("GET", "/runs/some-run")
@@ -63,9 +94,9 @@ def test_pages_render_their_shells(server: LiveServer) -> None:
 
 
 def test_run_page_preloads_its_whole_module_graph_and_runs_plotly_itself(
-    server: LiveServer,
+    stored: LiveServer,
 ) -> None:
-    html = server.api("GET", "/runs/some-run").text
+    html = stored.api("GET", "/runs/some-run").text
     preloaded = set(re.findall(r'<link rel="modulepreload" href="/static/js/([\w.-]+)"', html))
     wanted: set[str] = set()
     todo = ["run.js"]
@@ -77,17 +108,56 @@ def test_run_page_preloads_its_whole_module_graph_and_runs_plotly_itself(
                 todo.append(name)
     assert "heatmaps.js" in wanted and preloaded == wanted
     for name in preloaded:
-        assert server.api("GET", f"/static/js/{name}").status_code == 200
+        assert stored.api("GET", f"/static/js/{name}").status_code == 200
     # Plotly is fetched at once but run by run.js, after the run's requests have gone out.
     assert re.search(r'<link rel="preload" as="script" href="/static/plotly\.min\.js\?v=', html)
     assert not re.search(r"<script[^>]*plotly\.min\.js", html)
 
 
-def test_run_ids_are_escaped_in_the_page(server: LiveServer) -> None:
-    response = server.api("GET", '/runs/"><img src=x onerror=alert(1)>')
-    assert response.status_code == 200
-    assert "<img src=x" not in response.text
-    assert "&lt;img src=x onerror=alert(1)&gt;" in response.text
+def test_run_ids_are_escaped_in_the_page(stored: LiveServer) -> None:
+    for path in (f"/runs/{HTML_ID}", "/runs/<img src=x>ghost"):  # stored, and a 404 page
+        response = stored.api("GET", path)
+        assert response.status_code == (200 if HTML_ID in path else 404), path
+        assert "<img src=x" not in response.text, path
+        assert "&lt;img src=x" in response.text, path
+
+
+def test_a_page_for_what_is_not_stored_is_an_html_404_with_a_link_back(
+    stored: LiveServer,
+) -> None:
+    """A well-formed lab name with no lab (/labs/abcdef12), a run id no run has, a deleted
+    run's page and a comparison of runs none of which exists answered 200 with the page's
+    shell, whose script then failed to load what it shows. Each is now the 404 page saying
+    what is missing, with a link back to the runs; a lab that is recorded, a comparison
+    with any of its runs stored and one of no runs still open."""
+    say_hello(stored, "doomed")
+    assert stored.api("GET", "/runs/doomed").status_code == 200
+    deadline = time.monotonic() + 10
+    while (gone := stored.api("DELETE", "/api/runs/doomed")).status_code == 409:
+        assert time.monotonic() < deadline, gone.text  # until its trainer has gone
+        time.sleep(0.02)
+    assert gone.status_code == 204
+    for path, says in [
+        ("/labs/abcdef12", "Lab &#39;abcdef12&#39; not found."),
+        ("/runs/ghost", "Run &#39;ghost&#39; not found; it may have been deleted"),
+        ("/runs/doomed", "Run &#39;doomed&#39; not found; it may have been deleted"),
+        (
+            "/compare?ids=ghost&ids=doomed",
+            "None of the runs to compare was found (&#39;ghost&#39;, &#39;doomed&#39;)",
+        ),
+        ("/compare?ids=" + ",".join("uvwxyz") + ",ghost", "&#39;y&#39; and 2 more)"),
+    ]:
+        response = stored.api("GET", path)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"].startswith("text/html"), path
+        assert says in response.text, (path, response.text)
+        assert '<a href="/">Back to the runs</a>' in response.text, path
+    for path in ("/labs/lab0001", "/compare?ids=ghost&ids=a", "/compare"):
+        response = stored.api("GET", path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith("text/html"), path
+    # the API keeps its JSON for the same run
+    assert stored.api("GET", "/api/runs/doomed").json() == {"detail": "run 'doomed' not found"}
 
 
 def test_experiment_schema_is_the_trainers(server: LiveServer) -> None:

@@ -23,7 +23,7 @@ from conftest import (
     wait_for,
     write_recorded_lab,
 )
-from playwright.sync_api import Browser, Page, Route, expect
+from playwright.sync_api import Browser, Page, Request, Route, expect
 
 pytestmark = pytest.mark.browser
 
@@ -259,6 +259,57 @@ def test_a_run_that_ended_without_probe_data_leaves_the_other_four_compared(
             expect(page.locator("#lab-step-value")).to_have_text("40")
             means = page.evaluate("document.getElementById('chart-mean').data.map(t => t.y.length)")
             assert means == [4] * 5
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+def test_the_batch_norm_twin_asks_before_launching_five_runs(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The "Same lab, batch norm on" button launched five training runs at one click: a stray click
+    started five trainers. It asks first, inline, naming the runs and their steps; Escape
+    and Cancel back out, and only the confirm sends the launch. This server allows no
+    launched run, so the launch it sends is refused (429) and nothing trains."""
+    data_dir = tmp_path / "data"
+    lab = write_recorded_lab(data_dir, "twinlab1")
+    launches: list[str] = []
+
+    def posted(request: Request) -> None:
+        if request.method == "POST" and "/api/labs" in request.url:
+            launches.append(request.url)
+
+    for server in serve(server_settings(data_dir, max_launched=0)):
+        page, guard = guarded_page(browser)
+        guard.expect_status(429)
+        page.on("request", posted)
+        try:
+            open_ready(page, f"{server.url}/labs/{lab['id']}")
+            button, confirm = page.locator("#lab-bn"), page.locator("#lab-bn-confirm")
+            expect(confirm).to_be_hidden()
+            button.click()
+            expect(confirm).to_be_visible()
+            expect(confirm).to_contain_text(
+                "Launch 5 training runs (zero, normal 0.01, normal 1.0, xavier, he), "
+                "the same lab with batch norm on"
+            )
+            expect(confirm).to_contain_text("50 steps each (250 steps in all)")
+            expect(button).to_have_attribute("aria-expanded", "true")
+            page.keyboard.press("Escape")
+            expect(confirm).to_be_hidden()
+            assert page.evaluate("document.activeElement.id") == "lab-bn"
+            button.click()
+            page.click("#lab-bn-cancel")
+            expect(confirm).to_be_hidden()
+            assert launches == []  # asked twice, backed out twice: nothing sent
+
+            button.click()
+            page.click("#lab-bn-go")
+            expect(confirm).to_be_hidden()
+            expect(page.locator(".toast")).to_contain_text("Not launched: the init lab launches 5")
+            expect(button).to_be_enabled()
+            assert launches == [f"{server.url}/api/labs/init"]
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

@@ -8,7 +8,9 @@
  * layer's unit_spread: the spread across units of their mean outputs) and a layers x
  * schemes grid of histograms.
  * A button launches the same lab with batch norm switched the other way (BN lowers the
- * dependence on initialisation: compare the two views). The "?" helps close on Escape
+ * dependence on initialisation: compare the two views), once an inline confirm naming
+ * the five runs and their steps is accepted (Escape or Cancel backs out): one stray click
+ * started five trainers. The "?" helps close on Escape
  * and on a click outside them (controls.js's closeDropdowns, as on the run page).
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
  * Never: changes a run (read-only), or draws a step that some run lacks.
@@ -189,8 +191,40 @@ async function draw() {
   document.body.dataset.step = String(state.step);
 }
 
+/** The twin lab in words: which runs, what changes, and what they cost in steps. */
+function twinText() {
+  const p = state.lab.params || {};
+  const runs = state.lab.runs;
+  const steps = Number(p.steps) || 0;
+  return `Launch ${runs.length} training runs (${runs.map((r) => r.label).join(", ")}), the same lab with `
+    + `batch norm ${p.batch_norm ? "off" : "on"}: ${p.activation} · depth ${p.depth} · width ${p.width} · `
+    + `${p.dataset} · seed ${p.seed}, ${steps} steps each (${runs.length * steps} steps in all)?`;
+}
+
+function askTwin() {
+  const box = $("lab-bn-confirm");
+  if (!box.hidden) return;
+  $("lab-bn-confirm-text").textContent = twinText();
+  $("lab-bn-go").textContent = `Launch ${state.lab.runs.length} runs`;
+  box.hidden = false;
+  $("lab-bn").setAttribute("aria-expanded", "true");
+  $("lab-bn-cancel").focus(); // Enter right after the click backs out, never launches
+}
+
+/** Closes the confirm; true when it was open. */
+function closeTwin() {
+  const box = $("lab-bn-confirm");
+  if (box.hidden) return false;
+  const hadFocus = box.contains(document.activeElement);
+  box.hidden = true;
+  $("lab-bn").setAttribute("aria-expanded", "false");
+  if (hadFocus) $("lab-bn").focus();
+  return true;
+}
+
 async function launchTwin() {
   const button = $("lab-bn");
+  closeTwin();
   button.disabled = true;
   try {
     const twin = await postJSON("/api/labs/init", { ...state.lab.params, batch_norm: !state.lab.params.batch_norm });
@@ -203,12 +237,14 @@ async function launchTwin() {
 }
 
 // The "?" helps close on Escape and on a click outside them, as the run page's do.
-document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeDropdowns(null); });
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && !closeTwin()) closeDropdowns(null); });
 document.addEventListener("click", (ev) => closeDropdowns(ev.target));
 
 async function main() {
   await loadLab();
-  $("lab-bn").addEventListener("click", launchTwin);
+  $("lab-bn").addEventListener("click", askTwin);
+  $("lab-bn-go").addEventListener("click", launchTwin);
+  $("lab-bn-cancel").addEventListener("click", closeTwin);
   const slider = $("lab-step");
   slider.addEventListener("input", () => {
     const i = Number(slider.value);

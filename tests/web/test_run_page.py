@@ -639,3 +639,46 @@ def test_a_run_being_uploaded_by_sync_says_so_and_its_controls_say_why_they_are_
             beater.join()
             page.context.close()
     assert not guard.errors, guard.errors
+
+
+def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_every_row(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A 44-layer net: the gradient-norm chart drew its 44 lines in ten cycled colours with
+    no legend (shallow and deep layers alike), and the dead-unit heatmap named every third
+    row. The lines run first layer to last on a sequential scale with a colour bar naming
+    both; the heatmap grows to name every row, and hover names the layer, step and value."""
+    data_dir = tmp_path / "data"
+    names = [f"block{i}.conv" for i in range(44)]
+    write_recorded_run(data_dir, "deep44", steps=40, layers=44, every=10, layer_names=names)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/deep44")
+            page.wait_for_function(
+                "document.getElementById('chart-grad').data?.length >= 44"
+                " && document.querySelectorAll('#chart-dead .ytick text').length > 0"
+            )
+            colors = page.evaluate(
+                "document.getElementById('chart-grad').data.slice(0, 44).map(t => t.line.color)"
+            )
+            assert colors[0] == "rgb(68, 1, 84)" and colors[-1] == "rgb(253, 231, 37)", colors
+            pass  # one colour a layer, in depth order
+            bar = page.locator("#chart-grad .colorbar")
+            expect(bar).to_contain_text("first: block0.conv")
+            expect(bar).to_contain_text("last: block43.conv")
+            expect(bar).to_contain_text("depth (44 layers)")
+
+            rows = page.evaluate(
+                "[...document.querySelectorAll('#chart-dead .ytick text')]"
+                ".map(t => [t.textContent, t.getBoundingClientRect().top])"
+            )
+            rows.sort(key=lambda r: r[1])
+            assert [r[0] for r in rows] == names  # every row named, first layer on top
+            tops = [r[1] for r in rows]
+            assert min(b - a for a, b in zip(tops, tops[1:], strict=False)) >= 9  # none overlap
+            hover = page.evaluate("document.getElementById('chart-dead').data[0].hovertemplate")
+            assert "%{y}" in hover and "step %{x}" in hover and "%{z" in hover
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors

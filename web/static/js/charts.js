@@ -16,6 +16,28 @@ export const MAX_POINTS = 4000;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
 
+/**
+ * Layers in depth order, first (input side) to last: a sequential scale (Viridis), so a
+ * chart with a line per layer reads shallow from deep at a glance.
+ */
+export const DEPTH_SCALE = [[0, "#440154"], [0.25, "#3b528b"], [0.5, "#21918c"], [0.75, "#5ec962"], [1, "#fde725"]];
+
+/** The DEPTH_SCALE colour of layer i of n (0: the first layer), as "rgb(r, g, b)". */
+export function depthColor(i, n) {
+  const t = n > 1 ? Math.min(1, Math.max(0, i / (n - 1))) : 0;
+  let k = 1;
+  while (k < DEPTH_SCALE.length - 1 && DEPTH_SCALE[k][0] < t) k++;
+  const [t0, c0] = DEPTH_SCALE[k - 1];
+  const [t1, c1] = DEPTH_SCALE[k];
+  const f = t1 > t0 ? (t - t0) / (t1 - t0) : 0;
+  const rgb = [1, 3, 5].map((o) => {
+    const a = parseInt(c0.slice(o, o + 2), 16);
+    const b = parseInt(c1.slice(o, o + 2), 16);
+    return Math.round(a + (b - a) * f);
+  });
+  return `rgb(${rgb.join(", ")})`;
+}
+
 const Plotly = () => window.Plotly;
 const USER_MARKER_COLOR = "#e3a52b";
 const RULE_MARKER_COLOR = "#e0609a";
@@ -200,6 +222,10 @@ export function stepShapes(cursor, markerSteps = [], alertSteps = []) {
 /**
  * A line chart over steps. Traces are [{name, color?, dash?}]; markers (command
  * markers) are a separate hover-able trace placed on trace 0.
+ * A chart of one line per layer (its div marked data-depth-colors, or depthColors) colours
+ * its lines by their order, first layer to last, on DEPTH_SCALE, and draws a colour bar
+ * naming the first and last layer: forty lines in ten cycled colours told nobody which
+ * line was deep.
  */
 export class LineChart {
   /**
@@ -207,8 +233,10 @@ export class LineChart {
    * decay: a flat line must not float in an arbitrary range, and 0 must show).
    * The range is recomputed (a full redraw) only when new data leaves it.
    */
-  constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true, zeroBased = false } = {}) {
+  constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true, zeroBased = false,
+    depthColors = div?.dataset?.depthColors !== undefined } = {}) {
     this.div = div;
+    this.depthColors = depthColors;
     this.zeroBased = zeroBased;
     this.maxPoints = maxPoints;
     this.logY = logY;
@@ -304,9 +332,11 @@ export class LineChart {
 
   plotData() {
     const data = [];
+    const n = this.traces.length;
     this.traces.forEach((t, i) => {
       const m = this.model[i];
-      const line = { color: t.color || COLORS[i % COLORS.length], width: 1.5, dash: t.dash || "solid" };
+      const color = this.depthColors ? depthColor(i, n) : t.color || COLORS[i % COLORS.length];
+      const line = { color, width: 1.5, dash: t.dash || "solid" };
       const smoothed = this.smoothing > 0 && t.smoothable !== false;
       data.push({ type: "scatter", mode: "lines", name: t.name,
         x: m.x.slice(), y: smoothed ? smooth(m.y, this.smoothing) : m.y.slice(), line,
@@ -323,7 +353,22 @@ export class LineChart {
           line: { color: "#0f1216", width: 1 } },
         hovertemplate: "%{text}<extra></extra>" });
     }
+    if (this.depthColors && n > 1) data.push(this.depthBar());
     return data;
+  }
+
+  /** A trace with no points that draws the depth colour bar: first layer at the bottom, last at the top. */
+  depthBar() {
+    const n = this.traces.length;
+    const first = this.traces[0].name;
+    const last = this.traces[n - 1].name;
+    // "markers+text": preview.js takes a "markers" trace for the command markers
+    return { type: "scatter", mode: "markers+text", name: "depth", showlegend: false, hoverinfo: "skip",
+      x: [null], y: [null],
+      marker: { color: [0], cmin: 0, cmax: n - 1, colorscale: DEPTH_SCALE, showscale: true,
+        colorbar: { thickness: 8, outlinewidth: 0, len: 0.9, x: 1.01, xpad: 4,
+          tickvals: [0, n - 1], ticktext: [`first: ${first}`, `last: ${last}`], tickfont: { size: 9 },
+          title: { text: `depth (${n} layers)`, side: "right", font: { size: 10 } } } } };
   }
 
   yRange() {

@@ -15,6 +15,9 @@ import { baseLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
 const Plotly = () => window.Plotly;
+const ROW_PX = 11; // a heatmap row high enough for its 9 px label
+const MAX_GROWN_ROWS = 120;
+const HEATMAP_MARGIN_Y = 38; // the layout's top and bottom margins
 const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
 
 /** Layers × steps heatmap of one probe statistic in [0, 1]. */
@@ -83,6 +86,22 @@ export class LayerHeatmap {
   setCursor(step) { this.cursor = step; scheduler.mark(this); }
   setMarkers(steps) { this.markers = steps; scheduler.mark(this); }
 
+  /**
+   * Grows the chart's div so `n` rows get ROW_PX each (at most MAX_GROWN_ROWS' worth);
+   * returns the height it set, or null when its own (CSS) height holds them.
+   */
+  fitRows(n) {
+    if (this.baseHeight === undefined) this.baseHeight = this.div.clientHeight || 260;
+    const needed = Math.min(n, MAX_GROWN_ROWS) * ROW_PX + HEATMAP_MARGIN_Y;
+    if (needed <= this.baseHeight) {
+      const grown = this.div.style.height;
+      this.div.style.height = "";
+      return grown ? this.baseHeight : null; // back to its own height, which Plotly was told otherwise
+    }
+    this.div.style.height = `${needed}px`;
+    return needed;
+  }
+
   draw() {
     const P = Plotly();
     if (!P) return Promise.resolve();
@@ -106,6 +125,8 @@ export class LayerHeatmap {
       }), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
+    const rows = kept.map((i) => this.layers[i]);
+    const height = this.fitRows(rows.length);
     const data = [{
       type: "heatmap", x: this.steps.slice(), y: kept.map((i) => this.layers[i]), z: kept.map((i) => this.z[i].slice()),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 1,
@@ -118,11 +139,16 @@ export class LayerHeatmap {
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
       // category: layer names like nn.Sequential's "0.1", "0.10", "1" are labels, not
       // numbers (a linear axis drew "0.1" and "0.10" on one row)
+      // every row named (Plotly thinned a 44-row axis to every third label): the chart
+      // grows to ROW_PX a row, up to MAX_GROWN_ROWS rows; past that every k-th row is
+      // named and hover names each
       yaxis: {
         ...baseLayout().yaxis, type: "category", autorange: "reversed",
         tickfont: { size: 9 }, automargin: true,
+        tickmode: "array", tickvals: rows.filter((_, j) => j % Math.ceil(rows.length / MAX_GROWN_ROWS) === 0),
       },
       shapes,
+      ...(height ? { height } : {}),
     });
     return P.react(this.div, data, layout, PLOT_CONFIG);
   }

@@ -129,12 +129,24 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     assert server.run(run_id)["last_step"] == paused_step, "the trainer kept stepping while paused"
 
     expect(step_once).to_be_enabled()
-    step_once.click()
-    wait_for(lambda: server.run(run_id)["last_step"] == paused_step + 1, 20, "one more step")
+    # Four quick clicks, a real mouse's, none waiting for the last: four steps. A click
+    # while the previous step_once was pending was lost (the button was disabled for it).
+    box = step_once.bounding_box()
+    assert box
+    for _ in range(4):
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    wait_for(lambda: server.run(run_id)["last_step"] == paused_step + 4, 30, "four more steps")
+    expect(step_once).to_have_text("Step once")  # every queued click sent and acknowledged
     time.sleep(1.0)
-    assert server.run(run_id)["last_step"] == paused_step + 1
+    assert server.run(run_id)["last_step"] == paused_step + 4
+    steps = server.api("GET", f"/api/runs/{run_id}/commands").json()[-4:]
+    assert [c["name"] for c in steps] == ["step_once"] * 4
+    assert [c["applied_at_step"] for c in steps] == list(range(paused_step, paused_step + 4))
 
-    page.locator("body").press("Space")  # Space toggles pause: resume
+    # Space toggles pause: resume (from the page, not the focused Step once: a button
+    # takes the Space that falls on it)
+    page.evaluate("document.activeElement.blur()")
+    page.locator("body").press("Space")
     expect(pause).to_have_text("Pause", timeout=20_000)
     expect(page.locator("#status")).to_have_text("running", timeout=20_000)
     wait_for(lambda: server.run(run_id)["last_step"] > paused_step + 5, 20, "training to resume")

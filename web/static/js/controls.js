@@ -12,6 +12,11 @@
  * otherwise stay pending for good.
  * In replay (showAt) the bar shows the state as acknowledged by the cursor's step: the
  * last acknowledged command applied at or before it.
+ * Step once is the one command that is not a target state: every click is a step. The
+ * trainer applies the step_once commands it drains at one step boundary as one step, so
+ * the bar sends one at a time: a click while one is pending is queued (the button says
+ * "+N") and sent once the previous one is acknowledged (4 quick clicks lost all but the
+ * first, or merged); the queue is dropped when the run resumes, ends, or a step fails.
  * Never: shows a state the trainer has not acknowledged, or sends while no trainer
  * is connected or the run has ended (the buttons say why they are disabled).
  */
@@ -85,6 +90,7 @@ export class Controls {
     this.onRender = null;       // called after every render (the Rules group follows this bar)
     this.extraPending = null;   // () => ids of the Rules group's pending commands
     this.resendWanted = false;  // the socket dropped with commands pending: send them again
+    this.stepQueue = 0;         // Step once clicks made while one was pending: sent one by one
     this.status = "starting";
     this.trainerConnected = false;
     this.uploading = false;
@@ -175,7 +181,10 @@ export class Controls {
     if (trainerConnected !== undefined) this.trainerConnected = trainerConnected;
     if (uploading !== undefined) this.uploading = uploading;
     if (socketOpen !== undefined) this.socketOpen = socketOpen;
-    if (ENDED.has(this.status)) this.pending.clear();
+    if (ENDED.has(this.status)) {
+      this.pending.clear();
+      this.stepQueue = 0;
+    }
     this.render();
     this.maybeResend();
   }
@@ -198,6 +207,7 @@ export class Controls {
     if (!state) return;
     const before = this.state;
     this.state = { ...DEFAULT_STATE, ...state };
+    if (!this.state.paused) this.stepQueue = 0; // resumed: queued single steps mean nothing now
     if (step !== null) {
       for (const key of ["paused", "lr_scale", "weight_decay_enabled", "frozen"]) {
         if (!before || JSON.stringify(before[key]) !== JSON.stringify(this.state[key])) this.since[key] = step;
@@ -236,6 +246,7 @@ export class Controls {
   serverResult(msg) {
     if (!this.pending.has(msg.id)) return;
     if (msg.ok === false) {
+      if (this.pending.get(msg.id) === "step_once") this.stepQueue = 0;
       this.pending.delete(msg.id);
       toast(`Command refused: ${msg.reason || "unknown reason"}`, "error");
       this.render();
@@ -245,15 +256,29 @@ export class Controls {
   /** An event frame of kind "command_result" (the trainer's acknowledgement). */
   acknowledged(event) {
     const d = event.data || {};
+    const key = this.pending.get(d.id);
     const wasMine = this.pending.delete(d.id);
     if (d.ok === false) {
       if (wasMine) toast(`${d.name} failed: ${d.error || "no reason given"}`, "error");
+      if (key === "step_once") this.stepQueue = 0;
     } else if (d.state) {
       const step = d.applied_at_step ?? event.step;
       if (step !== null && step !== undefined) this.applied.set(d.id ?? `${d.name}@${step}`, { name: d.name, step, state: d.state });
       this.setState(d.state, step, d.name);
     }
+    if (key === "step_once") this.nextQueuedStep();
     this.render();
+  }
+
+  /** Sends the next queued Step once, if the run is still paused and commands can go. */
+  nextQueuedStep() {
+    if (!this.stepQueue || this.buttonPending("step_once")) return;
+    if (this.disabledReason() || !(this.state || DEFAULT_STATE).paused) {
+      this.stepQueue = 0;
+      return;
+    }
+    this.stepQueue--;
+    this.dispatch("step_once", "step_once", {});
   }
 
   /**
@@ -299,6 +324,11 @@ export class Controls {
   }
 
   click(key) {
+    if (key === "step_once" && this.buttonPending(key) && !this.disabledReason() && (this.state || DEFAULT_STATE).paused) {
+      this.stepQueue++; // sent once the pending one is acknowledged
+      this.render();
+      return;
+    }
     if (this.disabledReason() || this.buttonPending(key)) return;
     const s = this.state || DEFAULT_STATE;
     let name;
@@ -418,15 +448,21 @@ export class Controls {
       if (key === "pause-toggle") label = s.paused ? "Resume" : "Pause";
       const noWd = key === "wd-toggle" && this.noWeightDecay;
       if (key === "wd-toggle") label = noWd ? "Weight decay: 0" : `Weight decay: ${s.weight_decay_enabled ? "on" : "off"}`;
-      b.textContent = pending ? `${label} …` : label;
+      const queued = key === "step_once" && pending ? this.stepQueue : 0;
+      b.textContent = pending ? `${label} …${queued ? ` +${queued}` : ""}` : label;
       b.classList.toggle("pending", pending);
       b.classList.toggle("on", key === "wd-toggle" && !noWd && s.weight_decay_enabled);
       const notPaused = key === "step_once" && !s.paused;
       const stopping = key === "stop" && s.stopping;
-      b.disabled = !!reason || pending || noWd || notPaused || stopping;
+      // Step once stays clickable while pending: a click then is queued (see nextQueuedStep)
+      const queues = key === "step_once" && pending && !notPaused;
+      b.disabled = !!reason || (pending && !queues) || noWd || notPaused || stopping;
       // a greyed button says why, as the others do
-      b.title = reason || (noWd ? NO_WEIGHT_DECAY : pending ? "Waiting for the trainer to acknowledge"
-        : notPaused ? STEP_NEEDS_PAUSE : stopping ? STOPPING : "");
+      b.title = reason || (noWd ? NO_WEIGHT_DECAY
+        : queues ? `Waiting for the trainer to acknowledge; a click now queues one more step${queued ? ` (${queued} queued)` : ""}`
+          : pending ? "Waiting for the trainer to acknowledge"
+            : notPaused ? STEP_NEEDS_PAUSE : stopping ? STOPPING : "");
+      if (key === "step_once") b.dataset.queued = String(queued);
     }
     this.acked.textContent = this.describe();
     this.renderFreeze();

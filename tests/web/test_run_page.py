@@ -143,6 +143,21 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     assert [c["name"] for c in steps] == ["step_once"] * 4
     assert [c["applied_at_step"] for c in steps] == list(range(paused_step, paused_step + 4))
 
+    # The pause's marker names who sent it as a reload does: it read "by you (this page)"
+    # live and "by user · viewer 127.0.0.1:<port>" after a reload.
+    def pause_label() -> str:
+        texts = page.evaluate(
+            "document.getElementById('chart-lr').data.find(t => t.name === 'commands').text"
+        )
+        return str(
+            next(t for t in texts if t.startswith("pause · by ") and f"step {applied_at}" in t)
+        )
+
+    live_label = pause_label()
+    assert re.fullmatch(
+        rf"pause · by user · viewer 127\.0\.0\.1:\d+ · applied at step {applied_at}", live_label
+    ), live_label
+
     # Space toggles pause: resume (from the page, not the focused Step once: a button
     # takes the Space that falls on it)
     page.evaluate("document.activeElement.blur()")
@@ -150,6 +165,8 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     expect(pause).to_have_text("Pause", timeout=20_000)
     expect(page.locator("#status")).to_have_text("running", timeout=20_000)
     wait_for(lambda: server.run(run_id)["last_step"] > paused_step + 5, 20, "training to resume")
+    open_ready(page, f"{server.url}/runs/{run_id}")  # a reload: the marker reads the same
+    assert pause_label() == live_label
 
 
 def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
@@ -244,7 +261,8 @@ def test_another_tabs_freeze_is_marked_with_its_layers(
         texts = page.evaluate(
             "document.getElementById('chart-lr').data.find(t => t.name === 'commands').text"
         )
-        assert f"set_frozen freeze {layer} · by user · applied at step {at}" in texts, texts
+        wanted = rf"set_frozen freeze {re.escape(layer)} · by user · viewer 127\.0\.0\.1:\d+ · applied at step {at}"
+        assert any(re.fullmatch(wanted, t) for t in texts), texts
         expect(page.locator("#events")).to_contain_text(f"set_frozen freeze {layer} applied")
         other.click("button[data-cmd='unfreeze']")  # back as it was
         expect(other.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)

@@ -16,6 +16,9 @@ import { formatNumber } from "./charts.js";
 
 const MAX_LINES = 500;
 
+/** Who sent each command (its "command" event's source and origin, by command id): a live marker names them as a reloaded page's does. */
+const senders = new Map();
+
 function argsText(name, args, state) {
   if (args && Object.keys(args).length) {
     // a rule's proposal is relative to the scale the trainer acknowledged: {relative: 0.5}
@@ -119,6 +122,7 @@ export class EventLog {
       if (this.seen.has(key)) continue;
       this.seen.add(key);
       added++;
+      if (ev.kind === "command" && ev.data?.id) senders.set(ev.data.id, [ev.data.source, ev.data.origin]);
       this.list.prepend(this.line(ev));
       if (ev.kind === "alert") {
         if (!this.alertCount) this.alerts.replaceChildren();
@@ -207,7 +211,11 @@ export class Markers {
       label: `${what} · by ${who} · applied at step ${c.applied_at_step}` });
   }
 
-  /** A live command_result event; `sent` holds {args, source} of commands sent from this page. */
+  /**
+   * A live command_result event; `sent` holds {args} of commands sent from this page. Who
+   * sent it reads as after a reload (source · origin, from its "command" event): it read
+   * "you (this page)" live and "user · viewer ..." reloaded.
+   */
   fromEvent(ev, sent) {
     const d = ev.data || {};
     if (d.ok === false || !d.id || this.byId.has(d.id)) return;
@@ -218,7 +226,7 @@ export class Markers {
         label: `rule: ${d.reason || "no reason given"} · ${commandText(d.name, d.args, d.state)} · applied at step ${step}` });
       return;
     }
-    const who = mine ? "you (this page)" : d.source || "another client";
+    const who = (senders.get(d.id) || [d.source]).filter(Boolean).join(" · ") || "another client";
     this.byId.set(d.id, { step,
       // the acknowledgement's own args: another tab's command is not in `sent`
       label: `${commandText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });

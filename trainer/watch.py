@@ -124,6 +124,7 @@ class Watch:
         self._pass_hook: torch.utils.hooks.RemovableHandle | None = None
         self._count_hook: Any = None
         self._passes = 0
+        self._told_passes = False  # the MAX_PROBE_PASSES notice was given
         self.alerts: Alerts | None = None
         try:
             enabled = None if rules is True else [] if rules is False else list(rules)
@@ -371,19 +372,41 @@ class Watch:
                 # Outside any torch.compile trace: traced, the count would be replayed as a
                 # constant. The wrapper's ~2 us a pass is paid on probe steps only.
                 self._count_hook = torch.compiler.disable(self._count_pass)
-            self._pass_hook = self.model.register_forward_hook(self._count_hook)
+            self._pass_hook = self.model.register_forward_pre_hook(self._count_hook)
 
-    def _count_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        """After each forward pass of the model while armed: past ``MAX_PROBE_PASSES``
-        training passes, the probes' forward hooks come off (what they recorded stays for
-        the step's collect()), and this hook too. Evaluation passes (no_grad) are not
-        counted: the probes keep only the last of those."""
+    def _count_pass(self, module: nn.Module, args: Any) -> None:
+        """Before each forward pass of the model while armed: the one past
+        ``MAX_PROBE_PASSES`` training passes takes the probes' forward hooks off before
+        its layers run (what they recorded stays for the step's collect()), and this hook
+        too. Counted before the pass, not after it: counted after, the 64th pass took them
+        off, so a step of exactly 64 micro-batches, all recorded, lost its update ratios
+        with the probes' optimizer hooks. Evaluation passes (no_grad) are not counted: the
+        probes keep only the last of those."""
         if not torch.is_grad_enabled():
             return
         self._passes += 1
-        if self._passes >= MAX_PROBE_PASSES and self.probes is not None:
+        if self._passes > MAX_PROBE_PASSES and self.probes is not None:
             self.probes.disarm()
             self._stop_counting()
+            if not self._told_passes:
+                self._told_passes = True
+                self._tell_passes_cut(self.step_count + 1)
+
+    def _tell_passes_cut(self, step: int) -> None:
+        """Once a run: say that a probe step stopped recording at MAX_PROBE_PASSES (a log
+        line, and a ``log`` event on the run page). Else a gradient accumulation over more
+        micro-batches read as a whole step's statistics, and its probe steps' missing
+        update ratios (the probes' optimizer hooks are off with them) had no cause shown."""
+        message = (
+            f"probe step {step}: more than {MAX_PROBE_PASSES} training forward passes "
+            f"(gradient accumulation over more micro-batches, or forward passes without "
+            f"w.step()); its statistics describe the first {MAX_PROBE_PASSES}, and the "
+            "probes' optimizer hooks are off for it: no update ratios, gradient norms read "
+            "at w.step() (none if the gradients were zeroed before it). Said once a run"
+        )
+        if self.dist.is_primary:
+            log.warning("%s", message)
+        self._emit("log", {"message": message, "max_probe_passes": MAX_PROBE_PASSES})
 
     def _stop_counting(self) -> None:
         if self._pass_hook is not None:

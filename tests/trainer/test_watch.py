@@ -598,3 +598,39 @@ def test_forward_passes_without_a_step_keep_what_the_watch_holds_bounded(tmp_pat
     first, tenth = ({e["name"]: e for e in p["layers"]} for p in probes)
     assert sum(first["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 32 * 16
     assert sum(tenth["0"]["hist"]["counts"]) == 2 * 32 * 16
+
+
+def _accumulate(model: nn.Module, opt: torch.optim.Optimizer, passes: int) -> torch.Tensor:
+    """One optimizer step over ``passes`` micro-batches (gradient accumulation)."""
+    opt.zero_grad()
+    for i in range(passes):
+        loss = nn.functional.mse_loss(model(torch.full((4, 8), 0.1 * i)), torch.zeros(4, 3))
+        (loss / passes).backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_gradient_accumulation_past_max_probe_passes_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step of exactly MAX_PROBE_PASSES micro-batches is probed whole, update ratios
+    included (the probes came off at the 64th pass, so it had none and nothing said why);
+    one of more is described by its first MAX_PROBE_PASSES, and the run says so once (a
+    log line and a ``log`` event), however many probe steps it has."""
+    model, opt, _, _ = make_model()
+    with watch(model, opt, every=2, run_dir=tmp_path, server="") as w:
+        w.step(loss=_accumulate(model, opt, MAX_PROBE_PASSES))  # step 1, a probe step
+        w.step(loss=_accumulate(model, opt, MAX_PROBE_PASSES + 1))  # 2, probed
+        w.step(loss=_accumulate(model, opt, 1))
+        w.step(loss=_accumulate(model, opt, MAX_PROBE_PASSES + 3))  # 4, probed
+    fs = frames(tmp_path)
+    probes = {f["step"]: {e["name"]: e for e in f["layers"]} for f in fs if f["type"] == "probe"}
+    assert sorted(probes) == [1, 2, 4]
+    assert probes[1]["0"]["update_ratio"] is not None
+    assert sum(probes[1]["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 4 * 16
+    assert sum(probes[2]["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 4 * 16
+    logs = [f for f in fs if f["type"] == "event" and f["kind"] == "log"]
+    assert len(logs) == 1 and logs[0]["step"] == 1
+    assert logs[0]["data"]["message"].startswith(f"probe step 2: more than {MAX_PROBE_PASSES}")
+    said = [r for r in caplog.records if "training forward passes" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"

@@ -264,11 +264,10 @@ class Ingest:
         try:
             hello = wire.parse_trainer_frame(_payload(message), orjson.loads)
         except wire.WireError as exc:
-            await ws.close(exc.close_code or wire.CLOSE_POLICY, close_reason(f"bad hello: {exc}"))
+            await _refuse(ws, exc.close_code or wire.CLOSE_POLICY, f"bad hello: {exc}")
             return
         if hello["type"] != "hello":
-            reason = f"send hello first; got {hello['type']!r}"
-            await ws.close(wire.CLOSE_POLICY, reason)
+            await _refuse(ws, wire.CLOSE_POLICY, f"send hello first; got {hello['type']!r}")
             return
         run_id = hello["run_id"]
         try:
@@ -340,7 +339,7 @@ class Ingest:
             link.last_seen = loop.time()
             payload = _payload(message)
             try:
-                frame = wire.parse_trainer_frame(payload, orjson.loads)
+                frame = wire.parse_trainer_frame(payload, orjson.loads, run_id=run_id)
             except wire.WireError as exc:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))
@@ -374,6 +373,15 @@ class Ingest:
                         link.status = status
                     if shown:
                         self.hub.publish_status(run_id, status)
+
+
+async def _refuse(ws: WebSocket, code: int, message: str) -> None:
+    """Refuse a connection before its welcome: an error frame with the whole message (a
+    close reason holds 123 bytes, which cut off what a long field value left after it),
+    then the close."""
+    with contextlib.suppress(Exception):  # already closing from the other side
+        await ws.send_text(wire.encode({"type": "error", "message": message}))
+        await ws.close(code, close_reason(message))
 
 
 def settled_unapplied(row: dict[str, Any]) -> bool:

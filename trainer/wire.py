@@ -26,9 +26,12 @@ trainer -> server
   probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
               dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
               update_ratio, unit_spread, hist: {lo, hi, counts: [int]}}]}
-                                       (absent stats are null)
-  event      {seq, step, kind, data}   kind in EVENT_KINDS
+                                       (absent stats are null; hist lo <= hi)
+  event      {seq, step, kind, data}   kind in EVENT_KINDS; a status event's
+                                       data.status is one of RUN_STATUSES
   heartbeat  {step, status}            (not stored, no seq)
+  Frames after the hello are the hello's run's: they need no run_id, and one naming
+  another run is refused.
 
 server -> trainer
   ack        {seq}                      highest contiguous committed seq
@@ -50,7 +53,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
-from operator import itemgetter
+from operator import itemgetter, le
 from typing import Any
 
 VERSION = 1
@@ -314,11 +317,20 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
         "layers": layers,
         "last_acked_seq": _int(msg, "last_acked_seq") if "last_acked_seq" in msg else 0,
         "last_cmd_seq": _int(msg, "last_cmd_seq") if "last_cmd_seq" in msg else 0,
-        "device": str(msg.get("device", ""))[:MAX_NAME_LEN],
+        "device": _device(msg.get("device")),
         "world_size": _int(msg, "world_size", minimum=1) if "world_size" in msg else 1,
         "instance": _instance(msg.get("instance")),
         "upload": _flag(msg, "upload"),
     }
+
+
+def _device(value: Any) -> str:
+    """A hello's device: a string (kept to MAX_NAME_LEN characters); absent or null: ""."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise WireError(f"'device' must be a string or null, got {type(value).__name__}")
+    return value[:MAX_NAME_LEN]
 
 
 def _flag(msg: dict[str, Any], key: str) -> bool:
@@ -387,15 +399,18 @@ def validate_probe(msg: dict[str, Any]) -> dict[str, Any]:
     return _validate_probe(msg, maybe_bools=True)
 
 
-def _validate_probe(msg: dict[str, Any], *, maybe_bools: bool) -> dict[str, Any]:
+def _validate_probe(
+    msg: dict[str, Any], *, maybe_bools: bool, strict: bool = True
+) -> dict[str, Any]:
     """maybe_bools=False: the caller knows no value in msg is a bool (parse_trainer_frame,
-    whose text holds no ``true``/``false``), which spares the fast path a type walk."""
+    whose text holds no ``true``/``false``), which spares the fast path a type walk.
+    strict=False: a frame read back from the store (see parse_trainer_frame)."""
     seq = _int(msg, "seq", minimum=1)
     step = _int(msg, "step")
     given = _list(msg, "layers", MAX_LAYERS)
     layers = _clean_probe_layers(given, maybe_bools)
     if layers is None:
-        layers = [_probe_layer(i, layer) for i, layer in enumerate(given)]
+        layers = [_probe_layer(i, layer, strict) for i, layer in enumerate(given)]
     return {"type": "probe", "seq": seq, "step": step, "layers": layers}
 
 
@@ -463,8 +478,12 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
         counts: list[Any] = list(map(itemgetter("counts"), hists))
         if set(map(type, counts)) != _LIST_ONLY or max(map(len, counts)) > MAX_BINS:
             return None
-        bounds = [*map(itemgetter("lo"), hists), *map(itemgetter("hi"), hists)]
+        los = list(map(itemgetter("lo"), hists))
+        his = list(map(itemgetter("hi"), hists))
+        bounds = [*los, *his]
         if set(map(type, bounds)) != _FLOAT_ONLY or not math.isfinite(sum(bounds)):
+            return None
+        if not all(map(le, los, his)):  # a range upside down: _probe_layer names it
             return None
         cells = list(chain.from_iterable(counts))
         if cells:
@@ -478,7 +497,7 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
     return out
 
 
-def _probe_layer(i: int, layer: Any) -> dict[str, Any]:
+def _probe_layer(i: int, layer: Any, strict: bool = True) -> dict[str, Any]:
     """One layer, checked field by field: names the first bad field."""
     if not isinstance(layer, dict):
         raise WireError(f"layers[{i}] must be an object")
@@ -507,12 +526,18 @@ def _probe_layer(i: int, layer: Any) -> dict[str, Any]:
             lo = _num(lo, f"layers[{i}].hist.lo")
         if type(hi) is not float or not math.isfinite(hi):
             hi = _num(hi, f"layers[{i}].hist.hi")
+        if strict and lo is not None and hi is not None and lo > hi:
+            raise WireError(
+                f"layers[{i}].hist.lo ({lo!r}) is above layers[{i}].hist.hi ({hi!r});"
+                " a histogram's range must have lo <= hi"
+            )
         hist = {"lo": lo, "hi": hi, "counts": counts}
     out["hist"] = hist
     return out
 
 
-def validate_event(msg: dict[str, Any]) -> dict[str, Any]:
+def validate_event(msg: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    """strict=False: a frame read back from the store (see parse_trainer_frame)."""
     seq = _int(msg, "seq", minimum=1)
     step = _int(msg, "step")
     kind = msg.get("kind")
@@ -533,6 +558,12 @@ def validate_event(msg: dict[str, Any]) -> dict[str, Any]:
             raise WireError(f"{kind} event: data.{key} must be {allowed} or null")
         if type(value) is int and not 0 <= value <= MAX_INT:
             raise WireError(f"{kind} event: data.{key} must be from 0 to {MAX_INT}")
+    if strict and kind == "status" and data.get("status") not in RUN_STATUSES:
+        # It sets the run's status: one it does not know would be stored and do nothing.
+        raise WireError(
+            f"status event: data.status must be one of {list(RUN_STATUSES)},"
+            f" got {data.get('status')!r:.80}"
+        )
     return {"type": "event", "seq": seq, "step": step, "kind": kind, "data": data}
 
 
@@ -564,14 +595,32 @@ _VALIDATORS = {
 
 
 def parse_trainer_frame(
-    text: str | bytes, loads: Callable[[str], Any] | None = None
+    text: str | bytes, loads: Callable[[str], Any] | None = None, *, run_id: str | None = None
 ) -> dict[str, Any]:
-    """Decode (``loads`` as in ``decode``) and validate one trainer -> server frame."""
+    """Decode (``loads`` as in ``decode``) and validate one trainer -> server frame.
+
+    ``run_id``: the run the connection's hello named, for a frame as the server receives
+    it. A frame after the hello needs no ``run_id`` (the connection is one run's); one
+    naming another run is refused, not stored as this run's. Refused too then (checks
+    that came after frames were first stored as their wire text, which the store reads
+    back through here without ``run_id``, so a frame once stored stays readable): a
+    histogram whose ``lo`` is above its ``hi``, and a status event whose ``data.status``
+    is not a run status."""
     msg = decode(text, loads)
+    strict = run_id is not None
+    if strict and msg["type"] != "hello":
+        named = msg.get("run_id")
+        if named is not None and named != run_id:
+            raise WireError(
+                f"{msg['type']} frame names run {named!r:.80} but this connection's hello"
+                f" named {run_id!r:.80}; send each run's frames on its own connection"
+            )
     if msg["type"] == "probe":
         # JSON makes a bool only of these words: text without them holds none.
         maybe_bools = not isinstance(text, str) or "true" in text or "false" in text
-        return _validate_probe(msg, maybe_bools=maybe_bools)
+        return _validate_probe(msg, maybe_bools=maybe_bools, strict=strict)
+    if msg["type"] == "event":
+        return validate_event(msg, strict=strict)
     validator = _VALIDATORS.get(msg["type"])
     if validator is None:
         raise WireError(

@@ -214,6 +214,27 @@ async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_i
     assert httpx.get(f"{shared_server}/api/runs").json() == before
 
 
+@pytest.mark.parametrize(
+    ("hello", "named"),
+    [
+        # a close reason holds 123 bytes: the id's repr alone took them, not the reason
+        ({"run_id": "x/" * 100}, "must be a plain name: no '/'"),
+        ({"device": {"type": "cuda"}}, "'device' must be a string or null, got dict"),
+    ],
+)
+async def test_a_refused_hello_gets_the_whole_reason_in_an_error_frame_then_1008(
+    shared_server: LiveServer, run_id: str, hello: dict[str, Any], named: str
+) -> None:
+    before = httpx.get(f"{shared_server}/api/runs").json()
+    async with connect(shared_server.ws("/ws/trainer")) as ws:
+        await ws.send(json.dumps({**hello_frame(run_id), **hello}))
+        error = strict_loads(await asyncio.wait_for(ws.recv(), 10))
+        assert error["type"] == "error" and named in error["message"], error
+        await ws.wait_closed()
+        assert ws.close_code == wire.CLOSE_POLICY
+    assert httpx.get(f"{shared_server}/api/runs").json() == before
+
+
 async def test_a_status_event_ends_the_run_and_viewers_see_it(
     shared_server: LiveServer, run_id: str
 ) -> None:
@@ -446,6 +467,23 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
             "layers[0].std must be a number",
         ),
         ({"type": "event", "seq": 3, "step": 1, "kind": "gossip"}, "unknown event kind"),
+        (
+            {
+                "type": "probe",
+                "seq": 3,
+                "step": 1,
+                "layers": [{"name": "a", "hist": {"lo": 2.0, "hi": 1.0, "counts": [4, 4]}}],
+            },
+            "layers[0].hist.lo (2.0) is above layers[0].hist.hi (1.0)",
+        ),
+        (
+            {"type": "event", "seq": 3, "step": 1, "kind": "status", "data": {"status": "exploded"}},
+            "data.status must be one of",
+        ),
+        (
+            {"type": "metrics", "seq": 3, "run_id": "another-run", "rows": []},
+            "metrics frame names run 'another-run'",
+        ),
         ({"type": "weights", "seq": 3}, "unknown frame type"),
         ({"type": "metrics", "v": 99, "seq": 3, "rows": []}, "schema version"),
         ([1, 2, 3], "JSON object"),

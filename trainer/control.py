@@ -92,7 +92,7 @@ class Control:
         self.used_weight_decay: list[float | None] = []
         # Per param group, what the pre-step hook replaced and what it put there (see
         # _pre_step); empty between steps unless a step raised before its post-hook ran.
-        self._saved: list[tuple[Any, Any, list[Any] | None, Any, Any, Any]] = []
+        self._saved: list[tuple[Any, Any, list[Any] | None, Any, Any, Any, int | None]] = []
         self._handles: list[Any] = []
         self._steers = False
         # The wrapper _guard_step puts on optimizer.step, and what it replaced there
@@ -203,8 +203,11 @@ class Control:
             lr, wd = group.get("lr"), group.get("weight_decay")
             params: list[Any] | None = None
             lr_set = wd_set = kept = None
+            lr_version: int | None = None
             if lr is not None and self.lr_scale != 1.0:
                 group["lr"] = lr_set = lr * self.lr_scale
+                if isinstance(lr_set, torch.Tensor):
+                    lr_version = lr_set._version  # a later in-place write is not the hook's
             if wd is not None and not self.weight_decay_enabled:
                 group["weight_decay"] = wd_set = _NO_DECAY
             if self._frozen_params:
@@ -218,7 +221,7 @@ class Control:
                 # Taking the params out of the group for this one step also stops momentum,
                 # Adam's moments and decoupled weight decay from moving them.
                 group["params"] = kept
-            self._saved.append((lr, wd, params, lr_set, wd_set, kept))
+            self._saved.append((lr, wd, params, lr_set, wd_set, kept, lr_version))
             self.used_lr.append(_host_float(group.get("lr")))
             self.used_weight_decay.append(_host_float(group.get("weight_decay")))
 
@@ -236,7 +239,11 @@ class Control:
         ``_guard_step``), and again by the next pre-step hook, the next step boundary and
         ``close()`` (for a step called past that wrapper); nothing to do after a step that
         returned. A value set since the hook ran (by the optimizer inside its step, or by
-        the user's code when the wrapper was bypassed) is not the hook's and stays."""
+        the user's code when the wrapper was bypassed) is not the hook's and stays. A
+        scheduler writes a tensor lr (capturable or fused optimizers) in place
+        (``fill_``), so the scaled tensor is still the group's, now holding the
+        scheduler's value: that value is copied into the user's own tensor, which goes
+        back in the group (put back unchanged, as it was, it lost the scheduler's step)."""
         if self._saved and self.optimizer is not None:
             self._restore(self.optimizer, only_unchanged=True)
         self._saved = []
@@ -245,9 +252,19 @@ class Control:
         """Put back what the pre-step hook replaced in each group; ``only_unchanged``:
         only where the group still holds what the hook put there."""
         saved, self._saved = self._saved, []
-        for group, (lr, wd, params, lr_set, wd_set, kept) in zip(
+        for group, (lr, wd, params, lr_set, wd_set, kept, lr_version) in zip(
             optimizer.param_groups, saved, strict=False
         ):
+            if (
+                only_unchanged
+                and lr_version is not None
+                and group.get("lr") is lr_set
+                and isinstance(lr_set, torch.Tensor)
+                and lr_set._version != lr_version
+                and isinstance(lr, torch.Tensor)
+            ):
+                with torch.no_grad():
+                    lr.copy_(lr_set)  # written in place since the hook: the user's value
             for key, old, new in (
                 ("lr", lr, lr_set),
                 ("weight_decay", wd, wd_set),

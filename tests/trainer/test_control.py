@@ -329,6 +329,42 @@ def test_a_raising_step_does_not_bake_the_lr_scale_into_a_chainable_scheduler(
     opt.step()
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_a_scheduler_step_after_a_raise_past_the_wrapper_is_kept_for_a_tensor_lr(
+    tensor_lr: bool,
+) -> None:
+    """A step called past the raise-undoing wrapper (a bound optimizer.step kept from
+    before the watch, as a trainer object built first holds it) raises; the loop steps
+    its scheduler, then the next step boundary undoes the hook. A float lr the scheduler
+    assigned stays (not the hook's); a tensor lr (capturable/fused optimizers) the
+    scheduler writes in place, and was put back as before the raise, the scheduler's
+    step lost. Both now keep it, the tensor one in the user's own tensor."""
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    lr0 = torch.tensor(1.0, dtype=torch.float64) if tensor_lr else 1.0
+    opt = torch.optim.SGD([w], lr=lr0)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    step_past_wrapper = opt.step
+    control = Control(None, opt)
+    opt.register_step_pre_hook(_refuse_nonfinite)
+    control.submit(cmd("set_lr_scale", value=0.1))
+    control.at_step_boundary(step=1)
+    opt.zero_grad()
+    (w.sum() * math.nan).backward()
+    with pytest.raises(FloatingPointError):
+        step_past_wrapper()
+    sched.step()  # from the scaled lr the hook left: 1.0 x 0.1 x 0.5
+    control.at_step_boundary(step=2)
+    group = opt.param_groups[0]
+    assert float(group["lr"]) == pytest.approx(0.05)  # the scheduler's, not 1.0
+    if tensor_lr:
+        assert group["lr"] is lr0
+    opt.zero_grad()
+    w.sum().backward()
+    opt.step()
+    assert control.used_lr == [pytest.approx(0.005)] and float(group["lr"]) == pytest.approx(0.05)
+    control.close()
+
+
 class _Subclassed(torch.optim.SGD):
     def step(self, closure: Any = None) -> Any:  # torch wraps both steps: hooks run twice
         return super().step(closure)

@@ -68,6 +68,7 @@ _INSTANCE = re.compile(f"[A-Za-z0-9._-]{{1,{MAX_INSTANCE_LEN}}}")
 MAX_ROWS = 10_000  # metric rows per frame
 MAX_VALUES_PER_ROW = 256  # scalar series per metric row
 MAX_CONFIG_BYTES = 64 * 1024  # run config in hello
+MAX_DEPTH = 32  # nesting of a hello's config and an event's data (objects and lists)
 MAX_INT = 2**62 - 1  # seq, step and other counters: SQLite's 64-bit integers, with room
 MAX_COUNT = 2**64 - 1  # one histogram bin's count (stored as up to 64 unsigned bits)
 
@@ -266,6 +267,24 @@ def plain_run_id(run_id: str) -> bool:
     return run_id not in (".", "..") and not any(c in run_id for c in "/\\\0")
 
 
+def _nesting(value: Any, where: str) -> None:
+    """Refuses ``value`` nested more than MAX_DEPTH objects/lists deep, by name (walked
+    without recursion: a few hundred levels made the recursive walks after it, and the
+    store's, raise RecursionError, which dropped the connection with no reason)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise WireError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+        stack.extend(zip(children, repeat(depth + 1)))
+
+
 def _obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
     value = msg.get(key)
     if not isinstance(value, dict):
@@ -293,6 +312,7 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
     config = msg.get("config", {})
     if not isinstance(config, dict):
         raise WireError("'config' must be an object")
+    _nesting(config, "'config'")
     if len(json.dumps(config, default=str)) > MAX_CONFIG_BYTES:
         raise WireError(f"'config' exceeds {MAX_CONFIG_BYTES} bytes")
     layers = []
@@ -546,6 +566,8 @@ def validate_event(msg: dict[str, Any], *, strict: bool = True) -> dict[str, Any
     data = msg.get("data", {})
     if not isinstance(data, dict):
         raise WireError("'data' must be an object")
+    if strict:
+        _nesting(data, "'data'")
     data = _clean(data)  # measured as sent: NaN/Inf become null
     if len(json.dumps(data, default=str)) > MAX_CONFIG_BYTES:
         raise WireError(f"event data exceeds {MAX_CONFIG_BYTES} bytes")
@@ -675,8 +697,11 @@ def validate_command(
             )
         raise WireError(f"unknown command source {source!r}")
     out = {"id": cmd_id, "name": name, "args": clean, "source": source}
-    if "reason" in msg:
-        out["reason"] = str(msg["reason"])[:1000]
+    reason = msg.get("reason")
+    if reason is not None:
+        if not isinstance(reason, str):  # its Python repr was stored as the reason
+            raise WireError(f"'reason' must be a string or null, got {type(reason).__name__}")
+        out["reason"] = reason[:1000]
     return out
 
 

@@ -220,6 +220,8 @@ async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_i
         # a close reason holds 123 bytes: the id's repr alone took them, not the reason
         ({"run_id": "x/" * 100}, "must be a plain name: no '/'"),
         ({"device": {"type": "cuda"}}, "'device' must be a string or null, got dict"),
+        # 500 levels passed the size limit, then failed to store: 1011 "reconnect", forever
+        ({"config": json.loads('{"a":' * 500 + "1" + "}" * 500)}, "'config' is nested more"),
     ],
 )
 async def test_a_refused_hello_gets_the_whole_reason_in_an_error_frame_then_1008(
@@ -479,6 +481,10 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
         (
             {"type": "event", "seq": 3, "step": 1, "kind": "status", "data": {"status": "exploded"}},
             "data.status must be one of",
+        ),
+        (  # 500 levels raised RecursionError: the connection dropped with no reason
+            {"type": "event", "seq": 3, "step": 1, "kind": "log", "data": json.loads('{"a":' * 500 + "1" + "}" * 500)},
+            "'data' is nested more than",
         ),
         (
             {"type": "metrics", "seq": 3, "run_id": "another-run", "rows": []},

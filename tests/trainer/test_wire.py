@@ -386,3 +386,32 @@ def test_a_hellos_device_is_a_string_or_null() -> None:
     for bad in ({"type": "cuda"}, 0, ["cpu"], True):
         with pytest.raises(wire.WireError, match="'device' must be a string or null"):
             wire.validate_hello({**hello, "device": bad})
+
+
+def test_a_config_or_event_data_nested_too_deep_is_refused_by_name() -> None:
+    def nested(depth: int) -> dict[str, Any]:
+        value: dict[str, Any] = {"x": 1}
+        for _ in range(depth - 1):
+            value = {"a": value}
+        return value
+
+    hello = {"type": "hello", "run_id": "r", "layers": []}
+    assert wire.validate_hello({**hello, "config": nested(wire.MAX_DEPTH)})["config"]
+    event = {"type": "event", "v": 1, "seq": 2, "step": 1, "kind": "log"}
+    assert wire.parse_trainer_frame(json.dumps({**event, "data": nested(wire.MAX_DEPTH)}), run_id="r")
+    # 500 levels passed the size limit, then raised RecursionError in the walks after it
+    for depth in (wire.MAX_DEPTH + 1, 500):
+        with pytest.raises(wire.WireError, match="'config' is nested more than 32 levels deep"):
+            wire.validate_hello({**hello, "config": nested(depth)})
+        with pytest.raises(wire.WireError, match="'data' is nested more than 32 levels deep"):
+            wire.parse_trainer_frame(json.dumps({**event, "data": nested(depth)}), run_id="r")
+    with pytest.raises(wire.WireError, match="'config' is nested"):
+        wire.validate_hello({**hello, "config": {"l": [[[[1]]]] * 2, "deep": [nested(40)]}})
+
+
+def test_a_commands_reason_is_a_string_not_the_repr_of_whatever_was_sent() -> None:
+    assert wire.validate_command({"name": "pause", "reason": "plateau"})["reason"] == "plateau"
+    assert "reason" not in wire.validate_command({"name": "pause", "reason": None})
+    for bad in ({"a": {"b": 1}}, ["x"], 5):
+        with pytest.raises(wire.WireError, match="'reason' must be a string or null"):
+            wire.validate_command({"name": "pause", "reason": bad})

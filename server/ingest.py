@@ -344,7 +344,7 @@ class Ingest:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))
                     return
-                link.send({"type": "error", "message": str(exc)})
+                link.send({"type": "error", "message": _refused(payload, exc)})
                 continue
             kind = frame["type"]
             if kind == "heartbeat":
@@ -373,6 +373,22 @@ class Ingest:
                         link.status = status
                     if shown:
                         self.hub.publish_status(run_id, status)
+
+
+def _refused(payload: str | bytes, exc: wire.WireError) -> str:
+    """An error frame's message for a frame refused mid-stream: which frame (its type and
+    seq, when it has them: frames are sent without waiting, so the error alone named a
+    field of some earlier frame), that it was not stored, and why."""
+    try:
+        msg = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return str(exc)
+    if not isinstance(msg, dict):
+        return str(exc)
+    kind, seq = msg.get("type"), msg.get("seq")
+    if not isinstance(kind, str) or type(seq) is not int:
+        return str(exc)
+    return f"{kind[:40]} frame seq {seq} not stored: {exc}"
 
 
 async def _refuse(ws: WebSocket, code: int, message: str) -> None:

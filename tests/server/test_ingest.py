@@ -506,6 +506,25 @@ async def test_wrong_types_get_an_error_naming_the_field(
     await trainer.close()
 
 
+async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    # Frames go out without waiting for an answer: an error naming only a field left the
+    # trainer guessing which of its frames was refused.
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 1))
+    await trainer.send({"type": "metrics", "seq": 2, "rows": [{"step": 2, "values": {"loss": "low"}}]})
+    await trainer.send(metrics_frame(3, 3))
+    assert await trainer.error() == (
+        "metrics frame seq 2 not stored: rows[0].values['loss'] must be a number or null, got str"
+    )
+    await trainer.wait_acked(1)
+    await trainer.send("{not json")  # no frame to name: the error alone
+    assert (await trainer.error()).startswith("malformed JSON")
+    assert_still_serving(shared_server, run_id, [1, 3])
+    await trainer.close()
+
+
 async def test_an_oversize_frame_closes_with_1009(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)

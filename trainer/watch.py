@@ -363,8 +363,13 @@ class Watch:
         return step == 1 or step % self.every == 0
 
     def _arm(self) -> None:
-        """Arm the probes for the next step, counting its training passes."""
+        """Arm the probes for the next step, counting its training passes. Not once
+        closed: a w.step() blocked while paused returns after a close() made on another
+        thread, and arming then left the counting hook on the model for good (holding the
+        closed watch, its probes and link, and costing each forward pass a call)."""
         assert self.probes is not None and self.model is not None
+        if self._closed:
+            return
         self.probes.arm()
         self._passes = 0
         if self._pass_hook is None:
@@ -373,6 +378,8 @@ class Watch:
                 # constant. The wrapper's ~2 us a pass is paid on probe steps only.
                 self._count_hook = torch.compiler.disable(self._count_pass)
             self._pass_hook = self.model.register_forward_pre_hook(self._count_hook)
+            if self._closed:  # closed on another thread meanwhile, after its own removal
+                self._stop_counting()
 
     def _count_pass(self, module: nn.Module, args: Any) -> None:
         """Before each forward pass of the model while armed: the one past

@@ -634,3 +634,20 @@ def test_gradient_accumulation_past_max_probe_passes_is_said_once(
     assert logs[0]["data"]["message"].startswith(f"probe step 2: more than {MAX_PROBE_PASSES}")
     said = [r for r in caplog.records if "training forward passes" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"
+
+
+def test_close_on_another_thread_while_paused_leaves_no_hooks(tmp_path: Path) -> None:
+    """A w.step() blocked while paused returns when another thread closes the watch; the
+    next step being a probe step, it armed the probes' pass counter then, and the model
+    kept that forward pre-hook (and, through it, the closed watch) for good."""
+    model, opt, x, y = make_model()
+    w = watch(model, opt, every=2, run_dir=tmp_path, server="")
+    w.control.submit(cmd("pause", 1))
+    t = threading.Thread(target=w.step, kwargs={"loss": train_step(model, opt, x, y)})
+    t.start()
+    wait_until(lambda: w.control_state["paused"])
+    w.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert statuses(frames(tmp_path)) == ["running", "paused", "finished"]

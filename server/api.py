@@ -307,9 +307,13 @@ def _remove_run_folder(data_dir: pathlib.Path, run_id: str) -> None:
     """A launched run's folder (data_dir/runs/<id>: its spool, checkpoints, trainer log)
     goes with the run; only a folder directly under data_dir/runs, whatever the id says."""
     root = (data_dir / "runs").resolve()
-    folder = (root / run_id).resolve()
-    if folder.parent == root and folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder = (root / run_id).resolve()
+        if folder.parent != root or not folder.is_dir():
+            return
+    except OSError:  # a name no folder can have (over 255 bytes of UTF-8): there is none
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _filename(run_id: str) -> str:

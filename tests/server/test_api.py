@@ -427,6 +427,28 @@ async def test_delete_waits_for_a_runs_upload_by_sync(live_server: LiveServer) -
         assert r.status_code == 204
 
 
+async def test_delete_of_a_run_whose_id_no_folder_can_have_is_204(live_server: LiveServer) -> None:
+    """200 Cyrillic letters are within the 256-character limit but 400 bytes, past the
+    filesystem's 255 for a name: looking for the run's folder raised, and the DELETE that
+    had already removed the run answered 500."""
+    long_id = "ю" * 200
+    (live_server.data_dir / "runs" / "other").mkdir(parents=True)  # data_dir/runs exists
+    for run_id in (long_id, "other"):
+        trainer = await FakeTrainer.connect(live_server, run_id)
+        await trainer.send(metrics_frame(1, 1, loss=1.0))
+        await trainer.wait_acked(1)
+        await trainer.close()
+    async with httpx.AsyncClient(base_url=live_server) as client:
+        deadline = asyncio.get_running_loop().time() + 15
+        while (r := await client.delete(f"/api/runs/{long_id}")).status_code == 409:
+            assert asyncio.get_running_loop().time() < deadline, r.text
+            await asyncio.sleep(0.05)
+        assert r.status_code == 204, r.text
+        assert (await client.get(f"/api/runs/{long_id}")).status_code == 404
+        assert (await client.get("/api/runs/other/series")).json()["loss"]["values"] == [1.0]
+    assert (live_server.data_dir / "runs" / "other").is_dir()
+
+
 async def test_openapi_documents_every_route(
     setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
 ) -> None:

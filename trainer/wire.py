@@ -88,6 +88,13 @@ COMMANDS = frozenset(
         "set_rules",
     }
 )
+# The args each command takes (the others take none); an arg not listed is refused.
+COMMAND_ARGS: dict[str, tuple[str, ...]] = {
+    "set_lr_scale": ("value",),
+    "set_weight_decay": ("enabled",),
+    "set_frozen": ("layers", "frozen"),
+    "set_rules": ("silenced", "auto_halve_lr", "auto_weight_decay"),
+}
 # The diagnostic rules (trainer/rules.py evaluates them); here so set_rules validates stdlib-only.
 RULE_NAMES = (
     "DeadUnits",
@@ -666,6 +673,13 @@ def validate_command(
     args = msg.get("args") or {}
     if not isinstance(args, dict):
         raise WireError("'args' must be an object")
+    takes = COMMAND_ARGS.get(name, ())
+    unknown = sorted(map(str, set(args) - set(takes)))
+    if unknown:  # they were dropped without a word: a misspelt arg did nothing
+        raise WireError(
+            f"{name} takes {'args.' + ', args.'.join(takes) if takes else 'no args'};"
+            f" got args.{', args.'.join(unknown)}"[:300]
+        )
     clean: dict[str, Any] = {}
     if name == "set_lr_scale":
         value = _num(args.get("value"), "args.value")

@@ -415,3 +415,20 @@ def test_a_commands_reason_is_a_string_not_the_repr_of_whatever_was_sent() -> No
     for bad in ({"a": {"b": 1}}, ["x"], 5):
         with pytest.raises(wire.WireError, match="'reason' must be a string or null"):
             wire.validate_command({"name": "pause", "reason": bad})
+
+
+def test_an_arg_a_command_does_not_take_is_refused_not_dropped() -> None:
+    for msg, named in [
+        ({"name": "pause", "args": {"x": 1}}, "pause takes no args; got args.x"),
+        ({"name": "set_lr_scale", "args": {"valeu": 0.5}}, "set_lr_scale takes args.value; got args.valeu"),
+        (
+            {"name": "set_frozen", "args": {"layers": ["fc1"], "frozen": True, "all": True}},
+            "set_frozen takes args.layers, args.frozen; got args.all",
+        ),
+    ]:
+        with pytest.raises(wire.WireError, match=named):
+            wire.validate_command(msg)
+    assert wire.validate_command({"name": "set_lr_scale", "args": {"value": 0.5}})["args"] == {
+        "value": 0.5
+    }
+    assert wire.validate_command({"name": "pause", "args": {}})["args"] == {}

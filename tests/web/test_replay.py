@@ -137,7 +137,9 @@ def test_play_moves_the_cursor_and_pause_holds_it(
     assert float(page.eval_on_selector("#replay", "el => el.dataset.pace")) == pytest.approx(
         trained
     )
-    page.select_option("#speed", "1")
+    # x0.1: a fast built-in run trains ~150 steps a second, so at x1 a starved page's
+    # next animation frame could carry the cursor to the end before the pause click
+    page.select_option("#speed", "0.1")
     page.click("#play")
     page.wait_for_function("Number(document.getElementById('replay').dataset.cursor) >= 3")
     page.click("#play")

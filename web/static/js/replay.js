@@ -1,5 +1,5 @@
 /**
- * replay.js — the step cursor of a finished run: a scrubber, play/pause at ×1 to
+ * replay.js — the step cursor of a finished run: a scrubber, play/pause at ×0.1 to
  * ×100, and `?step=N` deep links.
  *
  * Owns: the cursor's value and its movement over time, and Space on the scrubber

@@ -132,12 +132,12 @@ def test_a_long_upload_that_keeps_moving_does_not_time_out(tmp_path: Path) -> No
     on this machine) failed its first sync while the server was still acking. It is now the
     time the server may go without acknowledging anything new."""
     spool = tmp_path / "spool.bin"
-    offline_spool(spool, "long", 40)
-    # 40 acks 0.1 s apart: ~4 s in all, twice the timeout (a 1 s timeout flaked on a
-    # loaded two-core machine: a pause over 1 s between two acks)
-    slow = TrainerServer(ack_delay_s=0.1).start()
+    offline_spool(spool, "long", 50)
+    # 50 acks 0.12 s apart: ~6 s in all, 1.5 times the timeout (1 s, then 2 s timeouts
+    # flaked on a loaded two-core machine: pauses over 2 s between two acks at load 10)
+    slow = TrainerServer(ack_delay_s=0.12).start()
     try:
-        assert sync_spool(spool, slow.url, timeout_s=2.0) == 40
+        assert sync_spool(spool, slow.url, timeout_s=4.0) == 50
     finally:
         slow.close()
     stalled = TrainerServer(ack=False).start()

@@ -1,5 +1,6 @@
 """socket.js in headless Chromium: the viewer socket survives a server restart, says so while
-it is down, and resumes from the last seq it saw, so the loss curve has no gap.
+it is down, and resumes from the last seq it saw, so the loss curve has no gap; and the live
+update loop it feeds keeps up with a fast run without drawing charts nobody can see.
 
 The trainer is a real `python -m layerscope.trainer train` process started by the test (not
 by the server, so it outlives the restart); its link spools and resends while the server is
@@ -151,3 +152,57 @@ def test_a_trainer_gone_while_the_server_restarted_is_shown_gone_once_the_socket
     finally:
         for _ in second:
             pass
+
+
+# Counts each Plotly call that draws into a div, by the div's id (the page's drawing cost as
+# the charts see it, whatever the page's own bookkeeping says).
+COUNT_DRAWS_JS = """
+(() => {
+  window.__draws = {};
+  let plotly;
+  Object.defineProperty(window, "Plotly", { configurable: true, get: () => plotly, set: (v) => {
+    plotly = v;
+    for (const name of ["newPlot", "react", "extendTraces", "relayout"]) {
+      const call = v[name];
+      v[name] = function (div, ...args) {
+        window.__draws[div.id] = (window.__draws[div.id] || 0) + 1;
+        return call.call(this, div, ...args);
+      };
+    }
+  } });
+})();
+"""
+OFFSCREEN_INTERVAL_S = 5.0  # charts.js OFFSCREEN_INTERVAL_MS
+
+
+def test_a_live_run_redraws_the_charts_in_the_window_and_spares_those_below_it(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """A fast run (a probe frame every few ms) had every chart redrawn on every flush, the
+    ones below the fold included: with a 45-layer net two tabs on a 2-core machine were each
+    95-110% busy drawing, fell behind the run until the server closed their sockets (1013)
+    and showed a command's acknowledgement 7-20 s late (/tmp/h12g/repro.py). A chart outside
+    the window is now redrawn at most every OFFSCREEN_INTERVAL_MS (at once when it scrolls
+    in), while the loss curve in the window keeps moving. Counts, not times: a loaded
+    machine draws less often, never more."""
+    page.add_init_script(COUNT_DRAWS_JS)
+    open_ready(page, f"{server.url}/runs/{live_run['id']}")
+    below = "chart-update"  # under the fold of a 1440x1000 window
+    assert page.evaluate(
+        "id => document.getElementById(id).getBoundingClientRect().top > innerHeight", below
+    )
+    page.evaluate("window.__draws = {}")
+    window_s = 4.0
+    page.wait_for_timeout(window_s * 1000)
+    draws = page.evaluate("window.__draws")
+    assert draws.get("chart-loss", 0) >= 2, f"the loss curve stood still: {draws}"
+    # in 4 s at most one offscreen redraw (they are OFFSCREEN_INTERVAL_S apart)
+    assert draws.get(below, 0) <= window_s // OFFSCREEN_INTERVAL_S + 1, draws
+    assert draws.get("chart-grad", 0) <= window_s // OFFSCREEN_INTERVAL_S + 1, draws
+
+    # scrolled into view, it is drawn with what came meanwhile (it is spared, not frozen)
+    before = page.evaluate("id => window.__draws[id] || 0", below)
+    page.locator(f"#{below}").scroll_into_view_if_needed()
+    page.wait_for_function(
+        "([id, n]) => (window.__draws[id] || 0) > n", arg=[below, before], timeout=15_000
+    )

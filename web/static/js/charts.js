@@ -2,7 +2,9 @@
  * charts.js — the redraw scheduler, the shared Plotly theme and line charts.
  *
  * Owns: one requestAnimationFrame loop that redraws dirty charts at most ~10
- * times a second however fast frames arrive; LineChart, which keeps its own
+ * times a second however fast frames arrive (a chart outside the window at most
+ * every OFFSCREEN_INTERVAL_MS, and drawing never takes more than about half the
+ * main thread); LineChart, which keeps its own
  * bounded copy of every trace (decimated past maxPoints, the last point always
  * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
  * the replay cursor and command markers drawn on every time axis; removing a
@@ -12,6 +14,19 @@
 
 export const REDRAW_INTERVAL_MS = 100;
 const MAX_REDRAW_INTERVAL_MS = 500; // the live lag's bound; see Scheduler.flush
+/**
+ * A dirty chart outside the window is redrawn at most this often (at once when it scrolls
+ * in). A fast deep run (45 probed layers, a probe frame every 30 ms) had every chart
+ * redrawn on every flush, those below the fold included (the per-layer line charts, the
+ * histogram heatmap, 45 small multiples): the tab's main thread was 95-105% busy on a
+ * 2-core machine, its socket fell behind the run and a command's acknowledgement showed
+ * seconds late.
+ */
+export const OFFSCREEN_INTERVAL_MS = 5000;
+/** A tick draws charts until it has spent this long (one chart at least); the rest go on next frame. */
+const ROUND_BUDGET_MS = 40;
+/** A chart is redrawn no sooner than this many times its last draw's cost after it. */
+const COST_FACTOR = 4;
 export const MAX_POINTS = 4000;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
@@ -71,9 +86,13 @@ export function plotlyReady() {
 /**
  * Redraws dirty charts on animation frames, no more often than REDRAW_INTERVAL_MS;
  * a chart with a `due(now)` method (heatmaps: a summary of many steps, repainted
- * as an image, so once a second is plenty) waits until it says so. While held
+ * as an image, so once a second is plenty) waits until it says so, and a chart
+ * outside the window (an IntersectionObserver says which are in it) waits
+ * OFFSCREEN_INTERVAL_MS since its last draw, or until it scrolls in. While held
  * (a page loading its history) nothing draws on its own: drawing empty charts
  * first and again once the data arrive would cost the first paint a second here.
+ * `stats` counts what was drawn (draws, offscreen draws, ms spent drawing): the
+ * page's cost, read by tests and benchmarks.
  */
 class Scheduler {
   constructor() {
@@ -82,28 +101,118 @@ class Scheduler {
     this.frame = null;
     this.interval = REDRAW_INTERVAL_MS;
     this.held = false;
+    this.visible = new WeakMap(); // element -> in the window (absent: not known yet, taken as in it)
+    this.drawnAt = new WeakMap(); // chart -> performance.now() of its last draw
+    this.cost = new WeakMap(); // chart -> ms its last draw took
+    this.round = null; // a round of draws spread over animation frames: {started, drawn}
+    this.byElement = new WeakMap(); // element -> chart, for the observer's callback
+    this.observer = typeof IntersectionObserver === "function"
+      ? new IntersectionObserver((entries) => this.seen(entries)) : null;
+    this.stats = { flushes: 0, draws: 0, offscreenDraws: 0, drawMs: 0, byChart: {} };
   }
 
   mark(chart) {
+    this.observe(chart);
     this.dirty.add(chart);
+    this.schedule();
+  }
+
+  schedule() {
     if (this.frame === null && !this.held) this.frame = requestAnimationFrame((t) => this.tick(t));
+  }
+
+  observe(chart) {
+    const el = chart.div || chart.container;
+    if (!this.observer || !el || this.byElement.has(el)) return;
+    this.byElement.set(el, chart);
+    this.observer.observe(el);
+  }
+
+  seen(entries) {
+    for (const e of entries) {
+      this.visible.set(e.target, e.isIntersecting);
+      // scrolled in with changes not drawn yet: draw them now, not at the offscreen pace
+      if (e.isIntersecting && this.dirty.has(this.byElement.get(e.target))) this.schedule();
+    }
+  }
+
+  /** False only for a chart known to be outside the window. */
+  inWindow(chart) {
+    const el = chart.div || chart.container;
+    return !el || this.visible.get(el) !== false;
   }
 
   hold() { this.held = true; }
 
   release() {
     this.held = false;
-    if (this.dirty.size && this.frame === null) this.frame = requestAnimationFrame((t) => this.tick(t));
+    if (this.dirty.size) this.schedule();
   }
 
   tick(now) {
     this.frame = null;
     if (this.held) return;
-    if (window.Plotly && now - this.lastDraw >= this.interval) {
-      this.lastDraw = now;
-      this.flush(now);
+    if (window.Plotly && (this.round || now - this.lastDraw >= this.interval)) {
+      if (!this.round) {
+        this.lastDraw = now;
+        this.round = { started: performance.now(), drawn: 0 };
+        this.stats.flushes++;
+      }
+      if (!this.drawSome(now)) {
+        const { started, drawn } = this.round;
+        this.round = null;
+        const spent = performance.now() - started;
+        this.interval = Math.max(Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent)), 2 * drawn);
+      }
     }
     if (this.dirty.size) this.frame = requestAnimationFrame((t) => this.tick(t));
+  }
+
+  /**
+   * One animation frame's share of a round: the due charts, least recently drawn first,
+   * until ROUND_BUDGET_MS is spent (one at least); true when due ones are left for the
+   * next frame. A round of ten charts drawn in one task held the main thread for a second
+   * and more, and the socket's frames (a command's acknowledgement among them) waited.
+   */
+  drawSome(now) {
+    const due = [...this.dirty].filter((c) => this.due(c, now))
+      .sort((a, b) => (this.drawnAt.get(a) ?? -Infinity) - (this.drawnAt.get(b) ?? -Infinity));
+    const started = performance.now();
+    let i = 0;
+    for (; i < due.length && (i === 0 || performance.now() - started < ROUND_BUDGET_MS); i++) {
+      this.drawOne(due[i]).catch((e) => console.error("layerscope: a chart failed to draw", e));
+    }
+    this.round.drawn += performance.now() - started;
+    return i < due.length;
+  }
+
+  /** Draws one chart now, keeping its cost (see `due`) and the stats. */
+  drawOne(chart) {
+    this.dirty.delete(chart);
+    const t0 = performance.now();
+    this.drawnAt.set(chart, t0);
+    if (!this.inWindow(chart)) this.stats.offscreenDraws++;
+    const done = chart.draw();
+    const cost = performance.now() - t0; // Plotly draws synchronously, mostly
+    this.cost.set(chart, cost);
+    this.stats.draws++;
+    this.stats.drawMs += cost;
+    const id = (chart.div || chart.container)?.id || "?";
+    this.stats.byChart[id] = (this.stats.byChart[id] || 0) + cost;
+    return Promise.resolve(done);
+  }
+
+  /**
+   * At time `now` (a tick's): the chart's changes may be drawn: its own `due` agrees, it
+   * was drawn at least COST_FACTOR times its last draw's cost ago (a chart of 44 lines
+   * that takes 250 ms is redrawn every second or so, the loss curve as often as ever),
+   * and it is in the window or was last drawn OFFSCREEN_INTERVAL_MS ago.
+   */
+  due(chart, now) {
+    if (chart.due && !chart.due(now)) return false;
+    const since = now - (this.drawnAt.get(chart) ?? -Infinity);
+    if (since < COST_FACTOR * (this.cost.get(chart) ?? 0)) return false;
+    return this.inWindow(chart) || since >= OFFSCREEN_INTERVAL_MS;
   }
 
   /**
@@ -114,17 +223,23 @@ class Scheduler {
    * slow machine gets fewer frames and input and the socket stay responsive; but at
    * most MAX_REDRAW_INTERVAL_MS, since the wait is lag a viewer sees: with a 1 s cap
    * a loaded 2-core machine showed a live run up to 1.04 s late, with 0.5 s at most
-   * 0.52 s (benchmarks/browser.py --skip-paint --minutes 3, side by side).
+   * 0.52 s (benchmarks/browser.py --skip-paint --minutes 3, side by side). Unless
+   * a draw took longer than half that cap: then the wait is twice the draw, so that
+   * drawing holds at most half the main thread (the interval runs from the start of a
+   * flush: with the cap alone, draws of 500 ms or more followed each other back to
+   * back, and the socket's frames, input and acknowledgements queued behind them).
    */
   flush(now, only = () => true) {
-    const charts = [...this.dirty].filter((c) => (now === undefined || !c.due || c.due(now)) && only(c));
-    for (const c of charts) this.dirty.delete(c);
+    const charts = [...this.dirty].filter((c) => (now === undefined || this.due(c, now)) && only(c));
     const started = performance.now();
-    return Promise.all(charts.map((c) => c.draw()))
+    this.stats.flushes++;
+    const work = Promise.all(charts.map((c) => this.drawOne(c)));
+    const drawn = performance.now() - started;
+    return work
       .then(() => new Promise((resolve) => requestAnimationFrame(() => resolve())))
       .then(() => {
         const spent = performance.now() - started;
-        this.interval = Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent));
+        this.interval = Math.max(Math.min(MAX_REDRAW_INTERVAL_MS, Math.max(REDRAW_INTERVAL_MS, 4 * spent)), 2 * drawn);
       });
   }
 }

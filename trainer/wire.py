@@ -336,6 +336,7 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
                 "units": units,
             }
         )
+    _unique_names(layers)
     return {
         "type": "hello",
         "run_id": run_id,
@@ -438,6 +439,8 @@ def _validate_probe(
     layers = _clean_probe_layers(given, maybe_bools)
     if layers is None:
         layers = [_probe_layer(i, layer, strict) for i, layer in enumerate(given)]
+        if strict:
+            _unique_names(layers)
     return {"type": "probe", "seq": seq, "step": step, "layers": layers}
 
 
@@ -478,6 +481,8 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
         return None
     lengths = list(map(len, names))
     if min(lengths) == 0 or max(lengths) > MAX_NAME_LEN:
+        return None
+    if len(set(names)) != len(names):  # a name twice: the per-layer path names it
         return None
     stats = list(chain.from_iterable(map(_STATS_OF, out)))
     kinds = set(map(type, stats))
@@ -522,6 +527,19 @@ def _clean_probe_layers(layers: list[Any], maybe_bools: bool) -> list[dict[str, 
                 return None
         _consume(map(dict.__setitem__, with_hist, repeat("hist"), hists))
     return out
+
+
+def _unique_names(layers: list[dict[str, Any]]) -> None:
+    """Refuses a layer name given twice (rows are kept by layer name: the second one's
+    replaced the first's, which was lost without a word)."""
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        first = seen.setdefault(layer["name"], i)
+        if first != i:
+            raise WireError(
+                f"layers[{i}].name {layer['name']!r:.80} repeats layers[{first}].name;"
+                " each layer is named once"
+            )
 
 
 def _probe_layer(i: int, layer: Any, strict: bool = True) -> dict[str, Any]:

@@ -478,6 +478,15 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
             },
             "layers[0].hist.lo (2.0) is above layers[0].hist.hi (1.0)",
         ),
+        (  # the histogram API showed the second one's counts; the first was lost
+            {
+                "type": "probe",
+                "seq": 3,
+                "step": 1,
+                "layers": [{"name": "a", "mean": 1.0}, {"name": "a", "mean": 2.0}],
+            },
+            "layers[1].name 'a' repeats layers[0].name",
+        ),
         (
             {"type": "event", "seq": 3, "step": 1, "kind": "status", "data": {"status": "exploded"}},
             "data.status must be one of",

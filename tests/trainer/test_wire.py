@@ -432,3 +432,18 @@ def test_an_arg_a_command_does_not_take_is_refused_not_dropped() -> None:
         "value": 0.5
     }
     assert wire.validate_command({"name": "pause", "args": {}})["args"] == {}
+
+
+def test_a_layer_named_twice_is_refused_in_a_probe_and_a_hello() -> None:
+    msg = probe()
+    msg["layers"][2]["name"] = msg["layers"][0]["name"]
+    text = json.dumps(msg)
+    named = r"layers\[2\].name 'blocks.0.act' repeats layers\[0\].name"
+    with pytest.raises(wire.WireError, match=named):
+        wire.parse_trainer_frame(text, run_id="r")
+    with pytest.raises(wire.WireError, match=named):
+        wire.validate_probe(msg)
+    assert len(wire.parse_trainer_frame(text)["layers"]) == 3  # read back as stored
+    hello = {"type": "hello", "run_id": "r", "layers": [{"name": "fc"}, {"name": "fc"}]}
+    with pytest.raises(wire.WireError, match=r"layers\[1\].name 'fc' repeats layers\[0\].name"):
+        wire.validate_hello(hello)

@@ -55,6 +55,15 @@ def _host_float(value: Any) -> float | None:
     return None
 
 
+def _outside_trace(hook: Callable[..., None]) -> Callable[..., None]:
+    """``hook`` run eagerly when a ``torch.compile``d function calls ``optimizer.step()``
+    (PyTorch's compiled-optimizer recipe, an lr tensor stepped by a scheduler): traced,
+    the hooks' bookkeeping (the lr used, read as a float) broke the graph with a
+    19-line 'Graph break from Tensor.item()' warning pointing into this module, on every
+    compile. Eager steps skip this (``torch.compiler.disable`` costs ~1.5 us a call)."""
+    return torch.compiler.disable(hook)
+
+
 class Control:
     """Target state for one run plus the hooks that apply it to ``optimizer``."""
 
@@ -104,8 +113,8 @@ class Control:
         self.optimizer_steps = 0
         if optimizer is not None:
             self._claim(optimizer)
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
             self._guard_step(optimizer)
             self.used_lr = [_host_float(g.get("lr")) for g in optimizer.param_groups]
             self.used_weight_decay = [
@@ -194,6 +203,18 @@ class Control:
         return "paused" if self.paused else "running"
 
     # ---- optimizer hooks (run inside optimizer.step on the training thread) ----
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            _outside_trace(self._pre_step)(optimizer, args, kwargs)
+        else:
+            self._pre_step(optimizer, args, kwargs)
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            _outside_trace(self._post_step)(optimizer, args, kwargs)
+        else:
+            self._post_step(optimizer, args, kwargs)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.restore_after_raise()

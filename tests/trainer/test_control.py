@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from pathlib import Path
@@ -363,6 +364,51 @@ def test_a_scheduler_step_after_a_raise_past_the_wrapper_is_kept_for_a_tensor_lr
     opt.step()
     assert control.used_lr == [pytest.approx(0.005)] and float(group["lr"]) == pytest.approx(0.05)
     control.close()
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+# torch's own: dynamo tracing SGD.step touches torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_a_compiled_optimizer_step_is_steered_without_a_graph_break_warning() -> None:
+    """PyTorch's compiled-optimizer recipe (an lr tensor, optimizer.step() inside a
+    torch.compile'd function): traced, the hooks read the lr used as a float, and dynamo
+    logged a 19-line 'Graph break from Tensor.item()' warning pointing into control.py.
+    They run outside the trace now, and still on every call: a new scale, or an lr a
+    scheduler wrote in place, takes effect at the next compiled step."""
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    lr = torch.tensor(0.2, dtype=torch.float64)
+    opt = torch.optim.SGD([w], lr=lr)
+    control = Control(None, opt)
+    control.submit(cmd("set_lr_scale", value=0.5))
+    control.at_step_boundary(step=1)
+    step = torch.compile(lambda: opt.step(), backend="eager")
+    lines = _Lines()
+    dynamo_log = logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(lines)
+    moved = []
+    try:
+        for t, (scale, new_lr) in enumerate([(0.5, 0.2), (0.5, 0.2), (1.0, 0.2), (0.25, 0.4)]):
+            control.submit(cmd("set_lr_scale", value=scale))
+            lr.fill_(new_lr)  # a scheduler's write
+            control.at_step_boundary(step=t + 2)
+            before = w.detach().clone()
+            w.grad = torch.ones(1, dtype=torch.float64)
+            step()
+            moved.append(float((before - w.detach())[0]))
+    finally:
+        dynamo_log.removeHandler(lines)
+        control.close()
+    assert moved == pytest.approx([0.1, 0.1, 0.2, 0.1])
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == 0.4
+    assert not [line for line in lines.lines if "Graph break" in line], lines.lines
 
 
 class _Subclassed(torch.optim.SGD):

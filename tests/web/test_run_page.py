@@ -692,8 +692,11 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             colors = page.evaluate(
                 "document.getElementById('chart-grad').data.slice(0, 44).map(t => t.line.color)"
             )
-            assert colors[0] == "rgb(68, 1, 84)" and colors[-1] == "rgb(253, 231, 37)", colors
-            pass  # one colour a layer, in depth order
+            assert colors[0] == "rgb(91, 143, 249)" and colors[-1] == "rgb(253, 231, 37)", colors
+            # one colour a layer, in depth order: the blue channel falls from first to last
+            assert len(set(colors)) == 44, colors
+            blues = [int(c.rstrip(")").split(",")[2]) for c in colors]
+            assert blues == sorted(blues, reverse=True), blues
             bar = page.locator("#chart-grad .colorbar")
             expect(bar).to_contain_text("first: block0.conv")
             expect(bar).to_contain_text("last: block43.conv")

@@ -35,7 +35,9 @@ export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#
  * Layers in depth order, first (input side) to last: a sequential scale (Viridis), so a
  * chart with a line per layer reads shallow from deep at a glance.
  */
-export const DEPTH_SCALE = [[0, "#440154"], [0.25, "#3b528b"], [0.5, "#21918c"], [0.75, "#5ec962"], [1, "#fde725"]];
+// Blue (first layer) to yellow (last), every colour light enough to read on the dark
+// theme: Viridis's own first colours (#440154, #3b528b) all but vanished into it.
+export const DEPTH_SCALE = [[0, "#5b8ff9"], [0.35, "#2ec4b6"], [0.7, "#9bd65a"], [1, "#fde725"]];
 
 /** The DEPTH_SCALE colour of layer i of n (0: the first layer), as "rgb(r, g, b)". */
 export function depthColor(i, n) {

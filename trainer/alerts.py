@@ -88,20 +88,16 @@ class Alerts:
                 )
         if probe is not None:
             step, layers, scalars = probe
-            nonfinite_weights = self._nonfinite_weights(layers)
             grad_norm = _raw(scalars.get("grad_norm"))
-            if grad_norm is None and nonfinite_weights:
-                # Decode turns a NaN grad norm into None; weights that went non-finite are
-                # the trace an exploding update leaves, so report it as the gradients'.
-                grad_norm = math.nan
             raw_scalars = {} if grad_norm is None else {"grad_norm": grad_norm}
             findings += self.rules.on_probe(step, layers, raw_scalars)
             loss = losses.get(step)
             finite = (
-                not nonfinite_weights
+                not self._nonfinite_weights(layers)
                 and not any((_raw(e.get("nonfinite")) or 0.0) > 0 for e in layers)
-                and (grad_norm is None or math.isfinite(grad_norm))
-                and (loss is None or math.isfinite(loss))
+                and not any(_nonfinite(e.get(k)) for e in layers for k in _PARAM_NORMS)
+                and not _nonfinite(grad_norm)
+                and not _nonfinite(loss)
             )
             if snapshot is not None and finite:
                 self._keep_good(snapshot, step)
@@ -140,11 +136,14 @@ class Alerts:
         return finding, command
 
     def _nonfinite_weights(self, layers: Sequence[Mapping[str, Any]]) -> list[str]:
-        # A parameterised layer's weight_norm is None only when it is NaN/Inf.
+        # A parameterised layer's weight_norm is NaN/Inf as the flush hands it over, or None
+        # where a decoder hid the NaN/Inf (it is never None otherwise).
         return [
             e["name"]
             for e in layers
-            if self.params.get(e["name"], 0) > 0 and "weight_norm" in e and e["weight_norm"] is None
+            if self.params.get(e["name"], 0) > 0
+            and "weight_norm" in e
+            and (e["weight_norm"] is None or _nonfinite(e["weight_norm"]))
         ]
 
     def _keep_good(self, snapshot: dict[str, Any], step: int) -> None:
@@ -162,6 +161,15 @@ class Alerts:
             data["last_good_checkpoint"] = str(self.last_good_path) if good else None
             data["last_good_step"] = self.last_good_step
         return {"type": "event", "step": finding.step, "kind": "alert", "data": data}
+
+
+# Per-layer parameter norms: a NaN/Inf one here means the step's numbers are not all finite.
+_PARAM_NORMS = ("grad_norm", "weight_norm", "update_ratio")
+
+
+def _nonfinite(value: Any) -> bool:
+    raw = _raw(value)
+    return raw is not None and not math.isfinite(raw)
 
 
 def _raw(value: Any) -> float | None:

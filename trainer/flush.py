@@ -7,11 +7,16 @@ is done.
 
 Never: runs ``materialize`` on the training thread (it waits on the device
 event and reads host values), or changes a value's meaning: NaN reaches the
-rules as NaN; ``wire.encode`` turns it into null afterwards.
+rules as NaN; ``wire.encode`` turns it into null afterwards. Probe values the
+decoder turned into None because they were NaN/Inf (gradient, weight and update
+norms) reach the rules as the non-finite floats they were (``rule_view``); the
+probe frame keeps its nulls.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +76,10 @@ class Flush:
         if self.probe is not None:
             probe_step, stats, offset, length = self.probe
             assert self.host is not None
-            layers, run_values = stats.decode(self.host[offset : offset + length])
+            probe_host = self.host[offset : offset + length]
+            layers, run_values = stats.decode(probe_host)
             probe_frame = {"type": "probe", "step": probe_step, "layers": layers}
-            decoded = (probe_step, layers, dict(run_values))
+            decoded = (probe_step, *rule_view(stats, probe_host, layers, run_values))
         rows: list[dict[str, Any]] = []
         latest: dict[str, Any] | None = None  # the last w.step() row, loss or not
         for row in self.rows:
@@ -99,6 +105,70 @@ class Flush:
         if self.progress is not None and latest is not None:
             self.progress(latest)
         return frames
+
+
+def rule_view(
+    stats: PendingStats,
+    host: torch.Tensor,
+    layers: list[dict[str, Any]],
+    scalars: dict[str, float | None],
+) -> tuple[list[dict[str, Any]], dict[str, float | None]]:
+    """The decoded probe values as the rules must see them: a gradient, weight or update
+    norm that ``decode`` made None because it was NaN/Inf is that non-finite float again
+    (in a copy of the entry; the frame's entries keep None for the wire). Without it a
+    gradient that went inf read as "no gradient", and the explosion was only reported a
+    step later, from the NaN loss it caused. Activations need nothing: their entries
+    carry the count of non-finite values.
+
+    The parameter norms are the tail of ``host`` (``PendingStats``' layout: G gradient
+    norms, W pre-step weight norms, W update norms). NaN in the update section means "no
+    optimizer step", so only an infinite update counts there."""
+    out_scalars: dict[str, float | None] = dict(scalars)
+    if not stats.param_layers:
+        return layers, out_scalars
+    present = sum(stats.grad_present)
+    tail = host[len(host) - present - 2 * stats.weight_slots :]
+    grads_t, weights_t = tail[:present], tail[present : present + stats.weight_slots]
+    updates_t = tail[present + stats.weight_slots :]
+    if (
+        bool(torch.isfinite(grads_t).all())
+        and bool(torch.isfinite(weights_t).all())
+        and not bool(torch.isinf(updates_t).any())
+    ):
+        return layers, out_scalars  # the common case: nothing was hidden
+    grads, weights, updates = grads_t.tolist(), weights_t.tolist(), updates_t.tolist()
+    if grads and (norm := _norm(grads)) is not None:
+        out_scalars["grad_norm"] = norm
+    position = {i: k for k, i in enumerate(i for i, has in enumerate(stats.grad_present) if has)}
+    raw: dict[str, dict[str, float]] = {}
+    for name, indices, slots in stats.param_layers:
+        mine: dict[str, float] = {}
+        grad = _norm([grads[position[i]] for i in indices if i in position])
+        if grad is not None:
+            mine["grad_norm"] = grad
+        weight = _norm([weights[slot] for slot, _ in slots])
+        if weight is not None:
+            mine["weight_norm"] = weight
+        update = [updates[slot] for slot, _ in slots]
+        if any(math.isinf(u) for u in update):
+            # inf over a finite weight norm is inf; over a non-finite one, NaN
+            mine["update_ratio"] = math.inf if weight is None else math.nan
+        if mine:
+            raw[name] = mine
+    if not raw:
+        return layers, out_scalars
+    view = []
+    for entry in layers:
+        found = raw.get(entry["name"])
+        view.append(entry if found is None else {**entry, **found})
+    return view, out_scalars
+
+
+def _norm(values: Sequence[float]) -> float | None:
+    """The norm of ``values`` when it is NaN/Inf (as the rules must see it), else None."""
+    if not values or all(math.isfinite(v) for v in values):
+        return None
+    return math.sqrt(sum(v * v for v in values))
 
 
 def to_host(parts: list[torch.Tensor]) -> tuple[torch.Tensor | None, Any]:

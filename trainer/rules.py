@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,27 @@ def _num(entry: Mapping[str, Any], key: str) -> float | None:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _nonfinite(value: float | None) -> bool:
+    return value is not None and not math.isfinite(value)
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and value > 0
+
+
+def _bad_layers(
+    entries: Sequence[Mapping[str, Any]], what: str, key: str, bad: Callable[[float | None], bool]
+) -> tuple[bool, str, list[str]]:
+    """(any bad, the words an alert names them with, their names in depth order) for the
+    layers whose ``key`` passes ``bad``."""
+    names = [e["name"] for e in entries if bad(_num(e, key))]
+    if len(names) > 1:
+        detail = f"the {what} of {names[0]} (first of {len(names)} layers)"
+    else:
+        detail = f"the {what} of {names[0]}" if names else f"the {what}"
+    return bool(names), detail, names
 
 
 def _pct(x: float) -> str:
@@ -325,7 +346,10 @@ class Rules:
     ) -> list[Finding]:
         """Evaluate the per-layer rules on one decoded probe flush. ``layers``: probe-frame
         layer entries in model (depth) order; ``scalars``: e.g. ``{"grad_norm": g}``, raw
-        floats (NaN stays NaN). Returns the findings that fired now, one per rule at most."""
+        floats (NaN stays NaN). In both, None is "does not apply" (no gradient, no update)
+        and NaN/Inf is an explosion: an entry's grad_norm, update_ratio and weight_norm
+        must come raw, as the flush hands them over, not as the wire's null.
+        Returns the findings that fired now, one per rule at most."""
         entries = [e for e in layers if isinstance(e, Mapping) and isinstance(e.get("name"), str)]
         with self._lock:
             self._probe_steps += 1
@@ -471,12 +495,16 @@ class Rules:
     def _probe_explosion(
         self, step: int, entries: Sequence[Mapping[str, Any]], scalars: Mapping[str, Any]
     ) -> list[Finding]:
-        bad = [e["name"] for e in entries if (_num(e, "nonfinite") or 0.0) > 0]
-        if len(bad) > 1:
-            detail = f"the activations of {bad[0]} (first of {len(bad)} layers)"
-        else:
-            detail = f"the activations of {bad[0]}" if bad else "the activations"
-        out = self._explosion(step, "activations", bool(bad), detail, bad)
+        # In the order a step makes them: the forward pass's activations, the backward pass's
+        # gradients, the optimizer's updates, then pre-step weights (bad since an earlier
+        # step). The first source that is bad at the episode's onset names it.
+        out = self._explosion(
+            step, "activations", *_bad_layers(entries, "activations", "nonfinite", _positive)
+        )
+        for where, key in (
+            ("gradients", "grad_norm"), ("updates", "update_ratio"), ("weights", "weight_norm")
+        ):  # fmt: skip
+            out += self._explosion(step, where, *_bad_layers(entries, where, key, _nonfinite))
         # Raw floats only: a decoder that turned NaN into None has hidden the explosion.
         for key, words in (("grad_norm", "the gradients (global norm)"), ("loss", "the loss")):
             value = _num(scalars, key)

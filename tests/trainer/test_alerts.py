@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ from layerscope.trainer import watch, wire  # watch first, so the package binds 
 from layerscope.trainer.alerts import LAST_GOOD_NAME
 from layerscope.trainer.control import load_model_weights
 from layerscope.trainer.experiment import run_experiment
+from layerscope.trainer.flush import rule_view
 from layerscope.trainer.spool import read_spool
+from layerscope.trainer.stats import PendingStats
 from layerscope.trainer.watch import Watch
 from torch import nn
 from trainer_server import TrainerServer
@@ -339,3 +342,59 @@ def test_the_last_good_snapshot_is_taken_at_most_once_per_min_interval(
         w.close()
         assert taken == expected
         assert (tmp_path / str(min_s) / LAST_GOOD_NAME).exists()
+
+
+def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(tmp_path: Path) -> None:
+    """A plain loop whose second step's gradient goes inf in one layer: the alert names
+    that step and layer (it came a step later, from the NaN loss, naming no layer: the
+    decoded norm was null, read as "no gradient"). The probe frame keeps its null."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with watch(model, opt, every=1, run_dir=tmp_path, server=None) as w:
+        for step in (1, 2, 3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if step == 2:
+                model[2].weight.grad[0, 0] = math.inf
+            opt.step()
+            w.step(loss=loss.detach())
+    (alert,) = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
+    assert (alert["step"], alert["data"]["layer"]) == (2, "2")
+    assert "NaN/Inf in the gradients of 2 at step 2" in alert["data"]["message"]
+    frames = [json.loads(text) for text in list(read_spool(tmp_path / "spool.bin"))[1:]]
+    (probe,) = [f for f in frames if f["type"] == "probe" and f["step"] == 2]
+    assert [(e["name"], e["grad_norm"] is None) for e in probe["layers"] if e["name"] in "024"] == [
+        ("0", False), ("2", True), ("4", False)
+    ]  # fmt: skip
+
+
+def test_the_rules_see_the_nonfinite_norms_the_decoder_made_null() -> None:
+    """Known answers for a hand-built probe tail (PendingStats' layout): 2 gradient norms
+    (the third parameter has none), 2 weight norms, 2 update norms (NaN: no step)."""
+    stats = PendingStats(
+        tensor=torch.zeros(6),
+        order=["a", "b"],
+        grad_present=[True, True, False],
+        param_layers=[("a", [0], [(0, 1.0)]), ("b", [1, 2], [(1, 1.0)])],
+        weight_slots=2,
+    )
+
+    def view(values: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        host = torch.tensor(values)
+        layers, scalars = stats.decode(host)
+        return rule_view(stats, host, layers, scalars)
+
+    nan, inf = math.nan, math.inf
+    finite = [3.0, 4.0, 5.0, 12.0, nan, nan]
+    layers, scalars = view(finite)
+    assert scalars["grad_norm"] == 5.0 and [e["update_ratio"] for e in layers] == [None, None]
+    layers, scalars = view([3.0, inf, 5.0, 12.0, nan, nan])  # b's gradient went inf
+    assert scalars["grad_norm"] == inf
+    assert [(e["grad_norm"], e["weight_norm"]) for e in layers] == [(3.0, 5.0), (inf, 12.0)]
+    layers, scalars = view([3.0, 4.0, nan, 12.0, 1.0, -inf])  # a's weights NaN, b's update inf
+    assert scalars["grad_norm"] == 5.0 and layers[1]["update_ratio"] == inf
+    assert math.isnan(layers[0]["weight_norm"]) and layers[0]["update_ratio"] is None
+    # the decoder's own entries, which go on the wire, keep their nulls
+    assert stats.decode(torch.tensor([3.0, inf, 5.0, 12.0, nan, nan]))[0][1]["grad_norm"] is None

@@ -539,3 +539,48 @@ def test_one_noisy_window_above_the_best_is_not_a_stall() -> None:
         found += [f for s in range(100 * block, 100 * block + 100) for f in r.on_loss(s, mean)]
     found += r.on_loss(700, 0.05)
     assert found == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words", "layers"),
+    [
+        (
+            {"fc1": {"grad_norm": math.inf}, "out": {"grad_norm": math.nan}},
+            "gradients",
+            ["fc1", "out"],
+        ),
+        ({"fc2": {"update_ratio": math.inf}}, "updates", ["fc2"]),
+        ({"fc0": {"weight_norm": math.nan}}, "weights", ["fc0"]),
+    ],
+    ids=["grad", "update", "weight"],
+)
+def test_a_nonfinite_layer_norm_names_its_step_and_first_layer(
+    overrides: dict[str, dict[str, float]], words: str, layers: list[str]
+) -> None:
+    """A layer's gradient, update or weight norm that went NaN/Inf (activations and loss
+    still finite) is an explosion at that probe step, named after the first such layer:
+    before, only the global norm counted, so a layer's inf gradient waited for the NaN loss
+    it caused a step later."""
+    r = rules()
+    assert r.on_probe(10, healthy_layers(), {"grad_norm": 0.4}) == []
+    (found,) = r.on_probe(20, healthy_layers(**overrides), {"grad_norm": 0.4})
+    assert (found.rule, found.step, found.layer, found.layers) == (
+        "ExplodingTensor", 20, layers[0], layers
+    )  # fmt: skip
+    assert f"NaN/Inf in the {words} of {layers[0]}" in found.message and "step 20" in found.message
+    assert (len(layers) > 1) == ("first of 2 layers" in found.message)
+    assert found.action is not None and found.action["name"] == "pause"
+    # the same episode while it lasts; a new one once every value is finite again
+    assert r.on_probe(30, healthy_layers(**overrides), {"grad_norm": math.nan}) == []
+    assert r.on_probe(40, healthy_layers(), {"grad_norm": 0.4}) == []
+    assert [f.step for f in r.on_probe(50, healthy_layers(**overrides), {})] == [50]
+
+
+def test_no_gradient_is_not_an_explosion_and_activations_name_a_step_that_has_both() -> None:
+    r = rules()
+    no_grads = {name: {"grad_norm": None, "update_ratio": None} for name in PARAMS}
+    assert r.on_probe(10, healthy_layers(**no_grads), {}) == []  # frozen or unused: None
+    # Forward before backward: NaN activations and gradients at one step name the activations.
+    both = healthy_layers(act1={"nonfinite": 5}, fc0={"grad_norm": math.inf})
+    (found,) = r.on_probe(20, both, {"grad_norm": math.inf})
+    assert found.layer == "act1" and "the activations of act1" in found.message

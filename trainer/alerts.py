@@ -1,8 +1,10 @@
 """alerts — runs the diagnostic rules on each flush's host values (the link thread).
 
 Owns: feeding a flush's decoded numbers to ``rules.Rules`` in the order the
-rules expect (every training loss as the raw float, validation rows, then the
-probe step's layer entries in depth order), turning each finding into an
+rules expect (every training loss as the raw float and validation rows, in step
+order, with the probe step's layer entries in depth order before that step's
+rows, so a step gone NaN/Inf is named after its first bad layer, not the loss
+it reached), turning each finding into an
 ``alert`` event frame, submitting a finding's action to ``Control`` as an
 ordinary command (``source: rule``, with its reason), and keeping the last good
 checkpoint: a snapshot taken on the training thread at a probe step is written
@@ -69,28 +71,18 @@ class Alerts:
         run scalars); ``snapshot``: the probe step's checkpoint contents, if one was taken."""
         findings: list[Finding] = []
         losses: dict[int, float] = {}
-        for row in rows:
-            values = row["values"]
-            loss = _raw(values.get("loss"))
-            if loss is not None:
-                losses[row["step"]] = loss
-                findings += self.rules.on_loss(row["step"], loss)
-            if "val_loss" in values:
-                decays = [
-                    v
-                    for k, v in values.items()
-                    if k.split("/")[0] == "weight_decay" and v is not None
-                ]
-                findings += self.rules.on_eval(
-                    row["step"],
-                    _raw(values["val_loss"]),
-                    weight_decay_on=any(d > 0 for d in decays) if decays else None,
-                )
+        # The rows of the probe step and after come after its probe values: a step whose
+        # activations and loss both went NaN/Inf is named after the layer where it began, not
+        # the loss it reached (per-row order, which the loss window needs, is kept).
+        at = probe[0] if probe is not None else None
+        findings += self._rows([r for r in rows if at is None or r["step"] < at], losses)
         if probe is not None:
             step, layers, scalars = probe
             grad_norm = _raw(scalars.get("grad_norm"))
             raw_scalars = {} if grad_norm is None else {"grad_norm": grad_norm}
             findings += self.rules.on_probe(step, layers, raw_scalars)
+        findings += self._rows([r for r in rows if at is not None and r["step"] >= at], losses)
+        if probe is not None:
             loss = losses.get(step)
             finite = (
                 not self._nonfinite_weights(layers)
@@ -110,6 +102,28 @@ class Alerts:
             if command is not None:
                 self.control.submit(command)
         return frames
+
+    def _rows(self, rows: Sequence[Mapping[str, Any]], losses: dict[int, float]) -> list[Finding]:
+        """Feed metrics rows' training and validation losses; ``losses`` gets each loss."""
+        findings: list[Finding] = []
+        for row in rows:
+            values = row["values"]
+            loss = _raw(values.get("loss"))
+            if loss is not None:
+                losses[row["step"]] = loss
+                findings += self.rules.on_loss(row["step"], loss)
+            if "val_loss" in values:
+                decays = [
+                    v
+                    for k, v in values.items()
+                    if k.split("/")[0] == "weight_decay" and v is not None
+                ]
+                findings += self.rules.on_eval(
+                    row["step"],
+                    _raw(values["val_loss"]),
+                    weight_decay_on=any(d > 0 for d in decays) if decays else None,
+                )
+        return findings
 
     def _unattended(
         self, finding: Finding, command: dict[str, Any] | None

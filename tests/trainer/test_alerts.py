@@ -344,14 +344,20 @@ def test_the_last_good_snapshot_is_taken_at_most_once_per_min_interval(
         assert (tmp_path / str(min_s) / LAST_GOOD_NAME).exists()
 
 
-def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(tmp_path: Path) -> None:
+def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
     """A plain loop whose second step's gradient goes inf in one layer: the alert names
     that step and layer (it came a step later, from the NaN loss, naming no layer: the
-    decoded norm was null, read as "no gradient"). The probe frame keeps its null."""
+    decoded norm was null, read as "no gradient"), and that step's snapshot, taken after
+    the inf update, is not kept as the last good one. The probe frame keeps its null."""
+    monkeypatch.setattr(
+        importlib.import_module("layerscope.trainer.watch"), "GOOD_CHECKPOINT_MIN_S", 0.0
+    )
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data()
-    with watch(model, opt, every=1, run_dir=tmp_path, server=None) as w:
+    with watch(model, opt, every=1, run_dir=tmp_path, server=None, good_checkpoint_every=1) as w:
         for step in (1, 2, 3):
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
@@ -363,6 +369,10 @@ def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(tmp_path: Path)
     (alert,) = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
     assert (alert["step"], alert["data"]["layer"]) == (2, "2")
     assert "NaN/Inf in the gradients of 2 at step 2" in alert["data"]["message"]
+    assert alert["data"]["last_good_step"] == 1
+    fresh = mlp(nn.ReLU)
+    assert load_model_weights(fresh, tmp_path / LAST_GOOD_NAME)["step"] == 1
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
     frames = [json.loads(text) for text in list(read_spool(tmp_path / "spool.bin"))[1:]]
     (probe,) = [f for f in frames if f["type"] == "probe" and f["step"] == 2]
     assert [(e["name"], e["grad_norm"] is None) for e in probe["layers"] if e["name"] in "024"] == [
@@ -398,3 +408,30 @@ def test_the_rules_see_the_nonfinite_norms_the_decoder_made_null() -> None:
     assert math.isnan(layers[0]["weight_norm"]) and layers[0]["update_ratio"] is None
     # the decoder's own entries, which go on the wire, keep their nulls
     assert stats.decode(torch.tensor([3.0, inf, 5.0, 12.0, nan, nan]))[0][1]["grad_norm"] is None
+
+
+def test_an_inf_activation_is_named_by_its_layer_not_by_the_loss_it_reached(
+    tmp_path: Path,
+) -> None:
+    """The step whose layer output went inf also has an inf loss: the alert names that
+    layer (it named the training loss and no layer: the losses were fed first)."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    at = {"step": 0}
+
+    def blow_up(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        return out.index_fill(1, torch.tensor([0]), math.inf) if at["step"] == 2 else None
+
+    model[2].register_forward_hook(blow_up)  # before watch(): its probe sees the inf
+    x, y = data()
+    with watch(model, opt, every=1, run_dir=tmp_path, server=None) as w:
+        for step in (1, 2):
+            at["step"] = step
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.step(loss=loss.detach())
+    (alert,) = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
+    assert (alert["step"], alert["data"]["layer"]) == (2, "2")
+    assert "NaN/Inf in the activations of 2 (first of " in alert["data"]["message"]

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
-from layerscope.trainer.control import Control, plain_name, unwrapped
+from layerscope.trainer.control import (
+    Control,
+    check_extras,
+    load_training_state,
+    plain_name,
+    read_checkpoint,
+    restore_commands,
+    unwrapped,
+)
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
 from layerscope.trainer.link import Link
@@ -85,6 +93,8 @@ class Watch:
         patience: int = PATIENCE,
         rule_thresholds: dict[str, Any] | None = None,
         good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
+        checkpoint_extras: dict[str, Any] | None = None,
+        resume: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
         model = unwrapped(model) if model is not None else None
         _check_optimizer(optimizer)
@@ -99,33 +109,6 @@ class Watch:
         if run_id and not wire.plain_run_id(run_id):
             # it names the run's folder (./layerscope-runs/<run_id>): never a path elsewhere
             raise ValueError(f"run_id {run_id!r} must be a plain name: no '/', '\\' or '..'")
-        self.run_id = run_id or uuid.uuid4().hex
-        self.model = model
-        self.optimizer = optimizer
-        self.every = every
-        self.batch_size = batch_size
-        self.step_count = 0
-        self.run_dir = (
-            Path(run_dir) if run_dir is not None else Path("layerscope-runs") / self.run_id
-        )
-        self._closed = False
-        self._rows: list[Row] = []
-        self._device_values: list[torch.Tensor] = []
-        self._known_names: set[str] = set()
-        self._device = _model_device(model)
-        self._progress_enabled = progress
-        self._progress_row: dict[str, Any] = {"step": 0, "values": {}}
-        self._progress_line = ProgressLine() if progress else None
-        self._good_every = good_checkpoint_every
-        self._good_t = -math.inf  # when the last snapshot for it was taken
-        self._probe_count = 0
-        # While the probes are armed: a forward hook on the model counting its training
-        # passes (see MAX_PROBE_PASSES), and the count.
-        self._pass_hook: torch.utils.hooks.RemovableHandle | None = None
-        self._count_hook: Any = None
-        self._passes = 0
-        self._told_passes = False  # the MAX_PROBE_PASSES notice was given
-        self.alerts: Alerts | None = None
         try:
             enabled = None if rules is True else [] if rules is False else list(rules)
             self.rules = Rules(
@@ -138,6 +121,52 @@ class Watch:
             )
         except ValueError as exc:
             raise ValueError(f"watch(): {exc}") from None
+        self.run_id = run_id or uuid.uuid4().hex
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.batch_size = batch_size
+        extras = check_extras(checkpoint_extras)
+        resumed: dict[str, Any] | None = None
+        restore: list[tuple[str, dict[str, Any]]] = []
+        label = ""
+        if resume is not None:
+            # Everything the checkpoint holds goes back before any hook exists (a refusal
+            # leaves nothing behind); its control state is applied once the link runs, as
+            # commands, so the run page's log and acknowledged state show it.
+            content, label = read_checkpoint(resume)
+            load_training_state(content, label, model, optimizer, extras)
+            restore = restore_commands(content.get("control"))
+            where = str(resume) if isinstance(resume, (str, os.PathLike)) else label
+            resumed = {"checkpoint": where, "step": content["step"]}
+            if isinstance(content.get("run_id"), str):
+                resumed["run_id"] = content["run_id"]
+        # Steps continue from a resumed checkpoint's (checkpoint-500.pt: the first
+        # w.step() is step 501), so the charts, the compare view and the checkpoint names
+        # line up with the run it continues.
+        self.step_count = resumed["step"] if resumed is not None else 0
+        self._first_step = self.step_count + 1
+        self.run_dir = (
+            Path(run_dir) if run_dir is not None else Path("layerscope-runs") / self.run_id
+        )
+        self._closed = False
+        self._rows: list[Row] = []
+        self._device_values: list[torch.Tensor] = []
+        self._known_names: set[str] = set()
+        self._device = _model_device(model)
+        self._progress_enabled = progress
+        self._progress_row: dict[str, Any] = {"step": self.step_count, "values": {}}
+        self._progress_line = ProgressLine() if progress else None
+        self._good_every = good_checkpoint_every
+        self._good_t = -math.inf  # when the last snapshot for it was taken
+        self._probe_count = 0
+        # While the probes are armed: a forward hook on the model counting its training
+        # passes (see MAX_PROBE_PASSES), and the count.
+        self._pass_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._count_hook: Any = None
+        self._passes = 0
+        self._told_passes = False  # the MAX_PROBE_PASSES notice was given
+        self.alerts: Alerts | None = None
 
         server = os.environ.get("LAYERSCOPE_SERVER") if server is None else server
         token = token if token is not None else os.environ.get("LAYERSCOPE_TRAINER_TOKEN")
@@ -149,7 +178,13 @@ class Watch:
         self.probes: Probes | None = None
         self.link: Link | None = None
         self.control = Control(
-            model, optimizer, checkpoint_dir=self.run_dir, emit=self._emit, rules=self.rules
+            model,
+            optimizer,
+            checkpoint_dir=self.run_dir,
+            emit=self._emit,
+            rules=self.rules,
+            extras=extras,
+            run_id=self.run_id,
         )
         try:
             if model is not None and every > 0:
@@ -170,7 +205,7 @@ class Watch:
                 "type": "hello",
                 "run_id": self.run_id,
                 "name": run or _default_name(),
-                "config": _run_config(config, model, optimizer, batch_size, every),
+                "config": _run_config(config, model, optimizer, batch_size, every, resumed),
                 "layers": self.probes.layer_table() if self.probes is not None else [],
                 "last_acked_seq": 0,
                 "last_cmd_seq": 0,
@@ -202,6 +237,7 @@ class Watch:
                     token=token or None,
                     on_command=self.control.submit,
                 )
+                self.link.step = self.step_count
         except BaseException:
             self._close_parts()  # a refused watch (bad argument, unwritable run_dir) leaves no hooks
             raise
@@ -211,8 +247,10 @@ class Watch:
         # The initial control state (rules enabled/silenced/auto switches) for the UI to show
         # before any command has been acknowledged.
         self._emit("status", {"status": "running", "control": self.control.state()})
+        if restore:
+            self._restore(restore, label)
         if self.probes is not None:
-            self._arm()  # step 1 is always a probe step: the network as initialised
+            self._arm()  # the first step is always a probe step: the network as it starts
 
     # ---- the public surface ----
 
@@ -360,7 +398,20 @@ class Watch:
         return self.link is not None and self.link.steerable
 
     def _is_probe_step(self, step: int) -> bool:
-        return step == 1 or step % self.every == 0
+        return step == self._first_step or step % self.every == 0
+
+    def _restore(self, commands: list[tuple[str, dict[str, Any]]], label: str) -> None:
+        """Re-apply a resumed checkpoint's control state as acknowledged commands (source
+        ``api``, reason ``restored from checkpoint-N.pt``) at the checkpoint's step. One
+        this model or optimizer refuses ends the watch (status failed) with its error:
+        training on without it would not be the run the checkpoint continues."""
+        for name, args in commands:
+            result = self.command(name, args, reason=f"restored from {label}")
+            if not result["ok"]:
+                self.close("failed")
+                raise ValueError(
+                    f"watch(): resume from {label}: {name} {args} failed: {result.get('error')}"
+                )
 
     def _arm(self) -> None:
         """Arm the probes for the next step, counting its training passes. Not once
@@ -647,6 +698,7 @@ def _run_config(
     optimizer: torch.optim.Optimizer | None,
     batch_size: int | None,
     every: int,
+    resumed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The user's config made JSON-safe, plus what watch can tell about the run."""
     if config is not None and not isinstance(config, dict):
@@ -671,6 +723,8 @@ def _run_config(
     if batch_size is not None:
         out.setdefault("batch_size", batch_size)
     out.setdefault("every", every)
+    if resumed is not None:
+        out.setdefault("resumed_from", resumed)
     return out
 
 
@@ -699,12 +753,15 @@ def watch(
     patience: int = PATIENCE,
     rule_thresholds: dict[str, Any] | None = None,
     good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
+    checkpoint_extras: dict[str, Any] | None = None,
+    resume: str | os.PathLike[str] | dict[str, Any] | None = None,
 ) -> Watch:
     """Instrument a training loop; use as ``with watch(model, optimizer, run=...) as w:``.
 
     Call ``w.step(loss=loss, **scalars)`` once per optimizer step, after
     ``optimizer.step()``; ``w.eval(val_loss=..., val_acc=...)`` after validation;
-    break when ``w.should_stop``. Steps count from 1 (the n-th ``w.step()`` is step n).
+    break when ``w.should_stop``. Steps count from 1 (the n-th ``w.step()`` is step n;
+    after ``resume``, from the checkpoint's step + 1).
 
     ``server`` defaults to ``$LAYERSCOPE_SERVER``; with neither (or ``server=""``) the
     run is recorded to the spool in ``run_dir`` only (``layerscope sync`` uploads it).
@@ -731,6 +788,18 @@ def watch(
     finite is kept as ``run_dir/last-good.pt``, at most one per ``GOOD_CHECKPOINT_MIN_S``
     (30 s) of wall time (0: never; each costs one device copy of the model and optimizer
     state until it is written).
+
+    Checkpoints (the dashboard's Checkpoint, ``w.command("checkpoint")``, ``last-good.pt``)
+    hold the model, the optimizer, the step, the control state and, for each
+    ``checkpoint_extras={"scheduler": sched, "scaler": scaler}`` entry, its
+    ``state_dict()``. ``resume=`` a checkpoint's path (or the dict ``torch.load``
+    returned) continues that training in a new process: watch() loads the model weights,
+    the optimizer state and every extra's state (the checkpoint's extras and this call's
+    must name the same objects), re-applies its lr scale, weight decay off and frozen
+    layers as acknowledged commands (``source: api``, reason ``restored from
+    checkpoint-N.pt``) and numbers steps on from the checkpoint's. It is a new run, with
+    its own id (a server refuses a run id another process wrote); its config's
+    ``resumed_from`` names the checkpoint, its step and the run it continues.
 
     Under an initialised torch.distributed process group, call ``watch()`` and
     ``w.step()`` on every rank (the same number of times): rank 0 alone streams and
@@ -762,6 +831,8 @@ def watch(
         patience=patience,
         rule_thresholds=rule_thresholds,
         good_checkpoint_every=good_checkpoint_every,
+        checkpoint_extras=checkpoint_extras,
+        resume=resume,
     )
 
 

@@ -8,10 +8,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from layerscope.trainer import wire
-from layerscope.trainer.control import Control
+from layerscope.trainer.control import (
+    CheckpointError,
+    Control,
+    load_training_state,
+    read_checkpoint,
+    restore_commands,
+)
 from torch import nn
 from waiting import wait_until
 
@@ -538,6 +545,103 @@ def test_checkpoint_holds_model_optimizer_step_and_control(tmp_path: Path) -> No
     assert saved["optimizer"]["param_groups"][0]["lr"] == 0.01
     assert 0 in saved["optimizer"]["state"]
     assert ("checkpoint", {"path": str(path), "step": 12}) in rec.events
+
+
+def _scheduled_run(scale: float = 2.0) -> tuple[nn.Module, torch.optim.Optimizer, Any, Any]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=scale)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_checkpoint_extras_hold_each_state_dict_and_load_back(tmp_path: Path) -> None:
+    """A resumed OneCycleLR/StepLR/GradScaler restarted from its beginning: the checkpoint
+    held no state but the model's and the optimizer's. Each checkpoint_extras object's
+    state_dict() is now in it, and load_training_state puts every piece back."""
+    model, opt, sched, scaler = _scheduled_run(scale=512.0)
+    control = Control(
+        model, opt, checkpoint_dir=tmp_path, extras={"scheduler": sched, "scaler": scaler},
+        run_id="r1",
+    )  # fmt: skip
+    _train(model, opt, sched, 3)
+    path = control.checkpoint(3)
+    assert control.snapshot(3)["extras"] == control.snapshot(3, copy=False)["extras"]
+    control.close()
+    go_on = _train(model, opt, sched, 3)
+
+    model2, opt2, sched2, scaler2 = _scheduled_run()
+    content, label = read_checkpoint(path)
+    assert (label, content["run_id"], sorted(content["extras"])) == (
+        "checkpoint-3.pt", "r1", ["scaler", "scheduler"],
+    )  # fmt: skip
+    load_training_state(content, label, model2, opt2, {"scheduler": sched2, "scaler": scaler2})
+    assert scaler2.get_scale() == 512.0 and sched2.last_epoch == 3
+    assert _train(model2, opt2, sched2, 3) == go_on  # the schedule goes on where it was
+    assert torch.equal(model2.weight, model.weight)  # momentum came back with the optimizer
+    # a loaded dict is taken as it is, named by its step
+    assert read_checkpoint(torch.load(path, weights_only=True))[1] == "a checkpoint at step 3"
+
+
+def test_a_checkpoint_and_a_resume_naming_other_pieces_is_refused_before_loading(
+    tmp_path: Path,
+) -> None:
+    model, opt, sched, _ = _scheduled_run()
+    control = Control(model, opt, checkpoint_dir=tmp_path, extras={"scheduler": sched})
+    content, label = read_checkpoint(control.checkpoint(0))
+    control.close()
+    fresh, opt2, sched2, scaler2 = _scheduled_run()
+    with torch.no_grad():
+        fresh.weight.add_(1.0)
+    before = fresh.weight.detach().clone()
+    for extras, match in (
+        ({}, r"holds state for \['scheduler'\]; pass .*checkpoint_extras=\{'scheduler'"),
+        ({"scheduler": sched2, "scaler": scaler2}, r"no state for checkpoint_extras \['scaler'\]"),
+    ):
+        with pytest.raises(CheckpointError, match=match):
+            load_training_state(content, label, fresh, opt2, extras)
+    with pytest.raises(CheckpointError, match="holds optimizer state but watch.. was given no"):
+        load_training_state(content, label, fresh, None, {"scheduler": sched2})
+    with pytest.raises(CheckpointError, match="tensor weight has shape"):
+        load_training_state(content, label, nn.Linear(3, 5), opt2, {"scheduler": sched2})
+    assert torch.equal(fresh.weight, before)  # nothing was loaded
+    with pytest.raises(TypeError, match=r"checkpoint_extras\['sched'\]: a function has no"):
+        Control(model, opt, extras={"sched": lambda: None})
+    with pytest.raises(CheckpointError, match="not a layerscope checkpoint"):
+        read_checkpoint({"step": 3})
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_checkpoint(tmp_path / "checkpoint-9.pt")
+    # an extra whose state torch.load(weights_only=True) refuses is named, with the way round
+    odd = tmp_path / "odd.pt"
+    torch.save({**content, "extras": {"loader": {"order": np.arange(3)}}}, odd)
+    with pytest.raises(CheckpointError, match=r"holds a numpy.*resume=torch.load\(path, weights_"):
+        read_checkpoint(odd)
+    assert read_checkpoint(torch.load(odd, weights_only=False))[0]["step"] == 0
+
+
+def test_restore_commands_bring_back_what_changes_the_training_only() -> None:
+    state = {
+        "paused": True, "stopping": True, "lr_scale": 0.25, "weight_decay_enabled": False,
+        "frozen": ["fc1", "fc2"], "rules": {"silenced": ["Overfit"]},
+    }  # fmt: skip
+    assert restore_commands(state) == [
+        ("set_lr_scale", {"value": 0.25}),
+        ("set_weight_decay", {"enabled": False}),
+        ("set_frozen", {"layers": ["fc1", "fc2"], "frozen": True}),
+    ]
+    default = {"paused": False, "lr_scale": 1.0, "weight_decay_enabled": True, "frozen": []}
+    assert restore_commands(default) == [] and restore_commands(None) == []
 
 
 def test_close_removes_the_hooks() -> None:

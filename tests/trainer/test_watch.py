@@ -15,7 +15,7 @@ import pytest
 import torch
 from layerscope.trainer import watch as exported_watch
 from layerscope.trainer import wire
-from layerscope.trainer.control import load_model_weights
+from layerscope.trainer.control import CheckpointError, load_model_weights
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import MAX_PROBE_PASSES, Watch, watch
 from torch import nn
@@ -229,6 +229,89 @@ def test_checkpoint_and_lr_scale_through_watch(tmp_path: Path) -> None:
     assert event["data"] == {"path": str(path), "step": 2}
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 2 and saved["control"]["lr_scale"] == 0.5
+
+
+def _steered_run() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+
+def _scheduled_steps(w: Watch, model: nn.Module, opt: Any, sched: Any, n: int) -> None:
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    for _ in range(n):
+        w.step(loss=train_step(model, opt, x, y))
+        sched.step()
+
+
+def test_resume_trains_on_as_the_steered_run_would_have(tmp_path: Path) -> None:
+    """A run steered from the dashboard (lr halved, weight decay off, a layer frozen) and
+    checkpointed, resumed in a new process by loading the checkpoint's model and optimizer
+    state: it trained at twice the lr (the optimizer holds the user's unscaled lr), with
+    weight decay on and the layer training, its StepLR started over. watch(resume=...)
+    loads every piece and re-applies the steering, so the resumed steps are the
+    original's, bit for bit, numbered on from the checkpoint's step."""
+    model, opt, sched = _steered_run()
+    first = tmp_path / "first"
+    with watch(model, opt, every=100, run_dir=first, server="", run_id="first",
+               checkpoint_extras={"scheduler": sched}) as w:  # fmt: skip
+        _scheduled_steps(w, model, opt, sched, 2)
+        w.command("set_lr_scale", {"value": 0.5})
+        w.command("set_weight_decay", {"enabled": False})
+        w.command("set_frozen", {"layers": ["0"], "frozen": True})
+        _scheduled_steps(w, model, opt, sched, 1)
+        assert w.command("checkpoint", {})["ok"]
+        _scheduled_steps(w, model, opt, sched, 4)
+    after_checkpoint = [r for r in rows(frames(first)) if r["step"] > 3]
+
+    model2, opt2, sched2 = _steered_run()  # what a new process builds
+    again = tmp_path / "again"
+    with watch(model2, opt2, every=100, run_dir=again, server="",
+               checkpoint_extras={"scheduler": sched2}, resume=first / "checkpoint-3.pt") as w:  # fmt: skip
+        assert w.step_count == 3 and w.control_state["lr_scale"] == 0.5
+        _scheduled_steps(w, model2, opt2, sched2, 4)
+    fs = frames(again)
+    used = [(r["step"], r["values"]["lr"], r["values"]["weight_decay"]) for r in rows(fs)]
+    assert used == [(4, 0.025, 0.0), (5, 0.025, 0.0), (6, 0.025, 0.0), (7, 0.0125, 0.0)]
+    assert used == [
+        (r["step"], r["values"]["lr"], r["values"]["weight_decay"]) for r in after_checkpoint
+    ]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[name], tensor), name
+    restored = [f for f in fs if f["type"] == "event" and f["kind"] == "command_result"]
+    assert [(f["step"], f["data"]["name"], f["data"]["source"], f["data"]["reason"],
+             f["data"]["applied_at_step"], f["data"]["ok"]) for f in restored] == [
+        (3, name, "api", "restored from checkpoint-3.pt", 3, True)
+        for name in ("set_lr_scale", "set_weight_decay", "set_frozen")
+    ]  # fmt: skip
+    assert restored[-1]["data"]["state"]["frozen"] == ["0"]
+    assert fs[0]["run_id"] != "first" and fs[0]["config"]["resumed_from"] == {
+        "checkpoint": str(first / "checkpoint-3.pt"), "step": 3, "run_id": "first",
+    }  # fmt: skip
+    # the first step of the resumed run is probed, as step 1 of a fresh one is
+    assert [f["step"] for f in fs if f["type"] == "probe"] == [4]
+
+
+def test_a_resume_that_cannot_be_whole_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    model, opt, sched = _steered_run()
+    with watch(model, opt, every=0, run_dir=tmp_path / "a", server="",
+               checkpoint_extras={"scheduler": sched}) as w:  # fmt: skip
+        w.step(loss=train_step(model, opt, torch.randn(4, 8), torch.zeros(4, dtype=torch.long)))
+        w.command("set_frozen", {"layers": ["0"], "frozen": True})
+        saved = w.control.snapshot(1)
+    model2, opt2, _ = _steered_run()
+    with pytest.raises(CheckpointError, match=r"holds state for \['scheduler'\]"):
+        watch(model2, opt2, every=0, run_dir=tmp_path / "b", server="", resume=saved)
+    assert not any(tmp_path.glob("b/*"))  # no spool: nothing was started
+    # a piece the model refuses (here a layer it does not have) fails the run, named
+    saved["control"]["frozen"] = ["9"]
+    with pytest.raises(ValueError, match=r"resume from a checkpoint at step 1: set_frozen.*'9'"):
+        watch(model2, opt2, every=0, run_dir=tmp_path / "c", server="", resume=saved,
+              checkpoint_extras={"scheduler": torch.optim.lr_scheduler.StepLR(opt2, 3)})  # fmt: skip
+    assert statuses(frames(tmp_path / "c")) == ["running", "failed"]
+    with watch(model2, opt2, every=0, server="", run_dir=tmp_path / "d"):
+        pass  # the refused watches left the optimizer unsteered
 
 
 def test_a_second_watch_on_a_steered_optimizer_is_refused_until_the_first_closes(

@@ -7,6 +7,13 @@ validation and ``w.should_stop`` for the dashboard's Stop button).
 
     python examples/train_digits.py                       # spool only: ./layerscope-runs/<id>/
     python examples/train_digits.py --server ws://127.0.0.1:8765
+    python examples/train_digits.py --resume layerscope-runs/<id>/checkpoint-3000.pt --steps 4000
+
+The run ends with a checkpoint (as the dashboard's Checkpoint button writes one): model,
+optimizer, step, the dashboard's steering (lr scale, weight decay off, frozen layers) and,
+through ``checkpoint_extras``, the LR schedule. ``--resume`` continues from such a file
+(this one or any the button wrote): ``watch(resume=...)`` loads all of it back, the steps
+go on from its step, and the steering is re-applied.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ def main() -> None:
     parser.add_argument("--server", default=None, help="e.g. ws://127.0.0.1:8765 (optional)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--run-dir", default=None, help="where the spool goes")
+    parser.add_argument("--resume", default=None, help="a checkpoint-N.pt to continue from")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -52,10 +60,16 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** (step // 1000))
 
-    step = 0
     with watch(
-        model, optimizer, run="digits-example", server=args.server, run_dir=args.run_dir
+        model,
+        optimizer,
+        run="digits-example",
+        server=args.server,
+        run_dir=args.run_dir,
+        checkpoint_extras={"scheduler": scheduler},  # saved in each checkpoint, and resumed
+        resume=args.resume,
     ) as w:
+        step = w.step_count  # 0, or the resumed checkpoint's step
         while step < args.steps and not w.should_stop:
             for xb, yb in loader:
                 loss = F.cross_entropy(model(xb), yb)
@@ -76,6 +90,7 @@ def main() -> None:
                     model.train()
                 if step >= args.steps or w.should_stop:
                     break
+        w.command("checkpoint")  # run_dir/checkpoint-<step>.pt: --resume continues from it
     print(f"done after {step} steps; run {w.run_id}")
 
 

@@ -120,9 +120,15 @@ def rule_view(
     step later, from the NaN loss it caused. Activations need nothing: their entries
     carry the count of non-finite values.
 
+    Non-finite gradients count only when the optimizer step applied them: some update
+    norm is non-finite. A GradScaler's overflow step (mixed precision) has inf gradients
+    by design and skips the update (no step: every update norm NaN; a fused optimizer's
+    step: all zero), and is no explosion. The cost: a step that applied a non-finite
+    gradient only outside the sampled update entries shows as weights at the next
+    probe step.
+
     The parameter norms are the tail of ``host`` (``PendingStats``' layout: G gradient
-    norms, W pre-step weight norms, W update norms). NaN in the update section means "no
-    optimizer step", so only an infinite update counts there."""
+    norms, W pre-step weight norms, W update norms, NaN throughout without a step)."""
     out_scalars: dict[str, float | None] = dict(scalars)
     if not stats.param_layers:
         return layers, out_scalars
@@ -130,29 +136,29 @@ def rule_view(
     tail = host[len(host) - present - 2 * stats.weight_slots :]
     grads_t, weights_t = tail[:present], tail[present : present + stats.weight_slots]
     updates_t = tail[present + stats.weight_slots :]
-    if (
-        bool(torch.isfinite(grads_t).all())
-        and bool(torch.isfinite(weights_t).all())
-        and not bool(torch.isinf(updates_t).any())
-    ):
-        return layers, out_scalars  # the common case: nothing was hidden
+    nan_updates = torch.isnan(updates_t)
+    stepped = not bool(nan_updates.all())
+    bad_updates = bool(torch.isinf(updates_t).any()) or (stepped and bool(nan_updates.any()))
+    if bool(torch.isfinite(weights_t).all()) and not bad_updates:
+        return layers, out_scalars  # the common case: nothing was hidden that matters
     grads, weights, updates = grads_t.tolist(), weights_t.tolist(), updates_t.tolist()
-    if grads and (norm := _norm(grads)) is not None:
+    if bad_updates and grads and (norm := _norm(grads)) is not None:
         out_scalars["grad_norm"] = norm
     position = {i: k for k, i in enumerate(i for i, has in enumerate(stats.grad_present) if has)}
     raw: dict[str, dict[str, float]] = {}
     for name, indices, slots in stats.param_layers:
         mine: dict[str, float] = {}
         grad = _norm([grads[position[i]] for i in indices if i in position])
-        if grad is not None:
+        if bad_updates and grad is not None:
             mine["grad_norm"] = grad
         weight = _norm([weights[slot] for slot, _ in slots])
         if weight is not None:
             mine["weight_norm"] = weight
         update = [updates[slot] for slot, _ in slots]
-        if any(math.isinf(u) for u in update):
-            # inf over a finite weight norm is inf; over a non-finite one, NaN
-            mine["update_ratio"] = math.inf if weight is None else math.nan
+        if any(math.isinf(u) for u in update) or (stepped and any(math.isnan(u) for u in update)):
+            # inf over a finite weight norm is inf; NaN, or over a non-finite one, NaN
+            inf = weight is None and not any(math.isnan(u) for u in update)
+            mine["update_ratio"] = math.inf if inf else math.nan
         if mine:
             raw[name] = mine
     if not raw:

@@ -495,15 +495,17 @@ class Rules:
     def _probe_explosion(
         self, step: int, entries: Sequence[Mapping[str, Any]], scalars: Mapping[str, Any]
     ) -> list[Finding]:
-        # In the order a step makes them: the forward pass's activations, the backward pass's
-        # gradients, the optimizer's updates, then pre-step weights (bad since an earlier
-        # step). The first source that is bad at the episode's onset names it.
+        # In the order a step meets them: the pre-step weights (bad since an earlier step,
+        # they made this forward bad too), the forward pass's activations, the backward
+        # pass's gradients, the optimizer's updates. The first source that is bad at the
+        # episode's onset names it.
         out = self._explosion(
+            step, "weights", *_bad_layers(entries, "weights", "weight_norm", _nonfinite)
+        )
+        out += self._explosion(
             step, "activations", *_bad_layers(entries, "activations", "nonfinite", _positive)
         )
-        for where, key in (
-            ("gradients", "grad_norm"), ("updates", "update_ratio"), ("weights", "weight_norm")
-        ):  # fmt: skip
+        for where, key in (("gradients", "grad_norm"), ("updates", "update_ratio")):
             out += self._explosion(step, where, *_bad_layers(entries, where, key, _nonfinite))
         # Raw floats only: a decoder that turned NaN into None has hidden the explosion.
         for key, words in (("grad_norm", "the gradients (global norm)"), ("loss", "the loss")):

@@ -382,7 +382,8 @@ def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(
 
 def test_the_rules_see_the_nonfinite_norms_the_decoder_made_null() -> None:
     """Known answers for a hand-built probe tail (PendingStats' layout): 2 gradient norms
-    (the third parameter has none), 2 weight norms, 2 update norms (NaN: no step)."""
+    (the third parameter has none), 2 weight norms (a, b), 2 update norms (all NaN: no
+    optimizer step). A non-finite gradient counts once the step applied it."""
     stats = PendingStats(
         tensor=torch.zeros(6),
         order=["a", "b"],
@@ -396,18 +397,53 @@ def test_the_rules_see_the_nonfinite_norms_the_decoder_made_null() -> None:
         layers, scalars = stats.decode(host)
         return rule_view(stats, host, layers, scalars)
 
+    def norms(layers: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        keys = ("grad_norm", "weight_norm", "update_ratio")
+        return [tuple(e[k] for k in keys) for e in layers]
+
     nan, inf = math.nan, math.inf
-    finite = [3.0, 4.0, 5.0, 12.0, nan, nan]
-    layers, scalars = view(finite)
-    assert scalars["grad_norm"] == 5.0 and [e["update_ratio"] for e in layers] == [None, None]
-    layers, scalars = view([3.0, inf, 5.0, 12.0, nan, nan])  # b's gradient went inf
+    layers, scalars = view([3.0, 4.0, 5.0, 12.0, nan, nan])
+    assert scalars["grad_norm"] == 5.0 and norms(layers) == [(3.0, 5.0, None), (4.0, 12.0, None)]
+    # b's gradient inf on a GradScaler's overflow step: skipped (no step: NaN updates; a
+    # fused optimizer's step: zero updates), as decoded
+    for skipped in ([nan, nan], [0.0, 0.0]):
+        layers, scalars = view([3.0, inf, 5.0, 12.0, *skipped])
+        assert scalars["grad_norm"] is None and layers[1]["grad_norm"] is None
+    # ... and applied: the update went inf
+    layers, scalars = view([3.0, inf, 5.0, 12.0, 0.5, inf])
     assert scalars["grad_norm"] == inf
-    assert [(e["grad_norm"], e["weight_norm"]) for e in layers] == [(3.0, 5.0), (inf, 12.0)]
-    layers, scalars = view([3.0, 4.0, nan, 12.0, 1.0, -inf])  # a's weights NaN, b's update inf
+    assert norms(layers) == [(3.0, 5.0, 0.1), (inf, 12.0, inf)]
+    # a NaN gradient applied: its update is NaN where another layer's is a number
+    layers, scalars = view([3.0, nan, 5.0, 12.0, 0.5, nan])
+    assert math.isnan(scalars["grad_norm"]) and math.isnan(layers[1]["grad_norm"])
+    assert math.isnan(layers[1]["update_ratio"]) and layers[0]["update_ratio"] == 0.1
+    # a's weights NaN (from an earlier step), b's update inf
+    layers, scalars = view([3.0, 4.0, nan, 12.0, 1.0, -inf])
     assert scalars["grad_norm"] == 5.0 and layers[1]["update_ratio"] == inf
     assert math.isnan(layers[0]["weight_norm"]) and layers[0]["update_ratio"] is None
     # the decoder's own entries, which go on the wire, keep their nulls
-    assert stats.decode(torch.tensor([3.0, inf, 5.0, 12.0, nan, nan]))[0][1]["grad_norm"] is None
+    assert stats.decode(torch.tensor([3.0, inf, 5.0, 12.0, 0.5, inf]))[0][1]["grad_norm"] is None
+
+
+def test_a_grad_scaler_overflow_step_is_no_explosion(tmp_path: Path) -> None:
+    """Mixed precision's GradScaler: a step whose scaled gradients overflow to inf is
+    skipped by design (the scale is lowered and training goes on): no alert, no stop."""
+    model = mlp(nn.ReLU)
+    x, y = data()
+    for fused in (False, True):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # overflows the first steps
+        run_dir = tmp_path / str(fused)
+        with watch(model, opt, every=1, run_dir=run_dir, server=None) as w:
+            for _ in range(3):
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                scaler.scale(loss * 1e3).backward()
+                scaler.step(opt)
+                scaler.update()
+                w.step(loss=loss.detach())
+        assert scaler.get_scale() < 3e38  # the steps overflowed
+        assert events(run_dir, "alert") == [] and not w.should_stop
 
 
 def test_an_inf_activation_is_named_by_its_layer_not_by_the_loss_it_reached(

@@ -576,7 +576,7 @@ def test_a_nonfinite_layer_norm_names_its_step_and_first_layer(
     assert [f.step for f in r.on_probe(50, healthy_layers(**overrides), {})] == [50]
 
 
-def test_no_gradient_is_not_an_explosion_and_activations_name_a_step_that_has_both() -> None:
+def test_no_gradient_is_not_an_explosion_and_a_step_with_several_names_the_earliest() -> None:
     r = rules()
     no_grads = {name: {"grad_norm": None, "update_ratio": None} for name in PARAMS}
     assert r.on_probe(10, healthy_layers(**no_grads), {}) == []  # frozen or unused: None
@@ -584,3 +584,8 @@ def test_no_gradient_is_not_an_explosion_and_activations_name_a_step_that_has_bo
     both = healthy_layers(act1={"nonfinite": 5}, fc0={"grad_norm": math.inf})
     (found,) = r.on_probe(20, both, {"grad_norm": math.inf})
     assert found.layer == "act1" and "the activations of act1" in found.message
+    # Pre-step weights gone NaN made that forward's activations NaN: the weights are named.
+    assert r.on_probe(30, healthy_layers(), {"grad_norm": 0.4}) == []
+    both = healthy_layers(fc1={"weight_norm": math.nan}, act1={"nonfinite": 5})
+    (found,) = r.on_probe(40, both, {})
+    assert found.layer == "fc1" and "the weights of fc1 at step 40" in found.message

@@ -442,6 +442,15 @@ class Probes:
         ]
         self._forward_handles += [module.register_forward_hook(hook) for module, hook in self._hooks]
 
+    def stop_recording(self) -> None:
+        """Take the forward hooks off for the rest of this probe step (what they recorded
+        stays for ``collect()``); the optimizer hooks stay on, so the step still reads its
+        gradients, weights and update at ``optimizer.step()``. ``watch`` calls it past
+        its limit of training passes a probe step."""
+        for handle in self._forward_handles:
+            handle.remove()
+        self._forward_handles = []
+
     def disarm(self) -> None:
         self._armed = False
         for handle in self._forward_handles:

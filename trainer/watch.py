@@ -435,8 +435,9 @@ class Watch:
     def _count_pass(self, module: nn.Module, args: Any) -> None:
         """Before each forward pass of the model while armed: the one past
         ``MAX_PROBE_PASSES`` training passes takes the probes' forward hooks off before
-        its layers run (what they recorded stays for the step's collect()), and this hook
-        too. Counted before the pass, not after it: counted after, the 64th pass took them
+        its layers run (what they recorded stays for the step's collect(); the optimizer
+        hooks stay on, so the step keeps its gradient norms and update ratios), and this
+        hook too. Counted before the pass, not after it: counted after, the 64th pass took them
         off, so a step of exactly 64 micro-batches, all recorded, lost its update ratios
         with the probes' optimizer hooks. Evaluation passes (no_grad) are not counted: the
         probes keep only the last of those."""
@@ -444,7 +445,7 @@ class Watch:
             return
         self._passes += 1
         if self._passes > MAX_PROBE_PASSES and self.probes is not None:
-            self.probes.disarm()
+            self.probes.stop_recording()  # its optimizer hooks stay on for this step
             self._stop_counting()
             if not self._told_passes:
                 self._told_passes = True
@@ -453,14 +454,12 @@ class Watch:
     def _tell_passes_cut(self, step: int) -> None:
         """Once a run: say that a probe step stopped recording at MAX_PROBE_PASSES (a log
         line, and a ``log`` event on the run page). Else a gradient accumulation over more
-        micro-batches read as a whole step's statistics, and its probe steps' missing
-        update ratios (the probes' optimizer hooks are off with them) had no cause shown."""
+        micro-batches read as a whole step's statistics."""
         message = (
             f"probe step {step}: more than {MAX_PROBE_PASSES} training forward passes "
             f"(gradient accumulation over more micro-batches, or forward passes without "
-            f"w.step()); its statistics describe the first {MAX_PROBE_PASSES}, and the "
-            "probes' optimizer hooks are off for it: no update ratios, gradient norms read "
-            "at w.step() (none if the gradients were zeroed before it). Said once a run"
+            f"w.step()); its activation statistics describe the first {MAX_PROBE_PASSES} "
+            "(gradient norms and update ratios are the step's own). Said once a run"
         )
         if self.dist.is_primary:
             log.warning("%s", message)

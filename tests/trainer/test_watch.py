@@ -698,8 +698,9 @@ def test_gradient_accumulation_past_max_probe_passes_is_said_once(
 ) -> None:
     """A step of exactly MAX_PROBE_PASSES micro-batches is probed whole, update ratios
     included (the probes came off at the 64th pass, so it had none and nothing said why);
-    one of more is described by its first MAX_PROBE_PASSES, and the run says so once (a
-    log line and a ``log`` event), however many probe steps it has."""
+    one of more has its activations described by its first MAX_PROBE_PASSES (its gradient
+    norms and update ratios are the step's own), and the run says so once (a log line and
+    a ``log`` event), however many probe steps it has."""
     model, opt, _, _ = make_model()
     with watch(model, opt, every=2, run_dir=tmp_path, server="") as w:
         w.step(loss=_accumulate(model, opt, MAX_PROBE_PASSES))  # step 1, a probe step
@@ -712,6 +713,11 @@ def test_gradient_accumulation_past_max_probe_passes_is_said_once(
     assert probes[1]["0"]["update_ratio"] is not None
     assert sum(probes[1]["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 4 * 16
     assert sum(probes[2]["0"]["hist"]["counts"]) == MAX_PROBE_PASSES * 4 * 16
+    # past the limit only the forward hooks come off: the step's gradients and update
+    # are still read at optimizer.step() (they were lost with the optimizer hooks)
+    for step in (2, 4):
+        assert probes[step]["0"]["update_ratio"] is not None
+        assert probes[step]["0"]["grad_norm"] is not None
     logs = [f for f in fs if f["type"] == "event" and f["kind"] == "log"]
     assert len(logs) == 1 and logs[0]["step"] == 1
     assert logs[0]["data"]["message"].startswith(f"probe step 2: more than {MAX_PROBE_PASSES}")

@@ -637,7 +637,7 @@ class Probes:
         # step(), so they are read after it; before it they are the last step's, or None.
         # (the hook's args hold the optimizer itself first, then step()'s own)
         self._closure_step = len(args) > 1 or kwargs.get("closure") is not None
-        self._param_result = self._read_params()
+        self._param_result = self._read_params(getattr(optimizer, "grad_scale", None))
         self._updates.before_step()
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -645,7 +645,7 @@ class Probes:
             return
         if self._closure_step:  # the gradients as the closure left them, the weights before
             before_present, before, nan = self._param_result
-            present, after, _ = self._read_params()
+            present, after, _ = self._read_params(getattr(optimizer, "grad_scale", None))
             with torch.inference_mode():
                 norms = torch.cat([after[: sum(present)], before[sum(before_present) :]])
             self._param_result = (present, norms, nan)
@@ -654,9 +654,15 @@ class Probes:
             present, norms, _ = self._param_result
             self._param_result = (present, norms, updates)
 
-    def _read_params(self) -> tuple[list[bool], Tensor, Tensor]:
+    def _read_params(self, grad_scale: Any = None) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's
-        parameters, update norms = NaN until the post-step hook fills them)."""
+        parameters, update norms = NaN until the post-step hook fills them).
+
+        ``grad_scale``: the optimizer's ``grad_scale`` attribute, which a GradScaler sets
+        around the step of a fused optimizer (``fused=True`` unscales inside its kernel,
+        so the gradients read here are still multiplied by the loss scale): the gradient
+        norms are divided by it on the device (a plain optimizer's were unscaled before
+        its step, and the attribute is absent)."""
         with torch.inference_mode():
             every = [p.grad for p in self._all_params]
             present = [g is not None for g in every]
@@ -664,6 +670,8 @@ class Probes:
             grads = [g.coalesce().values() if g.is_sparse else g for g in every if g is not None]
             weights = self._probed_params
             norms = stats.norms(grads + weights, self._device)
+            if isinstance(grad_scale, Tensor) and grads:
+                norms[: len(grads)].div_(grad_scale.to(norms.device, torch.float32))
             return present, norms, self._nan(len(weights))
 
     def _nan(self, n: int) -> Tensor:

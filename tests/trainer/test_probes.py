@@ -418,6 +418,32 @@ def test_grad_weight_and_update_norms_match_an_sgd_step(device: str) -> None:
     assert scalars["grad_norm"] == pytest.approx(total, rel=1e-5)
 
 
+def test_a_fused_optimizer_under_a_grad_scaler_reports_unscaled_gradient_norms() -> None:
+    """A GradScaler unscales a plain optimizer's gradients before its step but hands a
+    fused one (fused=True) the scale to apply inside its kernel: the norms read at the
+    step were the loss scale (65,536) times too large."""
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    norms = {}
+    for fused in (False, True):
+        model = _two_layer()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        probes = Probes(model, opt)
+        probes.arm()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        pending = probes.collect()
+        assert pending is not None
+        layers, scalars = pending.decode(pending.tensor.cpu())
+        norms[fused] = (scalars["grad_norm"], {e["name"]: e["grad_norm"] for e in layers})
+    assert norms[True][0] == pytest.approx(norms[False][0], rel=1e-5)
+    plain, fused_layers = norms[False][1], norms[True][1]
+    assert [n for n, v in plain.items() if v is not None] == ["0", "2"]
+    for name in ("0", "2"):
+        assert fused_layers[name] == pytest.approx(plain[name], rel=1e-5)
+
+
 def test_a_sparse_gradient_counts_by_its_values_and_the_step_runs() -> None:
     """nn.Embedding(sparse=True) (recommenders, word2vec): the norm of a sparse gradient
     used to raise inside optimizer.step() (no sparse vector_norm), ending training."""

@@ -121,11 +121,12 @@ def rule_view(
     carry the count of non-finite values.
 
     Non-finite gradients count only when the optimizer step applied them: some update
-    norm is non-finite. A GradScaler's overflow step (mixed precision) has inf gradients
-    by design and skips the update (no step: every update norm NaN; a fused optimizer's
-    step: all zero), and is no explosion. The cost: a step that applied a non-finite
-    gradient only outside the sampled update entries shows as weights at the next
-    probe step.
+    norm is non-finite in a step the probes saw taken (``PendingStats.stepped``: the
+    post-step hook measured it). A GradScaler's overflow step (mixed precision) has inf
+    gradients by design and skips the update (no optimizer step at all, so nothing
+    measured; a fused optimizer's step: all zero), and is no explosion. A step that
+    applied a non-finite gradient only outside the sampled update entries shows as
+    weights at the next probe step.
 
     The parameter norms are the tail of ``host`` (``PendingStats``' layout: G gradient
     norms, W pre-step weight norms, W update norms, NaN throughout without a step)."""
@@ -137,7 +138,10 @@ def rule_view(
     grads_t, weights_t = tail[:present], tail[present : present + stats.weight_slots]
     updates_t = tail[present + stats.weight_slots :]
     nan_updates = torch.isnan(updates_t)
-    stepped = not bool(nan_updates.all())
+    # a step whose every sampled update is NaN (loss x 1e39: NaN everywhere) was taken if
+    # the post-step hook measured it; without the flag (a PendingStats built elsewhere)
+    # all NaN reads as no step
+    stepped = stats.stepped or not bool(nan_updates.all())
     bad_updates = bool(torch.isinf(updates_t).any()) or (stepped and bool(nan_updates.any()))
     if bool(torch.isfinite(weights_t).all()) and not bad_updates:
         return layers, out_scalars  # the common case: nothing was hidden that matters

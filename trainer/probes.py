@@ -219,6 +219,7 @@ class Probes:
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._features_last_out: list[weakref.ref[Tensor]] = []  # likewise, for features_last
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
+        self._stepped = False  # this probe step's post-step hook measured an update
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
         self._device = first.device if first is not None else torch.device("cpu")
@@ -433,7 +434,7 @@ class Probes:
         if self._armed or self._closed:
             return
         self._armed = True
-        self._skipping = self._trained = self._eval_only = False
+        self._skipping = self._trained = self._eval_only = self._stepped = False
         self._staging.new_step()
         pre, post = self._model_hooks
         self._forward_handles = [
@@ -653,6 +654,7 @@ class Probes:
         if updates is not None:
             present, norms, _ = self._param_result
             self._param_result = (present, norms, updates)
+            self._stepped = True
 
     def _read_params(self, grad_scale: Any = None) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's
@@ -704,6 +706,7 @@ class Probes:
             act = [self._layers[i] for i in plan.layers]
         params = self._param_result
         self._param_result = None
+        stepped, self._stepped = self._stepped, False
         self._updates.forget()
         if not act and (params is None or not self._param_layers):
             return None  # nothing probed this step (a model with no probed layer at all)
@@ -735,6 +738,7 @@ class Probes:
                 weight_slots=len(self._updates),
                 reduced=reduced,
                 units=[layer.spec.units for layer in act],
+                stepped=stepped and params is not None,
             )
         finally:
             if plan is None:

@@ -386,6 +386,9 @@ class PendingStats:
     weight_slots: int = 0
     reduced: bool = False
     units: list[int | None] = field(default_factory=list)  # per act layer (empty: unknown)
+    # the optimizer's post-step hook measured this step's update: the update section is
+    # the step's (NaN where an update was NaN), not the NaN of no step at all
+    stepped: bool = False
 
     @property
     def size(self) -> int:

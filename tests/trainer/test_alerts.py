@@ -380,6 +380,30 @@ def test_an_inf_gradient_is_alerted_at_its_step_naming_its_layer(
     ]  # fmt: skip
 
 
+def test_a_loss_scaled_past_float32_is_alerted_at_its_step_though_every_update_is_nan(
+    tmp_path: Path,
+) -> None:
+    """loss x 1e39 makes every gradient inf and every sampled update NaN: on the host the
+    NaN update section looked like a step never taken (a GradScaler's skipped step), so
+    the alert came a step later, naming the weights. The probes now say the step was
+    taken (the post-step hook measured it): the alert names step 2 and the first layer."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with watch(model, opt, every=1, run_dir=tmp_path, server=None) as w:
+        for step in (1, 2, 3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            (loss * (1e39 if step == 2 else 1.0)).backward()
+            opt.step()
+            w.step(loss=loss.detach())
+            if w.should_stop:
+                break
+    (alert,) = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
+    assert (alert["step"], alert["data"]["layer"]) == (2, "0")
+    assert "NaN/Inf in the gradients of 0" in alert["data"]["message"]
+
+
 def test_the_rules_see_the_nonfinite_norms_the_decoder_made_null() -> None:
     """Known answers for a hand-built probe tail (PendingStats' layout): 2 gradient norms
     (the third parameter has none), 2 weight norms (a, b), 2 update norms (all NaN: no

@@ -25,7 +25,8 @@
 #
 # Knobs (environment): PYTHON (python3), OUT (log folder; default /tmp/run_cuda_logs),
 # MAXFAIL (10; `-x` stops at the first failure and hides the rest of a one-shot run),
-# DEADLINE_S (420), TRAINER_CAP_S (240), BENCH_CAP_S (120), SERVER_TESTS (1; 0 skips),
+# DEADLINE_S (420), TRAINER_CAP_S (240), TRAINER_ARGS (more pytest arguments for step 4,
+# e.g. "-k cuda" for the CUDA cases alone), BENCH_CAP_S (120), SERVER_TESTS (1; 0 skips),
 # BENCH_STEPS (300), BENCH_ARGS (--no-peers; empty to include TensorBoard).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -157,7 +158,8 @@ EOF
   echo "== pytest $name exit $rc (at ${SECONDS}s)" | log "$name.log"
   return "$rc"
 }
-pytest_run pytest "$(cap "${TRAINER_CAP_S:-240}")" tests/trainer tests/test_example.py
+# shellcheck disable=SC2086
+pytest_run pytest "$(cap "${TRAINER_CAP_S:-240}")" ${TRAINER_ARGS:-} tests/trainer tests/test_example.py
 status=$?
 
 # ---- 5. overhead benchmark on CUDA ----

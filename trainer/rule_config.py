@@ -66,9 +66,10 @@ ALL_ZERO_THRESHOLD = 1.0
 # over the first 3 probe steps (with probes every ~10 steps, the first ~30 steps).
 POOR_INIT_THRESHOLD = 10.0
 POOR_INIT_PROBE_STEPS = 3
-# Ours: and only within the first 30 training steps (the first probe step always counts):
+# Ours: and only within the first 30 training steps (a run's first probe step is step 1):
 # with probes every 100 steps the 2nd and 3rd were steps 100 and 200, when training, not
-# the init, sets the scales (a healthy CNN's std grew 11x after 100 Adam steps).
+# the init, sets the scales (a healthy CNN's std grew 11x after 100 Adam steps); a run
+# resumed from a checkpoint starts past them, trained.
 POOR_INIT_MAX_STEP = 30
 # Plateau (no SageMaker counterpart; PyTorch's ReduceLROnPlateau defaults): an evaluation
 # improves on the best only if it is lower by more than 1e-4 relative.

@@ -457,9 +457,9 @@ class Rules:
 
     def _poor_init(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         cfg = self.config.poor_initialization
-        if self._probe_steps > cfg.probe_steps or (
-            self._probe_steps > 1 and step > POOR_INIT_MAX_STEP
-        ):
+        # the first probe steps of a run's first POOR_INIT_MAX_STEP steps: a run resumed from
+        # a checkpoint (watch(resume=...)) starts at its step, trained, and is never read
+        if self._probe_steps > cfg.probe_steps or step > POOR_INIT_MAX_STEP:
             return []
         kinds = [self._kind(e) for e in entries]
         if entries and kinds[-1] is not None and self._is_pre_activation(kinds[-1]):

@@ -329,6 +329,8 @@ def test_poor_initialization_fires_on_vanishing_std_only_in_the_first_probe_step
     assert sparse.on_probe(1, healthy_layers(), {}) == []
     assert sparse.on_probe(100, shrinking, {}) == []
     assert [f.rule for f in rules().on_probe(1, shrinking, {})] == ["PoorInitialization"]
+    # a run resumed from checkpoint-500 probes step 501 first: a trained net, not an init
+    assert rules().on_probe(501, shrinking, {}) == []
 
 
 def test_poor_initialization_compares_pre_activations_and_ignores_activation_std() -> None:

@@ -157,6 +157,21 @@ def test_play_moves_the_cursor_and_pause_holds_it(
     step, stored = stored_histograms(server, run_id, last)
     expect(page.locator("#multiples-step")).to_have_text(str(step))
     assert shown_histograms(page) == stored
+    # the event log gives an applied command's reason whoever sent it (a resumed run's
+    # restored steering said only "set_lr_scale ×0.5 applied at step 500")
+    described = page.evaluate(
+        """async () => {
+          const { describeEvent } = await import('/static/js/eventlog.js');
+          const data = { name: "set_lr_scale", args: { value: 0.5 }, ok: true,
+                         applied_at_step: 500, source: "api",
+                         reason: "restored from checkpoint-500.pt" };
+          return [describeEvent({ kind: "command_result", step: 500, data }),
+                  describeEvent({ kind: "command_result", step: 500,
+                                  data: { ...data, reason: undefined } })];
+        }"""
+    )
+    assert described[0].endswith("applied at step 500 · restored from checkpoint-500.pt")
+    assert described[1].endswith("applied at step 500"), described
 
 
 def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(

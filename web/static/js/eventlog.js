@@ -54,7 +54,10 @@ export function describeEvent(ev) {
     case "status": return `status → ${d.status}${d.reason ? ` (${d.reason})` : ""}${d.error ? `: ${d.error}` : ""}`;
     case "command_result": {
       const what = commandText(d.name, d.args, d.state);
-      const rule = d.source === "rule" ? ` · rule: ${d.reason || "no reason given"}` : "";
+      // a rule's command always says why; another says so when it was given a reason
+      // (a resumed run's steering: "restored from checkpoint-500.pt")
+      const rule = d.source === "rule" ? ` · rule: ${d.reason || "no reason given"}`
+        : d.reason ? ` · ${d.reason}` : "";
       return d.ok === false ? `${what} failed: ${d.error || "?"}${rule}` : `${what} applied at step ${d.applied_at_step ?? ev.step}${rule}`;
     }
     case "command": {

@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from layerscope.trainer.control import Control, write_checkpoint
+from layerscope.trainer.checkpoint import write_checkpoint
+from layerscope.trainer.control import Control
 from layerscope.trainer.rules import PAUSING, STOPPING, Finding, Rules
 
 log = logging.getLogger(__name__)

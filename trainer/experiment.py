@@ -22,12 +22,8 @@ from typing import Any
 
 import torch
 from layerscope.trainer import wire
-from layerscope.trainer.control import (
-    CheckpointError,
-    layer_names_hint,
-    load_model_weights,
-    unknown_layers,
-)
+from layerscope.trainer.checkpoint import CheckpointError, load_model_weights
+from layerscope.trainer.control import layer_names_hint, unknown_layers
 from layerscope.trainer.data import Batches, DataError, Dataset, add_input_noise, load_dataset
 from layerscope.trainer.distributed import (
     data_parallel,

@@ -31,8 +31,7 @@ from typing import Any
 import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
-from layerscope.trainer.control import (
-    Control,
+from layerscope.trainer.checkpoint import (
     check_extras,
     load_training_state,
     plain_name,
@@ -40,6 +39,7 @@ from layerscope.trainer.control import (
     restore_commands,
     unwrapped,
 )
+from layerscope.trainer.control import Control
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
 from layerscope.trainer.link import Link

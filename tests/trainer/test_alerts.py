@@ -15,7 +15,7 @@ import pytest
 import torch
 from layerscope.trainer import watch, wire  # watch first, so the package binds the function
 from layerscope.trainer.alerts import LAST_GOOD_NAME
-from layerscope.trainer.control import load_model_weights
+from layerscope.trainer.checkpoint import load_model_weights
 from layerscope.trainer.experiment import run_experiment
 from layerscope.trainer.flush import rule_view
 from layerscope.trainer.spool import read_spool

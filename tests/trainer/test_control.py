@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from layerscope.trainer import wire
-from layerscope.trainer.control import (
+from layerscope.trainer.checkpoint import (
     CheckpointError,
-    Control,
     load_training_state,
     read_checkpoint,
     restore_commands,
 )
+from layerscope.trainer.control import Control
 from torch import nn
 from waiting import wait_until
 

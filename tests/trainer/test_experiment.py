@@ -329,7 +329,7 @@ def test_auto_weight_decay_starts_with_decay_off(tmp_path: Path) -> None:
 def test_checkpoint_command_then_finetune_with_a_frozen_layer_then_unfreeze_live(
     tmp_path: Path,
 ) -> None:
-    from layerscope.trainer.control import load_model_weights
+    from layerscope.trainer.checkpoint import load_model_weights
     from layerscope.trainer.watch import watch
 
     def train(w: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from layerscope.trainer import watch as exported_watch
 from layerscope.trainer import wire
-from layerscope.trainer.control import CheckpointError, load_model_weights
+from layerscope.trainer.checkpoint import CheckpointError, load_model_weights
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import MAX_PROBE_PASSES, Watch, watch
 from torch import nn

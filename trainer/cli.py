@@ -3,7 +3,8 @@
 Owns: the ``train`` flags, generated from ``wire.EXPERIMENT_SCHEMA`` so they cannot
 drift from what the server and the New-run form accept; merging preset < config
 file < flags; printing every invalid field as ``solver.lr: must be >= 0`` (exit
-2); ``sync``, which uploads a spool recorded while no server was reachable; and
+2); ``train --resume`` (the checkpoint's experiment, refusing flags that contradict
+it); ``sync``, which uploads a spool recorded while no server was reachable; and
 ``lab init``, which asks a running server (plain HTTP, stdlib) to launch the init lab.
 
 Never: imports ``layerscope.server``, or torch before a command needs it (so
@@ -36,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
-from layerscope.trainer.experiment_config import generated_name
+from layerscope.trainer.experiment_config import RESUME_MAY_CHANGE, generated_name, resume_config
 
 COMMANDS = {
     "train": "run a built-in experiment (MLP or small CNN on digits, spirals, blobs, npz, folder)",
@@ -188,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on N local processes (torch.distributed, gloo on CPU, nccl on CUDA) "
         "through torchrun; each takes its share of every batch, rank 0 streams the run. "
         "Ignored inside torchrun (for several machines, run torchrun yourself)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="go on with a stopped built-in run from its checkpoint (a checkpoint-N.pt the "
+        "dashboard's Checkpoint wrote, or the run's folder: its newest): its experiment "
+        "(config, model, optimizer, RNG, lr scale, weight decay switch, frozen layers), steps "
+        "going on from N, the batches in the order the run would have had; a new run. "
+        "Flags may change only --name, --steps and --epochs (the whole length, from step 1) "
+        "and --device",
     )
     train.add_argument(
         "--print-config",
@@ -474,11 +485,61 @@ def _sigterm_stops_run() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _resumed(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """``train --resume``: the checkpoint's experiment with the flags over it (refusing
+    any that contradict it, in one line), and the ``experiment.Resume`` to train from."""
+    if ("finetune", "from_checkpoint") in _flag_locs(args):
+        raise ValueError(
+            "--resume and --from do not go together: --resume goes on with a run (its "
+            "weights, optimizer, steps), --from starts a new one from a checkpoint's weights"
+        )
+    from layerscope.trainer.experiment import ExperimentSetupError, read_resume
+
     try:
-        merged, user_named = merged_config(args)
-        # A flag names its field: one that would be ignored is refused, default value or not.
-        cfg = wire.validate_experiment(merged, explicit=_flag_locs(args))
+        resume = read_resume(args.resume)
+    except ExperimentSetupError as exc:
+        raise ValueError(str(exc)) from None
+    given, _ = merged_config(args)
+    cfg, conflicts = resume_config(resume.config, given, explicit=_flag_locs(args))
+    if conflicts:
+        flags = set(_flag_locs(args))
+        said = ", ".join(
+            f"{_given_as(loc, flags)} {_shown(new)} (it holds {_shown(old)})"
+            for loc, old, new in conflicts
+        )
+        may = ", ".join(
+            flag_for(*(loc if len(loc) == 2 else (None, *loc))) for loc in sorted(RESUME_MAY_CHANGE)
+        )
+        raise ValueError(
+            f"--resume {resume.path}: a resumed run keeps the experiment the checkpoint holds, "
+            f"not {said}; only {may} may change (steer the lr live, or start a new run from "
+            "its weights with --from)"
+        )
+    return cfg, resume
+
+
+def _given_as(loc: tuple[str, ...], flags: set[tuple[str, ...]]) -> str:
+    """A config field as the user gave it: its flag, or its loc (from --config/--preset)."""
+    section, key = loc if len(loc) == 2 else (None, loc[0])
+    return flag_for(section, key) if loc in flags else ".".join(loc)
+
+
+def _shown(value: Any) -> str:
+    return (
+        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    resume = None
+    try:
+        if args.resume is not None:
+            cfg, resume = _resumed(args)
+            user_named = True  # the name the run had (or --name): printed as it is
+        else:
+            merged, user_named = merged_config(args)
+            # A flag names its field: one that would be ignored is refused, default or not.
+            cfg = wire.validate_experiment(merged, explicit=_flag_locs(args))
     except wire.ExperimentError as exc:
         for err in exc.errors:
             print(
@@ -518,6 +579,7 @@ def _train(args: argparse.Namespace) -> int:
                 token=os.environ.get("LAYERSCOPE_TRAINER_TOKEN") or None,
                 run_dir=args.run_dir,
                 progress=not args.no_progress,
+                resume=resume,
             )
     except (DataError, ExperimentSetupError, ValueError) as exc:
         return _error("train", str(exc))

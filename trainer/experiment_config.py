@@ -2,7 +2,8 @@
 
 Owns: EXPERIMENT_SCHEMA (one dict-of-dicts the server validates ``POST /api/runs``
 with and the dashboard walks to build its New-run form; the trainer's CLI builds
-its flags from it), ``validate_experiment``, ``DEMO_EXPERIMENT``.
+its flags from it), ``validate_experiment``, ``DEMO_EXPERIMENT``, and the config of
+a resumed run (``resume_config``: the checkpoint's, what a resume may change).
 
 Never: imports torch or anything outside the standard library and ``wire``; the
 server reaches these names through ``layerscope.trainer.wire`` (which loads this
@@ -11,6 +12,7 @@ module on first use), so wire stays the one module trainer and server share.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -623,3 +625,72 @@ def generated_name(cfg: dict[str, Any]) -> str:
     (arch, activation, init, dataset of a config whose model and data are filled in)."""
     model, data = cfg["model"], cfg["data"]
     return f"{model['arch']}-{model['activation']}-{model['init']}-{data['dataset']}"
+
+
+# ---- resuming (``layerscope train --resume``) ----
+
+# What a resumed run may set apart from the experiment its checkpoint holds: its name, its
+# length (steps or epochs, counted from step 1 as ever, so the run trains on to there) and
+# the device (a run goes on elsewhere; the same numbers only on the same device). Anything
+# else would train another experiment from this one's state: --from does that.
+RESUME_MAY_CHANGE: frozenset[tuple[str, ...]] = frozenset(
+    {("name",), ("solver", "steps"), ("solver", "epochs"), ("solver", "device")}
+)
+Conflict = tuple[tuple[str, ...], Any, Any]  # (loc, the checkpoint's value, the given one)
+
+
+def validate_resumed(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> dict[str, Any]:
+    """``validate_experiment`` for the config a checkpoint holds: its
+    ``finetune.from_checkpoint`` (the file the run was first fine-tuned from) is kept as it
+    was and not looked for, since a resumed run does not read it again."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("finetune"), dict):
+        return validate_experiment(cfg, explicit=explicit)
+    base = copy.deepcopy(cfg)
+    origin = base["finetune"].pop("from_checkpoint", None)
+    out = validate_experiment(base, explicit=explicit)
+    out["finetune"]["from_checkpoint"] = origin if isinstance(origin, str) else None
+    return out
+
+
+def resume_config(
+    stored: Any, given: dict[str, Any], *, explicit: Iterable[Sequence[str]] = ()
+) -> tuple[dict[str, Any], list[Conflict]]:
+    """The config a resumed run trains with: ``stored`` (the checkpoint's experiment) with
+    ``given`` (what the user gave: preset, config file, flags, merged) over it, validated;
+    and every field ``given`` sets to another value than the checkpoint's, outside
+    RESUME_MAY_CHANGE, for the caller to refuse. A field given the value it already has
+    is no conflict. Raises ExperimentError for a config invalid either way."""
+    before = validate_resumed(stored)
+    merged = copy.deepcopy(before)
+    solver = given.get("solver")
+    if isinstance(solver, dict) and solver.get("epochs") is not None and "steps" not in solver:
+        merged["solver"].pop("steps", None)  # given epochs decide, as over a config file
+    _merge(merged, copy.deepcopy(given))
+    after = validate_resumed(merged, explicit=explicit)
+    conflicts = [
+        (loc, _at(before, loc), _at(after, loc))
+        for loc in _leaves(before)
+        if loc not in RESUME_MAY_CHANGE and _at(before, loc) != _at(after, loc)
+    ]
+    return after, conflicts
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _leaves(cfg: dict[str, Any], loc: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for key, value in cfg.items():
+        out.extend(_leaves(value, (*loc, key)) if isinstance(value, dict) else [(*loc, key)])
+    return out
+
+
+def _at(cfg: dict[str, Any], loc: tuple[str, ...]) -> Any:
+    for key in loc:
+        cfg = cfg[key]
+    return cfg

@@ -21,6 +21,7 @@ from layerscope.trainer.experiment import (
     run_experiment,
     trainer_socket_url,
 )
+from layerscope.trainer.experiment_config import resume_config
 from layerscope.trainer.spool import read_spool
 
 
@@ -414,3 +415,55 @@ def test_a_long_list_of_npz_labels_is_cut_in_the_config(tmp_path: Path) -> None:
     assert shown.startswith("0, 3, 6, ") and shown.endswith(", ..., 2997 (1000 labels)")
     assert len(shown) <= MAX_LABELS_CONFIG_CHARS + 40
     assert "labels" not in cfg["data"]  # the validated config itself is left as it was
+
+
+# ---- resuming (layerscope train --resume) ----
+
+
+def test_resume_config_is_the_checkpoints_and_names_what_given_settings_change(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint's experiment with the user's settings over it: a name and a length
+    may change (epochs then decide), any other field changed is a conflict (loc, its
+    value, the given one); a value equal to the checkpoint's is none. The file a run was
+    fine-tuned from is kept but not looked for: it is not read again."""
+    source = tmp_path / "pretrained.pt"
+    source.write_bytes(b"x")
+    stored = wire.validate_experiment({"model": {"width": 16}, "solver": {"steps": 20},
+                                       "finetune": {"from_checkpoint": str(source)}})  # fmt: skip
+    source.unlink()
+    assert resume_config(stored, {}) == (stored, [])
+    cfg, conflicts = resume_config(stored, {"name": "longer", "solver": {"epochs": 3}})
+    assert conflicts == [] and cfg["name"] == "longer"
+    assert cfg["solver"]["steps"] is None and cfg["solver"]["epochs"] == 3
+    assert cfg["finetune"]["from_checkpoint"] == str(source)
+    _, conflicts = resume_config(stored, {"model": {"width": 16}, "solver": {"lr": 0.5}})
+    assert conflicts == [(("solver", "lr"), 0.001, 0.5)]
+    with pytest.raises(wire.ExperimentError, match=r"solver\.lr: must be >= 0"):
+        resume_config(stored, {"solver": {"lr": -1}})
+
+
+def test_a_finetuned_run_resumes_with_its_frozen_layers_without_its_source_file(
+    tmp_path: Path,
+) -> None:
+    """A fine-tuned run's checkpoint (here its last-good.pt, at its first probe step)
+    resumes after the file it was fine-tuned from is gone: the weights come from the
+    checkpoint, the frozen layer from its control state (restored, not --freeze again)."""
+    from layerscope.trainer.experiment import read_resume
+
+    base: dict[str, Any] = {"every": 5, "solver": {"steps": 4, "device": "cpu"}}
+    source = _checkpoint(tmp_path, base)
+    cfg = {**base, "finetune": {"from_checkpoint": str(source), "freeze": "net.0"}}
+    run_experiment(cfg, server=None, run_dir=str(tmp_path / "ft"), progress=False)
+    source.unlink()
+    resume = read_resume(tmp_path / "ft" / "last-good.pt")
+    assert resume.step == 1 and resume.config["finetune"]["freeze"] == "net.0"
+    summary = run_experiment(resume.config, server=None, run_dir=str(tmp_path / "on"),
+                             progress=False, resume=resume)  # fmt: skip
+    assert summary["steps"] == 4 and summary["resumed_at"] == 1
+    (frozen,) = _events(tmp_path / "on", "command_result")
+    assert frozen["data"]["args"] == {"layers": ["net.0"], "frozen": True}
+    assert frozen["data"]["reason"] == "restored from last-good.pt"
+    (log,) = _events(tmp_path / "on", "log")
+    assert log["data"]["message"].startswith("resumed from ") and log["step"] == 1
+    assert {p["update_ratio"] for p in _probes(tmp_path / "on", "net.0")} == {0.0}

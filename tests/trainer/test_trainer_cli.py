@@ -488,3 +488,148 @@ def test_nproc_exits_as_the_ranks_do_3_for_a_run_the_nan_rule_stopped(
     out, err = capfd.readouterr()  # the ranks' output too: they write to this process's fds
     assert "(stopped by a rule: NaN/Inf in " in out
     assert "ChildFailedError" not in err and "FAILED" not in err
+
+
+# ---- train --resume ----
+
+
+def _spool_frames(run_dir: Path) -> list[dict]:
+    return [wire.parse_trainer_frame(t) for t in list(read_spool(run_dir / "spool.bin"))[1:]]
+
+
+def _train_rows(run_dir: Path) -> dict[int, dict]:
+    """Each training step's metrics row values (not the validation rows), by step."""
+    return {
+        row["step"]: row["values"]
+        for frame in _spool_frames(run_dir)
+        if frame["type"] == "metrics"
+        for row in frame["rows"]
+        if "loss" in row["values"]
+    }
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_steps_rng_and_lr_scale_going_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `layerscope train` run steered (lr scale 0.5), checkpointed from the dashboard and
+    stopped; `train --resume RUN_DIR --steps N` goes on from its newest checkpoint: steps
+    after the checkpoint's, the lr scale restored as an acknowledged command, no flag
+    repeated. Resumed from the unsteered checkpoint before it, the losses (dropout and
+    input noise on: the RNG; the batch order) are bit-identical to a run never stopped."""
+    from trainer_server import TrainerServer
+    from waiting import wait_until
+
+    experiment = ["--dataset", "digits", "--depth", "1", "--width", "16", "--every", "5",
+                  "--dropout", "0.2", "--input-noise", "0.1", "--device", "cpu"]  # fmt: skip
+    first = tmp_path / "first"
+    server = TrainerServer().start()
+    codes: list[int] = []
+    try:
+        args = ["train", *experiment, "--steps", "1000000", "--no-progress", "--run-dir",
+                str(first), "--server", server.url]  # fmt: skip
+        thread = threading.Thread(target=lambda: codes.append(cli.main(args)), daemon=True)
+        thread.start()
+        wait_until(lambda: server.received > 2)
+        server.send_command("pause")
+        wait_until(lambda: any(e["data"]["status"] == "paused" for e in server.events("status")))
+        # While paused at step K: checkpoint-K (unsteered), halve the lr, one step, then
+        # checkpoint-(K+1) at the next step boundary (the queue is applied in order)
+        for name, args_ in [("checkpoint", {}), ("set_lr_scale", {"value": 0.5}),
+                            ("step_once", {}), ("checkpoint", {}), ("stop", {})]:  # fmt: skip
+            server.send_command(name, **args_)
+        thread.join(60)
+    finally:
+        server.close()
+    assert codes == [0]
+    steps = sorted(int(p.stem.split("-")[1]) for p in first.glob("checkpoint-*.pt"))
+    assert len(steps) == 2 and steps[1] == steps[0] + 1
+    k = steps[0]
+    capsys.readouterr()
+
+    # The run's folder: its newest checkpoint, K+1, with the lr scale set before it.
+    resumed = tmp_path / "resumed"
+    assert cli.main(["train", "--resume", str(first), "--steps", str(k + 3), "--no-progress",
+                     "--run-dir", str(resumed)]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert f"{k + 3} steps (resumed at step {k + 1})" in out
+    assert f"checkpoint-{k + 1}.pt" in err and f"at step {k + 1}" in err
+    rows = _train_rows(resumed)
+    assert sorted(rows) == [k + 2, k + 3]  # steps go on from the checkpoint's
+    assert {v["lr"] for v in rows.values()} == {0.0005}  # 0.001 at the restored scale 0.5
+    (restored,) = [e for e in _spool_frames(resumed) if e.get("kind") == "command_result"]
+    assert restored["data"]["name"] == "set_lr_scale" and restored["data"]["ok"]
+    assert restored["data"]["reason"] == f"restored from checkpoint-{k + 1}.pt"
+    assert restored["data"]["applied_at_step"] == k + 1
+    hello = json.loads(next(iter(read_spool(resumed / "spool.bin"))))
+    assert hello["config"]["model"]["width"] == 16 and hello["config"]["solver"]["steps"] == k + 3
+    assert hello["config"]["resumed_from"]["step"] == k + 1
+
+    # From checkpoint-K (before the lr was touched): the same numbers as a run never stopped.
+    again = tmp_path / "again"
+    assert cli.main(["train", "--resume", str(first / f"checkpoint-{k}.pt"), "--steps",
+                     str(k + 2), "--no-progress", "--run-dir", str(again)]) == 0  # fmt: skip
+    reference = tmp_path / "reference"
+    assert cli.main(["train", *experiment, "--steps", str(k + 2), "--no-progress",
+                     "--run-dir", str(reference)]) == 0  # fmt: skip
+    going_on, never_stopped = _train_rows(again), _train_rows(reference)
+    assert sorted(going_on) == [k + 1, k + 2]
+    for step in (k + 1, k + 2):
+        assert going_on[step]["loss"] == never_stopped[step]["loss"], step
+        assert going_on[step]["acc"] == never_stopped[step]["acc"], step
+
+
+def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file, a folder without checkpoints, a checkpoint of a user's own loop or
+    one from before checkpoints held their experiment, a corrupt file, --resume with
+    --from, flags that contradict the checkpoint's experiment, and a checkpoint already at
+    the run's last step: each one line on stderr, exit 2, no run folder."""
+    import torch
+    from layerscope.trainer.control import Control
+    from layerscope.trainer.experiment import EXPERIMENT_EXTRA, ExperimentState, build
+    from layerscope.trainer.watch import watch
+
+    solver = {"steps": 20, "device": "cpu"}
+    cfg = wire.validate_experiment({"model": {"width": 16}, "solver": solver})
+    _, model, opt, device = build(cfg)
+    state = {EXPERIMENT_EXTRA: ExperimentState(cfg, device)}
+
+    def checkpoint(folder: str, step: int, extras: dict | None = None) -> Path:
+        control = Control(model, opt, checkpoint_dir=tmp_path / folder, extras=extras)
+        try:
+            return control.checkpoint(step)
+        finally:
+            control.close()
+
+    ours = checkpoint("ours", 20, state)
+    checkpoint("old", 7)  # as built-in runs wrote them before --resume: no experiment in it
+    linear = torch.nn.Linear(2, 2)
+    with watch(linear, torch.optim.SGD(linear.parameters(), lr=0.1), every=0,
+               run_dir=tmp_path / "own") as w:  # fmt: skip
+        w.step(loss=0.0)
+        assert w.command("checkpoint")["ok"]
+    (tmp_path / "corrupt.pt").write_bytes(ours.read_bytes()[:200])  # a torn copy
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    cases = {
+        "no such file": ["--resume", str(tmp_path / "missing.pt")],
+        "no checkpoint-<step>.pt in this folder": ["--resume", str(tmp_path / "empty")],
+        "not a checkpoint of a built-in experiment": ["--resume", str(tmp_path / "own")],
+        "holds no experiment config": ["--resume", str(tmp_path / "old" / "checkpoint-7.pt")],
+        "not a layerscope checkpoint": ["--resume", str(tmp_path / "corrupt.pt")],
+        "--resume and --from do not go together": ["--resume", str(ours), "--from", str(ours)],
+        # --depth 2 is the checkpoint's own: no conflict
+        "not --width 32 (it holds 16), --lr 0.1 (it holds 0.001); only --name, --device, "
+        "--epochs, --steps may change": ["--resume", str(ours), "--lr", "0.1", "--width", "32",
+                                         "--depth", "2", "--steps", "40"],  # fmt: skip
+        "it is at step 20, the end of this run (solver.steps 20); pass --steps N with N > 20":
+            ["--resume", str(ours)],  # fmt: skip
+    }
+    for expected, args in cases.items():
+        code = cli.main(["train", *args, "--no-progress", "--run-dir", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, (expected, err)
+        assert err.count("\n") == 1 and err.startswith("layerscope train: "), err
+        assert expected in err, err
+        assert not out.exists(), expected

@@ -287,9 +287,13 @@ async def test_a_lost_runs_pending_command_is_settled_and_not_sent_when_its_trai
     otherwise pause the run minutes later)."""
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
         trainer = await FakeTrainer.connect(server, "r1", instance="proc1")
+        trainer.heartbeat(0.1)  # alive until the command is in (a busy machine lost it first)
         url = f"{server}/api/runs/r1/commands"
-        assert httpx.post(url, json={"id": "c-lost", "name": "pause"}).status_code == 202
+        async with httpx.AsyncClient(timeout=30) as client:  # the loop keeps heartbeating
+            assert (await client.post(url, json={"id": "c-lost", "name": "pause"})).status_code == 202
         await trainer.wait_for(lambda m: m["type"] == "command")
+        assert trainer._beat is not None
+        trainer._beat.cancel()
         await wait_status(server, "r1", "lost", timeout=10)  # silent: no heartbeats
         rows = commands_of(server, "r1")
         assert [(r["id"], r["status"], r["error"]) for r in rows] == [

@@ -377,10 +377,12 @@ async def test_a_status_the_server_sets_reaches_viewers_as_an_event(tmp_path: Pa
     not only its status pill."""
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
         trainer = await FakeTrainer.connect(server, "r1")
+        trainer.heartbeat(0.1)  # alive until the viewer is in (a busy machine lost it before)
         await trainer.send(metrics_frame(1, 3))
         await trainer.wait_acked(1)
         viewer, _ = await open_viewer(server, "r1")
-        # silent from here on: lost
+        assert trainer._beat is not None
+        trainer._beat.cancel()  # silent from here on: lost
         got = await recv_until(viewer, lambda m: m["type"] == "event" and m["kind"] == "status")
         event = got[-1]
         assert (event["origin"], event["step"], event["data"]["status"]) == ("server", 3, "lost")

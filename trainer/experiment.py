@@ -343,6 +343,9 @@ def _train(
     loss = acc = val_loss = val_acc = None
     started = time.monotonic()
     model.train()
+    resumed = _resumed_message(resume, total_steps) if resume is not None else None
+    if resumed is not None and rank == 0:  # before watch() draws its progress line
+        print(f"layerscope train: {resumed}", file=sys.stderr, flush=True)
     with watch(
         model,
         optimizer,
@@ -368,7 +371,9 @@ def _train(
         if resume is None:
             _start(w, finetune, loaded, rules["auto_weight_decay"])
         else:
-            _note_resume(w, resume, total_steps, rank)
+            w.event(
+                "log", {"message": resumed, "resumed_from": str(resume.path), "step": resume.step}
+            )
         _note_full_batch(w, solver["batch_size"], batches.size, rank)
         stopped = False
         for batch in stream:
@@ -471,17 +476,14 @@ def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto
         w.command("set_weight_decay", {"enabled": False}, reason=reason)
 
 
-def _note_resume(w: Any, resume: Resume, total: int, rank: int) -> None:
-    """Say where the run goes on from: a ``log`` event on the dashboard (beside the
-    restored commands' results) and a line on rank 0's stderr."""
+def _resumed_message(resume: Resume, total: int) -> str:
+    """Where a resumed run goes on from: a line on rank 0's stderr and a ``log`` event on
+    the dashboard (beside the restored commands' results)."""
     of = f" (run {resume.run_id})" if resume.run_id else ""
-    message = (
-        f"resumed from {resume.path}{of} at step {resume.step}: model, optimizer, RNG and "
+    return (
+        f"resuming from {resume.path}{of} at step {resume.step}: model, optimizer, RNG and "
         f"steering restored, the data order goes on; training to step {total}"
     )
-    w.event("log", {"message": message, "resumed_from": str(resume.path), "step": resume.step})
-    if rank == 0:
-        print(f"layerscope train: {message}", file=sys.stderr)
 
 
 def _note_full_batch(w: Any, asked: int, size: int, rank: int) -> None:

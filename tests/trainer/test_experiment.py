@@ -465,5 +465,5 @@ def test_a_finetuned_run_resumes_with_its_frozen_layers_without_its_source_file(
     assert frozen["data"]["args"] == {"layers": ["net.0"], "frozen": True}
     assert frozen["data"]["reason"] == "restored from last-good.pt"
     (log,) = _events(tmp_path / "on", "log")
-    assert log["data"]["message"].startswith("resumed from ") and log["step"] == 1
+    assert log["data"]["message"].startswith("resuming from ") and log["step"] == 1
     assert {p["update_ratio"] for p in _probes(tmp_path / "on", "net.0")} == {0.0}

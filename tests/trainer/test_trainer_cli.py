@@ -532,11 +532,28 @@ def test_a_stopped_run_resumes_from_its_checkpoint_steps_rng_and_lr_scale_going_
         wait_until(lambda: server.received > 2)
         server.send_command("pause")
         wait_until(lambda: any(e["data"]["status"] == "paused" for e in server.events("status")))
-        # While paused at step K: checkpoint-K (unsteered), halve the lr, one step, then
-        # checkpoint-(K+1) at the next step boundary (the queue is applied in order)
-        for name, args_ in [("checkpoint", {}), ("set_lr_scale", {"value": 0.5}),
-                            ("step_once", {}), ("checkpoint", {}), ("stop", {})]:  # fmt: skip
-            server.send_command(name, **args_)
+        # Paused at step K: checkpoint-K (unsteered), halve the lr, one step; once step K+1
+        # is in (the run paused again after it), checkpoint-(K+1) and stop.
+        server.send_command("checkpoint")
+        server.send_command("set_lr_scale", value=0.5)
+        server.send_command("step_once")
+
+        def applied(name: str) -> list[int]:
+            results = server.events("command_result")
+            return [e["data"]["applied_at_step"] for e in results if e["data"]["name"] == name]
+
+        wait_until(lambda: bool(applied("step_once")))
+        stepped = applied("step_once")[0] + 1
+        wait_until(
+            lambda: any(
+                row["step"] == stepped
+                for frame in server.frames.values()
+                if frame["type"] == "metrics"
+                for row in frame["rows"]
+            )
+        )
+        server.send_command("checkpoint")
+        server.send_command("stop")
         thread.join(60)
     finally:
         server.close()

@@ -712,6 +712,33 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             assert min(b - a for a, b in zip(tops, tops[1:], strict=False)) >= 9  # none overlap
             hover = page.evaluate("document.getElementById('chart-dead').data[0].hovertemplate")
             assert "%{y}" in hover and "step %{x}" in hover and "%{z" in hover
+
+            # Painted as one image of a pixel a cell, scaled up (Plotly's way for evenly
+            # spaced cells with no gaps), the rows' 1 px gaps drawn over it: painted cell by
+            # cell into a plot-sized canvas and PNG-encoded, a 45-layer heatmap of a fast live
+            # run took 140-300 ms a draw on 2 cores and most of the tab's main thread.
+            style = page.get_attribute("#chart-dead .heatmaplayer image", "style") or ""
+            assert "pixelated" in style, style
+            lines = page.evaluate(
+                "(() => { const el = document.querySelector('#chart-dead .row-lines');"
+                " return el && !el.hidden ? getComputedStyle(el).backgroundImage : null; })()"
+            )
+            assert lines and "repeating-linear-gradient" in lines, lines
+            # A history's downsampled steps then live ones every probe step (uneven): drawn on
+            # an even grid ending at the last step; past the plot's width, columns merge. Every
+            # step is drawn in exactly one column.
+            uneven, merged = page.evaluate(
+                "import('/static/js/heatmaps.js').then(({ evenGrid }) => ["
+                " evenGrid([0, 100, 200, 300, 310, 320], 560),"
+                " evenGrid(Array.from({length: 600}, (_, i) => i * 10), 300)])"
+            )
+            assert uneven["x"] == list(range(0, 321, 10))
+            assert uneven["spans"][-3:] == [[3, 4], [4, 5], [5, 6]]
+            assert len(merged["x"]) <= 300 and merged["x"][-1] == 5990
+            steps = len(set(b - a for a, b in zip(merged["x"], merged["x"][1:], strict=False)))
+            assert steps == 1  # evenly spaced
+            drawn = [j for a, b in merged["spans"] for j in range(a, b)]
+            assert drawn == list(range(600))
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

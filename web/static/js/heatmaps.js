@@ -4,7 +4,8 @@
  * grid), and every layer's histogram at one step as small multiples.
  *
  * Owns: bounded column/row buffers that grow with live probe frames, resampling a
- * live histogram (its own lo..hi) onto the common grid, and drawing the small
+ * live histogram (its own lo..hi) onto the common grid, the columns a heatmap draws
+ * (evenGrid: evenly spaced, no more than its plot is pixels wide), and drawing the small
  * multiples on canvases (thirty Plotly subplots would cost more than the frame
  * budget during replay).
  * Never: fetches data; the run page decides what to load.
@@ -18,7 +19,85 @@ const Plotly = () => window.Plotly;
 const ROW_PX = 11; // a heatmap row high enough for its 9 px label
 const MAX_GROWN_ROWS = 120;
 const HEATMAP_MARGIN_Y = 38; // the layout's top and bottom margins
+const HEATMAP_MARGIN_X = 160; // left margin (layer names), right margin and colour bar: before the first draw
 const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
+/** The 1 px line between a layers heatmap's rows: the card's background (--panel). */
+const ROW_LINE = "#161b22";
+
+/**
+ * The columns a heatmap draws for data columns at ascending integer `steps`: at most
+ * `width` evenly spaced steps, the last one the last data step, `dx` apart (a multiple of
+ * the data's smallest step gap, so evenly spaced data gives its own steps back); and for
+ * each, the [from, to) range of data columns drawn in it: those whose step falls in it
+ * (each data column in exactly one), or where none does, the one whose cell (halfway to
+ * each neighbour, as Plotly draws uneven columns) holds its middle.
+ *
+ * Why: Plotly paints a heatmap whose columns (and rows) are evenly spaced with no gaps as
+ * one image of a pixel a cell, scaled up (image-rendering: pixelated); any other it paints
+ * cell by cell into a canvas the plot's size, then PNG-encodes that. A 45-layer dead-unit
+ * heatmap of 600 steps with a 1 px row gap took 140-300 ms a draw that way on a 2-core
+ * machine, and drawn once a second it was most of a live tab's main thread; as an image,
+ * 20-40 ms. A run's history (the server's downsampled steps) followed by live columns
+ * (every probe step) is uneven, and a plot 560 px wide shows no more than 560 columns.
+ */
+export function evenGrid(steps, width) {
+  const n = steps.length;
+  if (n <= 1) return { x: steps.slice(), spans: steps.map((_, j) => [j, j + 1]) };
+  const first = steps[0];
+  const last = steps[n - 1];
+  let gap = Infinity;
+  for (let j = 1; j < n; j++) gap = Math.min(gap, steps[j] - steps[j - 1]);
+  gap = Math.max(1, gap);
+  const wanted = Math.ceil((last - first) / Math.max(1, width - 1));
+  const dx = gap * Math.max(1, Math.ceil(wanted / gap));
+  const cells = Math.floor((last - first) / dx) + 1;
+  const x = new Array(cells);
+  for (let g = 0; g < cells; g++) x[g] = last - (cells - 1 - g) * dx;
+  const spans = new Array(cells);
+  let j = 0;
+  for (let g = 0; g < cells; g++) {
+    const lo = g === 0 ? -Infinity : x[g] - dx / 2;
+    const hi = g === cells - 1 ? Infinity : x[g] + dx / 2;
+    while (j < n && steps[j] < lo) j++;
+    let k = j;
+    while (k < n && steps[k] < hi) k++;
+    if (k > j) {
+      spans[g] = [j, k]; // the data columns whose step falls in it
+    } else {
+      // none: the one whose cell (halfway to each neighbour) holds its middle
+      const c = j >= n || (j > 0 && x[g] < (steps[j - 1] + steps[j]) / 2) ? j - 1 : j;
+      spans[g] = [c, c + 1];
+    }
+  }
+  return { x, spans };
+}
+
+/** The larger (worse) of row[from..to), skipping missing values; null when all are. */
+function worst(row, from, to) {
+  let out = null;
+  for (let j = from; j < to; j++) {
+    const v = row[j];
+    if (v !== null && v !== undefined && (out === null || v > out)) out = v;
+  }
+  return out;
+}
+
+/** How many columns a chart's plot can show: its width in device pixels (an estimate before its first draw). */
+function plotColumns(div, margins) {
+  const w = div._fullLayout?._size?.w ?? (div.clientWidth || 600) - margins;
+  return Math.max(2, Math.min(MAX_COLUMNS, Math.round(w * (window.devicePixelRatio || 1))));
+}
+
+/** Arrays equal element by element (a heatmap's columns and cells, before drawing them again). */
+function sameArrays(a, b) {
+  if (!a || a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i];
+    const y = b[i];
+    if (Array.isArray(x) ? !sameArrays(x, y) : x !== y) return false;
+  }
+  return true;
+}
 
 /** Layers × steps heatmap of one probe statistic in [0, 1]. */
 export class LayerHeatmap {
@@ -117,6 +196,9 @@ export class LayerHeatmap {
     this.div.dataset.rows = JSON.stringify(kept.map((i) => this.layers[i]));
     if (!kept.length && this.steps.length) {
       this.div.dataset.empty = "1";
+      this.shown = null;
+      this.rowCount = 0;
+      this.drawRowLines();
       const hidden = { visible: false };
       return P.react(this.div, [], baseLayout({
         showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [],
@@ -127,9 +209,25 @@ export class LayerHeatmap {
     delete this.div.dataset.empty;
     const rows = kept.map((i) => this.layers[i]);
     const height = this.fitRows(rows.length);
+    // Evenly spaced columns, no gaps: Plotly paints it as one image (see evenGrid); the
+    // rows' 1 px gap is drawn over it (drawRowLines). A merged column shows its worst value.
+    const { x, spans } = evenGrid(this.steps, plotColumns(this.div, HEATMAP_MARGIN_X));
+    const z = kept.map((i) => {
+      const row = this.z[i];
+      return spans.map(([from, to]) => (to - from === 1 ? row[from] ?? null : worst(row, from, to)));
+    });
+    const shown = { x, rows, z, height, shapes: JSON.stringify(shapes) };
+    const last = this.shown;
+    this.shown = shown;
+    this.rowCount = rows.length;
+    if (last && this.div.data && last.height === height && sameArrays(last.x, x) && sameArrays(last.rows, rows)
+      && sameArrays(last.z, z)) {
+      // nothing the chart shows has changed (a column that merged into its last one unchanged)
+      return last.shapes === shown.shapes ? Promise.resolve() : P.relayout(this.div, { shapes });
+    }
     const data = [{
-      type: "heatmap", x: this.steps.slice(), y: kept.map((i) => this.layers[i]), z: kept.map((i) => this.z[i].slice()),
-      zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 1,
+      type: "heatmap", x, y: rows, z,
+      zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 0,
       colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
       hovertemplate: "%{y}<br>step %{x}<br>" + this.title + " %{z:.3f}<extra></extra>",
     }];
@@ -150,7 +248,45 @@ export class LayerHeatmap {
       shapes,
       ...(height ? { height } : {}),
     });
-    return P.react(this.div, data, layout, PLOT_CONFIG);
+    return P.react(this.div, data, layout, PLOT_CONFIG).then(() => {
+      if (!this.listening) {
+        // a resize (responsive) or relayout moves the plot: the lines follow it
+        this.div.on?.("plotly_afterplot", () => this.drawRowLines());
+        this.listening = true;
+      }
+      this.drawRowLines();
+    });
+  }
+
+  /**
+   * The 1 px line between rows, over the plot: a transparent element the plot's size with
+   * a repeating gradient (no pointer events: hover reaches the heatmap). Plotly's own row
+   * gap (ygap) would cost the heatmap its image path (evenGrid). None past MAX_GROWN_ROWS
+   * rows, where a row is a few pixels high.
+   */
+  drawRowLines() {
+    const size = this.div._fullLayout?._size;
+    const n = this.rowCount || 0;
+    let el = this.rowLines;
+    if (!n || n > MAX_GROWN_ROWS || !size || this.div.dataset.empty) {
+      if (el) el.hidden = true;
+      return;
+    }
+    if (!el) {
+      el = document.createElement("div");
+      el.className = "row-lines";
+      el.style.position = "absolute";
+      el.style.pointerEvents = "none";
+      if (getComputedStyle(this.div).position === "static") this.div.style.position = "relative";
+      this.div.append(el);
+      this.rowLines = el;
+    }
+    const row = size.h / n;
+    el.hidden = false;
+    Object.assign(el.style, {
+      left: `${size.l}px`, top: `${size.t}px`, width: `${size.w}px`, height: `${size.h}px`,
+      backgroundImage: `repeating-linear-gradient(to bottom, transparent 0 ${row - 1}px, ${ROW_LINE} ${row - 1}px ${row}px)`,
+    });
   }
 }
 
@@ -185,6 +321,13 @@ export function resample(lo, hi, counts, edges) {
     outside += c - placed;
   });
   return [out, outside];
+}
+
+/** The mean of rows[from..to), bin by bin. */
+function meanRow(rows, from, to) {
+  const out = new Array(rows[from].length).fill(0);
+  for (let j = from; j < to; j++) rows[j].forEach((v, b) => { out[b] += (v || 0) / (to - from); });
+  return out;
 }
 
 function fractions(row) {
@@ -265,8 +408,11 @@ export class HistogramOverTime {
     this.dataDirty = false;
     this.drawnAt = performance.now();
     const centers = this.edges.slice(1).map((e, i) => (e + this.edges[i]) / 2);
+    // evenly spaced columns (a merged one: the mean of its steps' shares), painted as one image: see evenGrid
+    const { x, spans } = evenGrid(this.steps, plotColumns(this.div, 100));
+    const z = spans.map(([from, to]) => (to - from === 1 ? this.rows[from].slice() : meanRow(this.rows, from, to)));
     const data = [{
-      type: "heatmap", transpose: true, x: this.steps.slice(), y: centers, z: this.rows.map((r) => r.slice()),
+      type: "heatmap", transpose: true, x, y: centers, z,
       colorscale: "Viridis", zmin: 0, colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
       hovertemplate: "step %{x}<br>value %{y:.3g}<br>share %{z:.3f}<extra></extra>",
     }];

@@ -742,3 +742,32 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
         finally:
             page.context.close()
         assert not guard.errors, guard.errors
+
+
+def test_the_pages_command_senders_stay_bounded_and_a_live_marker_still_names_its_sender(
+    page: Page, server: LiveServer
+) -> None:
+    """The log kept who sent each command for the page's life (one more a command); now an
+    entry goes with its command's acknowledgement, and the oldest past MAX_SENDERS."""
+    page.goto(server.url)
+    result = page.evaluate(
+        """async () => {
+            const m = await import('/static/js/eventlog.js');
+            const log = new m.EventLog(document.createElement('ul'), document.createElement('ul'));
+            const markers = new m.Markers();
+            const before = m.sendersHeld();
+            const n = m.MAX_SENDERS + 200;
+            for (let i = 0; i < n; i++) {
+                log.add([{kind: 'command', step: i, seq: null, created_at: i,
+                    data: {id: `c${i}`, name: 'pause', args: {}, source: 'user', origin: 'viewer 10.0.0.1:5'}}]);
+            }
+            const held = m.sendersHeld() - before;
+            markers.fromEvent({kind: 'command_result', step: n, data: {id: `c${n - 1}`, name: 'pause',
+                ok: true, applied_at_step: n, source: 'user'}}, new Map());
+            return {max: m.MAX_SENDERS, held, after: m.sendersHeld() - before, label: markers.list()[0].label};
+        }"""
+    )
+    assert result["held"] == result["max"], result
+    assert result["after"] == result["max"] - 1, result  # the acknowledged one went
+    at = result["max"] + 200
+    assert result["label"] == f"pause · by user · viewer 10.0.0.1:5 · applied at step {at}", result

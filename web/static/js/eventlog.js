@@ -16,8 +16,27 @@ import { formatNumber } from "./charts.js";
 
 const MAX_LINES = 500;
 
-/** Who sent each command (its "command" event's source and origin, by command id): a live marker names them as a reloaded page's does. */
+/**
+ * Who sent each command (its "command" event's source and origin, by command id): a live
+ * marker names them as a reloaded page's does. An entry goes with its command's
+ * acknowledgement, and past MAX_SENDERS the oldest go (commands never acknowledged): the
+ * map grew by one a command for the page's life.
+ */
 const senders = new Map();
+export const MAX_SENDERS = 1000;
+/** The most event keys the log remembers to drop a repeat by (10x the events a re-read asks for). */
+export const MAX_SEEN = 5000;
+
+/** How many command senders the page holds (for tests). */
+export function sendersHeld() {
+  return senders.size;
+}
+
+function noteSender(id, who) {
+  senders.delete(id); // a repeat goes to the back
+  senders.set(id, who);
+  while (senders.size > MAX_SENDERS) senders.delete(senders.keys().next().value);
+}
 
 function argsText(name, args, state) {
   if (args && Object.keys(args).length) {
@@ -124,8 +143,9 @@ export class EventLog {
       const key = eventKey(ev);
       if (this.seen.has(key)) continue;
       this.seen.add(key);
+      if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.values().next().value);
       added++;
-      if (ev.kind === "command" && ev.data?.id) senders.set(ev.data.id, [ev.data.source, ev.data.origin]);
+      if (ev.kind === "command" && ev.data?.id) noteSender(ev.data.id, [ev.data.source, ev.data.origin]);
       this.list.prepend(this.line(ev));
       if (ev.kind === "alert") {
         if (!this.alertCount) this.alerts.replaceChildren();
@@ -221,6 +241,8 @@ export class Markers {
    */
   fromEvent(ev, sent) {
     const d = ev.data || {};
+    const sender = senders.get(d.id);
+    senders.delete(d.id); // acknowledged (applied or failed): nothing reads it again
     if (d.ok === false || !d.id || this.byId.has(d.id)) return;
     const step = d.applied_at_step ?? ev.step;
     const mine = sent.get(d.id);
@@ -229,7 +251,7 @@ export class Markers {
         label: `rule: ${d.reason || "no reason given"} · ${commandText(d.name, d.args, d.state)} · applied at step ${step}` });
       return;
     }
-    const who = (senders.get(d.id) || [d.source]).filter(Boolean).join(" · ") || "another client";
+    const who = (sender || [d.source]).filter(Boolean).join(" · ") || "another client";
     this.byId.set(d.id, { step,
       // the acknowledgement's own args: another tab's command is not in `sent`
       label: `${commandText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });

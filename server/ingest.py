@@ -37,6 +37,15 @@ log = logging.getLogger("layerscope.ingest")
 MAX_UNCOMMITTED = 4096  # frames read but not yet committed; past this the socket is not read
 MAX_BATCH = 256  # frames per store.append: a backlog is committed (and acked) in steps
 CLOSE_SERVER_ERROR = 1011
+# Error frames queued for a trainer but not yet written: one that sends bad frames and
+# reads none of the answers grew the server by 59 MB per 200k frames (until the ping
+# timeout). Past either bound the connection is closed (1008); what it sent before is stored.
+MAX_UNREAD_ERRORS = 1000
+MAX_UNREAD_ERROR_CHARS = 1024 * 1024
+# An error frame's message is cut to this: one quoting a field (an unknown frame type or
+# event kind of a megabyte) was as big as the frame it refused.
+MAX_ERROR_CHARS = 2000
+UNREAD_ERRORS_REASON = "too many error frames unread; read the server's answers and reconnect"
 LIVE_STATUSES = frozenset({"starting", "running", "paused"})
 # What a heartbeat's status may change a run to (it says "starting" before the trainer's
 # first status event; how a run ends is its status event's to say, in seq order).
@@ -60,12 +69,31 @@ class TrainerLink:
         # The run's status as this connection last stored or read it (None: unknown, so
         # the next heartbeat's is stored): a heartbeat that says otherwise is stored.
         self.status: str | None = None
+        # The names the run holds (stored, or admitted on this connection): a new one past
+        # wire.MAX_SERIES / wire.MAX_LAYERS is dropped from its frame (limit_names).
+        self.series: set[str] = set()
+        self.layers: set[str] = set()
         self._out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self.unsent_errors = 0  # error frames queued, not yet written to the socket
+        self.unsent_error_chars = 0  # and their messages' length
+        self._ack: dict[str, Any] | None = None  # an ack queued, not yet written
 
     def send(self, message: dict[str, Any]) -> None:
-        if not self.closed:
-            self._out.put_nowait(message)
+        if self.closed:
+            return
+        kind = message.get("type")
+        if kind == "ack":
+            # Acks say the highest contiguous committed seq: a newer one makes a queued
+            # one moot, so a trainer that reads slowly has one ack waiting, not one a commit.
+            if self._ack is not None:
+                self._ack["seq"] = max(self._ack["seq"], message["seq"])
+                return
+            message = self._ack = dict(message)
+        elif kind == "error":
+            self.unsent_errors += 1
+            self.unsent_error_chars += len(message["message"])
+        self._out.put_nowait(message)
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -74,7 +102,12 @@ class TrainerLink:
         try:
             while True:
                 message = await self._out.get()
+                if message is self._ack:
+                    self._ack = None
                 await self.ws.send_text(wire.encode(message))
+                if message.get("type") == "error":
+                    self.unsent_errors -= 1
+                    self.unsent_error_chars -= len(message["message"])
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket is gone; the reader sees the disconnect
@@ -195,6 +228,7 @@ class Ingest:
         self.store = store
         self.hub = hub
         self.exit_code = exit_code
+        self.max_unread_errors = MAX_UNREAD_ERRORS
         self._deadlines: dict[str, float] = {}  # run -> when it is lost without a trainer
         self._watch: asyncio.Task[None] | None = None
 
@@ -271,6 +305,7 @@ class Ingest:
             return
         run_id = hello["run_id"]
         try:
+            trimmed = self._limit_hello_layers(hello)
             acked = await self.store.hello(hello)
         except RunIdTaken as exc:
             # Another process under a stored run's id: its frames would be spliced into
@@ -297,7 +332,11 @@ class Ingest:
         run = self.store.run(run_id) or {}
         status = str(run.get("status", "running"))
         link.status = status
+        link.series = set(run.get("series_names") or ())
+        link.layers = {str(layer["name"]) for layer in run.get("layers") or ()}
         link.send({"type": "welcome", "run_id": run_id, "acked_seq": acked, "status": status})
+        if trimmed:
+            link.send({"type": "error", "message": _over_limit("hello", None, "layers", trimmed)})
         # An upload applies nothing: stored commands are for the trainer when it is back.
         resend = (
             [] if link.upload else self.store.commands(run_id, after_cmd_seq=hello["last_cmd_seq"])
@@ -344,7 +383,8 @@ class Ingest:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))
                     return
-                link.send({"type": "error", "message": _refused(payload, exc)})
+                if not await self._answer(link, _refused(payload, exc)):
+                    return
                 continue
             kind = frame["type"]
             if kind == "heartbeat":
@@ -362,8 +402,14 @@ class Ingest:
                     self.hub.publish_status(run_id, status)
                 continue
             if kind == "hello":
-                link.send({"type": "error", "message": "hello already received on this connection"})
+                if not await self._answer(
+                    link, "hello frame ignored: hello already received on this connection"
+                ):
+                    return
                 continue
+            over = limit_names(link, frame)
+            if over is not None and not await self._answer(link, over):
+                return
             committer.add(frame)
             shown = self.hub.publish(run_id, frame)
             if kind == "event" and frame["kind"] == "status":
@@ -374,11 +420,105 @@ class Ingest:
                     if shown:
                         self.hub.publish_status(run_id, status)
 
+    async def _answer(self, link: TrainerLink, message: str) -> bool:
+        """Queue an error frame for the trainer (its message cut to MAX_ERROR_CHARS); False
+        (the link is closed, 1008) when ``max_unread_errors`` error frames, or
+        MAX_UNREAD_ERROR_CHARS of them, are already queued unwritten: it reads none."""
+        if (
+            link.unsent_errors >= self.max_unread_errors
+            or link.unsent_error_chars >= MAX_UNREAD_ERROR_CHARS
+        ):
+            log.warning(
+                "closing trainer %s of run %s: %d error frames unread",
+                link.client,
+                ascii(link.run_id),
+                link.unsent_errors,
+            )
+            await link.close(wire.CLOSE_POLICY, UNREAD_ERRORS_REASON)
+            return False
+        if len(message) > MAX_ERROR_CHARS:  # its head and tail: the field and the rule
+            half = MAX_ERROR_CHARS // 2
+            cut = len(message) - 2 * half
+            message = f"{message[:half]} ... ({cut} characters cut) ... {message[-half:]}"
+        link.send({"type": "error", "message": message})
+        return True
+
+    def _limit_hello_layers(self, hello: dict[str, Any]) -> list[str]:
+        """Drops from a hello the new layers that would take its run past wire.MAX_LAYERS
+        (a hello may list that many, but each reconnect could list others); returns them."""
+        layers = hello["layers"]
+        if not layers:
+            return []
+        run = self.store.run(hello["run_id"]) or {}
+        known = {str(layer["name"]) for layer in run.get("layers") or ()}
+        keep, dropped = _within(known, layers, lambda layer: layer["name"], wire.MAX_LAYERS)
+        hello["layers"] = keep
+        return dropped
+
+
+def _within(
+    known: set[str], items: list[Any], name: Callable[[Any], str], limit: int
+) -> tuple[list[Any], list[str]]:
+    """``items`` split into those whose name is in ``known`` or fits under ``limit`` (added
+    to ``known``) and the names of the rest."""
+    keep: list[Any] = []
+    dropped: list[str] = []
+    for item in items:
+        key = name(item)
+        if key in known or len(known) < limit:
+            known.add(key)
+            keep.append(item)
+        else:
+            dropped.append(key)
+    return keep, dropped
+
+
+def limit_names(link: TrainerLink, frame: dict[str, Any]) -> str | None:
+    """Drops from a metrics (probe) frame the series (layers) new to its run past
+    wire.MAX_SERIES (wire.MAX_LAYERS): a trainer naming a new one every step made 100k
+    series, which every snapshot read. The rest of the frame is stored. Returns the error
+    frame's message naming what was dropped, or None when nothing was."""
+    kind = frame["type"]
+    if kind == "metrics":
+        known = link.series
+        dropped: list[str] = []
+        for row in frame["rows"]:
+            values = row["values"]
+            if known.issuperset(values):  # the common case: one C-level walk
+                continue
+            keep, gone = _within(known, list(values), str, wire.MAX_SERIES)
+            if gone:
+                row["values"] = {key: values[key] for key in keep}
+                dropped.extend(gone)
+        return _over_limit(kind, frame["seq"], "series", dropped) if dropped else None
+    if kind == "probe":
+        layers = frame["layers"]
+        if link.layers.issuperset(layer["name"] for layer in layers):
+            return None
+        keep, dropped = _within(link.layers, layers, lambda layer: layer["name"], wire.MAX_LAYERS)
+        frame["layers"] = keep
+        return _over_limit(kind, frame["seq"], "layers", dropped) if dropped else None
+    return None
+
+
+def _over_limit(kind: str, seq: int | None, what: str, names: list[str]) -> str:
+    names = list(dict.fromkeys(names))  # a series dropped from many rows is named once
+    limit = wire.MAX_SERIES if what == "series" else wire.MAX_LAYERS
+    shown = ", ".join(f"{name!r:.60}" for name in names[:5])
+    if len(names) > 5:
+        shown += f" and {len(names) - 5} more"
+    frame = f"{kind} frame" if seq is None else f"{kind} frame seq {seq}"
+    return (
+        f"{frame}: {what} {shown} not stored: a run holds at most {limit} {what}"
+        f" (wire.MAX_{what.upper()}); the rest of the frame was stored"
+    )
+
 
 def _refused(payload: str | bytes, exc: wire.WireError) -> str:
-    """An error frame's message for a frame refused mid-stream: which frame (its type and
-    seq, when it has them: frames are sent without waiting, so the error alone named a
-    field of some earlier frame), that it was not stored, and why."""
+    """An error frame's message for a frame refused mid-stream: which frame (its type,
+    and its seq when it has one, or a heartbeat's step: frames are sent without waiting,
+    so the error alone named a field of some earlier frame), that it was not stored (a
+    heartbeat: ignored), and why. A type that is not plain text is shown escaped."""
     try:
         msg = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -386,9 +526,16 @@ def _refused(payload: str | bytes, exc: wire.WireError) -> str:
     if not isinstance(msg, dict):
         return str(exc)
     kind, seq = msg.get("type"), msg.get("seq")
-    if not isinstance(kind, str) or type(seq) is not int:
+    if not isinstance(kind, str):
         return str(exc)
-    return f"{kind[:40]} frame seq {seq} not stored: {exc}"
+    kind = kind[:40] if kind.isascii() and kind.isprintable() else f"{ascii(kind):.40}"
+    if kind == "heartbeat":
+        step = msg.get("step")
+        at = f" at step {step}" if type(step) is int else ""
+        return f"heartbeat frame{at} ignored: {exc}"
+    if type(seq) is not int:
+        return f"{kind} frame not stored: {exc}"
+    return f"{kind} frame seq {seq} not stored: {exc}"
 
 
 async def _refuse(ws: WebSocket, code: int, message: str) -> None:

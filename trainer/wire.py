@@ -22,7 +22,11 @@ trainer -> server
              a trainer). Nothing on such a connection applies commands: the server
              refuses commands to the run while it is attached. A server that predates
              the field ignores it (a hello's unknown fields are dropped).
+             run_id: a plain name (no '/', '\\', '..') without control characters.
   metrics    {seq, rows: [{step, time_s, values: {series: float|null}}]}
+             A run holds at most MAX_SERIES series (and MAX_LAYERS layers, from its
+             hellos and probe frames): the server drops a new name past the limit from
+             the frame, stores the rest, and names what it dropped in an error frame.
   probe      {seq, step, layers: [{name, mean, std, min, max, zero_frac, nonfinite,
               dead_ratio, saturated_frac, saturated_ratio, grad_norm, weight_norm,
               update_ratio, unit_spread, hist: {lo, hi, counts: [int]}}]}
@@ -62,6 +66,10 @@ VERSION = 1
 MAX_FRAME_BYTES = 2 * 1024 * 1024  # one websocket text frame
 MAX_BINS = 1024  # histogram bins per layer
 MAX_LAYERS = 2048  # layers per run / per probe frame
+# Distinct scalar series per run: a trainer logging a new name every step made 100k series
+# (a 4.9 MB snapshot read in 7.7 s before the run page drew anything). The server stores a
+# run's first MAX_SERIES series and refuses later new names, by name, in an error frame.
+MAX_SERIES = 4096
 MAX_NAME_LEN = 256  # layer, series and run names
 MAX_INSTANCE_LEN = 64  # a hello's instance: a uuid hex is 32
 _INSTANCE = re.compile(f"[A-Za-z0-9._-]{{1,{MAX_INSTANCE_LEN}}}")
@@ -274,6 +282,18 @@ def plain_run_id(run_id: str) -> bool:
     return run_id not in (".", "..") and not any(c in run_id for c in "/\\\0")
 
 
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: in a
+# run id they went raw into the server's log lines (a newline forged a log line, ESC
+# drove the terminal reading it).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def control_char(text: str) -> str | None:
+    """The first control character in ``text`` (a newline, ESC, NUL, ...), or None."""
+    found = _CONTROL.search(text)
+    return None if found is None else found.group()
+
+
 def _nesting(value: Any, where: str) -> None:
     """Refuses ``value`` nested more than MAX_DEPTH objects/lists deep, by name (walked
     without recursion: a few hundred levels made the recursive walks after it, and the
@@ -315,6 +335,12 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
     run_id = _name(msg.get("run_id"), "'run_id'")
     if not plain_run_id(run_id):
         raise WireError(f"'run_id' {run_id!r} must be a plain name: no '/', '\\' or '..'")
+    bad = control_char(run_id)
+    if bad is not None:
+        raise WireError(
+            f"'run_id' {run_id!r:.80} holds the control character U+{ord(bad):04X};"
+            " a run id is printable text (it names the run in URLs, folders and logs)"
+        )
     name = _name(msg.get("name", run_id), "'name'")
     config = msg.get("config", {})
     if not isinstance(config, dict):

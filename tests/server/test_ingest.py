@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from layerscope.server.ingest import MAX_UNREAD_ERRORS, UNREAD_ERRORS_REASON
 from layerscope.trainer import wire
 from server_harness import (
     FakeTrainer,
@@ -31,6 +33,7 @@ from server_harness import (
     wait_status,
 )
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.anyio
 
@@ -222,6 +225,10 @@ async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_i
         ({"device": {"type": "cuda"}}, "'device' must be a string or null, got dict"),
         # 500 levels passed the size limit, then failed to store: 1011 "reconnect", forever
         ({"config": json.loads('{"a":' * 500 + "1" + "}" * 500)}, "'config' is nested more"),
+        # a newline in a run id forged a line of the server's log, ESC drove its terminal
+        ({"run_id": "r\nINFO:     forged"}, r"'r\nINFO:     forged' holds the control character U+000A"),
+        ({"run_id": "r\x1b[2J"}, "holds the control character U+001B"),
+        ({"run_id": "r\u2028x"}, "holds the control character U+2028"),
     ],
 )
 async def test_a_refused_hello_gets_the_whole_reason_in_an_error_frame_then_1008(
@@ -531,6 +538,173 @@ async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
     await trainer.send("{not json")  # no frame to name: the error alone
     assert (await trainer.error()).startswith("malformed JSON")
     assert_still_serving(shared_server, run_id, [1, 3])
+    await trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "said"),
+    [
+        (  # it said only "unknown status 'bogus'": which frame, of those sent, was it?
+            {"type": "heartbeat", "step": 7, "status": "bogus"},
+            "heartbeat frame at step 7 ignored: unknown status 'bogus'",
+        ),
+        ({"type": "heartbeat", "step": -1}, "heartbeat frame at step -1 ignored: 'step' must be >= 0"),
+        ({"type": "heartbeat"}, "heartbeat frame ignored: 'step' must be an integer, got NoneType"),
+        ({"type": "metrics", "rows": []}, "metrics frame not stored: 'seq' must be an integer"),
+        ({"type": "hello", "run_id": "again"}, "hello frame ignored: hello already received"),
+        # a type that is not plain text is quoted escaped, not sent on raw to the trainer's log
+        ({"type": "\x1b[2Jx", "seq": 3}, "'\\x1b[2Jx' frame seq 3 not stored: unknown frame type"),
+    ],
+)
+async def test_every_error_names_the_frame_it_refuses(
+    shared_server: LiveServer, run_id: str, frame: dict[str, Any], said: str
+) -> None:
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await stored_run(trainer, 1)
+    await trainer.send(frame)
+    assert (await trainer.error()).startswith(said)
+    await trainer.send(metrics_frame(2, 2))
+    await trainer.wait_acked(2)
+    assert_still_serving(shared_server, run_id, [1, 2])
+    await trainer.close()
+
+
+async def test_a_trainer_that_sends_bad_frames_and_reads_nothing_is_closed_with_a_reason(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """Every bad frame queued an error frame for a trainer that read none: the server grew
+    59 MB per 200k frames, until the ping timeout. Past ``max_unread_errors`` queued
+    unwritten it closes the connection (1008); what was stored before stays stored."""
+    ingest = shared_server.app.state.ingest
+    hub = shared_server.app.state.hub
+    ingest.max_unread_errors = 100  # above the 32 frames uvicorn reads ahead at a time
+    # A client that reads nothing: a tiny receive buffer and one message in its queue.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", shared_server.port))
+    sock.setblocking(False)
+    ws = await connect(
+        shared_server.ws("/ws/trainer"), sock=sock, max_size=None, max_queue=1, compression=None
+    )
+    try:
+        await ws.send(json.dumps(hello_frame(run_id)))
+        assert strict_loads(await ws.recv())["type"] == "welcome"
+        await ws.send(json.dumps({"v": 1, **metrics_frame(1, 1)}))
+        assert strict_loads(await ws.recv()) == {"v": 1, "type": "ack", "seq": 1}
+        # Each error quotes the 256-character name: the socket's buffers fill in a few
+        # thousand frames, then the server's queue grows.
+        bad = json.dumps(
+            {"v": 1, "type": "metrics", "seq": 2, "rows": [{"step": 2, "values": {"n" * 256: "x"}}]}
+        )
+        link = hub.trainers[run_id]
+        sent = 0
+        while not link.closed:
+            assert sent < 200_000, f"still open after {sent} bad frames"
+            for _ in range(500):
+                await ws.send(bad)
+            sent += 500
+            await asyncio.sleep(0)
+        # Read now: the errors queued before the close, then the close and its reason.
+        errors = 0
+        with pytest.raises(ConnectionClosed):
+            while True:
+                message = strict_loads(await asyncio.wait_for(ws.recv(), 10))
+                assert message["type"] == "error", message
+                errors += 1
+        assert (ws.close_code, ws.close_reason) == (wire.CLOSE_POLICY, UNREAD_ERRORS_REASON)
+        # It wrote what the client's buffers took, and held 100 more at most.
+        assert errors < sent
+        assert link.unsent_errors <= 100
+    finally:
+        ingest.max_unread_errors = MAX_UNREAD_ERRORS
+        await ws.close()
+    await wait_detached(shared_server, run_id)
+    assert_still_serving(shared_server, run_id, [1])
+
+
+async def test_a_run_holds_at_most_max_series_series_and_later_names_are_refused_by_name(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A trainer naming a new scalar every step made 100k series: 33 MB of SQLite and a
+    4.9 MB snapshot that took 7.7 s to read before the run page drew. A run keeps its
+    first wire.MAX_SERIES series; a new name past them is dropped from its frame, named in
+    an error frame, and the rest of the frame (the loss) is stored."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    frames = wire.MAX_SERIES // 250 + 1
+    for seq in range(1, frames + 1):
+        values = {f"s{n:05}": 1.0 for n in range((seq - 1) * 250, seq * 250)}
+        rows = [{"step": seq, "time_s": 0.0, "values": {"loss": 1.0 / seq, **values}}]
+        await trainer.send({"type": "metrics", "seq": seq, "rows": rows})
+    await trainer.wait_acked(frames)
+    first = wire.MAX_SERIES - 1  # loss is one of them
+    assert trainer.errors == [
+        f"metrics frame seq {frames}: series 's{first:05}', 's{first + 1:05}', 's{first + 2:05}',"
+        f" 's{first + 3:05}', 's{first + 4:05}' and {frames * 250 - first - 5} more not stored:"
+        f" a run holds at most {wire.MAX_SERIES} series (wire.MAX_SERIES); the rest of the frame"
+        " was stored"
+    ]
+    await trainer.close()
+    await wait_detached(shared_server, run_id)
+    names = run_detail(shared_server, run_id)["series_names"]
+    assert len(names) == wire.MAX_SERIES and f"s{first:05}" not in names
+    loss = httpx.get(f"{shared_server}/api/runs/{run_id}/series?names=loss").json()["loss"]
+    assert loss["steps"] == list(range(1, frames + 1))
+    # Another connection (the names come from the store): a known one is stored, a new one not.
+    trainer = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=frames)
+    await trainer.send(metrics_frame(frames + 1, frames + 1, loss=0.5, s00007=2.0, brand_new=1.0))
+    await trainer.wait_acked(frames + 1)
+    assert trainer.errors[0].startswith(f"metrics frame seq {frames + 1}: series 'brand_new' not")
+    stored = exported(shared_server, run_id)[-1]["rows"][0]["values"]
+    assert stored == {"loss": 0.5, "s00007": 2.0}
+    await trainer.close()
+
+
+async def test_a_run_holds_at_most_max_layers_layers_from_hellos_and_probe_frames(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """wire.MAX_LAYERS said "layers per run" but only a frame's were counted: each probe
+    frame (and each hello) could add 2048 more. Past the limit, new layers are dropped
+    from the probe frame (or hello) by name; the known ones are stored."""
+    trainer = await FakeTrainer.connect(shared_server, run_id, layers=3)  # layer0-2
+    frame = probe_frame(1, 1, layers=wire.MAX_LAYERS, bins=1)  # layer0 ... layer2047
+    for i, layer in enumerate(frame["layers"]):
+        layer["name"] = f"layer{i}" if i < 3 else f"new{i}"
+    await trainer.send(frame)
+    await trainer.wait_acked(1)
+    assert trainer.errors == []  # 3 known + 2045 new: the run's 2048
+    layers = [{"name": "layer0", "mean": 1.0}, {"name": "one-too-many", "mean": 1.0}]
+    await trainer.send({"type": "probe", "seq": 2, "step": 2, "layers": layers})
+    await trainer.wait_acked(2)
+    assert trainer.errors == [
+        "probe frame seq 2: layers 'one-too-many' not stored: a run holds at most"
+        f" {wire.MAX_LAYERS} layers (wire.MAX_LAYERS); the rest of the frame was stored"
+    ]
+    assert [layer["name"] for layer in exported(shared_server, run_id)[-1]["layers"]] == ["layer0"]
+    await trainer.close()
+    await wait_detached(shared_server, run_id)
+    # A hello listing layers the run has no room for: stored without them, and told so.
+    trainer = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=2, layers=5)
+    assert await trainer.error() == (
+        "hello frame: layers 'layer3', 'layer4' not stored: a run holds at most"
+        f" {wire.MAX_LAYERS} layers (wire.MAX_LAYERS); the rest of the frame was stored"
+    )
+    layers = [layer["name"] for layer in run_detail(shared_server, run_id)["layers"]]
+    assert len(layers) == wire.MAX_LAYERS and "layer3" not in layers
+    await trainer.close()
+
+
+async def test_an_error_frame_quoting_a_huge_field_is_cut(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """An unknown event kind of a megabyte made a megabyte error frame (each bad frame
+    queued its own size again for the trainer, and its log printed it)."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send({"type": "event", "seq": 1, "step": 1, "kind": "k" * 1_000_000})
+    error = await trainer.error()
+    assert len(error) < 2100
+    assert error.startswith("event frame seq 1 not stored: unknown event kind 'kkk")
+    assert error.endswith(f"expected one of {sorted(wire.EVENT_KINDS)}")
+    assert "characters cut" in error
     await trainer.close()
 
 

@@ -76,6 +76,8 @@ def sync_spool(
     if run_id is not None:
         if not wire.plain_run_id(run_id) or not run_id:
             raise ValueError(f"run id {run_id!r} must be a plain name: no '/', '\\' or '..'")
+        if wire.control_char(run_id) is not None:
+            raise ValueError(f"run id {run_id!r} must not contain a control character")
         hello = {**hello, "run_id": run_id}
     if not frames:
         return 0

@@ -109,6 +109,12 @@ class Watch:
         if run_id and not wire.plain_run_id(run_id):
             # it names the run's folder (./layerscope-runs/<run_id>): never a path elsewhere
             raise ValueError(f"run_id {run_id!r} must be a plain name: no '/', '\\' or '..'")
+        if run_id and wire.control_char(run_id) is not None:
+            # the server refuses it at the hello (it went raw into log lines): say so here
+            raise ValueError(
+                f"run_id {run_id!r} must not contain a control character"
+                f" ({wire.control_char(run_id)!r})"
+            )
         try:
             enabled = None if rules is True else [] if rules is False else list(rules)
             self.rules = Rules(

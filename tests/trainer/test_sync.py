@@ -165,6 +165,8 @@ def test_a_spool_set_aside_under_the_same_run_id_is_uploaded_as_another_run(
     assert server.hellos[-1]["run_id"] == "again-earlier"
     with pytest.raises(ValueError, match="plain name"):
         sync_spool(aside, server.url, run_id="a/b")
+    with pytest.raises(ValueError, match="control character"):
+        sync_spool(aside, server.url, run_id="a\x1b[2J")
 
 
 def test_a_server_that_wants_a_trainer_token_is_named_as_the_reason(tmp_path: Path) -> None:

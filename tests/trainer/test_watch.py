@@ -371,6 +371,9 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         watch(model, opt, server="ftp://127.0.0.1:1", run_dir=tmp_path)
     with pytest.raises(TypeError, match="config must be a dict"):
         watch(model, opt, config=[1, 2], run_dir=tmp_path)
+    # the server refuses it at the hello; the user hears it here, before training starts
+    with pytest.raises(ValueError, match="control character"):
+        watch(model, opt, run_id="run\nINFO: forged", run_dir=tmp_path)
     # several optimizers (a GAN's): one is watched, the one the dashboard steers
     with pytest.raises(TypeError, match="takes one optimizer, got a list of 2; .* watch the one"):
         both: Any = [opt, torch.optim.SGD(model.parameters(), lr=0.1)]

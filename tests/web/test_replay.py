@@ -297,7 +297,7 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             assert alert_lines(page, "chart-loss") == [120, 260]  # a cursor move keeps them
             scrub(page, 299)  # the end: the whole run's again
             expect(page.locator("#alerts li.alert:visible")).to_have_count(2)
-            expect(page.locator("#acked")).to_contain_text("run finished; last acknowledged state:")
+            expect(page.locator("#acked")).to_contain_text("run finished; last acknowledged state: LR ×")
 
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")

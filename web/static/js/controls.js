@@ -488,6 +488,7 @@ export class Controls {
     ];
     if (s.stopping && !ended) parts.push("stopping");
     if (lastApplied) parts.push(`last: ${lastApplied.name} at step ${lastApplied.step}`);
-    return parts.join(" · ");
+    // "last acknowledged state:" introduces the rest (a separator after it read "state: · LR")
+    return ended ? `${parts[0]} ${parts.slice(1).join(" · ")}` : parts.join(" · ");
   }
 }

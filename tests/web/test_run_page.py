@@ -724,6 +724,12 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
                 " return el && !el.hidden ? getComputedStyle(el).backgroundImage : null; })()"
             )
             assert lines and "repeating-linear-gradient" in lines, lines
+            # each chart on its own compositing layer: a redraw repaints that chart alone
+            layered = page.evaluate(
+                "[...document.querySelectorAll('.grid .chart, .grid .multiples')]"
+                ".every(el => getComputedStyle(el).willChange === 'transform')"
+            )
+            assert layered
             # A history's downsampled steps then live ones every probe step (uneven): drawn on
             # an even grid ending at the last step; past the plot's width, columns merge. Every
             # step is drawn in exactly one column.

@@ -204,6 +204,38 @@ def test_comparison_legend_follows_each_runs_status_and_tells_same_named_runs_ap
         assert not guard.remote, guard.remote
 
 
+def test_comparison_ratio_charts_start_at_zero_with_no_data_or_all_zeros(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review walk-through: with no dead ratio (a tanh net) the dead-ratio chart's y axis ran
+    -1 to 4, and an all-zero saturated ratio -1 to 1. A ratio's axis runs 0 to 1 then, and
+    0 to just above the largest value when there is one."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(
+        data_dir, "tanh", steps=100, layers=2, every=10, layer_kinds=["Tanh", "Tanh"],
+        layer_stats={"layer0": {"dead_ratio": None}, "layer1": {"dead_ratio": None}},
+    )  # fmt: skip
+    write_recorded_run(data_dir, "relu", steps=100, layers=2, every=10)  # layer1: 0 .. 0.45
+    y_range = "id => Array.from(document.getElementById(id)._fullLayout.yaxis.range)"
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/compare?ids=tanh")
+            assert page.evaluate(y_range, "chart-dead") == [0, 1]  # no data at all
+            assert page.evaluate(y_range, "chart-sat") == [0, 1]  # zeros
+            open_ready(page, f"{server.url}/compare?ids=tanh&ids=relu")
+            page.select_option("#layer", "layer1")
+            page.wait_for_function(
+                "document.getElementById('chart-dead').data[1].y.some(v => v > 0.4)"
+            )
+            low, high = page.evaluate(y_range, "chart-dead")
+            assert low == 0 and 0.45 < high < 0.6, (low, high)
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
 def test_select_all_acts_on_the_rows_the_filter_shows_and_reflects_them(
     browser: Browser, tmp_path: Path
 ) -> None:

@@ -74,8 +74,10 @@ function buildCharts() {
   ]);
   loss = new LineChart($("chart-loss"), traces, { logY: $("loss-log").checked, yTitle: "loss" });
   const perRun = details.map((d, i) => ({ name: named[i], color: COLORS[i % COLORS.length] }));
-  dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio" });
-  sat = new LineChart($("chart-sat"), perRun.map((t) => ({ ...t })), { yTitle: "saturated ratio" });
+  // A ratio's axis starts at 0 (to 1 with no data, else just above the largest value):
+  // Plotly's autorange put an empty chart at -1..4 and an all-zero one at -1..1.
+  dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio", zeroBased: true });
+  sat = new LineChart($("chart-sat"), perRun.map((t) => ({ ...t })), { yTitle: "saturated ratio", zeroBased: true });
   renderLegend();
   const names = [];
   for (const d of details) for (const l of d.layers || []) if (!names.includes(l.name)) names.push(l.name);

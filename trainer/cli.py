@@ -381,6 +381,7 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             user_named = not _derived_name(loaded)
             named_by = None if user_named else copy.deepcopy(loaded)
         _epochs_decide(cfg, loaded)
+        _decay_decide(cfg, loaded)
         _deep_merge(cfg, loaded)
     flags: dict[str, Any] = {}
     for dest, value in vars(args).items():
@@ -391,6 +392,7 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     if "name" in flags:  # --name none: no name, one is built
         user_named, named_by = flags["name"] is not None, None
     _epochs_decide(cfg, flags)
+    _decay_decide(cfg, flags)
     merged = _deep_merge(cfg, flags)
     _drop_stale(merged, flags)
     if named_by is not None and _model_and_data(merged) != _model_and_data(named_by):
@@ -418,6 +420,21 @@ def _epochs_decide(below: dict[str, Any], layer: dict[str, Any]) -> None:
         return
     if solver.get("epochs") is not None and solver.get("steps") is None:
         under.pop("steps", None)
+
+
+def _decay_decide(below: dict[str, Any], layer: dict[str, Any]) -> None:
+    """A layer (config file, flags) that sets ``solver.weight_decay`` 0 without saying
+    anything of auto weight decay drops the auto weight decay of the layers below it (the
+    demo preset's): with no decay to switch on it has nothing to do, and validation would
+    refuse ``--preset demo --weight-decay 0`` for it."""
+    solver, rules = layer.get("solver"), layer.get("rules")
+    if not isinstance(solver, dict) or solver.get("weight_decay") != 0:
+        return
+    if isinstance(rules, dict) and "auto_weight_decay" in rules:
+        return
+    under = below.get("rules")
+    if isinstance(under, dict):
+        under.pop("auto_weight_decay", None)
 
 
 def _model_and_data(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:

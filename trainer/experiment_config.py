@@ -386,6 +386,9 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
     },
 }
 
+# The demo follows PRACTICES.md's weight decay advice: it starts without decay (auto weight
+# decay switches it off before the first step) and the Overfit rule switches 1e-3 on once
+# the model over-fits (about step 7600); the run page's weight decay switch can do it first.
 DEMO_EXPERIMENT: dict[str, Any] = {
     "name": "demo: digits mlp tanh xavier",
     "every": 10,
@@ -394,11 +397,13 @@ DEMO_EXPERIMENT: dict[str, Any] = {
     "solver": {
         "optimizer": "sgd",
         "lr": 0.01,
+        "weight_decay": 1e-3,
         "batch_size": 32,
         "steps": 20_000,
         "eval_every": 100,
         "seed": 0,
     },
+    "rules": {"auto_weight_decay": True},
 }
 
 

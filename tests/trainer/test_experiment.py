@@ -156,6 +156,19 @@ def test_demo_experiment_is_valid_and_long() -> None:
     assert demo["model"]["depth"] == 4 and demo["solver"]["steps"] >= 10_000
 
 
+def test_the_demo_starts_without_weight_decay_and_can_switch_it_on(tmp_path: Path) -> None:
+    # PRACTICES: start without decay, add it once the model over-fits. With decay 0 the run
+    # page's switch, auto weight decay and the Overfit alert's button had nothing to switch.
+    demo = wire.validate_experiment(wire.DEMO_EXPERIMENT)
+    assert demo["solver"]["weight_decay"] > 0 and demo["rules"]["auto_weight_decay"] is True
+    cfg = {**wire.DEMO_EXPERIMENT, "solver": {**wire.DEMO_EXPERIMENT["solver"], "steps": 2}}
+    run_experiment({**cfg, "every": 50}, server=None, run_dir=str(tmp_path), progress=False)
+    (result,) = _events(tmp_path, "command_result")
+    assert result["data"]["name"] == "set_weight_decay" and result["data"]["ok"] is True
+    assert result["data"]["args"] == {"enabled": False}  # off before the first step
+    assert result["data"]["state"]["rules"]["auto_weight_decay"] is True
+
+
 def test_server_urls_normalise_to_the_trainer_socket() -> None:
     assert trainer_socket_url("ws://127.0.0.1:8765") == "ws://127.0.0.1:8765/ws/trainer"
     assert trainer_socket_url("ws://h:1/ws/trainer") == "ws://h:1/ws/trainer"

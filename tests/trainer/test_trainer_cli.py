@@ -54,6 +54,16 @@ def test_flags_override_the_config_file_which_overrides_the_preset(
     assert both["solver"]["steps"] == 7
     kept = _config(capsys, "--preset", "demo", "--lr", "0.2")
     assert kept["solver"]["steps"] == wire.DEMO_EXPERIMENT["solver"]["steps"]
+    # the demo's auto weight decay goes with its decay: --weight-decay 0 alone was refused
+    no_decay = _config(capsys, "--preset", "demo", "--weight-decay", "0")
+    assert no_decay["solver"]["weight_decay"] == 0 and not no_decay["rules"]["auto_weight_decay"]
+    assert cli.main(["train", "--print-config", "--preset", "demo", "--weight-decay", "0",
+                     "--auto-weight-decay"]) == 2  # fmt: skip
+    assert "needs solver.weight_decay > 0" in capsys.readouterr().err
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({"solver": {"weight_decay": 0}}))
+    filed = _config(capsys, "--preset", "demo", "--config", str(zero))
+    assert not filed["rules"]["auto_weight_decay"]
     off = _config(capsys, "--config", str(path), "--no-batch-norm", "--subset", "none")
     assert off["model"]["batch_norm"] is False and off["data"]["subset"] is None
 

@@ -588,6 +588,20 @@ def _train(args: argparse.Namespace) -> int:
     server = args.server or os.environ.get("LAYERSCOPE_SERVER") or None
     try:
         url = trainer_socket_url(server) if server else None
+        # Which run this is, where to watch it: once, before the progress line (not under
+        # --no-progress, the launchers' quiet mode: the server that launched it knows).
+        announce = None
+        if url is not None and not args.no_progress:
+
+            def announce(run_id: str) -> None:
+                if wire.plain_run_id(run_id) and wire.control_char(run_id) is None:
+                    print(
+                        f"layerscope train: run {run_id}: dashboard at "
+                        f"{_http_base(url)}/runs/{run_id}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
         with _sigterm_stops_run():
             summary = run_experiment(
                 cfg,
@@ -597,6 +611,7 @@ def _train(args: argparse.Namespace) -> int:
                 run_dir=args.run_dir,
                 progress=not args.no_progress,
                 resume=resume,
+                announce=announce,
             )
     except (DataError, ExperimentSetupError, ValueError) as exc:
         return _error("train", str(exc))

@@ -22,6 +22,8 @@ import os
 import re
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,6 +254,7 @@ def run_experiment(
     run_dir: str | None = None,
     progress: bool = True,
     resume: Resume | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train the experiment ``cfg`` describes under ``watch()``; returns a summary dict.
 
@@ -279,6 +282,10 @@ def run_experiment(
     and the global RNG (input noise, dropout) is put back as it was; on the same device
     the resumed run's numbers are the uninterrupted run's. The diagnostic rules start
     afresh (auto-halve's plateau count, Overfit's history).
+
+    ``announce``: called on rank 0 with the run's id (a new one when ``run_id`` is None)
+    once the data and model are built, just before ``watch()`` starts (and draws its
+    progress line): ``layerscope train`` prints the run's dashboard URL with it.
     """
     cfg = wire.validate_experiment(cfg) if resume is None else validate_resumed(cfg)
     url = trainer_socket_url(server) if server else None
@@ -288,7 +295,9 @@ def run_experiment(
     rank, world, owned = start_process_group(cfg["solver"]["device"])
     finished = False
     try:
-        summary = _train(cfg, url, rank, world, run_id, token, run_dir, progress, resume)
+        summary = _train(
+            cfg, url, rank, world, run_id, token, run_dir, progress, resume, announce
+        )
         finished = True
     finally:
         # _train has returned, so its DDP wrapper (which holds the group) is gone.
@@ -306,6 +315,7 @@ def _train(
     run_dir: str | None,
     progress: bool,
     resume: Resume | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     from layerscope.trainer.watch import watch
 
@@ -344,7 +354,10 @@ def _train(
     started = time.monotonic()
     model.train()
     resumed = _resumed_message(resume, total_steps) if resume is not None else None
-    if resumed is not None and rank == 0:  # before watch() draws its progress line
+    if announce is not None and rank == 0:  # before watch() draws its progress line
+        run_id = run_id or uuid.uuid4().hex  # watch() would make the same kind of id
+        announce(run_id)
+    if resumed is not None and rank == 0:
         print(f"layerscope train: {resumed}", file=sys.stderr, flush=True)
     with watch(
         model,

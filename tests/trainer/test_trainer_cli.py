@@ -342,6 +342,28 @@ def test_a_run_the_nan_rule_stopped_exits_3_and_one_the_user_stopped_exits_0(
     assert "steps (stopped)" in capsys.readouterr().out
 
 
+def test_train_with_a_server_prints_its_run_and_dashboard_url_before_the_progress_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer_server import TrainerServer
+
+    server = TrainerServer().start()
+    try:
+        args = ["train", "--steps", "3", "--dataset", "blobs", "--every", "50", "--device",
+                "cpu", "--run-dir", str(tmp_path / "r"), "--server", server.url]  # fmt: skip
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        (hello,) = server.hellos
+        run_id = hello["run_id"]
+        line = f"layerscope train: run {run_id}: dashboard at http://127.0.0.1:{server.port}/runs/{run_id}\n"
+        assert err.startswith(line), err
+        assert err.count("dashboard at") == 1 and "[layerscope] step" in err  # progress after it
+        assert cli.main([*args, "--no-progress", "--run-id", "quiet1"]) == 0
+        assert "dashboard at" not in capsys.readouterr().err  # launchers' quiet mode
+    finally:
+        server.close()
+
+
 def test_module_entry_point_help_exits_0() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "layerscope.trainer", "train", "--help"],

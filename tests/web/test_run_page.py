@@ -711,7 +711,14 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             tops = [r[1] for r in rows]
             assert min(b - a for a, b in zip(tops, tops[1:], strict=False)) >= 9  # none overlap
             hover = page.evaluate("document.getElementById('chart-dead').data[0].hovertemplate")
-            assert "%{y}" in hover and "step %{x}" in hover and "%{z" in hover
+            assert "%{y}" in hover and "step %{text}" in hover and "%{z" in hover
+            # hover names the probe step a column shows (the grid's own steps are not one)
+            shown = page.evaluate(
+                "(() => { const gd = document.getElementById('chart-dead');"
+                " Plotly.Fx.hover(gd, {xval: 20, yval: 3});"
+                " return gd.querySelector('.hoverlayer').textContent; })()"
+            )
+            assert shown.startswith("block3.conv") and "step 20" in shown, shown
 
             # Painted as one image of a pixel a cell, scaled up (Plotly's way for evenly
             # spaced cells with no gaps), the rows' 1 px gaps drawn over it: painted cell by

@@ -225,11 +225,15 @@ export class LayerHeatmap {
       // nothing the chart shows has changed (a column that merged into its last one unchanged)
       return last.shapes === shown.shapes ? Promise.resolve() : P.relayout(this.div, { shapes });
     }
+    // Hover names the probe step(s) a column shows, not the grid's step: "1000", or
+    // "1000–1090" for columns merged into one.
+    const label = spans.map(([from, to]) => (to - from === 1 ? String(this.steps[from])
+      : `${this.steps[from]}–${this.steps[to - 1]}`));
     const data = [{
-      type: "heatmap", x, y: rows, z,
+      type: "heatmap", x, y: rows, z, text: rows.map(() => label),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 0,
       colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
-      hovertemplate: "%{y}<br>step %{x}<br>" + this.title + " %{z:.3f}<extra></extra>",
+      hovertemplate: "%{y}<br>step %{text}<br>" + this.title + " %{z:.3f}<extra></extra>",
     }];
     const layout = baseLayout({
       showlegend: false,

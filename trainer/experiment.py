@@ -295,9 +295,7 @@ def run_experiment(
     rank, world, owned = start_process_group(cfg["solver"]["device"])
     finished = False
     try:
-        summary = _train(
-            cfg, url, rank, world, run_id, token, run_dir, progress, resume, announce
-        )
+        summary = _train(cfg, url, rank, world, run_id, token, run_dir, progress, resume, announce)
         finished = True
     finally:
         # _train has returned, so its DDP wrapper (which holds the group) is gone.

@@ -74,8 +74,9 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
         "max": 100_000,
         "label": "Overfit sanity check (N examples)",
         "help": "Before a long run, a network must reach 100% on ~100 examples with "
-        "regularisation off; if it cannot, the network or the code is broken. Sets subset=N "
-        "and turns dropout, weight decay and input noise off; the run reports pass/fail.",
+        "regularisation off; if it cannot, the network or the code is broken. Sets subset=N, "
+        "turns dropout, weight decay and input noise off and silences the Overfit rule (the "
+        "check over-fits on purpose); the run reports pass/fail.",
     },
     "model": {
         "type": "section",
@@ -565,9 +566,9 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
 
     Beyond per-field checks: npz/folder need an existing ``data.path`` (made
     absolute); a cnn needs image data; batch norm needs batches of at least 2;
-    ``overfit=N`` sets ``data.subset=N`` and turns dropout, weight decay and input
-    noise off; with ``epochs`` given and ``steps`` left out, epochs decide; a run
-    given no name gets ``generated_name`` of its final settings.
+    ``overfit=N`` sets ``data.subset=N``, turns dropout, weight decay and input
+    noise off and silences Overfit; with ``epochs`` given and ``steps`` left out, epochs
+    decide; a run given no name gets ``generated_name`` of its final settings.
     """
     import os.path  # local: the path check is the only filesystem use in this module
 
@@ -618,6 +619,13 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
         data["input_noise"] = 0.0
         model["dropout"] = 0.0
         solver["weight_decay"] = 0.0
+        # The check over-fits on purpose: "add weight decay, dropout" beside its PASS would
+        # contradict it. Silenced, not disabled: the Rules panel can switch it back on.
+        silence = out["rules"]["silence"]
+        if silence is None or isinstance(silence, str):  # else refused above
+            silenced = experiment_rule_names(silence)
+            if "Overfit" not in silenced:
+                out["rules"]["silence"] = ",".join([*silenced, "Overfit"])
     if errors:
         raise ExperimentError(errors)
     if out["name"] is None:

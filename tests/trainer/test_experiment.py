@@ -148,6 +148,13 @@ def test_batch_size_full_steps_vs_epochs_and_overfit_switches_regularisation_off
     )
     assert fit["data"]["subset"] == 50 and fit["model"]["dropout"] == 0.0
     assert fit["solver"]["weight_decay"] == 0.0 and fit["data"]["input_noise"] == 0.0
+    # it over-fits on purpose: no "add weight decay, dropout" alert beside its PASS
+    assert fit["rules"]["silence"] == "Overfit"
+    quiet = {"overfit": 50, "rules": {"silence": "DeadUnits, Overfit"}}
+    assert wire.validate_experiment(quiet)["rules"]["silence"] == "DeadUnits,Overfit"
+    quiet["rules"]["silence"] = "AllZero"
+    assert wire.validate_experiment(quiet)["rules"]["silence"] == "AllZero,Overfit"
+    assert wire.validate_experiment({})["rules"]["silence"] is None  # only for the check
 
 
 def test_demo_experiment_is_valid_and_long() -> None:

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from conftest import (
@@ -85,24 +85,32 @@ def test_runs_list_filters_and_opens_a_comparison(
 def test_new_run_form_shows_inline_errors_then_starts_a_run(
     page: Page, guard: PageGuard, server: LiveServer
 ) -> None:
+    """A refused field's message is scrolled into view (review walk-through: the field at the
+    form's bottom edge kept its message just below it, out of view), and a started run
+    opens its own page (it stayed on the list)."""
     guard.expect_status(422)
     schema = server.api("GET", "/api/experiment_schema").json()
     before = {r["id"] for r in server.api("GET", "/api/runs").json()}
     open_ready(page, f"{server.url}/")
-    page.fill("#filter", "no-such-run")  # a search on: the started run shows all the same
-    expect(page.locator("#runs-count")).to_contain_text("No run matches")
     page.click("#new-run")
     dialog = page.locator("#new-run-dialog")
     expect(dialog).to_be_visible()
     for path in schema_paths(schema):  # every knob the trainer offers has an input
         assert page.locator(f"[name='{path}']").count() == 1, path
 
-    page.fill("[name='solver.lr']", "-1")
     page.fill("[name='solver.batch_size']", "lots")
+    page.locator("#new-run-fields").evaluate("e => { e.scrollTop = 0; }")
+    page.fill("[name='solver.lr']", "-1")  # scrolled just into view: at the form's bottom edge
     page.click("#new-run-submit")
     lr = page.locator("[data-field='solver.lr']")
     expect(lr).to_have_class("field invalid")
-    expect(page.locator(".field-wrap", has=lr).locator(".error")).to_contain_text("must be >= 0")
+    lr_error = page.locator(".field-wrap", has=lr).locator(".error")
+    expect(lr_error).to_contain_text("must be >= 0")
+    expect(page.locator("[name='solver.lr']")).to_be_focused()  # the first refused field
+    in_view = """e => { const r = e.getBoundingClientRect();
+        const box = document.getElementById('new-run-fields').getBoundingClientRect();
+        return r.top >= box.top - 1 && r.bottom <= box.bottom + 1; }"""  # scrollTop is whole pixels
+    assert lr_error.evaluate(in_view)
     batch = page.locator(".field-wrap", has=page.locator("[data-field='solver.batch_size']"))
     expect(batch.locator(".error")).to_contain_text("must be an integer")
     expect(dialog).to_be_visible()
@@ -114,16 +122,17 @@ def test_new_run_form_shows_inline_errors_then_starts_a_run(
     page.fill("[name='solver.steps']", "30")
     page.fill("[name='model.width']", "16")
     page.click("#new-run-submit")
-    expect(dialog).to_be_hidden()
-    new_row = page.locator("#runs tr", has=page.locator("a", has_text="form digits"))
-    expect(new_row).to_be_visible()
-    expect(page.locator("#filter")).to_have_value("")
-    run_id = new_row.get_attribute("data-run-id")
-    assert run_id and run_id not in before
+    page.wait_for_url(f"{server.url}/runs/*")  # the started run's own page
+    run_id = unquote(page.url.rsplit("/", 1)[1])
+    assert run_id not in before
     config = server.run(run_id)["config"]
     assert config["solver"]["steps"] == 30 and config["model"]["width"] == 16
 
     wait_for(lambda: server.run(run_id)["status"] == "finished", 90, "the form's run to finish")
+    page.go_back()  # the list, with the run on it
+    expect(dialog).to_be_hidden()
+    new_row = row(page, run_id)
+    expect(new_row.locator("a")).to_have_text("form digits")
     delete = new_row.locator("button.danger")
     expect(delete).to_be_enabled()  # at the list's next poll after the trainer left
     delete.click()

@@ -165,12 +165,17 @@ export class ExperimentForm {
       f.wrap.classList.add("invalid");
       f.input.setAttribute("aria-invalid", "true");
       f.outer.hidden = false;
-      first ??= f.input;
+      first ??= f;
     }
     if (unmatched.length) {
       this.errorBox.hidden = false;
       this.errorBox.textContent = unmatched.join(" · ");
     }
-    first?.focus();
+    if (!first) return;
+    // focus() alone scrolls only the input into view: a field already showing at the
+    // bottom of the form kept its message (opened below it) just out of view.
+    first.input.focus({ preventScroll: true });
+    first.error.scrollIntoView({ block: "nearest" });
+    first.wrap.scrollIntoView({ block: "nearest" });
   }
 }

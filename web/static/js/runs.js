@@ -9,7 +9,7 @@
  * whole stored config); rows are updated in place, and a selection outlives its row
  * leaving the list (another search), so runs from two searches can be compared. Also
  * the inline-SVG sparklines and the New-run dialog's submit cycle (POST /api/runs; 422
- * errors shown on the fields).
+ * errors shown on the fields; a started run opens its page).
  * Never: polls the whole list (hundreds of runs made every poll a large answer), deletes
  * without a confirmation, or hides the server's reason for a refusal.
  */
@@ -30,7 +30,6 @@ const $ = (id) => document.getElementById(id);
 const rows = new Map(); // run id -> {tr, run}
 const selected = new Set();
 let runs = [];
-let highlight = null;
 /** What the list asks for: the search's text (q=) and how many runs (limit=). */
 const wanted = { q: "", limit: PAGE_SIZE };
 let total = 0; // runs there are (that match wanted.q): X-Total-Count
@@ -184,7 +183,6 @@ function render() {
     }
     entry.run = run;
     fillRow(entry.tr, run);
-    entry.tr.classList.toggle("new", run.id === highlight);
     ordered.push(entry.tr);
   }
   // A run off the list (another search, or past the page) keeps its selection; one the
@@ -315,19 +313,12 @@ async function submitNewRun(ev) {
   submit.textContent = "Starting…";
   try {
     const created = await postJSON("/api/runs", form.value());
-    $("new-run-dialog").close();
-    highlight = created.id;
-    toast(`Started run ${created.id}`);
-    // the new run at the top of the list: a search on would hide it
-    clearTimeout(searchTimer);
-    $("filter").value = "";
-    wanted.q = "";
-    wanted.limit = PAGE_SIZE;
-    await refresh();
+    // The run just started, on its own page (stored before its id is answered): it
+    // stayed on the list, where the person had to find it.
+    location.href = `/runs/${encodeURIComponent(created.id)}`; // the button stays disabled meanwhile
   } catch (e) {
     if (e instanceof ApiError && e.status === 422) form.showErrors(e.detail);
     else form.showErrors([{ loc: [], msg: e.message }]);
-  } finally {
     submit.disabled = false;
     submit.textContent = "Start run";
   }
@@ -391,6 +382,13 @@ $("select-all").addEventListener("change", (ev) => {
 $("new-run").addEventListener("click", openNewRun);
 $("new-run-cancel").addEventListener("click", () => $("new-run-dialog").close());
 $("new-run-form").addEventListener("submit", submitNewRun);
+// Back from the started run's page, restored as it was left: not mid-submit.
+window.addEventListener("pageshow", (ev) => {
+  if (!ev.persisted) return;
+  $("new-run-dialog").close();
+  $("new-run-submit").disabled = false;
+  $("new-run-submit").textContent = "Start run";
+});
 
 refresh();
 setInterval(() => { if (!document.hidden) refresh(); }, POLL_MS);

@@ -186,6 +186,7 @@ class Rules:
         self._loss_n = 0
         self._best_window_mean: float | None = None
         self._best_window_se2 = 0.0
+        self._first_window_mean: float | None = None  # LossNotDecreasing's converged floor
         self._train_sum = 0.0  # finite training losses since the last evaluation
         self._train_n = 0
         self._overfit_streak = 0
@@ -545,11 +546,18 @@ class Rules:
             mean = self._loss_sum / n
             se2 = max(self._loss_sq / n - mean * mean, 0.0) / n  # squared standard error
             best = self._best_window_mean
+            first = self._first_window_mean
+            if first is None:
+                self._first_window_mean = first = mean
+            # At its floor (fallen to a small fraction of where it started) a loss is
+            # converged, not stalled: see LOSS_CONVERGED_FRACTION.
+            converged = first > 0.0 and 0.0 <= mean <= cfg.converged_fraction * first
             if best is not None and best != 0.0:
                 decrease = 100.0 * (best - mean) / abs(best)
                 stalled = decrease < cfg.diff_percent
                 if not stalled and ("LossNotDecreasing", "run") in self._active:
                     stalled = best - mean < LOSS_NOISE_Z * math.sqrt(se2 + self._best_window_se2)
+                stalled = stalled and not converged
                 self._stalled_windows = self._stalled_windows + 1 if stalled else 0
                 fired = self._onset(
                     "LossNotDecreasing", "run", self._stalled_windows >= cfg.windows

@@ -213,6 +213,32 @@ def test_loss_not_decreasing_fires_once_per_stall_despite_mini_batch_noise() -> 
     assert [f.step for f in found] == [900, 1700]
 
 
+def test_loss_not_decreasing_is_quiet_at_the_floor_of_a_converged_run() -> None:
+    # The digits demo: cross-entropy from ~2.3 down to ~0.03 (train accuracy ~1), where
+    # mini-batch noise (a loss of 0.03 is a few misfit examples) swamps a 0.1% decrease;
+    # it fired at step 6900: "a network that cannot fit ~100 examples ... is broken".
+    rng = random.Random(3)
+
+    def converging(s: int) -> float:
+        return (0.03 + 2.3 * math.exp(-s / 400)) * rng.uniform(0.3, 1.7)
+
+    r = rules()
+    assert [f.step for s in range(20_000) for f in r.on_loss(s, converging(s))] == []
+    # A stall far above the floor is still one: 2.3 down to 0.6, then flat.
+    stuck = rules()
+    found = [f for s in range(3000) for f in stuck.on_loss(s, max(0.6, 2.3 - s / 500))]
+    assert [f.rule for f in found] == ["LossNotDecreasing"]
+    # A converged loss that climbs back up is not at its floor any more.
+    back = rules()
+    for s in range(8000):
+        back.on_loss(s, converging(s))
+    up = [f.step for s in range(8000, 9000) for f in back.on_loss(s, 0.5 + rng.uniform(0, 0.01))]
+    assert len(up) == 1
+    # The fraction is a threshold like any other: 0 turns the floor off.
+    strict = rules(loss_not_decreasing_converged_fraction=0.0)
+    assert [f for s in range(20_000) for f in strict.on_loss(s, converging(s))] != []
+
+
 def test_overfit_needs_patience_and_switches_weight_decay_on_once() -> None:
     r = rules(auto_weight_decay=True, patience=3)
     gaps = [0.05, 0.2, 0.2, 0.05, 0.2, 0.2, 0.2, 0.2, 0.2]  # (val - train) / train

@@ -46,6 +46,10 @@ PREPROCESS = ("none", "per_pixel", "per_channel")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_STEPS = 1000  # used when neither steps nor epochs is given
+# The alert auto-halve raises (``rules.PLATEAU``). Not one of RULE_NAMES (it has its own
+# switch, auto_halve_lr), but named in rules.enabled/silence as an alert's rule can be:
+# silencing it (no alert, no action) is auto-halve off, so it is refused beside it.
+PLATEAU_ALERT = "ValidationPlateau"
 
 EXPERIMENT_SCHEMA: dict[str, Any] = {
     "name": {
@@ -328,7 +332,8 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "max_length": 1024,
                 "label": "Silenced rules",
                 "help": "Comma-separated rule names that are evaluated but raise no alert and "
-                "take no action (empty: none).",
+                f"take no action (empty: none). {PLATEAU_ALERT}, auto-halve's alert, may be "
+                "named too: silenced, auto-halve does nothing, so not with auto_halve_lr.",
             },
             "auto_halve_lr": {
                 "type": "bool",
@@ -532,12 +537,18 @@ def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]])
         if not isinstance(rules[key], str):
             continue
         names = experiment_rule_names(rules[key])
-        unknown = [n for n in names if n not in RULE_NAMES]
+        unknown = [n for n in names if n not in (*RULE_NAMES, PLATEAU_ALERT)]
         if unknown:
             msg = f"unknown rule(s) {', '.join(unknown)}; expected all, none or {', '.join(RULE_NAMES)}"
             errors.append({"loc": ["rules", key], "msg": msg})
         elif key == "silence":
             rules[key] = ",".join(names) or None
+            if PLATEAU_ALERT in names and rules["auto_halve_lr"] is True:
+                msg = (
+                    f"{PLATEAU_ALERT} is auto-halve's alert: silenced (no alert, no action) it "
+                    "halves nothing; leave out rules.auto_halve_lr or silence it, not both"
+                )
+                errors.append({"loc": ["rules", key], "msg": msg})
     solver = out["solver"]
     wd = solver["weight_decay"]
     if rules["auto_weight_decay"] is True and out["overfit"] is None and wd == 0.0:

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerscope.trainer import wire
+from layerscope.trainer.experiment_config import PLATEAU_ALERT
 
 # The names live in wire (stdlib only) so the server can validate set_rules commands.
 RULE_NAMES = wire.RULE_NAMES
-# Not a rule that can be silenced: it exists only while auto-halving is switched on.
-PLATEAU = "ValidationPlateau"
+# The alert auto-halve raises. Not one of RULE_NAMES (auto_halve_lr switches it), but
+# ``Rules`` takes it in its enabled and silenced lists, as an alert's rule may be named:
+# silencing it is auto-halve off (its alert and its action are all it does).
+PLATEAU = PLATEAU_ALERT
 
 # ---- defaults (SageMaker Debugger built-in rules, "List of Debugger built-in rules") ----
 

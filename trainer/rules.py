@@ -168,6 +168,11 @@ class Rules:
     ) -> None:
         self.enabled = self._names(RULE_NAMES if enabled is None else enabled, "enabled")
         self.silenced = self._names(silenced, "silenced")
+        if PLATEAU in self.silenced and auto_halve_lr:
+            raise ValueError(
+                f"{PLATEAU} is auto-halve's alert: silenced (no alert, no action) it halves "
+                "nothing; switch auto_halve_lr off or leave it unsilenced, not both"
+            )
         self.auto_halve_lr = bool(auto_halve_lr)
         self.auto_weight_decay = bool(auto_weight_decay)
         self.config = build_config(patience, thresholds)
@@ -200,7 +205,7 @@ class Rules:
     @staticmethod
     def _names(names: Iterable[str], what: str) -> set[str]:
         out = set(names) if not isinstance(names, str) else {names}
-        unknown = out - set(RULE_NAMES)
+        unknown = out - {*RULE_NAMES, PLATEAU}  # PLATEAU: auto_halve_lr decides (rule_config)
         if unknown:
             raise ValueError(f"unknown rule(s) {sorted(unknown)} in {what}; expected {RULE_NAMES}")
         return out
@@ -221,6 +226,8 @@ class Rules:
             if halve_lr is not None:
                 if halve_lr and not self.auto_halve_lr:
                     self._halvings = 0  # switched on again: a fresh allowance
+                if halve_lr:
+                    self.silenced.discard(PLATEAU)  # switched on: its alerts are wanted
                 self.auto_halve_lr = bool(halve_lr)
             if weight_decay is not None:
                 if weight_decay and not self.auto_weight_decay:

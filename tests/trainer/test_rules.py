@@ -451,6 +451,18 @@ def test_a_long_plateau_halves_once_per_patience_window() -> None:
     assert [f.step for f in found] == [3, 6, 9]
 
 
+def test_the_plateau_alert_can_be_named_and_silencing_it_is_auto_halve_off() -> None:
+    # The alert's rule is ValidationPlateau: --silence ValidationPlateau was "unknown rule".
+    r = rules(silenced=[PLATEAU], enabled=[*RULE_NAMES, PLATEAU])
+    assert r.state()["silenced"] == []  # not one the dashboard's set_rules may name
+    with pytest.raises(ValueError, match="auto-halve's alert"):
+        rules(silenced=[PLATEAU], auto_halve_lr=True)
+    r.set_auto(halve_lr=True)  # switched on live: its alerts are wanted again
+    found = [f for i in range(5) for f in r.on_eval(100 * (i + 1), 1.0, 1.0 - 0.1 * i)]
+    (halved,) = [f for f in found if f.rule == PLATEAU]
+    assert halved.action is not None and halved.action["name"] == "set_lr_scale"
+
+
 def test_auto_halving_waits_for_training_loss_to_fall_and_names_it() -> None:
     """PRACTICES: halve when validation stops falling *while training loss still falls*. A
     run whose training loss is flat too (lr 0, a stall) is never halved, however long."""

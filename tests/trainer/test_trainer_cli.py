@@ -483,7 +483,16 @@ def test_rule_and_finetune_flags(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert _config(capsys, "--rules", "Overfit")["rules"]["enabled"] == "Overfit"
     assert cli.main(["train", "--print-config", "--silence", "DeadRelu"]) == 2
     assert "rules.silence: unknown rule(s) DeadRelu" in capsys.readouterr().err
+    # the alert auto-halve raises is named as a rule may be (it was refused as unknown) ...
+    quiet = _config(capsys, "--silence", "ValidationPlateau,Overfit", "--rules", "all")
+    assert quiet["rules"]["silence"] == "ValidationPlateau,Overfit"
+    # ... and silencing it (no alert, no halving) is auto-halve off: not beside it
+    assert cli.main(["train", "--print-config", "--silence", "ValidationPlateau",
+                     "--auto-halve-lr"]) == 2  # fmt: skip
+    assert "ValidationPlateau is auto-halve's alert" in capsys.readouterr().err
     common = ["--device", "cpu", "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    assert cli.main(["train", "--steps", "2", "--silence", "ValidationPlateau", *common]) == 0
+    assert "2 steps" in capsys.readouterr().out
     assert cli.main(["train", "--steps", "2", "--from", str(ckpt), *common]) == 2
     assert "not a layerscope checkpoint" in capsys.readouterr().err
 

@@ -265,6 +265,28 @@ def test_a_run_that_ended_without_probe_data_leaves_the_other_four_compared(
         assert not guard.remote, guard.remote
 
 
+def test_the_step_note_counts_one_probe_step_and_one_run_in_the_singular(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review walk-through: a lab of one probe step read '1 probe steps shared by all 5 runs'
+    (and with one run left to compare, '... shared by 1 runs')."""
+    data_dir = tmp_path / "data"
+    # a probe every 10 steps: step 0 only; four of the five runs failed before it
+    write_recorded_lab(data_dir, "onerun", steps=5, failed=SCHEMES[:4])
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/labs/onerun")
+            expect(page.locator("#lab-steps-note")).to_have_text(
+                "1 probe step from 1 run · no probe data from zero (failed), normal 0.01 (failed),"
+                " normal 1.0 (failed), xavier (failed)"
+            )
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
 def test_the_batch_norm_twin_asks_before_launching_five_runs(
     browser: Browser, tmp_path: Path
 ) -> None:

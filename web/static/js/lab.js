@@ -73,9 +73,10 @@ async function loadSteps() {
   state.steps = steps;
   slider.max = String(Math.max(0, steps.length - 1));
   const missing = none.length ? ` · no probe data from ${none.map((r) => `${r.label} (${r.status})`).join(", ")}` : "";
-  const by = compared.length === runs.length ? `all ${runs.length}` : String(compared.length);
+  const by = compared.length === 1 ? "from 1 run"
+    : `shared by ${compared.length === runs.length ? "all " : ""}${compared.length} runs`;
   $("lab-steps-note").textContent = steps.length
-    ? `${steps.length} probe steps shared by ${by} runs${missing}`
+    ? `${steps.length} probe step${steps.length === 1 ? "" : "s"} ${by}${missing}`
     : (compared.length ? "waiting for every run's first probe step…" : "no run recorded a probe step") + missing;
   if (steps.length && (state.following || state.step === null) && grew) {
     slider.value = String(steps.length - 1);

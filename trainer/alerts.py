@@ -60,6 +60,9 @@ class Alerts:
         self.last_good_path = run_dir / LAST_GOOD_NAME
         self.last_good_step: int | None = None
         self.params = dict(params)  # parameter count per probed layer
+        # Said after a rule's stop in the log line, for watch() in the user's own loop;
+        # ``layerscope train`` sets "" (its user has no w.should_stop to read).
+        self.stop_note = " (w.should_stop is now True)."
 
     def evaluate(
         self,
@@ -146,7 +149,7 @@ class Alerts:
             "layerscope: [%s] %s%s",
             finding.rule,
             finding.message,
-            " (w.should_stop is now True)." if stopping else "",
+            self.stop_note if stopping else "",
         )
         return finding, command
 

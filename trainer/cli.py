@@ -121,8 +121,9 @@ def _help_text(spec: dict[str, Any]) -> str:
     shown = (
         "none" if default is None else str(default).lower() if spec["type"] == "bool" else default
     )
-    # argparse %-formats help strings.
-    return f"{spec['help']} (default: {shown})".replace("%", "%%")
+    # A help that names its default already (steps: "(default 1000)") is not told it twice.
+    text = spec["help"] if "(default" in spec["help"] else f"{spec['help']} (default: {shown})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
 
 
 def _add_schema_flags(parser: argparse.ArgumentParser) -> None:
@@ -257,11 +258,28 @@ def _add_lab_parser(sub: Any) -> None:
         "He init; prints the comparison view's URL",
     )
     init.add_argument("--version", action="version", version=f"layerscope {_version()}")
-    init.add_argument("--activation", choices=wire.ACTIVATIONS, default="tanh")
+    init.add_argument(
+        "--activation",
+        choices=wire.ACTIVATIONS,
+        default="tanh",
+        help="every run's hidden activation (default: tanh)",
+    )
     init.add_argument("--batch-norm", action="store_true", help="batch norm after each layer")
-    for flag in ("steps", "depth", "width", "seed", "every"):
-        init.add_argument(f"--{flag}", type=int, metavar="N", help="(default: the server's)")
-    init.add_argument("--dataset", choices=wire.DATASETS[:3], help="(default: digits)")
+    for flag, what in (
+        ("steps", "training steps of each run"),
+        ("depth", "hidden layers"),
+        ("width", "units per hidden layer"),
+        ("seed", "the seed all five runs share"),
+        ("every", "probe every N steps"),
+    ):
+        init.add_argument(
+            f"--{flag}", type=int, metavar="N", help=f"{what} (default: the server's)"
+        )
+    init.add_argument(
+        "--dataset",
+        choices=wire.DATASETS[:3],
+        help="the data every run trains on (default: digits)",
+    )
     init.add_argument(
         "--server",
         metavar="URL",

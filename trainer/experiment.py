@@ -379,6 +379,8 @@ def _train(
         checkpoint_extras={EXPERIMENT_EXTRA: ExperimentState(cfg, device)},
         resume=str(resume.path) if resume is not None else None,
     ) as w:
+        if w.alerts is not None:  # a rule's stop is logged without "w.should_stop is now True"
+            w.alerts.stop_note = ""
         if resume is None:
             _start(w, finetune, loaded, rules["auto_weight_decay"])
         else:

@@ -375,8 +375,8 @@ class Link:
                 if exc.response.status_code in (401, 403):  # reached, and told no
                     self._refusal = (
                         f"the trainer token was refused (HTTP {exc.response.status_code}): "
-                        "check --token / LAYERSCOPE_TRAINER_TOKEN against the server's "
-                        "--trainer-token"
+                        "check LAYERSCOPE_TRAINER_TOKEN (or watch()'s token=) against the "
+                        "server's --trainer-token"
                     )
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"

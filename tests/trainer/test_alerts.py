@@ -160,6 +160,7 @@ def test_with_no_server_reachable_nan_stops_the_run_and_says_so(
         assert not t.is_alive() and w.should_stop and not w.control.paused
         assert w.step_count < 10_000
     assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stopping the run" in caplog.text
+    assert "(w.should_stop is now True)" in caplog.text  # watch()'s user reads it
     # the recorded alert says what happened: a stop, not the pause it would have been
     (alert,) = [e["data"] for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
     assert "stopping the run (no server is reachable" in alert["message"]

@@ -162,6 +162,9 @@ def test_bad_token_is_refused_without_raising(
             and "LAYERSCOPE_TRAINER_TOKEN=T layerscope sync" in caplog.text
         )
         assert "never reached" not in caplog.text
+        # what there is to check: `layerscope train` has no --token
+        assert "check LAYERSCOPE_TRAINER_TOKEN (or watch()'s token=)" in caplog.text
+        assert "--token /" not in caplog.text
         good = Link(
             make_hello("r2"),
             spool_path=tmp_path / "b.bin",

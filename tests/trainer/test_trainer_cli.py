@@ -4,6 +4,7 @@ loc, `sync`. (Named apart from tests/server/test_cli.py: pytest needs unique bas
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -34,6 +35,17 @@ def test_every_schema_field_has_a_flag(capsys: pytest.CaptureFixture[str]) -> No
     for flag in ("--config", "--preset", "--server", "--run-id", "--run-dir", "--no-progress"):
         assert flag in text
     assert "--data-path" in text and "--init-std" in text and "--overfit" in text
+    assert "(default 1000)" in " ".join(text.split()) and "(default: 1000)" not in text  # once
+
+
+def test_lab_init_help_says_what_every_option_is() -> None:
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices[name]
+
+    init = sub(sub(cli.build_parser(), "lab"), "init")
+    for action in init._actions:  # --steps said only "(default: the server's)"
+        assert action.help and not action.help.startswith("("), action.option_strings
 
 
 def test_flags_override_the_config_file_which_overrides_the_preset(
@@ -310,7 +322,7 @@ def test_train_runs_and_a_failed_overfit_check_exits_1(
 
 
 def test_a_run_the_nan_rule_stopped_exits_3_and_one_the_user_stopped_exits_0(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A run that blew up to NaN, stopped by ExplodingTensor (no server to resume its
     pause), is not a finished run: exit 3, even in an overfit check it made fail. A run
@@ -321,6 +333,8 @@ def test_a_run_the_nan_rule_stopped_exits_3_and_one_the_user_stopped_exits_0(
     assert cli.main(["train", *blow_up, "--run-dir", str(tmp_path / "nan")]) == 3
     out = capsys.readouterr().out
     assert "(stopped by a rule: NaN/Inf in " in out and "50 steps" not in out
+    # a CLI user has no w.should_stop to read
+    assert "[ExplodingTensor] NaN/Inf" in caplog.text and "should_stop" not in caplog.text
     assert cli.main(["train", *blow_up, "--overfit", "64", "--run-dir", str(tmp_path / "of")]) == 3
 
     from trainer_server import TrainerServer

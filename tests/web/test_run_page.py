@@ -719,6 +719,12 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
                 " return gd.querySelector('.hoverlayer').textContent; })()"
             )
             assert shown.startswith("block3.conv") and "step 20" in shown, shown
+            shown = page.evaluate(
+                "(() => { const gd = document.getElementById('chart-hist');"
+                " Plotly.Fx.hover(gd, {xval: 20, yval: 0});"
+                " return gd.querySelector('.hoverlayer').textContent; })()"
+            )
+            assert shown.startswith("step 20value"), shown
 
             # Painted as one image of a pixel a cell, scaled up (Plotly's way for evenly
             # spaced cells with no gaps), the rows' 1 px gaps drawn over it: painted cell by

@@ -72,6 +72,14 @@ export function evenGrid(steps, width) {
   return { x, spans };
 }
 
+/**
+ * What hover names each evenGrid column: the probe step(s) it shows, not the grid's own
+ * step (not always a probe step): "1000", or "1000–1090" for steps merged into one.
+ */
+function stepLabels(steps, spans) {
+  return spans.map(([from, to]) => (to - from === 1 ? String(steps[from]) : `${steps[from]}–${steps[to - 1]}`));
+}
+
 /** The larger (worse) of row[from..to), skipping missing values; null when all are. */
 function worst(row, from, to) {
   let out = null;
@@ -225,10 +233,7 @@ export class LayerHeatmap {
       // nothing the chart shows has changed (a column that merged into its last one unchanged)
       return last.shapes === shown.shapes ? Promise.resolve() : P.relayout(this.div, { shapes });
     }
-    // Hover names the probe step(s) a column shows, not the grid's step: "1000", or
-    // "1000–1090" for columns merged into one.
-    const label = spans.map(([from, to]) => (to - from === 1 ? String(this.steps[from])
-      : `${this.steps[from]}–${this.steps[to - 1]}`));
+    const label = stepLabels(this.steps, spans);
     const data = [{
       type: "heatmap", x, y: rows, z, text: rows.map(() => label),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 0,
@@ -415,10 +420,12 @@ export class HistogramOverTime {
     // evenly spaced columns (a merged one: the mean of its steps' shares), painted as one image: see evenGrid
     const { x, spans } = evenGrid(this.steps, plotColumns(this.div, 100));
     const z = spans.map(([from, to]) => (to - from === 1 ? this.rows[from].slice() : meanRow(this.rows, from, to)));
+    const label = stepLabels(this.steps, spans);
     const data = [{
-      type: "heatmap", transpose: true, x, y: centers, z,
+      // text is not transposed with z: a row a bin, as drawn
+      type: "heatmap", transpose: true, x, y: centers, z, text: centers.map(() => label),
       colorscale: "Viridis", zmin: 0, colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
-      hovertemplate: "step %{x}<br>value %{y:.3g}<br>share %{z:.3f}<extra></extra>",
+      hovertemplate: "step %{text}<br>value %{y:.3g}<br>share %{z:.3f}<extra></extra>",
     }];
     const layout = baseLayout({
       showlegend: false,

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +42,15 @@ log = logging.getLogger(__name__)
 GAP_QUIET_S = 0.5  # past a damaged record: how long the server must be quiet before closing
 
 
+@dataclass(frozen=True)
+class Synced:
+    """What an upload did: ``acked`` of the spool's frames the server confirmed, ``sent``
+    how many were sent this time (0: the server already had them all)."""
+
+    acked: int
+    sent: int
+
+
 def sync_spool(
     path: str | Path,
     server: str,
@@ -48,7 +58,20 @@ def sync_spool(
     timeout_s: float = 60,
     run_id: str | None = None,
 ) -> int:
-    """Upload a spool to ``server``; returns how many of its frames the server acked.
+    """Upload a spool to ``server``; returns how many of its frames the server acked
+    (``upload_spool`` also says how many were sent)."""
+    return upload_spool(path, server, token, timeout_s, run_id).acked
+
+
+def upload_spool(
+    path: str | Path,
+    server: str,
+    token: str | None = None,
+    timeout_s: float = 60,
+    run_id: str | None = None,
+) -> Synced:
+    """Upload a spool to ``server``: how many of its frames the server acked, and how many
+    were sent this time.
 
     Resume-safe: the server's welcome says what it already holds and only the rest is
     sent; it dedupes by (run_id, seq) anyway. ``run_id`` uploads it as that run instead
@@ -80,7 +103,7 @@ def sync_spool(
             raise ValueError(f"run id {run_id!r} must not contain a control character")
         hello = {**hello, "run_id": run_id}
     if not frames:
-        return 0
+        return Synced(0, 0)
     # The server acks the highest contiguous seq, so a seq lost to spool damage caps
     # what it can confirm: wait for acks up to just before the first gap.
     target = 0
@@ -136,9 +159,10 @@ async def _upload(
     url: str,
     token: str | None,
     timeout_s: float,
-) -> int:
+) -> Synced:
     deadline = time.monotonic() + timeout_s
     acked = 0
+    sent: set[int] = set()  # seqs sent (a reconnect may send one again)
     connected_once = False
     backoff = BACKOFF_FIRST_S
     last_error = ""
@@ -196,6 +220,7 @@ async def _upload(
                         for seq, offset in frames:
                             if seq > acked:
                                 await ws.send(reader.read_at(offset))
+                                sent.add(seq)
                         last_heard = time.monotonic()  # quiet is counted from the last send
                         waiter = asyncio.create_task(done.wait())
                         await asyncio.wait(
@@ -231,4 +256,4 @@ async def _upload(
             f"server acked {acked} of {target} frames, then nothing more for {timeout_s:g} s"
             + (f" (last error: {last_error})" if last_error else "")
         )
-    return sum(1 for seq, _ in frames if seq <= acked)
+    return Synced(sum(1 for seq, _ in frames if seq <= acked), len(sent))

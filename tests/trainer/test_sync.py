@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from layerscope.trainer.link import Link
 from layerscope.trainer.spool import SpoolWriter, read_spool
-from layerscope.trainer.sync import sync_spool
+from layerscope.trainer.sync import Synced, sync_spool, upload_spool
 from trainer_server import TrainerServer, make_hello, metrics
 from waiting import wait_until
 
@@ -39,13 +39,15 @@ def offline_spool(spool: Path, run_id: str, steps: int) -> None:
 def test_sync_uploads_a_spool_and_is_resume_safe(server: TrainerServer, tmp_path: Path) -> None:
     spool = tmp_path / "spool.bin"
     offline_spool(spool, "offline", 60)
-    assert sync_spool(spool, server.url, timeout_s=20) == 60
+    assert upload_spool(spool, server.url, timeout_s=20) == Synced(acked=60, sent=60)
     assert sorted(server.frames) == list(range(1, 61))
     assert server.hellos[0]["run_id"] == "offline"
     assert server.hellos[0]["upload"] is True  # the server refuses commands meanwhile
     received = server.received
     assert sync_spool(spool, server.url, timeout_s=20) == 60  # already there: nothing resent
     assert server.received == received
+    # and it says so: none sent (the CLI said "acknowledged 60 frames" as if it sent them)
+    assert upload_spool(spool, server.url, timeout_s=20) == Synced(acked=60, sent=0)
 
 
 def test_sync_to_nowhere_says_so(tmp_path: Path) -> None:

@@ -351,6 +351,46 @@ def test_a_narrow_window_scrolls_the_runs_table_inside_its_panel(
         assert not guard.remote, guard.remote
 
 
+def test_a_390px_window_shows_each_run_as_a_card_with_every_field_in_view(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Review walk-through at 390 px: Step, Loss, the curve, Started and Delete sat in a
+    sideways scroll with no cue, and the config was cut mid-word ('batch_norm fals'). Each
+    run is a card there, every cell inside the panel; a desktop window keeps the table."""
+    data_dir = tmp_path / "data"
+    config = {**FAST_CONFIG, "model": {**FAST_CONFIG["model"], "batch_norm": False}}
+    name = "init lab 9560e546: normal 0.01 (tanh)"
+    write_recorded_run(data_dir, "card", steps=50, layers=1, every=25, config=config, name=name)
+    outside = """tr => { const panel = document.querySelector('.table-scroll').getBoundingClientRect();
+        return Array.from(tr.cells).filter((td) => { const r = td.getBoundingClientRect();
+            return r.left < panel.left - 1 || r.right > panel.right + 1 || td.scrollWidth > td.clientWidth + 1;
+        }).map((td) => td.className); }"""
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            page.set_viewport_size({"width": 390, "height": 844})
+            open_ready(page, f"{server.url}/")
+            card = row(page, "card")
+            expect(card.locator(".config")).to_contain_text("batch_norm false")
+            assert card.evaluate(outside) == []
+            assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+            label = "td => getComputedStyle(td, '::before').content + td.textContent"
+            assert card.locator("td.step").evaluate(label) == '"step "49'  # no header shows
+            expect(card.locator("button.danger")).to_be_in_viewport()
+            page.get_by_text("Select all").click()
+            expect(card.locator("input")).to_be_checked()
+
+            page.set_viewport_size({"width": 1280, "height": 844})  # the table, one line a run
+            assert card.evaluate("tr => getComputedStyle(tr).display") == "table-row"
+            tops = card.evaluate("tr => Array.from(tr.cells, (td) => td.getBoundingClientRect().top)")
+            assert len(set(tops)) == 1, tops
+            expect(page.get_by_text("Select all")).to_be_hidden()
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
 class ListPolls:
     """The runs list's answers a page received: (path and query, body bytes)."""
 

@@ -86,9 +86,12 @@ function cell(tr, i) {
 function makeRow(run) {
   const tr = document.createElement("tr");
   tr.dataset.runId = run.id;
-  tr.innerHTML = '<td class="select"><input type="checkbox"></td><td><span class="pill"></span></td>'
-    + '<td><a></a></td><td class="config"></td><td class="num"></td><td class="num"></td><td class="num"></td>'
-    + '<td class="spark"></td><td class="muted"></td><td><button type="button" class="danger">Delete</button></td>';
+  // The cells' classes and data-labels lay a row out as a card in a phone-wide window
+  // (app.css), where the table's columns ran off into a hidden sideways scroll.
+  tr.innerHTML = '<td class="select"><input type="checkbox"></td><td class="status"><span class="pill"></span></td>'
+    + '<td class="name"><a></a></td><td class="config"></td><td class="num step" data-label="step"></td>'
+    + '<td class="num loss" data-label="loss"></td><td class="num val" data-label="val"></td>'
+    + '<td class="spark"></td><td class="muted started"></td><td class="actions"><button type="button" class="danger">Delete</button></td>';
   const box = tr.querySelector("input");
   box.setAttribute("aria-label", `Select ${run.name || run.id}`);
   box.checked = selected.has(run.id); // back in the list (another search), still selected

@@ -651,14 +651,22 @@ class Rules:
             f"validation loss {val:.4g} is {_pct(ratio)} above training loss {train:.4g} at "
             f"step {step}, over the {_pct(cfg.ratio_threshold)} threshold for {cfg.patience} "
             "evaluations: the model is over-fitting. "
-            + (
-                "Add weight decay, dropout or more data."
-                if not self._weight_decay_on
-                else "Weight decay is on: raise it, or add dropout or more data."
-            )
+        )
+        advice = (
+            "Add weight decay, dropout or more data."
+            if not self._weight_decay_on
+            else "Weight decay is on: raise it, or add dropout or more data."
         )
         action = None
-        if self.auto_weight_decay and not self._weight_decay_sent:
+        acting = self.auto_weight_decay and not self._weight_decay_sent
+        # Acting, it does the "add weight decay" itself: the advice is what is left.
+        message += (
+            "Switching weight decay on (auto weight decay); if the gap stays, add dropout or "
+            "more data."
+            if acting
+            else advice
+        )
+        if acting:
             self._weight_decay_sent = True
             reason = f"Overfit at step {step}: val/train loss gap {_pct(ratio)} > {_pct(cfg.ratio_threshold)}"
             action = {
@@ -667,7 +675,6 @@ class Rules:
                 "source": "rule",
                 "reason": reason,
             }
-            message += " Switching weight decay on (auto weight decay)."
         return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
 
     def _plateau(self, step: int, val: float, train: float | None) -> list[Finding]:

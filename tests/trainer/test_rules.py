@@ -247,6 +247,9 @@ def test_overfit_needs_patience_and_switches_weight_decay_on_once() -> None:
     assert [(f.rule, f.step) for f in found] == [("Overfit", 600)]
     assert found[0].value == pytest.approx(0.2) and found[0].threshold == 0.1
     assert found[0].action is not None
+    # it adds the weight decay itself: not also told to ("Add weight decay ... Switching ...")
+    assert "Add weight decay" not in found[0].message
+    assert "Switching weight decay on (auto weight decay)" in found[0].message
     cmd = found[0].to_command()
     assert cmd is not None
     assert (cmd["name"], cmd["args"], cmd["source"]) == (

@@ -111,7 +111,7 @@ def test_space_on_the_scrubber_plays_and_pauses(
     assert shown_histograms(page) == stored
     page.wait_for_function("new URLSearchParams(location.search).get('step') === '121'")
     # (a tanh net: the dead heatmap shows its no-dead-region message, with no cursor)
-    for chart in ("chart-loss", "chart-lr", "chart-sat", "chart-hist", "chart-grad"):
+    for chart in ("chart-loss", "chart-lr", "chart-sat", "chart-hist", "chart-grad", "chart-other"):
         page.wait_for_function(
             "id => (document.getElementById(id).layout.shapes || []).some(s => s.x0 === 121)",
             arg=chart,

@@ -100,6 +100,45 @@ def test_page_loads_and_the_loss_curve_grows(run_page: Page, live_run: dict[str,
     screenshot(page, "run-live")
 
 
+def test_other_scalars_chart_the_series_no_other_chart_shows_live_and_keep_the_pick(
+    page: Page, server: LiveServer, live_run: dict[str, Any]
+) -> None:
+    """The page charted loss, accuracy, lr and weight decay alone: grad_norm, step_time_s,
+    samples_per_s and a user's own w.step(name=value) were stored but never shown. "Other
+    scalars" picks any one of them (grad_norm by default), follows it live, and keeps the
+    pick over a reload."""
+    run_id = live_run["id"]
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    names = page.eval_on_selector_all("#other-series option", "os => os.map(o => o.value)")
+    assert "grad_norm" in names and "step_time_s" in names, names
+    assert not {"loss", "val_loss", "acc", "lr", "weight_decay"} & set(names), names
+    assert page.input_value("#other-series") == "grad_norm"
+    page.wait_for_function(
+        "() => { const t = document.getElementById('chart-other').data?.[0];"
+        " return t?.name === 'grad_norm' && t.x.length > 0; }"
+    )
+
+    page.locator("#chart-other").scroll_into_view_if_needed()  # offscreen charts redraw every 5 s
+    page.select_option("#other-series", "step_time_s")
+    page.wait_for_function(
+        "() => { const t = document.getElementById('chart-other').data?.[0];"
+        " return t?.name === 'step_time_s' && t.x.length > 5; }"
+    )
+    shown = chart_trace(page, "chart-other")
+    assert all(v is not None and 0 < v < 10 for v in shown["y"]), shown["y"][:5]
+    page.wait_for_function(
+        "last => document.getElementById('chart-other').data[0].x.some(x => x > last + 5)",
+        arg=shown["x"][-1],
+    )
+
+    open_ready(page, f"{server.url}/runs/{run_id}")
+    assert page.input_value("#other-series") == "step_time_s"
+    page.wait_for_function(
+        "() => { const t = document.getElementById('chart-other').data?.[0];"
+        " return t?.name === 'step_time_s' && t.x.length > 5; }"
+    )
+
+
 def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     run_page: Page, server: LiveServer, live_run: dict[str, Any]
 ) -> None:

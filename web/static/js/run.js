@@ -64,6 +64,8 @@ const charts = {
   // 1,000 a line is more than the chart is pixels wide.
   grad: new LineChart($("chart-grad"), [], { logY: true, yTitle: "grad norm", showLegend: false, maxPoints: LAYER_POINTS }),
   update: new LineChart($("chart-update"), [], { logY: true, yTitle: "‖Δw‖/‖w‖", showLegend: false, maxPoints: LAYER_POINTS }),
+  // every logged series no chart above shows, one at a time (the picker's)
+  other: new LineChart($("chart-other"), [], { showLegend: false }),
 };
 const multiples = new SmallMultiples($("multiples"), $("multiples-step"));
 const snapshots = new Snapshots(runId, (step, layers) => multiples.show(step, layers));
@@ -85,13 +87,94 @@ const routes = new Map([["loss", [charts.loss, 0]], ["val_loss", [charts.loss, 1
 function route(name) {
   if (routes.has(name)) return routes.get(name);
   const chart = isLr(name) ? charts.lr : isWd(name) ? charts.wd : null;
-  if (!chart) return null;
+  if (!chart) {
+    noteOther(name);
+    return null;
+  }
   // "lr" is the only group's; "lr/1" (or lr.1, lr_1) is group 1's.
   const group = name.replace(/^(lr|weight_decay)[/.:[_]?/, "");
   const entry = [chart, chart.addTrace({ name: group ? `group ${group}` : name, smoothable: false })];
   routes.set(name, entry);
   return entry;
 }
+
+// ---- other scalars: every series no chart above shows, one at a time ----
+
+/** The "Other scalars" picker's choice is kept per run (restored on reload). */
+const OTHER_KEY = `layerscope:other-series:${runId}`;
+/** The series the picker prefers when nothing was picked: the global gradient norm. */
+const OTHER_DEFAULT = "grad_norm";
+const other = {
+  names: [],
+  selected: null,
+  picked: false, // the choice is a person's (kept), not the default
+  /** live points of `selected` while its history is read: [step, value] */
+  live: null,
+  request: 0,
+};
+
+function storedOther() {
+  try {
+    return localStorage.getItem(OTHER_KEY);
+  } catch {
+    return null; // storage off (a private window's policy)
+  }
+}
+
+/** A series no other chart shows: listed in the picker; the first one seen is charted. */
+function noteOther(name) {
+  if (other.names.includes(name)) return;
+  other.names.push(name);
+  other.names.sort();
+  const select = $("other-series");
+  select.replaceChildren(...other.names.map((n) => new Option(n, n)));
+  // the default's arrival moves a default choice to it; a person's choice stays
+  const better = !other.picked && name === OTHER_DEFAULT && other.selected !== OTHER_DEFAULT;
+  if (other.selected === null || better || (name === storedOther() && !other.picked)) {
+    selectOther(name, { picked: name === storedOther() });
+  }
+  if (other.selected !== null) select.value = other.selected;
+}
+
+/**
+ * Charts `name` in "Other scalars". Its history is read unless `load` is false (the
+ * page's first history request carries it).
+ */
+function selectOther(name, { picked = false, load = page.historyLoaded } = {}) {
+  other.selected = name;
+  other.picked = picked;
+  $("other-series").value = name;
+  charts.other.setTraces([{ name }]);
+  charts.other.yTitle = name;
+  if (load) loadOther(name).catch((e) => toast(`Could not load ${name}: ${e.message}`, "error"));
+}
+
+async function loadOther(name) {
+  const request = ++other.request;
+  other.live = [];
+  const s = await getJSON(runUrl(runId, "series", { names: name, max_points: SERIES_POINTS }));
+  if (request !== other.request || other.selected !== name) return;
+  const points = s[name] || { steps: [], values: [] };
+  charts.other.setSeries(0, points.steps, points.values);
+  // points that came live while it was read, past its last one
+  for (const [step, value] of other.live) charts.other.append(0, step, value);
+  other.live = null;
+}
+
+function appendOther(step, value) {
+  if (other.live) other.live.push([step, value]);
+  charts.other.append(0, step, value);
+}
+
+$("other-series").addEventListener("change", (ev) => {
+  const name = ev.target.value;
+  try {
+    localStorage.setItem(OTHER_KEY, name);
+  } catch {
+    // storage off: the choice lasts until the page is left
+  }
+  selectOther(name, { picked: true, load: true });
+});
 
 function layerTrace(chart, name) {
   const i = chart.traces.findIndex((t) => t.name === name);
@@ -186,6 +269,10 @@ function applyDetail(d) {
       return span;
     }));
   for (const name of d.series_names || []) route(name);
+  // a choice kept from an earlier visit, else the default, else the first
+  const kept = storedOther();
+  const first = other.names.includes(kept) ? kept : other.names.includes(OTHER_DEFAULT) ? OTHER_DEFAULT : other.names[0];
+  if (first !== undefined && first !== other.selected) selectOther(first, { picked: first === kept, load: false });
   setLast(d.last || {});
   setStep(d.last_step);
   setStatus(d.status, d.trainer_connected);
@@ -204,7 +291,7 @@ function setLast(last) {
  * series are applied (what the preview needs), and `all`, once everything is.
  */
 function loadHistory(detail) {
-  const names = [...routes.keys()].join(",");
+  const names = [...routes.keys(), ...(other.selected === null ? [] : [other.selected])].join(",");
   const matrix = (stat) => getJSON(runUrl(runId, "probes/matrix", { stat, max_steps: MATRIX_STEPS }));
   const ended = ENDED.has(page.status);
   const at = (ended ? stepFromUrl() : null) ?? detail.last_step ?? 0;
@@ -234,6 +321,7 @@ function loadHistory(detail) {
     for (const [name, points] of Object.entries(s)) {
       const r = route(name);
       if (r) r[0].setSeries(r[1], points.steps, points.values);
+      else if (name === other.selected) charts.other.setSeries(0, points.steps, points.values);
       noteFirstStep(points.steps[0]);
     }
   });
@@ -347,6 +435,7 @@ function applyMetrics(frame) {
     for (const [name, value] of Object.entries(row.values || {})) {
       const r = route(name);
       if (r) r[0].append(r[1], row.step, value);
+      else if (name === other.selected) appendOther(row.step, value);
     }
     setLast(row.values || {});
     setStep(row.step);

@@ -435,6 +435,41 @@ def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_i
         assert not guard.remote, guard.remote
 
 
+def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_missing(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With watch()'s every=100 a run has one probe step for its first 100 steps: the
+    per-layer line charts drew it as a line of one point (nothing to see), and the charts of
+    series the run never logged drew bare axes (x 63-65, y -1..4) where the heatmaps say
+    why they are empty (review's placeholder.py)."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(data_dir, "one-probe", steps=60, layers=3, every=100)  # a probe at step 0
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/one-probe")
+            grad = page.evaluate(
+                "document.getElementById('chart-grad').data.filter(t => t.name.startsWith('layer'))"
+                ".map(t => [t.mode, t.x.length])"
+            )
+            assert grad == [["lines+markers", 1]] * 3, grad
+            page.locator("#chart-grad").scroll_into_view_if_needed()
+            expect(page.locator("#chart-grad .scatterlayer .trace .points path")).to_have_count(3)
+            assert page.evaluate("document.getElementById('chart-loss').data[0].mode") == "lines"
+            for chart, note in [
+                ("chart-acc", "no accuracy logged"),
+                ("chart-wd", "no weight decay logged"),
+                ("chart-update", "no layer's update ratio recorded yet"),
+                ("chart-other", "no other scalar logged"),
+            ]:
+                expect(page.locator(f"#{chart} .annotation-text")).to_contain_text(note)
+                assert page.locator(f"#{chart} .xtick").count() == 0, chart
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
 def test_picking_another_layers_histogram_keeps_the_replay_cursor(
     page: Page, server: LiveServer, finished_run: dict[str, Any]
 ) -> None:

@@ -28,6 +28,12 @@ const ROUND_BUDGET_MS = 40;
 /** A chart is redrawn no sooner than this many times its last draw's cost after it. */
 const COST_FACTOR = 4;
 export const MAX_POINTS = 4000;
+/**
+ * A trace of at most this many points is drawn with a marker on each: drawn as lines alone,
+ * a single point (a run probed every 100 steps has one probe step for its first 100) is
+ * invisible, and a few look like an empty chart.
+ */
+export const FEW_POINTS = 12;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
 
@@ -280,6 +286,18 @@ export function formatNumber(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
+/**
+ * The layout of a chart that has nothing to show: no axes, and `text` in the middle.
+ */
+export function noteLayout(div, text) {
+  const hidden = { visible: false };
+  return baseLayout({
+    showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [],
+    annotations: [{ text, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
+      showarrow: false, align: "center", font: { color: "#9aa4b2", size: 12 } }],
+  });
+}
+
 /** Exponential moving average that carries over null (non-finite) points. */
 export function smooth(values, alpha) {
   if (!alpha) return values;
@@ -349,10 +367,13 @@ export class LineChart {
    * zeroBased: the y axis runs from 0 to just above the largest value (lr, weight
    * decay: a flat line must not float in an arbitrary range, and 0 must show).
    * The range is recomputed (a full redraw) only when new data leaves it.
+   * empty: the note drawn, with no axes, while no trace has a point (empty axes read as
+   * a chart that failed to draw).
    */
   constructor(div, traces, { logY = false, yTitle = "", maxPoints = MAX_POINTS, showLegend = true, zeroBased = false,
-    depthColors = div?.dataset?.depthColors !== undefined } = {}) {
+    depthColors = div?.dataset?.depthColors !== undefined, empty = "" } = {}) {
     this.div = div;
+    this.empty = empty || `no ${yTitle || "data"} logged`;
     this.depthColors = depthColors;
     this.zeroBased = zeroBased;
     this.maxPoints = maxPoints;
@@ -474,6 +495,18 @@ export class LineChart {
     return data;
   }
 
+  /**
+   * plotData as Plotly draws it: a trace of few points (FEW_POINTS) with a marker on each.
+   * (preview.js draws plotData's lines, and takes a "markers" trace for the command markers.)
+   */
+  drawnData() {
+    const data = this.plotData();
+    this.traces.forEach((_, i) => {
+      if (this.fewPoints(i)) Object.assign(data[i], { mode: "lines+markers", marker: { color: data[i].line.color, size: 6 } });
+    });
+    return data;
+  }
+
   /** A trace with no points that draws the depth colour bar: first layer at the bottom, last at the top. */
   depthBar() {
     const n = this.traces.length;
@@ -486,6 +519,21 @@ export class LineChart {
         colorbar: { thickness: 8, outlinewidth: 0, len: 0.9, x: 1.01, xpad: 4,
           tickvals: [0, n - 1], ticktext: [`first: ${first}`, `last: ${last}`], tickfont: { size: 9 },
           title: { text: `depth (${n} layers)`, side: "right", font: { size: 10 } } } } };
+  }
+
+  /** Trace i has so few points that they are drawn as markers too (FEW_POINTS). */
+  fewPoints(i) {
+    return this.model[i].x.length <= FEW_POINTS;
+  }
+
+  /** What decides the kind of drawing (not the points): a change takes a full redraw. */
+  shape() {
+    return `${this.hasData() ? 1 : 0}:${this.model.map((_, i) => (this.fewPoints(i) ? 1 : 0)).join("")}`;
+  }
+
+  /** Any trace has a point with a value. */
+  hasData() {
+    return this.model.some((m) => m.y.some((v) => v !== null));
   }
 
   yRange() {
@@ -504,6 +552,7 @@ export class LineChart {
 
   layout() {
     if (this.zeroBased) this.range = this.yRange();
+    if (!this.hasData()) return noteLayout(this.div, this.empty);
     const zero = this.zeroBased && !this.logY ? { range: this.range, autorange: false } : {};
     return baseLayout({
       datarevision: ++this.revision,
@@ -516,6 +565,7 @@ export class LineChart {
 
   /** The cursor line, command and alert markers: all a cursor-only redraw changes. */
   shapes() {
+    if (!this.hasData()) return []; // a note, no axes to draw them on
     return stepShapes(this.cursor, this.markers.map((k) => k.step), this.alertSteps);
   }
 
@@ -523,13 +573,16 @@ export class LineChart {
     const P = Plotly();
     if (!P) return Promise.resolve();
     const pendingAny = this.pending.some((p) => p.x.length);
+    const shape = this.shape();
+    if (shape !== this.drawnShape) this.full = true; // empty to drawn, markers on or off
+    this.drawnShape = shape;
     const extendable = this.drawn && !this.full && pendingAny && !(this.smoothing > 0) && this.inRange();
     let work;
     // preview.js's canvas (PREVIEW_CLASS; not imported: preview.js imports this module)
     // stood in for this chart until Plotly ran.
     if (!this.drawn) this.div.querySelector(":scope > canvas.chart-preview")?.remove();
     if (!this.drawn || this.full || (pendingAny && !extendable)) {
-      work = P.react(this.div, this.plotData(), this.layout(), PLOT_CONFIG);
+      work = P.react(this.div, this.drawnData(), this.layout(), PLOT_CONFIG);
     } else if (extendable) {
       const idx = [];
       const xs = [];

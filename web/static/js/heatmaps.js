@@ -11,7 +11,7 @@
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, noteLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -21,6 +21,8 @@ const MAX_GROWN_ROWS = 120;
 const HEATMAP_MARGIN_Y = 38; // the layout's top and bottom margins
 const HEATMAP_MARGIN_X = 160; // left margin (layer names), right margin and colour bar: before the first draw
 const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
+/** What a per-layer chart says before the run's first probe step. */
+export const NO_PROBE_YET = "no probe step recorded yet: layers are probed every few steps (watch()'s every=)";
 /** The 1 px line between a layers heatmap's rows: the card's background (--panel). */
 const ROW_LINE = "#161b22";
 
@@ -202,17 +204,13 @@ export class LayerHeatmap {
     // an all-null row: left out, so the rows drawn are the layers that have it.
     const kept = this.layers.map((_, i) => i).filter((i) => this.z[i].some((v) => v !== null && v !== undefined));
     this.div.dataset.rows = JSON.stringify(kept.map((i) => this.layers[i]));
-    if (!kept.length && this.steps.length) {
+    if (!kept.length) {
       this.div.dataset.empty = "1";
       this.shown = null;
       this.rowCount = 0;
       this.drawRowLines();
-      const hidden = { visible: false };
-      return P.react(this.div, [], baseLayout({
-        showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [],
-        annotations: [{ text: this.empty, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
-          showarrow: false, font: { color: "#9aa4b2", size: 12 } }],
-      }), PLOT_CONFIG);
+      // no probe step at all yet (a run probed every 100 steps, in its first 100): says so
+      return P.react(this.div, [], noteLayout(this.div, this.steps.length ? this.empty : NO_PROBE_YET), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
     const rows = kept.map((i) => this.layers[i]);
@@ -413,9 +411,16 @@ export class HistogramOverTime {
   draw() {
     const P = Plotly();
     if (!P) return Promise.resolve();
-    if (!this.dataDirty && this.div.data) return P.relayout(this.div, { shapes: stepShapes(this.cursor) });
+    if (!this.dataDirty && this.div.data) {
+      return this.div.dataset.empty ? Promise.resolve() : P.relayout(this.div, { shapes: stepShapes(this.cursor) });
+    }
     this.dataDirty = false;
     this.drawnAt = performance.now();
+    if (!this.steps.length) {
+      this.div.dataset.empty = "1";
+      return P.react(this.div, [], noteLayout(this.div, this.layer ? NO_PROBE_YET : "this run has no probed layer yet"), PLOT_CONFIG);
+    }
+    delete this.div.dataset.empty;
     const centers = this.edges.slice(1).map((e, i) => (e + this.edges[i]) / 2);
     // evenly spaced columns (a merged one: the mean of its steps' shares), painted as one image: see evenGrid
     const { x, spans } = evenGrid(this.steps, plotColumns(this.div, 100));

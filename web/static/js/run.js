@@ -51,10 +51,15 @@ const page = {
 };
 
 const charts = {
-  loss: new LineChart($("chart-loss"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "loss" }),
-  acc: new LineChart($("chart-acc"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "accuracy" }),
-  lr: new LineChart($("chart-lr"), [], { yTitle: "lr", zeroBased: true }),
-  wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay", zeroBased: true }),
+  // A chart with no data says why (as the heatmaps do), rather than drawing empty axes.
+  loss: new LineChart($("chart-loss"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "loss",
+    empty: "no loss logged yet: pass loss= (and val_loss=) to w.step" }),
+  acc: new LineChart($("chart-acc"), [{ name: "train" }, { name: "validation", color: COLORS[1] }], { yTitle: "accuracy",
+    empty: "no accuracy logged: pass acc= (and val_acc=) to w.step to chart it" }),
+  lr: new LineChart($("chart-lr"), [], { yTitle: "lr", zeroBased: true,
+    empty: "no learning rate logged yet: watch() reads it from the optimizer it is given" }),
+  wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay", zeroBased: true,
+    empty: "no weight decay logged: watch() reads it from the optimizer's weight_decay setting" }),
   dead: new LayerHeatmap($("chart-dead"), { title: "dead ratio",
     empty: "no layer of this run has a dead-unit ratio: tanh/sigmoid have no dead region" }),
   sat: new LayerHeatmap($("chart-sat"), { title: "saturated ratio",
@@ -62,10 +67,13 @@ const charts = {
   hist: new HistogramOverTime($("chart-hist"), { onRegrid: (layer) => regrid(layer) }),
   // A line per layer: 44 lines of 4,000 points took 250 ms a draw on a 2-core machine;
   // 1,000 a line is more than the chart is pixels wide.
-  grad: new LineChart($("chart-grad"), [], { logY: true, yTitle: "grad norm", showLegend: false, maxPoints: LAYER_POINTS }),
-  update: new LineChart($("chart-update"), [], { logY: true, yTitle: "‖Δw‖/‖w‖", showLegend: false, maxPoints: LAYER_POINTS }),
+  grad: new LineChart($("chart-grad"), [], { logY: true, yTitle: "grad norm", showLegend: false, maxPoints: LAYER_POINTS,
+    empty: "no layer's gradient norm recorded yet: layers are probed every few steps (watch()'s every=)" }),
+  update: new LineChart($("chart-update"), [], { logY: true, yTitle: "‖Δw‖/‖w‖", showLegend: false, maxPoints: LAYER_POINTS,
+    empty: "no layer's update ratio recorded yet: layers are probed every few steps (watch()'s every=)" }),
   // every logged series no chart above shows, one at a time (the picker's)
-  other: new LineChart($("chart-other"), [], { showLegend: false }),
+  other: new LineChart($("chart-other"), [], { showLegend: false,
+    empty: "no other scalar logged: what else the run passes to w.step (e.g. grad_norm_raw=) is charted here" }),
 };
 const multiples = new SmallMultiples($("multiples"), $("multiples-step"));
 const snapshots = new Snapshots(runId, (step, layers) => multiples.show(step, layers));

@@ -3,6 +3,7 @@ and every chart following the cursor (replay.js, snapshots.js, run.js)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -443,7 +444,13 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
     series the run never logged drew bare axes (x 63-65, y -1..4) where the heatmaps say
     why they are empty (review's placeholder.py)."""
     data_dir = tmp_path / "data"
-    write_recorded_run(data_dir, "one-probe", steps=60, layers=3, every=100)  # a probe at step 0
+    # a probe at step 0, its gradient norms spread over more than a decade
+    norms = {
+        "layer0": {"grad_norm": 0.9},
+        "layer1": {"grad_norm": 0.2},
+        "layer2": {"grad_norm": 0.04},
+    }
+    write_recorded_run(data_dir, "one-probe", steps=60, layers=3, every=100, layer_stats=norms)
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
         try:
@@ -456,6 +463,15 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
             page.locator("#chart-grad").scroll_into_view_if_needed()
             expect(page.locator("#chart-grad .scatterlayer .trace .points path")).to_have_count(3)
             assert page.evaluate("document.getElementById('chart-loss').data[0].mode") == "lines"
+            # a log axis over more than a decade is labelled with powers of ten alone: Plotly's
+            # bare digits between them ("9 8 7 6 5 4 3 2 0.1 9 8") read "5" as 0.05 or 0.5
+            ticks = [
+                t.replace("\u200b", "")  # Plotly's around a superscript
+                for t in page.locator("#chart-grad .ytick text").all_text_contents()
+            ]
+            assert ticks and all(re.fullmatch(r"10[−-]?\d*|1", t) for t in ticks), ticks
+            # the histogram over time's colour bar says what its colour is
+            expect(page.locator("#chart-hist .colorbar")).to_contain_text("share of values")
             for chart, note in [
                 ("chart-acc", "no accuracy logged"),
                 ("chart-wd", "no weight decay logged"),

@@ -277,6 +277,14 @@ export function baseLayout(extra = {}) {
   };
 }
 
+/**
+ * A log y axis: its labels the powers of ten alone (10⁻², 10⁻¹), the decade's other
+ * gridlines unlabelled. Plotly's default labelled them with bare digits ("9 8 7 6 5 4 3 2
+ * 0.1 9 8"): a "5" read as 0.05 or 0.5. An axis within one decade keeps Plotly's full
+ * labels (0.05, 0.06, ...).
+ */
+export const LOG_AXIS = { type: "log", exponentformat: "power", minorloglabels: "none" };
+
 export const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
 export function formatNumber(v) {
@@ -558,7 +566,7 @@ export class LineChart {
       datarevision: ++this.revision,
       showlegend: this.showLegend && this.traces.length > 1,
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
-      yaxis: { ...baseLayout().yaxis, type: this.logY ? "log" : "linear", title: { text: this.yTitle }, ...zero },
+      yaxis: { ...baseLayout().yaxis, ...(this.logY ? LOG_AXIS : { type: "linear" }), title: { text: this.yTitle }, ...zero },
       shapes: this.shapes(),
     });
   }

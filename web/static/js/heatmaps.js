@@ -429,7 +429,10 @@ export class HistogramOverTime {
     const data = [{
       // text is not transposed with z: a row a bin, as drawn
       type: "heatmap", transpose: true, x, y: centers, z, text: centers.map(() => label),
-      colorscale: "Viridis", zmin: 0, colorbar: { thickness: 10, outlinewidth: 0, len: 0.9 },
+      colorscale: "Viridis", zmin: 0,
+      // what the colour is: the share of the layer's values in that bin at that step
+      colorbar: { thickness: 10, outlinewidth: 0, len: 0.9,
+        title: { text: "share of values", side: "right", font: { size: 10 } } },
       hovertemplate: "step %{text}<br>value %{y:.3g}<br>share %{z:.3f}<extra></extra>",
     }];
     const layout = baseLayout({

@@ -740,6 +740,10 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             expect(bar).to_contain_text("first: block0.conv")
             expect(bar).to_contain_text("last: block43.conv")
             expect(bar).to_contain_text("depth (44 layers)")
+            # the help says what the scale shows (it said "dark purple", a colour it has not)
+            for chart in ("chart-grad", "chart-update"):
+                help_text = page.locator(f".card:has(#{chart}) .help p").text_content() or ""
+                assert "first layer blue through green to last layer yellow" in help_text, chart
 
             rows = page.evaluate(
                 "[...document.querySelectorAll('#chart-dead .ytick text')]"

@@ -436,6 +436,17 @@ def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_i
         assert not guard.remote, guard.remote
 
 
+# The chart's note (text) lies inside the chart's box.
+NOTE_INSIDE_JS = """id => {
+  const chart = document.getElementById(id).getBoundingClientRect();
+  const range = document.createRange();
+  range.selectNodeContents(document.querySelector(`#${id} > .chart-note`));
+  const text = range.getBoundingClientRect();
+  return text.width > 0 && text.left >= chart.left && text.right <= chart.right
+    && text.top >= chart.top && text.bottom <= chart.bottom;
+}"""
+
+
 def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_missing(
     browser: Browser, tmp_path: Path
 ) -> None:
@@ -446,9 +457,9 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
     data_dir = tmp_path / "data"
     # a probe at step 0, its gradient norms spread over more than a decade
     norms = {
-        "layer0": {"grad_norm": 0.9},
-        "layer1": {"grad_norm": 0.2},
-        "layer2": {"grad_norm": 0.04},
+        "layer0": {"grad_norm": 0.9, "saturated_ratio": None},
+        "layer1": {"grad_norm": 0.2, "saturated_ratio": None},
+        "layer2": {"grad_norm": 0.04, "saturated_ratio": None},
     }
     write_recorded_run(data_dir, "one-probe", steps=60, layers=3, every=100, layer_stats=norms)
     for server in serve(server_settings(data_dir)):
@@ -472,14 +483,21 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
             assert ticks and all(re.fullmatch(r"10[−-]?\d*|1", t) for t in ticks), ticks
             # the histogram over time's colour bar says what its colour is
             expect(page.locator("#chart-hist .colorbar")).to_contain_text("share of values")
-            for chart, note in [
+            notes = [
                 ("chart-acc", "no accuracy logged"),
                 ("chart-wd", "no weight decay logged"),
+                ("chart-sat", "no layer of this run has a saturated ratio"),
                 ("chart-update", "no layer's update ratio recorded yet"),
                 ("chart-other", "no other scalar logged"),
-            ]:
-                expect(page.locator(f"#{chart} .annotation-text")).to_contain_text(note)
+            ]
+            for chart, note in notes:
+                expect(page.locator(f"#{chart} .chart-note")).to_contain_text(note)
                 assert page.locator(f"#{chart} .xtick").count() == 0, chart
+            # each note wraps inside its chart (one line ran past its edges), on a phone too
+            for width in (1440, 390):
+                page.set_viewport_size({"width": width, "height": 1000})
+                for chart, _ in notes:
+                    page.wait_for_function(NOTE_INSIDE_JS, arg=chart, timeout=5_000)
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

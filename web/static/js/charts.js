@@ -294,16 +294,47 @@ export function formatNumber(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
+const NOTE_CLASS = "chart-note";
+
 /**
- * The layout of a chart that has nothing to show: no axes, and `text` in the middle.
+ * The layout of a chart that has nothing to show: no axes; `text` is shown in the middle
+ * of `div` as an HTML note (showNote) that wraps to the chart's width.
  */
 export function noteLayout(div, text) {
+  showNote(div, text);
   const hidden = { visible: false };
-  return baseLayout({
-    showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [],
-    annotations: [{ text, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
-      showarrow: false, align: "center", font: { color: "#9aa4b2", size: 12 } }],
-  });
+  return baseLayout({ showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [] });
+}
+
+/**
+ * `text` over `div`, centred and wrapped inside it. It was a Plotly annotation, one line
+ * that ran past the chart's edges (the saturated-units note at 1280 px, every note at 390).
+ */
+export function showNote(div, text) {
+  let note = div.querySelector(`:scope > .${NOTE_CLASS}`);
+  if (!note) {
+    note = document.createElement("div");
+    note.className = NOTE_CLASS;
+    Object.assign(note.style, {
+      position: "absolute", inset: "0", display: "flex", alignItems: "center", justifyContent: "center",
+      padding: "0 16px", textAlign: "center", color: "#9aa4b2", fontSize: "12px", lineHeight: "1.4",
+      overflowWrap: "anywhere", pointerEvents: "none", zIndex: "1",
+    });
+    if (getComputedStyle(div).position === "static") div.style.position = "relative";
+    div.append(note);
+  }
+  note.textContent = text;
+  note.hidden = false;
+  note.style.display = "flex";
+}
+
+/** Removes showNote's note, if any (the chart has data to draw). */
+export function hideNote(div) {
+  const note = div.querySelector(`:scope > .${NOTE_CLASS}`);
+  if (note) {
+    note.hidden = true;
+    note.style.display = "none";
+  }
 }
 
 /** Exponential moving average that carries over null (non-finite) points. */
@@ -561,6 +592,7 @@ export class LineChart {
   layout() {
     if (this.zeroBased) this.range = this.yRange();
     if (!this.hasData()) return noteLayout(this.div, this.empty);
+    hideNote(this.div);
     const zero = this.zeroBased && !this.logY ? { range: this.range, autorange: false } : {};
     return baseLayout({
       datarevision: ++this.revision,

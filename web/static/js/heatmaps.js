@@ -11,7 +11,7 @@
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, noteLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -213,6 +213,7 @@ export class LayerHeatmap {
       return P.react(this.div, [], noteLayout(this.div, this.steps.length ? this.empty : NO_PROBE_YET), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
+    hideNote(this.div);
     const rows = kept.map((i) => this.layers[i]);
     const height = this.fitRows(rows.length);
     // Evenly spaced columns, no gaps: Plotly paints it as one image (see evenGrid); the
@@ -421,6 +422,7 @@ export class HistogramOverTime {
       return P.react(this.div, [], noteLayout(this.div, this.layer ? NO_PROBE_YET : "this run has no probed layer yet"), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
+    hideNote(this.div);
     const centers = this.edges.slice(1).map((e, i) => (e + this.edges[i]) / 2);
     // evenly spaced columns (a merged one: the mean of its steps' shares), painted as one image: see evenGrid
     const { x, spans } = evenGrid(this.steps, plotColumns(this.div, 100));

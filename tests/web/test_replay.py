@@ -436,6 +436,12 @@ def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_i
         assert not guard.remote, guard.remote
 
 
+# Pixels between the bottom of a chart's x tick labels and the top of its x-axis title.
+TITLE_GAP_JS = """id => {
+  const c = document.getElementById(id);
+  const ticks = [...c.querySelectorAll('.xtick text')].map((t) => t.getBoundingClientRect().bottom);
+  return c.querySelector('.xtitle').getBoundingClientRect().top - Math.max(...ticks);
+}"""
 # The chart's note (text) lies inside the chart's box.
 NOTE_INSIDE_JS = """id => {
   const chart = document.getElementById(id).getBoundingClientRect();
@@ -493,6 +499,10 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
             for chart, note in notes:
                 expect(page.locator(f"#{chart} .chart-note")).to_contain_text(note)
                 assert page.locator(f"#{chart} .xtick").count() == 0, chart
+            # the heatmaps' "step" title clears their tick labels (it overlapped them by 5 px)
+            for chart in ("chart-dead", "chart-hist"):
+                gap = page.evaluate(TITLE_GAP_JS, chart)
+                assert gap >= 0, f"{chart}: the step title overlaps its tick labels by {-gap} px"
             # each note wraps inside its chart (one line ran past its edges), on a phone too
             for width in (1440, 390):
                 page.set_viewport_size({"width": width, "height": 1000})

@@ -285,6 +285,16 @@ export function baseLayout(extra = {}) {
  */
 export const LOG_AXIS = { type: "log", exponentformat: "power", minorloglabels: "none" };
 
+/**
+ * A heatmap's step (x) axis: its title kept clear of the tick labels ("10k"), which it
+ * overlapped by 5 px at any width (Plotly placed it by the fixed bottom margin); automargin
+ * grows the margin for it instead. (A LineChart keeps its fixed margin, which preview.js
+ * draws the same: its title clears the labels by 2 px.)
+ */
+export function stepAxis() {
+  return { ...baseLayout().xaxis, title: { text: "step", standoff: 6 }, automargin: true };
+}
+
 export const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
 export function formatNumber(v) {

@@ -11,14 +11,14 @@
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, scheduler, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
 const Plotly = () => window.Plotly;
 const ROW_PX = 11; // a heatmap row high enough for its 9 px label
 const MAX_GROWN_ROWS = 120;
-const HEATMAP_MARGIN_Y = 38; // the layout's top and bottom margins
+const HEATMAP_MARGIN_Y = 49; // the layout's top and bottom margins (the bottom's 32 grown to 43 by stepAxis's automargin)
 const HEATMAP_MARGIN_X = 160; // left margin (layer names), right margin and colour bar: before the first draw
 const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
 /** What a per-layer chart says before the run's first probe step. */
@@ -242,7 +242,7 @@ export class LayerHeatmap {
     const layout = baseLayout({
       showlegend: false,
       margin: { l: 110, r: 8, t: 6, b: 32 },
-      xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
+      xaxis: stepAxis(),
       // category: layer names like nn.Sequential's "0.1", "0.10", "1" are labels, not
       // numbers (a linear axis drew "0.1" and "0.10" on one row)
       // every row named (Plotly thinned a 44-row axis to every third label): the chart
@@ -439,7 +439,7 @@ export class HistogramOverTime {
     }];
     const layout = baseLayout({
       showlegend: false,
-      xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
+      xaxis: stepAxis(),
       yaxis: { ...baseLayout().yaxis, title: { text: this.layer } },
       shapes: stepShapes(this.cursor),
     });

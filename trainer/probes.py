@@ -263,6 +263,12 @@ class Probes:
         self._skipping = False  # in an evaluation pass after this step's training pass
         self._trained = False  # a training pass was recorded this probe step
         self._eval_only = False  # what is recorded so far came from evaluation passes
+        # Inside a call of the model itself (whose pre-hook tells training from evaluation;
+        # a frozen part run under no_grad inside a training forward is training). A module
+        # called under no_grad outside one (a kNN monitor's `model.backbone(x_val)`, a
+        # piece of an encoder-decoder driven by hand) is no training pass: its outputs were
+        # recorded as this step's training activations (a max of 118 where training's was 2.3).
+        self._in_root = False
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
@@ -434,7 +440,7 @@ class Probes:
         if self._armed or self._closed:
             return
         self._armed = True
-        self._skipping = self._trained = self._eval_only = self._stepped = False
+        self._skipping = self._trained = self._eval_only = self._stepped = self._in_root = False
         self._staging.new_step()
         pre, post = self._model_hooks
         self._forward_handles = [
@@ -476,7 +482,11 @@ class Probes:
 
     def _hook_for(self, layer: _Layer) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._armed and not self._skipping:
+            if (
+                self._armed
+                and not self._skipping
+                and (self._in_root or torch.is_grad_enabled())
+            ):
                 self._record(layer, args, output)
 
         return _eager(hook)
@@ -491,12 +501,14 @@ class Probes:
                 self._forget_recorded()
             self._skipping = self._trained
             self._eval_only = not self._trained
+            self._in_root = True
             return
         if self._eval_only:  # recorded so far: evaluation passes, not this step's
             self._forget_recorded()
             self._eval_only = False
         self._trained = True
         self._skipping = False
+        self._in_root = True
 
     def _forget_recorded(self) -> None:
         self._staging.discard()
@@ -506,12 +518,19 @@ class Probes:
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skipping = False
+        self._in_root = False
 
     def _record(self, layer: _Layer, args: Any, output: Any) -> None:
         y = output[0] if isinstance(output, tuple | list) else output
         if isinstance(y, PackedSequence):
             y = y.data
         if not isinstance(y, Tensor) or not y.is_floating_point():
+            return
+        if y.is_nested or _functorch_wrapped(y):
+            # A nested tensor (nn.TransformerEncoder's fast path in eval mode with a padding
+            # mask) has no sizes to stack; a vmap/grad-transformed one (per-sample gradients
+            # through torch.func) cannot leave its transform. Both raised from the hook and
+            # stopped a loop that runs without layerscope; such an output is not probed.
             return
         n, ndim = y.numel(), y.dim()
         if n == 0:
@@ -764,6 +783,11 @@ class Probes:
             if layer.rows
         )
         return zlib.crc32(repr((self.bins, shape)).encode()) + 1 if shape else 0
+
+
+_functorch_wrapped: Callable[[Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False
+)
 
 
 def _eager(hook: Callable[..., None]) -> Callable[..., None]:

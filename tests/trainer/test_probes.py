@@ -1132,3 +1132,70 @@ def test_a_shared_modules_small_call_weighs_in_its_histogram_as_its_values_do() 
     assert layer["mean"] == pytest.approx(
         torch.cat([big.tanh().flatten(), small.tanh().flatten()]).mean().item(), rel=1e-4
     )
+
+
+def test_a_part_of_the_model_called_under_no_grad_is_not_a_training_pass() -> None:
+    """An evaluation through a submodule (a kNN monitor's `model.backbone(x_val)` under
+    no_grad), before or after the step's training pass, was recorded as training: the
+    layer's max read 118 where training's was 2.3 (reviewer's t10_submodule_eval.py)."""
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Sequential(nn.Linear(4, 16), nn.ReLU()))
+    model.add_module("head", nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt, sample_values=None)
+    x = uniform(8, 4)
+    probes.arm()
+    with torch.no_grad():
+        model.backbone(torch.full((64, 4), 100.0))  # before the training pass
+    out = model(x)
+    with torch.no_grad():
+        model.backbone(torch.full((64, 4), -100.0))  # and after it
+    opt.zero_grad()
+    out.square().mean().backward()
+    opt.step()
+    pending = probes.collect()
+    assert pending is not None
+    layers = {layer["name"]: layer for layer in pending.decode(pending.tensor)[0]}
+    first = layers["backbone.0"]
+    assert sum(first["hist"]["counts"]) == 8 * 16  # the training pass's values only
+    with torch.no_grad():
+        want = model.backbone[0](x)  # the weights moved: compare what does not depend on them
+    assert first["max"] < 50 and first["min"] > -50 and want.numel() == 8 * 16
+
+
+def test_nested_and_vmapped_outputs_are_not_probed_and_do_not_stop_the_loop() -> None:
+    """nn.TransformerEncoder in eval mode with a padding mask hands its layers nested
+    tensors ('NestedTensorImpl doesn't support sizes' from the hook), and per-sample
+    gradients through torch.func run the model on vmapped tensors (which the staging copy
+    let escape their transform): both stopped loops that run without layerscope."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+    probes = Probes(encoder, sample_values=None)
+    tokens, mask = uniform(2, 5, 8), torch.tensor([[False] * 5, [False, False, True, True, True]])
+    encoder.eval()
+    probes.arm()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors")  # torch's own
+        encoder(tokens, src_key_padding_mask=mask)  # validation before the first step
+    encoder.train()
+    encoder(tokens, src_key_padding_mask=mask).sum().backward()
+    assert probes.collect() is not None
+    probes.close()
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = Probes(model, opt)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (x.unsqueeze(0),)).square().sum()
+
+    probes.arm()
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, uniform(6, 3))
+    for name, p in model.named_parameters():
+        p.grad = grads[name].mean(0)
+    opt.step()
+    pending = probes.collect()
+    assert pending is not None  # the gradients and weights, without activations
+    layers, _ = pending.decode(pending.tensor)
+    assert [layer["name"] for layer in layers if layer.get("grad_norm") is not None] == ["0", "2"]

@@ -357,8 +357,9 @@ class Watch:
         self._rows.append(row)
         self._flush()
 
-    def close(self, status: str = "finished") -> None:
-        """Flush, report the final status, wait briefly for acks, remove every hook."""
+    def close(self, status: str = "finished", reason: str | None = None) -> None:
+        """Flush, report the final status (``reason``: why, shown beside it), wait briefly
+        for acks, remove every hook."""
         if status not in wire.ENDED_STATUSES:
             raise ValueError(f"status must be one of {sorted(wire.ENDED_STATUSES)}, got {status!r}")
         if self._closed:
@@ -368,7 +369,7 @@ class Watch:
             status = "stopped"
         try:
             self._flush()
-            self._emit("status", {"status": status})
+            self._emit("status", {"status": status, **({"reason": reason} if reason else {})})
             if self.link is not None:
                 self.link.status = status
         finally:
@@ -391,8 +392,9 @@ class Watch:
             self.close("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
             self.close("stopped")
-        else:
-            self.close("failed")
+        else:  # the run page said "failed" and nothing more
+            why = f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__
+            self.close("failed", reason=why if len(why) <= 500 else why[:497] + "...")
 
     # ---- internals ----
 

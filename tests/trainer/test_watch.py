@@ -211,6 +211,8 @@ def test_exception_marks_the_run_failed(tmp_path: Path) -> None:
         w.step(loss=train_step(model, opt, x, y))
         _ = 1 / 0
     assert statuses(frames(tmp_path)) == ["running", "failed"]
+    (ended,) = [f for f in frames(tmp_path) if f.get("kind") == "status" and f["data"]["status"] == "failed"]
+    assert ended["data"]["reason"] == "ZeroDivisionError: division by zero"  # said why
 
 
 def test_checkpoint_and_lr_scale_through_watch(tmp_path: Path) -> None:

@@ -525,6 +525,38 @@ def test_training_thread_never_reads_values_on_the_host(tmp_path: Path) -> None:
 # Dynamo itself reads .grad of the tensors it takes in where the eager hooks break the
 # graph (torch warns once; a user sees it once, the suite turns warnings into errors).
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_model_compiled_after_watch_is_not_recompiled_per_hooked_layer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hooks' wrapper called torch.compiler.disable only while compiling; dynamo traced
+    the wrapper itself after that graph break, once per hooked layer and mode, and a model
+    compiled after watch() with validation passes logged 'hit config.recompile_limit (8)'
+    (a reviewer's loop). The statistics were right; the warning said otherwise."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(5):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, run_dir=tmp_path, every=2, server="") as w:
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(6):
+            loss = compiled(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            compiled.eval()
+            with torch.no_grad():
+                compiled(torch.randn(16, 8))
+            compiled.train()
+            w.step(loss=loss)
+    assert "recompile_limit" not in caplog.text
+    probes = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    assert [p["step"] for p in probes] == [1, 2, 4, 6]
+    assert all(len(p["layers"]) == 10 for p in probes)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_a_compiled_model_gets_full_statistics_on_every_probe_step(tmp_path: Path) -> None:
     """Under torch.compile the forward hooks were traced into the graph, and their writes
     to the probes' state replayed as the first trace's constants: from the third probe

@@ -417,6 +417,13 @@ class Rules:
             ):
                 assert ratio is not None
                 text = f"{_pct(ratio)} {what}, above the {_pct(threshold)} threshold"
+                kind = self._kind(entry)
+                if rule == "DeadUnits" and kind and self._is_pre_activation(kind):
+                    # a VAE's fc_logvar (mostly negative, no ReLU after it) read as dead
+                    text += (
+                        f" (a {kind}'s units counted as a ReLU after it would see them; if"
+                        f" none follows, watch(activations={{{entry['name']!r}: 'none'}}))"
+                    )
                 fired.append((entry["name"], ratio, text))
         return self._per_layer(rule, step, fired, threshold, hint)
 

@@ -100,7 +100,11 @@ def test_a_linear_feeding_a_relu_module_reports_dead_units_once_through_the_relu
     assert [f.layer for f in rules().on_probe(1, healthy_layers(**dead), {})] == ["act1"]
     # F.relu(self.fc(x)): nothing follows the Linear that measures the same units.
     functional = [e for e in healthy_layers(**dead) if not e["name"].startswith("act")]
-    assert [f.layer for f in rules().on_probe(1, functional, {})] == ["fc1"]
+    (found,) = rules().on_probe(1, functional, {})
+    assert found.layer == "fc1"
+    # it says what it assumed, and how to say no ReLU follows (a VAE's fc_logvar read as dead)
+    assert "counted as a ReLU after it would see them" in found.message
+    assert "watch(activations={'fc1': 'none'})" in found.message
 
 
 def test_a_linear_feeding_a_tanh_module_or_the_loss_is_not_called_dead() -> None:

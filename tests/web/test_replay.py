@@ -595,7 +595,8 @@ def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the
     cursor was, and the config bar showed model.init_std for a He run (it is the normal
     init's alone)."""
     data_dir = tmp_path / "data"
-    config = {"model": {"arch": "mlp", "init": "he", "init_std": 0.02}}
+    config = {"model": {"arch": "mlp", "init": "he", "init_std": 0.02},
+              "solver": {"lr": 0.05}, "lr": 0.05, "batch_size": 32}  # fmt: skip
     write_recorded_run(data_dir, "he", steps=300, layers=2, every=10, config=config)
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
@@ -603,6 +604,10 @@ def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the
             open_ready(page, f"{server.url}/runs/he?step=50")
             shown = page.eval_on_selector_all("#config .kv", "els => els.map(e => e.textContent)")
             assert "model.init he" in shown and not any("init_std" in s for s in shown), shown
+            # watch()'s "lr" repeats the experiment's solver.lr: shown once (a reviewer
+            # read "solver.lr 0.05 ... lr 0.05"); one of its own stays
+            assert "solver.lr 0.05" in shown and "lr 0.05" not in shown, shown
+            assert "batch_size 32" in shown, shown
             expect(page.locator("#step")).to_have_text("50 of 299")
             expect(page.locator("#last-loss")).to_have_text("1.15")  # 2.3 / (1 + 50 / 50)
             scrub(page, 100)

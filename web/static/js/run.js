@@ -266,6 +266,13 @@ function applyDetail(d) {
   const flat = flatConfig(d.config);
   // init_std is the normal init's alone: He and Xavier take their scale from the layer
   if ("model.init" in flat && flat["model.init"] !== "normal") delete flat["model.init_std"];
+  // watch()'s own keys repeat a built-in experiment's ("lr 0.05" beside "solver.lr 0.05"),
+  // and "name" the title: each shown once
+  for (const key of Object.keys(flat)) {
+    if (key.includes(".")) continue;
+    if (key === "name" ? flat[key] === (d.name || d.id)
+      : Object.keys(flat).some((k) => k.endsWith(`.${key}`) && flat[k] === flat[key])) delete flat[key];
+  }
   config.replaceChildren(...Object.entries(flat)
     .filter(([, v]) => v !== null && typeof v !== "object")
     .map(([k, v]) => {

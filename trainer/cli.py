@@ -612,7 +612,7 @@ def _train(args: argparse.Namespace) -> int:
         if url is not None and not args.no_progress:
 
             def announce(run_id: str) -> None:
-                if wire.plain_run_id(run_id) and wire.control_char(run_id) is None:
+                if wire.run_id_problem(run_id) is None:
                     print(
                         f"layerscope train: run {run_id}: dashboard at "
                         f"{_http_base(url)}/runs/{run_id}",

@@ -97,10 +97,9 @@ def upload_spool(
             len(frames),
         )
     if run_id is not None:
-        if not wire.plain_run_id(run_id) or not run_id:
-            raise ValueError(f"run id {run_id!r} must be a plain name: no '/', '\\' or '..'")
-        if wire.control_char(run_id) is not None:
-            raise ValueError(f"run id {run_id!r} must not contain a control character")
+        problem = wire.run_id_problem(run_id) if run_id else "must not be empty"
+        if problem is not None:
+            raise ValueError(f"run id {run_id!r} {problem}")
         hello = {**hello, "run_id": run_id}
     if not frames:
         return Synced(0, 0)

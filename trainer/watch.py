@@ -106,15 +106,11 @@ class Watch:
             raise ValueError(f"every must be >= 0 (0 turns probes off), got {every}")
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if run_id and not wire.plain_run_id(run_id):
-            # it names the run's folder (./layerscope-runs/<run_id>): never a path elsewhere
-            raise ValueError(f"run_id {run_id!r} must be a plain name: no '/', '\\' or '..'")
-        if run_id and wire.control_char(run_id) is not None:
-            # the server refuses it at the hello (it went raw into log lines): say so here
-            raise ValueError(
-                f"run_id {run_id!r} must not contain a control character"
-                f" ({wire.control_char(run_id)!r})"
-            )
+        # it names the run's folder (./layerscope-runs/<run_id>): never a path elsewhere;
+        # and the server refuses what its hello would refuse: said here, before training
+        problem = wire.run_id_problem(run_id) if run_id else None
+        if problem is not None:
+            raise ValueError(f"run_id {run_id!r} {problem}")
         try:
             enabled = None if rules is True else [] if rules is False else list(rules)
             self.rules = Rules(

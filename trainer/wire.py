@@ -294,6 +294,20 @@ def control_char(text: str) -> str | None:
     return None if found is None else found.group()
 
 
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` cannot name a run (said after the id), or None: the one rule the
+    server's hello, ``watch()`` and ``layerscope sync`` refuse by."""
+    if not plain_run_id(run_id):
+        return "must be a plain name: no '/', '\\' or '..'"
+    bad = control_char(run_id)
+    if bad is not None:
+        return (
+            f"holds the control character U+{ord(bad):04X};"
+            " a run id is printable text (it names the run in URLs, folders and logs)"
+        )
+    return None
+
+
 def _nesting(value: Any, where: str) -> None:
     """Refuses ``value`` nested more than MAX_DEPTH objects/lists deep, by name (walked
     without recursion: a few hundred levels made the recursive walks after it, and the
@@ -333,14 +347,9 @@ def _list(msg: dict[str, Any], key: str, limit: int) -> list[Any]:
 
 def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
     run_id = _name(msg.get("run_id"), "'run_id'")
-    if not plain_run_id(run_id):
-        raise WireError(f"'run_id' {run_id!r} must be a plain name: no '/', '\\' or '..'")
-    bad = control_char(run_id)
-    if bad is not None:
-        raise WireError(
-            f"'run_id' {run_id!r:.80} holds the control character U+{ord(bad):04X};"
-            " a run id is printable text (it names the run in URLs, folders and logs)"
-        )
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise WireError(f"'run_id' {run_id!r:.80} {problem}")
     name = _name(msg.get("name", run_id), "'name'")
     config = msg.get("config", {})
     if not isinstance(config, dict):

@@ -403,7 +403,9 @@ def test_stop_before_the_trainer_connects_is_stored_logged_and_delivered(tmp_pat
         # The child (it sleeps, as a trainer that never got there would) ends after the grace.
         wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to be ended")
         assert launcher.exit_codes[run_id] == -signal.SIGTERM
-        assert status_of(server, run_id) == "stopped"
+        # the reaper stores the status just after it records the exit code: wait for it
+        # (read at once, a clean clone's run found 'running' in between)
+        wait_for(lambda: status_of(server, run_id) == "stopped", timeout=10, what="'stopped'")
 
 
 def test_a_launched_trainer_gets_the_trainer_token_only(

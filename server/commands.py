@@ -18,19 +18,22 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
-from layerscope.server.hub import Hub
+from layerscope.server.hub import Hub, cut_message
 from layerscope.trainer import wire
 from starlette.requests import HTTPConnection
 
 RUN_FINISHED = "run finished"
 NO_TRAINER = "no trainer connected"
 UPLOADING = "the run is being uploaded from its spool; nothing can apply commands"
+MAX_ID_CHARS = 64  # wire.validate_command's limit on a command id
 
 
 class CommandRefused(Exception):
-    """A command that cannot be relayed; ``status`` is the HTTP status the API answers."""
+    """A command that cannot be relayed; ``status`` is the HTTP status the API answers.
+    ``reason`` is cut (hub.cut_message): one quoting a huge field is not echoed whole."""
 
     def __init__(self, status: int, reason: str, cmd_id: str | None = None) -> None:
+        reason = cut_message(reason)
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -84,7 +87,8 @@ async def relay_command(
     ``while_away``: store it even with no trainer connected (a launched run's trainer
     that has not connected yet gets it in its welcome)."""
     raw_id = body.get("id") if isinstance(body, dict) else None
-    cmd_id = raw_id if isinstance(raw_id, str) else None
+    # Echoed in a refusal only if it can be a command's id (a megabyte one was echoed whole).
+    cmd_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_CHARS else None
     run = store.run(run_id)
     if run is None:
         raise CommandRefused(404, f"run {run_id!r} not found", cmd_id)
@@ -125,7 +129,9 @@ async def relay_viewer_message(
     if data.get("type") != "command":
         return {
             "type": "error",
-            "message": f"unknown message type {data.get('type')!r}; a viewer sends only 'command'",
+            "message": cut_message(
+                f"unknown message type {data.get('type')!r}; a viewer sends only 'command'"
+            ),
         }
     state = ws.app.state
     try:

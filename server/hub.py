@@ -47,11 +47,24 @@ CATCHUP_MAX_FRAMES = 5000
 CATCHUP_MAX_BYTES = VIEWER_QUEUE_BYTES
 CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
 SLOW_VIEWER_REASON = "viewer too slow; reconnect with after_seq"
+# An error's message is cut to this: one quoting a field (an unknown message type or
+# command name of a megabyte) was as big as the message it refused.
+MAX_ERROR_CHARS = 2000
 
 
 def close_reason(text: str) -> str:
     """A websocket close reason is at most 123 bytes of UTF-8."""
     return text.encode()[:120].decode(errors="ignore")
+
+
+def cut_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message of at most about ``limit`` characters: past it, its head and tail
+    (the field it quotes, and the rule), with how much was cut between them."""
+    if len(message) <= limit:
+        return message
+    half = limit // 2
+    cut = len(message) - 2 * half
+    return f"{message[:half]} ... ({cut} characters cut) ... {message[-half:]}"
 
 
 class TrainerPeer(Protocol):
@@ -508,6 +521,6 @@ async def _read_viewer(ws: WebSocket, viewer: Viewer, relay: Any) -> None:
             if exc.close_code is not None:
                 viewer.drop(exc.close_code, str(exc))
                 return
-            viewer.send_direct({"type": "error", "message": str(exc)})
+            viewer.send_direct({"type": "error", "message": cut_message(str(exc))})
             continue
         viewer.send_direct(await relay(ws, viewer.run_id, data))

@@ -212,6 +212,33 @@ async def test_bad_commands_are_refused_with_the_reason(
     await trainer.close()
 
 
+async def test_a_refusal_quoting_a_huge_field_is_cut_and_a_huge_id_not_echoed(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    # Each reply below was as big as the field it quoted (half a megabyte).
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    huge = "x" * 500_000
+    for command, named in (
+        ({"id": "c-1", "name": huge}, "unknown command 'xx"),
+        ({"id": "c-2", "name": "pause", "source": huge}, "unknown command source 'xx"),
+    ):
+        await viewer.send(json.dumps({"type": "command", **command}))
+        reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+        assert reply["ok"] is False and reply["id"] == command["id"]
+        assert reply["reason"].startswith(named) and "characters cut" in reply["reason"]
+        assert len(reply["reason"]) < 2100
+        response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=command)
+        detail = response.json()["detail"]
+        assert response.status_code == 422 and detail.startswith(named) and len(detail) < 2100
+    await viewer.send(json.dumps({"type": "command", "id": huge, "name": "pause"}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply["ok"] is False and reply["id"] is None and "at most 64" in reply["reason"]
+    assert trainer.commands == [] and commands_of(shared_server, run_id) == []
+    await viewer.close()
+    await trainer.close()
+
+
 async def test_a_command_for_an_unknown_run_is_404(shared_server: LiveServer) -> None:
     response = httpx.post(f"{shared_server}/api/runs/no-such-run/commands", json={"name": "pause"})
     assert response.status_code == 404

@@ -284,6 +284,20 @@ async def test_bad_viewer_messages_get_errors_and_the_socket_stays_open(
     await trainer.close()
 
 
+async def test_a_viewers_error_quoting_a_huge_field_is_cut_to_its_head_and_tail(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    # A message type of half a megabyte was echoed whole in the error that refused it.
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "sub" + "x" * 500_000 + "scribe"}))
+    message = (await recv_until(viewer, lambda m: m["type"] == "error"))[-1]["message"]
+    assert len(message) < 2100 and "characters cut" in message
+    assert message.startswith("unknown message type 'subxx") and message.endswith("only 'command'")
+    await viewer.close()
+    await trainer.close()
+
+
 async def test_viewers_see_the_trainer_come_and_go(shared_server: LiveServer, run_id: str) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, snapshot = await open_viewer(shared_server, run_id)

@@ -430,6 +430,19 @@ class Control:
             raise ValueError(f"{name} needs an optimizer; none was given to watch()")
 
     def _set_frozen(self, layers: list[str], frozen: bool) -> None:
+        """Freeze or unfreeze ``layers``: each layer's own parameters and every child's
+        (prefix match on the name), under every name a parameter has.
+
+        A weight tied between two layers (an embedding and its output head,
+        ``head.weight = embed.weight``) is one parameter: freezing either layer freezes it
+        in both, unfreezing either unfreezes it in both. The acknowledged ``frozen`` list
+        says what trains and what does not: the layers named (while all their parameters
+        stay frozen) and every other layer whose parameters are now all frozen through
+        such a weight (freezing ``embed`` lists ``head`` too when the tied weight is all
+        it has). A layer sharing only some of its parameters is not listed: its others
+        still train. Unfreezing a layer drops from the list every layer that then has a
+        parameter training again (``embed`` with ``head``; ``encoder`` with ``encoder.0``),
+        and lists what stays frozen under it (``encoder.1``)."""
         if self.model is None:
             raise ValueError("set_frozen needs the model; none was given to watch()")
         layers = [plain_name(name) for name in layers]  # "module.fc1" as the model names it
@@ -446,18 +459,21 @@ class Control:
             )
         if frozen:
             self._check_owned(layers)
-        target = self.frozen | set(layers) if frozen else self.frozen - set(layers)
-        self.frozen = target
+        # named_parameters() lists a tied weight once, under its first name: every name
+        # (remove_duplicate=False) so that the second layer's reaches it too
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        touched = {id(p) for pname, p in named if any(pname.startswith(f"{n}.") for n in layers)}
+        if frozen:
+            params = self._frozen_params | touched
+            names = self.frozen | set(layers)
+        else:
+            params = self._frozen_params - touched
+            names = self.frozen - set(layers)
+        before, self.frozen = self.frozen, _frozen_layers(named, params, names)
+        self._frozen_params = params
         if self.rules is not None:
-            self.rules.set_frozen(layers, frozen)
-        # A layer freezes its own parameters and every child's (prefix match on the name),
-        # under every name a parameter has: a weight tied between two layers (an embedding
-        # and its output head) is listed once by named_parameters(), under the first.
-        self._frozen_params = {
-            id(p)
-            for pname, p in self.model.named_parameters(remove_duplicate=False)
-            if any(pname.startswith(layer + ".") for layer in target)
-        }
+            self.rules.set_frozen(sorted(self.frozen - before), True)
+            self.rules.set_frozen(sorted(before - self.frozen), False)
 
     def _check_owned(self, layers: list[str]) -> None:
         """Refuse to freeze a layer with a trained parameter the watched optimizer does not
@@ -544,6 +560,34 @@ class Control:
             with _steered_lock:
                 _steered.pop(self.optimizer, None)
             self._steers = False
+
+
+def _frozen_layers(
+    named: list[tuple[str, nn.Parameter]], params: set[int], names: set[str]
+) -> set[str]:
+    """The layers to acknowledge as frozen, given the frozen parameters (``params``, by id)
+    and the layers named so far: those of ``names`` whose parameters are all in ``params``
+    (one without parameters, as named), plus every other layer whose parameters are all
+    in it, unless a layer listed contains it or is inside it (``encoder`` frozen says
+    ``encoder.0`` is; ``encoder.0`` and ``encoder.1`` named stay two names).
+    ``named``: ``model.named_parameters(remove_duplicate=False)``."""
+    by_layer: dict[str, list[int]] = {}
+    for pname, p in named:
+        parts = pname.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):  # the parameter is in each enclosing layer
+            by_layer.setdefault(".".join(parts[:depth]), []).append(id(p))
+
+    def all_frozen(layer: str) -> bool:
+        return all(i in params for i in by_layer.get(layer, ()))
+
+    out = {n for n in names if all_frozen(n)}
+    for layer in by_layer:  # parents before children: the outermost frozen layer is named
+        if not all_frozen(layer):
+            continue
+        if any(layer == n or layer.startswith(f"{n}.") or n.startswith(f"{layer}.") for n in out):
+            continue
+        out.add(layer)
+    return out
 
 
 def unknown_layers(model: nn.Module, names: list[str]) -> list[str]:

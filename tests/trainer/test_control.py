@@ -19,6 +19,7 @@ from layerscope.trainer.checkpoint import (
     restore_commands,
 )
 from layerscope.trainer.control import Control
+from layerscope.trainer.rules import Rules
 from torch import nn
 from waiting import wait_until
 
@@ -198,6 +199,67 @@ def test_freezing_either_side_of_a_tied_weight_freezes_it() -> None:
         model(torch.arange(10)).logsumexp(1).mean().backward()
         opt.step()
     assert torch.equal(before, embed.weight)
+
+
+def test_a_tied_weight_frozen_through_one_layer_is_acknowledged_on_every_layer_it_freezes() -> None:
+    """Freezing the embedding also froze the output head sharing its weight (one
+    Parameter), while the acknowledged state named the embedding alone: the page showed
+    the head training. Now every layer whose parameters are all frozen is named; one that
+    shares only some (its bias trains) is not; unfreezing either side unfreezes both."""
+    torch.manual_seed(0)
+    embed, head, proj = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False), nn.Linear(4, 10)
+    head.weight = proj.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head, "proj": proj})
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rules = Rules()
+    rec = Recorder()
+    control = Control(model, opt, emit=rec, rules=rules)
+
+    def train() -> None:
+        opt.zero_grad()
+        h = embed(torch.arange(10))
+        (head(h) + proj(h)).logsumexp(1).mean().backward()
+        opt.step()
+
+    control.submit(cmd("set_frozen", layers=["embed"], frozen=True))
+    control.at_step_boundary(step=0)
+    weight, bias = embed.weight.detach().clone(), proj.bias.detach().clone()
+    train()
+    assert torch.equal(weight, embed.weight) and not torch.equal(bias, proj.bias)
+    assert rec.results()[-1]["state"]["frozen"] == ["embed", "head"]
+    assert rules.frozen == {"embed", "head"}
+    control.submit(cmd("set_frozen", layers=["head"], frozen=False))
+    control.at_step_boundary(step=1)
+    train()
+    assert not torch.equal(weight, embed.weight)
+    assert rec.results()[-1]["state"]["frozen"] == [] and rules.frozen == set()
+
+
+def test_unfreezing_part_of_a_frozen_layer_acknowledges_what_stays_frozen() -> None:
+    """Unfreezing encoder.0 inside a frozen encoder was acknowledged as still frozen:
+    ['encoder'] (and encoder.0 kept its weights). Now encoder.0 trains and the state names
+    encoder.1, the part still frozen; a layer without parameters stays as named."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    model.add_module("act", nn.ReLU())
+    model.add_module("head", nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rec = Recorder()
+    control = Control(model, opt, emit=rec)
+    control.submit(cmd("set_frozen", layers=["encoder", "act"], frozen=True))
+    control.submit(cmd("set_frozen", layers=["encoder.0"], frozen=False))
+    control.at_step_boundary(step=0)
+    assert [r["state"]["frozen"] for r in rec.results()] == [
+        ["act", "encoder"],
+        ["act", "encoder.1"],
+    ]
+    first, second = (layer.weight.detach().clone() for layer in model.encoder)
+    opt.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(first, model.encoder[0].weight)
+    assert torch.equal(second, model.encoder[1].weight)
 
 
 def test_freezing_a_layer_another_optimizer_trains_is_refused() -> None:

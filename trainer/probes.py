@@ -485,13 +485,19 @@ class Probes:
             if (
                 self._armed
                 and not self._skipping
-                and (self._in_root or torch.is_grad_enabled())
+                and (self._in_root or (torch.is_grad_enabled() and not _in_backward()))
             ):
                 self._record(layer, args, output)
 
         return _eager(hook)
 
     def _model_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if _in_backward():
+            # Activation checkpointing recomputes a checkpointed forward inside backward
+            # (torch.utils.checkpoint, reentrant or not): the same values again, no new
+            # training pass. Recorded, a checkpointed segment counted every value twice.
+            self._skipping = self._in_root = True
+            return
         if not torch.is_grad_enabled():  # an evaluation pass: no step trains without grads
             if self._eval_only:
                 # Only the last evaluation pass before a training one is kept (a step of
@@ -783,6 +789,15 @@ class Probes:
             if layer.rows
         )
         return zlib.crc32(repr((self.bins, shape)).encode()) + 1 if shape else 0
+
+
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (where
+    activation checkpointing recomputes its segments' forwards)."""
+    return _graph_task_id() != -1
 
 
 _functorch_wrapped: Callable[[Tensor], bool] = getattr(

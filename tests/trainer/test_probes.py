@@ -1199,3 +1199,51 @@ def test_nested_and_vmapped_outputs_are_not_probed_and_do_not_stop_the_loop() ->
     assert pending is not None  # the gradients and weights, without activations
     layers, _ = pending.decode(pending.tensor)
     assert [layer["name"] for layer in layers if layer.get("grad_norm") is not None] == ["0", "2"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_activation_checkpointing_recomputes_are_not_recorded_again(
+    reentrant: bool, whole_model: bool
+) -> None:
+    """torch.utils.checkpoint recomputes a checkpointed segment's forward inside backward:
+    those calls were recorded as second calls of the same layers (every value counted
+    twice, histograms doubled). A layer is recorded once, as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Linear(16, 2)
+            self.checkpointed = checkpointed
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if whole_model or not self.checkpointed:
+                return self.head(self.body(x))
+            return self.head(checkpoint(self.body, x, use_reentrant=reentrant))
+
+    torch.manual_seed(0)
+    plain = Net(checkpointed=False)
+    model = Net(checkpointed=True)
+    model.load_state_dict(plain.state_dict())
+    x = uniform(32, 4)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    want, _ = probe_step(plain, Probes(plain, plain_opt), x, plain_opt)
+    probes = Probes(model, opt := torch.optim.SGD(model.parameters(), lr=0.1))
+    probes.arm()
+    xin = x.clone().requires_grad_(reentrant)
+    out = checkpoint(model, xin, use_reentrant=reentrant) if whole_model else model(xin)
+    opt.zero_grad()
+    out.float().square().mean().backward()
+    opt.step()
+    pending = probes.collect()
+    assert pending is not None
+    assert pending.calls == [1] * len(pending.act_layers)
+    got = {layer["name"]: layer for layer in pending.decode(pending.tensor)[0]}
+    assert set(got) == set(want)
+    for name, layer in want.items():
+        assert got[name]["hist"]["counts"] == layer["hist"]["counts"], name
+        for key in ("mean", "std", "dead_ratio", "grad_norm"):
+            expected = layer[key] if layer[key] is None else pytest.approx(layer[key], rel=1e-5)
+            assert got[name][key] == expected, (name, key)

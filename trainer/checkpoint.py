@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,27 @@ def check_extras(extras: dict[str, Any] | None) -> dict[str, Any]:
     return dict(extras)
 
 
-def read_checkpoint(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[dict[str, Any], str]:
+@dataclass(frozen=True)
+class ReadCheckpoint:
+    """A checkpoint file ``read_checkpoint`` has read (``content``) from ``path``: passed
+    to ``watch(resume=...)`` in place of the path, it resumes as the path would (the same
+    names in its messages and its config's ``resumed_from``) without reading the file
+    again (``layerscope train --resume`` reads it first for the experiment it holds)."""
+
+    path: Path
+    content: dict[str, Any]
+
+
+def read_checkpoint(
+    source: str | os.PathLike[str] | dict[str, Any] | ReadCheckpoint,
+) -> tuple[dict[str, Any], str]:
     """What ``watch(resume=source)`` resumes from: a checkpoint's path (loaded to host
-    memory: ``load_state_dict`` puts each tensor on its parameter's device) or the dict a
-    ``torch.load`` of it returned. Returns the content and how to name it
-    (``checkpoint-500.pt``)."""
-    if isinstance(source, dict):
+    memory: ``load_state_dict`` puts each tensor on its parameter's device), the dict a
+    ``torch.load`` of it returned, or a ``ReadCheckpoint``. Returns the content and how to
+    name it (``checkpoint-500.pt``)."""
+    if isinstance(source, ReadCheckpoint):
+        content, label = source.content, source.path.name
+    elif isinstance(source, dict):
         content, label = source, None
         if not isinstance(content.get("step"), int) or content.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(

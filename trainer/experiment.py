@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.checkpoint import (
     CheckpointError,
+    ReadCheckpoint,
     load_model_weights,
     newest_checkpoint,
     read_checkpoint,
@@ -109,7 +110,7 @@ def _is_experiment_state(state: Any) -> bool:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Resume:
     """A built-in run's checkpoint to go on from (``read_resume``)."""
 
@@ -117,6 +118,15 @@ class Resume:
     step: int
     config: dict[str, Any]  # the experiment it ran, as stored (validated when it ran)
     run_id: str | None  # the run it continues
+    # the file as read_resume read it, until watch() takes it (take_checkpoint)
+    checkpoint: ReadCheckpoint | None = field(default=None, repr=False, compare=False)
+
+    def take_checkpoint(self) -> ReadCheckpoint | str:
+        """What ``watch(resume=...)`` loads: the checkpoint as ``read_resume`` read it, so
+        the file is read once (its path once taken: the content, a host copy of the model
+        and optimizer state, is not kept for the whole run)."""
+        read, self.checkpoint = self.checkpoint, None
+        return read if read is not None else str(self.path)
 
 
 def read_resume(source: str | os.PathLike[str]) -> Resume:
@@ -150,7 +160,11 @@ def read_resume(source: str | os.PathLike[str]) -> Resume:
     assert state is not None
     run_id = content.get("run_id")
     return Resume(
-        path, content["step"], state["config"], run_id if isinstance(run_id, str) else None
+        path,
+        content["step"],
+        state["config"],
+        run_id if isinstance(run_id, str) else None,
+        ReadCheckpoint(path, content),
     )
 
 
@@ -377,7 +391,7 @@ def _train(
         patience=rules["patience"],
         # every checkpoint holds the experiment (its config, the RNG state): --resume
         checkpoint_extras={EXPERIMENT_EXTRA: ExperimentState(cfg, device)},
-        resume=str(resume.path) if resume is not None else None,
+        resume=resume.take_checkpoint() if resume is not None else None,  # read once
     ) as w:
         if w.alerts is not None:  # a rule's stop is logged without "w.should_stop is now True"
             w.alerts.stop_note = ""

@@ -32,6 +32,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
 from layerscope.trainer.checkpoint import (
+    ReadCheckpoint,
     check_extras,
     load_training_state,
     plain_name,
@@ -94,7 +95,7 @@ class Watch:
         rule_thresholds: dict[str, Any] | None = None,
         good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
         checkpoint_extras: dict[str, Any] | None = None,
-        resume: str | os.PathLike[str] | dict[str, Any] | None = None,
+        resume: str | os.PathLike[str] | dict[str, Any] | ReadCheckpoint | None = None,
     ) -> None:
         model = unwrapped(model) if model is not None else None
         _check_optimizer(optimizer)
@@ -139,7 +140,9 @@ class Watch:
             content, label = read_checkpoint(resume)
             load_training_state(content, label, model, optimizer, extras)
             restore = restore_commands(content.get("control"))
-            where = str(resume) if isinstance(resume, (str, os.PathLike)) else label
+            where = label
+            if isinstance(resume, (str, os.PathLike, ReadCheckpoint)):
+                where = str(resume.path if isinstance(resume, ReadCheckpoint) else resume)
             resumed = {"checkpoint": where, "step": content["step"]}
             if isinstance(content.get("run_id"), str):
                 resumed["run_id"] = content["run_id"]
@@ -757,7 +760,7 @@ def watch(
     rule_thresholds: dict[str, Any] | None = None,
     good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
     checkpoint_extras: dict[str, Any] | None = None,
-    resume: str | os.PathLike[str] | dict[str, Any] | None = None,
+    resume: str | os.PathLike[str] | dict[str, Any] | ReadCheckpoint | None = None,
 ) -> Watch:
     """Instrument a training loop; use as ``with watch(model, optimizer, run=...) as w:``.
 
@@ -796,7 +799,7 @@ def watch(
     hold the model, the optimizer, the step, the control state and, for each
     ``checkpoint_extras={"scheduler": sched, "scaler": scaler}`` entry, its
     ``state_dict()``. ``resume=`` a checkpoint's path (or the dict ``torch.load``
-    returned) continues that training in a new process: watch() loads the model weights,
+    returned, or ``checkpoint.read_checkpoint``'s ``ReadCheckpoint``) continues that training in a new process: watch() loads the model weights,
     the optimizer state and every extra's state (the checkpoint's extras and this call's
     must name the same objects), re-applies its lr scale, weight decay off and frozen
     layers as acknowledged commands (``source: api``, reason ``restored from

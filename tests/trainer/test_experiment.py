@@ -466,9 +466,10 @@ def test_resume_config_is_the_checkpoints_and_names_what_given_settings_change(
 def test_a_finetuned_run_resumes_with_its_frozen_layers_without_its_source_file(
     tmp_path: Path,
 ) -> None:
-    """A fine-tuned run's checkpoint (here its last-good.pt, at its first probe step)
-    resumes after the file it was fine-tuned from is gone: the weights come from the
-    checkpoint, the frozen layer from its control state (restored, not --freeze again)."""
+    """A fine-tuned run's checkpoint (here its last-good.pt, at its first probe step),
+    read once, resumes after the file it was fine-tuned from is gone: the weights come
+    from the checkpoint, the frozen layer from its control state (restored, not --freeze
+    again)."""
     from layerscope.trainer.experiment import read_resume
 
     base: dict[str, Any] = {"every": 5, "solver": {"steps": 4, "device": "cpu"}}
@@ -478,6 +479,9 @@ def test_a_finetuned_run_resumes_with_its_frozen_layers_without_its_source_file(
     source.unlink()
     resume = read_resume(tmp_path / "ft" / "last-good.pt")
     assert resume.step == 1 and resume.config["finetune"]["freeze"] == "net.0"
+    # read once (it was read again by watch(): a second read of a large checkpoint, and
+    # "no such file" here): the run goes on from what read_resume read
+    (tmp_path / "ft" / "last-good.pt").unlink()
     summary = run_experiment(resume.config, server=None, run_dir=str(tmp_path / "on"),
                              progress=False, resume=resume)  # fmt: skip
     assert summary["steps"] == 4 and summary["resumed_at"] == 1

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
+from layerscope.server import queries
 from layerscope.server.commands import CommandRefused, origin_of, relay_command
 from layerscope.server.hub import Hub
 from layerscope.server.settings import Settings, local_host
@@ -67,6 +68,38 @@ def run_id_for(name: str | None) -> str:
     """``'demo: digits mlp'`` -> ``'demo-digits-mlp-3fa2c1'``: readable, unique, URL-safe."""
     slug = re.sub(r"[^a-z0-9]+", "-", (name or "run").lower()).strip("-")[:40] or "run"
     return f"{slug}-{wire.new_id()[:6]}"
+
+
+NUMBERED = re.compile(r"(?P<base>.*) #(?P<n>[1-9][0-9]{0,8})", re.DOTALL)  # fullmatch
+MAX_SUFFIX = len(" #999999999")
+
+
+def numbered(base: str, n: int) -> str:
+    """``'base #n'``, ``base`` cut to keep it within wire.MAX_NAME_LEN."""
+    suffix = f" #{n}"
+    return base[: wire.MAX_NAME_LEN - len(suffix)] + suffix
+
+
+def distinct_name(name: str, taken: list[str]) -> str:
+    """``name``, or where a run in ``taken`` already has it, ``name`` numbered past the
+    others: the second run from one form or preset is ``'demo: digits mlp tanh xavier #2'``
+    (three were listed under one name, told apart by nothing). ``taken``: at least every
+    name starting with ``family(name)``."""
+    if name not in taken:
+        return name
+    base = family_of(name)  # 'x #2' again is 'x #3', not 'x #2 #2'
+    highest = 1
+    for other in taken:
+        match = NUMBERED.fullmatch(other)
+        if match and other == numbered(base, int(match.group("n"))):
+            highest = max(highest, int(match.group("n")))
+    return numbered(base, highest + 1)
+
+
+def family_of(name: str) -> str:
+    """The name a numbered name was numbered from: ``'x #2'`` -> ``'x'``."""
+    match = NUMBERED.fullmatch(name)
+    return match.group("base") if match else name
 
 
 # The config fields that name a file or folder on the server's machine.
@@ -136,6 +169,9 @@ class Launcher:
         self.term_grace_s = term_grace_s
         self.port = settings.port  # the bound port; serving sets it before the first launch
         self.children: dict[str, Child] = {}
+        # Names given to launches whose runs are not stored yet: two at once of one
+        # preset are numbered apart (the store shows neither until it commits).
+        self._naming: set[str] = set()
         # Launches checked against the cap but not yet in ``children`` (a launch awaits the
         # store and the process start): counted, so concurrent requests cannot all pass.
         self._held = 0
@@ -212,14 +248,28 @@ class Launcher:
             )
         return config
 
+    def _name(self, name: str) -> str:
+        """``name`` made distinct from every stored run's and every launch's under way
+        (distinct_name); reserved in ``_naming`` until the run is stored."""
+        prefix = family_of(name)[: wire.MAX_NAME_LEN - MAX_SUFFIX]
+        stored = self.store._read(lambda c: queries.names_starting(c, prefix))
+        given = distinct_name(name, [*stored, *self._naming])
+        self._naming.add(given)
+        return given
+
     async def _start(self, config: dict[str, Any]) -> str:
-        run_id = run_id_for(config.get("name"))
-        run_dir = (self.settings.data_dir / "runs" / run_id).absolute()  # the child's cwd
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.json"
-        config_path.write_text(json.dumps(config, indent=2))
-        name = str(config.get("name") or run_id)
-        await self.store.create_run(run_id, name, config, status="starting", launched=True)
+        run_id = run_id_for(config.get("name"))  # from the name asked for, as before
+        name = self._name(str(config.get("name") or run_id))
+        # In the config the child reads: its hello names the run, and renames it otherwise.
+        config = {**config, "name": name}
+        try:
+            run_dir = (self.settings.data_dir / "runs" / run_id).absolute()  # the child's cwd
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_path = run_dir / "config.json"
+            config_path.write_text(json.dumps(config, indent=2))
+            await self.store.create_run(run_id, name, config, status="starting", launched=True)
+        finally:
+            self._naming.discard(name)
         env = dict(os.environ)
         # The child gets the trainer token only: the viewer token (in the server's
         # environment when set there) would let it act as a browser.

@@ -272,6 +272,16 @@ def runs_with_status(conn: sqlite3.Connection, statuses: set[str]) -> list[str]:
     ]
 
 
+def names_starting(conn: sqlite3.Connection, prefix: str) -> list[str]:
+    """The run names that start with ``prefix`` (launcher.distinct_name's candidates)."""
+    return [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM runs WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+        )
+    ]
+
+
 def has_run(conn: sqlite3.Connection, run_id: str) -> bool:
     return conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
 

@@ -222,6 +222,41 @@ def test_the_cap_holds_for_concurrent_launches_and_a_lab_starts_all_or_none(
                 child.process.kill()
 
 
+def test_runs_launched_from_one_config_are_numbered_apart_in_the_runs_list(
+    tmp_path: Path,
+) -> None:
+    """Three launches of the New-run form's preset were listed as three runs of one name
+    ('demo: digits mlp tanh xavier'), told apart by nothing. The second is '... #2' in the
+    list and in the config its trainer reads (its hello names the run); ids are as before."""
+    with running_server(make_settings(tmp_path / "data", max_launched=8)) as server:
+        launcher = server.app.state.launcher
+        launcher.command_line = lambda *_: [sys.executable, "-c", "pass"]
+
+        async def post_all(bodies: list[Any]) -> list[str]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answers = await asyncio.gather(
+                    *(client.post(f"{server}/api/runs", json=b) for b in bodies)
+                )
+            assert [a.status_code for a in answers] == [201] * len(bodies)
+            return [a.json()["id"] for a in answers]
+
+        long_name = "n" * wire.MAX_NAME_LEN
+        ids = asyncio.run(post_all([TINY]))
+        ids += asyncio.run(post_all([TINY, TINY]))  # at once: neither is stored yet
+        ids += asyncio.run(post_all([{**TINY, "name": "tiny #2"}]))  # again: after the others
+        ids += asyncio.run(post_all([{**TINY, "name": long_name}] * 2))
+        ids += asyncio.run(post_all([{**TINY, "name": long_name}]))  # cut to fit, as #2 was
+        names = {r["id"]: r["name"] for r in httpx.get(f"{server}/api/runs").json()}
+        given = [names[i] for i in ids]
+        assert sorted(given[:3]) == ["tiny", "tiny #2", "tiny #3"] and given[3] == "tiny #4"
+        assert set(given[4:6]) == {long_name, "n" * (wire.MAX_NAME_LEN - 3) + " #2"}
+        assert given[6] == "n" * (wire.MAX_NAME_LEN - 3) + " #3"
+        assert all(i.startswith("tiny-") for i in ids[:4])
+        for run_id in ids:
+            config = json.loads((server.data_dir / "runs" / run_id / "config.json").read_text())
+            assert config["name"] == names[run_id]
+
+
 def test_a_launched_trainer_that_exits_cleanly_without_connecting_ends_the_run_lost(
     tmp_path: Path,
 ) -> None:

@@ -339,6 +339,16 @@ def _http_base(server: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
+def dashboard_url(server: str, run_id: str) -> str | None:
+    """The run's page on the server ``server`` names (any form ``train`` takes: ``ws://``,
+    ``http://``, the trainer socket's URL, a bare ``host:port``), or None for a run id the
+    server would refuse: the line ``train --server`` and ``watch(server=..., progress=True)``
+    print first."""
+    if wire.run_id_problem(run_id) is not None:
+        return None
+    return f"{_http_base(server)}/runs/{run_id}"
+
+
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -612,10 +622,10 @@ def _train(args: argparse.Namespace) -> int:
         if url is not None and not args.no_progress:
 
             def announce(run_id: str) -> None:
-                if wire.run_id_problem(run_id) is None:
+                page = dashboard_url(url, run_id)
+                if page is not None:
                     print(
-                        f"layerscope train: run {run_id}: dashboard at "
-                        f"{_http_base(url)}/runs/{run_id}",
+                        f"layerscope train: run {run_id}: dashboard at {page}",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -329,7 +329,7 @@ def _train(
     resume: Resume | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from layerscope.trainer.watch import watch
+    from layerscope.trainer.watch import Watch
 
     solver = cfg["solver"]
     data, model, optimizer, device = build(cfg)
@@ -371,13 +371,18 @@ def _train(
         announce(run_id)
     if resumed is not None and rank == 0:
         print(f"layerscope train: {resumed}", file=sys.stderr, flush=True)
-    with watch(
+    # watch()'s arguments, and no dashboard line: announce printed the CLI's own
+    with Watch(
         model,
         optimizer,
         run=cfg["name"],
         server=url,
         every=cfg["every"],
         bins=HISTOGRAM_BINS,
+        layers=None,
+        exclude=None,
+        types=None,
+        activations=None,
         config=_run_config(cfg, world, data),
         run_id=run_id,
         token=token,
@@ -392,6 +397,7 @@ def _train(
         # every checkpoint holds the experiment (its config, the RNG state): --resume
         checkpoint_extras={EXPERIMENT_EXTRA: ExperimentState(cfg, device)},
         resume=resume.take_checkpoint() if resume is not None else None,  # read once
+        dashboard_line=False,
     ) as w:
         if w.alerts is not None:  # a rule's stop is logged without "w.should_stop is now True"
             w.alerts.stop_note = ""

@@ -40,6 +40,7 @@ from layerscope.trainer.checkpoint import (
     restore_commands,
     unwrapped,
 )
+from layerscope.trainer.cli import dashboard_url
 from layerscope.trainer.control import Control
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
@@ -66,7 +67,8 @@ Scalar = float | int | torch.Tensor
 
 
 class Watch:
-    """An instrumented training run; create it with :func:`watch`."""
+    """An instrumented training run; create it with :func:`watch`. (``dashboard_line``
+    False: no dashboard line at start; ``layerscope train`` prints its own.)"""
 
     def __init__(
         self,
@@ -96,6 +98,7 @@ class Watch:
         good_checkpoint_every: int = DEFAULT_GOOD_CHECKPOINT_EVERY,
         checkpoint_extras: dict[str, Any] | None = None,
         resume: str | os.PathLike[str] | dict[str, Any] | ReadCheckpoint | None = None,
+        dashboard_line: bool = True,
     ) -> None:
         model = unwrapped(model) if model is not None else None
         _check_optimizer(optimizer)
@@ -248,6 +251,16 @@ class Watch:
             raise
         if self.link is not None:
             self.link.start()
+            if progress and server and dashboard_line:
+                # where to watch it, once, before the progress line (`layerscope train`
+                # prints its own: dashboard_line False)
+                page = dashboard_url(server, self.run_id)
+                if page is not None:
+                    print(
+                        f"[layerscope] run {self.run_id}: dashboard at {page}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         self._t0 = self._last_step_t = self._last_flush_t = time.perf_counter()
         # The initial control state (rules enabled/silenced/auto switches) for the UI to show
         # before any command has been acknowledged.
@@ -771,6 +784,8 @@ def watch(
 
     ``server`` defaults to ``$LAYERSCOPE_SERVER``; with neither (or ``server=""``) the
     run is recorded to the spool in ``run_dir`` only (``layerscope sync`` uploads it).
+    ``progress``: a progress line on stderr, redrawn in place; with a server, first the
+    line ``[layerscope] run <id>: dashboard at http://host:port/runs/<id>``.
     ``token`` defaults to ``$LAYERSCOPE_TRAINER_TOKEN``. ``every`` is the probe cadence
     in steps (0 turns probes off; step 1 is always probed). ``layers``/``exclude`` are
     regex or name-list filters on module names, ``types`` module classes to probe.

@@ -132,6 +132,33 @@ def test_the_progress_line_follows_steps_without_a_loss(
     assert draws[-1] == "[layerscope] step 5  lr 0.1  running"
 
 
+def test_progress_with_a_server_prints_the_runs_dashboard_url_once_before_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """watch(server=URL, progress=True) in a user's own loop never said where to watch
+    the run (only `layerscope train --server` printed it). Now its dashboard URL comes
+    first, once; not without a server (server="": spool only) or without progress."""
+    from trainer_server import TrainerServer
+
+    model, opt, x, y = make_model()
+    server = TrainerServer().start()
+    try:
+        for name, url, progress in (("seen", server.url, True), ("spool", "", True),
+                                    ("quiet", server.url, False)):  # fmt: skip
+            with watch(model, opt, server=url, progress=progress, run_id=name,
+                       run_dir=tmp_path / name) as w:  # fmt: skip
+                w.step(loss=train_step(model, opt, x, y))
+            err = capsys.readouterr().err
+            if name == "seen":
+                page = f"http://127.0.0.1:{server.port}/runs/seen"
+                assert err.startswith(f"[layerscope] run seen: dashboard at {page}\n"), err
+                assert err.count("dashboard at") == 1 and "[layerscope] step 1" in err
+            else:
+                assert "dashboard" not in err, (name, err)
+    finally:
+        server.close()
+
+
 def test_close_leaves_no_hooks(tmp_path: Path) -> None:
     model, opt, x, y = make_model()
     with watch(model, opt, every=1, run_dir=tmp_path) as w:

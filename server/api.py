@@ -31,6 +31,8 @@ SPARK_DIGITS = 4  # significant digits of the run list's sparkline values
 MAX_STEPS = 2_000
 STATS_PATTERN = "^({0})(,({0}))*$".format("|".join(wire.PROBE_STATS))
 STAT_PATTERN = "^({})$".format("|".join(wire.PROBE_STATS))
+# What a run's events are: the trainer's, and the server's own (a command sent, a status set).
+EVENT_KINDS = wire.EVENT_KINDS | {"command", "command_result", "status"}
 
 
 class Hub(Protocol):
@@ -197,7 +199,29 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such run"}
 }
 
-router = APIRouter(prefix="/api", tags=["runs"])
+def _query_error(name: str, msg: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["query", name], "msg": msg, "type": "value_error"}])
+
+
+def known_query(request: Request) -> None:
+    """A query parameter the route does not take is refused (422), not ignored:
+    ``/api/runs?limt=5`` listed every run and ``/series?name=loss`` every series, as if
+    asked for. ``token`` (the viewer token, security.py's) is taken everywhere."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    takes = sorted({f.alias for f in dependant.query_params})
+    unknown = sorted(set(request.query_params) - {*takes, "token"})
+    if unknown:
+        name = unknown[0][:64]
+        raise _query_error(
+            name,
+            f"unknown query parameter {name!r}; this route takes "
+            + (", ".join(takes) if takes else "none"),
+        )
+
+
+router = APIRouter(prefix="/api", tags=["runs"], dependencies=[Depends(known_query)])
 
 
 def _missing(run_id: str) -> HTTPException:
@@ -322,9 +346,21 @@ def _filename(run_id: str) -> str:
 
 
 def _names(raw: str | None) -> list[str] | None:
+    """The series names asked for; a name no series can have (longer than a name may
+    be), or more names than a run can hold, is refused (422): each was answered with an
+    empty series under its name, a 5,000-character name echoed whole."""
     if raw is None:
         return None
     names = [n for n in (part.strip() for part in raw.split(",")) if n]
+    if len(names) > wire.MAX_SERIES:
+        raise _query_error("names", f"at most {wire.MAX_SERIES} names, got {len(names)}")
+    long = next((n for n in names if len(n) > wire.MAX_NAME_LEN), None)
+    if long is not None:
+        raise _query_error(
+            "names",
+            f"a series name is at most {wire.MAX_NAME_LEN} characters; got one of {len(long)}"
+            f" ({long[:40]!r}...)",
+        )
     return names or None
 
 
@@ -478,6 +514,10 @@ def get_events(
     kind: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int | None, Query(ge=1, le=100_000, description="the newest N")] = None,
 ) -> Any:
+    if kind is not None and kind not in EVENT_KINDS:  # 'alerts' listed none, as if none fired
+        raise _query_error(
+            "kind", f"unknown event kind {kind!r}; expected one of {', '.join(sorted(EVENT_KINDS))}"
+        )
     try:
         return store.events(run_id, kind, limit)
     except RunNotFound:

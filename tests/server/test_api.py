@@ -363,6 +363,13 @@ async def test_events_and_commands(setup: tuple[httpx.AsyncClient, Store, Connec
         ("/histogram?step=9223372036854775808", "step"),
         ("/histograms?layer=fc1&end=9223372036854775808", "end"),
         ("/probes/matrix?start=9223372036854775808", "start"),
+        # each was answered as if it were not there: every series, every event, or none
+        ("/series?name=loss", "name"),
+        ("?lmit=1", "lmit"),
+        ("/events?kind=alerts", "kind"),
+        # a name no series can have, or more names than a run holds: each got an empty series
+        ("/series?names=" + "x" * (wire.MAX_NAME_LEN + 1), "names"),
+        ("/series?names=" + ",".join(f"s{i}" for i in range(wire.MAX_SERIES + 1)), "names"),
     ],
 )
 async def test_bad_query_parameters_are_422_naming_the_parameter(
@@ -373,6 +380,17 @@ async def test_bad_query_parameters_are_422_naming_the_parameter(
     assert r.status_code == 422
     (problem,) = r.json()["detail"]
     assert problem["loc"] == ["query", where] and problem["msg"]
+
+
+async def test_the_viewer_token_and_every_kind_stored_are_taken(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    client, _store, _hub = setup
+    assert (await client.get("/api/runs?token=t&limit=1")).status_code == 200
+    for kind in sorted(api.EVENT_KINDS):
+        assert (await client.get(f"/api/runs/r1/events?kind={kind}")).status_code == 200, kind
+    r = await client.get("/api/runs?limt=5")
+    assert r.status_code == 422 and "takes full, limit, offset, q" in r.json()["detail"][0]["msg"]
 
 
 async def test_export_streams_strict_json_lines(

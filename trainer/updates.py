@@ -20,6 +20,7 @@ the step while its parameter keeps the same storage and shape.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -72,9 +73,17 @@ class UpdateSample:
             self._old = self._buffers
             self._views = views
 
-    def after_step(self, device: torch.device) -> Tensor | None:
+    def after_step(self, device: torch.device, found_inf: Tensor | None = None) -> Tensor | None:
         """The norm of each sample's update (float32 on ``device``), or None without a
-        ``before_step`` for this step or when a parameter changed shape inside it."""
+        ``before_step`` for this step or when a parameter changed shape inside it.
+
+        ``found_inf``: the optimizer's ``found_inf`` attribute, which a GradScaler sets
+        around the step of a fused optimizer (``fused=True``: its kernel reads it and
+        leaves every parameter as it was when it is non-zero, the scaler's overflow step).
+        A non-zero one makes every norm NaN, the update section of no step (update_ratio
+        None), as for a plain optimizer, whose step the scaler does not call at all: a
+        skipped step made no update, it is not an update of 0. Chosen on the device (no
+        host read)."""
         old, self._old = self._old, None
         views, self._views = self._views, []
         if old is None:
@@ -86,7 +95,10 @@ class UpdateSample:
             if not views or [v.shape for v in views] != [b.shape for b in old]:
                 return None  # a parameter changed shape inside step(): no update to measure
             torch._foreach_sub_(old, views)  # old - new: the same norm as the update
-            return stats.norms(old, device)
+            norms = stats.norms(old, device)
+            if isinstance(found_inf, Tensor):
+                norms.masked_fill_(found_inf.to(norms.device).reshape(-1)[0] != 0, math.nan)
+            return norms
 
     def forget(self) -> None:
         """This step is over (collect): an after-step hook without a new before-step

@@ -66,3 +66,36 @@ def test_the_pre_step_views_are_dropped_and_the_buffers_reused() -> None:
     assert sample._views and sample._views[0].data_ptr() >= p.data_ptr()
     sample.drop_views()
     assert sample._views == [] and sample.after_step(torch.device("cpu")) is None
+
+
+def test_a_step_a_grad_scaler_skipped_inside_a_fused_optimizer_is_no_update() -> None:
+    """A GradScaler's overflow step (inf gradients) with a fused AdamW: the scaler calls
+    its step with ``found_inf`` set and the kernel leaves the parameters as they were, so
+    the update measured 0 (update_ratio 0.0), where a plain AdamW's step, never called,
+    measured nothing (None). A skipped step made no update: NaN (None once decoded) for
+    both; the next step, taken, is measured."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    sample = UpdateSample(list(layer.parameters()))
+    measured: list[list[float]] = []
+    opt.register_step_pre_hook(lambda *_: sample.before_step())
+
+    def after(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        norms = sample.after_step(torch.device("cpu"), getattr(optimizer, "found_inf", None))
+        assert norms is not None
+        measured.append(norms.tolist())
+
+    opt.register_step_post_hook(after)
+    for overflow in (True, False):
+        before = layer.weight.detach().clone()
+        opt.zero_grad()
+        loss = layer(torch.randn(8, 4)).pow(2).mean()
+        scaler.scale(loss * (math.inf if overflow else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert torch.equal(before, layer.weight) == overflow
+    skipped, taken = measured
+    assert all(math.isnan(n) for n in skipped)
+    assert all(n > 0 for n in taken)

@@ -818,7 +818,9 @@ def watch(
     the optimizer state and every extra's state (the checkpoint's extras and this call's
     must name the same objects), re-applies its lr scale, weight decay off and frozen
     layers as acknowledged commands (``source: api``, reason ``restored from
-    checkpoint-N.pt``) and numbers steps on from the checkpoint's. It is a new run, with
+    checkpoint-N.pt``) and numbers steps on from the checkpoint's; the diagnostic rules
+    start afresh (a plateau's count, Overfit's history: the checkpoint does not hold
+    them). It is a new run, with
     its own id (a server refuses a run id another process wrote); its config's
     ``resumed_from`` names the checkpoint, its step and the run it continues.
 

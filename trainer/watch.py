@@ -814,15 +814,15 @@ def watch(
     hold the model, the optimizer, the step, the control state and, for each
     ``checkpoint_extras={"scheduler": sched, "scaler": scaler}`` entry, its
     ``state_dict()``. ``resume=`` a checkpoint's path (or the dict ``torch.load``
-    returned, or ``checkpoint.read_checkpoint``'s ``ReadCheckpoint``) continues that training in a new process: watch() loads the model weights,
-    the optimizer state and every extra's state (the checkpoint's extras and this call's
-    must name the same objects), re-applies its lr scale, weight decay off and frozen
-    layers as acknowledged commands (``source: api``, reason ``restored from
-    checkpoint-N.pt``) and numbers steps on from the checkpoint's; the diagnostic rules
-    start afresh (a plateau's count, Overfit's history: the checkpoint does not hold
-    them). It is a new run, with
-    its own id (a server refuses a run id another process wrote); its config's
-    ``resumed_from`` names the checkpoint, its step and the run it continues.
+    returned, or a ``checkpoint.ReadCheckpoint``: a file already read) continues that
+    training in a new process: watch() loads the model weights, the optimizer state and
+    every extra's state (the checkpoint's extras and this call's must name the same
+    objects), re-applies its lr scale, weight decay off and frozen layers as acknowledged
+    commands (``source: api``, reason ``restored from checkpoint-N.pt``) and numbers steps
+    on from the checkpoint's; the diagnostic rules start afresh (a plateau's count,
+    Overfit's history: the checkpoint does not hold them). It is a new run, with its own
+    id (a server refuses a run id another process wrote); its config's ``resumed_from``
+    names the checkpoint, its step and the run it continues.
 
     Under an initialised torch.distributed process group, call ``watch()`` and
     ``w.step()`` on every rank (the same number of times): rank 0 alone streams and

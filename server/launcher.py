@@ -33,7 +33,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from layerscope.server import queries
 from layerscope.server.commands import CommandRefused, origin_of, relay_command
-from layerscope.server.hub import Hub
+from layerscope.server.hub import Hub, cut_message
 from layerscope.server.settings import Settings, local_host
 from layerscope.trainer import wire
 
@@ -47,10 +47,28 @@ SHUTDOWN_REASON = "the server shut down"
 
 
 class LaunchRefused(Exception):
+    """``detail``: a message, or a list of ``{loc, msg}``; each message and field name cut
+    (hub.cut_message): a config quoting a huge value or key got the whole of it back."""
+
     def __init__(self, status: int, detail: Any) -> None:
+        if isinstance(detail, str):
+            detail = cut_message(detail)
+        elif isinstance(detail, list):
+            detail = [_cut_error(error) for error in detail]
         super().__init__(str(detail))
         self.status = status
         self.detail = detail
+
+
+def _cut_error(error: Any) -> Any:
+    if not isinstance(error, dict):
+        return error
+    out = dict(error)
+    if isinstance(out.get("msg"), str):
+        out["msg"] = cut_message(out["msg"])
+    if isinstance(out.get("loc"), list):
+        out["loc"] = [cut_message(x) if isinstance(x, str) else x for x in out["loc"]]
+    return out
 
 
 @dataclass

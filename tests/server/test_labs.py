@@ -135,6 +135,16 @@ def test_a_bad_body_is_refused_naming_each_field_and_launches_nothing(
     assert full.status_code == 429 and "lab needs 5" in full.json()["detail"]
 
 
+def test_a_refusal_quoting_a_huge_value_or_field_is_cut(live_server: LiveServer) -> None:
+    # Each 422 was as big as the value or field name it quoted (half a megabyte).
+    huge = "x" * 500_000
+    for body in ({"activation": huge}, {huge: 1}):
+        response = httpx.post(f"{live_server}/api/labs/init", json=body, timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 422 and len(response.text) < 5000, len(response.text)
+        assert "characters cut" in response.text
+    assert httpx.get(f"{live_server}/api/runs", timeout=HTTP_TIMEOUT_S).json() == []
+
+
 def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(tmp_path: Path) -> None:
     with running_server(make_settings(tmp_path / "data", max_launched=4)) as server:
         response = httpx.post(f"{server}/api/labs/init", json={}, timeout=HTTP_TIMEOUT_S)

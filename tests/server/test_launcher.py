@@ -83,6 +83,16 @@ def test_a_bad_config_is_refused_with_every_bad_field(live_server: LiveServer) -
     assert not_json.status_code == 422
 
 
+def test_a_refusal_quoting_a_huge_value_or_field_is_cut(live_server: LiveServer) -> None:
+    # Each 422 was as big as the value or field name it quoted (half a megabyte).
+    huge = "x" * 500_000
+    for body in ({**TINY, "model": {"arch": huge}}, {**TINY, huge: 1}):
+        response = httpx.post(f"{live_server}/api/runs", json=body, timeout=30)
+        assert response.status_code == 422 and len(response.text) < 5000, len(response.text)
+        (error,) = response.json()["detail"]
+        assert "characters cut" in error["msg"] + "".join(map(str, error["loc"]))
+
+
 def test_a_launch_answers_201_starting_and_writes_its_config(launched: tuple[LiveServer, dict[str, Any]]) -> None:
     server, launches = launched
     tiny = launches["tiny"]

@@ -156,9 +156,13 @@ router = APIRouter()
 
 @router.post("/api/runs/{run_id}/commands", status_code=202)
 async def post_command(
-    request: Request, run_id: str, body: Annotated[dict[str, Any], Body()]
+    request: Request, run_id: str, body: Annotated[Any, Body()]
 ) -> dict[str, Any]:
     """Same path as the viewer socket: 202 relayed, 409 cannot take effect, 422 bad command."""
+    if not isinstance(body, dict):  # FastAPI's own 422 quoted the whole body back
+        raise HTTPException(
+            422, f"the body must be a JSON object (a command), got {type(body).__name__}"
+        )
     state = request.app.state
     body = {**body, "source": body.get("source", "api")}
     try:

@@ -231,6 +231,8 @@ async def test_a_refusal_quoting_a_huge_field_is_cut_and_a_huge_id_not_echoed(
         response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=command)
         detail = response.json()["detail"]
         assert response.status_code == 422 and detail.startswith(named) and len(detail) < 2100
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=huge)
+    assert response.status_code == 422 and len(response.text) < 200  # a body, not an object
     await viewer.send(json.dumps({"type": "command", "id": huge, "name": "pause"}))
     reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
     assert reply["ok"] is False and reply["id"] is None and "at most 64" in reply["reason"]

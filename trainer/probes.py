@@ -675,11 +675,15 @@ class Probes:
             with torch.inference_mode():
                 norms = torch.cat([after[: sum(present)], before[sum(before_present) :]])
             self._param_result = (present, norms, nan)
-        updates = self._updates.after_step(self._device)
+        # a GradScaler's step of a fused optimizer: found_inf set (its kernel skips an
+        # overflow step on the device): no update then, and whether the step was taken is
+        # known on the device only, so the flush tells it from the updates (all NaN: none)
+        found_inf = getattr(optimizer, "found_inf", None)
+        updates = self._updates.after_step(self._device, found_inf)
         if updates is not None:
             present, norms, _ = self._param_result
             self._param_result = (present, norms, updates)
-            self._stepped = True
+            self._stepped = not isinstance(found_inf, Tensor)
 
     def _read_params(self, grad_scale: Any = None) -> tuple[list[bool], Tensor, Tensor]:
         """(which params have grads, norms of those grads then of every probed layer's

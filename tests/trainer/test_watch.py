@@ -804,3 +804,29 @@ def test_close_on_another_thread_while_paused_leaves_no_hooks(tmp_path: Path) ->
     assert not t.is_alive()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert statuses(frames(tmp_path)) == ["running", "paused", "finished"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_the_grad_scaler_skipped_has_no_update_ratio_fused_or_not(
+    tmp_path: Path, fused: bool
+) -> None:
+    """An overflow step a GradScaler skipped read update_ratio None with AdamW but 0.0 with
+    a fused AdamW (whose kernel reads found_inf and leaves the weights): no update either
+    way, and no alert for it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu")
+    with watch(model, opt, every=1, run_dir=tmp_path) as w:
+        for overflow in (False, True, False):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            scaler.scale(loss * (math.inf if overflow else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+            w.step(loss=loss.detach())
+    probes = [f for f in frames(tmp_path) if f["type"] == "probe"]
+    ratios = [next(x["update_ratio"] for x in f["layers"] if x["name"] == "0") for f in probes]
+    assert ratios[0] > 0 and ratios[1] is None and ratios[2] > 0  # step 2: skipped
+    alerts = [f for f in frames(tmp_path) if f["type"] == "event" and f.get("kind") == "alert"]
+    assert not alerts, alerts

@@ -60,6 +60,17 @@ def last_command(server: LiveServer, run_id: str, name: str) -> dict[str, Any]:
     return dict(wait_for(applied, 30, f"{name} to be applied"))
 
 
+def color_distance(a: str, b: str) -> int:
+    """Sum of channel differences between two CSS colours (#rrggbb or rgb(r, g, b))."""
+
+    def rgb(c: str) -> list[int]:
+        if c.startswith("#"):
+            return [int(c[i : i + 2], 16) for i in (1, 3, 5)]
+        return [int(v) for v in re.findall(r"\d+", c)[:3]]
+
+    return sum(abs(x - y) for x, y in zip(rgb(a), rgb(b), strict=True))
+
+
 def record_pending(page: Page, cmd: str) -> None:
     """Remembers (window.sawPending) whether the button ever showed itself pending."""
     page.evaluate(
@@ -775,6 +786,21 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             # run took 140-300 ms a draw on 2 cores and most of the tab's main thread.
             style = page.get_attribute("#chart-dead .heatmaplayer image", "style") or ""
             assert "pixelated" in style, style
+            # A healthy run's saturation (0 in every cell here) read as an empty chart: its 0
+            # was all but the card's colour. Now a tint clearly apart from the card (a cell
+            # with no value shows the card), and a note says so; still one image. The dead
+            # heatmap (values above 0) has no such note.
+            zero, card = page.evaluate(
+                "[document.getElementById('chart-sat').data[0].colorscale[0][1],"
+                " getComputedStyle(document.querySelector('.card:has(#chart-sat)')).backgroundColor]"
+            )
+            assert color_distance(zero, card) >= 40, (zero, card)
+            expect(page.locator("#chart-sat .annotation-text")).to_have_text(
+                "0 everywhere: no saturated units at any probe step (steps 0–30)"
+            )
+            style = page.get_attribute("#chart-sat .heatmaplayer image", "style") or ""
+            assert "pixelated" in style, style
+            assert page.locator("#chart-dead .annotation-text").count() == 0
             lines = page.evaluate(
                 "(() => { const el = document.querySelector('#chart-dead .row-lines');"
                 " return el && !el.hidden ? getComputedStyle(el).backgroundImage : null; })()"

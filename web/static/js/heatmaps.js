@@ -20,7 +20,14 @@ const ROW_PX = 11; // a heatmap row high enough for its 9 px label
 const MAX_GROWN_ROWS = 120;
 const HEATMAP_MARGIN_Y = 49; // the layout's top and bottom margins (the bottom's 32 grown to 43 by stepAxis's automargin)
 const HEATMAP_MARGIN_X = 160; // left margin (layer names), right margin and colour bar: before the first draw
-const HEAT_SCALE = [[0, "#10151c"], [0.15, "#2a1d5c"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
+/**
+ * A measured 0 is a slate tint, clearly lighter than the card (a cell with no value, which
+ * Plotly leaves transparent): it was #10151c, all but the card's own colour, and a healthy
+ * tanh run's saturation chart (0 everywhere) read as empty or broken. Lightness rises with
+ * the value from there (CIELAB L* 22, 25, 33, 55, 87).
+ */
+export const ZERO_COLOR = "#2c3545";
+const HEAT_SCALE = [[0, ZERO_COLOR], [0.15, "#45307d"], [0.4, "#7a2a85"], [0.7, "#e0553a"], [1, "#ffd36b"]];
 /** What a per-layer chart says before the run's first probe step. */
 export const NO_PROBE_YET = "no probe step recorded yet: layers are probed every few steps (watch()'s every=)";
 /** The 1 px line between a layers heatmap's rows: the card's background (--panel). */
@@ -96,6 +103,19 @@ function worst(row, from, to) {
 function plotColumns(div, margins) {
   const w = div._fullLayout?._size?.w ?? (div.clientWidth || 600) - margins;
   return Math.max(2, Math.min(MAX_COLUMNS, Math.round(w * (window.devicePixelRatio || 1))));
+}
+
+/** Every drawn cell is 0 (null cells aside; at least one 0). */
+function allZero(z) {
+  let any = false;
+  for (const row of z) {
+    for (const v of row) {
+      if (v === null || v === undefined) continue;
+      if (v !== 0) return false;
+      any = true;
+    }
+  }
+  return any;
 }
 
 /** Arrays equal element by element (a heatmap's columns and cells, before drawing them again). */
@@ -206,6 +226,7 @@ export class LayerHeatmap {
     this.div.dataset.rows = JSON.stringify(kept.map((i) => this.layers[i]));
     if (!kept.length) {
       this.div.dataset.empty = "1";
+      this.div.dataset.allZero = "";
       this.shown = null;
       this.rowCount = 0;
       this.drawRowLines();
@@ -233,6 +254,7 @@ export class LayerHeatmap {
       return last.shapes === shown.shapes ? Promise.resolve() : P.relayout(this.div, { shapes });
     }
     const label = stepLabels(this.steps, spans);
+    this.div.dataset.allZero = allZero(z) ? "1" : "";
     const data = [{
       type: "heatmap", x, y: rows, z, text: rows.map(() => label),
       zmin: 0, zmax: this.zmax, colorscale: HEAT_SCALE, xgap: 0, ygap: 0,
@@ -254,6 +276,8 @@ export class LayerHeatmap {
         tickmode: "array", tickvals: rows.filter((_, j) => j % Math.ceil(rows.length / MAX_GROWN_ROWS) === 0),
       },
       shapes,
+      // every cell 0 says so in words too: one colour over the whole plot is easy to misread
+      annotations: this.div.dataset.allZero ? [this.zeroNote()] : [],
       ...(height ? { height } : {}),
     });
     return P.react(this.div, data, layout, PLOT_CONFIG).then(() => {
@@ -264,6 +288,17 @@ export class LayerHeatmap {
       }
       this.drawRowLines();
     });
+  }
+
+  /** The note over a plot whose every cell is 0: "no saturated units at any probe step (0–190)". */
+  zeroNote() {
+    const what = this.title.replace(/ ratio$/, "");
+    const first = this.steps[0];
+    const last = this.steps[this.steps.length - 1];
+    const when = first === last ? `at probe step ${first}` : `at any probe step (steps ${first}–${last})`;
+    return { text: `0 everywhere: no ${what} units ${when}`, xref: "paper", yref: "paper", x: 0.5, y: 1,
+      xanchor: "center", yanchor: "top", showarrow: false, font: { size: 11, color: "#d7dde5" },
+      bgcolor: "rgba(22,27,34,0.85)", borderpad: 3 };
   }
 
   /**

@@ -209,3 +209,87 @@ def test_a_log_scale_preview_puts_values_on_a_log_axis_and_breaks_lines_at_gaps(
     assert l1 is not None and l3 is not None, linear
     # On a linear axis the same values hug the bottom until the last quarter.
     assert abs(l1 - l3) < abs(q1 - q3) / 4, (log, linear)
+
+
+# One LineChart per case drawn as run.js draws it before Plotly has run, then by Plotly: a
+# trace of a single point, one of three points, and a chart with no point at all.
+FEW_AND_EMPTY_JS = """
+async () => {
+  const { LineChart, FEW_POINTS } = await import('/static/js/charts.js');
+  const { drawPreview } = await import('/static/js/preview.js');
+  const make = (steps, values) => {
+    const div = document.createElement('div');
+    div.style.cssText = 'width: 600px; height: 260px';
+    document.body.append(div);
+    const chart = new LineChart(div, [{ name: 'train' }], { yTitle: 'loss', showLegend: false,
+      empty: 'no loss logged yet: pass loss= to w.step' });
+    if (steps.length) chart.setSeries(0, steps, values);
+    return chart;
+  };
+  document.body.replaceChildren();
+  const charts = { one: make([0], [2.3]), three: make([0, 10, 20], [2.3, 1.9, 1.7]), none: make([], []) };
+  // the trace's colour (COLORS[0]) within 4 px of a point's place, as drawn on the canvas
+  const around = (canvas, x, y) => {
+    const ctx = canvas.getContext('2d');
+    const d = ctx.getImageData(x - 4, y - 4, 9, 9).data;
+    let n = 0;
+    for (let i = 0; i < d.length; i += 4) {
+      if (d[i + 3] > 96 && Math.abs(d[i] - 0x4a) + Math.abs(d[i + 1] - 0xa3) + Math.abs(d[i + 2] - 0xff) < 60) n++;
+    }
+    return n;
+  };
+  const note = (div) => { const n = div.querySelector(':scope > .chart-note'); return n && !n.hidden ? n.textContent : null; };
+  const preview = {};
+  for (const [name, chart] of Object.entries(charts)) {
+    const canvas = drawPreview(chart, 'Loss');
+    const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let inked = 0;
+    for (let i = 3; i < px.length; i += 4) if (px[i]) inked++;
+    preview[name] = { label: canvas.getAttribute('aria-label'), note: note(chart.div), inked,
+      markers: canvas.dataset.markers };
+  }
+  // the one point sits in the middle of the plot (Plotly's range: its step ± 1, its value
+  // ± 1) inside charts.js baseLayout's margins (l 52, r 12, t 8, b 32)
+  preview.one.dot = around(charts.one.div.querySelector('canvas'), 52 + (600 - 64) / 2, 8 + (260 - 40) / 2);
+  await new Promise((resolve, reject) => {
+    const s = document.createElement('script');
+    s.src = '/static/plotly.min.js';
+    s.onload = resolve; s.onerror = reject;
+    document.head.append(s);
+  });
+  const plotly = {};
+  for (const [name, chart] of Object.entries(charts)) {
+    await chart.draw();
+    plotly[name] = { modes: chart.div.data.map((t) => t.mode), note: note(chart.div),
+      canvas: chart.div.querySelectorAll('canvas.chart-preview').length };
+  }
+  return { preview, plotly, few: FEW_POINTS };
+}
+"""
+
+
+def test_a_preview_marks_each_point_of_a_short_trace_and_says_why_a_chart_is_empty(
+    page: Page, server: LiveServer
+) -> None:
+    """A run of one probe step previewed as empty charts: a single point drawn as a line is
+    nothing, and a chart with no data had bare axes where Plotly's says what to log. The
+    preview draws a marker on each point of a short trace and the chart's note, as Plotly."""
+    page.route(
+        f"{server.url}/blank",
+        lambda route: route.fulfill(content_type="text/html", body=BLANK_HTML),
+    )
+    page.goto(f"{server.url}/blank")
+    got = page.evaluate(FEW_AND_EMPTY_JS)
+    preview, plotly = got["preview"], got["plotly"]
+    assert got["few"] >= 3
+    assert preview["one"]["dot"] >= 20, got  # a 6 px disc: it drew nothing
+    assert preview["one"]["label"].startswith("Loss: train at step 0"), got
+    assert preview["one"]["note"] is None and preview["three"]["note"] is None, got
+    note = "no loss logged yet: pass loss= to w.step"
+    assert preview["three"]["markers"] == "3", got
+    # no axes, no ticks: an empty canvas under the note, which Plotly's chart keeps
+    assert preview["none"]["note"] == note and preview["none"]["inked"] == 0, got
+    assert preview["none"]["label"] == f"Loss: {note}", got
+    assert plotly["one"]["modes"] == plotly["three"]["modes"] == ["lines+markers"], got
+    assert plotly["none"]["note"] == note and plotly["one"]["note"] is None, got
+    assert all(p["canvas"] == 0 for p in plotly.values()), got

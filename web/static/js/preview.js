@@ -3,14 +3,16 @@
  *
  * Owns: drawing a LineChart's current state (the same points, trace colours, smoothing,
  * log or linear y axis, zero-based range and command markers its Plotly chart will
- * show) with axis ticks, axis titles and a legend, on a canvas in the chart's div,
+ * show; a marker on each point of a trace of few points, FEW_POINTS; the chart's empty
+ * note, with no axes, while it has no point, as its Plotly chart shows them) with axis
+ * ticks, axis titles and a legend, on a canvas in the chart's div,
  * sized for devicePixelRatio and labelled for screen readers. Running Plotly takes
  * seconds here; this takes milliseconds, so a person sees the data that much sooner.
  * Never: handles input, fetches data, or survives the chart's first Plotly draw
  * (LineChart.draw removes the canvas, PREVIEW_CLASS, before it draws).
  */
 
-import { baseLayout } from "./charts.js";
+import { baseLayout, hideNote, showNote } from "./charts.js";
 
 export const PREVIEW_CLASS = "chart-preview";
 const THEME = baseLayout();
@@ -66,7 +68,8 @@ function extent(traces, logY) {
     }
   }
   if (lo > hi) return null;
-  const pad = (hi - lo) * 0.05 || (logY ? 0.5 : Math.abs(hi) * 0.1 || 1);
+  // one value: Plotly's ±1 around it (a log axis: half a decade)
+  const pad = (hi - lo) * 0.05 || (logY ? 0.5 : 1);
   return [lo - pad, hi + pad];
 }
 
@@ -93,10 +96,24 @@ export function drawPreview(chart, title) {
   ctx.scale(dpr, dpr);
   ctx.font = FONT;
   ctx.fillStyle = TEXT;
+  canvas.setAttribute("role", "img");
+  if (!chart.hasData()) {
+    // the note its Plotly chart shows, no axes (empty axes read as a chart that failed)
+    showNote(div, chart.empty);
+    canvas.dataset.lines = "0";
+    canvas.dataset.markers = "0";
+    canvas.setAttribute("aria-label", `${title}: ${chart.empty}`);
+    div.append(canvas);
+    return canvas;
+  }
+  hideNote(div);
 
   const xs = lines.flatMap((t) => (t.x.length ? [t.x[0], t.x[t.x.length - 1]] : []));
-  const x0 = xs.length ? Math.min(...xs) : 0;
-  const x1 = xs.length ? Math.max(...xs, x0 + 1) : 1;
+  const xMin = xs.length ? Math.min(...xs) : 0;
+  const xMax = xs.length ? Math.max(...xs) : 1;
+  // one step: Plotly's ±1 around it (the point in the middle, not on the axis)
+  const x0 = xMax > xMin ? xMin : xMin - 1;
+  const x1 = xMax > xMin ? xMax : xMin + 1;
   const [y0, y1] = chart.zeroBased && !logY ? chart.yRange() : extent(lines, logY) ?? [0, 1];
   const legend = chart.showLegend && lines.length > 1;
   const top = MARGIN.t + (legend ? LEGEND_H : 0);
@@ -181,6 +198,21 @@ export function drawPreview(chart, title) {
     });
   }
   ctx.restore();
+  // a trace of few points has a marker on each (LineChart.drawnData): one point drew nothing;
+  // outside the clip, as Plotly pads its range for them: a point on the plot's edge is whole
+  let dots = 0;
+  lines.forEach((t, i) => {
+    if (!chart.fewPoints(i)) return;
+    ctx.fillStyle = t.line.color;
+    t.x.forEach((x, k) => {
+      const v = t.y[k];
+      if (v === null || !Number.isFinite(v) || (logY && v <= 0)) return;
+      ctx.beginPath();
+      ctx.arc(px(x), py(logY ? Math.log10(v) : v), 3, 0, 2 * Math.PI); // Plotly's size 6
+      ctx.fill();
+      dots++;
+    });
+  });
 
   if (legend) {
     ctx.textAlign = "left";
@@ -202,11 +234,11 @@ export function drawPreview(chart, title) {
   const drawn = lines.filter((t) => t.y.some((v) => v !== null));
   canvas.dataset.lines = String(drawn.length);
   canvas.dataset.colors = drawn.map((t) => t.line.color).join(" ");
-  canvas.setAttribute("role", "img");
+  canvas.dataset.markers = String(dots);
   canvas.setAttribute("aria-label", drawn.length
-    ? `${title}: ${drawn.map((t) => t.name).join(", ")} over steps ${x0}–${x1}${logY ? ", log scale" : ""}`
+    ? `${title}: ${drawn.map((t) => t.name).join(", ")} ${xMax > xMin ? `over steps ${xMin}–${xMax}` : `at step ${xMin}`}${logY ? ", log scale" : ""}`
       + `${markers ? `, ${markers.x.length} command marker(s)` : ""} (a preview; the interactive chart follows)`
-    : `${title}: no data yet`);
+    : `${title}: ${chart.empty}`);
   div.append(canvas);
   return canvas;
 }

@@ -160,8 +160,17 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
     step_once = page.locator("button[data-cmd='step_once']")
     expect(step_once).to_be_disabled()
     expect(step_once).to_have_attribute("title", re.compile("while it is paused: pause it first"))
+    # ... and in words under the buttons, which it names (a title reaches no touch or
+    # keyboard user): it was only in the title
+    reason = page.locator("#control-reason")
+    expect(reason).to_be_visible()
+    expect(reason).to_have_text(re.compile(r"^Step once: .*while it is paused: pause it first\.$"))
+    expect(step_once).to_have_attribute("aria-describedby", "control-reason")
     pause.click()
     expect(pause).to_have_text("Resume", timeout=20_000)  # only after the trainer's acknowledgement
+    # paused, every control is on: the line is empty (its room kept) and describes nothing
+    expect(reason).to_have_text("")
+    expect(step_once).not_to_have_attribute("aria-describedby", re.compile("."))
     expect(page.locator("#status")).to_have_text("paused", timeout=20_000)
     applied_at = last_command(server, run_id, "pause")["applied_at_step"]
     # a command without arguments reads "pause sent by user, viewer ...", not "pause  sent"
@@ -356,6 +365,21 @@ def test_a_command_lost_as_the_socket_drops_is_sent_again_once_on_reconnect(
     page, run_id = run_page, live_run["id"]
     toggle = page.locator("button[data-cmd='wd-toggle']")
     expect(toggle).to_have_text("Weight decay: on")
+    # A long session's commands (each Set of the LR scale it has: no change to the run),
+    # one after another's acknowledgement: the page kept every one it ever sent, for good.
+    kept = page.evaluate(
+        """async (n) => {
+            const b = document.querySelector("button[data-cmd='set_lr_scale']");
+            const settled = () => new Promise((resolve) => {
+                const poll = () => (b.classList.contains('pending') ? setTimeout(poll, 5) : resolve());
+                poll();
+            });
+            for (let i = 0; i < n; i++) { b.click(); await settled(); }
+            return Number(document.getElementById('controls').dataset.commandsKept);
+        }""",
+        30,
+    )
+    assert 1 <= kept <= 9, kept  # KEEP_SETTLED (8) settled ones and the last
     # The fault: the next command never leaves the page, and its socket closes under it.
     page.evaluate(
         """() => {
@@ -406,11 +430,18 @@ def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
                 .observe(b, {childList: true, characterData: true, subtree: true});
         }"""
     )
+    # ValidationPlateau, auto-halve's alert, raises nothing while auto-halve is off: the
+    # trainer takes `--silence ValidationPlateau` as that and acknowledges auto_halve_lr
+    # false (never in `silenced`), and the list showed no such rule at all.
+    plateau = page.locator("#rules-silence label[data-rule='ValidationPlateau'] input")
+    expect(plateau).to_be_checked()
+    expect(page.locator("#rules-silenced-count")).to_have_text("1 silenced")
     auto.click()
     expect(auto).to_have_text("Auto-halve LR: on", timeout=20_000)
     assert page.evaluate("window.sawRulePending")  # shown pending until the trainer acknowledged
     row = last_command(server, run_id, "set_rules")
     assert row["args"] == {"auto_halve_lr": True} and row["state"]["rules"]["auto_halve_lr"] is True
+    expect(plateau).not_to_be_checked()
 
     page.click("#rules-picker summary")
     box = page.locator("#rules-silence label[data-rule='DeadUnits'] input")
@@ -422,11 +453,15 @@ def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
     assert row["state"]["rules"]["silenced"] == ["DeadUnits"]
     expect(page.locator("#events")).to_contain_text("set_rules silenced=DeadUnits applied at step")
 
-    # Back as they were, so the run keeps training unattended.
+    # Back as they were, so the run keeps training unattended: silencing ValidationPlateau
+    # is switching auto-halve off.
     box.click()
     expect(page.locator("#rules-silenced-count")).to_have_text("none silenced", timeout=20_000)
-    auto.click()
+    plateau.click()
     expect(auto).to_have_text("Auto-halve LR: off", timeout=20_000)
+    expect(plateau).to_be_checked()
+    expect(page.locator("#rules-silenced-count")).to_have_text("1 silenced")
+    assert last_command(server, run_id, "set_rules")["args"] == {"auto_halve_lr": False}
 
 
 def test_a_run_started_without_weight_decay_has_its_switch_off_and_says_why(
@@ -458,6 +493,15 @@ def test_a_run_started_without_weight_decay_has_its_switch_off_and_says_why(
     expect(auto).to_have_text("Auto weight decay: off")
     expect(auto).to_be_disabled()
     expect(auto).to_have_attribute("title", re.compile("started with weight decay 0"))
+    # both reasons in words, each beside its group and named by its button's description
+    expect(page.locator("#control-reason")).to_contain_text(
+        "Weight decay: this run was started with weight decay 0"
+    )
+    expect(toggle).to_have_attribute("aria-describedby", "control-reason")
+    expect(page.locator("#rules-note")).to_have_text(
+        re.compile(r"^Auto weight decay: This run was started with weight decay 0")
+    )
+    expect(auto).to_have_attribute("aria-describedby", "rules-note")
     server.api("POST", f"/api/runs/{run_id}/stop")
 
 

@@ -17,6 +17,10 @@
  * the bar sends one at a time: a click while one is pending is queued (the button says
  * "+N") and sent once the previous one is acknowledged (4 quick clicks lost all but the
  * first, or merged); the queue is dropped when the run resumes, ends, or a step fails.
+ * Why a control is off is written out below the buttons (#control-reason, each disabled
+ * button's aria-describedby): a button's title alone reached no touch or keyboard user.
+ * `sent` (what the page sent, by id: what a resend sends again) keeps every pending
+ * command and the KEEP_SETTLED last settled ones: it held every command a tab ever sent.
  * Never: shows a state the trainer has not acknowledged, or sends while no trainer
  * is connected or the run has ended (the buttons say why they are disabled).
  */
@@ -49,6 +53,15 @@ export function startedWithoutWeightDecay(config) {
 const PARAMLESS_KIND = /^(relu6?|leakyrelu|rrelu|elu|selu|celu|gelu|silu|mish|tanh|tanhshrink|sigmoid|logsigmoid|hardtanh|hardsigmoid|hardswish|hardshrink|softshrink|softplus|softsign|softmax|logsoftmax|threshold|glu|identity|flatten|unflatten|dropout\d?d?|alphadropout|(max|avg|adaptive(max|avg))pool\dd)$/i;
 
 const STEP_NEEDS_PAUSE = "Step once advances the run by one step while it is paused: pause it first.";
+const WAITING = "waiting for the trainer to acknowledge";
+/**
+ * Settled (acknowledged or refused) commands kept in `sent` beside the pending ones: a
+ * reader of the acknowledgement's own frame (run.js's markers, after Controls) and a
+ * late duplicate find theirs; older ones nothing reads again.
+ */
+export const KEEP_SETTLED = 8;
+/** A button as the reason line names it, where its label alone would not say what it is. */
+const LINE_NAMES = { set_lr_scale: "Set LR ×", "wd-toggle": "Weight decay" };
 const STOPPING = "Stop was acknowledged: the trainer finishes its current step and exits.";
 const NO_WEIGHT_DECAY = "This run was started with weight decay 0 (every parameter group): there is no weight decay to switch on or off.";
 
@@ -403,8 +416,22 @@ export class Controls {
       return;
     }
     this.pending.set(id, key);
-    this.sent.set(id, { name, args });
+    this.remember(id, name, args);
     this.render();
+  }
+
+  /**
+   * Records a command sent from this page (the Rules group's too), for a resend after a
+   * reconnect; drops settled ones past the KEEP_SETTLED newest (pending ones stay).
+   */
+  remember(id, name, args) {
+    this.sent.set(id, { name, args });
+    const live = new Set([...this.pending.keys(), ...(this.extraPending ? this.extraPending() : [])]);
+    let settled = 0;
+    for (const old of [...this.sent.keys()].reverse()) {
+      if (old !== id && !live.has(old) && ++settled > KEEP_SETTLED) this.sent.delete(old);
+    }
+    this.root.dataset.commandsKept = String(this.sent.size);
   }
 
   /**
@@ -439,8 +466,7 @@ export class Controls {
   render() {
     const s = this.view().state || DEFAULT_STATE;
     const reason = this.disabledReason();
-    this.reason.hidden = !reason;
-    this.reason.textContent = reason;
+    const why = new Map(); // a disabled button's reason -> the buttons it holds off
     this.root.dataset.acked = JSON.stringify(this.state);
     for (const [key, b] of this.buttons) {
       const pending = this.buttonPending(key);
@@ -463,7 +489,19 @@ export class Controls {
           : pending ? "Waiting for the trainer to acknowledge"
             : notPaused ? STEP_NEEDS_PAUSE : stopping ? STOPPING : "");
       if (key === "step_once") b.dataset.queued = String(queued);
+      const line = b.disabled && !reason ? (noWd ? "this run was started with weight decay 0: there is none to switch"
+        : notPaused ? "advances the run by one step while it is paused: pause it first"
+          : stopping ? "acknowledged; the trainer finishes its current step and exits"
+            : pending ? WAITING : "") : "";
+      if (line) why.set(line, [...(why.get(line) || []), LINE_NAMES[key] || label]);
+      if (b.disabled) b.setAttribute("aria-describedby", this.reason.id);
+      else b.removeAttribute("aria-describedby");
     }
+    // in words under the buttons: a title shows on hover only (no touch, no keyboard user)
+    const text = reason || [...why].map(([line, labels]) => `${labels.join(", ")}: ${line}.`).join(" ");
+    this.reason.textContent = text; // its line stays (empty): the page does not jump as it changes
+    this.reason.hidden = false;
+    this.reason.classList.toggle("off", !!reason);
     this.acked.textContent = this.describe();
     this.renderFreeze();
     if (this.onRender) this.onRender();

@@ -7,11 +7,20 @@
  * {auto_halve_lr} or {auto_weight_decay}), sent through the Controls' socket, each
  * switch pending until the trainer acknowledges it; what it shows is the
  * acknowledged `state.rules` only ({enabled, silenced, auto_halve_lr, auto_weight_decay}).
+ * ValidationPlateau, auto-halve's alert, is in the silence list too: the trainer takes
+ * `--silence ValidationPlateau` as auto-halve off (it raises that alert only while
+ * auto-halve is on) and acknowledges it as `auto_halve_lr: false`, never in `silenced`;
+ * its box is ticked exactly when Auto-halve LR is off, and ticking it switches that.
+ * Why a switch is off is written in #rules-note (the button's aria-describedby), not in
+ * its title alone.
  * Never: shows a switch as changed before the trainer says so, or sends while the
  * controls are off (same reasons as the rest of the control bar).
  */
 
 import { toast } from "./notify.js";
+
+/** Auto-halve's alert: silenced is auto-halve off (see the module's comment). */
+export const PLATEAU = "ValidationPlateau";
 
 /** Why Auto weight decay cannot be switched on for a run started with weight decay 0. */
 const NO_WEIGHT_DECAY_TO_ADD = "This run was started with weight decay 0 (every parameter group): "
@@ -49,7 +58,7 @@ export class RulesPanel {
       return;
     }
     this.pending.set(id, key);
-    this.controls.sent.set(id, { name: "set_rules", args });
+    this.controls.remember(id, "set_rules", args);
     this.render();
   }
 
@@ -66,6 +75,7 @@ export class RulesPanel {
   toggleSilence(rule, silenced) {
     const r = this.rules();
     if (!r) return;
+    if (rule === PLATEAU) { this.send("auto_halve_lr", { auto_halve_lr: !silenced }); return; }
     const set = new Set(r.silenced);
     if (silenced) set.add(rule); else set.delete(rule);
     this.send(`silence:${rule}`, { silenced: [...set] });
@@ -97,7 +107,7 @@ export class RulesPanel {
     }
     const pendingKeys = new Set(this.pending.values());
     this.root.dataset.acked = JSON.stringify(r);
-    this.note.textContent = r ? "" : "No rules state acknowledged by this trainer yet.";
+    const why = [];
     for (const b of this.buttons) {
       const key = b.dataset.ruleAuto;
       const on = !!r?.[key];
@@ -108,9 +118,16 @@ export class RulesPanel {
       const pointless = this.cannotSwitchOn(key, r);
       b.disabled = !r || !!reason || pending || pointless;
       b.title = reason || (pointless ? NO_WEIGHT_DECAY_TO_ADD : pending ? "Waiting for the trainer to acknowledge" : "");
+      // the control bar's line says the common reason; this one says a switch's own
+      if (b.disabled && !reason && r) why.push(`${b.dataset.label}: ${pointless ? NO_WEIGHT_DECAY_TO_ADD : "waiting for the trainer to acknowledge."}`);
+      if (b.disabled) b.setAttribute("aria-describedby", reason ? this.controls.reason.id : this.note.id);
+      else b.removeAttribute("aria-describedby");
     }
-    const enabled = r?.enabled || [];
+    this.note.textContent = r ? why.join(" ") : "No rules state acknowledged by this trainer yet.";
+    // the trainer's rules and auto-halve's alert, silenced exactly when auto-halve is off
+    const enabled = r ? [...r.enabled, PLATEAU] : [];
     const silenced = new Set(r?.silenced || []);
+    if (r && !r.auto_halve_lr) silenced.add(PLATEAU);
     if (this.list.children.length !== enabled.length || [...this.list.children].some((l, i) => l.dataset.rule !== enabled[i])) {
       this.list.replaceChildren(...enabled.map((name) => {
         const label = document.createElement("label");
@@ -118,13 +135,14 @@ export class RulesPanel {
         box.type = "checkbox";
         box.value = name;
         label.dataset.rule = name;
-        label.append(box, ` silence ${name}`);
+        // in words, not in a title: silenced, auto-halve neither alerts nor halves
+        label.append(box, name === PLATEAU ? ` silence ${name} (= Auto-halve LR off)` : ` silence ${name}`);
         return label;
       }));
     }
     for (const label of this.list.children) {
       const box = label.querySelector("input");
-      const pending = pendingKeys.has(`silence:${label.dataset.rule}`);
+      const pending = pendingKeys.has(label.dataset.rule === PLATEAU ? "auto_halve_lr" : `silence:${label.dataset.rule}`);
       box.checked = silenced.has(label.dataset.rule); // acknowledged state only
       box.disabled = !!reason || pending;
       label.classList.toggle("pending", pending);

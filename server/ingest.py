@@ -27,7 +27,7 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from layerscope.server.checks import RunIdTaken, StoreError
 from layerscope.server.commands import command_frame
-from layerscope.server.hub import Hub, close_reason
+from layerscope.server.hub import Hub, close_reason, cut_message
 from layerscope.server.settings import Settings
 from layerscope.server.writes import NOT_APPLIED
 from layerscope.trainer import wire
@@ -42,9 +42,6 @@ CLOSE_SERVER_ERROR = 1011
 # timeout). Past either bound the connection is closed (1008); what it sent before is stored.
 MAX_UNREAD_ERRORS = 1000
 MAX_UNREAD_ERROR_CHARS = 1024 * 1024
-# An error frame's message is cut to this: one quoting a field (an unknown frame type or
-# event kind of a megabyte) was as big as the frame it refused.
-MAX_ERROR_CHARS = 2000
 UNREAD_ERRORS_REASON = "too many error frames unread; read the server's answers and reconnect"
 LIVE_STATUSES = frozenset({"starting", "running", "paused"})
 # What a heartbeat's status may change a run to (it says "starting" before the trainer's
@@ -421,7 +418,7 @@ class Ingest:
                         self.hub.publish_status(run_id, status)
 
     async def _answer(self, link: TrainerLink, message: str) -> bool:
-        """Queue an error frame for the trainer (its message cut to MAX_ERROR_CHARS); False
+        """Queue an error frame for the trainer (its message cut: hub.cut_message); False
         (the link is closed, 1008) when ``max_unread_errors`` error frames, or
         MAX_UNREAD_ERROR_CHARS of them, are already queued unwritten: it reads none."""
         if (
@@ -436,11 +433,9 @@ class Ingest:
             )
             await link.close(wire.CLOSE_POLICY, UNREAD_ERRORS_REASON)
             return False
-        if len(message) > MAX_ERROR_CHARS:  # its head and tail: the field and the rule
-            half = MAX_ERROR_CHARS // 2
-            cut = len(message) - 2 * half
-            message = f"{message[:half]} ... ({cut} characters cut) ... {message[-half:]}"
-        link.send({"type": "error", "message": message})
+        # One quoting a field (an unknown frame type or event kind of a megabyte) was as big
+        # as the frame it refused: its head and tail, the field and the rule.
+        link.send({"type": "error", "message": cut_message(message)})
         return True
 
     def _limit_hello_layers(self, hello: dict[str, Any]) -> list[str]:

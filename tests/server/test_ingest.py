@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from layerscope.server.hub import cut_message
 from layerscope.server.ingest import MAX_UNREAD_ERRORS, UNREAD_ERRORS_REASON
 from layerscope.trainer import wire
 from server_harness import (
@@ -699,9 +700,15 @@ async def test_an_error_frame_quoting_a_huge_field_is_cut(
     """An unknown event kind of a megabyte made a megabyte error frame (each bad frame
     queued its own size again for the trainer, and its log printed it)."""
     trainer = await FakeTrainer.connect(shared_server, run_id)
-    await trainer.send({"type": "event", "seq": 1, "step": 1, "kind": "k" * 1_000_000})
+    kind = "k" * 1_000_000
+    await trainer.send({"type": "event", "seq": 1, "step": 1, "kind": kind})
     error = await trainer.error()
     assert len(error) < 2100
+    # One rule for both sockets' errors (and the REST refusals): hub.cut_message's.
+    assert error == cut_message(
+        f"event frame seq 1 not stored: unknown event kind {kind!r};"
+        f" expected one of {sorted(wire.EVENT_KINDS)}"
+    )
     assert error.startswith("event frame seq 1 not stored: unknown event kind 'kkk")
     assert error.endswith(f"expected one of {sorted(wire.EVENT_KINDS)}")
     assert "characters cut" in error

@@ -147,6 +147,9 @@ export class RulesPanel {
       box.disabled = !!reason || pending;
       label.classList.toggle("pending", pending);
     }
-    this.count.textContent = silenced.size ? `${silenced.size} silenced` : "none silenced";
+    // the count is of rules silenced by name: auto-halve is off by default, and a run no one
+    // silenced anything on read "1 silenced" (its row says what it is)
+    const named = silenced.size - (silenced.has(PLATEAU) ? 1 : 0);
+    this.count.textContent = named ? `${named} silenced` : "none silenced";
   }
 }

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
-from layerscope.server import queries
 from layerscope.server.commands import CommandRefused, origin_of, relay_command
 from layerscope.server.hub import Hub, cut_message
 from layerscope.server.settings import Settings, local_host
@@ -270,7 +269,7 @@ class Launcher:
         """``name`` made distinct from every stored run's and every launch's under way
         (distinct_name); reserved in ``_naming`` until the run is stored."""
         prefix = family_of(name)[: wire.MAX_NAME_LEN - MAX_SUFFIX]
-        stored = self.store._read(lambda c: queries.names_starting(c, prefix))
+        stored = self.store.run_names_starting(prefix)
         given = distinct_name(name, [*stored, *self._naming])
         self._naming.add(given)
         return given

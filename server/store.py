@@ -200,6 +200,11 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
+    def run_names_starting(self, prefix: str) -> list[str]:
+        """Every stored run's name that starts with ``prefix`` (the launcher numbers a
+        launch whose name a run already has)."""
+        return self._read(lambda c: queries.names_starting(c, prefix))
+
     def acked_seq(self, run_id: str) -> int:
         """Highest contiguous committed seq; 0 for a run not stored yet."""
         return self._read(lambda c: queries.acked_seq(c, run_id))

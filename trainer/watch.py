@@ -164,7 +164,9 @@ class Watch:
         self._device = _model_device(model)
         self._progress_enabled = progress
         self._progress_row: dict[str, Any] = {"step": self.step_count, "values": {}}
-        self._progress_line = ProgressLine() if progress else None
+        # made once nothing can refuse this watch (below): a refused one left its filter on
+        # the trainer's loggers for the rest of the process
+        self._progress_line: ProgressLine | None = None
         self._good_every = good_checkpoint_every
         self._good_t = -math.inf  # when the last snapshot for it was taken
         self._probe_count = 0
@@ -249,6 +251,8 @@ class Watch:
         except BaseException:
             self._close_parts()  # a refused watch (bad argument, unwritable run_dir) leaves no hooks
             raise
+        if progress:
+            self._progress_line = ProgressLine()
         if self.link is not None:
             self.link.start()
             if progress and server and dashboard_line:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import threading
 import time
@@ -17,7 +18,7 @@ from layerscope.trainer import watch as exported_watch
 from layerscope.trainer import wire
 from layerscope.trainer.checkpoint import CheckpointError, load_model_weights
 from layerscope.trainer.spool import read_spool
-from layerscope.trainer.watch import MAX_PROBE_PASSES, Watch, watch
+from layerscope.trainer.watch import MAX_PROBE_PASSES, ProgressLine, Watch, watch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from waiting import wait_until
@@ -435,6 +436,33 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert [r["values"]["loss"] for r in rows(fs)] == [2.0]
     logs = [f["data"] for f in fs if f["type"] == "event" and f["kind"] == "log"]
     assert logs == [{"text": "kept"}]
+
+
+def test_a_refused_watch_with_progress_leaves_no_filter_on_the_loggers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """watch(progress=True) put its progress line's filter on the trainer's loggers before
+    the checks that can refuse the call: a refused one (a bad config, a layer filter that
+    selects nothing, an optimizer already steered) left it there for the process's life,
+    one more per refusal, each breaking the line before every later log record."""
+    model, opt, _, _ = make_model()
+    loggers = [logging.getLogger(f"layerscope.trainer.{n}") for n in ProgressLine.LOGGERS]
+    before = [list(logger.filters) for logger in loggers]
+    with pytest.raises(TypeError, match="config must be a dict"):
+        watch(model, opt, config=[1], run_dir=tmp_path / "a", progress=True)
+    with pytest.raises(ValueError, match="selects no layer"):
+        watch(model, opt, layers="nothing_here", run_dir=tmp_path / "b", progress=True)
+    with (
+        watch(model, opt, every=0, run_dir=tmp_path / "c"),
+        pytest.raises(ValueError, match="already steered"),
+    ):
+        watch(model, opt, every=0, run_dir=tmp_path / "d", progress=True)
+    assert [list(logger.filters) for logger in loggers] == before
+    assert capsys.readouterr().err == ""  # nor a stray newline from a line never drawn
+    with watch(model, opt, every=0, run_dir=tmp_path / "e", progress=True) as w:
+        w.step(loss=1.0)
+        assert all(any(isinstance(f, ProgressLine) for f in lg.filters) for lg in loggers)
+    assert [list(logger.filters) for logger in loggers] == before
 
 
 def test_scalar_tensors_of_any_single_value_shape_and_dtype_arrive_as_floats(

@@ -11,7 +11,8 @@ everything; ``GET /healthz`` (503 while the store cannot take writes); a 404 on 
 dashboard's page paths (anything outside ``/api``, ``/ws``, ``/static`` and ``/healthz``:
 ``/runs/...``, ``/labs/...``, ``/compare...``) answered as an HTML page (``404.html``:
 what was not found, escaped, and a link back to the runs page) where the API keeps its
-JSON ``{"detail": ...}``.
+JSON ``{"detail": ...}``; FastAPI's own 422 for a parameter or body it refuses, in its
+shape, with each message and quoted value cut (hub.cut_message), not echoed whole.
 
 Never: reads settings or creates state at import time (tests build as many apps
 as they like, each on its own ``tmp_path``), or imports torch.
@@ -19,12 +20,15 @@ as they like, each on its own ``tmp_path``), or imports torch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from layerscope.server import (
     __version__,
@@ -81,6 +85,48 @@ async def not_found_page(request: Request, exc: Exception) -> Response:
         },
         status_code=404,
         headers=exc.headers,
+    )
+
+
+def cut_value(value: Any) -> Any:
+    """A value a validation error quotes, at most about hub.MAX_ERROR_CHARS long: a string
+    cut by hub.cut_message (head and tail); anything else whose JSON is longer (a huge
+    list or object) is replaced by its JSON, cut the same way."""
+    value = jsonable_encoder(value)
+    if isinstance(value, str):
+        return hub.cut_message(value)
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value)
+        if len(text) > hub.MAX_ERROR_CHARS:
+            return hub.cut_message(text)
+    return value
+
+
+def cut_error(error: dict[str, Any]) -> dict[str, Any]:
+    """One of FastAPI's validation errors, same keys, each part that can quote the request
+    (``msg``, ``input``, a ``loc`` name, a ``ctx`` value) cut (cut_value)."""
+    out = dict(error)
+    for key in ("msg", "input"):
+        if key in out:
+            out[key] = cut_value(out[key])
+    if isinstance(out.get("loc"), (list, tuple)):
+        out["loc"] = [cut_value(part) for part in out["loc"]]
+    if isinstance(out.get("ctx"), dict):
+        out["ctx"] = {key: cut_value(value) for key, value in out["ctx"].items()}
+    return out
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 for a request its parameters refuse (``{"detail": [{"loc", "msg",
+    "type", "input", ...}]}``, the same shape), with each quoted part cut (cut_error): it
+    echoed the value whole, a 100 kB query string a 100 kB answer, a JSON body's
+    field of a megabyte a megabyte one (hub.cut_message, as the sockets' errors and
+    the routes' own refusals are)."""
+    if not isinstance(exc, RequestValidationError):  # registered for it only
+        raise exc
+    return JSONResponse(
+        status_code=422,
+        content={"detail": [cut_error(error) for error in jsonable_encoder(exc.errors())]},
     )
 
 
@@ -165,6 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"ok": True, "version": __version__}
 
     app.add_exception_handler(StarletteHTTPException, not_found_page)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(ingest.router)
     app.include_router(hub.router)
     app.include_router(commands.router)

@@ -13,15 +13,17 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import pytest
 from layerscope.server import __version__
-from layerscope.server.hub import Hub
+from layerscope.server.hub import Hub, cut_message
 from layerscope.server.launcher import Launcher
 from layerscope.server.serving import make_server
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
+from pydantic import BaseModel, ConfigDict, Field
 from server_harness import (
     FakeTrainer,
     LiveServer,
@@ -230,3 +232,54 @@ def test_a_missing_page_is_an_html_404_and_the_api_keeps_json(live_server: LiveS
         response = httpx.get(f"{live_server}{path}")
         assert response.status_code == 404, path
         assert response.json() == {"detail": detail}, path
+
+
+def test_a_validation_error_quoting_a_huge_value_is_cut(live_server: LiveServer) -> None:
+    """FastAPI's own 422 echoed what it refused whole: /events?kind= of 60,000 characters
+    got a 60 kB answer, and a JSON body's field of half a megabyte (a route taking a
+    model; the app's own body routes check their bodies themselves) a half-megabyte one.
+    Each msg, input, loc name and ctx value is now cut to 2,000 characters, head and tail
+    (hub.cut_message), in FastAPI's shape; what is short is answered as before."""
+    response = httpx.get(f"{live_server}/api/runs/x/events", params={"kind": "k" * 60_000})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", "kind"] and error["type"] == "string_too_long"
+    assert error["msg"] == "String should have at most 64 characters"
+    assert error["input"] == cut_message("k" * 60_000) and len(response.content) < 2500
+    short = httpx.get(f"{live_server}/api/runs", params={"limit": "many"}).json()["detail"]
+    assert short == [
+        {
+            "type": "int_parsing",
+            "loc": ["query", "limit"],
+            "msg": "Input should be a valid integer, unable to parse string as an integer",
+            "input": "many",
+        }
+    ]
+
+    live_server.app.add_api_route("/api/test-probe", probe, methods=["POST"])
+    url = f"{live_server}/api/test-probe"
+    huge_key = "k" * 500_000
+    for body, loc, kind in [
+        ({"name": "n" * 500_000}, ["body", "name"], "string_too_long"),
+        ({"name": ["n"] * 200_000}, ["body", "name"], "string_type"),
+        ({"name": "n", huge_key: 1}, ["body", cut_message(huge_key)], "extra_forbidden"),
+    ]:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 422, kind
+        (error,) = response.json()["detail"]
+        assert (error["loc"], error["type"]) == (loc, kind)
+        assert len(response.content) < 4500, kind  # each of loc and input at most 2,000
+    assert error["input"] == 1
+    big_list = httpx.post(url, json={"name": ["n"] * 200_000}, timeout=30).json()["detail"][0]
+    assert big_list["input"] == cut_message(json.dumps(["n"] * 200_000))
+
+
+class Probe(BaseModel):
+    """A body model for the validation-error test (no route of the app takes one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(max_length=8)]
+
+
+def probe(body: Probe) -> None:  # pragma: no cover - every request to it is refused
+    raise AssertionError(body)

@@ -10,7 +10,8 @@ modules' static imports).
 A page for something that is not stored (a run id no run has, a deleted run's URL
 included; a lab with no record; a comparison none of whose runs exists) is a 404,
 which app.py renders as the HTML not-found page with a link back to the runs, rather
-than a shell whose script then fails to load it.
+than a shell whose script then fails to load it. A comparison of more runs than it can
+show (MAX_COMPARE_RUNS) is a 422 page saying so, with the same link.
 
 Never: renders data into the pages (the browser fetches it through the REST and
 websocket contract in ``http_api.md``; a page checks only that what it shows exists),
@@ -140,12 +141,41 @@ def run_page(request: Request, run_id: str) -> Response:
     )
 
 
+# The most runs a comparison shows: the charts' colours (charts.js COLORS, one per run;
+# an eleventh run drew in the first one's colour), and each run costs the page three
+# requests every few seconds. /compare?ids= with thousands of ids answered a page that
+# carried all of them and then asked the server for each.
+MAX_COMPARE_RUNS = 10
+# The page a comparison of too many runs gets (422): said in the dashboard's layout,
+# with a way back, as the not-found page does (404.html).
+TOO_MANY_PAGE = templates.env.from_string(
+    """{% extends "base.html" %}
+{% block title %}Too many runs · layerscope{% endblock %}
+{% block main %}
+<section class="panel not-found">
+  <h1>Too many runs to compare</h1>
+  <p>A comparison shows at most {{ most }} runs (one colour each); this link names {{ count }}.</p>
+  <p><a href="/">Back to the runs</a> to pick at most {{ most }}.</p>
+</section>
+{% endblock %}
+"""
+)
+
+
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
 def compare_page(request: Request, ids: Annotated[list[str], Query()] = []) -> Response:  # noqa: B006
     """``?ids=a&ids=b``: each value one run id, verbatim (an id may hold a comma); a single
-    ``?ids=a,b`` is split on commas (the older links' form)."""
+    ``?ids=a,b`` is split on commas (the older links' form). More than MAX_COMPARE_RUNS
+    distinct ids: a 422 page saying so (nothing is looked up)."""
     parts = ids[0].split(",") if len(ids) == 1 else ids
     run_ids = list(dict.fromkeys(x for x in (part.strip() for part in parts) if x))
+    if len(run_ids) > MAX_COMPARE_RUNS:
+        return HTMLResponse(
+            TOO_MANY_PAGE.render(
+                _context(request, page="compare", most=MAX_COMPARE_RUNS, count=len(run_ids))
+            ),
+            status_code=422,
+        )
     # The page says which of its runs it could not load; with none of them there is
     # nothing to compare (no ids at all: the page says to pick some on the runs page).
     store = _store(request)

@@ -160,6 +160,31 @@ def test_a_page_for_what_is_not_stored_is_an_html_404_with_a_link_back(
     assert stored.api("GET", "/api/runs/doomed").json() == {"detail": "run 'doomed' not found"}
 
 
+def test_a_comparison_of_more_runs_than_it_can_show_is_refused(stored: LiveServer) -> None:
+    """/compare?ids= took any number of ids: 6,000 answered a 100 kB page that then asked
+    the server for each run, and an eleventh run drew in the first one's colour. More than
+    MAX_COMPARE_RUNS (the charts' colours) distinct ids is now a 422 page saying so, with
+    a link back to the runs; that many still open, repeated ids counted once."""
+    colors = re.search(r"COLORS = \[([^\]]*)\]", (STATIC_DIR / "js" / "charts.js").read_text())
+    assert colors is not None
+    assert len(re.findall(r'"#[0-9a-f]{6}"', colors.group(1))) == pages.MAX_COMPARE_RUNS
+    most = pages.MAX_COMPARE_RUNS
+    fits = ["a", "c", *(f"ghost{i}" for i in range(most - 2))]
+    response = stored.api("GET", "/compare", params=[("ids", x) for x in [*fits, "a"]])
+    assert response.status_code == 200
+    for ids, count in [
+        ([*fits, "one-more"], most + 1),
+        ([",".join(f"r{i}" for i in range(6_000))], 6_000),  # the older form, split
+    ]:
+        response = stored.api("GET", "/compare", params=[("ids", x) for x in ids])
+        assert response.status_code == 422
+        assert response.headers["content-type"].startswith("text/html")
+        assert f"A comparison shows at most {most} runs (one colour each)" in response.text
+        assert f"this link names {count}." in response.text
+        assert '<a href="/">Back to the runs</a>' in response.text
+        assert "data-run-ids" not in response.text
+
+
 def test_experiment_schema_is_the_trainers(server: LiveServer) -> None:
     response = server.api("GET", "/api/experiment_schema")
     assert response.status_code == 200

@@ -99,3 +99,30 @@ def test_a_step_a_grad_scaler_skipped_inside_a_fused_optimizer_is_no_update() ->
     skipped, taken = measured
     assert all(math.isnan(n) for n in skipped)
     assert all(n > 0 for n in taken)
+
+
+def test_a_linear_layers_outer_product_update_is_estimated_in_every_column() -> None:
+    """A Linear's update moves row r, column c by a_r * b_c. With a stride dividing the row
+    length (4 into 128) every kept entry sat in the same 32 columns, so which inputs those
+    were decided the estimate: 0.71-1.29x the true norm with every input live, 0.22-1.67x
+    with 80% of them dead (a practitioner's review). The stride is now prime to the row
+    length and every column is visited: within 15% over 40 random updates, dead inputs
+    or not."""
+    generator = torch.Generator().manual_seed(0)
+    for dead in (0.0, 0.8):
+        weight = nn.Parameter(torch.randn(128, 128, generator=generator))
+        worst = 0.0
+        for _ in range(40):
+            sample = UpdateSample([weight])
+            sample.before_step()
+            live = torch.rand(128, generator=generator) >= dead
+            inputs = torch.randn(128, generator=generator).abs() * live
+            update = torch.outer(torch.randn(128, generator=generator), inputs) * 1e-3
+            with torch.no_grad():
+                weight.sub_(update)
+            norms = sample.after_step(torch.device("cpu"))
+            assert norms is not None
+            estimate = norms.item() * math.sqrt(sample.scales[0])
+            worst = max(worst, abs(estimate / update.norm().item() - 1))
+        assert worst < 0.15, (dead, worst)
+        assert math.gcd(int(sample.scales[0]), 128) == 1

@@ -438,6 +438,16 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
             expect(listed).to_have_count(50)
             expect(listed.first).to_have_attribute("data-run-id", "run-0299")  # newest first
             expect(page.locator("#runs-count")).to_have_text("The newest 50 of 300 runs")
+            # a comparison shows at most 10 runs (the server refuses more): the button says so
+            boxes, compare = listed.locator("input[type=checkbox]"), page.locator("#compare")
+            for i in range(11):
+                boxes.nth(i).check()
+            expect(compare).to_have_text("Compare selected (11; at most 10)")
+            expect(compare).to_be_disabled()
+            boxes.nth(10).uncheck()
+            expect(compare).to_be_enabled()
+            for i in range(10):
+                boxes.nth(i).uncheck()
             deadline = time.monotonic() + 10
             while len(polls.seen) < 2 and time.monotonic() < deadline:
                 page.wait_for_timeout(100)  # playwright delivers responses meanwhile; sleep would not

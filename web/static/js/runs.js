@@ -219,10 +219,16 @@ function renderFooter() {
   more.textContent = `Show ${Math.min(PAGE_SIZE, rest)} more`;
 }
 
+// /compare shows at most this many runs, one colour each (server/pages.py MAX_COMPARE_RUNS)
+const MAX_COMPARE = 10;
+
 function updateCompare() {
   const button = $("compare");
-  button.disabled = selected.size < 2;
-  button.textContent = selected.size ? `Compare selected (${selected.size})` : "Compare selected";
+  const over = selected.size > MAX_COMPARE;
+  button.disabled = selected.size < 2 || over;
+  button.textContent = over
+    ? `Compare selected (${selected.size}; at most ${MAX_COMPARE})`
+    : selected.size ? `Compare selected (${selected.size})` : "Compare selected";
   // "Select all" is about the rows listed (the search's): ticked when every one is selected
   const picked = runs.filter((run) => selected.has(run.id)).length;
   const all = $("select-all");

@@ -519,8 +519,8 @@ class Control:
     # ---- checkpoints ----
 
     def checkpoint(self, step: int) -> Path:
-        """Write model, optimizer, step, control state and the extras' states to
-        ``checkpoint-<step>.pt`` (``watch(resume=...)`` reads it back)."""
+        """Write model, optimizer, step, control state, the rules' history and the extras'
+        states to ``checkpoint-<step>.pt`` (``watch(resume=...)`` reads it back)."""
         if self.checkpoint_dir is None:
             raise ValueError("no run directory to write checkpoints to")
         path = self.checkpoint_dir / f"checkpoint-{step}.pt"
@@ -535,8 +535,15 @@ class Control:
         is what the writer waits on), so device memory gains nothing; host memory holds
         one copy of the model and the optimizer state until it is written. Each extra's
         ``state_dict()`` runs here, on the training thread (a CUDA GradScaler's reads its
-        scale: one device sync per snapshot, for last-good.pt at most one per 30 s)."""
-        content = {
+        scale: one device sync per snapshot, for last-good.pt at most one per 30 s).
+
+        ``rules``: the diagnostic rules' history (``Rules.state_dict``: a plateau's count,
+        Overfit's streak, the loss windows, the open onsets), at the top level rather than
+        among the extras, whose names a resume requires on both sides; as of the flushes
+        the link thread has evaluated, so it may miss the last one before ``step``.
+        Absent without rules and in checkpoints written before it: a resume then starts
+        the rules afresh."""
+        content: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict() if self.model is not None else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
@@ -546,6 +553,8 @@ class Control:
             "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
             "run_id": self.run_id,
         }
+        if self.rules is not None:
+            content["rules"] = self.rules.state_dict()
         return clone_tensors(content) if copy else content
 
     def close(self) -> None:

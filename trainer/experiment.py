@@ -294,8 +294,12 @@ def run_experiment(
     shuffle is replayed up to the checkpoint's step (its permutations drawn and its
     batches sliced again: about 10 us a step skipped, 0.2 s for the demo's 20000 steps),
     and the global RNG (input noise, dropout) is put back as it was; on the same device
-    the resumed run's numbers are the uninterrupted run's. The diagnostic rules start
-    afresh (auto-halve's plateau count, Overfit's history).
+    the resumed run's numbers are the uninterrupted run's. The diagnostic rules go on
+    from the checkpoint's history (auto-halve's plateau count, Overfit's streak and
+    whether auto weight decay acted, the loss windows, the alerts already raised), as the
+    link thread had evaluated it when the checkpoint was taken (the evaluation just
+    before may be missing); a checkpoint without it (an older layerscope's) starts them
+    afresh.
 
     ``announce``: called on rank 0 with the run's id (a new one when ``run_id`` is None)
     once the data and model are built, just before ``watch()`` starts (and draws its

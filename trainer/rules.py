@@ -28,6 +28,10 @@ Silenced rules are still evaluated (so their history, such as a loss window or a
 overfit streak, stays current) but produce nothing, their actions included;
 un-silencing forgets the onsets, so a condition that still holds is reported at the
 next evaluation. Disabled rules are not evaluated at all.
+
+Resuming: ``state_dict()`` is the rules' history (onsets, counts, windows) as plain
+values, which every checkpoint holds; ``load_state_dict()`` takes it up in a resumed
+run, so a plateau's count, Overfit's streak and the alerts already raised go on.
 """
 
 from __future__ import annotations
@@ -147,6 +151,41 @@ def _bad_layers(
     return bool(names), detail, names
 
 
+# What each key of Rules.state_dict() holds: "int", "float", "bool", "int?" / "float?"
+# (or None), "names" (a list of str), "pairs" (a list of [str, str]).
+_STATE_KINDS = {
+    "silenced": "names", "auto_halve_lr": "bool", "auto_weight_decay": "bool",
+    "active": "pairs", "nonfinite": "names", "probe_steps": "int", "loss_block": "int?",
+    "stalled_windows": "int", "loss_sum": "float", "loss_sq": "float", "loss_n": "int",
+    "best_window_mean": "float?", "best_window_se2": "float", "first_window_mean": "float?",
+    "train_sum": "float", "train_n": "int", "overfit_streak": "int",
+    "weight_decay_sent": "bool", "weight_decay_on": "bool", "best_val": "float?",
+    "evals_since_best": "int", "train_at_count": "float?", "halvings": "int",
+}  # fmt: skip
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        return value is None or _is_kind(value, kind[:-1])
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "names":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    assert kind == "pairs"
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, str) for x in v)
+        for v in value
+    )
+
+
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -250,6 +289,94 @@ class Rules:
                 "auto_halve_lr": self.auto_halve_lr,
                 "auto_weight_decay": self.auto_weight_decay,
             }
+
+    # ---- resuming ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rules' history, for a checkpoint (``watch(resume=...)`` loads it back, so a
+        resumed run goes on counting where this one stood): the onsets open now (an alert
+        already raised is not raised again while its condition holds), NaN/Inf sources,
+        the probe-step count, LossNotDecreasing's loss windows, the training losses since
+        the last evaluation, Overfit's streak and whether auto weight decay acted, and
+        auto-halve's plateau count and halvings. Plain lists, numbers and strings (a
+        ``weights_only`` ``torch.load`` reads it back), taken under the lock. Not the
+        switches and thresholds (those are the resumed ``watch()``'s arguments) nor the
+        frozen layers (the checkpoint's control state brings those back).
+
+        The rules are fed on the link thread, after the training thread handed over a
+        flush: taken on the training thread (a checkpoint at a step boundary), this is the
+        state as of the flushes evaluated so far, which may miss the last one or more
+        (rows and an evaluation of the last moments before the checkpoint). A resumed run
+        never sees those."""
+        with self._lock:
+            return {
+                "silenced": sorted(self.silenced),
+                "auto_halve_lr": self.auto_halve_lr,
+                "auto_weight_decay": self.auto_weight_decay,
+                "active": sorted([rule, subject] for rule, subject in self._active),
+                "nonfinite": sorted(self._nonfinite),
+                "probe_steps": self._probe_steps,
+                "loss_block": self._loss_block,
+                "stalled_windows": self._stalled_windows,
+                "loss_sum": self._loss_sum,
+                "loss_sq": self._loss_sq,
+                "loss_n": self._loss_n,
+                "best_window_mean": self._best_window_mean,
+                "best_window_se2": self._best_window_se2,
+                "first_window_mean": self._first_window_mean,
+                "train_sum": self._train_sum,
+                "train_n": self._train_n,
+                "overfit_streak": self._overfit_streak,
+                "weight_decay_sent": self._weight_decay_sent,
+                "weight_decay_on": self._weight_decay_on,
+                "best_val": self._best_val,
+                "evals_since_best": self._evals_since_best,
+                "train_at_count": self._train_at_count,
+                "halvings": self._halvings,
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take up a ``state_dict()``'s history (all of it, or nothing: a malformed one
+        raises ValueError and changes nothing). The switches stay this object's; where
+        they differ from those the state was taken under, the history follows them as a
+        live switch would: a rule silenced then and audible now forgets its onsets (a
+        condition that still holds is reported, as on un-silencing), and an auto action
+        off then and on now has its fresh allowance (``set_auto``)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the rules' state must be a dict, got {type(state).__name__}")
+        missing = sorted(set(_STATE_KINDS) - set(state))
+        if missing:
+            raise ValueError(f"the rules' state has no {', '.join(missing)}")
+        for key, kind in _STATE_KINDS.items():
+            if not _is_kind(state[key], kind):
+                raise ValueError(f"the rules' state has a bad {key}: {state[key]!r}"[:300])
+        active = {(str(rule), str(subject)) for rule, subject in state["active"]}
+        was_silenced = set(state["silenced"])
+        with self._lock:
+            # un-silenced since: forget its onsets, as set_silenced does
+            self._active = {k for k in active if k[0] not in was_silenced - self.silenced}
+            self._nonfinite = set(state["nonfinite"])
+            self._probe_steps = state["probe_steps"]
+            self._loss_block = state["loss_block"]
+            self._stalled_windows = state["stalled_windows"]
+            self._loss_sum = float(state["loss_sum"])
+            self._loss_sq = float(state["loss_sq"])
+            self._loss_n = state["loss_n"]
+            self._best_window_mean = _opt_float(state["best_window_mean"])
+            self._best_window_se2 = float(state["best_window_se2"])
+            self._first_window_mean = _opt_float(state["first_window_mean"])
+            self._train_sum = float(state["train_sum"])
+            self._train_n = state["train_n"]
+            self._overfit_streak = state["overfit_streak"]
+            self._weight_decay_on = state["weight_decay_on"]
+            self._best_val = _opt_float(state["best_val"])
+            self._evals_since_best = state["evals_since_best"]
+            self._train_at_count = _opt_float(state["train_at_count"])
+            # switched on since: a fresh allowance, as set_auto gives
+            fresh_halve = self.auto_halve_lr and not state["auto_halve_lr"]
+            self._halvings = 0 if fresh_halve else state["halvings"]
+            fresh_decay = self.auto_weight_decay and not state["auto_weight_decay"]
+            self._weight_decay_sent = False if fresh_decay else state["weight_decay_sent"]
 
     # ---- shared mechanics ----
 

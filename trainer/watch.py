@@ -32,6 +32,7 @@ import torch
 from layerscope.trainer import wire
 from layerscope.trainer.alerts import DEFAULT_GOOD_CHECKPOINT_EVERY, GOOD_CHECKPOINT_MIN_S, Alerts
 from layerscope.trainer.checkpoint import (
+    CheckpointError,
     ReadCheckpoint,
     check_extras,
     load_training_state,
@@ -141,6 +142,11 @@ class Watch:
             # leaves nothing behind); its control state is applied once the link runs, as
             # commands, so the run page's log and acknowledged state show it.
             content, label = read_checkpoint(resume)
+            if content.get("rules") is not None:  # none in older checkpoints: start afresh
+                try:
+                    self.rules.load_state_dict(content["rules"])
+                except ValueError as exc:
+                    raise CheckpointError(f"resume from {label}: {exc}") from None
             load_training_state(content, label, model, optimizer, extras)
             restore = restore_commands(content.get("control"))
             where = label
@@ -823,10 +829,15 @@ def watch(
     every extra's state (the checkpoint's extras and this call's must name the same
     objects), re-applies its lr scale, weight decay off and frozen layers as acknowledged
     commands (``source: api``, reason ``restored from checkpoint-N.pt``) and numbers steps
-    on from the checkpoint's; the diagnostic rules start afresh (a plateau's count,
-    Overfit's history: the checkpoint does not hold them). It is a new run, with its own
-    id (a server refuses a run id another process wrote); its config's ``resumed_from``
-    names the checkpoint, its step and the run it continues.
+    on from the checkpoint's. The diagnostic rules go on from the checkpoint's history
+    (``Rules.state_dict``: a plateau's count and halvings, Overfit's streak, the loss
+    windows, the alerts already raised, which are not raised again while their condition
+    holds), so an auto-halve fires when it would have in the run never stopped. That
+    history is as the link thread had evaluated it when the checkpoint was taken: it may
+    miss the last flush before it (an evaluation made just before). A checkpoint without
+    it (written by an older layerscope) starts the rules afresh. It is a new run, with its
+    own id (a server refuses a run id another process wrote); its config's
+    ``resumed_from`` names the checkpoint, its step and the run it continues.
 
     Under an initialised torch.distributed process group, call ``watch()`` and
     ``w.step()`` on every rank (the same number of times): rank 0 alone streams and

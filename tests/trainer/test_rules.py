@@ -636,3 +636,113 @@ def test_no_gradient_is_not_an_explosion_and_a_step_with_several_names_the_earli
     both = healthy_layers(fc1={"weight_norm": math.nan}, act1={"nonfinite": 5})
     (found,) = r.on_probe(40, both, {})
     assert found.layer == "fc1" and "the weights of fc1 at step 40" in found.message
+
+
+def _a_run(r: Rules, steps: range) -> list[tuple[Any, ...]]:
+    """A run meeting most rules, fed step by step: training loss falling slowly to step 150
+    then flat (LossNotDecreasing over 10-step windows), NaN at steps 200-201; validation
+    every 10 steps, flat from step 30 well above training loss (Overfit, auto weight decay,
+    auto-halve while training loss falls); act1 dead at steps 20-60 and 100-140."""
+    out: list[tuple[Any, ...]] = []
+    for step in steps:
+        noise = 0.001 * ((step * 37) % 11 - 5)
+        loss = (1.0 - 0.001 * step if step <= 150 else 0.85) + noise
+        found = r.on_loss(step, math.nan if step in (200, 201) else loss)
+        if step % 5 == 0:
+            dead = 0.7 if 20 <= step <= 60 or 100 <= step <= 140 else 0.1
+            layers = healthy_layers(act1={"dead_ratio": dead})
+            found += r.on_probe(step, layers, {"grad_norm": 0.4})
+        if step % 10 == 0:
+            found += r.on_eval(step, 1.5 - 0.01 * step if step < 30 else 1.2)
+        out += [(f.rule, f.step, f.layer, f.message, f.action) for f in found]
+    return out
+
+
+def _resumable_rules() -> Rules:
+    return rules(auto_halve_lr=True, auto_weight_decay=True, loss_not_decreasing_num_steps=10)
+
+
+def _through_a_checkpoint(state: dict[str, Any]) -> Any:
+    """What a weights_only torch.load of a checkpoint holding ``state`` gives back."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"rules": state}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)["rules"]
+
+
+def test_rules_resumed_from_their_state_fire_as_in_the_run_never_stopped() -> None:
+    """A resumed run's rules started afresh: a plateau partly counted was counted again
+    from zero (auto-halve postponed by a whole patience window), Overfit's streak and
+    whether auto weight decay acted were lost, an alert already raised came again. Split
+    anywhere, through a weights_only torch.load, the rules now go on as the run never
+    stopped: the same findings at the same steps, the same state at the end."""
+    whole = _resumable_rules()
+    everything = _a_run(whole, range(1, 251))
+    fired = {(rule, step) for rule, step, *_ in everything}
+    assert {
+        ("DeadUnits", 20),
+        ("DeadUnits", 100),
+        ("Overfit", 60),
+        ("ExplodingTensor", 200),
+    } <= fired
+    assert {rule for rule, _ in fired} == {
+        "DeadUnits", "Overfit", PLATEAU, "LossNotDecreasing", "ExplodingTensor",
+    }  # fmt: skip
+    afresh_same = set()
+    for split in range(3, 250, 7):
+        first = _resumable_rules()
+        _a_run(first, range(1, split + 1))
+        resumed = _resumable_rules()
+        resumed.load_state_dict(_through_a_checkpoint(first.state_dict()))
+        after = [f for f in everything if f[1] > split]
+        assert _a_run(resumed, range(split + 1, 251)) == after, f"split at step {split}"
+        assert resumed.state_dict() == whole.state_dict(), f"split at step {split}"
+        if _a_run(_resumable_rules(), range(split + 1, 251)) == after:
+            afresh_same.add(split)
+    # started afresh, only a split before anything was counted or after the last alert
+    # (the NaN at 200) goes on as the whole run did
+    assert afresh_same == {3, 10, 17, 234, 241, 248}
+
+
+def test_resumed_rules_follow_the_switches_changed_since_and_refuse_a_bad_state() -> None:
+    """The switches are the resumed watch()'s arguments; the history follows them as a
+    live switch would: a rule silenced then and audible now reports what still holds (as
+    un-silencing does); an auto action switched off then and on now has a fresh allowance
+    (as switching it off and on again gives). A malformed state changes nothing."""
+    old = rules(silenced=["DeadUnits"], patience=2, auto_halve_lr=True, auto_weight_decay=True)
+    dead = healthy_layers(act1={"dead_ratio": 0.7})
+    assert old.on_probe(5, dead, {}) == []  # silenced: evaluated, quiet
+    found = [f for step in (10, 20, 30) for f in old.on_eval(step, 0.6, 0.5 - step / 1000)]
+    assert [(f.rule, f.step) for f in found] == [("Overfit", 20), (PLATEAU, 30)]  # both acted
+    same = _through_a_checkpoint(old.state_dict())
+    old.set_auto(halve_lr=False, weight_decay=False)  # switched off before the checkpoint
+    switched_off = _through_a_checkpoint(old.state_dict())
+
+    kept = rules(silenced=["DeadUnits"], patience=2, auto_halve_lr=True, auto_weight_decay=True)
+    kept.load_state_dict(same)
+    assert kept.state_dict() == same  # the same switches: all of it, as it was
+    assert kept.on_probe(35, dead, {}) == []
+    audible = rules(patience=2, auto_halve_lr=True, auto_weight_decay=True)
+    audible.load_state_dict(switched_off)
+    assert [f.rule for f in audible.on_probe(35, dead, {})] == ["DeadUnits"]  # still holds
+    assert audible.on_eval(40, 0.6, 0.45) == []  # Overfit's onset stays: no second alert
+    now = audible.state_dict()
+    assert (now["halvings"], now["weight_decay_sent"]) == (0, False)  # a fresh allowance
+    assert (same["halvings"], same["weight_decay_sent"]) == (1, True)
+
+    before = audible.state_dict()
+    for bad, words in (
+        ([1, 2], "must be a dict"),
+        ({k: v for k, v in same.items() if k != "best_val"}, "has no best_val"),
+        ({**same, "evals_since_best": "2"}, "bad evals_since_best"),
+        ({**same, "evals_since_best": -1}, "bad evals_since_best"),
+        ({**same, "active": [["Overfit"]]}, "bad active"),
+        ({**same, "halvings": True}, "bad halvings"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            audible.load_state_dict(bad)  # type: ignore[arg-type]
+        assert audible.state_dict() == before  # all or nothing

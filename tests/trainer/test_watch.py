@@ -17,6 +17,7 @@ import torch
 from layerscope.trainer import watch as exported_watch
 from layerscope.trainer import wire
 from layerscope.trainer.checkpoint import CheckpointError, load_model_weights
+from layerscope.trainer.rules import Rules
 from layerscope.trainer.spool import read_spool
 from layerscope.trainer.watch import MAX_PROBE_PASSES, ProgressLine, Watch, watch
 from torch import nn
@@ -342,6 +343,75 @@ def test_a_resume_that_cannot_be_whole_is_refused_and_leaves_nothing(tmp_path: P
     assert statuses(frames(tmp_path / "c")) == ["running", "failed"]
     with watch(model2, opt2, every=0, server="", run_dir=tmp_path / "d"):
         pass  # the refused watches left the optimizer unsteered
+
+
+VAL_LOSSES = [1.0, 0.8, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]  # at steps 2, 4, ... 20
+
+
+def _plateau_run(w: Watch, steps: range) -> int | None:
+    """Steps with a falling training loss and an evaluation every 2nd step, each waited
+    for until the link thread has evaluated it (every evaluation moves the plateau's
+    best, count or halvings); returns the step whose boundary first halved the lr scale."""
+
+    def plateau() -> tuple[Any, ...]:
+        state = w.rules.state_dict()
+        return state["best_val"], state["evals_since_best"], state["halvings"]
+
+    halved = None
+    for step in steps:
+        w.step(loss=1.0 / step)
+        if halved is None and w.control.lr_scale != 1.0:
+            halved = step
+        if step % 2 == 0:
+            before = plateau()
+            w.eval(val_loss=VAL_LOSSES[step // 2 - 1])
+            wait_until(lambda: plateau() != before)  # noqa: B023 (waited for here)
+    return halved
+
+
+def test_a_resumed_run_goes_on_counting_a_plateau_where_the_checkpoint_stood(
+    tmp_path: Path,
+) -> None:
+    """The rules started afresh on resume: a plateau 2 evaluations of 3 into its count at
+    the checkpoint was counted again from zero, so auto-halve came 3 evaluations (6 steps)
+    later than in the run never stopped. The checkpoint now holds the rules' history
+    (a top-level ``rules``, plain values a weights_only load reads) and a resumed watch
+    goes on from it: the halving lands on the same step, the rules' state is the same at
+    the end. A checkpoint without it (an older layerscope's) still resumes, afresh."""
+
+    def model_and_opt() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    args: dict[str, Any] = {"every": 0, "server": "", "auto_halve_lr": True, "patience": 3}
+    model, opt = model_and_opt()
+    with watch(model, opt, run_dir=tmp_path / "whole", **args) as w:
+        assert _plateau_run(w, range(1, 21)) == 13  # the evaluation at step 12 halves
+        at_the_end = w.rules.state_dict()
+    model, opt = model_and_opt()
+    with watch(model, opt, run_dir=tmp_path / "first", **args) as w:
+        _plateau_run(w, range(1, 11))
+        assert w.command("checkpoint")["ok"]
+    path = tmp_path / "first" / "checkpoint-10.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["rules"]["evals_since_best"] == 2 and saved["rules"]["best_val"] == 0.6
+
+    model, opt = model_and_opt()
+    with watch(model, opt, run_dir=tmp_path / "resumed", resume=path, **args) as w:
+        assert _plateau_run(w, range(11, 21)) == 13
+        assert w.rules.state_dict() == at_the_end
+
+    del saved["rules"]  # as an older layerscope wrote it
+    model, opt = model_and_opt()
+    with watch(model, opt, run_dir=tmp_path / "older", resume=saved, **args) as w:
+        fresh = Rules(auto_halve_lr=True, patience=3).state_dict()
+        assert w.step_count == 10 and w.rules.state_dict() == fresh
+        assert _plateau_run(w, range(11, 21)) == 19  # counted from step 12 again
+    saved["rules"] = {"halvings": "many"}
+    with pytest.raises(CheckpointError, match="at step 10: the rules' state has no active"):
+        watch(model, opt, run_dir=tmp_path / "bad", resume=saved, **args)
+    assert not (tmp_path / "bad").exists() and not opt._optimizer_step_pre_hooks
 
 
 def test_a_second_watch_on_a_steered_optimizer_is_refused_until_the_first_closes(

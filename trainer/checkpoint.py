@@ -5,7 +5,8 @@ read back; and the model as checkpoints name it, inside ``torch.compile``'s and
 ``set_frozen`` share.
 
 Owns: the format (model, optimizer, step, control state, checkpoint_extras' states, run
-id), writing it atomically, loading and checking it (every tensor and shape, every piece
+id, and the diagnostic rules' state under "rules", which ``watch(resume=...)`` hands to
+``rules.Rules.load_state_dict``; a file without it resumes with the rules afresh), writing it atomically, loading and checking it (every tensor and shape, every piece
 on both sides before anything loads), the commands that bring a resumed run's control
 state back (``restore_commands``), and a run folder's newest checkpoint (``newest_checkpoint``).
 

@@ -90,10 +90,19 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     for chart in ("chart-mean", "chart-dead", "chart-sat", "chart-sym"):
         assert chart_points(page, chart) == [len(layers)] * 5, chart
     # Zero init: every unit of the first layer is identical, so its unit_spread is exactly 0
-    # ("identical"); He init breaks symmetry in every layer.
-    sym_zero = page.evaluate("Array.from(document.getElementById('chart-sym').data[0].y)")
-    sym_he = page.evaluate("Array.from(document.getElementById('chart-sym').data[4].y)")
-    assert sym_zero[0] == 0 and all(v > 0 for v in sym_he)
+    # ("identical"); He init breaks symmetry in every layer. The chart is scale-free (spread /
+    # std): small normal's units differ too, and its deep layers' spreads (~1e-4 and below)
+    # drew as zero init's 0 on an absolute axis that normal 1.0 (~2) set.
+    sym = page.evaluate(
+        "document.getElementById('chart-sym').data.map(t => ({y: Array.from(t.y), text: t.text}))"
+    )
+    sym_zero, sym_small, sym_he = sym[0]["y"], sym[1]["y"], sym[4]["y"]
+    assert sym_zero[0] == 0 and sym[0]["text"][0] == "identical" and all(v > 0 for v in sym_he)
+    assert all(0.05 < v <= 1.01 for v in sym_small + sym_he), (sym_small, sym_he)
+    assert "identical" not in sym[1]["text"]
+    expect(
+        page.locator("#chart-sym").locator("xpath=..").locator("details.help p")
+    ).to_contain_text("divided by the layer's std")
     # std against depth: small normal shrinks layer by layer, Xavier does not collapse.
     page.uncheck("#std-log")
     std = page.evaluate("document.getElementById('chart-std').data.map(t => Array.from(t.y))")

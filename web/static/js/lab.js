@@ -5,8 +5,9 @@
  * Owns: the step slider over the probe steps every run has (default: the latest
  * common one, following new steps while the runs train), and at that step: activation
  * mean and std against depth, dead and saturated ratios per layer, symmetry (each
- * layer's unit_spread: the spread across units of their mean outputs) and a layers x
- * schemes grid of histograms.
+ * layer's unit_spread, the spread across units of their mean outputs, over its std: a
+ * scale-free share, with exact zeros labelled "identical") and a layers x schemes grid
+ * of histograms.
  * A button launches the same lab with batch norm switched the other way (BN lowers the
  * dependence on initialisation: compare the two views), once an inline confirm naming
  * the five runs and their steps is accepted (Escape or Cancel backs out): one stray click
@@ -118,6 +119,19 @@ function lineData(order, stat, transform = (v) => v) {
   }));
 }
 
+/**
+ * The symmetry chart's scale-free measure: a layer's unit_spread over its std, the share of
+ * its activations' spread that lies between units (0..1 for the population std the trainer
+ * sends). Absolute spreads ran from ~2 (normal 1.0) to ~1e-9 (normal 0.01, deep), so
+ * normal 0.01's units, which do differ, drew as zero init's exact 0. 0 when the units are
+ * identical (spread exactly 0, even where every value is 0 and std too); null without both.
+ */
+function symmetryOf(spread, std) {
+  if (spread === null || spread === undefined || std === null || std === undefined) return null;
+  if (spread === 0) return 0;
+  return std > 0 ? spread / std : null;
+}
+
 function layout(yTitle, extra = {}) {
   return baseLayout({
     hovermode: "closest",
@@ -174,10 +188,14 @@ async function draw() {
   const order = layerOrder();
   const logStd = $("std-log").checked;
   const sym = state.lab.runs.map((r, i) => {
-    const y = order.map((n) => statOf(r.id, n, "unit_spread"));
+    const spread = order.map((n) => statOf(r.id, n, "unit_spread"));
+    const y = order.map((n, k) => symmetryOf(spread[k], statOf(r.id, n, "std")));
     return { type: "bar", name: r.label, x: order, y, marker: { color: COLORS[i % COLORS.length] },
-      text: y.map((v) => (v === 0 ? "identical" : "")), textposition: "outside",
-      hovertemplate: `${r.label}: unit spread %{y:.4g}<extra>%{x}</extra>` };
+      customdata: spread.map((v) => formatNumber(v)),
+      // upright beside its empty bar at full size: "outside" shrank it to the bar's width
+      text: spread.map((v) => (v === 0 ? "identical" : "")), textposition: "outside", textangle: -90,
+      constraintext: "none", cliponaxis: false, textfont: { size: 10 },
+      hovertemplate: `${r.label}: unit spread / std %{y:.3g} (spread %{customdata})<extra>%{x}</extra>` };
   });
   await Promise.all([
     P.react($("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
@@ -185,7 +203,7 @@ async function draw() {
       layout("std", { type: logStd ? "log" : "linear" }), PLOT_CONFIG),
     P.react($("chart-dead"), lineData(order, "dead_ratio"), layout("dead ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
     P.react($("chart-sat"), lineData(order, "saturated_ratio"), layout("saturated ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
-    P.react($("chart-sym"), sym, { ...layout("spread across units of mean output"), barmode: "group" }, PLOT_CONFIG),
+    P.react($("chart-sym"), sym, { ...layout("unit spread / std", { rangemode: "tozero" }), barmode: "group" }, PLOT_CONFIG),
   ]);
   drawGrid(order);
   if (order.length) document.body.dataset.ready = "1";

@@ -159,7 +159,8 @@ def test_play_moves_the_cursor_and_pause_holds_it(
     expect(page.locator("#multiples-step")).to_have_text(str(step))
     assert shown_histograms(page) == stored
     # the event log gives an applied command's reason whoever sent it (a resumed run's
-    # restored steering said only "set_lr_scale ×0.5 applied at step 500")
+    # restored steering said only "set_lr_scale ×0.5 applied at step 500"), and says it was
+    # applied after step 500 (it said "at": the new lr holds from step 501, DESIGN §4)
     described = page.evaluate(
         """async () => {
           const { describeEvent } = await import('/static/js/eventlog.js');
@@ -171,8 +172,8 @@ def test_play_moves_the_cursor_and_pause_holds_it(
                                   data: { ...data, reason: undefined } })];
         }"""
     )
-    assert described[0].endswith("applied at step 500 · restored from checkpoint-500.pt")
-    assert described[1].endswith("applied at step 500"), described
+    assert described[0].endswith("applied after step 500 · restored from checkpoint-500.pt")
+    assert described[1].endswith("applied after step 500"), described
 
 
 def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
@@ -264,8 +265,16 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
                 "() => { const t = document.getElementById('chart-lr').data.find(d => d.name === 'commands');"
                 " return {x: Array.from(t.x), text: Array.from(t.text), symbol: t.marker.symbol}; }"
             )
-            assert markers["x"] == [250] and markers["symbol"] == ["triangle-up"]
+            # applied after step 250: drawn half a step on, on the heatmaps too, and said so
+            assert markers["x"] == [250.5] and markers["symbol"] == ["triangle-up"]
             assert markers["text"][0].startswith("rule: validation loss plateau")
+            assert markers["text"][0].endswith("· applied after step 250")
+            expect(rule_line).to_contain_text("set_lr_scale ×0.5 applied after step 250")
+            dotted = page.evaluate(
+                "(document.getElementById('chart-dead').layout.shapes || [])"
+                ".filter(s => s.line.dash === 'dot').map(s => s.x0)"
+            )
+            assert dotted == [250.5], dotted
             listed = server.api("GET", "/api/runs/ruled/commands").json()
             assert [(c["origin"], c["source"]) for c in listed] == [("trainer", "rule")]
             # the acknowledged state says at which step each part took its value, after a
@@ -298,7 +307,9 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             assert alert_lines(page, "chart-loss") == [120, 260]  # a cursor move keeps them
             scrub(page, 299)  # the end: the whole run's again
             expect(page.locator("#alerts li.alert:visible")).to_have_count(2)
-            expect(page.locator("#acked")).to_contain_text("run finished; last acknowledged state: LR ×")
+            expect(page.locator("#acked")).to_contain_text(
+                "run finished; last acknowledged state: LR ×"
+            )
 
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")

@@ -214,7 +214,7 @@ def test_pause_stops_the_trainer_and_step_once_advances_one_step(
 
     live_label = pause_label()
     assert re.fullmatch(
-        rf"pause · by user · viewer 127\.0\.0\.1:\d+ · applied at step {applied_at}", live_label
+        rf"pause · by user · viewer 127\.0\.0\.1:\d+ · applied after step {applied_at}", live_label
     ), live_label
 
     # Space toggles pause: resume (from the page, not the focused Step once: a button
@@ -251,7 +251,10 @@ def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
         timeout=30_000,
     )
     lr = chart_trace(page, "chart-lr")
-    before = [y for x, y in zip(lr["x"], lr["y"], strict=True) if x < at]
+    # applied at the boundary after step `at` (DESIGN §4): step `at` itself trained at the old
+    # lr, the new one holds from at + 1, and the page says "after step at" with its marker
+    # between the two (it said "applied at step at", its marker on the old value's step)
+    before = [y for x, y in zip(lr["x"], lr["y"], strict=True) if x <= at]
     after = [y for x, y in zip(lr["x"], lr["y"], strict=True) if x > at]
     assert before and after
     assert all(y == pytest.approx(base_lr * scale) for y in before)
@@ -259,8 +262,14 @@ def test_halve_lr_halves_the_lr_line_at_the_acknowledged_step(
     markers = page.evaluate(
         "document.getElementById('chart-lr').data.find(t => t.name === 'commands')"
     )
-    assert at in markers["x"]
-    assert any("set_lr_scale" in text and f"step {at}" in text for text in markers["text"])
+    assert at + 0.5 in markers["x"] and at not in markers["x"]
+    assert any(
+        "set_lr_scale" in text and text.endswith(f"applied after step {at}")
+        for text in markers["text"]
+    )
+    shapes = page.evaluate("document.getElementById('chart-lr').layout.shapes.map(s => s.x0)")
+    assert at + 0.5 in shapes and at not in shapes
+    expect(page.locator("#events")).to_contain_text(f"applied after step {at}")
 
 
 def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
@@ -314,13 +323,13 @@ def test_another_tabs_freeze_is_marked_with_its_layers(
         at = last_command(server, run_id, "set_frozen")["applied_at_step"]
         page.wait_for_function(
             "at => (document.getElementById('chart-lr').data.find(t => t.name === 'commands')"
-            " || {text: []}).text.some(t => t.includes(`applied at step ${at}`))",
+            " || {text: []}).text.some(t => t.includes(`applied after step ${at}`))",
             arg=at,
         )
         texts = page.evaluate(
             "document.getElementById('chart-lr').data.find(t => t.name === 'commands').text"
         )
-        wanted = rf"set_frozen freeze {re.escape(layer)} · by user · viewer 127\.0\.0\.1:\d+ · applied at step {at}"
+        wanted = rf"set_frozen freeze {re.escape(layer)} · by user · viewer 127\.0\.0\.1:\d+ · applied after step {at}"
         assert any(re.fullmatch(wanted, t) for t in texts), texts
         expect(page.locator("#events")).to_contain_text(f"set_frozen freeze {layer} applied")
         other.click("button[data-cmd='unfreeze']")  # back as it was
@@ -452,7 +461,9 @@ def test_rule_switches_send_set_rules_and_show_only_the_acknowledged_state(
     row = last_command(server, run_id, "set_rules")
     assert row["args"] == {"silenced": ["DeadUnits"]}
     assert row["state"]["rules"]["silenced"] == ["DeadUnits"]
-    expect(page.locator("#events")).to_contain_text("set_rules silenced=DeadUnits applied at step")
+    expect(page.locator("#events")).to_contain_text(
+        "set_rules silenced=DeadUnits applied after step"
+    )
 
     # Back as they were, so the run keeps training unattended: silencing ValidationPlateau
     # is switching auto-halve off.
@@ -903,4 +914,6 @@ def test_the_pages_command_senders_stay_bounded_and_a_live_marker_still_names_it
     assert result["held"] == result["max"], result
     assert result["after"] == result["max"] - 1, result  # the acknowledged one went
     at = result["max"] + 200
-    assert result["label"] == f"pause · by user · viewer 10.0.0.1:5 · applied at step {at}", result
+    assert result["label"] == f"pause · by user · viewer 10.0.0.1:5 · applied after step {at}", (
+        result
+    )

@@ -511,7 +511,7 @@ export class LineChart {
   setSmoothing(alpha) { this.smoothing = alpha; this.full = true; scheduler.mark(this); }
   setCursor(step) { this.cursor = step; this.cursorDirty = true; scheduler.mark(this); }
 
-  /** markers: [{step, label}] — drawn as dotted lines plus hover points on trace 0. */
+  /** markers: [{step, x?, label}] — drawn at x (else step) as dotted lines plus hover points on trace 0. */
   setMarkers(markers) { this.markers = markers; this.full = true; scheduler.mark(this); }
 
   /** Steps alerts fired at, drawn as faint dashed lines (shapes only: a cursor-sized redraw). */
@@ -532,7 +532,8 @@ export class LineChart {
     });
     if (this.markers.length) {
       data.push({ type: "scatter", mode: "markers", name: "commands", showlegend: false,
-        x: this.markers.map((k) => k.step), y: this.markers.map((k) => this.valueAt(0, k.step)),
+        // k.x: half a step after the boundary it was applied at (eventlog.js markerX)
+        x: this.markers.map((k) => k.x ?? k.step), y: this.markers.map((k) => this.valueAt(0, k.x ?? k.step)),
         text: this.markers.map((k) => k.label),
         // A rule's automatic action is drawn apart from a person's command.
         marker: { symbol: this.markers.map((k) => (k.rule ? "triangle-up" : "diamond")), size: 9,
@@ -616,7 +617,7 @@ export class LineChart {
   /** The cursor line, command and alert markers: all a cursor-only redraw changes. */
   shapes() {
     if (!this.hasData()) return []; // a note, no axes to draw them on
-    return stepShapes(this.cursor, this.markers.map((k) => k.step), this.alertSteps);
+    return stepShapes(this.cursor, this.markers.map((k) => k.x ?? k.step), this.alertSteps);
   }
 
   draw() {

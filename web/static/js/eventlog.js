@@ -2,11 +2,13 @@
  * eventlog.js — the run page's event log, alerts list and command markers.
  *
  * Owns: one line of text per event (status changes, commands sent and who sent them,
- * acknowledged commands with the step they were applied at, alerts naming their layer,
+ * acknowledged commands with the step boundary they were applied at ("applied after step N":
+ * applied_at_step is the step whose w.step() applied it, so it takes effect from step N + 1,
+ * DESIGN §4), alerts naming their layer,
  * checkpoints), de-duplicated so an event seen twice (a catchup that overlaps what is
  * shown; a server event heard live and read again from /events) adds one line: a
  * trainer's event by its seq, a server's (no seq) by kind, step, created_at and data,
- * and the marker list (who, what, at which step) the time charts draw; in replay, the
+ * and the marker list (who, what, after which step) the time charts draw; in replay, the
  * alerts list holds only the alerts raised by the cursor's step (alertsUpTo), and
  * alertSteps the steps alerts fired at (the loss chart's alert markers).
  * Never: decides control state (controls.js) or fetches anything.
@@ -77,7 +79,7 @@ export function describeEvent(ev) {
       // (a resumed run's steering: "restored from checkpoint-500.pt")
       const rule = d.source === "rule" ? ` · rule: ${d.reason || "no reason given"}`
         : d.reason ? ` · ${d.reason}` : "";
-      return d.ok === false ? `${what} failed: ${d.error || "?"}${rule}` : `${what} applied at step ${d.applied_at_step ?? ev.step}${rule}`;
+      return d.ok === false ? `${what} failed: ${d.error || "?"}${rule}` : `${what} applied after step ${d.applied_at_step ?? ev.step}${rule}`;
     }
     case "command": {
       const who = [d.source, d.origin].filter(Boolean).join(", ");
@@ -214,6 +216,14 @@ export class EventLog {
   }
 }
 
+/**
+ * Where a command applied at step boundary `step` is drawn on a step axis: between step N,
+ * the last one trained the old way, and N + 1, the first trained the new way (DESIGN §4).
+ */
+export function markerX(step) {
+  return step + 0.5;
+}
+
 /** Command markers, keyed by command id: from /commands and from live acknowledgements. */
 export class Markers {
   constructor() {
@@ -226,12 +236,12 @@ export class Markers {
     const what = commandText(c.name, c.args, c.state);
     if (c.source === "rule") {
       this.byId.set(c.id, { step: c.applied_at_step, rule: true,
-        label: `rule: ${c.reason || "no reason given"} · ${what} · applied at step ${c.applied_at_step}` });
+        label: `rule: ${c.reason || "no reason given"} · ${what} · applied after step ${c.applied_at_step}` });
       return;
     }
     const who = [c.source, c.origin].filter(Boolean).join(" · ") || "unknown";
     this.byId.set(c.id, { step: c.applied_at_step,
-      label: `${what} · by ${who} · applied at step ${c.applied_at_step}` });
+      label: `${what} · by ${who} · applied after step ${c.applied_at_step}` });
   }
 
   /**
@@ -248,16 +258,21 @@ export class Markers {
     const mine = sent.get(d.id);
     if (d.source === "rule") {
       this.byId.set(d.id, { step, rule: true,
-        label: `rule: ${d.reason || "no reason given"} · ${commandText(d.name, d.args, d.state)} · applied at step ${step}` });
+        label: `rule: ${d.reason || "no reason given"} · ${commandText(d.name, d.args, d.state)} · applied after step ${step}` });
       return;
     }
     const who = (sender || [d.source]).filter(Boolean).join(" · ") || "another client";
     this.byId.set(d.id, { step,
       // the acknowledgement's own args: another tab's command is not in `sent`
-      label: `${commandText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied at step ${step}` });
+      label: `${commandText(d.name, d.args ?? mine?.args, d.state)} · by ${who} · applied after step ${step}` });
   }
 
+  /**
+   * [{step, x, label, rule?}] by step. x is where the charts draw the marker: half a step
+   * after `step`, since a command applied after step N changes the lr/decay/frozen set
+   * from step N + 1 on (a marker at N claimed the line changed at N).
+   */
   list() {
-    return [...this.byId.values()].sort((a, b) => a.step - b.step);
+    return [...this.byId.values()].sort((a, b) => a.step - b.step).map((m) => ({ ...m, x: markerX(m.step) }));
   }
 }

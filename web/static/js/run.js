@@ -393,7 +393,7 @@ function regrid(layer) {
 function drawMarkers() {
   const list = markers.list();
   for (const c of [charts.loss, charts.lr, charts.wd]) c.setMarkers(list);
-  const steps = list.map((m) => m.step);
+  const steps = list.map((m) => m.x); // after the step each was applied at (markerX)
   charts.dead.setMarkers(steps);
   charts.sat.setMarkers(steps);
 }

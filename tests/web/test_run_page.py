@@ -299,6 +299,17 @@ def test_freeze_stops_a_layers_updates_and_unfreeze_restores_them(
     after = [y for x, y in zip(update["x"], update["y"], strict=True) if x > at + 5]
     assert after and all(not y for y in after), f"{layer} kept changing while frozen: {after[:5]}"
     assert any(y for x, y in zip(update["x"], update["y"], strict=True) if x < at)
+    # its gradient-norm line drops out too (freezing drops its gradients), and the chart's
+    # help says so as the update ratio's does
+    grad = page.evaluate(
+        "name => { const t = document.getElementById('chart-grad').data.find(t => t.name === name);"
+        " return {x: Array.from(t.x), y: Array.from(t.y)}; }",
+        layer,
+    )
+    assert not [y for x, y in zip(grad["x"], grad["y"], strict=True) if x > at + 5 and y]
+    expect(
+        page.locator("#chart-grad").locator("xpath=..").locator("details.help p")
+    ).to_contain_text("A frozen layer's line drops out from the freeze on")
 
     page.click("button[data-cmd='unfreeze']")
     expect(page.locator("#acked")).to_contain_text("frozen: none", timeout=20_000)

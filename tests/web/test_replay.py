@@ -38,6 +38,16 @@ def stored_histograms(
     return answer["step"], {layer["name"]: layer["counts"] for layer in answer["layers"]}
 
 
+def multiple_ranges(page: Page) -> list[list[str]]:
+    """The lo and hi printed under each small multiple."""
+    return list(
+        page.eval_on_selector_all(
+            ".multiple .range",
+            "els => els.map(e => [...e.querySelectorAll('span')].map(s => s.textContent))",
+        )
+    )
+
+
 def scrub(page: Page, step: int) -> None:
     """Moves the scrubber as a drag does: set its value, fire `input`."""
     page.eval_on_selector(
@@ -406,13 +416,17 @@ def heatmap_rows(page: Page, chart: str) -> list[str]:
     return list(page.evaluate("id => (document.getElementById(id).data[0] || {}).y || []", chart))
 
 
-def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_it(
+def test_heatmaps_leave_out_layers_without_the_statistic_and_say_why_none_has_it(
     browser: Browser, tmp_path: Path
 ) -> None:
     """A tanh net has no dead region: every layer's dead ratio is null, so the dead heatmap
     says so in words instead of drawing a blank grid with no layer names (review F's
     replay_hist_cursor.py); the saturated heatmap leaves out the Linear layers (all-null
-    rows) and draws the tanh ones."""
+    rows) and draws the tanh ones. A ReLU net trained on batches of 1 has no dead ratio
+    either, for another reason: a unit had fewer than 8 values (it was told 'tanh/sigmoid
+    have no dead region'). Its spreads shrink with depth: the small multiples' 'same
+    x-range' draws every layer on one range (each drew on its own: all looked alike),
+    kept for the run across a reload."""
     data_dir = tmp_path / "data"
     names = ["0", "1", "2", "3"]
     kinds = ["Linear", "Tanh", "Linear", "Tanh"]
@@ -427,9 +441,46 @@ def test_heatmaps_leave_out_layers_without_the_statistic_and_say_when_none_has_i
         data_dir, "tanh", steps=100, layers=4, every=10,
         layer_names=names, layer_kinds=kinds, layer_stats=stats,
     )  # fmt: skip
+    # each layer's values 10x narrower than the one before: +-1 down to +-0.001
+    shrinking = {
+        name: {
+            "dead_ratio": None,
+            "hist": {"lo": -(10.0**-i), "hi": 10.0**-i, "counts": [1, 3, 3, 1]},
+        }
+        for i, name in enumerate(names)
+    }
+    write_recorded_run(
+        data_dir, "bs1", steps=100, layers=4, every=10,
+        layer_names=names, layer_kinds=["Linear", "ReLU", "Linear", "ReLU"], layer_stats=shrinking,
+    )  # fmt: skip
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
         try:
+            open_ready(page, f"{server.url}/runs/bs1?step=50")
+            assert heatmap_rows(page, "chart-dead") == []
+            expect(page.locator("#chart-dead")).to_contain_text(
+                "fewer than 8 values a unit in each probed batch"
+            )
+            expect(page.locator("#chart-dead")).not_to_contain_text("tanh/sigmoid")
+            assert multiple_ranges(page) == [
+                ["-1", "1"],
+                ["-0.1", "0.1"],
+                ["-0.01", "0.01"],
+                ["-0.001", "0.001"],
+            ]
+            page.check("#multiples-shared")
+            page.wait_for_function(
+                "[...document.querySelectorAll('.multiple .range')].every(r => r.innerText.startsWith('-1'))"
+            )
+            shared = shown_histograms(page)
+            # on -1..1 (bins 0.5 wide) a narrower layer fills the two middle bins alone
+            assert [sum(c > 0 for c in shared[n]) for n in names] == [4, 2, 2, 2], shared
+            assert all(sum(counts) == pytest.approx(8) for counts in shared.values())
+            page.reload()
+            page.wait_for_function("document.body.dataset.ready === '1'")
+            expect(page.locator("#multiples-shared")).to_be_checked()
+            assert shown_histograms(page) == shared
+
             open_ready(page, f"{server.url}/runs/tanh?step=50")
             assert heatmap_rows(page, "chart-sat") == ["1", "3"]
             assert heatmap_rows(page, "chart-dead") == []

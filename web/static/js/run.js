@@ -23,7 +23,7 @@ import { setCondition, toast } from "./notify.js";
 import { Replay, stepFromUrl } from "./replay.js";
 import { RulesPanel } from "./rules.js";
 import { RunSocket } from "./socket.js";
-import { Snapshots } from "./snapshots.js";
+import { Snapshots, onSharedRange } from "./snapshots.js";
 
 const ENDED = new Set(["finished", "failed", "stopped", "lost"]);
 const SERIES_POINTS = 1500;
@@ -40,6 +40,23 @@ const MAX_ALERT_MARKS = 200;
 const PREVIEW_WAIT_MS = 1000;
 const $ = (id) => document.getElementById(id);
 const runId = document.body.dataset.runId;
+
+/** The dead-units card's note when no layer has a dead ratio, by why (deadUnitsNote). */
+const NO_DEAD_REGION = "no layer of this run has a dead-unit ratio: tanh/sigmoid have no dead region";
+const TOO_FEW_VALUES = "no dead-unit ratio: this run's ReLU-family layers see fewer than 8 values a unit in "
+  + "each probed batch (batch size 1 on an MLP), too few to tell a dead unit from a healthy one. "
+  + "Train with a larger batch (or probe a batch with more values a unit) to see dead units";
+/** Layer kinds whose outputs carry a dead_ratio (trainer/stats.py: module_rule's ReLU family). */
+const RELU_FAMILY = /^(ReLU|ReLU6|LeakyReLU|PReLU|ELU|SELU|CELU|GELU|SiLU|Mish|Hardswish|Softplus)$/;
+
+/**
+ * Why a run's dead-units card is empty. Its ReLU-family layers would carry a dead ratio: when
+ * none has one, a unit had fewer than 8 values to judge (trainer MIN_ACTIVITY_VALUES), not
+ * a missing dead region. Only a run without such a layer has no dead region.
+ */
+function deadUnitsNote(layers) {
+  return layers.some((l) => RELU_FAMILY.test(l.kind || "")) ? TOO_FEW_VALUES : NO_DEAD_REGION;
+}
 
 const isLr = (n) => n === "lr" || (/^lr[/.:[_]/.test(n) && n !== "lr_scale");
 const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
@@ -60,8 +77,7 @@ const charts = {
     empty: "no learning rate logged yet: watch() reads it from the optimizer it is given" }),
   wd: new LineChart($("chart-wd"), [], { yTitle: "weight decay", zeroBased: true,
     empty: "no weight decay logged: watch() reads it from the optimizer's weight_decay setting" }),
-  dead: new LayerHeatmap($("chart-dead"), { title: "dead ratio",
-    empty: "no layer of this run has a dead-unit ratio: tanh/sigmoid have no dead region" }),
+  dead: new LayerHeatmap($("chart-dead"), { title: "dead ratio", empty: NO_DEAD_REGION }),
   sat: new LayerHeatmap($("chart-sat"), { title: "saturated ratio",
     empty: "no layer of this run has a saturated ratio: only bounded activations (tanh, sigmoid) saturate" }),
   hist: new HistogramOverTime($("chart-hist"), { onRegrid: (layer) => regrid(layer) }),
@@ -76,7 +92,7 @@ const charts = {
     empty: "no other scalar logged: what else the run passes to w.step (e.g. grad_norm_raw=) is charted here" }),
 };
 const multiples = new SmallMultiples($("multiples"), $("multiples-step"));
-const snapshots = new Snapshots(runId, (step, layers) => multiples.show(step, layers));
+const snapshots = new Snapshots(runId, showMultiples);
 const events = new EventLog($("events"), $("alerts"));
 const markers = new Markers();
 const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection });
@@ -105,6 +121,36 @@ function route(name) {
   routes.set(name, entry);
   return entry;
 }
+
+// ---- the small multiples: each layer on its own x-range, or all on one ----
+
+/** The "same x-range" choice is kept per run (restored on reload), as the picker's is. */
+const SHARED_KEY = `layerscope:multiples-shared:${runId}`;
+/** The step and layers the small multiples show, as the snapshots handed them over. */
+let multiplesShown = null;
+
+function showMultiples(step, layers) {
+  multiplesShown = [step, layers];
+  multiples.show(step, $("multiples-shared").checked ? onSharedRange(layers) : layers);
+}
+
+function setupSharedRange() {
+  const box = $("multiples-shared");
+  try {
+    box.checked = localStorage.getItem(SHARED_KEY) === "1";
+  } catch {
+    // storage off (a private window's policy): each layer on its own range
+  }
+  box.addEventListener("change", () => {
+    try {
+      localStorage.setItem(SHARED_KEY, box.checked ? "1" : "0");
+    } catch {
+      // not kept: the choice holds for this page
+    }
+    if (multiplesShown) showMultiples(...multiplesShown);
+  });
+}
+setupSharedRange();
 
 // ---- other scalars: every series no chart above shows, one at a time ----
 
@@ -232,6 +278,12 @@ function setStep(step) {
 
 function setLayers(layers) {
   page.layers = layers;
+  const note = deadUnitsNote(layers);
+  if (charts.dead.empty !== note) {
+    charts.dead.empty = note;
+    charts.dead.dataDirty = true; // an empty card drawn before the layers were known says why anew
+    scheduler.mark(charts.dead);
+  }
   controls.setLayers(layers);
   const select = $("hist-layer");
   select.replaceChildren(...layers.map((l) => new Option(`${l.name} (${l.kind})`, l.name)));

@@ -5,6 +5,8 @@
  * stored step at or before it (the server's rule), a small cache, and keeping at
  * most one /histogram request in flight (the latest cursor wins, so scrubbing fast
  * never queues a backlog). While following a live run it shows each new probe frame.
+ * onSharedRange re-bins one step's histograms onto one x-range for every layer (the
+ * small multiples' "same x-range" view).
  * Never: draws; it hands (step, layers) to its callback.
  */
 
@@ -90,4 +92,57 @@ export class Snapshots {
       }
     }
   }
+}
+
+/** A histogram's [lo, hi, counts] (a /histogram answer's layer or a live frame's), or null. */
+function histOf(layer) {
+  const lo = layer.lo ?? layer.hist?.lo;
+  const hi = layer.hi ?? layer.hist?.hi;
+  const counts = layer.counts || layer.hist?.counts;
+  if (!Number.isFinite(lo) || !Number.isFinite(hi) || hi < lo || !counts?.length) return null;
+  return [lo, hi, counts];
+}
+
+/**
+ * `layers` with every histogram re-binned onto one shared x-range (the lowest lo to the
+ * highest hi of the step, as many bins as the finest layer has), so a spread that shrinks
+ * with depth reads as narrower bars rather than the same shape on its own axis. Each bin's
+ * count is split over the shared bins it overlaps by overlap (a bin of zero width, every
+ * value the same, goes whole into the bin holding it). A layer keeps its own range as
+ * ownLo/ownHi. Layers without a histogram are returned as they are; fewer than two with
+ * one, or no width at all, returns `layers` itself.
+ */
+export function onSharedRange(layers) {
+  const hists = layers.map(histOf);
+  const ranged = hists.filter(Boolean);
+  if (ranged.length < 2) return layers;
+  const lo = Math.min(...ranged.map((h) => h[0]));
+  const hi = Math.max(...ranged.map((h) => h[1]));
+  if (!(hi > lo)) return layers;
+  const bins = Math.max(...ranged.map((h) => h[2].length));
+  const width = (hi - lo) / bins;
+  const at = (x) => Math.min(bins - 1, Math.max(0, Math.floor((x - lo) / width)));
+  return layers.map((layer, i) => {
+    const h = hists[i];
+    if (!h) return layer;
+    const [a0, b0, counts] = h;
+    const out = new Array(bins).fill(0);
+    const w = (b0 - a0) / counts.length;
+    counts.forEach((c, j) => {
+      if (!c) return;
+      const a = a0 + j * w;
+      const b = a + w;
+      const first = at(a);
+      const last = w > 0 ? at(b - w * 1e-9) : first;
+      if (first === last) {
+        out[first] += c;
+        return;
+      }
+      for (let t = first; t <= last; t++) {
+        const overlap = Math.min(b, lo + (t + 1) * width) - Math.max(a, lo + t * width);
+        if (overlap > 0) out[t] += (c * overlap) / w;
+      }
+    });
+    return { ...layer, hist: undefined, lo, hi, counts: out, ownLo: a0, ownHi: b0 };
+  });
 }

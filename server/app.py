@@ -5,7 +5,8 @@ directory (data_lock.claim: its lock, and a database there that is layerscope's)
 Store, creates the Hub (listening to the store's server events from the start),
 Launcher and Ingest, puts them on ``app.state``
 (``settings``, ``store``, ``hub``, ``launcher``, ``ingest``) and closes them in
-reverse order; a startup the data directory refuses reported to the ASGI server in one
+reverse order; request bodies over security.MAX_BODY_BYTES refused with 413
+(BodyLimitMiddleware); a startup the data directory refuses reported to the ASGI server in one
 line (``StartupMessage``), not as a traceback; the security middleware around
 everything; ``GET /healthz`` (503 while the store cannot take writes); a 404 on the
 dashboard's page paths (anything outside ``/api``, ``/ws``, ``/static`` and ``/healthz``:
@@ -43,7 +44,7 @@ from layerscope.server import (
 )
 from layerscope.server.checks import StoreError
 from layerscope.server.schema import SchemaError
-from layerscope.server.security import SecurityMiddleware
+from layerscope.server.security import BodyLimitMiddleware, SecurityMiddleware
 from layerscope.server.settings import Settings
 from layerscope.server.store import Store
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -219,6 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(labs.router)
     app.include_router(api.router)
     app.include_router(pages.router)
+    # Inside the security checks: a request they refuse is answered before its body is read.
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(SecurityMiddleware, settings=settings)
     app.add_middleware(StartupMessage, state=app.state)
     return app

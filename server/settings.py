@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 DEFAULT_PORT = 8765
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+MIN_TOKEN_LENGTH = 16  # a token is a password: a short one is guessed
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(24))"'
 
 
 class SettingsError(ValueError):
@@ -41,6 +43,21 @@ def local_host(host: str) -> str:
     if bare == "::":
         return "127.0.0.1" if socket.has_dualstack_ipv6() else "[::1]"
     return f"[{bare}]" if ":" in bare else bare
+
+
+def too_wide_for_default_root(folder: Path) -> bool:
+    """Whether ``folder`` (a working directory) is too wide to be the default data root:
+    ``/`` (systemd's, cron's and many supervisors' default working directory) or any
+    folder above the user's home (``/home``): every file of the machine, or of every user,
+    could be named by the New-run form."""
+    real = Path(os.path.realpath(folder))
+    if real == Path(real.anchor):
+        return True
+    try:
+        home = Path(os.path.realpath(Path.home()))
+    except (KeyError, RuntimeError):  # no home directory known
+        return False
+    return home != real and real in home.parents
 
 
 def require_token_pair(viewer_token: str | None, trainer_token: str | None) -> None:
@@ -71,8 +88,10 @@ class Settings:
     # (e.g. "server" for a docker-compose service name).
     allowed_hosts: tuple[str, ...] = ()
     # Folders a config sent over HTTP (the New-run form) may name files in (data.path,
-    # finetune.from_checkpoint); default: the working directory the server started in.
-    data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
+    # finetune.from_checkpoint); default (empty): the working directory the server started
+    # in, or the data dir where that is / or above the user's home (data_root_note says so).
+    data_roots: tuple[Path, ...] = ()
+    data_root_note: str = ""
     max_launched: int = 6  # the init lab's five runs and one more (the demo's)
     heartbeat_timeout_s: float = 15.0  # a trainer silent this long is `lost`
     reconnect_grace_s: float = 30.0  # after a restart, runs left "running" wait this long
@@ -85,10 +104,25 @@ class Settings:
         # data dir (the default, layerscope-data) named paths they could not find.
         object.__setattr__(self, "data_dir", Path(self.data_dir).absolute())
         # Resolved once (symlinks too), as the paths checked against them will be.
+        data_dir_real = Path(os.path.realpath(self.data_dir))
+        given_roots = self.data_roots
+        if not given_roots:
+            cwd = Path.cwd()
+            given_roots = (cwd,)
+            if too_wide_for_default_root(cwd):
+                given_roots = (data_dir_real,)
+                object.__setattr__(
+                    self,
+                    "data_root_note",
+                    f"the working directory {cwd} is / or above your home, too wide to be "
+                    f"the default data root: the New-run form may name files in "
+                    f"{data_dir_real} only (start with --data-root DIR to allow a folder)",
+                )
         roots = []
-        for given in self.data_roots or (Path.cwd(),):
+        for given in given_roots:
             root = Path(os.path.realpath(given))
-            if not root.is_dir():
+            # The data dir may not exist yet: the server creates it as it starts.
+            if root != data_dir_real and not root.is_dir():
                 what = "not a directory" if root.exists() else "no such directory"
                 raise SettingsError(
                     f"--data-root {given}: {what} (data roots come from --data-root and "
@@ -128,6 +162,11 @@ class Settings:
                     f"the {name} ({flag}) starts or ends with whitespace (a newline or a "
                     "carriage return read from a file?); tokens are compared exactly, so no "
                     "client would match it: remove it"
+                )
+            if token and len(token) < MIN_TOKEN_LENGTH:
+                raise SettingsError(
+                    f"the {name} ({flag}) is {len(token)} characters; a token needs at least "
+                    f"{MIN_TOKEN_LENGTH}, make one with: {MAKE_TOKEN}"
                 )
         if bool(self.viewer_token) != bool(self.trainer_token):
             one, other = (
@@ -179,7 +218,7 @@ class Settings:
             allowed_origins=allowed_origins,
             allowed_hosts=allowed_hosts
             or tuple(h for h in env.get("LAYERSCOPE_ALLOWED_HOSTS", "").split(",") if h),
-            data_roots=tuple(Path(r) for r in roots) or (Path.cwd(),),
+            data_roots=tuple(Path(r) for r in roots),
             max_launched=max_launched if max_launched is not None else 6,
             log_level=log_level,
         )

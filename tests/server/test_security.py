@@ -23,8 +23,8 @@ from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.anyio
 
-VIEWER = "viewer-secret"
-TRAINER = "trainer-secret"
+VIEWER = "viewer-secret-0123456789"
+TRAINER = "trainer-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,12 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     )
     with running_server(settings) as server:
         yield server
+
+
+def viewer_cookie(server: LiveServer) -> str:
+    """The Cookie header a browser sends after opening ``server`` with ``?token=``."""
+    answer = httpx.get(f"{server}/api/runs?token={VIEWER}")
+    return answer.headers["set-cookie"].split(";")[0]
 
 
 async def refused(url: str, **kwargs: object) -> tuple[int, str]:
@@ -114,7 +120,8 @@ def test_a_token_page_load_sets_the_cookie_the_browser_then_uses(guarded: LiveSe
         first = browser.get(f"{guarded}/api/runs?token={VIEWER}")
         assert first.status_code == 200
         cookie = first.headers["set-cookie"]
-        assert cookie.startswith(f"layerscope_token={VIEWER}") and "HttpOnly" in cookie
+        assert cookie.startswith(f"layerscope_{guarded.port}=") and "HttpOnly" in cookie
+        assert VIEWER not in cookie
         assert browser.get(f"{guarded}/api/runs").status_code == 200  # the cookie alone
 
 
@@ -133,7 +140,7 @@ async def test_trainer_and_viewer_tokens_do_not_open_each_others_sockets(guarded
     async with connect(guarded.ws(f"/ws/runs/guarded-run?token={VIEWER}")) as ws:
         assert json.loads(await ws.recv())["type"] == "snapshot"
     async with connect(
-        guarded.ws("/ws/runs/guarded-run"), additional_headers={"Cookie": f"layerscope_token={VIEWER}"}
+        guarded.ws("/ws/runs/guarded-run"), additional_headers={"Cookie": viewer_cookie(guarded)}
     ) as ws:
         assert json.loads(await ws.recv())["type"] == "snapshot"
     await trainer.close()
@@ -269,7 +276,7 @@ def test_one_token_alone_or_the_same_token_twice_is_refused_at_startup(
     with pytest.raises(SettingsError, match="are the same"):
         Settings.from_env(data_dir=tmp_path)
     with pytest.raises(SettingsError, match="are the same"):
-        Settings(data_dir=tmp_path, viewer_token="same", trainer_token="same")
+        Settings(data_dir=tmp_path, viewer_token=VIEWER, trainer_token=VIEWER)
     monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", TRAINER)
     assert Settings.from_env(data_dir=tmp_path).trainer_token == TRAINER
     monkeypatch.delenv("LAYERSCOPE_TOKEN")
@@ -313,7 +320,7 @@ def test_a_token_page_load_is_redirected_to_the_page_without_the_token(guarded: 
     answer = httpx.get(f"{guarded}/runs/some-run?after=3&token={VIEWER}&x=%2F")
     assert answer.status_code == 303
     assert answer.headers["location"] == "/runs/some-run?after=3&x=%2F"
-    assert answer.headers["set-cookie"].startswith(f"layerscope_token={VIEWER};")
+    assert answer.headers["set-cookie"].startswith(f"layerscope_{guarded.port}=")
     assert httpx.get(f"{guarded}/?token={VIEWER}").headers["location"] == "/"
     with httpx.Client(follow_redirects=True) as browser:
         page = browser.get(f"{guarded}/?token={VIEWER}")
@@ -349,6 +356,9 @@ async def test_tokens_never_reach_the_server_log(tmp_path: Path) -> None:
                 await client.get(f"{server}/?token={VIEWER}")
                 await client.get(f"{server}/api/runs?x=1&token={VIEWER}")
                 await client.get(f"{server}/api/runs?token=wrong-guess")
+                # The server reads %74oken as token; the log masked only a literal token=.
+                await client.get(f"{server}/api/runs?%74oken={VIEWER}&x=2")
+                await client.get(f"{server}/api/runs?a=1&%74%6F%6B%65%6E=wrong-guess-2")
             async with connect(server.ws(f"/ws/trainer?token={TRAINER}")) as ws:
                 await ws.send(json.dumps({"type": "hello", "v": 1, "run_id": "logged"}))
                 assert json.loads(await ws.recv())["type"] == "welcome"
@@ -358,5 +368,139 @@ async def test_tokens_never_reach_the_server_log(tmp_path: Path) -> None:
             logger.removeHandler(lines)
     text = "\n".join(lines.lines)
     assert "/api/runs?x=1&token=***" in text and "/ws/trainer?token=***" in text, text
-    for secret in (VIEWER, TRAINER, "wrong-guess"):
+    assert "/api/runs?%74oken=***&x=2" in text, text
+    for secret in (VIEWER, TRAINER, "wrong-guess", "wrong-guess-2"):
         assert secret not in text
+
+
+def _raw_answer(port: int, request: bytes, body: bytes = b"") -> tuple[int, dict[str, str]]:
+    """Send ``request`` (and ``body``) on a fresh connection; the status and headers of the
+    answer, read without sending anything more."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(head[0].split()[1]), headers
+
+
+FRAMING = {
+    "x-frame-options": "DENY",
+    "content-security-policy": "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+def test_no_answer_may_be_framed_or_leak_a_referrer(guarded: LiveServer) -> None:
+    """Clickjacking: a page on another port of the host framed the dashboard, invisible,
+    and the user's click landed on Pause. Every answer now forbids framing, sniffing and
+    the Referer (which carried a ?token= address to whatever the page linked to)."""
+    auth = {"Authorization": f"Bearer {VIEWER}"}
+    answers = [
+        httpx.get(f"{guarded}/", headers=auth),  # a page
+        httpx.get(f"{guarded}/runs/nothing-here", headers=auth),  # the 404 page
+        httpx.get(f"{guarded}/api/runs", headers=auth),  # the API
+        httpx.get(f"{guarded}/api/runs"),  # a refusal
+        httpx.get(f"{guarded}/?token={VIEWER}"),  # the token page load's redirect
+        httpx.get(f"{guarded}/static/js/socket.js", headers=auth),
+    ]
+    assert [a.status_code for a in answers] == [200, 404, 200, 403, 303, 200]
+    for answer in answers:
+        for name, value in FRAMING.items():
+            assert answer.headers.get(name) == value, (answer.request.url, name)
+
+
+def test_the_viewer_cookie_is_this_servers_own_and_not_the_token(
+    guarded: LiveServer, tmp_path: Path
+) -> None:
+    """The cookie held the raw token under one name for every server on the host: browsers
+    send a host's cookies to every port, so any other service on 127.0.0.1 received the
+    token, and two servers overwrote each other's cookie. Now it is named for the port and
+    holds an HMAC of the token that only the server that set it accepts."""
+    name, _, value = viewer_cookie(guarded).partition("=")
+    assert name == f"layerscope_{guarded.port}" and VIEWER not in value and len(value) == 64
+    ok = {"Cookie": f"{name}={value}"}
+    assert httpx.get(f"{guarded}/api/runs", headers=ok).status_code == 200
+    for cookie in (f"{name}={VIEWER}", f"layerscope_token={VIEWER}", f"{name}={value[:-1]}0"):
+        assert httpx.get(f"{guarded}/api/runs", headers={"Cookie": cookie}).status_code == 403
+    key = guarded.data_dir / "cookie.key"
+    assert key.stat().st_mode & 0o077 == 0
+    other_settings = make_settings(tmp_path / "other", viewer_token=VIEWER, trainer_token=TRAINER)
+    with running_server(other_settings) as other:
+        other_name, _, other_value = viewer_cookie(other).partition("=")
+        assert other_name != name and other_value != value  # two servers, two cookies
+        for cookie in (f"{name}={value}", f"{other_name}={value}"):
+            assert httpx.get(f"{other}/api/runs", headers={"Cookie": cookie}).status_code == 403
+        assert httpx.get(f"{other}/api/runs", headers={"Cookie": f"{other_name}={other_value}"}).status_code == 200
+    # A restart (same data dir and port) keeps the browsers' cookies valid.
+    again = Guard(dataclasses.replace(guarded.settings))
+    assert again.cookie_value() == value
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(shared_server: LiveServer) -> None:
+    """A 100 MB JSON body to POST /api/runs took the server from 62 MiB to 655 MiB. A body
+    over MAX_BODY_BYTES is refused with 413: at once when its Content-Length says so (the
+    body is never sent here), and as it passes the limit when it is chunked."""
+    port = shared_server.port
+    for path in ("/api/runs", "/api/labs/init", "/api/runs/x/commands"):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {100 * 1024 * 1024}\r\n\r\n"
+        )
+        status, _ = _raw_answer(port, head.encode())
+        assert status == 413, path
+    chunk = b"0" * (256 * 1024)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))  # 1.25 MiB, unended
+    head = (
+        f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    status, _ = _raw_answer(port, head.encode(), chunked)
+    assert status == 413
+    answer = httpx.post(f"{shared_server}/api/runs", content=b"0" * (2 * 1024 * 1024))
+    assert answer.status_code == 413 and "limit is 1048576 bytes" in answer.json()["detail"]
+    # A body within the limit reaches the route, chunked or not.
+    assert httpx.post(f"{shared_server}/api/runs", json={"model": 1}).status_code == 422
+    streamed = httpx.post(
+        f"{shared_server}/api/runs", content=iter([b'{"model":', b" 1}"]),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert streamed.status_code == 422 and "model" in streamed.text
+
+
+def test_the_token_redirect_stays_on_this_server(guarded: LiveServer) -> None:
+    """``GET //evil.example/x?token=T`` answered 303 to ``//evil.example/x``, which a browser
+    reads as another host (so does ``/\\evil.example``): an open redirect."""
+    for target, expected in (
+        ("//evil.example/x", "/evil.example/x"),
+        ("/\\evil.example", "/evil.example"),
+        ("/\\/evil.example", "/evil.example"),
+        ("///evil.example", "/evil.example"),
+        ("/runs/a//b", "/runs/a//b"),
+    ):
+        request = (
+            f"GET {target}?token={VIEWER}&x=1 HTTP/1.1\r\nHost: 127.0.0.1:{guarded.port}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        status, headers = _raw_answer(guarded.port, request.encode())
+        assert status == 303 and headers["location"] == f"{expected}?x=1", (target, headers)
+
+
+def test_short_tokens_are_refused_with_how_to_make_one(tmp_path: Path) -> None:
+    """A one-character token was accepted."""
+    for short in ("v", "fifteen-chars-x"):
+        with pytest.raises(SettingsError, match="at least 16") as refusal:
+            Settings(data_dir=tmp_path, viewer_token=short, trainer_token=TRAINER)
+        assert 'python -c "import secrets; print(secrets.token_urlsafe(24))"' in str(refusal.value)
+        with pytest.raises(SettingsError, match=r"trainer token .* at least 16"):
+            Settings(data_dir=tmp_path, viewer_token=VIEWER, trainer_token=short)
+    Settings(data_dir=tmp_path, viewer_token="sixteen-chars-xx", trainer_token=TRAINER)

@@ -1,6 +1,7 @@
 """cli — the one console script, ``layerscope``.
 
-Owns argument parsing for ``serve`` and ``demo`` and hands ``train``, ``sync`` and
+Owns argument parsing for ``serve`` and ``demo`` (and their umask, 077, set before
+anything is created) and hands ``train``, ``sync`` and
 ``lab`` to the trainer's own command line (imported only then, so ``serve`` never
 imports torch).
 """
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from layerscope.server import __version__
 from layerscope.server.settings import DEFAULT_PORT, Settings, SettingsError
 from layerscope.trainer import wire
+
+SERVER_UMASK = 0o077  # `serve` and `demo` create files without group or other bits
 
 TRAINER_COMMANDS = {
     "train": "run a built-in experiment (see `layerscope train --help`)",
@@ -153,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # Before anything is created: the data dir, the database, the runs' configs, logs,
+    # spools and checkpoints (the launched trainers inherit it) are the owner's alone.
+    os.umask(SERVER_UMASK)
     problem = _host_problem(args.host)
     if problem is not None:
         print(f"layerscope: {problem}", file=sys.stderr)

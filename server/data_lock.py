@@ -95,7 +95,7 @@ class DataDirLock:
         if self._fd is not None:  # claimed by this process before its store opened
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot create the lock file {self.path}: {exc}") from None
         try:
@@ -191,12 +191,14 @@ def database_problem(data_dir: Path) -> str | None:
 def claim(data_dir: Path) -> str | None:
     """Before a server starts: why it cannot have ``data_dir`` (one line), or None, and
     then this process holds its lock until the server's store takes it over (or
-    ``drop_claim``). Creates the directory (and its parents) when it does not exist."""
+    ``drop_claim``). Creates the directory (and its parents) when it does not exist, the
+    directory itself owner-only (0700: runs' configs, logs, checkpoints and the database
+    are no other local user's to read); an existing one keeps its mode."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         return f"--data-dir {data_dir} is not a directory"
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         return f"cannot create --data-dir {data_dir}: {exc.strerror or exc}"
     if not os.access(data_dir, os.W_OK | os.X_OK):

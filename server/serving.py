@@ -3,7 +3,9 @@
 Owns: binding the listening socket before the app is built (so ``--port 0``
 yields the real port everywhere: the Host check, the launcher's trainer URL, the
 printed dashboard URL), the uvicorn configuration (websocket frame limit,
-keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-C/SIGTERM handling, and the demo:
+keepalive pings, graceful shutdown, token values masked in its log lines), Ctrl-C/SIGTERM handling, the
+startup notes on stderr once serving (a default data root too wide to use, a data dir
+other users may read: startup_notes), and the demo:
 server plus one built-in run, both stopped together. A startup the app refuses ends
 in its one logged line and exit code 1 (uvicorn's sys.exit(3) is caught).
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -219,6 +223,28 @@ def _data_dir_taken(settings: Settings) -> bool:
     return message is not None
 
 
+def startup_notes(settings: Settings) -> list[str]:
+    """Lines a started server says (on stderr, after it serves) about its configuration: a default data root too wide
+    to use (Settings.data_root_note), a data dir other users may read (its mode is left
+    alone: it may be shared on purpose)."""
+    notes = [settings.data_root_note] if settings.data_root_note else []
+    try:
+        mode = stat.S_IMODE(os.stat(settings.data_dir).st_mode)
+    except OSError:  # not there yet: it is created owner-only
+        mode = 0
+    if mode & 0o077:
+        notes.append(
+            f"the data dir {settings.data_dir} is mode {mode:04o}: other users of this "
+            f"machine may read its runs and database (chmod 700 {settings.data_dir} to stop it)"
+        )
+    return notes
+
+
+def _say_startup_notes(settings: Settings) -> None:
+    for note in startup_notes(settings):
+        print(f"layerscope: {note}", file=sys.stderr, flush=True)
+
+
 def serve(settings: Settings) -> int:
     if _data_dir_taken(settings):
         return 1
@@ -239,6 +265,7 @@ def serve(settings: Settings) -> int:
                 f"(data in {settings.data_dir})",
                 flush=True,
             )
+            _say_startup_notes(settings)
         await task
 
     try:
@@ -284,6 +311,7 @@ def demo(settings: Settings, steps: int) -> int:
             await task
             return
         tune_runtime()
+        _say_startup_notes(settings)
         launcher = app.state.launcher
         try:
             run_id = await launcher.launch(config)

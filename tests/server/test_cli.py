@@ -10,12 +10,14 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import closing
 from pathlib import Path
@@ -294,7 +296,7 @@ async def test_of_two_servers_started_together_the_loser_says_why_in_one_line(tm
     with ~70 lines of traceback (exit 3). Now it exits 1 with one line; the winner serves
     and stores."""
     data = tmp_path / "data"
-    (data).mkdir()
+    data.mkdir(mode=0o700)  # owner-only, as the server makes it: no note on stderr
     at = time.time() + 3
     procs = [_popen([sys.executable, "-c", AT_ONCE, str(at), *_serve_args(data)]) for _ in range(2)]
     try:
@@ -458,3 +460,82 @@ def test_a_closed_terminal_stops_the_server_and_its_launched_run(tmp_path: Path)
         assert nohup.poll() is None and _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     finally:
         _stop(nohup)
+
+
+def _post_json(port: int, path: str, body: object) -> tuple[int, object]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _stderr_line(proc: subprocess.Popen[str], timeout_s: float = 20) -> str:
+    """The next line a running server wrote to stderr ('' if none came in ``timeout_s``)."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout_s)
+    return proc.stderr.readline() if ready else ""
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+
+
+def test_a_server_started_from_root_names_no_file_outside_its_data_dir(tmp_path: Path) -> None:
+    """Started from / (systemd's default working directory), the default data root was /:
+    the New-run form took data.path=/etc/shadow, and the child's message told an existing
+    file from a missing one. The data dir is the default root then, said in one line; and
+    what the server creates is its owner's alone (the data dir 0700, files 0600: they were
+    0755 and 0644, readable by every local user)."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*LAYERSCOPE, *_serve_args(data)], cwd="/", stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        port = _serving_port(proc)
+        note = _stderr_line(proc)
+        assert note.startswith("layerscope: the working directory / is / or above your home")
+        assert f"may name files in {data} only" in note
+        answers = [
+            _post_json(port, "/api/runs", {"data": {"dataset": "npz", "path": path}})
+            for path in ("/etc/passwd", "/etc/no-such-file-here")
+        ]
+        assert answers[0] == answers[1] and answers[0][0] == 422, answers  # no oracle
+        assert f"must be inside {data}" in json.dumps(answers[0][1])
+        assert (data.stat().st_mode & 0o777) == 0o700
+        modes = _modes(data)
+        assert "layerscope.db" in modes and all(m & 0o077 == 0 for m in modes.values()), modes
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+
+
+def test_a_data_dir_other_users_may_read_is_left_alone_and_said(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)  # made by hand, or by an older layerscope
+    proc, port = _start_server(data)
+    try:
+        note = _stderr_line(proc)
+        assert note.startswith(f"layerscope: the data dir {data} is mode 0755: other users")
+        assert f"chmod 700 {data}" in note
+    finally:
+        assert _stop(proc) == ""
+    assert (data.stat().st_mode & 0o777) == 0o755
+    assert all(m & 0o077 == 0 for m in _modes(data).values())
+
+
+def test_a_short_token_is_refused_in_one_line_saying_how_to_make_one(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    out = _run("serve", "--token", "x", "--trainer-token", "trainer-token-0123456789",
+               "--data-dir", str(data))  # fmt: skip
+    _refused_in_one_line(
+        out, 2, "viewer token (--token, LAYERSCOPE_TOKEN) is 1 characters",
+        'python -c "import secrets; print(secrets.token_urlsafe(24))"',
+    )  # fmt: skip
+    assert not data.exists()

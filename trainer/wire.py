@@ -821,9 +821,53 @@ _EXPERIMENT_NAMES = frozenset(
         "OPTIMIZERS",
         "PREPROCESS",
         "experiment_rule_names",
-        "validate_experiment",
     }
 )
+
+# A built-in run's size budget: the parameters its model fields alone imply (depth 64 x
+# width 4096 is about 1e9, with adam's state 12+ GB, on a machine the New-run form reaches).
+MAX_MODEL_PARAMS = 50_000_000
+CNN_KERNEL = 3  # models.CNN's 3x3 convolutions
+
+
+def model_param_floor(model: dict[str, Any]) -> int:
+    """The parameters a validated ``model`` section implies whatever the data: its hidden
+    layers (an mlp's width x width Linears after the first, a cnn's 3x3 convolutions, with
+    batch norm's scale and shift) and one input and one output unit. The real model has
+    more: its input layer and head grow with the data."""
+    depth, width = int(model["depth"]), int(model["width"])
+    norm = 2 * width if model.get("batch_norm") else 0
+    if model.get("arch") == "cnn":
+        per_block = CNN_KERNEL * CNN_KERNEL * width * width + width + norm
+        first = CNN_KERNEL * CNN_KERNEL * width + width + norm
+    else:
+        per_block = width * width + width + norm
+        first = width + width + norm
+    return first + (depth - 1) * per_block + width + 1
+
+
+def validate_experiment(cfg: Any, *, explicit: Any = ()) -> dict[str, Any]:
+    """``experiment_config.validate_experiment`` (the full config with defaults filled;
+    ExperimentError listing every bad field) and a size budget: a model whose fields imply
+    more than MAX_MODEL_PARAMS parameters (model_param_floor) is refused, naming both
+    counts, for the New-run form, labs and ``layerscope train`` alike."""
+    from layerscope.trainer import experiment_config
+
+    out = experiment_config.validate_experiment(cfg, explicit=explicit)
+    model = out["model"]
+    count = model_param_floor(model)
+    if count > MAX_MODEL_PARAMS:
+        raise experiment_config.ExperimentError(
+            [
+                {
+                    "loc": ["model", "width"],
+                    "msg": f"a {model['arch']} of depth {model['depth']} and width "
+                    f"{model['width']} has at least {count:,} parameters; the limit is "
+                    f"{MAX_MODEL_PARAMS:,}: lower the depth or the width",
+                }
+            ]
+        )
+    return out
 
 
 def __getattr__(name: str) -> Any:

@@ -447,3 +447,24 @@ def test_a_layer_named_twice_is_refused_in_a_probe_and_a_hello() -> None:
     hello = {"type": "hello", "run_id": "r", "layers": [{"name": "fc"}, {"name": "fc"}]}
     with pytest.raises(wire.WireError, match=r"layers\[1\].name 'fc' repeats layers\[0\].name"):
         wire.validate_hello(hello)
+
+
+def test_an_experiment_over_the_parameter_budget_is_refused_naming_both_counts() -> None:
+    """depth 64 x width 4096 (about 1e9 parameters, 12+ GB with adam) was accepted by the
+    New-run form and `layerscope train` alike."""
+    huge = {"model": {"depth": 64, "width": 4096}, "solver": {"optimizer": "adam"}}
+    with pytest.raises(wire.ExperimentError) as refused:
+        wire.validate_experiment(huge)
+    (error,) = refused.value.errors
+    assert error["loc"] == ["model", "width"]
+    assert "has at least 1,057,234,945 parameters; the limit is 50,000,000" in error["msg"]
+    cnn = {"model": {"arch": "cnn", "depth": 8, "width": 1024}, "data": {"dataset": "digits"}}
+    with pytest.raises(wire.ExperimentError, match="a cnn of depth 8 and width 1024"):
+        wire.validate_experiment(cnn)
+    # The floor counts what the fields alone imply: an mlp of depth 2, width 3 has a 3x3
+    # hidden Linear (12), the first layer's 3 weights and 3 biases from one input (6), and a
+    # head to one output (3 + 1).
+    assert wire.model_param_floor({"arch": "mlp", "depth": 2, "width": 3}) == 22
+    assert wire.model_param_floor({"arch": "mlp", "depth": 3, "width": 4096}) < wire.MAX_MODEL_PARAMS
+    wire.validate_experiment({"model": {"depth": 2, "width": 4096}})  # the widest, shallow
+    wire.validate_experiment(copy.deepcopy(wire.DEMO_EXPERIMENT))

@@ -254,6 +254,21 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             (299, "sanity", sanity),
         ],
     )
+    early = [
+        (1, "alert", {"rule": rule, "layer": "layer0", "message": f"{rule} at step 1"})
+        for rule in ("DeadUnits", "VanishingGradient", "AllZero")
+    ]
+    passed = {**sanity, "passed": True, "message": "PASS: 100.00% training accuracy"}
+    scales = [
+        (100 + i // 2, "command_result", {**halve, "id": f"c{i}", "args": {"value": v},
+                                          "applied_at_step": 100 + i // 2,
+                                          "state": {**state, "lr_scale": v}})
+        for i, v in enumerate([0.5, 0.25] * 300)
+    ]  # fmt: skip
+    write_recorded_run(
+        data_dir, "crowded", steps=400, layers=2, every=50,
+        events=[*early, (2, "sanity", passed), *scales],
+    )  # fmt: skip
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
         try:
@@ -289,9 +304,13 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             assert [(c["origin"], c["source"]) for c in listed] == [("trainer", "rule")]
             # the acknowledged state says at which step each part took its value, after a
             # (re)load too: the steps come from the stored commands
-            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (step 250)")
-            expect(page.locator("#acked")).to_contain_text("last: set_lr_scale at step 250")
+            # applied after step 250, the halving holds from step 251 on: said so, as the log does
+            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (after step 250)")
+            expect(page.locator("#acked")).to_contain_text("last: set_lr_scale after step 250")
+            expect(page.locator("#lr-scale")).to_have_value("0.5")
             assert alert_lines(page, "chart-loss") == [120, 260]
+            # at the run's end no line of the log is after the cursor
+            expect(page.locator("#events li.after-cursor")).to_have_count(0)
             # x1 is the trainer's clock's pace: its rows' time_s is 0.01 s a step
             pace = page.eval_on_selector("#replay", "el => Number(el.dataset.pace)")
             assert pace == pytest.approx(100)
@@ -301,7 +320,23 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             expect(shown).to_have_count(1)
             expect(shown).to_contain_text("step 120")
             expect(page.locator("#acked")).to_contain_text("as of step 255: running")
-            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (step 250)")
+            expect(page.locator("#acked")).to_contain_text("LR ×0.5 (after step 250)")
+            # the LR field is the cursor's scale too (it kept the run's last at every step)
+            expect(page.locator("#lr-scale")).to_have_value("0.5")
+            # the verdict came at step 299: none yet at 255 (it read FAIL at every step)
+            expect(page.locator("#sanity")).to_have_text("sanity: no verdict yet")
+            # the log keeps what came after the cursor, marked so: the NaN alert (260), the
+            # verdict and the end (299); the halving (after step 250) is in effect
+            later = page.locator("#events li.after-cursor")
+            expect(later).to_have_count(3)
+            expect(later.nth(2)).to_contain_text("loss is nan")
+            expect(rule_line).not_to_have_class(re.compile("after-cursor"))
+            scrub(page, 250)  # the halving's own step still trained at x1: not in effect yet
+            expect(page.locator("#acked")).to_have_text(
+                "run finished; no command acknowledged by step 250: it ran as started so far."
+            )
+            expect(page.locator("#lr-scale")).to_have_value("1")
+            expect(rule_line).to_have_class(re.compile("after-cursor"))
             scrub(page, 200)  # before the halving
             expect(page.locator("#acked")).to_have_text(
                 "run finished; no command acknowledged by step 200: it ran as started so far."
@@ -320,6 +355,37 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             expect(page.locator("#acked")).to_contain_text(
                 "run finished; last acknowledged state: LR ×"
             )
+            expect(page.locator("#sanity")).to_have_text("sanity FAIL")
+            expect(page.locator("#lr-scale")).to_have_value("0.5")
+            expect(later).to_have_count(0)
+
+            # More events than the log reads (500): the alerts, the verdict and the control
+            # state at the cursor are still the run's (the alerts at step 1 were lost with the
+            # oldest events: "No alerts.", no marker), and the log says it lists only the newest
+            open_ready(page, f"{server.url}/runs/crowded?step=50")
+            crowded = page.locator("#alerts li.alert:visible")
+            expect(crowded).to_have_count(3)
+            for rule in ("DeadUnits", "VanishingGradient", "AllZero"):
+                expect(page.locator("#alerts")).to_contain_text(rule)
+            assert alert_lines(page, "chart-loss") == [1]
+            expect(page.locator("#sanity")).to_have_text("sanity PASS")
+            expect(page.locator("#acked")).to_contain_text("no command acknowledged by step 50")
+            expect(page.locator("#lr-scale")).to_have_value("1")
+            lines = page.locator("#events li[data-kind]")
+            expect(lines).to_have_count(500)
+            older = page.locator("#events li.older")
+            expect(older).to_contain_text("Older events not shown: this log lists the newest 500")
+            expect(page.locator("#events li.after-cursor")).to_have_count(500)
+            older.locator("button").click()
+            expect(lines).to_have_count(605)
+            expect(older).to_have_count(0)
+            expect(lines.last).to_contain_text("DeadUnits")
+            # the loaded lines are marked against the cursor as well: all but step 1's and 2's
+            expect(page.locator("#events li.after-cursor")).to_have_count(601)
+            scrub(page, 150)  # the commands applied after step 149 hold; step 150's do not yet
+            expect(page.locator("#acked")).to_contain_text("LR ×0.25 (after step 149)")
+            expect(page.locator("#acked")).to_contain_text("last: set_lr_scale after step 149")
+            expect(page.locator("#lr-scale")).to_have_value("0.25")
 
             open_ready(page, f"{server.url}/")
             expect(page.locator("#runs tr[data-run-id='ruled'] .badge.sanity")).to_have_text("FAIL")

@@ -4,14 +4,16 @@
  * Owns: turning a click (or Space) into one command over the viewer socket with a
  * fresh id, showing that button as pending until the trainer's acknowledgement
  * (event kind "command_result" with the same id) arrives, and then showing the
- * acknowledged state and the step it was applied at. Commands carry target state:
+ * acknowledged state and the step it was applied after ("after step N": applied_at_step is
+ * the step whose w.step() applied it, so it is in effect from step N + 1, DESIGN §4).
+ * Commands carry target state:
  * "Halve LR" sends set_lr_scale(acked lr_scale * 0.5).
  * A command still pending when the socket drops is sent again, with the same id, once
  * the socket is back (the server stores a command once per id, so a copy it already
  * had is only answered, never applied twice): one sent as the socket closed would
  * otherwise stay pending for good.
- * In replay (showAt) the bar shows the state as acknowledged by the cursor's step: the
- * last acknowledged command applied at or before it.
+ * In replay (showAt) the bar, the LR × field with it, shows the state in effect at the
+ * cursor's step: the last acknowledged command applied after an earlier step.
  * Step once is the one command that is not a target state: every click is a step. The
  * trainer applies the step_once commands it drains at one step boundary as one step, so
  * the bar sends one at a time: a click while one is pending is queued (the button says
@@ -93,7 +95,7 @@ export class Controls {
     this.root = root;
     this.send = send;
     this.state = null;          // last acknowledged control state, or null before any
-    this.since = {};            // state key -> step it was last applied at
+    this.since = {};            // state key -> step it was last applied after
     this.pending = new Map();   // command id -> button key
     this.lastApplied = null;    // {name, step} of the last acknowledged command
     this.applied = new Map();   // command id -> {name, step, state}: every acknowledged one (replay)
@@ -227,8 +229,18 @@ export class Controls {
       }
       if (name) this.lastApplied = { name, step };
     }
-    if (document.activeElement !== this.lrInput) this.lrInput.value = String(this.state.lr_scale);
+    this.syncLrInput();
     this.render();
+  }
+
+  /**
+   * The LR × field holds the scale the bar shows: the acknowledged one, in replay the one
+   * in effect at the cursor (it kept the run's last at every step). Left alone while typed in.
+   */
+  syncLrInput() {
+    if (document.activeElement === this.lrInput) return;
+    const s = this.replayStep === null ? this.state : this.view().state;
+    this.lrInput.value = String((s || DEFAULT_STATE).lr_scale);
   }
 
   /**
@@ -252,6 +264,7 @@ export class Controls {
     }
     this.since = { ...since, ...this.since };
     if (!this.lastApplied && last) this.lastApplied = last;
+    if (this.replayStep !== null) this.syncLrInput();
     this.render();
   }
 
@@ -295,19 +308,22 @@ export class Controls {
   }
 
   /**
-   * Replay: shows the control state as the trainer had acknowledged it by `step` (the last
-   * acknowledged command applied at or before it), or, for null, the run's last state.
+   * Replay: shows the control state in effect at `step` (the last acknowledged command
+   * applied after an earlier step: one applied after step N holds from N + 1), or, for
+   * null, the run's last state.
    */
   showAt(step) {
     if (step === this.replayStep) return;
     this.replayStep = step;
+    this.syncLrInput();
     this.render();
   }
 
   /** What the bar shows: {state, since, lastApplied}, at the replay step when there is one. */
   view() {
     if (this.replayStep === null) return { state: this.state, since: this.since, lastApplied: this.lastApplied };
-    const upTo = [...this.applied.values()].filter((c) => c.step <= this.replayStep).sort((a, b) => a.step - b.step);
+    // applied after step c.step: in effect from c.step + 1
+    const upTo = [...this.applied.values()].filter((c) => c.step < this.replayStep).sort((a, b) => a.step - b.step);
     let state = null;
     let lastApplied = null;
     const since = {};
@@ -513,7 +529,7 @@ export class Controls {
     if (!s && cursor !== null) return `run ${this.status}; no command acknowledged by step ${cursor}: it ran as started so far.`;
     if (!s && ENDED.has(this.status)) return `run ${this.status}; no command was acknowledged: it ran as started.`;
     if (!s) return "No command acknowledged yet: the trainer runs as started (LR ×1, weight decay as configured, nothing frozen).";
-    const at = (k) => (k in since ? ` (step ${since[k]})` : "");
+    const at = (k) => (k in since ? ` (after step ${since[k]})` : "");
     // An ended run is neither running nor stopping any more, whatever its last state said;
     // at a replay step before its end it was one or the other.
     const ended = ENDED.has(this.status) && cursor === null;
@@ -525,7 +541,7 @@ export class Controls {
       `frozen: ${s.frozen.length ? s.frozen.join(", ") : "none"}${s.frozen.length ? at("frozen") : ""}`,
     ];
     if (s.stopping && !ended) parts.push("stopping");
-    if (lastApplied) parts.push(`last: ${lastApplied.name} at step ${lastApplied.step}`);
+    if (lastApplied) parts.push(`last: ${lastApplied.name} after step ${lastApplied.step}`);
     // "last acknowledged state:" introduces the rest (a separator after it read "state: · LR")
     return ended ? `${parts[0]} ${parts.slice(1).join(" · ")}` : parts.join(" · ");
   }

@@ -9,14 +9,24 @@
  * shown; a server event heard live and read again from /events) adds one line: a
  * trainer's event by its seq, a server's (no seq) by kind, step, created_at and data,
  * and the marker list (who, what, after which step) the time charts draw; in replay, the
- * alerts list holds only the alerts raised by the cursor's step (alertsUpTo), and
- * alertSteps the steps alerts fired at (the loss chart's alert markers).
- * Never: decides control state (controls.js) or fetches anything.
+ * alerts list holds only the alerts raised by the cursor's step and the log marks the lines
+ * after it (setCursor), and alertSteps the steps alerts fired at (the loss chart's alert
+ * markers). The log lists the newest MAX_LINES events (more once older ones are loaded) and
+ * says so when it holds only part of the run (its "older events" line, whose button asks
+ * loadOlder); the alerts come apart from the log (addAlerts: a run's early alerts are not
+ * among its newest events), and every alert is kept, so the cursor's are listed whatever
+ * the log holds.
+ * Never: decides control state (controls.js) or fetches anything (loadOlder, run.js's, does).
  */
 
 import { formatNumber } from "./charts.js";
 
-const MAX_LINES = 500;
+/** The most lines the log keeps as events come (older ones loaded on request raise it). */
+export const MAX_LINES = 500;
+/** The most alerts the alerts panel lists (the newest by the cursor); every one is kept. */
+export const MAX_ALERT_LINES = 500;
+/** How a line after the replay cursor is dimmed (kept visible: it happened later). */
+const AFTER_OPACITY = "0.45";
 
 /**
  * Who sent each command (its "command" event's source and origin, by command id): a live
@@ -116,15 +126,44 @@ export function suggestionFor(ev) {
   return s;
 }
 
+/**
+ * The step from which an event counts as having happened: its step, but for an applied
+ * command the step after the one it was applied after (in effect from N + 1, DESIGN §4).
+ */
+export function eventFrom(ev) {
+  const d = ev.data || {};
+  if (ev.kind === "command_result" && d.ok !== false) {
+    const at = d.applied_at_step ?? ev.step;
+    return typeof at === "number" ? at + 1 : null;
+  }
+  return typeof ev.step === "number" ? ev.step : null;
+}
+
+/** Index of the first alert in `list` (sorted by step, a stepless one first) whose step is above `step`. */
+function upperBound(list, step) {
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if ((list[mid].step ?? -Infinity) <= step) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 export class EventLog {
   constructor(list, alerts) {
     this.list = list;
     this.alerts = alerts;
-    this.seen = new Set();
-    this.alertCount = 0;
-    this.alertSteps = new Set(); // steps alerts fired at (the loss chart's alert markers)
-    this.cursor = null;          // replay: only the alerts at or before this step are listed
-    this.noneYet = null;         // the "no alert by step N" line
+    this.seen = new Set();        // the log's event keys (a repeat adds no line)
+    this.alertSeen = new Set();   // the alerts panel's (alerts come with the log and apart)
+    this.alertList = [];          // every alert, by step (arrival order within a step)
+    this.alertSteps = new Set();  // steps alerts fired at (the loss chart's alert markers)
+    this.cursor = null;           // replay: the alerts by this step are listed, later lines marked
+    this.shownAlerts = null;      // [count listed up to the cursor, alerts held] last rendered
+    this.maxLines = MAX_LINES;
+    this.olderLine = null;        // "older events not shown" at the log's foot
+    this.loadOlder = null;        // () => Promise: reads older events (run.js), addOlder()s them
     this.suggestion = null; // {send(kind) -> bool, blocked(kind) -> reason}: the alerts' buttons
   }
 
@@ -138,72 +177,175 @@ export class EventLog {
     }
   }
 
-  /** Adds events (oldest first); returns how many were new. */
+  /** The log's event lines (not its "older events" line), newest first. */
+  lines() {
+    return this.list.querySelectorAll("li[data-kind]");
+  }
+
+  /** Adds events (oldest first) to the log, their alerts to the alerts panel; returns how many were new to the log. */
   add(events) {
     let added = 0;
     for (const ev of events) {
+      if (ev.kind === "alert") this.noteAlert(ev);
       const key = eventKey(ev);
       if (this.seen.has(key)) continue;
-      this.seen.add(key);
-      if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.values().next().value);
+      this.remember(key);
       added++;
       if (ev.kind === "command" && ev.data?.id) noteSender(ev.data.id, [ev.data.source, ev.data.origin]);
       this.list.prepend(this.line(ev));
-      if (ev.kind === "alert") {
-        if (!this.alertCount) this.alerts.replaceChildren();
-        this.alertCount++;
-        const li = this.line(ev);
-        li.classList.add("alert");
-        if (typeof ev.step === "number") {
-          li.dataset.step = String(ev.step);
-          this.alertSteps.add(ev.step);
-        }
-        const hint = suggestionFor(ev);
-        if (hint && this.suggestion) {
-          const b = document.createElement("button");
-          b.type = "button";
-          b.className = "suggest";
-          b.dataset.suggest = hint.kind;
-          b.textContent = hint.label;
-          b.addEventListener("click", () => { this.suggestion.send(hint.kind); this.renderSuggestions(); });
-          li.append(" ", b);
-        }
-        this.alerts.prepend(li);
-      }
     }
-    while (this.list.children.length > MAX_LINES) this.list.lastElementChild.remove();
-    while (this.alerts.children.length > MAX_LINES) this.alerts.lastElementChild.remove();
-    this.renderSuggestions();
-    if (this.cursor !== null) this.alertsUpTo(this.cursor);
+    let count = this.lines().length;
+    if (count > this.maxLines) {
+      const lines = this.lines();
+      for (let i = lines.length - 1; count > this.maxLines; i--, count--) lines[i].remove();
+      this.setOlder(true);
+    }
+    this.renderAlerts();
     return added;
   }
 
+  remember(key) {
+    this.seen.add(key);
+    if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.values().next().value);
+  }
+
   /**
-   * Replay: lists only the alerts raised at or before `step` (null: every alert), as the
-   * run stood at the cursor; the event log keeps the whole run.
+   * Events older than the log's oldest line (`events`: the run's newest N, oldest first, as
+   * /events?limit=N lists them) added at its foot; `more`: the run has older ones still.
    */
-  alertsUpTo(step) {
+  addOlder(events, more) {
+    const shown = new Set([...this.lines()].map((li) => li.dataset.key));
+    const first = events.findIndex((ev) => shown.has(String(eventKey(ev))));
+    const older = (first < 0 ? events : events.slice(0, first)).filter((ev) => !shown.has(String(eventKey(ev))));
+    const foot = this.olderLine?.isConnected ? this.olderLine : null;
+    for (const ev of older.reverse()) { // newest of them first, under the oldest line shown
+      if (ev.kind === "alert") this.noteAlert(ev);
+      if (ev.kind === "command" && ev.data?.id && !senders.has(ev.data.id)) noteSender(ev.data.id, [ev.data.source, ev.data.origin]);
+      this.remember(eventKey(ev));
+      this.list.insertBefore(this.line(ev), foot);
+    }
+    this.maxLines = Math.max(this.maxLines, this.lines().length);
+    this.setOlder(more);
+    this.renderAlerts();
+  }
+
+  /** Says at the log's foot that older events are not listed (and offers to load them), or not. */
+  setOlder(more) {
+    if (!more) {
+      this.olderLine?.remove();
+      return;
+    }
+    if (!this.olderLine) {
+      this.olderLine = document.createElement("li");
+      this.olderLine.className = "muted older";
+      const text = document.createElement("span");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = "Load older";
+      button.addEventListener("click", () => {
+        if (!this.loadOlder) return;
+        button.disabled = true;
+        Promise.resolve(this.loadOlder()).finally(() => { button.disabled = false; });
+      });
+      this.olderLine.append(text, " ", button);
+    }
+    this.olderLine.firstChild.textContent = `Older events not shown: this log lists the newest ${this.lines().length}.`;
+    this.olderLine.lastChild.hidden = !this.loadOlder;
+    this.list.append(this.olderLine); // at the foot, below the oldest line
+  }
+
+  /** Alerts read apart from the log (oldest first): the panel and the markers, not the log. */
+  addAlerts(events) {
+    for (const ev of events) if (ev.kind === "alert") this.noteAlert(ev);
+    this.renderAlerts();
+  }
+
+  noteAlert(ev) {
+    const key = eventKey(ev);
+    if (this.alertSeen.has(key)) return;
+    this.alertSeen.add(key);
+    const step = typeof ev.step === "number" ? ev.step : null;
+    this.alertList.splice(upperBound(this.alertList, step ?? -Infinity), 0, ev);
+    if (step !== null) this.alertSteps.add(step);
+  }
+
+  /**
+   * Replay: the run as it stood at `step` (null: the whole run, as live): the alerts panel
+   * lists the alerts raised at or before it, and the log marks (dims) the lines after it.
+   */
+  setCursor(step) {
     this.cursor = step;
-    let shown = 0;
-    for (const li of this.alerts.querySelectorAll("li.alert")) {
-      const later = step !== null && li.dataset.step !== undefined && Number(li.dataset.step) > step;
-      li.hidden = later;
-      if (!later) shown++;
+    this.renderAlerts();
+    for (const li of this.lines()) this.markLine(li);
+  }
+
+  markLine(li) {
+    const later = this.cursor !== null && li.dataset.from !== undefined && Number(li.dataset.from) > this.cursor;
+    if (later === li.classList.contains("after-cursor")) return;
+    li.classList.toggle("after-cursor", later);
+    li.style.opacity = later ? AFTER_OPACITY : "";
+    if (later) li.title = `after the replay cursor (step ${this.cursor})`;
+    else li.removeAttribute("title");
+  }
+
+  /** Lists the newest MAX_ALERT_LINES alerts raised by the cursor (every alert's without one). */
+  renderAlerts() {
+    const held = this.alertList.length;
+    const upTo = this.cursor === null ? held : upperBound(this.alertList, this.cursor);
+    const same = this.shownAlerts && this.shownAlerts[0] === upTo && this.shownAlerts[1] === held;
+    if (same && upTo) return;
+    this.shownAlerts = [upTo, held];
+    if (!held) {
+      const none = document.createElement("li");
+      none.className = "muted";
+      none.textContent = "No alerts.";
+      this.alerts.replaceChildren(none);
+      return;
     }
-    const none = this.alertCount > 0 && shown === 0;
-    if (none && !this.noneYet) {
-      this.noneYet = document.createElement("li");
-      this.noneYet.className = "muted none-yet";
+    if (!upTo) {
+      const none = document.createElement("li");
+      none.className = "muted none-yet";
+      none.textContent = `No alerts by step ${this.cursor}.`;
+      this.alerts.replaceChildren(none);
+      return;
     }
-    if (none) {
-      this.noneYet.textContent = `No alerts by step ${step}.`;
-      if (!this.noneYet.isConnected) this.alerts.append(this.noneYet);
-    } else this.noneYet?.remove();
+    const items = this.alertList.slice(Math.max(0, upTo - MAX_ALERT_LINES), upTo).reverse().map((ev) => this.alertLine(ev));
+    if (upTo > MAX_ALERT_LINES) {
+      const more = document.createElement("li");
+      more.className = "muted older";
+      more.textContent = `${upTo - MAX_ALERT_LINES} older alerts not listed.`;
+      items.push(more);
+    }
+    this.alerts.replaceChildren(...items);
+    this.renderSuggestions();
+  }
+
+  alertLine(ev) {
+    const li = this.line(ev);
+    li.classList.add("alert");
+    li.classList.remove("after-cursor");
+    li.style.opacity = "";
+    li.removeAttribute("title");
+    if (typeof ev.step === "number") li.dataset.step = String(ev.step);
+    const hint = suggestionFor(ev);
+    if (hint && this.suggestion) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "suggest";
+      b.dataset.suggest = hint.kind;
+      b.textContent = hint.label;
+      b.addEventListener("click", () => { this.suggestion.send(hint.kind); this.renderSuggestions(); });
+      li.append(" ", b);
+    }
+    return li;
   }
 
   line(ev) {
     const li = document.createElement("li");
     li.dataset.kind = ev.kind;
+    li.dataset.key = String(eventKey(ev));
+    const from = eventFrom(ev);
+    if (from !== null) li.dataset.from = String(from);
     if (ev.data?.source === "rule") li.classList.add("rule");
     const step = document.createElement("span");
     step.className = "step";
@@ -212,6 +354,7 @@ export class EventLog {
     kind.className = "kind";
     kind.textContent = ev.kind;
     li.append(step, kind, document.createTextNode(describeEvent(ev)));
+    this.markLine(li);
     return li;
   }
 }

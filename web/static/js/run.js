@@ -17,7 +17,7 @@ import { getJSON, runUrl, ApiError, flatConfig } from "./api.js";
 import { COLORS, LineChart, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
 import { Controls } from "./controls.js";
 import { drawPreview } from "./preview.js";
-import { EventLog, Markers } from "./eventlog.js";
+import { EventLog, Markers, eventKey } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
 import { Replay, stepFromUrl } from "./replay.js";
@@ -31,8 +31,14 @@ const MATRIX_STEPS = 300;
 const HIST_STEPS = 200;
 /** The most points a line of the per-layer charts (gradient norm, update ratio) keeps. */
 const LAYER_POINTS = 1000;
-/** The newest events the log reads over REST (the history's, and again after a reconnect). */
+/** The newest events the log reads over REST (the history's, again after a reconnect, and each "Load older"). */
 const EVENTS_READ = 500;
+/**
+ * The most alerts (and sanity verdicts) read apart from the log when the run has more
+ * events than it reads: the server's most (/events limit). A run's early alerts are not
+ * among its newest 500 events, and the replay lists those raised by the cursor's step.
+ */
+const ALERTS_READ = 100000;
 const REGRID_MIN_MS = 5000;
 /** The most alert markers the loss chart draws (the latest steps'): each is a Plotly shape. */
 const MAX_ALERT_MARKS = 200;
@@ -94,6 +100,7 @@ const charts = {
 const multiples = new SmallMultiples($("multiples"), $("multiples-step"));
 const snapshots = new Snapshots(runId, showMultiples);
 const events = new EventLog($("events"), $("alerts"));
+events.loadOlder = () => loadOlderEvents().catch((e) => toast(`Could not load older events: ${e.message}`, "error"));
 const markers = new Markers();
 const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection });
 const controls = new Controls($("controls"), { send: (msg) => socket.send(msg) });
@@ -373,7 +380,7 @@ function loadHistory(detail) {
   const rest = [later(() => matrix("dead_ratio")), later(() => matrix("saturated_ratio")),
     later(() => matrix("grad_norm")), later(() => matrix("update_ratio")),
     later(() => getJSON(runUrl(runId, "probe_steps"))),
-    later(() => getJSON(runUrl(runId, "events", { limit: EVENTS_READ })))];
+    later(() => readEvents())];
   const shownReq = later(() => getJSON(runUrl(runId, "histogram", { step: at })))
     .catch((e) => (e instanceof ApiError && e.status === 404 ? null : Promise.reject(e)));
   const hist = later(() => loadHistogramOverTime(page.histLayer));
@@ -405,8 +412,10 @@ function loadHistory(detail) {
     snapshots.setSteps(steps.steps);
     noteFirstStep(steps.steps[0]);
     if (shown && steps.steps.length) snapshots.prime(at, shown);
-    addEvents(evs); // oldest first, as stored
-    for (const ev of evs) if (ev.kind === "sanity") setSanity(ev);
+    addEvents(evs.log, evs.more); // oldest first, as stored
+    for (const ev of evs.log) if (ev.kind === "sanity") noteSanity(ev);
+    for (const ev of evs.sanity) noteSanity(ev);
+    addAlerts(evs.alerts);
   });
   return { lines, all };
 }
@@ -421,12 +430,52 @@ function noteFirstStep(step) {
   page.dataFirstStep = page.dataFirstStep === null ? step : Math.min(page.dataFirstStep, step);
 }
 
-/** Adds events to the log and alerts list; new alerts' steps become the loss chart's alert markers. */
-function addEvents(evs) {
-  const before = events.alertSteps.size;
-  events.add(evs);
+/**
+ * The log's events: the newest EVENTS_READ (`log`, oldest first; `more`: the run has older
+ * ones), and when there are older ones, every alert and sanity verdict apart (`alerts`,
+ * `sanity`): the replay shows those of the cursor's step, whatever the log lists.
+ */
+async function readEvents() {
+  const read = await getJSON(runUrl(runId, "events", { limit: EVENTS_READ + 1 }));
+  const more = read.length > EVENTS_READ;
+  const log = more ? read.slice(1) : read;
+  if (!more) return { log, more, alerts: [], sanity: [] };
+  const [alerts, sanity] = await Promise.all([
+    getJSON(runUrl(runId, "events", { kind: "alert", limit: ALERTS_READ })),
+    getJSON(runUrl(runId, "events", { kind: "sanity", limit: ALERTS_READ })),
+  ]);
+  return { log, more, alerts, sanity };
+}
+
+/** The log's "Load older": the next EVENTS_READ older events at its foot. */
+async function loadOlderEvents() {
+  // the server lists the newest N (no offset): N is what the log lists and EVENTS_READ more
+  const want = Math.min(events.lines().length + EVENTS_READ, ALERTS_READ - 1);
+  const read = await getJSON(runUrl(runId, "events", { limit: want + 1 }));
+  const more = read.length > want;
+  events.addOlder(more ? read.slice(1) : read, more);
+  markAlerts();
+}
+
+/** The loss chart's alert markers: the steps alerts fired at (the latest MAX_ALERT_MARKS). */
+function markAlerts(before = -1) {
   if (events.alertSteps.size === before) return;
   charts.loss.setAlertSteps([...events.alertSteps].sort((a, b) => a - b).slice(-MAX_ALERT_MARKS));
+}
+
+/** Adds events to the log and alerts list (`older`: the run has events before them); new alerts' steps become the loss chart's alert markers. */
+function addEvents(evs, older = false) {
+  const before = events.alertSteps.size;
+  events.add(evs);
+  if (older) events.setOlder(true);
+  markAlerts(before);
+}
+
+/** Alerts read apart from the log: the alerts panel and the markers. */
+function addAlerts(evs) {
+  const before = events.alertSteps.size;
+  events.addAlerts(evs);
+  markAlerts(before);
 }
 
 async function loadHistogramOverTime(layer) {
@@ -537,11 +586,36 @@ function applyProbe(frame) {
   noteFirstStep(frame.step);
 }
 
-/** The overfit sanity check's verdict as a PASS/FAIL badge next to the status. */
-function setSanity(ev) {
-  const d = ev.data || {};
+/** The run's sanity verdicts (events of kind "sanity", by key), oldest first. */
+const verdicts = new Map();
+/** Replay: the badge shows the verdict given by this step (null: the latest). */
+let sanityCursor = null;
+
+function noteSanity(ev) {
+  verdicts.set(eventKey(ev), ev);
+  showSanity();
+}
+
+/**
+ * The overfit sanity check's verdict as a PASS/FAIL badge next to the status; in replay,
+ * the verdict given by the cursor's step, and "no verdict yet" before it came.
+ */
+function showSanity(step = sanityCursor) {
+  sanityCursor = step;
   const badge = $("sanity");
+  const at = (ev) => (typeof ev.step === "number" ? ev.step : -1);
+  const all = [...verdicts.values()].sort((a, b) => at(a) - at(b));
+  if (!all.length) return;
+  const given = all.filter((ev) => step === null || typeof ev.step !== "number" || ev.step <= step);
+  const ev = given[given.length - 1];
   badge.hidden = false;
+  if (!ev) {
+    badge.className = "badge";
+    badge.textContent = "sanity: no verdict yet";
+    badge.title = `no sanity verdict by step ${step}: it came at step ${all[0].step}`;
+    return;
+  }
+  const d = ev.data || {};
   badge.className = `badge ${d.passed ? "pass" : "fail"}`;
   badge.textContent = `sanity ${d.passed ? "PASS" : "FAIL"}`;
   badge.title = d.message || "";
@@ -549,7 +623,7 @@ function setSanity(ev) {
 
 function applyEvent(frame) {
   addEvents([frame]);
-  if (frame.kind === "sanity") setSanity(frame);
+  if (frame.kind === "sanity") noteSanity(frame);
   if (frame.kind === "status" && frame.data?.control) controls.setState(frame.data.control);
   if (frame.kind === "command_result") {
     controls.acknowledged(frame);
@@ -649,7 +723,9 @@ function moveCursor(step) {
   if (page.replaying) {
     showCursorFacts(step);
     // the run as it stood at the cursor: the alerts raised by then, the control state acknowledged by then
-    events.alertsUpTo(step);
+    // (the log marks the lines after it; an applied command counts from the step after it)
+    events.setCursor(step);
+    showSanity(step);
     controls.showAt(step < (page.lastStep ?? step) ? step : null);
   }
   for (const c of Object.values(charts)) c.setCursor(step);

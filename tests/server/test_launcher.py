@@ -459,10 +459,12 @@ def test_a_launched_trainer_gets_the_trainer_token_only(
     """A launched trainer inherited LAYERSCOPE_TOKEN, the viewer token, from a server
     configured through its environment: a child that needs only the trainer socket could
     act as a browser."""
-    monkeypatch.setenv("LAYERSCOPE_TOKEN", "viewer-secret")
-    monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", "trainer-secret")
+    monkeypatch.setenv("LAYERSCOPE_TOKEN", "viewer-secret-0123456789")
+    monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", "trainer-secret-0123456789")
     settings = make_settings(
-        tmp_path / "data", viewer_token="viewer-secret", trainer_token="trainer-secret"
+        tmp_path / "data",
+        viewer_token="viewer-secret-0123456789",
+        trainer_token="trainer-secret-0123456789",
     )
     # ours only: a machine's own variables (TIKTOKEN_CACHE_DIR on the GPU image) are not
     show = (
@@ -472,11 +474,11 @@ def test_a_launched_trainer_gets_the_trainer_token_only(
     with running_server(settings) as server:
         launcher = server.app.state.launcher
         launcher.command_line = lambda *_: [sys.executable, "-c", show]
-        auth = {"Authorization": "Bearer viewer-secret"}
+        auth = {"Authorization": "Bearer viewer-secret-0123456789"}
         run_id = httpx.post(f"{server}/api/runs", json=TINY, headers=auth, timeout=30).json()["id"]
         wait_for(lambda: run_id in launcher.exit_codes, timeout=30, what="the child to exit")
         log = (server.data_dir / "runs" / run_id / "trainer.log").read_text()
-    assert json.loads(log) == {"LAYERSCOPE_TRAINER_TOKEN": "trainer-secret"}
+    assert json.loads(log) == {"LAYERSCOPE_TRAINER_TOKEN": "trainer-secret-0123456789"}
 
 
 # A child that takes its time over SIGTERM, as a trainer waiting for its last acks does.

@@ -699,7 +699,7 @@ def test_an_auto_halve_alert_names_its_relative_action_and_an_ended_run_is_not_r
             # the run ended: the bar no longer says 'acknowledged: running ... stopping'
             acked = page.locator("#acked")
             expect(acked).to_contain_text("run finished; last acknowledged state:")
-            expect(acked).to_contain_text("LR ×4.77e-7 (step 61)")
+            expect(acked).to_contain_text("LR ×4.77e-7 (after step 61)")
             expect(acked).not_to_contain_text("running")
             expect(acked).not_to_contain_text("stopping")
         finally:
@@ -928,3 +928,117 @@ def test_the_pages_command_senders_stay_bounded_and_a_live_marker_still_names_it
     assert result["label"] == f"pause · by user · viewer 10.0.0.1:5 · applied after step {at}", (
         result
     )
+
+
+# A layer (or run) name Plotly would render as a link: it renders a subset of HTML in trace
+# names, legends, axis and category labels and hover text.
+LINK_NAME = "<a href='http://2130706433:18473/attack'>layer</a>"
+CHART_LINKS = (
+    "[...document.querySelectorAll('.js-plotly-plot a')]"
+    ".map(a => [a.closest('.js-plotly-plot').id, a.getAttribute('href') || a.getAttribute('xlink:href')])"
+)
+HOVER_EVERY_TRACE = (
+    "(() => { for (const gd of document.querySelectorAll('.js-plotly-plot'))"
+    " for (let c = 0; c < (gd.data || []).length; c++)"
+    " try { Plotly.Fx.hover(gd, [{curveNumber: c, pointNumber: 0}]); } catch (e) {} })()"
+)
+
+
+def test_user_names_reach_the_charts_as_text_never_as_links_and_log_axes_keep_three_labels(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """(1) A layer named `<a href=...>layer</a>` became a real link (target=_blank) in the run
+    page's gradient and update-ratio charts (trace names, colour bar, hover), the heatmaps'
+    row labels and the histogram's axis title; a run of that name did in the comparison's
+    legend. Every user string is escaped before Plotly: no <a> in any chart, the name reads
+    as written. (2) The update-ratio chart's log axis over 3e-4..3e-3 was labelled "10⁻³"
+    alone; it gets 2×/5× labels written out. (3) Loss smoothing counted points, not steps: a
+    validation loss every 50 steps lagged ~500 steps behind."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(
+        data_dir,
+        "links",
+        steps=40,
+        layers=2,
+        every=10,
+        layer_names=[LINK_NAME, "net.1"],
+        layer_stats={LINK_NAME: {"update_ratio": 3e-4}, "net.1": {"update_ratio": 3e-3}},
+        name=f"run {LINK_NAME}",
+    )
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/links")
+            page.select_option("#hist-layer", LINK_NAME)
+            page.wait_for_function(
+                "document.getElementById('chart-update').data?.length >= 2"
+                " && document.querySelectorAll('#chart-dead .ytick text').length === 2"
+                " && document.querySelector('#chart-hist .ytitle') !== null"
+            )
+            page.evaluate(
+                "document.querySelectorAll('.grid .chart').forEach(c => c.scrollIntoView())"
+            )
+            page.wait_for_function(
+                "document.querySelectorAll('#chart-update .ytick text').length > 0"
+            )
+            page.evaluate(HOVER_EVERY_TRACE)
+            assert page.evaluate(CHART_LINKS) == []
+            for chart in ("chart-grad", "chart-update"):
+                expect(page.locator(f"#{chart} .colorbar")).to_contain_text(f"first: {LINK_NAME}")
+            ticks = page.locator("#chart-dead .ytick text").all_text_contents()
+            assert LINK_NAME in ticks, ticks
+            expect(page.locator("#chart-hist .ytitle")).to_have_text(LINK_NAME)
+            page.wait_for_timeout(100)  # Plotly drops a hover within 50 ms of the last
+            page.evaluate(
+                "Plotly.Fx.hover(document.getElementById('chart-grad'), [{curveNumber: 0, pointNumber: 0}])"
+            )
+            expect(page.locator("#chart-grad .hoverlayer")).to_contain_text(f"{LINK_NAME}: ")
+            # (2) at least three labels, unambiguous: no bare digit
+            labels = page.locator("#chart-update .ytick text").all_text_contents()
+            assert labels == ["5×10⁻⁴", "10⁻³", "2×10⁻³"], labels
+            ticks_of = page.evaluate(
+                "import('/static/js/charts.js').then(({ logTicks }) => ["
+                " logTicks(1e-5, 2e-2), logTicks(6e-4, 2.5e-3), logTicks(2.1e-3, 2.9e-3),"
+                " logTicks(0.5, 0.5)])"
+            )
+            assert ticks_of[0] is None  # 10⁻⁵..10⁻²: the powers of ten are enough
+            for t in ticks_of[1:]:
+                assert len(t["ticktext"]) >= 2, ticks_of
+                assert all(
+                    re.fullmatch(r"([\d.]+×)?10[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+|[\d.]+", s) for s in t["ticktext"]
+                )
+            assert ticks_of[3]["ticktext"] == ["4.8×10⁻¹", "5×10⁻¹", "5.2×10⁻¹"]  # a flat line
+            # (3) a validation loss every 50 steps beside a training loss every step: at 0.9
+            # the sparse one follows its own points (it read 0.10 for a real 0.052 at step
+            # 2000), the dense one is smoothed as before
+            train, val = page.evaluate(
+                """import('/static/js/charts.js').then(({ LineChart }) => {
+                  const div = document.createElement('div');
+                  document.body.append(div);
+                  const c = new LineChart(div, [{ name: 'train' }, { name: 'validation' }]);
+                  const f = (s) => 0.05 + 2 * Math.exp(-s / 200);
+                  const steps = Array.from({ length: 2001 }, (_, s) => s);
+                  const vsteps = steps.filter((s) => s % 50 === 0);
+                  c.setSeries(0, steps, steps.map(f));
+                  c.setSeries(1, vsteps, vsteps.map((s) => f(s) + 0.002));
+                  c.setSmoothing(0.9);
+                  const d = c.plotData();
+                  div.remove();
+                  return [d[0].y, d[1].y];
+                })"""
+            )
+            assert abs(val[-1] - 0.052) < 0.001, val[-1]
+            assert abs(val[2] - (0.052 + 2 * 0.6065)) < 0.01, val[2]  # step 100
+            assert 0.01 < train[100] - (0.05 + 2 * 0.6065) < 0.2  # lags ~10 steps
+
+            # the comparison page: the run's name in the loss legend, as text
+            page.goto(f"{server.url}/compare?ids=links")
+            page.wait_for_function("document.body.dataset.ready === '1'")
+            page.evaluate(HOVER_EVERY_TRACE)
+            assert page.evaluate(CHART_LINKS) == []
+            expect(page.locator("#chart-loss .legendtext").first).to_have_text(
+                f"run {LINK_NAME} train"
+            )
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors

@@ -9,7 +9,8 @@
  * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
  * the replay cursor and command markers drawn on every time axis; removing a
  * chart's canvas preview (preview.js) when Plotly first draws it.
- * Never: fetches data, or hands Plotly an array it also mutates itself.
+ * Never: fetches data, hands Plotly an array it also mutates itself, or hands it a
+ * user's string (a trace, layer or run name, a command label) unescaped: plotlyText.
  */
 
 export const REDRAW_INTERVAL_MS = 100;
@@ -280,10 +281,11 @@ export function baseLayout(extra = {}) {
 /**
  * A log y axis: its labels the powers of ten alone (10⁻², 10⁻¹), the decade's other
  * gridlines unlabelled. Plotly's default labelled them with bare digits ("9 8 7 6 5 4 3 2
- * 0.1 9 8"): a "5" read as 0.05 or 0.5. An axis within one decade keeps Plotly's full
- * labels (0.05, 0.06, ...).
+ * 0.1 9 8"): a "5" read as 0.05 or 0.5. A chart's axis with fewer than three powers of ten
+ * in range takes logAxis's labels instead (2×10⁻³, 5×10⁻³, ...).
  */
 export const LOG_AXIS = { type: "log", exponentformat: "power", minorloglabels: "none" };
+// (An axis showing fewer than three powers of ten gets more labels: see logAxis.)
 
 /**
  * A heatmap's step (x) axis: its title kept clear of the tick labels ("10k"), which it
@@ -347,18 +349,138 @@ export function hideNote(div) {
   }
 }
 
-/** Exponential moving average that carries over null (non-finite) points. */
-export function smooth(values, alpha) {
+/**
+ * `s` as text for Plotly, which renders a subset of HTML (<a href>, <b>, <br>, ...) in trace
+ * names, axis and category labels, hover text and annotations: a layer named
+ * "<a href='http://…'>layer</a>" became a real, clickable link in the run page's charts.
+ * Every user-controlled string (layer, run and scalar names, command labels) goes through
+ * this before it reaches Plotly. Plotly turns the entities back into the characters, so the
+ * name reads as written; "%" is escaped too, so a name holding "%{y}" is not taken for a
+ * hover template's variable.
+ */
+export function plotlyText(s) {
+  return String(s ?? "").replace(/[&<>"'%]/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+/** The median gap between consecutive steps of `xs` (null with fewer than two). */
+function medianGap(xs) {
+  if (xs.length < 2) return null;
+  const gaps = [];
+  for (let i = 1; i < xs.length; i++) gaps.push(xs[i] - xs[i - 1]);
+  gaps.sort((a, b) => a - b);
+  return gaps[gaps.length >> 1];
+}
+
+/**
+ * Exponential moving average over steps, debiased, that carries over null points. Given
+ * `steps`, a point's weight decays with its distance in steps, not in points: each `unit`
+ * steps multiply it by `alpha` (unit: the densest series' usual step gap, so the training
+ * loss logged every step is smoothed as before). A sparse series is smoothed over the same
+ * window of steps: a validation loss logged every 50 steps was smoothed over its last ~10
+ * points, ~500 steps, and at step 2000 the chart read 0.10 against a real 0.052. Without
+ * `steps`, every point is one unit from the last. Debiased (each point the weighted mean
+ * of those before it, weights summing to 1): the first point is not held for ~1/(1-alpha)
+ * points.
+ */
+export function smooth(values, alpha, steps = null, unit = 1) {
   if (!alpha) return values;
   const out = new Array(values.length);
-  let acc = null;
+  let acc = 0;
+  let norm = 0;
+  let last = null;
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
     if (v === null || v === undefined) { out[i] = null; continue; }
-    acc = acc === null ? v : alpha * acc + (1 - alpha) * v;
-    out[i] = acc;
+    const gap = steps && last !== null ? (steps[i] - last) / unit : 1;
+    const decay = Math.pow(alpha, Math.max(0, gap));
+    acc = decay * acc + v;
+    norm = decay * norm + 1;
+    out[i] = acc / norm;
+    last = steps ? steps[i] : i;
   }
   return out;
+}
+
+const SUPERSCRIPT = { "-": "⁻", 0: "⁰", 1: "¹", 2: "²", 3: "³", 4: "⁴", 5: "⁵", 6: "⁶", 7: "⁷", 8: "⁸", 9: "⁹" };
+
+/**
+ * m × 10^k written out: "10⁻³", "2×10⁻³", "2.5×10⁻³"; from 1 to 9999 as plain numbers
+ * ("2", "50", "200"), which cannot be misread either.
+ */
+function powerLabel(m, k) {
+  const mant = Number(m.toPrecision(3));
+  if (k >= 0 && k <= 3) return String(Number((mant * 10 ** k).toPrecision(3)));
+  const power = `10${String(k).split("").map((c) => SUPERSCRIPT[c]).join("")}`;
+  return mant === 1 ? power : `${mant}×${power}`;
+}
+
+/**
+ * A log axis's labels for data from `lo` to `hi` (both > 0) when its powers of ten alone
+ * are too few to read values by: null when at least three powers of ten fall in the range
+ * (LOG_AXIS's labels do), else {tickvals, ticktext} with at least two labels, written
+ * unambiguously ("2×10⁻³", never a bare "2"): 1, 2 and 5 times each power, else 1, 2, 3 and
+ * 5, else every digit (thinned so labels do not crowd), else evenly spaced values. An update
+ * ratio of 3e-4 to 3e-3 was labelled "10⁻³" alone and nothing on it could be read.
+ */
+export function logTicks(lo, hi) {
+  if (!(lo > 0) || !(hi > 0) || !Number.isFinite(lo) || !Number.isFinite(hi)) return null;
+  if (hi / lo < 1.05) { lo /= 1.05; hi *= 1.05; } // a flat line: Plotly pads it too
+  const span = Math.log10(hi / lo);
+  const k0 = Math.floor(Math.log10(lo));
+  const k1 = Math.ceil(Math.log10(hi));
+  const inRange = (v) => v >= lo * (1 - 1e-9) && v <= hi * (1 + 1e-9);
+  let powers = 0;
+  for (let k = k0; k <= k1; k++) if (inRange(10 ** k)) powers++;
+  if (powers >= 3) return null;
+  const sets = [[1, 2, 5], [1, 2, 3, 5], [1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9]];
+  let best = [];
+  for (const set of sets) {
+    const ticks = [];
+    for (let k = k0 - 1; k <= k1; k++) {
+      for (const m of set) {
+        const v = m * 10 ** k;
+        // at least a seventh of the axis apart: labels 11 px high on a ~200 px plot
+        if (inRange(v) && (!ticks.length || Math.log10(v / ticks[ticks.length - 1][0]) >= span / 7)) ticks.push([v, m, k]);
+      }
+    }
+    if (ticks.length > best.length) best = ticks;
+    if (ticks.length >= 3) break;
+  }
+  if (best.length < 2) {
+    // within one digit's step (2.1e-3 to 2.9e-3): evenly spaced round values
+    const raw = (hi - lo) / 4;
+    const p = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((f) => f * p).find((x) => x >= raw) ?? 10 * p;
+    best = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi * (1 + 1e-9); v += step) {
+      const k = Math.floor(Math.log10(v) + 1e-9);
+      best.push([v, v / 10 ** k, k]);
+    }
+  }
+  return { tickvals: best.map(([v]) => v), ticktext: best.map(([, m, k]) => powerLabel(m, k)) };
+}
+
+/** The smallest and largest value above 0 among `ys` arrays ([Infinity, -Infinity] with none). */
+function positiveRange(ys) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const y of ys) {
+    for (const v of y) {
+      if (v === null || v === undefined || !(v > 0) || !Number.isFinite(v)) continue;
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+  }
+  return [lo, hi];
+}
+
+/**
+ * A log y axis for values from `lo` to `hi`: LOG_AXIS, with logTicks' labels where too few
+ * powers of ten are in range.
+ */
+export function logAxis(lo, hi) {
+  const ticks = logTicks(lo, hi);
+  return ticks ? { ...LOG_AXIS, tickmode: "array", ...ticks } : { ...LOG_AXIS, tickmode: "auto" };
 }
 
 /** Halves a trace: min and max of every 4 points, in step order; the last point kept. */
@@ -517,24 +639,48 @@ export class LineChart {
   /** Steps alerts fired at, drawn as faint dashed lines (shapes only: a cursor-sized redraw). */
   setAlertSteps(steps) { this.alertSteps = steps; this.cursorDirty = true; scheduler.mark(this); }
 
+  /**
+   * The step gap smoothing counts as one point: the median step gap of the densest
+   * smoothable trace (the training loss's, 1 when logged every step), so every trace of the
+   * chart is smoothed over the same window of steps (see smooth).
+   */
+  smoothingUnit() {
+    let unit = Infinity;
+    this.traces.forEach((t, i) => {
+      if (t.smoothable === false) return;
+      const gap = medianGap(this.model[i].x);
+      if (gap !== null && gap > 0 && gap < unit) unit = gap;
+    });
+    return Number.isFinite(unit) ? unit : 1;
+  }
+
+  /**
+   * The traces as drawn, names as given (preview.js draws them on a canvas); drawnData
+   * escapes them for Plotly. Hover text is escaped here (plotlyText).
+   */
   plotData() {
     const data = [];
     const n = this.traces.length;
+    const unit = this.smoothing > 0 ? this.smoothingUnit() : 1;
     this.traces.forEach((t, i) => {
       const m = this.model[i];
       const color = this.depthColors ? depthColor(i, n) : t.color || COLORS[i % COLORS.length];
       const line = { color, width: 1.5, dash: t.dash || "solid" };
       const smoothed = this.smoothing > 0 && t.smoothable !== false;
+      const name = plotlyText(t.name);
       data.push({ type: "scatter", mode: "lines", name: t.name,
-        x: m.x.slice(), y: smoothed ? smooth(m.y, this.smoothing) : m.y.slice(), line,
+        x: m.x.slice(), y: smoothed ? smooth(m.y, this.smoothing, m.x, unit) : m.y.slice(), line,
         connectgaps: false, showlegend: this.showLegend,
-        hovertemplate: `${t.name}: %{y:.4g}<extra>step %{x}</extra>` });
+        // smoothed: the hover says so and gives the logged value too
+        ...(smoothed ? { customdata: m.y.slice(),
+          hovertemplate: `${name} (smoothed): %{y:.4g} · logged %{customdata:.4g}<extra>step %{x}</extra>` }
+          : { hovertemplate: `${name}: %{y:.4g}<extra>step %{x}</extra>` }) });
     });
     if (this.markers.length) {
       data.push({ type: "scatter", mode: "markers", name: "commands", showlegend: false,
         // k.x: half a step after the boundary it was applied at (eventlog.js markerX)
         x: this.markers.map((k) => k.x ?? k.step), y: this.markers.map((k) => this.valueAt(0, k.x ?? k.step)),
-        text: this.markers.map((k) => k.label),
+        text: this.markers.map((k) => plotlyText(k.label)),
         // A rule's automatic action is drawn apart from a person's command.
         marker: { symbol: this.markers.map((k) => (k.rule ? "triangle-up" : "diamond")), size: 9,
           color: this.markers.map((k) => (k.rule ? RULE_MARKER_COLOR : USER_MARKER_COLOR)),
@@ -551,6 +697,7 @@ export class LineChart {
    */
   drawnData() {
     const data = this.plotData();
+    this.traces.forEach((t, i) => { data[i].name = plotlyText(t.name); });
     this.traces.forEach((_, i) => {
       if (this.fewPoints(i)) Object.assign(data[i], { mode: "lines+markers", marker: { color: data[i].line.color, size: 6 } });
     });
@@ -567,7 +714,7 @@ export class LineChart {
       x: [null], y: [null],
       marker: { color: [0], cmin: 0, cmax: n - 1, colorscale: DEPTH_SCALE, showscale: true,
         colorbar: { thickness: 8, outlinewidth: 0, len: 0.9, x: 1.01, xpad: 4,
-          tickvals: [0, n - 1], ticktext: [`first: ${first}`, `last: ${last}`], tickfont: { size: 9 },
+          tickvals: [0, n - 1], ticktext: [`first: ${plotlyText(first)}`, `last: ${plotlyText(last)}`], tickfont: { size: 9 },
           title: { text: `depth (${n} layers)`, side: "right", font: { size: 10 } } } } };
   }
 
@@ -592,8 +739,22 @@ export class LineChart {
     return [0, max > 0 ? max * 1.15 : 1];
   }
 
-  /** False when a zero-based chart's pending points fall outside its drawn range. */
+  /**
+   * False when a zero-based chart's pending points fall outside its drawn range, or a log
+   * chart's would change its labels (logAxis: chosen for the values drawn). A log chart's
+   * points that leave its values' range but keep its labels (powers of ten alone, the usual
+   * case) widen the range kept and are appended as before.
+   */
   inRange() {
+    if (this.logY && this.logRange) {
+      const [plo, phi] = positiveRange(this.pending.map((p) => p.y));
+      const [lo, hi] = this.logRange;
+      if (plo < lo || phi > hi) {
+        const wider = [Math.min(lo, plo), Math.max(hi, phi)];
+        if (JSON.stringify(logTicks(...wider)) !== this.logTicksKey) return false;
+        this.logRange = wider;
+      }
+    }
     if (!this.zeroBased || !this.range) return true;
     const [, top] = this.range;
     const max = Math.max(0, ...this.pending.flatMap((p) => p.y.filter((v) => v !== null)));
@@ -605,11 +766,14 @@ export class LineChart {
     if (!this.hasData()) return noteLayout(this.div, this.empty);
     hideNote(this.div);
     const zero = this.zeroBased && !this.logY ? { range: this.range, autorange: false } : {};
+    this.logRange = this.logY ? positiveRange(this.model.map((m) => m.y)) : null;
+    this.logTicksKey = this.logY ? JSON.stringify(logTicks(...this.logRange)) : null;
     return baseLayout({
       datarevision: ++this.revision,
       showlegend: this.showLegend && this.traces.length > 1,
       xaxis: { ...baseLayout().xaxis, title: { text: "step" } },
-      yaxis: { ...baseLayout().yaxis, ...(this.logY ? LOG_AXIS : { type: "linear" }), title: { text: this.yTitle }, ...zero },
+      yaxis: { ...baseLayout().yaxis, ...(this.logY ? logAxis(...this.logRange) : { type: "linear", tickmode: "auto" }),
+        title: { text: plotlyText(this.yTitle) }, ...zero },
       shapes: this.shapes(),
     });
   }

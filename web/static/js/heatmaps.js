@@ -11,7 +11,7 @@
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, plotlyText, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -235,7 +235,9 @@ export class LayerHeatmap {
     }
     delete this.div.dataset.empty;
     hideNote(this.div);
-    const rows = kept.map((i) => this.layers[i]);
+    // the rows' names as Plotly's category labels: escaped (plotlyText), so a layer named
+    // "<a href=…>" is text, not a link; dataset.rows keeps them as they are
+    const rows = kept.map((i) => plotlyText(this.layers[i]));
     const height = this.fitRows(rows.length);
     // Evenly spaced columns, no gaps: Plotly paints it as one image (see evenGrid); the
     // rows' 1 px gap is drawn over it (drawRowLines). A merged column shows its worst value.
@@ -475,7 +477,7 @@ export class HistogramOverTime {
     const layout = baseLayout({
       showlegend: false,
       xaxis: stepAxis(),
-      yaxis: { ...baseLayout().yaxis, title: { text: this.layer } },
+      yaxis: { ...baseLayout().yaxis, title: { text: plotlyText(this.layer) } },
       shapes: stepShapes(this.cursor),
     });
     return P.react(this.div, data, layout, PLOT_CONFIG);

@@ -6,6 +6,7 @@ an alert a rule raised in one of them shows on its run page with its rule, layer
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from conftest import (
     server_settings,
     wait_for,
     write_recorded_lab,
+    write_recorded_run,
 )
 from playwright.sync_api import Browser, Page, Request, Route, expect
 
@@ -29,6 +31,13 @@ pytestmark = pytest.mark.browser
 
 SCHEMES = ["zero", "small_normal", "large_normal", "xavier", "he"]
 STEPS = 60
+NO_DEAD_TANH = (
+    "no layer has a dead-unit ratio: tanh has no dead region "
+    "(only ReLU-family units die: their output stays 0)"
+)
+# A layer name Plotly would render as a link (it renders a subset of HTML in category labels,
+# trace names and hover text).
+LINK_NAME = "<a href='http://2130706433:18473/attack'>layer</a>"
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +96,11 @@ def test_the_comparison_view_draws_every_scheme_at_the_latest_common_step(
     expect(page.locator("#legend li")).to_have_count(5)
     expect(page.locator("#lab-bn")).to_have_text("Same lab, batch norm on")
     layers = server.run(finished_lab["runs"][0]["id"])["layers"]
-    for chart in ("chart-mean", "chart-dead", "chart-sat", "chart-sym"):
+    for chart in ("chart-mean", "chart-sat", "chart-sym"):
         assert chart_points(page, chart) == [len(layers)] * 5, chart
+    # a tanh lab: no layer has a dead ratio, and the chart says why (it drew empty axes)
+    assert chart_points(page, "chart-dead") == []
+    expect(page.locator("#chart-dead .chart-note")).to_have_text(NO_DEAD_TANH)
     # Zero init: every unit of the first layer is identical, so its unit_spread is exactly 0
     # ("identical"); He init breaks symmetry in every layer. The chart is scale-free (spread /
     # std): small normal's units differ too, and its deep layers' spreads (~1e-4 and below)
@@ -341,6 +353,73 @@ def test_the_batch_norm_twin_asks_before_launching_five_runs(
             expect(page.locator(".toast")).to_contain_text("Not launched: the init lab launches 5")
             expect(button).to_be_enabled()
             assert launches == [f"{server.url}/api/labs/init"]
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+        assert not guard.remote, guard.remote
+
+
+def test_a_tanh_labs_dead_unit_chart_says_why_it_is_empty_and_layer_names_stay_text(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """(1) A tanh lab's "Dead units per layer" drew empty axes and said nothing (the run page
+    says tanh/sigmoid have no dead region): it says so. (2) Layer names are the charts' x
+    categories: one named `<a href=...>` became a real link there. No <a> in any chart, and
+    the name reads as written. Five recorded runs of tanh layers (no dead ratio)."""
+    data_dir = tmp_path / "data"
+    names = [LINK_NAME, "net.1", "net.2", "net.3"]
+    runs = []
+    for scheme in SCHEMES:
+        run_id = f"tanhlab1-{scheme}"
+        write_recorded_run(
+            data_dir,
+            run_id,
+            steps=20,
+            layers=4,
+            every=10,
+            layer_names=names,
+            layer_kinds=["Tanh"] * 4,
+            layer_stats={n: {"dead_ratio": None} for n in names},
+        )
+        runs.append({"id": run_id, "scheme": scheme, "label": scheme})
+    params = {
+        "activation": "tanh",
+        "batch_norm": False,
+        "depth": 4,
+        "width": 8,
+        "steps": 20,
+        "every": 10,
+        "dataset": "digits",
+        "seed": 0,
+        "lr": 0.01,
+        "device": "cpu",
+    }
+    record = {"id": "tanhlab1", "kind": "init", "created_at": 0, "params": params, "runs": runs}
+    (data_dir / "labs").mkdir(parents=True)
+    (data_dir / "labs" / "tanhlab1.json").write_text(json.dumps(record))
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/labs/tanhlab1")
+            expect(page.locator("#chart-dead .chart-note")).to_have_text(NO_DEAD_TANH)
+            assert chart_points(page, "chart-dead") == []
+            # the saturated chart has its lines, no note
+            assert chart_points(page, "chart-sat") == [4] * 5
+            expect(page.locator("#chart-sat .chart-note")).to_have_count(0)
+            for chart in ("chart-mean", "chart-std", "chart-sym"):
+                ticks = page.locator(f"#{chart} .xtick text").all_text_contents()
+                assert ticks[0] == LINK_NAME, (chart, ticks)
+            page.evaluate(
+                "(() => { for (const gd of document.querySelectorAll('.js-plotly-plot'))"
+                " for (let c = 0; c < (gd.data || []).length; c++)"
+                " try { Plotly.Fx.hover(gd, [{curveNumber: c, pointNumber: 0}]); } catch (e) {} })()"
+            )
+            page.wait_for_timeout(100)  # Plotly drops a hover within 50 ms of the last
+            page.evaluate(
+                "Plotly.Fx.hover(document.getElementById('chart-mean'), [{curveNumber: 0, pointNumber: 0}])"
+            )
+            expect(page.locator("#chart-mean .hoverlayer")).to_contain_text(LINK_NAME)
+            assert page.evaluate("document.querySelectorAll('.js-plotly-plot a').length") == 0
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

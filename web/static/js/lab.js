@@ -4,7 +4,8 @@
  *
  * Owns: the step slider over the probe steps every run has (default: the latest
  * common one, following new steps while the runs train), and at that step: activation
- * mean and std against depth, dead and saturated ratios per layer, symmetry (each
+ * mean and std against depth, dead and saturated ratios per layer (or a note saying why
+ * no layer has one: a tanh lab has no dead units), symmetry (each
  * layer's unit_spread, the spread across units of their mean outputs, over its std: a
  * scale-free share, with exact zeros labelled "identical") and a layers x schemes grid
  * of histograms.
@@ -14,11 +15,12 @@
  * started five trainers. The "?" helps close on Escape
  * and on a click outside them (controls.js's closeDropdowns, as on the run page).
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
- * Never: changes a run (read-only), or draws a step that some run lacks.
+ * Never: changes a run (read-only), draws a step that some run lacks, or hands Plotly a
+ * layer or run name unescaped (plotlyText: Plotly renders HTML in labels and hovers).
  */
 
 import { ApiError, getJSON, postJSON, runUrl } from "./api.js";
-import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, plotlyReady } from "./charts.js";
+import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, hideNote, logAxis, noteLayout, plotlyReady, plotlyText } from "./charts.js";
 import { closeDropdowns } from "./controls.js";
 import { drawBars } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
@@ -110,13 +112,58 @@ function statOf(runId, layer, stat) {
   return l ? l[stat] ?? null : null;
 }
 
+/**
+ * A line a run over the layers. Names reach Plotly escaped (plotlyText): layer names are
+ * the x axis's categories, and Plotly renders HTML in them, in trace names and in hovers.
+ */
 function lineData(order, stat, transform = (v) => v) {
+  const x = order.map(plotlyText);
   return state.lab.runs.map((r, i) => ({
-    type: "scatter", mode: "lines+markers", name: r.label, x: order,
+    type: "scatter", mode: "lines+markers", name: plotlyText(r.label), x,
     y: order.map((n) => transform(statOf(r.id, n, stat))),
     line: { color: COLORS[i % COLORS.length], width: 1.5 }, marker: { size: 5 },
-    hovertemplate: `${r.label}: %{y:.4g}<extra>%{x}</extra>`,
+    hovertemplate: `${plotlyText(r.label)}: %{y:.4g}<extra>%{x}</extra>`,
   }));
+}
+
+/**
+ * Why a ratio chart has no line: no layer of any run has the statistic (a tanh lab's dead
+ * ratio, a ReLU lab's saturation). It drew empty axes and said nothing, while the run page
+ * says tanh/sigmoid have no dead region. Null when some layer has it.
+ */
+const NO_RATIO = {
+  dead_ratio: (act) => `no layer has a dead-unit ratio: ${act || "this activation"} has no dead region `
+    + "(only ReLU-family units die: their output stays 0)",
+  saturated_ratio: (act) => `no layer has a saturated ratio: only bounded activations (tanh, sigmoid) saturate`
+    + `${act ? `, not ${act}` : ""}`,
+};
+
+function ratioNote(order, stat) {
+  const any = state.lab.runs.some((r) => order.some((n) => {
+    const v = statOf(r.id, n, stat);
+    return v !== null && v !== undefined;
+  }));
+  return any ? null : NO_RATIO[stat](state.lab.params?.activation);
+}
+
+/** A ratio chart: its lines, or the note saying why it has none (ratioNote). */
+function ratioChart(div, order, stat, yTitle) {
+  const note = order.length ? ratioNote(order, stat) : null;
+  if (note) {
+    div.dataset.empty = "1";
+    return window.Plotly.react(div, [], noteLayout(div, note), PLOT_CONFIG);
+  }
+  delete div.dataset.empty;
+  hideNote(div);
+  return window.Plotly.react(div, lineData(order, stat), layout(yTitle, { range: [-0.02, 1.02] }), PLOT_CONFIG);
+}
+
+/** The std chart's y axis: log (labelled as the run page's: logAxis) or linear. */
+function stdAxis(order, log) {
+  if (!log) return { type: "linear", tickmode: "auto" };
+  const ys = state.lab.runs.flatMap((r) => order.map((n) => statOf(r.id, n, "std")))
+    .filter((v) => v !== null && v > 0 && Number.isFinite(v));
+  return ys.length ? logAxis(Math.min(...ys), Math.max(...ys)) : { type: "log" };
 }
 
 /**
@@ -190,19 +237,19 @@ async function draw() {
   const sym = state.lab.runs.map((r, i) => {
     const spread = order.map((n) => statOf(r.id, n, "unit_spread"));
     const y = order.map((n, k) => symmetryOf(spread[k], statOf(r.id, n, "std")));
-    return { type: "bar", name: r.label, x: order, y, marker: { color: COLORS[i % COLORS.length] },
+    return { type: "bar", name: plotlyText(r.label), x: order.map(plotlyText), y, marker: { color: COLORS[i % COLORS.length] },
       customdata: spread.map((v) => formatNumber(v)),
       // upright beside its empty bar at full size: "outside" shrank it to the bar's width
       text: spread.map((v) => (v === 0 ? "identical" : "")), textposition: "outside", textangle: -90,
       constraintext: "none", cliponaxis: false, textfont: { size: 10 },
-      hovertemplate: `${r.label}: unit spread / std %{y:.3g} (spread %{customdata})<extra>%{x}</extra>` };
+      hovertemplate: `${plotlyText(r.label)}: unit spread / std %{y:.3g} (spread %{customdata})<extra>%{x}</extra>` };
   });
   await Promise.all([
     P.react($("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
     P.react($("chart-std"), lineData(order, "std", (v) => (logStd && v === 0 ? null : v)),
-      layout("std", { type: logStd ? "log" : "linear" }), PLOT_CONFIG),
-    P.react($("chart-dead"), lineData(order, "dead_ratio"), layout("dead ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
-    P.react($("chart-sat"), lineData(order, "saturated_ratio"), layout("saturated ratio", { range: [-0.02, 1.02] }), PLOT_CONFIG),
+      layout("std", stdAxis(order, logStd)), PLOT_CONFIG),
+    ratioChart($("chart-dead"), order, "dead_ratio", "dead ratio"),
+    ratioChart($("chart-sat"), order, "saturated_ratio", "saturated ratio"),
     P.react($("chart-sym"), sym, { ...layout("unit spread / std", { rangemode: "tozero" }), barmode: "group" }, PLOT_CONFIG),
   ]);
   drawGrid(order);

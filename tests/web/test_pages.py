@@ -210,14 +210,18 @@ def test_dashboard_works_with_a_viewer_token(browser: Browser, tmp_path: Path) -
     data_dir = tmp_path / "data"
     write_recorded_run(data_dir, "recorded", steps=400, layers=4, every=20)
     for server in serve(
-        server_settings(data_dir, viewer_token="s3cret-token", trainer_token="trainer-s3cret")
+        server_settings(
+            data_dir,
+            viewer_token="s3cret-token-0123456789",
+            trainer_token="trainer-s3cret-0123456789",
+        )
     ):
         anonymous = httpx.get(f"{server.url}/api/runs")
         assert anonymous.status_code == 403
 
         page, guard = guarded_page(browser)
         try:
-            open_ready(page, f"{server.url}/?token=s3cret-token")
+            open_ready(page, f"{server.url}/?token=s3cret-token-0123456789")
             expect(page.locator("#runs tr[data-run-id='recorded'] .pill")).to_have_text("finished")
             page.click("#runs tr[data-run-id='recorded'] a")
             page.wait_for_function("document.body.dataset.ready !== undefined")

@@ -352,7 +352,7 @@ export function hideNote(div) {
 /**
  * `s` as text for Plotly, which renders a subset of HTML (<a href>, <b>, <br>, ...) in trace
  * names, axis and category labels, hover text and annotations: a layer named
- * "<a href='http://…'>layer</a>" became a real, clickable link in the run page's charts.
+ * an anchor tag with an off-site address became a real, clickable link in the run page's charts.
  * Every user-controlled string (layer, run and scalar names, command labels) goes through
  * this before it reaches Plotly. Plotly turns the entities back into the characters, so the
  * name reads as written; "%" is escaped too, so a name holding "%{y}" is not taken for a

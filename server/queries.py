@@ -162,6 +162,7 @@ LIST_CONFIG_KEYS = (
     "model.width",
     "model.activation",
     "model.init",
+    "model.init_std",  # only beside init "normal" (list_config): the others ignore it
     "model.batch_norm",
     "data.dataset",
     "solver.optimizer",
@@ -190,6 +191,10 @@ def list_config(config: Any) -> dict[str, Any]:
     leaves = list(_leaves(config))
     wanted = {tuple(k.split(".")) for k in LIST_CONFIG_KEYS}
     kept = [(path, value) for path, value in leaves if path in wanted]
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("init") != "normal":
+        # every built-in config holds init_std; only a normal init uses it
+        kept = [(path, value) for path, value in kept if path != ("model", "init_std")]
     if not kept:
         plain = (str, int, float, bool)
         kept = [(p, v) for p, v in leaves if isinstance(v, plain)][:LIST_CONFIG_FALLBACK]

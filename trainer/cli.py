@@ -481,9 +481,12 @@ def _derived_name(cfg: dict[str, Any]) -> bool:
     settings (a --print-config file of an unnamed run, before null was printed) or a
     preset's."""
     name = cfg.get("name")
-    return name == generated_name(_model_and_data(cfg)) or any(
-        name == preset.get("name") for preset in PRESETS.values()
-    )
+    model_and_data = _model_and_data(cfg)
+    # without the normal init's std: a file printed before names carried it
+    return name in {
+        generated_name(model_and_data),
+        generated_name(model_and_data, with_std=False),
+    } or any(name == preset.get("name") for preset in PRESETS.values())
 
 
 def _drop_stale(cfg: dict[str, Any], flags: dict[str, Any]) -> None:

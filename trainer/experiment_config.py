@@ -644,11 +644,17 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     return out
 
 
-def generated_name(cfg: dict[str, Any]) -> str:
+def generated_name(cfg: dict[str, Any], *, with_std: bool = True) -> str:
     """The name of a run given none, built from its settings: ``mlp-relu-he-digits``
-    (arch, activation, init, dataset of a config whose model and data are filled in)."""
+    (arch, activation, init, dataset of a config whose model and data are filled in). A
+    normal init carries its std (``mlp-tanh-normal0.01-digits``): runs that differ only by
+    it were named alike. ``with_std=False``: the name as it was before that."""
     model, data = cfg["model"], cfg["data"]
-    return f"{model['arch']}-{model['activation']}-{model['init']}-{data['dataset']}"
+    init = str(model["init"])
+    std = model.get("init_std")
+    if with_std and init == "normal" and isinstance(std, (int, float)):
+        init += f"{std:g}"
+    return f"{model['arch']}-{model['activation']}-{init}-{data['dataset']}"
 
 
 # ---- resuming (``layerscope train --resume``) ----

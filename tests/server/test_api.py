@@ -250,6 +250,13 @@ async def test_the_run_list_pages_and_carries_the_config_the_runs_page_shows(
         assert r.status_code == 422, query
         (problem,) = r.json()["detail"]
         assert problem["loc"] == ["query", where] and problem["msg"]
+    # a normal init's std is shown beside it (runs differing only by it looked alike); every
+    # built-in config holds init_std, which the other inits ignore: not shown there
+    for init, shown in (("normal", {"init": "normal", "init_std": 0.01}), ("he", {"init": "he"})):
+        config = {**built_in, "model": {"arch": "mlp", "init": init, "init_std": 0.01}}
+        await store.create_run(f"std-{init}", "std", config)
+        (run,) = [r for r in (await client.get("/api/runs")).json() if r["id"] == f"std-{init}"]
+        assert run["config"]["model"] == {"arch": "mlp", **shown}
 
 
 async def test_unknown_run_is_404_everywhere(

@@ -71,6 +71,19 @@ def test_empty_config_gets_every_default() -> None:
     assert wire.validate_experiment(cfg) == cfg  # a filled config validates to itself
 
 
+def test_runs_differing_only_by_normal_init_std_get_different_names() -> None:
+    """Both were mlp-tanh-normal-digits (std 0.01 and 1.0): a normal init now names its std;
+    the other inits, which ignore it, do not."""
+
+    def named(**model: Any) -> str:
+        return str(wire.validate_experiment({"model": {"activation": "tanh", **model}})["name"])
+
+    assert named(init="normal", init_std=0.01) == "mlp-tanh-normal0.01-digits"
+    assert named(init="normal", init_std=1.0) == "mlp-tanh-normal1-digits"
+    assert named(init="normal") == "mlp-tanh-normal0.01-digits"  # the default std
+    assert named(init="xavier") == "mlp-tanh-xavier-digits"
+
+
 def test_every_field_reports_a_wrong_type_with_its_loc() -> None:
     bad = {"int": "3", "float": "x", "bool": "yes", "str": 5, "choice": "nope"}
     for loc, spec in _fields():

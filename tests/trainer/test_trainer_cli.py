@@ -137,6 +137,13 @@ def test_a_name_built_from_the_settings_or_a_presets_follows_the_final_settings(
     old.write_text(json.dumps({**printed, "name": "mlp-relu-he-digits"}))
     assert run_name("--config", str(old), *retargeted) == "mlp-tanh-xavier-spirals"
     assert run_name("--config", str(old)) == "mlp-relu-he-digits"
+    # a normal init names its std (runs differing only by it were named alike); a file
+    # printed before that, holding the name without it, still follows its settings
+    assert run_name("--init", "normal", "--init-std", "1") == "mlp-relu-normal1-digits"
+    normal = {**printed, "model": {**printed["model"], "init": "normal", "init_std": 0.5}}
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({**normal, "name": "mlp-relu-normal-digits"}))
+    assert run_name("--config", str(older), "--init-std", "0.01") == "mlp-relu-normal0.01-digits"
 
     demo = wire.DEMO_EXPERIMENT["name"]
     assert run_name("--preset", "demo", "--activation", "relu", "--init", "he") == "mlp-relu-he-digits"

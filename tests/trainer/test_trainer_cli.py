@@ -454,8 +454,10 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
     capsys.readouterr()
 
     # the two tokens go together (a4038e8); the REST reads below present the viewer's
+    # (tokens of 16+ characters, as the server requires since 87a79d9)
+    trainer_token, viewer_token = "t0ken-for-trainers", "v1ewer-for-people"
     settings = Settings(
-        data_dir=tmp_path / "data", port=0, trainer_token="t0ken", viewer_token="v1ewer"
+        data_dir=tmp_path / "data", port=0, trainer_token=trainer_token, viewer_token=viewer_token
     )
     server, sock, settings, _app = make_server(settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -467,7 +469,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         base = f"http://127.0.0.1:{settings.port}"
         assert cli.main(["sync", str(run_dir), "--server", base]) == 2  # no token: refused
         assert "layerscope sync:" in capsys.readouterr().err
-        monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", "t0ken")
+        monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", trainer_token)
         assert cli.main(["sync", str(run_dir), "--server", base]) == 0
         out = capsys.readouterr().out
         acked = int(out.split("acknowledged ")[1].split()[0])
@@ -476,7 +478,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         assert cli.main(["sync", str(run_dir), "--server", base]) == 0  # again: nothing new
         out = capsys.readouterr().out  # it said "the server acknowledged N frames" as if sent
         assert f"the server already had all {acked} frames; nothing sent" in out
-        with urllib.request.urlopen(f"{base}/api/runs/offline1?token=v1ewer", timeout=5) as resp:
+        with urllib.request.urlopen(f"{base}/api/runs/offline1?token={viewer_token}", timeout=5) as resp:
             run = json.loads(resp.read())
         assert run["config"]["data"]["dataset"] == "spirals" and run["last_step"] == 12
 
@@ -487,7 +489,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         assert cli.main(live) == 0
         deadline = time.monotonic() + 10  # acked frames are committed; the status may trail
         while True:
-            with urllib.request.urlopen(f"{base}/api/runs/live1?token=v1ewer", timeout=5) as resp:
+            with urllib.request.urlopen(f"{base}/api/runs/live1?token={viewer_token}", timeout=5) as resp:
                 run = json.loads(resp.read())
             if run["status"] == "finished" or time.monotonic() > deadline:
                 break

@@ -132,6 +132,12 @@ class Control:
             self.used_weight_decay = [
                 _host_float(g.get("weight_decay")) for g in optimizer.param_groups
             ]
+        # Whether set_weight_decay on changes anything: some group's own weight decay is not
+        # 0 (see decay_settable). Kept current by the pre-step hook, for the link thread
+        # (Overfit's advice), which must not read the groups while a step has them changed.
+        self.weight_decay_settable: bool | None = (
+            decay_settable(optimizer.param_groups) if optimizer is not None else None
+        )
 
     def _claim(self, optimizer: torch.optim.Optimizer) -> None:
         with _steered_lock:
@@ -232,6 +238,7 @@ class Control:
         self.restore_after_raise()
         self.used_lr = []
         self.used_weight_decay = []
+        self.weight_decay_settable = decay_settable(optimizer.param_groups)
         for group in optimizer.param_groups:
             lr, wd = group.get("lr"), group.get("weight_decay")
             params: list[Any] | None = None
@@ -409,6 +416,16 @@ class Control:
             enabled = args["enabled"]
             if not isinstance(enabled, bool):
                 raise TypeError("set_weight_decay needs enabled: true or false")
+            assert self.optimizer is not None
+            if enabled and not decay_settable(self.optimizer.param_groups):
+                # DESIGN §4: a group whose weight decay is 0 stays 0. Acknowledged, "on"
+                # would claim an effect the run never had (its used weight decay stays 0).
+                raise ValueError(
+                    "this run's weight decay is 0 in every param group: switching it on "
+                    "changes nothing. To add weight decay, restart with one (layerscope "
+                    "train --weight-decay 1e-3 --auto-weight-decay holds it off until "
+                    "Overfit fires; with watch(), give the optimizer a weight_decay)"
+                )
             self.weight_decay_enabled = enabled
         elif name == "set_frozen":
             self._need_optimizer(name)
@@ -597,6 +614,19 @@ def _frozen_layers(
             continue
         out.add(layer)
     return out
+
+
+def decay_settable(groups: list[dict[str, Any]]) -> bool:
+    """Whether switching weight decay on changes anything for these param groups: some
+    group's ``weight_decay`` is not 0 (a device tensor counts: it is not read, which would
+    sync). A group without the key (an optimizer with no weight decay) has none to switch."""
+    for group in groups:
+        wd = group.get("weight_decay")
+        if isinstance(wd, torch.Tensor) and _host_float(wd) is None:
+            return True
+        if _host_float(wd) not in (None, 0.0):
+            return True
+    return False
 
 
 def unknown_layers(model: nn.Module, names: list[str]) -> list[str]:

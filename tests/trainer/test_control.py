@@ -140,6 +140,45 @@ def test_weight_decay_off_and_on_keeps_zero_groups_at_zero() -> None:
     assert control.used_weight_decay == [0.5, 0.0]
 
 
+def test_switching_weight_decay_on_where_every_group_has_none_is_refused_with_why() -> None:
+    """set_weight_decay on, on a run whose every group has weight decay 0 (SGD's default),
+    was acknowledged ("set_weight_decay on applied at step 451") while the decay stayed 0:
+    DESIGN §4 keeps a group whose weight decay is 0 at 0. It is refused, saying why and how
+    to get weight decay; off stays harmless, and one group with decay is enough."""
+    w = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    events = Recorder()
+    control = Control(None, opt, emit=events)
+    assert control.weight_decay_settable is False
+    control.submit(cmd("set_weight_decay", enabled=True))
+    control.at_step_boundary(step=451)
+    (refused,) = events.results()
+    assert refused["ok"] is False and refused["applied_at_step"] == 451
+    assert refused["error"].startswith(
+        "this run's weight decay is 0 in every param group: switching it on changes nothing"
+    )
+    assert "--weight-decay 1e-3 --auto-weight-decay" in refused["error"]
+    control.submit(cmd("set_weight_decay", enabled=False))
+    control.at_step_boundary(step=452)
+    assert events.results()[-1]["ok"] is True
+    assert events.results()[-1]["state"]["weight_decay_enabled"] is False
+    sgd_step(w, opt)
+    assert control.used_weight_decay == [0.0] and opt.param_groups[0]["weight_decay"] == 0.0
+    control.submit(cmd("set_weight_decay", enabled=True))
+    control.at_step_boundary(step=453)
+    assert events.results()[-1]["ok"] is False
+    assert events.results()[-1]["state"]["weight_decay_enabled"] is False  # refused: unchanged
+
+    # a group given decay since (the user's code): switchable, at the next step
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "weight_decay": 0.01})
+    sgd_step(w, opt)
+    assert control.weight_decay_settable is True
+    control.submit(cmd("set_weight_decay", enabled=True))
+    control.at_step_boundary(step=454)
+    assert events.results()[-1]["ok"] is True
+    assert Control(None, torch.optim.Adam([w], weight_decay=0.1)).weight_decay_settable is True
+
+
 @pytest.mark.parametrize(
     "make_opt",
     [

@@ -126,6 +126,7 @@ class Alerts:
                     row["step"],
                     _raw(values["val_loss"]),
                     weight_decay_on=any(d > 0 for d in decays) if decays else None,
+                    weight_decay_settable=self.control.weight_decay_settable,
                 )
         return findings
 

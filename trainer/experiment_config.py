@@ -248,8 +248,10 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "min": 0.0,
                 "max": 10.0,
                 "label": "Weight decay",
-                "help": "Start without weight decay (the model under-fits), add it once it "
-                "starts to over-fit; it can be toggled live.",
+                "help": "The optimizer's weight decay (0: none). Start without weight decay "
+                "(the model under-fits), add it once it starts to over-fit: give a value with "
+                "auto weight decay, which holds it off until the Overfit rule switches it on. "
+                "A non-zero value can be toggled live; 0 cannot be switched on.",
             },
             "batch_size": {
                 "type": "int",
@@ -341,8 +343,10 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
                 "label": "Auto-halve LR on plateau",
                 "help": "When validation loss stops falling while training loss still falls, "
                 "halve the learning rate: once per `patience` evaluations without a new "
-                "validation best, and only if training loss fell meanwhile; sent as a "
-                "command attributed to the rule.",
+                "validation best, only if training loss fell meanwhile (by 5% or more) and "
+                "not once it has converged (to 5% of its first value: validation flat over "
+                "it is over-fitting, weight decay's case); sent as a command attributed to "
+                "the rule.",
             },
             "auto_weight_decay": {
                 "type": "bool",

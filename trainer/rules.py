@@ -45,6 +45,7 @@ from typing import Any
 from layerscope.trainer import wire
 from layerscope.trainer.rule_config import (
     ACTIVATION_KINDS,
+    LOSS_CONVERGED_FRACTION,
     LOSS_NOISE_Z,
     MAX_LAYERS_NAMED,
     PATIENCE,
@@ -60,9 +61,31 @@ from layerscope.trainer.rule_config import (
 )
 
 __all__ = [
-    "PAUSING", "PLATEAU", "RULE_NAMES", "STOPPING", "Finding", "RuleConfig", "Rules",
-    "threshold_names",
+    "PAUSING", "PLATEAU", "PLATEAU_CONVERGED_FRACTION", "PLATEAU_TRAIN_FALL_REL", "RULE_NAMES",
+    "STOPPING", "WEIGHT_DECAY_RESTART", "Finding", "RuleConfig", "Rules", "threshold_names",
 ]  # fmt: skip
+# Auto-halve acts on a validation plateau only while training loss still falls (PRACTICES:
+# "when validation loss stops falling while training loss still falls, halve the learning
+# rate"), and a fall means at least this fraction of the training loss where the plateau's
+# count began (ReduceLROnPlateau's 1e-4 let a converged run, at 100% training accuracy,
+# be halved five times for falls of 7% and 4%: 0.006 -> 0.0056 -> 0.0054). Below it the
+# count goes on, so a slow but real fall still adds up to one halving.
+PLATEAU_TRAIN_FALL_REL = 0.05  # (auto_halve_lr's help in experiment_config says 5%)
+# ... and not once training loss has converged: at or below this fraction of the run's
+# first evaluated training loss (fallen 20x: cross-entropy from 2.3 to 0.1 or less, as
+# LOSS_CONVERGED_FRACTION has it for LossNotDecreasing). A validation loss flat over a
+# converged training loss is over-fitting, weight decay's case (Overfit), which a lower
+# learning rate does not cure.
+PLATEAU_CONVERGED_FRACTION = LOSS_CONVERGED_FRACTION  # (that help says 5% too)
+# A run whose weight decay is 0 in every group cannot switch it on live (DESIGN §4: a
+# group whose weight decay is 0 stays 0); how to get one held off until Overfit fires.
+WEIGHT_DECAY_RESTART = (
+    "restart with one held off until Overfit fires (layerscope train: --weight-decay 1e-3 "
+    "--auto-weight-decay; watch(): give the optimizer a weight_decay, pass "
+    "auto_weight_decay=True and w.command('set_weight_decay', {'enabled': False}) before "
+    "the first step)"
+)
+
 # What an ExplodingTensor alert says it does; with no server to resume a pause, ``alerts``
 # records the stop it becomes instead.
 PAUSING = "; pausing the run"
@@ -161,7 +184,10 @@ _STATE_KINDS = {
     "train_sum": "float", "train_n": "int", "overfit_streak": "int",
     "weight_decay_sent": "bool", "weight_decay_on": "bool", "best_val": "float?",
     "evals_since_best": "int", "train_at_count": "float?", "halvings": "int",
+    "first_train": "float?",
 }  # fmt: skip
+# Keys a checkpoint written before they existed lacks, with what such a resume takes.
+_STATE_SINCE = {"first_train": None}
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -186,8 +212,25 @@ def _opt_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+def _pct(x: float, threshold: float | None = None) -> str:
+    """``x`` (a fraction) as a percentage: whole percent, or, next to the ``threshold`` it
+    was compared with, at least the threshold's decimals and as many more (up to 3 in all)
+    as tell the two apart: a saturated ratio of 0.5039 read "50% ..., above the 50%
+    threshold"; now "50.4%"."""
+    if threshold is None or x == threshold:
+        return f"{100 * x:.0f}%"
+    shown = _pct_threshold(threshold)
+    least = next((d for d in range(3) if f"{100 * threshold:.{d}f}%" == shown), 3)
+    for digits in range(least, 4):
+        text = f"{100 * x:.{digits}f}%"
+        if text != f"{100 * threshold:.{digits}f}%":
+            break
+    return text
+
+
+def _pct_threshold(threshold: float) -> str:
+    """A threshold as a percentage, as precise as it was given (0.5: "50%", 0.505: "50.5%")."""
+    return f"{100 * threshold:.6g}%"
 
 
 class Rules:
@@ -240,6 +283,9 @@ class Rules:
         self._train_at_count: float | None = None  # training loss where that count began
         self._halvings = 0  # auto-halve actions sent (at most plateau.max_halvings)
         self._weight_decay_on = False  # as the last evaluation's rows said (Overfit's advice)
+        # whether some param group has a weight decay to switch on (None: unknown)
+        self._weight_decay_settable: bool | None = None
+        self._first_train: float | None = None  # the first evaluation's training loss
 
     @staticmethod
     def _names(names: Iterable[str], what: str) -> set[str]:
@@ -333,6 +379,7 @@ class Rules:
                 "evals_since_best": self._evals_since_best,
                 "train_at_count": self._train_at_count,
                 "halvings": self._halvings,
+                "first_train": self._first_train,
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -344,6 +391,7 @@ class Rules:
         off then and on now has its fresh allowance (``set_auto``)."""
         if not isinstance(state, Mapping):
             raise ValueError(f"the rules' state must be a dict, got {type(state).__name__}")
+        state = {**_STATE_SINCE, **state}
         missing = sorted(set(_STATE_KINDS) - set(state))
         if missing:
             raise ValueError(f"the rules' state has no {', '.join(missing)}")
@@ -372,6 +420,7 @@ class Rules:
             self._best_val = _opt_float(state["best_val"])
             self._evals_since_best = state["evals_since_best"]
             self._train_at_count = _opt_float(state["train_at_count"])
+            self._first_train = _opt_float(state["first_train"])
             # switched on since: a fresh allowance, as set_auto gives
             fresh_halve = self.auto_halve_lr and not state["auto_halve_lr"]
             self._halvings = 0 if fresh_halve else state["halvings"]
@@ -543,7 +592,10 @@ class Rules:
                 ratio is not None and ratio > threshold * RATIO_CLEAR_FACTOR,
             ):
                 assert ratio is not None
-                text = f"{_pct(ratio)} {what}, above the {_pct(threshold)} threshold"
+                text = (
+                    f"{_pct(ratio, threshold)} {what}, above the "
+                    f"{_pct_threshold(threshold)} threshold"
+                )
                 kind = self._kind(entry)
                 if rule == "DeadUnits" and kind and self._is_pre_activation(kind):
                     # a VAE's fc_logvar (mostly negative, no ReLU after it) read as dead
@@ -589,7 +641,10 @@ class Rules:
             condition = zero_frac is not None and zero_frac >= threshold
             if self._onset("AllZero", entry["name"], condition):
                 assert zero_frac is not None
-                text = f"its input (the output of layer {prev['name']}) is {_pct(zero_frac)} zeros"
+                text = (
+                    f"its input (the output of layer {prev['name']}) is "
+                    f"{_pct(zero_frac, threshold)} zeros"
+                )
                 fired.append((entry["name"], zero_frac, text))
         hint = (
             "Zero init never breaks symmetry, and a too-small init shrinks activations to zero "
@@ -734,14 +789,20 @@ class Rules:
         train_loss: float | None = None,
         *,
         weight_decay_on: bool | None = None,
+        weight_decay_settable: bool | None = None,
     ) -> list[Finding]:
         """Feed each validation pass: its loss and the training loss to compare it with
         (None: the mean of the training losses fed to ``on_loss`` since the last evaluation).
         ``weight_decay_on``: whether the optimizer used weight decay then (None: unknown, as
-        before); Overfit's advice says "raise it" rather than "add" when it is on."""
+        before); Overfit's advice says "raise it" rather than "add" when it is on.
+        ``weight_decay_settable``: whether some param group has a non-zero weight decay to
+        switch on (None: unknown, as before); where none has, Overfit says how to restart
+        with one rather than "add weight decay", and auto weight decay sends nothing."""
         with self._lock:
             if weight_decay_on is not None:
                 self._weight_decay_on = weight_decay_on
+            if weight_decay_settable is not None:
+                self._weight_decay_settable = weight_decay_settable
             if train_loss is None and self._train_n:
                 train_loss = self._train_sum / self._train_n
             self._train_sum, self._train_n = 0.0, 0
@@ -782,17 +843,17 @@ class Rules:
         if not self._audible("Overfit"):
             return []
         message = (
-            f"validation loss {val:.4g} is {_pct(ratio)} above training loss {train:.4g} at "
-            f"step {step}, over the {_pct(cfg.ratio_threshold)} threshold for {cfg.patience} "
-            "evaluations: the model is over-fitting. "
+            f"validation loss {val:.4g} is {_pct(ratio, cfg.ratio_threshold)} above training "
+            f"loss {train:.4g} at step {step}, over the {_pct_threshold(cfg.ratio_threshold)} "
+            f"threshold for {cfg.patience} evaluations: the model is over-fitting. "
         )
-        advice = (
-            "Add weight decay, dropout or more data."
-            if not self._weight_decay_on
-            else "Weight decay is on: raise it, or add dropout or more data."
-        )
+        advice = self._weight_decay_advice()
         action = None
-        acting = self.auto_weight_decay and not self._weight_decay_sent
+        acting = (
+            self.auto_weight_decay
+            and not self._weight_decay_sent
+            and self._weight_decay_settable is not False
+        )
         # Acting, it does the "add weight decay" itself: the advice is what is left.
         message += (
             "Switching weight decay on (auto weight decay); if the gap stays, add dropout or "
@@ -802,7 +863,10 @@ class Rules:
         )
         if acting:
             self._weight_decay_sent = True
-            reason = f"Overfit at step {step}: val/train loss gap {_pct(ratio)} > {_pct(cfg.ratio_threshold)}"
+            reason = (
+                f"Overfit at step {step}: val/train loss gap {_pct(ratio, cfg.ratio_threshold)}"
+                f" > {_pct_threshold(cfg.ratio_threshold)}"
+            )
             action = {
                 "name": "set_weight_decay",
                 "args": {"enabled": True},
@@ -811,13 +875,32 @@ class Rules:
             }
         return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
 
+    def _weight_decay_advice(self) -> str:
+        """What Overfit (and auto-halve, giving up on an over-fitting run) tells the user to
+        try, true to the run: weight decay on, off but switchable, or 0 in every group (the
+        run page's switch is disabled there and set_weight_decay on is refused)."""
+        if self._weight_decay_on:
+            return "Weight decay is on: raise it, or add dropout or more data."
+        if self._weight_decay_settable is False:
+            return (
+                "Add dropout or more data, or weight decay: this run's is 0 in every param "
+                f"group, so it cannot be switched on live; {WEIGHT_DECAY_RESTART}."
+            )
+        if self._weight_decay_settable:
+            return "Switch weight decay on (it is off now), or add dropout or more data."
+        return "Add weight decay, dropout or more data."
+
     def _plateau(self, step: int, val: float, train: float | None) -> list[Finding]:
         # ReduceLROnPlateau's bookkeeping: count evaluations since the best; after acting,
         # count from zero again, so a plateau acts once and a new one must develop. PRACTICES:
-        # only while training loss still falls (below its value where the count began); with
-        # training loss flat too the run is stalled, not over-fitting a plateau, and halving
-        # again and again would only starve it. Unknown training loss: validation alone.
+        # only while training loss still falls (by PLATEAU_TRAIN_FALL_REL of its value where
+        # the count began); with training loss flat too the run is stalled, not on a
+        # plateau, and halving again and again would only starve it. Nor once training loss
+        # has converged (PLATEAU_CONVERGED_FRACTION of the first evaluation's): validation
+        # flat above it is over-fitting. Unknown training loss: validation alone.
         cfg = self.config.plateau
+        if self._first_train is None and train is not None:
+            self._first_train = train
         if self._best_val is None or val < self._best_val * (1.0 - cfg.min_delta_rel):
             self._best_val = val
             self._evals_since_best = 0
@@ -830,9 +913,17 @@ class Rules:
         if (
             train is not None
             and before is not None
-            and not train < before * (1.0 - cfg.min_delta_rel)
+            and not train <= before * (1.0 - PLATEAU_TRAIN_FALL_REL)
         ):
             return []  # training loss is not falling either: keep watching, do not act
+        first = self._first_train
+        if (
+            train is not None
+            and first is not None
+            and first > 0.0
+            and 0.0 <= train <= PLATEAU_CONVERGED_FRACTION * first
+        ):
+            return []  # converged: over-fitting (Overfit's case), keep watching, do not act
         self._evals_since_best = 0
         self._train_at_count = train
         best = self._best_val
@@ -851,8 +942,7 @@ class Rules:
             self._halvings += 1
             message = (
                 f"{reason}; auto-halve has halved the learning rate {cfg.max_halvings} times "
-                "in this run and halves no further: the run may be stuck rather than on a "
-                "plateau (check the init, the data and the loss curve)."
+                f"in this run and halves no further: {self._not_a_plateau(val, train)}"
             )
             return [Finding(PLATEAU, step, None, message, val, best, None)]
         self._halvings += 1
@@ -864,3 +954,19 @@ class Rules:
             "reason": reason,
         }
         return [Finding(PLATEAU, step, None, message, val, best, action)]
+
+    def _not_a_plateau(self, val: float, train: float | None) -> str:
+        """Why halving no further, as the run looks: over-fitting where validation loss is
+        above training loss by more than Overfit's threshold (a lower learning rate does not
+        cure that; regularisation does), else stuck."""
+        gap = self.config.overfit.ratio_threshold
+        if train is not None and train > 0 and (val - train) / train > gap:
+            return (
+                f"validation loss {val:.4g} stays far above training loss {train:.4g}, so the "
+                "model is over-fitting, which a lower learning rate does not cure. "
+                + self._weight_decay_advice()
+            )
+        return (
+            "the run may be stuck rather than on a plateau (check the init, the data and the "
+            "loss curve)."
+        )

@@ -218,7 +218,9 @@ def _lr_used(run_dir: Path) -> list[float]:
 
 def test_auto_halve_acts_once_per_plateau_and_the_used_lr_follows(tmp_path: Path) -> None:
     model = mlp(nn.ReLU)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # lr 0.5, 8 steps an evaluation: training loss falls by more than PLATEAU_TRAIN_FALL_REL
+    # (5%) over each plateau, as auto-halve requires (1.34 -> 1.19 over the first)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     # best 0.9, then 3 evaluations without improvement (halve), 2 more (no second halving),
     # a new best, and a second plateau of 3 (halve again).
     plateau_1 = [1.0, 0.9, 0.95, 0.95, 0.95]
@@ -227,15 +229,17 @@ def test_auto_halve_acts_once_per_plateau_and_the_used_lr_follows(tmp_path: Path
     with watch(model, opt, every=0, run_dir=tmp_path, auto_halve_lr=True, patience=3) as w:
         for series, halvings in ((plateau_1, 1), (more, 1), (plateau_2, 2)):
             for val in series:
-                train(w, model, opt, 2)
+                train(w, model, opt, 8)
                 w.eval(val_loss=val)
             expected = 0.5**halvings
             # The rule acts on the link thread; the command applies at a later w.step().
-            while w.control.lr_scale != expected:
+            deadline = time.monotonic() + 10.0
+            while w.control.lr_scale != expected and time.monotonic() < deadline:
                 train(w, model, opt, 1)
                 time.sleep(0.01)
+            assert w.control.lr_scale == expected
         train(w, model, opt, 2)
-    assert _lr_used(tmp_path) == [0.1, 0.05, 0.025]
+    assert _lr_used(tmp_path) == [0.5, 0.25, 0.125]
     plateaus = [e for e in events(tmp_path, "alert") if e["data"]["rule"] == "ValidationPlateau"]
     assert len(plateaus) == 2
     results = [
@@ -319,6 +323,26 @@ def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
     ]
     assert len(switched) == 1 and switched[0]["args"] == {"enabled": True}
     assert "Overfit" in switched[0]["reason"]
+
+
+def test_overfit_on_a_run_without_weight_decay_says_how_to_get_it_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    """An optimizer whose weight decay is 0 in every group (the run page's switch disabled,
+    set_weight_decay on refused): Overfit said "Add weight decay, dropout or more data.";
+    it now says how to restart with one, and auto weight decay sends no command."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, every=0, run_dir=tmp_path, auto_weight_decay=True, patience=2) as w:
+        for _ in range(3):  # validation loss far above the training loss (~1.4)
+            train(w, model, opt, 3)
+            w.eval(val_loss=5.0)
+        train(w, model, opt, 1)
+    (overfit,) = [e["data"] for e in events(tmp_path, "alert") if e["data"]["rule"] == "Overfit"]
+    assert "Add weight decay" not in overfit["message"] and "action" not in overfit
+    assert "0 in every param group, so it cannot be switched on live" in overfit["message"]
+    assert "--weight-decay 1e-3 --auto-weight-decay" in overfit["message"]
+    assert events(tmp_path, "command_result") == []
 
 
 def test_the_last_good_snapshot_is_taken_at_most_once_per_min_interval(

@@ -490,12 +490,16 @@ def test_auto_halving_waits_for_training_loss_to_fall_and_names_it() -> None:
 
 def test_auto_halving_stops_after_its_allowance_and_says_so_once() -> None:
     """A net stuck at chance: validation flat, training loss creeping down by 1e-3 relative
-    at a time. Auto-halve acted every patience window for ever (scale 2**-21 seen); it
-    now halves at most plateau.max_halvings times, then says once that it stops there,
-    and gets a fresh allowance when switched off and on again."""
-    r = rules(auto_halve_lr=True, patience=2)
+    at a time. Auto-halve acted every patience window for ever (scale 2**-21 seen); such a
+    creep is no fall (PLATEAU_TRAIN_FALL_REL), and however it falls auto-halve halves at
+    most plateau.max_halvings times, then says once that it stops there, and gets a fresh
+    allowance when switched off and on again."""
+    creeping = rules(auto_halve_lr=True, patience=2)
     trains = [2.3 * (1 - 1e-3) ** i for i in range(40)]
-    found = [f for i, t in enumerate(trains) for f in r.on_eval(i, 2.3026, t)]
+    assert [f for i, t in enumerate(trains) for f in creeping.on_eval(i, 2.3026, t)] == []
+    r = rules(auto_halve_lr=True, patience=2)
+    trains = [2.0 * 0.95**i for i in range(40)]  # validation flat below it: not over-fitting
+    found = [f for i, t in enumerate(trains[:14]) for f in r.on_eval(i, 1.0, t)]
     acting = [f for f in found if f.action is not None]
     assert len(acting) == PLATEAU_MAX_HALVINGS == 5
     (last,) = [f for f in found if f.action is None]
@@ -503,10 +507,51 @@ def test_auto_halving_stops_after_its_allowance_and_says_so_once() -> None:
     assert (
         "halved the learning rate 5 times" in last.message and "halves no further" in last.message
     )
+    assert "may be stuck" in last.message and "check the init" in last.message
     r.set_auto(halve_lr=False)
     r.set_auto(halve_lr=True)
-    again = [f for i, t in enumerate(trains) for f in r.on_eval(40 + i, 2.3026, t * 0.9)]
+    again = [f for i, t in enumerate(trains) for f in r.on_eval(40 + i, 1.0, t * 0.9)]
     assert again and again[0].action is not None
+
+
+def test_auto_halving_leaves_a_converged_over_fitting_run_alone() -> None:
+    """A review's run (subset 300, SGD lr 0.5, Overfit silenced): validation best at step 125
+    then flat at ~0.17, training loss converged (100% training accuracy) and still creeping
+    down, 0.0115 -> 0.0073 -> 0.006 -> 0.0056 -> 0.0054. Auto-halve halved at 200, 275,
+    350, 425, 500 "while training loss fell from 0.006 to 0.005595", then said the run "may
+    be stuck ... check the init, the data". A validation loss flat over a converged training
+    loss is over-fitting: nothing is halved; and an over-fitting run that used up its
+    halvings is told so, with weight decay's advice, not sent to its init and data."""
+    vals = [1.2, 0.6, 0.35, 0.25, 0.1662] + [0.17, 0.168, 0.172] * 8
+    trains = [1.5, 0.5, 0.2, 0.08, 0.05] + [0.0115 * 0.92**i for i in range(24)]
+    r = rules(auto_halve_lr=True, silenced=["Overfit"])
+    found = [
+        f for i, (v, t) in enumerate(zip(vals, trains, strict=True))
+        for f in r.on_eval(25 * (i + 1), v, t, weight_decay_on=False, weight_decay_settable=False)
+    ]  # fmt: skip
+    assert found == []
+    # falls of under 5% while the count runs do not count as training still learning
+    slow = rules(auto_halve_lr=True, silenced=["Overfit"])
+    trains = [1.5, 1.2, 1.0, 0.9, 0.8] + [0.6 * 0.99**i for i in range(24)]
+    found = [
+        f for i, (v, t) in enumerate(zip(vals, trains, strict=True))
+        for f in slow.on_eval(25 * (i + 1), v, t)
+    ]  # fmt: skip
+    # at least 5% of fall since the count began: 0.8 -> 0.588 at 200, then every 6 evaluations
+    assert [f.step for f in found] == [200, 350, 500, 650]
+    assert "training loss fell from 0.8 to 0.5881" in found[0].message
+
+    # A plateau well above a falling (unconverged) training loss, halved 5 times: over-fitting.
+    over = rules(auto_halve_lr=True, patience=2, silenced=["Overfit"])
+    trains = [2.0 * 0.9**i for i in range(14)]
+    found = [
+        f for i, t in enumerate(trains)
+        for f in over.on_eval(i, 1.9, t, weight_decay_on=False, weight_decay_settable=False)
+    ]  # fmt: skip
+    last = found[-1]
+    assert last.action is None and "halves no further" in last.message
+    assert "over-fitting" in last.message and "check the init" not in last.message
+    assert "--weight-decay 1e-3 --auto-weight-decay" in last.message
 
 
 def test_overfit_advice_knows_whether_weight_decay_is_on() -> None:
@@ -518,6 +563,44 @@ def test_overfit_advice_knows_whether_weight_decay_is_on() -> None:
     assert (
         "Add weight decay" not in found.message and "Weight decay is on: raise it" in found.message
     )
+
+
+def test_overfit_advice_is_true_to_whether_the_run_can_switch_weight_decay_on() -> None:
+    """A run whose weight decay is 0 in every group (layerscope train's default) was told
+    "Add weight decay, dropout or more data." while its Weight decay switch was disabled
+    and set_weight_decay on changes nothing there: it is now told how to restart with one,
+    and auto weight decay sends no command it cannot carry out. A run with weight decay
+    switched off is told to switch it on."""
+    zero = rules(patience=1, auto_weight_decay=True)
+    (found,) = zero.on_eval(100, 0.8, 0.5, weight_decay_on=False, weight_decay_settable=False)
+    assert "Add weight decay" not in found.message and found.action is None
+    assert "0 in every param group, so it cannot be switched on live" in found.message
+    assert "--weight-decay 1e-3 --auto-weight-decay" in found.message
+    assert "give the optimizer a weight_decay" in found.message
+    off = rules(patience=1, auto_weight_decay=True)
+    (found,) = off.on_eval(100, 0.8, 0.5, weight_decay_on=False, weight_decay_settable=True)
+    assert found.action is not None and found.action["args"] == {"enabled": True}
+    off = rules(patience=1)
+    (found,) = off.on_eval(100, 0.8, 0.5, weight_decay_on=False, weight_decay_settable=True)
+    assert "Switch weight decay on (it is off now)" in found.message
+
+
+def test_percentages_next_to_their_threshold_tell_the_two_apart() -> None:
+    """A saturated ratio of 0.5039 read "50% of units are saturated ..., above the 50%
+    threshold"; a value rounding to its threshold now shows the decimals that differ."""
+    r = rules()
+    (found,) = r.on_probe(10, healthy_layers(act2={"saturated_ratio": 0.5039}), {})
+    assert "layer act2: 50.4% of units are saturated" in found.message
+    assert "above the 50% threshold" in found.message
+    (found,) = rules().on_probe(10, healthy_layers(act2={"saturated_ratio": 0.73}), {})
+    assert "73% of units are saturated" in found.message
+    (found,) = rules(patience=1).on_eval(100, 0.5502, 0.5)
+    assert "is 10.04% above training loss 0.5" in found.message
+    assert "over the 10% threshold" in found.message
+    custom = rules(saturation_threshold_layer=0.505)
+    (found,) = custom.on_probe(10, healthy_layers(act2={"saturated_ratio": 0.5052}), {})
+    assert "50.52% of units are saturated" in found.message
+    assert "above the 50.5% threshold" in found.message
 
 
 def test_auto_halving_is_off_by_default_and_can_be_switched_on_mid_plateau() -> None:
@@ -716,7 +799,7 @@ def test_resumed_rules_follow_the_switches_changed_since_and_refuse_a_bad_state(
     old = rules(silenced=["DeadUnits"], patience=2, auto_halve_lr=True, auto_weight_decay=True)
     dead = healthy_layers(act1={"dead_ratio": 0.7})
     assert old.on_probe(5, dead, {}) == []  # silenced: evaluated, quiet
-    found = [f for step in (10, 20, 30) for f in old.on_eval(step, 0.6, 0.5 - step / 1000)]
+    found = [f for step in (10, 20, 30) for f in old.on_eval(step, 0.6, 0.5 - step / 100)]
     assert [(f.rule, f.step) for f in found] == [("Overfit", 20), (PLATEAU, 30)]  # both acted
     same = _through_a_checkpoint(old.state_dict())
     old.set_auto(halve_lr=False, weight_decay=False)  # switched off before the checkpoint
@@ -733,6 +816,11 @@ def test_resumed_rules_follow_the_switches_changed_since_and_refuse_a_bad_state(
     now = audible.state_dict()
     assert (now["halvings"], now["weight_decay_sent"]) == (0, False)  # a fresh allowance
     assert (same["halvings"], same["weight_decay_sent"]) == (1, True)
+
+    # written before auto-halve kept the first training loss: taken up, without it
+    older = rules(silenced=["DeadUnits"], patience=2, auto_halve_lr=True, auto_weight_decay=True)
+    older.load_state_dict({k: v for k, v in same.items() if k != "first_train"})
+    assert older.state_dict() == {**same, "first_train": None}
 
     before = audible.state_dict()
     for bad, words in (

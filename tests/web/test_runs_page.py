@@ -331,7 +331,10 @@ def test_a_narrow_window_scrolls_the_runs_table_inside_its_panel(
 ) -> None:
     """Review F's narrow1.py: at 800 px the table's last column (Delete) ran past its panel."""
     data_dir = tmp_path / "data"
-    config = {**FAST_CONFIG, "name": "mlp-tanh-xavier-digits"}  # a built-in run's config column
+    # a built-in run's config column; a normal init's std shown beside it (runs differing
+    # only by std read alike)
+    model = {**FAST_CONFIG["model"], "init": "normal", "init_std": 1.0}
+    config = {**FAST_CONFIG, "model": model, "name": "mlp-tanh-normal1-digits"}
     name = "init lab 7ccf3782: normal 1.0 (tanh)"  # as long as a lab run's
     write_recorded_run(data_dir, "narrow", steps=50, layers=1, every=25, config=config, name=name)
     for server in serve(server_settings(data_dir)):
@@ -339,6 +342,8 @@ def test_a_narrow_window_scrolls_the_runs_table_inside_its_panel(
         try:
             page.set_viewport_size({"width": 800, "height": 900})
             open_ready(page, f"{server.url}/")
+            std = row(page, "narrow").locator(".config .kv", has_text="init_std")
+            expect(std).to_have_text("init_std 1")
             delete = row(page, "narrow").locator("button.danger")
             delete.scroll_into_view_if_needed()
             expect(delete).to_be_in_viewport()

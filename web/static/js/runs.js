@@ -23,8 +23,9 @@ const POLL_MS = 2000;
 const PAGE_SIZE = 50; // runs per poll, and per "Show more"
 const MAX_LISTED = 1000; // GET /api/runs's largest limit (api.MAX_RUNS_PAGE)
 const SEARCH_DELAY_MS = 250; // typing pauses this long before the search is sent
+// model.init_std is listed by the server only for init "normal" (server/queries.py list_config)
 const KEY_CONFIG = ["model.arch", "model.depth", "model.width", "model.activation", "model.init",
-  "model.batch_norm", "data.dataset", "solver.optimizer", "solver.lr", "solver.batch_size"];
+  "model.init_std", "model.batch_norm", "data.dataset", "solver.optimizer", "solver.lr", "solver.batch_size"];
 const $ = (id) => document.getElementById(id);
 
 const rows = new Map(); // run id -> {tr, run}

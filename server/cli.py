@@ -69,8 +69,9 @@ def _add_server_options(p: argparse.ArgumentParser, *, demo: bool = False) -> No
         default=[],
         metavar="DIR",
         help="a folder whose files the New-run form may name as data.path or "
-        "finetune.from_checkpoint (repeatable; default: the working directory; "
-        "env LAYERSCOPE_DATA_ROOTS, os.pathsep-separated)",
+        "finetune.from_checkpoint (repeatable; default: the working directory, unless that "
+        "is / or above your home: then the data dir; env LAYERSCOPE_DATA_ROOTS, "
+        "os.pathsep-separated)",
     )
     p.add_argument(
         "--max-launched",

@@ -788,6 +788,131 @@ def test_a_run_being_uploaded_by_sync_says_so_and_its_controls_say_why_they_are_
     assert not guard.errors, guard.errors
 
 
+OTHER_TRACES = (
+    "() => (document.getElementById('chart-other').data || [])"
+    ".filter(t => t.name !== 'commands').map(t => [t.name, t.x.length, t.x[t.x.length - 1]])"
+)
+COMMAND_SHAPES = (
+    "id => (document.getElementById(id).layout.shapes || []).filter(s => s.name !== 'alert')"
+    ".map(s => [s.type, s.x0, s.x1])"
+)
+COMMAND_TRACE = (
+    "id => { const t = document.getElementById(id).data.find(t => t.name === 'commands');"
+    " return {x: Array.from(t.x), text: Array.from(t.text)}; }"
+)
+
+
+def test_a_distributed_runs_ranks_chart_together_and_dense_commands_leave_the_lines_readable(
+    browser: Browser, server: LiveServer
+) -> None:
+    """(1) A run of 2 ranks (hello world_size 2, a step_time_s/rankN series a rank): the
+    header did not say so, and "Other scalars" charted one rank's series at a time, so a
+    straggler could not be seen. The header reads "world size 2" and the picker's
+    "step_time_s (every rank)" draws a line per rank, live and, once the run ends, in replay.
+    (2) 300 commands applied over 150 steps drew 300 dotted lines and diamonds: a solid band
+    over the loss, lr and dead-unit lines. Eight or more markers closer than a few pixels are
+    one faint band and one hover point giving the count and the first and last; a lone one,
+    and a few together, are drawn as before, at step + 0.5."""
+    run_id = f"ranks-{uuid.uuid4().hex[:8]}"
+    ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
+    hello = {"type": "hello", "v": 1, "run_id": run_id, "name": run_id, "config": {"lr": 0.1},
+             "layers": [{"name": "fc1", "kind": "ReLU", "units": 8}], "world_size": 2}  # fmt: skip
+
+    def rows(first: int, last: int) -> list[dict[str, Any]]:
+        return [{"step": s, "time_s": 0.1 * s, "values": {"loss": 2.0 / s, "lr": 0.1,
+                 "step_time_s/rank0": 0.01, "step_time_s/rank1": 0.05, "step_time_s/max": 0.05}}
+                for s in range(first, last + 1)]  # fmt: skip
+
+    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": []}
+
+    def applied(i: int, step: int) -> dict[str, Any]:
+        return {"type": "event", "seq": 3 + i, "step": step, "kind": "command_result",
+                "data": {"id": f"c{i}", "cmd_seq": None, "name": "set_lr_scale",
+                         "args": {"value": 0.5}, "ok": True, "applied_at_step": step,
+                         "state": state, "source": "rule", "reason": "plateau"}}  # fmt: skip
+
+    with ws_connect(ws_url) as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        ws.send(json.dumps({"type": "metrics", "seq": 1, "rows": rows(1, 300)}))
+        ws.send(json.dumps({"type": "probe", "seq": 2, "step": 10, "layers": [
+            {"name": "fc1", "mean": 0.0, "std": 1.0, "dead_ratio": 0.1,
+             "hist": {"lo": -1.0, "hi": 1.0, "counts": [1, 2, 3, 4]}}]}))  # fmt: skip
+        ws.send(json.dumps(applied(0, 20)))  # alone: drawn as before
+        for i in range(1, 301):  # two a step over steps 100-249
+            ws.send(json.dumps(applied(i, 100 + (i - 1) // 2)))
+        for i in range(301, 304):  # a few at one step: drawn as before too
+            ws.send(json.dumps(applied(i, 40)))
+        beating = threading.Event()
+
+        def beat() -> None:  # else the run is marked lost after 5 s
+            while not beating.wait(0.3):
+                ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": 300, "status": "running"}))
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        page, guard = guarded_page(browser)
+        try:
+            wait_for(lambda: len(server.api("GET", f"/api/runs/{run_id}/commands").json()) == 304,
+                     20, "the commands to be stored")  # fmt: skip
+            open_ready(page, f"{server.url}/runs/{run_id}")
+            expect(page.locator("#world")).to_be_visible()
+            expect(page.locator("#world")).to_have_text("world size 2")
+            options = page.eval_on_selector_all(
+                "#other-series option", "os => os.map(o => [o.value, o.textContent])"
+            )
+            assert ["step_time_s/rank*", "step_time_s (every rank)"] in options, options
+            page.locator("#chart-other").scroll_into_view_if_needed()  # offscreen: every 5 s
+            page.select_option("#other-series", "step_time_s/rank*")
+            page.wait_for_function(
+                "() => (document.getElementById('chart-other').data || []).length === 2"
+                " && document.getElementById('chart-other').data[1].x.length === 300"
+            )
+            assert page.evaluate(OTHER_TRACES) == [["rank0", 300, 300], ["rank1", 300, 300]]
+            assert chart_trace(page, "chart-other", 1)["y"][-1] == 0.05  # the straggler's
+            expect(page.locator("#chart-other .legendtext")).to_have_text(["rank0", "rank1"])
+            # live: each rank's line grows
+            ws.send(json.dumps({"type": "metrics", "seq": 400, "rows": rows(301, 310)}))
+            page.wait_for_function(
+                "() => document.getElementById('chart-other').data.every(t => t.x.includes(310))"
+            )
+
+            # (2) the lone command as before; the 300 as one band and one hover point
+            for chart in ("chart-loss", "chart-lr"):
+                assert page.evaluate(COMMAND_SHAPES, chart) == [
+                    ["line", 20.5, 20.5],
+                    *[["line", 40.5, 40.5]] * 3,
+                    ["rect", 100.5, 249.5],
+                ], chart
+                marks = page.evaluate(COMMAND_TRACE, chart)
+                assert marks["x"] == [20.5, 40.5, 40.5, 40.5, 100.5]
+                assert marks["text"][1].endswith("applied after step 40")
+                assert marks["text"][4].startswith("300 commands applied after steps 100–249")
+                assert "first: rule: plateau" in marks["text"][4]
+                assert "last: rule: plateau" in marks["text"][4]
+            assert page.evaluate(COMMAND_SHAPES, "chart-dead") == [
+                ["line", 20.5, 20.5],
+                *[["line", 40.5, 40.5]] * 3,
+                ["rect", 100.5, 249.5],
+            ]
+
+            # the run ends: replay keeps every rank's lines
+            ws.send(json.dumps({"type": "event", "seq": 401, "step": 310, "kind": "status",
+                                "data": {"status": "finished"}}))  # fmt: skip
+            expect(page.locator("#status")).to_have_text("finished")
+            expect(page.locator("#replay")).to_be_visible()
+            page.wait_for_function(
+                "() => document.getElementById('chart-other').layout.shapes.some(s => s.x0 === 310)"
+            )
+            assert page.evaluate(OTHER_TRACES) == [["rank0", 310, 310], ["rank1", 310, 310]]
+            expect(page.locator("#world")).to_have_text("world size 2")
+        finally:
+            beating.set()
+            beater.join()
+            page.context.close()
+    assert not guard.errors, guard.errors
+
+
 def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_every_row(
     browser: Browser, tmp_path: Path
 ) -> None:

@@ -508,16 +508,73 @@ export function decimate(xs, ys) {
   return [nx, ny];
 }
 
-/** Vertical lines: the replay cursor, dotted command markers and faint dashed alert markers (named "alert"). */
+/**
+ * Command markers closer together than this many pixels of x are drawn as one group: 300
+ * set_lr_scale results over 150 steps drew a solid band of dotted lines and diamonds over the
+ * loss and lr lines, hiding them.
+ */
+export const MARKER_MIN_PX = 6;
+/**
+ * A group of fewer markers than this is drawn a marker each, as sparse ones: a pause, a few
+ * step_once and a resume sent within a few steps overlap but hide nothing, and each keeps its
+ * own hover.
+ */
+export const MARKER_MIN_GROUP = 8;
+
+/**
+ * Steps per `px` pixels of x on `div`'s plot drawing steps lo..hi (its plot's width as Plotly
+ * laid it out, else the div's less the margins); 0 when the span is empty.
+ */
+export function stepsPerPixels(div, lo, hi, px = MARKER_MIN_PX) {
+  if (!(hi > lo)) return 0;
+  const laid = div?._fullLayout?.xaxis?._length;
+  const width = laid > 0 ? laid : Math.max(200, (div?.clientWidth || 600) - 64);
+  return ((hi - lo) * px) / width;
+}
+
+/**
+ * Markers ([{x, step, label, rule?}]) as drawn: each one closer than `gap` steps to the one
+ * before it joins that one's group. A marker of a group of fewer than MARKER_MIN_GROUP is
+ * returned as it is; a larger group as one marker at its first one's x (x stays step + 0.5:
+ * markerX) with x1 its last's, n, and a label giving the count and the first and last.
+ */
+export function groupMarkers(markers, gap) {
+  const sorted = [...markers].sort((a, b) => (a.x ?? a.step) - (b.x ?? b.step));
+  const groups = [];
+  for (const m of sorted) {
+    const g = groups[groups.length - 1];
+    const x = m.x ?? m.step;
+    if (g && gap > 0 && x - g.x1 < gap) {
+      g.members.push(m);
+      g.x1 = x;
+    } else groups.push({ x0: x, x1: x, members: [m] });
+  }
+  return groups.flatMap(({ x0, x1, members }) => {
+    if (members.length < MARKER_MIN_GROUP) return members;
+    const first = members[0];
+    const last = members[members.length - 1];
+    const steps = first.step === last.step ? `step ${first.step}` : `steps ${first.step}–${last.step}`;
+    return { x: x0, x1, step: first.step, n: members.length, rule: members.every((k) => k.rule),
+      label: `${members.length} commands applied after ${steps} · first: ${first.label} · last: ${last.label}` };
+  });
+}
+
+/**
+ * Vertical lines: the replay cursor, dotted command markers and faint dashed alert markers
+ * (named "alert"). A marker {x0, x1} wider than a point (a dense group: groupMarkers) is a
+ * faint band from x0 to x1 (named "commands") instead of a line per command.
+ */
 export function stepShapes(cursor, markerSteps = [], alertSteps = []) {
   const shapes = alertSteps.map((s) => ({
     type: "line", name: "alert", xref: "x", yref: "paper", x0: s, x1: s, y0: 0, y1: 1, layer: "below",
     line: { color: "rgba(240, 110, 95, 0.45)", width: 1, dash: "dash" },
   }));
-  shapes.push(...markerSteps.map((s) => ({
-    type: "line", xref: "x", yref: "paper", x0: s, x1: s, y0: 0, y1: 1,
-    line: { color: "#e3a52b", width: 1, dash: "dot" },
-  })));
+  shapes.push(...markerSteps.map((s) => (typeof s === "object" && s.x1 > s.x0
+    ? { type: "rect", name: "commands", xref: "x", yref: "paper", x0: s.x0, x1: s.x1, y0: 0, y1: 1, layer: "below",
+      // no outline; dash "dot" all the same: a command marker's, as its lines are
+      fillcolor: "rgba(227, 165, 43, 0.16)", line: { width: 0, dash: "dot" } }
+    : { type: "line", xref: "x", yref: "paper", x0: s.x0 ?? s, x1: s.x0 ?? s, y0: 0, y1: 1,
+      line: { color: "#e3a52b", width: 1, dash: "dot" } })));
   if (cursor !== null && cursor !== undefined) {
     shapes.push({ type: "line", xref: "x", yref: "paper", x0: cursor, x1: cursor, y0: 0, y1: 1,
       line: { color: "#ffffff", width: 1.2 } });
@@ -633,8 +690,28 @@ export class LineChart {
   setSmoothing(alpha) { this.smoothing = alpha; this.full = true; scheduler.mark(this); }
   setCursor(step) { this.cursor = step; this.cursorDirty = true; scheduler.mark(this); }
 
-  /** markers: [{step, x?, label}] — drawn at x (else step) as dotted lines plus hover points on trace 0. */
-  setMarkers(markers) { this.markers = markers; this.full = true; scheduler.mark(this); }
+  /**
+   * markers: [{step, x?, label}] — drawn at x (else step) as dotted lines plus hover points on
+   * trace 0; dense ones as a band and one hover point a group (drawnMarkers).
+   */
+  setMarkers(markers) { this.markers = markers; this.markerGroups = null; this.full = true; scheduler.mark(this); }
+
+  /**
+   * The markers as drawn (groupMarkers): those closer than MARKER_MIN_PX pixels of x grouped,
+   * for the x span the chart draws (its traces' and markers' steps). Regrouped on a full
+   * redraw (`regroup`); a cursor-only redraw keeps the groups its data was drawn with.
+   */
+  drawnMarkers(regroup = false) {
+    if (!this.markers.length) return [];
+    if (regroup || !this.markerGroups) {
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (const m of this.model) if (m.x.length) { lo = Math.min(lo, m.x[0]); hi = Math.max(hi, m.x[m.x.length - 1]); }
+      for (const k of this.markers) { lo = Math.min(lo, k.x ?? k.step); hi = Math.max(hi, k.x ?? k.step); }
+      this.markerGroups = groupMarkers(this.markers, stepsPerPixels(this.div, lo, hi));
+    }
+    return this.markerGroups;
+  }
 
   /** Steps alerts fired at, drawn as faint dashed lines (shapes only: a cursor-sized redraw). */
   setAlertSteps(steps) { this.alertSteps = steps; this.cursorDirty = true; scheduler.mark(this); }
@@ -676,14 +753,16 @@ export class LineChart {
           hovertemplate: `${name} (smoothed): %{y:.4g} · logged %{customdata:.4g}<extra>step %{x}</extra>` }
           : { hovertemplate: `${name}: %{y:.4g}<extra>step %{x}</extra>` }) });
     });
-    if (this.markers.length) {
+    const drawn = this.drawnMarkers(true);
+    if (drawn.length) {
       data.push({ type: "scatter", mode: "markers", name: "commands", showlegend: false,
-        // k.x: half a step after the boundary it was applied at (eventlog.js markerX)
-        x: this.markers.map((k) => k.x ?? k.step), y: this.markers.map((k) => this.valueAt(0, k.x ?? k.step)),
-        text: this.markers.map((k) => plotlyText(k.label)),
+        // k.x: half a step after the boundary it was applied at (eventlog.js markerX); a
+        // dense group's marker is its first command's, its hover gives the count
+        x: drawn.map((k) => k.x ?? k.step), y: drawn.map((k) => this.valueAt(0, k.x ?? k.step)),
+        text: drawn.map((k) => plotlyText(k.label)),
         // A rule's automatic action is drawn apart from a person's command.
-        marker: { symbol: this.markers.map((k) => (k.rule ? "triangle-up" : "diamond")), size: 9,
-          color: this.markers.map((k) => (k.rule ? RULE_MARKER_COLOR : USER_MARKER_COLOR)),
+        marker: { symbol: drawn.map((k) => (k.rule ? "triangle-up" : "diamond")), size: 9,
+          color: drawn.map((k) => (k.rule ? RULE_MARKER_COLOR : USER_MARKER_COLOR)),
           line: { color: "#0f1216", width: 1 } },
         hovertemplate: "%{text}<extra></extra>" });
     }
@@ -781,7 +860,8 @@ export class LineChart {
   /** The cursor line, command and alert markers: all a cursor-only redraw changes. */
   shapes() {
     if (!this.hasData()) return []; // a note, no axes to draw them on
-    return stepShapes(this.cursor, this.markers.map((k) => k.x ?? k.step), this.alertSteps);
+    return stepShapes(this.cursor, this.drawnMarkers().map((k) => ({ x0: k.x ?? k.step, x1: k.x1 ?? k.x ?? k.step })),
+      this.alertSteps);
   }
 
   draw() {

@@ -14,7 +14,7 @@
  */
 
 import { getJSON, runUrl, ApiError, flatConfig } from "./api.js";
-import { COLORS, LineChart, inViewport, plotlyReady, scheduler, formatNumber } from "./charts.js";
+import { COLORS, LineChart, groupMarkers, inViewport, plotlyReady, scheduler, formatNumber, stepsPerPixels } from "./charts.js";
 import { Controls } from "./controls.js";
 import { drawPreview } from "./preview.js";
 import { EventLog, Markers, eventKey } from "./eventlog.js";
@@ -160,16 +160,43 @@ function setupSharedRange() {
 setupSharedRange();
 
 // ---- other scalars: every series no chart above shows, one at a time ----
+// (or one kind's series of every rank of a distributed run together: RANKS)
 
 /** The "Other scalars" picker's choice is kept per run (restored on reload). */
 const OTHER_KEY = `layerscope:other-series:${runId}`;
 /** The series the picker prefers when nothing was picked: the global gradient norm. */
 const OTHER_DEFAULT = "grad_norm";
+/**
+ * A distributed run logs a series a rank ("step_time_s/rank0", "step_time_s/rank1", ...): the
+ * picker also lists each kind's "every rank" entry (value "step_time_s/rank*"), drawing a
+ * line per rank so a straggler stands out (one rank at a time, it could not be seen).
+ */
+const RANK_SERIES = /^(.+)\/rank(\d+)$/;
+const RANKS = "/rank*";
+const isRanks = (value) => value !== null && value.endsWith(RANKS);
+
+/** The series a picker value charts, by trace: itself, or every rank's of its kind (by rank). */
+function otherMembers(value) {
+  if (value === null) return [];
+  if (!isRanks(value)) return [value];
+  const base = value.slice(0, -RANKS.length);
+  return other.series
+    .map((n) => [n, RANK_SERIES.exec(n)])
+    .filter(([, m]) => m && m[1] === base)
+    .sort(([, a], [, b]) => Number(a[2]) - Number(b[2]))
+    .map(([n]) => n);
+}
+
 const other = {
+  /** the picker's values: each series, and each per-rank kind's RANKS entry */
   names: [],
+  /** every series the picker's values draw from */
+  series: [],
+  /** the series charted, by trace index */
+  members: [],
   selected: null,
   picked: false, // the choice is a person's (kept), not the default
-  /** live points of `selected` while its history is read: [step, value] */
+  /** live points of the charted series while their history is read: [series, step, value] */
   live: null,
   request: 0,
 };
@@ -182,19 +209,56 @@ function storedOther() {
   }
 }
 
-/** A series no other chart shows: listed in the picker; the first one seen is charted. */
+/** The picker's label for a value. */
+const otherLabel = (value) => (isRanks(value) ? `${value.slice(0, -RANKS.length)} (every rank)` : value);
+
+/**
+ * A series no other chart shows: listed in the picker (a rank's series with its kind's
+ * "every rank" entry); the first one seen is charted. A rank's series first seen while its
+ * kind's every-rank entry is charted joins the chart as a line.
+ */
 function noteOther(name) {
-  if (other.names.includes(name)) return;
-  other.names.push(name);
+  if (other.series.includes(name)) return;
+  other.series.push(name);
+  const rank = RANK_SERIES.exec(name);
+  const values = [name, ...(rank ? [`${rank[1]}${RANKS}`] : [])].filter((v) => !other.names.includes(v));
+  other.names.push(...values);
   other.names.sort();
   const select = $("other-series");
-  select.replaceChildren(...other.names.map((n) => new Option(n, n)));
-  // the default's arrival moves a default choice to it; a person's choice stays
-  const better = !other.picked && name === OTHER_DEFAULT && other.selected !== OTHER_DEFAULT;
-  if (other.selected === null || better || (name === storedOther() && !other.picked)) {
-    selectOther(name, { picked: name === storedOther() });
+  select.replaceChildren(...other.names.map((n) => new Option(otherLabel(n), n)));
+  if (rank && other.selected === `${rank[1]}${RANKS}`) addOtherMember(name);
+  for (const value of values) {
+    // the default's arrival moves a default choice to it; a person's choice stays
+    const better = !other.picked && value === OTHER_DEFAULT && other.selected !== OTHER_DEFAULT;
+    if (other.selected === null || better || (value === storedOther() && !other.picked)) {
+      selectOther(value, { picked: value === storedOther() });
+    }
   }
   if (other.selected !== null) select.value = other.selected;
+}
+
+/** A rank's series joins the every-rank chart charted (in rank order: the chart is redrawn). */
+function addOtherMember(name) {
+  const members = otherMembers(other.selected);
+  if (other.members.includes(name)) return;
+  const kept = new Map(other.members.map((n, i) => [n, charts.other.model[i]]));
+  other.members = members;
+  charts.other.setTraces(members.map(otherTrace));
+  members.forEach((n, i) => {
+    const m = kept.get(n);
+    if (m) charts.other.setSeries(i, m.x, m.y);
+  });
+}
+
+/** The trace of series `name` in "Other scalars": a rank's named by its rank. */
+function otherTrace(name, i) {
+  const rank = isRanks(other.selected) ? RANK_SERIES.exec(name) : null;
+  return rank ? { name: `rank${rank[2]}`, color: COLORS[i % COLORS.length] } : { name };
+}
+
+/** The "Other scalars" trace that draws series `name`, else -1. */
+function otherIndex(name) {
+  return other.members.indexOf(name);
 }
 
 /**
@@ -204,27 +268,38 @@ function noteOther(name) {
 function selectOther(name, { picked = false, load = page.historyLoaded } = {}) {
   other.selected = name;
   other.picked = picked;
+  other.members = otherMembers(name);
   $("other-series").value = name;
-  charts.other.setTraces([{ name }]);
-  charts.other.yTitle = name;
-  if (load) loadOther(name).catch((e) => toast(`Could not load ${name}: ${e.message}`, "error"));
+  charts.other.setTraces(other.members.map(otherTrace));
+  // every rank's lines: a legend names them
+  charts.other.showLegend = isRanks(name);
+  charts.other.yTitle = isRanks(name) ? name.slice(0, -RANKS.length) : name;
+  if (load) loadOther(name).catch((e) => toast(`Could not load ${otherLabel(name)}: ${e.message}`, "error"));
 }
 
 async function loadOther(name) {
   const request = ++other.request;
   other.live = [];
-  const s = await getJSON(runUrl(runId, "series", { names: name, max_points: SERIES_POINTS }));
+  const members = other.members.slice();
+  const s = await getJSON(runUrl(runId, "series", { names: members.join(","), max_points: SERIES_POINTS }));
   if (request !== other.request || other.selected !== name) return;
-  const points = s[name] || { steps: [], values: [] };
-  charts.other.setSeries(0, points.steps, points.values);
+  for (const member of members) {
+    const i = otherIndex(member);
+    const points = s[member] || { steps: [], values: [] };
+    if (i >= 0) charts.other.setSeries(i, points.steps, points.values);
+  }
   // points that came live while it was read, past its last one
-  for (const [step, value] of other.live) charts.other.append(0, step, value);
+  for (const [member, step, value] of other.live) {
+    const i = otherIndex(member);
+    if (i >= 0) charts.other.append(i, step, value);
+  }
   other.live = null;
 }
 
-function appendOther(step, value) {
-  if (other.live) other.live.push([step, value]);
-  charts.other.append(0, step, value);
+function appendOther(name, step, value) {
+  if (other.live) other.live.push([name, step, value]);
+  const i = otherIndex(name);
+  if (i >= 0) charts.other.append(i, step, value);
 }
 
 $("other-series").addEventListener("change", (ev) => {
@@ -318,6 +393,9 @@ function applyDetail(d) {
   $("run-name").textContent = d.name || d.id;
   document.title = `${d.name || d.id} · layerscope`;
   page.firstStep = d.first_step ?? 0;
+  // a distributed run's ranks: its per-rank series are charted together in "Other scalars"
+  $("world").hidden = !(d.world_size > 1);
+  $("world-size").textContent = d.world_size > 1 ? String(d.world_size) : "";
   setLayers(d.layers || []);
   controls.setConfig(d.config);
   controls.setState(d.control);
@@ -365,7 +443,7 @@ function setLast(last) {
  * series are applied (what the preview needs), and `all`, once everything is.
  */
 function loadHistory(detail) {
-  const names = [...routes.keys(), ...(other.selected === null ? [] : [other.selected])].join(",");
+  const names = [...routes.keys(), ...other.members].join(",");
   const matrix = (stat) => getJSON(runUrl(runId, "probes/matrix", { stat, max_steps: MATRIX_STEPS }));
   const ended = ENDED.has(page.status);
   const at = (ended ? stepFromUrl() : null) ?? detail.last_step ?? 0;
@@ -395,7 +473,7 @@ function loadHistory(detail) {
     for (const [name, points] of Object.entries(s)) {
       const r = route(name);
       if (r) r[0].setSeries(r[1], points.steps, points.values);
-      else if (name === other.selected) charts.other.setSeries(0, points.steps, points.values);
+      else if (otherIndex(name) >= 0) charts.other.setSeries(otherIndex(name), points.steps, points.values);
       noteFirstStep(points.steps[0]);
     }
   });
@@ -494,9 +572,12 @@ function regrid(layer) {
 function drawMarkers() {
   const list = markers.list();
   for (const c of [charts.loss, charts.lr, charts.wd]) c.setMarkers(list);
-  const steps = list.map((m) => m.x); // after the step each was applied at (markerX)
-  charts.dead.setMarkers(steps);
-  charts.sat.setMarkers(steps);
+  // after the step each was applied at (markerX); dense ones a band (groupMarkers), as the line charts draw them
+  const lo = Math.min(page.dataFirstStep ?? page.firstStep, list[0]?.x ?? Infinity); // list: by step
+  const hi = Math.max(page.lastStep ?? lo, list[list.length - 1]?.x ?? -Infinity);
+  for (const c of [charts.dead, charts.sat]) {
+    c.setMarkers(groupMarkers(list, stepsPerPixels(c.div, lo, hi)).map((k) => ({ x0: k.x, x1: k.x1 ?? k.x })));
+  }
 }
 
 // ---- live frames ----
@@ -551,7 +632,7 @@ function applyMetrics(frame) {
     for (const [name, value] of Object.entries(row.values || {})) {
       const r = route(name);
       if (r) r[0].append(r[1], row.step, value);
-      else if (name === other.selected) appendOther(row.step, value);
+      else if (otherIndex(name) >= 0) appendOther(name, row.step, value);
     }
     setLast(row.values || {});
     setStep(row.step);

@@ -650,8 +650,10 @@ def _train(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _error("train", f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
-        # watch() has already closed the run as "stopped" and flushed its spool.
-        print("layerscope train: interrupted; the run was recorded as stopped", file=sys.stderr)
+        # watch() has already closed the run as "stopped" and flushed its spool. Said once
+        # under --nproc: by rank 0, the rank that records the run.
+        if os.environ.get("RANK", "0") == "0":
+            print("layerscope train: interrupted; the run was recorded as stopped", file=sys.stderr)
         return 130
     if summary.get("rank", 0) == 0:
         print(describe(summary), flush=True)
@@ -689,12 +691,14 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _launch_ranks(nproc: int, argv: list[str]) -> int:
-    """``train --nproc N``: the same command line on N local ranks via
-    ``python -m torch.distributed.run --standalone`` (the ranks see LOCAL_RANK and train).
-    SIGTERM is passed on to torchrun, which stops every rank. The exit code is the ranks'
-    (``_launch_exit``), not torchrun's 1 for any failure."""
+    """``train --nproc N``: the same command line on N local ranks via torchrun
+    (``torch.distributed.run --standalone``, in ``_torchrun``; the ranks see LOCAL_RANK and
+    train). SIGINT and SIGTERM sent to this process alone (a process manager's or an IDE's
+    stop, ``kill -INT PID``) are passed on to torchrun, which stops every rank; a terminal's
+    Ctrl-C reaches torchrun and the ranks as well, and the repeat is ignored there. The
+    exit code is the ranks' (``_launch_exit``), not torchrun's 1 for any failure."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-c", _TORCHRUN_MAIN, "--standalone",
         f"--nproc-per-node={nproc}", "-m", "layerscope.trainer", *_without_nproc(argv),
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="layerscope-ranks-") as exits:
@@ -706,12 +710,65 @@ def _launch_ranks(nproc: int, argv: list[str]) -> int:
                 try:
                     code = proc.wait()
                     break
-                except KeyboardInterrupt:  # Ctrl-C reached torchrun and the ranks as well
+                except KeyboardInterrupt:
+                    # torchrun has not seen one sent to this pid alone; a repeat is
+                    # ignored there (_torchrun)
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)
                     continue
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
         return _launch_exit(code if code >= 0 else 128 - code, Path(exits))  # signal: 128 + N
+
+
+# ``python -c`` program of ``train --nproc``'s torchrun (argv: torchrun's own).
+_TORCHRUN_MAIN = "import sys; from layerscope.trainer.cli import _torchrun; sys.exit(_torchrun())"
+# torchrun's warnings while it stops its ranks on SIGINT/SIGTERM (the ranks say it once)
+_TORCHRUN_STOP_LOGS = (
+    "Received %s death signal, shutting down workers",
+    "Sending process %s closing signal %s",
+    "Got termination signal: %s",
+)
+
+
+def _torchrun(argv: list[str] | None = None) -> int:
+    """torchrun (``torch.distributed.run.main``) for ``_launch_ranks``. Stopped by SIGINT
+    or SIGTERM it exits 128 + N quietly: the ranks it stops report the interruption (rank
+    0, once), where torchrun itself printed three warnings and a 25-line SignalException
+    traceback. A second signal while it stops the ranks (a terminal's Ctrl-C reaches it
+    and the launcher, which passes it on) is ignored instead of cutting that short.
+    Anything else, a rank's failure included, is reported as torchrun reports it."""
+    import logging
+    import runpy
+
+    import torch.distributed.elastic.multiprocessing.api as mp_api
+
+    received: list[int] = []
+
+    def first_only(signum: int, frame: object) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise mp_api.SignalException(
+            f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum)
+        )
+
+    def quiet_stop(record: logging.LogRecord) -> bool:
+        return not (received and record.msg in _TORCHRUN_STOP_LOGS)
+
+    if hasattr(mp_api, "_terminate_process_handler"):
+        mp_api._terminate_process_handler = first_only
+    for name in ("agent.server.api", "multiprocessing.api"):  # the loggers that say them
+        logging.getLogger(f"torch.distributed.elastic.{name}").addFilter(quiet_stop)
+    if argv is not None:
+        sys.argv[1:] = argv
+    try:
+        # as ``python -m torch.distributed.run`` would: its messages read the same
+        runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    except mp_api.SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
 
 
 def _launch_exit(torchrun: int, exits: Path) -> int:

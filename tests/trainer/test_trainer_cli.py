@@ -564,6 +564,55 @@ def test_nproc_exits_as_the_ranks_do_3_for_a_run_the_nan_rule_stopped(
     assert "ChildFailedError" not in err and "FAILED" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["pid", "group"])
+def test_nproc_sigint_to_the_launcher_or_its_group_stops_the_run_saying_so_once(
+    tmp_path: Path, to: str
+) -> None:
+    """SIGINT to the launcher's pid alone (a process manager's or an IDE's stop) was
+    ignored and the run trained to its end: the launcher passes it on to torchrun now. A
+    terminal's Ctrl-C (the group) stopped it, but printed torchrun's SignalException
+    traceback and "interrupted" once per rank: now one line, from rank 0, either way."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerscope.trainer", "train", "--nproc", "2",
+         "--steps", "1000000", "--every", "50", "--dataset", "blobs", "--width", "8",
+         "--depth", "2", "--device", "cpu", "--no-progress", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    spool = run_dir / "spool.bin"
+    try:
+        deadline = time.monotonic() + 120  # two ranks import torch on a loaded machine
+        while time.monotonic() < deadline and proc.poll() is None:
+            if spool.is_file() and any('"metrics"' in t for t in read_spool(spool)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        if to == "pid":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGINT to the {to} did not stop the run in 30 s")
+    finally:
+        if proc.poll() is None:  # torchrun's ranks are in sessions of their own:
+            proc.terminate()  # SIGTERM, passed on to torchrun, stops them
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert err.count("layerscope train: interrupted; the run was recorded as stopped") == 1, err
+    assert "Traceback" not in err and "SignalException" not in err, err
+    assert "death signal" not in err and "closing signal" not in err, err
+    statuses = [f["data"]["status"] for f in map(json.loads, read_spool(spool))
+                if f["type"] == "event" and f["kind"] == "status"]  # fmt: skip
+    assert statuses[0] == "running" and statuses[-1] == "stopped"
+
+
 # ---- train --resume ----
 
 

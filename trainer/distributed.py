@@ -14,6 +14,16 @@ Never: talks to the server or reads the user's data, applies a command on one ra
 only (a checkpoint is the exception: rank 0 writes it, once), or issues a collective
 that the other ranks do not issue in the same order with tensors of the same shape.
 
+Each rank's step time (``step_time_s/rankN``, ``step_time_s/max``, ``slowest_rank``) is
+its wall time between w.step() calls less its own wait inside w.step(): the exchange's
+collective and the step-boundary work (commands, a pause). Every rank meets in the
+exchange, so a fast rank waits there for a slow one: counted, that wait made every
+rank's time the slowest's and ``slowest_rank`` a coin toss. A wait inside the user's
+own collectives still hides a straggler: with DDP, the fast rank waits in backward's
+gradient all-reduce, which is inside its step, so there the ranks' times come out
+alike. ``step_time_s`` itself stays rank 0's wall step time, and ``samples_per_s`` the
+run's: the sum of every rank's batch over its wall step time (``samples_per_s/rankN``).
+
 Cost: one small all_reduce per step on a gloo group of CPU tensors (about 8 KiB; a
 host-level barrier, never a device sync: with NCCL as the default backend a separate
 gloo group carries it), plus, on probe steps, two all_reduces of the probe sections on
@@ -31,6 +41,7 @@ import logging
 import math
 import os
 import queue
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +106,8 @@ class Distributed:
     ) -> None:
         """At each ``w.step()`` (``step``), before the flush: share commands, step times,
         optimizer.step() counts and, on a probe step, the probe layout; rank 0 adds every
-        rank's step time to ``values`` (no-op here)."""
+        rank's step time and samples/s, and the run's samples/s (their sum), to ``values``
+        (no-op here). ``step_time_s`` is the wall time since the previous ``w.step()``."""
 
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
@@ -138,6 +150,8 @@ class ProcessGroupRun(Distributed):
         self.commands: list[dict[str, Any]] = []
         self._agreed = False
         self._warned_layout = False
+        # seconds spent in w.step()'s own exchange and step boundary since the last exchange
+        self._waited_s = 0.0
 
     # ---- probes.Reducer ----
 
@@ -177,11 +191,12 @@ class ProcessGroupRun(Distributed):
             # what the step recorded; the hooks may have come off already (MAX_PROBE_PASSES)
             layout = self.probes.layout_key()
         samples = batch_size / step_time_s if batch_size is not None and step_time_s > 0 else 0.0
+        own_s = max(0.0, step_time_s - self._waited_s)  # less the previous step's waits
         commands = self._take_commands(None) if self.is_primary else []
         made = self.control.optimizer_steps if self.control is not None else 0
-        received, _, shared = self._exchange(
-            commands, False, (step_time_s, samples, layout, made), step
-        )
+        started = time.perf_counter()
+        received, _, shared = self._exchange(commands, False, (own_s, samples, layout, made), step)
+        self._waited_s = time.perf_counter() - started
         self._check_in_step([int(n) for n in shared[3]], step)
         self.commands = received
         layouts = shared[2]
@@ -221,6 +236,15 @@ class ProcessGroupRun(Distributed):
 
     def at_step_boundary(
         self, control: Control, step: int, before_block: Callable[[], None] | None = None
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            self._at_step_boundary(control, step, before_block)
+        finally:
+            self._waited_s += time.perf_counter() - started
+
+    def _at_step_boundary(
+        self, control: Control, step: int, before_block: Callable[[], None] | None
     ) -> None:
         control.restore_after_raise()
         self._apply(control, self.commands, step)
@@ -342,11 +366,17 @@ def _drain(
 def _add_rank_series(
     values: dict[str, float | None], times: list[float], samples: list[float] | None
 ) -> None:
-    """Every rank's step time (and samples/s) on rank 0's row, so a straggler shows;
-    past MAX_RANK_SERIES ranks only the slowest rank and its time."""
+    """Every rank's step time (less its wait in w.step(), see the module docstring) and
+    samples/s on rank 0's row, so a straggler shows, and the run's ``samples_per_s``,
+    their sum (unless the step gave its own); past MAX_RANK_SERIES ranks only the slowest
+    rank and its time."""
     slowest = max(range(len(times)), key=times.__getitem__)
     values["step_time_s/max"] = times[slowest]
     values["slowest_rank"] = float(slowest)
+    if samples is not None:
+        rates = [rate for rate in samples if math.isfinite(rate) and rate > 0]
+        if len(rates) == len(samples):
+            values.setdefault("samples_per_s", sum(rates))
     if len(times) > MAX_RANK_SERIES:
         return
     for rank, seconds in enumerate(times):

@@ -325,11 +325,12 @@ class Watch:
         self.step_count = step
         step_time_s = now - self._last_step_t
         self._last_step_t = now
-        self._add_run_values(row, step_time_s)
         probe_step = self.probes is not None and self._is_probe_step(step)
+        # first: under a process group rank 0's samples_per_s is every rank's, summed
         self.dist.exchange(
             row.values, step_time_s, self.batch_size, probe_step=probe_step, step=step
         )
+        self._add_run_values(row, step_time_s)
         self._rows.append(row)
 
         pending = None
@@ -843,7 +844,10 @@ def watch(
     ``w.step()`` on every rank (the same number of times): rank 0 alone streams and
     spools the run and writes checkpoints; probe statistics describe the global batch;
     every command is applied on every rank at the same step; rows carry
-    ``step_time_s/rankN`` and ``samples_per_s/rankN`` (see ``distributed``).
+    ``step_time_s/rankN`` (each rank's time less its wait in w.step(), so a straggler
+    shows, unless its wait is in the user's own collectives, as in DDP's gradient
+    all-reduce) and ``samples_per_s/rankN`` (``batch_size`` is each rank's batch), and
+    ``samples_per_s`` is the global rate, their sum (see ``distributed``).
     """
     return Watch(
         model,

@@ -18,6 +18,8 @@ Scenarios:
 * ``hist`` — one probe step on a fixed exact-arithmetic batch, sharded by rank.
 * ``forever`` — trains until killed (the test kills the other rank).
 * ``extra_step`` — rank 1 calls w.step() twice at step ``EXTRA_STEP_AT`` (no DDP).
+* ``straggler`` — ``STRAGGLER_STEPS`` steps, rank 1 ``STRAGGLER_S`` slower in each (no DDP:
+  DDP's own all-reduce would hold the fast rank inside its step).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 HIST_BATCH = 15
 EXTRA_STEP_AT = 5  # "extra_step": rank 1 calls w.step() twice at this step
+STRAGGLER_STEPS = 10
+STRAGGLER_S = 0.1  # "straggler": rank 1's extra time per step
 STARTUP_TIMEOUT = datetime.timedelta(seconds=120)  # how far apart the ranks may start
 
 
@@ -162,7 +166,8 @@ def run_training(
     meet(store, "ddp")  # DDP's constructor is a collective
     # "extra_step" trains each rank's replica alone: DDP's collectives then never meet the
     # per-step exchange, as under NCCL, where the exchange has a gloo group of its own
-    ddp = model if scenario == "extra_step" else DistributedDataParallel(model)
+    alone = scenario in ("extra_step", "straggler")
+    ddp = model if alone else DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
     run_dir = out / "run" if rank == 0 else out / f"run{rank}"
@@ -176,13 +181,17 @@ def run_training(
         if scenario == "commands" and rank == 0:
             steering = threading.Thread(target=steer, args=(w, 3 * timeout_s, record), daemon=True)
             steering.start()
-        steps = {"forever": 10_000, "extra_step": 10}.get(scenario, 2_000)
+        steps = {"forever": 10_000, "extra_step": 10, "straggler": STRAGGLER_STEPS}.get(
+            scenario, 2_000
+        )
         for _ in range(steps):  # "stop" ends the "commands" run
             x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
             loss = nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if scenario == "straggler" and rank == 1:
+                time.sleep(STRAGGLER_S)  # rank 0 waits for it in w.step()'s exchange
             w.step(loss=loss.detach())
             if scenario == "extra_step" and rank == 1 and w.step_count == EXTRA_STEP_AT:
                 w.step(loss=loss.detach())  # a loop bug: one more w.step() on this rank only

@@ -229,6 +229,34 @@ def test_one_extra_w_step_on_one_rank_stops_every_rank_naming_it_and_the_step(
         assert want in (out / f"rank{rank}.err").read_text(), errors(out)
 
 
+@pytest.mark.slow
+def test_a_slow_rank_stands_out_and_samples_per_s_is_the_global_rate(tmp_path: Path) -> None:
+    """Rank 1 takes STRAGGLER_S longer each step. Rank 0 waits for it in w.step()'s
+    exchange, and that wait counted in rank 0's step time: both ranks read as slow and
+    slowest_rank flipped at random. Each rank's time now leaves out that wait, while
+    step_time_s stays the wall step time. samples_per_s was rank 0's batch alone: now
+    every rank's, summed."""
+    from distributed_worker import STRAGGLER_S
+
+    out = tmp_path / "out"
+    assert finish(launch("straggler", out, timeout_s=20.0), out) == [0, 0], errors(out)
+    frames = [json.loads(r) for r in read_spool(out / "run" / "spool.bin")]
+    rows = [row["values"] for f in frames if f["type"] == "metrics" for row in f["rows"]]
+    trained = [v for v in rows if "loss" in v][1:]  # step 1's time includes the start-up
+    assert len(trained) >= 8
+    fast = sorted(v["step_time_s/rank0"] for v in trained)[len(trained) // 2]
+    slow = sorted(v["step_time_s/rank1"] for v in trained)[len(trained) // 2]
+    wall = sorted(v["step_time_s"] for v in trained)[len(trained) // 2]
+    assert slow - fast > STRAGGLER_S / 2, (fast, slow)
+    assert wall > fast + STRAGGLER_S / 2 and wall >= slow * 0.9, (wall, fast, slow)
+    assert sum(v["slowest_rank"] == 1 for v in trained) >= len(trained) - 1
+    for v in trained:
+        assert v["step_time_s/max"] == max(v["step_time_s/rank0"], v["step_time_s/rank1"])
+        assert v["samples_per_s"] == pytest.approx(
+            v["samples_per_s/rank0"] + v["samples_per_s/rank1"]
+        )
+
+
 def _exported_or_empty(server: str, run_id: str) -> list[dict[str, Any]]:
     from server_harness import exported
 

@@ -408,17 +408,17 @@ def _with_cookie(send: Send, cookie: bytes) -> Send:
 
 
 async def _deny_http(send: Send, reason: str) -> None:
-    body = json.dumps({"detail": reason}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    await _json_answer(send, 403, reason)
+
+
+async def _json_answer(
+    send: Send, status: int, detail: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """An answer ``{"detail": detail}`` sent straight from the middleware (a refusal
+    made before the app runs)."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -536,16 +536,4 @@ class BodyLimitMiddleware:
             if declared is not None
             else f"request body refused: it passed the limit of {self.limit} bytes"
         )
-        body = json.dumps({"detail": detail}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _json_answer(send, 413, detail, ((b"connection", b"close"),))

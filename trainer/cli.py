@@ -34,10 +34,10 @@ from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from layerscope.trainer import wire
 from layerscope.trainer.experiment_config import RESUME_MAY_CHANGE, generated_name, resume_config
+from layerscope.trainer.link import dashboard_url, http_base
 
 COMMANDS = {
     "train": "run a built-in experiment (MLP or small CNN on digits, spirals, blobs, npz, folder)",
@@ -297,7 +297,7 @@ def _lab(args: argparse.Namespace) -> int:
     for key in ("steps", "depth", "width", "seed", "every", "dataset"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
-    base = _http_base(args.server or os.environ.get("LAYERSCOPE_SERVER") or DEFAULT_HTTP)
+    base = http_base(args.server or os.environ.get("LAYERSCOPE_SERVER") or DEFAULT_HTTP)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     token = args.token or os.environ.get("LAYERSCOPE_TOKEN")
     if token:
@@ -327,26 +327,6 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 DEFAULT_HTTP = "http://127.0.0.1:8765"
-
-
-def _http_base(server: str) -> str:
-    """The server's HTTP base URL from any form ``train`` and ``sync`` take: ``http(s)://``,
-    ``ws(s)://`` (with or without the trainer socket's path) or a bare ``host:port``."""
-    parts = urlsplit(server if "://" in server else f"http://{server}")
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/")
-    path = path.removesuffix("/ws/trainer")
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
-def dashboard_url(server: str, run_id: str) -> str | None:
-    """The run's page on the server ``server`` names (any form ``train`` takes: ``ws://``,
-    ``http://``, the trainer socket's URL, a bare ``host:port``), or None for a run id the
-    server would refuse: the line ``train --server`` and ``watch(server=..., progress=True)``
-    print first."""
-    if wire.run_id_problem(run_id) is not None:
-        return None
-    return f"{_http_base(server)}/runs/{run_id}"
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,26 @@ class _Close:
 _CLOSE = _Close()
 
 
+def http_base(server: str) -> str:
+    """The server's HTTP base URL from any form ``train`` and ``sync`` take: ``http(s)://``,
+    ``ws(s)://`` (with or without the trainer socket's path) or a bare ``host:port``."""
+    parts = urlsplit(server if "://" in server else f"http://{server}")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    path = path.removesuffix(TRAINER_PATH)
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def dashboard_url(server: str, run_id: str) -> str | None:
+    """The run's page on the server ``server`` names (any form ``train`` takes: ``ws://``,
+    ``http://``, the trainer socket's URL, a bare ``host:port``), or None for a run id the
+    server would refuse: the line ``train --server`` and ``watch(server=..., progress=True)``
+    print first."""
+    if wire.run_id_problem(run_id) is not None:
+        return None
+    return f"{http_base(server)}/runs/{run_id}"
+
+
 def trainer_url(server: str) -> str:
     """``ws://host:port`` (or http://, a bare host:port, a path prefix behind a proxy) ->
     the trainer socket URL ``.../ws/trainer``, as ``layerscope train`` and ``sync`` read the

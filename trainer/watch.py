@@ -41,11 +41,10 @@ from layerscope.trainer.checkpoint import (
     restore_commands,
     unwrapped,
 )
-from layerscope.trainer.cli import dashboard_url
 from layerscope.trainer.control import Control
 from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
-from layerscope.trainer.link import Link
+from layerscope.trainer.link import Link, dashboard_url
 from layerscope.trainer.probes import PendingStats, Probes
 from layerscope.trainer.rules import PATIENCE, Rules
 from torch import nn

@@ -297,7 +297,7 @@ def test_an_unknown_command_is_refused_naming_the_known_ones(
 
 
 def test_lab_init_takes_the_server_as_train_and_sync_do() -> None:
-    from layerscope.trainer.cli import _http_base
+    from layerscope.trainer.link import http_base as _http_base
 
     for given in ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765/ws/trainer", "127.0.0.1:8765",
                   "http://127.0.0.1:8765/", "http://127.0.0.1:8765"):  # fmt: skip

@@ -430,7 +430,8 @@ def test_the_viewer_cookie_is_this_servers_own_and_not_the_token(
     assert name == f"layerscope_{guarded.port}" and VIEWER not in value and len(value) == 64
     ok = {"Cookie": f"{name}={value}"}
     assert httpx.get(f"{guarded}/api/runs", headers=ok).status_code == 200
-    for cookie in (f"{name}={VIEWER}", f"layerscope_token={VIEWER}", f"{name}={value[:-1]}0"):
+    tampered = value[:-1] + ("1" if value[-1] == "0" else "0")  # never the value itself
+    for cookie in (f"{name}={VIEWER}", f"layerscope_token={VIEWER}", f"{name}={tampered}"):
         assert httpx.get(f"{guarded}/api/runs", headers={"Cookie": cookie}).status_code == 403
     key = guarded.data_dir / "cookie.key"
     assert key.stat().st_mode & 0o077 == 0

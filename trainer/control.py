@@ -424,7 +424,8 @@ class Control:
                     "this run's weight decay is 0 in every param group: switching it on "
                     "changes nothing. To add weight decay, restart with one (layerscope "
                     "train --weight-decay 1e-3 --auto-weight-decay holds it off until "
-                    "Overfit fires; with watch(), give the optimizer a weight_decay)"
+                    "Overfit fires; with watch(), give the optimizer a weight_decay and pass "
+                    "auto_weight_decay=True)"
                 )
             self.weight_decay_enabled = enabled
         elif name == "set_frozen":

@@ -406,7 +406,7 @@ def _train(
         if w.alerts is not None:  # a rule's stop is logged without "w.should_stop is now True"
             w.alerts.stop_note = ""
         if resume is None:
-            _start(w, finetune, loaded, rules["auto_weight_decay"])
+            _start(w, finetune, loaded)
         else:
             w.event(
                 "log", {"message": resumed, "resumed_from": str(resume.path), "step": resume.step}
@@ -490,8 +490,9 @@ def _check_freeze(model: nn.Module, freeze: str | None) -> None:
         )
 
 
-def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto_wd: bool) -> None:
-    """Before the first step: say what was loaded, freeze, and start weight decay off."""
+def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None) -> None:
+    """Before the first step: say what was loaded, and freeze (watch() itself holds weight
+    decay off under auto weight decay)."""
     freeze = [n for n in (finetune["freeze"] or "").split(",") if n]
     if freeze:
         result = w.command("set_frozen", {"layers": freeze, "frozen": True}, reason="--freeze")
@@ -508,9 +509,6 @@ def _start(w: Any, finetune: dict[str, Any], loaded: dict[str, Any] | None, auto
             parts.append(f"frozen: {', '.join(freeze)}")
         data = {"message": "; ".join(parts), "from_checkpoint": finetune["from_checkpoint"]}
         w.event("log", {**data, "frozen": freeze})
-    if auto_wd:
-        reason = "auto weight decay: start without it, switch it on when Overfit fires"
-        w.command("set_weight_decay", {"enabled": False}, reason=reason)
 
 
 def _resumed_message(resume: Resume, total: int) -> str:

@@ -81,10 +81,12 @@ PLATEAU_CONVERGED_FRACTION = LOSS_CONVERGED_FRACTION  # (that help says 5% too)
 # group whose weight decay is 0 stays 0); how to get one held off until Overfit fires.
 WEIGHT_DECAY_RESTART = (
     "restart with one held off until Overfit fires (layerscope train: --weight-decay 1e-3 "
-    "--auto-weight-decay; watch(): give the optimizer a weight_decay, pass "
-    "auto_weight_decay=True and w.command('set_weight_decay', {'enabled': False}) before "
-    "the first step)"
+    "--auto-weight-decay; watch(): give the optimizer a weight_decay and pass "
+    "auto_weight_decay=True)"
 )
+# The reason of the command with which auto weight decay holds weight decay off from a
+# run's first step (watch(auto_weight_decay=True) on an optimizer with one to switch on).
+AUTO_WEIGHT_DECAY_START = "auto weight decay: start without it, switch it on when Overfit fires"
 
 # What an ExplodingTensor alert says it does; with no server to resume a pause, ``alerts``
 # records the stop it becomes instead.

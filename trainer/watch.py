@@ -46,7 +46,7 @@ from layerscope.trainer.distributed import Distributed
 from layerscope.trainer.flush import Flush, Row, on_one_device, to_host
 from layerscope.trainer.link import Link, dashboard_url
 from layerscope.trainer.probes import PendingStats, Probes
-from layerscope.trainer.rules import PATIENCE, Rules
+from layerscope.trainer.rules import AUTO_WEIGHT_DECAY_START, PATIENCE, Rules
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,11 @@ class Watch:
         self._emit("status", {"status": "running", "control": self.control.state()})
         if restore:
             self._restore(restore, label)
+        elif auto_weight_decay and resumed is None and self.control.weight_decay_settable:
+            # PRACTICES: start without weight decay (the model under-fits), switch it on
+            # once it over-fits: the opt-in holds it off from the first step, and Overfit's
+            # rule switches it on. A resumed run keeps its checkpoint's state.
+            self.command("set_weight_decay", {"enabled": False}, reason=AUTO_WEIGHT_DECAY_START)
         if self.probes is not None:
             self._arm()  # the first step is always a probe step: the network as it starts
 
@@ -812,8 +817,9 @@ def watch(
     names to evaluate; ``silence``: names evaluated but quiet; ``rule_thresholds``: flat
     ``<rule>_<field>`` overrides (``rules.threshold_names()``). ``auto_halve_lr`` halves
     the lr scale once per validation plateau of ``patience`` evaluations (needs
-    ``w.eval(val_loss=...)``); ``auto_weight_decay`` switches weight decay on when
-    Overfit fires. Each is sent as a command with ``source: rule`` and its reason, and
+    ``w.eval(val_loss=...)``); ``auto_weight_decay`` holds weight decay off from the
+    first step (a ``set_weight_decay`` command, where some param group has one; not on
+    ``resume``, which restores the checkpoint's) and switches it on when Overfit fires. Each is sent as a command with ``source: rule`` and its reason, and
     can be switched live with the ``set_rules`` command. ExplodingTensor (NaN/Inf)
     pauses the run; every ``good_checkpoint_every``-th probe step whose numbers are all
     finite is kept as ``run_dir/last-good.pt``, at most one per ``GOOD_CHECKPOINT_MIN_S``

@@ -298,7 +298,9 @@ def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
     model = mlp(nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.01)
     with watch(model, opt, every=0, run_dir=tmp_path, auto_weight_decay=True, patience=2) as w:
-        w.command("set_weight_decay", {"enabled": False})  # start without it
+        # watch() itself holds weight decay off from the first step (the README once told
+        # users to send this command themselves)
+        assert w.control_state["weight_decay_enabled"] is False
         for _ in range(4):  # validation loss far above the training loss (~1.4), twice and more
             train(w, model, opt, 3)
             w.eval(val_loss=5.0)
@@ -323,6 +325,44 @@ def test_overfit_switches_weight_decay_on_once_when_auto_weight_decay_is_on(
     ]
     assert len(switched) == 1 and switched[0]["args"] == {"enabled": True}
     assert "Overfit" in switched[0]["reason"]
+    held = [
+        e["data"]
+        for e in events(tmp_path, "command_result")
+        if e["data"]["name"] == "set_weight_decay" and e["data"]["args"] == {"enabled": False}
+    ]
+    assert len(held) == 1 and held[0]["ok"] and "start without it" in held[0]["reason"]
+
+
+def test_auto_weight_decay_holds_it_off_from_the_start_but_not_on_resume(tmp_path: Path) -> None:
+    """watch(auto_weight_decay=True) holds weight decay off from the first step (PRACTICES:
+    start without it); a run resumed after Overfit switched it on keeps it on."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.01)
+    with watch(model, opt, every=0, run_dir=tmp_path / "a", auto_weight_decay=True) as w:
+        train(w, model, opt, 2)
+        assert opt.param_groups[0]["weight_decay"] == 0.01  # the user's value, restored after
+        assert w.command("set_weight_decay", {"enabled": True})["ok"]  # as Overfit would
+        train(w, model, opt, 1)
+        assert w.command("checkpoint")["ok"]
+    used = [r["values"]["weight_decay"] for r in rows_of(tmp_path / "a")]
+    assert used == [0.0, 0.0, 0.01]
+    model2 = mlp(nn.ReLU)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01, weight_decay=0.01)
+    resume = tmp_path / "a" / "checkpoint-3.pt"
+    with watch(model2, opt2, every=0, run_dir=tmp_path / "b", auto_weight_decay=True,
+               resume=resume) as w:  # fmt: skip
+        assert w.control_state["weight_decay_enabled"] is True
+        train(w, model2, opt2, 1)
+    assert [r["values"]["weight_decay"] for r in rows_of(tmp_path / "b")] == [0.01]
+    assert events(tmp_path / "b", "command_result") == []
+
+
+def rows_of(run_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for text in list(read_spool(run_dir / "spool.bin"))[1:]:
+        frame = json.loads(text)
+        out += frame.get("rows", []) if frame["type"] == "metrics" else []
+    return out
 
 
 def test_overfit_on_a_run_without_weight_decay_says_how_to_get_it_and_sends_nothing(

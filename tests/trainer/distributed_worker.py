@@ -1,8 +1,9 @@
 """One rank of a real multi-process run for tests/trainer/test_distributed.py.
 
 ``python distributed_worker.py SCENARIO OUT_DIR [SERVER]`` with RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT and LS_PG_TIMEOUT_S (the process group's timeout) in the
-environment. Initialises gloo, trains a small DDP model under watch() (rank 0 alone
+LS_STORE_FILE (the ranks' rendezvous: a FileStore, so no port is picked ahead of time that
+another process could take before rank 0 binds it) and LS_PG_TIMEOUT_S (the process group's
+timeout) in the environment. Initialises gloo, trains a small DDP model under watch() (rank 0 alone
 gets the server and the run directory) and writes OUT_DIR/rank{R}.json with what
 this rank saw; the distributed module's log goes to OUT_DIR/rank{R}.log.
 
@@ -120,10 +121,8 @@ def main() -> int:
     server = sys.argv[3] if len(sys.argv) > 3 else ""
     timeout = datetime.timedelta(seconds=float(os.environ["LS_PG_TIMEOUT_S"]))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-        is_master=rank == 0, timeout=STARTUP_TIMEOUT,
-    )  # fmt: skip
+    store = dist.FileStore(os.environ["LS_STORE_FILE"], world)
+    store.set_timeout(STARTUP_TIMEOUT)
     meet(store, "init")
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     logging.basicConfig(

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,10 @@ from distributed_worker import exact_batch, exact_model  # noqa: E402
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def launch(
     scenario: str, out: Path, *, timeout_s: float, server: str = "", run_id: str = ""
 ) -> list[subprocess.Popen[bytes]]:
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(
@@ -54,8 +45,7 @@ def launch(
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+            LS_STORE_FILE=str(out / "store"),  # a port found free could be taken by then
             LS_PG_TIMEOUT_S=str(timeout_s),
             LS_RUN_ID=run_id,
         )

@@ -30,6 +30,10 @@ small CPU models most of a probe step is per-call overhead, not arithmetic: with
 of one the tanh MLP's probe step costs ~60% of what it costs with 64.
 
 Choices worth knowing:
+* A Linear/Conv feeding a norm has no dead_ratio (the norm re-centres it); where the
+  model applies its activation functionally after a BatchNorm/InstanceNorm/GroupNorm
+  (``F.relu(self.bn1(self.conv1(x)))``), that norm is probed with the ReLU reading instead
+  (``_norms_read_as_relu``); LayerNorm never is.
 * A module called several times in one step (shared module, RNN cell) is one
   layer: moments, counts and min/max are merged exactly across calls; calls with
   the same unit count are the same units (merged by index), calls of another
@@ -130,7 +134,13 @@ _KEEPS_CHANNELS = ACTIVATION_TYPES + (
 # Between a Linear/Conv and the activation it feeds: these do not decide what it feeds.
 _PASS_THROUGH = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+)  # fmt: skip
+# A conv net's norms (BatchNorm, SyncBatchNorm, InstanceNorm, GroupNorm): per channel, the
+# output's sign is the bias's doing, not the conv's. See ``_norms_read_as_relu``.
+_CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+# Every norm re-centres what it is given: a Linear/Conv feeding one gets no ReLU reading.
+_NORMS: tuple[type[nn.Module], ...] = _CHANNEL_NORMS + (
+    nn.LayerNorm, nn.LocalResponseNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )  # fmt: skip
 
 
@@ -225,7 +235,9 @@ class Probes:
         self._device = first.device if first is not None else torch.device("cpu")
 
         self.layers: list[LayerSpec] = []
-        chosen = self._select(model, types or DEFAULT_TYPES, names, exclude, activations or {})
+        chosen = self._select(
+            model, types or DEFAULT_TYPES, names, exclude, activations or {}, types is None
+        )
         if not chosen and (types is not None or exclude is not None):
             given = "types" if types is not None else "exclude"
             raise ValueError(
@@ -283,6 +295,7 @@ class Probes:
         names: str | Sequence[str] | None,
         exclude: str | Sequence[str] | None,
         activations: dict[str, str],
+        default_types: bool = True,
     ) -> list[tuple[_Layer, nn.Module]]:
         all_names = {name or "model" for name, _ in model.named_modules()}
         # the root is labelled "model"; a submodule of that name keeps it (the root is then
@@ -296,6 +309,9 @@ class Probes:
                     raise ValueError(f"{label}: no module named {unknown} in the model")
         channel_first = self._sequential_channel_first(model)
         no_relu_after = self._feeds_no_relu(model)
+        # with the default types, also the norms whose output the model visibly feeds to a
+        # functional activation (their Linear/Conv has no reading then: see _feeds_no_relu)
+        read_norms = self._norms_read_as_relu(model)
         chosen: list[tuple[_Layer, nn.Module]] = []
         interned: dict[Rule, Rule] = {}
         # MultiheadAttention holds out_proj for its weights but never calls it (its forward
@@ -305,7 +321,8 @@ class Probes:
         }
         for name, module in model.named_modules():
             name = name or "model"
-            if not isinstance(module, types):
+            norm_read = id(module) in read_norms
+            if not isinstance(module, types) and not (norm_read and default_types):
                 continue
             if id(module) in never_called and names is None:
                 continue
@@ -316,7 +333,11 @@ class Probes:
             if not is_activation and isinstance(module, WEIGHT_TYPES):
                 # DESIGN §3: the units a following (functional) ReLU would leave dead; none
                 # where the model shows the output feeds no ReLU (a Tanh module, the loss)
-                rule = stats.NO_RULE if id(module) in no_relu_after else stats.FUNCTION_RULES["relu"]
+                rule = (
+                    stats.NO_RULE if id(module) in no_relu_after else stats.FUNCTION_RULES["relu"]
+                )
+            elif norm_read:
+                rule = stats.FUNCTION_RULES["relu"]
             if name in activations:
                 fn = activations[name]
                 if is_activation:
@@ -338,7 +359,10 @@ class Probes:
                 spec=spec,
                 index=len(chosen),
                 rule=rule,
-                channel_first=conv1d_like or id(module) in channel_first,
+                # a norm's input is (N, C, *): its 3-D output is channel-first too
+                channel_first=conv1d_like
+                or id(module) in channel_first
+                or isinstance(module, _CHANNEL_NORMS),
                 features_last=isinstance(module, nn.Linear),
                 params=list(module.parameters()),
             )
@@ -358,20 +382,63 @@ class Probes:
     def _feeds_no_relu(model: nn.Module) -> set[int]:
         """ids of Linear/Conv modules whose output the model visibly feeds to something
         other than a ReLU, so a ReLU-based dead_ratio on it would say nothing: the next
-        module in the model's order (past dropout, normalisation, identity) is an
+        module in the model's order (past dropout and identity) is a norm (it re-centres
+        every unit, so the sign of the raw output is not what the activation after it sees;
+        ``_norms_read_as_relu`` probes the norm instead where nothing else measures it), an
         activation module without a dead region (Tanh, Sigmoid, ...; that module's own
         entry measures it), or there is no next module (the output layer: it feeds the
         loss). A Linear followed by another Linear, as in a forward that applies
         ``F.relu`` between them, keeps the ReLU reading (DESIGN §3)."""
-        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        leaves = _leaves(model)
         found: set[int] = set()
         for at, module in enumerate(leaves):
             if not isinstance(module, WEIGHT_TYPES):
                 continue
-            after = next((m for m in leaves[at + 1 :] if not isinstance(m, _PASS_THROUGH)), None)
-            if after is None or (
-                isinstance(after, ACTIVATION_TYPES) and stats.module_rule(after).live_above is None
+            after = _next_leaf(leaves, at)
+            if (
+                after is None
+                or isinstance(after, _NORMS)
+                or (
+                    isinstance(after, ACTIVATION_TYPES)
+                    and stats.module_rule(after).live_above is None
+                )
             ):
+                found.add(id(module))
+        return found
+
+    @staticmethod
+    def _norms_read_as_relu(model: nn.Module) -> set[int]:
+        """ids of the conv-net norms (BatchNorm, InstanceNorm, GroupNorm) whose output gets
+        the ReLU reading a Linear/Conv gets (DESIGN §3's default for a functional
+        activation): ``F.relu(self.bn1(self.conv1(x)))`` (pytorch-cifar's ResNet) has no
+        activation module, and the conv before the norm has no reading (the norm re-centres
+        it), so without this the model would have no dead-unit reading at all. Those are
+        the norms with a next module in the model's order (past dropout and identity; none:
+        it feeds the loss, as a projection head's last BatchNorm1d) that is not an activation
+        module (which measures what the norm gives it), and whose block, the module two levels
+        up (the model itself for shallower ones), holds no activation module: where it does,
+        the model applies its activations as modules, and a norm not followed by one feeds
+        something else (torchvision's bn2 and downsample.1 feed the residual add,
+        MobileNet's projection norm nothing). LayerNorm and RMSNorm are never read so: in a
+        transformer they feed attention and Linears, and a feature that is negative on every
+        token would read as a dead unit."""
+        leaves = _leaves(model)
+        at_leaf = {id(m): at for at, m in enumerate(leaves)}
+        with_activation: set[str] = set()
+        named = list(model.named_modules())
+        for name, module in named:
+            if isinstance(module, ACTIVATION_TYPES):
+                parts = name.split(".") if name else []
+                with_activation.update(".".join(parts[:k]) for k in range(len(parts)))
+        found: set[int] = set()
+        for name, module in named:
+            if not isinstance(module, _CHANNEL_NORMS) or id(module) not in at_leaf:
+                continue
+            after = _next_leaf(leaves, at_leaf[id(module)])
+            if after is None or isinstance(after, ACTIVATION_TYPES):
+                continue
+            parts = name.split(".") if name else []
+            if ".".join(parts[:-2]) not in with_activation:
                 found.add(id(module))
         return found
 
@@ -447,7 +514,9 @@ class Probes:
             self._model.register_forward_pre_hook(pre),
             self._model.register_forward_hook(post, always_call=True),
         ]
-        self._forward_handles += [module.register_forward_hook(hook) for module, hook in self._hooks]
+        self._forward_handles += [
+            module.register_forward_hook(hook) for module, hook in self._hooks
+        ]
 
     def stop_recording(self) -> None:
         """Take the forward hooks off for the rest of this probe step (what they recorded
@@ -820,6 +889,16 @@ def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     return torch.compiler.disable(hook)
 
 
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    """The model's modules without children, in the model's order."""
+    return [m for m in model.modules() if next(m.children(), None) is None]
+
+
+def _next_leaf(leaves: list[nn.Module], at: int) -> nn.Module | None:
+    """The leaf after ``leaves[at]``, past dropout and identity; None: it is the last."""
+    return next((m for m in leaves[at + 1 :] if not isinstance(m, _PASS_THROUGH)), None)
+
+
 def _static_units(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -828,4 +907,8 @@ def _static_units(module: nn.Module) -> int | None:
     if isinstance(module, nn.RNNBase):
         width = module.proj_size or module.hidden_size
         return width * (2 if module.bidirectional else 1)
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features or None  # 0: a lazy norm before its first call
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     return None

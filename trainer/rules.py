@@ -88,6 +88,9 @@ WEIGHT_DECAY_RESTART = (
 # run's first step (watch(auto_weight_decay=True) on an optimizer with one to switch on).
 AUTO_WEIGHT_DECAY_START = "auto weight decay: start without it, switch it on when Overfit fires"
 
+# the norms probes read as the ReLU the model applies after them (a DeadUnits note says so)
+_READ_NORM_KINDS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm", "GroupNorm")
+
 # What an ExplodingTensor alert says it does; with no server to resume a pause, ``alerts``
 # records the stop it becomes instead.
 PAUSING = "; pausing the run"
@@ -604,6 +607,18 @@ class Rules:
                     text += (
                         f" (a {kind}'s units counted as a ReLU after it would see them; if"
                         f" none follows, watch(activations={{{entry['name']!r}: 'none'}}))"
+                    )
+                elif (
+                    rule == "DeadUnits"
+                    and kind
+                    and kind.removeprefix("Lazy").startswith(_READ_NORM_KINDS)
+                ):
+                    # a norm the model follows with F.relu (probes read it as the ReLU would):
+                    # its bias (beta) and scale decide which channels stay below 0
+                    text += (
+                        f" (a {kind}'s channels counted as a ReLU after it would see them: its"
+                        " bias and scale keep them below 0; if no ReLU follows,"
+                        f" watch(activations={{{entry['name']!r}: 'none'}}))"
                     )
                 fired.append((entry["name"], ratio, text))
         return self._per_layer(rule, step, fired, threshold, hint)

@@ -133,6 +133,175 @@ def test_a_linear_feeding_no_relu_carries_no_dead_ratio() -> None:
         assert layers[name]["mean"] is not None  # still probed
 
 
+def _dead_by_hand(y: torch.Tensor, axis: int = 1) -> float:
+    """DESIGN §3: the fraction of units (``axis``) live (> 0) on at most 1% of their values."""
+    units = y.detach().movedim(axis, -1).reshape(-1, y.shape[axis])
+    return ((units > 0).double().mean(0) <= 0.01).double().mean().item()
+
+
+class _CifarBlock(nn.Module):
+    """pytorch-cifar's ResNet block: F.relu after each BatchNorm, no activation module."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        self.seen = [out.detach().clone()]
+        out = self.bn2(self.conv2(out)) + x
+        return F.relu(out)
+
+
+class _CifarNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(_CifarBlock(8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(x).mean((2, 3)))
+
+
+def test_a_conv_feeding_batch_norm_is_read_after_the_norm() -> None:
+    """F.relu(bn1(conv1(x))): BatchNorm re-centres each channel, so the conv's raw output says
+    nothing of what the ReLU leaves dead. Six channels negative before the norm and live after
+    it read 75% dead on the conv (a DeadUnits alert); two live before it and pinned negative
+    by the norm's bias read live. The norm's output carries the reading, the conv none."""
+    torch.manual_seed(5)
+    model = _CifarNet()
+    block = model.layer1[0]
+    with torch.no_grad():
+        block.conv1.bias[:6] = -30.0  # negative before the norm, re-centred by it
+        block.bn1.bias[6:] = -10.0  # the last two channels: dead after the norm
+    probes = Probes(model)
+    x = torch.randn(4, 8, 6, 6)
+    layers, _ = probe_step(model, probes, x)
+    with torch.no_grad():
+        raw = block.conv1(x)
+    assert _dead_by_hand(raw) == 6 / 8  # what the conv used to report
+    assert _dead_by_hand(block.seen[0]) == 2 / 8
+    assert layers["layer1.0.bn1"]["dead_ratio"] == 2 / 8
+    assert layers["layer1.0.conv1"]["dead_ratio"] is None
+    assert layers["layer1.0.conv2"]["dead_ratio"] is None
+    assert layers["layer1.0.conv1"]["mean"] is not None  # still probed
+    table = {row["name"]: row for row in probes.layer_table()}
+    assert table["layer1.0.bn1"] == {"name": "layer1.0.bn1", "kind": "BatchNorm2d", "units": 8}
+    assert "layer1.0.bn2" in table  # feeds the add, then F.relu: the default reading too
+
+
+class _TorchvisionBlock(nn.Module):
+    """torchvision's BasicBlock order: conv1, bn1, relu (a module), conv2, bn2, downsample;
+    bn2 and downsample.1 feed the residual add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return out + self.downsample(x)
+
+
+def test_norms_followed_by_activation_modules_are_measured_by_those_modules() -> None:
+    """With activation modules (torchvision), the ReLU after bn1 measures it and no norm is
+    probed: not bn1 (its ReLU is probed), nor bn2/downsample.1 (they feed the residual add,
+    not a ReLU; zero-initialised, as zero_init_residual leaves bn2, they read 100% dead)."""
+    model = nn.Sequential(_TorchvisionBlock(4), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[0].bn1.bias[:1] = -10.0
+        model[0].bn2.weight.zero_()
+    probes = Probes(model)
+    names = [row["name"] for row in probes.layer_table()]
+    assert names == ["0.conv1", "0.relu", "0.conv2", "0.downsample.0", "1"]
+    layers, _ = probe_step(model, probes, torch.randn(4, 4, 5, 5))
+    assert layers["0.relu"]["dead_ratio"] == 1 / 4
+    for name in ("0.conv1", "0.conv2", "0.downsample.0"):  # each feeds a norm
+        assert layers[name]["dead_ratio"] is None, name
+
+
+def test_layer_norm_is_never_read_as_relu_and_its_linear_has_no_reading() -> None:
+    """A transformer's LayerNorm feeds attention and Linears, and a feature negative on every
+    token is no dead unit: it is not probed. The Linear feeding it has no reading (the norm
+    re-centres it); the Linear after it keeps DESIGN's functional-ReLU default."""
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = forcing_linear(6, 8, dead=6)
+            self.norm = nn.LayerNorm(8)
+            self.fc2 = forcing_linear(8, 8, dead=2)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.relu(self.fc2(self.norm(self.fc1(x)))))
+
+    model = Mlp()
+    probes = Probes(model)
+    assert [row["name"] for row in probes.layer_table()] == ["fc1", "fc2", "out"]
+    layers, _ = probe_step(model, probes, uniform(16, 5, 6))
+    assert layers["fc1"]["dead_ratio"] is None
+    assert layers["fc2"]["dead_ratio"] == 2 / 8
+
+
+class _Conv1dNormFunctional(nn.Module):
+    """Conv1d -> BatchNorm1d -> F.relu (no activation module), then a head Linear -> BatchNorm1d
+    that feeds the loss (a projection head's last norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _conv1d_forcing(4, dead=0)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 3)
+        self.head_norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_norm(self.head(F.relu(self.norm(self.conv(x))).mean(2)))
+
+
+def test_a_probed_norm_after_conv1d_uses_channels_and_filters_apply() -> None:
+    """The norm read as ReLU takes its (N, C, L) channels as units (one of four pinned
+    negative by its bias; the seven positions would read none dead); the norm that ends the
+    model feeds the loss and is not probed. The user's filters pick norms like any layer:
+    ``types`` without a norm type leaves them out, naming one reads it as ReLU, and
+    ``activations`` overrides the reading."""
+    model = _Conv1dNormFunctional()
+    with torch.no_grad():
+        model.norm.bias[:1] = -10.0
+    probes = Probes(model)
+    assert [(row["name"], row["units"]) for row in probes.layer_table()] == [
+        ("conv", 4), ("norm", 4), ("head", 3),
+    ]  # fmt: skip
+    x = uniform(3, 2, 7)
+    layers, _ = probe_step(model, probes, x)
+    with torch.no_grad():
+        normed = model.norm(model.conv(x))
+    assert _dead_by_hand(normed) == 1 / 4 and _dead_by_hand(normed, axis=2) == 0.0
+    assert layers["norm"]["dead_ratio"] == 1 / 4 and layers["conv"]["dead_ratio"] is None
+    only_convs = Probes(model, types=(nn.Conv1d,))
+    assert [row["name"] for row in only_convs.layer_table()] == ["conv"]
+    only_convs.close()
+    norms = Probes(model, types=(nn.BatchNorm1d,))
+    assert [row["name"] for row in norms.layer_table()] == ["norm", "head_norm"]
+    layers, _ = probe_step(model, norms, x)
+    assert layers["norm"]["dead_ratio"] == 1 / 4 and layers["head_norm"]["dead_ratio"] is None
+    named = Probes(model, names=["norm"], activations={"norm": "none"})
+    layers, _ = probe_step(model, named, x)
+    assert list(layers) == ["norm"] and layers["norm"]["dead_ratio"] is None
+    skipped = Probes(model, exclude="norm")
+    assert [row["name"] for row in skipped.layer_table()] == ["conv", "head"]
+    skipped.close()
+
+
 def test_histogram_counts_every_value_and_matches_numpy(device: str) -> None:
     model = nn.Sequential(nn.Linear(10, 32)).to(device)
     x = torch.randn(100, 10, generator=torch.Generator().manual_seed(2)).to(device)
@@ -244,8 +413,12 @@ def test_conv1d_outputs_and_the_activation_after_them_use_the_channel_axis() -> 
     probes = Probes(model)
     layers, _ = probe_step(model, probes, uniform(3, 2, 7))  # (batch, channels, length)
     # With the length axis as units no position would be dead; with channels one of four is.
-    assert layers["0"]["dead_ratio"] == 1 / 4 and layers["2"]["dead_ratio"] == 1 / 4
+    # (the conv feeds a norm, which decides the signs the ReLU sees: no reading of its own)
+    assert layers["0"]["dead_ratio"] is None and layers["2"]["dead_ratio"] == 1 / 4
     assert [row["units"] for row in probes.layer_table()] == [4, 4]
+    bare = nn.Sequential(_conv1d_forcing(4, dead=1), nn.ReLU())
+    layers, _ = probe_step(bare, Probes(bare), uniform(3, 2, 7))
+    assert layers["0"]["dead_ratio"] == 1 / 4 and layers["1"]["dead_ratio"] == 1 / 4
 
 
 class _FunctionalConv1d(nn.Module):

@@ -161,6 +161,9 @@ class _Layer(Accumulated):
     # a Linear: its units are the last dim whatever the rank (a channels-last (N, H, W, C)
     # input, as in ConvNeXt blocks), not dim 1 as for a 4-D conv output
     features_last: bool = False
+    # a ConvNd: the rank of its output for an unbatched input ((C, L) for Conv1d, (C, H, W)
+    # for Conv2d, which PyTorch accepts), whose units are dim 0; -1 for other modules
+    unbatched_ndim: int = -1
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
 
@@ -228,6 +231,7 @@ class Probes:
         self._blocks: list[Block] = []  # this step's reductions, gathered at collect()
         self._channel_first_out: list[weakref.ref[Tensor]] = []
         self._features_last_out: list[weakref.ref[Tensor]] = []  # likewise, for features_last
+        self._unbatched_out: list[weakref.ref[Tensor]] = []  # likewise, channels at dim 0
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
         self._stepped = False  # this probe step's post-step hook measured an update
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
@@ -364,6 +368,9 @@ class Probes:
                 or id(module) in channel_first
                 or isinstance(module, _CHANNEL_NORMS),
                 features_last=isinstance(module, nn.Linear),
+                unbatched_ndim=len(module.kernel_size) + 1
+                if isinstance(module, nn.modules.conv._ConvNd)
+                else -1,
                 params=list(module.parameters()),
             )
             chosen.append((layer, module))
@@ -590,6 +597,7 @@ class Probes:
         self._blocks = []
         self._channel_first_out.clear()
         self._features_last_out.clear()
+        self._unbatched_out.clear()
 
     def _model_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._skipping = False
@@ -610,7 +618,14 @@ class Probes:
         n, ndim = y.numel(), y.dim()
         if n == 0:
             return
-        if ndim == 3:
+        if ndim == layer.unbatched_ndim or (
+            self._unbatched_out and args and any(ref() is args[0] for ref in self._unbatched_out)
+        ):
+            # A ConvNd given one unbatched sample, (C, *spatial): the channels are dim 0. An
+            # activation applied straight to it inherits that (identity, as below).
+            self._unbatched_out.append(weakref.ref(y))
+            axis: int | None = 0
+        elif ndim == 3:
             channel_first = layer.channel_first
             if not channel_first and self._channel_first_out and args:
                 x = args[0]
@@ -634,10 +649,12 @@ class Probes:
             layer.spec.units = y.shape[axis]
         # detached: nothing below is recorded by autograd (cheaper than a no_grad block)
         y = y.detach()
-        if n > CHUNK_VALUES and ndim >= 2 and axis != 0:
-            # Bounded temporaries: a large output is reduced in slices along dim 0 (never
-            # the unit axis); the slices merge exactly like a module's repeated calls.
-            for part in y.split(max(1, CHUNK_VALUES // (n // y.shape[0])), dim=0):
+        if n > CHUNK_VALUES and ndim >= 2:
+            # Bounded temporaries: a large output is reduced in slices along dim 0, or the
+            # last dim where dim 0 holds the units (never the unit axis); the slices merge
+            # exactly like a module's repeated calls.
+            dim = 0 if axis != 0 else ndim - 1
+            for part in y.split(max(1, CHUNK_VALUES // (n // y.shape[dim])), dim=dim):
                 self._reduce(layer, part, axis)
         else:
             self._reduce(layer, y, axis)
@@ -794,6 +811,7 @@ class Probes:
         self.disarm()
         self._channel_first_out.clear()
         self._features_last_out.clear()
+        self._unbatched_out.clear()
         blocks = self._blocks
         plan = self._sections.block_plan(blocks) if blocks and self.reducer is None else None
         if plan is None:

@@ -462,6 +462,53 @@ def test_an_activation_after_conv1d_and_a_norm_in_a_custom_forward_uses_channels
     assert all(not m._forward_hooks for m in model.modules())  # none left between probe steps
 
 
+def _unbatched_conv(conv: nn.Conv1d | nn.Conv2d) -> nn.Module:
+    """``conv`` with channels 0-2 of 8 negative and the rest positive on any input in
+    [-1, 1], then an in-place ReLU applied in the forward."""
+    assert conv.bias is not None
+    with torch.no_grad():
+        conv.weight.uniform_(-0.01, 0.01)
+        conv.bias.copy_(torch.linspace(1.0, 3.0, 8))
+        conv.bias[:3] = -1.0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.conv(x))
+
+    return Net()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_unbatched_conv_input_takes_channels_at_dim_0(
+    dims: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch takes one unbatched sample, (C, L) for Conv1d or (C, H, W) for Conv2d; its
+    units are then dim 0, for the conv and for the ReLU applied straight to it. With dim 1
+    (L, or H) as units no unit was dead: 0% sent where 3 of 8 channels are. A large output
+    is reduced in slices along its last dim, never along the channels."""
+    torch.manual_seed(6)
+    model = _unbatched_conv(nn.Conv1d(3, 8, 3) if dims == 1 else nn.Conv2d(3, 8, 3))
+    x = uniform(3, 12) if dims == 1 else uniform(3, 12, 12)
+    with torch.no_grad():
+        y = F.relu(model.conv(x))
+    assert _dead_by_hand(y, axis=0) == 3 / 8 and _dead_by_hand(y, axis=1) == 0.0
+    probes = Probes(model, sample_values=None)
+    layers, _ = probe_step(model, probes, x)
+    assert layers["conv"]["dead_ratio"] == 3 / 8 and layers["act"]["dead_ratio"] == 3 / 8
+    assert [row["units"] for row in probes.layer_table()] == [8, 8]
+    assert layers["act"]["unit_spread"] == pytest.approx(np.std(unit_means(y, 0)), rel=1e-5)
+    monkeypatch.setattr(probes_module, "CHUNK_VALUES", y.numel() // 3)
+    sliced, _ = probe_step(model, Probes(model, sample_values=None), x)
+    for key in ("mean", "std", "min", "max", "zero_frac", "dead_ratio", "unit_spread"):
+        assert sliced["act"][key] == pytest.approx(layers["act"][key], rel=1e-5), key
+    assert sum(sliced["act"]["hist"]["counts"]) == y.numel()
+
+
 class _ZeroAfter(nn.Module):
     """Linear -> in-place ReLU -> an in-place op that wipes what the ReLU returned."""
 

@@ -103,9 +103,49 @@ def test_histogram_counts_match_numpy_on_the_same_edges() -> None:
     ref, _ = np.histogram(x.numpy(), bins=64, range=(lo.item(), hi.item()))
     assert counts.sum().item() == 5000
     assert counts.shape == (64,)
-    # Edges are computed in float32 here and float64 in numpy: a value within an ulp
-    # of an edge may land one bin over, nothing else may differ.
-    assert np.abs(counts.numpy() - ref).sum() <= 4
+    assert counts.tolist() == ref.tolist()
+
+
+def _just_below(x: np.ndarray) -> np.ndarray:
+    return np.nextafter(x.astype(np.float32), np.float32(-np.inf))
+
+
+def test_histogram_values_at_and_just_below_edges_land_in_numpys_bins() -> None:
+    """Values at an edge and one float32 ulp below it land in np.histogram's bins (its
+    edges: a float64 linspace rounded to float32). The bin was (x - lo) / width floored
+    in float32: over [-1, 1] -1e-8 landed in the bin from 0 (1 - 1e-8 is 1 in float32),
+    and over [0, 0.7] the value at edge 7 (0.48999998, below 0.49) in bin 6."""
+    nan, inf = float("nan"), float("inf")
+    # [-1, 1] in 64 bins: every edge k/32 - 1 is exact in float32
+    edges = np.arange(65, dtype=np.float32) / 32 - 1
+    tiny = np.array([-1e-8, 1e-8, -1e-20, 1e-20, -1e-30], dtype=np.float32)
+    sym = np.concatenate([edges, _just_below(edges[1:]), tiny])
+    # [0, 0.7] in 10 bins: numpy's edges are float64 k * 0.07 rounded to float32
+    lo2, hi2 = np.float32(0.0), np.float32(0.7)
+    edges2 = np.histogram_bin_edges(np.empty(0, np.float32), 10, (float(lo2), float(hi2)))
+    assert (edges2 < np.linspace(0.0, float(hi2), 11)).sum() == 3  # rounded down: 0.21, ...
+    odd = np.concatenate([edges2, _just_below(edges2[1:])])
+    width = max(len(sym), len(odd)) + 3
+    rows = torch.full((2, width), nan)
+    rows[0, : len(sym)] = torch.from_numpy(sym)
+    rows[1, : len(odd)] = torch.from_numpy(odd)
+    rows[1, -3:] = torch.tensor([inf, -inf, nan])
+    counts = stats.histograms(rows, torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.7]), 64)
+    ref, _ = np.histogram(sym, bins=64, range=(-1.0, 1.0))
+    assert counts[0].tolist() == ref.tolist()
+    # by hand: bin k (k < 63) holds edge k and the value just below edge k + 1; the last
+    # bin also holds 1.0; the tiny values sit either side of the edge at 0 (bin 32)
+    by_hand = [2] * 64
+    by_hand[63] = 3
+    by_hand[31] += 3  # -1e-8, -1e-20, -1e-30
+    by_hand[32] += 2  # 1e-8, 1e-20
+    assert counts[0].tolist() == by_hand
+    ref1, _ = np.histogram(odd, bins=64, range=(float(lo2), float(hi2)))
+    assert counts[1].tolist() == ref1.tolist()
+    counts2 = stats.histograms(rows[1:], torch.tensor([0.0]), torch.tensor([0.7]), 10)[0]
+    ref2, _ = np.histogram(odd, bins=10, range=(float(lo2), float(hi2)))
+    assert counts2.tolist() == ref2.tolist() == [2] * 9 + [3]
+    assert counts2.sum().item() == len(odd)  # the NaN/Inf (and the padding) are left out
 
 
 def test_histogram_of_bin_centres_is_exact_and_includes_hi() -> None:

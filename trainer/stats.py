@@ -20,9 +20,10 @@ NaN/Inf counts in ``nonfinite`` and as neither zero, live nor saturated.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,6 +59,10 @@ class Rule:
     ``sat_lo``/``sat_hi``: saturated when ``y <= sat_lo or y >= sat_hi`` (None: no saturation;
     ``sat_lo`` -inf: pinned only at the top, as ReLU6, whose 0 is "off", dead_ratio's case).
     ``nonnegative``: the module's output is never negative, which saves a kernel.
+    ``transform_dtype``: the dtype the model's function ran in (a bf16/fp16 layer output
+    under autocast): the transform runs in it too, so its result is the model's, rounded
+    as the model's was, before the threshold test (tanh of a bf16 value is 0.9883 in
+    bf16 where float32 gives 0.9902: a different side of 0.99). ``for_dtype`` sets it.
     """
 
     live_above: float | None = None
@@ -65,10 +70,36 @@ class Rule:
     sat_lo: float | None = None
     sat_hi: float | None = None
     nonnegative: bool = False  # the output is never negative (ReLU): its sign is the live test
+    transform_dtype: torch.dtype | None = None
 
     @property
     def saturates(self) -> bool:
         return self.sat_lo is not None
+
+    def for_dtype(self, dtype: torch.dtype | None) -> Rule:
+        """This rule for a call whose output (the transform's input) has ``dtype``: itself
+        unless a transform applies and ``dtype`` is narrower than float32 (None: itself);
+        else one shared rule object per (rule, dtype), so calls grouped by rule identity
+        stay grouped. A host-side look-up, no tensor work."""
+        if self.transform is None or dtype not in _NARROW_DTYPES:
+            return self
+        return _rule_in_dtype(self, dtype)
+
+    def apply_transform(self, clean: Tensor) -> Tensor:
+        """The transform of the (float32) cleaned output, computed in ``transform_dtype``
+        when set (two casts more) and returned in ``clean``'s dtype."""
+        assert self.transform is not None
+        if self.transform_dtype is None:
+            return self.transform(clean)
+        return self.transform(clean.to(self.transform_dtype)).to(clean.dtype)
+
+
+_NARROW_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
+@functools.cache
+def _rule_in_dtype(rule: Rule, dtype: torch.dtype) -> Rule:
+    return replace(rule, transform_dtype=dtype)
 
 
 NO_RULE = Rule()
@@ -159,10 +190,10 @@ def inside_indicator(y: Tensor, clean: Tensor, rule: Rule) -> Tensor:
     if lo == -math.inf:  # pinned only at the top (ReLU6): inside is below sat_hi
         # a non-finite value counts as inside: clean holds 0 there, below every such sat_hi
         assert hi > 0.0
-        source = rule.transform(clean) if rule.transform is not None else clean
+        source = rule.apply_transform(clean) if rule.transform is not None else clean
         return torch.sub(source, hi).clamp_(max=0.0).sign_()
     if rule.transform is not None:
-        source = rule.transform(clean)  # every function here maps 0 strictly inside
+        source = rule.apply_transform(clean)  # every function here maps 0 strictly inside
     elif lo == -hi:
         source = clean
     else:

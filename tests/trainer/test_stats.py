@@ -170,6 +170,41 @@ def test_histograms_of_several_layers_and_degenerate_ranges() -> None:
     assert counts[1].tolist() == [1.0, 0.0, 1.0, 1.0]  # the Inf is left out
 
 
+def _inside(values: list[float], rule: stats.Rule) -> list[float]:
+    x = torch.tensor(values)
+    return stats.inside_indicator(x, x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), rule).tolist()
+
+
+def test_a_declared_function_of_a_16_bit_output_is_tested_in_that_dtype() -> None:
+    """Under autocast a Linear's output is bf16 and the tanh the user declared after it
+    runs in bf16: tanh(2.65625) is 0.98828125 there (inside 0.99), 0.99019 in float32
+    (saturated). The probe widened the output and took the float32 tanh, so it counted
+    values the model's tanh did not saturate (and, in fp16, missed some it did)."""
+    tanh = stats.FUNCTION_RULES["tanh"]
+    assert tanh.for_dtype(torch.float32) is tanh
+    bf16 = tanh.for_dtype(torch.bfloat16)
+    assert bf16 is stats.FUNCTION_RULES["tanh"].for_dtype(torch.bfloat16)  # one object
+    nan = float("nan")
+    values = [2.65625, -2.65625, 2.640625, 3.0, -3.0, 0.0, nan]  # all exact in bf16
+    # by hand, bf16 tanh: 0.98828125 (inside), 0.98828125, 0.98828125, 0.99609375 (out)
+    assert _inside(values, bf16) == [-1, -1, -1, 0, 0, -1, -1]
+    assert _inside(values, tanh) == [0, 0, -1, 0, 0, -1, -1]  # float32 tanh: 0.99019
+    # fp16: tanh(2.646484375) is 0.990234375 (saturated), float32 0.98999667 (inside)
+    fp16 = tanh.for_dtype(torch.float16)
+    assert _inside([2.646484375, -2.646484375], fp16) == [0, 0]
+    assert _inside([2.646484375, -2.646484375], tanh) == [-1, -1]
+    # softsign, a composite of 16-bit ops: softsign(-100) is -0.98828125 in bf16
+    softsign = stats.FUNCTION_RULES["softsign"].for_dtype(torch.bfloat16)
+    assert _inside([-100.0, 100.0, 128.0], softsign) == [-1, -1, 0]
+    # a stack of bf16 outputs: the saturated count is that of the model's own bf16 tanh
+    gen = torch.Generator().manual_seed(3)
+    y = (torch.randn(64, 256, generator=gen) * 3).to(torch.bfloat16)
+    call = reduce.reduce_calls(y.float().reshape(1, -1), (64, 256, 1), bf16)
+    assert call.minus_inside is not None
+    saturated = y.numel() + call.minus_inside.sum().item()
+    assert saturated == (torch.tanh(y).float().abs() >= 0.99).sum().item()
+
+
 @pytest.mark.parametrize(
     ("ndim", "channel_first", "axis"),
     [(0, False, None), (1, False, 0), (2, False, 1), (3, False, 2), (3, True, 1), (4, False, 1),

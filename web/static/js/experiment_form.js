@@ -29,6 +29,12 @@ export class ExperimentForm {
     this.fields = new Map(); // "section.key" -> {spec, input, wrap, error, path}
   }
 
+  /** The first field a person fills in (the dialog opens on it). */
+  firstInput() {
+    for (const f of this.fields.values()) if (!f.outer.hidden) return f.input;
+    return null;
+  }
+
   build(schema) {
     this.container.replaceChildren();
     this.fields.clear();
@@ -71,8 +77,10 @@ export class ExperimentForm {
     }
     const range = "min" in spec ? ` (${spec.min} – ${spec.max ?? "∞"})` : "";
     const label = el("label", { for: id, text: `${spec.label || path[path.length - 1]}${range}` });
-    const error = el("p", { class: "error", role: "alert", hidden: true });
-    const hint = el("span", { class: "hint", text: spec.help || "" });
+    const error = el("p", { class: "error", role: "alert", id: `${id}-error`, hidden: true });
+    const hint = el("span", { class: "hint", id: `${id}-hint`, text: spec.help || "" });
+    // the field's error and hint are read with it (they sat beside it, tied to nothing)
+    input.setAttribute("aria-describedby", spec.help ? `${error.id} ${hint.id}` : error.id);
     const wrap = spec.type === "bool"
       ? el("div", { class: "field checkbox", "data-field": path.join(".") }, input, label)
       : el("div", { class: "field", "data-field": path.join(".") }, label, input);

@@ -59,8 +59,12 @@ function sparkline(values) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("width", "120");
   svg.setAttribute("height", "26");
-  if (pts.length < 2) return svg;
+  // an image with a name in words (it was an unnamed image)
+  svg.setAttribute("role", "img");
   const ys = pts.map(([, v]) => v);
+  svg.setAttribute("aria-label", pts.length < 2 ? "Loss curve: not enough points yet"
+    : `Loss curve: from ${formatNumber(ys[0])} to ${formatNumber(ys[ys.length - 1])}, lowest ${formatNumber(Math.min(...ys))}`);
+  if (pts.length < 2) return svg;
   const lo = Math.min(...ys);
   const span = Math.max(...ys) - lo || 1;
   const n = (values.length - 1) || 1;
@@ -105,6 +109,12 @@ function makeRow(run) {
   return tr;
 }
 
+/** Sets a node's text only when it differs: the list is polled every 2 s. */
+function setText(node, text) {
+  const t = String(text);
+  if (node.textContent !== t) node.textContent = t;
+}
+
 /** run id -> lab id, for runs launched by an init lab (a link to its comparison view). */
 let labOf = new Map();
 /** Runs whose lab (or none) labOf already says: GET /api/labs reads every lab and each of
@@ -147,29 +157,53 @@ function sanityBadge(run) {
   return b;
 }
 
+/** What each row's rebuilt cells show now (JSON): rebuilt only when it changes. */
+const drawnOf = new WeakMap();
+
+/**
+ * Fills a row from its run, every poll: a cell changes only when what it shows changed, and
+ * the name cell's links are kept, so a link with the keyboard focus keeps it (the cell was
+ * rebuilt every 2 s and the focus fell to the page).
+ */
 function fillRow(tr, run) {
+  const drawn = drawnOf.get(tr) ?? {};
+  drawnOf.set(tr, drawn);
   const pill = cell(tr, 1).firstChild;
-  pill.textContent = run.status;
+  setText(pill, run.status);
   pill.className = `pill ${run.status}`;
   const link = tr.querySelector("a");
-  link.textContent = run.name || run.id;
-  const badge = sanityBadge(run);
-  const extra = badge ? [" ", badge] : [];
-  if (labOf.has(run.id)) {
-    const lab = document.createElement("a");
-    lab.className = "lab-link muted";
-    lab.href = `/labs/${encodeURIComponent(labOf.get(run.id))}`;
-    lab.textContent = "lab view";
-    extra.push(" ", lab);
+  setText(link, run.name || run.id);
+  const d = sanity.get(run.id);
+  const extras = JSON.stringify([d ? [d.passed, d.message] : null, labOf.get(run.id) ?? null]);
+  if (drawn.extras !== extras) {
+    drawn.extras = extras;
+    const badge = sanityBadge(run);
+    const extra = badge ? [" ", badge] : [];
+    if (labOf.has(run.id)) {
+      const lab = document.createElement("a");
+      lab.className = "lab-link muted";
+      lab.href = `/labs/${encodeURIComponent(labOf.get(run.id))}`;
+      lab.textContent = "lab view";
+      extra.push(" ", lab);
+    }
+    link.parentElement.replaceChildren(link, ...extra);
   }
-  link.parentElement.replaceChildren(link, ...extra);
-  cell(tr, 3).replaceChildren(...keyConfig(run.config));
-  cell(tr, 4).textContent = run.last_step ?? "—";
-  cell(tr, 5).textContent = formatNumber(run.last?.loss);
-  cell(tr, 6).textContent = formatNumber(run.last?.val_loss);
-  cell(tr, 7).replaceChildren(sparkline(run.sparkline));
-  cell(tr, 8).textContent = when(run.created_at);
+  const config = JSON.stringify(run.config ?? null);
+  if (drawn.config !== config) {
+    drawn.config = config;
+    cell(tr, 3).replaceChildren(...keyConfig(run.config));
+  }
+  setText(cell(tr, 4), run.last_step ?? "—");
+  setText(cell(tr, 5), formatNumber(run.last?.loss));
+  setText(cell(tr, 6), formatNumber(run.last?.val_loss));
+  const spark = JSON.stringify(run.sparkline ?? null);
+  if (drawn.spark !== spark) {
+    drawn.spark = spark;
+    cell(tr, 7).replaceChildren(sparkline(run.sparkline));
+  }
+  setText(cell(tr, 8), when(run.created_at));
   const del = tr.querySelector("button");
+  del.setAttribute("aria-label", `Delete ${run.name || run.id}`);
   del.disabled = !!run.trainer_connected;
   del.title = run.trainer_connected ? "Stop the run first: a trainer is connected" : "Delete this run and its data";
 }
@@ -195,7 +229,11 @@ function render() {
     if (!seen.has(id)) { entry.tr.remove(); rows.delete(id); }
   }
   if (!wanted.q && runs.length === total) for (const id of selected) if (!seen.has(id)) selected.delete(id);
+  // A row moved (a newer run listed above it) is taken out and put back, which blurs what
+  // has the focus in it: the focus is put back.
+  const focused = body.contains(document.activeElement) ? document.activeElement : null;
   ordered.forEach((tr, i) => { if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null); });
+  if (focused && focused.isConnected && document.activeElement !== focused) focused.focus({ preventScroll: true });
   $("empty").hidden = total > 0 || !!wanted.q;
   renderFooter();
   updateCompare();
@@ -312,6 +350,8 @@ async function openNewRun() {
   }
   form.clearErrors();
   $("new-run-dialog").showModal();
+  // on its first field: showModal focused the fields' scroll container
+  form.firstInput()?.focus();
 }
 
 async function submitNewRun(ev) {
@@ -338,11 +378,15 @@ async function submitLab(ev) {
   ev.preventDefault();
   const submit = $("lab-submit");
   const error = $("lab-error");
+  const steps = $("lab-steps");
   error.hidden = true;
-  if ($("lab-steps").value.trim() === "") {
+  steps.removeAttribute("aria-invalid");
+  if (steps.value.trim() === "") {
     // Number("") is 0: the server said "must be >= 1, got 0" of a field left empty
     error.textContent = "Steps: required (a whole number of training steps, at least 1)";
     error.hidden = false;
+    steps.setAttribute("aria-invalid", "true"); // the error is its description (aria-describedby)
+    steps.focus();
     return;
   }
   submit.disabled = true;
@@ -357,12 +401,17 @@ async function submitLab(ev) {
     const d = e instanceof ApiError ? e.detail : e.message;
     error.textContent = Array.isArray(d) ? d.map((x) => `${x.loc.join(".")}: ${x.msg}`).join("; ") : String(d);
     error.hidden = false;
+    if (Array.isArray(d) && d.some((x) => (x.loc || []).includes("steps"))) steps.setAttribute("aria-invalid", "true");
   } finally {
     submit.disabled = false;
   }
 }
 
-$("init-lab").addEventListener("click", () => { $("lab-error").hidden = true; $("lab-dialog").showModal(); });
+$("init-lab").addEventListener("click", () => {
+  $("lab-error").hidden = true;
+  $("lab-steps").removeAttribute("aria-invalid");
+  $("lab-dialog").showModal();
+});
 $("lab-cancel").addEventListener("click", () => $("lab-dialog").close());
 $("lab-form").addEventListener("submit", submitLab);
 $("filter").addEventListener("input", () => search());

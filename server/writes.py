@@ -41,6 +41,7 @@ FRAME_TYPES = frozenset({"metrics", "probe", "event"})
 # trainer may reconnect: it is as it was before it was lost (a paused trainer stays
 # paused while its link is down), running or paused. A launched one's first connects: running.
 _KEEP_STATUS_ON_HELLO = frozenset({"finished", "stopped", "failed", "paused"})
+_ENDED = frozenset({"finished", "stopped", "failed"})
 _TRAINER_STATUSES = ("running", "paused")  # what a reconnected trainer may be
 # How many of a lost run's latest status events are read for the status it had before.
 _STATUS_LOOKBACK = 50
@@ -65,6 +66,19 @@ class Acked(int):
 
     def __reduce__(self) -> tuple[Any, ...]:  # it crosses the writer's pipe (pickle)
         return (Acked, (int(self), self.events))
+
+
+def _another_process(instance: Any, stored_instance: Any, status: str) -> bool:
+    """Whether a hello comes from another trainer process than the one that recorded the
+    stored run (so it must not be spliced into it). Every trainer since the instance
+    (schema 3) sends one: a hello without one, for a run that has one, is an older
+    trainer or spool reusing the id; a hello with one, for an older trainer's run that
+    has ended, is a newer process reusing the id (a lost run's trainer coming back, or a
+    launched run's first hello, is taken: its run has no instance and has not ended).
+    A run and a hello both without one (an older trainer reconnecting) are taken."""
+    if stored_instance is not None:
+        return instance != stored_instance
+    return instance is not None and status in _ENDED
 
 
 def _seq(frame: Any) -> int:
@@ -190,8 +204,8 @@ class Writer:
         recorded (a lost run's trainer back: its status as before it was lost), if any.
         A run keeps the first instance its hellos carry (the
         trainer process's id): a hello carrying another is another process reusing the
-        run id, refused (RunIdTaken) rather than spliced into this run. A hello without
-        one (an older trainer or spool), or a run stored without one, is taken as before."""
+        run id, refused (RunIdTaken) rather than spliced into this run; see
+        ``_another_process`` for runs and hellos without one (older trainers and spools)."""
         run_id = hello["run_id"]
         instance = hello.get("instance")
         now = time.time()
@@ -213,7 +227,7 @@ class Writer:
             self._rk[run_id] = rk
         else:
             rk, status, acked, stored_instance = row
-            if None not in (instance, stored_instance) and instance != stored_instance:
+            if _another_process(instance, stored_instance, status):
                 raise RunIdTaken(run_id)
             if status in _KEEP_STATUS_ON_HELLO:
                 new_status = status

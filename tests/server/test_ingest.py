@@ -165,7 +165,9 @@ async def test_another_trainer_process_under_a_stored_run_id_is_refused(
     """A script run twice with one fixed run id (reviewer's /tmp/revE/t16_same_run_id.py):
     the second process's hello is refused, naming the problem, before anything of it is
     stored or it replaces the first's connection; the first process reconnecting (the same
-    instance) and a trainer that sends none (an older one) resume the run as before."""
+    instance) resumes the run. A hello without an instance (a trainer or spool from before
+    instances, e.g. `layerscope sync` of an old spool under a reused id) was spliced into
+    it, the sync saying "synced": refused too."""
     first_id, second_id = uuid.uuid4().hex, uuid.uuid4().hex
     first = await FakeTrainer.connect(shared_server, run_id, instance=first_id)
     await stored_run(first, 5)
@@ -193,9 +195,9 @@ async def test_another_trainer_process_under_a_stored_run_id_is_refused(
     assert (again.welcome["acked_seq"], again.welcome["status"]) == (7, "finished")
     await again.close()
     await wait_detached(shared_server, run_id)
-    older = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=7)
-    assert older.welcome["acked_seq"] == 7
-    await older.close()
+    error, code, _ = await refused_hello(shared_server, run_id, last_acked_seq=3)
+    assert error["message"] == taken and code == wire.CLOSE_POLICY
+    assert seqs_of(shared_server, run_id) == list(range(1, 8))
 
 
 async def test_a_frame_before_hello_closes_with_1008(

@@ -773,16 +773,27 @@ async def test_a_run_keeps_the_first_trainer_instance_and_refuses_another(
 ) -> None:
     """A hello's instance names the trainer process: another process under a stored run's
     id is refused (RunIdTaken, nothing of its hello stored); the same one resumes; a hello
-    or a run without one (older trainers, spools and databases) is taken as before, and a
-    run gets the first instance a hello brings (a launched run's trainer, say)."""
+    without one (an older trainer or spool) for a run that has one is another process too;
+    a run without one (older trainers and databases) takes an older trainer's hello, and
+    a newer one's until it has ended; a run gets the first instance a hello brings (a
+    launched run's trainer, say)."""
     await store.hello(hello("r1", instance="a1"))
     await store.append("r1", [metrics(1, [(0, {"loss": 1.0})])])
     with pytest.raises(RunIdTaken, match="run id r1 already holds a run recorded by another"):
         await store.hello(hello("r1", instance="b2", name="second", config={"lr": 9.0}))
+    with pytest.raises(RunIdTaken):  # an old spool synced under the id: was spliced in
+        await store.hello(hello("r1", name="old", config={"lr": 9.0}))
     run = store.run("r1")
     assert run is not None and (run["name"], run["config"]) == ("r1 name", {"lr": 0.1})
     assert await store.hello(hello("r1", instance="a1")) == 1
-    assert await store.hello(hello("r1")) == 1  # an older trainer: no instance
+
+    await store.hello(hello("old"))  # an older trainer's run: no instance
+    await store.append("old", [metrics(1, [(0, {"loss": 1.0})])])
+    assert await store.hello(hello("old")) == 1  # that trainer reconnecting
+    await store.append("old", [event(2, 1, "status", {"status": "finished"})])
+    with pytest.raises(RunIdTaken):  # a newer process reusing its id once it has ended
+        await store.hello(hello("old", instance="e5"))
+    assert await store.hello(hello("old")) == 2  # the old trainer's own spool, synced again
 
     await store.create_run("launched", "mlp", {"model": "mlp"}, launched=True)
     assert await store.hello(hello("launched")) == 0  # no instance: adopts none
@@ -791,7 +802,7 @@ async def test_a_run_keeps_the_first_trainer_instance_and_refuses_another(
         await store.hello(hello("launched", instance="d4"))
     with closing(fresh(tmp_path)) as conn:
         stored = dict(conn.execute("SELECT id, instance FROM runs").fetchall())
-    assert stored == {"r1": "a1", "launched": "c3"}
+    assert stored == {"r1": "a1", "launched": "c3", "old": None}
 
 
 async def test_bad_input_raises_clearly_and_loses_nothing(store: Store) -> None:

@@ -226,7 +226,8 @@ class Ingest:
         self.hub = hub
         self.exit_code = exit_code
         self.max_unread_errors = MAX_UNREAD_ERRORS
-        self._deadlines: dict[str, float] = {}  # run -> when it is lost without a trainer
+        # run -> (when it is lost without a trainer, the wait that deadline gave it)
+        self._deadlines: dict[str, tuple[float, float]] = {}
         self._watch: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -235,7 +236,8 @@ class Ingest:
         """Runs left live by a previous server get ``reconnect_grace_s`` to come back."""
         now = asyncio.get_running_loop().time()
         for run_id in self.store.runs_with_status(set(LIVE_STATUSES)):
-            self._deadlines[run_id] = now + self.settings.reconnect_grace_s
+            grace = self.settings.reconnect_grace_s
+            self._deadlines[run_id] = (now + grace, grace)
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def close(self) -> None:
@@ -245,7 +247,7 @@ class Ingest:
                 await self._watch
 
     def expect_reconnect(self, run_id: str, within_s: float) -> None:
-        self._deadlines[run_id] = asyncio.get_running_loop().time() + within_s
+        self._deadlines[run_id] = (asyncio.get_running_loop().time() + within_s, within_s)
 
     # ---- liveness ----
 
@@ -265,11 +267,12 @@ class Ingest:
             if isinstance(peer, TrainerLink) and now - peer.last_seen > timeout:
                 await self.mark_gone(run_id, f"trainer silent for {timeout:g} s")
                 await peer.close(CLOSE_SERVER_ERROR, "no heartbeat; reconnect")
-        for run_id, deadline in list(self._deadlines.items()):
+        for run_id, (deadline, waited) in list(self._deadlines.items()):
             if now >= deadline:
                 del self._deadlines[run_id]
                 if not self.hub.is_attached(run_id):
-                    await self.mark_gone(run_id, f"no trainer connection for {timeout:g} s")
+                    # the wait it was given (a restarted server's grace is not the heartbeat's)
+                    await self.mark_gone(run_id, f"no trainer connection for {waited:g} s")
 
     async def mark_gone(self, run_id: str, why: str) -> None:
         """lost, or failed when the launched trainer process exited non-zero."""

@@ -142,6 +142,8 @@ async def test_after_a_restart_runs_whose_trainer_does_not_return_are_lost(tmp_p
         trainer = await FakeTrainer.connect(server, "returns", last_acked_seq=1)
         trainer.heartbeat()
         await wait_status(server, "gone", "lost", timeout=15)
+        # the wait it had was the restart's grace, not the 30 s heartbeat timeout it said
+        assert run_detail(server, "gone")["status_reason"] == "no trainer connection for 4 s"
         assert run_detail(server, "returns")["status"] == "running"
         await trainer.close()
 

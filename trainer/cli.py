@@ -813,7 +813,8 @@ def _sync(args: argparse.Namespace) -> int:
     if synced.sent == 0 and synced.acked:  # a re-sync: nothing was new to the server
         said = f"the server already had all {synced.acked} frames; nothing sent"
     else:
-        said = f"sent {synced.sent} frames; the server acknowledged {synced.acked}"
+        # acked counts the whole run (a re-sync sends only what the server lacked)
+        said = f"sent {synced.sent} frames; the server now holds all {synced.acked}"
     print(f"synced {spool}: {said}", flush=True)
     return 0
 

@@ -472,7 +472,7 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         monkeypatch.setenv("LAYERSCOPE_TRAINER_TOKEN", trainer_token)
         assert cli.main(["sync", str(run_dir), "--server", base]) == 0
         out = capsys.readouterr().out
-        acked = int(out.split("acknowledged ")[1].split()[0])
+        acked = int(out.split("now holds all ")[1].split()[0])
         assert acked >= 3  # metrics, probes and status events of a 12-step run
         assert f"sent {acked} frames" in out
         assert cli.main(["sync", str(run_dir), "--server", base]) == 0  # again: nothing new

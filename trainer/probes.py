@@ -687,7 +687,8 @@ class Probes:
         yf = y if y.dtype == torch.float32 else y.float()
         layout = reduce.unit_layout(yf.shape, axis) if axis is not None else None
         with torch.inference_mode():
-            call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, layer.rule)
+            rule = layer.rule.for_dtype(y.dtype)  # a declared tanh etc. in the output's dtype
+            call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, rule)
             sample = self._sample(layer, yf).view(1, -1)
         self._blocks.append(Block([layer], (layer.index,), call, n, sample, (seq,)))
 

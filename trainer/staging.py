@@ -100,7 +100,9 @@ class Staging:
         n = y.numel()
         if n > STAGE_CALL_VALUES or self._values + n > STAGE_VALUES:
             return False
-        key = (y.shape, axis, y.device)  # every rule together: see reduce()
+        # every rule together (see reduce()); a declared function of a bf16/fp16 output
+        # runs in that dtype (stats.Rule.for_dtype), so such calls stack apart
+        key = (y.shape, axis, y.device, layer.rule.for_dtype(y.dtype).transform_dtype)
         slots = self.slots.get(key)
         if slots is not None:
             row = slots.row_of.get(layer.index)
@@ -145,7 +147,7 @@ class Staging:
         else:  # only new copies: the kept stacks stay as they are
             slots_now = {}
         for key in [*filled, *(k for k in staged if k not in filled)]:
-            shape, axis, _ = key
+            shape, axis, _, _ = key
             items = staged.get(key, [])
             slots = slots_now.get(key)
             if slots is not None and not items and all(w == self._probe_id for w in slots.written):
@@ -176,7 +178,7 @@ class Staging:
         ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
         groups, start = [], 0
         for group in by_rule.values():
-            groups.append((group[0][0].rule, start, start + len(group)))
+            groups.append((group[0][0].rule.for_dtype(key[3]), start, start + len(group)))
             start += len(group)
         n = ordered[0][1].numel()
         x = (

@@ -75,6 +75,31 @@ def test_named_functional_activation_measures_that_function_on_the_linear() -> N
     assert layers["0"]["dead_ratio"] is None  # tanh has no dead region
 
 
+def test_a_named_function_of_a_bf16_output_is_measured_as_the_model_computes_it() -> None:
+    """Under bf16 autocast the model's tanh runs in bf16; the probe took the float32 tanh of
+    the widened output, so values either side of 0.99 were misread (tanh(2.65625) is
+    0.98828 in bf16, 0.99019 in float32). Both the staged path (a small output) and the
+    one reduced in its hook (a large one) measure the bf16 tanh."""
+    for batch in (64, 4096):
+        torch.manual_seed(2)
+        lin = nn.Linear(20, 16)
+        with torch.no_grad():
+            lin.weight.normal_(0.0, 1.0)
+        model = nn.Sequential(lin)
+        x = torch.randn(batch, 20)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layers, _ = probe_step(model, Probes(model, activations={"0": "tanh"}), x)
+            with torch.no_grad():
+                y = lin(x)
+        assert y.dtype == torch.bfloat16
+        # the model's own tanh, in bf16; the threshold in float32 (a bf16 0.99 is 0.98828)
+        pinned = torch.tanh(y).float().abs() >= 0.99
+        widened = torch.tanh(y.float()).abs() >= 0.99
+        assert not torch.equal(pinned, widened)  # the case tells the two apart
+        frac = layers["0"]["saturated_frac"]
+        assert frac == pytest.approx(pinned.float().mean().item(), rel=1e-6), batch
+
+
 def test_sigmoid_module_saturation() -> None:
     y_in = torch.tensor([[-10.0, 0.0], [10.0, 0.0], [-10.0, 4.7], [-10.0, 0.1]])
     model = nn.Sequential(nn.Sigmoid())

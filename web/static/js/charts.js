@@ -297,7 +297,15 @@ export function stepAxis() {
   return { ...baseLayout().xaxis, title: { text: "step", standoff: 6 }, automargin: true };
 }
 
-export const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
+/**
+ * Every chart's Plotly config. The toolbar keeps what a keyboard can use (download, zoom
+ * in/out, reset): its 8 buttons a chart were 80 of the run page's 115 tab stops. Dragging
+ * still zooms (Plotly's default drag mode), a double click resets. Never "Share chart...":
+ * an offline tool offered an upload to Plotly's cloud.
+ */
+export const PLOT_CONFIG = { displaylogo: false, responsive: true, showSendToCloud: false, showEditInChartStudio: false,
+  modeBarButtonsToRemove: ["lasso2d", "select2d", "zoom2d", "pan2d", "autoScale2d", "sendChartToCloud",
+    "toggleSpikelines", "hoverClosestCartesian", "hoverCompareCartesian"] };
 
 export function formatNumber(v) {
   if (v === null || v === undefined || Number.isNaN(v)) return "—";

@@ -77,6 +77,24 @@ export function closeDropdowns(target) {
   }
 }
 
+/**
+ * Turns a button off. One that is pending, or has the focus, stays focusable: marked
+ * aria-disabled (its click listener ignores it) rather than disabled, which dropped the
+ * keyboard focus to <body> the moment Enter sent a command. Returns whether it is off.
+ */
+export function setOff(button, off, { keepFocus = false } = {}) {
+  const soft = off && (keepFocus || button === document.activeElement);
+  button.disabled = off && !soft;
+  if (soft) button.setAttribute("aria-disabled", "true");
+  else button.removeAttribute("aria-disabled");
+  return off;
+}
+
+/** A button setOff turned off while keeping it focusable: its clicks do nothing. */
+export function softOff(button) {
+  return button.getAttribute("aria-disabled") === "true";
+}
+
 function newCommandId() {
   if (crypto.randomUUID) return crypto.randomUUID();
   const b = crypto.getRandomValues(new Uint8Array(16));
@@ -121,7 +139,13 @@ export class Controls {
     this.freezeList = root.querySelector("#freeze-layers");
     this.freezeCount = root.querySelector("#freeze-count");
     this.freezeList.addEventListener("change", () => this.renderFreeze());
-    for (const [key, button] of this.buttons) button.addEventListener("click", () => this.click(key));
+    for (const [key, button] of this.buttons) button.addEventListener("click", () => { if (!softOff(button)) this.click(key); });
+    // Enter in the LR × field sets it, as the Set button beside it does (it did nothing)
+    this.lrInput.addEventListener("keydown", (ev) => {
+      if (ev.key !== "Enter" || ev.isComposing) return;
+      ev.preventDefault();
+      if (!softOff(this.buttons.get("set_lr_scale")) && !this.buttons.get("set_lr_scale").disabled) this.click("set_lr_scale");
+    });
     document.addEventListener("keydown", (ev) => this.key(ev));
     // The dropdowns (Layers, Alerts, the "?" helps) close on Escape and on a click outside.
     document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeDropdowns(null); });
@@ -466,10 +490,11 @@ export class Controls {
   key(ev) {
     if (ev.code !== "Space" || ev.repeat) return;
     const t = ev.target;
-    // Space belongs to whatever has focus and takes it: a field, a button, a link, a
-    // <summary> (the Layers and Alerts dropdowns, every "?" help), a focusable widget.
-    const own = "input, select, textarea, button, summary, a[href], [tabindex], [contenteditable]";
-    if (t instanceof HTMLElement && t !== document.body && t.closest(own)) return;
+    // Space belongs to whatever has focus: a field, a button, a link, a <summary> (the
+    // dropdowns, every "?" help), and a scroll container Chromium makes focusable (the
+    // event log, where Space scrolls: it paused the run). The page's Space acts only when
+    // nothing is focused.
+    if (t !== document.body && t !== document.documentElement) return;
     ev.preventDefault();
     if (ENDED.has(this.status) && this.spaceFallback) this.spaceFallback();
     else this.click("pause-toggle");
@@ -498,19 +523,19 @@ export class Controls {
       const stopping = key === "stop" && s.stopping;
       // Step once stays clickable while pending: a click then is queued (see nextQueuedStep)
       const queues = key === "step_once" && pending && !notPaused;
-      b.disabled = !!reason || (pending && !queues) || noWd || notPaused || stopping;
+      const off = setOff(b, !!reason || (pending && !queues) || noWd || notPaused || stopping, { keepFocus: pending });
       // a greyed button says why, as the others do
       b.title = reason || (noWd ? NO_WEIGHT_DECAY
         : queues ? `Waiting for the trainer to acknowledge; a click now queues one more step${queued ? ` (${queued} queued)` : ""}`
           : pending ? "Waiting for the trainer to acknowledge"
             : notPaused ? STEP_NEEDS_PAUSE : stopping ? STOPPING : "");
       if (key === "step_once") b.dataset.queued = String(queued);
-      const line = b.disabled && !reason ? (noWd ? "this run was started with weight decay 0: there is none to switch"
+      const line = off && !reason ? (noWd ? "this run was started with weight decay 0: there is none to switch"
         : notPaused ? "advances the run by one step while it is paused: pause it first"
           : stopping ? "acknowledged; the trainer finishes its current step and exits"
             : pending ? WAITING : "") : "";
       if (line) why.set(line, [...(why.get(line) || []), LINE_NAMES[key] || label]);
-      if (b.disabled) b.setAttribute("aria-describedby", this.reason.id);
+      if (off) b.setAttribute("aria-describedby", this.reason.id);
       else b.removeAttribute("aria-describedby");
     }
     // in words under the buttons: a title shows on hover only (no touch, no keyboard user)
@@ -518,7 +543,11 @@ export class Controls {
     this.reason.textContent = text; // its line stays (empty): the page does not jump as it changes
     this.reason.hidden = false;
     this.reason.classList.toggle("off", !!reason);
-    this.acked.textContent = this.describe();
+    // a polite live region while the run is live (an acknowledgement is heard once): set
+    // only on a change, and silent in replay, where it follows the cursor
+    const acked = this.describe();
+    if (this.acked.textContent !== acked) this.acked.textContent = acked;
+    this.acked.setAttribute("aria-live", ENDED.has(this.status) || this.replayStep !== null ? "off" : "polite");
     this.renderFreeze();
     if (this.onRender) this.onRender();
   }

@@ -90,6 +90,8 @@ async function loadSteps() {
 async function showStep(step) {
   state.step = step;
   $("lab-step-value").textContent = String(step);
+  // the slider's value is an index into the steps: it is read out as the step it shows
+  $("lab-step").setAttribute("aria-valuetext", `step ${step}`);
   const ticket = ++state.loading;
   const answers = await Promise.all(state.lab.runs.map((r) =>
     getJSON(runUrl(r.id, "histogram", { step })).catch(() => ({ step: null, layers: [] }))));

@@ -67,7 +67,8 @@ export class Replay {
     if (s === this.cursor && this.scrubber.value === String(s)) return;
     this.cursor = s;
     this.scrubber.value = String(s);
-    this.output.textContent = String(s);
+    this.output.textContent = String(s); // no live region: it changes every frame in playback
+    this.scrubber.setAttribute("aria-valuetext", `step ${s}`);
     this.section.dataset.cursor = String(s);
     this.onCursor(s);
     if (updateUrl) this.scheduleUrl();
@@ -91,6 +92,7 @@ export class Replay {
     if (this.cursor >= this.last) this.seek(this.first);
     this.playing = true;
     this.playButton.textContent = "❚❚";
+    this.playButton.setAttribute("aria-label", "Pause replay");
     let before = performance.now();
     const tick = (now) => {
       if (!this.playing) return;
@@ -111,5 +113,6 @@ export class Replay {
     this.playing = false;
     cancelAnimationFrame(this.frame);
     this.playButton.textContent = "▶";
+    this.playButton.setAttribute("aria-label", "Play replay");
   }
 }

@@ -17,6 +17,7 @@
  * controls are off (same reasons as the rest of the control bar).
  */
 
+import { setOff, softOff } from "./controls.js";
 import { toast } from "./notify.js";
 
 /** Auto-halve's alert: silenced is auto-halve off (see the module's comment). */
@@ -36,7 +37,7 @@ export class RulesPanel {
     this.count = root.querySelector("#rules-silenced-count");
     this.note = root.querySelector("#rules-note");
     this.buttons = [...root.querySelectorAll("button[data-rule-auto]")];
-    for (const b of this.buttons) b.addEventListener("click", () => this.toggleAuto(b.dataset.ruleAuto));
+    for (const b of this.buttons) b.addEventListener("click", () => { if (!softOff(b)) this.toggleAuto(b.dataset.ruleAuto); });
     this.list.addEventListener("change", (ev) => {
       const box = ev.target;
       if (box instanceof HTMLInputElement) this.toggleSilence(box.value, box.checked);
@@ -116,11 +117,12 @@ export class RulesPanel {
       b.classList.toggle("on", on);
       b.classList.toggle("pending", pending);
       const pointless = this.cannotSwitchOn(key, r);
-      b.disabled = !r || !!reason || pending || pointless;
+      // pending (or focused), it stays focusable: disabled dropped the focus to <body>
+      const off = setOff(b, !r || !!reason || pending || pointless, { keepFocus: pending });
       b.title = reason || (pointless ? NO_WEIGHT_DECAY_TO_ADD : pending ? "Waiting for the trainer to acknowledge" : "");
       // the control bar's line says the common reason; this one says a switch's own
-      if (b.disabled && !reason && r) why.push(`${b.dataset.label}: ${pointless ? NO_WEIGHT_DECAY_TO_ADD : "waiting for the trainer to acknowledge."}`);
-      if (b.disabled) b.setAttribute("aria-describedby", reason ? this.controls.reason.id : this.note.id);
+      if (off && !reason && r) why.push(`${b.dataset.label}: ${pointless ? NO_WEIGHT_DECAY_TO_ADD : "waiting for the trainer to acknowledge."}`);
+      if (off) b.setAttribute("aria-describedby", reason ? this.controls.reason.id : this.note.id);
       else b.removeAttribute("aria-describedby");
     }
     this.note.textContent = r ? why.join(" ") : "No rules state acknowledged by this trainer yet.";

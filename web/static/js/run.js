@@ -17,7 +17,7 @@ import { getJSON, runUrl, ApiError, flatConfig } from "./api.js";
 import { COLORS, LineChart, groupMarkers, inViewport, plotlyReady, scheduler, formatNumber, stepsPerPixels } from "./charts.js";
 import { Controls } from "./controls.js";
 import { drawPreview } from "./preview.js";
-import { EventLog, Markers, eventKey } from "./eventlog.js";
+import { EventLog, Markers, actionText, eventKey } from "./eventlog.js";
 import { HistogramOverTime, LayerHeatmap, SmallMultiples } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
 import { Replay, stepFromUrl } from "./replay.js";
@@ -326,15 +326,19 @@ function setStatus(status, trainerConnected, uploading) {
   // arrive, but nothing on that connection applies commands
   if (uploading !== undefined) page.uploading = Boolean(uploading);
   const pill = $("status");
-  pill.textContent = page.status;
+  // a polite live region: set only on a change (every heartbeat set it again)
+  if (pill.textContent !== page.status) pill.textContent = page.status;
   pill.className = `pill ${page.status}`;
-  $("trainer").textContent = ENDED.has(page.status)
+  const trainer = ENDED.has(page.status)
     ? ""
     : page.trainerConnected
       ? "trainer connected"
       : page.uploading
         ? "uploading from its spool"
-        : "no trainer";
+        : page.status === "starting"
+          ? "waiting for the trainer to start"
+          : "no trainer";
+  if ($("trainer").textContent !== trainer) $("trainer").textContent = trainer;
   controls.setRun({
     status: page.status,
     trainerConnected: page.trainerConnected,
@@ -345,7 +349,9 @@ function setStatus(status, trainerConnected, uploading) {
   if (page.status === "lost") setCondition("trainer", "The trainer was lost (no heartbeat). The run is shown as recorded.");
   else if (!ended && page.uploading && !page.trainerConnected) {
     setCondition("trainer", "layerscope sync is uploading this run from its spool: its data arrives, but nothing can apply commands.", "warn");
-  } else if (!ended && page.historyLoaded && !page.trainerConnected) {
+  } else if (!ended && page.historyLoaded && !page.trainerConnected && page.status !== "starting") {
+    // not while the run is starting: a launched run's page said its trainer was "not
+    // connected" (an alert) for the seconds its trainer took to start
     setCondition("trainer", "The trainer is not connected: no new data arrives and controls are off until it reconnects.", "warn");
   } else setCondition("trainer", null);
   if (ended && page.historyLoaded && !page.replaying) startReplay();
@@ -702,8 +708,27 @@ function showSanity(step = sanityCursor) {
   badge.title = d.message || "";
 }
 
+/**
+ * Says a new alert aloud (the visually hidden live regions): assertively when its rule
+ * paused the run, politely otherwise. The alerts list itself is re-rendered whole and is
+ * no live region; acknowledgements are heard from #acked, statuses from #status.
+ */
+function announce(ev) {
+  const d = ev.data || {};
+  const pauses = d.action?.name === "pause";
+  const action = pauses ? " — run paused" : d.action ? ` — ${actionText(d.action)}` : "";
+  const text = `Alert: ${d.rule || "alert"}${d.layer ? ` on ${d.layer}` : ""} at step ${ev.step ?? "—"}${action}`;
+  const region = $(pauses ? "announce-urgent" : "announce");
+  const line = document.createElement("p");
+  line.textContent = text;
+  region.append(line); // an addition is read out; the oldest lines go quietly
+  while (region.children.length > 3) region.firstElementChild.remove();
+}
+
 function applyEvent(frame) {
+  const fresh = frame.kind === "alert" && !events.alertSeen.has(eventKey(frame));
   addEvents([frame]);
+  if (fresh && page.historyLoaded && !page.replaying) announce(frame);
   if (frame.kind === "sanity") noteSanity(frame);
   if (frame.kind === "status" && frame.data?.control) controls.setState(frame.data.control);
   if (frame.kind === "command_result") {

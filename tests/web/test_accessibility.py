@@ -1,0 +1,369 @@
+"""What a keyboard or screen-reader user meets on the pages: live regions that say new alerts
+(and nothing else over and over), the focus kept on a control or a link when the page
+redraws it, names for buttons that show a symbol, dialogs that open on their first field.
+
+The run page is driven by a hand-held trainer: a real websocket to the real server's
+/ws/trainer (hello, frames, heartbeats, acknowledgements), so a test decides when an alert
+comes and when a command is acknowledged (a real trainer acknowledges in milliseconds, and
+a NaN run takes a minute to launch). One page of that run is shared by the run-page tests,
+which run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import FAST_CONFIG, LiveServer, PageGuard, guarded_page, open_ready
+from playwright.sync_api import Browser, Page, expect
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+LAYERS = ["fc1", "relu1", "fc2"]
+STATE = {
+    "paused": False,
+    "lr_scale": 1.0,
+    "weight_decay_enabled": True,
+    "frozen": [],
+    "stopping": False,
+}
+
+
+class HandTrainer:
+    """The trainer side of /ws/trainer, driven by the test: it sends what it is told and
+    queues every command the server hands it."""
+
+    def __init__(self, ws: ClientConnection, run_id: str) -> None:
+        self.run_id = run_id
+        self.ws = ws
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.step = 0
+        self.commands: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.stopping = threading.Event()
+        hello = {
+            "type": "hello",
+            "v": 1,
+            "run_id": run_id,
+            "name": run_id,
+            "config": {"lr": 0.1},
+            "layers": [
+                {"name": n, "kind": "ReLU" if "relu" in n else "Linear", "units": 8} for n in LAYERS
+            ],
+            "last_acked_seq": 0,
+            "last_cmd_seq": 0,
+        }
+        self.ws.send(json.dumps(hello))
+        assert json.loads(self.ws.recv(timeout=10))["type"] == "welcome"
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._read, self._beat)]
+        for t in self.threads:
+            t.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self.ws:
+                message = json.loads(raw)
+                if message["type"] == "command":
+                    self.commands.put(message)
+        except Exception:  # the socket closed: the test is over  # noqa: BLE001
+            return
+
+    def _beat(self) -> None:  # else the server marks the run lost
+        while not self.stopping.wait(0.3):
+            self.send({"type": "heartbeat", "v": 1, "step": self.step, "status": "running"})
+
+    def send(self, frame: dict[str, Any]) -> None:
+        with self.lock:
+            self.ws.send(json.dumps(frame))
+
+    def frame(self, frame_type: str, **body: Any) -> None:
+        self.seq += 1
+        self.send({"type": frame_type, "v": 1, "seq": self.seq, **body})
+
+    def event(self, step: int, kind: str, data: dict[str, Any]) -> None:
+        self.step = max(self.step, step)
+        self.frame("event", step=step, kind=kind, data=data)
+
+    def command(self, timeout_s: float = 15.0) -> dict[str, Any]:
+        return self.commands.get(timeout=timeout_s)
+
+    def ack(self, command: dict[str, Any], **state: Any) -> None:
+        self.event(
+            self.step,
+            "command_result",
+            {
+                "id": command["id"],
+                "cmd_seq": command["cmd_seq"],
+                "name": command["name"],
+                "args": command["args"],
+                "ok": True,
+                "applied_at_step": self.step,
+                "state": {**STATE, **state},
+                "source": command.get("source", "user"),
+            },
+        )
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.threads[1].join(5)
+
+
+@pytest.fixture(scope="module")
+def trainer(server: LiveServer) -> Iterator[HandTrainer]:
+    """A live run with a loss curve, one probe step and one alert from before the page opened."""
+    with ws_connect(server.url.replace("http://", "ws://") + "/ws/trainer") as ws:
+        hand = HandTrainer(ws, f"a11y-{uuid.uuid4().hex[:8]}")
+        try:
+            yield from fill(server, hand)
+        finally:
+            hand.close()
+
+
+def fill(server: LiveServer, hand: HandTrainer) -> Iterator[HandTrainer]:
+    rows = [
+        {"step": s, "time_s": 0.01 * s, "values": {"loss": 2.3 / (1 + s / 10)}}
+        for s in range(1, 21)
+    ]
+    hand.frame("metrics", rows=rows)
+    probe = [
+        {"name": n, "mean": 0.0, "std": 0.5, "dead_ratio": 0.1, "saturated_ratio": 0.0,
+         "grad_norm": 0.1, "hist": {"lo": -1.0, "hi": 1.0, "counts": [1, 3, 5, 3, 1]}}
+        for n in LAYERS
+    ]  # fmt: skip
+    hand.frame("probe", step=20, layers=probe)
+    hand.event(20, "alert", {"rule": "Overfit", "layer": None, "message": "val loss rising"})
+    hand.step = 20
+    server.wait_step(hand.run_id, 20, 30)
+    yield hand
+
+
+@pytest.fixture(scope="module")
+def run_page(browser: Browser, server: LiveServer, trainer: HandTrainer) -> Iterator[Page]:
+    page, guard = guarded_page(browser)
+    open_ready(page, f"{server.url}/runs/{trainer.run_id}")
+    page.wait_for_function("document.body.dataset.socket === 'open'")
+    expect(page.locator("#trainer")).to_have_text("trainer connected")
+    yield page
+    page.context.close()
+    assert not guard.errors, guard.errors
+
+
+def focused(page: Page) -> str:
+    return str(
+        page.evaluate(
+            "(e => e === document.body ? 'body' : e.dataset.cmd || e.id || e.tagName)(document.activeElement)"
+        )
+    )
+
+
+def test_a_new_alert_is_announced_politely_or_assertively_and_the_old_ones_are_not(
+    run_page: Page, trainer: HandTrainer
+) -> None:
+    """Alerts, the run pausing and acknowledgements were never said aloud: a new alert is
+    now a line in a visually hidden live region (assertive when its rule paused the run),
+    the alerts list itself is no live region, and #status and #acked are polite ones."""
+    page = run_page
+    expect(page.locator("#alerts li.alert")).to_have_count(1)  # the one from before the page
+    urgent, polite = page.locator("#announce-urgent"), page.locator("#announce")
+    expect(urgent).to_have_attribute("aria-live", "assertive")
+    expect(polite).to_have_attribute("aria-live", "polite")
+    assert polite.inner_text() == "" and urgent.inner_text() == "", "an old alert was announced"
+    assert page.get_attribute("#alerts", "aria-live") is None
+    for live in ("#status", "#acked"):
+        expect(page.locator(live)).to_have_attribute("aria-live", "polite")
+    action = {"name": "pause", "args": {}, "source": "rule", "reason": "NaN in fc1"}
+    trainer.event(
+        21, "alert", {"rule": "ExplodingTensor", "layer": "fc1", "message": "NaN", "action": action}
+    )
+    expect(urgent).to_have_text("Alert: ExplodingTensor on fc1 at step 21 — run paused")
+    trainer.event(22, "alert", {"rule": "DeadUnits", "layer": "relu1", "message": "60% dead"})
+    expect(polite).to_have_text("Alert: DeadUnits on relu1 at step 22")
+    expect(urgent).to_have_text(
+        "Alert: ExplodingTensor on fc1 at step 21 — run paused"
+    )  # not said again
+
+
+def test_a_control_keeps_the_focus_while_its_command_is_pending(
+    run_page: Page, trainer: HandTrainer
+) -> None:
+    """A pending command's button was disabled, which sent the keyboard focus to <body>
+    after Enter: it is aria-disabled now, keeps the focus, and ignores a second press."""
+    page = run_page
+    halve = page.locator("button[data-cmd='halve_lr']")
+    halve.focus()
+    page.keyboard.press("Enter")
+    command = trainer.command()
+    assert (command["name"], command["args"]) == ("set_lr_scale", {"value": 0.5})
+    expect(halve).to_have_attribute("aria-disabled", "true")
+    expect(halve).to_have_text("Halve LR …")
+    assert focused(page) == "halve_lr"
+    page.keyboard.press("Enter")  # pending: nothing more is sent
+    time.sleep(0.5)
+    assert trainer.commands.empty(), trainer.commands.get_nowait()
+    trainer.ack(command, lr_scale=0.5)
+    expect(halve).to_have_text("Halve LR")
+    expect(halve).not_to_have_attribute("aria-disabled", "true")
+    assert focused(page) == "halve_lr"
+
+
+def test_enter_in_the_lr_field_sets_it(run_page: Page, trainer: HandTrainer) -> None:
+    """Enter in "LR ×" did nothing: it sets the scale, as the Set button does."""
+    page = run_page
+    field = page.locator("#lr-scale")
+    field.fill("0.25")
+    field.press("Enter")
+    command = trainer.command()
+    assert (command["name"], command["args"]) == ("set_lr_scale", {"value": 0.25})
+    trainer.ack(command, lr_scale=0.25)
+    expect(page.locator("#acked")).to_contain_text("LR ×0.25")
+
+
+def test_an_error_toast_is_an_alert_that_stays_until_dismissed(run_page: Page) -> None:
+    """Error toasts went after 5 s and were read politely: an alert now, with a Dismiss button."""
+    page = run_page
+    page.locator("#lr-scale").fill("-1")
+    page.locator("#lr-scale").press("Enter")
+    toast = page.locator("[role=alert] .toast.error", has_text="LR scale must be a number")
+    expect(toast).to_have_count(1)
+    page.locator("#lr-scale").press("Enter")  # the same error again: not a second toast
+    expect(toast).to_have_count(1)
+    toast.get_by_role("button", name="Dismiss").click()
+    expect(toast).to_have_count(0)
+    page.locator("#lr-scale").fill("0.25")
+
+
+def test_charts_toolbars_are_short_visible_when_focused_and_offer_no_upload(run_page: Page) -> None:
+    """Each chart's toolbar had 8 buttons (80 of the page's 115 tab stops), showed a focused
+    one at opacity ~0.3, and offered "Share chart..." (an upload to Plotly's cloud)."""
+    page = run_page
+    titles = page.evaluate(
+        "[...document.querySelectorAll('.modebar')].map(m => [...m.querySelectorAll('.modebar-btn')]"
+        ".map(b => b.getAttribute('data-title')))"
+    )
+    assert titles, "no chart toolbar"
+    assert all(len(t) <= 4 for t in titles), titles
+    assert not [t for bar in titles for t in bar if "share" in t.lower() or "cloud" in t.lower()], (
+        titles
+    )
+    button = page.locator("#chart-loss .modebar-btn").first
+    button.focus()
+    opacity = button.evaluate(
+        "e => { let o = 1; for (let n = e; n; n = n.parentElement) o *= +getComputedStyle(n).opacity; return o; }"
+    )
+    assert opacity == 1, opacity
+    # and the symbol-only buttons have names: every help "?" says what it is about
+    helps = page.locator("details.help > summary")
+    assert helps.count() > 5
+    for name in helps.evaluate_all("s => s.map(e => e.getAttribute('aria-label'))"):
+        assert name and name.startswith("Help: ") and len(name) > len("Help: "), name
+
+
+def test_space_on_the_focused_event_log_scrolls_it_and_does_not_pause(
+    run_page: Page, trainer: HandTrainer
+) -> None:
+    """Chromium makes the scrolling event log focusable, and Space there (scroll) paused
+    the run through the page-wide shortcut. It acts only when nothing has the focus."""
+    page = run_page
+    for i in range(40):  # enough lines for the log to scroll
+        trainer.event(23, "log", {"message": f"line {i}"})
+    log = page.locator("#events")
+    page.wait_for_function(
+        "(e => e.scrollHeight > e.clientHeight + 50)(document.getElementById('events'))"
+    )
+    log.focus()
+    assert focused(page) == "events", "the scrolling log took no focus: the test proves nothing"
+    page.keyboard.press("Space")
+    time.sleep(1.0)
+    assert trainer.commands.empty(), f"Space on the log sent {trainer.commands.get_nowait()}"
+    assert log.evaluate("e => e.scrollTop") > 0  # Space did what it does there
+    page.evaluate("document.activeElement.blur()")
+    page.keyboard.press("Space")  # with nothing focused, Space still pauses
+    assert trainer.command()["name"] == "pause"
+
+
+@pytest.fixture
+def runs_page(page: Page, server: LiveServer, trainer: HandTrainer) -> Page:
+    page.goto(server.url)
+    expect(
+        page.locator(f"#runs tr[data-run-id='{trainer.run_id}'] td.name a").first
+    ).to_be_visible()
+    return page
+
+
+def test_a_run_link_keeps_the_focus_across_the_lists_polls(
+    runs_page: Page, trainer: HandTrainer
+) -> None:
+    """The list's 2 s poll rebuilt each name cell, so a focused run link lost the focus
+    every 2 s. The row's loss curve and Delete button are named too."""
+    page = runs_page
+    row = page.locator(f"#runs tr[data-run-id='{trainer.run_id}']")
+    row.locator("td.name a").focus()
+    for _ in range(2):  # two polls answered and drawn
+        with page.expect_response(lambda r: "/api/runs?" in r.url):
+            pass
+    page.wait_for_timeout(200)
+    assert page.evaluate("document.activeElement.textContent") == trainer.run_id
+    curve = re.compile(r"^Loss curve: from 2\.09\d* to 0\.76\d*, lowest 0\.76\d*$")
+    expect(row.locator("td.spark svg")).to_have_attribute("aria-label", curve)
+    expect(row.get_by_role("button", name=f"Delete {trainer.run_id}")).to_have_count(1)
+
+
+def test_the_forms_dialogs_are_named_open_on_a_field_and_tie_errors_to_fields(
+    runs_page: Page,
+) -> None:
+    """The New-run dialog opened on its fields' scroll container and had no name; the
+    Init-lab Steps error was tied to no field."""
+    page = runs_page
+    page.locator("#new-run").focus()
+    page.keyboard.press("Enter")
+    dialog = page.get_by_role("dialog", name="New run")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#new-run-fields input, #new-run-fields select").first).to_be_focused()
+    lr = page.locator("#f-solver-lr")
+    assert "f-solver-lr-error" in (lr.get_attribute("aria-describedby") or "").split()
+    page.keyboard.press("Escape")
+    page.locator("#init-lab").click()
+    expect(page.get_by_role("dialog", name="Init lab")).to_be_visible()
+    steps = page.locator("#lab-steps")
+    steps.fill("")
+    page.locator("#lab-submit").click()
+    expect(steps).to_have_attribute("aria-invalid", "true")
+    expect(steps).to_have_accessible_description(
+        "Steps: required (a whole number of training steps, at least 1)"
+    )
+    expect(steps).to_be_focused()
+
+
+def test_a_starting_runs_page_does_not_say_its_trainer_is_not_connected(
+    browser: Browser, server: LiveServer
+) -> None:
+    """A launched run's page alerted "The trainer is not connected…" for the seconds its
+    trainer took to start: while the run is starting it says it waits for the trainer."""
+    run_id = server.launch(
+        {**FAST_CONFIG, "name": "a11y starting", "solver": {**FAST_CONFIG["solver"], "steps": 30}}
+    )
+    page, guard = guarded_page(browser, PageGuard())
+    try:
+        # every banner text and the status shown with it, from the page's first script on
+        page.add_init_script(
+            "window.seen = []; new MutationObserver(() => { const b = document.getElementById('banner');"
+            " const s = document.getElementById('status'); if (b && s) window.seen.push([s.textContent, b.hidden ? '' : b.textContent,"
+            " document.getElementById('trainer').textContent]); })"
+            ".observe(document, {subtree: true, childList: true, characterData: true, attributes: true})"
+        )
+        open_ready(page, f"{server.url}/runs/{run_id}")
+        expect(page.locator("#status")).not_to_have_text("starting", timeout=60_000)
+        seen = page.evaluate("window.seen")
+        starting = [s for s in seen if s[0] == "starting"]
+        assert not [s for s in starting if "not connected" in s[1]], starting
+        assert all(s[2] in ("", "waiting for the trainer to start") for s in starting), starting
+    finally:
+        page.context.close()
+    assert not guard.errors, guard.errors

@@ -314,24 +314,29 @@ async def test_a_lost_runs_pending_command_is_settled_and_not_sent_when_its_trai
     """A run lost with a command pending: the command is failed (never applied), and the
     trainer that reconnects later is not sent it (a pause the page was told failed would
     otherwise pause the run minutes later)."""
-    with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
-        trainer = await FakeTrainer.connect(server, "r1", instance="proc1")
-        trainer.heartbeat(0.1)  # alive until the command is in (a busy machine lost it first)
-        url = f"{server}/api/runs/r1/commands"
-        async with httpx.AsyncClient(timeout=30) as client:  # the loop keeps heartbeating
+    # Each trainer heartbeats on this loop until its command is in (a busy machine lost it
+    # first), so nothing may block the loop meanwhile: the client is made (~0.1 s of SSL set-up,
+    # more under load) before either connects, and posts without blocking. A blocking
+    # httpx.post after the second hello took 0.5 s in about 3% of tries beside busy loops,
+    # long enough for the server to lose the returning trainer before it (409).
+    async with httpx.AsyncClient(timeout=30) as client:
+        with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+            trainer = await FakeTrainer.connect(server, "r1", instance="proc1")
+            trainer.heartbeat(0.1)
+            url = f"{server}/api/runs/r1/commands"
             assert (await client.post(url, json={"id": "c-lost", "name": "pause"})).status_code == 202
-        await trainer.wait_for(lambda m: m["type"] == "command")
-        assert trainer._beat is not None
-        trainer._beat.cancel()
-        await wait_status(server, "r1", "lost", timeout=10)  # silent: no heartbeats
-        rows = commands_of(server, "r1")
-        assert [(r["id"], r["status"], r["error"]) for r in rows] == [
-            ("c-lost", "failed", "the run ended before its trainer applied it")
-        ]
-        await trainer.ws.close()
-        back = await FakeTrainer.connect(server, "r1", instance="proc1")
-        back.heartbeat()
-        assert httpx.post(url, json={"id": "c-next", "name": "resume"}).status_code == 202
-        await back.wait_for(lambda m: m["type"] == "command")
-        assert [m["id"] for m in back.commands] == ["c-next"]
-        await back.close()
+            await trainer.wait_for(lambda m: m["type"] == "command")
+            assert trainer._beat is not None
+            trainer._beat.cancel()
+            await wait_status(server, "r1", "lost", timeout=10)  # silent: no heartbeats
+            rows = commands_of(server, "r1")
+            assert [(r["id"], r["status"], r["error"]) for r in rows] == [
+                ("c-lost", "failed", "the run ended before its trainer applied it")
+            ]
+            await trainer.ws.close()
+            back = await FakeTrainer.connect(server, "r1", instance="proc1")
+            back.heartbeat(0.1)
+            assert (await client.post(url, json={"id": "c-next", "name": "resume"})).status_code == 202
+            await back.wait_for(lambda m: m["type"] == "command")
+            assert [m["id"] for m in back.commands] == ["c-next"]
+            await back.close()

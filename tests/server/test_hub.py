@@ -462,13 +462,16 @@ async def test_a_lost_runs_status_and_settled_commands_all_reach_its_viewers(
     """The status the server sets (lost) and each command it settles with it, in one write:
     a viewer got the status alone."""
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=0.5)) as server:
+        # made before the trainer connects: making a client blocks the loop (SSL set-up,
+        # 0.1 s, several times that under load) that the heartbeats below run on
+        client = httpx.AsyncClient(timeout=30)
         trainer = await FakeTrainer.connect(server, "r1")
         # alive (heartbeats on this loop, so the posts must not block it) until the
         # commands are in: on a busy CI machine the run was lost before the first post (409)
         trainer.heartbeat(0.1)
         await trainer.send(metrics_frame(1, 3))
         await trainer.wait_acked(1)
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with client:
             for n in range(2):
                 posted = await client.post(
                     f"{server}/api/runs/r1/commands", json={"id": f"d{n}", "name": "pause"}

@@ -146,7 +146,9 @@ def test_a_trainer_gone_while_the_server_restarted_is_shown_gone_once_the_socket
     try:
         page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
         assert not server.run("restart")["trainer_connected"]
-        expect(page.locator("#trainer")).to_have_text("no trainer", timeout=5_000)
+        # the default 30 s: the bug showed 'trainer connected' for the whole 120 s grace, and
+        # a 5 s bound measured only how fast a loaded machine repaints
+        expect(page.locator("#trainer")).to_have_text("no trainer")
         expect(pause).to_be_disabled()
         expect(page.locator("#control-reason")).to_contain_text("No trainer is connected")
     finally:

@@ -638,7 +638,9 @@ def test_a_single_probe_step_is_drawn_as_markers_and_empty_charts_say_what_is_mi
             for width in (1440, 390):
                 page.set_viewport_size({"width": width, "height": 1000})
                 for chart, _ in notes:
-                    page.wait_for_function(NOTE_INSIDE_JS, arg=chart, timeout=5_000)
+                    # 30 s: a note that overflows never fits, and a loaded machine's
+                    # re-layout after a resize is no part of what this checks
+                    page.wait_for_function(NOTE_INSIDE_JS, arg=chart, timeout=30_000)
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

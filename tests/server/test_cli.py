@@ -60,7 +60,10 @@ def _get(url: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_demo_prints_a_url_that_serves_a_running_demo_within_10_s(tmp_path: Path) -> None:
+def test_demo_prints_a_url_that_serves_a_running_demo(tmp_path: Path) -> None:
+    # The URL took 2-3.3 s on a 2-core machine at load 5 (a fresh process importing the
+    # server); the old 10 s bound measured start-up speed beside the browser tests, which a
+    # busier CI machine could exceed. 30 s still catches a demo that never says where it is.
     started = time.monotonic()
     proc = subprocess.Popen(
         [*LAYERSCOPE, "demo", "--port", "0", "--data-dir", str(tmp_path), "--steps", "5000"],
@@ -72,11 +75,11 @@ def test_demo_prints_a_url_that_serves_a_running_demo_within_10_s(tmp_path: Path
     try:
         url = None
         assert proc.stdout is not None
-        while time.monotonic() - started < 10 and url is None:
+        while time.monotonic() - started < 30 and url is None:
             line = proc.stdout.readline()
             match = re.search(r"(http://127\.0\.0\.1:\d+/runs/[0-9a-zA-Z_-]+)", line)
             url = match.group(1) if match else None
-        assert url, "demo printed no dashboard URL within 10 s"
+        assert url, "demo printed no dashboard URL within 30 s"
         base = url.split("/runs/")[0]
         run_id = url.rsplit("/", 1)[1]
         status, page = _get(url)

@@ -252,8 +252,19 @@ def test_charts_toolbars_are_short_visible_when_focused_and_offer_no_upload(run_
     assert not [t for bar in titles for t in bar if "share" in t.lower() or "cloud" in t.lower()], (
         titles
     )
-    button = page.locator("#chart-loss .modebar-btn").first
-    button.focus()
+    # each toolbar is one tab stop, the arrow keys move along it
+    stops = page.evaluate(
+        "[...document.querySelectorAll('.modebar')].map(m => [m.getAttribute('role'),"
+        " [...m.querySelectorAll('.modebar-btn')].filter(b => b.tabIndex >= 0).length])"
+    )
+    assert stops == [["toolbar", 1]] * len(titles), stops
+    expect(page.locator("#chart-loss .modebar")).to_have_attribute(
+        "aria-label", "Chart tools: Loss"
+    )
+    page.locator("#chart-loss .modebar-btn").first.focus()
+    page.keyboard.press("ArrowRight")
+    button = page.locator("#chart-loss .modebar-btn").nth(1)
+    expect(button).to_be_focused()
     opacity = button.evaluate(
         "e => { let o = 1; for (let n = e; n; n = n.parentElement) o *= +getComputedStyle(n).opacity; return o; }"
     )

@@ -307,6 +307,54 @@ export const PLOT_CONFIG = { displaylogo: false, responsive: true, showSendToClo
   modeBarButtonsToRemove: ["lasso2d", "select2d", "zoom2d", "pan2d", "autoScale2d", "sendChartToCloud",
     "toggleSpikelines", "hoverClosestCartesian", "hoverCompareCartesian"] };
 
+/**
+ * Plotly.react, then the chart's toolbar made one tab stop: a role=toolbar whose buttons
+ * the arrow keys (Home, End) move along, Tab going on to the next control. Four buttons a
+ * chart were still 40 of the run page's tab stops. Plotly keeps its toolbar across draws
+ * and builds new buttons when they change: those are set up anew.
+ */
+export function plotReact(P, div, data, layout, config) {
+  return P.react(div, data, layout, config).then((gd) => {
+    toolbarKeys(div);
+    return gd;
+  });
+}
+
+const TOOLBAR_KEYS = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
+
+export function toolbarKeys(div) {
+  const bar = div.querySelector(".modebar");
+  const buttons = () => (bar ? [...bar.querySelectorAll(".modebar-btn")] : []);
+  const all = buttons();
+  if (!all.length) return;
+  if (!bar.dataset.keys) {
+    bar.dataset.keys = "1";
+    bar.setAttribute("role", "toolbar");
+    const title = div.closest(".card")?.querySelector("h2")?.textContent.trim();
+    bar.setAttribute("aria-label", title ? `Chart tools: ${title}` : "Chart tools");
+    bar.addEventListener("keydown", (ev) => {
+      const list = buttons();
+      const at = list.indexOf(document.activeElement);
+      if (at < 0) return;
+      const n = list.length;
+      const to = ev.key in TOOLBAR_KEYS ? (at + TOOLBAR_KEYS[ev.key] + n) % n
+        : ev.key === "Home" ? 0 : ev.key === "End" ? n - 1 : -1;
+      if (to < 0) return;
+      ev.preventDefault();
+      list.forEach((b, i) => { b.tabIndex = i === to ? 0 : -1; });
+      list[to].focus();
+    });
+  }
+  // buttons new to the toolbar (its first draw, or Plotly rebuilt them): one tab stop again
+  if (all.some((b) => !b.dataset.roving)) {
+    const keep = all.find((b) => b.dataset.roving && b.tabIndex === 0) ?? all[0];
+    for (const b of all) {
+      b.dataset.roving = "1";
+      b.tabIndex = b === keep ? 0 : -1;
+    }
+  }
+}
+
 export function formatNumber(v) {
   if (v === null || v === undefined || Number.isNaN(v)) return "—";
   const a = Math.abs(v);
@@ -885,7 +933,7 @@ export class LineChart {
     // stood in for this chart until Plotly ran.
     if (!this.drawn) this.div.querySelector(":scope > canvas.chart-preview")?.remove();
     if (!this.drawn || this.full || (pendingAny && !extendable)) {
-      work = P.react(this.div, this.drawnData(), this.layout(), PLOT_CONFIG);
+      work = plotReact(P, this.div, this.drawnData(), this.layout(), PLOT_CONFIG);
     } else if (extendable) {
       const idx = [];
       const xs = [];

@@ -11,7 +11,7 @@
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, plotlyText, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, plotReact, plotlyText, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -231,7 +231,7 @@ export class LayerHeatmap {
       this.rowCount = 0;
       this.drawRowLines();
       // no probe step at all yet (a run probed every 100 steps, in its first 100): says so
-      return P.react(this.div, [], noteLayout(this.div, this.steps.length ? this.empty : NO_PROBE_YET), PLOT_CONFIG);
+      return plotReact(P, this.div, [], noteLayout(this.div, this.steps.length ? this.empty : NO_PROBE_YET), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
     hideNote(this.div);
@@ -282,7 +282,7 @@ export class LayerHeatmap {
       annotations: this.div.dataset.allZero ? [this.zeroNote()] : [],
       ...(height ? { height } : {}),
     });
-    return P.react(this.div, data, layout, PLOT_CONFIG).then(() => {
+    return plotReact(P, this.div, data, layout, PLOT_CONFIG).then(() => {
       if (!this.listening) {
         // a resize (responsive) or relayout moves the plot: the lines follow it
         this.div.on?.("plotly_afterplot", () => this.drawRowLines());
@@ -456,7 +456,7 @@ export class HistogramOverTime {
     this.drawnAt = performance.now();
     if (!this.steps.length) {
       this.div.dataset.empty = "1";
-      return P.react(this.div, [], noteLayout(this.div, this.layer ? NO_PROBE_YET : "this run has no probed layer yet"), PLOT_CONFIG);
+      return plotReact(P, this.div, [], noteLayout(this.div, this.layer ? NO_PROBE_YET : "this run has no probed layer yet"), PLOT_CONFIG);
     }
     delete this.div.dataset.empty;
     hideNote(this.div);
@@ -480,7 +480,7 @@ export class HistogramOverTime {
       yaxis: { ...baseLayout().yaxis, title: { text: plotlyText(this.layer) } },
       shapes: stepShapes(this.cursor),
     });
-    return P.react(this.div, data, layout, PLOT_CONFIG);
+    return plotReact(P, this.div, data, layout, PLOT_CONFIG);
   }
 }
 

@@ -20,7 +20,7 @@
  */
 
 import { ApiError, getJSON, postJSON, runUrl } from "./api.js";
-import { COLORS, PLOT_CONFIG, baseLayout, formatNumber, hideNote, logAxis, noteLayout, plotlyReady, plotlyText } from "./charts.js";
+import { COLORS, PLOT_CONFIG, plotReact, baseLayout, formatNumber, hideNote, logAxis, noteLayout, plotlyReady, plotlyText } from "./charts.js";
 import { closeDropdowns } from "./controls.js";
 import { drawBars } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
@@ -153,11 +153,11 @@ function ratioChart(div, order, stat, yTitle) {
   const note = order.length ? ratioNote(order, stat) : null;
   if (note) {
     div.dataset.empty = "1";
-    return window.Plotly.react(div, [], noteLayout(div, note), PLOT_CONFIG);
+    return plotReact(window.Plotly, div, [], noteLayout(div, note), PLOT_CONFIG);
   }
   delete div.dataset.empty;
   hideNote(div);
-  return window.Plotly.react(div, lineData(order, stat), layout(yTitle, { range: [-0.02, 1.02] }), PLOT_CONFIG);
+  return plotReact(window.Plotly, div, lineData(order, stat), layout(yTitle, { range: [-0.02, 1.02] }), PLOT_CONFIG);
 }
 
 /** The std chart's y axis: log (labelled as the run page's: logAxis) or linear. */
@@ -247,12 +247,12 @@ async function draw() {
       hovertemplate: `${plotlyText(r.label)}: unit spread / std %{y:.3g} (spread %{customdata})<extra>%{x}</extra>` };
   });
   await Promise.all([
-    P.react($("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
-    P.react($("chart-std"), lineData(order, "std", (v) => (logStd && v === 0 ? null : v)),
+    plotReact(P, $("chart-mean"), lineData(order, "mean"), layout("mean"), PLOT_CONFIG),
+    plotReact(P, $("chart-std"), lineData(order, "std", (v) => (logStd && v === 0 ? null : v)),
       layout("std", stdAxis(order, logStd)), PLOT_CONFIG),
     ratioChart($("chart-dead"), order, "dead_ratio", "dead ratio"),
     ratioChart($("chart-sat"), order, "saturated_ratio", "saturated ratio"),
-    P.react($("chart-sym"), sym, { ...layout("unit spread / std", { rangemode: "tozero" }), barmode: "group" }, PLOT_CONFIG),
+    plotReact(P, $("chart-sym"), sym, { ...layout("unit spread / std", { rangemode: "tozero" }), barmode: "group" }, PLOT_CONFIG),
   ]);
   drawGrid(order);
   if (order.length) document.body.dataset.ready = "1";

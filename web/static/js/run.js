@@ -708,16 +708,34 @@ function showSanity(step = sanityCursor) {
   badge.title = d.message || "";
 }
 
+/** New alerts not said yet: said together once the frames at hand are applied. */
+const unsaid = [];
+
+/** An alert in words, as it is said: "Alert: ExplodingTensor on fc1 at step 3 — run paused". */
+function alertWords(ev) {
+  const d = ev.data || {};
+  const action = d.action?.name === "pause" ? " — run paused" : d.action ? ` — ${actionText(d.action)}` : "";
+  return `Alert: ${d.rule || "alert"}${d.layer ? ` on ${d.layer}` : ""} at step ${ev.step ?? "—"}${action}`;
+}
+
 /**
- * Says a new alert aloud (the visually hidden live regions): assertively when its rule
- * paused the run, politely otherwise. The alerts list itself is re-rendered whole and is
- * no live region; acknowledgements are heard from #acked, statuses from #status.
+ * Says new alerts aloud (the visually hidden live regions): assertively when a rule paused
+ * the run, politely otherwise; a burst (a reconnect's catch-up) as one line. The alerts
+ * list itself is re-rendered whole and is no live region; acknowledgements are heard from
+ * #acked, statuses from #status.
  */
 function announce(ev) {
-  const d = ev.data || {};
-  const pauses = d.action?.name === "pause";
-  const action = pauses ? " — run paused" : d.action ? ` — ${actionText(d.action)}` : "";
-  const text = `Alert: ${d.rule || "alert"}${d.layer ? ` on ${d.layer}` : ""} at step ${ev.step ?? "—"}${action}`;
+  unsaid.push(ev);
+  if (unsaid.length === 1) setTimeout(sayAlerts, 0);
+}
+
+function sayAlerts() {
+  const alerts = unsaid.splice(0);
+  if (!alerts.length) return;
+  const pauses = alerts.some((ev) => ev.data?.action?.name === "pause");
+  const last = alerts[alerts.length - 1];
+  const text = alerts.length > 3 ? `${alerts.length} new alerts; the latest: ${alertWords(last)}`
+    : alerts.map(alertWords).join(". ");
   const region = $(pauses ? "announce-urgent" : "announce");
   const line = document.createElement("p");
   line.textContent = text;

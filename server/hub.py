@@ -9,7 +9,9 @@ committed (a joining viewer reads everything older from the store), showing the
 server's own events (a command someone sent, a status the server set) to the run's
 viewers as the store commits them, and one
 queue, bounded in frames and in bytes, plus one sender task per viewer,
-including the ``/ws/runs/{run_id}`` socket.
+including the ``/ws/runs/{run_id}`` socket; one timer that sends a quiet viewer a
+``tick`` every ``TICK_S`` (a page that hears nothing for longer knows the server
+stalled), and closing a deleted run's viewers (1008 "run deleted").
 
 Never: awaits a viewer while broadcasting (``publish`` only appends), lets one
 slow viewer delay the trainer or another viewer, or silently drops a metrics or
@@ -46,6 +48,12 @@ VIEWER_QUEUE_BYTES = 8 * 1024 * 1024
 CATCHUP_MAX_FRAMES = 5000
 CATCHUP_MAX_BYTES = VIEWER_QUEUE_BYTES
 CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
+# A viewer sent nothing for half of this gets a `tick` every TICK_S: a page hears from a
+# live server at least every ~3 s, so one that hears nothing for longer (socket.js: 7 s) knows
+# the server stalled (stopped, a laptop asleep, a dead link), which the browser's own
+# pings never tell a page's script: a quiet or paused run looked live while commands queued.
+TICK_S = 2.0
+DELETED_REASON = "run deleted"
 SLOW_VIEWER_REASON = "viewer too slow; reconnect with after_seq"
 # An error's message is cut to this: one quoting a field (an unknown message type or
 # command name of a megabyte) was as big as the message it refused.
@@ -171,6 +179,7 @@ class Viewer:
         self.shown_events: frozenset[tuple[Any, ...]] = frozenset()
         self.backlog: list[_Item] = []
         self.sender: asyncio.Task[None] | None = None
+        self.last_sent = 0.0  # loop time of the last message handed to the socket
 
     def offer(self, item: _Item) -> None:
         """Never blocks. Coalesces probes when behind; overflows -> close 1013."""
@@ -221,7 +230,9 @@ class Viewer:
                 self.queued_bytes += len(item.text)
         self.backlog = []
         self.wake.set()
-        self.sender = asyncio.get_running_loop().create_task(self._send_loop())
+        loop = asyncio.get_running_loop()
+        self.last_sent = loop.time()
+        self.sender = loop.create_task(self._send_loop())
 
     def _covered(self, item: _Item) -> bool:
         if item.seq is None:
@@ -243,6 +254,7 @@ class Viewer:
                 if self._covered(item):
                     continue
                 await self.ws.send_text(item.text)
+                self.last_sent = asyncio.get_running_loop().time()
         except asyncio.CancelledError:
             raise
         except Exception:  # the socket went away under us: the handler sees the disconnect
@@ -287,6 +299,8 @@ class Hub:
         self._seen: dict[str, _SeqSet] = {}
         self._recent: dict[str, deque[_Item]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.tick_s = TICK_S
+        self._ticker: asyncio.Task[None] | None = None
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
@@ -388,9 +402,13 @@ class Hub:
 
     def forget_run(self, run_id: str) -> None:
         """The run was deleted: a new run under its id starts from seq 1 again, and its
-        frames must reach viewers (the old run's shown seqs would hide them all)."""
+        frames must reach viewers (the old run's shown seqs would hide them all). Its
+        viewers are closed with 1008 "run deleted" (a page open on it kept showing it as
+        if it existed, and after a restart retried its refused socket forever)."""
         self._seen.pop(run_id, None)
         self._recent.pop(run_id, None)
+        for viewer in list(self._viewers.get(run_id, ())):
+            viewer.drop(wire.CLOSE_POLICY, DELETED_REASON)
 
     # ---- viewers ----
 
@@ -399,7 +417,31 @@ class Hub:
         viewer = Viewer(self, ws, run_id, self.queue_frames)
         viewer.backlog = list(self._recent.get(run_id, ()))
         self._viewers.setdefault(run_id, set()).add(viewer)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
         return viewer
+
+    async def _tick(self) -> None:
+        """One timer for every viewer: each started one that has nothing queued and was
+        sent nothing for half a tick gets ``{"type": "tick"}`` (one encoded text for all).
+        Ends when no viewer is left (the next one starts it again)."""
+        loop = asyncio.get_running_loop()
+        while self._viewers:
+            await asyncio.sleep(self.tick_s)
+            now = loop.time()
+            item: _Item | None = None
+            for viewers in list(self._viewers.values()):
+                for viewer in list(viewers):
+                    if (
+                        viewer.sender is None
+                        or viewer.closing
+                        or viewer.queue
+                        or now - viewer.last_sent < self.tick_s / 2
+                    ):
+                        continue
+                    if item is None:
+                        item = _Item(None, "tick", {"type": "tick"})
+                    viewer.offer(item)
 
     def remove_viewer(self, viewer: Viewer) -> None:
         viewers = self._viewers.get(viewer.run_id)
@@ -414,6 +456,10 @@ class Hub:
         return sum(len(v) for v in self._viewers.values())
 
     async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         for viewers in list(self._viewers.values()):
             for viewer in list(viewers):
                 viewer.drop(1001, "server shutting down")

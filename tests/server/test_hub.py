@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from layerscope.server.hub import TICK_S
 from layerscope.trainer import wire
 from server_harness import (
     FakeTrainer,
@@ -27,6 +28,7 @@ from server_harness import (
     running_server,
     stop_task,
     strict_loads,
+    wait_detached,
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -537,3 +539,54 @@ async def test_a_server_event_stored_while_a_viewer_joins_reaches_it_once(
         assert _server_events(await _drain(viewer)) == []
         await viewer.close()
         await trainer.close()
+
+
+async def test_a_quiet_runs_viewer_hears_a_tick_every_few_seconds(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A run that sends nothing (quiet, paused) had its viewers hear nothing at all: a page
+    could not tell a stalled server (stopped 70 s; /tmp/h15d/s2_sigstop.py) from a live one
+    and showed 'running · trainer connected'. The server now sends a quiet viewer a tick
+    every TICK_S, so a page that hears nothing for longer knows."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 1))
+    await trainer.wait_acked(1)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    try:
+        loop = asyncio.get_running_loop()
+        arrived: list[float] = []
+        longest = 1.5 * TICK_S + 0.5  # idle for half a tick, then the next tick
+        for _ in range(2):
+            message = strict_loads(await asyncio.wait_for(viewer.recv(), longest))
+            assert message == {"v": 1, "type": "tick"}
+            arrived.append(loop.time())
+        assert arrived[1] - arrived[0] > TICK_S / 2  # one a tick, not a stream
+    finally:
+        await viewer.close()
+        await trainer.close()
+
+
+async def test_deleting_a_run_closes_its_viewers_saying_so(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A run deleted in another tab stayed shown, its socket open, as if it existed
+    (/tmp/h15d/s3_trainer_kill_delete.py): its viewers are now closed with 1008 'run
+    deleted', and one that reconnects is refused, 'not found'."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 1))
+    await trainer.wait_acked(1)
+    await trainer.close()
+    await wait_detached(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    async with httpx.AsyncClient(timeout=10) as client:
+        deleted = await client.delete(f"{shared_server}/api/runs/{run_id}")
+    assert deleted.status_code == 204
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:  # a tick may come first
+            assert strict_loads(await asyncio.wait_for(viewer.recv(), 5))["type"] == "tick"
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (wire.CLOSE_POLICY, "run deleted")
+    async with connect(shared_server.ws(f"/ws/runs/{run_id}?after_seq=1")) as again:
+        await again.wait_closed()
+        assert again.close_code == wire.CLOSE_POLICY
+        assert f"run {run_id!r} not found" == again.close_reason

@@ -194,7 +194,8 @@ def test_a_control_keeps_the_focus_while_its_command_is_pending(
     run_page: Page, trainer: HandTrainer
 ) -> None:
     """A pending command's button was disabled, which sent the keyboard focus to <body>
-    after Enter: it is aria-disabled now, keeps the focus, and ignores a second press."""
+    after Enter: it is aria-disabled now, keeps the focus, and ignores a second press; an
+    alert's suggestion button too."""
     page = run_page
     halve = page.locator("button[data-cmd='halve_lr']")
     halve.focus()
@@ -211,6 +212,18 @@ def test_a_control_keeps_the_focus_while_its_command_is_pending(
     expect(halve).to_have_text("Halve LR")
     expect(halve).not_to_have_attribute("aria-disabled", "true")
     assert focused(page) == "halve_lr"
+    # so does an alert's own "Halve LR" (the NaN alert's advice)
+    nan = page.locator("#alerts li.alert", has_text="ExplodingTensor")
+    suggested = nan.locator("button[data-suggest='halve_lr']")
+    suggested.focus()
+    page.keyboard.press("Enter")
+    command = trainer.command()
+    assert (command["name"], command["args"]) == ("set_lr_scale", {"value": 0.25})
+    expect(suggested).to_have_attribute("aria-disabled", "true")
+    expect(suggested).to_be_focused()
+    trainer.ack(command, lr_scale=0.25)
+    expect(suggested).not_to_have_attribute("aria-disabled", "true")
+    expect(suggested).to_be_focused()
 
 
 def test_enter_in_the_lr_field_sets_it(run_page: Page, trainer: HandTrainer) -> None:

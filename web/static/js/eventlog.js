@@ -20,6 +20,7 @@
  */
 
 import { formatNumber } from "./charts.js";
+import { setOff, softOff } from "./controls.js";
 
 /** The most lines the log keeps as events come (older ones loaded on request raise it). */
 export const MAX_LINES = 500;
@@ -172,7 +173,7 @@ export class EventLog {
     if (!this.suggestion) return;
     for (const b of this.alerts.querySelectorAll("button[data-suggest]")) {
       const why = this.suggestion.blocked(b.dataset.suggest);
-      b.disabled = !!why;
+      setOff(b, !!why); // the one with the focus keeps it (aria-disabled)
       b.title = why || "Sends the command from the control bar; shown there once acknowledged.";
     }
   }
@@ -334,7 +335,11 @@ export class EventLog {
       b.className = "suggest";
       b.dataset.suggest = hint.kind;
       b.textContent = hint.label;
-      b.addEventListener("click", () => { this.suggestion.send(hint.kind); this.renderSuggestions(); });
+      b.addEventListener("click", () => {
+        if (softOff(b)) return;
+        this.suggestion.send(hint.kind);
+        this.renderSuggestions();
+      });
       li.append(" ", b);
     }
     return li;

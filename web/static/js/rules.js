@@ -38,6 +38,10 @@ export class RulesPanel {
     this.note = root.querySelector("#rules-note");
     this.buttons = [...root.querySelectorAll("button[data-rule-auto]")];
     for (const b of this.buttons) b.addEventListener("click", () => { if (!softOff(b)) this.toggleAuto(b.dataset.ruleAuto); });
+    // a pending rule's box stays focusable (aria-disabled): a click on it changes nothing
+    this.list.addEventListener("click", (ev) => {
+      if (ev.target instanceof HTMLInputElement && softOff(ev.target)) ev.preventDefault();
+    });
     this.list.addEventListener("change", (ev) => {
       const box = ev.target;
       if (box instanceof HTMLInputElement) this.toggleSilence(box.value, box.checked);
@@ -146,7 +150,7 @@ export class RulesPanel {
       const box = label.querySelector("input");
       const pending = pendingKeys.has(label.dataset.rule === PLATEAU ? "auto_halve_lr" : `silence:${label.dataset.rule}`);
       box.checked = silenced.has(label.dataset.rule); // acknowledged state only
-      box.disabled = !!reason || pending;
+      setOff(box, !!reason || pending, { keepFocus: pending });
       label.classList.toggle("pending", pending);
     }
     // the count is of rules silenced by name: auto-halve is off by default, and a run no one

@@ -9,13 +9,19 @@ away. The second server binds the same port on the same data directory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import (
     FAST_CONFIG,
@@ -26,7 +32,10 @@ from conftest import (
     serve,
     server_settings,
     wait_for,
+    write_recorded_run,
 )
+from layerscope.server.serving import make_server
+from layerscope.server.settings import Settings
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -60,6 +69,14 @@ def trainer(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
         proc.wait(10)
 
 
+def expect_server_down(guard: PageGuard) -> None:
+    """The test stops the server: Chromium logs each refused websocket, and each request
+    socket.js then makes to ask why its socket was refused (the run's detail: a 403 or
+    404 says more than the browser's 1006)."""
+    guard.expect_refused_websocket()
+    guard.allowed.append(re.compile(r"Failed to load resource: net::ERR_CONNECTION_REFUSED"))
+
+
 def start_trainer(server: LiveServer, config: Path, run_dir: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "layerscope.trainer", "train",
@@ -73,7 +90,7 @@ def start_trainer(server: LiveServer, config: Path, run_dir: Path) -> subprocess
 def test_a_server_restart_leaves_no_gap_in_the_curves(
     page: Page, guard: PageGuard, tmp_path: Path, trainer_config: Path, trainer: list[Any]
 ) -> None:
-    guard.expect_refused_websocket()
+    expect_server_down(guard)
     data_dir = tmp_path / "data"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -121,7 +138,7 @@ def test_a_trainer_gone_while_the_server_restarted_is_shown_gone_once_the_socket
     controls off at once, not 'trainer connected' until the server gives the run up
     (review F's restart3.py; the second server's grace is long, so only the page's own
     refresh can tell)."""
-    guard.expect_refused_websocket()
+    expect_server_down(guard)
     data_dir = tmp_path / "data"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -207,3 +224,64 @@ def test_a_live_run_redraws_the_charts_in_the_window_and_spares_those_below_it(
     page.wait_for_function(
         "([id, n]) => (window.__draws[id] || 0) > n", arg=[below, before], timeout=15_000
     )
+
+
+# Counts the page's websocket attempts (set before its scripts run).
+COUNT_SOCKETS_JS = """
+window.__sockets = 0;
+const CountedWebSocket = window.WebSocket;
+window.WebSocket = class extends CountedWebSocket {
+  constructor(...args) { super(...args); window.__sockets += 1; }
+};
+"""
+STALL_S = 12.0  # socket.js SILENCE_MS is 7 s; the server ticks every 2 s
+
+
+@contextlib.contextmanager
+def serve_stallable(settings: Settings) -> Iterator[tuple[LiveServer, asyncio.AbstractEventLoop]]:
+    """serve(), plus the server's event loop: a callback that sleeps on it stalls the whole
+    server as a SIGSTOP (or a laptop's sleep) does, its sockets open and silent."""
+    uv, sock, settings, _ = make_server(settings)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: uv.started or not thread.is_alive(), 20, "server start")
+    assert uv.started
+    client = httpx.Client(timeout=30.0)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{settings.port}", settings, client), uv.servers[0].get_loop()
+    finally:
+        client.close()
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_a_stalled_server_and_a_deleted_run_are_said_on_the_run_page(
+    page: Page, tmp_path: Path
+) -> None:
+    """A server stopped for 70 s left a quiet run's page saying 'running · trainer
+    connected', controls on (a Pause clicked then applied 1,600 steps later); a run deleted
+    in another tab stayed shown as if it existed, and after a restart its page retried the
+    refused socket every 5 s for good (/tmp/h15d/s2_sigstop.py, s3_trainer_kill_delete.py).
+    The server ticks; 7 s without a word, the page says the connection is lost and
+    reconnects, and a deleted run's page says so and stops trying."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(data_dir, "quiet", steps=40, layers=2, every=10)
+    page.add_init_script(COUNT_SOCKETS_JS)
+    with serve_stallable(server_settings(data_dir)) as (server, loop):
+        open_ready(page, f"{server.url}/runs/quiet")
+        page.wait_for_function("document.body.dataset.socket === 'open'")
+        banner = page.locator("#banner")
+        stalled = time.monotonic()
+        loop.call_soon_threadsafe(time.sleep, STALL_S)
+        expect(banner).to_contain_text("no word from the server", timeout=STALL_S * 1000)
+        assert time.monotonic() - stalled < STALL_S
+        page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
+        expect(banner).to_be_hidden()
+
+        assert server.api("DELETE", "/api/runs/quiet").status_code == 204
+        expect(banner).to_contain_text("this run was deleted")
+        tried = page.evaluate("window.__sockets")
+        page.wait_for_timeout(1500)  # the first retry came after 250 ms
+        assert page.evaluate("window.__sockets") == tried
+        assert page.evaluate("document.body.dataset.socket") == "lost"

@@ -22,8 +22,20 @@ let sat;
 
 async function loadDetails() {
   const answers = await Promise.allSettled(ids.map((id) => getJSON(runUrl(id))));
-  const missing = ids.filter((_, i) => answers[i].status === "rejected");
+  // Every failed request read "Not found": a token the server no longer takes (403) and a
+  // server that did not answer are told apart from a run that is not there (404).
+  const failed = ids.map((id, i) => [id, answers[i]]).filter(([, a]) => a.status === "rejected");
+  const status = (a) => a.reason?.status;
+  const missing = failed.filter(([, a]) => status(a) === 404).map(([id]) => id);
+  const refused = failed.some(([, a]) => status(a) === 401 || status(a) === 403);
+  const other = failed.filter(([, a]) => ![401, 403, 404].includes(status(a)));
   setCondition("missing", missing.length ? `Not found: ${missing.join(", ")}` : null, "warn");
+  setCondition("refused", refused
+    ? "The server no longer accepts this tab (a new token or an expired cookie): reopen the dashboard with ?token=…"
+    : null);
+  setCondition("unreachable", other.length
+    ? `Could not load ${other.map(([id]) => id).join(", ")}: ${status(other[0][1]) ? other[0][1].reason.message : "the server did not answer"}; trying again`
+    : null, "warn");
   const fresh = new Map();
   answers.forEach((a, i) => { if (a.status === "fulfilled") fresh.set(ids[i], a.value); });
   if (!charted.length) {

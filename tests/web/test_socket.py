@@ -234,7 +234,7 @@ window.WebSocket = class extends CountedWebSocket {
   constructor(...args) { super(...args); window.__sockets += 1; }
 };
 """
-STALL_S = 12.0  # socket.js SILENCE_MS is 7 s; the server ticks every 2 s
+STALL_S = 14.0  # socket.js SILENCE_MS is 7 s, checked every 1 s; the server ticks every 2 s
 
 
 @contextlib.contextmanager

@@ -107,11 +107,21 @@ def test_a_server_restart_leaves_no_gap_in_the_curves(
     expect(page.locator("#banner")).to_contain_text("Connection to the server lost", timeout=15_000)
     expect(page.locator("button[data-cmd='pause-toggle']")).to_be_disabled()
     down_at = int(page.evaluate("document.body.dataset.lastStep"))
+    # A layer picked while the server is down: its history cannot load, and the chart held
+    # only what came live after the reconnect (a hole); it is read again once back.
+    layers = page.eval_on_selector_all("#hist-layer option", "os => os.map(o => o.value)")
+    picked = next(name for name in layers if name != page.input_value("#hist-layer"))
+    page.select_option("#hist-layer", picked)
+    expect(page.locator("#toasts-errors")).to_contain_text("Histogram load failed")
 
     second = serve(server_settings(data_dir, port=port))
     server = next(second)
     try:
-        page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
+        with page.expect_response(
+            lambda r: "/histograms?" in r.url and f"layer={picked}" in r.url and r.ok,
+            timeout=60_000,
+        ):
+            page.wait_for_function("document.body.dataset.socket === 'open'", timeout=30_000)
         page.wait_for_function(
             "s => document.getElementById('chart-loss').data[0].x.some(x => x > s + 30)",
             arg=down_at,

@@ -70,6 +70,9 @@ const isWd = (n) => n === "weight_decay" || /^weight_decay[/.:[_]/.test(n);
 const page = {
   status: "starting", trainerConnected: false, uploading: false, socketOpen: false, historyLoaded: false,
   buffer: [], layers: [], lastStep: null, firstStep: 0, dataFirstStep: null, histLayer: null, lastRegrid: 0, replaying: false,
+  // charts whose history failed to load ("hist", "other"; the server was down when the
+  // person picked a layer or a series): read again once the socket is back
+  reload: new Set(),
   refreshingLayers: false, detail: null, wasOpen: false, statusFrames: 0, statusEvents: 0,
 };
 
@@ -281,8 +284,18 @@ async function loadOther(name) {
   const request = ++other.request;
   other.live = [];
   const members = other.members.slice();
-  const s = await getJSON(runUrl(runId, "series", { names: members.join(","), max_points: SERIES_POINTS }));
+  let s;
+  try {
+    s = await getJSON(runUrl(runId, "series", { names: members.join(","), max_points: SERIES_POINTS }));
+  } catch (e) {
+    if (request === other.request) {
+      other.live = null;
+      page.reload.add("other");
+    }
+    throw e;
+  }
   if (request !== other.request || other.selected !== name) return;
+  page.reload.delete("other");
   for (const member of members) {
     const i = otherIndex(member);
     const points = s[member] || { steps: [], values: [] };
@@ -564,8 +577,16 @@ function addAlerts(evs) {
 
 async function loadHistogramOverTime(layer) {
   if (!layer) return;
-  const h = await getJSON(runUrl(runId, "histograms", { layer, max_steps: HIST_STEPS }));
-  if (layer === page.histLayer) charts.hist.set(layer, h.steps, h.edges, h.z);
+  let h;
+  try {
+    h = await getJSON(runUrl(runId, "histograms", { layer, max_steps: HIST_STEPS }));
+  } catch (e) {
+    if (layer === page.histLayer) page.reload.add("hist");
+    throw e;
+  }
+  if (layer !== page.histLayer) return;
+  page.reload.delete("hist");
+  charts.hist.set(layer, h.steps, h.edges, h.z);
 }
 
 function regrid(layer) {
@@ -778,9 +799,16 @@ async function refreshRunState() {
   const quiet = page.statusFrames === frames;
   setStatus(quiet && page.statusEvents === statusEvents ? d.status : undefined, quiet ? d.trainer_connected : undefined);
   addEvents(logged.filter((ev) => ev.seq === null)); // the trainer's came in the catch-up
+  // a layer or series picked while the server was down: its chart held only what came live
+  if (page.reload.has("hist")) {
+    loadHistogramOverTime(page.histLayer).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
+  }
+  if (page.reload.has("other") && other.selected) {
+    loadOther(other.selected).catch((e) => toast(`Could not load ${otherLabel(other.selected)}: ${e.message}`, "error"));
+  }
 }
 
-function onConnection(state, detail) {
+function onConnection(state, detail, info = {}) {
   if (state === "lost") socketSettled();
   if (state === "lost") controls.socketLost();
   if (state === "open" && !page.socketOpen && page.wasOpen) {
@@ -789,8 +817,15 @@ function onConnection(state, detail) {
   if (state === "open") page.wasOpen = true;
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
-  setCondition("socket", page.socketOpen ? null : `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`);
+  setCondition("socket", page.socketOpen ? null : connectionLost(detail, info));
   controls.setRun({ socketOpen: page.socketOpen });
+}
+
+/** The banner for a socket that is down: a deleted run and a refused tab will not come
+ * back by waiting, so neither is said to be reconnecting (socket.js says why in `detail`). */
+function connectionLost(detail, info) {
+  if (info.gone || info.refused) return `Live updates stopped: ${detail}.`;
+  return `Connection to the server lost (${detail}); reconnecting — live updates resume where they stopped.`;
 }
 
 // ---- replay ----

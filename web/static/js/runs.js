@@ -17,7 +17,7 @@
 import { ApiError, del, flatConfig, getJSON, getPage, postJSON } from "./api.js";
 import { formatNumber } from "./charts.js";
 import { ExperimentForm } from "./experiment_form.js";
-import { toast } from "./notify.js";
+import { setCondition, toast } from "./notify.js";
 
 const POLL_MS = 2000;
 const PAGE_SIZE = 50; // runs per poll, and per "Show more"
@@ -289,6 +289,7 @@ async function refresh() {
     runs = page.items;
     total = page.total;
     $("search-error").hidden = true;
+    setCondition("poll", null); // a failed poll's banner goes once the list loads again
     render();
     for (const run of runs) loadSanity(run);
     document.body.dataset.ready = "1";
@@ -302,7 +303,9 @@ async function refresh() {
       document.body.dataset.ready = "1";
       return;
     }
-    toast(`Could not load runs: ${e.message}`, "error");
+    // a lasting condition, not a toast: an error toast stays until dismissed, so one said
+    // the list could not load long after it had loaded again
+    setCondition("poll", `Could not load runs: ${e.message}; trying again`);
   }
 }
 

@@ -35,12 +35,9 @@ Choices worth knowing:
   (``F.relu(self.bn1(self.conv1(x)))``), that norm is probed with the ReLU reading instead
   (``_norms_read_as_relu``); LayerNorm never is.
 * A module called several times in one step (shared module, RNN cell) is one
-  layer: moments, counts and min/max are merged exactly across calls. A module with
-  weights has the same units in its calls of one unit count (merged by index); one
-  without (an activation module) has units of its own at each place it is called in a
-  forward pass (torchvision's BasicBlock applies one ReLU after bn1 and after the
-  residual add), each place merged across the step's passes; calls of another width add
-  their units. The unit ratios are over all of a layer's units.
+  layer: moments, counts and min/max are merged exactly across calls; calls with
+  the same unit count are the same units (merged by index), calls of another
+  width add their units (a shared nn.ReLU used at two widths).
   The histogram re-bins the union of every call's sampled values over the merged
   [min, max], so nothing is clipped to the first call's range.
 * ``sample_values`` caps the values histogrammed per layer per call (a fixed
@@ -72,7 +69,6 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import bisect
 import math
 import re
 import weakref
@@ -168,9 +164,6 @@ class _Layer(Accumulated):
     # a ConvNd: the rank of its output for an unbatched input ((C, L) for Conv1d, (C, H, W)
     # for Conv2d, which PyTorch accepts), whose units are dim 0; -1 for other modules
     unbatched_ndim: int = -1
-    # a module without weights (an activation module): its calls at different places in one
-    # forward pass are different units (``Sections``' call sites); with weights, the same
-    per_site: bool = False
     sample_index: dict[int, Tensor] = field(default_factory=dict)  # numel -> indices
 
 
@@ -240,11 +233,6 @@ class Probes:
         self._features_last_out: list[weakref.ref[Tensor]] = []  # likewise, for features_last
         self._unbatched_out: list[weakref.ref[Tensor]] = []  # likewise, channels at dim 0
         self._param_result: tuple[list[bool], Tensor, Tensor] | None = None
-        # Recorded calls are counted (``Block.seqs``) and each forward pass of the model
-        # notes the count it began at, so collect() tells a module's calls at different
-        # places in one pass from its calls in the step's other passes (``_sites``).
-        self._seq = 0
-        self._pass_starts: list[int] = []
         self._stepped = False  # this probe step's post-step hook measured an update
         self._all_params = list(model.parameters())  # unique: parameters() de-duplicates ties
         first = self._all_params[0] if self._all_params else None
@@ -384,7 +372,6 @@ class Probes:
                 if isinstance(module, nn.modules.conv._ConvNd)
                 else -1,
                 params=list(module.parameters()),
-                per_site=next(module.parameters(), None) is None,
             )
             chosen.append((layer, module))
         unknown = sorted(set(activations) - {layer.spec.name for layer, _ in chosen})
@@ -439,7 +426,9 @@ class Probes:
         up (the model itself for shallower ones), holds no activation module: where it does,
         the model applies its activations as modules, and a norm not followed by one feeds
         something else (torchvision's bn2 and downsample.1 feed the residual add,
-        MobileNet's projection norm nothing). LayerNorm and RMSNorm are never read so: in a
+        MobileNet's projection norm nothing). Nor is a block's last norm (the next module
+        lies outside its parent): pytorch-cifar's bn2 and shortcut norm feed the residual
+        add, and F.relu comes only after it. LayerNorm and RMSNorm are never read so: in a
         transformer they feed attention and Linears, and a feature that is negative on every
         token would read as a dead unit."""
         leaves = _leaves(model)
@@ -450,6 +439,7 @@ class Probes:
             if isinstance(module, ACTIVATION_TYPES):
                 parts = name.split(".") if name else []
                 with_activation.update(".".join(parts[:k]) for k in range(len(parts)))
+        names = {id(m): n for n, m in named}
         found: set[int] = set()
         for name, module in named:
             if not isinstance(module, _CHANNEL_NORMS) or id(module) not in at_leaf:
@@ -458,6 +448,11 @@ class Probes:
             if after is None or isinstance(after, ACTIVATION_TYPES):
                 continue
             parts = name.split(".") if name else []
+            parent = ".".join(parts[:-1])
+            if parent and not names.get(id(after), "").startswith(parent + "."):
+                # the last norm of its block (pytorch-cifar's bn2, its shortcut's norm):
+                # its output leaves the block, into the residual add, before F.relu
+                continue
             if ".".join(parts[:-2]) not in with_activation:
                 found.add(id(module))
         return found
@@ -528,7 +523,6 @@ class Probes:
             return
         self._armed = True
         self._skipping = self._trained = self._eval_only = self._stepped = self._in_root = False
-        self._pass_starts = []
         self._staging.new_step()
         pre, post = self._model_hooks
         self._forward_handles = [
@@ -588,7 +582,6 @@ class Probes:
             # training pass. Recorded, a checkpointed segment counted every value twice.
             self._skipping = self._in_root = True
             return
-        self._pass_starts.append(self._seq)  # a forward pass begins: see _sites
         if not torch.is_grad_enabled():  # an evaluation pass: no step trains without grads
             if self._eval_only:
                 # Only the last evaluation pass before a training one is kept (a step of
@@ -662,8 +655,6 @@ class Probes:
                     axis = ndim - 1
         if axis is not None and layer.spec.units is None:
             layer.spec.units = y.shape[axis]
-        seq = self._seq  # this call's number (its slices share it)
-        self._seq = seq + 1
         # detached: nothing below is recorded by autograd (cheaper than a no_grad block)
         y = y.detach()
         if n > CHUNK_VALUES and ndim >= 2:
@@ -672,16 +663,16 @@ class Probes:
             # exactly like a module's repeated calls.
             dim = 0 if axis != 0 else ndim - 1
             for part in y.split(max(1, CHUNK_VALUES // (n // y.shape[dim])), dim=dim):
-                self._reduce(layer, part, axis, seq)
+                self._reduce(layer, part, axis)
         else:
-            self._reduce(layer, y, axis, seq)
+            self._reduce(layer, y, axis)
 
-    def _reduce(self, layer: _Layer, y: Tensor, axis: int | None, seq: int) -> None:
+    def _reduce(self, layer: _Layer, y: Tensor, axis: int | None) -> None:
         """One call's (or slice's) statistics: a small output is copied aside and reduced
         at collect() together with every other call of its shape and rule (a stack of
         them costs the kernels of one); a large one is reduced here, so that what a
         probe step keeps alive stays bounded (``STAGE_VALUES``). ``y`` is detached."""
-        if self._staging.take(layer, y, axis, seq):
+        if self._staging.take(layer, y, axis):
             return
         n = y.numel()
         yf = y if y.dtype == torch.float32 else y.float()
@@ -690,47 +681,21 @@ class Probes:
             rule = layer.rule.for_dtype(y.dtype)  # a declared tanh etc. in the output's dtype
             call = reduce.reduce_calls(yf.contiguous().view(1, n), layout, rule)
             sample = self._sample(layer, yf).view(1, -1)
-        self._blocks.append(Block([layer], (layer.index,), call, n, sample, (seq,)))
+        self._blocks.append(Block([layer], (layer.index,), call, n, sample))
 
     def _accumulate(self) -> None:
         """Move this step's blocks into the layers' accumulators, call by call (the
-        general path: ``Sections.build`` merges a layer's calls and reduces across ranks),
-        and give the calls of a module without weights their sites (``_sites``)."""
+        general path: ``Sections.build`` merges a layer's calls and reduces across ranks)."""
         blocks, self._blocks = self._blocks, []
-        touched: dict[int, _Layer] = {}
         for block in blocks:
-            self._store(block.owners, block.stats, block.n, block.samples, seqs=block.seqs)
-            touched.update((id(layer), layer) for layer in block.owners)
-        for layer in touched.values():
-            if layer.per_site and len(layer.seqs) > 1:
-                layer.sites = self._sites(layer.seqs)
-
-    def _sites(self, seqs: list[int]) -> list[int]:
-        """Each call's site: its place among the module's calls in its forward pass (0 for
-        the first call in each pass, 1 for the second...), slices of one call sharing it.
-        A ReLU module applied after bn1 and again after the residual add (torchvision's
-        BasicBlock) has two sites; its calls in a step's several passes (gradient
-        accumulation) or on other ranks are the same sites. (An activation module in a
-        hand-written RNN loop has one site per time step.)"""
-        passes = [bisect.bisect_right(self._pass_starts, seq) for seq in seqs]
-        rank: dict[tuple[int, int], int] = {}
-        count: dict[int, int] = {}
-        for call in sorted(set(zip(passes, seqs, strict=True))):
-            rank[call] = count.get(call[0], 0)
-            count[call[0]] = rank[call] + 1
-        return [rank[call] for call in zip(passes, seqs, strict=True)]
+            self._store(block.owners, block.stats, block.n, block.samples)
 
     @staticmethod
     def _store(
-        layers: list[_Layer],
-        call: reduce.CallStats,
-        n: int,
-        samples: Tensor,
-        first: int = 0,
-        seqs: tuple[int, ...] = (),
+        layers: list[_Layer], call: reduce.CallStats, n: int, samples: Tensor, first: int = 0
     ) -> None:
         """Append call i of ``call`` (n values each) to ``layers[i]``'s accumulators; its
-        histogram sample is row ``first + i`` of ``samples``, its call ``seqs[i]``."""
+        histogram sample is row ``first + i`` of ``samples``."""
         units = call.sums.shape[1] if call.sums is not None else 0
         per_unit = n // units if units else 0
         sums = call.sums.unbind(0) if call.sums is not None else None
@@ -738,7 +703,6 @@ class Probes:
         inside = call.minus_inside.unbind(0) if call.minus_inside is not None else None
         for i, layer in enumerate(layers):
             layer.rows.append((call.rows, i))
-            layer.seqs.append(seqs[i] if seqs else 0)
             layer.totals.append(n)
             layer.samples.append((samples, first + i))
             if sums is not None:
@@ -920,7 +884,6 @@ class Probes:
                 tuple(int(c.shape[0]) for c, _ in layer.live),
                 tuple(int(c.shape[0]) for c, _ in layer.inside),
                 tuple(int(c.shape[0]) for c, _ in layer.sums),
-                tuple(layer.sites),
             )
             for layer in self._layers
             if layer.rows
@@ -953,9 +916,17 @@ def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     return torch.compiler.disable(hook)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _leaves(model: nn.Module) -> list[nn.Module]:
-    """The model's modules without children, in the model's order."""
-    return [m for m in model.modules() if next(m.children(), None) is None]
+    """The model's modules without children, in the model's order; an empty container (an
+    identity shortcut written ``nn.Sequential()``) is none."""
+    return [
+        m
+        for m in model.modules()
+        if next(m.children(), None) is None and not isinstance(m, _CONTAINERS)
+    ]
 
 
 def _next_leaf(leaves: list[nn.Module], at: int) -> nn.Module | None:

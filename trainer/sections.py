@@ -4,8 +4,7 @@ Owns: ``Block`` (one reduction's results, as ``probes`` keeps them until collect
 ``Accumulated`` (one layer's per-call results of a probe step), ``Sections.build``,
 which turns every layer's accumulators into the activation sections of
 ``stats.PendingStats`` (value rows, non-finite counts, value counts when reduced,
-per-layer unit ratios and unit spread, histograms), merging a module's calls (by unit
-where they are one site of the same width: ``_unit_groups``), and under
+per-layer unit ratios and unit spread, histograms), merging a module's calls, and under
 a process group the two collectives that make them describe the global batch
 (``Reducer``); ``Sections.build_blocks``, the same sections straight from the blocks
 when every layer made one call (no per-call Python: a ``BlockPlan`` per layout); and
@@ -67,15 +66,10 @@ class Accumulated:
     live: list[tuple[Tensor, int]] = field(default_factory=list)
     inside: list[tuple[Tensor, int]] = field(default_factory=list)
     sums: list[tuple[Tensor, int]] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)  # per call: which call (``Block.seqs``)
-    # per call: its call site, the calls of one site being the same units (see
-    # ``_unit_groups``); empty: every call is one site (a module with weights)
-    sites: list[int] = field(default_factory=list)
 
     def reset(self) -> None:
         self.rows, self.totals = [], []
         self.samples, self.live, self.inside, self.sums = [], [], [], []
-        self.seqs, self.sites = [], []
 
 
 @dataclass(eq=False)
@@ -91,8 +85,6 @@ class Block:
     stats: CallStats
     n: int  # values per call
     samples: Tensor  # (C, width): each call's histogram values
-    # each row's call, as the probes count them (slices of one call share it); () unknown
-    seqs: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -192,12 +184,11 @@ class Sections:
             seg = self._cached(("calls", calls, device), lambda: stats.segment_ids(calls, device))
             lo = call_lo.new_full((len(act),), math.inf).scatter_reduce_(0, seg, call_lo, "amin")
             hi = call_hi.new_full((len(act),), -math.inf).scatter_reduce_(0, seg, call_hi, "amax")
-        sites = [layer.sites for layer in act]
-        live = self._unit_inputs([layer.live for layer in act], sites, device)
-        inside = self._unit_inputs([layer.inside for layer in act], sites, device)
+        live = self._unit_inputs([layer.live for layer in act], device)
+        inside = self._unit_inputs([layer.inside for layer in act], device)
         if inside is not None:
             inside.counts = inside.counts.neg()  # reduce_call keeps them negated
-        sums = self._unit_inputs([layer.sums for layer in act], sites, device)
+        sums = self._unit_inputs([layer.sums for layer in act], device)
         padded = self._padded(act, device)
         hist = stats.histograms(padded, lo, hi, bins).view(-1)
         totals: Tensor | None = None
@@ -450,18 +441,12 @@ class Sections:
         return rows, nonfinite, totals, hist, tuple(out_units)
 
     def _unit_inputs(
-        self,
-        records: list[list[tuple[Tensor, int]]],
-        sites: list[list[int]],
-        device: torch.device,
+        self, records: list[list[tuple[Tensor, int]]], device: torch.device
     ) -> _UnitInputs | None:
         """Every layer's per-unit counts over all its calls (see ``_unit_groups``), values
-        per unit, each unit's layer and each layer's unit count; None if no layer has any.
-        ``sites``: per layer, its calls' sites (``Accumulated.sites``)."""
+        per unit, each unit's layer and each layer's unit count; None if no layer has any."""
         groups = [
-            (li, counts, n)
-            for li, calls in enumerate(records)
-            for counts, n in _unit_groups(calls, sites[li])
+            (li, counts, n) for li, calls in enumerate(records) for counts, n in _unit_groups(calls)
         ]
         if not groups:
             return None
@@ -504,26 +489,18 @@ class Sections:
         return value
 
 
-def _unit_groups(
-    calls: list[tuple[Tensor, int]], sites: Sequence[int] = ()
-) -> list[tuple[Tensor, int]]:
+def _unit_groups(calls: list[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
     """One layer's per-unit counts over all its calls this step, as (counts, values per
-    unit) groups. Calls of one site with the same unit count are the same units (a
-    shared Linear, an RNN cell, the slices of one large output, a module's calls in
-    several forward passes of one step): their counts add. Calls of another width, or
-    of another site (``sites``, per call; empty: all one), are other units: a ReLU
-    module applied after bn1 and again after the residual add (torchvision's BasicBlock)
-    has one set of units at each place."""
+    unit) groups. Calls with the same unit count are the same units (a shared Linear,
+    an RNN cell): their counts add. Calls of another width are other units."""
     if len(calls) <= 1:
         return calls
-    if len(sites) != len(calls):  # (a call without units: not aligned, all one site)
-        sites = ()
-    groups: dict[tuple[int, int], tuple[Tensor, int]] = {}
-    for at, (counts, n) in enumerate(calls):
-        key = (sites[at] if sites else 0, int(counts.shape[0]))
-        if key in groups:
-            previous, m = groups[key]
-            groups[key] = (previous + counts, m + n)
+    groups: dict[int, tuple[Tensor, int]] = {}
+    for counts, n in calls:
+        width = int(counts.shape[0])
+        if width in groups:
+            previous, m = groups[width]
+            groups[width] = (previous + counts, m + n)
         else:
-            groups[key] = (counts, n)
+            groups[width] = (counts, n)
     return list(groups.values())

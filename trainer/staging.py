@@ -61,7 +61,6 @@ class _Slots:
     buffer: Tensor  # (rows, values per call), float32
     views: list[Tensor]  # each row viewed as the output's shape
     written: list[int]  # per row: the probe step that last filled it
-    seqs: list[int]  # per row: the call that filled it (``take``'s ``seq``)
 
 
 class Staging:
@@ -71,7 +70,7 @@ class Staging:
 
     def __init__(self, sample_rows: Callable[[Tensor], Tensor]) -> None:
         self._sample_rows = sample_rows
-        self._staged: dict[tuple[Any, ...], list[tuple[Any, Tensor, int]]] = {}
+        self._staged: dict[tuple[Any, ...], list[tuple[Any, Tensor]]] = {}
         self._values = 0  # values staged this step
         self.slots: dict[tuple[Any, ...], _Slots] = {}  # the last probe step's stacks
         self._probe_id = 0  # counts new_step()s: which probe step filled a slot
@@ -91,12 +90,10 @@ class Staging:
         """Drop what is staged and every kept stack (``Probes.close``)."""
         self._staged, self._values, self.slots = {}, 0, {}
 
-    def take(self, layer: StagedLayer, y: Tensor, axis: int | None, seq: int = 0) -> bool:
+    def take(self, layer: StagedLayer, y: Tensor, axis: int | None) -> bool:
         """Stage one call's detached output, or False when it is too large or the step's
         budget is spent (the caller reduces it in its hook). A copy either way: a later
-        in-place op (ReLU(inplace=True)) must not change what was seen. ``seq``: which
-        call it was (the caller's count; slices of one call share it), kept with its row
-        in the ``Block`` (``Block.seqs``)."""
+        in-place op (ReLU(inplace=True)) must not change what was seen."""
         n = y.numel()
         if n > STAGE_CALL_VALUES or self._values + n > STAGE_VALUES:
             return False
@@ -109,7 +106,6 @@ class Staging:
             if row is not None and slots.written[row] != self._probe_id:
                 slots.views[row].copy_(y)  # bf16/fp16 widened by the copy
                 slots.written[row] = self._probe_id
-                slots.seqs[row] = seq
                 self._values += n
                 return True
         # bf16/fp16 are widened before any arithmetic; float32 skips even the no-op call
@@ -117,9 +113,9 @@ class Staging:
         copy = yf.clone(memory_format=torch.contiguous_format) if yf is y else yf.contiguous()
         group = self._staged.get(key)
         if group is None:
-            self._staged[key] = [(layer, copy, seq)]
+            self._staged[key] = [(layer, copy)]
         else:
-            group.append((layer, copy, seq))
+            group.append((layer, copy))
         self._values += n
         return True
 
@@ -152,27 +148,25 @@ class Staging:
             slots = slots_now.get(key)
             if slots is not None and not items and all(w == self._probe_id for w in slots.written):
                 layers, groups, x = slots.layers, slots.groups, slots.buffer
-                seqs = list(slots.seqs)
                 self.slots[key] = slots  # the same layout again next step
             else:
                 if slots is not None:  # part filled: those rows join this step's copies
                     items = [
-                        (layer, slots.views[row], slots.seqs[row])
+                        (layer, slots.views[row])
                         for row, layer in enumerate(slots.layers)
                         if slots.written[row] == self._probe_id
                     ] + items
                 # stacked outside inference mode: the next step's hooks write into it
-                layers, groups, x, seqs = self._stack(key, items)
+                layers, groups, x = self._stack(key, items)
             with torch.inference_mode():
-                self._reduce_stack(shape, axis, layers, groups, x, seqs, blocks)
+                self._reduce_stack(shape, axis, layers, groups, x, blocks)
 
     def _stack(
-        self, key: tuple[Any, ...], items: list[tuple[Any, Tensor, int]]
-    ) -> tuple[list[Any], list[tuple[Rule, int, int]], Tensor, list[int]]:
-        """One stack's layers in stacking order (rule groups adjacent), the groups, the
-        stacked copies and each row's call; kept as the next step's slots when its layers
-        are distinct."""
-        by_rule: dict[int, list[tuple[Any, Tensor, int]]] = {}
+        self, key: tuple[Any, ...], items: list[tuple[Any, Tensor]]
+    ) -> tuple[list[Any], list[tuple[Rule, int, int]], Tensor]:
+        """One stack's layers in stacking order (rule groups adjacent), the groups, and the
+        stacked copies; kept as the next step's slots when its layers are distinct."""
+        by_rule: dict[int, list[tuple[Any, Tensor]]] = {}
         for item in items:
             by_rule.setdefault(id(item[0].rule), []).append(item)
         ordered = items if len(by_rule) == 1 else [i for g in by_rule.values() for i in g]
@@ -182,27 +176,20 @@ class Staging:
             start += len(group)
         n = ordered[0][1].numel()
         x = (
-            torch.stack([copy.reshape(n) for _, copy, _ in ordered])
+            torch.stack([copy.reshape(n) for _, copy in ordered])
             if len(ordered) > 1
             else ordered[0][1].reshape(1, n).clone()  # never a view of an older stack
         )
-        layers = [layer for layer, _, _ in ordered]
-        seqs = [seq for _, _, seq in ordered]
+        layers = [layer for layer, _ in ordered]
         row_of = {layer.index: row for row, layer in enumerate(layers)}
         # kept only as a normal tensor: the next step's hooks write into it, and an
         # inference tensor (a forward or collect() under inference_mode) refuses that
         if len(row_of) == len(layers) and x.is_contiguous() and not x.is_inference():
             shape = key[0]
             self.slots[key] = _Slots(
-                layers,
-                groups,
-                row_of,
-                x,
-                [row.view(shape) for row in x],
-                [0] * len(layers),
-                list(seqs),
+                layers, groups, row_of, x, [row.view(shape) for row in x], [0] * len(layers)
             )
-        return layers, groups, x, seqs
+        return layers, groups, x
 
     def _reduce_stack(
         self,
@@ -211,7 +198,6 @@ class Staging:
         layers: list[Any],
         groups: list[tuple[Rule, int, int]],
         x: Tensor,
-        seqs: list[int],
         blocks: list[Block],
     ) -> None:
         n = x.shape[1]
@@ -221,5 +207,4 @@ class Staging:
         for (_, begin, stop), call in zip(groups, results, strict=True):
             mine = layers[begin:stop]
             rows = samples if stop - begin == len(layers) else samples[begin:stop]
-            indices = tuple(layer.index for layer in mine)
-            blocks.append(Block(mine, indices, call, n, rows, tuple(seqs[begin:stop])))
+            blocks.append(Block(mine, tuple(layer.index for layer in mine), call, n, rows))

@@ -142,33 +142,3 @@ def test_one_call_per_layer_is_gathered_block_by_block_as_the_general_path_does(
             has = unit.unit_count.cpu() > 0  # each layer's first unit is one of its own
             mine = unit.segments.cpu()[unit.firsts.cpu()]
             assert torch.equal(mine[has], torch.arange(len(plan.layers))[has])
-
-
-def test_calls_of_other_sites_are_other_units_and_one_sites_calls_merge() -> None:
-    """A layer's calls of one width merge unit by unit when they are one site (``sites``
-    empty: a module with weights; or the same site in two passes), and add units of their
-    own at another site (a ReLU module reused at two places of a forward)."""
-    relu = stats.module_rule(torch.nn.ReLU())
-    # two calls of 2 samples x 3 units: unit 0 dead in the first, unit 2 in the second
-    calls = [
-        torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 4.0]]),
-        torch.tensor([[5.0, 1.0, 0.0], [6.0, 2.0, 0.0]]),
-    ]
-
-    def dead_ratio(sites: list[int]) -> float:
-        layer = Accumulated()
-        for x in calls:
-            call = reduce.reduce_calls(x.reshape(1, -1), reduce.unit_layout((2, 3), 1), relu)
-            assert call.live is not None and call.sums is not None
-            layer.rows.append((call.rows, 0))
-            layer.totals.append(6)
-            layer.samples.append((x.reshape(1, -1), 0))
-            layer.live.append((call.live[0], 2))
-            layer.sums.append((call.sums[0], 2))
-        layer.sites = sites
-        sections, _ = Sections().build([layer], 4, None)
-        return float(sections[2][0])
-
-    assert dead_ratio([]) == 0.0  # the same 3 units: each lives in one of the calls
-    assert dead_ratio([0, 0]) == 0.0
-    assert dead_ratio([0, 1]) == pytest.approx(2 / 6)  # 3 units at each site, one dead in each

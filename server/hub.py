@@ -501,7 +501,9 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
         return
     run = store.run(run_id)
     if run is None:
-        await websocket.close(wire.CLOSE_POLICY, close_reason(f"run {run_id!r} not found"))
+        # a fixed reason: a close reason is cut to 123 bytes, and a long run id in it cut
+        # away the "not found" the page stops reconnecting on (it retried every 5 s)
+        await websocket.close(wire.CLOSE_POLICY, "run not found")
         return
     viewer = hub.add_viewer(run_id, websocket)
     try:

@@ -27,7 +27,7 @@ const WATCH_MS = 1000;
 const REFUSED_BACKOFF_MS = 30000;
 const PROBE_TIMEOUT_MS = 5000;
 /** The server's 1008 reasons for a run that is not there (hub.py): nothing to reconnect to. */
-const GONE = /^run deleted$|not found$/;
+const GONE = /^run (deleted|not found)$/;
 const REFUSED_DETAIL =
   "the server no longer accepts this tab (a new token or an expired cookie): reopen the dashboard with ?token=…";
 const GONE_DETAIL = "this run was deleted; the page keeps what it showed and will not reconnect";

@@ -48,13 +48,27 @@ export function toast(message, kind = "info", ms = 5000) {
     setTimeout(() => el.remove(), ms);
     return;
   }
+  const before = document.activeElement;
   const close = document.createElement("button");
   close.type = "button";
   close.className = "dismiss";
   close.textContent = "×";
   close.setAttribute("aria-label", "Dismiss");
-  close.addEventListener("click", () => el.remove());
+  close.addEventListener("click", () => {
+    // the focus goes to the next error's Dismiss, else back to where it was before: left
+    // on <body>, the page's next Space would pause or resume the run
+    const next = el.nextElementSibling?.querySelector("button.dismiss")
+      || el.previousElementSibling?.querySelector("button.dismiss");
+    const had = document.activeElement === close;
+    el.remove();
+    if (had) (next || returnTo(before))?.focus();
+  });
   el.append(" ", close);
   box.append(el);
   while (box.querySelectorAll(".toast.error").length > MAX_ERRORS) box.querySelector(".toast.error").remove();
+}
+
+/** Where the focus goes back to after a toast: the element that had it, if still there. */
+function returnTo(element) {
+  return element && element !== document.body && element.isConnected ? element : null;
 }

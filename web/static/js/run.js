@@ -277,7 +277,7 @@ function selectOther(name, { picked = false, load = page.historyLoaded } = {}) {
   // every rank's lines: a legend names them
   charts.other.showLegend = isRanks(name);
   charts.other.yTitle = isRanks(name) ? name.slice(0, -RANKS.length) : name;
-  if (load) loadOther(name).catch((e) => toast(`Could not load ${otherLabel(name)}: ${e.message}`, "error"));
+  if (load) loadOther(name).catch((e) => loadFailed(`Could not load ${otherLabel(name)}: ${e.message}`));
 }
 
 async function loadOther(name) {
@@ -295,7 +295,7 @@ async function loadOther(name) {
     throw e;
   }
   if (request !== other.request || other.selected !== name) return;
-  page.reload.delete("other");
+  reloaded("other");
   for (const member of members) {
     const i = otherIndex(member);
     const points = s[member] || { steps: [], values: [] };
@@ -575,6 +575,19 @@ function addAlerts(evs) {
   markAlerts(before);
 }
 
+/** A chart's history that could not load (page.reload marks it, read again once the
+ * socket is back): a banner condition, cleared when every such chart has loaded, not an
+ * error toast, which stays until dismissed and, in an outage, pushed out real errors. */
+function loadFailed(message) {
+  if (page.reload.size) setCondition("load", `${message}; it is read again once the server answers.`);
+  else toast(message, "error");
+}
+
+function reloaded(what) {
+  page.reload.delete(what);
+  if (!page.reload.size) setCondition("load", null);
+}
+
 async function loadHistogramOverTime(layer) {
   if (!layer) return;
   let h;
@@ -585,7 +598,7 @@ async function loadHistogramOverTime(layer) {
     throw e;
   }
   if (layer !== page.histLayer) return;
-  page.reload.delete("hist");
+  reloaded("hist");
   charts.hist.set(layer, h.steps, h.edges, h.z);
 }
 
@@ -593,7 +606,7 @@ function regrid(layer) {
   const now = performance.now();
   if (now - page.lastRegrid < REGRID_MIN_MS) return;
   page.lastRegrid = now;
-  loadHistogramOverTime(layer).catch((e) => toast(`Histogram reload failed: ${e.message}`, "error"));
+  loadHistogramOverTime(layer).catch((e) => loadFailed(`Histogram reload failed: ${e.message}`));
 }
 
 function drawMarkers() {
@@ -801,10 +814,10 @@ async function refreshRunState() {
   addEvents(logged.filter((ev) => ev.seq === null)); // the trainer's came in the catch-up
   // a layer or series picked while the server was down: its chart held only what came live
   if (page.reload.has("hist")) {
-    loadHistogramOverTime(page.histLayer).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
+    loadHistogramOverTime(page.histLayer).catch((e) => loadFailed(`Histogram load failed: ${e.message}`));
   }
   if (page.reload.has("other") && other.selected) {
-    loadOther(other.selected).catch((e) => toast(`Could not load ${otherLabel(other.selected)}: ${e.message}`, "error"));
+    loadOther(other.selected).catch((e) => loadFailed(`Could not load ${otherLabel(other.selected)}: ${e.message}`));
   }
 }
 
@@ -898,7 +911,7 @@ $("loss-smooth").addEventListener("input", (ev) => charts.loss.setSmoothing(Numb
 $("hist-layer").addEventListener("change", (ev) => {
   page.histLayer = ev.target.value;
   charts.hist.clear(page.histLayer);
-  loadHistogramOverTime(page.histLayer).catch((e) => toast(`Histogram load failed: ${e.message}`, "error"));
+  loadHistogramOverTime(page.histLayer).catch((e) => loadFailed(`Histogram load failed: ${e.message}`));
 });
 
 /** Every chart and the small multiples, as the scheduler knows them. */

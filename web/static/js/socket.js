@@ -48,7 +48,6 @@ export class RunSocket {
     this.ws = null;
     this.backoffMs = MIN_BACKOFF_MS;
     this.closed = false;
-    this.gone = false;
     this.timer = null;
     this.watch = null;
     this.watchedAt = 0;
@@ -64,7 +63,6 @@ export class RunSocket {
 
   start() {
     this.closed = false;
-    this.gone = false;
     this.connect();
   }
 
@@ -159,7 +157,6 @@ export class RunSocket {
   }
 
   goneAway(detail) {
-    this.gone = true;
     this.stopWatching();
     this.handlers.onConnection?.("lost", detail, { retry: false, gone: true });
   }

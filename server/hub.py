@@ -11,7 +11,10 @@ viewers as the store commits them, and one
 queue, bounded in frames and in bytes, plus one sender task per viewer,
 including the ``/ws/runs/{run_id}`` socket; one timer that sends a quiet viewer a
 ``tick`` every ``TICK_S`` (a page that hears nothing for longer knows the server
-stalled), and closing a deleted run's viewers (1008 "run deleted").
+stalled), closing a deleted run's viewers (1008 "run deleted"), and how long each run
+has been running with its trainer connected but no new step (``quiet_s``: a joining
+viewer's snapshot carries it as ``step_quiet_s``, so the run page can warn of a stuck
+training loop at once, not only after watching it for a while).
 
 Never: awaits a viewer while broadcasting (``publish`` only appends), lets one
 slow viewer delay the trainer or another viewer, or silently drops a metrics or
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from functools import partial
 from typing import Any, Protocol
@@ -112,6 +116,19 @@ class _Item:
             self._text = wire.encode(self._message or {})
             self._message = None
         return self._text
+
+
+def _frame_step(frame: dict[str, Any]) -> int | None:
+    """The newest step a trainer frame reports (validated by wire: ints): a metrics frame's
+    highest row step, a probe's step; None for others (an event says nothing of the loop)."""
+    kind = frame.get("type")
+    if kind == "probe":
+        step = frame.get("step")
+        return step if isinstance(step, int) else None
+    if kind == "metrics":
+        steps = [row["step"] for row in frame.get("rows") or () if isinstance(row.get("step"), int)]
+        return max(steps) if steps else None
+    return None
 
 
 def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
@@ -301,6 +318,14 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.tick_s = TICK_S
         self._ticker: asyncio.Task[None] | None = None
+        # A stuck training loop (a hung data loader, a deadlock, a blocked collective) is
+        # invisible otherwise: the trainer's link thread keeps heartbeating. Per run, by
+        # time.monotonic(): the highest step its trainer sent (a metrics row's or a probe's)
+        # and when it first came; and since when it has been running with its trainer
+        # connected, as the statuses published say (absent: it is not). Two dict writes a
+        # new step, nothing a viewer; read only when a viewer joins (quiet_s).
+        self._last_step: dict[str, tuple[int, float]] = {}
+        self._live_since: dict[str, float] = {}
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
@@ -355,6 +380,11 @@ class Hub:
         seq = int(frame["seq"])
         if not self._seen.setdefault(run_id, _SeqSet()).add(seq):
             return False
+        step = _frame_step(frame)
+        if step is not None:
+            last = self._last_step.get(run_id)
+            if last is None or step > last[0]:
+                self._last_step[run_id] = (step, time.monotonic())
         item = _Item(seq, str(frame["type"]), {**frame, "run_id": run_id})
         recent = self._recent.get(run_id)
         if recent is None:
@@ -365,6 +395,13 @@ class Hub:
         return True
 
     def publish_status(self, run_id: str, status: str, **extra: Any) -> None:
+        # Every status change, a trainer's coming and going included, passes here.
+        if status == "running" and self.is_connected(run_id):
+            self._live_since.setdefault(run_id, time.monotonic())
+        else:
+            self._live_since.pop(run_id, None)
+            if status in wire.ENDED_STATUSES:
+                self._last_step.pop(run_id, None)
         message = {
             "type": "status",
             "run_id": run_id,
@@ -407,8 +444,23 @@ class Hub:
         if it existed, and after a restart retried its refused socket forever)."""
         self._seen.pop(run_id, None)
         self._recent.pop(run_id, None)
+        self._last_step.pop(run_id, None)
+        self._live_since.pop(run_id, None)
         for viewer in list(self._viewers.get(run_id, ())):
             viewer.drop(wire.CLOSE_POLICY, DELETED_REASON)
+
+    def quiet_s(self, run_id: str) -> float | None:
+        """Seconds the run has been running with its trainer connected and no new step
+        arrived: since the later of the last new step this server received and the moment
+        it was last reported running with its trainer connected (a resume, a reconnect, a
+        start). None while it is not (paused, ended, starting, no trainer, an upload)."""
+        since = self._live_since.get(run_id)
+        if since is None:
+            return None
+        last = self._last_step.get(run_id)
+        if last is not None:
+            since = max(since, last[1])
+        return round(time.monotonic() - since, 3)
 
     # ---- viewers ----
 
@@ -535,6 +587,7 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
                 "run_id": run_id,
                 "trainer_connected": connected,
                 "uploading": hub.is_uploading(run_id),
+                "step_quiet_s": hub.quiet_s(run_id),
             }
             text = await run_in_threadpool(wire.encode, first)  # not on the event loop either
             shown = frozenset(

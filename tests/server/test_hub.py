@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ async def test_a_catch_up_past_its_limits_is_a_fresh_snapshot(tmp_path: Path) ->
             await fresh.close()
             assert snapshot["type"] == "snapshot" and snapshot["last_seq"] == last
             viewer, first = await open_viewer(server, "far", after_seq=after_seq)
-            assert first == snapshot
+            # the same snapshot, but for the time since the run's last step (read later)
+            assert {**first, "step_quiet_s": 0} == {**snapshot, "step_quiet_s": 0}
+            assert first["step_quiet_s"] >= snapshot["step_quiet_s"]
             await trainer.send(metrics_frame(last + 1, last + 1))
             live = await recv_until(viewer, lambda m: "seq" in m)
             assert [m["seq"] for m in live if "seq" in m] == [last + 1]
@@ -593,3 +596,52 @@ async def test_deleting_a_run_closes_its_viewers_saying_so(
         await again.wait_closed()
         assert again.close_code == wire.CLOSE_POLICY
         assert again.close_reason == "run not found"
+
+
+async def test_a_snapshot_says_how_long_a_live_run_has_made_no_new_step(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A training loop stuck in a hung data loader or a deadlock keeps its link thread
+    heartbeating: the run stayed 'running · trainer connected' while its charts stopped,
+    and a page opened on it could not tell since when. A joining viewer's snapshot says
+    how long the run has been running with its trainer connected and no new step
+    (step_quiet_s): from its last new step, or from when it became live again (a resume);
+    null while it is paused or has no trainer."""
+
+    async def quiet() -> float | None:
+        viewer, snapshot = await open_viewer(shared_server, run_id)
+        await viewer.close()
+        value = snapshot["step_quiet_s"]
+        return None if value is None else float(value)
+
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    try:
+        before = await quiet()  # connected, no step yet: counted from the connection
+        assert before is not None and before >= 0
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        await asyncio.sleep(0.5)
+        counted = await quiet()
+        assert counted is not None and counted >= 0.5
+        sent = time.monotonic()
+        await trainer.send(probe_frame(2, 2))  # a new step restarts the count
+        await trainer.wait_acked(2)
+        after = await quiet()
+        # counted on from step 1 it would be over `counted` plus the time since `sent`
+        assert after is not None and after <= time.monotonic() - sent + 0.01
+
+        watcher, _ = await open_viewer(shared_server, run_id)
+        trainer.heartbeat(status="paused")
+        await recv_until(watcher, lambda m: m["type"] == "status" and m["status"] == "paused")
+        assert await quiet() is None  # a paused run makes no step, rightly
+        await asyncio.sleep(0.5)
+        resumed = time.monotonic()
+        trainer.status = "running"
+        await recv_until(watcher, lambda m: m["type"] == "status" and m["status"] == "running")
+        back = await quiet()  # from the resume, not from step 2
+        assert back is not None and back <= time.monotonic() - resumed + 0.01
+        await watcher.close()
+    finally:
+        await trainer.close()
+    await wait_detached(shared_server, run_id)
+    assert await quiet() is None  # no trainer: nothing to be stuck

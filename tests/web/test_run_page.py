@@ -1167,3 +1167,89 @@ def test_user_names_reach_the_charts_as_text_never_as_links_and_log_axes_keep_th
         finally:
             page.context.close()
         assert not guard.errors, guard.errors
+
+
+# The warning's state (run.js: body data-stall "first" / "step" / "") once step s is shown.
+STALL_CLEARED = "s => document.body.dataset.lastStep === s && document.body.dataset.stall === ''"
+
+
+def test_a_connected_run_with_no_new_step_warns_its_loop_may_be_stuck_until_a_step_or_a_pause(
+    browser: Browser, server: LiveServer
+) -> None:
+    """A training loop stuck in a hung data loader or a deadlock keeps its link thread
+    heartbeating: the page said 'running · trainer connected' with charts that merely
+    stopped, as a slow run's do. Past the threshold (?stall_s=1 here; 60 s at least
+    otherwise) the banner says no step came, or none yet before the first; a new step
+    clears it at once; a paused run (rightly stepless) and an ended one are not warned."""
+    run_id = f"stuck-{uuid.uuid4().hex[:8]}"
+    ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
+    hello = {
+        "type": "hello",
+        "v": 1,
+        "run_id": run_id,
+        "name": run_id,
+        "config": {"lr": 0.1},
+        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
+        "last_acked_seq": 0,
+        "last_cmd_seq": 0,
+    }
+    metrics = {
+        "type": "metrics",
+        "v": 1,
+        "seq": 1,
+        "rows": [{"step": 1, "time_s": 0.0, "values": {"loss": 2.0}}],
+    }
+    with ws_connect(ws_url) as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        said = {"status": "running"}
+        stop = threading.Event()
+
+        def beat() -> None:  # the link thread's heartbeats, on while the "loop" is stuck
+            while not stop.wait(0.3):
+                ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": 1, **said}))
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        page, guard = guarded_page(browser)
+        try:
+            banner = page.locator("#banner")
+            open_ready(page, f"{server.url}/runs/{run_id}?stall_s=1")
+            expect(banner).to_contain_text(
+                re.compile(
+                    r"The trainer has been connected for over \d+ s \(since .+\) with no step yet"
+                )
+            )
+            assert page.evaluate("document.body.dataset.stall") == "first"
+
+            ws.send(json.dumps(metrics))
+            page.wait_for_function(STALL_CLEARED, arg="1", polling="raf")  # at once
+            expect(banner).to_contain_text(  # and a threshold later, again
+                re.compile(
+                    r"^No new step for over \d+ s \(since .+\) while the trainer is connected: "
+                    r"the training loop may be stuck \(a hung data loader, a deadlock"
+                )
+            )
+            expect(banner).to_have_class(re.compile(r"\bwarn\b"))
+
+            said["status"] = "paused"  # the trainer's word, as when a Pause is applied
+            expect(page.locator("#status")).to_have_text("paused")
+            expect(banner).to_be_hidden()
+            page.wait_for_timeout(1500)  # past the threshold: a paused run is not stuck
+            assert page.evaluate("document.body.dataset.stall") == ""
+
+            said["status"] = "running"
+            expect(page.locator("#status")).to_have_text("running")
+            expect(banner).to_contain_text("No new step for over")
+
+            stop.set()
+            beater.join()
+            ended = {"type": "event", "v": 1, "seq": 2, "step": 1, "kind": "status"}
+            ws.send(json.dumps({**ended, "data": {"status": "finished"}}))
+            expect(page.locator("#status")).to_have_text("finished")
+            expect(banner).to_be_hidden()
+        finally:
+            stop.set()
+            beater.join()
+            page.context.close()
+    assert not guard.errors, guard.errors

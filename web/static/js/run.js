@@ -5,7 +5,7 @@
  * over REST only once its snapshot shows the server has subscribed it, so no frame
  * between the REST history and the live stream is missed; then the buffered live
  * frames, de-duplicated by step), routing each frame to the charts, the connection /
- * trainer banners, and switching to replay when the run ends; the window's line
+ * trainer / stuck-loop banners, and switching to replay when the run ends; the window's line
  * charts drawn as canvas previews (preview.js) before Plotly has run. Sets
  * document.body.dataset.paintedMs once the charts in the window are visible with their
  * data (paintedBy: "preview" or "plotly"), plotlyPaintedMs once Plotly has drawn them,
@@ -368,7 +368,178 @@ function setStatus(status, trainerConnected, uploading) {
     setCondition("trainer", "The trainer is not connected: no new data arrives and controls are off until it reconnects.", "warn");
   } else setCondition("trainer", null);
   if (ended && page.historyLoaded && !page.replaying) startReplay();
+  noteLive();
 }
+
+// ---- a stuck training loop ----
+
+/*
+ * The trainer's link thread heartbeats on its own thread, so a training loop blocked in a
+ * hung DataLoader worker, a deadlock, a blocked collective or an input() (or a server
+ * whose store writer stalled: it then stops reading the trainer) looked live: "running ·
+ * trainer connected", charts that merely stopped. The page says so ("stall" condition, a
+ * warning in the banner, role=alert), while the run is running (not paused, not ended)
+ * with its trainer connected and this page's socket open (else the connection banner
+ * says why nothing comes), and clears it on the next step, a pause, or the end.
+ *
+ * Rule: no new step (a metrics row or a probe past the highest step seen) for
+ * max(STALL_MIN_S, STALL_CADENCE × the median of the run's recent wall times between
+ * steps): the trainer's own step_time_s of its last CADENCE_SAMPLES rows (the snapshot's
+ * series, then the live rows; a trainer that sends none: the rows' time_s apart), so a
+ * slow but healthy run, a step every few minutes, never trips it. Before the run's first
+ * step (data and model loading, torch.compile) it takes FIRST_STEP_S and says "no step
+ * yet" instead. The clock is this page's, from the frames it receives, and restarts when
+ * the run becomes running with its trainer connected again (a resume, a reconnect); a
+ * snapshot sets it from the server's count (step_quiet_s: since the later of its last new
+ * step and the run's last becoming running with its trainer connected), so a page
+ * reloaded on a stuck run says so at once, not a threshold later. A dropped socket keeps
+ * the clock: its catch-up brings any step missed. `?stall_s=N` on the page's address sets
+ * STALL_MIN_S and FIRST_STEP_S to N seconds (the tests' short threshold).
+ */
+const STALL_MIN_S = 60;
+const STALL_CADENCE = 20;
+const FIRST_STEP_S = 300;
+const CADENCE_SAMPLES = 64;
+const STALL_CHECK_MS = 1000;
+/** The shown "for over N" moves on only at these (minutes; then every hour): the banner
+ * is role=alert, and a text that changed every second would be read out every second. */
+const STALL_MARKS_MIN = [1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90, 120];
+
+const stall = {
+  /** performance.now() the quiet time counts from; null while the run is not live */
+  from: null,
+  live: false,
+  /** the highest step seen (null: the run has no step yet) */
+  step: null,
+  /** the latest wall times between steps, in seconds */
+  times: [],
+  /** the last live row's [step, time_s], for a trainer that sends no step_time_s */
+  lastRow: null,
+  /** the clock time the quiet time counts from, as shown, and the `from` it is for */
+  since: "",
+  sinceFrom: null,
+  /** the banner's text for it (null: none; undefined: not set yet) */
+  message: undefined,
+  minS: (() => {
+    const raw = new URLSearchParams(location.search).get("stall_s");
+    const n = raw === null || raw.trim() === "" ? NaN : Number(raw);
+    return Number.isFinite(n) && n > 0 ? n : null;
+  })(),
+};
+
+const isLive = () => page.status === "running" && page.trainerConnected && !page.uploading && !page.replaying;
+
+/** The quiet time's clock restarts when the run becomes live (running, its trainer connected). */
+function noteLive() {
+  const live = isLive();
+  if (live && !stall.live) stall.from = performance.now();
+  if (!live) stall.from = null;
+  stall.live = live;
+  checkStall();
+}
+
+function noteStepTime(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0) return;
+  stall.times.push(seconds);
+  if (stall.times.length > CADENCE_SAMPLES) stall.times.splice(0, stall.times.length - CADENCE_SAMPLES);
+}
+
+/** A frame as it arrives (before the history is in, too): a new step restarts the clock. */
+function noteStepFrame(frame) {
+  let step = null;
+  if (frame.type === "probe" && typeof frame.step === "number") step = frame.step;
+  else if (frame.type === "metrics") {
+    for (const row of frame.rows || []) {
+      if (typeof row.step !== "number") continue;
+      step = step === null ? row.step : Math.max(step, row.step);
+      const last = stall.lastRow;
+      if (typeof row.values?.step_time_s === "number") noteStepTime(row.values.step_time_s);
+      else if (last && row.step > last[0] && typeof row.time_s === "number" && row.time_s > last[1]) {
+        noteStepTime((row.time_s - last[1]) / (row.step - last[0]));
+      }
+      if (typeof row.time_s === "number" && (!last || row.step > last[0])) stall.lastRow = [row.step, row.time_s];
+    }
+  }
+  if (step === null || (stall.step !== null && step <= stall.step)) return;
+  stall.step = step;
+  if (stall.from !== null) stall.from = performance.now();
+  checkStall();
+}
+
+/** A snapshot: the steps it holds, the trainer's step times, and the server's quiet time. */
+function noteStallSnapshot(msg) {
+  const steps = [];
+  for (const points of Object.values(msg.series || {})) {
+    if (points?.steps?.length) steps.push(points.steps[points.steps.length - 1]);
+  }
+  for (const probe of msg.probes || []) if (typeof probe.step === "number") steps.push(probe.step);
+  if (steps.length) stall.step = Math.max(stall.step ?? -Infinity, ...steps);
+  const times = msg.series?.step_time_s?.values || [];
+  if (times.length) {
+    stall.times = [];
+    for (const t of times.slice(-CADENCE_SAMPLES)) noteStepTime(t);
+  }
+  if (stall.live && typeof msg.step_quiet_s === "number" && msg.step_quiet_s >= 0) {
+    stall.from = performance.now() - msg.step_quiet_s * 1000;
+  }
+  checkStall();
+}
+
+/** Seconds of no new step that make the warning (see the rule above). */
+function stallThreshold() {
+  if (stall.step === null) return stall.minS ?? FIRST_STEP_S;
+  const sorted = [...stall.times].sort((a, b) => a - b);
+  const n = sorted.length;
+  const median = n ? (n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2) : 0;
+  return Math.max(stall.minS ?? STALL_MIN_S, STALL_CADENCE * median);
+}
+
+/** "45 s", "2 min 10 s", "3 min", "1 h 5 min". */
+function duration(seconds) {
+  const s = Math.floor(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return s % 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s / 60} min`;
+  const m = Math.floor(s / 60) % 60;
+  return `${Math.floor(s / 3600)} h${m ? ` ${m} min` : ""}`;
+}
+
+/** The quiet time as shown: the threshold, then the latest mark passed (STALL_MARKS_MIN, then hours). */
+function shownQuiet(quiet, threshold) {
+  const minutes = quiet / 60;
+  const last = STALL_MARKS_MIN[STALL_MARKS_MIN.length - 1];
+  const mark = minutes >= last ? Math.floor(minutes / 60) * 60 : STALL_MARKS_MIN.filter((m) => m <= minutes).pop() ?? 0;
+  return Math.max(threshold, mark * 60);
+}
+
+function checkStall() {
+  let message = null;
+  let kind = "";
+  if (stall.from !== null && stall.live && page.socketOpen) {
+    const quiet = (performance.now() - stall.from) / 1000;
+    const threshold = stallThreshold();
+    if (quiet >= threshold) {
+      if (stall.sinceFrom !== stall.from) {
+        // once a clock start: recomputed each second, it could flip a second and be read out again
+        stall.sinceFrom = stall.from;
+        stall.since = new Date(Date.now() - quiet * 1000).toLocaleTimeString();
+      }
+      const since = stall.since;
+      const over = duration(shownQuiet(quiet, threshold));
+      kind = stall.step === null ? "first" : "step";
+      message = kind === "first"
+        ? `The trainer has been connected for over ${over} (since ${since}) with no step yet: it may still be loading `
+          + "data or the model, or compiling; or the training loop is stuck before its first step."
+        : `No new step for over ${over} (since ${since}) while the trainer is connected: the training loop may be `
+          + "stuck (a hung data loader, a deadlock, a blocked collective) or busy between steps (a long evaluation, "
+          + "a checkpoint).";
+    }
+  }
+  if (message === stall.message) return; // checked every second: the banner is touched on a change only
+  stall.message = message;
+  setCondition("stall", message, "warn");
+  document.body.dataset.stall = kind;
+}
+setInterval(checkStall, STALL_CHECK_MS);
 
 function setStep(step) {
   if (step === null || step === undefined || (page.lastStep !== null && step <= page.lastStep)) return;
@@ -635,6 +806,7 @@ function onSnapshot(msg) {
     setStep(msg.run.last_step);
   }
   setStatus(msg.run?.status, msg.trainer_connected, msg.uploading);
+  noteStallSnapshot(msg);
   if (!page.historyLoaded && msg.probes?.length) page.buffer.push(...msg.probes.map((p) => ({ type: "probe", ...p })));
   else if (page.historyLoaded) {
     // A reconnect too far behind for a catch-up gets a snapshot instead of the frames it
@@ -645,6 +817,7 @@ function onSnapshot(msg) {
 }
 
 function onFrame(frame) {
+  noteStepFrame(frame); // as it arrives: a stuck loop is timed by arrivals, not by drawing
   // Frames and events wait for the history (a server event has no seq; the history's
   // events hold it too and the log shows it once); status and replies apply at once.
   if (!page.historyLoaded && (frame.seq !== undefined || frame.type === "event")) {
@@ -832,6 +1005,7 @@ function onConnection(state, detail, info = {}) {
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : connectionLost(detail, info));
   controls.setRun({ socketOpen: page.socketOpen });
+  checkStall();
 }
 
 /** The banner for a socket that is down: a deleted run and a refused tab will not come

@@ -294,6 +294,96 @@ def test_charts_toolbars_are_short_visible_when_focused_and_offer_no_upload(run_
         assert name and name.startswith("Help: ") and len(name) > len("Help: "), name
 
 
+RUN_PAGE_FIGURES = [
+    "Loss",
+    "Accuracy",
+    "Learning rate",
+    "Weight decay",
+    "Dead units",
+    "Saturated units",
+    "Activations over time",
+    "Gradient norm per layer",
+    "Every layer's activation histogram",
+    "Update ratio per layer",
+    "Other scalars",
+]
+
+
+def test_every_chart_is_a_named_figure_with_a_summary_of_what_it_shows(run_page: Page) -> None:
+    """A screen reader heard nothing of a chart but Plotly's tick labels ("img: 0 50 100
+    150 200 250 layer0 layer1 layer2"): each chart is now a figure named by its card's
+    heading and described by a short summary (charts.js describeChart), Plotly's drawing
+    hidden from it."""
+    page = run_page
+    figures = page.get_by_role("figure")
+    expect(figures).to_have_count(len(RUN_PAGE_FIGURES))
+    names = figures.evaluate_all("fs => fs.map(f => f.getAttribute('aria-label'))")
+    assert names == RUN_PAGE_FIGURES, names
+    # the loss curve's last point (fill: step 20, 2.3 / 3)
+    expect(page.get_by_role("figure", name="Loss")).to_have_accessible_description(
+        re.compile(r"^1 series of loss, steps 1 to 20\. Latest: train 0\.7667 at step 20\.")
+    )
+    expect(page.get_by_role("figure", name="Dead units")).to_have_accessible_description(
+        re.compile(r"^3 layers, 1 probe step, step 20\. At step 20: highest dead ratio \w+ 0\.1")
+    )
+    expect(page.get_by_role("figure", name="Activations over time")).to_have_accessible_description(
+        re.compile(r"^Layer relu1: 1 probe step, step 20\. At step 20: 90% of values between -")
+    )
+    expect(page.get_by_role("figure", name="Accuracy")).to_have_accessible_description(
+        re.compile("^no accuracy logged")
+    )
+    for name in RUN_PAGE_FIGURES:
+        expect(page.get_by_role("figure", name=name)).to_have_accessible_description(
+            re.compile(r"\S")
+        )
+    exposed = page.evaluate(
+        "[...document.querySelectorAll('[role=figure] .main-svg:not([aria-hidden=true])')].length"
+    )
+    assert exposed == 0, f"{exposed} Plotly drawings still read out"
+    # read on demand, never announced: no summary is in a live region
+    live = page.evaluate(
+        "[...document.querySelectorAll('.chart-summary')].filter(p => p.closest('[aria-live]')).length"
+    )
+    assert live == 0
+
+
+def test_a_charts_summary_follows_live_data_at_most_once_a_second(
+    run_page: Page, trainer: HandTrainer
+) -> None:
+    """At 50 steps a second the accuracy chart redraws several times a second; its summary
+    is rewritten at most once a second (SUMMARY_INTERVAL_MS), and still ends on the last
+    point once the steps stop. (Accuracy, not loss: the runs list's test reads the loss.)"""
+    page = run_page
+    page.evaluate("window.scrollTo(0, 0)")  # in the window: redrawn at the live pace
+    page.evaluate(
+        """() => {
+        window.summaryWrites = 0;
+        window.accLengths = new Set();
+        const p = document.getElementById('chart-acc-summary');
+        new MutationObserver((records) => { window.summaryWrites += records.length; })
+          .observe(p, { childList: true, characterData: true, subtree: true });
+        window.accTimer = setInterval(() => window.accLengths.add(
+          (document.getElementById('chart-acc').data[0].x || []).length), 50);
+    }"""
+    )
+    started = time.monotonic()
+    for step in range(100, 250):  # 3 s at 50 steps a second
+        values = {"acc": 0.9876 - (249 - step) * 0.001}
+        trainer.frame("metrics", rows=[{"step": step, "time_s": 0.01 * step, "values": values}])
+        trainer.step = step
+        time.sleep(max(0.0, started + (step - 99) * 0.02 - time.monotonic()))
+    accuracy = page.get_by_role("figure", name="Accuracy")
+    expect(accuracy).to_have_accessible_description(
+        re.compile(r"Latest: train 0\.9876 at step 249\.")
+    )
+    seconds = time.monotonic() - started
+    writes, redraws = page.evaluate(
+        "() => { clearInterval(window.accTimer); return [window.summaryWrites, window.accLengths.size]; }"
+    )
+    assert 2 <= writes <= seconds + 2, (writes, seconds)
+    assert redraws > writes, (redraws, writes)  # the chart itself redrew more often
+
+
 def test_space_on_the_focused_event_log_scrolls_it_and_does_not_pause(
     run_page: Page, trainer: HandTrainer
 ) -> None:

@@ -8,7 +8,9 @@
  * bounded copy of every trace (decimated past maxPoints, the last point always
  * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
  * the replay cursor and command markers drawn on every time axis; removing a
- * chart's canvas preview (preview.js) when Plotly first draws it.
+ * chart's canvas preview (preview.js) when Plotly first draws it; every chart's text
+ * alternative (describeChart: a named figure with a short summary, kept current at most
+ * once a second a chart).
  * Never: fetches data, hands Plotly an array it also mutates itself, or hands it a
  * user's string (a trace, layer or run name, a command label) unescaped: plotlyText.
  */
@@ -202,6 +204,7 @@ class Scheduler {
     this.drawnAt.set(chart, t0);
     if (!this.inWindow(chart)) this.stats.offscreenDraws++;
     const done = chart.draw();
+    summaries.drawn(chart);
     const cost = performance.now() - t0; // Plotly draws synchronously, mostly
     this.cost.set(chart, cost);
     this.stats.draws++;
@@ -316,6 +319,7 @@ export const PLOT_CONFIG = { displaylogo: false, responsive: true, showSendToClo
 export function plotReact(P, div, data, layout, config) {
   return P.react(div, data, layout, config).then((gd) => {
     toolbarKeys(div);
+    hideDrawing(div);
     return gd;
   });
 }
@@ -362,6 +366,103 @@ export function formatNumber(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
+/**
+ * A chart's summary is rewritten at most this often (a live run redraws its charts up to
+ * ten times a second, a replay on every frame): on the first draw at once, then once this
+ * long has passed since the last rewrite, the last change always written (a timer).
+ */
+export const SUMMARY_INTERVAL_MS = 1000;
+const SUMMARY_CLASS = "chart-summary";
+
+/**
+ * Gives a chart's element (`el`, a Plotly div or the small multiples' grid) a text
+ * alternative: role=figure, named `name` (by default its card's heading: "Loss"), and
+ * described by a visually hidden paragraph inside it that `summaries` keeps current from
+ * the chart's summary(): "2 series, steps 0 to 5,000. Latest: train 0.123 at step 5,000".
+ * A screen reader heard nothing of a chart but its axes' tick labels ("0 50 100 150").
+ * The paragraph is no live region: read on demand, never announced as the data change.
+ * Returns the paragraph; a second call returns the first's.
+ */
+export function describeChart(el, name = "") {
+  if (!el) return null;
+  let p = el.querySelector(`:scope > .${SUMMARY_CLASS}`);
+  if (p) return p;
+  const title = name || el.closest(".card")?.querySelector("h2")?.textContent.trim() || el.id;
+  el.setAttribute("role", "figure");
+  el.setAttribute("aria-label", title);
+  p = document.createElement("p");
+  p.className = `${SUMMARY_CLASS} visually-hidden`;
+  p.id = `${el.id || `chart-${Math.random().toString(36).slice(2)}`}-summary`;
+  el.append(p);
+  el.setAttribute("aria-describedby", p.id);
+  return p;
+}
+
+/**
+ * Plotly's drawing (its SVG: tick labels, legend, hover layer) hidden from screen readers in
+ * a described figure (describeChart), whose summary says what it shows: the run page's
+ * charts read as a dozen images named by their tick labels ("img: 0 50 100 150 200 250
+ * layer0 layer1 layer2"). The toolbar is not in it and stays reachable.
+ */
+function hideDrawing(div) {
+  if (div.getAttribute("role") !== "figure") return;
+  for (const svg of div.querySelectorAll(".main-svg:not([aria-hidden])")) svg.setAttribute("aria-hidden", "true");
+}
+
+/**
+ * Keeps each described chart's summary paragraph current: after a draw (Scheduler.drawOne)
+ * it is rewritten from chart.summary() at once if SUMMARY_INTERVAL_MS have passed since its
+ * last rewrite, else by a timer when they have (one at a time a chart). A chart without a
+ * summary() or an element described by describeChart is left alone.
+ */
+class Summaries {
+  constructor() {
+    this.at = new WeakMap(); // chart -> performance.now() of its last rewrite
+    this.timers = new WeakMap(); // chart -> a rewrite's timer, pending
+  }
+
+  drawn(chart) {
+    if (typeof chart.summary !== "function" || this.timers.has(chart)) return;
+    const wait = (this.at.get(chart) ?? -Infinity) + SUMMARY_INTERVAL_MS - performance.now();
+    if (wait <= 0) {
+      this.write(chart);
+      return;
+    }
+    this.timers.set(chart, setTimeout(() => {
+      this.timers.delete(chart);
+      this.write(chart);
+    }, wait));
+  }
+
+  /** Rewrites `chart`'s summary now. */
+  write(chart) {
+    const el = chart.div || chart.container;
+    const p = el?.querySelector(`:scope > .${SUMMARY_CLASS}`);
+    if (!p) return;
+    this.at.set(chart, performance.now());
+    let text;
+    try {
+      text = chart.summary();
+    } catch (e) {
+      console.error("layerscope: a chart's summary failed", e);
+      return;
+    }
+    if (p.textContent !== text) p.textContent = text;
+  }
+}
+
+export const summaries = new Summaries();
+
+/** A step as a summary writes it: 5,000. */
+export function stepText(s) {
+  return Number.isFinite(s) ? s.toLocaleString("en-US") : String(s);
+}
+
+/** "steps 0 to 5,000", or "step 7" when `first` is `last`. */
+export function stepSpan(first, last) {
+  return first === last ? `step ${stepText(first)}` : `steps ${stepText(first)} to ${stepText(last)}`;
+}
+
 const NOTE_CLASS = "chart-note";
 
 /**
@@ -389,6 +490,8 @@ export function showNote(div, text) {
       overflowWrap: "anywhere", pointerEvents: "none", zIndex: "1",
     });
     if (getComputedStyle(div).position === "static") div.style.position = "relative";
+    // a described chart's summary says it (describeChart): not read twice
+    if (div.getAttribute("role") === "figure") note.setAttribute("aria-hidden", "true");
     div.append(note);
   }
   note.textContent = text;
@@ -670,6 +773,7 @@ export class LineChart {
     this.alertSteps = [];
     this.revision = 0;
     this.drawn = false;
+    describeChart(div);
     this.setTraces(traces);
   }
 
@@ -837,6 +941,45 @@ export class LineChart {
       if (this.fewPoints(i)) Object.assign(data[i], { mode: "lines+markers", marker: { color: data[i].line.color, size: 6 } });
     });
     return data;
+  }
+
+  /**
+   * What the chart shows, in words (describeChart's summary): its series with a value, the
+   * steps they span, each one's last value (a line per layer: the highest and lowest of
+   * them), the replay cursor's values and the command markers. "2 series, steps 0 to
+   * 5,000. Latest: train 0.123 at step 5,000, validation 0.2 at step 4,950."
+   */
+  summary() {
+    if (!this.hasData()) return this.empty;
+    const series = [];
+    let first = Infinity;
+    let last = -Infinity;
+    this.traces.forEach((t, i) => {
+      const { x, y } = this.model[i];
+      let j = y.length - 1;
+      while (j >= 0 && y[j] === null) j--;
+      if (j < 0) return;
+      series.push({ name: t.name, i, step: x[j], value: y[j] });
+      first = Math.min(first, x[0]);
+      last = Math.max(last, x[x.length - 1]);
+    });
+    const what = this.yTitle ? ` of ${this.yTitle}` : "";
+    const parts = [`${series.length} ${this.depthColors ? "layer" : "series"}${series.length === 1 ? "" : "s"}${what}, ${stepSpan(first, last)}${this.logY ? ", log scale" : ""}.`];
+    const valueOf = (s) => `${s.name} ${formatNumber(s.value)}`;
+    if (series.length <= 4) {
+      parts.push(`Latest: ${series.map((s) => `${valueOf(s)} at step ${stepText(s.step)}`).join(", ")}.`);
+    } else {
+      const byValue = [...series].sort((a, b) => b.value - a.value);
+      parts.push(`Latest values: highest ${valueOf(byValue[0])}, lowest ${valueOf(byValue[byValue.length - 1])}.`);
+    }
+    // the replay cursor's values, unless it is past every series' last point (they are the latest)
+    if (this.cursor !== null && this.cursor !== undefined && this.cursor < last) {
+      const at = series.map((s) => ({ ...s, value: this.valueAtOrBefore(s.i, this.cursor) })).filter((s) => s.value !== null);
+      if (at.length && at.length <= 4) parts.push(`At the cursor, step ${stepText(this.cursor)}: ${at.map(valueOf).join(", ")}.`);
+      else parts.push(`Cursor at step ${stepText(this.cursor)}.`);
+    }
+    if (this.markers.length) parts.push(`${this.markers.length} command${this.markers.length === 1 ? "" : "s"} marked.`);
+    return parts.join(" ");
   }
 
   /** A trace with no points that draws the depth colour bar: first layer at the bottom, last at the top. */

@@ -7,11 +7,12 @@
  * live histogram (its own lo..hi) onto the common grid, the columns a heatmap draws
  * (evenGrid: evenly spaced, no more than its plot is pixels wide), and drawing the small
  * multiples on canvases (thirty Plotly subplots would cost more than the frame
- * budget during replay).
+ * budget during replay); each view's summary in words (summary(): see describeChart).
  * Never: fetches data; the run page decides what to load.
  */
 
-import { baseLayout, hideNote, noteLayout, PLOT_CONFIG, plotReact, plotlyText, scheduler, stepAxis, stepShapes, formatNumber } from "./charts.js";
+import { baseLayout, describeChart, hideNote, noteLayout, PLOT_CONFIG, plotReact, plotlyText, scheduler, stepAxis, stepShapes,
+  stepSpan, stepText, formatNumber } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -143,6 +144,7 @@ export class LayerHeatmap {
     this.markers = [];
     this.dataDirty = true;
     this.drawnAt = -Infinity;
+    describeChart(div);
     scheduler.mark(this);
   }
 
@@ -292,6 +294,37 @@ export class LayerHeatmap {
     });
   }
 
+  /**
+   * In words (describeChart): the layers that have the statistic, the probe steps, and at the
+   * last one (the replay cursor's, in replay) the highest value and its layer, and the mean.
+   * "3 layers, 15 probe steps, steps 0 to 280. At step 280: highest dead ratio layer2 0.6, mean 0.3."
+   */
+  summary() {
+    const kept = this.layers.map((_, i) => i).filter((i) => this.z[i].some((v) => v !== null && v !== undefined));
+    if (!kept.length) return this.steps.length ? this.empty : NO_PROBE_YET;
+    const n = this.steps.length;
+    const head = `${kept.length} layer${kept.length === 1 ? "" : "s"}, ${n} probe step${n === 1 ? "" : "s"}, ${stepSpan(this.steps[0], this.steps[n - 1])}.`;
+    if (this.div.dataset.allZero) return `${head} ${this.title} 0 at every layer and probe step.`;
+    let j = n - 1;
+    if (this.cursor !== null && this.cursor !== undefined) {
+      while (j >= 0 && this.steps[j] > this.cursor) j--;
+      if (j < 0) return `${head} Cursor at step ${stepText(this.cursor)}, before the first probe step.`;
+    }
+    let top = null;
+    let sum = 0;
+    let count = 0;
+    for (const i of kept) {
+      const v = this.z[i][j];
+      if (v === null || v === undefined) continue;
+      sum += v;
+      count++;
+      if (top === null || v > this.z[top][j]) top = i;
+    }
+    if (top === null) return `${head} No layer has a value at step ${stepText(this.steps[j])}.`;
+    return `${head} At step ${stepText(this.steps[j])}: highest ${this.title} ${this.layers[top]} ${formatNumber(this.z[top][j])}`
+      + `${count > 1 ? `, mean ${formatNumber(sum / count)}` : ""}.`;
+  }
+
   /** The note over a plot whose every cell is 0: "no saturated units at any probe step (0–190)". */
   zeroNote() {
     const what = this.title.replace(/ ratio$/, "");
@@ -386,6 +419,7 @@ export class HistogramOverTime {
     this.div = div;
     this.onRegrid = onRegrid;
     this.drawnAt = -Infinity;
+    describeChart(div);
     this.clear("");
   }
 
@@ -446,6 +480,42 @@ export class HistogramOverTime {
 
   setCursor(step) { this.cursor = step; scheduler.mark(this); }
 
+  /**
+   * In words (describeChart): the layer, its probe steps and, at the last one (the replay
+   * cursor's, in replay), the range of values holding all but the outer 5% on each side and
+   * the busiest bin. "Layer fc1: 15 probe steps, steps 0 to 280. At step 280: 90% of values
+   * between -0.8 and 0.75, most near 0.02."
+   */
+  summary() {
+    if (!this.steps.length) return this.layer ? NO_PROBE_YET : "this run has no probed layer yet";
+    const n = this.steps.length;
+    const head = `Layer ${this.layer}: ${n} probe step${n === 1 ? "" : "s"}, ${stepSpan(this.steps[0], this.steps[n - 1])}.`;
+    let j = n - 1;
+    if (this.cursor !== null && this.cursor !== undefined) {
+      while (j >= 0 && this.steps[j] > this.cursor) j--;
+      if (j < 0) return `${head} Cursor at step ${stepText(this.cursor)}, before the first probe step.`;
+    }
+    const row = this.rows[j];
+    const total = row.reduce((a, b) => a + (b || 0), 0);
+    if (!(total > 0) || this.edges.length !== row.length + 1) return `${head} No values at step ${stepText(this.steps[j])}.`;
+    let acc = 0;
+    let lo = -1;
+    let hi = -1;
+    let peak = 0;
+    row.forEach((v, b) => {
+      acc += v || 0;
+      if (lo < 0 && acc > 0.05 * total) lo = b;
+      if (hi < 0 && acc >= 0.95 * total) hi = b;
+      if ((v || 0) > (row[peak] || 0)) peak = b;
+    });
+    // the busiest bins: the peak and its neighbours as full (a coarse live histogram spread
+    // evenly over several grid bins), their middle
+    let top = peak;
+    while (top + 1 < row.length && Math.abs((row[top + 1] || 0) - row[peak]) <= 1e-9 * row[peak]) top++;
+    return `${head} At step ${stepText(this.steps[j])}: 90% of values between ${formatNumber(this.edges[lo])} and `
+      + `${formatNumber(this.edges[hi + 1])}, most near ${formatNumber((this.edges[peak] + this.edges[top + 1]) / 2)}.`;
+  }
+
   draw() {
     const P = Plotly();
     if (!P) return Promise.resolve();
@@ -492,6 +562,30 @@ export class SmallMultiples {
     this.cells = new Map();
     this.layers = [];
     this.step = null;
+    describeChart(container, "Every layer's activation histogram");
+  }
+
+  /**
+   * In words (describeChart), and each cell's name (role=img: its canvas is the histogram):
+   * "3 layers at step 280. Widest spread: layer0, std 1; narrowest: layer2, std 0.333."
+   * Written with the summary (at most once a second), not on every replay frame's draw.
+   */
+  summary() {
+    for (const layer of this.layers) {
+      const cell = this.cells.get(layer.name);
+      if (!cell) continue;
+      cell.el.setAttribute("role", "img");
+      cell.el.setAttribute("aria-label", `${cell.el.title.split("\n").join(", ")}, `
+        + `drawn from ${cell.spans[0].textContent} to ${cell.spans[1].textContent}`);
+    }
+    if (this.step === null || !this.layers.length) return "no probe step yet";
+    const n = this.layers.length;
+    const spread = this.layers.filter((l) => Number.isFinite(l.std)).sort((a, b) => b.std - a.std);
+    const head = `${n} layer${n === 1 ? "" : "s"} at step ${stepText(this.step)}.`;
+    if (spread.length < 2) return head;
+    const widest = spread[0];
+    const narrowest = spread[spread.length - 1];
+    return `${head} Widest spread: ${widest.name}, std ${formatNumber(widest.std)}; narrowest: ${narrowest.name}, std ${formatNumber(narrowest.std)}.`;
   }
 
   /** layers: [{name, lo, hi, counts, mean, std, dead_ratio, saturated_ratio, ...}] */

@@ -12,7 +12,7 @@
  * (LineChart.draw removes the canvas, PREVIEW_CLASS, before it draws).
  */
 
-import { baseLayout, hideNote, showNote } from "./charts.js";
+import { baseLayout, hideNote, showNote, summaries } from "./charts.js";
 
 export const PREVIEW_CLASS = "chart-preview";
 const THEME = baseLayout();
@@ -104,6 +104,7 @@ export function drawPreview(chart, title) {
     canvas.dataset.markers = "0";
     canvas.setAttribute("aria-label", `${title}: ${chart.empty}`);
     div.append(canvas);
+    summaries.write(chart);
     return canvas;
   }
   hideNote(div);
@@ -240,5 +241,6 @@ export function drawPreview(chart, title) {
       + `${markers ? `, ${markers.x.length} command marker(s)` : ""} (a preview; the interactive chart follows)`
     : `${title}: ${chart.empty}`);
   div.append(canvas);
+  summaries.write(chart); // the chart's own summary (describeChart) says what the preview shows, from now on
   return canvas;
 }

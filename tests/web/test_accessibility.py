@@ -486,3 +486,54 @@ def test_a_starting_runs_page_does_not_say_its_trainer_is_not_connected(
     finally:
         page.context.close()
     assert not guard.errors, guard.errors
+
+
+def test_compare_tells_runs_apart_by_symbol_and_dash_not_colour_alone(
+    page: Page, server: LiveServer, trainer: HandTrainer
+) -> None:
+    """/compare drew each run's lines in its own colour and otherwise alike (solid lines, no
+    marker, or the same circle on a short series): two close colours, or a viewer who tells
+    few apart, read two runs as one. Each run has its own marker symbol on every chart and
+    its own dash on the ratio charts; the legends name the runs and show the symbol."""
+    with ws_connect(server.url.replace("http://", "ws://") + "/ws/trainer") as ws:
+        other = HandTrainer(ws, f"a11y-b-{uuid.uuid4().hex[:8]}")
+        try:
+            rows = [
+                {"step": s, "time_s": 0.01 * s, "values": {"loss": 2.0 / (1 + s / 5)}}
+                for s in range(1, 21)
+            ]
+            other.frame("metrics", rows=rows)
+            probe = [
+                {"name": n, "mean": 0.0, "std": 0.5, "dead_ratio": 0.2, "saturated_ratio": 0.0,
+                 "hist": {"lo": -1.0, "hi": 1.0, "counts": [1, 3, 5, 3, 1]}}
+                for n in LAYERS
+            ]  # fmt: skip
+            other.frame("probe", step=20, layers=probe)
+            other.step = 20
+            server.wait_step(other.run_id, 20, 30)
+        finally:
+            other.close()
+    open_ready(page, f"{server.url}/compare?ids={trainer.run_id}&ids={other.run_id}")
+    drawn = (
+        "id => document.getElementById(id)._fullData.map(t => ({name: t.name, color: t.line?.color,"
+        " dash: t.line?.dash, symbol: t.mode?.includes('markers') ? t.marker.symbol : null}))"
+    )
+    loss = page.evaluate(drawn, "chart-loss")
+    train = [loss[0], loss[2]]  # each run's train loss (then its val loss)
+    assert [t["name"] for t in train] == [f"{trainer.run_id} train", f"{other.run_id} train"]
+    assert train[0]["color"] != train[1]["color"]
+    assert (train[0]["dash"], train[0]["symbol"]) != (train[1]["dash"], train[1]["symbol"]), train
+    assert all(t["symbol"] for t in train), train
+    page.wait_for_function("document.getElementById('chart-dead').data.every(t => t.y.length)")
+    dead = page.evaluate(drawn, "chart-dead")
+    assert [t["name"] for t in dead[:2]] == [trainer.run_id, other.run_id]
+    assert dead[0]["dash"] != dead[1]["dash"] and dead[0]["symbol"] != dead[1]["symbol"], dead
+    # the legends name each run and the page's shows its symbol
+    expect(page.locator("#chart-loss .legendtext")).to_contain_text(
+        [f"{trainer.run_id} train", f"{other.run_id} train"]
+    )
+    legend = page.locator("#legend li")
+    expect(legend).to_have_count(2)
+    expect(legend.nth(1)).to_contain_text(other.run_id)
+    symbols = legend.locator("svg").evaluate_all("s => s.map(e => e.dataset.symbol)")
+    assert symbols == [train[0]["symbol"], train[1]["symbol"]], symbols

@@ -37,6 +37,8 @@ export const MAX_POINTS = 4000;
  * invisible, and a few look like an empty chart.
  */
 export const FEW_POINTS = 12;
+/** A trace with its own symbol (LineChart's trace.symbol) shows it on at most this many of its points. */
+export const SYMBOL_POINTS = 10;
 export const COLORS = ["#4aa3ff", "#f5a623", "#3fb970", "#e0609a", "#a98bff", "#36c5c5",
   "#f0564a", "#c2d94c", "#ff8a5c", "#8fa7c4"];
 
@@ -742,7 +744,7 @@ export function stepShapes(cursor, markerSteps = [], alertSteps = []) {
 }
 
 /**
- * A line chart over steps. Traces are [{name, color?, dash?}]; markers (command
+ * A line chart over steps. Traces are [{name, color?, dash?, symbol?}]; markers (command
  * markers) are a separate hover-able trace placed on trace 0.
  * A chart of one line per layer (its div marked data-depth-colors, or depthColors) colours
  * its lines by their order, first layer to last, on DEPTH_SCALE, and draws a colour bar
@@ -937,8 +939,14 @@ export class LineChart {
   drawnData() {
     const data = this.plotData();
     this.traces.forEach((t, i) => { data[i].name = plotlyText(t.name); });
-    this.traces.forEach((_, i) => {
-      if (this.fewPoints(i)) Object.assign(data[i], { mode: "lines+markers", marker: { color: data[i].line.color, size: 6 } });
+    this.traces.forEach((t, i) => {
+      const few = this.fewPoints(i);
+      if (!few && !t.symbol) return;
+      // a trace's own symbol (a run's on /compare: told apart by more than colour) is drawn
+      // on at most SYMBOL_POINTS of its points, as on each point of a trace of few
+      const symbol = t.symbol ? { symbol: t.symbol, size: 7, line: { color: "#0f1216", width: 1 } } : {};
+      Object.assign(data[i], { mode: "lines+markers",
+        marker: { color: data[i].line.color, size: 6, ...symbol, ...(few ? {} : { maxdisplayed: SYMBOL_POINTS }) } });
     });
     return data;
   }

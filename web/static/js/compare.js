@@ -1,7 +1,10 @@
 /**
  * compare.js — the comparison page (/compare?ids=a&ids=b): loss and validation loss of
  * every run overlaid, and the dead and saturated ratio of one chosen layer across
- * the runs. Re-fetched every few seconds while any of them is still running.
+ * the runs. Re-fetched every few seconds while any of them is still running. Each run is
+ * told apart by more than its colour: its own marker symbol on every chart (the page's
+ * legend shows it too) and its own dash on the ratio charts (the loss chart's dash says
+ * train or validation): runStyle.
  * Never: changes a run; this page only reads.
  */
 
@@ -49,6 +52,62 @@ async function loadDetails() {
   details = charted.map((id, i) => fresh.get(id) || details[i]);
 }
 
+/**
+ * Run i's marker symbol (one each for the page's ten runs at most, MAX_COMPARE_RUNS) and
+ * ratio-chart dash. Runs were told apart by colour alone: two close shades, or a viewer who
+ * tells few colours apart, read two runs as one, and a run drawn under another's identical
+ * line did not show at all.
+ */
+const SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "triangle-down", "cross", "star", "pentagon", "hourglass"];
+const DASHES = ["solid", "dot", "dashdot", "longdash", "dash"];
+/** Each symbol as the legend's SVG draws it, centred on 0,0 (Plotly's shapes, about its size 7). */
+const SYMBOL_PATHS = {
+  circle: "M3.5,0A3.5,3.5 0 1,1 -3.5,0A3.5,3.5 0 1,1 3.5,0Z",
+  square: "M-3,-3H3V3H-3Z",
+  diamond: "M0,-4L4,0L0,4L-4,0Z",
+  "triangle-up": "M0,-4L4,3H-4Z",
+  x: "M-3.5,-2L-2,-3.5L0,-1.5L2,-3.5L3.5,-2L1.5,0L3.5,2L2,3.5L0,1.5L-2,3.5L-3.5,2L-1.5,0Z",
+  "triangle-down": "M0,4L4,-3H-4Z",
+  cross: "M-1.2,-4H1.2V-1.2H4V1.2H1.2V4H-1.2V1.2H-4V-1.2H-1.2Z",
+  star: "M0,-4L1,-1.3L3.8,-1.2L1.6,0.5L2.4,3.2L0,1.6L-2.4,3.2L-1.6,0.5L-3.8,-1.2L-1,-1.3Z",
+  pentagon: "M0,-4L3.8,-1.2L2.4,3.2H-2.4L-3.8,-1.2Z",
+  hourglass: "M-3.5,-3.5H3.5L-3.5,3.5H3.5Z",
+};
+
+/** Run i's colour, symbol and ratio-chart dash. */
+function runStyle(i) {
+  return { color: COLORS[i % COLORS.length], symbol: SYMBOLS[i % SYMBOLS.length], dash: DASHES[i % DASHES.length] };
+}
+
+/**
+ * The legend's sample of run i: its symbol on a line in its colour. A solid line: on the
+ * loss chart the dash says train or validation, on the ratio charts (each with its own
+ * legend) which run.
+ */
+function swatch(i) {
+  const { color, symbol } = runStyle(i);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 -5 28 10");
+  svg.setAttribute("width", "28");
+  svg.setAttribute("height", "10");
+  svg.setAttribute("aria-hidden", "true");
+  svg.style.marginRight = "6px";
+  svg.style.verticalAlign = "middle";
+  svg.dataset.symbol = symbol;
+  const line = document.createElementNS(ns, "line");
+  Object.entries({ x1: 0, y1: 0, x2: 28, y2: 0, stroke: color, "stroke-width": 2 })
+    .forEach(([k, v]) => line.setAttribute(k, String(v)));
+  const mark = document.createElementNS(ns, "path");
+  mark.setAttribute("d", SYMBOL_PATHS[symbol]);
+  mark.setAttribute("transform", "translate(14 0)");
+  mark.setAttribute("fill", color);
+  mark.setAttribute("stroke", "#0f1216");
+  mark.setAttribute("stroke-width", "1");
+  svg.append(line, mark);
+  return svg;
+}
+
 /** A short form of a run id, enough to tell two runs of the same name apart. */
 function shortId(id) {
   return id.length <= 12 ? id : `…${id.slice(-8)}`;
@@ -66,10 +125,8 @@ function renderLegend() {
   const named = labels();
   $("legend").replaceChildren(...details.map((d, i) => {
     const li = document.createElement("li");
-    const sw = document.createElement("span");
+    const sw = swatch(i);
     const a = document.createElement("a");
-    sw.className = "swatch";
-    sw.style.background = COLORS[i % COLORS.length];
     a.href = `/runs/${encodeURIComponent(d.id)}`;
     a.textContent = `${named[i]} (${d.status})`;
     li.dataset.runId = d.id;
@@ -80,12 +137,13 @@ function renderLegend() {
 
 function buildCharts() {
   const named = labels();
+  // the loss chart's dash says train or validation (the card's note): a run's symbol says which run
   const traces = details.flatMap((d, i) => [
-    { name: `${named[i]} train`, color: COLORS[i % COLORS.length] },
-    { name: `${named[i]} val`, color: COLORS[i % COLORS.length], dash: "dash" },
+    { name: `${named[i]} train`, color: runStyle(i).color, symbol: runStyle(i).symbol },
+    { name: `${named[i]} val`, color: runStyle(i).color, symbol: runStyle(i).symbol, dash: "dash" },
   ]);
   loss = new LineChart($("chart-loss"), traces, { logY: $("loss-log").checked, yTitle: "loss" });
-  const perRun = details.map((d, i) => ({ name: named[i], color: COLORS[i % COLORS.length] }));
+  const perRun = details.map((d, i) => ({ name: named[i], ...runStyle(i) }));
   // A ratio's axis starts at 0 (to 1 with no data, else just above the largest value):
   // Plotly's autorange put an empty chart at -1..4 and an all-zero one at -1..1.
   dead = new LineChart($("chart-dead"), perRun, { yTitle: "dead ratio", zeroBased: true });

@@ -25,7 +25,7 @@ from layerscope.trainer.alerts import Alerts
 from layerscope.trainer.probes import PendingStats
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     step: int
     time_s: float
@@ -134,18 +134,19 @@ def rule_view(
     if not stats.param_layers:
         return layers, out_scalars
     present = sum(stats.grad_present)
-    tail = host[len(host) - present - 2 * stats.weight_slots :]
-    grads_t, weights_t = tail[:present], tail[present : present + stats.weight_slots]
-    updates_t = tail[present + stats.weight_slots :]
-    nan_updates = torch.isnan(updates_t)
+    # a few dozen floats: plain Python reads them faster than a tensor op each (this
+    # runs on the link thread once a probe step, under the GIL the training loop needs)
+    tail = host[len(host) - present - 2 * stats.weight_slots :].tolist()
+    grads, weights = tail[:present], tail[present : present + stats.weight_slots]
+    updates = tail[present + stats.weight_slots :]
+    nan_updates = [math.isnan(u) for u in updates]
     # a step whose every sampled update is NaN (loss x 1e39: NaN everywhere) was taken if
     # the post-step hook measured it; without the flag (a PendingStats built elsewhere)
     # all NaN reads as no step
-    stepped = stats.stepped or not bool(nan_updates.all())
-    bad_updates = bool(torch.isinf(updates_t).any()) or (stepped and bool(nan_updates.any()))
-    if bool(torch.isfinite(weights_t).all()) and not bad_updates:
+    stepped = stats.stepped or not all(nan_updates)
+    bad_updates = any(math.isinf(u) for u in updates) or (stepped and any(nan_updates))
+    if all(math.isfinite(w) for w in weights) and not bad_updates:
         return layers, out_scalars  # the common case: nothing was hidden that matters
-    grads, weights, updates = grads_t.tolist(), weights_t.tolist(), updates_t.tolist()
     if bad_updates and grads and (norm := _norm(grads)) is not None:
         out_scalars["grad_norm"] = norm
     position = {i: k for k, i in enumerate(i for i, has in enumerate(stats.grad_present) if has)}

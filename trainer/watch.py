@@ -165,6 +165,7 @@ class Watch:
         self._closed = False
         self._rows: list[Row] = []
         self._device_values: list[torch.Tensor] = []
+        self._group_keys: list[tuple[str, str]] = []  # each param group's lr/decay series
         self._known_names: set[str] = set()
         self._device = _model_device(model)
         self._progress_enabled = progress
@@ -324,16 +325,21 @@ class Watch:
             raise RuntimeError("this watch is closed; step() after close() records nothing")
         step = self.step_count + 1
         now = time.perf_counter()
-        row = Row(step=step, time_s=now - self._t0, values={})
-        self._put_all(row, {"loss": loss, **scalars} if loss is not None else scalars)
+        row = Row(step, now - self._t0, {})
+        if scalars:
+            self._put_all(row, {"loss": loss, **scalars} if loss is not None else scalars)
+        elif loss is not None:  # the usual call: one value, which raises before it is kept
+            self._put(row, "loss", loss)
         self.step_count = step
         step_time_s = now - self._last_step_t
         self._last_step_t = now
         probe_step = self.probes is not None and self._is_probe_step(step)
-        # first: under a process group rank 0's samples_per_s is every rank's, summed
-        self.dist.exchange(
-            row.values, step_time_s, self.batch_size, probe_step=probe_step, step=step
-        )
+        dist = self.dist
+        if dist.active:  # (a single process's exchange and boundary are no-ops / the control's)
+            # first: under a process group rank 0's samples_per_s is every rank's, summed
+            dist.exchange(
+                row.values, step_time_s, self.batch_size, probe_step=probe_step, step=step
+            )
         self._add_run_values(row, step_time_s)
         self._rows.append(row)
 
@@ -364,7 +370,10 @@ class Watch:
             self._flush(pending, step, snapshot)
         if self.link is not None:
             self.link.step = step
-        self.dist.at_step_boundary(self.control, step, before_block=self._flush)
+        if dist.active:
+            dist.at_step_boundary(self.control, step, before_block=self._flush)
+        else:
+            self.control.at_step_boundary(step, before_block=self._flush)
         if self.probes is not None and self._is_probe_step(step + 1) and not self.probes.armed:
             self._arm()
 
@@ -532,7 +541,8 @@ class Watch:
             # step's value. A loss is a new tensor every step: kept as it is.
             row.on_device.append((name, len(self._device_values)))
             kept = value.detach()
-            self._device_values.append(kept if value.grad_fn is not None else kept.clone())
+            # not is_leaf: autograd made it (grad_fn, which builds a Python object a call)
+            self._device_values.append(kept if not value.is_leaf else kept.clone())
         elif (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
@@ -546,14 +556,16 @@ class Watch:
 
     def _add_run_values(self, row: Row, step_time_s: float) -> None:
         values = row.values
-        for i, (lr, wd) in enumerate(
-            zip(self.control.used_lr, self.control.used_weight_decay, strict=False)
-        ):
-            suffix = "" if i == 0 else f"/{i}"
+        used_lr, used_wd = self.control.used_lr, self.control.used_weight_decay
+        keys = self._group_keys  # ("lr", "weight_decay"), ("lr/1", "weight_decay/1"), ...
+        while len(keys) < len(used_lr):
+            suffix = f"/{len(keys)}" if keys else ""
+            keys.append((f"lr{suffix}", f"weight_decay{suffix}"))
+        for (lr_key, wd_key), lr, wd in zip(keys, used_lr, used_wd, strict=False):
             if lr is not None:
-                values.setdefault(f"lr{suffix}", lr)
+                values.setdefault(lr_key, lr)
             if wd is not None:
-                values.setdefault(f"weight_decay{suffix}", wd)
+                values.setdefault(wd_key, wd)
         values.setdefault("step_time_s", step_time_s)
         if self.batch_size is not None and step_time_s > 0:
             values.setdefault("samples_per_s", self.batch_size / step_time_s)

@@ -332,15 +332,15 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     ``searchsorted`` runs ~10x slower on CPU. Numpy's method: ``p = (x - lo) / w`` in
     float32 is within far less than half a bin of the value's true position, so the
     nearest edge ``j = round(p)`` is the value's bin or the one above, and the value is
-    in bin ``j - (x < edge[j])``. The first scatter counts values by ``j``, the second
-    the ones below their edge, which move down one bin. (``floor(p)`` alone put -1e-8
+    in bin ``j - (x < edge[j])``, subtracted in float32 (small integers, exact) before
+    the one conversion to indices and the one scatter. (``floor(p)`` alone put -1e-8
     over [-1, 1] in the bin above 0: its ``x - lo`` rounds to 1 in float32.)
     Every finite sample lies in its row's [lo, hi] (lo/hi are the min/max of the values
     it was drawn from): ``j == bins`` (x at or past the last edge as computed) is added
     to the last bin, NaN/Inf go to the dump column ``bins + 2`` (-inf, below every
     edge, moves to ``bins + 1``, also dropped); the clamp keeps a bad caller's index in
-    range. Cost over a floor: a round, a gather, a compare and a scatter over the
-    samples, no further sample-sized allocation, and ~10 kernels on [n_layers, bins].
+    range. Cost over a floor: a round, a gather, a compare, a subtraction and a scatter
+    over the samples, and ~10 kernels on [n_layers, bins].
     """
     n_layers = samples.shape[0]
     lo32, hi32 = lo.to(torch.float32)[:, None], hi.to(torch.float32)[:, None]
@@ -351,19 +351,24 @@ def histograms(samples: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     # numpy's edges: k * step + lo in float64 (its linspace), rounded to the values' dtype
     lo64 = lo.to(torch.float64)[:, None]
     step = (hi.to(torch.float64)[:, None] - lo64) / bins
-    k = torch.arange(dump + 1, dtype=torch.float64, device=samples.device)
-    edges = torch.mul(k, step).add_(lo64).to(position.dtype)
+    edges = torch.mul(_edge_numbers(dump + 1, samples.device), step).add_(lo64)
+    edges = edges.to(position.dtype)
     position.nan_to_num_(nan=dump, posinf=dump, neginf=dump).clamp_(0, dump).round_()
-    index = position.to(torch.long)
-    below = torch.gather(edges, 1, index, out=position)  # position is not read again
+    below = torch.gather(edges, 1, position.to(torch.long))
     torch.lt(samples, below, out=below)  # 1.0 where x is below its nearest edge (NaN: 0)
+    # the nearest edge's bin, or the one below (0 at least: a bad caller's value below lo)
+    index = position.sub_(below).clamp_(min=0).to(torch.long)
     counts = torch.zeros(n_layers, bins + 3, dtype=torch.float32, device=samples.device)
-    moved = torch.zeros_like(counts, dtype=below.dtype).scatter_add_(1, index, below)
     one = torch.ones((), device=samples.device).expand(samples.shape)  # no n-sized allocation
-    counts.scatter_add_(1, index, one).sub_(moved)
-    counts[:, :-1] += moved[:, 1:]
+    counts.scatter_add_(1, index, one)
     counts[:, bins - 1] += counts[:, bins]
     return counts[:, :bins].contiguous()
+
+
+@functools.cache
+def _edge_numbers(n: int, device: torch.device) -> Tensor:
+    """0., 1., ..., n - 1 in float64 on ``device`` (made once per bin count and device)."""
+    return torch.arange(n, dtype=torch.float64, device=device)
 
 
 def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

@@ -928,3 +928,50 @@ def test_a_step_the_grad_scaler_skipped_has_no_update_ratio_fused_or_not(
     assert ratios[0] > 0 and ratios[1] is None and ratios[2] > 0  # step 2: skipped
     alerts = [f for f in frames(tmp_path) if f["type"] == "event" and f.get("kind") == "alert"]
     assert not alerts, alerts
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "from layerscope.trainer.watch import Watch",  # a type hint's import
+        "from layerscope.trainer.watch import watch as w",  # the benchmarks' import
+        "import importlib; importlib.import_module('layerscope.trainer.watch')",
+    ],
+)
+def test_the_package_gives_the_watch_function_whatever_was_imported_first(first: str) -> None:
+    """Python binds a loaded submodule to its package's attribute of the same name: after
+    any import of layerscope.trainer.watch, `from layerscope.trainer import watch` gave the
+    module, and watch(model, optimizer) failed with "'module' object is not callable"."""
+    import subprocess
+    import sys
+
+    code = (
+        f"{first}\n"
+        "import sys, types\n"
+        "from layerscope.trainer import watch\n"
+        "assert isinstance(watch, types.FunctionType), type(watch)\n"
+        "assert isinstance(sys.modules['layerscope.trainer.watch'], types.ModuleType)\n"
+        "from layerscope.trainer.watch import Watch, DEFAULT_EVERY\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_logged_view_of_a_parameter_keeps_each_steps_value(tmp_path: Path) -> None:
+    """w.step(w00=model.weight[0, 0]): a view autograd made of a parameter the optimizer
+    updates in place. It was kept by reference until the flush, so every row read the
+    weight as it was at the flush ([-2.0, -2.0, -2.0] for 0, -1, -2)."""
+    model, opt, _, _ = make_model()
+    first = next(model.parameters())
+    with torch.no_grad():
+        first[0, 0] = 0.0
+    with watch(model, opt, every=0, run_dir=tmp_path) as w:
+        for _ in range(3):
+            w.step(loss=torch.tensor(0.5), w00=first[0, 0])
+            with torch.no_grad():
+                first[0, 0] -= 1.0  # the optimizer's in-place update, as it were
+    got = [r["values"]["w00"] for r in rows(frames(tmp_path))]
+    assert got == [0.0, -1.0, -2.0]

@@ -520,7 +520,7 @@ class Watch:
         try:
             for name, value in scalars.items():
                 self._put(row, name, value)
-        except (TypeError, ValueError):
+        except BaseException:  # a bad value, or a __float__ that raised anything else
             del self._device_values[mark:]
             raise
 
@@ -541,8 +541,11 @@ class Watch:
             # step's value. A loss is a new tensor every step: kept as it is.
             row.on_device.append((name, len(self._device_values)))
             kept = value.detach()
-            # not is_leaf: autograd made it (grad_fn, which builds a Python object a call)
-            self._device_values.append(kept if not value.is_leaf else kept.clone())
+            # not is_leaf: autograd made it (grad_fn, which builds a Python object a call).
+            # A view (w00=model.weight[0, 0]) is autograd's too, but of a tensor the
+            # optimizer updates in place: copied, or every row read the flush-time value.
+            fresh = not value.is_leaf and value._base is None
+            self._device_values.append(kept if fresh else kept.clone())
         elif (
             isinstance(value, (int, float))
             and not isinstance(value, bool)

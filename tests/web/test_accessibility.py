@@ -537,3 +537,144 @@ def test_compare_tells_runs_apart_by_symbol_and_dash_not_colour_alone(
     expect(legend.nth(1)).to_contain_text(other.run_id)
     symbols = legend.locator("svg").evaluate_all("s => s.map(e => e.dataset.symbol)")
     assert symbols == [train[0]["symbol"], train[1]["symbol"]], symbols
+
+
+# A chart made on the run page from charts.js and heatmaps.js (the page's own modules: one
+# scheduler), in a div of its own; `below` puts it outside the window.
+MAKE_CHARTS = """async ([id, below]) => {
+    const c = await import('/static/js/charts.js');
+    const h = await import('/static/js/heatmaps.js');
+    const div = (suffix) => {
+        const el = document.createElement('div');
+        el.id = id + suffix;
+        el.className = 'test-chart';
+        el.style.cssText = `width: 500px; height: 200px; position: absolute; left: 0; top: ${below ? 6000 : 0}px`;
+        document.body.append(el);
+        return el;
+    };
+    const span = document.createElement('span');
+    window.testCharts = {
+        c, h,
+        line: new c.LineChart(div('-line'), [{ name: 'train' }, { name: 'validation' }], { yTitle: 'loss' }),
+        layers: new c.LineChart(div('-layers'), ['l0', 'l1', 'l2', 'l3', 'l4', 'l5'].map((name) => ({ name })),
+            { yTitle: 'grad norm', depthColors: true }),
+        heat: new h.LayerHeatmap(div('-heat'), { title: 'dead ratio' }),
+        multiples: new h.SmallMultiples(div('-multiples'), span),
+    };
+}"""
+
+
+@pytest.fixture
+def own_charts(run_page: Page) -> Iterator[Page]:
+    yield run_page
+    run_page.evaluate("document.querySelectorAll('.test-chart').forEach(e => e.remove())")
+
+
+def test_a_summary_counts_series_says_missing_values_and_the_smoothed_one_drawn(
+    own_charts: Page,
+) -> None:
+    """A summary said "2 seriess of loss"; a loss whose last values are NaN (sent as null) left out of the
+    summary, which read as if the run were fine; with smoothing on, the value logged stated
+    as the one drawn. The summary paragraph was visually hidden and read twice (as the
+    figure's description and as a paragraph inside it): it is `hidden`, and still describes."""
+    page = own_charts
+    page.evaluate(MAKE_CHARTS, ["t1", False])
+    page.evaluate(
+        """() => {
+        const { line, layers } = window.testCharts;
+        line.setSeries(0, [1, 2, 3, 4, 5], [0.9, 0.5, 0.3, null, null]);
+        line.setSeries(1, [1, 5], [0.8, 0.6]);
+        layers.traces.forEach((_, i) => layers.setSeries(i, [1, 2, 3], i === 5 ? [null, null, null] : [1, 2, i + 1]));
+    }"""
+    )
+    line = page.get_by_role("figure", name="t1-line")
+    expect(line).to_have_accessible_description(
+        "2 series of loss, steps 1 to 5. Latest: validation 0.6 at step 5. "
+        "train: no value since step 4 (last 0.3 at step 3)."
+    )
+    expect(page.get_by_role("figure", name="t1-layers")).to_have_accessible_description(
+        "6 layers of grad norm, steps 1 to 3. Latest values: highest l4 5 at step 3, "
+        "lowest l0 1 at step 3. l5: no finite value logged."
+    )
+    # read once: the paragraph is hidden, no content of the figure
+    summary = page.locator("#t1-line-summary")
+    expect(summary).to_be_hidden()
+    assert "0.6" not in line.aria_snapshot()
+    # the hidden paragraph still describes the figure as the data change (smoothing on)
+    page.evaluate("window.testCharts.line.setSmoothing(0.5)")
+    expect(line).to_have_accessible_description(
+        re.compile(
+            r"Latest: validation smoothed 0\.6\d*, logged 0\.6 at step 5\. train: no value since "
+            r"step 4 \(last smoothed 0\.4\d*, logged 0\.3 at step 3\)\.$"
+        )
+    )
+
+
+def test_a_summary_below_the_fold_follows_its_data_not_its_drawing(own_charts: Page) -> None:
+    """A chart outside the window is redrawn every 5 s, and its summary, rewritten after a
+    draw, said the replay cursor's old step for as long: it follows the chart's data now,
+    at most once a second. So do the dead-unit heatmap's "0 everywhere" and the small
+    multiples' cell names (short: layer and range; the statistics are the cell's title,
+    its description, and were read twice); a run with no probe step says so."""
+    page = own_charts
+    page.evaluate(MAKE_CHARTS, ["t2", True])
+    multiples = page.get_by_role("figure", name="Every layer's activation histogram").last
+    expect(multiples).to_have_accessible_description("no probe step yet")
+    page.evaluate(
+        """() => {
+        const { line, heat, multiples } = window.testCharts;
+        line.setSeries(0, [1, 2, 3, 4], [0.9, 0.5, 0.3, 0.2]);
+        heat.set(['a', 'b'], [10, 20], [[0.1, 0.2], [0, 0.3]]);
+        const layer = (name, lo, hi) => ({ name, lo, hi, counts: [1, 2, 1], mean: 0, std: hi / 2 });
+        multiples.show(10, [layer('a', -1, 1), layer('b', -2, 2)]);
+    }"""
+    )
+    line = page.get_by_role("figure", name="t2-line")
+    heat = page.get_by_role("figure", name="t2-heat")
+    expect(line).to_have_accessible_description(re.compile("Latest: train 0.2 at step 4."))
+    expect(heat).to_have_accessible_description(re.compile("highest dead ratio b 0.3"))
+    expect(multiples).to_have_accessible_description(re.compile("^2 layers at step 10"))
+    # drawn once, then known to be outside the window: not drawn again for 5 s
+    page.wait_for_function(
+        """() => { const { c, line, heat, multiples } = window.testCharts;
+        return [line, heat, multiples].every((x) => c.scheduler.drawnAt.has(x) && !c.scheduler.dirty.has(x)
+            && !c.scheduler.inWindow(x)); }"""
+    )
+    drawn = "() => { const { c, line, heat, multiples } = window.testCharts; return [line, heat, multiples].map((x) => c.scheduler.drawnAt.get(x)); }"
+    before = page.evaluate(drawn)
+    page.evaluate(
+        """() => {
+        const { line, heat, multiples } = window.testCharts;
+        line.setCursor(2);
+        heat.set(['a', 'b'], [10, 20], [[0, 0], [0, 0]]);
+        const layer = (name, lo, hi) => ({ name, lo, hi, counts: [1, 2, 1], mean: 0, std: hi / 2 });
+        multiples.show(20, [layer('a', -3, 3), layer('b', -2, 2)]);
+    }"""
+    )
+    expect(line).to_have_accessible_description(
+        re.compile(r"At the cursor, step 2: train 0\.5\.$"), timeout=2500
+    )
+    expect(heat).to_have_accessible_description(
+        re.compile("dead ratio 0 at every layer and probe step"), timeout=2500
+    )
+    expect(multiples).to_have_accessible_description(
+        re.compile("^2 layers at step 20"), timeout=2500
+    )
+    cell = page.locator("#t2-multiples .multiple[data-layer='a']")
+    expect(cell).to_have_attribute("role", "img")
+    expect(cell).to_have_accessible_name("a, values from -3 to 3", timeout=2500)
+    expect(cell).to_have_accessible_description(re.compile("^a at step 20 mean 0 std 1.5"))
+    assert page.evaluate(drawn) == before, (
+        "a chart outside the window was redrawn: the test proves nothing"
+    )
+
+
+def test_a_small_multiple_is_named_by_its_layer_and_range_and_described_by_its_stats(
+    run_page: Page,
+) -> None:
+    """Each cell's name held its statistics, and its title (its description) the same: read
+    twice. Its name is its layer and range now, its inner text hidden from screen readers."""
+    cell = run_page.locator("#multiples .multiple[data-layer='fc1']")
+    expect(cell).to_have_accessible_name("fc1, values from -1 to 1")
+    expect(cell).to_have_accessible_description(re.compile(r"^fc1 at step \d+ mean 0 std 0.5"))
+    assert cell.locator("[aria-hidden=true]").count() == 2  # its name and range text

@@ -9,8 +9,8 @@
  * kept) and updates Plotly in place (extendTraces for appends, react otherwise);
  * the replay cursor and command markers drawn on every time axis; removing a
  * chart's canvas preview (preview.js) when Plotly first draws it; every chart's text
- * alternative (describeChart: a named figure with a short summary, kept current at most
- * once a second a chart).
+ * alternative (describeChart: a named figure with a short summary of its data, rewritten
+ * when the data change, at most once a second a chart).
  * Never: fetches data, hands Plotly an array it also mutates itself, or hands it a
  * user's string (a trace, layer or run name, a command label) unescaped: plotlyText.
  */
@@ -127,6 +127,7 @@ class Scheduler {
   mark(chart) {
     this.observe(chart);
     this.dirty.add(chart);
+    summaries.changed(chart);
     this.schedule();
   }
 
@@ -206,7 +207,6 @@ class Scheduler {
     this.drawnAt.set(chart, t0);
     if (!this.inWindow(chart)) this.stats.offscreenDraws++;
     const done = chart.draw();
-    summaries.drawn(chart);
     const cost = performance.now() - t0; // Plotly draws synchronously, mostly
     this.cost.set(chart, cost);
     this.stats.draws++;
@@ -379,11 +379,13 @@ const SUMMARY_CLASS = "chart-summary";
 /**
  * Gives a chart's element (`el`, a Plotly div or the small multiples' grid) a text
  * alternative: role=figure, named `name` (by default its card's heading: "Loss"), and
- * described by a visually hidden paragraph inside it that `summaries` keeps current from
- * the chart's summary(): "2 series, steps 0 to 5,000. Latest: train 0.123 at step 5,000".
+ * described by a hidden paragraph inside it that `summaries` keeps current from the chart's
+ * summary(): "2 series, steps 0 to 5,000. Latest: train 0.123 at step 5,000".
  * A screen reader heard nothing of a chart but its axes' tick labels ("0 50 100 150").
- * The paragraph is no live region: read on demand, never announced as the data change.
- * Returns the paragraph; a second call returns the first's.
+ * The paragraph is `hidden`: aria-describedby reads a hidden element's text all the same,
+ * and a visually hidden one was read twice, as the figure's description and again as a
+ * paragraph inside it (browse mode). No live region: read on demand, never announced as
+ * the data change. Returns the paragraph; a second call returns the first's.
  */
 export function describeChart(el, name = "") {
   if (!el) return null;
@@ -393,7 +395,8 @@ export function describeChart(el, name = "") {
   el.setAttribute("role", "figure");
   el.setAttribute("aria-label", title);
   p = document.createElement("p");
-  p.className = `${SUMMARY_CLASS} visually-hidden`;
+  p.className = SUMMARY_CLASS;
+  p.hidden = true;
   p.id = `${el.id || `chart-${Math.random().toString(36).slice(2)}`}-summary`;
   el.append(p);
   el.setAttribute("aria-describedby", p.id);
@@ -412,10 +415,13 @@ function hideDrawing(div) {
 }
 
 /**
- * Keeps each described chart's summary paragraph current: after a draw (Scheduler.drawOne)
- * it is rewritten from chart.summary() at once if SUMMARY_INTERVAL_MS have passed since its
- * last rewrite, else by a timer when they have (one at a time a chart). A chart without a
- * summary() or an element described by describeChart is left alone.
+ * Keeps each described chart's summary paragraph current from its data: a change (every
+ * Scheduler.mark: new points, a cursor move) queues a rewrite from chart.summary(), by a
+ * timer that fires once the calls of the current task are done and SUMMARY_INTERVAL_MS have
+ * passed since the last rewrite (one timer at a time a chart: a change while one is pending
+ * costs a map lookup). It followed the chart's draws: a chart below the fold is drawn every
+ * OFFSCREEN_INTERVAL_MS, and its summary said the replay cursor's old step for 5 s. A chart
+ * without a summary() or an element described by describeChart is left alone.
  */
 class Summaries {
   constructor() {
@@ -423,13 +429,10 @@ class Summaries {
     this.timers = new WeakMap(); // chart -> a rewrite's timer, pending
   }
 
-  drawn(chart) {
-    if (typeof chart.summary !== "function" || this.timers.has(chart)) return;
-    const wait = (this.at.get(chart) ?? -Infinity) + SUMMARY_INTERVAL_MS - performance.now();
-    if (wait <= 0) {
-      this.write(chart);
-      return;
-    }
+  /** `chart`'s data changed: its summary is rewritten soon (see the class). */
+  changed(chart) {
+    if (this.timers.has(chart) || typeof chart.summary !== "function") return;
+    const wait = Math.max(0, (this.at.get(chart) ?? -Infinity) + SUMMARY_INTERVAL_MS - performance.now());
     this.timers.set(chart, setTimeout(() => {
       this.timers.delete(chart);
       this.write(chart);
@@ -768,6 +771,7 @@ export class LineChart {
     this.maxPoints = maxPoints;
     this.logY = logY;
     this.yTitle = yTitle;
+    this.about = ""; // what summary() says the chart is of, when not its yTitle ("dead ratio of relu1")
     this.showLegend = showLegend;
     this.smoothing = 0;
     this.cursor = null;
@@ -952,42 +956,88 @@ export class LineChart {
   }
 
   /**
-   * What the chart shows, in words (describeChart's summary): its series with a value, the
-   * steps they span, each one's last value (a line per layer: the highest and lowest of
-   * them), the replay cursor's values and the command markers. "2 series, steps 0 to
-   * 5,000. Latest: train 0.123 at step 5,000, validation 0.2 at step 4,950."
+   * What the chart shows, in words (describeChart's summary), from its own data (not
+   * Plotly's: a chart below the fold is drawn seconds after its data change): its series,
+   * the steps they span, each one's last value (a line per layer: the highest and lowest of
+   * them, with their steps), the replay cursor's values and the command markers. "2 series of
+   * loss, steps 0 to 5,000. Latest: train 0.123 at step 5,000, validation 0.2 at step 4,950."
+   * With smoothing, the smoothed value drawn and the value logged ("train smoothed 0.13,
+   * logged 0.123"). A series whose last points have no value (NaN, sent as null) says so
+   * ("train: no value since step 4,000 (last 0.5 at step 3,999)"): it was left out, and the
+   * summary read as if the loss were fine.
    */
   summary() {
     if (!this.hasData()) return this.empty;
     const series = [];
+    const stale = [];
+    let none = 0; // series with no finite value at all
     let first = Infinity;
     let last = -Infinity;
+    const unit = this.smoothing > 0 ? this.smoothingUnit() : 1;
+    const finite = (v) => v !== null && v !== undefined && Number.isFinite(v);
+    // the value drawn at point k of series s: smoothed, the value logged too
+    const valueAt = (s, k, value) => (s.smoothed && finite(s.smoothed[k])
+      ? `smoothed ${formatNumber(s.smoothed[k])}, logged ${formatNumber(value)}` : formatNumber(value));
     this.traces.forEach((t, i) => {
       const { x, y } = this.model[i];
-      let j = y.length - 1;
-      while (j >= 0 && y[j] === null) j--;
-      if (j < 0) return;
-      series.push({ name: t.name, i, step: x[j], value: y[j] });
+      if (!x.length) return;
       first = Math.min(first, x[0]);
       last = Math.max(last, x[x.length - 1]);
+      let j = y.length - 1;
+      while (j >= 0 && !finite(y[j])) j--;
+      const smoothed = this.smoothing > 0 && t.smoothable !== false && j >= 0 ? smooth(y, this.smoothing, x, unit) : null;
+      const s = { name: t.name, i, j, step: x[j], value: y[j], smoothed };
+      if (j >= 0) series.push(s);
+      if (j < 0) {
+        stale.push(`${t.name}: no finite value logged`);
+        none++;
+      } else if (j < y.length - 1) {
+        stale.push(`${t.name}: no value since step ${stepText(x[j + 1])} (last ${valueAt(s, j, y[j])} at step ${stepText(x[j])})`);
+      }
     });
-    const what = this.yTitle ? ` of ${this.yTitle}` : "";
-    const parts = [`${series.length} ${this.depthColors ? "layer" : "series"}${series.length === 1 ? "" : "s"}${what}, ${stepSpan(first, last)}${this.logY ? ", log scale" : ""}.`];
-    const valueOf = (s) => `${s.name} ${formatNumber(s.value)}`;
+    const n = series.length + none;
+    const noun = this.depthColors ? (n === 1 ? "layer" : "layers") : "series";
+    const what = this.about || this.yTitle;
+    const parts = [`${n} ${noun}${what ? ` of ${what}` : ""}, ${stepSpan(first, last)}${this.logY ? ", log scale" : ""}.`];
+    const fresh = series.filter((s) => s.j === this.model[s.i].y.length - 1);
+    const latest = (s) => `${s.name} ${valueAt(s, s.j, s.value)} at step ${stepText(s.step)}`;
+    const sep = this.smoothing > 0 ? "; " : ", "; // a smoothed value has a comma of its own
     if (series.length <= 4) {
-      parts.push(`Latest: ${series.map((s) => `${valueOf(s)} at step ${stepText(s.step)}`).join(", ")}.`);
+      if (fresh.length) parts.push(`Latest: ${fresh.map(latest).join(sep)}.`);
+      if (stale.length) parts.push(`${stale.join("; ")}.`);
     } else {
-      const byValue = [...series].sort((a, b) => b.value - a.value);
-      parts.push(`Latest values: highest ${valueOf(byValue[0])}, lowest ${valueOf(byValue[byValue.length - 1])}.`);
+      const byValue = [...fresh].sort((a, b) => b.value - a.value);
+      if (byValue.length) {
+        parts.push(byValue.length === 1 ? `Latest: ${latest(byValue[0])}.`
+          : `Latest values: highest ${latest(byValue[0])}${sep}lowest ${latest(byValue[byValue.length - 1])}.`);
+      }
+      if (stale.length) parts.push(stale.length <= 4 ? `${stale.join("; ")}.` : `${stale.length} ${noun} with no value at their last step.`);
     }
     // the replay cursor's values, unless it is past every series' last point (they are the latest)
     if (this.cursor !== null && this.cursor !== undefined && this.cursor < last) {
-      const at = series.map((s) => ({ ...s, value: this.valueAtOrBefore(s.i, this.cursor) })).filter((s) => s.value !== null);
-      if (at.length && at.length <= 4) parts.push(`At the cursor, step ${stepText(this.cursor)}: ${at.map(valueOf).join(", ")}.`);
+      const at = series.map((s) => {
+        const k = this.indexAtOrBefore(s.i, this.cursor);
+        const value = k < 0 ? null : this.model[s.i].y[k];
+        return finite(value) ? `${s.name} ${valueAt(s, k, value)}` : null;
+      }).filter((v) => v !== null);
+      if (at.length && at.length <= 4) parts.push(`At the cursor, step ${stepText(this.cursor)}: ${at.join(sep)}.`);
       else parts.push(`Cursor at step ${stepText(this.cursor)}.`);
     }
     if (this.markers.length) parts.push(`${this.markers.length} command${this.markers.length === 1 ? "" : "s"} marked.`);
     return parts.join(" ");
+  }
+
+  /** The index of trace i's last point with step <= s (-1 before its first). */
+  indexAtOrBefore(i, s) {
+    const x = this.model[i]?.x ?? [];
+    let lo = 0;
+    let hi = x.length - 1;
+    let best = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (x[mid] <= s) { best = mid; lo = mid + 1; } else hi = mid - 1;
+    }
+    return best;
   }
 
   /** A trace with no points that draws the depth colour bar: first layer at the bottom, last at the top. */

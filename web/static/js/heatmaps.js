@@ -12,7 +12,7 @@
  */
 
 import { baseLayout, describeChart, hideNote, noteLayout, PLOT_CONFIG, plotReact, plotlyText, scheduler, stepAxis, stepShapes,
-  stepSpan, stepText, formatNumber } from "./charts.js";
+  stepSpan, stepText, formatNumber, summaries } from "./charts.js";
 
 export const MAX_COLUMNS = 600;
 const HEATMAP_INTERVAL_MS = 1000;
@@ -106,7 +106,7 @@ function plotColumns(div, margins) {
   return Math.max(2, Math.min(MAX_COLUMNS, Math.round(w * (window.devicePixelRatio || 1))));
 }
 
-/** Every drawn cell is 0 (null cells aside; at least one 0). */
+/** Every cell is 0 (null cells aside; at least one 0): as drawn, or of the data (merged columns keep their largest). */
 function allZero(z) {
   let any = false;
   for (const row of z) {
@@ -295,8 +295,9 @@ export class LayerHeatmap {
   }
 
   /**
-   * In words (describeChart): the layers that have the statistic, the probe steps, and at the
-   * last one (the replay cursor's, in replay) the highest value and its layer, and the mean.
+   * In words (describeChart), from the chart's data (not what was last drawn: see Summaries):
+   * the layers that have the statistic, the probe steps, and at the last one (the replay
+   * cursor's, in replay) the highest value and its layer, and the mean.
    * "3 layers, 15 probe steps, steps 0 to 280. At step 280: highest dead ratio layer2 0.6, mean 0.3."
    */
   summary() {
@@ -304,7 +305,7 @@ export class LayerHeatmap {
     if (!kept.length) return this.steps.length ? this.empty : NO_PROBE_YET;
     const n = this.steps.length;
     const head = `${kept.length} layer${kept.length === 1 ? "" : "s"}, ${n} probe step${n === 1 ? "" : "s"}, ${stepSpan(this.steps[0], this.steps[n - 1])}.`;
-    if (this.div.dataset.allZero) return `${head} ${this.title} 0 at every layer and probe step.`;
+    if (allZero(kept.map((i) => this.z[i]))) return `${head} ${this.title} 0 at every layer and probe step.`;
     let j = n - 1;
     if (this.cursor !== null && this.cursor !== undefined) {
       while (j >= 0 && this.steps[j] > this.cursor) j--;
@@ -563,20 +564,24 @@ export class SmallMultiples {
     this.layers = [];
     this.step = null;
     describeChart(container, "Every layer's activation histogram");
+    summaries.changed(this); // a run with no probe step never calls show(): its summary says so
   }
 
   /**
-   * In words (describeChart), and each cell's name (role=img: its canvas is the histogram):
-   * "3 layers at step 280. Widest spread: layer0, std 1; narrowest: layer2, std 0.333."
+   * In words (describeChart), from the layers shown (not the cells as last drawn: see
+   * Summaries), and each cell's name and description (role=img: its canvas is the
+   * histogram): named by its layer and range ("fc1, values from -1 to 1"), described by its
+   * title's statistics. The name held them too, and a screen reader read each cell's numbers
+   * twice. "3 layers at step 280. Widest spread: layer0, std 1; narrowest: layer2, std 0.333."
    * Written with the summary (at most once a second), not on every replay frame's draw.
    */
   summary() {
     for (const layer of this.layers) {
-      const cell = this.cells.get(layer.name);
-      if (!cell) continue;
-      cell.el.setAttribute("role", "img");
-      cell.el.setAttribute("aria-label", `${cell.el.title.split("\n").join(", ")}, `
-        + `drawn from ${cell.spans[0].textContent} to ${cell.spans[1].textContent}`);
+      const { el } = this.cell(layer.name);
+      const [lo, hi] = cellRange(layer);
+      const title = cellTitle(layer, this.step);
+      if (el.title !== title) el.title = title;
+      el.setAttribute("aria-label", `${layer.name}, values from ${formatNumber(lo)} to ${formatNumber(hi)}`);
     }
     if (this.step === null || !this.layers.length) return "no probe step yet";
     const n = this.layers.length;
@@ -601,7 +606,10 @@ export class SmallMultiples {
       const el = document.createElement("div");
       el.className = "multiple";
       el.dataset.layer = name;
-      el.innerHTML = '<div class="name"></div><canvas></canvas><div class="range"><span></span><span></span></div>';
+      // role=img, its name and range aria-hidden: the cell's own name says them (summary)
+      el.setAttribute("role", "img");
+      el.innerHTML = '<div class="name" aria-hidden="true"></div><canvas></canvas>'
+        + '<div class="range" aria-hidden="true"><span></span><span></span></div>';
       el.querySelector(".name").textContent = name;
       this.container.append(el);
       cell = { el, canvas: el.querySelector("canvas"), spans: el.querySelectorAll(".range span") };
@@ -615,19 +623,28 @@ export class SmallMultiples {
     for (const layer of this.layers) {
       const cell = this.cell(layer.name);
       const counts = layer.counts || layer.hist?.counts || [];
-      const lo = layer.lo ?? layer.hist?.lo ?? null;
-      const hi = layer.hi ?? layer.hist?.hi ?? null;
+      const [lo, hi] = cellRange(layer);
       cell.el.dataset.step = String(this.step);
       cell.el.dataset.counts = JSON.stringify(counts);
-      cell.el.title = [`${layer.name} at step ${this.step}`, `mean ${formatNumber(layer.mean)}`,
-        `std ${formatNumber(layer.std)}`, `zero ${formatNumber(layer.zero_frac)}`,
-        `dead ${formatNumber(layer.dead_ratio)}`, `saturated ${formatNumber(layer.saturated_ratio)}`].join("\n");
+      cell.el.title = cellTitle(layer, this.step);
       cell.spans[0].textContent = formatNumber(lo);
       cell.spans[1].textContent = formatNumber(hi);
       drawBars(cell.canvas, counts);
     }
     return Promise.resolve();
   }
+}
+
+/** A small multiple's histogram range: [lo, hi] (null when unknown). */
+function cellRange(layer) {
+  return [layer.lo ?? layer.hist?.lo ?? null, layer.hi ?? layer.hist?.hi ?? null];
+}
+
+/** A small multiple's title (its tooltip, and its description for a screen reader). */
+function cellTitle(layer, step) {
+  return [`${layer.name} at step ${step}`, `mean ${formatNumber(layer.mean)}`,
+    `std ${formatNumber(layer.std)}`, `zero ${formatNumber(layer.zero_frac)}`,
+    `dead ${formatNumber(layer.dead_ratio)}`, `saturated ${formatNumber(layer.saturated_ratio)}`].join("\n");
 }
 
 export function drawBars(canvas, counts) {

@@ -537,6 +537,19 @@ def test_compare_tells_runs_apart_by_symbol_and_dash_not_colour_alone(
     expect(legend.nth(1)).to_contain_text(other.run_id)
     symbols = legend.locator("svg").evaluate_all("s => s.map(e => e.dataset.symbol)")
     assert symbols == [train[0]["symbol"], train[1]["symbol"]], symbols
+    # drawn about 10 px across (at 7 a square, a diamond and a circle looked alike)
+    box = legend.nth(1).locator("svg path").bounding_box()
+    assert box and box["width"] >= 9 and box["height"] >= 9, box
+    # no run's ratio line is dashed as the loss chart's validation loss is ("dash", the
+    # card's note), for any of the page's ten runs; the summaries name the chosen layer
+    dashes = page.evaluate(
+        "import('/static/js/compare.js').then(m => [...Array(10).keys()].map(i => m.runStyle(i).dash))"
+    )
+    assert set(dashes) <= {"solid", "dot", "dashdot"}, dashes
+    layer = page.locator("#layer").input_value()
+    expect(page.get_by_role("figure", name="Dead units")).to_have_accessible_description(
+        re.compile(rf"^2 series of dead ratio of {re.escape(layer)}, step 20\. ")
+    )
 
 
 # A chart made on the run page from charts.js and heatmaps.js (the page's own modules: one

@@ -3,8 +3,8 @@
  * every run overlaid, and the dead and saturated ratio of one chosen layer across
  * the runs. Re-fetched every few seconds while any of them is still running. Each run is
  * told apart by more than its colour: its own marker symbol on every chart (the page's
- * legend shows it too) and its own dash on the ratio charts (the loss chart's dash says
- * train or validation): runStyle.
+ * legend shows it too) and its own dash on the ratio charts, never the loss chart's
+ * validation dash (the loss chart's dash says train or validation): runStyle.
  * Never: changes a run; this page only reads.
  */
 
@@ -59,8 +59,16 @@ async function loadDetails() {
  * line did not show at all.
  */
 const SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "triangle-down", "cross", "star", "pentagon", "hourglass"];
-const DASHES = ["solid", "dot", "dashdot", "longdash", "dash"];
-/** Each symbol as the legend's SVG draws it, centred on 0,0 (Plotly's shapes, about its size 7). */
+/**
+ * No "dash" or "longdash": the loss card's note says a dashed line is a validation loss, and
+ * runs 4 and 5 drew their dead and saturated ratios dashed. The symbol tells every run apart.
+ */
+export const DASHES = ["solid", "dot", "dashdot"];
+/**
+ * Each symbol as the legend's SVG draws it, centred on 0,0 (Plotly's shapes, about its size 7),
+ * drawn SWATCH_SCALE times that: at 7 px a square, a diamond and a circle looked alike.
+ */
+const SWATCH_SCALE = 1.4;
 const SYMBOL_PATHS = {
   circle: "M3.5,0A3.5,3.5 0 1,1 -3.5,0A3.5,3.5 0 1,1 3.5,0Z",
   square: "M-3,-3H3V3H-3Z",
@@ -75,7 +83,7 @@ const SYMBOL_PATHS = {
 };
 
 /** Run i's colour, symbol and ratio-chart dash. */
-function runStyle(i) {
+export function runStyle(i) {
   return { color: COLORS[i % COLORS.length], symbol: SYMBOLS[i % SYMBOLS.length], dash: DASHES[i % DASHES.length] };
 }
 
@@ -88,9 +96,9 @@ function swatch(i) {
   const { color, symbol } = runStyle(i);
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", "0 -5 28 10");
+  svg.setAttribute("viewBox", "0 -7 28 14");
   svg.setAttribute("width", "28");
-  svg.setAttribute("height", "10");
+  svg.setAttribute("height", "14");
   svg.setAttribute("aria-hidden", "true");
   svg.style.marginRight = "6px";
   svg.style.verticalAlign = "middle";
@@ -100,10 +108,10 @@ function swatch(i) {
     .forEach(([k, v]) => line.setAttribute(k, String(v)));
   const mark = document.createElementNS(ns, "path");
   mark.setAttribute("d", SYMBOL_PATHS[symbol]);
-  mark.setAttribute("transform", "translate(14 0)");
+  mark.setAttribute("transform", `translate(14 0) scale(${SWATCH_SCALE})`);
   mark.setAttribute("fill", color);
   mark.setAttribute("stroke", "#0f1216");
-  mark.setAttribute("stroke-width", "1");
+  mark.setAttribute("stroke-width", String(1 / SWATCH_SCALE)); // 1 px, as scaled
   svg.append(line, mark);
   return svg;
 }
@@ -179,6 +187,9 @@ async function loadLayer() {
     (d.layers || []).some((l) => l.name === layer)
       ? getJSON(runUrl(d.id, "probes", { layer, stats: "dead_ratio,saturated_ratio", max_points: 1500 }))
       : Promise.resolve(null)));
+  // the ratio charts' summaries name the layer they show (describeChart)
+  dead.about = `dead ratio of ${layer}`;
+  sat.about = `saturated ratio of ${layer}`;
   all.forEach((answer, i) => {
     if (answer.status === "rejected") return;
     const p = answer.value;

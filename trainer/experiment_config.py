@@ -626,9 +626,15 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     elif model["batch_norm"] and 1 in (data["subset"], out["overfit"]):
         where = ["overfit"] if out["overfit"] == 1 else ["data", "subset"]
         errors.append({"loc": where, "msg": "batch norm needs at least 2 training examples"})
-    _check_when(EXPERIMENT_SCHEMA, given, out, [], errors, frozenset(map(tuple, explicit)))
+    named = frozenset(map(tuple, explicit))
+    _check_when(EXPERIMENT_SCHEMA, given, out, [], errors, named)
     _check_rules_and_finetune(out, errors)
     if out["overfit"] is not None:
+        # Set below whatever was given: a flag naming one would be silently dropped (a file's
+        # value is, as a file's irrelevant init_std is)
+        for loc, how in _OVERFIT_SETS:
+            if loc in named:
+                errors.append({"loc": list(loc), "msg": f"ignored with overfit, which trains {how}"})
         out["rules"]["auto_weight_decay"] = False
         data["subset"] = out["overfit"]
         data["input_noise"] = 0.0
@@ -646,6 +652,16 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     if out["name"] is None:
         out["name"] = generated_name(out)
     return out
+
+
+# What overfit sets (validate_experiment), as the CLI's flags name them.
+_OVERFIT_SETS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("data", "subset"), "on its own N examples"),
+    (("data", "input_noise"), "with no input noise"),
+    (("model", "dropout"), "with no dropout"),
+    (("solver", "weight_decay"), "with no weight decay"),
+    (("rules", "auto_weight_decay"), "with no weight decay"),
+)
 
 
 def generated_name(cfg: dict[str, Any], *, with_std: bool = True) -> str:

@@ -184,11 +184,24 @@ def test_a_config_files_relative_paths_are_beside_it(
 
 
 def test_overfit_flag_sets_subset_and_turns_regularisation_off(
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(capsys, "--overfit", "100", "--dropout", "0.5", "--weight-decay", "0.1")
+    """A file's regularisation is dropped under --overfit (as a file's irrelevant setting
+    is); a flag naming one is refused, as every flag that would be ignored is: it was
+    dropped without a word ('--overfit 100 --dropout 0.3' trained with none)."""
+    exp = tmp_path / "exp.json"
+    exp.write_text(json.dumps({"model": {"dropout": 0.5}, "solver": {"weight_decay": 0.1}}))
+    cfg = _config(capsys, "--config", str(exp), "--overfit", "100")
     assert cfg["data"]["subset"] == 100 and cfg["overfit"] == 100
     assert cfg["model"]["dropout"] == 0.0 and cfg["solver"]["weight_decay"] == 0.0
+    code = cli.main(
+        ["train", "--print-config", "--overfit", "100", "--dropout", "0.5", "--weight-decay",
+         "0.1", "--subset", "500", "--auto-weight-decay"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    for field in ("model.dropout", "solver.weight_decay", "data.subset", "rules.auto_weight_decay"):
+        assert f"{field}: ignored with overfit" in err, err
 
 
 def test_bad_fields_are_all_printed_with_their_loc_and_exit_2(

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from layerscope.trainer import wire
+from layerscope.trainer.alerts import LAST_GOOD_NAME
 from layerscope.trainer.checkpoint import (
     CheckpointError,
     ReadCheckpoint,
@@ -139,9 +140,16 @@ def read_resume(source: str | os.PathLike[str]) -> Resume:
     if path.is_dir():
         found = newest_checkpoint(path)
         if found is None:
+            good = path / LAST_GOOD_NAME
+            hint = (
+                f"; it holds {LAST_GOOD_NAME}, the last state whose numbers were all finite: "
+                f"--resume {good} goes on from that"
+                if good.is_file()
+                else ""
+            )
             raise ExperimentSetupError(
                 f"--resume {source}: no checkpoint-<step>.pt in this folder (the dashboard's "
-                "Checkpoint writes one into the run's folder)"
+                f"Checkpoint writes one into the run's folder){hint}"
             )
         path = found
     try:

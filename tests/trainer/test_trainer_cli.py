@@ -764,10 +764,15 @@ def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
         assert w.command("checkpoint")["ok"]
     (tmp_path / "corrupt.pt").write_bytes(ours.read_bytes()[:200])  # a torn copy
     (tmp_path / "empty").mkdir()
+    (tmp_path / "nan").mkdir()  # a run the NaN rule stopped: its last good state only
+    (tmp_path / "nan" / "last-good.pt").write_bytes(ours.read_bytes())
     out = tmp_path / "out"
     cases = {
         "no such file": ["--resume", str(tmp_path / "missing.pt")],
-        "no checkpoint-<step>.pt in this folder": ["--resume", str(tmp_path / "empty")],
+        "no checkpoint-<step>.pt in this folder (the dashboard's Checkpoint writes one into "
+        "the run's folder)\n": ["--resume", str(tmp_path / "empty")],
+        f"it holds last-good.pt, the last state whose numbers were all finite: --resume "
+        f"{tmp_path / 'nan' / 'last-good.pt'} goes on from that": ["--resume", str(tmp_path / "nan")],
         "not a checkpoint of a built-in experiment": ["--resume", str(tmp_path / "own")],
         "holds no experiment config": ["--resume", str(tmp_path / "old" / "checkpoint-7.pt")],
         "not a layerscope checkpoint": ["--resume", str(tmp_path / "corrupt.pt")],

@@ -634,7 +634,9 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
         # value is, as a file's irrelevant init_std is)
         for loc, how in _OVERFIT_SETS:
             if loc in named:
-                errors.append({"loc": list(loc), "msg": f"ignored with overfit, which trains {how}"})
+                errors.append(
+                    {"loc": list(loc), "msg": f"ignored with overfit, which trains {how}"}
+                )
         out["rules"]["auto_weight_decay"] = False
         data["subset"] = out["overfit"]
         data["input_noise"] = 0.0

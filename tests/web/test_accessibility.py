@@ -18,10 +18,20 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST_CONFIG, LiveServer, PageGuard, guarded_page, open_ready
+from conftest import (
+    FAST_CONFIG,
+    LiveServer,
+    PageGuard,
+    guarded_page,
+    open_ready,
+    serve,
+    server_settings,
+    write_recorded_lab,
+)
 from playwright.sync_api import Browser, Page, expect
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -691,3 +701,39 @@ def test_a_small_multiple_is_named_by_its_layer_and_range_and_described_by_its_s
     expect(cell).to_have_accessible_name("fc1, values from -1 to 1")
     expect(cell).to_have_accessible_description(re.compile(r"^fc1 at step \d+ mean 0 std 0.5"))
     assert cell.locator("[aria-hidden=true]").count() == 2  # its name and range text
+
+
+def test_the_init_labs_charts_are_named_figures_with_a_summary(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The init lab's charts read as their tick labels and nothing else: each is a figure
+    named by its card's heading, described by what it shows at the chosen step, and each
+    histogram cell an image named by its scheme, layer and range."""
+    data_dir = tmp_path / "data"
+    write_recorded_lab(data_dir, "a11ylab")
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/labs/a11ylab")
+            mean = page.get_by_role("figure", name="Activation mean against depth")
+            expect(mean).to_have_accessible_description(
+                re.compile(
+                    r"^Step 40, 4 layers, layer0 to layer3\. mean, first to last layer: zero -?[\d.e-]+ to "
+                )
+            )
+            expect(
+                page.get_by_role("figure", name="Dead units per layer")
+            ).to_have_accessible_description(
+                re.compile(r"^Step 40, 4 layers, layer0 to layer3\. (dead ratio|no layer has)")
+            )
+            grid = page.get_by_role("figure", name="Histograms per layer", exact=True)
+            expect(grid).to_have_accessible_description(
+                "4 layers × 5 schemes at step 40: each cell one scheme's activation histogram of one layer."
+            )
+            expect(
+                grid.get_by_role("img", name=re.compile(r"^he, layer3, values from "))
+            ).to_have_count(1)
+            assert page.get_by_role("figure").count() == 6
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors

@@ -14,13 +14,16 @@
  * the five runs and their steps is accepted (Escape or Cancel backs out): one stray click
  * started five trainers. The "?" helps close on Escape
  * and on a click outside them (controls.js's closeDropdowns, as on the run page).
+ * Each chart is a named figure with a summary of what it shows at the step (charts.js
+ * describeChart; labSummary), each histogram cell an image named by its run, layer and range.
  * Sets document.body.dataset.ready = "1" once every chart has drawn real data.
  * Never: changes a run (read-only), draws a step that some run lacks, or hands Plotly a
  * layer or run name unescaped (plotlyText: Plotly renders HTML in labels and hovers).
  */
 
 import { ApiError, getJSON, postJSON, runUrl } from "./api.js";
-import { COLORS, PLOT_CONFIG, plotReact, baseLayout, formatNumber, hideNote, logAxis, noteLayout, plotlyReady, plotlyText } from "./charts.js";
+import { COLORS, PLOT_CONFIG, plotReact, baseLayout, describeChart, formatNumber, hideNote, logAxis, noteLayout, plotlyReady,
+  plotlyText, stepText } from "./charts.js";
 import { closeDropdowns } from "./controls.js";
 import { drawBars } from "./heatmaps.js";
 import { setCondition, toast } from "./notify.js";
@@ -31,6 +34,35 @@ const $ = (id) => document.getElementById(id);
 const labId = document.body.dataset.labId;
 
 const state = { lab: null, layers: [], steps: [], step: null, following: true, at: new Map(), loading: 0 };
+
+// Each chart a figure named by its card's heading (the grid's heading holds the step: named
+// without it); a screen reader heard their tick labels and nothing else.
+const FIGURES = ["chart-mean", "chart-std", "chart-dead", "chart-sat", "chart-sym"];
+for (const id of FIGURES) describeChart($(id))?.append("no probe step yet");
+const gridSummary = describeChart($("lab-grid"), "Histograms per layer"); // drawGrid puts it back after replaceChildren
+gridSummary?.append("no probe step yet");
+
+/**
+ * A chart's summary at the chosen step: its layers, and per run its first and last layer's
+ * value ("Step 100, 3 layers, fc1 to fc3. mean, first to last layer: zero 0 to 0; he 0.4 to
+ * 0.6."), or `note` (why it has no line).
+ */
+function labSummary(id, order, what, valueOf, note = null) {
+  const p = describeChart($(id));
+  if (!p) return;
+  if (!order.length) { p.textContent = "no probe step yet"; return; }
+  const head = `Step ${stepText(state.step)}, ${order.length} layer${order.length === 1 ? "" : "s"}`
+    + `${order.length > 1 ? `, ${order[0]} to ${order[order.length - 1]}` : `, ${order[0]}`}.`;
+  if (note) { p.textContent = `${head} ${note}`; return; }
+  const none = formatNumber(null);
+  const values = state.lab.runs.map((r) => [r.label, valueOf(r, order[0]), valueOf(r, order[order.length - 1])]);
+  if (values.every(([, first, last]) => first === none && last === none)) {
+    p.textContent = `${head} No ${what} recorded at this step.`;
+    return;
+  }
+  const runs = values.map(([label, first, last]) => (order.length > 1 ? `${label} ${first} to ${last}` : `${label} ${first}`));
+  p.textContent = `${head} ${what}${order.length > 1 ? ", first to last layer" : ""}: ${runs.join("; ")}.`;
+}
 
 function intersect(lists) {
   if (!lists.length) return [];
@@ -215,7 +247,10 @@ function drawGrid(order) {
       el.className = "multiple";
       el.dataset.layer = name;
       el.dataset.run = r.id;
-      el.innerHTML = '<canvas></canvas><div class="range"><span></span><span></span></div>';
+      // an image named by its run, layer and range; its title (the statistics) describes it
+      el.setAttribute("role", "img");
+      el.setAttribute("aria-label", `${r.label}, ${name}, values from ${formatNumber(l?.lo ?? null)} to ${formatNumber(l?.hi ?? null)}`);
+      el.innerHTML = '<canvas></canvas><div class="range" aria-hidden="true"><span></span><span></span></div>';
       const spans = el.querySelectorAll(".range span");
       spans[0].textContent = formatNumber(l?.lo ?? null);
       spans[1].textContent = formatNumber(l?.hi ?? null);
@@ -228,6 +263,12 @@ function drawGrid(order) {
   }
   grid.replaceChildren(...cells);
   $("grid-step").textContent = String(state.step);
+  const p = gridSummary;
+  if (p) {
+    p.textContent = order.length ? `${order.length} layer${order.length === 1 ? "" : "s"} × ${runs.length} schemes at step `
+      + `${stepText(state.step)}: each cell one scheme's activation histogram of one layer.` : "no probe step yet";
+    grid.prepend(p); // replaceChildren took it out (first: the cells keep their :last-child)
+  }
   for (const [canvas, counts] of canvases) drawBars(canvas, counts);
 }
 
@@ -255,6 +296,15 @@ async function draw() {
     plotReact(P, $("chart-sym"), sym, { ...layout("unit spread / std", { rangemode: "tozero" }), barmode: "group" }, PLOT_CONFIG),
   ]);
   drawGrid(order);
+  const stat = (name, fmt = formatNumber) => (r, layer) => fmt(statOf(r.id, layer, name));
+  labSummary("chart-mean", order, "mean", stat("mean"));
+  labSummary("chart-std", order, "std", stat("std"));
+  labSummary("chart-dead", order, "dead ratio", stat("dead_ratio"), ratioNote(order, "dead_ratio"));
+  labSummary("chart-sat", order, "saturated ratio", stat("saturated_ratio"), ratioNote(order, "saturated_ratio"));
+  labSummary("chart-sym", order, "unit spread / std", (r, layer) => {
+    const v = symmetryOf(statOf(r.id, layer, "unit_spread"), statOf(r.id, layer, "std"));
+    return v === 0 ? "0 (identical units)" : formatNumber(v);
+  });
   if (order.length) document.body.dataset.ready = "1";
   document.body.dataset.step = String(state.step);
 }

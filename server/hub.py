@@ -11,10 +11,12 @@ viewers as the store commits them, and one
 queue, bounded in frames and in bytes, plus one sender task per viewer,
 including the ``/ws/runs/{run_id}`` socket; one timer that sends a quiet viewer a
 ``tick`` every ``TICK_S`` (a page that hears nothing for longer knows the server
-stalled), closing a deleted run's viewers (1008 "run deleted"), and how long each run
-has been running with its trainer connected but no new step (``quiet_s``: a joining
-viewer's snapshot carries it as ``step_quiet_s``, so the run page can warn of a stuck
-training loop at once, not only after watching it for a while).
+stalled), closing a deleted run's viewers (1008 "run deleted"), and each run's pace
+(``pace``: how long it has been running with its trainer connected and its training
+loop's step unchanged, the trainer's latest raw step times and its longest healthy gap
+between steps; a joining viewer's snapshot or catch-up carries them as
+``step_quiet_s``, ``step_times_s``, ``step_gap_max_s``, so the run page can warn of a
+stuck training loop at once, not only after watching it for a while).
 
 Never: awaits a viewer while broadcasting (``publish`` only appends), lets one
 slow viewer delay the trainer or another viewer, or silently drops a metrics or
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from functools import partial
@@ -116,6 +119,96 @@ class _Item:
             self._text = wire.encode(self._message or {})
             self._message = None
         return self._text
+
+
+# A run's recent step times kept for the run page's stuck-loop threshold (its median):
+# the trainer's own, as they came (the snapshot's chart series is min/max per bucket,
+# whose median leaned slow: 40 s for a run stepping every second).
+PACE_SAMPLES = 64
+# Statuses after which a run's pace is forgotten (a "lost" run's trainer may come back:
+# whether its loop moved meanwhile is told by its step, so that is kept).
+_PACE_ENDS = wire.ENDED_STATUSES - {"lost"}
+
+
+class _Pace:
+    """One run's pace, for the run page's stuck-loop warning (Hub.pace). Times are
+    time.monotonic(). A stuck training loop (a hung data loader, a deadlock, a blocked
+    collective) is invisible otherwise: the trainer's link thread keeps heartbeating, and
+    each heartbeat says the training thread's step, which then stays the same."""
+
+    __slots__ = (
+        "status",
+        "running_since",
+        "moved",
+        "beat_step",
+        "frame_step",
+        "times",
+        "gap_max",
+        "skip_next",
+        "last_row",
+    )
+
+    def __init__(self) -> None:
+        self.status: str | None = None  # as last published
+        # Since when it has been running: set by a start or a resume (a status other than
+        # running or lost before it, or the trainer's own status event "running", sent by
+        # each watch() and each resume); kept while its trainer comes and goes, so a link
+        # that reconnects more often than the threshold does not hide a stuck loop.
+        # After a server restart the server cannot know how long the loop was stuck
+        # before: it counts from the first status it publishes (the trainer's connection),
+        # and the first heartbeats tell whether the loop moves.
+        self.running_since: float | None = None
+        self.moved: float | None = None  # when the step last changed
+        self.beat_step: int | None = None  # the step the latest heartbeat said
+        self.frame_step: int | None = None  # the highest step a frame brought
+        self.times: deque[float] = deque(maxlen=PACE_SAMPLES)
+        self.gap_max = 0.0  # the longest healthy step time seen (a validation, a checkpoint)
+        # The next row's time spans something other than a step: the trainer's start (a
+        # new process's first step counts from watch(): data loading, compiling) or a
+        # pause (a step after a resume, or a step_once, counts the paused time).
+        self.skip_next = True
+        # the last row's (step, time_s), for rows without step_time_s
+        self.last_row: tuple[int, float] | None = None
+
+    def note_rows(self, rows: Any) -> None:
+        for row in rows or ():
+            step = row.get("step")
+            if not isinstance(step, int):
+                continue
+            time_s = row.get("time_s")
+            seconds = (row.get("values") or {}).get("step_time_s")
+            sample: float | None = None
+            if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+                sample = float(seconds)
+            elif (
+                self.last_row is not None
+                and step > self.last_row[0]
+                and isinstance(time_s, (int, float))
+                and time_s > self.last_row[1]
+            ):
+                sample = (time_s - self.last_row[1]) / (step - self.last_row[0])
+            if isinstance(time_s, (int, float)) and (
+                self.last_row is None or step > self.last_row[0]
+            ):
+                self.last_row = (step, float(time_s))
+            if sample is None:
+                continue
+            if self.status == "paused":
+                self.skip_next = True  # a step_once: this and the one after the resume
+            elif self.skip_next:
+                self.skip_next = False
+            elif step > 1:  # step 1 counts from watch()
+                self.times.append(sample)
+                self.gap_max = max(self.gap_max, sample)
+
+    def note_step(self, step: int, now: float, *, beat: bool) -> None:
+        if beat:
+            if self.beat_step is not None and step != self.beat_step:
+                self.moved = now
+            self.beat_step = step
+        elif self.frame_step is None or step > self.frame_step:
+            self.frame_step = step
+            self.moved = now
 
 
 def _frame_step(frame: dict[str, Any]) -> int | None:
@@ -318,14 +411,9 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.tick_s = TICK_S
         self._ticker: asyncio.Task[None] | None = None
-        # A stuck training loop (a hung data loader, a deadlock, a blocked collective) is
-        # invisible otherwise: the trainer's link thread keeps heartbeating. Per run, by
-        # time.monotonic(): the highest step its trainer sent (a metrics row's or a probe's)
-        # and when it first came; and since when it has been running with its trainer
-        # connected, as the statuses published say (absent: it is not). Two dict writes a
-        # new step, nothing a viewer; read only when a viewer joins (quiet_s).
-        self._last_step: dict[str, tuple[int, float]] = {}
-        self._live_since: dict[str, float] = {}
+        # Each run's pace (_Pace): a few attribute writes a frame or heartbeat, nothing a
+        # viewer; read only when a viewer joins (pace).
+        self._paces: dict[str, _Pace] = {}
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """A background task the hub keeps a reference to (asyncio holds only weak ones)."""
@@ -380,11 +468,7 @@ class Hub:
         seq = int(frame["seq"])
         if not self._seen.setdefault(run_id, _SeqSet()).add(seq):
             return False
-        step = _frame_step(frame)
-        if step is not None:
-            last = self._last_step.get(run_id)
-            if last is None or step > last[0]:
-                self._last_step[run_id] = (step, time.monotonic())
+        self._note_frame(run_id, frame)
         item = _Item(seq, str(frame["type"]), {**frame, "run_id": run_id})
         recent = self._recent.get(run_id)
         if recent is None:
@@ -394,14 +478,45 @@ class Hub:
             viewer.offer(item)
         return True
 
+    def _note_frame(self, run_id: str, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind not in ("metrics", "probe", "event") or self.is_uploading(run_id):
+            return  # (an upload has no loop to time, and sends rows by the thousand)
+        pace = self._paces.setdefault(run_id, _Pace())
+        now = time.monotonic()
+        if kind == "event":
+            # the trainer's own word that it (re)starts: a watch() or a resume
+            if (
+                frame.get("kind") == "status"
+                and (frame.get("data") or {}).get("status") == "running"
+            ):
+                pace.running_since = now
+                pace.skip_next = True
+            return
+        if kind == "metrics":
+            pace.note_rows(frame.get("rows"))
+        step = _frame_step(frame)
+        if step is not None:
+            pace.note_step(step, now, beat=False)
+
+    def note_heartbeat(self, run_id: str, step: int) -> None:
+        """A trainer's heartbeat (about every second, from its link thread): the training
+        thread's step, which a stuck loop leaves unchanged."""
+        self._paces.setdefault(run_id, _Pace()).note_step(step, time.monotonic(), beat=True)
+
     def publish_status(self, run_id: str, status: str, **extra: Any) -> None:
         # Every status change, a trainer's coming and going included, passes here.
-        if status == "running" and self.is_connected(run_id):
-            self._live_since.setdefault(run_id, time.monotonic())
+        if status in _PACE_ENDS:
+            self._paces.pop(run_id, None)
         else:
-            self._live_since.pop(run_id, None)
-            if status in wire.ENDED_STATUSES:
-                self._last_step.pop(run_id, None)
+            pace = self._paces.setdefault(run_id, _Pace())
+            if status == "running":
+                if pace.running_since is None:  # a start, a resume (or this server's start)
+                    pace.running_since = time.monotonic()
+            elif status != "lost":  # paused, starting: a resume starts the count again
+                pace.running_since = None
+            pace.status = status
+            pace.skip_next = True
         message = {
             "type": "status",
             "run_id": run_id,
@@ -444,23 +559,33 @@ class Hub:
         if it existed, and after a restart retried its refused socket forever)."""
         self._seen.pop(run_id, None)
         self._recent.pop(run_id, None)
-        self._last_step.pop(run_id, None)
-        self._live_since.pop(run_id, None)
+        self._paces.pop(run_id, None)
         for viewer in list(self._viewers.get(run_id, ())):
             viewer.drop(wire.CLOSE_POLICY, DELETED_REASON)
 
     def quiet_s(self, run_id: str) -> float | None:
-        """Seconds the run has been running with its trainer connected and no new step
-        arrived: since the later of the last new step this server received and the moment
-        it was last reported running with its trainer connected (a resume, a reconnect, a
-        start). None while it is not (paused, ended, starting, no trainer, an upload)."""
-        since = self._live_since.get(run_id)
-        if since is None:
+        """Seconds the run has been running with its trainer connected and its step
+        unchanged (the step its trainer's heartbeats say, or a frame's new step): since
+        the later of its last change and the run's last start or resume; kept while its
+        trainer comes and goes. None while it is not running with its trainer connected
+        (paused, ended, starting, no trainer, an upload)."""
+        pace = self._paces.get(run_id)
+        if pace is None or pace.status != "running" or pace.running_since is None:
             return None
-        last = self._last_step.get(run_id)
-        if last is not None:
-            since = max(since, last[1])
+        if not self.is_connected(run_id):
+            return None
+        since = pace.running_since if pace.moved is None else max(pace.running_since, pace.moved)
         return round(time.monotonic() - since, 3)
+
+    def pace(self, run_id: str) -> dict[str, Any]:
+        """What a joining viewer's snapshot or catch-up says of the run's pace:
+        ``step_quiet_s`` (quiet_s), ``step_times_s`` (the trainer's latest step times,
+        oldest first, less step 1's and those spanning a pause), ``step_gap_max_s`` (the
+        longest of those this server saw; null: none)."""
+        pace = self._paces.get(run_id)
+        times = list(pace.times) if pace is not None else []
+        gap = pace.gap_max if pace is not None and pace.times else None
+        return {"step_quiet_s": self.quiet_s(run_id), "step_times_s": times, "step_gap_max_s": gap}
 
     # ---- viewers ----
 
@@ -575,6 +700,10 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
             )
         if catchup is not None:
             text, seqs = catchup
+            # the run's pace, read now (after its frames), appended to the object (the
+            # text ends with its closing brace); a copy of up to 8 MiB: not on the loop
+            pace = json.dumps(hub.pace(run_id))
+            text = await run_in_threadpool(lambda: text[:-1] + "," + pace[1:])
             viewer.start(text, floor=after_seq or 0, skip=frozenset(seqs))
         else:
             snap = await run_in_threadpool(store.snapshot, run_id)
@@ -587,7 +716,7 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
                 "run_id": run_id,
                 "trainer_connected": connected,
                 "uploading": hub.is_uploading(run_id),
-                "step_quiet_s": hub.quiet_s(run_id),
+                **hub.pace(run_id),
             }
             text = await run_in_threadpool(wire.encode, first)  # not on the event loop either
             shown = frozenset(

@@ -388,6 +388,7 @@ class Ingest:
                 continue
             kind = frame["type"]
             if kind == "heartbeat":
+                self.hub.note_heartbeat(run_id, frame["step"])  # the training loop's progress
                 # The trainer's own word on whether it runs: after a reconnect or a server
                 # restart a paused run is paused, whatever the server last stored. Stored
                 # (and shown) only when it differs, so a heartbeat costs nothing otherwise.

@@ -645,3 +645,86 @@ async def test_a_snapshot_says_how_long_a_live_run_has_made_no_new_step(
         await trainer.close()
     await wait_detached(shared_server, run_id)
     assert await quiet() is None  # no trainer: nothing to be stuck
+
+
+def beat(step: int, status: str = "running") -> dict[str, Any]:
+    """A heartbeat as the trainer's link thread sends it: the training thread's step."""
+    return {"type": "heartbeat", "step": step, "status": status}
+
+
+def timed_rows(seq: int, times: dict[int, float]) -> dict[str, Any]:
+    """One metrics frame: a row per step with the trainer's own step_time_s."""
+    rows = [
+        {"step": step, "time_s": float(step), "values": {"loss": 1.0, "step_time_s": seconds}}
+        for step, seconds in times.items()
+    ]
+    return {"type": "metrics", "seq": seq, "rows": rows}
+
+
+async def test_the_quiet_time_is_the_heartbeat_steps_and_survives_a_trainer_reconnect(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """The trainer's link thread reports the training thread's step every second: a step
+    that does not change is a loop that does not move, whatever the frames say. A link
+    that dropped and reconnected (a network blip) restarted the count, so a link that
+    reconnected more often than the threshold hid a stuck loop for good; and a catch-up
+    (a page's socket back after a drop) did not say how long the run had been quiet."""
+
+    async def quiet(after_seq: int | None = None) -> dict[str, Any]:
+        viewer, first = await open_viewer(shared_server, run_id, after_seq=after_seq)
+        await viewer.close()
+        return first
+
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await trainer.send(metrics_frame(1, 1))
+    await trainer.send(beat(1))
+    await trainer.wait_acked(1)
+    await asyncio.sleep(0.6)
+    await trainer.close()  # the link drops; the run stays running
+    await wait_detached(shared_server, run_id)
+    trainer = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=1)
+    try:
+        await trainer.send(beat(1))  # the same step: the loop has not moved
+        caught_up = await quiet(after_seq=1)
+        assert caught_up["type"] == "catchup"
+        assert caught_up["step_quiet_s"] is not None and caught_up["step_quiet_s"] >= 0.6
+        assert (await quiet())["step_quiet_s"] >= 0.6
+        await trainer.send(beat(2))  # a step the frames have not brought yet
+        await trainer.send(event_frame(2, 1, "log", message="read after the heartbeat"))
+        await trainer.wait_acked(2)
+        moved = await quiet()
+        assert moved["step_quiet_s"] is not None and moved["step_quiet_s"] < 0.3
+    finally:
+        await trainer.close()
+
+
+async def test_the_cadence_a_viewer_gets_is_the_trainers_raw_step_times_less_setup_and_pauses(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """The page took the run's cadence from the snapshot's step_time_s chart series, min
+    and max per bucket, whose median leaned slow (40 s for a 1 s run): a page reloaded on a
+    stuck run could stay silent. Step 1's time (data loading, compiling) and a step that
+    spans a pause counted too and, with few steps, set the median. A joining viewer now
+    gets the trainer's latest step times as they came, less those, and the longest healthy
+    gap between steps (a validation), which the page's threshold is never below."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    try:
+        watcher, _ = await open_viewer(shared_server, run_id)
+        await trainer.send(timed_rows(1, {1: 15.0, 2: 0.1, 3: 0.1, 4: 3.0, 5: 0.1}))
+        await trainer.send(beat(5, "paused"))
+        await recv_until(watcher, lambda m: m["type"] == "status" and m["status"] == "paused")
+        await trainer.send(timed_rows(2, {6: 40.0}))  # a step_once while paused
+        await trainer.send(beat(6, "running"))
+        await recv_until(watcher, lambda m: m["type"] == "status" and m["status"] == "running")
+        await trainer.send(timed_rows(3, {7: 50.0, 8: 0.2}))  # 7 spans the pause
+        await trainer.wait_acked(3)
+        await watcher.close()
+        viewer, snapshot = await open_viewer(shared_server, run_id)
+        await viewer.close()
+        assert snapshot["step_times_s"] == [0.1, 0.1, 3.0, 0.1, 0.2]
+        assert snapshot["step_gap_max_s"] == 3.0
+        caught_up = await open_viewer(shared_server, run_id, after_seq=3)
+        await caught_up[0].close()
+        assert caught_up[1]["step_times_s"] == [0.1, 0.1, 3.0, 0.1, 0.2]
+    finally:
+        await trainer.close()

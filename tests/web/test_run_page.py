@@ -1217,7 +1217,8 @@ def test_a_connected_run_with_no_new_step_warns_its_loop_may_be_stuck_until_a_st
             open_ready(page, f"{server.url}/runs/{run_id}?stall_s=1")
             expect(banner).to_contain_text(
                 re.compile(
-                    r"The trainer has been connected for over \d+ s \(since .+\) with no step yet"
+                    r"^No step yet: the run has been running for over \d+ s \(since .+, its start or "
+                    r"resume\) with the trainer connected"
                 )
             )
             assert page.evaluate("document.body.dataset.stall") == "first"
@@ -1248,6 +1249,80 @@ def test_a_connected_run_with_no_new_step_warns_its_loop_may_be_stuck_until_a_st
             ws.send(json.dumps({**ended, "data": {"status": "finished"}}))
             expect(page.locator("#status")).to_have_text("finished")
             expect(banner).to_be_hidden()
+        finally:
+            stop.set()
+            beater.join()
+            page.context.close()
+    assert not guard.errors, guard.errors
+
+
+def test_a_page_opened_on_a_stuck_run_times_it_by_the_trainers_own_step_times_and_past_gaps(
+    browser: Browser, server: LiveServer
+) -> None:
+    """The page took a run's cadence from the snapshot's step_time_s chart series, min and
+    max per bucket: a run stepping every 50 ms with a 1.5 s validation every 4th step had
+    a median of ~0.8 s there (20 x: a 15 s threshold), so a page opened on it once stuck
+    stayed silent. It now takes the server's raw step times (median 50 ms) and never
+    less than 1.5 x the longest healthy gap seen (1.5 s): it warns a couple of seconds
+    in, and a validation as long as one seen before raises no alert."""
+    run_id = f"paced-{uuid.uuid4().hex[:8]}"
+    ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
+    hello = {
+        "type": "hello",
+        "v": 1,
+        "run_id": run_id,
+        "name": run_id,
+        "config": {"lr": 0.1},
+        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
+        "last_acked_seq": 0,
+        "last_cmd_seq": 0,
+    }
+    clock = {"t": 0.0}
+
+    def rows(first: int, last: int, validate_every: int = 0) -> list[dict[str, Any]]:
+        out = []
+        for step in range(first, last + 1):
+            seconds = 1.5 if validate_every and step % validate_every == 0 else 0.05
+            clock["t"] += seconds
+            out.append(
+                {
+                    "step": step,
+                    "time_s": clock["t"],
+                    "values": {"loss": 1.0, "step_time_s": seconds},
+                }
+            )
+        return out
+
+    with ws_connect(ws_url) as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        stop = threading.Event()
+
+        def beat() -> None:  # the link thread's heartbeats, on while the "loop" is stuck
+            while not stop.wait(0.3):
+                ws.send(
+                    json.dumps({"type": "heartbeat", "v": 1, "step": 2000, "status": "running"})
+                )
+
+        for seq in range(1, 5):
+            batch = rows(500 * seq - 499, 500 * seq, validate_every=4)
+            ws.send(json.dumps({"type": "metrics", "v": 1, "seq": seq, "rows": batch}))
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        page, guard = guarded_page(browser)
+        try:
+            banner = page.locator("#banner")
+            open_ready(page, f"{server.url}/runs/{run_id}?stall_s=1")
+            page.wait_for_function("document.body.dataset.lastStep === '2000'")
+            expect(banner).to_contain_text("No new step for over", timeout=4000)
+
+            # steps again, every 50 ms; then a pause between steps as long as a
+            # validation seen before: no alert
+            ws.send(json.dumps({"type": "metrics", "v": 1, "seq": 5, "rows": rows(2001, 2070)}))
+            page.wait_for_function(STALL_CLEARED, arg="2070", polling="raf")
+            for _ in range(18):
+                page.wait_for_timeout(100)
+                assert page.evaluate("document.body.dataset.stall") == ""
         finally:
             stop.set()
             beater.join()

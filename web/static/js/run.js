@@ -105,7 +105,7 @@ const snapshots = new Snapshots(runId, showMultiples);
 const events = new EventLog($("events"), $("alerts"));
 events.loadOlder = () => loadOlderEvents().catch((e) => toast(`Could not load older events: ${e.message}`, "error"));
 const markers = new Markers();
-const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection });
+const socket = new RunSocket(runId, { onSnapshot, onFrame, onConnection, onCatchup });
 const controls = new Controls($("controls"), { send: (msg) => socket.send(msg) });
 const replay = new Replay($("replay"), { onCursor: moveCursor });
 controls.spaceFallback = () => replay.toggle();
@@ -384,35 +384,56 @@ function setStatus(status, trainerConnected, uploading) {
  *
  * Rule: no new step (a metrics row or a probe past the highest step seen) for
  * max(STALL_MIN_S, STALL_CADENCE × the median of the run's recent wall times between
- * steps): the trainer's own step_time_s of its last CADENCE_SAMPLES rows (the snapshot's
- * series, then the live rows; a trainer that sends none: the rows' time_s apart), so a
- * slow but healthy run, a step every few minutes, never trips it. Before the run's first
- * step (data and model loading, torch.compile) it takes FIRST_STEP_S and says "no step
- * yet" instead. The clock is this page's, from the frames it receives, and restarts when
- * the run becomes running with its trainer connected again (a resume, a reconnect); a
- * snapshot sets it from the server's count (step_quiet_s: since the later of its last new
- * step and the run's last becoming running with its trainer connected), so a page
- * reloaded on a stuck run says so at once, not a threshold later. A dropped socket keeps
- * the clock: its catch-up brings any step missed. `?stall_s=N` on the page's address sets
- * STALL_MIN_S and FIRST_STEP_S to N seconds (the tests' short threshold).
+ * steps, STALL_GAP × the longest healthy one seen). The times are the trainer's own
+ * step_time_s (a trainer that sends none: rows' time_s apart), as the server kept them
+ * raw (the snapshot's and catch-up's step_times_s: the chart series is min/max per
+ * bucket, whose median leaned slow, 40 s for a run stepping every second), then the live
+ * rows'; less step 1's (it counts from watch(): data loading, compiling) and those that
+ * span a pause (the first after any status change, and a step_once's), and the median
+ * only once CADENCE_MIN_SAMPLES are in (a few slow ones set it otherwise). The longest
+ * healthy gap (the server's step_gap_max_s, then the live rows') is a validation or a
+ * checkpoint seen before: it does not warn again at each one. A slow but healthy run, a
+ * step every few minutes, never trips it. Before the run's first step it takes
+ * FIRST_STEP_S and says "no step yet" instead.
+ *
+ * The clock is this page's, from the frames it receives; it starts when the run starts
+ * or is resumed (a status change to running; the trainer's own status event "running",
+ * sent by each watch() and each resume), not when the trainer merely reconnects (a link
+ * that reconnected more often than the threshold hid a stuck loop for good) or this
+ * page's socket does. A snapshot or a catch-up carries the server's count (step_quiet_s:
+ * since the later of the last change of the step the trainer's heartbeats say and the
+ * run's last start or resume): when it brought a new step the clock is the server's (a
+ * catch-up's frames arrive at once, and would look fresh); when not, the older of the
+ * two (a server restarted since cannot know how long the loop was stuck before). So a
+ * page reloaded on a stuck run says so at once, not a threshold later. `?stall_s=N` on
+ * the page's address sets STALL_MIN_S and FIRST_STEP_S to N seconds (the tests' short
+ * threshold).
  */
 const STALL_MIN_S = 60;
 const STALL_CADENCE = 20;
+const STALL_GAP = 1.5;
 const FIRST_STEP_S = 300;
 const CADENCE_SAMPLES = 64;
+const CADENCE_MIN_SAMPLES = 8;
 const STALL_CHECK_MS = 1000;
 /** The shown "for over N" moves on only at these (minutes; then every hour): the banner
  * is role=alert, and a text that changed every second would be read out every second. */
 const STALL_MARKS_MIN = [1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90, 120];
 
 const stall = {
-  /** performance.now() the quiet time counts from; null while the run is not live */
+  /** performance.now() the quiet time counts from; null while the run is not running */
   from: null,
-  live: false,
-  /** the highest step seen (null: the run has no step yet) */
+  /** the highest step seen (null: the run has no step yet), and what it was when the socket last opened */
   step: null,
-  /** the latest wall times between steps, in seconds */
+  stepAtOpen: null,
+  /** the latest healthy wall times between steps, in seconds, and the longest seen */
   times: [],
+  gapMax: 0,
+  /** the next row's time spans a start or a pause (see the rule above); the status and
+   * trainer it was last checked against */
+  skipNext: true,
+  status: null,
+  connected: null,
   /** the last live row's [step, time_s], for a trainer that sends no step_time_s */
   lastRow: null,
   /** the clock time the quiet time counts from, as shown, and the `from` it is for */
@@ -427,25 +448,42 @@ const stall = {
   })(),
 };
 
-const isLive = () => page.status === "running" && page.trainerConnected && !page.uploading && !page.replaying;
+/** The warning may show: running with its trainer connected, and this page's socket open. */
+const isLive = () => page.status === "running" && page.trainerConnected && !page.uploading
+  && !page.replaying && page.socketOpen;
 
-/** The quiet time's clock restarts when the run becomes live (running, its trainer connected). */
+/** A status (each status message, a snapshot's): the clock starts when the run becomes
+ * running; a paused, starting or ended run has none; a trainer coming and going (and a
+ * "lost" one back) keeps it. */
 function noteLive() {
-  const live = isLive();
-  if (live && !stall.live) stall.from = performance.now();
-  if (!live) stall.from = null;
-  stall.live = live;
+  if (page.status === "running") {
+    if (stall.from === null) stall.from = performance.now();
+  } else if (page.status !== "lost") stall.from = null;
+  if (page.status !== stall.status || page.trainerConnected !== stall.connected) stall.skipNext = true;
+  stall.status = page.status;
+  stall.connected = page.trainerConnected;
   checkStall();
 }
 
-function noteStepTime(seconds) {
+function noteStepTime(step, seconds) {
   if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0) return;
-  stall.times.push(seconds);
-  if (stall.times.length > CADENCE_SAMPLES) stall.times.splice(0, stall.times.length - CADENCE_SAMPLES);
+  if (page.status === "paused") stall.skipNext = true; // a step_once: this and the next
+  else if (stall.skipNext) stall.skipNext = false;
+  else if (step > 1) {
+    stall.times.push(seconds);
+    if (stall.times.length > CADENCE_SAMPLES) stall.times.splice(0, stall.times.length - CADENCE_SAMPLES);
+    stall.gapMax = Math.max(stall.gapMax, seconds);
+  }
 }
 
 /** A frame as it arrives (before the history is in, too): a new step restarts the clock. */
 function noteStepFrame(frame) {
+  if (frame.type === "event" && frame.kind === "status" && frame.data?.status === "running") {
+    stall.from = performance.now(); // the trainer (re)starts: a watch(), a resume
+    stall.skipNext = true;
+    checkStall();
+    return;
+  }
   let step = null;
   if (frame.type === "probe" && typeof frame.step === "number") step = frame.step;
   else if (frame.type === "metrics") {
@@ -453,9 +491,9 @@ function noteStepFrame(frame) {
       if (typeof row.step !== "number") continue;
       step = step === null ? row.step : Math.max(step, row.step);
       const last = stall.lastRow;
-      if (typeof row.values?.step_time_s === "number") noteStepTime(row.values.step_time_s);
+      if (typeof row.values?.step_time_s === "number") noteStepTime(row.step, row.values.step_time_s);
       else if (last && row.step > last[0] && typeof row.time_s === "number" && row.time_s > last[1]) {
-        noteStepTime((row.time_s - last[1]) / (row.step - last[0]));
+        noteStepTime(row.step, (row.time_s - last[1]) / (row.step - last[0]));
       }
       if (typeof row.time_s === "number" && (!last || row.step > last[0])) stall.lastRow = [row.step, row.time_s];
     }
@@ -466,7 +504,27 @@ function noteStepFrame(frame) {
   checkStall();
 }
 
-/** A snapshot: the steps it holds, the trainer's step times, and the server's quiet time. */
+/** A snapshot's or catch-up's pace, the server's (hub.pace): its step times, its longest
+ * healthy gap, its quiet time. `series`: a snapshot's chart series, for the step times of
+ * a server that has none yet (restarted since: biased slow, so late rather than false). */
+function noteServerPace(msg, series) {
+  if (Array.isArray(msg.step_times_s) && msg.step_times_s.length) {
+    stall.times = msg.step_times_s.filter((t) => typeof t === "number").slice(-CADENCE_SAMPLES);
+  } else if (series?.values?.length && !stall.times.length) {
+    stall.times = series.values.filter((t) => typeof t === "number" && t >= 0).slice(-CADENCE_SAMPLES);
+  }
+  if (typeof msg.step_gap_max_s === "number") stall.gapMax = Math.max(stall.gapMax, msg.step_gap_max_s);
+  const quiet = msg.step_quiet_s;
+  if (stall.from !== null && typeof quiet === "number" && quiet >= 0) {
+    const server = performance.now() - quiet * 1000;
+    // a new step since the socket opened: the server's (the catch-up's frames looked fresh);
+    // none: the older (a restarted server counts only from its restart)
+    stall.from = stall.step !== stall.stepAtOpen ? server : Math.min(stall.from, server);
+  }
+  checkStall();
+}
+
+/** A snapshot: the steps it holds, and the server's pace. */
 function noteStallSnapshot(msg) {
   const steps = [];
   for (const points of Object.values(msg.series || {})) {
@@ -474,15 +532,7 @@ function noteStallSnapshot(msg) {
   }
   for (const probe of msg.probes || []) if (typeof probe.step === "number") steps.push(probe.step);
   if (steps.length) stall.step = Math.max(stall.step ?? -Infinity, ...steps);
-  const times = msg.series?.step_time_s?.values || [];
-  if (times.length) {
-    stall.times = [];
-    for (const t of times.slice(-CADENCE_SAMPLES)) noteStepTime(t);
-  }
-  if (stall.live && typeof msg.step_quiet_s === "number" && msg.step_quiet_s >= 0) {
-    stall.from = performance.now() - msg.step_quiet_s * 1000;
-  }
-  checkStall();
+  noteServerPace(msg, msg.series?.step_time_s);
 }
 
 /** Seconds of no new step that make the warning (see the rule above). */
@@ -490,8 +540,9 @@ function stallThreshold() {
   if (stall.step === null) return stall.minS ?? FIRST_STEP_S;
   const sorted = [...stall.times].sort((a, b) => a - b);
   const n = sorted.length;
-  const median = n ? (n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2) : 0;
-  return Math.max(stall.minS ?? STALL_MIN_S, STALL_CADENCE * median);
+  let median = 0;
+  if (n >= CADENCE_MIN_SAMPLES) median = n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+  return Math.max(stall.minS ?? STALL_MIN_S, STALL_CADENCE * median, STALL_GAP * stall.gapMax);
 }
 
 /** "45 s", "2 min 10 s", "3 min", "1 h 5 min". */
@@ -514,7 +565,7 @@ function shownQuiet(quiet, threshold) {
 function checkStall() {
   let message = null;
   let kind = "";
-  if (stall.from !== null && stall.live && page.socketOpen) {
+  if (stall.from !== null && isLive()) {
     const quiet = (performance.now() - stall.from) / 1000;
     const threshold = stallThreshold();
     if (quiet >= threshold) {
@@ -526,9 +577,12 @@ function checkStall() {
       const since = stall.since;
       const over = duration(shownQuiet(quiet, threshold));
       kind = stall.step === null ? "first" : "step";
+      // "first": counted from the run's start or resume (a trainer that reconnected meanwhile
+      // does not restart it), so it says running, not connected
       message = kind === "first"
-        ? `The trainer has been connected for over ${over} (since ${since}) with no step yet: it may still be loading `
-          + "data or the model, or compiling; or the training loop is stuck before its first step."
+        ? `No step yet: the run has been running for over ${over} (since ${since}, its start or resume) `
+          + "with the trainer connected: it may still be loading data or the model, or compiling; or the "
+          + "training loop is stuck before its first step."
         : `No new step for over ${over} (since ${since}) while the trainer is connected: the training loop may be `
           + "stuck (a hung data loader, a deadlock, a blocked collective) or busy between steps (a long evaluation, "
           + "a checkpoint).";
@@ -816,6 +870,11 @@ function onSnapshot(msg) {
   }
 }
 
+/** After a catch-up's frames (each went to onFrame): the server's pace. */
+function onCatchup(msg) {
+  noteServerPace(msg, null);
+}
+
 function onFrame(frame) {
   noteStepFrame(frame); // as it arrives: a stuck loop is timed by arrivals, not by drawing
   // Frames and events wait for the history (a server event has no seq; the history's
@@ -1001,6 +1060,7 @@ function onConnection(state, detail, info = {}) {
     refreshRunState().catch((e) => toast(`Could not refresh the run's state: ${e.message}`, "error"));
   }
   if (state === "open") page.wasOpen = true;
+  if (state === "open") stall.stepAtOpen = stall.step; // before its snapshot's or catch-up's frames
   page.socketOpen = state === "open";
   document.body.dataset.socket = state;
   setCondition("socket", page.socketOpen ? null : connectionLost(detail, info));

@@ -35,9 +35,11 @@ const GONE_DETAIL = "this run was deleted; the page keeps what it showed and wil
 export class RunSocket {
   /**
    * @param {string} runId
-   * @param {{onSnapshot?: Function, onFrame?: Function, onConnection?: Function}} handlers
+   * @param {{onSnapshot?: Function, onFrame?: Function, onCatchup?: Function,
+   *   onConnection?: Function}} handlers
    *   onSnapshot(msg) on a fresh connect; onFrame(frame) for every live or caught-up
-   *   frame; onConnection(state, detail, info) with state "open" | "lost"; for "lost",
+   *   frame; onCatchup(msg) after a catch-up's frames (for its other fields);
+   *   onConnection(state, detail, info) with state "open" | "lost"; for "lost",
    *   `info.retry` is false when it will not reconnect (the run was deleted: `info.gone`),
    *   and `info.refused` is true while the server refuses this tab's token or cookie.
    */
@@ -182,6 +184,7 @@ export class RunSocket {
     } else if (msg.type === "catchup") {
       this.opened();
       for (const frame of msg.frames || []) this.deliver(frame);
+      this.handlers.onCatchup?.(msg); // then the catch-up's own fields (the run's pace)
     } else {
       this.deliver(msg);
     }

@@ -344,6 +344,11 @@ class Control:
         release, self._release_one = self._release_one, False
         return release
 
+    def apply_queued(self, step: int) -> None:
+        """Apply the commands queued so far as at step ``step``'s boundary, without blocking
+        on a pause (``Watch.settle``, at the end of a loop)."""
+        self._drain(step)
+
     def _drain(self, step: int) -> None:
         # SimpleQueue.empty() is a lock-free check: the common no-command step costs one call.
         while not self.commands.empty():

@@ -442,6 +442,10 @@ def _train(
                 break
             if steps_done >= total_steps:
                 break
+        if not stopped:
+            # the rules' verdict on the last steps: a NaN there is a rule's stop (exit 3)
+            w.settle()
+            stopped = w.should_stop
         check = None
         if cfg["overfit"] is not None:
             check = _sanity_check(w, model, data, steps_done, total_steps)

@@ -76,6 +76,13 @@ class _Close:
 _CLOSE = _Close()
 
 
+class _Barrier:
+    """An inbox item that says when every item before it has been processed."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+
+
 def http_base(server: str) -> str:
     """The server's HTTP base URL from any form ``train`` and ``sync`` take: ``http(s)://``,
     ``ws(s)://`` (with or without the trainer socket's path) or a bare ``host:port``."""
@@ -167,7 +174,7 @@ class Link:
         self.spool = SpoolWriter(spool_path)
         self.spool.append(encode(self.hello))
         self._loop = asyncio.new_event_loop()
-        self._inbox: asyncio.Queue[dict[str, Any] | Batch | _Close] = asyncio.Queue()
+        self._inbox: asyncio.Queue[dict[str, Any] | Batch | _Close | _Barrier] = asyncio.Queue()
         self._new_frame = asyncio.Event()
         self._acked = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -195,7 +202,15 @@ class Link:
         """Hand a frame body (``{"type": ..., ...}`` without seq) or a Batch to the link."""
         self._put(item)
 
-    def _put(self, item: dict[str, Any] | Batch | _Close) -> None:
+    def settle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every item submitted before this call has been
+        processed: its frames recorded, a flush's rules evaluated (their commands queued on
+        the Control). False on timeout or when the link thread has stopped."""
+        barrier = _Barrier()
+        self._put(barrier)
+        return barrier.reached.wait(timeout_s)
+
+    def _put(self, item: dict[str, Any] | Batch | _Close | _Barrier) -> None:
         try:
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
         except RuntimeError:
@@ -251,6 +266,9 @@ class Link:
             item = await self._inbox.get()
             if isinstance(item, _Close):
                 return
+            if isinstance(item, _Barrier):
+                item.reached.set()
+                continue
             try:
                 if isinstance(item, dict):
                     bodies = [item]

@@ -377,6 +377,21 @@ class Watch:
         if self.probes is not None and self._is_probe_step(step + 1) and not self.probes.armed:
             self._arm()
 
+    def settle(self, timeout_s: float = 2.0) -> None:
+        """Let the rules judge every step so far and apply what they sent (at most
+        ``timeout_s`` of waiting for the link thread): the end of a loop that must know
+        whether a rule stopped it. The rules run on the link thread, a little after each
+        flush, and their commands apply at the next ``w.step()``: a run whose numbers went
+        NaN in its last steps ended before the NaN rule's stop arrived (``layerscope
+        train`` then reported the overfit check's FAIL, exit 1, not the NaN stop, exit 3).
+        Commands apply as at a step boundary, without blocking on a pause. Not under a
+        process group (every rank would have to apply them at the same step)."""
+        if self._closed or self.link is None or self.dist.active:
+            return
+        self._flush()
+        self.link.settle(timeout_s)
+        self.control.apply_queued(self.step_count)
+
     def eval(self, **scalars: Scalar) -> None:
         """Log validation results (``val_loss=``, ``val_acc=``, ...) at the current step."""
         if self._closed:

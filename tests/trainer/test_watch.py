@@ -975,3 +975,19 @@ def test_a_logged_view_of_a_parameter_keeps_each_steps_value(tmp_path: Path) -> 
                 first[0, 0] -= 1.0  # the optimizer's in-place update, as it were
     got = [r["values"]["w00"] for r in rows(frames(tmp_path))]
     assert got == [0.0, -1.0, -2.0]
+
+
+def test_settle_applies_the_stop_a_rule_sent_after_the_last_step(tmp_path: Path) -> None:
+    """The rules judge a flush on the link thread and their commands apply at the next
+    w.step(): a loop whose loss went NaN at its last step ended before the NaN rule's stop
+    arrived (layerscope train reported its overfit verdict, exit 1, not the stop, exit 3;
+    a CI run under load did). w.settle() lets the rules see every step and applies what
+    they sent."""
+    model, opt, _, _ = make_model()
+    with watch(model, opt, every=0, run_dir=tmp_path) as w:
+        w.step(loss=torch.tensor(0.5))
+        w.step(loss=torch.tensor(math.nan))
+        assert not w.should_stop  # not flushed yet: no rule has seen the NaN
+        w.settle()
+        assert w.should_stop
+        assert w.control.stopped_by is not None and w.control.stopped_by["source"] == "rule"

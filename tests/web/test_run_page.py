@@ -1328,3 +1328,43 @@ def test_a_page_opened_on_a_stuck_run_times_it_by_the_trainers_own_step_times_an
             beater.join()
             page.context.close()
     assert not guard.errors, guard.errors
+
+
+def test_a_slow_run_is_not_called_stuck_during_its_second_step(
+    browser: Browser, server: LiveServer
+) -> None:
+    """Step 1's time is left out of the cadence (it counts the setup from watch()), so
+    during step 2 the threshold was the floor alone: a healthy run stepping every 2 min was
+    "stuck" a minute into its second step. With no other step time yet it is STALL_CADENCE
+    x the one left out (here 20 x 3 s, against ?stall_s=1)."""
+    run_id = f"slow-{uuid.uuid4().hex[:8]}"
+    ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
+    hello = {
+        "type": "hello", "v": 1, "run_id": run_id, "name": run_id, "config": {},
+        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
+        "last_acked_seq": 0, "last_cmd_seq": 0,
+    }  # fmt: skip
+    row = {"step": 1, "time_s": 3.0, "values": {"loss": 2.0, "step_time_s": 3.0}}
+    with ws_connect(ws_url) as ws:
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(0.3):
+                ws.send(json.dumps({"type": "heartbeat", "v": 1, "step": 1, "status": "running"}))
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/{run_id}?stall_s=1")
+            ws.send(json.dumps({"type": "metrics", "v": 1, "seq": 1, "rows": [row]}))
+            page.wait_for_function(STALL_CLEARED, arg="1", polling="raf")
+            page.wait_for_timeout(2500)  # past the 1 s floor, well within 20 x 3 s
+            assert page.evaluate("document.body.dataset.stall") == ""
+        finally:
+            stop.set()
+            beater.join()
+            page.context.close()
+    assert not guard.errors, guard.errors

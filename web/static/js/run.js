@@ -389,12 +389,15 @@ function setStatus(status, trainerConnected, uploading) {
  * raw (the snapshot's and catch-up's step_times_s: the chart series is min/max per
  * bucket, whose median leaned slow, 40 s for a run stepping every second), then the live
  * rows'; less step 1's (it counts from watch(): data loading, compiling) and those that
- * span a pause (the first after any status change, and a step_once's), and the median
- * only once CADENCE_MIN_SAMPLES are in (a few slow ones set it otherwise). The longest
+ * span a pause (the first after any status change, and a step_once's); the median once
+ * CADENCE_MIN_SAMPLES are in, the fastest before (a few slow ones would set the median),
+ * and while there is none STALL_CADENCE × the last step time left out (step 1's, which
+ * spans the setup too: an upper bound) or FIRST_STEP_S. The longest
  * healthy gap (the server's step_gap_max_s, then the live rows') is a validation or a
  * checkpoint seen before: it does not warn again at each one. A slow but healthy run, a
  * step every few minutes, never trips it. Before the run's first step it takes
- * FIRST_STEP_S and says "no step yet" instead.
+ * FIRST_STEP_S and says "no step yet" instead. For RECONNECT_GRACE_MS after its trainer
+ * reconnects nothing shows: it says "running" before resending the frames it held.
  *
  * The clock is this page's, from the frames it receives; it starts when the run starts
  * or is resumed (a status change to running; the trainer's own status event "running",
@@ -416,6 +419,7 @@ const FIRST_STEP_S = 300;
 const CADENCE_SAMPLES = 64;
 const CADENCE_MIN_SAMPLES = 8;
 const STALL_CHECK_MS = 1000;
+const RECONNECT_GRACE_MS = 3000;
 /** The shown "for over N" moves on only at these (minutes; then every hour): the banner
  * is role=alert, and a text that changed every second would be read out every second. */
 const STALL_MARKS_MIN = [1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90, 120];
@@ -441,6 +445,10 @@ const stall = {
   sinceFrom: null,
   /** the banner's text for it (null: none; undefined: not set yet) */
   message: undefined,
+  /** the latest step time left out for spanning a start or a pause (null: none yet) */
+  skipped: null,
+  /** performance.now() before which no warning shows (a trainer just reconnected) */
+  graceUntil: 0,
   minS: (() => {
     const raw = new URLSearchParams(location.search).get("stall_s");
     const n = raw === null || raw.trim() === "" ? NaN : Number(raw);
@@ -460,6 +468,9 @@ function noteLive() {
     if (stall.from === null) stall.from = performance.now();
   } else if (page.status !== "lost") stall.from = null;
   if (page.status !== stall.status || page.trainerConnected !== stall.connected) stall.skipNext = true;
+  // A trainer back after an outage says "running" before it resends the frames it held:
+  // its loop may have moved meanwhile, so no warning until they (or a heartbeat's pace) can come.
+  if (page.trainerConnected && stall.connected === false) stall.graceUntil = performance.now() + RECONNECT_GRACE_MS;
   stall.status = page.status;
   stall.connected = page.trainerConnected;
   checkStall();
@@ -468,8 +479,10 @@ function noteLive() {
 function noteStepTime(step, seconds) {
   if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0) return;
   if (page.status === "paused") stall.skipNext = true; // a step_once: this and the next
-  else if (stall.skipNext) stall.skipNext = false;
-  else if (step > 1) {
+  else if (stall.skipNext || step <= 1) {
+    stall.skipNext = false;
+    stall.skipped = seconds; // spans a start or a pause: an upper bound while there is no other
+  } else {
     stall.times.push(seconds);
     if (stall.times.length > CADENCE_SAMPLES) stall.times.splice(0, stall.times.length - CADENCE_SAMPLES);
     stall.gapMax = Math.max(stall.gapMax, seconds);
@@ -540,9 +553,18 @@ function stallThreshold() {
   if (stall.step === null) return stall.minS ?? FIRST_STEP_S;
   const sorted = [...stall.times].sort((a, b) => a - b);
   const n = sorted.length;
-  let median = 0;
-  if (n >= CADENCE_MIN_SAMPLES) median = n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
-  return Math.max(stall.minS ?? STALL_MIN_S, STALL_CADENCE * median, STALL_GAP * stall.gapMax);
+  // No healthy step time yet: STALL_CADENCE x the last one that spans a start or a pause
+  // (step 1's counts the setup too: an upper bound), else as before the first step. With
+  // the floor alone a run stepping every 2 min was "stuck" a minute into its second step.
+  if (n === 0) {
+    const bound = stall.skipped === null ? stall.minS ?? FIRST_STEP_S : STALL_CADENCE * stall.skipped;
+    return Math.max(stall.minS ?? STALL_MIN_S, bound);
+  }
+  // Fewer than CADENCE_MIN_SAMPLES: the fastest, which a compile step or a validation
+  // cannot pull slow; then the median.
+  let cadence = sorted[0];
+  if (n >= CADENCE_MIN_SAMPLES) cadence = n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+  return Math.max(stall.minS ?? STALL_MIN_S, STALL_CADENCE * cadence, STALL_GAP * stall.gapMax);
 }
 
 /** "45 s", "2 min 10 s", "3 min", "1 h 5 min". */
@@ -565,7 +587,7 @@ function shownQuiet(quiet, threshold) {
 function checkStall() {
   let message = null;
   let kind = "";
-  if (stall.from !== null && isLive()) {
+  if (stall.from !== null && isLive() && performance.now() >= stall.graceUntil) {
     const quiet = (performance.now() - stall.from) / 1000;
     const threshold = stallThreshold();
     if (quiet >= threshold) {

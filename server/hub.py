@@ -482,7 +482,7 @@ class Hub:
         kind = frame.get("type")
         if kind not in ("metrics", "probe", "event") or self.is_uploading(run_id):
             return  # (an upload has no loop to time, and sends rows by the thousand)
-        pace = self._paces.setdefault(run_id, _Pace())
+        pace = self._pace(run_id)
         now = time.monotonic()
         if kind == "event":
             # the trainer's own word that it (re)starts: a watch() or a resume
@@ -502,14 +502,22 @@ class Hub:
     def note_heartbeat(self, run_id: str, step: int) -> None:
         """A trainer's heartbeat (about every second, from its link thread): the training
         thread's step, which a stuck loop leaves unchanged."""
-        self._paces.setdefault(run_id, _Pace()).note_step(step, time.monotonic(), beat=True)
+        self._pace(run_id).note_step(step, time.monotonic(), beat=True)
+
+    def _pace(self, run_id: str) -> _Pace:
+        # get first: setdefault built (and threw away) a _Pace and its deque on every frame
+        # and heartbeat
+        pace = self._paces.get(run_id)
+        if pace is None:
+            pace = self._paces[run_id] = _Pace()
+        return pace
 
     def publish_status(self, run_id: str, status: str, **extra: Any) -> None:
         # Every status change, a trainer's coming and going included, passes here.
         if status in _PACE_ENDS:
             self._paces.pop(run_id, None)
         else:
-            pace = self._paces.setdefault(run_id, _Pace())
+            pace = self._pace(run_id)
             if status == "running":
                 if pace.running_since is None:  # a start, a resume (or this server's start)
                     pace.running_since = time.monotonic()

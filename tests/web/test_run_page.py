@@ -85,6 +85,15 @@ def record_pending(page: Page, cmd: str) -> None:
     )
 
 
+def hand_held_hello(run_id: str, **extra: Any) -> dict[str, Any]:
+    """A test's own trainer's hello: one Linear layer, nothing acked yet."""
+    return {
+        "type": "hello", "v": 1, "run_id": run_id, "name": run_id, "config": {"lr": 0.1},
+        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
+        "last_acked_seq": 0, "last_cmd_seq": 0, **extra,
+    }  # fmt: skip
+
+
 def test_page_loads_and_the_loss_curve_grows(run_page: Page, live_run: dict[str, Any]) -> None:
     page = run_page
     expect(page.locator("#status")).to_have_text("running")
@@ -746,17 +755,7 @@ def test_a_run_being_uploaded_by_sync_says_so_and_its_controls_say_why_they_are_
     "No trainer is connected". It names the upload, in the header and on every control."""
     run_id = f"upload-{uuid.uuid4().hex[:8]}"
     ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
-    hello = {
-        "type": "hello",
-        "v": 1,
-        "run_id": run_id,
-        "name": run_id,
-        "config": {"lr": 0.1},
-        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
-        "last_acked_seq": 0,
-        "last_cmd_seq": 0,
-        "upload": True,
-    }
+    hello = hand_held_hello(run_id, upload=True)
     metrics = {
         "type": "metrics",
         "seq": 1,
@@ -1183,16 +1182,7 @@ def test_a_connected_run_with_no_new_step_warns_its_loop_may_be_stuck_until_a_st
     clears it at once; a paused run (rightly stepless) and an ended one are not warned."""
     run_id = f"stuck-{uuid.uuid4().hex[:8]}"
     ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
-    hello = {
-        "type": "hello",
-        "v": 1,
-        "run_id": run_id,
-        "name": run_id,
-        "config": {"lr": 0.1},
-        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
-        "last_acked_seq": 0,
-        "last_cmd_seq": 0,
-    }
+    hello = hand_held_hello(run_id)
     metrics = {
         "type": "metrics",
         "v": 1,
@@ -1267,16 +1257,7 @@ def test_a_page_opened_on_a_stuck_run_times_it_by_the_trainers_own_step_times_an
     in, and a validation as long as one seen before raises no alert."""
     run_id = f"paced-{uuid.uuid4().hex[:8]}"
     ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
-    hello = {
-        "type": "hello",
-        "v": 1,
-        "run_id": run_id,
-        "name": run_id,
-        "config": {"lr": 0.1},
-        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
-        "last_acked_seq": 0,
-        "last_cmd_seq": 0,
-    }
+    hello = hand_held_hello(run_id)
     clock = {"t": 0.0}
 
     def rows(first: int, last: int, validate_every: int = 0) -> list[dict[str, Any]]:
@@ -1339,11 +1320,7 @@ def test_a_slow_run_is_not_called_stuck_during_its_second_step(
     x the one left out (here 20 x 3 s, against ?stall_s=1)."""
     run_id = f"slow-{uuid.uuid4().hex[:8]}"
     ws_url = server.url.replace("http://", "ws://") + "/ws/trainer"
-    hello = {
-        "type": "hello", "v": 1, "run_id": run_id, "name": run_id, "config": {},
-        "layers": [{"name": "fc1", "kind": "Linear", "units": 8}],
-        "last_acked_seq": 0, "last_cmd_seq": 0,
-    }  # fmt: skip
+    hello = hand_held_hello(run_id)
     row = {"step": 1, "time_s": 3.0, "values": {"loss": 2.0, "step_time_s": 3.0}}
     with ws_connect(ws_url) as ws:
         ws.send(json.dumps(hello))

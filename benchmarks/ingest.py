@@ -56,7 +56,11 @@ def probe_template(step: int) -> tuple[str, str]:
             "grad_norm": 0.4,
             "weight_norm": 12.5,
             "update_ratio": 0.001,
-            "hist": {"lo": -3.2, "hi": 3.3, "counts": [(i * 7 + b * 13) % 997 for b in range(BINS)]},
+            "hist": {
+                "lo": -3.2,
+                "hi": 3.3,
+                "counts": [(i * 7 + b * 13) % 997 for b in range(BINS)],
+            },
         }
         for i in range(LAYERS)
     ]
@@ -191,7 +195,13 @@ async def run_phase(
                 await trainer.send("metrics", probe)
                 next_metrics += metrics_gap
             else:
-                wake = min(x for x in (next_probe if probe_rate else stop, next_metrics if metrics_rate else stop))
+                wake = min(
+                    x
+                    for x in (
+                        next_probe if probe_rate else stop,
+                        next_metrics if metrics_rate else stop,
+                    )
+                )
                 await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
     async def sample() -> None:
@@ -213,7 +223,9 @@ async def run_phase(
     # The server's CPU time per frame it committed (drain included): unlike the rates,
     # this does not depend on how much of the shared machine the server was given.
     acked_frames = sum(t.acked for t in trainers) - acked_before
-    spent = [after - before for after, before in zip(process_cpu_s(server), cpu_before, strict=True)]
+    spent = [
+        after - before for after, before in zip(process_cpu_s(server), cpu_before, strict=True)
+    ]
     process_ms = [1000 * t / max(1, acked_frames) for t in spent]
     cpu_ms = sum(process_ms)
     target = []
@@ -262,9 +274,15 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             server.terminate()
             server.wait(30)
-    print(f"\ningest: {args.trainers} trainers, {args.seconds:g} s per phase, server in its own process")
-    print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"probe frame = {LAYERS} layers x {BINS} bins; metrics frame = {ROWS} rows x {SERIES} series\n")
+    print(
+        f"\ningest: {args.trainers} trainers, {args.seconds:g} s per phase, server in its own process"
+    )
+    print(
+        f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"probe frame = {LAYERS} layers x {BINS} bins; metrics frame = {ROWS} rows x {SERIES} series\n"
+    )
     header = (
         f"{'phase':<8} {'offered':<28} {'sent frames/s':>14} {'acked probe/s':>14} {'acked points/s':>15} "
         f"{'lag start':>10} {'lag end':>8} {'drain s':>8} {'server CPU ms/frame':>20} {'loop + writer':>14}"
@@ -277,8 +295,12 @@ async def main(args: argparse.Namespace) -> None:
             f"{r.points_per_s:>15,.0f} {r.lag_start:>10} {r.lag_end:>8} {r.drain_s:>8.1f}"
             f" {r.cpu_ms_per_frame:>20.2f} {' + '.join(f'{t:.2f}' for t in r.process_ms_per_frame):>14}"
         )
-    probe_ok = results[0].probes_per_s >= 0.95 * args.probe_rate and results[0].lag_end <= max(8, 2 * results[0].lag_start)
-    points_ok = results[1].points_per_s >= 0.95 * args.points_rate and results[1].lag_end <= max(8, 2 * results[1].lag_start)
+    probe_ok = results[0].probes_per_s >= 0.95 * args.probe_rate and results[0].lag_end <= max(
+        8, 2 * results[0].lag_start
+    )
+    points_ok = results[1].points_per_s >= 0.95 * args.points_rate and results[1].lag_end <= max(
+        8, 2 * results[1].lag_start
+    )
     print(
         f"\nprobe target {args.probe_rate:.0f}/s: {'met' if probe_ok else 'NOT met'}; "
         f"scalar target {args.points_rate:,.0f}/s: {'met' if points_ok else 'NOT met'} "
@@ -295,10 +317,15 @@ async def main(args: argparse.Namespace) -> None:
         " The rates above depend on what else the machine runs (see the load average)."
     )
 
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--probe-rate", type=float, default=500.0, help="probe frames/s offered, in total")
-    parser.add_argument("--points-rate", type=float, default=50_000.0, help="scalar points/s offered, in total")
+    parser.add_argument(
+        "--probe-rate", type=float, default=500.0, help="probe frames/s offered, in total"
+    )
+    parser.add_argument(
+        "--points-rate", type=float, default=50_000.0, help="scalar points/s offered, in total"
+    )
     asyncio.run(main(parser.parse_args()))

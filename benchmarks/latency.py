@@ -70,7 +70,9 @@ async def main(args: argparse.Namespace) -> None:
 async def measure(port: int, args: argparse.Namespace) -> None:
     base = f"ws://127.0.0.1:{port}"
     trainer = await connect(f"{base}/ws/trainer", max_size=None)
-    await trainer.send(json.dumps({"type": "hello", "v": 1, "run_id": "latency", "name": "latency"}))
+    await trainer.send(
+        json.dumps({"type": "hello", "v": 1, "run_id": "latency", "name": "latency"})
+    )
     json.loads(await trainer.recv())
     sent_at: dict[int, float] = {}
     frame_latency: list[float] = []
@@ -119,7 +121,12 @@ async def measure(port: int, args: argparse.Namespace) -> None:
             await asyncio.sleep(0.2)
             n += 1
             cmd_id = f"cmd-{n}"
-            command = {"type": "command", "id": cmd_id, "name": "set_lr_scale", "args": {"value": 0.5}}
+            command = {
+                "type": "command",
+                "id": cmd_id,
+                "name": "set_lr_scale",
+                "args": {"value": 0.5},
+            }
             command_sent[cmd_id] = time.monotonic()
             await viewers[n % len(viewers)].send(json.dumps(command))
 
@@ -163,8 +170,14 @@ async def measure(port: int, args: argparse.Namespace) -> None:
             f"{len(ms):>7}/{of}"
         )
 
-    print(f"\nlatency: {args.viewers} viewers, {args.rate:g} frames/s for {args.seconds:g} s, server in its own process")
-    mix = f"every {args.probe_every}th frame a probe (50 layers x 64 bins)" if args.probe_every else "no probes"
+    print(
+        f"\nlatency: {args.viewers} viewers, {args.rate:g} frames/s for {args.seconds:g} s, server in its own process"
+    )
+    mix = (
+        f"every {args.probe_every}th frame a probe (50 layers x 64 bins)"
+        if args.probe_every
+        else "no probes"
+    )
     print(f"frames: metrics (1 row), {mix}\n")
     header = f"{'path':<44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'samples':>15}"
     print(header)

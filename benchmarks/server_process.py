@@ -13,7 +13,16 @@ from pathlib import Path
 def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     """Start on a free port; returns the process and the port it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "layerscope.server", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "layerscope.server",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -199,6 +199,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such run"}
 }
 
+
 def _query_error(name: str, msg: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["query", name], "msg": msg, "type": "value_error"}])
 

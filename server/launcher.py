@@ -255,7 +255,9 @@ class Launcher:
         if outside:
             raise LaunchRefused(422, outside)
         if self.closing:
-            raise LaunchRefused(503, "the server is shutting down; launch the run after it restarts")
+            raise LaunchRefused(
+                503, "the server is shutting down; launch the run after it restarts"
+            )
         busy = self.busy() - 1  # the others: this launch is held already
         if not held and busy >= self.settings.max_launched:
             raise LaunchRefused(

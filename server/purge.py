@@ -30,6 +30,8 @@ def _slice_s() -> float:
     except ValueError:
         return PURGE_SLICE_S
     return value if 0.0 <= value < 60.0 else PURGE_SLICE_S
+
+
 _MAX_KEY = 2**63 - 1
 # (what the statement runs over: the run's "series", its "layers" or the "run" itself,
 # the DELETE taking that id as ?1 and the limit as ?2, the limit). The children of a

@@ -18,15 +18,26 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_contains_templates_and_static_files(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         timeout=300,
     )
     (wheel,) = tmp_path.glob("layerscope-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {
-        "layerscope/" + str(p.relative_to(ROOT)) for p in (ROOT / "web").rglob("*")
+        "layerscope/" + str(p.relative_to(ROOT))
+        for p in (ROOT / "web").rglob("*")
         if p.is_file() and p.suffix in {".html", ".js", ".css", ".png"}
     }
     assert any(n.endswith(".html") for n in shipped), "no templates in web/"
@@ -35,7 +46,10 @@ def test_wheel_contains_templates_and_static_files(tmp_path: Path) -> None:
     assert "layerscope/trainer/wire.py" in names
     assert "layerscope/server/app.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "layerscope = layerscope.server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "layerscope = layerscope.server.cli:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 def _compose() -> dict:
@@ -78,7 +92,9 @@ def test_compose_commands_exist() -> None:
         cmd = svc["command"]
         out = subprocess.run(
             [sys.executable, "-m", "layerscope.server", cmd[1], "--help"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert out.returncode == 0, f"{name}: `{' '.join(cmd[:2])} --help` failed: {out.stderr}"
         for flag in [a for a in cmd[2:] if a.startswith("--")]:
@@ -105,6 +121,8 @@ def test_every_compose_volume_mount_exists_in_the_image_owned_by_its_user() -> N
         if isinstance(volume, str) and not volume.startswith((".", "/"))
     }
     assert mounts, "the compose file mounts named volumes"
-    chowned = " ".join(line for line in dockerfile.splitlines() if "chown" in line or "mkdir" in line)
+    chowned = " ".join(
+        line for line in dockerfile.splitlines() if "chown" in line or "mkdir" in line
+    )
     for mount in mounts:
         assert mount in dockerfile and mount in chowned, f"{mount} is not made in the image"

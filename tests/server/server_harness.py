@@ -116,7 +116,11 @@ def running_server(settings: Settings) -> Iterator[LiveServer]:
 
 def metrics_frame(seq: int, step: int, **values: float | None) -> dict[str, Any]:
     values = values or {"loss": 1.0 / (step + 1)}
-    return {"type": "metrics", "seq": seq, "rows": [{"step": step, "time_s": 0.01 * step, "values": values}]}
+    return {
+        "type": "metrics",
+        "seq": seq,
+        "rows": [{"step": step, "time_s": 0.01 * step, "values": values}],
+    }
 
 
 def probe_frame(
@@ -216,7 +220,9 @@ class FakeTrainer:
     ) -> FakeTrainer:
         """``extra``: more hello fields (``instance``, ``device``, ...)."""
         ws = await connect(server.ws("/ws/trainer"), additional_headers=headers, max_size=None)
-        await ws.send(json.dumps(hello_frame(run_id, last_acked_seq, last_cmd_seq, name, layers, **extra)))
+        await ws.send(
+            json.dumps(hello_frame(run_id, last_acked_seq, last_cmd_seq, name, layers, **extra))
+        )
         welcome = strict_loads(await asyncio.wait_for(ws.recv(), 10))
         assert welcome["type"] == "welcome", welcome
         return cls(ws, welcome)
@@ -388,7 +394,9 @@ async def wait_detached(server: str, run_id: str, timeout: float = 15.0) -> None
             await asyncio.sleep(0.05)
 
 
-async def wait_status(server: str, run_id: str, status: str, timeout: float = 15.0) -> dict[str, Any]:
+async def wait_status(
+    server: str, run_id: str, status: str, timeout: float = 15.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=5) as client:
         while True:

@@ -106,7 +106,10 @@ def test_the_read_api_and_pages_are_mounted(live_server: LiveServer) -> None:
 
 
 async def test_two_apps_share_nothing(tmp_path: Path) -> None:
-    with running_server(make_settings(tmp_path / "a")) as a, running_server(make_settings(tmp_path / "b")) as b:
+    with (
+        running_server(make_settings(tmp_path / "a")) as a,
+        running_server(make_settings(tmp_path / "b")) as b,
+    ):
         trainer = await FakeTrainer.connect(a, "only-in-a")
         assert [r["id"] for r in httpx.get(f"{a}/api/runs").json()] == ["only-in-a"]
         assert httpx.get(f"{b}/api/runs").json() == []

@@ -143,7 +143,9 @@ def test_a_data_dir_the_server_cannot_use_is_refused_and_left_as_it_was(tmp_path
     traceback (the first) or were silently given layerscope's tables (the second)."""
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder\n")
-    _refused_in_one_line(_run("serve", "--port", "0", "--data-dir", str(a_file)), 1, "not a directory")
+    _refused_in_one_line(
+        _run("serve", "--port", "0", "--data-dir", str(a_file)), 1, "not a directory"
+    )
     under = _run("serve", "--port", "0", "--data-dir", str(a_file / "data"))
     _refused_in_one_line(under, 1, "cannot create --data-dir")
     assert a_file.read_text() == "not a folder\n"
@@ -155,13 +157,17 @@ def test_a_data_dir_the_server_cannot_use_is_refused_and_left_as_it_was(tmp_path
     foreign_bytes = _sqlite_file(foreign, "CREATE TABLE invoices (id INTEGER, total REAL)")
     newer = tmp_path / "newer" / "layerscope.db"
     newer_bytes = _sqlite_file(
-        newer, "CREATE TABLE schema_version (version INTEGER)", "INSERT INTO schema_version VALUES (99)"
+        newer,
+        "CREATE TABLE schema_version (version INTEGER)",
+        "INSERT INTO schema_version VALUES (99)",
     )
     for db, said in ((corrupt, "not a usable SQLite database"),
                      (foreign, "not a layerscope one (its tables: invoices)"),
                      (newer, "schema version 99")):  # fmt: skip
         before = db.read_bytes()
-        line = _refused_in_one_line(_run("serve", "--port", "0", "--data-dir", str(db.parent)), 1, said)
+        line = _refused_in_one_line(
+            _run("serve", "--port", "0", "--data-dir", str(db.parent)), 1, said
+        )
         assert "left it untouched" in line
         assert db.read_bytes() == before
         assert sorted(p.name for p in db.parent.iterdir()) == ["layerscope.db", "layerscope.lock"]
@@ -196,12 +202,18 @@ def test_a_startup_the_app_refuses_says_why_in_one_line_and_exits_1(
 def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for host in ("nosuch.invalid", "999.1.1.1"):
-        out = _run("serve", "--host", host, "--token", "v", "--trainer-token", "t", "--data-dir", str(data))
+        out = _run(
+            "serve", "--host", host, "--token", "v", "--trainer-token", "t", "--data-dir", str(data)
+        )
         _refused_in_one_line(out, 2, f"--host {host}: not an address")
         # Without tokens it was told to set tokens first, then that the name does not resolve.
-        _refused_in_one_line(_run("serve", "--host", host, "--data-dir", str(data)), 2, "not an address")
+        _refused_in_one_line(
+            _run("serve", "--host", host, "--data-dir", str(data)), 2, "not an address"
+        )
     out = _run("serve", "--token", "viewer\r", "--trainer-token", "t", "--data-dir", str(data))
-    _refused_in_one_line(out, 2, "viewer token (--token, LAYERSCOPE_TOKEN) starts or ends with whitespace")
+    _refused_in_one_line(
+        out, 2, "viewer token (--token, LAYERSCOPE_TOKEN) starts or ends with whitespace"
+    )
     out = _run("serve", "--log-level", "nonsense", "--data-dir", str(data))
     _refused_in_one_line(out, 2, "--log-level nonsense: choose one of critical, error, warning")
     out = _run("serve", "--max-launched", "-1", "--data-dir", str(data))
@@ -216,7 +228,9 @@ def test_bad_addresses_tokens_and_folders_are_refused_in_one_line(tmp_path: Path
     _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory")
     from_env = {**os.environ, "LAYERSCOPE_DATA_ROOTS": str(missing)}
     out = _run("serve", "--data-dir", str(data), env=from_env)
-    _refused_in_one_line(out, 2, f"--data-root {missing}: no such directory", "LAYERSCOPE_DATA_ROOTS")
+    _refused_in_one_line(
+        out, 2, f"--data-root {missing}: no such directory", "LAYERSCOPE_DATA_ROOTS"
+    )
     assert not data.exists(), "nothing may be created when refusing to start"
 
     with socket.socket() as taken:
@@ -294,7 +308,9 @@ def _last_step(port: int, run_id: str) -> int:
 
 
 @pytest.mark.anyio
-async def test_of_two_servers_started_together_the_loser_says_why_in_one_line(tmp_path: Path) -> None:
+async def test_of_two_servers_started_together_the_loser_says_why_in_one_line(
+    tmp_path: Path,
+) -> None:
     """Both passed the 'is the data dir free' check and the loser died in uvicorn's startup
     with ~70 lines of traceback (exit 3). Now it exits 1 with one line; the winner serves
     and stores."""
@@ -428,10 +444,14 @@ def test_a_closed_terminal_stops_the_server_and_its_launched_run(tmp_path: Path)
     session of its own, trained on with no server, and the run said 'running'. Now it stops
     as SIGTERM does; under nohup, SIGHUP is still ignored."""
     data = tmp_path / "data"
-    demo = _popen([*LAYERSCOPE, "demo", "--port", "0", "--data-dir", str(data), "--steps", "100000"])
+    demo = _popen(
+        [*LAYERSCOPE, "demo", "--port", "0", "--data-dir", str(data), "--steps", "100000"]
+    )
     try:
         assert demo.stdout is not None
-        match = re.search(r"(http://127\.0\.0\.1:(\d+))/runs/([0-9a-zA-Z_-]+)", demo.stdout.readline())
+        match = re.search(
+            r"(http://127\.0\.0\.1:(\d+))/runs/([0-9a-zA-Z_-]+)", demo.stdout.readline()
+        )
         assert match, "no dashboard URL"
         base, run_id = match.group(1), match.group(3)
         deadline = time.monotonic() + 120

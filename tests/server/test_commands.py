@@ -56,8 +56,21 @@ async def test_a_viewer_command_reaches_the_trainer_once_and_its_result_reaches_
         "args": {"value": 0.5},
         "source": "user",
     }
-    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
-    result = {"id": "c-1", "cmd_seq": 1, "name": "set_lr_scale", "ok": True, "applied_at_step": 7, "state": state}
+    state = {
+        "paused": False,
+        "lr_scale": 0.5,
+        "weight_decay_enabled": True,
+        "frozen": [],
+        "stopping": False,
+    }
+    result = {
+        "id": "c-1",
+        "cmd_seq": 1,
+        "name": "set_lr_scale",
+        "ok": True,
+        "applied_at_step": 7,
+        "state": state,
+    }
     await trainer.send(event_frame(1, 7, "command_result", **result))
     await trainer.wait_acked(1)
     for ws in (viewer, other):
@@ -74,13 +87,19 @@ async def test_a_viewer_command_reaches_the_trainer_once_and_its_result_reaches_
     await trainer.close()
 
 
-async def test_the_rest_endpoint_relays_with_the_same_rules(shared_server: LiveServer, run_id: str) -> None:
+async def test_the_rest_endpoint_relays_with_the_same_rules(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     url = f"{shared_server}/api/runs/{run_id}/commands"
-    first = httpx.post(url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}})
+    first = httpx.post(
+        url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}}
+    )
     assert first.status_code == 202
     assert first.json() == {"id": "c-9", "cmd_seq": 1, "duplicate": False}
-    repeat = httpx.post(url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}})
+    repeat = httpx.post(
+        url, json={"id": "c-9", "name": "set_weight_decay", "args": {"enabled": False}}
+    )
     assert repeat.status_code == 202 and repeat.json()["duplicate"] is True
     second = httpx.post(url, json={"name": "pause"})
     assert second.status_code == 202 and second.json()["cmd_seq"] == 2
@@ -97,14 +116,22 @@ async def test_the_rest_endpoint_relays_with_the_same_rules(shared_server: LiveS
     await trainer.close()
 
 
-async def test_commands_are_refused_without_a_trainer(shared_server: LiveServer, run_id: str) -> None:
+async def test_commands_are_refused_without_a_trainer(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.close()
     await wait_detached(shared_server, run_id)  # else the command may reach the closing link
     viewer, _ = await open_viewer(shared_server, run_id)
     await viewer.send(json.dumps({"type": "command", "id": "c-2", "name": "pause"}))
     reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
-    assert reply == {"v": 1, "type": "command_result", "id": "c-2", "ok": False, "reason": "no trainer connected"}
+    assert reply == {
+        "v": 1,
+        "type": "command_result",
+        "id": "c-2",
+        "ok": False,
+        "reason": "no trainer connected",
+    }
     response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json={"name": "pause"})
     assert response.status_code == 409 and response.json()["detail"] == "no trainer connected"
     assert commands_of(shared_server, run_id) == []
@@ -119,7 +146,12 @@ async def test_a_repeated_command_is_answered_as_stored_while_the_trainer_is_awa
     for want of a trainer: the stored copy reaches the trainer when it comes back."""
     trainer = await FakeTrainer.connect(shared_server, run_id)
     viewer, _ = await open_viewer(shared_server, run_id)
-    cmd = {"type": "command", "id": "c-kept", "name": "set_weight_decay", "args": {"enabled": False}}
+    cmd = {
+        "type": "command",
+        "id": "c-kept",
+        "name": "set_weight_decay",
+        "args": {"enabled": False},
+    }
     await viewer.send(json.dumps(cmd))
     first = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
     assert first["ok"] is True and first["duplicate"] is False
@@ -129,11 +161,15 @@ async def test_a_repeated_command_is_answered_as_stored_while_the_trainer_is_awa
     again, _ = await open_viewer(shared_server, run_id)
     await again.send(json.dumps(cmd))
     reply = (await recv_until(again, lambda m: m["type"] == "command_result"))[-1]
-    assert reply["ok"] is True and reply["duplicate"] is True and reply["cmd_seq"] == first["cmd_seq"]
+    assert (
+        reply["ok"] is True and reply["duplicate"] is True and reply["cmd_seq"] == first["cmd_seq"]
+    )
     await again.send(json.dumps({**cmd, "id": "c-new"}))  # a new one is still refused
     refused = (await recv_until(again, lambda m: m["type"] == "command_result"))[-1]
     assert refused["ok"] is False and refused["reason"] == "no trainer connected"
-    assert [(r["id"], r["status"]) for r in commands_of(shared_server, run_id)] == [("c-kept", "pending")]
+    assert [(r["id"], r["status"]) for r in commands_of(shared_server, run_id)] == [
+        ("c-kept", "pending")
+    ]
     await again.close()
 
 
@@ -162,14 +198,18 @@ async def test_a_command_id_reused_for_another_command_is_refused(
     reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
     assert reply["ok"] is True and reply["duplicate"] is True
     rows = commands_of(shared_server, run_id)
-    assert [(r["id"], r["name"], r["args"]) for r in rows] == [("c-used", "set_lr_scale", {"value": 0.5})]
+    assert [(r["id"], r["name"], r["args"]) for r in rows] == [
+        ("c-used", "set_lr_scale", {"value": 0.5})
+    ]
     await trainer.wait_for(lambda m: m["type"] == "command")
     assert [m["id"] for m in trainer.commands] == ["c-used"]  # what arrived, in order
     await viewer.close()
     await trainer.close()
 
 
-async def test_commands_are_refused_once_the_run_has_finished(shared_server: LiveServer, run_id: str) -> None:
+async def test_commands_are_refused_once_the_run_has_finished(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(event_frame(1, 100, "status", status="finished"))
     await trainer.wait_acked(1)
@@ -193,8 +233,15 @@ async def test_commands_are_refused_once_the_run_has_finished(shared_server: Liv
         ({"name": "set_frozen", "args": {"layers": [], "frozen": True}}, "non-empty list"),
         ({"name": "pause", "id": "x" * 100}, "at most 64 characters"),
         # A client claiming to be a rule: the event log showed it as an automatic action.
-        ({"name": "set_weight_decay", "args": {"enabled": False}, "source": "rule",
-          "reason": "DeadUnits fired (not really)"}, "source 'rule' is the trainer's own"),  # fmt: skip
+        (
+            {
+                "name": "set_weight_decay",
+                "args": {"enabled": False},
+                "source": "rule",
+                "reason": "DeadUnits fired (not really)",
+            },
+            "source 'rule' is the trainer's own",
+        ),  # fmt: skip
     ],
 )
 async def test_bad_commands_are_refused_with_the_reason(
@@ -259,24 +306,51 @@ async def test_commands_not_yet_seen_are_resent_when_the_trainer_reconnects(
     # The trainer applied cmd_seq 1 before the connection dropped; 2 and 3 come again.
     trainer = await FakeTrainer.connect(shared_server, run_id, last_cmd_seq=1)
     await trainer.wait_for(lambda m: m["type"] == "command" and m["cmd_seq"] == 3)
-    assert [(m["cmd_seq"], m["name"]) for m in trainer.commands] == [(2, "step_once"), (3, "resume")]
+    assert [(m["cmd_seq"], m["name"]) for m in trainer.commands] == [
+        (2, "step_once"),
+        (3, "resume"),
+    ]
     await trainer.close()
 
 
 async def test_a_rule_made_command_is_listed_with_origin_trainer(live_server: LiveServer) -> None:
     """command_result events for commands the trainer made itself get a commands row."""
     trainer = await FakeTrainer.connect(live_server, "rule-run")
-    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
-    result = {"id": "r-1", "cmd_seq": None, "name": "set_lr_scale", "args": {"value": 0.5}, "ok": True,
-              "applied_at_step": 40, "state": state, "source": "rule", "reason": "val loss plateau"}
+    state = {
+        "paused": False,
+        "lr_scale": 0.5,
+        "weight_decay_enabled": True,
+        "frozen": [],
+        "stopping": False,
+    }
+    result = {
+        "id": "r-1",
+        "cmd_seq": None,
+        "name": "set_lr_scale",
+        "args": {"value": 0.5},
+        "ok": True,
+        "applied_at_step": 40,
+        "state": state,
+        "source": "rule",
+        "reason": "val loss plateau",
+    }
     await trainer.send(event_frame(1, 40, "command_result", **result))
     await trainer.send(event_frame(2, 40, "command_result", **result))  # a repeat adds nothing
     await trainer.wait_acked(2)
     rows = httpx.get(f"{live_server}/api/runs/rule-run/commands").json()
     assert len(rows) == 1
     row = rows[0]
-    assert (row["id"], row["name"], row["source"], row["origin"]) == ("r-1", "set_lr_scale", "rule", "trainer")
-    assert (row["status"], row["applied_at_step"], row["reason"]) == ("applied", 40, "val loss plateau")
+    assert (row["id"], row["name"], row["source"], row["origin"]) == (
+        "r-1",
+        "set_lr_scale",
+        "rule",
+        "trainer",
+    )
+    assert (row["status"], row["applied_at_step"], row["reason"]) == (
+        "applied",
+        40,
+        "val loss plateau",
+    )
     assert row["args"] == {"value": 0.5} and row["state"] == state
     await trainer.close()
 
@@ -290,17 +364,47 @@ async def test_a_command_pending_when_the_run_finishes_is_settled_as_never_appli
     trainer = await FakeTrainer.connect(shared_server, run_id)
     url = f"{shared_server}/api/runs/{run_id}/commands"
     assert httpx.post(url, json={"id": "c-late", "name": "pause"}).status_code == 202
-    state = {"paused": False, "lr_scale": 0.5, "weight_decay_enabled": True, "frozen": [], "stopping": False}
-    assert httpx.post(url, json={"id": "c-done", "name": "set_lr_scale", "args": {"value": 0.5}}).status_code == 202
-    await trainer.send(event_frame(1, 9, "command_result", id="c-done", cmd_seq=2, name="set_lr_scale",
-                                   ok=True, applied_at_step=9, state=state))
+    state = {
+        "paused": False,
+        "lr_scale": 0.5,
+        "weight_decay_enabled": True,
+        "frozen": [],
+        "stopping": False,
+    }
+    assert (
+        httpx.post(
+            url, json={"id": "c-done", "name": "set_lr_scale", "args": {"value": 0.5}}
+        ).status_code
+        == 202
+    )
+    await trainer.send(
+        event_frame(
+            1,
+            9,
+            "command_result",
+            id="c-done",
+            cmd_seq=2,
+            name="set_lr_scale",
+            ok=True,
+            applied_at_step=9,
+            state=state,
+        )
+    )
     await trainer.send(event_frame(2, 10, "status", status="finished"))
     await trainer.wait_acked(2)
     rows = {r["id"]: r for r in commands_of(shared_server, run_id)}
-    assert (rows["c-late"]["status"], rows["c-late"]["error"]) == ("failed", "the run ended before its trainer applied it")
+    assert (rows["c-late"]["status"], rows["c-late"]["error"]) == (
+        "failed",
+        "the run ended before its trainer applied it",
+    )
     assert rows["c-late"]["applied_at_step"] is None
-    assert (rows["c-done"]["status"], rows["c-done"]["applied_at_step"]) == ("applied", 9)  # left as it was
-    events = httpx.get(f"{shared_server}/api/runs/{run_id}/events", params={"kind": "command_result"}).json()
+    assert (rows["c-done"]["status"], rows["c-done"]["applied_at_step"]) == (
+        "applied",
+        9,
+    )  # left as it was
+    events = httpx.get(
+        f"{shared_server}/api/runs/{run_id}/events", params={"kind": "command_result"}
+    ).json()
     settled = [e for e in events if e["origin"] == "server"]
     assert [(e["data"]["id"], e["data"]["ok"], e["data"]["error"]) for e in settled] == [
         ("c-late", False, "the run ended before its trainer applied it")
@@ -324,7 +428,9 @@ async def test_a_lost_runs_pending_command_is_settled_and_not_sent_when_its_trai
             trainer = await FakeTrainer.connect(server, "r1", instance="proc1")
             trainer.heartbeat(0.1)
             url = f"{server}/api/runs/r1/commands"
-            assert (await client.post(url, json={"id": "c-lost", "name": "pause"})).status_code == 202
+            assert (
+                await client.post(url, json={"id": "c-lost", "name": "pause"})
+            ).status_code == 202
             await trainer.wait_for(lambda m: m["type"] == "command")
             assert trainer._beat is not None
             trainer._beat.cancel()
@@ -336,7 +442,9 @@ async def test_a_lost_runs_pending_command_is_settled_and_not_sent_when_its_trai
             await trainer.ws.close()
             back = await FakeTrainer.connect(server, "r1", instance="proc1")
             back.heartbeat(0.1)
-            assert (await client.post(url, json={"id": "c-next", "name": "resume"})).status_code == 202
+            assert (
+                await client.post(url, json={"id": "c-next", "name": "resume"})
+            ).status_code == 202
             await back.wait_for(lambda m: m["type"] == "command")
             assert [m["id"] for m in back.commands] == ["c-next"]
             await back.close()

@@ -95,7 +95,16 @@ asyncio.run(main())
 def start_server(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen[str], int]:
     """``layerscope serve`` as its own process; returns it and the port it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "layerscope.server", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "layerscope.server",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -141,7 +150,13 @@ def test_server_killed_mid_run_and_restarted_keeps_every_step_exactly_once(
     script.write_text(WATCHED_TRAINER)
     steps = 2000
     trainer = subprocess.Popen(
-        [sys.executable, str(script), f"ws://127.0.0.1:{port}", str(tmp_path / "spool"), str(steps)],
+        [
+            sys.executable,
+            str(script),
+            f"ws://127.0.0.1:{port}",
+            str(tmp_path / "spool"),
+            str(steps),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -164,7 +179,10 @@ def test_server_killed_mid_run_and_restarted_keeps_every_step_exactly_once(
     status = httpx.get(f"{base}/api/runs/fault-run").json()["status"]
     assert status == "finished"
     per_step = Counter(
-        row["step"] for frame in exported(base, "fault-run") if frame["type"] == "metrics" for row in frame["rows"]
+        row["step"]
+        for frame in exported(base, "fault-run")
+        if frame["type"] == "metrics"
+        for row in frame["rows"]
     )
     assert sorted(per_step) == list(range(1, steps + 1))
     assert set(per_step.values()) == {1}
@@ -204,9 +222,17 @@ async def test_a_viewer_that_never_reads_costs_bounded_memory(
         for _ in range(16):
             for _ in range(50):
                 seq += 1
-                frame = probe_frame(seq, seq, layers=20, bins=64) if seq % 2 else {
-                    "type": "event", "seq": seq, "step": seq, "kind": "log", "data": {"text": log_text}
-                }
+                frame = (
+                    probe_frame(seq, seq, layers=20, bins=64)
+                    if seq % 2
+                    else {
+                        "type": "event",
+                        "seq": seq,
+                        "step": seq,
+                        "kind": "log",
+                        "data": {"text": log_text},
+                    }
+                )
                 text = json.dumps({"v": 1, **frame})
                 sent_bytes += len(text)
                 await trainer.send(text)
@@ -214,8 +240,12 @@ async def test_a_viewer_that_never_reads_costs_bounded_memory(
             rss.append(server_process.memory_info().rss)
         deadline = time.monotonic() + 60
         while not got or got[-1] < seq:
-            assert not reading.done(), f"the reading viewer stopped at {got[-1:]}: {reading.exception()!r}"
-            assert time.monotonic() < deadline, f"the reading viewer is stuck at {got[-1:]} of {seq}"
+            assert not reading.done(), (
+                f"the reading viewer stopped at {got[-1:]}: {reading.exception()!r}"
+            )
+            assert time.monotonic() < deadline, (
+                f"the reading viewer is stuck at {got[-1:]} of {seq}"
+            )
             await asyncio.sleep(0.01)
         # ~24 MB went through. The stuck viewer's queue may hold up to VIEWER_QUEUE_BYTES before
         # it is dropped; after that the server's memory is flat however much more flows.
@@ -241,7 +271,9 @@ async def test_a_viewer_that_never_reads_costs_bounded_memory(
         assert closed.value.rcvd.code == wire.CLOSE_TRY_AGAIN, (closed.value.rcvd, waited)
 
 
-async def test_a_trainer_killed_with_sigkill_is_lost_and_every_acked_frame_is_kept(tmp_path: Path) -> None:
+async def test_a_trainer_killed_with_sigkill_is_lost_and_every_acked_frame_is_kept(
+    tmp_path: Path,
+) -> None:
     with running_server(make_settings(tmp_path, heartbeat_timeout_s=1.0)) as server:
         acks = tmp_path / "acks.txt"
         script = tmp_path / "killed_trainer.py"
@@ -301,7 +333,11 @@ async def test_a_second_server_on_a_data_dir_in_use_exits_and_leaves_the_first_a
         await trainer.send(metrics_frame(2, 2))
         await trainer.wait_acked(2)
         detail = httpx.get(f"{server}/api/runs/live").json()
-        assert (detail["status"], detail["trainer_connected"], detail["acked_seq"]) == ("running", True, 2)
+        assert (detail["status"], detail["trainer_connected"], detail["acked_seq"]) == (
+            "running",
+            True,
+            2,
+        )
         statuses = httpx.get(f"{server}/api/runs/live/events?kind=status").json()
         assert [e for e in statuses if e["data"]["status"] == "lost"] == []
 
@@ -310,7 +346,9 @@ async def test_a_second_server_on_a_data_dir_in_use_exits_and_leaves_the_first_a
         assert writers and all(
             lock.resolve() not in {Path(f.path).resolve() for f in w.open_files()} for w in writers
         )
-        assert lock.resolve() in {Path(f.path).resolve() for f in psutil.Process(first.pid).open_files()}
+        assert lock.resolve() in {
+            Path(f.path).resolve() for f in psutil.Process(first.pid).open_files()
+        }
     finally:
         await trainer.close()
     first.kill()

@@ -229,7 +229,10 @@ async def test_a_bad_hello_closes_with_a_reason(shared_server: LiveServer, run_i
         # 500 levels passed the size limit, then failed to store: 1011 "reconnect", forever
         ({"config": json.loads('{"a":' * 500 + "1" + "}" * 500)}, "'config' is nested more"),
         # a newline in a run id forged a line of the server's log, ESC drove its terminal
-        ({"run_id": "r\nINFO:     forged"}, r"'r\nINFO:     forged' holds the control character U+000A"),
+        (
+            {"run_id": "r\nINFO:     forged"},
+            r"'r\nINFO:     forged' holds the control character U+000A",
+        ),
         ({"run_id": "r\x1b[2J"}, "holds the control character U+001B"),
         ({"run_id": "r\u2028x"}, "holds the control character U+2028"),
     ],
@@ -510,11 +513,23 @@ async def test_a_binary_frame_closes_with_1003(shared_server: LiveServer, run_id
             "layers[1].name 'a' repeats layers[0].name",
         ),
         (
-            {"type": "event", "seq": 3, "step": 1, "kind": "status", "data": {"status": "exploded"}},
+            {
+                "type": "event",
+                "seq": 3,
+                "step": 1,
+                "kind": "status",
+                "data": {"status": "exploded"},
+            },
             "data.status must be one of",
         ),
         (  # 500 levels raised RecursionError: the connection dropped with no reason
-            {"type": "event", "seq": 3, "step": 1, "kind": "log", "data": json.loads('{"a":' * 500 + "1" + "}" * 500)},
+            {
+                "type": "event",
+                "seq": 3,
+                "step": 1,
+                "kind": "log",
+                "data": json.loads('{"a":' * 500 + "1" + "}" * 500),
+            },
             "'data' is nested more than",
         ),
         (
@@ -544,7 +559,9 @@ async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
     # trainer guessing which of its frames was refused.
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await trainer.send(metrics_frame(1, 1))
-    await trainer.send({"type": "metrics", "seq": 2, "rows": [{"step": 2, "values": {"loss": "low"}}]})
+    await trainer.send(
+        {"type": "metrics", "seq": 2, "rows": [{"step": 2, "values": {"loss": "low"}}]}
+    )
     await trainer.send(metrics_frame(3, 3))
     assert await trainer.error() == (
         "metrics frame seq 2 not stored: rows[0].values['loss'] must be a number or null, got str"
@@ -563,7 +580,10 @@ async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
             {"type": "heartbeat", "step": 7, "status": "bogus"},
             "heartbeat frame at step 7 ignored: unknown status 'bogus'",
         ),
-        ({"type": "heartbeat", "step": -1}, "heartbeat frame at step -1 ignored: 'step' must be >= 0"),
+        (
+            {"type": "heartbeat", "step": -1},
+            "heartbeat frame at step -1 ignored: 'step' must be >= 0",
+        ),
         ({"type": "heartbeat"}, "heartbeat frame ignored: 'step' must be an integer, got NoneType"),
         ({"type": "metrics", "rows": []}, "metrics frame not stored: 'seq' must be an integer"),
         ({"type": "hello", "run_id": "again"}, "hello frame ignored: hello already received"),
@@ -947,9 +967,9 @@ async def test_commands_to_a_run_being_uploaded_by_sync_are_refused_and_viewers_
         finally:
             await proxy.close()
         assert early == len(records) // 2 - 1
-        status = (
-            await recv_until(viewer, lambda m: m["type"] == "status" and not m["uploading"])
-        )[-1]
+        status = (await recv_until(viewer, lambda m: m["type"] == "status" and not m["uploading"]))[
+            -1
+        ]
         assert (status["status"], status["trainer_connected"]) == ("finished", False)
         assert httpx.get(f"{server}/api/runs/synced/commands").json() == []
         await viewer.close()

@@ -52,7 +52,9 @@ def status_of(server: str, run_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
+def launched(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LiveServer, dict[str, Any]]]:
     data = tmp_path_factory.mktemp("launcher")
     garbage = data / "not-an-archive.npz"
     garbage.write_bytes(b"this is not a numpy archive")
@@ -79,7 +81,9 @@ def test_a_bad_config_is_refused_with_every_bad_field(live_server: LiveServer) -
     assert {("model", "arch"), ("model", "depth"), ("solver", "lr")} <= locs
     assert all(e["msg"] for e in response.json()["detail"])
     assert httpx.get(f"{live_server}/api/runs").json() == []
-    not_json = httpx.post(f"{live_server}/api/runs", content=b"steps=10", headers={"content-type": "application/json"})
+    not_json = httpx.post(
+        f"{live_server}/api/runs", content=b"steps=10", headers={"content-type": "application/json"}
+    )
     assert not_json.status_code == 422
 
 
@@ -93,7 +97,9 @@ def test_a_refusal_quoting_a_huge_value_or_field_is_cut(live_server: LiveServer)
         assert "characters cut" in error["msg"] + "".join(map(str, error["loc"]))
 
 
-def test_a_launch_answers_201_starting_and_writes_its_config(launched: tuple[LiveServer, dict[str, Any]]) -> None:
+def test_a_launch_answers_201_starting_and_writes_its_config(
+    launched: tuple[LiveServer, dict[str, Any]],
+) -> None:
     server, launches = launched
     tiny = launches["tiny"]
     assert tiny["status"] == "starting" and tiny["id"].startswith("tiny-")
@@ -192,7 +198,6 @@ def test_stop_of_an_unknown_run_is_404(live_server: LiveServer) -> None:
     assert httpx.post(f"{live_server}/api/runs/nope/stop").status_code == 404
 
 
-
 def test_the_cap_holds_for_concurrent_launches_and_a_lab_starts_all_or_none(
     tmp_path: Path,
 ) -> None:
@@ -205,7 +210,9 @@ def test_the_cap_holds_for_concurrent_launches_and_a_lab_starts_all_or_none(
 
         async def post_all(path: str, bodies: list[Any]) -> list[int]:
             async with httpx.AsyncClient(timeout=30) as client:
-                answers = await asyncio.gather(*(client.post(f"{server}{path}", json=b) for b in bodies))
+                answers = await asyncio.gather(
+                    *(client.post(f"{server}{path}", json=b) for b in bodies)
+                )
             return [a.status_code for a in answers]
 
         try:
@@ -388,7 +395,10 @@ def test_a_launch_may_name_files_only_inside_the_data_roots(
         assert checkpoint.status_code == 422
         assert [e["loc"] for e in checkpoint.json()["detail"]] == [["finetune", "from_checkpoint"]]
         both = launch(data={"dataset": "npz", "path": str(secret)}, solver={"lr": "fast"})
-        assert {tuple(e["loc"]) for e in both.json()["detail"]} == {("data", "path"), ("solver", "lr")}
+        assert {tuple(e["loc"]) for e in both.json()["detail"]} == {
+            ("data", "path"),
+            ("solver", "lr"),
+        }
         assert httpx.get(f"{server}/api/runs").json() == []
 
         # Inside: a relative path is read against the server's working directory, as

@@ -56,7 +56,9 @@ async def refused(url: str, **kwargs: object) -> tuple[int, str]:
 
 def test_a_wrong_host_header_is_refused(shared_server: LiveServer) -> None:
     # DNS rebinding: a page on evil.example resolves its name to 127.0.0.1.
-    response = httpx.get(f"{shared_server}/api/runs", headers={"Host": f"evil.example:{shared_server.port}"})
+    response = httpx.get(
+        f"{shared_server}/api/runs", headers={"Host": f"evil.example:{shared_server.port}"}
+    )
     assert response.status_code == 403
     assert "Host" in response.json()["detail"]
     wrong_port = httpx.get(f"{shared_server}/api/runs", headers={"Host": "127.0.0.1:1"})
@@ -84,9 +86,13 @@ def test_a_wrong_host_is_refused_on_websockets_too(shared_server: LiveServer) ->
     assert answer.startswith(b"HTTP/1.1 403")
 
 
-async def test_a_foreign_origin_is_refused_before_accept(shared_server: LiveServer, run_id: str) -> None:
+async def test_a_foreign_origin_is_refused_before_accept(
+    shared_server: LiveServer, run_id: str
+) -> None:
     trainer = await FakeTrainer.connect(shared_server, run_id)
-    status, body = await refused(shared_server.ws(f"/ws/runs/{run_id}"), origin="https://evil.example")
+    status, body = await refused(
+        shared_server.ws(f"/ws/runs/{run_id}"), origin="https://evil.example"
+    )
     assert status == 403 and "Origin" in body
     status, _ = await refused(shared_server.ws("/ws/trainer"), origin="http://evil.example")
     assert status == 403
@@ -106,8 +112,14 @@ def test_a_cross_origin_post_is_refused(shared_server: LiveServer) -> None:
 
 def test_the_viewer_token_is_required_and_accepted_three_ways(guarded: LiveServer) -> None:
     assert httpx.get(f"{guarded}/api/runs").status_code == 403
-    assert httpx.get(f"{guarded}/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 403
-    assert httpx.get(f"{guarded}/api/runs", headers={"Authorization": f"Bearer {VIEWER}"}).status_code == 200
+    assert (
+        httpx.get(f"{guarded}/api/runs", headers={"Authorization": "Bearer wrong"}).status_code
+        == 403
+    )
+    assert (
+        httpx.get(f"{guarded}/api/runs", headers={"Authorization": f"Bearer {VIEWER}"}).status_code
+        == 200
+    )
     assert httpx.get(f"{guarded}/api/runs?token={VIEWER}").status_code == 200
     # The trainer token is not a viewer token.
     assert httpx.get(f"{guarded}/api/runs?token={TRAINER}").status_code == 403
@@ -125,7 +137,9 @@ def test_a_token_page_load_sets_the_cookie_the_browser_then_uses(guarded: LiveSe
         assert browser.get(f"{guarded}/api/runs").status_code == 200  # the cookie alone
 
 
-async def test_trainer_and_viewer_tokens_do_not_open_each_others_sockets(guarded: LiveServer) -> None:
+async def test_trainer_and_viewer_tokens_do_not_open_each_others_sockets(
+    guarded: LiveServer,
+) -> None:
     status, body = await refused(guarded.ws("/ws/trainer"))
     assert status == 403 and "trainer token" in body
     status, _ = await refused(
@@ -209,7 +223,9 @@ def test_allowed_hosts_are_accepted_and_others_refused(tmp_path: Path) -> None:
         )
         assert posted.status_code == 422  # past the checks, to the config's validation
         assert b" 101 " in _handshake_status(server, f"dash.example:{port}", origin)
-        assert b" 403 " in _handshake_status(server, f"127.0.0.1:{port}", f"http://evil.example:{port}")
+        assert b" 403 " in _handshake_status(
+            server, f"127.0.0.1:{port}", f"http://evil.example:{port}"
+        )
 
 
 def test_a_wildcard_bind_accepts_this_machines_names_not_any_name(tmp_path: Path) -> None:
@@ -287,9 +303,22 @@ def test_one_token_alone_or_the_same_token_twice_is_refused_at_startup(
 def test_the_cli_names_the_missing_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERSCOPE_")}
     out = subprocess.run(
-        [sys.executable, "-m", "layerscope.server", "serve", "--port", "0", "--token", VIEWER,
-         "--data-dir", str(tmp_path / "data")],  # fmt: skip
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            sys.executable,
+            "-m",
+            "layerscope.server",
+            "serve",
+            "--port",
+            "0",
+            "--token",
+            VIEWER,
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert out.returncode == 2
     assert "--trainer-token" in out.stderr
@@ -441,7 +470,12 @@ def test_the_viewer_cookie_is_this_servers_own_and_not_the_token(
         assert other_name != name and other_value != value  # two servers, two cookies
         for cookie in (f"{name}={value}", f"{other_name}={value}"):
             assert httpx.get(f"{other}/api/runs", headers={"Cookie": cookie}).status_code == 403
-        assert httpx.get(f"{other}/api/runs", headers={"Cookie": f"{other_name}={other_value}"}).status_code == 200
+        assert (
+            httpx.get(
+                f"{other}/api/runs", headers={"Cookie": f"{other_name}={other_value}"}
+            ).status_code
+            == 200
+        )
     # A restart (same data dir and port) keeps the browsers' cookies valid.
     again = Guard(dataclasses.replace(guarded.settings))
     assert again.cookie_value() == value

@@ -162,7 +162,9 @@ def test_with_no_server_reachable_nan_stops_the_run_and_says_so(
     assert "[ExplodingTensor] NaN/Inf" in caplog.text and "stopping the run" in caplog.text
     assert "(w.should_stop is now True)" in caplog.text  # watch()'s user reads it
     # the recorded alert says what happened: a stop, not the pause it would have been
-    (alert,) = [e["data"] for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"]
+    (alert,) = [
+        e["data"] for e in events(tmp_path, "alert") if e["data"]["rule"] == "ExplodingTensor"
+    ]
     assert "stopping the run (no server is reachable" in alert["message"]
     assert "pausing" not in alert["message"] and alert["action"]["name"] == "stop"
     assert "loss nan" in capsys.readouterr().err  # the progress line shows it too

@@ -253,7 +253,9 @@ def test_a_folder_mixing_greyscale_and_colour_images_gives_greys_three_equal_cha
         assert all(np.array_equal(x[i, c].numpy(), grey) for c in range(3))
     assert np.array_equal(x[1].numpy(), colour)
     np.save(tmp_path / "b" / "3.npy", np.zeros((3, 4, 4), np.float32))  # another size: refused
-    with pytest.raises(DataError, match=r"3\.npy has shape \(3, 4, 4\); the first image had \(4, 5\)"):
+    with pytest.raises(
+        DataError, match=r"3\.npy has shape \(3, 4, 4\); the first image had \(4, 5\)"
+    ):
         load_folder(tmp_path)
 
 
@@ -341,7 +343,9 @@ def test_palette_images_keep_their_colours_and_grey_palettes_stay_one_channel(
     greys = Image.fromarray(index, mode="P")
     greys.putpalette([0, 0, 0, 51, 51, 51] + [0] * 762)
     greys.save(root / "grey" / "b.png")
-    Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("LA").save(root / "grey" / "c.png")
+    Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("LA").save(
+        root / "grey" / "c.png"
+    )
     with Image.open(root / "colour" / "a.png") as img:
         assert img.mode == "P"
     x, y, _ = load_folder(root)

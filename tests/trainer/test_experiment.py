@@ -124,7 +124,10 @@ def test_data_path_must_exist_and_is_made_absolute(
     monkeypatch.chdir(tmp_path)
     cfg = wire.validate_experiment({"data": {"dataset": "npz", "path": "d.npz"}})
     assert cfg["data"]["path"] == str(tmp_path / "d.npz")
-    assert "no such directory" in _errors({"data": {"dataset": "folder", "path": "d.npz"}})["data.path"]
+    assert (
+        "no such directory"
+        in _errors({"data": {"dataset": "folder", "path": "d.npz"}})["data.path"]
+    )
     assert "no such file" in _errors({"data": {"dataset": "npz", "path": "imgs"}})["data.path"]
 
 
@@ -132,7 +135,9 @@ def test_cross_field_rules() -> None:
     assert "data.path" in _errors({"data": {"dataset": "npz"}})
     assert "no such file" in _errors({"data": {"dataset": "npz", "path": "/nope.npz"}})["data.path"]
     assert "model.arch" in _errors({"model": {"arch": "cnn"}, "data": {"dataset": "spirals"}})
-    assert "solver.batch_size" in _errors({"model": {"batch_norm": True}, "solver": {"batch_size": 1}})
+    assert "solver.batch_size" in _errors(
+        {"model": {"batch_norm": True}, "solver": {"batch_size": 1}}
+    )
     assert "solver.steps" in _errors({"solver": {"steps": None}})
 
 
@@ -146,7 +151,10 @@ def test_a_field_whose_when_does_not_hold_is_refused_off_its_default_or_when_nam
         wire.validate_experiment(xavier, explicit=[("model", "init_std"), ("data", "path")])
     assert [e["loc"] for e in info.value.errors] == [["model", "init_std"], ["data", "path"]]
     normal = {"model": {"init": "normal", "init_std": 0.01}}
-    assert wire.validate_experiment(normal, explicit=[("model", "init_std")])["model"]["init"] == "normal"
+    assert (
+        wire.validate_experiment(normal, explicit=[("model", "init_std")])["model"]["init"]
+        == "normal"
+    )
 
 
 def test_batch_size_full_steps_vs_epochs_and_overfit_switches_regularisation_off() -> None:
@@ -156,8 +164,12 @@ def test_batch_size_full_steps_vs_epochs_and_overfit_switches_regularisation_off
     both = wire.validate_experiment({"solver": {"steps": 7, "epochs": 3}})
     assert both["solver"]["steps"] == 7  # steps wins; run_experiment uses it
     fit = wire.validate_experiment(
-        {"overfit": 50, "model": {"dropout": 0.5}, "solver": {"weight_decay": 0.1},
-         "data": {"input_noise": 0.3}}  # fmt: skip
+        {
+            "overfit": 50,
+            "model": {"dropout": 0.5},
+            "solver": {"weight_decay": 0.1},
+            "data": {"input_noise": 0.3},
+        }  # fmt: skip
     )
     assert fit["data"]["subset"] == 50 and fit["model"]["dropout"] == 0.0
     assert fit["solver"]["weight_decay"] == 0.0 and fit["data"]["input_noise"] == 0.0
@@ -265,7 +277,9 @@ def test_overfit_100_passes_for_the_default_mlp_and_fails_with_lr_0(tmp_path: Pa
     assert failed["overfit"]["passed"] is False and failed["overfit"]["train_acc"] < 0.5
     # The verdict is an event too: the dashboard's pass/fail badge and the event log.
     ok = _events(tmp_path / "ok", "sanity")
-    assert [(e["step"], e["data"]["passed"], e["data"]["examples"]) for e in ok] == [(300, True, 100)]
+    assert [(e["step"], e["data"]["passed"], e["data"]["examples"]) for e in ok] == [
+        (300, True, 100)
+    ]
     assert ok[0]["data"]["train_acc"] == 1.0 and ok[0]["data"]["message"].startswith("PASS")
     bad = _events(tmp_path / "lr0", "sanity")
     assert len(bad) == 1 and bad[0]["data"]["passed"] is False
@@ -323,11 +337,15 @@ def test_finetune_loads_the_checkpoint_and_keeps_frozen_layers_bit_identical(
     (log,) = _events(tmp_path / "ft", "log")
     assert log["step"] == 0 and log["data"]["frozen"] == ["net.0"]
     assert str(ckpt) in log["data"]["message"] and "step 7" in log["data"]["message"]
-    (frozen,) = [e for e in _events(tmp_path / "ft", "command_result") if e["data"]["name"] == "set_frozen"]
+    (frozen,) = [
+        e for e in _events(tmp_path / "ft", "command_result") if e["data"]["name"] == "set_frozen"
+    ]
     assert frozen["data"]["applied_at_step"] == 0 and frozen["data"]["state"]["frozen"] == ["net.0"]
     # Loaded: the first probe (step 1, after one update) starts from the checkpoint's weights.
     first = _probes(tmp_path / "ft", "net.0")
-    expected = float(torch.sqrt(sum((t.double() ** 2).sum() for k, t in saved.items() if k.startswith("net.0."))))
+    expected = float(
+        torch.sqrt(sum((t.double() ** 2).sum() for k, t in saved.items() if k.startswith("net.0.")))
+    )
     assert all(abs(p["weight_norm"] - expected) < 1e-4 * expected for p in first)
     assert {p["update_ratio"] for p in first} == {0.0}
     later = [p["update_ratio"] for p in _probes(tmp_path / "ft", "net.2")]
@@ -356,7 +374,9 @@ def test_auto_weight_decay_starts_with_decay_off(tmp_path: Path) -> None:
            "solver": {"steps": 3, "device": "cpu", "weight_decay": 0.01}}  # fmt: skip
     run_experiment(cfg, server=None, run_dir=str(tmp_path), progress=False)
     (result,) = _events(tmp_path, "command_result")
-    assert result["data"]["name"] == "set_weight_decay" and result["data"]["args"] == {"enabled": False}
+    assert result["data"]["name"] == "set_weight_decay" and result["data"]["args"] == {
+        "enabled": False
+    }
     assert result["data"]["state"]["rules"]["auto_weight_decay"] is True
 
 

@@ -146,7 +146,9 @@ def test_a_name_built_from_the_settings_or_a_presets_follows_the_final_settings(
     assert run_name("--config", str(older), "--init-std", "0.01") == "mlp-relu-normal0.01-digits"
 
     demo = wire.DEMO_EXPERIMENT["name"]
-    assert run_name("--preset", "demo", "--activation", "relu", "--init", "he") == "mlp-relu-he-digits"
+    assert (
+        run_name("--preset", "demo", "--activation", "relu", "--init", "he") == "mlp-relu-he-digits"
+    )
     assert run_name("--preset", "demo", "--lr", "0.02") == demo  # solver only: still the demo
     assert _config(capsys, "--preset", "demo")["name"] is None
     saved = tmp_path / "demo.json"
@@ -304,7 +306,12 @@ def test_an_unknown_command_is_refused_naming_the_known_ones(
     assert cli.main(["labs", "init"]) == 2
     err = capsys.readouterr().err
     assert "unknown command" in err and "train, sync, lab" in err
-    for argv in (["--version"], ["sync", "--version"], ["lab", "--version"], ["lab", "init", "--version"]):
+    for argv in (
+        ["--version"],
+        ["sync", "--version"],
+        ["lab", "--version"],
+        ["lab", "init", "--version"],
+    ):
         assert cli.main(argv) == 0, argv  # every level, as the README says
         assert capsys.readouterr().out.startswith("layerscope "), argv
 
@@ -491,7 +498,9 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         assert cli.main(["sync", str(run_dir), "--server", base]) == 0  # again: nothing new
         out = capsys.readouterr().out  # it said "the server acknowledged N frames" as if sent
         assert f"the server already had all {acked} frames; nothing sent" in out
-        with urllib.request.urlopen(f"{base}/api/runs/offline1?token={viewer_token}", timeout=5) as resp:
+        with urllib.request.urlopen(
+            f"{base}/api/runs/offline1?token={viewer_token}", timeout=5
+        ) as resp:
             run = json.loads(resp.read())
         assert run["config"]["data"]["dataset"] == "spirals" and run["last_step"] == 12
 
@@ -502,7 +511,9 @@ def test_spooled_run_syncs_and_live_run_streams_to_a_real_server_with_a_trainer_
         assert cli.main(live) == 0
         deadline = time.monotonic() + 10  # acked frames are committed; the status may trail
         while True:
-            with urllib.request.urlopen(f"{base}/api/runs/live1?token={viewer_token}", timeout=5) as resp:
+            with urllib.request.urlopen(
+                f"{base}/api/runs/live1?token={viewer_token}", timeout=5
+            ) as resp:
                 run = json.loads(resp.read())
             if run["status"] == "finished" or time.monotonic() > deadline:
                 break
@@ -772,17 +783,32 @@ def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
         "no checkpoint-<step>.pt in this folder (the dashboard's Checkpoint writes one into "
         "the run's folder)\n": ["--resume", str(tmp_path / "empty")],
         f"it holds last-good.pt, the last state whose numbers were all finite: --resume "
-        f"{tmp_path / 'nan' / 'last-good.pt'} goes on from that": ["--resume", str(tmp_path / "nan")],
+        f"{tmp_path / 'nan' / 'last-good.pt'} goes on from that": [
+            "--resume",
+            str(tmp_path / "nan"),
+        ],
         "not a checkpoint of a built-in experiment": ["--resume", str(tmp_path / "own")],
         "holds no experiment config": ["--resume", str(tmp_path / "old" / "checkpoint-7.pt")],
         "not a layerscope checkpoint": ["--resume", str(tmp_path / "corrupt.pt")],
         "--resume and --from do not go together": ["--resume", str(ours), "--from", str(ours)],
         # --depth 2 is the checkpoint's own: no conflict
         "not --width 32 (it holds 16), --lr 0.1 (it holds 0.001); only --name, --device, "
-        "--epochs, --steps may change": ["--resume", str(ours), "--lr", "0.1", "--width", "32",
-                                         "--depth", "2", "--steps", "40"],  # fmt: skip
-        "it is at step 20, the end of this run (solver.steps 20); pass --steps N with N > 20":
-            ["--resume", str(ours)],  # fmt: skip
+        "--epochs, --steps may change": [
+            "--resume",
+            str(ours),
+            "--lr",
+            "0.1",
+            "--width",
+            "32",
+            "--depth",
+            "2",
+            "--steps",
+            "40",
+        ],  # fmt: skip
+        "it is at step 20, the end of this run (solver.steps 20); pass --steps N with N > 20": [
+            "--resume",
+            str(ours),
+        ],  # fmt: skip
     }
     for expected, args in cases.items():
         code = cli.main(["train", *args, "--no-progress", "--run-dir", str(out)])

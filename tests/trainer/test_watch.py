@@ -240,7 +240,9 @@ def test_exception_marks_the_run_failed(tmp_path: Path) -> None:
         w.step(loss=train_step(model, opt, x, y))
         _ = 1 / 0
     assert statuses(frames(tmp_path)) == ["running", "failed"]
-    (ended,) = [f for f in frames(tmp_path) if f.get("kind") == "status" and f["data"]["status"] == "failed"]
+    (ended,) = [
+        f for f in frames(tmp_path) if f.get("kind") == "status" and f["data"]["status"] == "failed"
+    ]
     assert ended["data"]["reason"] == "ZeroDivisionError: division by zero"  # said why
 
 
@@ -954,9 +956,7 @@ def test_the_package_gives_the_watch_function_whatever_was_imported_first(first:
         "from layerscope.trainer.watch import Watch, DEFAULT_EVERY\n"
         "print('ok')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 

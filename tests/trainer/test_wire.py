@@ -286,7 +286,9 @@ def test_a_client_command_may_not_claim_to_be_a_rules_action() -> None:
     with pytest.raises(wire.WireError, match="source 'rule' is the trainer's own"):
         wire.validate_command(spoofed, sources=wire.CLIENT_COMMAND_SOURCES)
     for source in ("user", "api"):
-        cmd = wire.validate_command({"name": "pause", "source": source}, sources=wire.CLIENT_COMMAND_SOURCES)
+        cmd = wire.validate_command(
+            {"name": "pause", "source": source}, sources=wire.CLIENT_COMMAND_SOURCES
+        )
         assert cmd["source"] == source
     assert wire.validate_command(spoofed)["source"] == "rule"  # the trainer's rules make these
     with pytest.raises(wire.WireError, match="unknown command source 'admin'"):
@@ -295,6 +297,7 @@ def test_a_client_command_may_not_claim_to_be_a_rules_action() -> None:
 
 def test_the_frame_limit_counts_utf8_bytes() -> None:
     """The limit counted characters: 1.9 million two-byte characters (3.8 MB) passed."""
+
     def frame(pad: str) -> str:
         return json.dumps({"type": "heartbeat", "v": 1, "step": 1, "pad": pad}, ensure_ascii=False)
 
@@ -358,7 +361,9 @@ def test_a_histogram_range_upside_down_is_refused_as_received_and_read_back_as_s
 
 def test_a_status_event_must_carry_a_run_status() -> None:
     def event(data: dict[str, Any]) -> str:
-        return json.dumps({"type": "event", "v": 1, "seq": 3, "step": 1, "kind": "status", "data": data})
+        return json.dumps(
+            {"type": "event", "v": 1, "seq": 3, "step": 1, "kind": "status", "data": data}
+        )
 
     for data in ({"status": "exploded"}, {}, {"status": None}):
         with pytest.raises(wire.WireError, match="status event: data.status must be one of"):
@@ -398,7 +403,9 @@ def test_a_config_or_event_data_nested_too_deep_is_refused_by_name() -> None:
     hello = {"type": "hello", "run_id": "r", "layers": []}
     assert wire.validate_hello({**hello, "config": nested(wire.MAX_DEPTH)})["config"]
     event = {"type": "event", "v": 1, "seq": 2, "step": 1, "kind": "log"}
-    assert wire.parse_trainer_frame(json.dumps({**event, "data": nested(wire.MAX_DEPTH)}), run_id="r")
+    assert wire.parse_trainer_frame(
+        json.dumps({**event, "data": nested(wire.MAX_DEPTH)}), run_id="r"
+    )
     # 500 levels passed the size limit, then raised RecursionError in the walks after it
     for depth in (wire.MAX_DEPTH + 1, 500):
         with pytest.raises(wire.WireError, match="'config' is nested more than 32 levels deep"):
@@ -420,7 +427,10 @@ def test_a_commands_reason_is_a_string_not_the_repr_of_whatever_was_sent() -> No
 def test_an_arg_a_command_does_not_take_is_refused_not_dropped() -> None:
     for msg, named in [
         ({"name": "pause", "args": {"x": 1}}, "pause takes no args; got args.x"),
-        ({"name": "set_lr_scale", "args": {"valeu": 0.5}}, "set_lr_scale takes args.value; got args.valeu"),
+        (
+            {"name": "set_lr_scale", "args": {"valeu": 0.5}},
+            "set_lr_scale takes args.value; got args.valeu",
+        ),
         (
             {"name": "set_frozen", "args": {"layers": ["fc1"], "frozen": True, "all": True}},
             "set_frozen takes args.layers, args.frozen; got args.all",
@@ -465,6 +475,8 @@ def test_an_experiment_over_the_parameter_budget_is_refused_naming_both_counts()
     # hidden Linear (12), the first layer's 3 weights and 3 biases from one input (6), and a
     # head to one output (3 + 1).
     assert wire.model_param_floor({"arch": "mlp", "depth": 2, "width": 3}) == 22
-    assert wire.model_param_floor({"arch": "mlp", "depth": 3, "width": 4096}) < wire.MAX_MODEL_PARAMS
+    assert (
+        wire.model_param_floor({"arch": "mlp", "depth": 3, "width": 4096}) < wire.MAX_MODEL_PARAMS
+    )
     wire.validate_experiment({"model": {"depth": 2, "width": 4096}})  # the widest, shallow
     wire.validate_experiment(copy.deepcopy(wire.DEMO_EXPERIMENT))

@@ -68,7 +68,10 @@ class TrainerServer:
 
     def _check_token(self, connection: ServerConnection, request: Any) -> Any:
         # as the real server does: a bad token is an HTTP 403 before the upgrade
-        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+        if (
+            self.token is not None
+            and request.headers.get("Authorization") != f"Bearer {self.token}"
+        ):
             return connection.respond(HTTPStatus.FORBIDDEN, "bad token\n")
         return None
 

@@ -164,7 +164,9 @@ def test_comparison_keeps_each_runs_curve_under_its_name_with_commas_and_a_delet
             expect(page.locator("#banner")).to_contain_text("Not found: gone", timeout=20_000)
             time.sleep(1.0)  # the refresh's series requests come after the details
             assert chart_points(page, "chart-loss")[0::2] == [300, 200, 100]
-            names = page.evaluate("Array.from(document.getElementById('chart-loss').data, t => t.name)")
+            names = page.evaluate(
+                "Array.from(document.getElementById('chart-loss').data, t => t.name)"
+            )
             assert names[0::2] == ["gone train", "plain train", "lr=0.1,bs=32 train"]
 
             open_ready(page, f"{server.url}/compare?ids=plain,{quote('lr=0.1', safe='')}")
@@ -232,7 +234,10 @@ def test_comparison_ratio_charts_start_at_zero_with_no_data_or_all_zeros(
             open_ready(page, f"{server.url}/compare?ids=tanh")
             # no data at all: a note says so, with no axes to read a range from (charts.js)
             expect(page.locator("#chart-dead .chart-note")).to_contain_text("no dead ratio")
-            assert page.evaluate("document.getElementById('chart-dead')._fullLayout.yaxis.visible") is False
+            assert (
+                page.evaluate("document.getElementById('chart-dead')._fullLayout.yaxis.visible")
+                is False
+            )
             assert page.evaluate(y_range, "chart-sat") == [0, 1]  # zeros
             open_ready(page, f"{server.url}/compare?ids=tanh&ids=relu")
             page.select_option("#layer", "layer1")
@@ -389,7 +394,9 @@ def test_a_390px_window_shows_each_run_as_a_card_with_every_field_in_view(
 
             page.set_viewport_size({"width": 1280, "height": 844})  # the table, one line a run
             assert card.evaluate("tr => getComputedStyle(tr).display") == "table-row"
-            tops = card.evaluate("tr => Array.from(tr.cells, (td) => td.getBoundingClientRect().top)")
+            tops = card.evaluate(
+                "tr => Array.from(tr.cells, (td) => td.getBoundingClientRect().top)"
+            )
             assert len(set(tops)) == 1, tops
             expect(page.get_by_text("Select all")).to_be_hidden()
         finally:
@@ -455,7 +462,9 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
                 boxes.nth(i).uncheck()
             deadline = time.monotonic() + 10
             while len(polls.seen) < 2 and time.monotonic() < deadline:
-                page.wait_for_timeout(100)  # playwright delivers responses meanwhile; sleep would not
+                page.wait_for_timeout(
+                    100
+                )  # playwright delivers responses meanwhile; sleep would not
             assert len(polls.seen) >= 2, polls.seen
             for path, size in polls.seen:
                 assert path == "/api/runs?limit=50", path
@@ -487,7 +496,14 @@ def test_hundreds_of_runs_poll_a_page_and_search_every_runs_config_on_the_server
                 expect(fresh.locator(".pill")).to_have_text("running")
                 expect(fresh.locator("button.danger")).to_be_disabled()
                 paused = {"status": "paused"}
-                event = {"v": 1, "type": "event", "seq": 1, "step": 0, "kind": "status", "data": paused}
+                event = {
+                    "v": 1,
+                    "type": "event",
+                    "seq": 1,
+                    "step": 0,
+                    "kind": "status",
+                    "data": paused,
+                }
                 trainer.send(json.dumps(event))
                 expect(fresh.locator(".pill")).to_have_text("paused")
             expect(page.locator("#runs-count")).to_have_text("The newest 100 of 301 runs")
@@ -536,7 +552,7 @@ def test_a_400px_window_keyboard_use_and_a_run_named_with_html(
     the panel and the page scrolled sideways. A run name holding HTML and quotes shows as
     written (text, never markup) and is found by the search, driven from the keyboard."""
     data_dir = tmp_path / "data"
-    odd = '<b>x</b> "quoted" & \'single\' <img src=x onerror=alert(1)>'
+    odd = "<b>x</b> \"quoted\" & 'single' <img src=x onerror=alert(1)>"
     write_recorded_run(data_dir, "odd", steps=50, layers=1, every=25, name=odd)
     write_recorded_run(data_dir, "plain", steps=50, layers=1, every=25)
     for server in serve(server_settings(data_dir)):

@@ -261,7 +261,10 @@ def serve_stallable(settings: Settings) -> Iterator[tuple[LiveServer, asyncio.Ab
     assert uv.started
     client = httpx.Client(timeout=30.0)
     try:
-        yield LiveServer(f"http://127.0.0.1:{settings.port}", settings, client), uv.servers[0].get_loop()
+        yield (
+            LiveServer(f"http://127.0.0.1:{settings.port}", settings, client),
+            uv.servers[0].get_loop(),
+        )
     finally:
         client.close()
         uv.should_exit = True

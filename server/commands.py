@@ -1,7 +1,9 @@
 """commands — the control relay: a viewer's or script's command to the run's trainer (DESIGN §4).
 
-Owns: validating a command, refusing it when it cannot take effect (unknown run,
-run ended, no trainer connected, the run's connection is a spool's upload), storing it with its origin (which gives it its
+Owns: validating a command (its args at most MAX_ARGS_CHARS as JSON, so that its result
+fits in one event), refusing it when it cannot take effect (unknown run, run ended, no
+trainer connected, the run's connection is a spool's upload), storing it with its origin
+(which gives it its
 ``cmd_seq`` and puts it in the run's event log) and relaying it to the trainer
 socket; the viewer socket and ``POST /api/runs/{id}/commands`` share this path.
 
@@ -26,6 +28,13 @@ RUN_FINISHED = "run finished"
 NO_TRAINER = "no trainer connected"
 UPLOADING = "the run is being uploaded from its spool; nothing can apply commands"
 MAX_ID_CHARS = 64  # wire.validate_command's limit on a command id
+# A command's args, as JSON (measured as wire.validate_event measures an event's data). The
+# trainer's command_result echoes them beside its control state and any error, in one event
+# of at most wire.MAX_CONFIG_BYTES (64 KiB): a set_frozen naming 2,048 bogus layers of 256
+# characters (530 KB, inside every other limit) was relayed, its result refused by this
+# server, and the run's acks stopped there. A quarter of the event limit leaves room for the
+# state and an error quoting the args (an older trainer quotes every unknown layer).
+MAX_ARGS_CHARS = wire.MAX_CONFIG_BYTES // 4
 
 
 class CommandRefused(Exception):
@@ -74,6 +83,22 @@ def same_command(stored: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
+def args_too_big(cmd: dict[str, Any]) -> str | None:
+    """Why a validated command's args are too big to relay (MAX_ARGS_CHARS), or None."""
+    size = len(json.dumps(cmd["args"], default=str))
+    if size <= MAX_ARGS_CHARS:
+        return None
+    names, hint = "", ""
+    if cmd["name"] == "set_frozen":
+        names = f" ({len(cmd['args']['layers']):,} layer names)"
+        hint = ": name fewer layers (a parent module's name freezes every layer inside it)"
+    return (
+        f"{cmd['name']} args are {size:,} characters as JSON{names}; a command's args are at"
+        f" most {MAX_ARGS_CHARS:,}, so that its trainer's result, which echoes them, fits in"
+        f" one event of {wire.MAX_CONFIG_BYTES:,} bytes{hint}"
+    )
+
+
 async def relay_command(
     store: Any,
     hub: Hub,
@@ -96,6 +121,9 @@ async def relay_command(
         cmd = wire.validate_command(body, sources=wire.CLIENT_COMMAND_SOURCES)
     except wire.WireError as exc:
         raise CommandRefused(422, str(exc), cmd_id) from None
+    too_big = args_too_big(cmd)
+    if too_big is not None:
+        raise CommandRefused(422, too_big, cmd_id)
     # A repeat of a stored command (a page resending after its socket dropped) is answered
     # as what it is, even while no trainer is connected: the first copy is delivered when
     # the trainer comes back, so refusing the repeat would tell the page a lie.

@@ -288,6 +288,39 @@ async def test_a_refusal_quoting_a_huge_field_is_cut_and_a_huge_id_not_echoed(
     await trainer.close()
 
 
+async def test_a_command_too_big_for_its_result_to_round_trip_is_refused_up_front(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """set_frozen naming 2,048 bogus layers of 256 characters (530 KB, inside the body, layer
+    and name limits) was relayed (202); its trainer's command_result echoing them was then
+    over the 64 KiB event limit, refused by the server, and the run's acks stopped there.
+    Refused before it is stored: 422, and ok:false on the viewer socket, naming the bound."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    names = [f"{k:04d}" + "x" * 252 for k in range(2048)]
+    command = {"id": "big-1", "name": "set_frozen", "args": {"layers": names, "frozen": True}}
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=command)
+    detail = response.json()["detail"]
+    assert response.status_code == 422, detail
+    assert detail.startswith("set_frozen args are 532,508 characters as JSON (2,048 layer names)")
+    assert "a command's args are at most 16,384" in detail
+    assert detail.endswith(
+        "name fewer layers (a parent module's name freezes every layer inside it)"
+    )
+    await viewer.send(json.dumps({"type": "command", **command}))
+    reply = (await recv_until(viewer, lambda m: m["type"] == "command_result"))[-1]
+    assert reply == {"v": 1, "type": "command_result", "id": "big-1", "ok": False, "reason": detail}
+    # Just under the bound: relayed.
+    fits = {"name": "set_frozen", "args": {"layers": names[:60], "frozen": True}}
+    response = httpx.post(f"{shared_server}/api/runs/{run_id}/commands", json=fits)
+    assert response.status_code == 202, response.text
+    await trainer.wait_for(lambda m: m["type"] == "command")
+    assert [len(m["args"]["layers"]) for m in trainer.commands] == [60]
+    assert [r["args"] for r in commands_of(shared_server, run_id)] == [fits["args"]]
+    await viewer.close()
+    await trainer.close()
+
+
 async def test_a_command_for_an_unknown_run_is_404(shared_server: LiveServer) -> None:
     response = httpx.post(f"{shared_server}/api/runs/no-such-run/commands", json={"name": "pause"})
     assert response.status_code == 404

@@ -17,6 +17,7 @@ user's code (a chainable scheduler computing from ``group["lr"]``) can see them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from layerscope.trainer import wire
 from layerscope.trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     check_extras,
@@ -45,6 +47,20 @@ log = logging.getLogger(__name__)
 PAUSED_POLL_S = 0.25
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+# A command_result is one event frame, whose data the server refuses over
+# wire.MAX_CONFIG_BYTES (64 KiB) as JSON: one echoing a set_frozen of 2,048 bogus 256-character
+# names, with an error quoting every one, was 1 MB; refused, it left the run's acks stuck
+# below it. So a result names at most NAMES_SHOWN layers in an error ("and 2,043 more"),
+# echoes at most MAX_ECHO_ARGS_CHARS of args (a list cut, ``<key>_omitted`` counting the
+# rest), cuts its error to MAX_ERROR_CHARS, and as a last resort its state's frozen list
+# (``frozen_omitted``) to fit MAX_RESULT_CHARS. The terminal's warning is one line of at
+# most MAX_WARNING_CHARS.
+NAMES_SHOWN = 5
+MAX_ECHO_ARGS_CHARS = 4096
+MAX_ERROR_CHARS = 2000
+MAX_RESULT_CHARS = wire.MAX_CONFIG_BYTES - 4096
+MAX_WARNING_CHARS = 300
 
 # The optimizers an open Control steers, and its run directory: a second one's hooks would
 # each put back the lr the other scaled (the user's lr halving step after step, wrong after
@@ -375,13 +391,13 @@ class Control:
         try:
             self._apply_named(str(name), args, step)
         except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
-            error = str(exc) or type(exc).__name__
-            log.warning("command %s failed: %s", name, error)
+            error = cut_text(str(exc) or type(exc).__name__, MAX_ERROR_CHARS)
+            log.warning("command %s failed: %s", name, one_line(error, MAX_WARNING_CHARS))
         result: dict[str, Any] = {
             "id": cmd_id,
             "cmd_seq": cmd_seq,
             "name": name,
-            "args": args,
+            "args": echoed_args(args),
             "ok": error is None,
             "applied_at_step": step,
             "state": self.state(),
@@ -394,6 +410,7 @@ class Control:
             result["error"] = error
         elif name == "stop" and self.stopped_by is None:
             self.stopped_by = {"source": result["source"], "reason": command.get("reason")}
+        result = fit_result(result)
         self.emit("command_result", result)
         return result
 
@@ -471,7 +488,9 @@ class Control:
         layers = [plain_name(name) for name in layers]  # "module.fc1" as the model names it
         unknown = unknown_layers(self.model, layers)
         if unknown:
-            raise ValueError(f"unknown layer(s) {unknown}; {layer_names_hint(self.model)}")
+            raise ValueError(
+                f"unknown layer(s) {names_text(unknown)}; {layer_names_hint(self.model)}"
+            )
         if frozen and getattr(self.optimizer, "_params", None) is not None:
             # LBFGS keeps the parameter list it was built with: taking parameters out of
             # the group for a step would not stop it updating them.
@@ -519,8 +538,8 @@ class Control:
         ]
         if outside:
             raise ValueError(
-                f"layer(s) {outside} have parameters that are not in the watched optimizer "
-                f"({type(self.optimizer).__name__}), which freezes through its own param "
+                f"layer(s) {names_text(outside)} have parameters that are not in the watched "
+                f"optimizer ({type(self.optimizer).__name__}), which freezes through its own param "
                 "groups: another optimizer would keep training them. Freeze them in the "
                 "training script instead (requires_grad_(False)), or watch the optimizer "
                 "that trains them"
@@ -633,6 +652,75 @@ def decay_settable(groups: list[dict[str, Any]]) -> bool:
         if _host_float(wd) not in (None, 0.0):
             return True
     return False
+
+
+def names_text(names: list[str], most: int = NAMES_SHOWN) -> str:
+    """``['a', 'b']``, or past ``most`` names the first ``most`` and ``and 2,043 more``."""
+    if len(names) <= most:
+        return repr(list(names))
+    return f"{names[:most]!r} and {len(names) - most:,} more"
+
+
+def cut_text(text: str, most: int) -> str:
+    """``text``, or its first ``most`` characters and how many were cut."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]} ... ({len(text) - most:,} characters cut)"
+
+
+def one_line(text: str, most: int) -> str:
+    """``text`` as one terminal line of at most about ``most`` characters."""
+    return cut_text(" ".join(text.split()), most)
+
+
+def _json_len(value: Any) -> int:
+    return len(json.dumps(value, default=str))  # as wire.validate_event measures event data
+
+
+def echoed_args(args: dict[str, Any], most: int = MAX_ECHO_ARGS_CHARS) -> dict[str, Any]:
+    """A command's args as its result echoes them: whole when their JSON is at most ``most``
+    characters, else each list cut to what fits (``<key>_omitted``: how many were left out)
+    and any other value over the bound replaced by ``<key>_omitted: "N characters"``."""
+    if _json_len(args) <= most:
+        return args
+    out: dict[str, Any] = {}
+    room = most
+    for key, value in args.items():
+        if not isinstance(value, list) and _json_len(value) <= min(room, most // 4):
+            out[key] = value
+            room -= _json_len(value) + len(key) + 6
+    for key, value in args.items():
+        if key in out:
+            continue
+        if isinstance(value, list):
+            kept: list[Any] = []
+            for item in value:
+                size = _json_len(item) + 2
+                if size > room:
+                    break
+                kept.append(item)
+                room -= size
+            out[key] = kept
+            out[f"{key}_omitted"] = len(value) - len(kept)
+        else:
+            out[f"{key}_omitted"] = f"{_json_len(value):,} characters"
+    return out
+
+
+def fit_result(result: dict[str, Any], most: int = MAX_RESULT_CHARS) -> dict[str, Any]:
+    """``result`` whole when its JSON is at most ``most`` characters; else its state's
+    ``frozen`` list cut to fit (``frozen_omitted``: how many layers were left out), so the
+    server stores it (a refused result said nothing of what the command did)."""
+    size = _json_len(result)
+    state = result.get("state")
+    if size <= most or not isinstance(state, dict) or not state.get("frozen"):
+        return result
+    frozen = list(state["frozen"])
+    over = size - most + len('"frozen_omitted": 1000000, ')
+    kept = list(frozen)
+    while kept and over > 0:
+        over -= _json_len(kept.pop()) + 2
+    return {**result, "state": {**state, "frozen": kept, "frozen_omitted": len(frozen) - len(kept)}}
 
 
 def unknown_layers(model: nn.Module, names: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -299,6 +300,60 @@ def test_unfreezing_part_of_a_frozen_layer_acknowledges_what_stays_frozen() -> N
     opt.step()
     assert not torch.equal(first, model.encoder[0].weight)
     assert torch.equal(second, model.encoder[1].weight)
+
+
+def as_event(result: dict[str, Any]) -> dict[str, Any]:
+    """The command_result as the server validates it (its data at most 64 KiB as JSON)."""
+    frame = {"type": "event", "seq": 1, "step": 1, "kind": "command_result", "data": result}
+    return wire.parse_trainer_frame(wire.encode(frame), run_id="r")
+
+
+def test_a_huge_set_frozen_gets_a_result_the_server_accepts_and_a_one_line_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """set_frozen naming 2,048 bogus layers of 256 characters: the result echoed the 530 KB
+    of args and an error quoting every name (1 MB), which the server refused (its seq then
+    blocked every later ack), and the terminal got a 530 KB warning line."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    control = Control(model, torch.optim.SGD(model.parameters(), lr=0.1), emit=Recorder())
+    names = [f"{k:04d}" + "x" * 252 for k in range(wire.MAX_LAYERS)]
+    with caplog.at_level(logging.WARNING, logger="layerscope.trainer.control"):
+        result = control.apply(cmd("set_frozen", layers=names, frozen=True), step=10)
+    assert result is not None and result["ok"] is False
+    assert result["error"] == (
+        f"unknown layer(s) {names[:5]!r} and 2,043 more; this model's layers with parameters"
+        " are 0, 2"
+    )
+    echoed = result["args"]
+    assert echoed["frozen"] is True and echoed["layers"] == names[: len(echoed["layers"])]
+    assert len(echoed["layers"]) >= 10 and echoed["layers_omitted"] == 2048 - len(echoed["layers"])
+    assert len(json.dumps(echoed)) <= 4096
+    assert as_event(result)["data"]["error"] == result["error"]  # the server stores it
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and len(line) < 400
+    assert line.startswith("command set_frozen failed: unknown layer(s) ['0000xxx")
+    # A command that fits is echoed whole.
+    ok = control.apply(cmd("set_frozen", layers=["0"], frozen=True), step=11)
+    assert ok is not None and ok["args"] == {"layers": ["0"], "frozen": True}
+    assert ok["state"]["frozen"] == ["0"]
+
+
+def test_a_frozen_list_too_long_for_one_event_is_cut_and_counted() -> None:
+    """Freezing 400 layers of 200-character names: the state alone (their names) is 82 KB,
+    over what one event holds. The layers are frozen; the acknowledged list is cut to fit,
+    ``frozen_omitted`` saying how many it leaves out."""
+    keys = [f"{k:03d}" + "l" * 197 for k in range(400)]
+    model = nn.ModuleDict({key: nn.Linear(1, 1) for key in keys})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    control = Control(model, opt, emit=Recorder())
+    result = control.apply(cmd("set_frozen", layers=keys, frozen=True), step=3)
+    assert result is not None and result["ok"] is True
+    state = result["state"]
+    assert state["frozen"] == sorted(keys)[: len(state["frozen"])]
+    assert state["frozen_omitted"] == 400 - len(state["frozen"]) and state["frozen_omitted"] > 0
+    assert result["args"]["layers_omitted"] > 0
+    as_event(result)
+    assert control.state()["frozen"] == sorted(keys)  # all frozen, whatever the event shows
 
 
 def test_freezing_a_layer_another_optimizer_trains_is_refused() -> None:

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 from conftest import (
     LiveServer,
+    chart_trace,
     guarded_page,
     open_ready,
     screenshot,
@@ -726,11 +727,14 @@ def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the
 ) -> None:
     """Review F: in replay the header's step and loss stayed at the last step wherever the
     cursor was, and the config bar showed model.init_std for a He run (it is the normal
-    init's alone)."""
+    init's alone). Then the loss shown was the downsampled chart's point at or before the
+    cursor (a bucket's highest: "step 5000 · loss 0.09053", step 4998's): it is the loss
+    stored at the cursor's step."""
     data_dir = tmp_path / "data"
     config = {"model": {"arch": "mlp", "init": "he", "init_std": 0.02},
               "solver": {"lr": 0.05}, "lr": 0.05, "batch_size": 32}  # fmt: skip
-    write_recorded_run(data_dir, "he", steps=300, layers=2, every=10, config=config)
+    # more steps than the chart's 1,500 points: its loss line is downsampled
+    write_recorded_run(data_dir, "he", steps=3200, layers=2, every=100, config=config)
     for server in serve(server_settings(data_dir)):
         page, guard = guarded_page(browser)
         try:
@@ -741,11 +745,20 @@ def test_replay_header_shows_the_cursor_steps_values_and_the_config_bar_only_the
             # read "solver.lr 0.05 ... lr 0.05"); one of its own stays
             assert "solver.lr 0.05" in shown and "lr 0.05" not in shown, shown
             assert "batch_size 32" in shown, shown
-            expect(page.locator("#step")).to_have_text("50 of 299")
+            expect(page.locator("#step")).to_have_text("50 of 3199")
             expect(page.locator("#last-loss")).to_have_text("1.15")  # 2.3 / (1 + 50 / 50)
             scrub(page, 100)
-            expect(page.locator("#step")).to_have_text("100 of 299")
+            expect(page.locator("#step")).to_have_text("100 of 3199")
             expect(page.locator("#last-loss")).to_have_text("0.7667")
+            # a step the downsampled line has no point at: the stored loss, not its neighbour's
+            drawn = set(chart_trace(page, "chart-loss")["x"])
+            step = next(s for s in range(2001, 3000) if s not in drawn and s - 1 not in drawn)
+            scrub(page, step)
+            expect(page.locator("#step")).to_have_text(f"{step} of 3199")
+            stored = 2.3 / (1 + step / 50)
+            expect(page.locator("#last-loss")).to_have_text(f"{float(f'{stored:.4g}'):g}")
+            expect(page.locator("#last-loss")).not_to_have_class(re.compile("stale"))
+            expect(page.locator("#last-val-loss")).to_have_text("—")  # none logged
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

@@ -1133,18 +1133,93 @@ function recordedPace(d, first, last) {
   return Number.isFinite(seconds) && seconds > 0 ? (last - first) / seconds : 0;
 }
 
-/** y of the loss chart's trace i at its last point at or before step s (null: none yet). */
-function lossAt(i, s) {
-  return charts.loss.valueAtOrBefore(i, s);
+/** The header's loss and val loss: the series they are read from, the element each is shown in. */
+const HEADER_LOSSES = [["loss", "last-loss", 0], ["val_loss", "last-val-loss", 1]];
+/** The most cursor steps whose stored losses the page keeps (a scrub back reads none again). */
+const CURSOR_LOSS_CACHE = 500;
+/**
+ * Replay's header losses, as stored at the cursor's step: step -> {loss, val_loss}, each
+ * {step, value} of the last stored row at or before it (null: none). The loss chart's
+ * traces are downsampled (each bucket's lowest and highest point), so the value drawn at
+ * or before the cursor was often another step's: "step 5000 · loss 0.09053", step 4998's,
+ * where step 5000 stored 0.04021. One request at a time: a scrub asks for the step the
+ * cursor is at once the last answer is in, not for every step it passed.
+ */
+const cursorLoss = { cache: new Map(), wanted: null, busy: false };
+
+/** A stored {step, value} as the header writes it at cursor `step`: its step named when it is another. */
+function cursorLossText(point, step) {
+  if (!point) return formatNumber(null);
+  return point.step === step ? formatNumber(point.value) : `${formatNumber(point.value)} (step ${point.step})`;
+}
+
+function showCursorLoss(step, at) {
+  for (const [name, id] of HEADER_LOSSES) {
+    const el = $(id);
+    el.textContent = cursorLossText(at[name], step);
+    el.title = at[name] ? `as stored at step ${at[name].step}` : `no ${name} stored by step ${step}`;
+    el.classList.remove("stale");
+  }
+  document.body.dataset.lossStep = String(step);
+}
+
+/**
+ * The losses at `step` without asking the server, when the chart holds them: a trace with
+ * a point at that very step (downsampling keeps stored points as they are), or a series
+ * the run never logged (the history read all of it). Else null.
+ */
+function chartLossAt(step) {
+  const at = {};
+  for (const [name, , i] of HEADER_LOSSES) {
+    const m = charts.loss.model[i];
+    if (!m || !m.x.length) { at[name] = null; continue; }
+    const k = charts.loss.indexAtOrBefore(i, step);
+    if (k < 0 || m.x[k] !== step) return null;
+    at[name] = { step, value: m.y[k] };
+  }
+  return at;
+}
+
+async function readCursorLoss() {
+  cursorLoss.busy = true;
+  try {
+    while (cursorLoss.wanted !== null) {
+      const step = cursorLoss.wanted;
+      cursorLoss.wanted = null;
+      if (cursorLoss.cache.has(step)) continue;
+      // max_points=2: the series' first and last stored rows up to `end`, two index reads
+      const names = HEADER_LOSSES.map(([name]) => name).join(",");
+      const s = await getJSON(runUrl(runId, "series", { names, end: step, max_points: 2 }));
+      const at = {};
+      for (const [name] of HEADER_LOSSES) {
+        const k = (s[name]?.steps?.length ?? 0) - 1;
+        at[name] = k < 0 ? null : { step: s[name].steps[k], value: s[name].values[k] };
+      }
+      cursorLoss.cache.set(step, at);
+      if (cursorLoss.cache.size > CURSOR_LOSS_CACHE) cursorLoss.cache.delete(cursorLoss.cache.keys().next().value);
+      if (document.body.dataset.factsStep === String(step)) showCursorLoss(step, at);
+    }
+  } catch (e) {
+    toast(`Could not read the loss at the cursor: ${e.message}`, "error");
+  } finally {
+    cursorLoss.busy = false;
+  }
 }
 
 /** In replay the header's step and losses are the cursor's, with the last step beside them. */
 function showCursorFacts(step) {
   $("step").textContent = `${step} of ${page.lastStep ?? step}`;
   $("step").title = "the replay cursor's step, of the run's last";
-  $("last-loss").textContent = formatNumber(lossAt(0, step));
-  $("last-val-loss").textContent = formatNumber(lossAt(1, step));
   document.body.dataset.factsStep = String(step);
+  const known = cursorLoss.cache.get(step) ?? chartLossAt(step);
+  if (known) {
+    showCursorLoss(step, known);
+    return;
+  }
+  // the previous step's values, dimmed, until the stored ones are in
+  for (const [, id] of HEADER_LOSSES) $(id).classList.add("stale");
+  cursorLoss.wanted = step;
+  if (!cursorLoss.busy) readCursorLoss();
 }
 
 function moveCursor(step) {

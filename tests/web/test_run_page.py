@@ -1077,7 +1077,8 @@ def test_user_names_reach_the_charts_as_text_never_as_links_and_log_axes_keep_th
     legend. Every user string is escaped before Plotly: no <a> in any chart, the name reads
     as written. (2) The update-ratio chart's log axis over 3e-4..3e-3 was labelled "10⁻³"
     alone; it gets 2×/5× labels written out. (3) Loss smoothing counted points, not steps: a
-    validation loss every 50 steps lagged ~500 steps behind."""
+    validation loss every 50 steps lagged ~500 steps behind. (4) A layer whose gradient norm
+    is exactly 0 (zero init) had no line on the log axis and nothing said so."""
     data_dir = tmp_path / "data"
     write_recorded_run(
         data_dir,
@@ -1086,7 +1087,10 @@ def test_user_names_reach_the_charts_as_text_never_as_links_and_log_axes_keep_th
         layers=2,
         every=10,
         layer_names=[LINK_NAME, "net.1"],
-        layer_stats={LINK_NAME: {"update_ratio": 3e-4}, "net.1": {"update_ratio": 3e-3}},
+        layer_stats={
+            LINK_NAME: {"update_ratio": 3e-4},
+            "net.1": {"update_ratio": 3e-3, "grad_norm": 0.0},
+        },
         name=f"run {LINK_NAME}",
     )
     for server in serve(server_settings(data_dir)):
@@ -1132,6 +1136,11 @@ def test_user_names_reach_the_charts_as_text_never_as_links_and_log_axes_keep_th
                     re.fullmatch(r"([\d.]+×)?10[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+|[\d.]+", s) for s in t["ticktext"]
                 )
             assert ticks_of[3]["ticktext"] == ["4.8×10⁻¹", "5×10⁻¹", "5.2×10⁻¹"]  # a flat line
+            # (4) the layer at 0 is named on the chart and in its summary
+            zero = "1 of 2 layers (net.1) at 0 at the latest step: a log axis cannot draw 0"
+            expect(page.locator("#chart-grad .log-zero-note")).to_have_text(zero)
+            expect(page.locator("#chart-grad-summary")).to_contain_text(f"{zero}.")
+            expect(page.locator("#chart-update .log-zero-note")).to_have_count(0)
             # (3) a validation loss every 50 steps beside a training loss every step: at 0.9
             # the sparse one follows its own points (it read 0.10 for a real 0.052 at step
             # 2000), the dense one is smoothed as before

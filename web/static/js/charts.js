@@ -513,6 +513,30 @@ export function hideNote(div) {
   }
 }
 
+const ZERO_NOTE_CLASS = "log-zero-note";
+
+/**
+ * `text` in a strip along the top of `div`'s plot (null: none): a log chart's series at 0,
+ * which it cannot draw (see LineChart.zeroNote). Hidden from screen readers: the chart's
+ * summary says it.
+ */
+function showZeroNote(div, text) {
+  let note = div.querySelector(`:scope > .${ZERO_NOTE_CLASS}`);
+  if (!text) {
+    if (note) note.hidden = true;
+    return;
+  }
+  if (!note) {
+    note = document.createElement("div");
+    note.className = ZERO_NOTE_CLASS;
+    note.setAttribute("aria-hidden", "true");
+    if (getComputedStyle(div).position === "static") div.style.position = "relative";
+    div.append(note);
+  }
+  if (note.textContent !== text) note.textContent = text;
+  note.hidden = false;
+}
+
 /**
  * `s` as text for Plotly, which renders a subset of HTML (<a href>, <b>, <br>, ...) in trace
  * names, axis and category labels, hover text and annotations: a layer named
@@ -956,6 +980,31 @@ export class LineChart {
   }
 
   /**
+   * A log chart's series whose latest value is 0 or below, which a log axis cannot draw, in
+   * words; null when there are none (or the axis is linear). A zero-initialised net's
+   * gradient norms are exactly 0 in every layer but the last: one line was drawn, the
+   * colour bar said 5 layers, and nothing said where the other four were.
+   * "4 of 5 layers (net.0, net.2, net.4 and 1 more) at 0 at the latest step: a log axis cannot draw 0".
+   */
+  zeroNote() {
+    if (!this.logY) return null;
+    const zero = [];
+    let n = 0;
+    this.traces.forEach((t, i) => {
+      const y = this.model[i].y;
+      let j = y.length - 1;
+      while (j >= 0 && (y[j] === null || !Number.isFinite(y[j]))) j--;
+      if (j < 0) return;
+      n++;
+      if (y[j] <= 0) zero.push(t.name);
+    });
+    if (!zero.length) return null;
+    const noun = this.depthColors ? (n === 1 ? "layer" : "layers") : "series";
+    const names = zero.length <= 4 ? zero.join(", ") : `${zero.slice(0, 3).join(", ")} and ${zero.length - 3} more`;
+    return `${n === 1 ? names : `${zero.length} of ${n} ${noun} (${names})`} at 0 at the latest step: a log axis cannot draw 0`;
+  }
+
+  /**
    * What the chart shows, in words (describeChart's summary), from its own data (not
    * Plotly's: a chart below the fold is drawn seconds after its data change): its series,
    * the steps they span, each one's last value (a line per layer: the highest and lowest of
@@ -1023,6 +1072,8 @@ export class LineChart {
       if (at.length && at.length <= 4) parts.push(`At the cursor, step ${stepText(this.cursor)}: ${at.join(sep)}.`);
       else parts.push(`Cursor at step ${stepText(this.cursor)}.`);
     }
+    const zero = this.zeroNote();
+    if (zero) parts.push(`${zero[0].toUpperCase()}${zero.slice(1)}.`);
     if (this.markers.length) parts.push(`${this.markers.length} command${this.markers.length === 1 ? "" : "s"} marked.`);
     return parts.join(" ");
   }
@@ -1152,6 +1203,7 @@ export class LineChart {
     } else {
       work = Promise.resolve();
     }
+    showZeroNote(this.div, this.hasData() ? this.zeroNote() : null);
     this.pending = this.traces.map(() => ({ x: [], y: [] }));
     this.full = false;
     this.cursorDirty = false;

@@ -918,7 +918,8 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
     """A 44-layer net: the gradient-norm chart drew its 44 lines in ten cycled colours with
     no legend (shallow and deep layers alike), and the dead-unit heatmap named every third
     row. The lines run first layer to last on a sequential scale with a colour bar naming
-    both; the heatmap grows to name every row, and hover names the layer, step and value."""
+    both; the heatmap grows to name every row, and hover names the layer, step and value.
+    Its first layer is on top, also when the heatmap was first drawn with no probe step."""
     data_dir = tmp_path / "data"
     names = [f"block{i}.conv" for i in range(44)]
     write_recorded_run(data_dir, "deep44", steps=40, layers=44, every=10, layer_names=names)
@@ -953,6 +954,27 @@ def test_a_44_layer_nets_grad_lines_are_coloured_by_depth_and_its_heatmap_names_
             )
             rows.sort(key=lambda r: r[1])
             assert [r[0] for r in rows] == names  # every row named, first layer on top
+            # ... also on a heatmap first drawn before any probe step (its note), as a page
+            # opened when its run starts draws it: the note's axes were kept (uirevision) and
+            # the first layer came out at the bottom
+            first_on_top = page.evaluate(
+                """import('/static/js/heatmaps.js').then(async ({ LayerHeatmap }) => {
+                  const div = document.createElement('div');
+                  div.style.cssText = 'width: 600px; height: 260px';
+                  document.body.append(div);
+                  const h = new LayerHeatmap(div, { title: 'dead ratio', empty: 'none' });
+                  await h.draw();
+                  const noted = div.querySelector('.chart-note').textContent;
+                  h.set(['in', 'mid', 'out'], [0, 10], [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]);
+                  await h.draw();
+                  const tops = [...div.querySelectorAll('.ytick text')]
+                    .map((t) => [t.textContent, t.getBoundingClientRect().top]);
+                  div.remove();
+                  return [noted, tops.sort((a, b) => a[1] - b[1]).map((t) => t[0])];
+                })"""
+            )
+            assert first_on_top[0].startswith("no probe step recorded yet"), first_on_top
+            assert first_on_top[1] == ["in", "mid", "out"], first_on_top
             tops = [r[1] for r in rows]
             assert min(b - a for a, b in zip(tops, tops[1:], strict=False)) >= 9  # none overlap
             hover = page.evaluate("document.getElementById('chart-dead').data[0].hovertemplate")

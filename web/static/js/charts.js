@@ -472,12 +472,16 @@ const NOTE_CLASS = "chart-note";
 
 /**
  * The layout of a chart that has nothing to show: no axes; `text` is shown in the middle
- * of `div` as an HTML note (showNote) that wraps to the chart's width.
+ * of `div` as an HTML note (showNote) that wraps to the chart's width. Its own uirevision:
+ * under the charts' "keep", the axes Plotly worked out for the note were kept when the data
+ * came, and a heatmap's `autorange: "reversed"` was dropped (a page opened as its run
+ * started drew the first layer at the bottom; reloaded, at the top). The first layout with
+ * data changes the revision, so it is drawn as given.
  */
 export function noteLayout(div, text) {
   showNote(div, text);
   const hidden = { visible: false };
-  return baseLayout({ showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [] });
+  return baseLayout({ showlegend: false, xaxis: hidden, yaxis: hidden, shapes: [], uirevision: "note" });
 }
 
 /**

@@ -36,6 +36,9 @@ trainer -> server
   heartbeat  {step, status}            (not stored, no seq)
   Frames after the hello are the hello's run's: they need no run_id, and one naming
   another run is refused.
+  No string in any frame (keys included) may hold a lone surrogate (U+D800-DFFF, JSON's
+  "\\udce9": how Python carries a file name that is not UTF-8; no text): the frame is
+  refused, naming where (lone_surrogate), as is an integer literal of more than 4300 digits.
 
 server -> trainer
   ack        {seq}                      highest contiguous committed seq
@@ -53,6 +56,7 @@ import json
 import math
 import re
 import struct
+import sys
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -191,6 +195,110 @@ def _reject_constant(name: str) -> Any:
     raise WireError(f"non-standard JSON constant {name}", CLOSE_INVALID_DATA)
 
 
+# ---- lone surrogates ----
+# Python turns the bytes of a file name (or argv) that is not UTF-8 into lone surrogates
+# (os.fsdecode('caf\xe9') is 'caf\udce9'); JSON can carry one as an escape ("\udce9"), but
+# it is no text: SQLite refused to store it (the run's frames failed, 1011, every
+# reconnect) or stored it in a JSON column that every later read failed to answer (500).
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded str, a pair is one char
+# In frame text: a JSON escape of a surrogate (a pair's halves too), or a raw one.
+_SURROGATE_IN_TEXT = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
+def _holds(char: str) -> str:
+    return (
+        f"holds U+{ord(char):04X}, which is not valid UTF-8 text (a lone surrogate, as"
+        " Python decodes a file name that is not UTF-8)"
+    )
+
+
+def surrogate_problem(where: str, char: str) -> str:
+    """The one wording for a lone surrogate found at ``where``."""
+    return f"{where} {_holds(char)}"
+
+
+def _member(where: str, key: Any) -> str:
+    if isinstance(key, str) and key.isidentifier():
+        return f"{where}.{key}" if where else key
+    return f"{where}[{key!r:.60}]"
+
+
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Why ``value`` (a JSON value: its strings, keys included, at any depth) is no text,
+    naming the first string that holds a lone surrogate (``config.data``, ``rows[0].values
+    key 'x\\udc80'``), or None. ``where``: the name of ``value`` itself. Walked without
+    recursion (a value may be nested deeper than the recursion limit)."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, str):
+            found = _LONE_SURROGATE.search(node)
+            if found is not None:
+                return surrogate_problem(at or "a string", found.group())
+        elif isinstance(node, dict):
+            for key in node:
+                if isinstance(key, str) and (found := _LONE_SURROGATE.search(key)) is not None:
+                    return surrogate_problem(f"{at or 'an object'} key {key!r:.80}", found.group())
+            stack.extend(reversed([(v, _member(at, k)) for k, v in node.items()]))
+        elif isinstance(node, (list, tuple)):
+            stack.extend(reversed([(v, f"{at}[{i}]") for i, v in enumerate(node)]))
+    return None
+
+
+def surrogate_errors(value: Any, limit: int = 10) -> list[dict[str, Any]]:
+    """Each string in a REST body (``value``, a JSON value: keys included, at any depth)
+    that holds a lone surrogate, as ``{loc, msg}`` (a 422's detail; a key in ``loc``
+    escaped, escape_surrogates, so the answer itself is text), at most ``limit`` of them.
+    FastAPI's JSON parser accepts ``"\\udce9"``, which the store then failed on (500),
+    or stored where every later read of the run failed."""
+    errors: list[dict[str, Any]] = []
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack and len(errors) < limit:
+        node, loc = stack.pop()
+        if isinstance(node, str):
+            found = _LONE_SURROGATE.search(node)
+            if found is not None:
+                errors.append({"loc": loc, "msg": _holds(found.group())})
+        elif isinstance(node, dict):
+            items = []
+            for key, item in node.items():
+                found = _LONE_SURROGATE.search(key) if isinstance(key, str) else None
+                if found is not None:
+                    errors.append(
+                        {
+                            "loc": [*loc, escape_surrogates(key)],
+                            "msg": f"the key {_holds(found.group())}",
+                        }
+                    )
+                else:
+                    items.append((item, [*loc, key]))
+            stack.extend(reversed(items))
+        elif isinstance(node, (list, tuple)):
+            stack.extend(reversed([(v, [*loc, i]) for i, v in enumerate(node)]))
+    return errors[:limit]
+
+
+def _escape_one(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def escape_surrogates(value: Any) -> Any:
+    """``value`` (a str, or a JSON value at any depth, keys included) with each lone
+    surrogate written as a backslash escape: U+DC80..U+DCFF, a byte that was not UTF-8
+    (os.fsdecode's surrogateescape), as ``\\xNN``, which is what
+    ``os.fsencode(s).decode("utf-8", "backslashreplace")`` makes of a file name; any other
+    as ``\\uNNNN``. Valid text comes back unchanged."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub(_escape_one, value)
+    if isinstance(value, dict):
+        return {escape_surrogates(k): escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_surrogates(v) for v in value]
+    return value
+
+
 def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Parse one frame; raises WireError naming the problem.
 
@@ -200,7 +308,22 @@ def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict
     ``json`` below, which accepts or names the problem exactly as without it. The one
     difference: an integer literal beyond 64 bits may reach validation as a float, so
     an integer field refuses it as "not an integer" rather than "too large".
+
+    A string holding a lone surrogate (``"\\udce9"``: no text, see lone_surrogate) is
+    refused, naming where. An integer literal of more digits than Python converts
+    (4,300) is refused by name.
     """
+    message, problem = _decode(text, loads)
+    if problem is not None:
+        raise WireError(problem)
+    return message
+
+
+def _decode(
+    text: str | bytes, loads: Callable[[str], Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """decode, but a lone surrogate is returned (the message as parsed, and why it is
+    refused), not raised."""
     if isinstance(text, (bytes, bytearray)):
         raise WireError("binary frames are not accepted; send JSON text", CLOSE_UNSUPPORTED)
     # The limit counts UTF-8 bytes (1.9 million two-byte characters passed it when it
@@ -211,6 +334,7 @@ def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict
         if size > MAX_FRAME_BYTES:
             raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}", CLOSE_TOO_BIG)
     message: Any = _UNPARSED
+    problem: str | None = None
     if loads is not None:
         try:
             message = loads(text)
@@ -219,10 +343,21 @@ def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict
     if message is _UNPARSED:
         try:
             message = json.loads(text, parse_constant=_reject_constant)
+        except WireError:
+            raise
         except json.JSONDecodeError as exc:
             raise WireError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
         except RecursionError:  # e.g. a megabyte of '[': refused, not a crashed handler
             raise WireError("malformed JSON: nested too deeply") from None
+        except ValueError:  # int(): "Exceeds the limit (4300 digits)": it dropped the socket
+            raise WireError(
+                "malformed JSON: an integer literal of more than"
+                f" {sys.get_int_max_str_digits()} digits"
+            ) from None
+        # orjson refuses every lone surrogate, json none: looked for only when the text
+        # holds one (escaped or raw), and then only a lone one is refused, not a pair.
+        if _SURROGATE_IN_TEXT.search(text) is not None:
+            problem = lone_surrogate(message)
     if not isinstance(message, dict):
         raise WireError("a frame must be a JSON object")
     kind = message.get("type")
@@ -231,7 +366,7 @@ def decode(text: str | bytes, loads: Callable[[str], Any] | None = None) -> dict
     v = message.get("v", VERSION)
     if v != VERSION:
         raise WireError(f"unsupported schema version {v!r}; this server speaks v{VERSION}")
-    return message
+    return message, problem
 
 
 def new_id() -> str:
@@ -299,6 +434,9 @@ def run_id_problem(run_id: str) -> str | None:
     server's hello, ``watch()`` and ``layerscope sync`` refuse by."""
     if not plain_run_id(run_id):
         return "must be a plain name: no '/', '\\' or '..'"
+    found = _LONE_SURROGATE.search(run_id)
+    if found is not None:
+        return _holds(found.group())
     bad = control_char(run_id)
     if bad is not None:
         return (
@@ -350,6 +488,9 @@ def validate_hello(msg: dict[str, Any]) -> dict[str, Any]:
     problem = run_id_problem(run_id)
     if problem is not None:
         raise WireError(f"'run_id' {run_id!r:.80} {problem}")
+    problem = lone_surrogate(msg)  # decode refuses it in frame text; watch() passes a dict
+    if problem is not None:
+        raise WireError(problem)
     name = _name(msg.get("name", run_id), "'name'")
     config = msg.get("config", {})
     if not isinstance(config, dict):
@@ -628,6 +769,9 @@ def validate_event(msg: dict[str, Any], *, strict: bool = True) -> dict[str, Any
         raise WireError("'data' must be an object")
     if strict:
         _nesting(data, "'data'")
+        problem = lone_surrogate(data, "data")  # decode's check, for watch()'s w.event()
+        if problem is not None:
+            raise WireError(problem)
     data = _clean(data)  # measured as sent: NaN/Inf become null
     if len(json.dumps(data, default=str)) > MAX_CONFIG_BYTES:
         raise WireError(f"event data exceeds {MAX_CONFIG_BYTES} bytes")
@@ -688,8 +832,14 @@ def parse_trainer_frame(
     back through here without ``run_id``, so a frame once stored stays readable): a
     histogram whose ``lo`` is above its ``hi``, and a status event whose ``data.status``
     is not a run status."""
-    msg = decode(text, loads)
     strict = run_id is not None
+    msg, problem = _decode(text, loads)
+    if problem is not None:
+        # A frame read back from the store (no run_id) that was stored before lone
+        # surrogates were refused is read with them escaped, not refused: it stays readable.
+        if strict or msg["type"] == "hello":
+            raise WireError(problem)
+        msg = escape_surrogates(msg)
     if strict and msg["type"] != "hello":
         named = msg.get("run_id")
         if named is not None and named != run_id:
@@ -717,6 +867,11 @@ def validate_command(
     """A command: {id?, name, args, source?}. Returns it normalised. ``sources``: the
     sources the sender may claim (the server passes CLIENT_COMMAND_SOURCES for a
     browser's or script's command; the trainer's own rules make ``rule`` ones)."""
+    # A REST body is no frame text: its id, reason or layer names reached the store, which
+    # could not store them (500) or stored what every later read of the run failed on.
+    problem = lone_surrogate(msg)
+    if problem is not None:
+        raise WireError(problem)
     name = msg.get("name")
     if name not in COMMANDS:
         raise WireError(f"unknown command {name!r}; expected one of {sorted(COMMANDS)}")

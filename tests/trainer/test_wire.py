@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 import pytest
@@ -480,3 +481,73 @@ def test_an_experiment_over_the_parameter_budget_is_refused_naming_both_counts()
     )
     wire.validate_experiment({"model": {"depth": 2, "width": 4096}})  # the widest, shallow
     wire.validate_experiment(copy.deepcopy(wire.DEMO_EXPERIMENT))
+
+
+def test_a_lone_surrogate_is_refused_naming_where_and_read_back_escaped() -> None:
+    """Python decodes a file name that is not UTF-8 to lone surrogates (os.fsdecode), which
+    JSON carries as "\\udce9" and orjson refuses but json accepts: SQLite then refused the
+    frame (1011 on every reconnect, the rest of the run lost) or stored a config every
+    read failed on. Refused now by decode, naming the string, on both sockets; a pair is
+    text; a frame stored before (read back without run_id) comes back escaped."""
+    import orjson
+
+    bad = "caf" + os.fsdecode(b"\xe9")
+    cases = [
+        ({"type": "hello", "run_id": "r", "config": {"data": bad}}, r"config.data holds U\+DCE9"),
+        ({"type": "hello", "run_id": "r", "name": bad}, r"name holds U\+DCE9"),
+        (
+            {"type": "metrics", "seq": 1, "rows": [{"step": 1, "values": {bad: 1.0}}]},
+            r"rows\[0\].values key 'caf\\udce9' holds U\+DCE9",
+        ),
+        (
+            {"type": "event", "seq": 1, "step": 1, "kind": "log", "data": {"m": ["ok", "\ud800"]}},
+            r"data.m\[1\] holds U\+D800",
+        ),
+        (
+            {"type": "probe", "seq": 1, "step": 1, "layers": [{"name": bad}]},
+            r"layers\[0\].name holds U\+DCE9",
+        ),
+    ]
+    for msg, named in cases:
+        text = json.dumps(msg)
+        assert "\\udce9" in text or "\\ud800" in text
+        with pytest.raises(wire.WireError, match=named) as refused:
+            wire.parse_trainer_frame(text, orjson.loads, run_id="r")
+        assert "which is not valid UTF-8 text" in str(refused.value)
+        assert refused.value.close_code is None  # an error frame, as for a bad field
+        with pytest.raises(wire.WireError, match=named):
+            wire.decode(text)  # the viewer socket's decode, without orjson
+    with pytest.raises(wire.WireError, match="holds U"):  # a hello is never read back
+        wire.parse_trainer_frame(json.dumps(cases[0][0]), orjson.loads)
+    stored = wire.parse_trainer_frame(json.dumps(cases[2][0]), orjson.loads)
+    assert stored["rows"][0]["values"] == {"caf\\xe9": 1.0}
+    assert wire.decode(json.dumps({"type": "x", "s": "\U0001f600"}))["s"] == "\U0001f600"
+    # escaped as os.fsencode(s).decode("utf-8", "backslashreplace") writes a file name
+    name = os.fsdecode(b"/data/caf\xe9 \xff.npz")
+    assert wire.escape_surrogates(name) == os.fsencode(name).decode("utf-8", "backslashreplace")
+    assert wire.escape_surrogates({"k\ud800": ["\udc80"]}) == {"k\\ud800": ["\\x80"]}
+    for where, cmd in (
+        ("id", {"id": bad, "name": "pause"}),
+        ("reason", {"name": "pause", "reason": bad}),
+        (r"args.layers\[0\]", {"name": "set_frozen", "args": {"layers": [bad], "frozen": True}}),
+    ):
+        with pytest.raises(wire.WireError, match=f"{where} holds U\\+DCE9"):
+            wire.validate_command(cmd)
+    assert "U+DCE9" in (wire.run_id_problem(bad) or "")
+
+
+def test_an_integer_of_more_than_4300_digits_is_refused_by_name() -> None:
+    """json raised a plain ValueError ("Exceeds the limit (4300 digits)") that decode let
+    through: the socket dropped with no close frame."""
+    import orjson
+
+    digits = "9" * 5000
+    for text in (
+        '{"type":"hello","v":1,"run_id":"r","last_acked_seq":' + digits + "}",
+        '{"type":"command","name":"set_lr_scale","args":{"value":' + digits + "}}",
+    ):
+        for loads in (orjson.loads, None):
+            with pytest.raises(wire.WireError, match="an integer literal of more than 4300 digits"):
+                wire.decode(text, loads)
+    with pytest.raises(wire.WireError, match="non-standard JSON constant NaN"):
+        wire.decode('{"type":"x","v":NaN}')  # still named as before

@@ -54,6 +54,7 @@ VIEWER_QUEUE_BYTES = 8 * 1024 * 1024
 # frames, 130 MB read and encoded at once took the server from 53 MB to 1.15 GB).
 CATCHUP_MAX_FRAMES = 5000
 CATCHUP_MAX_BYTES = VIEWER_QUEUE_BYTES
+CLOSE_SERVER_ERROR = 1011  # RFC 6455: the server failed on the frame, not the viewer
 CLOSE_TIMEOUT_S = 10.0  # a viewer that reads nothing cannot receive its close frame either
 # A viewer sent nothing for half of this gets a `tick` every TICK_S: a page hears from a
 # live server at least every ~3 s, so one that hears nothing for longer (socket.js: 7 s) knows
@@ -736,6 +737,14 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
         reader = asyncio.create_task(_read_viewer(websocket, viewer, relay_viewer_message))
         dropped = asyncio.create_task(viewer.done.wait())
         await asyncio.wait({reader, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        failed = reader.exception() if reader.done() and not reader.cancelled() else None
+        if failed is not None:
+            # Swallowed by the gather below, it dropped the socket with no close frame
+            # and no word in the log (a 5,000-digit integer did, before wire.decode named it).
+            log.error("viewer of run %s: reading its frame failed", ascii(run_id), exc_info=failed)
+            viewer.drop(CLOSE_SERVER_ERROR, "server error reading the frame")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(viewer.done.wait(), CLOSE_TIMEOUT_S + 1)
         for task in (reader, dropped):
             task.cancel()
         await asyncio.gather(reader, dropped, return_exceptions=True)

@@ -728,3 +728,56 @@ async def test_the_cadence_a_viewer_gets_is_the_trainers_raw_step_times_less_set
         assert caught_up[1]["step_times_s"] == [0.1, 0.1, 3.0, 0.1, 0.2]
     finally:
         await trainer.close()
+
+
+async def test_a_viewers_unreadable_text_or_huge_integer_gets_an_error_not_a_drop(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A 5,000-digit integer (json's ValueError, which decode let through) dropped the
+    viewer's socket with no close frame; a lone surrogate in a command's layer names was
+    stored and relayed, and every later read of the run's commands failed. Each is named
+    in an error frame and the socket goes on."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(
+        '{"type":"command","name":"set_lr_scale","args":{"value":' + "9" * 5000 + "}}"
+    )
+    got = await recv_until(viewer, lambda m: m["type"] == "error")
+    assert "an integer literal of more than 4300 digits" in got[-1]["message"]
+    frozen = {"layers": ["net.0\udce9"], "frozen": True}
+    await viewer.send(json.dumps({"type": "command", "name": "set_frozen", "args": frozen}))
+    got = await recv_until(viewer, lambda m: m["type"] == "error")
+    assert "args.layers[0] holds U+DCE9, which is not valid UTF-8 text" in got[-1]["message"]
+    await viewer.send(json.dumps({"type": "command", "id": "p1", "name": "pause"}))
+    got = await recv_until(viewer, lambda m: m["type"] == "command_result")
+    assert got[-1]["ok"] is True and got[-1]["id"] == "p1"
+    r = httpx.get(shared_server.url(f"/api/runs/{run_id}/commands"))
+    assert r.status_code == 200 and [c["name"] for c in r.json()] == ["pause"]
+    await viewer.close()
+    await trainer.close()
+
+
+async def test_a_viewer_frame_the_server_fails_on_is_closed_1011_and_logged(
+    shared_server: LiveServer,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception reading a viewer's frame was swallowed (asyncio.gather's
+    return_exceptions): the socket dropped with no close frame and nothing in the log. A
+    fault no frame causes now, so made here by a relay that raises."""
+    from layerscope.server import commands
+
+    async def broken(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("relay broke")
+
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    monkeypatch.setattr(commands, "relay_viewer_message", broken)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    await viewer.send(json.dumps({"type": "command", "name": "pause"}))
+    with pytest.raises(ConnectionClosed) as closed:
+        await recv_until(viewer, lambda m: False)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert "server error reading the frame" in closed.value.rcvd.reason
+    assert "relay broke" in caplog.text
+    await trainer.close()

@@ -35,7 +35,7 @@ class CallStats:
     """C calls' statistics. Two counts are kept negated (flipping each call's sign would
     cost a kernel per stack; the caller negates every call's at once)."""
 
-    # (C, RAW_WIDTH + 1) float32: shift, s1, s2, nonzero, lo, hi, then minus the count of
+    # (C, RAW_WIDTH + 1) float32: shift, s1, root of s2, nonzero, lo, hi, then minus the count of
     # NaN/Inf values (one tensor, so a probe step gathers every call's with one index)
     rows: Tensor
     sums: Tensor | None  # (C, units): each unit's sum of (cleaned) values, for unit_spread
@@ -78,13 +78,30 @@ def _nonzero_signs(signs: Tensor) -> Tensor:
     return torch.linalg.vector_norm(signs, dim=1).square_().round_()
 
 
-def _squares(x: Tensor) -> Tensor:
-    """(C,): each row's sum of squares: a dot product for one row, else the squared
-    norm (one fused pass, where a multiply and a sum are two). float32: a row whose
-    spread about its mean passes ~1e19 overflows (its std is then unknown, None)."""
-    if x.shape[0] == 1:
-        return torch.dot(x.view(-1), x.view(-1)).view(1)
-    return torch.linalg.vector_norm(x, dim=1).square_()
+# A stack this size or smaller accumulates its squares in float64; a larger one in float32
+# after scaling the rows with a spread past SPREAD_SCALED_ABOVE by 2**-64 (each cheaper there)
+FLOAT64_SQUARES_MAX = 32_768
+SPREAD_SCALED_ABOVE = 2.0**48  # below it n * spread^2 fits float32 for n up to 2**32
+SPREAD_SCALE = 2.0**-64
+
+
+def _root_squares(d: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """(C,): each row's 2-norm, the root of its sum of squares, in ``d``'s dtype; ``d``
+    may be scaled in place (the caller has read it already). ``lo``/``hi``: each row's
+    min/max, which bound its spread.
+
+    A float32 sum of squares overflows once the values' spread passes ~1e19 (a ReLU net
+    at normal(1.0) init reaches 1e25 by its 8th layer: what the init lab and
+    PoorInitialization look at), where the norm itself still fits. A small stack
+    accumulates in float64 (a few us); a large one multiplies each row by 1, or by 2**-64
+    where its spread passes 2**48 (exact: a power of two; the squares it flushes to zero
+    are below 2**-128 of the row's), takes the float32 norm and scales it back: one
+    in-place pass instead of float64's 2-3 passes' time."""
+    if d.numel() <= FLOAT64_SQUARES_MAX:
+        return torch.linalg.vector_norm(d, dim=1, dtype=torch.float64).to(d.dtype)
+    # a row with no finite value has hi - lo = -inf (kept at 1); one past float32: +inf
+    scale = torch.where(hi - lo > SPREAD_SCALED_ABOVE, SPREAD_SCALE, 1.0).to(d.dtype)
+    return torch.linalg.vector_norm(d.mul_(scale[:, None]), dim=1).div_(scale)
 
 
 def reduce_calls(x: Tensor, layout: tuple[int, int, int] | None, rule: Rule) -> CallStats:
@@ -101,9 +118,9 @@ def reduce_groups(
     Linear's outputs and its ReLU's share a stack: the passes every rule needs run once
     over all rows, the rule's own passes over its rows). One ``CallStats`` per group.
 
-    Per call: s1/s2 are the sum and sum of squares of ``clean - shift`` (clean: NaN/Inf
-    -> 0; shift: the mean of the cleaned values, so the variance survives |mean| >> std
-    and an outlier among the values); nonzero counts the nonzero finite values; lo/hi are
+    Per call: s1 is the sum of ``clean - shift`` and root_s2 the root of its sum of
+    squares, its 2-norm (clean: NaN/Inf -> 0; shift: the mean of the cleaned values, so
+    the variance survives |mean| >> std and an outlier among the values); nonzero counts the nonzero finite values; lo/hi are
     the min/max of the finite values (+inf/-inf when there is none). ``layout``: (lead,
     units, rest) of one output, or None for an output without units. The host arithmetic
     is ``stats.Summary.add``.
@@ -158,8 +175,9 @@ def reduce_groups(
     source = sums if sums is not None else clean
     shift = source.sum(1, keepdim=True, dtype=torch.float64).div_(x.shape[1]).to(x.dtype)
     d = clean.sub_(shift)
+    s1 = d.sum(1)  # before _root_squares, which may scale d in place
     rows = torch.stack(
-        [shift.view(calls), d.sum(1), _squares(d), nonzero, lo, hi, minus_nonfinite], dim=1
+        [shift.view(calls), s1, _root_squares(d, lo, hi), nonzero, lo, hi, minus_nonfinite], dim=1
     )
     assert rows.shape[1] == RAW_WIDTH + 1
     return [

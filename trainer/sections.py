@@ -436,7 +436,15 @@ class Sections:
                     _UnitInputs(counts, per_unit, unit.segments, unit.unit_count, unit.firsts)
                 )
         rows = torch.stack(
-            [center, s1, s2, nonzero, call_lo.to(torch.float64), call_hi.to(torch.float64)], dim=1
+            [
+                center,
+                s1,
+                s2.clamp(min=0.0).sqrt(),
+                nonzero,
+                call_lo.to(torch.float64),
+                call_hi.to(torch.float64),
+            ],
+            dim=1,
         ).to(torch.float32)
         return rows, nonfinite, totals, hist, tuple(out_units)
 

@@ -44,7 +44,9 @@ DEFAULT_BINS = 64
 UPDATE_SAMPLE = 4096  # pre-step entries kept per parameter for update_ratio
 
 # One call's raw row (see reduce.reduce_calls); the non-finite count travels separately.
-SHIFT, S1, S2, NONZERO, LO, HI = range(6)
+# ROOT_S2 is the root of the sum of squares about the shift (a norm): float32 holds it for
+# values whose squares' sum it could not (a spread past ~1e19: exploding activations).
+SHIFT, S1, ROOT_S2, NONZERO, LO, HI = range(6)
 RAW_WIDTH = 6
 UNIT_WIDTH = 4  # per layer: dead_ratio, saturated_ratio, saturated values, unit variance
 
@@ -226,7 +228,7 @@ class Summary:
         n = total - k
         shift = raw[SHIFT]
         s1 = raw[S1] + k * shift
-        s2 = raw[S2] - k * shift * shift
+        s2 = raw[ROOT_S2] ** 2 - k * shift * shift
         if n > 0:
             mean = shift + s1 / n
             m2 = max(s2 - s1 * s1 / n, 0.0)
@@ -377,11 +379,12 @@ def reshift(rows: Tensor, totals: Tensor, center: Tensor) -> tuple[Tensor, Tenso
 
     Exact algebra: with d = shift - center, sum(x - center) = s1 + n d and
     sum((x - center)^2) = s2 + 2 d s1 + n d^2, n being the call's value count ``totals``
-    (every value, as the device sums ran over the cleaned values). Run it in float64.
+    (every value, as the device sums ran over the cleaned values); s2 is the square of
+    the row's ``ROOT_S2``. Run it in float64.
     """
     d = rows[:, SHIFT] - center
     s1 = rows[:, S1]
-    return s1 + totals * d, rows[:, S2] + 2.0 * d * s1 + totals * d * d
+    return s1 + totals * d, rows[:, ROOT_S2].square() + 2.0 * d * s1 + totals * d * d
 
 
 def norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

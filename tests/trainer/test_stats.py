@@ -45,7 +45,8 @@ def test_moments_survive_a_large_offset() -> None:
 def test_moments_survive_an_outlier_first_value_and_large_magnitudes() -> None:
     """The device sums run about each call's mean, not its first value: an outlier first
     (1e5 among N(0,1) values gave a std 56% off) costs no accuracy, nor do magnitudes
-    up to ~1e17 (past ~1e19 the float32 sum of squares overflows: std unknown, None)."""
+    up to ~1e30 (the sum of squares is accumulated in float64 and sent as its root: a
+    float32 sum of squares overflowed past ~1e19, and the std was None)."""
     gen = torch.Generator().manual_seed(3)
     for first in (1e5, 1e6, -3e7):
         x = torch.randn(200_000, generator=gen)
@@ -54,7 +55,7 @@ def test_moments_survive_an_outlier_first_value_and_large_magnitudes() -> None:
         got = _summary(x)
         assert got["mean"] == pytest.approx(ref.mean(), rel=1e-4), first
         assert got["std"] == pytest.approx(ref.std(), rel=1e-4), first
-    for scale in (1e12, 1e17):
+    for scale in (1e12, 1e17, 1e25, 1e30):
         x = torch.randn(4096, generator=gen) * scale
         ref = x.double().numpy()
         got = _summary(x)
@@ -62,12 +63,30 @@ def test_moments_survive_an_outlier_first_value_and_large_magnitudes() -> None:
         assert got["mean"] == pytest.approx(ref.mean(), rel=1e-3, abs=scale * 1e-5), scale
 
 
-def test_the_mean_of_huge_values_is_kept_where_their_spread_overflows() -> None:
+def test_the_moments_of_huge_values_are_kept_where_float32_sums_overflow() -> None:
     """Values near 1e35: their float32 sum overflows, so the mean shift is summed in
-    float64; the mean is reported (the std is not: its float32 sum of squares overflows)."""
+    float64; their spread's sum of squares (~1e73) is accumulated in float64 and sent as
+    its root (~4e36), so the std is reported too."""
     x = (torch.rand(4096, generator=torch.Generator().manual_seed(4)) + 1) * 1e35
     got = _summary(x)
     assert got["mean"] == pytest.approx(x.double().mean().item(), rel=1e-5)
+    assert got["std"] == pytest.approx(x.double().std(correction=0).item(), rel=1e-4)
+
+
+def test_the_std_of_an_exploding_relu_stack_is_reported_layer_by_layer() -> None:
+    """The init lab's ReLU net at normal(std 1.0): activations grow ~8x a layer, to ~1e25
+    by the 8th. Each layer's std is reported (a float32 sum of squares overflowed past
+    ~1e19 and left exactly the deepest layers' std None: the lab's std-against-depth
+    chart broke where it mattered, and PoorInitialization compared shallower layers)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 128, generator=gen)
+    for depth in range(28):
+        x = torch.relu(x @ torch.randn(128, 128, generator=gen))
+        got = _summary(x)
+        ref = x.double()
+        assert got["std"] == pytest.approx(ref.std(correction=0).item(), rel=1e-4), depth
+        assert got["mean"] == pytest.approx(ref.mean().item(), rel=1e-5), depth
+    assert x.max().item() > 1e22  # the test reached the range that overflowed
 
 
 def test_a_constant_output_has_exactly_its_value_as_mean_and_no_spread() -> None:

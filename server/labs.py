@@ -71,7 +71,11 @@ def lab_body(body: Any) -> dict[str, Any]:
     """The request body with defaults filled; raises LaunchRefused(422) naming each bad key."""
     if not isinstance(body, dict):
         raise LaunchRefused(422, [_error([], f"body must be an object, got {type(body).__name__}")])
-    errors = []
+    # A lone surrogate ("\\udc80") in a key or value: named, not quoted back raw in an
+    # "unknown field" error the answer could not encode (a 500).
+    errors = wire.surrogate_errors(body)
+    if errors:
+        raise LaunchRefused(422, errors)
     for key, value in body.items():
         types = BODY_TYPES.get(key)
         if types is None:

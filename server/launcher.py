@@ -138,7 +138,12 @@ def confine_paths(body: Any, roots: tuple[Path, ...]) -> tuple[Any, list[dict[st
         fields = body.get(section)
         if not isinstance(fields, dict) or not isinstance(fields.get(key), str):
             continue
-        real = os.path.realpath(fields[key])
+        path = fields[key]
+        if not path or "\0" in path or wire.lone_surrogate(path) is not None:
+            # No file's name, which validate_experiment refuses by name: "" resolved to the
+            # working directory ("no such file: <cwd>"), a NUL raised in realpath (a 500).
+            continue
+        real = os.path.realpath(path)
         inside = any(os.path.commonpath([real, str(root)]) == str(root) for root in roots)
         body[section] = {**fields, key: real if inside else None}
         if not inside:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from layerscope.trainer.wire import MAX_NAME_LEN, RULE_NAMES, WireError
+from layerscope.trainer.wire import MAX_NAME_LEN, RULE_NAMES, WireError, surrogate_errors
 
 # ---- experiment config (built-in runs; POST /api/runs; the New-run form) ----
 #
@@ -417,6 +417,9 @@ DEMO_EXPERIMENT: dict[str, Any] = {
 }
 
 
+NUL_IN_PATH = "holds a NUL character (U+0000), which no file name can"
+
+
 def _check_field(spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
     """Return (normalised value, None) or (None, message) for one field."""
     if value is None:
@@ -448,7 +451,10 @@ def _check_field(spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None, f"must be a number, got {type(value).__name__} {value!r}"
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal past a double (10**400): it raised, a 500
+            return None, "must be a finite number"
         if not math.isfinite(value):
             return None, "must be a finite number"
     if "min" in spec and value < spec["min"]:
@@ -564,7 +570,9 @@ def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]])
         )
     path = finetune["from_checkpoint"]
     if isinstance(path, str):
-        if not os.path.isfile(path):
+        if "\0" in path:
+            errors.append({"loc": ["finetune", "from_checkpoint"], "msg": NUL_IN_PATH})
+        elif not os.path.isfile(path):
             errors.append({"loc": ["finetune", "from_checkpoint"], "msg": f"no such file: {path}"})
         else:
             finetune["from_checkpoint"] = os.path.abspath(path)
@@ -587,6 +595,12 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     """
     import os.path  # local: the path check is the only filesystem use in this module
 
+    # A string holding a lone surrogate ("\\udce9", as JSON or Python's os.fsdecode carry a
+    # file name that is not UTF-8) is no text: the store failed on it, or stored a config
+    # every later read of the run failed on. Named alone: the other checks would quote it.
+    surrogates = surrogate_errors(cfg)
+    if surrogates:
+        raise ExperimentError(surrogates)
     errors: list[dict[str, Any]] = []
     given = cfg if isinstance(cfg, dict) else {}
     if not isinstance(cfg, dict):
@@ -603,8 +617,11 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
         path = data["path"]
         want_dir = data["dataset"] == "folder"
         if path is None:
-            msg = f"required when dataset is {data['dataset']}"
-            errors.append({"loc": ["data", "path"], "msg": msg})
+            if not any(e["loc"] == ["data", "path"] for e in errors):  # "" is refused above
+                msg = f"required when dataset is {data['dataset']}"
+                errors.append({"loc": ["data", "path"], "msg": msg})
+        elif "\0" in path:
+            errors.append({"loc": ["data", "path"], "msg": NUL_IN_PATH})
         elif want_dir and not os.path.isdir(path):
             errors.append({"loc": ["data", "path"], "msg": f"no such directory: {path}"})
         elif not want_dir and not os.path.isfile(path):

@@ -145,6 +145,27 @@ def test_a_refusal_quoting_a_huge_value_or_field_is_cut(live_server: LiveServer)
     assert httpx.get(f"{live_server}/api/runs", timeout=HTTP_TIMEOUT_S).json() == []
 
 
+def test_unreadable_text_or_a_huge_lr_is_422_naming_the_field(live_server: LiveServer) -> None:
+    """Each was a 500: a lone surrogate ("\\udc80", a name that is not UTF-8) in an unknown
+    key was quoted back raw in an answer that could not be encoded; an lr of 10**400
+    raised OverflowError in float()."""
+    for body, loc, msg in (
+        ({"k\udc80": 1}, ["k\\x80"], "the key holds U+DC80, which is not valid UTF-8 text"),
+        ({"dataset": "\udce9"}, ["dataset"], "holds U+DCE9, which is not valid UTF-8 text"),
+        ({"lr": 10**400}, ["solver", "lr"], "must be a finite number"),
+    ):
+        response = httpx.post(
+            f"{live_server}/api/labs/init",
+            content=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+            timeout=HTTP_TIMEOUT_S,
+        )
+        assert response.status_code == 422, (loc, response.text)
+        (error,) = response.json()["detail"]
+        assert error["loc"] == loc and msg in error["msg"], error
+    assert httpx.get(f"{live_server}/api/runs", timeout=HTTP_TIMEOUT_S).json() == []
+
+
 def test_a_cap_below_five_refuses_the_lab_with_a_clear_message(tmp_path: Path) -> None:
     with running_server(make_settings(tmp_path / "data", max_launched=4)) as server:
         response = httpx.post(f"{server}/api/labs/init", json={}, timeout=HTTP_TIMEOUT_S)

@@ -97,6 +97,50 @@ def test_a_refusal_quoting_a_huge_value_or_field_is_cut(live_server: LiveServer)
         assert "characters cut" in error["msg"] + "".join(map(str, error["loc"]))
 
 
+def test_unreadable_text_huge_numbers_and_no_file_names_are_422_naming_the_field(
+    live_server: LiveServer,
+) -> None:
+    """Each was a 500: a lone surrogate (a name that is not UTF-8, "\\udc80", which
+    FastAPI's JSON accepts) in the name or an unknown key failed the answer, and in
+    finetune.freeze was launched and stored, after which GET /api/runs failed for every
+    run; a float field given an integer past a double (10**400) raised OverflowError; a
+    NUL in a path raised in realpath. An empty data.path was "no such file: <cwd>"."""
+    surrogate = "which is not valid UTF-8 text"
+    big = 10**400
+    cases: list[tuple[dict[str, Any], list[Any], str]] = [
+        ({"name": "run caf\udce9"}, ["name"], f"holds U+DCE9, {surrogate}"),
+        ({"finetune": {"freeze": "net.0\udc80"}}, ["finetune", "freeze"], surrogate),
+        (
+            {"data": {"dataset": "npz", "path": "/data/caf\udce9.npz"}},
+            ["data", "path"],
+            surrogate,
+        ),
+        ({"k\udc80": 1}, ["k\\x80"], f"the key holds U+DC80, {surrogate}"),
+        ({"solver": {**TINY["solver"], "lr": big}}, ["solver", "lr"], "must be a finite number"),
+        (
+            {"model": {"init": "normal", "init_std": big}},
+            ["model", "init_std"],
+            "must be a finite number",
+        ),
+        ({"data": {"dataset": "npz", "path": "a\0b.npz"}}, ["data", "path"], "NUL character"),
+        ({"finetune": {"from_checkpoint": "/etc/\0x"}}, ["finetune", "from_checkpoint"], "NUL"),
+        ({"data": {"dataset": "npz", "path": ""}}, ["data", "path"], "must be a non-empty string"),
+    ]
+    for section, loc, msg in cases:
+        body = json.dumps({**TINY, **section}).encode()  # json writes a lone surrogate escaped
+        response = httpx.post(
+            f"{live_server}/api/runs",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 422, (section, response.text)
+        (error,) = response.json()["detail"]
+        assert error["loc"] == loc and msg in error["msg"], (section, error)
+    listed = httpx.get(f"{live_server}/api/runs")
+    assert listed.status_code == 200 and listed.json() == []
+
+
 def test_a_launch_answers_201_starting_and_writes_its_config(
     launched: tuple[LiveServer, dict[str, Any]],
 ) -> None:

@@ -61,6 +61,36 @@ def test_schema_is_json_and_every_field_has_type_default_and_help() -> None:
     assert "for tanh-like layers, He (2/fan-in, √2 larger) for ReLU" in init_help
 
 
+def test_every_float_field_refuses_an_integer_past_a_double() -> None:
+    """float(10**400) raised OverflowError (a 500 from POST /api/runs and the init lab)."""
+    floats = [loc for loc, spec in _fields() if spec["type"] == "float"]
+    assert ["solver", "lr"] in floats and ["model", "init_std"] in floats
+    for loc in floats:
+        with pytest.raises(wire.ExperimentError) as info:
+            wire.validate_experiment(_nest(loc, 10**400))
+        assert {"loc": loc, "msg": "must be a finite number"} in info.value.errors, loc
+
+
+def test_text_that_is_no_text_and_paths_no_file_can_have_are_named() -> None:
+    """A lone surrogate (a name that is not UTF-8) anywhere, keys too, is refused alone,
+    naming where; a NUL in a path names the NUL; an empty data.path is the schema's "must
+    be a non-empty string" and nothing else."""
+    holds = "holds U+DCE9, which is not valid UTF-8 text"
+    assert _errors({"name": "caf\udce9"}) == {"name": holds + _TAIL}
+    assert _errors({"data": {"dataset": "npz", "path": "caf\udce9"}, "every": 0}) == {
+        "data.path": holds + _TAIL  # only it: the other checks would quote it
+    }
+    assert list(_errors({"solver": {"caf\udce9": 1}})) == ["solver.caf\\xe9"]
+    nul = "holds a NUL character (U+0000), which no file name can"
+    assert _errors({"data": {"dataset": "npz", "path": "a\0b"}}) == {"data.path": nul}
+    assert _errors({"finetune": {"from_checkpoint": "a\0b"}}) == {"finetune.from_checkpoint": nul}
+    empty = {"data": {"dataset": "npz", "path": ""}}
+    assert _errors(empty) == {"data.path": "must be a non-empty string"}
+
+
+_TAIL = " (a lone surrogate, as Python decodes a file name that is not UTF-8)"
+
+
 def test_empty_config_gets_every_default() -> None:
     cfg = wire.validate_experiment({})
     for loc, spec in _fields():

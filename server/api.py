@@ -15,8 +15,9 @@ import pathlib
 import re
 import shutil
 from collections.abc import Iterator
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from layerscope.server import queries
@@ -225,6 +226,23 @@ def known_query(request: Request) -> None:
 router = APIRouter(prefix="/api", tags=["runs"], dependencies=[Depends(known_query)])
 
 
+T = TypeVar("T")
+
+
+def _text(value: T) -> T:
+    """``value`` as stored, or where it holds a lone surrogate (a string a run's hello,
+    launch or command stored before they were refused at the door, wire.lone_surrogate)
+    with it escaped (wire.escape_surrogates): such a string failed the answer (a 500 for
+    the whole runs list, every run, until that run was deleted). orjson, which refuses
+    one, looks first: a stored value without one costs that check alone."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:  # or an integer past 64 bits, which this leaves as it is
+        escaped: T = wire.escape_surrogates(value)
+        return escaped
+    return value
+
+
 def _missing(run_id: str) -> HTTPException:
     return HTTPException(404, detail=f"run '{run_id}' not found")
 
@@ -275,7 +293,7 @@ def list_runs(
         run["sparkline"] = [
             None if v is None else float(f"{v:.{SPARK_DIGITS}g}") for v in run["sparkline"]
         ]
-    return runs
+    return _text(runs)
 
 
 @router.get(
@@ -287,7 +305,7 @@ def get_run(run_id: RunId, store: StoreDep, hub: HubDep) -> dict[str, Any]:
         raise _missing(run_id)
     run["trainer_connected"] = _connected(hub, run_id)
     run["clock"] = store.clock(run_id)
-    return run
+    return _text(run)
 
 
 @router.delete(
@@ -520,7 +538,7 @@ def get_events(
             "kind", f"unknown event kind {kind!r}; expected one of {', '.join(sorted(EVENT_KINDS))}"
         )
     try:
-        return store.events(run_id, kind, limit)
+        return _text(store.events(run_id, kind, limit))
     except RunNotFound:
         raise _missing(run_id) from None
 
@@ -533,7 +551,7 @@ def get_events(
 )
 def get_commands(run_id: RunId, store: StoreDep) -> Any:
     try:
-        return store.commands(run_id)
+        return _text(store.commands(run_id))
     except RunNotFound:
         raise _missing(run_id) from None
 

@@ -569,3 +569,31 @@ async def test_the_run_list_searches_every_runs_whole_config_on_the_server(
                 assert problem["loc"] == ["query", "limit" if "limit" in params else "q"]
                 assert problem["msg"]
             assert (await client.get("/api/runs")).headers["x-total-count"] == "63"
+
+
+async def test_a_run_stored_with_a_lone_surrogate_reads_escaped_not_500(
+    setup: tuple[httpx.AsyncClient, Store, ConnectedRuns],
+) -> None:
+    """A string holding a lone surrogate (os.fsdecode of a name that is not UTF-8), stored in
+    a JSON column before the doors refused it: GET /api/runs was a 500 for every run, the
+    run's detail, events and commands too, until that run was deleted. Now it reads with the
+    surrogate written as an escape, and the other runs are listed."""
+    client, store, _hub = setup
+    await store.create_run("old", "old", {"data": "/data/caf\udce9.npz", "k\udc80": 1})
+    await store.add_command(
+        "old",
+        {"id": "c1", "name": "set_frozen", "args": {"layers": ["n\udce9"], "frozen": True}},
+        origin="api",
+    )
+    r = await client.get("/api/runs", params={"full": "true"})
+    assert r.status_code == 200, r.text
+    runs = {run["id"]: run for run in strict(r.text)}
+    assert set(runs) == {"old", "r1"}
+    assert runs["old"]["config"] == {"data": "/data/caf\\xe9.npz", "k\\x80": 1}
+    detail = await client.get("/api/runs/old")
+    assert detail.status_code == 200 and detail.json()["config"]["data"] == "/data/caf\\xe9.npz"
+    commands = await client.get("/api/runs/old/commands")
+    assert commands.status_code == 200 and commands.json()[0]["args"]["layers"] == ["n\\xe9"]
+    events = await client.get("/api/runs/old/events")
+    assert events.status_code == 200
+    assert events.json()[-1]["data"]["args"]["layers"] == ["n\\xe9"]

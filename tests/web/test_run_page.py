@@ -667,7 +667,8 @@ def test_an_auto_halve_alert_names_its_relative_action_and_an_ended_run_is_not_r
     """The auto-halve rule's alert carries its action as the trainer sends it, relative to
     the acknowledged scale ({relative: 0.5}): the alerts list and the log read
     'set_lr_scale ×0.5 of the current scale', where they read 'set_lr_scale ×undefined'.
-    A run stopped from the page read 'acknowledged: running ... stopping' for good."""
+    A run stopped from the page read 'acknowledged: running ... stopping' for good. Its
+    final stop, applied after its last step, was dimmed as after the replay cursor there."""
     data_dir = tmp_path / "data"
     plateau = {
         "rule": "ValidationPlateau",
@@ -711,6 +712,16 @@ def test_an_auto_halve_alert_names_its_relative_action_and_an_ended_run_is_not_r
             expect(acked).to_contain_text("LR ×4.77e-7 (after step 61)")
             expect(acked).not_to_contain_text("running")
             expect(acked).not_to_contain_text("stopping")
+            # the run's own last command, applied after its last step (99): the replay cursor
+            # is there and can go no further, so it is not dimmed as after the cursor; a step
+            # back, it is
+            stop_line = page.locator("#events li", has_text="stop applied after step 99")
+            expect(stop_line).to_have_count(1)
+            expect(stop_line).not_to_have_class(re.compile("after-cursor"))
+            page.eval_on_selector(
+                "#scrubber", "el => { el.value = '98'; el.dispatchEvent(new Event('input')); }"
+            )
+            expect(stop_line).to_have_class(re.compile("after-cursor"))
         finally:
             page.context.close()
         assert not guard.errors, guard.errors

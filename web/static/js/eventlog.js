@@ -161,6 +161,7 @@ export class EventLog {
     this.alertList = [];          // every alert, by step (arrival order within a step)
     this.alertSteps = new Set();  // steps alerts fired at (the loss chart's alert markers)
     this.cursor = null;           // replay: the alerts by this step are listed, later lines marked
+    this.lastStep = null;         // replay: the run's last step (the cursor's furthest)
     this.shownAlerts = null;      // [count listed up to the cursor, alerts held] last rendered
     this.maxLines = MAX_LINES;
     this.olderLine = null;        // "older events not shown" at the log's foot
@@ -273,15 +274,21 @@ export class EventLog {
   /**
    * Replay: the run as it stood at `step` (null: the whole run, as live): the alerts panel
    * lists the alerts raised at or before it, and the log marks (dims) the lines after it.
+   * `last`: the run's last step, the furthest the cursor goes. A command applied after it
+   * counts from a step never trained (eventFrom: last + 1), so it is not after the cursor
+   * there: the run's own final "stop applied after step N" read as later than step N.
    */
-  setCursor(step) {
+  setCursor(step, last = null) {
     this.cursor = step;
+    this.lastStep = last;
     this.renderAlerts();
     for (const li of this.lines()) this.markLine(li);
   }
 
   markLine(li) {
-    const later = this.cursor !== null && li.dataset.from !== undefined && Number(li.dataset.from) > this.cursor;
+    const atEnd = this.cursor !== null && this.lastStep !== null && this.lastStep !== undefined && this.cursor >= this.lastStep;
+    const upTo = atEnd ? this.cursor + 1 : this.cursor;
+    const later = this.cursor !== null && li.dataset.from !== undefined && Number(li.dataset.from) > upTo;
     if (later === li.classList.contains("after-cursor")) return;
     li.classList.toggle("after-cursor", later);
     li.style.opacity = later ? AFTER_OPACITY : "";

@@ -1227,7 +1227,7 @@ function moveCursor(step) {
     showCursorFacts(step);
     // the run as it stood at the cursor: the alerts raised by then, the control state acknowledged by then
     // (the log marks the lines after it; an applied command counts from the step after it)
-    events.setCursor(step);
+    events.setCursor(step, page.lastStep);
     showSanity(step);
     controls.showAt(step < (page.lastStep ?? step) ? step : null);
   }

@@ -2,7 +2,8 @@
 
 Owns: the hello/welcome handshake (with the resend of stored commands the
 trainer has not seen; a hello from another trainer process under a stored run's id
-is refused), validating every frame, batching frames into the store
+is refused), validating every frame (a frame refused for what it holds is recorded in
+its seq's place, so that acks go on past it: refusal_record), batching frames into the store
 while the socket keeps being read, acking the highest contiguous committed seq
 after each commit, handing new frames to the hub as they arrive, one trainer
 connection per run (a newer one replaces the older), taking the status (running or
@@ -70,6 +71,10 @@ class TrainerLink:
         # wire.MAX_SERIES / wire.MAX_LAYERS is dropped from its frame (limit_names).
         self.series: set[str] = set()
         self.layers: set[str] = set()
+        # The trainer's step as its heartbeats and frames say (a refusal record's step when
+        # the refused frame names none), and the seqs recorded as refused on this connection.
+        self.step = 0
+        self.refused: set[int] = set()
         self._out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self.unsent_errors = 0  # error frames queued, not yet written to the socket
@@ -140,6 +145,7 @@ class _Committer:
         self.finishing = False
         self.added = 0  # frames read so far
         self.committed = 0  # of those, committed
+        self.acked = 0  # the last ack sent
         # A status a heartbeat reported, and how many frames were read before it: it is
         # stored once those are committed and before any read after it, so a status event
         # read later (newer) is stored later too.
@@ -198,6 +204,7 @@ class _Committer:
                 )
                 return
             self.committed += len(batch)
+            self.acked = max(self.acked, acked)
             self.link.send({"type": "ack", "seq": acked})
             # A trainer waiting on our commit is not silent: its silence counts from the ack.
             self.link.last_seen = asyncio.get_running_loop().time()
@@ -383,11 +390,12 @@ class Ingest:
                 if exc.close_code is not None:
                     await link.close(exc.close_code, str(exc))
                     return
-                if not await self._answer(link, _refused(payload, exc)):
+                if not await self._refuse_frame(link, committer, payload, exc, acked):
                     return
                 continue
             kind = frame["type"]
             if kind == "heartbeat":
+                link.step = frame["step"]
                 self.hub.note_heartbeat(run_id, frame["step"])  # the training loop's progress
                 # The trainer's own word on whether it runs: after a reconnect or a server
                 # restart a paused run is paused, whatever the server last stored. Stored
@@ -408,6 +416,10 @@ class Ingest:
                 ):
                     return
                 continue
+            if kind != "metrics":
+                link.step = max(link.step, frame["step"])
+            elif frame["rows"]:
+                link.step = max(link.step, frame["rows"][-1]["step"])
             over = limit_names(link, frame)
             if over is not None and not await self._answer(link, over):
                 return
@@ -421,7 +433,40 @@ class Ingest:
                     if shown:
                         self.hub.publish_status(run_id, status)
 
-    async def _answer(self, link: TrainerLink, message: str) -> bool:
+    async def _refuse_frame(
+        self,
+        link: TrainerLink,
+        committer: _Committer,
+        payload: str | bytes,
+        exc: wire.WireError,
+        acked: int,
+    ) -> bool:
+        """Answer a frame refused for what it holds; False when the link was closed.
+
+        The same frame is refused again on every resend, and acks are the highest
+        contiguous seq: a refused seq stopped them for the rest of the run (the trainer's
+        close waited, ``layerscope sync`` timed out, a command's result refused as too big
+        left it "never applied"). So a refused frame with a seq of this run's is recorded
+        in its place, a ``log`` event naming the frame and why (a ``command_result``'s as a
+        command_result settling its command with the trainer's own word and error), and
+        acked with the rest; the error frame says so and carries ``refused_seq``."""
+        msg = _loads(payload)
+        message = _refused(msg, exc)
+        record = refusal_record(msg, message, link.run_id, link.step, len(payload))
+        if (
+            record is None
+            or record["seq"] in link.refused
+            or record["seq"] <= max(acked, committer.acked)
+        ):
+            return await self._answer(link, message)  # nothing to record: its seq is stored
+        link.refused.add(record["seq"])
+        committer.add(record)
+        self.hub.publish(link.run_id, record)
+        return await self._answer(link, message + REFUSAL_RECORDED, refused_seq=record["seq"])
+
+    async def _answer(
+        self, link: TrainerLink, message: str, refused_seq: int | None = None
+    ) -> bool:
         """Queue an error frame for the trainer (its message cut: hub.cut_message); False
         (the link is closed, 1008) when ``max_unread_errors`` error frames, or
         MAX_UNREAD_ERROR_CHARS of them, are already queued unwritten: it reads none."""
@@ -439,7 +484,10 @@ class Ingest:
             return False
         # One quoting a field (an unknown frame type or event kind of a megabyte) was as big
         # as the frame it refused: its head and tail, the field and the rule.
-        link.send({"type": "error", "message": cut_message(message)})
+        error: dict[str, Any] = {"type": "error", "message": cut_message(message)}
+        if refused_seq is not None:
+            error["refused_seq"] = refused_seq
+        link.send(error)
         return True
 
     def _limit_hello_layers(self, hello: dict[str, Any]) -> list[str]:
@@ -513,21 +561,30 @@ def _over_limit(kind: str, seq: int | None, what: str, names: list[str]) -> str:
     )
 
 
-def _refused(payload: str | bytes, exc: wire.WireError) -> str:
-    """An error frame's message for a frame refused mid-stream: which frame (its type,
-    and its seq when it has one, or a heartbeat's step: frames are sent without waiting,
-    so the error alone named a field of some earlier frame), that it was not stored (a
-    heartbeat: ignored), and why. A type that is not plain text is shown escaped."""
+def _loads(payload: str | bytes) -> Any:
+    """The frame's JSON (anything), or None when it is not JSON."""
     try:
-        msg = orjson.loads(payload)
+        return orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return str(exc)
+        return None
+
+
+def _kind_text(kind: str) -> str:
+    """A frame type as an error names it: a type that is not plain text is shown escaped."""
+    return kind[:40] if kind.isascii() and kind.isprintable() else f"{ascii(kind):.40}"
+
+
+def _refused(msg: Any, exc: wire.WireError) -> str:
+    """An error frame's message for a frame refused mid-stream (``msg``: its JSON, None
+    when it has none): which frame (its type, and its seq when it has one, or a
+    heartbeat's step: frames are sent without waiting, so the error alone named a field
+    of some earlier frame), that it was not stored (a heartbeat: ignored), and why."""
     if not isinstance(msg, dict):
         return str(exc)
     kind, seq = msg.get("type"), msg.get("seq")
     if not isinstance(kind, str):
         return str(exc)
-    kind = kind[:40] if kind.isascii() and kind.isprintable() else f"{ascii(kind):.40}"
+    kind = _kind_text(kind)
     if kind == "heartbeat":
         step = msg.get("step")
         at = f" at step {step}" if type(step) is int else ""
@@ -535,6 +592,75 @@ def _refused(payload: str | bytes, exc: wire.WireError) -> str:
     if type(seq) is not int:
         return f"{kind} frame not stored: {exc}"
     return f"{kind} frame seq {seq} not stored: {exc}"
+
+
+# Appended to a refused frame's error when its seq was recorded as refused (refusal_record).
+REFUSAL_RECORDED = (
+    "; recorded in its place as refused (in the run's event log) and acked, so the frames"
+    " after it are stored"
+)
+
+
+def _counter(value: Any) -> int | None:
+    return value if type(value) is int and 0 <= value <= wire.MAX_INT else None
+
+
+def refusal_record(
+    msg: Any, message: str, run_id: str, step: int, size: int
+) -> dict[str, Any] | None:
+    """The event stored in place of a frame refused for what it holds (see
+    ``Ingest._refuse_frame``), or None when it has no seq of this run's to hold: no seq,
+    a hello or heartbeat (no seq of their own), a frame naming another run, or another
+    schema version. ``step``: the trainer's last known step, for a frame naming none.
+
+    A ``log`` event, ``data: {message, refused: {type, seq, bytes}}``; for a refused
+    ``command_result`` a ``command_result`` with the trainer's own fields that fit (id,
+    cmd_seq, name, source, ok, applied_at_step, its error cut, then the refusal), no args
+    and no state (the acknowledged state stays the last stored), so the command is listed
+    as the trainer settled it, with its reason, not as "never applied" when its run ends."""
+    if not isinstance(msg, dict) or msg.get("v", wire.VERSION) != wire.VERSION:
+        return None
+    kind, seq = msg.get("type"), msg.get("seq")
+    if not isinstance(kind, str) or kind in ("hello", "heartbeat"):
+        return None
+    if type(seq) is not int or not 1 <= seq <= wire.MAX_INT:
+        return None
+    if msg.get("run_id", run_id) != run_id:
+        return None  # another run's frame: its seq is not this run's
+    rows = msg.get("rows")
+    if _counter(msg.get("step")) is not None:
+        step = msg["step"]
+    elif isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        step = _counter(rows[0].get("step")) or step
+    said = cut_message(f"server: {message}")
+    data: dict[str, Any] = {
+        "message": said,
+        "refused": {"type": _kind_text(kind), "seq": seq, "bytes": size},
+    }
+    event_kind = "log"
+    result = msg.get("data")
+    if kind == "event" and msg.get("kind") == "command_result" and isinstance(result, dict):
+        cmd_id, cmd_seq = result.get("id"), _counter(result.get("cmd_seq"))
+        if (isinstance(cmd_id, str) and 0 < len(cmd_id) <= 64) or cmd_seq is not None:
+            event_kind = "command_result"
+            error = result.get("error")
+            data.update(
+                {
+                    "id": cmd_id if isinstance(cmd_id, str) and len(cmd_id) <= 64 else None,
+                    "cmd_seq": cmd_seq,
+                    "name": result.get("name") if result.get("name") in wire.COMMANDS else None,
+                    "source": result.get("source")
+                    if result.get("source") in wire.COMMAND_SOURCES
+                    else None,
+                    # as the trainer said: a command applied is not reported as failed
+                    "ok": result.get("ok") is True,
+                    "applied_at_step": _counter(result.get("applied_at_step")),
+                    "error": (cut_message(error) + "; " if isinstance(error, str) else "")
+                    + f"its result was not stored whole ({said})",
+                }
+            )
+    frame = {"type": "event", "seq": seq, "step": step, "kind": event_kind, "data": data}
+    return wire.validate_event(frame)
 
 
 async def _refuse(ws: WebSocket, code: int, message: str) -> None:

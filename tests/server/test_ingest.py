@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from layerscope.server.hub import cut_message
-from layerscope.server.ingest import MAX_UNREAD_ERRORS, UNREAD_ERRORS_REASON
+from layerscope.server.ingest import MAX_UNREAD_ERRORS, REFUSAL_RECORDED, UNREAD_ERRORS_REASON
 from layerscope.trainer import wire
 from server_harness import (
     FakeTrainer,
@@ -547,9 +547,80 @@ async def test_wrong_types_get_an_error_naming_the_field(
     trainer = await FakeTrainer.connect(shared_server, run_id)
     await stored_run(trainer, 2)
     await trainer.send(json.dumps(frame) if isinstance(frame, list) else frame)  # type: ignore[arg-type]
-    assert named in await trainer.error()
-    assert_still_serving(shared_server, run_id, [1, 2])
+    error = await trainer.error()
+    assert named in error
+    # A frame of this run's with a seq is recorded in its place as refused, and acked; one
+    # without a seq, another run's or another schema version's is not.
+    held = (
+        isinstance(frame, dict) and type(frame["seq"]) is int and not {"run_id", "v"} & set(frame)
+    )
+    assert error.endswith(REFUSAL_RECORDED) is held
+    if held:
+        await trainer.wait_acked(3)
+        assert exported(shared_server, run_id)[-1]["data"]["refused"]["seq"] == 3
+    assert_still_serving(shared_server, run_id, [1, 2, 3] if held else [1, 2])
     await trainer.close()
+
+
+async def test_a_frame_refused_for_its_content_is_recorded_and_acked_past(
+    shared_server: LiveServer, run_id: str
+) -> None:
+    """A command_result over the 64 KiB event limit (an older trainer's echo of a huge
+    set_frozen) was refused on every resend; acks, the highest contiguous seq, stopped
+    below it for the rest of the run although the later frames were stored (the trainer's
+    close and `layerscope sync` waited in vain), and its command was settled as "never
+    applied". Now the refusal is stored in the frame's place and acked past: the command
+    is settled with the trainer's own error, and a viewer sees the record live."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    viewer, _ = await open_viewer(shared_server, run_id)
+    post = httpx.post(
+        f"{shared_server}/api/runs/{run_id}/commands",
+        json={"id": "big", "name": "set_frozen", "args": {"layers": ["x"], "frozen": True}},
+    )
+    assert post.status_code == 202
+    await trainer.send(metrics_frame(1, 1))
+    huge = "unknown layer(s) ['x" + "x" * 100_000 + "']"
+    result = {"id": "big", "cmd_seq": 1, "name": "set_frozen", "ok": False}
+    await trainer.send(event_frame(2, 1, "command_result", **result, applied_at_step=1, error=huge))
+    await trainer.send(metrics_frame(3, 2))
+    await trainer.send(event_frame(4, 2, "status", status="finished"))
+    error = await trainer.wait_for(lambda m: m["type"] == "error")
+    assert error["message"] == (
+        f"event frame seq 2 not stored: event data exceeds {wire.MAX_CONFIG_BYTES} bytes"
+        + REFUSAL_RECORDED
+    )
+    assert error["refused_seq"] == 2
+    await trainer.wait_acked(4)
+    assert trainer.errors == [error["message"]]  # said once
+    assert run_detail(shared_server, run_id)["acked_seq"] == 4
+    [command] = httpx.get(f"{shared_server}/api/runs/{run_id}/commands").json()
+    assert (command["status"], command["applied_at_step"]) == ("failed", 1)
+    assert command["error"].startswith("unknown layer(s) ['xxx")
+    assert "characters cut" in command["error"] and len(command["error"]) < 4500
+    assert command["error"].endswith(
+        "; its result was not stored whole (server: event frame seq 2 not stored: event data"
+        f" exceeds {wire.MAX_CONFIG_BYTES} bytes)"
+    )
+    record = exported(shared_server, run_id)[1]
+    assert (record["seq"], record["step"], record["kind"]) == (2, 1, "command_result")
+    assert record["data"]["refused"] == {
+        "type": "event",
+        "seq": 2,
+        "bytes": record["data"]["refused"]["bytes"],
+    }
+    assert record["data"]["refused"]["bytes"] > 100_000
+    seen = await recv_until(viewer, lambda m: m["type"] == "event" and m.get("seq") == 2)
+    assert seen[-1]["data"]["error"] == command["error"]
+    # Resent after a reconnect (its seq already held): refused again, not recorded again.
+    await trainer.close()
+    await wait_detached(shared_server, run_id)
+    again = await FakeTrainer.connect(shared_server, run_id, last_acked_seq=4, last_cmd_seq=1)
+    await again.send(event_frame(2, 1, "command_result", **result, error=huge))
+    error = await again.wait_for(lambda m: m["type"] == "error")
+    assert not error["message"].endswith(REFUSAL_RECORDED) and "refused_seq" not in error
+    assert seqs_of(shared_server, run_id) == [1, 2, 3, 4]
+    await again.close()
+    await viewer.close()
 
 
 async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
@@ -564,12 +635,13 @@ async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
     )
     await trainer.send(metrics_frame(3, 3))
     assert await trainer.error() == (
-        "metrics frame seq 2 not stored: rows[0].values['loss'] must be a number or null, got str"
+        "metrics frame seq 2 not stored: rows[0].values['loss'] must be a number or null,"
+        " got str" + REFUSAL_RECORDED
     )
-    await trainer.wait_acked(1)
+    await trainer.wait_acked(3)  # seq 2 is held by the record of its refusal
     await trainer.send("{not json")  # no frame to name: the error alone
     assert (await trainer.error()).startswith("malformed JSON")
-    assert_still_serving(shared_server, run_id, [1, 3])
+    assert_still_serving(shared_server, run_id, [1, 2, 3])
     await trainer.close()
 
 
@@ -600,7 +672,9 @@ async def test_every_error_names_the_frame_it_refuses(
     assert (await trainer.error()).startswith(said)
     await trainer.send(metrics_frame(2, 2))
     await trainer.wait_acked(2)
-    assert_still_serving(shared_server, run_id, [1, 2])
+    if frame.get("seq") == 3:  # recorded as refused
+        await trainer.wait_acked(3)
+    assert_still_serving(shared_server, run_id, [1, 2, 3] if frame.get("seq") == 3 else [1, 2])
     await trainer.close()
 
 
@@ -654,7 +728,8 @@ async def test_a_trainer_that_sends_bad_frames_and_reads_nothing_is_closed_with_
         ingest.max_unread_errors = MAX_UNREAD_ERRORS
         await ws.close()
     await wait_detached(shared_server, run_id)
-    assert_still_serving(shared_server, run_id, [1])
+    # seq 2 once, the record of its refusal (its repeats are refused again, not recorded)
+    assert_still_serving(shared_server, run_id, [1, 2])
 
 
 async def test_a_run_holds_at_most_max_series_series_and_later_names_are_refused_by_name(
@@ -741,10 +816,10 @@ async def test_an_error_frame_quoting_a_huge_field_is_cut(
     # One rule for both sockets' errors (and the REST refusals): hub.cut_message's.
     assert error == cut_message(
         f"event frame seq 1 not stored: unknown event kind {kind!r};"
-        f" expected one of {sorted(wire.EVENT_KINDS)}"
+        f" expected one of {sorted(wire.EVENT_KINDS)}" + REFUSAL_RECORDED
     )
     assert error.startswith("event frame seq 1 not stored: unknown event kind 'kkk")
-    assert error.endswith(f"expected one of {sorted(wire.EVENT_KINDS)}")
+    assert error.endswith(f"expected one of {sorted(wire.EVENT_KINDS)}" + REFUSAL_RECORDED)
     assert "characters cut" in error
     await trainer.close()
 

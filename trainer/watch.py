@@ -220,7 +220,7 @@ class Watch:
             hello = {
                 "type": "hello",
                 "run_id": self.run_id,
-                "name": run or _default_name(),
+                "name": wire.escape_surrogates(run or _default_name()),
                 "config": _run_config(config, model, optimizer, batch_size, every, resumed),
                 "layers": self.probes.layer_table() if self.probes is not None else [],
                 "last_acked_seq": 0,
@@ -543,6 +543,12 @@ class Watch:
         if name not in self._known_names:
             if not isinstance(name, str) or not name or len(name) > wire.MAX_NAME_LEN:
                 raise ValueError(f"series name {name!r} must be 1..{wire.MAX_NAME_LEN} characters")
+            problem = wire.lone_surrogate(name, f"series name {name!r}")
+            if problem is not None:  # the server refuses the frame: its seq never acked
+                raise ValueError(
+                    f"{problem}; name it with text, e.g."
+                    ' os.fsencode(name).decode("utf-8", "backslashreplace")'
+                )
             if len(self._known_names) >= wire.MAX_VALUES_PER_ROW - 16:
                 raise ValueError(f"too many series; the limit is {wire.MAX_VALUES_PER_ROW - 16}")
             self._known_names.add(name)
@@ -764,7 +770,9 @@ def _run_config(
     every: int,
     resumed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The user's config made JSON-safe, plus what watch can tell about the run."""
+    """The user's config made JSON-safe, plus what watch can tell about the run. A lone
+    surrogate (a file name that is not UTF-8, as os.fsdecode gives it) is written as a
+    backslash escape (wire.escape_surrogates): the server refuses a hello holding one."""
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     out: dict[str, Any] = json.loads(json.dumps(config or {}, default=str))
@@ -789,7 +797,8 @@ def _run_config(
     out.setdefault("every", every)
     if resumed is not None:
         out.setdefault("resumed_from", resumed)
-    return out
+    escaped: dict[str, Any] = wire.escape_surrogates(out)
+    return escaped
 
 
 def watch(
@@ -831,6 +840,11 @@ def watch(
     run is recorded to the spool in ``run_dir`` only (``layerscope sync`` uploads it).
     ``progress``: a progress line on stderr, redrawn in place; with a server, first the
     line ``[layerscope] run <id>: dashboard at http://host:port/runs/<id>``.
+    ``run`` (the name) and ``config`` are sent as text: a lone surrogate in them, which
+    is how Python decodes a file name that is not UTF-8 (``os.fsdecode``, ``sys.argv``),
+    is written as a backslash escape, ``caf\\xe9`` for ``os.fsdecode(b"caf\\xe9")``
+    (``os.fsencode(s).decode("utf-8", "backslashreplace")``), since the server refuses
+    what is not text; a ``run_id`` or series name holding one raises ValueError.
     ``token`` defaults to ``$LAYERSCOPE_TRAINER_TOKEN``. ``every`` is the probe cadence
     in steps (0 turns probes off; step 1 is always probed). ``layers``/``exclude`` are
     regex or name-list filters on module names, ``types`` module classes to probe.

@@ -6,7 +6,8 @@ it lacks, waiting for acks up to the first gap a damaged record left, and
 reconnecting with the link's backoff if the connection drops mid-upload.
 
 Never: rewrites the spool (it stays the run's record whatever the server acks), or
-claims frames past a gap as confirmed: the server acks the highest contiguous seq.
+claims frames past a gap as confirmed: the server acks the highest contiguous seq, or
+keeps quiet about a frame the server refused (it says which, and why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +44,21 @@ log = logging.getLogger(__name__)
 GAP_QUIET_S = 0.5  # past a damaged record: how long the server must be quiet before closing
 
 
+# A server's error naming a frame it refused: "<type> frame seq N not stored: <why>".
+_REFUSED = re.compile(r"\S+ frame seq (\d+) not stored: ")
+
+
 @dataclass(frozen=True)
 class Synced:
     """What an upload did: ``acked`` of the spool's frames the server confirmed, ``sent``
-    how many were sent this time (0: the server already had them all)."""
+    how many were sent this time (0: the server already had them all), ``refused`` the
+    seqs of those the server refused for their content on this upload: it stored a
+    record of each refusal in its place (``refused_seq`` in its error frame) and acked
+    past it, so they count in ``acked`` without their content."""
 
     acked: int
     sent: int
+    refused: tuple[int, ...] = ()
 
 
 def sync_spool(
@@ -167,6 +177,8 @@ async def _upload(
     last_error = ""
     last_heard = time.monotonic()
     gap = target < frames[-1][0]
+    refused: dict[int, str] = {}  # seq -> the server's error: recorded in its place, acked
+    blocked: dict[int, str] = {}  # seq -> the error of a refusal not recorded (an older server)
     reader = SpoolReader(path)
 
     async def receive_acks(ws: ClientConnection, done: asyncio.Event) -> None:
@@ -184,7 +196,14 @@ async def _upload(
                 if acked >= target:
                     done.set()
             elif msg["type"] == "error":
-                log.warning("server says: %s", msg.get("message"))
+                said = str(msg.get("message"))
+                log.warning("server says: %s", said)
+                named = _REFUSED.match(said)
+                refused_seq = msg.get("refused_seq")
+                if type(refused_seq) is int:
+                    refused[refused_seq] = said
+                elif named is not None:
+                    blocked[int(named.group(1))] = said
 
     delivered = False  # past a gap: every frame sent once and the server gone quiet
 
@@ -251,8 +270,29 @@ async def _upload(
     finally:
         reader.close()
     if unfinished():
+        stuck = blocked.get(acked + 1)
+        if stuck is not None:
+            # The reason acks stopped; the close that followed ("no heartbeat") is not it.
+            raise TimeoutError(
+                f"server acked {acked} of {target} frames: it refused frame seq {acked + 1}"
+                f" ({stuck}), and acks (the highest contiguous seq it stored) cannot pass it;"
+                " a newer layerscope server records such a refusal and acks past it"
+            )
         raise TimeoutError(
             f"server acked {acked} of {target} frames, then nothing more for {timeout_s:g} s"
             + (f" (last error: {last_error})" if last_error else "")
         )
-    return Synced(sum(1 for seq, _ in frames if seq <= acked), len(sent))
+    if refused:
+        seqs = sorted(refused)
+        shown = ", ".join(map(str, seqs[:10])) + (
+            f" and {len(seqs) - 10} more" if len(seqs) > 10 else ""
+        )
+        log.warning(
+            "the server refused %d of the spool's frames (seq %s; see its messages above):"
+            " it recorded each refusal in the run's event log in the frame's place and"
+            " stored the rest; the spool %s still holds them",
+            len(seqs),
+            shown,
+            path,
+        )
+    return Synced(sum(1 for seq, _ in frames if seq <= acked), len(sent), tuple(sorted(refused)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from layerscope.trainer.spool import SpoolWriter, read_spool
 from layerscope.trainer.sync import Synced, sync_spool, upload_spool
 from trainer_server import TrainerServer, make_hello, metrics
 from waiting import wait_until
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "server"))  # server_harness: the real server
 
 
 @pytest.fixture
@@ -270,3 +273,73 @@ def test_sync_of_a_spool_its_trainer_still_writes_says_it_is_the_run_so_far(
     caplog.clear()
     assert sync_spool(spool, server.url, timeout_s=20) == 5
     assert "still being written" not in caplog.text
+
+
+def _spool_with_an_oversize_event(spool: Path, run_id: str) -> None:
+    """Metrics at seqs 1-3 and 5-6, and at seq 4 an event whose data (100 KB) the server
+    refuses as over its 64 KiB limit (the link checks only the 2 MiB frame limit)."""
+    link = Link(make_hello(run_id), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 4):
+        link.submit(metrics(step))
+    link.submit({"type": "event", "step": 3, "kind": "log", "data": {"message": "x" * 100_000}})
+    for step in range(4, 6):
+        link.submit(metrics(step))
+    link.close()
+
+
+def test_sync_of_a_spool_holding_a_frame_the_server_refuses_finishes_and_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against the real server: a frame it refused stopped its acks (the highest contiguous
+    seq) for good; sync waited its 60 s and failed blaming 'no heartbeat', uploading nothing
+    it could confirm. The server now records the refusal in the frame's place and acks past
+    it; sync finishes, and says which frame was refused and that the rest was stored."""
+    from server_harness import exported, make_settings, running_server
+
+    spool = tmp_path / "spool.bin"
+    _spool_with_an_oversize_event(spool, "refused-one")
+    with running_server(make_settings(tmp_path / "data")) as server:
+        started = time.monotonic()
+        synced = upload_spool(spool, server.ws("/ws/trainer"), timeout_s=20)
+        assert time.monotonic() - started < 5
+        assert synced == Synced(acked=6, sent=6, refused=(4,))
+        frames = exported(server, "refused-one")
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5, 6]
+    assert frames[3]["kind"] == "log" and frames[3]["data"]["refused"]["seq"] == 4
+    assert (
+        "server says: event frame seq 4 not stored: event data exceeds 65536 bytes" in caplog.text
+    )
+    assert (
+        "the server refused 1 of the spool's frames (seq 4; see its messages above): it"
+        " recorded each refusal in the run's event log in the frame's place and stored the rest"
+    ) in caplog.text
+
+
+def test_sync_stuck_behind_a_refused_frame_says_so_not_no_heartbeat(tmp_path: Path) -> None:
+    """A server that does not record a refusal (one older than this layerscope; stood in
+    for by the real server with that step undone) acks nothing past it: sync's timeout
+    names the refused frame and why, not the 'no heartbeat' close that followed."""
+    from server_harness import make_settings, running_server
+
+    spool = tmp_path / "spool.bin"
+    _spool_with_an_oversize_event(spool, "refused-old")
+    with running_server(make_settings(tmp_path / "data")) as server:
+        ingest = server.app.state.ingest
+
+        async def refuse_only(
+            link: Any, committer: Any, payload: Any, exc: Any, acked: int
+        ) -> bool:
+            msg = json.loads(payload)
+            return bool(
+                await ingest._answer(link, f"event frame seq {msg['seq']} not stored: {exc}")
+            )
+
+        ingest._refuse_frame = refuse_only
+        with pytest.raises(TimeoutError) as raised:
+            sync_spool(spool, server.ws("/ws/trainer"), timeout_s=1.5)
+    assert str(raised.value) == (
+        "server acked 3 of 6 frames: it refused frame seq 4 (event frame seq 4 not stored: event"
+        " data exceeds 65536 bytes), and acks (the highest contiguous seq it stored) cannot pass"
+        " it; a newer layerscope server records such a refusal and acks past it"
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from layerscope.trainer.link import Link
 from layerscope.trainer.spool import read_spool
 from trainer_server import TrainerServer, make_hello, metrics
 from waiting import wait_until
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "server"))  # server_harness: the real server
 
 
 @pytest.fixture
@@ -386,3 +389,43 @@ def test_watch_and_the_cli_read_a_server_url_alike() -> None:
                   "wss://h/layerscope/ws/trainer/"):  # fmt: skip
         assert trainer_url(given) == trainer_socket_url(given), given
     assert trainer_url("https://h/layerscope") == "wss://h/layerscope/ws/trainer"
+
+
+def test_a_frame_the_server_refuses_does_not_hold_back_the_rest_of_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against the real server: an event over its 64 KiB data limit (a command_result echoing
+    a 530 KB set_frozen) was refused on each resend and acks stopped below it, so close()
+    waited out its timeout and told the user to run `layerscope sync`, which could not
+    finish either. The server records the refusal in the frame's place and acks past it:
+    every frame is acked by close(), and the trainer's log says which frame was refused."""
+    from server_harness import exported, make_settings, running_server
+
+    with running_server(make_settings(tmp_path / "data")) as server:
+        link = Link(
+            make_hello("refused-live"),
+            spool_path=tmp_path / "spool.bin",
+            server=server.ws("/ws/trainer"),
+            close_timeout_s=10,
+        )
+        link.start()
+        link.submit(metrics(1))
+        link.submit({"type": "event", "step": 1, "kind": "log", "data": {"message": "x" * 100_000}})
+        link.submit(metrics(2))
+        started = time.monotonic()
+        link.close()
+        assert time.monotonic() - started < 5
+        assert (link.acked_seq, link.last_seq) == (3, 3)
+        frames = exported(server, "refused-live")
+    assert [(f["seq"], f["type"]) for f in frames] == [(1, "metrics"), (2, "event"), (3, "metrics")]
+    assert frames[1]["data"]["refused"] == {
+        "type": "event",
+        "seq": 2,
+        "bytes": frames[1]["data"]["refused"]["bytes"],
+    }
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "layerscope: server says: event frame seq 2 not stored: event data exceeds 65536 bytes;"
+        " recorded in its place as refused (in the run's event log) and acked, so the frames"
+        " after it are stored"
+    ]

@@ -368,6 +368,9 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             expect(crowded).to_have_count(3)
             for rule in ("DeadUnits", "VanishingGradient", "AllZero"):
                 expect(page.locator("#alerts")).to_contain_text(rule)
+            # dead units with no zero init in sight: a lower LR may help, the button is offered
+            dead = page.locator("#alerts li.alert", has_text="DeadUnits")
+            expect(dead.locator("button[data-suggest='halve_lr']")).to_have_count(1)
             assert alert_lines(page, "chart-loss") == [1]
             expect(page.locator("#sanity")).to_have_text("sanity PASS")
             expect(page.locator("#acked")).to_contain_text("no command acknowledged by step 50")
@@ -394,6 +397,49 @@ def test_a_recorded_runs_alerts_rule_actions_and_sanity_verdict_show_in_replay(
             page.context.close()
         assert not guard.errors, guard.errors
         assert not guard.remote, guard.remote
+
+
+def test_a_zero_init_runs_dead_units_alert_offers_no_halve_lr(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A zero-init ReLU run's DeadUnits alert offered a one-click "Halve LR" (its advice says
+    "a lower learning rate"); a zero init never breaks symmetry whatever the step size, and
+    the fix is the init (PRACTICES.md). No button there, and the alert says why: when the
+    run's config says init zero, or an alert by then names a zero init (a watch() run)."""
+    data_dir = tmp_path / "data"
+    dead = {
+        "rule": "DeadUnits", "layer": "net.1", "value": 1.0, "threshold": 0.5,
+        "message": "layer net.1: 100% of units are dead (active on at most 1% of their values), "
+        "above the 50% threshold at step 10. Dead ReLUs pass no gradient and do not recover: "
+        "try He init, a lower learning rate, batch norm or LeakyReLU.",
+    }  # fmt: skip
+    zeros = {
+        "rule": "AllZero", "layer": "net.1", "value": 1.0, "threshold": 1.0,
+        "message": "layer net.1: its input (the output of layer net.0) is 100% zeros at step 1. "
+        "From the first probed layer, net.0, on every value is the same (std 0): a zero init, "
+        "which never breaks symmetry. Use He init.",
+    }  # fmt: skip
+    config = {"model": {"arch": "mlp", "activation": "relu", "init": "zero"}}
+    write_recorded_run(data_dir, "zero", steps=20, layers=2, every=10, config=config,
+                       events=[(10, "alert", dead)])  # fmt: skip
+    write_recorded_run(data_dir, "watched", steps=20, layers=2, every=10,
+                       events=[(1, "alert", zeros), (10, "alert", dead)])  # fmt: skip
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            for run_id, why in (
+                ("zero", "this run's init is zero"),
+                ("watched", "AllZero alert at step 1 names a zero init"),
+            ):
+                open_ready(page, f"{server.url}/runs/{run_id}")
+                alert = page.locator("#alerts li.alert", has_text="DeadUnits")
+                expect(alert).to_have_count(1)
+                expect(alert.locator(".suggest-none")).to_contain_text(f"No Halve LR: {why}")
+                expect(alert.locator(".suggest-none")).to_contain_text("The fix is the init")
+                expect(alert.locator("button")).to_have_count(0)
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
 
 
 def test_odd_run_ids_and_layer_names_step_0_and_space_on_a_dropdown(

@@ -119,11 +119,40 @@ const SUGGESTIONS = {
   Overfit: { kind: "wd-on", label: "Switch weight decay on" },
 };
 
-export function suggestionFor(ev) {
+/**
+ * The rules' words for a zero init found by the probes (trainer/rules.py: the first probed
+ * layer has no spread, "... (std 0): a zero init, which never breaks symmetry"). Not their
+ * older generic advice ("Zero init never breaks symmetry, and a too-small init ..."), which
+ * every AllZero alert carried, a too-large init's too.
+ */
+const ZERO_INIT_WORDS = /(?<!not )\ba zero init\b/i;
+
+/**
+ * Why a lower learning rate cannot revive a DeadUnits alert's units, or null when it may.
+ * A zero init never breaks symmetry: every unit of a layer stays identical whatever the
+ * step size, and the fix is the init (PRACTICES.md). A zero-init run's DeadUnits alert
+ * offered a one-click Halve LR. `context`: {zeroInit: the run's config says init zero,
+ * alerts: the run's alerts, by step}: one at or before this alert's step (its own
+ * included) that names a zero init says so too (a watch() run's config need not).
+ */
+export function initCause(ev, context = {}) {
+  if (context.zeroInit) return "this run's init is zero: every unit of a layer stays identical, whatever the learning rate";
+  const step = typeof ev.step === "number" ? ev.step : Infinity;
+  const named = [ev, ...(context.alerts || [])].find((a) => ZERO_INIT_WORDS.test(a.data?.message || "")
+    && (a.step ?? -Infinity) <= step);
+  if (named) {
+    const where = named === ev ? "this alert" : `${named.data?.rule || "an"} alert at step ${named.step}`;
+    return `${where} names a zero init: every unit of a layer stays identical, whatever the learning rate`;
+  }
+  return null;
+}
+
+export function suggestionFor(ev, context = {}) {
   const d = ev.data || {};
   if (ev.kind !== "alert") return null;
   const s = SUGGESTIONS[d.rule];
   if (!s || (d.action && s.kind === "wd-on" && d.action.name === "set_weight_decay")) return null;
+  if (d.rule === "DeadUnits" && initCause(ev, context)) return null;
   return s;
 }
 
@@ -167,6 +196,15 @@ export class EventLog {
     this.olderLine = null;        // "older events not shown" at the log's foot
     this.loadOlder = null;        // () => Promise: reads older events (run.js), addOlder()s them
     this.suggestion = null; // {send(kind) -> bool, blocked(kind) -> reason}: the alerts' buttons
+    this.zeroInit = false;  // the run's config says init zero: a lower LR cannot revive its dead units
+  }
+
+  /** The run's init is zero (its config's model.init): its DeadUnits alerts offer no Halve LR. */
+  setZeroInit(zero) {
+    if (this.zeroInit === !!zero) return;
+    this.zeroInit = !!zero;
+    this.shownAlerts = null; // rendered again with or without their buttons
+    this.renderAlerts();
   }
 
   /** Enables or disables each alert's button from the control bar's current state. */
@@ -335,7 +373,16 @@ export class EventLog {
     li.style.opacity = "";
     li.removeAttribute("title");
     if (typeof ev.step === "number") li.dataset.step = String(ev.step);
-    const hint = suggestionFor(ev);
+    const context = { zeroInit: this.zeroInit, alerts: this.alertList };
+    const hint = suggestionFor(ev, context);
+    const cause = ev.kind === "alert" && ev.data?.rule === "DeadUnits" && this.suggestion ? initCause(ev, context) : null;
+    if (cause) {
+      // what its advice's "lower learning rate" would do here, said instead of a button
+      const why = document.createElement("span");
+      why.className = "suggest-none";
+      why.textContent = `No Halve LR: ${cause}. The fix is the init (He for ReLU layers).`;
+      li.append(" ", why);
+    }
     if (hint && this.suggestion) {
       const b = document.createElement("button");
       b.type = "button";

@@ -667,6 +667,7 @@ function applyDetail(d) {
   controls.setState(d.control);
   const config = $("config");
   const flat = flatConfig(d.config);
+  events.setZeroInit((flat["model.init"] ?? flat.init) === "zero");
   // init_std is the normal init's alone: He and Xavier take their scale from the layer
   if ("model.init" in flat && flat["model.init"] !== "normal") delete flat["model.init_std"];
   // watch()'s own keys repeat a built-in experiment's ("lr 0.05" beside "solver.lr 0.05"),

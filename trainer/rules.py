@@ -6,7 +6,11 @@ thresholds (defaults taken from SageMaker Debugger's built-in rules, each a name
 constant below), onset-only firing, per-run enabling and silencing, and the opt-in
 trigger-based adjustments: halve the learning rate on a validation plateau, switch
 weight decay on when Overfit fires. Each finding says what is wrong, where, when,
-against which threshold, and what to try (the hints follow PRACTICES.md).
+against which threshold, and what to try (the hints follow PRACTICES.md), fitted to what
+the probe step shows (the layers' std/min/max before an all-zero layer, the probed
+activation kinds). Overfit (and auto-halve's last word) advises regularisation only while
+the model is not still under-fitting: with a layer rule's alert open and training loss not
+yet fitted it says to fix the network first, and auto weight decay waits.
 
 Never: imports torch, touches hooks, modules or the optimizer, or talks to the
 network. It sees host numbers (probe-frame layer entries, losses) and returns
@@ -90,6 +94,22 @@ AUTO_WEIGHT_DECAY_START = "auto weight decay: start without it, switch it on whe
 
 # the norms probes read as the ReLU the model applies after them (a DeadUnits note says so)
 _READ_NORM_KINDS = ("BatchNorm", "SyncBatchNorm", "InstanceNorm", "GroupNorm")
+# Activation modules that saturate at bounds (PRACTICES: tanh/sigmoid units saturate, their
+# gradients vanish; prefer ReLU in hidden layers): only a net with one of these is told to
+# try ReLU. The others of ACTIVATION_KINDS are ReLU-like (He init's case), and these two can
+# die: output exact zeros for every input, and pass no gradient back.
+_SATURATING_KINDS = frozenset({"Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign"})
+_DYING_KINDS = frozenset({"ReLU", "ReLU6"})
+# The rules whose open onsets say a layer is broken (dead, saturated, fed zeros, not
+# learning): while one holds and training loss has not come down to its floor, the model
+# under-fits, and Overfit's and auto-halve's advice is to fix the network, not regularise.
+_BROKEN_LAYER_RULES = ("DeadUnits", "Saturation", "VanishingGradient", "AllZero")
+# PRACTICES: start without weight decay while the model under-fits, add it once it over-fits.
+_FIX_FIRST = (
+    "fix those layers first (their alerts say how): weight decay or dropout now would only "
+    "add to the under-fitting (start without weight decay while a model under-fits, add it "
+    "once it over-fits)."
+)
 
 # What an ExplodingTensor alert says it does; with no server to resume a pause, ``alerts``
 # records the stop it becomes instead.
@@ -641,13 +661,129 @@ class Rules:
             )
             if self._onset("VanishingGradient", name, condition, holds):
                 assert value is not None
-                what = "mean |grad| is at most" if n else "gradient norm is"
+                # the RMS bounds the mean |grad| from above; 0 bounds it exactly
+                what = (
+                    ("mean |grad| is" + (" at most" if value else "")) if n else "gradient norm is"
+                )
                 fired.append((name, value, f"{what} {value:.2g}, below {threshold:.0e}"))
-        hint = (
-            "These layers have stopped learning: try Xavier/He init, batch norm, or ReLU "
-            "instead of sigmoid/tanh."
-        )
+        if not fired:
+            return []
+        hint = "These layers have stopped learning" + self._vanishing_hint(entries, fired)
         return self._per_layer("VanishingGradient", step, fired, threshold, hint)
+
+    def _vanishing_hint(
+        self, entries: Sequence[Mapping[str, Any]], fired: Sequence[tuple[str, float, str]]
+    ) -> str:
+        """Why and what to try (after "These layers have stopped learning"), for the network
+        the probes see: no gradient at all in a zero-init net is its symmetry, in a ReLU net
+        its dead units (the all-zero layer after the first named one, and why it died); only
+        a net with tanh/sigmoid units is told to try ReLU, named after the kinds it has."""
+        kinds = self._activation_kinds(entries)
+        init = self._scaled_init(kinds)
+        if fired[0][1] == 0.0:
+            zero = self._zero_init(entries)
+            if zero:
+                return f". {zero} Use {init} init."
+            names = [e["name"] for e in entries]
+            start = names.index(fired[0][0]) if fired[0][0] in names else len(names)
+            zero_at = self.config.all_zero.threshold
+            for i in range(start + 1, len(entries)):
+                frac = _finite(_num(entries[i], "zero_frac"))
+                if frac is not None and frac >= zero_at:
+                    dead = entries[i]
+                    kind = self._kind(dead)
+                    died = " (its ReLUs are dead)" if kind in _DYING_KINDS else ""
+                    return (
+                        f": the output of layer {dead['name']} after them is "
+                        f"{_pct(frac, zero_at)} zeros{died}, so no gradient flows back "
+                        f"through it. {self._zero_cause(entries, i)}"
+                    )
+            if _DYING_KINDS & set(kinds):
+                return (
+                    ": dead ReLUs pass no gradient back. Try He init, a lower learning rate, "
+                    "batch norm or LeakyReLU."
+                )
+        saturating = [k for k in kinds if k in _SATURATING_KINDS]
+        if saturating:
+            return f": try {init} init, batch norm, or ReLU instead of {'/'.join(saturating)}."
+        if kinds:
+            return f": try {init} init or batch norm."
+        return ": try Xavier/He init, batch norm, or ReLU if the hidden layers use sigmoid/tanh."
+
+    def _activation_kinds(self, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The activation modules among the probed layers, each kind once, in depth order."""
+        out: list[str] = []
+        for entry in entries:
+            kind = (self._kind(entry) or "").removeprefix("Lazy")
+            if kind in ACTIVATION_KINDS and kind not in out:
+                out.append(kind)
+        return out
+
+    @staticmethod
+    def _scaled_init(kinds: Sequence[str]) -> str:
+        """PRACTICES' scaled init for these activations: Xavier for tanh-like, He for ReLU."""
+        tanh_like = [k in _SATURATING_KINDS for k in kinds]
+        if not kinds or (any(tanh_like) and not all(tanh_like)):
+            return "Xavier/He"  # unknown, or both kinds in one net
+        return "Xavier" if all(tanh_like) else "He"
+
+    def _zero_init(self, entries: Sequence[Mapping[str, Any]]) -> str | None:
+        """A zero init's symptom, said, or None: the first probed layer (not an activation,
+        whose zeros may be dead units) already has no spread at all (std 0: every unit
+        computes the same)."""
+        if not entries:
+            return None
+        first = entries[0]
+        kind = (self._kind(first) or "").removeprefix("Lazy")
+        if kind in ACTIVATION_KINDS or _finite(_num(first, "std")) != 0.0:
+            return None
+        return (
+            f"The first probed layer, {first['name']}, already outputs one value everywhere "
+            "(std 0): a zero init, which never breaks symmetry (every unit computes the same "
+            "thing, gets the same gradient and stays identical)."
+        )
+
+    def _zero_cause(self, entries: Sequence[Mapping[str, Any]], end: int) -> str:
+        """Why layer ``entries[end]`` outputs only zeros, as the layers up to it show, with
+        what to try: a zero init (no spread from the first layer on), activations grown huge
+        before it (a too-large init or learning rate: the ReLUs behind see only negatives),
+        or shrunk to nothing (a too-small init), each by more than PoorInitialization's
+        factor against the first probed layer; else dead units."""
+        kinds = self._activation_kinds(entries)
+        init = self._scaled_init(kinds)
+        zero = self._zero_init(entries[: end + 1])
+        if zero:
+            return f"{zero} Use {init} init."
+        stds = [(e, s) for e in entries[:end] if (s := _finite(_num(e, "std"))) is not None]
+        factor = self.config.poor_initialization.threshold
+        if stds and stds[0][1] > 0.0:
+            (first, s0) = stds[0]
+            big, s_big = max(stds, key=lambda pair: pair[1])
+            if s_big > factor * s0:
+                lo, hi = _finite(_num(big, "min")), _finite(_num(big, "max"))
+                far = max((v for v in (lo, hi) if v is not None), key=abs, default=None)
+                values = f" (values as far as {far:.2g})" if far is not None else ""
+                return (
+                    f"Activations grew to std {s_big:.2g}{values} at layer {big['name']}, from "
+                    f"{s0:.2g} at layer {first['name']}, and the units behind died: a too-large "
+                    f"init (or learning rate) blew them up. Use {init} init (scaled to the "
+                    "fan-in), a lower learning rate, or batch norm."
+                )
+            live = [(e, s) for e, s in stds if s > 0.0]
+            small, s_small = min(live, key=lambda pair: pair[1])
+            if s_small * factor < s0:
+                return (
+                    f"Activations shrank to std {s_small:.2g} at layer {small['name']}, from "
+                    f"{s0:.2g} at layer {first['name']}, down to all zeros: a too-small init "
+                    f"starves the deep layers. Use {init} init (scaled to the fan-in) or batch "
+                    "norm."
+                )
+        if (self._kind(entries[end]) or "").removeprefix("Lazy") in _DYING_KINDS:
+            return (
+                f"Layer {entries[end]['name']}'s ReLUs are dead (every input negative): try He "
+                "init, a lower learning rate, batch norm or LeakyReLU."
+            )
+        return f"Check that layer's weights and the init ({init}), or add batch norm."
 
     def _all_zero(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
         # The probes see outputs; a layer's input is the previous probed layer's output.
@@ -663,10 +799,10 @@ class Rules:
                     f"{_pct(zero_frac, threshold)} zeros"
                 )
                 fired.append((entry["name"], zero_frac, text))
-        hint = (
-            "Zero init never breaks symmetry, and a too-small init shrinks activations to zero "
-            "layer by layer: try Xavier/He init or batch norm."
-        )
+        if not fired:
+            return []
+        names = [e["name"] for e in entries]
+        hint = self._zero_cause(entries, names.index(fired[0][0]) - 1)
         return self._per_layer("AllZero", step, fired, threshold, hint)
 
     def _poor_init(self, step: int, entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
@@ -862,22 +998,31 @@ class Rules:
         message = (
             f"validation loss {val:.4g} is {_pct(ratio, cfg.ratio_threshold)} above training "
             f"loss {train:.4g} at step {step}, over the {_pct_threshold(cfg.ratio_threshold)} "
-            f"threshold for {cfg.patience} evaluations: the model is over-fitting. "
+            f"threshold for {cfg.patience} evaluations"
         )
-        advice = self._weight_decay_advice()
         action = None
         acting = (
             self.auto_weight_decay
             and not self._weight_decay_sent
             and self._weight_decay_settable is not False
         )
-        # Acting, it does the "add weight decay" itself: the advice is what is left.
-        message += (
-            "Switching weight decay on (auto weight decay); if the gap stays, add dropout or "
-            "more data."
-            if acting
-            else advice
-        )
+        under = self._under_fitting(train)
+        if under is not None:
+            # PRACTICES: no weight decay while the model under-fits. The gap is there, but a
+            # broken network is the thing to fix; auto weight decay keeps its one action for
+            # a later onset.
+            message += f", but the model is still under-fitting: {under}; {_FIX_FIRST}"
+            if acting:
+                message += " Auto weight decay leaves weight decay off."
+            acting = False
+        elif acting:
+            # Acting, it does the "add weight decay" itself: the advice is what is left.
+            message += (
+                ": the model is over-fitting. Switching weight decay on (auto weight decay); "
+                "if the gap stays, add dropout or more data."
+            )
+        else:
+            message += ": the model is over-fitting. " + self._weight_decay_advice()
         if acting:
             self._weight_decay_sent = True
             reason = (
@@ -891,6 +1036,43 @@ class Rules:
                 "reason": reason,
             }
         return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
+
+    def _under_fitting(self, train: float) -> str | None:
+        """Why the model still under-fits, said, or None: some layer rule's alert holds now
+        (an open DeadUnits, Saturation, VanishingGradient or AllZero onset of a rule not
+        silenced: one silenced, as a false alarm may be, keeps quiet here too) while training
+        loss ``train`` has not come down to its floor, at most
+        PLATEAU_CONVERGED_FRACTION of the run's first evaluated training loss (where
+        auto-halve counts a model as fitted, validation flat above it being over-fitting).
+        A model that has fitted its training data over-fits whatever a layer shows (the
+        default-init ReLU net on digits kept two DeadUnits layers at 100% accuracy)."""
+        first = self._first_train if self._first_train is not None else train
+        if first > 0.0 and 0.0 <= train <= PLATEAU_CONVERGED_FRACTION * first:
+            return None
+        order = {name: i for i, name in enumerate(self.kinds)}
+        broken = []
+        for rule in _BROKEN_LAYER_RULES:
+            if rule not in self.enabled or not self._audible(rule):
+                continue
+            layers = sorted(
+                (layer for r, layer in self._active if r == rule),
+                key=lambda name: (order.get(name, len(order)), name),
+            )
+            if layers:
+                named = ", ".join(layers[:MAX_LAYERS_NAMED])
+                more = len(layers) - MAX_LAYERS_NAMED
+                broken.append(
+                    f"{rule} holds in {named}" + (f" and {more} more" if more > 0 else "")
+                )
+        if not broken:
+            return None
+        loss = (
+            f"training loss {train:.4g} is still {100 * train / first:.0f}% of its first "
+            f"evaluation's {first:.4g} (fitted is {_pct(PLATEAU_CONVERGED_FRACTION)} or less)"
+            if first > 0.0
+            else f"training loss {train:.4g} has not come down to a floor"
+        )
+        return f"{loss}, and " + "; ".join(broken)
 
     def _weight_decay_advice(self) -> str:
         """What Overfit (and auto-halve, giving up on an over-fitting run) tells the user to
@@ -973,10 +1155,18 @@ class Rules:
         return [Finding(PLATEAU, step, None, message, val, best, action)]
 
     def _not_a_plateau(self, val: float, train: float | None) -> str:
-        """Why halving no further, as the run looks: over-fitting where validation loss is
-        above training loss by more than Overfit's threshold (a lower learning rate does not
-        cure that; regularisation does), else stuck."""
+        """Why halving no further, as the run looks: under-fitting where a layer rule's alert
+        holds and training loss is not fitted (``_under_fitting``: fix the layers, no
+        regularisation), over-fitting where validation loss is above training loss by more
+        than Overfit's threshold (a lower learning rate does not cure that; regularisation
+        does), else stuck."""
         gap = self.config.overfit.ratio_threshold
+        under = self._under_fitting(train) if train is not None else None
+        if under is not None:
+            return (
+                f"the model is still under-fitting, which a lower learning rate does not cure "
+                f"either: {under}; {_FIX_FIRST}"
+            )
         if train is not None and train > 0 and (val - train) / train > gap:
             return (
                 f"validation loss {val:.4g} stays far above training loss {train:.4g}, so the "

@@ -86,6 +86,45 @@ def test_zero_init_relu_net_raises_dead_units_and_all_zero_naming_the_first_laye
     alert = next(e for e in events(tmp_path, "alert") if e["data"]["rule"] == "DeadUnits")
     assert alert["data"]["value"] == 1.0 and alert["data"]["threshold"] == 0.5
     assert "step 1" in alert["data"]["message"] and "He init" in alert["data"]["message"]
+    # The advice fits the net the probes see (hello's kinds): a zero init, a ReLU net, no
+    # gradient at all (AllZero told every run about a too-small init; VanishingGradient
+    # read "at most 0" and told ReLU nets to use ReLU).
+    said = {e["data"]["rule"]: e["data"]["message"] for e in events(tmp_path, "alert")}
+    assert "a zero init, which never breaks symmetry" in said["AllZero"]
+    assert "too-small" not in said["AllZero"] and "Use He init" in said["AllZero"]
+    assert "layer 0: mean |grad| is 0, below" in said["VanishingGradient"]
+    assert (
+        "zero init" in said["VanishingGradient"] and "ReLU instead" not in said["VanishingGradient"]
+    )
+
+
+def test_overfit_on_a_saturated_tanh_net_says_to_fix_it_and_leaves_weight_decay_off(
+    tmp_path: Path,
+) -> None:
+    """The init lab's tanh net under normal(std 1.0) init, saturated and under-fitting, was
+    told at its Overfit "Add dropout ... or weight decay", and auto weight decay would have
+    switched it on. With Saturation holding and training loss not fitted it is told to fix
+    the layers first, and weight decay stays off."""
+    model = mlp(nn.Tanh, width=256)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.01)
+    with watch(model, opt, every=5, run_dir=tmp_path, auto_weight_decay=True, patience=2) as w:
+        for _ in range(4):  # validation loss far above the training loss, and flat
+            train(w, model, opt, 5)
+            w.eval(val_loss=50.0)
+        train(w, model, opt, 1)
+    said = [e["data"] for e in events(tmp_path, "alert")]
+    assert "Saturation" in {d["rule"] for d in said}
+    (overfit,) = [d for d in said if d["rule"] == "Overfit"]
+    assert (
+        "still under-fitting" in overfit["message"] and "Saturation holds in" in overfit["message"]
+    )
+    assert "Add dropout" not in overfit["message"] and "action" not in overfit
+    assert "Auto weight decay leaves weight decay off" in overfit["message"]
+    decays = {r["values"].get("weight_decay") for r in rows_of(tmp_path)} - {None}
+    assert decays == {0.0}  # held off from the first step, and never switched on
 
 
 def test_large_normal_init_saturates_tanh(tmp_path: Path) -> None:

@@ -312,6 +312,100 @@ def test_all_zero_flags_the_layer_whose_input_is_all_zeros() -> None:
     assert [f for f in rules().on_probe(7, healthy_layers(act1={"zero_frac": 0.99}), {})] == []
 
 
+# The same MLP with ReLU in every hidden layer.
+RELU_KINDS = {**KINDS, "act2": "ReLU"}
+# What the probes saw at step 10 of the init lab's ReLU run under normal(std 1.0) init,
+# on this smaller net: activations grown to std 1.5e24 (values down to -2.9e25) by fc1, so
+# act1's ReLUs are all dead, its output all zeros, and nothing flows back to fc0 and fc1.
+BLOWN_UP = {
+    "fc0": {"std": 6.8e7, "min": -5.6e8, "max": 9.3e7, "zero_frac": 0.0, "grad_norm": 0.0},
+    "act0": {"std": 4.3e6, "min": 0.0, "max": 9.3e7, "zero_frac": 0.92, "dead_ratio": 0.23},
+    "fc1": {"std": 1.5e24, "min": -2.9e25, "max": -8.6e6, "dead_ratio": 1.0, "grad_norm": 0.0},
+    "act1": {"std": 0.0, "min": 0.0, "max": 0.0, "zero_frac": 1.0, "dead_ratio": 1.0},
+    "fc2": {"std": 5.9e3, "min": -3.5e4, "max": 0.03, "dead_ratio": 0.98, "grad_norm": 1.0},
+    "act2": {"std": 0.003, "min": 0.0, "max": 0.03, "zero_frac": 0.98, "dead_ratio": 0.98},
+}
+# A zero-initialised net: every value of every layer 0 (no spread), no gradient but the head's.
+ZERO_INIT = {
+    name: {"zero_frac": 1.0, "std": 0.0, "min": 0.0, "max": 0.0}
+    | ({"grad_norm": 0.0, "dead_ratio": 0.0} if kind == "Linear" and name != "out" else {})
+    | ({"dead_ratio": 1.0} if kind == "ReLU" else {})
+    for name, kind in KINDS.items()
+}
+# A too-small init, deep enough that fc1's output underflows: std falls 1e7x, then zeros.
+SHRUNK = {
+    "fc0": {"std": 0.02, "min": -0.07, "max": 0.07},
+    "act0": {"std": 0.012, "min": 0.0, "max": 0.07},
+    "fc1": {"std": 1e-9, "min": -4e-9, "max": 4e-9},
+    "act1": {"std": 0.0, "min": 0.0, "max": 0.0, "zero_frac": 1.0},
+}
+
+
+def test_all_zero_says_what_the_layers_before_the_zeros_show() -> None:
+    """AllZero said "Zero init never breaks symmetry, and a too-small init shrinks
+    activations to zero layer by layer" on every run, the init lab's normal(1.0) ReLU run
+    too, whose layers had blown up to 1e25 before its ReLUs died. The hint now follows the
+    probe step: values grown huge, no spread from the first layer on, or shrinking."""
+    relu = Rules(kinds=RELU_KINDS, params=PARAMS)
+    (blown,) = [f for f in relu.on_probe(10, healthy_layers(**BLOWN_UP), {}) if f.rule == "AllZero"]
+    assert blown.layer == "fc2" and "output of layer act1" in blown.message
+    assert "Zero init" not in blown.message and "too-small" not in blown.message
+    assert "grew to std 1.5e+24 (values as far as -2.9e+25) at layer fc1" in blown.message
+    assert "from 6.8e+07 at layer fc0" in blown.message and "too-large init" in blown.message
+    assert "He init" in blown.message and "Xavier" not in blown.message  # a ReLU net
+
+    (zero,) = [
+        f for f in rules().on_probe(1, healthy_layers(**ZERO_INIT), {}) if f.rule == "AllZero"
+    ]
+    assert "zero init" in zero.message and "symmetry" in zero.message
+    assert "first probed layer, fc0" in zero.message
+    assert "too-small" not in zero.message and "too-large" not in zero.message
+
+    (small,) = [f for f in rules().on_probe(1, healthy_layers(**SHRUNK), {}) if f.rule == "AllZero"]
+    assert small.layer == "fc2" and "too-small init" in small.message
+    assert "shrank to std 1e-09 at layer fc1, from 0.02 at layer fc0" in small.message
+    assert "Zero init" not in small.message and "too-large" not in small.message
+
+
+def test_vanishing_gradient_advice_fits_the_networks_activations() -> None:
+    """VanishingGradient told ReLU nets to use "ReLU instead of sigmoid/tanh" and read "mean
+    |grad| is at most 0" for no gradient at all. An exact 0 now reads "is 0"; the advice
+    follows the probed activations: a ReLU net with no gradient is pointed at its dead
+    units or its zero init, a tanh net may be told to try ReLU."""
+    relu = Rules(kinds=RELU_KINDS, params=PARAMS)
+    found = relu.on_probe(10, healthy_layers(**BLOWN_UP), {})
+    (gone,) = [f for f in found if f.rule == "VanishingGradient"]
+    assert gone.layers == ["fc0", "fc1"] and gone.value == 0.0
+    assert "layer fc0: mean |grad| is 0, below 1e-07" in gone.message
+    assert "at most" not in gone.message and "sigmoid/tanh" not in gone.message
+    assert "ReLU instead" not in gone.message
+    assert "layer act1 after them is 100% zeros" in gone.message and "dead" in gone.message
+    assert "grew to std 1.5e+24" in gone.message  # why they died, as AllZero says it
+    # zero init: symmetry, whichever the activation
+    for kinds, init in ((RELU_KINDS, "He"), ({**KINDS, "act0": "Tanh", "act1": "Tanh"}, "Xavier")):
+        found = Rules(kinds=kinds, params=PARAMS).on_probe(1, healthy_layers(**ZERO_INIT), {})
+        (zero,) = [f for f in found if f.rule == "VanishingGradient"]
+        assert "mean |grad| is 0," in zero.message and "zero init" in zero.message
+        assert f"{init} init" in zero.message and "ReLU instead" not in zero.message
+    # a small gradient (not 0): a ReLU net gets He init and batch norm, not ReLU
+    tiny = {"fc0": {"grad_norm": 1e-6}}
+    (small,) = Rules(kinds=RELU_KINDS, params=PARAMS).on_probe(5, healthy_layers(**tiny), {})
+    assert "mean |grad| is at most 1.6e-08" in small.message
+    assert "He init" in small.message and "ReLU instead" not in small.message
+    # ... a net with tanh layers may try ReLU, named after what it has
+    only_tanh = {**KINDS, "act0": "Tanh", "act1": "Tanh"}
+    (tanh,) = Rules(kinds=only_tanh, params=PARAMS).on_probe(5, healthy_layers(**tiny), {})
+    assert "Xavier init" in tanh.message and "ReLU instead of Tanh" in tanh.message
+    # ... and with no activation module probed (F.relu in forward) it cannot tell
+    bare = {k: v for k, v in KINDS.items() if not k.startswith("act")}
+    layers = [e for e in healthy_layers(**tiny) if e["name"] in bare]
+    (unknown,) = Rules(kinds=bare, params=PARAMS).on_probe(5, layers, {})
+    assert "if the hidden layers use sigmoid/tanh" in unknown.message
+    # no parameter count: the norm itself, 0 read as 0
+    (norm,) = Rules(kinds=RELU_KINDS).on_probe(5, healthy_layers(fc0={"grad_norm": 0.0}), {})
+    assert "gradient norm is 0," in norm.message
+
+
 def test_a_value_hovering_at_a_threshold_is_one_alert_until_it_clearly_recovers() -> None:
     r = rules()
     found: list[Finding] = []
@@ -585,6 +679,78 @@ def test_overfit_advice_is_true_to_whether_the_run_can_switch_weight_decay_on() 
     assert "Switch weight decay on (it is off now)" in found.message
 
 
+def _lab_losses(i: int) -> tuple[float, float]:
+    """(training, validation) loss at the i-th evaluation (step 50 * (i + 1)) of the init
+    lab's tanh run under normal(std 1.0) init, as a review saw it: training loss falling
+    from 10 to ~1.5 (accuracy ~40%), validation loss 16% above it from step 600."""
+    train = 1.5 + 8.5 * math.exp(-i / 2)
+    return train, train * (1.16 if i >= 11 else 1.05)
+
+
+def _saturated_tanh_run(r: Rules, evals: int) -> list[Finding]:
+    """That run, with every hidden activation saturated from its first probe step."""
+    saturated = healthy_layers(act0={"saturated_ratio": 0.92}, act2={"saturated_ratio": 0.98})
+    out: list[Finding] = []
+    for i in range(evals):
+        out += r.on_probe(50 * (i + 1), saturated, {})
+        train, val = _lab_losses(i)
+        out += r.on_eval(50 * (i + 1), val, train)
+    return out
+
+
+def test_overfit_on_a_net_still_under_fitting_says_to_fix_it_first() -> None:
+    """Overfit fired on the init lab's saturated tanh net (accuracy ~40%) and advised "Add
+    dropout ... or weight decay", which PRACTICES keeps from an under-fitting model. It
+    fires as before, but with a layer rule's condition holding (Saturation here) and the
+    training loss not yet fitted (above 5% of its first evaluation's, auto-halve's
+    converged floor) it says to fix the network first and auto weight decay waits."""
+    r = rules(auto_weight_decay=True, patience=3)
+    found = _saturated_tanh_run(r, 14)
+    (overfit,) = [f for f in found if f.rule == "Overfit"]
+    assert overfit.step == 700 and overfit.value == pytest.approx(0.16)
+    assert overfit.action is None  # no weight decay switched on
+    message = overfit.message
+    assert "16% above training loss 1.5" in message and "still under-fitting" in message
+    assert "Saturation holds in act0, act2" in message
+    assert "of its first evaluation's" in message and "fix those layers first" in message
+    assert "Add dropout" not in message and "Switching weight decay on" not in message
+    assert "raise it" not in message and "Add weight decay" not in message
+    # the same detection without the saturated layers: over-fitting, with its advice
+    plain = rules(auto_weight_decay=True, patience=3)
+    (fitting,) = [f for i in range(14) for f in plain.on_eval(50 * (i + 1), *_lab_losses(i)[::-1])]
+    assert fitting.step == overfit.step and fitting.action is not None
+    assert "over-fitting" in fitting.message and "under-fitting" not in fitting.message
+    # A converged net (training loss at 5% of its first) over-fits whatever a layer shows:
+    # the default-init ReLU run had DeadUnits open in two layers at 100% training accuracy.
+    fitted = rules(patience=1)
+    fitted.on_probe(50, healthy_layers(act1={"dead_ratio": 0.9}), {})
+    assert fitted.on_eval(50, 0.14, 1.7) == []
+    (dead,) = fitted.on_eval(100, 0.15, 0.066)
+    assert "over-fitting" in dead.message and "Add weight decay" in dead.message
+    assert "under-fitting" not in dead.message
+    # ... nor does a rule silenced (as a false alarm may be) or left out
+    for quiet in (
+        rules(auto_weight_decay=True, patience=3, silenced=["Saturation"]),
+        Rules(kinds=KINDS, params=PARAMS, enabled=["Overfit"], auto_weight_decay=True),
+    ):
+        (overfit,) = [f for f in _saturated_tanh_run(quiet, 14) if f.rule == "Overfit"]
+        assert "under-fitting" not in overfit.message and overfit.action is not None
+
+
+def test_auto_halving_out_of_halvings_on_an_under_fitting_net_does_not_advise_decay() -> None:
+    """Auto-halve's last word called a plateau far above training loss over-fitting and
+    advised weight decay, the saturated net's too: it now says the net under-fits."""
+    r = rules(auto_halve_lr=True, patience=2, silenced=["Overfit"])
+    r.on_probe(1, healthy_layers(act2={"saturated_ratio": 0.98}), {})
+    trains = [10.0 * 0.95**i for i in range(14)]
+    found = [f for i, t in enumerate(trains) for f in r.on_eval(i, 9.5, t)]
+    last = found[-1]
+    assert last.action is None and "halves no further" in last.message
+    assert "still under-fitting" in last.message and "Saturation holds in act2" in last.message
+    assert "over-fitting" not in last.message and "Add weight decay" not in last.message
+    assert "--auto-weight-decay" not in last.message and "dropout or more data" not in last.message
+
+
 def test_percentages_next_to_their_threshold_tell_the_two_apart() -> None:
     """A saturated ratio of 0.5039 read "50% of units are saturated ..., above the 50%
     threshold"; a value rounding to its threshold now shows the decimals that differ."""
@@ -725,14 +891,14 @@ def _a_run(r: Rules, steps: range) -> list[tuple[Any, ...]]:
     """A run meeting most rules, fed step by step: training loss falling slowly to step 150
     then flat (LossNotDecreasing over 10-step windows), NaN at steps 200-201; validation
     every 10 steps, flat from step 30 well above training loss (Overfit, auto weight decay,
-    auto-halve while training loss falls); act1 dead at steps 20-60 and 100-140."""
+    auto-halve while training loss falls); act1 dead at steps 20-50 and 100-140."""
     out: list[tuple[Any, ...]] = []
     for step in steps:
         noise = 0.001 * ((step * 37) % 11 - 5)
         loss = (1.0 - 0.001 * step if step <= 150 else 0.85) + noise
         found = r.on_loss(step, math.nan if step in (200, 201) else loss)
         if step % 5 == 0:
-            dead = 0.7 if 20 <= step <= 60 or 100 <= step <= 140 else 0.1
+            dead = 0.7 if 20 <= step <= 50 or 100 <= step <= 140 else 0.1
             layers = healthy_layers(act1={"dead_ratio": dead})
             found += r.on_probe(step, layers, {"grad_norm": 0.4})
         if step % 10 == 0:

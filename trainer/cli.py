@@ -815,6 +815,13 @@ def _sync(args: argparse.Namespace) -> int:
     else:
         # acked counts the whole run (a re-sync sends only what the server lacked)
         said = f"sent {synced.sent} frames; the server now holds all {synced.acked}"
+    if synced.refused:  # acked past, but each is only a record of its refusal there
+        said += (
+            f", {len(synced.refused)} of them as a record of its refusal"
+            f" (seq {', '.join(map(str, synced.refused[:10]))}"
+            + (f" and {len(synced.refused) - 10} more" if len(synced.refused) > 10 else "")
+            + "; the spool keeps the frames)"
+        )
     print(f"synced {spool}: {said}", flush=True)
     return 0
 

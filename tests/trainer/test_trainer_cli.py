@@ -817,3 +817,33 @@ def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
         assert err.count("\n") == 1 and err.startswith("layerscope train: "), err
         assert expected in err, err
         assert not out.exists(), expected
+
+
+def test_sync_says_which_frames_the_server_holds_only_as_a_refusal_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool holding an event the server refuses for its content (100 KB of data over
+    its 64 KiB limit): the server records the refusal in its place and acks past it. The
+    CLI said "sent 6 frames; the server now holds all 6" as if the event were stored."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
+    from layerscope.trainer.link import Link
+    from server_harness import make_settings, running_server
+    from trainer_server import make_hello, metrics
+
+    monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("cli-refused"), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 4):
+        link.submit(metrics(step))
+    link.submit({"type": "event", "step": 3, "kind": "log", "data": {"message": "x" * 100_000}})
+    for step in range(4, 6):
+        link.submit(metrics(step))
+    link.close()
+    with running_server(make_settings(tmp_path / "data")) as server:
+        assert cli.main(["sync", str(spool), "--server", str(server), "--timeout", "20"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "sent 6 frames; the server now holds all 6, 1 of them as a record of its refusal"
+        " (seq 4; the spool keeps the frames)"
+    ) in out

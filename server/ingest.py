@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -562,11 +563,43 @@ def _over_limit(kind: str, seq: int | None, what: str, names: list[str]) -> str:
 
 
 def _loads(payload: str | bytes) -> Any:
-    """The frame's JSON (anything), or None when it is not JSON."""
+    """A refused frame's JSON (anything), or None when it is not JSON: what names the
+    frame (its type and seq) and what its refusal record keeps of it (refusal_record).
+
+    orjson refuses some JSON that wire.decode reads and then refuses without a close: a
+    lone surrogate (``"\\udce9"``), an integer literal of more than 4300 digits. Those
+    frames lost their seq (not recorded in its place, so acks stopped
+    below it for the rest of the run, and the error named no frame): ``json`` reads them,
+    such an integer as None and each lone surrogate escaped (wire.escape_surrogates: the
+    record is stored text), what lies deeper than the record looks dropped."""
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        msg = json.loads(payload, parse_int=_int_or_none, parse_constant=lambda _: None)
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
         return None
+    return wire.escape_surrogates(_shallow(msg, 3))
+
+
+def _int_or_none(literal: str) -> int | None:
+    """An integer literal, or None past what Python converts (4300 digits)."""
+    try:
+        return int(literal)
+    except ValueError:
+        return None
+
+
+def _shallow(value: Any, depth: int) -> Any:
+    """``value`` without the objects and lists nested in it more than ``depth`` deep
+    (None in their place): a frame's type, seq, ``data`` fields and first row's step are
+    all a refusal record keeps, and escape_surrogates recurses."""
+    if isinstance(value, dict):
+        return {k: _shallow(v, depth - 1) for k, v in value.items()} if depth > 0 else None
+    if isinstance(value, list):
+        return [_shallow(v, depth - 1) for v in value] if depth > 0 else None
+    return value
 
 
 def _kind_text(kind: str) -> str:

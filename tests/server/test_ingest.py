@@ -646,6 +646,47 @@ async def test_an_error_names_the_frame_it_refuses_by_type_and_seq(
 
 
 @pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (  # a series named from a file name that is not UTF-8
+            '{"v":1,"type":"metrics","seq":2,"rows":[{"step":2,"values":{"caf\\udce9":1.0}}]}',
+            "rows[0].values key 'caf\\udce9' holds U+DCE9, which is not valid UTF-8 text",
+        ),
+        (
+            '{"v":1,"type":"event","seq":2,"step":2,"kind":"log","data":{"n":' + "7" * 5000 + "}}",
+            "malformed JSON: an integer literal of more than 4300 digits",
+        ),
+    ],
+    ids=["lone-surrogate", "5000-digit-int"],
+)
+async def test_a_frame_orjson_cannot_read_is_recorded_as_refused_and_acked_past(
+    shared_server: LiveServer, run_id: str, frame: str, why: str
+) -> None:
+    """The refused frame's seq was read with orjson alone, which refuses a lone surrogate
+    and a 4300+-digit integer: such a frame got an error naming no frame, was not recorded
+    in its seq's place, and acks stopped below it for the rest of the run (the later
+    frames stored, never acked)."""
+    trainer = await FakeTrainer.connect(shared_server, run_id)
+    await stored_run(trainer, 1)
+    await trainer.send(frame)
+    await trainer.send(metrics_frame(3, 3))
+    await trainer.send(metrics_frame(4, 4))
+    error = await trainer.wait_for(lambda m: m["type"] == "error")
+    kind = "metrics" if '"metrics"' in frame else "event"
+    assert error["message"].startswith(f"{kind} frame seq 2 not stored: {why}")
+    assert error["message"].endswith(REFUSAL_RECORDED)
+    assert error["refused_seq"] == 2
+    await trainer.wait_acked(4)
+    stored = exported(shared_server, run_id)
+    assert [f["seq"] for f in stored] == [1, 2, 3, 4]
+    assert stored[1]["kind"] == "log" and stored[1]["step"] == 2
+    assert stored[1]["data"]["refused"] == {"type": kind, "seq": 2, "bytes": len(frame)}
+    assert stored[1]["data"]["message"].startswith(f"server: {kind} frame seq 2 not stored")
+    assert run_detail(shared_server, run_id)["acked_seq"] == 4
+    await trainer.close()
+
+
+@pytest.mark.parametrize(
     ("frame", "said"),
     [
         (  # it said only "unknown status 'bogus'": which frame, of those sent, was it?

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import math
+import os
 import threading
 import time
 import tracemalloc
@@ -991,3 +992,32 @@ def test_settle_applies_the_stop_a_rule_sent_after_the_last_step(tmp_path: Path)
         w.settle()
         assert w.should_stop
         assert w.control.stopped_by is not None and w.control.stopped_by["source"] == "rule"
+
+
+def test_names_that_are_not_utf8_are_escaped_in_the_config_and_refused_as_series(
+    tmp_path: Path,
+) -> None:
+    """watch() with names that are not UTF-8 (os.fsdecode's lone surrogates). The config's
+    and the run name's were sent as they were and the server refused the hello (or, before
+    the server refused them, stored what broke every read); a series name's frame was
+    refused and the run lost from there. Now the name and config are sent escaped, and a
+    series name, event data or run id holding one raises ValueError naming it."""
+    bad = os.fsdecode(b"/data/caf\xe9.npz")
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"data": bad, os.fsdecode(b"k\xff"): [bad]}
+    name = "run " + os.fsdecode(b"caf\xe9")
+    with watch(model, opt, server="", run=name, run_id="w1", config=config, run_dir=tmp_path) as w:
+        w.step(loss=torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"series name 'val_caf\\udce9' holds U\+DCE9"):
+            w.step(loss=torch.tensor(1.0), **{"val_" + os.fsdecode(b"caf\xe9"): 1.0})
+        with pytest.raises(ValueError, match=r"data.file holds U\+DCE9"):
+            w.event("log", {"file": bad})
+        w.step(loss=torch.tensor(0.5))
+    assert w.step_count == 2
+    hello = json.loads(next(read_spool(tmp_path / "spool.bin")))
+    assert hello["name"] == "run caf\\xe9"
+    assert hello["config"]["data"] == os.fsencode(bad).decode("utf-8", "backslashreplace")
+    assert hello["config"]["k\\xff"] == ["/data/caf\\xe9.npz"]
+    with pytest.raises(ValueError, match=r"run_id 'w\\udce9' holds U\+DCE9"):
+        watch(model, opt, server="", run_id="w" + os.fsdecode(b"\xe9"), run_dir=tmp_path)

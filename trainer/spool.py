@@ -281,4 +281,10 @@ def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         seq = frame.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
             seen.setdefault(seq, offset)
+    # A spool written before watch() escaped them (10ce9a0) may hold a lone surrogate in
+    # its name or config (a file name that is not UTF-8): sent as text, as watch() now
+    # sends them, not refused (it could never be uploaded).
+    for field in ("name", "config"):
+        if field in hello:
+            hello[field] = wire.escape_surrogates(hello[field])
     return wire.validate_hello(hello), sorted(seen.items())

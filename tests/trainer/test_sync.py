@@ -343,3 +343,39 @@ def test_sync_stuck_behind_a_refused_frame_says_so_not_no_heartbeat(tmp_path: Pa
         " data exceeds 65536 bytes), and acks (the highest contiguous seq it stored) cannot pass"
         " it; a newer layerscope server records such a refusal and acks past it"
     )
+
+
+def test_a_spool_whose_hello_holds_a_lone_surrogate_is_uploaded_with_it_escaped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool written before watch() escaped them (10ce9a0): its hello's name and config
+    hold a lone surrogate (a data file named in Latin-1, os.fsdecode's '\\udce9'), and so
+    does a series name in a later frame. Lone surrogates are no text and are refused now,
+    so the spool could never be uploaded (its hello refused before anything was sent).
+    The name and config are sent escaped, as watch() now sends them; the frame holding
+    one is refused and recorded in its place by the server, and the rest is stored."""
+    from server_harness import exported, make_settings, run_detail, running_server
+
+    spool = tmp_path / "spool.bin"
+    writer = SpoolWriter(spool)  # as the link wrote it then: json's "\udce9" escapes
+    hello = {**make_hello("old-surrogate"), "name": "caf\udce9", "last_acked_seq": 0}
+    hello["config"] = {"data": "/data/caf\udce9.npz", "lr": 0.1}
+    writer.append(json.dumps({"v": 1, "type": "hello", **hello}))
+    for seq in range(1, 5):
+        frame = {**metrics(seq), "seq": seq}
+        if seq == 2:
+            frame["rows"][0]["values"] = {"caf\udce9": 1.0}
+        writer.append(json.dumps({"v": 1, **frame}))
+    writer.close()
+    with running_server(make_settings(tmp_path / "data")) as server:
+        synced = upload_spool(spool, server.ws("/ws/trainer"), timeout_s=20)
+        assert synced == Synced(acked=4, sent=4, refused=(2,))
+        run = run_detail(server, "old-surrogate")
+        frames = exported(server, "old-surrogate")
+    assert run["config"]["data"] == "/data/caf\\xe9.npz" and run["config"]["lr"] == 0.1
+    assert run["name"] == "caf\\xe9"
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4]
+    assert frames[1]["kind"] == "log" and frames[1]["data"]["refused"]["seq"] == 2
+    assert "metrics frame seq 2 not stored: rows[0].values key 'caf\\udce9' holds U+DCE9" in (
+        caplog.text
+    )

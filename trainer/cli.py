@@ -822,6 +822,19 @@ def _sync(args: argparse.Namespace) -> int:
             + (f" and {len(synced.refused) - 10} more" if len(synced.refused) > 10 else "")
             + "; the spool keeps the frames)"
         )
+    if synced.missing:  # damaged records: the run lacks them, and acks stop before them
+        count = len(synced.missing)
+        seqs = ", ".join(map(str, synced.missing[:10])) + (
+            f" and {count - 10} more" if count > 10 else ""
+        )
+        said = (
+            f"sent {synced.sent} frames; the server confirmed {synced.acked}, up to the"
+            f" spool's first damaged record: {count} frame{'s' * (count > 1)} (seq {seqs})"
+            f" could not be read from the spool and {'are' if count > 1 else 'is'} missing"
+            " from the run; the frames after it were sent, unconfirmed"
+        )
+        print(f"synced {spool} in part: {said}", flush=True)
+        return 1
     print(f"synced {spool}: {said}", flush=True)
     return 0
 

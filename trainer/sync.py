@@ -19,7 +19,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +59,10 @@ class Synced:
     acked: int
     sent: int
     refused: tuple[int, ...] = ()
+    # seqs below the spool's last that it does not hold (damaged records): the server
+    # stores the frames after the first of them but cannot confirm them (acks are the
+    # highest contiguous seq), and the run lacks them for good
+    missing: tuple[int, ...] = ()
 
 
 def sync_spool(
@@ -125,7 +129,14 @@ def upload_spool(
             )
             break
         target = seq
-    return asyncio.run(_upload(path, hello, frames, target, trainer_url(server), token, timeout_s))
+    synced = asyncio.run(
+        _upload(path, hello, frames, target, trainer_url(server), token, timeout_s)
+    )
+    if target < frames[-1][0]:
+        held = {seq for seq, _ in frames}
+        missing = tuple(seq for seq in range(target + 1, frames[-1][0]) if seq not in held)
+        synced = replace(synced, missing=missing)
+    return synced
 
 
 def _refusal_hint(exc: Exception, token: str | None, url: str) -> str:

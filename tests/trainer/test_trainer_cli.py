@@ -847,3 +847,38 @@ def test_sync_says_which_frames_the_server_holds_only_as_a_refusal_record(
         "sent 6 frames; the server now holds all 6, 1 of them as a record of its refusal"
         " (seq 4; the spool keeps the frames)"
     ) in out
+
+
+def test_sync_of_a_damaged_spool_says_what_is_missing_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool whose frame 10 of 20 fails its CRC: every frame it still holds is sent, but
+    the server can confirm only 1-9 (acks are the highest contiguous seq) and the run lacks
+    frame 10 for good. The CLI said "sent 19 frames; the server now holds all 9" and exit 0
+    (README: 0 only when the server acknowledged everything)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
+    from layerscope.trainer.link import Link
+    from server_harness import exported, make_settings, running_server
+    from trainer_server import make_hello, metrics
+
+    monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("cli-damaged"), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 21):
+        link.submit(metrics(step))
+    link.close()
+    data = bytearray(spool.read_bytes())
+    data[data.index(b'"seq":10}') + 3] ^= 0x20  # the record's CRC no longer matches
+    spool.write_bytes(bytes(data))
+    with running_server(make_settings(tmp_path / "data")) as server:
+        assert cli.main(["sync", str(spool), "--server", str(server), "--timeout", "20"]) == 1
+        stored = [f["seq"] for f in exported(server, "cli-damaged")]
+    assert stored == [*range(1, 10), *range(11, 21)]
+    out = capsys.readouterr().out
+    assert (
+        "in part: sent 19 frames; the server confirmed 9, up to the spool's first damaged"
+        " record: 1 frame (seq 10) could not be read from the spool and is missing"
+        " from the run; the frames after it were sent, unconfirmed"
+    ) in out
+    assert "holds all" not in out

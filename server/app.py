@@ -8,7 +8,10 @@ Launcher and Ingest, puts them on ``app.state``
 reverse order; request bodies over security.MAX_BODY_BYTES refused with 413
 (BodyLimitMiddleware); a startup the data directory refuses reported to the ASGI server in one
 line (``StartupMessage``), not as a traceback; the security middleware around
-everything; ``GET /healthz`` (503 while the store cannot take writes); a 404 on the
+everything; ``GET /healthz`` (503 while the store cannot store what trainers send:
+Store.write_problem); a read that meets a damaged database answered 503 with why
+(DatabaseDamaged), and an export cut short by one ended without its last chunk
+(``CutShort``: a client sees a failed transfer, not a complete-looking file); a 404 on the
 dashboard's page paths (anything outside ``/api``, ``/ws``, ``/static`` and ``/healthz``:
 ``/runs/...``, ``/labs/...``, ``/compare...``) answered as an HTML page (``404.html``:
 what was not found, escaped, and a link back to the runs page) where the API keeps its
@@ -46,7 +49,7 @@ from layerscope.server.checks import StoreError
 from layerscope.server.schema import SchemaError
 from layerscope.server.security import BodyLimitMiddleware, SecurityMiddleware
 from layerscope.server.settings import Settings
-from layerscope.server.store import Store
+from layerscope.server.store import DatabaseDamaged, ExportCutShort, Store
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -154,6 +157,32 @@ class StartupMessage:
         await self.app(scope, receive, say)
 
 
+class CutShort:
+    """ASGI middleware: a streamed response whose body raised ExportCutShort (it has sent its
+    error line and logged why) ends without the final empty chunk, so the client sees a
+    transfer cut off (curl: exit 18; a browser: a failed download), not a clean end; no
+    traceback is logged for it (the ASGI server says in one line that the response did
+    not complete)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except ExportCutShort:
+            return  # the response started and never finished: uvicorn closes the connection
+
+
+async def damaged_database(request: Request, exc: Exception) -> Response:
+    """A read that met a damaged database (DatabaseDamaged): 503 with why, not a 500 and a
+    traceback; the store refuses writes from then on."""
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -201,8 +230,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz", response_model=None)
     async def healthz() -> dict[str, Any] | JSONResponse:
         """200 while the server can store what trainers send; 503 naming why while it
-        cannot (its writer process died and another has not started yet), so a
-        supervisor's health check sees it."""
+        cannot (Store.write_problem: its writer process died and another has not started
+        yet; its commits fail, ``cannot store: database or disk is full at <data dir>``,
+        until one commits again; the database is damaged), so a supervisor's health check
+        sees it."""
         store = getattr(app.state, "store", None)
         problem = "the store is not open" if store is None else store.write_problem
         if problem is not None:
@@ -213,6 +244,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_exception_handler(StarletteHTTPException, not_found_page)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(DatabaseDamaged, damaged_database)
     app.include_router(ingest.router)
     app.include_router(hub.router)
     app.include_router(commands.router)
@@ -223,5 +255,6 @@ def create_app(settings: Settings) -> FastAPI:
     # Inside the security checks: a request they refuse is answered before its body is read.
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(SecurityMiddleware, settings=settings)
+    app.add_middleware(CutShort)
     app.add_middleware(StartupMessage, state=app.state)
     return app

@@ -10,6 +10,16 @@ consistent WAL snapshot), and never wait for the writer. An event the server rec
 its own (a command stored, a status it set) is handed, once committed, to each
 listener (``listen``: the hub, which shows it to the run's viewers at once).
 
+Faults: ``write_problem`` says why the store cannot store now (for /healthz): a writer
+that died, commits failing (a full disk, an I/O error: until one commits again), or a
+damaged database. The database is checked in the background after it opens (``PRAGMA
+quick_check``, in its own thread: it reads the whole file, seconds per GB), and any read
+or write SQLite answers with SQLITE_CORRUPT marks it damaged too; from then on every write
+is refused (nothing more goes into the damaged file), and a read that meets the damage
+raises DatabaseDamaged (the app answers 503). A run whose write failed for one of these
+reasons gets a ``store`` event (not stored: the store cannot) naming it, and another with
+``problem`` null once the store stores again; a snapshot carries ``store_problem``.
+
 Never: blocks the event loop on a write (the SQL runs in the writer process), never
 loses a committed row to one bad operation (each runs in a savepoint), never keeps
 a NaN/Inf (stored as NULL).
@@ -17,10 +27,13 @@ a NaN/Inf (stored as NULL).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,15 +42,49 @@ from layerscope.server import queries
 from layerscope.server.checks import RunNotFound, StoreError, dumps
 from layerscope.server.data_lock import DataDirLock
 from layerscope.server.schema import DB_NAME, connect
-from layerscope.server.writer_link import WriterLink
+from layerscope.server.store_writer import DAMAGE_CODES
+from layerscope.server.writer_link import WriterLink, damage_message
 from layerscope.server.writes import Acked
 
-__all__ = ["RunNotFound", "Store", "StoreError"]
+__all__ = ["DatabaseDamaged", "ExportCutShort", "RunNotFound", "Store", "StoreError"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 EXPORT_PAGE_FRAMES = 500
 SNAPSHOT_EVENTS = 200
+# How long after the database opens its background quick_check starts: a server's first
+# seconds (trainers reconnecting after a restart) are not slowed by a read of every page.
+CHECK_DELAY_S = 1.0
+
+
+class DatabaseDamaged(StoreError):
+    """A read met a damaged database (SQLITE_CORRUPT): the message says where and what to do."""
+
+
+class ExportCutShort(Exception):
+    """An export could not read all of its run: its last line says why. Not a StoreError:
+    it comes after the response started, so no handler can answer it."""
+
+
+def damage_of(exc: BaseException) -> bool:
+    """Whether exc is SQLite saying the database file is damaged (or not a database)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) and (
+        code & 0xFF in DAMAGE_CODES
+    )
+
+
+def store_event(problem: str | None) -> dict[str, Any]:
+    """The server event a run's viewers get when the store cannot store its writes
+    (``problem``: why, as /healthz says it), or can again (null). Not stored."""
+    return {
+        "seq": None,
+        "step": None,
+        "kind": "store",
+        "origin": "server",
+        "data": {"problem": problem},
+        "created_at": time.time(),
+    }
 
 
 class Store:
@@ -60,6 +107,15 @@ class Store:
         # Per run: its stored config text and the part of it the run list shows.
         self._list_configs: dict[int, tuple[str, dict[str, Any]]] = {}
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # The write problem the runs in _told were last told of (store_event), and them.
+        self._told_problem: str | None = None
+        self._told: set[str] = set()
+        self._check: threading.Thread | None = None
+        self._closing = threading.Event()  # wakes the check's wait to start
+        self._check_conn: sqlite3.Connection | None = None
+        self.check_delay_s = CHECK_DELAY_S
+        self.checked: str | None = None  # the background check's outcome ("ok" or why not)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ----
 
@@ -68,18 +124,88 @@ class Store:
         until close) and start the writer process (which creates the schema, upgrades an
         older one after copying it, or refuses a newer one: SchemaError)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
         self._lock.acquire()
         try:
             await self._writes.open()
         except BaseException:
             self._lock.release()
             raise
+        self._check = threading.Thread(
+            target=self._check_database, name="layerscope-store-check", daemon=True
+        )
+        self._check.start()
+
+    def _check_database(self) -> None:
+        """PRAGMA quick_check on a read-only connection of its own (a consistent snapshot; it
+        never holds the writer back); damage found marks the store damaged (mark_damaged).
+        Interrupted by close."""
+        if self._closing_wait(self.check_delay_s):
+            return
+        try:
+            conn = connect(self.path, readonly=True)
+        except sqlite3.Error as exc:
+            self.checked = f"could not check: {exc}"
+            return
+        with self._readers_lock:
+            if self._closed:
+                conn.close()
+                return
+            self._check_conn = conn
+        started = time.monotonic()
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as exc:
+            if self._closed:  # interrupted by close
+                return
+            if damage_of(exc):
+                self.mark_damaged(f"PRAGMA quick_check: {exc}")
+            else:
+                log.warning("layerscope: checking %s failed: %s", self.path, exc)
+            self.checked = str(exc)
+            return
+        finally:
+            with self._readers_lock:
+                self._check_conn = None
+            conn.close()
+        found = [str(row[0]) for row in rows]
+        if found == ["ok"]:
+            self.checked = "ok"
+            log.info("layerscope: %s checked in %.1f s", self.path, time.monotonic() - started)
+            return
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        self.checked = found[0]
+        self.mark_damaged(f"PRAGMA quick_check: {found[0]}{more}")
+
+    def _closing_wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True when the store closed meanwhile."""
+        return self._closing.wait(seconds)
+
+    def mark_damaged(self, what: str) -> None:
+        """The database is damaged (``what`` says what found it): every write is refused from
+        now on, /healthz answers 503 with why, and the runs told of write problems are
+        told. The first reason stays."""
+        self._writes.mark_damaged(damage_message(self.path, what))
+        self._tell_soon()
+
+    def _tell_soon(self) -> None:
+        """_note_problem on the event loop (listeners run there), from any thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(self._note_problem, None)
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer process, close every connection."""
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
+        with self._readers_lock:
+            if self._check_conn is not None:
+                self._check_conn.interrupt()
+        if self._check is not None:
+            await asyncio.to_thread(self._check.join)
         await self._writes.close()
         with self._readers_lock:
             for conn in self._readers:
@@ -94,17 +220,45 @@ class Store:
 
     @property
     def write_problem(self) -> str | None:
-        """Why the store cannot take writes now (its writer process died and another has
-        not started yet, or it is not open), or None while it can."""
-        return self._writes.refusing
+        """Why the store cannot store writes now, or None while it can: the database is
+        damaged (for good), its writer process died and another has not started yet, it is
+        not open, or its commits fail (``cannot store: database or disk is full at
+        <data dir>``: until one commits again)."""
+        return self._writes.refusing or self._writes.failing
 
     @property
     def writer_restarts(self) -> int:
         """How many times a writer process that died was replaced."""
         return self._writes.writer_restarts
 
-    async def _submit(self, name: str, *args: Any, urgent: bool = False) -> Any:
-        return await self._writes.submit(name, *args, urgent=urgent)
+    async def _submit(
+        self, name: str, *args: Any, urgent: bool = False, run_id: str | None = None
+    ) -> Any:
+        """Writer.<name>(*args) once committed; the run's viewers are told (store_event)
+        when it fails for the store's sake, and when the store stores again."""
+        try:
+            result = await self._writes.submit(name, *args, urgent=urgent)
+        except StoreError:
+            self._note_problem(run_id)
+            raise
+        if self._told_problem is not None:
+            self._note_problem(run_id)
+        return result
+
+    def _note_problem(self, run_id: str | None) -> None:
+        """Tell the run (and every run told before) the store's write problem when it is new
+        to them: a ``store`` event with it, or with null once it is gone. On the event loop."""
+        problem = None if self._closed else self.write_problem
+        if problem == self._told_problem:
+            if problem is None or run_id is None or run_id in self._told:
+                return
+            tell = {run_id}
+        else:
+            tell = set(self._told) | ({run_id} if run_id is not None and problem else set())
+            self._told_problem = problem
+        self._told = (self._told | tell) if problem is not None else set()
+        for each in sorted(tell):
+            self._recorded(each, [store_event(problem)])
 
     def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
         """``listener(run_id, event)`` for every server event once it is committed (the
@@ -134,11 +288,11 @@ class Store:
         status: str = "starting",
         launched: bool = False,
     ) -> None:
-        await self._submit("create_run", run_id, name, config, status, launched)
+        await self._submit("create_run", run_id, name, config, status, launched, run_id=run_id)
 
     async def hello(self, hello: dict[str, Any]) -> int:
         """Create or resume the run of a validated hello; returns its acked seq."""
-        acked, events = await self._submit("hello", hello)
+        acked, events = await self._submit("hello", hello, run_id=hello["run_id"])
         self._recorded(hello["run_id"], events)
         return int(acked)
 
@@ -152,22 +306,26 @@ class Store:
         server events the frames caused (a status that ends the run settles its pending
         commands) go to the listeners."""
         if validated:
-            acked: int = await self._submit("append_validated", run_id, frames)
+            acked: int = await self._submit("append_validated", run_id, frames, run_id=run_id)
         else:
-            acked = await self._submit("append", run_id, frames)
+            acked = await self._submit("append", run_id, frames, run_id=run_id)
         if isinstance(acked, Acked):
             self._recorded(run_id, acked.events)
             return int(acked)
         return acked
 
     async def set_status(self, run_id: str, status: str, *, reason: str | None = None) -> None:
-        self._recorded(run_id, await self._submit("set_status", run_id, status, reason))
+        self._recorded(
+            run_id, await self._submit("set_status", run_id, status, reason, run_id=run_id)
+        )
 
     async def add_command(
         self, run_id: str, cmd: dict[str, Any], *, origin: str
     ) -> tuple[dict[str, Any], bool]:
         """(row, duplicate): the same id again returns the stored row and True."""
-        row, duplicate, events = await self._submit("add_command", run_id, cmd, origin, urgent=True)
+        row, duplicate, events = await self._submit(
+            "add_command", run_id, cmd, origin, urgent=True, run_id=run_id
+        )
         self._recorded(run_id, events)
         return row, duplicate
 
@@ -192,13 +350,26 @@ class Store:
         return conn
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """fn inside one read transaction: every query sees the same committed state."""
+        """fn inside one read transaction: every query sees the same committed state. A read
+        that meets a damaged database marks the store damaged and raises DatabaseDamaged."""
         conn = self._reader()
-        conn.execute("BEGIN")
         try:
-            return fn(conn)
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if not damage_of(exc):
+                raise
+            self._damaged_read(exc)
+            raise DatabaseDamaged(self.write_problem or str(exc)) from None
+
+    def _damaged_read(self, exc: BaseException) -> None:
+        """A read met damage: the store refuses writes from now on (mark_damaged). Called
+        from a thread of the threadpool too: the runs' store events go through the loop."""
+        if self._writes.damaged is None:
+            self.mark_damaged(f"a read: {exc}")
 
     def run_names_starting(self, prefix: str) -> list[str]:
         """Every stored run's name that starts with ``prefix`` (the launcher numbers a
@@ -348,7 +519,11 @@ class Store:
     def export_lines(self, run_id: str) -> Iterator[str]:
         """JSON Lines, each ending in a newline: a hello-like header carrying the run
         detail, then every stored frame in seq order. Raises RunNotFound before the
-        first line; reads in pages, so a long run streams without loading it whole."""
+        first line; reads in pages, so a long run streams without loading it whole. A page
+        that cannot be read (a damaged database) ends it with an error line (``{"type":
+        "error", "message"}``, logged as one line too) and then ExportCutShort, which the
+        app turns into a transfer cut off without its end (app.CutShort), never a clean
+        one that looks complete."""
         detail = self.run(run_id)
         if detail is None:
             raise RunNotFound(run_id)
@@ -367,18 +542,25 @@ class Store:
         yield dumps(header) + "\n"
         seq = 0
         while True:
-            page = self.frames_after(detail["id"], seq, EXPORT_PAGE_FRAMES)
+            try:
+                page = self.frames_after(detail["id"], seq, EXPORT_PAGE_FRAMES)
+            except (StoreError, sqlite3.Error) as exc:
+                why = f"export of run {detail['id']} cut short after seq {seq}: {exc}"
+                log.error("layerscope: %s", why)
+                yield dumps({"type": "error", "v": 1, "message": why}) + "\n"
+                raise ExportCutShort(why) from None
             for frame in page:
                 yield dumps({"v": 1, **frame}) + "\n"
+                seq = frame["seq"]
             if len(page) < EXPORT_PAGE_FRAMES:
                 return
-            seq = page[-1]["seq"]
 
     def snapshot(self, run_id: str, *, max_points: int = 500) -> dict[str, Any]:
         """The viewer's snapshot body (http_api.md) minus trainer_connected: the run, every
         series downsampled to max_points, the last probe frame, the newest events, all
-        commands, the acknowledged control state, and last_seq = the acked seq (a viewer
-        that reconnects with after_seq=last_seq misses nothing)."""
+        commands, the acknowledged control state, last_seq = the acked seq (a viewer
+        that reconnects with after_seq=last_seq misses nothing), and store_problem (why the
+        store cannot store now, as /healthz says it, or null: write_problem)."""
 
         def read(c: sqlite3.Connection) -> dict[str, Any]:
             detail = queries.run_detail(c, run_id)
@@ -395,6 +577,7 @@ class Store:
                 "commands": queries.commands(c, run_id, 0),
                 "control": detail["control"],
                 "last_seq": detail["acked_seq"],
+                "store_problem": self.write_problem,
             }
 
         return self._read(read)

@@ -6,8 +6,11 @@ once), a savepoint per operation, and reporting each operation's result only aft
 commit that holds it. Store (store.py) starts it with ``python -m`` and speaks to it
 over two pipes: pickled ``("op", id, name, args, urgent)`` / ``("stop",)`` in, and
 ``("ready", note)`` (note: a schema upgrade for the log, or None) or ``("failed", kind,
-message)`` once, then ``("done", commits, [(id, result, error)])`` per commit and
-``("stopped",)`` out.
+message)`` once, then ``("done", commits, [(id, result, error)], fault)`` per commit and
+``("stopped",)`` out. ``fault`` is None when the batch committed and nothing in it failed
+for the database's sake, else ``(sqlite error name, message)`` (fault_of): the disk is
+full, an I/O error, the file is damaged, or the commit failed; the server says so on
+/healthz until a later batch commits.
 
 Between batches, and while no operation is waiting, it purges deleted runs' rows a
 slice at a time (purge.Purge), each slice its own commit: a big run's delete holds
@@ -78,6 +81,38 @@ OPS: dict[str, Callable[..., Any]] = {
 }
 
 
+# SQLite's primary result codes that say the database cannot be written (not that one
+# operation was refused): the disk is full, an I/O error, a damaged or foreign file, a
+# read-only one, one it cannot open.
+FAULT_CODES = {
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+}
+# Of those, the ones that say the file itself is damaged: no later write can mend it.
+DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+Fault = tuple[str, str]  # (SQLite's error name, its message)
+
+
+def fault_of(exc: BaseException) -> Fault | None:
+    """(``SQLITE_FULL``..., "database or disk is full") when exc says the database cannot
+    be written (FAULT_CODES), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.Error) or not isinstance(code, int):
+        return None
+    if code & 0xFF not in FAULT_CODES:
+        return None
+    return (str(getattr(exc, "sqlite_errorname", "") or "SQLITE_ERROR"), str(exc))
+
+
+def is_damage(fault: Fault) -> bool:
+    """Whether a fault_of says the database file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB)."""
+    return fault[0].startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
 def error_of(exc: BaseException, what: str = "write") -> tuple[str, str, str]:
     if isinstance(exc, RunNotFound):
         return ("not_found", str(exc), exc.run_id)
@@ -107,6 +142,7 @@ class _Batcher:
         self.commits = 0
         self.last_commit = 0.0
         self.purge_after = 0.0  # no purge slice before this (monotonic), after one failed
+        self.fault: Fault | None = None  # the batch's first fault_of, reported with it
 
     def receive(self, timeout: float | None) -> tuple[Any, ...] | None:
         """The next message; None when none came in time; ("eof",) when the server is gone."""
@@ -171,16 +207,22 @@ class _Batcher:
         deadline = max(time.monotonic(), self.last_commit + self.interval)
         done: list[Result] = []
         ending: tuple[str] | None = None
+        self.fault = None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            self.out.send(("done", self.commits, [(message[1], None, error_of(exc, "start"))]))
+            name = getattr(exc, "sqlite_errorname", None) or "SQLITE_ERROR"
+            fault = fault_of(exc) or (str(name), str(exc))
+            error = error_of(exc, "start")
+            self.out.send(("done", self.commits, [(message[1], None, error)], fault))
             return None
         while True:
             _kind, op_id, name, args, urgent = message
             done.append((op_id, *self.apply(name, args)))
-            if urgent:
-                # A command is relayed to the trainer only once stored: commit it now.
+            if urgent or not conn.in_transaction:
+                # A command is relayed to the trainer only once stored: commit it now. An
+                # error SQLite answered by rolling the whole batch back (a full disk, an
+                # I/O error) ends it: an operation after it would be applied on its own.
                 break
             got = self.receive(deadline - time.monotonic())
             if got is None:
@@ -190,6 +232,9 @@ class _Batcher:
                 break
             message = got
         try:
+            if not conn.in_transaction:
+                why = self.fault[1] if self.fault is not None else "it was rolled back"
+                raise sqlite3.OperationalError(why)
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -198,11 +243,15 @@ class _Batcher:
             self.writer.forget()
             failure = ("store", f"commit failed, nothing of this batch was stored: {exc}", "")
             done = [(op_id, None, err or failure) for op_id, _r, err in done]
+            # Any failed commit is the store's problem, not one operation's.
+            name = getattr(exc, "sqlite_errorname", None) or "SQLITE_ERROR"
+            self.fault = self.fault or fault_of(exc) or (str(name), str(exc))
         self.last_commit = time.monotonic()
         # After an EOF the server's feeder is gone, but the server may still be reading;
         # if it is gone too, the next receive says so.
+        report = ("done", self.commits, done, self.fault)
         with contextlib.suppress(OSError):
-            self.out.send_bytes(pickle.dumps(("done", self.commits, done), pickle.HIGHEST_PROTOCOL))
+            self.out.send_bytes(pickle.dumps(report, pickle.HIGHEST_PROTOCOL))
         return ending
 
     def apply(self, name: str, args: tuple[Any, ...]) -> tuple[Any, tuple[str, str, str] | None]:
@@ -211,8 +260,10 @@ class _Batcher:
         try:
             result = OPS[name](self.writer, *args)
         except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
+            self.fault = self.fault or fault_of(exc)
+            if conn.in_transaction:  # else SQLite rolled the whole batch back: batch() sees it
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
             self.writer.forget()
             return None, error_of(exc)
         conn.execute("RELEASE op")

@@ -7,7 +7,11 @@ each operation's future after the commit that holds it, replacing a writer that 
 (the writes it held fail with a clear error; none was acknowledged: at once after one
 that had lived, then after a backoff, 1 s doubling to ``RESTART_CAP_S``, while each
 replacement dies young or cannot start, refusing writes meanwhile: ``refusing`` says
-why, for ``/healthz``), and stopping it in order (queued writes committed, then the
+why, for ``/healthz``), what the writer's commits say of the database (``failing``: the
+disk is full or an I/O error, from a failed batch until one commits FAILING_CLEAR_S after
+the last that failed; writes are still sent, so once they fit again it clears. ``damaged``: SQLITE_CORRUPT, or ``mark_damaged``
+after a check found the file damaged; from then on every write is refused, so nothing more
+goes into a damaged file), and stopping it in order (queued writes committed, then the
 process waited for, killed after ``STOP_TIMEOUT_S``).
 
 Never: blocks the event loop (pipes are the threads' business), resolves a write before
@@ -33,7 +37,7 @@ from typing import Any
 
 from layerscope.server.checks import StoreError, json_bytes
 from layerscope.server.schema import SchemaError
-from layerscope.server.store_writer import exception_of
+from layerscope.server.store_writer import Fault, exception_of, is_damage
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,22 @@ STOP_TIMEOUT_S = 60.0  # a writer that has not committed and exited by then is k
 RESTART_AFTER_S = 5.0
 RESTART_FIRST_S = 1.0
 RESTART_CAP_S = 30.0
+# ``failing`` is cleared by a commit this long after the last failed one: on a full disk a
+# small commit (a trainer's hello, in WAL space freed by a checkpoint) fits while its
+# frames do not, so one commit that fits does not mean the store stores again.
+FAILING_CLEAR_S = 5.0
 # An operation on its way to the writer process: (id, Writer method, args, urgent:
 # commit at once instead of at the group-commit deadline).
 _Op = tuple[int, str, tuple[Any, ...], bool]
+
+
+def damage_message(path: Path, what: str) -> str:
+    """Why writes are refused once the database at ``path`` is found damaged (``what``:
+    what found it, and SQLite's words)."""
+    return (
+        f"the database {path} is damaged ({what}); layerscope stores nothing more in it:"
+        " stop the server, then restore it from a backup or move it away"
+    )
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -146,6 +163,10 @@ class WriterLink:
         self._pending_lock = threading.Lock()
         self._next_op = 0
         self._refusing: str | None = None  # why writes cannot be taken now
+        self.failing: str | None = None  # why batches do not commit (None: they do)
+        self.failed_at = 0.0  # when the last batch failed (monotonic)
+        self.clear_after_s = FAILING_CLEAR_S
+        self.damaged: str | None = None  # why the database is damaged: writes refused for good
         self._closed = False
         self._closing = threading.Event()  # wakes a replacement's backoff wait
         self._backoff = 0.0  # before the next replacement starts (0: at once)
@@ -158,9 +179,40 @@ class WriterLink:
         """Why writes are refused now (no writer: closed, or waiting to start another), or
         None while they are taken."""
         with self._pending_lock:
+            if self.damaged is not None:
+                return self.damaged
             if self._refusing is None and self._writer is None:
                 return "the store is not open"
             return self._refusing
+
+    def mark_damaged(self, why: str) -> None:
+        """The database is damaged (``why``: what says so and where): every write from now on
+        is refused with it, and those waiting fail, none acknowledged (their senders keep
+        them). The first reason stays."""
+        with self._pending_lock:
+            if self.damaged is not None:
+                return
+            self.damaged = why
+        log.error("layerscope: %s", why)
+        self._fail_pending(why)
+
+    def _note_fault(self, fault: Fault | None) -> None:
+        """A batch's outcome: None (it committed) clears ``failing`` once the last failure is
+        clear_after_s old; a fault sets it, or marks the database damaged."""
+        now = time.monotonic()
+        if fault is None:
+            if self.failing is not None and now - self.failed_at >= self.clear_after_s:
+                log.warning("layerscope: the store commits again (it could not: %s)", self.failing)
+                self.failing = None
+            return
+        self.failed_at = now
+        if is_damage(fault):
+            self.mark_damaged(damage_message(self.path, f"a write: {fault[1]}"))
+            return
+        why = f"cannot store: {fault[1]} at {self.path.parent}"
+        if why != self.failing:
+            log.error("layerscope: %s; writes are retried as trainers resend them", why)
+        self.failing = why
 
     @property
     def pid(self) -> int | None:
@@ -242,8 +294,9 @@ class WriterLink:
                 message = pickle.loads(conn.recv_bytes())
                 if message[0] == "stopped":
                     return
-                _done, commits, results = message
+                _done, commits, results, fault = message
                 self.commits = self._commits_before + commits
+                self._note_fault(fault)  # before the writes fail: their handlers read it
                 for op_id, result, error in results:
                     self._settle(op_id, result, None if error is None else exception_of(error))
         except (EOFError, OSError):
@@ -353,6 +406,8 @@ class WriterLink:
         with self._pending_lock:
             if self._closed or self._writer is None:
                 raise StoreError("the store is not open")
+            if self.damaged is not None:
+                raise StoreError(self.damaged)
             if self._refusing is not None:
                 raise StoreError(self._refusing)  # a new one each time: see _fail_pending
             self._next_op += 1

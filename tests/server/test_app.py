@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
+import psutil
 import pytest
 from layerscope.server import __version__
 from layerscope.server.hub import Hub, cut_message
@@ -30,6 +32,8 @@ from server_harness import (
     hello_frame,
     make_settings,
     metrics_frame,
+    open_viewer,
+    recv_until,
     run_detail,
     running_server,
     wait_status,
@@ -288,3 +292,103 @@ class Probe(BaseModel):
 
 def probe(body: Probe) -> None:  # pragma: no cover - every request to it is refused
     raise AssertionError(body)
+
+
+async def test_a_full_disk_is_503_on_healthz_and_told_to_viewers_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/h17c/t2_full.sh and t2_full_page.sh: with the data dir's disk full
+    every commit failed, yet /healthz said ok and the run's page said only "the trainer is
+    not connected". Now /healthz answers 503 naming the cause and the data dir, the run's
+    viewers get a store event saying it (and one with null once it is over), and the frames
+    the trainer resends once writes fit again are stored. The fault is real: the writer
+    process may not write past byte 1 of any file (RLIMIT_FSIZE), as on a full disk."""
+    with running_server(make_settings(tmp_path)) as server:
+        store = server.app.state.store
+        trainer = await FakeTrainer.connect(server, "full")
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        viewer, snapshot = await open_viewer(server, "full")
+        assert snapshot["store_problem"] is None
+        pid = store._writes.pid
+        proc = psutil.Process(pid)
+        _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
+        try:
+            proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
+            await trainer.send(metrics_frame(2, 2))
+            code, _reason = await trainer.closed()
+            assert code == 1011
+            async with httpx.AsyncClient(timeout=10) as client:
+                health = await client.get(f"{server}/healthz")
+                assert health.status_code == 503, health.text
+                problem = health.json()["store"]
+                assert problem.startswith("cannot store: ")
+                assert problem.endswith(f" at {server.data_dir}")
+                told = (await recv_until(viewer, lambda m: m.get("kind") == "store"))[-1]
+                assert told["type"] == "event" and told["data"] == {"problem": problem}
+                proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))  # space is back
+                store._writes.clear_after_s = 0.0
+                trainer = await FakeTrainer.connect(server, "full", last_acked_seq=1)
+                await trainer.send(metrics_frame(2, 2))
+                await trainer.wait_acked(2)
+                told = (await recv_until(viewer, lambda m: m.get("kind") == "store"))[-1]
+                assert told["data"] == {"problem": None}
+                health = await client.get(f"{server}/healthz")
+                assert health.json() == {"ok": True, "version": __version__}
+                steps = (await client.get(f"{server}/api/runs/full/series")).json()
+                assert steps["loss"]["steps"] == [1, 2]
+        finally:
+            proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
+            await trainer.close()
+            await viewer.close()
+
+
+def damage(db: Path) -> None:
+    """Garbage over most of a database file past its first pages (reviewer's
+    /tmp/h17c/t2_midcorrupt.sh wrote 8 KiB of it mid-file)."""
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        f.seek(size * 4 // 10)
+        f.write(b"\xde\xad\xbe\xef" * (size // 8))
+
+
+async def test_a_damaged_database_is_503_on_healthz_and_its_export_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/h17c/t2_midcorrupt.sh: a database damaged past its schema pages was
+    served as healthy, its export answered 200 and stopped short with a traceback in the
+    log, and new runs went into it. Now its background check makes /healthz 503 with why,
+    the export's last line says why it stopped and the transfer is cut off (not a clean
+    end), and a trainer is refused."""
+    settings = make_settings(tmp_path)
+    with running_server(settings) as server:
+        trainer = await FakeTrainer.connect(server, "big")
+        noise = random.Random(0)
+        for seq in range(1, 301):
+            text = "".join(noise.choice("abcdefghij") for _ in range(3000))
+            await trainer.send(
+                {"seq": seq, "step": seq, "kind": "log", "type": "event", "data": {"t": text}}
+            )
+        await trainer.wait_acked(300)
+        await trainer.close()
+    damage(settings.data_dir / "layerscope.db")
+    with running_server(settings) as server:
+        async with httpx.AsyncClient(timeout=10) as client:
+            deadline = time.monotonic() + 20
+            while (health := await client.get(f"{server}/healthz")).status_code == 200:
+                assert time.monotonic() < deadline, "the damage was not found"
+                await asyncio.sleep(0.05)
+            assert health.status_code == 503
+            assert "layerscope.db is damaged (PRAGMA quick_check:" in health.json()["store"]
+            lines: list[str] = []
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("GET", f"{server}/api/runs/big/export") as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        lines.append(line)
+            last = json.loads(lines[-1])
+            assert last["type"] == "error" and "cut short" in last["message"]
+        async with connect(server.ws("/ws/trainer")) as ws:
+            await ws.send(json.dumps(hello_frame("another")))
+            await ws.wait_closed()
+        assert ws.close_code == 1011

@@ -20,7 +20,7 @@ from layerscope.server.checks import RunIdTaken
 from layerscope.server.data_lock import DataDirBusy
 from layerscope.server.downsample import choose_level
 from layerscope.server.schema import DB_NAME, SCHEMA_VERSION, SchemaError
-from layerscope.server.store import RunNotFound, Store, StoreError
+from layerscope.server.store import ExportCutShort, RunNotFound, Store, StoreError
 from layerscope.trainer import wire
 
 pytestmark = pytest.mark.anyio
@@ -1087,3 +1087,74 @@ async def test_frames_an_earlier_version_stored_as_wire_text_still_read(
             "UPDATE frames SET body = ? WHERE seq = 1", (b"W" + zlib.compress(text.encode()),)
         )
     assert store.frames_after("r1", 0) == [frame] and frame["data"] == {"m": None, "n": 3}
+
+
+async def damaged_store(tmp_path: Path, check_delay_s: float) -> Store:
+    """A store on a database with garbage over most of its frames' pages (its schema and
+    runs pages intact: it opens), as reviewer's /tmp/h17c/t2_midcorrupt.sh did to a copy."""
+    first = Store(tmp_path / "data", commit_interval_s=0.005)
+    await first.open()
+    await first.hello(hello())
+    noise = random.Random(0)
+    text = lambda: "".join(noise.choice("abcdefghij") for _ in range(3000))  # noqa: E731
+    await first.append("r1", [event(s, s, "log", {"t": text()}) for s in range(1, 301)])
+    await first.close()  # its last connection checkpoints the WAL into the file
+    db = tmp_path / "data" / DB_NAME
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        f.seek(size * 4 // 10)
+        f.write(b"\xde\xad\xbe\xef" * (size // 8))
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    store.check_delay_s = check_delay_s
+    await store.open()
+    return store
+
+
+async def test_a_database_damaged_past_its_schema_is_found_and_gets_no_more_writes(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/h17c/t2_midcorrupt.sh: a database whose schema pages read fine but
+    whose middle is garbage (PRAGMA quick_check: malformed) was served as healthy and new
+    runs were written into it. The background quick_check after open finds it: every
+    write is refused from then on, saying why and what to do."""
+    store = await damaged_store(tmp_path, check_delay_s=0.0)
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while store.checked is None:
+            assert asyncio.get_running_loop().time() < deadline, "no check"
+            await asyncio.sleep(0.02)
+        problem = store.write_problem
+        assert problem is not None and "layerscope.db is damaged (PRAGMA quick_check:" in problem
+        assert "restore it from a backup or move it away" in problem
+        with pytest.raises(StoreError, match="is damaged"):
+            await store.hello(hello("new"))
+        assert store.run("new") is None
+    finally:
+        await store.close()
+
+
+async def test_a_read_that_meets_damage_refuses_writes_and_an_export_ends_in_an_error(
+    tmp_path: Path,
+) -> None:
+    """Before its check has run (or between checks), a read that meets the damage marks the
+    store damaged. An export cut short by it sent a clean-looking truncated file; its last
+    line now says why, and it ends in ExportCutShort (the app cuts the transfer off)."""
+    store = await damaged_store(tmp_path, check_delay_s=3600.0)
+    told: list[tuple[str, dict[str, Any]]] = []
+    store.listen(lambda run_id, event: told.append((run_id, event)))
+    try:
+        assert store.write_problem is None
+        lines: list[str] = []
+        with pytest.raises(ExportCutShort, match="export of run r1 cut short after seq"):
+            lines.extend(store.export_lines("r1"))
+        last = json.loads(lines[-1])
+        assert last["type"] == "error" and "is damaged (a read: " in last["message"]
+        assert store.write_problem is not None and "is damaged (a read: " in store.write_problem
+        with pytest.raises(StoreError, match="is damaged"):
+            await store.append("r1", [event(301, 301, "log", {})])
+        await asyncio.sleep(0)  # the store event is handed on on the loop
+        assert [(r, e["kind"], e["data"]["problem"]) for r, e in told] == [
+            ("r1", "store", store.write_problem)
+        ]
+    finally:
+        await store.close()

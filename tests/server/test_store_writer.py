@@ -19,6 +19,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from layerscope.server.schema import SCHEMA_VERSION
 from layerscope.server.store import Store, StoreError
@@ -249,3 +250,79 @@ async def test_close_while_a_replacement_writer_starts_stops_it_and_settles_ever
     assert await write == 1  # queued for the replacement, committed before it stopped
     with sqlite3.connect(tmp_path / "data" / "layerscope.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 1
+
+
+def limit_file_size(pid: int, size: int | None) -> None:
+    """RLIMIT_FSIZE of the writer process: no write of its reaches past ``size`` bytes of a
+    file (None: no limit). A real fault: SQLite's writes fail (EFBIG; Python ignores
+    SIGXFSZ) as on a full disk."""
+    proc = psutil.Process(pid)
+    _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
+    proc.rlimit(psutil.RLIMIT_FSIZE, (hard if size is None else size, hard))
+
+
+async def test_commits_that_fail_are_a_store_problem_until_one_commits_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Reviewer's /tmp/h17c/t2_full.sh: with the data dir's disk full every commit failed
+    while the store said it could take writes (/healthz 200) and viewers heard nothing. Now
+    write_problem names the cause and the data dir from the first failed commit, each run
+    whose write failed gets a store event saying so (and one with null after), its
+    snapshot says it, and once writes fit again the resent ones are stored, once."""
+    data = tmp_path / "data"
+    store = Store(data, commit_interval_s=0.005)
+    await store.open()
+    told: list[tuple[str, dict[str, Any]]] = []
+    store.listen(lambda run_id, event: told.append((run_id, event)))
+    try:
+        await store.hello(hello())
+        assert await store.append("r1", [log_event(1)]) == 1
+        limit_file_size(writer_pid(store), 1)  # nothing more reaches the disk
+        with pytest.raises(StoreError, match="nothing of this batch was stored"):
+            await store.append("r1", [log_event(2), log_event(3)])
+        problem = store.write_problem
+        assert problem is not None and problem.startswith("cannot store: ")
+        assert problem.endswith(f" at {data}")
+        assert re.search(r"disk I/O error|database or disk is full", problem), problem
+        assert store.snapshot("r1")["store_problem"] == problem
+        assert [(r, e["kind"], e["data"]) for r, e in told] == [
+            ("r1", "store", {"problem": problem})
+        ]
+        with pytest.raises(StoreError):  # still failing: no second event for the same run
+            await store.append("r1", [log_event(2)])
+        assert len(told) == 1
+
+        limit_file_size(writer_pid(store), None)  # space is back
+        store._writes.clear_after_s = 0.0
+        assert await store.append("r1", [log_event(2), log_event(3)]) == 3
+        assert store.write_problem is None
+        assert store.snapshot("r1")["store_problem"] is None
+        assert [(r, e["data"]) for r, e in told][1:] == [("r1", {"problem": None})]
+        assert [e["data"]["n"] for e in store.events("r1") if e["kind"] == "log"] == [1, 2, 3]
+    finally:
+        limit_file_size(writer_pid(store), None)
+        await store.close()
+
+
+async def test_one_commit_that_fits_on_a_full_disk_does_not_clear_the_problem(
+    tmp_path: Path,
+) -> None:
+    """On a full disk a trainer's small hello fit (WAL space a checkpoint freed) while its
+    frames did not: /healthz flapped to 200 at each reconnect. A commit clears the problem
+    only once the last failure is clear_after_s old."""
+    store = Store(tmp_path / "data", commit_interval_s=0.005)
+    await store.open()
+    try:
+        await store.hello(hello())
+        limit_file_size(writer_pid(store), 1)
+        with pytest.raises(StoreError):
+            await store.append("r1", [log_event(1)])
+        limit_file_size(writer_pid(store), None)
+        assert await store.append("r1", [log_event(1)]) == 1  # fits, but just after a failure
+        assert store.write_problem is not None
+        store._writes.clear_after_s = 0.0
+        assert await store.append("r1", [log_event(2)]) == 2
+        assert store.write_problem is None
+    finally:
+        limit_file_size(writer_pid(store), None)
+        await store.close()

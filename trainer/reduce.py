@@ -79,10 +79,11 @@ def _nonzero_signs(signs: Tensor) -> Tensor:
 
 
 # A stack this size or smaller accumulates its squares in float64; a larger one in float32
-# after scaling the rows with a spread past SPREAD_SCALED_ABOVE by 2**-64 (each cheaper there)
+# after scaling each row whose spread is past SPREAD_SCALED_ABOVE by 2**-64, or below
+# SPREAD_SCALED_BELOW by 2**64 (each way cheaper there)
 FLOAT64_SQUARES_MAX = 32_768
 SPREAD_SCALED_ABOVE = 2.0**48  # below it n * spread^2 fits float32 for n up to 2**32
-SPREAD_SCALE = 2.0**-64
+SPREAD_SCALED_BELOW = 2.0**-48  # above it the squares that matter are normal float32 numbers
 
 
 def _root_squares(d: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -92,15 +93,23 @@ def _root_squares(d: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
     A float32 sum of squares overflows once the values' spread passes ~1e19 (a ReLU net
     at normal(1.0) init reaches 1e25 by its 8th layer: what the init lab and
-    PoorInitialization look at), where the norm itself still fits. A small stack
-    accumulates in float64 (a few us); a large one multiplies each row by 1, or by 2**-64
-    where its spread passes 2**48 (exact: a power of two; the squares it flushes to zero
-    are below 2**-128 of the row's), takes the float32 norm and scales it back: one
-    in-place pass instead of float64's 2-3 passes' time."""
+    PoorInitialization look at), where the norm itself still fits, and its squares
+    underflow to 0 below ~1e-19 (a deep net at normal(0.01) init: the shrinking case). A
+    small stack accumulates in float64 (a few us); a large one multiplies each row by
+    2**-64 where its spread passes 2**48, by 2**64 where it is under 2**-48, else by 1
+    (exact: powers of two; the squares this flushes to zero are below 2**-128 of the
+    row's), takes the float32 norm and scales it back: one in-place pass instead of
+    float64's 2-3 passes' time."""
     if d.numel() <= FLOAT64_SQUARES_MAX:
         return torch.linalg.vector_norm(d, dim=1, dtype=torch.float64).to(d.dtype)
-    # a row with no finite value has hi - lo = -inf (kept at 1); one past float32: +inf
-    scale = torch.where(hi - lo > SPREAD_SCALED_ABOVE, SPREAD_SCALE, 1.0).to(d.dtype)
+    # a row with no finite value has hi - lo = -inf: scaled up, its cleaned zeros stay 0;
+    # one whose spread overflows float32: +inf, scaled down
+    spread = hi - lo
+    scale = torch.where(
+        spread > SPREAD_SCALED_ABOVE,
+        2.0**-64,
+        torch.where(spread < SPREAD_SCALED_BELOW, 2.0**64, 1.0),
+    ).to(d.dtype)
     return torch.linalg.vector_norm(d.mul_(scale[:, None]), dim=1).div_(scale)
 
 

@@ -168,24 +168,28 @@ def test_nonzero_counts_of_several_long_rows_are_exact() -> None:
 @pytest.mark.parametrize("width", [64, 40_000])  # float64 squares / scaled float32 squares
 def test_each_rows_spread_is_measured_whatever_the_others_magnitude(width: int) -> None:
     """One stack holding a N(0,1) row, a row of exploded activations (~1e25: a float32
-    sum of squares overflowed past ~1e19 and the std was None), one past 2**48 and one
-    with no finite value: every row's root of squares is its own, to float32 precision.
-    Both ways the reduction takes (a small stack in float64, a large one scaled by a power
-    of two only where its spread is that large) give the same."""
-    assert (3 * width <= reduce.FLOAT64_SQUARES_MAX) == (width == 64)
+    sum of squares overflowed past ~1e19 and the std was None), one past 2**48, one with
+    no finite value and one of vanishing activations (~1e-24: float32 squares underflowed
+    to 0, and the std read 0): every row's root of squares is its own, to float32
+    precision. Both ways the reduction takes (a small stack in float64, a large one scaled
+    by a power of two only where its spread is that large or small) give the same."""
+    assert (5 * width <= reduce.FLOAT64_SQUARES_MAX) == (width == 64)
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(4, width, generator=gen)
+    x = torch.randn(5, width, generator=gen)
     x[1] = torch.relu(x[1]) * 3e25
     x[2] = x[2] * 1e15 + 5e14
     x[3] = float("nan")
+    x[4] = x[4] * 1e-24
     got = reduce.reduce_calls(x, None, stats.NO_RULE).rows
-    for i in range(3):
+    for i in (0, 1, 2, 4):
         row = x[i].double()
         want = (row - got[i, stats.SHIFT].double()).norm().item()
-        assert got[i, stats.ROOT_S2].item() == pytest.approx(want, rel=1e-4), i  # float32 sums
+        assert got[i, stats.ROOT_S2].item() == pytest.approx(want, rel=1e-4, abs=0), i
         summary = stats.Summary()
         summary.add(got[i].tolist(), 0.0, width)
-        assert summary.values()["std"] == pytest.approx(row.std(correction=0).item(), rel=1e-4)
+        assert summary.values()["std"] == pytest.approx(
+            row.std(correction=0).item(), rel=1e-4, abs=0
+        )
     assert got[3, stats.ROOT_S2].item() == 0.0  # nothing finite: no spread (std None)
     # the unscaled row is bit-identical to its reduction alone
     alone = reduce.reduce_calls(x[:1].clone(), None, stats.NO_RULE).rows

@@ -201,7 +201,8 @@ class _Committer:
                 self.room.set()
                 # Nothing in the batch was acked, so the trainer resends it after reconnecting.
                 await self.link.close(
-                    CLOSE_SERVER_ERROR, "server could not store frames; reconnect"
+                    CLOSE_SERVER_ERROR,
+                    _store_failed("server could not store frames", self.store.write_problem),
                 )
                 return
             self.committed += len(batch)
@@ -266,6 +267,8 @@ class Ingest:
             await asyncio.sleep(period)
             try:
                 await self._check_liveness(timeout)
+            except StoreError as exc:  # the store refuses writes for now (it says why)
+                log.error("liveness check failed: %s", exc)
             except Exception:  # a failed check must not end the watchdog
                 log.exception("liveness check failed")
 
@@ -325,7 +328,10 @@ class Ingest:
             return
         except StoreError as exc:  # the store refuses writes for now: no traceback each time
             log.error("hello for run %s failed: %s", run_id, exc)
-            await ws.close(CLOSE_SERVER_ERROR, "server could not record hello; reconnect")
+            await ws.close(
+                CLOSE_SERVER_ERROR,
+                _store_failed("server could not record hello", self.store.write_problem),
+            )
             return
         except Exception:
             log.exception("hello for run %s failed", run_id)
@@ -724,3 +730,10 @@ router = APIRouter()
 @router.websocket("/ws/trainer")
 async def trainer_socket(websocket: WebSocket) -> None:
     await websocket.app.state.ingest.serve(websocket)
+
+
+def _store_failed(what: str, problem: str | None) -> str:
+    """The close reason for a trainer whose frames the store could not take: with the
+    store's own reason when it knows one (a full disk, a damaged database), so the trainer
+    says why, not only that it will reconnect; cut to a close reason's 120 bytes."""
+    return close_reason(f"{what} ({problem}); reconnect" if problem else f"{what}; reconnect")

@@ -316,8 +316,10 @@ async def test_a_full_disk_is_503_on_healthz_and_told_to_viewers_and_nothing_is_
         try:
             proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
             await trainer.send(metrics_frame(2, 2))
-            code, _reason = await trainer.closed()
+            code, reason = await trainer.closed()
             assert code == 1011
+            # the trainer is told why (it printed only "could not store frames; reconnect")
+            assert reason.startswith("server could not store frames (cannot store: "), reason
             async with httpx.AsyncClient(timeout=10) as client:
                 health = await client.get(f"{server}/healthz")
                 assert health.status_code == 503, health.text

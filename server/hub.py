@@ -40,6 +40,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from fastapi import APIRouter, WebSocket
+from layerscope.server.checks import StoreError
 from layerscope.trainer import wire
 from starlette.concurrency import run_in_threadpool
 
@@ -685,7 +686,11 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
     except ValueError:
         await websocket.close(wire.CLOSE_POLICY, "after_seq must be a non-negative integer")
         return
-    run = store.run(run_id)
+    try:
+        run = store.run(run_id)
+    except StoreError as exc:  # a damaged database met reading the run: say so, no traceback
+        await _cannot_read(websocket, run_id, exc)
+        return
     if run is None:
         # a fixed reason: a close reason is cut to 123 bytes, and a long run id in it cut
         # away the "not found" the page stops reconnecting on (it retried every 5 s)
@@ -748,9 +753,20 @@ async def viewer_socket(websocket: WebSocket, run_id: str) -> None:
         for task in (reader, dropped):
             task.cancel()
         await asyncio.gather(reader, dropped, return_exceptions=True)
+    except StoreError as exc:  # reading its snapshot or catch-up met a damaged database
+        await _cannot_read(websocket, run_id, exc)
     finally:
         hub.remove_viewer(viewer)
         await viewer.stop()
+
+
+async def _cannot_read(websocket: WebSocket, run_id: str, exc: StoreError) -> None:
+    """Close a viewer whose run the store cannot read (a damaged database: the store
+    refuses writes and /healthz says why) with 1011 and the reason, not a traceback and
+    a 1006 the page can only retry."""
+    log.error("viewer of run %s: cannot read the run: %s", ascii(run_id), exc)
+    with contextlib.suppress(Exception):
+        await websocket.close(CLOSE_SERVER_ERROR, close_reason(f"cannot read this run: {exc}"))
 
 
 async def _read_viewer(ws: WebSocket, viewer: Viewer, relay: Any) -> None:

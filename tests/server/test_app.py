@@ -390,6 +390,12 @@ async def test_a_damaged_database_is_503_on_healthz_and_its_export_is_cut_off(
                         lines.append(line)
             last = json.loads(lines[-1])
             assert last["type"] == "error" and "cut short" in last["message"]
+        # a page catching up on the run meets the damage too: told why (it got a traceback
+        # in the log and a 1006 with no reason, which a page can only retry)
+        async with connect(server.ws("/ws/runs/big?after_seq=0"), max_size=None) as page:
+            await page.wait_closed()
+        assert page.close_code == 1011
+        assert page.close_reason.startswith("cannot read this run: "), page.close_reason
         async with connect(server.ws("/ws/trainer")) as ws:
             await ws.send(json.dumps(hello_frame("another")))
             await ws.wait_closed()

@@ -10,7 +10,8 @@ against which threshold, and what to try (the hints follow PRACTICES.md), fitted
 the probe step shows (the layers' std/min/max before an all-zero layer, the probed
 activation kinds). Overfit (and auto-halve's last word) advises regularisation only while
 the model is not still under-fitting: with a layer rule's alert open and training loss not
-yet fitted it says to fix the network first, and auto weight decay waits.
+yet fitted it says to fix the network first, and auto weight decay waits: it switches
+weight decay on at a later evaluation of the same episode once the model has fitted.
 
 Never: imports torch, touches hooks, modules or the optimizer, or talks to the
 network. It sees host numbers (probe-frame layer entries, losses) and returns
@@ -209,10 +210,10 @@ _STATE_KINDS = {
     "train_sum": "float", "train_n": "int", "overfit_streak": "int",
     "weight_decay_sent": "bool", "weight_decay_on": "bool", "best_val": "float?",
     "evals_since_best": "int", "train_at_count": "float?", "halvings": "int",
-    "first_train": "float?",
+    "first_train": "float?", "weight_decay_held": "int?",
 }  # fmt: skip
 # Keys a checkpoint written before they existed lacks, with what such a resume takes.
-_STATE_SINCE = {"first_train": None}
+_STATE_SINCE = {"first_train": None, "weight_decay_held": None}
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -311,6 +312,10 @@ class Rules:
         # whether some param group has a weight decay to switch on (None: unknown)
         self._weight_decay_settable: bool | None = None
         self._first_train: float | None = None  # the first evaluation's training loss
+        # The step of the open Overfit episode's onset where weight decay was held back for
+        # an under-fitting model (None: none open, or it was not): each later evaluation
+        # of the episode checks again, and auto weight decay acts once the model has fitted.
+        self._weight_decay_held: int | None = None
 
     @staticmethod
     def _names(names: Iterable[str], what: str) -> set[str]:
@@ -405,6 +410,7 @@ class Rules:
                 "train_at_count": self._train_at_count,
                 "halvings": self._halvings,
                 "first_train": self._first_train,
+                "weight_decay_held": self._weight_decay_held,
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -446,6 +452,7 @@ class Rules:
             self._evals_since_best = state["evals_since_best"]
             self._train_at_count = _opt_float(state["train_at_count"])
             self._first_train = _opt_float(state["first_train"])
+            self._weight_decay_held = state["weight_decay_held"]
             # switched on since: a fresh allowance, as set_auto gives
             fresh_halve = self.auto_halve_lr and not state["auto_halve_lr"]
             self._halvings = 0 if fresh_halve else state["halvings"]
@@ -992,7 +999,12 @@ class Rules:
         if not self._onset(
             "Overfit", "run", self._overfit_streak >= cfg.patience, ratio > cfg.ratio_threshold
         ):
+            if ("Overfit", "run") not in self._active:
+                self._weight_decay_held = None  # no episode open: nothing held back
+            elif self._weight_decay_held is not None and over and self._audible("Overfit"):
+                return self._overfit_fitted(step, val, train, ratio)
             return []
+        self._weight_decay_held = None
         if not self._audible("Overfit"):
             return []
         message = (
@@ -1001,19 +1013,21 @@ class Rules:
             f"threshold for {cfg.patience} evaluations"
         )
         action = None
-        acting = (
-            self.auto_weight_decay
-            and not self._weight_decay_sent
-            and self._weight_decay_settable is not False
-        )
+        acting = self._weight_decay_may_act()
         under = self._under_fitting(train)
         if under is not None:
             # PRACTICES: no weight decay while the model under-fits. The gap is there, but a
-            # broken network is the thing to fix; auto weight decay keeps its one action for
-            # a later onset.
+            # broken network is the thing to fix; while this episode lasts, each evaluation
+            # checks again (``_overfit_fitted``), and auto weight decay acts once it fits.
+            self._weight_decay_held = step
             message += f", but the model is still under-fitting: {under}; {_FIX_FIRST}"
             if acting:
-                message += " Auto weight decay leaves weight decay off."
+                message += (
+                    " Auto weight decay leaves weight decay off for now: it switches it on if "
+                    "this gap still holds once training loss is down to "
+                    f"{_pct(PLATEAU_CONVERGED_FRACTION)} of its first evaluation's or those "
+                    "alerts have closed."
+                )
             acting = False
         elif acting:
             # Acting, it does the "add weight decay" itself: the advice is what is left.
@@ -1024,17 +1038,67 @@ class Rules:
         else:
             message += ": the model is over-fitting. " + self._weight_decay_advice()
         if acting:
-            self._weight_decay_sent = True
-            reason = (
-                f"Overfit at step {step}: val/train loss gap {_pct(ratio, cfg.ratio_threshold)}"
-                f" > {_pct_threshold(cfg.ratio_threshold)}"
+            action = self._weight_decay_on_action(step, ratio)
+        return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
+
+    def _weight_decay_may_act(self) -> bool:
+        """Whether auto weight decay switches weight decay on at an Overfit: it is on, has
+        not acted yet (since switched on), some param group has a weight decay to switch on
+        (or that is unknown), and weight decay is not on already (nothing to switch on)."""
+        return (
+            self.auto_weight_decay
+            and not self._weight_decay_sent
+            and self._weight_decay_settable is not False
+            and not self._weight_decay_on
+        )
+
+    def _weight_decay_on_action(self, step: int, ratio: float) -> dict[str, Any]:
+        """Auto weight decay's one command (marked sent): weight decay on, with its reason."""
+        threshold = self.config.overfit.ratio_threshold
+        self._weight_decay_sent = True
+        reason = (
+            f"Overfit at step {step}: val/train loss gap {_pct(ratio, threshold)}"
+            f" > {_pct_threshold(threshold)}"
+        )
+        return {
+            "name": "set_weight_decay",
+            "args": {"enabled": True},
+            "source": "rule",
+            "reason": reason,
+        }
+
+    def _overfit_fitted(self, step: int, val: float, train: float, ratio: float) -> list[Finding]:
+        """An evaluation of an open Overfit episode whose onset held weight decay back for
+        an under-fitting model (``_weight_decay_held``): once the model no longer
+        under-fits (training loss down to its fitted floor, or no layer rule's alert open)
+        and auto weight decay may act, it switches weight decay on, in a finding of its own
+        that says why now. The episode itself goes on (no new onset); nothing otherwise. A
+        ReLU net memorising random labels with 70% of a layer dead fitted its training
+        data (loss 2.1 -> 0.001) while validation loss climbed to 8.4, and weight decay,
+        held back at the onset, stayed off for the whole run."""
+        if not self._weight_decay_may_act() or self._under_fitting(train) is not None:
+            return []
+        held, self._weight_decay_held = self._weight_decay_held, None
+        cfg = self.config.overfit
+        first = self._first_train
+        if first is not None and first > 0.0 and 0.0 <= train <= PLATEAU_CONVERGED_FRACTION * first:
+            now = (
+                f"the model has now fitted its training data (training loss {train:.4g} is "
+                f"{_pct(train / first, PLATEAU_CONVERGED_FRACTION)} of its first evaluation's "
+                f"{first:.4g}, fitted is {_pct(PLATEAU_CONVERGED_FRACTION)} or less)"
             )
-            action = {
-                "name": "set_weight_decay",
-                "args": {"enabled": True},
-                "source": "rule",
-                "reason": reason,
-            }
+        else:
+            rules = ", ".join(_BROKEN_LAYER_RULES[:-1]) + " or " + _BROKEN_LAYER_RULES[-1]
+            now = f"the model is no longer under-fitting (no {rules} alert holds now)"
+        message = (
+            f"validation loss {val:.4g} is {_pct(ratio, cfg.ratio_threshold)} above training "
+            f"loss {train:.4g} at step {step}, still over the "
+            f"{_pct_threshold(cfg.ratio_threshold)} threshold since Overfit fired at step "
+            f"{held}, when weight decay was held back for an under-fitting model; {now}, so "
+            "it is over-fitting. Switching weight decay on (auto weight decay); if the gap "
+            "stays, add dropout or more data."
+        )
+        action = self._weight_decay_on_action(step, ratio)
         return [Finding("Overfit", step, None, message, ratio, cfg.ratio_threshold, action)]
 
     def _under_fitting(self, train: float) -> str | None:

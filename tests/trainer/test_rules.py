@@ -657,6 +657,12 @@ def test_overfit_advice_knows_whether_weight_decay_is_on() -> None:
     assert (
         "Add weight decay" not in found.message and "Weight decay is on: raise it" in found.message
     )
+    # Auto weight decay has nothing to switch on where it is on already (the user's switch):
+    # it neither says it is switching it on nor sends the command, and may act later.
+    auto = rules(patience=1, auto_weight_decay=True)
+    (found,) = auto.on_eval(100, 0.8, 0.5, weight_decay_on=True, weight_decay_settable=True)
+    assert "Weight decay is on: raise it" in found.message and found.action is None
+    assert "Switching" not in found.message and auto.state_dict()["weight_decay_sent"] is False
 
 
 def test_overfit_advice_is_true_to_whether_the_run_can_switch_weight_decay_on() -> None:
@@ -735,6 +741,83 @@ def test_overfit_on_a_net_still_under_fitting_says_to_fix_it_first() -> None:
     ):
         (overfit,) = [f for f in _saturated_tanh_run(quiet, 14) if f.rule == "Overfit"]
         assert "under-fitting" not in overfit.message and overfit.action is not None
+
+
+# (step, mean training loss since the last evaluation, validation loss) of a ReLU MLP
+# memorising 128 random-label examples with 70% of a hidden layer's units dead throughout
+# (DeadUnits open all run), as a review saw it: training loss from 2.1 to 0.001, validation
+# loss climbing from 2.4 to 8.4. Every 20 steps, to step 600.
+_MEMORISING = [
+    (20, 2.134, 2.383), (40, 1.639, 2.698), (60, 1.006, 3.364), (80, 0.4547, 4.161),
+    (100, 0.1497, 5.044), (120, 0.0525, 5.664), (140, 0.026, 6.053), (160, 0.0164, 6.328),
+    (180, 0.0116, 6.545), (200, 0.0088, 6.728), (220, 0.007, 6.886), (240, 0.0057, 7.025),
+] + [(step, 0.001, 7.1 + (step - 240) / 360 * 1.3) for step in range(260, 601, 20)]  # fmt: skip
+
+
+def _memorising_run(
+    r: Rules, dead_until: int = 600, after: int = 0, until: int = 600
+) -> list[Finding]:
+    """That run from step ``after`` to ``until`` (a probe step every 10 steps: act1 70%
+    dead up to ``dead_until``)."""
+    out: list[Finding] = []
+    for step, train, val in [row for row in _MEMORISING if after < row[0] <= until]:
+        for probe in (step - 10, step):
+            dead = 0.7 if probe <= dead_until else 0.1
+            out += r.on_probe(probe, healthy_layers(act1={"dead_ratio": dead}), {})
+        out += r.on_eval(step, val, train, weight_decay_on=False, weight_decay_settable=True)
+    return out
+
+
+def test_auto_weight_decay_held_back_for_under_fitting_acts_once_the_model_has_fitted() -> None:
+    """Overfit's onset at step 60 held weight decay back (DeadUnits open, training loss 47%
+    of its first evaluation's), and nothing looked again: training loss fell to 0.001 while
+    validation loss climbed to 8.4 in the same episode, and weight decay stayed off all run.
+    Each later evaluation of the episode now checks again: once training loss is down to
+    its fitted floor (5% of the first evaluation's), auto weight decay switches weight
+    decay on, once, in a finding that says why now."""
+    r = rules(auto_weight_decay=True, patience=3)
+    overfit = [f for f in _memorising_run(r) if f.rule == "Overfit"]
+    assert [(f.step, f.action is not None) for f in overfit] == [(60, False), (120, True)]
+    held, acted = overfit
+    assert "still under-fitting" in held.message and "DeadUnits holds in act1" in held.message
+    assert "Auto weight decay leaves weight decay off for now" in held.message
+    assert acted.action is not None and acted.action["args"] == {"enabled": True}
+    assert "Overfit at step 120" in acted.action["reason"]
+    assert "since Overfit fired at step 60" in acted.message
+    fitted = "has now fitted its training data (training loss 0.0525 is 2% of its first"
+    assert fitted + " evaluation's 2.134, fitted is 5% or less)" in acted.message
+    assert "Switching weight decay on (auto weight decay)" in acted.message
+    assert "under-fitting model" in acted.message and "still under-fitting" not in acted.message
+    assert r.state_dict()["weight_decay_sent"] is True
+    # The layer alert closing while training loss is still high ends the under-fitting too.
+    closed = rules(auto_weight_decay=True, patience=3)
+    overfit = [f for f in _memorising_run(closed, dead_until=70) if f.rule == "Overfit"]
+    assert [(f.step, f.action is not None) for f in overfit] == [(60, False), (80, True)]
+    assert (
+        "no DeadUnits, Saturation, VanishingGradient or AllZero alert holds" in overfit[1].message
+    )
+    # Resumed mid-episode (a checkpoint at step 100), the hold goes on with the run.
+    before = rules(auto_weight_decay=True, patience=3)
+    assert [f.step for f in _memorising_run(before, until=100) if f.rule == "Overfit"] == [60]
+    resumed = rules(auto_weight_decay=True, patience=3)
+    resumed.load_state_dict(_through_a_checkpoint(before.state_dict()))
+    after = [f for f in _memorising_run(resumed, after=100) if f.rule == "Overfit"]
+    assert [(f.step, f.message, f.action) for f in after] == [
+        (acted.step, acted.message, acted.action)
+    ]
+    # Without auto weight decay, or with Overfit silenced, the episode stays one alert.
+    assert [f.step for f in _memorising_run(rules(patience=3)) if f.rule == "Overfit"] == [60]
+    silenced = rules(auto_weight_decay=True, patience=3, silenced=["Overfit"])
+    assert [f for f in _memorising_run(silenced) if f.rule == "Overfit"] == []
+    # An episode that ends before the model fits takes its hold with it: a new onset decides.
+    ended = rules(auto_weight_decay=True, patience=3)
+    ended.on_probe(10, healthy_layers(act1={"dead_ratio": 0.7}), {})
+    for step, val in [(20, 2.1), (40, 1.5), (60, 1.5), (80, 1.5), (100, 1.5)]:
+        ended.on_eval(step, val, 2.0 if step == 20 else 0.8)
+    assert ended.state_dict()["weight_decay_held"] == 100
+    assert ended.on_eval(120, 0.7, 0.7) == []  # the gap closed: the episode ended
+    assert ended.state_dict()["weight_decay_held"] is None
+    assert ended.on_eval(140, 0.5, 0.05) == []  # fitted, gap back: no onset yet, no action
 
 
 def test_auto_halving_out_of_halvings_on_an_under_fitting_net_does_not_advise_decay() -> None:
@@ -985,8 +1068,10 @@ def test_resumed_rules_follow_the_switches_changed_since_and_refuse_a_bad_state(
 
     # written before auto-halve kept the first training loss: taken up, without it
     older = rules(silenced=["DeadUnits"], patience=2, auto_halve_lr=True, auto_weight_decay=True)
-    older.load_state_dict({k: v for k, v in same.items() if k != "first_train"})
-    assert older.state_dict() == {**same, "first_train": None}
+    older.load_state_dict(
+        {k: v for k, v in same.items() if k not in ("first_train", "weight_decay_held")}
+    )
+    assert older.state_dict() == {**same, "first_train": None, "weight_decay_held": None}
 
     before = audible.state_dict()
     for bad, words in (

@@ -63,6 +63,10 @@ class Alerts:
         # Said after a rule's stop in the log line, for watch() in the user's own loop;
         # ``layerscope train`` sets "" (its user has no w.should_stop to read).
         self.stop_note = " (w.should_stop is now True)."
+        # The weight decay per param group key ("weight_decay", "weight_decay/1", ...) as the
+        # latest row that carried it said: the optimizer's steps' rows carry it, evaluation
+        # rows (w.eval) do not, and Overfit's advice needs it at an evaluation.
+        self.weight_decay: dict[str, float] = {}
 
     def evaluate(
         self,
@@ -112,16 +116,18 @@ class Alerts:
         findings: list[Finding] = []
         for row in rows:
             values = row["values"]
+            for key, value in values.items():
+                decay = _raw(value) if key.split("/")[0] == "weight_decay" else None
+                if decay is not None and math.isfinite(decay):
+                    self.weight_decay[key] = decay
             loss = _raw(values.get("loss"))
             if loss is not None:
                 losses[row["step"]] = loss
                 findings += self.rules.on_loss(row["step"], loss)
             if "val_loss" in values:
-                decays = [
-                    v
-                    for k, v in values.items()
-                    if k.split("/")[0] == "weight_decay" and v is not None
-                ]
+                # As the steps up to this evaluation used it (a rule's or the user's switch
+                # shows in the rows of the steps after it was applied); None: no row said.
+                decays = self.weight_decay.values()
                 findings += self.rules.on_eval(
                     row["step"],
                     _raw(values["val_loss"]),

@@ -426,6 +426,49 @@ def test_overfit_on_a_run_without_weight_decay_says_how_to_get_it_and_sends_noth
     assert events(tmp_path, "command_result") == []
 
 
+def _overfit_said(run_dir: Path) -> list[dict[str, Any]]:
+    return [e["data"] for e in events(run_dir, "alert") if e["data"]["rule"] == "Overfit"]
+
+
+def _over_fit(w: Watch, model: nn.Module, opt: torch.optim.Optimizer, evals: int = 2) -> None:
+    for _ in range(evals):  # validation loss far above the training loss (~1.4)
+        train(w, model, opt, 3)
+        w.eval(val_loss=5.0)
+    train(w, model, opt, 1)
+
+
+def test_overfit_advice_reads_the_weight_decay_the_steps_used(tmp_path: Path) -> None:
+    """Overfit read weight decay from the validation row, which carries none (the steps'
+    rows do): a run with weight decay 0.01 was told "Switch weight decay on (it is off
+    now)", as was a run whose second Overfit came after auto weight decay had switched it
+    on. The advice now follows the weight decay the steps before the evaluation used."""
+    model = mlp(nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.01)
+    with watch(model, opt, every=0, run_dir=tmp_path / "on", patience=2) as w:
+        _over_fit(w, model, opt)
+    (on,) = _overfit_said(tmp_path / "on")
+    assert "Weight decay is on: raise it, or add dropout or more data." in on["message"]
+    assert "Switch weight decay on" not in on["message"] and "action" not in on
+    with watch(model, opt, every=0, run_dir=tmp_path / "off", patience=2) as w:
+        assert w.command("set_weight_decay", {"enabled": False})["ok"]  # the user's switch
+        _over_fit(w, model, opt)
+    (off,) = _overfit_said(tmp_path / "off")
+    assert "Switch weight decay on (it is off now)" in off["message"]
+    run_dir = tmp_path / "auto"
+    with watch(model, opt, every=0, run_dir=run_dir, auto_weight_decay=True, patience=2) as w:
+        _over_fit(w, model, opt)
+        while not w.control.weight_decay_enabled:  # the rule's command, applied
+            train(w, model, opt, 1)
+            time.sleep(0.01)
+        train(w, model, opt, 2)
+        w.eval(val_loss=0.0)  # the gap closes: the episode ends
+        _over_fit(w, model, opt)
+    acted, again = _overfit_said(run_dir)
+    assert acted["action"]["name"] == "set_weight_decay"
+    assert "Weight decay is on: raise it" in again["message"] and "action" not in again
+    assert "Switch weight decay on" not in again["message"]
+
+
 def test_the_last_good_snapshot_is_taken_at_most_once_per_min_interval(
     tmp_path: Path, monkeypatch: Any
 ) -> None:

@@ -442,6 +442,46 @@ def test_a_zero_init_runs_dead_units_alert_offers_no_halve_lr(
         assert not guard.errors, guard.errors
 
 
+def test_an_overfit_alert_offers_weight_decay_on_only_where_its_advice_asks_for_it(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Every Overfit alert without an action offered "Switch weight decay on", even one
+    whose advice was to fix an under-fitting model first (PRACTICES.md: no weight decay
+    while the model under-fits) or one on a run whose weight decay was on already. The
+    button now comes only with the advice that asks for it."""
+    data_dir = tmp_path / "data"
+    head = "validation loss 1.7 is 16% above training loss 1.5 at step {}, over the 10% threshold for 3 evaluations"
+    alerts = {
+        10: head.format(10) + ": the model is over-fitting. Switch weight decay on (it is off now), "
+        "or add dropout or more data.",
+        20: head.format(20) + ", but the model is still under-fitting: Saturation holds in net.1; "
+        "fix those first: weight decay or dropout now would only add to the under-fitting.",
+        30: head.format(30) + ": the model is over-fitting. Weight decay is on: raise it, or add "
+        "dropout or more data.",
+    }  # fmt: skip
+    events = [
+        (step, "alert", {"rule": "Overfit", "layer": None, "value": 0.16, "threshold": 0.1,
+                         "message": message})
+        for step, message in alerts.items()
+    ]  # fmt: skip
+    write_recorded_run(data_dir, "fits", steps=40, layers=2, every=10, events=events)
+    for server in serve(server_settings(data_dir)):
+        page, guard = guarded_page(browser)
+        try:
+            open_ready(page, f"{server.url}/runs/fits")
+            overfit = page.locator("#alerts li.alert", has_text="Overfit")
+            expect(overfit).to_have_count(3)
+            offered = page.locator("#alerts li.alert", has_text="it is off now")
+            expect(offered.get_by_role("button", name="Switch weight decay on")).to_have_count(1)
+            for words in ("still under-fitting", "Weight decay is on: raise it"):
+                alert = page.locator("#alerts li.alert", has_text=words)
+                expect(alert).to_have_count(1)
+                expect(alert.get_by_role("button", name="Switch weight decay on")).to_have_count(0)
+        finally:
+            page.context.close()
+        assert not guard.errors, guard.errors
+
+
 def test_odd_run_ids_and_layer_names_step_0_and_space_on_a_dropdown(
     browser: Browser, tmp_path: Path
 ) -> None:

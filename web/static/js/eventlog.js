@@ -147,12 +147,22 @@ export function initCause(ev, context = {}) {
   return null;
 }
 
+/**
+ * The Overfit advice that asks for weight decay to be switched on (trainer/rules.py
+ * _weight_decay_advice: it is off now, or the rules cannot tell). Not the others: a model
+ * still under-fitting ("fix those first"), weight decay already on ("raise it"), or 0 in
+ * every param group ("cannot be switched on live"), where the button offered what the
+ * alert advises against or cannot do.
+ */
+const WD_ON_ADVICE = /Switch weight decay on \(it is off now\)|Add weight decay, dropout or more data\./;
+
 export function suggestionFor(ev, context = {}) {
   const d = ev.data || {};
   if (ev.kind !== "alert") return null;
   const s = SUGGESTIONS[d.rule];
   if (!s || (d.action && s.kind === "wd-on" && d.action.name === "set_weight_decay")) return null;
   if (d.rule === "DeadUnits" && initCause(ev, context)) return null;
+  if (s.kind === "wd-on" && !WD_ON_ADVICE.test(d.message || "")) return null;
   return s;
 }
 

@@ -1387,3 +1387,57 @@ def test_a_slow_run_is_not_called_stuck_during_its_second_step(
             beater.join()
             page.context.close()
     assert not guard.errors, guard.errors
+
+
+def test_a_full_disk_is_said_on_the_run_page_and_cleared_once_writes_fit(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With the data dir's disk full the page said only "The trainer is not connected"
+    (review /tmp/h17c/t2_full_page.sh). The server tells a run's viewers why it cannot
+    store (2c41bb4); the page now says it, and clears it once writes fit again. The fault
+    is real: the writer process may not write past byte 1 of a file (RLIMIT_FSIZE)."""
+    import psutil
+    from layerscope.server.serving import make_server
+
+    uv, sock, settings, app = make_server(server_settings(tmp_path / "data"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: uv.started or not thread.is_alive(), 20, "server start")
+    url = f"http://127.0.0.1:{settings.port}"
+    ws_url = f"ws://127.0.0.1:{settings.port}/ws/trainer"
+    store = app.state.store
+    proc = psutil.Process(store._writes.pid)
+    _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
+
+    def metrics(seq: int) -> str:
+        row = {"step": seq, "time_s": float(seq), "values": {"loss": 2.0 / seq}}
+        return json.dumps({"type": "metrics", "v": 1, "seq": seq, "rows": [row]})
+
+    page, guard = guarded_page(browser)
+    banner = page.locator("#banner")
+    try:
+        with ws_connect(ws_url) as ws:
+            ws.send(json.dumps(hand_held_hello("full")))
+            assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+            ws.send(metrics(1))
+            assert json.loads(ws.recv(timeout=10)) == {"type": "ack", "v": 1, "seq": 1}
+            open_ready(page, f"{url}/runs/full")
+            proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
+            ws.send(metrics(2))
+            expect(banner).to_contain_text(
+                "The server cannot store this run's data: cannot store: ", timeout=15_000
+            )
+        proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))  # space is back
+        store._writes.clear_after_s = 0.0
+        with ws_connect(ws_url) as ws:
+            ws.send(json.dumps(hand_held_hello("full", last_acked_seq=1)))
+            assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
+            ws.send(metrics(2))
+            expect(banner).not_to_contain_text("cannot store", timeout=15_000)
+    finally:
+        proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
+        page.context.close()
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not guard.errors, guard.errors

@@ -883,6 +883,7 @@ function onSnapshot(msg) {
     setStep(msg.run.last_step);
   }
   setStatus(msg.run?.status, msg.trainer_connected, msg.uploading);
+  noteStore(msg.store_problem ?? null);
   noteStallSnapshot(msg);
   if (!page.historyLoaded && msg.probes?.length) page.buffer.push(...msg.probes.map((p) => ({ type: "probe", ...p })));
   else if (page.historyLoaded) {
@@ -1032,7 +1033,20 @@ function sayAlerts() {
   while (region.children.length > 3) region.firstElementChild.remove();
 }
 
+/**
+ * Why the server cannot store what trainers send right now (a full disk, a damaged
+ * database: the snapshot's store_problem, then the server's live "store" events, which
+ * are not stored and not for the log), or null. Said above "the trainer is not connected",
+ * which is what follows from it: the server closes the trainer's connection.
+ */
+function noteStore(problem) {
+  setCondition("store", problem
+    ? `The server cannot store this run's data: ${problem}. The trainer keeps its frames and resends them once the server can store them.`
+    : null);
+}
+
 function applyEvent(frame) {
+  if (frame.kind === "store") return noteStore(frame.data?.problem ?? null);
   const fresh = frame.kind === "alert" && !events.alertSeen.has(eventKey(frame));
   addEvents([frame]);
   if (fresh && page.historyLoaded && !page.replaying) announce(frame);

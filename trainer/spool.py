@@ -250,18 +250,62 @@ def set_aside_other_run(path: Path, run_id: str) -> Path | None:
     return target
 
 
-def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+# A spool whose first record is damaged is rescued (index_spool(rescue_run_id=...)) only
+# when an intact record starts this close to its start: a file that is not a spool at all
+# is refused without a scan of the whole of it.
+RESCUE_SCAN_BYTES = 1 << 20
+
+
+def _intact_record_near_start(path: Path) -> bool:
+    """Whether a record that checks out starts within RESCUE_SCAN_BYTES of the file's
+    start, after its first byte (the damaged first record's own offset)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return any(
+                _valid_at(buf, pos, size) is not None
+                for pos in range(1, min(size, RESCUE_SCAN_BYTES))
+            )
+
+
+def index_spool(
+    path: Path, *, rescue_run_id: str | None = None
+) -> tuple[dict[str, Any], list[tuple[int, int]]]:
     """The spool's hello and (seq, offset) of each distinct numbered frame, in seq order.
     A spool starts with its hello (checked first: a file that is not a spool is refused
     without a scan) and holds one run (a spool two runs appended to is refused, naming
-    them: their seqs overlap, so no upload could keep them apart)."""
+    them: their seqs overlap, so no upload could keep them apart).
+
+    ``rescue_run_id``: when the first record (the hello) is damaged but intact records
+    follow it, a hello is made for the frames instead (that run id; no name or config;
+    the layers the first probe frame names, of unknown kind): one flipped bit in the
+    hello made a whole offline run impossible to upload. Without it such a spool is
+    refused, saying how to rescue it."""
     hello = first_hello(path)
+    rescued = False
     if hello is None:
-        raise ValueError(
-            f"{path} does not start with a hello record; it is not a layerscope spool"
-            " (or its first record is damaged)"
-        )
+        damaged = " (or its first record is damaged)"
+        if rescue_run_id is not None and _intact_record_near_start(path):
+            hello, rescued = {"type": "hello", "run_id": rescue_run_id, "config": {}}, True
+        elif rescue_run_id is not None:
+            raise ValueError(
+                f"{path} does not start with a hello record, and no intact record starts"
+                f" in its first {RESCUE_SCAN_BYTES >> 20} MiB; it is not a layerscope spool"
+            )
+        else:
+            if _intact_record_near_start(path):
+                damaged = (
+                    ": its first record (the run's hello) is damaged, but intact records"
+                    " follow it; `layerscope sync SPOOL --run-id ID` uploads them as run ID,"
+                    " without the hello's name and config"
+                )
+            raise ValueError(
+                f"{path} does not start with a hello record; it is not a layerscope spool" + damaged
+            )
     seen: dict[int, int] = {}
+    layers: list[dict[str, Any]] | None = None
     for offset, text in iter_records(path):
         try:
             frame = json.loads(text)
@@ -281,6 +325,18 @@ def index_spool(path: Path) -> tuple[dict[str, Any], list[tuple[int, int]]]:
         seq = frame.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1:
             seen.setdefault(seq, offset)
+        if rescued and layers is None and frame.get("type") == "probe":
+            names = [e.get("name") for e in frame.get("layers") or () if isinstance(e, dict)]
+            layers = [{"name": n} for n in dict.fromkeys(names) if isinstance(n, str)]
+    if rescued:
+        hello["layers"] = (layers or [])[: wire.MAX_LAYERS]
+        log.warning(
+            "spool %s: its first record (the run's hello: its name, config and layer kinds)"
+            " is damaged; its %d intact frames are uploaded as run %s without them",
+            path,
+            len(seen),
+            rescue_run_id,
+        )
     # A spool written before watch() escaped them (10ce9a0) may hold a lone surrogate in
     # its name or config (a file name that is not UTF-8): sent as text, as watch() now
     # sends them, not refused (it could never be uploaded).

@@ -97,7 +97,7 @@ def upload_spool(
     path = Path(path)
     if not timeout_s > 0:  # also NaN: 0 or less gave up at once, blaming the server
         raise ValueError(f"timeout {timeout_s:g} s must be more than 0 seconds")
-    hello, frames = index_spool(path)
+    hello, frames = index_spool(path, rescue_run_id=run_id or None)
     if being_written(path):
         # Its trainer is still running: it sends its frames itself once it reaches a
         # server, and one connected to this server loses its connection to this upload

@@ -379,3 +379,39 @@ def test_a_spool_whose_hello_holds_a_lone_surrogate_is_uploaded_with_it_escaped(
     assert "metrics frame seq 2 not stored: rows[0].values key 'caf\\udce9' holds U+DCE9" in (
         caplog.text
     )
+
+
+def test_a_spool_whose_hello_is_damaged_is_rescued_with_a_run_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One flipped bit in a spool's first record (its hello) made a whole offline run
+    impossible to upload: "does not start with a hello record", with --run-id no help,
+    though every frame after it checked out (review /tmp/h17c, t3_hello_dmg.sh). Without a
+    run id sync now says how to rescue it; with one, every intact frame is uploaded as that
+    run (no name or config: they were in the hello; layers from the first probe frame)."""
+    from server_harness import exported, make_settings, run_detail, running_server
+
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello("lost-hello"), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, 4):
+        link.submit(metrics(step))
+    probe = {"type": "probe", "step": 3, "layers": [{"name": "fc1", "mean": 0.5}]}
+    link.submit(probe)
+    link.close()
+    data = bytearray(spool.read_bytes())
+    data[data.index(b'"lost-hello"') + 2] ^= 0x01  # one bit of the hello's run id
+    spool.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"damaged, but intact records follow it; `layerscope sync"
+    ):
+        upload_spool(spool, "ws://127.0.0.1:9/ws/trainer", timeout_s=5)
+    with running_server(make_settings(tmp_path / "data")) as server:
+        synced = upload_spool(spool, server.ws("/ws/trainer"), timeout_s=20, run_id="rescued")
+        assert synced == Synced(acked=4, sent=4)
+        run = run_detail(server, "rescued")
+        frames = exported(server, "rescued")
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4]
+    assert frames[3]["type"] == "probe" and frames[3]["layers"][0]["name"] == "fc1"
+    assert run["name"] == "rescued" and run["config"] == {}
+    assert "its 4 intact frames are uploaded as run rescued" in caplog.text

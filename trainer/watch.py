@@ -312,9 +312,20 @@ class Watch:
         """Record an event (``log``, ``sanity``, ...) at the current step. Checked as the
         server checks it (kind, an object of at most 64 KiB as JSON): one it would refuse
         raises ValueError here, since a refused frame is never stored, and the server
-        confirms frames only up to the first it lacks."""
+        confirms frames only up to the first it lacks. A lone surrogate in ``data`` (a file
+        name that is not UTF-8, as ``os.fsdecode`` gives it) is sent as a backslash escape
+        (``caf\\xe9``), as the config is: the event is kept, every byte readable."""
+        frame = {"seq": 1, "step": self.step_count, "kind": kind, "data": data}
         try:
-            wire.validate_event({"seq": 1, "step": self.step_count, "kind": kind, "data": data})
+            try:
+                wire.validate_event(frame)
+            except wire.WireError as exc:
+                # validate_event names a lone surrogate after the nesting, so escaping's
+                # recursion is bounded; any other problem is the event's own
+                if str(exc) != wire.lone_surrogate(data, "data"):
+                    raise
+                data = _escaped(data)
+                wire.validate_event({**frame, "data": data})
         except wire.WireError as exc:
             raise ValueError(f"event {kind!r}: {exc}") from None
         self._emit(kind, data)
@@ -632,12 +643,18 @@ class Watch:
         host, event = to_host(parts)
         progress = self._print_progress if self._progress_enabled else None
         self.link.submit(
-            Flush(rows, host, event, probe, progress, self.alerts, snapshot, wide=wide)
+            _TextFlush(rows, host, event, probe, progress, self.alerts, snapshot, wide=wide)
         )
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Every event the run sends: w.event's, and the Control's (status, command
+        results, checkpoints). A path or message holding a lone surrogate (a run_dir or
+        file name that is not UTF-8: ``checkpoint``'s ``data.path``, an OSError quoted in
+        a command's error) is escaped: the server refuses such a frame, and the event
+        was lost (only a record of its refusal stored)."""
         if self.link is None:
             return
+        data = _escaped(data)
         if kind == "status":
             self.link.status = data["status"]
             if self._progress_enabled and data["status"] in ("paused", "running"):
@@ -662,6 +679,30 @@ class Watch:
         self._stop_counting()
         if self.probes is not None:
             self.probes.close()
+
+
+class _TextFlush(Flush):
+    """A Flush whose events (the rules' alerts, made on the link thread:
+    ExplodingTensor's ``data.last_good_checkpoint`` is a path in run_dir) have each lone
+    surrogate escaped, as Watch._emit does the others': with a run_dir that is not UTF-8
+    the alert was refused by the server and lost."""
+
+    def materialize(self) -> list[dict[str, Any]]:
+        frames = super().materialize()
+        for frame in frames:
+            if frame.get("type") == "event" and isinstance(frame.get("data"), dict):
+                frame["data"] = _escaped(frame["data"])
+        return frames
+
+
+def _escaped(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each lone surrogate written as a backslash escape
+    (wire.escape_surrogates); ``data`` itself when it holds none (the common case: one
+    walk, no copy)."""
+    if wire.lone_surrogate(data) is None:
+        return data
+    escaped: dict[str, Any] = wire.escape_surrogates(data)
+    return escaped
 
 
 def _plain(names: Iterable[str]) -> list[str]:

@@ -265,6 +265,34 @@ def test_checkpoint_and_lr_scale_through_watch(tmp_path: Path) -> None:
     assert saved["step"] == 2 and saved["control"]["lr_scale"] == 0.5
 
 
+def test_a_run_dir_that_is_not_utf8_loses_no_event_to_its_paths(tmp_path: Path) -> None:
+    """A run_dir from a file name that is not UTF-8 (os.fsdecode's lone surrogate): the
+    checkpoint event's data.path and ExplodingTensor's data.last_good_checkpoint held it,
+    the server refused those frames (keeping only a record of the refusal: the event log
+    never showed the checkpoint or the alert). Now they are sent escaped (\\xNN, as the
+    config is) and the files are written by their real names."""
+    run_dir = os.path.join(os.fsdecode(tmp_path), os.fsdecode(b"caf\xe9"))
+    model, opt, x, y = make_model()
+    with watch(model, opt, every=1, run_dir=run_dir, progress=False) as w:
+        w.step(loss=train_step(model, opt, x, y))
+        w.step(loss=train_step(model, opt, x, y))
+        w.settle()  # the rules have seen step 1 finite: last-good.pt written
+        assert w.command("checkpoint")["ok"]
+        w.step(loss=torch.tensor(math.nan))
+        w.settle()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-2.pt", "last-good.pt", "spool.bin"]
+    texts = list(read_spool(Path(run_dir) / "spool.bin"))
+    # as the server reads them: a frame holding a lone surrogate raises WireError here
+    events = [wire.parse_trainer_frame(t, run_id=w.run_id) for t in texts[1:]]
+    shown = os.fsencode(run_dir).decode("utf-8", "backslashreplace")
+    assert "\\xe9" in shown
+    (checkpoint,) = [e for e in events if e.get("kind") == "checkpoint"]
+    assert checkpoint["data"] == {"path": f"{shown}/checkpoint-2.pt", "step": 2}
+    (alert,) = [e for e in events if e.get("kind") == "alert"]
+    assert alert["data"]["rule"] == "ExplodingTensor"
+    assert alert["data"]["last_good_checkpoint"] == f"{shown}/last-good.pt"
+
+
 def _steered_run() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -1000,8 +1028,8 @@ def test_names_that_are_not_utf8_are_escaped_in_the_config_and_refused_as_series
     """watch() with names that are not UTF-8 (os.fsdecode's lone surrogates). The config's
     and the run name's were sent as they were and the server refused the hello (or, before
     the server refused them, stored what broke every read); a series name's frame was
-    refused and the run lost from there. Now the name and config are sent escaped, and a
-    series name, event data or run id holding one raises ValueError naming it."""
+    refused and the run lost from there. Now the name, config and w.event() data are sent
+    escaped, and a series name or run id holding one raises ValueError naming it."""
     bad = os.fsdecode(b"/data/caf\xe9.npz")
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -1011,11 +1039,15 @@ def test_names_that_are_not_utf8_are_escaped_in_the_config_and_refused_as_series
         w.step(loss=torch.tensor(1.0))
         with pytest.raises(ValueError, match=r"series name 'val_caf\\udce9' holds U\+DCE9"):
             w.step(loss=torch.tensor(1.0), **{"val_" + os.fsdecode(b"caf\xe9"): 1.0})
-        with pytest.raises(ValueError, match=r"data.file holds U\+DCE9"):
-            w.event("log", {"file": bad})
+        w.event("log", {"file": bad})
+        with pytest.raises(ValueError, match=r"unknown event kind 'caf\\udce9'"):
+            w.event(os.fsdecode(b"caf\xe9"), {"file": bad})  # the kind is no data: named
         w.step(loss=torch.tensor(0.5))
     assert w.step_count == 2
-    hello = json.loads(next(read_spool(tmp_path / "spool.bin")))
+    texts = list(read_spool(tmp_path / "spool.bin"))
+    logged = [wire.parse_trainer_frame(t, run_id="w1") for t in texts[1:]]  # as the server
+    assert [f["data"] for f in logged if f.get("kind") == "log"] == [{"file": "/data/caf\\xe9.npz"}]
+    hello = json.loads(texts[0])
     assert hello["name"] == "run caf\\xe9"
     assert hello["config"]["data"] == os.fsencode(bad).decode("utf-8", "backslashreplace")
     assert hello["config"]["k\\xff"] == ["/data/caf\\xe9.npz"]

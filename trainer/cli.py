@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from layerscope.trainer import wire
-from layerscope.trainer.experiment_config import RESUME_MAY_CHANGE, generated_name, resume_config
+from layerscope.trainer.experiment_config import (
+    RESUME_MAY_CHANGE,
+    generated_name,
+    local_paths,
+    resume_config,
+)
 from layerscope.trainer.link import dashboard_url, http_base
 
 COMMANDS = {
@@ -376,7 +381,13 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     user's (``--name``, or a config file's own name) rather than a preset's or one built
     from the settings. Such a name describes the model and data of the layer that set it
     (``demo: digits mlp tanh xavier``, a printed ``mlp-relu-he-digits``): once a later
-    layer changes them it is left out, and the run's name is built from the final ones."""
+    layer changes them it is left out, and the run's name is built from the final ones.
+
+    A file name that is not UTF-8 (``sys.argv`` and ``os.fsdecode`` carry its bytes as lone
+    surrogates, ``caf\\udce9``) is this machine's: in ``data.path`` and
+    ``finetune.from_checkpoint`` it is kept as it is, to open the file by (``local_paths``:
+    accepted there, where a REST body's is refused); in the run's name it is written as a
+    backslash escape (``caf\\xe9``), as watch() sends it. Anywhere else it is refused."""
     cfg: dict[str, Any] = copy.deepcopy(PRESETS[args.preset]) if args.preset else {}
     # The settings of the layer the name came from, for a name that is not the user's.
     named_by = copy.deepcopy(cfg) if cfg.get("name") is not None else None
@@ -405,7 +416,9 @@ def merged_config(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     _drop_stale(merged, flags)
     if named_by is not None and _model_and_data(merged) != _model_and_data(named_by):
         merged.pop("name", None)
-    return merged, user_named
+    if isinstance(merged.get("name"), str):
+        merged["name"] = wire.escape_surrogates(merged["name"])
+    return local_paths(merged), user_named
 
 
 def _flag_locs(args: argparse.Namespace) -> list[tuple[str, ...]]:
@@ -491,7 +504,8 @@ def _drop_stale(cfg: dict[str, Any], flags: dict[str, Any]) -> None:
 
 
 def _error(command: str, message: str) -> int:
-    print(f"layerscope {command}: {message}", file=sys.stderr)
+    # A file name that is not UTF-8 in it (a data file's, --run-dir's): \xNN, as the run shows it
+    print(f"layerscope {command}: {wire.escape_surrogates(message)}", file=sys.stderr)
     return 2
 
 

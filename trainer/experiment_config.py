@@ -2,8 +2,10 @@
 
 Owns: EXPERIMENT_SCHEMA (one dict-of-dicts the server validates ``POST /api/runs``
 with and the dashboard walks to build its New-run form; the trainer's CLI builds
-its flags from it), ``validate_experiment``, ``DEMO_EXPERIMENT``, and the config of
-a resumed run (``resume_config``: the checkpoint's, what a resume may change).
+its flags from it), ``validate_experiment``, ``DEMO_EXPERIMENT``, the config of a
+resumed run (``resume_config``: the checkpoint's, what a resume may change), and
+``FileName``/``local_paths`` (a path from this machine's OS, which may hold what is not
+UTF-8: the CLI's, never a REST body's).
 
 Never: imports torch or anything outside the standard library and ``wire``; the
 server reaches these names through ``layerscope.trainer.wire`` (which loads this
@@ -17,7 +19,13 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from layerscope.trainer.wire import MAX_NAME_LEN, RULE_NAMES, WireError, surrogate_errors
+from layerscope.trainer.wire import (
+    MAX_NAME_LEN,
+    RULE_NAMES,
+    WireError,
+    escape_surrogates,
+    surrogate_errors,
+)
 
 # ---- experiment config (built-in runs; POST /api/runs; the New-run form) ----
 #
@@ -419,6 +427,57 @@ DEMO_EXPERIMENT: dict[str, Any] = {
 
 NUL_IN_PATH = "holds a NUL character (U+0000), which no file name can"
 
+# The fields that name a file on the machine that trains.
+PATH_FIELDS: tuple[tuple[str, str], ...] = (("data", "path"), ("finetune", "from_checkpoint"))
+
+
+class FileName(str):
+    """A file name as this machine's OS gave it (``sys.argv``, ``os.fsdecode``, a config
+    file or checkpoint read here), for ``data.path`` and ``finetune.from_checkpoint``:
+    a byte that is not UTF-8 is a lone surrogate (``caf\\udce9``, surrogateescape), kept
+    so the file is opened by its real name. ``validate_experiment`` accepts one there
+    (``layerscope train``: ``local_paths``); a plain str holding one is refused, as from
+    a REST body, JSON text a browser cannot mean one in. What leaves the machine is
+    escaped (watch()'s config and events: ``wire.escape_surrogates``). A copy (deepcopy,
+    pickle: a checkpoint's config, which ``torch.load(weights_only=True)`` reads back)
+    is a plain str; ``validate_resumed`` marks a checkpoint's paths again."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[type[str], tuple[str]]:
+        return (str, (str(self),))
+
+
+def local_paths(cfg: Any) -> Any:
+    """``cfg`` (an experiment config before validation) with its path fields that are
+    strings marked as file names from this machine's OS (FileName): for a config
+    ``layerscope train`` read from its flags, a file or a checkpoint, never for a REST
+    body. Changed in place; returned."""
+    if isinstance(cfg, dict):
+        for section, key in PATH_FIELDS:
+            fields = cfg.get(section)
+            if isinstance(fields, dict) and isinstance(fields.get(key), str):
+                fields[key] = FileName(fields[key])
+    return cfg
+
+
+def _shown_path(path: str) -> str:
+    """A path as a message quotes it: a FileName's lone surrogates escaped (\\xNN)."""
+    text: str = escape_surrogates(str(path))
+    return text
+
+
+def _file_names_allowed(cfg: Any, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """surrogate_errors' ``errors`` less those of a path field holding a FileName."""
+    if not isinstance(cfg, dict):
+        return errors
+    allowed = [
+        [section, key]
+        for section, key in PATH_FIELDS
+        if isinstance(cfg.get(section), dict) and isinstance(cfg[section].get(key), FileName)
+    ]
+    return [error for error in errors if error["loc"] not in allowed]
+
 
 def _check_field(spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
     """Return (normalised value, None) or (None, message) for one field."""
@@ -573,9 +632,10 @@ def _check_rules_and_finetune(out: dict[str, Any], errors: list[dict[str, Any]])
         if "\0" in path:
             errors.append({"loc": ["finetune", "from_checkpoint"], "msg": NUL_IN_PATH})
         elif not os.path.isfile(path):
-            errors.append({"loc": ["finetune", "from_checkpoint"], "msg": f"no such file: {path}"})
+            msg = f"no such file: {_shown_path(path)}"
+            errors.append({"loc": ["finetune", "from_checkpoint"], "msg": msg})
         else:
-            finetune["from_checkpoint"] = os.path.abspath(path)
+            finetune["from_checkpoint"] = _absolute(path)
     if isinstance(finetune["freeze"], str):
         finetune["freeze"] = ",".join(_name_list(finetune["freeze"])) or None
 
@@ -592,13 +652,18 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     ``overfit=N`` sets ``data.subset=N``, turns dropout, weight decay and input
     noise off and silences Overfit; with ``epochs`` given and ``steps`` left out, epochs
     decide; a run given no name gets ``generated_name`` of its final settings.
+
+    A lone surrogate anywhere is refused by name, except in a path field holding a
+    FileName (``local_paths``: ``layerscope train``'s, a file name from this machine's OS,
+    kept as it is to open the file by): a REST body's strings are plain.
     """
     import os.path  # local: the path check is the only filesystem use in this module
 
     # A string holding a lone surrogate ("\\udce9", as JSON or Python's os.fsdecode carry a
     # file name that is not UTF-8) is no text: the store failed on it, or stored a config
     # every later read of the run failed on. Named alone: the other checks would quote it.
-    surrogates = surrogate_errors(cfg)
+    # A FileName path (layerscope train's: local_paths) is the OS's own bytes: it opens.
+    surrogates = _file_names_allowed(cfg, surrogate_errors(cfg, limit=len(PATH_FIELDS) + 10))[:10]
     if surrogates:
         raise ExperimentError(surrogates)
     errors: list[dict[str, Any]] = []
@@ -623,12 +688,13 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
         elif "\0" in path:
             errors.append({"loc": ["data", "path"], "msg": NUL_IN_PATH})
         elif want_dir and not os.path.isdir(path):
-            errors.append({"loc": ["data", "path"], "msg": f"no such directory: {path}"})
+            msg = f"no such directory: {_shown_path(path)}"
+            errors.append({"loc": ["data", "path"], "msg": msg})
         elif not want_dir and not os.path.isfile(path):
-            errors.append({"loc": ["data", "path"], "msg": f"no such file: {path}"})
+            errors.append({"loc": ["data", "path"], "msg": f"no such file: {_shown_path(path)}"})
         else:
             # Absolute, so a launched child with another working directory finds it too.
-            data["path"] = os.path.abspath(path)
+            data["path"] = _absolute(path)
     if model["arch"] == "cnn" and data["dataset"] not in IMAGE_DATASETS:
         errors.append(
             {
@@ -673,6 +739,14 @@ def validate_experiment(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> 
     return out
 
 
+def _absolute(path: str) -> str:
+    """``os.path.abspath(path)``, still a FileName if ``path`` is one."""
+    import os.path
+
+    out = os.path.abspath(path)
+    return FileName(out) if isinstance(path, FileName) else out
+
+
 # What overfit sets (validate_experiment), as the CLI's flags name them.
 _OVERFIT_SETS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("data", "subset"), "on its own N examples"),
@@ -711,10 +785,13 @@ Conflict = tuple[tuple[str, ...], Any, Any]  # (loc, the checkpoint's value, the
 def validate_resumed(cfg: Any, *, explicit: Iterable[Sequence[str]] = ()) -> dict[str, Any]:
     """``validate_experiment`` for the config a checkpoint holds: its
     ``finetune.from_checkpoint`` (the file the run was first fine-tuned from) is kept as it
-    was and not looked for, since a resumed run does not read it again."""
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("finetune"), dict):
+    was and not looked for, since a resumed run does not read it again. Its paths are
+    this machine's file names (local_paths): the run that wrote the checkpoint opened them."""
+    if not isinstance(cfg, dict):
         return validate_experiment(cfg, explicit=explicit)
-    base = copy.deepcopy(cfg)
+    base = local_paths(copy.deepcopy(cfg))
+    if not isinstance(base.get("finetune"), dict):
+        return validate_experiment(base, explicit=explicit)
     origin = base["finetune"].pop("from_checkpoint", None)
     out = validate_experiment(base, explicit=explicit)
     out["finetune"]["from_checkpoint"] = origin if isinstance(origin, str) else None

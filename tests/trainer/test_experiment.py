@@ -3,8 +3,11 @@ for POST /api/runs) and real built-in runs with server=None (spool only)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,12 @@ from layerscope.trainer.experiment import (
     run_experiment,
     trainer_socket_url,
 )
-from layerscope.trainer.experiment_config import resume_config
+from layerscope.trainer.experiment_config import (
+    FileName,
+    local_paths,
+    resume_config,
+    validate_resumed,
+)
 from layerscope.trainer.spool import read_spool
 
 
@@ -89,6 +97,39 @@ def test_text_that_is_no_text_and_paths_no_file_can_have_are_named() -> None:
 
 
 _TAIL = " (a lone surrogate, as Python decodes a file name that is not UTF-8)"
+
+
+def test_a_file_name_from_this_machines_os_may_be_not_utf8_a_rest_bodys_may_not(
+    tmp_path: Path,
+) -> None:
+    """``layerscope train --data-path`` of a file whose name is not UTF-8 (sys.argv carries
+    b"caf\\xe9" as "caf\\udce9") was refused since lone surrogates were (8043dbe), though
+    the file opens by it. The CLI marks its paths (local_paths: FileName) and they are
+    kept as they are, to open the file by, through validate_experiment and run_experiment's
+    second one; a plain str, as JSON gives a REST body, is still refused, as is a
+    FileName anywhere but a path field. A copy (a checkpoint's config) is a plain str:
+    validate_resumed marks it again."""
+    base = os.fsdecode(tmp_path)
+    path = os.path.join(base, os.fsdecode(b"caf\xe9.npz"))
+    np.savez(path, x=np.zeros((20, 2), np.float32), y=np.arange(20) % 2)
+    given = {"data": {"dataset": "npz", "path": path}, "solver": {"steps": 2}}
+    assert _errors(given) == {"data.path": "holds U+DCE9, which is not valid UTF-8 text" + _TAIL}
+    cfg = wire.validate_experiment(local_paths(given))
+    assert cfg["data"]["path"] == path and type(cfg["data"]["path"]) is FileName
+    assert wire.validate_experiment(cfg)["data"]["path"] == path  # run_experiment's check
+    assert _errors({"name": FileName(path)}) == {
+        "name": "holds U+DCE9, which is not valid UTF-8 text" + _TAIL
+    }
+    missing = FileName(os.path.join(base, os.fsdecode(b"nope\xe9.npz")))
+    assert _errors({"data": {"dataset": "npz", "path": missing}}) == {
+        "data.path": f"no such file: {os.fsencode(missing).decode('utf-8', 'backslashreplace')}"
+    }
+    stored = json.loads(json.dumps(cfg))  # as a checkpoint holds it: a plain str
+    assert type(stored["data"]["path"]) is str and type(copy.deepcopy(cfg)["data"]["path"]) is str
+    assert type(pickle.loads(pickle.dumps(cfg))["data"]["path"]) is str
+    assert validate_resumed(stored)["data"]["path"] == path
+    summary = run_experiment(cfg, server=None, run_dir=str(tmp_path / "run"), progress=False)
+    assert summary["steps"] == 2
 
 
 def test_empty_config_gets_every_default() -> None:

@@ -742,6 +742,56 @@ def test_a_stopped_run_resumes_from_its_checkpoint_steps_rng_and_lr_scale_going_
         assert going_on[step]["acc"] == never_stopped[step]["acc"], step
 
 
+def test_train_takes_file_names_and_a_name_that_are_not_utf8_and_resumes_from_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data file, run folder and run name whose bytes are not UTF-8 (sys.argv carries
+    b"caf\\xe9" as "caf\\udce9"): `layerscope train` refused the file and the name
+    ("data.path: holds U+DCE9 ...", exit 2) since lone surrogates were refused (8043dbe);
+    it trained with them before. Now the file opens by its real name, the name and every
+    path the run sends are escaped (\\xNN) so the server takes each frame, and the run
+    resumes (--resume) and fine-tunes (--from) from a checkpoint in such a folder."""
+    import numpy as np
+
+    def named(*parts: bytes) -> str:
+        return os.fsdecode(b"/".join([os.fsencode(tmp_path), *parts]))
+
+    def shown(path: str) -> str:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+    def frames(run_dir: str) -> list[dict]:
+        texts = list(read_spool(Path(run_dir) / "spool.bin"))
+        hello = wire.parse_trainer_frame(texts[0])
+        # as the server reads them: a lone surrogate anywhere raises WireError here
+        return [hello, *(wire.parse_trainer_frame(t, run_id=hello["run_id"]) for t in texts[1:])]
+
+    # as a process's own stderr writes a lone surrogate (capsys' stream refused it)
+    sys.stderr.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    data = named(b"caf\xe9.npz")
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.normal(size=(64, 4)).astype(np.float32), y=np.arange(64) % 2)
+    first, name = named(b"run\xe9"), os.fsdecode(b"caf\xe9")
+    common = ["--device", "cpu", "--no-progress", "--every", "1"]
+    assert cli.main(["train", "--dataset", "npz", "--data-path", data, "--name", name,
+                     "--steps", "3", "--run-dir", first, *common]) == 0  # fmt: skip
+    assert "(caf\\xe9) on cpu: 3 steps" in capsys.readouterr().out
+    hello = frames(first)[0]
+    assert hello["name"] == "caf\\xe9" and hello["config"]["data"]["path"] == shown(data)
+
+    resumed = named(b"resumed\xe9")
+    good = os.path.join(first, "last-good.pt")
+    assert cli.main(["train", "--resume", good, "--steps", "4", "--run-dir", resumed, *common]) == 0
+    assert "4 steps (resumed at step 1)" in capsys.readouterr().out
+    (log,) = [f for f in frames(resumed) if "resumed_from" in f.get("data", {})]
+    assert log["data"]["resumed_from"] == shown(good) and shown(good) in log["data"]["message"]
+
+    tuned = named(b"tuned")
+    assert cli.main(["train", "--from", good, "--dataset", "npz", "--data-path", data,
+                     "--steps", "2", "--run-dir", tuned, *common]) == 0  # fmt: skip
+    (hello, *_) = frames(tuned)
+    assert hello["config"]["finetune"]["from_checkpoint"] == shown(good)
+
+
 def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -69,8 +69,10 @@ class ExportCutShort(Exception):
 def damage_of(exc: BaseException) -> bool:
     """Whether exc is SQLite saying the database file is damaged (or not a database)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) and (
-        code & 0xFF in DAMAGE_CODES
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and isinstance(code, int)
+        and (code & 0xFF in DAMAGE_CODES)
     )
 
 
@@ -110,6 +112,7 @@ class Store:
         # The write problem the runs in _told were last told of (store_event), and them.
         self._told_problem: str | None = None
         self._told: set[str] = set()
+        self._recheck_due = False  # a look at whether the told problem is over is scheduled
         self._check: threading.Thread | None = None
         self._closing = threading.Event()  # wakes the check's wait to start
         self._check_conn: sqlite3.Connection | None = None
@@ -259,6 +262,19 @@ class Store:
         self._told = (self._told | tell) if problem is not None else set()
         for each in sorted(tell):
             self._recorded(each, [store_event(problem)])
+        if problem is not None and self._loop is not None and not self._recheck_due:
+            # the problem may end with no write after it (a server gone idle once a trainer
+            # resent and finished): look again, so its runs' pages are told it is over
+            self._recheck_due = True
+            self._loop.call_later(self._writes.clear_after_s + 0.5, self._recheck_problem)
+
+    def _recheck_problem(self) -> None:
+        self._recheck_due = False
+        if self._told_problem is not None and self.write_problem != self._told_problem:
+            self._note_problem(None)
+        elif self._told_problem is not None and not self._closed and self._loop is not None:
+            self._recheck_due = True
+            self._loop.call_later(self._writes.clear_after_s + 0.5, self._recheck_problem)
 
     def listen(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
         """``listener(run_id, event)`` for every server event once it is committed (the

@@ -49,9 +49,10 @@ STOP_TIMEOUT_S = 60.0  # a writer that has not committed and exited by then is k
 RESTART_AFTER_S = 5.0
 RESTART_FIRST_S = 1.0
 RESTART_CAP_S = 30.0
-# ``failing`` is cleared by a commit this long after the last failed one: on a full disk a
-# small commit (a trainer's hello, in WAL space freed by a checkpoint) fits while its
-# frames do not, so one commit that fits does not mean the store stores again.
+# ``failing`` is cleared once a batch has committed since the last failed one and none has
+# failed for this long: on a full disk a small commit (a trainer's hello, in WAL space
+# freed by a checkpoint) fits while its frames do not, so one commit that fits does not
+# mean the store stores again; nor does an idle server stay failing for good after one.
 FAILING_CLEAR_S = 5.0
 # An operation on its way to the writer process: (id, Writer method, args, urgent:
 # commit at once instead of at the group-commit deadline).
@@ -163,7 +164,8 @@ class WriterLink:
         self._pending_lock = threading.Lock()
         self._next_op = 0
         self._refusing: str | None = None  # why writes cannot be taken now
-        self.failing: str | None = None  # why batches do not commit (None: they do)
+        self._failing: str | None = None  # why batches do not commit (None: they do)
+        self._committed_since_failure = False
         self.failed_at = 0.0  # when the last batch failed (monotonic)
         self.clear_after_s = FAILING_CLEAR_S
         self.damaged: str | None = None  # why the database is damaged: writes refused for good
@@ -196,23 +198,38 @@ class WriterLink:
         log.error("layerscope: %s", why)
         self._fail_pending(why)
 
+    @property
+    def failing(self) -> str | None:
+        """Why batches do not commit, or None while they do: set by a failed batch, cleared
+        once one has committed since and none has failed for clear_after_s (read lazily,
+        so a server that goes idle after it recovered is not failing for good)."""
+        why = self._failing
+        if (
+            why is not None
+            and self._committed_since_failure
+            and time.monotonic() - self.failed_at >= self.clear_after_s
+        ):
+            self._failing = None
+            log.warning("layerscope: the store commits again (it could not: %s)", why)
+            return None
+        return why
+
     def _note_fault(self, fault: Fault | None) -> None:
-        """A batch's outcome: None (it committed) clears ``failing`` once the last failure is
-        clear_after_s old; a fault sets it, or marks the database damaged."""
-        now = time.monotonic()
+        """A batch's outcome: None (it committed) counts toward clearing ``failing``; a
+        fault sets it, or marks the database damaged."""
         if fault is None:
-            if self.failing is not None and now - self.failed_at >= self.clear_after_s:
-                log.warning("layerscope: the store commits again (it could not: %s)", self.failing)
-                self.failing = None
+            if self._failing is not None:
+                self._committed_since_failure = True
             return
-        self.failed_at = now
+        self.failed_at = time.monotonic()
+        self._committed_since_failure = False
         if is_damage(fault):
             self.mark_damaged(damage_message(self.path, f"a write: {fault[1]}"))
             return
         why = f"cannot store: {fault[1]} at {self.path.parent}"
-        if why != self.failing:
+        if why != self._failing:
             log.error("layerscope: %s; writes are retried as trainers resend them", why)
-        self.failing = why
+        self._failing = why
 
     @property
     def pid(self) -> int | None:

@@ -354,6 +354,45 @@ def damage(db: Path) -> None:
         f.write(b"\xde\xad\xbe\xef" * (size // 8))
 
 
+async def test_a_brief_write_failure_is_over_once_writes_commit_even_if_the_server_goes_idle(
+    tmp_path: Path,
+) -> None:
+    """Review /tmp/h17n (t1b_transient_full_idle.py): a write failure of half a second, the
+    trainer's resent frames stored, then nothing more written: /healthz stayed 503 and every
+    page of the run said the server could not store, for good (the problem cleared only
+    on a commit 5 s after the last failure). It is over once a commit has succeeded since
+    and no write has failed for that long, whether or not anything is written then."""
+    with running_server(make_settings(tmp_path)) as server:
+        store = server.app.state.store
+        store._writes.clear_after_s = 1.0
+        trainer = await FakeTrainer.connect(server, "brief")
+        await trainer.send(metrics_frame(1, 1))
+        await trainer.wait_acked(1)
+        viewer, _snapshot = await open_viewer(server, "brief")
+        proc = psutil.Process(store._writes.pid)
+        _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
+        try:
+            proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
+            await trainer.send(metrics_frame(2, 2))
+            code, _reason = await trainer.closed()
+            assert code == 1011
+        finally:
+            proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
+        trainer = await FakeTrainer.connect(server, "brief", last_acked_seq=1)
+        await trainer.send(metrics_frame(2, 2))
+        await trainer.wait_acked(2)
+        await trainer.close()
+        told = (await recv_until(viewer, lambda m: m.get("kind") == "store"))[-1]
+        assert told["data"]["problem"].startswith("cannot store: ")
+        # nothing more is written: the problem still ends, and the run's viewers are told
+        told = (await recv_until(viewer, lambda m: m.get("kind") == "store"))[-1]
+        assert told["data"] == {"problem": None}
+        async with httpx.AsyncClient(timeout=10) as client:
+            health = await client.get(f"{server}/healthz")
+            assert health.status_code == 200, health.text
+        await viewer.close()
+
+
 async def test_a_damaged_database_is_503_on_healthz_and_its_export_is_cut_off(
     tmp_path: Path,
 ) -> None:

@@ -613,7 +613,14 @@ class Rules:
         output = len(entries) - 1 if last_kind and self._is_pre_activation(last_kind) else -1
         for i, entry in enumerate(entries):
             ratio = _finite(_num(entry, stat))
-            if i == output or self._feeds_probed_activation(entries, i):
+            structural = i == output or self._feeds_probed_activation(entries, i)
+            if ratio is None and not structural and (_num(entry, "nonfinite") or 0.0) <= 0:
+                # not measured this probe step (too few values per unit: a small last batch
+                # of an epoch): an episode neither starts nor ends on what was not seen (it
+                # ended, and DeadUnits fired again every epoch; auto weight decay took the
+                # gap for a model no longer under-fitting)
+                continue
+            if structural:
                 ratio = None
             if (_num(entry, "nonfinite") or 0.0) > 0:
                 ratio = None  # NaN counts as neither live nor pinned: ExplodingTensor's case

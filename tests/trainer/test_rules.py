@@ -107,6 +107,26 @@ def test_a_linear_feeding_a_relu_module_reports_dead_units_once_through_the_relu
     assert "watch(activations={'fc1': 'none'})" in found.message
 
 
+def test_a_probe_step_that_could_not_measure_a_ratio_neither_ends_nor_starts_an_episode() -> None:
+    """A small last batch of an epoch leaves too few values per unit for a dead_ratio
+    (None). That unmeasured step ended the layer's DeadUnits episode: DeadUnits fired again
+    at the next measured step, every epoch, and an Overfit held back for an under-fitting
+    model took the gap for "no DeadUnits alert holds now" and switched weight decay on
+    (review /tmp/h17n, r3_hold3.sh: net.1 59% dead either side of the gap)."""
+    r = rules()
+    dead = {"act1": {"dead_ratio": 0.6}}
+    unknown = {"act1": {"dead_ratio": None}}
+    fired = [f.rule for f in r.on_probe(10, healthy_layers(**dead), {})]
+    assert fired == ["DeadUnits"]
+    assert r.on_probe(20, healthy_layers(**unknown), {}) == []
+    assert r.on_probe(30, healthy_layers(**dead), {}) == []  # the same episode: no new alert
+    assert ("DeadUnits", "act1") in r._active
+    # a measured recovery still ends it, and a later onset is a new alert
+    assert r.on_probe(40, healthy_layers(), {}) == []
+    assert ("DeadUnits", "act1") not in r._active
+    assert [f.rule for f in r.on_probe(50, healthy_layers(**dead), {})] == ["DeadUnits"]
+
+
 def test_a_linear_feeding_a_tanh_module_or_the_loss_is_not_called_dead() -> None:
     # The Linear's dead_ratio assumes a ReLU follows; the probed Tanh says what really does,
     # and the last Linear's output is the model's output.

@@ -421,6 +421,8 @@ async def test_a_damaged_database_is_503_on_healthz_and_its_export_is_cut_off(
                 await asyncio.sleep(0.05)
             assert health.status_code == 503
             assert "layerscope.db is damaged (PRAGMA quick_check:" in health.json()["store"]
+            # one line a person can read (it was 5 KB in 101 lines: one per damaged page)
+            assert "\n" not in health.json()["store"] and len(health.json()["store"]) < 600
             lines: list[str] = []
             with pytest.raises(httpx.RemoteProtocolError):
                 async with client.stream("GET", f"{server}/api/runs/big/export") as response:

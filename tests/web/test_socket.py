@@ -304,3 +304,28 @@ def test_a_stalled_server_and_a_deleted_run_are_said_on_the_run_page(
         page.wait_for_timeout(1500)  # the first retry came after 250 ms
         assert page.evaluate("window.__sockets") == tried
         assert page.evaluate("document.body.dataset.socket") == "lost"
+
+
+def test_a_socket_the_server_closes_1011_says_the_servers_reason(
+    page: Page, guard: PageGuard, tmp_path: Path
+) -> None:
+    """A run the server cannot read (a damaged database) closes the page's socket with
+    1011 and why (98f52b0); the page said only "Connection to the server lost (code
+    1011); reconnecting" (review /tmp/h17n, t4_pages.py B). The reason is shown."""
+    data_dir = tmp_path / "data"
+    write_recorded_run(data_dir, "fine", steps=20, layers=2, every=10)
+    for server in serve(server_settings(data_dir)):
+        open_ready(page, f"{server.url}/runs/fine")
+        details = page.evaluate(
+            """async () => {
+              const { RunSocket } = await import('/static/js/socket.js');
+              const seen = [];
+              const s = new RunSocket('fine', { onConnection: (state, detail) => seen.push(detail) });
+              await s.dropped(1011, 'cannot read this run: the database is damaged', 'open');
+              await s.dropped(1006, '', 'open');
+              s.closed = true;
+              clearTimeout(s.timer);
+              return seen;
+            }"""
+        )
+        assert details == ["code 1011: cannot read this run: the database is damaged", "code 1006"]

@@ -122,7 +122,10 @@ export class RunSocket {
     this.ws = null;
     if (this.closed) return;
     if (code === 1008 && GONE.test(reason || "")) return this.goneAway(GONE_DETAIL);
-    let detail = how === "silent" ? reason : code === 1008 ? `refused: ${reason || "not authorised"}` : `code ${code}`;
+    // 1011 with a reason: the server says why it cannot serve the run (a damaged database)
+    let detail = how === "silent" ? reason
+      : code === 1008 ? `refused: ${reason || "not authorised"}`
+        : code === 1011 && reason ? `code 1011: ${reason}` : `code ${code}`;
     let wait = this.backoffMs;
     let refused = false;
     this.backoffMs = Math.min(this.backoffMs * 2, MAX_BACKOFF_MS);

@@ -835,7 +835,16 @@ class Rules:
                 e for e, k in zip(entries, kinds, strict=True) if k and self._is_pre_activation(k)
             ]
         else:
-            chosen = list(entries)
+            # activation modules only: an Embedding's output is its table (N(0, 1) by
+            # default) and a recurrent layer's is bounded by its gates, neither scaled to a
+            # fan-in, so "from 1 at layer emb to 0.067 at layer rnn" was no init's fault
+            # (an Embedding -> LSTM model at PyTorch's defaults, its layers probed by type);
+            # a kind not known (None) is compared as before
+            chosen = [
+                e
+                for e, k in zip(entries, kinds, strict=True)
+                if k is None or k.removeprefix("Lazy") in ACTIVATION_KINDS
+            ]
         stds = [(e["name"], s) for e in chosen if (s := _finite(_num(e, "std"))) is not None]
         # A first layer with no spread at all is AllZero's and DeadUnits' case, not a ratio.
         if len(stds) < 2 or stds[0][1] <= 0.0:

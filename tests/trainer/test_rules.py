@@ -488,6 +488,29 @@ def test_poor_initialization_compares_pre_activations_and_ignores_activation_std
     assert [f.rule for f in Rules().on_probe(0, no_kinds, {})] == ["PoorInitialization"]
 
 
+def test_poor_initialization_does_not_compare_an_embedding_with_a_recurrent_layer() -> None:
+    """An Embedding -> LSTM -> Linear model at PyTorch's defaults, its layers probed by
+    type: "activation std shrinks 14.9x ... from 1 at layer emb to 0.0671 at layer rnn.
+    Scale the init to the fan-in" (review /tmp/h17m, s4.py lstm types). A lookup table's
+    scale and a gated layer's are no fan-in init's; with no Linear/Conv inside the network
+    only activation modules are compared."""
+    entries = [
+        {"name": "emb", "kind": "Embedding", "std": 1.0},
+        {"name": "rnn", "kind": "LSTM", "std": 0.0671},
+        {"name": "fc", "kind": "Linear", "std": 0.3},
+    ]
+    assert Rules().on_probe(1, entries, {}) == []
+    # activation modules between them still count
+    tanh = [
+        {"name": "emb", "kind": "Embedding", "std": 1.0},
+        {"name": "act1", "kind": "Tanh", "std": 0.9},
+        {"name": "act2", "kind": "Tanh", "std": 0.01},
+        {"name": "fc", "kind": "Linear", "std": 0.3},
+    ]
+    (found,) = Rules().on_probe(1, tanh, {})
+    assert found.rule == "PoorInitialization" and "from 0.9 at layer act1" in found.message
+
+
 def test_silenced_rules_produce_nothing_and_unsilencing_reports_what_still_holds() -> None:
     r = rules(silenced=["DeadUnits", "ExplodingTensor"])
     sick = healthy_layers(act0={"dead_ratio": 0.9}, fc1={"nonfinite": 1})

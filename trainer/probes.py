@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -203,7 +204,11 @@ class Probes:
         exclude: str | Sequence[str] | None = None,
         activations: dict[str, str] | None = None,
         sample_values: int | None = DEFAULT_SAMPLE_VALUES,
+        outer: nn.Module | None = None,
     ) -> None:
+        """``outer``: the model as the training loop calls it, when ``model`` is the one
+        inside its ``torch.compile`` / DistributedDataParallel wrappers (as ``watch`` gives
+        it): a compiled wrapper is run eagerly on probe steps (see ``arm``)."""
         if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
             raise ValueError(f"bins must be an integer in [1, {MAX_BINS}], got {bins!r}")
         if sample_values is not None and (
@@ -274,6 +279,10 @@ class Probes:
         # (probing a model for inspection) keeps them. A no_grad block inside a training
         # forward (a frozen backbone) is recorded: the model's own call has grads on.
         self._model = model
+        # Where torch.compile's wrappers are (torch.compile(model), a compiled block, one
+        # inside or around DistributedDataParallel): a probe step runs them eagerly (``arm``).
+        self._modules = list((outer if outer is not None else model).modules())
+        self._swapped: list[tuple[nn.Module, str, Any]] = []
         self._model_hooks = (_eager(self._model_pre_hook), _eager(self._model_post_hook))
         self._closure_step = False  # this step's optimizer.step() was given a closure
         self._skipping = False  # in an evaluation pass after this step's training pass
@@ -518,10 +527,19 @@ class Probes:
         """Record the next forward pass. The forward hooks exist only while armed: a
         module with no hooks takes PyTorch's fast call path, so a step that is not a
         probe step costs nothing at all (a hook, even an idle one, costs microseconds
-        per module per step)."""
+        per module per step).
+
+        A model compiled by ``torch.compile`` runs its probe step eagerly, as the module
+        inside, and its compiled graph on every other step, untouched: the hooks are never
+        seen by dynamo. Traced into the graph, they split it at each hooked layer for the
+        whole run (every step twice as slow) when it was compiled while armed (watch()
+        arms before the first forward), and were never called at all when it was compiled
+        before (dynamo's default ``skip_nnmodule_hook_guards``: every activation statistic
+        None)."""
         if self._armed or self._closed:
             return
         self._armed = True
+        self._run_eager()
         self._skipping = self._trained = self._eval_only = self._stepped = self._in_root = False
         self._staging.new_step()
         pre, post = self._model_hooks
@@ -541,13 +559,34 @@ class Probes:
         for handle in self._forward_handles:
             handle.remove()
         self._forward_handles = []
+        self._run_compiled()
 
     def disarm(self) -> None:
         self._armed = False
         for handle in self._forward_handles:
             handle.remove()
         self._forward_handles = []
+        self._run_compiled()
         self._updates.drop_views()  # a step() that raised left them
+
+    def _run_eager(self) -> None:
+        """Until ``_run_compiled``: each ``torch.compile`` wrapper in the model (an
+        ``OptimizedModule``) calls its module eagerly; the autograd graph of that forward
+        is an eager one, so its backward needs nothing restored."""
+        if self._swapped:
+            return
+        wrapper = _optimized_module()
+        for module in self._modules:
+            state = module.__dict__
+            if wrapper is not None and isinstance(module, wrapper) and "forward" in state:
+                self._swapped.append((module, "forward", state["forward"]))
+                inner: Any = state["_modules"]["_orig_mod"]
+                state["forward"] = inner.__call__
+
+    def _run_compiled(self) -> None:
+        for module, name, value in reversed(self._swapped):
+            module.__dict__[name] = value
+        self._swapped = []
 
     def close(self) -> None:
         self.disarm()
@@ -914,6 +953,14 @@ def _eager(hook: Callable[..., None]) -> Callable[..., None]:
     after the break, once per hooked layer and mode: a model compiled after ``watch()``
     with validation passes printed dynamo's "hit config.recompile_limit (8)" warning."""
     return torch.compiler.disable(hook)
+
+
+def _optimized_module() -> type | None:
+    """torch.compile's wrapper class, None while dynamo is not imported (then nothing in
+    the process is compiled; importing it costs a second)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    cls = getattr(frame, "OptimizedModule", None)
+    return cls if isinstance(cls, type) else None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

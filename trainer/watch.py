@@ -100,6 +100,7 @@ class Watch:
         resume: str | os.PathLike[str] | dict[str, Any] | ReadCheckpoint | None = None,
         dashboard_line: bool = True,
     ) -> None:
+        outer = model  # as the loop calls it: Probes runs its compiled wrappers eagerly
         model = unwrapped(model) if model is not None else None
         _check_optimizer(optimizer)
         if model is not None:
@@ -216,6 +217,7 @@ class Watch:
                     activations={plain_name(k): v for k, v in activations.items()}
                     if activations
                     else activations,
+                    outer=outer,
                 )
             hello = {
                 "type": "hello",

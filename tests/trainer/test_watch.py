@@ -751,6 +751,58 @@ def test_a_compiled_model_gets_full_statistics_on_every_probe_step(tmp_path: Pat
         assert w.control_state["frozen"] == ["2"]
 
 
+def test_a_compiled_model_runs_its_graph_untouched_and_its_probe_steps_eagerly(
+    tmp_path: Path,
+) -> None:
+    """A model compiled and run once before watch() got no activation statistic at all
+    (dynamo's graph ignores hooks added after it was built: every mean None, no warning);
+    one first run under watch() (armed from the start) traced the hooks and was split at
+    each hooked layer for the whole run (every step about twice as slow). Now a probe step
+    runs the module inside eagerly and every other step runs the one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    graph_runs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        def run(*args: Any) -> Any:
+            graph_runs.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    for warm in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        graph_runs.clear()
+        torch.manual_seed(0)
+        base = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)
+        )
+        model = torch.compile(base, backend=backend)
+        compiled_forward = model.forward
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 4)
+        if warm:  # compiled before watch(), by a grad-enabled forward
+            model(x).sum().backward()
+            opt.zero_grad()
+        with watch(model, opt, run_dir=tmp_path / str(warm), every=3, server="") as w:
+            for _ in range(12):
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.step(loss=loss)
+        assert model.forward is compiled_forward
+        probes = [f for f in frames(tmp_path / str(warm)) if f["type"] == "probe"]
+        assert [p["step"] for p in probes] == [1, 3, 6, 9, 12]
+        for p in probes:
+            assert all(e["mean"] is not None for e in p["layers"]), (warm, p["step"])
+            assert [e["name"] for e in p["layers"] if e["grad_norm"]] == ["0", "2", "4"]
+        assert not counters["graph_break"], (warm, dict(counters["graph_break"]))
+        assert counters["stats"]["unique_graphs"] == 1
+        assert len(graph_runs) == warm + 12 - len(probes)  # the 7 other steps, compiled
+
+
 def test_an_evaluation_pass_is_not_mixed_into_the_next_probe_step(tmp_path: Path) -> None:
     """Probes are armed from watch() on (step 1 is the network as initialised), so a
     validation pass before the first step (model.eval() under no_grad, on data of another

@@ -34,6 +34,7 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -388,6 +389,11 @@ class Store:
             if not damage_of(exc):
                 raise
             self._damaged_read(exc)
+            raise DatabaseDamaged(self.write_problem or str(exc)) from None
+        except zlib.error as exc:
+            # a stored frame whose bytes SQLite reads back but that no longer decompress:
+            # damage inside a page (its b-tree intact) that only the data itself shows
+            self._damaged_read(RuntimeError(f"a stored frame does not decompress ({exc})"))
             raise DatabaseDamaged(self.write_problem or str(exc)) from None
 
     def _damaged_read(self, exc: BaseException) -> None:

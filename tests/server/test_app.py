@@ -354,6 +354,40 @@ def damage(db: Path) -> None:
         f.write(b"\xde\xad\xbe\xef" * (size // 8))
 
 
+async def test_a_stored_frame_that_no_longer_decompresses_is_damage_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Damage inside a page whose b-tree SQLite still reads: a frame's compressed bytes
+    come back but do not decompress. The export died with a zlib traceback and a clean-
+    looking cut (CI hit this with the damaged-database test's garbage landing in frame
+    data). It is the database's damage: the export ends in an error line, writes stop,
+    /healthz says why."""
+    import sqlite3
+
+    settings = make_settings(tmp_path)
+    with running_server(settings) as server:
+        trainer = await FakeTrainer.connect(server, "garbled")
+        for seq in range(1, 4):
+            await trainer.send(metrics_frame(seq, seq))
+        await trainer.wait_acked(3)
+        await trainer.close()
+    with sqlite3.connect(settings.data_dir / "layerscope.db") as conn:
+        conn.execute("UPDATE frames SET body = ? WHERE seq = 2", (b"\x78\x9c" + b"\xde\xad" * 40,))
+    with running_server(settings) as server:
+        server.app.state.store.check_delay_s = 3600.0  # only the read finds it
+        async with httpx.AsyncClient(timeout=10) as client:
+            lines: list[str] = []
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with client.stream("GET", f"{server}/api/runs/garbled/export") as response:
+                    async for line in response.aiter_lines():
+                        lines.append(line)
+            last = json.loads(lines[-1])
+            assert last["type"] == "error" and "cut short after seq 0" in last["message"]
+            health = await client.get(f"{server}/healthz")
+            assert health.status_code == 503
+            assert "a stored frame does not decompress" in health.json()["store"]
+
+
 async def test_a_brief_write_failure_is_over_once_writes_commit_even_if_the_server_goes_idle(
     tmp_path: Path,
 ) -> None:

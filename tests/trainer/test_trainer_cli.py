@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from layerscope.trainer import cli, wire
@@ -869,27 +870,37 @@ def test_resume_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(
         assert not out.exists(), expected
 
 
+def _offline_spool(
+    tmp_path: Path, run_id: str, steps: int, extra: dict[int, dict[str, Any]] | None = None
+) -> Path:
+    """A run recorded with no server: a metrics frame a step, and ``extra[step]`` after
+    that step's (the server harness's path is put on sys.path for the caller too)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
+    from layerscope.trainer.link import Link
+    from trainer_server import make_hello, metrics
+
+    spool = tmp_path / "spool.bin"
+    link = Link(make_hello(run_id), spool_path=spool, server=None)
+    link.start()
+    for step in range(1, steps + 1):
+        link.submit(metrics(step))
+        if extra and step in extra:
+            link.submit(extra[step])
+    link.close()
+    return spool
+
+
 def test_sync_says_which_frames_the_server_holds_only_as_a_refusal_record(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A spool holding an event the server refuses for its content (100 KB of data over
     its 64 KiB limit): the server records the refusal in its place and acks past it. The
     CLI said "sent 6 frames; the server now holds all 6" as if the event were stored."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
-    from layerscope.trainer.link import Link
     from server_harness import make_settings, running_server
-    from trainer_server import make_hello, metrics
 
     monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
-    spool = tmp_path / "spool.bin"
-    link = Link(make_hello("cli-refused"), spool_path=spool, server=None)
-    link.start()
-    for step in range(1, 4):
-        link.submit(metrics(step))
-    link.submit({"type": "event", "step": 3, "kind": "log", "data": {"message": "x" * 100_000}})
-    for step in range(4, 6):
-        link.submit(metrics(step))
-    link.close()
+    big = {"type": "event", "step": 3, "kind": "log", "data": {"message": "x" * 100_000}}
+    spool = _offline_spool(tmp_path, "cli-refused", 5, extra={3: big})
     with running_server(make_settings(tmp_path / "data")) as server:
         assert cli.main(["sync", str(spool), "--server", str(server), "--timeout", "20"]) == 0
     out = capsys.readouterr().out
@@ -906,18 +917,10 @@ def test_sync_of_a_damaged_spool_says_what_is_missing_and_exits_1(
     the server can confirm only 1-9 (acks are the highest contiguous seq) and the run lacks
     frame 10 for good. The CLI said "sent 19 frames; the server now holds all 9" and exit 0
     (README: 0 only when the server acknowledged everything)."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
-    from layerscope.trainer.link import Link
     from server_harness import exported, make_settings, running_server
-    from trainer_server import make_hello, metrics
 
     monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
-    spool = tmp_path / "spool.bin"
-    link = Link(make_hello("cli-damaged"), spool_path=spool, server=None)
-    link.start()
-    for step in range(1, 21):
-        link.submit(metrics(step))
-    link.close()
+    spool = _offline_spool(tmp_path, "cli-damaged", 20)
     data = bytearray(spool.read_bytes())
     data[data.index(b'"seq":10}') + 3] ^= 0x20  # the record's CRC no longer matches
     spool.write_bytes(bytes(data))

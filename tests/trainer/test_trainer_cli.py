@@ -896,11 +896,11 @@ def test_sync_says_which_frames_the_server_holds_only_as_a_refusal_record(
     """A spool holding an event the server refuses for its content (100 KB of data over
     its 64 KiB limit): the server records the refusal in its place and acks past it. The
     CLI said "sent 6 frames; the server now holds all 6" as if the event were stored."""
-    from server_harness import make_settings, running_server
-
     monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
     big = {"type": "event", "step": 3, "kind": "log", "data": {"message": "x" * 100_000}}
     spool = _offline_spool(tmp_path, "cli-refused", 5, extra={3: big})
+    from server_harness import make_settings, running_server
+
     with running_server(make_settings(tmp_path / "data")) as server:
         assert cli.main(["sync", str(spool), "--server", str(server), "--timeout", "20"]) == 0
     out = capsys.readouterr().out
@@ -917,10 +917,10 @@ def test_sync_of_a_damaged_spool_says_what_is_missing_and_exits_1(
     the server can confirm only 1-9 (acks are the highest contiguous seq) and the run lacks
     frame 10 for good. The CLI said "sent 19 frames; the server now holds all 9" and exit 0
     (README: 0 only when the server acknowledged everything)."""
-    from server_harness import exported, make_settings, running_server
-
     monkeypatch.delenv("LAYERSCOPE_TRAINER_TOKEN", raising=False)
     spool = _offline_spool(tmp_path, "cli-damaged", 20)
+    from server_harness import exported, make_settings, running_server
+
     data = bytearray(spool.read_bytes())
     data[data.index(b'"seq":10}') + 3] ^= 0x20  # the record's CRC no longer matches
     spool.write_bytes(bytes(data))

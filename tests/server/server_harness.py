@@ -407,3 +407,28 @@ async def wait_status(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} is {response.json().get('status')}, not {status}")
             await asyncio.sleep(0.05)
+
+
+class WriterFileLimit:
+    """A full disk, for real: the store's writer process may not write past byte 1 of any
+    file (RLIMIT_FSIZE), so SQLite's commits fail as on a full disk (``full``), until
+    ``space_back``. Put back on exit whatever happened."""
+
+    def __init__(self, store: Any) -> None:
+        import psutil
+
+        self._limit = psutil.RLIMIT_FSIZE
+        self._proc = psutil.Process(store._writes.pid)
+        _soft, self._hard = self._proc.rlimit(self._limit)
+
+    def full(self) -> None:
+        self._proc.rlimit(self._limit, (1, self._hard))
+
+    def space_back(self) -> None:
+        self._proc.rlimit(self._limit, (self._hard, self._hard))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.space_back()

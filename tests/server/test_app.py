@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import psutil
 import pytest
 from layerscope.server import __version__
 from layerscope.server.hub import Hub, cut_message
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server_harness import (
     FakeTrainer,
     LiveServer,
+    WriterFileLimit,
     hello_frame,
     make_settings,
     metrics_frame,
@@ -310,11 +310,9 @@ async def test_a_full_disk_is_503_on_healthz_and_told_to_viewers_and_nothing_is_
         await trainer.wait_acked(1)
         viewer, snapshot = await open_viewer(server, "full")
         assert snapshot["store_problem"] is None
-        pid = store._writes.pid
-        proc = psutil.Process(pid)
-        _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
+        disk = WriterFileLimit(store)
         try:
-            proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
+            disk.full()
             await trainer.send(metrics_frame(2, 2))
             code, reason = await trainer.closed()
             assert code == 1011
@@ -328,7 +326,7 @@ async def test_a_full_disk_is_503_on_healthz_and_told_to_viewers_and_nothing_is_
                 assert problem.endswith(f" at {server.data_dir}")
                 told = (await recv_until(viewer, lambda m: m.get("kind") == "store"))[-1]
                 assert told["type"] == "event" and told["data"] == {"problem": problem}
-                proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))  # space is back
+                disk.space_back()
                 store._writes.clear_after_s = 0.0
                 trainer = await FakeTrainer.connect(server, "full", last_acked_seq=1)
                 await trainer.send(metrics_frame(2, 2))
@@ -340,7 +338,7 @@ async def test_a_full_disk_is_503_on_healthz_and_told_to_viewers_and_nothing_is_
                 steps = (await client.get(f"{server}/api/runs/full/series")).json()
                 assert steps["loss"]["steps"] == [1, 2]
         finally:
-            proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
+            disk.space_back()
             await trainer.close()
             await viewer.close()
 
@@ -403,15 +401,11 @@ async def test_a_brief_write_failure_is_over_once_writes_commit_even_if_the_serv
         await trainer.send(metrics_frame(1, 1))
         await trainer.wait_acked(1)
         viewer, _snapshot = await open_viewer(server, "brief")
-        proc = psutil.Process(store._writes.pid)
-        _soft, hard = proc.rlimit(psutil.RLIMIT_FSIZE)
-        try:
-            proc.rlimit(psutil.RLIMIT_FSIZE, (1, hard))
+        with WriterFileLimit(store) as disk:
+            disk.full()
             await trainer.send(metrics_frame(2, 2))
             code, _reason = await trainer.closed()
             assert code == 1011
-        finally:
-            proc.rlimit(psutil.RLIMIT_FSIZE, (hard, hard))
         trainer = await FakeTrainer.connect(server, "brief", last_acked_seq=1)
         await trainer.send(metrics_frame(2, 2))
         await trainer.wait_acked(2)

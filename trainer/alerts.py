@@ -28,6 +28,7 @@ from typing import Any
 from layerscope.trainer.checkpoint import write_checkpoint
 from layerscope.trainer.control import Control
 from layerscope.trainer.rules import PAUSING, STOPPING, Finding, Rules
+from layerscope.trainer.wire import escape_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,10 @@ class Alerts:
         data = finding.to_event_data()
         if finding.rule == "ExplodingTensor":
             good = self.last_good_step is not None
-            data["last_good_checkpoint"] = str(self.last_good_path) if good else None
+            # a run_dir from a file name that is not UTF-8 holds a lone surrogate, which the
+            # server refuses (the alert was lost): sent as \xNN, as watch() sends the config
+            path = escape_surrogates(str(self.last_good_path))
+            data["last_good_checkpoint"] = path if good else None
             data["last_good_step"] = self.last_good_step
         return {"type": "event", "step": finding.step, "kind": "alert", "data": data}
 

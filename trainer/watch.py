@@ -645,7 +645,7 @@ class Watch:
         host, event = to_host(parts)
         progress = self._print_progress if self._progress_enabled else None
         self.link.submit(
-            _TextFlush(rows, host, event, probe, progress, self.alerts, snapshot, wide=wide)
+            Flush(rows, host, event, probe, progress, self.alerts, snapshot, wide=wide)
         )
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
@@ -681,20 +681,6 @@ class Watch:
         self._stop_counting()
         if self.probes is not None:
             self.probes.close()
-
-
-class _TextFlush(Flush):
-    """A Flush whose events (the rules' alerts, made on the link thread:
-    ExplodingTensor's ``data.last_good_checkpoint`` is a path in run_dir) have each lone
-    surrogate escaped, as Watch._emit does the others': with a run_dir that is not UTF-8
-    the alert was refused by the server and lost."""
-
-    def materialize(self) -> list[dict[str, Any]]:
-        frames = super().materialize()
-        for frame in frames:
-            if frame.get("type") == "event" and isinstance(frame.get("data"), dict):
-                frame["data"] = _escaped(frame["data"])
-        return frames
 
 
 def _escaped(data: dict[str, Any]) -> dict[str, Any]:
